@@ -1,0 +1,16 @@
+"""robuq_fx: RobuQ-style low-bit linear layers for any PyTorch model, through FX graph passes.
+
+    policy -> capture -> passes/qat (quantize) -> passes/lower (lower) -> kernels (robuq::qlinear)
+"""
+from . import kernels, ops  # noqa: F401  (register torch.ops.robuq.*)
+from .checkpoint import load_quantized, save_quantized  # noqa: F401
+from .errors import (CaptureError, CheckpointError, LoweringError, PolicyError, RobuQError,  # noqa: F401
+                     SpecError)
+from .modules import PackedLinear  # noqa: F401
+from .passes import lower, quantize, robuq_info  # noqa: F401
+from .policy import Policy  # noqa: F401
+from .seed import RobuQLinear, replace_linear_layer  # noqa: F401
+from .spec import LayerSpec  # noqa: F401
+from .report import size_table  # noqa: F401
+
+__version__ = "0.1.0"

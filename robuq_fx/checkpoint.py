@@ -1,0 +1,119 @@
+"""Packed checkpoints: safetensors with the packed tensors of a lowered model and, in its metadata, the format
+version, the policy and every layer's spec and true shape.
+
+`load_quantized(path, model)` rebuilds the structure from a freshly built FP model of the same class (random init is
+fine): quantize with the saved policy (no SVD), lower with empty buffers, check every name/shape/spec against the
+file, and only then load. FP weights of quantized layers are never read from the file (they are not in it).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .errors import CheckpointError
+from .passes.lower import lower
+from .passes.qat import ROBUQ_META, quantize
+from .policy import Policy
+from .spec import LayerSpec
+
+FORMAT = "robuq_fx.packed"
+FORMAT_VERSION = 1
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def save_quantized(lowered: nn.Module, path) -> Path:
+    from safetensors.torch import save_file
+    info = getattr(lowered, ROBUQ_META, None)
+    if info is None or info.get("stage") != "lowered":
+        raise CheckpointError("save_quantized() takes the output of robuq_fx.lower()")
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        raise CheckpointError(f"cannot write {path}: directory {path.parent} does not exist")
+    tensors = _tensors(lowered)
+    # safetensors refuses tensors that share storage (tied weights): store each once.
+    seen: dict = {}
+    for k, v in list(tensors.items()):
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)
+        if v.numel() and key in seen:
+            tensors[k] = v.clone()
+        seen[key] = k
+    layers = {n: {"spec": spec, "shape": list(lowered.get_submodule(n).qweight.shape),
+                  "in_features": lowered.get_submodule(n).in_features,
+                  "out_features": lowered.get_submodule(n).out_features} for n, spec in info["layers"].items()}
+    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "policy": json.dumps(info["policy"]),
+            "layers": json.dumps(layers), "capture": info["capture"], "torch": torch.__version__}
+    try:
+        save_file(tensors, str(path), metadata=meta)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e}") from e
+    return path
+
+
+def read_metadata(path) -> dict:
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a robuq_fx packed checkpoint (metadata format={meta.get('format')!r})")
+    if meta.get("format_version") != str(FORMAT_VERSION):
+        raise CheckpointError(f"{path}: unknown format version {meta.get('format_version')!r}; this robuq_fx reads "
+                              f"version {FORMAT_VERSION}")
+    return meta
+
+
+def load_quantized(path, model: nn.Module, example_inputs=None) -> nn.Module:
+    """Inference module with the packed weights of `path`, built on `model`'s architecture (not modified)."""
+    from safetensors import safe_open
+    meta = read_metadata(path)
+    saved = json.loads(meta["layers"])
+    policy = Policy.from_dict(json.loads(meta["policy"]), source=f"{path} (policy)")
+    qmodel = quantize(model, policy, example_inputs, init_lrb=False)
+    built = getattr(qmodel, ROBUQ_META)["layers"]
+    for name in sorted(set(saved) | set(built)):
+        if name not in built:
+            raise CheckpointError(f"{path}: layer '{name}' is quantized in the checkpoint but not in this model")
+        if name not in saved:
+            raise CheckpointError(f"{path}: layer '{name}' of this model is not in the checkpoint")
+        if saved[name]["spec"] != built[name]:
+            raise CheckpointError(f"{path}: layer '{name}' was saved as {LayerSpec(**saved[name]['spec']).short()} "
+                                  f"but this model builds it as {LayerSpec(**built[name]).short()}")
+    lowered = lower(qmodel, compute=False)
+    expected = {k: v for k, v in lowered.state_dict().items() if isinstance(v, torch.Tensor)}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            missing = sorted(set(expected) - keys)
+            extra = sorted(keys - set(expected))
+            if missing or extra:
+                raise CheckpointError(f"{path}: tensors do not match the model: missing {missing[:5]}, "
+                                      f"unexpected {extra[:5]}")
+            state = {}
+            for k in sorted(expected):
+                t = f.get_tensor(k)
+                if t.shape != expected[k].shape or t.dtype != expected[k].dtype:
+                    raise CheckpointError(f"{path}: '{k}' has shape {tuple(t.shape)} {t.dtype}, the model expects "
+                                          f"{tuple(expected[k].shape)} {expected[k].dtype}")
+                state[k] = t
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}: could not read tensors (truncated or corrupt?): {e}") from e
+    lowered.load_state_dict(state, strict=False)
+    return lowered
+
+
+def file_size(path) -> int:
+    return os.path.getsize(path)

@@ -1,0 +1,43 @@
+"""Block-diagonal Walsh-Hadamard rotation along the last dimension.
+
+H = diag(H_b, ..., H_b) with H_b the Sylvester Hadamard matrix of order b divided by sqrt(b): orthonormal and
+symmetric, so H H = I and, for a linear layer, x W^T = (x H)(W H)^T. QAT rotates activations online and the weight
+before it is quantized; lowering folds H into the packed weight once and keeps only the online x H.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def _sylvester(b: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < b:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / (b ** 0.5)
+
+
+_CACHE: dict = {}
+
+
+def hadamard_matrix(b: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """Normalised Sylvester Hadamard matrix of order b (a power of two), cached per dtype and device."""
+    if b < 1 or b & (b - 1):
+        raise ValueError(f"Hadamard block must be a power of two, got {b}")
+    key = (b, dtype, torch.device(device) if device is not None else torch.device("cpu"))
+    h = _CACHE.get(key)
+    if h is None:
+        h = _sylvester(b).to(dtype=dtype, device=key[2])
+        _CACHE[key] = h
+    return h
+
+
+def block_hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x (..., K) -> x H with H block-diagonal of order `block` (block must divide K)."""
+    k = x.shape[-1]
+    if k % block:
+        raise ValueError(f"Hadamard block {block} does not divide the last dimension {k}")
+    h = hadamard_matrix(block, x.dtype, x.device)
+    return (x.reshape(*x.shape[:-1], k // block, block) @ h).reshape(x.shape)

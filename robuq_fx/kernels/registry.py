@@ -1,0 +1,98 @@
+"""Kernel registry for `robuq::qlinear`: implementations register with a machine check and a per-call predicate;
+the op picks the highest-priority one that accepts the call. The passes never know which kernel runs.
+
+    ROBUQ_KERNEL=reference python ...          # force one kernel by name (env var), or
+    with robuq_fx.kernels.use("reference"): ...
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class QLinearArgs:
+    """Everything a qlinear kernel needs besides x (see `robuq::qlinear`)."""
+    qweight: torch.Tensor
+    w_scale: torch.Tensor
+    bias: torch.Tensor | None
+    lrb_down: torch.Tensor | None
+    lrb_up: torch.Tensor | None
+    out_features: int
+    in_features: int
+    w_bits: float
+    a_bits: int
+    hadamard_block: int
+    a_sym: bool
+    a_clip: str
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    priority: int
+    fn: Callable  # fn(x, args: QLinearArgs) -> Tensor
+    machine_check: Callable[[], str | None]  # None if this machine can run it, else why not
+    supports: Callable[[torch.Tensor, QLinearArgs], str | None]  # None if it takes this call, else why not
+
+
+_KERNELS: dict[str, Kernel] = {}
+_FORCED: list[str] = []
+
+
+def register(name: str, priority: int, machine_check=lambda: None, supports=lambda x, a: None):
+    def deco(fn):
+        _KERNELS[name] = Kernel(name, priority, fn, machine_check, supports)
+        return fn
+    return deco
+
+
+def forced() -> str | None:
+    return _FORCED[-1] if _FORCED else (os.environ.get("ROBUQ_KERNEL") or None)
+
+
+@contextlib.contextmanager
+def use(name: str):
+    """Force kernel `name` inside the block (raises at call time if it cannot take a call)."""
+    if name not in _KERNELS:
+        raise ValueError(f"unknown kernel {name!r}; registered: {sorted(_KERNELS)}")
+    _FORCED.append(name)
+    try:
+        yield
+    finally:
+        _FORCED.pop()
+
+
+def select(x: torch.Tensor, args: QLinearArgs) -> Kernel:
+    name = forced()
+    if name is not None:
+        k = _KERNELS.get(name)
+        if k is None:
+            raise ValueError(f"ROBUQ_KERNEL={name!r} is not a registered kernel; registered: {sorted(_KERNELS)}")
+        why = k.machine_check() or k.supports(x, args)
+        if why:
+            raise RuntimeError(f"kernel {name!r} was forced but cannot run this call: {why}")
+        return k
+    for k in sorted(_KERNELS.values(), key=lambda k: -k.priority):
+        if k.machine_check() is None and k.supports(x, args) is None:
+            return k
+    raise RuntimeError("no qlinear kernel accepts this call (the reference kernel should always do)")
+
+
+def available() -> list[dict]:
+    """One row per registered kernel: can it run on this machine, and if not, why."""
+    rows = []
+    for k in sorted(_KERNELS.values(), key=lambda k: -k.priority):
+        why = k.machine_check()
+        rows.append({"kernel": k.name, "priority": k.priority, "available": why is None,
+                     "why not": why or ""})
+    return rows
+
+
+def table() -> str:
+    from tabulate import tabulate
+    return tabulate(available(), headers="keys", tablefmt="github")

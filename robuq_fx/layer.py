@@ -1,0 +1,87 @@
+"""What one RobuQ linear layer computes (METHOD.md §1), written once as plain functions:
+
+    W_H = W H                  R = W_H - A B                 (A = lrb_up (N, r), B = lrb_down (r, K))
+    y   = Q_a(x H) Q_w(R)^T + (x H) B^T A^T + bias
+
+`qat_weight` + `robuq_linear` are what the QAT pass inlines into the model graph (it FX-traces them, so the graph
+shows the robuq ops), what the seed API's `RobuQLinear` runs eagerly, and what the reference kernel runs with
+Q_w(R) taken from the packed codes instead: bit-identical by construction.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from . import ops  # noqa: F401  (registers torch.ops.robuq.*)
+from .spec import LayerSpec
+
+_ops = torch.ops.robuq
+
+
+def rotate(x: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+    return _ops.hadamard.default(x, spec.hadamard_block) if spec.hadamard else x
+
+
+def residual(weight, lrb_down, lrb_up, spec: LayerSpec):
+    """R = W H - A B: the only part of the weight that is quantized."""
+    w = rotate(weight, spec)
+    if lrb_down is not None:
+        w = w - torch.mm(lrb_up, lrb_down)
+    return w
+
+
+def qat_weight(weight, lrb_down, lrb_up, spec: LayerSpec):
+    """Q_w(R) with the STE: what the matmul sees during QAT."""
+    r = residual(weight, lrb_down, lrb_up, spec)
+    return _ops.fake_quant_weight.default(r, float(spec.w_bits), spec.w_granularity, spec.group_size,
+                                          spec.scale_dtype)
+
+
+def robuq_linear(x, wq, bias, lrb_down, lrb_up, spec: LayerSpec):
+    """y = Q_a(x H) wq^T + bias + (x H) (A B)^T, with wq = Q_w(R) already computed."""
+    xh = rotate(x, spec)
+    xq = _ops.fake_quant_act.default(xh, spec.a_bits, spec.sym, spec.a_clip) if spec.a_bits < 16 else xh
+    y = F.linear(xq, wq, bias)
+    if lrb_down is not None:
+        y = y + F.linear(F.linear(xh, lrb_down), lrb_up)
+    return y
+
+
+def qat_forward(x, weight, bias, lrb_down, lrb_up, spec: LayerSpec):
+    return robuq_linear(x, qat_weight(weight, lrb_down, lrb_up, spec), bias, lrb_down, lrb_up, spec)
+
+
+def trace_qat_forward(spec: LayerSpec, has_bias: bool, has_lrb: bool) -> torch.fx.Graph:
+    """`qat_forward` for one spec as an FX graph with placeholders x, weight[, bias][, lrb_down, lrb_up]."""
+    def fn(x, weight, bias, lrb_down, lrb_up):
+        return qat_forward(x, weight, bias, lrb_down, lrb_up, spec)
+
+    concrete = {}
+    if not has_bias:
+        concrete["bias"] = None
+    if not has_lrb:
+        concrete["lrb_down"] = None
+        concrete["lrb_up"] = None
+    return torch.fx.symbolic_trace(fn, concrete_args=concrete).graph
+
+
+@torch.no_grad()
+def lrb_init(weight: torch.Tensor, spec: LayerSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-r SVD of W H: A = U_r sqrt(S_r), B = sqrt(S_r) V_r^T (METHOD.md §1). Deterministic."""
+    r = spec.lora_rank
+    w = rotate(weight.detach().float(), spec)
+    n, k = w.shape
+    if min(n, k) > 1024:
+        # A full SVD of a 4608x1152 matrix takes ~1 s on 2 cores; 112 of them in DiT-XL/2 would blow the
+        # 30 s quantize budget. Randomised SVD with a fixed seed and 4 power iterations is accurate for the top 32.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            u, s, v = torch.svd_lowrank(w, q=min(r + 16, min(n, k)), niter=4)
+        vh = v.T
+    else:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    root = s[:r].sqrt()
+    up = (u[:, :r] * root).to(weight.dtype)
+    down = (root[:, None] * vh[:r]).to(weight.dtype)
+    return down.contiguous(), up.contiguous()

@@ -1,0 +1,73 @@
+"""`robuq::` custom ops of the QAT graph: each a thin wrapper over quantizers.py / hadamard.py with a fake
+(meta) implementation and a straight-through-estimator backward.
+
+    robuq::hadamard(x, block)                               x H            grad: g H   (H symmetric orthonormal)
+    robuq::fake_quant_weight(w, w_bits, gran, group, sdt)   Q_w(w)         grad: g     (STE)
+    robuq::fake_quant_act(x, a_bits, sym, clip)             Q_a(x)         grad: g * [lo <= x <= hi]
+"""
+from __future__ import annotations
+
+import torch
+
+from . import hadamard as _had
+from . import quantizers as Q
+
+
+@torch.library.custom_op("robuq::hadamard", mutates_args=())
+def hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
+    return _had.block_hadamard(x, block)
+
+
+@hadamard.register_fake
+def _(x, block):
+    return torch.empty_like(x)
+
+
+def _hadamard_backward(ctx, grad):
+    return hadamard(grad, ctx.block), None
+
+
+def _hadamard_setup(ctx, inputs, output):
+    ctx.block = inputs[1]
+
+
+hadamard.register_autograd(_hadamard_backward, setup_context=_hadamard_setup)
+
+
+@torch.library.custom_op("robuq::fake_quant_weight", mutates_args=())
+def fake_quant_weight(w: torch.Tensor, w_bits: float, granularity: str, group_size: int,
+                      scale_dtype: str) -> torch.Tensor:
+    return Q.fake_quant_weight(w, w_bits, granularity, group_size, scale_dtype)
+
+
+@fake_quant_weight.register_fake
+def _(w, w_bits, granularity, group_size, scale_dtype):
+    return torch.empty_like(w)
+
+
+fake_quant_weight.register_autograd(lambda ctx, grad: (grad, None, None, None, None))
+
+
+@torch.library.custom_op("robuq::fake_quant_act", mutates_args=())
+def fake_quant_act(x: torch.Tensor, a_bits: int, sym: bool, clip: str) -> torch.Tensor:
+    return Q.fake_quant_act(x, a_bits, sym, clip).clone() if a_bits >= 16 else Q.fake_quant_act(x, a_bits, sym, clip)
+
+
+@fake_quant_act.register_fake
+def _(x, a_bits, sym, clip):
+    return torch.empty_like(x)
+
+
+def _act_setup(ctx, inputs, output):
+    x, a_bits, sym, clip = inputs
+    ctx.save_for_backward(x)
+    ctx.args = (a_bits, sym, clip)
+
+
+def _act_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    mask = Q.act_ste_mask(x, *ctx.args)
+    return grad * mask.to(grad.dtype), None, None, None
+
+
+fake_quant_act.register_autograd(_act_backward, setup_context=_act_setup)

@@ -1,0 +1,2 @@
+from .lower import lower  # noqa: F401
+from .qat import quantize, robuq_info  # noqa: F401

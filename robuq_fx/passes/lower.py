@@ -1,0 +1,107 @@
+"""Lowering pass: `lower(qat_model)` turns every RobuQ layer of a QAT graph into one `robuq::qlinear` call on packed
+weights. Per layer: R = W H - A B is quantized once (the QAT code path), packed, and stored in a `PackedLinear`
+(qweight, w_scale, bias, lrb_down, lrb_up buffers) that replaces the FP module; the FP master weight is dropped."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..errors import LoweringError
+from ..modules import PackedLinear
+from ..spec import LayerSpec
+from .qat import ROBUQ_META
+
+
+def lower(qmodel: nn.Module, *, compute: bool = True, progress: bool | None = None) -> fx.GraphModule:
+    """Return an inference copy of a `robuq_fx.quantize` model with packed weights (qmodel is not modified).
+
+    compute=False builds the packed buffers empty (zeros) instead of quantizing: for `load_quantized`, which fills
+    them from a checkpoint. progress: tqdm bar over layers (default: only when there are more than 32 layers).
+    """
+    info = getattr(qmodel, ROBUQ_META, None)
+    if not isinstance(qmodel, fx.GraphModule) or info is None:
+        raise LoweringError(f"lower() needs a model returned by robuq_fx.quantize(); got {type(qmodel).__name__} "
+                            "with no robuq nodes")
+    if info["stage"] != "qat":
+        raise LoweringError("this model is already lowered")
+    gm = copy.deepcopy(qmodel)
+    layers = {n: LayerSpec(**d) for n, d in info["layers"].items()}
+    sites = _sites(gm.graph)
+    missing = sorted(set(layers) - {n for n, _ in sites})
+    if missing:
+        raise LoweringError(f"robuq layers {missing[:5]} have no robuq nodes left in the graph "
+                            "(was the graph edited after quantize()?)")
+    show = progress if progress is not None else len(layers) > 32
+    with torch.no_grad():
+        for name in tqdm(layers, desc="lower", disable=not show, unit="layer"):
+            _pack_layer(gm, name, layers[name], compute)
+    for (name, k), nodes in sites.items():
+        _rewrite_site(gm, name, nodes)
+    for n in list(gm.graph.nodes):  # the FP weights' get_attr nodes; a full DCE could drop impure calls
+        if n.op == "get_attr" and not n.users:
+            gm.graph.erase_node(n)
+    gm.graph.lint()
+    gm.recompile()
+    _drop_unused_weights(gm, layers)
+    setattr(gm, ROBUQ_META, dict(info, stage="lowered"))
+    gm.eval()
+    return gm
+
+
+def _sites(graph: fx.Graph) -> dict:
+    sites: dict = {}
+    for node in graph.nodes:
+        tag = node.meta.get("robuq")
+        if tag is not None:
+            sites.setdefault((tag["layer"], tag["site"]), []).append(node)
+    return sites
+
+
+def _pack_layer(gm: fx.GraphModule, name: str, spec: LayerSpec, compute: bool) -> None:
+    old = gm.get_submodule(name)
+    w = old.weight
+    bias = getattr(old, "bias", None)
+    if compute:
+        packed = PackedLinear.from_float(w, bias, getattr(old, "lrb_down", None), getattr(old, "lrb_up", None), spec)
+    else:
+        n, k = w.shape
+        packed = PackedLinear(k, n, spec, bias is not None, w.dtype, w.device)
+    packed.__dict__["_robuq_fp_weight"] = w  # not registered: kept only until _drop_unused_weights decides
+    parent, _, leaf = name.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, leaf, packed)
+
+
+def _rewrite_site(gm: fx.GraphModule, name: str, nodes: list[fx.Node]) -> None:
+    g = gm.graph
+    tag = next(n.meta["robuq"] for n in nodes)
+    out = next(n for n in nodes if n.meta["robuq"]["role"] == "out")
+    by_name = {n.name: n for n in g.nodes}
+    x = by_name[tag["x"]]
+    packed: PackedLinear = gm.get_submodule(name)
+    with g.inserting_before(out):
+        attrs = [g.get_attr(f"{name}.{b}") if getattr(packed, b) is not None else None
+                 for b in ("qweight", "w_scale", "bias", "lrb_down", "lrb_up")]
+        new = g.call_function(torch.ops.robuq.qlinear.default, (x, *attrs, *packed.op_args()))
+    new.meta = {k: v for k, v in out.meta.items() if k in ("nn_module_stack", "stack_trace")}
+    new.meta["robuq_lowered"] = name
+    out.replace_all_uses_with(new)
+    for n in reversed(nodes):
+        if not n.users:
+            g.erase_node(n)
+    leftover = [n.name for n in nodes if n in set(g.nodes)]
+    if leftover:
+        raise LoweringError(f"layer '{name}': robuq nodes {leftover} are still used elsewhere in the graph")
+
+
+def _drop_unused_weights(gm: fx.GraphModule, layers: dict) -> None:
+    """The FP master weight goes unless some other node still reads it (e.g. a weight tied to an embedding)."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in layers:
+        packed = gm.get_submodule(name)
+        w = packed.__dict__.pop("_robuq_fp_weight")
+        if f"{name}.weight" in used:
+            packed.register_buffer("weight", w.detach())

@@ -1,0 +1,130 @@
+"""QAT pass: `quantize(model, policy)` captures the model and inlines `layer.qat_forward` (Hadamard, fake-quant with
+STE, low-rank branch) in place of every linear call the policy matches. The user's model is never touched: the pass
+works on a deep copy, and every check runs before the graph is edited."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.fx._symbolic_trace import _assert_is_none
+
+from .. import layer
+from ..capture import LinearSite, capture, find_linears, normalize_linear_modules, private_copy
+from ..errors import PolicyError, SpecError
+from ..policy import Policy
+from ..spec import LayerSpec
+
+ROBUQ_META = "_robuq"  # GraphModule attribute: {"stage", "layers": {name: spec dict}, "policy", "capture"}
+
+
+def quantize(model: nn.Module, policy=None, example_inputs=None, *, init_lrb: bool = True) -> fx.GraphModule:
+    """Return a QAT copy of `model` whose matched linear layers compute RobuQ's quantized forward.
+
+    policy: a `Policy`, its dict form, a JSON/YAML path or a shipped policy name (default: all Linear W4A4 + H).
+    example_inputs: needed only when `symbolic_trace` fails (then `torch.export` captures the model);
+    a tuple of positional inputs or a dict of keyword inputs.
+    init_lrb: initialise low-rank branches from the SVD (False when a state_dict will be loaded right after).
+    """
+    policy = Policy.coerce(policy)
+    if isinstance(model, fx.GraphModule) and hasattr(model, ROBUQ_META):
+        raise PolicyError("this model was already quantized by robuq_fx; quantize the original model instead")
+    root = private_copy(model)
+    gm, method = capture(root, example_inputs)
+    normalize_linear_modules(gm)
+    sites = find_linears(gm, root)
+    layers = plan_layers(sites, policy, type(model).__name__)
+    apply_layers(gm, sites, layers, init_lrb)
+    setattr(gm, ROBUQ_META, {"stage": "qat", "capture": method, "policy": policy.to_dict(),
+                             "layers": {n: s.to_dict() for n, s in layers.items()}})
+    return gm
+
+
+def plan_layers(sites: list[LinearSite], policy: Policy, model_name: str = "model") -> dict[str, LayerSpec]:
+    """Resolve every matched layer's spec (all shape checks) before anything is edited."""
+    layers: dict[str, LayerSpec] = {}
+    for site in sites:
+        if site.name in layers:
+            continue
+        _, spec = policy.match(site.name, site.module)
+        if spec is None:
+            continue
+        try:
+            layers[site.name] = spec.resolve(site.in_features, site.out_features, site.name)
+        except SpecError as e:
+            raise PolicyError(str(e)) from None
+    if not layers:
+        found = sorted({s.name for s in sites})
+        raise PolicyError(f"the policy matches no linear layer of {model_name}; its linear layers are: "
+                          f"{found[:20]}{' ...' if len(found) > 20 else ''}")
+    return layers
+
+
+def apply_layers(gm: fx.GraphModule, sites: list[LinearSite], layers: dict[str, LayerSpec],
+                 init_lrb: bool = True) -> None:
+    for name, spec in layers.items():
+        if spec.lora_rank:
+            owner = gm.get_submodule(name)
+            weight = owner.weight
+            if init_lrb:
+                down, up = layer.lrb_init(weight, spec)
+            else:
+                n, k = weight.shape
+                down = weight.new_zeros(spec.lora_rank, k)
+                up = weight.new_zeros(n, spec.lora_rank)
+            owner.register_parameter("lrb_down", nn.Parameter(down, requires_grad=weight.requires_grad))
+            owner.register_parameter("lrb_up", nn.Parameter(up, requires_grad=weight.requires_grad))
+    traced: dict = {}
+    counts: dict[str, int] = {}
+    for site in sites:
+        spec = layers.get(site.name)
+        if spec is None:
+            continue
+        k = counts.get(site.name, 0)
+        counts[site.name] = k + 1
+        _inline(gm, site, spec, k, traced)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _inline(gm: fx.GraphModule, site: LinearSite, spec: LayerSpec, site_idx: int, traced: dict) -> None:
+    g, node, name = gm.graph, site.node, site.name
+    x = node.args[0] if node.args else node.kwargs["input"]
+    w = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+    b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    key = (spec, b is not None)
+    if key not in traced:
+        traced[key] = layer.trace_qat_forward(spec, b is not None, spec.lora_rank > 0)
+    sub = traced[key]
+    tag = {"layer": name, "site": site_idx, "x": x.name, "bias": None if b is None else b.name}
+    with g.inserting_before(node):
+        inputs = [x, w, b, None, None]
+        if spec.lora_rank:
+            inputs[3] = g.get_attr(f"{name}.lrb_down")
+            inputs[4] = g.get_attr(f"{name}.lrb_up")
+            for n in inputs[3:]:
+                n.meta["robuq"] = dict(tag, role="lrb")
+        env, out, i = {}, None, 0
+        for n in sub.nodes:
+            if n.op == "placeholder":
+                env[n] = inputs[i]
+                i += 1
+            elif n.op == "output":
+                out = env[n.args[0]]
+            elif n.op == "call_function" and n.target is _assert_is_none:
+                continue
+            else:
+                new = g.node_copy(n, lambda a: env[a])
+                new.meta = {"robuq": dict(tag, role="op"), **{k: v for k, v in node.meta.items()
+                                                              if k in ("nn_module_stack", "stack_trace")}}
+                env[n] = new
+    out.meta["robuq"]["role"] = "out"
+    node.replace_all_uses_with(out)
+    g.erase_node(node)
+
+
+def robuq_info(model: nn.Module) -> dict | None:
+    return getattr(model, ROBUQ_META, None)
+
+
+def trainable_lrb_parameters(model: nn.Module) -> list[torch.nn.Parameter]:
+    return [p for n, p in model.named_parameters() if n.endswith(("lrb_down", "lrb_up"))]
