@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -80,7 +81,11 @@ def _export(model: nn.Module, example_inputs) -> fx.GraphModule:
 
     try:
         try:
-            dyn = pytree.tree_map(batch_dim, (args, kwargs))
+            # torch.export matches `dynamic_shapes` against the inputs bound to forward()'s signature (one entry
+            # per bound argument, by name), not against the (args, kwargs) pair: a spec shaped like
+            # (args, kwargs) never matched, so every model silently fell back to a static batch size.
+            bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+            dyn = {name: pytree.tree_map(batch_dim, value) for name, value in bound.items()}
             ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dyn)
         except Exception:  # noqa: BLE001 - some models cannot take a dynamic batch: fall back to static shapes
             ep = torch.export.export(model, args, kwargs, strict=False)

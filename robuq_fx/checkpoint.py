@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .errors import CheckpointError
-from .passes.lower import lower
+from .passes.lower import lower, packed_path
 from .passes.qat import ROBUQ_META, quantize
 from .policy import Policy
 from .spec import LayerSpec
@@ -44,9 +44,11 @@ def save_quantized(lowered: nn.Module, path) -> Path:
         if v.numel() and key in seen:
             tensors[k] = v.clone()
         seen[key] = k
-    layers = {n: {"spec": spec, "shape": list(lowered.get_submodule(n).qweight.shape),
-                  "in_features": lowered.get_submodule(n).in_features,
-                  "out_features": lowered.get_submodule(n).out_features} for n, spec in info["layers"].items()}
+    layers = {}
+    for n, spec in info["layers"].items():
+        m = lowered.get_submodule(packed_path(n))
+        layers[n] = {"spec": spec, "shape": list(m.qweight.shape), "in_features": m.in_features,
+                     "out_features": m.out_features}
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "policy": json.dumps(info["policy"]),
             "layers": json.dumps(layers), "capture": info["capture"], "torch": torch.__version__}
     try:
@@ -82,11 +84,15 @@ def load_quantized(path, model: nn.Module, example_inputs=None) -> nn.Module:
     policy = Policy.from_dict(json.loads(meta["policy"]), source=f"{path} (policy)")
     qmodel = quantize(model, policy, example_inputs, init_lrb=False)
     built = getattr(qmodel, ROBUQ_META)["layers"]
-    for name in sorted(set(saved) | set(built)):
+    for name in list(built) + [n for n in saved if n not in built]:  # model order: the first difference is named
         if name not in built:
             raise CheckpointError(f"{path}: layer '{name}' is quantized in the checkpoint but not in this model")
         if name not in saved:
             raise CheckpointError(f"{path}: layer '{name}' of this model is not in the checkpoint")
+        n_out, n_in = qmodel.get_submodule(name).weight.shape
+        if (saved[name]["in_features"], saved[name]["out_features"]) != (n_in, n_out):
+            raise CheckpointError(f"{path}: layer '{name}' was saved as {saved[name]['in_features']}->"
+                                  f"{saved[name]['out_features']} features, this model has {n_in}->{n_out}")
         if saved[name]["spec"] != built[name]:
             raise CheckpointError(f"{path}: layer '{name}' was saved as {LayerSpec(**saved[name]['spec']).short()} "
                                   f"but this model builds it as {LayerSpec(**built[name]).short()}")

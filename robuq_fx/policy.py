@@ -92,7 +92,12 @@ class Policy:
         if not isinstance(strict, bool):
             raise PolicyError(f"{source}: 'strict' must be true or false, got {strict!r}")
         rules = [cls._rule(i, r, defaults, source) for i, r in enumerate(rules_raw)]
-        return cls(rules, strict=strict, raw=json.loads(json.dumps(d)))
+        raw = {**d, "rules": [r.raw for r in rules]}
+        try:
+            raw = json.loads(json.dumps(raw))
+        except TypeError as e:
+            raise PolicyError(f"{source}: values must be plain JSON types (numbers, strings, booleans): {e}") from None
+        return cls(rules, strict=strict, raw=raw)
 
     @staticmethod
     def _rule(i: int, r, defaults: dict, source: str) -> Rule:

@@ -57,7 +57,7 @@ class LayerSpec:
             raise SpecError(f"hadamard={self.hadamard!r}: expected true or false")
         if self.hadamard_block is not None:
             b = self.hadamard_block
-            if isinstance(b, bool) or not isinstance(b, int) or b < 1 or b & (b - 1):
+            if isinstance(b, bool) or not isinstance(b, int) or b < 0 or b & (b - 1) or (b == 0 and self.hadamard):
                 raise SpecError(f"hadamard_block={b!r}: expected a power of two (e.g. 64, 128)")
         if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
             raise SpecError(f"lora_rank={self.lora_rank!r}: expected an integer >= 1 (0 = no low-rank branch)")

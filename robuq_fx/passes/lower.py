@@ -15,6 +15,8 @@ from ..modules import PackedLinear
 from ..spec import LayerSpec
 from .qat import ROBUQ_META
 
+ROOT_PACKED = "_robuq_root"
+
 
 def lower(qmodel: nn.Module, *, compute: bool = True, progress: bool | None = None) -> fx.GraphModule:
     """Return an inference copy of a `robuq_fx.quantize` model with packed weights (qmodel is not modified).
@@ -71,8 +73,13 @@ def _pack_layer(gm: fx.GraphModule, name: str, spec: LayerSpec, compute: bool) -
         n, k = w.shape
         packed = PackedLinear(k, n, spec, bias is not None, w.dtype, w.device)
     packed.__dict__["_robuq_fp_weight"] = w  # not registered: kept only until _drop_unused_weights decides
-    parent, _, leaf = name.rpartition(".")
+    parent, _, leaf = packed_path(name).rpartition(".")
     setattr(gm.get_submodule(parent) if parent else gm, leaf, packed)
+
+
+def packed_path(name: str) -> str:
+    """Where a layer's PackedLinear lives; a model that *is* one nn.Linear keeps it under `_robuq_root`."""
+    return name or ROOT_PACKED
 
 
 def _rewrite_site(gm: fx.GraphModule, name: str, nodes: list[fx.Node]) -> None:
@@ -81,9 +88,10 @@ def _rewrite_site(gm: fx.GraphModule, name: str, nodes: list[fx.Node]) -> None:
     out = next(n for n in nodes if n.meta["robuq"]["role"] == "out")
     by_name = {n.name: n for n in g.nodes}
     x = by_name[tag["x"]]
-    packed: PackedLinear = gm.get_submodule(name)
+    path = packed_path(name)
+    packed: PackedLinear = gm.get_submodule(path)
     with g.inserting_before(out):
-        attrs = [g.get_attr(f"{name}.{b}") if getattr(packed, b) is not None else None
+        attrs = [g.get_attr(f"{path}.{b}") if getattr(packed, b) is not None else None
                  for b in ("qweight", "w_scale", "bias", "lrb_down", "lrb_up")]
         new = g.call_function(torch.ops.robuq.qlinear.default, (x, *attrs, *packed.op_args()))
     new.meta = {k: v for k, v in out.meta.items() if k in ("nn_module_stack", "stack_trace")}
@@ -101,7 +109,11 @@ def _drop_unused_weights(gm: fx.GraphModule, layers: dict) -> None:
     """The FP master weight goes unless some other node still reads it (e.g. a weight tied to an embedding)."""
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for name in layers:
-        packed = gm.get_submodule(name)
+        packed = gm.get_submodule(packed_path(name))
         w = packed.__dict__.pop("_robuq_fp_weight")
-        if f"{name}.weight" in used:
+        if not name:  # the root was the Linear: its own FP parameters go
+            for attr in ("weight", "bias", "lrb_down", "lrb_up"):
+                if attr not in used and attr in gm._parameters:
+                    del gm._parameters[attr]
+        elif f"{name}.weight" in used:
             packed.register_buffer("weight", w.detach())
