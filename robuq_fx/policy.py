@@ -5,11 +5,13 @@
         {"match": "re:.*attn\\.(q|k|v)$", "lora_rank": 8},               # `re:` = Python regex, full match
         {"match": "head", "skip": True},                                # keep in full precision
         {"type": "Linear", "w_bits": 4, "a_bits": 4},                   # class name (or a base class's name)
+    {"match": "blocks.*.attn", "attn_bits": 8},                     # attention rule: 8-bit q/k/v of SDPA
      ],
      "defaults": {"hadamard": True},     # merged into every rule (a rule's own keys win)
      "strict": True}                     # compile backend: error (True) or warn (False) on layers left in FP
 
 A rule with both `match` and `type` needs both; a rule with neither matches every linear layer.
+Attention rules (key `attn_bits`) apply to the modules that call `scaled_dot_product_attention`, never to linears.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from .errors import PolicyError, SpecError
 from .spec import LayerSpec
 
 _RULE_KEYS = {"match", "type", "skip"}
+ATTN_BITS = (4, 8)
 _TOP_KEYS = {"rules", "defaults", "strict", "name", "description"}
 POLICY_DIR = Path(__file__).parent / "policies"
 
@@ -37,6 +40,7 @@ class Rule:
     skip: bool = False
     spec: LayerSpec | None = None
     raw: dict = field(default_factory=dict, compare=False)
+    attn_bits: int | None = None  # set on attention rules only
 
     def matches(self, name: str, module: nn.Module | None) -> bool:
         if self.match is not None:
@@ -119,6 +123,14 @@ class Policy:
         if not isinstance(skip, bool):
             raise PolicyError(where + f"'skip' must be true or false, got {skip!r}")
         spec_keys = {k: v for k, v in r.items() if k not in _RULE_KEYS}
+        if "attn_bits" in r:
+            bits = r["attn_bits"]
+            others = sorted(set(spec_keys) - {"attn_bits"})
+            if others or skip:
+                raise PolicyError(where + f"an attention rule takes only 'attn_bits' (got {others or ['skip']})")
+            if isinstance(bits, bool) or bits not in ATTN_BITS:
+                raise PolicyError(where + f"attn_bits={bits!r}: expected one of {ATTN_BITS}")
+            return Rule(match, typ, False, None, dict(r), attn_bits=int(bits))
         if skip:
             if spec_keys:
                 raise PolicyError(where + f"a skip rule takes no spec keys, got {sorted(spec_keys)}")
@@ -170,11 +182,22 @@ class Policy:
 
     # ---- matching -----------------------------------------------------------------------------------------
     def match(self, name: str, module: nn.Module | None) -> tuple[int | None, LayerSpec | None]:
-        """(index of the first matching rule or None, its spec or None when skipped / unmatched)."""
+        """(index of the first matching linear rule or None, its spec or None when skipped / unmatched)."""
         for i, rule in enumerate(self.rules):
-            if rule.matches(name, module):
+            if rule.attn_bits is None and rule.matches(name, module):
                 return i, rule.spec
         return None, None
+
+    def match_attention(self, name: str, module: nn.Module | None) -> tuple[int | None, int | None]:
+        """(index of the first matching attention rule, its attn_bits) for a module calling SDPA."""
+        for i, rule in enumerate(self.rules):
+            if rule.attn_bits is not None and rule.matches(name, module):
+                return i, rule.attn_bits
+        return None, None
+
+    @property
+    def attention_rules(self) -> list[tuple[int, Rule]]:
+        return [(i, r) for i, r in enumerate(self.rules) if r.attn_bits is not None]
 
     def explain(self, model: nn.Module, print_table: bool = True) -> "Explanation":
         """Which linear layers of `model` this policy quantizes, and how. Prints a table and returns the rows."""
@@ -193,6 +216,11 @@ class Policy:
                 except SpecError as e:
                     row["spec"] = f"ERROR: {e}"
             rows.append(row)
+        for name, mod in model.named_modules():
+            i, bits = self.match_attention(name, mod)
+            if bits is not None and not isinstance(mod, nn.Linear):
+                rows.append({"layer": name, "type": type(mod).__name__, "in": "-", "out": "-", "rule": i,
+                             "spec": f"attention q/k/v A{bits} (per token and head)"})
         ex = Explanation(rows)
         if print_table:
             print(ex)

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from ..errors import LoweringError
 from ..modules import PackedLinear
 from ..spec import LayerSpec
-from .qat import ROBUQ_META
+from .qat import ROBUQ_META, set_robuq_info
 
 ROOT_PACKED = "_robuq_root"
 
@@ -49,7 +49,7 @@ def lower(qmodel: nn.Module, *, compute: bool = True, progress: bool | None = No
     gm.graph.lint()
     gm.recompile()
     _drop_unused_weights(gm, layers)
-    setattr(gm, ROBUQ_META, dict(info, stage="lowered"))
+    set_robuq_info(gm, dict(info, stage="lowered"))  # not setattr: must survive deepcopy (see qat.set_robuq_info)
     gm.eval()
     return gm
 

@@ -7,12 +7,14 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.fx._symbolic_trace import _assert_is_none
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from .. import layer
 from ..capture import LinearSite, capture, find_linears, normalize_linear_modules, private_copy
 from ..errors import PolicyError, SpecError
 from ..policy import Policy
 from ..spec import LayerSpec
+from .attention import apply_attention, plan_attention
 
 ROBUQ_META = "_robuq"  # GraphModule attribute: {"stage", "layers": {name: spec dict}, "policy", "capture"}
 
@@ -32,14 +34,17 @@ def quantize(model: nn.Module, policy=None, example_inputs=None, *, init_lrb: bo
     gm, method = capture(root, example_inputs)
     normalize_linear_modules(gm)
     sites = find_linears(gm, root)
-    layers = plan_layers(sites, policy, type(model).__name__)
+    attn_plan = plan_attention(gm, root, policy)
+    layers = plan_layers(sites, policy, type(model).__name__, allow_empty=bool(attn_plan))
     apply_layers(gm, sites, layers, init_lrb)
-    setattr(gm, ROBUQ_META, {"stage": "qat", "capture": method, "policy": policy.to_dict(),
-                             "layers": {n: s.to_dict() for n, s in layers.items()}})
+    attention = apply_attention(gm, attn_plan)
+    set_robuq_info(gm, {"stage": "qat", "capture": method, "policy": policy.to_dict(),
+                        "layers": {n: s.to_dict() for n, s in layers.items()}, "attention": attention})
     return gm
 
 
-def plan_layers(sites: list[LinearSite], policy: Policy, model_name: str = "model") -> dict[str, LayerSpec]:
+def plan_layers(sites: list[LinearSite], policy: Policy, model_name: str = "model",
+                allow_empty: bool = False) -> dict[str, LayerSpec]:
     """Resolve every matched layer's spec (all shape checks) before anything is edited."""
     layers: dict[str, LayerSpec] = {}
     for site in sites:
@@ -52,7 +57,7 @@ def plan_layers(sites: list[LinearSite], policy: Policy, model_name: str = "mode
             layers[site.name] = spec.resolve(site.in_features, site.out_features, site.name)
         except SpecError as e:
             raise PolicyError(str(e)) from None
-    if not layers:
+    if not layers and not allow_empty:
         found = sorted({s.name for s in sites})
         raise PolicyError(f"the policy matches no linear layer of {model_name}; its linear layers are: "
                           f"{found[:20]}{' ...' if len(found) > 20 else ''}")
@@ -124,6 +129,17 @@ def _inline(gm: fx.GraphModule, site: LinearSite, spec: LayerSpec, site_idx: int
 
 def robuq_info(model: nn.Module) -> dict | None:
     return getattr(model, ROBUQ_META, None)
+
+
+def set_robuq_info(gm: fx.GraphModule, info: dict) -> None:
+    """Attach the `_robuq` info so that it survives `copy.deepcopy(gm)`.
+
+    GraphModule.__deepcopy__ rebuilds the module from its graph and drops plain instance attributes: a deep-copied
+    QAT model (EMA / best-checkpoint copies) lost `_robuq`, so `lower()` refused it and `robuq_info()` returned None.
+    FX restores the attributes listed in `gm.meta["_user_preserved_attributes"]` on deepcopy.
+    """
+    setattr(gm, ROBUQ_META, info)
+    gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[ROBUQ_META] = info
 
 
 def trainable_lrb_parameters(model: nn.Module) -> list[torch.nn.Parameter]:

@@ -1,0 +1,428 @@
+"""Hopper / Ada fp8 path for `robuq::qlinear` (issue #5) and its bf16 fallback. See docs/gpu.md.
+
+Two kernels are registered:
+
+    triton_fp8   (priority 20)  fused Triton activation quantizer (block Hadamard + per-token absmax/min-max +
+                                round-half-even + fp8 e4m3 codes) -> fp8 tensor-core GEMM on the weight codes
+                                expanded ONCE to fp8 and cached. Symmetric, no low-rank branch: torch._scaled_mm
+                                with row-wise scales (s_x per token, s_w per channel), fast accumulation and the
+                                bias fused. Asymmetric and/or LRB: our Triton fp8 GEMM with the epilogue
+                                s_x s_w acc + lo_x c + bias + t A^T fused (t = x (B H)^T by cuBLAS).
+    cuda_dequant (priority 10)  weights dequantized once to the activation dtype (cached); the same Triton
+                                quantizer in DEQUANT mode writes Q_a(x H) in that dtype; cuBLAS F.linear. Takes
+                                every CUDA call (groups, 8-bit, a_clip='sigma', fp32 ... with torch math where
+                                the Triton quantizer does not apply).
+
+Dispatch: `triton_fp8.supports` refuses a call when `dispatch_table.json` (measured by
+`benchmarks/bench_linear.py --write-dispatch`) says the dequant path is faster at this (M, N, K), so the registry
+falls through to `cuda_dequant`. Forcing `triton_fp8` (ROBUQ_KERNEL / kernels.use) skips that check.
+Environment: ROBUQ_FP8_MIN_M=<int> overrides the table's threshold for every shape; ROBUQ_FP8_GEMM=triton makes
+the symmetric case use the Triton GEMM too (for benchmarking).
+
+Weight caches are keyed on the qweight tensor (identity, data_ptr and `_version`, and the same for w_scale /
+lrb_down): an in-place update (load_state_dict, copy_) invalidates them. Fill them (one warm-up call) before
+capturing a CUDA graph.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from .. import layer
+from .. import quantizers as Q
+from .registry import QLinearArgs, forced, register
+from .reference import spec_of, weight_codes
+
+FP8 = "triton_fp8"
+DEQUANT = "cuda_dequant"
+_TABLE_PATH = os.path.join(os.path.dirname(__file__), "dispatch_table.json")
+_DEFAULT_FP8_MIN_M = 1024  # used for shapes the table does not list (and when there is no table)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# machine checks (cheap, cached; never import triton at module import time)
+
+@functools.lru_cache(maxsize=None)
+def _triton_reason() -> str | None:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any import failure means "not usable here"
+        return f"triton is not importable ({type(e).__name__}: {e})"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _cuda_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def fp8_machine_check() -> str | None:
+    why = _cuda_reason()
+    if why:
+        return why
+    cap = _capability(torch.cuda.current_device())
+    if cap < (8, 9):
+        return f"CUDA capability {cap[0]}.{cap[1]} < 8.9: no fp8 tensor cores (needs Ada or Hopper)"
+    if not hasattr(torch, "float8_e4m3fn") or not hasattr(torch, "_scaled_mm"):
+        return f"torch {torch.__version__} has no float8_e4m3fn / _scaled_mm"
+    return _triton_reason()
+
+
+@functools.lru_cache(maxsize=None)
+def dequant_machine_check() -> str | None:
+    return _cuda_reason()
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_quant_ok(index: int) -> bool:
+    return _triton_reason() is None and _capability(index) >= (8, 0)
+
+
+_kmod = None
+_NULL = contextlib.nullcontext()
+
+
+def _on(dev: torch.device):
+    """Make `dev` current for a Triton launch (a no-op context when it already is)."""
+    return _NULL if dev.index is None or dev.index == torch.cuda.current_device() else torch.cuda.device(dev)
+
+
+def _k():
+    """The Triton kernels module, imported on first use."""
+    global _kmod
+    if _kmod is None:
+        from . import triton_fp8_kernels
+        _kmod = triton_fp8_kernels
+    return _kmod
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# activation quantizer
+
+_MAX_TILE_ELEMS = 32768  # BM * K held in registers by one program
+
+
+@functools.lru_cache(maxsize=None)
+def quant_plan(k: int, block: int) -> tuple | None:
+    """(T, pieces, BM, num_warps) for the activation kernel, or None when this K / block is not supported.
+    T: power of two <= 128 dividing K, >= 16 and a multiple of the Hadamard block; K = T * sum(pieces), each piece
+    a power of two (at most four)."""
+    block = block if block > 1 else 0
+    if block and (block & (block - 1) or block > 128):
+        return None
+    t = 128
+    while t >= 16 and (k % t or t < block):
+        t //= 2
+    if t < 16:
+        return None
+    nb = k // t
+    pieces = tuple(1 << i for i in reversed(range(nb.bit_length())) if nb >> i & 1)
+    if len(pieces) > 4:
+        return None
+    bm = 1
+    while bm * 2 * k <= 8192 and bm < 64:
+        bm *= 2
+    if block:  # the tensor-core dot needs >= 16 rows per piece
+        bm = max(bm, 16 // min(pieces))
+    if bm * k > _MAX_TILE_ELEMS:
+        return None
+    warps = 8 if bm * k >= 8192 else 4
+    return t, pieces, bm, warps
+
+
+_H_CACHE: dict = {}
+
+
+def _h_tile(t: int, block: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """kron(I_{t/block}, H_block) with +-1 entries (unnormalized), (t, t), in `dtype`."""
+    key = (t, block, dtype, device)
+    h = _H_CACHE.get(key)
+    if h is None:
+        hb = torch.ones(1, 1, dtype=torch.float64)
+        while hb.shape[0] < block:
+            hb = torch.cat([torch.cat([hb, hb], 1), torch.cat([hb, -hb], 1)], 0)
+        h = torch.kron(torch.eye(t // block, dtype=torch.float64), hb).to(dtype=dtype, device=device).contiguous()
+        _H_CACHE[key] = h
+    return h
+
+
+def _hscale(block: int, dtype: torch.dtype) -> float:
+    """The normalization 1/sqrt(b) as `hadamard.hadamard_matrix(b, dtype)` stores it (rounded to dtype)."""
+    return float(torch.tensor(1.0 / block ** 0.5, dtype=torch.float64).to(dtype)) if block > 1 else 1.0
+
+
+def quant_supported(k: int, block: int, a_bits: int, dtype: torch.dtype) -> str | None:
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"activation dtype {dtype} (needs bf16/fp16/fp32)"
+    if not 1 <= a_bits <= 8:
+        return f"a_bits={a_bits}"
+    if quant_plan(k, block) is None:
+        return f"in_features={k} with Hadamard block {block} does not fit the Triton quantizer's tiling"
+    return None
+
+
+def act_quant(x2: torch.Tensor, block: int, a_bits: int, sym: bool, dequant: bool = False,
+              m_store: int | None = None):
+    """Fused x H -> per-token quantization of a 2-D (M, K) CUDA tensor (last dim contiguous).
+
+    Returns (out, scale, lo): out (m_store, K) fp8 e4m3 codes, or Q_a(x H) in x's dtype when `dequant`;
+    scale and lo (m_store,) fp32. Rows M..m_store-1 (padding) are written as zeros with scale 0."""
+    m, k = x2.shape
+    m_store = m if m_store is None else m_store
+    block = block if block > 1 else 0
+    plan = quant_plan(k, block)
+    dev = x2.device
+    out = torch.empty(m_store, k, device=dev, dtype=x2.dtype if dequant else torch.float8_e4m3fn)
+    scale = torch.empty(m_store, device=dev, dtype=torch.float32)
+    lo = torch.empty(m_store, device=dev, dtype=torch.float32)
+    if m_store == 0:
+        return out, scale, lo
+    if sym:
+        qmax = float(2 ** (a_bits - 1) - 1)
+        levels, qmin = qmax, -qmax
+    else:
+        qmax = float(2 ** a_bits - 1)
+        levels, qmin = qmax, 0.0
+    h = _h_tile(plan[0], block, x2.dtype, dev) if block else None
+    with _on(dev):
+        _k().launch_act_quant(x2, h, out, scale, lo, m, m_store, _hscale(block, x2.dtype), levels, qmin, qmax,
+                              plan, bool(block), sym, dequant, x2.dtype == torch.float32)
+    return out, scale, lo
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# weight caches
+
+def _ver(t) -> tuple:
+    if t is None:
+        return (None,)
+    try:
+        v = t._version
+    except RuntimeError:  # inference tensors have no version counter
+        v = -1
+    return (id(t), t.data_ptr(), v, tuple(t.shape), t.dtype)
+
+
+class _Entry:
+    __slots__ = ("key", "ref", "fp8", "sw", "cs", "deq", "bh")
+
+    def __init__(self, key, ref):
+        self.key, self.ref = key, ref
+        self.fp8 = self.sw = self.cs = None
+        self.deq = {}
+        self.bh = {}
+
+
+_WCACHE: dict[int, _Entry] = {}
+
+
+def _drop(wid: int, ref) -> None:
+    e = _WCACHE.get(wid)
+    if e is not None and e.ref is ref:
+        del _WCACHE[wid]
+
+
+def _entry(a: QLinearArgs) -> _Entry:
+    qw = a.qweight
+    key = (_ver(qw), _ver(a.w_scale), a.w_bits, a.out_features, a.in_features)
+    e = _WCACHE.get(id(qw))
+    if e is None or e.key != key or e.ref() is not qw:
+        wid = id(qw)
+        e = _Entry(key, weakref.ref(qw, functools.partial(_drop, wid)))
+        _WCACHE[wid] = e
+    return e
+
+
+def _fp8_weights(a: QLinearArgs) -> _Entry:
+    e = _entry(a)
+    if e.fp8 is None:
+        codes = weight_codes(a)
+        n = a.out_features
+        e.fp8 = codes.to(torch.bfloat16).to(torch.float8_e4m3fn).contiguous()
+        e.sw = a.w_scale.float().reshape(-1).expand(n).contiguous() if a.w_scale.numel() == 1 \
+            else a.w_scale.float().reshape(n).contiguous()
+        e.cs = Q.weight_code_colsum(codes, a.w_scale).contiguous()
+    return e
+
+
+def _deq_weight(a: QLinearArgs, dtype: torch.dtype) -> torch.Tensor:
+    e = _entry(a)
+    w = e.deq.get(dtype)
+    if w is None:
+        w = e.deq[dtype] = Q.dequantize_weight(weight_codes(a), a.w_scale, dtype).contiguous()
+    return w
+
+
+def _rot_down(a: QLinearArgs, dtype: torch.dtype) -> torch.Tensor:
+    """B H (r, K) in `dtype`, so that (x H) B^T = x (B H)^T (H is symmetric): the LRB's first matmul on the
+    unrotated x. Cached on the qweight entry, keyed on lrb_down's version."""
+    e = _entry(a)
+    key = (_ver(a.lrb_down), dtype, a.hadamard_block)
+    bh = e.bh.get(key)
+    if bh is None:
+        b = a.lrb_down.to(dtype)
+        if a.hadamard_block > 1:
+            b = layer.rotate(b, spec_of(a))
+        bh = e.bh[key] = b.contiguous()
+    return bh
+
+
+def clear_caches():
+    _WCACHE.clear()
+    _H_CACHE.clear()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dispatch
+
+@functools.lru_cache(maxsize=1)
+def dispatch_table() -> dict:
+    try:
+        with open(_TABLE_PATH) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def fp8_min_m(n: int, k: int, epilogue: bool) -> int:
+    """Smallest M from which the fp8 path beats the dequant path for this shape (measured table, else default)."""
+    env = os.environ.get("ROBUQ_FP8_MIN_M")
+    if env:
+        return int(env)
+    t = dispatch_table()
+    row = t.get("shapes", {}).get(f"{n}x{k}")
+    field = "epi_fp8_min_m" if epilogue else "fp8_min_m"
+    if row is not None and field in row:
+        return int(row[field])
+    return int(t.get("default_" + field, t.get("default_fp8_min_m", _DEFAULT_FP8_MIN_M)))
+
+
+def _uses_epilogue(a: QLinearArgs) -> bool:
+    return (not a.a_sym) or a.lrb_down is not None or os.environ.get("ROBUQ_FP8_GEMM") == "triton"
+
+
+def gemm_config(m: int, n: int, k: int) -> tuple:
+    """Triton GEMM config: the table's measured choice for the nearest M bucket, else a size heuristic."""
+    cfgs = _k().GEMM_CONFIGS
+    row = dispatch_table().get("shapes", {}).get(f"{n}x{k}", {})
+    tuned = row.get("gemm_cfg")
+    if tuned:
+        ms = sorted(int(x) for x in tuned)
+        best = min(ms, key=lambda x: abs(math.log2(max(m, 1)) - math.log2(x)))
+        i = int(tuned[str(best)])
+        if 0 <= i < len(cfgs):
+            return cfgs[i]
+    if m <= 64:
+        return cfgs[3]
+    if m <= 1024:
+        return cfgs[2]
+    if m <= 4096:
+        return cfgs[1]
+    return cfgs[0]
+
+
+def _fp8_supports(x: torch.Tensor, a: QLinearArgs) -> str | None:
+    if not x.is_cuda:
+        return "input is not on a CUDA device"
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return f"activation dtype {x.dtype} (fp8 path takes bf16/fp16)"
+    if a.a_bits > 4:
+        return f"a_bits={a.a_bits}: codes beyond +-15 are not exact in fp8 e4m3"
+    if a.w_bits not in (1.58, 2, 3, 4):
+        return f"w_bits={a.w_bits}: codes beyond +-15 are not exact in fp8 e4m3"
+    if a.a_clip != "absmax":
+        return f"a_clip={a.a_clip!r} (only absmax is fused)"
+    if a.w_scale.dim() != 2 or a.w_scale.shape[1] != 1 or a.w_scale.shape[0] not in (1, a.out_features):
+        return f"w_scale shape {tuple(a.w_scale.shape)}: weight groups are not supported by the fp8 path"
+    n, k = a.out_features, a.in_features
+    if k % 16 or n % 16:
+        return f"in/out features ({k}, {n}) must be multiples of 16 for fp8 GEMMs"
+    epi = _uses_epilogue(a)
+    if epi and k % 128:
+        return f"in_features={k} must be a multiple of 128 for the fused-epilogue fp8 GEMM"
+    why = quant_supported(k, a.hadamard_block, a.a_bits, x.dtype)
+    if why:
+        return why
+    if forced() != FP8:
+        m = x.numel() // k
+        thr = fp8_min_m(n, k, epi)
+        if m < thr:
+            return f"dispatch: M={m} < {thr}, where the bf16 dequant path is faster for {n}x{k} " \
+                   f"(kernels/dispatch_table.json)"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the two paths
+
+def fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
+    k, n = a.in_features, a.out_features
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    e = _fp8_weights(a)
+    m_pad = max(16, -(-m // 16) * 16)
+    codes, sx, lo = act_quant(x2, a.hadamard_block, a.a_bits, a.a_sym, m_store=m_pad)
+    if not _uses_epilogue(a):
+        bias = None if a.bias is None else a.bias.to(torch.bfloat16)
+        y = torch._scaled_mm(codes, e.fp8.t(), scale_a=sx.view(-1, 1), scale_b=e.sw.view(1, -1), bias=bias,
+                             out_dtype=torch.bfloat16, use_fast_accum=True)
+        y = y[:m]
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+    else:
+        t = up = None
+        if a.lrb_down is not None:
+            t = F.linear(x2, _rot_down(a, x.dtype))
+            up = a.lrb_up if a.lrb_up.dtype == x.dtype and a.lrb_up.is_contiguous() \
+                else a.lrb_up.to(x.dtype).contiguous()
+        bias = a.bias
+        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+        if m:
+            with _on(x.device):
+                _k().launch_fp8_gemm(codes, e.fp8, y, sx, e.sw, bias, None if a.a_sym else lo,
+                                     None if a.a_sym else e.cs, t, up, m, gemm_config(m, n, k))
+    return y.reshape(*lead, n)
+
+
+def _dequant_supports(x: torch.Tensor, a: QLinearArgs) -> str | None:
+    return None if x.is_cuda else "input is not on a CUDA device"
+
+
+def dequant_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
+    k, n = a.in_features, a.out_features
+    wq = _deq_weight(a, x.dtype)
+    fused = (a.a_bits < 16 and a.a_clip == "absmax" and _triton_quant_ok(x.device.index or 0)
+             and quant_supported(k, a.hadamard_block, a.a_bits, x.dtype) is None)
+    if not fused:  # the reference math with the cached dequantized weight: bit-identical to `reference`
+        return layer.robuq_linear(x, wq, a.bias, a.lrb_down, a.lrb_up, spec_of(a))
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    xq, _, _ = act_quant(x2, a.hadamard_block, a.a_bits, a.a_sym, dequant=True)
+    y = F.linear(xq, wq, a.bias)
+    if a.lrb_down is not None:
+        y.addmm_(F.linear(x2, _rot_down(a, x.dtype)), a.lrb_up.to(x.dtype).t())
+    return y.reshape(*lead, n)
+
+
+register(FP8, priority=20, machine_check=fp8_machine_check, supports=_fp8_supports)(fp8_qlinear)
+register(DEQUANT, priority=10, machine_check=dequant_machine_check, supports=_dequant_supports)(dequant_qlinear)
