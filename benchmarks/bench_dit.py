@@ -1,0 +1,225 @@
+"""DiT-XL/2 end to end: bf16 eager / bf16 torch.compile / robuq (W4A4+H, W1.58A4+H, the paper's policy) compiled.
+
+    python benchmarks/bench_dit.py                      # GPU: DiT-XL/2 (random init), batches 1 8 64
+    python benchmarks/bench_dit.py --quick              # CPU smoke run on a 2-layer DiT (checks the script)
+
+Per setting and batch: forward latency (median of CUDA-event timings after warm-up) and ratio vs bf16
+torch.compile measured in the same run; peak memory; resident bytes of the quantized layers' weights vs bf16;
+packed checkpoint size vs the bf16 safetensors; one QAT training step (batch 16) vs the FP training step; the CPU
+time of quantize + lower. Prints tabulate tables (GPU name, torch version in the header), writes JSON (+ PNG when
+matplotlib is installed) to benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import robuq_fx  # noqa: E402
+from robuq_fx.modules import PackedLinear  # noqa: E402
+
+XL2 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+           sample_size=32, patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=32)
+TINY = dict(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=2,
+            sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=32)
+
+
+def build(cfg):
+    from diffusers import DiTTransformer2DModel
+    torch.manual_seed(0)
+    m = DiTTransformer2DModel(**cfg)
+    m.config.class_dropout_prob = 0.0  # no label dropout: outputs comparable in train mode
+    return m.eval()
+
+
+def inputs(cfg, b, device="cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(b)
+    s = cfg["sample_size"]
+    return {"hidden_states": torch.randn(b, cfg["in_channels"], s, s, generator=g).to(device, dtype),
+            "timestep": torch.randint(0, 1000, (b,), generator=g).to(device),
+            "class_labels": torch.randint(0, cfg["num_embeds_ada_norm"], (b,), generator=g).to(device),
+            "return_dict": False}
+
+
+def policies():
+    dit = robuq_fx.Policy.load("dit").to_dict()
+    ternary = copy.deepcopy(dit)
+    ternary["rules"][1]["w_bits"] = 1.58
+    return {"robuq W4A4+H": dit, "robuq W1.58A4+H": ternary, "robuq dit-xl-2-robuq (W1.58A4+H+LRB32, attn 8)":
+            robuq_fx.Policy.load("dit-xl-2-robuq").to_dict()}
+
+
+def timeit(fn, iters, warmup, device):
+    for _ in range(warmup):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(iters):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        return statistics.median(times)
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def quantized_weight_bytes(model) -> tuple[int, int]:
+    """(resident bytes of quantized layers incl. any kernel-side weight cache, bf16 bytes of the same weights)."""
+    res = bf16 = 0
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            res += m.packed_bytes()
+            bf16 += 2 * m.in_features * m.out_features + (2 * m.out_features if m.bias is not None else 0)
+    cache = getattr(robuq_fx.kernels, "resident_cache_bytes", None)
+    return res + (cache() if cache else 0), bf16
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny 2-layer DiT on CPU (smoke run)")
+    ap.add_argument("--batches", type=int, nargs="+", default=None)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile rows (eager only)")
+    ap.add_argument("--train-batch", type=int, default=16)
+    ap.add_argument("--out", default="benchmarks/results", help="folder for JSON/PNG")
+    args = ap.parse_args(argv)
+    from tabulate import tabulate
+
+    device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    cfg = TINY if args.quick else XL2
+    batches = args.batches or ([1, 2] if args.quick else [1, 8, 64])
+    gpu = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    header = f"DiT {'tiny' if args.quick else 'XL/2'} | {gpu} | torch {torch.__version__} | {dtype}"
+    print(header)
+    fp = build(cfg)
+    ex = inputs(cfg, 2)
+    results = {"header": header, "command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])),
+               "config": cfg, "latency": [], "memory": [], "train_step": [], "prepare": []}
+
+    variants = {"bf16 eager": (fp.to(device, dtype), False)}
+    if not args.no_compile:
+        variants["bf16 torch.compile"] = (variants["bf16 eager"][0], True)
+    ckpt_dir = Path(tempfile.mkdtemp())
+    from safetensors.torch import save_file
+    fp_file = ckpt_dir / "fp.safetensors"
+    save_file({k: v.contiguous() for k, v in fp.state_dict().items()}, str(fp_file))
+    fp_cpu = build(cfg)
+    for name, pol in policies().items():
+        t0 = time.perf_counter()
+        q = robuq_fx.quantize(fp_cpu, pol, example_inputs=ex)
+        t1 = time.perf_counter()
+        low = robuq_fx.lower(q, progress=False)
+        t2 = time.perf_counter()
+        f = robuq_fx.save_quantized(low, ckpt_dir / f"{len(variants)}.safetensors")
+        results["prepare"].append({"setting": name, "quantize s": round(t1 - t0, 2), "lower s": round(t2 - t1, 2),
+                                   "ckpt MB": round(f.stat().st_size / 2**20, 1),
+                                   "ckpt / bf16 ckpt": round(f.stat().st_size / fp_file.stat().st_size, 3)})
+        del q
+        variants[name] = (low.to(device, dtype), not args.no_compile)
+
+    rows = {}
+    for name, (model, compiled) in variants.items():
+        fn_model = torch.compile(model) if compiled else model
+        for b in batches:
+            x = inputs(cfg, b, device, dtype)
+            with torch.no_grad():
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                ms = timeit(lambda: fn_model(**x), args.iters, args.warmup, device)
+                peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
+            rows[(name, b)] = ms
+            results["latency"].append({"setting": name, "batch": b, "ms": round(ms, 3), "peak MiB": round(peak, 1)})
+            print(f"  {name:52s} batch {b:3d}: {ms:8.3f} ms", flush=True)
+        res, bf = quantized_weight_bytes(model)
+        if bf:
+            results["memory"].append({"setting": name, "quantized-layer weights MiB": round(res / 2**20, 1),
+                                      "bf16 MiB": round(bf / 2**20, 1), "ratio": round(res / bf, 3)})
+    base = "bf16 eager" if args.no_compile else "bf16 torch.compile"
+    for r in results["latency"]:
+        r[f"x vs {base}"] = round(rows[(base, r["batch"])] / r["ms"], 3)
+
+    # One training step, batch --train-batch: FP vs QAT (robuq W1.58A4+H), both eager fp32 master weights + bf16 autocast.
+    tb = args.train_batch if not args.quick else 2
+    for name, pol in [("FP", None), ("QAT W1.58A4+H", policies()["robuq W1.58A4+H"]),
+                      ("QAT dit-xl-2-robuq", policies()["robuq dit-xl-2-robuq (W1.58A4+H+LRB32, attn 8)"])]:
+        m = build(cfg).train()
+        if pol is not None:
+            m = robuq_fx.quantize(m, pol, example_inputs=ex).train()
+        m = m.to(device)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+        x = inputs(cfg, tb, device)
+        target = torch.randn_like(m(**x)[0]) if pol is None else None
+
+        def step():
+            with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
+                out = m(**x)[0]
+            loss = (out.float() - (target if target is not None else 0)).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        ms = timeit(step, max(3, args.iters // 4), 2, device)
+        results["train_step"].append({"setting": name, "batch": tb, "ms": round(ms, 2)})
+        del m, opt
+    fp_ms = results["train_step"][0]["ms"]
+    for r in results["train_step"]:
+        r["x FP step time"] = round(r["ms"] / fp_ms, 3)
+
+    print()
+    print(tabulate(results["latency"], headers="keys", tablefmt="github"))
+    print()
+    print(tabulate(results["memory"], headers="keys", tablefmt="github"))
+    print()
+    print(tabulate(results["prepare"], headers="keys", tablefmt="github"))
+    print()
+    print(tabulate(results["train_step"], headers="keys", tablefmt="github"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "quick" if args.quick else gpu.replace(" ", "_").replace("/", "_")
+    path = out / f"bench_dit_{tag}.json"
+    path.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {path}")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(8, 4))
+        names = list(variants)
+        for i, b in enumerate(batches):
+            ax.bar([j + 0.8 * i / len(batches) for j in range(len(names))],
+                   [rows[(n, b)] and rows[(base, b)] / rows[(n, b)] for n in names], width=0.8 / len(batches),
+                   label=f"batch {b}")
+        ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=6)
+        ax.axhline(1.0, color="k", lw=0.5)
+        ax.set_ylabel(f"speed vs {base}")
+        ax.set_title(header, fontsize=8)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path.with_suffix(".png"), dpi=120)
+    except ImportError:
+        print("matplotlib not installed: no PNG")
+    return results
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
