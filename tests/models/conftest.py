@@ -16,9 +16,7 @@ No downloads (HF_HUB_OFFLINE=1); everything is random init and small enough for 
 """
 from __future__ import annotations
 
-import copy
 import os
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -31,8 +29,6 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import robuq_fx  # noqa: E402
-
-warnings.filterwarnings("ignore", category=FutureWarning)
 
 # ---- policies -----------------------------------------------------------------------------------------------------
 # "lrb": the default low-rank-branch setting (RobuQ's ternary weights, A4, Hadamard, LRB rank 4 in these tiny models)
@@ -86,9 +82,10 @@ def build_dit(seed=0, **over):
     # Class-label dropout (classifier-free guidance training) is a train-only Python branch with hard-coded
     # p=0.1: it makes the FP model's train-mode output random, and torch.export (captured in eval mode) does not
     # keep it. Turn it off so train-mode outputs are comparable.
-    for mod in m.modules():
-        if hasattr(mod, "dropout_prob") and isinstance(mod, nn.Module) and type(mod).__name__ == "LabelEmbedding":
-            mod.dropout_prob = 0.0
+    label_embedders = [mod for mod in m.modules() if type(mod).__name__ == "LabelEmbedding"]
+    assert label_embedders, "diffusers changed: no LabelEmbedding in DiTTransformer2DModel"
+    for mod in label_embedders:
+        mod.dropout_prob = 0.0
     return m
 
 
@@ -122,7 +119,9 @@ def dit_inputs(batch=2, seed=0):
 
 
 def llama_inputs(batch=2, seed=0):
-    # use_cache=False: no DynamicCache object in the exported graph's outputs.
+    # use_cache=False: no DynamicCache object in the exported graph's outputs. No return_dict=False: that keyword lands
+    # in LlamaForCausalLM.forward's **kwargs, where torch.export (2.13) cannot match any dynamic_shapes spec, so the
+    # capture falls back to a static batch size (tested separately in test_lower_models.py).
     return {"input_ids": torch.randint(0, 128, (batch, 8), generator=_gen(seed)), "use_cache": False}
 
 
@@ -229,6 +228,3 @@ def cached_lowered(case: Case, kind: str):
         _LOWERED[key] = robuq_fx.lower(cached(case, kind)[1])
     return _LOWERED[key]
 
-
-def fresh(qmodel):
-    return copy.deepcopy(qmodel)

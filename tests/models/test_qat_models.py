@@ -18,6 +18,8 @@ from robuq_fx.capture import find_linears
 
 from .conftest import CASES, cached
 
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.export's deprecated LeafSpec on deepcopy
+
 ROBUQ = torch.ops.robuq
 
 
@@ -46,7 +48,7 @@ def test_every_matched_linear_has_robuq_ops(case, kind):
     assert sites >= len(layers)
     assert _count(qmodel, ROBUQ.fake_quant_weight.default) == sites
     assert _count(qmodel, ROBUQ.fake_quant_act.default) == sites  # a_bits < 16 everywhere here
-    assert _count(qmodel, ROBUQ.hadamard.default) >= sites  # x H (and W H) per site
+    assert _count(qmodel, ROBUQ.hadamard.default) == 2 * sites  # x H and W H at every site
     assert "robuq" in qmodel.code
     # no matched layer's FP weight is used directly by a linear any more
     assert not {s.name for s in find_linears(qmodel, qmodel)} & set(layers)
@@ -210,3 +212,17 @@ def test_exported_models_take_another_batch_size(name):
         out = case.run(qmodel, x3)
         assert out.shape == case.run(model, x3).shape
         assert out.shape[0] == 3
+
+
+def test_deepcopy_keeps_robuq_info(case):
+    """copy.deepcopy of a QAT model (EMA / best-model copies) must stay a robuq model that lower() accepts.
+    (GraphModule.__deepcopy__ drops plain attributes; the pass keeps its info in gm.meta's preserved attributes.)"""
+    _, qmodel = cached(case, "a2")
+    dup = copy.deepcopy(qmodel)
+    assert robuq_fx.robuq_info(dup) == robuq_fx.robuq_info(qmodel)
+    assert robuq_fx.robuq_info(dup) is not robuq_fx.robuq_info(qmodel)
+    lowered = robuq_fx.lower(dup)
+    assert robuq_fx.robuq_info(copy.deepcopy(lowered))["stage"] == "lowered"
+    x = case.make_inputs()
+    with torch.no_grad():
+        assert torch.equal(case.run(lowered, x), case.run(qmodel.eval(), x))
