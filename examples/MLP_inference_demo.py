@@ -24,7 +24,7 @@ import torch
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _digits import MLP, accuracy, load_digits_data  # noqa: E402
+from _digits import MLP, accuracy, add_threads_arg, load_digits_data  # noqa: E402
 from MLP_training_demo import add_layer_args  # noqa: E402  (same flags, same defaults as the training demo)
 
 from robuq_fx import CheckpointError  # noqa: E402
@@ -45,12 +45,13 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_layer_args(p)
+    add_threads_arg(p)
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if not args.ckpt.exists():
         sys.exit(f"{args.ckpt} not found: run examples/MLP_training_demo.py first (or pass --ckpt)")
     data = load_digits_data()
-    w_bits = 1.58 if abs(args.w_bits - 1.58) < 1e-6 else int(args.w_bits)
-    hadamard, lora = not args.no_hadamard, not args.no_lora
+    w_bits, hadamard, lora = args.w_bits, not args.no_hadamard, not args.no_lora
 
     # 1. rebuild, and replace the same layers with the same arguments as in training
     model = MLP()

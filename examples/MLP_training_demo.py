@@ -27,17 +27,23 @@ import torch
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _digits import MLP, accuracy, load_digits_data, logits, seed_everything, train  # noqa: E402
+from _digits import MLP, accuracy, add_threads_arg, load_digits_data, logits, seed_everything, train  # noqa: E402
 
 from robuq_fx.quant.replace import replace_linear_layer  # noqa: E402
 
 DEFAULT_CKPT = Path(__file__).resolve().parents[1] / "runs" / "mlp_robuq.pt"
 
 
+def w_bits_arg(text: str):
+    """'1.58' -> 1.58 (ternary), '4' -> 4; anything else is passed on for RobuQLinear to reject."""
+    v = float(text)
+    return 1.58 if abs(v - 1.58) < 1e-6 else int(v) if v.is_integer() else v
+
+
 def add_layer_args(p: argparse.ArgumentParser) -> None:
     """The replace_linear_layer arguments; MLP_inference_demo.py takes the same flags with the same defaults."""
     p.add_argument("--nbits", type=int, default=3, help="activation bits (default 3)")
-    p.add_argument("--w-bits", type=float, default=1.58, help="weight bits, 1.58 = ternary (default 1.58)")
+    p.add_argument("--w-bits", type=w_bits_arg, default=1.58, help="weight bits, 1.58 = ternary (default 1.58)")
     p.add_argument("--no-hadamard", action="store_true", help="if_hadamard=False")
     p.add_argument("--no-lora", action="store_true", help="if_lora=False (no low-rank branch)")
     p.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help=f"state_dict path (default {DEFAULT_CKPT})")
@@ -46,8 +52,7 @@ def add_layer_args(p: argparse.ArgumentParser) -> None:
 
 def replace_layers(model: MLP, args) -> MLP:
     """Step 1 of the reference flow (the same lines in MLP_inference_demo.py)."""
-    w_bits = 1.58 if abs(args.w_bits - 1.58) < 1e-6 else int(args.w_bits)
-    hadamard, lora = not args.no_hadamard, not args.no_lora
+    w_bits, hadamard, lora = args.w_bits, not args.no_hadamard, not args.no_lora
     model.fc1 = replace_linear_layer(model.fc1, nbits=args.nbits, w_bits=w_bits, if_hadamard=hadamard, if_lora=lora)
     model.fc2 = replace_linear_layer(model.fc2, nbits=args.nbits, w_bits=w_bits, if_hadamard=hadamard, if_lora=lora)
     model.fc3 = replace_linear_layer(model.fc3, nbits=args.nbits, w_bits=w_bits, if_hadamard=hadamard, if_lora=False)
@@ -64,7 +69,9 @@ def main(argv=None) -> dict:
     p.add_argument("--lr", type=float, default=1e-3, help="QAT learning rate (default 1e-3, as the reference)")
     p.add_argument("--quick", action="store_true", help="tiny run for tests: 3 FP epochs, 2 QAT epochs")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    add_threads_arg(p)
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.fp_epochs, args.epochs = 3, 2
     t0 = time.perf_counter()
@@ -98,8 +105,10 @@ def main(argv=None) -> dict:
         print(f"  model.{name}: RobuQLinear({getattr(model, name).extra_repr()})")
     print()
     print(tabulate(rows, headers="keys", tablefmt="github", floatfmt=".2f"))
+    flags = f" --nbits {args.nbits} --w-bits {args.w_bits}" + " --no-hadamard" * args.no_hadamard + \
+        " --no-lora" * args.no_lora
     print(f"\nsaved model.state_dict() to {args.ckpt} ({args.ckpt.stat().st_size:,} bytes); "
-          f"next: python examples/MLP_inference_demo.py --ckpt {args.ckpt} (same layer flags)")
+          f"next: python examples/MLP_inference_demo.py --ckpt {args.ckpt}{flags}")
     print(f"runtime {runtime:.1f} s")
     result = {"fp_acc": fp_acc, "ptq_acc": ptq_acc, "qat_acc": qat_acc, "ckpt": str(args.ckpt),
               "runtime_s": round(runtime, 2)}

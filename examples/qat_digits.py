@@ -29,7 +29,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import robuq_fx  # noqa: E402
-from _digits import MLP, accuracy, load_digits_data, logits, seed_everything, train  # noqa: E402
+from _digits import MLP, accuracy, add_threads_arg, load_digits_data, logits, seed_everything, train  # noqa: E402
 
 # (label, w_bits, a_bits, lora_rank); every setting rotates activations with the block Hadamard transform.
 SETTINGS = [
@@ -67,7 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save", metavar="PATH", help=f"keep the packed checkpoint of '{SAVE_SETTING}' here "
                    "(.safetensors; default: a temporary file)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    add_threads_arg(p)
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.epochs, args.qat_epochs = 3, 2
     return args
@@ -93,15 +95,16 @@ def main(argv=None) -> dict:
     fp_acc = accuracy(logits(fp, data.x_test), data.y_test)
     fp_bf16 = sum(2 * p.numel() for p in fp.parameters())  # all weights and biases of the 3 linear layers
     rows = [{"setting": "FP32 (baseline)", "head": "FP", "PTQ acc": None, "FP/QAT acc": fp_acc,
-             "packed acc": None, "packed == QAT": None, "packed bytes": None, "LRB bytes": None, "bf16 bytes": fp_bf16,
-             "packed/bf16": None}]
+             "packed acc": None, "packed == QAT": None, "packed bytes": None, "LRB bytes": None,
+             "bf16 bytes": fp_bf16, "packed/bf16": None}]
 
     keep = {}
     for i, (label, w_bits, a_bits, rank) in enumerate(SETTINGS):
         qmodel = robuq_fx.quantize(fp, policy_for(w_bits, a_bits, rank, args.fp_head))
         ptq_acc = accuracy(logits(qmodel, data.x_test), data.y_test)
         seed_everything(args.seed + 1 + i)  # each setting reproducible on its own (dropout, shuffling)
-        train(qmodel, data, args.qat_epochs, args.qat_lr, args.seed + 1 + i, desc=f"QAT {label}", progress=progress)
+        train(qmodel, data, args.qat_epochs, args.qat_lr, args.seed + 1 + i, desc=f"QAT {label}",
+              progress=progress)
         lowered = robuq_fx.lower(qmodel)
         q_out, p_out = logits(qmodel, x_all), logits(lowered, x_all)
         n_test = len(data.x_test)
@@ -112,24 +115,26 @@ def main(argv=None) -> dict:
                      "PTQ acc": ptq_acc, "FP/QAT acc": accuracy(q_out[:n_test], data.y_test),
                      "packed acc": accuracy(p_out[:n_test], data.y_test),
                      "packed == QAT": torch.equal(q_out, p_out),
-                     "packed bytes": packed, "LRB bytes": lrb, "bf16 bytes": bf16, "packed/bf16": round(packed / bf16, 3)})
+                     "packed bytes": packed, "LRB bytes": lrb, "bf16 bytes": bf16,
+                     "packed/bf16": round(packed / bf16, 3)})
         if label == SAVE_SETTING:
             keep = {"lowered": lowered, "out": p_out}
 
     reload = check_reload(keep["lowered"], keep["out"], x_all, args)
     runtime = time.perf_counter() - t0
 
+    head_note = "full precision (policy skip rule)" if args.fp_head else "quantized (no LRB: rank 16 > its 10 outputs)"
     print(f"\nsklearn digits: {len(data.x_train)} train / {len(data.x_test)} test images, MLP 64-256-256-10, "
-          f"{args.epochs} FP epochs, {args.qat_epochs} QAT epochs per setting, seed {args.seed}")
-    print(f"head (fc3): {'full precision (policy skip rule)' if args.fp_head else 'quantized (no LRB: rank 16 > 10 outputs)'};"
-          " accuracies in % on the test set; PTQ = quantized before QAT; packed == QAT: torch.equal of the logits of "
-          "all 1,797 images; bytes: the quantized layers' weights+biases (packed: codes+scales+bias+LRB, the LRB in the model's FP32)\n")
+          f"{args.epochs} FP epochs, {args.qat_epochs} QAT epochs per setting, seed {args.seed}; head fc3: {head_note}")
+    print("acc: % of the test set (PTQ = right after quantize(), before QAT); packed == QAT: torch.equal of the "
+          "logits of all 1,797 images;\nbytes: weights + biases of the quantized layers (packed = codes + scales + "
+          "bias + LRB, which stays in the model's FP32)\n")
     print(format_table(rows))
     print(f"\nsave_quantized('{reload['setting']}') -> {reload['file_bytes']:,} bytes; "
           f"load_quantized(path, MLP()) on a fresh random init: outputs identical = {reload['identical']}")
     print(f"runtime {runtime:.1f} s")
 
-    result = {"args": {k: v for k, v in vars(args).items()}, "rows": rows, "reload": reload,
+    result = {"args": vars(args), "rows": rows, "reload": reload,
               "runtime_s": round(runtime, 2)}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

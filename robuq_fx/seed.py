@@ -26,7 +26,8 @@ class RobuQLinear(nn.Module):
                  if_hadamard: bool = False, if_lora: bool = False, lora_rank: int = DEFAULT_LRB_RANK, **spec_kw):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        rank = min(lora_rank, in_features, out_features) if if_lora else 0
+        # A rank-min(K, N) branch would hold the whole weight and leave nothing quantized: cap at half of it.
+        rank = max(1, min(lora_rank, min(in_features, out_features) // 2)) if if_lora else 0
         self.spec = LayerSpec(w_bits=w_bits, a_bits=nbits, hadamard=if_hadamard, lora_rank=rank,
                               **spec_kw).resolve(in_features, out_features)
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
@@ -72,6 +73,14 @@ class RobuQLinear(nn.Module):
         del self.weight, self.bias, self.lrb_down, self.lrb_up
         self.weight = self.bias = self.lrb_down = self.lrb_up = None
         return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A packed checkpoint holds packed.* tensors instead of weight/bias: pack first so its keys line up.
+        extra = state_dict.get(prefix + "_extra_state")
+        if isinstance(extra, dict) and extra.get("packed") and self.packed is None:
+            if extra.get("spec") == self.spec.to_dict():
+                self.prepare_for_inference()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_extra_state(self):
         return {"spec": self.spec.to_dict(), "packed": self.packed is not None}

@@ -6,6 +6,7 @@ them in for a concrete layer of shape (in_features, out_features) and checks eve
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 
 from .errors import SpecError
@@ -111,6 +112,9 @@ class LayerSpec:
         if self.lora_rank > min(in_features, out_features):
             raise SpecError(f"{at}lora_rank={self.lora_rank} exceeds min(in_features, out_features)="
                             f"{min(in_features, out_features)}")
+        if self.lora_rank and self.lora_rank == min(in_features, out_features):
+            warnings.warn(f"{at}lora_rank={self.lora_rank} = min(in_features, out_features): the low-rank branch holds "
+                          "the whole weight and nothing is left to quantize", stacklevel=3)
         if self.group_size and in_features % self.group_size:
             raise SpecError(f"{at}group_size={self.group_size} does not divide in_features={in_features}")
         return dataclasses.replace(self, hadamard=block > 1, hadamard_block=block if block > 1 else 0,

@@ -93,3 +93,20 @@ def test_replace_whole_module_and_errors():
     with pytest.raises(robuq_fx.SpecError, match="w_bits=5"):
         replace_linear_layer(keep, nbits=4, w_bits=5)
     assert all(type(getattr(keep, n)) is nn.Linear for n in ("fc1", "fc2", "fc3"))
+
+
+def test_packed_state_dict_loads_strictly_into_fresh_replacement():
+    a = build()
+    for mod in a.modules():
+        if isinstance(mod, RobuQLinear):
+            mod.prepare_for_inference()
+    b = build(seed=5)
+    b.load_state_dict(a.state_dict())  # strict: packed.* keys line up because b packs first
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert torch.equal(a.eval()(x), b.eval()(x))
+
+
+def test_seed_lrb_rank_leaves_something_to_quantize():
+    small = replace_linear_layer(nn.Linear(256, 10), nbits=3, w_bits=1.58, if_lora=True)
+    assert small.spec.lora_rank == 5

@@ -1,0 +1,245 @@
+"""Distributed RobuQ QAT of a DiT with torch's own engines (DDP, FSDP2), launched by torchrun.
+
+    torchrun --nproc-per-node 2 examples/qat_distributed.py --engine fsdp2      # CPU: gloo, tiny DiT, 4 steps
+    torchrun --nproc-per-node 2 examples/qat_distributed.py --engine ddp
+    python examples/qat_distributed.py --engine none                            # the single-process reference
+    torchrun --nproc-per-node 8 examples/qat_distributed.py --model dit-xl-2 --engine fsdp2 --batch 64 \\
+        --steps 100 --save-packed dit_xl2_w158a4.safetensors                    # N GPUs: nccl, one GPU a rank
+
+Every rank draws the same synthetic global batch (DiT noise-prediction loss on random latents, timesteps and class
+labels; seeded) and trains on its own equal slice, so DDP / FSDP2 / none see the same data and the loss curves
+agree up to all-reduce summation order. The QAT model is `robuq_fx.quantize(DiT, policy, example_inputs)`;
+FSDP2 shards each transformer block, then the root (`robuq_fx.distributed.shard`). At the end the full state dict
+is gathered on rank 0 (`--save-state`); `--save-packed PATH` then rebuilds the QAT structure on a fresh model
+(`quantize(..., init_lrb=False)`), loads that state dict, lowers it and writes a packed checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import robuq_fx  # noqa: E402
+from robuq_fx import distributed as rdist  # noqa: E402
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+# diffusers DiTTransformer2DModel configs. "dit-xl-2" is DiT-XL/2 at 256 px (latents 4x32x32, 28 blocks, width 1152).
+CONFIGS = {
+    "dit-tiny": dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, num_layers=2, sample_size=8,
+                     patch_size=2, num_embeds_ada_norm=10, norm_num_groups=32),
+    "dit-xl-2": dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+                     sample_size=32, patch_size=2, num_embeds_ada_norm=1000),
+}
+TRAIN_TIMESTEPS = 1000
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--engine", choices=["ddp", "fsdp2", "none"], default="fsdp2",
+                   help="DistributedDataParallel, FSDP2 fully_shard per block, or a plain single process")
+    p.add_argument("--model", choices=list(CONFIGS), default="dit-tiny", help="DiT size (random init)")
+    p.add_argument("--pretrained", metavar="DIR", help="load DiT weights from a local diffusers checkpoint dir "
+                   "(e.g. a facebook/DiT-XL-2-256 snapshot; its 'transformer' subfolder) instead of random init")
+    p.add_argument("--policy", default="dit-xl-2-robuq", help="policy name or file (default: the paper's "
+                   "W1.58A4 + Hadamard + LRB setting; for dit-tiny the LRB rank is cut to --tiny-rank)")
+    p.add_argument("--tiny-rank", type=int, default=4, help="LRB rank for dit-tiny (rank 32 would cover its "
+                   "32-wide weights entirely, leaving nothing to quantize)")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--batch", type=int, default=8, help="global batch size (split evenly over ranks)")
+    p.add_argument("--optim", choices=["adamw", "sgd"], default="adamw")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0, help="model init and data seed (the same on every rank)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: cuda (nccl) when available, else cpu (gloo)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per rank (0: leave torch's default)")
+    p.add_argument("--save-state", metavar="PATH", help="rank 0: torch.save the gathered full state dict here")
+    p.add_argument("--save-packed", metavar="PATH", help="rank 0: quantize a fresh model, load the gathered state, "
+                   "lower and save_quantized here (.safetensors)")
+    p.add_argument("--json", metavar="PATH", help="rank 0: write losses and timings as JSON")
+    return p.parse_args(argv)
+
+
+# ---- model, policy, data --------------------------------------------------------------------------------------------
+def build_model(args, seed: int | None = None):
+    from diffusers import DiTTransformer2DModel
+    torch.manual_seed(args.seed if seed is None else seed)
+    if args.pretrained:
+        model = DiTTransformer2DModel.from_pretrained(args.pretrained, subfolder="transformer")
+    else:
+        model = DiTTransformer2DModel(**CONFIGS[args.model])
+    # Class-label dropout (classifier-free guidance) is a train-only Python branch: torch.export captures the eval
+    # graph, which does not have it. Add it to your data pipeline (replace labels by the null class) if you need it.
+    for mod in model.modules():
+        if type(mod).__name__ == "LabelEmbedding":
+            mod.dropout_prob = 0.0
+    return model
+
+
+def build_policy(args) -> robuq_fx.Policy:
+    policy = robuq_fx.Policy.coerce(args.policy)
+    if args.model != "dit-tiny" or args.pretrained:
+        return policy
+    d = policy.to_dict()
+    for rule in d["rules"]:
+        if rule.get("lora_rank"):
+            rule["lora_rank"] = args.tiny_rank
+    return robuq_fx.Policy.from_dict(d, source=f"{args.policy} (dit-tiny: lora_rank {args.tiny_rank})")
+
+
+def example_inputs(model, batch: int = 2) -> dict:
+    c, s = model.config.in_channels, model.config.sample_size
+    return {"hidden_states": torch.zeros(batch, c, s, s), "timestep": torch.zeros(batch, dtype=torch.long),
+            "class_labels": torch.zeros(batch, dtype=torch.long), "return_dict": False}
+
+
+def global_batch(model_config, batch: int, step: int, seed: int) -> dict:
+    """The same synthetic DDPM training batch on every rank: x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps, target eps
+    (linear beta schedule 1e-4 .. 0.02 over 1000 steps, as in DiT)."""
+    g = torch.Generator().manual_seed(seed * 100_003 + step)
+    c, s = model_config.in_channels, model_config.sample_size
+    x0 = torch.randn(batch, c, s, s, generator=g)
+    eps = torch.randn(batch, c, s, s, generator=g)
+    t = torch.randint(0, TRAIN_TIMESTEPS, (batch,), generator=g)
+    y = torch.randint(0, model_config.num_embeds_ada_norm, (batch,), generator=g)
+    betas = torch.linspace(1e-4, 0.02, TRAIN_TIMESTEPS, dtype=torch.float64)
+    a = torch.cumprod(1 - betas, 0)[t].float().view(-1, 1, 1, 1)
+    return {"x_t": a.sqrt() * x0 + (1 - a).sqrt() * eps, "t": t, "y": y, "eps": eps}
+
+
+def loss_fn(model, b: dict) -> torch.Tensor:
+    out = model(hidden_states=b["x_t"], timestep=b["t"], class_labels=b["y"], return_dict=False)[0]
+    c = b["eps"].shape[1]
+    return F.mse_loss(out[:, :c], b["eps"])  # learn_sigma models (DiT-XL/2) also predict variances: not trained here
+
+
+# ---- distributed plumbing -------------------------------------------------------------------------------------------
+def setup(args) -> tuple[int, int, torch.device]:
+    """Process group from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT); none for --engine none."""
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.engine == "none":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise SystemExit("--engine none is the single-process reference: run it with python, not torchrun")
+        return 0, 1, torch.device("cuda" if use_cuda else "cpu")
+    if "RANK" not in os.environ:
+        raise SystemExit(f"--engine {args.engine} needs torchrun (or RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set)")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def wrap(qmodel, engine: str, device: torch.device):
+    qmodel.to(device)
+    if engine == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(qmodel, device_ids=[device.index] if device.type == "cuda" else None)
+    if engine == "fsdp2":
+        return rdist.shard(qmodel)
+    return qmodel
+
+
+def make_optimizer(model, args):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.optim == "sgd":
+        return torch.optim.SGD(params, lr=args.lr, momentum=0.9)
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+
+
+def train(model, config, args, rank: int, world: int, device: torch.device) -> list[float]:
+    """`args.steps` steps; returns the global-batch loss of every step (the mean of the ranks' slice losses)."""
+    if args.batch % world:
+        raise SystemExit(f"--batch {args.batch} must divide evenly over {world} ranks")
+    local = args.batch // world
+    opt = make_optimizer(model, args)
+    model.train()
+    losses = []
+    for step in range(args.steps):
+        b = global_batch(config, args.batch, step, args.seed)
+        b = {k: v[rank * local:(rank + 1) * local].to(device) for k, v in b.items()}
+        loss = loss_fn(model, b)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        seen = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(seen)  # equal slices: the mean of slice means is the global-batch mean
+            seen /= world
+        losses.append(seen.item())
+    return losses
+
+
+def gather_state(model, engine: str) -> dict:
+    """Full state dict on CPU on rank 0 ({} elsewhere); a collective for ddp / fsdp2."""
+    if engine == "none":
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return rdist.full_state_dict(model)
+
+
+def save_packed(state: dict, args, path) -> Path:
+    """Rank 0: what a user does with the checkpoint later, on another machine: fresh model -> QAT structure (no SVD)
+    -> load the trained state -> lower -> packed safetensors."""
+    fresh = build_model(args, seed=args.seed + 1)  # a different random init: nothing may come from it
+    qmodel = robuq_fx.quantize(fresh, build_policy(args), example_inputs(fresh), init_lrb=False)
+    qmodel.load_state_dict(state)
+    return robuq_fx.save_quantized(robuq_fx.lower(qmodel), path)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    rank, world, device = setup(args)
+    t0 = time.perf_counter()
+    model = build_model(args)
+    qmodel = robuq_fx.quantize(model, build_policy(args), example_inputs(model))
+    t_quant = time.perf_counter() - t0
+    engine_model = wrap(qmodel, args.engine, device)
+    t1 = time.perf_counter()
+    losses = train(engine_model, model.config, args, rank, world, device)
+    t_train = time.perf_counter() - t1
+    state = gather_state(engine_model, args.engine)
+    result = {"engine": args.engine, "model": args.model, "world": world, "device": str(device),
+              "global_batch": args.batch, "steps": args.steps, "losses": losses,
+              "quantize_s": round(t_quant, 2), "train_s": round(t_train, 2)}
+    if rank == 0:
+        print(f"{args.engine} x{world} on {device}: {args.model}, global batch {args.batch}, {args.steps} steps, "
+              f"quantize {t_quant:.1f} s, train {t_train:.1f} s")
+        for i, l in enumerate(losses):
+            print(f"  step {i}: loss {l:.6f}")
+        if args.save_state:
+            torch.save(state, args.save_state)
+            print(f"full state dict ({len(state)} tensors) -> {args.save_state}")
+        if args.save_packed:
+            path = save_packed(state, args, args.save_packed)
+            result["packed_bytes"] = path.stat().st_size
+            print(f"packed checkpoint -> {path} ({result['packed_bytes']:,} bytes)")
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    if not all(math.isfinite(v) for v in losses):
+        raise SystemExit("non-finite loss")
+    return result
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
