@@ -28,6 +28,12 @@ _EPS = 1e-8  # BitNet's absmean epsilon: keeps an all-zero row from dividing by 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def _div(t: torch.Tensor, n: int) -> torch.Tensor:
+    """t / n as a true IEEE division on every device (CUDA turns division by a Python scalar into a multiply by
+    its reciprocal, which moves values sitting on a rounding tie and flips codes vs the CPU reference)."""
+    return t / torch.full_like(t, float(n))
+
+
 def weight_qmax(w_bits) -> int:
     return 1 if w_bits == 1.58 else 2 ** (int(w_bits) - 1) - 1
 
@@ -51,7 +57,7 @@ def quantize_weight(r: torch.Tensor, w_bits, granularity: str = "channel", group
     if w_bits == 1.58:
         s = rg.abs().mean(dim=-1, keepdim=True).clamp_min(_EPS)
     else:
-        s = rg.abs().amax(dim=-1, keepdim=True).clamp_min(_EPS) / qmax
+        s = _div(rg.abs().amax(dim=-1, keepdim=True).clamp_min(_EPS), qmax)
     # Round the scale to its storage dtype before computing codes, so QAT and the packed model agree exactly.
     s = s.to(_DTYPES[scale_dtype]).to(rg.dtype)
     codes = torch.round(rg / s).clamp_(-qmax, qmax)
@@ -143,12 +149,12 @@ def quantize_act(x: torch.Tensor, a_bits: int, sym: bool, clip: str = "absmax"):
     x32 = x.float()
     if sym:
         qmax = 2 ** (a_bits - 1) - 1
-        s = hi / qmax
+        s = _div(hi, qmax)
         safe = torch.where(s > 0, s, torch.ones_like(s))
         q = torch.round(x32 / safe).clamp_(-qmax, qmax)
     else:
         levels = 2 ** a_bits - 1
-        s = (hi - lo) / levels
+        s = _div(hi - lo, levels)
         safe = torch.where(s > 0, s, torch.ones_like(s))
         q = torch.round((x32 - lo) / safe).clamp_(0, levels)
     return q, s, lo

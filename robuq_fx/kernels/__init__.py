@@ -4,7 +4,12 @@ from . import reference  # noqa: F401  (registers "reference")
 from .qlinear import qlinear  # noqa: F401  (defines torch.ops.robuq.qlinear)
 from .registry import QLinearArgs, available, forced, register, select, table, use  # noqa: F401
 
-try:  # GPU kernels are optional: importing them must never break a CPU install
-    from . import triton_fp8  # noqa: F401
-except ImportError:
-    pass
+# Optional kernels and adapters: each imports without its GPU/package (its machine check then says why it cannot
+# run); a broken one must never take the others or a CPU install down with it.
+import importlib as _importlib
+
+for _name in ("triton_fp8", "fht", "nunchaku"):
+    try:
+        _importlib.import_module(f"{__name__}.{_name}")
+    except ImportError:
+        pass

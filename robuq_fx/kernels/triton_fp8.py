@@ -6,8 +6,9 @@ Two kernels are registered:
                                 round-half-even + fp8 e4m3 codes) -> fp8 tensor-core GEMM on the weight codes
                                 expanded ONCE to fp8 and cached. Symmetric, no low-rank branch: torch._scaled_mm
                                 with row-wise scales (s_x per token, s_w per channel), fast accumulation and the
-                                bias fused. Asymmetric and/or LRB: our Triton fp8 GEMM with the epilogue
-                                s_x s_w acc + lo_x c + bias + t A^T fused (t = x (B H)^T by cuBLAS).
+                                bias fused. Asymmetric and/or LRB ("epilogue" in the table): our Triton fp8 GEMM
+                                with s_x s_w acc + lo_x c + bias + t A^T fused (t = x (B H)^T by cuBLAS), or
+                                _scaled_mm + one in-place bf16 addmm of [t, lo'] [A, c]^T ("addmm").
     cuda_dequant (priority 10)  weights dequantized once to the activation dtype (cached); the same Triton
                                 quantizer in DEQUANT mode writes Q_a(x H) in that dtype; cuBLAS F.linear. Takes
                                 every CUDA call (groups, 8-bit, a_clip='sigma', fp32 ... with torch math where
@@ -16,8 +17,8 @@ Two kernels are registered:
 Dispatch: `triton_fp8.supports` refuses a call when `dispatch_table.json` (measured by
 `benchmarks/bench_linear.py --write-dispatch`) says the dequant path is faster at this (M, N, K), so the registry
 falls through to `cuda_dequant`. Forcing `triton_fp8` (ROBUQ_KERNEL / kernels.use) skips that check.
-Environment: ROBUQ_FP8_MIN_M=<int> overrides the table's threshold for every shape; ROBUQ_FP8_GEMM=triton makes
-the symmetric case use the Triton GEMM too (for benchmarking).
+Environment: ROBUQ_FP8_MIN_M=<int> overrides the table's threshold for every shape; ROBUQ_FP8_EPI=addmm|triton
+overrides the table's epilogue mode; ROBUQ_FP8_GEMM=triton makes the symmetric case use the Triton GEMM too.
 
 Weight caches are keyed on the qweight tensor (identity, data_ptr and `_version`, and the same for w_scale /
 lrb_down): an in-place update (load_state_dict, copy_) invalidates them. Fill them (one warm-up call) before
@@ -114,14 +115,21 @@ def _k():
 # ---------------------------------------------------------------------------------------------------------------
 # activation quantizer
 
-_MAX_TILE_ELEMS = 32768  # BM * K held in registers by one program
+_MAX_TILE_ELEMS = 32768  # BM * (padded) K held in registers by one program
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
 
 
 @functools.lru_cache(maxsize=None)
-def quant_plan(k: int, block: int) -> tuple | None:
-    """(T, pieces, BM, num_warps) for the activation kernel, or None when this K / block is not supported.
-    T: power of two <= 128 dividing K, >= 16 and a multiple of the Hadamard block; K = T * sum(pieces), each piece
-    a power of two (at most four)."""
+def make_plan(k: int, block: int, bm: int, warps: int, flat: int = 0) -> tuple | None:
+    """(T, ((NB, NV), ...), BM, num_warps, flat) for the activation kernel, or None when K / block / BM do not fit
+    (flat: with a Hadamard, handle each piece as a 2-D (BM * NB, T) tile).
+
+    T: power of two <= 128 dividing K, >= 16 and a multiple of the Hadamard block; the K / T tiles of a row are
+    split into at most four power-of-two pieces of NB tiles, the first NV of them real. With a Hadamard each piece
+    is one tensor-core dot of (BM * NB) x T by T x T, which needs BM * NB >= 16: small pieces are padded."""
     block = block if block > 1 else 0
     if block and (block & (block - 1) or block > 128):
         return None
@@ -131,18 +139,34 @@ def quant_plan(k: int, block: int) -> tuple | None:
     if t < 16:
         return None
     nb = k // t
-    pieces = tuple(1 << i for i in reversed(range(nb.bit_length())) if nb >> i & 1)
-    if len(pieces) > 4:
+    minimal = max(1, 16 // bm) if block else 1
+    bits = [1 << i for i in reversed(range(nb.bit_length())) if nb >> i & 1]
+    rem = sum(p for p in bits if p < minimal)
+    dec = [(p, p) for p in bits if p >= minimal] + ([(minimal, rem)] if rem else [])
+    single = [(max(_next_pow2(nb), minimal), nb)]
+    pieces = min((dec, single), key=lambda ps: (sum(p for p, _ in ps), len(ps)))
+    if len(pieces) > 4 or bm * t * sum(p for p, _ in pieces) > _MAX_TILE_ELEMS:
         return None
-    bm = 1
-    while bm * 2 * k <= 8192 and bm < 64:
-        bm *= 2
-    if block:  # the tensor-core dot needs >= 16 rows per piece
-        bm = max(bm, 16 // min(pieces))
-    if bm * k > _MAX_TILE_ELEMS:
-        return None
-    warps = 8 if bm * k >= 8192 else 4
-    return t, pieces, bm, warps
+    return t, tuple(pieces), bm, warps, int(bool(flat and block))
+
+
+def _m_bucket(m: int) -> int:
+    return 256 if m <= 256 else 1024 if m <= 1024 else 4096 if m <= 4096 else 16384
+
+
+def quant_plan(k: int, block: int, m: int = 16384) -> tuple | None:
+    """The tiling for (K, block) at M rows: measured choice from dispatch_table.json ("quant"), else a default."""
+    had = "h" if block > 1 else "n"
+    tuned = dispatch_table().get("quant", {}).get(f"{k}/{had}", {}).get(str(_m_bucket(m)))
+    if tuned:
+        plan = make_plan(k, block, *(int(v) for v in tuned[:3]))
+        if plan is not None:
+            return plan
+    for bm in (16, 8, 4, 2, 1):  # default: measured best on H200 for large M (~16K values a program)
+        plan = make_plan(k, block, bm, 8, 0)
+        if plan is not None:
+            return plan
+    return None
 
 
 _H_CACHE: dict = {}
@@ -161,6 +185,7 @@ def _h_tile(t: int, block: int, dtype: torch.dtype, device) -> torch.Tensor:
     return h
 
 
+@functools.lru_cache(maxsize=None)
 def _hscale(block: int, dtype: torch.dtype) -> float:
     """The normalization 1/sqrt(b) as `hadamard.hadamard_matrix(b, dtype)` stores it (rounded to dtype)."""
     return float(torch.tensor(1.0 / block ** 0.5, dtype=torch.float64).to(dtype)) if block > 1 else 1.0
@@ -171,21 +196,22 @@ def quant_supported(k: int, block: int, a_bits: int, dtype: torch.dtype) -> str 
         return f"activation dtype {dtype} (needs bf16/fp16/fp32)"
     if not 1 <= a_bits <= 8:
         return f"a_bits={a_bits}"
-    if quant_plan(k, block) is None:
+    if make_plan(k, block if block > 1 else 0, 1, 4) is None:
         return f"in_features={k} with Hadamard block {block} does not fit the Triton quantizer's tiling"
     return None
 
 
 def act_quant(x2: torch.Tensor, block: int, a_bits: int, sym: bool, dequant: bool = False,
-              m_store: int | None = None):
+              m_store: int | None = None, shift: bool = False, plan: tuple | None = None):
     """Fused x H -> per-token quantization of a 2-D (M, K) CUDA tensor (last dim contiguous).
 
     Returns (out, scale, lo): out (m_store, K) fp8 e4m3 codes, or Q_a(x H) in x's dtype when `dequant`;
-    scale and lo (m_store,) fp32. Rows M..m_store-1 (padding) are written as zeros with scale 0."""
+    scale and lo (m_store,) fp32. Rows M..m_store-1 (padding) are written as zeros with scale 0. With `shift`
+    (asymmetric only) the codes are q - 2^(a_bits-1) and lo is lo + 2^(a_bits-1) * scale."""
     m, k = x2.shape
     m_store = m if m_store is None else m_store
     block = block if block > 1 else 0
-    plan = quant_plan(k, block)
+    plan = plan or quant_plan(k, block, m)
     dev = x2.device
     out = torch.empty(m_store, k, device=dev, dtype=x2.dtype if dequant else torch.float8_e4m3fn)
     scale = torch.empty(m_store, device=dev, dtype=torch.float32)
@@ -194,13 +220,14 @@ def act_quant(x2: torch.Tensor, block: int, a_bits: int, sym: bool, dequant: boo
         return out, scale, lo
     if sym:
         qmax = float(2 ** (a_bits - 1) - 1)
-        levels, qmin = qmax, -qmax
+        levels, qmin, sh = qmax, -qmax, 0.0
     else:
         qmax = float(2 ** a_bits - 1)
         levels, qmin = qmax, 0.0
+        sh = float(2 ** (a_bits - 1)) if shift and not dequant else 0.0
     h = _h_tile(plan[0], block, x2.dtype, dev) if block else None
     with _on(dev):
-        _k().launch_act_quant(x2, h, out, scale, lo, m, m_store, _hscale(block, x2.dtype), levels, qmin, qmax,
+        _k().launch_act_quant(x2, h, out, scale, lo, m, m_store, _hscale(block, x2.dtype), levels, qmin, qmax, sh,
                               plan, bool(block), sym, dequant, x2.dtype == torch.float32)
     return out, scale, lo
 
@@ -313,7 +340,8 @@ def fp8_min_m(n: int, k: int, epilogue: bool) -> int:
 
 
 def _uses_epilogue(a: QLinearArgs) -> bool:
-    return (not a.a_sym) or a.lrb_down is not None or os.environ.get("ROBUQ_FP8_GEMM") == "triton"
+    """True when the call needs more than _scaled_mm + bias (asymmetric codes or an LRB)."""
+    return (not a.a_sym) or a.lrb_down is not None
 
 
 def gemm_config(m: int, n: int, k: int) -> tuple:
@@ -353,7 +381,7 @@ def _fp8_supports(x: torch.Tensor, a: QLinearArgs) -> str | None:
     if k % 16 or n % 16:
         return f"in/out features ({k}, {n}) must be multiples of 16 for fp8 GEMMs"
     epi = _uses_epilogue(a)
-    if epi and k % 128:
+    if (epi and epilogue_mode() == "triton" or os.environ.get("ROBUQ_FP8_GEMM") == "triton") and k % 128:
         return f"in_features={k} must be a multiple of 128 for the fused-epilogue fp8 GEMM"
     why = quant_supported(k, a.hadamard_block, a.a_bits, x.dtype)
     if why:
@@ -370,6 +398,50 @@ def _fp8_supports(x: torch.Tensor, a: QLinearArgs) -> str | None:
 # ---------------------------------------------------------------------------------------------------------------
 # the two paths
 
+_SCALED_MM_BIAS = [True]  # False once this torch refused a bias with row-wise scales
+
+
+def _scaled_mm(codes, w8, sx, sw, bias):
+    """bf16 (M, N) = (codes w8^T) * sx[m] * sw[n] + bias, cuBLAS fp8 with row-wise scales, fast accumulation."""
+    if bias is not None and _SCALED_MM_BIAS[0]:
+        try:
+            return torch._scaled_mm(codes, w8.t(), scale_a=sx.view(-1, 1), scale_b=sw.view(1, -1), bias=bias,
+                                    out_dtype=torch.bfloat16, use_fast_accum=True)
+        except RuntimeError:
+            _SCALED_MM_BIAS[0] = False
+    y = torch._scaled_mm(codes, w8.t(), scale_a=sx.view(-1, 1), scale_b=sw.view(1, -1),
+                         out_dtype=torch.bfloat16, use_fast_accum=True)
+    return y if bias is None else y.add_(bias)
+
+
+def epilogue_mode() -> str:
+    """How the asymmetric / LRB terms are added on the fp8 path: "addmm" (cuBLAS _scaled_mm, then one bf16 GEMM
+    y += [t, lo'] [A, c]^T in place) or "triton" (our fp8 GEMM with everything in its epilogue)."""
+    env = os.environ.get("ROBUQ_FP8_EPI")
+    if env in ("addmm", "triton"):
+        return env
+    return dispatch_table().get("epilogue", "addmm")
+
+
+def _split16(v: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    hi = v.to(dtype)
+    return hi, (v - hi.float()).to(dtype)
+
+
+def _ext_up(a: QLinearArgs, e: _Entry, dtype: torch.dtype) -> torch.Tensor:
+    """[A, c_hi, c_lo, c_hi] (N, r + 3), or A alone when symmetric: right factor of the in-place addmm. With the
+    left factor [t, lo_hi, lo_hi, lo_lo], lo' c is carried to ~2^-16 although the GEMM's inputs are 16-bit."""
+    key = ("ext", _ver(a.lrb_up), dtype, a.a_sym)
+    v = e.bh.get(key)
+    if v is None:
+        parts = [] if a.lrb_up is None else [a.lrb_up.to(dtype)]
+        if not a.a_sym:
+            ch, cl = _split16(e.cs, dtype)
+            parts += [ch[:, None], cl[:, None], ch[:, None]]
+        v = e.bh[key] = torch.cat(parts, 1).contiguous()
+    return v
+
+
 def fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
     k, n = a.in_features, a.out_features
     lead = x.shape[:-1]
@@ -379,25 +451,36 @@ def fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
     m = x2.shape[0]
     e = _fp8_weights(a)
     m_pad = max(16, -(-m // 16) * 16)
-    codes, sx, lo = act_quant(x2, a.hadamard_block, a.a_bits, a.a_sym, m_store=m_pad)
-    if not _uses_epilogue(a):
+    codes, sx, lo = act_quant(x2, a.hadamard_block, a.a_bits, a.a_sym, m_store=m_pad, shift=True)
+    lrb = a.lrb_down is not None
+    t = F.linear(x2, _rot_down(a, x.dtype)) if lrb else None
+    if (a.a_sym and not lrb) or epilogue_mode() == "addmm":
+        if os.environ.get("ROBUQ_FP8_GEMM") == "triton" and a.a_sym and not lrb:
+            y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+            if m:
+                with _on(x.device):
+                    _k().launch_fp8_gemm(codes, e.fp8, y, sx, e.sw, a.bias, None, None, None, None, m,
+                                         gemm_config(m, n, k))
+            return y.reshape(*lead, n)
         bias = None if a.bias is None else a.bias.to(torch.bfloat16)
-        y = torch._scaled_mm(codes, e.fp8.t(), scale_a=sx.view(-1, 1), scale_b=e.sw.view(1, -1), bias=bias,
-                             out_dtype=torch.bfloat16, use_fast_accum=True)
-        y = y[:m]
+        y = _scaled_mm(codes, e.fp8, sx, e.sw, bias)[:m]
+        if lrb or not a.a_sym:
+            left = [] if t is None else [t.to(torch.bfloat16)]
+            if not a.a_sym:
+                lh, ll = _split16(lo[:m], torch.bfloat16)
+                left += [lh[:, None], lh[:, None], ll[:, None]]
+            y.addmm_(left[0] if len(left) == 1 else torch.cat(left, 1), _ext_up(a, e, torch.bfloat16).t())
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
     else:
-        t = up = None
-        if a.lrb_down is not None:
-            t = F.linear(x2, _rot_down(a, x.dtype))
+        up = None
+        if lrb:
             up = a.lrb_up if a.lrb_up.dtype == x.dtype and a.lrb_up.is_contiguous() \
                 else a.lrb_up.to(x.dtype).contiguous()
-        bias = a.bias
         y = torch.empty(m, n, device=x.device, dtype=x.dtype)
         if m:
             with _on(x.device):
-                _k().launch_fp8_gemm(codes, e.fp8, y, sx, e.sw, bias, None if a.a_sym else lo,
+                _k().launch_fp8_gemm(codes, e.fp8, y, sx, e.sw, a.bias, None if a.a_sym else lo,
                                      None if a.a_sym else e.cs, t, up, m, gemm_config(m, n, k))
     return y.reshape(*lead, n)
 

@@ -2,13 +2,16 @@
 triton). Two kernels:
 
 `act_quant_kernel`: one pass over BM activation rows. The row is read once, as up to four power-of-two "pieces" of
-    NB_i tiles of T columns (K = T * sum NB_i, e.g. 1152 = 128 * (8 + 1)), so that each piece is a
-    (BM, NB_i, T) register tile. With a Hadamard, a piece is reshaped to (BM * NB_i, T) and multiplied by the
+    NB_i tiles of T columns, of which the first NV_i are real and the rest zero padding (K = T * sum NV_i, e.g.
+    1152 = 128 * (8 + 1) as pieces (8, 8) + (1, 1) with 16 rows a program, or one piece (16, 9) with one row),
+    so that each piece is a (BM, NB_i, T) register tile. With a Hadamard, a piece is reshaped to (BM * NB_i, T) and multiplied by the
     unnormalized +-1 matrix kron(I_{T/b}, H_b) on the tensor cores (fp32 accumulation), then scaled by
     dtype(1/sqrt(b)) and rounded to the input dtype, exactly like `hadamard.block_hadamard` does in that dtype.
-    Then per-row absmax (or min/max), the scale with an IEEE division (`div_rn`), codes by `rint(div_rn(x, s))`
+    Then per-row absmax (or min/max over the real tiles), the scale with an IEEE division (`div_rn`), codes by `rint(div_rn(x, s))`
     (round half to even, as `torch.round`), clamp, and a store of fp8 e4m3 codes (|q| <= 15 is exact) or, in
     DEQUANT mode, of Q_a(x) = s q (+ lo) in the input dtype. Per-row scale (and lo) go out in fp32.
+    Asymmetric codes may be stored shifted by `shift` = 2^(k-1) (q' = q - shift in [-2^(k-1), 2^(k-1) - 1]) with
+    lo' = lo + shift * s, so that y = s_x s_w (q' q_w) + lo' c: the same value, a smaller rank-1 term.
 
 `fp8_gemm_kernel`: y = (q_x q_w^T) * s_x[m] * s_w[n] [+ lo[m] c[n]] [+ bias[n]] [+ t[m] A^T], fp8 e4m3 tensor-core
     GEMM (fp32 accumulation) with everything after the integer product fused in the epilogue; used for the
@@ -23,33 +26,55 @@ from triton.language.extra import libdevice
 
 @triton.jit
 def _load_rot(x_ptr, rows, rmask, stride_xm, h, hscale,
-              OFF: tl.constexpr, NB: tl.constexpr, T: tl.constexpr, BM: tl.constexpr,
+              OFF: tl.constexpr, NB: tl.constexpr, NV: tl.constexpr, T: tl.constexpr, BM: tl.constexpr,
               HAD: tl.constexpr, IEEE: tl.constexpr):
-    """(BM, NB, T) fp32 tile of x H for columns [OFF, OFF + NB*T), rounded to the input dtype."""
+    """(BM, NB, T) tile of x H for columns [OFF, OFF + NV*T) (tiles NV..NB-1 are zero padding), rounded to the
+    input dtype and kept in it (fp32 input: fp32)."""
     j = tl.arange(0, NB)
     c = tl.arange(0, T)
     cols = OFF + j[:, None] * T + c[None, :]
-    x = tl.load(x_ptr + rows[:, None, None] * stride_xm + cols[None, :, :], mask=rmask[:, None, None], other=0.0)
+    mask = rmask[:, None, None]
+    if NV < NB:
+        mask = mask & (j < NV)[None, :, None]
+    x = tl.load(x_ptr + rows[:, None, None] * stride_xm + cols[None, :, :], mask=mask, other=0.0)
     if HAD:
         x2 = tl.reshape(x, (BM * NB, T))
         if IEEE:
             y = tl.dot(x2, h, input_precision="ieee")
         else:
             y = tl.dot(x2, h)
-        y = tl.reshape(y, (BM, NB, T)) * hscale
-        y = y.to(x_ptr.dtype.element_ty).to(tl.float32)
+        y = (tl.reshape(y, (BM, NB, T)) * hscale).to(x_ptr.dtype.element_ty)
     else:
-        y = x.to(tl.float32)
+        y = x
     return y
 
 
 @triton.jit
-def _quant_store(y, out_ptr, rows, smask, stride_om, s, safe, lo, qmin, qmax,
-                 OFF: tl.constexpr, NB: tl.constexpr, T: tl.constexpr, BM: tl.constexpr,
+def _piece_range(y, NB: tl.constexpr, NV: tl.constexpr, SYM: tl.constexpr):
+    """Per-row (a, b): (absmax, absmax) when SYM, else (min, max) over the valid tiles of a piece."""
+    y = y.to(tl.float32)
+    if SYM:
+        r = tl.max(tl.max(tl.abs(y), axis=2), axis=1)
+        return r, r
+    else:
+        if NV < NB:
+            valid = (tl.arange(0, NB) < NV)[None, :, None]
+            mn = tl.min(tl.min(tl.where(valid, y, float("inf")), axis=2), axis=1)
+            mx = tl.max(tl.max(tl.where(valid, y, float("-inf")), axis=2), axis=1)
+        else:
+            mn = tl.min(tl.min(y, axis=2), axis=1)
+            mx = tl.max(tl.max(y, axis=2), axis=1)
+        return mn, mx
+
+
+@triton.jit
+def _quant_store(y, out_ptr, rows, smask, stride_om, s, safe, lo, qmin, qmax, shift,
+                 OFF: tl.constexpr, NB: tl.constexpr, NV: tl.constexpr, T: tl.constexpr, BM: tl.constexpr,
                  SYM: tl.constexpr, DEQUANT: tl.constexpr):
     j = tl.arange(0, NB)
     c = tl.arange(0, T)
     cols = OFF + j[:, None] * T + c[None, :]
+    y = y.to(tl.float32)
     sf = tl.broadcast_to(safe[:, None, None], (BM, NB, T))
     if SYM:
         q = libdevice.rint(tl.div_rn(y, sf))
@@ -62,19 +87,99 @@ def _quant_store(y, out_ptr, rows, smask, stride_om, s, safe, lo, qmin, qmax,
         else:
             v = lo[:, None, None] + s[:, None, None] * q
     else:
-        v = q
+        v = q - shift
+    mask = smask[:, None, None]
+    if NV < NB:
+        mask = mask & (j < NV)[None, :, None]
     tl.store(out_ptr + rows[:, None, None] * stride_om + cols[None, :, :], v.to(out_ptr.dtype.element_ty),
-             mask=smask[:, None, None])
+             mask=mask)
+
+
+@triton.jit
+def _load_rot2d(x_ptr, row0, M, stride_xm, h, hscale,
+                OFF: tl.constexpr, NB: tl.constexpr, NV: tl.constexpr, T: tl.constexpr, BM: tl.constexpr,
+                IEEE: tl.constexpr):
+    """FLAT layout: the piece as a 2-D (BM * NB, T) tile (row r = row m * NB + tile j), loaded and rotated without
+    3-D reshapes of the large tile."""
+    r = tl.arange(0, BM * NB)
+    m = row0 + (r // NB).to(tl.int64)
+    j = r % NB
+    c = tl.arange(0, T)
+    mask = (m < M)[:, None]
+    if NV < NB:
+        mask = mask & (j < NV)[:, None]
+    x = tl.load(x_ptr + m[:, None] * stride_xm + (OFF + j * T)[:, None] + c[None, :], mask=mask, other=0.0)
+    if IEEE:
+        y = tl.dot(x, h, input_precision="ieee")
+    else:
+        y = tl.dot(x, h)
+    return (y * hscale).to(x_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _range2d(y, NB: tl.constexpr, NV: tl.constexpr, BM: tl.constexpr, SYM: tl.constexpr):
+    y = y.to(tl.float32)
+    if SYM:
+        t = tl.max(tl.abs(y), axis=1)
+        r = tl.max(tl.reshape(t, (BM, NB)), axis=1)
+        return r, r
+    else:
+        mn = tl.min(y, axis=1)
+        mx = tl.max(y, axis=1)
+        if NV < NB:
+            valid = (tl.arange(0, BM * NB) % NB) < NV
+            mn = tl.where(valid, mn, float("inf"))
+            mx = tl.where(valid, mx, float("-inf"))
+        return tl.min(tl.reshape(mn, (BM, NB)), axis=1), tl.max(tl.reshape(mx, (BM, NB)), axis=1)
+
+
+@triton.jit
+def _expand2d(v, NB: tl.constexpr, BM: tl.constexpr):
+    """(BM,) per-row values -> (BM * NB, 1), one per tile row of the FLAT layout."""
+    return tl.reshape(tl.broadcast_to(v[:, None], (BM, NB)), (BM * NB,))[:, None]
+
+
+@triton.jit
+def _store2d(y, out_ptr, row0, M_STORE, stride_om, s, safe, lo, qmin, qmax, shift,
+             OFF: tl.constexpr, NB: tl.constexpr, NV: tl.constexpr, T: tl.constexpr, BM: tl.constexpr,
+             SYM: tl.constexpr, DEQUANT: tl.constexpr):
+    r = tl.arange(0, BM * NB)
+    m = row0 + (r // NB).to(tl.int64)
+    j = r % NB
+    c = tl.arange(0, T)
+    y = y.to(tl.float32)
+    sf = tl.broadcast_to(_expand2d(safe, NB, BM), (BM * NB, T))
+    le = _expand2d(lo, NB, BM)
+    se = _expand2d(s, NB, BM)
+    if SYM:
+        q = libdevice.rint(tl.div_rn(y, sf))
+    else:
+        q = libdevice.rint(tl.div_rn(y - tl.broadcast_to(le, (BM * NB, T)), sf))
+    q = tl.minimum(tl.maximum(q, qmin), qmax)
+    if DEQUANT:
+        if SYM:
+            v = se * q
+        else:
+            v = le + se * q
+    else:
+        v = q - shift
+    mask = (m < M_STORE)[:, None]
+    if NV < NB:
+        mask = mask & (j < NV)[:, None]
+    tl.store(out_ptr + m[:, None] * stride_om + (OFF + j * T)[:, None] + c[None, :],
+             v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["M", "M_STORE"])
 def act_quant_kernel(x_ptr, h_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, stride_xm, stride_om,
-                     hscale, levels, qmin, qmax,
+                     hscale, levels, qmin, qmax, shift,
                      T: tl.constexpr, NB0: tl.constexpr, NB1: tl.constexpr, NB2: tl.constexpr, NB3: tl.constexpr,
+                     NV0: tl.constexpr, NV1: tl.constexpr, NV2: tl.constexpr, NV3: tl.constexpr,
                      BM: tl.constexpr, HAD: tl.constexpr, SYM: tl.constexpr, DEQUANT: tl.constexpr,
-                     IEEE: tl.constexpr):
+                     IEEE: tl.constexpr, FLAT: tl.constexpr):
     pid = tl.program_id(0)
-    rows = (pid * BM + tl.arange(0, BM)).to(tl.int64)
+    row0 = pid * BM
+    rows = (row0 + tl.arange(0, BM)).to(tl.int64)
     rmask = rows < M
     smask = rows < M_STORE
     if HAD:
@@ -82,62 +187,93 @@ def act_quant_kernel(x_ptr, h_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, strid
         h = tl.load(h_ptr + hr[:, None] * T + hr[None, :])
     else:
         h = hscale
-    y0 = _load_rot(x_ptr, rows, rmask, stride_xm, h, hscale, 0, NB0, T, BM, HAD, IEEE)
-    if SYM:
-        r = tl.max(tl.max(tl.abs(y0), axis=2), axis=1)
+    OFF1: tl.constexpr = NV0 * T
+    OFF2: tl.constexpr = (NV0 + NV1) * T
+    OFF3: tl.constexpr = (NV0 + NV1 + NV2) * T
+    if FLAT:
+        y0 = _load_rot2d(x_ptr, row0, M, stride_xm, h, hscale, 0, NB0, NV0, T, BM, IEEE)
+        a, b = _range2d(y0, NB0, NV0, BM, SYM)
+        if NB1 > 0:
+            y1 = _load_rot2d(x_ptr, row0, M, stride_xm, h, hscale, OFF1, NB1, NV1, T, BM, IEEE)
+            a1, b1 = _range2d(y1, NB1, NV1, BM, SYM)
+            a = tl.minimum(a, a1)
+            b = tl.maximum(b, b1)
+        if NB2 > 0:
+            y2 = _load_rot2d(x_ptr, row0, M, stride_xm, h, hscale, OFF2, NB2, NV2, T, BM, IEEE)
+            a2, b2 = _range2d(y2, NB2, NV2, BM, SYM)
+            a = tl.minimum(a, a2)
+            b = tl.maximum(b, b2)
+        if NB3 > 0:
+            y3 = _load_rot2d(x_ptr, row0, M, stride_xm, h, hscale, OFF3, NB3, NV3, T, BM, IEEE)
+            a3, b3 = _range2d(y3, NB3, NV3, BM, SYM)
+            a = tl.minimum(a, a3)
+            b = tl.maximum(b, b3)
     else:
-        mn = tl.min(tl.min(y0, axis=2), axis=1)
-        mx = tl.max(tl.max(y0, axis=2), axis=1)
-    if NB1 > 0:
-        y1 = _load_rot(x_ptr, rows, rmask, stride_xm, h, hscale, NB0 * T, NB1, T, BM, HAD, IEEE)
-        if SYM:
-            r = tl.maximum(r, tl.max(tl.max(tl.abs(y1), axis=2), axis=1))
-        else:
-            mn = tl.minimum(mn, tl.min(tl.min(y1, axis=2), axis=1))
-            mx = tl.maximum(mx, tl.max(tl.max(y1, axis=2), axis=1))
-    if NB2 > 0:
-        y2 = _load_rot(x_ptr, rows, rmask, stride_xm, h, hscale, (NB0 + NB1) * T, NB2, T, BM, HAD, IEEE)
-        if SYM:
-            r = tl.maximum(r, tl.max(tl.max(tl.abs(y2), axis=2), axis=1))
-        else:
-            mn = tl.minimum(mn, tl.min(tl.min(y2, axis=2), axis=1))
-            mx = tl.maximum(mx, tl.max(tl.max(y2, axis=2), axis=1))
-    if NB3 > 0:
-        y3 = _load_rot(x_ptr, rows, rmask, stride_xm, h, hscale, (NB0 + NB1 + NB2) * T, NB3, T, BM, HAD, IEEE)
-        if SYM:
-            r = tl.maximum(r, tl.max(tl.max(tl.abs(y3), axis=2), axis=1))
-        else:
-            mn = tl.minimum(mn, tl.min(tl.min(y3, axis=2), axis=1))
-            mx = tl.maximum(mx, tl.max(tl.max(y3, axis=2), axis=1))
+        y0 = _load_rot(x_ptr, rows, rmask, stride_xm, h, hscale, 0, NB0, NV0, T, BM, HAD, IEEE)
+        a, b = _piece_range(y0, NB0, NV0, SYM)
+        if NB1 > 0:
+            y1 = _load_rot(x_ptr, rows, rmask, stride_xm, h, hscale, OFF1, NB1, NV1, T, BM, HAD, IEEE)
+            a1, b1 = _piece_range(y1, NB1, NV1, SYM)
+            a = tl.minimum(a, a1)
+            b = tl.maximum(b, b1)
+        if NB2 > 0:
+            y2 = _load_rot(x_ptr, rows, rmask, stride_xm, h, hscale, OFF2, NB2, NV2, T, BM, HAD, IEEE)
+            a2, b2 = _piece_range(y2, NB2, NV2, SYM)
+            a = tl.minimum(a, a2)
+            b = tl.maximum(b, b2)
+        if NB3 > 0:
+            y3 = _load_rot(x_ptr, rows, rmask, stride_xm, h, hscale, OFF3, NB3, NV3, T, BM, HAD, IEEE)
+            a3, b3 = _piece_range(y3, NB3, NV3, SYM)
+            a = tl.minimum(a, a3)
+            b = tl.maximum(b, b3)
     if SYM:
-        s = tl.div_rn(r, tl.zeros_like(r) + levels)
-        lo = -r
+        s = tl.div_rn(b, tl.zeros_like(b) + levels)
+        lo = -b
     else:
-        s = tl.div_rn(mx - mn, tl.zeros_like(mx) + levels)
-        lo = mn
+        s = tl.div_rn(b - a, tl.zeros_like(b) + levels)
+        lo = a
     safe = tl.where(s > 0, s, 1.0)
     tl.store(scale_ptr + rows, s, mask=smask)
-    tl.store(lo_ptr + rows, lo, mask=smask)
-    _quant_store(y0, out_ptr, rows, smask, stride_om, s, safe, lo, qmin, qmax, 0, NB0, T, BM, SYM, DEQUANT)
-    if NB1 > 0:
-        _quant_store(y1, out_ptr, rows, smask, stride_om, s, safe, lo, qmin, qmax, NB0 * T, NB1, T, BM, SYM,
-                     DEQUANT)
-    if NB2 > 0:
-        _quant_store(y2, out_ptr, rows, smask, stride_om, s, safe, lo, qmin, qmax, (NB0 + NB1) * T, NB2, T, BM,
+    tl.store(lo_ptr + rows, lo + shift * s, mask=smask)
+    if FLAT:
+        _store2d(y0, out_ptr, row0, M_STORE, stride_om, s, safe, lo, qmin, qmax, shift, 0, NB0, NV0, T, BM, SYM,
+                 DEQUANT)
+        if NB1 > 0:
+            _store2d(y1, out_ptr, row0, M_STORE, stride_om, s, safe, lo, qmin, qmax, shift, OFF1, NB1, NV1, T, BM,
                      SYM, DEQUANT)
-    if NB3 > 0:
-        _quant_store(y3, out_ptr, rows, smask, stride_om, s, safe, lo, qmin, qmax, (NB0 + NB1 + NB2) * T, NB3, T,
-                     BM, SYM, DEQUANT)
+        if NB2 > 0:
+            _store2d(y2, out_ptr, row0, M_STORE, stride_om, s, safe, lo, qmin, qmax, shift, OFF2, NB2, NV2, T, BM,
+                     SYM, DEQUANT)
+        if NB3 > 0:
+            _store2d(y3, out_ptr, row0, M_STORE, stride_om, s, safe, lo, qmin, qmax, shift, OFF3, NB3, NV3, T, BM,
+                     SYM, DEQUANT)
+    else:
+        _quant_store(y0, out_ptr, rows, smask, stride_om, s, safe, lo, qmin, qmax, shift, 0, NB0, NV0, T, BM, SYM,
+                     DEQUANT)
+        if NB1 > 0:
+            _quant_store(y1, out_ptr, rows, smask, stride_om, s, safe, lo, qmin, qmax, shift, OFF1, NB1, NV1, T,
+                         BM, SYM, DEQUANT)
+        if NB2 > 0:
+            _quant_store(y2, out_ptr, rows, smask, stride_om, s, safe, lo, qmin, qmax, shift, OFF2, NB2, NV2, T,
+                         BM, SYM, DEQUANT)
+        if NB3 > 0:
+            _quant_store(y3, out_ptr, rows, smask, stride_om, s, safe, lo, qmin, qmax, shift, OFF3, NB3, NV3, T,
+                         BM, SYM, DEQUANT)
 
 
-def launch_act_quant(x, h, out, scale, lo, m, m_store, hscale, levels, qmin, qmax, plan, had, sym, dequant, ieee):
-    t, pieces, bm, warps = plan
-    nb = list(pieces) + [0] * (4 - len(pieces))
+def launch_act_quant(x, h, out, scale, lo, m, m_store, hscale, levels, qmin, qmax, shift, plan, had, sym, dequant,
+                     ieee):
+    """plan: (T, ((NB, NV), ...) up to 4 pieces, BM, num_warps, flat): one program per BM rows; flat = the
+    Hadamard pieces as 2-D (BM * NB, T) tiles instead of (BM, NB, T)."""
+    t, pieces, bm, warps, flat = plan
+    pcs = list(pieces) + [(0, 0)] * (4 - len(pieces))
     grid = (triton.cdiv(m_store, bm),)
     act_quant_kernel[grid](x, h if had else x, out, scale, lo, m, m_store, x.stride(0), out.stride(0),
-                           float(hscale), float(levels), float(qmin), float(qmax),
-                           T=t, NB0=nb[0], NB1=nb[1], NB2=nb[2], NB3=nb[3], BM=bm, HAD=bool(had), SYM=bool(sym),
-                           DEQUANT=bool(dequant), IEEE=bool(ieee), num_warps=warps)
+                           float(hscale), float(levels), float(qmin), float(qmax), float(shift),
+                           T=t, NB0=pcs[0][0], NB1=pcs[1][0], NB2=pcs[2][0], NB3=pcs[3][0],
+                           NV0=pcs[0][1], NV1=pcs[1][1], NV2=pcs[2][1], NV3=pcs[3][1], BM=bm, HAD=bool(had),
+                           SYM=bool(sym), DEQUANT=bool(dequant), IEEE=bool(ieee), FLAT=bool(flat and had),
+                           num_warps=warps)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -176,7 +312,7 @@ def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_pt
     a_ptrs = a_ptr + offs_am[:, None].to(tl.int64) * stride_am + offs_k[None, :]
     b_ptrs = b_ptr + offs_bn[:, None].to(tl.int64) * stride_bn + offs_k[None, :]
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for _ in range(0, tl.cdiv(K, BK)):
+    for _ in range(0, K, BK):
         a = tl.load(a_ptrs)
         b = tl.load(b_ptrs)
         acc = tl.dot(a, tl.trans(b), acc)
