@@ -88,8 +88,47 @@ def quantized_weight_bytes(model) -> tuple[int, int]:
         if isinstance(m, PackedLinear):
             res += m.packed_bytes()
             bf16 += 2 * m.in_features * m.out_features + (2 * m.out_features if m.bias is not None else 0)
-    cache = getattr(robuq_fx.kernels, "resident_cache_bytes", None)
-    return res + (cache() if cache else 0), bf16
+    return res + kernel_cache_bytes(), bf16
+
+
+def kernel_cache_bytes() -> int:
+    """GPU weight caches of the fp8 / dequant kernels (fp8 codes, bf16 dequantized weights, scales, B H)."""
+    try:
+        from robuq_fx.kernels import triton_fp8 as t
+    except ImportError:
+        return 0
+    total = 0
+    for e in list(t._WCACHE.values()):
+        tensors = [e.fp8, e.sw, e.cs, *e.deq.values(), *e.bh.values()]
+        total += sum(x.numel() * x.element_size() for x in tensors if isinstance(x, torch.Tensor))
+    return total
+
+
+def plot(results: dict, path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no PNG (draw it later with --plot JSON)")
+        return
+    base = results["baseline"]
+    key = f"x vs {base}"
+    names = list(dict.fromkeys(r["setting"] for r in results["latency"]))
+    batches = sorted({r["batch"] for r in results["latency"]})
+    ratio = {(r["setting"], r["batch"]): r[key] for r in results["latency"]}
+    fig, ax = plt.subplots(figsize=(9, 4))
+    w = 0.8 / len(batches)
+    for i, b in enumerate(batches):
+        ax.bar([j + w * i for j in range(len(names))], [ratio[(n, b)] for n in names], width=w, label=f"batch {b}")
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(names))], [n.replace(" (", "\n(") for n in names], fontsize=6)
+    ax.axhline(1.0, color="k", lw=0.5)
+    ax.set_ylabel(f"speed vs {base}")
+    ax.set_title(results["header"], fontsize=8)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def main(argv=None):
@@ -100,9 +139,19 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile rows (eager only)")
     ap.add_argument("--train-batch", type=int, default=16)
+    ap.add_argument("--skip-train", action="store_true", help="skip the QAT training-step rows")
+    ap.add_argument("--train-only", action="store_true", help="only the training-step rows")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode for every compiled row "
+                    "(e.g. reduce-overhead for CUDA graphs); default: torch's default")
+    ap.add_argument("--tag", default="", help="suffix of the result file name")
+    ap.add_argument("--cpu-prepare", action="store_true", help="also time quantize + lower on the CPU in fp32")
+    ap.add_argument("--plot", metavar="JSON", help="only draw the PNG of an earlier result JSON")
     ap.add_argument("--out", default="benchmarks/results", help="folder for JSON/PNG")
     args = ap.parse_args(argv)
     from tabulate import tabulate
+    if args.plot:
+        plot(json.loads(Path(args.plot).read_text()), Path(args.plot).with_suffix(".png"))
+        return None
 
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -112,34 +161,48 @@ def main(argv=None):
     header = f"DiT {'tiny' if args.quick else 'XL/2'} | {gpu} | torch {torch.__version__} | {dtype}"
     print(header)
     fp = build(cfg)
-    ex = inputs(cfg, 2)
+    # torch.export bakes the capture device and dtype into some ops: capture where the model will run.
+    ex = inputs(cfg, 2, device, dtype)
     results = {"header": header, "command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])),
                "config": cfg, "latency": [], "memory": [], "train_step": [], "prepare": []}
 
-    variants = {"bf16 eager": (fp.to(device, dtype), False)}
-    if not args.no_compile:
+    variants = {} if args.train_only else {"bf16 eager": (fp.to(device, dtype), False)}
+    if not args.no_compile and not args.train_only:
         variants["bf16 torch.compile"] = (variants["bf16 eager"][0], True)
     ckpt_dir = Path(tempfile.mkdtemp())
     from safetensors.torch import save_file
     fp_file = ckpt_dir / "fp.safetensors"
     save_file({k: v.contiguous() for k, v in fp.state_dict().items()}, str(fp_file))
-    fp_cpu = build(cfg)
-    for name, pol in policies().items():
+    if args.cpu_prepare and not args.train_only:  # the issue's target: quantize + lower of DiT-XL/2 on CPU
+        fp_cpu = build(cfg)
+        for name, pol in policies().items():
+            t0 = time.perf_counter()
+            q = robuq_fx.quantize(fp_cpu, pol, example_inputs=inputs(cfg, 2))
+            t1 = time.perf_counter()
+            robuq_fx.lower(q, progress=False)
+            results["prepare"].append({"setting": name, "where": f"CPU ({os.cpu_count()} cores), fp32",
+                                       "quantize s": round(t1 - t0, 2), "lower s": round(time.perf_counter() - t1, 2)})
+            print(f"  CPU prepare {name}: {results['prepare'][-1]}", flush=True)
+            del q
+        del fp_cpu
+    fp_dev = variants["bf16 eager"][0] if variants else None
+    for name, pol in ({} if args.train_only else policies()).items():
         t0 = time.perf_counter()
-        q = robuq_fx.quantize(fp_cpu, pol, example_inputs=ex)
+        q = robuq_fx.quantize(fp_dev, pol, example_inputs=ex)
         t1 = time.perf_counter()
         low = robuq_fx.lower(q, progress=False)
         t2 = time.perf_counter()
         f = robuq_fx.save_quantized(low, ckpt_dir / f"{len(variants)}.safetensors")
-        results["prepare"].append({"setting": name, "quantize s": round(t1 - t0, 2), "lower s": round(t2 - t1, 2),
+        results["prepare"].append({"setting": name, "where": f"{device}, {dtype}",
+                                   "quantize s": round(t1 - t0, 2), "lower s": round(t2 - t1, 2),
                                    "ckpt MB": round(f.stat().st_size / 2**20, 1),
                                    "ckpt / bf16 ckpt": round(f.stat().st_size / fp_file.stat().st_size, 3)})
         del q
-        variants[name] = (low.to(device, dtype), not args.no_compile)
+        variants[name] = (low, not args.no_compile)
 
     rows = {}
-    for name, (model, compiled) in variants.items():
-        fn_model = torch.compile(model) if compiled else model
+    for name, (model, compiled) in list(variants.items()):
+        fn_model = torch.compile(model, mode=args.compile_mode) if compiled else model
         for b in batches:
             x = inputs(cfg, b, device, dtype)
             with torch.no_grad():
@@ -152,20 +215,29 @@ def main(argv=None):
             print(f"  {name:52s} batch {b:3d}: {ms:8.3f} ms", flush=True)
         res, bf = quantized_weight_bytes(model)
         if bf:
-            results["memory"].append({"setting": name, "quantized-layer weights MiB": round(res / 2**20, 1),
-                                      "bf16 MiB": round(bf / 2**20, 1), "ratio": round(res / bf, 3)})
+            results["memory"].append({"setting": name, "quantized-layer weights + kernel caches MiB":
+                                      round(res / 2**20, 1), "bf16 MiB": round(bf / 2**20, 1),
+                                      "ratio": round(res / bf, 3), "of which kernel caches MiB":
+                                      round(kernel_cache_bytes() / 2**20, 1)})
+        try:
+            from robuq_fx.kernels import triton_fp8
+            triton_fp8.clear_caches()  # the next setting's memory is its own
+        except ImportError:
+            pass
+        del fn_model
+        variants[name] = None
     base = "bf16 eager" if args.no_compile else "bf16 torch.compile"
+    results["baseline"] = base
     for r in results["latency"]:
         r[f"x vs {base}"] = round(rows[(base, r["batch"])] / r["ms"], 3)
 
     # One training step, batch --train-batch: FP vs QAT (robuq W1.58A4+H), both eager fp32 master weights + bf16 autocast.
     tb = args.train_batch if not args.quick else 2
-    for name, pol in [("FP", None), ("QAT W1.58A4+H", policies()["robuq W1.58A4+H"]),
+    for name, pol in [] if args.skip_train else [("FP", None), ("QAT W1.58A4+H", policies()["robuq W1.58A4+H"]),
                       ("QAT dit-xl-2-robuq", policies()["robuq dit-xl-2-robuq (W1.58A4+H+LRB32, attn 8)"])]:
-        m = build(cfg).train()
+        m = build(cfg).to(device).train()
         if pol is not None:
-            m = robuq_fx.quantize(m, pol, example_inputs=ex).train()
-        m = m.to(device)
+            m = robuq_fx.quantize(m, pol, example_inputs=inputs(cfg, 2, device)).train()
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
         x = inputs(cfg, tb, device)
         target = torch.randn_like(m(**x)[0]) if pol is None else None
@@ -180,9 +252,8 @@ def main(argv=None):
         ms = timeit(step, max(3, args.iters // 4), 2, device)
         results["train_step"].append({"setting": name, "batch": tb, "ms": round(ms, 2)})
         del m, opt
-    fp_ms = results["train_step"][0]["ms"]
     for r in results["train_step"]:
-        r["x FP step time"] = round(r["ms"] / fp_ms, 3)
+        r["x FP step time"] = round(r["ms"] / results["train_step"][0]["ms"], 3)
 
     print()
     print(tabulate(results["latency"], headers="keys", tablefmt="github"))
@@ -194,29 +265,12 @@ def main(argv=None):
     print(tabulate(results["train_step"], headers="keys", tablefmt="github"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = "quick" if args.quick else gpu.replace(" ", "_").replace("/", "_")
+    tag = ("quick" if args.quick else gpu.replace(" ", "_").replace("/", "_")) + args.tag
     path = out / f"bench_dit_{tag}.json"
     path.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {path}")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(8, 4))
-        names = list(variants)
-        for i, b in enumerate(batches):
-            ax.bar([j + 0.8 * i / len(batches) for j in range(len(names))],
-                   [rows[(n, b)] and rows[(base, b)] / rows[(n, b)] for n in names], width=0.8 / len(batches),
-                   label=f"batch {b}")
-        ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=6)
-        ax.axhline(1.0, color="k", lw=0.5)
-        ax.set_ylabel(f"speed vs {base}")
-        ax.set_title(header, fontsize=8)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(path.with_suffix(".png"), dpi=120)
-    except ImportError:
-        print("matplotlib not installed: no PNG")
+    if results["latency"]:
+        plot(results, path.with_suffix(".png"))
     return results
 
 

@@ -14,3 +14,12 @@ from .spec import LayerSpec  # noqa: F401
 from .report import size_table  # noqa: F401
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Imported on first use: the compile backend pulls in torch._dynamo (~1 s), distributed pulls in FSDP.
+    # `robuq_fx.backend(policy, mode=...)` builds a torch.compile backend (the module itself is callable).
+    if name in ("backend", "distributed", "ampn", "cli", "models"):
+        import importlib
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'robuq_fx' has no attribute {name!r}")

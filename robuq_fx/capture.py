@@ -97,8 +97,20 @@ def _export(model: nn.Module, example_inputs) -> fx.GraphModule:
         if attr in gm.__dict__:
             delattr(gm, attr)
     _dropout_to_modules(gm)
+    _drop_metadata_asserts(gm)
     gm.train(was_training)
     return gm
+
+
+def _drop_metadata_asserts(gm: fx.GraphModule) -> None:
+    """torch.export records the dtype/device of some intermediates as runtime asserts; they would forbid autocast
+    and reject a graph captured in fp32 but run in bf16. (Other ops still bake the capture device in: capture on
+    the device you run on.)"""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default \
+                and not node.users:
+            gm.graph.erase_node(node)
+    gm.recompile()
 
 
 def _dropout_to_modules(gm: fx.GraphModule) -> None:

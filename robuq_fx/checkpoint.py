@@ -25,7 +25,7 @@ FORMAT_VERSION = 1
 
 
 def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
 def save_quantized(lowered: nn.Module, path) -> Path:

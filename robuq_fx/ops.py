@@ -15,12 +15,18 @@ from . import quantizers as Q
 
 @torch.library.custom_op("robuq::hadamard", mutates_args=())
 def hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
-    return _had.block_hadamard(x, block)
+    return _had.block_hadamard(x, block).contiguous()
+
+
+# Outputs are always contiguous, and the fakes say so: a fake that kept a permuted input's strides (empty_like)
+# would disagree with the real kernel, and AOTAutograd / Inductor reject that (e.g. attention q/k/v inputs).
+def _contiguous_like(x):
+    return x.new_empty(x.shape)
 
 
 @hadamard.register_fake
 def _(x, block):
-    return torch.empty_like(x)
+    return _contiguous_like(x)
 
 
 def _hadamard_backward(ctx, grad):
@@ -37,12 +43,12 @@ hadamard.register_autograd(_hadamard_backward, setup_context=_hadamard_setup)
 @torch.library.custom_op("robuq::fake_quant_weight", mutates_args=())
 def fake_quant_weight(w: torch.Tensor, w_bits: float, granularity: str, group_size: int,
                       scale_dtype: str) -> torch.Tensor:
-    return Q.fake_quant_weight(w, w_bits, granularity, group_size, scale_dtype)
+    return Q.fake_quant_weight(w, w_bits, granularity, group_size, scale_dtype).contiguous()
 
 
 @fake_quant_weight.register_fake
 def _(w, w_bits, granularity, group_size, scale_dtype):
-    return torch.empty_like(w)
+    return _contiguous_like(w)
 
 
 fake_quant_weight.register_autograd(lambda ctx, grad: (grad, None, None, None, None))
@@ -50,12 +56,13 @@ fake_quant_weight.register_autograd(lambda ctx, grad: (grad, None, None, None, N
 
 @torch.library.custom_op("robuq::fake_quant_act", mutates_args=())
 def fake_quant_act(x: torch.Tensor, a_bits: int, sym: bool, clip: str) -> torch.Tensor:
-    return Q.fake_quant_act(x, a_bits, sym, clip).clone() if a_bits >= 16 else Q.fake_quant_act(x, a_bits, sym, clip)
+    # a_bits=16 is the identity: clone, since a custom op's output may not alias its input
+    return (x.clone() if a_bits >= 16 else Q.fake_quant_act(x, a_bits, sym, clip)).contiguous()
 
 
 @fake_quant_act.register_fake
 def _(x, a_bits, sym, clip):
-    return torch.empty_like(x)
+    return _contiguous_like(x)
 
 
 def _act_setup(ctx, inputs, output):

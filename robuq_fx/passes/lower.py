@@ -41,17 +41,23 @@ def lower(qmodel: nn.Module, *, compute: bool = True, progress: bool | None = No
     with torch.no_grad():
         for name in tqdm(layers, desc="lower", disable=not show, unit="layer"):
             _pack_layer(gm, name, layers[name], compute)
-    for (name, k), nodes in sites.items():
+    rewrite_sites(gm, sites)
+    _drop_unused_weights(gm, layers)
+    set_robuq_info(gm, dict(info, stage="lowered"))  # not setattr: must survive deepcopy (see qat.set_robuq_info)
+    gm.eval()
+    return gm
+
+
+def rewrite_sites(gm: fx.GraphModule, sites: dict | None = None) -> None:
+    """Replace every tagged QAT site of `gm` by one robuq::qlinear call reading the `PackedLinear` already installed
+    at `packed_path(layer)`. Also used by the torch.compile backend (robuq_fx/backend.py) on Dynamo graphs."""
+    for (name, k), nodes in (_sites(gm.graph) if sites is None else sites).items():
         _rewrite_site(gm, name, nodes)
     for n in list(gm.graph.nodes):  # the FP weights' get_attr nodes; a full DCE could drop impure calls
         if n.op == "get_attr" and not n.users:
             gm.graph.erase_node(n)
     gm.graph.lint()
     gm.recompile()
-    _drop_unused_weights(gm, layers)
-    set_robuq_info(gm, dict(info, stage="lowered"))  # not setattr: must survive deepcopy (see qat.set_robuq_info)
-    gm.eval()
-    return gm
 
 
 def _sites(graph: fx.Graph) -> dict:
@@ -82,12 +88,21 @@ def packed_path(name: str) -> str:
     return name or ROOT_PACKED
 
 
+def _site_input(g: fx.Graph, nodes: list[fx.Node], tag: dict) -> fx.Node:
+    """The activation a site reads: its only input that is neither its own node nor an attribute. (Not by the name
+    recorded at quantize time: lowering the layer before it may have replaced that node.)"""
+    inside = set(nodes)
+    outer = {a for n in nodes for a in n.all_input_nodes if a not in inside and a.op != "get_attr"}
+    if len(outer) == 1:
+        return outer.pop()
+    return next(n for n in g.nodes if n.name == tag["x"])
+
+
 def _rewrite_site(gm: fx.GraphModule, name: str, nodes: list[fx.Node]) -> None:
     g = gm.graph
     tag = next(n.meta["robuq"] for n in nodes)
     out = next(n for n in nodes if n.meta["robuq"]["role"] == "out")
-    by_name = {n.name: n for n in g.nodes}
-    x = by_name[tag["x"]]
+    x = _site_input(g, nodes, tag)
     path = packed_path(name)
     packed: PackedLinear = gm.get_submodule(path)
     with g.inserting_before(out):

@@ -78,6 +78,12 @@ def apply_layers(gm: fx.GraphModule, sites: list[LinearSite], layers: dict[str, 
                 up = weight.new_zeros(n, spec.lora_rank)
             owner.register_parameter("lrb_down", nn.Parameter(down, requires_grad=weight.requires_grad))
             owner.register_parameter("lrb_up", nn.Parameter(up, requires_grad=weight.requires_grad))
+    inline_sites(gm, sites, layers)
+
+
+def inline_sites(gm: fx.GraphModule, sites: list[LinearSite], layers: dict[str, LayerSpec]) -> None:
+    """Inline `layer.qat_forward` at every site of a layer in `layers` (its low-rank branch, if any, is read with
+    get_attr from `<layer>.lrb_down/up`). Also used by the torch.compile backend (robuq_fx/backend.py)."""
     traced: dict = {}
     counts: dict[str, int] = {}
     for site in sites:

@@ -91,3 +91,20 @@ def test_lowered_compiles():
     ref = low(x)
     out = torch.compile(low, backend="aot_eager")(x)  # the custom op stays opaque: same kernel, same bits
     assert torch.equal(out, ref)
+
+
+def test_back_to_back_quantized_linears():
+    """Lowering the first layer replaces the node the second one reads: the rewrite must follow it."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 32), nn.Linear(32, 8))
+    q = robuq_fx.quantize(m, {"rules": [{"type": "Linear", "w_bits": 1.58, "a_bits": 4, "lora_rank": 2}]})
+    low = robuq_fx.lower(q)
+    x = torch.randn(3, 64)
+    assert torch.equal(low(x), q.eval()(x))
+
+
+def test_ops_return_contiguous_like_their_fakes():
+    x = torch.randn(2, 8, 4, 64).transpose(1, 2)  # a permuted input, as attention's q/k/v often are
+    for out in (ops.hadamard(x, 16), ops.fake_quant_act(x, 8, True, "absmax"), ops.fake_quant_act(x, 16, True, "absmax")):
+        assert out.is_contiguous()
+    torch.library.opcheck(ops.fake_quant_act.default, (x, 8, True, "absmax"))
