@@ -32,17 +32,12 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import robuq_fx  # noqa: E402
+import robuq_fx.models  # noqa: E402
 from robuq_fx import distributed as rdist  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
-# diffusers DiTTransformer2DModel configs. "dit-xl-2" is DiT-XL/2 at 256 px (latents 4x32x32, 28 blocks, width 1152).
-CONFIGS = {
-    "dit-tiny": dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, num_layers=2, sample_size=8,
-                     patch_size=2, num_embeds_ada_norm=10, norm_num_groups=32),
-    "dit-xl-2": dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
-                     sample_size=32, patch_size=2, num_embeds_ada_norm=1000),
-}
+MODELS = ["dit-tiny", "dit-xl-2"]  # robuq_fx.models: diffusers DiTTransformer2DModel, random init
 TRAIN_TIMESTEPS = 1000
 
 
@@ -51,13 +46,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--engine", choices=["ddp", "fsdp2", "none"], default="fsdp2",
                    help="DistributedDataParallel, FSDP2 fully_shard per block, or a plain single process")
-    p.add_argument("--model", choices=list(CONFIGS), default="dit-tiny", help="DiT size (random init)")
+    p.add_argument("--model", choices=MODELS, default="dit-tiny",
+                   help="dit-tiny: 2 blocks x 64 wide, 8x8 latents; dit-xl-2: 28 x 1152, 32x32 latents (random init)")
     p.add_argument("--pretrained", metavar="DIR", help="load DiT weights from a local diffusers checkpoint dir "
-                   "(e.g. a facebook/DiT-XL-2-256 snapshot; its 'transformer' subfolder) instead of random init")
+                   "(e.g. a facebook/DiT-XL-2-256 snapshot; its 'transformer' subfolder) instead of random init; "
+                   "--model still sets the capture inputs' shapes (dit-xl-2 for that one)")
     p.add_argument("--policy", default="dit-xl-2-robuq", help="policy name or file (default: the paper's "
                    "W1.58A4 + Hadamard + LRB setting; for dit-tiny the LRB rank is cut to --tiny-rank)")
-    p.add_argument("--tiny-rank", type=int, default=4, help="LRB rank for dit-tiny (rank 32 would cover its "
-                   "32-wide weights entirely, leaving nothing to quantize)")
+    p.add_argument("--tiny-rank", type=int, default=4, help="LRB rank for dit-tiny (the paper's rank 32 is half "
+                   "the width of its 64-wide layers: most of each weight would stay in full precision)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--batch", type=int, default=8, help="global batch size (split evenly over ranks)")
     p.add_argument("--optim", choices=["adamw", "sgd"], default="adamw")
@@ -75,18 +72,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ---- model, policy, data --------------------------------------------------------------------------------------------
 def build_model(args, seed: int | None = None):
-    from diffusers import DiTTransformer2DModel
-    torch.manual_seed(args.seed if seed is None else seed)
+    seed = args.seed if seed is None else seed
     if args.pretrained:
-        model = DiTTransformer2DModel.from_pretrained(args.pretrained, subfolder="transformer")
-    else:
-        model = DiTTransformer2DModel(**CONFIGS[args.model])
-    # Class-label dropout (classifier-free guidance) is a train-only Python branch: torch.export captures the eval
-    # graph, which does not have it. Add it to your data pipeline (replace labels by the null class) if you need it.
-    for mod in model.modules():
-        if type(mod).__name__ == "LabelEmbedding":
-            mod.dropout_prob = 0.0
-    return model
+        from diffusers import DiTTransformer2DModel
+        return DiTTransformer2DModel.from_pretrained(args.pretrained, subfolder="transformer")
+    # DiT's class-label dropout (classifier-free guidance) is a train-only Python branch that torch.export, which
+    # captures in eval mode, does not keep: replace labels by the null class in the data pipeline if you need it.
+    return robuq_fx.models.build(args.model, seed=seed)
 
 
 def build_policy(args) -> robuq_fx.Policy:
@@ -100,10 +92,9 @@ def build_policy(args) -> robuq_fx.Policy:
     return robuq_fx.Policy.from_dict(d, source=f"{args.policy} (dit-tiny: lora_rank {args.tiny_rank})")
 
 
-def example_inputs(model, batch: int = 2) -> dict:
-    c, s = model.config.in_channels, model.config.sample_size
-    return {"hidden_states": torch.zeros(batch, c, s, s), "timestep": torch.zeros(batch, dtype=torch.long),
-            "class_labels": torch.zeros(batch, dtype=torch.long), "return_dict": False}
+def example_inputs(args, device="cpu") -> dict:
+    inputs = robuq_fx.models.example_inputs(args.model, batch=2)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
 def global_batch(model_config, batch: int, step: int, seed: int) -> dict:
@@ -164,8 +155,9 @@ def make_optimizer(model, args):
     return torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
 
 
-def train(model, config, args, rank: int, world: int, device: torch.device) -> list[float]:
-    """`args.steps` steps; returns the global-batch loss of every step (the mean of the ranks' slice losses)."""
+def train(model, make_batch, loss, args, rank: int, world: int, device: torch.device) -> list[float]:
+    """`args.steps` steps of `loss(model, slice)` on this rank's slice of `make_batch(step)` (a dict of global-batch
+    tensors, the same on every rank); returns each step's global-batch loss (the mean of the ranks' slice losses)."""
     if args.batch % world:
         raise SystemExit(f"--batch {args.batch} must divide evenly over {world} ranks")
     local = args.batch // world
@@ -173,13 +165,12 @@ def train(model, config, args, rank: int, world: int, device: torch.device) -> l
     model.train()
     losses = []
     for step in range(args.steps):
-        b = global_batch(config, args.batch, step, args.seed)
-        b = {k: v[rank * local:(rank + 1) * local].to(device) for k, v in b.items()}
-        loss = loss_fn(model, b)
+        b = {k: v[rank * local:(rank + 1) * local].to(device) for k, v in make_batch(step).items()}
+        value = loss(model, b)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         opt.step()
-        seen = loss.detach().clone()
+        seen = value.detach().clone()
         if world > 1:
             dist.all_reduce(seen)  # equal slices: the mean of slice means is the global-batch mean
             seen /= world
@@ -198,7 +189,7 @@ def save_packed(state: dict, args, path) -> Path:
     """Rank 0: what a user does with the checkpoint later, on another machine: fresh model -> QAT structure (no SVD)
     -> load the trained state -> lower -> packed safetensors."""
     fresh = build_model(args, seed=args.seed + 1)  # a different random init: nothing may come from it
-    qmodel = robuq_fx.quantize(fresh, build_policy(args), example_inputs(fresh), init_lrb=False)
+    qmodel = robuq_fx.quantize(fresh, build_policy(args), example_inputs(args), init_lrb=False)
     qmodel.load_state_dict(state)
     return robuq_fx.save_quantized(robuq_fx.lower(qmodel), path)
 
@@ -207,12 +198,14 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     rank, world, device = setup(args)
     t0 = time.perf_counter()
-    model = build_model(args)
-    qmodel = robuq_fx.quantize(model, build_policy(args), example_inputs(model))
+    # Capture on the training device: torch.export records device-checking asserts and constants in the graph.
+    model = build_model(args).to(device)
+    qmodel = robuq_fx.quantize(model, build_policy(args), example_inputs(args, device=device))
     t_quant = time.perf_counter() - t0
     engine_model = wrap(qmodel, args.engine, device)
     t1 = time.perf_counter()
-    losses = train(engine_model, model.config, args, rank, world, device)
+    make_batch = lambda step: global_batch(model.config, args.batch, step, args.seed)  # noqa: E731
+    losses = train(engine_model, make_batch, loss_fn, args, rank, world, device)
     t_train = time.perf_counter() - t1
     state = gather_state(engine_model, args.engine)
     result = {"engine": args.engine, "model": args.model, "world": world, "device": str(device),
