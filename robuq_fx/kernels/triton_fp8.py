@@ -122,16 +122,25 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
+# variants of the Hadamard activation kernel (third field of a "quant" table entry; without a Hadamard always 0)
+PIPE, FLAT2D, TILE3D, PIPE_PADDED = 0, 1, 2, 3
+
+
 @functools.lru_cache(maxsize=None)
 def make_plan(k: int, block: int, bm: int, warps: int, flat: int = 0) -> tuple | None:
-    """(T, ((NB, NV), ...), BM, num_warps, flat) for the activation kernel, or None when K / block / BM do not fit
-    (flat: with a Hadamard, handle each piece as a 2-D (BM * NB, T) tile).
+    """(T, ((NB, NV), ...), BM, num_warps, variant) for the activation kernel, or None when K / block / BM do not
+    fit. variant (`flat`, with a Hadamard): 0 = persistent software-pipelined kernel (`act_quant_pipe_kernel`),
+    1 = one program per BM rows, pieces as 2-D (BM * NB, T) tiles, 2 = the same with (BM, NB, T) tiles, 3 = as 0
+    with the whole row as one zero-padded power-of-two piece (BM * next_pow2(K / T) <= 128 rows of T).
 
     T: power of two <= 128 dividing K, >= 16 and a multiple of the Hadamard block; the K / T tiles of a row are
     split into at most four power-of-two pieces of NB tiles, the first NV of them real. With a Hadamard each piece
     is one tensor-core dot of (BM * NB) x T by T x T, which needs BM * NB >= 16: small pieces are padded."""
     block = block if block > 1 else 0
     if block and (block & (block - 1) or block > 128):
+        return None
+    var = int(flat) if block else 0
+    if var not in (PIPE, FLAT2D, TILE3D, PIPE_PADDED):
         return None
     t = 128
     while t >= 16 and (k % t or t < block):
@@ -144,10 +153,17 @@ def make_plan(k: int, block: int, bm: int, warps: int, flat: int = 0) -> tuple |
     rem = sum(p for p in bits if p < minimal)
     dec = [(p, p) for p in bits if p >= minimal] + ([(minimal, rem)] if rem else [])
     single = [(max(_next_pow2(nb), minimal), nb)]
-    pieces = min((dec, single), key=lambda ps: (sum(p for p, _ in ps), len(ps)))
+    pieces = single if var == PIPE_PADDED else min((dec, single), key=lambda ps: (sum(p for p, _ in ps), len(ps)))
     if len(pieces) > 4 or bm * t * sum(p for p, _ in pieces) > _MAX_TILE_ELEMS:
         return None
-    return t, tuple(pieces), bm, warps, int(bool(flat and block))
+    if var == PIPE_PADDED and bm * pieces[0][0] > 128:  # three buffers of more would not fit shared memory
+        return None
+    return t, tuple(pieces), bm, warps, var
+
+
+def _aq_stages() -> int:
+    """Shared-memory buffers of the persistent kernel's pipeline (3: the loads run two row blocks ahead)."""
+    return int(os.environ.get("ROBUQ_AQ_STAGES", "3"))
 
 
 def _m_bucket(m: int) -> int:
@@ -228,7 +244,7 @@ def act_quant(x2: torch.Tensor, block: int, a_bits: int, sym: bool, dequant: boo
     h = _h_tile(plan[0], block, x2.dtype, dev) if block else None
     with _on(dev):
         _k().launch_act_quant(x2, h, out, scale, lo, m, m_store, _hscale(block, x2.dtype), levels, qmin, qmax, sh,
-                              plan, bool(block), sym, dequant, x2.dtype == torch.float32)
+                              plan, bool(block), sym, dequant, x2.dtype == torch.float32, _aq_stages())
     return out, scale, lo
 
 

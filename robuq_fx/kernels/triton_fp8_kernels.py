@@ -1,5 +1,5 @@
 """Triton kernels of the Hopper fp8 qlinear path (imported lazily by `triton_fp8.py`; importing this module needs
-triton). Two kernels:
+triton). Three kernels:
 
 `act_quant_kernel`: one pass over BM activation rows. The row is read once, as up to four power-of-two "pieces" of
     NB_i tiles of T columns, of which the first NV_i are real and the rest zero padding (K = T * sum NV_i, e.g.
@@ -13,15 +13,24 @@ triton). Two kernels:
     Asymmetric codes may be stored shifted by `shift` = 2^(k-1) (q' = q - shift in [-2^(k-1), 2^(k-1) - 1]) with
     lo' = lo + shift * s, so that y = s_x s_w (q' q_w) + lo' c: the same value, a smaller rank-1 term.
 
+`act_quant_pipe_kernel`: the same computation with a Hadamard (2-D pieces, `_flat_block`, identical numerics), as a
+    persistent kernel: SMs x (resident programs) programs, each loads H once and walks the row blocks pid,
+    pid + grid, ...; the loop is software-pipelined (`tl.range(num_stages=STAGES)`): the pieces of the next blocks
+    are copied asynchronously into shared memory (cp.async), straight in the layout the tensor-core dot reads,
+    while the current block is rotated, reduced, quantized and stored. The one-program-per-block kernel keeps a
+    whole block's loads and its compute in sequence (one or two such programs fit an SM: ~1.2 TB/s on the H200).
+
 `fp8_gemm_kernel`: y = (q_x q_w^T) * s_x[m] * s_w[n] [+ lo[m] c[n]] [+ bias[n]] [+ t[m] A^T], fp8 e4m3 tensor-core
     GEMM (fp32 accumulation) with everything after the integer product fused in the epilogue; used for the
     asymmetric and low-rank-branch cases where `torch._scaled_mm` would need extra passes over y.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+from triton.runtime.errors import OutOfResources
 
 
 @triton.jit
@@ -170,6 +179,56 @@ def _store2d(y, out_ptr, row0, M_STORE, stride_om, s, safe, lo, qmin, qmax, shif
              v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _flat_block(x_ptr, out_ptr, scale_ptr, lo_ptr, row0, M, M_STORE, stride_xm, stride_om, h, hscale, levels, qmin,
+                qmax, shift,
+                T: tl.constexpr, NB0: tl.constexpr, NB1: tl.constexpr, NB2: tl.constexpr, NB3: tl.constexpr,
+                NV0: tl.constexpr, NV1: tl.constexpr, NV2: tl.constexpr, NV3: tl.constexpr,
+                BM: tl.constexpr, SYM: tl.constexpr, DEQUANT: tl.constexpr, IEEE: tl.constexpr):
+    """Rows [row0, row0 + BM) with a Hadamard, each piece a 2-D (BM * NB, T) tile: rotate, range, scale, codes."""
+    rows = (row0 + tl.arange(0, BM)).to(tl.int64)
+    smask = rows < M_STORE
+    OFF1: tl.constexpr = NV0 * T
+    OFF2: tl.constexpr = (NV0 + NV1) * T
+    OFF3: tl.constexpr = (NV0 + NV1 + NV2) * T
+    y0 = _load_rot2d(x_ptr, row0, M, stride_xm, h, hscale, 0, NB0, NV0, T, BM, IEEE)
+    a, b = _range2d(y0, NB0, NV0, BM, SYM)
+    if NB1 > 0:
+        y1 = _load_rot2d(x_ptr, row0, M, stride_xm, h, hscale, OFF1, NB1, NV1, T, BM, IEEE)
+        a1, b1 = _range2d(y1, NB1, NV1, BM, SYM)
+        a = tl.minimum(a, a1)
+        b = tl.maximum(b, b1)
+    if NB2 > 0:
+        y2 = _load_rot2d(x_ptr, row0, M, stride_xm, h, hscale, OFF2, NB2, NV2, T, BM, IEEE)
+        a2, b2 = _range2d(y2, NB2, NV2, BM, SYM)
+        a = tl.minimum(a, a2)
+        b = tl.maximum(b, b2)
+    if NB3 > 0:
+        y3 = _load_rot2d(x_ptr, row0, M, stride_xm, h, hscale, OFF3, NB3, NV3, T, BM, IEEE)
+        a3, b3 = _range2d(y3, NB3, NV3, BM, SYM)
+        a = tl.minimum(a, a3)
+        b = tl.maximum(b, b3)
+    if SYM:
+        s = tl.div_rn(b, tl.zeros_like(b) + levels)
+        lo = -b
+    else:
+        s = tl.div_rn(b - a, tl.zeros_like(b) + levels)
+        lo = a
+    safe = tl.where(s > 0, s, 1.0)
+    tl.store(scale_ptr + rows, s, mask=smask)
+    tl.store(lo_ptr + rows, lo + shift * s, mask=smask)
+    _store2d(y0, out_ptr, row0, M_STORE, stride_om, s, safe, lo, qmin, qmax, shift, 0, NB0, NV0, T, BM, SYM, DEQUANT)
+    if NB1 > 0:
+        _store2d(y1, out_ptr, row0, M_STORE, stride_om, s, safe, lo, qmin, qmax, shift, OFF1, NB1, NV1, T, BM, SYM,
+                 DEQUANT)
+    if NB2 > 0:
+        _store2d(y2, out_ptr, row0, M_STORE, stride_om, s, safe, lo, qmin, qmax, shift, OFF2, NB2, NV2, T, BM, SYM,
+                 DEQUANT)
+    if NB3 > 0:
+        _store2d(y3, out_ptr, row0, M_STORE, stride_om, s, safe, lo, qmin, qmax, shift, OFF3, NB3, NV3, T, BM, SYM,
+                 DEQUANT)
+
+
 @triton.jit(do_not_specialize=["M", "M_STORE"])
 def act_quant_kernel(x_ptr, h_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, stride_xm, stride_om,
                      hscale, levels, qmin, qmax, shift,
@@ -179,36 +238,21 @@ def act_quant_kernel(x_ptr, h_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, strid
                      IEEE: tl.constexpr, FLAT: tl.constexpr):
     pid = tl.program_id(0)
     row0 = pid * BM
-    rows = (row0 + tl.arange(0, BM)).to(tl.int64)
-    rmask = rows < M
-    smask = rows < M_STORE
     if HAD:
         hr = tl.arange(0, T)
         h = tl.load(h_ptr + hr[:, None] * T + hr[None, :])
     else:
         h = hscale
-    OFF1: tl.constexpr = NV0 * T
-    OFF2: tl.constexpr = (NV0 + NV1) * T
-    OFF3: tl.constexpr = (NV0 + NV1 + NV2) * T
     if FLAT:
-        y0 = _load_rot2d(x_ptr, row0, M, stride_xm, h, hscale, 0, NB0, NV0, T, BM, IEEE)
-        a, b = _range2d(y0, NB0, NV0, BM, SYM)
-        if NB1 > 0:
-            y1 = _load_rot2d(x_ptr, row0, M, stride_xm, h, hscale, OFF1, NB1, NV1, T, BM, IEEE)
-            a1, b1 = _range2d(y1, NB1, NV1, BM, SYM)
-            a = tl.minimum(a, a1)
-            b = tl.maximum(b, b1)
-        if NB2 > 0:
-            y2 = _load_rot2d(x_ptr, row0, M, stride_xm, h, hscale, OFF2, NB2, NV2, T, BM, IEEE)
-            a2, b2 = _range2d(y2, NB2, NV2, BM, SYM)
-            a = tl.minimum(a, a2)
-            b = tl.maximum(b, b2)
-        if NB3 > 0:
-            y3 = _load_rot2d(x_ptr, row0, M, stride_xm, h, hscale, OFF3, NB3, NV3, T, BM, IEEE)
-            a3, b3 = _range2d(y3, NB3, NV3, BM, SYM)
-            a = tl.minimum(a, a3)
-            b = tl.maximum(b, b3)
+        _flat_block(x_ptr, out_ptr, scale_ptr, lo_ptr, row0, M, M_STORE, stride_xm, stride_om, h, hscale, levels,
+                    qmin, qmax, shift, T, NB0, NB1, NB2, NB3, NV0, NV1, NV2, NV3, BM, SYM, DEQUANT, IEEE)
     else:
+        rows = (row0 + tl.arange(0, BM)).to(tl.int64)
+        rmask = rows < M
+        smask = rows < M_STORE
+        OFF1: tl.constexpr = NV0 * T
+        OFF2: tl.constexpr = (NV0 + NV1) * T
+        OFF3: tl.constexpr = (NV0 + NV1 + NV2) * T
         y0 = _load_rot(x_ptr, rows, rmask, stride_xm, h, hscale, 0, NB0, NV0, T, BM, HAD, IEEE)
         a, b = _piece_range(y0, NB0, NV0, SYM)
         if NB1 > 0:
@@ -226,28 +270,15 @@ def act_quant_kernel(x_ptr, h_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, strid
             a3, b3 = _piece_range(y3, NB3, NV3, SYM)
             a = tl.minimum(a, a3)
             b = tl.maximum(b, b3)
-    if SYM:
-        s = tl.div_rn(b, tl.zeros_like(b) + levels)
-        lo = -b
-    else:
-        s = tl.div_rn(b - a, tl.zeros_like(b) + levels)
-        lo = a
-    safe = tl.where(s > 0, s, 1.0)
-    tl.store(scale_ptr + rows, s, mask=smask)
-    tl.store(lo_ptr + rows, lo + shift * s, mask=smask)
-    if FLAT:
-        _store2d(y0, out_ptr, row0, M_STORE, stride_om, s, safe, lo, qmin, qmax, shift, 0, NB0, NV0, T, BM, SYM,
-                 DEQUANT)
-        if NB1 > 0:
-            _store2d(y1, out_ptr, row0, M_STORE, stride_om, s, safe, lo, qmin, qmax, shift, OFF1, NB1, NV1, T, BM,
-                     SYM, DEQUANT)
-        if NB2 > 0:
-            _store2d(y2, out_ptr, row0, M_STORE, stride_om, s, safe, lo, qmin, qmax, shift, OFF2, NB2, NV2, T, BM,
-                     SYM, DEQUANT)
-        if NB3 > 0:
-            _store2d(y3, out_ptr, row0, M_STORE, stride_om, s, safe, lo, qmin, qmax, shift, OFF3, NB3, NV3, T, BM,
-                     SYM, DEQUANT)
-    else:
+        if SYM:
+            s = tl.div_rn(b, tl.zeros_like(b) + levels)
+            lo = -b
+        else:
+            s = tl.div_rn(b - a, tl.zeros_like(b) + levels)
+            lo = a
+        safe = tl.where(s > 0, s, 1.0)
+        tl.store(scale_ptr + rows, s, mask=smask)
+        tl.store(lo_ptr + rows, lo + shift * s, mask=smask)
         _quant_store(y0, out_ptr, rows, smask, stride_om, s, safe, lo, qmin, qmax, shift, 0, NB0, NV0, T, BM, SYM,
                      DEQUANT)
         if NB1 > 0:
@@ -261,19 +292,76 @@ def act_quant_kernel(x_ptr, h_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, strid
                          BM, SYM, DEQUANT)
 
 
+@triton.jit(do_not_specialize=["M", "M_STORE"])
+def act_quant_pipe_kernel(x_ptr, h_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, stride_xm, stride_om,
+                          hscale, levels, qmin, qmax, shift,
+                          T: tl.constexpr, NB0: tl.constexpr, NB1: tl.constexpr, NB2: tl.constexpr,
+                          NB3: tl.constexpr, NV0: tl.constexpr, NV1: tl.constexpr, NV2: tl.constexpr,
+                          NV3: tl.constexpr, BM: tl.constexpr, SYM: tl.constexpr, DEQUANT: tl.constexpr,
+                          IEEE: tl.constexpr, STAGES: tl.constexpr):
+    """Persistent Hadamard variant: H is loaded once per program, which then walks row blocks pid, pid + grid, ...
+    with the loads of the next blocks software-pipelined (async copies into shared memory, STAGES deep) under the
+    rotation / quantization of the current one."""
+    pid = tl.program_id(0)
+    npid = tl.num_programs(0)
+    hr = tl.arange(0, T)
+    h = tl.load(h_ptr + hr[:, None] * T + hr[None, :])
+    n_blocks = tl.cdiv(M_STORE, BM)
+    for blk in tl.range(pid, n_blocks, npid, num_stages=STAGES):
+        _flat_block(x_ptr, out_ptr, scale_ptr, lo_ptr, blk * BM, M, M_STORE, stride_xm, stride_om, h, hscale, levels,
+                    qmin, qmax, shift, T, NB0, NB1, NB2, NB3, NV0, NV1, NV2, NV3, BM, SYM, DEQUANT, IEEE)
+
+
+_OCC: dict = {}  # (constexprs, dtypes, device) of the persistent kernel -> resident programs per SM
+_NSM: dict = {}
+_NO_PIPE: set = set()  # keys whose persistent kernel does not fit this device (shared memory): old kernel instead
+
+
+def _occupancy(kern, warps: int, dev: int) -> int:
+    """Programs of `kern` one SM holds at once (registers, shared memory, warps)."""
+    props = triton.runtime.driver.active.utils.get_device_properties(dev)
+    regs_warp = -(-max(int(kern.n_regs), 1) * 32 // 256) * 256
+    by_regs = 65536 // max(warps * regs_warp, 1)
+    by_smem = (props["max_shared_mem"] + 1024) // (int(kern.metadata.shared) + 1024)
+    return max(1, min(by_regs, by_smem, 64 // warps, 32))
+
+
 def launch_act_quant(x, h, out, scale, lo, m, m_store, hscale, levels, qmin, qmax, shift, plan, had, sym, dequant,
-                     ieee):
-    """plan: (T, ((NB, NV), ...) up to 4 pieces, BM, num_warps, flat): one program per BM rows; flat = the
-    Hadamard pieces as 2-D (BM * NB, T) tiles instead of (BM, NB, T)."""
-    t, pieces, bm, warps, flat = plan
+                     ieee, stages=3):
+    """plan: (T, ((NB, NV), ...) up to 4 pieces, BM, num_warps, variant): variant (with a Hadamard) 0 / 3 = the
+    persistent software-pipelined kernel (grid = SMs x resident programs), 1 = one program per BM rows with the
+    pieces as 2-D (BM * NB, T) tiles, 2 = the same with (BM, NB, T) tiles; without a Hadamard one program per BM
+    rows. fp32 input (IEEE dot) and devices without the shared memory for `stages` buffers use variant 1."""
+    t, pieces, bm, warps, var = plan
     pcs = list(pieces) + [(0, 0)] * (4 - len(pieces))
+    nbs = dict(T=t, NB0=pcs[0][0], NB1=pcs[1][0], NB2=pcs[2][0], NB3=pcs[3][0],
+               NV0=pcs[0][1], NV1=pcs[1][1], NV2=pcs[2][1], NV3=pcs[3][1], BM=bm)
+    scal = (float(hscale), float(levels), float(qmin), float(qmax), float(shift))
+    if had and var in (0, 3) and not ieee:
+        dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        key = (t, tuple(pieces), bm, warps, stages, x.dtype, out.dtype, bool(sym), bool(dequant), dev)
+        if key not in _NO_PIPE:
+            nsm = _NSM.get(dev)
+            if nsm is None:
+                nsm = _NSM[dev] = triton.runtime.driver.active.utils.get_device_properties(dev)[
+                    "multiprocessor_count"]
+            occ = _OCC.get(key, 1)
+            grid = (max(1, min(triton.cdiv(m_store, bm), nsm * occ)),)
+            try:
+                kern = act_quant_pipe_kernel[grid](x, h, out, scale, lo, m, m_store, x.stride(0), out.stride(0),
+                                                   *scal, **nbs, SYM=bool(sym), DEQUANT=bool(dequant), IEEE=False,
+                                                   STAGES=stages, num_warps=warps, num_stages=stages)
+            except OutOfResources:
+                _NO_PIPE.add(key)
+            else:
+                if key not in _OCC and kern is not None:
+                    _OCC[key] = _occupancy(kern, warps, dev)
+                return
+        var = 1
     grid = (triton.cdiv(m_store, bm),)
-    act_quant_kernel[grid](x, h if had else x, out, scale, lo, m, m_store, x.stride(0), out.stride(0),
-                           float(hscale), float(levels), float(qmin), float(qmax), float(shift),
-                           T=t, NB0=pcs[0][0], NB1=pcs[1][0], NB2=pcs[2][0], NB3=pcs[3][0],
-                           NV0=pcs[0][1], NV1=pcs[1][1], NV2=pcs[2][1], NV3=pcs[3][1], BM=bm, HAD=bool(had),
-                           SYM=bool(sym), DEQUANT=bool(dequant), IEEE=bool(ieee), FLAT=bool(flat and had),
-                           num_warps=warps)
+    act_quant_kernel[grid](x, h if had else x, out, scale, lo, m, m_store, x.stride(0), out.stride(0), *scal, **nbs,
+                           HAD=bool(had), SYM=bool(sym), DEQUANT=bool(dequant), IEEE=bool(ieee),
+                           FLAT=bool(had and var != 2), num_warps=warps)
 
 
 # ----------------------------------------------------------------------------------------------------------------

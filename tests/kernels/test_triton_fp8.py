@@ -119,8 +119,10 @@ def test_quant_kernel_matches_cpu_reference(k, block, dtype):
 
 
 def _shipped_plans(k, block):
+    """The table's / defaults' tilings plus small ones of every kernel variant (0 = persistent pipelined,
+    1 = per-block 2-D pieces, 2 = per-block 3-D pieces, 3 = pipelined with one zero-padded piece)."""
     plans = {triton_fp8.quant_plan(k, block, m) for m in (1, 256, 1024, 4096, 16384)}
-    plans |= {triton_fp8.make_plan(k, block, bm, 4) for bm in (1, 2)}
+    plans |= {triton_fp8.make_plan(k, block, bm, 4, var) for bm in (1, 2) for var in (0, 1, 2, 3)}
     return sorted(p for p in plans if p is not None)
 
 
@@ -140,6 +142,50 @@ def test_every_quant_plan_odd_m(k, block):
                 assert bad <= max(1, rq.numel() // 1000), f"plan {plan} M={m} a{a_bits}: {bad} codes differ"
                 torch.testing.assert_close(s[:m].cpu(), rs.squeeze(-1), rtol=1e-5, atol=0)
                 assert (out[m:].float() == 0).all()
+
+
+@gpu
+@pytest.mark.parametrize("k", [1152, 4608])
+def test_pipelined_quant_kernel_matches_per_block_kernel(k):
+    """The persistent software-pipelined Hadamard kernel (variants 0 and 3) against the one-program-per-block kernel
+    (variant 1) and the CPU reference, on M that make each program walk many row blocks (and M < one block),
+    sym / asym (shifted) codes and DEQUANT mode. Same pieces -> the same tensor-core dots: codes, scales and lo come
+    out identical (measured on the H200; asserted at the reference tolerance, the count of differences reported).
+    Against the CPU reference the tolerance is that of the codes: with M = 5000 and a x30 outlier channel one row in
+    5000 rounds its absmax element differently (both kernels alike)."""
+    for bm, warps, var in ((16, 8, 0), (4, 8, 0), (2, 8, 0), (1, 4, 0), (2, 8, 3), (4, 4, 3)):
+        plan = triton_fp8.make_plan(k, 128, bm, warps, var)
+        if plan is None:
+            continue
+        base = triton_fp8.make_plan(k, 128, bm, warps, 1)
+        for m in (3, 333, 5000):
+            torch.manual_seed(m + bm)
+            x = (torch.randn(m, k, device="cuda") * torch.rand(m, 1, device="cuda") * 3)
+            x[:, 7] *= 30
+            x[m // 2] = 0.0
+            x = x.to(torch.bfloat16)
+            mp = -(-m // 16) * 16
+            for a_bits, sym, dq in ((4, True, False), (2, False, False), (3, True, True), (2, False, True)):
+                kw = dict(dequant=dq, m_store=m if dq else mp, shift=not sym and not dq)
+                out, s, lo = triton_fp8.act_quant(x, 128, a_bits, sym, plan=plan, **kw)
+                out1, s1, lo1 = triton_fp8.act_quant(x, 128, a_bits, sym, plan=base, **kw)
+                diff = int((out.float() != out1.float()).sum())
+                _report(f"pipelined vs per-block K={k} plan={plan} M={m} a{a_bits} sym={sym} dq={dq}",
+                        codes_differ=diff, scales_equal=bool(torch.equal(s, s1)), lo_equal=bool(torch.equal(lo, lo1)))
+                assert diff <= out.numel() // 1000, f"plan {plan} M={m} a{a_bits}: {diff} values differ"
+                torch.testing.assert_close(s, s1, rtol=1e-5, atol=0)
+                torch.testing.assert_close(lo, lo1, rtol=1e-5, atol=1e-6)
+                if not dq:  # against the CPU reference, at the codes' tolerance (<= 0.1% of codes and of rows)
+                    rq, rs, _ = _ref_codes(x, 128, a_bits, sym, fp32_rotation=False)
+                    if not sym:
+                        rq = rq - 2 ** (a_bits - 1)
+                    bad = (out[:m].float().cpu() != rq).sum().item()
+                    assert bad <= max(1, rq.numel() // 1000), f"plan {plan} M={m} a{a_bits}: {bad} codes differ"
+                    srel = ((s[:m].cpu() - rs.squeeze(-1)).abs() > 1e-5 * rs.squeeze(-1).abs()).sum().item()
+                    assert srel <= max(1, m // 1000), f"plan {plan} M={m} a{a_bits}: {srel} scales differ"
+                    assert (s[m:] == 0).all()
+                    if sym:
+                        assert (out[m:].float() == 0).all()
 
 
 # ---------------------------------------------------------------------------------------------------------------
