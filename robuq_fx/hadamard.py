@@ -7,6 +7,7 @@ before it is quantized; lowering folds H into the packed weight once and keeps o
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -39,5 +40,10 @@ def block_hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
     k = x.shape[-1]
     if k % block:
         raise ValueError(f"Hadamard block {block} does not divide the last dimension {k}")
+    if x.is_cuda and os.environ.get("ROBUQ_HADAMARD") == "fht":
+        # opt-in: Dao-AILab's fast-hadamard-transform, equal up to rounding (not bit-identical to the QAT graph)
+        from .kernels import fht
+        if fht.available() is None and fht.supports(x, block) is None:
+            return fht.block_hadamard_fht(x, block)
     h = hadamard_matrix(block, x.dtype, x.device)
     return (x.reshape(*x.shape[:-1], k // block, block) @ h).reshape(x.shape)

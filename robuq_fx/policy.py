@@ -146,8 +146,11 @@ class Policy:
 
     @classmethod
     def load(cls, path_or_name) -> "Policy":
-        """Load from a .json / .yaml / .yml file, or a shipped policy by name (see `Policy.shipped()`)."""
+        """Load from a .json / .yaml / .yml file, or a shipped policy by name (see `Policy.shipped()`; "default" is
+        `Policy.default()`)."""
         p = Path(path_or_name)
+        if str(path_or_name) == "default" and not p.exists():
+            return cls.default()
         if not p.exists() and p.suffix == "" and (POLICY_DIR / f"{p.name}.yaml").exists():
             p = POLICY_DIR / f"{p.name}.yaml"
         if not p.exists():
