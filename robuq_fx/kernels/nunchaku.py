@@ -40,7 +40,7 @@ import torch
 
 from .. import layer, packing
 from .reference import spec_of
-from .registry import QLinearArgs, register
+from .registry import QLinearArgs, register, tensor_key
 
 NAME = "nunchaku"
 INT4_SM = ((7, 5), (8, 0), (8, 6), (8, 9))  # the int4 targets of nunchaku's setup.py (Turing, Ampere, Ada)
@@ -217,14 +217,7 @@ def convert_args(a: QLinearArgs, dtype: torch.dtype) -> NunchakuWeights:
 
 # ---- the kernel ---------------------------------------------------------------------------------------------------
 
-def _ver(t) -> tuple:
-    if t is None:
-        return (None,)
-    try:
-        v = t._version
-    except RuntimeError:  # inference tensors have no version counter
-        v = -1
-    return (id(t), t.data_ptr(), v)
+_ver = tensor_key  # one definition for every weight cache (kernels/registry.py)
 
 
 _CACHE: dict[int, tuple] = {}  # id(qweight) -> (key, weakref to qweight, NunchakuWeights)

@@ -44,6 +44,18 @@ _KERNELS: dict[str, Kernel] = {}
 _FORCED: list[str] = []
 
 
+def tensor_key(t) -> tuple:
+    """Identity + version of a tensor, for kernels' weight caches: any in-place update (load_state_dict, copy_,
+    an optimizer step) or a replacement tensor changes it."""
+    if t is None:
+        return (None,)
+    try:
+        v = t._version
+    except RuntimeError:  # inference tensors have no version counter
+        v = -1
+    return (id(t), t.data_ptr(), v, tuple(t.shape), t.dtype)
+
+
 def register(name: str, priority: int, machine_check=lambda: None, supports=lambda x, a: None):
     def deco(fn):
         _KERNELS[name] = Kernel(name, priority, fn, machine_check, supports)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from .. import layer
 from .. import quantizers as Q
-from .registry import QLinearArgs, forced, register
+from .registry import QLinearArgs, forced, register, tensor_key
 from .reference import spec_of, weight_codes
 
 FP8 = "triton_fp8"
@@ -251,14 +251,7 @@ def act_quant(x2: torch.Tensor, block: int, a_bits: int, sym: bool, dequant: boo
 # ---------------------------------------------------------------------------------------------------------------
 # weight caches
 
-def _ver(t) -> tuple:
-    if t is None:
-        return (None,)
-    try:
-        v = t._version
-    except RuntimeError:  # inference tensors have no version counter
-        v = -1
-    return (id(t), t.data_ptr(), v, tuple(t.shape), t.dtype)
+_ver = tensor_key  # one definition for every weight cache (kernels/registry.py)
 
 
 class _Entry:
