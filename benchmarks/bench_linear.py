@@ -114,7 +114,10 @@ COLUMNS = [
     ("W4A4+H", dict(w_bits=4, a_bits=4, hadamard=True, hadamard_block=128), 0),
     ("W1.58A4+H", dict(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=128), 0),
 ]
-EXTRA = [("W1.58A2+H+LRB32", dict(w_bits=1.58, a_bits=2, hadamard=True, hadamard_block=128), 32)]
+EXTRA = [("W1.58A2+H+LRB32", dict(w_bits=1.58, a_bits=2, hadamard=True, hadamard_block=128), 32),
+         # issue #12's cost rows: the low-rank branch alone and the asymmetric offset alone, vs W1.58A4+H
+         ("W1.58A4+H+LRB32", dict(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=128), 32),
+         ("W1.58A4asym+H", dict(w_bits=1.58, a_bits=4, a_sym=False, hadamard=True, hadamard_block=128), 0)]
 
 
 def bench(args) -> dict:
