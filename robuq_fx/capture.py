@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -87,8 +88,12 @@ def _export(model: nn.Module, example_inputs) -> fx.GraphModule:
             bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
             dyn = {name: pytree.tree_map(batch_dim, value) for name, value in bound.items()}
             ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dyn)
-        except Exception:  # noqa: BLE001 - some models cannot take a dynamic batch: fall back to static shapes
+        except Exception as e:  # noqa: BLE001 - some models cannot take a dynamic batch: fall back to static shapes
             ep = torch.export.export(model, args, kwargs, strict=False)
+            warnings.warn(f"torch.export could not capture {type(model).__name__} with a dynamic batch "
+                          f"({type(e).__name__}: {_first_line(e)}); the graph only accepts the example inputs' "
+                          "shapes. A batch of 1 in example_inputs always does this (export specialises sizes "
+                          "0 and 1): capture with a batch of 2 or more.", stacklevel=4)
     finally:
         model.train(was_training)
     gm = ep.module()

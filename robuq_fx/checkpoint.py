@@ -24,8 +24,26 @@ FORMAT = "robuq_fx.packed"
 FORMAT_VERSION = 1
 
 
-def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+def _dedup(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """CPU tensors to write, each storage once: a tied weight (e.g. an LM's embedding and lm_head) is stored under
+    its first key and the others are recorded as aliases; other views of a shared storage are copied (safetensors
+    refuses tensors that share memory)."""
+    tensors, aliases, same, storages = {}, {}, {}, set()
+    for k, v in model.state_dict().items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        ptr = (v.device, v.untyped_storage().data_ptr())
+        key = (*ptr, v.storage_offset(), tuple(v.shape), tuple(v.stride()), v.dtype)
+        if v.numel() and key in same:
+            aliases[k] = same[key]
+            continue
+        same[key] = k
+        t = v.detach().cpu().contiguous()
+        if v.numel() and ptr in storages and t.untyped_storage().data_ptr() == v.untyped_storage().data_ptr():
+            t = t.clone()
+        storages.add(ptr)
+        tensors[k] = t
+    return tensors, aliases
 
 
 def save_quantized(lowered: nn.Module, path) -> Path:
@@ -36,21 +54,15 @@ def save_quantized(lowered: nn.Module, path) -> Path:
     path = Path(path)
     if path.parent and not path.parent.exists():
         raise CheckpointError(f"cannot write {path}: directory {path.parent} does not exist")
-    tensors = _tensors(lowered)
-    # safetensors refuses tensors that share storage (tied weights): store each once.
-    seen: dict = {}
-    for k, v in list(tensors.items()):
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)
-        if v.numel() and key in seen:
-            tensors[k] = v.clone()
-        seen[key] = k
+    tensors, aliases = _dedup(lowered)
     layers = {}
     for n, spec in info["layers"].items():
         m = lowered.get_submodule(packed_path(n))
         layers[n] = {"spec": spec, "shape": list(m.qweight.shape), "in_features": m.in_features,
                      "out_features": m.out_features}
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "policy": json.dumps(info["policy"]),
-            "layers": json.dumps(layers), "capture": info["capture"], "torch": torch.__version__}
+            "layers": json.dumps(layers), "capture": info["capture"], "torch": torch.__version__,
+            "aliases": json.dumps(aliases)}
     try:
         save_file(tensors, str(path), metadata=meta)
     except OSError as e:
@@ -99,8 +111,9 @@ def load_quantized(path, model: nn.Module, example_inputs=None) -> nn.Module:
     lowered = lower(qmodel, compute=False)
     expected = {k: v for k, v in lowered.state_dict().items() if isinstance(v, torch.Tensor)}
     try:
+        aliases = json.loads(meta.get("aliases", "{}"))
         with safe_open(str(path), framework="pt") as f:
-            keys = set(f.keys())
+            keys = set(f.keys()) | set(aliases)
             missing = sorted(set(expected) - keys)
             extra = sorted(keys - set(expected))
             if missing or extra:
@@ -108,7 +121,7 @@ def load_quantized(path, model: nn.Module, example_inputs=None) -> nn.Module:
                                       f"unexpected {extra[:5]}")
             state = {}
             for k in sorted(expected):
-                t = f.get_tensor(k)
+                t = state[aliases[k]] if k in aliases and aliases[k] in state else f.get_tensor(aliases.get(k, k))
                 if t.shape != expected[k].shape or t.dtype != expected[k].dtype:
                     raise CheckpointError(f"{path}: '{k}' has shape {tuple(t.shape)} {t.dtype}, the model expects "
                                           f"{tuple(expected[k].shape)} {expected[k].dtype}")

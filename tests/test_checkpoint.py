@@ -92,3 +92,26 @@ def test_save_needs_lowered_and_writable_dir(tmp_path):
         robuq_fx.save_quantized(q, tmp_path / "x.safetensors")
     with pytest.raises(CheckpointError, match="does not exist"):
         robuq_fx.save_quantized(robuq_fx.lower(q), tmp_path / "nope" / "x.safetensors")
+
+
+def test_tied_weights_stored_once(tmp_path):
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(100, 64)
+            self.fc = nn.Linear(64, 64)
+            self.head = nn.Linear(64, 100, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(torch.relu(self.fc(self.emb(ids))))
+
+    torch.manual_seed(0)
+    low = robuq_fx.lower(robuq_fx.quantize(Tied(), {"rules": [{"match": "fc", "w_bits": 4, "a_bits": 4},
+                                                             {"match": "*", "skip": True}]}))
+    p = robuq_fx.save_quantized(low, tmp_path / "tied.safetensors")
+    assert p.stat().st_size < 1.5 * 100 * 64 * 4  # the 100x64 fp32 embedding once, not twice
+    torch.manual_seed(1)
+    back = robuq_fx.load_quantized(p, Tied())
+    ids = torch.randint(0, 100, (3, 5))
+    assert torch.equal(back(ids), low(ids))
