@@ -3,6 +3,7 @@ the op picks the highest-priority one that accepts the call. The passes never kn
 
     ROBUQ_KERNEL=reference python ...          # force one kernel by name (env var), or
     with robuq_fx.kernels.use("reference"): ...
+    ROBUQ_KERNEL_DISABLE=nunchaku python ...   # never pick these (comma-separated); the others still compete
 """
 from __future__ import annotations
 
@@ -89,8 +90,9 @@ def select(x: torch.Tensor, args: QLinearArgs) -> Kernel:
         if why:
             raise RuntimeError(f"kernel {name!r} was forced but cannot run this call: {why}")
         return k
+    disabled = set(filter(None, os.environ.get("ROBUQ_KERNEL_DISABLE", "").split(",")))
     for k in sorted(_KERNELS.values(), key=lambda k: -k.priority):
-        if k.machine_check() is None and k.supports(x, args) is None:
+        if k.name not in disabled and k.machine_check() is None and k.supports(x, args) is None:
             return k
     raise RuntimeError("no qlinear kernel accepts this call (the reference kernel should always do)")
 
@@ -100,6 +102,8 @@ def available() -> list[dict]:
     rows = []
     for k in sorted(_KERNELS.values(), key=lambda k: -k.priority):
         why = k.machine_check()
+        if k.name in set(filter(None, os.environ.get("ROBUQ_KERNEL_DISABLE", "").split(","))):
+            why = "disabled by ROBUQ_KERNEL_DISABLE"
         rows.append({"kernel": k.name, "priority": k.priority, "available": why is None,
                      "why not": why or ""})
     return rows

@@ -86,3 +86,19 @@ def test_wrong_input_width_is_clear():
     m = packed(dict(w_bits=4, a_bits=4))
     with pytest.raises(ValueError, match="input has 100 features, the layer expects 256"):
         m(torch.randn(2, 100))
+
+
+def test_disable_env_skips_a_kernel(monkeypatch):
+    @kernels.register("test_top", priority=1000)
+    def _k(x, a):
+        return reference_qlinear(x, a) + 1
+
+    try:
+        m = packed(dict(w_bits=4, a_bits=4))
+        x = torch.randn(2, 256)
+        assert torch.equal(m(x), reference_qlinear(x, args_of(m)) + 1)
+        monkeypatch.setenv("ROBUQ_KERNEL_DISABLE", "test_top,other")
+        assert torch.equal(m(x), reference_qlinear(x, args_of(m)))
+        assert any(r["kernel"] == "test_top" and "ROBUQ_KERNEL_DISABLE" in r["why not"] for r in kernels.available())
+    finally:
+        kernels.registry._KERNELS.pop("test_top")
