@@ -37,7 +37,7 @@ import torch.nn as nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import layer
-from .backend_graph import (HOLDER, Slot, as_linear, compiled_root, contiguous_robuq_inputs, copy_graph_module,
+from .backend_graph import (HOLDER, Slot, as_linear, compiled_root, copy_graph_module,
                             find_slots, layer_name, lift_holder_attrs, param_names, pick_name, robuq_ops)
 from .backend_runtime import (CompiledGraph, LayerPlan, SlotMemo, Variant, _tensor, clear_cache,  # noqa: F401
                               lrb_params, packed, register_lrb_owner)
@@ -251,7 +251,6 @@ class RobuQBackend:
     def _compile(self, gm: fx.GraphModule, inputs, torch_mode):
         if self.compiler == "eager":
             return gm.forward
-        contiguous_robuq_inputs(gm)  # AOTAutograd plans views from the fake kernels' strides
         if self.compiler == "aot_eager":
             from torch._dynamo.backends.debugging import aot_eager
             return aot_eager(gm, inputs)

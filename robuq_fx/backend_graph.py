@@ -319,31 +319,3 @@ def robuq_ops(gm: fx.GraphModule) -> set[str]:
     """Names of robuq:: ops already in the graph (a model from robuq_fx.quantize / robuq_fx.lower)."""
     return {str(n.target).split(".")[1] for n in gm.graph.nodes
             if n.op == "call_function" and str(n.target).startswith("robuq.")}
-
-
-_EMPTY_LIKE_FAKES = ("hadamard", "fake_quant_act", "fake_quant_weight")
-
-
-def contiguous_robuq_inputs(gm: fx.GraphModule) -> None:
-    """Make the tensor input of robuq::hadamard / fake_quant_act / fake_quant_weight contiguous before AOTAutograd.
-
-    Their fake kernels (ops.py) return `empty_like(x)`, which keeps x's strides, while the real kernels return a
-    contiguous tensor. On a non-contiguous input (SDPA's q/k/v views under an attention rule) AOTAutograd then
-    plans `view`s that fail at run time, and Inductor's output stride check fails. On a contiguous input both
-    agree, and `.contiguous()` is free there. (Remove once the fakes return contiguous tensors.)
-    """
-    changed = False
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or str(node.target).split(".")[:2] not in (["robuq", n] for n in
-                                                                                   _EMPTY_LIKE_FAKES):
-            continue
-        x = node.args[0]
-        if isinstance(x, fx.Node) and not (x.op == "call_method" and x.target == "contiguous"):
-            with gm.graph.inserting_before(node):
-                c = gm.graph.call_method("contiguous", (x,))
-            c.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")}
-            node.args = (c, *node.args[1:])
-            changed = True
-    if changed:
-        gm.graph.lint()
-        gm.recompile()

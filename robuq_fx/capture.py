@@ -134,6 +134,12 @@ def _dropout_to_modules(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def source_meta(node: fx.Node) -> dict:
+    """The meta entries that tie a node to the user's source (module path, stack trace): copied onto the nodes a
+    pass inserts in its place, so later passes and error messages still know where it came from."""
+    return {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")}
+
+
 def _arg(node: fx.Node, i: int, key: str):
     if len(node.args) > i:
         return node.args[i]

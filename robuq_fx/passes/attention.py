@@ -11,6 +11,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..capture import source_meta
 from ..errors import PolicyError
 from ..policy import Policy
 
@@ -61,8 +62,7 @@ def apply_attention(gm: fx.GraphModule, plan: list[tuple[fx.Node, str, int]]) ->
             src = args[i] if i < len(args) else kwargs.get(key)
             with gm.graph.inserting_before(node):
                 q = gm.graph.call_function(torch.ops.robuq.fake_quant_act.default, (src, bits, True, "absmax"))
-            q.meta = {"robuq_attn": {"layer": name, "input": key},
-                      **{k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")}}
+            q.meta = {"robuq_attn": {"layer": name, "input": key}, **source_meta(node)}
             if i < len(args):
                 args[i] = q
             else:

@@ -10,6 +10,7 @@ import torch.fx as fx
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..capture import source_meta
 from ..errors import LoweringError
 from ..modules import PackedLinear
 from ..spec import LayerSpec
@@ -109,7 +110,7 @@ def _rewrite_site(gm: fx.GraphModule, name: str, nodes: list[fx.Node]) -> None:
         attrs = [g.get_attr(f"{path}.{b}") if getattr(packed, b) is not None else None
                  for b in ("qweight", "w_scale", "bias", "lrb_down", "lrb_up")]
         new = g.call_function(torch.ops.robuq.qlinear.default, (x, *attrs, *packed.op_args()))
-    new.meta = {k: v for k, v in out.meta.items() if k in ("nn_module_stack", "stack_trace")}
+    new.meta = source_meta(out)
     new.meta["robuq_lowered"] = name
     out.replace_all_uses_with(new)
     for n in reversed(nodes):

@@ -10,7 +10,8 @@ from torch.fx._symbolic_trace import _assert_is_none
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from .. import layer
-from ..capture import LinearSite, capture, find_linears, normalize_linear_modules, private_copy
+from ..capture import (LinearSite, capture, find_linears, normalize_linear_modules, private_copy,
+                       source_meta)
 from ..errors import PolicyError, SpecError
 from ..policy import Policy
 from ..spec import LayerSpec
@@ -125,8 +126,7 @@ def _inline(gm: fx.GraphModule, site: LinearSite, spec: LayerSpec, site_idx: int
                 continue
             else:
                 new = g.node_copy(n, lambda a: env[a])
-                new.meta = {"robuq": dict(tag, role="op"), **{k: v for k, v in node.meta.items()
-                                                              if k in ("nn_module_stack", "stack_trace")}}
+                new.meta = {"robuq": dict(tag, role="op"), **source_meta(node)}
                 env[n] = new
     out.meta["robuq"]["role"] = "out"
     node.replace_all_uses_with(out)
