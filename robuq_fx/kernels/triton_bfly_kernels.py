@@ -1,0 +1,146 @@
+"""Activation quantizer with the Hadamard as an in-register butterfly (no tensor cores, no padding).
+
+`act_quant_bfly_kernel`: one program per BM rows. A row of K = T * (P0 + P1 + P2 + P3) columns is read once as up
+to four contiguous power-of-two "pieces" of P_i tiles of T columns (1152 = 128 * (8 + 1), 4608 = 128 * (32 + 4)).
+Each piece is viewed as (rows * tiles * T / b, b) and rotated by the unnormalized Sylvester matrix H_b with the
+constant-geometry fast Walsh-Hadamard transform: log2(b) identical stages of `(a, c) -> (a + c, a - c)` on adjacent
+pairs, the sums going to the first half and the differences to the second (Pease; after log2(b) stages the result is
+x H_b in natural order). Sums are taken in fp32, as the tensor-core dot of `act_quant_kernel` does, then multiplied
+by dtype(1/sqrt(b)) and rounded to the input dtype, exactly like `hadamard.block_hadamard`.
+
+The per-row scale comes from the absmax (or min/max) over all pieces, and each code is rint(y / s) with the
+quotient computed as one reciprocal per row and an FMA-corrected product per element:
+    r = RN(1/s),  q0 = RN(y r),  e = fma(-q0, s, y) (exact),  q = RN(q0 + e r)
+which is the correctly rounded y / s for normal s (Markstein), so the codes equal `tl.div_rn`'s (the tests compare
+both kernels code for code, ties included). Both changes target what bounded `act_quant_kernel` with a Hadamard:
+CTA-wide barriers around the tensor-core dot and ~10 instructions of IEEE division per element.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+
+@triton.jit
+def _fwht(x, R: tl.constexpr, B: tl.constexpr, LOGB: tl.constexpr):
+    """(R, B) fp32 -> (R, B) x H_B, H_B the +-1 Sylvester matrix (constant-geometry FWHT)."""
+    for _ in tl.static_range(LOGB):
+        a, c = tl.split(tl.reshape(x, (R, B // 2, 2)))
+        x = tl.reshape(tl.permute(tl.join(a + c, a - c), (0, 2, 1)), (R, B))
+    return x
+
+
+@triton.jit
+def _piece(x_ptr, rows, rmask, stride_xm, hscale, OFF: tl.constexpr, W: tl.constexpr, BM: tl.constexpr,
+           B: tl.constexpr, LOGB: tl.constexpr, HAD: tl.constexpr):
+    """(BM, W) rotated columns [OFF, OFF + W), rounded to the input dtype, as fp32."""
+    cols = OFF + tl.arange(0, W)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=rmask[:, None], other=0.0)
+    if HAD:
+        y = _fwht(tl.reshape(x.to(tl.float32), (BM * W // B, B)), BM * W // B, B, LOGB)
+        y = (tl.reshape(y, (BM, W)) * hscale).to(x_ptr.dtype.element_ty)
+    else:
+        y = x
+    return y.to(tl.float32)
+
+
+@triton.jit
+def _range(y, SYM: tl.constexpr):
+    if SYM:
+        r = tl.max(tl.abs(y), axis=1)
+        return r, r
+    return tl.min(y, axis=1), tl.max(y, axis=1)
+
+
+@triton.jit
+def _store(y, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, qmin, qmax, shift, OFF: tl.constexpr,
+           W: tl.constexpr, SYM: tl.constexpr, DEQUANT: tl.constexpr):
+    cols = OFF + tl.arange(0, W)
+    if not SYM:
+        y = y - lo[:, None]
+    sf = safe[:, None]
+    rf = rcp[:, None]
+    q0 = y * rf
+    q = libdevice.rint(tl.fma(tl.fma(-q0, sf, y), rf, q0))
+    q = tl.minimum(tl.maximum(q, qmin), qmax)
+    if DEQUANT:
+        if SYM:
+            v = s[:, None] * q
+        else:
+            v = lo[:, None] + s[:, None] * q
+    else:
+        v = q - shift
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], v.to(out_ptr.dtype.element_ty),
+             mask=smask[:, None])
+
+
+@triton.jit(do_not_specialize=["M", "M_STORE"])
+def act_quant_bfly_kernel(x_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, stride_xm, stride_om,
+                          hscale, levels, qmin, qmax, shift,
+                          W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,
+                          BM: tl.constexpr, B: tl.constexpr, LOGB: tl.constexpr, HAD: tl.constexpr,
+                          SYM: tl.constexpr, DEQUANT: tl.constexpr):
+    """W0..W3: widths (columns) of the pieces, powers of two, multiples of B, summing to K (unused = 0)."""
+    row0 = tl.program_id(0) * BM
+    rows = (row0 + tl.arange(0, BM)).to(tl.int64)
+    rmask = rows < M
+    smask = rows < M_STORE
+    y0 = _piece(x_ptr, rows, rmask, stride_xm, hscale, 0, W0, BM, B, LOGB, HAD)
+    a, b = _range(y0, SYM)
+    if W1 > 0:
+        y1 = _piece(x_ptr, rows, rmask, stride_xm, hscale, W0, W1, BM, B, LOGB, HAD)
+        a1, b1 = _range(y1, SYM)
+        a = tl.minimum(a, a1)
+        b = tl.maximum(b, b1)
+    if W2 > 0:
+        y2 = _piece(x_ptr, rows, rmask, stride_xm, hscale, W0 + W1, W2, BM, B, LOGB, HAD)
+        a2, b2 = _range(y2, SYM)
+        a = tl.minimum(a, a2)
+        b = tl.maximum(b, b2)
+    if W3 > 0:
+        y3 = _piece(x_ptr, rows, rmask, stride_xm, hscale, W0 + W1 + W2, W3, BM, B, LOGB, HAD)
+        a3, b3 = _range(y3, SYM)
+        a = tl.minimum(a, a3)
+        b = tl.maximum(b, b3)
+    if SYM:
+        s = tl.div_rn(b, tl.zeros_like(b) + levels)
+        lo = -b
+    else:
+        s = tl.div_rn(b - a, tl.zeros_like(b) + levels)
+        lo = a
+    safe = tl.where(s > 0, s, 1.0)
+    rcp = tl.div_rn(tl.zeros_like(safe) + 1.0, safe)
+    tl.store(scale_ptr + rows, s, mask=smask)
+    tl.store(lo_ptr + rows, lo + shift * s, mask=smask)
+    _store(y0, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, qmin, qmax, shift, 0, W0, SYM, DEQUANT)
+    if W1 > 0:
+        _store(y1, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, qmin, qmax, shift, W0, W1, SYM, DEQUANT)
+    if W2 > 0:
+        _store(y2, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, qmin, qmax, shift, W0 + W1, W2, SYM,
+               DEQUANT)
+    if W3 > 0:
+        _store(y3, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, qmin, qmax, shift, W0 + W1 + W2, W3, SYM,
+               DEQUANT)
+
+
+def bfly_pieces(k: int, block: int) -> tuple | None:
+    """Widths of the <= 4 power-of-two pieces (each a multiple of the block) that K splits into, or None."""
+    unit = max(block, 16)
+    if k % unit:
+        return None
+    n = k // unit
+    ws = [unit << i for i in reversed(range(n.bit_length())) if n >> i & 1]
+    return tuple(ws) if len(ws) <= 4 else None
+
+
+def launch_act_quant_bfly(x, out, scale, lo, m, m_store, hscale, levels, qmin, qmax, shift, block, bm, warps,
+                          sym, dequant):
+    ws = bfly_pieces(x.shape[1], block if block > 1 else 0)
+    ws = list(ws) + [0] * (4 - len(ws))
+    b = block if block > 1 else 2
+    grid = (triton.cdiv(m_store, bm),)
+    act_quant_bfly_kernel[grid](x, out, scale, lo, m, m_store, x.stride(0), out.stride(0), float(hscale),
+                                float(levels), float(qmin), float(qmax), float(shift),
+                                W0=ws[0], W1=ws[1], W2=ws[2], W3=ws[3], BM=bm, B=b, LOGB=b.bit_length() - 1,
+                                HAD=block > 1, SYM=bool(sym), DEQUANT=bool(dequant), num_warps=warps)
