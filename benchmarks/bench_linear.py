@@ -239,24 +239,20 @@ def tune_quant(table: dict, ms=MS):
             for m in ms:
                 x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
                 res = []
-                for bm in ((1, 2, 4, 16) if block else (1, 2, 4, 8, 16)):
-                    for warps in (4, 8):
-                        for flat in ((0, 1) if block else (0,)):  # tile layout of the Hadamard pieces
-                            plan = T.make_plan(k, block, bm, warps, flat)
-                            if plan is None:
-                                continue
-                            per_thread = bm * plan[0] * sum(p for p, _ in plan[1]) / (32 * warps)
-                            if not 8 <= per_thread <= 128:
-                                continue
-                            tm = time_graph(lambda: T.act_quant(x, block, 4, True, plan=plan), 5, 5, 2)
-                            res.append((tm, bm, warps, flat))
+                for bm in (1, 2, 4):
+                    for warps in (1, 2, 4):
+                        plan = T.make_plan(k, block, bm, warps)
+                        if plan is None or not 4 <= bm * k / (32 * warps) <= 160:  # values per thread
+                            continue
+                        tm = time_graph(lambda: T.act_quant(x, block, 4, True, plan=plan), 5, 5, 2)
+                        res.append((tm, bm, warps))
                 res.sort()
-                tm, bm, warps, flat = res[0]
-                out[key][str(m)] = [bm, warps, flat]
+                tm, bm, warps = res[0]
+                out[key][str(m)] = [bm, warps]
                 gbs = m * k * 3 / tm / 1e9
-                print(f"[quant {key} M={m}] best BM={bm} warps={warps} flat={flat}: {tm * 1e6:.1f}us "
+                print(f"[quant {key} M={m}] best BM={bm} warps={warps}: {tm * 1e6:.1f}us "
                       f"{gbs:.0f} GB/s (bytes: 2 read + 1 written per element); top: " +
-                      " ".join(f"{b}/{w}/{v}:{t * 1e6:.1f}" for t, b, w, v in res[:8]), flush=True)
+                      " ".join(f"{b}/{w}:{t * 1e6:.1f}" for t, b, w in res[:8]), flush=True)
     table["quant"] = out
     T.dispatch_table()["quant"] = out  # use the tuned tilings for the rest of this run
 
@@ -271,8 +267,7 @@ def write_dispatch(args):
              "rule": "triton_fp8 when M >= fp8_min_m (symmetric, no LRB) / epi_fp8_min_m (asymmetric or LRB), "
                      "else cuda_dequant; 'measured' holds CUDA-graph microseconds per call "
                      "(triton_fp8 / cuda_dequant / bf16 F.linear); 'quant': [rows per program, warps] of the "
-                     "activation quantizer: [rows per program, warps, flat (Hadamard pieces as 2-D tiles)] per K/{h,n} "
-                     "and M bucket; 'epilogue': addmm or triton",
+                     "activation quantizer per K/{h,n} and M bucket; 'epilogue': addmm or triton",
              "shapes": {}}
     T.dispatch_table.cache_clear()
     T.dispatch_table().clear()

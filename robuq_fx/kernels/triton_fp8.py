@@ -112,58 +112,36 @@ def _k():
     return _kmod
 
 
+def _aq():
+    """The Triton activation-quantizer module, imported on first use."""
+    from . import triton_act_quant
+    return triton_act_quant
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # activation quantizer
 
-_MAX_TILE_ELEMS = 32768  # BM * (padded) K held in registers by one program
-
-
-def _next_pow2(v: int) -> int:
-    return 1 << max(0, (v - 1).bit_length())
-
-
-# variants of the Hadamard activation kernel (third field of a "quant" table entry; without a Hadamard always 0)
-PIPE, FLAT2D, TILE3D, PIPE_PADDED = 0, 1, 2, 3
+_DEFAULT_WARPS_SPLIT = 2048  # default tiling: one row a program, 1 warp up to this K, else 2 (best on H100/H200)
 
 
 @functools.lru_cache(maxsize=None)
-def make_plan(k: int, block: int, bm: int, warps: int, flat: int = 0) -> tuple | None:
-    """(T, ((NB, NV), ...), BM, num_warps, variant) for the activation kernel, or None when K / block / BM do not
-    fit. variant (`flat`, with a Hadamard): 0 = persistent software-pipelined kernel (`act_quant_pipe_kernel`),
-    1 = one program per BM rows, pieces as 2-D (BM * NB, T) tiles, 2 = the same with (BM, NB, T) tiles, 3 = as 0
-    with the whole row as one zero-padded power-of-two piece (BM * next_pow2(K / T) <= 128 rows of T).
-
-    T: power of two <= 128 dividing K, >= 16 and a multiple of the Hadamard block; the K / T tiles of a row are
-    split into at most four power-of-two pieces of NB tiles, the first NV of them real. With a Hadamard each piece
-    is one tensor-core dot of (BM * NB) x T by T x T, which needs BM * NB >= 16: small pieces are padded."""
+def make_plan(k: int, block: int, bm: int, warps: int) -> tuple | None:
+    """(piece widths, BM, num_warps) for `act_quant_bfly_kernel`, or None when K / block do not fit: K must split
+    into at most four power-of-two pieces, each a multiple of max(block, 16) (1152 = 1024 + 128,
+    4608 = 4096 + 512)."""
     block = block if block > 1 else 0
-    if block and (block & (block - 1) or block > 128):
+    if block and (block & (block - 1) or block > 1024):
         return None
-    var = int(flat) if block else 0
-    if var not in (PIPE, FLAT2D, TILE3D, PIPE_PADDED):
+    if bm < 1 or bm & (bm - 1) or warps not in (1, 2, 4, 8, 16):
         return None
-    t = 128
-    while t >= 16 and (k % t or t < block):
-        t //= 2
-    if t < 16:
+    unit = max(block, 16)
+    if k % unit:
         return None
-    nb = k // t
-    minimal = max(1, 16 // bm) if block else 1
-    bits = [1 << i for i in reversed(range(nb.bit_length())) if nb >> i & 1]
-    rem = sum(p for p in bits if p < minimal)
-    dec = [(p, p) for p in bits if p >= minimal] + ([(minimal, rem)] if rem else [])
-    single = [(max(_next_pow2(nb), minimal), nb)]
-    pieces = single if var == PIPE_PADDED else min((dec, single), key=lambda ps: (sum(p for p, _ in ps), len(ps)))
-    if len(pieces) > 4 or bm * t * sum(p for p, _ in pieces) > _MAX_TILE_ELEMS:
+    n = k // unit
+    widths = tuple(unit << i for i in reversed(range(n.bit_length())) if n >> i & 1)
+    if len(widths) > 4:
         return None
-    if var == PIPE_PADDED and bm * pieces[0][0] > 128:  # three buffers of more would not fit shared memory
-        return None
-    return t, tuple(pieces), bm, warps, var
-
-
-def _aq_stages() -> int:
-    """Shared-memory buffers of the persistent kernel's pipeline (3: the loads run two row blocks ahead)."""
-    return int(os.environ.get("ROBUQ_AQ_STAGES", "3"))
+    return widths, bm, warps
 
 
 def _m_bucket(m: int) -> int:
@@ -171,34 +149,15 @@ def _m_bucket(m: int) -> int:
 
 
 def quant_plan(k: int, block: int, m: int = 16384) -> tuple | None:
-    """The tiling for (K, block) at M rows: measured choice from dispatch_table.json ("quant"), else a default."""
+    """The tiling for (K, block) at M rows: measured choice from dispatch_table.json ("quant": [BM, warps]), else
+    one row a program with 1 (K <= 2048) or 2 warps."""
     had = "h" if block > 1 else "n"
     tuned = dispatch_table().get("quant", {}).get(f"{k}/{had}", {}).get(str(_m_bucket(m)))
-    if tuned:
-        plan = make_plan(k, block, *(int(v) for v in tuned[:3]))
+    if tuned and len(tuned) == 2:
+        plan = make_plan(k, block, int(tuned[0]), int(tuned[1]))
         if plan is not None:
             return plan
-    for bm in (16, 8, 4, 2, 1):  # default: measured best on H200 for large M (~16K values a program)
-        plan = make_plan(k, block, bm, 8, 0)
-        if plan is not None:
-            return plan
-    return None
-
-
-_H_CACHE: dict = {}
-
-
-def _h_tile(t: int, block: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """kron(I_{t/block}, H_block) with +-1 entries (unnormalized), (t, t), in `dtype`."""
-    key = (t, block, dtype, device)
-    h = _H_CACHE.get(key)
-    if h is None:
-        hb = torch.ones(1, 1, dtype=torch.float64)
-        while hb.shape[0] < block:
-            hb = torch.cat([torch.cat([hb, hb], 1), torch.cat([hb, -hb], 1)], 0)
-        h = torch.kron(torch.eye(t // block, dtype=torch.float64), hb).to(dtype=dtype, device=device).contiguous()
-        _H_CACHE[key] = h
-    return h
+    return make_plan(k, block, 1, 1 if k <= _DEFAULT_WARPS_SPLIT else 2)
 
 
 @functools.lru_cache(maxsize=None)
@@ -241,10 +200,9 @@ def act_quant(x2: torch.Tensor, block: int, a_bits: int, sym: bool, dequant: boo
         qmax = float(2 ** a_bits - 1)
         levels, qmin = qmax, 0.0
         sh = float(2 ** (a_bits - 1)) if shift and not dequant else 0.0
-    h = _h_tile(plan[0], block, x2.dtype, dev) if block else None
     with _on(dev):
-        _k().launch_act_quant(x2, h, out, scale, lo, m, m_store, _hscale(block, x2.dtype), levels, qmin, qmax, sh,
-                              plan, bool(block), sym, dequant, x2.dtype == torch.float32, _aq_stages())
+        _aq().launch_act_quant(x2, out, scale, lo, m, m_store, _hscale(block, x2.dtype), levels, qmin, qmax, sh,
+                              block, plan, sym, dequant)
     return out, scale, lo
 
 
@@ -320,7 +278,6 @@ def _rot_down(a: QLinearArgs, dtype: torch.dtype) -> torch.Tensor:
 
 def clear_caches():
     _WCACHE.clear()
-    _H_CACHE.clear()
 
 
 # ---------------------------------------------------------------------------------------------------------------

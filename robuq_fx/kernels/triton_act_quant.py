@@ -1,19 +1,28 @@
-"""Activation quantizer with the Hadamard as an in-register butterfly (no tensor cores, no padding).
+"""Triton activation quantizer of the Hopper qlinear path: x -> (x H) -> per-token codes, in one pass (imported
+lazily by `triton_fp8.py`). The Hadamard is an in-register butterfly (no tensor cores, no padding).
 
-`act_quant_bfly_kernel`: one program per BM rows. A row of K = T * (P0 + P1 + P2 + P3) columns is read once as up
-to four contiguous power-of-two "pieces" of P_i tiles of T columns (1152 = 128 * (8 + 1), 4608 = 128 * (32 + 4)).
-Each piece is viewed as (rows * tiles * T / b, b) and rotated by the unnormalized Sylvester matrix H_b with the
-constant-geometry fast Walsh-Hadamard transform: log2(b) identical stages of `(a, c) -> (a + c, a - c)` on adjacent
-pairs, the sums going to the first half and the differences to the second (Pease; after log2(b) stages the result is
-x H_b in natural order). Sums are taken in fp32, as the tensor-core dot of `act_quant_kernel` does, then multiplied
-by dtype(1/sqrt(b)) and rounded to the input dtype, exactly like `hadamard.block_hadamard`.
+`act_quant_bfly_kernel`: one program per BM rows (the tuned tilings use one row and one or two warps, so a row's
+reductions stay inside a warp). A row of K columns is read once as up to four contiguous power-of-two "pieces"
+(1152 = 1024 + 128, 4608 = 4096 + 512; `triton_fp8.make_plan`). With a Hadamard of block b each piece is viewed as
+(rows * width / b, b) and multiplied by the unnormalized Sylvester matrix H_b with the constant-geometry fast
+Walsh-Hadamard transform: log2(b) identical stages of `(a, c) -> (a + c, a - c)` on adjacent pairs, the sums going to
+the first half and the differences to the second (Pease; after log2(b) stages the result is x H_b in natural order).
+Sums are taken in fp32, then multiplied by dtype(1/sqrt(b)) and rounded to the input dtype, exactly like
+`hadamard.block_hadamard` (a bf16 matmul with fp32 accumulation) where the fp32 sums are exact.
 
-The per-row scale comes from the absmax (or min/max) over all pieces, and each code is rint(y / s) with the
-quotient computed as one reciprocal per row and an FMA-corrected product per element:
+Then per-row absmax (or min/max over the row), the scale s = levels / range by IEEE division, and each code
+rint(y / s) (round half to even, as `torch.round`) with the quotient from one reciprocal per row and an
+FMA-corrected product per element:
     r = RN(1/s),  q0 = RN(y r),  e = fma(-q0, s, y) (exact),  q = RN(q0 + e r)
-which is the correctly rounded y / s for normal s (Markstein), so the codes equal `tl.div_rn`'s (the tests compare
-both kernels code for code, ties included). Both changes target what bounded `act_quant_kernel` with a Hadamard:
-CTA-wide barriers around the tensor-core dot and ~10 instructions of IEEE division per element.
+which is the correctly rounded y / s for normal s (Markstein), ties included; clamp; s == 0 gives q = 0. Output:
+fp8 e4m3 codes (|q| <= 15 is exact), or in DEQUANT mode Q_a(x H) = s q (+ lo) in the input dtype; per-row s and lo
+in fp32. Asymmetric codes may be stored shifted by `shift` = 2^(k-1) (q' = q - shift) with lo' = lo + shift * s, so
+that y = s_x s_w (q' q_w) + lo' c: the same value, a smaller rank-1 term.
+
+It replaced a kernel that rotated on the tensor cores (a (rows * tiles, 128) x (128, 128) dot) and divided with
+`tl.div_rn`: the codes came out bit-identical in every tested case and it is 1.4-2.1x faster on the H100
+(`benchmarks/results/bench_act_quant_vs_tensorcore_NVIDIA_H100.txt`): the dot's layout conversions put CTA-wide barriers in the
+loop and the IEEE division took ~10 instructions per element.
 """
 from __future__ import annotations
 
@@ -124,20 +133,11 @@ def act_quant_bfly_kernel(x_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, stride_
                DEQUANT)
 
 
-def bfly_pieces(k: int, block: int) -> tuple | None:
-    """Widths of the <= 4 power-of-two pieces (each a multiple of the block) that K splits into, or None."""
-    unit = max(block, 16)
-    if k % unit:
-        return None
-    n = k // unit
-    ws = [unit << i for i in reversed(range(n.bit_length())) if n >> i & 1]
-    return tuple(ws) if len(ws) <= 4 else None
-
-
-def launch_act_quant_bfly(x, out, scale, lo, m, m_store, hscale, levels, qmin, qmax, shift, block, bm, warps,
-                          sym, dequant):
-    ws = bfly_pieces(x.shape[1], block if block > 1 else 0)
-    ws = list(ws) + [0] * (4 - len(ws))
+def launch_act_quant(x, out, scale, lo, m, m_store, hscale, levels, qmin, qmax, shift, block, plan, sym, dequant):
+    """x (>= m, K), out (m_store, K) codes (fp8) or Q_a(x H) (x's dtype); scale / lo (m_store,) fp32.
+    plan = (piece widths, BM, num_warps) from `triton_fp8.make_plan`; block 0 = no Hadamard."""
+    widths, bm, warps = plan
+    ws = list(widths) + [0] * (4 - len(widths))
     b = block if block > 1 else 2
     grid = (triton.cdiv(m_store, bm),)
     act_quant_bfly_kernel[grid](x, out, scale, lo, m, m_store, x.stride(0), out.stride(0), float(hscale),
