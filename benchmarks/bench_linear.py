@@ -241,18 +241,19 @@ def tune_quant(table: dict, ms=MS):
                 res = []
                 for bm in (1, 2, 4):
                     for warps in (1, 2, 4):
-                        plan = T.make_plan(k, block, bm, warps)
-                        if plan is None or not 4 <= bm * k / (32 * warps) <= 160:  # values per thread
-                            continue
-                        tm = time_graph(lambda: T.act_quant(x, block, 4, True, plan=plan), 5, 5, 2)
-                        res.append((tm, bm, warps))
+                        for chunk in (0, 128 if k <= 2048 else 512):  # one pass / two passes over chunks
+                            plan = T.make_plan(k, block, bm, warps, chunk)
+                            if plan is None or not 4 <= bm * (chunk or k) / (32 * warps) <= 160:  # values a thread
+                                continue
+                            tm = time_graph(lambda: T.act_quant(x, block, 4, True, plan=plan), 5, 5, 2)
+                            res.append((tm, bm, warps, chunk))
                 res.sort()
-                tm, bm, warps = res[0]
-                out[key][str(m)] = [bm, warps]
+                tm, bm, warps, chunk = res[0]
+                out[key][str(m)] = [bm, warps, chunk]
                 gbs = m * k * 3 / tm / 1e9
-                print(f"[quant {key} M={m}] best BM={bm} warps={warps}: {tm * 1e6:.1f}us "
+                print(f"[quant {key} M={m}] best BM={bm} warps={warps} chunk={chunk}: {tm * 1e6:.1f}us "
                       f"{gbs:.0f} GB/s (bytes: 2 read + 1 written per element); top: " +
-                      " ".join(f"{b}/{w}:{t * 1e6:.1f}" for t, b, w in res[:8]), flush=True)
+                      " ".join(f"{b}/{w}/{c}:{t * 1e6:.1f}" for t, b, w, c in res[:8]), flush=True)
     table["quant"] = out
     T.dispatch_table()["quant"] = out  # use the tuned tilings for the rest of this run
 
@@ -266,7 +267,7 @@ def write_dispatch(args):
              "generated_by": "python benchmarks/bench_linear.py --write-dispatch",
              "rule": "triton_fp8 when M >= fp8_min_m (symmetric, no LRB) / epi_fp8_min_m (asymmetric or LRB), "
                      "else cuda_dequant; 'measured' holds CUDA-graph microseconds per call "
-                     "(triton_fp8 / cuda_dequant / bf16 F.linear); 'quant': [rows per program, warps] of the "
+                     "(triton_fp8 / cuda_dequant / bf16 F.linear); 'quant': [rows per program, warps, chunk (0: one pass)] of the "
                      "activation quantizer per K/{h,n} and M bucket; 'epilogue': addmm or triton",
              "shapes": {}}
     T.dispatch_table.cache_clear()

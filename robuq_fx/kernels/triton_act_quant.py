@@ -11,10 +11,10 @@ Sums are taken in fp32, then multiplied by dtype(1/sqrt(b)) and rounded to the i
 `hadamard.block_hadamard` (a bf16 matmul with fp32 accumulation) where the fp32 sums are exact.
 
 Then per-row absmax (or min/max over the row), the scale s = levels / range by IEEE division, and each code
-rint(y / s) (round half to even, as `torch.round`) with the quotient from one reciprocal per row and an
+rint(y / s) (round half to even, as `torch.round`; no clamp is needed, see `_store`) with the quotient from one reciprocal per row and an
 FMA-corrected product per element:
     r = RN(1/s),  q0 = RN(y r),  e = fma(-q0, s, y) (exact),  q = RN(q0 + e r)
-which is the correctly rounded y / s for normal s (Markstein), ties included; clamp; s == 0 gives q = 0. Output:
+which is the correctly rounded y / s for normal s (Markstein), ties included; s == 0 gives q = 0. Output:
 fp8 e4m3 codes (|q| <= 15 is exact), or in DEQUANT mode Q_a(x H) = s q (+ lo) in the input dtype; per-row s and lo
 in fp32. Asymmetric codes may be stored shifted by `shift` = 2^(k-1) (q' = q - shift) with lo' = lo + shift * s, so
 that y = s_x s_w (q' q_w) + lo' c: the same value, a smaller rank-1 term.
@@ -41,9 +41,10 @@ def _fwht(x, R: tl.constexpr, B: tl.constexpr, LOGB: tl.constexpr):
 
 
 @triton.jit
-def _piece(x_ptr, rows, rmask, stride_xm, hscale, OFF: tl.constexpr, W: tl.constexpr, BM: tl.constexpr,
+def _piece(x_ptr, rows, rmask, stride_xm, hscale, OFF, W: tl.constexpr, BM: tl.constexpr,
            B: tl.constexpr, LOGB: tl.constexpr, HAD: tl.constexpr):
-    """(BM, W) rotated columns [OFF, OFF + W), rounded to the input dtype, as fp32."""
+    """(BM, W) rotated columns [OFF, OFF + W), rounded to and kept in the input dtype (half the registers of fp32
+    while the row's range is reduced)."""
     cols = OFF + tl.arange(0, W)
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=rmask[:, None], other=0.0)
     if HAD:
@@ -51,11 +52,12 @@ def _piece(x_ptr, rows, rmask, stride_xm, hscale, OFF: tl.constexpr, W: tl.const
         y = (tl.reshape(y, (BM, W)) * hscale).to(x_ptr.dtype.element_ty)
     else:
         y = x
-    return y.to(tl.float32)
+    return y
 
 
 @triton.jit
 def _range(y, SYM: tl.constexpr):
+    y = y.to(tl.float32)
     if SYM:
         r = tl.max(tl.abs(y), axis=1)
         return r, r
@@ -63,38 +65,80 @@ def _range(y, SYM: tl.constexpr):
 
 
 @triton.jit
-def _store(y, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, qmin, qmax, shift, OFF: tl.constexpr,
-           W: tl.constexpr, SYM: tl.constexpr, DEQUANT: tl.constexpr):
+def _store(y, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, shift, OFF,
+           W: tl.constexpr, SYM: tl.constexpr, DEQUANT: tl.constexpr, HAS_SHIFT: tl.constexpr):
     cols = OFF + tl.arange(0, W)
+    y = y.to(tl.float32)
     if not SYM:
         y = y - lo[:, None]
     sf = safe[:, None]
     rf = rcp[:, None]
     q0 = y * rf
     q = libdevice.rint(tl.fma(tl.fma(-q0, sf, y), rf, q0))
-    q = tl.minimum(tl.maximum(q, qmin), qmax)
+    # no clamp needed: |y| <= absmax and s = RN(absmax / qmax) give |y / s| <= qmax (1 + 2^-23), so rint <= qmax
+    # (asymmetric: 0 <= RN(y - lo) <= RN(hi - lo), the same bound with levels); s == 0 only for an all-zero row.
     if DEQUANT:
         if SYM:
             v = s[:, None] * q
         else:
             v = lo[:, None] + s[:, None] * q
-    else:
+    elif HAS_SHIFT:
         v = q - shift
+    else:
+        v = q
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], v.to(out_ptr.dtype.element_ty),
              mask=smask[:, None])
 
 
+@triton.jit
+def _scale(a, b, levels, SYM: tl.constexpr):
+    """(s, lo, safe, 1/safe) of rows with range (a, b)."""
+    if SYM:
+        s = tl.div_rn(b, tl.zeros_like(b) + levels)
+        lo = -b
+    else:
+        s = tl.div_rn(b - a, tl.zeros_like(b) + levels)
+        lo = a
+    safe = tl.where(s > 0, s, 1.0)
+    return s, lo, safe, tl.div_rn(tl.zeros_like(safe) + 1.0, safe)
+
+
+@triton.jit
+def _two_pass(x_ptr, out_ptr, scale_ptr, lo_ptr, rows, rmask, smask, stride_xm, stride_om, hscale, levels, shift,
+              K: tl.constexpr, CHUNK: tl.constexpr, BM: tl.constexpr, B: tl.constexpr, LOGB: tl.constexpr,
+              HAD: tl.constexpr, SYM: tl.constexpr, DEQUANT: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    a = tl.full((BM,), float("inf"), tl.float32)
+    b = tl.full((BM,), float("-inf"), tl.float32)
+    for c in tl.range(0, K, CHUNK):
+        a1, b1 = _range(_piece(x_ptr, rows, rmask, stride_xm, hscale, c, CHUNK, BM, B, LOGB, HAD), SYM)
+        a = tl.minimum(a, a1)
+        b = tl.maximum(b, b1)
+    s, lo, safe, rcp = _scale(a, b, levels, SYM)
+    tl.store(scale_ptr + rows, s, mask=smask)
+    tl.store(lo_ptr + rows, lo + shift * s, mask=smask)
+    for c in tl.range(0, K, CHUNK):
+        y = _piece(x_ptr, rows, rmask, stride_xm, hscale, c, CHUNK, BM, B, LOGB, HAD)
+        _store(y, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, shift, c, CHUNK, SYM, DEQUANT, HAS_SHIFT)
+
+
 @triton.jit(do_not_specialize=["M", "M_STORE"])
 def act_quant_bfly_kernel(x_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, stride_xm, stride_om,
-                          hscale, levels, qmin, qmax, shift,
+                          hscale, levels, shift,
                           W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,
                           BM: tl.constexpr, B: tl.constexpr, LOGB: tl.constexpr, HAD: tl.constexpr,
-                          SYM: tl.constexpr, DEQUANT: tl.constexpr):
-    """W0..W3: widths (columns) of the pieces, powers of two, multiples of B, summing to K (unused = 0)."""
+                          SYM: tl.constexpr, DEQUANT: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                          CHUNK: tl.constexpr):
+    """W0..W3: widths (columns) of the pieces, powers of two, multiples of B, summing to K (unused = 0).
+    CHUNK > 0: two passes over the row in chunks of CHUNK columns instead (range, then codes; the second pass
+    re-reads and re-rotates the row, mostly from cache), for rows too long to keep in registers."""
     row0 = tl.program_id(0) * BM
     rows = (row0 + tl.arange(0, BM)).to(tl.int64)
     rmask = rows < M
     smask = rows < M_STORE
+    if CHUNK > 0:
+        _two_pass(x_ptr, out_ptr, scale_ptr, lo_ptr, rows, rmask, smask, stride_xm, stride_om, hscale, levels, shift,
+                  W0 + W1 + W2 + W3, CHUNK, BM, B, LOGB, HAD, SYM, DEQUANT, HAS_SHIFT)
+        return
     y0 = _piece(x_ptr, rows, rmask, stride_xm, hscale, 0, W0, BM, B, LOGB, HAD)
     a, b = _range(y0, SYM)
     if W1 > 0:
@@ -112,35 +156,29 @@ def act_quant_bfly_kernel(x_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, stride_
         a3, b3 = _range(y3, SYM)
         a = tl.minimum(a, a3)
         b = tl.maximum(b, b3)
-    if SYM:
-        s = tl.div_rn(b, tl.zeros_like(b) + levels)
-        lo = -b
-    else:
-        s = tl.div_rn(b - a, tl.zeros_like(b) + levels)
-        lo = a
-    safe = tl.where(s > 0, s, 1.0)
-    rcp = tl.div_rn(tl.zeros_like(safe) + 1.0, safe)
+    s, lo, safe, rcp = _scale(a, b, levels, SYM)
     tl.store(scale_ptr + rows, s, mask=smask)
     tl.store(lo_ptr + rows, lo + shift * s, mask=smask)
-    _store(y0, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, qmin, qmax, shift, 0, W0, SYM, DEQUANT)
+    _store(y0, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, shift, 0, W0, SYM, DEQUANT, HAS_SHIFT)
     if W1 > 0:
-        _store(y1, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, qmin, qmax, shift, W0, W1, SYM, DEQUANT)
+        _store(y1, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, shift, W0, W1, SYM, DEQUANT, HAS_SHIFT)
     if W2 > 0:
-        _store(y2, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, qmin, qmax, shift, W0 + W1, W2, SYM,
-               DEQUANT)
+        _store(y2, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, shift, W0 + W1, W2, SYM,
+               DEQUANT, HAS_SHIFT)
     if W3 > 0:
-        _store(y3, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, qmin, qmax, shift, W0 + W1 + W2, W3, SYM,
-               DEQUANT)
+        _store(y3, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, shift, W0 + W1 + W2, W3, SYM,
+               DEQUANT, HAS_SHIFT)
 
 
-def launch_act_quant(x, out, scale, lo, m, m_store, hscale, levels, qmin, qmax, shift, block, plan, sym, dequant):
+def launch_act_quant(x, out, scale, lo, m, m_store, hscale, levels, shift, block, plan, sym, dequant):
     """x (>= m, K), out (m_store, K) codes (fp8) or Q_a(x H) (x's dtype); scale / lo (m_store,) fp32.
-    plan = (piece widths, BM, num_warps) from `triton_fp8.make_plan`; block 0 = no Hadamard."""
-    widths, bm, warps = plan
+    plan = (piece widths, BM, num_warps, chunk) from `triton_fp8.make_plan`; block 0 = no Hadamard."""
+    widths, bm, warps, chunk = plan
     ws = list(widths) + [0] * (4 - len(widths))
     b = block if block > 1 else 2
     grid = (triton.cdiv(m_store, bm),)
     act_quant_bfly_kernel[grid](x, out, scale, lo, m, m_store, x.stride(0), out.stride(0), float(hscale),
-                                float(levels), float(qmin), float(qmax), float(shift),
+                                float(levels), float(shift),
                                 W0=ws[0], W1=ws[1], W2=ws[2], W3=ws[3], BM=bm, B=b, LOGB=b.bit_length() - 1,
-                                HAD=block > 1, SYM=bool(sym), DEQUANT=bool(dequant), num_warps=warps)
+                                HAD=block > 1, SYM=bool(sym), DEQUANT=bool(dequant),
+                                HAS_SHIFT=bool(shift) and not dequant, CHUNK=chunk, num_warps=warps)

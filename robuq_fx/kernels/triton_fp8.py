@@ -125,10 +125,10 @@ _DEFAULT_WARPS_SPLIT = 2048  # default tiling: one row a program, 1 warp up to t
 
 
 @functools.lru_cache(maxsize=None)
-def make_plan(k: int, block: int, bm: int, warps: int) -> tuple | None:
-    """(piece widths, BM, num_warps) for `act_quant_bfly_kernel`, or None when K / block do not fit: K must split
-    into at most four power-of-two pieces, each a multiple of max(block, 16) (1152 = 1024 + 128,
-    4608 = 4096 + 512)."""
+def make_plan(k: int, block: int, bm: int, warps: int, chunk: int = 0) -> tuple | None:
+    """(piece widths, BM, num_warps, chunk) for `act_quant_bfly_kernel`, or None when K / block do not fit: K must
+    split into at most four power-of-two pieces, each a multiple of max(block, 16) (1152 = 1024 + 128,
+    4608 = 4096 + 512). chunk > 0 (a power of two dividing K, a multiple of the block): the two-pass kernel."""
     block = block if block > 1 else 0
     if block and (block & (block - 1) or block > 1024):
         return None
@@ -141,7 +141,9 @@ def make_plan(k: int, block: int, bm: int, warps: int) -> tuple | None:
     widths = tuple(unit << i for i in reversed(range(n.bit_length())) if n >> i & 1)
     if len(widths) > 4:
         return None
-    return widths, bm, warps
+    if chunk and (chunk & (chunk - 1) or k % chunk or chunk % unit):
+        return None
+    return widths, bm, warps, chunk
 
 
 def _m_bucket(m: int) -> int:
@@ -149,12 +151,12 @@ def _m_bucket(m: int) -> int:
 
 
 def quant_plan(k: int, block: int, m: int = 16384) -> tuple | None:
-    """The tiling for (K, block) at M rows: measured choice from dispatch_table.json ("quant": [BM, warps]), else
-    one row a program with 1 (K <= 2048) or 2 warps."""
+    """The tiling for (K, block) at M rows: measured choice from dispatch_table.json ("quant": [BM, warps, chunk]),
+    else one row a program with 1 (K <= 2048) or 2 warps."""
     had = "h" if block > 1 else "n"
     tuned = dispatch_table().get("quant", {}).get(f"{k}/{had}", {}).get(str(_m_bucket(m)))
-    if tuned and len(tuned) == 2:
-        plan = make_plan(k, block, int(tuned[0]), int(tuned[1]))
+    if tuned and len(tuned) in (2, 3):
+        plan = make_plan(k, block, *(int(v) for v in tuned))
         if plan is not None:
             return plan
     return make_plan(k, block, 1, 1 if k <= _DEFAULT_WARPS_SPLIT else 2)
@@ -193,16 +195,11 @@ def act_quant(x2: torch.Tensor, block: int, a_bits: int, sym: bool, dequant: boo
     lo = torch.empty(m_store, device=dev, dtype=torch.float32)
     if m_store == 0:
         return out, scale, lo
-    if sym:
-        qmax = float(2 ** (a_bits - 1) - 1)
-        levels, qmin, sh = qmax, -qmax, 0.0
-    else:
-        qmax = float(2 ** a_bits - 1)
-        levels, qmin = qmax, 0.0
-        sh = float(2 ** (a_bits - 1)) if shift and not dequant else 0.0
+    levels = float(2 ** (a_bits - 1) - 1) if sym else float(2 ** a_bits - 1)
+    sh = float(2 ** (a_bits - 1)) if shift and not sym and not dequant else 0.0
     with _on(dev):
-        _aq().launch_act_quant(x2, out, scale, lo, m, m_store, _hscale(block, x2.dtype), levels, qmin, qmax, sh,
-                              block, plan, sym, dequant)
+        _aq().launch_act_quant(x2, out, scale, lo, m, m_store, _hscale(block, x2.dtype), levels, sh, block, plan, sym,
+                               dequant)
     return out, scale, lo
 
 

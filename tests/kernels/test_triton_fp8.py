@@ -120,9 +120,10 @@ def test_quant_kernel_matches_cpu_reference(k, block, dtype):
 
 
 def _shipped_plans(k, block):
-    """The table's / defaults' tilings plus others the table sweep can pick (rows per program x warps)."""
+    """The table's / defaults' tilings plus others the table sweep can pick (rows per program x warps x chunk)."""
     plans = {triton_fp8.quant_plan(k, block, m) for m in (1, 256, 1024, 4096, 16384)}
     plans |= {triton_fp8.make_plan(k, block, bm, w) for bm, w in ((1, 1), (1, 2), (2, 1), (2, 2), (4, 4))}
+    plans |= {triton_fp8.make_plan(k, block, bm, w, c) for bm, w in ((1, 1), (2, 2)) for c in (128, 512)}
     return sorted(p for p in plans if p is not None)
 
 
@@ -161,17 +162,16 @@ def test_quant_codes_exact_without_rotation_ties_included(dtype):
     x[m - 1] = 0.0
     x = x.to(dtype)
     xg = x.cuda()
-    for a_bits, sym in QCASES:
-        if a_bits > 4:
-            continue
-        out, s, lo = triton_fp8.act_quant(xg, 0, a_bits, sym)
+    for a_bits, sym, plan in [(a, sy, p) for a, sy in QCASES if a <= 4
+                              for p in (None, triton_fp8.make_plan(k, 0, 2, 2, 128))]:
+        out, s, lo = triton_fp8.act_quant(xg, 0, a_bits, sym, plan=plan)
         rq, rs, rlo = Q.quantize_act(x, a_bits, sym)
         bad = int((out.float().cpu() != rq).sum())
         assert bad == 0, f"A{a_bits} sym={sym} {dtype}: {bad} codes differ from the CPU reference"
         assert torch.equal(s.cpu(), rs.squeeze(-1)), f"A{a_bits} sym={sym}: scales differ"
         if not sym:
             assert torch.equal(lo.cpu(), rlo.squeeze(-1))
-        xq, _, _ = triton_fp8.act_quant(xg, 0, a_bits, sym, dequant=True)
+        xq, _, _ = triton_fp8.act_quant(xg, 0, a_bits, sym, dequant=True, plan=plan)
         ref = Q.dequantize_act(rq, rs, rlo, sym, dtype)
         if sym:  # s * q: one rounding on both sides
             assert torch.equal(xq.cpu(), ref), f"A{a_bits} sym={sym}: DEQUANT values differ"
