@@ -107,12 +107,18 @@ def _scale(a, b, levels, SYM: tl.constexpr):
 def _two_pass(x_ptr, out_ptr, scale_ptr, lo_ptr, rows, rmask, smask, stride_xm, stride_om, hscale, levels, shift,
               K: tl.constexpr, CHUNK: tl.constexpr, BM: tl.constexpr, B: tl.constexpr, LOGB: tl.constexpr,
               HAD: tl.constexpr, SYM: tl.constexpr, DEQUANT: tl.constexpr, HAS_SHIFT: tl.constexpr):
-    a = tl.full((BM,), float("inf"), tl.float32)
-    b = tl.full((BM,), float("-inf"), tl.float32)
+    # elementwise running min / max (or absmax) in the loop, one reduction after it
+    a = tl.full((BM, CHUNK), float("inf"), tl.float32)
+    b = tl.full((BM, CHUNK), float("-inf"), tl.float32)
     for c in tl.range(0, K, CHUNK):
-        a1, b1 = _range(_piece(x_ptr, rows, rmask, stride_xm, hscale, c, CHUNK, BM, B, LOGB, HAD), SYM)
-        a = tl.minimum(a, a1)
-        b = tl.maximum(b, b1)
+        y = _piece(x_ptr, rows, rmask, stride_xm, hscale, c, CHUNK, BM, B, LOGB, HAD).to(tl.float32)
+        if SYM:
+            b = tl.maximum(b, tl.abs(y))
+        else:
+            a = tl.minimum(a, y)
+            b = tl.maximum(b, y)
+    b = tl.max(b, axis=1)
+    a = -b if SYM else tl.min(a, axis=1)
     s, lo, safe, rcp = _scale(a, b, levels, SYM)
     tl.store(scale_ptr + rows, s, mask=smask)
     tl.store(lo_ptr + rows, lo + shift * s, mask=smask)
