@@ -30,6 +30,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from .triton_launch import launch
+
 
 @triton.jit
 def _fwht(x, R: tl.constexpr, B: tl.constexpr, LOGB: tl.constexpr):
@@ -182,9 +184,8 @@ def launch_act_quant(x, out, scale, lo, m, m_store, hscale, levels, shift, block
     widths, bm, warps, chunk = plan
     ws = list(widths) + [0] * (4 - len(widths))
     b = block if block > 1 else 2
-    grid = (triton.cdiv(m_store, bm),)
-    act_quant_bfly_kernel[grid](x, out, scale, lo, m, m_store, x.stride(0), out.stride(0), float(hscale),
-                                float(levels), float(shift),
-                                W0=ws[0], W1=ws[1], W2=ws[2], W3=ws[3], BM=bm, B=b, LOGB=b.bit_length() - 1,
-                                HAD=block > 1, SYM=bool(sym), DEQUANT=bool(dequant),
-                                HAS_SHIFT=bool(shift) and not dequant, CHUNK=chunk, num_warps=warps)
+    launch(act_quant_bfly_kernel, (triton.cdiv(m_store, bm),),
+           (x, out, scale, lo, m, m_store, x.stride(0), out.stride(0), float(hscale), float(levels), float(shift)),
+           dict(W0=ws[0], W1=ws[1], W2=ws[2], W3=ws[3], BM=bm, B=b, LOGB=b.bit_length() - 1, HAD=block > 1,
+                SYM=bool(sym), DEQUANT=bool(dequant), HAS_SHIFT=bool(shift) and not dequant, CHUNK=chunk),
+           dict(num_warps=warps), no_specialize=(4, 5))

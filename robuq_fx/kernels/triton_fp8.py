@@ -152,14 +152,19 @@ def _m_bucket(m: int) -> int:
 
 def quant_plan(k: int, block: int, m: int = 16384) -> tuple | None:
     """The tiling for (K, block) at M rows: measured choice from dispatch_table.json ("quant": [BM, warps, chunk]),
-    else one row a program with 1 (K <= 2048) or 2 warps."""
+    else one row a program with 1 (K <= 2048) or 2 warps (K <= 8192), or for longer rows the two-pass kernel."""
     had = "h" if block > 1 else "n"
     tuned = dispatch_table().get("quant", {}).get(f"{k}/{had}", {}).get(str(_m_bucket(m)))
     if tuned and len(tuned) in (2, 3):
         plan = make_plan(k, block, *(int(v) for v in tuned))
         if plan is not None:
             return plan
-    return make_plan(k, block, 1, 1 if k <= _DEFAULT_WARPS_SPLIT else 2)
+    if k <= 8192:
+        return make_plan(k, block, 1, 1 if k <= _DEFAULT_WARPS_SPLIT else 2)
+    chunk = 1024  # long rows: two passes over chunks, so a thread never holds more than 32 values
+    while chunk > 16 and k % chunk:
+        chunk //= 2
+    return make_plan(k, block, 1, 1, chunk) or make_plan(k, block, 1, 4)
 
 
 @functools.lru_cache(maxsize=None)

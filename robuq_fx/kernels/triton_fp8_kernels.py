@@ -10,6 +10,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .triton_launch import launch
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # fp8 GEMM with fused epilogue
@@ -83,10 +85,11 @@ def launch_fp8_gemm(a, b, c, sx, sw, bias, lo, cs, t, up, m, cfg):
     n, k = b.shape
     r = 0 if t is None else t.shape[1]
     rp = max(16, triton.next_power_of_2(r)) if r else 16
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    fp8_gemm_kernel[grid](a, b, c, sx, sw, bias if bias is not None else sx, lo if lo is not None else sx,
-                          cs if cs is not None else sw, t if t is not None else c, up if up is not None else c,
-                          m, n, k, a.stride(0), b.stride(0), c.stride(0), t.stride(0) if t is not None else 0,
-                          up.stride(0) if up is not None else 0, r,
-                          BM=bm, BN=bn, BK=bk, GROUP_M=gm, RP=rp, HAS_BIAS=bias is not None,
-                          ASYM=lo is not None, HAS_LRB=t is not None, num_warps=warps, num_stages=stages)
+    launch(fp8_gemm_kernel, (triton.cdiv(m, bm) * triton.cdiv(n, bn),),
+           (a, b, c, sx, sw, bias if bias is not None else sx, lo if lo is not None else sx,
+            cs if cs is not None else sw, t if t is not None else c, up if up is not None else c,
+            m, n, k, a.stride(0), b.stride(0), c.stride(0), t.stride(0) if t is not None else 0,
+            up.stride(0) if up is not None else 0, r),
+           dict(BM=bm, BN=bn, BK=bk, GROUP_M=gm, RP=rp, HAS_BIAS=bias is not None, ASYM=lo is not None,
+                HAS_LRB=t is not None),
+           dict(num_warps=warps, num_stages=stages), no_specialize=(10,))

@@ -179,6 +179,31 @@ def test_quant_codes_exact_without_rotation_ties_included(dtype):
             torch.testing.assert_close(xq.cpu(), ref, rtol=1e-2, atol=1e-6)
 
 
+@gpu
+def test_fast_launch_matches_triton_launch_and_respects_alignment():
+    """kernels/triton_launch.py reuses a compiled kernel per specialization. The first call of a specialization goes
+    through Triton, later ones through the cached kernel: outputs must be identical, and inputs Triton would
+    specialize differently (a misaligned view, a row stride that is not a multiple of 16) must not reuse it."""
+    from robuq_fx.kernels import triton_launch
+    triton_launch.clear()
+    torch.manual_seed(0)
+    base = (torch.randn(300, 1160, device="cuda") * 3).to(torch.bfloat16)
+    views = {"aligned": base[:, :1152].contiguous(), "misaligned": base.flatten()[4:4 + 300 * 1152].view(300, 1152),
+             "odd stride": base[:, 3:1155]}
+    for name, x in views.items():
+        for a_bits, sym in ((4, True), (2, False)):
+            first = triton_fp8.act_quant(x, 128, a_bits, sym, m_store=304, shift=not sym)
+            again = triton_fp8.act_quant(x, 128, a_bits, sym, m_store=304, shift=not sym)
+            for u, v in zip(first, again):
+                assert torch.equal(u.float(), v.float()), f"{name} A{a_bits}: cached launch differs"
+            rq, rs, _ = _ref_codes(x, 128, a_bits, sym, fp32_rotation=False)
+            if not sym:
+                rq = rq - 2 ** (a_bits - 1)
+            bad = int((again[0][:300].float().cpu() != rq).sum())
+            assert bad <= rq.numel() // 1000, f"{name} A{a_bits}: {bad} codes differ from the CPU reference"
+    assert len(triton_launch._CACHE) >= 3
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # GEMM: every shipped Triton config, and _scaled_mm, on odd M and all five shapes
 
