@@ -49,10 +49,13 @@ class PackedLinear(nn.Module):
         return m
 
     def op_args(self) -> tuple:
-        """The scalar arguments of robuq::qlinear after the tensors."""
+        """The scalar arguments of robuq::qlinear after the tensors (cached per spec object: specs are frozen)."""
+        c = self.__dict__.get("_op_args")
         s = self.spec
-        return (self.out_features, self.in_features, float(s.w_bits), s.a_bits, s.hadamard_block or 0,
-                bool(s.sym), s.a_clip)
+        if c is None or c[0] is not s:
+            c = self.__dict__["_op_args"] = (s, (self.out_features, self.in_features, float(s.w_bits), s.a_bits,
+                                                 s.hadamard_block or 0, bool(s.sym), s.a_clip))
+        return c[1]
 
     def forward(self, x):
         return torch.ops.robuq.qlinear(x, self.qweight, self.w_scale, self.bias, self.lrb_down, self.lrb_up,

@@ -31,31 +31,39 @@ def _arg_key(a, specialize: bool):
     return type(a)
 
 
+_TRITON: list = []  # (driver, knobs), imported on the first launch
+
+
 def launch(fn, grid: tuple, args: tuple, constexprs: dict, options: dict, no_specialize: tuple = ()):
     """Launch the @triton.jit `fn` on `grid` with positional runtime `args` (the first parameters, in order),
-    `constexprs` (the remaining parameters, by name) and launch `options` (num_warps, num_stages)."""
+    `constexprs` (the remaining parameters, by name; always passed in the same order by a caller) and launch
+    `options` (num_warps, num_stages)."""
     if not _OK[0]:
         fn[grid](*args, **constexprs, **options)
         return
-    dev = torch.cuda.current_device()
+    if not _TRITON:
+        from triton import knobs
+        from triton.runtime import driver
+        _TRITON.extend((driver.active, knobs.runtime))
+    drv, rt = _TRITON
+    dev = drv.get_current_device()
     key = (id(fn), dev, tuple(_arg_key(a, i not in no_specialize) for i, a in enumerate(args)),
-           tuple(constexprs.items()), tuple(options.items()))
+           tuple(constexprs.values()), tuple(options.values()))
     hit = _CACHE.get(key)
     if hit is None:
         kern = fn[grid](*args, **constexprs, **options)
         names = fn.arg_names[len(args):]
         if kern is not None and all(hasattr(kern, a) for a in ("run", "function", "packed_metadata")) \
-                and set(names) == set(constexprs):
-            _CACHE[key] = (kern, tuple(constexprs[n] for n in names))
+                and list(names) == list(constexprs):
+            _CACHE[key] = (kern, tuple(constexprs.values()))
         return
     kern, tail = hit
-    from triton import knobs
-    from triton.runtime import driver
-    stream = driver.active.get_current_stream(dev)
+    stream = drv.get_current_stream(dev)
     params = args + tail
     g = tuple(grid) + (1,) * (3 - len(grid))
-    kern.run(g[0], g[1], g[2], stream, kern.function, kern.packed_metadata, kern.launch_metadata(g, stream, *params),
-             knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *params)
+    enter = rt.launch_enter_hook
+    kern.run(g[0], g[1], g[2], stream, kern.function, kern.packed_metadata,
+             None if enter is None else kern.launch_metadata(g, stream, *params), enter, rt.launch_exit_hook, *params)
 
 
 def clear():
