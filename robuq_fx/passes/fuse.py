@@ -5,9 +5,7 @@
 so the result is the same as the unfused graph on every kernel.
 
 Recognised producers: `aten.gelu` (torch.export graphs), `F.gelu` / `torch._C._nn.gelu` (traced and Dynamo graphs)
-and `nn.GELU` modules (symbolic_trace graphs), with approximate "none" or "tanh". Dropouts with p = 0 between the
-GELU and the layer (diffusers' FeedForward: GELU -> Dropout(0.0) -> Linear) are identities in every mode and go too;
-a dropout with p > 0 stops the fusion.
+and `nn.GELU` modules (symbolic_trace graphs), with approximate "none" or "tanh".
 """
 from __future__ import annotations
 
@@ -36,19 +34,6 @@ def _gelu_kind(gm: fx.GraphModule, node) -> tuple | None:
     return ("gelu_tanh" if approx == "tanh" else "gelu"), inp
 
 
-def _identity_dropout(gm: fx.GraphModule, node) -> fx.Node | None:
-    """The input of `node` when it is a dropout with p = 0 (an identity in train and eval mode), else None."""
-    if not isinstance(node, fx.Node) or len(node.args) < 1:
-        return None
-    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Dropout) \
-            and gm.get_submodule(node.target).p == 0 and len(node.args) == 1:
-        return node.args[0]
-    if node.op == "call_function" and node.target in (torch.ops.aten.dropout.default, F.dropout):
-        p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
-        return node.args[0] if p == 0 else None
-    return None
-
-
 def fuse_activations(gm: fx.GraphModule) -> int:
     """Fuse every GELU that feeds only a robuq::qlinear into it; returns how many were fused."""
     fused = 0
@@ -57,18 +42,14 @@ def fuse_activations(gm: fx.GraphModule) -> int:
             continue
         if len(q.args) != _N_ARGS or q.kwargs.get("act", "none") != "none":
             continue
-        x, skipped = q.args[0], []
-        while isinstance(x, fx.Node) and len(x.users) == 1 and _identity_dropout(gm, x) is not None:
-            skipped.append(x)
-            x = _identity_dropout(gm, x)
+        x = q.args[0]
         kind = _gelu_kind(gm, x)
         if kind is None or len(x.users) != 1:
             continue
         act, inp = kind
         q.args = (inp, *q.args[1:])
         q.kwargs = {**q.kwargs, "act": act}
-        for n in skipped + [x]:
-            gm.graph.erase_node(n)
+        gm.graph.erase_node(x)
         fused += 1
     if fused:
         gm.graph.lint()
