@@ -45,7 +45,6 @@ from .capture import LinearSite
 from .errors import PolicyError, RobuQError
 from .modules import PackedLinear
 from .passes.attention import SDPA_TARGETS, apply_attention
-from .passes.fuse import fuse_activations
 from .passes.lower import rewrite_sites
 from .passes.qat import inline_sites, plan_layers
 from .policy import Policy
@@ -237,7 +236,6 @@ class RobuQBackend:
             inline_sites(gm, sites, layers)
             if self.mode == "inference":
                 rewrite_sites(gm)
-                fuse_activations(gm)
         if attention:
             nodes = {n.name: n for n in gm.graph.nodes}
             apply_attention(gm, [(nodes[n], name, bits) for n, name, bits in attention])

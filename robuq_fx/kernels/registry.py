@@ -30,7 +30,6 @@ class QLinearArgs:
     hadamard_block: int
     a_sym: bool
     a_clip: str
-    act: str = "none"  # activation of x fused into the layer ("none", "gelu", "gelu_tanh"): the input is act(x)
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,6 @@ class Kernel:
     fn: Callable  # fn(x, args: QLinearArgs) -> Tensor
     machine_check: Callable[[], str | None]  # None if this machine can run it, else why not
     supports: Callable[[torch.Tensor, QLinearArgs], str | None]  # None if it takes this call, else why not
-    acts: tuple = ()  # fused input activations it applies itself; for others the op applies act(x) first
 
 
 _KERNELS: dict[str, Kernel] = {}
@@ -59,9 +57,9 @@ def tensor_key(t) -> tuple:
     return (id(t), t.data_ptr(), v, tuple(t.shape), t.dtype)
 
 
-def register(name: str, priority: int, machine_check=lambda: None, supports=lambda x, a: None, acts: tuple = ()):
+def register(name: str, priority: int, machine_check=lambda: None, supports=lambda x, a: None):
     def deco(fn):
-        _KERNELS[name] = Kernel(name, priority, fn, machine_check, supports, tuple(acts))
+        _KERNELS[name] = Kernel(name, priority, fn, machine_check, supports)
         return fn
     return deco
 

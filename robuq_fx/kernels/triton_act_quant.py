@@ -43,24 +43,12 @@ def _fwht(x, R: tl.constexpr, B: tl.constexpr, LOGB: tl.constexpr):
 
 
 @triton.jit
-def _act(x, ACT: tl.constexpr):
-    """The fused input activation in fp32, in the operation order of PyTorch's CUDA GELU kernels:
-    ACT 1 = x * 0.5 * (1 + erf(x / sqrt(2))), 2 = 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))."""
-    if ACT == 1:
-        return x * 0.5 * (1.0 + libdevice.erf(x * 0.7071067811865476))
-    inner = 0.7978845608028654 * (x + 0.044715 * (x * x * x))
-    return 0.5 * x * (1.0 + libdevice.tanh(inner))
-
-
-@triton.jit
 def _piece(x_ptr, rows, rmask, stride_xm, hscale, OFF, W: tl.constexpr, BM: tl.constexpr,
-           B: tl.constexpr, LOGB: tl.constexpr, HAD: tl.constexpr, ACT: tl.constexpr):
+           B: tl.constexpr, LOGB: tl.constexpr, HAD: tl.constexpr):
     """(BM, W) rotated columns [OFF, OFF + W), rounded to and kept in the input dtype (half the registers of fp32
     while the row's range is reduced)."""
     cols = OFF + tl.arange(0, W)
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=rmask[:, None], other=0.0)
-    if ACT > 0:
-        x = _act(x.to(tl.float32), ACT).to(x_ptr.dtype.element_ty)
     if HAD:
         y = _fwht(tl.reshape(x.to(tl.float32), (BM * W // B, B)), BM * W // B, B, LOGB)
         y = (tl.reshape(y, (BM, W)) * hscale).to(x_ptr.dtype.element_ty)
@@ -120,13 +108,12 @@ def _scale(a, b, levels, SYM: tl.constexpr):
 @triton.jit
 def _two_pass(x_ptr, out_ptr, scale_ptr, lo_ptr, rows, rmask, smask, stride_xm, stride_om, hscale, levels, shift,
               K: tl.constexpr, CHUNK: tl.constexpr, BM: tl.constexpr, B: tl.constexpr, LOGB: tl.constexpr,
-              HAD: tl.constexpr, SYM: tl.constexpr, DEQUANT: tl.constexpr, HAS_SHIFT: tl.constexpr,
-              ACT: tl.constexpr):
+              HAD: tl.constexpr, SYM: tl.constexpr, DEQUANT: tl.constexpr, HAS_SHIFT: tl.constexpr):
     # elementwise running min / max (or absmax) in the loop, one reduction after it
     a = tl.full((BM, CHUNK), float("inf"), tl.float32)
     b = tl.full((BM, CHUNK), float("-inf"), tl.float32)
     for c in tl.range(0, K, CHUNK):
-        y = _piece(x_ptr, rows, rmask, stride_xm, hscale, c, CHUNK, BM, B, LOGB, HAD, ACT).to(tl.float32)
+        y = _piece(x_ptr, rows, rmask, stride_xm, hscale, c, CHUNK, BM, B, LOGB, HAD).to(tl.float32)
         if SYM:
             b = tl.maximum(b, tl.abs(y))
         else:
@@ -138,7 +125,7 @@ def _two_pass(x_ptr, out_ptr, scale_ptr, lo_ptr, rows, rmask, smask, stride_xm, 
     tl.store(scale_ptr + rows, s, mask=smask)
     tl.store(lo_ptr + rows, lo + shift * s, mask=smask)
     for c in tl.range(0, K, CHUNK):
-        y = _piece(x_ptr, rows, rmask, stride_xm, hscale, c, CHUNK, BM, B, LOGB, HAD, ACT)
+        y = _piece(x_ptr, rows, rmask, stride_xm, hscale, c, CHUNK, BM, B, LOGB, HAD)
         _store(y, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, shift, c, CHUNK, SYM, DEQUANT, HAS_SHIFT)
 
 
@@ -148,7 +135,7 @@ def act_quant_bfly_kernel(x_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, stride_
                           W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,
                           BM: tl.constexpr, B: tl.constexpr, LOGB: tl.constexpr, HAD: tl.constexpr,
                           SYM: tl.constexpr, DEQUANT: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                          CHUNK: tl.constexpr, ACT: tl.constexpr):
+                          CHUNK: tl.constexpr):
     """W0..W3: widths (columns) of the pieces, powers of two, multiples of B, summing to K (unused = 0).
     CHUNK > 0: two passes over the row in chunks of CHUNK columns instead (range, then codes; the second pass
     re-reads and re-rotates the row, mostly from cache), for rows too long to keep in registers."""
@@ -158,22 +145,22 @@ def act_quant_bfly_kernel(x_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, stride_
     smask = rows < M_STORE
     if CHUNK > 0:
         _two_pass(x_ptr, out_ptr, scale_ptr, lo_ptr, rows, rmask, smask, stride_xm, stride_om, hscale, levels, shift,
-                  W0 + W1 + W2 + W3, CHUNK, BM, B, LOGB, HAD, SYM, DEQUANT, HAS_SHIFT, ACT)
+                  W0 + W1 + W2 + W3, CHUNK, BM, B, LOGB, HAD, SYM, DEQUANT, HAS_SHIFT)
         return
-    y0 = _piece(x_ptr, rows, rmask, stride_xm, hscale, 0, W0, BM, B, LOGB, HAD, ACT)
+    y0 = _piece(x_ptr, rows, rmask, stride_xm, hscale, 0, W0, BM, B, LOGB, HAD)
     a, b = _range(y0, SYM)
     if W1 > 0:
-        y1 = _piece(x_ptr, rows, rmask, stride_xm, hscale, W0, W1, BM, B, LOGB, HAD, ACT)
+        y1 = _piece(x_ptr, rows, rmask, stride_xm, hscale, W0, W1, BM, B, LOGB, HAD)
         a1, b1 = _range(y1, SYM)
         a = tl.minimum(a, a1)
         b = tl.maximum(b, b1)
     if W2 > 0:
-        y2 = _piece(x_ptr, rows, rmask, stride_xm, hscale, W0 + W1, W2, BM, B, LOGB, HAD, ACT)
+        y2 = _piece(x_ptr, rows, rmask, stride_xm, hscale, W0 + W1, W2, BM, B, LOGB, HAD)
         a2, b2 = _range(y2, SYM)
         a = tl.minimum(a, a2)
         b = tl.maximum(b, b2)
     if W3 > 0:
-        y3 = _piece(x_ptr, rows, rmask, stride_xm, hscale, W0 + W1 + W2, W3, BM, B, LOGB, HAD, ACT)
+        y3 = _piece(x_ptr, rows, rmask, stride_xm, hscale, W0 + W1 + W2, W3, BM, B, LOGB, HAD)
         a3, b3 = _range(y3, SYM)
         a = tl.minimum(a, a3)
         b = tl.maximum(b, b3)
@@ -191,16 +178,14 @@ def act_quant_bfly_kernel(x_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, stride_
                DEQUANT, HAS_SHIFT)
 
 
-def launch_act_quant(x, out, scale, lo, m, m_store, hscale, levels, shift, block, plan, sym, dequant, act=0):
+def launch_act_quant(x, out, scale, lo, m, m_store, hscale, levels, shift, block, plan, sym, dequant):
     """x (>= m, K), out (m_store, K) codes (fp8) or Q_a(x H) (x's dtype); scale / lo (m_store,) fp32.
-    plan = (piece widths, BM, num_warps, chunk) from `triton_fp8.make_plan`; block 0 = no Hadamard; act: 0 none,
-    1 GELU (erf), 2 GELU (tanh) applied to x first and rounded to x's dtype, as F.gelu."""
+    plan = (piece widths, BM, num_warps, chunk) from `triton_fp8.make_plan`; block 0 = no Hadamard."""
     widths, bm, warps, chunk = plan
     ws = list(widths) + [0] * (4 - len(widths))
     b = block if block > 1 else 2
     launch(act_quant_bfly_kernel, (triton.cdiv(m_store, bm),),
            (x, out, scale, lo, m, m_store, x.stride(0), out.stride(0), float(hscale), float(levels), float(shift)),
            dict(W0=ws[0], W1=ws[1], W2=ws[2], W3=ws[3], BM=bm, B=b, LOGB=b.bit_length() - 1, HAD=block > 1,
-                SYM=bool(sym), DEQUANT=bool(dequant), HAS_SHIFT=bool(shift) and not dequant, CHUNK=chunk,
-                ACT=int(act)),
+                SYM=bool(sym), DEQUANT=bool(dequant), HAS_SHIFT=bool(shift) and not dequant, CHUNK=chunk),
            dict(num_warps=warps), no_specialize=(4, 5))

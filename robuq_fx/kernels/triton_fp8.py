@@ -27,7 +27,6 @@ capturing a CUDA graph.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
 import functools
 import json
 import math
@@ -39,7 +38,6 @@ import torch.nn.functional as F
 
 from .. import layer
 from .. import quantizers as Q
-from .qlinear import apply_act
 from .registry import QLinearArgs, forced, register, tensor_key
 from .reference import spec_of, weight_codes
 
@@ -185,17 +183,13 @@ def quant_supported(k: int, block: int, a_bits: int, dtype: torch.dtype) -> str 
     return None
 
 
-_ACT_CODE = {"none": 0, "gelu": 1, "gelu_tanh": 2}
-
-
 def act_quant(x2: torch.Tensor, block: int, a_bits: int, sym: bool, dequant: bool = False,
-              m_store: int | None = None, shift: bool = False, plan: tuple | None = None, act: str = "none"):
+              m_store: int | None = None, shift: bool = False, plan: tuple | None = None):
     """Fused x H -> per-token quantization of a 2-D (M, K) CUDA tensor (last dim contiguous).
 
     Returns (out, scale, lo): out (m_store, K) fp8 e4m3 codes, or Q_a(x H) in x's dtype when `dequant`;
     scale and lo (m_store,) fp32. Rows M..m_store-1 (padding) are written as zeros with scale 0. With `shift`
-    (asymmetric only) the codes are q - 2^(a_bits-1) and lo is lo + 2^(a_bits-1) * scale. act: quantize act(x)
-    ("gelu" / "gelu_tanh", computed in fp32 and rounded to x's dtype like F.gelu) instead of x."""
+    (asymmetric only) the codes are q - 2^(a_bits-1) and lo is lo + 2^(a_bits-1) * scale."""
     m, k = x2.shape
     m_store = m if m_store is None else m_store
     block = block if block > 1 else 0
@@ -210,7 +204,7 @@ def act_quant(x2: torch.Tensor, block: int, a_bits: int, sym: bool, dequant: boo
     sh = float(2 ** (a_bits - 1)) if shift and not sym and not dequant else 0.0
     with _on(dev):
         _aq().launch_act_quant(x2, out, scale, lo, m, m_store, _hscale(block, x2.dtype), levels, sh, block, plan, sym,
-                               dequant, _ACT_CODE[act])
+                               dequant)
     return out, scale, lo
 
 
@@ -416,15 +410,7 @@ def _ext_up(a: QLinearArgs, e: _Entry, dtype: torch.dtype) -> torch.Tensor:
     return v
 
 
-def _materialize_act(x: torch.Tensor, a: QLinearArgs) -> tuple:
-    """The LRB reads act(x) itself: compute it once and continue unfused."""
-    if a.act != "none" and a.lrb_down is not None:
-        return apply_act(x, a.act), replace(a, act="none")
-    return x, a
-
-
 def fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
-    x, a = _materialize_act(x, a)
     k, n = a.in_features, a.out_features
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
@@ -433,7 +419,7 @@ def fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
     m = x2.shape[0]
     e = _fp8_weights(a)
     m_pad = max(16, -(-m // 16) * 16)
-    codes, sx, lo = act_quant(x2, a.hadamard_block, a.a_bits, a.a_sym, m_store=m_pad, shift=True, act=a.act)
+    codes, sx, lo = act_quant(x2, a.hadamard_block, a.a_bits, a.a_sym, m_store=m_pad, shift=True)
     lrb = a.lrb_down is not None
     t = F.linear(x2, _rot_down(a, x.dtype)) if lrb else None
     if (a.a_sym and not lrb) or epilogue_mode() == "addmm":
@@ -472,25 +458,22 @@ def _dequant_supports(x: torch.Tensor, a: QLinearArgs) -> str | None:
 
 
 def dequant_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
-    x, a = _materialize_act(x, a)
     k, n = a.in_features, a.out_features
     wq = _deq_weight(a, x.dtype)
     fused = (a.a_bits < 16 and a.a_clip == "absmax" and _triton_quant_ok(x.device.index or 0)
              and quant_supported(k, a.hadamard_block, a.a_bits, x.dtype) is None)
     if not fused:  # the reference math with the cached dequantized weight: bit-identical to `reference`
-        return layer.robuq_linear(apply_act(x, a.act), wq, a.bias, a.lrb_down, a.lrb_up, spec_of(a))
+        return layer.robuq_linear(x, wq, a.bias, a.lrb_down, a.lrb_up, spec_of(a))
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    xq, _, _ = act_quant(x2, a.hadamard_block, a.a_bits, a.a_sym, dequant=True, act=a.act)
+    xq, _, _ = act_quant(x2, a.hadamard_block, a.a_bits, a.a_sym, dequant=True)
     y = F.linear(xq, wq, a.bias)
     if a.lrb_down is not None:
         y.addmm_(F.linear(x2, _rot_down(a, x.dtype)), a.lrb_up.to(x.dtype).t())
     return y.reshape(*lead, n)
 
 
-_ACTS = ("gelu", "gelu_tanh")  # fused into the activation quantizer (dequant: when the Triton quantizer runs)
-register(FP8, priority=20, machine_check=fp8_machine_check, supports=_fp8_supports, acts=_ACTS)(fp8_qlinear)
-register(DEQUANT, priority=10, machine_check=dequant_machine_check, supports=_dequant_supports,
-         acts=_ACTS)(dequant_qlinear)
+register(FP8, priority=20, machine_check=fp8_machine_check, supports=_fp8_supports)(fp8_qlinear)
+register(DEQUANT, priority=10, machine_check=dequant_machine_check, supports=_dequant_supports)(dequant_qlinear)

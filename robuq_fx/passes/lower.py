@@ -14,20 +14,16 @@ from ..capture import source_meta
 from ..errors import LoweringError
 from ..modules import PackedLinear
 from ..spec import LayerSpec
-from .fuse import fuse_activations
 from .qat import ROBUQ_META, set_robuq_info
 
 ROOT_PACKED = "_robuq_root"
 
 
-def lower(qmodel: nn.Module, *, compute: bool = True, progress: bool | None = None,
-          fuse: bool = True) -> fx.GraphModule:
+def lower(qmodel: nn.Module, *, compute: bool = True, progress: bool | None = None) -> fx.GraphModule:
     """Return an inference copy of a `robuq_fx.quantize` model with packed weights (qmodel is not modified).
 
     compute=False builds the packed buffers empty (zeros) instead of quantizing: for `load_quantized`, which fills
     them from a checkpoint. progress: tqdm bar over layers (default: only when there are more than 32 layers).
-    fuse: move a GELU whose only reader is a quantized layer into that layer's call (`passes/fuse.py`; same
-    result, the GPU kernels apply it while quantizing).
     """
     info = getattr(qmodel, ROBUQ_META, None)
     if not isinstance(qmodel, fx.GraphModule) or info is None:
@@ -47,8 +43,6 @@ def lower(qmodel: nn.Module, *, compute: bool = True, progress: bool | None = No
         for name in tqdm(layers, desc="lower", disable=not show, unit="layer"):
             _pack_layer(gm, name, layers[name], compute)
     rewrite_sites(gm, sites)
-    if fuse:
-        fuse_activations(gm)
     _drop_unused_weights(gm, layers)
     set_robuq_info(gm, dict(info, stage="lowered"))  # not setattr: must survive deepcopy (see qat.set_robuq_info)
     gm.eval()

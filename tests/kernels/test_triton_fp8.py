@@ -22,7 +22,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import robuq_fx  # noqa: F401  (registers the ops and kernels)
 from robuq_fx import kernels
@@ -479,60 +478,3 @@ def test_cuda_graph_capture():
             g.replay()
             torch.cuda.synchronize()
         assert torch.equal(y, y0)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# fused input activation (passes/fuse.py puts act="gelu"/"gelu_tanh" on the qlinear after a GELU)
-
-@gpu
-@pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
-@pytest.mark.parametrize("k", [1152, 4608])
-def test_quant_kernel_fused_gelu(act, k):
-    """act_quant(x, act=...) quantizes act(x) without writing it: against the same kernel on the materialized
-    F.gelu(x) (PyTorch's CUDA kernel; the fused one computes the same fp32 formula with libdevice erf / tanh, so
-    codes may differ only where the two GELUs round differently) and against the CPU reference of that input."""
-    torch.manual_seed(k)
-    x = (torch.randn(1000, k, device="cuda") * 3).to(torch.bfloat16)
-    u = F.gelu(x, approximate="tanh" if act == "gelu_tanh" else "none")
-    for block in (0, 128):
-        for plan in {triton_fp8.quant_plan(k, block, 1000), triton_fp8.make_plan(k, block, 1, 1, 128)}:
-            for a_bits, sym, dq in ((4, True, False), (2, False, False), (3, True, True)):
-                kw = dict(plan=plan, dequant=dq, shift=not sym and not dq)
-                fused = triton_fp8.act_quant(x, block, a_bits, sym, act=act, **kw)
-                plain = triton_fp8.act_quant(u, block, a_bits, sym, **kw)
-                diff = int((fused[0].float() != plain[0].float()).sum())
-                _report(f"fused {act} vs materialized K={k} b={block} plan={plan} A{a_bits} sym={sym} dq={dq}",
-                        values_differ=diff)
-                assert diff <= fused[0].numel() // 1000, f"{act} K={k} b={block} A{a_bits}: {diff} values differ"
-                torch.testing.assert_close(fused[1], plain[1], rtol=1e-5, atol=0)
-                if not dq:
-                    rq, _, _ = _ref_codes(u, block, a_bits, sym, fp32_rotation=False)
-                    if not sym:
-                        rq = rq - 2 ** (a_bits - 1)
-                    bad = int((fused[0].float().cpu() != rq).sum())
-                    assert bad <= rq.numel() // 1000, f"{act} K={k} b={block} A{a_bits}: {bad} codes vs CPU"
-
-
-@gpu
-@pytest.mark.parametrize("rank", [0, 16])
-def test_qlinear_fused_gelu_through_registry(rank):
-    """qlinear(x, act=...) on each GPU kernel equals qlinear(F.gelu(x)) on the same kernel up to the codes the two
-    GELUs round differently, and the reference kernel (which applies F.gelu itself) end to end. With an LRB the
-    kernels materialize act(x) once (the branch reads it)."""
-    k, n = 4608, 1152
-    mod = _layer(k, n, 1.58, 4, True, 128, rank, seed=3)
-    for act, approx in (("gelu", "none"), ("gelu_tanh", "tanh")):
-        for m in (7, 1000):
-            torch.manual_seed(m)
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 2
-            u = F.gelu(x, approximate=approx)
-            with kernels.use("reference"):
-                ref = mod(u)
-            for kern in ("triton_fp8", "cuda_dequant"):
-                with kernels.use(kern):
-                    y = torch.ops.robuq.qlinear(x, mod.qweight, mod.w_scale, mod.bias, mod.lrb_down, mod.lrb_up,
-                                                *mod.op_args(), act=act)
-                    y_plain = mod(u)
-                what = f"{kern} {act} LRB{rank} M={m}"
-                _check(y, y_plain.double(), E2E_TOL / 4, what + " vs unfused", elementwise=False)
-                _check(y, ref.double(), E2E_TOL, what + " vs reference", elementwise=False)
