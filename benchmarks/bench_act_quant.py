@@ -2,7 +2,7 @@
 
 For the DiT-XL/2 widths K in {1152, 4608} and M in {256, 1024, 4096, 16384}: the quantizer with the tiling from the
 dispatch table (Hadamard block 128, and without), and `x.to(float8_e4m3fn)`, which moves the same bytes (2 read +
-1 written per element) and does nothing else. CUDA-graph replay time. Prints a table, writes JSON beside.
+1 written per element) and does nothing else. CUDA-graph replay time. Prints a table, writes JSON and PNG beside.
 
     python benchmarks/bench_act_quant.py [--out benchmarks/results]
 
@@ -53,6 +53,31 @@ def main():
     with open(path, "w") as f:
         json.dump(dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, rows=recs), f, indent=1)
     print("wrote", path)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for ax, k in zip(axes, (1152, 4608)):
+        rs = [r for r in recs if r["K"] == k]
+        ms = [str(r["M"]) for r in rs]
+        for j, (key, label) in enumerate((("copy_us", "fp8 cast (same bytes)"), ("quant_noh_us", "quant A4"),
+                                          ("quant_h_us", "quant A4 + H128"))):
+            gb = [3 * r["M"] * k / (r[key] * 1e-6) / 1e9 for r in rs]
+            ax.bar([i + 0.27 * (j - 1) for i in range(len(ms))], gb, width=0.27, label=label)
+        ax.set_xticks(range(len(ms)), ms)
+        ax.set_xlabel("M (tokens)")
+        ax.set_title(f"K = {k}")
+    axes[0].set_ylabel("GB/s (2 B read + 1 B written per element)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"activation quantizer, {gpu}, torch {torch.__version__}", fontsize=9)
+    fig.tight_layout()
+    png = path[:-5] + ".png"
+    fig.savefig(png, dpi=120)
+    print("wrote", png)
 
 
 if __name__ == "__main__":
