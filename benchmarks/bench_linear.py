@@ -267,8 +267,9 @@ def write_dispatch(args):
              "generated_by": "python benchmarks/bench_linear.py --write-dispatch",
              "rule": "triton_fp8 when M >= fp8_min_m (symmetric, no LRB) / epi_fp8_min_m (asymmetric or LRB), "
                      "else cuda_dequant; 'measured' holds CUDA-graph microseconds per call "
-                     "(triton_fp8 / cuda_dequant / bf16 F.linear); 'quant': [rows per program, warps, chunk (0: one pass)] of the "
-                     "activation quantizer per K/{h,n} and M bucket; 'epilogue': addmm or triton",
+                     "(triton_fp8 / cuda_dequant / bf16 F.linear); 'quant': [rows per program, warps, "
+                     "chunk (0: one pass)] of the activation quantizer per K/{h,n} and M bucket; "
+                     "'epilogue': addmm or triton",
              "shapes": {}}
     T.dispatch_table.cache_clear()
     T.dispatch_table().clear()

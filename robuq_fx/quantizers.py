@@ -38,6 +38,12 @@ def weight_qmax(w_bits) -> int:
     return 1 if w_bits == 1.58 else 2 ** (int(w_bits) - 1) - 1
 
 
+def act_levels(a_bits: int, sym: bool) -> int:
+    """Largest activation code: qmax = 2^(k-1) - 1 (symmetric, codes in [-qmax, qmax]) or 2^k - 1 (asymmetric,
+    codes in [0, 2^k - 1]); the per-token scale is range / this."""
+    return 2 ** (a_bits - 1) - 1 if sym else 2 ** a_bits - 1
+
+
 def _grouped(r: torch.Tensor, granularity: str, group_size: int) -> torch.Tensor:
     """View R (N, K) as (N', G, K / G) so that one scale covers each [:, g, :] slice."""
     n, k = r.shape
@@ -148,12 +154,12 @@ def quantize_act(x: torch.Tensor, a_bits: int, sym: bool, clip: str = "absmax"):
     lo, hi = act_range(x, a_bits, sym, clip)
     x32 = x.float()
     if sym:
-        qmax = 2 ** (a_bits - 1) - 1
+        qmax = act_levels(a_bits, True)
         s = _div(hi, qmax)
         safe = torch.where(s > 0, s, torch.ones_like(s))
         q = torch.round(x32 / safe).clamp_(-qmax, qmax)
     else:
-        levels = 2 ** a_bits - 1
+        levels = act_levels(a_bits, False)
         s = _div(hi - lo, levels)
         safe = torch.where(s > 0, s, torch.ones_like(s))
         q = torch.round((x32 - lo) / safe).clamp_(0, levels)

@@ -10,9 +10,9 @@ the first half and the differences to the second (Pease; after log2(b) stages th
 Sums are taken in fp32, then multiplied by dtype(1/sqrt(b)) and rounded to the input dtype, exactly like
 `hadamard.block_hadamard` (a bf16 matmul with fp32 accumulation) where the fp32 sums are exact.
 
-Then per-row absmax (or min/max over the row), the scale s = levels / range by IEEE division, and each code
-rint(y / s) (round half to even, as `torch.round`; no clamp is needed, see `_store`) with the quotient from one reciprocal per row and an
-FMA-corrected product per element:
+Then per-row absmax (or min/max over the row), the scale s = range / levels by IEEE division, and each code
+rint(y / s) (round half to even, as `torch.round`; no clamp is needed, see `_store`) with the quotient from one
+reciprocal per row and an FMA-corrected product per element:
     r = RN(1/s),  q0 = RN(y r),  e = fma(-q0, s, y) (exact),  q = RN(q0 + e r)
 which is the correctly rounded y / s for normal s (Markstein), ties included; s == 0 gives q = 0. Output:
 fp8 e4m3 codes (|q| <= 15 is exact), or in DEQUANT mode Q_a(x H) = s q (+ lo) in the input dtype; per-row s and lo
@@ -21,8 +21,8 @@ that y = s_x s_w (q' q_w) + lo' c: the same value, a smaller rank-1 term.
 
 It replaced a kernel that rotated on the tensor cores (a (rows * tiles, 128) x (128, 128) dot) and divided with
 `tl.div_rn`: the codes came out bit-identical in every tested case and it is 1.4-2.1x faster on the H100
-(`benchmarks/results/bench_act_quant_vs_tensorcore_NVIDIA_H100.txt`): the dot's layout conversions put CTA-wide barriers in the
-loop and the IEEE division took ~10 instructions per element.
+(`benchmarks/results/bench_act_quant_vs_tensorcore_NVIDIA_H100.txt`): the dot's layout conversions put CTA-wide
+barriers in the loop and the IEEE division took ~10 instructions per element.
 """
 from __future__ import annotations
 

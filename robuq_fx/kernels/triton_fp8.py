@@ -200,7 +200,7 @@ def act_quant(x2: torch.Tensor, block: int, a_bits: int, sym: bool, dequant: boo
     lo = torch.empty(m_store, device=dev, dtype=torch.float32)
     if m_store == 0:
         return out, scale, lo
-    levels = float(2 ** (a_bits - 1) - 1) if sym else float(2 ** a_bits - 1)
+    levels = float(Q.act_levels(a_bits, sym))
     sh = float(2 ** (a_bits - 1)) if shift and not sym and not dequant else 0.0
     with _on(dev):
         _aq().launch_act_quant(x2, out, scale, lo, m, m_store, _hscale(block, x2.dtype), levels, sh, block, plan, sym,

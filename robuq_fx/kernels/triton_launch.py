@@ -16,7 +16,7 @@ import os
 import torch
 
 _CACHE: dict = {}
-_OK = [os.environ.get("ROBUQ_TRITON_FAST_LAUNCH", "1") != "0"]
+_ENABLED = os.environ.get("ROBUQ_TRITON_FAST_LAUNCH", "1") != "0"
 
 
 def _arg_key(a, specialize: bool):
@@ -38,7 +38,7 @@ def launch(fn, grid: tuple, args: tuple, constexprs: dict, options: dict, no_spe
     """Launch the @triton.jit `fn` on `grid` with positional runtime `args` (the first parameters, in order),
     `constexprs` (the remaining parameters, by name; always passed in the same order by a caller) and launch
     `options` (num_warps, num_stages)."""
-    if not _OK[0]:
+    if not _ENABLED:
         fn[grid](*args, **constexprs, **options)
         return
     if not _TRITON:
