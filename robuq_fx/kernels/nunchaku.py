@@ -22,14 +22,14 @@ a multiple of 128 with zero rows:
                              down: p along r, q along K, fragments ordered (K/16, r/16);
                              up:   p along N, q along r, fragments ordered (N/16, r/16).   r padded to 16 with zeros.
 
-Used automatically where it can run (installed, sm_75/80/86/89; priority above the fp8 path), as the RobuQ
-reference code uses it. What differs from the reference kernel:
+Opt-in only (`ROBUQ_KERNEL=nunchaku` or `with robuq_fx.kernels.use("nunchaku")`), never picked automatically: it
+approximates the per-token spec (below) and has not run against the reference on sm_75-89 hardware. The RobuQ
+reference code runs its W4A4 layers on it. What differs from the reference kernel:
   * nunchaku quantizes activations per token AND per group of 64 inputs (absmax / 7, approximate reciprocal); RobuQ
     uses one scale per token. The GEMM is the same, the activation rounding is finer: outputs differ from the
     reference by a fraction of the A4 quantization error, not bit-exactly.
   * weight scales and bias are stored in the activation dtype (fp16/bf16), ours default to fp32 (policy key
     `scale_dtype` lets QAT train with the rounded scales).
-Opt out with ROBUQ_KERNEL_DISABLE=nunchaku (or force another kernel with ROBUQ_KERNEL=...).
 """
 from __future__ import annotations
 
@@ -242,7 +242,9 @@ def _drop(wid: int, ref) -> None:
         del _CACHE[wid]
 
 
-@register(NAME, priority=30, machine_check=machine_check, supports=supports)
+@register(NAME, priority=30, machine_check=machine_check, supports=supports, auto=False,
+          takes="opt-in only (ROBUQ_KERNEL=nunchaku): W<=4-bit, A4 sym absmax, K % 128 == 0; quantizes activations "
+                "per token AND per 64 inputs, so it approximates RobuQ's per-token spec; never run on hardware here")
 def nunchaku_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
     from nunchaku.ops.gemm import svdq_gemm_w4a4_cuda
     from nunchaku.ops.quantize import svdq_quantize_w4a4_act_fuse_lora_cuda

@@ -25,7 +25,8 @@ def weight_codes(a: QLinearArgs) -> torch.Tensor:
     return packing.unpack(a.qweight, a.w_bits, (a.out_features, a.in_features))
 
 
-@register("reference", priority=0)
+@register("reference", priority=0, takes="every spec, any device: the source of truth (the QAT math on unpacked "
+                                         "codes, bit-identical to QAT eval)")
 def reference_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
     wq = Q.dequantize_weight(weight_codes(a), a.w_scale, x.dtype)
     return layer.robuq_linear(x, wq, a.bias, a.lrb_down, a.lrb_up, spec_of(a))

@@ -3,7 +3,11 @@ the op picks the highest-priority one that accepts the call. The passes never kn
 
     ROBUQ_KERNEL=reference python ...          # force one kernel by name (env var), or
     with robuq_fx.kernels.use("reference"): ...
-    ROBUQ_KERNEL_DISABLE=nunchaku python ...   # never pick these (comma-separated); the others still compete
+    ROBUQ_KERNEL_DISABLE=cuda_dequant python ...   # never pick these (comma-separated); the others still compete
+
+Automatic choice is only for kernels that compute the layer's spec exactly as the reference does (up to the
+rounding of float sums): a kernel registered with `auto=False` (an adapter that approximates the math, or one never
+run against the reference on hardware) runs only when forced by name. `table()` says what each kernel takes.
 """
 from __future__ import annotations
 
@@ -39,6 +43,8 @@ class Kernel:
     fn: Callable  # fn(x, args: QLinearArgs) -> Tensor
     machine_check: Callable[[], str | None]  # None if this machine can run it, else why not
     supports: Callable[[torch.Tensor, QLinearArgs], str | None]  # None if it takes this call, else why not
+    auto: bool = True  # picked automatically; False: only when forced (ROBUQ_KERNEL / use())
+    takes: str = ""    # which specs it computes, and how exactly (shown by table() / `robuq-fx kernels`)
 
 
 _KERNELS: dict[str, Kernel] = {}
@@ -57,9 +63,10 @@ def tensor_key(t) -> tuple:
     return (id(t), t.data_ptr(), v, tuple(t.shape), t.dtype)
 
 
-def register(name: str, priority: int, machine_check=lambda: None, supports=lambda x, a: None):
+def register(name: str, priority: int, machine_check=lambda: None, supports=lambda x, a: None, *,
+             auto: bool = True, takes: str = ""):
     def deco(fn):
-        _KERNELS[name] = Kernel(name, priority, fn, machine_check, supports)
+        _KERNELS[name] = Kernel(name, priority, fn, machine_check, supports, auto, takes)
         return fn
     return deco
 
@@ -92,7 +99,7 @@ def select(x: torch.Tensor, args: QLinearArgs) -> Kernel:
         return k
     disabled = set(filter(None, os.environ.get("ROBUQ_KERNEL_DISABLE", "").split(",")))
     for k in sorted(_KERNELS.values(), key=lambda k: -k.priority):
-        if k.name not in disabled and k.machine_check() is None and k.supports(x, args) is None:
+        if k.auto and k.name not in disabled and k.machine_check() is None and k.supports(x, args) is None:
             return k
     raise RuntimeError("no qlinear kernel accepts this call (the reference kernel should always do)")
 
@@ -105,10 +112,14 @@ def available() -> list[dict]:
         if k.name in set(filter(None, os.environ.get("ROBUQ_KERNEL_DISABLE", "").split(","))):
             why = "disabled by ROBUQ_KERNEL_DISABLE"
         rows.append({"kernel": k.name, "priority": k.priority, "available": why is None,
+                     "picked": "automatically" if k.auto else "only when forced", "takes": k.takes,
                      "why not": why or ""})
     return rows
 
 
 def table() -> str:
     from tabulate import tabulate
-    return tabulate(available(), headers="keys", tablefmt="github")
+    rows = available()
+    short = [{k: v for k, v in r.items() if k != "takes"} for r in rows]
+    notes = "\n".join(f"  {r['kernel']}: {r['takes']}" for r in rows if r["takes"])
+    return tabulate(short, headers="keys", tablefmt="github") + ("\n\nWhat each kernel takes:\n" + notes if notes else "")
