@@ -42,6 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import provenance  # noqa: E402
 import _digits_dit as D  # noqa: E402
 import robuq_fx  # noqa: E402
 from robuq_fx import ampn  # noqa: E402
@@ -504,7 +505,7 @@ def main(argv=None) -> dict:
     (args.out / "bench_accuracy.txt").write_text(text)
     if samples0 is not None:
         save_grid(samples0, args.out / "bench_accuracy_dit_samples.png")
-    result = {"command": command, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    result = {"command": command, "provenance": provenance(), "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "runtime_s": round(runtime, 1), "times": times, "torch": torch.__version__,
               "settings": [dict(vars(s)) for s in settings],
               "mlp": mlp, "dit": dit, "tables": tables,

@@ -21,6 +21,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _provenance import provenance  # noqa: E402
 from bench_linear import time_graph  # noqa: E402
 from robuq_fx.kernels import triton_fp8 as T  # noqa: E402
 
@@ -51,7 +52,8 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"bench_act_quant_{gpu.replace(' ', '_')}.json")
     with open(path, "w") as f:
-        json.dump(dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, rows=recs), f, indent=1)
+        json.dump(dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, provenance=provenance(), rows=recs),
+                  f, indent=1)
     print("wrote", path)
     try:
         import matplotlib

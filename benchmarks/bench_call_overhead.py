@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _provenance import provenance  # noqa: E402
 from robuq_fx.kernels import registry as R  # noqa: E402
 from robuq_fx.kernels import triton_act_quant as A  # noqa: E402
 from robuq_fx.kernels import triton_fp8 as T  # noqa: E402
@@ -86,7 +88,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"bench_call_overhead_{gpu.replace(' ', '_')}.json")
     with open(path, "w") as f:
-        json.dump(dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, m=m, k=k, n=n,
+        json.dump(dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, provenance=provenance(), m=m, k=k, n=n,
                        us_per_call=dict(res)), f, indent=1)
     print("wrote", path)
 

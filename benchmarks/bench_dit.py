@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import provenance  # noqa: E402
 import robuq_fx  # noqa: E402
 from robuq_fx.modules import PackedLinear  # noqa: E402
 
@@ -163,7 +165,7 @@ def main(argv=None):
     fp = build(cfg)
     # torch.export bakes the capture device and dtype into some ops: capture where the model will run.
     ex = inputs(cfg, 2, device, dtype)
-    results = {"header": header, "command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])),
+    results = {"header": header, "provenance": provenance(argv),
                "config": cfg, "latency": [], "memory": [], "train_step": [], "prepare": []}
 
     variants = {} if args.train_only else {"bf16 eager": (fp.to(device, dtype), False)}

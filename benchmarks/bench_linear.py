@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from _provenance import provenance, write_summary  # noqa: E402  (benchmarks/ is the script's own folder)
 
 SHAPES = [("qkv", 1152, 3456), ("proj", 1152, 1152), ("fc1", 1152, 4608), ("fc2", 4608, 1152),
           ("adaLN", 1152, 6912)]  # (name, K, N)
@@ -440,7 +441,7 @@ def main():
             return
     res = bench(args)
     res.update(gpu=gpu, torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
-               modes=args.modes, shapes=SHAPES,
+               modes=args.modes, shapes=SHAPES, provenance=provenance(),
                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     print_tables(res, header)
     os.makedirs(args.out, exist_ok=True)
@@ -450,6 +451,24 @@ def main():
         json.dump(res, f, indent=1)
     print(f"wrote {base}.json")
     print(plot(res, base + ".png") or f"wrote {base}.png")
+    if not args.tag:
+        print(f"wrote {write_summary(args.out, 'linear', summary(res))}")
+
+
+def summary(res: dict) -> dict:
+    """The named figures of issue 20: W4A4+H geomean vs bf16 per M (CUDA-graph replay when measured), the slowest
+    shape at M = 1024, and the same for W1.58A4+H and the fp8 GEMM alone."""
+    mode = "graph" if "graph" in res["modes"] else res["modes"][0]
+    out = {"mode": mode}
+    for col, key in (("W4A4+H", "w4a4h"), ("W1.58A4+H", "w158a4h"), ("fp8 GEMM only", "fp8gemm"),
+                     ("W1.58A4+H+LRB32", "w158a4h_lrb32"), ("W1.58A4asym+H", "w158a4asymh")):
+        for m in sorted({r["M"] for r in res["rows"]}):
+            sel = [r for r in res["rows"] if r["M"] == m and col in r[mode]]
+            if sel:
+                ratios = [r[mode]["bf16"] / r[mode][col] for r in sel]
+                out[f"{key}_m{m}_x"] = round(geomean(ratios), 3)
+                out[f"{key}_min_shape_m{m}_x"] = round(min(ratios), 3)
+    return out
 
 
 if __name__ == "__main__":

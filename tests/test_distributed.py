@@ -110,8 +110,8 @@ POLICY = {"rules": [{"match": "head", "w_bits": 4, "a_bits": 8},
 SEED_KW = dict(nbits=4, w_bits=1.58, if_hadamard=True, if_lora=True, lora_rank=4)
 MLP_ARGS = SimpleNamespace(steps=4, batch=8, optim="sgd", lr=0.05, seed=0)
 # SGD, not the example's default AdamW: an SGD update is linear in the gradient, so a 1-ulp gradient difference stays
-# ~1 ulp in the weight. Adam divides by sqrt(v) and so amplifies the rounding of near-zero gradients (seen: 6e-6 after
-# 4 AdamW steps at lr 1e-4 on the DiT, against 3e-8 with SGD): a property of Adam, not of the engines.
+# ~1 ulp in the weight. Adam divides by sqrt(v) and so amplifies the rounding of near-zero gradients: a property of
+# Adam, not of the engines.
 DIT_FLAGS = ["--optim", "sgd", "--lr", "0.01"]
 
 
