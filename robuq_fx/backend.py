@@ -40,11 +40,13 @@ from . import layer
 from .backend_graph import (HOLDER, Slot, as_linear, compiled_root, copy_graph_module,
                             find_slots, layer_name, lift_holder_attrs, param_names, pick_name, robuq_ops)
 from .backend_runtime import (CompiledGraph, LayerPlan, SlotMemo, Variant, _tensor, clear_cache,  # noqa: F401
+                              lifted_tensor,
                               lrb_params, packed, register_lrb_owner)
 from .capture import LinearSite
 from .errors import PolicyError, RobuQError
 from .modules import PackedLinear
-from .passes.attention import SDPA_TARGETS, apply_attention
+from .passes.attention import SDPA_TARGETS, apply_attention, lower_attention
+from .passes.fuse import fuse_siblings, fused_of
 from .passes.lower import rewrite_sites
 from .passes.qat import inline_sites, plan_layers
 from .policy import Policy
@@ -236,12 +238,15 @@ class RobuQBackend:
             inline_sites(gm, sites, layers)
             if self.mode == "inference":
                 rewrite_sites(gm)
+                fuse_siblings(gm, build=fused_of)  # q/k/v, gate/up -> one call (cached per member layers)
         if attention:
             nodes = {n.name: n for n in gm.graph.nodes}
             apply_attention(gm, [(nodes[n], name, bits) for n, name, bits in attention])
+            if self.mode == "inference":
+                lower_attention(gm)
         lifted = lift_holder_attrs(gm)
         if compile_it:
-            extras = [_tensor(payloads[s], a) for s, a in lifted]
+            extras = [lifted_tensor(payloads, s, a) for s, a in lifted]
             return Variant(self._compile(gm, [*args, *extras], torch_mode), lifted)
         warnings.warn("robuq backend: Dynamo reused a compiled graph for module instances that the policy quantizes "
                       f"differently ({_describe(key)}); this variant runs without Inductor. Avoid graph breaks "

@@ -1,5 +1,6 @@
 """Kernels for `robuq::qlinear`. The reference (pure torch) is always registered; GPU kernels register
 themselves on import when their machine check passes at call time."""
+from . import attention  # noqa: F401  (defines torch.ops.robuq.attention8)
 from . import reference  # noqa: F401  (registers "reference")
 from .qlinear import qlinear  # noqa: F401  (defines torch.ops.robuq.qlinear)
 from .registry import QLinearArgs, available, forced, register, select, table, use  # noqa: F401

@@ -2,9 +2,12 @@
 inputs of `scaled_dot_product_attention`. The unit is the last dimension of SDPA's inputs, i.e. one scale per token
 and head. P.V's probabilities stay inside SDPA (they are never materialised outside the fused kernel).
 
-Lowering keeps these quantize-dequantize nodes: at inference they are the 8-bit q/k/v the attention consumes.
+Lowering (`lower_attention`) replaces each "fake-quant q, k, v -> SDPA" by one `robuq::attention8` call (its
+reference is exactly those calls, so lowered output stays bit-identical; on CUDA it runs the 8-bit flash kernel).
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.fx as fx
@@ -72,3 +75,67 @@ def apply_attention(gm: fx.GraphModule, plan: list[tuple[fx.Node, str, int]]) ->
         gm.graph.lint()
         gm.recompile()
     return {name: bits for _, name, bits in plan}
+
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def _static_fallback(node: fx.Node, args: dict, bits: int) -> str | None:
+    """Why the GPU kernel will not take this call, from what the graph knows (None if it may)."""
+    if args.get("attn_mask") is not None:
+        return "it passes an attn_mask (the kernel takes none, or is_causal)"
+    if args.get("dropout_p"):
+        return f"dropout_p={args['dropout_p']}"
+    if bits != 8:
+        return f"attn_bits={bits} (the kernel is 8-bit)"
+    val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    if val is not None and hasattr(val, "shape"):
+        d = val.shape[-1]
+        if isinstance(d, int) and (d % 8 or d > 256):
+            return f"head_dim={d} (the kernel takes multiples of 8 up to 256)"
+    return None
+
+
+def lower_attention(gm: fx.GraphModule) -> dict[str, str]:
+    """Replace every quantized-attention site (fake-quant q, k, v feeding one SDPA) by `robuq::attention8`.
+    Returns {module: why it falls back to the reference on GPU} and warns once per such module."""
+    fallbacks: dict[str, str] = {}
+    g = gm.graph
+    changed = False
+    for node in list(g.nodes):
+        if node.op != "call_function" or node.target not in SDPA_TARGETS:
+            continue
+        args = dict(zip(_SDPA_ARGS, node.args))
+        args.update(node.kwargs)
+        qkv = [args.get(key) for key in _QKV]
+        tags = [n.meta.get("robuq_attn") if isinstance(n, fx.Node) else None for n in qkv]
+        if not all(tags):
+            continue
+        bits = {n.args[1] for n in qkv}
+        if len(bits) != 1:
+            continue
+        bits = bits.pop()
+        name = tags[0]["layer"]
+        srcs = [n.args[0] for n in qkv]
+        with g.inserting_before(node):
+            new = g.call_function(torch.ops.robuq.attention8.default,
+                                  (*srcs, args.get("attn_mask"), float(args.get("dropout_p") or 0.0),
+                                   bool(args.get("is_causal") or False), args.get("scale"),
+                                   bool(args.get("enable_gqa") or False), int(bits)))
+        new.meta = source_meta(node)
+        new.meta["robuq_attention8"] = name
+        node.replace_all_uses_with(new)
+        g.erase_node(node)
+        for n in qkv:
+            if not n.users:
+                g.erase_node(n)
+        why = _static_fallback(new, args, bits)
+        if why and name not in fallbacks:
+            fallbacks[name] = why
+            warnings.warn(f"robuq: attention '{name}': {why}; the 8-bit GPU kernel does not take it, so this "
+                          "module runs the reference math (fake-quant q, k, v + SDPA)", stacklevel=2)
+        changed = True
+    if changed:
+        g.lint()
+        gm.recompile()
+    return fallbacks

@@ -14,16 +14,21 @@ from ..capture import source_meta
 from ..errors import LoweringError
 from ..modules import PackedLinear
 from ..spec import LayerSpec
+from .attention import lower_attention
+from .fuse import fuse_lowered
 from .qat import ROBUQ_META, set_robuq_info
 
 ROOT_PACKED = "_robuq_root"
 
 
-def lower(qmodel: nn.Module, *, compute: bool = True, progress: bool | None = None) -> fx.GraphModule:
+def lower(qmodel: nn.Module, *, compute: bool = True, progress: bool | None = None,
+          fuse: bool = True) -> fx.GraphModule:
     """Return an inference copy of a `robuq_fx.quantize` model with packed weights (qmodel is not modified).
 
     compute=False builds the packed buffers empty (zeros) instead of quantizing: for `load_quantized`, which fills
     them from a checkpoint. progress: tqdm bar over layers (default: only when there are more than 32 layers).
+    fuse: sibling layers that read one input with one activation spec (q/k/v, gate/up) become one qlinear call
+    (passes/fuse.py; outputs bit-identical to fuse=False).
     """
     info = getattr(qmodel, ROBUQ_META, None)
     if not isinstance(qmodel, fx.GraphModule) or info is None:
@@ -43,8 +48,11 @@ def lower(qmodel: nn.Module, *, compute: bool = True, progress: bool | None = No
         for name in tqdm(layers, desc="lower", disable=not show, unit="layer"):
             _pack_layer(gm, name, layers[name], compute)
     rewrite_sites(gm, sites)
+    lower_attention(gm)  # fake-quant q, k, v + SDPA -> robuq::attention8
     _drop_unused_weights(gm, layers)
     set_robuq_info(gm, dict(info, stage="lowered"))  # not setattr: must survive deepcopy (see qat.set_robuq_info)
+    if fuse:
+        fuse_lowered(gm)
     gm.eval()
     return gm
 

@@ -1,0 +1,90 @@
+"""`robuq::attention8`: scaled-dot-product attention on per-token 8-bit q, k, v (METHOD.md §5), the inference form of
+an attention rule (`attn_bits: 8`). Lowering replaces "fake-quant q, k, v -> SDPA" by this one op.
+
+    attention8(q, k, v (batch, heads, seq, head_dim), attn_mask?, dropout_p, is_causal, scale?, enable_gqa, bits)
+        = SDPA(Q_a(q), Q_a(k), Q_a(v), ...)      Q_a: symmetric absmax, one scale per token and head, `bits` bits
+
+Reference (any device): exactly the QAT graph's calls, `robuq::fake_quant_act` on q, k, v then
+`F.scaled_dot_product_attention`, so a lowered model stays bit-identical to its QAT model in eval mode.
+CUDA: the Triton flash kernel in `triton_attention8.py` (q.k on int8 tensor cores, quantization while loading) for
+the calls it takes; every other call (masks, dropout, fp32, odd head dims) runs the reference. Lowering warns once
+per module that will fall back (passes/attention.py). ROBUQ_ATTENTION=reference forces the reference everywhere.
+
+The output is laid out as (batch, seq, heads, head_dim) and viewed as (batch, heads, seq, head_dim): the usual next
+step, `out.transpose(1, 2).reshape(batch, seq, -1)`, is then free.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+_LIB = torch.library.Library("robuq", "FRAGMENT")
+_LIB.define("attention8(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float dropout_p, bool is_causal, "
+            "float? scale, bool enable_gqa, int bits) -> Tensor")
+
+
+def _layout(out: torch.Tensor) -> torch.Tensor:
+    """`out` (b, h, s, d) with (b, s, h, d) memory, as the kernel writes it."""
+    if out.dim() != 4:
+        return out.contiguous()
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def reference(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits):
+    fq = torch.ops.robuq.fake_quant_act.default
+    kw = {"enable_gqa": True} if enable_gqa else {}
+    out = F.scaled_dot_product_attention(fq(q, bits, True, "absmax"), fq(k, bits, True, "absmax"),
+                                         fq(v, bits, True, "absmax"), attn_mask=attn_mask, dropout_p=dropout_p,
+                                         is_causal=is_causal, scale=scale, **kw)
+    return _layout(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_reason() -> str | None:
+    try:
+        from . import triton_attention8  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any import failure means "not usable here"
+        return f"triton is not importable ({type(e).__name__}: {e})"
+    return None
+
+
+def why_not_kernel(q, k, v, attn_mask, dropout_p, bits) -> str | None:
+    """None if the GPU kernel takes this call, else why not."""
+    if os.environ.get("ROBUQ_ATTENTION") == "reference":
+        return "ROBUQ_ATTENTION=reference"
+    if not q.is_cuda:
+        return "inputs are not CUDA tensors"
+    why = _triton_reason()
+    if why:
+        return why
+    if torch.cuda.get_device_capability(q.device) < (8, 0):
+        return "CUDA capability < 8.0 (int8 tensor cores)"
+    from . import triton_attention8
+    return triton_attention8.supported(q, k, v, attn_mask, dropout_p, bits)
+
+
+def _cuda(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits):
+    if why_not_kernel(q, k, v, attn_mask, dropout_p, bits) is None \
+            and (enable_gqa or q.shape[1] == k.shape[1]):
+        from . import triton_attention8
+        return triton_attention8.attention8(q, k, v, is_causal, scale, float(2 ** (bits - 1) - 1))
+    return reference(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits)
+
+
+_LIB.impl("attention8", reference, "CompositeExplicitAutograd")
+_LIB.impl("attention8", _cuda, "CUDA")
+
+
+@torch.library.register_fake("robuq::attention8", lib=_LIB)
+def _(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits):
+    shape = (*q.shape[:-1], v.shape[-1])
+    if len(shape) != 4:
+        return q.new_empty(shape)
+    b, h, s, d = shape
+    return q.new_empty(b, s, h, d).transpose(1, 2)
+
+
+attention8 = torch.ops.robuq.attention8

@@ -1,0 +1,137 @@
+"""8-bit attention on the GPU (METHOD.md §5): one Triton flash-attention kernel that quantizes q, k and v per token
+and head as it loads them (the codes never reach memory) and multiplies q by k on 8-bit integer tensor cores.
+
+Per program: a block of BM queries of one (batch, head); loop over blocks of BN keys.
+
+    q8, s_q = quant8(q)   k8, s_k = quant8(k)       symmetric absmax per row, exactly `quantizers.quantize_act`
+    S = (q8 @ k8^T)[int32, exact] * s_q[m] * s_k[n] * scale        online softmax in fp32 (exp2)
+    v_hat = RN_dtype(s_v[n] * v8)                                   the value the reference's fake-quant produces
+    O += P[dtype] @ v_hat                                           16-bit tensor cores, fp32 accumulation
+
+The difference from the reference (fake-quant q, k, v to the input dtype, then SDPA) is only where it rounds: the
+reference rounds q_hat = s_q q8 and k_hat to bf16 before its QK^T, this kernel keeps q8 . k8 exact and rounds the
+product of the scales once. P and v_hat are rounded to the input dtype for P.V as flash attention does.
+
+Head dims are padded to a power of two in registers (DiT-XL/2's 72 -> 128); masked columns are zeros, which change
+neither the row ranges nor the dot products.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_rowquant import quantize_rows
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def attention8_kernel(q_ptr, k_ptr, v_ptr, o_ptr,
+                      sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
+                      H, HK, SQ, SK, D, qk_scale, levels,
+                      CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // (H // HK)  # grouped-query attention: H // HK query heads share one key/value head
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, DP)
+    dmask = offs_d < D
+    mmask = offs_m < SQ
+    qmask = mmask[:, None] & dmask[None, :]
+    q_base = q_ptr + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+    q = tl.load(q_base + offs_m[:, None].to(tl.int64) * sqs + offs_d[None, :] * sqd, mask=qmask, other=0.0)
+    q_codes, s_q, _lo = quantize_rows(q.to(tl.float32), qmask, levels, True)
+    q8 = q_codes.to(tl.int8)
+    row_scale = s_q * qk_scale  # scale * log2(e) folded in: softmax with exp2
+
+    k_base = k_ptr + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    v_base = v_ptr + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, DP], tl.float32)
+    hi = SK
+    if CAUSAL:  # top-left aligned, as SDPA's is_causal: query i sees keys j <= i
+        hi = tl.minimum(SK, (pid_m + 1) * BM)
+    for start in range(0, hi, BN):
+        offs_n = start + tl.arange(0, BN)
+        nmask = offs_n < SK
+        kvmask = nmask[:, None] & dmask[None, :]
+        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * sks + offs_d[None, :] * skd, mask=kvmask, other=0.0)
+        k_codes, s_k, _lo = quantize_rows(k.to(tl.float32), kvmask, levels, True)
+        qk = tl.dot(q8, tl.trans(k_codes.to(tl.int8)), out_dtype=tl.int32)
+        s = qk.to(tl.float32) * row_scale[:, None] * s_k[None, :]
+        keep = nmask[None, :]
+        if CAUSAL:
+            keep = keep & (offs_m[:, None] >= offs_n[None, :])
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svs + offs_d[None, :] * svd, mask=kvmask, other=0.0)
+        v_codes, s_v, _lo = quantize_rows(v.to(tl.float32), kvmask, levels, True)
+        v_hat = (s_v[:, None] * v_codes).to(v.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v_hat)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    o_base = o_ptr + b.to(tl.int64) * sob + h.to(tl.int64) * soh
+    tl.store(o_base + offs_m[:, None].to(tl.int64) * sos + offs_d[None, :] * sod, out.to(o_ptr.dtype.element_ty),
+             mask=qmask)
+
+
+def supported(q, k, v, attn_mask, dropout_p, bits) -> str | None:
+    """None if the kernel computes this call, else why not (the op then runs the reference math)."""
+    if not (q.is_cuda and k.is_cuda and v.is_cuda):
+        return "inputs are not CUDA tensors"
+    if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtypes {q.dtype}/{k.dtype}/{v.dtype} (the kernel takes bf16/fp16)"
+    if attn_mask is not None:
+        return "an attn_mask (the kernel takes none, or is_causal)"
+    if dropout_p:
+        return f"dropout_p={dropout_p}"
+    if bits != 8:
+        return f"bits={bits} (the kernel is 8-bit)"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return f"shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)} (needs (batch, heads, seq, head_dim))"
+    d = q.shape[-1]
+    if k.shape[-1] != d or v.shape[-1] != d:
+        return f"head dims q {d}, k {k.shape[-1]}, v {v.shape[-1]} must be equal"
+    if d > 256 or d % 8:
+        return f"head_dim={d} (needs a multiple of 8 up to 256)"
+    if k.shape[:2] != v.shape[:2] or k.shape[2] != v.shape[2] or q.shape[0] != k.shape[0] \
+            or q.shape[1] % k.shape[1]:
+        return f"batch/heads of q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match"
+    return None
+
+
+def _config(d: int, sq: int) -> tuple[int, int, int, int]:
+    dp = max(32, triton.next_power_of_2(d))
+    bm = 128 if sq >= 128 and dp <= 128 else 64
+    bn = 64 if dp <= 128 else 32
+    warps = 8 if bm == 128 else 4
+    return bm, bn, dp, warps
+
+
+def attention8(q, k, v, is_causal: bool, scale: float | None, levels: float = 127.0) -> torch.Tensor:
+    b, h, sq, d = q.shape
+    hk, sk = k.shape[1], k.shape[2]
+    # (batch, seq, heads, head_dim) memory viewed as (batch, heads, seq, head_dim): the usual next step,
+    # out.transpose(1, 2).reshape(batch, seq, heads * head_dim), is then a view, not a copy
+    out = torch.empty(b, sq, h, d, device=q.device, dtype=q.dtype).transpose(1, 2)
+    if out.numel() == 0:
+        return out
+    sm = (1.0 / math.sqrt(d)) if scale is None else float(scale)
+    bm, bn, dp, warps = _config(d, sq)
+    grid = (triton.cdiv(sq, bm), b * h)
+    ctx = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
+    with ctx:
+        attention8_kernel[grid](q, k, v, out, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+                                h, hk, sq, sk, d, sm * _LOG2E, levels,
+                                CAUSAL=bool(is_causal), BM=bm, BN=bn, DP=dp, num_warps=warps, num_stages=2)
+    return out

@@ -1,0 +1,135 @@
+"""Per-row fake quantization on the GPU, one Triton kernel: `quantizers.fake_quant_act` (absmax ranges, symmetric or
+asymmetric, any 1-8 bits) for tensors of up to 4 dimensions with any strides, the row being the last dimension.
+
+Used where the rows are not a linear layer's input (the attention's q, k, v, one scale per token and head, head dims
+such as 72 that the linear-layer quantizer's power-of-two tiling does not take) and by `robuq::fake_quant_act` on
+CUDA. The math is the reference's, step for step, in fp32:
+
+    r = max|x| (sym) or [lo, hi] = [min x, max x];   s = RN(r / levels)   (IEEE division, as quantizers._div)
+    q = rint(x / s) (or rint((x - lo) / s)),   the quotient correctly rounded (Markstein: one reciprocal, two FMAs)
+    out = RN(s q) (or RN(lo + RN(s q))) rounded to x's dtype
+
+so the codes and the output are bit-identical to `quantizers.fake_quant_act` on the same values (tested on the GPU).
+No clamp: |x| <= r gives |x / s| <= levels (1 + 2^-23), so rint <= levels; s == 0 only for a constant row (q = 0).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+import contextlib
+
+from . import triton_launch
+
+_nullctx = contextlib.nullcontext
+
+MAX_D = 16384  # longest row one program holds (BLOCK_D values spread over its warps)
+
+
+@triton.jit
+def quantize_rows(x, mask, levels, SYM: tl.constexpr):
+    """Codes (fp32 holding integers), s and lo of the rows of a [R, D] fp32 block; masked entries are ignored."""
+    if SYM:
+        lo = -tl.max(tl.where(mask, tl.abs(x), 0.0), axis=1)
+        s = tl.div_rn(-lo, tl.zeros_like(lo) + levels)
+        y = x
+    else:
+        lo = tl.min(tl.where(mask, x, float("inf")), axis=1)
+        hi = tl.max(tl.where(mask, x, float("-inf")), axis=1)
+        lo = tl.where(lo <= hi, lo, 0.0)  # rows with no valid entry (padding)
+        hi = tl.where(lo <= hi, hi, 0.0)
+        s = tl.div_rn(hi - lo, tl.zeros_like(lo) + levels)
+        y = x - lo[:, None]
+    safe = tl.where(s > 0, s, 1.0)
+    rcp = tl.div_rn(tl.zeros_like(safe) + 1.0, safe)
+    sf = safe[:, None]
+    rf = rcp[:, None]
+    q0 = y * rf
+    q = _rint(tl.fma(tl.fma(-q0, sf, y), rf, q0))
+    return q, s, lo
+
+
+@triton.jit
+def _rint(t):
+    """Round half to even of fp32 |t| < 2^22 (codes are at most 255): adding and removing 1.5 * 2^23 leaves no
+    fraction bits, and IEEE addition rounds to nearest even. Same result as libdevice.rint, and it also runs in
+    Triton's CPU interpreter (TRITON_INTERPRET=1), which these kernels are debugged in."""
+    return (t + 12582912.0) - 12582912.0
+
+
+@triton.jit(do_not_specialize=["n1", "n2", "sx0", "sx1", "sx2", "sxd"])
+def fake_quant_rows_kernel(x_ptr, out_ptr, n_rows, D, n1, n2, sx0, sx1, sx2, sxd, levels,
+                           SYM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    rmask = rows < n_rows
+    i0 = rows // (n1 * n2)
+    i1 = (rows // n2) % n1
+    i2 = rows % n2
+    base = i0.to(tl.int64) * sx0 + i1.to(tl.int64) * sx1 + i2.to(tl.int64) * sx2
+    mask = rmask[:, None] & (cols[None, :] < D)
+    x = tl.load(x_ptr + base[:, None] + cols[None, :].to(tl.int64) * sxd, mask=mask, other=0.0).to(tl.float32)
+    q, s, lo = quantize_rows(x, mask, levels, SYM)
+    sq = s[:, None] * q
+    if SYM:
+        v = sq
+    else:
+        v = lo[:, None] + sq
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def supported(x: torch.Tensor, a_bits: int) -> str | None:
+    if not x.is_cuda:
+        return "not a CUDA tensor"
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"dtype {x.dtype}"
+    if not 1 <= a_bits <= 8:
+        return f"a_bits={a_bits}"
+    if x.dim() == 0 or x.dim() > 4 or x.shape[-1] > MAX_D:
+        return f"shape {tuple(x.shape)} (up to 4 dims, rows of at most {MAX_D})"
+    return None
+
+
+def _tiling(d: int) -> tuple[int, int, int]:
+    block_d = max(16, triton.next_power_of_2(d))
+    block_r = max(1, min(64, 2048 // block_d))  # about 2048 values a program
+    warps = 4 if block_d * block_r <= 4096 else 8
+    return block_r, block_d, warps
+
+
+def fake_quant_rows(x: torch.Tensor, a_bits: int, sym: bool) -> torch.Tensor:
+    """Q_a(x) per row of the last dimension (absmax range), contiguous, in x's dtype."""
+    from .. import quantizers as Q
+    shape = x.shape
+    d = shape[-1]
+    pad = 4 - x.dim()
+    lead = (1,) * pad + tuple(shape[:-1])  # three leading dims
+    strides = (0,) * pad + tuple(x.stride()[:-1])
+    out = torch.empty(shape, device=x.device, dtype=x.dtype)
+    n_rows = out.numel() // max(d, 1)
+    if n_rows == 0 or d == 0:
+        return out
+    block_r, block_d, warps = _tiling(d)
+    grid = (triton.cdiv(n_rows, block_r),)
+    with (torch.cuda.device(x.device) if x.is_cuda else _nullctx()):
+        triton_launch.launch(fake_quant_rows_kernel, grid,
+                             (x, out, n_rows, d, lead[1], lead[2], strides[0], strides[1], strides[2], x.stride(-1),
+                              float(Q.act_levels(a_bits, sym))),
+                             dict(SYM=bool(sym), BLOCK_R=block_r, BLOCK_D=block_d), dict(num_warps=warps))
+    return out
+    n0, n1, n2 = lead[0] * lead[1], lead[2], lead[3]
+    # fold the two outermost dims into one when they are laid out as one (always true for the 1-3-D cases)
+    s0 = strides[1] if lead[0] == 1 or strides[0] == strides[1] * lead[1] else None
+    if s0 is None:
+        x = x.contiguous()
+        return fake_quant_rows(x, a_bits, sym)
+    block_r, block_d, warps = _tiling(d)
+    grid = (triton.cdiv(n_rows, block_r),)
+    with (torch.cuda.device(x.device) if x.is_cuda else _nullctx()):
+        triton_launch.launch(fake_quant_rows_kernel, grid,
+                             (x, out, n_rows, d, n1, n2, s0, strides[2], strides[3], x.stride(-1),
+                              float(Q.act_levels(a_bits, sym))),
+                             dict(SYM=bool(sym), BLOCK_R=block_r, BLOCK_D=block_d), dict(num_warps=warps))
+    del n0
+    return out

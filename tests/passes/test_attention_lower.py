@@ -1,0 +1,120 @@
+"""Lowering of attention rules: "fake-quant q, k, v -> SDPA" becomes one `robuq::attention8` call whose reference is
+those very calls, so the lowered model is bit-identical to the QAT model in eval mode (fp32, CPU)."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import robuq_fx
+from robuq_fx import quantizers as Q
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ops = torch.ops.robuq
+
+
+def _targets(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def tiny_dit():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, num_layers=2,
+                                           sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+                                           norm_num_groups=32).eval()
+
+
+def dit_inputs(b=2):
+    g = torch.Generator().manual_seed(1)
+    return {"hidden_states": torch.randn(b, 4, 8, 8, generator=g), "timestep": torch.tensor([3, 7] * (b // 2)),
+            "class_labels": torch.tensor([1, 4] * (b // 2)), "return_dict": False}
+
+
+def test_dit_paper_policy_lowers_attention_to_one_op():
+    m = tiny_dit()
+    ex = dit_inputs()
+    q = robuq_fx.quantize(m, "dit-xl-2-robuq", example_inputs=ex)
+    low = robuq_fx.lower(q)
+    t = _targets(low)
+    assert t.count(ops.attention8.default) == 2
+    assert ops.fake_quant_act.default not in t
+    assert not [x for x in t if "scaled_dot_product_attention" in str(x)]
+    for batch in (2, 4):
+        x = dit_inputs(batch)
+        with torch.no_grad():
+            assert torch.equal(low(**x)[0], q.eval()(**x)[0])
+
+
+def test_llama_causal_attention_lowered_bit_identical():
+    tr = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tr.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    m = tr.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    ex = {"input_ids": ids, "use_cache": False, "return_dict": False}
+    q = robuq_fx.quantize(m, {"rules": [{"match": "model.layers.*.self_attn", "attn_bits": 8},
+                                        {"type": "Linear", "w_bits": 4, "a_bits": 8}, ]}, example_inputs=ex)
+    with warnings.catch_warnings(record=True):
+        low = robuq_fx.lower(q)
+    assert _targets(low).count(ops.attention8.default) == 2
+    with torch.no_grad():
+        assert torch.equal(low(**ex)[0], q.eval()(**ex)[0])
+
+
+class MaskedAttention(nn.Module):
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+
+    def forward(self, x, mask):
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, s, d)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = MaskedAttention()
+
+    def forward(self, x, mask):
+        return self.attn(x, mask)
+
+
+def test_unsupported_form_warns_once_naming_the_module_and_stays_exact():
+    torch.manual_seed(0)
+    net = Net().eval()
+    x = torch.randn(2, 5, 16)
+    mask = torch.rand(2, 1, 5, 5) > 0.3
+    mask[..., 0] = True
+    q = robuq_fx.quantize(net, {"rules": [{"match": "attn", "attn_bits": 8}, {"type": "Linear", "skip": True}]},
+                          example_inputs=(x, mask))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        low = robuq_fx.lower(q)
+    msgs = [str(m.message) for m in w if "attention 'attn'" in str(m.message)]
+    assert len(msgs) == 1 and "attn_mask" in msgs[0]
+    with torch.no_grad():
+        assert torch.equal(low(x, mask), q.eval()(x, mask))
+
+
+def test_attention8_reference_is_fake_quant_then_sdpa():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 7, 24, generator=g) * s for s in (1.0, 4.0, 0.5))
+    out = ops.attention8(q, k, v, None, 0.0, True, None, False, 8)
+    ref = F.scaled_dot_product_attention(Q.fake_quant_act(q, 8, True), Q.fake_quant_act(k, 8, True),
+                                         Q.fake_quant_act(v, 8, True), is_causal=True)
+    assert torch.equal(out, ref)
+    assert out.transpose(1, 2).is_contiguous()  # (batch, seq, heads, dim) memory, as the GPU kernel writes
+    torch.library.opcheck(ops.attention8.default, (q, k, v, None, 0.0, True, None, False, 8))
+    # the quantization is really there: 8-bit q/k/v differ from full precision, by a small amount
+    fp = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    err = ((out - fp).norm() / fp.norm()).item()
+    assert 1e-4 < err < 2e-2
