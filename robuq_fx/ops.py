@@ -57,7 +57,27 @@ fake_quant_weight.register_autograd(lambda ctx, grad: (grad, None, None, None, N
 @torch.library.custom_op("robuq::fake_quant_act", mutates_args=())
 def fake_quant_act(x: torch.Tensor, a_bits: int, sym: bool, clip: str) -> torch.Tensor:
     # a_bits=16 is the identity: clone, since a custom op's output may not alias its input
-    return (x.clone() if a_bits >= 16 else Q.fake_quant_act(x, a_bits, sym, clip)).contiguous()
+    if a_bits >= 16:
+        return x.clone().contiguous()
+    if x.is_cuda and clip == "absmax":
+        rows = _row_kernel()
+        if rows is not None and rows.supported(x, a_bits) is None:
+            return rows.fake_quant_rows(x, a_bits, sym)  # one Triton kernel, bit-identical to the torch math
+    return Q.fake_quant_act(x, a_bits, sym, clip).contiguous()
+
+
+_ROWS: list = []
+
+
+def _row_kernel():
+    """kernels/triton_rowquant, or None where triton does not import (imported on the first CUDA call)."""
+    if not _ROWS:
+        try:
+            from .kernels import triton_rowquant
+            _ROWS.append(triton_rowquant)
+        except Exception:  # noqa: BLE001 - no usable triton: the torch math runs
+            _ROWS.append(None)
+    return _ROWS[0]
 
 
 @fake_quant_act.register_fake
@@ -67,13 +87,17 @@ def _(x, a_bits, sym, clip):
 
 def _act_setup(ctx, inputs, output):
     x, a_bits, sym, clip = inputs
-    ctx.save_for_backward(x)
+    ctx.save_for_backward(x if clip != "absmax" else None)  # absmax needs no mask (see _act_backward)
     ctx.args = (a_bits, sym, clip)
 
 
 def _act_backward(ctx, grad):
+    a_bits, sym, clip = ctx.args
+    if clip == "absmax":
+        # the absmax range [min x, max x] (or [-max|x|, max|x|]) holds every finite x: the mask is all ones
+        return grad, None, None, None
     (x,) = ctx.saved_tensors
-    mask = Q.act_ste_mask(x, *ctx.args)
+    mask = Q.act_ste_mask(x, a_bits, sym, clip)
     return grad * mask.to(grad.dtype), None, None, None
 
 

@@ -5,10 +5,15 @@ an attention rule (`attn_bits: 8`). Lowering replaces "fake-quant q, k, v -> SDP
         = SDPA(Q_a(q), Q_a(k), Q_a(v), ...)      Q_a: symmetric absmax, one scale per token and head, `bits` bits
 
 Reference (any device): exactly the QAT graph's calls, `robuq::fake_quant_act` on q, k, v then
-`F.scaled_dot_product_attention`, so a lowered model stays bit-identical to its QAT model in eval mode.
-CUDA: the Triton flash kernel in `triton_attention8.py` (q.k on int8 tensor cores, quantization while loading) for
-the calls it takes; every other call (masks, dropout, fp32, odd head dims) runs the reference. Lowering warns once
-per module that will fall back (passes/attention.py). ROBUQ_ATTENTION=reference forces the reference everywhere.
+`F.scaled_dot_product_attention`, so a lowered model stays bit-identical to its QAT model in eval mode. On CUDA
+`fake_quant_act` is one Triton kernel per tensor (kernels/triton_rowquant.py, bit-identical to the torch math) and
+SDPA runs torch's flash kernel: that is the default CUDA path.
+
+`ROBUQ_ATTENTION=fused` runs the single Triton flash kernel of `triton_attention8.py` instead (quantization while
+loading, q.k on int8 tensor cores) for the calls it takes. It is opt-in because on the H200 it is still slower than
+quantize + flash SDPA at every measured shape (benchmarks/bench_attention.py; docs/gpu.md has the numbers).
+Calls no GPU path takes (masks, dropout, fp32, odd head dims) run the reference; lowering warns once per such
+module (passes/attention.py). ROBUQ_ATTENTION=reference forces the reference everywhere.
 
 The output is laid out as (batch, seq, heads, head_dim) and viewed as (batch, heads, seq, head_dim): the usual next
 step, `out.transpose(1, 2).reshape(batch, seq, -1)`, is then free.
@@ -52,9 +57,7 @@ def _triton_reason() -> str | None:
 
 
 def why_not_kernel(q, k, v, attn_mask, dropout_p, bits) -> str | None:
-    """None if the GPU kernel takes this call, else why not."""
-    if os.environ.get("ROBUQ_ATTENTION") == "reference":
-        return "ROBUQ_ATTENTION=reference"
+    """None if the fused GPU kernel can take this call, else why not."""
     if not q.is_cuda:
         return "inputs are not CUDA tensors"
     why = _triton_reason()
@@ -67,8 +70,8 @@ def why_not_kernel(q, k, v, attn_mask, dropout_p, bits) -> str | None:
 
 
 def _cuda(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits):
-    if why_not_kernel(q, k, v, attn_mask, dropout_p, bits) is None \
-            and (enable_gqa or q.shape[1] == k.shape[1]):
+    if os.environ.get("ROBUQ_ATTENTION") == "fused" and (enable_gqa or q.shape[1] == k.shape[1]) \
+            and why_not_kernel(q, k, v, attn_mask, dropout_p, bits) is None:
         from . import triton_attention8
         return triton_attention8.attention8(q, k, v, is_causal, scale, float(2 ** (bits - 1) - 1))
     return reference(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits)

@@ -46,7 +46,7 @@ def attention8_kernel(q_ptr, k_ptr, v_ptr, o_ptr,
     qmask = mmask[:, None] & dmask[None, :]
     q_base = q_ptr + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
     q = tl.load(q_base + offs_m[:, None].to(tl.int64) * sqs + offs_d[None, :] * sqd, mask=qmask, other=0.0)
-    q_codes, s_q, _lo = quantize_rows(q.to(tl.float32), qmask, levels, True)
+    q_codes, s_q, q_lo = quantize_rows(q.to(tl.float32), qmask, levels, True)
     q8 = q_codes.to(tl.int8)
     row_scale = s_q * qk_scale  # scale * log2(e) folded in: softmax with exp2
 
@@ -63,7 +63,7 @@ def attention8_kernel(q_ptr, k_ptr, v_ptr, o_ptr,
         nmask = offs_n < SK
         kvmask = nmask[:, None] & dmask[None, :]
         k = tl.load(k_base + offs_n[:, None].to(tl.int64) * sks + offs_d[None, :] * skd, mask=kvmask, other=0.0)
-        k_codes, s_k, _lo = quantize_rows(k.to(tl.float32), kvmask, levels, True)
+        k_codes, s_k, k_lo = quantize_rows(k.to(tl.float32), kvmask, levels, True)
         qk = tl.dot(q8, tl.trans(k_codes.to(tl.int8)), out_dtype=tl.int32)
         s = qk.to(tl.float32) * row_scale[:, None] * s_k[None, :]
         keep = nmask[None, :]
@@ -75,7 +75,7 @@ def attention8_kernel(q_ptr, k_ptr, v_ptr, o_ptr,
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svs + offs_d[None, :] * svd, mask=kvmask, other=0.0)
-        v_codes, s_v, _lo = quantize_rows(v.to(tl.float32), kvmask, levels, True)
+        v_codes, s_v, v_lo = quantize_rows(v.to(tl.float32), kvmask, levels, True)
         v_hat = (s_v[:, None] * v_codes).to(v.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v_hat)
         m_i = m_new

@@ -9,6 +9,7 @@ CUDA. The math is the reference's, step for step, in fp32:
     q = rint(x / s) (or rint((x - lo) / s)),   the quotient correctly rounded (Markstein: one reciprocal, two FMAs)
     out = RN(s q) (or RN(lo + RN(s q))) rounded to x's dtype
 
+(compiled with `enable_fp_fusion=False`: a contracted lo + s q would round once where the reference rounds twice),
 so the codes and the output are bit-identical to `quantizers.fake_quant_act` on the same values (tested on the GPU).
 No clamp: |x| <= r gives |x / s| <= levels (1 + 2^-23), so rint <= levels; s == 0 only for a constant row (q = 0).
 """
@@ -58,7 +59,7 @@ def _rint(t):
     return (t + 12582912.0) - 12582912.0
 
 
-@triton.jit(do_not_specialize=["n1", "n2", "sx0", "sx1", "sx2", "sxd"])
+@triton.jit
 def fake_quant_rows_kernel(x_ptr, out_ptr, n_rows, D, n1, n2, sx0, sx1, sx2, sxd, levels,
                            SYM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -116,7 +117,8 @@ def fake_quant_rows(x: torch.Tensor, a_bits: int, sym: bool) -> torch.Tensor:
         triton_launch.launch(fake_quant_rows_kernel, grid,
                              (x, out, n_rows, d, lead[1], lead[2], strides[0], strides[1], strides[2], x.stride(-1),
                               float(Q.act_levels(a_bits, sym))),
-                             dict(SYM=bool(sym), BLOCK_R=block_r, BLOCK_D=block_d), dict(num_warps=warps))
+                             dict(SYM=bool(sym), BLOCK_R=block_r, BLOCK_D=block_d),
+                             dict(num_warps=warps, enable_fp_fusion=False))
     return out
     n0, n1, n2 = lead[0] * lead[1], lead[2], lead[3]
     # fold the two outermost dims into one when they are laid out as one (always true for the 1-3-D cases)
@@ -130,6 +132,7 @@ def fake_quant_rows(x: torch.Tensor, a_bits: int, sym: bool) -> torch.Tensor:
         triton_launch.launch(fake_quant_rows_kernel, grid,
                              (x, out, n_rows, d, n1, n2, s0, strides[2], strides[3], x.stride(-1),
                               float(Q.act_levels(a_bits, sym))),
-                             dict(SYM=bool(sym), BLOCK_R=block_r, BLOCK_D=block_d), dict(num_warps=warps))
+                             dict(SYM=bool(sym), BLOCK_R=block_r, BLOCK_D=block_d),
+                             dict(num_warps=warps, enable_fp_fusion=False))
     del n0
     return out

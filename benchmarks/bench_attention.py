@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""8-bit attention (robuq::attention8) against bf16 SDPA, on DiT-XL/2 and LM attention shapes (CUDA GPU).
+
+Columns, all timed by CUDA-graph replay in one run, ratio = bf16 SDPA time / column time (> 1 = faster):
+    bf16 SDPA            F.scaled_dot_product_attention on the bf16 inputs (torch picks flash / cuDNN / efficient)
+    ATen fake-quant+SDPA the lowered graph before this op: quantizers.fake_quant_act (torch ops) on q, k, v + SDPA
+    row kernel+SDPA      the op's reference on CUDA: one Triton fake-quant kernel per tensor, then SDPA
+    attention8           the fused Triton kernel (quantize while loading, int8 q.k, P.V on 16-bit tensor cores)
+
+    python benchmarks/bench_attention.py            # table + JSON + PNG + summary_attention_<gpu>.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+from _provenance import gpu_tag, provenance, write_summary  # noqa: E402
+from bench_linear import time_graph  # noqa: E402
+
+# (name, batch, heads, kv heads, seq, head_dim, causal)
+SHAPES = [("dit-xl2 b1", 1, 16, 16, 256, 72, False), ("dit-xl2 b8", 8, 16, 16, 256, 72, False),
+          ("dit-xl2 b64", 64, 16, 16, 256, 72, False), ("vit-b b64", 64, 12, 12, 197, 64, False),
+          ("llama d64 causal", 8, 16, 16, 1024, 64, True), ("llama d128 causal", 4, 32, 32, 2048, 128, True),
+          ("llama d128 gqa causal", 4, 32, 8, 2048, 128, True)]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_attention.py needs a CUDA GPU")
+    from tabulate import tabulate
+
+    import robuq_fx  # noqa: F401
+    from robuq_fx import quantizers as Q
+    from robuq_fx.kernels import attention as A
+    from robuq_fx.kernels import triton_rowquant as R
+    prov = provenance(argv)
+    print(f"GPU: {prov['gpu']} | torch {prov['torch']} | triton {prov.get('triton')}")
+    rows, summary = [], {}
+    for name, b, h, hk, s, d, causal in SHAPES:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(b, s, h, d, generator=g, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        k = torch.randn(b, s, hk, d, generator=g, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        v = torch.randn(b, s, hk, d, generator=g, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        gqa = {"enable_gqa": True} if hk != h else {}
+
+        def sdpa(qq, kk, vv):
+            return F.scaled_dot_product_attention(qq, kk, vv, is_causal=causal, **gqa)
+        fns = {
+            "bf16 SDPA": lambda: sdpa(q, k, v),
+            "ATen fake-quant+SDPA": lambda: sdpa(*(Q.fake_quant_act(t, 8, True) for t in (q, k, v))),
+            "row kernel+SDPA": lambda: sdpa(*(R.fake_quant_rows(t, 8, True) for t in (q, k, v))),
+            "attention8": lambda: torch.ops.robuq.attention8(q, k, v, None, 0.0, causal, None, bool(gqa), 8),
+        }
+        assert A.why_not_kernel(q, k, v, None, 0.0, 8) is None
+        with torch.no_grad():
+            t = {c: time_graph(f) for c, f in fns.items()}
+        flops = 4.0 * b * h * s * s * d / (2 if causal else 1)
+        row = {"shape": name, "B,H,Hkv,S,D": f"{b},{h},{hk},{s},{d}", "bf16 SDPA us": round(t["bf16 SDPA"] * 1e6, 1),
+               "bf16 TFLOP/s": round(flops / t["bf16 SDPA"] / 1e12, 1)}
+        for c in list(fns)[1:]:
+            row[c] = round(t["bf16 SDPA"] / t[c], 3)
+        row["attention8 TFLOP/s"] = round(flops / t["attention8"] / 1e12, 1)
+        rows.append(row)
+        key = name.replace(" ", "_").replace("-", "")
+        summary[f"attn8_{key}_x"] = row["attention8"]
+        summary[f"rowq_sdpa_{key}_x"] = row["row kernel+SDPA"]
+        print(row, flush=True)
+    print()
+    print("ratio = bf16 SDPA time / column time (> 1 = faster); CUDA-graph replay")
+    print(tabulate(rows, headers="keys", tablefmt="github"))
+    os.makedirs(args.out, exist_ok=True)
+    base = os.path.join(args.out, f"bench_attention_{gpu_tag(prov['gpu'])}")
+    with open(base + ".json", "w") as f:
+        json.dump({"provenance": prov, "rows": rows}, f, indent=1)
+    print(f"wrote {base}.json, {write_summary(args.out, 'attention', summary, argv)}")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        cols = ["ATen fake-quant+SDPA", "row kernel+SDPA", "attention8"]
+        fig, ax = plt.subplots(figsize=(10, 4))
+        w = 0.8 / len(cols)
+        for i, c in enumerate(cols):
+            ax.bar([j + i * w for j in range(len(rows))], [r[c] for r in rows], w, label=c)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks([j + w for j in range(len(rows))], [r["shape"] for r in rows], rotation=20, fontsize=8)
+        ax.set_ylabel("speed vs bf16 SDPA (x)")
+        ax.set_title(f"8-bit attention, {prov['gpu']}, torch {prov['torch']}", fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(base + ".png", dpi=110)
+        print(f"wrote {base}.png")
+    except ImportError:
+        print("matplotlib not installed: no PNG")
+
+
+if __name__ == "__main__":
+    main()
