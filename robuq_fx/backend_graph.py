@@ -306,7 +306,9 @@ def lift_holder_attrs(gm: fx.GraphModule) -> list[tuple[int, str]]:
                 ph.meta["example_value"] = val
             lifted[node.target] = last = ph
             _, slot, attr = node.target.split(".")
-            order.append((int(slot[len("slot"):]), attr))
+            # slot<i>, or fused_slot<i>_slot<j>... (passes/fuse.py): the tuple of the slots it fuses
+            order.append((int(slot[4:]) if slot.startswith("slot") else
+                          tuple(int(i) for i in re.findall(r"slot(\d+)", slot)), attr))
         node.replace_all_uses_with(lifted[node.target])
         g.erase_node(node)
     delattr(gm, HOLDER)

@@ -128,8 +128,23 @@ class Variant:
     lifted: list[tuple[int, str]]  # (slot, attribute) of each extra input, in order
 
     def __call__(self, args, payloads):
-        extras = [_tensor(payloads[slot], attr) for slot, attr in self.lifted]
+        fused: dict = {}
+        extras = [lifted_tensor(payloads, slot, attr, fused) for slot, attr in self.lifted]
         return self.fn(*args, *extras)
+
+
+def lifted_tensor(payloads: list, slot, attr: str, memo: dict | None = None):
+    """The tensor of a lifted input: slot is an int, or a tuple of slots fused into one layer (passes/fuse.py),
+    whose FusedLinear is built once per set of member PackedLinears."""
+    if type(slot) is int:
+        return _tensor(payloads[slot], attr)
+    p = memo.get(slot) if memo is not None else None
+    if p is None:
+        from .passes.fuse import fused_of
+        p = fused_of([payloads[i] for i in slot])
+        if memo is not None:
+            memo[slot] = p
+    return _tensor(p, attr)
 
 
 def _tensor(payload, attr: str):

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from .errors import CheckpointError
+from .passes.fuse import fuse_lowered, layer_modules, unfused_state_dict
 from .passes.lower import lower, packed_path
 from .passes.qat import ROBUQ_META, quantize
 from .policy import Policy
@@ -24,12 +25,12 @@ FORMAT = "robuq_fx.packed"
 FORMAT_VERSION = 1
 
 
-def _dedup(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _dedup(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """CPU tensors to write, each storage once: a tied weight (e.g. an LM's embedding and lm_head) is stored under
     its first key and the others are recorded as aliases; other views of a shared storage are copied (safetensors
     refuses tensors that share memory)."""
     tensors, aliases, same, storages = {}, {}, {}, set()
-    for k, v in model.state_dict().items():
+    for k, v in state.items():
         if not isinstance(v, torch.Tensor):
             continue
         ptr = (v.device, v.untyped_storage().data_ptr())
@@ -54,10 +55,11 @@ def save_quantized(lowered: nn.Module, path) -> Path:
     path = Path(path)
     if path.parent and not path.parent.exists():
         raise CheckpointError(f"cannot write {path}: directory {path.parent} does not exist")
-    tensors, aliases = _dedup(lowered)
+    tensors, aliases = _dedup(unfused_state_dict(lowered))  # per layer: files do not depend on sibling fusion
+    mods = layer_modules(lowered)
     layers = {}
     for n, spec in info["layers"].items():
-        m = lowered.get_submodule(packed_path(n))
+        m = mods[packed_path(n)]
         layers[n] = {"spec": spec, "shape": list(m.qweight.shape), "in_features": m.in_features,
                      "out_features": m.out_features}
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "policy": json.dumps(info["policy"]),
@@ -88,8 +90,9 @@ def read_metadata(path) -> dict:
     return meta
 
 
-def load_quantized(path, model: nn.Module, example_inputs=None) -> nn.Module:
-    """Inference module with the packed weights of `path`, built on `model`'s architecture (not modified)."""
+def load_quantized(path, model: nn.Module, example_inputs=None, *, fuse: bool = True) -> nn.Module:
+    """Inference module with the packed weights of `path`, built on `model`'s architecture (not modified).
+    fuse: as `lower(fuse=...)`; the file holds every layer on its own either way."""
     from safetensors import safe_open
     meta = read_metadata(path)
     saved = json.loads(meta["layers"])
@@ -108,7 +111,7 @@ def load_quantized(path, model: nn.Module, example_inputs=None) -> nn.Module:
         if saved[name]["spec"] != built[name]:
             raise CheckpointError(f"{path}: layer '{name}' was saved as {LayerSpec(**saved[name]['spec']).short()} "
                                   f"but this model builds it as {LayerSpec(**built[name]).short()}")
-    lowered = lower(qmodel, compute=False)
+    lowered = lower(qmodel, compute=False, fuse=False)
     expected = {k: v for k, v in lowered.state_dict().items() if isinstance(v, torch.Tensor)}
     try:
         aliases = json.loads(meta.get("aliases", "{}"))
@@ -131,6 +134,8 @@ def load_quantized(path, model: nn.Module, example_inputs=None) -> nn.Module:
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{path}: could not read tensors (truncated or corrupt?): {e}") from e
     lowered.load_state_dict(state, strict=False)
+    if fuse:
+        fuse_lowered(lowered)
     return lowered
 
 

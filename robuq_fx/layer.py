@@ -38,14 +38,32 @@ def qat_weight(weight, lrb_down, lrb_up, spec: LayerSpec):
                                           spec.scale_dtype)
 
 
-def robuq_linear(x, wq, bias, lrb_down, lrb_up, spec: LayerSpec):
-    """y = Q_a(x H) wq^T + bias + (x H) (A B)^T, with wq = Q_w(R) already computed."""
+def robuq_linear(x, wq, bias, lrb_down, lrb_up, spec: LayerSpec, splits=None):
+    """y = Q_a(x H) wq^T + bias + (x H) (A B)^T, with wq = Q_w(R) already computed.
+
+    splits (a fused layer, passes/fuse.py): the out_features of its members; x is rotated and quantized once, then
+    each member's rows run as their own products (lrb_down stacks the members' B, lrb_up is block-diagonal), so the
+    result is bit-identical to the members run one by one."""
     xh = rotate(x, spec)
     xq = _ops.fake_quant_act.default(xh, spec.a_bits, spec.sym, spec.a_clip) if spec.a_bits < 16 else xh
+    if splits:
+        return _per_member(xq, xh, wq, bias, lrb_down, lrb_up, splits)
     y = F.linear(xq, wq, bias)
     if lrb_down is not None:
         y = y + F.linear(F.linear(xh, lrb_down), lrb_up)
     return y
+
+
+def _per_member(xq, xh, wq, bias, lrb_down, lrb_up, splits):
+    ys, o = [], 0
+    r = 0 if lrb_down is None else lrb_down.shape[0] // len(splits)
+    for i, n in enumerate(splits):
+        y = F.linear(xq, wq[o:o + n], None if bias is None else bias[o:o + n])
+        if lrb_down is not None:
+            y = y + F.linear(F.linear(xh, lrb_down[i * r:(i + 1) * r]), lrb_up[o:o + n, i * r:(i + 1) * r])
+        ys.append(y)
+        o += n
+    return torch.cat(ys, dim=-1)
 
 
 def qat_forward(x, weight, bias, lrb_down, lrb_up, spec: LayerSpec):

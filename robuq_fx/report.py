@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .modules import PackedLinear
+from .passes.fuse import FusedLinear
 
 
 def _nbytes(t) -> int:
@@ -20,7 +21,10 @@ def size_rows(model: nn.Module) -> list[dict]:
         codes = _nbytes(m.qweight) + _nbytes(m.w_scale)
         lrb = _nbytes(m.lrb_down) + _nbytes(m.lrb_up)
         packed = codes + lrb + _nbytes(m.bias)
-        rows.append({"layer": name, "spec": m.spec.short(), "bf16 bytes": bf16, "codes+scales": codes,
+        label, spec = name, m.spec.short()
+        if isinstance(m, FusedLinear):  # sibling layers in one: named by its members (lrb_up is block-diagonal)
+            label, spec = m.label(), f"{m.member_specs[0].short()} fused x{len(m.members)}"
+        rows.append({"layer": label, "spec": spec, "bf16 bytes": bf16, "codes+scales": codes,
                      "lrb bytes": lrb, "packed bytes": packed, "codes/bf16": round(codes / bf16, 4),
                      "packed/bf16": round(packed / bf16, 4)})
     return rows

@@ -171,7 +171,7 @@ def build_cases() -> dict[str, Case]:
         # here a copy of the untrained structure takes the state
         q = copy.deepcopy(dit)
         q.load_state_dict(state)
-        lowered = robuq_fx.lower(q)
+        lowered = robuq_fx.lower(q, fuse=False)  # one PackedLinear per layer (to_q/k/v are not fused)
         return {n: lowered.get_submodule(packed_path(n)) for n in robuq_fx.robuq_info(lowered)["layers"]}
 
     return {

@@ -2,9 +2,14 @@
 
     qlinear(x (..., K), qweight uint8 packed codes of W' = (W H - A B) as (N, K), w_scale (N, G) | (1, 1),
             bias (N)?, lrb_down B (r, K)?, lrb_up A (N, r)?, out_features N, in_features K, w_bits, a_bits,
-            hadamard_block (0 = none), a_sym, a_clip) -> y (..., N)
+            hadamard_block (0 = none), a_sym, a_clip, splits (int[])?) -> y (..., N)
 
     y = Q_a(x H) (s_w q_w)^T + bias + (x H) B^T A^T
+
+splits: set on a fused layer (passes/fuse.py: siblings reading one input, e.g. q/k/v): the members' out_features,
+summing to N. The tensors are the members' stacked along N (lrb_down stacked along r, lrb_up block-diagonal), so the
+formula above holds as is; the reference computes each member's rows as their own products to stay bit-identical
+to the unfused layers, a GPU kernel may run one GEMM and skip lrb_up's zero blocks.
 
 Packed layout: `robuq_fx.packing` (flat, row-major codes, little-endian). Kernels: `robuq_fx.kernels.available()`.
 
@@ -22,16 +27,17 @@ from .registry import QLinearArgs, select
 _LIB = torch.library.Library("robuq", "FRAGMENT")
 _LIB.define("qlinear(Tensor x, Tensor qweight, Tensor w_scale, Tensor? bias, Tensor? lrb_down, Tensor? lrb_up, "
             "SymInt out_features, SymInt in_features, float w_bits, SymInt a_bits, SymInt hadamard_block, "
-            "bool a_sym, str a_clip) -> Tensor")
+            "bool a_sym, str a_clip, SymInt[]? splits=None) -> Tensor")
 
 
 def qlinear_impl(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                  lrb_down: torch.Tensor | None, lrb_up: torch.Tensor | None, out_features: int, in_features: int,
-                 w_bits: float, a_bits: int, hadamard_block: int, a_sym: bool, a_clip: str) -> torch.Tensor:
+                 w_bits: float, a_bits: int, hadamard_block: int, a_sym: bool, a_clip: str,
+                 splits=None) -> torch.Tensor:
     if x.shape[-1] != in_features:
         raise ValueError(f"robuq::qlinear: input has {x.shape[-1]} features, the layer expects {in_features}")
     args = QLinearArgs(qweight, w_scale, bias, lrb_down, lrb_up, out_features, in_features, w_bits, a_bits,
-                       hadamard_block, a_sym, a_clip)
+                       hadamard_block, a_sym, a_clip, tuple(splits) if splits else None)
     return select(x, args).fn(x, args)
 
 
@@ -40,7 +46,7 @@ _LIB.impl("qlinear", qlinear_impl, "CompositeExplicitAutograd")
 
 @torch.library.register_fake("robuq::qlinear", lib=_LIB)
 def _(x, qweight, w_scale, bias, lrb_down, lrb_up, out_features, in_features, w_bits, a_bits, hadamard_block,
-      a_sym, a_clip):
+      a_sym, a_clip, splits=None):
     return x.new_empty(*x.shape[:-1], out_features)
 
 

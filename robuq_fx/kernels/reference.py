@@ -29,7 +29,7 @@ def weight_codes(a: QLinearArgs) -> torch.Tensor:
                                          "codes, bit-identical to QAT eval)")
 def reference_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
     wq = Q.dequantize_weight(weight_codes(a), a.w_scale, x.dtype)
-    return layer.robuq_linear(x, wq, a.bias, a.lrb_down, a.lrb_up, spec_of(a))
+    return layer.robuq_linear(x, wq, a.bias, a.lrb_down, a.lrb_up, spec_of(a), a.splits)
 
 
 def integer_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:

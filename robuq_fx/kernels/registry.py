@@ -34,6 +34,7 @@ class QLinearArgs:
     hadamard_block: int
     a_sym: bool
     a_clip: str
+    splits: tuple[int, ...] | None = None  # a fused layer's member out_features (see robuq::qlinear); None: one layer
 
 
 @dataclass(frozen=True)

@@ -222,9 +222,10 @@ def cached(case: Case, kind: str):
 _LOWERED: dict = {}
 
 
-def cached_lowered(case: Case, kind: str):
-    key = (case.name, kind)
+def cached_lowered(case: Case, kind: str, fuse: bool = True):
+    """fuse=False: one PackedLinear and one qlinear call per layer (no sibling fusion, tests/passes/test_fuse.py)."""
+    key = (case.name, kind, fuse)
     if key not in _LOWERED:
-        _LOWERED[key] = robuq_fx.lower(cached(case, kind)[1])
+        _LOWERED[key] = robuq_fx.lower(cached(case, kind)[1], fuse=fuse)
     return _LOWERED[key]
 

@@ -42,7 +42,7 @@ def test_lowered_is_bit_identical_to_qat_eval(case, kind):
 @pytest.mark.parametrize("kind", ["lrb", "a2"])
 def test_lowered_graph_has_qlinear_and_no_fake_quant(case, kind):
     model, qmodel = cached(case, kind)
-    lowered = cached_lowered(case, kind)
+    lowered = cached_lowered(case, kind, fuse=False)  # one call per site; fused siblings: tests/passes/test_fuse.py
     layers = list(robuq_fx.robuq_info(qmodel)["layers"])
     sites = sum(case.call_counts(model, case.make_inputs())[n] for n in layers)
     targets = _targets(lowered)
@@ -62,7 +62,7 @@ def test_lowered_graph_has_qlinear_and_no_fake_quant(case, kind):
 @pytest.mark.parametrize("kind", ["lrb", "a2"])
 def test_lowered_state_dict_drops_fp_weights(case, kind):
     model, qmodel = cached(case, kind)
-    lowered = cached_lowered(case, kind)
+    lowered = cached_lowered(case, kind, fuse=False)  # per-layer keys (a fused model's: unfused_state_dict)
     sd = lowered.state_dict()
     layers = list(robuq_fx.robuq_info(qmodel)["layers"])
     for name in layers:
