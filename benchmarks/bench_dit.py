@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _provenance import provenance  # noqa: E402
+from _provenance import gpu_tag, provenance, write_summary  # noqa: E402
 import robuq_fx  # noqa: E402
 from robuq_fx.modules import PackedLinear  # noqa: E402
 
@@ -57,8 +57,44 @@ def policies():
     dit = robuq_fx.Policy.load("dit").to_dict()
     ternary = copy.deepcopy(dit)
     ternary["rules"][1]["w_bits"] = 1.58
-    return {"robuq W4A4+H": dit, "robuq W1.58A4+H": ternary, "robuq dit-xl-2-robuq (W1.58A4+H+LRB32, attn 8)":
-            robuq_fx.Policy.load("dit-xl-2-robuq").to_dict()}
+    return {"robuq W4A4+H": dit, "robuq W1.58A4+H": ternary, PAPER: robuq_fx.Policy.load("dit-xl-2-robuq").to_dict(),
+            PAPER_A3: robuq_fx.Policy.load("dit-xl-2-robuq-a3").to_dict(),
+            PAPER_A2: robuq_fx.Policy.load("dit-xl-2-robuq-a2").to_dict()}
+
+
+PAPER = "robuq dit-xl-2-robuq (W1.58A4+H+LRB32, attn 8)"
+PAPER_A3 = "robuq dit-xl-2-robuq-a3 (W1.58A3 asym sigma +H+LRB32, attn 8)"
+PAPER_A2 = "robuq dit-xl-2-robuq-a2 (W1.58A2 asym sigma +H+LRB32, attn 8)"
+SUMMARY_KEYS = {"robuq W4A4+H": "w4a4h", "robuq W1.58A4+H": "w158a4h", PAPER: "paper", PAPER_A3: "paper_a3",
+                PAPER_A2: "paper_a2"}
+
+
+def summary(results: dict) -> dict:
+    """The named figures of issues 17 and 19 (speed and memory vs bf16 in the same run)."""
+    out = {}
+    base = results["baseline"]
+    for r in results["latency"]:
+        key = SUMMARY_KEYS.get(r["setting"])
+        if key:
+            out[f"{key}_b{r['batch']}_x"] = r[f"x vs {base}"]
+    peak = {(r["setting"], r["batch"]): r["peak MiB"] for r in results["latency"]}
+    for (name, b), v in peak.items():
+        key = SUMMARY_KEYS.get(name)
+        if key and (base, b) in peak and b == max(bb for _, bb in peak):
+            out[f"{key}_peak_b{b}_x"] = round(v / peak[(base, b)], 3)
+    for r in results["memory"]:
+        key = SUMMARY_KEYS.get(r["setting"])
+        if key:
+            out[f"{key}_resident_x"] = r["ratio"]
+    for r in results.get("default_mode", []):
+        key = SUMMARY_KEYS.get(r["setting"])
+        if key:
+            out[f"{key}_b{r['batch']}_default_x"] = r["x vs bf16 torch.compile (default)"]
+    names = {"QAT W4A4+H": "qat", "QAT W1.58A4+H": "qat_w158", "QAT dit-xl-2-robuq": "qat_paper"}
+    for r in results["train_step"]:
+        if r["setting"] in names:
+            out[f"{names[r['setting']]}_{r['mode']}_x"] = r["x FP step time"]
+    return out
 
 
 def timeit(fn, iters, warmup, device):
@@ -83,26 +119,41 @@ def timeit(fn, iters, warmup, device):
     return statistics.median(times)
 
 
-def quantized_weight_bytes(model) -> tuple[int, int]:
-    """(resident bytes of quantized layers incl. any kernel-side weight cache, bf16 bytes of the same weights)."""
+def _unique_bytes(tensors, seen: set) -> int:
+    total = 0
+    for x in tensors:
+        if isinstance(x, torch.Tensor) and x.numel():
+            key = (x.untyped_storage().data_ptr(), x.device)
+            if key not in seen:
+                seen.add(key)
+                total += x.untyped_storage().nbytes()
+    return total
+
+
+def quantized_weight_bytes(model) -> tuple[int, int, int]:
+    """(resident bytes of the quantized layers' buffers + every kernel-side weight cache, each storage counted once;
+    bf16 bytes of the same weights; of which kernel caches)."""
+    seen: set = set()
     res = bf16 = 0
     for m in model.modules():
         if isinstance(m, PackedLinear):
-            res += m.packed_bytes()
+            res += _unique_bytes(m.buffers(recurse=False), seen)
             bf16 += 2 * m.in_features * m.out_features + (2 * m.out_features if m.bias is not None else 0)
-    return res + kernel_cache_bytes(), bf16
+    cache = kernel_cache_bytes(seen)
+    return res + cache, bf16, cache
 
 
-def kernel_cache_bytes() -> int:
-    """GPU weight caches of the fp8 / dequant kernels (fp8 codes, bf16 dequantized weights, scales, B H)."""
+def kernel_cache_bytes(seen: set | None = None) -> int:
+    """GPU weight caches of the fp8 / dequant kernels (fp8 codes, bf16 dequantized weights, scales, B H) that are
+    not the modules' own buffers."""
     try:
         from robuq_fx.kernels import triton_fp8 as t
     except ImportError:
         return 0
+    seen = set() if seen is None else seen
     total = 0
     for e in list(t._WCACHE.values()):
-        tensors = [e.fp8, e.sw, e.cs, *e.deq.values(), *e.bh.values()]
-        total += sum(x.numel() * x.element_size() for x in tensors if isinstance(x, torch.Tensor))
+        total += _unique_bytes([e.fp8, e.sw, e.cs, *e.deq.values(), *e.bh.values()], seen)
     return total
 
 
@@ -133,6 +184,24 @@ def plot(results: dict, path: Path) -> None:
     print(f"wrote {path}")
 
 
+def default_mode_rows(fp_dev, cfg, device, dtype, ex, args) -> list[dict]:
+    """bf16 and W4A4+H at batch 8 under torch.compile's default mode (no CUDA graphs): where per-call CPU cost
+    shows (issue 17, item 6)."""
+    rows = []
+    x = inputs(cfg, 8, device, dtype)
+    low = robuq_fx.lower(robuq_fx.quantize(fp_dev, policies()["robuq W4A4+H"], example_inputs=ex), progress=False)
+    with torch.no_grad():
+        low(**x)
+        for name, model in (("bf16 torch.compile (default)", fp_dev), ("robuq W4A4+H", low)):
+            fn = torch.compile(model)
+            ms = timeit(lambda: fn(**x), args.iters, args.warmup, device)
+            rows.append({"setting": name, "batch": 8, "ms": round(ms, 3)})
+            torch._dynamo.reset()
+    for r in rows:
+        r["x vs bf16 torch.compile (default)"] = round(rows[0]["ms"] / r["ms"], 3)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny 2-layer DiT on CPU (smoke run)")
@@ -146,6 +215,10 @@ def main(argv=None):
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for every compiled row "
                     "(e.g. reduce-overhead for CUDA graphs); default: torch's default")
     ap.add_argument("--tag", default="", help="suffix of the result file name")
+    ap.add_argument("--settings", nargs="+", default=None, metavar="SUBSTR",
+                    help="only the robuq settings whose name contains one of these (bf16 always runs)")
+    ap.add_argument("--default-mode-b8", action="store_true",
+                    help="also time bf16 and W4A4+H at batch 8 with torch.compile's default mode (no CUDA graphs)")
     ap.add_argument("--cpu-prepare", action="store_true", help="also time quantize + lower on the CPU in fp32")
     ap.add_argument("--plot", metavar="JSON", help="only draw the PNG of an earlier result JSON")
     ap.add_argument("--out", default="benchmarks/results", help="folder for JSON/PNG")
@@ -188,7 +261,8 @@ def main(argv=None):
             del q
         del fp_cpu
     fp_dev = variants["bf16 eager"][0] if variants else None
-    for name, pol in ({} if args.train_only else policies()).items():
+    chosen = {n: p for n, p in policies().items() if not args.settings or any(t in n for t in args.settings)}
+    for name, pol in ({} if args.train_only else chosen).items():
         t0 = time.perf_counter()
         q = robuq_fx.quantize(fp_dev, pol, example_inputs=ex)
         t1 = time.perf_counter()
@@ -219,12 +293,12 @@ def main(argv=None):
             rows[(name, b)] = ms
             results["latency"].append({"setting": name, "batch": b, "ms": round(ms, 3), "peak MiB": round(peak, 1)})
             print(f"  {name:52s} batch {b:3d}: {ms:8.3f} ms", flush=True)
-        res, bf = quantized_weight_bytes(model)
+        res, bf, cache = quantized_weight_bytes(model)
         if bf:
             results["memory"].append({"setting": name, "quantized-layer weights + kernel caches MiB":
                                       round(res / 2**20, 1), "bf16 MiB": round(bf / 2**20, 1),
                                       "ratio": round(res / bf, 3), "of which kernel caches MiB":
-                                      round(kernel_cache_bytes() / 2**20, 1)})
+                                      round(cache / 2**20, 1)})
         try:
             from robuq_fx.kernels import triton_fp8
             triton_fp8.clear_caches()  # the next setting's memory is its own
@@ -234,32 +308,44 @@ def main(argv=None):
         variants[name] = None
     base = "bf16 eager" if args.no_compile else "bf16 torch.compile"
     results["baseline"] = base
+    if args.default_mode_b8 and not args.train_only and fp_dev is not None:
+        results["default_mode"] = default_mode_rows(fp_dev, cfg, device, dtype, ex, args)
     for r in results["latency"]:
         r[f"x vs {base}"] = round(rows[(base, r["batch"])] / r["ms"], 3)
 
-    # One training step, batch --train-batch: FP vs QAT (robuq W1.58A4+H), both eager fp32 master weights + bf16 autocast.
+    # One training step, batch --train-batch: FP vs QAT, fp32 master weights + bf16 autocast, AdamW; eager, and
+    # (unless --no-compile) with the model under torch.compile's default mode. Ratios vs FP in the same mode.
     tb = args.train_batch if not args.quick else 2
-    for name, pol in [] if args.skip_train else [("FP", None), ("QAT W1.58A4+H", policies()["robuq W1.58A4+H"]),
-                      ("QAT dit-xl-2-robuq", policies()["robuq dit-xl-2-robuq (W1.58A4+H+LRB32, attn 8)"])]:
-        m = build(cfg).to(device).train()
-        if pol is not None:
-            m = robuq_fx.quantize(m, pol, example_inputs=inputs(cfg, 2, device)).train()
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-        x = inputs(cfg, tb, device)
-        target = torch.randn_like(m(**x)[0]) if pol is None else None
+    train = [("FP", None), ("QAT W4A4+H", policies()["robuq W4A4+H"]), ("QAT W1.58A4+H", policies()["robuq W1.58A4+H"]),
+             ("QAT dit-xl-2-robuq", policies()[PAPER])]
+    if args.settings:
+        train = [t for t in train if t[1] is None or any(x in t[0] for x in args.settings)]
+    modes = ["eager"] + ([] if args.no_compile else ["compiled"])
+    for mode in [] if args.skip_train else modes:
+        for name, pol in train:
+            m = build(cfg).to(device).train()
+            if pol is not None:
+                m = robuq_fx.quantize(m, pol, example_inputs=inputs(cfg, 2, device)).train()
+            opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+            x = inputs(cfg, tb, device)
+            fwd = torch.compile(m) if mode == "compiled" else m
+            target = torch.randn_like(m(**x)[0].detach())
 
-        def step():
-            with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
-                out = m(**x)[0]
-            loss = (out.float() - (target if target is not None else 0)).pow(2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        ms = timeit(step, max(3, args.iters // 4), 2, device)
-        results["train_step"].append({"setting": name, "batch": tb, "ms": round(ms, 2)})
-        del m, opt
+            def step():
+                with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
+                    out = fwd(**x)[0]
+                loss = (out.float() - target).pow(2).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            ms = timeit(step, max(3, args.iters // 4), 3, device)
+            results["train_step"].append({"setting": name, "mode": mode, "batch": tb, "ms": round(ms, 2)})
+            print(f"  train {name:24s} {mode:8s}: {ms:8.2f} ms", flush=True)
+            del m, opt, fwd
+            torch._dynamo.reset()
+    fp_ms = {r["mode"]: r["ms"] for r in results["train_step"] if r["setting"] == "FP"}
     for r in results["train_step"]:
-        r["x FP step time"] = round(r["ms"] / results["train_step"][0]["ms"], 3)
+        r["x FP step time"] = round(r["ms"] / fp_ms[r["mode"]], 3)
 
     print()
     print(tabulate(results["latency"], headers="keys", tablefmt="github"))
@@ -269,12 +355,21 @@ def main(argv=None):
     print(tabulate(results["prepare"], headers="keys", tablefmt="github"))
     print()
     print(tabulate(results["train_step"], headers="keys", tablefmt="github"))
+    if results.get("default_mode"):
+        print()
+        print(tabulate(results["default_mode"], headers="keys", tablefmt="github"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = ("quick" if args.quick else gpu.replace(" ", "_").replace("/", "_")) + args.tag
     path = out / f"bench_dit_{tag}.json"
     path.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {path}")
+    if not args.quick:  # merged into the existing summary: runs of different --settings add their figures
+        old = out / f"summary_dit_{gpu_tag()}.json"
+        figures = json.loads(old.read_text()) if old.exists() else {}
+        figures.update(summary(results))
+        print(f"wrote {write_summary(out, 'dit', figures, argv)}")
+        print(json.dumps(summary(results), indent=1))
     if results["latency"]:
         plot(results, path.with_suffix(".png"))
     return results

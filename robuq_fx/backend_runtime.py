@@ -65,7 +65,7 @@ def packed(weight: torch.Tensor, bias, lrb, spec: LayerSpec) -> PackedLinear:
     with torch.inference_mode(False), torch.no_grad():
         if spec.lora_rank and down is None:
             down, up = layer.lrb_init(weight, spec)
-        p = PackedLinear.from_float(weight, bias, down, up, spec)
+        p = PackedLinear.from_float(weight, bias, down, up, spec).use_device_layout()
     PACK_CALLS[0] += 1
     per[spec] = (state, p)
     return p

@@ -1,14 +1,52 @@
 """`PackedLinear`: the inference form of one RobuQ layer. Holds the packed residual codes, their scales, the bias and
-the full-precision low-rank branch; its forward (and the lowered graph) is one `robuq::qlinear` call."""
+the full-precision low-rank branch; its forward (and the lowered graph) is one `robuq::qlinear` call.
+
+Weight layouts of the `qweight` buffer (one copy of the weight, whichever it is):
+    packed  uint8, flat (robuq_fx.packing): ternary 5 codes a byte, 2-bit 4, 3-bit 8 in 3 bytes, 4-bit 2, int8
+    fp8     float8_e4m3fn (N, K) holding the integer codes (|q| <= 15 is exact in e4m3): what Hopper/Ada fp8 tensor
+            cores read directly, so the GPU kernels keep no second copy. Used on CUDA devices with fp8 tensor cores
+            (capability >= 8.9) for codes of at most 4 bits: `lower()`, `.to(device)` and `load_state_dict` switch
+            to it there (ROBUQ_WEIGHT_LAYOUT=packed keeps the packed bytes).
+`state_dict()` always holds the packed bytes, so checkpoints do not depend on the device. Moves and casts
+(`.to(torch.bfloat16)`, `.half()`) never change qweight's or w_scale's dtype: only the bias and the low-rank branch
+follow the model's dtype.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
+import os
+
 from . import kernels  # noqa: F401  (registers torch.ops.robuq.qlinear)
 from . import layer, packing
 from . import quantizers as Q
 from .spec import LayerSpec
+
+
+FP8 = getattr(torch, "float8_e4m3fn", None)
+
+
+def codes_of(qweight: torch.Tensor, w_bits, shape) -> torch.Tensor:
+    """int8 codes (N, K) from either weight layout."""
+    if qweight.dtype == FP8:
+        return qweight.to(torch.float16).to(torch.int8).reshape(shape)
+    return packing.unpack(qweight, w_bits, shape)
+
+
+def fp8_layout_ok(device: torch.device, w_bits) -> bool:
+    """fp8 codes on this device: CUDA with fp8 tensor cores (capability >= 8.9), codes of at most 4 bits."""
+    if FP8 is None or device.type != "cuda" or float(w_bits) > 4 or os.environ.get("ROBUQ_WEIGHT_LAYOUT") == "packed":
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def use_device_layout(model: nn.Module) -> nn.Module:
+    """Every PackedLinear of `model` in the layout its device's kernels read best (in place)."""
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            m.use_device_layout()
+    return model
 
 
 class PackedLinear(nn.Module):
@@ -62,9 +100,62 @@ class PackedLinear(nn.Module):
                                        *self.op_args())
 
     def weight_codes(self) -> torch.Tensor:
-        return packing.unpack(self.qweight, self.spec.w_bits, (self.out_features, self.in_features))
+        return codes_of(self.qweight, self.spec.w_bits, (self.out_features, self.in_features))
+
+    # ---- weight layout (see the module docstring) -------------------------------------------------------------
+    @property
+    def layout(self) -> str:
+        return "fp8" if self.qweight.dtype == FP8 else "packed"
+
+    @torch.no_grad()
+    def set_layout(self, layout: str) -> "PackedLinear":
+        """Store qweight as "packed" bytes or as "fp8" codes (N, K); the codes are unchanged."""
+        if layout == self.layout:
+            return self
+        codes = self.weight_codes()
+        w = codes.to(torch.float16).to(FP8) if layout == "fp8" else packing.pack(codes, self.spec.w_bits)
+        self._buffers["qweight"] = w.contiguous()
+        self.__dict__.pop("_op_args", None)
+        return self
+
+    def use_device_layout(self) -> "PackedLinear":
+        """The layout the kernels of qweight's device read best: fp8 where fp8 tensor cores take the codes."""
+        return self.set_layout("fp8" if fp8_layout_ok(self.qweight.device, self.spec.w_bits) else "packed")
+
+    def _apply(self, fn, recurse=True):
+        # qweight holds codes and w_scale their scales in a chosen precision: device moves apply, casts do not
+        before = self.qweight.device
+        keep = {b: self._buffers.pop(b) for b in ("qweight", "w_scale") if self._buffers.get(b) is not None}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for b, t in keep.items():
+                moved = fn(t)
+                self._buffers[b] = moved if moved.dtype == t.dtype else t.to(moved.device)
+        if self.qweight.device != before:
+            self.use_device_layout()
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout == "fp8":
+            destination[prefix + "qweight"] = packing.pack(self.weight_codes(), self.spec.w_bits)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "qweight"
+        t = state_dict.get(key)
+        if self.layout == "fp8" and isinstance(t, torch.Tensor) and t.dtype == torch.uint8:
+            self.set_layout("packed")
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+            self.set_layout("fp8")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def packed_bytes(self) -> int:
+        """Bytes of the module's buffers as they sit in memory now (fp8 layout: one byte a weight)."""
         return sum(t.numel() * t.element_size() for t in self.buffers())
 
     def extra_repr(self):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from . import packing
 from .modules import PackedLinear
 from .passes.fuse import FusedLinear
 
@@ -18,7 +19,8 @@ def size_rows(model: nn.Module) -> list[dict]:
             continue
         n, k = m.out_features, m.in_features
         bf16 = 2 * n * k + (2 * n if m.bias is not None else 0)
-        codes = _nbytes(m.qweight) + _nbytes(m.w_scale)
+        # the packed bytes a checkpoint holds, whichever layout qweight has in memory (modules.PackedLinear)
+        codes = packing.packed_numel(n * k, m.spec.w_bits) + _nbytes(m.w_scale)
         lrb = _nbytes(m.lrb_down) + _nbytes(m.lrb_up)
         packed = codes + lrb + _nbytes(m.bias)
         label, spec = name, m.spec.short()

@@ -22,6 +22,9 @@ def spec_of(a: QLinearArgs) -> LayerSpec:
 
 
 def weight_codes(a: QLinearArgs) -> torch.Tensor:
+    """int8 codes (N, K) from either qweight layout (modules.PackedLinear: packed bytes or fp8 codes)."""
+    if a.qweight.dtype == getattr(torch, "float8_e4m3fn", None):
+        return a.qweight.to(torch.float16).to(torch.int8).reshape(a.out_features, a.in_features)
     return packing.unpack(a.qweight, a.w_bits, (a.out_features, a.in_features))
 
 

@@ -249,14 +249,23 @@ def _fp8_weights(a: QLinearArgs) -> _Entry:
     if e.fp8 is None:
         codes = weight_codes(a)
         n = a.out_features
-        e.fp8 = codes.to(torch.bfloat16).to(torch.float8_e4m3fn).contiguous()
+        if _fp8_layout(a):  # the module's buffer already is the fp8 codes: no second copy
+            e.fp8 = a.qweight.reshape(n, a.in_features)
+        else:
+            e.fp8 = codes.to(torch.bfloat16).to(torch.float8_e4m3fn).contiguous()
         e.sw = a.w_scale.float().reshape(-1).expand(n).contiguous() if a.w_scale.numel() == 1 \
             else a.w_scale.float().reshape(n).contiguous()
         e.cs = Q.weight_code_colsum(codes, a.w_scale).contiguous()
     return e
 
 
+def _fp8_layout(a: QLinearArgs) -> bool:
+    return a.qweight.dtype == torch.float8_e4m3fn
+
+
 def _deq_weight(a: QLinearArgs, dtype: torch.dtype) -> torch.Tensor:
+    if _fp8_layout(a):  # one resident copy: dequantize per call rather than keep a 16-bit weight
+        return Q.dequantize_weight(weight_codes(a), a.w_scale, dtype)
     e = _entry(a)
     w = e.deq.get(dtype)
     if w is None:
@@ -354,7 +363,7 @@ def _fp8_supports(x: torch.Tensor, a: QLinearArgs) -> str | None:
     why = quant_supported(k, a.hadamard_block, a.a_bits, x.dtype)
     if why:
         return why
-    if forced() != FP8:
+    if forced() != FP8 and not _fp8_layout(a):  # fp8 layout: no 16-bit weight to fall back on, fp8 at every M
         m = x.numel() // k
         thr = fp8_min_m(n, k, epi)
         if m < thr:
@@ -463,7 +472,7 @@ def dequant_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
     fused = (a.a_bits < 16 and a.a_clip == "absmax" and _triton_quant_ok(x.device.index or 0)
              and quant_supported(k, a.hadamard_block, a.a_bits, x.dtype) is None)
     if not fused:  # the reference math with the cached dequantized weight: bit-identical to `reference`
-        return layer.robuq_linear(x, wq, a.bias, a.lrb_down, a.lrb_up, spec_of(a))
+        return layer.robuq_linear(x, wq, a.bias, a.lrb_down, a.lrb_up, spec_of(a), a.splits)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:

@@ -125,7 +125,7 @@ def fuse_packed(mods: list[PackedLinear], names=None) -> FusedLinear:
         if f.lrb_down is not None:
             f.lrb_down.copy_(torch.cat([m.lrb_down for m in mods]))
             f.lrb_up.copy_(torch.block_diag(*[m.lrb_up for m in mods]))
-    return f
+    return f.use_device_layout()  # fp8 codes on fp8-capable GPUs, like its members (modules.PackedLinear)
 
 
 _FUSED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # first member -> {member ids: (weakrefs, FusedLinear)}

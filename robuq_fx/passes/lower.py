@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from ..capture import source_meta
 from ..errors import LoweringError
-from ..modules import PackedLinear
+from ..modules import PackedLinear, use_device_layout
 from ..spec import LayerSpec
 from .attention import lower_attention
 from .fuse import fuse_lowered
@@ -53,6 +53,7 @@ def lower(qmodel: nn.Module, *, compute: bool = True, progress: bool | None = No
     set_robuq_info(gm, dict(info, stage="lowered"))  # not setattr: must survive deepcopy (see qat.set_robuq_info)
     if fuse:
         fuse_lowered(gm)
+    use_device_layout(gm)  # fp8 codes as the one weight copy on fp8-capable GPUs (modules.PackedLinear)
     gm.eval()
     return gm
 
