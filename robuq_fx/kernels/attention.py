@@ -7,7 +7,9 @@ an attention rule (`attn_bits: 8`). Lowering replaces "fake-quant q, k, v -> SDP
 Reference (any device): exactly the QAT graph's calls, `robuq::fake_quant_act` on q, k, v then
 `F.scaled_dot_product_attention`, so a lowered model stays bit-identical to its QAT model in eval mode. On CUDA
 `fake_quant_act` is one Triton kernel per tensor (kernels/triton_rowquant.py, bit-identical to the torch math) and
-SDPA runs torch's flash kernel: that is the default CUDA path.
+SDPA runs torch's flash kernel. The default CUDA path computes the same values, quantizing each tensor in its own
+memory order (q, k, v usually are (batch, heads, seq, dim) views of (batch, seq, heads, dim) memory) instead of
+through the op's contiguous copy.
 
 `ROBUQ_ATTENTION=fused` runs the single Triton flash kernel of `triton_attention8.py` instead (quantization while
 loading, q.k on int8 tensor cores) for the calls it takes. It is opt-in because on the H200 it is still slower than
@@ -32,7 +34,7 @@ _LIB.define("attention8(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float d
 
 
 def _layout(out: torch.Tensor) -> torch.Tensor:
-    """`out` (b, h, s, d) with (b, s, h, d) memory, as the kernel writes it."""
+    """`out` (b, h, s, d) with (b, s, h, d) memory, as the kernel writes it (SDPA's flash kernel already does)."""
     if out.dim() != 4:
         return out.contiguous()
     return out.transpose(1, 2).contiguous().transpose(1, 2)
@@ -74,7 +76,23 @@ def _cuda(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits):
             and why_not_kernel(q, k, v, attn_mask, dropout_p, bits) is None:
         from . import triton_attention8
         return triton_attention8.attention8(q, k, v, is_causal, scale, float(2 ** (bits - 1) - 1))
+    rows = _rows()
+    if rows is not None and all(rows.supported(t, bits) is None for t in (q, k, v)) \
+            and os.environ.get("ROBUQ_ATTENTION") != "reference":
+        # the reference's values, each tensor quantized in its own memory order (no transposing copy)
+        qq, kk, vv = (rows.fake_quant_rows(t, bits, True, keep_layout=True) for t in (q, k, v))
+        kw = {"enable_gqa": True} if enable_gqa else {}
+        return _layout(F.scaled_dot_product_attention(qq, kk, vv, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                      is_causal=is_causal, scale=scale, **kw))
     return reference(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits)
+
+
+def _rows():
+    try:
+        from . import triton_rowquant
+        return triton_rowquant
+    except Exception:  # noqa: BLE001 - no usable triton
+        return None
 
 
 _LIB.impl("attention8", reference, "CompositeExplicitAutograd")

@@ -99,18 +99,44 @@ def _tiling(d: int) -> tuple[int, int, int]:
     return block_r, block_d, warps
 
 
-def fake_quant_rows(x: torch.Tensor, a_bits: int, sym: bool) -> torch.Tensor:
-    """Q_a(x) per row of the last dimension (absmax range), contiguous, in x's dtype."""
+def _dense_rows(x: torch.Tensor) -> bool:
+    """x's memory is a dense (rows, D) matrix in some order of its leading dims (e.g. q as (b, h, s, d) viewed on
+    (b, s, h, d) memory): then every row can be read and written in memory order."""
+    if x.stride(-1) != 1:
+        return False
+    dims = sorted((st, n) for st, n in zip(x.stride()[:-1], x.shape[:-1]) if n > 1)
+    expect = x.shape[-1]
+    for st, n in dims:
+        if st != expect:
+            return False
+        expect *= n
+    return True
+
+
+def fake_quant_rows(x: torch.Tensor, a_bits: int, sym: bool, keep_layout: bool = False) -> torch.Tensor:
+    """Q_a(x) per row of the last dimension (absmax range), in x's dtype; contiguous, or with keep_layout (and a
+    dense input) in x's own memory layout, which reads and writes every row in memory order."""
     from .. import quantizers as Q
+    if keep_layout and _dense_rows(x) and not x.is_contiguous():
+        out = torch.empty_like(x)  # preserves a dense permuted layout
+        flat_in = x.as_strided((x.numel() // x.shape[-1], x.shape[-1]), (x.shape[-1], 1))
+        flat_out = out.as_strided(flat_in.shape, flat_in.stride())
+        _launch(flat_in, flat_out, a_bits, sym, Q)
+        return out
+    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    _launch(x, out, a_bits, sym, Q)
+    return out
+
+
+def _launch(x, out, a_bits, sym, Q):
     shape = x.shape
     d = shape[-1]
     pad = 4 - x.dim()
     lead = (1,) * pad + tuple(shape[:-1])  # three leading dims
     strides = (0,) * pad + tuple(x.stride()[:-1])
-    out = torch.empty(shape, device=x.device, dtype=x.dtype)
     n_rows = out.numel() // max(d, 1)
     if n_rows == 0 or d == 0:
-        return out
+        return
     block_r, block_d, warps = _tiling(d)
     grid = (triton.cdiv(n_rows, block_r),)
     with (torch.cuda.device(x.device) if x.is_cuda else _nullctx()):
@@ -119,20 +145,3 @@ def fake_quant_rows(x: torch.Tensor, a_bits: int, sym: bool) -> torch.Tensor:
                               float(Q.act_levels(a_bits, sym))),
                              dict(SYM=bool(sym), BLOCK_R=block_r, BLOCK_D=block_d),
                              dict(num_warps=warps, enable_fp_fusion=False))
-    return out
-    n0, n1, n2 = lead[0] * lead[1], lead[2], lead[3]
-    # fold the two outermost dims into one when they are laid out as one (always true for the 1-3-D cases)
-    s0 = strides[1] if lead[0] == 1 or strides[0] == strides[1] * lead[1] else None
-    if s0 is None:
-        x = x.contiguous()
-        return fake_quant_rows(x, a_bits, sym)
-    block_r, block_d, warps = _tiling(d)
-    grid = (triton.cdiv(n_rows, block_r),)
-    with (torch.cuda.device(x.device) if x.is_cuda else _nullctx()):
-        triton_launch.launch(fake_quant_rows_kernel, grid,
-                             (x, out, n_rows, d, n1, n2, s0, strides[2], strides[3], x.stride(-1),
-                              float(Q.act_levels(a_bits, sym))),
-                             dict(SYM=bool(sym), BLOCK_R=block_r, BLOCK_D=block_d),
-                             dict(num_warps=warps, enable_fp_fusion=False))
-    del n0
-    return out

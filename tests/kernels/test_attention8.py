@@ -52,6 +52,8 @@ def test_row_kernel_equals_torch_math(dtype, bits, sym):
         ref = Q.fake_quant_act(x, bits, sym)
         assert out.dtype == dtype and out.is_contiguous()
         assert torch.equal(out, ref), f"{shape} {perm}: {(out.float() - ref.float()).abs().max().item()}"
+        kept = R.fake_quant_rows(x, bits, sym, keep_layout=True)  # rows in memory order, x's own layout
+        assert torch.equal(kept, ref) and (perm is None or kept.stride() == x.stride())
 
 
 def test_fake_quant_act_op_uses_the_row_kernel_and_stays_exact():
