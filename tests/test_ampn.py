@@ -3,6 +3,8 @@
 JSON/YAML -> quantize -> lower, and clear errors."""
 import importlib.util
 import itertools
+import json
+import math
 import subprocess
 import sys
 import warnings
@@ -215,7 +217,8 @@ def test_allocate_from_reuses_measurements():
 
 
 def test_bench_accuracy_quick(tmp_path):
-    """The benchmark's smoke run (~10-15 s on 2 shared cores): runs end to end and writes its files."""
+    """The benchmark's smoke run (~10-15 s on 2 shared cores): runs end to end, writes its files, and its JSON holds
+    what it must (check_bench_json)."""
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_accuracy.py"), "--quick", "--out",
                            str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -225,3 +228,47 @@ def test_bench_accuracy_quick(tmp_path):
         files.append("bench_accuracy_dit_samples.png")
     for f in files:
         assert (tmp_path / f).stat().st_size > 0
+    check_bench_json(json.loads((tmp_path / "bench_accuracy.json").read_text()))
+
+
+def check_bench_json(d):
+    """What the quick run's numbers must satisfy whatever the seed or torch version: structure, finite values in
+    range, the budget met, reports consistent with themselves, and a judge / FP baseline that work."""
+    assert set(d["provenance"]) >= {"commit", "command", "gpu", "torch", "date"}
+    labels = [s["label"] for s in d["settings"]]
+    ampn_labels = [s["label"] for s in d["settings"] if s["ampn"]]
+    assert ampn_labels and len(labels) > len(ampn_labels)
+    assert d["times"]["judge_real_acc"] > 90  # the DiT samples' judge must recognise real digits (measured 96.9)
+    for model, acc_key, loss_key in (("mlp", "acc", "nll"), ("dit", "judged_acc", "heldout_loss")):
+        for res in d[model]:  # one dict per seed
+            assert list(res) == ["FP", *labels]
+            for label, r in res.items():
+                assert 0 <= r[acc_key] <= 100 and math.isfinite(r[loss_key]) and r[loss_key] > 0, (model, label, r)
+                if "ptq_acc" in r:
+                    assert 0 <= r["ptq_acc"] <= 100
+                if "same_as" in r:  # an allocation that equals a uniform setting reuses its model: same numbers
+                    assert {k: v for k, v in r.items() if k != "same_as"} == res[r["same_as"]]
+            if model == "mlp":
+                assert res["FP"]["acc"] > 85  # measured 96.4: the FP baseline trained
+    for model, per_seed in d["ampn"].items():
+        for alloc in per_seed:
+            for label, rep in alloc.items():
+                assert label in ampn_labels
+                rows, info = rep["rows"], rep["info"]
+                budget = next(s["a_bits"] for s in d["settings"] if s["label"] == label)
+                assert all(r["bits"] in (1, 2, 3, 4) and r["Δ@A4"] == 0.0 for r in rows)  # A4: the reference
+                assert all(math.isfinite(r[f"Δ@A{b}"]) for r in rows for b in (1, 2, 3))
+                macs = sum(r["MACs"] for r in rows)
+                mean = sum(r["bits"] * r["MACs"] for r in rows) / macs
+                assert mean == pytest.approx(info["mean bits (MAC-weighted)"], abs=1e-4) and mean <= budget + 1e-9
+                load, cap = (int(v) for v in info["load / capacity"].split(" (")[0].split(" / "))
+                assert load <= cap
+                for sm in rep["summary"]:
+                    bits = [r["bits"] for r in rows if r["kind"] == sm["kind"]]
+                    assert sm["layers"] == len(bits) and sm["mean bits"] == pytest.approx(sum(bits) / len(bits))
+        for res in d[model]:
+            for label in ampn_labels:
+                if "mean_bits" in res[label]:
+                    assert res[label]["mean_bits"] <= budget + 1e-9
+    for label in labels:
+        assert label in d["tables"]["quick"]

@@ -1,7 +1,9 @@
 """The examples run end to end in their --quick modes, as a user runs them (a subprocess each).
 
-Accuracy floors are loose on purpose: quick mode trains for 2-3 epochs, and the floors only have to prove that
-the model learned (chance is 10%), not pin the numbers, which move with torch versions and thread counts.
+Accuracy floors: each setting's measured quick-mode accuracy (torch 2.13 CPU, seed 0; 360 test images) minus 5
+points (18 images): room for torch versions and thread counts, while a real regression crosses them (measured: the
+low-rank branch fed the unrotated x drops W1.58A3 +LRB QAT from 89.7 to 76.4 and its PTQ from 83.6 to 8.9).
+Bugs QAT can learn around (e.g. the branch's sign) need the oracle tests (tests/test_oracle_*.py), not these.
 The packed == QAT checks are exact: packing must not change a single bit of the logits.
 """
 from __future__ import annotations
@@ -16,7 +18,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-CHANCE = 10.0
+MARGIN = 5.0
+# setting -> (PTQ acc, FP/QAT acc) measured by `qat_digits.py --quick` (the floors are these minus MARGIN)
+DIGITS_MEASURED = {"FP32 (baseline)": (None, 95.3), "W4A4 +H": (94.7, 96.7), "W1.58A4 +H": (93.6, 91.7),
+                   "W1.58A3 +H": (84.4, 84.7), "W1.58A3 +H +LRB16": (83.6, 89.7), "W1.58A2 +H +LRB16": (93.6, 94.4)}
+# MLP_training_demo.py --quick (W1.58A3 +H +LRB): FP 95.3, right after replace_linear_layer 82.2, after QAT 86.4
+TRAIN_MEASURED = {"fp_acc": 95.3, "ptq_acc": 82.2, "qat_acc": 86.4}
 
 pytestmark = pytest.mark.slow
 
@@ -59,10 +66,14 @@ def test_qat_digits_quick(tmp_path):
     proc = run("qat_digits.py", "--quick", "--no-progress", "--json", out)
     res = json.loads(out.read_text())
     rows = res["rows"]
-    assert [r["setting"] for r in rows][0] == "FP32 (baseline)" and len(rows) == 6
-    assert rows[0]["FP/QAT acc"] > 80
+    assert [r["setting"] for r in rows] == list(DIGITS_MEASURED)
+    for r in rows:
+        ptq, acc = DIGITS_MEASURED[r["setting"]]
+        assert r["FP/QAT acc"] > acc - MARGIN, r
+        if ptq is not None:
+            assert r["PTQ acc"] > ptq - MARGIN, r
+    assert abs(rows[1]["FP/QAT acc"] - rows[0]["FP/QAT acc"]) < MARGIN  # W4A4 + Hadamard is close to FP
     for r in rows[1:]:
-        assert r["FP/QAT acc"] > CHANCE + 40, r
         assert r["packed == QAT"] is True, r
         assert r["packed acc"] == r["FP/QAT acc"], r
         assert 0 < r["packed bytes"] < r["bf16 bytes"], r
@@ -97,7 +108,9 @@ def test_mlp_training_then_inference(tmp_path):
     run("MLP_training_demo.py", "--quick", "--no-progress", "--ckpt", ckpt, "--json", train_json)
     trained = json.loads(train_json.read_text())
     assert ckpt.exists()
-    assert trained["fp_acc"] > 80 and trained["qat_acc"] > CHANCE + 40, trained
+    for key, measured in TRAIN_MEASURED.items():
+        assert trained[key] > measured - MARGIN, trained
+    assert trained["qat_acc"] > trained["ptq_acc"], trained  # QAT learns (STE gradients reach the weights)
 
     proc = run("MLP_inference_demo.py", "--ckpt", ckpt, "--json", infer_json)
     inferred = json.loads(infer_json.read_text())

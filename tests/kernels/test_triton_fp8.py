@@ -54,23 +54,62 @@ def _exact_reference_matmuls():
     m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction = old
 
 
-def test_module_imports_and_reports_reason():
-    """Runs everywhere: the module imports without triton/CUDA and says why it cannot run."""
+def test_module_imports_and_reports_reason(monkeypatch):
+    """Runs everywhere: the module imports without triton/CUDA, and the machine check names the missing piece (or
+    returns None exactly when the machine has all of them); `kernels.available()` reports the same."""
+    monkeypatch.delenv("ROBUQ_KERNEL_DISABLE", raising=False)
     rows = {r["kernel"]: r for r in kernels.available()}
-    assert "triton_fp8" in rows and "cuda_dequant" in rows
     why = triton_fp8.fp8_machine_check()
-    assert why is None or (isinstance(why, str) and why)
     if not torch.cuda.is_available():
-        assert not rows["triton_fp8"]["available"] and rows["triton_fp8"]["why not"]
+        assert why == "no CUDA device (torch.cuda.is_available() is False)"
+    else:
+        cap = torch.cuda.get_device_capability(torch.cuda.current_device())
+        if cap < (8, 9):
+            assert why.startswith(f"CUDA capability {cap[0]}.{cap[1]} < 8.9")
+        elif not (hasattr(torch, "float8_e4m3fn") and hasattr(torch, "_scaled_mm")):
+            assert "float8_e4m3fn" in why
+        elif triton_fp8._triton_reason() is not None:
+            assert why.startswith("triton is not importable")
+        else:
+            assert why is None
+    assert rows["triton_fp8"]["available"] is (why is None) and rows["triton_fp8"]["why not"] == (why or "")
+    assert rows["cuda_dequant"]["available"] is torch.cuda.is_available()
 
 
-def test_dispatch_table_parses():
+def test_dispatch_table_parses(monkeypatch):
+    """Runs everywhere: every threshold in dispatch_table.json is the one its own measurements give (the rule of
+    `bench_linear.py --write-dispatch`: the smallest measured M from which triton_fp8 beats cuda_dequant at every
+    larger measured M; 2^31 if never), shapes it does not list get the recorded medians, the environment override
+    wins, and every tuned quantizer tiling is a valid plan that covers K."""
+    monkeypatch.delenv("ROBUQ_FP8_MIN_M", raising=False)
     t = triton_fp8.dispatch_table()
-    for key, row in t.get("shapes", {}).items():
+    assert t["shapes"], "dispatch_table.json is missing or has no shapes"
+    for key, row in t["shapes"].items():
         n, k = map(int, key.split("x"))
-        assert triton_fp8.fp8_min_m(n, k, False) >= 0 and triton_fp8.fp8_min_m(n, k, True) >= 0
-    assert triton_fp8.fp8_min_m(12345, 678, False) >= 0
-    assert triton_fp8.quant_plan(1152, 128) is not None and triton_fp8.quant_plan(4608, 128) is not None
+        for variant, field in (("plain", "fp8_min_m"), ("epi", "epi_fp8_min_m")):
+            meas = {int(m): v for m, v in row["measured"][variant].items()}
+            want = 2 ** 31
+            for m in sorted(meas, reverse=True):
+                if meas[m]["triton_fp8"] >= meas[m]["cuda_dequant"]:
+                    break
+                want = m
+            assert row[field] == want, (key, variant)
+            assert triton_fp8.fp8_min_m(n, k, variant == "epi") == want
+    for field in ("fp8_min_m", "epi_fp8_min_m"):
+        thr = sorted(r[field] for r in t["shapes"].values())
+        assert t["default_" + field] == thr[len(thr) // 2]
+    assert triton_fp8.fp8_min_m(12345, 678, False) == t["default_fp8_min_m"]
+    assert triton_fp8.fp8_min_m(12345, 678, True) == t["default_epi_fp8_min_m"]
+    monkeypatch.setenv("ROBUQ_FP8_MIN_M", "77")
+    assert triton_fp8.fp8_min_m(1152, 1152, False) == 77
+    for key, buckets in t["quant"].items():
+        k, had = int(key.split("/")[0]), key.split("/")[1]
+        block = 128 if had == "h" else 0
+        for m, tuned in buckets.items():
+            plan = triton_fp8.quant_plan(k, block, int(m))
+            assert plan == triton_fp8.make_plan(k, block, *tuned), (key, m)  # the table's choice, not a fallback
+            widths, bm, warps, chunk = plan
+            assert sum(widths) == k and all(w % max(block, 16) == 0 for w in widths)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,223 @@
+#!/usr/bin/env python
+"""Mutation check: do the tests notice a wrong method? (issue 16)
+
+Applies deliberate bugs to the math, one at a time, in a temporary copy of the repository, runs the tests that
+should notice each, and writes benchmarks/results/summary_mutation.json: `mutants`, `caught`, `survivors`, and per
+mutant the tests that failed. Every mutant must be caught (exit status 1 otherwise).
+
+    .venv/bin/python scripts/mutation_check.py                 # all mutants, the working tree as it is
+    .venv/bin/python scripts/mutation_check.py --head          # the committed tree (HEAD) instead
+    .venv/bin/python scripts/mutation_check.py --only lrb_sign_flip hadamard_unnormalised --fast
+
+Each mutant is (file, exact old text, new text): the old text must occur exactly once, or the check stops (a mutant
+that silently stops applying after a refactor would look "caught" by nothing, or "survived" for the wrong reason).
+robuq_fx is installed editable from this repository, so the copy is imported explicitly: pytest runs in-process in a
+Python started in the copy with PYTHONPATH=<copy>, and that process checks `robuq_fx.__file__` is inside the copy
+before any test runs.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results" / "summary_mutation.json"
+ORACLE = ["tests/test_oracle_math.py", "tests/test_oracle_layers.py"]
+Q, L, P = "robuq_fx/quantizers.py", "robuq_fx/layer.py", "robuq_fx/packing.py"
+
+# name, file, old, new, what it breaks, tests to run (paths, then optional pytest args such as -k)
+MUTANTS = [
+    ("lrb_sign_flip", L, "w = w - torch.mm(lrb_up, lrb_down)", "w = w + torch.mm(lrb_up, lrb_down)",
+     "R = W H + A B: the low-rank branch's sign flipped in layer.residual",
+     ORACLE + ["tests/test_seed.py", "tests/passes/test_lower.py"]),
+    ("sigma_sym_is_absmax", Q, "r = torch.minimum(mu.abs() + c * sigma, x32.abs().amax(dim=-1, keepdim=True))",
+     "r = x32.abs().amax(dim=-1, keepdim=True)", "symmetric sigma clipping replaced by absmax",
+     ORACLE + ["tests/test_quantizers.py", "tests/test_ops.py"]),
+    ("act_round_half_up_sym", Q, "q = torch.round(x32 / safe).clamp_(-qmax, qmax)",
+     "q = torch.floor(x32 / safe + 0.5).clamp_(-qmax, qmax)",
+     "symmetric activation codes rounded half up instead of half to even",
+     ORACLE + ["tests/test_quantizers.py"]),
+    ("act_round_half_up_asym", Q, "q = torch.round((x32 - lo) / safe).clamp_(0, levels)",
+     "q = torch.floor((x32 - lo) / safe + 0.5).clamp_(0, levels)",
+     "asymmetric activation codes rounded half up instead of half to even",
+     ORACLE + ["tests/test_quantizers.py"]),
+    ("hadamard_unnormalised", "robuq_fx/hadamard.py", "return h / (b ** 0.5)", "return h",
+     "Hadamard matrix without its 1/sqrt(b) scale", ORACLE + ["tests/test_hadamard.py"]),
+    ("unpack3_shift_off_by_one", P, "src = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)",
+     "src = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 15)", "3-bit unpack: third byte shifted by 15 instead of 16",
+     ORACLE + ["tests/test_packing.py"]),
+    ("lrb_unrotated_input", L, "y = y + F.linear(F.linear(xh, lrb_down), lrb_up)",
+     "y = y + F.linear(F.linear(x, lrb_down), lrb_up)", "the low-rank branch fed the unrotated x",
+     ORACLE + ["tests/passes/test_lower.py"]),
+    ("weight_scale_denominator", Q, "s = _div(rg.abs().amax(dim=-1, keepdim=True).clamp_min(_EPS), qmax)",
+     "s = _div(rg.abs().amax(dim=-1, keepdim=True).clamp_min(_EPS), qmax + 1)",
+     "k-bit weight scale max|R| / 2^(k-1) instead of / (2^(k-1) - 1)", ORACLE + ["tests/test_quantizers.py"]),
+    ("act_asym_scale_denominator", Q, "s = _div(hi - lo, levels)", "s = _div(hi - lo, levels + 1)",
+     "asymmetric activation scale (hi - lo) / 2^k instead of / (2^k - 1)", ORACLE + ["tests/test_quantizers.py"]),
+    ("act_asym_offset_sign", Q, "out = scale * q if sym else lo + scale * q",
+     "out = scale * q if sym else scale * q - lo", "asymmetric dequantization subtracts the offset",
+     ORACLE + ["tests/test_quantizers.py"]),
+    ("ternary_absmax", Q, "s = rg.abs().mean(dim=-1, keepdim=True).clamp_min(_EPS)",
+     "s = rg.abs().amax(dim=-1, keepdim=True).clamp_min(_EPS)", "ternary scale absmax instead of absmean",
+     ORACLE + ["tests/test_quantizers.py"]),
+    ("ternary_threshold", Q, "s = rg.abs().mean(dim=-1, keepdim=True).clamp_min(_EPS)",
+     "s = (0.7 * rg.abs().mean(dim=-1, keepdim=True)).clamp_min(_EPS)",
+     "ternary threshold 0.35 mean|R| (TWN-style 0.7 scale) instead of 0.5 mean|R|", ORACLE),
+    ("pack3_byte_order", P, "v = torch.stack([v & 0xFF, (v >> 8) & 0xFF, (v >> 16) & 0xFF], dim=1)",
+     "v = torch.stack([(v >> 16) & 0xFF, (v >> 8) & 0xFF, v & 0xFF], dim=1)",
+     "3-bit pack writes its 24-bit word big-endian", ORACLE + ["tests/test_packing.py"]),
+    ("ste_mask_strict", Q, "return (x32 >= lo) & (x32 <= hi)", "return (x32 > lo) & (x32 < hi)",
+     "activation STE blocks the gradient at the range ends", ORACLE + ["tests/test_ops.py"]),
+    ("ampn_budget_off_by_one", "robuq_fx/ampn.py", "cap = math.floor(budget * W) - bmin * W",
+     "cap = math.floor(budget * W) - bmin * W + 1", "AMPN knapsack allows one bit over the budget",
+     ["tests/test_ampn.py", "-k", "choose_bits or budget"]),
+    ("scale_dtype_not_applied", Q, "s = s.to(_DTYPES[scale_dtype]).to(rg.dtype)", "s = s",
+     "codes computed with the fp32 scale, not the stored bf16/fp16 one", ORACLE),
+    ("weight_round_half_up", Q, "codes = torch.round(rg / s).clamp_(-qmax, qmax)",
+     "codes = torch.floor(rg / s + 0.5).clamp_(-qmax, qmax)", "weight codes rounded half up",
+     ORACLE + ["tests/test_quantizers.py"]),
+    ("sigma_sym_levels", Q, "c = gaussian_clip(2 ** a_bits - 1)", "c = gaussian_clip(2 ** a_bits)",
+     "symmetric sigma range with the c of 2^k levels instead of 2^k - 1", ORACLE),
+    ("sigma_sample_std", Q, "sigma = x32.std(dim=-1, keepdim=True, unbiased=False)",
+     "sigma = x32.std(dim=-1, keepdim=True, unbiased=True)", "sigma range from the sample std, not population",
+     ORACLE),
+    ("act_constant_token_nan", Q,
+     "s = _div(hi - lo, levels)\n        safe = torch.where(s > 0, s, torch.ones_like(s))",
+     "s = _div(hi - lo, levels)\n        safe = s", "asymmetric s = 0 tokens divide by zero",
+     ORACLE + ["tests/test_quantizers.py"]),
+    ("residual_unrotated_weight", L, "w = rotate(weight, spec)", "w = weight",
+     "R = W - A B: the weight not rotated", ORACLE),
+    ("lrb_init_split", L, "root = s[:r].sqrt()", "root = s[:r]",
+     "SVD initialisation A = U S, B = S V^T (A B = U S^2 V^T)", ORACLE),
+    ("default_act_sym_from_4_bits", "robuq_fx/spec.py",
+     "return self.a_sym if self.a_sym is not None else self.a_bits >= 3",
+     "return self.a_sym if self.a_sym is not None else self.a_bits >= 4",
+     "3-bit activations asymmetric by default (METHOD.md: symmetric for a_bits >= 3)", ORACLE),
+]
+
+
+def sh(cmd, cwd=ROOT) -> str:
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+
+def copy_tree(dst: Path, head: bool) -> None:
+    if head:
+        archive = subprocess.run(["git", "archive", "--format=tar", "HEAD"], cwd=ROOT, capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dst)], input=archive, check=True)
+        return
+    files = sh(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]).split("\0")
+    for f in filter(None, files):
+        src = ROOT / f
+        if src.is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / f)
+
+
+RUNNER = """
+import sys, robuq_fx, pytest
+copy = sys.argv[1]
+if not robuq_fx.__file__.startswith(copy):
+    sys.exit(f"mutation_check: robuq_fx imported from {robuq_fx.__file__}, not from the copy {copy}")
+sys.exit(pytest.main(sys.argv[2:]))
+"""
+
+
+def run_tests(copy: Path, tests: list[str], fast: bool, timeout: int) -> tuple[int, list[str], str]:
+    env = dict(os.environ, PYTHONPATH=str(copy), PYTHONDONTWRITEBYTECODE="1")
+    args = [sys.executable, "-c", RUNNER, str(copy) + os.sep, "-q", "-p", "no:cacheprovider", "-rfE",
+            "-W", "ignore", *(["-x"] if fast else []), *tests]
+    try:
+        proc = subprocess.run(args, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return -1, ["(timed out)"], ""
+    out = proc.stdout + proc.stderr
+    if "mutation_check: robuq_fx imported from" in out:
+        raise SystemExit(out.strip().splitlines()[-1])
+    failed = [ln.split(" ", 1)[1].split(" - ")[0] for ln in out.splitlines() if ln.startswith(("FAILED ", "ERROR "))]
+    return proc.returncode, failed, out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutants")
+    ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    ap.add_argument("--head", action="store_true", help="mutate the committed tree (HEAD), not the working tree")
+    ap.add_argument("--fast", action="store_true", help="stop each run at its first failing test (pytest -x)")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per test run (default 900)")
+    ap.add_argument("--out", type=Path, default=OUT, help=f"summary JSON (default {OUT.relative_to(ROOT)})")
+    args = ap.parse_args(argv)
+    from tabulate import tabulate
+
+    mutants = [m for m in MUTANTS if not args.only or m[0] in args.only]
+    unknown = set(args.only or ()) - {m[0] for m in MUTANTS}
+    if unknown:
+        ap.error(f"unknown mutant(s) {sorted(unknown)}; --list shows them")
+    if args.list:
+        print(tabulate([(m[0], m[1], m[4]) for m in mutants], headers=["mutant", "file", "bug"], tablefmt="github"))
+        return 0
+    start = time.time()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="robuq_mutation_") as tmp:
+        copy = Path(tmp).resolve()
+        copy_tree(copy, args.head)
+        for name, rel, *_ in mutants:  # every mutant applies exactly once, checked before anything runs
+            n = (copy / rel).read_text().count(_[0])
+            if n != 1:
+                raise SystemExit(f"mutant {name}: its old text occurs {n} times in {rel} (expected exactly 1): "
+                                 f"{_[0]!r}")
+        union = sorted({t for m in mutants for t in m[5] if t.startswith("tests/")})
+        t0 = time.time()
+        rc, failed, out = run_tests(copy, union, False, args.timeout)
+        print(f"baseline (no mutant): {'ok' if rc == 0 else 'FAILED'} in {time.time() - t0:.0f} s", flush=True)
+        if rc != 0:
+            print(out[-4000:])
+            raise SystemExit("the tests fail without any mutant: fix them first")
+        for name, rel, old, new, what, tests in mutants:
+            path = copy / rel
+            original = path.read_text()
+            path.write_text(original.replace(old, new))
+            t0 = time.time()
+            try:
+                rc, failed, out = run_tests(copy, tests, args.fast, args.timeout)
+            finally:
+                path.write_text(original)
+            if rc == 5 or (rc != 0 and not failed):
+                print(out[-3000:])
+                raise SystemExit(f"mutant {name}: pytest exited {rc} without naming a failing test")
+            res = {"mutant": name, "file": rel, "bug": what, "old": old, "new": new, "tests_run": tests,
+                   "caught": rc != 0, "failed_tests": failed, "seconds": round(time.time() - t0, 1)}
+            results.append(res)
+            print(f"{name:30s} {'caught' if res['caught'] else 'SURVIVED':8s} {len(failed):3d} failing tests "
+                  f"({res['seconds']:.0f} s)", flush=True)
+    survivors = [r["mutant"] for r in results if not r["caught"]]
+    dirty = sh(["git", "status", "--porcelain", "--untracked-files=no"]).strip()
+    summary = {
+        "mutants": len(results), "caught": len(results) - len(survivors), "survivors": survivors,
+        "git_commit": sh(["git", "rev-parse", "HEAD"]).strip(),
+        "tree": "HEAD" if args.head else ("working tree (uncommitted changes)" if dirty else "working tree (clean)"),
+        "command": " ".join(["python", "scripts/mutation_check.py", *(argv if argv is not None else sys.argv[1:])]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": sys.version.split()[0], "torch": __import__("torch").__version__,
+        "seconds": round(time.time() - start), "results": results,
+    }
+    print(tabulate([(r["mutant"], "yes" if r["caught"] else "NO", len(r["failed_tests"]),
+                     (r["failed_tests"] or [""])[0][:70]) for r in results],
+                   headers=["mutant", "caught", "failing tests", "first failing test"], tablefmt="github"))
+    print(f"{summary['caught']}/{summary['mutants']} caught in {summary['seconds']} s")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
