@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 import contextlib
+import os
 
 from . import triton_launch
 
@@ -94,6 +95,10 @@ def supported(x: torch.Tensor, a_bits: int) -> str | None:
 
 def _tiling(d: int) -> tuple[int, int, int]:
     block_d = max(16, triton.next_power_of_2(d))
+    env = os.environ.get("ROBUQ_ROWQ_TILING")  # "rows,warps": for tuning sweeps (benchmarks/bench_attention.py)
+    if env:
+        r, w = (int(v) for v in env.split(","))
+        return r, block_d, w
     block_r = max(1, min(64, 2048 // block_d))  # about 2048 values a program
     warps = 4 if block_d * block_r <= 4096 else 8
     return block_r, block_d, warps
