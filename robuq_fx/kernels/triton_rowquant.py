@@ -99,8 +99,11 @@ def _tiling(d: int) -> tuple[int, int, int]:
     if env:
         r, w = (int(v) for v in env.split(","))
         return r, block_d, w
-    block_r = max(1, min(64, 2048 // block_d))  # about 2048 values a program
-    warps = 4 if block_d * block_r <= 4096 else 8
+    # measured on the H200 (benchmarks/sweep_rowquant.py): ~1024 values a warp, one warp a program up to rows of
+    # 2048; 72-wide rows: 8 rows x 1 warp 39.7 us vs 91.8 us at 16 x 4 (q of DiT-XL/2 at batch 64);
+    # 1152-wide rows: 1 row x 1 warp 24.8 us (3.0 TB/s)
+    block_r = max(1, 1024 // block_d)
+    warps = max(1, min(8, block_d // 2048))
     return block_r, block_d, warps
 
 
