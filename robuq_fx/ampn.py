@@ -11,19 +11,21 @@ budget, chosen to minimise the summed, separately measured sensitivity.
    (a layer that looks fragile on the untrained model can recover; needs `loss_fn` and `train_batches`);
 2. sensitivity: for each layer and candidate b, set only that layer to b and record the increase of the metric
    (the loss, or the output MSE against the FP model when no `loss_fn` is given) over all-at-highest, on the
-   calibration batches with the same random numbers every pass. Bits change by editing the arguments of the
-   layer's `robuq::fake_quant_act` nodes in place and recompiling: no re-capture, no new SVD per measurement;
+   calibration batches with the same random numbers every pass. Bits change in place, in the layer's QATLinear
+   spec (or its `robuq::fake_quant_act` nodes on the whole-graph path): no re-capture, no new SVD per measurement;
 3. exact knapsack (`choose_bits`): minimise the summed sensitivity subject to
    sum_i w_i b_i <= avg_a_bits * sum_i w_i, with w_i = MACs_i / gcd(MACs) (weight="macs"; MACs = in * out *
    tokens seen in calibration) or w_i = 1 (weight="plain").
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import warnings
 from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import partial
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -35,6 +37,7 @@ from tqdm.auto import tqdm
 from .errors import PolicyError
 from .passes.qat import quantize, robuq_info
 from .policy import Policy, Rule
+from .qat_linear import QATLinear
 from .spec import ACT_BITS, LayerSpec
 
 CANDIDATES = (1, 2, 3, 4)
@@ -102,7 +105,6 @@ def measure(model: nn.Module, policy, calib_batches: Iterable, candidates: Seque
     top = cands[-1]
     for n in selected:
         _set_bits(gm, nodes, n, top, specs[n])
-    gm.recompile()
 
     devices = sorted({p.device.index or 0 for p in gm.parameters() if p.is_cuda})
     with torch.random.fork_rng(devices=devices):  # the caller's RNG state is left as it was
@@ -137,11 +139,9 @@ def measure(model: nn.Module, policy, calib_batches: Iterable, candidates: Seque
             sens[n] = {top: 0.0}
             for b in cands[:-1]:
                 _set_bits(gm, nodes, n, b, specs[n])
-                gm.recompile()
                 sens[n][b] = _evaluate(gm, calib, loss_fn, ref, seed) - base
                 bar.update()
             _set_bits(gm, nodes, n, top, specs[n])
-        gm.recompile()
         bar.close()
     shapes = {n: (_site_shape(gm, n)) for n in selected}
     return Sensitivity(policy, selected, specs, shapes, tokens, cands, sens, metric, base, steps, notes)
@@ -171,27 +171,50 @@ def _sym(spec: LayerSpec, bits: int) -> bool:
     return bits >= 3 and (spec.a_sym if spec.a_sym is not None else True)
 
 
-def _act_nodes(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
-    out: dict[str, list[fx.Node]] = {}
-    for node in gm.graph.nodes:
-        tag = node.meta.get("robuq")
-        if node.op == "call_function" and node.target is _FQA and tag is not None:
-            out.setdefault(tag["layer"], []).append(node)
+def _act_nodes(q: nn.Module) -> dict[str, list]:
+    """Per layer, what quantizes its input: its QATLinear (drop-in form: the spec decides) or its
+    robuq::fake_quant_act nodes as (graph module, node) (whole-graph form, and functional sites in regions)."""
+    out: dict[str, list] = {}
+    for name in robuq_info(q)["layers"]:
+        try:
+            m = q.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(m, QATLinear) and m.spec.a_bits < 16:
+            out[name] = [m]
+    for path, gm in q.named_modules():
+        if not isinstance(gm, fx.GraphModule):
+            continue
+        for node in gm.graph.nodes:
+            tag = node.meta.get("robuq")
+            if node.op == "call_function" and node.target is _FQA and tag is not None:
+                out.setdefault(".".join(p for p in (path, tag["layer"]) if p), []).append((gm, node))
     return out
 
 
-def _set_bits(gm: fx.GraphModule, nodes: dict, name: str, bits: int, spec: LayerSpec) -> None:
-    """Edit the layer's fake_quant_act(x, a_bits, sym, clip) nodes in place (caller recompiles) and keep the layer's
-    entry in gm._robuq["layers"] consistent with them (lower() reads it)."""
+def _set_bits(q: nn.Module, nodes: dict, name: str, bits: int, spec: LayerSpec) -> None:
+    """Set the layer's activation bits in place (a QATLinear's spec, or its fake_quant_act(x, a_bits, sym, clip)
+    nodes) and keep the layer's entry in robuq_info(q)["layers"] consistent with them (lower() reads it)."""
     sym = _sym(spec, bits)
-    for node in nodes[name]:
-        node.args = (node.args[0], bits, sym, *node.args[3:])
-    entry = robuq_info(gm)["layers"][name]
+    graphs = {}
+    for h in nodes[name]:
+        if isinstance(h, QATLinear):
+            h.spec = dataclasses.replace(h.spec, a_bits=bits, a_sym=sym)
+        else:
+            gm, node = h
+            node.args = (node.args[0], bits, sym, *node.args[3:])
+            graphs[id(gm)] = gm
+    for gm in graphs.values():
+        gm.recompile()
+    entry = robuq_info(q)["layers"][name]
     entry["a_bits"], entry["a_sym"] = bits, sym
 
 
-def _site_shape(gm: fx.GraphModule, name: str) -> tuple[int, int]:
-    w = gm.get_parameter(f"{name}.weight" if name else "weight")
+def _site_shape(q: nn.Module, name: str) -> tuple[int, int]:
+    m = q.get_submodule(name) if name else q
+    if isinstance(m, QATLinear):
+        return m.in_features, m.out_features
+    w = q.get_parameter(f"{name}.weight" if name else "weight")
     return int(w.shape[1]), int(w.shape[0])
 
 
@@ -207,22 +230,42 @@ def _counting_fake_quant_act(x, a_bits, sym, clip, layer):
 class _counting:
     def __init__(self, gm, nodes, names, tokens):
         self.gm, self.nodes, self.names, self.tokens = gm, nodes, names, tokens
+        self.hooks = []
 
     def __enter__(self):
         global _TOKENS
         _TOKENS = self.tokens
+        graphs = {}
         for n in self.names:
-            for node in self.nodes[n]:
-                node.target, node.args = _counting_fake_quant_act, (*node.args, n)
-        self.gm.recompile()
+            for h in self.nodes[n]:
+                if isinstance(h, QATLinear):
+                    self.hooks.append(h.register_forward_pre_hook(partial(_count_rows, n)))
+                else:
+                    gm, node = h
+                    node.target, node.args = _counting_fake_quant_act, (*node.args, n)
+                    graphs[id(gm)] = gm
+        for gm in graphs.values():
+            gm.recompile()
 
     def __exit__(self, *exc):
         global _TOKENS
         _TOKENS = None
+        for hook in self.hooks:
+            hook.remove()
+        graphs = {}
         for n in self.names:
-            for node in self.nodes[n]:
-                node.target, node.args = _FQA, node.args[:-1]
-        self.gm.recompile()
+            for h in self.nodes[n]:
+                if not isinstance(h, QATLinear):
+                    gm, node = h
+                    node.target, node.args = _FQA, node.args[:-1]
+                    graphs[id(gm)] = gm
+        for gm in graphs.values():
+            gm.recompile()
+
+
+def _count_rows(layer, module, args):
+    x = args[0]
+    _TOKENS[layer] += x.numel() // max(x.shape[-1], 1)
 
 
 def _warmup(gm, loss_fn, train_batches, steps: int, lr: float, progress: bool) -> None:

@@ -3,7 +3,9 @@ version, the policy and every layer's spec and true shape.
 
 `load_quantized(path, model)` rebuilds the structure from a freshly built FP model of the same class (random init is
 fine): quantize with the saved policy (no SVD), lower with empty buffers, check every name/shape/spec against the
-file, and only then load. FP weights of quantized layers are never read from the file (they are not in it).
+file, and only then load. FP weights of quantized layers are never read from the file (they are not in it). The
+result has the form `quantize` gives that model: your model's class with PackedLinear layers (drop-in), or one
+GraphModule (whole-graph); the file is the same either way (tensors per layer, under the model's own names).
 """
 from __future__ import annotations
 
@@ -15,10 +17,12 @@ import torch
 import torch.nn as nn
 
 from .errors import CheckpointError
+from .passes.dropin import fuse_modules
 from .passes.fuse import fuse_lowered, layer_modules, unfused_state_dict
 from .passes.lower import lower, packed_path
 from .passes.qat import ROBUQ_META, quantize
 from .policy import Policy
+from .qat_linear import QATLinear
 from .spec import LayerSpec
 
 FORMAT = "robuq_fx.packed"
@@ -104,7 +108,7 @@ def load_quantized(path, model: nn.Module, example_inputs=None, *, fuse: bool = 
             raise CheckpointError(f"{path}: layer '{name}' is quantized in the checkpoint but not in this model")
         if name not in saved:
             raise CheckpointError(f"{path}: layer '{name}' of this model is not in the checkpoint")
-        n_out, n_in = qmodel.get_submodule(name).weight.shape
+        n_in, n_out = _features(qmodel, name)
         if (saved[name]["in_features"], saved[name]["out_features"]) != (n_in, n_out):
             raise CheckpointError(f"{path}: layer '{name}' was saved as {saved[name]['in_features']}->"
                                   f"{saved[name]['out_features']} features, this model has {n_in}->{n_out}")
@@ -135,8 +139,21 @@ def load_quantized(path, model: nn.Module, example_inputs=None, *, fuse: bool = 
         raise CheckpointError(f"{path}: could not read tensors (truncated or corrupt?): {e}") from e
     lowered.load_state_dict(state, strict=False)
     if fuse:
-        fuse_lowered(lowered)
+        if getattr(lowered, ROBUQ_META).get("form") == "modules":
+            fuse_modules(lowered)  # captures sibling parents again, on the example inputs quantize() kept
+        else:
+            fuse_lowered(lowered)
     return lowered
+
+
+def _features(qmodel: nn.Module, name: str) -> tuple[int, int]:
+    """(in_features, out_features) of a quantized layer: a QATLinear (drop-in form), or the module holding the
+    weight a graph reads (whole-graph form)."""
+    mod = qmodel.get_submodule(name)
+    if isinstance(mod, QATLinear):
+        return mod.in_features, mod.out_features
+    n_out, n_in = mod.weight.shape
+    return n_in, n_out
 
 
 def file_size(path) -> int:

@@ -4,7 +4,8 @@
         {"match": "blocks.*.mlp.*", "w_bits": 1.58, "a_bits": 3},        # fnmatch glob on the qualified name
         {"match": "re:.*attn\\.(q|k|v)$", "lora_rank": 8},               # `re:` = Python regex, full match
         {"match": "head", "skip": True},                                # keep in full precision
-        {"type": "Linear", "w_bits": 4, "a_bits": 4},                   # class name (or a base class's name)
+        {"type": "Linear", "w_bits": 4, "a_bits": 4},                   # class name (or a base class's name);
+                                                                        # "Conv1D": transformers' transposed linear
     {"match": "blocks.*.attn", "attn_bits": 8},                     # attention rule: 8-bit q/k/v of SDPA
      ],
      "defaults": {"hadamard": True},     # merged into every rule (a rule's own keys win)
@@ -64,8 +65,9 @@ class Policy:
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
     def default(cls) -> "Policy":
-        """Every nn.Linear at W4A4 with a Hadamard rotation."""
-        return cls.from_dict({"rules": [{"type": "Linear", "w_bits": 4, "a_bits": 4, "hadamard": True}]})
+        """Every nn.Linear (and transformers' Conv1D: GPT-2's projections) at W4A4 with a Hadamard rotation."""
+        spec = {"w_bits": 4, "a_bits": 4, "hadamard": True}
+        return cls.from_dict({"rules": [{"type": "Linear", **spec}, {"type": "Conv1D", **spec}]})
 
     @classmethod
     def coerce(cls, policy) -> "Policy":
@@ -204,24 +206,26 @@ class Policy:
 
     def explain(self, model: nn.Module, print_table: bool = True) -> "Explanation":
         """Which linear layers of `model` this policy quantizes, and how. Prints a table and returns the rows."""
+        from .qat_linear import linear_dims
         rows = []
         for name, mod in model.named_modules():
-            if not isinstance(mod, nn.Linear):
+            dims = linear_dims(mod)
+            if dims is None:
                 continue
+            k, n, _ = dims
             i, spec = self.match(name, mod)
-            row = {"layer": name, "type": type(mod).__name__, "in": mod.in_features, "out": mod.out_features,
-                   "rule": "-" if i is None else i}
+            row = {"layer": name, "type": type(mod).__name__, "in": k, "out": n, "rule": "-" if i is None else i}
             if spec is None:
                 row["spec"] = "no rule (FP)" if i is None else "skip (FP)"
             else:
                 try:
-                    row["spec"] = spec.resolve(mod.in_features, mod.out_features).short()
+                    row["spec"] = spec.resolve(k, n).short()
                 except SpecError as e:
                     row["spec"] = f"ERROR: {e}"
             rows.append(row)
         for name, mod in model.named_modules():
             i, bits = self.match_attention(name, mod)
-            if bits is not None and not isinstance(mod, nn.Linear):
+            if bits is not None and linear_dims(mod) is None:
                 rows.append({"layer": name, "type": type(mod).__name__, "in": "-", "out": "-", "rule": i,
                              "spec": f"attention q/k/v A{bits} (per token and head)"})
         ex = Explanation(rows)

@@ -16,21 +16,28 @@ from ..modules import PackedLinear, use_device_layout
 from ..spec import LayerSpec
 from .attention import lower_attention
 from .fuse import fuse_lowered
-from .qat import ROBUQ_META, set_robuq_info
+from .qat import ROBUQ_META, check_module, set_robuq_info
 
 ROOT_PACKED = "_robuq_root"
 
 
 def lower(qmodel: nn.Module, *, compute: bool = True, progress: bool | None = None,
-          fuse: bool = True) -> fx.GraphModule:
-    """Return an inference copy of a `robuq_fx.quantize` model with packed weights (qmodel is not modified).
+          fuse: bool = True) -> nn.Module:
+    """Return an inference copy of a `robuq_fx.quantize` model with packed weights (qmodel is not modified): your
+    model with PackedLinear layers (drop-in form, passes/dropin.py) or one GraphModule (whole-graph form, below).
 
     compute=False builds the packed buffers empty (zeros) instead of quantizing: for `load_quantized`, which fills
     them from a checkpoint. progress: tqdm bar over layers (default: only when there are more than 32 layers).
     fuse: sibling layers that read one input with one activation spec (q/k/v, gate/up) become one qlinear call
     (passes/fuse.py; outputs bit-identical to fuse=False).
     """
+    check_module(qmodel, "lower")
     info = getattr(qmodel, ROBUQ_META, None)
+    if info is not None and info["stage"] != "qat":
+        raise LoweringError("this model is already lowered")
+    if info is not None and info.get("form") == "modules":
+        from .dropin import lower_modules  # the drop-in path: your model with QATLinear -> PackedLinear
+        return lower_modules(qmodel, compute=compute, progress=progress, fuse=fuse)
     if not isinstance(qmodel, fx.GraphModule) or info is None:
         raise LoweringError(f"lower() needs a model returned by robuq_fx.quantize(); got {type(qmodel).__name__} "
                             "with no robuq nodes")

@@ -1,6 +1,7 @@
-"""QAT pass: `quantize(model, policy)` captures the model and inlines `layer.qat_forward` (Hadamard, fake-quant with
-STE, low-rank branch) in place of every linear call the policy matches. The user's model is never touched: the pass
-works on a deep copy, and every check runs before the graph is edited."""
+"""QAT pass: `quantize(model, policy)`. Drop-in path (passes/dropin.py, most models): the matched linear modules
+become QATLinear modules of your model. Whole-graph path (below): the model is captured as one GraphModule and
+`layer.qat_forward` (Hadamard, fake-quant with STE, low-rank branch) is inlined in place of every linear call the
+policy matches. The user's model is never touched: both work on a deep copy, and every check runs before an edit."""
 from __future__ import annotations
 
 import torch
@@ -12,26 +13,44 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from .. import layer
 from ..capture import (LinearSite, capture, find_linears, normalize_linear_modules, private_copy,
                        source_meta)
-from ..errors import PolicyError, SpecError
+from ..errors import CaptureError, PolicyError, SpecError
 from ..policy import Policy
+from ..qat_linear import linear_dims
 from ..spec import LayerSpec
 from .attention import apply_attention, plan_attention
 
-ROBUQ_META = "_robuq"  # GraphModule attribute: {"stage", "layers": {name: spec dict}, "policy", "capture"}
+ROBUQ_META = "_robuq"  # model attribute: {"stage", "form", "layers": {name: spec dict}, "policy", "capture", ...}
 
 
-def quantize(model: nn.Module, policy=None, example_inputs=None, *, init_lrb: bool = True) -> fx.GraphModule:
+def quantize(model: nn.Module, policy=None, example_inputs=None, *, init_lrb: bool = True,
+             whole_graph: bool = False) -> nn.Module:
     """Return a QAT copy of `model` whose matched linear layers compute RobuQ's quantized forward.
 
+    The copy is your model (same class, config, methods, state_dict keys plus the low-rank branches) with each
+    matched linear module replaced by a QATLinear and each module that an attention rule matches captured
+    (passes/dropin.py). Models whose matched linears are functional calls, not modules, come back as one
+    GraphModule of the whole model (`robuq_info(q)["form"]` is "graph"; `whole_graph=True` forces it).
+
     policy: a `Policy`, its dict form, a JSON/YAML path or a shipped policy name (default: all Linear W4A4 + H).
-    example_inputs: needed only when `symbolic_trace` fails (then `torch.export` captures the model);
-    a tuple of positional inputs or a dict of keyword inputs.
+    example_inputs: a tuple of positional inputs or a dict of keyword inputs, as you call the model. robuq_fx runs
+    the model on them once to find attention and functional linear calls, and captures submodules (or the whole
+    graph) from them when `symbolic_trace` cannot. Without them it symbolic-traces the model to find those; when
+    that fails too, linear modules are still swapped, but attention rules need example inputs.
     init_lrb: initialise low-rank branches from the SVD (False when a state_dict will be loaded right after).
     """
     policy = Policy.coerce(policy)
-    if isinstance(model, fx.GraphModule) and hasattr(model, ROBUQ_META):
+    check_module(model, "quantize")
+    if getattr(model, ROBUQ_META, None) is not None:
         raise PolicyError("this model was already quantized by robuq_fx; quantize the original model instead")
     root = private_copy(model)
+    why = "whole_graph=True"
+    if not whole_graph and linear_dims(root) is None:
+        from .dropin import quantize_modules
+        out, why = quantize_modules(root, policy, example_inputs, init_lrb, type(model).__name__)
+        if out is not None:
+            return out
+    elif not whole_graph:
+        why = "the model itself is one linear layer"
     gm, method = capture(root, example_inputs)
     normalize_linear_modules(gm)
     sites = find_linears(gm, root)
@@ -39,9 +58,22 @@ def quantize(model: nn.Module, policy=None, example_inputs=None, *, init_lrb: bo
     layers = plan_layers(sites, policy, type(model).__name__, allow_empty=bool(attn_plan))
     apply_layers(gm, sites, layers, init_lrb)
     attention = apply_attention(gm, attn_plan)
-    set_robuq_info(gm, {"stage": "qat", "capture": method, "policy": policy.to_dict(),
+    set_robuq_info(gm, {"stage": "qat", "form": "graph", "why": why, "capture": method, "policy": policy.to_dict(),
                         "layers": {n: s.to_dict() for n, s in layers.items()}, "attention": attention})
     return gm
+
+
+def check_module(model, what: str) -> None:
+    """A clear error for what is not an nn.Module (a diffusers/transformers pipeline, a scheduler, ...)."""
+    if isinstance(model, nn.Module):
+        return
+    hint = ""
+    parts = getattr(model, "components", None)
+    if isinstance(parts, dict):
+        mods = [k for k, v in parts.items() if isinstance(v, nn.Module)]
+        hint = (f" It looks like a pipeline: {what} one of its nn.Module components ({', '.join(mods) or 'none'}) "
+                f"and put the result back, e.g. pipe.transformer = robuq_fx.{what}(pipe.transformer, ...)")
+    raise CaptureError(f"robuq_fx.{what}() takes a torch.nn.Module; got a {type(model).__name__}.{hint}")
 
 
 def plan_layers(sites: list[LinearSite], policy: Policy, model_name: str = "model",
@@ -134,10 +166,12 @@ def _inline(gm: fx.GraphModule, site: LinearSite, spec: LayerSpec, site_idx: int
 
 
 def robuq_info(model: nn.Module) -> dict | None:
+    """What robuq_fx did to `model` (None for a model it did not make): stage ("qat" / "lowered"), form
+    ("modules": your model with swapped layers; "graph": one GraphModule), layers and their specs, policy, ..."""
     return getattr(model, ROBUQ_META, None)
 
 
-def set_robuq_info(gm: fx.GraphModule, info: dict) -> None:
+def set_robuq_info(gm: nn.Module, info: dict) -> None:
     """Attach the `_robuq` info so that it survives `copy.deepcopy(gm)`.
 
     GraphModule.__deepcopy__ rebuilds the module from its graph and drops plain instance attributes: a deep-copied
@@ -145,7 +179,8 @@ def set_robuq_info(gm: fx.GraphModule, info: dict) -> None:
     FX restores the attributes listed in `gm.meta["_user_preserved_attributes"]` on deepcopy.
     """
     setattr(gm, ROBUQ_META, info)
-    gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[ROBUQ_META] = info
+    if isinstance(gm, fx.GraphModule):
+        gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[ROBUQ_META] = info
 
 
 def trainable_lrb_parameters(model: nn.Module) -> list[torch.nn.Parameter]:

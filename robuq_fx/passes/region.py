@@ -1,0 +1,79 @@
+"""`RegionModule`: a captured submodule standing where the user's submodule stood (the drop-in path).
+
+The graph passes (attention fake-quant and its lowering, sibling fusion) need a graph. On the drop-in path only the
+smallest submodule that holds such a rewrite is captured (capture.capture_submodule); the region replaces it in its
+parent and everything around it stays the user's code.
+
+A region captured by torch.export was traced for one call structure: which arguments are tensors and which are None,
+the values of non-tensor arguments (baked into the graph). Every call is checked against it (not while torch.compile
+traces), and a different call raises CaptureError naming the argument, instead of silently running the captured
+branch: e.g. an HF attention module captured without a KV cache and then called with one by `generate()`.
+Regions from symbolic_trace take any call their code takes (FX checks the arguments that were None).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+import torch.fx as fx
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
+from torch.utils import _pytree as pytree
+
+from ..capture import describe, leaf_key
+from ..errors import CaptureError
+
+CALL = "_robuq_call"  # the call structure a torch.export region was captured for (capture._export_call)
+REGION = "_robuq_region"  # {"path", "capture", "why"}
+
+
+class RegionModule(fx.GraphModule):
+    def __call__(self, *args, **kwargs):
+        spec = getattr(self, CALL, None)
+        if spec is None:
+            return super().__call__(*args, **kwargs)
+        return super().__call__(*_flat_call(self, spec, args, kwargs))
+
+
+def preserve(gm: fx.GraphModule, name: str, value) -> None:
+    """setattr that survives copy.deepcopy (GraphModule.__deepcopy__ keeps only the attributes listed here)."""
+    setattr(gm, name, value)
+    gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[name] = value
+
+
+def make_region(gm: fx.GraphModule, call_spec: dict | None, forward, info: dict) -> RegionModule:
+    """`gm` (in place) as a RegionModule. forward: the user's module's forward function (its signature maps a
+    call onto the flat inputs of a torch.export region)."""
+    gm.__class__ = type("GraphModuleImpl", (RegionModule,), {})  # what GraphModule.__new__ builds for a subclass
+    gm.recompile()
+    preserve(gm, REGION, dict(info))
+    if call_spec is not None:
+        preserve(gm, CALL, dict(call_spec, fn=forward))
+    return gm
+
+
+def regions(model: torch.nn.Module) -> dict[str, RegionModule]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, RegionModule)}
+
+
+@functools.lru_cache(maxsize=None)
+def _signature(fn) -> inspect.Signature:
+    return inspect.signature(fn)
+
+
+def _flat_call(region, spec: dict, args, kwargs) -> list:
+    bound = _signature(spec["fn"]).bind(None, *args, **kwargs)  # None: forward's `self`
+    bound.apply_defaults()
+    values = [bound.arguments[n] for n in spec["names"]]
+    if torch.compiler.is_compiling():
+        return values
+    for name, v, (tree, consts, was) in zip(spec["names"], values, spec["args"]):
+        leaves, t = pytree.tree_flatten(v)
+        if str(t) != tree or [leaf_key(x) for x in leaves] != consts:
+            where = getattr(region, REGION, {}).get("path", "?")
+            raise CaptureError(
+                f"robuq_fx: '{where}' runs as a graph that torch.export captured for another call: its argument "
+                f"'{name}' was {was} in the example forward and is {describe(v)} now. Quantize with example_inputs "
+                "that call it the way you run it (every call is checked, so a captured branch never runs silently "
+                "for other inputs)")
+    return values

@@ -1,0 +1,142 @@
+"""`QATLinear`: the QAT form of one linear *module* of the user's model (the drop-in path of `robuq_fx.quantize`).
+
+It holds the module's own weight and bias (the same Parameter objects, so ties such as an LM head shared with its
+embedding stay tied) plus the trainable low-rank branch, and runs `layer.qat_forward` (METHOD.md §1):
+
+    nn.Linear                 weight (N, K)      y = Q_a(x H) Q_w(R)^T + (x H)(A B)^T + bias,  R = W H - A B
+    transformers' Conv1D      weight (K, N)      the same with W = weight^T (GPT-2's projections: x @ W + b)
+
+Casts: weight, bias and branch are master weights and keep their dtype on `.to(torch.bfloat16)` / `.half()`
+(device moves apply). The cast dtype becomes `compute_dtype`: inputs of that dtype are computed in it (Q_w(R) from
+the fp32 masters, then cast), and `lower()` packs from the masters and casts the result to it, so lowering then
+casting and casting then lowering give the same packed model (codes, scales, bias, branch).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import layer
+from .spec import LayerSpec
+
+_MASTERS = ("weight", "bias", "lrb_down", "lrb_up")
+_CAPTURING = [False]
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int, bool] | None:
+    """(in_features, out_features, transposed) of a linear module a QATLinear can stand in for: nn.Linear, or a
+    Conv1D (transformers' `pytorch_utils.Conv1D`, x @ W + b on a (K, N) weight; matched by class name, like policy
+    `type` rules). A subclass with its own forward is not one: swapping it would drop what that forward adds."""
+    if isinstance(module, nn.Linear):
+        return (module.in_features, module.out_features, False) if type(module).forward is nn.Linear.forward else None
+    if is_linear_type(module) and type(module).forward.__qualname__ == "Conv1D.forward":
+        w = getattr(module, "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() == 2 and getattr(module, "nf", w.shape[1]) == w.shape[1]:
+            return w.shape[0], w.shape[1], True
+    return None
+
+
+def is_linear_type(module: nn.Module) -> bool:
+    """An nn.Linear or a Conv1D, own forward or not."""
+    return isinstance(module, nn.Linear) or any(c.__name__ == "Conv1D" for c in type(module).__mro__)
+
+
+@torch.library.custom_op("robuq::leaf_linear", mutates_args=())
+def leaf_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    """A QATLinear call as one node while torch.export captures a submodule (`capturing()`): the capture turns it
+    back into a call of the module (capture.py). Never left in a graph robuq_fx returns."""
+    return F.linear(x, weight.t() if transposed else weight, bias)
+
+
+@leaf_linear.register_fake
+def _(x, weight, bias, transposed):
+    n = weight.shape[1] if transposed else weight.shape[0]
+    return x.new_empty((*x.shape[:-1], n))
+
+
+@contextlib.contextmanager
+def capturing():
+    """QATLinear modules show up as `robuq::leaf_linear(x, weight, bias)` nodes (torch.export has no leaf modules)."""
+    _CAPTURING[0] = True
+    try:
+        yield
+    finally:
+        _CAPTURING[0] = False
+
+
+def _cast_target(fn, device) -> torch.dtype | None:
+    """The floating dtype `fn` (what Module._apply hands down) casts to, or None for a move without a cast: two
+    empty probes of different dtypes come back in one dtype only when fn casts."""
+    try:
+        a = fn(torch.empty(0, dtype=torch.float16, device=device)).dtype
+        b = fn(torch.empty(0, dtype=torch.bfloat16, device=device)).dtype
+    except Exception:  # noqa: BLE001 - an fn that takes no such tensor does not cast floating tensors either
+        return None
+    return a if a == b and a.is_floating_point else None
+
+
+class QATLinear(nn.Module):
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, spec: LayerSpec, transposed: bool = False,
+                 lrb: tuple[torch.Tensor, torch.Tensor] | None = None):
+        super().__init__()
+        self.transposed = transposed
+        k, n = weight.shape if transposed else weight.shape[::-1]
+        self.in_features, self.out_features, self.spec = k, n, spec
+        self.weight = weight
+        self.register_parameter("bias", bias)
+        if spec.lora_rank:
+            down, up = lrb if lrb is not None else (weight.new_zeros(spec.lora_rank, k), weight.new_zeros(n, spec.lora_rank))
+            self.lrb_down = nn.Parameter(down, requires_grad=weight.requires_grad)
+            self.lrb_up = nn.Parameter(up, requires_grad=weight.requires_grad)
+        else:
+            self.lrb_down = self.lrb_up = None
+        self.compute_dtype: torch.dtype | None = None
+
+    @classmethod
+    def from_module(cls, module: nn.Module, spec: LayerSpec, init_lrb: bool = True) -> "QATLinear":
+        """The QAT layer of an nn.Linear / Conv1D (`spec` already resolved); init_lrb: branch from the SVD of W H."""
+        _, _, transposed = linear_dims(module)
+        m = cls(module.weight, module.bias, spec, transposed)
+        if spec.lora_rank and init_lrb:
+            down, up = layer.lrb_init(m.weight_nk(), spec)
+            with torch.no_grad():
+                m.lrb_down.copy_(down)
+                m.lrb_up.copy_(up)
+        return m
+
+    def weight_nk(self) -> torch.Tensor:
+        """The weight as (out_features, in_features)."""
+        return self.weight.t() if self.transposed else self.weight
+
+    def forward(self, x):
+        if _CAPTURING[0]:
+            return leaf_linear(x, self.weight, self.bias, self.transposed)
+        w = self.weight_nk()
+        if x.dtype == w.dtype:
+            return layer.qat_forward(x, w, self.bias, self.lrb_down, self.lrb_up, self.spec)
+        # a cast model: Q_w(R) from the masters (the values lower() packs), everything else in the input's dtype
+        wq = layer.qat_weight(w, self.lrb_down, self.lrb_up, self.spec).to(x.dtype)
+        cast = [None if t is None else t.to(x.dtype) for t in (self.bias, self.lrb_down, self.lrb_up)]
+        return layer.robuq_linear(x, wq, *cast, self.spec)
+
+    def _apply(self, fn, recurse=True):
+        # master weights keep their dtype (device moves apply); a cast sets compute_dtype instead (module docstring)
+        cast = _cast_target(fn, self.weight.device)
+        before = {k: p.data for k in _MASTERS if (p := self._parameters.get(k)) is not None}
+        super()._apply(fn, recurse)
+        for k, old in before.items():
+            p = self._parameters[k]
+            if p.dtype != old.dtype:
+                p.data = old.to(p.device)
+                if p.grad is not None:
+                    p.grad = p.grad.to(old.dtype)
+        if cast is not None:
+            self.compute_dtype = None if cast == self.weight.dtype else cast
+        return self
+
+    def extra_repr(self):
+        kind = ", Conv1D weight (in, out)" if self.transposed else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec.short()}{kind}"
