@@ -76,9 +76,14 @@ def build_model(args, seed: int | None = None):
     if args.pretrained:
         from diffusers import DiTTransformer2DModel
         return DiTTransformer2DModel.from_pretrained(args.pretrained, subfolder="transformer")
-    # DiT's class-label dropout (classifier-free guidance) is a train-only Python branch that torch.export, which
-    # captures in eval mode, does not keep: replace labels by the null class in the data pipeline if you need it.
-    return robuq_fx.models.build(args.model, seed=seed)
+    # DiT's class-label dropout (classifier-free guidance, p=0.1) draws random numbers in train mode: each rank
+    # would draw its own, so N ranks would not reproduce one process. Off here (the whole-graph form never ran it:
+    # torch.export captures eval mode); replace labels by the null class in the data pipeline if you need it.
+    model = robuq_fx.models.build(args.model, seed=seed)
+    for mod in model.modules():
+        if type(mod).__name__ == "LabelEmbedding":
+            mod.dropout_prob = 0.0
+    return model
 
 
 def build_policy(args) -> robuq_fx.Policy:

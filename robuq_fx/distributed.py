@@ -7,7 +7,9 @@
     state  = robuq_fx.distributed.full_state_dict(fsdp)            # rank 0: full CPU state dict; others: {}
 
 Why `shard` and not a loop of `fully_shard(block)`: FSDP2 all-gathers a module's parameters in a forward pre-hook
-*of that module*. The QAT model from `quantize` is one flat FX graph: it reads `blocks.3.attn.qkv.weight` with a
+*of that module*. A drop-in QAT model (your model with QATLinear layers) mostly works as it is, except where the
+model calls a block's submodule from outside the block (diffusers' DiT runs block 0's timestep embedder again for
+the final layer): `shard` gives such a submodule its own group. A whole-graph QAT model is one flat FX graph: it reads `blocks.3.attn.qkv.weight` with a
 `get_attr` and never calls `blocks.3`, so a per-block `fully_shard` never fires and the graph would see sharded
 DTensor parameters (torch 2.13: "Operator robuq.hadamard.default does not have a sharding strategy registered").
 `group_blocks` first moves each block's nodes into a `GraphModule` installed at the block's own path (parameter
@@ -32,6 +34,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .passes.qat import ROBUQ_META
+from .probe import outside_calls
 
 _INDEX = re.compile(r"^\d+$")
 
@@ -81,7 +84,9 @@ def group_blocks(gm: fx.GraphModule, blocks: list[str]) -> tuple[list[str], dict
 
 def shard(model: nn.Module, blocks: list[str] | None = None, **fsdp_kwargs) -> nn.Module:
     """FSDP2 `fully_shard` on every block (default: `block_names(model)`), then on the root; in place, returns
-    the model. A `quantize()` GraphModule is regrouped first (`group_blocks`). `fsdp_kwargs` go to every
+    the model. A whole-graph `quantize()` GraphModule is regrouped first (`group_blocks`). A drop-in model (your
+    model with QATLinear layers) is sharded as it is, and a block's submodule that also runs outside the block
+    (found by running the example inputs quantize() kept) gets its own group first. `fsdp_kwargs` go to every
     `fully_shard` call (mesh, reshard_after_forward, mp_policy, ...)."""
     from torch.distributed.fsdp import fully_shard
 
@@ -92,6 +97,10 @@ def shard(model: nn.Module, blocks: list[str] | None = None, **fsdp_kwargs) -> n
             warnings.warn("robuq_fx.distributed.shard: these blocks stay in the root FSDP group (their parameters "
                           f"are gathered for the whole forward): {skipped}", stacklevel=2)
         model._robuq_fsdp_skipped = skipped
+    else:
+        inputs = getattr(model, "_robuq_inputs", None)  # kept by quantize() (passes/dropin.py)
+        for name in outside_calls(model, inputs, blocks) if inputs is not None else []:
+            fully_shard(model.get_submodule(name), **fsdp_kwargs)  # its own group: gathered wherever it is called
     for name in blocks:
         fully_shard(model.get_submodule(name), **fsdp_kwargs)
     fully_shard(model, **fsdp_kwargs)

@@ -157,3 +157,38 @@ def record_calls(model: nn.Module, example_inputs, paths: set[str]) -> dict[str,
         stack.close()
         model.train(was)
     return stack.calls
+
+
+def outside_calls(model: nn.Module, example_inputs, blocks: list[str]) -> list[str]:
+    """Submodules of a block that run while that block is not running (DiT's root calls block 0's timestep
+    embedder for the final layer's conditioning): FSDP2 must shard them in their own group (distributed.shard).
+    Outermost ones only, in call order; from one eager forward (eval, no grad)."""
+    found: list[str] = []
+    stack: list[str] = []
+
+    def push(path):
+        def hook(mod, args):
+            block = next((b for b in blocks if path.startswith(b + ".")), None)
+            if block is not None and block not in stack and not any(path.startswith(f + ".") for f in found) \
+                    and path not in found:
+                found.append(path)
+            stack.append(path)
+        return hook
+
+    def pop(mod, args, out):  # returns None: a forward hook's return value would replace the output
+        stack.pop()
+
+    handles = []
+    for path, mod in model.named_modules(remove_duplicate=False):
+        handles.append(mod.register_forward_pre_hook(push(path)))
+        handles.append(mod.register_forward_hook(pop, always_call=True))
+    was = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            call_model(model, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return found

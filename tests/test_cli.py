@@ -215,9 +215,11 @@ def _bad_inputs(tmp: Path) -> list:
     (tmp / "bad_json.json").write_text('{"rules": [\n  {"type": "Linear",}\n]}\n')
     (tmp / "no_match.json").write_text('{"rules": [{"match": "nothing.here", "w_bits": 4}]}')
     (tmp / "a_file").write_text("")
+    # needs a capture: its linear has its own forward (no module to swap), and symbolic_trace fails on the root
     (tmp / "untraceable.py").write_text(
-        "import torch.nn as nn\n\nclass M(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
-        "        self.fc = nn.Linear(8, 8)\n\n    def forward(self, x):\n"
+        "import torch.nn as nn\n\nclass Scaled(nn.Linear):\n    def forward(self, x):\n"
+        "        return super().forward(x) * 2\n\nclass M(nn.Module):\n    def __init__(self):\n"
+        "        super().__init__()\n        self.fc = Scaled(8, 8)\n\n    def forward(self, x):\n"
         "        return self.fc(x) if x.sum() > 0 else x\n\ndef build():\n    return M()\n")
     sd = models.build("mlp-digits").state_dict()
     torch.save({**sd, "fc2.weight": torch.zeros(3, 3)}, tmp / "w_shape.pt")

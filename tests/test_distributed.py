@@ -1,10 +1,11 @@
 """Distributed QAT: DDP and FSDP2 (robuq_fx.distributed, examples/qat_distributed.py) on 2 CPU processes (gloo)
 against single-process training on the same global batch.
 
-Models: a small MLP-like net with a `blocks` ModuleList, once through `robuq_fx.quantize` (a flat FX GraphModule:
-FSDP2 needs `robuq_fx.distributed.shard` to regroup it per block) and once through the seed API
-(`replace_linear_layer`: eager RobuQLinear modules), and the tiny diffusers DiT of the example (torch.export
-capture, FSDP2 per transformer block). Every run: 4 steps, global batch 8, each rank trains on its half.
+Models: a small MLP-like net with a `blocks` ModuleList, through `robuq_fx.quantize` (the drop-in form: the net
+with QATLinear layers, sharded per block as it is), through `robuq_fx.quantize(..., whole_graph=True)` (a flat FX
+GraphModule: FSDP2 needs `robuq_fx.distributed.shard` to regroup it per block) and through the seed API
+(`replace_linear_layer`: eager RobuQLinear modules); and the tiny diffusers DiT of the example (drop-in form, FSDP2
+per transformer block). Every run: 4 steps, global batch 8, each rank trains on its half.
 
 Tolerances, and why they are not zero: the single process sums the gradient over the 8 samples inside one GEMM; a
 distributed run sums 4 per rank, then adds the two halves in the all-reduce (DDP) or reduce-scatter (FSDP2), and
@@ -58,7 +59,8 @@ TORCHRUN_TIMEOUT_S = 150
 LOSS_RTOL = 1e-6
 W_ATOL, W_RTOL = 1e-6, 1e-5
 FLIP_MARGIN, MAX_FLIP_FRACTION = 1e-3, 1e-3
-JOBS = [("graph_mlp", "ddp"), ("graph_mlp", "fsdp2"), ("seed_mlp", "ddp"), ("seed_mlp", "fsdp2"), ("dit", "fsdp2")]
+JOBS = [("module_mlp", "ddp"), ("module_mlp", "fsdp2"), ("graph_mlp", "ddp"), ("graph_mlp", "fsdp2"), ("seed_mlp", "ddp"),
+        ("seed_mlp", "fsdp2"), ("dit", "fsdp2")]
 
 
 def _load_example():
@@ -133,13 +135,15 @@ def seed_layers(model) -> dict[str, tuple[nn.Module, LayerSpec]]:
     return {n: (m, m.spec) for n, m in model.named_modules() if isinstance(m, robuq_fx.RobuQLinear)}
 
 
-def lower_graph_fresh(state: dict) -> dict[str, nn.Module]:
-    """What a user does with the gathered checkpoint: a fresh FP model (another random init), QAT structure without
-    SVD, load, lower. Returns {layer: PackedLinear}."""
-    q = robuq_fx.quantize(build_net(seed=1), POLICY, init_lrb=False)
-    q.load_state_dict(state)
-    lowered = robuq_fx.lower(q)
-    return {n: lowered.get_submodule(packed_path(n)) for n in robuq_fx.robuq_info(lowered)["layers"]}
+def lower_fresh(whole_graph: bool) -> Callable[[dict], dict[str, nn.Module]]:
+    def run(state: dict) -> dict[str, nn.Module]:
+        """What a user does with the gathered checkpoint: a fresh FP model (another random init), QAT structure
+        without SVD, load, lower. Returns {layer: PackedLinear}."""
+        q = robuq_fx.quantize(build_net(seed=1), POLICY, init_lrb=False, whole_graph=whole_graph)
+        q.load_state_dict(state)
+        lowered = robuq_fx.lower(q)
+        return {n: lowered.get_submodule(packed_path(n)) for n in robuq_fx.robuq_info(lowered)["layers"]}
+    return run
 
 
 def lower_seed_fresh(state: dict) -> dict[str, nn.Module]:
@@ -175,8 +179,10 @@ def build_cases() -> dict[str, Case]:
         return {n: lowered.get_submodule(packed_path(n)) for n in robuq_fx.robuq_info(lowered)["layers"]}
 
     return {
-        "graph_mlp": Case(robuq_fx.quantize(build_net(0), POLICY), mlp_batch, mlp_loss, MLP_ARGS, graph_layers,
-                          lower_graph_fresh),
+        "module_mlp": Case(robuq_fx.quantize(build_net(0), POLICY), mlp_batch, mlp_loss, MLP_ARGS, graph_layers,
+                           lower_fresh(False)),
+        "graph_mlp": Case(robuq_fx.quantize(build_net(0), POLICY, whole_graph=True), mlp_batch, mlp_loss, MLP_ARGS,
+                          graph_layers, lower_fresh(True)),
         "seed_mlp": Case(robuq_fx.replace_linear_layer(build_net(0), **SEED_KW), mlp_batch, mlp_loss, MLP_ARGS,
                          seed_layers, lower_seed_fresh),
         "dit": Case(dit, lambda step: ex.global_batch(fp.config, dit_args.batch, step, dit_args.seed), ex.loss_fn,
@@ -298,7 +304,7 @@ def test_final_weights_match_single_process(runs, name, engine):
     assert moved > 0, "training did not change the weights: the comparison would be vacuous"
 
 
-@pytest.mark.parametrize("name", ["graph_mlp", "seed_mlp", "dit"])
+@pytest.mark.parametrize("name", ["module_mlp", "graph_mlp", "seed_mlp", "dit"])
 def test_fsdp2_shards_params_and_ops_see_full_weights(runs, name):
     r = runs["got"][(name, "fsdp2")]
     assert r["skipped"] in (None, {})  # every block got its own FSDP group
@@ -375,7 +381,7 @@ def test_example_torchrun_fsdp2_matches_reference(runs, tmp_path):
 
 
 # ---- group_blocks on one process -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["graph_mlp", "dit"])
+@pytest.mark.parametrize("name", ["graph_mlp"])
 def test_group_blocks_is_exact_and_keeps_state_dict_keys(runs, name):
     """Regrouping a flat QAT graph per block (what FSDP2 needs) changes no number: forward and every gradient are
     bit-identical, and the state dict has the same keys, order and tensors."""
@@ -412,7 +418,7 @@ class SharedNet(Net):
 
 def test_group_blocks_leaves_blocks_it_cannot_move_in_the_root():
     torch.manual_seed(0)
-    flat = robuq_fx.quantize(SharedNet(), POLICY)
+    flat = robuq_fx.quantize(SharedNet(), POLICY, whole_graph=True)
     q = copy.deepcopy(flat)
     done, skipped = rdist.group_blocks(q, ["blocks.0", "blocks.1"])
     assert done == [] and set(skipped) == {"blocks.0", "blocks.1"}

@@ -69,8 +69,10 @@ def test_dit_xl_2_robuq_graph_and_attention():
     q = robuq_fx.quantize(m, "dit-xl-2-robuq", example_inputs=ex)
     info = robuq_fx.robuq_info(q)
     assert info["attention"] == {"transformer_blocks.0.attn1": 8, "transformer_blocks.1.attn1": 8}
-    sdpa = [n for n in q.graph.nodes if "scaled_dot_product_attention" in str(n.target)]
-    assert len(sdpa) == 2
+    assert type(q) is type(m)  # only the two attention modules are graphs now
+    graphs = [r for r in q.modules() if isinstance(r, torch.fx.GraphModule)]
+    sdpa = [n for r in graphs for n in r.graph.nodes if "scaled_dot_product_attention" in str(n.target)]
+    assert len(graphs) == 2 and len(sdpa) == 2
     for n in sdpa:  # q, k, v of every SDPA are 8-bit fake-quant nodes
         assert all(a.target is ops.fake_quant_act.default and a.args[1] == 8 for a in n.args[:3])
     ref = m(**ex)[0]

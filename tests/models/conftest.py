@@ -1,9 +1,9 @@
 """Tiny, randomly initialised real-world models for the end-to-end tests of tests/models/.
 
 Each model is described by a `Case`: how to build it (seeded, with config overrides), how to make inputs, whether
-`robuq_fx.quantize` needs `example_inputs` (the model cannot be symbolic-traced, so it is captured with
-torch.export), which linear layers the policies skip, and how to pull the main output tensor out of whatever the
-model returns.
+`robuq_fx.quantize` gets `example_inputs` (the model cannot be symbolic-traced: robuq_fx runs it once on them, and
+captures submodules or the whole graph with torch.export from them), which linear layers the policies skip, and how
+to pull the main output tensor out of whatever the model returns.
 
     mlp    plain nn.Module MLP with dropout                                  (torch.fx.symbolic_trace)
     vit    transformers ViTForImageClassification, tiny config              (torch.export, positional input)
@@ -24,9 +24,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
+from collections import Counter  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import robuq_fx  # noqa: E402
 
@@ -153,6 +156,9 @@ class Case:
     def example(self, inputs):
         return inputs if self.needs_example_inputs else None
 
+    def run_counts(self, model, inputs) -> Counter:
+        return op_counts(self.run, model, inputs)
+
     def quantize(self, model, kind: str, inputs=None, **kw):
         inputs = self.make_inputs() if inputs is None else inputs
         return robuq_fx.quantize(model, self.policy(kind), self.example(inputs), **kw)
@@ -220,6 +226,26 @@ def cached(case: Case, kind: str):
 
 
 _LOWERED: dict = {}
+
+
+class OpCounter(TorchDispatchMode):
+    """How often each op runs (at the dispatcher, so custom robuq:: ops count once per call, not their insides)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def op_counts(fn, *args, **kwargs) -> Counter:
+    """{op: calls} of one `fn(*args, **kwargs)` (no grad): robuq_fx models are your modules now, with no single graph
+    to read, so tests count what a forward runs."""
+    with torch.no_grad(), OpCounter() as c:
+        fn(*args, **kwargs)
+    return c.counts
 
 
 def cached_lowered(case: Case, kind: str, fuse: bool = True):

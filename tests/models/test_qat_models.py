@@ -1,9 +1,10 @@
 """QAT pass (`robuq_fx.quantize`) on real model families, end to end.
 
-Models (tests/models/conftest.py): a plain MLP with dropout (symbolic_trace), transformers' ViTForImageClassification
-(standing in for timm's vit_tiny, which cannot be installed here: its torchvision dependency has no CPU torch 2.13
-build), diffusers' DiTTransformer2DModel and transformers' LlamaForCausalLM (lm_head skipped); the last three cannot
-be symbolic-traced and are captured with torch.export from example_inputs. All tiny, random init, no downloads.
+Models (tests/models/conftest.py): a plain MLP with dropout, transformers' ViTForImageClassification (standing in
+for timm's vit_tiny, which cannot be installed here: its torchvision dependency has no CPU torch 2.13 build),
+diffusers' DiTTransformer2DModel and transformers' LlamaForCausalLM (lm_head skipped). All come back as the user's
+model with QATLinear layers (the drop-in path); ViT and DiT sibling parents are captured only when lowered. All tiny,
+random init, no downloads.
 """
 from __future__ import annotations
 
@@ -13,18 +14,16 @@ import pytest
 import torch
 import torch.nn as nn
 
+from torch.overrides import TorchFunctionMode
+
 import robuq_fx
-from robuq_fx.capture import find_linears
+from robuq_fx.qat_linear import QATLinear
 
 from .conftest import CASES, cached
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.export's deprecated LeafSpec on deepcopy
 
 ROBUQ = torch.ops.robuq
-
-
-def _count(gm, op) -> int:
-    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is op)
 
 
 def _layers(qmodel) -> list[str]:
@@ -36,27 +35,59 @@ def _rel_err(out, ref) -> float:
 
 
 @pytest.mark.parametrize("kind", ["lrb", "a2"])
-def test_every_matched_linear_has_robuq_ops(case, kind):
+def test_every_matched_linear_runs_robuq_ops(case, kind):
+    """The QAT model is the user's model (class, modules) with every matched linear a QATLinear; one forward runs
+    the robuq ops once per call site, and no F.linear reads a matched layer's FP weight any more."""
     model, qmodel = cached(case, kind)
     x = case.make_inputs()
     layers = _layers(qmodel)
     assert sorted(layers) == sorted(case.expected_layers(model))
+    assert type(qmodel) is type(model) and robuq_fx.robuq_info(qmodel)["form"] == "modules"
+    assert all(isinstance(qmodel.get_submodule(n), QATLinear) for n in layers)
     # call sites counted independently: forward hooks on the FP model (DiT runs block 0's timestep embedder twice:
     # once in block 0, once for the final layer's conditioning -> two sites for those two linears)
     calls = case.call_counts(model, x)
     sites = sum(calls[name] for name in layers)
     assert sites >= len(layers)
-    assert _count(qmodel, ROBUQ.fake_quant_weight.default) == sites
-    assert _count(qmodel, ROBUQ.fake_quant_act.default) == sites  # a_bits < 16 everywhere here
-    assert _count(qmodel, ROBUQ.hadamard.default) == 2 * sites  # x H and W H at every site
-    assert "robuq" in qmodel.code
-    # no matched layer's FP weight is used directly by a linear any more
-    assert not {s.name for s in find_linears(qmodel, qmodel)} & set(layers)
+    ops = case.run_counts(qmodel, x)
+    assert ops[ROBUQ.fake_quant_weight.default] == sites
+    assert ops[ROBUQ.fake_quant_act.default] == sites  # a_bits < 16 everywhere here
+    assert ops[ROBUQ.hadamard.default] == 2 * sites  # x H and W H at every site
+    fp = {id(qmodel.get_submodule(n).weight) for n in layers}
+    with torch.no_grad(), _LinearWeights() as seen:
+        out = case.run(qmodel, x)
+    assert not fp & seen.ids
     spec0 = robuq_fx.robuq_info(qmodel)["layers"][layers[0]]
     assert spec0["lora_rank"] == (4 if kind == "lrb" else 0)
     assert spec0["a_sym"] is (kind != "a2")  # a2: asymmetric 2-bit activations
     with torch.no_grad():
-        assert case.run(qmodel, x).shape == case.run(model, x).shape
+        assert out.shape == case.run(model, x).shape
+
+
+class _LinearWeights(TorchFunctionMode):
+    """ids of the weights F.linear is called with."""
+
+    def __init__(self):
+        super().__init__()
+        self.ids = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.linear and len(args) > 1:
+            self.ids.add(id(args[1]))
+        return func(*args, **(kwargs or {}))
+
+
+def test_module_form_is_bit_identical_to_the_whole_graph(case):
+    """The drop-in QAT model and its lowered form compute exactly what the whole-graph path (one GraphModule, the
+    only form before issue 18) computes: the same `layer.qat_forward`, the user's eager code around it."""
+    model, qmodel = cached(case, "lrb")
+    x = case.make_inputs()
+    graph = case.quantize(model, "lrb", whole_graph=True).eval()
+    assert isinstance(graph, torch.fx.GraphModule) and robuq_fx.robuq_info(graph)["form"] == "graph"
+    assert set(graph.state_dict()) == set(qmodel.state_dict())
+    with torch.no_grad():
+        assert torch.equal(case.run(qmodel, x), case.run(graph, x))
+        assert torch.equal(case.run(robuq_fx.lower(qmodel), x), case.run(robuq_fx.lower(graph), x))
 
 
 @pytest.mark.parametrize("kind", ["lrb", "a2"])
@@ -72,7 +103,7 @@ def test_backward_reaches_weights_and_lrb_and_a_step_changes_them(case, kind):
         mod = qmodel.get_submodule(name)
         names = ["weight"] + (["lrb_down", "lrb_up"] if kind == "lrb" else [])
         if kind != "lrb":
-            assert not hasattr(mod, "lrb_down")
+            assert getattr(mod, "lrb_down", None) is None
         for pname in names:
             p = getattr(mod, pname)
             assert isinstance(p, nn.Parameter) and p.requires_grad, f"{name}.{pname}"

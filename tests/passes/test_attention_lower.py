@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import Counter
 
 import pytest
 import torch
@@ -11,14 +12,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import robuq_fx
+from models.conftest import op_counts  # tests/ is on sys.path (rootdir-relative packages)
 from robuq_fx import quantizers as Q
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ops = torch.ops.robuq
 
 
-def _targets(gm):
-    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+def _ran(model, *args, **kwargs) -> Counter:
+    return op_counts(model, *args, **kwargs)  # robuq ops, and aten ops outside them, one forward runs
 
 
 def tiny_dit():
@@ -40,10 +42,15 @@ def test_dit_paper_policy_lowers_attention_to_one_op():
     ex = dit_inputs()
     q = robuq_fx.quantize(m, "dit-xl-2-robuq", example_inputs=ex)
     low = robuq_fx.lower(q)
-    t = _targets(low)
-    assert t.count(ops.attention8.default) == 2
+    assert type(low) is type(m)
+    t = _ran(low, **ex)
+    assert t[ops.attention8.default] == 2
     assert ops.fake_quant_act.default not in t
     assert not [x for x in t if "scaled_dot_product_attention" in str(x)]
+    # only the attention modules became graphs; each one's SDPA is one robuq::attention8 node
+    regions = {n: r for n, r in low.named_modules() if isinstance(r, torch.fx.GraphModule)}
+    assert set(regions) == {"transformer_blocks.0.attn1", "transformer_blocks.1.attn1"}
+    assert all(sum(n.target is ops.attention8.default for n in r.graph.nodes) == 1 for r in regions.values())
     for batch in (2, 4):
         x = dit_inputs(batch)
         with torch.no_grad():
@@ -62,7 +69,7 @@ def test_llama_causal_attention_lowered_bit_identical():
                                         {"type": "Linear", "w_bits": 4, "a_bits": 8}, ]}, example_inputs=ex)
     with warnings.catch_warnings(record=True):
         low = robuq_fx.lower(q)
-    assert _targets(low).count(ops.attention8.default) == 2
+    assert _ran(low, **ex)[ops.attention8.default] == 2
     with torch.no_grad():
         assert torch.equal(low(**ex)[0], q.eval()(**ex)[0])
 

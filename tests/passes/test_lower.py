@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 import robuq_fx
+from models.conftest import op_counts  # tests/ is on sys.path (rootdir-relative packages)
 from robuq_fx import LoweringError, PackedLinear
 
 ops = torch.ops.robuq
@@ -43,19 +44,29 @@ def test_quantizer_options_lower_bit_identical(extra):
     assert torch.equal(low(x), q.eval()(x))
 
 
-def test_graph_holds_qlinear_only_and_fp_weights_dropped():
-    q = robuq_fx.quantize(mlp(), {"rules": [{"match": "4", "skip": True}, {"type": "Linear", "w_bits": 1.58, "a_bits": 3,
-                                                                           "lora_rank": 4}]})
-    low = robuq_fx.lower(q)
-    targets = [n.target for n in low.graph.nodes if n.op == "call_function"]
-    assert targets.count(ops.qlinear.default) == 2
-    assert not any(t in (ops.fake_quant_act.default, ops.fake_quant_weight.default, ops.hadamard.default) for t in targets)
+POL_A3 = {"rules": [{"match": "4", "skip": True}, {"type": "Linear", "w_bits": 1.58, "a_bits": 3, "lora_rank": 4}]}
+
+
+def test_lowered_runs_qlinear_only_and_fp_weights_dropped():
+    low = robuq_fx.lower(robuq_fx.quantize(mlp(), POL_A3))
+    assert type(low) is nn.Sequential  # the user's model: two linears swapped for PackedLinear, the rest as it was
+    assert [type(m) for m in low] == [PackedLinear, nn.GELU, PackedLinear, nn.ReLU, nn.Linear]
+    ran = op_counts(low, torch.randn(2, 64))
+    assert ran[ops.qlinear.default] == 2
+    assert not any(t in ran for t in (ops.fake_quant_act.default, ops.fake_quant_weight.default, ops.hadamard.default))
     sd = low.state_dict()
     assert "0.weight" not in sd and "2.weight" not in sd and "4.weight" in sd
     assert sd["0.qweight"].dtype == torch.uint8 and sd["0.qweight"].numel() == (96 * 64 + 4) // 5
-    assert isinstance(low.get_submodule("0"), PackedLinear)
-    assert "robuq.qlinear" in low.code
     assert robuq_fx.robuq_info(low)["stage"] == "lowered"
+
+
+def test_whole_graph_holds_qlinear_only():
+    low = robuq_fx.lower(robuq_fx.quantize(mlp(), POL_A3, whole_graph=True))
+    targets = [n.target for n in low.graph.nodes if n.op == "call_function"]
+    assert targets.count(ops.qlinear.default) == 2
+    assert not any(t in (ops.fake_quant_act.default, ops.fake_quant_weight.default, ops.hadamard.default) for t in targets)
+    assert isinstance(low.get_submodule("0"), PackedLinear) and "4.weight" in low.state_dict()
+    assert "robuq.qlinear" in low.code
 
 
 def test_lower_does_not_modify_qat_model():
@@ -79,9 +90,10 @@ def test_lower_errors():
         robuq_fx.lower(mlp())
     with pytest.raises(LoweringError, match="no robuq nodes"):
         robuq_fx.lower(torch.fx.symbolic_trace(mlp()))
-    low = robuq_fx.lower(robuq_fx.quantize(mlp()))
-    with pytest.raises(LoweringError, match="already lowered"):
-        robuq_fx.lower(low)
+    for whole_graph in (False, True):
+        low = robuq_fx.lower(robuq_fx.quantize(mlp(), whole_graph=whole_graph))
+        with pytest.raises(LoweringError, match="already lowered"):
+            robuq_fx.lower(low)
 
 
 def test_lowered_compiles():

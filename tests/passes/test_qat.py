@@ -1,4 +1,5 @@
-"""QAT pass on small models: graph contents, training behaviour, bad input (the model left untouched)."""
+"""QAT pass on small models: what changes (QATLinear modules; the graph on the whole-graph path), training behaviour,
+bad input (the model left untouched)."""
 import copy
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import robuq_fx
+from models.conftest import op_counts  # tests/ is on sys.path (rootdir-relative packages)
 from robuq_fx import CaptureError, PolicyError
 
 ops = torch.ops.robuq
@@ -20,12 +22,28 @@ def count(gm, target):
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is target)
 
 
-def test_ops_in_graph_and_code():
-    q = robuq_fx.quantize(mlp(), {"rules": [{"match": "5", "skip": True}, {"type": "Linear", "w_bits": 1.58, "a_bits": 3}]})
+POL_A3 = {"rules": [{"match": "5", "skip": True}, {"type": "Linear", "w_bits": 1.58, "a_bits": 3}]}
+
+
+def test_linear_modules_become_qat_layers():
+    m = mlp()
+    q = robuq_fx.quantize(m, POL_A3)
+    assert type(q) is nn.Sequential and robuq_fx.robuq_info(q)["form"] == "modules"
+    assert [type(c).__name__ for c in q] == ["QATLinear", "ReLU", "Dropout", "QATLinear", "ReLU", "Linear"]
+    assert q[0].weight is not m[0].weight and q[0].spec == robuq_fx.LayerSpec(**robuq_fx.robuq_info(q)["layers"]["0"])
+    ran = op_counts(q.eval(), torch.randn(2, 64))
+    assert ran[ops.fake_quant_weight.default] == 2 and ran[ops.fake_quant_act.default] == 2
+    assert ran[ops.hadamard.default] == 4  # x and W of both quantized layers
+    assert robuq_fx.robuq_info(q)["layers"].keys() == {"0", "3"}
+
+
+def test_ops_in_graph_and_code_on_the_whole_graph_path():
+    q = robuq_fx.quantize(mlp(), POL_A3, whole_graph=True)
     assert count(q, ops.fake_quant_weight.default) == 2 and count(q, ops.fake_quant_act.default) == 2
     assert count(q, ops.hadamard.default) == 4  # x and W of both quantized layers
     assert "torch.ops.robuq.fake_quant_act" in q.code
     assert robuq_fx.robuq_info(q)["layers"].keys() == {"0", "3"}
+    assert robuq_fx.robuq_info(q)["form"] == "graph" and "whole_graph=True" in robuq_fx.robuq_info(q)["why"]
 
 
 def test_model_untouched_and_state_dict_keys():
@@ -120,21 +138,33 @@ class DataDependent(Branchy):
         return self.b(h)
 
 
-def test_uncapturable_without_example_inputs_names_the_construct():
+def test_uncapturable_whole_graph_without_example_inputs_names_the_construct():
     with pytest.raises(CaptureError, match="(?s)symbolic_trace could not trace Branchy.*control flow.*example_inputs"):
-        robuq_fx.quantize(Branchy())
+        robuq_fx.quantize(Branchy(), whole_graph=True)
 
 
-def test_uncapturable_with_example_inputs_reports_both_failures():
+def test_uncapturable_whole_graph_with_example_inputs_reports_both_failures():
     m = DataDependent()
     with pytest.raises(CaptureError, match="(?s)symbolic_trace failed.*torch.export.*failed"):
-        robuq_fx.quantize(m, example_inputs=(torch.randn(2, 16),))
+        robuq_fx.quantize(m, example_inputs=(torch.randn(2, 16),), whole_graph=True)
+
+
+def test_untraceable_models_need_no_capture_on_the_drop_in_path():
+    """Control flow symbolic_trace cannot take, even on values (which torch.export cannot take either), is fine
+    when only linear modules change: nothing is captured."""
+    pol = {"rules": [{"type": "Linear", "w_bits": 8, "a_bits": 8, "hadamard": False}]}
+    for m in (Branchy(), DataDependent()):
+        q = robuq_fx.quantize(m, pol, example_inputs=(torch.randn(2, 16),))
+        assert type(q) is type(m) and robuq_fx.robuq_info(q)["form"] == "modules"
+        x = torch.randn(5, 16)
+        assert q(x).shape == (5, 4)
+        torch.testing.assert_close(q.eval()(x), m(x), rtol=0.05, atol=0.05)
 
 
 def test_export_fallback_with_example_inputs():
     m = Branchy()
     q = robuq_fx.quantize(m, {"rules": [{"type": "Linear", "w_bits": 8, "a_bits": 8, "hadamard": False}]},
-                          example_inputs=(torch.randn(2, 16),))
+                          example_inputs=(torch.randn(2, 16),), whole_graph=True)
     assert robuq_fx.robuq_info(q)["capture"] == "torch.export"
     assert count(q, ops.fake_quant_weight.default) == 2
     x = torch.randn(5, 16)  # a different batch size than captured
@@ -159,6 +189,7 @@ def test_bad_policy_for_model_leaves_model_untouched(pol, msg):
 
 
 def test_quantize_twice_is_an_error():
-    q = robuq_fx.quantize(mlp())
-    with pytest.raises(PolicyError, match="already quantized"):
-        robuq_fx.quantize(q)
+    for whole_graph in (False, True):
+        q = robuq_fx.quantize(mlp(), whole_graph=whole_graph)
+        with pytest.raises(PolicyError, match="already quantized"):
+            robuq_fx.quantize(q)
