@@ -323,8 +323,10 @@ def _export_call(module: nn.Module, call) -> tuple[fx.GraphModule, dict]:
             delattr(gm, attr)
     _dropout_to_modules(gm)
     _drop_metadata_asserts(gm)
+    first = next((t for t in pytree.tree_leaves(flat) if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
     spec = {"names": names, "forward": f"{cls.__module__}.{cls.__qualname__}.forward",
-            "args": [arg_structure(v) for v in flat]}
+            "args": [arg_structure(v) for v in flat],  # the activations' dtype and device: what export bakes in
+            "target": (str(first.dtype).removeprefix("torch."), str(first.device)) if first is not None else None}
     return gm, spec
 
 

@@ -25,6 +25,7 @@ from ..errors import CaptureError
 
 CALL = "_robuq_call"  # the call structure a torch.export region was captured for (capture._export_call)
 REGION = "_robuq_region"  # {"path", "capture", "why"}
+TARGET = "_robuq_target"  # (dtype name, device) the graph's baked literals are for
 
 
 class RegionModule(fx.GraphModule):
@@ -33,6 +34,29 @@ class RegionModule(fx.GraphModule):
         if spec is None:
             return super().__call__(*args, **kwargs)
         return super().__call__(*_flat_call(self, spec, args, kwargs))
+
+    def _apply(self, fn, recurse=True):
+        """torch.export bakes the capture's dtype and device into some nodes (diffusers' attention casts back with
+        `x.to(query.dtype)`, recorded as `to(x, torch.float32)`): a cast or a move of the model retargets those
+        literals, so that the region follows `.to(torch.bfloat16)` / `.to("cuda")` as the eager module would. A
+        literal upcast in the module's own code (`x.float()`) is retargeted too: capture in the dtype you run in to
+        keep it."""
+        from ..qat_linear import _cast_target
+        spec = getattr(self, CALL, None)
+        where = getattr(self, TARGET, None)
+        cast = _cast_target(fn, torch.device(where[1])) if spec is not None and where else None
+        super()._apply(fn, recurse)
+        if spec is None or not where:
+            return self
+        t = next((x for x in (*self.parameters(), *self.buffers())), None)
+        dtype = cast or torch.__dict__[where[0]]
+        device = t.device if t is not None else torch.device(where[1])
+        old = (torch.__dict__[where[0]], torch.device(where[1]))
+        if (dtype, device) != old:
+            _retarget(self.graph, {old[0]: dtype, old[1]: device})
+            self.recompile()
+            preserve(self, TARGET, (str(dtype).removeprefix("torch."), str(device)))
+        return self
 
 
 def preserve(gm: fx.GraphModule, name: str, value) -> None:
@@ -49,7 +73,17 @@ def make_region(gm: fx.GraphModule, call_spec: dict | None, forward, info: dict)
     preserve(gm, REGION, dict(info))
     if call_spec is not None:
         preserve(gm, CALL, dict(call_spec, fn=forward))
+        preserve(gm, TARGET, call_spec.get("target"))
     return gm
+
+
+def _retarget(graph: fx.Graph, new: dict) -> None:
+    """Replace dtype / device literals in node arguments (`new`: old -> new)."""
+    def swap(a):
+        return new.get(a, a) if isinstance(a, (torch.dtype, torch.device)) else a
+    for node in graph.nodes:
+        node.args = fx.node.map_aggregate(node.args, swap)
+        node.kwargs = fx.node.map_aggregate(node.kwargs, swap)
 
 
 def regions(model: torch.nn.Module) -> dict[str, RegionModule]:
