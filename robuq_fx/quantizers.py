@@ -66,7 +66,9 @@ def quantize_weight(r: torch.Tensor, w_bits, granularity: str = "channel", group
         s = _div(rg.abs().amax(dim=-1, keepdim=True).clamp_min(_EPS), qmax)
     # Round the scale to its storage dtype before computing codes, so QAT and the packed model agree exactly.
     s = s.to(_DTYPES[scale_dtype]).to(rg.dtype)
-    codes = torch.round(rg / s).clamp_(-qmax, qmax)
+    # A scale that underflows to 0 in a 16-bit scale_dtype (eps 1e-8 is below fp16's range) would make R / s
+    # NaN, whose int8 cast is undefined: divide by 1 there (codes round(R) of a row that tiny are 0, Q_w = 0 s = 0).
+    codes = torch.round(rg / torch.where(s > 0, s, torch.ones_like(s))).clamp_(-qmax, qmax)
     return codes.to(torch.int8).reshape(r.shape), s.squeeze(-1).to(_DTYPES[scale_dtype])
 
 

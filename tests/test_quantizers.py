@@ -160,3 +160,13 @@ def test_weight_code_colsum_is_epilogue_term():
     c = Q.weight_code_colsum(codes, scale)
     assert torch.allclose(c, (codes.double() * scale.double()).sum(1).float())
     assert math.isclose(float(c[0]), float((codes[0].double() * scale[0, 0].double()).sum()), rel_tol=1e-6)
+
+
+def test_zero_row_with_fp16_scale_gives_zero_codes():
+    # eps 1e-8 underflows to 0 in fp16: the codes must still be 0 (not NaN cast to int8, which is undefined)
+    r = torch.randn(4, 32)
+    r[1] = 0.0
+    for bits in (1.58, 4):
+        codes, scale = Q.quantize_weight(r, bits, scale_dtype="float16")
+        assert scale[1].item() == 0.0 and torch.equal(codes[1], torch.zeros(32, dtype=torch.int8))
+        assert torch.equal(Q.fake_quant_weight(r, bits, scale_dtype="float16")[1], torch.zeros(32))
