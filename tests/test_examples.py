@@ -130,3 +130,14 @@ def test_mlp_training_then_inference(tmp_path):
 def test_inference_demo_without_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match="MLP_training_demo.py first"):
         inference_main(["--ckpt", str(tmp_path / "missing.pt")])
+
+
+def test_dit_pipeline_smoke(tmp_path):
+    """examples/dit_pipeline.py as a user runs it, a few steps only: the quantized DiT samples in diffusers'
+    DiTPipeline, lowered == QAT there, and the PNG, JSON and table are written (accuracy: see its committed run)."""
+    proc = run("dit_pipeline.py", "--fp-steps", 20, "--qat-steps", 4, "--samples", 1, "--ddim-steps", 3, "--out",
+               tmp_path)
+    res = json.loads((tmp_path / "dit_pipeline.json").read_text())
+    assert res["lowered_equals_qat"] is True
+    assert [r["model"] for r in res["rows"]][1:] == ["FP DiT", "RobuQ dit-xl-2-robuq (LRB 8), lowered"]
+    assert (tmp_path / "dit_pipeline.png").stat().st_size > 1000 and "judged acc %" in proc.stdout
