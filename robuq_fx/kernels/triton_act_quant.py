@@ -10,7 +10,8 @@ the first half and the differences to the second (Pease; after log2(b) stages th
 Sums are taken in fp32, then multiplied by dtype(1/sqrt(b)) and rounded to the input dtype, exactly like
 `hadamard.block_hadamard` (a bf16 matmul with fp32 accumulation) where the fp32 sums are exact.
 
-Then per-row absmax (or min/max over the row), the scale s = range / levels by IEEE division, and each code
+Then per-row absmax (or min/max over the row; with `sigma` clipping mu +- c sigma of the row, kept inside them, and
+codes clamped), the scale s = range / levels by IEEE division, and each code
 rint(y / s) (round half to even, as `torch.round`; no clamp is needed, see `_store`) with the quotient from one
 reciprocal per row and an FMA-corrected product per element:
     r = RN(1/s),  q0 = RN(y r),  e = fma(-q0, s, y) (exact),  q = RN(q0 + e r)
@@ -26,11 +27,18 @@ barriers in the loop and the IEEE division took ~10 instructions per element.
 """
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
 from .triton_launch import launch
+from .triton_rowquant import _rint
+
+# rint is one instruction on the GPU; Triton's CPU interpreter (TRITON_INTERPRET=1, where these kernels are debugged)
+# has no libdevice, so there the same rounding comes from triton_rowquant._rint (exact for |t| < 2^22)
+_RINT = _rint if os.environ.get("TRITON_INTERPRET") == "1" else libdevice.rint
 
 
 @triton.jit
@@ -68,7 +76,8 @@ def _range(y, SYM: tl.constexpr):
 
 @triton.jit
 def _store(y, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, shift, OFF,
-           W: tl.constexpr, SYM: tl.constexpr, DEQUANT: tl.constexpr, HAS_SHIFT: tl.constexpr):
+           W: tl.constexpr, SYM: tl.constexpr, DEQUANT: tl.constexpr, HAS_SHIFT: tl.constexpr,
+           levels=0.0, CLAMP: tl.constexpr = False):
     cols = OFF + tl.arange(0, W)
     y = y.to(tl.float32)
     if not SYM:
@@ -76,9 +85,12 @@ def _store(y, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, shift, OFF,
     sf = safe[:, None]
     rf = rcp[:, None]
     q0 = y * rf
-    q = libdevice.rint(tl.fma(tl.fma(-q0, sf, y), rf, q0))
-    # no clamp needed: |y| <= absmax and s = RN(absmax / qmax) give |y / s| <= qmax (1 + 2^-23), so rint <= qmax
-    # (asymmetric: 0 <= RN(y - lo) <= RN(hi - lo), the same bound with levels); s == 0 only for an all-zero row.
+    q = _RINT(tl.fma(tl.fma(-q0, sf, y), rf, q0))
+    # absmax ranges need no clamp: |y| <= absmax and s = RN(absmax / qmax) give |y / s| <= qmax (1 + 2^-23), so
+    # rint <= qmax (asymmetric: 0 <= RN(y - lo) <= RN(hi - lo), the same bound with levels); s == 0 only for an
+    # all-zero row. Sigma ranges leave values outside: CLAMP, as quantizers.quantize_act does.
+    if CLAMP:
+        q = tl.minimum(tl.maximum(q, -levels if SYM else 0.0), levels)
     if DEQUANT:
         if SYM:
             v = s[:, None] * q
@@ -90,6 +102,12 @@ def _store(y, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, shift, OFF,
         v = q
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], v.to(out_ptr.dtype.element_ty),
              mask=smask[:, None])
+
+
+@triton.jit
+def _sqdev(y, mu):
+    d = y.to(tl.float32) - mu[:, None]
+    return tl.sum(d * d, axis=1)
 
 
 @triton.jit
@@ -135,7 +153,7 @@ def act_quant_bfly_kernel(x_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, stride_
                           W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,
                           BM: tl.constexpr, B: tl.constexpr, LOGB: tl.constexpr, HAD: tl.constexpr,
                           SYM: tl.constexpr, DEQUANT: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                          CHUNK: tl.constexpr):
+                          CHUNK: tl.constexpr, clip_c=0.0, SIGMA: tl.constexpr = False):
     """W0..W3: widths (columns) of the pieces, powers of two, multiples of B, summing to K (unused = 0).
     CHUNK > 0: two passes over the row in chunks of CHUNK columns instead (range, then codes; the second pass
     re-reads and re-rotates the row, mostly from cache), for rows too long to keep in registers."""
@@ -164,28 +182,58 @@ def act_quant_bfly_kernel(x_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, stride_
         a3, b3 = _range(y3, SYM)
         a = tl.minimum(a, a3)
         b = tl.maximum(b, b3)
+    if SIGMA:  # mu +- c sigma of the rotated row (two passes over the registers), kept inside [min, max]
+        K: tl.constexpr = W0 + W1 + W2 + W3
+        mu = tl.sum(y0.to(tl.float32), axis=1)
+        if W1 > 0:
+            mu += tl.sum(y1.to(tl.float32), axis=1)
+        if W2 > 0:
+            mu += tl.sum(y2.to(tl.float32), axis=1)
+        if W3 > 0:
+            mu += tl.sum(y3.to(tl.float32), axis=1)
+        mu = tl.div_rn(mu, tl.zeros_like(mu) + K)
+        var = _sqdev(y0, mu)
+        if W1 > 0:
+            var += _sqdev(y1, mu)
+        if W2 > 0:
+            var += _sqdev(y2, mu)
+        if W3 > 0:
+            var += _sqdev(y3, mu)
+        sd = tl.sqrt_rn(tl.div_rn(var, tl.zeros_like(var) + K))
+        if SYM:
+            b = tl.minimum(tl.abs(mu) + clip_c * sd, b)
+        else:
+            a = tl.maximum(mu - clip_c * sd, a)
+            b = tl.minimum(mu + clip_c * sd, b)
     s, lo, safe, rcp = _scale(a, b, levels, SYM)
     tl.store(scale_ptr + rows, s, mask=smask)
     tl.store(lo_ptr + rows, lo + shift * s, mask=smask)
-    _store(y0, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, shift, 0, W0, SYM, DEQUANT, HAS_SHIFT)
+    _store(y0, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, shift, 0, W0, SYM, DEQUANT, HAS_SHIFT, levels,
+           SIGMA)
     if W1 > 0:
-        _store(y1, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, shift, W0, W1, SYM, DEQUANT, HAS_SHIFT)
+        _store(y1, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, shift, W0, W1, SYM, DEQUANT, HAS_SHIFT,
+               levels, SIGMA)
     if W2 > 0:
         _store(y2, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, shift, W0 + W1, W2, SYM,
-               DEQUANT, HAS_SHIFT)
+               DEQUANT, HAS_SHIFT, levels, SIGMA)
     if W3 > 0:
         _store(y3, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, shift, W0 + W1 + W2, W3, SYM,
-               DEQUANT, HAS_SHIFT)
+               DEQUANT, HAS_SHIFT, levels, SIGMA)
 
 
-def launch_act_quant(x, out, scale, lo, m, m_store, hscale, levels, shift, block, plan, sym, dequant):
+def launch_act_quant(x, out, scale, lo, m, m_store, hscale, levels, shift, block, plan, sym, dequant,
+                     clip_c: float = 0.0):
     """x (>= m, K), out (m_store, K) codes (fp8) or Q_a(x H) (x's dtype); scale / lo (m_store,) fp32.
-    plan = (piece widths, BM, num_warps, chunk) from `triton_fp8.make_plan`; block 0 = no Hadamard."""
+    plan = (piece widths, BM, num_warps, chunk) from `triton_fp8.make_plan`; block 0 = no Hadamard.
+    clip_c > 0: `sigma` ranges mu +- clip_c sigma (one-pass plans only), as `quantizers.act_range`."""
+    if clip_c and plan[3]:
+        raise ValueError("sigma clipping needs a one-pass plan (chunk = 0)")
     widths, bm, warps, chunk = plan
     ws = list(widths) + [0] * (4 - len(widths))
     b = block if block > 1 else 2
     launch(act_quant_bfly_kernel, (triton.cdiv(m_store, bm),),
            (x, out, scale, lo, m, m_store, x.stride(0), out.stride(0), float(hscale), float(levels), float(shift)),
            dict(W0=ws[0], W1=ws[1], W2=ws[2], W3=ws[3], BM=bm, B=b, LOGB=b.bit_length() - 1, HAD=block > 1,
-                SYM=bool(sym), DEQUANT=bool(dequant), HAS_SHIFT=bool(shift) and not dequant, CHUNK=chunk),
+                SYM=bool(sym), DEQUANT=bool(dequant), HAS_SHIFT=bool(shift) and not dequant, CHUNK=chunk,
+                clip_c=float(clip_c), SIGMA=bool(clip_c)),
            dict(num_warps=warps), no_specialize=(4, 5))

@@ -173,18 +173,31 @@ def _hscale(block: int, dtype: torch.dtype) -> float:
     return float(torch.tensor(1.0 / block ** 0.5, dtype=torch.float64).to(dtype)) if block > 1 else 1.0
 
 
-def quant_supported(k: int, block: int, a_bits: int, dtype: torch.dtype) -> str | None:
+def quant_supported(k: int, block: int, a_bits: int, dtype: torch.dtype, clip: str = "absmax",
+                    m: int = 16384) -> str | None:
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return f"activation dtype {dtype} (needs bf16/fp16/fp32)"
     if not 1 <= a_bits <= 8:
         return f"a_bits={a_bits}"
+    if clip not in ("absmax", "sigma"):
+        return f"a_clip={clip!r}"
     if make_plan(k, block if block > 1 else 0, 1, 4) is None:
         return f"in_features={k} with Hadamard block {block} does not fit the Triton quantizer's tiling"
+    if clip == "sigma" and _sigma_plan(k, block, m) is None:
+        return f"a_clip='sigma' with in_features={k}: rows this long take the two-pass quantizer, which has no sigma"
     return None
 
 
+def _sigma_plan(k: int, block: int, m: int) -> tuple | None:
+    """A one-pass tiling for `sigma` ranges (their mean and deviation need the whole row in registers)."""
+    plan = quant_plan(k, block if block > 1 else 0, m)
+    if plan is not None and not plan[3]:
+        return plan
+    return make_plan(k, block if block > 1 else 0, 1, 1 if k <= _DEFAULT_WARPS_SPLIT else 2) if k <= 8192 else None
+
+
 def act_quant(x2: torch.Tensor, block: int, a_bits: int, sym: bool, dequant: bool = False,
-              m_store: int | None = None, shift: bool = False, plan: tuple | None = None):
+              m_store: int | None = None, shift: bool = False, plan: tuple | None = None, clip: str = "absmax"):
     """Fused x H -> per-token quantization of a 2-D (M, K) CUDA tensor (last dim contiguous).
 
     Returns (out, scale, lo): out (m_store, K) fp8 e4m3 codes, or Q_a(x H) in x's dtype when `dequant`;
@@ -193,7 +206,10 @@ def act_quant(x2: torch.Tensor, block: int, a_bits: int, sym: bool, dequant: boo
     m, k = x2.shape
     m_store = m if m_store is None else m_store
     block = block if block > 1 else 0
-    plan = plan or quant_plan(k, block, m)
+    sigma = clip == "sigma"
+    plan = plan or (_sigma_plan(k, block, m) if sigma else quant_plan(k, block, m))
+    # sigma: c of the MSE-optimal uniform quantizer of a normal with the code count of this range (quantizers.py)
+    clip_c = Q.gaussian_clip(2 ** a_bits - 1 if sym else 2 ** a_bits) if sigma else 0.0
     dev = x2.device
     out = torch.empty(m_store, k, device=dev, dtype=x2.dtype if dequant else torch.float8_e4m3fn)
     scale = torch.empty(m_store, device=dev, dtype=torch.float32)
@@ -204,7 +220,7 @@ def act_quant(x2: torch.Tensor, block: int, a_bits: int, sym: bool, dequant: boo
     sh = float(2 ** (a_bits - 1)) if shift and not sym and not dequant else 0.0
     with _on(dev):
         _aq().launch_act_quant(x2, out, scale, lo, m, m_store, _hscale(block, x2.dtype), levels, sh, block, plan, sym,
-                               dequant)
+                               dequant, clip_c)
     return out, scale, lo
 
 
@@ -350,8 +366,6 @@ def _fp8_supports(x: torch.Tensor, a: QLinearArgs) -> str | None:
         return f"a_bits={a.a_bits}: codes beyond +-15 are not exact in fp8 e4m3"
     if a.w_bits not in (1.58, 2, 3, 4):
         return f"w_bits={a.w_bits}: codes beyond +-15 are not exact in fp8 e4m3"
-    if a.a_clip != "absmax":
-        return f"a_clip={a.a_clip!r} (only absmax is fused)"
     if a.w_scale.dim() != 2 or a.w_scale.shape[1] != 1 or a.w_scale.shape[0] not in (1, a.out_features):
         return f"w_scale shape {tuple(a.w_scale.shape)}: weight groups are not supported by the fp8 path"
     n, k = a.out_features, a.in_features
@@ -360,7 +374,7 @@ def _fp8_supports(x: torch.Tensor, a: QLinearArgs) -> str | None:
     epi = _uses_epilogue(a)
     if (epi and epilogue_mode() == "triton" or os.environ.get("ROBUQ_FP8_GEMM") == "triton") and k % 128:
         return f"in_features={k} must be a multiple of 128 for the fused-epilogue fp8 GEMM"
-    why = quant_supported(k, a.hadamard_block, a.a_bits, x.dtype)
+    why = quant_supported(k, a.hadamard_block, a.a_bits, x.dtype, a.a_clip, x.numel() // max(k, 1))
     if why:
         return why
     if forced() != FP8 and not _fp8_layout(a):  # fp8 layout: no 16-bit weight to fall back on, fp8 at every M
@@ -428,7 +442,7 @@ def fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
     m = x2.shape[0]
     e = _fp8_weights(a)
     m_pad = max(16, -(-m // 16) * 16)
-    codes, sx, lo = act_quant(x2, a.hadamard_block, a.a_bits, a.a_sym, m_store=m_pad, shift=True)
+    codes, sx, lo = act_quant(x2, a.hadamard_block, a.a_bits, a.a_sym, m_store=m_pad, shift=True, clip=a.a_clip)
     lrb = a.lrb_down is not None
     t = F.linear(x2, _rot_down(a, x.dtype)) if lrb else None
     if (a.a_sym and not lrb) or epilogue_mode() == "addmm":
@@ -469,15 +483,15 @@ def _dequant_supports(x: torch.Tensor, a: QLinearArgs) -> str | None:
 def dequant_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
     k, n = a.in_features, a.out_features
     wq = _deq_weight(a, x.dtype)
-    fused = (a.a_bits < 16 and a.a_clip == "absmax" and _triton_quant_ok(x.device.index or 0)
-             and quant_supported(k, a.hadamard_block, a.a_bits, x.dtype) is None)
+    fused = (a.a_bits < 16 and _triton_quant_ok(x.device.index or 0)
+             and quant_supported(k, a.hadamard_block, a.a_bits, x.dtype, a.a_clip, x.numel() // max(k, 1)) is None)
     if not fused:  # the reference math with the cached dequantized weight: bit-identical to `reference`
         return layer.robuq_linear(x, wq, a.bias, a.lrb_down, a.lrb_up, spec_of(a), a.splits)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    xq, _, _ = act_quant(x2, a.hadamard_block, a.a_bits, a.a_sym, dequant=True)
+    xq, _, _ = act_quant(x2, a.hadamard_block, a.a_bits, a.a_sym, dequant=True, clip=a.a_clip)
     y = F.linear(xq, wq, a.bias)
     if a.lrb_down is not None:
         y.addmm_(F.linear(x2, _rot_down(a, x.dtype)), a.lrb_up.to(x.dtype).t())
@@ -485,7 +499,7 @@ def dequant_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
 
 
 register(FP8, priority=20, machine_check=fp8_machine_check, supports=_fp8_supports,
-         takes="bf16/fp16 input, W1.58/2/3/4, A1-4 absmax (sym/asym), per-channel or per-tensor scales, LRB, "
+         takes="bf16/fp16 input, W1.58/2/3/4, A1-4 absmax or sigma (sym/asym), per-channel or per-tensor scales, LRB, "
                "K and N % 16 == 0, M above the dispatch threshold; activation codes equal to the reference's except "
                "where fp32 Hadamard sums round differently (tested >= 99.9% equal), exact integer GEMM")(fp8_qlinear)
 register(DEQUANT, priority=10, machine_check=dequant_machine_check, supports=_dequant_supports,

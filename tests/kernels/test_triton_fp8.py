@@ -158,6 +158,33 @@ def test_quant_kernel_matches_cpu_reference(k, block, dtype):
         assert torch.isfinite(xq).all()
 
 
+@gpu
+@pytest.mark.parametrize("k", [1152, 4608])
+@pytest.mark.parametrize("block", [0, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quant_kernel_sigma_matches_cpu_reference(k, block, dtype):
+    """`sigma` ranges: mu and sigma summed in another order than torch's, so scales agree to ~1e-6 relative and
+    >= 99.9% of codes agree (a code on a rounding tie may flip); values outside the range are clamped."""
+    torch.manual_seed(k + block + 1)
+    m = 1000
+    x = torch.randn(m, k, device="cuda") * torch.rand(m, 1, device="cuda") * 3
+    x[:, 5] *= 20
+    x[3] = 0.0
+    x[4] = 0.75
+    x = x.to(dtype)
+    for a_bits, sym in [(2, False), (3, False), (4, False), (1, False), (3, True), (4, True)]:
+        out, s, lo = triton_fp8.act_quant(x, block, a_bits, sym, m_store=m + 3, clip="sigma")
+        xc = x.float().cpu() if dtype == torch.float32 else x.cpu()
+        xh = block_hadamard(xc, block) if block else xc
+        rq, rs, rlo = Q.quantize_act(xh, a_bits, sym, "sigma")
+        agree = (out[:m].float().cpu() == rq).float().mean().item()
+        assert agree >= 0.999, f"sigma a_bits={a_bits} sym={sym}: only {agree:.5f} of codes agree"
+        torch.testing.assert_close(s[:m].cpu(), rs.squeeze(-1), rtol=2e-5, atol=0)
+        if not sym:
+            torch.testing.assert_close(lo[:m].cpu(), rlo.squeeze(-1), rtol=2e-5, atol=1e-6)
+        assert out[:m].float().abs().max().item() <= 2 ** a_bits  # clamped codes (asym codes stored unshifted)
+
+
 def _shipped_plans(k, block):
     """The table's / defaults' tilings plus others the table sweep can pick (rows per program x warps x chunk)."""
     plans = {triton_fp8.quant_plan(k, block, m) for m in (1, 256, 1024, 4096, 16384)}
@@ -349,12 +376,12 @@ def _exact_from_own_codes(x, a, kern):
     codes = reference.weight_codes(a)
     wq = Q.dequantize_weight(codes, a.w_scale, torch.float64)
     if kern == "triton_fp8":
-        q, sx, lo = triton_fp8.act_quant(x2, a.hadamard_block, a.a_bits, a.a_sym)
+        q, sx, lo = triton_fp8.act_quant(x2, a.hadamard_block, a.a_bits, a.a_sym, clip=a.a_clip)
         y = sx[:m, None].double() * (q[:m].double() @ wq.t())
         if not a.a_sym:
             y = y + lo[:m, None].double() * Q.weight_code_colsum(codes, a.w_scale).double()
     else:
-        xq, _, _ = triton_fp8.act_quant(x2, a.hadamard_block, a.a_bits, a.a_sym, dequant=True)
+        xq, _, _ = triton_fp8.act_quant(x2, a.hadamard_block, a.a_bits, a.a_sym, dequant=True, clip=a.a_clip)
         y = xq.double() @ wq.t()
     if a.bias is not None:
         y = y + a.bias.double()
@@ -373,7 +400,7 @@ def _code_mismatches(x, a):
     x2 = x.reshape(-1, a.in_features)
     xh = layer.rotate(x2.cpu(), reference.spec_of(a))
     rq, _, _ = Q.quantize_act(xh, a.a_bits, a.a_sym, a.a_clip)
-    q, _, _ = triton_fp8.act_quant(x2, a.hadamard_block, a.a_bits, a.a_sym)
+    q, _, _ = triton_fp8.act_quant(x2, a.hadamard_block, a.a_bits, a.a_sym, clip=a.a_clip)
     return int((q[:rq.shape[0]].float().cpu() != rq).sum()), rq.numel()
 
 
@@ -407,8 +434,24 @@ E2E_TOL = 8e-2
 @gpu
 @pytest.mark.parametrize("w_bits,a_bits,a_sym,block,rank", LAYER_CASES)
 def test_qlinear_matches_references(w_bits, a_bits, a_sym, block, rank, monkeypatch):
+    _layer_case(w_bits, a_bits, a_sym, block, rank, monkeypatch)
+
+
+# the -a3 / -a2 paper policies: asymmetric sigma ranges (mu +- c sigma inside [min, max], codes clamped)
+SIGMA_CASES = [(1.58, 3, False, 128, 32), (1.58, 2, False, 128, 32), (4, 4, True, 128, 0), (2, 3, True, 0, 0)]
+
+
+@gpu
+@pytest.mark.parametrize("w_bits,a_bits,a_sym,block,rank", SIGMA_CASES)
+def test_qlinear_sigma_clipping_matches_references(w_bits, a_bits, a_sym, block, rank, monkeypatch):
+    mod = _layer(1152, 1152, w_bits, a_bits, a_sym, block, rank, a_clip="sigma")
+    assert triton_fp8._fp8_supports(torch.zeros(4096, 1152, device="cuda", dtype=torch.bfloat16), _args(mod)) is None
+    _layer_case(w_bits, a_bits, a_sym, block, rank, monkeypatch, a_clip="sigma")
+
+
+def _layer_case(w_bits, a_bits, a_sym, block, rank, monkeypatch, **kw):
     for k, n in [(1152, 1152), (4608, 1152)]:
-        mod = _layer(k, n, w_bits, a_bits, a_sym, block, rank, seed=k)
+        mod = _layer(k, n, w_bits, a_bits, a_sym, block, rank, seed=k, **kw)
         a = _args(mod)
         for m in (7, 1000):
             torch.manual_seed(m + k)
@@ -417,7 +460,7 @@ def test_qlinear_matches_references(w_bits, a_bits, a_sym, block, rank, monkeypa
             with kernels.use("reference"):
                 ref_k = mod(x)
             bad, total = _code_mismatches(x, a)
-            tag = f"W{w_bits}A{a_bits}{'' if a_sym else 'asym'} H{block} LRB{rank} K={k} M={m}"
+            tag = f"W{w_bits}A{a_bits}{'' if a_sym else 'asym'} H{block} LRB{rank} K={k} M={m} {kw}"
             _report("code agreement " + tag, agree=1 - bad / total)
             assert bad <= max(1, total // 1000), f"{tag}: {bad} of {total} activation codes differ from the CPU's"
             for kern, env in _variants(a_sym, rank):
@@ -457,7 +500,7 @@ def test_all_shapes_odd_m_and_3d_input():
 @gpu
 def test_unsupported_calls_fall_back_to_dequant():
     x = torch.randn(300, 1152, device="cuda", dtype=torch.bfloat16)
-    for kw in (dict(group_size=128), dict(a_clip="sigma")):
+    for kw in (dict(group_size=128),):
         mod = _layer(1152, 1152, 4, 4, True, 128, 0, **kw)
         a = _args(mod)
         assert triton_fp8._fp8_supports(x, a) is not None
