@@ -60,7 +60,7 @@ def fake_quant_act(x: torch.Tensor, a_bits: int, sym: bool, clip: str) -> torch.
     if a_bits >= 16:
         return x.clone().contiguous()
     if x.is_cuda and clip == "absmax":
-        rows = _row_kernel()
+        rows = row_kernel()
         if rows is not None and rows.supported(x, a_bits) is None:
             return rows.fake_quant_rows(x, a_bits, sym)  # one Triton kernel, bit-identical to the torch math
     return Q.fake_quant_act(x, a_bits, sym, clip).contiguous()
@@ -69,7 +69,7 @@ def fake_quant_act(x: torch.Tensor, a_bits: int, sym: bool, clip: str) -> torch.
 _ROWS: list = []
 
 
-def _row_kernel():
+def row_kernel():
     """kernels/triton_rowquant, or None where triton does not import (imported on the first CUDA call)."""
     if not _ROWS:
         try:

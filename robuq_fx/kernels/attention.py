@@ -22,11 +22,12 @@ step, `out.transpose(1, 2).reshape(batch, seq, -1)`, is then free.
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import torch.nn.functional as F
+
+from ..ops import row_kernel
 
 _LIB = torch.library.Library("robuq", "FRAGMENT")
 _LIB.define("attention8(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float dropout_p, bool is_causal, "
@@ -49,19 +50,11 @@ def reference(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits)
     return _layout(out)
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_reason() -> str | None:
-    try:
-        from . import triton_attention8  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - any import failure means "not usable here"
-        return f"triton is not importable ({type(e).__name__}: {e})"
-    return None
-
-
 def why_not_kernel(q, k, v, attn_mask, dropout_p, bits) -> str | None:
     """None if the fused GPU kernel can take this call, else why not."""
     if not q.is_cuda:
         return "inputs are not CUDA tensors"
+    from .triton_fp8 import _triton_reason
     why = _triton_reason()
     if why:
         return why
@@ -76,7 +69,7 @@ def _cuda(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits):
             and why_not_kernel(q, k, v, attn_mask, dropout_p, bits) is None:
         from . import triton_attention8
         return triton_attention8.attention8(q, k, v, is_causal, scale, float(2 ** (bits - 1) - 1))
-    rows = _rows()
+    rows = row_kernel()
     if rows is not None and all(rows.supported(t, bits) is None for t in (q, k, v)) \
             and os.environ.get("ROBUQ_ATTENTION") != "reference":
         # the reference's values, each tensor quantized in its own memory order (no transposing copy)
@@ -86,13 +79,6 @@ def _cuda(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits):
                                                       is_causal=is_causal, scale=scale, **kw))
     return reference(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits)
 
-
-def _rows():
-    try:
-        from . import triton_rowquant
-        return triton_rowquant
-    except Exception:  # noqa: BLE001 - no usable triton
-        return None
 
 
 _LIB.impl("attention8", reference, "CompositeExplicitAutograd")
