@@ -1,0 +1,130 @@
+#!/usr/bin/env python
+"""Where a DiT-XL/2 forward spends its GPU time: torch.profiler over a few forwards of bf16 and of robuq settings,
+kernels grouped into categories, milliseconds per forward (the breakdown docs/gpu.md quotes).
+
+    python benchmarks/profile_dit.py                          # GPU: DiT-XL/2, batch 64, bf16 + dit + dit-xl-2-robuq
+    python benchmarks/profile_dit.py --settings paper --batch 8 --compile-mode reduce-overhead
+    python benchmarks/profile_dit.py --quick                  # CPU smoke run (tiny DiT; CPU op times)
+
+Models run under torch.compile (default mode unless --compile-mode; CUDA graphs hide their kernels from the
+profiler's per-kernel view only partly, so the default mode is the one to read). Writes a tabulate table per setting,
+JSON with every kernel's time, and provenance, to benchmarks/results/profile_dit_<gpu>.{txt,json}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+import robuq_fx  # noqa: E402
+from _provenance import gpu_tag, provenance  # noqa: E402
+from bench_dit import PAPER, TINY, XL2, build, inputs, policies  # noqa: E402
+
+# first match wins; patterns are searched in the kernel (or CPU op) name, lower-cased
+CATEGORIES = [
+    ("activation quantizer (Triton)", r"act_quant"),
+    ("q/k/v fake-quant (Triton rows)", r"fake_quant_rows"),
+    ("8-bit attention (fused Triton)", r"attention8_kernel"),
+    ("fp8 GEMM, fused epilogue (Triton)", r"fp8_gemm"),
+    ("fp8 GEMM (cuBLAS _scaled_mm)", r"e4m3|f8f8|fp8|scaled_mm"),
+    ("attention (flash / cuDNN / efficient)", r"flash|fmha|attention|cudnn"),
+    ("GEMM (cuBLAS bf16)", r"gemm|sm90_xmma|cutlass|nvjet|addmm|aten::mm|aten::linear"),
+    ("Inductor fused elementwise", r"triton_poi"),
+    ("Inductor fused reductions", r"triton_red|triton_per"),
+    ("ATen elementwise / reductions", r"elementwise|reduce|vectorized|unrolled|aten::"),
+]
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for cat, pat in CATEGORIES:
+        if re.search(pat, low):
+            return cat
+    return "other"
+
+
+def profile(fn, steps: int, device: str) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile as tprofile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with tprofile(activities=acts) as prof:
+        for _ in range(steps):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = e.device_time_total if device == "cuda" else e.self_cpu_time_total
+        if device == "cuda" and getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CPU"):
+            continue
+        if t > 0:
+            rows.append({"kernel": e.key, "calls per forward": e.count / steps, "ms per forward": t / 1e3 / steps})
+    return sorted(rows, key=lambda r: -r["ms per forward"])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny DiT on CPU (smoke run)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--settings", nargs="+", default=["bf16", "dit", "paper"],
+                    help="bf16, dit (W4A4+H), w158 (W1.58A4+H), paper, paper-a3, paper-a2")
+    ap.add_argument("--compile-mode", default=None)
+    ap.add_argument("--top", type=int, default=12, help="kernels listed per setting")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    args = ap.parse_args(argv)
+    from tabulate import tabulate
+    device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    cfg = TINY if args.quick else XL2
+    pols = policies()
+    names = {"dit": "robuq W4A4+H", "w158": "robuq W1.58A4+H", "paper": PAPER,
+             "paper-a3": [n for n in pols if "-a3" in n][0], "paper-a2": [n for n in pols if "-a2" in n][0]}
+    prov = provenance(argv)
+    fp = build(cfg).to(device, dtype)
+    ex = inputs(cfg, 2, device, dtype)
+    x = inputs(cfg, args.batch if not args.quick else 2, device, dtype)
+    out = {"provenance": prov, "batch": args.batch, "compile_mode": args.compile_mode, "settings": {}}
+    lines = [f"DiT {'tiny' if args.quick else 'XL/2'} batch {args.batch} | {prov['gpu']} | torch {prov['torch']} | "
+             f"torch.compile mode {args.compile_mode or 'default'} | {args.steps} forwards profiled"]
+    for key in args.settings:
+        model = fp if key == "bf16" else robuq_fx.lower(robuq_fx.quantize(fp, pols[names[key]], example_inputs=ex),
+                                                        progress=False)
+        fn_model = torch.compile(model, mode=args.compile_mode)
+        with torch.no_grad():
+            for _ in range(3):
+                fn_model(**x)
+            rows = profile(lambda: fn_model(**x), args.steps, device)
+        cats: dict[str, float] = {}
+        for r in rows:
+            r["category"] = category(r["kernel"])
+            cats[r["category"]] = cats.get(r["category"], 0.0) + r["ms per forward"]
+        total = sum(cats.values())
+        table = [{"category": c, "ms per forward": round(v, 3), "share": f"{100 * v / total:.1f}%"}
+                 for c, v in sorted(cats.items(), key=lambda kv: -kv[1])]
+        table.append({"category": "TOTAL (sum of kernel times)", "ms per forward": round(total, 3), "share": ""})
+        out["settings"][key] = {"categories": table, "kernels": rows}
+        lines += ["", f"## {key}", tabulate(table, headers="keys", tablefmt="github"), "",
+                  tabulate([{k: (round(v, 4) if isinstance(v, float) else v[:90] if isinstance(v, str) else v)
+                             for k, v in r.items()} for r in rows[:args.top]], headers="keys", tablefmt="github")]
+        del fn_model, model
+        torch._dynamo.reset()
+    text = "\n".join(lines)
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    base = Path(args.out) / f"profile_dit_{'quick' if args.quick else gpu_tag(prov['gpu'])}"
+    base.with_suffix(".txt").write_text(f"# {prov}\n{text}\n")
+    base.with_suffix(".json").write_text(json.dumps(out, indent=1))
+    print(f"wrote {base}.txt / .json")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
