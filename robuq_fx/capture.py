@@ -321,10 +321,16 @@ def _export_call(module: nn.Module, call) -> tuple[fx.GraphModule, dict]:
     for attr in ("train", "eval"):
         if attr in gm.__dict__:
             delattr(gm, attr)
+    # export's hooks check calls against the flat signature (and a deep copy drops them anyway): the region's own
+    # forward maps and checks each call (passes/region.py)
+    gm._forward_pre_hooks.clear()
+    gm._forward_hooks.clear()
     _dropout_to_modules(gm)
     _drop_metadata_asserts(gm)
     first = next((t for t in pytree.tree_leaves(flat) if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
-    spec = {"names": names, "forward": f"{cls.__module__}.{cls.__qualname__}.forward",
+    params = [(q.name, int(q.kind), q.default is not q.empty, None if q.default is q.empty else q.default)
+              for q in sig.parameters.values()]
+    spec = {"names": names, "params": params, "forward": f"{cls.__module__}.{cls.__qualname__}.forward",
             "args": [arg_structure(v) for v in flat],  # the activations' dtype and device: what export bakes in
             "target": (str(first.dtype).removeprefix("torch."), str(first.device)) if first is not None else None}
     return gm, spec

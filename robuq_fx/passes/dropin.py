@@ -91,8 +91,7 @@ def quantize_modules(root: nn.Module, policy: Policy, example_inputs, init_lrb: 
             if full in attention:
                 plan.append((node, full, attention[full]))
         apply_attention(gm, plan)
-        _install(root, path, make_region(gm, spec, type(frame).forward,
-                                         {"path": path, "capture": method, "why": "attention"}))
+        _install(root, path, make_region(gm, spec, {"path": path, "capture": method, "why": "attention"}))
         info_regions[path] = {"capture": method, "why": "attention"}
     set_robuq_info(root, {"stage": "qat", "form": "modules", "capture": "modules", "policy": policy.to_dict(),
                           "layers": {n: s.to_dict() for n, s in layers.items()}, "attention": attention,
@@ -228,8 +227,7 @@ def fuse_modules(model: nn.Module) -> dict[str, list[str]]:
         packed_calls_to_ops(gm)
         done = _fuse_in(gm, path)
         if done:
-            _install(model, path, make_region(gm, spec, type(frame).forward,
-                                              {"path": path, "capture": method, "why": "fusion"}))
+            _install(model, path, make_region(gm, spec, {"path": path, "capture": method, "why": "fusion"}))
             fused.update(done)
     set_robuq_info(model, dict(info, fused={**info.get("fused", {}), **fused},
                                unfused={**info.get("unfused", {}), **unfused}))

@@ -12,9 +12,6 @@ Regions from symbolic_trace take any call their code takes (FX checks the argume
 """
 from __future__ import annotations
 
-import functools
-import inspect
-
 import torch
 import torch.fx as fx
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
@@ -29,11 +26,13 @@ TARGET = "_robuq_target"  # (dtype name, device) the graph's baked literals are 
 
 
 class RegionModule(fx.GraphModule):
-    def __call__(self, *args, **kwargs):
-        spec = getattr(self, CALL, None)
-        if spec is None:
-            return super().__call__(*args, **kwargs)
-        return super().__call__(*_flat_call(self, spec, args, kwargs))
+    def recompile(self):
+        # the generated forward takes a torch.export region's flat inputs: it becomes `_graph_forward`, and
+        # `forward` takes the user's call (what torch.compile traces too; plain Python it can inline)
+        out = super().recompile()
+        cls = type(self)
+        cls._graph_forward, cls.forward = cls.forward, _region_forward
+        return out
 
     def _apply(self, fn, recurse=True):
         """torch.export bakes the capture's dtype and device into some nodes (diffusers' attention casts back with
@@ -65,14 +64,13 @@ def preserve(gm: fx.GraphModule, name: str, value) -> None:
     gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[name] = value
 
 
-def make_region(gm: fx.GraphModule, call_spec: dict | None, forward, info: dict) -> RegionModule:
-    """`gm` (in place) as a RegionModule. forward: the user's module's forward function (its signature maps a
-    call onto the flat inputs of a torch.export region)."""
+def make_region(gm: fx.GraphModule, call_spec: dict | None, info: dict) -> RegionModule:
+    """`gm` (in place) as a RegionModule; call_spec: capture.capture_submodule's (None for symbolic_trace)."""
     gm.__class__ = type("GraphModuleImpl", (RegionModule,), {})  # what GraphModule.__new__ builds for a subclass
     gm.recompile()
     preserve(gm, REGION, dict(info))
     if call_spec is not None:
-        preserve(gm, CALL, dict(call_spec, fn=forward))
+        preserve(gm, CALL, dict(call_spec))
         preserve(gm, TARGET, call_spec.get("target"))
     return gm
 
@@ -90,15 +88,41 @@ def regions(model: torch.nn.Module) -> dict[str, RegionModule]:
     return {n: m for n, m in model.named_modules() if isinstance(m, RegionModule)}
 
 
-@functools.lru_cache(maxsize=None)
-def _signature(fn) -> inspect.Signature:
-    return inspect.signature(fn)
+def _region_forward(self, *args, **kwargs):
+    spec = getattr(self, CALL, None)
+    if spec is None:
+        return self._graph_forward(*args, **kwargs)
+    return self._graph_forward(*_flat_call(self, spec, args, kwargs))
+
+
+def _bind(params, args, kwargs) -> list:
+    """The value of every parameter of the user's forward for this call, defaults filled in (inspect's
+    Signature.bind, in plain Python that torch.compile traces). params: (name, kind, has_default, default)."""
+    pos, named, values = list(args), {p[0] for p in params if p[1] in (0, 1, 3)}, []
+    for name, kind, has_default, default in params:
+        if kind in (0, 1):  # positional only, positional or keyword
+            if pos:
+                v = pos.pop(0)
+            elif name in kwargs:
+                v = kwargs[name]
+            elif has_default:
+                v = default
+            else:
+                raise TypeError(f"missing argument '{name}'")
+        elif kind == 2:  # *args
+            v, pos = tuple(pos), []
+        elif kind == 3:  # keyword only
+            v = kwargs[name] if name in kwargs else default
+        else:  # **kwargs
+            v = {k: x for k, x in kwargs.items() if k not in named}
+        values.append(v)
+    if pos:
+        raise TypeError(f"{len(pos)} positional arguments too many")
+    return values
 
 
 def _flat_call(region, spec: dict, args, kwargs) -> list:
-    bound = _signature(spec["fn"]).bind(None, *args, **kwargs)  # None: forward's `self`
-    bound.apply_defaults()
-    values = [bound.arguments[n] for n in spec["names"]]
+    values = _bind(spec["params"], args, kwargs)
     if torch.compiler.is_compiling():
         return values
     for name, v, (tree, consts, was) in zip(spec["names"], values, spec["args"]):
