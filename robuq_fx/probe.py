@@ -23,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .capture import LINEAR_TARGETS, _first_line, _split_inputs, find_linears
+from .errors import CaptureError
 from .passes.attention import SDPA_TARGETS, find_attention
 
 
@@ -113,6 +114,12 @@ def discover(model: nn.Module, example_inputs=None, linear_modules: set[str] = f
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad(), _Watch(stack, weights, disc, set(linear_modules)):
             call_model(model, example_inputs)
+    except CaptureError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the model's own error, named as such
+        raise CaptureError(f"running {type(model).__name__} on example_inputs failed ({type(e).__name__}: "
+                           f"{_first_line(e)}): pass inputs the model takes, as a tuple of positional inputs or a "
+                           "dict of keyword inputs") from e
     finally:
         stack.close()
         model.train(was)

@@ -214,7 +214,13 @@ def fuse_modules(model: nn.Module) -> dict[str, list[str]]:
     todo, skipped = _fusion_candidates(model)
     unfused.update(skipped)
     inputs = getattr(model, INPUTS, None)
-    calls = record_calls(model, inputs, set(todo)) if todo and inputs is not None else {}
+    calls = {}
+    if todo and inputs is not None:
+        try:
+            calls = record_calls(model, inputs, set(todo))
+        except Exception as e:  # noqa: BLE001 - fusion is optional: say why it was not done, and go on
+            warnings.warn(f"robuq_fx: running the model on the example inputs quantize() kept failed ({e}); "
+                          "sibling layers whose parent needs torch.export stay unfused", stacklevel=3)
     for path in todo:
         if any(r.startswith(path + ".") for r in regions(model)):
             continue  # a deeper region is installed inside it (candidates come deepest first)

@@ -75,6 +75,18 @@ def test_dit_pipeline_samples_with_qat_and_lowered_transformers():
     assert not torch.equal(a, fp)
 
 
+def test_lowered_dit_compiles_to_one_graph():
+    """torch.compile traces the attention regions' call mapping: the lowered DiT is one Dynamo graph, no break."""
+    _, _, low, ex = _dit()
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            exp = torch._dynamo.explain(low)(**ex)
+    finally:
+        torch._dynamo.reset()
+    assert exp.graph_count == 1 and exp.graph_break_count == 0, [b.reason for b in exp.break_reasons]
+
+
 def test_dit_checkpoint_loads_into_a_fresh_model_that_samples_in_the_pipeline(tmp_path):
     m, _, low, ex = _dit()
     path = robuq_fx.save_quantized(low, tmp_path / "dit.safetensors")
@@ -99,11 +111,13 @@ def _greedy(model, ids, n: int = 4) -> torch.Tensor:
         return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
 
 
-def test_llama_generate_lowered_equals_qat():
+def test_llama_generate_lowered_equals_qat(tmp_path):
     m, q, low, ids = _llama()
     assert type(q) is type(m) and type(low) is type(m) and low.config.vocab_size == 128
     a, b = _greedy(q, ids), _greedy(low, ids)
     assert a.shape == (2, 12) and torch.equal(a, b)
+    low.save_pretrained(tmp_path)  # transformers' own methods keep working (the packed tensors are written)
+    assert (tmp_path / "model.safetensors").exists()
     with torch.no_grad():  # the KV cache path and a full forward agree
         assert torch.equal(low(a).logits[:, -5:-1].argmax(-1), a[:, -4:])
 
