@@ -24,7 +24,6 @@ Writes OUT/dit_pipeline.png (a grid per model: one row per class 0-9), OUT/dit_p
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import os

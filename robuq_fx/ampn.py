@@ -19,17 +19,14 @@ budget, chosen to minimise the summed, separately measured sensitivity.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 import warnings
 from dataclasses import dataclass, field
 from fractions import Fraction
-from functools import partial
 from typing import Callable, Iterable, Sequence
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -37,11 +34,10 @@ from tqdm.auto import tqdm
 from .errors import PolicyError
 from .passes.qat import quantize, robuq_info
 from .policy import Policy, Rule
-from .qat_linear import QATLinear
+from .ampn_sites import act_handles, counting, set_bits, site_shape
 from .spec import ACT_BITS, LayerSpec
 
 CANDIDATES = (1, 2, 3, 4)
-_FQA = torch.ops.robuq.fake_quant_act.default
 
 
 # ---- 1-2. sensitivity ---------------------------------------------------------------------------------------------
@@ -88,7 +84,7 @@ def measure(model: nn.Module, policy, calib_batches: Iterable, candidates: Seque
         example_inputs = calib[0]
     gm = quantize(model, policy, example_inputs)
     info = robuq_info(gm)
-    nodes = _act_nodes(gm)
+    nodes = act_handles(gm)
     notes: list[str] = []
     patterns = [layers] if isinstance(layers, str) else layers
     selected = []
@@ -104,7 +100,7 @@ def measure(model: nn.Module, policy, calib_batches: Iterable, candidates: Seque
     specs = {n: _rule_spec(policy, model, n) for n in selected}
     top = cands[-1]
     for n in selected:
-        _set_bits(gm, nodes, n, top, specs[n])
+        set_bits(gm, nodes, n, top, specs[n])
 
     devices = sorted({p.device.index or 0 for p in gm.parameters() if p.is_cuda})
     with torch.random.fork_rng(devices=devices):  # the caller's RNG state is left as it was
@@ -131,19 +127,19 @@ def measure(model: nn.Module, policy, calib_batches: Iterable, candidates: Seque
         total = 1 + len(selected) * (len(cands) - 1)
         bar = tqdm(total=total, desc="AMPN sensitivity", disable=not progress, unit="pass")
         tokens = {n: 0 for n in selected}
-        with _counting(gm, nodes, selected, tokens):
+        with counting(gm, nodes, selected, tokens):
             base = _evaluate(gm, calib, loss_fn, ref, seed)
         bar.update()
         sens = {}
         for n in selected:
             sens[n] = {top: 0.0}
             for b in cands[:-1]:
-                _set_bits(gm, nodes, n, b, specs[n])
+                set_bits(gm, nodes, n, b, specs[n])
                 sens[n][b] = _evaluate(gm, calib, loss_fn, ref, seed) - base
                 bar.update()
-            _set_bits(gm, nodes, n, top, specs[n])
+            set_bits(gm, nodes, n, top, specs[n])
         bar.close()
-    shapes = {n: (_site_shape(gm, n)) for n in selected}
+    shapes = {n: (site_shape(gm, n)) for n in selected}
     return Sensitivity(policy, selected, specs, shapes, tokens, cands, sens, metric, base, steps, notes)
 
 
@@ -164,108 +160,6 @@ def _rule_spec(policy: Policy, model: nn.Module, name: str) -> LayerSpec:
     if spec is None:  # pragma: no cover - quantize() matched it with the same policy
         raise PolicyError(f"AMPN: layer '{name}' is quantized but no policy rule matches it")
     return spec
-
-
-def _sym(spec: LayerSpec, bits: int) -> bool:
-    """Symmetric codes at `bits`? The rule's a_sym (automatic: bits >= 3), and never at 1-2 bits (METHOD.md §3)."""
-    return bits >= 3 and (spec.a_sym if spec.a_sym is not None else True)
-
-
-def _act_nodes(q: nn.Module) -> dict[str, list]:
-    """Per layer, what quantizes its input: its QATLinear (drop-in form: the spec decides) or its
-    robuq::fake_quant_act nodes as (graph module, node) (whole-graph form, and functional sites in regions)."""
-    out: dict[str, list] = {}
-    for name in robuq_info(q)["layers"]:
-        try:
-            m = q.get_submodule(name)
-        except AttributeError:
-            continue
-        if isinstance(m, QATLinear) and m.spec.a_bits < 16:
-            out[name] = [m]
-    for path, gm in q.named_modules():
-        if not isinstance(gm, fx.GraphModule):
-            continue
-        for node in gm.graph.nodes:
-            tag = node.meta.get("robuq")
-            if node.op == "call_function" and node.target is _FQA and tag is not None:
-                out.setdefault(".".join(p for p in (path, tag["layer"]) if p), []).append((gm, node))
-    return out
-
-
-def _set_bits(q: nn.Module, nodes: dict, name: str, bits: int, spec: LayerSpec) -> None:
-    """Set the layer's activation bits in place (a QATLinear's spec, or its fake_quant_act(x, a_bits, sym, clip)
-    nodes) and keep the layer's entry in robuq_info(q)["layers"] consistent with them (lower() reads it)."""
-    sym = _sym(spec, bits)
-    graphs = {}
-    for h in nodes[name]:
-        if isinstance(h, QATLinear):
-            h.spec = dataclasses.replace(h.spec, a_bits=bits, a_sym=sym)
-        else:
-            gm, node = h
-            node.args = (node.args[0], bits, sym, *node.args[3:])
-            graphs[id(gm)] = gm
-    for gm in graphs.values():
-        gm.recompile()
-    entry = robuq_info(q)["layers"][name]
-    entry["a_bits"], entry["a_sym"] = bits, sym
-
-
-def _site_shape(q: nn.Module, name: str) -> tuple[int, int]:
-    m = q.get_submodule(name) if name else q
-    if isinstance(m, QATLinear):
-        return m.in_features, m.out_features
-    w = q.get_parameter(f"{name}.weight" if name else "weight")
-    return int(w.shape[1]), int(w.shape[0])
-
-
-_TOKENS: dict | None = None
-
-
-def _counting_fake_quant_act(x, a_bits, sym, clip, layer):
-    """fake_quant_act that also counts the rows (tokens) it sees: swapped in for one pass to get MACs."""
-    _TOKENS[layer] += x.numel() // max(x.shape[-1], 1)
-    return _FQA(x, a_bits, sym, clip)
-
-
-class _counting:
-    def __init__(self, gm, nodes, names, tokens):
-        self.gm, self.nodes, self.names, self.tokens = gm, nodes, names, tokens
-        self.hooks = []
-
-    def __enter__(self):
-        global _TOKENS
-        _TOKENS = self.tokens
-        graphs = {}
-        for n in self.names:
-            for h in self.nodes[n]:
-                if isinstance(h, QATLinear):
-                    self.hooks.append(h.register_forward_pre_hook(partial(_count_rows, n)))
-                else:
-                    gm, node = h
-                    node.target, node.args = _counting_fake_quant_act, (*node.args, n)
-                    graphs[id(gm)] = gm
-        for gm in graphs.values():
-            gm.recompile()
-
-    def __exit__(self, *exc):
-        global _TOKENS
-        _TOKENS = None
-        for hook in self.hooks:
-            hook.remove()
-        graphs = {}
-        for n in self.names:
-            for h in self.nodes[n]:
-                if not isinstance(h, QATLinear):
-                    gm, node = h
-                    node.target, node.args = _FQA, node.args[:-1]
-                    graphs[id(gm)] = gm
-        for gm in graphs.values():
-            gm.recompile()
-
-
-def _count_rows(layer, module, args):
-    x = args[0]
-    _TOKENS[layer] += x.numel() // max(x.shape[-1], 1)
 
 
 def _warmup(gm, loss_fn, train_batches, steps: int, lr: float, progress: bool) -> None:

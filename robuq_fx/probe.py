@@ -100,8 +100,10 @@ class _Watch(TorchFunctionMode):
 
 
 def discover(model: nn.Module, example_inputs=None, linear_modules: set[str] = frozenset()) -> Discovery:
-    """See the module docstring. `model` is the caller's private copy (hooks are removed again)."""
-    if example_inputs is None:
+    """See the module docstring. `model` is the caller's private copy (hooks are removed again). A GraphModule
+    (e.g. one torch.export made, whose linears are aten.linear calls the function mode does not see) is read from
+    its graph."""
+    if example_inputs is None or isinstance(model, fx.GraphModule):
         return _from_trace(model)
     weights: dict[int, list[str]] = {}
     for n, p in model.named_parameters(remove_duplicate=False):

@@ -144,6 +144,24 @@ def test_in_place_bit_edits_equal_quantizing_afresh():
         assert sens.sens[layer][b] + sens.base == pytest.approx(mse, rel=1e-12, abs=1e-15)
 
 
+def test_both_forms_measure_the_same():
+    """AMPN sets bits in a QATLinear's spec (drop-in form) or in fake_quant_act nodes (whole-graph form: an exported
+    graph, whose linears are functional calls): the same sensitivities and token counts either way."""
+    model = outlier_mlp(1.0)
+    graph = torch.export.export(model, (calib()[0],)).module()  # its "0", "3", ... are containers, not nn.Linear
+    for attr in ("train", "eval"):  # ExportedProgram.module() forbids them (robuq_fx's capture does the same)
+        graph.__dict__.pop(attr, None)
+    by_name = {"rules": [{"match": "*", "w_bits": 1.58, "a_bits": 4, "hadamard": False}]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = ampn.measure(model, by_name, calib(), (2, 3, 4), progress=False)
+        b = ampn.measure(graph, by_name, calib(), (2, 3, 4), progress=False)
+    assert robuq_fx.robuq_info(robuq_fx.quantize(graph, by_name))["form"] == "graph"
+    assert a.layers == b.layers == ["0", "3", "5", "7"] and a.tokens == b.tokens and a.shapes == b.shapes
+    for n in a.layers:
+        assert a.sens[n] == pytest.approx(b.sens[n], rel=1e-9, abs=1e-15), n
+
+
 def test_warmup_with_loss_is_deterministic_and_leaves_rng_alone():
     model = outlier_mlp(1.0)
     g = torch.Generator().manual_seed(2)
