@@ -33,7 +33,7 @@ from ..qat_linear import QATLinear, is_linear_type, linear_dims
 from .attention import apply_attention, find_attention, lower_attention
 from .fuse import QLINEAR, fuse_siblings
 from .qat import ROBUQ_META, plan_layers, set_robuq_info
-from .region import REGION, make_region, regions
+from .region import make_region, regions
 
 INPUTS = "_robuq_inputs"  # example inputs kept on the model: lower() captures sibling parents with them
 # a forward that takes a KV cache updates a Python object a captured graph cannot update: never captured for fusion
@@ -205,10 +205,10 @@ def packed_calls_to_ops(gm: fx.GraphModule) -> None:
 def fuse_modules(model: nn.Module) -> dict[str, list[str]]:
     """Sibling fusion on a drop-in lowered model, in place: inside the attention regions, then in every other
     submodule with >= 2 PackedLinear children of one width (captured; kept only when something fused).
-    Records {fused path: [member paths]} under robuq_info "fused" and why a candidate was left alone under
-    "unfused"."""
+    Records {fused path: [member paths]} under robuq_info "fused", the new regions under "regions", and why a
+    candidate was left alone under "unfused"."""
     info = getattr(model, ROBUQ_META)
-    fused, unfused = {}, {}
+    fused, unfused, new_regions = {}, {}, {}
     for path, region in regions(model).items():
         fused.update(_fuse_in(region, path))
     todo, skipped = _fusion_candidates(model)
@@ -235,8 +235,10 @@ def fuse_modules(model: nn.Module) -> dict[str, list[str]]:
         if done:
             _install(model, path, make_region(gm, spec, {"path": path, "capture": method, "why": "fusion"}))
             fused.update(done)
+            new_regions[path] = {"capture": method, "why": "fusion"}
     set_robuq_info(model, dict(info, fused={**info.get("fused", {}), **fused},
-                               unfused={**info.get("unfused", {}), **unfused}))
+                               unfused={**info.get("unfused", {}), **unfused},
+                               regions={**info.get("regions", {}), **new_regions}))
     return fused
 
 
@@ -271,6 +273,3 @@ def _fusion_candidates(model: nn.Module) -> list[str]:
         out.append(path)
     return sorted(out, key=lambda p: -p.count(".")), skipped
 
-
-def region_info(model: nn.Module) -> dict[str, dict]:
-    return {p: getattr(r, REGION, {}) for p, r in regions(model).items()}
