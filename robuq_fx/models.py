@@ -1,11 +1,14 @@
 """Shipped model factories for the `robuq-fx` CLI, benchmarks and examples: random init, no downloads.
 
-    name         architecture                                                    capture          policy
-    dit-xl-2     diffusers DiTTransformer2DModel, DiT-XL/2 config (28 x 1152)    torch.export     dit-xl-2-robuq
-    dit-tiny     the same class, 2 blocks x 64 hidden, 8x8 latents, 10 classes   torch.export     dit-xl-2-robuq
-    vit-base     transformers ViTForImageClassification, ViT-B/16 config         torch.export     vit
-    llama-100m   transformers LlamaForCausalLM, 10 x 768, vocab 32000 (~95 M)    torch.export     llama
-    mlp-digits   64 -> 128 -> 128 -> 10 MLP (8x8 digit images, 10 classes)      symbolic_trace   default (W4A4)
+    name         architecture                                                    submodules captured   policy
+    dit-xl-2     diffusers DiTTransformer2DModel, DiT-XL/2 config (28 x 1152)    attn1 (torch.export)  dit-xl-2-robuq
+    dit-tiny     the same class, 2 blocks x 64 hidden, 8x8 latents, 10 classes   attn1 (torch.export)  dit-xl-2-robuq
+    vit-base     transformers ViTForImageClassification, ViT-B/16 config         attention (lowering)  vit
+    llama-100m   transformers LlamaForCausalLM, 10 x 768, vocab 32000 (~95 M)    mlp (lowering)        llama
+    mlp-digits   64 -> 128 -> 128 -> 10 MLP (8x8 digit images, 10 classes)      none                  default (W4A4)
+
+All come back from `robuq_fx.quantize` as the same class with their linear layers swapped (the drop-in form); the
+example inputs let it run the model once and capture the submodules listed.
 
 `build(name)` returns the model in eval mode; `example_inputs(name, batch)` gives inputs in the form
 `robuq_fx.quantize(model, policy, example_inputs)` needs (a tuple of positional inputs or a dict of keyword inputs).
