@@ -157,15 +157,22 @@ def record_calls(model: nn.Module, example_inputs, paths: set[str]) -> dict[str,
         example_inputs = pytree.tree_map(lambda v: v.to(t.device) if isinstance(v, torch.Tensor) else v,
                                          example_inputs)
     stack = _Stack(model, record=set(paths))
+    try:
+        _eval_forward(model, example_inputs)
+    finally:
+        stack.close()
+    return stack.calls
+
+
+def _eval_forward(model: nn.Module, example_inputs) -> None:
+    """One forward in eval mode, without grad, leaving the RNG and the train/eval flag as they were."""
     was = model.training
     model.eval()
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             call_model(model, example_inputs)
     finally:
-        stack.close()
         model.train(was)
-    return stack.calls
 
 
 def outside_calls(model: nn.Module, example_inputs, blocks: list[str]) -> list[str]:
@@ -191,13 +198,9 @@ def outside_calls(model: nn.Module, example_inputs, blocks: list[str]) -> list[s
     for path, mod in model.named_modules(remove_duplicate=False):
         handles.append(mod.register_forward_pre_hook(push(path)))
         handles.append(mod.register_forward_hook(pop, always_call=True))
-    was = model.training
-    model.eval()
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            call_model(model, example_inputs)
+        _eval_forward(model, example_inputs)
     finally:
         for h in handles:
             h.remove()
-        model.train(was)
     return found
