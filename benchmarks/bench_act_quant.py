@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _provenance import provenance  # noqa: E402
 from bench_linear import time_graph  # noqa: E402
-from robuq_fx.kernels import triton_fp8 as T  # noqa: E402
+from robuq_fx.kernels import quantizer as AQ  # noqa: E402
 
 
 def main():
@@ -40,11 +40,11 @@ def main():
         for m in (256, 1024, 4096, 16384):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             t_copy = time_graph(lambda: x.to(torch.float8_e4m3fn), 5, 5, 2)
-            t_h = time_graph(lambda: T.act_quant(x, 128, 4, True), 5, 5, 2)
-            t_n = time_graph(lambda: T.act_quant(x, 0, 4, True), 5, 5, 2)
+            t_h = time_graph(lambda: AQ.act_quant(x, 128, 4, True), 5, 5, 2)
+            t_n = time_graph(lambda: AQ.act_quant(x, 0, 4, True), 5, 5, 2)
             gbs = lambda t: 3 * m * k / t / 1e9  # noqa: E731
             recs.append(dict(K=k, M=m, copy_us=t_copy * 1e6, quant_h_us=t_h * 1e6, quant_noh_us=t_n * 1e6,
-                             plan_h=list(T.quant_plan(k, 128, m)[1:]), plan_noh=list(T.quant_plan(k, 0, m)[1:])))
+                             plan_h=list(AQ.quant_plan(k, 128, m)[1:]), plan_noh=list(AQ.quant_plan(k, 0, m)[1:])))
             rows.append([k, m, f"{t_copy * 1e6:.1f} ({gbs(t_copy):.0f})", f"{t_n * 1e6:.1f} ({gbs(t_n):.0f})",
                          f"{t_h * 1e6:.1f} ({gbs(t_h):.0f})", f"{t_copy / t_n:.2f}", f"{t_copy / t_h:.2f}"])
     print(tabulate(rows, headers=["K", "M", "fp8 cast us (GB/s)", "quant A4 us (GB/s)", "quant A4+H128 us (GB/s)",

@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _provenance import provenance  # noqa: E402
 from robuq_fx.kernels import registry as R  # noqa: E402
 from robuq_fx.kernels import triton_act_quant as A  # noqa: E402
+from robuq_fx.kernels import quantizer as AQ  # noqa: E402
 from robuq_fx.kernels import triton_fp8 as T  # noqa: E402
 from robuq_fx.kernels.qlinear import qlinear_impl  # noqa: E402
 from robuq_fx.modules import PackedLinear  # noqa: E402
@@ -56,8 +57,8 @@ def main():
     qa = R.QLinearArgs(pl.qweight, pl.w_scale, pl.bias, None, None, *pl.op_args())
     out = torch.empty(m, k, device="cuda", dtype=torch.float8_e4m3fn)
     sc, lo = torch.empty(m, device="cuda"), torch.empty(m, device="cuda")
-    plan = T.quant_plan(k, 128, m)
-    codes, sx, _ = T.act_quant(x, 128, 4, True, m_store=m)
+    plan = AQ.quant_plan(k, 128, m)
+    codes, sx, _ = AQ.act_quant(x, 128, 4, True, m_store=m)
     w8 = torch.randint(-7, 8, (n, k), device="cuda").to(torch.bfloat16).to(torch.float8_e4m3fn)
     sw = torch.rand(n, device="cuda")
     rows = [
@@ -70,7 +71,7 @@ def main():
         ("registry select()", lambda: R.select(x, qa)),
         ("cuda_dequant function", lambda: T.dequant_qlinear(x, qa)),
         ("triton_fp8 function", lambda: T.fp8_qlinear(x, qa)),
-        ("act_quant()", lambda: T.act_quant(x, 128, 4, True)),
+        ("act_quant()", lambda: AQ.act_quant(x, 128, 4, True)),
         ("quantizer launch, outputs preallocated", lambda: A.launch_act_quant(x, out, sc, lo, m, m, 0.0884, 7.0, 0.0,
                                                                               128, plan, True, False)),
         ("bare torch._scaled_mm", lambda: T._scaled_mm(codes, w8, sx, sw, None)),

@@ -122,7 +122,7 @@ EXTRA = [("W1.58A2+H+LRB32", dict(w_bits=1.58, a_bits=2, hadamard=True, hadamard
 
 
 def bench(args) -> dict:
-    from robuq_fx.kernels import triton_fp8 as T
+    from robuq_fx.kernels import quantizer as AQ
     dev = torch.device("cuda")
     cols = COLUMNS + (EXTRA if args.extra else [])
     out = {"rows": []}
@@ -145,7 +145,7 @@ def bench(args) -> dict:
             for c, _, _ in cols:
                 fns[c] = (lambda mod: (lambda: mod(x)))(layers[c])
             if args.extra:
-                fns["quant only (H)"] = lambda: T.act_quant(x, 128, 4, True)
+                fns["quant only (H)"] = lambda: AQ.act_quant(x, 128, 4, True)
             flops = 2.0 * m * n * k
             row = {"shape": name, "K": k, "N": n, "M": m, "kernel": {c: picked(layers[c], x) for c, _, _ in cols}}
             for mode in args.modes:
@@ -230,7 +230,7 @@ def plot(res: dict, path: str) -> str | None:
 
 def tune_quant(table: dict, ms=MS):
     """Time the activation quantizer's tilings (rows per program, warps) per K, Hadamard on/off and M bucket."""
-    from robuq_fx.kernels import triton_fp8 as T
+    from robuq_fx.kernels import dispatch as D, quantizer as AQ
     dev = torch.device("cuda")
     out = {}
     for k in sorted({k for _, k, _ in SHAPES}):
@@ -243,10 +243,10 @@ def tune_quant(table: dict, ms=MS):
                 for bm in (1, 2, 4):
                     for warps in (1, 2, 4):
                         for chunk in (0, 128 if k <= 2048 else 512):  # one pass / two passes over chunks
-                            plan = T.make_plan(k, block, bm, warps, chunk)
+                            plan = AQ.make_plan(k, block, bm, warps, chunk)
                             if plan is None or not 4 <= bm * (chunk or k) / (32 * warps) <= 160:  # values a thread
                                 continue
-                            tm = time_graph(lambda: T.act_quant(x, block, 4, True, plan=plan), 5, 5, 2)
+                            tm = time_graph(lambda: AQ.act_quant(x, block, 4, True, plan=plan), 5, 5, 2)
                             res.append((tm, bm, warps, chunk))
                 res.sort()
                 tm, bm, warps, chunk = res[0]
@@ -256,12 +256,12 @@ def tune_quant(table: dict, ms=MS):
                       f"{gbs:.0f} GB/s (bytes: 2 read + 1 written per element); top: " +
                       " ".join(f"{b}/{w}/{c}:{t * 1e6:.1f}" for t, b, w, c in res[:8]), flush=True)
     table["quant"] = out
-    T.dispatch_table()["quant"] = out  # use the tuned tilings for the rest of this run
+    D.dispatch_table()["quant"] = out  # use the tuned tilings for the rest of this run
 
 
 def write_dispatch(args):
     from robuq_fx import kernels
-    from robuq_fx.kernels import triton_fp8 as T
+    from robuq_fx.kernels import dispatch as D, triton_fp8 as T
     dev = torch.device("cuda")
     table = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
              "generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -272,8 +272,8 @@ def write_dispatch(args):
                      "chunk (0: one pass)] of the activation quantizer per K/{h,n} and M bucket; "
                      "'epilogue': addmm or triton",
              "shapes": {}}
-    T.dispatch_table.cache_clear()
-    T.dispatch_table().clear()
+    D.dispatch_table.cache_clear()
+    D.dispatch_table().clear()
     tune_quant(table)
     variants = [("plain", dict(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=128), 0),
                 ("epi", dict(w_bits=1.58, a_bits=2, hadamard=True, hadamard_block=128), 32)]
@@ -302,7 +302,7 @@ def write_dispatch(args):
             print(f"[gemm cfg {name} M={m}] " + " ".join(f"{i}:{tm * 1e6:.1f}us" for i, tm in enumerate(times)),
                   flush=True)
         entry["gemm_cfg"] = best
-        T.dispatch_table().setdefault("shapes", {})[f"{n}x{k}"] = {"gemm_cfg": best}
+        D.dispatch_table().setdefault("shapes", {})[f"{n}x{k}"] = {"gemm_cfg": best}
         # epilogue mode for the asym + LRB variant
         mod = make_layer(variants[1][1], w, b, variants[1][2])
         for m in (1024, 16384):
@@ -318,7 +318,7 @@ def write_dispatch(args):
                   flush=True)
         table["shapes"][f"{n}x{k}"] = entry
     table["epilogue"] = "triton" if geomean(epi_votes) < 1 else "addmm"
-    T.dispatch_table()["epilogue"] = table["epilogue"]
+    D.dispatch_table()["epilogue"] = table["epilogue"]
     print(f"epilogue mode: {table['epilogue']}")
     for name, k, n in SHAPES:
         torch.manual_seed(0)
@@ -355,13 +355,13 @@ def write_dispatch(args):
     with open(args.dispatch_out, "w") as f:
         json.dump(table, f, indent=1)
     print(f"wrote {args.dispatch_out}")
-    T.dispatch_table.cache_clear()
+    D.dispatch_table.cache_clear()
 
 
 def overhead():
     """CPU cost per call (small M, so the loop is launch-bound): where eager time goes."""
     from robuq_fx import kernels
-    from robuq_fx.kernels import triton_fp8 as T
+    from robuq_fx.kernels import quantizer as AQ, triton_fp8 as T
     dev = torch.device("cuda")
     k, n = 1152, 1152
     w = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
@@ -380,7 +380,7 @@ def overhead():
         with kernels.use("cuda_dequant"):
             mod(x)
     fns = {"F.linear": lambda: F.linear(x, w), "_scaled_mm": lambda: torch._scaled_mm(
-        q8, w8.t(), scale_a=s1, scale_b=s2, out_dtype=torch.bfloat16), "act_quant": lambda: T.act_quant(x, 128, 4, True),
+        q8, w8.t(), scale_a=s1, scale_b=s2, out_dtype=torch.bfloat16), "act_quant": lambda: AQ.act_quant(x, 128, 4, True),
         "registry select": lambda: kernels.select(x, a), "layer (auto)": lambda: mod(x),
         "layer triton_fp8": fp8, "layer cuda_dequant": deq,
         "fp8_qlinear direct": lambda: T.fp8_qlinear(x, a)}

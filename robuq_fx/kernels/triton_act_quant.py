@@ -3,7 +3,7 @@ lazily by `triton_fp8.py`). The Hadamard is an in-register butterfly (no tensor 
 
 `act_quant_bfly_kernel`: one program per BM rows (the tuned tilings use one row and one or two warps, so a row's
 reductions stay inside a warp). A row of K columns is read once as up to four contiguous power-of-two "pieces"
-(1152 = 1024 + 128, 4608 = 4096 + 512; `triton_fp8.make_plan`). With a Hadamard of block b each piece is viewed as
+(1152 = 1024 + 128, 4608 = 4096 + 512; `quantizer.make_plan`). With a Hadamard of block b each piece is viewed as
 (rows * width / b, b) and multiplied by the unnormalized Sylvester matrix H_b with the constant-geometry fast
 Walsh-Hadamard transform: log2(b) identical stages of `(a, c) -> (a + c, a - c)` on adjacent pairs, the sums going to
 the first half and the differences to the second (Pease; after log2(b) stages the result is x H_b in natural order).
@@ -224,7 +224,7 @@ def act_quant_bfly_kernel(x_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, stride_
 def launch_act_quant(x, out, scale, lo, m, m_store, hscale, levels, shift, block, plan, sym, dequant,
                      clip_c: float = 0.0):
     """x (>= m, K), out (m_store, K) codes (fp8) or Q_a(x H) (x's dtype); scale / lo (m_store,) fp32.
-    plan = (piece widths, BM, num_warps, chunk) from `triton_fp8.make_plan`; block 0 = no Hadamard.
+    plan = (piece widths, BM, num_warps, chunk) from `quantizer.make_plan`; block 0 = no Hadamard.
     clip_c > 0: `sigma` ranges mu +- clip_c sigma (one-pass plans only), as `quantizers.act_range`."""
     if clip_c and plan[3]:
         raise ValueError("sigma clipping needs a one-pass plan (chunk = 0)")

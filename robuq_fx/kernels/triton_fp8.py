@@ -14,7 +14,7 @@ Two kernels are registered:
                                 every CUDA call (groups, 8-bit, a_clip='sigma', fp32 ... with torch math where
                                 the Triton quantizer does not apply).
 
-Dispatch: `triton_fp8.supports` refuses a call when `dispatch_table.json` (measured by
+Dispatch (`dispatch.py`): `triton_fp8.supports` refuses a call when `dispatch_table.json` (measured by
 `benchmarks/bench_linear.py --write-dispatch`) says the dequant path is faster at this (M, N, K), so the registry
 falls through to `cuda_dequant`. Forcing `triton_fp8` (ROBUQ_KERNEL / kernels.use) skips that check.
 Environment: ROBUQ_FP8_MIN_M=<int> overrides the table's threshold for every shape; ROBUQ_FP8_EPI=addmm|triton
@@ -26,10 +26,7 @@ capturing a CUDA graph.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
-import math
 import os
 import weakref
 
@@ -38,13 +35,13 @@ import torch.nn.functional as F
 
 from .. import layer
 from .. import quantizers as Q
-from .registry import QLinearArgs, forced, register, tensor_key
+from .dispatch import epilogue_mode, fp8_min_m, gemm_config
+from .quantizer import act_quant, on_device, quant_supported
 from .reference import spec_of, weight_codes
+from .registry import QLinearArgs, forced, register, tensor_key
 
 FP8 = "triton_fp8"
 DEQUANT = "cuda_dequant"
-_TABLE_PATH = os.path.join(os.path.dirname(__file__), "dispatch_table.json")
-_DEFAULT_FP8_MIN_M = 1024  # used for shapes the table does not list (and when there is no table)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -95,12 +92,6 @@ def _triton_quant_ok(index: int) -> bool:
 
 
 _kmod = None
-_NULL = contextlib.nullcontext()
-
-
-def _on(dev: torch.device):
-    """Make `dev` current for a Triton launch (a no-op context when it already is)."""
-    return _NULL if dev.index is None or dev.index == torch.cuda.current_device() else torch.cuda.device(dev)
 
 
 def _k():
@@ -110,118 +101,6 @@ def _k():
         from . import triton_fp8_kernels
         _kmod = triton_fp8_kernels
     return _kmod
-
-
-def _aq():
-    """The Triton activation-quantizer module, imported on first use."""
-    from . import triton_act_quant
-    return triton_act_quant
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# activation quantizer
-
-_DEFAULT_WARPS_SPLIT = 2048  # default tiling: one row a program, 1 warp up to this K, else 2 (best on H100/H200)
-
-
-@functools.lru_cache(maxsize=None)
-def make_plan(k: int, block: int, bm: int, warps: int, chunk: int = 0) -> tuple | None:
-    """(piece widths, BM, num_warps, chunk) for `act_quant_bfly_kernel`, or None when K / block do not fit: K must
-    split into at most four power-of-two pieces, each a multiple of max(block, 16) (1152 = 1024 + 128,
-    4608 = 4096 + 512). chunk > 0 (a power of two dividing K, a multiple of the block): the two-pass kernel."""
-    block = block if block > 1 else 0
-    if block and (block & (block - 1) or block > 1024):
-        return None
-    if bm < 1 or bm & (bm - 1) or warps not in (1, 2, 4, 8, 16):
-        return None
-    unit = max(block, 16)
-    if k % unit:
-        return None
-    n = k // unit
-    widths = tuple(unit << i for i in reversed(range(n.bit_length())) if n >> i & 1)
-    if len(widths) > 4:
-        return None
-    if chunk and (chunk & (chunk - 1) or k % chunk or chunk % unit):
-        return None
-    return widths, bm, warps, chunk
-
-
-def _m_bucket(m: int) -> int:
-    return 256 if m <= 256 else 1024 if m <= 1024 else 4096 if m <= 4096 else 16384
-
-
-def quant_plan(k: int, block: int, m: int = 16384) -> tuple | None:
-    """The tiling for (K, block) at M rows: measured choice from dispatch_table.json ("quant": [BM, warps, chunk]),
-    else one row a program with 1 (K <= 2048) or 2 warps (K <= 8192), or for longer rows the two-pass kernel."""
-    had = "h" if block > 1 else "n"
-    tuned = dispatch_table().get("quant", {}).get(f"{k}/{had}", {}).get(str(_m_bucket(m)))
-    if tuned and len(tuned) in (2, 3):
-        plan = make_plan(k, block, *(int(v) for v in tuned))
-        if plan is not None:
-            return plan
-    if k <= 8192:
-        return make_plan(k, block, 1, 1 if k <= _DEFAULT_WARPS_SPLIT else 2)
-    chunk = 1024  # long rows: two passes over chunks, so a thread never holds more than 32 values
-    while chunk > 16 and k % chunk:
-        chunk //= 2
-    return make_plan(k, block, 1, 1, chunk) or make_plan(k, block, 1, 4)
-
-
-@functools.lru_cache(maxsize=None)
-def _hscale(block: int, dtype: torch.dtype) -> float:
-    """The normalization 1/sqrt(b) as `hadamard.hadamard_matrix(b, dtype)` stores it (rounded to dtype)."""
-    return float(torch.tensor(1.0 / block ** 0.5, dtype=torch.float64).to(dtype)) if block > 1 else 1.0
-
-
-def quant_supported(k: int, block: int, a_bits: int, dtype: torch.dtype, clip: str = "absmax",
-                    m: int = 16384) -> str | None:
-    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        return f"activation dtype {dtype} (needs bf16/fp16/fp32)"
-    if not 1 <= a_bits <= 8:
-        return f"a_bits={a_bits}"
-    if clip not in ("absmax", "sigma"):
-        return f"a_clip={clip!r}"
-    if make_plan(k, block if block > 1 else 0, 1, 4) is None:
-        return f"in_features={k} with Hadamard block {block} does not fit the Triton quantizer's tiling"
-    if clip == "sigma" and _sigma_plan(k, block, m) is None:
-        return f"a_clip='sigma' with in_features={k}: rows this long take the two-pass quantizer, which has no sigma"
-    return None
-
-
-def _sigma_plan(k: int, block: int, m: int) -> tuple | None:
-    """A one-pass tiling for `sigma` ranges (their mean and deviation need the whole row in registers)."""
-    plan = quant_plan(k, block if block > 1 else 0, m)
-    if plan is not None and not plan[3]:
-        return plan
-    return make_plan(k, block if block > 1 else 0, 1, 1 if k <= _DEFAULT_WARPS_SPLIT else 2) if k <= 8192 else None
-
-
-def act_quant(x2: torch.Tensor, block: int, a_bits: int, sym: bool, dequant: bool = False,
-              m_store: int | None = None, shift: bool = False, plan: tuple | None = None, clip: str = "absmax"):
-    """Fused x H -> per-token quantization of a 2-D (M, K) CUDA tensor (last dim contiguous).
-
-    Returns (out, scale, lo): out (m_store, K) fp8 e4m3 codes, or Q_a(x H) in x's dtype when `dequant`;
-    scale and lo (m_store,) fp32. Rows M..m_store-1 (padding) are written as zeros with scale 0. With `shift`
-    (asymmetric only) the codes are q - 2^(a_bits-1) and lo is lo + 2^(a_bits-1) * scale."""
-    m, k = x2.shape
-    m_store = m if m_store is None else m_store
-    block = block if block > 1 else 0
-    sigma = clip == "sigma"
-    plan = plan or (_sigma_plan(k, block, m) if sigma else quant_plan(k, block, m))
-    # sigma: c of the MSE-optimal uniform quantizer of a normal with the code count of this range (quantizers.py)
-    clip_c = Q.gaussian_clip(2 ** a_bits - 1 if sym else 2 ** a_bits) if sigma else 0.0
-    dev = x2.device
-    out = torch.empty(m_store, k, device=dev, dtype=x2.dtype if dequant else torch.float8_e4m3fn)
-    scale = torch.empty(m_store, device=dev, dtype=torch.float32)
-    lo = torch.empty(m_store, device=dev, dtype=torch.float32)
-    if m_store == 0:
-        return out, scale, lo
-    levels = float(Q.act_levels(a_bits, sym))
-    sh = float(2 ** (a_bits - 1)) if shift and not sym and not dequant else 0.0
-    with _on(dev):
-        _aq().launch_act_quant(x2, out, scale, lo, m, m_store, _hscale(block, x2.dtype), levels, sh, block, plan, sym,
-                               dequant, clip_c)
-    return out, scale, lo
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -310,51 +189,9 @@ def clear_caches():
 # ---------------------------------------------------------------------------------------------------------------
 # dispatch
 
-@functools.lru_cache(maxsize=1)
-def dispatch_table() -> dict:
-    try:
-        with open(_TABLE_PATH) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
-def fp8_min_m(n: int, k: int, epilogue: bool) -> int:
-    """Smallest M from which the fp8 path beats the dequant path for this shape (measured table, else default)."""
-    env = os.environ.get("ROBUQ_FP8_MIN_M")
-    if env:
-        return int(env)
-    t = dispatch_table()
-    row = t.get("shapes", {}).get(f"{n}x{k}")
-    field = "epi_fp8_min_m" if epilogue else "fp8_min_m"
-    if row is not None and field in row:
-        return int(row[field])
-    return int(t.get("default_" + field, t.get("default_fp8_min_m", _DEFAULT_FP8_MIN_M)))
-
-
 def _uses_epilogue(a: QLinearArgs) -> bool:
     """True when the call needs more than _scaled_mm + bias (asymmetric codes or an LRB)."""
     return (not a.a_sym) or a.lrb_down is not None
-
-
-def gemm_config(m: int, n: int, k: int) -> tuple:
-    """Triton GEMM config: the table's measured choice for the nearest M bucket, else a size heuristic."""
-    cfgs = _k().GEMM_CONFIGS
-    row = dispatch_table().get("shapes", {}).get(f"{n}x{k}", {})
-    tuned = row.get("gemm_cfg")
-    if tuned:
-        ms = sorted(int(x) for x in tuned)
-        best = min(ms, key=lambda x: abs(math.log2(max(m, 1)) - math.log2(x)))
-        i = int(tuned[str(best)])
-        if 0 <= i < len(cfgs):
-            return cfgs[i]
-    if m <= 64:
-        return cfgs[3]
-    if m <= 1024:
-        return cfgs[2]
-    if m <= 4096:
-        return cfgs[1]
-    return cfgs[0]
 
 
 def _fp8_supports(x: torch.Tensor, a: QLinearArgs) -> str | None:
@@ -405,15 +242,6 @@ def _scaled_mm(codes, w8, sx, sw, bias):
     return y if bias is None else y.add_(bias)
 
 
-def epilogue_mode() -> str:
-    """How the asymmetric / LRB terms are added on the fp8 path: "addmm" (cuBLAS _scaled_mm, then one bf16 GEMM
-    y += [t, lo'] [A, c]^T in place) or "triton" (our fp8 GEMM with everything in its epilogue)."""
-    env = os.environ.get("ROBUQ_FP8_EPI")
-    if env in ("addmm", "triton"):
-        return env
-    return dispatch_table().get("epilogue", "addmm")
-
-
 def _split16(v: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     hi = v.to(dtype)
     return hi, (v - hi.float()).to(dtype)
@@ -449,7 +277,7 @@ def fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
         if os.environ.get("ROBUQ_FP8_GEMM") == "triton" and a.a_sym and not lrb:
             y = torch.empty(m, n, device=x.device, dtype=x.dtype)
             if m:
-                with _on(x.device):
+                with on_device(x.device):
                     _k().launch_fp8_gemm(codes, e.fp8, y, sx, e.sw, a.bias, None, None, None, None, m,
                                          gemm_config(m, n, k))
             return y.reshape(*lead, n)
@@ -470,7 +298,7 @@ def fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
                 else a.lrb_up.to(x.dtype).contiguous()
         y = torch.empty(m, n, device=x.device, dtype=x.dtype)
         if m:
-            with _on(x.device):
+            with on_device(x.device):
                 _k().launch_fp8_gemm(codes, e.fp8, y, sx, e.sw, a.bias, None if a.a_sym else lo,
                                      None if a.a_sym else e.cs, t, up, m, gemm_config(m, n, k))
     return y.reshape(*lead, n)

@@ -27,7 +27,7 @@ import robuq_fx  # noqa: F401  (registers the ops and kernels)
 from robuq_fx import kernels
 from robuq_fx import quantizers as Q
 from robuq_fx.hadamard import block_hadamard
-from robuq_fx.kernels import QLinearArgs, reference, triton_fp8
+from robuq_fx.kernels import QLinearArgs, dispatch, quantizer, reference, triton_fp8
 from robuq_fx.modules import PackedLinear
 from robuq_fx.spec import LayerSpec
 
@@ -82,7 +82,7 @@ def test_dispatch_table_parses(monkeypatch):
     larger measured M; 2^31 if never), shapes it does not list get the recorded medians, the environment override
     wins, and every tuned quantizer tiling is a valid plan that covers K."""
     monkeypatch.delenv("ROBUQ_FP8_MIN_M", raising=False)
-    t = triton_fp8.dispatch_table()
+    t = dispatch.dispatch_table()
     assert t["shapes"], "dispatch_table.json is missing or has no shapes"
     for key, row in t["shapes"].items():
         n, k = map(int, key.split("x"))
@@ -94,20 +94,20 @@ def test_dispatch_table_parses(monkeypatch):
                     break
                 want = m
             assert row[field] == want, (key, variant)
-            assert triton_fp8.fp8_min_m(n, k, variant == "epi") == want
+            assert dispatch.fp8_min_m(n, k, variant == "epi") == want
     for field in ("fp8_min_m", "epi_fp8_min_m"):
         thr = sorted(r[field] for r in t["shapes"].values())
         assert t["default_" + field] == thr[len(thr) // 2]
-    assert triton_fp8.fp8_min_m(12345, 678, False) == t["default_fp8_min_m"]
-    assert triton_fp8.fp8_min_m(12345, 678, True) == t["default_epi_fp8_min_m"]
+    assert dispatch.fp8_min_m(12345, 678, False) == t["default_fp8_min_m"]
+    assert dispatch.fp8_min_m(12345, 678, True) == t["default_epi_fp8_min_m"]
     monkeypatch.setenv("ROBUQ_FP8_MIN_M", "77")
-    assert triton_fp8.fp8_min_m(1152, 1152, False) == 77
+    assert dispatch.fp8_min_m(1152, 1152, False) == 77
     for key, buckets in t["quant"].items():
         k, had = int(key.split("/")[0]), key.split("/")[1]
         block = 128 if had == "h" else 0
         for m, tuned in buckets.items():
-            plan = triton_fp8.quant_plan(k, block, int(m))
-            assert plan == triton_fp8.make_plan(k, block, *tuned), (key, m)  # the table's choice, not a fallback
+            plan = quantizer.quant_plan(k, block, int(m))
+            assert plan == quantizer.make_plan(k, block, *tuned), (key, m)  # the table's choice, not a fallback
             widths, bm, warps, chunk = plan
             assert sum(widths) == k and all(w % max(block, 16) == 0 for w in widths)
 
@@ -139,7 +139,7 @@ def test_quant_kernel_matches_cpu_reference(k, block, dtype):
     for a_bits, sym in QCASES:
         if a_bits > 4 and dtype != torch.float32:
             continue
-        out, s, lo = triton_fp8.act_quant(x, block, a_bits, sym, m_store=m + 9)
+        out, s, lo = quantizer.act_quant(x, block, a_bits, sym, m_store=m + 9)
         rq, rs, rlo = _ref_codes(x, block, a_bits, sym, fp32_rotation=dtype == torch.float32)
         q = out[:m].float().cpu() if a_bits <= 4 else None
         if a_bits <= 4:
@@ -151,7 +151,7 @@ def test_quant_kernel_matches_cpu_reference(k, block, dtype):
             torch.testing.assert_close(lo[:m].cpu(), rlo.squeeze(-1), rtol=1e-5, atol=1e-6)
         assert s[3].item() == 0 and (sym or block or s[4].item() == 0)
         # DEQUANT mode: Q_a(x H) in x's dtype, as quantizers.fake_quant_act computes it
-        xq, _, _ = triton_fp8.act_quant(x, block, a_bits, sym, dequant=True)
+        xq, _, _ = quantizer.act_quant(x, block, a_bits, sym, dequant=True)
         ref = Q.dequantize_act(rq, rs, rlo, sym, dtype)
         close = torch.isclose(xq.cpu().float(), ref.float(), rtol=1e-2, atol=1e-6).float().mean().item()
         assert close >= 0.999, f"dequant mode a_bits={a_bits} sym={sym}: {close:.5f}"
@@ -173,7 +173,7 @@ def test_quant_kernel_sigma_matches_cpu_reference(k, block, dtype):
     x[4] = 0.75
     x = x.to(dtype)
     for a_bits, sym in [(2, False), (3, False), (4, False), (1, False), (3, True), (4, True)]:
-        out, s, lo = triton_fp8.act_quant(x, block, a_bits, sym, m_store=m + 3, clip="sigma")
+        out, s, lo = quantizer.act_quant(x, block, a_bits, sym, m_store=m + 3, clip="sigma")
         xc = x.float().cpu() if dtype == torch.float32 else x.cpu()
         xh = block_hadamard(xc, block) if block else xc
         rq, rs, rlo = Q.quantize_act(xh, a_bits, sym, "sigma")
@@ -187,9 +187,9 @@ def test_quant_kernel_sigma_matches_cpu_reference(k, block, dtype):
 
 def _shipped_plans(k, block):
     """The table's / defaults' tilings plus others the table sweep can pick (rows per program x warps x chunk)."""
-    plans = {triton_fp8.quant_plan(k, block, m) for m in (1, 256, 1024, 4096, 16384)}
-    plans |= {triton_fp8.make_plan(k, block, bm, w) for bm, w in ((1, 1), (1, 2), (2, 1), (2, 2), (4, 4))}
-    plans |= {triton_fp8.make_plan(k, block, bm, w, c) for bm, w in ((1, 1), (2, 2)) for c in (128, 512)}
+    plans = {quantizer.quant_plan(k, block, m) for m in (1, 256, 1024, 4096, 16384)}
+    plans |= {quantizer.make_plan(k, block, bm, w) for bm, w in ((1, 1), (1, 2), (2, 1), (2, 2), (4, 4))}
+    plans |= {quantizer.make_plan(k, block, bm, w, c) for bm, w in ((1, 1), (2, 2)) for c in (128, 512)}
     return sorted(p for p in plans if p is not None)
 
 
@@ -203,7 +203,7 @@ def test_every_quant_plan_odd_m(k, block):
             torch.manual_seed(m)
             x = (torch.randn(m, k, device="cuda") * 2).to(torch.bfloat16)
             for a_bits, sym in ((4, True), (2, False)):
-                out, s, lo = triton_fp8.act_quant(x, block, a_bits, sym, m_store=-(-m // 16) * 16, plan=plan)
+                out, s, lo = quantizer.act_quant(x, block, a_bits, sym, m_store=-(-m // 16) * 16, plan=plan)
                 rq, rs, rlo = _ref_codes(x, block, a_bits, sym, fp32_rotation=False)
                 bad = (out[:m].float().cpu() != rq).sum().item()
                 assert bad <= max(1, rq.numel() // 1000), f"plan {plan} M={m} a{a_bits}: {bad} codes differ"
@@ -229,15 +229,15 @@ def test_quant_codes_exact_without_rotation_ties_included(dtype):
     x = x.to(dtype)
     xg = x.cuda()
     for a_bits, sym, plan in [(a, sy, p) for a, sy in QCASES if a <= 4
-                              for p in (None, triton_fp8.make_plan(k, 0, 2, 2, 128))]:
-        out, s, lo = triton_fp8.act_quant(xg, 0, a_bits, sym, plan=plan)
+                              for p in (None, quantizer.make_plan(k, 0, 2, 2, 128))]:
+        out, s, lo = quantizer.act_quant(xg, 0, a_bits, sym, plan=plan)
         rq, rs, rlo = Q.quantize_act(x, a_bits, sym)
         bad = int((out.float().cpu() != rq).sum())
         assert bad == 0, f"A{a_bits} sym={sym} {dtype}: {bad} codes differ from the CPU reference"
         assert torch.equal(s.cpu(), rs.squeeze(-1)), f"A{a_bits} sym={sym}: scales differ"
         if not sym:
             assert torch.equal(lo.cpu(), rlo.squeeze(-1))
-        xq, _, _ = triton_fp8.act_quant(xg, 0, a_bits, sym, dequant=True, plan=plan)
+        xq, _, _ = quantizer.act_quant(xg, 0, a_bits, sym, dequant=True, plan=plan)
         ref = Q.dequantize_act(rq, rs, rlo, sym, dtype)
         if sym:  # s * q: one rounding on both sides
             assert torch.equal(xq.cpu(), ref), f"A{a_bits} sym={sym}: DEQUANT values differ"
@@ -258,8 +258,8 @@ def test_fast_launch_matches_triton_launch_and_respects_alignment():
              "odd stride": base[:, 3:1155]}
     for name, x in views.items():
         for a_bits, sym in ((4, True), (2, False)):
-            first = triton_fp8.act_quant(x, 128, a_bits, sym, m_store=304, shift=not sym)
-            again = triton_fp8.act_quant(x, 128, a_bits, sym, m_store=304, shift=not sym)
+            first = quantizer.act_quant(x, 128, a_bits, sym, m_store=304, shift=not sym)
+            again = quantizer.act_quant(x, 128, a_bits, sym, m_store=304, shift=not sym)
             for u, v in zip(first, again):
                 assert torch.equal(u.float(), v.float()), f"{name} A{a_bits}: cached launch differs"
             rq, rs, _ = _ref_codes(x, 128, a_bits, sym, fp32_rotation=False)
@@ -376,12 +376,12 @@ def _exact_from_own_codes(x, a, kern):
     codes = reference.weight_codes(a)
     wq = Q.dequantize_weight(codes, a.w_scale, torch.float64)
     if kern == "triton_fp8":
-        q, sx, lo = triton_fp8.act_quant(x2, a.hadamard_block, a.a_bits, a.a_sym, clip=a.a_clip)
+        q, sx, lo = quantizer.act_quant(x2, a.hadamard_block, a.a_bits, a.a_sym, clip=a.a_clip)
         y = sx[:m, None].double() * (q[:m].double() @ wq.t())
         if not a.a_sym:
             y = y + lo[:m, None].double() * Q.weight_code_colsum(codes, a.w_scale).double()
     else:
-        xq, _, _ = triton_fp8.act_quant(x2, a.hadamard_block, a.a_bits, a.a_sym, dequant=True, clip=a.a_clip)
+        xq, _, _ = quantizer.act_quant(x2, a.hadamard_block, a.a_bits, a.a_sym, dequant=True, clip=a.a_clip)
         y = xq.double() @ wq.t()
     if a.bias is not None:
         y = y + a.bias.double()
@@ -400,7 +400,7 @@ def _code_mismatches(x, a):
     x2 = x.reshape(-1, a.in_features)
     xh = layer.rotate(x2.cpu(), reference.spec_of(a))
     rq, _, _ = Q.quantize_act(xh, a.a_bits, a.a_sym, a.a_clip)
-    q, _, _ = triton_fp8.act_quant(x2, a.hadamard_block, a.a_bits, a.a_sym, clip=a.a_clip)
+    q, _, _ = quantizer.act_quant(x2, a.hadamard_block, a.a_bits, a.a_sym, clip=a.a_clip)
     return int((q[:rq.shape[0]].float().cpu() != rq).sum()), rq.numel()
 
 
@@ -522,7 +522,7 @@ def test_unsupported_calls_fall_back_to_dequant():
 def test_dispatch_follows_table(monkeypatch):
     mod = _layer(1152, 3456, 1.58, 4, True, 128, 0)
     a = _args(mod)
-    thr = triton_fp8.fp8_min_m(3456, 1152, False)
+    thr = dispatch.fp8_min_m(3456, 1152, False)
     for m in (16, 256, 4096, 16384):
         x = torch.empty(m, 1152, device="cuda", dtype=torch.bfloat16)
         assert kernels.select(x, a).name == ("triton_fp8" if m >= thr else "cuda_dequant")

@@ -1,0 +1,73 @@
+"""The measured dispatch of the fp8 qlinear path (`dispatch_table.json`, written by
+`benchmarks/bench_linear.py --write-dispatch`): from which M the fp8 path beats the bf16-dequant path per (N, K),
+which Triton GEMM config and which epilogue mode to use, and the quantizer tiling per K (read by quantizer.py).
+
+Environment: ROBUQ_FP8_MIN_M=<int> overrides every threshold; ROBUQ_FP8_EPI=addmm|triton the epilogue mode.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+
+_TABLE_PATH = os.path.join(os.path.dirname(__file__), "dispatch_table.json")
+_DEFAULT_FP8_MIN_M = 1024  # used for shapes the table does not list (and when there is no table)
+
+
+def m_bucket(m: int) -> int:
+    """The M bucket of the table's per-M choices."""
+    return 256 if m <= 256 else 1024 if m <= 1024 else 4096 if m <= 4096 else 16384
+
+
+@functools.lru_cache(maxsize=1)
+def dispatch_table() -> dict:
+    try:
+        with open(_TABLE_PATH) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def fp8_min_m(n: int, k: int, epilogue: bool) -> int:
+    """Smallest M from which the fp8 path beats the dequant path for this shape (measured table, else default)."""
+    env = os.environ.get("ROBUQ_FP8_MIN_M")
+    if env:
+        return int(env)
+    t = dispatch_table()
+    row = t.get("shapes", {}).get(f"{n}x{k}")
+    field = "epi_fp8_min_m" if epilogue else "fp8_min_m"
+    if row is not None and field in row:
+        return int(row[field])
+    return int(t.get("default_" + field, t.get("default_fp8_min_m", _DEFAULT_FP8_MIN_M)))
+
+
+def gemm_config(m: int, n: int, k: int) -> tuple:
+    """Triton GEMM config: the table's measured choice for the nearest M bucket, else a size heuristic."""
+    from .triton_fp8_kernels import GEMM_CONFIGS as cfgs  # imports triton: first use only
+    row = dispatch_table().get("shapes", {}).get(f"{n}x{k}", {})
+    tuned = row.get("gemm_cfg")
+    if tuned:
+        ms = sorted(int(x) for x in tuned)
+        best = min(ms, key=lambda x: abs(math.log2(max(m, 1)) - math.log2(x)))
+        i = int(tuned[str(best)])
+        if 0 <= i < len(cfgs):
+            return cfgs[i]
+    if m <= 64:
+        return cfgs[3]
+    if m <= 1024:
+        return cfgs[2]
+    if m <= 4096:
+        return cfgs[1]
+    return cfgs[0]
+
+
+def epilogue_mode() -> str:
+    """How the asymmetric / LRB terms are added on the fp8 path: "addmm" (cuBLAS _scaled_mm, then one bf16 GEMM
+    y += [t, lo'] [A, c]^T in place) or "triton" (our fp8 GEMM with everything in its epilogue)."""
+    env = os.environ.get("ROBUQ_FP8_EPI")
+    if env in ("addmm", "triton"):
+        return env
+    return dispatch_table().get("epilogue", "addmm")
+
+

@@ -1,0 +1,127 @@
+"""Host side of the Triton activation quantizer (`triton_act_quant.py`): which tiling a row length takes, whether a
+call fits it, and the launch. Used by the fp8 and dequant qlinear paths (`triton_fp8.py`), the benchmarks and the
+GPU tests; importing it does not import triton (the kernel module is loaded on the first launch).
+
+    act_quant(x2, block, a_bits, sym, ...) -> (fp8 codes or Q_a(x H), scale, lo)     see its docstring
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+from .. import quantizers as Q
+from .dispatch import dispatch_table, m_bucket
+
+_NULL = contextlib.nullcontext()
+
+
+def on_device(dev: torch.device):
+    """Make `dev` current for a Triton launch (a no-op context when it already is)."""
+    return _NULL if dev.index is None or dev.index == torch.cuda.current_device() else torch.cuda.device(dev)
+
+
+def _aq():
+    """The Triton activation-quantizer module, imported on first use."""
+    from . import triton_act_quant
+    return triton_act_quant
+
+
+_DEFAULT_WARPS_SPLIT = 2048  # default tiling: one row a program, 1 warp up to this K, else 2 (best on H100/H200)
+
+
+@functools.lru_cache(maxsize=None)
+def make_plan(k: int, block: int, bm: int, warps: int, chunk: int = 0) -> tuple | None:
+    """(piece widths, BM, num_warps, chunk) for `act_quant_bfly_kernel`, or None when K / block do not fit: K must
+    split into at most four power-of-two pieces, each a multiple of max(block, 16) (1152 = 1024 + 128,
+    4608 = 4096 + 512). chunk > 0 (a power of two dividing K, a multiple of the block): the two-pass kernel."""
+    block = block if block > 1 else 0
+    if block and (block & (block - 1) or block > 1024):
+        return None
+    if bm < 1 or bm & (bm - 1) or warps not in (1, 2, 4, 8, 16):
+        return None
+    unit = max(block, 16)
+    if k % unit:
+        return None
+    n = k // unit
+    widths = tuple(unit << i for i in reversed(range(n.bit_length())) if n >> i & 1)
+    if len(widths) > 4:
+        return None
+    if chunk and (chunk & (chunk - 1) or k % chunk or chunk % unit):
+        return None
+    return widths, bm, warps, chunk
+
+
+def quant_plan(k: int, block: int, m: int = 16384) -> tuple | None:
+    """The tiling for (K, block) at M rows: measured choice from dispatch_table.json ("quant": [BM, warps, chunk]),
+    else one row a program with 1 (K <= 2048) or 2 warps (K <= 8192), or for longer rows the two-pass kernel."""
+    had = "h" if block > 1 else "n"
+    tuned = dispatch_table().get("quant", {}).get(f"{k}/{had}", {}).get(str(m_bucket(m)))
+    if tuned and len(tuned) in (2, 3):
+        plan = make_plan(k, block, *(int(v) for v in tuned))
+        if plan is not None:
+            return plan
+    if k <= 8192:
+        return make_plan(k, block, 1, 1 if k <= _DEFAULT_WARPS_SPLIT else 2)
+    chunk = 1024  # long rows: two passes over chunks, so a thread never holds more than 32 values
+    while chunk > 16 and k % chunk:
+        chunk //= 2
+    return make_plan(k, block, 1, 1, chunk) or make_plan(k, block, 1, 4)
+
+
+@functools.lru_cache(maxsize=None)
+def _hscale(block: int, dtype: torch.dtype) -> float:
+    """The normalization 1/sqrt(b) as `hadamard.hadamard_matrix(b, dtype)` stores it (rounded to dtype)."""
+    return float(torch.tensor(1.0 / block ** 0.5, dtype=torch.float64).to(dtype)) if block > 1 else 1.0
+
+
+def quant_supported(k: int, block: int, a_bits: int, dtype: torch.dtype, clip: str = "absmax",
+                    m: int = 16384) -> str | None:
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"activation dtype {dtype} (needs bf16/fp16/fp32)"
+    if not 1 <= a_bits <= 8:
+        return f"a_bits={a_bits}"
+    if clip not in ("absmax", "sigma"):
+        return f"a_clip={clip!r}"
+    if make_plan(k, block if block > 1 else 0, 1, 4) is None:
+        return f"in_features={k} with Hadamard block {block} does not fit the Triton quantizer's tiling"
+    if clip == "sigma" and _sigma_plan(k, block, m) is None:
+        return f"a_clip='sigma' with in_features={k}: rows this long take the two-pass quantizer, which has no sigma"
+    return None
+
+
+def _sigma_plan(k: int, block: int, m: int) -> tuple | None:
+    """A one-pass tiling for `sigma` ranges (their mean and deviation need the whole row in registers)."""
+    plan = quant_plan(k, block if block > 1 else 0, m)
+    if plan is not None and not plan[3]:
+        return plan
+    return make_plan(k, block if block > 1 else 0, 1, 1 if k <= _DEFAULT_WARPS_SPLIT else 2) if k <= 8192 else None
+
+
+def act_quant(x2: torch.Tensor, block: int, a_bits: int, sym: bool, dequant: bool = False,
+              m_store: int | None = None, shift: bool = False, plan: tuple | None = None, clip: str = "absmax"):
+    """Fused x H -> per-token quantization of a 2-D (M, K) CUDA tensor (last dim contiguous).
+
+    Returns (out, scale, lo): out (m_store, K) fp8 e4m3 codes, or Q_a(x H) in x's dtype when `dequant`;
+    scale and lo (m_store,) fp32. Rows M..m_store-1 (padding) are written as zeros with scale 0. With `shift`
+    (asymmetric only) the codes are q - 2^(a_bits-1) and lo is lo + 2^(a_bits-1) * scale."""
+    m, k = x2.shape
+    m_store = m if m_store is None else m_store
+    block = block if block > 1 else 0
+    sigma = clip == "sigma"
+    plan = plan or (_sigma_plan(k, block, m) if sigma else quant_plan(k, block, m))
+    # sigma: c of the MSE-optimal uniform quantizer of a normal with the code count of this range (quantizers.py)
+    clip_c = Q.gaussian_clip(2 ** a_bits - 1 if sym else 2 ** a_bits) if sigma else 0.0
+    dev = x2.device
+    out = torch.empty(m_store, k, device=dev, dtype=x2.dtype if dequant else torch.float8_e4m3fn)
+    scale = torch.empty(m_store, device=dev, dtype=torch.float32)
+    lo = torch.empty(m_store, device=dev, dtype=torch.float32)
+    if m_store == 0:
+        return out, scale, lo
+    levels = float(Q.act_levels(a_bits, sym))
+    sh = float(2 ** (a_bits - 1)) if shift and not sym and not dequant else 0.0
+    with on_device(dev):
+        _aq().launch_act_quant(x2, out, scale, lo, m, m_store, _hscale(block, x2.dtype), levels, sh, block, plan, sym,
+                               dequant, clip_c)
+    return out, scale, lo
