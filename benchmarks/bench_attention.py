@@ -5,7 +5,10 @@ Columns, all timed by CUDA-graph replay in one run, ratio = bf16 SDPA time / col
     bf16 SDPA            F.scaled_dot_product_attention on the bf16 inputs (torch picks flash / cuDNN / efficient)
     ATen fake-quant+SDPA the lowered graph before this op: quantizers.fake_quant_act (torch ops) on q, k, v + SDPA
     row kernel+SDPA      the op's reference on CUDA: one Triton fake-quant kernel per tensor, then SDPA
-    attention8           the fused Triton kernel (quantize while loading, int8 q.k, P.V on 16-bit tensor cores)
+    attention8 op        robuq::attention8 as lowered models call it (default CUDA path: the row kernel on q, k, v
+                         in their memory order + flash SDPA)
+    fused kernel         the opt-in single Triton kernel (ROBUQ_ATTENTION=fused: quantize while loading, int8 q.k,
+                         P.V on 16-bit tensor cores)
 
     python benchmarks/bench_attention.py            # table + JSON + PNG + summary_attention_<gpu>.json
 """
@@ -43,6 +46,7 @@ def main(argv=None):
     import robuq_fx  # noqa: F401
     from robuq_fx import quantizers as Q
     from robuq_fx.kernels import attention as A
+    from robuq_fx.kernels import triton_attention8 as T
     from robuq_fx.kernels import triton_rowquant as R
     prov = provenance(argv)
     print(f"GPU: {prov['gpu']} | torch {prov['torch']} | triton {prov.get('triton')}")
@@ -60,7 +64,8 @@ def main(argv=None):
             "bf16 SDPA": lambda: sdpa(q, k, v),
             "ATen fake-quant+SDPA": lambda: sdpa(*(Q.fake_quant_act(t, 8, True) for t in (q, k, v))),
             "row kernel+SDPA": lambda: sdpa(*(R.fake_quant_rows(t, 8, True) for t in (q, k, v))),
-            "attention8": lambda: torch.ops.robuq.attention8(q, k, v, None, 0.0, causal, None, bool(gqa), 8),
+            "attention8 op": lambda: torch.ops.robuq.attention8(q, k, v, None, 0.0, causal, None, bool(gqa), 8),
+            "fused kernel": lambda: T.attention8(q, k, v, causal, None),
         }
         assert A.why_not_kernel(q, k, v, None, 0.0, 8) is None
         with torch.no_grad():
@@ -70,10 +75,11 @@ def main(argv=None):
                "bf16 TFLOP/s": round(flops / t["bf16 SDPA"] / 1e12, 1)}
         for c in list(fns)[1:]:
             row[c] = round(t["bf16 SDPA"] / t[c], 3)
-        row["attention8 TFLOP/s"] = round(flops / t["attention8"] / 1e12, 1)
+        row["attention8 op TFLOP/s"] = round(flops / t["attention8 op"] / 1e12, 1)
         rows.append(row)
         key = name.replace(" ", "_").replace("-", "")
-        summary[f"attn8_{key}_x"] = row["attention8"]
+        summary[f"attn8_{key}_x"] = row["attention8 op"]
+        summary[f"attn8_fused_{key}_x"] = row["fused kernel"]
         summary[f"rowq_sdpa_{key}_x"] = row["row kernel+SDPA"]
         print(row, flush=True)
     print()
@@ -88,7 +94,7 @@ def main(argv=None):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        cols = ["ATen fake-quant+SDPA", "row kernel+SDPA", "attention8"]
+        cols = ["ATen fake-quant+SDPA", "row kernel+SDPA", "attention8 op", "fused kernel"]
         fig, ax = plt.subplots(figsize=(10, 4))
         w = 0.8 / len(cols)
         for i, c in enumerate(cols):
