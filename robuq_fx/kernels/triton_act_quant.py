@@ -183,7 +183,6 @@ def act_quant_bfly_kernel(x_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, stride_
         a = tl.minimum(a, a3)
         b = tl.maximum(b, b3)
     if SIGMA:  # mu +- c sigma of the rotated row (two passes over the registers), kept inside [min, max]
-        K: tl.constexpr = W0 + W1 + W2 + W3
         mu = tl.sum(y0.to(tl.float32), axis=1)
         if W1 > 0:
             mu += tl.sum(y1.to(tl.float32), axis=1)
@@ -191,7 +190,7 @@ def act_quant_bfly_kernel(x_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, stride_
             mu += tl.sum(y2.to(tl.float32), axis=1)
         if W3 > 0:
             mu += tl.sum(y3.to(tl.float32), axis=1)
-        mu = tl.div_rn(mu, tl.zeros_like(mu) + K)
+        mu = tl.div_rn(mu, tl.zeros_like(mu) + (W0 + W1 + W2 + W3))
         var = _sqdev(y0, mu)
         if W1 > 0:
             var += _sqdev(y1, mu)
@@ -199,7 +198,7 @@ def act_quant_bfly_kernel(x_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, stride_
             var += _sqdev(y2, mu)
         if W3 > 0:
             var += _sqdev(y3, mu)
-        sd = tl.sqrt_rn(tl.div_rn(var, tl.zeros_like(var) + K))
+        sd = tl.sqrt_rn(tl.div_rn(var, tl.zeros_like(var) + (W0 + W1 + W2 + W3)))
         if SYM:
             b = tl.minimum(tl.abs(mu) + clip_c * sd, b)
         else:
