@@ -32,7 +32,7 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def attention8_kernel(q_ptr, k_ptr, v_ptr, o_ptr,
                       sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
-                      H, HK, SQ, SK, D, qk_scale, levels,
+                      H, HK, SQ, SK, qk_scale, levels, D: tl.constexpr,
                       CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -132,6 +132,6 @@ def attention8(q, k, v, is_causal: bool, scale: float | None, levels: float = 12
     ctx = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
     with ctx:
         attention8_kernel[grid](q, k, v, out, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-                                h, hk, sq, sk, d, sm * _LOG2E, levels,
-                                CAUSAL=bool(is_causal), BM=bm, BN=bn, DP=dp, num_warps=warps, num_stages=2)
+                                h, hk, sq, sk, sm * _LOG2E, levels,
+                                D=d, CAUSAL=bool(is_causal), BM=bm, BN=bn, DP=dp, num_warps=warps, num_stages=2)
     return out
