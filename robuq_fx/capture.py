@@ -256,6 +256,7 @@ def capture_submodule(module: nn.Module, call=None, path: str = "") -> tuple[fx.
         concrete = {k: None for k, v in bound.arguments.items() if v is None} or None
     try:
         graph = _LeafTracer().trace(module, concrete_args=concrete)
+        _keep_argument_names(graph, concrete)
         gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
         method, spec = "symbolic_trace", None
     except Exception as trace_err:  # noqa: BLE001 - any tracing failure means: try export
@@ -278,6 +279,20 @@ def capture_submodule(module: nn.Module, call=None, path: str = "") -> tuple[fx.
     _adopt(gm, module)
     gm.train(module.training)
     return gm, method, spec
+
+
+def _keep_argument_names(graph: fx.Graph, concrete: dict | None) -> None:
+    """FX renames the placeholder of an argument specialised to None (`attn_mask` -> `attn_mask_1`), so the captured
+    forward would refuse `attn_mask=None` by keyword, as timm's blocks pass it: give it its name back (the body
+    keeps the renamed variable)."""
+    targets = {n.target for n in graph.nodes if n.op == "placeholder"}
+    for n in graph.nodes:
+        if n.op != "placeholder" or not concrete:
+            continue
+        base, _, suffix = str(n.target).rpartition("_")
+        if base in concrete and suffix.isdigit() and base not in targets:
+            n.target = base
+            targets.add(base)
 
 
 def _bind(module: nn.Module, call) -> inspect.BoundArguments:

@@ -80,12 +80,24 @@ def apply_attention(gm: fx.GraphModule, plan: list[tuple[fx.Node, str, int]]) ->
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
+def _literal(v, kind):
+    """A Python literal argument as `kind` (None -> its default); a graph value (e.g. the module's own `is_causal`
+    argument) passes through as the node, to be read at run time, never truth-tested here."""
+    if isinstance(v, fx.Node):
+        return v
+    return kind(v) if v is not None else kind()
+
+
 def _static_fallback(node: fx.Node, args: dict, bits: int) -> str | None:
     """Why the GPU kernel will not take this call, from what the graph knows (None if it may)."""
-    if args.get("attn_mask") is not None:
-        return "it passes an attn_mask (the kernel takes none, or is_causal)"
-    if args.get("dropout_p"):
-        return f"dropout_p={args['dropout_p']}"
+    mask = args.get("attn_mask")
+    if mask is not None:
+        # a placeholder: the module's own argument (capture inlines the ones its example call left None)
+        how = "may pass" if isinstance(mask, fx.Node) and mask.op == "placeholder" else "passes"
+        return f"it {how} an attn_mask (the kernel takes none, or is_causal)"
+    drop = args.get("dropout_p")
+    if drop and not isinstance(drop, fx.Node):
+        return f"dropout_p={drop}"
     if bits != 8:
         return f"attn_bits={bits} (the kernel is 8-bit)"
     val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
@@ -119,9 +131,9 @@ def lower_attention(gm: fx.GraphModule) -> dict[str, str]:
         srcs = [n.args[0] for n in qkv]
         with g.inserting_before(node):
             new = g.call_function(torch.ops.robuq.attention8.default,
-                                  (*srcs, args.get("attn_mask"), float(args.get("dropout_p") or 0.0),
-                                   bool(args.get("is_causal") or False), args.get("scale"),
-                                   bool(args.get("enable_gqa") or False), int(bits)))
+                                  (*srcs, args.get("attn_mask"), _literal(args.get("dropout_p", 0.0), float),
+                                   _literal(args.get("is_causal", False), bool), args.get("scale"),
+                                   _literal(args.get("enable_gqa", False), bool), int(bits)))
         new.meta = source_meta(node)
         new.meta["robuq_attention8"] = name
         node.replace_all_uses_with(new)

@@ -125,3 +125,45 @@ def test_attention8_reference_is_fake_quant_then_sdpa():
     fp = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     err = ((out - fp).norm() / fp.norm()).item()
     assert 1e-4 < err < 2e-2
+
+
+class ArgAttention(nn.Module):
+    """timm's shape: is_causal and attn_mask are the module's own arguments, the parent passes them by keyword."""
+
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+
+    def forward(self, x, attn_mask=None, is_causal: bool = False):
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return o.transpose(1, 2).reshape(b, s, d)
+
+
+class ArgNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = ArgAttention()
+
+    def forward(self, x):
+        return self.attn(x, attn_mask=None, is_causal=False)
+
+
+def test_attention_arguments_from_the_module_are_not_baked_in():
+    # regression: is_causal arrived as a graph value and was truth-tested at lowering (always True), and the
+    # captured forward refused attn_mask=None by keyword (FX renames arguments specialised to None)
+    torch.manual_seed(0)
+    net = ArgNet().eval()
+    x = torch.randn(2, 6, 16)
+    q = robuq_fx.quantize(net, {"rules": [{"match": "attn", "attn_bits": 8}, {"type": "Linear", "skip": True}]},
+                          example_inputs=(x,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning: the mask is None in this model's calls
+        low = robuq_fx.lower(q)
+    with torch.no_grad():
+        out = low(x)
+        assert torch.equal(out, q.eval()(x))
+        causal = q.eval().attn(x, attn_mask=None, is_causal=True)
+        assert not torch.equal(out, causal)  # the two branches really differ, so equality above means something
