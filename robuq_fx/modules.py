@@ -13,10 +13,10 @@ follow the model's dtype.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
-
-import os
 
 from . import kernels  # noqa: F401  (registers torch.ops.robuq.qlinear)
 from . import layer, packing
@@ -24,14 +24,7 @@ from . import quantizers as Q
 from .spec import LayerSpec
 
 
-FP8 = getattr(torch, "float8_e4m3fn", None)
-
-
-def codes_of(qweight: torch.Tensor, w_bits, shape) -> torch.Tensor:
-    """int8 codes (N, K) from either weight layout."""
-    if qweight.dtype == FP8:
-        return qweight.to(torch.float16).to(torch.int8).reshape(shape)
-    return packing.unpack(qweight, w_bits, shape)
+FP8 = packing.FP8
 
 
 def fp8_layout_ok(device: torch.device, w_bits) -> bool:
@@ -100,7 +93,7 @@ class PackedLinear(nn.Module):
                                        *self.op_args())
 
     def weight_codes(self) -> torch.Tensor:
-        return codes_of(self.qweight, self.spec.w_bits, (self.out_features, self.in_features))
+        return packing.codes_of(self.qweight, self.spec.w_bits, (self.out_features, self.in_features))
 
     # ---- weight layout (see the module docstring) -------------------------------------------------------------
     @property
@@ -113,7 +106,7 @@ class PackedLinear(nn.Module):
         if layout == self.layout:
             return self
         codes = self.weight_codes()
-        w = codes.to(torch.float16).to(FP8) if layout == "fp8" else packing.pack(codes, self.spec.w_bits)
+        w = packing.to_fp8_codes(codes) if layout == "fp8" else packing.pack(codes, self.spec.w_bits)
         self._buffers["qweight"] = w.contiguous()
         self.__dict__.pop("_op_args", None)
         return self

@@ -233,3 +233,19 @@ def unpack(packed: torch.Tensor, bits, shape) -> torch.Tensor:
         u = (src.unsqueeze(1) >> shifts) & ((1 << width) - 1)
     codes = u.reshape(-1)[:n].to(torch.int8) - _OFFSET[key]
     return codes.reshape(shape)
+
+
+# ---- the fp8 layout of a resident weight (modules.PackedLinear) ---------------------------------------------------
+FP8 = getattr(torch, "float8_e4m3fn", None)  # codes |q| <= 15 are exact in e4m3
+
+
+def to_fp8_codes(codes: torch.Tensor) -> torch.Tensor:
+    """Integer codes as float8_e4m3fn values (exact for |q| <= 15, i.e. weights of at most 4 bits)."""
+    return codes.to(torch.float16).to(FP8).contiguous()
+
+
+def codes_of(qweight: torch.Tensor, bits, shape) -> torch.Tensor:
+    """int8 codes of `shape` from a weight in either layout: packed bytes (`pack`) or fp8 codes (`to_fp8_codes`)."""
+    if FP8 is not None and qweight.dtype == FP8:
+        return qweight.to(torch.float16).to(torch.int8).reshape(shape)
+    return unpack(qweight, bits, shape)

@@ -10,7 +10,8 @@ import torch.nn as nn
 
 import robuq_fx
 from robuq_fx import packing
-from robuq_fx.modules import PackedLinear, codes_of
+from robuq_fx.modules import PackedLinear
+from robuq_fx.packing import codes_of
 
 pytestmark = pytest.mark.skipif(not hasattr(torch, "float8_e4m3fn"), reason="torch without float8")
 

@@ -197,7 +197,7 @@ def convert(qweight: torch.Tensor, w_scale: torch.Tensor, bias, lrb_down, lrb_up
         raise ValueError("8-bit weight codes do not fit nunchaku's int4 weights")
     if k % K_MULTIPLE:
         raise ValueError(f"in_features={k} is not a multiple of {K_MULTIPLE}")
-    codes = _pad_rows(packing.unpack(qweight, w_bits, (n, k)), TILE_N)
+    codes = _pad_rows(packing.codes_of(qweight, w_bits, (n, k)), TILE_N)  # either layout (modules.PackedLinear)
     scales = _pad_rows(group_scales(w_scale, n, k).to(dtype), TILE_N)
     if lrb_down is None:
         lrb_down = torch.zeros(FRAG, k, dtype=dtype, device=qweight.device)

@@ -23,9 +23,7 @@ def spec_of(a: QLinearArgs) -> LayerSpec:
 
 def weight_codes(a: QLinearArgs) -> torch.Tensor:
     """int8 codes (N, K) from either qweight layout (modules.PackedLinear: packed bytes or fp8 codes)."""
-    if a.qweight.dtype == getattr(torch, "float8_e4m3fn", None):
-        return a.qweight.to(torch.float16).to(torch.int8).reshape(a.out_features, a.in_features)
-    return packing.unpack(a.qweight, a.w_bits, (a.out_features, a.in_features))
+    return packing.codes_of(a.qweight, a.w_bits, (a.out_features, a.in_features))
 
 
 @register("reference", priority=0, takes="every spec, any device: the source of truth (the QAT math on unpacked "

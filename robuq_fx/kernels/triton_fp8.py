@@ -33,7 +33,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .. import layer
+from .. import layer, packing
 from .. import quantizers as Q
 from .dispatch import epilogue_mode, fp8_min_m, gemm_config
 from .quantizer import act_quant, on_device, quant_supported
@@ -147,7 +147,7 @@ def _fp8_weights(a: QLinearArgs) -> _Entry:
         if _fp8_layout(a):  # the module's buffer already is the fp8 codes: no second copy
             e.fp8 = a.qweight.reshape(n, a.in_features)
         else:
-            e.fp8 = codes.to(torch.bfloat16).to(torch.float8_e4m3fn).contiguous()
+            e.fp8 = packing.to_fp8_codes(codes)
         e.sw = a.w_scale.float().reshape(-1).expand(n).contiguous() if a.w_scale.numel() == 1 \
             else a.w_scale.float().reshape(n).contiguous()
         e.cs = Q.weight_code_colsum(codes, a.w_scale).contiguous()
@@ -155,7 +155,7 @@ def _fp8_weights(a: QLinearArgs) -> _Entry:
 
 
 def _fp8_layout(a: QLinearArgs) -> bool:
-    return a.qweight.dtype == torch.float8_e4m3fn
+    return a.qweight.dtype == packing.FP8
 
 
 def _deq_weight(a: QLinearArgs, dtype: torch.dtype) -> torch.Tensor:
