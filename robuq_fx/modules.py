@@ -21,6 +21,7 @@ import torch.nn as nn
 from . import kernels  # noqa: F401  (registers torch.ops.robuq.qlinear)
 from . import layer, packing
 from . import quantizers as Q
+from .qat_linear import apply_keeping_dtypes
 from .spec import LayerSpec
 
 
@@ -118,13 +119,7 @@ class PackedLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # qweight holds codes and w_scale their scales in a chosen precision: device moves apply, casts do not
         before = self.qweight.device
-        keep = {b: self._buffers.pop(b) for b in ("qweight", "w_scale") if self._buffers.get(b) is not None}
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            for b, t in keep.items():
-                moved = fn(t)
-                self._buffers[b] = moved if moved.dtype == t.dtype else t.to(moved.device)
+        apply_keeping_dtypes(self, lambda f: super(PackedLinear, self)._apply(f, recurse), fn, ("qweight", "w_scale"))
         if self.qweight.device != before:
             self.use_device_layout()
         return self

@@ -78,6 +78,27 @@ def _cast_target(fn, device) -> torch.dtype | None:
     return a if a == b and a.is_floating_point else None
 
 
+def apply_keeping_dtypes(module: nn.Module, apply, fn, names) -> None:
+    """Run `apply(fn)` (the module's own nn.Module._apply) so that the parameters / buffers `names` follow device
+    moves but keep their dtype through casts (`.to(torch.bfloat16)`, `.half()`): QATLinear's fp32 masters,
+    PackedLinear's codes and scales."""
+    before = {}
+    for k in names:
+        t = module._parameters.get(k) if k in module._parameters else module._buffers.get(k)
+        if t is not None:
+            before[k] = t.data  # a parameter's .data may be swapped in place by apply
+    apply(fn)
+    for k, old in before.items():
+        if k in module._parameters:
+            p = module._parameters[k]
+            if p.dtype != old.dtype:
+                p.data = old.to(p.device)
+                if p.grad is not None:
+                    p.grad = p.grad.to(old.dtype)
+        elif module._buffers[k].dtype != old.dtype:
+            module._buffers[k] = old.to(module._buffers[k].device)
+
+
 class QATLinear(nn.Module):
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, spec: LayerSpec, transposed: bool = False,
                  lrb: tuple[torch.Tensor, torch.Tensor] | None = None):
@@ -125,14 +146,7 @@ class QATLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # master weights keep their dtype (device moves apply); a cast sets compute_dtype instead (module docstring)
         cast = _cast_target(fn, self.weight.device)
-        before = {k: p.data for k in _MASTERS if (p := self._parameters.get(k)) is not None}
-        super()._apply(fn, recurse)
-        for k, old in before.items():
-            p = self._parameters[k]
-            if p.dtype != old.dtype:
-                p.data = old.to(p.device)
-                if p.grad is not None:
-                    p.grad = p.grad.to(old.dtype)
+        apply_keeping_dtypes(self, lambda f: super(QATLinear, self)._apply(f, recurse), fn, _MASTERS)
         if cast is not None:
             self.compute_dtype = None if cast == self.weight.dtype else cast
         return self
