@@ -41,13 +41,17 @@ def _layout(out: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def reference(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits):
-    fq = torch.ops.robuq.fake_quant_act.default
+def _quantized_sdpa(quant, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """SDPA on quant(q), quant(k), quant(v), the output in the op's layout."""
     kw = {"enable_gqa": True} if enable_gqa else {}
-    out = F.scaled_dot_product_attention(fq(q, bits, True, "absmax"), fq(k, bits, True, "absmax"),
-                                         fq(v, bits, True, "absmax"), attn_mask=attn_mask, dropout_p=dropout_p,
-                                         is_causal=is_causal, scale=scale, **kw)
-    return _layout(out)
+    return _layout(F.scaled_dot_product_attention(quant(q), quant(k), quant(v), attn_mask=attn_mask,
+                                                  dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw))
+
+
+def reference(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits):
+    def fq(t):
+        return torch.ops.robuq.fake_quant_act.default(t, bits, True, "absmax")
+    return _quantized_sdpa(fq, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
 
 def why_not_kernel(q, k, v, attn_mask, dropout_p, bits) -> str | None:
@@ -73,12 +77,10 @@ def _cuda(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits):
     if rows is not None and all(rows.supported(t, bits) is None for t in (q, k, v)) \
             and os.environ.get("ROBUQ_ATTENTION") != "reference":
         # the reference's values, each tensor quantized in its own memory order (no transposing copy)
-        qq, kk, vv = (rows.fake_quant_rows(t, bits, True, keep_layout=True) for t in (q, k, v))
-        kw = {"enable_gqa": True} if enable_gqa else {}
-        return _layout(F.scaled_dot_product_attention(qq, kk, vv, attn_mask=attn_mask, dropout_p=dropout_p,
-                                                      is_causal=is_causal, scale=scale, **kw))
+        def fq(t):
+            return rows.fake_quant_rows(t, bits, True, keep_layout=True)
+        return _quantized_sdpa(fq, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     return reference(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits)
-
 
 
 _LIB.impl("attention8", reference, "CompositeExplicitAutograd")
