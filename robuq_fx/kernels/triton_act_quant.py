@@ -27,18 +27,12 @@ barriers in the loop and the IEEE division took ~10 instructions per element.
 """
 from __future__ import annotations
 
-import os
 
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from .triton_launch import launch
-from .triton_rowquant import _rint
-
-# rint is one instruction on the GPU; Triton's CPU interpreter (TRITON_INTERPRET=1, where these kernels are debugged)
-# has no libdevice, so there the same rounding comes from triton_rowquant._rint (exact for |t| < 2^22)
-_RINT = _rint if os.environ.get("TRITON_INTERPRET") == "1" else libdevice.rint
+from .triton_rowquant import round_quotient, scale_of
 
 
 @triton.jit
@@ -82,10 +76,7 @@ def _store(y, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, shift, OFF,
     y = y.to(tl.float32)
     if not SYM:
         y = y - lo[:, None]
-    sf = safe[:, None]
-    rf = rcp[:, None]
-    q0 = y * rf
-    q = _RINT(tl.fma(tl.fma(-q0, sf, y), rf, q0))
+    q = round_quotient(y, safe[:, None], rcp[:, None])
     # absmax ranges need no clamp: |y| <= absmax and s = RN(absmax / qmax) give |y / s| <= qmax (1 + 2^-23), so
     # rint <= qmax (asymmetric: 0 <= RN(y - lo) <= RN(hi - lo), the same bound with levels); s == 0 only for an
     # all-zero row. Sigma ranges leave values outside: CLAMP, as quantizers.quantize_act does.
@@ -111,19 +102,6 @@ def _sqdev(y, mu):
 
 
 @triton.jit
-def _scale(a, b, levels, SYM: tl.constexpr):
-    """(s, lo, safe, 1/safe) of rows with range (a, b)."""
-    if SYM:
-        s = tl.div_rn(b, tl.zeros_like(b) + levels)
-        lo = -b
-    else:
-        s = tl.div_rn(b - a, tl.zeros_like(b) + levels)
-        lo = a
-    safe = tl.where(s > 0, s, 1.0)
-    return s, lo, safe, tl.div_rn(tl.zeros_like(safe) + 1.0, safe)
-
-
-@triton.jit
 def _two_pass(x_ptr, out_ptr, scale_ptr, lo_ptr, rows, rmask, smask, stride_xm, stride_om, hscale, levels, shift,
               K: tl.constexpr, CHUNK: tl.constexpr, BM: tl.constexpr, B: tl.constexpr, LOGB: tl.constexpr,
               HAD: tl.constexpr, SYM: tl.constexpr, DEQUANT: tl.constexpr, HAS_SHIFT: tl.constexpr):
@@ -139,7 +117,7 @@ def _two_pass(x_ptr, out_ptr, scale_ptr, lo_ptr, rows, rmask, smask, stride_xm, 
             b = tl.maximum(b, y)
     b = tl.max(b, axis=1)
     a = -b if SYM else tl.min(a, axis=1)
-    s, lo, safe, rcp = _scale(a, b, levels, SYM)
+    s, lo, safe, rcp = scale_of(a, b, levels, SYM)
     tl.store(scale_ptr + rows, s, mask=smask)
     tl.store(lo_ptr + rows, lo + shift * s, mask=smask)
     for c in tl.range(0, K, CHUNK):
@@ -204,7 +182,7 @@ def act_quant_bfly_kernel(x_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, stride_
         else:
             a = tl.maximum(mu - clip_c * sd, a)
             b = tl.minimum(mu + clip_c * sd, b)
-    s, lo, safe, rcp = _scale(a, b, levels, SYM)
+    s, lo, safe, rcp = scale_of(a, b, levels, SYM)
     tl.store(scale_ptr + rows, s, mask=smask)
     tl.store(lo_ptr + rows, lo + shift * s, mask=smask)
     _store(y0, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, shift, 0, W0, SYM, DEQUANT, HAS_SHIFT, levels,

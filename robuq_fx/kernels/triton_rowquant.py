@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 import contextlib
 import os
@@ -29,35 +30,55 @@ _nullctx = contextlib.nullcontext
 MAX_D = 16384  # longest row one program holds (BLOCK_D values spread over its warps)
 
 
+# ---- the per-row quantization math, shared with the linear-layer quantizer (triton_act_quant.py) -----------------
+@triton.jit
+def _rint_interpretable(t):
+    """Round half to even of fp32 |t| < 2^22 (codes are at most 255): adding and removing 1.5 * 2^23 leaves no
+    fraction bits, and IEEE addition rounds to nearest even. Same result as libdevice.rint."""
+    return (t + 12582912.0) - 12582912.0
+
+
+# rint is one instruction on the GPU; Triton's CPU interpreter (TRITON_INTERPRET=1, where these kernels are debugged)
+# has no libdevice, so there the same rounding comes from _rint_interpretable
+_RINT = _rint_interpretable if os.environ.get("TRITON_INTERPRET") == "1" else libdevice.rint
+
+
+@triton.jit
+def scale_of(a, b, levels, SYM: tl.constexpr):
+    """(s, lo, safe, 1/safe) of rows with range [a, b] (symmetric: [-b, b]): s = RN(range / levels) by IEEE
+    division, as quantizers._div; safe = 1 where s == 0 (a constant row: its codes are 0)."""
+    if SYM:
+        s = tl.div_rn(b, tl.zeros_like(b) + levels)
+        lo = -b
+    else:
+        s = tl.div_rn(b - a, tl.zeros_like(b) + levels)
+        lo = a
+    safe = tl.where(s > 0, s, 1.0)
+    return s, lo, safe, tl.div_rn(tl.zeros_like(safe) + 1.0, safe)
+
+
+@triton.jit
+def round_quotient(y, safe, rcp):
+    """rint(y / safe), the quotient correctly rounded (Markstein): q0 = RN(y r), e = fma(-q0, s, y) exact,
+    q = RN(q0 + e r) with r = RN(1 / s); safe and rcp broadcast against y."""
+    q0 = y * rcp
+    return _RINT(tl.fma(tl.fma(-q0, safe, y), rcp, q0))
+
+
 @triton.jit
 def quantize_rows(x, mask, levels, SYM: tl.constexpr):
     """Codes (fp32 holding integers), s and lo of the rows of a [R, D] fp32 block; masked entries are ignored."""
     if SYM:
-        lo = -tl.max(tl.where(mask, tl.abs(x), 0.0), axis=1)
-        s = tl.div_rn(-lo, tl.zeros_like(lo) + levels)
-        y = x
+        b = tl.max(tl.where(mask, tl.abs(x), 0.0), axis=1)
+        a = -b
     else:
-        lo = tl.min(tl.where(mask, x, float("inf")), axis=1)
-        hi = tl.max(tl.where(mask, x, float("-inf")), axis=1)
-        lo = tl.where(lo <= hi, lo, 0.0)  # rows with no valid entry (padding)
-        hi = tl.where(lo <= hi, hi, 0.0)
-        s = tl.div_rn(hi - lo, tl.zeros_like(lo) + levels)
-        y = x - lo[:, None]
-    safe = tl.where(s > 0, s, 1.0)
-    rcp = tl.div_rn(tl.zeros_like(safe) + 1.0, safe)
-    sf = safe[:, None]
-    rf = rcp[:, None]
-    q0 = y * rf
-    q = _rint(tl.fma(tl.fma(-q0, sf, y), rf, q0))
-    return q, s, lo
-
-
-@triton.jit
-def _rint(t):
-    """Round half to even of fp32 |t| < 2^22 (codes are at most 255): adding and removing 1.5 * 2^23 leaves no
-    fraction bits, and IEEE addition rounds to nearest even. Same result as libdevice.rint, and it also runs in
-    Triton's CPU interpreter (TRITON_INTERPRET=1), which these kernels are debugged in."""
-    return (t + 12582912.0) - 12582912.0
+        a = tl.min(tl.where(mask, x, float("inf")), axis=1)
+        b = tl.max(tl.where(mask, x, float("-inf")), axis=1)
+        a = tl.where(a <= b, a, 0.0)  # rows with no valid entry (padding)
+        b = tl.where(a <= b, b, 0.0)
+    s, lo, safe, rcp = scale_of(a, b, levels, SYM)
+    y = x if SYM else x - lo[:, None]
+    return round_quotient(y, safe[:, None], rcp[:, None]), s, lo
 
 
 @triton.jit
