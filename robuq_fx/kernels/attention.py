@@ -89,6 +89,8 @@ _LIB.impl("attention8", _cuda, "CUDA")
 
 @torch.library.register_fake("robuq::attention8", lib=_LIB)
 def _(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits):
+    from . import inductor
+    inductor.register()  # as robuq::qlinear's fake kernel
     shape = (*q.shape[:-1], v.shape[-1])
     if len(shape) != 4:
         return q.new_empty(shape)

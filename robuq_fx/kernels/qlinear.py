@@ -47,6 +47,8 @@ _LIB.impl("qlinear", qlinear_impl, "CompositeExplicitAutograd")
 @torch.library.register_fake("robuq::qlinear", lib=_LIB)
 def _(x, qweight, w_scale, bias, lrb_down, lrb_up, out_features, in_features, w_bits, a_bits, hadamard_block,
       a_sym, a_clip, splits=None):
+    from . import inductor
+    inductor.register()  # Dynamo is tracing a model with this op: let Inductor decompose it (kernels/inductor.py)
     return x.new_empty(*x.shape[:-1], out_features)
 
 

@@ -78,14 +78,14 @@ def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_pt
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
 
-def launch_fp8_gemm(a, b, c, sx, sw, bias, lo, cs, t, up, m, cfg):
+def launch_fp8_gemm(a, b, c, sx, sw, bias, lo, cs, t, up, m, cfg, launcher=launch):
     """a (>= m, K) fp8, b (N, K) fp8, c (m, N) out; sx/lo (>= m,) fp32; sw/cs (N,) fp32; bias (N,) or None;
-    t (m, r), up (N, r) or None. cfg: one of GEMM_CONFIGS."""
+    t (m, r), up (N, r) or None. cfg: one of GEMM_CONFIGS. launcher: as `triton_act_quant.launch_act_quant`."""
     bm, bn, bk, gm, warps, stages = cfg
     n, k = b.shape
     r = 0 if t is None else t.shape[1]
     rp = max(16, triton.next_power_of_2(r)) if r else 16
-    launch(fp8_gemm_kernel, (triton.cdiv(m, bm) * triton.cdiv(n, bn),),
+    launcher(fp8_gemm_kernel, (((m + bm - 1) // bm) * triton.cdiv(n, bn),),
            (a, b, c, sx, sw, bias if bias is not None else sx, lo if lo is not None else sx,
             cs if cs is not None else sw, t if t is not None else c, up if up is not None else c,
             m, n, k, a.stride(0), b.stride(0), c.stride(0), t.stride(0) if t is not None else 0,

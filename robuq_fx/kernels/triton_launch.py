@@ -66,5 +66,15 @@ def launch(fn, grid: tuple, args: tuple, constexprs: dict, options: dict, no_spe
              None if enter is None else kern.launch_metadata(g, stream, *params), enter, rt.launch_exit_hook, *params)
 
 
+def traced(fn, grid: tuple, args: tuple, constexprs: dict, options: dict, no_specialize: tuple = ()):
+    """The same launch, recorded for torch.compile: `torch.library.wrap_triton` inside a `torch.library.triton_op`
+    (kernels/inductor.py), so that Inductor sees the kernel and launches it from its generated code. Launch options
+    Triton's autotuner configs do not carry (enable_fp_fusion) are dropped: callers use `traced` only where the
+    kernel's result does not depend on them."""
+    from torch.library import wrap_triton
+    opts = {k: v for k, v in options.items() if k in ("num_warps", "num_stages")}
+    wrap_triton(fn)[grid](*args, **constexprs, **opts)
+
+
 def clear():
     _CACHE.clear()

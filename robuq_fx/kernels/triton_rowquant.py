@@ -142,35 +142,46 @@ def _dense_rows(x: torch.Tensor) -> bool:
     return True
 
 
-def fake_quant_rows(x: torch.Tensor, a_bits: int, sym: bool, keep_layout: bool = False) -> torch.Tensor:
+def fake_quant_rows(x: torch.Tensor, a_bits: int, sym: bool, keep_layout: bool = False,
+                    traced: bool = False) -> torch.Tensor:
     """Q_a(x) per row of the last dimension (absmax range), in x's dtype; contiguous, or with keep_layout (and a
-    dense input) in x's own memory layout, which reads and writes every row in memory order."""
+    dense input) in x's own memory layout, which reads and writes every row in memory order. `traced`: record the
+    launch for torch.compile (inside the `robuq::rowquant` triton_op; symmetric only, see `triton_launch.traced`)."""
     from .. import quantizers as Q
+    if traced and not sym:
+        raise ValueError("the traced row kernel is symmetric only (its asymmetric form needs enable_fp_fusion=False)")
+    launcher = triton_launch.traced if traced else triton_launch.launch
     if keep_layout and _dense_rows(x) and not x.is_contiguous():
         out = torch.empty_like(x)  # preserves a dense permuted layout
-        flat_in = x.as_strided((x.numel() // x.shape[-1], x.shape[-1]), (x.shape[-1], 1))
-        flat_out = out.as_strided(flat_in.shape, flat_in.stride())
-        _launch(flat_in, flat_out, a_bits, sym, Q)
+        rows = x.numel() // x.shape[-1]
+        # the kernel reads both as flat (rows, D) matrices in memory order
+        _launch(x, out, a_bits, sym, Q, launcher, flat=(rows, x.shape[-1]))
         return out
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    _launch(x, out, a_bits, sym, Q)
+    _launch(x, out, a_bits, sym, Q, launcher)
     return out
 
 
-def _launch(x, out, a_bits, sym, Q):
-    shape = x.shape
-    d = shape[-1]
-    pad = 4 - x.dim()
-    lead = (1,) * pad + tuple(shape[:-1])  # three leading dims
-    strides = (0,) * pad + tuple(x.stride()[:-1])
+def _launch(x, out, a_bits, sym, Q, launcher, flat=None):
+    if flat is not None:  # x and out: dense memory of `flat` rows in the same order
+        shape, strides, d = (1, 1, flat[0], flat[1]), (0, 0, flat[1]), flat[1]
+        sxd = 1
+    else:
+        d = x.shape[-1]
+        pad = 4 - x.dim()
+        shape = (1,) * pad + tuple(x.shape)  # three leading dims
+        strides = (0,) * pad + tuple(x.stride()[:-1])
+        sxd = x.stride(-1)
     n_rows = out.numel() // max(d, 1)
     if n_rows == 0 or d == 0:
         return
     block_r, block_d, warps = _tiling(d)
-    grid = (triton.cdiv(n_rows, block_r),)
+    grid = ((n_rows + block_r - 1) // block_r,)
+    args = (x, out, n_rows, d, shape[1], shape[2], strides[0], strides[1], strides[2], sxd,
+            float(Q.act_levels(a_bits, sym)))
+    kw = (dict(SYM=bool(sym), BLOCK_R=block_r, BLOCK_D=block_d), dict(num_warps=warps, enable_fp_fusion=False))
+    if launcher is triton_launch.traced:
+        launcher(fake_quant_rows_kernel, grid, args, *kw)
+        return
     with (torch.cuda.device(x.device) if x.is_cuda else _nullctx()):
-        triton_launch.launch(fake_quant_rows_kernel, grid,
-                             (x, out, n_rows, d, lead[1], lead[2], strides[0], strides[1], strides[2], x.stride(-1),
-                              float(Q.act_levels(a_bits, sym))),
-                             dict(SYM=bool(sym), BLOCK_R=block_r, BLOCK_D=block_d),
-                             dict(num_warps=warps, enable_fp_fusion=False))
+        launcher(fake_quant_rows_kernel, grid, args, *kw)

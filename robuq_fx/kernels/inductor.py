@@ -1,0 +1,170 @@
+"""Our GPU kernels as Inductor sees them: under `torch.compile`, `robuq::qlinear` and `robuq::attention8` are
+decomposed into `torch.library.triton_op`s (the Triton activation quantizer, the row quantizer, the fused-epilogue
+fp8 GEMM, each launched through `wrap_triton`) and ATen ops (`_scaled_mm`, `addmm`, SDPA), so the compiled code
+launches every kernel itself instead of calling an opaque op through Python (~110 us of CPU a call, which made a
+default-mode `torch.compile` of W4A4+H DiT-XL/2 CPU-bound at batch 8; issue 17).
+
+    robuq::act_quant(x2 (M, K), block, a_bits, sym, clip, m_store, shift) -> (fp8 codes (m_store, K), s, lo)
+    robuq::rowquant(x, bits, keep_layout) -> Q_a(x)       symmetric absmax per row (the attention's q, k, v)
+    robuq::fp8_gemm(codes, w8, sx, sw, bias?, lo?, cs?, t?, up?, m) -> y (m, N)   the Triton GEMM with its epilogue
+
+The decompositions take exactly the calls the eager kernels would take with the same results: a qlinear call is
+decomposed only when the registry would pick `triton_fp8` for it and the weight is in the fp8 layout (the module's
+buffer is the GEMM operand; the packed layout keeps the opaque op), and it computes what `triton_fp8.fp8_qlinear`
+computes, with the same kernels and the same dispatch (`dispatch.py`). The weight-side vectors the eager path caches
+(fp32 per-channel scales, the asymmetric column sums, B H of the low-rank branch) are computed in the graph here,
+where a cache keyed on tensor identity cannot live (they are a few kB to a few hundred kB per layer). Any other
+call stays one opaque op. ROBUQ_INDUCTOR_DECOMPOSE=0 keeps every call opaque.
+
+Registration is lazy: the fake kernels of the two ops call `register()` while Dynamo traces a model that uses them,
+which is before Inductor reads its decomposition table (importing Inductor at `import robuq_fx` would cost a
+second for every user).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .. import layer, packing
+from .. import quantizers as Q
+from .registry import QLinearArgs, select
+
+
+def enabled() -> bool:
+    return os.environ.get("ROBUQ_INDUCTOR_DECOMPOSE", "1") != "0"
+
+
+@functools.lru_cache(maxsize=None)
+def _ops():
+    """Define the triton_ops (once, on first use; needs triton)."""
+    from torch.library import triton_op
+
+    from .quantizer import act_quant
+    from .triton_fp8_kernels import launch_fp8_gemm
+    from .triton_launch import traced
+    from .triton_rowquant import fake_quant_rows
+
+    @triton_op("robuq::act_quant", mutates_args=())
+    def act_quant_op(x2: torch.Tensor, block: int, a_bits: int, sym: bool, clip: str, m_store: int,
+                     shift: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return act_quant(x2, block, a_bits, sym, m_store=m_store, shift=shift, clip=clip, traced=True)
+
+    @triton_op("robuq::rowquant", mutates_args=())
+    def rowquant_op(x: torch.Tensor, bits: int, keep_layout: bool) -> torch.Tensor:
+        return fake_quant_rows(x, bits, True, keep_layout=keep_layout, traced=True)
+
+    @triton_op("robuq::fp8_gemm", mutates_args=())
+    def fp8_gemm_op(codes: torch.Tensor, w8: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
+                    bias: torch.Tensor | None, lo: torch.Tensor | None, cs: torch.Tensor | None,
+                    t: torch.Tensor | None, up: torch.Tensor | None, m: int, cfg: list[int],
+                    out_dtype: torch.dtype) -> torch.Tensor:
+        y = torch.empty(m, w8.shape[0], device=codes.device, dtype=out_dtype)
+        launch_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, t, up, m, tuple(cfg), traced)
+        return y
+
+    return torch.ops.robuq.act_quant, torch.ops.robuq.rowquant, torch.ops.robuq.fp8_gemm
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# robuq::qlinear
+
+def _w_scale_vec(w_scale: torch.Tensor, n: int) -> torch.Tensor:
+    s = w_scale.float().reshape(-1)
+    return (s.expand(n) if s.numel() == 1 else s).contiguous()
+
+
+def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
+    """`triton_fp8.fp8_qlinear` in graph-traceable form (fp8-layout weights)."""
+    from . import triton_fp8 as T
+    from .dispatch import epilogue_mode, gemm_config
+    from .reference import spec_of
+    act_quant_op, _, fp8_gemm_op = _ops()
+    k, n = a.in_features, a.out_features
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    m_pad = torch.sym_max(16, (m + 15) // 16 * 16)
+    codes, sx, lo = act_quant_op(x2, a.hadamard_block, a.a_bits, a.a_sym, a.a_clip, m_pad, True)
+    w8 = a.qweight.reshape(n, k)
+    sw = _w_scale_vec(a.w_scale, n)
+    lrb = a.lrb_down is not None
+    t = F.linear(x2, layer.rotate(a.lrb_down.to(x.dtype), spec_of(a))) if lrb else None
+    cs = None if a.a_sym else Q.weight_code_colsum(packing.codes_of(a.qweight, a.w_bits, (n, k)), a.w_scale)
+    if (a.a_sym and not lrb) or epilogue_mode() == "addmm":
+        if os.environ.get("ROBUQ_FP8_GEMM") == "triton" and a.a_sym and not lrb:
+            y = fp8_gemm_op(codes, w8, sx, sw, a.bias, None, None, None, None, m, list(gemm_config(m, n, k)),
+                            x.dtype)
+            return y.reshape(*lead, n)
+        bias = None if a.bias is None else a.bias.to(torch.bfloat16)
+        y = T._scaled_mm(codes, w8, sx, sw, bias)[:m]
+        if lrb or not a.a_sym:
+            left, right = [], []
+            if lrb:
+                left.append(t.to(torch.bfloat16))
+                right.append(a.lrb_up.to(torch.bfloat16))
+            if not a.a_sym:
+                lh, ll = T._split16(lo[:m], torch.bfloat16)
+                ch, cl = T._split16(cs, torch.bfloat16)
+                left += [lh[:, None], lh[:, None], ll[:, None]]
+                right += [ch[:, None], cl[:, None], ch[:, None]]
+            y = torch.addmm(y, torch.cat(left, 1), torch.cat(right, 1).t())
+        return (y if y.dtype == x.dtype else y.to(x.dtype)).reshape(*lead, n)
+    up = a.lrb_up.to(x.dtype).contiguous() if lrb else None
+    y = fp8_gemm_op(codes, w8, sx, sw, a.bias, None if a.a_sym else lo, cs, t, up, m, list(gemm_config(m, n, k)),
+                    x.dtype)
+    return y.reshape(*lead, n)
+
+
+def _qlinear_decomposition(x, qweight, w_scale, bias, lrb_down, lrb_up, out_features, in_features, w_bits, a_bits,
+                           hadamard_block, a_sym, a_clip, splits=None):
+    if not enabled() or packing.FP8 is None or qweight.dtype != packing.FP8 or x.shape[-1] != in_features:
+        return NotImplemented
+    a = QLinearArgs(qweight, w_scale, bias, lrb_down, lrb_up, out_features, in_features, w_bits, a_bits,
+                    hadamard_block, a_sym, a_clip, tuple(splits) if splits else None)
+    try:
+        kernel = select(x, a)
+    except RuntimeError:
+        return NotImplemented
+    if kernel.name != "triton_fp8":
+        return NotImplemented
+    return qlinear_traced(x, a)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# robuq::attention8
+
+def _attention8_decomposition(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits):
+    from ..ops import row_kernel
+    from .attention import _quantized_sdpa
+    if not enabled() or not q.is_cuda or os.environ.get("ROBUQ_ATTENTION") in ("fused", "reference"):
+        return NotImplemented
+    rows = row_kernel()
+    if rows is None or any(rows.supported(t, bits) is not None for t in (q, k, v)):
+        return NotImplemented
+    rowquant_op = _ops()[1]
+    return _quantized_sdpa(lambda t: rowquant_op(t, bits, True), q, k, v, attn_mask, dropout_p, is_causal, scale,
+                           enable_gqa)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+_REGISTERED: list[bool] = []
+
+
+def register() -> None:
+    """Put the decompositions into Inductor's table (once; a no-op where Inductor or triton does not import)."""
+    if _REGISTERED:
+        return
+    _REGISTERED.append(True)
+    try:
+        import triton  # noqa: F401
+        from torch._inductor import decomposition as D
+    except Exception:  # noqa: BLE001 - no Inductor / triton here: the ops stay opaque
+        return
+    table = {torch.ops.robuq.qlinear.default: _qlinear_decomposition,
+             torch.ops.robuq.attention8.default: _attention8_decomposition}
+    D.decompositions.update(table)
+    D.fast_random_decomps().update(table)  # the cached copy select_decomp_table() returns

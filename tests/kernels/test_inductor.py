@@ -1,0 +1,143 @@
+"""Inductor sees our kernels (robuq_fx/kernels/inductor.py): under `torch.compile`, `robuq::qlinear` (fp8-layout
+weights, calls the registry gives `triton_fp8`) and `robuq::attention8` are decomposed into triton_ops and ATen ops.
+
+The compiled code runs the same kernels on the same values in the same order as the eager op, so its output must be
+*equal* to the eager call's (and the eager path is checked against the references in test_triton_fp8.py /
+test_attention8.py). Each test also reads Inductor's generated code: the opaque op must be gone and our Triton
+kernels launched from it. One CPU test (where triton imports) traces the decomposition on fake CUDA tensors.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import robuq_fx  # noqa: F401
+from robuq_fx import packing
+from robuq_fx.kernels import inductor, registry, triton_fp8
+from robuq_fx.modules import PackedLinear
+from robuq_fx.spec import LayerSpec
+
+_why = triton_fp8.fp8_machine_check() if torch.cuda.is_available() else "no CUDA device"
+gpu = pytest.mark.skipif(_why is not None, reason=f"fp8 CUDA path unavailable: {_why}")
+
+
+def _triton_imports() -> bool:
+    try:
+        import triton  # noqa: F401
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+# (w_bits, a_bits, a_sym, block, rank, a_clip): W4A4+H, the paper's W1.58A4+H+LRB32, its asymmetric A3/A2 variants
+CASES = [(4, 4, True, 128, 0, "absmax"), (1.58, 4, True, 128, 32, "absmax"), (1.58, 3, False, 128, 32, "sigma"),
+         (1.58, 2, False, 128, 32, "absmax"), (2, 4, True, 0, 0, "absmax")]
+
+
+def _layer(k, n, w_bits, a_bits, a_sym, block, rank, a_clip, bias=True, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w = (torch.randn(n, k, device="cuda", generator=g) / k ** 0.5).bfloat16()
+    b = (torch.randn(n, device="cuda", generator=g) * 0.1).bfloat16() if bias else None
+    spec = LayerSpec(w_bits=w_bits, a_bits=a_bits, hadamard=block > 0, hadamard_block=block or None,
+                     lora_rank=rank, a_sym=a_sym, a_clip=a_clip).resolve(k, n)
+    down = up = None
+    if rank:
+        down = (torch.randn(rank, k, device="cuda", generator=g) * 0.05).bfloat16()
+        up = (torch.randn(n, rank, device="cuda", generator=g) * 0.05).bfloat16()
+    return PackedLinear.from_float(w, b, down, up, spec).use_device_layout()
+
+
+def _compiled_code(fn, *args):
+    from torch._inductor.utils import run_and_get_code
+    torch._dynamo.reset()
+    out, code = run_and_get_code(torch.compile(fn), *args)
+    return out, "\n".join(code)
+
+
+@gpu
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "W{}A{}{}{}{}{}".format(*c))
+@pytest.mark.parametrize("m", [37, 1000])
+def test_compiled_qlinear_equals_eager_and_launches_our_kernels(case, m):
+    mod = _layer(1152, 3456, *case)
+    assert mod.layout == "fp8"
+    x = torch.randn(2, m, 1152, device="cuda").bfloat16()
+    with torch.no_grad():
+        eager = mod(x)
+        compiled, code = _compiled_code(mod, x)
+    assert "robuq.qlinear" not in code, "the qlinear call was left opaque"
+    assert "act_quant_bfly_kernel" in code
+    assert compiled.shape == eager.shape and compiled.dtype == eager.dtype
+    assert torch.equal(compiled, eager), (compiled.float() - eager.float()).abs().max()
+
+
+@gpu
+def test_decomposition_off_keeps_the_opaque_op(monkeypatch):
+    monkeypatch.setenv("ROBUQ_INDUCTOR_DECOMPOSE", "0")
+    mod = _layer(1152, 1152, *CASES[0])
+    x = torch.randn(64, 1152, device="cuda").bfloat16()
+    with torch.no_grad():
+        out, code = _compiled_code(mod, x)
+        assert torch.equal(out, mod(x))
+    assert "robuq.qlinear" in code
+
+
+@gpu
+def test_packed_layout_and_dequant_calls_stay_opaque(monkeypatch):
+    """Calls the fp8 path does not take keep the op (and its eager kernel choice): packed-layout weights, 8-bit."""
+    mod = _layer(1152, 1152, *CASES[0]).set_layout("packed")
+    x = torch.randn(64, 1152, device="cuda").bfloat16()
+    with torch.no_grad():
+        out, code = _compiled_code(mod, x)
+        assert torch.equal(out, mod(x))
+    assert "robuq.qlinear" in code
+
+
+@gpu
+@pytest.mark.parametrize("d,causal", [(72, False), (64, True), (128, False)])
+def test_compiled_attention8_equals_eager(d, causal):
+    from robuq_fx.kernels.attention import attention8
+    g = torch.Generator(device="cuda").manual_seed(1)
+    b, s, h = 2, 257, 16
+    qkv = torch.randn(b, s, 3, h, d, device="cuda", generator=g).bfloat16()
+    q, k, v = (qkv[:, :, i].contiguous().transpose(1, 2) for i in range(3))  # (b, h, s, d) on (b, s, h, d) memory
+
+    def f(q, k, v):
+        return attention8(q, k, v, None, 0.0, causal, None, False, 8)
+    with torch.no_grad():
+        eager = f(q, k, v)
+        compiled, code = _compiled_code(f, q, k, v)
+    assert "robuq.attention8" not in code
+    assert "fake_quant_rows_kernel" in code
+    assert torch.equal(compiled, eager)
+
+
+@pytest.mark.skipif(not _triton_imports(), reason="triton does not import here")
+def test_decomposition_graph_on_fake_cuda_tensors(monkeypatch):
+    """Where triton imports (no GPU needed): the decomposition of a W1.58A4+H+LRB call traced on fake CUDA tensors is
+    the quantizer triton_op, the LRB down-projection and the fused-epilogue GEMM (or _scaled_mm + addmm)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    if packing.FP8 is None:
+        pytest.skip("no float8 dtype in this torch")
+    k8 = registry._KERNELS["triton_fp8"]
+    monkeypatch.setitem(registry._KERNELS, "triton_fp8", dataclasses.replace(k8, machine_check=lambda: None))
+    with FakeTensorMode():
+        x = torch.empty(8, 256, dtype=torch.bfloat16, device="cuda")
+        qw = torch.empty(512, 256, dtype=packing.FP8, device="cuda")
+        ws = torch.empty(512, 1, dtype=torch.float32, device="cuda")
+        b = torch.empty(512, dtype=torch.bfloat16, device="cuda")
+        dn = torch.empty(32, 256, dtype=torch.bfloat16, device="cuda")
+        up = torch.empty(512, 32, dtype=torch.bfloat16, device="cuda")
+
+    def f(x, qw, ws, b, dn, up):
+        return torch.ops.robuq.qlinear(x, qw, ws, b, dn, up, 512, 256, 1.58, 4, 128, True, "absmax")
+    table = {torch.ops.robuq.qlinear.default: inductor._qlinear_decomposition}
+    code = make_fx(f, decomposition_table=table, tracing_mode="fake")(x, qw, ws, b, dn, up).code
+    assert "robuq.qlinear" not in code
+    assert "robuq.act_quant.default" in code
+    assert "robuq.fp8_gemm.default" in code or "_scaled_mm" in code
+    monkeypatch.setenv("ROBUQ_INDUCTOR_DECOMPOSE", "0")
+    code = make_fx(f, decomposition_table=table, tracing_mode="fake")(x, qw, ws, b, dn, up).code
+    assert "robuq.qlinear" in code
