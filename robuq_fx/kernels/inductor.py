@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -130,7 +131,11 @@ def _qlinear_decomposition(x, qweight, w_scale, bias, lrb_down, lrb_up, out_feat
         return NotImplemented
     if kernel.name != "triton_fp8":
         return NotImplemented
-    return qlinear_traced(x, a)
+    try:
+        return qlinear_traced(x, a)
+    except Exception as e:  # noqa: BLE001 - never fail a compile over the fast path: keep the eager op
+        _warn_once(f"robuq_fx: robuq::qlinear left opaque under torch.compile ({type(e).__name__}: {e})")
+        return NotImplemented
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,9 +149,22 @@ def _attention8_decomposition(q, k, v, attn_mask, dropout_p, is_causal, scale, e
     rows = row_kernel()
     if rows is None or any(rows.supported(t, bits) is not None for t in (q, k, v)):
         return NotImplemented
-    rowquant_op = _ops()[1]
-    return _quantized_sdpa(lambda t: rowquant_op(t, bits, True), q, k, v, attn_mask, dropout_p, is_causal, scale,
-                           enable_gqa)
+    try:
+        rowquant_op = _ops()[1]
+        return _quantized_sdpa(lambda t: rowquant_op(t, bits, True), q, k, v, attn_mask, dropout_p, is_causal,
+                               scale, enable_gqa)
+    except Exception as e:  # noqa: BLE001 - as in _qlinear_decomposition
+        _warn_once(f"robuq_fx: robuq::attention8 left opaque under torch.compile ({type(e).__name__}: {e})")
+        return NotImplemented
+
+
+_WARNED: set = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(msg, stacklevel=3)
 
 
 # ---------------------------------------------------------------------------------------------------------------

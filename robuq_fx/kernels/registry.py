@@ -64,6 +64,16 @@ def tensor_key(t) -> tuple:
     return (id(t), t.data_ptr(), v, tuple(t.shape), t.dtype)
 
 
+_BY_PRIORITY: list = []  # (ids of the registered kernels, them sorted): the sort is not redone on every call
+
+
+def _by_priority() -> list[Kernel]:
+    ids = tuple(map(id, _KERNELS.values()))  # changes when a kernel is registered or replaced (tests do)
+    if not _BY_PRIORITY or _BY_PRIORITY[0] != ids:
+        _BY_PRIORITY[:] = [ids, sorted(_KERNELS.values(), key=lambda k: -k.priority)]
+    return _BY_PRIORITY[1]
+
+
 def register(name: str, priority: int, machine_check=lambda: None, supports=lambda x, a: None, *,
              auto: bool = True, takes: str = ""):
     def deco(fn):
@@ -98,8 +108,9 @@ def select(x: torch.Tensor, args: QLinearArgs) -> Kernel:
         if why:
             raise RuntimeError(f"kernel {name!r} was forced but cannot run this call: {why}")
         return k
-    disabled = set(filter(None, os.environ.get("ROBUQ_KERNEL_DISABLE", "").split(",")))
-    for k in sorted(_KERNELS.values(), key=lambda k: -k.priority):
+    env = os.environ.get("ROBUQ_KERNEL_DISABLE")
+    disabled = set(filter(None, env.split(","))) if env else ()
+    for k in _by_priority():
         if k.auto and k.name not in disabled and k.machine_check() is None and k.supports(x, args) is None:
             return k
     raise RuntimeError("no qlinear kernel accepts this call (the reference kernel should always do)")
