@@ -16,9 +16,11 @@ computes, with the same kernels and the same dispatch (`dispatch.py`). The weigh
 where a cache keyed on tensor identity cannot live (they are a few kB to a few hundred kB per layer). Any other
 call stays one opaque op. ROBUQ_INDUCTOR_DECOMPOSE=0 keeps every call opaque.
 
-Registration is lazy: the fake kernels of the two ops call `register()` while Dynamo traces a model that uses them,
-which is before Inductor reads its decomposition table (importing Inductor at `import robuq_fx` would cost a
-second for every user).
+How: a FunctionalTensorMode rule for each op (`_functional_rule`). AOTAutograd functionalizes the graph Dynamo
+captured before Inductor lowers it; the rule decomposes the call there, and the triton_ops it calls decompose in
+turn into Triton kernel nodes that Inductor launches from its generated code. (An entry in Inductor's decomposition
+table is not enough: it runs below functionalization, so the triton_ops stay opaque extern calls.) Registration is
+lazy: the fake kernels of the two ops call `register()` while Dynamo traces a model that uses them.
 """
 from __future__ import annotations
 
@@ -36,6 +38,9 @@ from .registry import QLinearArgs, select
 
 def enabled() -> bool:
     return os.environ.get("ROBUQ_INDUCTOR_DECOMPOSE", "1") != "0"
+
+
+_DEFS: list = []
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,6 +71,7 @@ def _ops():
         launch_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, t, up, m, tuple(cfg), traced)
         return y
 
+    _DEFS.extend((act_quant_op, rowquant_op, fp8_gemm_op))  # torch keeps op definitions only weakly
     return torch.ops.robuq.act_quant, torch.ops.robuq.rowquant, torch.ops.robuq.fp8_gemm
 
 
@@ -169,20 +175,35 @@ def _warn_once(msg: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 
+def _functional_rule(decomposition):
+    """A FunctionalTensorMode rule: AOTAutograd functionalizes every graph torch.compile hands to Inductor, and the
+    rule decomposes the call there, the way `triton_op`s themselves are decomposed (so that the triton_ops inside
+    become Triton kernels in Inductor's graph). torch.export keeps the op, as it keeps triton_ops."""
+    def rule(mode, func, types, args, kwargs):
+        from torch.export._trace import custom_triton_ops_decomposition_disabled
+        if not custom_triton_ops_decomposition_disabled():
+            with mode:
+                out = decomposition(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        return mode.__torch_dispatch__(func, types, args, kwargs)
+    return rule
+
+
 _REGISTERED: list[bool] = []
 
 
 def register() -> None:
-    """Put the decompositions into Inductor's table (once; a no-op where Inductor or triton does not import)."""
+    """Install the decompositions (once; a no-op where triton does not import: the ops then stay opaque)."""
     if _REGISTERED:
         return
     _REGISTERED.append(True)
     try:
         import triton  # noqa: F401
-        from torch._inductor import decomposition as D
-    except Exception:  # noqa: BLE001 - no Inductor / triton here: the ops stay opaque
+    except Exception:  # noqa: BLE001
         return
-    table = {torch.ops.robuq.qlinear.default: _qlinear_decomposition,
-             torch.ops.robuq.attention8.default: _attention8_decomposition}
-    D.decompositions.update(table)
-    D.fast_random_decomps().update(table)  # the cached copy select_decomp_table() returns
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+    torch.library.register_torch_dispatch("robuq::qlinear", FunctionalTensorMode,
+                                          _functional_rule(_qlinear_decomposition))
+    torch.library.register_torch_dispatch("robuq::attention8", FunctionalTensorMode,
+                                          _functional_rule(_attention8_decomposition))

@@ -6,7 +6,7 @@ timm installs only where torchvision does (its CPU-torch build is missing here),
 machines and CI; it runs on the GPU machine, whose image has timm. timm's VisionTransformer itself never calls
 torchvision (only timm.data's transforms import it), so on a CPU machine the two CPU tests also run with timm
 installed `--no-deps` and a stub module standing in for torchvision; that is how they ran for issue 18 (timm 1.0.x,
-torch 2.13 CPU). The CUDA test has not run yet."""
+torch 2.13 CPU). The CUDA test ran on the H200 in its first form (12 blocks end to end, 0.31 > 0.1; see its docstring)."""
 from __future__ import annotations
 
 import pytest
@@ -25,10 +25,10 @@ POLICY = {"rules": [{"match": "blocks.*.attn", "attn_bits": 8},
                     {"match": "*", "skip": True}]}
 
 
-def build():
+def build(**kw):
     torch.manual_seed(0)  # random init: nothing is downloaded
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
-                             num_classes=10).eval()
+                             num_classes=10, **kw).eval()
 
 
 def images(b=2, seed=0):
@@ -66,16 +66,36 @@ def test_timm_checkpoint_loads_into_a_fresh_timm_model(tmp_path):
         assert torch.equal(loaded(images(2, 3)), low(images(2, 3)))
 
 
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_timm_vit_lowered_on_gpu_close_to_qat():
-    m = build().cuda().to(torch.bfloat16)
-    ex = (images().cuda().to(torch.bfloat16),)
-    q = robuq_fx.quantize(m, POLICY, example_inputs=ex)
-    low = robuq_fx.lower(q)
-    x = images(4, 5).cuda().to(torch.bfloat16)
-    with torch.no_grad():
-        a, b = low(x).float(), q.eval()(x).float()
-    # GPU kernels round differently from the QAT graph's torch math (tests/kernels/test_triton_fp8.py: a flipped
-    # 4-bit code moves a row), hence a loose bound
-    assert torch.isfinite(a).all() and ((a - b).norm() / b.norm()).item() < 0.1
+    """Each lowered layer on the GPU kernels against its QAT layer on the same input (the QAT model's own
+    activations), then the whole model at depth 2. GPU kernels round differently from the QAT graph's torch math (a
+    flipped 4-bit code moves a row; tests/kernels/test_triton_fp8.py bounds one layer at 8e-2), and a random-init
+    ViT amplifies such differences from block to block: at the full depth of 12 the H200 run saw 0.31 end to end,
+    which is why the end-to-end bound is taken on 2 blocks."""
+    for depth, layerwise in ((12, True), (2, False)):
+        m = build(depth=depth).cuda().to(torch.bfloat16)
+        q = robuq_fx.quantize(m, POLICY, example_inputs=(images().cuda().to(torch.bfloat16),))
+        low = robuq_fx.lower(q)
+        x = images(4, 5).cuda().to(torch.bfloat16)
+        seen = {}
+        hooks = [mod.register_forward_hook(lambda mod, inp, out, n=n: seen.__setitem__(n, (inp[0], out)))
+                 for n, mod in q.named_modules() if isinstance(mod, QATLinear)] if layerwise else []
+        with torch.no_grad():
+            b = q.eval()(x)
+            a = low(x)
+            for h in hooks:
+                h.remove()
+            errs = {n: _rel(low.get_submodule(n)(inp), out) for n, (inp, out) in seen.items()}
+        assert torch.isfinite(a).all()
+        if layerwise:
+            assert len(errs) >= 4 * depth and all(isinstance(low.get_submodule(n), PackedLinear) for n in errs)
+            worst = max(errs, key=errs.get)
+            assert errs[worst] < 8e-2, f"{worst}: relative error {errs[worst]:.3g} against its QAT layer"
+        else:
+            assert _rel(a, b) < 0.1
