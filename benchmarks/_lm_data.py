@@ -198,6 +198,21 @@ def train_qat(model, batches: list, lr: float, amp: bool, bar=None, warmup_frac:
     model.eval()
 
 
+def fp_control(fp, stream, seeds: int, steps: int, batch: int, ctx: int, lr: float, device, amp: bool,
+               val: torch.Tensor, eval_batch: int, bar=None) -> list[float]:
+    """Validation BPB of the FP model trained on with the QAT loop (the same batches per seed, schedule and learning
+    rate as every QAT run, no quantization): what the QAT runs' extra tokens alone are worth. A QAT Δ BPB below
+    this control's is the price of quantization; one below 0 vs the FP model alone can be extra training."""
+    import copy
+    out = []
+    for seed in range(seeds):
+        m = copy.deepcopy(fp)
+        train_qat(m, train_batches(stream, steps, batch, ctx, 1000 + seed, device), lr, amp, bar)
+        out.append(bpb(m, val, eval_batch, device, amp))
+        del m
+    return out
+
+
 def train_fp(model, stream, tokens: int, batch: int, ctx: int, lr: float, seed: int, device, amp: bool,
              val: torch.Tensor, eval_every: int, patience: int = 3, min_gain: float = 0.003, bar=None,
              log=print) -> dict:

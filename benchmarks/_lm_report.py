@@ -10,6 +10,13 @@ from pathlib import Path
 GAP_TOL = 0.01  # BPB: the issue's bound on |lowered - QAT|
 
 
+def save_partial(path: Path, **state) -> None:
+    """The results so far, rewritten after every setting: what survives if a later step of a long run dies."""
+    import json
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(state, indent=1, default=str) + "\n")
+
+
 def mean_std(v: list[float]) -> tuple[float, float]:
     return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
 
@@ -47,11 +54,15 @@ def outlier_table(rows: list[dict]) -> list[dict]:
     return out
 
 
-def make_tables(groups: dict, settings, res: dict, fp_bpb: float, allocs: dict) -> dict[str, list[dict]]:
+def make_tables(groups: dict, settings, res: dict, fp_bpb: float, allocs: dict,
+                control: list[float] | None = None) -> dict[str, list[dict]]:
     have = {s.key for s in settings}
     d = {k: deltas(r, fp_bpb) for k, r in res.items()}
     tables = {}
     rows = [{"setting": "FP", "BPB": f"{fp_bpb:.4f}"}]
+    if control:
+        rows.append({"setting": "FP control: trained on for the QAT budget", "BPB": f"{statistics.fmean(control):.4f}",
+                     "QAT ΔBPB no H": pm([b - fp_bpb for b in control]), "QAT ΔBPB +H": "(same)"})
     for a, b in zip(groups["main"]["no H"], groups["main"]["+H"]):
         row = {"setting": a.label.replace(" no H", ""), "BPB": ""}
         for s, tag in ((a, "no H"), (b, "+H")):
@@ -138,10 +149,14 @@ def save_png(groups: dict, settings, res: dict, fp_bpb: float, path: Path, title
     return True
 
 
-def summary(settings, res: dict, fp_bpb: float, outliers: list[dict], data_info: dict, extra: dict) -> dict:
+def summary(settings, res: dict, fp_bpb: float, outliers: list[dict], data_info: dict, extra: dict,
+            control: list[float] | None = None) -> dict:
     """Flat figures for summary_lm_<gpu>.json: lm_<key>_dbpb (mean over seeds after QAT), _dbpb_std, _ptq_dbpb for
     every setting; outliers (largest over layers); the largest lowered-vs-QAT gaps; data and run facts."""
     fig = {"lm_fp_bpb": round(fp_bpb, 5)}
+    if control:  # the FP model trained on for one QAT run's budget: Δ of extra training alone
+        fig["lm_fp_control_bpb"] = round(statistics.fmean(control), 5)
+        fig["lm_fp_control_dbpb"] = round(statistics.fmean(control) - fp_bpb, 5)
     for s in settings:
         d = deltas(res[s.key], fp_bpb)
         m, sd = mean_std(d["qat"])

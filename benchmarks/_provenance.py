@@ -40,11 +40,19 @@ def device_name() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def _script() -> str:
+    """The running script relative to the repository (its path as given where the working folder is gone: a
+    detached run whose checkout was replaced under it once lost a finished benchmark to os.getcwd())."""
+    try:
+        return os.path.relpath(sys.argv[0], ROOT)
+    except (OSError, ValueError):
+        return sys.argv[0]
+
+
 def provenance(argv: list[str] | None = None) -> dict:
     import torch
     info = {"commit": git_commit(),
-            "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] +
-                                            (sys.argv[1:] if argv is None else list(argv))),
+            "command": "python " + " ".join([_script()] + (sys.argv[1:] if argv is None else list(argv))),
             "gpu": device_name(), "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     try:

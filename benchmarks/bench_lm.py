@@ -119,7 +119,8 @@ def plan(args, settings, n_layers: int, val_tokens: int, speed: dict, elapsed: f
     runs = (len(uniform) + n_ampn) * seeds
     # seconds per QAT token summed over the runs
     per_token = seeds * sum(1 / speed["qat_sigma_tok_s" if s.a_clip == "sigma" else "qat_tok_s"] for s in settings)
-    evals = len(uniform) * (1 + seeds) + 2 * n_ampn * seeds + len(settings) * (2 if args.device == "cuda" else 1)
+    per_token += seeds / speed["fp_tok_s"]  # the FP control: the FP model trained on for the same budget
+    evals = seeds + len(uniform) * (1 + seeds) + 2 * n_ampn * seeds + len(settings) * (2 if args.device == "cuda" else 1)
     fp_evals = (args.fp_tokens // tok // args.eval_every + 2) * min(1.0, MONITOR / max(1, val_tokens // args.ctx))
     passes = (1 + 3 * 7 * n_layers) if n_ampn else 0
     fixed = {"FP training (at most)": args.fp_tokens / speed["fp_tok_s"],
@@ -336,10 +337,16 @@ def main(argv=None) -> dict:
     outliers = L.outlier_stats(fp, quantized_layers(n_layers), val[:min(16, len(val))], args.hadamard_block,
                                device, amp)
 
+    control = L.fp_control(fp, corpus.train, args.seeds, args.qat_steps, args.batch, args.ctx, args.qat_lr, device,
+                           amp, val, args.eval_batch, bar)
+    log("FP control (FP trained on for one QAT run's budget, QAT schedule): "
+        + ", ".join(f"seed {i} {b:.4f}" for i, b in enumerate(control)) + " BPB")
     res, allocs = {}, {}
+    partial = args.out / f"bench_lm_{'quick' if args.quick else gpu_tag()}.partial.json"  # kept if a later step dies
     for s in settings:
         if not s.ampn:
             res[s.key] = run_setting(s, fp, args, corpus, val, ids, device, bar, log)
+            R.save_partial(partial, fp_bpb=fp_bpb, fp=fp_run, fp_control_bpb=control, outliers=outliers, results=res)
     ampn_settings = [s for s in settings if s.ampn]
     if ampn_settings:
         r, allocs = run_ampn(ampn_settings, fp, args, corpus, val, ids, device, bar, log, n_layers)
@@ -347,7 +354,7 @@ def main(argv=None) -> dict:
     bar.close()
     runtime = time.perf_counter() - t0
 
-    tables = R.make_tables(GROUPS, settings, res, fp_bpb, allocs)
+    tables = R.make_tables(GROUPS, settings, res, fp_bpb, allocs, control)
     prov = provenance(argv)
     head = [f"command: {prov['command']}",
             f"commit {prov['commit']}; {prov['gpu']}; torch {prov['torch']}; Python {ci['python']}; {prov['date']}; "
@@ -383,12 +390,13 @@ def main(argv=None) -> dict:
                      f"byte-level Llama on the Python {ci['python']} stdlib, {prov['gpu']}")
     extra = {"lm_params": L.n_params(fp), "lm_fp_tokens": fp_run["tokens"], "lm_qat_tokens_per_run": pl["qat_tokens"],
              "lm_seeds": args.seeds, "runtime_s": round(runtime, 1), "eta_s": pl["eta_s"], "quick": args.quick}
-    figures = R.summary(settings, res, fp_bpb, outliers, ci, extra)
+    figures = R.summary(settings, res, fp_bpb, outliers, ci, extra, control)
     result = {"provenance": prov, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "data": ci, "model": cfg, "speed": speed, "plan": pl, "fp": {"bpb": fp_bpb, **fp_run},
               "outliers": outliers, "settings": [asdict(s) for s in settings], "results": res, "ampn": allocs,
-              "tables": tables, "summary": figures, "kernels": robuq_fx.kernels.available(), "runtime_s": runtime}
+              "tables": tables, "summary": figures, "fp_control_bpb": control, "kernels": robuq_fx.kernels.available(), "runtime_s": runtime}
     (args.out / f"bench_lm_{tag}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    partial.unlink(missing_ok=True)
     path = write_summary(args.out, "lm_quick" if args.quick else "lm", figures, argv)
     log(f"wrote {args.out}/bench_lm_{tag}.{{txt,json{',png' if png else ''}}} and {path.name}")
     return result
