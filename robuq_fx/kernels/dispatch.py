@@ -62,6 +62,26 @@ def gemm_config(m: int, n: int, k: int) -> tuple:
     return cfgs[0]
 
 
+def gemm_kernel(capability: tuple[int, int]) -> str:
+    """Which Triton fp8 GEMM runs the fused epilogue: "tma" (persistent, TMA-fed; Hopper and later) or "pointer".
+    ROBUQ_FP8_GEMM_KERNEL overrides the table's "gemm_kernel" (written by bench_linear --write-dispatch from the
+    measured faster one); without a measurement the pointer kernel runs."""
+    want = os.environ.get("ROBUQ_FP8_GEMM_KERNEL") or dispatch_table().get("gemm_kernel", "pointer")
+    return "tma" if want == "tma" and capability >= (9, 0) else "pointer"
+
+
+def tma_gemm_config(m: int, n: int, k: int) -> tuple:
+    """Config of the TMA GEMM: the table's measured choice ("tma_gemm_cfg" per M bucket), else 128 x 128 tiles."""
+    from .triton_fp8_kernels import TMA_GEMM_CONFIGS as cfgs  # imports triton: first use only
+    env = os.environ.get("ROBUQ_TMA_GEMM_CFG")  # an index into TMA_GEMM_CONFIGS, for sweeps
+    if env:
+        return cfgs[int(env)]
+    tuned = dispatch_table().get("shapes", {}).get(f"{n}x{k}", {}).get("tma_gemm_cfg", {}).get(str(m_bucket(m)))
+    if tuned is not None and 0 <= int(tuned) < len(cfgs):
+        return cfgs[int(tuned)]
+    return cfgs[1]
+
+
 def epilogue_mode() -> str:
     """How the asymmetric / LRB terms are added on the fp8 path: "addmm" (cuBLAS _scaled_mm, then one bf16 GEMM
     y += [t, lo'] [A, c]^T in place) or "triton" (our fp8 GEMM with everything in its epilogue)."""

@@ -6,7 +6,7 @@ default-mode `torch.compile` of W4A4+H DiT-XL/2 CPU-bound at batch 8; issue 17).
 
     robuq::act_quant(x2 (M, K), block, a_bits, sym, clip, m_store, shift) -> (fp8 codes (m_store, K), s, lo)
     robuq::rowquant(x, bits, keep_layout) -> Q_a(x)       symmetric absmax per row (the attention's q, k, v)
-    robuq::fp8_gemm(codes, w8, sx, sw, bias?, lo?, cs?, t?, up?, m) -> y (m, N)   the Triton GEMM with its epilogue
+    robuq::fp8_gemm(codes, w8, sx, sw, bias?, lo?, cs?, t?, up?, m, dtype) -> y (m, N)   the Triton GEMM + epilogue
 
 The decompositions take exactly the calls the eager kernels would take with the same results: a qlinear call is
 decomposed only when the registry would pick `triton_fp8` for it and the weight is in the fp8 layout (the module's
@@ -49,7 +49,7 @@ def _ops():
     from torch.library import triton_op
 
     from .quantizer import act_quant
-    from .triton_fp8_kernels import launch_fp8_gemm
+    from .triton_fp8 import run_fp8_gemm
     from .triton_launch import traced
     from .triton_rowquant import fake_quant_rows
 
@@ -65,10 +65,10 @@ def _ops():
     @triton_op("robuq::fp8_gemm", mutates_args=())
     def fp8_gemm_op(codes: torch.Tensor, w8: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
                     bias: torch.Tensor | None, lo: torch.Tensor | None, cs: torch.Tensor | None,
-                    t: torch.Tensor | None, up: torch.Tensor | None, m: int, cfg: list[int],
+                    t: torch.Tensor | None, up: torch.Tensor | None, m: int,
                     out_dtype: torch.dtype) -> torch.Tensor:
         y = torch.empty(m, w8.shape[0], device=codes.device, dtype=out_dtype)
-        launch_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, t, up, m, tuple(cfg), traced)
+        run_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, t, up, m, traced)
         return y
 
     _DEFS.extend((act_quant_op, rowquant_op, fp8_gemm_op))  # torch keeps op definitions only weakly
@@ -86,7 +86,7 @@ def _w_scale_vec(w_scale: torch.Tensor, n: int) -> torch.Tensor:
 def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
     """`triton_fp8.fp8_qlinear` in graph-traceable form (fp8-layout weights)."""
     from . import triton_fp8 as T
-    from .dispatch import epilogue_mode, gemm_config
+    from .dispatch import epilogue_mode
     from .reference import spec_of
     act_quant_op, _, fp8_gemm_op = _ops()
     k, n = a.in_features, a.out_features
@@ -102,8 +102,7 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
     cs = None if a.a_sym else Q.weight_code_colsum(packing.codes_of(a.qweight, a.w_bits, (n, k)), a.w_scale)
     if (a.a_sym and not lrb) or epilogue_mode() == "addmm":
         if os.environ.get("ROBUQ_FP8_GEMM") == "triton" and a.a_sym and not lrb:
-            y = fp8_gemm_op(codes, w8, sx, sw, a.bias, None, None, None, None, m, list(gemm_config(m, n, k)),
-                            x.dtype)
+            y = fp8_gemm_op(codes, w8, sx, sw, a.bias, None, None, None, None, m, x.dtype)
             return y.reshape(*lead, n)
         bias = None if a.bias is None else a.bias.to(torch.bfloat16)
         y = T._scaled_mm(codes, w8, sx, sw, bias)[:m]
@@ -120,8 +119,7 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
             y = torch.addmm(y, torch.cat(left, 1), torch.cat(right, 1).t())
         return (y if y.dtype == x.dtype else y.to(x.dtype)).reshape(*lead, n)
     up = a.lrb_up.to(x.dtype).contiguous() if lrb else None
-    y = fp8_gemm_op(codes, w8, sx, sw, a.bias, None if a.a_sym else lo, cs, t, up, m, list(gemm_config(m, n, k)),
-                    x.dtype)
+    y = fp8_gemm_op(codes, w8, sx, sw, a.bias, None if a.a_sym else lo, cs, t, up, m, x.dtype)
     return y.reshape(*lead, n)
 
 

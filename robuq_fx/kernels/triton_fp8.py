@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from .. import layer, packing
 from .. import quantizers as Q
-from .dispatch import epilogue_mode, fp8_min_m, gemm_config
+from .dispatch import epilogue_mode, fp8_min_m, gemm_config, gemm_kernel, tma_gemm_config
 from .quantizer import act_quant, on_device, quant_supported
 from .reference import spec_of, weight_codes
 from .registry import QLinearArgs, forced, register, tensor_key
@@ -242,6 +242,24 @@ def _scaled_mm(codes, w8, sx, sw, bias):
     return y if bias is None else y.add_(bias)
 
 
+@functools.lru_cache(maxsize=None)
+def _sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def run_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, t, up, m: int, launcher=None) -> None:
+    """y (m, N) = our Triton fp8 GEMM with the fused epilogue: the persistent TMA kernel or the pointer one
+    (`dispatch.gemm_kernel`), each with its measured config. launcher: None (eager) or `triton_launch.traced`."""
+    n, k = w8.shape
+    dev = codes.device
+    kw = {} if launcher is None else {"launcher": launcher}
+    if gemm_kernel(_capability(dev.index if dev.index is not None else torch.cuda.current_device())) == "tma":
+        _k().launch_fp8_gemm_tma(codes, w8, y, sx, sw, bias, lo, cs, t, up, m, tma_gemm_config(m, n, k),
+                                 _sms(dev.index or 0), **kw)
+    else:
+        _k().launch_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, t, up, m, gemm_config(m, n, k), **kw)
+
+
 def _split16(v: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     hi = v.to(dtype)
     return hi, (v - hi.float()).to(dtype)
@@ -278,8 +296,7 @@ def fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
             y = torch.empty(m, n, device=x.device, dtype=x.dtype)
             if m:
                 with on_device(x.device):
-                    _k().launch_fp8_gemm(codes, e.fp8, y, sx, e.sw, a.bias, None, None, None, None, m,
-                                         gemm_config(m, n, k))
+                    run_fp8_gemm(codes, e.fp8, y, sx, e.sw, a.bias, None, None, None, None, m)
             return y.reshape(*lead, n)
         bias = None if a.bias is None else a.bias.to(torch.bfloat16)
         y = _scaled_mm(codes, e.fp8, sx, e.sw, bias)[:m]
@@ -299,8 +316,8 @@ def fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
         y = torch.empty(m, n, device=x.device, dtype=x.dtype)
         if m:
             with on_device(x.device):
-                _k().launch_fp8_gemm(codes, e.fp8, y, sx, e.sw, a.bias, None if a.a_sym else lo,
-                                     None if a.a_sym else e.cs, t, up, m, gemm_config(m, n, k))
+                run_fp8_gemm(codes, e.fp8, y, sx, e.sw, a.bias, None if a.a_sym else lo, None if a.a_sym else e.cs,
+                             t, up, m)
     return y.reshape(*lead, n)
 
 

@@ -93,3 +93,104 @@ def launch_fp8_gemm(a, b, c, sx, sw, bias, lo, cs, t, up, m, cfg, launcher=launc
            dict(BM=bm, BN=bn, BK=bk, GROUP_M=gm, RP=rp, HAS_BIAS=bias is not None, ASYM=lo is not None,
                 HAS_LRB=t is not None),
            dict(num_warps=warps, num_stages=stages), no_specialize=(10,))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the same GEMM, persistent and fed by the tensor-memory accelerator (Hopper)
+#
+# One program per SM loops over the output tiles (grouped along M for L2 reuse); A and B tiles come through TMA
+# descriptors built in the kernel (`tl.make_tensor_descriptor`: out-of-bounds rows read as zeros, so the M tail needs
+# no masks) and the output tile leaves through one, so that the main loop is TMA + wgmma only, as in cuBLAS. The
+# epilogue is fp8_gemm_kernel's. Descriptors built on the device need a scratch allocator (`set_tma_allocator`;
+# Inductor sets its own before launching).
+
+# (BM, BN, BK, GROUP_M, num_warps, num_stages, WARP_SPECIALIZE)
+TMA_GEMM_CONFIGS = (
+    (128, 256, 128, 8, 8, 3, False),
+    (128, 128, 128, 8, 8, 4, False),
+    (128, 256, 128, 8, 8, 3, True),
+    (128, 128, 128, 8, 4, 4, True),
+    (64, 128, 128, 8, 4, 4, False),
+)
+
+
+@triton.jit(do_not_specialize=["M"])
+def fp8_gemm_tma_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_ptr, t_ptr, up_ptr,
+                        M, N, K, stride_tm, stride_un, R, NUM_SMS,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                        RP: tl.constexpr, HAS_BIAS: tl.constexpr, ASYM: tl.constexpr, HAS_LRB: tl.constexpr,
+                        WARP_SPECIALIZE: tl.constexpr):
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BM, BK])
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[K, 1], block_shape=[BN, BK])
+    c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[N, 1], block_shape=[BM, BN])
+    num_pid_m = tl.cdiv(M, BM)
+    num_pid_n = tl.cdiv(N, BN)
+    k_tiles = tl.cdiv(K, BK)
+    num_tiles = num_pid_m * num_pid_n
+    width = GROUP_M * num_pid_n
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=True, warp_specialize=WARP_SPECIALIZE):
+        group = tile // width
+        group_size = min(num_pid_m - group * GROUP_M, GROUP_M)
+        pid_m = group * GROUP_M + tile % group_size
+        pid_n = (tile % width) // group_size
+        off_m = pid_m * BM
+        off_n = pid_n * BN
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for ki in range(k_tiles):
+            a = a_desc.load([off_m, ki * BK])
+            b = b_desc.load([off_n, ki * BK])
+            acc = tl.dot(a, b.T, acc)
+        offs_m = off_m + tl.arange(0, BM)
+        offs_n = off_n + tl.arange(0, BN)
+        mmask = offs_m < M
+        nmask = offs_n < N
+        sx = tl.load(sx_ptr + offs_m, mask=mmask, other=0.0)
+        sw = tl.load(sw_ptr + offs_n, mask=nmask, other=0.0)
+        acc = acc * sx[:, None] * sw[None, :]
+        if ASYM:
+            lo = tl.load(lo_ptr + offs_m, mask=mmask, other=0.0)
+            cs = tl.load(cs_ptr + offs_n, mask=nmask, other=0.0)
+            acc += lo[:, None] * cs[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        if HAS_LRB:
+            rr = tl.arange(0, RP)
+            t = tl.load(t_ptr + offs_m[:, None].to(tl.int64) * stride_tm + rr[None, :],
+                        mask=mmask[:, None] & (rr[None, :] < R), other=0.0)
+            u = tl.load(up_ptr + offs_n[:, None].to(tl.int64) * stride_un + rr[None, :],
+                        mask=nmask[:, None] & (rr[None, :] < R), other=0.0)
+            acc = tl.dot(t, tl.trans(u), acc)
+        c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+
+
+_ALLOCATOR: list = []
+
+
+def set_tma_allocator() -> None:
+    """Kernels that build TMA descriptors on the device need scratch memory from a Triton allocator (once)."""
+    if not _ALLOCATOR:
+        import torch
+
+        def alloc(size: int, alignment: int, stream):
+            return torch.empty(size, device="cuda", dtype=torch.int8)
+        triton.set_allocator(alloc)
+        _ALLOCATOR.append(alloc)
+
+
+def launch_fp8_gemm_tma(a, b, c, sx, sw, bias, lo, cs, t, up, m, cfg, num_sms: int, launcher=launch):
+    """As `launch_fp8_gemm`, on the persistent TMA kernel; c must be contiguous (m, N), a / b row-major with
+    K * 1 byte rows (K % 16 == 0). cfg: one of TMA_GEMM_CONFIGS."""
+    bm, bn, bk, gm, warps, stages, ws = cfg
+    n, k = b.shape
+    r = 0 if t is None else t.shape[1]
+    rp = max(16, triton.next_power_of_2(r)) if r else 16
+    tiles = ((m + bm - 1) // bm) * triton.cdiv(n, bn)
+    if launcher is launch:
+        set_tma_allocator()
+    launcher(fp8_gemm_tma_kernel, (max(1, min(num_sms, tiles)),),
+             (a, b, c, sx, sw, bias if bias is not None else sx, lo if lo is not None else sx,
+              cs if cs is not None else sw, t if t is not None else c, up if up is not None else c,
+              m, n, k, t.stride(0) if t is not None else 0, up.stride(0) if up is not None else 0, r, num_sms),
+             dict(BM=bm, BN=bn, BK=bk, GROUP_M=gm, RP=rp, HAS_BIAS=bias is not None, ASYM=lo is not None,
+                  HAS_LRB=t is not None, WARP_SPECIALIZE=ws),
+             dict(num_warps=warps, num_stages=stages), no_specialize=(10,))

@@ -291,12 +291,8 @@ def _rel(y, ref):
     return ((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-@gpu
-@pytest.mark.parametrize("cfg", list(range(4)))
-def test_every_gemm_config(cfg):
-    kmod = triton_fp8._k()
-    assert len(kmod.GEMM_CONFIGS) == 4, "update this test's parametrization with the shipped configs"
-    c = kmod.GEMM_CONFIGS[cfg]
+def _check_gemm(run, what):
+    """run(a8, wq8, y, sx, sw, bias, lo, cs, t, up, m) on all five shapes, odd M, with and without the epilogue."""
     for k, n in SHAPES:
         g = torch.Generator(device="cuda").manual_seed(k * 7 + n)
         wq8 = torch.randint(-7, 8, (n, k), device="cuda", generator=g).to(torch.bfloat16).to(torch.float8_e4m3fn)
@@ -315,16 +311,58 @@ def test_every_gemm_config(cfg):
                 y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
                 args = (a8, wq8, y, sx, sw, bias if full else None, lo if full else None, cs if full else None,
                         t if full else None, up if full else None, m)
-                kmod.launch_fp8_gemm(*args, c)
+                run(*args)
                 ref = _gemm_ref(a8, wq8, sx, sw, *args[5:10], m)
-                assert torch.isfinite(y).all(), f"cfg {c} K={k} N={n} M={m} full={full}: non-finite"
+                assert torch.isfinite(y).all(), f"{what} K={k} N={n} M={m} full={full}: non-finite"
                 err = _rel(y, ref)
-                assert err < 4e-3, f"cfg {c} K={k} N={n} M={m} full={full}: rel err {err:.2e}"
+                assert err < 4e-3, f"{what} K={k} N={n} M={m} full={full}: rel err {err:.2e}"
             # the _scaled_mm path on the same codes
             y = torch._scaled_mm(a8, wq8.t(), scale_a=sx.view(-1, 1), scale_b=sw.view(1, -1), bias=bias,
                                  out_dtype=torch.bfloat16, use_fast_accum=True)[:m]
             err = _rel(y, _gemm_ref(a8, wq8, sx, sw, bias, None, None, None, None, m))
             assert err < 4e-3, f"_scaled_mm K={k} N={n} M={m}: rel err {err:.2e}"
+
+
+@gpu
+@pytest.mark.parametrize("cfg", list(range(4)))
+def test_every_gemm_config(cfg):
+    kmod = triton_fp8._k()
+    assert len(kmod.GEMM_CONFIGS) == 4, "update this test's parametrization with the shipped configs"
+    c = kmod.GEMM_CONFIGS[cfg]
+    _check_gemm(lambda *args: kmod.launch_fp8_gemm(*args, c), f"cfg {c}")
+
+
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="the TMA GEMM needs Hopper")
+@pytest.mark.parametrize("cfg", list(range(5)))
+def test_every_tma_gemm_config(cfg):
+    """The persistent TMA-fed GEMM (triton_fp8_kernels.fp8_gemm_tma_kernel), every shipped config, also with fewer
+    programs than tiles (each program loops over several tiles)."""
+    kmod = triton_fp8._k()
+    assert len(kmod.TMA_GEMM_CONFIGS) == 5, "update this test's parametrization with the shipped configs"
+    c = kmod.TMA_GEMM_CONFIGS[cfg]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for programs in (sms, 3):
+        _check_gemm(lambda *args: kmod.launch_fp8_gemm_tma(*args, c, programs), f"TMA cfg {c}, {programs} programs")
+
+
+@gpu
+def test_qlinear_on_the_tma_gemm_matches_the_pointer_gemm(monkeypatch):
+    """Through the registry (W1.58A4+H+LRB32, asymmetric A3): the TMA GEMM and the pointer GEMM give the same layer
+    up to the order of fp32 sums (same codes, same epilogue)."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the TMA GEMM needs Hopper")
+    monkeypatch.setenv("ROBUQ_FP8_EPI", "triton")
+    for a_bits, a_sym in ((4, True), (3, False)):
+        mod = _layer(1152, 3456, 1.58, a_bits, a_sym, 128, 32)
+        x = torch.randn(3, 333, 1152, device="cuda").to(torch.bfloat16)
+        out = {}
+        for kern in ("pointer", "tma"):
+            monkeypatch.setenv("ROBUQ_FP8_GEMM_KERNEL", kern)
+            with torch.no_grad(), kernels.use("triton_fp8"):
+                out[kern] = mod(x).float()
+        assert _rel(out["tma"], out["pointer"].double()) < 1e-2
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,163 @@
+"""`python benchmarks/bench_linear.py --write-dispatch`: measure and write robuq_fx/kernels/dispatch_table.json (the
+quantizer tilings, the Triton GEMM kernel and configs, the epilogue mode, and from which M the fp8 path beats the
+bf16-dequant path per shape; read by robuq_fx/kernels/dispatch.py). Needs CUDA."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+
+from bench_linear import MS, SHAPES, geomean, make_layer, time_graph
+
+
+def tune_quant(table: dict, ms=MS):
+    """Time the activation quantizer's tilings (rows per program, warps) per K, Hadamard on/off and M bucket."""
+    from robuq_fx.kernels import dispatch as D, quantizer as AQ
+    dev = torch.device("cuda")
+    out = {}
+    for k in sorted({k for _, k, _ in SHAPES}):
+        for block in (128, 0):
+            key = f"{k}/{'h' if block else 'n'}"
+            out[key] = {}
+            for m in ms:
+                x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+                res = []
+                for bm in (1, 2, 4):
+                    for warps in (1, 2, 4):
+                        for chunk in (0, 128 if k <= 2048 else 512):  # one pass / two passes over chunks
+                            plan = AQ.make_plan(k, block, bm, warps, chunk)
+                            if plan is None or not 4 <= bm * (chunk or k) / (32 * warps) <= 160:  # values a thread
+                                continue
+                            tm = time_graph(lambda: AQ.act_quant(x, block, 4, True, plan=plan), 5, 5, 2)
+                            res.append((tm, bm, warps, chunk))
+                res.sort()
+                tm, bm, warps, chunk = res[0]
+                out[key][str(m)] = [bm, warps, chunk]
+                gbs = m * k * 3 / tm / 1e9
+                print(f"[quant {key} M={m}] best BM={bm} warps={warps} chunk={chunk}: {tm * 1e6:.1f}us "
+                      f"{gbs:.0f} GB/s (bytes: 2 read + 1 written per element); top: " +
+                      " ".join(f"{b}/{w}/{c}:{t * 1e6:.1f}" for t, b, w, c in res[:8]), flush=True)
+    table["quant"] = out
+    D.dispatch_table()["quant"] = out  # use the tuned tilings for the rest of this run
+
+
+def write_dispatch(args):
+    from robuq_fx import kernels
+    from robuq_fx.kernels import dispatch as D, triton_fp8 as T
+    dev = torch.device("cuda")
+    table = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+             "generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+             "generated_by": "python benchmarks/bench_linear.py --write-dispatch",
+             "rule": "triton_fp8 when M >= fp8_min_m (symmetric, no LRB) / epi_fp8_min_m (asymmetric or LRB), "
+                     "else cuda_dequant; 'measured' holds CUDA-graph microseconds per call "
+                     "(triton_fp8 / cuda_dequant / bf16 F.linear); 'quant': [rows per program, warps, "
+                     "chunk (0: one pass)] of the activation quantizer per K/{h,n} and M bucket; "
+                     "'epilogue': addmm or triton; 'gemm_kernel': tma or "
+                     "pointer (the fused-epilogue GEMM), 'tma_gemm_cfg' its config per M bucket",
+             "shapes": {}}
+    D.dispatch_table.cache_clear()
+    D.dispatch_table().clear()
+    tune_quant(table)
+    variants = [("plain", dict(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=128), 0),
+                ("epi", dict(w_bits=1.58, a_bits=2, hadamard=True, hadamard_block=128), 32)]
+    epi_votes, tma_votes = [], []
+    tma = torch.cuda.get_device_capability() >= (9, 0)
+    tcfgs = T._k().TMA_GEMM_CONFIGS
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for name, k, n in SHAPES:
+        torch.manual_seed(0)
+        w = (torch.randn(n, k, device=dev) / k ** 0.5).to(torch.bfloat16)
+        b = (torch.randn(n, device=dev) * 0.1).to(torch.bfloat16)
+        entry = {"name": name, "measured": {}}
+        # Triton GEMM config per M bucket (epilogue path), GEMM alone on quantized codes
+        cfgs = T._k().GEMM_CONFIGS
+        wq = torch.randint(-1, 2, (n, k), device=dev).to(torch.bfloat16).to(torch.float8_e4m3fn)
+        sw = torch.rand(n, device=dev) + 0.5
+        cs = torch.randn(n, device=dev)
+        up = torch.randn(n, 32, device=dev, dtype=torch.bfloat16)
+        best, best_tma = {}, {}
+        for m in MS:
+            a8 = torch.randint(0, 4, (m, k), device=dev).to(torch.bfloat16).to(torch.float8_e4m3fn)
+            sx = torch.rand(m, device=dev)
+            lo = torch.randn(m, device=dev)
+            t = torch.randn(m, 32, device=dev, dtype=torch.bfloat16)
+            y = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
+            times = [time_graph(lambda c=c: T._k().launch_fp8_gemm(a8, wq, y, sx, sw, b, lo, cs, t, up, m, c))
+                     for c in cfgs]
+            best[str(m)] = min(range(len(cfgs)), key=lambda i: times[i])
+            print(f"[gemm cfg {name} M={m}] " + " ".join(f"{i}:{tm * 1e6:.1f}us" for i, tm in enumerate(times)),
+                  flush=True)
+            if tma:  # the persistent TMA-fed kernel, every config, same call
+                tt = [time_graph(lambda c=c: T._k().launch_fp8_gemm_tma(a8, wq, y, sx, sw, b, lo, cs, t, up, m, c,
+                                                                        sms)) for c in tcfgs]
+                best_tma[str(m)] = min(range(len(tcfgs)), key=lambda i: tt[i])
+                tma_votes.append(min(tt) / min(times))
+                print(f"[tma gemm cfg {name} M={m}] " + " ".join(f"{i}:{tm * 1e6:.1f}us" for i, tm in enumerate(tt))
+                      + f"  best TMA / best pointer {min(tt) / min(times):.3f}", flush=True)
+        entry["gemm_cfg"] = best
+        if tma:
+            entry["tma_gemm_cfg"] = best_tma
+        D.dispatch_table().setdefault("shapes", {})[f"{n}x{k}"] = {k2: entry[k2] for k2 in ("gemm_cfg", "tma_gemm_cfg")
+                                                                   if k2 in entry}
+        # epilogue mode for the asym + LRB variant
+        mod = make_layer(variants[1][1], w, b, variants[1][2])
+        for m in (1024, 16384):
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            tt = {}
+            for mode in ("addmm", "triton"):
+                os.environ["ROBUQ_FP8_EPI"] = mode
+                with kernels.use("triton_fp8"), torch.no_grad():
+                    tt[mode] = time_graph(lambda: mod(x))
+            os.environ.pop("ROBUQ_FP8_EPI")
+            epi_votes.append(tt["triton"] / tt["addmm"])
+            print(f"[epilogue {name} M={m}] addmm {tt['addmm'] * 1e6:.1f}us triton {tt['triton'] * 1e6:.1f}us",
+                  flush=True)
+        table["shapes"][f"{n}x{k}"] = entry
+    table["gemm_kernel"] = "tma" if tma_votes and geomean(tma_votes) < 1 else "pointer"
+    D.dispatch_table()["gemm_kernel"] = table["gemm_kernel"]
+    print(f"fused-epilogue GEMM: {table['gemm_kernel']} (geomean best TMA / best pointer "
+          f"{geomean(tma_votes) if tma_votes else float('nan'):.3f})")
+    table["epilogue"] = "triton" if geomean(epi_votes) < 1 else "addmm"
+    D.dispatch_table()["epilogue"] = table["epilogue"]
+    print(f"epilogue mode: {table['epilogue']}")
+    for name, k, n in SHAPES:
+        torch.manual_seed(0)
+        w = (torch.randn(n, k, device=dev) / k ** 0.5).to(torch.bfloat16)
+        b = (torch.randn(n, device=dev) * 0.1).to(torch.bfloat16)
+        entry = table["shapes"][f"{n}x{k}"]
+        for vname, kw, r in variants:
+            mod = make_layer(kw, w, b, r)
+            meas = {}
+            for m in args.dispatch_m:
+                x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+                tt = {}
+                for kern in ("triton_fp8", "cuda_dequant"):
+                    with kernels.use(kern), torch.no_grad():
+                        tt[kern] = time_graph(lambda: mod(x))
+                tt["bf16"] = time_graph(lambda: F.linear(x, w, b))
+                meas[m] = tt
+            ms = sorted(meas)
+            thr = 2 ** 31
+            for m in reversed(ms):
+                if meas[m]["triton_fp8"] < meas[m]["cuda_dequant"]:
+                    thr = m
+                else:
+                    break
+            entry["fp8_min_m" if vname == "plain" else "epi_fp8_min_m"] = thr
+            entry["measured"][vname] = {str(m): {kk: round(v * 1e6, 2) for kk, v in meas[m].items()} for m in ms}
+            print(f"[dispatch {name} {vname}] fp8 from M >= {thr}  (M: fp8/dequant/bf16 us) " +
+                  " ".join(f"{m}:{meas[m]['triton_fp8'] * 1e6:.1f}/{meas[m]['cuda_dequant'] * 1e6:.1f}"
+                           f"/{meas[m]['bf16'] * 1e6:.1f}" for m in ms), flush=True)
+    thr = sorted(e["fp8_min_m"] for e in table["shapes"].values())
+    ethr = sorted(e["epi_fp8_min_m"] for e in table["shapes"].values())
+    table["default_fp8_min_m"] = thr[len(thr) // 2]
+    table["default_epi_fp8_min_m"] = ethr[len(ethr) // 2]
+    with open(args.dispatch_out, "w") as f:
+        json.dump(table, f, indent=1)
+    print(f"wrote {args.dispatch_out}")
+    D.dispatch_table.cache_clear()
+
+
