@@ -24,8 +24,16 @@ def _contiguous_like(x):
     return x.new_empty(x.shape)
 
 
+def _compiling() -> None:
+    """A fake kernel runs: Dynamo is tracing a model with this op. Let torch.compile decompose our ops into what
+    Inductor can fuse and launch (kernels/inductor.py)."""
+    from .kernels import inductor
+    inductor.register()
+
+
 @hadamard.register_fake
 def _(x, block):
+    _compiling()
     return _contiguous_like(x)
 
 
@@ -48,6 +56,7 @@ def fake_quant_weight(w: torch.Tensor, w_bits: float, granularity: str, group_si
 
 @fake_quant_weight.register_fake
 def _(w, w_bits, granularity, group_size, scale_dtype):
+    _compiling()
     return _contiguous_like(w)
 
 
@@ -82,6 +91,7 @@ def row_kernel():
 
 @fake_quant_act.register_fake
 def _(x, a_bits, sym, clip):
+    _compiling()
     return _contiguous_like(x)
 
 

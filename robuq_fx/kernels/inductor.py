@@ -14,7 +14,15 @@ buffer is the GEMM operand; the packed layout keeps the opaque op), and it compu
 computes, with the same kernels and the same dispatch (`dispatch.py`). The weight-side vectors the eager path caches
 (fp32 per-channel scales, the asymmetric column sums, B H of the low-rank branch) are computed in the graph here,
 where a cache keyed on tensor identity cannot live (they are a few kB to a few hundred kB per layer). Any other
-call stays one opaque op. ROBUQ_INDUCTOR_DECOMPOSE=0 keeps every call opaque.
+call stays one opaque op.
+
+The QAT graph's ops (`robuq::hadamard`, `fake_quant_weight`, `fake_quant_act`) decompose into their torch math, on
+every device, so that Inductor fuses them with each other and with the ops around them instead of calling three
+opaque ops a layer (their straight-through gradients stay the ops' own autograd formulas). Compiled QAT then matches
+eager up to the rounding of reordered fp32 sums, not bit for bit.
+
+ROBUQ_INDUCTOR_DECOMPOSE=0 keeps every op opaque. Inductor's and AOTAutograd's on-disk caches do not see that switch
+(the decomposition happens inside AOTAutograd): flip it with `TORCHINDUCTOR_FX_GRAPH_CACHE=0` or a fresh cache dir.
 
 How: a FunctionalTensorMode rule for each op (`_functional_rule`). AOTAutograd functionalizes the graph Dynamo
 captured before Inductor lowers it; the rule decomposes the call there, and the triton_ops it calls decompose in
@@ -188,20 +196,56 @@ def _functional_rule(decomposition):
     return rule
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# the QAT graph's ops: their torch math, which Inductor fuses (with each other and with the ops around them)
+
+def _sylvester(b: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """hadamard.hadamard_matrix(b, dtype) built from traced ops (a cached tensor cannot enter a traced graph): the
+    same float64 Sylvester construction and the same rounding to dtype."""
+    h = torch.ones(1, 1, dtype=torch.float64, device=device)
+    while h.shape[0] < b:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / (b ** 0.5)).to(dtype)
+
+
+def _hadamard_decomposition(x, block):
+    import os as _os
+    if not enabled() or (x.is_cuda and _os.environ.get("ROBUQ_HADAMARD") == "fht"):
+        return NotImplemented
+    k = x.shape[-1]
+    if block < 1 or block & (block - 1) or k % block:
+        return NotImplemented  # the op raises its own error
+    h = _sylvester(block, x.dtype, x.device)
+    return (x.reshape(*x.shape[:-1], k // block, block) @ h).reshape(x.shape).contiguous()
+
+
+def _fake_quant_weight_decomposition(w, w_bits, granularity, group_size, scale_dtype):
+    if not enabled():
+        return NotImplemented
+    return Q.fake_quant_weight(w, w_bits, granularity, group_size, scale_dtype).contiguous()
+
+
+def _fake_quant_act_decomposition(x, a_bits, sym, clip):
+    if not enabled():
+        return NotImplemented
+    if a_bits >= 16:
+        return x.clone().contiguous()
+    return Q.fake_quant_act(x, a_bits, sym, clip).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
 _REGISTERED: list[bool] = []
 
 
 def register() -> None:
-    """Install the decompositions (once; a no-op where triton does not import: the ops then stay opaque)."""
+    """Install the decompositions (once). The qlinear / attention8 ones need triton only when they fire (CUDA calls
+    the Triton path takes); the QAT ops' ones are torch math and apply on every device."""
     if _REGISTERED:
         return
     _REGISTERED.append(True)
-    try:
-        import triton  # noqa: F401
-    except Exception:  # noqa: BLE001
-        return
     from torch._subclasses.functional_tensor import FunctionalTensorMode
-    torch.library.register_torch_dispatch("robuq::qlinear", FunctionalTensorMode,
-                                          _functional_rule(_qlinear_decomposition))
-    torch.library.register_torch_dispatch("robuq::attention8", FunctionalTensorMode,
-                                          _functional_rule(_attention8_decomposition))
+    for name, fn in (("qlinear", _qlinear_decomposition), ("attention8", _attention8_decomposition),
+                     ("hadamard", _hadamard_decomposition), ("fake_quant_weight", _fake_quant_weight_decomposition),
+                     ("fake_quant_act", _fake_quant_act_decomposition)):
+        torch.library.register_torch_dispatch(f"robuq::{name}", FunctionalTensorMode, _functional_rule(fn))

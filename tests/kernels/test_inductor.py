@@ -24,6 +24,16 @@ _why = triton_fp8.fp8_machine_check() if torch.cuda.is_available() else "no CUDA
 gpu = pytest.mark.skipif(_why is not None, reason=f"fp8 CUDA path unavailable: {_why}")
 
 
+@pytest.fixture(autouse=True)
+def _no_compile_caches(monkeypatch):
+    """Compile from scratch: Inductor's and AOTAutograd's caches key on the Dynamo graph, which is the same with and
+    without our decompositions (they happen inside AOTAutograd), so a warm cache would answer for the other case."""
+    import torch._functorch.config as fc
+    import torch._inductor.config as ic
+    monkeypatch.setattr(ic, "fx_graph_cache", False)
+    monkeypatch.setattr(fc, "enable_autograd_cache", False, raising=False)
+
+
 def _triton_imports() -> bool:
     try:
         import triton  # noqa: F401
@@ -164,3 +174,44 @@ def test_functional_decomposition_on_fake_cuda_tensors(monkeypatch):
     assert clones and all(set(eval(c)) <= {"out_ptr", "scale_ptr", "lo_ptr", "c_ptr"} for c in clones), clones
     monkeypatch.setenv("ROBUQ_INDUCTOR_DECOMPOSE", "0")
     assert "robuq.qlinear.default(" in trace()
+
+
+def test_compiled_qat_step_decomposes_the_qat_ops(monkeypatch):
+    """CPU (and any device): under torch.compile, robuq::hadamard / fake_quant_weight / fake_quant_act become their
+    torch math inside Inductor's graph (fused with the ops around them), forward and backward (the STE formulas
+    stay the ops' own); the step matches eager up to the rounding of reordered fp32 sums (Inductor fuses and
+    reorders; no quantization code moves at these tolerances: one flipped code would move a value by a whole step).
+    ROBUQ_INDUCTOR_DECOMPOSE=0 keeps the ops opaque."""
+    from torch._inductor.utils import run_and_get_code
+    import copy
+    import robuq_fx as R
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256))
+    pol = {"rules": [{"match": "*", "w_bits": 1.58, "a_bits": 4, "hadamard": True, "hadamard_block": 128,
+                      "lora_rank": 16}]}
+    x = torch.randn(64, 256)
+    q = R.quantize(m, pol, example_inputs=(x,))
+
+    def step(mod):
+        for p in mod.parameters():
+            p.grad = None
+        out = mod(x)
+        out.pow(2).mean().backward()
+        return out.detach(), [p.grad.clone() for p in mod.parameters()]
+
+    def compiled(mod):
+        torch._dynamo.reset()
+        c = torch.compile(mod)
+        (out, grads), code = run_and_get_code(lambda: step(c))
+        return out, grads, "\n".join(ln for ln in "\n".join(code).splitlines() if not ln.lstrip().startswith("#"))
+
+    ref, ref_grads = step(q)
+    out, grads, code = compiled(copy.deepcopy(q))
+    for op in ("hadamard", "fake_quant_weight", "fake_quant_act"):
+        assert not _calls(code, op), f"robuq::{op} left opaque"
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+    for g, r in zip(grads, ref_grads):
+        assert ((g - r).norm() / r.norm().clamp_min(1e-30)).item() < 1e-4
+    monkeypatch.setenv("ROBUQ_INDUCTOR_DECOMPOSE", "0")
+    _, _, code = compiled(copy.deepcopy(q))
+    assert _calls(code, "fake_quant_weight") and _calls(code, "fake_quant_act")
