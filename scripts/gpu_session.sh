@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Batches of GPU work for a session on a lent GPU machine (commands run from the repository root there; results go
+# under $OUT, or ./gpu_out when OUT is unset). Each step is one call of at most ~9.5 minutes.
+#
+#   scripts/gpu_session.sh tests            GPU tests of the newest kernels (Inductor path, TMA GEMM, sigma, timm)
+#   scripts/gpu_session.sh lm-start [MIN]   start bench_lm detached (default 18 min) from a copy in /tmp, so that a
+#                                           later call that re-sends the checkout cannot pull the folder from under it
+#   scripts/gpu_session.sh lm-wait [SECS]   wait for it (at most SECS, default 540), then collect what it wrote
+#   scripts/gpu_session.sh dit              bench_dit W4A4+H and the paper policy, batch 1 / 64 CUDA graphs + batch 8
+#                                           default mode, then the overhead table
+#   scripts/gpu_session.sh linear           bench_linear --write-dispatch (quantizer tilings, GEMM kernels/configs)
+#
+# Set ROBUQ_GIT_COMMIT first where the machine has no git history (benchmarks record it).
+set -uo pipefail
+case "${1:-}" in tests|lm-start|lm-wait|dit|linear) ;; *) sed -n 2,15p "$0"; exit 2 ;; esac
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # diffusers and its needs, carried as wheels
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+LM=/tmp/robuq_lm
+
+case "${1:-}" in
+tests)
+    timeout "${2:-500}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider \
+        tests/kernels/test_inductor.py tests/kernels/test_triton_fp8.py tests/models/test_timm_dropin.py \
+        tests/test_weight_layout.py 2>&1 | grep -v DEBUG | tee "$OUT/gpu_tests.log" | tail -60
+    ;;
+lm-start)
+    rm -rf $LM && mkdir -p $LM/out && cp -r . $LM/repo && rm -rf $LM/repo/.git
+    (cd $LM/repo && setsid nohup python3 benchmarks/bench_lm.py --minutes "${2:-18}" --no-progress --out $LM/out \
+        >$LM/log.txt 2>&1 </dev/null &)
+    sleep 5 && tail -3 $LM/log.txt
+    ;;
+lm-wait)
+    end=$(($(date +%s) + ${2:-540}))
+    while [ "$(date +%s)" -lt $end ] && pgrep -f bench_lm.py >/dev/null; do sleep 5; done
+    pgrep -f bench_lm.py >/dev/null && echo "bench_lm still running"
+    tail -40 $LM/log.txt
+    cp $LM/log.txt "$OUT/bench_lm_log.txt"
+    tar czf "$OUT/bench_lm.tgz" -C $LM out
+    ;;
+dit)
+    timeout 420 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
+        --settings "W4A4+H" "dit-xl-2-robuq (" --batches 1 64 --iters 10 --warmup 3 --default-mode-b8 \
+        --tag _reduce-overhead 2>&1 | tail -40
+    timeout 60 python3 benchmarks/bench_call_overhead.py --out "$OUT" 2>&1 | tail -16
+    ;;
+linear)
+    timeout 540 python3 benchmarks/bench_linear.py --write-dispatch --dispatch-only \
+        --dispatch-out "$OUT/dispatch_table.json" 2>&1 | tail -60
+    ;;
+esac
