@@ -26,6 +26,31 @@ GEMM_CONFIGS = (
 )
 
 
+@triton.jit
+def _epilogue(acc, offs_m, offs_n, M, N, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_ptr, t_ptr, up_ptr, stride_tm,
+              stride_un, R, RP: tl.constexpr, HAS_BIAS: tl.constexpr, ASYM: tl.constexpr, HAS_LRB: tl.constexpr):
+    """acc (BM, BN) fp32 integer products -> s_x s_w acc [+ lo c] [+ bias] [+ t A^T] (rows offs_m, columns offs_n)."""
+    mmask = offs_m < M
+    nmask = offs_n < N
+    sx = tl.load(sx_ptr + offs_m, mask=mmask, other=0.0)
+    sw = tl.load(sw_ptr + offs_n, mask=nmask, other=0.0)
+    acc = acc * sx[:, None] * sw[None, :]
+    if ASYM:
+        lo = tl.load(lo_ptr + offs_m, mask=mmask, other=0.0)
+        cs = tl.load(cs_ptr + offs_n, mask=nmask, other=0.0)
+        acc += lo[:, None] * cs[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_LRB:
+        rr = tl.arange(0, RP)
+        t = tl.load(t_ptr + offs_m[:, None].to(tl.int64) * stride_tm + rr[None, :],
+                    mask=mmask[:, None] & (rr[None, :] < R), other=0.0)
+        u = tl.load(up_ptr + offs_n[:, None].to(tl.int64) * stride_un + rr[None, :],
+                    mask=nmask[:, None] & (rr[None, :] < R), other=0.0)
+        acc = tl.dot(t, tl.trans(u), acc)
+    return acc
+
+
 @triton.jit(do_not_specialize=["M"])
 def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_ptr, t_ptr, up_ptr,
                     M, N, K, stride_am, stride_bn, stride_cm, stride_tm, stride_un, R,
@@ -56,24 +81,10 @@ def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_pt
         a_ptrs += BK
         b_ptrs += BK
 
+    acc = _epilogue(acc, offs_m, offs_n, M, N, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_ptr, t_ptr, up_ptr, stride_tm,
+                    stride_un, R, RP, HAS_BIAS, ASYM, HAS_LRB)
     mmask = offs_m < M
     nmask = offs_n < N
-    sx = tl.load(sx_ptr + offs_m, mask=mmask, other=0.0)
-    sw = tl.load(sw_ptr + offs_n, mask=nmask, other=0.0)
-    acc = acc * sx[:, None] * sw[None, :]
-    if ASYM:
-        lo = tl.load(lo_ptr + offs_m, mask=mmask, other=0.0)
-        cs = tl.load(cs_ptr + offs_n, mask=nmask, other=0.0)
-        acc += lo[:, None] * cs[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    if HAS_LRB:
-        rr = tl.arange(0, RP)
-        t = tl.load(t_ptr + offs_m[:, None].to(tl.int64) * stride_tm + rr[None, :],
-                    mask=mmask[:, None] & (rr[None, :] < R), other=0.0)
-        u = tl.load(up_ptr + offs_n[:, None].to(tl.int64) * stride_un + rr[None, :],
-                    mask=nmask[:, None] & (rr[None, :] < R), other=0.0)
-        acc = tl.dot(t, tl.trans(u), acc)
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
@@ -140,26 +151,8 @@ def fp8_gemm_tma_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, lo_ptr, c
             a = a_desc.load([off_m, ki * BK])
             b = b_desc.load([off_n, ki * BK])
             acc = tl.dot(a, b.T, acc)
-        offs_m = off_m + tl.arange(0, BM)
-        offs_n = off_n + tl.arange(0, BN)
-        mmask = offs_m < M
-        nmask = offs_n < N
-        sx = tl.load(sx_ptr + offs_m, mask=mmask, other=0.0)
-        sw = tl.load(sw_ptr + offs_n, mask=nmask, other=0.0)
-        acc = acc * sx[:, None] * sw[None, :]
-        if ASYM:
-            lo = tl.load(lo_ptr + offs_m, mask=mmask, other=0.0)
-            cs = tl.load(cs_ptr + offs_n, mask=nmask, other=0.0)
-            acc += lo[:, None] * cs[None, :]
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        if HAS_LRB:
-            rr = tl.arange(0, RP)
-            t = tl.load(t_ptr + offs_m[:, None].to(tl.int64) * stride_tm + rr[None, :],
-                        mask=mmask[:, None] & (rr[None, :] < R), other=0.0)
-            u = tl.load(up_ptr + offs_n[:, None].to(tl.int64) * stride_un + rr[None, :],
-                        mask=nmask[:, None] & (rr[None, :] < R), other=0.0)
-            acc = tl.dot(t, tl.trans(u), acc)
+        acc = _epilogue(acc, off_m + tl.arange(0, BM), off_n + tl.arange(0, BN), M, N, sx_ptr, sw_ptr, bias_ptr,
+                        lo_ptr, cs_ptr, t_ptr, up_ptr, stride_tm, stride_un, R, RP, HAS_BIAS, ASYM, HAS_LRB)
         c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
 
 

@@ -92,20 +92,15 @@ def test_compiled_qlinear_equals_eager_and_launches_our_kernels(case, m):
 
 
 @gpu
-def test_decomposition_off_keeps_the_opaque_op(monkeypatch):
-    monkeypatch.setenv("ROBUQ_INDUCTOR_DECOMPOSE", "0")
+@pytest.mark.parametrize("why", ["switched off", "packed layout"])
+def test_calls_left_to_the_eager_op(why, monkeypatch):
+    """ROBUQ_INDUCTOR_DECOMPOSE=0, and calls the decomposition does not take (packed-layout weights), keep the op,
+    with the eager kernel choice and result."""
     mod = _layer(1152, 1152, *CASES[0])
-    x = torch.randn(64, 1152, device="cuda").bfloat16()
-    with torch.no_grad():
-        out, code = _compiled_code(mod, x)
-        assert torch.equal(out, mod(x))
-    assert _calls(code, "qlinear")
-
-
-@gpu
-def test_packed_layout_and_dequant_calls_stay_opaque(monkeypatch):
-    """Calls the fp8 path does not take keep the op (and its eager kernel choice): packed-layout weights, 8-bit."""
-    mod = _layer(1152, 1152, *CASES[0]).set_layout("packed")
+    if why == "switched off":
+        monkeypatch.setenv("ROBUQ_INDUCTOR_DECOMPOSE", "0")
+    else:
+        mod.set_layout("packed")
     x = torch.randn(64, 1152, device="cuda").bfloat16()
     with torch.no_grad():
         out, code = _compiled_code(mod, x)
