@@ -92,6 +92,24 @@ def test_compiled_qlinear_equals_eager_and_launches_our_kernels(case, m):
 
 
 @gpu
+@pytest.mark.parametrize("gemm", ["pointer", "tma"])
+def test_compiled_with_dynamic_m(gemm, monkeypatch):
+    """One compiled graph for every token count (dynamic=True: M is a symbol in the decomposition, the kernels'
+    grids and plans follow it), on both Triton GEMMs of the LRB / asymmetric path: equal to eager at each M."""
+    if gemm == "tma" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the TMA GEMM needs Hopper")
+    monkeypatch.setenv("ROBUQ_FP8_GEMM_KERNEL", gemm)
+    monkeypatch.setenv("ROBUQ_FP8_EPI", "triton")
+    mod = _layer(1152, 1152, *CASES[3])
+    torch._dynamo.reset()
+    cmod = torch.compile(mod, dynamic=True)
+    with torch.no_grad():
+        for m in (37, 1000, 16):
+            x = torch.randn(m, 1152, device="cuda").bfloat16()
+            assert torch.equal(cmod(x), mod(x)), f"M={m}"
+
+
+@gpu
 @pytest.mark.parametrize("why", ["switched off", "packed layout"])
 def test_calls_left_to_the_eager_op(why, monkeypatch):
     """ROBUQ_INDUCTOR_DECOMPOSE=0, and calls the decomposition does not take (packed-layout weights), keep the op,
