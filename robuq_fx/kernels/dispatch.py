@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 
 _TABLE_PATH = os.path.join(os.path.dirname(__file__), "dispatch_table.json")
@@ -42,15 +41,22 @@ def fp8_min_m(n: int, k: int, epilogue: bool) -> int:
     return int(t.get("default_" + field, t.get("default_fp8_min_m", _DEFAULT_FP8_MIN_M)))
 
 
+def _nearest(m, buckets: list[int]) -> int:
+    """The bucket nearest to m on a log scale (m <= sqrt(b_i b_i+1) picks b_i), by integer comparisons only, so
+    that a symbolic M (torch.compile with dynamic shapes) is guarded, not specialized."""
+    for lo, hi in zip(buckets, buckets[1:]):
+        if m * m <= lo * hi:
+            return lo
+    return buckets[-1]
+
+
 def gemm_config(m: int, n: int, k: int) -> tuple:
     """Triton GEMM config: the table's measured choice for the nearest M bucket, else a size heuristic."""
     from .triton_fp8_kernels import GEMM_CONFIGS as cfgs  # imports triton: first use only
     row = dispatch_table().get("shapes", {}).get(f"{n}x{k}", {})
     tuned = row.get("gemm_cfg")
     if tuned:
-        ms = sorted(int(x) for x in tuned)
-        best = min(ms, key=lambda x: abs(math.log2(max(m, 1)) - math.log2(x)))
-        i = int(tuned[str(best)])
+        i = int(tuned[str(_nearest(m, sorted(int(x) for x in tuned)))])
         if 0 <= i < len(cfgs):
             return cfgs[i]
     if m <= 64:
