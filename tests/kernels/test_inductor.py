@@ -25,13 +25,12 @@ gpu = pytest.mark.skipif(_why is not None, reason=f"fp8 CUDA path unavailable: {
 
 
 @pytest.fixture(autouse=True)
-def _no_compile_caches(monkeypatch):
+def _no_compile_caches():
     """Compile from scratch: Inductor's and AOTAutograd's caches key on the Dynamo graph, which is the same with and
     without our decompositions (they happen inside AOTAutograd), so a warm cache would answer for the other case."""
-    import torch._functorch.config as fc
     import torch._inductor.config as ic
-    monkeypatch.setattr(ic, "fx_graph_cache", False)
-    monkeypatch.setattr(fc, "enable_autograd_cache", False, raising=False)
+    with ic.patch(force_disable_caches=True):
+        yield
 
 
 def _triton_imports() -> bool:
