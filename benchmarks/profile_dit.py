@@ -78,6 +78,9 @@ def main(argv=None):
                     help="bf16, dit (W4A4+H), w158 (W1.58A4+H), paper, paper-a3, paper-a2")
     ap.add_argument("--compile-mode", default=None)
     ap.add_argument("--top", type=int, default=12, help="kernels listed per setting")
+    ap.add_argument("--train", choices=["eager", "compiled"], default=None,
+                    help="profile QAT training steps instead (batch --batch, bf16 autocast, fp32 masters, AdamW): "
+                         "kernels by category plus the robuq ops' own CPU and GPU time (issue 19)")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
     from tabulate import tabulate
@@ -94,6 +97,8 @@ def main(argv=None):
     out = {"provenance": prov, "batch": args.batch, "compile_mode": args.compile_mode, "settings": {}}
     lines = [f"DiT {'tiny' if args.quick else 'XL/2'} batch {args.batch} | {prov['gpu']} | torch {prov['torch']} | "
              f"torch.compile mode {args.compile_mode or 'default'} | {args.steps} forwards profiled"]
+    if args.train:
+        return train_profile(args, cfg, pols, names, prov, device)
     for key in args.settings:
         model = fp if key == "bf16" else robuq_fx.lower(robuq_fx.quantize(fp, pols[names[key]], example_inputs=ex),
                                                         progress=False)
@@ -120,6 +125,81 @@ def main(argv=None):
     print(text)
     os.makedirs(args.out, exist_ok=True)
     base = Path(args.out) / f"profile_dit_{'quick' if args.quick else gpu_tag(prov['gpu'])}"
+    base.with_suffix(".txt").write_text(f"# {prov}\n{text}\n")
+    base.with_suffix(".json").write_text(json.dumps(out, indent=1))
+    print(f"wrote {base}.txt / .json")
+
+
+def train_profile(args, cfg, pols, names, prov, device):
+    """Per training step: kernel time by category, wall time, and each robuq op's CPU time and the GPU time of the
+    kernels it launched (its inclusive device time), for FP ("bf16") and each QAT setting."""
+    import time
+    from tabulate import tabulate
+    from torch.profiler import ProfilerActivity, profile as tprofile
+    amp = device == "cuda"
+    x = inputs(cfg, args.batch if not args.quick else 2, device)
+    lines = [f"DiT {'tiny' if args.quick else 'XL/2'} QAT step, batch {args.batch} | {prov['gpu']} | "
+             f"torch {prov['torch']} | {args.train} | {args.steps} steps profiled"]
+    out = {"provenance": prov, "batch": args.batch, "train": args.train, "settings": {}}
+    for key in args.settings:
+        torch.manual_seed(0)
+        m = build(cfg).to(device).train()
+        if key != "bf16":
+            m = robuq_fx.quantize(m, pols[names[key]], example_inputs=inputs(cfg, 2, device)).train()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+        fwd = torch.compile(m) if args.train == "compiled" else m
+        target = torch.randn_like(m(**x)[0].detach())
+
+        def step():
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
+                y = fwd(**x)[0]
+            loss = (y.float() - target).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        for _ in range(3):
+            step()
+        if amp:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        if amp:
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / args.steps * 1e3
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if amp else [])
+        with tprofile(activities=acts) as prof:
+            for _ in range(args.steps):
+                step()
+            if amp:
+                torch.cuda.synchronize()
+        cats: dict[str, float] = {}
+        ops = []
+        for e in prof.key_averages():
+            is_cpu_op = str(getattr(e, "device_type", "")).endswith("CPU")
+            if is_cpu_op and "robuq" in e.key:
+                ops.append({"op": e.key, "calls per step": e.count / args.steps,
+                            "CPU ms per step (self)": round(e.self_cpu_time_total / 1e3 / args.steps, 3),
+                            "GPU ms per step (its kernels)": round(e.device_time_total / 1e3 / args.steps, 3)})
+            elif not is_cpu_op and e.device_time_total > 0:
+                c = category(e.key)
+                cats[c] = cats.get(c, 0.0) + e.device_time_total / 1e3 / args.steps
+        total = sum(cats.values())
+        table = [{"category": c, "ms per step": round(v, 3), "share": f"{100 * v / max(total, 1e-9):.1f}%"}
+                 for c, v in sorted(cats.items(), key=lambda kv: -kv[1])]
+        table.append({"category": "TOTAL kernel time", "ms per step": round(total, 3), "share": ""})
+        table.append({"category": "wall time per step", "ms per step": round(wall, 3), "share": ""})
+        out["settings"][key] = {"categories": table, "robuq_ops": ops, "wall_ms": wall}
+        lines += ["", f"## {key}", tabulate(table, headers="keys", tablefmt="github")]
+        if ops:
+            lines += ["", tabulate(sorted(ops, key=lambda r: -r["GPU ms per step (its kernels)"]), headers="keys",
+                                   tablefmt="github")]
+        del fwd, m, opt
+        torch._dynamo.reset()
+    text = "\n".join(lines)
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    base = Path(args.out) / f"profile_dit_train_{args.train}_{'quick' if args.quick else gpu_tag(prov['gpu'])}"
     base.with_suffix(".txt").write_text(f"# {prov}\n{text}\n")
     base.with_suffix(".json").write_text(json.dumps(out, indent=1))
     print(f"wrote {base}.txt / .json")

@@ -9,10 +9,11 @@
 #   scripts/gpu_session.sh dit              bench_dit W4A4+H and the paper policy, batch 1 / 64 CUDA graphs + batch 8
 #                                           default mode, then the overhead table
 #   scripts/gpu_session.sh linear           bench_linear --write-dispatch (quantizer tilings, GEMM kernels/configs)
+#   scripts/gpu_session.sh qat-profile      profile_dit --train eager and compiled, batch 16 (issue 19's breakdown)
 #
 # Set ROBUQ_GIT_COMMIT first where the machine has no git history (benchmarks record it).
 set -uo pipefail
-case "${1:-}" in tests|lm-start|lm-wait|dit|linear) ;; *) sed -n 2,15p "$0"; exit 2 ;; esac
+case "${1:-}" in tests|lm-start|lm-wait|dit|linear|qat-profile) ;; *) sed -n 2,15p "$0"; exit 2 ;; esac
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -48,6 +49,12 @@ dit)
         --settings "W4A4+H" "dit-xl-2-robuq (" --batches 1 64 --iters 10 --warmup 3 --default-mode-b8 \
         --tag _reduce-overhead 2>&1 | tail -40
     timeout 60 python3 benchmarks/bench_call_overhead.py --out "$OUT" 2>&1 | tail -16
+    ;;
+qat-profile)
+    for mode in eager compiled; do
+        timeout 270 python3 benchmarks/profile_dit.py --train $mode --batch 16 --steps 3 --settings bf16 dit paper \
+            --out "$OUT" 2>&1 | tail -45
+    done
     ;;
 linear)
     timeout 540 python3 benchmarks/bench_linear.py --write-dispatch --dispatch-only \
