@@ -63,8 +63,8 @@ def _(w, w_bits, granularity, group_size, scale_dtype):
 fake_quant_weight.register_autograd(lambda ctx, grad: (grad, None, None, None, None))
 
 
-@torch.library.custom_op("robuq::fake_quant_act", mutates_args=())
-def fake_quant_act(x: torch.Tensor, a_bits: int, sym: bool, clip: str) -> torch.Tensor:
+def fake_quant_act_impl(x: torch.Tensor, a_bits: int, sym: bool, clip: str) -> torch.Tensor:
+    """What robuq::fake_quant_act computes (also called directly by the fused eager QAT path, qat_fused.py)."""
     # a_bits=16 is the identity: clone, since a custom op's output may not alias its input
     if a_bits >= 16:
         return x.clone().contiguous()
@@ -73,6 +73,11 @@ def fake_quant_act(x: torch.Tensor, a_bits: int, sym: bool, clip: str) -> torch.
         if rows is not None and rows.supported(x, a_bits) is None:
             return rows.fake_quant_rows(x, a_bits, sym)  # one Triton kernel, bit-identical to the torch math
     return Q.fake_quant_act(x, a_bits, sym, clip).contiguous()
+
+
+@torch.library.custom_op("robuq::fake_quant_act", mutates_args=())
+def fake_quant_act(x: torch.Tensor, a_bits: int, sym: bool, clip: str) -> torch.Tensor:
+    return fake_quant_act_impl(x, a_bits, sym, clip)
 
 
 _ROWS: list = []

@@ -99,6 +99,23 @@ def apply_keeping_dtypes(module: nn.Module, apply, fn, names) -> None:
             module._buffers[k] = old.to(module._buffers[k].device)
 
 
+def _fused_ok(x: torch.Tensor, m: "QATLinear") -> bool:
+    """The fused eager path runs where it computes what the op graph computes and nothing watches the ops: plain
+    eager tensors (no compile, export, functorch transform, tensor subclass or active TorchDispatchMode), floating
+    point, and ROBUQ_QAT_FUSED not 0."""
+    if _FUSED_OFF[0] is None:
+        import os
+        _FUSED_OFF[0] = os.environ.get("ROBUQ_QAT_FUSED", "1") == "0"
+    if _FUSED_OFF[0] or torch.compiler.is_compiling() or type(x) is not torch.Tensor or not x.is_floating_point():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return False
+    return type(m.weight) is nn.Parameter or type(m.weight) is torch.Tensor
+
+
+_FUSED_OFF: list = [None]
+
+
 class QATLinear(nn.Module):
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, spec: LayerSpec, transposed: bool = False,
                  lrb: tuple[torch.Tensor, torch.Tensor] | None = None):
@@ -136,6 +153,9 @@ class QATLinear(nn.Module):
         if _CAPTURING[0]:
             return leaf_linear(x, self.weight, self.bias, self.transposed)
         w = self.weight_nk()
+        if _fused_ok(x, self):  # eager: one autograd node (qat_fused.py); compile / export: the op graph below
+            from .qat_fused import qat_linear
+            return qat_linear(x, w, self.bias, self.lrb_down, self.lrb_up, self.spec)
         if x.dtype == w.dtype:
             return layer.qat_forward(x, w, self.bias, self.lrb_down, self.lrb_up, self.spec)
         # a cast model: Q_w(R) from the masters (the values lower() packs), everything else in the input's dtype

@@ -1,0 +1,124 @@
+"""One autograd node per QAT linear in eager mode (issue 19): `layer.qat_weight` + `layer.robuq_linear` as a single
+`torch.autograd.Function` whose backward is written out, instead of five custom ops and their autograd wrappers
+(~35 us of Python each) per layer and call. torch.compile, torch.export and capture keep the op graph
+(QATLinear.forward chooses); under torch.compile that graph is decomposed for Inductor (kernels/inductor.py).
+
+Forward, from the masters W, A (lrb_up), B (lrb_down) (METHOD.md §1), with c the dtype the matmuls run in (autocast's
+when autocast is on, else the input's) and ab the dtype of the A B product (autocast's when on, else the masters'):
+    R = W H - (A B in ab),  Wq = Q_w(R) -> c       (no autograd graph: its gradient is written out below)
+    xh = x H,  xq = Q_a(xh)
+    t = xh_c B_c^T,  y = xq_c Wq^T + bias_c + t A_c^T
+Autocast is left on where the caller has it, as for the op graph, where it also rounds the rotations' matmuls (x H,
+W H) to its dtype. Backward (the ops' straight-through estimators: Q_w passes the gradient, Q_a inside the range):
+    g_xh = mask * (g Wq -> xh's dtype) + ((g A_c) B_c -> xh's dtype),  g_x = g_xh H    (H symmetric orthonormal)
+    g_R = g^T xq_c -> R's dtype,  g_W = g_R H -> masters',
+    g_A = (-g_R -> ab) B_ab^T + g^T t,  g_B = A_ab^T (-g_R -> ab) + (g A_c)^T xh_c   (-> masters': each term, or
+        their sum where autocast shares one cast of A and of B between the two products, see forward)
+    g_bias = sum of g -> the bias dtype
+These are the products, dtypes and operand orders autograd takes through the op graph (linear folded to a 2-D
+addmm / mm; autograd casting each gradient to its input's dtype), so the gradients are equal to it: tested bit for
+bit on CPU, fp32, bf16 and under autocast.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import hadamard as _had
+from . import quantizers as Q
+from .ops import fake_quant_act_impl
+from .spec import LayerSpec
+
+
+def _rotate(x: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+    return _had.block_hadamard(x, spec.hadamard_block).contiguous() if spec.hadamard else x
+
+
+def _2d(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def quantized_weight(w, down, up, spec: LayerSpec, c: torch.dtype, ab: torch.dtype) -> tuple[torch.Tensor, torch.dtype]:
+    """(Q_w(R) in c, the dtype R was computed in), without an autograd graph. Computed on every call, as the op graph
+    does: a cache keyed on the masters' storage and version counter went stale under FSDP2, whose all-gathers
+    rewrite the unsharded weights in place without moving their version (a CPU test caught it)."""
+    with torch.no_grad():
+        r = _rotate(w, spec)
+        if down is not None:
+            r = r - torch.mm(up.to(ab), down.to(ab))
+        wq = Q.fake_quant_weight(r, float(spec.w_bits), spec.w_granularity, spec.group_size, spec.scale_dtype)
+        return wq.contiguous().to(c), r.dtype
+
+
+def compute_dtypes(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """(c, ab) of the module docstring."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        ac = torch.get_autocast_dtype(dev)
+        return ac, ac
+    return x.dtype, w.dtype
+
+
+class QATLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, bias, down, up, spec: LayerSpec, c: torch.dtype, ab: torch.dtype):
+        # autocast stays as the caller set it, as it does for the op graph: it also rounds the rotations' matmuls
+        wq, r_dtype = quantized_weight(w, down, up, spec, c, ab)
+        xh = _rotate(x, spec)
+        xq = fake_quant_act_impl(xh, spec.a_bits, spec.sym, spec.a_clip) if spec.a_bits < 16 else xh
+        xq_c = xq.to(c)
+        y = F.linear(xq_c, wq, None if bias is None else bias.to(c))
+        t = xh_c = None
+        if down is not None:
+            xh_c = xh.to(c)
+            t = F.linear(xh_c, down.to(c))
+            y = y + F.linear(t, up.to(c))
+        ctx.spec, ctx.xh_dtype, ctx.r_dtype, ctx.ab, ctx.w_dtype = spec, xh.dtype, r_dtype, ab, w.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        # autocast caches its cast of a leaf master within its region: where the op graph would take the uncast
+        # masters (x in their dtype), A B and the branch share one cast of A and of B, and their gradients add up
+        # in the cast dtype before the cast back
+        ctx.shared_cast = torch.is_autocast_enabled(x.device.type) and x.dtype == w.dtype
+        masked = spec.a_bits < 16 and spec.a_clip != "absmax"
+        ctx.save_for_backward(xq_c, wq, xh if masked else None, xh_c, t, down, up)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        xq_c, wq, xh, xh_c, t, down, up = ctx.saved_tensors
+        spec, xd = ctx.spec, ctx.xh_dtype
+        c = g.dtype
+        g2 = _2d(g)
+        need_x, need_w, need_b, need_down, need_up = ctx.needs_input_grad[:5]
+        g_x = g_w = g_bias = g_down = g_up = None
+        gt2 = None if down is None else g2.mm(up.to(c))  # g A_c
+        if need_x:
+            g_xh = g2.mm(wq).to(xd)
+            if xh is not None:  # a clipped range: the gradient passes inside it only
+                g_xh = g_xh * Q.act_ste_mask(xh, spec.a_bits, spec.sym, spec.a_clip).reshape(g_xh.shape).to(xd)
+            if down is not None:
+                g_xh = g_xh + gt2.mm(down.to(c)).to(xd)
+            g_x = _rotate(g_xh.reshape(*g.shape[:-1], g_xh.shape[-1]), spec)
+        if need_w or need_down or need_up:
+            g_r = g2.t().mm(_2d(xq_c)).to(ctx.r_dtype)
+            if need_w:
+                g_w = _rotate(g_r, spec).to(ctx.w_dtype)
+            if down is not None:
+                neg = (-g_r).to(ctx.ab)
+                parts_up = neg.mm(down.to(ctx.ab).t()), g2.t().mm(_2d(t))
+                parts_down = up.to(ctx.ab).t().mm(neg), gt2.t().mm(_2d(xh_c))
+                if ctx.shared_cast:
+                    g_up, g_down = (parts_up[0] + parts_up[1]).to(up.dtype), (parts_down[0] + parts_down[1]).to(down.dtype)
+                else:
+                    g_up = parts_up[0].to(up.dtype) + parts_up[1].to(up.dtype)
+                    g_down = parts_down[0].to(down.dtype) + parts_down[1].to(down.dtype)
+        if need_b and ctx.bias_dtype is not None:
+            g_bias = g2.sum(0).to(ctx.bias_dtype)
+        return g_x, g_w, g_bias, g_down, g_up, None, None, None
+
+
+def qat_linear(x, w, bias, down, up, spec: LayerSpec) -> torch.Tensor:
+    """y of one QAT linear (module docstring); w is (N, K) and may be a transposed view."""
+    c, ab = compute_dtypes(x, w)
+    return QATLinearFunction.apply(x, w, bias, down, up, spec, c, ab)
