@@ -32,7 +32,7 @@ tests)
     ;;
 lm-start)
     rm -rf $LM && mkdir -p $LM/out && cp -r . $LM/repo && rm -rf $LM/repo/.git
-    (cd $LM/repo && setsid nohup python3 benchmarks/bench_lm.py --minutes "${2:-18}" --no-progress --out $LM/out \
+    (cd $LM/repo && setsid nohup python3 benchmarks/bench_lm.py --minutes "${2:-18}" --no-progress --out $LM/out ${LM_ARGS:-} \
         >$LM/log.txt 2>&1 </dev/null &)
     sleep 5 && tail -3 $LM/log.txt
     ;;
