@@ -82,6 +82,13 @@ def register(name: str, priority: int, machine_check=lambda: None, supports=lamb
     return deco
 
 
+def state_key() -> tuple:
+    """Everything besides the call itself that `select` depends on: the forced and disabled kernels, the threshold
+    override, and which kernels are registered (callers that cache a selection key it on this)."""
+    return (forced(), os.environ.get("ROBUQ_KERNEL_DISABLE"), os.environ.get("ROBUQ_FP8_MIN_M"),
+            tuple(map(id, _KERNELS.values())))
+
+
 def forced() -> str | None:
     return _FORCED[-1] if _FORCED else (os.environ.get("ROBUQ_KERNEL") or None)
 

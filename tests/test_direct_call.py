@@ -1,0 +1,116 @@
+"""PackedLinear's eager fast path (modules.PackedLinear._direct): in plain eager inference it calls the kernel that
+`robuq::qlinear` would pick without going through the dispatcher, caching the registry's choice. It must return what
+the op returns, follow every change of what the choice depends on (registered, forced and disabled kernels, buffers,
+input shape), raise the op's errors, and step aside (the op runs) where anything watches the ops."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import robuq_fx
+from robuq_fx import modules
+from robuq_fx.kernels import registry
+from robuq_fx.modules import PackedLinear
+from robuq_fx.spec import LayerSpec
+
+
+def _layer(rank=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w, b = torch.randn(48, 64, generator=g), torch.randn(48, generator=g)
+    spec = LayerSpec(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=32, lora_rank=rank).resolve(64, 48)
+    dn = torch.randn(rank, 64, generator=g) * 0.1 if rank else None
+    up = torch.randn(48, rank, generator=g) * 0.1 if rank else None
+    return PackedLinear.from_float(w, b, dn, up, spec)
+
+
+def _op(m, x):
+    return torch.ops.robuq.qlinear(x, m.qweight, m.w_scale, m.bias, m.lrb_down, m.lrb_up, *m.op_args())
+
+
+class Recorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("rank", [0, 8])
+def test_direct_equals_the_op(rank):
+    m = _layer(rank)
+    for shape in ((5, 64), (2, 7, 64), (1, 64)):
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            assert torch.equal(m(x), _op(m, x))
+    assert "_direct_plan" in m.__dict__  # the fast path ran
+
+
+@pytest.mark.parametrize("rank", [0, 8])
+def test_fused_siblings_take_it_too(rank):
+    from robuq_fx.passes.fuse import fuse_packed
+    f = fuse_packed([_layer(rank, seed=i) for i in range(3)], ["q", "k", "v"])
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        assert torch.equal(f(x), _op(f, x))
+    assert "_direct_plan" in f.__dict__
+
+
+def test_choice_follows_the_registry(monkeypatch):
+    """A kernel registered later, a forced kernel, a disabled one: the next call sees each change."""
+    m = _layer()
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        ref = m(x)
+        marker = dataclasses.replace(registry._KERNELS["reference"], name="marker", priority=99,
+                                     fn=lambda x, a: torch.full((*x.shape[:-1], a.out_features), 7.0))
+        monkeypatch.setitem(registry._KERNELS, "marker", marker)
+        assert (m(x) == 7).all()
+        monkeypatch.setenv("ROBUQ_KERNEL_DISABLE", "marker")
+        assert torch.equal(m(x), ref)
+        monkeypatch.delenv("ROBUQ_KERNEL_DISABLE")
+        with robuq_fx.kernels.use("reference"):
+            assert torch.equal(m(x), ref)
+        assert (m(x) == 7).all()
+
+
+def test_buffers_replaced_and_bad_input():
+    m = _layer()
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        m(x)
+        other = _layer(seed=1)
+        m.load_state_dict(other.state_dict())  # in place: the plan holds the same tensors, the kernels see new values
+        assert torch.equal(m(x), other(x))
+        m._buffers["qweight"] = other.qweight.clone()  # a new buffer object: a new plan
+        assert torch.equal(m(x), other(x))
+        with pytest.raises(ValueError, match="input has 32 features, the layer expects 64"):
+            m(torch.randn(3, 32))
+
+
+def test_the_op_runs_where_something_watches(monkeypatch):
+    """Under a TorchDispatchMode, with an input that requires grad, or with ROBUQ_DIRECT_CALL=0, the op is called."""
+    m = _layer()
+    x = torch.randn(3, 64)
+    with Recorder() as rec, torch.no_grad():
+        m(x)
+    assert "robuq.qlinear.default" in rec.ops
+    calls = []
+    orig = torch.ops.robuq.qlinear
+    monkeypatch.setattr(torch.ops.robuq, "qlinear", lambda *a: calls.append(1) or orig(*a))
+    with torch.no_grad():
+        m(x)
+    assert not calls  # plain eager inference: the fast path
+    m(x.clone().requires_grad_(True))
+    assert len(calls) == 1
+    before, modules._DIRECT[0] = modules._DIRECT[0], False
+    try:
+        with torch.no_grad():
+            m(x)
+    finally:
+        modules._DIRECT[0] = before
+    assert len(calls) == 2
