@@ -297,9 +297,11 @@ def fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
             if m:
                 with on_device(x.device):
                     run_fp8_gemm(codes, e.fp8, y, sx, e.sw, a.bias, None, None, None, None, m)
-            return y.reshape(*lead, n)
+            return y if x.dim() == 2 else y.reshape(*lead, n)
         bias = None if a.bias is None else a.bias.to(torch.bfloat16)
-        y = _scaled_mm(codes, e.fp8, sx, e.sw, bias)[:m]
+        y = _scaled_mm(codes, e.fp8, sx, e.sw, bias)
+        if m != m_pad:
+            y = y[:m]
         if lrb or not a.a_sym:
             left = [] if t is None else [t.to(torch.bfloat16)]
             if not a.a_sym:
@@ -318,7 +320,7 @@ def fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
             with on_device(x.device):
                 run_fp8_gemm(codes, e.fp8, y, sx, e.sw, a.bias, None if a.a_sym else lo, None if a.a_sym else e.cs,
                              t, up, m)
-    return y.reshape(*lead, n)
+    return y if x.dim() == 2 else y.reshape(*lead, n)
 
 
 def _dequant_supports(x: torch.Tensor, a: QLinearArgs) -> str | None:
