@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import time
 import warnings
@@ -169,7 +170,9 @@ def train(model, make_batch, loss, args, rank: int, world: int, device: torch.de
     opt = make_optimizer(model, args)
     model.train()
     losses = []
+    args.step_s = []
     for step in range(args.steps):
+        t = time.perf_counter()
         b = {k: v[rank * local:(rank + 1) * local].to(device) for k, v in make_batch(step).items()}
         value = loss(model, b)
         opt.zero_grad(set_to_none=True)
@@ -179,8 +182,15 @@ def train(model, make_batch, loss, args, rank: int, world: int, device: torch.de
         if world > 1:
             dist.all_reduce(seen)  # equal slices: the mean of slice means is the global-batch mean
             seen /= world
-        losses.append(seen.item())
+        losses.append(seen.item())  # waits for the step (and the other ranks): the step time below is the step's
+        args.step_s.append(time.perf_counter() - t)
     return losses
+
+
+def steady_step_s(step_s: list[float]) -> float:
+    """Median step time without the first steps (compilation, allocator and communicator warm-up)."""
+    skip = min(2, len(step_s) - 1)
+    return statistics.median(step_s[skip:])
 
 
 def gather_state(model, engine: str) -> dict:
@@ -213,12 +223,16 @@ def main(argv=None) -> dict:
     losses = train(engine_model, make_batch, loss_fn, args, rank, world, device)
     t_train = time.perf_counter() - t1
     state = gather_state(engine_model, args.engine)
+    steady = steady_step_s(args.step_s)
     result = {"engine": args.engine, "model": args.model, "world": world, "device": str(device),
               "global_batch": args.batch, "steps": args.steps, "losses": losses,
-              "quantize_s": round(t_quant, 2), "train_s": round(t_train, 2)}
+              "quantize_s": round(t_quant, 2), "train_s": round(t_train, 2),
+              "step_s": [round(v, 5) for v in args.step_s], "steady_step_s": round(steady, 5),
+              "samples_per_s": round(args.batch / steady, 3)}
     if rank == 0:
         print(f"{args.engine} x{world} on {device}: {args.model}, global batch {args.batch}, {args.steps} steps, "
-              f"quantize {t_quant:.1f} s, train {t_train:.1f} s")
+              f"quantize {t_quant:.1f} s, train {t_train:.1f} s; steady step {steady * 1e3:.1f} ms "
+              f"({args.batch / steady:.2f} samples/s, the median without the first {min(2, args.steps - 1)} steps)")
         for i, l in enumerate(losses):
             print(f"  step {i}: loss {l:.6f}")
         if args.save_state:

@@ -11,10 +11,11 @@
 #   scripts/gpu_session.sh linear           bench_linear --write-dispatch (quantizer tilings, GEMM kernels/configs)
 #   scripts/gpu_session.sh qat-profile      profile_dit --train eager and compiled, batch 16 (issue 19's breakdown)
 #   scripts/gpu_session.sh train            bench_dit --train-only: QAT step vs FP, eager and compiled (issue 19)
+#   scripts/gpu_session.sh ddp              bench_ddp: 1 GPU vs all GPUs, DDP and FSDP2 (on nvidia-h200-x2)
 #
 # Set ROBUQ_GIT_COMMIT first where the machine has no git history (benchmarks record it).
 set -uo pipefail
-case "${1:-}" in tests|lm-start|lm-wait|dit|linear|qat-profile|train) ;; *) sed -n 2,15p "$0"; exit 2 ;; esac
+case "${1:-}" in tests|lm-start|lm-wait|dit|linear|qat-profile|train|ddp) ;; *) sed -n 2,15p "$0"; exit 2 ;; esac
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -50,6 +51,9 @@ dit)
         --settings "W4A4+H" "dit-xl-2-robuq (" --batches 1 64 --iters 10 --warmup 3 --default-mode-b8 \
         --tag _reduce-overhead 2>&1 | tail -40
     timeout 60 python3 benchmarks/bench_call_overhead.py --out "$OUT" 2>&1 | tail -16
+    ;;
+ddp)
+    timeout 540 python3 benchmarks/bench_ddp.py --engines ddp fsdp2 --steps 10 --out "$OUT" 2>&1 | grep -v "step [0-9]*:" | tail -30
     ;;
 train)
     timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --iters 16 --tag _train 2>&1 | tail -20

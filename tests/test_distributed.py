@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import math
 import os
 import socket
 import subprocess
@@ -426,3 +427,18 @@ def test_group_blocks_leaves_blocks_it_cannot_move_in_the_root():
     assert "dependency cycle" in skipped["blocks.1"]
     x = torch.randn(4, 16)
     assert torch.equal(q(x), flat(x))  # untouched
+
+
+def test_bench_ddp_quick_run(tmp_path):
+    """benchmarks/bench_ddp.py --quick (CPU, 2 gloo processes): one row per engine, weak scaling (the global batch
+    grows with the processes), steady step times from the example's per-step timings, losses finite."""
+    spec = importlib.util.spec_from_file_location("bench_ddp", ROOT / "benchmarks" / "bench_ddp.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.main(["--quick", "--out", str(tmp_path)])
+    assert [r["engine"] for r in rows] == ["none", "ddp"]
+    assert rows[1]["global batch"] == 2 * rows[0]["global batch"]
+    assert all(r["steady step ms"] > 0 and math.isfinite(r["final loss"]) for r in rows)
+    saved = json.loads((tmp_path / "bench_ddp_quick.json").read_text())
+    assert all(len(r["step_s"]) == 4 for r in saved["runs"])
+    assert rows[1]["x one process"] == round(rows[1]["samples/s"] / rows[0]["samples/s"], 3)
