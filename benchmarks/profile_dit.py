@@ -121,10 +121,15 @@ def main(argv=None):
                              for k, v in r.items()} for r in rows[:args.top]], headers="keys", tablefmt="github")]
         del fn_model, model
         torch._dynamo.reset()
+    _write(args, prov, lines, out, "profile_dit")
+
+
+def _write(args, prov, lines, out, stem):
+    """Print the tables; write <stem>_<gpu>.txt (with provenance) and .json."""
     text = "\n".join(lines)
     print(text)
     os.makedirs(args.out, exist_ok=True)
-    base = Path(args.out) / f"profile_dit_{'quick' if args.quick else gpu_tag(prov['gpu'])}"
+    base = Path(args.out) / f"{stem}_{'quick' if args.quick else gpu_tag(prov['gpu'])}"
     base.with_suffix(".txt").write_text(f"# {prov}\n{text}\n")
     base.with_suffix(".json").write_text(json.dumps(out, indent=1))
     print(f"wrote {base}.txt / .json")
@@ -196,13 +201,7 @@ def train_profile(args, cfg, pols, names, prov, device):
                                    tablefmt="github")]
         del fwd, m, opt
         torch._dynamo.reset()
-    text = "\n".join(lines)
-    print(text)
-    os.makedirs(args.out, exist_ok=True)
-    base = Path(args.out) / f"profile_dit_train_{args.train}_{'quick' if args.quick else gpu_tag(prov['gpu'])}"
-    base.with_suffix(".txt").write_text(f"# {prov}\n{text}\n")
-    base.with_suffix(".json").write_text(json.dumps(out, indent=1))
-    print(f"wrote {base}.txt / .json")
+    _write(args, prov, lines, out, f"profile_dit_train_{args.train}")
 
 
 if __name__ == "__main__":
