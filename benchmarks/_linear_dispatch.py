@@ -44,6 +44,37 @@ def tune_quant(table: dict, ms=MS):
     D.dispatch_table()["quant"] = out  # use the tuned tilings for the rest of this run
 
 
+def tune_small_m(variants, ms=(1, 16, 32, 64)) -> int:
+    """Largest M at which the single-kernel small-M path (triton_qgemm_small) beats the two-kernel fp8 path on every
+    shape and both variants (0: nowhere)."""
+    from robuq_fx import kernels
+    dev = torch.device("cuda")
+    best = 0
+    for m in ms:
+        wins = True
+        for name, k, n in SHAPES:
+            torch.manual_seed(0)
+            w = (torch.randn(n, k, device=dev) / k ** 0.5).to(torch.bfloat16)
+            b = (torch.randn(n, device=dev) * 0.1).to(torch.bfloat16)
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            for vname, kw, r in variants:
+                mod = make_layer(kw, w, b, r)
+                tt = {}
+                for limit in ("64", "0"):
+                    os.environ["ROBUQ_FP8_SMALL_M"] = limit
+                    with kernels.use("triton_fp8"), torch.no_grad():
+                        tt[limit] = time_graph(lambda: mod(x))
+                os.environ.pop("ROBUQ_FP8_SMALL_M")
+                print(f"[small M {name} {vname} M={m}] one kernel {tt['64'] * 1e6:.1f}us, two {tt['0'] * 1e6:.1f}us",
+                      flush=True)
+                wins = wins and tt["64"] < tt["0"]
+        if not wins:
+            break
+        best = m
+    print(f"single-kernel small-M path up to M = {best}")
+    return best
+
+
 def write_dispatch(args):
     from robuq_fx import kernels
     from robuq_fx.kernels import dispatch as D, triton_fp8 as T
@@ -123,6 +154,8 @@ def write_dispatch(args):
     table["epilogue"] = "triton" if geomean(epi_votes) < 1 else "addmm"
     D.dispatch_table()["epilogue"] = table["epilogue"]
     print(f"epilogue mode: {table['epilogue']}")
+    table["small_m_fused_max_m"] = tune_small_m(variants)
+    D.dispatch_table()["small_m_fused_max_m"] = table["small_m_fused_max_m"]
     for name, k, n in SHAPES:
         torch.manual_seed(0)
         w = (torch.randn(n, k, device=dev) / k ** 0.5).to(torch.bfloat16)

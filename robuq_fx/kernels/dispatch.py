@@ -88,6 +88,15 @@ def tma_gemm_config(m: int, n: int, k: int) -> tuple:
     return cfgs[1]
 
 
+def small_m_max() -> int:
+    """Largest M that runs the single-kernel small-M path (triton_qgemm_small.py): ROBUQ_FP8_SMALL_M, else the
+    table's measured "small_m_fused_max_m", else 0 (off until measured)."""
+    env = os.environ.get("ROBUQ_FP8_SMALL_M")
+    if env:
+        return int(env)
+    return int(dispatch_table().get("small_m_fused_max_m", 0))
+
+
 def epilogue_mode() -> str:
     """How the asymmetric / LRB terms are added on the fp8 path: "addmm" (cuBLAS _scaled_mm, then one bf16 GEMM
     y += [t, lo'] [A, c]^T in place) or "triton" (our fp8 GEMM with everything in its epilogue)."""

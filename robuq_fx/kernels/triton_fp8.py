@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from .. import layer, packing
 from .. import quantizers as Q
-from .dispatch import epilogue_mode, fp8_min_m, gemm_config, gemm_kernel, tma_gemm_config
+from .dispatch import epilogue_mode, fp8_min_m, gemm_config, gemm_kernel, small_m_max, tma_gemm_config
 from .quantizer import act_quant, on_device, quant_supported
 from .reference import spec_of, weight_codes
 from .registry import QLinearArgs, forced, register, tensor_key
@@ -279,6 +279,30 @@ def _ext_up(a: QLinearArgs, e: _Entry, dtype: torch.dtype) -> torch.Tensor:
     return v
 
 
+def _small_m_ok(x: torch.Tensor, a: QLinearArgs, m: int) -> bool:
+    """The single-kernel path takes this call (dispatch.small_m_max; absmax ranges, K in Hadamard-block chunks)."""
+    if m == 0 or m > small_m_max() or a.a_clip != "absmax" or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    from .triton_qgemm_small import chunk_of
+    return chunk_of(a.in_features, a.hadamard_block) > 0 and (a.lrb_down is None or a.lrb_down.shape[0] <= 64)
+
+
+def _small_m(x2: torch.Tensor, a: QLinearArgs, e: "_Entry", m: int) -> torch.Tensor:
+    from . import triton_qgemm_small as S
+    from ..hadamard import hadamard_matrix
+    dt = x2.dtype
+    h = hadamard_matrix(a.hadamard_block, dt, x2.device) if a.hadamard_block > 1 else None
+    down = up = None
+    if a.lrb_down is not None:
+        down, up = (t if t.dtype == dt and t.is_contiguous() else t.to(dt).contiguous() for t in (a.lrb_down, a.lrb_up))
+    bias = a.bias if a.bias is None or a.bias.dtype == dt else a.bias.to(dt)
+    y = torch.empty(m, a.out_features, device=x2.device, dtype=dt)
+    with on_device(x2.device):
+        S.launch_qgemm_small(x2, h, e.fp8, y, e.sw, bias, None if a.a_sym else e.cs, down, up, m,
+                             Q.act_levels(a.a_bits, a.a_sym), a.hadamard_block, a.a_sym)
+    return y
+
+
 def fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
     k, n = a.in_features, a.out_features
     lead = x.shape[:-1]
@@ -287,6 +311,9 @@ def fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
         x2 = x2.contiguous()
     m = x2.shape[0]
     e = _fp8_weights(a)
+    if _small_m_ok(x, a, m):  # one kernel: quantize + GEMM + epilogue
+        y = _small_m(x2, a, e, m)
+        return y if x.dim() == 2 else y.reshape(*lead, n)
     m_pad = max(16, -(-m // 16) * 16)
     codes, sx, lo = act_quant(x2, a.hadamard_block, a.a_bits, a.a_sym, m_store=m_pad, shift=True, clip=a.a_clip)
     lrb = a.lrb_down is not None

@@ -365,6 +365,32 @@ def test_qlinear_on_the_tma_gemm_matches_the_pointer_gemm(monkeypatch):
         assert _rel(out["tma"], out["pointer"].double()) < 1e-2
 
 
+@gpu
+@pytest.mark.parametrize("w_bits,a_bits,a_sym,block,rank", [(4, 4, True, 128, 0), (1.58, 4, True, 128, 32),
+                                                            (1.58, 3, False, 128, 32), (2, 4, True, 0, 0),
+                                                            (1.58, 2, False, 64, 16)])
+def test_small_m_single_kernel(w_bits, a_bits, a_sym, block, rank, monkeypatch):
+    """triton_qgemm_small (quantize + GEMM + epilogue in one kernel, ROBUQ_FP8_SMALL_M) against the two-kernel fp8
+    path and the reference kernel on the same layer, odd M up to 64, all DiT-XL/2 K (1152, 4608): the codes differ
+    only where the rotation's fp32 sums round differently (as between the two-kernel path and the reference), so
+    the bound is E2E_TOL; a wrong scale, offset or branch term is off by far more."""
+    for k, n in ((1152, 1152), (4608, 1152)):
+        mod = _layer(k, n, w_bits, a_bits, a_sym, block, rank)
+        for m in (1, 7, 16, 64):
+            x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+            with torch.no_grad(), kernels.use("triton_fp8"):
+                monkeypatch.setenv("ROBUQ_FP8_SMALL_M", "64")
+                one = mod(x).double()
+                monkeypatch.setenv("ROBUQ_FP8_SMALL_M", "0")
+                two = mod(x).double()
+            with torch.no_grad(), kernels.use("reference"):
+                ref = mod(x).double()
+            assert torch.isfinite(one).all()
+            for other, name in ((two, "two-kernel path"), (ref, "reference")):
+                err = _rel(one, other)
+                assert err < E2E_TOL, f"K={k} M={m}: {err:.3g} from the {name}"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # qlinear through the registry
 
