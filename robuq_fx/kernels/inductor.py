@@ -21,7 +21,8 @@ every device, so that Inductor fuses them with each other and with the ops aroun
 opaque ops a layer (their straight-through gradients stay the ops' own autograd formulas). Compiled QAT then matches
 eager up to the rounding of reordered fp32 sums, not bit for bit.
 
-ROBUQ_INDUCTOR_DECOMPOSE=0 keeps every op opaque. Inductor's and AOTAutograd's on-disk caches do not see that switch
+ROBUQ_INDUCTOR_DECOMPOSE: "qat" (the default) decomposes the QAT ops only; "1" also qlinear and attention8 (opt-in
+until their GPU tests and the default-mode benchmark have run on this form); "0" keeps every op opaque. Inductor's and AOTAutograd's on-disk caches do not see that switch
 (the decomposition happens inside AOTAutograd): flip it with `TORCHINDUCTOR_FX_GRAPH_CACHE=0` or a fresh cache dir.
 
 How: a FunctionalTensorMode rule for each op (`_functional_rule`). AOTAutograd functionalizes the graph Dynamo
@@ -44,8 +45,11 @@ from .. import quantizers as Q
 from .registry import QLinearArgs, select
 
 
-def enabled() -> bool:
-    return os.environ.get("ROBUQ_INDUCTOR_DECOMPOSE", "1") != "0"
+def enabled(kind: str = "qat") -> bool:
+    """ROBUQ_INDUCTOR_DECOMPOSE: "qat" (default: the QAT ops only), "1" / "all" (also qlinear and attention8 into
+    our Triton kernels: opt-in until their GPU tests and benchmarks have run), "0" (none)."""
+    v = os.environ.get("ROBUQ_INDUCTOR_DECOMPOSE", "qat")
+    return v in ("1", "all") or (v == "qat" and kind == "qat")
 
 
 _DEFS: list = []
@@ -133,7 +137,7 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
 
 def _qlinear_decomposition(x, qweight, w_scale, bias, lrb_down, lrb_up, out_features, in_features, w_bits, a_bits,
                            hadamard_block, a_sym, a_clip, splits=None):
-    if not enabled() or packing.FP8 is None or qweight.dtype != packing.FP8 or x.shape[-1] != in_features:
+    if not enabled("gpu") or packing.FP8 is None or qweight.dtype != packing.FP8 or x.shape[-1] != in_features:
         return NotImplemented
     a = QLinearArgs(qweight, w_scale, bias, lrb_down, lrb_up, out_features, in_features, w_bits, a_bits,
                     hadamard_block, a_sym, a_clip, tuple(splits) if splits else None)
@@ -156,7 +160,7 @@ def _qlinear_decomposition(x, qweight, w_scale, bias, lrb_down, lrb_up, out_feat
 def _attention8_decomposition(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits):
     from ..ops import row_kernel
     from .attention import _quantized_sdpa
-    if not enabled() or not q.is_cuda or os.environ.get("ROBUQ_ATTENTION") in ("fused", "reference"):
+    if not enabled("gpu") or not q.is_cuda or os.environ.get("ROBUQ_ATTENTION") in ("fused", "reference"):
         return NotImplemented
     rows = row_kernel()
     if rows is None or any(rows.supported(t, bits) is not None for t in (q, k, v)):

@@ -33,6 +33,12 @@ def _no_compile_caches():
         yield
 
 
+@pytest.fixture
+def all_ops(monkeypatch):
+    """Decompose qlinear / attention8 too (opt-in: ROBUQ_INDUCTOR_DECOMPOSE=1)."""
+    monkeypatch.setenv("ROBUQ_INDUCTOR_DECOMPOSE", "1")
+
+
 def _triton_imports() -> bool:
     try:
         import triton  # noqa: F401
@@ -76,7 +82,7 @@ def _calls(code: str, op: str) -> bool:
 @gpu
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "W{}A{}{}{}{}{}".format(*c))
 @pytest.mark.parametrize("m", [37, 1000])
-def test_compiled_qlinear_equals_eager_and_launches_our_kernels(case, m):
+def test_compiled_qlinear_equals_eager_and_launches_our_kernels(case, m, all_ops):
     mod = _layer(1152, 3456, *case)
     assert mod.layout == "fp8"
     x = torch.randn(2, m, 1152, device="cuda").bfloat16()
@@ -92,7 +98,7 @@ def test_compiled_qlinear_equals_eager_and_launches_our_kernels(case, m):
 
 @gpu
 @pytest.mark.parametrize("gemm", ["pointer", "tma"])
-def test_compiled_with_dynamic_m(gemm, monkeypatch):
+def test_compiled_with_dynamic_m(gemm, monkeypatch, all_ops):
     """One compiled graph for every token count (dynamic=True: M is a symbol in the decomposition, the kernels'
     grids and plans follow it), on both Triton GEMMs of the LRB / asymmetric path: equal to eager at each M."""
     if gemm == "tma" and torch.cuda.get_device_capability() < (9, 0):
@@ -109,13 +115,13 @@ def test_compiled_with_dynamic_m(gemm, monkeypatch):
 
 
 @gpu
-@pytest.mark.parametrize("why", ["switched off", "packed layout"])
-def test_calls_left_to_the_eager_op(why, monkeypatch):
-    """ROBUQ_INDUCTOR_DECOMPOSE=0, and calls the decomposition does not take (packed-layout weights), keep the op,
-    with the eager kernel choice and result."""
+@pytest.mark.parametrize("why", ["switched off", "default", "packed layout"])
+def test_calls_left_to_the_eager_op(why, monkeypatch, all_ops):
+    """ROBUQ_INDUCTOR_DECOMPOSE=0 (and the default, "qat"), and calls the decomposition does not take (packed-layout
+    weights), keep the op, with the eager kernel choice and result."""
     mod = _layer(1152, 1152, *CASES[0])
-    if why == "switched off":
-        monkeypatch.setenv("ROBUQ_INDUCTOR_DECOMPOSE", "0")
+    if why in ("switched off", "default"):
+        monkeypatch.setenv("ROBUQ_INDUCTOR_DECOMPOSE", "0" if why == "switched off" else "qat")
     else:
         mod.set_layout("packed")
     x = torch.randn(64, 1152, device="cuda").bfloat16()
@@ -127,7 +133,7 @@ def test_calls_left_to_the_eager_op(why, monkeypatch):
 
 @gpu
 @pytest.mark.parametrize("d,causal", [(72, False), (64, True), (128, False)])
-def test_compiled_attention8_equals_eager(d, causal):
+def test_compiled_attention8_equals_eager(d, causal, all_ops):
     from robuq_fx.kernels.attention import attention8
     g = torch.Generator(device="cuda").manual_seed(1)
     b, s, h = 2, 257, 16
@@ -145,11 +151,13 @@ def test_compiled_attention8_equals_eager(d, causal):
 
 
 @pytest.mark.skipif(not _triton_imports(), reason="triton does not import here")
-def test_functional_decomposition_on_fake_cuda_tensors(monkeypatch):
+@pytest.mark.parametrize("gemm", ["pointer", "tma"])
+def test_functional_decomposition_on_fake_cuda_tensors(gemm, monkeypatch, all_ops):
     """Where triton imports (no GPU needed): functionalizing a W1.58A4+H+LRB call on fake CUDA tensors, as
     AOTAutograd does for Inductor, leaves no robuq op but the Triton kernels as functional kernel nodes (the
     quantizer and the fused-epilogue GEMM; or _scaled_mm), which clone only their outputs (Triton's TTIR, built for an
-    sm_90 target, shows which pointers they store to). ROBUQ_INDUCTOR_DECOMPOSE=0 keeps the op."""
+    sm_90 target, shows which pointers they store to). ROBUQ_INDUCTOR_DECOMPOSE=0 and the default ("qat") keep the
+    op."""
     import triton
     from triton.backends.compiler import GPUTarget
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -161,8 +169,11 @@ def test_functional_decomposition_on_fake_cuda_tensors(monkeypatch):
     class Sm90:  # the TTIR analysis asks the active driver for its target; a CPU machine has none
         def get_current_target(self):
             return GPUTarget("cuda", 90, 32)
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available():  # a CPU machine answers no device questions
         monkeypatch.setattr(triton.runtime.driver, "_active", Sm90())
+        monkeypatch.setattr(triton_fp8, "_capability", lambda index: (9, 0))
+        monkeypatch.setattr(triton_fp8, "_sms", lambda index: 132)
+    monkeypatch.setenv("ROBUQ_FP8_GEMM_KERNEL", gemm)
     k8 = registry._KERNELS["triton_fp8"]
     monkeypatch.setitem(registry._KERNELS, "triton_fp8", dataclasses.replace(k8, machine_check=lambda: None))
     inductor.register()
@@ -184,8 +195,9 @@ def test_functional_decomposition_on_fake_cuda_tensors(monkeypatch):
     assert "triton_kernel_wrapper_functional" in code
     clones = re.findall(r"tensors_to_clone = (\[[^]]*\])", code)
     assert clones and all(set(eval(c)) <= {"out_ptr", "scale_ptr", "lo_ptr", "c_ptr"} for c in clones), clones
-    monkeypatch.setenv("ROBUQ_INDUCTOR_DECOMPOSE", "0")
-    assert "robuq.qlinear.default(" in trace()
+    for v in ("0", "qat"):
+        monkeypatch.setenv("ROBUQ_INDUCTOR_DECOMPOSE", v)
+        assert "robuq.qlinear.default(" in trace()
 
 
 def test_compiled_qat_step_decomposes_the_qat_ops(monkeypatch):
