@@ -14,6 +14,9 @@
 #   scripts/gpu_session.sh ddp              bench_ddp: 1 GPU vs all GPUs, DDP and FSDP2 (on nvidia-h200-x2)
 #
 # Set ROBUQ_GIT_COMMIT first where the machine has no git history (benchmarks record it).
+# Order for a 30-minute session (each line one call; chain the calls so the machine stays warm):
+#   tests (~5 min)  ->  lm-start 18 + linear (dispatch table)  ->  lm-wait  ->  dit  ->  train / qat-profile
+# (ddp needs the nvidia-h200-x2 kind: a separate machine start)
 set -uo pipefail
 case "${1:-}" in tests|lm-start|lm-wait|dit|linear|qat-profile|train|ddp) ;; *) sed -n 2,15p "$0"; exit 2 ;; esac
 OUT=${OUT:-$PWD/gpu_out}
@@ -47,6 +50,7 @@ lm-wait)
     tar czf "$OUT/bench_lm.tgz" -C $LM out
     ;;
 dit)
+    export ROBUQ_INDUCTOR_DECOMPOSE=${ROBUQ_INDUCTOR_DECOMPOSE:-1}  # measure the Inductor-visible path (opt-in)
     timeout 420 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
         --settings "W4A4+H" "dit-xl-2-robuq (" --batches 1 64 --iters 10 --warmup 3 --default-mode-b8 \
         --tag _reduce-overhead 2>&1 | tail -40
