@@ -15,7 +15,8 @@
 #
 # Set ROBUQ_GIT_COMMIT first where the machine has no git history (benchmarks record it).
 # Order for a 30-minute session (each line one call; chain the calls so the machine stays warm):
-#   tests (~5 min)  ->  lm-start 18 + linear (dispatch table)  ->  lm-wait  ->  dit  ->  train / qat-profile
+#   lm-start 18 then tests (correctness only: fine beside it)  ->  lm-wait  ->  linear (timings: nothing beside it)
+#   ->  dit  ->  train / qat-profile
 # (ddp needs the nvidia-h200-x2 kind: a separate machine start)
 set -uo pipefail
 case "${1:-}" in tests|lm-start|lm-wait|dit|linear|qat-profile|train|ddp) ;; *) sed -n 2,15p "$0"; exit 2 ;; esac
