@@ -375,7 +375,9 @@ def dequant_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
 register(FP8, priority=20, machine_check=fp8_machine_check, supports=_fp8_supports,
          takes="bf16/fp16 input, W1.58/2/3/4, A1-4 absmax or sigma (sym/asym), per-channel or per-tensor scales, LRB, "
                "K and N % 16 == 0, M above the dispatch threshold; activation codes equal to the reference's except "
-               "where fp32 Hadamard sums round differently (tested >= 99.9% equal), exact integer GEMM")(fp8_qlinear)
+               "where fp32 Hadamard sums round differently (tested >= 99.9% equal), exact integer GEMM. Paths: "
+               "_scaled_mm, or a Triton GEMM with the asymmetric / LRB epilogue (pointer or persistent TMA kernel, "
+               "dispatch table 'gemm_kernel'); up to 'small_m_fused_max_m' rows one kernel does it all")(fp8_qlinear)
 register(DEQUANT, priority=10, machine_check=dequant_machine_check, supports=_dequant_supports,
          takes="every CUDA call: Triton quantizer (same codes as triton_fp8) + cuBLAS on dequantized weights; "
                "the reference math where the quantizer does not apply")(dequant_qlinear)
