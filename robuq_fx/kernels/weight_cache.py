@@ -1,0 +1,119 @@
+"""Weight-side tensors the CUDA qlinear paths derive from a layer's buffers, kept per weight (`triton_fp8.py` uses
+them): the fp8 codes (none where the buffer already is them), fp32 per-channel scales, the asymmetric column sums,
+a dequantized 16-bit weight for `cuda_dequant` (packed layout only), B H of the low-rank branch and the addmm
+epilogue's right factor.
+
+Entries are keyed on the qweight tensor (identity, data_ptr and `_version`, and the same for w_scale / lrb_down): an
+in-place update (load_state_dict, copy_) invalidates them. Fill them (one warm-up call) before capturing a CUDA
+graph. `clear_caches()` drops them all.
+"""
+from __future__ import annotations
+
+import functools
+import weakref
+
+import torch
+
+from .. import layer, packing
+from .. import quantizers as Q
+from .reference import spec_of, weight_codes
+from .registry import QLinearArgs, tensor_key
+
+
+_ver = tensor_key  # one definition for every weight cache (kernels/registry.py)
+
+
+class _Entry:
+    __slots__ = ("key", "ref", "fp8", "sw", "cs", "deq", "bh")
+
+    def __init__(self, key, ref):
+        self.key, self.ref = key, ref
+        self.fp8 = self.sw = self.cs = None
+        self.deq = {}
+        self.bh = {}
+
+
+_WCACHE: dict[int, _Entry] = {}
+
+
+def _drop(wid: int, ref) -> None:
+    e = _WCACHE.get(wid)
+    if e is not None and e.ref is ref:
+        del _WCACHE[wid]
+
+
+def _entry(a: QLinearArgs) -> _Entry:
+    qw = a.qweight
+    key = (_ver(qw), _ver(a.w_scale), a.w_bits, a.out_features, a.in_features)
+    e = _WCACHE.get(id(qw))
+    if e is None or e.key != key or e.ref() is not qw:
+        wid = id(qw)
+        e = _Entry(key, weakref.ref(qw, functools.partial(_drop, wid)))
+        _WCACHE[wid] = e
+    return e
+
+
+def _fp8_weights(a: QLinearArgs) -> _Entry:
+    e = _entry(a)
+    if e.fp8 is None:
+        codes = weight_codes(a)
+        n = a.out_features
+        if _fp8_layout(a):  # the module's buffer already is the fp8 codes: no second copy
+            e.fp8 = a.qweight.reshape(n, a.in_features)
+        else:
+            e.fp8 = packing.to_fp8_codes(codes)
+        e.sw = a.w_scale.float().reshape(-1).expand(n).contiguous() if a.w_scale.numel() == 1 \
+            else a.w_scale.float().reshape(n).contiguous()
+        e.cs = Q.weight_code_colsum(codes, a.w_scale).contiguous()
+    return e
+
+
+def _fp8_layout(a: QLinearArgs) -> bool:
+    return a.qweight.dtype == packing.FP8
+
+
+def _deq_weight(a: QLinearArgs, dtype: torch.dtype) -> torch.Tensor:
+    if _fp8_layout(a):  # one resident copy: dequantize per call rather than keep a 16-bit weight
+        return Q.dequantize_weight(weight_codes(a), a.w_scale, dtype)
+    e = _entry(a)
+    w = e.deq.get(dtype)
+    if w is None:
+        w = e.deq[dtype] = Q.dequantize_weight(weight_codes(a), a.w_scale, dtype).contiguous()
+    return w
+
+
+def _rot_down(a: QLinearArgs, dtype: torch.dtype) -> torch.Tensor:
+    """B H (r, K) in `dtype`, so that (x H) B^T = x (B H)^T (H is symmetric): the LRB's first matmul on the
+    unrotated x. Cached on the qweight entry, keyed on lrb_down's version."""
+    e = _entry(a)
+    key = (_ver(a.lrb_down), dtype, a.hadamard_block)
+    bh = e.bh.get(key)
+    if bh is None:
+        b = a.lrb_down.to(dtype)
+        if a.hadamard_block > 1:
+            b = layer.rotate(b, spec_of(a))
+        bh = e.bh[key] = b.contiguous()
+    return bh
+
+
+def clear_caches():
+    _WCACHE.clear()
+
+
+def _split16(v: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    hi = v.to(dtype)
+    return hi, (v - hi.float()).to(dtype)
+
+
+def _ext_up(a: QLinearArgs, e: _Entry, dtype: torch.dtype) -> torch.Tensor:
+    """[A, c_hi, c_lo, c_hi] (N, r + 3), or A alone when symmetric: right factor of the in-place addmm. With the
+    left factor [t, lo_hi, lo_hi, lo_lo], lo' c is carried to ~2^-16 although the GEMM's inputs are 16-bit."""
+    key = ("ext", _ver(a.lrb_up), dtype, a.a_sym)
+    v = e.bh.get(key)
+    if v is None:
+        parts = [] if a.lrb_up is None else [a.lrb_up.to(dtype)]
+        if not a.a_sym:
+            ch, cl = _split16(e.cs, dtype)
+            parts += [ch[:, None], cl[:, None], ch[:, None]]
+        v = e.bh[key] = torch.cat(parts, 1).contiguous()
+    return v
