@@ -162,6 +162,8 @@ def summary(settings, res: dict, fp_bpb: float, outliers: list[dict], data_info:
         m, sd = mean_std(d["qat"])
         fig[f"lm_{s.key}_dbpb"], fig[f"lm_{s.key}_dbpb_std"] = round(m, 5), round(sd, 5)
         fig[f"lm_{s.key}_ptq_dbpb"] = round(statistics.fmean(d["ptq"]), 5)
+        if control:  # against the FP model trained on for the same budget: the price of quantization alone
+            fig[f"lm_{s.key}_dbpb_vs_control"] = round(statistics.fmean(res[s.key]["bpb"]) - statistics.fmean(control), 5)
         if s.ampn:
             fig[f"lm_{s.key}_mean_bits"] = round(mean_bits(res[s.key]), 3)
     for col in ("max_over_rms", "kurtosis", "token_max_over_rms", "token_kurtosis"):
