@@ -79,3 +79,37 @@ def test_fused_conv1d_weight_and_2d_input(fused_switch):
         out[on] = _step(copy.deepcopy(mod), x, False)
     _assert_same(out[True], out[False], "Conv1D")
     assert out[True][2]["weight"].shape == (128, 64)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_whole_tiny_dit_step_equals_the_op_graph(autocast, fused_switch, monkeypatch):
+    """A QAT training step of the tiny DiT with the paper's policy (W1.58A4 + Hadamard + LRB, 8-bit attention on
+    the region path): loss and every parameter's gradient equal with and without the fused layers."""
+    import robuq_fx
+    import robuq_fx.models as M
+    pytest.importorskip("diffusers")
+    model = M.build("dit-tiny")
+    inputs = M.example_inputs("dit-tiny", batch=2)
+    q = robuq_fx.quantize(model, "dit-xl-2-robuq", example_inputs=inputs).train()
+    from robuq_fx import qat_fused
+    calls = []
+    apply = qat_fused.QATLinearFunction.apply
+    monkeypatch.setattr(qat_fused.QATLinearFunction, "apply", lambda *a: calls.append(1) or apply(*a))
+    out = {}
+    for on in (True, False):
+        fused_switch(on)
+        m = copy.deepcopy(q)
+        torch.manual_seed(0)  # train mode draws (the class-label dropout): the same draws for both
+        kw = inputs if isinstance(inputs, dict) else None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = m(**kw) if kw is not None else m(*inputs)
+        y = y[0] if isinstance(y, (tuple, list)) else getattr(y, "sample", y)
+        loss = y.float().pow(2).mean()
+        loss.backward()
+        out[on] = (loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    n_layers = sum(isinstance(mod, QATLinear) for mod in q.modules())
+    assert n_layers > 4 and len(calls) == n_layers  # every QAT layer ran fused once (and none in the op-graph run)
+    assert torch.equal(out[True][0], out[False][0])
+    assert out[True][1].keys() == out[False][1].keys() and len(out[True][1]) > 10
+    for k in out[True][1]:
+        assert torch.equal(out[True][1][k], out[False][1][k]), k
