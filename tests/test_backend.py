@@ -1,4 +1,4 @@
-"""The `robuq` torch.compile backend (robuq_fx/backend.py): Dynamo graphs through the QAT / lowering passes.
+"""The `robuq` torch.compile backend (robuq_fx/backend/): Dynamo graphs through the QAT / lowering passes.
 
 Reference for every numeric check: the eager pipeline, `robuq_fx.lower(robuq_fx.quantize(model, policy))` (inference)
 and `robuq_fx.quantize(model, policy)` (QAT gradients), or the seed API for models torch.export cannot capture.

@@ -67,7 +67,7 @@ def lower(qmodel: nn.Module, *, compute: bool = True, progress: bool | None = No
 
 def rewrite_sites(gm: fx.GraphModule, sites: dict | None = None) -> None:
     """Replace every tagged QAT site of `gm` by one robuq::qlinear call reading the `PackedLinear` already installed
-    at `packed_path(layer)`. Also used by the torch.compile backend (robuq_fx/backend.py) on Dynamo graphs."""
+    at `packed_path(layer)`. Also used by the torch.compile backend (robuq_fx/backend/) on Dynamo graphs."""
     for (name, k), nodes in (_sites(gm.graph) if sites is None else sites).items():
         _rewrite_site(gm, name, nodes)
     for n in list(gm.graph.nodes):  # the FP weights' get_attr nodes; a full DCE could drop impure calls

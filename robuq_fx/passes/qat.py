@@ -116,7 +116,7 @@ def apply_layers(gm: fx.GraphModule, sites: list[LinearSite], layers: dict[str, 
 
 def inline_sites(gm: fx.GraphModule, sites: list[LinearSite], layers: dict[str, LayerSpec]) -> None:
     """Inline `layer.qat_forward` at every site of a layer in `layers` (its low-rank branch, if any, is read with
-    get_attr from `<layer>.lrb_down/up`). Also used by the torch.compile backend (robuq_fx/backend.py)."""
+    get_attr from `<layer>.lrb_down/up`). Also used by the torch.compile backend (robuq_fx/backend/)."""
     traced: dict = {}
     counts: dict[str, int] = {}
     for site in sites:

@@ -1,7 +1,7 @@
 """Runtime side of the `robuq` torch.compile backend: the per-weight caches and the callable handed back to Dynamo.
 
 A compiled graph takes each quantized layer's tensors as extra inputs, looked up per call from the weights Dynamo
-passes in (see backend_graph.py for why nothing is baked in):
+passes in (see graph.py for why nothing is baked in):
 
     inference:  PackedLinear.from_float(W, b, A, B, spec) once per (weight, spec), redone only when W, b, A or B
                 changed (`_version`, data pointer): packed tensors = qweight, w_scale, bias, lrb_down, lrb_up
@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import layer
-from .modules import PackedLinear
-from .spec import LayerSpec
+from .. import layer
+from ..modules import PackedLinear
+from ..spec import LayerSpec
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ def lifted_tensor(payloads: list, slot, attr: str, memo: dict | None = None):
         return _tensor(payloads[slot], attr)
     p = memo.get(slot) if memo is not None else None
     if p is None:
-        from .passes.fuse import fused_of
+        from ..passes.fuse import fused_of
         p = fused_of([payloads[i] for i in slot])
         if memo is not None:
             memo[slot] = p

@@ -36,20 +36,20 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import layer
-from .backend_graph import (HOLDER, Slot, as_linear, compiled_root, copy_graph_module,
+from .. import layer
+from .graph import (HOLDER, Slot, as_linear, compiled_root, copy_graph_module,
                             find_slots, layer_name, lift_holder_attrs, param_names, pick_name, robuq_ops)
-from .backend_runtime import (CompiledGraph, LayerPlan, SlotMemo, Variant, _tensor, clear_cache,  # noqa: F401
+from .runtime import (CompiledGraph, LayerPlan, SlotMemo, Variant, _tensor, clear_cache,  # noqa: F401
                               lifted_tensor,
                               lrb_params, packed, register_lrb_owner)
-from .capture import LinearSite
-from .errors import PolicyError, RobuQError
-from .modules import PackedLinear
-from .passes.attention import SDPA_TARGETS, apply_attention, lower_attention
-from .passes.fuse import fuse_siblings, fused_of
-from .passes.lower import rewrite_sites
-from .passes.qat import inline_sites, plan_layers
-from .policy import Policy
+from ..capture import LinearSite
+from ..errors import PolicyError, RobuQError
+from ..modules import PackedLinear
+from ..passes.attention import SDPA_TARGETS, apply_attention, lower_attention
+from ..passes.fuse import fuse_siblings, fused_of
+from ..passes.lower import rewrite_sites
+from ..passes.qat import inline_sites, plan_layers
+from ..policy import Policy
 
 MODES = ("inference", "qat")
 COMPILERS = ("inductor", "aot_eager", "eager")  # eager: the rewritten graph as is (tests of the rewrite itself)

@@ -26,7 +26,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .capture import LINEAR_TARGETS
+from ..capture import LINEAR_TARGETS
 
 HOLDER = "robuq_layers"  # submodule of the graph module that holds each slot's layer while the passes run
 
