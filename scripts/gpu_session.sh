@@ -33,7 +33,7 @@ LM=/tmp/robuq_lm
 case "${1:-}" in
 tests)
     timeout "${2:-500}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider \
-        tests/kernels/test_inductor.py tests/kernels/test_triton_fp8.py tests/models/test_timm_dropin.py \
+        tests/kernels/test_inductor.py tests/kernels/test_triton_fp8.py tests/models/test_timm_dropin.py tests/test_qat_fused.py \
         tests/test_weight_layout.py 2>&1 | grep -v DEBUG | tee "$OUT/gpu_tests.log" | tail -60
     ;;
 lm-start)

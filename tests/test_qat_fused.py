@@ -37,7 +37,7 @@ def fused_switch():
 
 def _step(mod, x, autocast):
     xx = x.clone().requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
         y = mod(xx)
     (y.float().pow(2).sum() + y.float().sum()).backward()
     return y.detach(), xx.grad, {n: p.grad for n, p in mod.named_parameters()}
@@ -50,13 +50,18 @@ def _assert_same(a, b, what):
         assert torch.equal(a[2][k], b[2][k]), f"{what}: gradient of {k} (max diff {(a[2][k] - b[2][k]).abs().max()})"
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["fp32", "bf16 input", "autocast"])
 @pytest.mark.parametrize("name", list(SPECS))
-def test_fused_equals_the_op_graph(name, mode, fused_switch):
+def test_fused_equals_the_op_graph(name, mode, device, fused_switch):
+    """On CUDA both paths run the same kernels (cuBLAS for the rotations, the Triton row kernel for Q_a)."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(128, 96, bias="no bias" not in name)
-    mod = QATLinear.from_module(lin, LayerSpec(**SPECS[name]).resolve(128, 96))
-    x = torch.randn(3, 17, 128)
+    mod = QATLinear.from_module(lin, LayerSpec(**SPECS[name]).resolve(128, 96)).to(device)
+    x = torch.randn(3, 17, 128, device=device)
     if mode == "bf16 input":
         x = x.bfloat16()
     out = {}
