@@ -30,6 +30,14 @@ from robuq_fx.modules import PackedLinear  # noqa: E402
 from robuq_fx.spec import LayerSpec  # noqa: E402
 
 
+def _small(mod, x):
+    os.environ["ROBUQ_FP8_SMALL_M"] = "64"
+    try:
+        return mod(x)
+    finally:
+        os.environ.pop("ROBUQ_FP8_SMALL_M")
+
+
 def per_call_us(fn, n: int = 3000) -> float:
     for _ in range(50):
         fn()
@@ -55,6 +63,8 @@ def main():
                                  LayerSpec(w_bits=4, a_bits=4, hadamard=True, hadamard_block=128))
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     qa = R.QLinearArgs(pl.qweight, pl.w_scale, pl.bias, None, None, *pl.op_args())
+    pl8 = PackedLinear.from_float(lin.weight, lin.bias, None, None,
+                                  LayerSpec(w_bits=4, a_bits=4, hadamard=True, hadamard_block=128)).set_layout("fp8")
     out = torch.empty(m, k, device="cuda", dtype=torch.float8_e4m3fn)
     sc, lo = torch.empty(m, device="cuda"), torch.empty(m, device="cuda")
     plan = AQ.quant_plan(k, 128, m)
@@ -64,6 +74,8 @@ def main():
     rows = [
         ("bf16 F.linear (baseline)", lambda: F.linear(x, lin.weight, lin.bias)),
         ("PackedLinear call (dispatch: " + R.select(x, qa).name + ")", lambda: pl(x)),
+        ("PackedLinear call, fp8 layout (eager fast path)", lambda: pl8(x)),
+        ("PackedLinear call, fp8 layout, one-kernel small-M path", lambda: _small(pl8, x)),
         ("torch.ops.robuq.qlinear", lambda: torch.ops.robuq.qlinear(x, pl.qweight, pl.w_scale, pl.bias, None, None,
                                                                      *pl.op_args())),
         ("its Python implementation (no dispatcher)", lambda: qlinear_impl(x, pl.qweight, pl.w_scale, pl.bias, None,
