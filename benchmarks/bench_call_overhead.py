@@ -30,14 +30,6 @@ from robuq_fx.modules import PackedLinear  # noqa: E402
 from robuq_fx.spec import LayerSpec  # noqa: E402
 
 
-def _small(mod, x):
-    os.environ["ROBUQ_FP8_SMALL_M"] = "64"
-    try:
-        return mod(x)
-    finally:
-        os.environ.pop("ROBUQ_FP8_SMALL_M")
-
-
 def per_call_us(fn, n: int = 3000) -> float:
     for _ in range(50):
         fn()
@@ -75,7 +67,7 @@ def main():
         ("bf16 F.linear (baseline)", lambda: F.linear(x, lin.weight, lin.bias)),
         ("PackedLinear call (dispatch: " + R.select(x, qa).name + ")", lambda: pl(x)),
         ("PackedLinear call, fp8 layout (eager fast path)", lambda: pl8(x)),
-        ("PackedLinear call, fp8 layout, one-kernel small-M path", lambda: _small(pl8, x)),
+        ("PackedLinear call, fp8 layout, one-kernel small-M path", lambda: pl8(x), {"ROBUQ_FP8_SMALL_M": "64"}),
         ("torch.ops.robuq.qlinear", lambda: torch.ops.robuq.qlinear(x, pl.qweight, pl.w_scale, pl.bias, None, None,
                                                                      *pl.op_args())),
         ("its Python implementation (no dispatcher)", lambda: qlinear_impl(x, pl.qweight, pl.w_scale, pl.bias, None,
@@ -90,8 +82,13 @@ def main():
     ]
     res = []
     with torch.no_grad():
-        for name, fn in rows:
-            res.append((name, per_call_us(fn)))
+        for name, fn, *env in rows:
+            os.environ.update(env[0] if env else {})
+            try:
+                res.append((name, per_call_us(fn)))
+            finally:
+                for k in (env[0] if env else {}):
+                    os.environ.pop(k)
     base = res[0][1]
     gpu = torch.cuda.get_device_name()
     import triton
