@@ -133,9 +133,19 @@ def write_dispatch(args):
             entry["tma_gemm_cfg"] = best_tma
         D.dispatch_table().setdefault("shapes", {})[f"{n}x{k}"] = {k2: entry[k2] for k2 in ("gemm_cfg", "tma_gemm_cfg")
                                                                    if k2 in entry}
-        # epilogue mode for the asym + LRB variant
+        table["shapes"][f"{n}x{k}"] = entry
+    table["gemm_kernel"] = "tma" if tma_votes and geomean(tma_votes) < 1 else "pointer"
+    D.dispatch_table()["gemm_kernel"] = table["gemm_kernel"]
+    print(f"fused-epilogue GEMM: {table['gemm_kernel']} (geomean best TMA / best pointer "
+          f"{geomean(tma_votes) if tma_votes else float('nan'):.3f})")
+    # epilogue mode for the asym + LRB variant, per shape and M bucket, with the GEMM kernel just chosen
+    for name, k, n in SHAPES:
+        torch.manual_seed(0)
+        w = (torch.randn(n, k, device=dev) / k ** 0.5).to(torch.bfloat16)
+        b = (torch.randn(n, device=dev) * 0.1).to(torch.bfloat16)
         mod = make_layer(variants[1][1], w, b, variants[1][2])
-        for m in (1024, 16384):
+        modes = {}
+        for m in MS:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             tt = {}
             for mode in ("addmm", "triton"):
@@ -144,16 +154,14 @@ def write_dispatch(args):
                     tt[mode] = time_graph(lambda: mod(x))
             os.environ.pop("ROBUQ_FP8_EPI")
             epi_votes.append(tt["triton"] / tt["addmm"])
+            modes[str(m)] = "triton" if tt["triton"] < tt["addmm"] else "addmm"
             print(f"[epilogue {name} M={m}] addmm {tt['addmm'] * 1e6:.1f}us triton {tt['triton'] * 1e6:.1f}us",
                   flush=True)
-        table["shapes"][f"{n}x{k}"] = entry
-    table["gemm_kernel"] = "tma" if tma_votes and geomean(tma_votes) < 1 else "pointer"
-    D.dispatch_table()["gemm_kernel"] = table["gemm_kernel"]
-    print(f"fused-epilogue GEMM: {table['gemm_kernel']} (geomean best TMA / best pointer "
-          f"{geomean(tma_votes) if tma_votes else float('nan'):.3f})")
+        table["shapes"][f"{n}x{k}"]["epi_mode"] = modes
+        D.dispatch_table()["shapes"][f"{n}x{k}"]["epi_mode"] = modes
     table["epilogue"] = "triton" if geomean(epi_votes) < 1 else "addmm"
     D.dispatch_table()["epilogue"] = table["epilogue"]
-    print(f"epilogue mode: {table['epilogue']}")
+    print(f"epilogue mode (shapes the table does not list): {table['epilogue']}")
     table["small_m_fused_max_m"] = tune_small_m(variants)
     D.dispatch_table()["small_m_fused_max_m"] = table["small_m_fused_max_m"]
     for name, k, n in SHAPES:

@@ -97,12 +97,18 @@ def small_m_max() -> int:
     return int(dispatch_table().get("small_m_fused_max_m", 0))
 
 
-def epilogue_mode() -> str:
+def epilogue_mode(m: int | None = None, n: int | None = None, k: int | None = None) -> str:
     """How the asymmetric / LRB terms are added on the fp8 path: "addmm" (cuBLAS _scaled_mm, then one bf16 GEMM
-    y += [t, lo'] [A, c]^T in place) or "triton" (our fp8 GEMM with everything in its epilogue)."""
+    y += [t, lo'] [A, c]^T in place) or "triton" (our fp8 GEMM with everything in its epilogue). The table's measured
+    choice for this shape and M bucket ("epi_mode"), else its global "epilogue"."""
     env = os.environ.get("ROBUQ_FP8_EPI")
     if env in ("addmm", "triton"):
         return env
-    return dispatch_table().get("epilogue", "addmm")
-
-
+    t = dispatch_table()
+    if m is not None:
+        per = t.get("shapes", {}).get(f"{n}x{k}", {}).get("epi_mode")
+        if per:
+            mode = per.get(str(m_bucket(m)))
+            if mode in ("addmm", "triton"):
+                return mode
+    return t.get("epilogue", "addmm")

@@ -112,7 +112,7 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
     lrb = a.lrb_down is not None
     t = F.linear(x2, layer.rotate(a.lrb_down.to(x.dtype), spec_of(a))) if lrb else None
     cs = None if a.a_sym else Q.weight_code_colsum(packing.codes_of(a.qweight, a.w_bits, (n, k)), a.w_scale)
-    if (a.a_sym and not lrb) or epilogue_mode() == "addmm":
+    if (a.a_sym and not lrb) or epilogue_mode(m, n, k) == "addmm":
         if os.environ.get("ROBUQ_FP8_GEMM") == "triton" and a.a_sym and not lrb:
             y = fp8_gemm_op(codes, w8, sx, sw, a.bias, None, None, None, None, m, x.dtype)
             return y.reshape(*lead, n)

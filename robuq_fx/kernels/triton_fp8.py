@@ -125,13 +125,13 @@ def _fp8_supports(x: torch.Tensor, a: QLinearArgs) -> str | None:
     if k % 16 or n % 16:
         return f"in/out features ({k}, {n}) must be multiples of 16 for fp8 GEMMs"
     epi = _uses_epilogue(a)
-    if (epi and epilogue_mode() == "triton" or os.environ.get("ROBUQ_FP8_GEMM") == "triton") and k % 128:
+    m = x.numel() // max(k, 1)
+    if (epi and epilogue_mode(m, n, k) == "triton" or os.environ.get("ROBUQ_FP8_GEMM") == "triton") and k % 128:
         return f"in_features={k} must be a multiple of 128 for the fused-epilogue fp8 GEMM"
     why = quant_supported(k, a.hadamard_block, a.a_bits, x.dtype, a.a_clip, x.numel() // max(k, 1))
     if why:
         return why
     if forced() != FP8 and not _fp8_layout(a):  # fp8 layout: no 16-bit weight to fall back on, fp8 at every M
-        m = x.numel() // k
         thr = fp8_min_m(n, k, epi)
         if m < thr:
             return f"dispatch: M={m} < {thr}, where the bf16 dequant path is faster for {n}x{k} " \
@@ -215,7 +215,7 @@ def fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
     codes, sx, lo = act_quant(x2, a.hadamard_block, a.a_bits, a.a_sym, m_store=m_pad, shift=True, clip=a.a_clip)
     lrb = a.lrb_down is not None
     t = F.linear(x2, _rot_down(a, x.dtype)) if lrb else None
-    if (a.a_sym and not lrb) or epilogue_mode() == "addmm":
+    if (a.a_sym and not lrb) or epilogue_mode(m, n, k) == "addmm":
         if os.environ.get("ROBUQ_FP8_GEMM") == "triton" and a.a_sym and not lrb:
             y = torch.empty(m, n, device=x.device, dtype=x.dtype)
             if m:

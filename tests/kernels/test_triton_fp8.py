@@ -112,6 +112,29 @@ def test_dispatch_table_parses(monkeypatch):
             assert sum(widths) == k and all(w % max(block, 16) == 0 for w in widths)
 
 
+def test_dispatch_choices_per_shape_and_m(monkeypatch):
+    """Runs everywhere: the table's per-shape, per-M-bucket choices (epilogue mode, TMA GEMM config, the GEMM
+    config's nearest bucket, the small-M limit) are what the lookups return, the environment overrides them, and
+    shapes the table does not list get the global entries."""
+    for v in ("ROBUQ_FP8_EPI", "ROBUQ_FP8_SMALL_M", "ROBUQ_FP8_GEMM_KERNEL", "ROBUQ_TMA_GEMM_CFG"):
+        monkeypatch.delenv(v, raising=False)
+    table = {"epilogue": "addmm", "gemm_kernel": "tma", "small_m_fused_max_m": 32,
+             "shapes": {"64x32": {"epi_mode": {"256": "triton", "1024": "addmm", "4096": "triton", "16384": "addmm"},
+                                  "gemm_cfg": {"256": 3, "16384": 0}}}}
+    monkeypatch.setattr(dispatch, "dispatch_table", lambda: table)
+    assert [dispatch.epilogue_mode(m, 64, 32) for m in (16, 300, 4000, 99999)] == ["triton", "addmm", "triton",
+                                                                                  "addmm"]
+    assert dispatch.epilogue_mode(16, 128, 32) == "addmm" and dispatch.epilogue_mode() == "addmm"
+    monkeypatch.setenv("ROBUQ_FP8_EPI", "triton")
+    assert dispatch.epilogue_mode(300, 64, 32) == "triton"
+    assert dispatch.gemm_kernel((9, 0)) == "tma" and dispatch.gemm_kernel((8, 9)) == "pointer"
+    assert dispatch.small_m_max() == 32
+    monkeypatch.setenv("ROBUQ_FP8_SMALL_M", "0")
+    assert dispatch.small_m_max() == 0
+    # the nearest bucket on a log scale: the boundary is the geometric mean, sqrt(256 * 16384) = 2048
+    assert dispatch._nearest(2048, [256, 16384]) == 256 and dispatch._nearest(2049, [256, 16384]) == 16384
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # activation quantizer vs the CPU reference
 
