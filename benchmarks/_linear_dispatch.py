@@ -44,6 +44,20 @@ def tune_quant(table: dict, ms=MS):
     D.dispatch_table()["quant"] = out  # use the tuned tilings for the rest of this run
 
 
+def time_under_env(mod, x, var: str, values) -> dict:
+    """CUDA-graph time of mod(x) on the triton_fp8 kernel with the environment variable `var` at each value."""
+    from robuq_fx import kernels
+    out = {}
+    try:
+        for v in values:
+            os.environ[var] = v
+            with kernels.use("triton_fp8"), torch.no_grad():
+                out[v] = time_graph(lambda: mod(x))
+    finally:
+        os.environ.pop(var, None)
+    return out
+
+
 def tune_small_m(variants, ms=(1, 16, 32, 64)) -> int:
     """Largest M at which the single-kernel small-M path (triton_qgemm_small) beats the two-kernel fp8 path on every
     shape and both variants (0: nowhere)."""
@@ -59,12 +73,7 @@ def tune_small_m(variants, ms=(1, 16, 32, 64)) -> int:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             for vname, kw, r in variants:
                 mod = make_layer(kw, w, b, r)
-                tt = {}
-                for limit in ("64", "0"):
-                    os.environ["ROBUQ_FP8_SMALL_M"] = limit
-                    with kernels.use("triton_fp8"), torch.no_grad():
-                        tt[limit] = time_graph(lambda: mod(x))
-                os.environ.pop("ROBUQ_FP8_SMALL_M")
+                tt = time_under_env(mod, x, "ROBUQ_FP8_SMALL_M", ("64", "0"))
                 print(f"[small M {name} {vname} M={m}] one kernel {tt['64'] * 1e6:.1f}us, two {tt['0'] * 1e6:.1f}us",
                       flush=True)
                 wins = wins and tt["64"] < tt["0"]
@@ -147,12 +156,7 @@ def write_dispatch(args):
         modes = {}
         for m in MS:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-            tt = {}
-            for mode in ("addmm", "triton"):
-                os.environ["ROBUQ_FP8_EPI"] = mode
-                with kernels.use("triton_fp8"), torch.no_grad():
-                    tt[mode] = time_graph(lambda: mod(x))
-            os.environ.pop("ROBUQ_FP8_EPI")
+            tt = time_under_env(mod, x, "ROBUQ_FP8_EPI", ("addmm", "triton"))
             epi_votes.append(tt["triton"] / tt["addmm"])
             modes[str(m)] = "triton" if tt["triton"] < tt["addmm"] else "addmm"
             print(f"[epilogue {name} M={m}] addmm {tt['addmm'] * 1e6:.1f}us triton {tt['triton'] * 1e6:.1f}us",
