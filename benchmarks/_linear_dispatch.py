@@ -61,7 +61,6 @@ def time_under_env(mod, x, var: str, values) -> dict:
 def tune_small_m(variants, ms=(1, 16, 32, 64)) -> int:
     """Largest M at which the single-kernel small-M path (triton_qgemm_small) beats the two-kernel fp8 path on every
     shape and both variants (0: nowhere)."""
-    from robuq_fx import kernels
     dev = torch.device("cuda")
     best = 0
     for m in ms:
