@@ -12,12 +12,18 @@ import os
 import torch
 
 
-@functools.lru_cache(maxsize=None)
-def _sylvester(b: int) -> torch.Tensor:
-    h = torch.ones(1, 1, dtype=torch.float64)
+def sylvester(b: int, device=None) -> torch.Tensor:
+    """The normalised Sylvester matrix of order b in float64, built from tensor ops only (so that a traced graph can
+    build it too: kernels/inductor.py); `hadamard_matrix` caches it per dtype and device."""
+    h = torch.ones(1, 1, dtype=torch.float64, device=device)
     while h.shape[0] < b:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h / (b ** 0.5)
+
+
+@functools.lru_cache(maxsize=None)
+def _sylvester(b: int) -> torch.Tensor:
+    return sylvester(b)
 
 
 _CACHE: dict = {}
@@ -35,8 +41,9 @@ def hadamard_matrix(b: int, dtype: torch.dtype = torch.float32, device=None) -> 
     return h
 
 
-def block_hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
-    """x (..., K) -> x H with H block-diagonal of order `block` (block must divide K)."""
+def block_hadamard(x: torch.Tensor, block: int, h: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) -> x H with H block-diagonal of order `block` (block must divide K). h: H_block in x's dtype
+    (default: the cached `hadamard_matrix`; a traced graph passes one it built)."""
     k = x.shape[-1]
     if k % block:
         raise ValueError(f"Hadamard block {block} does not divide the last dimension {k}")
@@ -45,5 +52,6 @@ def block_hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
         from .kernels import fht
         if fht.available() is None and fht.supports(x, block) is None:
             return fht.block_hadamard_fht(x, block)
-    h = hadamard_matrix(block, x.dtype, x.device)
+    if h is None:
+        h = hadamard_matrix(block, x.dtype, x.device)
     return (x.reshape(*x.shape[:-1], k // block, block) @ h).reshape(x.shape)

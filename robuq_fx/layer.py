@@ -13,7 +13,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from . import ops  # noqa: F401  (registers torch.ops.robuq.*)
+from . import ops  # also registers torch.ops.robuq.*
 from .spec import LayerSpec
 
 _ops = torch.ops.robuq
@@ -23,9 +23,14 @@ def rotate(x: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
     return _ops.hadamard.default(x, spec.hadamard_block) if spec.hadamard else x
 
 
-def residual(weight, lrb_down, lrb_up, spec: LayerSpec):
+def rotate_eager(x: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+    """`rotate` without going through the op (its implementation, called directly: qat_fused.py)."""
+    return ops.hadamard_impl(x, spec.hadamard_block) if spec.hadamard else x
+
+
+def residual(weight, lrb_down, lrb_up, spec: LayerSpec, rotate_fn=rotate):
     """R = W H - A B: the only part of the weight that is quantized."""
-    w = rotate(weight, spec)
+    w = rotate_fn(weight, spec)
     if lrb_down is not None:
         w = w - torch.mm(lrb_up, lrb_down)
     return w

@@ -13,9 +13,14 @@ from . import hadamard as _had
 from . import quantizers as Q
 
 
+def hadamard_impl(x: torch.Tensor, block: int) -> torch.Tensor:
+    """What robuq::hadamard computes (also called directly by the fused eager QAT path, qat_fused.py)."""
+    return _had.block_hadamard(x, block).contiguous()
+
+
 @torch.library.custom_op("robuq::hadamard", mutates_args=())
 def hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
-    return _had.block_hadamard(x, block).contiguous()
+    return hadamard_impl(x, block)
 
 
 # Outputs are always contiguous, and the fakes say so: a fake that kept a permuted input's strides (empty_like)

@@ -24,28 +24,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import hadamard as _had
 from . import quantizers as Q
+from .layer import residual, rotate_eager as _rotate
 from .ops import fake_quant_act_impl
 from .spec import LayerSpec
-
-
-def _rotate(x: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
-    return _had.block_hadamard(x, spec.hadamard_block).contiguous() if spec.hadamard else x
 
 
 def _2d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def quantized_weight(w, down, up, spec: LayerSpec, c: torch.dtype, ab: torch.dtype) -> tuple[torch.Tensor, torch.dtype]:
+def quantized_weight(w, down, up, spec: LayerSpec, c: torch.dtype) -> tuple[torch.Tensor, torch.dtype]:
     """(Q_w(R) in c, the dtype R was computed in), without an autograd graph. Computed on every call, as the op graph
     does: a cache keyed on the masters' storage and version counter went stale under FSDP2, whose all-gathers
     rewrite the unsharded weights in place without moving their version (a CPU test caught it)."""
     with torch.no_grad():
-        r = _rotate(w, spec)
-        if down is not None:
-            r = r - torch.mm(up.to(ab), down.to(ab))
+        r = residual(w, down, up, spec, rotate_fn=_rotate)  # A B in ab: autocast rounds it as in the op graph
         wq = Q.fake_quant_weight(r, float(spec.w_bits), spec.w_granularity, spec.group_size, spec.scale_dtype)
         return wq.contiguous().to(c), r.dtype
 
@@ -63,7 +57,7 @@ class QATLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, bias, down, up, spec: LayerSpec, c: torch.dtype, ab: torch.dtype):
         # autocast stays as the caller set it, as it does for the op graph: it also rounds the rotations' matmuls
-        wq, r_dtype = quantized_weight(w, down, up, spec, c, ab)
+        wq, r_dtype = quantized_weight(w, down, up, spec, c)
         xh = _rotate(x, spec)
         xq = fake_quant_act_impl(xh, spec.a_bits, spec.sym, spec.a_clip) if spec.a_bits < 16 else xh
         xq_c = xq.to(c)

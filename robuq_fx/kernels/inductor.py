@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from .. import layer, packing
 from .. import quantizers as Q
+from ..hadamard import block_hadamard, sylvester
 from .registry import QLinearArgs, select
 
 
@@ -203,24 +204,14 @@ def _functional_rule(decomposition):
 # ---------------------------------------------------------------------------------------------------------------
 # the QAT graph's ops: their torch math, which Inductor fuses (with each other and with the ops around them)
 
-def _sylvester(b: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """hadamard.hadamard_matrix(b, dtype) built from traced ops (a cached tensor cannot enter a traced graph): the
-    same float64 Sylvester construction and the same rounding to dtype."""
-    h = torch.ones(1, 1, dtype=torch.float64, device=device)
-    while h.shape[0] < b:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / (b ** 0.5)).to(dtype)
-
-
 def _hadamard_decomposition(x, block):
-    import os as _os
-    if not enabled() or (x.is_cuda and _os.environ.get("ROBUQ_HADAMARD") == "fht"):
+    if not enabled() or (x.is_cuda and os.environ.get("ROBUQ_HADAMARD") == "fht"):
         return NotImplemented
-    k = x.shape[-1]
-    if block < 1 or block & (block - 1) or k % block:
+    if block < 1 or block & (block - 1) or x.shape[-1] % block:
         return NotImplemented  # the op raises its own error
-    h = _sylvester(block, x.dtype, x.device)
-    return (x.reshape(*x.shape[:-1], k // block, block) @ h).reshape(x.shape).contiguous()
+    # H built from traced ops (the cached matrix is a tensor from outside the graph): the same float64 construction
+    h = sylvester(block, x.device).to(x.dtype)
+    return block_hadamard(x, block, h).contiguous()
 
 
 def _fake_quant_weight_decomposition(w, w_bits, granularity, group_size, scale_dtype):
