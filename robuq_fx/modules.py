@@ -18,9 +18,10 @@ import os
 import torch
 import torch.nn as nn
 
-from . import kernels  # noqa: F401  (registers torch.ops.robuq.qlinear)
+from . import kernels  # also registers torch.ops.robuq.qlinear
 from . import layer, packing
 from . import quantizers as Q
+from .ops import plain_eager
 from .qat_linear import apply_keeping_dtypes
 from .spec import LayerSpec
 
@@ -33,9 +34,7 @@ def _direct_ok(x: torch.Tensor) -> bool:
     """A plain eager inference call, which no compiler, dispatch mode or autograd needs to see as the op."""
     if _DIRECT[0] is None:
         _DIRECT[0] = os.environ.get("ROBUQ_DIRECT_CALL", "1") != "0"
-    return (_DIRECT[0] and type(x) is torch.Tensor and not torch.compiler.is_compiling()
-            and not (x.requires_grad and torch.is_grad_enabled()) and not torch._C._len_torch_dispatch_stack()
-            and not torch._C._functorch.is_functorch_wrapped_tensor(x))
+    return _DIRECT[0] and not (x.requires_grad and torch.is_grad_enabled()) and plain_eager(x)
 
 
 def fp8_layout_ok(device: torch.device, w_bits) -> bool:

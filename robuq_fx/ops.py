@@ -29,6 +29,14 @@ def _contiguous_like(x):
     return x.new_empty(x.shape)
 
 
+def plain_eager(x: torch.Tensor) -> bool:
+    """x is an eager tensor that no compiler, torch.export, functorch transform or TorchDispatchMode is watching:
+    there, calling an op's implementation directly computes what calling the op does (the eager fast paths of
+    PackedLinear and QATLinear)."""
+    return (type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x))
+
+
 def _compiling() -> None:
     """A fake kernel runs: Dynamo is tracing a model with this op. Let torch.compile decompose our ops into what
     Inductor can fuse and launch (kernels/inductor.py)."""

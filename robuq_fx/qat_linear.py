@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import layer
+from .ops import plain_eager
 from .spec import LayerSpec
 
 _MASTERS = ("weight", "bias", "lrb_down", "lrb_up")
@@ -106,9 +107,7 @@ def _fused_ok(x: torch.Tensor, m: "QATLinear") -> bool:
     if _FUSED_OFF[0] is None:
         import os
         _FUSED_OFF[0] = os.environ.get("ROBUQ_QAT_FUSED", "1") == "0"
-    if _FUSED_OFF[0] or torch.compiler.is_compiling() or type(x) is not torch.Tensor or not x.is_floating_point():
-        return False
-    if torch._C._len_torch_dispatch_stack() or torch._C._functorch.is_functorch_wrapped_tensor(x):
+    if _FUSED_OFF[0] or not plain_eager(x) or not x.is_floating_point():
         return False
     return type(m.weight) is nn.Parameter or type(m.weight) is torch.Tensor
 

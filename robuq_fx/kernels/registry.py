@@ -67,8 +67,13 @@ def tensor_key(t) -> tuple:
 _BY_PRIORITY: list = []  # (ids of the registered kernels, them sorted): the sort is not redone on every call
 
 
+def _kernel_ids() -> tuple:
+    """Identities of the registered kernels: changes when one is registered or replaced (tests do)."""
+    return tuple(map(id, _KERNELS.values()))
+
+
 def _by_priority() -> list[Kernel]:
-    ids = tuple(map(id, _KERNELS.values()))  # changes when a kernel is registered or replaced (tests do)
+    ids = _kernel_ids()
     if not _BY_PRIORITY or _BY_PRIORITY[0] != ids:
         _BY_PRIORITY[:] = [ids, sorted(_KERNELS.values(), key=lambda k: -k.priority)]
     return _BY_PRIORITY[1]
@@ -85,8 +90,7 @@ def register(name: str, priority: int, machine_check=lambda: None, supports=lamb
 def state_key() -> tuple:
     """Everything besides the call itself that `select` depends on: the forced and disabled kernels, the threshold
     override, and which kernels are registered (callers that cache a selection key it on this)."""
-    return (forced(), os.environ.get("ROBUQ_KERNEL_DISABLE"), os.environ.get("ROBUQ_FP8_MIN_M"),
-            tuple(map(id, _KERNELS.values())))
+    return forced(), os.environ.get("ROBUQ_KERNEL_DISABLE"), os.environ.get("ROBUQ_FP8_MIN_M"), _kernel_ids()
 
 
 def forced() -> str | None:
