@@ -12,6 +12,7 @@ import functools
 import torch
 
 from .. import quantizers as Q
+from . import triton_launch  # imports no triton
 from .dispatch import dispatch_table, m_bucket
 
 _NULL = contextlib.nullcontext()
@@ -123,12 +124,8 @@ def act_quant(x2: torch.Tensor, block: int, a_bits: int, sym: bool, dequant: boo
         return out, scale, lo
     levels = float(Q.act_levels(a_bits, sym))
     sh = float(2 ** (a_bits - 1)) if shift and not sym and not dequant else 0.0
-    if traced:
-        from .triton_launch import traced as launcher
+    launcher = triton_launch.traced if traced else triton_launch.launch
+    with _NULL if traced else on_device(dev):  # a traced launch has no device to switch to
         _aq().launch_act_quant(x2, out, scale, lo, m, m_store, _hscale(block, x2.dtype), levels, sh, block, plan, sym,
                                dequant, clip_c, launcher)
-        return out, scale, lo
-    with on_device(dev):
-        _aq().launch_act_quant(x2, out, scale, lo, m, m_store, _hscale(block, x2.dtype), levels, sh, block, plan, sym,
-                               dequant, clip_c)
     return out, scale, lo

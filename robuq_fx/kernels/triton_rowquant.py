@@ -180,8 +180,6 @@ def _launch(x, out, a_bits, sym, Q, launcher, flat=None):
     args = (x, out, n_rows, d, shape[1], shape[2], strides[0], strides[1], strides[2], sxd,
             float(Q.act_levels(a_bits, sym)))
     kw = (dict(SYM=bool(sym), BLOCK_R=block_r, BLOCK_D=block_d), dict(num_warps=warps, enable_fp_fusion=False))
-    if launcher is triton_launch.traced:
-        launcher(fake_quant_rows_kernel, grid, args, *kw)
-        return
-    with (torch.cuda.device(x.device) if x.is_cuda else _nullctx()):
+    traced = launcher is triton_launch.traced  # a traced launch has no device to switch to
+    with (torch.cuda.device(x.device) if x.is_cuda and not traced else _nullctx()):
         launcher(fake_quant_rows_kernel, grid, args, *kw)
