@@ -40,7 +40,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .. import layer, packing
+from .. import packing
 from .. import quantizers as Q
 from ..hadamard import block_hadamard, sylvester
 from .registry import QLinearArgs, select
@@ -91,16 +91,13 @@ def _ops():
 # ---------------------------------------------------------------------------------------------------------------
 # robuq::qlinear
 
-def _w_scale_vec(w_scale: torch.Tensor, n: int) -> torch.Tensor:
-    s = w_scale.float().reshape(-1)
-    return (s.expand(n) if s.numel() == 1 else s).contiguous()
-
-
 def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
-    """`triton_fp8.fp8_qlinear` in graph-traceable form (fp8-layout weights)."""
+    """`triton_fp8.fp8_qlinear` in graph-traceable form (fp8-layout weights): the weight-side tensors its caches
+    hold are computed in the graph (`weight_cache`'s uncached helpers)."""
     from . import triton_fp8 as T
+    from . import weight_cache as W
     from .dispatch import epilogue_mode
-    from .reference import spec_of
+    from .reference import weight_codes
     act_quant_op, _, fp8_gemm_op = _ops()
     k, n = a.in_features, a.out_features
     lead = x.shape[:-1]
@@ -109,10 +106,10 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
     m_pad = torch.sym_max(16, (m + 15) // 16 * 16)
     codes, sx, lo = act_quant_op(x2, a.hadamard_block, a.a_bits, a.a_sym, a.a_clip, m_pad, True)
     w8 = a.qweight.reshape(n, k)
-    sw = _w_scale_vec(a.w_scale, n)
+    sw = W.scale_vec(a.w_scale, n)
     lrb = a.lrb_down is not None
-    t = F.linear(x2, layer.rotate(a.lrb_down.to(x.dtype), spec_of(a))) if lrb else None
-    cs = None if a.a_sym else Q.weight_code_colsum(packing.codes_of(a.qweight, a.w_bits, (n, k)), a.w_scale)
+    t = F.linear(x2, W.rotated_down(a, x.dtype)) if lrb else None
+    cs = None if a.a_sym else Q.weight_code_colsum(weight_codes(a), a.w_scale)
     if (a.a_sym and not lrb) or epilogue_mode(m, n, k) == "addmm":
         if os.environ.get("ROBUQ_FP8_GEMM") == "triton" and a.a_sym and not lrb:
             y = fp8_gemm_op(codes, w8, sx, sw, a.bias, None, None, None, None, m, x.dtype)
@@ -120,16 +117,8 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
         bias = None if a.bias is None else a.bias.to(torch.bfloat16)
         y = T._scaled_mm(codes, w8, sx, sw, bias)[:m]
         if lrb or not a.a_sym:
-            left, right = [], []
-            if lrb:
-                left.append(t.to(torch.bfloat16))
-                right.append(a.lrb_up.to(torch.bfloat16))
-            if not a.a_sym:
-                lh, ll = T._split16(lo[:m], torch.bfloat16)
-                ch, cl = T._split16(cs, torch.bfloat16)
-                left += [lh[:, None], lh[:, None], ll[:, None]]
-                right += [ch[:, None], cl[:, None], ch[:, None]]
-            y = torch.addmm(y, torch.cat(left, 1), torch.cat(right, 1).t())
+            y = torch.addmm(y, W.ext_left(t, None if a.a_sym else lo[:m], torch.bfloat16),
+                            W.ext_up(a.lrb_up, cs, torch.bfloat16).t())
         return (y if y.dtype == x.dtype else y.to(x.dtype)).reshape(*lead, n)
     up = a.lrb_up.to(x.dtype).contiguous() if lrb else None
     y = fp8_gemm_op(codes, w8, sx, sw, a.bias, None if a.a_sym else lo, cs, t, up, m, x.dtype)

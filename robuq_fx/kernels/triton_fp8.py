@@ -37,7 +37,7 @@ from .quantizer import act_quant, on_device, quant_supported
 from .reference import spec_of
 from .registry import QLinearArgs, forced, register
 from .weight_cache import (_WCACHE, _Entry, _deq_weight, _ext_up, _fp8_layout, _fp8_weights, _rot_down,  # noqa: F401
-                           _split16, clear_caches)
+                           clear_caches, ext_left)
 
 FP8 = "triton_fp8"
 DEQUANT = "cuda_dequant"
@@ -227,11 +227,7 @@ def fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
         if m != m_pad:
             y = y[:m]
         if lrb or not a.a_sym:
-            left = [] if t is None else [t.to(torch.bfloat16)]
-            if not a.a_sym:
-                lh, ll = _split16(lo[:m], torch.bfloat16)
-                left += [lh[:, None], lh[:, None], ll[:, None]]
-            y.addmm_(left[0] if len(left) == 1 else torch.cat(left, 1), _ext_up(a, e, torch.bfloat16).t())
+            y.addmm_(ext_left(t, None if a.a_sym else lo[:m], torch.bfloat16), _ext_up(a, e, torch.bfloat16).t())
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
     else:

@@ -62,8 +62,7 @@ def _fp8_weights(a: QLinearArgs) -> _Entry:
             e.fp8 = a.qweight.reshape(n, a.in_features)
         else:
             e.fp8 = packing.to_fp8_codes(codes)
-        e.sw = a.w_scale.float().reshape(-1).expand(n).contiguous() if a.w_scale.numel() == 1 \
-            else a.w_scale.float().reshape(n).contiguous()
+        e.sw = scale_vec(a.w_scale, n)
         e.cs = Q.weight_code_colsum(codes, a.w_scale).contiguous()
     return e
 
@@ -89,10 +88,7 @@ def _rot_down(a: QLinearArgs, dtype: torch.dtype) -> torch.Tensor:
     key = (_ver(a.lrb_down), dtype, a.hadamard_block)
     bh = e.bh.get(key)
     if bh is None:
-        b = a.lrb_down.to(dtype)
-        if a.hadamard_block > 1:
-            b = layer.rotate(b, spec_of(a))
-        bh = e.bh[key] = b.contiguous()
+        bh = e.bh[key] = rotated_down(a, dtype)
     return bh
 
 
@@ -106,14 +102,44 @@ def _split16(v: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.T
 
 
 def _ext_up(a: QLinearArgs, e: _Entry, dtype: torch.dtype) -> torch.Tensor:
-    """[A, c_hi, c_lo, c_hi] (N, r + 3), or A alone when symmetric: right factor of the in-place addmm. With the
-    left factor [t, lo_hi, lo_hi, lo_lo], lo' c is carried to ~2^-16 although the GEMM's inputs are 16-bit."""
+    """`ext_up` cached on the weight's entry (keyed on lrb_up's version)."""
     key = ("ext", _ver(a.lrb_up), dtype, a.a_sym)
     v = e.bh.get(key)
     if v is None:
-        parts = [] if a.lrb_up is None else [a.lrb_up.to(dtype)]
-        if not a.a_sym:
-            ch, cl = _split16(e.cs, dtype)
-            parts += [ch[:, None], cl[:, None], ch[:, None]]
-        v = e.bh[key] = torch.cat(parts, 1).contiguous()
+        v = e.bh[key] = ext_up(a.lrb_up, None if a.a_sym else e.cs, dtype)
     return v
+
+
+# ---- the same tensors computed outright (what the caches hold; the Inductor decomposition calls these) ----------
+
+def scale_vec(w_scale: torch.Tensor, n: int) -> torch.Tensor:
+    """The weight scales as an fp32 (N,) vector (a per-tensor scale repeated)."""
+    s = w_scale.float().reshape(-1)
+    return (s.expand(n) if s.numel() == 1 else s).contiguous()
+
+
+def rotated_down(a: QLinearArgs, dtype: torch.dtype) -> torch.Tensor:
+    """B H (r, K) in `dtype`, so that (x H) B^T = x (B H)^T (H is symmetric)."""
+    b = a.lrb_down.to(dtype)
+    if a.hadamard_block > 1:
+        b = layer.rotate(b, spec_of(a))
+    return b.contiguous()
+
+
+def ext_up(lrb_up: torch.Tensor | None, cs: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """[A, c_hi, c_lo, c_hi] (N, r + 3), or A alone when symmetric (cs None): right factor of the addmm epilogue.
+    With `ext_left`'s [t, lo_hi, lo_hi, lo_lo], lo' c is carried to ~2^-16 although the GEMM's inputs are 16-bit."""
+    parts = [] if lrb_up is None else [lrb_up.to(dtype)]
+    if cs is not None:
+        ch, cl = _split16(cs, dtype)
+        parts += [ch[:, None], cl[:, None], ch[:, None]]
+    return torch.cat(parts, 1).contiguous()
+
+
+def ext_left(t: torch.Tensor | None, lo: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """[t, lo_hi, lo_hi, lo_lo] (M, r + 3), or t alone when symmetric (lo None): left factor matching `ext_up`."""
+    left = [] if t is None else [t.to(dtype)]
+    if lo is not None:
+        lh, ll = _split16(lo, dtype)
+        left += [lh[:, None], lh[:, None], ll[:, None]]
+    return left[0] if len(left) == 1 else torch.cat(left, 1)

@@ -80,9 +80,13 @@ def _calls(code: str, op: str) -> bool:
 
 
 @gpu
+@pytest.mark.parametrize("epi", ["table", "addmm"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "W{}A{}{}{}{}{}".format(*c))
 @pytest.mark.parametrize("m", [37, 1000])
-def test_compiled_qlinear_equals_eager_and_launches_our_kernels(case, m, all_ops):
+def test_compiled_qlinear_equals_eager_and_launches_our_kernels(case, m, epi, all_ops, monkeypatch):
+    """Both epilogue modes of the asymmetric / LRB layers: the table's (the Triton GEMM), and _scaled_mm + addmm."""
+    if epi == "addmm":
+        monkeypatch.setenv("ROBUQ_FP8_EPI", "addmm")
     mod = _layer(1152, 3456, *case)
     assert mod.layout == "fp8"
     x = torch.randn(2, m, 1152, device="cuda").bfloat16()
