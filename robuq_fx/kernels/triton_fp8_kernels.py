@@ -27,20 +27,27 @@ GEMM_CONFIGS = (
 
 
 @triton.jit
+def scale_bias(acc, sx, lo, offs_n, nmask, sw_ptr, cs_ptr, bias_ptr, ASYM: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """acc (BM, BN) fp32 integer products, the rows' scales sx and offsets lo (BM,) -> s_x s_w acc [+ lo c] [+ bias]:
+    the epilogue of every fp8 qlinear kernel (these GEMMs and triton_qgemm_small.py)."""
+    sw = tl.load(sw_ptr + offs_n, mask=nmask, other=0.0)
+    acc = acc * sx[:, None] * sw[None, :]
+    if ASYM:
+        acc += lo[:, None] * tl.load(cs_ptr + offs_n, mask=nmask, other=0.0)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def _epilogue(acc, offs_m, offs_n, M, N, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_ptr, t_ptr, up_ptr, stride_tm,
               stride_un, R, RP: tl.constexpr, HAS_BIAS: tl.constexpr, ASYM: tl.constexpr, HAS_LRB: tl.constexpr):
     """acc (BM, BN) fp32 integer products -> s_x s_w acc [+ lo c] [+ bias] [+ t A^T] (rows offs_m, columns offs_n)."""
     mmask = offs_m < M
     nmask = offs_n < N
     sx = tl.load(sx_ptr + offs_m, mask=mmask, other=0.0)
-    sw = tl.load(sw_ptr + offs_n, mask=nmask, other=0.0)
-    acc = acc * sx[:, None] * sw[None, :]
-    if ASYM:
-        lo = tl.load(lo_ptr + offs_m, mask=mmask, other=0.0)
-        cs = tl.load(cs_ptr + offs_n, mask=nmask, other=0.0)
-        acc += lo[:, None] * cs[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    lo = tl.load(lo_ptr + offs_m, mask=mmask, other=0.0) if ASYM else sx
+    acc = scale_bias(acc, sx, lo, offs_n, nmask, sw_ptr, cs_ptr, bias_ptr, ASYM, HAS_BIAS)
     if HAS_LRB:
         rr = tl.arange(0, RP)
         t = tl.load(t_ptr + offs_m[:, None].to(tl.int64) * stride_tm + rr[None, :],

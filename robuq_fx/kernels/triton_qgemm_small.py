@@ -19,6 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .triton_fp8_kernels import scale_bias
 from .triton_launch import launch
 from .triton_rowquant import round_quotient, scale_of
 
@@ -72,12 +73,7 @@ def qgemm_small_kernel(x_ptr, h_ptr, w_ptr, y_ptr, sw_ptr, bias_ptr, cs_ptr, dow
         if HAS_LRB:
             d = tl.load(down_ptr + rr[:, None] * K + (kc + kk)[None, :], mask=(rr < R)[:, None], other=0.0)
             t = tl.dot(yc, tl.trans(d), t)
-    sw = tl.load(sw_ptr + cols_n, mask=nmask, other=0.0)
-    out = acc * s[:, None] * sw[None, :]
-    if not SYM:
-        out += lo[:, None] * tl.load(cs_ptr + cols_n, mask=nmask, other=0.0)[None, :]
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + cols_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    out = scale_bias(acc, s, lo, cols_n, nmask, sw_ptr, cs_ptr, bias_ptr, not SYM, HAS_BIAS)
     if HAS_LRB:
         u = tl.load(up_ptr + cols_n[:, None].to(tl.int64) * R + rr[None, :], mask=nmask[:, None] & (rr < R)[None, :],
                     other=0.0)
