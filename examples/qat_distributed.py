@@ -161,16 +161,17 @@ def make_optimizer(model, args):
     return torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
 
 
-def train(model, make_batch, loss, args, rank: int, world: int, device: torch.device) -> list[float]:
+def train(model, make_batch, loss, args, rank: int, world: int, device: torch.device,
+          step_s: list[float] | None = None) -> list[float]:
     """`args.steps` steps of `loss(model, slice)` on this rank's slice of `make_batch(step)` (a dict of global-batch
-    tensors, the same on every rank); returns each step's global-batch loss (the mean of the ranks' slice losses)."""
+    tensors, the same on every rank); returns each step's global-batch loss (the mean of the ranks' slice losses).
+    step_s: a list that gets each step's wall time."""
     if args.batch % world:
         raise SystemExit(f"--batch {args.batch} must divide evenly over {world} ranks")
     local = args.batch // world
     opt = make_optimizer(model, args)
     model.train()
     losses = []
-    args.step_s = []
     for step in range(args.steps):
         t = time.perf_counter()
         b = {k: v[rank * local:(rank + 1) * local].to(device) for k, v in make_batch(step).items()}
@@ -183,7 +184,8 @@ def train(model, make_batch, loss, args, rank: int, world: int, device: torch.de
             dist.all_reduce(seen)  # equal slices: the mean of slice means is the global-batch mean
             seen /= world
         losses.append(seen.item())  # waits for the step (and the other ranks): the step time below is the step's
-        args.step_s.append(time.perf_counter() - t)
+        if step_s is not None:
+            step_s.append(time.perf_counter() - t)
     return losses
 
 
@@ -220,14 +222,15 @@ def main(argv=None) -> dict:
     engine_model = wrap(qmodel, args.engine, device)
     t1 = time.perf_counter()
     make_batch = lambda step: global_batch(model.config, args.batch, step, args.seed)  # noqa: E731
-    losses = train(engine_model, make_batch, loss_fn, args, rank, world, device)
+    step_s: list[float] = []
+    losses = train(engine_model, make_batch, loss_fn, args, rank, world, device, step_s)
     t_train = time.perf_counter() - t1
     state = gather_state(engine_model, args.engine)
-    steady = steady_step_s(args.step_s)
+    steady = steady_step_s(step_s)
     result = {"engine": args.engine, "model": args.model, "world": world, "device": str(device),
               "global_batch": args.batch, "steps": args.steps, "losses": losses,
               "quantize_s": round(t_quant, 2), "train_s": round(t_train, 2),
-              "step_s": [round(v, 5) for v in args.step_s], "steady_step_s": round(steady, 5),
+              "step_s": [round(v, 5) for v in step_s], "steady_step_s": round(steady, 5),
               "samples_per_s": round(args.batch / steady, 3)}
     if rank == 0:
         print(f"{args.engine} x{world} on {device}: {args.model}, global batch {args.batch}, {args.steps} steps, "
