@@ -5,12 +5,24 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 
 import torch
 import torch.nn.functional as F
 
 from bench_linear import MS, SHAPES, geomean, make_layer, time_graph
+
+
+def time_config(fn) -> float:
+    """time_graph of one kernel config, or inf where the config does not fit the GPU (shared memory, registers):
+    a candidate that cannot run is not a choice, not a failed run."""
+    from triton.runtime.errors import OutOfResources
+    try:
+        return time_graph(fn)
+    except OutOfResources as e:
+        print(f"  (config skipped: {e})", flush=True)
+        return math.inf
 
 
 def tune_quant(table: dict, ms=MS):
@@ -124,13 +136,13 @@ def write_dispatch(args):
             lo = torch.randn(m, device=dev)
             t = torch.randn(m, 32, device=dev, dtype=torch.bfloat16)
             y = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
-            times = [time_graph(lambda c=c: T._k().launch_fp8_gemm(a8, wq, y, sx, sw, b, lo, cs, t, up, m, c))
+            times = [time_config(lambda c=c: T._k().launch_fp8_gemm(a8, wq, y, sx, sw, b, lo, cs, t, up, m, c))
                      for c in cfgs]
             best[str(m)] = min(range(len(cfgs)), key=lambda i: times[i])
             print(f"[gemm cfg {name} M={m}] " + " ".join(f"{i}:{tm * 1e6:.1f}us" for i, tm in enumerate(times)),
                   flush=True)
             if tma:  # the persistent TMA-fed kernel, every config, same call
-                tt = [time_graph(lambda c=c: T._k().launch_fp8_gemm_tma(a8, wq, y, sx, sw, b, lo, cs, t, up, m, c,
+                tt = [time_config(lambda c=c: T._k().launch_fp8_gemm_tma(a8, wq, y, sx, sw, b, lo, cs, t, up, m, c,
                                                                         sms)) for c in tcfgs]
                 best_tma[str(m)] = min(range(len(tcfgs)), key=lambda i: tt[i])
                 tma_votes.append(min(tt) / min(times))

@@ -135,6 +135,12 @@ def act_quant_bfly_kernel(x_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, stride_
     """W0..W3: widths (columns) of the pieces, powers of two, multiples of B, summing to K (unused = 0).
     CHUNK > 0: two passes over the row in chunks of CHUNK columns instead (range, then codes; the second pass
     re-reads and re-rotates the row, mostly from cache), for rows too long to keep in registers."""
+    # float scalars arrive as fp32 from a direct launch but as fp64 from Inductor's wrapper (it types Python
+    # floats fp64): computing in fp32 either way keeps the codes those of the eager kernel
+    hscale = tl.cast(hscale, tl.float32)
+    levels = tl.cast(levels, tl.float32)
+    shift = tl.cast(shift, tl.float32)
+    clip_c = tl.cast(clip_c, tl.float32)
     row0 = tl.program_id(0) * BM
     rows = (row0 + tl.arange(0, BM)).to(tl.int64)
     rmask = rows < M

@@ -34,6 +34,8 @@ def attention8_kernel(q_ptr, k_ptr, v_ptr, o_ptr,
                       sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
                       H, HK, SQ, SK, qk_scale, levels, D: tl.constexpr,
                       CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr):
+    qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 when Inductor launches it (see triton_act_quant)
+    levels = tl.cast(levels, tl.float32)
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H

@@ -41,6 +41,7 @@ def qgemm_small_kernel(x_ptr, h_ptr, w_ptr, y_ptr, sw_ptr, bias_ptr, cs_ptr, dow
                        M, N, K, stride_xm, stride_ym, R, levels,
                        BM: tl.constexpr, BN: tl.constexpr, HB: tl.constexpr, RP: tl.constexpr,
                        HAD: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LRB: tl.constexpr):
+    levels = tl.cast(levels, tl.float32)  # fp64 when Inductor launches it (see triton_act_quant)
     pid_n = tl.program_id(0)
     rows = tl.program_id(1) * BM + tl.arange(0, BM)
     rmask = rows < M

@@ -84,6 +84,7 @@ def quantize_rows(x, mask, levels, SYM: tl.constexpr):
 @triton.jit
 def fake_quant_rows_kernel(x_ptr, out_ptr, n_rows, D, n1, n2, sx0, sx1, sx2, sxd, levels,
                            SYM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    levels = tl.cast(levels, tl.float32)  # fp64 when Inductor launches it (see triton_act_quant)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     rmask = rows < n_rows
