@@ -127,19 +127,31 @@ def rotated_down(a: QLinearArgs, dtype: torch.dtype) -> torch.Tensor:
 
 
 def ext_up(lrb_up: torch.Tensor | None, cs: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """[A, c_hi, c_lo, c_hi] (N, r + 3), or A alone when symmetric (cs None): right factor of the addmm epilogue.
+    """[A, c_hi, c_lo, c_hi, 0...] (N, r + 3 rounded up to a multiple of 8), or A alone when symmetric (cs None):
+    right factor of the addmm epilogue.
     With `ext_left`'s [t, lo_hi, lo_hi, lo_lo], lo' c is carried to ~2^-16 although the GEMM's inputs are 16-bit."""
     parts = [] if lrb_up is None else [lrb_up.to(dtype)]
     if cs is not None:
         ch, cl = _split16(cs, dtype)
         parts += [ch[:, None], cl[:, None], ch[:, None]]
-    return torch.cat(parts, 1).contiguous()
+    return torch.cat(_pad8(parts), 1).contiguous()
+
+
+def _pad8(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """parts, plus zero columns up to a multiple of 8: the addmm's inner dimension r + 3 is then aligned as
+    Inductor's pad_mm would make it, so eager and compiled calls run the same cuBLAS kernel (an unaligned K made
+    Inductor pad it, cuBLAS pick another kernel, and the output differ by a bf16 ulp on the H200). Zeros add zero."""
+    width = sum(p.shape[1] for p in parts)
+    if width % 8 and len(parts) > 1:
+        parts = parts + [parts[0].new_zeros(parts[0].shape[0], 8 - width % 8)]
+    return parts
 
 
 def ext_left(t: torch.Tensor | None, lo: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """[t, lo_hi, lo_hi, lo_lo] (M, r + 3), or t alone when symmetric (lo None): left factor matching `ext_up`."""
+    """[t, lo_hi, lo_hi, lo_lo, 0...] (M, as `ext_up`), or t alone when symmetric (lo None): left factor matching
+    `ext_up`."""
     left = [] if t is None else [t.to(dtype)]
     if lo is not None:
         lh, ll = _split16(lo, dtype)
         left += [lh[:, None], lh[:, None], ll[:, None]]
-    return left[0] if len(left) == 1 else torch.cat(left, 1)
+    return left[0] if len(left) == 1 else torch.cat(_pad8(left), 1)

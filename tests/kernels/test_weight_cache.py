@@ -1,0 +1,41 @@
+"""The addmm epilogue's factors (`weight_cache.ext_left` / `ext_up`), on the CPU: their product is the low-rank
+branch plus lo' c carried to ~2^-16 of c, and the inner dimension is a multiple of 8 whenever it has more than the
+bare low-rank factor (the alignment that keeps eager and Inductor-compiled addmm on one cuBLAS kernel)."""
+import pytest
+import torch
+
+from robuq_fx.kernels import weight_cache as W
+
+
+@pytest.mark.parametrize("rank", [0, 16, 32, 5])
+@pytest.mark.parametrize("asym", [False, True])
+def test_ext_factors_product_and_alignment(rank, asym):
+    torch.manual_seed(0)
+    m, n = 24, 40
+    t = torch.randn(m, rank) if rank else None
+    up = torch.randn(n, rank) if rank else None
+    lo = torch.randn(m) * 3 if asym else None
+    cs = torch.randn(n) * 50 if asym else None
+    if t is None and lo is None:
+        return  # nothing to add: the epilogue is not used
+    left, right = W.ext_left(t, lo, torch.float32), W.ext_up(up, cs, torch.float32)
+    assert left.shape[1] == right.shape[1]
+    if asym:
+        assert left.shape[1] % 8 == 0 and left.shape[1] >= rank + 3
+    else:
+        assert left.shape[1] == rank  # symmetric: A alone, no padding (nothing to align it with)
+    want = torch.zeros(m, n, dtype=torch.float64)
+    if rank:
+        want += t.double() @ up.double().t()
+    if asym:
+        want += lo.double()[:, None] * cs.double()[None, :]
+    got = left.double() @ right.double().t()
+    assert torch.allclose(got, want, rtol=0, atol=1e-5 * want.abs().max().item()), (got - want).abs().max()
+    # in bf16 the hi/lo split keeps lo' c far closer than one bf16 rounding of the product would
+    if asym:
+        lb, rb = W.ext_left(t, lo, torch.bfloat16), W.ext_up(up, cs, torch.bfloat16)
+        pad = lb.shape[1] - (rank + 3)
+        assert pad >= 0 and torch.count_nonzero(lb[:, rank + 3:]) == 0 and torch.count_nonzero(rb[:, rank + 3:]) == 0
+        c_part = (lb[:, rank:].double() @ rb[:, rank:].double().t())
+        exact = lo.double()[:, None] * cs.double()[None, :]
+        assert ((c_part - exact).abs().max() / exact.abs().max()).item() < 2 ** -14
