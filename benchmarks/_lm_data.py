@@ -219,12 +219,14 @@ def train_fp(model, stream, tokens: int, batch: int, ctx: int, lr: float, seed: 
     """FP training until the validation BPB flattens, warm-up / stable / decay: constant LR after a 2% warm-up while
     the validation BPB improves (by >= min_gain within `patience` evaluations every `eval_every` steps) and 80% of
     the budget is left; then a linear decay to 0 over max(20% of the steps so far, 10 steps). The decay starts when
-    the curve flattens, so where it stops is read off the run rather than fixed in advance. Returns the curve."""
+    the curve flattens, so where it stops is read off the run rather than fixed in advance. The weights of the best
+    evaluation are restored at the end (a curve that rises again is overfitting, not progress). Returns the curve."""
     steps = max(1, tokens // (batch * ctx))
     warmup = max(1, steps // 50)
     gen = torch.Generator().manual_seed(seed)
     opt = make_opt(model, lr, 0.1, device)
     history, best, since = [], float("inf"), 0
+    kept = {"bpb": float("inf"), "step": 0, "state": None}  # the best evaluated weights, restored at the end
     decay_from, decay_len, why = None, 0, "budget (80% of the steps at constant LR)"
     i = 0
     t0 = time.perf_counter()
@@ -249,6 +251,9 @@ def train_fp(model, stream, tokens: int, batch: int, ctx: int, lr: float, seed: 
             v = bpb(model, val, 64, device, amp)
             history.append({"step": i, "tokens": i * batch * ctx, "val_bpb": round(v, 5), "lr": cur,
                             "s": round(time.perf_counter() - t0, 1)})
+            if v < kept["bpb"]:
+                kept.update(bpb=v, step=i, state={k: t.detach().to("cpu", copy=True)
+                                                  for k, t in model.state_dict().items()})
             if decay_from is None:
                 if v < best - min_gain:
                     best, since = v, 0
@@ -259,8 +264,16 @@ def train_fp(model, stream, tokens: int, batch: int, ctx: int, lr: float, seed: 
                     why = f"validation BPB flat for {patience} evaluations ({eval_every} steps each)"
                     log(f"FP: validation BPB flat at step {i} ({v:.4f}); decaying the LR over {decay_len} steps")
     model.eval()
+    restored = None
+    if kept["state"] is not None and kept["step"] != i:
+        # a small corpus seen for several epochs: the validation BPB can rise again (it did on the H200, 0.883 at
+        # step 1200 -> 0.926 at 2160), and the quantized models should start from the best FP model, not the last
+        model.load_state_dict(kept["state"])
+        restored = kept["step"]
+        log(f"FP: restored the weights of step {restored} (validation {kept['bpb']:.4f}, the best evaluated; "
+            f"last {history[-1]['val_bpb']:.4f} at step {i})")
     return {"steps": i, "tokens": i * batch * ctx, "decay_from_step": decay_from, "decay_steps": decay_len,
-            "decay_started_by": why, "curve": history}
+            "decay_started_by": why, "restored_step": restored, "curve": history}
 
 
 # ---- outlier statistics -------------------------------------------------------------------------------------------

@@ -366,8 +366,10 @@ def main(argv=None) -> dict:
             f"files / {ci['val_source_bytes']} bytes of the stdlib .py files (without {', '.join(L.EXCLUDED_DIRS)} "
             f"folders{', a quick slice' if ci['sliced'] else ''}); {val.shape[0] * args.ctx} validation bytes scored",
             f"model: LlamaForCausalLM {n_layers} x {cfg['hidden_size']}, {L.n_params(fp) / 1e6:.2f} M params, "
-            f"context {args.ctx}; FP {fp_run['tokens']:.3g} tokens (decay started by {fp_run['decay_started_by']}), "
-            f"validation BPB {fp_bpb:.4f}; {'bf16 autocast' if amp else 'fp32'}",
+            f"context {args.ctx}; FP {fp_run['tokens']:.3g} tokens (decay started by {fp_run['decay_started_by']}"
+            + (f"; weights of step {fp_run['restored_step']} restored, the best evaluated"
+               if fp_run.get("restored_step") else "")
+            + f"), validation BPB {fp_bpb:.4f}; {'bf16 autocast' if amp else 'fp32'}",
             f"FP: BPB of the first {MONITOR} validation windows by step: "
             + ", ".join(f"{h['step']}: {h['val_bpb']:.3f}" for h in fp_run["curve"]),
             f"speed: FP {speed['fp_tok_s']:.3g}, QAT {speed['qat_tok_s']:.3g} (sigma {speed['qat_sigma_tok_s']:.3g}), "

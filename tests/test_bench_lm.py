@@ -143,3 +143,24 @@ def test_a_lowering_failure_is_recorded_not_raised(monkeypatch):
     rows = R.make_tables(bench_lm.GROUPS, [s], res, 4.5, {})["lowered vs QAT, seed 0 (bound 0.01 BPB)"]
     assert rows == [{"setting": "W1.58A3 +H", "QAT BPB": "5.0000", "QAT cast BPB": "5.0000", "lowered BPB": "failed",
                      "kernels (calls)": "RuntimeError: kernel exploded"}]
+
+
+def test_train_fp_restores_the_best_evaluated_weights(monkeypatch):
+    """A validation curve that rises again (overfitting a small corpus) must not leave the last weights as the FP
+    model: train_fp restores the weights of its best evaluation."""
+    model = L.build_model({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                           "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 32}, 0)
+    curve = iter([3.0, 2.0] + [2.5 + 0.125 * j for j in range(100)])  # best at step 2, then rising
+    seen = {}
+
+    def fake_bpb(m, windows, batch, device, amp=False):
+        v = next(curve)
+        seen[v] = {k: t.clone() for k, t in m.state_dict().items()}
+        return v
+    monkeypatch.setattr(L, "bpb", fake_bpb)
+    stream = torch.randint(0, 256, (4096,), dtype=torch.uint8)
+    run = L.train_fp(model, stream, tokens=8 * 4 * 16, batch=4, ctx=16, lr=1e-3, seed=0, device="cpu", amp=False,
+                     val=torch.zeros(1, 17, dtype=torch.uint8), eval_every=1, patience=2, log=lambda *_: None)
+    assert run["restored_step"] == 2 and run["steps"] > 2
+    assert all(torch.equal(t, seen[2.0][k]) for k, t in model.state_dict().items())
+    assert not all(torch.equal(t, seen[run["curve"][-1]["val_bpb"]][k]) for k, t in model.state_dict().items())
