@@ -240,6 +240,14 @@ def main(argv=None):
     ex = inputs(cfg, 2, device, dtype)
     results = {"header": header, "provenance": provenance(argv),
                "config": cfg, "latency": [], "memory": [], "train_step": [], "prepare": []}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = ("quick" if args.quick else gpu.replace(" ", "_").replace("/", "_")) + args.tag
+    partial = out / f"bench_dit_{tag}.partial.json"
+
+    def save_partial():
+        """every finished row on disk at once: a run stopped by a time limit keeps what it measured"""
+        partial.write_text(json.dumps(results, indent=2))
 
     variants = {} if args.train_only else {"bf16 eager": (fp.to(device, dtype), False)}
     if not args.no_compile and not args.train_only:
@@ -292,6 +300,7 @@ def main(argv=None):
                 peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
             rows[(name, b)] = ms
             results["latency"].append({"setting": name, "batch": b, "ms": round(ms, 3), "peak MiB": round(peak, 1)})
+            save_partial()
             print(f"  {name:52s} batch {b:3d}: {ms:8.3f} ms", flush=True)
         res, bf, cache = quantized_weight_bytes(model)
         if bf:
@@ -340,6 +349,7 @@ def main(argv=None):
                 opt.step()
             ms = timeit(step, max(3, args.iters // 4), 3, device)
             results["train_step"].append({"setting": name, "mode": mode, "batch": tb, "ms": round(ms, 2)})
+            save_partial()
             print(f"  train {name:24s} {mode:8s}: {ms:8.2f} ms", flush=True)
             del m, opt, fwd
             torch._dynamo.reset()
@@ -358,11 +368,9 @@ def main(argv=None):
     if results.get("default_mode"):
         print()
         print(tabulate(results["default_mode"], headers="keys", tablefmt="github"))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = ("quick" if args.quick else gpu.replace(" ", "_").replace("/", "_")) + args.tag
     path = out / f"bench_dit_{tag}.json"
     path.write_text(json.dumps(results, indent=2))
+    partial.unlink(missing_ok=True)
     print(f"\nwrote {path}")
     if not args.quick:  # merged into the existing summary: runs of different --settings add their figures
         old = out / f"summary_dit_{gpu_tag()}.json"
