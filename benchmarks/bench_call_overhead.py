@@ -87,8 +87,8 @@ def main():
             try:
                 res.append((name, per_call_us(fn)))
             finally:
-                for k in (env[0] if env else {}):
-                    os.environ.pop(k)
+                for var in (env[0] if env else {}):
+                    os.environ.pop(var)
     base = res[0][1]
     gpu = torch.cuda.get_device_name()
     import triton

@@ -104,22 +104,44 @@ class PackedLinear(nn.Module):
         return torch.ops.robuq.qlinear(x, self.qweight, self.w_scale, self.bias, self.lrb_down, self.lrb_up,
                                        *self.op_args())
 
+    def __getstate__(self):
+        """Pickled / deep-copied without the eager call plans (they hold compiled kernels and are rebuilt)."""
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state.pop("_direct_plans", None)
+        return state
+
     def _direct(self, x):
         """Eager inference: the kernel `robuq::qlinear` would pick, called without the dispatcher, the argument
         record and the registry's choice rebuilt on every call (together ~15-20 us of Python a call at M = 16); the
-        choice is kept per input shape, dtype and device, buffers and registry state (`registry.state_key`)."""
+        choice is kept per input shape, dtype and device, buffers and registry state (`registry.state_key`), with
+        the kernel's bound call where it offers one (`fn.bind`: kernels/fastcall.py, the fp8 path)."""
         b = self._buffers
         qw, ws, bias, dn, up = b["qweight"], b["w_scale"], b["bias"], b["lrb_down"], b["lrb_up"]
         key = (x.shape, x.dtype, x.device, id(qw), id(ws), id(bias), id(dn), id(up), kernels.registry.state_key())
-        plan = self.__dict__.get("_direct_plan")
-        if plan is None or plan[0] != key:
-            args = self.op_args()
-            if x.shape[-1] != self.in_features:  # the op's own error
-                return torch.ops.robuq.qlinear(x, qw, ws, bias, dn, up, *args)
-            qa = kernels.QLinearArgs(qw, ws, bias, dn, up, *args[:7], tuple(args[7]) if len(args) > 7 and args[7]
-                                     else None)
-            plan = self.__dict__["_direct_plan"] = (key, kernels.select(x, qa).fn, qa)
-        return plan[1](x, plan[2])
+        plans = self.__dict__.get("_direct_plans")
+        if plans is None:
+            plans = self.__dict__["_direct_plans"] = {}
+        plan = plans.get(key)
+        if plan is not None:
+            if plan[2] is not None:  # a bound call (kernels/fastcall.py): None when it no longer holds
+                y = plan[2](x)
+                if y is not None:
+                    return y
+                plans[key] = plan = plan[:2] + (None,)
+            return plan[0](x, plan[1])
+        args = self.op_args()
+        if x.shape[-1] != self.in_features:  # the op's own error
+            return torch.ops.robuq.qlinear(x, qw, ws, bias, dn, up, *args)
+        qa = kernels.QLinearArgs(qw, ws, bias, dn, up, *args[:7], tuple(args[7]) if len(args) > 7 and args[7]
+                                 else None)
+        fn = kernels.select(x, qa).fn
+        y = fn(x, qa)
+        bind = getattr(fn, "bind", None)  # after the ordinary call: its kernels are compiled, its caches full
+        if len(plans) >= 8:  # a few input shapes are kept (e.g. two batch sizes in turn), not every one seen
+            plans.clear()
+        plans[key] = (fn, qa, bind(x, qa) if bind is not None else None)
+        return y
 
     def weight_codes(self) -> torch.Tensor:
         return packing.codes_of(self.qweight, self.spec.w_bits, (self.out_features, self.in_features))

@@ -3,6 +3,8 @@
 # under $OUT, or ./gpu_out when OUT is unset). Each step is one call of at most ~9.5 minutes.
 #
 #   scripts/gpu_session.sh tests            GPU tests of the newest kernels (Inductor path, TMA GEMM, sigma, timm)
+#   scripts/gpu_session.sh tests-start      the same tests detached (log in /tmp/robuq_tests.log): beside bench_lm
+#   scripts/gpu_session.sh tests-wait [S]   wait for them (at most S seconds, default 300) and collect the log
 #   scripts/gpu_session.sh lm-start [MIN]   start bench_lm detached (default 18 min) from a copy in /tmp, so that a
 #                                           later call that re-sends the checkout cannot pull the folder from under it
 #   scripts/gpu_session.sh lm-wait [SECS]   wait for it (at most SECS, default 540), then collect what it wrote
@@ -14,12 +16,16 @@
 #   scripts/gpu_session.sh ddp              bench_ddp: 1 GPU vs all GPUs, DDP and FSDP2 (on nvidia-h200-x2)
 #
 # Set ROBUQ_GIT_COMMIT first where the machine has no git history (benchmarks record it).
-# Order for a 30-minute session (each line one call; chain the calls so the machine stays warm):
-#   lm-start 18 then tests (correctness only: fine beside it)  ->  lm-wait  ->  linear (timings: nothing beside it)
-#   ->  dit  ->  train / qat-profile
-# (ddp needs the nvidia-h200-x2 kind: a separate machine start)
+# Order for a 30-minute session on nvidia-h200-x2 (each line one call, chained within the 30 s the machine stays
+# warm; a detached job dies when the machine goes back):
+#   CUDA_VISIBLE_DEVICES=1 lm-start 14; CUDA_VISIBLE_DEVICES=1 tests-start; CUDA_VISIBLE_DEVICES=0 linear
+#   CUDA_VISIBLE_DEVICES=0 dit
+#   CUDA_VISIBLE_DEVICES=0 train          (or qat-profile)
+#   lm-wait; tests-wait; ddp              (both GPUs free by then)
+# Timing runs on GPU 0 while bench_lm trains on GPU 1 of the same host (separate GPUs; 32 CPU cores).
 set -uo pipefail
-case "${1:-}" in tests|lm-start|lm-wait|dit|linear|qat-profile|train|ddp) ;; *) sed -n 2,15p "$0"; exit 2 ;; esac
+case "${1:-}" in tests|tests-start|tests-wait|lm-start|lm-wait|dit|linear|qat-profile|train|ddp) ;;
+    *) sed -n 2,26p "$0"; exit 2 ;; esac
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -30,12 +36,25 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # diffusers and its needs
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 LM=/tmp/robuq_lm
+GPU_TESTS="tests/kernels/test_inductor.py tests/kernels/test_triton_fp8.py tests/kernels/test_fastcall.py
+    tests/test_direct_call.py tests/models/test_timm_dropin.py tests/test_qat_fused.py tests/test_weight_layout.py"
 
 case "${1:-}" in
 tests)
-    timeout "${2:-500}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider \
-        tests/kernels/test_inductor.py tests/kernels/test_triton_fp8.py tests/models/test_timm_dropin.py tests/test_qat_fused.py \
-        tests/test_weight_layout.py 2>&1 | grep -v DEBUG | tee "$OUT/gpu_tests.log" | tail -60
+    timeout "${2:-500}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider $GPU_TESTS 2>&1 | grep -v DEBUG \
+        | tee "$OUT/gpu_tests.log" | tail -60
+    ;;
+tests-start)  # its own copy of the checkout, as lm-start
+    rm -rf /tmp/robuq_tests && cp -r . /tmp/robuq_tests && rm -rf /tmp/robuq_tests/.git
+    (cd /tmp/robuq_tests && PYTHONPATH=/tmp/robuq_tests:${PYTHONPATH#$PWD:} setsid nohup timeout 1500 python3 -m pytest \
+        -q -rfE --tb=short -p no:cacheprovider $GPU_TESTS >/tmp/robuq_tests.log 2>&1 </dev/null &)
+    sleep 2 && echo "tests started"
+    ;;
+tests-wait)
+    end=$(($(date +%s) + ${2:-300}))
+    while [ "$(date +%s)" -lt $end ] && pgrep -f "pytest.*test_inductor" >/dev/null; do sleep 5; done
+    pgrep -f "pytest.*test_inductor" >/dev/null && echo "tests still running"
+    grep -v DEBUG /tmp/robuq_tests.log > "$OUT/gpu_tests.log"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log"
     ;;
 lm-start)
     rm -rf $LM && mkdir -p $LM/out && cp -r . $LM/repo && rm -rf $LM/repo/.git

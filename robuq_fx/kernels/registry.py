@@ -12,6 +12,7 @@ run against the reference on hardware) runs only when forced by name. `table()` 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -87,10 +88,29 @@ def register(name: str, priority: int, machine_check=lambda: None, supports=lamb
     return deco
 
 
+_ENVIRON = getattr(os.environ, "_data", None)  # POSIX: the bytes dict behind os.environ (kept in step with it)
+
+
+def env_values(names: tuple) -> tuple:
+    """os.environ.get of each name, for keys that per-call caches compare on every call: ~0.7 us a name through
+    os.environ's mapping (it encodes the key), a plain dict lookup through its bytes dict where there is one."""
+    if _ENVIRON is not None and os.name == "posix":
+        return tuple(_ENVIRON.get(n) for n in _encoded(names))
+    return tuple(os.environ.get(n) for n in names)
+
+
+@functools.lru_cache(maxsize=None)
+def _encoded(names: tuple) -> tuple:
+    return tuple(os.fsencode(n) for n in names)
+
+
+_STATE_ENV = ("ROBUQ_KERNEL", "ROBUQ_KERNEL_DISABLE", "ROBUQ_FP8_MIN_M")
+
+
 def state_key() -> tuple:
     """Everything besides the call itself that `select` depends on: the forced and disabled kernels, the threshold
     override, and which kernels are registered (callers that cache a selection key it on this)."""
-    return forced(), os.environ.get("ROBUQ_KERNEL_DISABLE"), os.environ.get("ROBUQ_FP8_MIN_M"), _kernel_ids()
+    return tuple(_FORCED[-1:]), env_values(_STATE_ENV), _kernel_ids()
 
 
 def forced() -> str | None:

@@ -210,14 +210,20 @@ def launch_act_quant(x, out, scale, lo, m, m_store, hscale, levels, shift, block
     plan = (piece widths, BM, num_warps, chunk) from `quantizer.make_plan`; block 0 = no Hadamard.
     clip_c > 0: `sigma` ranges mu +- clip_c sigma (one-pass plans only), as `quantizers.act_range`.
     launcher: `triton_launch.launch` (eager) or `triton_launch.traced` (inside a triton_op, for torch.compile)."""
+    launcher(*act_quant_launch(x, out, scale, lo, m, m_store, hscale, levels, shift, block, plan, sym, dequant, clip_c))
+
+
+def act_quant_launch(x, out, scale, lo, m, m_store, hscale, levels, shift, block, plan, sym, dequant, clip_c=0.0):
+    """(kernel, grid, runtime args, constexprs, options, no_specialize) of `launch_act_quant`'s launch; the runtime
+    args start with x, out, scale, lo (what `fastcall` replaces per call)."""
     if clip_c and plan[3]:
         raise ValueError("sigma clipping needs a one-pass plan (chunk = 0)")
     widths, bm, warps, chunk = plan
     ws = list(widths) + [0] * (4 - len(widths))
     b = block if block > 1 else 2
-    launcher(act_quant_bfly_kernel, ((m_store + bm - 1) // bm,),
-           (x, out, scale, lo, m, m_store, x.stride(0), out.stride(0), float(hscale), float(levels), float(shift)),
-           dict(W0=ws[0], W1=ws[1], W2=ws[2], W3=ws[3], BM=bm, B=b, LOGB=b.bit_length() - 1, HAD=block > 1,
-                SYM=bool(sym), DEQUANT=bool(dequant), HAS_SHIFT=bool(shift) and not dequant, CHUNK=chunk,
-                clip_c=float(clip_c), SIGMA=bool(clip_c)),
-           dict(num_warps=warps), no_specialize=(4, 5))
+    return (act_quant_bfly_kernel, ((m_store + bm - 1) // bm,),
+            (x, out, scale, lo, m, m_store, x.stride(0), out.stride(0), float(hscale), float(levels), float(shift)),
+            dict(W0=ws[0], W1=ws[1], W2=ws[2], W3=ws[3], BM=bm, B=b, LOGB=b.bit_length() - 1, HAD=block > 1,
+                 SYM=bool(sym), DEQUANT=bool(dequant), HAS_SHIFT=bool(shift) and not dequant, CHUNK=chunk,
+                 clip_c=float(clip_c), SIGMA=bool(clip_c)),
+            dict(num_warps=warps), (4, 5))

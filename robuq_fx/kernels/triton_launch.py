@@ -45,10 +45,9 @@ def launch(fn, grid: tuple, args: tuple, constexprs: dict, options: dict, no_spe
         from triton import knobs
         from triton.runtime import driver
         _TRITON.extend((driver.active, knobs.runtime))
-    drv, rt = _TRITON
+    drv = _TRITON[0]
     dev = drv.get_current_device()
-    key = (id(fn), dev, tuple(_arg_key(a, i not in no_specialize) for i, a in enumerate(args)),
-           tuple(constexprs.values()), tuple(options.values()))
+    key = _key(fn, dev, args, constexprs, options, no_specialize)
     hit = _CACHE.get(key)
     if hit is None:
         kern = fn[grid](*args, **constexprs, **options)
@@ -57,13 +56,32 @@ def launch(fn, grid: tuple, args: tuple, constexprs: dict, options: dict, no_spe
                 and list(names) == list(constexprs):
             _CACHE[key] = (kern, tuple(constexprs.values()))
         return
+    run(hit, tuple(grid) + (1,) * (3 - len(grid)), args, dev)
+
+
+def _key(fn, dev, args, constexprs, options, no_specialize) -> tuple:
+    return (id(fn), dev, tuple(_arg_key(a, i not in no_specialize) for i, a in enumerate(args)),
+            tuple(constexprs.values()), tuple(options.values()))
+
+
+def compiled(fn, args: tuple, constexprs: dict, options: dict, no_specialize: tuple = ()):
+    """The (kernel, constexpr tail) that `launch` keeps for this exact specialization on the current device, or None
+    (not launched yet, fast launches off): for callers that bind a launch once and repeat it (`fastcall.py`)."""
+    if not _ENABLED or not _TRITON:
+        return None
+    return _CACHE.get(_key(fn, _TRITON[0].get_current_device(), args, constexprs, options, no_specialize))
+
+
+def run(hit, grid3: tuple, args: tuple, dev: int) -> None:
+    """Launch a kept kernel (`compiled`'s answer) on a 3-D grid with its runtime args, on the current stream."""
     kern, tail = hit
+    drv, rt = _TRITON
     stream = drv.get_current_stream(dev)
     params = args + tail
-    g = tuple(grid) + (1,) * (3 - len(grid))
     enter = rt.launch_enter_hook
-    kern.run(g[0], g[1], g[2], stream, kern.function, kern.packed_metadata,
-             None if enter is None else kern.launch_metadata(g, stream, *params), enter, rt.launch_exit_hook, *params)
+    kern.run(grid3[0], grid3[1], grid3[2], stream, kern.function, kern.packed_metadata,
+             None if enter is None else kern.launch_metadata(grid3, stream, *params), enter, rt.launch_exit_hook,
+             *params)
 
 
 def traced(fn, grid: tuple, args: tuple, constexprs: dict, options: dict, no_specialize: tuple = ()):

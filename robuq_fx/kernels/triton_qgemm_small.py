@@ -97,15 +97,22 @@ def launch_qgemm_small(x2, h, w8, y, sw, bias, cs, down, up, m, levels, block, s
     """x2 (m, K) 16-bit, h (HB, HB) in x2's dtype or None, w8 (N, K) fp8 codes, y (m, N) out; sw / cs (N,) fp32;
     bias (N,) or None; down (r, K) / up (N, r) in x2's dtype or None. cfg: (BM, BN, num_warps); the default
     16 x 64 with 8 warps compiles for sm_90 without spills at HB = 128 (4 warps spill; BM = 32 spills)."""
+    launch(*qgemm_small_launch(x2, h, w8, y, sw, bias, cs, down, up, m, levels, block, sym, cfg))
+
+
+def qgemm_small_launch(x2, h, w8, y, sw, bias, cs, down, up, m, levels, block, sym, cfg=(16, 64, 8)):
+    """(kernel, grid, runtime args, constexprs, options, no_specialize) of `launch_qgemm_small`'s launch. Tensors
+    that are absent are replaced by x2 / sw (never read), so x2 is at position 0 only when h, down and up are given:
+    `fastcall` replaces positions 0 and 3 per call and rebuilds the rest when it binds."""
     bm, bn, warps = cfg
     n, k = w8.shape
     hb = chunk_of(k, block)
     r = 0 if down is None else down.shape[0]
     rp = max(16, triton.next_power_of_2(r)) if r else 16
-    launch(qgemm_small_kernel, (triton.cdiv(n, bn), triton.cdiv(m, bm)),
-           (x2, h if h is not None else x2, w8, y, sw, bias if bias is not None else sw, cs if cs is not None else sw,
-            down if down is not None else x2, up if up is not None else x2,
-            m, n, k, x2.stride(0), y.stride(0), r, float(levels)),
-           dict(BM=bm, BN=bn, HB=hb, RP=rp, HAD=block > 1, SYM=bool(sym), HAS_BIAS=bias is not None,
-                HAS_LRB=down is not None),
-           dict(num_warps=warps), no_specialize=(9,))
+    return (qgemm_small_kernel, (triton.cdiv(n, bn), triton.cdiv(m, bm)),
+            (x2, h if h is not None else x2, w8, y, sw, bias if bias is not None else sw, cs if cs is not None else sw,
+             down if down is not None else x2, up if up is not None else x2,
+             m, n, k, x2.stride(0), y.stride(0), r, float(levels)),
+            dict(BM=bm, BN=bn, HB=hb, RP=rp, HAD=block > 1, SYM=bool(sym), HAS_BIAS=bias is not None,
+                 HAS_LRB=down is not None),
+            dict(num_warps=warps), (9,))

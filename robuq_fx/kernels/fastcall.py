@@ -1,0 +1,181 @@
+"""Eager calls of the fp8 qlinear path with the per-call Python cut to what changes between calls.
+
+A `PackedLinear` called eagerly at small M spends more CPU than GPU time: `triton_fp8.fp8_qlinear` re-derives per
+call what depends only on the layer, the input's shape, dtype and device (the quantizer tiling, scalars, the weight
+cache lookups, Triton's specialization key of ~16 arguments). `bind(x, a)` does that once, after one ordinary call,
+and returns a callable that per call only checks what could make the binding wrong, allocates the outputs and
+launches the kernels the ordinary call launched, with the same compiled kernels and the same arguments except the
+input and output tensors. It binds two paths:
+
+    small-M single kernel (`triton_qgemm_small`, when the dispatch sends this M there)
+    symmetric, no low-rank branch: the activation quantizer + `torch._scaled_mm`
+
+Anything else (LRB or asymmetric terms through the Triton GEMM / addmm epilogue, launch hooks, Triton's own launch
+path) is not bound: the caller keeps calling `fp8_qlinear`. A bound call returns None instead of a result when its
+checks fail (a weight or bias updated in place, an input with other strides or alignment, another current device);
+the caller then drops it and calls `fp8_qlinear`, which re-binds on the next plan miss.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .. import quantizers as Q
+from . import triton_launch as TL
+from .registry import QLinearArgs, env_values
+
+
+# what fp8_qlinear reads from the environment on every call: a binding holds for one setting of them
+_ENV = ("ROBUQ_FP8_SMALL_M", "ROBUQ_FP8_EPI", "ROBUQ_FP8_GEMM", "ROBUQ_FP8_GEMM_KERNEL", "ROBUQ_FP8_MIN_M")
+
+
+def _env() -> tuple:
+    return env_values(_ENV)
+
+
+def _versions(a: QLinearArgs) -> tuple:
+    out = []
+    for t in (a.qweight, a.w_scale, a.bias, a.lrb_down, a.lrb_up):
+        if t is not None:
+            try:
+                out.append((t, t._version))
+            except RuntimeError:  # an inference tensor has no version counter: it cannot change in place
+                pass
+    return tuple(out)
+
+
+class _Call:
+    """What every bound path checks per call."""
+    __slots__ = ("k", "n", "m", "lead", "dtype", "dev", "aligned", "vers", "env")
+
+    def __init__(self, x: torch.Tensor, a: QLinearArgs):
+        self.k, self.n = a.in_features, a.out_features
+        self.m = x.numel() // self.k
+        self.lead = tuple(x.shape[:-1])
+        self.dtype, self.dev = x.dtype, x.device.index
+        self.aligned = x.data_ptr() % 16 == 0
+        self.vers = _versions(a)
+        self.env = _env()
+
+    def _input(self, x: torch.Tensor):
+        """x as (M, K) rows when this binding still holds for it, else None."""
+        if not x.is_contiguous() or (x.data_ptr() % 16 == 0) != self.aligned:
+            return None
+        for t, v in self.vers:
+            if t._version != v:
+                return None
+        if _env() != self.env or TL._TRITON[1].launch_enter_hook is not None or TL._TRITON[0].get_current_device() != self.dev:
+            return None
+        return x.view(self.m, self.k)
+
+    def _out(self, y: torch.Tensor) -> torch.Tensor:
+        return y if len(self.lead) == 1 else y.view(*self.lead, self.n)
+
+
+class _SmallM(_Call):
+    __slots__ = ("hit", "grid", "args", "xpos", "ypos")
+
+    def __init__(self, x, a, spec):
+        super().__init__(x, a)
+        fn, grid, args, constexprs, options, nospec = spec
+        self.hit = TL.compiled(fn, args, constexprs, options, nospec)
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        x2, y = args[0], args[3]
+        self.xpos = tuple(i for i, t in enumerate(args) if t is x2)  # x2 also stands in for absent tensors
+        self.ypos = 3
+        self.args = [None if (t is x2 or t is y) else t for t in args]
+
+    def __call__(self, x: torch.Tensor):
+        x2 = self._input(x)
+        if x2 is None:
+            return None
+        y = torch.empty(self.m, self.n, device=x.device, dtype=self.dtype)
+        args = self.args.copy()
+        for i in self.xpos:
+            args[i] = x2
+        args[3] = y
+        TL.run(self.hit, self.grid, tuple(args), self.dev)
+        return self._out(y)
+
+
+class _QuantScaledMM(_Call):
+    __slots__ = ("hit", "grid", "rest", "m_pad", "w8", "sw", "bias")
+
+    def __init__(self, x, a, spec, w8, sw, bias, m_pad):
+        super().__init__(x, a)
+        fn, grid, args, constexprs, options, nospec = spec
+        self.hit = TL.compiled(fn, args, constexprs, options, nospec)
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.rest = tuple(args[4:])
+        self.m_pad, self.w8, self.sw, self.bias = m_pad, w8, sw, bias
+
+    def __call__(self, x: torch.Tensor):
+        x2 = self._input(x)
+        if x2 is None:
+            return None
+        from .triton_fp8 import _scaled_mm
+        dev = x.device
+        codes = torch.empty(self.m_pad, self.k, device=dev, dtype=torch.float8_e4m3fn)
+        scale = torch.empty(self.m_pad, device=dev, dtype=torch.float32)
+        lo = torch.empty(self.m_pad, device=dev, dtype=torch.float32)
+        TL.run(self.hit, self.grid, (x2, codes, scale, lo) + self.rest, self.dev)
+        y = _scaled_mm(codes, self.w8, scale, self.sw, self.bias)
+        if self.m != self.m_pad:
+            y = y[:self.m]
+        if y.dtype != self.dtype:
+            y = y.to(self.dtype)
+        return self._out(y)
+
+
+def bind(x: torch.Tensor, a: QLinearArgs):
+    """A bound eager call of `triton_fp8.fp8_qlinear(x, a)` for inputs like x, or None where this module does not
+    bind that path. Call it after one ordinary call with x (which compiled the kernels and filled the caches)."""
+    from . import triton_fp8 as T
+    from .quantizer import _hscale, _sigma_plan, quant_plan
+    from .weight_cache import _fp8_weights
+    k = a.in_features
+    # (x is a CUDA tensor: fp8_qlinear, which the registry picked for it, takes no other)
+    if (x.dim() < 2 or not x.is_contiguous() or x.numel() == 0 or x.shape[-1] != k
+            or not TL._ENABLED or not TL._TRITON or os.environ.get("ROBUQ_FP8_GEMM") == "triton"):
+        return None
+    m = x.numel() // k
+    x2 = x.view(m, k)
+    e = _fp8_weights(a)
+    if T._small_m_ok(x, a, m):
+        from . import triton_qgemm_small as S
+        from ..hadamard import hadamard_matrix
+        dt = x.dtype
+        h = hadamard_matrix(a.hadamard_block, dt, x.device) if a.hadamard_block > 1 else None
+        down = up = None
+        if a.lrb_down is not None:
+            if a.lrb_down.dtype != dt or not a.lrb_down.is_contiguous() or a.lrb_up.dtype != dt \
+                    or not a.lrb_up.is_contiguous():
+                return None  # converted copies would go stale unnoticed: leave these to the ordinary call
+            down, up = a.lrb_down, a.lrb_up
+        if a.bias is not None and a.bias.dtype != dt:
+            return None
+        y = torch.empty(m, a.out_features, device=x.device, dtype=dt)
+        spec = S.qgemm_small_launch(x2, h, e.fp8, y, e.sw, a.bias, None if a.a_sym else e.cs, down, up, m,
+                                    Q.act_levels(a.a_bits, a.a_sym), a.hadamard_block, a.a_sym)
+        call = _SmallM(x, a, spec)
+    elif a.a_sym and a.lrb_down is None:
+        from .triton_act_quant import act_quant_launch
+        block = a.hadamard_block if a.hadamard_block > 1 else 0
+        sigma = a.a_clip == "sigma"
+        plan = _sigma_plan(k, block, m) if sigma else quant_plan(k, block, m)
+        if plan is None:
+            return None
+        m_pad = max(16, -(-m // 16) * 16)
+        codes = torch.empty(m_pad, k, device=x.device, dtype=torch.float8_e4m3fn)
+        scale = torch.empty(m_pad, device=x.device, dtype=torch.float32)
+        clip_c = Q.gaussian_clip(2 ** a.a_bits - 1) if sigma else 0.0
+        spec = act_quant_launch(x2, codes, scale, torch.empty_like(scale), m, m_pad, _hscale(block, x.dtype),
+                                float(Q.act_levels(a.a_bits, True)), 0.0, block, plan, True, False, clip_c)
+        bias = None if a.bias is None else a.bias.to(torch.bfloat16)
+        if bias is not None and bias is not a.bias:
+            return None  # a converted bias would go stale unnoticed
+        call = _QuantScaledMM(x, a, spec, e.fp8, e.sw, bias, m_pad)
+    else:
+        return None
+    return call if call.hit is not None else None

@@ -1,0 +1,174 @@
+"""Bound eager calls of the fp8 path (kernels/fastcall.py) on the CPU, with Triton's driver replaced by a recorder:
+a bound call must launch the same compiled kernel with the same arguments as the ordinary `fp8_qlinear` call (only
+the input and the freshly allocated outputs differ), return the same result, and stop holding (return None, so that
+the ordinary call runs) when a buffer is updated in place, the dispatch environment changes, the input's alignment
+differs, or a launch hook is set. The real launches are checked on the GPU (tests/test_direct_call.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")  # the kernel modules import triton; the kernels never run here
+
+import robuq_fx.kernels as K  # noqa: E402
+from robuq_fx.kernels import fastcall, registry, triton_fp8 as T, triton_launch as TL  # noqa: E402
+from robuq_fx.modules import PackedLinear  # noqa: E402
+from robuq_fx.spec import LayerSpec  # noqa: E402
+
+
+class _Rec:
+    """Stands for every compiled kernel: records (kernel, grid, params) and writes deterministic outputs (codes from
+    the input, unit scales) so that results can be compared."""
+    function = packed_metadata = None
+
+    def __init__(self, log):
+        self.log = log
+
+    def run(self, g0, g1, g2, stream, function, meta, launch_meta, enter, exit_, *params):
+        self.log.append(((g0, g1, g2), params))
+        x, out = params[0], params[1]
+        if out.dtype == torch.float8_e4m3fn:  # the activation quantizer: codes, scale, lo
+            out[:x.shape[0]] = x.float().clamp(-7, 7).round().to(out.dtype)
+            params[2].fill_(1.0)
+            params[3].zero_()
+        else:  # the small-M kernel writes y (params[3])
+            params[3].copy_(x.float().sum(-1, keepdim=True).expand_as(params[3]))
+
+
+class _Cache(dict):
+    def __init__(self, kern):
+        super().__init__()
+        self.kern, self.keys = kern, []
+
+    def get(self, key, default=None):
+        self.keys.append(key)
+        return (self.kern, ())
+
+
+class _Drv:
+    def get_current_device(self):
+        return None  # a CPU tensor's device index, as a CUDA tensor's index is the current device's
+
+    def get_current_stream(self, dev):
+        return 0
+
+
+class _RT:
+    launch_enter_hook = launch_exit_hook = None
+
+
+@pytest.fixture
+def fake_triton(monkeypatch):
+    log = []
+    cache = _Cache(_Rec(log))
+    monkeypatch.setattr(TL, "_CACHE", cache)
+    monkeypatch.setattr(TL, "_ENABLED", True)
+    monkeypatch.setattr(TL, "_TRITON", [_Drv(), _RT()])
+    monkeypatch.setattr(T, "_scaled_mm", lambda codes, w8, sx, sw, bias: (
+        (codes.float() @ w8.float().t()) * sx[:, None] * sw[None, :] + (0 if bias is None else bias.float())
+    ).to(torch.bfloat16))
+    fp8 = registry._KERNELS["triton_fp8"]
+    monkeypatch.setattr(K, "select", lambda x, a: fp8)
+    for v in fastcall._ENV:
+        monkeypatch.delenv(v, raising=False)
+    return log, cache
+
+
+def _layer(small_m: bool, monkeypatch):
+    torch.manual_seed(0)
+    if small_m:
+        monkeypatch.setenv("ROBUQ_FP8_SMALL_M", "64")
+    lin = torch.nn.Linear(256, 128).to(torch.bfloat16)
+    spec = LayerSpec(w_bits=4, a_bits=4, hadamard=True, hadamard_block=128)
+    return PackedLinear.from_float(lin.weight, lin.bias, None, None, spec).set_layout("fp8")
+
+
+def _same_launch(a, b, x_new):
+    (ga, pa), (gb, pb) = a, b
+    assert ga == gb and len(pa) == len(pb)
+    for i, (u, v) in enumerate(zip(pa, pb)):
+        if isinstance(u, torch.Tensor):
+            assert u.dtype == v.dtype and u.shape == v.shape, i
+            if v is x_new or v.data_ptr() == x_new.data_ptr():
+                continue  # the input
+            if u.data_ptr() != v.data_ptr():  # a fresh output: same kind, another buffer
+                assert not any(u is w for w in (pa[0],)), i
+        else:
+            assert u == v and type(u) is type(v), (i, u, v)
+
+
+@pytest.mark.parametrize("small_m", [False, True])
+def test_bound_call_launches_what_the_ordinary_call_launches(small_m, fake_triton, monkeypatch):
+    log, cache = fake_triton
+    m = _layer(small_m, monkeypatch)
+    x0 = torch.randn(2, 8, 256).to(torch.bfloat16)
+    with torch.no_grad():
+        y0 = m(x0)  # ordinary call + bind
+        (bound,) = [p[2] for p in m.__dict__["_direct_plans"].values()]
+        assert bound is not None and type(bound).__name__ == ("_SmallM" if small_m else "_QuantScaledMM")
+        n_ordinary = len(log)
+        x1 = torch.randn(2, 8, 256).to(torch.bfloat16)
+        calls, plans = [], m.__dict__["_direct_plans"]
+        (key,) = plans
+        plans[key] = (lambda *a: calls.append(a), *plans[key][1:])  # a spy where the ordinary function was
+        y1 = m(x1)  # bound: the ordinary function is not called
+        assert not calls and plans[key][2] is bound
+        plans[key] = (T.fp8_qlinear, *plans[key][1:])
+        assert len(log) == 2 * n_ordinary
+        ref = T.fp8_qlinear(x1, m.__dict__["_direct_plans"][next(iter(m.__dict__["_direct_plans"]))][1])
+    assert torch.equal(y1, ref) and y1.shape == y0.shape == (2, 8, 128)
+    for a, b in zip(log[-n_ordinary:], log[n_ordinary:2 * n_ordinary]):
+        _same_launch(a, b, x1)
+    # the key the binding looked up is the ordinary launch's (same specialization, same compiled kernel)
+    assert cache.keys[0] in cache.keys[1:]
+
+
+def test_binding_lets_go_when_something_changes(fake_triton, monkeypatch):
+    log, _ = fake_triton
+    m = _layer(False, monkeypatch)
+    x = torch.randn(16, 256).to(torch.bfloat16)
+    with torch.no_grad():
+        m(x)
+        plans = m.__dict__["_direct_plans"]
+        bound = next(iter(plans.values()))[2]
+        assert bound(x) is not None
+        m.bias.add_(1.0)  # in place: the bias's version moves
+        assert bound(x) is None
+        y = m(x)  # the ordinary call answers, with the new bias, and the plan drops the binding
+        assert next(iter(plans.values()))[2] is None
+        assert torch.equal(y, T.fp8_qlinear(x, next(iter(plans.values()))[1]))
+        plans.clear()
+        m(x)
+        bound = next(iter(plans.values()))[2]
+        monkeypatch.setenv("ROBUQ_FP8_SMALL_M", "64")  # dispatch changed: the small-M kernel takes M = 16 now
+        assert bound(x) is None
+        monkeypatch.delenv("ROBUQ_FP8_SMALL_M")
+        assert bound(x) is not None
+        shifted = torch.randn(16 * 256 + 1).to(torch.bfloat16)[1:].view(16, 256)  # 2-byte offset: not 16-aligned
+        assert bound(shifted) is None
+        monkeypatch.setattr(_RT, "launch_enter_hook", lambda *a: None)
+        assert bound(x) is None
+
+
+def test_not_bound_where_it_would_go_stale(fake_triton, monkeypatch):
+    """A bias that fp8_qlinear converts per call (fp32 bias, bf16 input) and LRB / asymmetric layers on the
+    two-kernel path are left to the ordinary call."""
+    m = _layer(False, monkeypatch)
+    m.bias.data = m.bias.data.float()
+    with torch.no_grad():
+        m(torch.randn(16, 256).to(torch.bfloat16))
+    assert next(iter(m.__dict__["_direct_plans"].values()))[2] is None
+
+
+def test_plans_are_not_pickled(fake_triton, monkeypatch):
+    import copy
+    import io
+    m = _layer(False, monkeypatch)
+    with torch.no_grad():
+        m(torch.randn(16, 256).to(torch.bfloat16))
+    assert m.__dict__["_direct_plans"]
+    assert "_direct_plans" not in copy.deepcopy(m).__dict__
+    buf = io.BytesIO()
+    torch.save(m, buf)  # the bound calls hold compiled kernels, which do not pickle
+    buf.seek(0)
+    assert "_direct_plans" not in torch.load(buf, weights_only=False).__dict__
