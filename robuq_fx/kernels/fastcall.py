@@ -18,11 +18,13 @@ the caller then drops it and calls `fp8_qlinear`, which re-binds on the next pla
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 
 from .. import quantizers as Q
 from . import triton_launch as TL
+from ..ops import plain_eager
 from .registry import QLinearArgs, env_values
 
 
@@ -35,8 +37,10 @@ def _env() -> tuple:
 
 
 def _versions(a: QLinearArgs) -> tuple:
+    """(tensor, version) of the buffers a binding reads besides qweight (which it holds only weakly: a binding kept
+    on the weight's cache entry must not keep the weight alive, or the entry would never be dropped)."""
     out = []
-    for t in (a.qweight, a.w_scale, a.bias, a.lrb_down, a.lrb_up):
+    for t in (a.w_scale, a.bias, a.lrb_down, a.lrb_up):
         if t is not None:
             try:
                 out.append((t, t._version))
@@ -45,9 +49,16 @@ def _versions(a: QLinearArgs) -> tuple:
     return tuple(out)
 
 
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor: no version counter, and it cannot change in place
+        return -1
+
+
 class _Call:
     """What every bound path checks per call."""
-    __slots__ = ("k", "n", "m", "lead", "dtype", "dev", "aligned", "vers", "env")
+    __slots__ = ("k", "n", "m", "lead", "dtype", "dev", "aligned", "vers", "env", "qw", "qw_ver")
 
     def __init__(self, x: torch.Tensor, a: QLinearArgs):
         self.k, self.n = a.in_features, a.out_features
@@ -57,6 +68,8 @@ class _Call:
         self.aligned = x.data_ptr() % 16 == 0
         self.vers = _versions(a)
         self.env = _env()
+        self.qw = weakref.ref(a.qweight)
+        self.qw_ver = _version(a.qweight)
 
     def _input(self, x: torch.Tensor):
         """x as (M, K) rows when this binding still holds for it, else None."""
@@ -65,6 +78,9 @@ class _Call:
         for t, v in self.vers:
             if t._version != v:
                 return None
+        qw = self.qw()
+        if qw is None or _version(qw) != self.qw_ver:
+            return None
         if _env() != self.env or TL._TRITON[1].launch_enter_hook is not None or TL._TRITON[0].get_current_device() != self.dev:
             return None
         return x.view(self.m, self.k)
@@ -126,6 +142,36 @@ class _QuantScaledMM(_Call):
         if y.dtype != self.dtype:
             y = y.to(self.dtype)
         return self._out(y)
+
+
+_UNBOUND = object()  # kept where binding failed twice for a call form: the ordinary function takes it from then on
+
+
+def call(x: torch.Tensor, a: QLinearArgs, ordinary):
+    """ordinary(x, a), or its bound form kept on the weight's cache entry (`weight_cache._entry`: dropped with the
+    weight, re-made when qweight / w_scale change) per input shape, dtype, device and the other tensors' identity.
+    Only plain eager calls (no compiler, dispatch mode or tensor subclass watching): the launches are invisible to
+    those. A binding that stops holding is made again once after the next ordinary call, then left."""
+    if not TL._ENABLED or not plain_eager(x):
+        return ordinary(x, a)
+    from .weight_cache import _entry
+    bh = _entry(a).bh
+    key = ("bound", x.shape, x.dtype, x.device, id(a.bias), id(a.lrb_down), id(a.lrb_up), a.w_bits, a.a_bits,
+           a.hadamard_block, a.a_sym, a.a_clip, a.splits)
+    bound = bh.get(key)
+    if bound is _UNBOUND:
+        return ordinary(x, a)
+    if bound is not None:
+        y = bound[0](x)
+        if y is not None:
+            return y
+    y = ordinary(x, a)
+    if bound is None or bound[1] == 0:  # first call of this form, or the first time its binding let go
+        fresh = bind(x, a)
+        bh[key] = _UNBOUND if fresh is None else (fresh, 0 if bound is None else 1)
+    else:
+        bh[key] = _UNBOUND
+    return y
 
 
 def bind(x: torch.Tensor, a: QLinearArgs):

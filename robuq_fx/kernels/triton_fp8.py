@@ -201,6 +201,13 @@ def _small_m(x2: torch.Tensor, a: QLinearArgs, e: "_Entry", m: int) -> torch.Ten
 
 
 def fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
+    """The triton_fp8 kernel's entry: a repeated plain eager call (e.g. the op inside a default-mode compiled graph)
+    runs its bound form, kept on the weight's cache entry (kernels/fastcall.py); anything else `_fp8_qlinear`."""
+    from .fastcall import call
+    return call(x, a, _fp8_qlinear)
+
+
+def _fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
     k, n = a.in_features, a.out_features
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)

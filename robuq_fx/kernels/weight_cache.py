@@ -59,7 +59,9 @@ def _fp8_weights(a: QLinearArgs) -> _Entry:
         codes = weight_codes(a)
         n = a.out_features
         if _fp8_layout(a):  # the module's buffer already is the fp8 codes: no second copy
-            e.fp8 = a.qweight.reshape(n, a.in_features)
+            # through detach(): a plain view would keep the qweight tensor alive (its _base), so the entry, keyed
+            # on a weak reference to it, would never be dropped; the detached alias shares storage and version
+            e.fp8 = a.qweight.detach().reshape(n, a.in_features)
         else:
             e.fp8 = packing.to_fp8_codes(codes)
         e.sw = scale_vec(a.w_scale, n)

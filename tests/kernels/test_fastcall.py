@@ -172,3 +172,36 @@ def test_plans_are_not_pickled(fake_triton, monkeypatch):
     torch.save(m, buf)  # the bound calls hold compiled kernels, which do not pickle
     buf.seek(0)
     assert "_direct_plans" not in torch.load(buf, weights_only=False).__dict__
+
+
+def test_op_path_binding_lives_on_the_weight_entry_and_dies_with_the_weight(fake_triton, monkeypatch):
+    """fp8_qlinear itself (what robuq::qlinear runs, e.g. inside a default-mode compiled graph) keeps its bound call
+    on the weight's cache entry: the second call skips the ordinary function; the entry, its binding and the fp8
+    view go away with the layer (the binding holds qweight only weakly)."""
+    import gc
+    import weakref
+    from robuq_fx.kernels import weight_cache as W
+    m = _layer(False, monkeypatch)
+    qa = K.QLinearArgs(m.qweight, m.w_scale, m.bias, None, None, *m.op_args())
+    ordinary = []
+    real = T._fp8_qlinear
+    monkeypatch.setattr(T, "_fp8_qlinear", lambda x, a: ordinary.append(1) or real(x, a))
+    x = torch.randn(16, 256).to(torch.bfloat16)
+    with torch.no_grad():
+        y0 = T.fp8_qlinear(x, qa)
+        y1 = T.fp8_qlinear(x, qa)
+        assert len(ordinary) == 1 and torch.equal(y0, y1)
+        m.bias.add_(1.0)  # the binding lets go: the ordinary call answers and binds again once
+        y2 = T.fp8_qlinear(x, qa)
+        assert len(ordinary) == 2 and torch.equal(y2, real(x, qa)) and not torch.equal(y2, y1)
+        T.fp8_qlinear(x, qa)
+        assert len(ordinary) == 2
+        shifted = torch.randn(16 * 256 + 1).to(torch.bfloat16)[1:].view(16, 256)
+        for _ in range(3):  # another alignment is another specialization: never served by this binding
+            T.fp8_qlinear(shifted, qa)
+    assert len(ordinary) == 5
+    ref, wid = weakref.ref(m.qweight), id(m.qweight)
+    assert wid in W._WCACHE
+    del m, qa, x, y0, y1, y2
+    gc.collect()
+    assert ref() is None and wid not in W._WCACHE
