@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import hadamard as _had
@@ -64,7 +66,34 @@ hadamard.register_autograd(_hadamard_backward, setup_context=_hadamard_setup)
 @torch.library.custom_op("robuq::fake_quant_weight", mutates_args=())
 def fake_quant_weight(w: torch.Tensor, w_bits: float, granularity: str, group_size: int,
                       scale_dtype: str) -> torch.Tensor:
-    return Q.fake_quant_weight(w, w_bits, granularity, group_size, scale_dtype).contiguous()
+    return fake_quant_weight_impl(w, w_bits, granularity, group_size, scale_dtype, w.dtype)
+
+
+def fake_quant_weight_impl(w: torch.Tensor, w_bits: float, granularity: str, group_size: int, scale_dtype: str,
+                           out_dtype: torch.dtype) -> torch.Tensor:
+    """Q_w(w) in out_dtype, contiguous: on CUDA one Triton kernel (kernels/triton_wquant.py: the same steps; codes
+    equal, a ternary scale's last bit may differ, its row mean summed in another order), else the torch math.
+    ROBUQ_QAT_WEIGHT_KERNEL=0 keeps the torch math everywhere."""
+    if w.is_cuda and _WKERNEL[0]:
+        wk = weight_kernel()
+        if wk is not None and wk.supported(w, granularity, group_size, scale_dtype) is None:
+            return wk.fake_quant_weight_rows(w, w_bits, scale_dtype, out_dtype)[0]
+    return Q.fake_quant_weight(w, w_bits, granularity, group_size, scale_dtype).contiguous().to(out_dtype)
+
+
+_WKERNEL = [os.environ.get("ROBUQ_QAT_WEIGHT_KERNEL", "1") != "0"]
+_WK: list = []
+
+
+def weight_kernel():
+    """kernels/triton_wquant, or None where triton does not import (imported on the first CUDA call)."""
+    if not _WK:
+        try:
+            from .kernels import triton_wquant
+            _WK.append(triton_wquant)
+        except Exception:  # noqa: BLE001 - no usable triton: the torch math runs
+            _WK.append(None)
+    return _WK[0]
 
 
 @fake_quant_weight.register_fake

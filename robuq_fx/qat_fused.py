@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from . import quantizers as Q
 from .layer import residual, rotate_eager as _rotate
-from .ops import fake_quant_act_impl
+from .ops import fake_quant_act_impl, fake_quant_weight_impl
 from .spec import LayerSpec
 
 
@@ -40,8 +40,9 @@ def quantized_weight(w, down, up, spec: LayerSpec, c: torch.dtype) -> tuple[torc
     rewrite the unsharded weights in place without moving their version (a CPU test caught it)."""
     with torch.no_grad():
         r = residual(w, down, up, spec, rotate_fn=_rotate)  # A B in ab: autocast rounds it as in the op graph
-        wq = Q.fake_quant_weight(r, float(spec.w_bits), spec.w_granularity, spec.group_size, spec.scale_dtype)
-        return wq.contiguous().to(c), r.dtype
+        # on CUDA one Triton kernel writing Q_w(R) in c (ops.fake_quant_weight_impl; the op graph runs the same)
+        return fake_quant_weight_impl(r, float(spec.w_bits), spec.w_granularity, spec.group_size, spec.scale_dtype,
+                                      c), r.dtype
 
 
 def compute_dtypes(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:

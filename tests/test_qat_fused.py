@@ -57,7 +57,8 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 @pytest.mark.parametrize("mode", ["fp32", "bf16 input", "autocast"])
 @pytest.mark.parametrize("name", list(SPECS))
 def test_fused_equals_the_op_graph(name, mode, device, fused_switch):
-    """On CUDA both paths run the same kernels (cuBLAS for the rotations, the Triton row kernel for Q_a)."""
+    """On CUDA both paths run the same kernels (cuBLAS for the rotations, the Triton row kernel for Q_a, the Triton
+    Q_w kernel: ops.fake_quant_weight_impl)."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(128, 96, bias="no bias" not in name)
     mod = QATLinear.from_module(lin, LayerSpec(**SPECS[name]).resolve(128, 96)).to(device)

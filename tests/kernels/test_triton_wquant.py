@@ -1,0 +1,56 @@
+"""The QAT weight fake-quant kernel (kernels/triton_wquant.py) against quantizers.fake_quant_weight on the GPU: codes
+equal (>= 99.9%: a ternary scale is a row mean summed in another order), scales within their last bit, the output
+equal to codes x scale in the requested dtype; and one fused QAT step with the kernel against the torch math."""
+import pytest
+import torch
+
+from robuq_fx import quantizers as Q
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("bits", [1.58, 2, 3, 4])
+@pytest.mark.parametrize("rdt", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sdt", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", [(96, 128), (1152, 1152), (37, 4608), (5, 300)])
+def test_kernel_equals_the_reference(bits, rdt, sdt, shape):
+    from robuq_fx.kernels import triton_wquant as WQ
+    torch.manual_seed(0)
+    r = (torch.randn(*shape, device="cuda") * 0.05).to(rdt)
+    r[0, :5] = 0.4  # outliers in one row
+    r[1] = 0  # an all-zero row: scale eps, codes 0
+    assert WQ.supported(r, "channel", 0, sdt) is None
+    for out_dtype in (torch.bfloat16, torch.float32):
+        out, s = WQ.fake_quant_weight_rows(r, bits, sdt, out_dtype)
+        codes_ref, s_ref = Q.quantize_weight(r, bits, "channel", 0, sdt)
+        s_ref = s_ref.to(rdt).float().reshape(-1)
+        assert torch.allclose(s, s_ref, rtol=2 ** -22, atol=0), (s - s_ref).abs().max()
+        codes = torch.round(out.float() / s[:, None]).clamp(-15, 15)
+        assert (codes == codes_ref.float()).float().mean().item() >= 0.999
+        ref = Q.fake_quant_weight(r, bits, "channel", 0, sdt).to(out_dtype)
+        close = torch.isclose(out.float(), ref.float(), rtol=2 ** -7 if out_dtype == torch.bfloat16 else 2 ** -21,
+                              atol=0)
+        assert close.float().mean().item() >= 0.999
+
+
+def test_qat_step_with_the_kernel_matches_the_torch_math(monkeypatch):
+    from robuq_fx import ops
+    from robuq_fx.qat_linear import QATLinear
+    from robuq_fx.spec import LayerSpec
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 192)
+    mod = QATLinear.from_module(lin, LayerSpec(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=128,
+                                               lora_rank=16).resolve(256, 192)).cuda()
+    x = torch.randn(4, 33, 256, device="cuda")
+    grads = {}
+    for on in (True, False):
+        monkeypatch.setattr(ops, "_WKERNEL", [on])
+        m = __import__("copy").deepcopy(mod)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = m(x)
+        y.float().pow(2).mean().backward()
+        grads[on] = (y.detach().float(), {n: p.grad.float() for n, p in m.named_parameters()})
+    (y1, g1), (y0, g0) = grads[True], grads[False]
+    assert ((y1 - y0).norm() / y0.norm()).item() < 1e-2
+    for k in g0:
+        assert ((g1[k] - g0[k]).norm() / g0[k].norm().clamp_min(1e-30)).item() < 2e-2, k
