@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
@@ -82,18 +83,22 @@ def fake_quant_weight_impl(w: torch.Tensor, w_bits: float, granularity: str, gro
 
 
 _WKERNEL = [os.environ.get("ROBUQ_QAT_WEIGHT_KERNEL", "1") != "0"]
-_WK: list = []
+_KERNEL_MODULES: dict = {}
+
+
+def _kernel_module(name: str):
+    """robuq_fx.kernels.<name>, or None where triton does not import (imported on the first CUDA call, once)."""
+    if name not in _KERNEL_MODULES:
+        try:
+            _KERNEL_MODULES[name] = importlib.import_module(f".kernels.{name}", __package__)
+        except Exception:  # noqa: BLE001 - no usable triton: the torch math runs
+            _KERNEL_MODULES[name] = None
+    return _KERNEL_MODULES[name]
 
 
 def weight_kernel():
-    """kernels/triton_wquant, or None where triton does not import (imported on the first CUDA call)."""
-    if not _WK:
-        try:
-            from .kernels import triton_wquant
-            _WK.append(triton_wquant)
-        except Exception:  # noqa: BLE001 - no usable triton: the torch math runs
-            _WK.append(None)
-    return _WK[0]
+    """kernels/triton_wquant (the QAT weight fake-quant kernel), or None."""
+    return _kernel_module("triton_wquant")
 
 
 @fake_quant_weight.register_fake
@@ -122,18 +127,9 @@ def fake_quant_act(x: torch.Tensor, a_bits: int, sym: bool, clip: str) -> torch.
     return fake_quant_act_impl(x, a_bits, sym, clip)
 
 
-_ROWS: list = []
-
-
 def row_kernel():
-    """kernels/triton_rowquant, or None where triton does not import (imported on the first CUDA call)."""
-    if not _ROWS:
-        try:
-            from .kernels import triton_rowquant
-            _ROWS.append(triton_rowquant)
-        except Exception:  # noqa: BLE001 - no usable triton: the torch math runs
-            _ROWS.append(None)
-    return _ROWS[0]
+    """kernels/triton_rowquant (the per-row activation fake-quant kernel), or None."""
+    return _kernel_module("triton_rowquant")
 
 
 @fake_quant_act.register_fake
