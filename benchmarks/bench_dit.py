@@ -66,7 +66,7 @@ PAPER = "robuq dit-xl-2-robuq (W1.58A4+H+LRB32, attn 8)"
 PAPER_A3 = "robuq dit-xl-2-robuq-a3 (W1.58A3 asym sigma +H+LRB32, attn 8)"
 PAPER_A2 = "robuq dit-xl-2-robuq-a2 (W1.58A2 asym sigma +H+LRB32, attn 8)"
 SUMMARY_KEYS = {"robuq W4A4+H": "w4a4h", "robuq W1.58A4+H": "w158a4h", PAPER: "paper", PAPER_A3: "paper_a3",
-                PAPER_A2: "paper_a2"}
+                PAPER_A2: "paper_a2", "robuq W4A4+H, Inductor decomposition": "w4a4h_inductor"}
 
 
 def summary(results: dict) -> dict:
@@ -187,15 +187,30 @@ def plot(results: dict, path: Path) -> None:
 def default_mode_rows(fp_dev, cfg, device, dtype, ex, args) -> list[dict]:
     """bf16 and W4A4+H at batch 8 under torch.compile's default mode (no CUDA graphs): where per-call CPU cost
     shows (issue 17, item 6)."""
+    import torch._inductor.config as ic
     rows = []
     x = inputs(cfg, 8, device, dtype)
     low = robuq_fx.lower(robuq_fx.quantize(fp_dev, policies()["robuq W4A4+H"], example_inputs=ex), progress=False)
-    with torch.no_grad():
+    # our ops opaque (ROBUQ_INDUCTOR_DECOMPOSE=qat, the default), then decomposed into our Triton kernels inside
+    # Inductor's graph (=1, opt-in); compiled from scratch each time: the caches do not key on that switch
+    runs = (("bf16 torch.compile (default)", fp_dev, None), ("robuq W4A4+H", low, "qat"),
+            ("robuq W4A4+H, Inductor decomposition", low, "1"))
+    old = os.environ.get("ROBUQ_INDUCTOR_DECOMPOSE")
+    with torch.no_grad(), ic.patch(force_disable_caches=True):
         low(**x)
-        for name, model in (("bf16 torch.compile (default)", fp_dev), ("robuq W4A4+H", low)):
-            fn = torch.compile(model)
-            ms = timeit(lambda: fn(**x), args.iters, args.warmup, device)
+        for name, model, mode in runs:
+            if mode is not None:
+                os.environ["ROBUQ_INDUCTOR_DECOMPOSE"] = mode
+            try:
+                fn = torch.compile(model)
+                ms = timeit(lambda: fn(**x), args.iters, args.warmup, device)
+            finally:
+                if old is None:
+                    os.environ.pop("ROBUQ_INDUCTOR_DECOMPOSE", None)
+                else:
+                    os.environ["ROBUQ_INDUCTOR_DECOMPOSE"] = old
             rows.append({"setting": name, "batch": 8, "ms": round(ms, 3)})
+            print(f"  default mode {name:40s} batch   8: {ms:8.3f} ms", flush=True)
             torch._dynamo.reset()
     for r in rows:
         r["x vs bf16 torch.compile (default)"] = round(rows[0]["ms"] / r["ms"], 3)
