@@ -36,24 +36,17 @@ def _env() -> tuple:
     return env_values(_ENV)
 
 
-def _versions(a: QLinearArgs) -> tuple:
-    """(tensor, version) of the buffers a binding reads besides qweight (which it holds only weakly: a binding kept
-    on the weight's cache entry must not keep the weight alive, or the entry would never be dropped)."""
-    out = []
-    for t in (a.w_scale, a.bias, a.lrb_down, a.lrb_up):
-        if t is not None:
-            try:
-                out.append((t, t._version))
-            except RuntimeError:  # an inference tensor has no version counter: it cannot change in place
-                pass
-    return tuple(out)
-
-
 def _version(t: torch.Tensor) -> int:
     try:
         return t._version
     except RuntimeError:  # an inference tensor: no version counter, and it cannot change in place
         return -1
+
+
+def _versions(a: QLinearArgs) -> tuple:
+    """(tensor, version) of the buffers a binding reads besides qweight (which it holds only weakly: a binding kept
+    on the weight's cache entry must not keep the weight alive, or the entry would never be dropped)."""
+    return tuple((t, _version(t)) for t in (a.w_scale, a.bias, a.lrb_down, a.lrb_up) if t is not None)
 
 
 class _Call:
@@ -76,12 +69,13 @@ class _Call:
         if not x.is_contiguous() or (x.data_ptr() % 16 == 0) != self.aligned:
             return None
         for t, v in self.vers:
-            if t._version != v:
+            if _version(t) != v:
                 return None
         qw = self.qw()
-        if qw is None or _version(qw) != self.qw_ver:
+        if qw is None or _version(qw) != self.qw_ver or _env() != self.env:
             return None
-        if _env() != self.env or TL._TRITON[1].launch_enter_hook is not None or TL._TRITON[0].get_current_device() != self.dev:
+        drv, rt = TL._TRITON
+        if rt.launch_enter_hook is not None or drv.get_current_device() != self.dev:
             return None
         return x.view(self.m, self.k)
 
@@ -90,7 +84,7 @@ class _Call:
 
 
 class _SmallM(_Call):
-    __slots__ = ("hit", "grid", "args", "xpos", "ypos")
+    __slots__ = ("hit", "grid", "args", "xpos")
 
     def __init__(self, x, a, spec):
         super().__init__(x, a)
@@ -99,7 +93,6 @@ class _SmallM(_Call):
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
         x2, y = args[0], args[3]
         self.xpos = tuple(i for i, t in enumerate(args) if t is x2)  # x2 also stands in for absent tensors
-        self.ypos = 3
         self.args = [None if (t is x2 or t is y) else t for t in args]
 
     def __call__(self, x: torch.Tensor):
