@@ -57,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tiny-rank", type=int, default=4, help="LRB rank for dit-tiny (the paper's rank 32 is half "
                    "the width of its 64-wide layers: most of each weight would stay in full precision)")
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--weights-once-per-step", action="store_true",
+                   help="compute each layer's Q_w(R) once per optimizer step (robuq_fx.quantize_weights_once_per_step)")
     p.add_argument("--batch", type=int, default=8, help="global batch size (split evenly over ranks)")
     p.add_argument("--optim", choices=["adamw", "sgd"], default="adamw")
     p.add_argument("--lr", type=float, default=1e-4)
@@ -170,6 +172,9 @@ def train(model, make_batch, loss, args, rank: int, world: int, device: torch.de
         raise SystemExit(f"--batch {args.batch} must divide evenly over {world} ranks")
     local = args.batch // world
     opt = make_optimizer(model, args)
+    # Q_w(R) once per optimizer step (eager QAT): pays off with gradient accumulation; keyed on the steps, so it
+    # stays exact under FSDP2, whose all-gathers rewrite the unsharded weights without moving their versions
+    cache = robuq_fx.quantize_weights_once_per_step(opt) if getattr(args, "weights_once_per_step", False) else None
     model.train()
     losses = []
     for step in range(args.steps):
@@ -186,6 +191,8 @@ def train(model, make_batch, loss, args, rank: int, world: int, device: torch.de
         losses.append(seen.item())  # waits for the step (and the other ranks): the step time below is the step's
         if step_s is not None:
             step_s.append(time.perf_counter() - t)
+    if cache is not None:
+        cache.remove()
     return losses
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import quantizers as Q
 from .layer import residual, rotate_eager as _rotate
@@ -36,13 +37,88 @@ def _2d(t: torch.Tensor) -> torch.Tensor:
 
 def quantized_weight(w, down, up, spec: LayerSpec, c: torch.dtype) -> tuple[torch.Tensor, torch.dtype]:
     """(Q_w(R) in c, the dtype R was computed in), without an autograd graph. Computed on every call, as the op graph
-    does: a cache keyed on the masters' storage and version counter went stale under FSDP2, whose all-gathers
-    rewrite the unsharded weights in place without moving their version (a CPU test caught it)."""
+    does, unless `quantize_weights_once_per_step` is on: a cache keyed only on the masters' storage and version
+    counter went stale under FSDP2, whose all-gathers rewrite the unsharded weights in place without moving their
+    version (a CPU test caught it); that one also keys on the optimizer's steps."""
+    if _STEP["hooks"]:
+        return _cached_weight(w, down, up, spec, c)
+    return _quantized_weight(w, down, up, spec, c)
+
+
+def _quantized_weight(w, down, up, spec: LayerSpec, c: torch.dtype) -> tuple[torch.Tensor, torch.dtype]:
     with torch.no_grad():
         r = residual(w, down, up, spec, rotate_fn=_rotate)  # A B in ab: autocast rounds it as in the op graph
         # on CUDA one Triton kernel writing Q_w(R) in c (ops.fake_quant_weight_impl; the op graph runs the same)
         return fake_quant_weight_impl(r, float(spec.w_bits), spec.w_granularity, spec.group_size, spec.scale_dtype,
                                       c), r.dtype
+
+
+# ---- Q_w(R) once per optimizer step (opt-in) ------------------------------------------------------------------
+_STEP = {"epoch": 0, "hooks": 0}
+_WQ = WeakIdKeyDictionary()  # master weight (by identity, held weakly) -> (key, Q_w(R), R's dtype)
+
+
+class StepCacheHandle:
+    """What `quantize_weights_once_per_step` returns: `.remove()` turns the cache off again for this optimizer."""
+
+    def __init__(self, hook):
+        self._hook = hook
+
+    def remove(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+            _STEP["hooks"] -= 1
+            if not _STEP["hooks"]:
+                _WQ.clear()
+
+
+def quantize_weights_once_per_step(optimizer: torch.optim.Optimizer) -> StepCacheHandle:
+    """Compute each QAT layer's Q_w(R) once per step of `optimizer` instead of on every forward: with gradient
+    accumulation (k micro-batches a step) the weight fake-quant runs once instead of k times. Eager QAT only (the
+    fused path); under torch.compile Inductor fuses the weight math into the step's own kernels.
+
+    A layer's cached Q_w(R) is used while nothing it depends on has changed: no `optimizer.step()` since (a step
+    post-hook counts steps: FSDP2's all-gathers rewrite the unsharded masters in place without moving their version
+    counters, so versions alone cannot tell), the same master tensors with the same version counters (in-place
+    updates such as `load_state_dict` move them), the same compute dtype and autocast state. Writes that bypass both
+    (`p.data.copy_(...)` between steps outside the optimizer) are not seen: call `handle.remove()` and register again,
+    or do them before the step. Memory: one Q_w(R) per layer in the compute dtype, kept until its weight is freed.
+
+        handle = robuq_fx.quantize_weights_once_per_step(opt)
+        for i, batch in enumerate(loader):
+            loss_fn(qmodel(batch)).backward()
+            if (i + 1) % accum == 0:
+                opt.step(); opt.zero_grad()
+    """
+    def bump(*_):
+        _STEP["epoch"] += 1
+    handle = StepCacheHandle(optimizer.register_step_post_hook(bump))
+    _STEP["hooks"] += 1
+    return handle
+
+
+def _ver(t) -> tuple | None:
+    if t is None:
+        return None
+    try:
+        v = t._version
+    except RuntimeError:  # an inference tensor: it cannot change in place
+        v = -1
+    return (id(t), t.data_ptr(), v)
+
+
+def _cached_weight(w, down, up, spec: LayerSpec, c: torch.dtype) -> tuple[torch.Tensor, torch.dtype]:
+    owner = w if w._base is None else w._base  # a transposed (Conv1D) weight arrives as a fresh view each call
+    dev = w.device.type
+    ac = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    key = (_STEP["epoch"], _ver(owner), tuple(w.shape), tuple(w.stride()), _ver(down), _ver(up), spec, c, ac)
+    hit = _WQ.get(owner)
+    if hit is not None and hit[0] == key:
+        return hit[1], hit[2]
+    wq, r_dtype = _quantized_weight(w, down, up, spec, c)
+    _WQ[owner] = (key, wq, r_dtype)
+    return wq, r_dtype
 
 
 def compute_dtypes(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:

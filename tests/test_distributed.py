@@ -61,7 +61,9 @@ LOSS_RTOL = 1e-6
 W_ATOL, W_RTOL = 1e-6, 1e-5
 FLIP_MARGIN, MAX_FLIP_FRACTION = 1e-3, 1e-3
 JOBS = [("module_mlp", "ddp"), ("module_mlp", "fsdp2"), ("graph_mlp", "ddp"), ("graph_mlp", "fsdp2"), ("seed_mlp", "ddp"),
-        ("seed_mlp", "fsdp2"), ("dit", "fsdp2")]
+        ("seed_mlp", "fsdp2"), ("dit", "fsdp2"),
+        # Q_w(R) cached between optimizer steps: must stay exact under FSDP2's in-place all-gathers
+        ("module_mlp", "fsdp2+step-cache")]
 
 
 def _load_example():
@@ -217,15 +219,18 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     try:
         for name, engine in JOBS:
             case = _CASES[name]
-            model = ex.wrap(copy.deepcopy(case.qmodel), engine, CPU)
+            base, _, variant = engine.partition("+")
+            model = ex.wrap(copy.deepcopy(case.qmodel), base, CPU)
             params = {n: p for n, p in model.named_parameters()}
             shards = {n: (type(p).__name__, [_placement(x) for x in getattr(p, "placements", ())],
                           tuple(p.to_local().shape) if hasattr(p, "to_local") else tuple(p.shape), tuple(p.shape))
                       for n, p in params.items()}
             seen.clear()
-            losses = ex.train(model, case.make_batch, case.loss, case.args, rank, WORLD, CPU)
+            args = copy.copy(case.args)
+            args.weights_once_per_step = variant == "step-cache"
+            losses = ex.train(model, case.make_batch, case.loss, args, rank, WORLD, CPU)
             fq_inputs = sorted(set(seen))
-            state = ex.gather_state(model, engine)
+            state = ex.gather_state(model, base)
             skipped = getattr(getattr(model, "module", model), "_robuq_fsdp_skipped", None)
             if rank == 0:
                 torch.save({"losses": losses, "state": state, "shards": shards, "fq_inputs": fq_inputs,
