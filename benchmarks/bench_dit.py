@@ -362,7 +362,7 @@ def main(argv=None):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-            ms = timeit(step, max(3, args.iters // 4), 3, device)
+            ms = timeit(step, max(8, args.iters // 2), 3, device)  # 8+ timed steps: 3 left one figure unexplained
             results["train_step"].append({"setting": name, "mode": mode, "batch": tb, "ms": round(ms, 2)})
             save_partial()
             print(f"  train {name:24s} {mode:8s}: {ms:8.2f} ms", flush=True)
