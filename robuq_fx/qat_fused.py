@@ -130,13 +130,31 @@ def compute_dtypes(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.dtype, torch
     return x.dtype, w.dtype
 
 
+def _ranged(name: str, fn, *args):
+    """fn(*args), inside a profiler range named `name` while a profiler records (profile_dit.py --train reads the
+    robuq ranges: the fused path runs no robuq op it could see otherwise); a flag check when none does."""
+    if torch._C._autograd._profiler_enabled():
+        with torch.profiler.record_function(name):
+            return fn(*args)
+    return fn(*args)
+
+
+def _rotate_and_quantize(x, spec: LayerSpec):
+    xh = _rotate(x, spec)
+    return xh, fake_quant_act_impl(xh, spec.a_bits, spec.sym, spec.a_clip) if spec.a_bits < 16 else xh
+
+
 class QATLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, bias, down, up, spec: LayerSpec, c: torch.dtype, ab: torch.dtype):
+        return _ranged("robuq::qat_linear forward (fused)", QATLinearFunction._forward, ctx, x, w, bias, down, up,
+                       spec, c, ab)
+
+    @staticmethod
+    def _forward(ctx, x, w, bias, down, up, spec: LayerSpec, c: torch.dtype, ab: torch.dtype):
         # autocast stays as the caller set it, as it does for the op graph: it also rounds the rotations' matmuls
-        wq, r_dtype = quantized_weight(w, down, up, spec, c)
-        xh = _rotate(x, spec)
-        xq = fake_quant_act_impl(xh, spec.a_bits, spec.sym, spec.a_clip) if spec.a_bits < 16 else xh
+        wq, r_dtype = _ranged("robuq::qat Q_w(R)", quantized_weight, w, down, up, spec, c)
+        xh, xq = _ranged("robuq::qat Q_a(x H)", _rotate_and_quantize, x, spec)
         xq_c = xq.to(c)
         y = F.linear(xq_c, wq, None if bias is None else bias.to(c))
         t = xh_c = None
@@ -157,6 +175,10 @@ class QATLinearFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
+        return _ranged("robuq::qat_linear backward (fused)", QATLinearFunction._backward, ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
         xq_c, wq, xh, xh_c, t, down, up = ctx.saved_tensors
         spec, xd = ctx.spec, ctx.xh_dtype
         c = g.dtype
