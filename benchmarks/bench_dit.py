@@ -184,11 +184,10 @@ def plot(results: dict, path: Path) -> None:
     print(f"wrote {path}")
 
 
-def default_mode_rows(fp_dev, cfg, device, dtype, ex, args) -> list[dict]:
+def default_mode_rows(fp_dev, cfg, device, dtype, ex, args, rows: list, save=lambda: None) -> list[dict]:
     """bf16 and W4A4+H at batch 8 under torch.compile's default mode (no CUDA graphs): where per-call CPU cost
     shows (issue 17, item 6)."""
     import torch._inductor.config as ic
-    rows = []
     x = inputs(cfg, 8, device, dtype)
     low = robuq_fx.lower(robuq_fx.quantize(fp_dev, policies()["robuq W4A4+H"], example_inputs=ex), progress=False)
     # our ops opaque (ROBUQ_INDUCTOR_DECOMPOSE=qat, the default), then decomposed into our Triton kernels inside
@@ -210,6 +209,7 @@ def default_mode_rows(fp_dev, cfg, device, dtype, ex, args) -> list[dict]:
                 else:
                     os.environ["ROBUQ_INDUCTOR_DECOMPOSE"] = old
             rows.append({"setting": name, "batch": 8, "ms": round(ms, 3)})
+            save()
             print(f"  default mode {name:40s} batch   8: {ms:8.3f} ms", flush=True)
             torch._dynamo.reset()
     for r in rows:
@@ -333,7 +333,8 @@ def main(argv=None):
     base = "bf16 eager" if args.no_compile else "bf16 torch.compile"
     results["baseline"] = base
     if args.default_mode_b8 and not args.train_only and fp_dev is not None:
-        results["default_mode"] = default_mode_rows(fp_dev, cfg, device, dtype, ex, args)
+        results["default_mode"] = []
+        default_mode_rows(fp_dev, cfg, device, dtype, ex, args, results["default_mode"], save_partial)
     for r in results["latency"]:
         r[f"x vs {base}"] = round(rows[(base, r["batch"])] / r["ms"], 3)
 
