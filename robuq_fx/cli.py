@@ -362,7 +362,10 @@ def cmd_bench(args) -> int:
 
 def cmd_kernels(args) -> int:
     from . import kernels
+    from .kernels import switches
     print(kernels.table())
+    print("\nEnvironment switches:")
+    print(switches.table())
     return 0
 
 

@@ -59,6 +59,24 @@ def test_kernels_lists_the_reference(capsys):
     assert "nunchaku" in rows  # registered even when the package is missing, with the reason
 
 
+def test_kernels_lists_every_environment_switch_the_package_reads(capsys, monkeypatch):
+    """Each ROBUQ_* variable named in robuq_fx's sources is in the switch table `robuq-fx kernels` prints (a new
+    switch without a row fails here), with the value set now."""
+    import re
+    from pathlib import Path
+    from robuq_fx.kernels import switches
+    src = Path(switches.__file__).resolve().parents[1]
+    read = set()
+    for f in src.rglob("*.py"):
+        read |= set(re.findall(r"[\"'](ROBUQ_[A-Z0-9_]+)[\"']", f.read_text()))
+    assert read and read <= set(switches.names()), sorted(read - set(switches.names()))
+    monkeypatch.setenv("ROBUQ_FP8_SMALL_M", "48")
+    code, out, _ = run(capsys, "kernels")
+    assert code == 0 and "Environment switches:" in out
+    rows = table_rows(out.split("Environment switches:")[1])
+    assert set(switches.names()) <= set(rows) and rows["ROBUQ_FP8_SMALL_M"][0] == "48"
+
+
 def test_bench_runs_the_script_with_the_remaining_args(capsys, tmp_path, monkeypatch):
     (tmp_path / "bench_linear.py").write_text(
         "import sys, json, pathlib\n"

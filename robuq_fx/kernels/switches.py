@@ -1,0 +1,40 @@
+"""The environment variables robuq_fx reads, in one table: what each one switches, its default, and whether a path
+is opt-in until it has been measured or tested on a GPU. `robuq-fx kernels` prints it with the values set now;
+tests/test_cli.py checks that every ROBUQ_* name the package reads is listed here."""
+from __future__ import annotations
+
+import os
+
+# (name, default, what it does)
+SWITCHES: tuple[tuple[str, str, str], ...] = (
+    ("ROBUQ_KERNEL", "(auto)", "force one qlinear kernel: reference, triton_fp8, cuda_dequant, nunchaku"),
+    ("ROBUQ_KERNEL_DISABLE", "(none)", "comma-separated kernels the registry never picks"),
+    ("ROBUQ_FP8_MIN_M", "(table)", "smallest M on the fp8 path for every shape (below: cuda_dequant)"),
+    ("ROBUQ_FP8_SMALL_M", "(table: 0)", "largest M for the one-kernel small-M path; off until measured"),
+    ("ROBUQ_FP8_EPI", "(table)", "asymmetric / LRB terms: addmm after _scaled_mm, or triton (fused epilogue)"),
+    ("ROBUQ_FP8_GEMM", "(cuBLAS)", "triton: our fp8 GEMM also for symmetric layers without LRB"),
+    ("ROBUQ_FP8_GEMM_KERNEL", "(table: pointer)", "tma: the persistent TMA-fed Triton GEMM; opt-in until measured"),
+    ("ROBUQ_TMA_GEMM_CFG", "(table)", "index into TMA_GEMM_CONFIGS, for sweeps"),
+    ("ROBUQ_ROWQ_TILING", "(tuned)", "rows,warps of the per-row quantizer, for sweeps"),
+    ("ROBUQ_WEIGHT_LAYOUT", "fp8", "packed: keep the packed bytes as the buffer on fp8 GPUs too (the fp8 path then "
+                                   "caches a converted copy)"),
+    ("ROBUQ_ATTENTION", "(row kernel + SDPA)", "fused: the single Triton attention8 kernel; reference: torch math"),
+    ("ROBUQ_HADAMARD", "(matmul)", "fht: fast-hadamard-transform's CUDA kernel for the rotation where the torch "
+                                   "math runs (equal up to rounding, not bit-identical)"),
+    ("ROBUQ_INDUCTOR_DECOMPOSE", "qat", "what torch.compile decomposes: qat (QAT ops), 1 (also qlinear and "
+                                        "attention8 into our Triton kernels; opt-in until its GPU tests pass), 0"),
+    ("ROBUQ_TRITON_FAST_LAUNCH", "1", "0: launch Triton kernels through kernel[grid] (also turns bound calls off)"),
+    ("ROBUQ_DIRECT_CALL", "1", "0: eager PackedLinear calls go through the robuq::qlinear op"),
+    ("ROBUQ_QAT_FUSED", "1", "0: eager QAT runs the op graph instead of one autograd node a layer"),
+    ("ROBUQ_QAT_WEIGHT_KERNEL", "0", "1: Q_w(R) in one Triton kernel in QAT on CUDA; opt-in until its GPU tests pass"),
+)
+
+
+def names() -> list[str]:
+    return [s[0] for s in SWITCHES]
+
+
+def table() -> str:
+    from tabulate import tabulate
+    rows = [{"variable": n, "set to": os.environ.get(n, ""), "default": d, "what it does": w} for n, d, w in SWITCHES]
+    return tabulate(rows, headers="keys", tablefmt="github")
