@@ -7,7 +7,7 @@ from .checkpoint import load_quantized, save_quantized  # noqa: F401
 from .errors import (CaptureError, CheckpointError, LoweringError, PolicyError, RobuQError,  # noqa: F401
                      SpecError)
 from .modules import PackedLinear  # noqa: F401
-from .passes import lower, quantize, robuq_info  # noqa: F401
+from .passes import fuse_activations, lower, quantize, robuq_info  # noqa: F401
 from .policy import Policy  # noqa: F401
 from .qat_fused import quantize_weights_once_per_step  # noqa: F401
 from .seed import RobuQLinear, replace_linear_layer  # noqa: F401

@@ -13,12 +13,14 @@ follow the model's dtype.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import torch.nn as nn
 
 from . import kernels  # also registers torch.ops.robuq.qlinear
+from .kernels.qlinear import call_kernel
 from . import layer, packing
 from . import quantizers as Q
 from .ops import plain_eager
@@ -98,9 +100,16 @@ class PackedLinear(nn.Module):
                                                  s.hadamard_block or 0, bool(s.sym), s.a_clip))
         return c[1]
 
+    # an activation the layer reads its input through ("gelu", "gelu_tanh"; robuq::qlinear's input_act), set by
+    # robuq_fx.fuse_activations where it removed that activation from the model; not part of the checkpoint
+    input_act: str = ""
+
     def forward(self, x):
         if _direct_ok(x):
             return self._direct(x)
+        if self.input_act:
+            return torch.ops.robuq.qlinear(x, self.qweight, self.w_scale, self.bias, self.lrb_down, self.lrb_up,
+                                           *self.op_args(), input_act=self.input_act)
         return torch.ops.robuq.qlinear(x, self.qweight, self.w_scale, self.bias, self.lrb_down, self.lrb_up,
                                        *self.op_args())
 
@@ -118,7 +127,8 @@ class PackedLinear(nn.Module):
         the kernel's bound call where it offers one (`fn.bind`: kernels/fastcall.py, the fp8 path)."""
         b = self._buffers
         qw, ws, bias, dn, up = b["qweight"], b["w_scale"], b["bias"], b["lrb_down"], b["lrb_up"]
-        key = (x.shape, x.dtype, x.device, id(qw), id(ws), id(bias), id(dn), id(up), kernels.registry.state_key())
+        key = (x.shape, x.dtype, x.device, id(qw), id(ws), id(bias), id(dn), id(up), self.input_act,
+               kernels.registry.state_key())
         plans = self.__dict__.get("_direct_plans")
         if plans is None:
             plans = self.__dict__["_direct_plans"] = {}
@@ -134,8 +144,10 @@ class PackedLinear(nn.Module):
         if x.shape[-1] != self.in_features:  # the op's own error
             return torch.ops.robuq.qlinear(x, qw, ws, bias, dn, up, *args)
         qa = kernels.QLinearArgs(qw, ws, bias, dn, up, *args[:7], tuple(args[7]) if len(args) > 7 and args[7]
-                                 else None)
+                                 else None, self.input_act)
         fn = kernels.select(x, qa).fn
+        if qa.input_act and not getattr(fn, "fuses_input_act", False):
+            fn = functools.partial(call_kernel, fn)  # the activation first, as the op does
         y = fn(x, qa)
         bind = getattr(fn, "bind", None)  # after the ordinary call: its kernels are compiled, its caches full
         if len(plans) >= 8:  # a few input shapes are kept (e.g. two batch sizes in turn), not every one seen
@@ -197,4 +209,5 @@ class PackedLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in self.buffers())
 
     def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec.short()}"
+        act = f", input_act={self.input_act}" if self.input_act else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec.short()}{act}"

@@ -126,9 +126,12 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
 
 
 def _qlinear_decomposition(x, qweight, w_scale, bias, lrb_down, lrb_up, out_features, in_features, w_bits, a_bits,
-                           hadamard_block, a_sym, a_clip, splits=None):
+                           hadamard_block, a_sym, a_clip, splits=None, input_act=""):
     if not enabled("gpu") or packing.FP8 is None or qweight.dtype != packing.FP8 or x.shape[-1] != in_features:
         return NotImplemented
+    if input_act:  # the activation as graph ops (Inductor fuses it with what it can), then the layer
+        from .qlinear import apply_input_act
+        x = apply_input_act(x, input_act)
     a = QLinearArgs(qweight, w_scale, bias, lrb_down, lrb_up, out_features, in_features, w_bits, a_bits,
                     hadamard_block, a_sym, a_clip, tuple(splits) if splits else None)
     try:

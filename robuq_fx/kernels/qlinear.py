@@ -6,6 +6,11 @@
 
     y = Q_a(x H) (s_w q_w)^T + bias + (x H) B^T A^T
 
+input_act ("gelu" / "gelu_tanh", default "": none): x is first replaced by act(x), computed as torch's GELU computes
+it in x's dtype (`apply_input_act`); set on the layer that reads a GELU's output when that is the GELU's only
+reader (`robuq_fx.fuse_activations`), so that a kernel can apply it while loading x instead of the model writing and
+re-reading the activation. Kernels that do not fuse it get act(x) (`call_kernel`).
+
 splits: set on a fused layer (passes/fuse.py: siblings reading one input, e.g. q/k/v): the members' out_features,
 summing to N. The tensors are the members' stacked along N (lrb_down stacked along r, lrb_up block-diagonal), so the
 formula above holds as is; the reference computes each member's rows as their own products to stay bit-identical
@@ -20,6 +25,8 @@ call on the H100 machine, a third of the whole call at small M.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .registry import QLinearArgs, select
@@ -27,18 +34,40 @@ from .registry import QLinearArgs, select
 _LIB = torch.library.Library("robuq", "FRAGMENT")
 _LIB.define("qlinear(Tensor x, Tensor qweight, Tensor w_scale, Tensor? bias, Tensor? lrb_down, Tensor? lrb_up, "
             "SymInt out_features, SymInt in_features, float w_bits, SymInt a_bits, SymInt hadamard_block, "
-            "bool a_sym, str a_clip, SymInt[]? splits=None) -> Tensor")
+            "bool a_sym, str a_clip, SymInt[]? splits=None, str input_act=\"\") -> Tensor")
+
+INPUT_ACTS = ("", "gelu", "gelu_tanh")
+
+
+def apply_input_act(x: torch.Tensor, act: str) -> torch.Tensor:
+    """The activation a layer reads its input through (`input_act`), as the model's own module computes it."""
+    if act == "gelu":
+        return torch.nn.functional.gelu(x)
+    if act == "gelu_tanh":
+        return torch.nn.functional.gelu(x, approximate="tanh")
+    if act:
+        raise ValueError(f"robuq::qlinear: input_act={act!r}; expected one of {INPUT_ACTS}")
+    return x
 
 
 def qlinear_impl(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                  lrb_down: torch.Tensor | None, lrb_up: torch.Tensor | None, out_features: int, in_features: int,
                  w_bits: float, a_bits: int, hadamard_block: int, a_sym: bool, a_clip: str,
-                 splits=None) -> torch.Tensor:
+                 splits=None, input_act: str = "") -> torch.Tensor:
     if x.shape[-1] != in_features:
         raise ValueError(f"robuq::qlinear: input has {x.shape[-1]} features, the layer expects {in_features}")
     args = QLinearArgs(qweight, w_scale, bias, lrb_down, lrb_up, out_features, in_features, w_bits, a_bits,
-                       hadamard_block, a_sym, a_clip, tuple(splits) if splits else None)
-    return select(x, args).fn(x, args)
+                       hadamard_block, a_sym, a_clip, tuple(splits) if splits else None, input_act)
+    return call_kernel(select(x, args).fn, x, args)
+
+
+def call_kernel(fn, x: torch.Tensor, args: QLinearArgs) -> torch.Tensor:
+    """fn(x, args); where the layer has an input activation that fn does not fuse (`fn.fuses_input_act`), the
+    activation runs first, exactly as the unfused model ran it."""
+    if args.input_act and not getattr(fn, "fuses_input_act", False):
+        x = apply_input_act(x, args.input_act)
+        args = dataclasses.replace(args, input_act="")
+    return fn(x, args)
 
 
 _LIB.impl("qlinear", qlinear_impl, "CompositeExplicitAutograd")
@@ -46,7 +75,7 @@ _LIB.impl("qlinear", qlinear_impl, "CompositeExplicitAutograd")
 
 @torch.library.register_fake("robuq::qlinear", lib=_LIB)
 def _(x, qweight, w_scale, bias, lrb_down, lrb_up, out_features, in_features, w_bits, a_bits, hadamard_block,
-      a_sym, a_clip, splits=None):
+      a_sym, a_clip, splits=None, input_act=""):
     from . import inductor
     inductor.register()  # Dynamo is tracing a model with this op: let Inductor decompose it (kernels/inductor.py)
     return x.new_empty(*x.shape[:-1], out_features)

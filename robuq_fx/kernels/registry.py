@@ -36,6 +36,7 @@ class QLinearArgs:
     a_sym: bool
     a_clip: str
     splits: tuple[int, ...] | None = None  # a fused layer's member out_features (see robuq::qlinear); None: one layer
+    input_act: str = ""  # an activation applied to x first ("gelu", "gelu_tanh"; see robuq::qlinear); "": none
 
 
 @dataclass(frozen=True)

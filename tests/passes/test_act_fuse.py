@@ -1,0 +1,82 @@
+"""robuq_fx.fuse_activations (passes/act_fuse.py): a GELU handed to the quantized layer that reads it gives the same
+output bit for bit on the CPU (reference kernel: the activation runs first, as the model ran it), on diffusers' DiT
+FeedForward, a timm-style Mlp and an nn.Sequential; layers with a low-rank branch keep their GELU; the state dict is
+untouched; torch.compile runs the fused layers."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import robuq_fx
+from models.conftest import CASES  # tests/ is on sys.path (rootdir-relative packages)
+
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning")]
+W4A4H = {"rules": [{"type": "Linear", "w_bits": 4, "a_bits": 4, "hadamard": True}]}
+
+
+class TimmMlp(nn.Module):
+    def __init__(self, approximate="tanh"):
+        super().__init__()
+        self.fc1, self.act, self.drop1 = nn.Linear(32, 64), nn.GELU(approximate=approximate), nn.Dropout(0.0)
+        self.norm, self.fc2, self.drop2 = nn.Identity(), nn.Linear(64, 32), nn.Dropout(0.0)
+
+    def forward(self, x):
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
+
+
+def _check(model, inputs, policy, expect: int, example=None):
+    low = robuq_fx.lower(robuq_fx.quantize(model.eval(), policy, example))
+    fused = copy.deepcopy(low)
+    keys = {k: v.clone() for k, v in fused.state_dict().items()}
+    names = robuq_fx.fuse_activations(fused)
+    assert len(names) == expect, names
+    assert all(fused.get_submodule(n).input_act in ("gelu", "gelu_tanh") for n in names)
+    assert keys.keys() == fused.state_dict().keys()
+    assert all(torch.equal(v, fused.state_dict()[k]) for k, v in keys.items())
+    run = (lambda m: m(**inputs)[0]) if isinstance(inputs, dict) else (lambda m: m(*inputs))
+    with torch.no_grad():  # the eager fast path
+        assert torch.equal(run(fused), run(low))
+    assert torch.equal(run(fused), run(low))  # the op path (grad mode on)
+    assert robuq_fx.fuse_activations(fused) == []  # idempotent: nothing left to fuse
+    return low, fused, run
+
+
+def test_dit_feedforward():
+    case = CASES["dit"]
+    inputs = case.make_inputs()
+    model = case.build(0)
+    _check(model, inputs, W4A4H, expect=len(model.transformer_blocks), example=inputs)
+
+
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_timm_mlp_and_sequential(approximate):
+    torch.manual_seed(0)
+    x = torch.randn(6, 32)
+    _, fused, _ = _check(TimmMlp(approximate), (x,), W4A4H, expect=1)
+    assert isinstance(fused.act, nn.Identity)
+    assert fused.fc2.input_act == ("gelu_tanh" if approximate == "tanh" else "gelu")
+    seq = nn.Sequential(nn.Linear(32, 64), nn.GELU(approximate), nn.Dropout(0.0), nn.Linear(64, 32), nn.GELU(),
+                        nn.Linear(32, 8))
+    _check(seq, (x,), W4A4H, expect=2)
+
+
+def test_not_fused_where_the_branch_reads_the_activation_or_dropout_is_live():
+    torch.manual_seed(0)
+    x = torch.randn(6, 32)
+    lrb = {"rules": [{"type": "Linear", "w_bits": 1.58, "a_bits": 4, "hadamard": True, "lora_rank": 4}]}
+    _check(TimmMlp(), (x,), lrb, expect=0)
+    live = TimmMlp()
+    live.drop1 = nn.Dropout(0.1)
+    _check(live, (x,), W4A4H, expect=0)
+
+
+def test_compiled_fused_model_runs_the_op_with_its_activation():
+    torch.manual_seed(0)
+    x = torch.randn(6, 32)
+    _, fused, run = _check(TimmMlp(), (x,), W4A4H, expect=1)
+    torch._dynamo.reset()
+    out = torch.compile(fused)(x)
+    assert torch.equal(out, run(fused))
