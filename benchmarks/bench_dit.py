@@ -66,7 +66,8 @@ PAPER = "robuq dit-xl-2-robuq (W1.58A4+H+LRB32, attn 8)"
 PAPER_A3 = "robuq dit-xl-2-robuq-a3 (W1.58A3 asym sigma +H+LRB32, attn 8)"
 PAPER_A2 = "robuq dit-xl-2-robuq-a2 (W1.58A2 asym sigma +H+LRB32, attn 8)"
 SUMMARY_KEYS = {"robuq W4A4+H": "w4a4h", "robuq W1.58A4+H": "w158a4h", PAPER: "paper", PAPER_A3: "paper_a3",
-                PAPER_A2: "paper_a2", "robuq W4A4+H, Inductor decomposition": "w4a4h_inductor"}
+                PAPER_A2: "paper_a2", "robuq W4A4+H, Inductor decomposition": "w4a4h_inductor",
+                "robuq W4A4+H +GELU fused": "w4a4h_gelu_fused"}
 
 
 def summary(results: dict) -> dict:
@@ -235,6 +236,8 @@ def main(argv=None):
     ap.add_argument("--default-mode-b8", action="store_true",
                     help="also time bf16 and W4A4+H at batch 8 with torch.compile's default mode (no CUDA graphs)")
     ap.add_argument("--cpu-prepare", action="store_true", help="also time quantize + lower on the CPU in fp32")
+    ap.add_argument("--fuse-gelu", action="store_true",
+                    help="also time each robuq setting after robuq_fx.fuse_activations (fc2 applies the GELU)")
     ap.add_argument("--plot", metavar="JSON", help="only draw the PNG of an earlier result JSON")
     ap.add_argument("--out", default="benchmarks/results", help="folder for JSON/PNG")
     args = ap.parse_args(argv)
@@ -298,6 +301,10 @@ def main(argv=None):
                                    "ckpt / bf16 ckpt": round(f.stat().st_size / fp_file.stat().st_size, 3)})
         del q
         variants[name] = (low, not args.no_compile)
+        if args.fuse_gelu:  # the same lowered model with fc2 applying the GELU while quantizing its input
+            fused = copy.deepcopy(low)
+            print(f"  {name}: GELU fused into {len(robuq_fx.fuse_activations(fused))} layers", flush=True)
+            variants[name + " +GELU fused"] = (fused, not args.no_compile)
 
     rows = {}
     for name, (model, compiled) in list(variants.items()):

@@ -36,7 +36,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # diffusers and its needs
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 LM=/tmp/robuq_lm
-GPU_TESTS="tests/kernels/test_inductor.py tests/kernels/test_triton_fp8.py tests/kernels/test_fastcall.py tests/kernels/test_triton_wquant.py
+GPU_TESTS="tests/kernels/test_inductor.py tests/kernels/test_triton_fp8.py tests/kernels/test_fastcall.py tests/kernels/test_triton_wquant.py tests/kernels/test_input_act.py
     tests/test_direct_call.py tests/models/test_timm_dropin.py tests/test_qat_fused.py tests/test_weight_layout.py"
 
 case "${1:-}" in
@@ -73,7 +73,7 @@ lm-wait)
 dit)
     # CUDA-graph rows on the default path; the default-mode rows run the opaque op and the Inductor decomposition
     timeout 420 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
-        --settings "W4A4+H" "dit-xl-2-robuq (" --batches 1 64 --iters 10 --warmup 3 --default-mode-b8 \
+        --settings "W4A4+H" "dit-xl-2-robuq (" --batches 1 64 --iters 10 --warmup 3 --default-mode-b8 --fuse-gelu \
         --tag _reduce-overhead 2>&1 | tail -40
     timeout 60 python3 benchmarks/bench_call_overhead.py --out "$OUT" 2>&1 | tail -16
     ;;

@@ -150,7 +150,7 @@ def call(x: torch.Tensor, a: QLinearArgs, ordinary):
     from .weight_cache import _entry
     bh = _entry(a).bh
     key = ("bound", x.shape, x.dtype, x.device, id(a.bias), id(a.lrb_down), id(a.lrb_up), a.w_bits, a.a_bits,
-           a.hadamard_block, a.a_sym, a.a_clip, a.splits)
+           a.hadamard_block, a.a_sym, a.a_clip, a.splits, a.input_act)
     bound = bh.get(key)
     if bound is _UNBOUND:
         return ordinary(x, a)
@@ -182,6 +182,8 @@ def bind(x: torch.Tensor, a: QLinearArgs):
     x2 = x.view(m, k)
     e = _fp8_weights(a)
     if T._small_m_ok(x, a, m):
+        if a.input_act:
+            return None  # the ordinary call materializes the activation for this kernel
         from . import triton_qgemm_small as S
         from ..hadamard import hadamard_matrix
         dt = x.dtype
@@ -210,7 +212,8 @@ def bind(x: torch.Tensor, a: QLinearArgs):
         scale = torch.empty(m_pad, device=x.device, dtype=torch.float32)
         clip_c = Q.gaussian_clip(2 ** a.a_bits - 1) if sigma else 0.0
         spec = act_quant_launch(x2, codes, scale, torch.empty_like(scale), m, m_pad, _hscale(block, x.dtype),
-                                float(Q.act_levels(a.a_bits, True)), 0.0, block, plan, True, False, clip_c)
+                                float(Q.act_levels(a.a_bits, True)), 0.0, block, plan, True, False, clip_c,
+                                a.input_act)
         bias = None if a.bias is None else a.bias.to(torch.bfloat16)
         if bias is not None and bias is not a.bias:
             return None  # a converted bias would go stale unnoticed

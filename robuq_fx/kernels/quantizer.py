@@ -102,13 +102,14 @@ def _sigma_plan(k: int, block: int, m: int) -> tuple | None:
 
 def act_quant(x2: torch.Tensor, block: int, a_bits: int, sym: bool, dequant: bool = False,
               m_store: int | None = None, shift: bool = False, plan: tuple | None = None, clip: str = "absmax",
-              traced: bool = False):
+              traced: bool = False, act: str = ""):
     """Fused x H -> per-token quantization of a 2-D (M, K) CUDA tensor (last dim contiguous).
 
     Returns (out, scale, lo): out (m_store, K) fp8 e4m3 codes, or Q_a(x H) in x's dtype when `dequant`;
     scale and lo (m_store,) fp32. Rows M..m_store-1 (padding) are written as zeros with scale 0. With `shift`
     (asymmetric only) the codes are q - 2^(a_bits-1) and lo is lo + 2^(a_bits-1) * scale. `traced`: record the
-    launch for torch.compile (called inside the `robuq::act_quant` triton_op, kernels/inductor.py)."""
+    launch for torch.compile (called inside the `robuq::act_quant` triton_op, kernels/inductor.py). `act`: an
+    input activation applied while loading x (robuq::qlinear's input_act: "gelu", "gelu_tanh")."""
     m, k = x2.shape
     m_store = m if m_store is None else m_store
     block = block if block > 1 else 0
@@ -127,5 +128,5 @@ def act_quant(x2: torch.Tensor, block: int, a_bits: int, sym: bool, dequant: boo
     launcher = triton_launch.traced if traced else triton_launch.launch
     with _NULL if traced else on_device(dev):  # a traced launch has no device to switch to
         _aq().launch_act_quant(x2, out, scale, lo, m, m_store, _hscale(block, x2.dtype), levels, sh, block, plan, sym,
-                               dequant, clip_c, launcher)
+                               dequant, clip_c, launcher, act)
     return out, scale, lo

@@ -27,9 +27,11 @@ barriers in the loop and the IEEE division took ~10 instructions per element.
 """
 from __future__ import annotations
 
+import os
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .triton_launch import launch
 from .triton_rowquant import round_quotient, scale_of
@@ -45,12 +47,36 @@ def _fwht(x, R: tl.constexpr, B: tl.constexpr, LOGB: tl.constexpr):
 
 
 @triton.jit
+def _tanh_interpretable(u):
+    """tanh for Triton's CPU interpreter, which has no libdevice (the GPU build uses libdevice.tanh = CUDA's tanhf)."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+_TANH = _tanh_interpretable if os.environ.get("TRITON_INTERPRET") == "1" else libdevice.tanh
+ACTS = {"": 0, "gelu": 1, "gelu_tanh": 2}  # robuq::qlinear's input_act -> the kernels' ACT constexpr
+
+
+@triton.jit
+def _input_act(x, ACT: tl.constexpr):
+    """torch's GELU of fp32 x as ATen's CUDA kernel computes it (ActivationGeluKernel.cu): exact (ACT 1) or tanh
+    (ACT 2)."""
+    if ACT == 1:
+        return x * 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
+    else:
+        inner = 0.7978845608028654 * (x + 0.044715 * (x * x * x))
+        return 0.5 * x * (1.0 + _TANH(inner))
+
+
+@triton.jit
 def _piece(x_ptr, rows, rmask, stride_xm, hscale, OFF, W: tl.constexpr, BM: tl.constexpr,
-           B: tl.constexpr, LOGB: tl.constexpr, HAD: tl.constexpr):
+           B: tl.constexpr, LOGB: tl.constexpr, HAD: tl.constexpr, ACT: tl.constexpr = 0):
     """(BM, W) rotated columns [OFF, OFF + W), rounded to and kept in the input dtype (half the registers of fp32
-    while the row's range is reduced)."""
+    while the row's range is reduced). ACT: the layer's input activation first (robuq::qlinear's input_act),
+    rounded to the input dtype as the model's own activation module writes it."""
     cols = OFF + tl.arange(0, W)
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=rmask[:, None], other=0.0)
+    if ACT != 0:
+        x = _input_act(x.to(tl.float32), ACT).to(x_ptr.dtype.element_ty)
     if HAD:
         y = _fwht(tl.reshape(x.to(tl.float32), (BM * W // B, B)), BM * W // B, B, LOGB)
         y = (tl.reshape(y, (BM, W)) * hscale).to(x_ptr.dtype.element_ty)
@@ -104,12 +130,13 @@ def _sqdev(y, mu):
 @triton.jit
 def _two_pass(x_ptr, out_ptr, scale_ptr, lo_ptr, rows, rmask, smask, stride_xm, stride_om, hscale, levels, shift,
               K: tl.constexpr, CHUNK: tl.constexpr, BM: tl.constexpr, B: tl.constexpr, LOGB: tl.constexpr,
-              HAD: tl.constexpr, SYM: tl.constexpr, DEQUANT: tl.constexpr, HAS_SHIFT: tl.constexpr):
+              HAD: tl.constexpr, SYM: tl.constexpr, DEQUANT: tl.constexpr, HAS_SHIFT: tl.constexpr,
+              ACT: tl.constexpr = 0):
     # elementwise running min / max (or absmax) in the loop, one reduction after it
     a = tl.full((BM, CHUNK), float("inf"), tl.float32)
     b = tl.full((BM, CHUNK), float("-inf"), tl.float32)
     for c in tl.range(0, K, CHUNK):
-        y = _piece(x_ptr, rows, rmask, stride_xm, hscale, c, CHUNK, BM, B, LOGB, HAD).to(tl.float32)
+        y = _piece(x_ptr, rows, rmask, stride_xm, hscale, c, CHUNK, BM, B, LOGB, HAD, ACT).to(tl.float32)
         if SYM:
             b = tl.maximum(b, tl.abs(y))
         else:
@@ -121,7 +148,7 @@ def _two_pass(x_ptr, out_ptr, scale_ptr, lo_ptr, rows, rmask, smask, stride_xm, 
     tl.store(scale_ptr + rows, s, mask=smask)
     tl.store(lo_ptr + rows, lo + shift * s, mask=smask)
     for c in tl.range(0, K, CHUNK):
-        y = _piece(x_ptr, rows, rmask, stride_xm, hscale, c, CHUNK, BM, B, LOGB, HAD)
+        y = _piece(x_ptr, rows, rmask, stride_xm, hscale, c, CHUNK, BM, B, LOGB, HAD, ACT)
         _store(y, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, shift, c, CHUNK, SYM, DEQUANT, HAS_SHIFT)
 
 
@@ -131,7 +158,7 @@ def act_quant_bfly_kernel(x_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, stride_
                           W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,
                           BM: tl.constexpr, B: tl.constexpr, LOGB: tl.constexpr, HAD: tl.constexpr,
                           SYM: tl.constexpr, DEQUANT: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                          CHUNK: tl.constexpr, clip_c=0.0, SIGMA: tl.constexpr = False):
+                          CHUNK: tl.constexpr, clip_c=0.0, SIGMA: tl.constexpr = False, ACT: tl.constexpr = 0):
     """W0..W3: widths (columns) of the pieces, powers of two, multiples of B, summing to K (unused = 0).
     CHUNK > 0: two passes over the row in chunks of CHUNK columns instead (range, then codes; the second pass
     re-reads and re-rotates the row, mostly from cache), for rows too long to keep in registers."""
@@ -147,22 +174,22 @@ def act_quant_bfly_kernel(x_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, stride_
     smask = rows < M_STORE
     if CHUNK > 0:
         _two_pass(x_ptr, out_ptr, scale_ptr, lo_ptr, rows, rmask, smask, stride_xm, stride_om, hscale, levels, shift,
-                  W0 + W1 + W2 + W3, CHUNK, BM, B, LOGB, HAD, SYM, DEQUANT, HAS_SHIFT)
+                  W0 + W1 + W2 + W3, CHUNK, BM, B, LOGB, HAD, SYM, DEQUANT, HAS_SHIFT, ACT)
         return
-    y0 = _piece(x_ptr, rows, rmask, stride_xm, hscale, 0, W0, BM, B, LOGB, HAD)
+    y0 = _piece(x_ptr, rows, rmask, stride_xm, hscale, 0, W0, BM, B, LOGB, HAD, ACT)
     a, b = _range(y0, SYM)
     if W1 > 0:
-        y1 = _piece(x_ptr, rows, rmask, stride_xm, hscale, W0, W1, BM, B, LOGB, HAD)
+        y1 = _piece(x_ptr, rows, rmask, stride_xm, hscale, W0, W1, BM, B, LOGB, HAD, ACT)
         a1, b1 = _range(y1, SYM)
         a = tl.minimum(a, a1)
         b = tl.maximum(b, b1)
     if W2 > 0:
-        y2 = _piece(x_ptr, rows, rmask, stride_xm, hscale, W0 + W1, W2, BM, B, LOGB, HAD)
+        y2 = _piece(x_ptr, rows, rmask, stride_xm, hscale, W0 + W1, W2, BM, B, LOGB, HAD, ACT)
         a2, b2 = _range(y2, SYM)
         a = tl.minimum(a, a2)
         b = tl.maximum(b, b2)
     if W3 > 0:
-        y3 = _piece(x_ptr, rows, rmask, stride_xm, hscale, W0 + W1 + W2, W3, BM, B, LOGB, HAD)
+        y3 = _piece(x_ptr, rows, rmask, stride_xm, hscale, W0 + W1 + W2, W3, BM, B, LOGB, HAD, ACT)
         a3, b3 = _range(y3, SYM)
         a = tl.minimum(a, a3)
         b = tl.maximum(b, b3)
@@ -205,15 +232,17 @@ def act_quant_bfly_kernel(x_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, stride_
 
 
 def launch_act_quant(x, out, scale, lo, m, m_store, hscale, levels, shift, block, plan, sym, dequant,
-                     clip_c: float = 0.0, launcher=launch):
+                     clip_c: float = 0.0, launcher=launch, act: str = ""):
     """x (>= m, K), out (m_store, K) codes (fp8) or Q_a(x H) (x's dtype); scale / lo (m_store,) fp32.
     plan = (piece widths, BM, num_warps, chunk) from `quantizer.make_plan`; block 0 = no Hadamard.
     clip_c > 0: `sigma` ranges mu +- clip_c sigma (one-pass plans only), as `quantizers.act_range`.
     launcher: `triton_launch.launch` (eager) or `triton_launch.traced` (inside a triton_op, for torch.compile)."""
-    launcher(*act_quant_launch(x, out, scale, lo, m, m_store, hscale, levels, shift, block, plan, sym, dequant, clip_c))
+    launcher(*act_quant_launch(x, out, scale, lo, m, m_store, hscale, levels, shift, block, plan, sym, dequant, clip_c,
+                               act))
 
 
-def act_quant_launch(x, out, scale, lo, m, m_store, hscale, levels, shift, block, plan, sym, dequant, clip_c=0.0):
+def act_quant_launch(x, out, scale, lo, m, m_store, hscale, levels, shift, block, plan, sym, dequant, clip_c=0.0,
+                     act: str = ""):
     """(kernel, grid, runtime args, constexprs, options, no_specialize) of `launch_act_quant`'s launch; the runtime
     args start with x, out, scale, lo (what `fastcall` replaces per call)."""
     if clip_c and plan[3]:
@@ -225,5 +254,5 @@ def act_quant_launch(x, out, scale, lo, m, m_store, hscale, levels, shift, block
             (x, out, scale, lo, m, m_store, x.stride(0), out.stride(0), float(hscale), float(levels), float(shift)),
             dict(W0=ws[0], W1=ws[1], W2=ws[2], W3=ws[3], BM=bm, B=b, LOGB=b.bit_length() - 1, HAD=block > 1,
                  SYM=bool(sym), DEQUANT=bool(dequant), HAS_SHIFT=bool(shift) and not dequant, CHUNK=chunk,
-                 clip_c=float(clip_c), SIGMA=bool(clip_c)),
+                 clip_c=float(clip_c), SIGMA=bool(clip_c), ACT=ACTS[act]),
             dict(num_warps=warps), (4, 5))

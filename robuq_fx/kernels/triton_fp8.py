@@ -24,6 +24,7 @@ Weight caches (fp8 codes where the buffer is not already them, scales, column su
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from .. import layer
 from .. import quantizers as Q
 from .dispatch import epilogue_mode, fp8_min_m, gemm_config, gemm_kernel, small_m_max, tma_gemm_config
+from .qlinear import apply_input_act
 from .quantizer import act_quant, on_device, quant_supported
 from .reference import spec_of
 from .registry import QLinearArgs, forced, register
@@ -210,6 +212,9 @@ def fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
 def _fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
     k, n = a.in_features, a.out_features
     lead = x.shape[:-1]
+    if a.input_act and (a.lrb_down is not None or _small_m_ok(x, a, x.numel() // max(k, 1))):
+        # the branch reads the activation itself, the small-M kernel has no activation: materialize it first
+        x, a = apply_input_act(x, a.input_act), dataclasses.replace(a, input_act="")
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -219,7 +224,8 @@ def _fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
         y = _small_m(x2, a, e, m)
         return y if x.dim() == 2 else y.reshape(*lead, n)
     m_pad = max(16, -(-m // 16) * 16)
-    codes, sx, lo = act_quant(x2, a.hadamard_block, a.a_bits, a.a_sym, m_store=m_pad, shift=True, clip=a.a_clip)
+    codes, sx, lo = act_quant(x2, a.hadamard_block, a.a_bits, a.a_sym, m_store=m_pad, shift=True, clip=a.a_clip,
+                              act=a.input_act)  # the input activation applied while loading x
     lrb = a.lrb_down is not None
     t = F.linear(x2, _rot_down(a, x.dtype)) if lrb else None
     if (a.a_sym and not lrb) or epilogue_mode(m, n, k) == "addmm":
@@ -284,6 +290,7 @@ def _bind(x: torch.Tensor, a: QLinearArgs):
 
 
 fp8_qlinear.bind = _bind  # PackedLinear's eager fast path binds repeated calls (kernels/fastcall.py)
+fp8_qlinear.fuses_input_act = True  # the quantizer applies robuq::qlinear's input_act while loading x
 register(DEQUANT, priority=10, machine_check=dequant_machine_check, supports=_dequant_supports,
          takes="every CUDA call: Triton quantizer (same codes as triton_fp8) + cuBLAS on dequantized weights; "
                "the reference math where the quantizer does not apply")(dequant_qlinear)
