@@ -236,6 +236,8 @@ def main(argv=None):
     ap.add_argument("--default-mode-b8", action="store_true",
                     help="also time bf16 and W4A4+H at batch 8 with torch.compile's default mode (no CUDA graphs)")
     ap.add_argument("--cpu-prepare", action="store_true", help="also time quantize + lower on the CPU in fp32")
+    ap.add_argument("--only-default-mode", action="store_true",
+                    help="only the batch-8 default-mode rows (--default-mode-b8 without the other rows)")
     ap.add_argument("--fuse-gelu", action="store_true",
                     help="also time each robuq setting after robuq_fx.fuse_activations (fc2 applies the GELU)")
     ap.add_argument("--plot", metavar="JSON", help="only draw the PNG of an earlier result JSON")
@@ -288,6 +290,8 @@ def main(argv=None):
         del fp_cpu
     fp_dev = variants["bf16 eager"][0] if variants else None
     chosen = {n: p for n, p in policies().items() if not args.settings or any(t in n for t in args.settings)}
+    if args.only_default_mode:  # just the batch-8 default-mode rows (their own call on a time-limited machine)
+        chosen, args.default_mode_b8 = {}, True
     for name, pol in ({} if args.train_only else chosen).items():
         t0 = time.perf_counter()
         q = robuq_fx.quantize(fp_dev, pol, example_inputs=ex)
@@ -307,7 +311,7 @@ def main(argv=None):
             variants[name + " +GELU fused"] = (fused, not args.no_compile)
 
     rows = {}
-    for name, (model, compiled) in list(variants.items()):
+    for name, (model, compiled) in ([] if args.only_default_mode else list(variants.items())):
         if not name.startswith("bf16"):
             with torch.no_grad():  # fill the kernels' weight caches outside any CUDA-graph pool, for every M
                 for b in batches:

@@ -8,8 +8,9 @@
 #   scripts/gpu_session.sh lm-start [MIN]   start bench_lm detached (default 18 min) from a copy in /tmp, so that a
 #                                           later call that re-sends the checkout cannot pull the folder from under it
 #   scripts/gpu_session.sh lm-wait [SECS]   wait for it (at most SECS, default 540), then collect what it wrote
-#   scripts/gpu_session.sh dit              bench_dit W4A4+H and the paper policy, batch 1 / 64 CUDA graphs + batch 8
-#                                           default mode, then the overhead table
+#   scripts/gpu_session.sh dit              bench_dit W4A4+H and the paper policy (and with the GELU fused), batch 1 / 64
+#                                           under CUDA graphs, then the overhead table
+#   scripts/gpu_session.sh dit-default      batch 8 under default-mode torch.compile: opaque op, Inductor decomposition
 #   scripts/gpu_session.sh linear           bench_linear --write-dispatch (quantizer tilings, GEMM kernels/configs)
 #   scripts/gpu_session.sh qat-profile      profile_dit --train eager and compiled, batch 16 (issue 19's breakdown)
 #   scripts/gpu_session.sh train            bench_dit --train-only: QAT step vs FP, eager and compiled (issue 19)
@@ -19,12 +20,12 @@
 # Order for a 30-minute session on nvidia-h200-x2 (each line one call, chained within the 30 s the machine stays
 # warm; a detached job dies when the machine goes back):
 #   CUDA_VISIBLE_DEVICES=1 lm-start 14; CUDA_VISIBLE_DEVICES=1 tests-start; CUDA_VISIBLE_DEVICES=0 linear
-#   CUDA_VISIBLE_DEVICES=0 dit
+#   CUDA_VISIBLE_DEVICES=0 dit; CUDA_VISIBLE_DEVICES=0 dit-default
 #   CUDA_VISIBLE_DEVICES=0 train          (or qat-profile)
 #   lm-wait; tests-wait; ddp              (both GPUs free by then)
 # Timing runs on GPU 0 while bench_lm trains on GPU 1 of the same host (separate GPUs; 32 CPU cores).
 set -uo pipefail
-case "${1:-}" in tests|tests-start|tests-wait|lm-start|lm-wait|dit|linear|qat-profile|train|ddp) ;;
+case "${1:-}" in tests|tests-start|tests-wait|lm-start|lm-wait|dit|dit-default|linear|qat-profile|train|ddp) ;;
     *) sed -n 2,26p "$0"; exit 2 ;; esac
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
@@ -73,9 +74,13 @@ lm-wait)
 dit)
     # CUDA-graph rows on the default path; the default-mode rows run the opaque op and the Inductor decomposition
     timeout 420 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
-        --settings "W4A4+H" "dit-xl-2-robuq (" --batches 1 64 --iters 10 --warmup 3 --default-mode-b8 --fuse-gelu \
+        --settings "W4A4+H" "dit-xl-2-robuq (" --batches 1 64 --iters 10 --warmup 3 --fuse-gelu \
         --tag _reduce-overhead 2>&1 | tail -40
     timeout 60 python3 benchmarks/bench_call_overhead.py --out "$OUT" 2>&1 | tail -16
+    ;;
+dit-default)  # batch 8 under torch.compile's default mode: the opaque op vs the Inductor decomposition vs bf16
+    timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --only-default-mode --skip-train --iters 10 --warmup 3 \
+        --tag _default-mode 2>&1 | tail -12
     ;;
 ddp)
     timeout 540 python3 benchmarks/bench_ddp.py --engines ddp fsdp2 --steps 10 --out "$OUT" 2>&1 | grep -v "step [0-9]*:" | tail -30
