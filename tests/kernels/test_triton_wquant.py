@@ -24,8 +24,11 @@ def test_kernel_equals_the_reference(bits, rdt, sdt, shape):
         out, s = WQ.fake_quant_weight_rows(r, bits, sdt, out_dtype)
         codes_ref, s_ref = Q.quantize_weight(r, bits, "channel", 0, sdt)
         s_ref = s_ref.to(rdt).float().reshape(-1)
-        assert torch.allclose(s, s_ref, rtol=2 ** -22, atol=0), (s - s_ref).abs().max()
-        codes = torch.round(out.float() / s[:, None]).clamp(-15, 15)
+        # a ternary fp32 scale is a row mean summed in another order: a few ulp apart; the others are exact
+        tol = 2 ** -18 if (bits == 1.58 and rdt == torch.float32 and sdt == "float32") else 0
+        assert torch.allclose(s, s_ref, rtol=tol, atol=0), (s - s_ref).abs().max()
+        safe = torch.where(s > 0, s, torch.ones_like(s))  # the all-zero row (a 16-bit scale of 1e-8 underflows to 0)
+        codes = torch.round(out.float() / safe[:, None]).clamp(-15, 15)
         assert (codes == codes_ref.float()).float().mean().item() >= 0.999
         ref = Q.fake_quant_weight(r, bits, "channel", 0, sdt).to(out_dtype)
         close = torch.isclose(out.float(), ref.float(), rtol=2 ** -7 if out_dtype == torch.bfloat16 else 2 ** -21,
