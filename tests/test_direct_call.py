@@ -114,3 +114,30 @@ def test_the_op_runs_where_something_watches(monkeypatch):
     finally:
         modules._DIRECT[0] = before
     assert len(calls) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rank,a_sym,small_m", [(0, True, False), (0, True, True), (8, True, False),
+                                               (0, False, False)])
+def test_bound_calls_on_the_gpu_equal_the_op(rank, a_sym, small_m, monkeypatch):
+    """Repeated eager calls (the second and later run the bound form, kernels/fastcall.py) return what the op
+    returns, for each input shape, before and after an in-place weight update."""
+    if small_m:
+        monkeypatch.setenv("ROBUQ_FP8_SMALL_M", "64")
+    torch.manual_seed(0)
+    k, n = 256, 128
+    spec = LayerSpec(w_bits=4, a_bits=4, hadamard=True, hadamard_block=128, lora_rank=rank,
+                     a_sym=a_sym).resolve(k, n)
+    w, b = torch.randn(n, k, device="cuda") / 16, torch.randn(n, device="cuda") / 10
+    dn = torch.randn(rank, k, device="cuda") / 10 if rank else None
+    up = torch.randn(n, rank, device="cuda") / 10 if rank else None
+    m = PackedLinear.from_float(*(t if t is None else t.bfloat16() for t in (w, b, dn, up)), spec).use_device_layout()
+    with torch.no_grad():
+        for shape in ((16, k), (3, 7, k), (300, k)):
+            x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+            for _ in range(3):
+                assert torch.equal(m(x), _op(m, x))
+        m.bias.mul_(2)  # in place: the bindings must let go
+        x = torch.randn(16, k, device="cuda", dtype=torch.bfloat16)
+        for _ in range(2):
+            assert torch.equal(m(x), _op(m, x))
