@@ -131,13 +131,23 @@ def test_bound_calls_on_the_gpu_equal_the_op(rank, a_sym, small_m, monkeypatch):
     w, b = torch.randn(n, k, device="cuda") / 16, torch.randn(n, device="cuda") / 10
     dn = torch.randn(rank, k, device="cuda") / 10 if rank else None
     up = torch.randn(n, rank, device="cuda") / 10 if rank else None
+    from robuq_fx.kernels import triton_launch
     m = PackedLinear.from_float(*(t if t is None else t.bfloat16() for t in (w, b, dn, up)), spec).use_device_layout()
+
+    def unbound(x):  # the op with bound calls off: every launch through the ordinary function
+        monkeypatch.setattr(triton_launch, "_ENABLED", False)
+        try:
+            return _op(m, x)
+        finally:
+            monkeypatch.setattr(triton_launch, "_ENABLED", True)
     with torch.no_grad():
         for shape in ((16, k), (3, 7, k), (300, k)):
             x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
-            for _ in range(3):
-                assert torch.equal(m(x), _op(m, x))
+            want = unbound(x)
+            for _ in range(3):  # the module: ordinary, then bound; the op: the same on the weight's entry
+                assert torch.equal(m(x), want) and torch.equal(_op(m, x), want)
         m.bias.mul_(2)  # in place: the bindings must let go
         x = torch.randn(16, k, device="cuda", dtype=torch.bfloat16)
+        want = unbound(x)
         for _ in range(2):
-            assert torch.equal(m(x), _op(m, x))
+            assert torch.equal(m(x), want) and torch.equal(_op(m, x), want)
