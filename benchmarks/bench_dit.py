@@ -16,7 +16,6 @@ import copy
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -28,43 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _provenance import gpu_tag, provenance, write_summary  # noqa: E402
 import robuq_fx  # noqa: E402
-from robuq_fx.modules import PackedLinear  # noqa: E402
 
-XL2 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
-           sample_size=32, patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=32)
-TINY = dict(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=2,
-            sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=32)
+from _dit_setup import (PAPER, PAPER_A2, PAPER_A3, TINY, XL2, build, inputs, policies,  # noqa: E402,F401
+                        quantized_weight_bytes, timeit)
 
-
-def build(cfg):
-    from diffusers import DiTTransformer2DModel
-    torch.manual_seed(0)
-    m = DiTTransformer2DModel(**cfg)
-    m.config.class_dropout_prob = 0.0  # no label dropout: outputs comparable in train mode
-    return m.eval()
-
-
-def inputs(cfg, b, device="cpu", dtype=torch.float32):
-    g = torch.Generator().manual_seed(b)
-    s = cfg["sample_size"]
-    return {"hidden_states": torch.randn(b, cfg["in_channels"], s, s, generator=g).to(device, dtype),
-            "timestep": torch.randint(0, 1000, (b,), generator=g).to(device),
-            "class_labels": torch.randint(0, cfg["num_embeds_ada_norm"], (b,), generator=g).to(device),
-            "return_dict": False}
-
-
-def policies():
-    dit = robuq_fx.Policy.load("dit").to_dict()
-    ternary = copy.deepcopy(dit)
-    ternary["rules"][1]["w_bits"] = 1.58
-    return {"robuq W4A4+H": dit, "robuq W1.58A4+H": ternary, PAPER: robuq_fx.Policy.load("dit-xl-2-robuq").to_dict(),
-            PAPER_A3: robuq_fx.Policy.load("dit-xl-2-robuq-a3").to_dict(),
-            PAPER_A2: robuq_fx.Policy.load("dit-xl-2-robuq-a2").to_dict()}
-
-
-PAPER = "robuq dit-xl-2-robuq (W1.58A4+H+LRB32, attn 8)"
-PAPER_A3 = "robuq dit-xl-2-robuq-a3 (W1.58A3 asym sigma +H+LRB32, attn 8)"
-PAPER_A2 = "robuq dit-xl-2-robuq-a2 (W1.58A2 asym sigma +H+LRB32, attn 8)"
 SUMMARY_KEYS = {"robuq W4A4+H": "w4a4h", "robuq W1.58A4+H": "w158a4h", PAPER: "paper", PAPER_A3: "paper_a3",
                 PAPER_A2: "paper_a2", "robuq W4A4+H, Inductor decomposition": "w4a4h_inductor",
                 "robuq W4A4+H +GELU fused": "w4a4h_gelu_fused"}
@@ -96,66 +62,6 @@ def summary(results: dict) -> dict:
         if r["setting"] in names:
             out[f"{names[r['setting']]}_{r['mode']}_x"] = r["x FP step time"]
     return out
-
-
-def timeit(fn, iters, warmup, device):
-    for _ in range(warmup):
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(iters):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        return statistics.median(times)
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
-
-def _unique_bytes(tensors, seen: set) -> int:
-    total = 0
-    for x in tensors:
-        if isinstance(x, torch.Tensor) and x.numel():
-            key = (x.untyped_storage().data_ptr(), x.device)
-            if key not in seen:
-                seen.add(key)
-                total += x.untyped_storage().nbytes()
-    return total
-
-
-def quantized_weight_bytes(model) -> tuple[int, int, int]:
-    """(resident bytes of the quantized layers' buffers + every kernel-side weight cache, each storage counted once;
-    bf16 bytes of the same weights; of which kernel caches)."""
-    seen: set = set()
-    res = bf16 = 0
-    for m in model.modules():
-        if isinstance(m, PackedLinear):
-            res += _unique_bytes(m.buffers(recurse=False), seen)
-            bf16 += 2 * m.in_features * m.out_features + (2 * m.out_features if m.bias is not None else 0)
-    cache = kernel_cache_bytes(seen)
-    return res + cache, bf16, cache
-
-
-def kernel_cache_bytes(seen: set | None = None) -> int:
-    """GPU weight caches of the fp8 / dequant kernels (fp8 codes, bf16 dequantized weights, scales, B H) that are
-    not the modules' own buffers."""
-    try:
-        from robuq_fx.kernels import triton_fp8 as t
-    except ImportError:
-        return 0
-    seen = set() if seen is None else seen
-    total = 0
-    for e in list(t._WCACHE.values()):
-        total += _unique_bytes([e.fp8, e.sw, e.cs, *e.deq.values(), *e.bh.values()], seen)
-    return total
 
 
 def plot(results: dict, path: Path) -> None:

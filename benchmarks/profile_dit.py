@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 import robuq_fx  # noqa: E402
 from _provenance import gpu_tag, provenance  # noqa: E402
-from bench_dit import PAPER, TINY, XL2, build, inputs, policies  # noqa: E402
+from _dit_setup import PAPER, TINY, XL2, build, inputs, policies  # noqa: E402
 
 # first match wins; patterns are searched in the kernel (or CPU op) name, lower-cased
 CATEGORIES = [

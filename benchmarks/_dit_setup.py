@@ -1,0 +1,110 @@
+"""DiT-XL/2 benchmark setup shared by bench_dit.py and profile_dit.py: the model configs (random init), example
+inputs, the robuq policies timed, CUDA-event timing, and the resident-bytes accounting of quantized layers."""
+from __future__ import annotations
+
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import robuq_fx  # noqa: E402
+from robuq_fx.modules import PackedLinear  # noqa: E402
+
+XL2 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+           sample_size=32, patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=32)
+TINY = dict(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=2,
+            sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=32)
+
+
+def build(cfg):
+    from diffusers import DiTTransformer2DModel
+    torch.manual_seed(0)
+    m = DiTTransformer2DModel(**cfg)
+    m.config.class_dropout_prob = 0.0  # no label dropout: outputs comparable in train mode
+    return m.eval()
+
+
+def inputs(cfg, b, device="cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(b)
+    s = cfg["sample_size"]
+    return {"hidden_states": torch.randn(b, cfg["in_channels"], s, s, generator=g).to(device, dtype),
+            "timestep": torch.randint(0, 1000, (b,), generator=g).to(device),
+            "class_labels": torch.randint(0, cfg["num_embeds_ada_norm"], (b,), generator=g).to(device),
+            "return_dict": False}
+
+
+def policies():
+    dit = robuq_fx.Policy.load("dit").to_dict()
+    ternary = copy.deepcopy(dit)
+    ternary["rules"][1]["w_bits"] = 1.58
+    return {"robuq W4A4+H": dit, "robuq W1.58A4+H": ternary, PAPER: robuq_fx.Policy.load("dit-xl-2-robuq").to_dict(),
+            PAPER_A3: robuq_fx.Policy.load("dit-xl-2-robuq-a3").to_dict(),
+            PAPER_A2: robuq_fx.Policy.load("dit-xl-2-robuq-a2").to_dict()}
+
+
+PAPER = "robuq dit-xl-2-robuq (W1.58A4+H+LRB32, attn 8)"
+PAPER_A3 = "robuq dit-xl-2-robuq-a3 (W1.58A3 asym sigma +H+LRB32, attn 8)"
+PAPER_A2 = "robuq dit-xl-2-robuq-a2 (W1.58A2 asym sigma +H+LRB32, attn 8)"
+
+def timeit(fn, iters, warmup, device):
+    for _ in range(warmup):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(iters):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        return statistics.median(times)
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def _unique_bytes(tensors, seen: set) -> int:
+    total = 0
+    for x in tensors:
+        if isinstance(x, torch.Tensor) and x.numel():
+            key = (x.untyped_storage().data_ptr(), x.device)
+            if key not in seen:
+                seen.add(key)
+                total += x.untyped_storage().nbytes()
+    return total
+
+
+def quantized_weight_bytes(model) -> tuple[int, int, int]:
+    """(resident bytes of the quantized layers' buffers + every kernel-side weight cache, each storage counted once;
+    bf16 bytes of the same weights; of which kernel caches)."""
+    seen: set = set()
+    res = bf16 = 0
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            res += _unique_bytes(m.buffers(recurse=False), seen)
+            bf16 += 2 * m.in_features * m.out_features + (2 * m.out_features if m.bias is not None else 0)
+    cache = kernel_cache_bytes(seen)
+    return res + cache, bf16, cache
+
+
+def kernel_cache_bytes(seen: set | None = None) -> int:
+    """GPU weight caches of the fp8 / dequant kernels (fp8 codes, bf16 dequantized weights, scales, B H) that are
+    not the modules' own buffers."""
+    try:
+        from robuq_fx.kernels import triton_fp8 as t
+    except ImportError:
+        return 0
+    seen = set() if seen is None else seen
+    total = 0
+    for e in list(t._WCACHE.values()):
+        total += _unique_bytes([e.fp8, e.sw, e.cs, *e.deq.values(), *e.bh.values()], seen)
+    return total
