@@ -11,7 +11,7 @@ import torch
 triton = pytest.importorskip("triton")  # the kernel modules import triton; the kernels never run here
 
 import robuq_fx.kernels as K  # noqa: E402
-from robuq_fx.kernels import fastcall, registry, triton_fp8 as T, triton_launch as TL  # noqa: E402
+from robuq_fx.kernels import fastcall, registry, triton_act_quant as A, triton_fp8 as T, triton_launch as TL  # noqa: E402,E501
 from robuq_fx.modules import PackedLinear  # noqa: E402
 from robuq_fx.spec import LayerSpec  # noqa: E402
 
@@ -205,3 +205,39 @@ def test_op_path_binding_lives_on_the_weight_entry_and_dies_with_the_weight(fake
     del m, qa, x, y0, y1, y2
     gc.collect()
     assert ref() is None and wid not in W._WCACHE
+
+
+@pytest.mark.parametrize("rank", [0, 4])
+def test_input_act_reaches_the_quantizer_launch_or_is_materialized(rank, fake_triton, monkeypatch):
+    """With input_act, the fp8 path hands the raw x to the quantizer kernel with its ACT constexpr set (the GELU
+    runs while loading), except where the low-rank branch needs the activation: then act(x) is computed first and
+    the kernel runs without ACT. The bound call launches the same."""
+    import torch.nn.functional as F
+    log, cache = fake_triton
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 128).to(torch.bfloat16)
+    dn, up = (torch.randn(rank, 256).bfloat16(), torch.randn(128, rank).bfloat16()) if rank else (None, None)
+    spec = LayerSpec(w_bits=4, a_bits=4, hadamard=True, hadamard_block=128, lora_rank=rank).resolve(256, 128)
+    m = PackedLinear.from_float(lin.weight, lin.bias, dn, up, spec).set_layout("fp8")
+    m.input_act = "gelu_tanh"
+    monkeypatch.setattr(T, "_scaled_mm", lambda *a: torch.zeros(a[0].shape[0], 128, dtype=torch.bfloat16))
+    monkeypatch.setattr(T, "run_fp8_gemm", lambda *a, **k: None)
+    monkeypatch.setattr(T, "epilogue_mode", lambda *a: "triton")
+    x = torch.randn(16, 256).to(torch.bfloat16)
+    with torch.no_grad():
+        for call in ("ordinary", "bound"):
+            log.clear()
+            cache.keys.clear()
+            m(x)
+            keys = [k for k in cache.keys if k[0] == id(A.act_quant_bfly_kernel)]
+            if call == "ordinary":  # the launch and the bindings looked up one specialization
+                assert keys and all(k == keys[0] for k in keys)
+                act = dict(zip(A.act_quant_bfly_kernel.arg_names[11:], keys[0][3]))["ACT"]
+                assert act == (0 if rank else 2)
+            else:
+                assert not keys or rank  # served by the binding: no lookup (LRB layers are not bound)
+            passed_x = log[0][1][0]
+            if rank:  # materialized: the kernel sees gelu(x)
+                assert torch.equal(passed_x, F.gelu(x, approximate="tanh"))
+            else:
+                assert passed_x.data_ptr() == x.data_ptr()
