@@ -283,7 +283,10 @@ register(FP8, priority=20, machine_check=fp8_machine_check, supports=_fp8_suppor
                "K and N % 16 == 0, M above the dispatch threshold; activation codes equal to the reference's except "
                "where fp32 Hadamard sums round differently (tested >= 99.9% equal), exact integer GEMM. Paths: "
                "_scaled_mm, or a Triton GEMM with the asymmetric / LRB epilogue (pointer or persistent TMA kernel, "
-               "dispatch table 'gemm_kernel'); up to 'small_m_fused_max_m' rows one kernel does it all")(fp8_qlinear)
+               "dispatch table 'gemm_kernel'); up to 'small_m_fused_max_m' rows one kernel does it all; an input_act "
+               "(GELU) applied by the quantizer while it loads x")(fp8_qlinear)
+
+
 def _bind(x: torch.Tensor, a: QLinearArgs):
     from .fastcall import bind
     return bind(x, a)
@@ -291,6 +294,7 @@ def _bind(x: torch.Tensor, a: QLinearArgs):
 
 fp8_qlinear.bind = _bind  # PackedLinear's eager fast path binds repeated calls (kernels/fastcall.py)
 fp8_qlinear.fuses_input_act = True  # the quantizer applies robuq::qlinear's input_act while loading x
+
 register(DEQUANT, priority=10, machine_check=dequant_machine_check, supports=_dequant_supports,
          takes="every CUDA call: Triton quantizer (same codes as triton_fp8) + cuBLAS on dequantized weights; "
                "the reference math where the quantizer does not apply")(dequant_qlinear)
