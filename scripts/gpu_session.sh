@@ -24,8 +24,8 @@
 #   CUDA_VISIBLE_DEVICES=0 train          (or qat-profile)
 #   lm-wait; tests-wait; ddp              (both GPUs free by then)
 # Timing runs on GPU 0 while bench_lm trains on GPU 1 of the same host (separate GPUs; 32 CPU cores).
-# If only nvidia-h200 is lent: lm-start 12 and tests-start together (correctness only beside bench_lm), then
-# qat-profile (a breakdown, not a ratio), lm-wait; tests-wait, then the timed steps (dit, dit-default, linear, train).
+# If only nvidia-h200 is lent: lm-start 12 and tests-start together (nothing timed beside bench_lm: it shares the
+# GPU), lm-wait; tests-wait, then the timed steps in the time left (dit, dit-default, qat-profile, train, linear).
 set -uo pipefail
 case "${1:-}" in tests|tests-start|tests-wait|lm-start|lm-wait|dit|dit-default|linear|qat-profile|train|ddp) ;;
     *) sed -n 2,26p "$0"; exit 2 ;; esac
