@@ -80,3 +80,18 @@ def test_compiled_fused_model_runs_the_op_with_its_activation():
     torch._dynamo.reset()
     out = torch.compile(fused)(x)
     assert torch.equal(out, run(fused))
+
+
+def test_checkpoint_of_a_fused_model_loads_unfused_and_fuses_again(tmp_path):
+    """The activation fusion is not part of the checkpoint: a fused model saves the same tensors, loads as the
+    unfused model, and fuse_activations on the loaded one gives the fused outputs again."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 32)
+    fp = TimmMlp()
+    low, fused, run = _check(fp, (x,), W4A4H, expect=1)
+    path = robuq_fx.save_quantized(fused, tmp_path / "fused.safetensors")
+    loaded = robuq_fx.load_quantized(path, TimmMlp())
+    assert not loaded.fc2.input_act and isinstance(loaded.act, nn.GELU)
+    assert torch.equal(run(loaded), run(low))
+    assert robuq_fx.fuse_activations(loaded) == ["fc2"]
+    assert torch.equal(run(loaded), run(fused))
