@@ -111,7 +111,14 @@ def write_dispatch(args):
              "shapes": {}}
     D.dispatch_table.cache_clear()
     D.dispatch_table().clear()
+
+    def save_partial(stage: str) -> None:
+        """each finished stage on disk at once (DISPATCH_OUT.partial): a run stopped by a time limit keeps them"""
+        table["stages_done"] = table.get("stages_done", []) + [stage]
+        with open(str(args.dispatch_out) + ".partial", "w") as f:
+            json.dump(table, f, indent=1)
     tune_quant(table)
+    save_partial("quant")
     variants = [("plain", dict(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=128), 0),
                 ("epi", dict(w_bits=1.58, a_bits=2, hadamard=True, hadamard_block=128), 32)]
     epi_votes, tma_votes = [], []
@@ -155,6 +162,7 @@ def write_dispatch(args):
                                                                    if k2 in entry}
         table["shapes"][f"{n}x{k}"] = entry
     table["gemm_kernel"] = "tma" if tma_votes and geomean(tma_votes) < 1 else "pointer"
+    save_partial("gemm")
     D.dispatch_table()["gemm_kernel"] = table["gemm_kernel"]
     print(f"fused-epilogue GEMM: {table['gemm_kernel']} (geomean best TMA / best pointer "
           f"{geomean(tma_votes) if tma_votes else float('nan'):.3f})")
@@ -177,8 +185,10 @@ def write_dispatch(args):
     table["epilogue"] = "triton" if geomean(epi_votes) < 1 else "addmm"
     D.dispatch_table()["epilogue"] = table["epilogue"]
     print(f"epilogue mode (shapes the table does not list): {table['epilogue']}")
+    save_partial("epilogue")
     table["small_m_fused_max_m"] = tune_small_m(variants)
     D.dispatch_table()["small_m_fused_max_m"] = table["small_m_fused_max_m"]
+    save_partial("small_m")
     for name, k, n in SHAPES:
         torch.manual_seed(0)
         w = (torch.randn(n, k, device=dev) / k ** 0.5).to(torch.bfloat16)
@@ -211,9 +221,12 @@ def write_dispatch(args):
     ethr = sorted(e["epi_fp8_min_m"] for e in table["shapes"].values())
     table["default_fp8_min_m"] = thr[len(thr) // 2]
     table["default_epi_fp8_min_m"] = ethr[len(ethr) // 2]
+    table.pop("stages_done", None)
     with open(args.dispatch_out, "w") as f:
         json.dump(table, f, indent=1)
     print(f"wrote {args.dispatch_out}")
+    if os.path.exists(str(args.dispatch_out) + ".partial"):
+        os.remove(str(args.dispatch_out) + ".partial")
     D.dispatch_table.cache_clear()
 
 
