@@ -21,13 +21,15 @@ bit on CPU, fp32, bf16 and under autocast.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import quantizers as Q
 from .layer import residual, rotate_eager as _rotate
-from .ops import fake_quant_act_impl, fake_quant_weight_impl
+from .ops import fake_quant_act_impl, fake_quant_weight_impl, row_kernel
 from .spec import LayerSpec
 
 
@@ -43,6 +45,7 @@ def quantized_weight(w, down, up, spec: LayerSpec, c: torch.dtype) -> tuple[torc
     if _STEP["hooks"]:
         return _cached_weight(w, down, up, spec, c)
     return _quantized_weight(w, down, up, spec, c)
+
 
 
 def _quantized_weight(w, down, up, spec: LayerSpec, c: torch.dtype) -> tuple[torch.Tensor, torch.dtype]:
@@ -108,17 +111,21 @@ def _ver(t) -> tuple | None:
     return (id(t), t.data_ptr(), v)
 
 
-def _cached_weight(w, down, up, spec: LayerSpec, c: torch.dtype) -> tuple[torch.Tensor, torch.dtype]:
+def _cached_weight(w, down, up, spec: LayerSpec, c: torch.dtype, compute=None) -> tuple:
+    """compute(w, down, up, spec, c) (default `_quantized_weight`), kept per master weight until a step or a change
+    (`quantize_weights_once_per_step`)."""
+    compute = compute or _quantized_weight
     owner = w if w._base is None else w._base  # a transposed (Conv1D) weight arrives as a fresh view each call
     dev = w.device.type
     ac = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-    key = (_STEP["epoch"], _ver(owner), tuple(w.shape), tuple(w.stride()), _ver(down), _ver(up), spec, c, ac)
+    key = (_STEP["epoch"], _ver(owner), tuple(w.shape), tuple(w.stride()), _ver(down), _ver(up), spec, c, ac,
+           compute)
     hit = _WQ.get(owner)
     if hit is not None and hit[0] == key:
-        return hit[1], hit[2]
-    wq, r_dtype = _quantized_weight(w, down, up, spec, c)
-    _WQ[owner] = (key, wq, r_dtype)
-    return wq, r_dtype
+        return hit[1]
+    out = compute(w, down, up, spec, c)
+    _WQ[owner] = (key, out)
+    return out
 
 
 def compute_dtypes(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
@@ -144,6 +151,49 @@ def _rotate_and_quantize(x, spec: LayerSpec):
     return xh, fake_quant_act_impl(xh, spec.a_bits, spec.sym, spec.a_clip) if spec.a_bits < 16 else xh
 
 
+# ---- the forward GEMM on fp8 tensor cores (opt-in: ROBUQ_QAT_FP8=1) -------------------------------------------------
+# Q_a(x H) = s_x q_x and Q_w(R) = s_w q_w exactly, with |q| <= 7 (4 bits) exact in fp8 e4m3, so the forward product
+# runs as _scaled_mm(q_x, q_w) with the scales applied to the fp32 accumulator: the exact product of the fake-quant
+# values, where the bf16 path multiplies their bf16 roundings. The backward is unchanged (it reads the same Q_w(R)
+# and Q_a(x H) as before). Opt-in until its GPU test has passed (tests/test_qat_fused.py).
+_QAT_FP8 = [os.environ.get("ROBUQ_QAT_FP8", "0") == "1"]
+_FP8_DEVICES: dict = {}
+
+
+def _fp8_forward_ok(x, w, spec: LayerSpec, c: torch.dtype) -> bool:
+    if not (_QAT_FP8[0] and x.is_cuda and c == torch.bfloat16 and spec.a_bits <= 4 and spec.sym
+            and spec.a_clip == "absmax" and float(spec.w_bits) <= 4 and not spec.group_size
+            and w.shape[0] % 16 == 0 and w.shape[1] % 16 == 0):
+        return False
+    idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if idx not in _FP8_DEVICES:
+        _FP8_DEVICES[idx] = torch.cuda.get_device_capability(idx) >= (8, 9)
+    return _FP8_DEVICES[idx] and row_kernel() is not None
+
+
+def _weight_with_codes(w, down, up, spec: LayerSpec, c: torch.dtype) -> tuple:
+    """(Q_w(R) in c, R's dtype, the codes in fp8 (N, K), the fp32 scales (N,)): Q_w(R) as `fake_quant_weight`
+    computes it (the same quantize / dequantize calls)."""
+    with torch.no_grad():
+        r = residual(w, down, up, spec, rotate_fn=_rotate)
+        codes, scale = Q.quantize_weight(r, float(spec.w_bits), spec.w_granularity, spec.group_size, spec.scale_dtype)
+        wq = Q.dequantize_weight(codes, scale, r.dtype).contiguous().to(c)
+        n = codes.shape[0]
+        sw = scale.float().reshape(-1)
+        return wq, r.dtype, codes.to(torch.float8_e4m3fn), (sw.expand(n) if sw.numel() == 1 else sw).contiguous()
+
+
+def _fp8_forward(x, w, bias, down, up, spec: LayerSpec, c: torch.dtype) -> tuple:
+    """(x Q_w(R)^T + bias through the fp8 GEMM, xh, Q_a(xh), Q_w(R) in c, R's dtype)."""
+    from .kernels.triton_fp8 import _scaled_mm
+    get = _cached_weight if _STEP["hooks"] else (lambda w_, d_, u_, s_, c_, compute: compute(w_, d_, u_, s_, c_))
+    wq, r_dtype, w8, sw = _ranged("robuq::qat Q_w(R)", get, w, down, up, spec, c, _weight_with_codes)
+    xh = _rotate(x, spec).contiguous()
+    xq, codes, sx = _ranged("robuq::qat Q_a(x H)", row_kernel().fake_quant_rows_codes, xh, spec.a_bits)
+    y = _scaled_mm(codes, w8, sx, sw, None if bias is None else bias.to(torch.bfloat16))
+    return y.view(*x.shape[:-1], w.shape[0]), xh, xq, wq, r_dtype
+
+
 class QATLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, bias, down, up, spec: LayerSpec, c: torch.dtype, ab: torch.dtype):
@@ -153,10 +203,14 @@ class QATLinearFunction(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, x, w, bias, down, up, spec: LayerSpec, c: torch.dtype, ab: torch.dtype):
         # autocast stays as the caller set it, as it does for the op graph: it also rounds the rotations' matmuls
-        wq, r_dtype = _ranged("robuq::qat Q_w(R)", quantized_weight, w, down, up, spec, c)
-        xh, xq = _ranged("robuq::qat Q_a(x H)", _rotate_and_quantize, x, spec)
-        xq_c = xq.to(c)
-        y = F.linear(xq_c, wq, None if bias is None else bias.to(c))
+        if _fp8_forward_ok(x, w, spec, c):
+            y, xh, xq, wq, r_dtype = _fp8_forward(x, w, bias, down, up, spec, c)
+            xq_c = xq.to(c)
+        else:
+            wq, r_dtype = _ranged("robuq::qat Q_w(R)", quantized_weight, w, down, up, spec, c)
+            xh, xq = _ranged("robuq::qat Q_a(x H)", _rotate_and_quantize, x, spec)
+            xq_c = xq.to(c)
+            y = F.linear(xq_c, wq, None if bias is None else bias.to(c))
         t = xh_c = None
         if down is not None:
             xh_c = xh.to(c)

@@ -27,6 +27,8 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
     ("ROBUQ_DIRECT_CALL", "1", "0: eager PackedLinear calls go through the robuq::qlinear op"),
     ("ROBUQ_QAT_FUSED", "1", "0: eager QAT runs the op graph instead of one autograd node a layer"),
     ("ROBUQ_QAT_WEIGHT_KERNEL", "0", "1: Q_w(R) in one Triton kernel in QAT on CUDA; opt-in until its GPU tests pass"),
+    ("ROBUQ_QAT_FP8", "0", "1: eager QAT's forward GEMM on fp8 tensor cores (W<=4, A<=4 symmetric absmax, bf16); "
+                           "opt-in until its GPU test passes"),
 )
 
 

@@ -82,8 +82,11 @@ def quantize_rows(x, mask, levels, SYM: tl.constexpr):
 
 
 @triton.jit
-def fake_quant_rows_kernel(x_ptr, out_ptr, n_rows, D, n1, n2, sx0, sx1, sx2, sxd, levels,
-                           SYM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def fake_quant_rows_kernel(x_ptr, out_ptr, n_rows, D, n1, n2, sx0, sx1, sx2, sxd, levels, codes_ptr, scale_ptr,
+                           SYM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                           CODES: tl.constexpr = False):
+    """out = Q_a(x) per row; with CODES also the codes (codes_ptr, (rows, D) row-major) and the scales
+    (scale_ptr, (rows,)), symmetric only (what the fp8 GEMM of the QAT forward reads)."""
     levels = tl.cast(levels, tl.float32)  # fp64 when Inductor launches it (see triton_act_quant)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
@@ -101,6 +104,10 @@ def fake_quant_rows_kernel(x_ptr, out_ptr, n_rows, D, n1, n2, sx0, sx1, sx2, sxd
     else:
         v = lo[:, None] + sq
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
+    if CODES:
+        tl.store(codes_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], q.to(codes_ptr.dtype.element_ty),
+                 mask=mask)
+        tl.store(scale_ptr + rows, s, mask=rmask)
 
 
 def supported(x: torch.Tensor, a_bits: int) -> str | None:
@@ -163,7 +170,23 @@ def fake_quant_rows(x: torch.Tensor, a_bits: int, sym: bool, keep_layout: bool =
     return out
 
 
-def _launch(x, out, a_bits, sym, Q, launcher, flat=None):
+def fake_quant_rows_codes(x: torch.Tensor, a_bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Q_a(x) in x's dtype and shape, its codes (rows, D) in fp8 e4m3 (exact: |q| <= 2^(a_bits-1) - 1 <= 7 for
+    a_bits <= 4), the per-row scales (rows,) fp32) of a contiguous x, symmetric absmax, one kernel: the values of
+    `fake_quant_rows` plus what an fp8 GEMM needs to compute with them exactly."""
+    from .. import quantizers as Q
+    if not x.is_contiguous() or a_bits > 4:
+        raise ValueError("fake_quant_rows_codes takes a contiguous x and a_bits <= 4")
+    d = x.shape[-1]
+    rows = x.numel() // max(d, 1)
+    out = torch.empty_like(x)
+    codes = torch.empty(rows, d, device=x.device, dtype=torch.float8_e4m3fn)
+    scale = torch.empty(rows, device=x.device, dtype=torch.float32)
+    _launch(x, out, a_bits, True, Q, triton_launch.launch, codes=(codes, scale))
+    return out, codes, scale
+
+
+def _launch(x, out, a_bits, sym, Q, launcher, flat=None, codes=None):
     if flat is not None:  # x and out: dense memory of `flat` rows in the same order
         shape, strides, d = (1, 1, flat[0], flat[1]), (0, 0, flat[1]), flat[1]
         sxd = 1
@@ -178,9 +201,11 @@ def _launch(x, out, a_bits, sym, Q, launcher, flat=None):
         return
     block_r, block_d, warps = _tiling(d)
     grid = ((n_rows + block_r - 1) // block_r,)
+    c_out, s_out = codes if codes is not None else (x, x)  # neither read nor written without CODES
     args = (x, out, n_rows, d, shape[1], shape[2], strides[0], strides[1], strides[2], sxd,
-            float(Q.act_levels(a_bits, sym)))
-    kw = (dict(SYM=bool(sym), BLOCK_R=block_r, BLOCK_D=block_d), dict(num_warps=warps, enable_fp_fusion=False))
+            float(Q.act_levels(a_bits, sym)), c_out, s_out)
+    kw = (dict(SYM=bool(sym), BLOCK_R=block_r, BLOCK_D=block_d, CODES=codes is not None),
+          dict(num_warps=warps, enable_fp_fusion=False))
     traced = launcher is triton_launch.traced  # a traced launch has no device to switch to
     with (torch.cuda.device(x.device) if x.is_cuda and not traced else _nullctx()):
         launcher(fake_quant_rows_kernel, grid, args, *kw)
