@@ -59,8 +59,9 @@ def summary(results: dict) -> dict:
             out[f"{key}_b{r['batch']}_default_x"] = r["x vs bf16 torch.compile (default)"]
     names = {"QAT W4A4+H": "qat", "QAT W1.58A4+H": "qat_w158", "QAT dit-xl-2-robuq": "qat_paper"}
     for r in results["train_step"]:
-        if r["setting"] in names:
-            out[f"{names[r['setting']]}_{r['mode']}_x"] = r["x FP step time"]
+        base, *tags = r["setting"].split(" +")
+        if base in names:
+            out[f"{'_'.join([names[base], *tags])}_{r['mode']}_x"] = r["x FP step time"]
     return out
 
 
@@ -258,8 +259,12 @@ def main(argv=None):
     # One training step, batch --train-batch: FP vs QAT, fp32 master weights + bf16 autocast, AdamW; eager, and
     # (unless --no-compile) with the model under torch.compile's default mode. Ratios vs FP in the same mode.
     tb = args.train_batch if not args.quick else 2
-    train = [("FP", None), ("QAT W4A4+H", policies()["robuq W4A4+H"]), ("QAT W1.58A4+H", policies()["robuq W1.58A4+H"]),
-             ("QAT dit-xl-2-robuq", policies()[PAPER])]
+    # the opt-in QAT kernels in force name the rows, so that a run with them does not overwrite the plain rows'
+    # summary keys (qat_fp8_eager_x ...)
+    opt_in = "".join(f" +{tag}" for var, tag in (("ROBUQ_QAT_FP8", "fp8"), ("ROBUQ_QAT_WEIGHT_KERNEL", "wkernel"))
+                     if os.environ.get(var) == "1")
+    train = [("FP", None), ("QAT W4A4+H" + opt_in, policies()["robuq W4A4+H"]),
+             ("QAT W1.58A4+H" + opt_in, policies()["robuq W1.58A4+H"]), ("QAT dit-xl-2-robuq" + opt_in, policies()[PAPER])]
     if args.settings:
         train = [t for t in train if t[1] is None or any(x in t[0] for x in args.settings)]
     modes = ["eager"] + ([] if args.no_compile else ["compiled"])

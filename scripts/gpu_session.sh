@@ -14,6 +14,7 @@
 #   scripts/gpu_session.sh linear           bench_linear --write-dispatch (quantizer tilings, GEMM kernels/configs)
 #   scripts/gpu_session.sh qat-profile      profile_dit --train eager and compiled, batch 16 (issue 19's breakdown)
 #   scripts/gpu_session.sh train            bench_dit --train-only: QAT step vs FP, eager and compiled (issue 19)
+#   scripts/gpu_session.sh train-opt        the eager rows again with ROBUQ_QAT_WEIGHT_KERNEL=1 ROBUQ_QAT_FP8=1
 #   scripts/gpu_session.sh ddp              bench_ddp: 1 GPU vs all GPUs, DDP and FSDP2 (on nvidia-h200-x2)
 #
 # Set ROBUQ_GIT_COMMIT first where the machine has no git history (benchmarks record it).
@@ -21,13 +22,14 @@
 # warm; a detached job dies when the machine goes back):
 #   CUDA_VISIBLE_DEVICES=1 lm-start 14; CUDA_VISIBLE_DEVICES=1 tests-start; CUDA_VISIBLE_DEVICES=0 linear
 #   CUDA_VISIBLE_DEVICES=0 dit; CUDA_VISIBLE_DEVICES=0 dit-default
-#   CUDA_VISIBLE_DEVICES=0 train          (or qat-profile)
+#   CUDA_VISIBLE_DEVICES=0 qat-profile; CUDA_VISIBLE_DEVICES=0 train; CUDA_VISIBLE_DEVICES=0 train-opt
 #   lm-wait; tests-wait; ddp              (both GPUs free by then)
 # Timing runs on GPU 0 while bench_lm trains on GPU 1 of the same host (separate GPUs; 32 CPU cores).
 # If only nvidia-h200 is lent: lm-start 12 and tests-start together (nothing timed beside bench_lm: it shares the
 # GPU), lm-wait; tests-wait, then the timed steps in the time left (dit, dit-default, qat-profile, train, linear).
 set -uo pipefail
-case "${1:-}" in tests|tests-start|tests-wait|lm-start|lm-wait|dit|dit-default|linear|qat-profile|train|ddp) ;;
+case "${1:-}" in tests|tests-start|tests-wait|lm-start|lm-wait|dit|dit-default|linear|qat-profile|train|train-opt|ddp)
+    ;;
     *) sed -n 2,26p "$0"; exit 2 ;; esac
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
@@ -87,8 +89,12 @@ dit-default)  # batch 8 under torch.compile's default mode: the opaque op vs the
 ddp)
     timeout 540 python3 benchmarks/bench_ddp.py --engines ddp fsdp2 --steps 10 --out "$OUT" 2>&1 | grep -v "step [0-9]*:" | tail -30
     ;;
-train)  # with the QAT weight-quant kernel (opt-in until tests-start/tests-wait saw test_triton_wquant pass)
-    ROBUQ_QAT_WEIGHT_KERNEL=${ROBUQ_QAT_WEIGHT_KERNEL:-1} timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --iters 16 --tag _train 2>&1 | tail -20
+train-opt)  # eager QAT with the opt-in kernels (weight quant, fp8 forward GEMM): rows named "... +fp8 +wkernel"
+    ROBUQ_QAT_WEIGHT_KERNEL=1 ROBUQ_QAT_FP8=1 timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --train-only \
+        --no-compile --iters 16 --tag _train_opt 2>&1 | tail -12
+    ;;
+train)
+    timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --iters 16 --tag _train 2>&1 | tail -20
     ;;
 qat-profile)
     for mode in eager compiled; do
