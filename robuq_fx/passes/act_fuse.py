@@ -11,6 +11,7 @@ Recognized (the model's modules are edited in place, parameters and state-dict k
   - diffusers `FeedForward` whose `net` is [GELU(proj), Dropout(p=0), fc2, ...]: the GELU module keeps its
     projection and stops applying the activation;
   - an MLP module with `fc1`, `act` (nn.GELU), `drop1` (p=0), `norm` (Identity) and `fc2` (timm's `Mlp`);
+  - transformers' `ViTMLP` (fc1, activation_fn, fc2) whose activation is torch's GELU (exact or tanh);
   - an nn.Sequential [..., nn.GELU, Dropout(p=0)*, fc2]: the GELU becomes an Identity.
 fc2 must have no low-rank branch (the branch reads the activation itself) and no input activation yet. Apply it to
 a lowered model after `lower` or `load_quantized` (it is not saved with the checkpoint: a loaded model is unfused
@@ -39,6 +40,22 @@ def _no_op_dropout(m) -> bool:
     return isinstance(m, nn.Dropout) and m.p == 0 or isinstance(m, nn.Identity)
 
 
+def _hf_gelu(act) -> str | None:
+    """The input_act of a transformers activation module that is torch's GELU (exact or tanh), else None (their
+    Python formulas, NewGELU and friends, round differently: not fused)."""
+    import functools
+    import torch.nn.functional as F
+    if type(act) is nn.GELU:
+        return _act_name(act.approximate)
+    fn = getattr(act, "act", None)
+    if type(act).__name__ == "GELUActivation" and fn is F.gelu:
+        return "gelu"
+    if (type(act).__name__ in ("GELUTanh", "PytorchGELUTanh") and isinstance(fn, functools.partial)
+            and fn.func is F.gelu and fn.keywords == {"approximate": "tanh"} and not fn.args):
+        return "gelu_tanh"
+    return None
+
+
 def fuse_activations(model: nn.Module) -> list[str]:
     """Fuse every recognized GELU into the quantized layer after it (module docstring); returns the names of the
     layers that now apply it."""
@@ -52,6 +69,13 @@ def fuse_activations(model: nn.Module) -> list[str]:
                 g.gelu = _identity  # instance attribute: GELU.forward's self.gelu(...) now passes x through
                 fc2.input_act = _act_name(g.approximate)
                 fused.append(f"{name}.net.2" if name else "net.2")
+            continue
+        if type(mod).__name__ == "ViTMLP" and all(hasattr(mod, a) for a in ("fc1", "activation_fn", "fc2")):
+            act = _hf_gelu(mod.activation_fn)  # transformers' ViT: fc2(activation_fn(fc1(x)))
+            if act and _takes(mod.fc2):
+                mod.fc2.input_act = act
+                mod.activation_fn = nn.Identity()
+                fused.append(f"{name}.fc2" if name else "fc2")
             continue
         if all(hasattr(mod, a) for a in ("fc1", "act", "drop1", "norm", "fc2")):
             if (type(mod.act) is nn.GELU and _no_op_dropout(mod.drop1) and isinstance(mod.norm, nn.Identity)

@@ -36,7 +36,9 @@ def _check(model, inputs, policy, expect: int, example=None):
     assert all(fused.get_submodule(n).input_act in ("gelu", "gelu_tanh") for n in names)
     assert keys.keys() == fused.state_dict().keys()
     assert all(torch.equal(v, fused.state_dict()[k]) for k, v in keys.items())
-    run = (lambda m: m(**inputs)[0]) if isinstance(inputs, dict) else (lambda m: m(*inputs))
+    def run(m):
+        out = m(**inputs) if isinstance(inputs, dict) else m(*inputs)
+        return out if isinstance(out, torch.Tensor) else out[0]  # a tuple or a transformers ModelOutput
     with torch.no_grad():  # the eager fast path
         assert torch.equal(run(fused), run(low))
     assert torch.equal(run(fused), run(low))  # the op path (grad mode on)
@@ -95,3 +97,11 @@ def test_checkpoint_of_a_fused_model_loads_unfused_and_fuses_again(tmp_path):
     assert torch.equal(run(loaded), run(low))
     assert robuq_fx.fuse_activations(loaded) == ["fc2"]
     assert torch.equal(run(loaded), run(fused))
+
+
+def test_transformers_vit_mlp():
+    case = CASES["vit"]
+    inputs = case.make_inputs()
+    model = case.build(0)
+    _, fused, _ = _check(model, inputs, W4A4H, expect=model.config.num_hidden_layers, example=inputs)
+    assert all(type(m.activation_fn) is nn.Identity for n, m in fused.named_modules() if type(m).__name__ == "ViTMLP")
