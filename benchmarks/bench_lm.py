@@ -148,22 +148,22 @@ def plan(args, settings, n_layers: int, val_tokens: int, speed: dict, elapsed: f
 # ---- runs ---------------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def kernel_log():
-    """Counts which qlinear kernel the registry picks per call (wraps kernels.qlinear.select for the block)."""
+    """Counts which qlinear kernel the registry picks per call (wraps kernels.qlinear.select_cached for the block)."""
     import importlib
     ql = importlib.import_module("robuq_fx.kernels.qlinear")  # the module (robuq_fx.kernels.qlinear is the op)
-    counts, orig = Counter(), ql.select
+    counts, orig = Counter(), ql.select_cached
 
     def select(x, a):
         k = orig(x, a)
         counts[k.name] += 1
         return k
-    ql.select = select
+    ql.select_cached = select
     from robuq_fx import modules
     direct, modules._DIRECT[0] = modules._DIRECT[0], False  # every call through the op, so every call is counted
     try:
         yield counts
     finally:
-        ql.select = orig
+        ql.select_cached = orig
         modules._DIRECT[0] = direct
 
 

@@ -29,7 +29,7 @@ import dataclasses
 
 import torch
 
-from .registry import QLinearArgs, select
+from .registry import QLinearArgs, select_cached
 
 _LIB = torch.library.Library("robuq", "FRAGMENT")
 _LIB.define("qlinear(Tensor x, Tensor qweight, Tensor w_scale, Tensor? bias, Tensor? lrb_down, Tensor? lrb_up, "
@@ -58,7 +58,7 @@ def qlinear_impl(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, 
         raise ValueError(f"robuq::qlinear: input has {x.shape[-1]} features, the layer expects {in_features}")
     args = QLinearArgs(qweight, w_scale, bias, lrb_down, lrb_up, out_features, in_features, w_bits, a_bits,
                        hadamard_block, a_sym, a_clip, tuple(splits) if splits else None, input_act)
-    return call_kernel(select(x, args).fn, x, args)
+    return call_kernel(select_cached(x, args).fn, x, args)
 
 
 def call_kernel(fn, x: torch.Tensor, args: QLinearArgs) -> torch.Tensor:

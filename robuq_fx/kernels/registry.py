@@ -148,6 +148,32 @@ def select(x: torch.Tensor, args: QLinearArgs) -> Kernel:
     raise RuntimeError("no qlinear kernel accepts this call (the reference kernel should always do)")
 
 
+_SELECTED: dict = {}
+# environment the kernels' `supports` read besides the registry state (the fp8 path's GEMM and epilogue choices)
+_SUPPORT_ENV = ("ROBUQ_FP8_GEMM", "ROBUQ_FP8_EPI")
+
+
+def _props(t) -> tuple | None:
+    return None if t is None else (t.dtype, tuple(t.shape))
+
+
+def select_cached(x: torch.Tensor, args: QLinearArgs) -> Kernel:
+    """`select`, remembered per call form: every kernel's choice depends only on the properties in the key (shapes,
+    dtypes, device, strides, the layer's scalars, the registry state and the dispatch variables), never on values;
+    ~3 us where `select` costs 5-15 (robuq::qlinear's opaque calls in a default-mode compiled graph)."""
+    key = (x.shape, x.stride(), x.dtype, x.device, _props(args.qweight), _props(args.w_scale), _props(args.bias),
+           _props(args.lrb_down), _props(args.lrb_up), args.out_features, args.in_features, args.w_bits, args.a_bits,
+           args.hadamard_block, args.a_sym, args.a_clip, args.splits, args.input_act, state_key(),
+           env_values(_SUPPORT_ENV))
+    k = _SELECTED.get(key)
+    if k is None:
+        k = select(x, args)
+        if len(_SELECTED) >= 4096:
+            _SELECTED.clear()
+        _SELECTED[key] = k
+    return k
+
+
 def available() -> list[dict]:
     """One row per registered kernel: can it run on this machine, and if not, why."""
     rows = []

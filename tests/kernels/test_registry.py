@@ -56,3 +56,35 @@ def test_nunchaku_is_opt_in():
     assert k.auto is False and "approximates" in k.takes
     for name in ("reference", "triton_fp8", "cuda_dequant"):
         assert registry._KERNELS[name].auto and registry._KERNELS[name].takes
+
+
+def test_op_path_selection_cache_follows_the_registry(monkeypatch):
+    """robuq::qlinear remembers its kernel choice per call form (registry.select_cached); a kernel registered later,
+    a forced one and a disabled one change the choice on the next call, as with no cache."""
+    import dataclasses
+
+    import robuq_fx
+    from robuq_fx.kernels import registry as R
+    from robuq_fx.modules import PackedLinear
+    from robuq_fx.spec import LayerSpec
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    m = PackedLinear.from_float(lin.weight, lin.bias, None, None, LayerSpec(w_bits=4, a_bits=4).resolve(64, 32))
+    x = torch.randn(3, 64)
+
+    def op():
+        return torch.ops.robuq.qlinear(x, m.qweight, m.w_scale, m.bias, None, None, *m.op_args())
+    ref = op()
+    assert torch.equal(op(), ref)  # cached
+    marker = dataclasses.replace(R._KERNELS["reference"], name="marker", priority=99,
+                                 fn=lambda x, a: torch.full((*x.shape[:-1], a.out_features), 7.0))
+    monkeypatch.setitem(R._KERNELS, "marker", marker)
+    assert (op() == 7).all()
+    monkeypatch.setenv("ROBUQ_KERNEL_DISABLE", "marker")
+    assert torch.equal(op(), ref)
+    monkeypatch.delenv("ROBUQ_KERNEL_DISABLE")
+    with robuq_fx.kernels.use("reference"):
+        assert torch.equal(op(), ref)
+    assert (op() == 7).all()
+    x = torch.randn(5, 64)  # another shape: its own entry
+    assert (op() == 7).all()
