@@ -30,6 +30,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import quantizers as Q
 from .layer import residual, rotate_eager as _rotate
 from .ops import fake_quant_act_impl, fake_quant_weight_impl, row_kernel
+from .kernels.registry import tensor_key
+from .kernels.weight_cache import scale_vec
 from .spec import LayerSpec
 
 
@@ -37,15 +39,16 @@ def _2d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def quantized_weight(w, down, up, spec: LayerSpec, c: torch.dtype) -> tuple[torch.Tensor, torch.dtype]:
-    """(Q_w(R) in c, the dtype R was computed in), without an autograd graph. Computed on every call, as the op graph
-    does, unless `quantize_weights_once_per_step` is on: a cache keyed only on the masters' storage and version
-    counter went stale under FSDP2, whose all-gathers rewrite the unsharded weights in place without moving their
-    version (a CPU test caught it); that one also keys on the optimizer's steps."""
+def quantized_weight(w, down, up, spec: LayerSpec, c: torch.dtype, compute=None) -> tuple:
+    """compute(w, down, up, spec, c) (default `_quantized_weight`: (Q_w(R) in c, the dtype R was computed in)),
+    without an autograd graph. Computed on every call, as the op graph does, unless `quantize_weights_once_per_step`
+    is on: a cache keyed only on the masters' storage and version counter went stale under FSDP2, whose all-gathers
+    rewrite the unsharded weights in place without moving their version (a CPU test caught it); that one also keys
+    on the optimizer's steps."""
+    compute = compute or _quantized_weight
     if _STEP["hooks"]:
-        return _cached_weight(w, down, up, spec, c)
-    return _quantized_weight(w, down, up, spec, c)
-
+        return _cached_weight(w, down, up, spec, c, compute)
+    return compute(w, down, up, spec, c)
 
 
 def _quantized_weight(w, down, up, spec: LayerSpec, c: torch.dtype) -> tuple[torch.Tensor, torch.dtype]:
@@ -101,24 +104,14 @@ def quantize_weights_once_per_step(optimizer: torch.optim.Optimizer) -> StepCach
     return handle
 
 
-def _ver(t) -> tuple | None:
-    if t is None:
-        return None
-    try:
-        v = t._version
-    except RuntimeError:  # an inference tensor: it cannot change in place
-        v = -1
-    return (id(t), t.data_ptr(), v)
-
-
-def _cached_weight(w, down, up, spec: LayerSpec, c: torch.dtype, compute=None) -> tuple:
-    """compute(w, down, up, spec, c) (default `_quantized_weight`), kept per master weight until a step or a change
+def _cached_weight(w, down, up, spec: LayerSpec, c: torch.dtype, compute) -> tuple:
+    """compute(w, down, up, spec, c), kept per master weight until a step or a change
     (`quantize_weights_once_per_step`)."""
-    compute = compute or _quantized_weight
     owner = w if w._base is None else w._base  # a transposed (Conv1D) weight arrives as a fresh view each call
     dev = w.device.type
     ac = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-    key = (_STEP["epoch"], _ver(owner), tuple(w.shape), tuple(w.stride()), _ver(down), _ver(up), spec, c, ac,
+    key = (_STEP["epoch"], tensor_key(owner), tuple(w.shape), tuple(w.stride()), tensor_key(down), tensor_key(up),
+           spec, c, ac,
            compute)
     hit = _WQ.get(owner)
     if hit is not None and hit[0] == key:
@@ -178,16 +171,13 @@ def _weight_with_codes(w, down, up, spec: LayerSpec, c: torch.dtype) -> tuple:
         r = residual(w, down, up, spec, rotate_fn=_rotate)
         codes, scale = Q.quantize_weight(r, float(spec.w_bits), spec.w_granularity, spec.group_size, spec.scale_dtype)
         wq = Q.dequantize_weight(codes, scale, r.dtype).contiguous().to(c)
-        n = codes.shape[0]
-        sw = scale.float().reshape(-1)
-        return wq, r.dtype, codes.to(torch.float8_e4m3fn), (sw.expand(n) if sw.numel() == 1 else sw).contiguous()
+        return wq, r.dtype, codes.to(torch.float8_e4m3fn), scale_vec(scale, codes.shape[0])
 
 
 def _fp8_forward(x, w, bias, down, up, spec: LayerSpec, c: torch.dtype) -> tuple:
     """(x Q_w(R)^T + bias through the fp8 GEMM, xh, Q_a(xh), Q_w(R) in c, R's dtype)."""
     from .kernels.triton_fp8 import _scaled_mm
-    get = _cached_weight if _STEP["hooks"] else (lambda w_, d_, u_, s_, c_, compute: compute(w_, d_, u_, s_, c_))
-    wq, r_dtype, w8, sw = _ranged("robuq::qat Q_w(R)", get, w, down, up, spec, c, _weight_with_codes)
+    wq, r_dtype, w8, sw = _ranged("robuq::qat Q_w(R)", quantized_weight, w, down, up, spec, c, _weight_with_codes)
     xh = _rotate(x, spec).contiguous()
     xq, codes, sx = _ranged("robuq::qat Q_a(x H)", row_kernel().fake_quant_rows_codes, xh, spec.a_bits)
     y = _scaled_mm(codes, w8, sx, sw, None if bias is None else bias.to(torch.bfloat16))

@@ -25,7 +25,7 @@ import torch
 from .. import quantizers as Q
 from . import triton_launch as TL
 from ..ops import plain_eager
-from .registry import QLinearArgs, env_values
+from .registry import QLinearArgs, env_values, version_of
 
 
 # what fp8_qlinear reads from the environment on every call: a binding holds for one setting of them
@@ -36,17 +36,10 @@ def _env() -> tuple:
     return env_values(_ENV)
 
 
-def _version(t: torch.Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # an inference tensor: no version counter, and it cannot change in place
-        return -1
-
-
 def _versions(a: QLinearArgs) -> tuple:
     """(tensor, version) of the buffers a binding reads besides qweight (which it holds only weakly: a binding kept
     on the weight's cache entry must not keep the weight alive, or the entry would never be dropped)."""
-    return tuple((t, _version(t)) for t in (a.w_scale, a.bias, a.lrb_down, a.lrb_up) if t is not None)
+    return tuple((t, version_of(t)) for t in (a.w_scale, a.bias, a.lrb_down, a.lrb_up) if t is not None)
 
 
 class _Call:
@@ -62,17 +55,17 @@ class _Call:
         self.vers = _versions(a)
         self.env = _env()
         self.qw = weakref.ref(a.qweight)
-        self.qw_ver = _version(a.qweight)
+        self.qw_ver = version_of(a.qweight)
 
     def _input(self, x: torch.Tensor):
         """x as (M, K) rows when this binding still holds for it, else None."""
         if not x.is_contiguous() or (x.data_ptr() % 16 == 0) != self.aligned:
             return None
         for t, v in self.vers:
-            if _version(t) != v:
+            if version_of(t) != v:
                 return None
         qw = self.qw()
-        if qw is None or _version(qw) != self.qw_ver or _env() != self.env:
+        if qw is None or version_of(qw) != self.qw_ver or _env() != self.env:
             return None
         drv, rt = TL._TRITON
         if rt.launch_enter_hook is not None or drv.get_current_device() != self.dev:

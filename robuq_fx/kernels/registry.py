@@ -54,16 +54,20 @@ _KERNELS: dict[str, Kernel] = {}
 _FORCED: list[str] = []
 
 
+def version_of(t: torch.Tensor) -> int:
+    """t's version counter, -1 for an inference tensor (it has none, and cannot change in place)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
 def tensor_key(t) -> tuple:
     """Identity + version of a tensor, for kernels' weight caches: any in-place update (load_state_dict, copy_,
     an optimizer step) or a replacement tensor changes it."""
     if t is None:
         return (None,)
-    try:
-        v = t._version
-    except RuntimeError:  # inference tensors have no version counter
-        v = -1
-    return (id(t), t.data_ptr(), v, tuple(t.shape), t.dtype)
+    return (id(t), t.data_ptr(), version_of(t), tuple(t.shape), t.dtype)
 
 
 _BY_PRIORITY: list = []  # (ids of the registered kernels, them sorted): the sort is not redone on every call
