@@ -22,7 +22,6 @@ import weakref
 
 import torch
 
-from .. import quantizers as Q
 from . import triton_launch as TL
 from ..ops import plain_eager
 from .registry import QLinearArgs, env_values, version_of
@@ -164,7 +163,7 @@ def bind(x: torch.Tensor, a: QLinearArgs):
     """A bound eager call of `triton_fp8.fp8_qlinear(x, a)` for inputs like x, or None where this module does not
     bind that path. Call it after one ordinary call with x (which compiled the kernels and filled the caches)."""
     from . import triton_fp8 as T
-    from .quantizer import _hscale, _sigma_plan, quant_plan
+    from .quantizer import act_quant_spec
     from .weight_cache import _fp8_weights
     k = a.in_features
     # (x is a CUDA tensor: fp8_qlinear, which the registry picked for it, takes no other)
@@ -178,35 +177,16 @@ def bind(x: torch.Tensor, a: QLinearArgs):
         if a.input_act:
             return None  # the ordinary call materializes the activation for this kernel
         from . import triton_qgemm_small as S
-        from ..hadamard import hadamard_matrix
-        dt = x.dtype
-        h = hadamard_matrix(a.hadamard_block, dt, x.device) if a.hadamard_block > 1 else None
-        down = up = None
-        if a.lrb_down is not None:
-            if a.lrb_down.dtype != dt or not a.lrb_down.is_contiguous() or a.lrb_up.dtype != dt \
-                    or not a.lrb_up.is_contiguous():
-                return None  # converted copies would go stale unnoticed: leave these to the ordinary call
-            down, up = a.lrb_down, a.lrb_up
-        if a.bias is not None and a.bias.dtype != dt:
-            return None
-        y = torch.empty(m, a.out_features, device=x.device, dtype=dt)
-        spec = S.qgemm_small_launch(x2, h, e.fp8, y, e.sw, a.bias, None if a.a_sym else e.cs, down, up, m,
-                                    Q.act_levels(a.a_bits, a.a_sym), a.hadamard_block, a.a_sym)
-        call = _SmallM(x, a, spec)
+        args = T._small_m_args(x2, a, e, m, torch.empty(m, a.out_features, device=x.device, dtype=x.dtype))
+        if args[5] is not a.bias or args[7] is not a.lrb_down or args[8] is not a.lrb_up:
+            return None  # converted copies would go stale unnoticed: leave these to the ordinary call
+        call = _SmallM(x, a, S.qgemm_small_launch(*args))
     elif a.a_sym and a.lrb_down is None:
-        from .triton_act_quant import act_quant_launch
-        block = a.hadamard_block if a.hadamard_block > 1 else 0
-        sigma = a.a_clip == "sigma"
-        plan = _sigma_plan(k, block, m) if sigma else quant_plan(k, block, m)
-        if plan is None:
-            return None
-        m_pad = max(16, -(-m // 16) * 16)
+        m_pad = max(16, -(-m // 16) * 16)  # as fp8_qlinear's act_quant call: the same launch, other buffers
         codes = torch.empty(m_pad, k, device=x.device, dtype=torch.float8_e4m3fn)
         scale = torch.empty(m_pad, device=x.device, dtype=torch.float32)
-        clip_c = Q.gaussian_clip(2 ** a.a_bits - 1) if sigma else 0.0
-        spec = act_quant_launch(x2, codes, scale, torch.empty_like(scale), m, m_pad, _hscale(block, x.dtype),
-                                float(Q.act_levels(a.a_bits, True)), 0.0, block, plan, True, False, clip_c,
-                                a.input_act)
+        spec = act_quant_spec(x2, codes, scale, torch.empty_like(scale), a.hadamard_block, a.a_bits, True,
+                              shift=True, clip=a.a_clip, act=a.input_act)
         bias = None if a.bias is None else a.bias.to(torch.bfloat16)
         if bias is not None and bias is not a.bias:
             return None  # a converted bias would go stale unnoticed

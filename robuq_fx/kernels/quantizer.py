@@ -112,21 +112,29 @@ def act_quant(x2: torch.Tensor, block: int, a_bits: int, sym: bool, dequant: boo
     input activation applied while loading x (robuq::qlinear's input_act: "gelu", "gelu_tanh")."""
     m, k = x2.shape
     m_store = m if m_store is None else m_store
-    block = block if block > 1 else 0
-    sigma = clip == "sigma"
-    plan = plan or (_sigma_plan(k, block, m) if sigma else quant_plan(k, block, m))
-    # sigma: c of the MSE-optimal uniform quantizer of a normal with the code count of this range (quantizers.py)
-    clip_c = Q.gaussian_clip(2 ** a_bits - 1 if sym else 2 ** a_bits) if sigma else 0.0
     dev = x2.device
     out = torch.empty(m_store, k, device=dev, dtype=x2.dtype if dequant else torch.float8_e4m3fn)
     scale = torch.empty(m_store, device=dev, dtype=torch.float32)
     lo = torch.empty(m_store, device=dev, dtype=torch.float32)
     if m_store == 0:
         return out, scale, lo
-    levels = float(Q.act_levels(a_bits, sym))
-    sh = float(2 ** (a_bits - 1)) if shift and not sym and not dequant else 0.0
     launcher = triton_launch.traced if traced else triton_launch.launch
     with _NULL if traced else on_device(dev):  # a traced launch has no device to switch to
-        _aq().launch_act_quant(x2, out, scale, lo, m, m_store, _hscale(block, x2.dtype), levels, sh, block, plan, sym,
-                               dequant, clip_c, launcher, act)
+        launcher(*act_quant_spec(x2, out, scale, lo, block, a_bits, sym, dequant, shift, plan, clip, act))
     return out, scale, lo
+
+
+def act_quant_spec(x2, out, scale, lo, block: int, a_bits: int, sym: bool, dequant: bool = False, shift: bool = False,
+                   plan: tuple | None = None, clip: str = "absmax", act: str = "") -> tuple:
+    """The launch `act_quant` makes into its outputs out / scale / lo (m_store rows): (kernel, grid, runtime args,
+    constexprs, options, no_specialize), for `triton_launch.launch` or a caller that binds it (kernels/fastcall.py)."""
+    m, k = x2.shape
+    block = block if block > 1 else 0
+    sigma = clip == "sigma"
+    plan = plan or (_sigma_plan(k, block, m) if sigma else quant_plan(k, block, m))
+    # sigma: c of the MSE-optimal uniform quantizer of a normal with the code count of this range (quantizers.py)
+    clip_c = Q.gaussian_clip(2 ** a_bits - 1 if sym else 2 ** a_bits) if sigma else 0.0
+    levels = float(Q.act_levels(a_bits, sym))
+    sh = float(2 ** (a_bits - 1)) if shift and not sym and not dequant else 0.0
+    return _aq().act_quant_launch(x2, out, scale, lo, m, out.shape[0], _hscale(block, x2.dtype), levels, sh, block,
+                                  plan, sym, dequant, clip_c, act)

@@ -186,8 +186,10 @@ def _small_m_ok(x: torch.Tensor, a: QLinearArgs, m: int) -> bool:
     return chunk_of(a.in_features, a.hadamard_block) > 0 and (a.lrb_down is None or a.lrb_down.shape[0] <= 64)
 
 
-def _small_m(x2: torch.Tensor, a: QLinearArgs, e: "_Entry", m: int) -> torch.Tensor:
-    from . import triton_qgemm_small as S
+def _small_m_args(x2: torch.Tensor, a: QLinearArgs, e: "_Entry", m: int, y: torch.Tensor) -> tuple:
+    """The arguments of `triton_qgemm_small.launch_qgemm_small` for this call (y: its (m, N) output); the branch
+    factors and the bias in x's dtype, converted where they are not (kernels/fastcall.py binds only calls that
+    need no conversion)."""
     from ..hadamard import hadamard_matrix
     dt = x2.dtype
     h = hadamard_matrix(a.hadamard_block, dt, x2.device) if a.hadamard_block > 1 else None
@@ -195,10 +197,15 @@ def _small_m(x2: torch.Tensor, a: QLinearArgs, e: "_Entry", m: int) -> torch.Ten
     if a.lrb_down is not None:
         down, up = (t if t.dtype == dt and t.is_contiguous() else t.to(dt).contiguous() for t in (a.lrb_down, a.lrb_up))
     bias = a.bias if a.bias is None or a.bias.dtype == dt else a.bias.to(dt)
-    y = torch.empty(m, a.out_features, device=x2.device, dtype=dt)
+    return (x2, h, e.fp8, y, e.sw, bias, None if a.a_sym else e.cs, down, up, m, Q.act_levels(a.a_bits, a.a_sym),
+            a.hadamard_block, a.a_sym)
+
+
+def _small_m(x2: torch.Tensor, a: QLinearArgs, e: "_Entry", m: int) -> torch.Tensor:
+    from . import triton_qgemm_small as S
+    y = torch.empty(m, a.out_features, device=x2.device, dtype=x2.dtype)
     with on_device(x2.device):
-        S.launch_qgemm_small(x2, h, e.fp8, y, e.sw, bias, None if a.a_sym else e.cs, down, up, m,
-                             Q.act_levels(a.a_bits, a.a_sym), a.hadamard_block, a.a_sym)
+        S.launch_qgemm_small(*_small_m_args(x2, a, e, m, y))
     return y
 
 
@@ -212,15 +219,16 @@ def fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
 def _fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
     k, n = a.in_features, a.out_features
     lead = x.shape[:-1]
-    if a.input_act and (a.lrb_down is not None or _small_m_ok(x, a, x.numel() // max(k, 1))):
+    m = x.numel() // k
+    small = _small_m_ok(x, a, m)
+    if a.input_act and (a.lrb_down is not None or small):
         # the branch reads the activation itself, the small-M kernel has no activation: materialize it first
         x, a = apply_input_act(x, a.input_act), dataclasses.replace(a, input_act="")
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    m = x2.shape[0]
     e = _fp8_weights(a)
-    if _small_m_ok(x, a, m):  # one kernel: quantize + GEMM + epilogue
+    if small:  # one kernel: quantize + GEMM + epilogue
         y = _small_m(x2, a, e, m)
         return y if x.dim() == 2 else y.reshape(*lead, n)
     m_pad = max(16, -(-m // 16) * 16)
