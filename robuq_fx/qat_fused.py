@@ -150,7 +150,6 @@ def _rotate_and_quantize(x, spec: LayerSpec):
 # values, where the bf16 path multiplies their bf16 roundings. The backward is unchanged (it reads the same Q_w(R)
 # and Q_a(x H) as before). Opt-in until its GPU test has passed (tests/test_qat_fused.py).
 _QAT_FP8 = [os.environ.get("ROBUQ_QAT_FP8", "0") == "1"]
-_FP8_DEVICES: dict = {}
 
 
 def _fp8_forward_ok(x, w, spec: LayerSpec, c: torch.dtype) -> bool:
@@ -158,10 +157,9 @@ def _fp8_forward_ok(x, w, spec: LayerSpec, c: torch.dtype) -> bool:
             and spec.a_clip == "absmax" and float(spec.w_bits) <= 4 and not spec.group_size
             and w.shape[0] % 16 == 0 and w.shape[1] % 16 == 0):
         return False
+    from .kernels.triton_fp8 import _capability  # cached per device
     idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if idx not in _FP8_DEVICES:
-        _FP8_DEVICES[idx] = torch.cuda.get_device_capability(idx) >= (8, 9)
-    return _FP8_DEVICES[idx] and row_kernel() is not None
+    return _capability(idx) >= (8, 9) and row_kernel() is not None
 
 
 def _weight_with_codes(w, down, up, spec: LayerSpec, c: torch.dtype) -> tuple:
