@@ -19,13 +19,20 @@ until this runs again).
 """
 from __future__ import annotations
 
+import functools
+
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..modules import PackedLinear
 
 
 def _identity(x):
     return x
+
+
+def _path(parent: str, child: str) -> str:
+    return f"{parent}.{child}" if parent else child
 
 
 def _act_name(approximate: str) -> str:
@@ -43,8 +50,6 @@ def _no_op_dropout(m) -> bool:
 def _hf_gelu(act) -> str | None:
     """The input_act of a transformers activation module that is torch's GELU (exact or tanh), else None (their
     Python formulas, NewGELU and friends, round differently: not fused)."""
-    import functools
-    import torch.nn.functional as F
     if type(act) is nn.GELU:
         return _act_name(act.approximate)
     fn = getattr(act, "act", None)
@@ -68,21 +73,21 @@ def fuse_activations(model: nn.Module) -> list[str]:
                     and "gelu" not in g.__dict__ and _no_op_dropout(drop) and _takes(fc2)):
                 g.gelu = _identity  # instance attribute: GELU.forward's self.gelu(...) now passes x through
                 fc2.input_act = _act_name(g.approximate)
-                fused.append(f"{name}.net.2" if name else "net.2")
+                fused.append(_path(name, "net.2"))
             continue
         if type(mod).__name__ == "ViTMLP" and all(hasattr(mod, a) for a in ("fc1", "activation_fn", "fc2")):
             act = _hf_gelu(mod.activation_fn)  # transformers' ViT: fc2(activation_fn(fc1(x)))
             if act and _takes(mod.fc2):
                 mod.fc2.input_act = act
                 mod.activation_fn = nn.Identity()
-                fused.append(f"{name}.fc2" if name else "fc2")
+                fused.append(_path(name, "fc2"))
             continue
         if all(hasattr(mod, a) for a in ("fc1", "act", "drop1", "norm", "fc2")):
             if (type(mod.act) is nn.GELU and _no_op_dropout(mod.drop1) and isinstance(mod.norm, nn.Identity)
                     and _takes(mod.fc2)):
                 mod.fc2.input_act = _act_name(mod.act.approximate)
                 mod.act = nn.Identity()
-                fused.append(f"{name}.fc2" if name else "fc2")
+                fused.append(_path(name, "fc2"))
             continue
         if isinstance(mod, nn.Sequential):
             kids = list(mod)
@@ -95,5 +100,5 @@ def fuse_activations(model: nn.Module) -> list[str]:
                 if j < len(kids) and _takes(kids[j]):
                     kids[j].input_act = _act_name(k.approximate)
                     mod[i] = nn.Identity()
-                    fused.append(f"{name}.{j}" if name else str(j))
+                    fused.append(_path(name, str(j)))
     return fused
