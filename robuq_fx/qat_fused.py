@@ -97,6 +97,10 @@ def quantize_weights_once_per_step(optimizer: torch.optim.Optimizer) -> StepCach
             if (i + 1) % accum == 0:
                 opt.step(); opt.zero_grad()
     """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"quantize_weights_once_per_step() takes the torch.optim.Optimizer whose step() changes the "
+                        f"QAT weights, got {type(optimizer).__name__}")
+
     def bump(*_):
         _STEP["epoch"] += 1
     handle = StepCacheHandle(optimizer.register_step_post_hook(bump))

@@ -94,3 +94,10 @@ def test_what_makes_it_recompute(counted):
     m(x)
     m(x)
     assert len(counted) == n + 2 + 4  # off again: every forward computes Q_w(R)
+
+
+def test_bad_optimizer_argument_is_named():
+    m = _model()
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        robuq_fx.quantize_weights_once_per_step(m)
+    assert qat_fused._STEP["hooks"] == 0  # nothing registered
