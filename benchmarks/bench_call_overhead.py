@@ -44,6 +44,8 @@ def per_call_us(fn, n: int = 3000) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--profile", action="store_true",
+                    help="also cProfile 2000 fp8-layout module calls (writes call_overhead_profile.txt)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_call_overhead needs a CUDA device")
@@ -63,11 +65,22 @@ def main():
     codes, sx, _ = AQ.act_quant(x, 128, 4, True, m_store=m)
     w8 = torch.randint(-7, 8, (n, k), device="cuda").to(torch.bfloat16).to(torch.float8_e4m3fn)
     sw = torch.rand(n, device="cuda")
+    with torch.no_grad():
+        pl8(x)  # makes the module's plan and its bound call
+    plans = list(pl8.__dict__.get("_direct_plans", {}).values())
+    qa8 = plans[0][1] if plans else R.QLinearArgs(pl8.qweight, pl8.w_scale, pl8.bias, None, None, *pl8.op_args())
+    bound = plans[0][2] if plans and plans[0][2] is not None else None
+    if bound is None:
+        print("note: the fp8-layout module call has no bound call (kernels/fastcall.py did not bind it): "
+              "its row times the unbound path", flush=True)
+        bound = lambda t: T._fp8_qlinear(t, qa8)  # noqa: E731
     rows = [
         ("bf16 F.linear (baseline)", lambda: F.linear(x, lin.weight, lin.bias)),
         ("PackedLinear call (dispatch: " + R.select(x, qa).name + ")", lambda: pl(x)),
         ("PackedLinear call, fp8 layout (eager fast path)", lambda: pl8(x)),
         ("PackedLinear call, fp8 layout, one-kernel small-M path", lambda: pl8(x), {"ROBUQ_FP8_SMALL_M": "64"}),
+        ("  its bound call alone (kernels/fastcall.py)", lambda: bound(x)),
+        ("  triton_fp8 unbound (_fp8_qlinear)", lambda: T._fp8_qlinear(x, qa8)),
         ("torch.ops.robuq.qlinear", lambda: torch.ops.robuq.qlinear(x, pl.qweight, pl.w_scale, pl.bias, None, None,
                                                                      *pl.op_args())),
         ("its Python implementation (no dispatcher)", lambda: qlinear_impl(x, pl.qweight, pl.w_scale, pl.bias, None,
@@ -89,6 +102,23 @@ def main():
             finally:
                 for var in (env[0] if env else {}):
                     os.environ.pop(var)
+    if args.profile:  # where the module call's CPU time goes, function by function
+        import cProfile
+        import io
+        import pstats
+        pr = cProfile.Profile()
+        with torch.no_grad():
+            pr.enable()
+            for _ in range(2000):
+                pl8(x)
+            pr.disable()
+        buf = io.StringIO()
+        pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(25)
+        text = buf.getvalue()
+        print(text)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "call_overhead_profile.txt"), "w") as f:
+            f.write(text)
     base = res[0][1]
     gpu = torch.cuda.get_device_name()
     import triton

@@ -80,7 +80,7 @@ dit)
     timeout 420 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
         --settings "W4A4+H" "dit-xl-2-robuq (" --batches 1 64 --iters 10 --warmup 3 --fuse-gelu \
         --tag _reduce-overhead 2>&1 | tail -40
-    timeout 60 python3 benchmarks/bench_call_overhead.py --out "$OUT" 2>&1 | tail -16
+    timeout 90 python3 benchmarks/bench_call_overhead.py --profile --out "$OUT" 2>&1 | tail -20
     ;;
 dit-default)  # batch 8 under torch.compile's default mode: the opaque op vs the Inductor decomposition vs bf16
     timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --only-default-mode --skip-train --iters 10 --warmup 3 \
