@@ -21,8 +21,8 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
     ("ROBUQ_ATTENTION", "(row kernel + SDPA)", "fused: the single Triton attention8 kernel; reference: torch math"),
     ("ROBUQ_HADAMARD", "(matmul)", "fht: fast-hadamard-transform's CUDA kernel for the rotation where the torch "
                                    "math runs (equal up to rounding, not bit-identical)"),
-    ("ROBUQ_INDUCTOR_DECOMPOSE", "qat", "what torch.compile decomposes: qat (QAT ops), 1 (also qlinear and "
-                                        "attention8 into our Triton kernels; opt-in until its GPU tests pass), 0"),
+    ("ROBUQ_INDUCTOR_DECOMPOSE", "qat,qlinear", "what torch.compile decomposes, a comma list of qat (the QAT ops), "
+                                                "qlinear, attention8 (into our Triton kernels + ATen); 1: all, 0: none"),
     ("ROBUQ_TRITON_FAST_LAUNCH", "1", "0: launch Triton kernels through kernel[grid] (also turns bound calls off)"),
     ("ROBUQ_DIRECT_CALL", "1", "0: eager PackedLinear calls go through the robuq::qlinear op"),
     ("ROBUQ_QAT_FUSED", "1", "0: eager QAT runs the op graph instead of one autograd node a layer"),
