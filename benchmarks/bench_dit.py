@@ -135,6 +135,8 @@ def main(argv=None):
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile rows (eager only)")
     ap.add_argument("--train-batch", type=int, default=16)
     ap.add_argument("--skip-train", action="store_true", help="skip the QAT training-step rows")
+    ap.add_argument("--train-modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"],
+                    help="which training-step rows (each against FP in the same mode; default both)")
     ap.add_argument("--train-only", action="store_true", help="only the training-step rows")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for every compiled row "
                     "(e.g. reduce-overhead for CUDA graphs); default: torch's default")
@@ -276,7 +278,7 @@ def main(argv=None):
              ("QAT W1.58A4+H" + opt_in, policies()["robuq W1.58A4+H"]), ("QAT dit-xl-2-robuq" + opt_in, policies()[PAPER])]
     if args.settings:
         train = [t for t in train if t[1] is None or any(x in t[0] for x in args.settings)]
-    modes = ["eager"] + ([] if args.no_compile else ["compiled"])
+    modes = [m for m in args.train_modes if not (args.no_compile and m == "compiled")]
     for mode in [] if args.skip_train else modes:
         for name, pol in train:
             m = build(cfg).to(device).train()

@@ -28,7 +28,17 @@
 # If only nvidia-h200 is lent: lm-start 12 and tests-start together (nothing timed beside bench_lm: it shares the
 # GPU), lm-wait; tests-wait, then the timed steps in the time left (dit, dit-default, qat-profile, train, linear).
 set -uo pipefail
-case "${1:-}" in tests|tests-start|tests-wait|lm-start|lm-wait|dit|dit-default|linear|qat-profile|train|train-opt|ddp)
+if [ "${1:-}" = pair ]; then  # pair STEP0 STEP1: STEP0 on GPU 0 and STEP1 on GPU 1 side by side, both waited for
+    [ $# -eq 3 ] || { echo "usage: $0 pair STEP_ON_GPU0 STEP_ON_GPU1"; exit 2; }
+    OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
+    mkdir -p "$OUT/$2.gpu0" "$OUT/$3.gpu1"  # each its own folder: two bench_dit runs write the same file names
+    OUT=$OUT/$3.gpu1 CUDA_VISIBLE_DEVICES=1 "$0" "$3" >"$OUT/$3.gpu1/log.txt" 2>&1 &
+    OUT=$OUT/$2.gpu0 CUDA_VISIBLE_DEVICES=0 "$0" "$2" 2>&1 | tee "$OUT/$2.gpu0/log.txt" | tail -25
+    wait
+    echo "--- GPU 1: $3"; tail -25 "$OUT/$3.gpu1/log.txt"
+    exit 0
+fi
+case "${1:-}" in tests|tests-start|tests-wait|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp)
     ;;
     *) sed -n 2,26p "$0"; exit 2 ;; esac
 OUT=${OUT:-$PWD/gpu_out}
@@ -82,6 +92,11 @@ dit)
         --tag _reduce-overhead 2>&1 | tail -40
     timeout 90 python3 benchmarks/bench_call_overhead.py --profile --out "$OUT" 2>&1 | tail -20
     ;;
+dit-low)  # the asymmetric sigma policies (issue 17 item 5: within 10% of dit-xl-2-robuq's speed)
+    timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
+        --settings "dit-xl-2-robuq (" "-a3 (" "-a2 (" --batches 1 64 --iters 10 --warmup 3 --tag _reduce-overhead_a3a2 \
+        2>&1 | tail -30
+    ;;
 dit-default)  # batch 8 under torch.compile's default mode: the opaque op vs the Inductor decomposition vs bf16
     timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --only-default-mode --skip-train --iters 10 --warmup 3 \
         --tag _default-mode 2>&1 | tail -12
@@ -92,6 +107,10 @@ ddp)
 train-opt)  # eager QAT with the opt-in kernels (weight quant, fp8 forward GEMM): rows named "... +fp8 +wkernel"
     ROBUQ_QAT_WEIGHT_KERNEL=1 ROBUQ_QAT_FP8=1 timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --train-only \
         --no-compile --iters 16 --tag _train_opt 2>&1 | tail -12
+    ;;
+train-paper)  # the compiled QAT step of the paper's policy (cut from the last full train run) against FP
+    timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes compiled --iters 16 \
+        --settings "dit-xl-2-robuq" --tag _train_paper 2>&1 | tail -12
     ;;
 train)
     timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --iters 16 --tag _train 2>&1 | tail -20
