@@ -53,6 +53,7 @@ import _lm_data as L  # noqa: E402
 import _lm_report as R  # noqa: E402
 from _lm_settings import GROUPS, MAIN, QUANTIZER, all_settings, policy, quantized_layers  # noqa: E402
 from _provenance import gpu_tag, provenance, write_summary  # noqa: E402
+import _lm_workers as W  # noqa: E402
 import robuq_fx  # noqa: E402
 from robuq_fx import ampn  # noqa: E402
 
@@ -111,29 +112,35 @@ def probe(args, cfg, corpus, val, ids, device) -> dict:
 
 def plan(args, settings, n_layers: int, val_tokens: int, speed: dict, elapsed: float) -> dict:
     """The QAT token budget per run: what --minutes leaves after the fixed work, split over the runs (or
-    --qat-tokens as given), and the ETA."""
+    --qat-tokens as given), and the ETA. With N --devices the QAT jobs' work (training, their evaluations,
+    quantize / lower, AMPN) is divided by N (the worker processes run in parallel, balanced by _lm_workers); the FP
+    model, its control and its evaluations run on the first device before the jobs and are not divided."""
     tok = args.batch * args.ctx
     seeds = args.seeds
+    n = len(args.devices)
     uniform = [s for s in settings if not s.ampn]
     n_ampn = len(settings) - len(uniform)
     runs = (len(uniform) + n_ampn) * seeds
-    # seconds per QAT token summed over the runs
-    per_token = seeds * sum(1 / speed["qat_sigma_tok_s" if s.a_clip == "sigma" else "qat_tok_s"] for s in settings)
+    # seconds per QAT token summed over the runs (divided over the devices)
+    per_token = seeds * sum(1 / speed["qat_sigma_tok_s" if s.a_clip == "sigma" else "qat_tok_s"] for s in settings) / n
     per_token += seeds / speed["fp_tok_s"]  # the FP control: the FP model trained on for the same budget
-    evals = seeds + len(uniform) * (1 + seeds) + 2 * n_ampn * seeds + len(settings) * (2 if args.device == "cuda" else 1)
+    job_evals = len(uniform) * (1 + seeds) + 2 * n_ampn * seeds + len(settings) * (2 if args.device == "cuda" else 1)
+    evals = seeds + job_evals / n  # the FP control's, and the jobs' (PTQ, QAT, lowered) divided
     fp_evals = (args.fp_tokens // tok // args.eval_every + 2) * min(1.0, MONITOR / max(1, val_tokens // args.ctx))
     passes = (1 + 3 * 7 * n_layers) if n_ampn else 0
+    quantizes = len(uniform) * (seeds if n > 1 else 1) + 2 * n_ampn * seeds + (seeds if n_ampn else 0)  # a job each
     fixed = {"FP training (at most)": args.fp_tokens / speed["fp_tok_s"],
              "evaluations": (evals + fp_evals + 1) * val_tokens / speed["eval_tok_s"],
              "AMPN warm-up + sensitivity": (seeds * (args.ampn_warmup * tok / speed["qat_tok_s"]
-                                                     + passes * args.ampn_calib * args.ctx / speed["eval_tok_s"])
+                                                     + passes * args.ampn_calib * args.ctx / speed["eval_tok_s"]) / n
                                             if n_ampn else 0.0),
-             "quantize / lower": (len(uniform) + 2 * n_ampn * seeds + (seeds if n_ampn else 0)) * speed["quantize_s"]
-             + len(settings) * speed["lower_s"],
+             "quantize / lower": (quantizes * speed["quantize_s"] + len(settings) * speed["lower_s"]) / n,
              "startup, data, probe": elapsed,
              # first calls of each Triton kernel variant (row fake-quant per bit width, fp8 quantizer and GEMM per
              # shape): a guess, not measured by the probe
              "kernel compilation (allowance)": 60.0 if args.device == "cuda" else 0.0}
+    if n > 1:  # workers start while the FP model trains; left: loading the FP state, first kernel calls (a guess)
+        fixed["worker start-up (allowance)"] = 20.0 if args.device == "cuda" else 2.0
     if args.qat_tokens:
         qat_steps = max(1, int(args.qat_tokens) // tok)
     else:
@@ -196,21 +203,23 @@ def lowered_gap(q, qat_bpb: float, val, args, device) -> dict:
     return out
 
 
-def run_setting(s, fp, args, corpus, val, ids, device, bar, log, seed_policy=None) -> dict:
+def run_setting(s, fp, args, corpus, val, ids, device, bar, log, seed_policy=None, seeds=None, ptq=True) -> dict:
     """PTQ and QAT over the seeds for one uniform setting (quantized once, copied per seed), or one AMPN seed
-    (seed_policy = (seed, its allocated policy))."""
+    (seed_policy = (seed, its allocated policy)). seeds: a subset (a worker's job, _lm_workers.py; default all of
+    them); ptq=False leaves the PTQ evaluation to the job of seed 0 ("ptq_bpb" None)."""
     amp = device == "cuda"
     pol = seed_policy[1] if seed_policy else policy(s, args.lora_rank, args.hadamard_block)
-    seeds = [seed_policy[0]] if seed_policy else list(range(args.seeds))
+    seeds = [seed_policy[0]] if seed_policy else list(range(args.seeds) if seeds is None else seeds)
     q0 = robuq_fx.quantize(fp, pol, (ids,))
-    out = {"ptq_bpb": L.bpb(q0, val, args.eval_batch, device, amp), "bpb": [], "seeds": seeds}
+    out = {"ptq_bpb": L.bpb(q0, val, args.eval_batch, device, amp) if ptq else None, "bpb": [], "seeds": seeds}
     for i, seed in enumerate(seeds):
         q = q0 if i == len(seeds) - 1 else copy.deepcopy(q0)
         bar.set_postfix_str(f"{s.label} seed {seed}")
         L.train_qat(q, L.train_batches(corpus.train, args.qat_steps, args.batch, args.ctx, 1000 + seed, device),
                     args.qat_lr, amp, bar)
         out["bpb"].append(L.bpb(q, val, args.eval_batch, device, amp))
-        log(f"{s.label} seed {seed}: PTQ {out['ptq_bpb']:.4f} -> QAT {out['bpb'][-1]:.4f} BPB")
+        log(f"{s.label} seed {seed}: " + (f"PTQ {out['ptq_bpb']:.4f} -> " if ptq else "")
+            + f"QAT {out['bpb'][-1]:.4f} BPB")
         if seed == 0:
             out["lowered"] = lowered_gap(q, out["bpb"][-1], val, args, device)
             g = out["lowered"]
@@ -219,34 +228,90 @@ def run_setting(s, fp, args, corpus, val, ids, device, bar, log, seed_policy=Non
     return out
 
 
-def run_ampn(settings, fp, args, corpus, val, ids, device, bar, log, n_layers) -> tuple[dict, dict]:
+def run_ampn_seed(settings, fp, args, corpus, val, ids, device, bar, log, n_layers, seed) -> dict:
+    """One AMPN seed: sensitivities after a QAT warm-up, then each AMPN setting's allocation trained (run_setting).
+    Returns {key: {"run": run_setting's result, "mean_bits": {...}, "alloc": {...}}}, plain data (merge_ampn)."""
     amp = device == "cuda"
+    base = policy(settings[0], args.lora_rank, args.hadamard_block)
+    bar.set_postfix_str(f"AMPN sensitivity seed {seed}")
+    calib = L.train_batches(corpus.train, 1, args.ampn_calib, args.ctx, 3000 + seed, device)
+    calib = list(calib[0].split(max(1, args.eval_batch // 2)))
+    warm = L.train_batches(corpus.train, args.ampn_warmup, args.batch, args.ctx, 2000 + seed, device)
+    sens = ampn.measure(fp, base, calib, (1, 2, 3, 4), loss_fn=lambda m, b: L.lm_loss(m, b, amp),
+                        warmup_steps=args.ampn_warmup, train_batches=warm, seed=seed, lr=args.qat_lr,
+                        example_inputs=(ids,), layers=quantized_layers(n_layers), progress=False)
+    bar.update(args.ampn_warmup * args.batch * args.ctx)
+    out = {}
+    for s in settings:
+        pol, rep = ampn.allocate_from(sens, s.a_bits, args.ampn_weight)
+        r = run_setting(s, fp, args, corpus, val, ids, device, bar, log, seed_policy=(seed, pol))
+        out[s.key] = {"run": r, "mean_bits": {"plain": rep.info["mean bits (plain)"],
+                                              "macs": rep.info["mean bits (MAC-weighted)"]},
+                      "alloc": {"summary": rep.summary, "info": rep.info,
+                                "bits": {row["layer"]: row["bits"] for row in rep}}}
+        log(f"{s.label} seed {seed}: mean bits plain {rep.info['mean bits (plain)']:.2f}, MAC-weighted "
+            f"{rep.info['mean bits (MAC-weighted)']:.2f}")
+    return out
+
+
+def merge_ampn(settings, per_seed: list[dict]) -> tuple[dict, dict]:
+    """run_ampn_seed's results, in seed order, as the results (res[key]) and allocations (allocs[key], one per
+    seed) of the AMPN settings."""
     res = {s.key: {"ptq_bpb": [], "bpb": [], "seeds": [], "mean_bits": []} for s in settings}
     allocs = {s.key: [] for s in settings}
-    base = policy(settings[0], args.lora_rank, args.hadamard_block)
-    for seed in range(args.seeds):
-        bar.set_postfix_str(f"AMPN sensitivity seed {seed}")
-        calib = L.train_batches(corpus.train, 1, args.ampn_calib, args.ctx, 3000 + seed, device)
-        calib = list(calib[0].split(max(1, args.eval_batch // 2)))
-        warm = L.train_batches(corpus.train, args.ampn_warmup, args.batch, args.ctx, 2000 + seed, device)
-        sens = ampn.measure(fp, base, calib, (1, 2, 3, 4), loss_fn=lambda m, b: L.lm_loss(m, b, amp),
-                            warmup_steps=args.ampn_warmup, train_batches=warm, seed=seed, lr=args.qat_lr,
-                            example_inputs=(ids,), layers=quantized_layers(n_layers), progress=False)
-        bar.update(args.ampn_warmup * args.batch * args.ctx)
+    for one in per_seed:
         for s in settings:
-            pol, rep = ampn.allocate_from(sens, s.a_bits, args.ampn_weight)
-            r = run_setting(s, fp, args, corpus, val, ids, device, bar, log, seed_policy=(seed, pol))
+            r = one[s.key]["run"]
             for k in ("bpb", "seeds"):
                 res[s.key][k] += r[k]
             res[s.key]["ptq_bpb"].append(r["ptq_bpb"])
-            res[s.key]["mean_bits"].append({"plain": rep.info["mean bits (plain)"],
-                                            "macs": rep.info["mean bits (MAC-weighted)"]})
+            res[s.key]["mean_bits"].append(one[s.key]["mean_bits"])
             if "lowered" in r:
                 res[s.key]["lowered"] = r["lowered"]
-            allocs[s.key].append({"summary": rep.summary, "info": rep.info,
-                                  "bits": {row["layer"]: row["bits"] for row in rep}})
-            log(f"{s.label} seed {seed}: mean bits plain {rep.info['mean bits (plain)']:.2f}, MAC-weighted "
-                f"{rep.info['mean bits (MAC-weighted)']:.2f}")
+            allocs[s.key].append(one[s.key]["alloc"])
+    return res, allocs
+
+
+def run_ampn(settings, fp, args, corpus, val, ids, device, bar, log, n_layers) -> tuple[dict, dict]:
+    return merge_ampn(settings, [run_ampn_seed(settings, fp, args, corpus, val, ids, device, bar, log, n_layers,
+                                               seed) for seed in range(args.seeds)])
+
+
+def fp_phase(args, cfg, corpus, val, n_layers, bar, log) -> tuple:
+    """The fixed work on the (first) device: the FP model trained, its validation BPB, the outlier statistics of
+    its quantized linears' inputs and the FP control. Returns (fp, fp_run, fp_bpb, outliers, control)."""
+    device, amp = args.device, args.device == "cuda"
+    fp = L.build_model(cfg, args.fp_seed, device)
+    log(f"model: LlamaForCausalLM {n_layers} x {cfg['hidden_size']} (MLP {cfg['intermediate_size']}, "
+        f"{cfg['num_attention_heads']} heads), context {args.ctx}, vocab 256: {L.n_params(fp) / 1e6:.2f} M parameters")
+    bar.set_postfix_str("FP")
+    fp_run = L.train_fp(fp, corpus.train, args.fp_tokens, args.batch, args.ctx, args.lr, args.fp_seed, device, amp,
+                        val[:MONITOR], args.eval_every, bar=bar, log=log)
+    bar.total = bar.total - args.fp_tokens + fp_run["tokens"]
+    fp_bpb = L.bpb(fp, val, args.eval_batch, device, amp)
+    log(f"FP: {fp_run['steps']} steps ({fp_run['tokens']:.3g} tokens), validation {fp_bpb:.4f} BPB "
+        f"({val.shape[0] * args.ctx} predicted bytes)")
+    outliers = L.outlier_stats(fp, quantized_layers(n_layers), val[:min(16, len(val))], args.hadamard_block,
+                               device, amp)
+
+    control = L.fp_control(fp, corpus.train, args.seeds, args.qat_steps, args.batch, args.ctx, args.qat_lr, device,
+                           amp, val, args.eval_batch, bar)
+    log("FP control (FP trained on for one QAT run's budget, QAT schedule): "
+        + ", ".join(f"seed {i} {b:.4f}" for i, b in enumerate(control)) + " BPB")
+    return fp, fp_run, fp_bpb, outliers, control
+
+
+def qat_phase(settings, fp, args, corpus, val, ids, n_layers, bar, log, save) -> tuple[dict, dict]:
+    """Every setting on the one device, in order: the uniform ones (save(res) after each), then AMPN."""
+    res, allocs = {}, {}
+    for s in settings:
+        if not s.ampn:
+            res[s.key] = run_setting(s, fp, args, corpus, val, ids, args.device, bar, log)
+            save(res)
+    ampn_settings = [s for s in settings if s.ampn]
+    if ampn_settings:
+        r, allocs = run_ampn(ampn_settings, fp, args, corpus, val, ids, args.device, bar, log, n_layers)
+        res.update(r)
     return res, allocs
 
 
@@ -258,7 +323,7 @@ def parse_args(argv=None):
                    "a few hundred FP steps, 20 QAT steps per setting")
     p.add_argument("--settings", default=None, help="comma list of setting keys to run (default: all; keys as in "
                    "the summary, e.g. w158a3h,ampn_a2)")
-    p.add_argument("--seeds", type=int, default=3, help="QAT data-order seeds (default 3)")
+    p.add_argument("--seeds", type=int, default=None, help="QAT data-order seeds (default 3; --quick: 1)")
     p.add_argument("--minutes", type=float, default=20.0, help="time budget the QAT tokens are fitted to (default 20)")
     p.add_argument("--qat-tokens", type=float, default=0, help="QAT tokens per run (default 0: fit to --minutes)")
     p.add_argument("--min-qat-steps", type=int, default=50, help="floor of the fitted QAT steps (default 50)")
@@ -280,17 +345,34 @@ def parse_args(argv=None):
     p.add_argument("--data-seed", type=int, default=0, help="seed of the file split hash (default 0)")
     p.add_argument("--fp-seed", type=int, default=0, help="FP init / data-order seed (default 0)")
     p.add_argument("--cpu", action="store_true", help="run on CPU even where CUDA is available")
+    p.add_argument("--devices", nargs="+", default=None, metavar="DEV",
+                   help="devices of the QAT jobs, one worker process each (e.g. cuda:0 cuda:1; cpu cpu for a test); "
+                   "the FP model trains on the first. Default: the one device, no worker processes")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     args = p.parse_args(argv)
     if args.quick:
-        args.seeds, args.batch, args.ctx, args.eval_batch, args.eval_every = 1, 8, 64, 32, 100
+        args.batch, args.ctx, args.eval_batch, args.eval_every = 8, 64, 32, 100
         args.fp_tokens, args.qat_tokens = 300 * 8 * 64, args.qat_tokens or 20 * 8 * 64
         args.val_windows, args.lora_rank, args.ampn_warmup, args.ampn_calib = 64, 8, 5, 8
         args.min_qat_steps, args.hadamard_block, args.threads = 1, 64, args.threads or 1
+    args.seeds = args.seeds or (1 if args.quick else 3)
     args.fp_tokens, args.qat_tokens = int(args.fp_tokens), int(args.qat_tokens)
     args.device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    if args.devices is None:
+        args.devices = [args.device]
+    else:  # args.device: their type ("cuda" / "cpu": autocast, synchronisation); each process sets its own index
+        kinds = {torch.device(d).type for d in args.devices}
+        if len(kinds) != 1 or kinds - {"cuda", "cpu"}:
+            p.error(f"--devices: one kind, cuda or cpu (got {' '.join(args.devices)})")
+        args.device = kinds.pop()
+        if args.device == "cuda" and (args.cpu or not torch.cuda.is_available()):
+            p.error("--devices cuda:...: " + ("--cpu given" if args.cpu else "CUDA is not available"))
+        bad = [d for d in args.devices
+               if args.device == "cuda" and (torch.device(d).index or 0) >= torch.cuda.device_count()]
+        if bad:
+            p.error(f"--devices: {' '.join(bad)} not present ({torch.cuda.device_count()} CUDA devices)")
     return args
 
 
@@ -300,6 +382,8 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda" and torch.device(args.devices[0]).index is not None:
+        torch.cuda.set_device(args.devices[0])  # "cuda" below is the first of --devices
     device, amp = args.device, args.device == "cuda"
     log = lambda msg: tqdm.write(f"{time.perf_counter() - t0:7.1f}s {msg}")  # noqa: E731
     corpus = L.load_corpus(args.data_seed, args.val_percent, max_train_bytes=2_000_000 if args.quick else None,
@@ -320,47 +404,36 @@ def main(argv=None) -> dict:
     log(f"throughput ({device}): FP {speed['fp_tok_s']:.3g} tok/s, QAT W1.58A3+H {speed['qat_tok_s']:.3g} tok/s "
         f"(sigma clipping {speed['qat_sigma_tok_s']:.3g}), "
         f"eval {speed['eval_tok_s']:.3g} tok/s; quantize {speed['quantize_s']:.2f} s, lower {speed['lower_s']:.2f} s")
-    log(f"plan: FP <= {args.fp_tokens:.3g} tokens; {pl['qat_runs']} QAT runs x {pl['qat_steps']} steps x "
+    log(f"plan{' (QAT jobs on ' + ', '.join(args.devices) + ')' if len(args.devices) > 1 else ''}: "
+        f"FP <= {args.fp_tokens:.3g} tokens; {pl['qat_runs']} QAT runs x {pl['qat_steps']} steps x "
         f"{args.batch} x {args.ctx} = {pl['qat_tokens']:.3g} tokens each ({len(settings)} settings x {args.seeds} "
         f"seeds); fixed work {pl['fixed_s']}; ETA {pl['eta_s'] / 60:.1f} min"
         + (f" (budget {args.minutes:g} min)" if pl["budget_s"] else ""))
 
     total = args.fp_tokens + pl["qat_runs"] * pl["qat_tokens"] + args.seeds * args.ampn_warmup * args.batch * args.ctx
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="bench_lm", disable=args.no_progress, smoothing=0.05)
-    fp = L.build_model(cfg, args.fp_seed, device)
-    log(f"model: LlamaForCausalLM {n_layers} x {cfg['hidden_size']} (MLP {cfg['intermediate_size']}, "
-        f"{cfg['num_attention_heads']} heads), context {args.ctx}, vocab 256: {L.n_params(fp) / 1e6:.2f} M parameters")
-    bar.set_postfix_str("FP")
-    fp_run = L.train_fp(fp, corpus.train, args.fp_tokens, args.batch, args.ctx, args.lr, args.fp_seed, device, amp,
-                        val[:MONITOR], args.eval_every, bar=bar, log=log)
-    bar.total = bar.total - args.fp_tokens + fp_run["tokens"]
-    fp_bpb = L.bpb(fp, val, args.eval_batch, device, amp)
-    log(f"FP: {fp_run['steps']} steps ({fp_run['tokens']:.3g} tokens), validation {fp_bpb:.4f} BPB "
-        f"({val.shape[0] * args.ctx} predicted bytes)")
-    outliers = L.outlier_stats(fp, quantized_layers(n_layers), val[:min(16, len(val))], args.hadamard_block,
-                               device, amp)
-
-    control = L.fp_control(fp, corpus.train, args.seeds, args.qat_steps, args.batch, args.ctx, args.qat_lr, device,
-                           amp, val, args.eval_batch, bar)
-    log("FP control (FP trained on for one QAT run's budget, QAT schedule): "
-        + ", ".join(f"seed {i} {b:.4f}" for i, b in enumerate(control)) + " BPB")
-    res, allocs = {}, {}
-    partial = args.out / f"bench_lm_{'quick' if args.quick else gpu_tag()}.partial.json"  # kept if a later step dies
-    for s in settings:
-        if not s.ampn:
-            res[s.key] = run_setting(s, fp, args, corpus, val, ids, device, bar, log)
-            R.save_partial(partial, fp_bpb=fp_bpb, fp=fp_run, fp_control_bpb=control, outliers=outliers, results=res)
-    ampn_settings = [s for s in settings if s.ampn]
-    if ampn_settings:
-        r, allocs = run_ampn(ampn_settings, fp, args, corpus, val, ids, device, bar, log, n_layers)
-        res.update(r)
+    # the workers start now: their imports and CUDA initialisation overlap the FP training
+    pool = W.Pool(args, log) if len(args.devices) > 1 else None
+    try:
+        fp, fp_run, fp_bpb, outliers, control = fp_phase(args, cfg, corpus, val, n_layers, bar, log)
+        partial = args.out / f"bench_lm_{'quick' if args.quick else gpu_tag()}.partial.json"  # kept if a later step dies
+        save = lambda res: R.save_partial(partial, fp_bpb=fp_bpb, fp=fp_run, fp_control_bpb=control,  # noqa: E731
+                                          outliers=outliers, results=res)
+        if pool is None:
+            res, allocs = qat_phase(settings, fp, args, corpus, val, ids, n_layers, bar, log, save)
+        else:  # the same jobs on the worker processes, merged into the same structures
+            res, allocs = W.run_jobs(pool, settings, fp, cfg, corpus, val, args, speed, n_layers, bar, save)
+    finally:
+        if pool is not None:
+            pool.close()
     bar.close()
     runtime = time.perf_counter() - t0
 
     tables = R.make_tables(GROUPS, settings, res, fp_bpb, allocs, control)
     prov = provenance(argv)
+    prov["devices"] = args.devices
     head = [f"command: {prov['command']}",
-            f"commit {prov['commit']}; {prov['gpu']}; torch {prov['torch']}; Python {ci['python']}; {prov['date']}; "
+            f"commit {prov['commit']}; {prov['gpu']}; devices {', '.join(args.devices)}; torch {prov['torch']}; Python {ci['python']}; {prov['date']}; "
             f"runtime {runtime / 60:.1f} min (planned {pl['eta_s'] / 60:.1f})",
             f"data: {ci['train_files']} train files / {ci['train_source_bytes']} bytes, {ci['val_files']} validation "
             f"files / {ci['val_source_bytes']} bytes of the stdlib .py files (without {', '.join(L.EXCLUDED_DIRS)} "
@@ -396,7 +469,7 @@ def main(argv=None) -> dict:
     extra = {"lm_params": L.n_params(fp), "lm_fp_tokens": fp_run["tokens"], "lm_qat_tokens_per_run": pl["qat_tokens"],
              "lm_seeds": args.seeds, "runtime_s": round(runtime, 1), "eta_s": pl["eta_s"], "quick": args.quick}
     figures = R.summary(settings, res, fp_bpb, outliers, ci, extra, control)
-    result = {"provenance": prov, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    result = {"provenance": prov, "devices": args.devices, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "data": ci, "model": cfg, "speed": speed, "plan": pl, "fp": {"bpb": fp_bpb, **fp_run},
               "outliers": outliers, "settings": [asdict(s) for s in settings], "results": res, "ampn": allocs,
               "tables": tables, "summary": figures, "fp_control_bpb": control, "kernels": robuq_fx.kernels.available(), "runtime_s": runtime}

@@ -46,8 +46,8 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # diffusers and its needs, carried as wheels
     # one folder per subcommand: two steps started side by side (lm-start, tests) must not install into one
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site_$1 \
-        .whl/*.whl && export PYTHONPATH=/tmp/site_$1:${PYTHONPATH:-}
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site_$1_${CUDA_VISIBLE_DEVICES:-all} \
+        .whl/*.whl && export PYTHONPATH=/tmp/site_$1_${CUDA_VISIBLE_DEVICES:-all}:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 LM=/tmp/robuq_lm
