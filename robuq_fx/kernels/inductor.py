@@ -24,9 +24,10 @@ eager up to the rounding of reordered fp32 sums, not bit for bit.
 ROBUQ_INDUCTOR_DECOMPOSE, a comma list of what to decompose: "qat" (the QAT ops), "qlinear", "attention8"; "1" /
 "all" for all three, "0" for none. Default "qat,qlinear": the qlinear decomposition passed its GPU tests and made
 default-mode W4A4+H DiT-XL/2 at batch 8 2.3x faster than the opaque op (0.60x vs 0.26x bf16, H200) at the same speed
-under CUDA graphs; attention8's stays opt-in until the paper policy's compile time under it is measured. Asymmetric
-calls on the addmm epilogue stay opaque (their compiled addmm differed from eager by one bf16 ulp on the H200;
-the dispatch table sends no DiT shape there). Inductor's and AOTAutograd's on-disk caches do not see that switch
+under CUDA graphs; attention8's stays opt-in until the paper policy's compile time under it is measured. (The
+asymmetric calls on the addmm epilogue once differed from eager by a bf16 ulp: Inductor keeps bf16 intermediates
+in fp32, which zeroed the low half of the hi/lo split of the asymmetric term; `weight_cache._split16` now splits by
+a bit mask.) Inductor's and AOTAutograd's on-disk caches do not see that switch
 (the decomposition happens inside AOTAutograd): flip it with `TORCHINDUCTOR_FX_GRAPH_CACHE=0` or a fresh cache dir.
 
 How: a FunctionalTensorMode rule for each op (`_functional_rule`). AOTAutograd functionalizes the graph Dynamo
@@ -161,9 +162,6 @@ def _qlinear_decomposition(x, qweight, w_scale, bias, lrb_down, lrb_up, out_feat
         return NotImplemented
     if kernel.name != "triton_fp8":
         return NotImplemented
-    from .dispatch import epilogue_mode
-    if not a_sym and epilogue_mode(x.numel() // in_features, out_features, in_features) == "addmm":
-        return NotImplemented  # the compiled addmm differed from eager's by a bf16 ulp (module docstring)
     try:
         return qlinear_traced(x, a)
     except Exception as e:  # noqa: BLE001 - never fail a compile over the fast path: keep the eager op

@@ -99,6 +99,14 @@ def clear_caches():
 
 
 def _split16(v: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 v as hi + lo in 16-bit dtype (~16 significant bits together). For bf16, hi is v truncated to its top 16
+    bits by a bit mask (exact in bf16), not v rounded: Inductor keeps bf16 intermediates of a fused kernel in fp32
+    (`emulate_precision_casts` off), so under torch.compile `v - v.to(bf16).float()` is 0 and the lo part, with
+    it the asymmetric term's low bits, vanished (compiled != eager by a bf16 ulp; kernels/inductor.py). A bit
+    mask is not elided, so eager and compiled calls split alike."""
+    if dtype == torch.bfloat16 and v.dtype == torch.float32:
+        hi = (v.view(torch.int32) & -65536).view(torch.float32)
+        return hi.to(dtype), (v - hi).to(dtype)
     hi = v.to(dtype)
     return hi, (v - hi.float()).to(dtype)
 

@@ -84,9 +84,7 @@ def _calls(code: str, op: str) -> bool:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "W{}A{}{}{}{}{}".format(*c))
 @pytest.mark.parametrize("m", [37, 1000])
 def test_compiled_qlinear_equals_eager_and_launches_our_kernels(case, m, epi, all_ops, monkeypatch):
-    """Both epilogue modes of the asymmetric / LRB layers: the table's (the Triton GEMM), and _scaled_mm + addmm.
-    Asymmetric layers on the addmm epilogue stay one opaque op (kernels/inductor.py: their compiled addmm was a bf16
-    ulp off eager's), with the eager result."""
+    """Both epilogue modes of the asymmetric / LRB layers: the table's (the Triton GEMM), and _scaled_mm + addmm."""
     if epi == "addmm":
         monkeypatch.setenv("ROBUQ_FP8_EPI", "addmm")
     mod = _layer(1152, 3456, *case)
@@ -95,9 +93,6 @@ def test_compiled_qlinear_equals_eager_and_launches_our_kernels(case, m, epi, al
     with torch.no_grad():
         eager = mod(x)
         compiled, code = _compiled_code(mod, x)
-    if epi == "addmm" and not case[2]:
-        assert _calls(code, "qlinear") and torch.equal(compiled, eager)
-        return
     assert not _calls(code, "qlinear"), "the qlinear call was left opaque"
     assert not _calls(code, "act_quant") and not _calls(code, "fp8_gemm"), "a triton_op was not inlined"
     assert "act_quant_bfly_kernel" in code

@@ -60,3 +60,25 @@ def test_fp8_entry_is_dropped_with_its_layer():
     del m, qa, e
     gc.collect()
     assert ref() is None and wid not in W._WCACHE
+
+
+def test_hi_lo_split_survives_inductor():
+    """The addmm epilogue carries fp32 terms (lo x c) as bf16 hi + lo pairs. Inductor keeps bf16 intermediates of a
+    fused kernel in fp32, so a split written as v - v.to(bf16).float() compiles to lo = 0 (the asymmetric layers'
+    compiled output was then a bf16 ulp off eager's on the H200): the split must give the same pair compiled and
+    eager, with the low half intact."""
+    from robuq_fx.kernels.weight_cache import _split16, ext_left, ext_up
+    torch.manual_seed(0)
+    v = torch.randn(1000) * 3
+    eager = _split16(v, torch.bfloat16)
+    compiled = torch.compile(lambda t: _split16(t, torch.bfloat16))(v)
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
+    assert (compiled[1] != 0).sum() > 900
+    rel = ((eager[0].double() + eager[1].double() - v.double()) / v.double()).abs().max()
+    assert rel < 2 ** -15, rel  # ~16 significant bits together
+    t, lo, up, cs = torch.randn(37, 32).bfloat16(), torch.randn(37), torch.randn(64, 32).bfloat16(), torch.randn(64)
+
+    def f(t, lo, up, cs):
+        return torch.addmm(torch.zeros(37, 64, dtype=torch.bfloat16), ext_left(t, lo, torch.bfloat16),
+                           ext_up(up, cs, torch.bfloat16).t())
+    assert torch.equal(f(t, lo, up, cs), torch.compile(f)(t, lo, up, cs))
