@@ -1,5 +1,6 @@
 """benchmarks/bench_lm.py (issue 21): the stdlib data split, and the --quick run end to end on CPU (2 x 64 byte-level
-Llama, a slice of the data, every setting for a few steps; ~25 s on 2 shared cores). The quick run's numbers say
+Llama, a slice of the data, every setting for a few steps; ~25 s on 2 shared cores), and the same on two worker
+processes (--devices cpu cpu, a few settings at 2 seeds; ~35 s for both runs). The quick run's numbers say
 nothing about RobuQ: it checks the pipeline (data -> FP -> outliers -> QAT settings, AMPN -> lower -> tables, JSON,
 summary)."""
 import json
@@ -118,6 +119,63 @@ def test_plan_fits_the_qat_budget_to_the_time_budget():
     args.qat_tokens = 8_000_000  # given: used as is (whole steps), the ETA still printed
     p = bench_lm.plan(args, settings, 8, 2000 * 512, speed, 30.0)
     assert p["qat_steps"] == 8_000_000 // (64 * 512) and p["budget_s"] is None and p["eta_s"] > 0
+
+
+def test_plan_divides_the_qat_work_over_the_devices():
+    """Two devices: the QAT jobs' work (training, their evaluations, quantize / lower, AMPN) is halved, the FP
+    training, its control and evaluations are not, so the same budget buys about twice the QAT steps."""
+    import bench_lm
+    speed = dict(fp_tok_s=8e5, qat_tok_s=4e5, qat_sigma_tok_s=2.5e5, eval_tok_s=1.5e6, quantize_s=1.5, lower_s=3.0)
+    plans = {}
+    for devices in (["cuda"], ["cuda:0", "cuda:1"]):
+        args = bench_lm.parse_args(["--minutes", "9", "--max-qat-steps", "100000"])
+        args.device, args.devices = "cuda", devices
+        plans[len(devices)] = bench_lm.plan(args, bench_lm.all_settings(), 8, 2000 * 512, speed, 30.0)
+    one, two = plans[1], plans[2]
+    assert "worker start-up (allowance)" in two["fixed_s"] and "worker start-up (allowance)" not in one["fixed_s"]
+    assert two["fixed_s"]["FP training (at most)"] == one["fixed_s"]["FP training (at most)"]
+    assert two["fixed_s"]["quantize / lower"] < one["fixed_s"]["quantize / lower"]
+    assert 1.7 * one["qat_steps"] < two["qat_steps"] < 2 * one["qat_steps"] and 500 < two["eta_s"] <= 540
+    args.max_qat_steps = 50  # the cap holds
+    assert bench_lm.plan(args, bench_lm.all_settings(), 8, 2000 * 512, speed, 30.0)["qat_steps"] == 50
+
+
+def test_quick_run_on_two_worker_processes_gives_the_one_device_results(tmp_path):
+    """--devices cpu cpu: the QAT jobs (setting x seed, AMPN seeds) on two spawned worker processes give exactly the
+    one-device run's results (same FP model, same seeds; one thread each), in the same structures and tables."""
+    import bench_lm
+    quick = ["--quick", "--seeds", "2", "--settings", "w158a3h,w158a3h_sigma,ampn_a2", "--no-progress"]
+    threads = torch.get_num_threads()
+    try:
+        one = bench_lm.main(quick + ["--out", str(tmp_path / "one")])
+        two = bench_lm.main(quick + ["--out", str(tmp_path / "two"), "--devices", "cpu", "cpu"])
+    finally:
+        torch.set_num_threads(threads)
+    assert one["devices"] == ["cpu"] and two["devices"] == two["provenance"]["devices"] == ["cpu", "cpu"]
+    assert two["fp"]["bpb"] == one["fp"]["bpb"] and two["fp_control_bpb"] == one["fp_control_bpb"]
+    assert list(two["results"]) == list(one["results"]) == ["w158a3h", "w158a3h_sigma", "ampn_a2"]
+    for key, r in one["results"].items():  # exact, key order included (the JSON is written in that order)
+        assert list(two["results"][key]) == list(r) and two["results"][key] == r, key
+        assert r["seeds"] == [0, 1] and len(r["bpb"]) == 2
+    assert two["ampn"] == one["ampn"] and two["tables"] == one["tables"]
+    assert "devices cpu, cpu;" in (tmp_path / "two" / "bench_lm_quick.txt").read_text().splitlines()[1]
+    assert not list((tmp_path / "two").glob(".bench_lm_fp_state*"))  # the state file for the workers is removed
+
+
+def test_a_failing_worker_raises_its_traceback(tmp_path):
+    """A worker that raises (here: its state file is missing) makes the main process raise with the worker's
+    traceback instead of waiting for results that never come."""
+    import _lm_workers as W
+    import bench_lm
+    args = bench_lm.parse_args(["--quick", "--devices", "cpu", "--out", str(tmp_path)])
+    args.qat_steps = 1
+    pool = W.Pool(args, log=lambda msg: None)
+    try:
+        with pytest.raises(W.WorkerError, match=r"(?s)worker cpu failed on job w158a3h seed 0.*FileNotFoundError"):
+            pool.run([W.Job("setting", "w158a3h", 0)], str(tmp_path / "missing.pt"), bar=None, on_done=None)
+    finally:
+        pool.close()
+    assert not any(p.is_alive() for p in pool.procs.values())
 
 
 def test_a_lowering_failure_is_recorded_not_raised(monkeypatch):
