@@ -4,6 +4,7 @@
     python benchmarks/bench_lm.py --quick --out /tmp/x # CPU smoke run: 2 x 64 model, a slice of the data, < 1 min
     python benchmarks/bench_lm.py --minutes 30         # fit the QAT token budget to another time budget
     python benchmarks/bench_lm.py --qat-tokens 8e6     # fix it instead (the ETA is still printed)
+    python benchmarks/bench_lm.py --devices cuda:0 cuda:1 --minutes 8  # the QAT jobs over two GPUs
 
 1. data (benchmarks/_lm_data.py): the running interpreter's stdlib .py files without its test suites, bytes as
    tokens, a train / validation split by a hash of each file's relative path; exact byte counts printed.
@@ -26,6 +27,12 @@ evaluations, AMPN, quantize/lower, a 60 s allowance for Triton compilation), spl
 settings x 3 seeds), between --min-qat-steps and --max-qat-steps. The plan and the ETA are printed before training.
 Rough expectation for one H200 (not measured yet): FP ~0.8 M tok/s, QAT ~0.4 M tok/s (eager, bf16 autocast), so
 ~180 steps of 64 x 512 (~6 M tokens) a run after ~80 M FP tokens.
+
+--devices A B ...: the FP model, its control and the outlier statistics on A as above, then the QAT jobs (a uniform
+setting at one seed; an AMPN seed) on one worker process per device, longest first from a shared queue
+(benchmarks/_lm_workers.py); the results are the same as on one device. The planner divides the jobs' work (QAT
+training, their evaluations, quantize / lower, AMPN) by the number of devices, not the FP work, so the same
+--minutes gives about N times the QAT tokens per run.
 """
 from __future__ import annotations
 
@@ -404,8 +411,8 @@ def main(argv=None) -> dict:
     log(f"throughput ({device}): FP {speed['fp_tok_s']:.3g} tok/s, QAT W1.58A3+H {speed['qat_tok_s']:.3g} tok/s "
         f"(sigma clipping {speed['qat_sigma_tok_s']:.3g}), "
         f"eval {speed['eval_tok_s']:.3g} tok/s; quantize {speed['quantize_s']:.2f} s, lower {speed['lower_s']:.2f} s")
-    log(f"plan{' (QAT jobs on ' + ', '.join(args.devices) + ')' if len(args.devices) > 1 else ''}: "
-        f"FP <= {args.fp_tokens:.3g} tokens; {pl['qat_runs']} QAT runs x {pl['qat_steps']} steps x "
+    on = f" (FP on {args.devices[0]}, QAT jobs on {', '.join(args.devices)})" if len(args.devices) > 1 else ""
+    log(f"plan{on}: FP <= {args.fp_tokens:.3g} tokens; {pl['qat_runs']} QAT runs x {pl['qat_steps']} steps x "
         f"{args.batch} x {args.ctx} = {pl['qat_tokens']:.3g} tokens each ({len(settings)} settings x {args.seeds} "
         f"seeds); fixed work {pl['fixed_s']}; ETA {pl['eta_s'] / 60:.1f} min"
         + (f" (budget {args.minutes:g} min)" if pl["budget_s"] else ""))
@@ -416,7 +423,8 @@ def main(argv=None) -> dict:
     pool = W.Pool(args, log) if len(args.devices) > 1 else None
     try:
         fp, fp_run, fp_bpb, outliers, control = fp_phase(args, cfg, corpus, val, n_layers, bar, log)
-        partial = args.out / f"bench_lm_{'quick' if args.quick else gpu_tag()}.partial.json"  # kept if a later step dies
+        # kept if a later step dies
+        partial = args.out / f"bench_lm_{'quick' if args.quick else gpu_tag()}.partial.json"
         save = lambda res: R.save_partial(partial, fp_bpb=fp_bpb, fp=fp_run, fp_control_bpb=control,  # noqa: E731
                                           outliers=outliers, results=res)
         if pool is None:
@@ -433,7 +441,8 @@ def main(argv=None) -> dict:
     prov = provenance(argv)
     prov["devices"] = args.devices
     head = [f"command: {prov['command']}",
-            f"commit {prov['commit']}; {prov['gpu']}; devices {', '.join(args.devices)}; torch {prov['torch']}; Python {ci['python']}; {prov['date']}; "
+            f"commit {prov['commit']}; {prov['gpu']}; devices {', '.join(args.devices)}; torch {prov['torch']}; "
+            f"Python {ci['python']}; {prov['date']}; "
             f"runtime {runtime / 60:.1f} min (planned {pl['eta_s'] / 60:.1f})",
             f"data: {ci['train_files']} train files / {ci['train_source_bytes']} bytes, {ci['val_files']} validation "
             f"files / {ci['val_source_bytes']} bytes of the stdlib .py files (without {', '.join(L.EXCLUDED_DIRS)} "
@@ -469,7 +478,8 @@ def main(argv=None) -> dict:
     extra = {"lm_params": L.n_params(fp), "lm_fp_tokens": fp_run["tokens"], "lm_qat_tokens_per_run": pl["qat_tokens"],
              "lm_seeds": args.seeds, "runtime_s": round(runtime, 1), "eta_s": pl["eta_s"], "quick": args.quick}
     figures = R.summary(settings, res, fp_bpb, outliers, ci, extra, control)
-    result = {"provenance": prov, "devices": args.devices, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    result = {"provenance": prov, "devices": args.devices,
+              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "data": ci, "model": cfg, "speed": speed, "plan": pl, "fp": {"bpb": fp_bpb, **fp_run},
               "outliers": outliers, "settings": [asdict(s) for s in settings], "results": res, "ampn": allocs,
               "tables": tables, "summary": figures, "fp_control_bpb": control, "kernels": robuq_fx.kernels.available(), "runtime_s": runtime}
