@@ -2,31 +2,31 @@
 # Batches of GPU work for a session on a lent GPU machine (commands run from the repository root there; results go
 # under $OUT, or ./gpu_out when OUT is unset). Each step is one call of at most ~9.5 minutes.
 #
+#   scripts/gpu_session.sh lm               the whole bench_lm in one call on every visible GPU (--devices), ~8.6 min
+#   scripts/gpu_session.sh pair A B         step A on GPU 0 and step B on GPU 1 side by side (own output folders)
 #   scripts/gpu_session.sh tests            GPU tests of the newest kernels (Inductor path, TMA GEMM, sigma, timm)
-#   scripts/gpu_session.sh tests-start      the same tests detached (log in /tmp/robuq_tests.log): beside bench_lm
+#   scripts/gpu_session.sh tests-start      the same tests detached (log in /tmp/robuq_tests.log)
 #   scripts/gpu_session.sh tests-wait [S]   wait for them (at most S seconds, default 300) and collect the log
-#   scripts/gpu_session.sh lm-start [MIN]   start bench_lm detached (default 18 min) from a copy in /tmp, so that a
-#                                           later call that re-sends the checkout cannot pull the folder from under it
+#   scripts/gpu_session.sh lm-start [MIN]   bench_lm detached on one GPU (default 18 min; dies if the machine goes back)
 #   scripts/gpu_session.sh lm-wait [SECS]   wait for it (at most SECS, default 540), then collect what it wrote
 #   scripts/gpu_session.sh dit              bench_dit W4A4+H and the paper policy (and with the GELU fused), batch 1 / 64
-#                                           under CUDA graphs, then the overhead table
-#   scripts/gpu_session.sh dit-default      batch 8 under default-mode torch.compile: opaque op, Inductor decomposition
+#                                           under CUDA graphs, then the call-overhead table with its cProfile
+#   scripts/gpu_session.sh dit-low          the -a3 / -a2 policies next to dit-xl-2-robuq, batch 1 / 64, CUDA graphs
+#   scripts/gpu_session.sh dit-default      batch 8 under default-mode torch.compile: decomposed qlinear vs opaque op
 #   scripts/gpu_session.sh linear           bench_linear --write-dispatch (quantizer tilings, GEMM kernels/configs)
 #   scripts/gpu_session.sh qat-profile      profile_dit --train eager and compiled, batch 16 (issue 19's breakdown)
 #   scripts/gpu_session.sh train            bench_dit --train-only: QAT step vs FP, eager and compiled (issue 19)
 #   scripts/gpu_session.sh train-opt        the eager rows again with ROBUQ_QAT_WEIGHT_KERNEL=1 ROBUQ_QAT_FP8=1
+#   scripts/gpu_session.sh train-paper      the paper policy's compiled QAT step against FP
 #   scripts/gpu_session.sh ddp              bench_ddp: 1 GPU vs all GPUs, DDP and FSDP2 (on nvidia-h200-x2)
 #
 # Set ROBUQ_GIT_COMMIT first where the machine has no git history (benchmarks record it).
-# Order for a 30-minute session on nvidia-h200-x2 (each line one call, chained within the 30 s the machine stays
-# warm; a detached job dies when the machine goes back):
-#   CUDA_VISIBLE_DEVICES=1 lm-start 14; CUDA_VISIBLE_DEVICES=1 tests-start; CUDA_VISIBLE_DEVICES=0 linear
-#   CUDA_VISIBLE_DEVICES=0 dit; CUDA_VISIBLE_DEVICES=0 dit-default
-#   CUDA_VISIBLE_DEVICES=0 qat-profile; CUDA_VISIBLE_DEVICES=0 train; CUDA_VISIBLE_DEVICES=0 train-opt
-#   lm-wait; tests-wait; ddp              (both GPUs free by then)
-# Timing runs on GPU 0 while bench_lm trains on GPU 1 of the same host (separate GPUs; 32 CPU cores).
-# If only nvidia-h200 is lent: lm-start 12 and tests-start together (nothing timed beside bench_lm: it shares the
-# GPU), lm-wait; tests-wait, then the timed steps in the time left (dit, dit-default, qat-profile, train, linear).
+# The machine goes back ~30 s after a call returns, and with it everything detached or left in /tmp: make every
+# call self-contained, and send the next one at once. Order for a 30-minute session on nvidia-h200-x2:
+#   1. lm                                   (both GPUs; issue 21's run)
+#   2. pair train-paper train-opt           (issue 19)
+#   3. pair dit-low tests                   (issue 17 item 5; the GPU tests)
+#   4. pair qat-profile dit-default, then ddp if time is left
 set -uo pipefail
 if [ "${1:-}" = pair ]; then  # pair STEP0 STEP1: STEP0 on GPU 0 and STEP1 on GPU 1 side by side, both waited for
     [ $# -eq 3 ] || { echo "usage: $0 pair STEP_ON_GPU0 STEP_ON_GPU1"; exit 2; }
@@ -38,9 +38,9 @@ if [ "${1:-}" = pair ]; then  # pair STEP0 STEP1: STEP0 on GPU 0 and STEP1 on GP
     echo "--- GPU 1: $3"; tail -25 "$OUT/$3.gpu1/log.txt"
     exit 0
 fi
-case "${1:-}" in tests|tests-start|tests-wait|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp)
+case "${1:-}" in tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp)
     ;;
-    *) sed -n 2,26p "$0"; exit 2 ;; esac
+    *) sed -n 2,28p "$0"; exit 2 ;; esac
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -70,6 +70,11 @@ tests-wait)
     while [ "$(date +%s)" -lt $end ] && pgrep -f "pytest.*test_inductor" >/dev/null; do sleep 5; done
     pgrep -f "pytest.*test_inductor" >/dev/null && echo "tests still running"
     grep -v DEBUG /tmp/robuq_tests.log > "$OUT/gpu_tests.log"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log"
+    ;;
+lm)  # the whole bench_lm in this one call on every visible GPU (~8.6 min on 2 H200s): nothing to lose between calls
+    timeout 590 python3 benchmarks/bench_lm.py --minutes 7.5 --min-qat-steps 40 \
+        --devices $(python3 -c "import torch; print(' '.join(f'cuda:{i}' for i in range(torch.cuda.device_count())))") \
+        --no-progress --out "$OUT/lm" 2>&1 | tee "$OUT/bench_lm_log.txt" | grep -v "^\[cuda" | tail -60
     ;;
 lm-start)
     rm -rf $LM && mkdir -p $LM/out && cp -r . $LM/repo && rm -rf $LM/repo/.git
