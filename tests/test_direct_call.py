@@ -146,6 +146,9 @@ def test_bound_calls_on_the_gpu_equal_the_op(rank, a_sym, small_m, monkeypatch):
             want = unbound(x)
             for _ in range(3):  # the module: ordinary, then bound; the op: the same on the weight's entry
                 assert torch.equal(m(x), want) and torch.equal(_op(m, x), want)
+            if rank == 0 and a_sym and not small_m:  # the quantizer + _scaled_mm path: it must have been bound
+                plans = [p for key, p in m.__dict__["_direct_plans"].items() if key[0] == x.shape]
+                assert plans and all(p[2] is not None for p in plans), f"{tuple(x.shape)}: no bound call"
         m.bias.mul_(2)  # in place: the bindings must let go
         x = torch.randn(16, k, device="cuda", dtype=torch.bfloat16)
         want = unbound(x)
