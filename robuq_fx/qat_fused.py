@@ -36,7 +36,13 @@ from .spec import LayerSpec
 
 
 def _2d(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, t.shape[-1])
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
+def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t.to(dtype) without the dispatcher call where t already has it (`.to` returns t itself then): ~20-30 such
+    calls a layer and step, each a few microseconds of the CPU time that bounds an eager QAT step on a GPU."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def quantized_weight(w, down, up, spec: LayerSpec, c: torch.dtype, compute=None) -> tuple:
@@ -197,17 +203,17 @@ class QATLinearFunction(torch.autograd.Function):
         # autocast stays as the caller set it, as it does for the op graph: it also rounds the rotations' matmuls
         if _fp8_forward_ok(x, w, spec, c):
             y, xh, xq, wq, r_dtype = _fp8_forward(x, w, bias, down, up, spec, c)
-            xq_c = xq.to(c)
+            xq_c = _to(xq, c)
         else:
             wq, r_dtype = _ranged("robuq::qat Q_w(R)", quantized_weight, w, down, up, spec, c)
             xh, xq = _ranged("robuq::qat Q_a(x H)", _rotate_and_quantize, x, spec)
-            xq_c = xq.to(c)
-            y = F.linear(xq_c, wq, None if bias is None else bias.to(c))
+            xq_c = _to(xq, c)
+            y = F.linear(xq_c, wq, None if bias is None else _to(bias, c))
         t = xh_c = None
         if down is not None:
-            xh_c = xh.to(c)
-            t = F.linear(xh_c, down.to(c))
-            y = y + F.linear(t, up.to(c))
+            xh_c = _to(xh, c)
+            t = F.linear(xh_c, _to(down, c))
+            y = y + F.linear(t, _to(up, c))
         ctx.spec, ctx.xh_dtype, ctx.r_dtype, ctx.ab, ctx.w_dtype = spec, xh.dtype, r_dtype, ab, w.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         # autocast caches its cast of a leaf master within its region: where the op graph would take the uncast
@@ -231,29 +237,30 @@ class QATLinearFunction(torch.autograd.Function):
         g2 = _2d(g)
         need_x, need_w, need_b, need_down, need_up = ctx.needs_input_grad[:5]
         g_x = g_w = g_bias = g_down = g_up = None
-        gt2 = None if down is None else g2.mm(up.to(c))  # g A_c
+        gt2 = None if down is None else g2.mm(_to(up, c))  # g A_c
         if need_x:
-            g_xh = g2.mm(wq).to(xd)
+            g_xh = _to(g2.mm(wq), xd)
             if xh is not None:  # a clipped range: the gradient passes inside it only
-                g_xh = g_xh * Q.act_ste_mask(xh, spec.a_bits, spec.sym, spec.a_clip).reshape(g_xh.shape).to(xd)
+                g_xh = g_xh * _to(Q.act_ste_mask(xh, spec.a_bits, spec.sym, spec.a_clip).reshape(g_xh.shape), xd)
             if down is not None:
-                g_xh = g_xh + gt2.mm(down.to(c)).to(xd)
+                g_xh = g_xh + _to(gt2.mm(_to(down, c)), xd)
             g_x = _rotate(g_xh.reshape(*g.shape[:-1], g_xh.shape[-1]), spec)
         if need_w or need_down or need_up:
-            g_r = g2.t().mm(_2d(xq_c)).to(ctx.r_dtype)
+            g_r = _to(g2.t().mm(_2d(xq_c)), ctx.r_dtype)
             if need_w:
-                g_w = _rotate(g_r, spec).to(ctx.w_dtype)
+                g_w = _to(_rotate(g_r, spec), ctx.w_dtype)
             if down is not None:
-                neg = (-g_r).to(ctx.ab)
-                parts_up = neg.mm(down.to(ctx.ab).t()), g2.t().mm(_2d(t))
-                parts_down = up.to(ctx.ab).t().mm(neg), gt2.t().mm(_2d(xh_c))
+                neg = _to(-g_r, ctx.ab)
+                parts_up = neg.mm(_to(down, ctx.ab).t()), g2.t().mm(_2d(t))
+                parts_down = _to(up, ctx.ab).t().mm(neg), gt2.t().mm(_2d(xh_c))
                 if ctx.shared_cast:
-                    g_up, g_down = (parts_up[0] + parts_up[1]).to(up.dtype), (parts_down[0] + parts_down[1]).to(down.dtype)
+                    g_up = _to(parts_up[0] + parts_up[1], up.dtype)
+                    g_down = _to(parts_down[0] + parts_down[1], down.dtype)
                 else:
-                    g_up = parts_up[0].to(up.dtype) + parts_up[1].to(up.dtype)
-                    g_down = parts_down[0].to(down.dtype) + parts_down[1].to(down.dtype)
+                    g_up = _to(parts_up[0], up.dtype) + _to(parts_up[1], up.dtype)
+                    g_down = _to(parts_down[0], down.dtype) + _to(parts_down[1], down.dtype)
         if need_b and ctx.bias_dtype is not None:
-            g_bias = g2.sum(0).to(ctx.bias_dtype)
+            g_bias = _to(g2.sum(0), ctx.bias_dtype)
         return g_x, g_w, g_bias, g_down, g_up, None, None, None
 
 
