@@ -16,7 +16,7 @@
 #   scripts/gpu_session.sh linear           bench_linear --write-dispatch (quantizer tilings, GEMM kernels/configs)
 #   scripts/gpu_session.sh qat-profile      profile_dit --train eager and compiled, batch 16 (issue 19's breakdown)
 #   scripts/gpu_session.sh train            bench_dit --train-only: QAT step vs FP, eager and compiled (issue 19)
-#   scripts/gpu_session.sh train-opt        the eager rows again with ROBUQ_QAT_WEIGHT_KERNEL=1 ROBUQ_QAT_FP8=1
+#   scripts/gpu_session.sh train-opt        eager rows without / with ROBUQ_QAT_WEIGHT_KERNEL=1 ROBUQ_QAT_FP8=1 (A/B)
 #   scripts/gpu_session.sh train-paper      the paper policy's compiled QAT step against FP
 #   scripts/gpu_session.sh ddp              bench_ddp: 1 GPU vs all GPUs, DDP and FSDP2 (on nvidia-h200-x2)
 #
@@ -109,9 +109,13 @@ dit-default)  # batch 8 under torch.compile's default mode: the opaque op vs the
 ddp)
     timeout 540 python3 benchmarks/bench_ddp.py --engines ddp fsdp2 --steps 10 --out "$OUT" 2>&1 | grep -v "step [0-9]*:" | tail -30
     ;;
-train-opt)  # eager QAT with the opt-in kernels (weight quant, fp8 forward GEMM): rows named "... +fp8 +wkernel"
-    ROBUQ_QAT_WEIGHT_KERNEL=1 ROBUQ_QAT_FP8=1 timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --train-only \
-        --no-compile --iters 16 --tag _train_opt 2>&1 | tail -12
+train-opt)  # eager QAT without, then with the opt-in kernels (weight quant, fp8 forward GEMM) on the same GPU: an A/B
+    timeout 280 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --no-compile --iters 16 --tag _train_plain \
+        2>&1 | tail -8
+    ROBUQ_QAT_WEIGHT_KERNEL=1 ROBUQ_QAT_FP8=1 timeout 280 python3 benchmarks/bench_dit.py --out "$OUT" --train-only \
+        --no-compile --iters 16 --tag _train_opt 2>&1 | tail -8
+    ROBUQ_QAT_WEIGHT_KERNEL=1 timeout 200 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --no-compile \
+        --iters 16 --settings "W4A4+H" --tag _train_wkernel 2>&1 | tail -5
     ;;
 train-paper)  # the compiled QAT step of the paper's policy (cut from the last full train run) against FP
     timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes compiled --iters 16 \
