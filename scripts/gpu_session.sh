@@ -19,6 +19,7 @@
 #   scripts/gpu_session.sh train-opt        eager rows without / with ROBUQ_QAT_WEIGHT_KERNEL=1 ROBUQ_QAT_FP8=1 (A/B)
 #   scripts/gpu_session.sh train-paper      the paper policy's compiled QAT step against FP
 #   scripts/gpu_session.sh ddp              bench_ddp: 1 GPU vs all GPUs, DDP and FSDP2 (on nvidia-h200-x2)
+#   scripts/gpu_session.sh ncu              Nsight Compute on the quantizer / GEMM kernels (benchmarks/ncu_kernels.py)
 #
 # Set ROBUQ_GIT_COMMIT first where the machine has no git history (benchmarks record it).
 # The machine goes back ~30 s after a call returns, and with it everything detached or left in /tmp: make every
@@ -26,7 +27,7 @@
 #   1. lm                                   (both GPUs; issue 21's run)
 #   2. pair train-paper train-opt           (issue 19)
 #   3. pair dit-low tests                   (issue 17 item 5; the GPU tests)
-#   4. pair qat-profile dit-default, then ddp if time is left
+#   4. pair qat-profile dit-default; 5. pair ncu dit, or ddp (both GPUs), in the time left
 set -uo pipefail
 if [ "${1:-}" = pair ]; then  # pair STEP0 STEP1: STEP0 on GPU 0 and STEP1 on GPU 1 side by side, both waited for
     [ $# -eq 3 ] || { echo "usage: $0 pair STEP_ON_GPU0 STEP_ON_GPU1"; exit 2; }
@@ -38,9 +39,9 @@ if [ "${1:-}" = pair ]; then  # pair STEP0 STEP1: STEP0 on GPU 0 and STEP1 on GP
     echo "--- GPU 1: $3"; tail -25 "$OUT/$3.gpu1/log.txt"
     exit 0
 fi
-case "${1:-}" in tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp)
+case "${1:-}" in tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu)
     ;;
-    *) sed -n 2,29p "$0"; exit 2 ;; esac
+    *) sed -n 2,30p "$0"; exit 2 ;; esac
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -129,6 +130,17 @@ qat-profile)
         timeout 270 python3 benchmarks/profile_dit.py --train $mode --batch 16 --steps 3 --settings bf16 dit paper \
             --out "$OUT" 2>&1 | tail -45
     done
+    ;;
+ncu)  # Nsight Compute on the quantizer and GEMM kernels (benchmarks/ncu_kernels.py): why they run at the speed they do
+    if command -v ncu >/dev/null; then
+        timeout 500 ncu --nvtx --nvtx-include "regex:.+/" --section SpeedOfLight --section Occupancy \
+            --section LaunchStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+            -f -o "$OUT/ncu_kernels" python3 benchmarks/ncu_kernels.py --reps 1 2>&1 | tail -20
+        ncu --import "$OUT/ncu_kernels.ncu-rep" --csv --page details > "$OUT/ncu_kernels.csv" 2>&1
+        ncu --import "$OUT/ncu_kernels.ncu-rep" --page details 2>&1 | grep -E "^  [a-zA-Z_].*\(|Duration|Throughput|Registers|Achieved Occupancy|Theoretical Occupancy|Executed Ipc|Issue Slots" | head -150
+    else
+        echo "no ncu on this machine: CUDA-event times only"; timeout 200 python3 benchmarks/ncu_kernels.py
+    fi
     ;;
 linear)
     timeout 540 python3 benchmarks/bench_linear.py --write-dispatch --dispatch-only \

@@ -1,0 +1,78 @@
+"""Run each GPU kernel of the fp8 qlinear path a few times on DiT-XL/2 shapes, for Nsight Compute to profile.
+
+    ncu --section SpeedOfLight --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis \
+        --section MemoryWorkloadAnalysis --csv --page details -o /tmp/k python benchmarks/ncu_kernels.py
+
+(`scripts/gpu_session.sh ncu` runs that and keeps the CSV.) What runs, each `--reps` times after one warm-up call
+(M = --m rows, bf16 input, W4A4 + Hadamard 128 unless named otherwise):
+  - the activation quantizer at K = 1152 and K = 4608 with the dispatch table's tiling (issue 20: it is half of
+    fc2's time at M = 16384);
+  - `_scaled_mm` on the codes, qkv (3456 x 1152) and fc2 (1152 x 4608);
+  - the Triton fused-epilogue GEMM (LRB rank 32) on the same shapes, pointer and TMA kernels (issue 17: 1.4-1.7x
+    the plain layer);
+  - the LRB down-projection t = x (B H)^T through cuBLAS.
+Without ncu it prints each kernel's CUDA-event time, so the run is also a quick check that everything launches.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from robuq_fx.kernels import quantizer as AQ  # noqa: E402
+from robuq_fx.kernels import triton_fp8 as T  # noqa: E402
+
+
+def timed(name: str, fn, reps: int) -> None:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.cuda.nvtx.range(name):
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+    torch.cuda.synchronize()
+    print(f"{name:48s} {start.elapsed_time(end) / reps * 1e3:9.1f} us", flush=True)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--m", type=int, default=16384)
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("ncu_kernels needs a CUDA device")
+    torch.manual_seed(0)
+    dev, m = "cuda", args.m
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for name, k, n in (("qkv", 1152, 3456), ("fc2", 4608, 1152)):
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        timed(f"act_quant K={k} (table tiling)", lambda: AQ.act_quant(x, 128, 4, True, m_store=m), args.reps)
+        codes, sx, lo = AQ.act_quant(x, 128, 4, True, m_store=m)
+        w8 = torch.randint(-7, 8, (n, k), device=dev).to(torch.bfloat16).to(torch.float8_e4m3fn)
+        sw = torch.rand(n, device=dev) + 0.5
+        b = torch.randn(n, device=dev, dtype=torch.bfloat16)
+        timed(f"_scaled_mm {name}", lambda: T._scaled_mm(codes, w8, sx, sw, b), args.reps)
+        up = torch.randn(n, 32, device=dev, dtype=torch.bfloat16)
+        down = torch.randn(32, k, device=dev, dtype=torch.bfloat16)
+        t = torch.randn(m, 32, device=dev, dtype=torch.bfloat16)
+        y = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
+        cfg = T._k().GEMM_CONFIGS[0]
+        timed(f"triton epilogue GEMM {name} (pointer, cfg 0)",
+              lambda: T._k().launch_fp8_gemm(codes, w8, y, sx, sw, b, None, None, t, up, m, cfg), args.reps)
+        tcfg = T._k().TMA_GEMM_CONFIGS[1]
+        try:
+            timed(f"triton epilogue GEMM {name} (TMA, cfg 1)",
+                  lambda: T._k().launch_fp8_gemm_tma(codes, w8, y, sx, sw, b, None, None, t, up, m, tcfg, sms),
+                  args.reps)
+        except Exception as e:  # noqa: BLE001 - a config that does not fit this GPU: the rest still runs
+            print(f"triton epilogue GEMM {name} (TMA, cfg 1): skipped ({type(e).__name__}: {e})")
+        timed(f"LRB down-projection {name} (cuBLAS)", lambda: torch.nn.functional.linear(x, down), args.reps)
+
+
+if __name__ == "__main__":
+    main()
