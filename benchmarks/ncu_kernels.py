@@ -8,8 +8,8 @@
   - the activation quantizer at K = 1152 and K = 4608 with the dispatch table's tiling (issue 20: it is half of
     fc2's time at M = 16384);
   - `_scaled_mm` on the codes, qkv (3456 x 1152) and fc2 (1152 x 4608);
-  - the Triton fused-epilogue GEMM (LRB rank 32) on the same shapes, pointer and TMA kernels (issue 17: 1.4-1.7x
-    the plain layer);
+  - the Triton fp8 GEMM on the same shapes without epilogue terms, then with the LRB (rank 32), pointer and TMA
+    kernels (issue 17: the LRB layer costs 1.4-1.7x the plain one; is it the mainloop or the epilogue?);
   - the LRB down-projection t = x (B H)^T through cuBLAS.
 Without ncu it prints each kernel's CUDA-event time, so the run is also a quick check that everything launches.
 """
@@ -62,6 +62,8 @@ def main(argv=None) -> None:
         t = torch.randn(m, 32, device=dev, dtype=torch.bfloat16)
         y = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
         cfg = T._k().GEMM_CONFIGS[0]
+        timed(f"triton GEMM {name} (pointer, cfg 0, no epilogue terms)",  # mainloop vs epilogue: which one costs
+              lambda: T._k().launch_fp8_gemm(codes, w8, y, sx, sw, None, None, None, None, None, m, cfg), args.reps)
         timed(f"triton epilogue GEMM {name} (pointer, cfg 0)",
               lambda: T._k().launch_fp8_gemm(codes, w8, y, sx, sw, b, None, None, t, up, m, cfg), args.reps)
         tcfg = T._k().TMA_GEMM_CONFIGS[1]
