@@ -52,8 +52,29 @@ def tune_quant(table: dict, ms=MS):
                 print(f"[quant {key} M={m}] best BM={bm} warps={warps} chunk={chunk}: {tm * 1e6:.1f}us "
                       f"{gbs:.0f} GB/s (bytes: 2 read + 1 written per element); top: " +
                       " ".join(f"{b}/{w}/{c}:{t * 1e6:.1f}" for t, b, w, c in res[:8]), flush=True)
+                if block:
+                    gluon_vs_triton(x, m, tm)
     table["quant"] = out
     D.dispatch_table()["quant"] = out  # use the tuned tilings for the rest of this run
+
+
+def gluon_vs_triton(x, m: int, triton_s: float) -> None:
+    """The Gluon quantizer (kernels/gluon_act_quant.py, opt-in ROBUQ_QUANT_KERNEL=gluon) on the same call: its time
+    against the Triton kernel's best tiling, and whether its codes / scales equal the Triton kernel's. Printed only:
+    it is not dispatched to until its GPU tests pass."""
+    from robuq_fx.kernels import quantizer as AQ
+    want = AQ.act_quant(x, 128, 4, True)
+    os.environ["ROBUQ_QUANT_KERNEL"] = "gluon"
+    try:
+        got = AQ.act_quant(x, 128, 4, True)
+        same = all(torch.equal(u.float(), v.float()) for u, v in zip(got, want))
+        tg = time_graph(lambda: AQ.act_quant(x, 128, 4, True), 5, 5, 2)
+        print(f"[quant gluon K={x.shape[1]} M={m}] {tg * 1e6:.1f}us ({m * x.shape[1] * 3 / tg / 1e9:.0f} GB/s), "
+              f"{tg / triton_s:.2f}x the Triton kernel's time; codes and scales equal: {same}", flush=True)
+    except Exception as e:  # noqa: BLE001 - report, keep measuring the rest
+        print(f"[quant gluon K={x.shape[1]} M={m}] failed: {type(e).__name__}: {e}", flush=True)
+    finally:
+        os.environ.pop("ROBUQ_QUANT_KERNEL", None)
 
 
 def time_under_env(mod, x, var: str, values) -> dict:

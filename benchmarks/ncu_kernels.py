@@ -6,7 +6,7 @@
 (`scripts/gpu_session.sh ncu` runs that and keeps the CSV.) What runs, each `--reps` times after one warm-up call
 (M = --m rows, bf16 input, W4A4 + Hadamard 128 unless named otherwise):
   - the activation quantizer at K = 1152 and K = 4608 with the dispatch table's tiling (issue 20: it is half of
-    fc2's time at M = 16384);
+    fc2's time at M = 16384), then the Gluon quantizer (kernels/gluon_act_quant.py);
   - `_scaled_mm` on the codes, qkv (3456 x 1152) and fc2 (1152 x 4608);
   - the Triton fp8 GEMM on the same shapes without epilogue terms, then with the LRB (rank 32), pointer and TMA
     kernels (issue 17: the LRB layer costs 1.4-1.7x the plain one; is it the mainloop or the epilogue?);
@@ -52,6 +52,13 @@ def main(argv=None) -> None:
     for name, k, n in (("qkv", 1152, 3456), ("fc2", 4608, 1152)):
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
         timed(f"act_quant K={k} (table tiling)", lambda: AQ.act_quant(x, 128, 4, True, m_store=m), args.reps)
+        os.environ["ROBUQ_QUANT_KERNEL"] = "gluon"
+        try:
+            timed(f"act_quant K={k} (Gluon kernel)", lambda: AQ.act_quant(x, 128, 4, True, m_store=m), args.reps)
+        except Exception as e:  # noqa: BLE001 - report and go on
+            print(f"act_quant K={k} (Gluon kernel): failed ({type(e).__name__}: {e})")
+        finally:
+            os.environ.pop("ROBUQ_QUANT_KERNEL", None)
         codes, sx, lo = AQ.act_quant(x, 128, 4, True, m_store=m)
         w8 = torch.randint(-7, 8, (n, k), device=dev).to(torch.bfloat16).to(torch.float8_e4m3fn)
         sw = torch.rand(n, device=dev) + 0.5

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 
@@ -120,16 +121,41 @@ def act_quant(x2: torch.Tensor, block: int, a_bits: int, sym: bool, dequant: boo
         return out, scale, lo
     launcher = triton_launch.traced if traced else triton_launch.launch
     with _NULL if traced else on_device(dev):  # a traced launch has no device to switch to
-        launcher(*act_quant_spec(x2, out, scale, lo, block, a_bits, sym, dequant, shift, plan, clip, act))
+        launcher(*act_quant_spec(x2, out, scale, lo, block, a_bits, sym, dequant, shift, plan, clip, act,
+                                 gluon=not traced))  # (Inductor's wrapper launches Triton kernels only)
     return out, scale, lo
 
 
+def _gq():
+    from . import gluon_act_quant
+    return gluon_act_quant
+
+
+def _gluon_plan(x2, block: int, clip: str, dequant: bool, act: str) -> tuple | None:
+    """The Gluon quantizer's plan where ROBUQ_QUANT_KERNEL=gluon and it takes the call (Hadamard block 128, absmax,
+    codes out, no input activation, 16-bit input, K it tiles), else None (the Triton kernel)."""
+    if os.environ.get("ROBUQ_QUANT_KERNEL") != "gluon":
+        return None
+    if block != 128 or clip != "absmax" or dequant or act or x2.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    try:
+        return _gq().gluon_plan(x2.shape[1])
+    except ImportError:  # no Gluon in this Triton
+        return None
+
+
 def act_quant_spec(x2, out, scale, lo, block: int, a_bits: int, sym: bool, dequant: bool = False, shift: bool = False,
-                   plan: tuple | None = None, clip: str = "absmax", act: str = "") -> tuple:
+                   plan: tuple | None = None, clip: str = "absmax", act: str = "", gluon: bool = True) -> tuple:
     """The launch `act_quant` makes into its outputs out / scale / lo (m_store rows): (kernel, grid, runtime args,
-    constexprs, options, no_specialize), for `triton_launch.launch` or a caller that binds it (kernels/fastcall.py)."""
+    constexprs, options, no_specialize), for `triton_launch.launch` or a caller that binds it (kernels/fastcall.py).
+    gluon: the Gluon kernel where ROBUQ_QUANT_KERNEL=gluon selects it (`_gluon_plan`)."""
     m, k = x2.shape
     block = block if block > 1 else 0
+    g = _gluon_plan(x2, block, clip, dequant, act) if gluon and plan is None else None
+    if g is not None:  # opt-in (ROBUQ_QUANT_KERNEL=gluon): the Gluon kernel with hand-picked layouts
+        sh = float(2 ** (a_bits - 1)) if shift and not sym else 0.0
+        return _gq().act_quant_gluon_launch(x2, out, scale, lo, m, out.shape[0], _hscale(block, x2.dtype),
+                                            float(Q.act_levels(a_bits, sym)), sh, sym, g)
     sigma = clip == "sigma"
     plan = plan or (_sigma_plan(k, block, m) if sigma else quant_plan(k, block, m))
     # sigma: c of the MSE-optimal uniform quantizer of a normal with the code count of this range (quantizers.py)

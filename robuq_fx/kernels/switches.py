@@ -13,6 +13,8 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
     ("ROBUQ_FP8_SMALL_M", "(table: 0)", "largest M for the one-kernel small-M path; off until measured"),
     ("ROBUQ_FP8_EPI", "(table)", "asymmetric / LRB terms: addmm after _scaled_mm, or triton (fused epilogue)"),
     ("ROBUQ_FP8_GEMM", "(cuBLAS)", "triton: our fp8 GEMM also for symmetric layers without LRB"),
+    ("ROBUQ_QUANT_KERNEL", "(triton)", "gluon: the activation quantizer with hand-picked layouts "
+                                       "(kernels/gluon_act_quant.py); opt-in until its GPU test passes"),
     ("ROBUQ_FP8_GEMM_KERNEL", "(table: pointer)", "tma: the persistent TMA-fed Triton GEMM; opt-in until measured"),
     ("ROBUQ_TMA_GEMM_CFG", "(table)", "index into TMA_GEMM_CONFIGS, for sweeps"),
     ("ROBUQ_ROWQ_TILING", "(tuned)", "rows,warps of the per-row quantizer, for sweeps"),

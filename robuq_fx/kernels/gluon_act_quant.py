@@ -1,0 +1,207 @@
+"""The activation quantizer (x -> x H -> per-token fp8 codes) in Gluon, with layouts chosen by hand (issue 20).
+
+Same contract and arithmetic as `triton_act_quant.act_quant_bfly_kernel` for its common case (Hadamard block 128,
+absmax ranges, symmetric or asymmetric, codes out, no input activation): the codes equal the Triton kernel's wherever
+the fp32 butterfly sums are exact (always, for bf16 inputs whose row spans less than 2^16 in magnitude: each output
+is a sum of 128 bf16 values), and so do the scales. Opt-in (`ROBUQ_QUANT_KERNEL=gluon`) until its GPU tests pass and
+`bench_linear` times it.
+
+Why: Triton picks the layouts of the Triton kernel itself. Its butterfly stages (constant geometry, a permute per
+stage) cost shared-memory round trips and shuffles, and its loads and stores are not vectorized: ptxas counts ~35
+SASS instructions an element at K = 1152, one LDG and one STG an element among them, and the kernel runs at ~2 TB/s
+of the H200's ~4.8. Here every thread owns VT contiguous columns of one row (VT = 32 for the 1024-wide piece of
+K = 1152): loads and stores are 16-byte vectors, the butterflies on the low log2(VT) index bits are additions between
+registers (reshape / permute / split / join only relabel registers in Gluon), and the remaining bits of the 128-block
+are lane bits, exchanged with one `shfl.bfly` and one FMA each: y = fma(own, sign, partner), sign = +1 where the bit
+is 0 (a + c), -1 where it is 1 (a - c). The butterflies run in place, so the result is x H_128 in natural (Sylvester)
+order, as the reference's matmul gives it.
+
+A row is split into at most two contiguous power-of-two pieces (1152 = 1024 + 128, 4608 = 4096 + 512), each with
+its own layout; one row per `WPR` warps (warps per row), `ROWS` rows a program.
+"""
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.extra import libdevice
+
+
+@gluon.jit
+def _partner(y, MASK: gl.constexpr):
+    """The value of y in lane (lane ^ MASK)."""
+    if MASK == 1:
+        return gl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 1, 0x1f, 0xffffffff;", "=f,f", [y],
+                                         dtype=gl.float32, is_pure=True, pack=1)
+    elif MASK == 2:
+        return gl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 2, 0x1f, 0xffffffff;", "=f,f", [y],
+                                         dtype=gl.float32, is_pure=True, pack=1)
+    elif MASK == 4:
+        return gl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 4, 0x1f, 0xffffffff;", "=f,f", [y],
+                                         dtype=gl.float32, is_pure=True, pack=1)
+    elif MASK == 8:
+        return gl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 8, 0x1f, 0xffffffff;", "=f,f", [y],
+                                         dtype=gl.float32, is_pure=True, pack=1)
+    else:
+        return gl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 16, 0x1f, 0xffffffff;", "=f,f", [y],
+                                         dtype=gl.float32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _bfly_lanes(y3, chunk, LANE_BIT: gl.constexpr):
+    """One butterfly stage on a lane bit of y3 (ROWS, chunks, VT): (a, c) -> (a + c, a - c) in place across lanes
+    l and l ^ 2^LANE_BIT, as fma(own, +1, partner) where the bit is 0 and fma(own, -1, partner) where it is 1 (exact:
+    one rounding each). chunk: (1, chunks, 1) chunk indices (= lane + 32 * warp), one value a thread."""
+    sign = 1.0 - 2.0 * ((chunk >> LANE_BIT) & 1).to(gl.float32)
+    return gl.fma(y3, sign, _partner(y3, 1 << LANE_BIT))
+
+
+@gluon.jit
+def _bfly_regs(y, ROWS: gl.constexpr, W: gl.constexpr, S: gl.constexpr):
+    """One butterfly stage on an in-thread index bit (stride S): reshape / permute / split / join only relabel
+    registers here."""
+    t = gl.permute(gl.reshape(y, (ROWS, W // (2 * S), 2, S)), (0, 1, 3, 2))
+    a, c = gl.split(t)
+    t = gl.permute(gl.join(a + c, a - c), (0, 1, 3, 2))
+    return gl.reshape(t, (ROWS, W))
+
+
+@gluon.jit
+def _piece(x_ptr, rows, rmask, stride_xm, hscale, OFF: gl.constexpr, W: gl.constexpr, ROWS: gl.constexpr,
+           LOGVT: gl.constexpr, layout: gl.constexpr):
+    """(ROWS, W) columns [OFF, OFF + W) of the rows times H_128 blockwise and hscale, rounded to x's dtype. A thread
+    owns 2^LOGVT contiguous columns: index bits below LOGVT are registers, bits LOGVT..6 lane bits 0..6-LOGVT."""
+    cols = OFF + gl.arange(0, W, layout=gl.SliceLayout(0, layout))
+    ptrs = x_ptr + gl.expand_dims(rows * stride_xm, 1) + gl.expand_dims(cols, 0)
+    y = gl.load(ptrs, mask=gl.expand_dims(rmask, 1), other=0.0).to(gl.float32)
+    for b in gl.static_range(LOGVT):
+        y = _bfly_regs(y, ROWS, W, 1 << b)
+    # (ROWS, chunks, VT): a thread's VT registers on the last axis, so that the sign of a lane stage is one value a
+    # thread, broadcast (computed per element it cost ~2 instructions an element)
+    y3 = gl.reshape(y, (ROWS, W >> LOGVT, 1 << LOGVT))
+    l3: gl.constexpr = y3.type.layout
+    chunk = gl.expand_dims(gl.expand_dims(gl.arange(0, W >> LOGVT, layout=gl.SliceLayout(0, gl.SliceLayout(2, l3))),
+                                          0), 2)
+    for j in gl.static_range(LOGVT, 7):
+        y3 = _bfly_lanes(y3, chunk, j - LOGVT)
+    return (gl.reshape(y3, (ROWS, W)) * hscale).to(x_ptr.dtype.element_ty)
+
+
+@gluon.jit
+def _maxf(a, b):
+    return gl.maximum(a, b)
+
+
+@gluon.jit
+def _minf(a, b):
+    return gl.minimum(a, b)
+
+
+@gluon.jit
+def _scale_of(a, b, levels, SYM: gl.constexpr):
+    """As triton_rowquant.scale_of: (s, lo, safe, 1/safe), s = RN(range / levels)."""
+    if SYM:
+        s = gl.div_rn(b, gl.zeros_like(b) + levels)
+        lo = -b
+    else:
+        s = gl.div_rn(b - a, gl.zeros_like(b) + levels)
+        lo = a
+    safe = gl.where(s > 0, s, 1.0)
+    return s, lo, safe, gl.div_rn(gl.zeros_like(safe) + 1.0, safe)
+
+
+@gluon.jit
+def _round_quotient(y, safe, rcp):
+    """As triton_rowquant.round_quotient: rint(y / safe) correctly rounded (Markstein)."""
+    q0 = y * rcp
+    return libdevice.rint(gl.fma(gl.fma(-q0, safe, y), rcp, q0))
+
+
+@gluon.jit
+def _store(y, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, shift, OFF: gl.constexpr, W: gl.constexpr,
+           SYM: gl.constexpr, HAS_SHIFT: gl.constexpr, layout: gl.constexpr):
+    row_l: gl.constexpr = gl.SliceLayout(1, layout)
+    cols = OFF + gl.arange(0, W, layout=gl.SliceLayout(0, layout))
+    y = y.to(gl.float32)
+    if not SYM:
+        y = y - gl.expand_dims(gl.convert_layout(lo, row_l), 1)
+    q = _round_quotient(y, gl.expand_dims(gl.convert_layout(safe, row_l), 1),
+                       gl.expand_dims(gl.convert_layout(rcp, row_l), 1))
+    if HAS_SHIFT:
+        q = q - shift
+    ptrs = out_ptr + gl.expand_dims(gl.convert_layout(rows, row_l) * stride_om, 1) + gl.expand_dims(cols, 0)
+    gl.store(ptrs, q.to(out_ptr.dtype.element_ty), mask=gl.expand_dims(gl.convert_layout(smask, row_l), 1))
+
+
+@gluon.jit(do_not_specialize=["M", "M_STORE"])
+def act_quant_gluon_kernel(x_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, stride_xm, stride_om, hscale, levels, shift,
+                           W0: gl.constexpr, W1: gl.constexpr, VT0: gl.constexpr, VT1: gl.constexpr,
+                           LOGVT0: gl.constexpr, LOGVT1: gl.constexpr, ROWS: gl.constexpr, WPR: gl.constexpr,
+                           SYM: gl.constexpr, HAS_SHIFT: gl.constexpr):
+    """W0 (and W1 > 0): the row's piece widths; VTi = Wi / (32 WPR) columns a thread; ROWS rows a program, one per WPR
+    warps (num_warps = ROWS * WPR)."""
+    hscale = hscale.to(gl.float32)
+    levels = levels.to(gl.float32)
+    shift = shift.to(gl.float32)
+    l0: gl.constexpr = gl.BlockedLayout([1, VT0], [1, 32], [ROWS, WPR], [1, 0])
+    l1: gl.constexpr = gl.BlockedLayout([1, VT1 if W1 > 0 else 1], [1, 32], [ROWS, WPR], [1, 0])
+    rl0: gl.constexpr = gl.SliceLayout(1, l0)
+    row0 = gl.program_id(0) * ROWS
+    rows0 = (row0 + gl.arange(0, ROWS, layout=rl0)).to(gl.int64)
+    y0 = _piece(x_ptr, rows0, rows0 < M, stride_xm, hscale, 0, W0, ROWS, LOGVT0, l0)
+    # the row's range (gl.reduce with our combine: the imported gl.max did not verify in an offline sm_90 compile)
+    f0 = y0.to(gl.float32)
+    if SYM:
+        b = gl.reduce(gl.abs(f0), 1, _maxf)
+        a = -b
+    else:
+        a = gl.reduce(f0, 1, _minf)
+        b = gl.reduce(f0, 1, _maxf)
+    if W1 > 0:
+        rl1: gl.constexpr = gl.SliceLayout(1, l1)
+        rows1 = (row0 + gl.arange(0, ROWS, layout=rl1)).to(gl.int64)
+        y1 = _piece(x_ptr, rows1, rows1 < M, stride_xm, hscale, W0, W1, ROWS, LOGVT1, l1)
+        f1 = y1.to(gl.float32)
+        if SYM:
+            b = gl.maximum(b, gl.convert_layout(gl.reduce(gl.abs(f1), 1, _maxf), rl0))
+            a = -b
+        else:
+            a = gl.minimum(a, gl.convert_layout(gl.reduce(f1, 1, _minf), rl0))
+            b = gl.maximum(b, gl.convert_layout(gl.reduce(f1, 1, _maxf), rl0))
+    s, lo, safe, rcp = _scale_of(a, b, levels, SYM)
+    smask0 = rows0 < M_STORE
+    gl.store(scale_ptr + rows0, s, mask=smask0)
+    gl.store(lo_ptr + rows0, lo + shift * s, mask=smask0)
+    _store(y0, out_ptr, rows0, smask0, stride_om, s, safe, rcp, lo, shift, 0, W0, SYM, HAS_SHIFT, l0)
+    if W1 > 0:
+        _store(y1, out_ptr, rows0, smask0, stride_om, s, safe, rcp, lo, shift, W0, W1, SYM, HAS_SHIFT, l1)
+
+
+def gluon_plan(k: int, rows: int = 0) -> tuple | None:
+    """(W0, W1, WPR, ROWS) for K columns, or None where this kernel does not take K: K = W0 + W1, powers of two,
+    multiples of 128, with W1 = 0 or W1 >= W0 / 8, so that one number of warps a row gives each piece 4-32 columns a
+    thread. ROWS rows a program (default: 4 warps a program)."""
+    if k % 128 or k <= 0:
+        return None
+    n = k // 128
+    bits = [i for i in reversed(range(n.bit_length())) if n >> i & 1]
+    if len(bits) > 2:
+        return None
+    w0 = 128 << bits[0]
+    w1 = 128 << bits[1] if len(bits) > 1 else 0
+    for wpr in (1, 2, 4, 8, 16):
+        vts = [w // (32 * wpr) for w in (w0, w1) if w]
+        if all(4 <= v <= 32 for v in vts):
+            return w0, w1, wpr, rows or max(1, 4 // wpr)
+    return None
+
+
+def act_quant_gluon_launch(x, out, scale, lo, m, m_store, hscale, levels, shift, sym, plan):
+    """(kernel, grid, runtime args, constexprs, options, no_specialize), the format of
+    `triton_act_quant.act_quant_launch` (the runtime args start with x, out, scale, lo), for `gluon_plan`'s plan."""
+    w0, w1, wpr, rows = plan
+    vt0, vt1 = w0 // (32 * wpr), (w1 // (32 * wpr) if w1 else 4)
+    return (act_quant_gluon_kernel, ((m_store + rows - 1) // rows,),
+            (x, out, scale, lo, m, m_store, x.stride(0), out.stride(0), float(hscale), float(levels), float(shift)),
+            dict(W0=w0, W1=w1, VT0=vt0, VT1=vt1, LOGVT0=vt0.bit_length() - 1, LOGVT1=vt1.bit_length() - 1, ROWS=rows,
+                 WPR=wpr, SYM=bool(sym), HAS_SHIFT=bool(shift)),
+            dict(num_warps=rows * wpr), (4, 5))

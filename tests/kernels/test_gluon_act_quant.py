@@ -1,0 +1,121 @@
+"""The Gluon activation quantizer (robuq_fx/kernels/gluon_act_quant.py, opt-in ROBUQ_QUANT_KERNEL=gluon).
+
+CPU: the tiling plan, and (where triton imports) that the kernel compiles for sm_90 at the DiT widths, with far fewer
+registers than the Triton kernel's one-warp rows at K = 4608. GPU: codes, scales and offsets equal to the Triton
+kernel's (both sum the same bf16 values in fp32; on these inputs every sum is exact, so the codes must be identical),
+and a layer on the fp8 path equal with and without it.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+import pytest
+import torch
+
+import robuq_fx  # noqa: F401
+from robuq_fx.kernels import quantizer
+
+
+def _gluon():
+    try:
+        from robuq_fx.kernels import gluon_act_quant
+        return gluon_act_quant
+    except Exception:  # noqa: BLE001 - no triton / no Gluon here
+        return None
+
+
+G = _gluon()
+
+
+@pytest.mark.skipif(G is None, reason="triton with Gluon does not import here")
+def test_plan():
+    assert G.gluon_plan(1152) == (1024, 128, 1, 4)      # 32 and 4 columns a thread, one warp a row
+    assert G.gluon_plan(4608) == (4096, 512, 4, 1)      # four warps a row
+    assert G.gluon_plan(256) == (256, 0, 1, 4)
+    assert G.gluon_plan(3072) == (2048, 1024, 2, 2)
+    assert G.gluon_plan(1408) is None                    # three pieces (1024 + 256 + 128)
+    assert G.gluon_plan(1024 + 16) is None               # not a multiple of 128
+    assert G.gluon_plan(2048 + 128) is None              # pieces 16x apart: no warps-per-row fits both
+
+
+def _compile_sm90(k: int, sym: bool):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    fn = G.act_quant_gluon_kernel
+    names = fn.arg_names
+    sig = {"x_ptr": "*bf16", "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "lo_ptr": "*fp32", "M": "i32",
+           "M_STORE": "i32", "stride_xm": "i32", "stride_om": "i32", "hscale": "fp32", "levels": "fp32",
+           "shift": "fp32"}
+    plan = G.gluon_plan(k)
+    x = torch.empty(4, k, dtype=torch.bfloat16)
+    spec = G.act_quant_gluon_launch(x, torch.empty(4, k), x, x, 4, 4, 0.0884, 7.0, 0.0 if sym else 8.0, sym, plan)
+    src = GluonASTSource(fn=fn, signature={n: sig.get(n, "constexpr") for n in names},
+                         constexprs={(names.index(a),): v for a, v in spec[3].items()},
+                         attrs={(names.index(n),): [["tt.divisibility", 16]]
+                                for n in ("x_ptr", "out_ptr", "scale_ptr", "lo_ptr", "stride_xm", "stride_om")})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=spec[4])
+
+
+@pytest.mark.skipif(G is None, reason="triton with Gluon does not import here")
+@pytest.mark.parametrize("k,sym", [(1152, True), (4608, True), (1152, False)])
+def test_compiles_for_sm90_with_few_registers(k, sym):
+    kern = _compile_sm90(k, sym)
+    from triton.backends.nvidia import compiler as nv
+    cuobjdump = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
+    if not os.path.exists(cuobjdump):
+        pytest.skip("no cuobjdump in this triton")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(kern.asm["cubin"])
+        usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
+        sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True).stdout
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    assert regs <= 96, regs  # the Triton kernel's one-warp rows take ~170-200 at K = 4608
+    assert "STL" not in sass  # no spills
+    assert "SHFL.BFLY" in sass  # the lane stages exchange by butterfly shuffles
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available() or G is None, reason="needs CUDA and Gluon")
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [128, 256, 640, 1152, 3072, 4608])
+@pytest.mark.parametrize("a_bits,sym", [(4, True), (2, False), (3, False), (8, True)])
+def test_equals_the_triton_kernel(k, a_bits, sym, monkeypatch):
+    torch.manual_seed(k + a_bits)
+    base = (torch.randn(1001, k + 8, device="cuda") * 2).to(torch.bfloat16)
+    views = {"contiguous": base[:, :k].contiguous(), "row stride k + 8": base[:, :k]}
+    for name, x in views.items():
+        for m, m_store in ((1001, 1008), (37, 48), (1, 16)):
+            xm = x[:m]
+            monkeypatch.delenv("ROBUQ_QUANT_KERNEL", raising=False)
+            want = quantizer.act_quant(xm, 128, a_bits, sym, m_store=m_store, shift=not sym)
+            monkeypatch.setenv("ROBUQ_QUANT_KERNEL", "gluon")
+            got = quantizer.act_quant(xm, 128, a_bits, sym, m_store=m_store, shift=not sym)
+            for label, u, v in zip(("codes", "scales", "lo"), got, want):
+                assert torch.equal(u.float(), v.float()), f"K={k} A{a_bits} {name} M={m}: {label} differ"
+
+
+@cuda
+@pytest.mark.gpu
+def test_layer_on_the_fp8_path_equal_with_it(monkeypatch):
+    from robuq_fx.modules import PackedLinear
+    from robuq_fx.spec import LayerSpec
+    torch.manual_seed(0)
+    k, n = 1152, 3456
+    w = (torch.randn(n, k, device="cuda") / k ** 0.5).bfloat16()
+    spec = LayerSpec(w_bits=4, a_bits=4, hadamard=True, hadamard_block=128).resolve(k, n)
+    mod = PackedLinear.from_float(w, None, None, None, spec).use_device_layout()
+    x = torch.randn(2, 300, k, device="cuda").bfloat16()
+    with torch.no_grad():
+        monkeypatch.delenv("ROBUQ_QUANT_KERNEL", raising=False)
+        want = mod(x)
+        monkeypatch.setenv("ROBUQ_QUANT_KERNEL", "gluon")
+        got = [mod(x) for _ in range(3)]  # the ordinary call, then the bound ones (kernels/fastcall.py)
+    assert all(torch.equal(g, want) for g in got)
