@@ -59,22 +59,30 @@ def tune_quant(table: dict, ms=MS):
 
 
 def gluon_vs_triton(x, m: int, triton_s: float) -> None:
-    """The Gluon quantizer (kernels/gluon_act_quant.py, opt-in ROBUQ_QUANT_KERNEL=gluon) on the same call: its time
-    against the Triton kernel's best tiling, and whether its codes / scales equal the Triton kernel's. Printed only:
-    it is not dispatched to until its GPU tests pass."""
-    from robuq_fx.kernels import quantizer as AQ
-    want = AQ.act_quant(x, 128, 4, True)
-    os.environ["ROBUQ_QUANT_KERNEL"] = "gluon"
-    try:
-        got = AQ.act_quant(x, 128, 4, True)
-        same = all(torch.equal(u.float(), v.float()) for u, v in zip(got, want))
-        tg = time_graph(lambda: AQ.act_quant(x, 128, 4, True), 5, 5, 2)
-        print(f"[quant gluon K={x.shape[1]} M={m}] {tg * 1e6:.1f}us ({m * x.shape[1] * 3 / tg / 1e9:.0f} GB/s), "
-              f"{tg / triton_s:.2f}x the Triton kernel's time; codes and scales equal: {same}", flush=True)
-    except Exception as e:  # noqa: BLE001 - report, keep measuring the rest
-        print(f"[quant gluon K={x.shape[1]} M={m}] failed: {type(e).__name__}: {e}", flush=True)
-    finally:
-        os.environ.pop("ROBUQ_QUANT_KERNEL", None)
+    """The Gluon quantizer (kernels/gluon_act_quant.py, opt-in ROBUQ_QUANT_KERNEL=gluon) on the same call, for each
+    of its tilings (lanes a row, columns a thread): time against the Triton kernel's best tiling, and whether codes,
+    scales and offsets equal the Triton kernel's. Printed only: not dispatched to until its GPU tests pass."""
+    from robuq_fx.kernels import gluon_act_quant as G, quantizer as AQ
+    from robuq_fx.kernels.triton_launch import launch
+    k = x.shape[1]
+    want = AQ.act_quant(x, 128, 4, True, m_store=m)
+    hs, lv = AQ._hscale(128, x.dtype), 7.0
+    for lanes, max_vt in ((32, 32), (32, 64), (16, 64)):
+        plan = G.gluon_plan(k, lanes, max_vt=max_vt)
+        if plan is None or (max_vt == 64 and plan == G.gluon_plan(k, lanes)):
+            continue
+        out = torch.empty_like(want[0])
+        sc, lo = torch.empty_like(want[1]), torch.empty_like(want[2])
+        try:
+            def run():
+                launch(*G.act_quant_gluon_launch(x, out, sc, lo, m, m, hs, lv, 0.0, True, plan))
+            run()
+            same = all(torch.equal(u.float(), v.float()) for u, v in zip((out, sc, lo), want))
+            tg = time_graph(run, 5, 5, 2)
+            print(f"[quant gluon K={k} M={m} plan={plan}] {tg * 1e6:.1f}us ({m * k * 3 / tg / 1e9:.0f} GB/s), "
+                  f"{tg / triton_s:.2f}x the Triton kernel's time; codes, scales equal: {same}", flush=True)
+        except Exception as e:  # noqa: BLE001 - report, keep measuring the rest
+            print(f"[quant gluon K={k} M={m} plan={plan}] failed: {type(e).__name__}: {e}", flush=True)
 
 
 def time_under_env(mod, x, var: str, values) -> dict:

@@ -17,7 +17,7 @@ is 0 (a + c), -1 where it is 1 (a - c). The butterflies run in place, so the res
 order, as the reference's matmul gives it.
 
 A row is split into at most two contiguous power-of-two pieces (1152 = 1024 + 128, 4608 = 4096 + 512), each with
-its own layout; one row per `WPR` warps (warps per row), `ROWS` rows a program.
+its own layout; a row takes LANES lanes of WPR warps (`gluon_plan`; default all 32 lanes).
 """
 from __future__ import annotations
 
@@ -135,15 +135,16 @@ def _store(y, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, shift, OFF: gl.
 @gluon.jit(do_not_specialize=["M", "M_STORE"])
 def act_quant_gluon_kernel(x_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, stride_xm, stride_om, hscale, levels, shift,
                            W0: gl.constexpr, W1: gl.constexpr, VT0: gl.constexpr, VT1: gl.constexpr,
-                           LOGVT0: gl.constexpr, LOGVT1: gl.constexpr, ROWS: gl.constexpr, WPR: gl.constexpr,
-                           SYM: gl.constexpr, HAS_SHIFT: gl.constexpr):
-    """W0 (and W1 > 0): the row's piece widths; VTi = Wi / (32 WPR) columns a thread; ROWS rows a program, one per WPR
-    warps (num_warps = ROWS * WPR)."""
+                           LOGVT0: gl.constexpr, LOGVT1: gl.constexpr, LANES: gl.constexpr, WROWS: gl.constexpr,
+                           WPR: gl.constexpr, SYM: gl.constexpr, HAS_SHIFT: gl.constexpr):
+    """W0 (and W1 > 0): the row's piece widths; a row on LANES lanes of each of WPR warps, VTi = Wi / (LANES WPR)
+    columns a thread; 32 / LANES rows a warp, WROWS warps along the rows (num_warps = WROWS * WPR)."""
+    ROWS: gl.constexpr = (32 // LANES) * WROWS
     hscale = hscale.to(gl.float32)
     levels = levels.to(gl.float32)
     shift = shift.to(gl.float32)
-    l0: gl.constexpr = gl.BlockedLayout([1, VT0], [1, 32], [ROWS, WPR], [1, 0])
-    l1: gl.constexpr = gl.BlockedLayout([1, VT1 if W1 > 0 else 1], [1, 32], [ROWS, WPR], [1, 0])
+    l0: gl.constexpr = gl.BlockedLayout([1, VT0], [32 // LANES, LANES], [WROWS, WPR], [1, 0])
+    l1: gl.constexpr = gl.BlockedLayout([1, VT1], [32 // LANES, LANES], [WROWS, WPR], [1, 0])
     rl0: gl.constexpr = gl.SliceLayout(1, l0)
     row0 = gl.program_id(0) * ROWS
     rows0 = (row0 + gl.arange(0, ROWS, layout=rl0)).to(gl.int64)
@@ -176,11 +177,12 @@ def act_quant_gluon_kernel(x_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, stride
         _store(y1, out_ptr, rows0, smask0, stride_om, s, safe, rcp, lo, shift, W0, W1, SYM, HAS_SHIFT, l1)
 
 
-def gluon_plan(k: int, rows: int = 0) -> tuple | None:
-    """(W0, W1, WPR, ROWS) for K columns, or None where this kernel does not take K: K = W0 + W1, powers of two,
-    multiples of 128, with W1 = 0 or W1 >= W0 / 8, so that one number of warps a row gives each piece 4-32 columns a
-    thread. ROWS rows a program (default: 4 warps a program)."""
-    if k % 128 or k <= 0:
+def gluon_plan(k: int, lanes: int = 32, warps: int = 4, max_vt: int = 32) -> tuple | None:
+    """(W0, W1, LANES, WPR, WROWS) for K columns, or None where this kernel does not take K with `lanes` threads a
+    row: K = W0 + W1, powers of two, multiples of 128 (W1 may be 0), each piece 4 to max_vt columns a thread and at
+    least 128 / lanes (the Hadamard block within one row's lanes); rows spread over `warps` warps a program. Fewer
+    lanes (32 / lanes rows a warp) or a larger max_vt: fewer shuffle stages, more registers."""
+    if k % 128 or k <= 0 or lanes not in (8, 16, 32):
         return None
     n = k // 128
     bits = [i for i in reversed(range(n.bit_length())) if n >> i & 1]
@@ -188,20 +190,22 @@ def gluon_plan(k: int, rows: int = 0) -> tuple | None:
         return None
     w0 = 128 << bits[0]
     w1 = 128 << bits[1] if len(bits) > 1 else 0
-    for wpr in (1, 2, 4, 8, 16):
-        vts = [w // (32 * wpr) for w in (w0, w1) if w]
-        if all(4 <= v <= 32 for v in vts):
-            return w0, w1, wpr, rows or max(1, 4 // wpr)
+    for wpr in ((1, 2, 4, 8, 16) if lanes == 32 else (1,)):
+        vts = [w // (lanes * wpr) for w in (w0, w1) if w]
+        if all(4 <= v <= max_vt and v * lanes >= 128 for v in vts) and wpr <= warps:
+            return w0, w1, lanes, wpr, max(1, warps // wpr)
     return None
 
 
 def act_quant_gluon_launch(x, out, scale, lo, m, m_store, hscale, levels, shift, sym, plan):
     """(kernel, grid, runtime args, constexprs, options, no_specialize), the format of
     `triton_act_quant.act_quant_launch` (the runtime args start with x, out, scale, lo), for `gluon_plan`'s plan."""
-    w0, w1, wpr, rows = plan
-    vt0, vt1 = w0 // (32 * wpr), (w1 // (32 * wpr) if w1 else 4)
+    w0, w1, lanes, wpr, wrows = plan
+    vt0 = w0 // (lanes * wpr)
+    vt1 = w1 // (lanes * wpr) if w1 else vt0
+    rows = (32 // lanes) * wrows
     return (act_quant_gluon_kernel, ((m_store + rows - 1) // rows,),
             (x, out, scale, lo, m, m_store, x.stride(0), out.stride(0), float(hscale), float(levels), float(shift)),
-            dict(W0=w0, W1=w1, VT0=vt0, VT1=vt1, LOGVT0=vt0.bit_length() - 1, LOGVT1=vt1.bit_length() - 1, ROWS=rows,
-                 WPR=wpr, SYM=bool(sym), HAS_SHIFT=bool(shift)),
-            dict(num_warps=rows * wpr), (4, 5))
+            dict(W0=w0, W1=w1, VT0=vt0, VT1=vt1, LOGVT0=vt0.bit_length() - 1, LOGVT1=vt1.bit_length() - 1,
+                 LANES=lanes, WROWS=wrows, WPR=wpr, SYM=bool(sym), HAS_SHIFT=bool(shift)),
+            dict(num_warps=wrows * wpr), (4, 5))
