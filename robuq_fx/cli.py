@@ -220,10 +220,26 @@ def cmd_bench(args) -> int:
     return subprocess.run([sys.executable, str(script), *args.args]).returncode
 
 
+def _importable(module: str) -> str:
+    import importlib
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - any failure means: not usable here
+        return f"not importable ({type(e).__name__})"
+    return f"importable {getattr(mod, '__version__', '')}".strip()
+
+
 def cmd_kernels(args) -> int:
     from . import kernels
     from .kernels import switches
     print(kernels.table())
+    print("\nOptional GPU components (imported lazily):")
+    for name, what, probe in (("triton", "the fp8 path's kernels", "triton"),
+                              ("Gluon", "ROBUQ_QUANT_KERNEL=gluon (kernels/gluon_act_quant.py)",
+                               "triton.experimental.gluon"),
+                              ("fast-hadamard-transform", "ROBUQ_HADAMARD=fht", "fast_hadamard_transform"),
+                              ("nunchaku", "ROBUQ_KERNEL=nunchaku", "nunchaku")):
+        print(f"  {name:24s} {_importable(probe):40s} {what}")
     print("\nEnvironment switches:")
     print(switches.table())
     return 0

@@ -73,6 +73,9 @@ def test_kernels_lists_every_environment_switch_the_package_reads(capsys, monkey
     monkeypatch.setenv("ROBUQ_FP8_SMALL_M", "48")
     code, out, _ = run(capsys, "kernels")
     assert code == 0 and "Environment switches:" in out
+    optional = out.split("Optional GPU components")[1].split("Environment switches:")[0]
+    for name in ("triton", "Gluon", "fast-hadamard-transform", "nunchaku"):
+        assert re.search(rf"^  {re.escape(name)} +(importable|not importable)", optional, re.M), name
     rows = table_rows(out.split("Environment switches:")[1])
     assert set(switches.names()) <= set(rows) and rows["ROBUQ_FP8_SMALL_M"][0] == "48"
 
