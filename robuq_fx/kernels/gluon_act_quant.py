@@ -98,7 +98,8 @@ def _minf(a, b):
 
 @gluon.jit
 def _scale_of(a, b, levels, SYM: gl.constexpr):
-    """As triton_rowquant.scale_of: (s, lo, safe, 1/safe), s = RN(range / levels)."""
+    """As triton_rowquant.scale_of: (s, lo, safe, 1/safe), s = RN(range / levels). (Its @triton.jit body cannot be
+    re-jitted as Gluon, the way Gluon imports triton.language's reductions: tl.zeros_like has no layout to give.)"""
     if SYM:
         s = gl.div_rn(b, gl.zeros_like(b) + levels)
         lo = -b
