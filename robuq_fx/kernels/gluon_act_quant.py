@@ -26,24 +26,15 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.extra import libdevice
 
 
+@gluon.constexpr_function
+def _shfl_bfly(mask):
+    return f"shfl.sync.bfly.b32 $0, $1, {mask}, 0x1f, 0xffffffff;"
+
+
 @gluon.jit
 def _partner(y, MASK: gl.constexpr):
     """The value of y in lane (lane ^ MASK)."""
-    if MASK == 1:
-        return gl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 1, 0x1f, 0xffffffff;", "=f,f", [y],
-                                         dtype=gl.float32, is_pure=True, pack=1)
-    elif MASK == 2:
-        return gl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 2, 0x1f, 0xffffffff;", "=f,f", [y],
-                                         dtype=gl.float32, is_pure=True, pack=1)
-    elif MASK == 4:
-        return gl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 4, 0x1f, 0xffffffff;", "=f,f", [y],
-                                         dtype=gl.float32, is_pure=True, pack=1)
-    elif MASK == 8:
-        return gl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 8, 0x1f, 0xffffffff;", "=f,f", [y],
-                                         dtype=gl.float32, is_pure=True, pack=1)
-    else:
-        return gl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 16, 0x1f, 0xffffffff;", "=f,f", [y],
-                                         dtype=gl.float32, is_pure=True, pack=1)
+    return gl.inline_asm_elementwise(_shfl_bfly(MASK), "=f,f", [y], dtype=gl.float32, is_pure=True, pack=1)
 
 
 @gluon.jit
