@@ -25,9 +25,9 @@
 # The machine goes back ~30 s after a call returns, and with it everything detached or left in /tmp: make every
 # call self-contained, and send the next one at once. Order for a 30-minute session on nvidia-h200-x2:
 #   1. lm                                   (both GPUs; issue 21's run)
-#   2. pair train-paper train-opt           (issue 19)
-#   3. pair dit-low tests                   (issue 17 item 5; the GPU tests)
-#   4. pair qat-profile dit-default; 5. pair ncu dit, or ddp (both GPUs), in the time left
+#   2. pair tests train-opt                 (the GPU tests, Gluon quantizer included; issue 19's A/B of the opt-ins)
+#   3. pair linear train-paper              (dispatch table with the Gluon quantizer's timings; issue 19)
+#   4. pair dit-low qat-profile; 5. pair ncu dit-default, or ddp (both GPUs), in the time left
 set -uo pipefail
 if [ "${1:-}" = pair ]; then  # pair STEP0 STEP1: STEP0 on GPU 0 and STEP1 on GPU 1 side by side, both waited for
     [ $# -eq 3 ] || { echo "usage: $0 pair STEP_ON_GPU0 STEP_ON_GPU1"; exit 2; }
