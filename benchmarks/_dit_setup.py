@@ -96,6 +96,14 @@ def quantized_weight_bytes(model) -> tuple[int, int, int]:
     return res + cache, bf16, cache
 
 
+def model_bytes(model) -> int:
+    """GPU bytes a model holds while it is idle: its parameters and buffers (each storage once) and, for a lowered
+    model, the kernels' weight caches of its layers (bench_dit's per-model peak memory starts from this)."""
+    seen: set = set()
+    own = _unique_bytes([t for t in (*model.parameters(), *model.buffers()) if t.is_cuda], seen)
+    return own + kernel_cache_bytes(seen)
+
+
 def kernel_cache_bytes(seen: set | None = None) -> int:
     """GPU weight caches of the fp8 / dequant kernels (fp8 codes, bf16 dequantized weights, scales, B H) that are
     not the modules' own buffers."""

@@ -29,7 +29,7 @@ from _provenance import gpu_tag, provenance, write_summary  # noqa: E402
 import robuq_fx  # noqa: E402
 
 from _dit_setup import (PAPER, PAPER_A2, PAPER_A3, TINY, XL2, build, inputs, policies,  # noqa: E402,F401
-                        quantized_weight_bytes, timeit)
+                        model_bytes, quantized_weight_bytes, timeit)
 
 SUMMARY_KEYS = {"robuq W4A4+H": "w4a4h", "robuq W1.58A4+H": "w158a4h", PAPER: "paper", PAPER_A3: "paper_a3",
                 PAPER_A2: "paper_a2", "robuq W4A4+H, opaque op": "w4a4h_opaque",
@@ -231,13 +231,19 @@ def main(argv=None):
                 for b in batches:
                     model(**inputs(cfg, b, device, dtype))
         fn_model = torch.compile(model, mode=args.compile_mode) if compiled else model
+        own = model_bytes(model)
         for b in batches:
             x = inputs(cfg, b, device, dtype)
             with torch.no_grad():
                 if device == "cuda":
+                    torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
+                    before = torch.cuda.memory_allocated()
                 ms = timeit(lambda: fn_model(**x), args.iters, args.warmup, device)
-                peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
+                # this model's own peak: its weights and kernel caches + what its forwards allocated on top of what
+                # was resident before (the other variants' weights live on the GPU meanwhile and are not counted)
+                peak = (own + torch.cuda.max_memory_allocated() - before) / 2**20 if device == "cuda" \
+                    else float("nan")
             rows[(name, b)] = ms
             results["latency"].append({"setting": name, "batch": b, "ms": round(ms, 3), "peak MiB": round(peak, 1)})
             save_partial()
