@@ -58,6 +58,40 @@ def tune_quant(table: dict, ms=MS):
     D.dispatch_table()["quant"] = out  # use the tuned tilings for the rest of this run
 
 
+def gluon_gemm_times(a8, wq, sx, sw, b, lo, cs, t, up, m: int, ptr_cfg, name: str) -> list | None:
+    """Times of every Gluon GEMM config (kernels/gluon_fp8_gemm.py) on this call, or None where its output is not the
+    pointer kernel's (>= 99.9% equal, every element within one bf16 ulp): then it must not be dispatched to."""
+    from robuq_fx.kernels import triton_fp8 as T
+    try:
+        from robuq_fx.kernels import gluon_fp8_gemm as GG
+        n = wq.shape[0]
+        want = torch.empty(m, n, device=a8.device, dtype=torch.bfloat16)
+        T._k().launch_fp8_gemm(a8, wq, want, sx, sw, b, lo, cs, t, up, m, ptr_cfg)
+        out, times = torch.empty_like(want), []
+        for c in GG.CONFIGS:
+            out.fill_(float("nan"))
+            try:
+                GG.launch_fp8_gemm_gluon(a8, wq, out, sx, sw, b, lo, cs, t, up, m, c)
+            except Exception as e:  # noqa: BLE001 - e.g. out of shared memory on this GPU: skip the config
+                print(f"[gluon gemm cfg {name} M={m}] config {c} skipped: {type(e).__name__}: {e}", flush=True)
+                times.append(math.inf)
+                continue
+            ok = bool(((out.float() - want.float()).abs() <= want.float().abs() * 2 ** -7).all()) \
+                and (out == want).float().mean().item() >= 0.999
+            if not ok:
+                print(f"[gluon gemm cfg {name} M={m}] config {c}: output differs from the pointer kernel's",
+                      flush=True)
+                return None
+            times.append(time_config(lambda c=c: GG.launch_fp8_gemm_gluon(a8, wq, out, sx, sw, b, lo, cs, t, up, m,
+                                                                          c)))
+        print(f"[gluon gemm cfg {name} M={m}] " + " ".join(f"{i}:{tm * 1e6:.1f}us" for i, tm in enumerate(times)),
+              flush=True)
+    except Exception as e:  # noqa: BLE001 - report; the Triton kernels stay
+        print(f"[gluon gemm cfg {name} M={m}] failed: {type(e).__name__}: {e}", flush=True)
+        return None
+    return times if any(tm < math.inf for tm in times) else None
+
+
 def gluon_vs_triton(x, m: int, triton_s: float) -> None:
     """The Gluon quantizer (kernels/gluon_act_quant.py, opt-in ROBUQ_QUANT_KERNEL=gluon) on the same call, for each
     of its tilings (lanes a row, columns a thread): time against the Triton kernel's best tiling, and whether codes,
@@ -150,7 +184,8 @@ def write_dispatch(args):
     save_partial("quant")
     variants = [("plain", dict(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=128), 0),
                 ("epi", dict(w_bits=1.58, a_bits=2, hadamard=True, hadamard_block=128), 32)]
-    epi_votes, tma_votes = [], []
+    epi_votes, tma_votes, gluon_votes = [], [], []
+    gluon_ok = True
     tma = torch.cuda.get_device_capability() >= (9, 0)
     tcfgs = T._k().TMA_GEMM_CONFIGS
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -165,7 +200,7 @@ def write_dispatch(args):
         sw = torch.rand(n, device=dev) + 0.5
         cs = torch.randn(n, device=dev)
         up = torch.randn(n, 32, device=dev, dtype=torch.bfloat16)
-        best, best_tma = {}, {}
+        best, best_tma, best_gluon = {}, {}, {}
         for m in MS:
             a8 = torch.randint(0, 4, (m, k), device=dev).to(torch.bfloat16).to(torch.float8_e4m3fn)
             sx = torch.rand(m, device=dev)
@@ -184,17 +219,32 @@ def write_dispatch(args):
                 tma_votes.append(min(tt) / min(times))
                 print(f"[tma gemm cfg {name} M={m}] " + " ".join(f"{i}:{tm * 1e6:.1f}us" for i, tm in enumerate(tt))
                       + f"  best TMA / best pointer {min(tt) / min(times):.3f}", flush=True)
+            if tma:  # the Gluon wgmma kernel: only where it computes what the pointer kernel computes
+                g = gluon_gemm_times(a8, wq, sx, sw, b, lo, cs, t, up, m, cfgs[best[str(m)]], name)
+                if g is not None:
+                    best_gluon[str(m)] = min(range(len(g)), key=lambda i: g[i])
+                    gluon_votes.append(min(g) / min(times))
+                else:
+                    gluon_ok = False
         entry["gemm_cfg"] = best
         if tma:
             entry["tma_gemm_cfg"] = best_tma
-        D.dispatch_table().setdefault("shapes", {})[f"{n}x{k}"] = {k2: entry[k2] for k2 in ("gemm_cfg", "tma_gemm_cfg")
-                                                                   if k2 in entry}
+        if best_gluon:
+            entry["gluon_gemm_cfg"] = best_gluon
+        D.dispatch_table().setdefault("shapes", {})[f"{n}x{k}"] = {
+            k2: entry[k2] for k2 in ("gemm_cfg", "tma_gemm_cfg", "gluon_gemm_cfg") if k2 in entry}
         table["shapes"][f"{n}x{k}"] = entry
-    table["gemm_kernel"] = "tma" if tma_votes and geomean(tma_votes) < 1 else "pointer"
+    votes = {"pointer": 1.0}
+    if tma_votes:
+        votes["tma"] = geomean(tma_votes)
+    if gluon_ok and gluon_votes:
+        votes["gluon"] = geomean(gluon_votes)
+    table["gemm_kernel"] = min(votes, key=votes.get)
     save_partial("gemm")
     D.dispatch_table()["gemm_kernel"] = table["gemm_kernel"]
-    print(f"fused-epilogue GEMM: {table['gemm_kernel']} (geomean best TMA / best pointer "
-          f"{geomean(tma_votes) if tma_votes else float('nan'):.3f})")
+    print(f"fused-epilogue GEMM: {table['gemm_kernel']} (geomean time / best pointer: "
+          + ", ".join(f"{k2} {v:.3f}" for k2, v in votes.items())
+          + ("" if gluon_ok else "; Gluon GEMM excluded: its output differed") + ")")
     # epilogue mode for the asym + LRB variant, per shape and M bucket, with the GEMM kernel just chosen
     for name, k, n in SHAPES:
         torch.manual_seed(0)

@@ -9,7 +9,8 @@
     fc2's time at M = 16384), then the Gluon quantizer (kernels/gluon_act_quant.py);
   - `_scaled_mm` on the codes, qkv (3456 x 1152) and fc2 (1152 x 4608);
   - the Triton fp8 GEMM on the same shapes without epilogue terms, then with the LRB (rank 32), pointer and TMA
-    kernels (issue 17: the LRB layer costs 1.4-1.7x the plain one; is it the mainloop or the epilogue?);
+    kernels, and the Gluon wgmma GEMM (issue 17: the LRB layer costs 1.4-1.7x the plain one; is it the mainloop or
+    the epilogue?);
   - the LRB down-projection t = x (B H)^T through cuBLAS.
 Without ncu it prints each kernel's CUDA-event time, so the run is also a quick check that everything launches.
 """
@@ -80,6 +81,13 @@ def main(argv=None) -> None:
                   args.reps)
         except Exception as e:  # noqa: BLE001 - a config that does not fit this GPU: the rest still runs
             print(f"triton epilogue GEMM {name} (TMA, cfg 1): skipped ({type(e).__name__}: {e})")
+        try:
+            from robuq_fx.kernels import gluon_fp8_gemm as GG
+            timed(f"Gluon epilogue GEMM {name} (cfg 0)",
+                  lambda: GG.launch_fp8_gemm_gluon(codes, w8, y, sx, sw, b, None, None, t, up, m, GG.CONFIGS[0]),
+                  args.reps)
+        except Exception as e:  # noqa: BLE001 - report and go on
+            print(f"Gluon epilogue GEMM {name}: failed ({type(e).__name__}: {e})")
         timed(f"LRB down-projection {name} (cuBLAS)", lambda: torch.nn.functional.linear(x, down), args.reps)
 
 

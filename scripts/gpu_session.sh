@@ -52,7 +52,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # diffusers and its needs
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 LM=/tmp/robuq_lm
-GPU_TESTS="tests/kernels/test_gluon_act_quant.py tests/kernels/test_inductor.py tests/kernels/test_triton_fp8.py tests/kernels/test_fastcall.py tests/kernels/test_triton_wquant.py tests/kernels/test_input_act.py
+GPU_TESTS="tests/kernels/test_gluon_act_quant.py tests/kernels/test_gluon_fp8_gemm.py tests/kernels/test_inductor.py tests/kernels/test_triton_fp8.py tests/kernels/test_fastcall.py tests/kernels/test_triton_wquant.py tests/kernels/test_input_act.py
     tests/test_direct_call.py tests/models/test_timm_dropin.py tests/test_qat_fused.py tests/test_weight_layout.py"
 
 case "${1:-}" in

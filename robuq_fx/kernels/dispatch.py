@@ -69,11 +69,23 @@ def gemm_config(m: int, n: int, k: int) -> tuple:
 
 
 def gemm_kernel(capability: tuple[int, int]) -> str:
-    """Which Triton fp8 GEMM runs the fused epilogue: "tma" (persistent, TMA-fed; Hopper and later) or "pointer".
+    """Which fp8 GEMM runs the fused epilogue: "tma" (the persistent, TMA-fed Triton kernel), "gluon" (the Gluon
+    wgmma kernel, kernels/gluon_fp8_gemm.py; opt-in until its GPU tests pass), both Hopper and later, or "pointer".
     ROBUQ_FP8_GEMM_KERNEL overrides the table's "gemm_kernel" (written by bench_linear --write-dispatch from the
     measured faster one); without a measurement the pointer kernel runs."""
     want = os.environ.get("ROBUQ_FP8_GEMM_KERNEL") or dispatch_table().get("gemm_kernel", "pointer")
-    return "tma" if want == "tma" and capability >= (9, 0) else "pointer"
+    return want if want in ("tma", "gluon") and capability >= (9, 0) else "pointer"
+
+
+def gluon_gemm_config(m: int, n: int, k: int) -> tuple:
+    """Config of the Gluon GEMM: the table's measured choice ("gluon_gemm_cfg" per M bucket), else 128 x 128 tiles
+    on 8 warps."""
+    from .gluon_fp8_gemm import CONFIGS as cfgs  # imports triton: first use only
+    env = os.environ.get("ROBUQ_GLUON_GEMM_CFG")  # an index into CONFIGS, for sweeps
+    if env:
+        return cfgs[int(env)]
+    tuned = dispatch_table().get("shapes", {}).get(f"{n}x{k}", {}).get("gluon_gemm_cfg", {}).get(str(m_bucket(m)))
+    return cfgs[tuned] if tuned is not None and tuned < len(cfgs) else cfgs[0]
 
 
 def tma_gemm_config(m: int, n: int, k: int) -> tuple:

@@ -15,7 +15,9 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
     ("ROBUQ_FP8_GEMM", "(cuBLAS)", "triton: our fp8 GEMM also for symmetric layers without LRB"),
     ("ROBUQ_QUANT_KERNEL", "(triton)", "gluon: the activation quantizer with hand-picked layouts "
                                        "(kernels/gluon_act_quant.py); opt-in until its GPU test passes"),
-    ("ROBUQ_FP8_GEMM_KERNEL", "(table: pointer)", "tma: the persistent TMA-fed Triton GEMM; opt-in until measured"),
+    ("ROBUQ_FP8_GEMM_KERNEL", "(table: pointer)", "tma: the persistent TMA-fed Triton GEMM; gluon: the Gluon wgmma "
+                                                  "GEMM (kernels/gluon_fp8_gemm.py), opt-in until its GPU tests pass"),
+    ("ROBUQ_GLUON_GEMM_CFG", "(table)", "index into gluon_fp8_gemm.CONFIGS, for sweeps"),
     ("ROBUQ_TMA_GEMM_CFG", "(table)", "index into TMA_GEMM_CONFIGS, for sweeps"),
     ("ROBUQ_ROWQ_TILING", "(tuned)", "rows,warps of the per-row quantizer, for sweeps"),
     ("ROBUQ_WEIGHT_LAYOUT", "fp8", "packed: keep the packed bytes as the buffer on fp8 GPUs too (the fp8 path then "

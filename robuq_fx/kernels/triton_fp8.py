@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 from .. import layer
 from .. import quantizers as Q
-from .dispatch import epilogue_mode, fp8_min_m, gemm_config, gemm_kernel, small_m_max, tma_gemm_config
+from .dispatch import (epilogue_mode, fp8_min_m, gemm_config, gemm_kernel, gluon_gemm_config, small_m_max,
+                       tma_gemm_config)
 from .qlinear import apply_input_act
 from .quantizer import act_quant, on_device, quant_supported
 from .reference import spec_of
@@ -171,11 +172,20 @@ def run_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, t, up, m: int, launcher=Non
     n, k = w8.shape
     dev = codes.device
     kw = {} if launcher is None else {"launcher": launcher}
-    if gemm_kernel(_capability(dev.index if dev.index is not None else torch.cuda.current_device())) == "tma":
+    which = gemm_kernel(_capability(dev.index if dev.index is not None else torch.cuda.current_device()))
+    if which == "gluon" and launcher is None and _gluon_gemm_ok(codes, w8):  # eager only: Inductor launches Triton
+        from .gluon_fp8_gemm import launch_fp8_gemm_gluon
+        launch_fp8_gemm_gluon(codes, w8, y, sx, sw, bias, lo, cs, t, up, m, gluon_gemm_config(m, n, k))
+    elif which == "tma":
         _k().launch_fp8_gemm_tma(codes, w8, y, sx, sw, bias, lo, cs, t, up, m, tma_gemm_config(m, n, k),
                                  _sms(dev.index or 0), **kw)
     else:
         _k().launch_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, t, up, m, gemm_config(m, n, k), **kw)
+
+
+def _gluon_gemm_ok(codes: torch.Tensor, w8: torch.Tensor) -> bool:
+    """TMA descriptors need 16-byte aligned bases and row strides (the codes and weights this path makes are)."""
+    return all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 and t.stride(1) == 1 for t in (codes, w8))
 
 
 def _small_m_ok(x: torch.Tensor, a: QLinearArgs, m: int) -> bool:
