@@ -173,7 +173,7 @@ def run_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, t, up, m: int, launcher=Non
     dev = codes.device
     kw = {} if launcher is None else {"launcher": launcher}
     which = gemm_kernel(_capability(dev.index if dev.index is not None else torch.cuda.current_device()))
-    if which == "gluon" and launcher is None and _gluon_gemm_ok(codes, w8):  # eager only: Inductor launches Triton
+    if which == "gluon" and launcher is None and _gluon_gemm_ok(codes, w8, t):  # eager: Inductor launches Triton
         from .gluon_fp8_gemm import launch_fp8_gemm_gluon
         launch_fp8_gemm_gluon(codes, w8, y, sx, sw, bias, lo, cs, t, up, m, gluon_gemm_config(m, n, k))
     elif which == "tma":
@@ -183,9 +183,11 @@ def run_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, t, up, m: int, launcher=Non
         _k().launch_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, t, up, m, gemm_config(m, n, k), **kw)
 
 
-def _gluon_gemm_ok(codes: torch.Tensor, w8: torch.Tensor) -> bool:
-    """TMA descriptors need 16-byte aligned bases and row strides (the codes and weights this path makes are)."""
-    return all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 and t.stride(1) == 1 for t in (codes, w8))
+def _gluon_gemm_ok(codes: torch.Tensor, w8: torch.Tensor, t: torch.Tensor | None) -> bool:
+    """TMA descriptors need 16-byte aligned bases and row strides (the codes and weights this path makes are); the
+    branch's tile loads take a rank of at most 128."""
+    return all(x.data_ptr() % 16 == 0 and x.stride(0) % 16 == 0 and x.stride(1) == 1 for x in (codes, w8)) \
+        and (t is None or t.shape[1] <= 128)
 
 
 def _small_m_ok(x: torch.Tensor, a: QLinearArgs, m: int) -> bool:
