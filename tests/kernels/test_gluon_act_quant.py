@@ -7,27 +7,15 @@ and a layer on the fp8 path equal with and without it.
 """
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import tempfile
-
 import pytest
 import torch
 
 import robuq_fx  # noqa: F401
 from robuq_fx.kernels import quantizer
+from tests.kernels.sm90 import compile_sm90, import_or_none, sass
 
 
-def _gluon():
-    try:
-        from robuq_fx.kernels import gluon_act_quant
-        return gluon_act_quant
-    except Exception:  # noqa: BLE001 - no triton / no Gluon here
-        return None
-
-
-G = _gluon()
+G = import_or_none("gluon_act_quant")
 
 
 @pytest.mark.skipif(G is None, reason="triton with Gluon does not import here")
@@ -46,43 +34,23 @@ def test_plan():
 
 
 def _compile_sm90(k: int, sym: bool, lanes: int = 32):
-    max_vt = 32 if lanes == 32 else 64
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    fn = G.act_quant_gluon_kernel
-    names = fn.arg_names
+    plan = G.gluon_plan(k, lanes, max_vt=32 if lanes == 32 else 64)
+    x = torch.empty(4, k, dtype=torch.bfloat16)
+    spec = G.act_quant_gluon_launch(x, torch.empty(4, k), x, x, 4, 4, 0.0884, 7.0, 0.0 if sym else 8.0, sym, plan)
     sig = {"x_ptr": "*bf16", "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "lo_ptr": "*fp32", "M": "i32",
            "M_STORE": "i32", "stride_xm": "i32", "stride_om": "i32", "hscale": "fp32", "levels": "fp32",
            "shift": "fp32"}
-    plan = G.gluon_plan(k, lanes, max_vt=max_vt)
-    x = torch.empty(4, k, dtype=torch.bfloat16)
-    spec = G.act_quant_gluon_launch(x, torch.empty(4, k), x, x, 4, 4, 0.0884, 7.0, 0.0 if sym else 8.0, sym, plan)
-    src = GluonASTSource(fn=fn, signature={n: sig.get(n, "constexpr") for n in names},
-                         constexprs={(names.index(a),): v for a, v in spec[3].items()},
-                         attrs={(names.index(n),): [["tt.divisibility", 16]]
-                                for n in ("x_ptr", "out_ptr", "scale_ptr", "lo_ptr", "stride_xm", "stride_om")})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=spec[4])
+    return compile_sm90(G.act_quant_gluon_kernel, sig, spec[3], spec[4],
+                        aligned=("x_ptr", "out_ptr", "scale_ptr", "lo_ptr", "stride_xm", "stride_om"))
 
 
 @pytest.mark.skipif(G is None, reason="triton with Gluon does not import here")
 @pytest.mark.parametrize("k,sym,lanes", [(1152, True, 32), (4608, True, 32), (1152, False, 32), (1152, True, 16)])
 def test_compiles_for_sm90_with_few_registers(k, sym, lanes):
-    kern = _compile_sm90(k, sym, lanes)
-    from triton.backends.nvidia import compiler as nv
-    cuobjdump = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
-    if not os.path.exists(cuobjdump):
-        pytest.skip("no cuobjdump in this triton")
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(kern.asm["cubin"])
-        usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
-        sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True).stdout
-    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    text, regs = sass(_compile_sm90(k, sym, lanes))
     assert regs <= (96 if lanes == 32 else 168), regs  # the Triton kernel's one-warp rows take ~200 at K = 4608
-    assert "STL" not in sass  # no spills
-    assert "SHFL.BFLY" in sass  # the lane stages exchange by butterfly shuffles
+    assert "STL" not in text  # no spills
+    assert "SHFL.BFLY" in text  # the lane stages exchange by butterfly shuffles
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available() or G is None, reason="needs CUDA and Gluon")

@@ -9,26 +9,13 @@ float64 product of the codes; a W1.58A4+H+LRB32 layer with and without it.
 """
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import tempfile
-
 import pytest
 import torch
 
 import robuq_fx  # noqa: F401
+from tests.kernels.sm90 import compile_sm90, import_or_none, opcodes, sass
 
-
-def _module():
-    try:
-        from robuq_fx.kernels import gluon_fp8_gemm
-        return gluon_fp8_gemm
-    except Exception:  # noqa: BLE001 - no triton / no Gluon here
-        return None
-
-
-GG = _module()
+GG = import_or_none("gluon_fp8_gemm")
 VARIANTS = [dict(bias=False, asym=False, rank=0), dict(bias=True, asym=False, rank=32),
             dict(bias=True, asym=True, rank=32), dict(bias=True, asym=True, rank=0)]
 
@@ -36,14 +23,8 @@ VARIANTS = [dict(bias=False, asym=False, rank=0), dict(bias=True, asym=False, ra
 @pytest.mark.skipif(GG is None, reason="triton with Gluon does not import here")
 @pytest.mark.parametrize("cfg", range(4))
 def test_compiles_for_sm90(cfg):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia import compiler as nv
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
     bm, bn, bk, stages, gm, warps = GG.CONFIGS[cfg]
-    fn = GG.fp8_gemm_gluon_kernel
-    names = fn.arg_names
     la = gl.NVMMASharedLayout.get_default_for([bm, bk], gl.float8e4nv)
     lb = gl.NVMMASharedLayout.get_default_for([bn, bk], gl.float8e4nv)
     sig = {"a_desc": f"tensordesc<fp8e4nv[{bm}, {bk}],{la!r}>", "b_desc": f"tensordesc<fp8e4nv[{bn}, {bk}],{lb!r}>",
@@ -51,18 +32,8 @@ def test_compiles_for_sm90(cfg):
            "cs_ptr": "*fp32", "t_ptr": "*bf16", "up_ptr": "*bf16", "M": "i32", "N": "i32", "stride_ym": "i32",
            "stride_tm": "i32", "stride_un": "i32", "R": "i32"}
     const = dict(RP=32, HAS_BIAS=True, ASYM=False, HAS_LRB=True, STAGES=stages, GROUP_M=gm, num_warps=warps)
-    src = GluonASTSource(fn=fn, signature={n: sig.get(n, "constexpr") for n in names},
-                         constexprs={(names.index(k),): v for k, v in const.items()})
-    kern = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    cuobjdump = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
-    if not os.path.exists(cuobjdump):
-        pytest.skip("no cuobjdump in this triton")
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(kern.asm["cubin"])
-        sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True).stdout
-    ops = set(re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass, re.M))
+    text, _ = sass(compile_sm90(GG.fp8_gemm_gluon_kernel, sig, const, {"num_warps": warps}))
+    ops = opcodes(text)
     assert {"QGMMA", "HGMMA", "UTMALDG"} <= ops, ops  # fp8 wgmma, bf16 wgmma (the branch), TMA loads
 
 

@@ -1,0 +1,51 @@
+"""Offline sm_90 compiles of our Gluon kernels for CPU tests (no GPU needed where triton with Gluon imports):
+compile with the signature the launcher would specialize, and read back ptxas' SASS and register count."""
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import subprocess
+import tempfile
+
+import pytest
+
+
+def import_or_none(module: str):
+    """robuq_fx.kernels.<module>, or None where it cannot import (no triton, no Gluon)."""
+    try:
+        return importlib.import_module(f"robuq_fx.kernels.{module}")
+    except Exception:  # noqa: BLE001 - no usable triton here
+        return None
+
+
+def compile_sm90(fn, signature: dict, constexprs: dict, options: dict, aligned: tuple = ()):
+    """triton.compile of the Gluon kernel `fn` for sm_90: `signature` for its runtime arguments (the rest are
+    constexprs), `aligned` the arguments the launcher specializes as 16-byte divisible."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    names = fn.arg_names
+    src = GluonASTSource(fn=fn, signature={n: signature.get(n, "constexpr") for n in names},
+                         constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def sass(kernel) -> tuple[str, int]:
+    """(SASS text, registers a thread) of a compiled kernel; skips the test where triton ships no cuobjdump."""
+    from triton.backends.nvidia import compiler as nv
+    tool = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        pytest.skip("no cuobjdump in this triton")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        text = subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
+        usage = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
+    return text, int(re.search(r"REG:(\d+)", usage).group(1))
+
+
+def opcodes(text: str) -> set:
+    return set(re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", text, re.M))
