@@ -7,14 +7,15 @@ is a sum of 128 bf16 values), and so do the scales. Opt-in (`ROBUQ_QUANT_KERNEL=
 `bench_linear` times it.
 
 Why: Triton picks the layouts of the Triton kernel itself. Its butterfly stages (constant geometry, a permute per
-stage) cost shared-memory round trips and shuffles, and its loads and stores are not vectorized: ptxas counts ~35
-SASS instructions an element at K = 1152, one LDG and one STG an element among them, and the kernel runs at ~2 TB/s
-of the H200's ~4.8. Here every thread owns VT contiguous columns of one row (VT = 32 for the 1024-wide piece of
-K = 1152): loads and stores are 16-byte vectors, the butterflies on the low log2(VT) index bits are additions between
-registers (reshape / permute / split / join only relabel registers in Gluon), and the remaining bits of the 128-block
-are lane bits, exchanged with one `shfl.bfly` and one FMA each: y = fma(own, sign, partner), sign = +1 where the bit
-is 0 (a + c), -1 where it is 1 (a - c). The butterflies run in place, so the result is x H_128 in natural (Sylvester)
-order, as the reference's matmul gives it.
+stage) cost shared-memory round trips and shuffles: ptxas counts 32.7 SASS instructions an element at K = 1152,
+and at K = 4608 its one-warp rows hold 144 values a thread in 196 registers (27.0 an element, few warps an SM); it
+runs at ~2 TB/s of the H200's ~4.8. Here every thread owns VT contiguous columns of one row (VT = 32 for the
+1024-wide piece of K = 1152): loads and stores are 16-byte vectors, the butterflies on the low log2(VT) index bits
+are additions between registers (reshape / permute / split / join only relabel registers in Gluon), and the
+remaining bits of the 128-block are lane bits, exchanged with one `shfl.bfly` and one FMA each: y = fma(own, sign,
+partner), sign = +1 where the bit is 0 (a + c), -1 where it is 1 (a - c). The butterflies run in place, so the
+result is x H_128 in natural (Sylvester) order, as the reference's matmul gives it. `scripts/sass_stats.py` prints
+both kernels' counts.
 
 A row is split into at most two contiguous power-of-two pieces (1152 = 1024 + 128, 4608 = 4096 + 512), each with
 its own layout; a row takes LANES lanes of WPR warps (`gluon_plan`; default all 32 lanes).

@@ -19,16 +19,19 @@ def import_or_none(module: str):
         return None
 
 
-def compile_sm90(fn, signature: dict, constexprs: dict, options: dict, aligned: tuple = ()):
-    """triton.compile of the Gluon kernel `fn` for sm_90: `signature` for its runtime arguments (the rest are
-    constexprs), `aligned` the arguments the launcher specializes as 16-byte divisible."""
+def compile_sm90(fn, signature: dict, constexprs: dict, options: dict, aligned: tuple = (), gluon: bool = True):
+    """triton.compile of the kernel `fn` (Gluon, or a @triton.jit one with gluon=False) for sm_90: `signature` for
+    its runtime arguments (the rest are constexprs), `aligned` the arguments the launcher specializes as 16-byte
+    divisible."""
     import triton
     from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
     from triton.experimental.gluon._runtime import GluonASTSource
     names = fn.arg_names
-    src = GluonASTSource(fn=fn, signature={n: signature.get(n, "constexpr") for n in names},
-                         constexprs={(names.index(k),): v for k, v in constexprs.items()},
-                         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    src = (GluonASTSource if gluon else ASTSource)(
+        fn=fn, signature={n: signature.get(n, "constexpr") for n in names},
+        constexprs={(names.index(k),): v for k, v in constexprs.items()},
+        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
