@@ -58,6 +58,28 @@ def tune_quant(table: dict, ms=MS):
     D.dispatch_table()["quant"] = out  # use the tuned tilings for the rest of this run
 
 
+def fused_quant_time(mod, x) -> float | None:
+    """CUDA-graph time of mod(x) with ROBUQ_FP8_FUSED_QUANT=1 (kernels/gluon_qgemm.py), or None where it fails or its
+    output is not the two-kernel path's (>= 99.9% equal, the rest within a bf16 ulp)."""
+    from robuq_fx import kernels
+    try:
+        with kernels.use("triton_fp8"), torch.no_grad():
+            want = mod(x)
+            os.environ["ROBUQ_FP8_FUSED_QUANT"] = "1"
+            got = mod(x)
+            if not (bool(((got.float() - want.float()).abs() <= want.float().abs() * 2 ** -7 + 1e-6).all())
+                    and (got == want).float().mean().item() >= 0.999):
+                print(f"[quantize-in-GEMM M={x.shape[0]} K={x.shape[1]}] output differs from the two-kernel path's",
+                      flush=True)
+                return None
+            return time_graph(lambda: mod(x))
+    except Exception as e:  # noqa: BLE001 - report; the two-kernel path stays
+        print(f"[quantize-in-GEMM M={x.shape[0]} K={x.shape[1]}] failed: {type(e).__name__}: {e}", flush=True)
+        return None
+    finally:
+        os.environ.pop("ROBUQ_FP8_FUSED_QUANT", None)
+
+
 def gluon_gemm_times(a8, wq, sx, sw, b, lo, cs, t, up, m: int, ptr_cfg, name: str) -> list | None:
     """Times of every Gluon GEMM config (kernels/gluon_fp8_gemm.py) on this call, or None where its output is not the
     pointer kernel's (>= 99.9% equal, every element within one bf16 ulp): then it must not be dispatched to."""
@@ -283,6 +305,10 @@ def write_dispatch(args):
                     with kernels.use(kern), torch.no_grad():
                         tt[kern] = time_graph(lambda: mod(x))
                 tt["bf16"] = time_graph(lambda: F.linear(x, w, b))
+                if vname == "plain" and k <= 1152:  # the quantize-in-GEMM kernel (opt-in), where it is correct
+                    fused = fused_quant_time(mod, x)
+                    if fused is not None:
+                        tt["fused"] = fused
                 meas[m] = tt
             ms = sorted(meas)
             thr = 2 ** 31
@@ -296,6 +322,10 @@ def write_dispatch(args):
             print(f"[dispatch {name} {vname}] fp8 from M >= {thr}  (M: fp8/dequant/bf16 us) " +
                   " ".join(f"{m}:{meas[m]['triton_fp8'] * 1e6:.1f}/{meas[m]['cuda_dequant'] * 1e6:.1f}"
                            f"/{meas[m]['bf16'] * 1e6:.1f}" for m in ms), flush=True)
+            if any("fused" in meas[m] for m in ms):
+                print(f"[dispatch {name} {vname}] quantize-in-GEMM (M: fused/fp8 us) " +
+                      " ".join(f"{m}:{meas[m]['fused'] * 1e6:.1f}/{meas[m]['triton_fp8'] * 1e6:.1f}"
+                               for m in ms if "fused" in meas[m]), flush=True)
     thr = sorted(e["fp8_min_m"] for e in table["shapes"].values())
     ethr = sorted(e["epi_fp8_min_m"] for e in table["shapes"].values())
     table["default_fp8_min_m"] = thr[len(thr) // 2]

@@ -37,21 +37,38 @@ SUMMARY_KEYS = {"robuq W4A4+H": "w4a4h", "robuq W1.58A4+H": "w158a4h", PAPER: "p
                 "robuq W4A4+H +GELU fused": "w4a4h_gelu_fused"}
 
 
+# the opt-in inference kernels in force name the rows (" +gluonquant" ...), so that a run with them does not overwrite
+# the default rows' summary keys
+INFER_OPT_IN = "".join(f" +{tag}" for var, val, tag in (("ROBUQ_QUANT_KERNEL", "gluon", "gluonquant"),
+                                                        ("ROBUQ_FP8_GEMM_KERNEL", "gluon", "gluongemm"),
+                                                        ("ROBUQ_FP8_FUSED_QUANT", "1", "fusedquant"))
+                       if os.environ.get(var) == val)
+
+
+def summary_key(setting: str) -> str | None:
+    """The summary key of a row: SUMMARY_KEYS, plus its opt-in tags ("robuq W4A4+H +fusedquant" -> w4a4h_fusedquant)."""
+    if setting in SUMMARY_KEYS:
+        return SUMMARY_KEYS[setting]
+    base, *tags = setting.split(" +")
+    key = SUMMARY_KEYS.get(base)
+    return key and "_".join([key, *(t.lower().replace(" ", "_").replace("-", "_") for t in tags)])
+
+
 def summary(results: dict) -> dict:
     """The named figures of issues 17 and 19 (speed and memory vs bf16 in the same run)."""
     out = {}
     base = results["baseline"]
     for r in results["latency"]:
-        key = SUMMARY_KEYS.get(r["setting"])
+        key = summary_key(r["setting"])
         if key:
             out[f"{key}_b{r['batch']}_x"] = r[f"x vs {base}"]
     peak = {(r["setting"], r["batch"]): r["peak MiB"] for r in results["latency"]}
     for (name, b), v in peak.items():
-        key = SUMMARY_KEYS.get(name)
+        key = summary_key(name)
         if key and (base, b) in peak and b == max(bb for _, bb in peak):
             out[f"{key}_peak_b{b}_x"] = round(v / peak[(base, b)], 3)
     for r in results["memory"]:
-        key = SUMMARY_KEYS.get(r["setting"])
+        key = summary_key(r["setting"])
         if key:
             out[f"{key}_resident_x"] = r["ratio"]
     for r in results.get("default_mode", []):
@@ -216,13 +233,13 @@ def main(argv=None):
                                    "ckpt MB": round(f.stat().st_size / 2**20, 1),
                                    "ckpt / bf16 ckpt": round(f.stat().st_size / fp_file.stat().st_size, 3)})
         del q
-        variants[name] = (low, not args.no_compile)
+        variants[name + INFER_OPT_IN] = (low, not args.no_compile)
         if args.fuse_gelu:  # the same lowered model with fc2 applying the GELU while quantizing its input
             fused = copy.deepcopy(low)
             n_fused = len(robuq_fx.fuse_activations(fused))
             print(f"  {name}: GELU fused into {n_fused} layers", flush=True)
             if n_fused:  # (none where fc2 has a low-rank branch: the paper's policy)
-                variants[name + " +GELU fused"] = (fused, not args.no_compile)
+                variants[name + INFER_OPT_IN + " +GELU fused"] = (fused, not args.no_compile)
 
     rows = {}
     for name, (model, compiled) in ([] if args.only_default_mode else list(variants.items())):

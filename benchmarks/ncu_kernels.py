@@ -7,7 +7,8 @@
 (M = --m rows, bf16 input, W4A4 + Hadamard 128 unless named otherwise):
   - the activation quantizer at K = 1152 and K = 4608 with the dispatch table's tiling (issue 20: it is half of
     fc2's time at M = 16384), then the Gluon quantizer (kernels/gluon_act_quant.py);
-  - `_scaled_mm` on the codes, qkv (3456 x 1152) and fc2 (1152 x 4608);
+  - `_scaled_mm` on the codes, qkv (3456 x 1152) and fc2 (1152 x 4608), and on qkv the Gluon kernel that quantizes
+    inside the GEMM (kernels/gluon_qgemm.py);
   - the Triton fp8 GEMM on the same shapes without epilogue terms, then with the LRB (rank 32), pointer and TMA
     kernels, and the Gluon wgmma GEMM (issue 17: the LRB layer costs 1.4-1.7x the plain one; is it the mainloop or
     the epilogue?);
@@ -65,6 +66,14 @@ def main(argv=None) -> None:
         sw = torch.rand(n, device=dev) + 0.5
         b = torch.randn(n, device=dev, dtype=torch.bfloat16)
         timed(f"_scaled_mm {name}", lambda: T._scaled_mm(codes, w8, sx, sw, b), args.reps)
+        if k <= 1152:
+            try:
+                from robuq_fx.kernels import gluon_qgemm as QG
+                yq = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
+                timed(f"quantize-in-GEMM {name} (Gluon, replaces act_quant + _scaled_mm)",
+                      lambda: QG.launch_qgemm_fused(x, w8, yq, sw, b, AQ._hscale(128, x.dtype), 7.0), args.reps)
+            except Exception as e:  # noqa: BLE001 - report and go on
+                print(f"quantize-in-GEMM {name}: failed ({type(e).__name__}: {e})")
         up = torch.randn(n, 32, device=dev, dtype=torch.bfloat16)
         down = torch.randn(32, k, device=dev, dtype=torch.bfloat16)
         t = torch.randn(m, 32, device=dev, dtype=torch.bfloat16)

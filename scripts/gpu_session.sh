@@ -12,6 +12,7 @@
 #   scripts/gpu_session.sh dit              bench_dit W4A4+H and the paper policy (and with the GELU fused), batch 1 / 64
 #                                           under CUDA graphs, then the call-overhead table with its cProfile
 #   scripts/gpu_session.sh dit-low          the -a3 / -a2 policies next to dit-xl-2-robuq, batch 1 / 64, CUDA graphs
+#   scripts/gpu_session.sh dit-gluon        the same DiT rows with the Gluon quantizer, GEMM and quantize-in-GEMM on
 #   scripts/gpu_session.sh dit-default      batch 8 under default-mode torch.compile: decomposed qlinear vs opaque op
 #   scripts/gpu_session.sh linear           bench_linear --write-dispatch (quantizer tilings, GEMM kernels/configs)
 #   scripts/gpu_session.sh qat-profile      profile_dit --train eager and compiled, batch 16 (issue 19's breakdown)
@@ -27,7 +28,8 @@
 #   1. lm                                   (both GPUs; issue 21's run)
 #   2. pair tests train-opt                 (the GPU tests, Gluon quantizer included; issue 19's A/B of the opt-ins)
 #   3. pair linear train-paper              (dispatch table with the Gluon quantizer's timings; issue 19)
-#   4. pair dit-low qat-profile; 5. pair ncu dit-default, or ddp (both GPUs), in the time left
+#   4. pair dit-gluon qat-profile (if the Gluon tests passed; else pair dit-low qat-profile)
+#   5. pair ncu dit-default, or ddp (both GPUs), in the time left
 set -uo pipefail
 if [ "${1:-}" = pair ]; then  # pair STEP0 STEP1: STEP0 on GPU 0 and STEP1 on GPU 1 side by side, both waited for
     [ $# -eq 3 ] || { echo "usage: $0 pair STEP_ON_GPU0 STEP_ON_GPU1"; exit 2; }
@@ -39,9 +41,9 @@ if [ "${1:-}" = pair ]; then  # pair STEP0 STEP1: STEP0 on GPU 0 and STEP1 on GP
     echo "--- GPU 1: $3"; tail -25 "$OUT/$3.gpu1/log.txt"
     exit 0
 fi
-case "${1:-}" in tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu)
+case "${1:-}" in tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu|dit-gluon)
     ;;
-    *) sed -n 2,30p "$0"; exit 2 ;; esac
+    *) sed -n 2,32p "$0"; exit 2 ;; esac
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -52,7 +54,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # diffusers and its needs
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 LM=/tmp/robuq_lm
-GPU_TESTS="tests/kernels/test_gluon_act_quant.py tests/kernels/test_gluon_fp8_gemm.py tests/kernels/test_inductor.py tests/kernels/test_triton_fp8.py tests/kernels/test_fastcall.py tests/kernels/test_triton_wquant.py tests/kernels/test_input_act.py
+GPU_TESTS="tests/kernels/test_gluon_act_quant.py tests/kernels/test_gluon_fp8_gemm.py tests/kernels/test_gluon_qgemm.py tests/kernels/test_inductor.py tests/kernels/test_triton_fp8.py tests/kernels/test_fastcall.py tests/kernels/test_triton_wquant.py tests/kernels/test_input_act.py
     tests/test_direct_call.py tests/models/test_timm_dropin.py tests/test_qat_fused.py tests/test_weight_layout.py"
 
 case "${1:-}" in
@@ -97,6 +99,12 @@ dit)
         --settings "W4A4+H" "dit-xl-2-robuq (" --batches 1 64 --iters 10 --warmup 3 --fuse-gelu \
         --tag _reduce-overhead 2>&1 | tail -40
     timeout 90 python3 benchmarks/bench_call_overhead.py --profile --out "$OUT" 2>&1 | tail -20
+    ;;
+dit-gluon)  # the Gluon kernels on a whole DiT (rows named "+gluonquant +gluongemm +fusedquant"; run after their tests)
+    ROBUQ_QUANT_KERNEL=gluon ROBUQ_FP8_GEMM_KERNEL=gluon ROBUQ_FP8_FUSED_QUANT=1 timeout 540 python3 \
+        benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
+        --settings "W4A4+H" "dit-xl-2-robuq (" --batches 1 64 --iters 10 --warmup 3 --tag _reduce-overhead_gluon \
+        2>&1 | tail -30
     ;;
 dit-low)  # the asymmetric sigma policies (issue 17 item 5: within 10% of dit-xl-2-robuq's speed)
     timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \

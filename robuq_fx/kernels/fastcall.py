@@ -29,7 +29,7 @@ from .registry import QLinearArgs, env_values, version_of
 
 # what fp8_qlinear reads from the environment on every call: a binding holds for one setting of them
 _ENV = ("ROBUQ_FP8_SMALL_M", "ROBUQ_FP8_EPI", "ROBUQ_FP8_GEMM", "ROBUQ_FP8_GEMM_KERNEL", "ROBUQ_FP8_MIN_M",
-        "ROBUQ_QUANT_KERNEL")
+        "ROBUQ_QUANT_KERNEL", "ROBUQ_FP8_FUSED_QUANT")
 
 
 def _env() -> tuple:
@@ -183,6 +183,8 @@ def bind(x: torch.Tensor, a: QLinearArgs):
             return None  # converted copies would go stale unnoticed: leave these to the ordinary call
         call = _SmallM(x, a, S.qgemm_small_launch(*args))
     elif a.a_sym and a.lrb_down is None:
+        if T._fused_quant_ok(x2, a, e):
+            return None  # the ordinary call runs the quantize-in-GEMM kernel: not this pair of launches
         m_pad = max(16, -(-m // 16) * 16)  # as fp8_qlinear's act_quant call: the same launch, other buffers
         codes = torch.empty(m_pad, k, device=x.device, dtype=torch.float8_e4m3fn)
         scale = torch.empty(m_pad, device=x.device, dtype=torch.float32)

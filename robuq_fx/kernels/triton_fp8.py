@@ -190,6 +190,21 @@ def _gluon_gemm_ok(codes: torch.Tensor, w8: torch.Tensor, t: torch.Tensor | None
         and (t is None or t.shape[1] <= 128)
 
 
+def _fused_quant_ok(x2: torch.Tensor, a: QLinearArgs, e: "_Entry") -> bool:
+    """ROBUQ_FP8_FUSED_QUANT=1 and the Gluon quantize-in-GEMM kernel takes the call (Hopper; symmetric absmax,
+    Hadamard 128, no branch, no input activation, K <= 1152: gluon_qgemm.supported)."""
+    if os.environ.get("ROBUQ_FP8_FUSED_QUANT") != "1" or a.input_act:
+        return False
+    if _capability(x2.device.index if x2.device.index is not None else torch.cuda.current_device()) < (9, 0):
+        return False
+    try:
+        from .gluon_qgemm import supported
+    except ImportError:  # no Gluon in this triton
+        return False
+    return supported(x2, a.in_features, a.hadamard_block, a.a_bits, a.a_sym, a.a_clip, a.lrb_down is not None) \
+        is None and e.fp8.stride(0) % 16 == 0 and e.fp8.data_ptr() % 16 == 0
+
+
 def _small_m_ok(x: torch.Tensor, a: QLinearArgs, m: int) -> bool:
     """The single-kernel path takes this call (dispatch.small_m_max; absmax ranges, K in Hadamard-block chunks)."""
     if m == 0 or m > small_m_max() or a.a_clip != "absmax" or x.dtype not in (torch.bfloat16, torch.float16):
@@ -242,6 +257,14 @@ def _fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
     e = _fp8_weights(a)
     if small:  # one kernel: quantize + GEMM + epilogue
         y = _small_m(x2, a, e, m)
+        return y if x.dim() == 2 else y.reshape(*lead, n)
+    if m and _fused_quant_ok(x2, a, e):  # opt-in: the quantizer inside the GEMM (kernels/gluon_qgemm.py)
+        from .gluon_qgemm import launch_qgemm_fused
+        from .quantizer import _hscale
+        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+        with on_device(x.device):
+            launch_qgemm_fused(x2, e.fp8, y, e.sw, a.bias, _hscale(a.hadamard_block, x2.dtype),
+                               float(Q.act_levels(a.a_bits, True)))
         return y if x.dim() == 2 else y.reshape(*lead, n)
     m_pad = max(16, -(-m // 16) * 16)
     codes, sx, lo = act_quant(x2, a.hadamard_block, a.a_bits, a.a_sym, m_store=m_pad, shift=True, clip=a.a_clip,
