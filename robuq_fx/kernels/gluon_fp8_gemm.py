@@ -130,7 +130,8 @@ def fp8_gemm_gluon_kernel(a_desc, b_desc, y_ptr, sx_ptr, sw_ptr, bias_ptr, lo_pt
         t_smem = gl.allocate_shared_memory(dt, [BM, RP], gl.NVMMASharedLayout.get_default_for([BM, RP], dt), t)
         u_smem = gl.allocate_shared_memory(dt, [BN, RP], gl.NVMMASharedLayout.get_default_for([BN, RP], dt),
                                            u.to(dt))
-        fence_async_shared()
+        fence_async_shared()  # the threads' stores, visible to the wgmma's async proxy
+        gl.thread_barrier()  # and every warp's, before the wgmma reads them
         mma16: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=_warps(BM, num_warps),
                                                         instr_shape=[16, _instr_n(BN, num_warps, BM), 16])
         acc = warpgroup_mma(t_smem, u_smem.permute((1, 0)), gl.convert_layout(acc, mma16))

@@ -62,7 +62,8 @@ def qgemm_fused_kernel(x_ptr, b_desc, y_ptr, sw_ptr, bias_ptr, M, N, stride_xm, 
         y = _piece(x_ptr, rows, rmask, stride_xm, hscale, c * BK, BK, BM, 6, ql).to(gl.float32)
         q = _round_quotient(y, gl.expand_dims(safe, 1), gl.expand_dims(rcp, 1))
         a_smem.index(c).store(q.to(gl.float8e4nv))
-    fence_async_shared()
+    fence_async_shared()  # the threads' stores, visible to the wgmma's async proxy
+    gl.thread_barrier()  # and every warp's, before any warp's wgmma reads them
 
     # 2. the weight tiles through a ring, one N tile after another; epilogue after each tile's last k-step
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=_warps(BM, num_warps),
