@@ -184,7 +184,8 @@ def test_a_lowering_failure_is_recorded_not_raised(monkeypatch):
     args = bench_lm.parse_args(["--quick"])
     corpus = L.load_corpus(max_train_bytes=50_000, max_val_bytes=20_000)
     val = L.eval_windows(corpus.val, args.ctx, 4)
-    q = bench_lm.robuq_fx.quantize(L.build_model(L.QUICK, 0), bench_lm.policy(bench_lm.MAIN["+H"][2], 8, 64),
+    from _lm_settings import MAIN
+    q = bench_lm.robuq_fx.quantize(L.build_model(L.QUICK, 0), bench_lm.policy(MAIN["+H"][2], 8, 64),
                                    (val[:2, :-1].long(),))
 
     def broken(model, **kw):
@@ -192,7 +193,7 @@ def test_a_lowering_failure_is_recorded_not_raised(monkeypatch):
     monkeypatch.setattr(bench_lm.robuq_fx, "lower", broken)
     g = bench_lm.lowered_gap(q, 5.0, val, args, "cpu")
     assert g["error"] == "RuntimeError: kernel exploded" and g["gap"] is None
-    s = bench_lm.MAIN["+H"][2]
+    s = MAIN["+H"][2]
     res = {s.key: {"ptq_bpb": 5.5, "bpb": [5.0], "lowered": g}}
     outl = [{"max_over_rms": 2.0, "kurtosis": 3.0, "token_max_over_rms": 2.0, "token_kurtosis": 3.0,
              "max_over_rms_h": 2.0, "kurtosis_h": 3.0, "token_max_over_rms_h": 2.0, "token_kurtosis_h": 3.0}]
