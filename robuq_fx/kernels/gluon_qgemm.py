@@ -8,9 +8,15 @@ through a ring of STAGES slots, for one N tile after another, with the epilogue 
 The codes and scales are those of `act_quant` (same butterflies up to the order of exact fp32 sums, same IEEE scale
 and Markstein quotient), so the output equals the two-kernel path's where its GEMM is exact (|q| <= 15).
 
+The low-rank branch (issue 17 item 3's first option): while pass 2 holds a rotated chunk, it goes to shared memory
+next to the same columns of B, and a bf16 wgmma accumulates t = (x H) B^T (the QAT graph's own formulation; the
+two-kernel path multiplies x by a bf16 B H instead); t, rounded to x's dtype, stays in shared memory, and each N
+tile's epilogue adds t A^T with one more wgmma onto the scaled accumulator.
+
 v0 scope: symmetric absmax activations, Hadamard block 128, K a multiple of 128 up to 1152 (the codes of a row block
-must fit in shared memory next to the weight ring), no low-rank branch, no asymmetric terms: the W4A4+H layers of
-`dit` except fc2 (K = 4608). Opt-in (`ROBUQ_FP8_FUSED_QUANT=1`) until its GPU tests pass and `bench_linear` times it.
+must fit in shared memory next to the weight ring), a branch of rank <= 64 or none, no asymmetric terms: every layer
+of `dit` and of `dit-xl-2-robuq` but fc2 (K = 4608). Opt-in (`ROBUQ_FP8_FUSED_QUANT=1`) until its GPU tests pass
+and `bench_linear` times it.
 
 Cost model, as a check of the design: each program streams all of W (N x K fp8) from L2, so at M = 16384 the
 weights cross L2 -> SM M / BM = 128 times (512 MB for qkv, the same order as a 128 x 256-tile GEMM's A and B
@@ -35,9 +41,20 @@ CONFIGS = [  # (BN, STAGES); BM = 128 rows on 8 warps, BK = 128 (one Hadamard bl
 MAX_K = 1152
 
 
+@gluon.jit
+def _lrb_tile(ptr, off, n_rows, stride, R, ROWS: gl.constexpr, COLS: gl.constexpr, col0, layout: gl.constexpr):
+    """(ROWS, COLS) 16-bit tile [off.., col0..] of a (n_rows, R)-column matrix, zero past its rows and R columns."""
+    rr = off + gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
+    cc = col0 + gl.arange(0, COLS, layout=gl.SliceLayout(0, layout))
+    return gl.load(ptr + gl.expand_dims(rr.to(gl.int64) * stride, 1) + gl.expand_dims(cc, 0),
+                   mask=gl.expand_dims(rr < n_rows, 1) & gl.expand_dims(cc < R, 0), other=0.0)
+
+
 @gluon.jit(do_not_specialize=["M"])
-def qgemm_fused_kernel(x_ptr, b_desc, y_ptr, sw_ptr, bias_ptr, M, N, stride_xm, stride_ym, hscale, levels,
-                       K: gl.constexpr, HAS_BIAS: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+def qgemm_fused_kernel(x_ptr, b_desc, y_ptr, sw_ptr, bias_ptr, down_ptr, up_ptr, M, N, stride_xm, stride_ym,
+                       stride_dn, stride_un, R, hscale, levels,
+                       K: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_LRB: gl.constexpr, RP: gl.constexpr,
+                       STAGES: gl.constexpr, num_warps: gl.constexpr):
     BM: gl.constexpr = 128
     BK: gl.constexpr = 128
     BN: gl.constexpr = b_desc.block_type.shape[0]
@@ -58,12 +75,34 @@ def qgemm_fused_kernel(x_ptr, b_desc, y_ptr, sw_ptr, bias_ptr, M, N, stride_xm, 
     s, lo, safe, rcp = _scale_of(-amax, amax, levels, True)
     a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BK], gl.float8e4nv)
     a_smem = gl.allocate_shared_memory(gl.float8e4nv, [NKB, BM, BK], a_layout)
+    if HAS_LRB:  # t = (x H) B^T from the rotated chunks while they are quantized (the QAT graph's own formulation)
+        tl_: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=_warps(BM, num_warps),
+                                                      instr_shape=[16, RP, 16])
+        t_acc = gl.zeros((BM, RP), gl.float32, tl_)
+        dt: gl.constexpr = x_ptr.dtype.element_ty
+        xh_smem = gl.allocate_shared_memory(dt, [BM, BK], gl.NVMMASharedLayout.get_default_for([BM, BK], dt))
+        bc_smem = gl.allocate_shared_memory(dt, [RP, BK], gl.NVMMASharedLayout.get_default_for([RP, BK], dt))
+        bl: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
     for c in gl.static_range(NKB):
-        y = _piece(x_ptr, rows, rmask, stride_xm, hscale, c * BK, BK, BM, 6, ql).to(gl.float32)
-        q = _round_quotient(y, gl.expand_dims(safe, 1), gl.expand_dims(rcp, 1))
+        xh = _piece(x_ptr, rows, rmask, stride_xm, hscale, c * BK, BK, BM, 6, ql)
+        q = _round_quotient(xh.to(gl.float32), gl.expand_dims(safe, 1), gl.expand_dims(rcp, 1))
         a_smem.index(c).store(q.to(gl.float8e4nv))
+        if HAS_LRB:
+            gl.thread_barrier()  # the previous chunk's wgmma (both warpgroups) has read xh_smem and bc_smem
+            xh_smem.store(xh)
+            bc_smem.store(_lrb_tile(down_ptr, 0, R, stride_dn, K, RP, BK, c * BK, bl).to(dt))
+            fence_async_shared()
+            gl.thread_barrier()
+            t_acc = warpgroup_mma(xh_smem, bc_smem.permute((1, 0)), t_acc)
     fence_async_shared()  # the threads' stores, visible to the wgmma's async proxy
     gl.thread_barrier()  # and every warp's, before any warp's wgmma reads them
+    if HAS_LRB:  # t rounded to the input dtype, as the layer's F.linear writes it, kept for every N tile's epilogue
+        t_smem = gl.allocate_shared_memory(dt, [BM, RP], gl.NVMMASharedLayout.get_default_for([BM, RP], dt),
+                                           t_acc.to(dt))
+        u_smem = gl.allocate_shared_memory(dt, [BN, RP], gl.NVMMASharedLayout.get_default_for([BN, RP], dt))
+        ul: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (RP // 8), RP // 8], [num_warps, 1], [1, 0])
+        lrb_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=_warps(BM, num_warps),
+                                                          instr_shape=[16, _instr_n(BN, num_warps, BM), 16])
 
     # 2. the weight tiles through a ring, one N tile after another; epilogue after each tile's last k-step
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=_warps(BM, num_warps),
@@ -103,6 +142,13 @@ def qgemm_fused_kernel(x_ptr, b_desc, y_ptr, sw_ptr, bias_ptr, M, N, stride_xm, 
             out = acc * gl.expand_dims(sx, 1) * gl.expand_dims(gl.load(sw_ptr + cols, mask=cmask, other=0.0), 0)
             if HAS_BIAS:
                 out += gl.expand_dims(gl.load(bias_ptr + cols, mask=cmask, other=0.0).to(gl.float32), 0)
+            if HAS_LRB:  # + t A^T: one wgmma onto the scaled accumulator (as gluon_fp8_gemm's epilogue)
+                gl.thread_barrier()  # the previous tile's wgmma has read u_smem
+                u_smem.store(_lrb_tile(up_ptr, (step // NKB) * BN, N, stride_un, R, BN, RP, 0, ul).to(dt))
+                fence_async_shared()
+                gl.thread_barrier()
+                out = gl.convert_layout(warpgroup_mma(t_smem, u_smem.permute((1, 0)), gl.convert_layout(out, lrb_mma)),
+                                        mma)
             ptrs = y_ptr + gl.expand_dims(orow.to(gl.int64) * stride_ym, 1) + gl.expand_dims(cols, 0)
             gl.store(ptrs, out.to(y_ptr.dtype.element_ty), mask=gl.expand_dims(omask, 1) & gl.expand_dims(cmask, 0))
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
@@ -110,26 +156,33 @@ def qgemm_fused_kernel(x_ptr, b_desc, y_ptr, sw_ptr, bias_ptr, M, N, stride_xm, 
         mbarrier.invalidate(bars.index(j))
 
 
-def supported(x, k: int, block: int, a_bits: int, sym: bool, clip: str, lrb: bool) -> str | None:
-    """Why this kernel cannot take the call, or None."""
-    if not (sym and clip == "absmax" and block == 128 and not lrb and a_bits <= 4):
-        return "the fused kernel takes symmetric absmax A<=4, Hadamard block 128, no low-rank branch"
+def supported(x, k: int, block: int, a_bits: int, sym: bool, clip: str, rank: int) -> str | None:
+    """Why this kernel cannot take the call, or None (rank: the low-rank branch's, 0 without one)."""
+    if not (sym and clip == "absmax" and block == 128 and a_bits <= 4):
+        return "the fused kernel takes symmetric absmax A<=4 with Hadamard block 128"
     if k % 128 or k > MAX_K:
         return f"in_features={k}: the fused kernel takes multiples of 128 up to {MAX_K}"
     if x.dtype not in (x.new_empty(0).bfloat16().dtype, x.new_empty(0).half().dtype):
         return f"activation dtype {x.dtype}"
+    if rank > 64:
+        return f"low-rank branch of rank {rank}: the fused kernel takes up to 64"
     return None
 
 
-def launch_qgemm_fused(x2, w8, y, sw, bias, hscale: float, levels: float, cfg=CONFIGS[0]):
-    """y (M, N) = Q_a(x2 H) Q_w^T s_x s_w [+ bias]; x2 (M, K) 16-bit with unit column stride, w8 (N, K) fp8 codes
-    with 16-byte aligned rows, sw (N,) fp32, bias (N,) or None."""
+def launch_qgemm_fused(x2, w8, y, sw, bias, hscale: float, levels: float, down=None, up=None, cfg=None):
+    """y (M, N) = Q_a(x2 H) Q_w^T s_x s_w [+ bias] [+ ((x2 H) B^T) A^T]; x2 (M, K) 16-bit with unit column stride,
+    w8 (N, K) fp8 codes with 16-byte aligned rows, sw (N,) fp32, bias (N,) or None, down B (r, K) / up A (N, r) in
+    x2's dtype or None (r <= 64)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    bn, stages = cfg
+    lrb = down is not None
+    bn, stages = cfg or CONFIGS[1 if lrb else 0]  # the branch's buffers need the narrower ring at K = 1152
     n, k = w8.shape
     m = x2.shape[0]
+    r = down.shape[0] if lrb else 0
     b_desc = TensorDescriptor(w8, [n, k], [w8.stride(0), 1], [bn, 128],
                               gl.NVMMASharedLayout.get_default_for([bn, 128], gl.float8e4nv))
     qgemm_fused_kernel[(triton.cdiv(m, 128), )](
-        x2, b_desc, y, sw, bias if bias is not None else sw, m, n, x2.stride(0), y.stride(0), float(hscale),
-        float(levels), K=k, HAS_BIAS=bias is not None, STAGES=stages, num_warps=8)
+        x2, b_desc, y, sw, bias if bias is not None else sw, down if lrb else x2, up if lrb else x2, m, n,
+        x2.stride(0), y.stride(0), down.stride(0) if lrb else 0, up.stride(0) if lrb else 0, r, float(hscale),
+        float(levels), K=k, HAS_BIAS=bias is not None, HAS_LRB=lrb, RP=max(16, triton.next_power_of_2(r)) if lrb
+        else 16, STAGES=stages, num_warps=8)

@@ -192,7 +192,7 @@ def _gluon_gemm_ok(codes: torch.Tensor, w8: torch.Tensor, t: torch.Tensor | None
 
 def _fused_quant_ok(x2: torch.Tensor, a: QLinearArgs, e: "_Entry") -> bool:
     """ROBUQ_FP8_FUSED_QUANT=1 and the Gluon quantize-in-GEMM kernel takes the call (Hopper; symmetric absmax,
-    Hadamard 128, no branch, no input activation, K <= 1152: gluon_qgemm.supported)."""
+    Hadamard 128, a branch of rank <= 64 or none, no input activation, K <= 1152: gluon_qgemm.supported)."""
     if os.environ.get("ROBUQ_FP8_FUSED_QUANT") != "1" or a.input_act:
         return False
     if _capability(x2.device.index if x2.device.index is not None else torch.cuda.current_device()) < (9, 0):
@@ -201,8 +201,9 @@ def _fused_quant_ok(x2: torch.Tensor, a: QLinearArgs, e: "_Entry") -> bool:
         from .gluon_qgemm import supported
     except ImportError:  # no Gluon in this triton
         return False
-    return supported(x2, a.in_features, a.hadamard_block, a.a_bits, a.a_sym, a.a_clip, a.lrb_down is not None) \
-        is None and e.fp8.stride(0) % 16 == 0 and e.fp8.data_ptr() % 16 == 0
+    rank = 0 if a.lrb_down is None else a.lrb_down.shape[0]
+    return supported(x2, a.in_features, a.hadamard_block, a.a_bits, a.a_sym, a.a_clip, rank) is None \
+        and e.fp8.stride(0) % 16 == 0 and e.fp8.data_ptr() % 16 == 0
 
 
 def _small_m_ok(x: torch.Tensor, a: QLinearArgs, m: int) -> bool:
@@ -262,9 +263,13 @@ def _fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
         from .gluon_qgemm import launch_qgemm_fused
         from .quantizer import _hscale
         y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+        down = up = None
+        if a.lrb_down is not None:  # the branch's factors in x's dtype (B unrotated: the kernel reads x H)
+            down, up = (f if f.dtype == x.dtype and f.is_contiguous() else f.to(x.dtype).contiguous()
+                        for f in (a.lrb_down, a.lrb_up))
         with on_device(x.device):
             launch_qgemm_fused(x2, e.fp8, y, e.sw, a.bias, _hscale(a.hadamard_block, x2.dtype),
-                               float(Q.act_levels(a.a_bits, True)))
+                               float(Q.act_levels(a.a_bits, True)), down, up)
         return y if x.dim() == 2 else y.reshape(*lead, n)
     m_pad = max(16, -(-m // 16) * 16)
     codes, sx, lo = act_quant(x2, a.hadamard_block, a.a_bits, a.a_sym, m_store=m_pad, shift=True, clip=a.a_clip,
