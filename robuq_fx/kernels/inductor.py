@@ -162,11 +162,20 @@ def _qlinear_decomposition(x, qweight, w_scale, bias, lrb_down, lrb_up, out_feat
         return NotImplemented
     if kernel.name != "triton_fp8":
         return NotImplemented
+    if _gluon_opt_in():  # the eager op runs the opt-in Gluon kernels, which Inductor cannot launch: keep it opaque
+        return NotImplemented
     try:
         return qlinear_traced(x, a)
     except Exception as e:  # noqa: BLE001 - never fail a compile over the fast path: keep the eager op
         _warn_once(f"robuq_fx: robuq::qlinear left opaque under torch.compile ({type(e).__name__}: {e})")
         return NotImplemented
+
+
+def _gluon_opt_in() -> bool:
+    """Whether an opt-in Gluon kernel is switched on for the fp8 path (kernels/gluon_*.py)."""
+    env = os.environ
+    return (env.get("ROBUQ_FP8_FUSED_QUANT") == "1" or env.get("ROBUQ_QUANT_KERNEL") == "gluon"
+            or env.get("ROBUQ_FP8_GEMM_KERNEL") == "gluon")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -202,6 +202,11 @@ def test_functional_decomposition_on_fake_cuda_tensors(gemm, monkeypatch, all_op
     for v in ("0", "qat", "qat,attention8"):
         monkeypatch.setenv("ROBUQ_INDUCTOR_DECOMPOSE", v)
         assert "robuq.qlinear.default(" in trace()
+    monkeypatch.setenv("ROBUQ_INDUCTOR_DECOMPOSE", "1")
+    for var, val in (("ROBUQ_FP8_FUSED_QUANT", "1"), ("ROBUQ_QUANT_KERNEL", "gluon"), ("ROBUQ_FP8_GEMM_KERNEL", "gluon")):
+        with monkeypatch.context() as mp:  # an opt-in Gluon kernel: the op stays opaque, so that its eager path runs it
+            mp.setenv(var, val)
+            assert "robuq.qlinear.default(" in trace(), var
     monkeypatch.delenv("ROBUQ_INDUCTOR_DECOMPOSE")  # the default decomposes qlinear
     assert "robuq.qlinear" not in trace()
     monkeypatch.setenv("ROBUQ_INDUCTOR_DECOMPOSE", "qat,qlnear")
