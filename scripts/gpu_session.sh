@@ -75,6 +75,7 @@ tests-wait)
     grep -v DEBUG /tmp/robuq_tests.log > "$OUT/gpu_tests.log"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log"
     ;;
 lm)  # the whole bench_lm in this one call on every visible GPU (~9 min on 2 H200s): nothing to lose between calls
+    SECONDS=0
     devs=$(python3 -c "import torch; print(' '.join(f'cuda:{i}' for i in range(torch.cuda.device_count())))")
     minutes=7
     if [ "$(echo $devs | wc -w)" -gt 1 ] && ! timeout 120 python3 benchmarks/bench_lm.py --quick --devices $devs \
@@ -82,7 +83,7 @@ lm)  # the whole bench_lm in this one call on every visible GPU (~9 min on 2 H20
         echo "bench_lm --devices $devs failed its --quick run; one GPU instead:"; tail -8 /tmp/lm_smoke.log
         devs=cuda:0; minutes=8
     fi
-    timeout 500 python3 benchmarks/bench_lm.py --minutes $minutes --min-qat-steps 32 --devices $devs \
+    timeout $((575 - SECONDS)) python3 benchmarks/bench_lm.py --minutes $minutes --min-qat-steps 32 --devices $devs \
         --no-progress --out "$OUT/lm" 2>&1 | tee "$OUT/bench_lm_log.txt" | grep -v "^\[cuda" | tail -60
     ;;
 lm-start)
