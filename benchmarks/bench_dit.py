@@ -34,6 +34,7 @@ from _dit_setup import (PAPER, PAPER_A2, PAPER_A3, TINY, XL2, build, inputs, pol
 SUMMARY_KEYS = {"robuq W4A4+H": "w4a4h", "robuq W1.58A4+H": "w158a4h", PAPER: "paper", PAPER_A3: "paper_a3",
                 PAPER_A2: "paper_a2", "robuq W4A4+H, opaque op": "w4a4h_opaque",
                 "robuq W4A4+H, Inductor decomposition": "w4a4h_inductor",  # (rows of runs before it was the default)
+                "robuq W4A4+H (C++ wrapper)": "w4a4h_cppwrapper",
                 "robuq W4A4+H +GELU fused": "w4a4h_gelu_fused"}
 
 
@@ -118,28 +119,38 @@ def default_mode_rows(fp_dev, cfg, device, dtype, ex, args, rows: list, save=lam
     low = robuq_fx.lower(robuq_fx.quantize(fp_dev, policies()["robuq W4A4+H"], example_inputs=ex), progress=False)
     # qlinear decomposed into our Triton kernels inside Inductor's graph (ROBUQ_INDUCTOR_DECOMPOSE's default), then
     # kept as one opaque op a layer ("qat"); compiled from scratch each time: the caches do not key on that switch
-    runs = (("bf16 torch.compile (default)", fp_dev, None), ("robuq W4A4+H", low, "qat,qlinear"),
-            ("robuq W4A4+H, opaque op", low, "qat"))
+    runs = [("bf16 torch.compile (default)", fp_dev, None, False), ("robuq W4A4+H", low, "qat,qlinear", False),
+            ("robuq W4A4+H, opaque op", low, "qat", False)]
+    if args.cpp_wrapper_rows:  # Inductor's C++ wrapper launches the kernels without Python: both sides again
+        runs += [("bf16 torch.compile (default, C++ wrapper)", fp_dev, None, True),
+                 ("robuq W4A4+H (C++ wrapper)", low, "qat,qlinear", True)]
     old = os.environ.get("ROBUQ_INDUCTOR_DECOMPOSE")
     with torch.no_grad(), ic.patch(force_disable_caches=True):
         low(**x)
-        for name, model, mode in runs:
+        for name, model, mode, cpp in runs:
             if mode is not None:
                 os.environ["ROBUQ_INDUCTOR_DECOMPOSE"] = mode
             try:
-                fn = torch.compile(model)
-                ms = timeit(lambda: fn(**x), args.iters, args.warmup, device)
+                with ic.patch(cpp_wrapper=cpp):
+                    fn = torch.compile(model)
+                    ms = timeit(lambda: fn(**x), args.iters, args.warmup, device)
+            except Exception as e:  # noqa: BLE001 - a C++-wrapper build that fails is a row saying so
+                if not cpp:
+                    raise
+                print(f"  default mode {name}: failed ({type(e).__name__}: {str(e)[:200]})", flush=True)
+                ms = float("nan")
             finally:
                 if old is None:
                     os.environ.pop("ROBUQ_INDUCTOR_DECOMPOSE", None)
                 else:
                     os.environ["ROBUQ_INDUCTOR_DECOMPOSE"] = old
-            rows.append({"setting": name, "batch": 8, "ms": round(ms, 3)})
+            rows.append({"setting": name, "batch": 8, "ms": round(ms, 3), "cpp": cpp})
             save()
             print(f"  default mode {name:40s} batch   8: {ms:8.3f} ms", flush=True)
             torch._dynamo.reset()
-    for r in rows:
-        r["x vs bf16 torch.compile (default)"] = round(rows[0]["ms"] / r["ms"], 3)
+    base = {r["cpp"]: r["ms"] for r in rows if r["setting"].startswith("bf16")}
+    for r in rows:  # against bf16 compiled the same way (Python or C++ wrapper)
+        r["x vs bf16 torch.compile (default)"] = round(base[r.pop("cpp")] / r["ms"], 3)
     return rows
 
 
@@ -163,6 +174,8 @@ def main(argv=None):
     ap.add_argument("--default-mode-b8", action="store_true",
                     help="also time bf16 and W4A4+H at batch 8 with torch.compile's default mode (no CUDA graphs)")
     ap.add_argument("--cpu-prepare", action="store_true", help="also time quantize + lower on the CPU in fp32")
+    ap.add_argument("--cpp-wrapper-rows", action="store_true",
+                    help="also the default-mode rows with Inductor's C++ wrapper (torch._inductor.config.cpp_wrapper)")
     ap.add_argument("--only-default-mode", action="store_true",
                     help="only the batch-8 default-mode rows (--default-mode-b8 without the other rows)")
     ap.add_argument("--fuse-gelu", action="store_true",

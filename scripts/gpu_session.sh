@@ -119,7 +119,7 @@ dit-low)  # the asymmetric sigma policies (issue 17 item 5: within 10% of dit-xl
         2>&1 | tail -30
     ;;
 dit-default)  # batch 8 under torch.compile's default mode: the opaque op vs the Inductor decomposition vs bf16
-    timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --only-default-mode --skip-train --iters 10 --warmup 3 \
+    timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --only-default-mode --cpp-wrapper-rows --skip-train --iters 10 --warmup 3 \
         --tag _default-mode 2>&1 | tail -12
     ;;
 ddp)
