@@ -25,6 +25,7 @@ through HBM.
 """
 from __future__ import annotations
 
+import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -162,7 +163,7 @@ def supported(x, k: int, block: int, a_bits: int, sym: bool, clip: str, rank: in
         return "the fused kernel takes symmetric absmax A<=4 with Hadamard block 128"
     if k % 128 or k > MAX_K:
         return f"in_features={k}: the fused kernel takes multiples of 128 up to {MAX_K}"
-    if x.dtype not in (x.new_empty(0).bfloat16().dtype, x.new_empty(0).half().dtype):
+    if x.dtype not in (torch.bfloat16, torch.float16):
         return f"activation dtype {x.dtype}"
     if rank > 64:
         return f"low-rank branch of rank {rank}: the fused kernel takes up to 64"

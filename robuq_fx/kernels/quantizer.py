@@ -151,16 +151,15 @@ def act_quant_spec(x2, out, scale, lo, block: int, a_bits: int, sym: bool, dequa
     gluon: the Gluon kernel where ROBUQ_QUANT_KERNEL=gluon selects it (`_gluon_plan`)."""
     m, k = x2.shape
     block = block if block > 1 else 0
+    levels = float(Q.act_levels(a_bits, sym))
+    sh = float(2 ** (a_bits - 1)) if shift and not sym and not dequant else 0.0
     g = _gluon_plan(x2, block, clip, dequant, act) if gluon and plan is None else None
     if g is not None:  # opt-in (ROBUQ_QUANT_KERNEL=gluon): the Gluon kernel with hand-picked layouts
-        sh = float(2 ** (a_bits - 1)) if shift and not sym else 0.0
-        return _gq().act_quant_gluon_launch(x2, out, scale, lo, m, out.shape[0], _hscale(block, x2.dtype),
-                                            float(Q.act_levels(a_bits, sym)), sh, sym, g)
+        return _gq().act_quant_gluon_launch(x2, out, scale, lo, m, out.shape[0], _hscale(block, x2.dtype), levels,
+                                            sh, sym, g)
     sigma = clip == "sigma"
     plan = plan or (_sigma_plan(k, block, m) if sigma else quant_plan(k, block, m))
     # sigma: c of the MSE-optimal uniform quantizer of a normal with the code count of this range (quantizers.py)
     clip_c = Q.gaussian_clip(2 ** a_bits - 1 if sym else 2 ** a_bits) if sigma else 0.0
-    levels = float(Q.act_levels(a_bits, sym))
-    sh = float(2 ** (a_bits - 1)) if shift and not sym and not dequant else 0.0
     return _aq().act_quant_launch(x2, out, scale, lo, m, out.shape[0], _hscale(block, x2.dtype), levels, sh, block,
                                   plan, sym, dequant, clip_c, act)
