@@ -11,6 +11,8 @@
 #   scripts/gpu_session.sh lm-wait [SECS]   wait for it (at most SECS, default 540), then collect what it wrote
 #   scripts/gpu_session.sh dit              bench_dit W4A4+H and the paper policy (and with the GELU fused), batch 1 / 64
 #                                           under CUDA graphs, then the call-overhead table with its cProfile
+#   scripts/gpu_session.sh gluon-check      one-GPU call: the Gluon kernels' GPU tests, their CUDA-event times
+#                                           (ncu_kernels.py), bench_linear with and without them, then the other GPU tests
 #   scripts/gpu_session.sh dit-low          the -a3 / -a2 policies next to dit-xl-2-robuq, batch 1 / 64, CUDA graphs
 #   scripts/gpu_session.sh dit-gluon        the same DiT rows with the Gluon quantizer, GEMM and quantize-in-GEMM on
 #   scripts/gpu_session.sh dit-default      batch 8 under default-mode torch.compile: decomposed qlinear vs opaque op
@@ -41,7 +43,7 @@ if [ "${1:-}" = pair ]; then  # pair STEP0 STEP1: STEP0 on GPU 0 and STEP1 on GP
     echo "--- GPU 1: $3"; tail -25 "$OUT/$3.gpu1/log.txt"
     exit 0
 fi
-case "${1:-}" in tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu|dit-gluon)
+case "${1:-}" in tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu|dit-gluon|gluon-check)
     ;;
     *) sed -n 2,32p "$0"; exit 2 ;; esac
 OUT=${OUT:-$PWD/gpu_out}
@@ -112,6 +114,23 @@ dit-gluon)  # the Gluon kernels on a whole DiT (rows named "+gluonquant +gluonge
         benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
         --settings "W4A4+H" "dit-xl-2-robuq (" --batches 1 64 --iters 10 --warmup 3 --tag _reduce-overhead_gluon \
         2>&1 | tail -30
+    ;;
+gluon-check)  # ~9.5 min on one GPU: what the Gluon kernels do on a real Hopper, before any DiT row uses them
+    SECONDS=0
+    timeout 200 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_gluon_act_quant.py \
+        tests/kernels/test_gluon_fp8_gemm.py tests/kernels/test_gluon_qgemm.py 2>&1 | grep -v DEBUG \
+        > "$OUT/gluon_tests.log"; tail -n 25 "$OUT/gluon_tests.log"
+    echo "--- ncu_kernels.py (CUDA events) at ${SECONDS}s"
+    timeout 120 python3 benchmarks/ncu_kernels.py 2>&1 | tee "$OUT/kernel_times.txt" | tail -n 30
+    echo "--- bench_linear, default kernels, at ${SECONDS}s"
+    timeout 110 python3 benchmarks/bench_linear.py --modes graph --m 256 1024 16384 --no-extra --out "$OUT" \
+        --tag _default 2>&1 | tail -n 14
+    echo "--- bench_linear, Gluon quantizer + GEMM + quantize-in-GEMM, at ${SECONDS}s"
+    ROBUQ_QUANT_KERNEL=gluon ROBUQ_FP8_GEMM_KERNEL=gluon ROBUQ_FP8_FUSED_QUANT=1 timeout 110 python3 \
+        benchmarks/bench_linear.py --modes graph --m 256 1024 16384 --no-extra --out "$OUT" --tag _gluon 2>&1 | tail -n 14
+    rest=$((560 - SECONDS)); echo "--- the other GPU tests at ${SECONDS}s (${rest}s left)"
+    [ $rest -gt 30 ] && timeout $rest python3 -m pytest -q -rfE --tb=short -p no:cacheprovider \
+        $(echo $GPU_TESTS | tr ' ' '\n' | grep -v test_gluon) 2>&1 | grep -v DEBUG | tee "$OUT/gpu_tests.log" | tail -n 30
     ;;
 dit-low)  # the asymmetric sigma policies (issue 17 item 5: within 10% of dit-xl-2-robuq's speed)
     timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
