@@ -68,7 +68,7 @@ class _Call:
         if qw is None or version_of(qw) != self.qw_ver or _env() != self.env:
             return None
         drv, rt = TL._TRITON
-        if rt.launch_enter_hook is not None or drv.get_current_device() != self.dev:
+        if TL.hook(rt.launch_enter_hook) is not None or drv.get_current_device() != self.dev:
             return None
         return x.view(self.m, self.k)
 

@@ -72,15 +72,24 @@ def compiled(fn, args: tuple, constexprs: dict, options: dict, no_specialize: tu
     return _CACHE.get(_key(fn, _TRITON[0].get_current_device(), args, constexprs, options, no_specialize))
 
 
+def hook(h):
+    """A launch hook that does something, or None. Triton 3.6 keeps each hook as a `HookChain` that is never None
+    (no hook = an empty chain); older Tritons use None. An active hook (a profiler's) needs the launch metadata,
+    which costs a few us a launch to build: only then is it built and the hook passed."""
+    if h is None or not getattr(h, "calls", True):
+        return None
+    return h
+
+
 def run(hit, grid3: tuple, args: tuple, dev: int) -> None:
     """Launch a kept kernel (`compiled`'s answer) on a 3-D grid with its runtime args, on the current stream."""
     kern, tail = hit
     drv, rt = _TRITON
     stream = drv.get_current_stream(dev)
     params = args + tail
-    enter = rt.launch_enter_hook
+    enter, leave = hook(rt.launch_enter_hook), hook(rt.launch_exit_hook)
     kern.run(grid3[0], grid3[1], grid3[2], stream, kern.function, kern.packed_metadata,
-             None if enter is None else kern.launch_metadata(grid3, stream, *params), enter, rt.launch_exit_hook,
+             None if enter is None and leave is None else kern.launch_metadata(grid3, stream, *params), enter, leave,
              *params)
 
 
