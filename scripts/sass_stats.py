@@ -17,7 +17,7 @@ from tests.kernels.sm90 import compile_sm90, sass  # noqa: E402
 
 QUANT_SIG = {"x_ptr": "*bf16", "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "lo_ptr": "*fp32", "M": "i32",
              "M_STORE": "i32", "stride_xm": "i32", "stride_om": "i32", "hscale": "fp32", "levels": "fp32",
-             "shift": "fp32", "clip_c": "fp32"}
+             "clip_c": "fp32"}
 ALIGNED = ("x_ptr", "out_ptr", "scale_ptr", "lo_ptr", "stride_xm", "stride_om")
 
 
@@ -45,7 +45,7 @@ def main() -> None:
     for k, lanes, max_vt in ((1152, 32, 32), (1152, 16, 64), (4608, 32, 32), (4608, 32, 64)):
         plan = G.gluon_plan(k, lanes, max_vt=max_vt)
         x = torch.empty(4, k, dtype=torch.bfloat16)
-        spec = G.act_quant_gluon_launch(x, torch.empty(4, k), x, x, 4, 4, 0.0884, 7.0, 0.0, True, plan)
+        spec = G.act_quant_gluon_launch(x, torch.empty(4, k), x, x, 4, 4, 0.0884, 7.0, False, True, plan)
         sig = {n: v for n, v in QUANT_SIG.items() if n != "clip_c"}
         kern = compile_sm90(G.act_quant_gluon_kernel, sig, spec[3], spec[4], ALIGNED)
         rows = (32 // plan[2]) * plan[4]

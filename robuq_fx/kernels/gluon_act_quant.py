@@ -110,7 +110,7 @@ def _round_quotient(y, safe, rcp):
 
 
 @gluon.jit
-def _store(y, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, shift, OFF: gl.constexpr, W: gl.constexpr,
+def _store(y, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, z, OFF: gl.constexpr, W: gl.constexpr,
            SYM: gl.constexpr, HAS_SHIFT: gl.constexpr, layout: gl.constexpr):
     row_l: gl.constexpr = gl.SliceLayout(1, layout)
     cols = OFF + gl.arange(0, W, layout=gl.SliceLayout(0, layout))
@@ -119,14 +119,14 @@ def _store(y, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, shift, OFF: gl.
         y = y - gl.expand_dims(gl.convert_layout(lo, row_l), 1)
     q = _round_quotient(y, gl.expand_dims(gl.convert_layout(safe, row_l), 1),
                        gl.expand_dims(gl.convert_layout(rcp, row_l), 1))
-    if HAS_SHIFT:
-        q = q - shift
+    if HAS_SHIFT:  # centred codes: q - (the row's code of 0), as triton_act_quant
+        q = q - gl.expand_dims(gl.convert_layout(z, row_l), 1)
     ptrs = out_ptr + gl.expand_dims(gl.convert_layout(rows, row_l) * stride_om, 1) + gl.expand_dims(cols, 0)
     gl.store(ptrs, q.to(out_ptr.dtype.element_ty), mask=gl.expand_dims(gl.convert_layout(smask, row_l), 1))
 
 
 @gluon.jit(do_not_specialize=["M", "M_STORE"])
-def act_quant_gluon_kernel(x_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, stride_xm, stride_om, hscale, levels, shift,
+def act_quant_gluon_kernel(x_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, stride_xm, stride_om, hscale, levels,
                            W0: gl.constexpr, W1: gl.constexpr, VT0: gl.constexpr, VT1: gl.constexpr,
                            LOGVT0: gl.constexpr, LOGVT1: gl.constexpr, LANES: gl.constexpr, WROWS: gl.constexpr,
                            WPR: gl.constexpr, SYM: gl.constexpr, HAS_SHIFT: gl.constexpr):
@@ -135,7 +135,6 @@ def act_quant_gluon_kernel(x_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, stride
     ROWS: gl.constexpr = (32 // LANES) * WROWS
     hscale = hscale.to(gl.float32)
     levels = levels.to(gl.float32)
-    shift = shift.to(gl.float32)
     l0: gl.constexpr = gl.BlockedLayout([1, VT0], [32 // LANES, LANES], [WROWS, WPR], [1, 0])
     l1: gl.constexpr = gl.BlockedLayout([1, VT1], [32 // LANES, LANES], [WROWS, WPR], [1, 0])
     rl0: gl.constexpr = gl.SliceLayout(1, l0)
@@ -162,12 +161,16 @@ def act_quant_gluon_kernel(x_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, stride
             a = gl.minimum(a, gl.convert_layout(gl.reduce(f1, 1, _minf), rl0))
             b = gl.maximum(b, gl.convert_layout(gl.reduce(f1, 1, _maxf), rl0))
     s, lo, safe, rcp = _scale_of(a, b, levels, SYM)
+    if HAS_SHIFT:  # the row's code of 0, clamped to the codes
+        z = gl.minimum(gl.maximum(_round_quotient(-lo, safe, rcp), 0.0), levels)
+    else:
+        z = gl.zeros_like(lo)
     smask0 = rows0 < M_STORE
     gl.store(scale_ptr + rows0, s, mask=smask0)
-    gl.store(lo_ptr + rows0, lo + shift * s, mask=smask0)
-    _store(y0, out_ptr, rows0, smask0, stride_om, s, safe, rcp, lo, shift, 0, W0, SYM, HAS_SHIFT, l0)
+    gl.store(lo_ptr + rows0, lo + z * s, mask=smask0)
+    _store(y0, out_ptr, rows0, smask0, stride_om, s, safe, rcp, lo, z, 0, W0, SYM, HAS_SHIFT, l0)
     if W1 > 0:
-        _store(y1, out_ptr, rows0, smask0, stride_om, s, safe, rcp, lo, shift, W0, W1, SYM, HAS_SHIFT, l1)
+        _store(y1, out_ptr, rows0, smask0, stride_om, s, safe, rcp, lo, z, W0, W1, SYM, HAS_SHIFT, l1)
 
 
 def gluon_plan(k: int, lanes: int = 32, warps: int = 4, max_vt: int = 32) -> tuple | None:
@@ -198,7 +201,7 @@ def act_quant_gluon_launch(x, out, scale, lo, m, m_store, hscale, levels, shift,
     vt1 = w1 // (lanes * wpr) if w1 else vt0
     rows = (32 // lanes) * wrows
     return (act_quant_gluon_kernel, ((m_store + rows - 1) // rows,),
-            (x, out, scale, lo, m, m_store, x.stride(0), out.stride(0), float(hscale), float(levels), float(shift)),
+            (x, out, scale, lo, m, m_store, x.stride(0), out.stride(0), float(hscale), float(levels)),
             dict(W0=w0, W1=w1, VT0=vt0, VT1=vt1, LOGVT0=vt0.bit_length() - 1, LOGVT1=vt1.bit_length() - 1,
-                 LANES=lanes, WROWS=wrows, WPR=wpr, SYM=bool(sym), HAS_SHIFT=bool(shift)),
+                 LANES=lanes, WROWS=wrows, WPR=wpr, SYM=bool(sym), HAS_SHIFT=bool(shift) and not sym),
             dict(num_warps=wrows * wpr), (4, 5))

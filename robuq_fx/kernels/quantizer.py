@@ -108,8 +108,8 @@ def act_quant(x2: torch.Tensor, block: int, a_bits: int, sym: bool, dequant: boo
 
     Returns (out, scale, lo): out (m_store, K) fp8 e4m3 codes, or Q_a(x H) in x's dtype when `dequant`;
     scale and lo (m_store,) fp32. Rows M..m_store-1 (padding) are written as zeros with scale 0. With `shift`
-    (asymmetric only) the codes are q - 2^(a_bits-1) and lo is lo + 2^(a_bits-1) * scale. `traced`: record the
-    launch for torch.compile (called inside the `robuq::act_quant` triton_op, kernels/inductor.py). `act`: an
+    (asymmetric only) the codes are centred, q - z with z the row's code of 0, and lo is lo + z * scale. `traced`:
+    record the launch for torch.compile (called inside the `robuq::act_quant` triton_op, kernels/inductor.py). `act`: an
     input activation applied while loading x (robuq::qlinear's input_act: "gelu", "gelu_tanh")."""
     m, k = x2.shape
     m_store = m if m_store is None else m_store
@@ -152,7 +152,7 @@ def act_quant_spec(x2, out, scale, lo, block: int, a_bits: int, sym: bool, dequa
     m, k = x2.shape
     block = block if block > 1 else 0
     levels = float(Q.act_levels(a_bits, sym))
-    sh = float(2 ** (a_bits - 1)) if shift and not sym and not dequant else 0.0
+    sh = bool(shift and not sym and not dequant)  # asymmetric codes centred per row (triton_act_quant's docstring)
     g = _gluon_plan(x2, block, clip, dequant, act) if gluon and plan is None else None
     if g is not None:  # opt-in (ROBUQ_QUANT_KERNEL=gluon): the Gluon kernel with hand-picked layouts
         return _gq().act_quant_gluon_launch(x2, out, scale, lo, m, out.shape[0], _hscale(block, x2.dtype), levels,

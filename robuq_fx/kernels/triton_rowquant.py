@@ -58,6 +58,15 @@ def scale_of(a, b, levels, SYM: tl.constexpr):
 
 
 @triton.jit
+def zero_code(lo, safe, rcp, levels, CENTRE: tl.constexpr):
+    """Per row, the code of 0 of an asymmetric range starting at lo (rint(-lo / s), clamped to [0, levels]): what
+    centred codes q - z subtract (triton_act_quant's module docstring); zeros when not CENTRE."""
+    if CENTRE:
+        return tl.minimum(tl.maximum(round_quotient(-lo, safe, rcp), 0.0), levels)
+    return tl.zeros_like(lo)
+
+
+@triton.jit
 def round_quotient(y, safe, rcp):
     """rint(y / safe), the quotient correctly rounded (Markstein): q0 = RN(y r), e = fma(-q0, s, y) exact,
     q = RN(q0 + e r) with r = RN(1 / s); safe and rcp broadcast against y."""

@@ -249,7 +249,7 @@ def test_input_act_reaches_the_quantizer_launch_or_is_materialized(rank, fake_tr
             keys = [k for k in cache.keys if k[0] == id(A.act_quant_bfly_kernel)]
             if call == "ordinary":  # the launch and the bindings looked up one specialization
                 assert keys and all(k == keys[0] for k in keys)
-                act = dict(zip(A.act_quant_bfly_kernel.arg_names[11:], keys[0][3]))["ACT"]
+                act = dict(zip(A.act_quant_bfly_kernel.arg_names[10:], keys[0][3]))["ACT"]
                 assert act == (0 if rank else 2)
             else:
                 assert not keys or rank  # served by the binding: no lookup (LRB layers are not bound)

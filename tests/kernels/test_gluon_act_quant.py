@@ -36,10 +36,9 @@ def test_plan():
 def _compile_sm90(k: int, sym: bool, lanes: int = 32):
     plan = G.gluon_plan(k, lanes, max_vt=32 if lanes == 32 else 64)
     x = torch.empty(4, k, dtype=torch.bfloat16)
-    spec = G.act_quant_gluon_launch(x, torch.empty(4, k), x, x, 4, 4, 0.0884, 7.0, 0.0 if sym else 8.0, sym, plan)
+    spec = G.act_quant_gluon_launch(x, torch.empty(4, k), x, x, 4, 4, 0.0884, 7.0, not sym, sym, plan)
     sig = {"x_ptr": "*bf16", "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "lo_ptr": "*fp32", "M": "i32",
-           "M_STORE": "i32", "stride_xm": "i32", "stride_om": "i32", "hscale": "fp32", "levels": "fp32",
-           "shift": "fp32"}
+           "M_STORE": "i32", "stride_xm": "i32", "stride_om": "i32", "hscale": "fp32", "levels": "fp32"}
     return compile_sm90(G.act_quant_gluon_kernel, sig, spec[3], spec[4],
                         aligned=("x_ptr", "out_ptr", "scale_ptr", "lo_ptr", "stride_xm", "stride_om"))
 
