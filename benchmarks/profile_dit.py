@@ -37,10 +37,14 @@ CATEGORIES = [
     ("fp8 GEMM (cuBLAS _scaled_mm)", r"e4m3|f8f8|fp8|scaled_mm"),
     ("attention (flash / cuDNN / efficient)", r"flash|fmha|attention|cudnn"),
     ("GEMM (cuBLAS bf16)", r"gemm|sm90_xmma|cutlass|nvjet|addmm|aten::mm|aten::linear"),
+    ("optimizer (AdamW, multi-tensor)", r"multi_tensor|adam"),
     ("Inductor fused elementwise", r"triton_poi"),
     ("Inductor fused reductions", r"triton_red|triton_per"),
     ("ATen elementwise / reductions", r"elementwise|reduce|vectorized|unrolled|aten::"),
 ]
+
+
+TOP_KERNELS = 25  # the training profile lists this many kernels by GPU time, per setting
 
 
 def category(name: str) -> str:
@@ -179,7 +183,7 @@ def train_profile(args, cfg, pols, names, prov, device):
             if amp:
                 torch.cuda.synchronize()
         cats: dict[str, float] = {}
-        ops = []
+        ops, kernels = [], []
         for e in prof.key_averages():
             is_cpu_op = str(getattr(e, "device_type", "")).endswith("CPU")
             if is_cpu_op and "robuq" in e.key:
@@ -190,13 +194,18 @@ def train_profile(args, cfg, pols, names, prov, device):
             elif not is_cpu_op and e.device_time_total > 0:
                 c = category(e.key)
                 cats[c] = cats.get(c, 0.0) + e.device_time_total / 1e3 / args.steps
+                kernels.append({"kernel": e.key[:90], "category": c, "calls per step": e.count / args.steps,
+                                "ms per step": round(e.device_time_total / 1e3 / args.steps, 3)})
         total = sum(cats.values())
         table = [{"category": c, "ms per step": round(v, 3), "share": f"{100 * v / max(total, 1e-9):.1f}%"}
                  for c, v in sorted(cats.items(), key=lambda kv: -kv[1])]
         table.append({"category": "TOTAL kernel time", "ms per step": round(total, 3), "share": ""})
         table.append({"category": "wall time per step", "ms per step": round(wall, 3), "share": ""})
-        out["settings"][key] = {"categories": table, "robuq_ops": ops, "wall_ms": wall}
-        lines += ["", f"## {key}", tabulate(table, headers="keys", tablefmt="github")]
+        top = sorted(kernels, key=lambda r: -r["ms per step"])[:TOP_KERNELS]
+        out["settings"][key] = {"categories": table, "robuq_ops": ops, "wall_ms": wall, "top_kernels": top}
+        lines += ["", f"## {key}", tabulate(table, headers="keys", tablefmt="github"),
+                  "", f"the {len(top)} kernels with the most GPU time (what each category is made of):",
+                  tabulate(top, headers="keys", tablefmt="github")]
         if ops:
             lines += ["", tabulate(sorted(ops, key=lambda r: -r["GPU ms per step (its kernels)"]), headers="keys",
                                    tablefmt="github")]
