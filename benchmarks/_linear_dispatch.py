@@ -29,7 +29,7 @@ def tune_quant(table: dict, ms=MS):
     """Time the activation quantizer's tilings (rows per program, warps) per K, Hadamard on/off and M bucket."""
     from robuq_fx.kernels import dispatch as D, quantizer as AQ
     dev = torch.device("cuda")
-    out = {}
+    out, gluon = {}, {}
     for k in sorted({k for _, k, _ in SHAPES}):
         for block in (128, 0):
             key = f"{k}/{'h' if block else 'n'}"
@@ -52,10 +52,14 @@ def tune_quant(table: dict, ms=MS):
                 print(f"[quant {key} M={m}] best BM={bm} warps={warps} chunk={chunk}: {tm * 1e6:.1f}us "
                       f"{gbs:.0f} GB/s (bytes: 2 read + 1 written per element); top: " +
                       " ".join(f"{b}/{w}/{c}:{t * 1e6:.1f}" for t, b, w, c in res[:8]), flush=True)
-                if block:
-                    gluon_vs_triton(x, m, tm)
+                if block and os.environ.get("ROBUQ_QUANT_KERNEL") != "triton":
+                    tiling = gluon_vs_triton(x, m, tm)
+                    if tiling is not None:
+                        gluon.setdefault(key, {})[str(m)] = tiling
     table["quant"] = out
+    table["quant_gluon"] = gluon
     D.dispatch_table()["quant"] = out  # use the tuned tilings for the rest of this run
+    D.dispatch_table()["quant_gluon"] = gluon
 
 
 def fused_quant_time(mod, x, rel_tol: float | None = None) -> float | None:
@@ -119,15 +123,20 @@ def gluon_gemm_times(a8, wq, sx, sw, b, lo, cs, t, up, m: int, ptr_cfg, name: st
     return times if any(tm < math.inf for tm in times) else None
 
 
-def gluon_vs_triton(x, m: int, triton_s: float) -> None:
-    """The Gluon quantizer (kernels/gluon_act_quant.py, opt-in ROBUQ_QUANT_KERNEL=gluon) on the same call, for each
-    of its tilings (lanes a row, columns a thread): time against the Triton kernel's best tiling, and whether codes,
-    scales and offsets equal the Triton kernel's. Printed only: not dispatched to until its GPU tests pass."""
+GLUON_MARGIN = 0.97  # the Gluon quantizer is dispatched to where it takes at most this share of the Triton time
+
+
+def gluon_vs_triton(x, m: int, triton_s: float) -> list | None:
+    """The Gluon quantizer (kernels/gluon_act_quant.py) on the same call, for each of its tilings (lanes a row,
+    columns a thread): time against the Triton kernel's best tiling, and whether codes, scales and offsets equal the
+    Triton kernel's. Returns [lanes, max columns a thread] of the fastest tiling with equal outputs where it takes
+    at most GLUON_MARGIN of the Triton time (the table's "quant_gluon" entry: dispatched to), else None."""
     from robuq_fx.kernels import gluon_act_quant as G, quantizer as AQ
     from robuq_fx.kernels.triton_launch import launch
     k = x.shape[1]
-    want = AQ.act_quant(x, 128, 4, True, m_store=m)
+    want = AQ.act_quant(x, 128, 4, True, m_store=m, plan=AQ.quant_plan(k, 128, m))  # a plan: the Triton kernel
     hs, lv = AQ._hscale(128, x.dtype), 7.0
+    best = None
     for lanes, max_vt in ((32, 32), (32, 64), (16, 64)):
         plan = G.gluon_plan(k, lanes, max_vt=max_vt)
         if plan is None or (max_vt == 64 and plan == G.gluon_plan(k, lanes)):
@@ -142,8 +151,11 @@ def gluon_vs_triton(x, m: int, triton_s: float) -> None:
             tg = time_graph(run, 5, 5, 2)
             print(f"[quant gluon K={k} M={m} plan={plan}] {tg * 1e6:.1f}us ({m * k * 3 / tg / 1e9:.0f} GB/s), "
                   f"{tg / triton_s:.2f}x the Triton kernel's time; codes, scales equal: {same}", flush=True)
+            if same and tg <= GLUON_MARGIN * triton_s and (best is None or tg < best[0]):
+                best = (tg, [lanes, max_vt])
         except Exception as e:  # noqa: BLE001 - report, keep measuring the rest
             print(f"[quant gluon K={k} M={m} plan={plan}] failed: {type(e).__name__}: {e}", flush=True)
+    return None if best is None else best[1]
 
 
 def time_under_env(mod, x, var: str, values) -> dict:
@@ -195,7 +207,8 @@ def write_dispatch(args):
              "rule": "triton_fp8 when M >= fp8_min_m (symmetric, no LRB) / epi_fp8_min_m (asymmetric or LRB), "
                      "else cuda_dequant; 'measured' holds CUDA-graph microseconds per call "
                      "(triton_fp8 / cuda_dequant / bf16 F.linear); 'quant': [rows per program, warps, "
-                     "chunk (0: one pass)] of the activation quantizer per K/{h,n} and M bucket; "
+                     "chunk (0: one pass)] of the activation quantizer per K/{h,n} and M bucket; 'quant_gluon': "
+                     "[lanes, columns a thread] of the Gluon quantizer where it beat that by 3% with equal codes; "
                      "'epilogue': addmm or triton; 'gemm_kernel': tma or "
                      "pointer (the fused-epilogue GEMM), 'tma_gemm_cfg' its config per M bucket",
              "shapes": {}}

@@ -53,7 +53,8 @@ def main(argv=None) -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for name, k, n in (("qkv", 1152, 3456), ("fc2", 4608, 1152)):
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-        timed(f"act_quant K={k} (table tiling)", lambda: AQ.act_quant(x, 128, 4, True, m_store=m), args.reps)
+        timed(f"act_quant K={k} (Triton, table tiling)",
+              lambda: AQ.act_quant(x, 128, 4, True, m_store=m, plan=AQ.quant_plan(k, 128, m)), args.reps)
         os.environ["ROBUQ_QUANT_KERNEL"] = "gluon"
         try:
             timed(f"act_quant K={k} (Gluon kernel)", lambda: AQ.act_quant(x, 128, 4, True, m_store=m), args.reps)

@@ -132,14 +132,30 @@ def _gq():
 
 
 def _gluon_plan(x2, block: int, clip: str, dequant: bool, act: str) -> tuple | None:
-    """The Gluon quantizer's plan where ROBUQ_QUANT_KERNEL=gluon and it takes the call (Hadamard block 128, absmax,
-    codes out, no input activation, 16-bit input, K it tiles), else None (the Triton kernel)."""
-    if os.environ.get("ROBUQ_QUANT_KERNEL") != "gluon":
+    """The Gluon quantizer's plan where it takes the call (Hadamard block 128, absmax, codes out, no input
+    activation, 16-bit input, K it tiles) and is chosen, else None (the Triton kernel). Chosen: ROBUQ_QUANT_KERNEL=gluon
+    (its default tiling wherever it applies), =triton never, unset: where the dispatch table measured it faster than
+    the Triton kernel's best tiling with equal codes ("quant_gluon": [lanes, max columns a thread] per K and M
+    bucket, `bench_linear.py --write-dispatch`)."""
+    env = os.environ.get("ROBUQ_QUANT_KERNEL")
+    if env == "triton":
         return None
     if block != 128 or clip != "absmax" or dequant or act or x2.dtype not in (torch.bfloat16, torch.float16):
         return None
+    k = x2.shape[1]
+    if env == "gluon":
+        tiling = ()
+    else:
+        tiling = dispatch_table().get("quant_gluon", {}).get(f"{k}/h", {}).get(str(m_bucket(x2.shape[0])))
+        if not tiling:
+            return None
+    return _gluon_tiling(k, *(int(v) for v in tiling[:2]))
+
+
+@functools.lru_cache(maxsize=None)
+def _gluon_tiling(k: int, lanes: int = 32, max_vt: int = 32) -> tuple | None:
     try:
-        return _gq().gluon_plan(x2.shape[1])
+        return _gq().gluon_plan(k, lanes, max_vt=max_vt)
     except ImportError:  # no Gluon in this Triton
         return None
 
@@ -148,7 +164,7 @@ def act_quant_spec(x2, out, scale, lo, block: int, a_bits: int, sym: bool, dequa
                    plan: tuple | None = None, clip: str = "absmax", act: str = "", gluon: bool = True) -> tuple:
     """The launch `act_quant` makes into its outputs out / scale / lo (m_store rows): (kernel, grid, runtime args,
     constexprs, options, no_specialize), for `triton_launch.launch` or a caller that binds it (kernels/fastcall.py).
-    gluon: the Gluon kernel where ROBUQ_QUANT_KERNEL=gluon selects it (`_gluon_plan`)."""
+    gluon: the Gluon kernel where ROBUQ_QUANT_KERNEL or the dispatch table selects it (`_gluon_plan`)."""
     m, k = x2.shape
     block = block if block > 1 else 0
     levels = float(Q.act_levels(a_bits, sym))

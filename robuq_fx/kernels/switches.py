@@ -13,8 +13,9 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
     ("ROBUQ_FP8_SMALL_M", "(table: 0)", "largest M for the one-kernel small-M path; off until measured"),
     ("ROBUQ_FP8_EPI", "(table)", "asymmetric / LRB terms: addmm after _scaled_mm, or triton (fused epilogue)"),
     ("ROBUQ_FP8_GEMM", "(cuBLAS)", "triton: our fp8 GEMM also for symmetric layers without LRB"),
-    ("ROBUQ_QUANT_KERNEL", "(triton)", "gluon: the activation quantizer with hand-picked layouts "
-                                       "(kernels/gluon_act_quant.py); opt-in until its GPU test passes"),
+    ("ROBUQ_QUANT_KERNEL", "(table)", "gluon: the activation quantizer with hand-picked layouts "
+                                      "(kernels/gluon_act_quant.py) wherever it applies; triton: never; unset: where "
+                                      "the dispatch table measured it faster with equal codes ('quant_gluon')"),
     ("ROBUQ_FP8_GEMM_KERNEL", "(table: pointer)", "tma: the persistent TMA-fed Triton GEMM; gluon: the Gluon wgmma "
                                                   "GEMM (kernels/gluon_fp8_gemm.py), opt-in until its GPU tests pass"),
     ("ROBUQ_FP8_FUSED_QUANT", "0", "1: the activation quantizer inside the fp8 GEMM (kernels/gluon_qgemm.py; W4A4+H "

@@ -1,4 +1,4 @@
-"""The Gluon activation quantizer (robuq_fx/kernels/gluon_act_quant.py, opt-in ROBUQ_QUANT_KERNEL=gluon).
+"""The Gluon activation quantizer (robuq_fx/kernels/gluon_act_quant.py; the dispatch table or ROBUQ_QUANT_KERNEL=gluon).
 
 CPU: the tiling plan, and (where triton imports) that the kernel compiles for sm_90 at the DiT widths, with far fewer
 registers than the Triton kernel's one-warp rows at K = 4608. GPU: codes, scales and offsets equal to the Triton
@@ -31,6 +31,39 @@ def test_plan():
     assert G.gluon_plan(1408) is None                        # three pieces (1024 + 256 + 128)
     assert G.gluon_plan(1024 + 16) is None                   # not a multiple of 128
     assert G.gluon_plan(2048 + 128) is None                  # pieces 16x apart: no warps-per-row fits both
+
+
+def test_dispatch_picks_the_gluon_quantizer_where_the_table_measured_it(monkeypatch):
+    """Unset ROBUQ_QUANT_KERNEL: the Gluon quantizer only at the (K, M bucket) entries of the table's "quant_gluon"
+    (with that entry's tiling), only where it applies (block 128, absmax, codes, no input activation, 16-bit);
+    =gluon: its default tiling wherever it applies; =triton: never. The plan function is a recorder, so this runs
+    without triton too."""
+    from robuq_fx.kernels import dispatch
+
+    class FakeGluon:
+        @staticmethod
+        def gluon_plan(k, lanes=32, warps=4, max_vt=32):
+            return ("plan", k, lanes, max_vt)
+    monkeypatch.setattr(quantizer, "_gq", lambda: FakeGluon)
+    quantizer._gluon_tiling.cache_clear()
+    monkeypatch.setattr(dispatch, "dispatch_table", lambda: {"quant_gluon": {"4608/h": {"16384": [16, 64]}}})
+    monkeypatch.setattr(quantizer, "dispatch_table", dispatch.dispatch_table)
+    monkeypatch.delenv("ROBUQ_QUANT_KERNEL", raising=False)
+    big, small = torch.empty(10000, 4608, dtype=torch.bfloat16), torch.empty(100, 4608, dtype=torch.bfloat16)
+    try:
+        assert quantizer._gluon_plan(big, 128, "absmax", False, "") == ("plan", 4608, 16, 64)
+        assert quantizer._gluon_plan(small, 128, "absmax", False, "") is None  # M bucket 256: not measured faster
+        assert quantizer._gluon_plan(torch.empty(10000, 1152, dtype=torch.bfloat16), 128, "absmax", False, "") is None
+        for args in ((64, "absmax", False, ""), (128, "sigma", False, ""), (128, "absmax", True, ""),
+                     (128, "absmax", False, "gelu")):
+            assert quantizer._gluon_plan(big, *args) is None, args
+        assert quantizer._gluon_plan(big.float(), 128, "absmax", False, "") is None
+        monkeypatch.setenv("ROBUQ_QUANT_KERNEL", "triton")
+        assert quantizer._gluon_plan(big, 128, "absmax", False, "") is None
+        monkeypatch.setenv("ROBUQ_QUANT_KERNEL", "gluon")
+        assert quantizer._gluon_plan(small, 128, "absmax", False, "") == ("plan", 4608, 32, 32)
+    finally:
+        quantizer._gluon_tiling.cache_clear()
 
 
 def _compile_sm90(k: int, sym: bool, lanes: int = 32):
@@ -66,7 +99,7 @@ def test_equals_the_triton_kernel(k, a_bits, sym, monkeypatch):
     for name, x in views.items():
         for m, m_store in ((1001, 1008), (37, 48), (1, 16)):
             xm = x[:m]
-            monkeypatch.delenv("ROBUQ_QUANT_KERNEL", raising=False)
+            monkeypatch.setenv("ROBUQ_QUANT_KERNEL", "triton")  # not the table's choice: that may be Gluon
             want = quantizer.act_quant(xm, 128, a_bits, sym, m_store=m_store, shift=not sym)
             monkeypatch.setenv("ROBUQ_QUANT_KERNEL", "gluon")
             got = quantizer.act_quant(xm, 128, a_bits, sym, m_store=m_store, shift=not sym)
@@ -86,7 +119,7 @@ def test_layer_on_the_fp8_path_equal_with_it(monkeypatch):
     mod = PackedLinear.from_float(w, None, None, None, spec).use_device_layout()
     x = torch.randn(2, 300, k, device="cuda").bfloat16()
     with torch.no_grad():
-        monkeypatch.delenv("ROBUQ_QUANT_KERNEL", raising=False)
+        monkeypatch.setenv("ROBUQ_QUANT_KERNEL", "triton")
         want = mod(x)
         monkeypatch.setenv("ROBUQ_QUANT_KERNEL", "gluon")
         got = [mod(x) for _ in range(3)]  # the ordinary call, then the bound ones (kernels/fastcall.py)
