@@ -1,6 +1,8 @@
 """Quantization inside the GEMM, in Gluon for Hopper (issue 20): x (M, K) bf16 -> y = Q_a(x H) Q_w^T in one kernel.
 
-A program owns BM = 128 rows of x for every N tile. It first quantizes its rows into shared memory, never writing the
+A program owns BM = 128 rows of x for a run of N tiles (all of them where the row blocks alone fill the GPU; at
+small M grid axis 1 splits N, each program quantizing its row block again: at M = 1024 one program per row block
+ran 8 programs on 132 SMs, 0.08x bf16 on the H200). It first quantizes its rows into shared memory, never writing the
 codes to HBM: pass 1 rotates each 128-column chunk (x H_128, the butterflies of `gluon_act_quant._piece`) and
 reduces the row absmax, pass 2 rotates again and stores the codes (fp8) chunk by chunk into a [K / 128, BM, 128]
 shared buffer (128 KB at K = 1024, 144 KB at K = 1152), then a TMA-fed fp8 wgmma loop streams the weight tiles
@@ -53,7 +55,7 @@ def _lrb_tile(ptr, off, n_rows, stride, R, ROWS: gl.constexpr, COLS: gl.constexp
 
 @gluon.jit(do_not_specialize=["M"])
 def qgemm_fused_kernel(x_ptr, b_desc, y_ptr, sw_ptr, bias_ptr, down_ptr, up_ptr, M, N, stride_xm, stride_ym,
-                       stride_dn, stride_un, R, hscale, levels,
+                       stride_dn, stride_un, R, hscale, levels, TPS,
                        K: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_LRB: gl.constexpr, RP: gl.constexpr,
                        STAGES: gl.constexpr, num_warps: gl.constexpr):
     BM: gl.constexpr = 128
@@ -116,12 +118,14 @@ def qgemm_fused_kernel(x_ptr, b_desc, y_ptr, sw_ptr, bias_ptr, down_ptr, up_ptr,
     for j in gl.static_range(STAGES):
         mbarrier.init(bars.index(j), count=1)
     nbytes: gl.constexpr = b_desc.block_type.nbytes
-    total = gl.cdiv(N, BN) * NKB
+    # this program's N tiles: TPS of them from tile0 (grid axis 1 splits N where M alone gives too few programs)
+    tile0 = gl.program_id(1) * TPS
+    total = gl.maximum(gl.minimum(gl.cdiv(N, BN) - tile0, TPS), 0) * NKB
     for j in gl.static_range(STAGES - 1):
         first = j < total
         mbarrier.expect(bars.index(j), nbytes, pred=first)
-        tma.async_copy_global_to_shared(b_desc, [(j // NKB) * BN, (j % NKB) * BK], bars.index(j), b_bufs.index(j),
-                                        pred=first)
+        tma.async_copy_global_to_shared(b_desc, [(tile0 + j // NKB) * BN, (j % NKB) * BK], bars.index(j),
+                                        b_bufs.index(j), pred=first)
     acc = gl.zeros((BM, BN), dtype=gl.float32, layout=mma)
     for step in range(total):
         slot = step % STAGES
@@ -134,18 +138,18 @@ def qgemm_fused_kernel(x_ptr, b_desc, y_ptr, sw_ptr, bias_ptr, down_ptr, up_ptr,
         sn = nxt % STAGES
         more = nxt < total
         mbarrier.expect(bars.index(sn), nbytes, pred=more)
-        tma.async_copy_global_to_shared(b_desc, [(nxt // NKB) * BN, (nxt % NKB) * BK], bars.index(sn),
+        tma.async_copy_global_to_shared(b_desc, [(tile0 + nxt // NKB) * BN, (nxt % NKB) * BK], bars.index(sn),
                                         b_bufs.index(sn), pred=more)
         if kb == NKB - 1:  # this N tile is complete
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            cols = (step // NKB) * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
+            cols = (tile0 + step // NKB) * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
             cmask = cols < N
             out = acc * gl.expand_dims(sx, 1) * gl.expand_dims(gl.load(sw_ptr + cols, mask=cmask, other=0.0), 0)
             if HAS_BIAS:
                 out += gl.expand_dims(gl.load(bias_ptr + cols, mask=cmask, other=0.0).to(gl.float32), 0)
             if HAS_LRB:  # + t A^T: one wgmma onto the scaled accumulator (as gluon_fp8_gemm's epilogue)
                 gl.thread_barrier()  # the previous tile's wgmma has read u_smem
-                u_smem.store(_lrb_tile(up_ptr, (step // NKB) * BN, N, stride_un, R, BN, RP, 0, ul).to(dt))
+                u_smem.store(_lrb_tile(up_ptr, (tile0 + step // NKB) * BN, N, stride_un, R, BN, RP, 0, ul).to(dt))
                 fence_async_shared()
                 gl.thread_barrier()
                 out = gl.convert_layout(warpgroup_mma(t_smem, u_smem.permute((1, 0)), gl.convert_layout(out, lrb_mma)),
@@ -170,10 +174,18 @@ def supported(x, k: int, block: int, a_bits: int, sym: bool, clip: str, rank: in
     return None
 
 
-def launch_qgemm_fused(x2, w8, y, sw, bias, hscale: float, levels: float, down=None, up=None, cfg=None):
+def n_split(m: int, n: int, bn: int, sms: int) -> int:
+    """Programs along N per 128-row block: enough for about one wave of `sms` programs (each quantizes its row block
+    again: the x reads grow with the split, the weight stream is shared out), 1 where the row blocks fill the GPU."""
+    m_tiles, n_tiles = -(-m // 128), -(-n // bn)
+    return max(1, min(n_tiles, sms // m_tiles))
+
+
+def launch_qgemm_fused(x2, w8, y, sw, bias, hscale: float, levels: float, down=None, up=None, cfg=None,
+                       split: int | None = None):
     """y (M, N) = Q_a(x2 H) Q_w^T s_x s_w [+ bias] [+ ((x2 H) B^T) A^T]; x2 (M, K) 16-bit with unit column stride,
     w8 (N, K) fp8 codes with 16-byte aligned rows, sw (N,) fp32, bias (N,) or None, down B (r, K) / up A (N, r) in
-    x2's dtype or None (r <= 64)."""
+    x2's dtype or None (r <= 64). split: programs along N per row block (default `n_split`)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     lrb = down is not None
     bn, stages = cfg or CONFIGS[1 if lrb else 0]  # the branch's buffers need the narrower ring at K = 1152
@@ -182,8 +194,11 @@ def launch_qgemm_fused(x2, w8, y, sw, bias, hscale: float, levels: float, down=N
     r = down.shape[0] if lrb else 0
     b_desc = TensorDescriptor(w8, [n, k], [w8.stride(0), 1], [bn, 128],
                               gl.NVMMASharedLayout.get_default_for([bn, 128], gl.float8e4nv))
-    qgemm_fused_kernel[(triton.cdiv(m, 128), )](
+    n_tiles = triton.cdiv(n, bn)
+    split = split or n_split(m, n, bn, torch.cuda.get_device_properties(x2.device).multi_processor_count)
+    tps = triton.cdiv(n_tiles, split)
+    qgemm_fused_kernel[(triton.cdiv(m, 128), triton.cdiv(n_tiles, tps))](
         x2, b_desc, y, sw, bias if bias is not None else sw, down if lrb else x2, up if lrb else x2, m, n,
         x2.stride(0), y.stride(0), down.stride(0) if lrb else 0, up.stride(0) if lrb else 0, r, float(hscale),
-        float(levels), K=k, HAS_BIAS=bias is not None, HAS_LRB=lrb, RP=max(16, triton.next_power_of_2(r)) if lrb
+        float(levels), tps, K=k, HAS_BIAS=bias is not None, HAS_LRB=lrb, RP=max(16, triton.next_power_of_2(r)) if lrb
         else 16, STAGES=stages, num_warps=8)

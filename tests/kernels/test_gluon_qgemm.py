@@ -39,7 +39,7 @@ def test_compiles_for_sm90(k, cfg, lrb):
     sig = {"x_ptr": "*bf16", "b_desc": f"tensordesc<fp8e4nv[{bn}, 128],{lb!r}>", "y_ptr": "*bf16",
            "sw_ptr": "*fp32", "bias_ptr": "*bf16", "down_ptr": "*bf16", "up_ptr": "*bf16", "M": "i32", "N": "i32",
            "stride_xm": "i32", "stride_ym": "i32", "stride_dn": "i32", "stride_un": "i32", "R": "i32",
-           "hscale": "fp32", "levels": "fp32"}
+           "hscale": "fp32", "levels": "fp32", "TPS": "i32"}
     const = dict(K=k, HAS_BIAS=True, HAS_LRB=lrb, RP=32, STAGES=stages, num_warps=8)
     kern = compile_sm90(QG.qgemm_fused_kernel, sig, const, {"num_warps": 8},
                         aligned=("x_ptr", "y_ptr", "sw_ptr", "bias_ptr", "stride_xm", "stride_ym"))
@@ -85,3 +85,30 @@ def test_layer_equals_the_two_kernel_path(k, n, bias, rank, monkeypatch):
             else:
                 assert (g == want).float().mean() >= 0.999, f"M={m}"
                 assert ((g.float() - want.float()).abs() <= want.float().abs() * 2 ** -7 + 1e-6).all(), f"M={m}"
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("rank", [0, 32])
+def test_n_split_changes_nothing_but_the_grid(rank):
+    """Splitting N over grid axis 1 (n_split) gives each output tile the same program body: outputs identical for
+    one program per row block, the default split, one N tile a program, and a split that does not divide the tiles."""
+    from robuq_fx.kernels.quantizer import _hscale
+    torch.manual_seed(rank)
+    m, k, n = 1000, 1152, 3456
+    x = (torch.randn(m, k, device="cuda") * 2).bfloat16()
+    w8 = torch.randint(-7, 8, (n, k), device="cuda").bfloat16().to(torch.float8_e4m3fn)
+    sw = torch.rand(n, device="cuda") * 0.01
+    bias = torch.randn(n, device="cuda").bfloat16()
+    dn = (torch.randn(rank, k, device="cuda") * 0.05).bfloat16() if rank else None
+    up = (torch.randn(n, rank, device="cuda") * 0.05).bfloat16() if rank else None
+    bn = QG.CONFIGS[1 if rank else 0][0]
+    n_tiles = -(-n // bn)
+    assert QG.n_split(m, n, bn, 132) > 1 and QG.n_split(16384, n, bn, 132) == 1
+    outs = []
+    for split in (1, None, n_tiles, n_tiles - 1):
+        y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+        QG.launch_qgemm_fused(x, w8, y, sw, bias, _hscale(128, x.dtype), 7.0, dn, up, split=split)
+        outs.append(y)
+    assert torch.isfinite(outs[0]).all()
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
