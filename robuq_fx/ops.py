@@ -64,6 +64,30 @@ def _hadamard_setup(ctx, inputs, output):
 hadamard.register_autograd(_hadamard_backward, setup_context=_hadamard_setup)
 
 
+def _register_hadamard_autocast() -> None:
+    """x H's matmul is autocast-eligible. Run eagerly, autocast reaches the matmul inside the op and x H comes back in
+    autocast's dtype; a compiled graph decomposes the op below the dispatcher's autocast step, so it rotated in fp32
+    (fp32 GEMMs: the bf16-autocast DiT QAT step's GEMM time doubled under torch.compile). An autocast kernel for the
+    op casts its input as autocast would cast the matmul's (to the current autocast dtype), then runs the op with
+    autocast off: eager results unchanged (the same casts), and compiled graphs see the cast."""
+    for device_type in ("cpu", "cuda"):
+        if not torch._C._is_autocast_available(device_type):
+            continue
+        key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
+
+        def kernel(_, x, block, device_type=device_type, key=key):
+            dt = torch.get_autocast_dtype(device_type)
+            if x.is_floating_point() and x.device.type == device_type and x.dtype is not torch.float64:
+                x = x.to(dt)
+            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+                return hadamard._opoverload(x, block)
+        hadamard._lib.impl(hadamard._name, kernel, "Autocast" + torch._C._dispatch_key_for_device(device_type),
+                           with_keyset=True)
+
+
+_register_hadamard_autocast()
+
+
 @torch.library.custom_op("robuq::fake_quant_weight", mutates_args=())
 def fake_quant_weight(w: torch.Tensor, w_bits: float, granularity: str, group_size: int,
                       scale_dtype: str) -> torch.Tensor:

@@ -148,3 +148,43 @@ def test_fp8_forward_gemm_matches_the_bf16_path(rank, monkeypatch):
     assert rel(y1, y0) < 1e-2 and rel(gx1, gx0) < 2e-2
     for k in g0:
         assert rel(g1[k], g0[k]) < (1e-1 if k.startswith("lrb") else 2e-2), k
+
+
+@pytest.mark.parametrize("name", ["W4A4+H", "W1.58A4+H+LRB", "W1.58A3 asym sigma +H+LRB"])
+def test_compiled_qat_rotates_as_eager_under_autocast(name, fused_switch):
+    """robuq::hadamard's matmul is autocast-eligible: eagerly, autocast reaches it inside the op (x H in bf16). A
+    compiled graph decomposes the op below the dispatcher's autocast step, so it used to rotate activations and
+    weights in fp32 -- fp32 GEMMs (the H200's compiled DiT QAT step spent twice FP's GEMM time) and results that
+    differed from eager. The op's autocast kernel casts first: every matmul of the traced step runs in bf16, and
+    the step (AOTAutograd's graphs run as traced) equals the eager op graph's bit for bit."""
+    from torch._dynamo.backends.common import aot_autograd
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 96)
+    mod = QATLinear.from_module(lin, LayerSpec(**SPECS[name]).resolve(128, 96))
+    x = torch.randn(3, 17, 128)
+    fused_switch(False)
+    want = _step(copy.deepcopy(mod), x, True)
+    graphs = []
+
+    def keep(gm, _):
+        graphs.append(gm)
+        return gm.forward
+    torch._dynamo.reset()
+    try:
+        got = _step(torch.compile(copy.deepcopy(mod), backend=aot_autograd(fw_compiler=keep, bw_compiler=keep)), x,
+                    True)
+    finally:
+        torch._dynamo.reset()
+    got = got[:2] + ({k.removeprefix("_orig_mod."): v for k, v in got[2].items()},)
+    mms = [n for g in graphs for n in g.graph.nodes if n.op == "call_function"
+           and n.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)]
+    assert len(graphs) == 2 and len(mms) >= 6
+    dtypes = {a.meta["val"].dtype for n in mms for a in n.args if isinstance(a, torch.fx.Node) and a.meta["val"].dim() > 1}
+    assert dtypes == {torch.bfloat16}, dtypes
+    # The branch factors are read twice (the LRB product and R = W H - A B); eager autocast casts each once (its
+    # cast cache) and sums their two bf16 gradients before the cast back, a compiled graph casts twice and sums in
+    # fp32: those two gradients agree to bf16 rounding, everything else bit for bit.
+    lrb = {k: got[2].pop(k) for k in ("lrb_down", "lrb_up") if k in got[2]}
+    _assert_same(got, want, f"{name}: compiled vs eager under autocast")
+    for k, g in lrb.items():
+        torch.testing.assert_close(g, want[2][k], rtol=2 ** -7, atol=2 ** -7 * float(want[2][k].abs().max()))
