@@ -13,6 +13,10 @@
 #                                           under CUDA graphs, then the call-overhead table with its cProfile
 #   scripts/gpu_session.sh gluon-check      one-GPU call: the Gluon kernels' GPU tests, their CUDA-event times
 #                                           (ncu_kernels.py), bench_linear with and without them, then the other GPU tests
+#   scripts/gpu_session.sh recheck          one GPU, ~6 min: session 7's fixes on the GPU (centred asymmetric codes, bound
+#                                           calls, timm bound, N split, compiled QAT under autocast), then the eager call
+#                                           overhead with bound calls holding
+#   scripts/gpu_session.sh train-compiled   the compiled QAT rows (W4A4+H, W1.58A4+H, paper) after the bf16-rotation fix
 #   scripts/gpu_session.sh dit-low          the -a3 / -a2 policies next to dit-xl-2-robuq, batch 1 / 64, CUDA graphs
 #   scripts/gpu_session.sh dit-gluon        the same DiT rows with the Gluon quantizer, GEMM and quantize-in-GEMM on
 #   scripts/gpu_session.sh dit-default      batch 8 under default-mode torch.compile: decomposed qlinear vs opaque op
@@ -26,12 +30,12 @@
 #
 # Set ROBUQ_GIT_COMMIT first where the machine has no git history (benchmarks record it).
 # The machine goes back ~30 s after a call returns, and with it everything detached or left in /tmp: make every
-# call self-contained, and send the next one at once. Order for a 30-minute session on nvidia-h200-x2:
-#   1. lm                                   (both GPUs; issue 21's run)
-#   2. pair tests train-opt                 (the GPU tests, Gluon quantizer included; issue 19's A/B of the opt-ins)
-#   3. pair linear train-paper              (dispatch table with the Gluon quantizer's timings; issue 19)
-#   4. pair dit-gluon qat-profile (if the Gluon tests passed; else pair dit-low qat-profile)
-#   5. pair ncu dit-default, or ddp (both GPUs), in the time left
+# call self-contained, and send the next one at once. Order for a 30-minute session on one nvidia-h200 (x2 steps
+# only where that kind is lent):
+#   1. recheck          (~6 min: what session 7 fixed without a GPU; stop and fix what fails)
+#   2. linear           (~9 min: the dispatch table, now with the Gluon quantizer's 'quant_gluon')
+#   3. train-compiled   (~9 min: #19's compiled rows after the bf16-rotation fix)
+#   then, in the time left: qat-profile (top kernels), dit / dit-low with the new table; on x2: ddp, lm
 set -uo pipefail
 if [ "${1:-}" = pair ]; then  # pair STEP0 STEP1: STEP0 on GPU 0 and STEP1 on GPU 1 side by side, both waited for
     [ $# -eq 3 ] || { echo "usage: $0 pair STEP_ON_GPU0 STEP_ON_GPU1"; exit 2; }
@@ -43,9 +47,9 @@ if [ "${1:-}" = pair ]; then  # pair STEP0 STEP1: STEP0 on GPU 0 and STEP1 on GP
     echo "--- GPU 1: $3"; tail -25 "$OUT/$3.gpu1/log.txt"
     exit 0
 fi
-case "${1:-}" in tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu|dit-gluon|gluon-check)
+case "${1:-}" in tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu|dit-gluon|gluon-check|recheck|train-compiled)
     ;;
-    *) sed -n 2,32p "$0"; exit 2 ;; esac
+    *) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 2 ;; esac
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -131,6 +135,17 @@ gluon-check)  # ~9.5 min on one GPU: what the Gluon kernels do on a real Hopper,
     rest=$((560 - SECONDS)); echo "--- the other GPU tests at ${SECONDS}s (${rest}s left)"
     [ $rest -gt 30 ] && timeout $rest python3 -m pytest -q -rfE --tb=short -p no:cacheprovider \
         $(echo $GPU_TESTS | tr ' ' '\n' | grep -v test_gluon) 2>&1 | grep -v DEBUG | tee "$OUT/gpu_tests.log" | tail -n 30
+    ;;
+recheck)  # what session 7 changed without a GPU, first
+    timeout 330 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_triton_fp8.py \
+        tests/test_direct_call.py tests/kernels/test_fastcall.py tests/models/test_timm_dropin.py \
+        tests/kernels/test_gluon_qgemm.py tests/kernels/test_gluon_act_quant.py tests/test_qat_fused.py 2>&1 \
+        | grep -v DEBUG | tee "$OUT/gpu_tests_recheck.log" | tail -n 30
+    timeout 150 python3 benchmarks/bench_call_overhead.py --profile --out "$OUT" 2>&1 | tail -n 25
+    ;;
+train-compiled)  # the compiled QAT step of every setting (bf16 rotations since session 7) against FP
+    timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes compiled --iters 16 \
+        --tag _train_compiled 2>&1 | tail -n 14
     ;;
 dit-low)  # the asymmetric sigma policies (issue 17 item 5: within 10% of dit-xl-2-robuq's speed)
     timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
