@@ -179,7 +179,8 @@ def test_compiled_qat_rotates_as_eager_under_autocast(name, fused_switch):
     mms = [n for g in graphs for n in g.graph.nodes if n.op == "call_function"
            and n.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)]
     assert len(graphs) == 2 and len(mms) >= 6
-    dtypes = {a.meta["val"].dtype for n in mms for a in n.args if isinstance(a, torch.fx.Node) and a.meta["val"].dim() > 1}
+    dtypes = {a.meta["val"].dtype for n in mms for a in n.args
+              if isinstance(a, torch.fx.Node) and a.meta["val"].dim() > 1}
     assert dtypes == {torch.bfloat16}, dtypes
     # The branch factors are read twice (the LRB product and R = W H - A B); eager autocast casts each once (its
     # cast cache) and sums their two bf16 gradients before the cast back, a compiled graph casts twice and sums in
