@@ -60,7 +60,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # diffusers and its needs
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 LM=/tmp/robuq_lm
-GPU_TESTS="tests/kernels/test_gluon_act_quant.py tests/kernels/test_gluon_fp8_gemm.py tests/kernels/test_gluon_qgemm.py tests/kernels/test_inductor.py tests/kernels/test_triton_fp8.py tests/kernels/test_fastcall.py tests/kernels/test_triton_wquant.py tests/kernels/test_input_act.py
+GPU_TESTS="tests/kernels/test_gluon_act_quant.py tests/kernels/test_gluon_fp8_gemm.py tests/kernels/test_gluon_qgemm.py tests/kernels/test_inductor.py tests/kernels/test_triton_fp8.py tests/kernels/test_act_quant_kernel.py tests/kernels/test_fp8_gemm_kernels.py tests/kernels/test_fastcall.py tests/kernels/test_triton_wquant.py tests/kernels/test_input_act.py
     tests/test_direct_call.py tests/models/test_timm_dropin.py tests/test_qat_fused.py tests/test_weight_layout.py"
 
 case "${1:-}" in
@@ -138,7 +138,7 @@ gluon-check)  # ~9.5 min on one GPU: what the Gluon kernels do on a real Hopper,
     ;;
 recheck)  # what session 7 changed without a GPU, first
     timeout 330 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_triton_fp8.py \
-        tests/test_direct_call.py tests/kernels/test_fastcall.py tests/models/test_timm_dropin.py \
+        tests/kernels/test_act_quant_kernel.py tests/test_direct_call.py tests/kernels/test_fastcall.py tests/models/test_timm_dropin.py \
         tests/kernels/test_gluon_qgemm.py tests/kernels/test_gluon_act_quant.py tests/test_qat_fused.py 2>&1 \
         | grep -v DEBUG | tee "$OUT/gpu_tests_recheck.log" | tail -n 30
     timeout 150 python3 benchmarks/bench_call_overhead.py --profile --out "$OUT" 2>&1 | tail -n 25

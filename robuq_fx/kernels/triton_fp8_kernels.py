@@ -16,7 +16,7 @@ from .triton_launch import launch
 # ----------------------------------------------------------------------------------------------------------------
 # fp8 GEMM with fused epilogue
 
-# (BM, BN, BK, GROUP_M, num_warps, num_stages). Every entry is exercised by tests/kernels/test_triton_fp8.py on
+# (BM, BN, BK, GROUP_M, num_warps, num_stages). Every entry is exercised by tests/kernels/test_fp8_gemm_kernels.py on
 # odd M and all DiT-XL/2 shapes; BK must divide K (the path requires K % 128 == 0).
 GEMM_CONFIGS = (
     (128, 256, 128, 8, 8, 3),

@@ -1,0 +1,85 @@
+"""GPU tests of the fp8 GEMMs of the qlinear path: every shipped Triton config (pointer and persistent TMA kernels)
+and `_scaled_mm`, on odd M and all five DiT-XL/2 shapes, with and without the epilogue terms (offset, bias, LRB),
+against the float64 product of the same codes (<= 4e-3 relative). Skipped without CUDA."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import robuq_fx  # noqa: F401  (registers the ops and kernels)
+from robuq_fx.kernels import triton_fp8
+from tests.kernels.fp8_testing import ODD_M, SHAPES, exact_reference_matmuls, gpu  # noqa: F401 (autouse fixture)
+
+pytestmark = pytest.mark.gpu
+
+
+def _gemm_ref(a8, wq8, sx, sw, bias, lo, cs, t, up, m):
+    acc = a8[:m].double() @ wq8.double().t()
+    y = acc * sx[:m, None].double() * sw[None, :].double()
+    if lo is not None:
+        y = y + lo[:m, None].double() * cs[None, :].double()
+    if bias is not None:
+        y = y + bias.double()
+    if t is not None:
+        y = y + t.double() @ up.double().t()
+    return y
+
+
+def _rel(y, ref):
+    return ((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _check_gemm(run, what):
+    """run(a8, wq8, y, sx, sw, bias, lo, cs, t, up, m) on all five shapes, odd M, with and without the epilogue."""
+    for k, n in SHAPES:
+        g = torch.Generator(device="cuda").manual_seed(k * 7 + n)
+        wq8 = torch.randint(-7, 8, (n, k), device="cuda", generator=g).to(torch.bfloat16).to(torch.float8_e4m3fn)
+        sw = torch.rand(n, device="cuda", generator=g) * 0.01 + 1e-3
+        cs = torch.randn(n, device="cuda", generator=g)
+        bias = torch.randn(n, device="cuda", generator=g).to(torch.bfloat16)
+        up = torch.randn(n, 32, device="cuda", generator=g).to(torch.bfloat16)
+        for m in ODD_M:
+            mp = -(-m // 16) * 16
+            a8 = torch.randint(-15, 16, (mp, k), device="cuda", generator=g).to(torch.bfloat16) \
+                .to(torch.float8_e4m3fn)
+            sx = torch.rand(mp, device="cuda", generator=g) * 0.01 + 1e-3
+            lo = torch.randn(mp, device="cuda", generator=g)
+            t = torch.randn(m, 32, device="cuda", generator=g).to(torch.bfloat16)
+            for full in (False, True):
+                y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+                args = (a8, wq8, y, sx, sw, bias if full else None, lo if full else None, cs if full else None,
+                        t if full else None, up if full else None, m)
+                run(*args)
+                ref = _gemm_ref(a8, wq8, sx, sw, *args[5:10], m)
+                assert torch.isfinite(y).all(), f"{what} K={k} N={n} M={m} full={full}: non-finite"
+                err = _rel(y, ref)
+                assert err < 4e-3, f"{what} K={k} N={n} M={m} full={full}: rel err {err:.2e}"
+            # the _scaled_mm path on the same codes
+            y = torch._scaled_mm(a8, wq8.t(), scale_a=sx.view(-1, 1), scale_b=sw.view(1, -1), bias=bias,
+                                 out_dtype=torch.bfloat16, use_fast_accum=True)[:m]
+            err = _rel(y, _gemm_ref(a8, wq8, sx, sw, bias, None, None, None, None, m))
+            assert err < 4e-3, f"_scaled_mm K={k} N={n} M={m}: rel err {err:.2e}"
+
+
+@gpu
+@pytest.mark.parametrize("cfg", list(range(4)))
+def test_every_gemm_config(cfg):
+    kmod = triton_fp8._k()
+    assert len(kmod.GEMM_CONFIGS) == 4, "update this test's parametrization with the shipped configs"
+    c = kmod.GEMM_CONFIGS[cfg]
+    _check_gemm(lambda *args: kmod.launch_fp8_gemm(*args, c), f"cfg {c}")
+
+
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="the TMA GEMM needs Hopper")
+@pytest.mark.parametrize("cfg", list(range(5)))
+def test_every_tma_gemm_config(cfg):
+    """The persistent TMA-fed GEMM (triton_fp8_kernels.fp8_gemm_tma_kernel), every shipped config, also with fewer
+    programs than tiles (each program loops over several tiles)."""
+    kmod = triton_fp8._k()
+    assert len(kmod.TMA_GEMM_CONFIGS) == 5, "update this test's parametrization with the shipped configs"
+    c = kmod.TMA_GEMM_CONFIGS[cfg]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for programs in (sms, 3):
+        _check_gemm(lambda *args: kmod.launch_fp8_gemm_tma(*args, c, programs), f"TMA cfg {c}, {programs} programs")
