@@ -235,7 +235,7 @@ def cmd_kernels(args) -> int:
     print(kernels.table())
     print("\nOptional GPU components (imported lazily):")
     for name, what, probe in (("triton", "the fp8 path's kernels", "triton"),
-                              ("Gluon", "ROBUQ_QUANT_KERNEL=gluon (kernels/gluon_act_quant.py)",
+                              ("Gluon", "the Gluon quantizer where the table has it; opt-in Gluon GEMMs",
                                "triton.experimental.gluon"),
                               ("fast-hadamard-transform", "ROBUQ_HADAMARD=fht", "fast_hadamard_transform"),
                               ("nunchaku", "ROBUQ_KERNEL=nunchaku", "nunchaku")):

@@ -16,10 +16,10 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
     ("ROBUQ_QUANT_KERNEL", "(table)", "gluon: the activation quantizer with hand-picked layouts "
                                       "(kernels/gluon_act_quant.py) wherever it applies; triton: never; unset: where "
                                       "the dispatch table measured it faster with equal codes ('quant_gluon')"),
-    ("ROBUQ_FP8_GEMM_KERNEL", "(table: pointer)", "tma: the persistent TMA-fed Triton GEMM; gluon: the Gluon wgmma "
-                                                  "GEMM (kernels/gluon_fp8_gemm.py), opt-in until its GPU tests pass"),
+    ("ROBUQ_FP8_GEMM_KERNEL", "(table: pointer)", "tma: the persistent TMA-fed Triton GEMM; gluon: the Gluon "
+                                                  "wgmma GEMM (kernels/gluon_fp8_gemm.py; slower on the H200)"),
     ("ROBUQ_FP8_FUSED_QUANT", "0", "1: the activation quantizer inside the fp8 GEMM (kernels/gluon_qgemm.py; W4A4+H "
-                                   "style layers, K <= 1152); opt-in until its GPU tests pass"),
+                                   "style layers, K <= 1152; GPU tests pass, slower on the H200)"),
     ("ROBUQ_GLUON_GEMM_CFG", "(table)", "index into gluon_fp8_gemm.CONFIGS, for sweeps"),
     ("ROBUQ_TMA_GEMM_CFG", "(table)", "index into TMA_GEMM_CONFIGS, for sweeps"),
     ("ROBUQ_ROWQ_TILING", "(tuned)", "rows,warps of the per-row quantizer, for sweeps"),
@@ -33,9 +33,10 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
     ("ROBUQ_TRITON_FAST_LAUNCH", "1", "0: launch Triton kernels through kernel[grid] (also turns bound calls off)"),
     ("ROBUQ_DIRECT_CALL", "1", "0: eager PackedLinear calls go through the robuq::qlinear op"),
     ("ROBUQ_QAT_FUSED", "1", "0: eager QAT runs the op graph instead of one autograd node a layer"),
-    ("ROBUQ_QAT_WEIGHT_KERNEL", "0", "1: Q_w(R) in one Triton kernel in QAT on CUDA; opt-in until its GPU tests pass"),
-    ("ROBUQ_QAT_FP8", "0", "1: eager QAT's forward GEMM on fp8 tensor cores (W<=4, A<=4 symmetric absmax, bf16); "
-                           "opt-in until its GPU test passes"),
+    ("ROBUQ_QAT_WEIGHT_KERNEL", "0", "1: Q_w(R) in one Triton kernel in QAT on CUDA (GPU tests pass; no clear "
+                                     "gain in the H200 eager step)"),
+    ("ROBUQ_QAT_FP8", "0", "1: eager QAT's forward GEMM on fp8 tensor cores (W<=4, A<=4 symmetric absmax, bf16; "
+                           "GPU test passes; no clear gain in the H200 eager step)"),
 )
 
 
