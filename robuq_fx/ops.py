@@ -71,20 +71,20 @@ def _register_hadamard_autocast() -> None:
     op casts its input as autocast would cast the matmul's (to the current autocast dtype), then runs the op with
     autocast off: eager results unchanged (the same casts), and compiled graphs see the cast."""
     for device_type in ("cpu", "cuda"):
-        if not torch._C._is_autocast_available(device_type):
+        if not torch.amp.is_autocast_available(device_type):
             continue
-        key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
+        key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
 
-        def kernel(_, x, block, device_type=device_type, key=key):
-            dt = torch.get_autocast_dtype(device_type)
+        def kernel(_, x, block, device_type=device_type, keyset=keyset):
             if x.is_floating_point() and x.device.type == device_type and x.dtype is not torch.float64:
-                x = x.to(dt)
-            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
-                return hadamard._opoverload(x, block)
-        hadamard._lib.impl(hadamard._name, kernel, "Autocast" + torch._C._dispatch_key_for_device(device_type),
-                           with_keyset=True)
+                x = x.to(torch.get_autocast_dtype(device_type))
+            with torch._C._ExcludeDispatchKeyGuard(keyset):
+                return torch.ops.robuq.hadamard.default(x, block)
+        _AUTOCAST_LIB.impl("hadamard", kernel, key, with_keyset=True)
 
 
+_AUTOCAST_LIB = torch.library.Library("robuq", "FRAGMENT")  # kept alive: it holds the registrations
 _register_hadamard_autocast()
 
 
