@@ -180,6 +180,10 @@ def main(argv=None):
                     help="only the batch-8 default-mode rows (--default-mode-b8 without the other rows)")
     ap.add_argument("--fuse-gelu", action="store_true",
                     help="also time each robuq setting after robuq_fx.fuse_activations (fc2 applies the GELU)")
+    ap.add_argument("--freezing", action="store_true",
+                    help="compile every row with Inductor's freezing (weights become constants, so the weight-side "
+                         "tensors the qlinear decomposition builds each call are folded at compile time); the robuq "
+                         "rows are named ' +freezing' (their own summary keys), bf16 is frozen too")
     ap.add_argument("--plot", metavar="JSON", help="only draw the PNG of an earlier result JSON")
     ap.add_argument("--out", default="benchmarks/results", help="folder for JSON/PNG")
     args = ap.parse_args(argv)
@@ -188,6 +192,11 @@ def main(argv=None):
         plot(json.loads(Path(args.plot).read_text()), Path(args.plot).with_suffix(".png"))
         return None
 
+    infer_tags = INFER_OPT_IN
+    if args.freezing:
+        import torch._inductor.config as ic
+        ic.freezing = True
+        infer_tags += " +freezing"
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     cfg = TINY if args.quick else XL2
@@ -246,13 +255,13 @@ def main(argv=None):
                                    "ckpt MB": round(f.stat().st_size / 2**20, 1),
                                    "ckpt / bf16 ckpt": round(f.stat().st_size / fp_file.stat().st_size, 3)})
         del q
-        variants[name + INFER_OPT_IN] = (low, not args.no_compile)
+        variants[name + infer_tags] = (low, not args.no_compile)
         if args.fuse_gelu:  # the same lowered model with fc2 applying the GELU while quantizing its input
             fused = copy.deepcopy(low)
             n_fused = len(robuq_fx.fuse_activations(fused))
             print(f"  {name}: GELU fused into {n_fused} layers", flush=True)
             if n_fused:  # (none where fc2 has a low-rank branch: the paper's policy)
-                variants[name + INFER_OPT_IN + " +GELU fused"] = (fused, not args.no_compile)
+                variants[name + infer_tags + " +GELU fused"] = (fused, not args.no_compile)
 
     rows = {}
     for name, (model, compiled) in ([] if args.only_default_mode else list(variants.items())):

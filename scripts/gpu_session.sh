@@ -17,6 +17,8 @@
 #                                           calls, timm bound, N split, compiled QAT under autocast), then the eager call
 #                                           overhead with bound calls holding
 #   scripts/gpu_session.sh train-compiled   the compiled QAT rows (W4A4+H, W1.58A4+H, paper) after the bf16-rotation fix
+#   scripts/gpu_session.sh dit-freezing     W4A4+H, the paper policy and -a2 at batch 64 under CUDA graphs with Inductor's
+#                                           freezing (the qlinear decomposition's weight-side tensors folded at compile time)
 #   scripts/gpu_session.sh dit-low          the -a3 / -a2 policies next to dit-xl-2-robuq, batch 1 / 64, CUDA graphs
 #   scripts/gpu_session.sh dit-gluon        the same DiT rows with the Gluon quantizer, GEMM and quantize-in-GEMM on
 #   scripts/gpu_session.sh dit-default      batch 8 under default-mode torch.compile: decomposed qlinear vs opaque op
@@ -47,7 +49,7 @@ if [ "${1:-}" = pair ]; then  # pair STEP0 STEP1: STEP0 on GPU 0 and STEP1 on GP
     echo "--- GPU 1: $3"; tail -25 "$OUT/$3.gpu1/log.txt"
     exit 0
 fi
-case "${1:-}" in tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu|dit-gluon|gluon-check|recheck|train-compiled)
+case "${1:-}" in tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu|dit-gluon|gluon-check|recheck|train-compiled|dit-freezing)
     ;;
     *) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 2 ;; esac
 OUT=${OUT:-$PWD/gpu_out}
@@ -146,6 +148,11 @@ recheck)  # what session 7 changed without a GPU, first
 train-compiled)  # the compiled QAT step of every setting (bf16 rotations since session 7) against FP
     timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes compiled --iters 16 \
         --tag _train_compiled 2>&1 | tail -n 14
+    ;;
+dit-freezing)  # rows named " +freezing" (their own summary keys); bf16 compiled with freezing too
+    timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train --freezing \
+        --settings "W4A4+H" "dit-xl-2-robuq (" "-a2 (" --batches 64 --iters 10 --warmup 3 \
+        --tag _reduce-overhead_freezing 2>&1 | tail -n 25
     ;;
 dit-low)  # the asymmetric sigma policies (issue 17 item 5: within 10% of dit-xl-2-robuq's speed)
     timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
