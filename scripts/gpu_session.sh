@@ -37,7 +37,7 @@
 #   1. recheck          (~6 min: what session 7 fixed without a GPU; stop and fix what fails)
 #   2. linear           (~9 min: the dispatch table, now with the Gluon quantizer's 'quant_gluon')
 #   3. train-compiled   (~9 min: #19's compiled rows after the bf16-rotation fix)
-#   then, in the time left: qat-profile (top kernels), dit / dit-low with the new table; on x2: ddp, lm
+#   then, in the time left: qat-profile (top kernels), dit / dit-low with the new table, dit-freezing; on x2: ddp, lm
 set -uo pipefail
 if [ "${1:-}" = pair ]; then  # pair STEP0 STEP1: STEP0 on GPU 0 and STEP1 on GPU 1 side by side, both waited for
     [ $# -eq 3 ] || { echo "usage: $0 pair STEP_ON_GPU0 STEP_ON_GPU1"; exit 2; }
