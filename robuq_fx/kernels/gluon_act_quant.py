@@ -3,8 +3,8 @@
 Same contract and arithmetic as `triton_act_quant.act_quant_bfly_kernel` for its common case (Hadamard block 128,
 absmax ranges, symmetric or asymmetric, codes out, no input activation): the codes equal the Triton kernel's wherever
 the fp32 butterfly sums are exact (always, for bf16 inputs whose row spans less than 2^16 in magnitude: each output
-is a sum of 128 bf16 values), and so do the scales. Opt-in (`ROBUQ_QUANT_KERNEL=gluon`) until its GPU tests pass and
-`bench_linear` times it.
+is a sum of 128 bf16 values), and so do the scales (H200: its GPU tests pass). Used where the dispatch table's
+`quant_gluon` (measured by `bench_linear.py --write-dispatch`) or `ROBUQ_QUANT_KERNEL=gluon` chooses it.
 
 Why: Triton picks the layouts of the Triton kernel itself. Its butterfly stages (constant geometry, a permute per
 stage) cost shared-memory round trips and shuffles: ptxas counts 32.7 SASS instructions an element at K = 1152,
@@ -161,7 +161,8 @@ def act_quant_gluon_kernel(x_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, stride
             a = gl.minimum(a, gl.convert_layout(gl.reduce(f1, 1, _minf), rl0))
             b = gl.maximum(b, gl.convert_layout(gl.reduce(f1, 1, _maxf), rl0))
     s, lo, safe, rcp = _scale_of(a, b, levels, SYM)
-    if HAS_SHIFT:  # the row's code of 0, clamped to the codes
+    if HAS_SHIFT:  # the row's code of 0, clamped to the codes (triton_rowquant.zero_code, restated as
+        # _round_quotient is: Gluon cannot call a @triton.jit helper)
         z = gl.minimum(gl.maximum(_round_quotient(-lo, safe, rcp), 0.0), levels)
     else:
         z = gl.zeros_like(lo)

@@ -170,7 +170,7 @@ def act_quant_spec(x2, out, scale, lo, block: int, a_bits: int, sym: bool, dequa
     levels = float(Q.act_levels(a_bits, sym))
     sh = bool(shift and not sym and not dequant)  # asymmetric codes centred per row (triton_act_quant's docstring)
     g = _gluon_plan(x2, block, clip, dequant, act) if gluon and plan is None else None
-    if g is not None:  # opt-in (ROBUQ_QUANT_KERNEL=gluon): the Gluon kernel with hand-picked layouts
+    if g is not None:  # the Gluon kernel with hand-picked layouts, where the table or ROBUQ_QUANT_KERNEL picks it
         return _gq().act_quant_gluon_launch(x2, out, scale, lo, m, out.shape[0], _hscale(block, x2.dtype), levels,
                                             sh, sym, g)
     sigma = clip == "sigma"

@@ -9,6 +9,7 @@ import torch
 import robuq_fx  # noqa: F401  (registers the ops and kernels)
 from robuq_fx.kernels import triton_fp8
 from tests.kernels.fp8_testing import ODD_M, SHAPES, exact_reference_matmuls, gpu  # noqa: F401 (autouse fixture)
+from tests.kernels.fp8_testing import rel as _rel
 
 pytestmark = pytest.mark.gpu
 
@@ -23,10 +24,6 @@ def _gemm_ref(a8, wq8, sx, sw, bias, lo, cs, t, up, m):
     if t is not None:
         y = y + t.double() @ up.double().t()
     return y
-
-
-def _rel(y, ref):
-    return ((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def _check_gemm(run, what):

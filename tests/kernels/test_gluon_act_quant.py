@@ -38,16 +38,13 @@ def test_dispatch_picks_the_gluon_quantizer_where_the_table_measured_it(monkeypa
     (with that entry's tiling), only where it applies (block 128, absmax, codes, no input activation, 16-bit);
     =gluon: its default tiling wherever it applies; =triton: never. The plan function is a recorder, so this runs
     without triton too."""
-    from robuq_fx.kernels import dispatch
-
     class FakeGluon:
         @staticmethod
         def gluon_plan(k, lanes=32, warps=4, max_vt=32):
             return ("plan", k, lanes, max_vt)
     monkeypatch.setattr(quantizer, "_gq", lambda: FakeGluon)
     quantizer._gluon_tiling.cache_clear()
-    monkeypatch.setattr(dispatch, "dispatch_table", lambda: {"quant_gluon": {"4608/h": {"16384": [16, 64]}}})
-    monkeypatch.setattr(quantizer, "dispatch_table", dispatch.dispatch_table)
+    monkeypatch.setattr(quantizer, "dispatch_table", lambda: {"quant_gluon": {"4608/h": {"16384": [16, 64]}}})
     monkeypatch.delenv("ROBUQ_QUANT_KERNEL", raising=False)
     big, small = torch.empty(10000, 4608, dtype=torch.bfloat16), torch.empty(100, 4608, dtype=torch.bfloat16)
     try:
