@@ -16,7 +16,7 @@
 #   scripts/gpu_session.sh recheck          one GPU, ~6 min: session 7's fixes on the GPU (centred asymmetric codes, bound
 #                                           calls, timm bound, N split, compiled QAT under autocast), then the eager call
 #                                           overhead with bound calls holding
-#   scripts/gpu_session.sh train-compiled   the compiled QAT rows (W4A4+H, W1.58A4+H, paper) after the bf16-rotation fix
+#   scripts/gpu_session.sh train-compiled [SETTING]  one compiled QAT row vs FP (W4A4+H, W1.58A4+H, dit-xl-2-robuq; ~4-6 min)
 #   scripts/gpu_session.sh dit-freezing     W4A4+H, the paper policy and -a2 at batch 64 under CUDA graphs with Inductor's
 #                                           freezing (the qlinear decomposition's weight-side tensors folded at compile time)
 #   scripts/gpu_session.sh dit-low          the -a3 / -a2 policies next to dit-xl-2-robuq, batch 1 / 64, CUDA graphs
@@ -145,9 +145,10 @@ recheck)  # what session 7 changed without a GPU, first
         | grep -v DEBUG | tee "$OUT/gpu_tests_recheck.log" | tail -n 30
     timeout 150 python3 benchmarks/bench_call_overhead.py --profile --out "$OUT" 2>&1 | tail -n 25
     ;;
-train-compiled)  # the compiled QAT step of every setting (bf16 rotations since session 7) against FP
-    timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes compiled --iters 16 \
-        --tag _train_compiled 2>&1 | tail -n 14
+train-compiled)  # one setting's compiled QAT step against FP (${2:-W4A4+H}: W4A4+H, W1.58A4+H or dit-xl-2-robuq); FP + one
+    # QAT setting compile and run in 4-6 minutes, all three do not fit one call
+    timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes compiled --iters 12 \
+        --settings "QAT ${2:-W4A4+H}" --tag "_train_compiled_$(echo "${2:-W4A4+H}" | tr -c 'A-Za-z0-9\n' _)" 2>&1 | tail -n 14
     ;;
 dit-freezing)  # rows named " +freezing" (their own summary keys); bf16 compiled with freezing too
     timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train --freezing \
