@@ -163,8 +163,10 @@ def main(argv=None):
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile rows (eager only)")
     ap.add_argument("--train-batch", type=int, default=16)
     ap.add_argument("--skip-train", action="store_true", help="skip the QAT training-step rows")
-    ap.add_argument("--train-modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"],
-                    help="which training-step rows (each against FP in the same mode; default both)")
+    ap.add_argument("--train-modes", nargs="+", choices=["eager", "compiled", "cudagraphs"],
+                    default=["eager", "compiled"],
+                    help="which training-step rows, each against FP in the same mode (default eager and compiled; "
+                         "cudagraphs: both under torch.compile mode=reduce-overhead)")
     ap.add_argument("--train-only", action="store_true", help="only the training-step rows")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for every compiled row "
                     "(e.g. reduce-overhead for CUDA graphs); default: torch's default")
@@ -323,7 +325,9 @@ def main(argv=None):
              ("QAT W1.58A4+H" + opt_in, policies()["robuq W1.58A4+H"]), ("QAT dit-xl-2-robuq" + opt_in, policies()[PAPER])]
     if args.settings:
         train = [t for t in train if t[1] is None or any(x in t[0] for x in args.settings)]
-    modes = [m for m in args.train_modes if not (args.no_compile and m == "compiled")]
+    # cudagraphs: torch.compile(mode="reduce-overhead") on both sides: the step without its CPU launch cost (the
+    # paper policy's compiled step launches ~3x FP's kernels; on the H200 host its wall time exceeded its kernels')
+    modes = [m for m in args.train_modes if not (args.no_compile and m != "eager")]
     for mode in [] if args.skip_train else modes:
         for name, pol in train:
             m = build(cfg).to(device).train()
@@ -331,10 +335,13 @@ def main(argv=None):
                 m = robuq_fx.quantize(m, pol, example_inputs=inputs(cfg, 2, device)).train()
             opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
             x = inputs(cfg, tb, device)
-            fwd = torch.compile(m) if mode == "compiled" else m
+            fwd = {"compiled": lambda: torch.compile(m), "cudagraphs": lambda: torch.compile(m, mode="reduce-overhead"),
+                   "eager": lambda: m}[mode]()
             target = torch.randn_like(m(**x)[0].detach())
 
             def step():
+                if mode == "cudagraphs":
+                    torch.compiler.cudagraph_mark_step_begin()
                 with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
                     out = fwd(**x)[0]
                 loss = (out.float() - target).pow(2).mean()

@@ -17,6 +17,7 @@
 #                                           calls, timm bound, N split, compiled QAT under autocast), then the eager call
 #                                           overhead with bound calls holding
 #   scripts/gpu_session.sh train-compiled [SETTING]  one compiled QAT row vs FP (W4A4+H, W1.58A4+H, dit-xl-2-robuq; ~4-6 min)
+#   scripts/gpu_session.sh train-cg [SETTING]  the same row under CUDA graphs (reduce-overhead both sides; default the paper's)
 #   scripts/gpu_session.sh dit-freezing     W4A4+H, the paper policy and -a2 at batch 64 under CUDA graphs with Inductor's
 #                                           freezing (the qlinear decomposition's weight-side tensors folded at compile time)
 #   scripts/gpu_session.sh dit-low          the -a3 / -a2 policies next to dit-xl-2-robuq, batch 1 / 64, CUDA graphs
@@ -49,7 +50,7 @@ if [ "${1:-}" = pair ]; then  # pair STEP0 STEP1: STEP0 on GPU 0 and STEP1 on GP
     echo "--- GPU 1: $3"; tail -25 "$OUT/$3.gpu1/log.txt"
     exit 0
 fi
-case "${1:-}" in tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu|dit-gluon|gluon-check|recheck|train-compiled|dit-freezing)
+case "${1:-}" in tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu|dit-gluon|gluon-check|recheck|train-compiled|train-cg|dit-freezing)
     ;;
     *) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 2 ;; esac
 OUT=${OUT:-$PWD/gpu_out}
@@ -149,6 +150,11 @@ train-compiled)  # one setting's compiled QAT step against FP (${2:-W4A4+H}: W4A
     # QAT setting compile and run in 4-6 minutes, all three do not fit one call
     timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes compiled --iters 12 \
         --settings "QAT ${2:-W4A4+H}" --tag "_train_compiled_$(echo "${2:-W4A4+H}" | tr -c 'A-Za-z0-9\n' _)" 2>&1 | tail -n 14
+    ;;
+train-cg)  # the same under CUDA graphs (torch.compile mode=reduce-overhead on both sides): the step without the CPU
+    # launch cost that made the paper policy's compiled step exceed its kernel time
+    timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes cudagraphs --iters 12 \
+        --settings "QAT ${2:-dit-xl-2-robuq}" --tag "_train_cg_$(echo "${2:-dit-xl-2-robuq}" | tr -c 'A-Za-z0-9\n' _)" 2>&1 | tail -n 14
     ;;
 dit-freezing)  # rows named " +freezing" (their own summary keys); bf16 compiled with freezing too
     timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train --freezing \

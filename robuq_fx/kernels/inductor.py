@@ -43,7 +43,6 @@ import os
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from .. import packing
 from .. import quantizers as Q
@@ -130,7 +129,7 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
     w8 = a.qweight.reshape(n, k)
     sw = W.scale_vec(a.w_scale, n)
     lrb = a.lrb_down is not None
-    t = F.linear(x2, W.rotated_down(a, x.dtype)) if lrb else None
+    t = T.down_proj(x2, W.rotated_down(a, x.dtype)) if lrb else None
     cs = None if a.a_sym else Q.weight_code_colsum(weight_codes(a), a.w_scale)
     if (a.a_sym and not lrb) or epilogue_mode(m, n, k) == "addmm":
         if os.environ.get("ROBUQ_FP8_GEMM") == "triton" and a.a_sym and not lrb:

@@ -16,13 +16,21 @@ from .triton_launch import launch
 # ----------------------------------------------------------------------------------------------------------------
 # fp8 GEMM with fused epilogue
 
-# (BM, BN, BK, GROUP_M, num_warps, num_stages). Every entry is exercised by tests/kernels/test_fp8_gemm_kernels.py on
-# odd M and all DiT-XL/2 shapes; BK must divide K (the path requires K % 128 == 0).
+# (BM, BN, BK, GROUP_M, num_warps, num_stages[, early]). Every entry is exercised by
+# tests/kernels/test_fp8_gemm_kernels.py on odd M and all DiT-XL/2 shapes; BK must divide K (the path requires
+# K % 128 == 0). early: the epilogue's operands (row scales / offsets, t and A) loaded before the K loop, so that
+# their latency hides behind it: the LRB epilogue cost +32% over the same GEMM without it on the H200 (214.8 vs
+# 162.4 us, qkv, M = 16384) with one program an SM and its loads issued after the last k-step. The sweep
+# (bench_linear.py --write-dispatch, with the asymmetric + LRB epilogue) picks per shape and M bucket.
 GEMM_CONFIGS = (
     (128, 256, 128, 8, 8, 3),
     (128, 128, 128, 8, 8, 4),
     (64, 128, 128, 8, 4, 4),
     (64, 64, 128, 8, 4, 4),
+    (128, 256, 128, 8, 8, 3, True),
+    (128, 128, 128, 8, 8, 4, True),
+    (128, 128, 128, 8, 4, 3, True),  # 112 KiB of shared memory, ~200 registers x 128 threads: two programs an SM,
+    (64, 128, 128, 8, 4, 4, True),   # one's epilogue beside the other's K loop (as this one, 108 KiB)
 )
 
 
@@ -40,29 +48,49 @@ def scale_bias(acc, sx, lo, offs_n, nmask, sw_ptr, cs_ptr, bias_ptr, ASYM: tl.co
 
 
 @triton.jit
-def _epilogue(acc, offs_m, offs_n, M, N, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_ptr, t_ptr, up_ptr, stride_tm,
-              stride_un, R, RP: tl.constexpr, HAS_BIAS: tl.constexpr, ASYM: tl.constexpr, HAS_LRB: tl.constexpr):
-    """acc (BM, BN) fp32 integer products -> s_x s_w acc [+ lo c] [+ bias] [+ t A^T] (rows offs_m, columns offs_n)."""
+def _epilogue_loads(offs_m, offs_n, M, N, sx_ptr, lo_ptr, t_ptr, up_ptr, stride_tm, stride_un, R, RP: tl.constexpr,
+                    ASYM: tl.constexpr, HAS_LRB: tl.constexpr):
+    """The epilogue's per-row and LRB operands: sx, lo (BM,), t (BM, RP) and A (BN, RP) zero-padded past the rank
+    (sx stands in for what the case does not use)."""
     mmask = offs_m < M
-    nmask = offs_n < N
     sx = tl.load(sx_ptr + offs_m, mask=mmask, other=0.0)
     lo = tl.load(lo_ptr + offs_m, mask=mmask, other=0.0) if ASYM else sx
-    acc = scale_bias(acc, sx, lo, offs_n, nmask, sw_ptr, cs_ptr, bias_ptr, ASYM, HAS_BIAS)
     if HAS_LRB:
         rr = tl.arange(0, RP)
         t = tl.load(t_ptr + offs_m[:, None].to(tl.int64) * stride_tm + rr[None, :],
                     mask=mmask[:, None] & (rr[None, :] < R), other=0.0)
         u = tl.load(up_ptr + offs_n[:, None].to(tl.int64) * stride_un + rr[None, :],
-                    mask=nmask[:, None] & (rr[None, :] < R), other=0.0)
+                    mask=(offs_n < N)[:, None] & (rr[None, :] < R), other=0.0)
+    else:
+        t = sx
+        u = sx
+    return sx, lo, t, u
+
+
+@triton.jit
+def _epilogue_apply(acc, sx, lo, t, u, offs_n, N, sw_ptr, cs_ptr, bias_ptr, HAS_BIAS: tl.constexpr,
+                    ASYM: tl.constexpr, HAS_LRB: tl.constexpr):
+    acc = scale_bias(acc, sx, lo, offs_n, offs_n < N, sw_ptr, cs_ptr, bias_ptr, ASYM, HAS_BIAS)
+    if HAS_LRB:
         acc = tl.dot(t, tl.trans(u), acc)
     return acc
+
+
+@triton.jit
+def _epilogue(acc, offs_m, offs_n, M, N, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_ptr, t_ptr, up_ptr, stride_tm,
+              stride_un, R, RP: tl.constexpr, HAS_BIAS: tl.constexpr, ASYM: tl.constexpr, HAS_LRB: tl.constexpr):
+    """acc (BM, BN) fp32 integer products -> s_x s_w acc [+ lo c] [+ bias] [+ t A^T] (rows offs_m, columns offs_n)."""
+    sx, lo, t, u = _epilogue_loads(offs_m, offs_n, M, N, sx_ptr, lo_ptr, t_ptr, up_ptr, stride_tm, stride_un, R, RP,
+                                   ASYM, HAS_LRB)
+    return _epilogue_apply(acc, sx, lo, t, u, offs_n, N, sw_ptr, cs_ptr, bias_ptr, HAS_BIAS, ASYM, HAS_LRB)
 
 
 @triton.jit(do_not_specialize=["M"])
 def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_ptr, t_ptr, up_ptr,
                     M, N, K, stride_am, stride_bn, stride_cm, stride_tm, stride_un, R,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                    RP: tl.constexpr, HAS_BIAS: tl.constexpr, ASYM: tl.constexpr, HAS_LRB: tl.constexpr):
+                    RP: tl.constexpr, HAS_BIAS: tl.constexpr, ASYM: tl.constexpr, HAS_LRB: tl.constexpr,
+                    EARLY: tl.constexpr = False):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BM)
     num_pid_n = tl.cdiv(N, BN)
@@ -80,6 +108,9 @@ def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_pt
     offs_k = tl.arange(0, BK)
     a_ptrs = a_ptr + offs_am[:, None].to(tl.int64) * stride_am + offs_k[None, :]
     b_ptrs = b_ptr + offs_bn[:, None].to(tl.int64) * stride_bn + offs_k[None, :]
+    if EARLY:  # the epilogue's row / LRB operands loaded before the K loop: their latency hidden behind it
+        sx, lo, t, u = _epilogue_loads(offs_m, offs_n, M, N, sx_ptr, lo_ptr, t_ptr, up_ptr, stride_tm, stride_un, R,
+                                       RP, ASYM, HAS_LRB)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for _ in range(0, K, BK):
         a = tl.load(a_ptrs)
@@ -88,8 +119,11 @@ def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_pt
         a_ptrs += BK
         b_ptrs += BK
 
-    acc = _epilogue(acc, offs_m, offs_n, M, N, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_ptr, t_ptr, up_ptr, stride_tm,
-                    stride_un, R, RP, HAS_BIAS, ASYM, HAS_LRB)
+    if EARLY:
+        acc = _epilogue_apply(acc, sx, lo, t, u, offs_n, N, sw_ptr, cs_ptr, bias_ptr, HAS_BIAS, ASYM, HAS_LRB)
+    else:
+        acc = _epilogue(acc, offs_m, offs_n, M, N, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_ptr, t_ptr, up_ptr,
+                        stride_tm, stride_un, R, RP, HAS_BIAS, ASYM, HAS_LRB)
     mmask = offs_m < M
     nmask = offs_n < N
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
@@ -99,7 +133,7 @@ def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_pt
 def launch_fp8_gemm(a, b, c, sx, sw, bias, lo, cs, t, up, m, cfg, launcher=launch):
     """a (>= m, K) fp8, b (N, K) fp8, c (m, N) out; sx/lo (>= m,) fp32; sw/cs (N,) fp32; bias (N,) or None;
     t (m, r), up (N, r) or None. cfg: one of GEMM_CONFIGS. launcher: as `triton_act_quant.launch_act_quant`."""
-    bm, bn, bk, gm, warps, stages = cfg
+    bm, bn, bk, gm, warps, stages, *early = cfg
     n, k = b.shape
     r = 0 if t is None else t.shape[1]
     rp = max(16, triton.next_power_of_2(r)) if r else 16
@@ -109,7 +143,7 @@ def launch_fp8_gemm(a, b, c, sx, sw, bias, lo, cs, t, up, m, cfg, launcher=launc
             m, n, k, a.stride(0), b.stride(0), c.stride(0), t.stride(0) if t is not None else 0,
             up.stride(0) if up is not None else 0, r),
            dict(BM=bm, BN=bn, BK=bk, GROUP_M=gm, RP=rp, HAS_BIAS=bias is not None, ASYM=lo is not None,
-                HAS_LRB=t is not None),
+                HAS_LRB=t is not None, EARLY=bool(early and early[0])),
            dict(num_warps=warps, num_stages=stages), no_specialize=(10,))
 
 

@@ -59,10 +59,10 @@ def _check_gemm(run, what):
 
 
 @gpu
-@pytest.mark.parametrize("cfg", list(range(4)))
+@pytest.mark.parametrize("cfg", list(range(8)))
 def test_every_gemm_config(cfg):
     kmod = triton_fp8._k()
-    assert len(kmod.GEMM_CONFIGS) == 4, "update this test's parametrization with the shipped configs"
+    assert len(kmod.GEMM_CONFIGS) == 8, "update this test's parametrization with the shipped configs"
     c = kmod.GEMM_CONFIGS[cfg]
     _check_gemm(lambda *args: kmod.launch_fp8_gemm(*args, c), f"cfg {c}")
 
