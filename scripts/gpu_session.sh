@@ -13,9 +13,8 @@
 #                                           under CUDA graphs, then the call-overhead table with its cProfile
 #   scripts/gpu_session.sh gluon-check      one-GPU call: the Gluon kernels' GPU tests, their CUDA-event times
 #                                           (ncu_kernels.py), bench_linear with and without them, then the other GPU tests
-#   scripts/gpu_session.sh recheck          one GPU, ~6 min: session 7's fixes on the GPU (centred asymmetric codes, bound
-#                                           calls, timm bound, N split, compiled QAT under autocast), then the eager call
-#                                           overhead with bound calls holding
+#   scripts/gpu_session.sh recheck          one GPU, ~9 min: session 8's changes (fp32-reduced LRB down-projection, early-load
+#                                           GEMM configs), the addmm epilogue's error split by stage, Inductor / call tests
 #   scripts/gpu_session.sh train-compiled [SETTING]  one compiled QAT row vs FP (W4A4+H, W1.58A4+H, dit-xl-2-robuq; ~4-6 min)
 #   scripts/gpu_session.sh train-cg [SETTING]  the same row under CUDA graphs (reduce-overhead both sides; default the paper's)
 #   scripts/gpu_session.sh dit-freezing     W4A4+H, the paper policy and -a2 at batch 64 under CUDA graphs with Inductor's
@@ -24,7 +23,7 @@
 #   scripts/gpu_session.sh dit-gluon        the same DiT rows with the Gluon quantizer, GEMM and quantize-in-GEMM on
 #   scripts/gpu_session.sh dit-default      batch 8 under default-mode torch.compile: decomposed qlinear vs opaque op
 #   scripts/gpu_session.sh linear           bench_linear --write-dispatch (quantizer tilings, GEMM kernels/configs)
-#   scripts/gpu_session.sh qat-profile      profile_dit --train eager and compiled, batch 16 (issue 19's breakdown)
+#   scripts/gpu_session.sh qat-profile [MODE [SETTING..]]  profile_dit --train (default: compiled, bf16 + paper), batch 16
 #   scripts/gpu_session.sh train            bench_dit --train-only: QAT step vs FP, eager and compiled (issue 19)
 #   scripts/gpu_session.sh train-opt        eager rows without / with ROBUQ_QAT_WEIGHT_KERNEL=1 ROBUQ_QAT_FP8=1 (A/B)
 #   scripts/gpu_session.sh train-paper      the paper policy's compiled QAT step against FP
@@ -35,10 +34,11 @@
 # The machine goes back ~30 s after a call returns, and with it everything detached or left in /tmp: make every
 # call self-contained, and send the next one at once. Order for a 30-minute session on one nvidia-h200 (x2 steps
 # only where that kind is lent):
-#   1. recheck          (~6 min: what session 7 fixed without a GPU; stop and fix what fails)
-#   2. linear           (~9 min: the dispatch table, now with the Gluon quantizer's 'quant_gluon')
-#   3. train-compiled   (~9 min: #19's compiled rows after the bf16-rotation fix)
-#   then, in the time left: qat-profile (top kernels), dit / dit-low with the new table, dit-freezing; on x2: ddp, lm
+#   1. recheck          (~8 min: session 8's CPU-made changes; the addmm epilogue's error by stage)
+#   2. linear           (~6 min: the dispatch table with the early-load GEMM configs, then bench_linear with it)
+#   3. qat-profile      (the paper policy's compiled step: which kernels, and wall vs kernel time)
+#   4. train-cg         (~5 min: the paper's QAT step under CUDA graphs, vs FP the same way)
+#   then, in the time left: dit / dit-low with the new table, dit-freezing; on x2: ddp
 set -uo pipefail
 if [ "${1:-}" = pair ]; then  # pair STEP0 STEP1: STEP0 on GPU 0 and STEP1 on GPU 1 side by side, both waited for
     [ $# -eq 3 ] || { echo "usage: $0 pair STEP_ON_GPU0 STEP_ON_GPU1"; exit 2; }
@@ -139,12 +139,14 @@ gluon-check)  # ~9.5 min on one GPU: what the Gluon kernels do on a real Hopper,
     [ $rest -gt 30 ] && timeout $rest python3 -m pytest -q -rfE --tb=short -p no:cacheprovider \
         $(echo $GPU_TESTS | tr ' ' '\n' | grep -v test_gluon) 2>&1 | grep -v DEBUG | tee "$OUT/gpu_tests.log" | tail -n 30
     ;;
-recheck)  # what session 7 changed without a GPU, first
-    timeout 330 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_triton_fp8.py \
-        tests/kernels/test_act_quant_kernel.py tests/test_direct_call.py tests/kernels/test_fastcall.py tests/models/test_timm_dropin.py \
-        tests/kernels/test_gluon_qgemm.py tests/kernels/test_gluon_act_quant.py tests/test_qat_fused.py 2>&1 \
-        | grep -v DEBUG | tee "$OUT/gpu_tests_recheck.log" | tail -n 30
-    timeout 150 python3 benchmarks/bench_call_overhead.py --profile --out "$OUT" 2>&1 | tail -n 25
+recheck)  # session 8's CPU-made changes first: the LRB down-projection reduced in fp32 (eager and Inductor), the
+    # epilogue GEMM configs with early loads, then where the addmm epilogue's error comes from, then the rest
+    timeout 300 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_triton_fp8.py \
+        tests/kernels/test_fp8_gemm_kernels.py 2>&1 | grep -v DEBUG | tee "$OUT/gpu_tests_recheck.log" | tail -n 20
+    timeout 60 python3 scripts/debug_addmm_precision.py 2>&1 | tee "$OUT/debug_addmm_precision.txt" | tail -n 12
+    timeout 200 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_inductor.py \
+        tests/test_direct_call.py tests/kernels/test_fastcall.py 2>&1 | grep -v DEBUG \
+        | tee "$OUT/gpu_tests_recheck2.log" | tail -n 15
     ;;
 train-compiled)  # one setting's compiled QAT step against FP (${2:-W4A4+H}: W4A4+H, W1.58A4+H or dit-xl-2-robuq); FP + one
     # QAT setting compile and run in 4-6 minutes, all three do not fit one call
@@ -188,11 +190,11 @@ train-paper)  # the compiled QAT step of the paper's policy (cut from the last f
 train)
     timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --iters 16 --tag _train 2>&1 | tail -20
     ;;
-qat-profile)
-    for mode in eager compiled; do
-        timeout 270 python3 benchmarks/profile_dit.py --train $mode --batch 16 --steps 3 --settings bf16 dit paper \
-            --out "$OUT" 2>&1 | tail -45
-    done
+qat-profile)  # qat-profile [MODE [SETTING ...]]: default compiled, bf16 and the paper policy (~4 min each compiled)
+    mode=${2:-compiled}
+    [ $# -ge 3 ] && settings=("${@:3}") || settings=(bf16 paper)
+    timeout 540 python3 benchmarks/profile_dit.py --train "$mode" --batch 16 --steps 3 --settings "${settings[@]}" \
+        --out "$OUT" 2>&1 | tail -70
     ;;
 ncu)  # Nsight Compute on the quantizer and GEMM kernels (benchmarks/ncu_kernels.py): why they run at the speed they do
     if command -v ncu >/dev/null; then
@@ -206,7 +208,10 @@ ncu)  # Nsight Compute on the quantizer and GEMM kernels (benchmarks/ncu_kernels
     fi
     ;;
 linear)
-    timeout 540 python3 benchmarks/bench_linear.py --write-dispatch --dispatch-only \
+    timeout 240 python3 benchmarks/bench_linear.py --write-dispatch --dispatch-only \
         --dispatch-out "$OUT/dispatch_table.json" 2>&1 | tail -60
+    # then the per-layer table with it (summary_linear: w4a4h_m256_x ... m16384_x), CUDA graphs, W4A4+H and W1.58A4+H
+    [ -s "$OUT/dispatch_table.json" ] && cp "$OUT/dispatch_table.json" robuq_fx/kernels/dispatch_table.json
+    timeout 300 python3 benchmarks/bench_linear.py --modes graph --out "$OUT" --tag _default 2>&1 | tail -n 30
     ;;
 esac

@@ -162,11 +162,11 @@ def _scaled_mm(codes, w8, sx, sw, bias):
 
 
 def down_proj(x2: torch.Tensor, bh: torch.Tensor) -> torch.Tensor:
-    """The LRB's t = x (B H)^T (M, r) in x's dtype, accumulated and reduced in fp32, rounded once. F.linear in bf16
-    lets cuBLAS split K and add the partial sums in bf16 (`allow_bf16_reduced_precision_reduction`, on by
-    default): at K = 4608 (r = 32, M = 7 / 1000) that error, times A, put ~0.25% of the outputs of asymmetric
-    + LRB layers outside the GEMM tests' bound on the H200 (a CPU emulation with K split in three reproduces the
-    measured fractions, docs/gpu.md). cuBLAS with an fp32 output (`mm` out_dtype) reduces in fp32."""
+    """The LRB's t = x (B H)^T (M, r) in x's dtype, accumulated and reduced in fp32 and rounded once, whatever
+    `torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction` says: with it on (torch's default) F.linear
+    in bf16 lets cuBLAS split this long-K, narrow-N product and add the partial sums in bf16 (a CPU emulation with K
+    split in three puts ~0.25% of an asymmetric + LRB layer's outputs at K = 4608 outside the GEMM tests' bound,
+    docs/gpu.md). cuBLAS with an fp32 output (`mm` out_dtype) reduces in fp32."""
     if x2.is_cuda and x2.dtype in (torch.bfloat16, torch.float16) and _MM_OUT_DTYPE:
         return torch.mm(x2, bh.t(), out_dtype=torch.float32).to(x2.dtype)
     return F.linear(x2, bh)
