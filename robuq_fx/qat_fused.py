@@ -7,13 +7,14 @@ Forward, from the masters W, A (lrb_up), B (lrb_down) (METHOD.md §1), with c th
 when autocast is on, else the input's) and ab the dtype of the A B product (autocast's when on, else the masters'):
     R = W H - (A B in ab),  Wq = Q_w(R) -> c       (no autograd graph: its gradient is written out below)
     xh = x H,  xq = Q_a(xh)
-    t = xh_c B_c^T,  y = xq_c Wq^T + bias_c + t A_c^T
+    t = xh_c B_c^T,  y = [xq_c, t] [Wq, A_c]^T + bias_c       (one GEMM on K + r columns: layer.stacked_linear)
 Autocast is left on where the caller has it, as for the op graph, where it also rounds the rotations' matmuls (x H,
 W H) to its dtype. Backward (the ops' straight-through estimators: Q_w passes the gradient, Q_a inside the range):
-    g_xh = mask * (g Wq -> xh's dtype) + ((g A_c) B_c -> xh's dtype),  g_x = g_xh H    (H symmetric orthonormal)
-    g_R = g^T xq_c -> R's dtype,  g_W = g_R H -> masters',
-    g_A = (-g_R -> ab) B_ab^T + g^T t,  g_B = A_ab^T (-g_R -> ab) + (g A_c)^T xh_c   (-> masters': each term, or
-        their sum where autocast shares one cast of A and of B between the two products, see forward)
+    [g_xq, g_t] = g [Wq, A_c],  [g_R, g_Ac] = g^T [xq_c, t]   (the stacked GEMM's two products, split by columns)
+    g_xh = mask * (g_xq -> xh's dtype) + (g_t B_c -> xh's dtype),  g_x = g_xh H    (H symmetric orthonormal)
+    g_R -> R's dtype,  g_W = g_R H -> masters',
+    g_A = (-g_R -> ab) B_ab^T + g_Ac,  g_B = A_ab^T (-g_R -> ab) + g_t^T xh_c   (-> masters': each term; for B their
+        sum where autocast shares one cast of B between its two products, see forward)
     g_bias = sum of g -> the bias dtype
 These are the products, dtypes and operand orders autograd takes through the op graph (linear folded to a 2-D
 addmm / mm; autograd casting each gradient to its input's dtype), so the gradients are equal to it: tested bit for
@@ -163,7 +164,9 @@ _QAT_FP8 = [os.environ.get("ROBUQ_QAT_FP8", "0") == "1"]
 
 
 def _fp8_forward_ok(x, w, spec: LayerSpec, c: torch.dtype) -> bool:
-    if not (_QAT_FP8[0] and x.is_cuda and c == torch.bfloat16 and spec.a_bits <= 4 and spec.sym
+    # without a low-rank branch: the bf16 path stacks the branch's up-projection into its GEMM, and the backward
+    # (shared) splits that stacked product
+    if not (_QAT_FP8[0] and x.is_cuda and c == torch.bfloat16 and spec.a_bits <= 4 and spec.sym and not spec.lora_rank
             and spec.a_clip == "absmax" and float(spec.w_bits) <= 4 and not spec.group_size
             and w.shape[0] % 16 == 0 and w.shape[1] % 16 == 0):
         return False
@@ -201,6 +204,7 @@ class QATLinearFunction(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, x, w, bias, down, up, spec: LayerSpec, c: torch.dtype, ab: torch.dtype):
         # autocast stays as the caller set it, as it does for the op graph: it also rounds the rotations' matmuls
+        xh_c = None
         if _fp8_forward_ok(x, w, spec, c):
             y, xh, xq, wq, r_dtype = _fp8_forward(x, w, bias, down, up, spec, c)
             xq_c = _to(xq, c)
@@ -208,12 +212,14 @@ class QATLinearFunction(torch.autograd.Function):
             wq, r_dtype = _ranged("robuq::qat Q_w(R)", quantized_weight, w, down, up, spec, c)
             xh, xq = _ranged("robuq::qat Q_a(x H)", _rotate_and_quantize, x, spec)
             xq_c = _to(xq, c)
-            y = F.linear(xq_c, wq, None if bias is None else _to(bias, c))
-        t = xh_c = None
-        if down is not None:
-            xh_c = _to(xh, c)
-            t = F.linear(xh_c, _to(down, c))
-            y = y + F.linear(t, _to(up, c))
+            bias_c = None if bias is None else _to(bias, c)
+            if down is None:
+                y = F.linear(xq_c, wq, bias_c)
+            else:  # [xq, t] [Wq, A]^T: the stacked operands are saved, xq / Wq are their first K columns
+                xh_c = _to(xh, c)
+                xq_c = torch.cat([xq_c, F.linear(xh_c, _to(down, c))], -1)
+                wq = torch.cat([wq, _to(up, c)], 1)
+                y = F.linear(xq_c, wq, bias_c)
         ctx.spec, ctx.xh_dtype, ctx.r_dtype, ctx.ab, ctx.w_dtype = spec, xh.dtype, r_dtype, ab, w.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         # autocast caches its cast of a leaf master within its region: where the op graph would take the uncast
@@ -221,7 +227,7 @@ class QATLinearFunction(torch.autograd.Function):
         # in the cast dtype before the cast back
         ctx.shared_cast = torch.is_autocast_enabled(x.device.type) and x.dtype == w.dtype
         masked = spec.a_bits < 16 and spec.a_clip != "absmax"
-        ctx.save_for_backward(xq_c, wq, xh if masked else None, xh_c, t, down, up)
+        ctx.save_for_backward(xq_c, wq, xh if masked else None, xh_c, down, up)
         return y
 
     @staticmethod
@@ -231,33 +237,41 @@ class QATLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, g):
-        xq_c, wq, xh, xh_c, t, down, up = ctx.saved_tensors
+        xq_c, wq, xh, xh_c, down, up = ctx.saved_tensors  # with a branch: [xq_c, t] and [Wq, A_c]
         spec, xd = ctx.spec, ctx.xh_dtype
         c = g.dtype
         g2 = _2d(g)
         need_x, need_w, need_b, need_down, need_up = ctx.needs_input_grad[:5]
         g_x = g_w = g_bias = g_down = g_up = None
-        gt2 = None if down is None else g2.mm(_to(up, c))  # g A_c
+        k = wq.shape[1] - (0 if down is None else down.shape[0])
+        gt2 = None  # g A_c: the stacked input gradient's last r columns, as autograd splits the cat
+        if need_x or (down is not None and need_down):
+            g_in = g2.mm(wq)
+            if down is not None:
+                gt2 = g_in.narrow(1, k, g_in.shape[1] - k)
+                g_in = g_in.narrow(1, 0, k)
         if need_x:
-            g_xh = _to(g2.mm(wq), xd)
+            g_xh = _to(g_in, xd)
             if xh is not None:  # a clipped range: the gradient passes inside it only
                 g_xh = g_xh * _to(Q.act_ste_mask(xh, spec.a_bits, spec.sym, spec.a_clip).reshape(g_xh.shape), xd)
             if down is not None:
                 g_xh = g_xh + _to(gt2.mm(_to(down, c)), xd)
             g_x = _rotate(g_xh.reshape(*g.shape[:-1], g_xh.shape[-1]), spec)
         if need_w or need_down or need_up:
-            g_r = _to(g2.t().mm(_2d(xq_c)), ctx.r_dtype)
+            g_wide = g2.t().mm(_2d(xq_c))
+            g_r = _to(g_wide if down is None else g_wide.narrow(1, 0, k), ctx.r_dtype)
             if need_w:
                 g_w = _to(_rotate(g_r, spec), ctx.w_dtype)
             if down is not None:
                 neg = _to(-g_r, ctx.ab)
-                parts_up = neg.mm(_to(down, ctx.ab).t()), g2.t().mm(_2d(t))
+                # A enters the stacked weight through its own cast (not autocast's cached one): its two terms add
+                # in A's dtype; B's two products share autocast's cast, so theirs add before the cast back
+                g_up = _to(neg.mm(_to(down, ctx.ab).t()), up.dtype) + _to(g_wide.narrow(1, k, g_wide.shape[1] - k),
+                                                                          up.dtype)
                 parts_down = _to(up, ctx.ab).t().mm(neg), gt2.t().mm(_2d(xh_c))
                 if ctx.shared_cast:
-                    g_up = _to(parts_up[0] + parts_up[1], up.dtype)
                     g_down = _to(parts_down[0] + parts_down[1], down.dtype)
                 else:
-                    g_up = _to(parts_up[0], up.dtype) + _to(parts_up[1], up.dtype)
                     g_down = _to(parts_down[0], down.dtype) + _to(parts_down[1], down.dtype)
         if need_b and ctx.bias_dtype is not None:
             g_bias = _to(g2.sum(0), ctx.bias_dtype)
