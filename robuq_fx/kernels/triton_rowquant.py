@@ -91,11 +91,14 @@ def quantize_rows(x, mask, levels, SYM: tl.constexpr):
 
 
 @triton.jit
-def fake_quant_rows_kernel(x_ptr, out_ptr, n_rows, D, n1, n2, sx0, sx1, sx2, sxd, levels, codes_ptr, scale_ptr,
-                           SYM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                           CODES: tl.constexpr = False):
+def fake_quant_rows_kernel(x_ptr, out_ptr, n_rows, n1, n2, sx0, sx1, sx2, sxd, levels, codes_ptr, scale_ptr,
+                           D: tl.constexpr, SYM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                           CODES: tl.constexpr = False, ALIGN: tl.constexpr = 1):
     """out = Q_a(x) per row; with CODES also the codes (codes_ptr, (rows, D) row-major) and the scales
-    (scale_ptr, (rows,)), symmetric only (what the fp8 GEMM of the QAT forward reads)."""
+    (scale_ptr, (rows,)), symmetric only (what the fp8 GEMM of the QAT forward reads). D is a constexpr so that the
+    column mask is known constant over aligned groups, and ALIGN (the launcher's check that every row starts on a
+    multiple of ALIGN elements, 16-byte aligned) tells Triton so: rows of 72 (DiT-XL/2's heads) then load and store
+    as 16-byte vectors instead of one element a thread."""
     levels = tl.cast(levels, tl.float32)  # fp64 when Inductor launches it (see triton_act_quant)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
@@ -104,6 +107,10 @@ def fake_quant_rows_kernel(x_ptr, out_ptr, n_rows, D, n1, n2, sx0, sx1, sx2, sxd
     i1 = (rows // n2) % n1
     i2 = rows % n2
     base = i0.to(tl.int64) * sx0 + i1.to(tl.int64) * sx1 + i2.to(tl.int64) * sx2
+    obase = rows.to(tl.int64) * D
+    if ALIGN > 1:
+        base = tl.multiple_of(base, ALIGN)
+        obase = tl.multiple_of(obase, ALIGN)
     mask = rmask[:, None] & (cols[None, :] < D)
     x = tl.load(x_ptr + base[:, None] + cols[None, :].to(tl.int64) * sxd, mask=mask, other=0.0).to(tl.float32)
     q, s, lo = quantize_rows(x, mask, levels, SYM)
@@ -112,7 +119,7 @@ def fake_quant_rows_kernel(x_ptr, out_ptr, n_rows, D, n1, n2, sx0, sx1, sx2, sxd
         v = sq
     else:
         v = lo[:, None] + sq
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + obase[:, None] + cols[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
     if CODES:
         tl.store(codes_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], q.to(codes_ptr.dtype.element_ty),
                  mask=mask)
@@ -145,6 +152,23 @@ def _tiling(d: int) -> tuple[int, int, int]:
     return block_r, block_d, warps
 
 
+def _align(x: torch.Tensor, out: torch.Tensor, d: int, strides: tuple, sxd: int) -> int:
+    """8 where every row of x and of out starts 16 bytes apart from a 16-byte aligned base in whole groups of 8
+    elements (16-bit x: contiguous rows, D and the row strides multiples of 8), else 1 (no vector hint)."""
+    if x.element_size() != 2 or sxd != 1 or d % 8 or any(st % 8 for st in strides):
+        return 1
+    return 8 if _aligned16(x) and _aligned16(out) else 1
+
+
+def _aligned16(t: torch.Tensor) -> bool:
+    """t's first element is 16-byte aligned. While Inductor traces the launch (fake tensors, no address) by its
+    storage offset, a concrete int, over the allocators' aligned storage."""
+    if type(t) is torch.Tensor:
+        return t.data_ptr() % 16 == 0
+    off = t.storage_offset()  # a FakeTensor / FunctionalTensor: no address to read
+    return type(off) is int and off * t.element_size() % 16 == 0
+
+
 def _dense_rows(x: torch.Tensor) -> bool:
     """x's memory is a dense (rows, D) matrix in some order of its leading dims (e.g. q as (b, h, s, d) viewed on
     (b, s, h, d) memory): then every row can be read and written in memory order."""
@@ -174,6 +198,16 @@ def fake_quant_rows(x: torch.Tensor, a_bits: int, sym: bool, keep_layout: bool =
         # the kernel reads both as flat (rows, D) matrices in memory order
         _launch(x, out, a_bits, sym, Q, launcher, flat=(rows, x.shape[-1]))
         return out
+    if keep_layout and 2 <= x.dim() <= 4 and x.stride(-1) == 1 and not x.is_contiguous():
+        # rows not dense (q, k, v as narrow views of a fused qkv GEMM's output): read them in memory order, write
+        # them dense in that order, and return x's shape over it -- (b, h, s, d) on (b, s, h, d) memory, the layout
+        # SDPA's flash kernels take and write, not a transposing copy before and after them
+        order = sorted(range(x.dim() - 1), key=lambda i: -x.stride(i))  # stable: ties keep their order
+        xp = x.permute(*order, x.dim() - 1)
+        out = torch.empty(xp.shape, device=x.device, dtype=x.dtype)
+        _launch(xp, out, a_bits, sym, Q, launcher)
+        inv = sorted(range(len(order)), key=lambda i: order[i])
+        return out.permute(*inv, x.dim() - 1)
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     _launch(x, out, a_bits, sym, Q, launcher)
     return out
@@ -211,9 +245,10 @@ def _launch(x, out, a_bits, sym, Q, launcher, flat=None, codes=None):
     block_r, block_d, warps = _tiling(d)
     grid = ((n_rows + block_r - 1) // block_r,)
     c_out, s_out = codes if codes is not None else (x, x)  # neither read nor written without CODES
-    args = (x, out, n_rows, d, shape[1], shape[2], strides[0], strides[1], strides[2], sxd,
+    args = (x, out, n_rows, shape[1], shape[2], strides[0], strides[1], strides[2], sxd,
             float(Q.act_levels(a_bits, sym)), c_out, s_out)
-    kw = (dict(SYM=bool(sym), BLOCK_R=block_r, BLOCK_D=block_d, CODES=codes is not None),
+    kw = (dict(D=d, SYM=bool(sym), BLOCK_R=block_r, BLOCK_D=block_d, CODES=codes is not None,
+               ALIGN=_align(x, out, d, strides, sxd)),
           dict(num_warps=warps, enable_fp_fusion=False))
     traced = launcher is triton_launch.traced  # a traced launch has no device to switch to
     with (torch.cuda.device(x.device) if x.is_cuda and not traced else _nullctx()):

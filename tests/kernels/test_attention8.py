@@ -54,6 +54,16 @@ def test_row_kernel_equals_torch_math(dtype, bits, sym):
         assert torch.equal(out, ref), f"{shape} {perm}: {(out.float() - ref.float()).abs().max().item()}"
         kept = R.fake_quant_rows(x, bits, sym, keep_layout=True)  # rows in memory order, x's own layout
         assert torch.equal(kept, ref) and (perm is None or kept.stride() == x.stride())
+    # q, k, v as views of a fused qkv GEMM's output (rows not dense): written dense in the same order, i.e.
+    # (b, h, s, d) on (b, s, h, d) memory, 16-byte vector loads (ALIGN 8) where the rows allow it
+    b, s, h = 2, 37, 3
+    for d in (72, 64, 40, 36):
+        buf = _ties((b * s, 3 * h * d), bits, dtype, gen)
+        for i in range(3):
+            x = buf[:, i * h * d:(i + 1) * h * d].view(b, s, h, d).transpose(1, 2)
+            kept = R.fake_quant_rows(x, bits, sym, keep_layout=True)
+            assert torch.equal(kept, Q.fake_quant_act(x, bits, sym)), f"qkv view d={d} part {i}"
+            assert kept.shape == x.shape and kept.stride() == (s * h * d, d, h * d, 1), kept.stride()
 
 
 def test_fake_quant_act_op_uses_the_row_kernel_and_stays_exact():
