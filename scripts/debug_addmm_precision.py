@@ -5,7 +5,7 @@ elementwise bound of tests/kernels/test_triton_fp8.py in ROBUQ_FP8_EPI=addmm mod
 
 Rebuilds the failing cases with the test's own helpers and splits the path into its stages, each against float64 on
 the same inputs: the codes' GEMM (`_scaled_mm`, bf16 out), the LRB down-projection t (bf16, and from B H rounded to
-bf16), the in-place addmm of [t, lo'] [A, c]^T, and the whole layer; for each the fraction of elements within the
+bf16), the in-place add of t A^T + lo' c, and the whole layer; for each the fraction of elements within the
 test's bound (1e-2 |y| + 1e-2 rms(y)) when only that stage rounds. The stage whose fraction matches the layer's names
 the cause.
 """
@@ -23,7 +23,8 @@ from robuq_fx import kernels  # noqa: E402
 from robuq_fx import quantizers as Q  # noqa: E402
 from robuq_fx.hadamard import block_hadamard  # noqa: E402
 from robuq_fx.kernels import quantizer, reference, triton_fp8  # noqa: E402
-from robuq_fx.kernels.weight_cache import ext_left, ext_up, rotated_down  # noqa: E402
+from robuq_fx.kernels.triton_lowrank import lowrank_add  # noqa: E402
+from robuq_fx.kernels.weight_cache import rotated_down  # noqa: E402
 from tests.kernels.test_triton_fp8 import _args, _exact_from_own_codes, _layer  # noqa: E402
 
 
@@ -63,8 +64,8 @@ def main() -> None:
             t64 = block_hadamard(x.double(), 128) @ a.lrb_down.double().t()
             cs = Q.weight_code_colsum(reference.weight_codes(a), a.w_scale)
             lrb64 = t64 @ a.lrb_up.double().t() + lo[:m, None].double() * cs.double()
-            L, U = ext_left(t_new, lo[:m], torch.bfloat16), ext_up(a.lrb_up, e.cs, torch.bfloat16)
-            y_chain = inter.clone().addmm_(L, U.t())
+            y_chain = inter.clone()
+            lowrank_add(y_chain, y_chain, t_new, a.lrb_up.contiguous(), lo, e.cs)
             rows.append({
                 "case": f"W1.58A{a_bits} asym {clip} M={m}",
                 "layer (mod(x))": round(within(y, ref), 5),

@@ -26,8 +26,8 @@ ROBUQ_INDUCTOR_DECOMPOSE, a comma list of what to decompose: "qat" (the QAT ops)
 default-mode W4A4+H DiT-XL/2 at batch 8 2.3x faster than the opaque op (0.60x vs 0.26x bf16, H200) at the same speed
 under CUDA graphs; attention8's stays opt-in until the paper policy's compile time under it is measured. (The
 asymmetric calls on the addmm epilogue once differed from eager by a bf16 ulp: Inductor keeps bf16 intermediates
-in fp32, which zeroed the low half of the hi/lo split of the asymmetric term; `weight_cache._split16` now splits by
-a bit mask.) Inductor's and AOTAutograd's on-disk caches do not see that switch
+in fp32, which zeroed the low half of the bf16 hi/lo split that carried the asymmetric term through cuBLAS's addmm;
+that term is now added in fp32 by the same Triton kernel eagerly and compiled, `triton_lowrank.py`.) Inductor's and AOTAutograd's on-disk caches do not see that switch
 (the decomposition happens inside AOTAutograd): flip it with `TORCHINDUCTOR_FX_GRAPH_CACHE=0` or a fresh cache dir.
 
 How: a FunctionalTensorMode rule for each op (`_functional_rule`). AOTAutograd functionalizes the graph Dynamo
@@ -96,6 +96,14 @@ def _ops():
     def rowquant_op(x: torch.Tensor, bits: int, keep_layout: bool) -> torch.Tensor:
         return fake_quant_rows(x, bits, True, keep_layout=keep_layout, traced=True)
 
+    @triton_op("robuq::lowrank_add", mutates_args=())
+    def lowrank_add_op(y: torch.Tensor, t: torch.Tensor | None, up: torch.Tensor | None, lo: torch.Tensor | None,
+                       cs: torch.Tensor | None) -> torch.Tensor:
+        from .triton_lowrank import lowrank_add
+        out = torch.empty_like(y)
+        lowrank_add(y, out, t, up, lo, cs, traced)
+        return out
+
     @triton_op("robuq::fp8_gemm", mutates_args=())
     def fp8_gemm_op(codes: torch.Tensor, w8: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
                     bias: torch.Tensor | None, lo: torch.Tensor | None, cs: torch.Tensor | None,
@@ -105,8 +113,8 @@ def _ops():
         run_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, t, up, m, traced)
         return y
 
-    _DEFS.extend((act_quant_op, rowquant_op, fp8_gemm_op))  # torch keeps op definitions only weakly
-    return torch.ops.robuq.act_quant, torch.ops.robuq.rowquant, torch.ops.robuq.fp8_gemm
+    _DEFS.extend((act_quant_op, rowquant_op, fp8_gemm_op, lowrank_add_op))  # torch keeps op definitions weakly
+    return torch.ops.robuq.act_quant, torch.ops.robuq.rowquant, torch.ops.robuq.fp8_gemm, torch.ops.robuq.lowrank_add
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -119,7 +127,7 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
     from . import weight_cache as W
     from .dispatch import epilogue_mode
     from .reference import weight_codes
-    act_quant_op, _, fp8_gemm_op = _ops()
+    act_quant_op, _, fp8_gemm_op, lowrank_add_op = _ops()
     k, n = a.in_features, a.out_features
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).contiguous()
@@ -137,9 +145,9 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
             return y.reshape(*lead, n)
         bias = None if a.bias is None else a.bias.to(torch.bfloat16)
         y = T._scaled_mm(codes, w8, sx, sw, bias)[:m]
-        if lrb or not a.a_sym:
-            y = torch.addmm(y, W.ext_left(t, None if a.a_sym else lo[:m], torch.bfloat16),
-                            W.ext_up(a.lrb_up, cs, torch.bfloat16).t())
+        if lrb or not a.a_sym:  # the eager path's in-place kernel, out of place
+            y = lowrank_add_op(y, t.to(torch.bfloat16) if lrb else None,
+                               a.lrb_up.to(torch.bfloat16).contiguous() if lrb else None, lo, cs)
         return (y if y.dtype == x.dtype else y.to(x.dtype)).reshape(*lead, n)
     up = a.lrb_up.to(x.dtype).contiguous() if lrb else None
     y = fp8_gemm_op(codes, w8, sx, sw, a.bias, None if a.a_sym else lo, cs, t, up, m, x.dtype)

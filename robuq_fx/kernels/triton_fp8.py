@@ -8,7 +8,8 @@ Two kernels are registered:
                                 with row-wise scales (s_x per token, s_w per channel), fast accumulation and the
                                 bias fused. Asymmetric and/or LRB ("epilogue" in the table): our Triton fp8 GEMM
                                 with s_x s_w acc + lo_x c + bias + t A^T fused (t = x (B H)^T by cuBLAS), or
-                                _scaled_mm + one in-place bf16 addmm of [t, lo'] [A, c]^T ("addmm").
+                                _scaled_mm, then t A^T + lo' c added to its output in place by one Triton
+                                kernel (kernels/triton_lowrank.py; the table's mode "addmm").
     cuda_dequant (priority 10)  weights dequantized once to the activation dtype (cached); the same Triton
                                 quantizer in DEQUANT mode writes Q_a(x H) in that dtype; cuBLAS F.linear. Takes
                                 every CUDA call (groups, 8-bit, a_clip='sigma', fp32 ... with torch math where
@@ -39,8 +40,8 @@ from .qlinear import apply_input_act
 from .quantizer import act_quant, on_device, quant_supported
 from .reference import spec_of
 from .registry import QLinearArgs, forced, register
-from .weight_cache import (_WCACHE, _Entry, _deq_weight, _ext_up, _fp8_layout, _fp8_weights, _rot_down,  # noqa: F401
-                           clear_caches, ext_left)
+from .weight_cache import (_WCACHE, _Entry, _deq_weight, _fp8_layout, _fp8_weights, _rot_down,  # noqa: F401
+                           clear_caches)
 
 FP8 = "triton_fp8"
 DEQUANT = "cuda_dequant"
@@ -159,6 +160,12 @@ def _scaled_mm(codes, w8, sx, sw, bias):
     y = torch._scaled_mm(codes, w8.t(), scale_a=sx.view(-1, 1), scale_b=sw.view(1, -1),
                          out_dtype=torch.bfloat16, use_fast_accum=True)
     return y if bias is None else y.add_(bias)
+
+
+def _up16(a: QLinearArgs, dtype: torch.dtype) -> torch.Tensor:
+    """The branch's A (N, r) in `dtype` with contiguous rows, as the epilogue kernels read it."""
+    up = a.lrb_up
+    return up if up.dtype == dtype and up.is_contiguous() else up.to(dtype).contiguous()
 
 
 def down_proj(x2: torch.Tensor, bh: torch.Tensor) -> torch.Tensor:
@@ -301,15 +308,15 @@ def _fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
         y = _scaled_mm(codes, e.fp8, sx, e.sw, bias)
         if m != m_pad:
             y = y[:m]
-        if lrb or not a.a_sym:
-            y.addmm_(ext_left(t, None if a.a_sym else lo[:m], torch.bfloat16), _ext_up(a, e, torch.bfloat16).t())
+        if lrb or not a.a_sym:  # + t A^T + lo' c in place, one rounding (kernels/triton_lowrank.py)
+            from .triton_lowrank import lowrank_add
+            t16, up16 = (t.to(torch.bfloat16), _up16(a, torch.bfloat16)) if lrb else (None, None)
+            with on_device(x.device):
+                lowrank_add(y, y, t16, up16, None if a.a_sym else lo, None if a.a_sym else e.cs)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
     else:
-        up = None
-        if lrb:
-            up = a.lrb_up if a.lrb_up.dtype == x.dtype and a.lrb_up.is_contiguous() \
-                else a.lrb_up.to(x.dtype).contiguous()
+        up = _up16(a, x.dtype) if lrb else None
         y = torch.empty(m, n, device=x.device, dtype=x.dtype)
         if m:
             with on_device(x.device):

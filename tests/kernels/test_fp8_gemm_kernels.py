@@ -80,3 +80,32 @@ def test_every_tma_gemm_config(cfg):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for programs in (sms, 3):
         _check_gemm(lambda *args: kmod.launch_fp8_gemm_tma(*args, c, programs), f"TMA cfg {c}, {programs} programs")
+
+
+@gpu
+def test_lowrank_add_kernel():
+    """kernels/triton_lowrank.py: y + t A^T + lo c in one fp32 sum per element, rounded once, in place or not; odd M
+    and N, ranks 32 / 8 / 5 (unaligned rows), each term alone."""
+    from robuq_fx.kernels.triton_lowrank import lowrank_add
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for m, n in ((1, 1152), (37, 3456), (1000, 130), (4096, 1152)):
+        for r, asym in ((32, True), (32, False), (8, True), (5, False), (0, True)):
+            y = torch.randn(m, n, device="cuda", generator=g).to(torch.bfloat16)
+            t = torch.randn(m, r, device="cuda", generator=g).to(torch.bfloat16) if r else None
+            up = torch.randn(n, r, device="cuda", generator=g).to(torch.bfloat16) if r else None
+            lo = torch.randn(m + 5, device="cuda", generator=g) * 3 if asym else None
+            cs = torch.randn(n, device="cuda", generator=g) * 40 if asym else None
+            terms = [y.double()]
+            if r:
+                terms.append(t.double() @ up.double().t())
+            if asym:
+                terms.append(lo[:m, None].double() * cs.double())
+            ref = sum(terms)
+            scale = max(tm.abs().max().item() for tm in terms)
+            out = torch.empty_like(y)
+            lowrank_add(y, out, t, up, lo, cs)
+            err = (out.double() - ref).abs()
+            bound = 2 ** -8 * ref.abs() + 1e-5 * scale  # one bf16 rounding of an fp32 sum
+            assert (err <= bound).all(), f"m={m} n={n} r={r} asym={asym}: max err {err.max().item():.3g}"
+            lowrank_add(y, y, t, up, lo, cs)  # in place: the same values
+            assert torch.equal(y, out), f"m={m} n={n} r={r} asym={asym}: in place differs"

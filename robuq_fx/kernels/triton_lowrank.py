@@ -1,0 +1,64 @@
+"""The addmm epilogue's second kernel (imported lazily; needs triton): after `_scaled_mm` has written
+y = s_x s_w (q_x q_w^T) + bias in bf16, add the low-rank branch and the asymmetric offset in place,
+
+    y <- RN(y + t A^T + lo' c)          t (M, r) = x (B H)^T, A (N, r); lo' (M,), c (N,) fp32
+
+one fp32 sum per element, rounded once. It replaces cuBLAS's `addmm_` of [t, lo'_hi, lo'_hi, lo'_lo] by
+[A, c_hi, c_lo, c_hi] (the hi / lo halves carried the fp32 offset term through 16-bit operands), which on the H200
+took 1.8-2.3x the time of reading and writing y once (qkv at M = 16384: 124 us over `_scaled_mm`'s 123 us, where
+y is 113 MB: ~53 us at the memory's rate). Tiles of y are read and written once; t and A are read per tile (a
+rank-32 tile of each, L2-resident) and multiplied on the tensor cores with y as the accumulator.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_launch import launch
+
+BM, BN, WARPS = 64, 128, 4
+
+
+@triton.jit(do_not_specialize=["M"])
+def lowrank_add_kernel(y_ptr, out_ptr, t_ptr, a_ptr, lo_ptr, c_ptr, M, N, stride_y, stride_o, stride_t, stride_a,
+                       R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr,
+                       HAS_LRB: tl.constexpr, ASYM: tl.constexpr):
+    # R (the rank) a constexpr: the factors' column mask is then known per 8-column group, and their rows load as
+    # 16-byte vectors
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+    mmask = offs_m < M
+    nmask = offs_n < N
+    mask = mmask[:, None] & nmask[None, :]
+    acc = tl.load(y_ptr + offs_m[:, None].to(tl.int64) * stride_y + offs_n[None, :], mask=mask,
+                  other=0.0).to(tl.float32)
+    if HAS_LRB:
+        rr = tl.arange(0, RP)
+        t = tl.load(t_ptr + offs_m[:, None].to(tl.int64) * stride_t + rr[None, :],
+                    mask=mmask[:, None] & (rr[None, :] < R), other=0.0)
+        a = tl.load(a_ptr + offs_n[:, None].to(tl.int64) * stride_a + rr[None, :],
+                    mask=nmask[:, None] & (rr[None, :] < R), other=0.0)
+        acc = tl.dot(t, tl.trans(a), acc)
+    if ASYM:
+        lo = tl.load(lo_ptr + offs_m, mask=mmask, other=0.0)
+        c = tl.load(c_ptr + offs_n, mask=nmask, other=0.0)
+        acc += lo[:, None] * c[None, :]
+    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_o + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def lowrank_add(y, out, t, up, lo, cs, launcher=launch) -> None:
+    """out (m, N) = y + t up^T [+ lo c] (out may be y: in place). y / out rows contiguous; t (m, r) and up (N, r) in
+    y's dtype with contiguous rows, or both None; lo (>= m,) and cs (N,) fp32, or both None. launcher: `launch`
+    (eager) or `triton_launch.traced` (inside a triton_op)."""
+    m, n = y.shape
+    if m == 0 or n == 0:
+        return
+    r = 0 if t is None else t.shape[1]
+    rp = max(16, triton.next_power_of_2(r)) if r else 16
+    launcher(lowrank_add_kernel, (triton.cdiv(m, BM), triton.cdiv(n, BN)),
+             (y, out, t if t is not None else y, up if up is not None else y, lo if lo is not None else y,
+              cs if cs is not None else y, m, n, y.stride(0), out.stride(0), t.stride(0) if t is not None else 0,
+              up.stride(0) if up is not None else 0),
+             dict(R=r, BM=BM, BN=BN, RP=rp, HAS_LRB=t is not None, ASYM=lo is not None),
+             dict(num_warps=WARPS, num_stages=1), no_specialize=(6,))
