@@ -104,6 +104,13 @@ def _ops():
         lowrank_add(y, out, t, up, lo, cs, traced)
         return out
 
+    @triton_op("robuq::lrb_down", mutates_args=())
+    def lrb_down_op(x2: torch.Tensor, bh: torch.Tensor) -> torch.Tensor:
+        from .triton_lowrank import lrb_down
+        t = torch.empty(x2.shape[0], bh.shape[0], device=x2.device, dtype=x2.dtype)
+        lrb_down(x2, bh, t, traced)
+        return t
+
     @triton_op("robuq::fp8_gemm", mutates_args=())
     def fp8_gemm_op(codes: torch.Tensor, w8: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
                     bias: torch.Tensor | None, lo: torch.Tensor | None, cs: torch.Tensor | None,
@@ -113,8 +120,9 @@ def _ops():
         run_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, t, up, m, traced)
         return y
 
-    _DEFS.extend((act_quant_op, rowquant_op, fp8_gemm_op, lowrank_add_op))  # torch keeps op definitions weakly
-    return torch.ops.robuq.act_quant, torch.ops.robuq.rowquant, torch.ops.robuq.fp8_gemm, torch.ops.robuq.lowrank_add
+    _DEFS.extend((act_quant_op, rowquant_op, fp8_gemm_op, lowrank_add_op, lrb_down_op))  # kept only weakly by torch
+    return (torch.ops.robuq.act_quant, torch.ops.robuq.rowquant, torch.ops.robuq.fp8_gemm, torch.ops.robuq.lowrank_add,
+            torch.ops.robuq.lrb_down)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -127,7 +135,7 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
     from . import weight_cache as W
     from .dispatch import epilogue_mode
     from .reference import weight_codes
-    act_quant_op, _, fp8_gemm_op, lowrank_add_op = _ops()
+    act_quant_op, _, fp8_gemm_op, lowrank_add_op, lrb_down_op = _ops()
     k, n = a.in_features, a.out_features
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).contiguous()
@@ -137,7 +145,11 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
     w8 = a.qweight.reshape(n, k)
     sw = W.scale_vec(a.w_scale, n)
     lrb = a.lrb_down is not None
-    t = T.down_proj(x2, W.rotated_down(a, x.dtype)) if lrb else None
+    t = None
+    if lrb:  # the eager path's choice (triton_fp8.down_proj), the kernel as a traced launch
+        from .triton_lowrank import lrb_down_ok
+        bh = W.rotated_down(a, x.dtype)
+        t = lrb_down_op(x2, bh) if lrb_down_ok(x2, bh) else T.down_proj(x2, bh)
     cs = None if a.a_sym else Q.weight_code_colsum(weight_codes(a), a.w_scale)
     if (a.a_sym and not lrb) or epilogue_mode(m, n, k) == "addmm":
         if os.environ.get("ROBUQ_FP8_GEMM") == "triton" and a.a_sym and not lrb:

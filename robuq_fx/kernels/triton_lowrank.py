@@ -1,4 +1,11 @@
-"""The addmm epilogue's second kernel (imported lazily; needs triton): after `_scaled_mm` has written
+"""The low-rank branch's kernels on the fp8 path (imported lazily; needs triton).
+
+`lrb_down_kernel`: t = x (B H)^T (M, r), the branch's down-projection, in x's dtype, accumulated in fp32 and rounded
+once: a narrow product (r = 32) that streams x once. cuBLAS took 24 us a call for it in the paper policy's
+batch-64 profile on the H200 (two to three times x's bytes at the memory's rate), and in bf16 it may split K and
+add the partial sums in bf16 where `allow_bf16_reduced_precision_reduction` is on (torch's default).
+
+`lowrank_add_kernel`, the addmm epilogue's second kernel: after `_scaled_mm` has written
 y = s_x s_w (q_x q_w^T) + bias in bf16, add the low-rank branch and the asymmetric offset in place,
 
     y <- RN(y + t A^T + lo' c)          t (M, r) = x (B H)^T, A (N, r); lo' (M,), c (N,) fp32
@@ -11,12 +18,53 @@ rank-32 tile of each, L2-resident) and multiplied on the tensor cores with y as 
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
 from .triton_launch import launch
 
 BM, BN, WARPS = 64, 128, 4
+DOWN_BM, DOWN_BK, DOWN_WARPS, DOWN_STAGES = 64, 128, 4, 3
+
+
+@triton.jit(do_not_specialize=["M"])
+def lrb_down_kernel(x_ptr, b_ptr, t_ptr, M, stride_x, stride_t, K: tl.constexpr, R: tl.constexpr,
+                    RP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    """t[m, :R] = sum_k x[m, k] b[:R, k] (b (R, K) with contiguous rows; K % BK == 0)."""
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    rr = tl.arange(0, RP)
+    kk = tl.arange(0, BK)
+    mmask = offs_m < M
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_x + kk[None, :]
+    b_ptrs = b_ptr + rr[:, None] * K + kk[None, :]
+    acc = tl.zeros((BM, RP), dtype=tl.float32)
+    for _ in range(0, K, BK):
+        x = tl.load(x_ptrs, mask=mmask[:, None], other=0.0)
+        b = tl.load(b_ptrs, mask=(rr < R)[:, None], other=0.0)
+        acc = tl.dot(x, tl.trans(b), acc)
+        x_ptrs += BK
+        b_ptrs += BK
+    tl.store(t_ptr + offs_m[:, None].to(tl.int64) * stride_t + rr[None, :], acc.to(t_ptr.dtype.element_ty),
+             mask=mmask[:, None] & (rr[None, :] < R))
+
+
+def lrb_down_ok(x2, bh) -> bool:
+    """The kernel takes x2 (M, K) and bh (r, K): 16-bit, the same dtype, contiguous rows, K a multiple of its tile."""
+    k = x2.shape[1]
+    return (x2.dtype in (torch.bfloat16, torch.float16) and bh.dtype == x2.dtype and x2.stride(1) == 1
+            and bh.is_contiguous() and k % DOWN_BK == 0 and 0 < bh.shape[0] <= 64)
+
+
+def lrb_down(x2, bh, t, launcher=launch) -> None:
+    """t (m, r) = x2 (B H)^T with `lrb_down_kernel` (check `lrb_down_ok` first). launcher: as `lowrank_add`."""
+    m, k = x2.shape
+    r = bh.shape[0]
+    if m == 0:
+        return
+    launcher(lrb_down_kernel, (triton.cdiv(m, DOWN_BM),), (x2, bh, t, m, x2.stride(0), t.stride(0)),
+             dict(K=k, R=r, RP=max(16, triton.next_power_of_2(r)), BM=DOWN_BM, BK=DOWN_BK),
+             dict(num_warps=DOWN_WARPS, num_stages=DOWN_STAGES), no_specialize=(3,))
 
 
 @triton.jit(do_not_specialize=["M"])

@@ -109,3 +109,24 @@ def test_lowrank_add_kernel():
             assert (err <= bound).all(), f"m={m} n={n} r={r} asym={asym}: max err {err.max().item():.3g}"
             lowrank_add(y, y, t, up, lo, cs)  # in place: the same values
             assert torch.equal(y, out), f"m={m} n={n} r={r} asym={asym}: in place differs"
+
+
+@gpu
+def test_lrb_down_kernel():
+    """kernels/triton_lowrank.py: t = x (B H)^T accumulated in fp32 and rounded once to x's dtype (float64 bound of
+    one rounding), rows of x strided or not, odd M, ranks 32 / 8 / 5; `triton_fp8.down_proj` takes it."""
+    from robuq_fx.kernels.triton_lowrank import lrb_down_ok
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for k in (1152, 4608):
+        for m in (1, 37, 1000, 16384):
+            for r in (32, 8, 5):
+                xs = torch.randn(m, k + 128, device="cuda", generator=g).to(torch.bfloat16)
+                for x in (xs[:, :k].contiguous(), xs[:, 64:64 + k]):
+                    bh = (torch.randn(r, k, device="cuda", generator=g) * 0.05).to(torch.bfloat16)
+                    assert lrb_down_ok(x, bh)
+                    t = triton_fp8.down_proj(x, bh)
+                    ref = x.double() @ bh.double().t()
+                    err = (t.double() - ref).abs()
+                    bound = 2 ** -8 * ref.abs() + 1e-5 * ref.abs().max()
+                    assert t.dtype == x.dtype and (err <= bound).all(), \
+                        f"K={k} M={m} r={r} stride {x.stride(0)}: max err {err.max().item():.3g}"
