@@ -139,14 +139,15 @@ gluon-check)  # ~9.5 min on one GPU: what the Gluon kernels do on a real Hopper,
     [ $rest -gt 30 ] && timeout $rest python3 -m pytest -q -rfE --tb=short -p no:cacheprovider \
         $(echo $GPU_TESTS | tr ' ' '\n' | grep -v test_gluon) 2>&1 | grep -v DEBUG | tee "$OUT/gpu_tests.log" | tail -n 30
     ;;
-recheck)  # session 8's CPU-made changes first: the LRB down-projection reduced in fp32 (eager and Inductor), the
-    # epilogue GEMM configs with early loads, then where the addmm epilogue's error comes from, then the rest
-    timeout 300 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_triton_fp8.py \
-        tests/kernels/test_fp8_gemm_kernels.py 2>&1 | grep -v DEBUG | tee "$OUT/gpu_tests_recheck.log" | tail -n 20
+recheck)  # session 8's CPU-made changes first: the new kernels (lowrank_add, lrb_down, early-load GEMM configs, the
+    # vectorized row kernel), the QAT stacked branch, where the addmm epilogue's error comes from, then the layer
+    # tests through both epilogue modes and the Inductor path
+    timeout 200 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_fp8_gemm_kernels.py \
+        tests/kernels/test_attention8.py tests/test_qat_fused.py 2>&1 | grep -v DEBUG \
+        | tee "$OUT/gpu_tests_recheck.log" | tail -n 20
     timeout 60 python3 scripts/debug_addmm_precision.py 2>&1 | tee "$OUT/debug_addmm_precision.txt" | tail -n 12
-    timeout 200 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_inductor.py \
-        tests/test_direct_call.py tests/kernels/test_fastcall.py 2>&1 | grep -v DEBUG \
-        | tee "$OUT/gpu_tests_recheck2.log" | tail -n 15
+    timeout 250 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_triton_fp8.py \
+        tests/kernels/test_inductor.py 2>&1 | grep -v DEBUG | tee "$OUT/gpu_tests_recheck2.log" | tail -n 15
     ;;
 train-compiled)  # one setting's compiled QAT step against FP (${2:-W4A4+H}: W4A4+H, W1.58A4+H or dit-xl-2-robuq); FP + one
     # QAT setting compile and run in 4-6 minutes, all three do not fit one call
