@@ -1,12 +1,18 @@
 """Our GPU kernels as Inductor sees them: under `torch.compile`, `robuq::qlinear` and `robuq::attention8` are
 decomposed into `torch.library.triton_op`s (the Triton activation quantizer, the row quantizer, the fused-epilogue
-fp8 GEMM, each launched through `wrap_triton`) and ATen ops (`_scaled_mm`, `addmm`, SDPA), so the compiled code
-launches every kernel itself instead of calling an opaque op through Python (~110 us of CPU a call, which made a
-default-mode `torch.compile` of W4A4+H DiT-XL/2 CPU-bound at batch 8; issue 17).
+fp8 GEMM, the low-rank branch's kernels, each launched through `wrap_triton`) and ATen ops (`_scaled_mm`, SDPA),
+so the compiled code launches every kernel itself instead of calling an opaque op through Python (~110 us of CPU a
+call, which made a default-mode `torch.compile` of W4A4+H DiT-XL/2 CPU-bound at batch 8; issue 17).
 
     robuq::act_quant(x2 (M, K), block, a_bits, sym, clip, m_store, shift) -> (fp8 codes (m_store, K), s, lo)
     robuq::rowquant(x, bits, keep_layout) -> Q_a(x)       symmetric absmax per row (the attention's q, k, v)
     robuq::fp8_gemm(codes, w8, sx, sw, bias?, lo?, cs?, t?, up?, m, dtype) -> y (m, N)   the Triton GEMM + epilogue
+    robuq::lrb_down(x2, bh) -> t (M, r)                  the low-rank branch's down-projection (triton_lowrank.py)
+    robuq::lowrank_add(y, t?, up?, lo?, cs?) -> y + t up^T + lo c    the addmm mode's add after `_scaled_mm`
+
+Under CUDA graphs (`torch._inductor.config.triton.cudagraphs`, mode="reduce-overhead") a call for which the dispatch
+table picks the Gluon quantizer keeps it through one opaque op, `robuq::act_quant_gluon` (Inductor's code launches
+Triton kernels only; an opaque op costs nothing at graph replay); ROBUQ_INDUCTOR_GLUON_QUANT=0 keeps the Triton one.
 
 The decompositions take exactly the calls the eager kernels would take with the same results: a qlinear call is
 decomposed only when the registry would pick `triton_fp8` for it and the weight is in the fp8 layout (the module's
@@ -125,6 +131,39 @@ def _ops():
             torch.ops.robuq.lrb_down)
 
 
+@functools.lru_cache(maxsize=None)
+def _gluon_quant_op():
+    """robuq::act_quant_gluon: the eager quantizer (`quantizer.act_quant`, which runs the Gluon kernel where the
+    dispatch table picks it) as an opaque op. Inductor's generated code launches Triton kernels only, so a compiled
+    graph would otherwise always take the Triton quantizer; under CUDA graphs (mode="reduce-overhead") an opaque
+    op costs nothing at replay, so there the graph keeps the table's choice (`_gluon_quant_here`). Codes, scales and
+    offsets equal the triton_op's wherever the table picks Gluon (it does so only where they are equal)."""
+    from torch.library import custom_op
+    from .quantizer import act_quant
+
+    @custom_op("robuq::act_quant_gluon", mutates_args=())
+    def act_quant_gluon_op(x2: torch.Tensor, block: int, a_bits: int, sym: bool, m_store: int,
+                           shift: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return act_quant(x2, block, a_bits, sym, m_store=m_store, shift=shift)
+
+    @act_quant_gluon_op.register_fake
+    def _(x2, block, a_bits, sym, m_store, shift):
+        return (x2.new_empty(m_store, x2.shape[1], dtype=torch.float8_e4m3fn),
+                x2.new_empty(m_store, dtype=torch.float32), x2.new_empty(m_store, dtype=torch.float32))
+
+    _DEFS.append(act_quant_gluon_op)
+    return torch.ops.robuq.act_quant_gluon
+
+
+def _gluon_quant_here(x2: torch.Tensor, a: QLinearArgs) -> bool:
+    """The compiled graph replays under CUDA graphs and the table picks the Gluon quantizer for this call."""
+    from torch._inductor import config
+    if not config.triton.cudagraphs or os.environ.get("ROBUQ_INDUCTOR_GLUON_QUANT", "1") == "0":
+        return False
+    from .quantizer import _gluon_plan
+    return _gluon_plan(x2, a.hadamard_block, a.a_clip, False, "") is not None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # robuq::qlinear
 
@@ -141,7 +180,10 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
     m_pad = torch.sym_max(16, (m + 15) // 16 * 16)
-    codes, sx, lo = act_quant_op(x2, a.hadamard_block, a.a_bits, a.a_sym, a.a_clip, m_pad, True)
+    if _gluon_quant_here(x2, a):
+        codes, sx, lo = _gluon_quant_op()(x2, a.hadamard_block, a.a_bits, a.a_sym, m_pad, True)
+    else:
+        codes, sx, lo = act_quant_op(x2, a.hadamard_block, a.a_bits, a.a_sym, a.a_clip, m_pad, True)
     w8 = a.qweight.reshape(n, k)
     sw = W.scale_vec(a.w_scale, n)
     lrb = a.lrb_down is not None

@@ -154,6 +154,16 @@ def test_compiled_attention8_equals_eager(d, causal, all_ops):
     assert torch.equal(compiled, eager)
 
 
+def _kernel_names(code: str) -> set:
+    """The Triton kernels a functionalized trace launches (its wrapper nodes name them by side-table index)."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    names = set()
+    for i in set(re.findall(r"kernel_idx = (\d+)", code)):
+        k = kernel_side_table.get_kernel(int(i))
+        names.add(getattr(getattr(k, "fn", k), "__name__", str(k)))
+    return names
+
+
 @pytest.mark.skipif(not _triton_imports(), reason="triton does not import here")
 @pytest.mark.parametrize("gemm", ["pointer", "tma"])
 def test_functional_decomposition_on_fake_cuda_tensors(gemm, monkeypatch, all_ops):
@@ -198,7 +208,23 @@ def test_functional_decomposition_on_fake_cuda_tensors(gemm, monkeypatch, all_op
     assert "robuq.qlinear" not in code and "robuq.act_quant" not in code and "robuq.fp8_gemm" not in code
     assert "triton_kernel_wrapper_functional" in code
     clones = re.findall(r"tensors_to_clone = (\[[^]]*\])", code)
-    assert clones and all(set(eval(c)) <= {"out_ptr", "scale_ptr", "lo_ptr", "c_ptr"} for c in clones), clones
+    assert clones and all(set(eval(c)) <= {"out_ptr", "scale_ptr", "lo_ptr", "c_ptr", "t_ptr"} for c in clones), clones
+    assert "lrb_down_kernel" in _kernel_names(code)  # the branch's down-projection: our kernel, traced
+    with monkeypatch.context() as mp:  # the addmm mode: _scaled_mm (fake CUDA _scaled_mm needs a CUDA build), then
+        mp.setenv("ROBUQ_FP8_EPI", "addmm" if torch.cuda.is_available() else "triton")  # the low-rank add kernel
+        if torch.cuda.is_available():
+            code_addmm = trace()
+            assert "_scaled_mm" in code_addmm and "lowrank_add_kernel" in _kernel_names(code_addmm)
+            assert "robuq.lowrank_add" not in code_addmm and "robuq.lrb_down" not in code_addmm
+    with monkeypatch.context() as mp:  # under CUDA graphs, where the table picks the Gluon quantizer: opaque op
+        import torch._inductor.config as ic
+        from robuq_fx.kernels import quantizer
+        mp.setattr(quantizer, "_gluon_plan", lambda *a: (1,))
+        assert "robuq.act_quant_gluon" not in trace()  # default mode: the traced Triton quantizer
+        with ic.patch({"triton.cudagraphs": True}):
+            assert "robuq.act_quant_gluon.default(" in trace()
+            mp.setenv("ROBUQ_INDUCTOR_GLUON_QUANT", "0")
+            assert "robuq.act_quant_gluon" not in trace()
     for v in ("0", "qat", "qat,attention8"):
         monkeypatch.setenv("ROBUQ_INDUCTOR_DECOMPOSE", v)
         assert "robuq.qlinear.default(" in trace()
