@@ -30,13 +30,15 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
                                    "math runs (equal up to rounding, not bit-identical)"),
     ("ROBUQ_INDUCTOR_DECOMPOSE", "qat,qlinear", "what torch.compile decomposes, a comma list of qat (the QAT ops), "
                                                 "qlinear, attention8 (into our Triton kernels + ATen); 1: all, 0: none"),
+    ("ROBUQ_INDUCTOR_GLUON_QUANT", "1", "0: compiled graphs under CUDA graphs take the Triton quantizer where the "
+                                        "table picks the Gluon one (kept there through an opaque op)"),
     ("ROBUQ_TRITON_FAST_LAUNCH", "1", "0: launch Triton kernels through kernel[grid] (also turns bound calls off)"),
     ("ROBUQ_DIRECT_CALL", "1", "0: eager PackedLinear calls go through the robuq::qlinear op"),
     ("ROBUQ_QAT_FUSED", "1", "0: eager QAT runs the op graph instead of one autograd node a layer"),
     ("ROBUQ_QAT_WEIGHT_KERNEL", "0", "1: Q_w(R) in one Triton kernel in QAT on CUDA (GPU tests pass; no clear "
                                      "gain in the H200 eager step)"),
-    ("ROBUQ_QAT_FP8", "0", "1: eager QAT's forward GEMM on fp8 tensor cores (W<=4, A<=4 symmetric absmax, bf16; "
-                           "GPU test passes; no clear gain in the H200 eager step)"),
+    ("ROBUQ_QAT_FP8", "0", "1: eager QAT's forward GEMM on fp8 tensor cores (W<=4, A<=4 symmetric absmax, bf16, "
+                           "no low-rank branch; GPU test passes; no clear gain in the H200 eager step)"),
 )
 
 
