@@ -213,6 +213,6 @@ linear)
         --dispatch-out "$OUT/dispatch_table.json" 2>&1 | tail -60
     # then the per-layer table with it (summary_linear: w4a4h_m256_x ... m16384_x), CUDA graphs, W4A4+H and W1.58A4+H
     [ -s "$OUT/dispatch_table.json" ] && cp "$OUT/dispatch_table.json" robuq_fx/kernels/dispatch_table.json
-    timeout 300 python3 benchmarks/bench_linear.py --modes graph --out "$OUT" --tag _default 2>&1 | tail -n 30
+    timeout 300 python3 benchmarks/bench_linear.py --modes graph --out "$OUT" 2>&1 | tail -n 30
     ;;
 esac
