@@ -7,7 +7,7 @@ Two kernels are registered:
                                 expanded ONCE to fp8 and cached. Symmetric, no low-rank branch: torch._scaled_mm
                                 with row-wise scales (s_x per token, s_w per channel), fast accumulation and the
                                 bias fused. Asymmetric and/or LRB ("epilogue" in the table): our Triton fp8 GEMM
-                                with s_x s_w acc + lo_x c + bias + t A^T fused (t = x (B H)^T by cuBLAS), or
+                                with s_x s_w acc + lo_x c + bias + t A^T fused (t = x (B H)^T: `down_proj`), or
                                 _scaled_mm, then t A^T + lo' c added to its output in place by one Triton
                                 kernel (kernels/triton_lowrank.py; the table's mode "addmm").
     cuda_dequant (priority 10)  weights dequantized once to the activation dtype (cached); the same Triton

@@ -153,8 +153,8 @@ def _tiling(d: int) -> tuple[int, int, int]:
 
 
 def _align(x: torch.Tensor, out: torch.Tensor, d: int, strides: tuple, sxd: int) -> int:
-    """8 where every row of x and of out starts 16 bytes apart from a 16-byte aligned base in whole groups of 8
-    elements (16-bit x: contiguous rows, D and the row strides multiples of 8), else 1 (no vector hint)."""
+    """8 where every row of x and of out starts a multiple of 8 elements (16 bytes) after a 16-byte aligned first
+    element (16-bit x, contiguous rows, D and the row strides multiples of 8), else 1 (no vector hint)."""
     if x.element_size() != 2 or sxd != 1 or d % 8 or any(st % 8 for st in strides):
         return 1
     return 8 if _aligned16(x) and _aligned16(out) else 1
