@@ -136,6 +136,38 @@ def test_calls_left_to_the_eager_op(why, monkeypatch, all_ops):
 
 
 @gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="the Gluon quantizer is Hopper-only")
+def test_cuda_graphs_keep_the_gluon_quantizer(monkeypatch):
+    """Under mode="reduce-overhead" a call for which the quantizer's plan picks the Gluon kernel keeps it through the
+    opaque robuq::act_quant_gluon op (ROBUQ_QUANT_KERNEL is not set: the table, here forced per call), and the
+    output equals the eager call's; in default mode the graph keeps the traced Triton quantizer."""
+    from robuq_fx.kernels import gluon_act_quant, quantizer
+    if quantizer._gluon_tiling(1152) is None:
+        pytest.skip("no Gluon in this Triton")
+    monkeypatch.setattr(quantizer, "_gluon_plan",
+                        lambda x2, block, clip, dequant, act: quantizer._gluon_tiling(x2.shape[1])
+                        if block == 128 and clip == "absmax" and not dequant and not act else None)
+    ran = []
+    real = gluon_act_quant.act_quant_gluon_launch
+    monkeypatch.setattr(gluon_act_quant, "act_quant_gluon_launch", lambda *a: ran.append(1) or real(*a))
+    mod = _layer(1152, 1152, *CASES[0])
+    x = torch.randn(4, 256, 1152, device="cuda").bfloat16()
+    with torch.no_grad():
+        eager = mod(x)
+        assert ran, "the eager call did not take the Gluon quantizer"
+        torch._dynamo.reset()
+        ran.clear()
+        cg = torch.compile(mod, mode="reduce-overhead")
+        for _ in range(3):
+            got = cg(x).clone()
+        assert ran, "the CUDA-graph compiled call took the Triton quantizer"
+        assert torch.equal(got, eager)
+        _, code = _compiled_code(mod, x)  # default mode
+    assert "act_quant_gluon" not in code and "act_quant_bfly_kernel" in code
+
+
+@gpu
 @pytest.mark.parametrize("d,causal", [(72, False), (64, True), (128, False)])
 def test_compiled_attention8_equals_eager(d, causal, all_ops):
     from robuq_fx.kernels.attention import attention8
