@@ -143,7 +143,8 @@ recheck)  # session 8's CPU-made changes first: the new kernels (lowrank_add, lr
     # vectorized row kernel), the QAT stacked branch, where the addmm epilogue's error comes from, then the layer
     # tests through both epilogue modes and the Inductor path
     timeout 200 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_fp8_gemm_kernels.py \
-        "tests/kernels/test_attention8.py::test_row_kernel_equals_torch_math" tests/test_qat_fused.py 2>&1 | grep -v DEBUG \
+        "tests/kernels/test_attention8.py::test_row_kernel_equals_torch_math" \
+        "tests/kernels/test_attention8.py::test_attention8_on_a_fused_qkv_buffer" tests/test_qat_fused.py 2>&1 | grep -v DEBUG \
         | tee "$OUT/gpu_tests_recheck.log" | tail -n 20
     timeout 60 python3 scripts/debug_addmm_precision.py 2>&1 | tee "$OUT/debug_addmm_precision.txt" | tail -n 12
     timeout 250 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_triton_fp8.py \

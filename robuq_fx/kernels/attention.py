@@ -9,7 +9,8 @@ Reference (any device): exactly the QAT graph's calls, `robuq::fake_quant_act` o
 `fake_quant_act` is one Triton kernel per tensor (kernels/triton_rowquant.py, bit-identical to the torch math) and
 SDPA runs torch's flash kernel. The default CUDA path computes the same values, quantizing each tensor in its own
 memory order (q, k, v usually are (batch, heads, seq, dim) views of (batch, seq, heads, dim) memory) instead of
-through the op's contiguous copy.
+through the op's contiguous copy; where q, k and v are the thirds of one fused qkv output (`qkv_union`, the lowered
+DiT), all three in one launch over that buffer. (The opt-in Inductor decomposition quantizes them one by one.)
 
 `ROBUQ_ATTENTION=fused` runs the single Triton flash kernel of `triton_attention8.py` instead (quantization while
 loading, q.k on int8 tensor cores) for the calls it takes. It is opt-in because on the H200 it is still slower than
@@ -68,6 +69,26 @@ def why_not_kernel(q, k, v, attn_mask, dropout_p, bits) -> str | None:
     return triton_attention8.supported(q, k, v, attn_mask, dropout_p, bits)
 
 
+def qkv_union(q, k, v) -> torch.Tensor | None:
+    """The (batch, seq, 3 * heads, head_dim) view of memory whose thirds along dim 2 are q, k and v, when they are
+    exactly that: the lowered DiT's attention reads q, k, v as (batch, heads, seq, head_dim) views of one fused
+    to_q/to_k/to_v output (passes/fuse.py), each token's row holding q's heads, then k's, then v's. Else None.
+    Quantizing that one dense view is one launch over rows in memory order instead of three strided ones."""
+    if q.dim() != 4 or not (q.shape == k.shape == v.shape) or not (q.stride() == k.stride() == v.stride()):
+        return None
+    b, h, s, d = q.shape
+    sb, sh, ss, sd = q.stride()
+    if sd != 1 or sh != d or ss != 3 * h * d or (b > 1 and sb != s * ss) or q.dtype != k.dtype or q.dtype != v.dtype:
+        return None
+    st = q.untyped_storage().data_ptr()
+    if k.untyped_storage().data_ptr() != st or v.untyped_storage().data_ptr() != st:
+        return None
+    o = q.storage_offset()
+    if k.storage_offset() != o + h * d or v.storage_offset() != o + 2 * h * d:
+        return None
+    return q.as_strided((b, s, 3 * h, d), (s * ss, ss, d, 1), o)
+
+
 def _cuda(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits):
     if os.environ.get("ROBUQ_ATTENTION") == "fused" and (enable_gqa or q.shape[1] == k.shape[1]) \
             and why_not_kernel(q, k, v, attn_mask, dropout_p, bits) is None:
@@ -76,6 +97,14 @@ def _cuda(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits):
     rows = row_kernel()
     if rows is not None and all(rows.supported(t, bits) is None for t in (q, k, v)) \
             and os.environ.get("ROBUQ_ATTENTION") != "reference":
+        union = qkv_union(q, k, v)
+        if union is not None and rows.supported(union, bits) is None:  # q, k, v: one launch, rows in memory order
+            h = q.shape[1]
+            qkv = rows.fake_quant_rows(union, bits, True)
+            parts = [qkv.narrow(2, i * h, h).transpose(1, 2) for i in range(3)]  # q's own strides
+            kw = {"enable_gqa": True} if enable_gqa else {}
+            return _layout(F.scaled_dot_product_attention(*parts, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                          is_causal=is_causal, scale=scale, **kw))
         # the reference's values, each tensor quantized in its own memory order (no transposing copy)
         def fq(t):
             return rows.fake_quant_rows(t, bits, True, keep_layout=True)

@@ -139,6 +139,24 @@ def test_attention8_falls_back_exactly_for_masks_and_fp32():
                        A.reference(q32, k32, v32, None, 0.0, False, None, False, 8))
 
 
+@pytest.mark.parametrize("d,causal", [(72, False), (64, True)])
+def test_attention8_on_a_fused_qkv_buffer(d, causal):
+    """q, k, v as narrow views of one fused qkv output (the lowered DiT): quantized in one launch over the buffer
+    (kernels/attention.qkv_union), the same 8-bit values as the reference's, SDPA on them: equal to SDPA on the
+    reference's values, up to the bf16 output rounding of an SDPA kernel that reads them through other strides (a
+    mixed-up head or token would be off by O(1))."""
+    from robuq_fx.kernels import attention as A
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    b, s, h = 2, 77, 4
+    buf = torch.randn(b * s, 3 * h * d, generator=gen, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (buf.narrow(1, i * h * d, h * d).view(b, s, h, d).transpose(1, 2) for i in range(3))
+    assert A.qkv_union(q, k, v) is not None
+    out = ops.attention8(q, k, v, None, 0.0, causal, None, False, 8)
+    ref = A.reference(q, k, v, None, 0.0, causal, None, False, 8)
+    assert out.shape == ref.shape and out.stride() == ref.stride()
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 4e-3
+
+
 def test_attention8_custom_scale_and_opt_in(monkeypatch):
     gen = torch.Generator(device="cuda").manual_seed(1)
     q, k, v = (torch.randn(1, 2, 40, 72, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(3))

@@ -167,3 +167,24 @@ def test_attention_arguments_from_the_module_are_not_baked_in():
         assert torch.equal(out, q.eval()(x))
         causal = q.eval().attn(x, attn_mask=None, is_causal=True)
         assert not torch.equal(out, causal)  # the two branches really differ, so equality above means something
+
+
+def test_qkv_union_finds_the_fused_qkv_buffer():
+    """kernels/attention.qkv_union: q, k, v as the lowered DiT's attention reads them (views of one fused qkv
+    output) give one dense (b, s, 3h, d) view whose thirds are q, k, v; anything else gives None."""
+    from robuq_fx.kernels.attention import qkv_union
+    b, s, h, d = 2, 5, 3, 8
+    buf = torch.randn(b * s, 3 * h * d)
+    q, k, v = (buf.narrow(1, i * h * d, h * d).view(b, s, h, d).transpose(1, 2) for i in range(3))
+    u = qkv_union(q, k, v)
+    assert u is not None and u.is_contiguous() and u.shape == (b, s, 3 * h, d)
+    for i, t in enumerate((q, k, v)):
+        assert torch.equal(u[:, :, i * h:(i + 1) * h].transpose(1, 2), t)
+    one = buf[:s]  # batch 1: the batch stride does not matter
+    assert qkv_union(*(one.narrow(1, i * h * d, h * d).view(1, s, h, d).transpose(1, 2) for i in range(3))) is not None
+    assert qkv_union(k, q, v) is None  # out of order
+    assert qkv_union(q, k, v.clone()) is None  # another buffer
+    sep = torch.randn(b, s, 3, h, d)
+    assert qkv_union(*(sep[:, :, i].contiguous().transpose(1, 2) for i in range(3))) is None  # three tensors
+    wide = torch.randn(b * s, 4 * h * d)  # rows hold more than q, k, v
+    assert qkv_union(*(wide.narrow(1, i * h * d, h * d).view(b, s, h, d).transpose(1, 2) for i in range(3))) is None
