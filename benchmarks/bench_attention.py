@@ -67,6 +67,12 @@ def main(argv=None):
             "attention8 op": lambda: torch.ops.robuq.attention8(q, k, v, None, 0.0, causal, None, bool(gqa), 8),
             "fused kernel": lambda: T.attention8(q, k, v, causal, None),
         }
+        if hk == h:  # q, k, v as the lowered DiT's attention reads them: thirds of one fused qkv output
+            buf = torch.randn(b * s, 3 * h * d, generator=g, device="cuda", dtype=torch.bfloat16)
+            qb, kb, vb = (buf.narrow(1, i * h * d, h * d).view(b, s, h, d).transpose(1, 2) for i in range(3))
+            assert A.qkv_union(qb, kb, vb) is not None
+            fns["attention8 op, qkv buffer"] = lambda: torch.ops.robuq.attention8(qb, kb, vb, None, 0.0, causal, None,
+                                                                                  False, 8)
         assert A.why_not_kernel(q, k, v, None, 0.0, 8) is None
         with torch.no_grad():
             t = {c: time_graph(f) for c, f in fns.items()}
@@ -81,6 +87,8 @@ def main(argv=None):
         summary[f"attn8_{key}_x"] = row["attention8 op"]
         summary[f"attn8_fused_{key}_x"] = row["fused kernel"]
         summary[f"rowq_sdpa_{key}_x"] = row["row kernel+SDPA"]
+        if "attention8 op, qkv buffer" in row:  # one launch for q, k, v (attention.qkv_union)
+            summary[f"attn8_qkvbuf_{key}_x"] = row["attention8 op, qkv buffer"]
         print(row, flush=True)
     print()
     print("ratio = bf16 SDPA time / column time (> 1 = faster); CUDA-graph replay")

@@ -22,6 +22,7 @@
 #   scripts/gpu_session.sh dit-low          the -a3 / -a2 policies next to dit-xl-2-robuq, batch 1 / 64, CUDA graphs
 #   scripts/gpu_session.sh dit-gluon        the same DiT rows with the Gluon quantizer, GEMM and quantize-in-GEMM on
 #   scripts/gpu_session.sh dit-default      batch 8 under default-mode torch.compile: decomposed qlinear vs opaque op
+#   scripts/gpu_session.sh attention        bench_attention: the 8-bit attention op vs bf16 SDPA (summary_attention)
 #   scripts/gpu_session.sh linear           bench_linear --write-dispatch (quantizer tilings, GEMM kernels/configs)
 #   scripts/gpu_session.sh qat-profile [MODE [SETTING..]]  profile_dit --train (default: compiled, bf16 + paper), batch 16
 #   scripts/gpu_session.sh train            bench_dit --train-only: QAT step vs FP, eager and compiled (issue 19)
@@ -38,7 +39,7 @@
 #   2. linear           (~6 min: the dispatch table with the early-load GEMM configs, then bench_linear with it)
 #   3. qat-profile      (the paper policy's compiled step: which kernels, and wall vs kernel time)
 #   4. train-cg         (~5 min: the paper's QAT step under CUDA graphs, vs FP the same way)
-#   then, in the time left: dit / dit-low with the new table, dit-freezing; on x2: ddp
+#   then, in the time left: attention (~2 min), dit / dit-low with the new table, dit-freezing; on x2: ddp
 set -uo pipefail
 if [ "${1:-}" = pair ]; then  # pair STEP0 STEP1: STEP0 on GPU 0 and STEP1 on GPU 1 side by side, both waited for
     [ $# -eq 3 ] || { echo "usage: $0 pair STEP_ON_GPU0 STEP_ON_GPU1"; exit 2; }
@@ -50,7 +51,7 @@ if [ "${1:-}" = pair ]; then  # pair STEP0 STEP1: STEP0 on GPU 0 and STEP1 on GP
     echo "--- GPU 1: $3"; tail -25 "$OUT/$3.gpu1/log.txt"
     exit 0
 fi
-case "${1:-}" in tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu|dit-gluon|gluon-check|recheck|train-compiled|train-cg|dit-freezing)
+case "${1:-}" in tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu|dit-gluon|gluon-check|recheck|train-compiled|train-cg|dit-freezing|attention)
     ;;
     *) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 2 ;; esac
 OUT=${OUT:-$PWD/gpu_out}
@@ -208,6 +209,9 @@ ncu)  # Nsight Compute on the quantizer and GEMM kernels (benchmarks/ncu_kernels
     else
         echo "no ncu on this machine: CUDA-event times only"; timeout 200 python3 benchmarks/ncu_kernels.py
     fi
+    ;;
+attention)  # 8-bit attention vs bf16 SDPA (DiT-XL/2, ViT, Llama shapes), incl. q/k/v as thirds of one qkv buffer
+    timeout 300 python3 benchmarks/bench_attention.py --out "$OUT" 2>&1 | tail -n 16
     ;;
 linear)
     timeout 240 python3 benchmarks/bench_linear.py --write-dispatch --dispatch-only \
