@@ -44,9 +44,13 @@ def _layout(out: torch.Tensor) -> torch.Tensor:
 
 def _quantized_sdpa(quant, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     """SDPA on quant(q), quant(k), quant(v), the output in the op's layout."""
+    return _sdpa(quant(q), quant(k), quant(v), attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+
+def _sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     kw = {"enable_gqa": True} if enable_gqa else {}
-    return _layout(F.scaled_dot_product_attention(quant(q), quant(k), quant(v), attn_mask=attn_mask,
-                                                  dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw))
+    return _layout(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                  is_causal=is_causal, scale=scale, **kw))
 
 
 def reference(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits):
@@ -102,9 +106,7 @@ def _cuda(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits):
             h = q.shape[1]
             qkv = rows.fake_quant_rows(union, bits, True)
             parts = [qkv.narrow(2, i * h, h).transpose(1, 2) for i in range(3)]  # q's own strides
-            kw = {"enable_gqa": True} if enable_gqa else {}
-            return _layout(F.scaled_dot_product_attention(*parts, attn_mask=attn_mask, dropout_p=dropout_p,
-                                                          is_causal=is_causal, scale=scale, **kw))
+            return _sdpa(*parts, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         # the reference's values, each tensor quantized in its own memory order (no transposing copy)
         def fq(t):
             return rows.fake_quant_rows(t, bits, True, keep_layout=True)

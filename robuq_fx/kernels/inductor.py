@@ -200,10 +200,10 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
         bias = None if a.bias is None else a.bias.to(torch.bfloat16)
         y = T._scaled_mm(codes, w8, sx, sw, bias)[:m]
         if lrb or not a.a_sym:  # the eager path's in-place kernel, out of place
-            y = lowrank_add_op(y, t.to(torch.bfloat16) if lrb else None,
-                               a.lrb_up.to(torch.bfloat16).contiguous() if lrb else None, lo, cs)
+            y = lowrank_add_op(y, t.to(torch.bfloat16) if lrb else None, T._up16(a, torch.bfloat16) if lrb else None,
+                               lo, cs)
         return (y if y.dtype == x.dtype else y.to(x.dtype)).reshape(*lead, n)
-    up = a.lrb_up.to(x.dtype).contiguous() if lrb else None
+    up = T._up16(a, x.dtype) if lrb else None
     y = fp8_gemm_op(codes, w8, sx, sw, a.bias, None if a.a_sym else lo, cs, t, up, m, x.dtype)
     return y.reshape(*lead, n)
 

@@ -169,39 +169,20 @@ def _aligned16(t: torch.Tensor) -> bool:
     return type(off) is int and off * t.element_size() % 16 == 0
 
 
-def _dense_rows(x: torch.Tensor) -> bool:
-    """x's memory is a dense (rows, D) matrix in some order of its leading dims (e.g. q as (b, h, s, d) viewed on
-    (b, s, h, d) memory): then every row can be read and written in memory order."""
-    if x.stride(-1) != 1:
-        return False
-    dims = sorted((st, n) for st, n in zip(x.stride()[:-1], x.shape[:-1]) if n > 1)
-    expect = x.shape[-1]
-    for st, n in dims:
-        if st != expect:
-            return False
-        expect *= n
-    return True
-
-
 def fake_quant_rows(x: torch.Tensor, a_bits: int, sym: bool, keep_layout: bool = False,
                     traced: bool = False) -> torch.Tensor:
-    """Q_a(x) per row of the last dimension (absmax range), in x's dtype; contiguous, or with keep_layout (and a
-    dense input) in x's own memory layout, which reads and writes every row in memory order. `traced`: record the
+    """Q_a(x) per row of the last dimension (absmax range), in x's dtype; contiguous, or with keep_layout with its
+    rows dense in x's own memory order (x's layout where x is dense), reading and writing every row in that order. `traced`: record the
     launch for torch.compile (inside the `robuq::rowquant` triton_op; symmetric only, see `triton_launch.traced`)."""
     from .. import quantizers as Q
     if traced and not sym:
         raise ValueError("the traced row kernel is symmetric only (its asymmetric form needs enable_fp_fusion=False)")
     launcher = triton_launch.traced if traced else triton_launch.launch
-    if keep_layout and _dense_rows(x) and not x.is_contiguous():
-        out = torch.empty_like(x)  # preserves a dense permuted layout
-        rows = x.numel() // x.shape[-1]
-        # the kernel reads both as flat (rows, D) matrices in memory order
-        _launch(x, out, a_bits, sym, Q, launcher, flat=(rows, x.shape[-1]))
-        return out
     if keep_layout and 2 <= x.dim() <= 4 and x.stride(-1) == 1 and not x.is_contiguous():
-        # rows not dense (q, k, v as narrow views of a fused qkv GEMM's output): read them in memory order, write
-        # them dense in that order, and return x's shape over it -- (b, h, s, d) on (b, s, h, d) memory, the layout
-        # SDPA's flash kernels take and write, not a transposing copy before and after them
+        # rows read in memory order and written dense in that order, x's shape over them: a dense permuted x (q as
+        # (b, h, s, d) on (b, s, h, d) memory) keeps its layout; rows that are not dense (q, k, v as narrow views
+        # of a fused qkv GEMM's output) come out as (b, h, s, d) on (b, s, h, d) memory, the layout SDPA's flash
+        # kernels take and write, not a transposing copy before and after them
         order = sorted(range(x.dim() - 1), key=lambda i: -x.stride(i))  # stable: ties keep their order
         xp = x.permute(*order, x.dim() - 1)
         out = torch.empty(xp.shape, device=x.device, dtype=x.dtype)
@@ -229,12 +210,11 @@ def fake_quant_rows_codes(x: torch.Tensor, a_bits: int) -> tuple[torch.Tensor, t
     return out, codes, scale
 
 
-def _launch(x, out, a_bits, sym, Q, launcher, flat=None, codes=None):
-    if flat is not None:  # x and out: dense memory of `flat` rows in the same order
-        shape, strides, d = (1, 1, flat[0], flat[1]), (0, 0, flat[1]), flat[1]
-        sxd = 1
+def _launch(x, out, a_bits, sym, Q, launcher, codes=None):
+    d = x.shape[-1]
+    if x.is_contiguous():  # x and out (contiguous, x's shape): one (rows, D) matrix in memory order
+        shape, strides, sxd = (1, 1, x.numel() // max(d, 1), d), (0, 0, d), 1
     else:
-        d = x.shape[-1]
         pad = 4 - x.dim()
         shape = (1,) * pad + tuple(x.shape)  # three leading dims
         strides = (0,) * pad + tuple(x.stride()[:-1])
