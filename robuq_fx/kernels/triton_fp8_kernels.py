@@ -119,11 +119,10 @@ def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_pt
         a_ptrs += BK
         b_ptrs += BK
 
-    if EARLY:
-        acc = _epilogue_apply(acc, sx, lo, t, u, offs_n, N, sw_ptr, cs_ptr, bias_ptr, HAS_BIAS, ASYM, HAS_LRB)
-    else:
-        acc = _epilogue(acc, offs_m, offs_n, M, N, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_ptr, t_ptr, up_ptr,
-                        stride_tm, stride_un, R, RP, HAS_BIAS, ASYM, HAS_LRB)
+    if not EARLY:
+        sx, lo, t, u = _epilogue_loads(offs_m, offs_n, M, N, sx_ptr, lo_ptr, t_ptr, up_ptr, stride_tm, stride_un, R,
+                                       RP, ASYM, HAS_LRB)
+    acc = _epilogue_apply(acc, sx, lo, t, u, offs_n, N, sw_ptr, cs_ptr, bias_ptr, HAS_BIAS, ASYM, HAS_LRB)
     mmask = offs_m < M
     nmask = offs_n < N
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
