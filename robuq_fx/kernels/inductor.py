@@ -33,8 +33,9 @@ default-mode W4A4+H DiT-XL/2 at batch 8 2.3x faster than the opaque op (0.60x vs
 under CUDA graphs; attention8's stays opt-in until the paper policy's compile time under it is measured. (The
 asymmetric calls on the addmm epilogue once differed from eager by a bf16 ulp: Inductor keeps bf16 intermediates
 in fp32, which zeroed the low half of the bf16 hi/lo split that carried the asymmetric term through cuBLAS's addmm;
-that term is now added in fp32 by the same Triton kernel eagerly and compiled, `triton_lowrank.py`.) Inductor's and AOTAutograd's on-disk caches do not see that switch
-(the decomposition happens inside AOTAutograd): flip it with `TORCHINDUCTOR_FX_GRAPH_CACHE=0` or a fresh cache dir.
+that term is now added in fp32 by the same Triton kernel eagerly and compiled, `triton_lowrank.py`.) Inductor's
+and AOTAutograd's on-disk caches do not see that switch (the decomposition happens inside AOTAutograd): flip it
+with `TORCHINDUCTOR_FX_GRAPH_CACHE=0` or a fresh cache dir.
 
 How: a FunctionalTensorMode rule for each op (`_functional_rule`). AOTAutograd functionalizes the graph Dynamo
 captured before Inductor lowers it; the rule decomposes the call there, and the triton_ops it calls decompose in

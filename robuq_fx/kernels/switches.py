@@ -30,8 +30,8 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
                                    "math runs (equal up to rounding, not bit-identical)"),
     ("ROBUQ_INDUCTOR_DECOMPOSE", "qat,qlinear", "what torch.compile decomposes, a comma list of qat (the QAT ops), "
                                                 "qlinear, attention8 (into our Triton kernels + ATen); 1: all, 0: none"),
-    ("ROBUQ_INDUCTOR_GLUON_QUANT", "1", "0: compiled graphs under CUDA graphs take the Triton quantizer where the "
-                                        "table picks the Gluon one (kept there through an opaque op)"),
+    ("ROBUQ_INDUCTOR_GLUON_QUANT", "1", "0: compiled graphs under CUDA graphs take the Triton quantizer where "
+                                        "the table picks the Gluon one (kept there through an opaque op)"),
     ("ROBUQ_TRITON_FAST_LAUNCH", "1", "0: launch Triton kernels through kernel[grid] (also turns bound calls off)"),
     ("ROBUQ_DIRECT_CALL", "1", "0: eager PackedLinear calls go through the robuq::qlinear op"),
     ("ROBUQ_QAT_FUSED", "1", "0: eager QAT runs the op graph instead of one autograd node a layer"),

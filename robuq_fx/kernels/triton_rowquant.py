@@ -172,8 +172,9 @@ def _aligned16(t: torch.Tensor) -> bool:
 def fake_quant_rows(x: torch.Tensor, a_bits: int, sym: bool, keep_layout: bool = False,
                     traced: bool = False) -> torch.Tensor:
     """Q_a(x) per row of the last dimension (absmax range), in x's dtype; contiguous, or with keep_layout with its
-    rows dense in x's own memory order (x's layout where x is dense), reading and writing every row in that order. `traced`: record the
-    launch for torch.compile (inside the `robuq::rowquant` triton_op; symmetric only, see `triton_launch.traced`)."""
+    rows dense in x's own memory order (x's layout where x is dense), reading and writing every row in that order.
+    `traced`: record the launch for torch.compile (inside the `robuq::rowquant` triton_op; symmetric only, see
+    `triton_launch.traced`)."""
     from .. import quantizers as Q
     if traced and not sym:
         raise ValueError("the traced row kernel is symmetric only (its asymmetric form needs enable_fp_fusion=False)")

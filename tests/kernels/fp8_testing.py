@@ -31,3 +31,11 @@ def exact_reference_matmuls():
 
 def rel(y, ref):
     return ((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def within(y, ref) -> float:
+    """The fraction of y's elements within 1e-2 |ref| + 1e-2 rms(ref) of ref (the fp8 layer tests' elementwise
+    bound; scripts/debug_addmm_precision.py reports it per stage)."""
+    r = ref.double()
+    tol = 1e-2 * r.abs() + 1e-2 * r.pow(2).mean().sqrt()
+    return ((y.double() - r).abs() <= tol).double().mean().item()

@@ -31,7 +31,7 @@ from robuq_fx.hadamard import block_hadamard
 from robuq_fx.kernels import QLinearArgs, dispatch, quantizer, reference, triton_fp8
 from robuq_fx.modules import PackedLinear
 from robuq_fx.spec import LayerSpec
-from tests.kernels.fp8_testing import ODD_M, SHAPES, exact_reference_matmuls, gpu, rel as _rel  # noqa: F401
+from tests.kernels.fp8_testing import ODD_M, SHAPES, exact_reference_matmuls, gpu, within, rel as _rel  # noqa: F401
 
 pytestmark = pytest.mark.gpu
 
@@ -151,12 +151,11 @@ def _check(y, ref, fro, what, elementwise=True):
     assert torch.isfinite(y).all(), f"{what}: non-finite output"
     r = ref.double()
     err = _rel(y, r)
-    tol = 1e-2 * r.abs() + 1e-2 * r.pow(2).mean().sqrt()
-    within = ((y.double() - r).abs() <= tol).double().mean().item()
-    _report(what, rel_fro=err, within=within)
+    frac = within(y, r)
+    _report(what, rel_fro=err, within=frac)
     assert err <= fro, f"{what}: rel Frobenius {err:.2e} (<= {fro})"
     if elementwise:
-        assert within >= 0.998, f"{what}: only {within:.5f} of elements within 1e-2 |y| + 1e-2 rms(y)"
+        assert frac >= 0.998, f"{what}: only {frac:.5f} of elements within 1e-2 |y| + 1e-2 rms(y)"
     return err
 
 
