@@ -335,8 +335,7 @@ def main(argv=None):
                 m = robuq_fx.quantize(m, pol, example_inputs=inputs(cfg, 2, device)).train()
             opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
             x = inputs(cfg, tb, device)
-            fwd = {"compiled": lambda: torch.compile(m), "cudagraphs": lambda: torch.compile(m, mode="reduce-overhead"),
-                   "eager": lambda: m}[mode]()
+            fwd = m if mode == "eager" else torch.compile(m, mode="reduce-overhead" if mode == "cudagraphs" else None)
             target = torch.randn_like(m(**x)[0].detach())
 
             def step():
