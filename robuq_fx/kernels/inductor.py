@@ -188,11 +188,7 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
     w8 = a.qweight.reshape(n, k)
     sw = W.scale_vec(a.w_scale, n)
     lrb = a.lrb_down is not None
-    t = None
-    if lrb:  # the eager path's choice (triton_fp8.down_proj), the kernel as a traced launch
-        from .triton_lowrank import lrb_down_ok
-        bh = W.rotated_down(a, x.dtype)
-        t = lrb_down_op(x2, bh) if lrb_down_ok(x2, bh) else T.down_proj(x2, bh)
+    t = T.down_proj(x2, W.rotated_down(a, x.dtype), lrb_down_op) if lrb else None  # the eager choice, traced
     cs = None if a.a_sym else Q.weight_code_colsum(weight_codes(a), a.w_scale)
     if (a.a_sym and not lrb) or epilogue_mode(m, n, k) == "addmm":
         if os.environ.get("ROBUQ_FP8_GEMM") == "triton" and a.a_sym and not lrb:

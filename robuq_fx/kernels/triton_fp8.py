@@ -168,15 +168,18 @@ def _up16(a: QLinearArgs, dtype: torch.dtype) -> torch.Tensor:
     return up if up.dtype == dtype and up.is_contiguous() else up.to(dtype).contiguous()
 
 
-def down_proj(x2: torch.Tensor, bh: torch.Tensor) -> torch.Tensor:
+def down_proj(x2: torch.Tensor, bh: torch.Tensor, traced_op=None) -> torch.Tensor:
     """The LRB's t = x (B H)^T (M, r) in x's dtype, accumulated and reduced in fp32, rounded once: our Triton kernel
     where it applies (`triton_lowrank.lrb_down`: x streamed once; cuBLAS took ~2-3x x's bytes at the memory's rate
     on the H200), else cuBLAS with an fp32 output (`mm` out_dtype), which reduces in fp32 whatever
     `torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction` says (F.linear in bf16 may split this
-    long-K, narrow-N product and add the partial sums in bf16 where it is on, torch's default; docs/gpu.md)."""
+    long-K, narrow-N product and add the partial sums in bf16 where it is on, torch's default; docs/gpu.md).
+    traced_op: the kernel's triton_op (`robuq::lrb_down`), which the Inductor decomposition passes to trace it."""
     if x2.is_cuda and _triton_reason() is None:
         from .triton_lowrank import lrb_down, lrb_down_ok
         if lrb_down_ok(x2, bh):
+            if traced_op is not None:
+                return traced_op(x2, bh)
             t = torch.empty(x2.shape[0], bh.shape[0], device=x2.device, dtype=x2.dtype)
             with on_device(x2.device):
                 lrb_down(x2, bh, t)
