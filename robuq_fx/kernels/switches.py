@@ -32,6 +32,9 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
                                                 "qlinear, attention8 (into our Triton kernels + ATen); 1: all, 0: none"),
     ("ROBUQ_INDUCTOR_GLUON_QUANT", "1", "0: compiled graphs under CUDA graphs take the Triton quantizer where "
                                         "the table picks the Gluon one (kept there through an opaque op)"),
+    ("ROBUQ_INDUCTOR_LOWRANK_ADD", "0", "1: compiled LRB / asymmetric layers in ROBUQ_FP8_EPI=addmm mode trace "
+                                        "_scaled_mm + the low-rank add kernel (wrong on the H200 in session 9; "
+                                        "off: they take the Triton epilogue GEMM)"),
     ("ROBUQ_TRITON_FAST_LAUNCH", "1", "0: launch Triton kernels through kernel[grid] (also turns bound calls off)"),
     ("ROBUQ_DIRECT_CALL", "1", "0: eager PackedLinear calls go through the robuq::qlinear op"),
     ("ROBUQ_QAT_FUSED", "1", "0: eager QAT runs the op graph instead of one autograd node a layer"),

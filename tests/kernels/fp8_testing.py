@@ -35,7 +35,7 @@ def rel(y, ref):
 
 def within(y, ref) -> float:
     """The fraction of y's elements within 1e-2 |ref| + 1e-2 rms(ref) of ref (the fp8 layer tests' elementwise
-    bound; scripts/debug_addmm_precision.py reports it per stage)."""
+    bound)."""
     r = ref.double()
     tol = 1e-2 * r.abs() + 1e-2 * r.pow(2).mean().sqrt()
     return ((y.double() - r).abs() <= tol).double().mean().item()

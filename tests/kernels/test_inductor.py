@@ -84,7 +84,8 @@ def _calls(code: str, op: str) -> bool:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "W{}A{}{}{}{}{}".format(*c))
 @pytest.mark.parametrize("m", [37, 1000])
 def test_compiled_qlinear_equals_eager_and_launches_our_kernels(case, m, epi, all_ops, monkeypatch):
-    """Both epilogue modes of the asymmetric / LRB layers: the table's (the Triton GEMM), and _scaled_mm + addmm."""
+    """Both epilogue modes of the asymmetric / LRB layers: the table's (the Triton GEMM), and _scaled_mm + addmm --
+    which, compiled, those layers leave for the Triton GEMM with a warning (`inductor._addmm_traced_ok`)."""
     if epi == "addmm":
         monkeypatch.setenv("ROBUQ_FP8_EPI", "addmm")
     mod = _layer(1152, 3456, *case)
@@ -93,6 +94,11 @@ def test_compiled_qlinear_equals_eager_and_launches_our_kernels(case, m, epi, al
     with torch.no_grad():
         eager = mod(x)
         compiled, code = _compiled_code(mod, x)
+        if epi == "addmm" and (case[4] or not case[2]):
+            monkeypatch.setenv("ROBUQ_FP8_EPI", "triton")
+            eager = mod(x)
+            assert any("ROBUQ_FP8_EPI=addmm" in w for w in inductor._WARNED)
+            assert "lowrank_add_kernel" not in code
     assert not _calls(code, "qlinear"), "the qlinear call was left opaque"
     assert not _calls(code, "act_quant") and not _calls(code, "fp8_gemm"), "a triton_op was not inlined"
     assert "act_quant_bfly_kernel" in code
@@ -245,6 +251,8 @@ def test_functional_decomposition_on_fake_cuda_tensors(gemm, monkeypatch, all_op
     with monkeypatch.context() as mp:  # the addmm mode: _scaled_mm (fake CUDA _scaled_mm needs a CUDA build), then
         mp.setenv("ROBUQ_FP8_EPI", "addmm" if torch.cuda.is_available() else "triton")  # the low-rank add kernel
         if torch.cuda.is_available():
+            assert "lowrank_add_kernel" not in _kernel_names(trace())  # off by default: the Triton GEMM instead
+            mp.setenv("ROBUQ_INDUCTOR_LOWRANK_ADD", "1")
             code_addmm = trace()
             assert "_scaled_mm" in code_addmm and "lowrank_add_kernel" in _kernel_names(code_addmm)
             assert "robuq.lowrank_add" not in code_addmm and "robuq.lrb_down" not in code_addmm
