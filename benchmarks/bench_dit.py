@@ -42,7 +42,8 @@ SUMMARY_KEYS = {"robuq W4A4+H": "w4a4h", "robuq W1.58A4+H": "w158a4h", PAPER: "p
 # the default rows' summary keys
 INFER_OPT_IN = "".join(f" +{tag}" for var, val, tag in (("ROBUQ_QUANT_KERNEL", "gluon", "gluonquant"),
                                                         ("ROBUQ_FP8_GEMM_KERNEL", "gluon", "gluongemm"),
-                                                        ("ROBUQ_FP8_FUSED_QUANT", "1", "fusedquant"))
+                                                        ("ROBUQ_FP8_FUSED_QUANT", "1", "fusedquant"),
+                                                        ("ROBUQ_FP8_EPI", "stacked", "stacked"))
                        if os.environ.get(var) == val)
 
 

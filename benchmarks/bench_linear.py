@@ -121,6 +121,21 @@ EXTRA = [("W1.58A2+H+LRB32", dict(w_bits=1.58, a_bits=2, hadamard=True, hadamard
          ("W1.58A4asym+H", dict(w_bits=1.58, a_bits=4, a_sym=False, hadamard=True, hadamard_block=128), 0)]
 
 
+def _with_env(fn, key: str, value: str):
+    """fn called with os.environ[key] = value (what the kernels read per call; captured so in CUDA-graph mode)."""
+    def call():
+        old = os.environ.get(key)
+        os.environ[key] = value
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = old
+    return call
+
+
 def bench(args) -> dict:
     from robuq_fx.kernels import quantizer as AQ
     dev = torch.device("cuda")
@@ -145,6 +160,8 @@ def bench(args) -> dict:
             for c, _, _ in cols:
                 fns[c] = (lambda mod: (lambda: mod(x)))(layers[c])
             if args.extra:
+                # the same LRB layer with the branch stacked into _scaled_mm (kernels/lrb_stacked.py, opt-in)
+                fns["W1.58A4+H+LRB32 stacked"] = _with_env(fns["W1.58A4+H+LRB32"], "ROBUQ_FP8_EPI", "stacked")
                 fns["quant only (H)"] = lambda: AQ.act_quant(x, 128, 4, True)
             flops = 2.0 * m * n * k
             row = {"shape": name, "K": k, "N": n, "M": m, "kernel": {c: picked(layers[c], x) for c, _, _ in cols}}
@@ -329,7 +346,8 @@ def summary(res: dict) -> dict:
     mode = "graph" if "graph" in res["modes"] else res["modes"][0]
     out = {"mode": mode}
     for col, key in (("W4A4+H", "w4a4h"), ("W1.58A4+H", "w158a4h"), ("fp8 GEMM only", "fp8gemm"),
-                     ("W1.58A4+H+LRB32", "w158a4h_lrb32"), ("W1.58A4asym+H", "w158a4asymh")):
+                     ("W1.58A4+H+LRB32", "w158a4h_lrb32"), ("W1.58A4+H+LRB32 stacked", "w158a4h_lrb32_stacked"),
+                     ("W1.58A4asym+H", "w158a4asymh")):
         for m in sorted({r["M"] for r in res["rows"]}):
             sel = [r for r in res["rows"] if r["M"] == m and col in r[mode]]
             if sel:

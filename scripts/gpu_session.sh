@@ -19,11 +19,13 @@
 #   scripts/gpu_session.sh train-cg [SETTING]  the same row under CUDA graphs (reduce-overhead both sides; default the paper's)
 #   scripts/gpu_session.sh dit-freezing     W4A4+H, the paper policy and -a2 at batch 64 under CUDA graphs with Inductor's
 #                                           freezing (the qlinear decomposition's weight-side tensors folded at compile time)
+#   scripts/gpu_session.sh dit-stacked      the paper policy with ROBUQ_FP8_EPI=stacked (LRB inside _scaled_mm), b1 / b64
 #   scripts/gpu_session.sh dit-low          the -a3 / -a2 policies next to dit-xl-2-robuq, batch 1 / 64, CUDA graphs
 #   scripts/gpu_session.sh dit-gluon        the same DiT rows with the Gluon quantizer, GEMM and quantize-in-GEMM on
 #   scripts/gpu_session.sh dit-default      batch 8 under default-mode torch.compile: decomposed qlinear vs opaque op
 #   scripts/gpu_session.sh attention        bench_attention: the 8-bit attention op vs bf16 SDPA (summary_attention)
-#   scripts/gpu_session.sh linear           bench_linear --write-dispatch (quantizer tilings, GEMM kernels/configs)
+#   scripts/gpu_session.sh linear [table]   bench_linear --write-dispatch (quantizer tilings, GEMM kernels/configs), then
+#                                           bench_linear with it (table: the committed table, no sweep)
 #   scripts/gpu_session.sh qat-profile [MODE [SETTING..]]  profile_dit --train (default: compiled, bf16 + paper), batch 16
 #   scripts/gpu_session.sh train            bench_dit --train-only: QAT step vs FP, eager and compiled (issue 19)
 #   scripts/gpu_session.sh train-opt        eager rows without / with ROBUQ_QAT_WEIGHT_KERNEL=1 ROBUQ_QAT_FP8=1 (A/B)
@@ -35,11 +37,10 @@
 # The machine goes back ~30 s after a call returns, and with it everything detached or left in /tmp: make every
 # call self-contained, and send the next one at once. Order for a 30-minute session on one nvidia-h200 (x2 steps
 # only where that kind is lent):
-#   1. recheck          (~8 min: session 8's CPU-made changes; the addmm epilogue's error by stage)
-#   2. linear           (~6 min: the dispatch table with the early-load GEMM configs, then bench_linear with it)
-#   3. qat-profile      (the paper policy's compiled step: which kernels, and wall vs kernel time)
-#   4. train-cg         (~5 min: the paper's QAT step under CUDA graphs, vs FP the same way)
-#   then, in the time left: attention (~2 min), dit / dit-low with the new table, dit-freezing; on x2: ddp
+#   1. dit-stacked      (~7 min: the stacked LRB mode's GPU tests, then the paper policy with it, b1 / b64)
+#   2. linear table     (~3 min: bench_linear with the stacked column, the committed dispatch table)
+#   3. recheck          (~8 min: the compiled addmm-mode add piece by piece; the Inductor, fp8 GEMM and QAT tests)
+#   then, in the time left: dit (the #17 keys with session 8's kernels), attention (~2 min), dit-low; on x2: ddp
 set -uo pipefail
 if [ "${1:-}" = pair ]; then  # pair STEP0 STEP1: STEP0 on GPU 0 and STEP1 on GPU 1 side by side, both waited for
     [ $# -eq 3 ] || { echo "usage: $0 pair STEP_ON_GPU0 STEP_ON_GPU1"; exit 2; }
@@ -51,7 +52,7 @@ if [ "${1:-}" = pair ]; then  # pair STEP0 STEP1: STEP0 on GPU 0 and STEP1 on GP
     echo "--- GPU 1: $3"; tail -25 "$OUT/$3.gpu1/log.txt"
     exit 0
 fi
-case "${1:-}" in tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu|dit-gluon|gluon-check|recheck|train-compiled|train-cg|dit-freezing|attention)
+case "${1:-}" in tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu|dit-gluon|gluon-check|recheck|train-compiled|train-cg|dit-freezing|attention|dit-stacked)
     ;;
     *) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 2 ;; esac
 OUT=${OUT:-$PWD/gpu_out}
@@ -163,6 +164,14 @@ dit-freezing)  # rows named " +freezing" (their own summary keys); bf16 compiled
         --settings "W4A4+H" "dit-xl-2-robuq (" "-a2 (" --batches 64 --iters 10 --warmup 3 \
         --tag _reduce-overhead_freezing 2>&1 | tail -n 25
     ;;
+dit-stacked)  # the paper policy with its low-rank branch stacked into _scaled_mm (ROBUQ_FP8_EPI=stacked; rows named
+    # " +stacked", their own summary keys), batch 1 / 64 under CUDA graphs, next to W1.58A4+H; then its GPU tests
+    timeout 120 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_lrb_stacked.py 2>&1 \
+        | grep -v DEBUG | tee "$OUT/gpu_tests_stacked.log" | tail -n 6
+    ROBUQ_FP8_EPI=stacked timeout 420 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead \
+        --skip-train --settings "dit-xl-2-robuq (" "W1.58A4+H" --batches 1 64 --iters 10 --warmup 3 \
+        --tag _reduce-overhead_stacked 2>&1 | tail -n 20
+    ;;
 dit-low)  # the asymmetric sigma policies (issue 17 item 5: within 10% of dit-xl-2-robuq's speed)
     timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
         --settings "dit-xl-2-robuq (" "-a3 (" "-a2 (" --batches 1 64 --iters 10 --warmup 3 --tag _reduce-overhead_a3a2 \
@@ -210,8 +219,8 @@ ncu)  # Nsight Compute on the quantizer and GEMM kernels (benchmarks/ncu_kernels
 attention)  # 8-bit attention vs bf16 SDPA (DiT-XL/2, ViT, Llama shapes), incl. q/k/v as thirds of one qkv buffer
     timeout 300 python3 benchmarks/bench_attention.py --out "$OUT" 2>&1 | tail -n 16
     ;;
-linear)
-    timeout 240 python3 benchmarks/bench_linear.py --write-dispatch --dispatch-only \
+linear)  # linear [table]: "table" skips the dispatch sweep (bench_linear with the committed table only)
+    [ "${2:-}" = table ] || timeout 240 python3 benchmarks/bench_linear.py --write-dispatch --dispatch-only \
         --dispatch-out "$OUT/dispatch_table.json" 2>&1 | tail -60
     # then the per-layer table with it (summary_linear: w4a4h_m256_x ... m16384_x), CUDA graphs, W4A4+H and W1.58A4+H
     [ -s "$OUT/dispatch_table.json" ] && cp "$OUT/dispatch_table.json" robuq_fx/kernels/dispatch_table.json

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 
 import torch
 
@@ -55,6 +54,7 @@ from .. import packing
 from .. import quantizers as Q
 from ..hadamard import block_hadamard, sylvester
 from .registry import QLinearArgs, select
+from .registry import warn_once as _warn_once
 
 
 DEFAULT = "qat,qlinear"
@@ -233,6 +233,8 @@ def _qlinear_decomposition(x, qweight, w_scale, bias, lrb_down, lrb_up, out_feat
         return NotImplemented
     if _gluon_opt_in():  # the eager op runs the opt-in Gluon kernels, which Inductor cannot launch: keep it opaque
         return NotImplemented
+    if lrb_down is not None and os.environ.get("ROBUQ_FP8_EPI") == "stacked":
+        return NotImplemented  # its extended weight lives in the eager cache (lrb_stacked.py): the opaque op runs it
     try:
         return qlinear_traced(x, a)
     except Exception as e:  # noqa: BLE001 - never fail a compile over the fast path: keep the eager op
@@ -265,15 +267,6 @@ def _attention8_decomposition(q, k, v, attn_mask, dropout_p, is_causal, scale, e
     except Exception as e:  # noqa: BLE001 - as in _qlinear_decomposition
         _warn_once(f"robuq_fx: robuq::attention8 left opaque under torch.compile ({type(e).__name__}: {e})")
         return NotImplemented
-
-
-_WARNED: set = set()
-
-
-def _warn_once(msg: str) -> None:
-    if msg not in _WARNED:
-        _WARNED.add(msg)
-        warnings.warn(msg, stacklevel=3)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -103,18 +103,20 @@ def _sigma_plan(k: int, block: int, m: int) -> tuple | None:
 
 def act_quant(x2: torch.Tensor, block: int, a_bits: int, sym: bool, dequant: bool = False,
               m_store: int | None = None, shift: bool = False, plan: tuple | None = None, clip: str = "absmax",
-              traced: bool = False, act: str = ""):
+              traced: bool = False, act: str = "", out: torch.Tensor | None = None):
     """Fused x H -> per-token quantization of a 2-D (M, K) CUDA tensor (last dim contiguous).
 
     Returns (out, scale, lo): out (m_store, K) fp8 e4m3 codes, or Q_a(x H) in x's dtype when `dequant`;
     scale and lo (m_store,) fp32. Rows M..m_store-1 (padding) are written as zeros with scale 0. With `shift`
     (asymmetric only) the codes are centred, q - z with z the row's code of 0, and lo is lo + z * scale. `traced`:
     record the launch for torch.compile (called inside the `robuq::act_quant` triton_op, kernels/inductor.py). `act`: an
-    input activation applied while loading x (robuq::qlinear's input_act: "gelu", "gelu_tanh")."""
+    input activation applied while loading x (robuq::qlinear's input_act: "gelu", "gelu_tanh"). `out`: where the
+    codes go, (m_store, K) with contiguous rows of any stride (e.g. the first K columns of a wider buffer)."""
     m, k = x2.shape
     m_store = m if m_store is None else m_store
     dev = x2.device
-    out = torch.empty(m_store, k, device=dev, dtype=x2.dtype if dequant else torch.float8_e4m3fn)
+    if out is None:
+        out = torch.empty(m_store, k, device=dev, dtype=x2.dtype if dequant else torch.float8_e4m3fn)
     scale = torch.empty(m_store, device=dev, dtype=torch.float32)
     lo = torch.empty(m_store, device=dev, dtype=torch.float32)
     if m_store == 0:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -197,3 +198,13 @@ def table() -> str:
     short = [{k: v for k, v in r.items() if k != "takes"} for r in rows]
     notes = "\n".join(f"  {r['kernel']}: {r['takes']}" for r in rows if r["takes"])
     return tabulate(short, headers="keys", tablefmt="github") + ("\n\nWhat each kernel takes:\n" + notes if notes else "")
+
+
+_WARNED: set = set()
+
+
+def warn_once(msg: str) -> None:
+    """warnings.warn(msg) the first time this process meets msg (the kernels' fallbacks name the layer and why)."""
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(msg, stacklevel=3)

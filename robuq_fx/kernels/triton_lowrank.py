@@ -49,6 +49,59 @@ def lrb_down_kernel(x_ptr, b_ptr, t_ptr, M, stride_x, stride_t, K: tl.constexpr,
              mask=mmask[:, None] & (rr[None, :] < R))
 
 
+@triton.jit(do_not_specialize=["M", "M_STORE"])
+def lrb_split_kernel(x_ptr, b_ptr, sx_ptr, o_ptr, M, M_STORE, stride_x, stride_o, inv_c, K: tl.constexpr,
+                     R: tl.constexpr, RP: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BM: tl.constexpr,
+                     BK: tl.constexpr):
+    """The stacked mode's extra code columns (lrb_stacked.py): t = x (B H)^T as lrb_down_kernel, then
+    u = t / (s_x c) split into fp8 u1 + u2, stored as [u1, u1, u2] in columns [0, 3R) of o's rows and zeros in
+    [3R, W) (W: 3R rounded up to 16); rows M..M_STORE-1 (padding) and rows with s_x = 0 get zeros."""
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    rr = tl.arange(0, RP)
+    kk = tl.arange(0, BK)
+    mmask = offs_m < M
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_x + kk[None, :]
+    b_ptrs = b_ptr + rr[:, None] * K + kk[None, :]
+    acc = tl.zeros((BM, RP), dtype=tl.float32)
+    for _ in range(0, K, BK):
+        x = tl.load(x_ptrs, mask=mmask[:, None], other=0.0)
+        b = tl.load(b_ptrs, mask=(rr < R)[:, None], other=0.0)
+        acc = tl.dot(x, tl.trans(b), acc)
+        x_ptrs += BK
+        b_ptrs += BK
+    smask = offs_m < M_STORE
+    sx = tl.load(sx_ptr + offs_m, mask=smask & mmask, other=0.0)
+    rs = tl.where(sx > 0, inv_c / tl.where(sx > 0, sx, 1.0), 0.0)
+    u = acc * rs[:, None]
+    u1 = u.to(tl.float8e4nv)
+    u2 = (u - u1.to(tl.float32)).to(tl.float8e4nv)
+    base = o_ptr + offs_m[:, None].to(tl.int64) * stride_o + rr[None, :]
+    cmask = smask[:, None] & (rr[None, :] < R)
+    tl.store(base, u1, mask=cmask)
+    tl.store(base + R, u1, mask=cmask)
+    tl.store(base + 2 * R, u2, mask=cmask)
+    if W > 3 * R:  # the columns up to a multiple of 16 (cuBLAS's fp8 K): zeros
+        pp = tl.arange(0, WP)
+        tl.store(o_ptr + offs_m[:, None].to(tl.int64) * stride_o + 3 * R + pp[None, :],
+                 tl.zeros((BM, WP), dtype=tl.float32).to(tl.float8e4nv),
+                 mask=smask[:, None] & (pp[None, :] < W - 3 * R))
+
+
+def lrb_split(x2, bh, sx, out, m_store: int, inv_c: float, launcher=launch) -> None:
+    """out (m_store, W) fp8 (a column slice of the stacked codes, rows of stride >= W) = [u1, u1, u2, 0...] with
+    u = x2 (B H)^T / (s_x c) (`lrb_split_kernel`; check `lrb_down_ok` first)."""
+    m, k = x2.shape
+    r = bh.shape[0]
+    w = out.shape[1]
+    if m_store == 0:
+        return
+    launcher(lrb_split_kernel, (triton.cdiv(m_store, DOWN_BM),),
+             (x2, bh, sx, out, m, m_store, x2.stride(0), out.stride(0), float(inv_c)),
+             dict(K=k, R=r, RP=max(16, triton.next_power_of_2(r)), W=w,
+                  WP=max(16, triton.next_power_of_2(max(w - 3 * r, 1))), BM=DOWN_BM, BK=DOWN_BK),
+             dict(num_warps=DOWN_WARPS, num_stages=DOWN_STAGES), no_specialize=(4, 5))
+
+
 def lrb_down_ok(x2, bh) -> bool:
     """The kernel takes x2 (M, K) and bh (r, K): 16-bit, the same dtype, contiguous rows, K a multiple of its tile."""
     k = x2.shape[1]

@@ -203,10 +203,12 @@ LAYER_CASES = [  # (w_bits, a_bits, a_sym, block, rank)
 ]
 
 
-def _variants(a_sym, rank):
+def _variants(a_sym, rank, a_clip="absmax"):
     """(kernel, environment) pairs: the fp8 path in each of its GEMM modes, and the dequant path."""
     if not a_sym or rank:
         fp8 = [("triton_fp8", {"ROBUQ_FP8_EPI": "addmm"}), ("triton_fp8", {"ROBUQ_FP8_EPI": "triton"})]
+        if a_sym and rank and a_clip == "absmax":  # the branch stacked into _scaled_mm (lrb_stacked.py)
+            fp8.append(("triton_fp8", {"ROBUQ_FP8_EPI": "stacked"}))
     else:
         fp8 = [("triton_fp8", {}), ("triton_fp8", {"ROBUQ_FP8_GEMM": "triton"})]
     return fp8 + [("cuda_dequant", {})]
@@ -255,7 +257,7 @@ def _layer_case(w_bits, a_bits, a_sym, block, rank, monkeypatch, **kw):
             tag = f"W{w_bits}A{a_bits}{'' if a_sym else 'asym'} H{block} LRB{rank} K={k} M={m} {kw}"
             _report("code agreement " + tag, agree=1 - bad / total)
             assert bad <= max(1, total // 1000), f"{tag}: {bad} of {total} activation codes differ from the CPU's"
-            for kern, env in _variants(a_sym, rank):
+            for kern, env in _variants(a_sym, rank, kw.get("a_clip", "absmax")):
                 with monkeypatch.context() as mp:
                     for key, val in env.items():
                         mp.setenv(key, val)

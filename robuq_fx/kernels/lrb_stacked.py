@@ -1,0 +1,120 @@
+"""The low-rank branch stacked into the fp8 GEMM (`ROBUQ_FP8_EPI=stacked`; opt-in until timed on a GPU).
+
+The branch adds t A^T, t = (x H) B^T (M, r), to y = s_x s_w (q_x q_w^T). Written as
+
+    y[m, n] = s_x[m] s_w[n] (q_x[m] . q_w[n] + u[m] . v[n]),    u = t / (s_x c),  v = A c / s_w
+
+it is one product over K + r columns with the row and column scales `_scaled_mm` already applies, so the whole
+layer is cuBLAS's fp8 GEMM (the Triton epilogue GEMM it replaces ran ~1.4x slower than `_scaled_mm` on the H200's
+DiT shapes). u and v are not integers: each is split into two fp8 e4m3 terms (u ~ u1 + u2, v ~ v1 + v2, each
+residual exact to ~2^-8 of the value) and the columns [u1, u1, u2] meet [v1, v2, v1]:
+u1 v1 + u1 v2 + u2 v1 = u v up to ~3 * 2^-8 relative on the branch's term (bf16's t A^T rounds to 2^-9 per
+factor), for 3r extra columns (K + 96 at rank 32: +8% of the main GEMM at K = 1152, +2% at K = 4608).
+
+Range: e4m3 holds |u| <= 448. For symmetric absmax codes |x H| <= s_x qmax, so |t_j| <= sqrt(K) s_x qmax |(B H)_j|
+and |u| <= sqrt(K) qmax max_j |(B H)_j| / c: c is the power of two that brings that bound to `U_MAX`, whatever
+the input. v = A c / s_w must then fit too (checked once per weight; else the layer keeps the Triton epilogue).
+Asymmetric and sigma-clipped activations (whose codes do not bound |x H|) keep the Triton epilogue GEMM.
+
+The weight side, [q_w, v1, v2, v1] (N, K + W) fp8 with W = 3r rounded up to 16, is cached per weight: a second
+fp8 copy of the codes while this mode is opt-in (one resident copy would make the module's buffer this matrix).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import quantizers as Q
+from .registry import QLinearArgs, tensor_key
+
+U_MAX = 224.0  # the bound put on |u| (e4m3's largest finite value is 448: a factor 2 of margin)
+V_MAX = 448.0
+
+
+def ext_width(r: int) -> int:
+    """Extra columns for rank r: 3r rounded up to 16 (cuBLAS's fp8 GEMM wants K % 16 == 0)."""
+    return -(-3 * r // 16) * 16
+
+
+def stacked_reason(a: QLinearArgs) -> str | None:
+    """Why a layer cannot take the stacked mode (None: it can)."""
+    if a.lrb_down is None:
+        return "no low-rank branch"
+    if not a.a_sym or a.a_clip != "absmax":
+        return "asymmetric or clipped activations do not bound |x H| by s_x qmax"
+    return None
+
+
+def split_fp8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """v (fp32) ~ v1 + v2, both fp8 e4m3 (round to nearest even), v2 the residual."""
+    v1 = v.to(torch.float8_e4m3fn)
+    return v1, (v - v1.float()).to(torch.float8_e4m3fn)
+
+
+def scale_c(bh: torch.Tensor, k: int, a_bits: int) -> float:
+    """The power of two c with sqrt(K) qmax max_j |(B H)_j| / c <= U_MAX (the bound on |u| above)."""
+    bound = math.sqrt(k) * Q.act_levels(a_bits, True) * bh.float().norm(dim=1).max().item()
+    return 2.0 ** math.ceil(math.log2(max(bound / U_MAX, 2.0 ** -60)))
+
+
+def weight_ext(w8: torch.Tensor, sw: torch.Tensor, up: torch.Tensor, c: float) -> torch.Tensor | None:
+    """[q_w, v1, v2, v1, 0...] (N, K + W) fp8 with v = A c / s_w; None where v leaves e4m3's range (or a channel
+    with s_w = 0 has a branch)."""
+    n, k = w8.shape
+    r = up.shape[1]
+    v = up.float() * c / sw.view(-1, 1)
+    if not torch.isfinite(v).all() or v.abs().max().item() > V_MAX:
+        return None
+    v1, v2 = split_fp8(v)
+    ext = torch.zeros(n, k + ext_width(r), device=w8.device, dtype=w8.dtype)
+    ext[:, :k] = w8
+    ext[:, k:k + r], ext[:, k + r:k + 2 * r], ext[:, k + 2 * r:k + 3 * r] = v1, v2, v1
+    return ext
+
+
+def act_ext_reference(t: torch.Tensor, sx: torch.Tensor, c: float, w: int) -> torch.Tensor:
+    """What `triton_lowrank.lrb_split_kernel` writes, from t (M, r) in torch math: [u1, u1, u2, 0...] (M, w) fp8
+    with u = t / (s_x c), zero rows where s_x = 0."""
+    r = t.shape[1]
+    rs = torch.where(sx > 0, (1.0 / c) / sx, torch.zeros_like(sx))
+    u1, u2 = split_fp8(t.float() * rs.view(-1, 1))
+    out = torch.zeros(t.shape[0], w, device=t.device, dtype=torch.float8_e4m3fn)
+    out[:, :r], out[:, r:2 * r], out[:, 2 * r:3 * r] = u1, u1, u2
+    return out
+
+
+class _Ext:
+    __slots__ = ("key", "w", "c")
+
+    def __init__(self, key, w, c):
+        self.key, self.w, self.c = key, w, c
+
+
+def cached_weight_ext(a: QLinearArgs, e, bh: torch.Tensor) -> _Ext:
+    """The weight side of the stacked mode on the layer's cache entry `e` (weight_cache._Entry), keyed on the
+    branch factors' versions; .w None where the layer cannot take it."""
+    key = (tensor_key(a.lrb_up), tensor_key(a.lrb_down), a.a_bits)
+    x = e.stk
+    if x is None or x.key != key:
+        c = scale_c(bh, a.in_features, a.a_bits)
+        x = e.stk = _Ext(key, weight_ext(e.fp8, e.sw, a.lrb_up, c), c)
+    return x
+
+
+def stacked_qlinear(x2: torch.Tensor, a: QLinearArgs, e, bh: torch.Tensor, ext: _Ext, m_pad: int) -> torch.Tensor:
+    """y (M, N) in bf16 for a symmetric absmax layer with a branch: the quantizer writes the first K code columns,
+    `lrb_split` the rest, one `_scaled_mm` over both."""
+    from .quantizer import act_quant
+    from .triton_fp8 import _scaled_mm, on_device
+    from .triton_lowrank import lrb_split
+    m, k = x2.shape
+    wide = torch.empty(m_pad, ext.w.shape[1], device=x2.device, dtype=torch.float8_e4m3fn)
+    _, sx, _ = act_quant(x2, a.hadamard_block, a.a_bits, True, m_store=m_pad, clip=a.a_clip, act=a.input_act,
+                         out=wide[:, :k])
+    with on_device(x2.device):
+        lrb_split(x2, bh, sx, wide[:, k:], m_pad, 1.0 / ext.c)
+    bias = None if a.bias is None else a.bias.to(torch.bfloat16)
+    y = _scaled_mm(wide, ext.w, sx, e.sw, bias)
+    y = y[:m] if m != m_pad else y
+    return y if y.dtype == x2.dtype else y.to(x2.dtype)

@@ -1,0 +1,130 @@
+"""The low-rank branch stacked into the fp8 GEMM (kernels/lrb_stacked.py): the split of u = t / (s_x c) and
+v = A c / s_w into fp8 pairs reproduces the branch's term, the range bound holds for any input, layers it cannot
+take are refused; on a GPU the mode runs (no fallback) and matches the Triton epilogue GEMM."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from robuq_fx.kernels import lrb_stacked as S
+from robuq_fx.kernels.registry import QLinearArgs
+from tests.kernels.fp8_testing import exact_reference_matmuls, gpu, rel, within  # noqa: F401 - fixture
+
+
+def _case(m=200, k=256, n=192, r=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-7, 8, (m, k), generator=g).float()
+    sx = torch.rand(m, generator=g) * 0.05 + 0.01
+    xh = q * sx.view(-1, 1)  # an input whose codes are q exactly (|x H| <= 7 s_x)
+    bh = torch.randn(r, k, generator=g) * 0.05
+    up = torch.randn(n, r, generator=g) * 0.05
+    w8 = torch.randint(-1, 2, (n, k), generator=g).float().to(torch.float8_e4m3fn)
+    sw = torch.rand(n, generator=g) * 0.02 + 0.01
+    return q, sx, xh, bh, up, w8, sw
+
+
+def _stacked_y(q, sx, xh, bh, up, w8, sw):
+    """The stacked GEMM in float64 on the fp8 operands (what _scaled_mm computes, before its bf16 rounding)."""
+    k = q.shape[1]
+    c = S.scale_c(bh, k, 4)
+    ext = S.weight_ext(w8, sw, up, c)
+    t = (xh.double() @ bh.double().t()).float()
+    wide = torch.cat([q.to(torch.float8_e4m3fn), S.act_ext_reference(t, sx, c, S.ext_width(bh.shape[0]))], 1)
+    return (wide.double() @ ext.double().t()) * sx.double().view(-1, 1) * sw.double().view(1, -1), c
+
+
+def test_the_stacked_product_is_the_layer_with_its_branch():
+    q, sx, xh, bh, up, w8, sw = _case()
+    y, _ = _stacked_y(q, sx, xh, bh, up, w8, sw)
+    main = (q.double() @ w8.double().t()) * sx.double().view(-1, 1) * sw.double().view(1, -1)
+    branch = xh.double() @ bh.double().t() @ up.double().t()
+    # the branch's term to ~3 x 2^-8 (two fp8 terms a factor), the main product exactly
+    assert rel(y - main, branch) < 6e-3
+    assert rel(y, main + branch) < 3e-3
+    assert within(y, main + branch) > 0.999
+
+
+def test_one_term_splits_would_not_pass():
+    """The bound above is not loose: with u and v each rounded to a single fp8 term the branch is ~2^-4 off."""
+    q, sx, xh, bh, up, w8, sw = _case(seed=3)
+    c = S.scale_c(bh, q.shape[1], 4)
+    t = xh.double() @ bh.double().t()
+    u1 = (t / (sx.double().view(-1, 1) * c)).float().to(torch.float8_e4m3fn).double()
+    v1 = (up.double() * c / sw.double().view(-1, 1)).float().to(torch.float8_e4m3fn).double()
+    one = (u1 @ v1.t()) * sx.double().view(-1, 1) * sw.double().view(1, -1)
+    assert rel(one, t @ up.double().t()) > 2e-2
+
+
+def test_u_stays_in_range_for_the_worst_input():
+    """x H along a row of B H, scaled so that its codes reach qmax: |u| reaches the bound and stays <= U_MAX."""
+    torch.manual_seed(0)
+    k, r = 1152, 32
+    bh = torch.randn(r, k) * 0.05
+    bh[5] *= 7  # one long row sets c
+    c = S.scale_c(bh, k, 4)
+    xh = torch.sign(bh[5]) * 1.0  # |x H| = 1 everywhere: absmax 1, s_x = 1/7, t_5 = ||B_5||_1 <= sqrt(K) ||B_5||
+    sx = torch.tensor([1.0 / 7])
+    u = (xh.double() @ bh.double().t()) / (sx.double() * c)
+    assert u.abs().max().item() <= S.U_MAX
+    assert u.abs().max().item() > S.U_MAX / 4  # and c is not needlessly large (precision of the small terms)
+    assert math.log2(c) == int(math.log2(c))
+
+
+def test_weight_ext_layout_and_refusals():
+    q, sx, xh, bh, up, w8, sw = _case(n=40, r=8)
+    ext = S.weight_ext(w8, sw, up, 1.0)
+    k, r = w8.shape[1], 8
+    assert ext.shape == (40, k + 32) and ext.dtype == torch.float8_e4m3fn  # 3r = 24 -> 32 columns
+    assert torch.equal(ext[:, :k].float(), w8.float())
+    assert torch.equal(ext[:, k:k + r].float(), ext[:, k + 2 * r:k + 3 * r].float())
+    assert (ext[:, k + 3 * r:].float() == 0).all()
+    v = up.float() / sw.view(-1, 1)
+    assert rel(ext[:, k:k + r].float() + ext[:, k + r:k + 2 * r].float(), v.double()) < 5e-3
+    assert S.weight_ext(w8, sw, up * 1e5, 1.0) is None  # |v| > 448
+    sw0 = sw.clone()
+    sw0[3] = 0
+    assert S.weight_ext(w8, sw0, up, 1.0) is None  # a channel with no scale but a branch
+
+
+def test_act_ext_zero_rows_and_padding_columns():
+    t = torch.randn(6, 8)
+    sx = torch.tensor([0.1, 0.0, 0.2, 0.3, 0.0, 0.5])
+    out = S.act_ext_reference(t, sx, 1.0, 32)
+    assert out.shape == (6, 32) and (out[[1, 4]].float() == 0).all() and (out[:, 24:].float() == 0).all()
+    assert torch.equal(out[:, :8].float(), out[:, 8:16].float())
+
+
+def test_stacked_reason():
+    w = torch.zeros(4, 4)
+    base = dict(qweight=w, w_scale=w, bias=None, lrb_down=w, lrb_up=w, out_features=4, in_features=4, w_bits=1.58,
+                a_bits=4, hadamard_block=0, a_sym=True, a_clip="absmax")
+    assert S.stacked_reason(QLinearArgs(**base)) is None
+    assert "branch" in S.stacked_reason(QLinearArgs(**{**base, "lrb_down": None}))
+    assert S.stacked_reason(QLinearArgs(**{**base, "a_sym": False})) is not None
+    assert S.stacked_reason(QLinearArgs(**{**base, "a_clip": "sigma"})) is not None
+
+
+@gpu
+@pytest.mark.parametrize("k,n", [(1152, 3456), (4608, 1152), (1152, 6912)])
+@pytest.mark.parametrize("m", [1, 7, 1000])
+def test_stacked_mode_runs_and_matches_the_epilogue_gemm(k, n, m, monkeypatch):
+    from robuq_fx import kernels
+    from robuq_fx.kernels import weight_cache
+    from tests.kernels.test_triton_fp8 import _args, _exact_from_own_codes, _layer
+    mod = _layer(k, n, 1.58, 4, True, 128, 32, seed=k + n)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 2
+    with kernels.use("triton_fp8"):
+        monkeypatch.setenv("ROBUQ_FP8_EPI", "triton")
+        y_epi = mod(x)
+        monkeypatch.setenv("ROBUQ_FP8_EPI", "stacked")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a fallback warns: the mode must run here
+            y = mod(x)
+    e = weight_cache._entry(_args(mod))
+    assert e.stk is not None and e.stk.w is not None
+    own = _exact_from_own_codes(x, _args(mod), "triton_fp8")
+    assert rel(y, own) < 6e-3 and within(y, own) >= 0.998
+    assert rel(y, y_epi.double()) < 6e-3
