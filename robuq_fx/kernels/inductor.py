@@ -191,9 +191,10 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
     t = T.down_proj(x2, W.rotated_down(a, x.dtype), lrb_down_op) if lrb else None  # the eager choice, traced
     cs = None if a.a_sym else Q.weight_code_colsum(weight_codes(a), a.w_scale)
     if not (a.a_sym and not lrb) and epilogue_mode(m, n, k) == "addmm" and not _addmm_traced_ok():
-        _warn_once("robuq_fx: under torch.compile the LRB / asymmetric layers take the Triton epilogue GEMM, not "
-                   "ROBUQ_FP8_EPI=addmm (its traced form differed from eager on the H200; "
-                   "ROBUQ_INDUCTOR_LOWRANK_ADD=1 traces it anyway, scripts/debug_lowrank_add_compiled.py)")
+        _warn_once("robuq_fx: under torch.compile the LRB / asymmetric layers take the Triton epilogue GEMM where "
+                   "ROBUQ_FP8_EPI=addmm or the dispatch table picks the addmm mode (its traced form differed from "
+                   "eager on the H200; ROBUQ_INDUCTOR_LOWRANK_ADD=1 traces it anyway, "
+                   "scripts/debug_lowrank_add_compiled.py)")
     elif (a.a_sym and not lrb) or epilogue_mode(m, n, k) == "addmm":
         if os.environ.get("ROBUQ_FP8_GEMM") == "triton" and a.a_sym and not lrb:
             y = fp8_gemm_op(codes, w8, sx, sw, a.bias, None, None, None, None, m, x.dtype)
@@ -212,7 +213,7 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
 def _addmm_traced_ok() -> bool:
     """Whether the addmm epilogue mode's LRB / asymmetric add (`robuq::lowrank_add` after `_scaled_mm`) is traced.
     Off: compiled, it gave outputs far from eager's on the H200 (session 9: W1.58A4+H+LRB32, M = 74, max |diff| 13.9,
-    eager correct); the dispatch table picks the fused-epilogue GEMM for every shape anyway."""
+    eager correct); the dispatch table picks the fused-epilogue GEMM for every shape but fc2 at M >= 16384 (by 1%)."""
     return os.environ.get("ROBUQ_INDUCTOR_LOWRANK_ADD") == "1"
 
 
