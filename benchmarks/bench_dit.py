@@ -263,7 +263,7 @@ def main(argv=None):
             fused = copy.deepcopy(low)
             n_fused = len(robuq_fx.fuse_activations(fused))
             print(f"  {name}: GELU fused into {n_fused} layers", flush=True)
-            if n_fused:  # (none where fc2 has a low-rank branch: the paper's policy)
+            if n_fused:
                 variants[name + infer_tags + " +GELU fused"] = (fused, not args.no_compile)
 
     rows = {}

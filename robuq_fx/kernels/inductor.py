@@ -96,8 +96,8 @@ def _ops():
 
     @triton_op("robuq::act_quant", mutates_args=())
     def act_quant_op(x2: torch.Tensor, block: int, a_bits: int, sym: bool, clip: str, m_store: int,
-                     shift: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return act_quant(x2, block, a_bits, sym, m_store=m_store, shift=shift, clip=clip, traced=True)
+                     shift: bool, act: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return act_quant(x2, block, a_bits, sym, m_store=m_store, shift=shift, clip=clip, traced=True, act=act)
 
     @triton_op("robuq::rowquant", mutates_args=())
     def rowquant_op(x: torch.Tensor, bits: int, keep_layout: bool) -> torch.Tensor:
@@ -112,10 +112,10 @@ def _ops():
         return out
 
     @triton_op("robuq::lrb_down", mutates_args=())
-    def lrb_down_op(x2: torch.Tensor, bh: torch.Tensor) -> torch.Tensor:
+    def lrb_down_op(x2: torch.Tensor, bh: torch.Tensor, act: str = "") -> torch.Tensor:
         from .triton_lowrank import lrb_down
         t = torch.empty(x2.shape[0], bh.shape[0], device=x2.device, dtype=x2.dtype)
-        lrb_down(x2, bh, t, traced)
+        lrb_down(x2, bh, t, traced, act=act)
         return t
 
     @triton_op("robuq::fp8_gemm", mutates_args=())
@@ -144,11 +144,11 @@ def _gluon_quant_op():
 
     @custom_op("robuq::act_quant_gluon", mutates_args=())
     def act_quant_gluon_op(x2: torch.Tensor, block: int, a_bits: int, sym: bool, m_store: int,
-                           shift: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return act_quant(x2, block, a_bits, sym, m_store=m_store, shift=shift)
+                           shift: bool, act: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return act_quant(x2, block, a_bits, sym, m_store=m_store, shift=shift, act=act)
 
     @act_quant_gluon_op.register_fake
-    def _(x2, block, a_bits, sym, m_store, shift):
+    def _(x2, block, a_bits, sym, m_store, shift, act=""):
         return (x2.new_empty(m_store, x2.shape[1], dtype=torch.float8_e4m3fn),
                 x2.new_empty(m_store, dtype=torch.float32), x2.new_empty(m_store, dtype=torch.float32))
 
@@ -162,7 +162,7 @@ def _gluon_quant_here(x2: torch.Tensor, a: QLinearArgs) -> bool:
     if not config.triton.cudagraphs or os.environ.get("ROBUQ_INDUCTOR_GLUON_QUANT", "1") == "0":
         return False
     from .quantizer import _gluon_plan
-    return _gluon_plan(x2, a.hadamard_block, a.a_clip, False, "") is not None
+    return _gluon_plan(x2, a.hadamard_block, a.a_clip, False, a.input_act) is not None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -182,13 +182,13 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
     m = x2.shape[0]
     m_pad = torch.sym_max(16, (m + 15) // 16 * 16)
     if _gluon_quant_here(x2, a):
-        codes, sx, lo = _gluon_quant_op()(x2, a.hadamard_block, a.a_bits, a.a_sym, m_pad, True)
+        codes, sx, lo = _gluon_quant_op()(x2, a.hadamard_block, a.a_bits, a.a_sym, m_pad, True, a.input_act)
     else:
-        codes, sx, lo = act_quant_op(x2, a.hadamard_block, a.a_bits, a.a_sym, a.a_clip, m_pad, True)
+        codes, sx, lo = act_quant_op(x2, a.hadamard_block, a.a_bits, a.a_sym, a.a_clip, m_pad, True, a.input_act)
     w8 = a.qweight.reshape(n, k)
     sw = W.scale_vec(a.w_scale, n)
     lrb = a.lrb_down is not None
-    t = T.down_proj(x2, W.rotated_down(a, x.dtype), lrb_down_op) if lrb else None  # the eager choice, traced
+    t = T.down_proj(x2, W.rotated_down(a, x.dtype), lrb_down_op, a.input_act) if lrb else None  # eager's choice
     cs = None if a.a_sym else Q.weight_code_colsum(weight_codes(a), a.w_scale)
     if not (a.a_sym and not lrb) and epilogue_mode(m, n, k) == "addmm" and not _addmm_traced_ok():
         _warn_once("robuq_fx: under torch.compile the LRB / asymmetric layers take the Triton epilogue GEMM where "
@@ -221,11 +221,9 @@ def _qlinear_decomposition(x, qweight, w_scale, bias, lrb_down, lrb_up, out_feat
                            hadamard_block, a_sym, a_clip, splits=None, input_act=""):
     if not enabled("qlinear") or packing.FP8 is None or qweight.dtype != packing.FP8 or x.shape[-1] != in_features:
         return NotImplemented
-    if input_act:  # the activation as graph ops (Inductor fuses it with what it can), then the layer
-        from .qlinear import apply_input_act
-        x = apply_input_act(x, input_act)
+    # an input activation goes into the kernels that read x (the quantizer, the branch's down-projection), as eagerly
     a = QLinearArgs(qweight, w_scale, bias, lrb_down, lrb_up, out_features, in_features, w_bits, a_bits,
-                    hadamard_block, a_sym, a_clip, tuple(splits) if splits else None)
+                    hadamard_block, a_sym, a_clip, tuple(splits) if splits else None, input_act)
     try:
         kernel = select(x, a)
     except RuntimeError:

@@ -113,7 +113,7 @@ def stacked_qlinear(x2: torch.Tensor, a: QLinearArgs, e, bh: torch.Tensor, ext: 
     _, sx, _ = act_quant(x2, a.hadamard_block, a.a_bits, True, m_store=m_pad, clip=a.a_clip, act=a.input_act,
                          out=wide[:, :k])
     with on_device(x2.device):
-        lrb_split(x2, bh, sx, wide[:, k:], m_pad, 1.0 / ext.c)
+        lrb_split(x2, bh, sx, wide[:, k:], m_pad, 1.0 / ext.c, act=a.input_act)
     bias = None if a.bias is None else a.bias.to(torch.bfloat16)
     y = _scaled_mm(wide, ext.w, sx, e.sw, bias)
     y = y[:m] if m != m_pad else y

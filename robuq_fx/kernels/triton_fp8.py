@@ -169,22 +169,26 @@ def _up16(a: QLinearArgs, dtype: torch.dtype) -> torch.Tensor:
     return up if up.dtype == dtype and up.is_contiguous() else up.to(dtype).contiguous()
 
 
-def down_proj(x2: torch.Tensor, bh: torch.Tensor, traced_op=None) -> torch.Tensor:
+def down_proj(x2: torch.Tensor, bh: torch.Tensor, traced_op=None, act: str = "") -> torch.Tensor:
     """The LRB's t = x (B H)^T (M, r) in x's dtype, accumulated and reduced in fp32, rounded once: our Triton kernel
     where it applies (`triton_lowrank.lrb_down`: x streamed once; cuBLAS took ~2-3x x's bytes at the memory's rate
     on the H200), else cuBLAS with an fp32 output (`mm` out_dtype), which reduces in fp32 whatever
     `torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction` says (F.linear in bf16 may split this
     long-K, narrow-N product and add the partial sums in bf16 where it is on, torch's default; docs/gpu.md).
-    traced_op: the kernel's triton_op (`robuq::lrb_down`), which the Inductor decomposition passes to trace it."""
+    traced_op: the kernel's triton_op (`robuq::lrb_down`), which the Inductor decomposition passes to trace it.
+    act: the layer's input activation (robuq::qlinear's input_act), applied to x2 first (in the kernel, where it
+    runs)."""
     if x2.is_cuda and _triton_reason() is None:
         from .triton_lowrank import lrb_down, lrb_down_ok
         if lrb_down_ok(x2, bh):
             if traced_op is not None:
-                return traced_op(x2, bh)
+                return traced_op(x2, bh, act)
             t = torch.empty(x2.shape[0], bh.shape[0], device=x2.device, dtype=x2.dtype)
             with on_device(x2.device):
-                lrb_down(x2, bh, t)
+                lrb_down(x2, bh, t, act=act)
             return t
+    if act:
+        x2 = apply_input_act(x2, act)
     if x2.is_cuda and x2.dtype in (torch.bfloat16, torch.float16) and _MM_OUT_DTYPE:
         return torch.mm(x2, bh.t(), out_dtype=torch.float32).to(x2.dtype)
     return F.linear(x2, bh)
@@ -297,8 +301,7 @@ def _fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
     lead = x.shape[:-1]
     m = x.numel() // k
     small = _small_m_ok(x, a, m)
-    if a.input_act and (a.lrb_down is not None or small):
-        # the branch reads the activation itself, the small-M kernel has no activation: materialize it first
+    if a.input_act and small:  # the small-M kernel has no activation: materialize it first
         x, a = apply_input_act(x, a.input_act), dataclasses.replace(a, input_act="")
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -327,7 +330,7 @@ def _fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
             return y if x.dim() == 2 else y.reshape(*lead, n)
     codes, sx, lo = act_quant(x2, a.hadamard_block, a.a_bits, a.a_sym, m_store=m_pad, shift=True, clip=a.a_clip,
                               act=a.input_act)  # the input activation applied while loading x
-    t = down_proj(x2, _rot_down(a, x.dtype)) if lrb else None
+    t = down_proj(x2, _rot_down(a, x.dtype), act=a.input_act) if lrb else None  # the branch reads act(x) too
     if (a.a_sym and not lrb) or epilogue_mode(m, n, k) == "addmm":
         if os.environ.get("ROBUQ_FP8_GEMM") == "triton" and a.a_sym and not lrb:
             y = torch.empty(m, n, device=x.device, dtype=x.dtype)

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_act_quant import ACTS, _input_act
 from .triton_launch import launch
 
 BM, BN, WARPS = 64, 128, 4
@@ -30,8 +31,9 @@ DOWN_BM, DOWN_BK, DOWN_WARPS, DOWN_STAGES = 64, 128, 4, 3
 
 @triton.jit(do_not_specialize=["M"])
 def lrb_down_kernel(x_ptr, b_ptr, t_ptr, M, stride_x, stride_t, K: tl.constexpr, R: tl.constexpr,
-                    RP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
-    """t[m, :R] = sum_k x[m, k] b[:R, k] (b (R, K) with contiguous rows; K % BK == 0)."""
+                    RP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, ACT: tl.constexpr = 0):
+    """t[m, :R] = sum_k act(x)[m, k] b[:R, k] (b (R, K) with contiguous rows; K % BK == 0). ACT: the layer's input
+    activation (robuq::qlinear's input_act), rounded to x's dtype as the model's activation module writes it."""
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
     rr = tl.arange(0, RP)
     kk = tl.arange(0, BK)
@@ -41,6 +43,8 @@ def lrb_down_kernel(x_ptr, b_ptr, t_ptr, M, stride_x, stride_t, K: tl.constexpr,
     acc = tl.zeros((BM, RP), dtype=tl.float32)
     for _ in range(0, K, BK):
         x = tl.load(x_ptrs, mask=mmask[:, None], other=0.0)
+        if ACT != 0:
+            x = _input_act(x.to(tl.float32), ACT).to(x_ptr.dtype.element_ty)
         b = tl.load(b_ptrs, mask=(rr < R)[:, None], other=0.0)
         acc = tl.dot(x, tl.trans(b), acc)
         x_ptrs += BK
@@ -52,7 +56,7 @@ def lrb_down_kernel(x_ptr, b_ptr, t_ptr, M, stride_x, stride_t, K: tl.constexpr,
 @triton.jit(do_not_specialize=["M", "M_STORE"])
 def lrb_split_kernel(x_ptr, b_ptr, sx_ptr, o_ptr, M, M_STORE, stride_x, stride_o, inv_c, K: tl.constexpr,
                      R: tl.constexpr, RP: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BM: tl.constexpr,
-                     BK: tl.constexpr):
+                     BK: tl.constexpr, ACT: tl.constexpr = 0):
     """The stacked mode's extra code columns (lrb_stacked.py): t = x (B H)^T as lrb_down_kernel, then
     u = t / (s_x c) split into fp8 u1 + u2, stored as [u1, u1, u2] in columns [0, 3R) of o's rows and zeros in
     [3R, W) (W: 3R rounded up to 16); rows M..M_STORE-1 (padding) and rows with s_x = 0 get zeros."""
@@ -65,6 +69,8 @@ def lrb_split_kernel(x_ptr, b_ptr, sx_ptr, o_ptr, M, M_STORE, stride_x, stride_o
     acc = tl.zeros((BM, RP), dtype=tl.float32)
     for _ in range(0, K, BK):
         x = tl.load(x_ptrs, mask=mmask[:, None], other=0.0)
+        if ACT != 0:
+            x = _input_act(x.to(tl.float32), ACT).to(x_ptr.dtype.element_ty)
         b = tl.load(b_ptrs, mask=(rr < R)[:, None], other=0.0)
         acc = tl.dot(x, tl.trans(b), acc)
         x_ptrs += BK
@@ -87,9 +93,9 @@ def lrb_split_kernel(x_ptr, b_ptr, sx_ptr, o_ptr, M, M_STORE, stride_x, stride_o
                  mask=smask[:, None] & (pp[None, :] < W - 3 * R))
 
 
-def lrb_split(x2, bh, sx, out, m_store: int, inv_c: float, launcher=launch) -> None:
+def lrb_split(x2, bh, sx, out, m_store: int, inv_c: float, launcher=launch, act: str = "") -> None:
     """out (m_store, W) fp8 (a column slice of the stacked codes, rows of stride >= W) = [u1, u1, u2, 0...] with
-    u = x2 (B H)^T / (s_x c) (`lrb_split_kernel`; check `lrb_down_ok` first)."""
+    u = act(x2) (B H)^T / (s_x c) (`lrb_split_kernel`; check `lrb_down_ok` first)."""
     m, k = x2.shape
     r = bh.shape[0]
     w = out.shape[1]
@@ -98,7 +104,7 @@ def lrb_split(x2, bh, sx, out, m_store: int, inv_c: float, launcher=launch) -> N
     launcher(lrb_split_kernel, (triton.cdiv(m_store, DOWN_BM),),
              (x2, bh, sx, out, m, m_store, x2.stride(0), out.stride(0), float(inv_c)),
              dict(K=k, R=r, RP=max(16, triton.next_power_of_2(r)), W=w,
-                  WP=max(16, triton.next_power_of_2(max(w - 3 * r, 1))), BM=DOWN_BM, BK=DOWN_BK),
+                  WP=max(16, triton.next_power_of_2(max(w - 3 * r, 1))), BM=DOWN_BM, BK=DOWN_BK, ACT=ACTS[act]),
              dict(num_warps=DOWN_WARPS, num_stages=DOWN_STAGES), no_specialize=(4, 5))
 
 
@@ -109,14 +115,14 @@ def lrb_down_ok(x2, bh) -> bool:
             and bh.is_contiguous() and k % DOWN_BK == 0 and 0 < bh.shape[0] <= 64)
 
 
-def lrb_down(x2, bh, t, launcher=launch) -> None:
-    """t (m, r) = x2 (B H)^T with `lrb_down_kernel` (check `lrb_down_ok` first). launcher: as `lowrank_add`."""
+def lrb_down(x2, bh, t, launcher=launch, act: str = "") -> None:
+    """t (m, r) = act(x2) (B H)^T with `lrb_down_kernel` (check `lrb_down_ok` first). launcher: as `lowrank_add`."""
     m, k = x2.shape
     r = bh.shape[0]
     if m == 0:
         return
     launcher(lrb_down_kernel, (triton.cdiv(m, DOWN_BM),), (x2, bh, t, m, x2.stride(0), t.stride(0)),
-             dict(K=k, R=r, RP=max(16, triton.next_power_of_2(r)), BM=DOWN_BM, BK=DOWN_BK),
+             dict(K=k, R=r, RP=max(16, triton.next_power_of_2(r)), BM=DOWN_BM, BK=DOWN_BK, ACT=ACTS[act]),
              dict(num_warps=DOWN_WARPS, num_stages=DOWN_STAGES), no_specialize=(3,))
 
 

@@ -13,7 +13,8 @@ Recognized (the model's modules are edited in place, parameters and state-dict k
   - an MLP module with `fc1`, `act` (nn.GELU), `drop1` (p=0), `norm` (Identity) and `fc2` (timm's `Mlp`);
   - transformers' `ViTMLP` (fc1, activation_fn, fc2) whose activation is torch's GELU (exact or tanh);
   - an nn.Sequential [..., nn.GELU, Dropout(p=0)*, fc2]: the GELU becomes an Identity.
-fc2 must have no low-rank branch (the branch reads the activation itself) and no input activation yet. Apply it to
+fc2 must have no input activation yet; a low-rank branch reads the activation as the quantizer does (on the GPU its
+down-projection kernel applies it while loading x: kernels/triton_lowrank.py). Apply it to
 a lowered model after `lower` or `load_quantized` (it is not saved with the checkpoint: a loaded model is unfused
 until this runs again).
 """
@@ -40,7 +41,7 @@ def _act_name(approximate: str) -> str:
 
 
 def _takes(m) -> bool:
-    return isinstance(m, PackedLinear) and m.lrb_down is None and not m.input_act
+    return isinstance(m, PackedLinear) and not m.input_act
 
 
 def _no_op_dropout(m) -> bool:

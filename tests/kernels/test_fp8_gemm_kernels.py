@@ -112,6 +112,23 @@ def test_lowrank_add_kernel():
 
 
 @gpu
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
+def test_lrb_down_applies_the_input_activation(act):
+    """With the layer's input activation the kernel reads act(x) rounded to x's dtype, as the model's GELU module
+    writes it (the quantizer's own activation code, `triton_act_quant._input_act`): t equals down_proj of the
+    materialized act(x) to one rounding."""
+    from robuq_fx.kernels.qlinear import apply_input_act
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for k, m in ((4608, 1000), (1152, 37)):
+        x = (torch.randn(m, k, device="cuda", generator=g) * 3).to(torch.bfloat16)
+        bh = (torch.randn(32, k, device="cuda", generator=g) * 0.05).to(torch.bfloat16)
+        t = triton_fp8.down_proj(x, bh, act=act)
+        ref = apply_input_act(x, act).double() @ bh.double().t()
+        err = (t.double() - ref).abs()
+        assert (err <= 2 ** -8 * ref.abs() + 1e-5 * ref.abs().max()).all(), f"{act} K={k}: {err.max().item():.3g}"
+
+
+@gpu
 def test_lrb_down_kernel():
     """kernels/triton_lowrank.py: t = x (B H)^T accumulated in fp32 and rounded once to x's dtype (float64 bound of
     one rounding), rows of x strided or not, odd M, ranks 32 / 8 / 5; `triton_fp8.down_proj` takes it."""

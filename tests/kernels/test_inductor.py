@@ -248,6 +248,12 @@ def test_functional_decomposition_on_fake_cuda_tensors(gemm, monkeypatch, all_op
     clones = re.findall(r"tensors_to_clone = (\[[^]]*\])", code)
     assert clones and all(set(eval(c)) <= {"out_ptr", "scale_ptr", "lo_ptr", "c_ptr", "t_ptr"} for c in clones), clones
     assert "lrb_down_kernel" in _kernel_names(code)  # the branch's down-projection: our kernel, traced
+    # a fused GELU (input_act) goes into the two kernels that read x, not into graph ops before them
+    act_code = make_fx(dispatch_functionalize(
+        lambda *t: torch.ops.robuq.qlinear(*t, 512, 256, 1.58, 4, 128, True, "absmax", input_act="gelu_tanh")),
+        tracing_mode="fake")(x, qw, ws, b, dn, up).code
+    assert "gelu" not in act_code and "tanh" not in act_code
+    assert act_code.count("'ACT': 2") == 2, re.findall(r"'ACT': \d", act_code)
     with monkeypatch.context() as mp:  # the addmm mode: _scaled_mm (fake CUDA _scaled_mm needs a CUDA build), then
         mp.setenv("ROBUQ_FP8_EPI", "addmm" if torch.cuda.is_available() else "triton")  # the low-rank add kernel
         if torch.cuda.is_available():

@@ -128,3 +128,21 @@ def test_stacked_mode_runs_and_matches_the_epilogue_gemm(k, n, m, monkeypatch):
     own = _exact_from_own_codes(x, _args(mod), "triton_fp8")
     assert rel(y, own) < 6e-3 and within(y, own) >= 0.998
     assert rel(y, y_epi.double()) < 6e-3
+
+
+@gpu
+def test_stacked_layer_with_an_input_activation(monkeypatch):
+    """A fused GELU (passes/act_fuse.py) on a stacked layer: the quantizer and lrb_split both read act(x); the
+    output equals the layer run on the materialized activation (same codes, same kernels)."""
+    from robuq_fx import kernels
+    from robuq_fx.kernels.qlinear import apply_input_act
+    from tests.kernels.test_triton_fp8 import _layer
+    mod = _layer(4608, 1152, 1.58, 4, True, 128, 32, seed=5)
+    x = torch.randn(300, 4608, device="cuda", dtype=torch.bfloat16) * 2
+    monkeypatch.setenv("ROBUQ_FP8_EPI", "stacked")
+    with kernels.use("triton_fp8"), torch.no_grad():
+        y_plain = mod(apply_input_act(x, "gelu_tanh"))
+        mod.input_act = "gelu_tanh"
+        y = mod(x)
+    assert rel(y, y_plain.double()) < 1e-3
+

@@ -65,11 +65,22 @@ def test_timm_mlp_and_sequential(approximate):
     _check(seq, (x,), W4A4H, expect=2)
 
 
-def test_not_fused_where_the_branch_reads_the_activation_or_dropout_is_live():
+def test_layers_with_a_branch_take_the_activation_too():
+    """The low-rank branch reads act(x) as the quantizer does (on the GPU its down-projection kernel applies it):
+    the paper's policy on the tiny DiT fuses every block's GELU, outputs unchanged."""
     torch.manual_seed(0)
     x = torch.randn(6, 32)
     lrb = {"rules": [{"type": "Linear", "w_bits": 1.58, "a_bits": 4, "hadamard": True, "lora_rank": 4}]}
-    _check(TimmMlp(), (x,), lrb, expect=0)
+    _check(TimmMlp(), (x,), lrb, expect=1)
+    case = CASES["dit"]
+    inputs = case.make_inputs()
+    model = case.build(0)
+    _check(model, inputs, robuq_fx.Policy.load("dit-xl-2-robuq"), expect=len(model.transformer_blocks), example=inputs)
+
+
+def test_not_fused_where_dropout_is_live():
+    torch.manual_seed(0)
+    x = torch.randn(6, 32)
     live = TimmMlp()
     live.drop1 = nn.Dropout(0.1)
     _check(live, (x,), W4A4H, expect=0)
