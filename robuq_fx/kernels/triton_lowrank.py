@@ -29,15 +29,11 @@ BM, BN, WARPS = 64, 128, 4
 DOWN_BM, DOWN_BK, DOWN_WARPS, DOWN_STAGES = 64, 128, 4, 3
 
 
-@triton.jit(do_not_specialize=["M"])
-def lrb_down_kernel(x_ptr, b_ptr, t_ptr, M, stride_x, stride_t, K: tl.constexpr, R: tl.constexpr,
-                    RP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, ACT: tl.constexpr = 0):
-    """t[m, :R] = sum_k act(x)[m, k] b[:R, k] (b (R, K) with contiguous rows; K % BK == 0). ACT: the layer's input
-    activation (robuq::qlinear's input_act), rounded to x's dtype as the model's activation module writes it."""
-    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
-    rr = tl.arange(0, RP)
+@triton.jit
+def _down_acc(x_ptr, b_ptr, offs_m, mmask, rr, stride_x, K: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
+              BM: tl.constexpr, BK: tl.constexpr, ACT: tl.constexpr):
+    """(BM, RP) fp32: sum_k act(x)[offs_m, k] b[rr, k], x's rows streamed once in BK-column tiles."""
     kk = tl.arange(0, BK)
-    mmask = offs_m < M
     x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_x + kk[None, :]
     b_ptrs = b_ptr + rr[:, None] * K + kk[None, :]
     acc = tl.zeros((BM, RP), dtype=tl.float32)
@@ -49,6 +45,18 @@ def lrb_down_kernel(x_ptr, b_ptr, t_ptr, M, stride_x, stride_t, K: tl.constexpr,
         acc = tl.dot(x, tl.trans(b), acc)
         x_ptrs += BK
         b_ptrs += BK
+    return acc
+
+
+@triton.jit(do_not_specialize=["M"])
+def lrb_down_kernel(x_ptr, b_ptr, t_ptr, M, stride_x, stride_t, K: tl.constexpr, R: tl.constexpr,
+                    RP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, ACT: tl.constexpr = 0):
+    """t[m, :R] = sum_k act(x)[m, k] b[:R, k] (b (R, K) with contiguous rows; K % BK == 0). ACT: the layer's input
+    activation (robuq::qlinear's input_act), rounded to x's dtype as the model's activation module writes it."""
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    rr = tl.arange(0, RP)
+    mmask = offs_m < M
+    acc = _down_acc(x_ptr, b_ptr, offs_m, mmask, rr, stride_x, K, R, RP, BM, BK, ACT)
     tl.store(t_ptr + offs_m[:, None].to(tl.int64) * stride_t + rr[None, :], acc.to(t_ptr.dtype.element_ty),
              mask=mmask[:, None] & (rr[None, :] < R))
 
@@ -62,19 +70,8 @@ def lrb_split_kernel(x_ptr, b_ptr, sx_ptr, o_ptr, M, M_STORE, stride_x, stride_o
     [3R, W) (W: 3R rounded up to 16); rows M..M_STORE-1 (padding) and rows with s_x = 0 get zeros."""
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
     rr = tl.arange(0, RP)
-    kk = tl.arange(0, BK)
     mmask = offs_m < M
-    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_x + kk[None, :]
-    b_ptrs = b_ptr + rr[:, None] * K + kk[None, :]
-    acc = tl.zeros((BM, RP), dtype=tl.float32)
-    for _ in range(0, K, BK):
-        x = tl.load(x_ptrs, mask=mmask[:, None], other=0.0)
-        if ACT != 0:
-            x = _input_act(x.to(tl.float32), ACT).to(x_ptr.dtype.element_ty)
-        b = tl.load(b_ptrs, mask=(rr < R)[:, None], other=0.0)
-        acc = tl.dot(x, tl.trans(b), acc)
-        x_ptrs += BK
-        b_ptrs += BK
+    acc = _down_acc(x_ptr, b_ptr, offs_m, mmask, rr, stride_x, K, R, RP, BM, BK, ACT)
     smask = offs_m < M_STORE
     sx = tl.load(sx_ptr + offs_m, mask=smask & mmask, other=0.0)
     rs = tl.where(sx > 0, inv_c / tl.where(sx > 0, sx, 1.0), 0.0)
