@@ -16,8 +16,13 @@ and |u| <= sqrt(K) qmax max_j |(B H)_j| / c: c is the power of two that brings t
 the input. v = A c / s_w must then fit too (checked once per weight; else the layer keeps the Triton epilogue).
 Asymmetric and sigma-clipped activations (whose codes do not bound |x H|) keep the Triton epilogue GEMM.
 
-The weight side, [q_w, v1, v2, v1] (N, K + W) fp8 with W = 3r rounded up to 16, is cached per weight: a second
-fp8 copy of the codes while this mode is opt-in (one resident copy would make the module's buffer this matrix).
+The weight side, [q_w, v1, v2, v1] (N, K + W) fp8 with W = 3r rounded up to 16, holds the only copy of the codes:
+on the fp8 layout the module's `qweight` buffer is re-pointed (`Tensor.set_`) to the first K columns of that matrix
+(same values, row stride K + W; `_save_to_state_dict` packs the codes as always, a device move makes it contiguous
+again and the next call re-extends it; the kernels that assume K-byte weight rows -- the TMA GEMM, the small-M and
+quantize-in-GEMM kernels -- check for it and step aside). The packed layout (opt-in on fp8 GPUs) keeps the cache's
+codes and this matrix apart. The W extra columns are rewritten in place when the branch factors or the scales change
+(keyed on their versions).
 """
 from __future__ import annotations
 
@@ -58,19 +63,23 @@ def scale_c(bh: torch.Tensor, k: int, a_bits: int) -> float:
     return 2.0 ** math.ceil(math.log2(max(bound / U_MAX, 2.0 ** -60)))
 
 
-def weight_ext(w8: torch.Tensor, sw: torch.Tensor, up: torch.Tensor, c: float) -> torch.Tensor | None:
-    """[q_w, v1, v2, v1, 0...] (N, K + W) fp8 with v = A c / s_w; None where v leaves e4m3's range (or a channel
-    with s_w = 0 has a branch)."""
-    n, k = w8.shape
-    r = up.shape[1]
+def ext_columns(sw: torch.Tensor, up: torch.Tensor, c: float) -> torch.Tensor | None:
+    """[v1, v2, v1, 0...] (N, W) fp8 with v = A c / s_w; None where v leaves e4m3's range (or a channel with
+    s_w = 0 has a branch)."""
+    n, r = up.shape
     v = up.float() * c / sw.view(-1, 1)
     if not torch.isfinite(v).all() or v.abs().max().item() > V_MAX:
         return None
     v1, v2 = split_fp8(v)
-    ext = torch.zeros(n, k + ext_width(r), device=w8.device, dtype=w8.dtype)
-    ext[:, :k] = w8
-    ext[:, k:k + r], ext[:, k + r:k + 2 * r], ext[:, k + 2 * r:k + 3 * r] = v1, v2, v1
+    ext = torch.zeros(n, ext_width(r), device=up.device, dtype=torch.float8_e4m3fn)
+    ext[:, :r], ext[:, r:2 * r], ext[:, 2 * r:3 * r] = v1, v2, v1
     return ext
+
+
+def weight_ext(w8: torch.Tensor, sw: torch.Tensor, up: torch.Tensor, c: float) -> torch.Tensor | None:
+    """[q_w, v1, v2, v1, 0...] (N, K + W) fp8, a new tensor (`ext_columns`; None where they are out of range)."""
+    cols = ext_columns(sw, up, c)
+    return None if cols is None else torch.cat([w8, cols], 1)
 
 
 def act_ext_reference(t: torch.Tensor, sx: torch.Tensor, c: float, w: int) -> torch.Tensor:
@@ -93,13 +102,39 @@ class _Ext:
 
 def cached_weight_ext(a: QLinearArgs, e, bh: torch.Tensor) -> _Ext:
     """The weight side of the stacked mode on the layer's cache entry `e` (weight_cache._Entry), keyed on the
-    branch factors' versions; .w None where the layer cannot take it."""
-    key = (tensor_key(a.lrb_up), tensor_key(a.lrb_down), a.a_bits)
+    branch factors' and scales' versions; .w None where the layer cannot take it. One copy of the codes: see the
+    module docstring."""
+    key = (tensor_key(a.lrb_up), tensor_key(a.lrb_down), tensor_key(a.w_scale), a.a_bits)
     x = e.stk
-    if x is None or x.key != key:
-        c = scale_c(bh, a.in_features, a.a_bits)
-        x = e.stk = _Ext(key, weight_ext(e.fp8, e.sw, a.lrb_up, c), c)
-    return x
+    if x is not None and x.key == key:
+        return x
+    c = scale_c(bh, a.in_features, a.a_bits)
+    cols = ext_columns(e.sw, a.lrb_up, c)
+    if cols is None:
+        e.stk = _Ext(key, None, c)
+        return e.stk
+    full = _extended_storage(a, e, cols.shape[1])
+    full[:, a.in_features:] = cols  # through .data views: no version bump of the module's buffer
+    e.stk = _Ext(key, full, c)
+    return e.stk
+
+
+def _extended_storage(a: QLinearArgs, e, w: int) -> torch.Tensor:
+    """(N, K + W) fp8 whose first K columns are the layer's codes: on the fp8 layout made once, with qweight
+    re-pointed into it (its values and shape unchanged; later calls get a `.data` view, which shares no version
+    counter with the buffer); on the packed layout a copy next to the cache's codes."""
+    n, k = a.out_features, a.in_features
+    qw = a.qweight
+    if qw.dtype == torch.float8_e4m3fn and qw.dim() == 2 and qw.stride() == (k + w, 1) \
+            and qw.storage_offset() == 0 and qw.untyped_storage().nbytes() >= n * (k + w):
+        return qw.data.as_strided((n, k + w), (k + w, 1))  # already extended (an earlier call)
+    full = torch.empty(n, k + w, device=e.fp8.device, dtype=torch.float8_e4m3fn)
+    full[:, :k] = e.fp8
+    if qw.dtype == torch.float8_e4m3fn:
+        with torch.no_grad():
+            qw.set_(full.untyped_storage(), 0, (n, k), (k + w, 1))  # the old storage goes with the cache entry
+        e.fp8 = qw.detach()
+    return full
 
 
 def stacked_qlinear(x2: torch.Tensor, a: QLinearArgs, e, bh: torch.Tensor, ext: _Ext, m_pad: int) -> torch.Tensor:

@@ -212,7 +212,7 @@ def run_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, t, up, m: int, launcher=Non
     if which == "gluon" and launcher is None and _gluon_gemm_ok(codes, w8, t):  # eager: Inductor launches Triton
         from .gluon_fp8_gemm import launch_fp8_gemm_gluon
         launch_fp8_gemm_gluon(codes, w8, y, sx, sw, bias, lo, cs, t, up, m, gluon_gemm_config(m, n, k))
-    elif which == "tma":
+    elif which == "tma" and w8.is_contiguous():  # its descriptors take K-byte rows (not a stacked layer's K + W)
         _k().launch_fp8_gemm_tma(codes, w8, y, sx, sw, bias, lo, cs, t, up, m, tma_gemm_config(m, n, k),
                                  _sms(dev.index or 0), **kw)
     else:
@@ -239,7 +239,7 @@ def _fused_quant_ok(x2: torch.Tensor, a: QLinearArgs, e: "_Entry") -> bool:
         return False
     rank = 0 if a.lrb_down is None else a.lrb_down.shape[0]
     return supported(x2, a.in_features, a.hadamard_block, a.a_bits, a.a_sym, a.a_clip, rank) is None \
-        and e.fp8.stride(0) % 16 == 0 and e.fp8.data_ptr() % 16 == 0
+        and e.fp8.is_contiguous() and e.fp8.data_ptr() % 16 == 0
 
 
 def _small_m_ok(x: torch.Tensor, a: QLinearArgs, m: int) -> bool:
@@ -247,7 +247,8 @@ def _small_m_ok(x: torch.Tensor, a: QLinearArgs, m: int) -> bool:
     if m == 0 or m > small_m_max() or a.a_clip != "absmax" or x.dtype not in (torch.bfloat16, torch.float16):
         return False
     from .triton_qgemm_small import chunk_of
-    return chunk_of(a.in_features, a.hadamard_block) > 0 and (a.lrb_down is None or a.lrb_down.shape[0] <= 64)
+    return chunk_of(a.in_features, a.hadamard_block) > 0 and (a.lrb_down is None or a.lrb_down.shape[0] <= 64) \
+        and (a.qweight.dtype != torch.float8_e4m3fn or a.qweight.is_contiguous())  # K-byte weight rows
 
 
 def _small_m_args(x2: torch.Tensor, a: QLinearArgs, e: "_Entry", m: int, y: torch.Tensor) -> tuple:

@@ -107,6 +107,49 @@ def test_stacked_reason():
     assert S.stacked_reason(QLinearArgs(**{**base, "a_clip": "sigma"})) is not None
 
 
+def _cpu_layer(k=256, n=96, r=8, seed=0):
+    from robuq_fx.modules import PackedLinear
+    from robuq_fx.spec import LayerSpec
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) / k ** 0.5
+    down, up = torch.randn(r, k, generator=g) * 0.05, torch.randn(n, r, generator=g) * 0.05
+    spec = LayerSpec(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=128, lora_rank=r).resolve(k, n)
+    return PackedLinear.from_float(w, torch.zeros(n), down, up, spec).set_layout("fp8")
+
+
+def _ext_of(mod):
+    from robuq_fx.kernels import weight_cache as W
+    a = QLinearArgs(mod.qweight, mod.w_scale, mod.bias, mod.lrb_down, mod.lrb_up, *mod.op_args())
+    e = W._fp8_weights(a)
+    return S.cached_weight_ext(a, e, W._rot_down(a, torch.float32)), e
+
+
+def test_one_resident_copy_of_the_codes():
+    """The fp8 buffer is re-pointed into the extended matrix (no second copy), its codes unchanged; later calls
+    reuse that storage; a changed branch rewrites only the extra columns; the checkpoint is unchanged."""
+    mod = _cpu_layer()
+    k, n, w = 256, 96, S.ext_width(8)
+    codes, sd0 = mod.weight_codes().clone(), {kk: v.clone() for kk, v in mod.state_dict().items()}
+    ext, e = _ext_of(mod)
+    assert ext.w.shape == (n, k + w) and mod.qweight.shape == (n, k) and mod.qweight.stride() == (k + w, 1)
+    assert mod.qweight.untyped_storage().data_ptr() == ext.w.untyped_storage().data_ptr()
+    assert mod.qweight.untyped_storage().nbytes() == n * (k + w)  # the only copy of the codes
+    assert torch.equal(mod.weight_codes(), codes)
+    assert torch.equal(ext.w[:, k:].float(), S.ext_columns(e.sw, mod.lrb_up, ext.c).float())
+    again, _ = _ext_of(mod)  # a new cache entry (the buffer moved): same storage
+    assert again.w.data_ptr() == ext.w.data_ptr() and torch.equal(again.w.float(), ext.w.float())
+    with torch.no_grad():
+        mod.lrb_up.mul_(2)
+    changed, e2 = _ext_of(mod)
+    assert changed.w.data_ptr() == ext.w.data_ptr() and torch.equal(mod.weight_codes(), codes)
+    assert torch.equal(changed.w[:, k:].float(), S.ext_columns(e2.sw, mod.lrb_up, changed.c).float())
+    sd = mod.state_dict()
+    assert torch.equal(sd["qweight"], sd0["qweight"])  # packed codes, as before
+    fresh = _cpu_layer(seed=1)
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh.weight_codes(), codes)
+
+
 @gpu
 @pytest.mark.parametrize("k,n", [(1152, 3456), (4608, 1152), (1152, 6912)])
 @pytest.mark.parametrize("m", [1, 7, 1000])
