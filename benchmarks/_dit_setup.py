@@ -114,5 +114,6 @@ def kernel_cache_bytes(seen: set | None = None) -> int:
     seen = set() if seen is None else seen
     total = 0
     for e in list(t._WCACHE.values()):
-        total += _unique_bytes([e.fp8, e.sw, e.cs, *e.deq.values(), *e.bh.values()], seen)
+        stk = getattr(e, "stk", None)  # the stacked LRB mode's extended weight (shares qweight's storage on fp8)
+        total += _unique_bytes([e.fp8, e.sw, e.cs, *e.deq.values(), *e.bh.values(), stk and stk.w], seen)
     return total

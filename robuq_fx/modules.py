@@ -195,6 +195,8 @@ class PackedLinear(nn.Module):
                               error_msgs):
         key = prefix + "qweight"
         t = state_dict.get(key)
+        if not self.qweight.is_contiguous():  # the stacked LRB mode's extended rows (kernels/lrb_stacked.py): drop
+            self._buffers["qweight"] = self.qweight.contiguous()  # them; the next call re-extends from what loads
         if self.layout == "fp8" and isinstance(t, torch.Tensor) and t.dtype == torch.uint8:
             self.set_layout("packed")
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,

@@ -127,7 +127,13 @@ def _ops():
         run_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, t, up, m, traced)
         return y
 
-    _DEFS.extend((act_quant_op, rowquant_op, fp8_gemm_op, lowrank_add_op, lrb_down_op))  # kept only weakly by torch
+    @triton_op("robuq::stacked_codes", mutates_args=())
+    def stacked_codes_op(x2: torch.Tensor, bh: torch.Tensor, c: torch.Tensor, block: int, a_bits: int, clip: str,
+                         m_store: int, act: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        from .lrb_stacked import stacked_codes
+        return stacked_codes(x2, bh, c, block, a_bits, clip, m_store, act, traced=True)
+
+    _DEFS.extend((act_quant_op, rowquant_op, fp8_gemm_op, lowrank_add_op, lrb_down_op, stacked_codes_op))
     return (torch.ops.robuq.act_quant, torch.ops.robuq.rowquant, torch.ops.robuq.fp8_gemm, torch.ops.robuq.lowrank_add,
             torch.ops.robuq.lrb_down)
 
@@ -181,6 +187,8 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
     m_pad = torch.sym_max(16, (m + 15) // 16 * 16)
+    if a.lrb_down is not None and os.environ.get("ROBUQ_FP8_EPI") == "stacked" and _extended(a.qweight, a.lrb_down):
+        return _stacked_traced(x, x2, a, m, m_pad).reshape(*lead, n)
     if _gluon_quant_here(x2, a):
         codes, sx, lo = _gluon_quant_op()(x2, a.hadamard_block, a.a_bits, a.a_sym, m_pad, True, a.input_act)
     else:
@@ -210,6 +218,31 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
     return y.reshape(*lead, n)
 
 
+def _extended(qweight: torch.Tensor, lrb_down: torch.Tensor) -> bool:
+    """qweight (fp8, N x K) sits in the first K columns of the stacked mode's extended weight (lrb_stacked.py)."""
+    from .lrb_stacked import ext_width
+    n, k = qweight.shape if qweight.dim() == 2 else (0, 0)
+    w = ext_width(lrb_down.shape[0])
+    return (qweight.dtype == packing.FP8 and qweight.dim() == 2 and qweight.stride() == (k + w, 1)
+            and qweight.storage_offset() == 0 and qweight.untyped_storage().nbytes() >= n * (k + w))
+
+
+def _stacked_traced(x, x2, a: QLinearArgs, m, m_pad) -> torch.Tensor:
+    """`lrb_stacked.stacked_qlinear` in graph-traceable form: the extended weight read through qweight's storage,
+    c from its slot there, the codes by one triton_op (quantizer + lrb_split), then `_scaled_mm`."""
+    from . import lrb_stacked as S
+    from . import triton_fp8 as T
+    from . import weight_cache as W
+    k, n, r = a.in_features, a.out_features, a.lrb_down.shape[0]
+    full = a.qweight.as_strided((n, k + S.ext_width(r)), (k + S.ext_width(r), 1))
+    bh = W.rotated_down(a, x.dtype)
+    wide, sx = torch.ops.robuq.stacked_codes(x2, bh, S.c_slot(full, k, r), a.hadamard_block, a.a_bits, a.a_clip,
+                                             m_pad, a.input_act)
+    bias = None if a.bias is None else a.bias.to(torch.bfloat16)
+    y = T._scaled_mm(wide, full, sx, W.scale_vec(a.w_scale, n), bias)[:m]
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
 def _addmm_traced_ok() -> bool:
     """Whether the addmm epilogue mode's LRB / asymmetric add (`robuq::lowrank_add` after `_scaled_mm`) is traced.
     Off: compiled, it gave outputs far from eager's on the H200 (session 9: W1.58A4+H+LRB32, M = 74, max |diff| 13.9,
@@ -232,8 +265,11 @@ def _qlinear_decomposition(x, qweight, w_scale, bias, lrb_down, lrb_up, out_feat
         return NotImplemented
     if _gluon_opt_in():  # the eager op runs the opt-in Gluon kernels, which Inductor cannot launch: keep it opaque
         return NotImplemented
-    if lrb_down is not None and os.environ.get("ROBUQ_FP8_EPI") == "stacked":
-        return NotImplemented  # its extended weight lives in the eager cache (lrb_stacked.py): the opaque op runs it
+    if lrb_down is not None and os.environ.get("ROBUQ_FP8_EPI") == "stacked" and not _extended(qweight, lrb_down):
+        # the stacked mode's extended weight is made (and range-checked) by an eager call: the opaque op runs the
+        # first one, which re-points qweight into it; its new strides fail Dynamo's guard and the recompiled graph
+        # traces the stacked path below
+        return NotImplemented
     try:
         return qlinear_traced(x, a)
     except Exception as e:  # noqa: BLE001 - never fail a compile over the fast path: keep the eager op

@@ -38,8 +38,11 @@ V_MAX = 448.0
 
 
 def ext_width(r: int) -> int:
-    """Extra columns for rank r: 3r rounded up to 16 (cuBLAS's fp8 GEMM wants K % 16 == 0)."""
-    return -(-3 * r // 16) * 16
+    """Extra columns for rank r: 3r and c's slot, rounded up to 16 (cuBLAS's fp8 GEMM wants K % 16 == 0)."""
+    return -(-(3 * r + 1) // 16) * 16
+
+
+C_MIN, C_MAX = 2.0 ** -9, 2.0 ** 8  # the powers of two e4m3 holds exactly (its slot in the extended weight)
 
 
 def stacked_reason(a: QLinearArgs) -> str | None:
@@ -64,15 +67,18 @@ def scale_c(bh: torch.Tensor, k: int, a_bits: int) -> float:
 
 
 def ext_columns(sw: torch.Tensor, up: torch.Tensor, c: float) -> torch.Tensor | None:
-    """[v1, v2, v1, 0...] (N, W) fp8 with v = A c / s_w; None where v leaves e4m3's range (or a channel with
-    s_w = 0 has a branch)."""
+    """[v1, v2, v1, 0...] (N, W) fp8 with v = A c / s_w, and c itself in row 0, column 3r (its slot: the
+    activation side's column there is zero, so it adds nothing to the product; `lrb_split_kernel` and the compiled
+    graph read c from it); None where v leaves e4m3's range, a channel with s_w = 0 has a branch, or c is not one
+    of e4m3's exact powers of two."""
     n, r = up.shape
     v = up.float() * c / sw.view(-1, 1)
-    if not torch.isfinite(v).all() or v.abs().max().item() > V_MAX:
+    if not C_MIN <= c <= C_MAX or not torch.isfinite(v).all() or v.abs().max().item() > V_MAX:
         return None
     v1, v2 = split_fp8(v)
     ext = torch.zeros(n, ext_width(r), device=up.device, dtype=torch.float8_e4m3fn)
     ext[:, :r], ext[:, r:2 * r], ext[:, 2 * r:3 * r] = v1, v2, v1
+    ext[0, 3 * r] = c
     return ext
 
 
@@ -140,16 +146,31 @@ def _extended_storage(a: QLinearArgs, e, w: int) -> torch.Tensor:
 def stacked_qlinear(x2: torch.Tensor, a: QLinearArgs, e, bh: torch.Tensor, ext: _Ext, m_pad: int) -> torch.Tensor:
     """y (M, N) in bf16 for a symmetric absmax layer with a branch: the quantizer writes the first K code columns,
     `lrb_split` the rest, one `_scaled_mm` over both."""
-    from .quantizer import act_quant
     from .triton_fp8 import _scaled_mm, on_device
-    from .triton_lowrank import lrb_split
     m, k = x2.shape
-    wide = torch.empty(m_pad, ext.w.shape[1], device=x2.device, dtype=torch.float8_e4m3fn)
-    _, sx, _ = act_quant(x2, a.hadamard_block, a.a_bits, True, m_store=m_pad, clip=a.a_clip, act=a.input_act,
-                         out=wide[:, :k])
     with on_device(x2.device):
-        lrb_split(x2, bh, sx, wide[:, k:], m_pad, 1.0 / ext.c, act=a.input_act)
+        wide, sx = stacked_codes(x2, bh, c_slot(ext.w, k, bh.shape[0]), a.hadamard_block, a.a_bits, a.a_clip,
+                                 m_pad, a.input_act)
     bias = None if a.bias is None else a.bias.to(torch.bfloat16)
     y = _scaled_mm(wide, ext.w, sx, e.sw, bias)
     y = y[:m] if m != m_pad else y
     return y if y.dtype == x2.dtype else y.to(x2.dtype)
+
+
+def c_slot(full: torch.Tensor, k: int, r: int) -> torch.Tensor:
+    """The extended weight's element that holds c (row 0, column K + 3r), as a 1-element view."""
+    return full[0, k + 3 * r:k + 3 * r + 1]
+
+
+def stacked_codes(x2, bh, c, block: int, a_bits: int, clip: str, m_pad: int, act: str = "",
+                  traced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes (m_pad, K + W) fp8, s_x (m_pad,)): the quantizer's codes in columns [0, K), `lrb_split`'s in the
+    rest; both kernels write into the one buffer (no views: the traced form runs inside a triton_op)."""
+    from . import triton_launch
+    from .quantizer import act_quant
+    from .triton_lowrank import lrb_split
+    k = x2.shape[1]
+    wide = torch.empty(m_pad, k + ext_width(bh.shape[0]), device=x2.device, dtype=torch.float8_e4m3fn)
+    _, sx, _ = act_quant(x2, block, a_bits, True, m_store=m_pad, clip=clip, act=act, out=wide, traced=traced)
+    lrb_split(x2, bh, sx, wide, c, m_pad, triton_launch.traced if traced else triton_launch.launch, act=act)
+    return wide, sx

@@ -62,47 +62,48 @@ def lrb_down_kernel(x_ptr, b_ptr, t_ptr, M, stride_x, stride_t, K: tl.constexpr,
 
 
 @triton.jit(do_not_specialize=["M", "M_STORE"])
-def lrb_split_kernel(x_ptr, b_ptr, sx_ptr, o_ptr, M, M_STORE, stride_x, stride_o, inv_c, K: tl.constexpr,
+def lrb_split_kernel(x_ptr, b_ptr, sx_ptr, o_ptr, c_ptr, M, M_STORE, stride_x, stride_o, K: tl.constexpr,
                      R: tl.constexpr, RP: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BM: tl.constexpr,
                      BK: tl.constexpr, ACT: tl.constexpr = 0):
-    """The stacked mode's extra code columns (lrb_stacked.py): t = x (B H)^T as lrb_down_kernel, then
-    u = t / (s_x c) split into fp8 u1 + u2, stored as [u1, u1, u2] in columns [0, 3R) of o's rows and zeros in
-    [3R, W) (W: 3R rounded up to 16); rows M..M_STORE-1 (padding) and rows with s_x = 0 get zeros."""
+    """The stacked mode's extra code columns (lrb_stacked.py), columns [K, K + W) of o's rows (the quantizer
+    writes [0, K)): t = act(x) (B H)^T as lrb_down_kernel, u = t / (s_x c) split into fp8 u1 + u2, stored as
+    [u1, u1, u2] and zeros in the W - 3R pad columns; c (a power of two) read from c_ptr (fp8, the extended
+    weight's slot for it); rows M..M_STORE-1 (padding) and rows with s_x = 0 get zeros."""
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
     rr = tl.arange(0, RP)
     mmask = offs_m < M
     acc = _down_acc(x_ptr, b_ptr, offs_m, mmask, rr, stride_x, K, R, RP, BM, BK, ACT)
     smask = offs_m < M_STORE
+    inv_c = 1.0 / tl.load(c_ptr).to(tl.float32)  # exact: c is a power of two
     sx = tl.load(sx_ptr + offs_m, mask=smask & mmask, other=0.0)
     rs = tl.where(sx > 0, inv_c / tl.where(sx > 0, sx, 1.0), 0.0)
     u = acc * rs[:, None]
     u1 = u.to(tl.float8e4nv)
     u2 = (u - u1.to(tl.float32)).to(tl.float8e4nv)
-    base = o_ptr + offs_m[:, None].to(tl.int64) * stride_o + rr[None, :]
+    row = o_ptr + offs_m[:, None].to(tl.int64) * stride_o + K
     cmask = smask[:, None] & (rr[None, :] < R)
-    tl.store(base, u1, mask=cmask)
-    tl.store(base + R, u1, mask=cmask)
-    tl.store(base + 2 * R, u2, mask=cmask)
-    if W > 3 * R:  # the columns up to a multiple of 16 (cuBLAS's fp8 K): zeros
-        pp = tl.arange(0, WP)
-        tl.store(o_ptr + offs_m[:, None].to(tl.int64) * stride_o + 3 * R + pp[None, :],
-                 tl.zeros((BM, WP), dtype=tl.float32).to(tl.float8e4nv),
-                 mask=smask[:, None] & (pp[None, :] < W - 3 * R))
+    tl.store(row + rr[None, :], u1, mask=cmask)
+    tl.store(row + R + rr[None, :], u1, mask=cmask)
+    tl.store(row + 2 * R + rr[None, :], u2, mask=cmask)
+    pp = tl.arange(0, WP)  # the pad columns up to a multiple of 16 (cuBLAS's fp8 K): zeros
+    tl.store(row + 3 * R + pp[None, :], tl.zeros((BM, WP), dtype=tl.float32).to(tl.float8e4nv),
+             mask=smask[:, None] & (pp[None, :] < W - 3 * R))
 
 
-def lrb_split(x2, bh, sx, out, m_store: int, inv_c: float, launcher=launch, act: str = "") -> None:
-    """out (m_store, W) fp8 (a column slice of the stacked codes, rows of stride >= W) = [u1, u1, u2, 0...] with
-    u = act(x2) (B H)^T / (s_x c) (`lrb_split_kernel`; check `lrb_down_ok` first)."""
+def lrb_split(x2, bh, sx, out, c_slot, m_store: int, launcher=launch, act: str = "") -> None:
+    """Columns [K, K + W) of out (m_store, K + W) fp8 (the quantizer writes [0, K)) = [u1, u1, u2, 0...] with
+    u = act(x2) (B H)^T / (s_x c), c read from c_slot (an fp8 tensor whose first element is c: the extended
+    weight's slot, lrb_stacked.py) (`lrb_split_kernel`; check `lrb_down_ok` first)."""
     m, k = x2.shape
     r = bh.shape[0]
-    w = out.shape[1]
+    w = out.shape[1] - k
     if m_store == 0:
         return
     launcher(lrb_split_kernel, (triton.cdiv(m_store, DOWN_BM),),
-             (x2, bh, sx, out, m, m_store, x2.stride(0), out.stride(0), float(inv_c)),
+             (x2, bh, sx, out, c_slot, m, m_store, x2.stride(0), out.stride(0)),
              dict(K=k, R=r, RP=max(16, triton.next_power_of_2(r)), W=w,
-                  WP=max(16, triton.next_power_of_2(max(w - 3 * r, 1))), BM=DOWN_BM, BK=DOWN_BK, ACT=ACTS[act]),
-             dict(num_warps=DOWN_WARPS, num_stages=DOWN_STAGES), no_specialize=(4, 5))
+                  WP=max(16, triton.next_power_of_2(w - 3 * r)), BM=DOWN_BM, BK=DOWN_BK, ACT=ACTS[act]),
+             dict(num_warps=DOWN_WARPS, num_stages=DOWN_STAGES), no_specialize=(5, 6))
 
 
 def lrb_down_ok(x2, bh) -> bool:

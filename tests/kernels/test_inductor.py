@@ -202,6 +202,70 @@ def _kernel_names(code: str) -> set:
     return names
 
 
+def _fake_sm90(monkeypatch):
+    """Trace our kernels for an sm_90 target with or without a GPU: the TTIR analysis asks the active driver for its
+    target and the dispatch asks the device, which a CPU machine cannot answer; the fp8 kernel's machine check."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    if packing.FP8 is None:
+        pytest.skip("no float8 dtype in this torch")
+
+    class Sm90:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(triton.runtime.driver, "_active", Sm90())
+        monkeypatch.setattr(triton_fp8, "_capability", lambda index: (9, 0))
+        monkeypatch.setattr(triton_fp8, "_sms", lambda index: 132)
+    k8 = registry._KERNELS["triton_fp8"]
+    monkeypatch.setitem(registry._KERNELS, "triton_fp8", dataclasses.replace(k8, machine_check=lambda: None))
+    inductor.register()
+
+
+def _fake_w158_lrb_inputs(weight_cols: int = 256) -> tuple:
+    """Fake CUDA arguments of a 256 -> 512 W1.58A4+H+LRB32 qlinear call: x (8, 256), qweight (512, weight_cols) fp8,
+    w_scale, bias, lrb_down, lrb_up."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        return (torch.empty(8, 256, dtype=torch.bfloat16, device="cuda"),
+                torch.empty(512, weight_cols, dtype=packing.FP8, device="cuda"),
+                torch.empty(512, 1, dtype=torch.float32, device="cuda"),
+                torch.empty(512, dtype=torch.bfloat16, device="cuda"),
+                torch.empty(32, 256, dtype=torch.bfloat16, device="cuda"),
+                torch.empty(512, 32, dtype=torch.bfloat16, device="cuda"))
+
+
+@pytest.mark.skipif(not _triton_imports() or not torch.cuda.is_available(),
+                    reason="views of fake CUDA fp8 tensors need a CUDA build of torch")
+def test_stacked_mode_traces_once_the_weight_is_extended(monkeypatch, all_ops):
+    """ROBUQ_FP8_EPI=stacked under torch.compile: a layer whose qweight is not yet extended stays the opaque op (the
+    eager call extends it); an extended one decomposes into the quantizer and lrb_split kernels (one triton_op,
+    `robuq::stacked_codes`) and `_scaled_mm` over the extended weight, with the input activation in both kernels."""
+    from torch._subclasses.functional_tensor import dispatch_functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from robuq_fx.kernels import lrb_stacked
+    _fake_sm90(monkeypatch)
+    monkeypatch.setenv("ROBUQ_FP8_EPI", "stacked")
+    # fake CUDA _scaled_mm needs a CUDA build: a stand-in with its output for the trace
+    monkeypatch.setattr(triton_fp8, "_scaled_mm", lambda codes, w8, sx, sw, bias: torch.ops.aten.mm(
+        codes.to(torch.bfloat16), w8.t().to(torch.bfloat16)))
+    x, plain, ws, b, dn, up = _fake_w158_lrb_inputs()
+    full = _fake_w158_lrb_inputs(256 + lrb_stacked.ext_width(32))[1]
+
+    def f(x, qw, ws, b, dn, up):
+        return torch.ops.robuq.qlinear(x, qw, ws, b, dn, up, 512, 256, 1.58, 4, 128, True, "absmax",
+                                       input_act="gelu_tanh")
+
+    def trace(qw, k=256):  # qweight = the first k columns of qw (a view into the extended rows where k < width)
+        return make_fx(dispatch_functionalize(lambda x, qw, *t: f(x, qw[:, :k], *t)), tracing_mode="fake")(
+            x, qw, ws, b, dn, up).code
+    assert "robuq.qlinear" in trace(plain)  # not extended yet: the opaque op
+    code = trace(full)
+    assert "robuq.qlinear" not in code and "robuq.stacked_codes" not in code
+    assert {"act_quant_bfly_kernel", "lrb_split_kernel"} <= _kernel_names(code), _kernel_names(code)
+    assert "as_strided" in code and code.count("'ACT': 2") == 2
+
+
 @pytest.mark.skipif(not _triton_imports(), reason="triton does not import here")
 @pytest.mark.parametrize("gemm", ["pointer", "tma"])
 def test_functional_decomposition_on_fake_cuda_tensors(gemm, monkeypatch, all_ops):
@@ -210,32 +274,11 @@ def test_functional_decomposition_on_fake_cuda_tensors(gemm, monkeypatch, all_op
     quantizer and the fused-epilogue GEMM; or _scaled_mm), which clone only their outputs (Triton's TTIR, built for an
     sm_90 target, shows which pointers they store to); so does the default ("qat,qlinear").
     ROBUQ_INDUCTOR_DECOMPOSE=0 and "qat" keep the op."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch._subclasses.functional_tensor import dispatch_functionalize
     from torch.fx.experimental.proxy_tensor import make_fx
-    if packing.FP8 is None:
-        pytest.skip("no float8 dtype in this torch")
-
-    class Sm90:  # the TTIR analysis asks the active driver for its target; a CPU machine has none
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-    if not torch.cuda.is_available():  # a CPU machine answers no device questions
-        monkeypatch.setattr(triton.runtime.driver, "_active", Sm90())
-        monkeypatch.setattr(triton_fp8, "_capability", lambda index: (9, 0))
-        monkeypatch.setattr(triton_fp8, "_sms", lambda index: 132)
+    _fake_sm90(monkeypatch)
     monkeypatch.setenv("ROBUQ_FP8_GEMM_KERNEL", gemm)
-    k8 = registry._KERNELS["triton_fp8"]
-    monkeypatch.setitem(registry._KERNELS, "triton_fp8", dataclasses.replace(k8, machine_check=lambda: None))
-    inductor.register()
-    with FakeTensorMode():
-        x = torch.empty(8, 256, dtype=torch.bfloat16, device="cuda")
-        qw = torch.empty(512, 256, dtype=packing.FP8, device="cuda")
-        ws = torch.empty(512, 1, dtype=torch.float32, device="cuda")
-        b = torch.empty(512, dtype=torch.bfloat16, device="cuda")
-        dn = torch.empty(32, 256, dtype=torch.bfloat16, device="cuda")
-        up = torch.empty(512, 32, dtype=torch.bfloat16, device="cuda")
+    x, qw, ws, b, dn, up = _fake_w158_lrb_inputs()
 
     def f(x, qw, ws, b, dn, up):
         return torch.ops.robuq.qlinear(x, qw, ws, b, dn, up, 512, 256, 1.58, 4, 128, True, "absmax")

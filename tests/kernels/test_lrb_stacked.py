@@ -77,10 +77,15 @@ def test_weight_ext_layout_and_refusals():
     q, sx, xh, bh, up, w8, sw = _case(n=40, r=8)
     ext = S.weight_ext(w8, sw, up, 1.0)
     k, r = w8.shape[1], 8
-    assert ext.shape == (40, k + 32) and ext.dtype == torch.float8_e4m3fn  # 3r = 24 -> 32 columns
+    assert ext.shape == (40, k + 32) and ext.dtype == torch.float8_e4m3fn  # 3r + c's slot = 25 -> 32 columns
     assert torch.equal(ext[:, :k].float(), w8.float())
     assert torch.equal(ext[:, k:k + r].float(), ext[:, k + 2 * r:k + 3 * r].float())
-    assert (ext[:, k + 3 * r:].float() == 0).all()
+    assert ext[0, k + 3 * r].item() == 1.0 and S.c_slot(ext, k, r).item() == 1.0  # c, where lrb_split reads it
+    pad = ext[:, k + 3 * r:].float()
+    pad[0, 0] = 0
+    assert (pad == 0).all()
+    assert S.ext_width(32) == 112  # 96 + the slot, to 16
+    assert S.weight_ext(w8, sw, up, 2.0 ** 9) is None  # c beyond e4m3's exact powers of two
     v = up.float() / sw.view(-1, 1)
     assert rel(ext[:, k:k + r].float() + ext[:, k + r:k + 2 * r].float(), v.double()) < 5e-3
     assert S.weight_ext(w8, sw, up * 1e5, 1.0) is None  # |v| > 448
@@ -188,4 +193,23 @@ def test_stacked_layer_with_an_input_activation(monkeypatch):
         mod.input_act = "gelu_tanh"
         y = mod(x)
     assert rel(y, y_plain.double()) < 1e-3
+
+
+@gpu
+def test_stacked_layer_compiled_equals_eager(monkeypatch):
+    """Under torch.compile the first call runs the opaque op (which extends the weight), the recompiled graph the
+    traced stacked path (`inductor._stacked_traced`): outputs equal to eager's, bit for bit (same kernels)."""
+    from robuq_fx import kernels
+    from tests.kernels.test_triton_fp8 import _layer
+    monkeypatch.setenv("ROBUQ_FP8_EPI", "stacked")
+    mod = _layer(1152, 3456, 1.58, 4, True, 128, 32, seed=9).use_device_layout()
+    x = torch.randn(2, 300, 1152, device="cuda", dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    with kernels.use("triton_fp8"), torch.no_grad():
+        compiled = torch.compile(mod)
+        first = compiled(x)
+        assert mod.qweight.stride(0) == 1152 + S.ext_width(32)  # the opaque call extended it
+        second = compiled(x)
+        eager = mod(x)
+    assert torch.equal(first, eager) and torch.equal(second, eager)
 
