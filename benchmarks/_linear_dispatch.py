@@ -172,6 +172,36 @@ def time_under_env(mod, x, var: str, values) -> dict:
     return out
 
 
+def tune_stacked(table: dict, ms, dev) -> None:
+    """Per shape and M bucket, whether a symmetric absmax W1.58A4+H+LRB32 layer runs faster with its branch stacked
+    into `_scaled_mm` (kernels/lrb_stacked.py) than in the epilogue mode the table just chose; a shape whose stacked
+    output is not within 6e-3 (relative Frobenius) of the epilogue GEMM's is left out. Writes "stacked"."""
+    from robuq_fx import kernels
+    from robuq_fx.kernels import dispatch as D
+    for name, k, n in SHAPES:
+        torch.manual_seed(0)
+        w = (torch.randn(n, k, device=dev) / k ** 0.5).to(torch.bfloat16)
+        b = (torch.randn(n, device=dev) * 0.1).to(torch.bfloat16)
+        mod = make_layer(dict(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=128), w, b, 32)
+        picks = {}
+        for m in ms:
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            mode = table["shapes"][f"{n}x{k}"]["epi_mode"][str(m)]
+            with kernels.use("triton_fp8"), torch.no_grad():
+                outs = {}
+                for v in (mode, "stacked"):
+                    os.environ["ROBUQ_FP8_EPI"] = v
+                    outs[v] = mod(x).double()
+                os.environ.pop("ROBUQ_FP8_EPI", None)
+            err = ((outs["stacked"] - outs[mode]).norm() / outs[mode].norm()).item()
+            tt = time_under_env(mod, x, "ROBUQ_FP8_EPI", (mode, "stacked"))
+            picks[str(m)] = bool(err < 6e-3 and tt["stacked"] < tt[mode])
+            print(f"[stacked {name} M={m}] {mode} {tt[mode] * 1e6:.1f}us stacked {tt['stacked'] * 1e6:.1f}us "
+                  f"(rel diff {err:.1e})", flush=True)
+        table["shapes"][f"{n}x{k}"]["stacked"] = picks
+        D.dispatch_table()["shapes"][f"{n}x{k}"]["stacked"] = picks
+
+
 def tune_small_m(variants, ms=(1, 16, 32, 64)) -> int:
     """Largest M at which the single-kernel small-M path (triton_qgemm_small) beats the two-kernel fp8 path on every
     shape and both variants (0: nowhere)."""
@@ -209,7 +239,8 @@ def write_dispatch(args):
                      "(triton_fp8 / cuda_dequant / bf16 F.linear); 'quant': [rows per program, warps, "
                      "chunk (0: one pass)] of the activation quantizer per K/{h,n} and M bucket; 'quant_gluon': "
                      "[lanes, columns a thread] of the Gluon quantizer where it beat that by 3% with equal codes; "
-                     "'epilogue': addmm or triton; 'gemm_kernel': tma or "
+                     "'epilogue': addmm or triton; 'stacked': per M bucket, whether symmetric absmax LRB layers "
+                     "stack the branch into _scaled_mm (lrb_stacked.py); 'gemm_kernel': tma or "
                      "pointer (the fused-epilogue GEMM), 'tma_gemm_cfg' its config per M bucket",
              "shapes": {}}
     D.dispatch_table.cache_clear()
@@ -305,6 +336,8 @@ def write_dispatch(args):
     D.dispatch_table()["epilogue"] = table["epilogue"]
     print(f"epilogue mode (shapes the table does not list): {table['epilogue']}")
     save_partial("epilogue")
+    tune_stacked(table, MS, dev)
+    save_partial("stacked")
     table["small_m_fused_max_m"] = tune_small_m(variants)
     D.dispatch_table()["small_m_fused_max_m"] = table["small_m_fused_max_m"]
     save_partial("small_m")

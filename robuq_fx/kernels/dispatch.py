@@ -109,6 +109,17 @@ def small_m_max() -> int:
     return int(dispatch_table().get("small_m_fused_max_m", 0))
 
 
+def stacked_mode(m: int | None = None, n: int | None = None, k: int | None = None) -> bool:
+    """Whether a symmetric absmax layer with a low-rank branch runs the branch stacked into `_scaled_mm`
+    (lrb_stacked.py): ROBUQ_FP8_EPI=stacked forces it and any other ROBUQ_FP8_EPI value turns it off; else the
+    table's measured choice for this shape and M bucket ("stacked"), off where the table has none."""
+    env = os.environ.get("ROBUQ_FP8_EPI")
+    if env:
+        return env == "stacked"
+    per = dispatch_table().get("shapes", {}).get(f"{n}x{k}", {}).get("stacked")
+    return bool(per and m is not None and per.get(str(m_bucket(m))))
+
+
 def epilogue_mode(m: int | None = None, n: int | None = None, k: int | None = None) -> str:
     """How the asymmetric / LRB terms are added on the fp8 path: "addmm" (cuBLAS _scaled_mm, then one bf16 GEMM
     y += [t, lo'] [A, c]^T in place) or "triton" (our fp8 GEMM with everything in its epilogue). The table's measured

@@ -187,7 +187,7 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
     m_pad = torch.sym_max(16, (m + 15) // 16 * 16)
-    if a.lrb_down is not None and os.environ.get("ROBUQ_FP8_EPI") == "stacked" and _extended(a.qweight, a.lrb_down):
+    if a.lrb_down is not None and _stacked_here(x, k, n, a.a_sym, a.a_clip) and _extended(a.qweight, a.lrb_down):
         return _stacked_traced(x, x2, a, m, m_pad).reshape(*lead, n)
     if _gluon_quant_here(x2, a):
         codes, sx, lo = _gluon_quant_op()(x2, a.hadamard_block, a.a_bits, a.a_sym, m_pad, True, a.input_act)
@@ -216,6 +216,12 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
     up = T._up16(a, x.dtype) if lrb else None
     y = fp8_gemm_op(codes, w8, sx, sw, a.bias, None if a.a_sym else lo, cs, t, up, m, x.dtype)
     return y.reshape(*lead, n)
+
+
+def _stacked_here(x, k: int, n: int, a_sym: bool, a_clip: str) -> bool:
+    """The eager path would run this LRB call in the stacked mode (`dispatch.stacked_mode`)."""
+    from .dispatch import stacked_mode
+    return a_sym and a_clip == "absmax" and stacked_mode(x.numel() // k, n, k)
 
 
 def _extended(qweight: torch.Tensor, lrb_down: torch.Tensor) -> bool:
@@ -265,7 +271,8 @@ def _qlinear_decomposition(x, qweight, w_scale, bias, lrb_down, lrb_up, out_feat
         return NotImplemented
     if _gluon_opt_in():  # the eager op runs the opt-in Gluon kernels, which Inductor cannot launch: keep it opaque
         return NotImplemented
-    if lrb_down is not None and os.environ.get("ROBUQ_FP8_EPI") == "stacked" and not _extended(qweight, lrb_down):
+    if lrb_down is not None and _stacked_here(x, in_features, out_features, a_sym, a_clip) \
+            and not _extended(qweight, lrb_down):
         # the stacked mode's extended weight is made (and range-checked) by an eager call: the opaque op runs the
         # first one, which re-points qweight into it; its new strides fail Dynamo's guard and the recompiled graph
         # traces the stacked path below

@@ -12,8 +12,8 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
     ("ROBUQ_FP8_MIN_M", "(table)", "smallest M on the fp8 path for every shape (below: cuda_dequant)"),
     ("ROBUQ_FP8_SMALL_M", "(table: 0)", "largest M for the one-kernel small-M path; off until measured"),
     ("ROBUQ_FP8_EPI", "(table)", "asymmetric / LRB terms: addmm after _scaled_mm, or triton (fused epilogue); "
-                                 "stacked: symmetric absmax LRB layers as one _scaled_mm over K + 3r columns "
-                                 "(lrb_stacked.py; not yet timed)"),
+                                 "stacked: symmetric absmax LRB layers as one _scaled_mm over K + 3r + 16 columns "
+                                 "(lrb_stacked.py; the table's 'stacked' where it lists one)"),
     ("ROBUQ_FP8_GEMM", "(cuBLAS)", "triton: our fp8 GEMM also for symmetric layers without LRB"),
     ("ROBUQ_QUANT_KERNEL", "(table)", "gluon: the activation quantizer with hand-picked layouts "
                                       "(kernels/gluon_act_quant.py) wherever it applies; triton: never; unset: where "

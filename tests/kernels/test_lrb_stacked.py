@@ -213,3 +213,16 @@ def test_stacked_layer_compiled_equals_eager(monkeypatch):
         eager = mod(x)
     assert torch.equal(first, eager) and torch.equal(second, eager)
 
+
+
+def test_the_dispatch_picks_the_mode_per_shape_and_m_bucket(monkeypatch):
+    """dispatch.stacked_mode: the table's per-bucket choice, ROBUQ_FP8_EPI=stacked forcing it and another value
+    turning it off, off for shapes the table does not list."""
+    from robuq_fx.kernels import dispatch as D
+    monkeypatch.delenv("ROBUQ_FP8_EPI", raising=False)
+    monkeypatch.setattr(D, "dispatch_table", lambda: {"shapes": {"96x256": {"stacked": {"256": True, "1024": False}}}})
+    assert D.stacked_mode(100, 96, 256) and not D.stacked_mode(600, 96, 256) and not D.stacked_mode(100, 97, 256)
+    monkeypatch.setenv("ROBUQ_FP8_EPI", "triton")
+    assert not D.stacked_mode(100, 96, 256)
+    monkeypatch.setenv("ROBUQ_FP8_EPI", "stacked")
+    assert D.stacked_mode(600, 97, 256)
