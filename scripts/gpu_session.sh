@@ -38,7 +38,8 @@
 # call self-contained, and send the next one at once. Order for a 30-minute session on one nvidia-h200 (x2 steps
 # only where that kind is lent):
 #   1. dit-stacked      (~7 min: the stacked LRB mode's GPU tests, then the paper policy with it, b1 / b64)
-#   2. linear table     (~3 min: bench_linear with the stacked column, the committed dispatch table)
+#   2. linear           (~5 min: the dispatch sweep, now also choosing the stacked mode per shape / M bucket, then
+#                        bench_linear with its stacked column; commit $OUT/dispatch_table.json if it picks it)
 #   3. recheck          (~8 min: the compiled addmm-mode add piece by piece; the Inductor, fp8 GEMM and QAT tests)
 #   then, in the time left: dit (the #17 keys with session 8's kernels), attention (~2 min), dit-low; on x2: ddp
 set -uo pipefail
