@@ -162,6 +162,27 @@ def _gluon_quant_op():
     return torch.ops.robuq.act_quant_gluon
 
 
+@functools.lru_cache(maxsize=None)
+def _stacked_codes_gluon_op():
+    """robuq::stacked_codes_gluon: `lrb_stacked.stacked_codes` run eagerly as one opaque op, so that under CUDA
+    graphs the stacked mode keeps the Gluon quantizer where the table picks it (as `_gluon_quant_op`)."""
+    from torch.library import custom_op
+    from .lrb_stacked import ext_width, stacked_codes
+
+    @custom_op("robuq::stacked_codes_gluon", mutates_args=())
+    def op(x2: torch.Tensor, bh: torch.Tensor, c: torch.Tensor, block: int, a_bits: int, clip: str, m_store: int,
+           act: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        return stacked_codes(x2, bh, c, block, a_bits, clip, m_store, act)
+
+    @op.register_fake
+    def _(x2, bh, c, block, a_bits, clip, m_store, act=""):
+        return (x2.new_empty(m_store, x2.shape[1] + ext_width(bh.shape[0]), dtype=torch.float8_e4m3fn),
+                x2.new_empty(m_store, dtype=torch.float32))
+
+    _DEFS.append(op)
+    return torch.ops.robuq.stacked_codes_gluon
+
+
 def _gluon_quant_here(x2: torch.Tensor, a: QLinearArgs) -> bool:
     """The compiled graph replays under CUDA graphs and the table picks the Gluon quantizer for this call."""
     from torch._inductor import config
@@ -235,15 +256,16 @@ def _extended(qweight: torch.Tensor, lrb_down: torch.Tensor) -> bool:
 
 def _stacked_traced(x, x2, a: QLinearArgs, m, m_pad) -> torch.Tensor:
     """`lrb_stacked.stacked_qlinear` in graph-traceable form: the extended weight read through qweight's storage,
-    c from its slot there, the codes by one triton_op (quantizer + lrb_split), then `_scaled_mm`."""
+    c from its slot there, the codes by one triton_op (quantizer + lrb_split; under CUDA graphs where the table picks
+    the Gluon quantizer, one opaque op instead), then `_scaled_mm`."""
     from . import lrb_stacked as S
     from . import triton_fp8 as T
     from . import weight_cache as W
     k, n, r = a.in_features, a.out_features, a.lrb_down.shape[0]
     full = a.qweight.as_strided((n, k + S.ext_width(r)), (k + S.ext_width(r), 1))
     bh = W.rotated_down(a, x.dtype)
-    wide, sx = torch.ops.robuq.stacked_codes(x2, bh, S.c_slot(full, k, r), a.hadamard_block, a.a_bits, a.a_clip,
-                                             m_pad, a.input_act)
+    codes_op = _stacked_codes_gluon_op() if _gluon_quant_here(x2, a) else torch.ops.robuq.stacked_codes
+    wide, sx = codes_op(x2, bh, S.c_slot(full, k, r), a.hadamard_block, a.a_bits, a.a_clip, m_pad, a.input_act)
     bias = None if a.bias is None else a.bias.to(torch.bfloat16)
     y = T._scaled_mm(wide, full, sx, W.scale_vec(a.w_scale, n), bias)[:m]
     return y if y.dtype == x.dtype else y.to(x.dtype)

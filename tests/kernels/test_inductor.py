@@ -264,6 +264,11 @@ def test_stacked_mode_traces_once_the_weight_is_extended(monkeypatch, all_ops):
     assert "robuq.qlinear" not in code and "robuq.stacked_codes" not in code
     assert {"act_quant_bfly_kernel", "lrb_split_kernel"} <= _kernel_names(code), _kernel_names(code)
     assert "as_strided" in code and code.count("'ACT': 2") == 2
+    import torch._inductor.config as ic
+    from robuq_fx.kernels import quantizer
+    monkeypatch.setattr(quantizer, "_gluon_plan", lambda *a: (1,))  # the table picks the Gluon quantizer here
+    with ic.patch({"triton.cudagraphs": True}):  # under CUDA graphs: the codes through one opaque op
+        assert "robuq.stacked_codes_gluon.default(" in trace(full)
 
 
 @pytest.mark.skipif(not _triton_imports(), reason="triton does not import here")
