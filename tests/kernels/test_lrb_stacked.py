@@ -181,7 +181,9 @@ def test_stacked_mode_runs_and_matches_the_epilogue_gemm(k, n, m, monkeypatch):
 @gpu
 def test_stacked_layer_with_an_input_activation(monkeypatch):
     """A fused GELU (passes/act_fuse.py) on a stacked layer: the quantizer and lrb_split both read act(x); the
-    output equals the layer run on the materialized activation (same codes, same kernels)."""
+    output matches the layer run on the materialized activation as tests/kernels/test_input_act.py bounds it (the
+    kernel's fp32 GELU and ATen's may round to neighbouring bf16 values, flipping a rare code): >= 99% of rows
+    equal, 1e-2 relative overall."""
     from robuq_fx import kernels
     from robuq_fx.kernels.qlinear import apply_input_act
     from tests.kernels.test_triton_fp8 import _layer
@@ -192,7 +194,8 @@ def test_stacked_layer_with_an_input_activation(monkeypatch):
         y_plain = mod(apply_input_act(x, "gelu_tanh"))
         mod.input_act = "gelu_tanh"
         y = mod(x)
-    assert rel(y, y_plain.double()) < 1e-3
+    assert (y == y_plain).all(dim=1).float().mean().item() >= 0.99
+    assert rel(y, y_plain.double()) < 1e-2
 
 
 @gpu
