@@ -143,6 +143,22 @@ def _extended_storage(a: QLinearArgs, e, w: int) -> torch.Tensor:
     return full
 
 
+def stacked_or_none(x2: torch.Tensor, a: QLinearArgs, e, bh: torch.Tensor, m_pad: int) -> torch.Tensor | None:
+    """`stacked_qlinear` for a symmetric absmax layer with a branch, or None (with one warning naming the layer's
+    shape and why) where it cannot run: the caller then takes the Triton epilogue GEMM."""
+    from .registry import warn_once
+    from .triton_lowrank import lrb_down_ok
+    why = stacked_reason(a) or (None if lrb_down_ok(x2, bh) else "the down-projection kernel does not take x")
+    ext = cached_weight_ext(a, e, bh) if why is None else None
+    if why is None and ext.w is None:
+        why = "A c / s_w or c leaves fp8's range"
+    if why is not None:
+        warn_once(f"robuq_fx: stacked LRB mode: a {a.out_features}x{a.in_features} layer keeps the Triton epilogue "
+                  f"GEMM ({why})")
+        return None
+    return stacked_qlinear(x2, a, e, bh, ext, m_pad)
+
+
 def stacked_qlinear(x2: torch.Tensor, a: QLinearArgs, e, bh: torch.Tensor, ext: _Ext, m_pad: int) -> torch.Tensor:
     """y (M, N) in bf16 for a symmetric absmax layer with a branch: the quantizer writes the first K code columns,
     `lrb_split` the rest, one `_scaled_mm` over both."""

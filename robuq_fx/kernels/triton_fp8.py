@@ -40,7 +40,6 @@ from .qlinear import apply_input_act
 from .quantizer import act_quant, on_device, quant_supported
 from .reference import spec_of
 from .registry import QLinearArgs, forced, register
-from .registry import warn_once as _warn_once
 from .weight_cache import (_WCACHE, _Entry, _deq_weight, _fp8_layout, _fp8_weights, _rot_down,  # noqa: F401
                            clear_caches)
 
@@ -281,22 +280,6 @@ def fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
     return call(x, a, _fp8_qlinear)
 
 
-def _stacked(x2, a: QLinearArgs, e, m_pad: int):
-    """The branch stacked into `_scaled_mm` (lrb_stacked.py), or None (with one warning) where the layer cannot."""
-    from . import lrb_stacked as S
-    from .triton_lowrank import lrb_down_ok
-    bh = _rot_down(a, x2.dtype)
-    why = S.stacked_reason(a) or (None if lrb_down_ok(x2, bh) else "the down-projection kernel does not take x")
-    ext = S.cached_weight_ext(a, e, bh) if why is None else None
-    if why is None and ext.w is None:
-        why = "A c / s_w leaves fp8's range"
-    if why is not None:
-        _warn_once(f"robuq_fx: ROBUQ_FP8_EPI=stacked: a {a.out_features}x{a.in_features} layer keeps the Triton "
-                   f"epilogue GEMM ({why})")
-        return None
-    return S.stacked_qlinear(x2, a, e, bh, ext, m_pad)
-
-
 def _fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
     k, n = a.in_features, a.out_features
     lead = x.shape[:-1]
@@ -326,7 +309,8 @@ def _fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
     m_pad = max(16, -(-m // 16) * 16)
     lrb = a.lrb_down is not None
     if lrb and a.a_sym and a.a_clip == "absmax" and stacked_mode(m, n, k):
-        y = _stacked(x2, a, e, m_pad)
+        from .lrb_stacked import stacked_or_none
+        y = stacked_or_none(x2, a, e, _rot_down(a, x2.dtype), m_pad)
         if y is not None:
             return y if x.dim() == 2 else y.reshape(*lead, n)
     codes, sx, lo = act_quant(x2, a.hadamard_block, a.a_bits, a.a_sym, m_store=m_pad, shift=True, clip=a.a_clip,
