@@ -1,4 +1,5 @@
-"""The low-rank branch stacked into the fp8 GEMM (`ROBUQ_FP8_EPI=stacked`; opt-in until timed on a GPU).
+"""The low-rank branch stacked into the fp8 GEMM (`ROBUQ_FP8_EPI=stacked`, or where the dispatch table's `stacked`
+says so: `dispatch.stacked_mode`; not yet timed on a GPU).
 
 The branch adds t A^T, t = (x H) B^T (M, r), to y = s_x s_w (q_x q_w^T). Written as
 
@@ -9,14 +10,19 @@ layer is cuBLAS's fp8 GEMM (the Triton epilogue GEMM it replaces ran ~1.4x slowe
 DiT shapes). u and v are not integers: each is split into two fp8 e4m3 terms (u ~ u1 + u2, v ~ v1 + v2, each
 residual exact to ~2^-8 of the value) and the columns [u1, u1, u2] meet [v1, v2, v1]:
 u1 v1 + u1 v2 + u2 v1 = u v up to ~3 * 2^-8 relative on the branch's term (bf16's t A^T rounds to 2^-9 per
-factor), for 3r extra columns (K + 96 at rank 32: +8% of the main GEMM at K = 1152, +2% at K = 4608).
+factor), for 3r extra columns plus one slot for c (below), rounded to 16: K + 112 at rank 32, +10% of the main
+GEMM's work at K = 1152, +2.4% at K = 4608.
 
 Range: e4m3 holds |u| <= 448. For symmetric absmax codes |x H| <= s_x qmax, so |t_j| <= sqrt(K) s_x qmax |(B H)_j|
 and |u| <= sqrt(K) qmax max_j |(B H)_j| / c: c is the power of two that brings that bound to `U_MAX`, whatever
 the input. v = A c / s_w must then fit too (checked once per weight; else the layer keeps the Triton epilogue).
 Asymmetric and sigma-clipped activations (whose codes do not bound |x H|) keep the Triton epilogue GEMM.
 
-The weight side, [q_w, v1, v2, v1] (N, K + W) fp8 with W = 3r rounded up to 16, holds the only copy of the codes:
+c sits in row 0, column K + 3r of the extended weight, where the activation side's column is zero: it adds nothing to
+the product, and `lrb_split_kernel` and compiled graphs read it on the device (no host value in a graph).
+
+The weight side, [q_w, v1, v2, v1, c slot] (N, K + W) fp8 with W = 3r + 1 rounded up to 16, holds the only copy of
+the codes:
 on the fp8 layout the module's `qweight` buffer is re-pointed (`Tensor.set_`) to the first K columns of that matrix
 (same values, row stride K + W; `_save_to_state_dict` packs the codes as always, a device move makes it contiguous
 again and the next call re-extends it; the kernels that assume K-byte weight rows -- the TMA GEMM, the small-M and
