@@ -125,7 +125,7 @@ def epilogue_mode(m: int | None = None, n: int | None = None, k: int | None = No
     y += [t, lo'] [A, c]^T in place) or "triton" (our fp8 GEMM with everything in its epilogue). The table's measured
     choice for this shape and M bucket ("epi_mode"), else its global "epilogue"."""
     env = os.environ.get("ROBUQ_FP8_EPI")
-    if env in ("addmm", "triton", "stacked"):  # stacked: opt-in (lrb_stacked.py), never in the table yet
+    if env in ("addmm", "triton", "stacked"):  # stacked: `stacked_mode` decides it; layers it leaves take triton
         return env
     t = dispatch_table()
     if m is not None:

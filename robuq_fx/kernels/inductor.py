@@ -208,7 +208,8 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
     m_pad = torch.sym_max(16, (m + 15) // 16 * 16)
-    if a.lrb_down is not None and _stacked_here(x, k, n, a.a_sym, a.a_clip) and _extended(a.qweight, a.lrb_down):
+    from .lrb_stacked import is_extended, takes_stacked
+    if takes_stacked(a, m) and is_extended(a.qweight, k, a.lrb_down.shape[0]):
         return _stacked_traced(x, x2, a, m, m_pad).reshape(*lead, n)
     if _gluon_quant_here(x2, a):
         codes, sx, lo = _gluon_quant_op()(x2, a.hadamard_block, a.a_bits, a.a_sym, m_pad, True, a.input_act)
@@ -239,21 +240,6 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
     return y.reshape(*lead, n)
 
 
-def _stacked_here(x, k: int, n: int, a_sym: bool, a_clip: str) -> bool:
-    """The eager path would run this LRB call in the stacked mode (`dispatch.stacked_mode`)."""
-    from .dispatch import stacked_mode
-    return a_sym and a_clip == "absmax" and stacked_mode(x.numel() // k, n, k)
-
-
-def _extended(qweight: torch.Tensor, lrb_down: torch.Tensor) -> bool:
-    """qweight (fp8, N x K) sits in the first K columns of the stacked mode's extended weight (lrb_stacked.py)."""
-    from .lrb_stacked import ext_width
-    n, k = qweight.shape if qweight.dim() == 2 else (0, 0)
-    w = ext_width(lrb_down.shape[0])
-    return (qweight.dtype == packing.FP8 and qweight.dim() == 2 and qweight.stride() == (k + w, 1)
-            and qweight.storage_offset() == 0 and qweight.untyped_storage().nbytes() >= n * (k + w))
-
-
 def _stacked_traced(x, x2, a: QLinearArgs, m, m_pad) -> torch.Tensor:
     """`lrb_stacked.stacked_qlinear` in graph-traceable form: the extended weight read through qweight's storage,
     c from its slot there, the codes by one triton_op (quantizer + lrb_split; under CUDA graphs where the table picks
@@ -262,7 +248,8 @@ def _stacked_traced(x, x2, a: QLinearArgs, m, m_pad) -> torch.Tensor:
     from . import triton_fp8 as T
     from . import weight_cache as W
     k, n, r = a.in_features, a.out_features, a.lrb_down.shape[0]
-    full = a.qweight.as_strided((n, k + S.ext_width(r)), (k + S.ext_width(r), 1))
+    width = k + S.ext_width(r)
+    full = a.qweight.as_strided((n, width), (width, 1))
     bh = W.rotated_down(a, x.dtype)
     codes_op = _stacked_codes_gluon_op() if _gluon_quant_here(x2, a) else torch.ops.robuq.stacked_codes
     wide, sx = codes_op(x2, bh, S.c_slot(full, k, r), a.hadamard_block, a.a_bits, a.a_clip, m_pad, a.input_act)
@@ -293,8 +280,8 @@ def _qlinear_decomposition(x, qweight, w_scale, bias, lrb_down, lrb_up, out_feat
         return NotImplemented
     if _gluon_opt_in():  # the eager op runs the opt-in Gluon kernels, which Inductor cannot launch: keep it opaque
         return NotImplemented
-    if lrb_down is not None and _stacked_here(x, in_features, out_features, a_sym, a_clip) \
-            and not _extended(qweight, lrb_down):
+    from .lrb_stacked import is_extended, takes_stacked
+    if takes_stacked(a, x.numel() // in_features) and not is_extended(qweight, in_features, lrb_down.shape[0]):
         # the stacked mode's extended weight is made (and range-checked) by an eager call: the opaque op runs the
         # first one, which re-points qweight into it; its new strides fail Dynamo's guard and the recompiled graph
         # traces the stacked path below

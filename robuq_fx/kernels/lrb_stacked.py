@@ -37,6 +37,7 @@ import math
 import torch
 
 from .. import quantizers as Q
+from .dispatch import stacked_mode
 from .registry import QLinearArgs, tensor_key
 
 U_MAX = 224.0  # the bound put on |u| (e4m3's largest finite value is 448: a factor 2 of margin)
@@ -58,6 +59,19 @@ def stacked_reason(a: QLinearArgs) -> str | None:
     if not a.a_sym or a.a_clip != "absmax":
         return "asymmetric or clipped activations do not bound |x H| by s_x qmax"
     return None
+
+
+def takes_stacked(a: QLinearArgs, m) -> bool:
+    """This call runs the stacked mode: the layer can (`stacked_reason`) and the dispatch picks it for this shape and
+    M (`dispatch.stacked_mode`). The eager path and the Inductor decomposition both ask this."""
+    return stacked_reason(a) is None and stacked_mode(m, a.out_features, a.in_features)
+
+
+def is_extended(qweight: torch.Tensor, k: int, r: int) -> bool:
+    """qweight (fp8, N x K) sits in the first K columns of the extended weight for rank r (an earlier call made it)."""
+    w = ext_width(r)
+    return (qweight.dtype == torch.float8_e4m3fn and qweight.dim() == 2 and qweight.stride() == (k + w, 1)
+            and qweight.storage_offset() == 0 and qweight.untyped_storage().nbytes() >= qweight.shape[0] * (k + w))
 
 
 def split_fp8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,12 +100,6 @@ def ext_columns(sw: torch.Tensor, up: torch.Tensor, c: float) -> torch.Tensor | 
     ext[:, :r], ext[:, r:2 * r], ext[:, 2 * r:3 * r] = v1, v2, v1
     ext[0, 3 * r] = c
     return ext
-
-
-def weight_ext(w8: torch.Tensor, sw: torch.Tensor, up: torch.Tensor, c: float) -> torch.Tensor | None:
-    """[q_w, v1, v2, v1, 0...] (N, K + W) fp8, a new tensor (`ext_columns`; None where they are out of range)."""
-    cols = ext_columns(sw, up, c)
-    return None if cols is None else torch.cat([w8, cols], 1)
 
 
 def act_ext_reference(t: torch.Tensor, sx: torch.Tensor, c: float, w: int) -> torch.Tensor:
@@ -137,8 +145,7 @@ def _extended_storage(a: QLinearArgs, e, w: int) -> torch.Tensor:
     counter with the buffer); on the packed layout a copy next to the cache's codes."""
     n, k = a.out_features, a.in_features
     qw = a.qweight
-    if qw.dtype == torch.float8_e4m3fn and qw.dim() == 2 and qw.stride() == (k + w, 1) \
-            and qw.storage_offset() == 0 and qw.untyped_storage().nbytes() >= n * (k + w):
+    if is_extended(qw, k, a.lrb_down.shape[0]):
         return qw.data.as_strided((n, k + w), (k + w, 1))  # already extended (an earlier call)
     full = torch.empty(n, k + w, device=e.fp8.device, dtype=torch.float8_e4m3fn)
     full[:, :k] = e.fp8
@@ -150,11 +157,11 @@ def _extended_storage(a: QLinearArgs, e, w: int) -> torch.Tensor:
 
 
 def stacked_or_none(x2: torch.Tensor, a: QLinearArgs, e, bh: torch.Tensor, m_pad: int) -> torch.Tensor | None:
-    """`stacked_qlinear` for a symmetric absmax layer with a branch, or None (with one warning naming the layer's
-    shape and why) where it cannot run: the caller then takes the Triton epilogue GEMM."""
+    """`stacked_qlinear` for a call `takes_stacked` admitted, or None (with one warning naming the layer's shape and
+    why) where it cannot run: the caller then takes the Triton epilogue GEMM."""
     from .registry import warn_once
     from .triton_lowrank import lrb_down_ok
-    why = stacked_reason(a) or (None if lrb_down_ok(x2, bh) else "the down-projection kernel does not take x")
+    why = None if lrb_down_ok(x2, bh) else "the down-projection kernel does not take x"
     ext = cached_weight_ext(a, e, bh) if why is None else None
     if why is None and ext.w is None:
         why = "A c / s_w or c leaves fp8's range"

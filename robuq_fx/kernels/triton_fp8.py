@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from .. import layer
 from .. import quantizers as Q
 from .dispatch import (epilogue_mode, fp8_min_m, gemm_config, gemm_kernel, gluon_gemm_config, small_m_max,
-                       stacked_mode, tma_gemm_config)
+                       tma_gemm_config)
+from .lrb_stacked import stacked_or_none, takes_stacked
 from .qlinear import apply_input_act
 from .quantizer import act_quant, on_device, quant_supported
 from .reference import spec_of
@@ -308,8 +309,7 @@ def _fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
         return y if x.dim() == 2 else y.reshape(*lead, n)
     m_pad = max(16, -(-m // 16) * 16)
     lrb = a.lrb_down is not None
-    if lrb and a.a_sym and a.a_clip == "absmax" and stacked_mode(m, n, k):
-        from .lrb_stacked import stacked_or_none
+    if takes_stacked(a, m):
         y = stacked_or_none(x2, a, e, _rot_down(a, x2.dtype), m_pad)
         if y is not None:
             return y if x.dim() == 2 else y.reshape(*lead, n)

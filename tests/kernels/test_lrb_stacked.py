@@ -26,11 +26,17 @@ def _case(m=200, k=256, n=192, r=32, seed=0):
     return q, sx, xh, bh, up, w8, sw
 
 
+def weight_ext(w8, sw, up, c):
+    """[q_w, v1, v2, v1, c slot] (N, K + W) as one new tensor, or None where `ext_columns` refuses."""
+    cols = S.ext_columns(sw, up, c)
+    return None if cols is None else torch.cat([w8, cols], 1)
+
+
 def _stacked_y(q, sx, xh, bh, up, w8, sw):
     """The stacked GEMM in float64 on the fp8 operands (what _scaled_mm computes, before its bf16 rounding)."""
     k = q.shape[1]
     c = S.scale_c(bh, k, 4)
-    ext = S.weight_ext(w8, sw, up, c)
+    ext = weight_ext(w8, sw, up, c)
     t = (xh.double() @ bh.double().t()).float()
     wide = torch.cat([q.to(torch.float8_e4m3fn), S.act_ext_reference(t, sx, c, S.ext_width(bh.shape[0]))], 1)
     return (wide.double() @ ext.double().t()) * sx.double().view(-1, 1) * sw.double().view(1, -1), c
@@ -75,7 +81,7 @@ def test_u_stays_in_range_for_the_worst_input():
 
 def test_weight_ext_layout_and_refusals():
     q, sx, xh, bh, up, w8, sw = _case(n=40, r=8)
-    ext = S.weight_ext(w8, sw, up, 1.0)
+    ext = weight_ext(w8, sw, up, 1.0)
     k, r = w8.shape[1], 8
     assert ext.shape == (40, k + 32) and ext.dtype == torch.float8_e4m3fn  # 3r + c's slot = 25 -> 32 columns
     assert torch.equal(ext[:, :k].float(), w8.float())
@@ -85,13 +91,13 @@ def test_weight_ext_layout_and_refusals():
     pad[0, 0] = 0
     assert (pad == 0).all()
     assert S.ext_width(32) == 112  # 96 + the slot, to 16
-    assert S.weight_ext(w8, sw, up, 2.0 ** 9) is None  # c beyond e4m3's exact powers of two
+    assert weight_ext(w8, sw, up, 2.0 ** 9) is None  # c beyond e4m3's exact powers of two
     v = up.float() / sw.view(-1, 1)
     assert rel(ext[:, k:k + r].float() + ext[:, k + r:k + 2 * r].float(), v.double()) < 5e-3
-    assert S.weight_ext(w8, sw, up * 1e5, 1.0) is None  # |v| > 448
+    assert weight_ext(w8, sw, up * 1e5, 1.0) is None  # |v| > 448
     sw0 = sw.clone()
     sw0[3] = 0
-    assert S.weight_ext(w8, sw0, up, 1.0) is None  # a channel with no scale but a branch
+    assert weight_ext(w8, sw0, up, 1.0) is None  # a channel with no scale but a branch
 
 
 def test_act_ext_zero_rows_and_padding_columns():
