@@ -11,7 +11,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from bench_linear import MS, SHAPES, geomean, make_layer, time_graph
+from bench_linear import MS, SHAPES, _with_env, geomean, make_layer, time_graph
 
 
 def time_config(fn) -> float:
@@ -188,11 +188,7 @@ def tune_stacked(table: dict, ms, dev) -> None:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             mode = table["shapes"][f"{n}x{k}"]["epi_mode"][str(m)]
             with kernels.use("triton_fp8"), torch.no_grad():
-                outs = {}
-                for v in (mode, "stacked"):
-                    os.environ["ROBUQ_FP8_EPI"] = v
-                    outs[v] = mod(x).double()
-                os.environ.pop("ROBUQ_FP8_EPI", None)
+                outs = {v: _with_env(lambda: mod(x), "ROBUQ_FP8_EPI", v)().double() for v in (mode, "stacked")}
             err = ((outs["stacked"] - outs[mode]).norm() / outs[mode].norm()).item()
             tt = time_under_env(mod, x, "ROBUQ_FP8_EPI", (mode, "stacked"))
             picks[str(m)] = bool(err < 6e-3 and tt["stacked"] < tt[mode])

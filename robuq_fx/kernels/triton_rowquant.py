@@ -121,8 +121,7 @@ def fake_quant_rows_kernel(x_ptr, out_ptr, n_rows, n1, n2, sx0, sx1, sx2, sxd, l
         v = lo[:, None] + sq
     tl.store(out_ptr + obase[:, None] + cols[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
     if CODES:
-        tl.store(codes_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], q.to(codes_ptr.dtype.element_ty),
-                 mask=mask)
+        tl.store(codes_ptr + obase[:, None] + cols[None, :], q.to(codes_ptr.dtype.element_ty), mask=mask)
         tl.store(scale_ptr + rows, s, mask=rmask)
 
 
