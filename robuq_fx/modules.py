@@ -172,11 +172,22 @@ class PackedLinear(nn.Module):
         w = packing.to_fp8_codes(codes) if layout == "fp8" else packing.pack(codes, self.spec.w_bits)
         self._buffers["qweight"] = w.contiguous()
         self.__dict__.pop("_op_args", None)
+        self._prepare_stacked()
         return self
+
+    def _prepare_stacked(self) -> None:
+        """The stacked LRB mode's extended weight, made now, before torch.compile sees qweight (fp8 layout on a GPU,
+        where the dispatch may pick the mode: kernels/lrb_stacked.py)."""
+        if self.layout == "fp8" and self.lrb_down is not None and self.qweight.is_cuda:
+            from .kernels.lrb_stacked import prepare
+            prepare(self)
 
     def use_device_layout(self) -> "PackedLinear":
         """The layout the kernels of qweight's device read best: fp8 where fp8 tensor cores take the codes."""
-        return self.set_layout("fp8" if fp8_layout_ok(self.qweight.device, self.spec.w_bits) else "packed")
+        layout = "fp8" if fp8_layout_ok(self.qweight.device, self.spec.w_bits) else "packed"
+        if layout == self.layout:  # (a device move of an extended weight made it contiguous again)
+            self._prepare_stacked()
+        return self.set_layout(layout)
 
     def _apply(self, fn, recurse=True):
         # qweight holds codes and w_scale their scales in a chosen precision: device moves apply, casts do not

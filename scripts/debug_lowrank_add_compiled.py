@@ -52,8 +52,8 @@ def main() -> None:
     up = (torch.randn(n, r, device=dev) * 0.05).bfloat16()
     x2 = torch.randn(m, k, device=dev).bfloat16()
     bh = (torch.randn(r, k, device=dev) * 0.05).bfloat16()
-    codes = torch.randint(-7, 8, (m_pad, k), device=dev).float().to(T.packing.FP8)
-    w8 = torch.randint(-1, 2, (n, k), device=dev).float().to(T.packing.FP8)
+    codes = torch.randint(-7, 8, (m_pad, k), device=dev).float().to(torch.float8_e4m3fn)
+    w8 = torch.randint(-1, 2, (n, k), device=dev).float().to(torch.float8_e4m3fn)
     sx = torch.rand(m_pad, device=dev) * 0.01
     sw = torch.rand(n, device=dev) * 0.01
     bias = (torch.randn(n, device=dev) * 0.1).bfloat16()

@@ -120,6 +120,15 @@ def stacked_mode(m: int | None = None, n: int | None = None, k: int | None = Non
     return bool(per and m is not None and per.get(str(m_bucket(m))))
 
 
+def stacked_any(n: int, k: int) -> bool:
+    """Whether `stacked_mode` may pick the stacked mode at some M for an N x K layer (ROBUQ_FP8_EPI=stacked, or any
+    M bucket of the table's "stacked" for the shape): `lrb_stacked.prepare` extends such a layer's weight up front."""
+    env = os.environ.get("ROBUQ_FP8_EPI")
+    if env:
+        return env == "stacked"
+    return any((dispatch_table().get("shapes", {}).get(f"{n}x{k}", {}).get("stacked") or {}).values())
+
+
 def epilogue_mode(m: int | None = None, n: int | None = None, k: int | None = None) -> str:
     """How the asymmetric / LRB terms are added on the fp8 path: "addmm" (cuBLAS _scaled_mm, then one bf16 GEMM
     y += [t, lo'] [A, c]^T in place) or "triton" (our fp8 GEMM with everything in its epilogue). The table's measured

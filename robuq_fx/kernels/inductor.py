@@ -282,10 +282,12 @@ def _qlinear_decomposition(x, qweight, w_scale, bias, lrb_down, lrb_up, out_feat
         return NotImplemented
     from .lrb_stacked import is_extended, takes_stacked
     if takes_stacked(a, x.numel() // in_features) and not is_extended(qweight, in_features, lrb_down.shape[0]):
-        # the stacked mode's extended weight is made (and range-checked) by an eager call: the opaque op runs the
-        # first one, which re-points qweight into it; its new strides fail Dynamo's guard and the recompiled graph
-        # traces the stacked path below
-        return NotImplemented
+        # the stacked mode's weight is extended by PackedLinear.set_layout("fp8") (lrb_stacked.prepare); one that is
+        # not (ROBUQ_FP8_EPI set after the layer went to the GPU) traces the Triton epilogue GEMM: an opaque call
+        # extending it inside the graph would change an input's strides under the compiled code
+        _warn_once(f"robuq_fx: a {out_features}x{in_features} layer takes the Triton epilogue GEMM under torch.compile "
+                   "instead of the stacked LRB mode: its weight was not extended before compiling (move the model to "
+                   "the GPU, or call use_device_layout, after setting ROBUQ_FP8_EPI / the dispatch table)")
     try:
         return qlinear_traced(x, a)
     except Exception as e:  # noqa: BLE001 - never fail a compile over the fast path: keep the eager op

@@ -37,7 +37,7 @@ import math
 import torch
 
 from .. import quantizers as Q
-from .dispatch import stacked_mode
+from .dispatch import stacked_any, stacked_mode
 from .registry import QLinearArgs, tensor_key
 
 U_MAX = 224.0  # the bound put on |u| (e4m3's largest finite value is 448: a factor 2 of margin)
@@ -154,6 +154,21 @@ def _extended_storage(a: QLinearArgs, e, w: int) -> torch.Tensor:
             qw.set_(full.untyped_storage(), 0, (n, k), (k + w, 1))  # the old storage goes with the cache entry
         e.fp8 = qw.detach()
     return full
+
+
+def prepare(mod) -> bool:
+    """Extend an fp8-layout PackedLinear's weight now, where the stacked mode may run for its shape
+    (`dispatch.stacked_any`), so that torch.compile sees qweight with its final strides: a graph compiled before the
+    first eager call re-pointed it would fail Inductor's stride check of its inputs after it (the mode cannot extend
+    the weight inside a compiled graph). `PackedLinear.set_layout("fp8")` calls it; True where it extended."""
+    if getattr(mod, "layout", None) != "fp8" or mod.lrb_down is None or not mod.qweight.is_cuda:
+        return False
+    a = QLinearArgs(mod.qweight, mod.w_scale, mod.bias, mod.lrb_down, mod.lrb_up, *mod.op_args())
+    if stacked_reason(a) is not None or not stacked_any(a.out_features, a.in_features):
+        return False
+    from .weight_cache import _fp8_weights, _rot_down
+    dt = a.lrb_down.dtype if a.lrb_down.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    return cached_weight_ext(a, _fp8_weights(a), _rot_down(a, dt)).w is not None
 
 
 def stacked_or_none(x2: torch.Tensor, a: QLinearArgs, e, bh: torch.Tensor, m_pad: int) -> torch.Tensor | None:

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from .triton_act_quant import ACTS, _input_act
 from .triton_launch import launch
+from .triton_rowquant import _RINT
 
 BM, BN, WARPS = 64, 128, 4
 DOWN_BM, DOWN_BK, DOWN_WARPS, DOWN_STAGES = 64, 128, 4, 3
@@ -61,6 +62,19 @@ def lrb_down_kernel(x_ptr, b_ptr, t_ptr, M, stride_x, stride_t, K: tl.constexpr,
              mask=mmask[:, None] & (rr[None, :] < R))
 
 
+@triton.jit
+def _e4m3_rn(u):
+    """u rounded to the nearest fp8 e4m3 value (ties to even, as the fp32 -> e4m3 conversion), in fp32, for
+    |u| < 448: rint(u / ulp) ulp with ulp = 2^(max(e, -6) - 3), e the binade of u (-6: e4m3's subnormal spacing,
+    2^-9), the powers of two made from exponent bits (exact products). Used instead of converting the fp8 value
+    back: on the H200 (Triton 3.6, sm_90) `u.to(fp8).to(fp32)` in this kernel's MMA-layout registers gave a fixed
+    wrong byte pattern in half of the columns (session 10, scripts/debug_stacked.py)."""
+    e = tl.maximum(((u.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+    inv_ulp = ((130 - e) << 23).to(tl.float32, bitcast=True)  # 2^(3 - e)
+    ulp = ((e + 124) << 23).to(tl.float32, bitcast=True)  # 2^(e - 3)
+    return _RINT(u * inv_ulp) * ulp
+
+
 @triton.jit(do_not_specialize=["M", "M_STORE"])
 def lrb_split_kernel(x_ptr, b_ptr, sx_ptr, o_ptr, c_ptr, M, M_STORE, stride_x, stride_o, K: tl.constexpr,
                      R: tl.constexpr, RP: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BM: tl.constexpr,
@@ -78,8 +92,9 @@ def lrb_split_kernel(x_ptr, b_ptr, sx_ptr, o_ptr, c_ptr, M, M_STORE, stride_x, s
     sx = tl.load(sx_ptr + offs_m, mask=smask & mmask, other=0.0)
     rs = tl.where(sx > 0, inv_c / tl.where(sx > 0, sx, 1.0), 0.0)
     u = acc * rs[:, None]
-    u1 = u.to(tl.float8e4nv)
-    u2 = (u - u1.to(tl.float32)).to(tl.float8e4nv)
+    u1f = _e4m3_rn(u)  # u1 in fp32 by arithmetic: the fp8 -> fp32 conversion of u1 miscompiled here (below)
+    u1 = u1f.to(tl.float8e4nv)  # exact
+    u2 = (u - u1f).to(tl.float8e4nv)
     row = o_ptr + offs_m[:, None].to(tl.int64) * stride_o + K
     cmask = smask[:, None] & (rr[None, :] < R)
     tl.store(row + rr[None, :], u1, mask=cmask)

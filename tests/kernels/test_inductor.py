@@ -222,25 +222,30 @@ def _fake_sm90(monkeypatch):
     inductor.register()
 
 
-def _fake_w158_lrb_inputs(weight_cols: int = 256) -> tuple:
-    """Fake CUDA arguments of a 256 -> 512 W1.58A4+H+LRB32 qlinear call: x (8, 256), qweight (512, weight_cols) fp8,
-    w_scale, bias, lrb_down, lrb_up."""
+def _fake_w158_lrb_inputs(extended_cols: int = 0) -> tuple:
+    """Fake CUDA arguments of a 256 -> 512 W1.58A4+H+LRB32 qlinear call: x (8, 256), qweight (512, 256) fp8,
+    w_scale, bias, lrb_down, lrb_up; with extended_cols, also a (512, extended_cols) fp8 weight made in the same
+    fake mode (make_fx takes inputs of one mode only)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
-        return (torch.empty(8, 256, dtype=torch.bfloat16, device="cuda"),
-                torch.empty(512, weight_cols, dtype=packing.FP8, device="cuda"),
-                torch.empty(512, 1, dtype=torch.float32, device="cuda"),
-                torch.empty(512, dtype=torch.bfloat16, device="cuda"),
-                torch.empty(32, 256, dtype=torch.bfloat16, device="cuda"),
-                torch.empty(512, 32, dtype=torch.bfloat16, device="cuda"))
+        out = (torch.empty(8, 256, dtype=torch.bfloat16, device="cuda"),
+               torch.empty(512, 256, dtype=packing.FP8, device="cuda"),
+               torch.empty(512, 1, dtype=torch.float32, device="cuda"),
+               torch.empty(512, dtype=torch.bfloat16, device="cuda"),
+               torch.empty(32, 256, dtype=torch.bfloat16, device="cuda"),
+               torch.empty(512, 32, dtype=torch.bfloat16, device="cuda"))
+        if extended_cols:
+            out += (torch.empty(512, extended_cols, dtype=packing.FP8, device="cuda"),)
+    return out
 
 
 @pytest.mark.skipif(not _triton_imports() or not torch.cuda.is_available(),
                     reason="views of fake CUDA fp8 tensors need a CUDA build of torch")
 def test_stacked_mode_traces_once_the_weight_is_extended(monkeypatch, all_ops):
-    """ROBUQ_FP8_EPI=stacked under torch.compile: a layer whose qweight is not yet extended stays the opaque op (the
-    eager call extends it); an extended one decomposes into the quantizer and lrb_split kernels (one triton_op,
-    `robuq::stacked_codes`) and `_scaled_mm` over the extended weight, with the input activation in both kernels."""
+    """ROBUQ_FP8_EPI=stacked under torch.compile: a layer whose qweight is not extended (lrb_stacked.prepare did not
+    run) traces the Triton epilogue GEMM, never an op that would extend it inside the graph; an extended one
+    decomposes into the quantizer and lrb_split kernels (one triton_op, `robuq::stacked_codes`) and `_scaled_mm` over
+    the extended weight, with the input activation in both kernels."""
     from torch._subclasses.functional_tensor import dispatch_functionalize
     from torch.fx.experimental.proxy_tensor import make_fx
     from robuq_fx.kernels import lrb_stacked
@@ -249,8 +254,7 @@ def test_stacked_mode_traces_once_the_weight_is_extended(monkeypatch, all_ops):
     # fake CUDA _scaled_mm needs a CUDA build: a stand-in with its output for the trace
     monkeypatch.setattr(triton_fp8, "_scaled_mm", lambda codes, w8, sx, sw, bias: torch.ops.aten.mm(
         codes.to(torch.bfloat16), w8.t().to(torch.bfloat16)))
-    x, plain, ws, b, dn, up = _fake_w158_lrb_inputs()
-    full = _fake_w158_lrb_inputs(256 + lrb_stacked.ext_width(32))[1]
+    x, plain, ws, b, dn, up, full = _fake_w158_lrb_inputs(256 + lrb_stacked.ext_width(32))
 
     def f(x, qw, ws, b, dn, up):
         return torch.ops.robuq.qlinear(x, qw, ws, b, dn, up, 512, 256, 1.58, 4, 128, True, "absmax",
@@ -259,7 +263,9 @@ def test_stacked_mode_traces_once_the_weight_is_extended(monkeypatch, all_ops):
     def trace(qw, k=256):  # qweight = the first k columns of qw (a view into the extended rows where k < width)
         return make_fx(dispatch_functionalize(lambda x, qw, *t: f(x, qw[:, :k], *t)), tracing_mode="fake")(
             x, qw, ws, b, dn, up).code
-    assert "robuq.qlinear" in trace(plain)  # not extended yet: the opaque op
+    with pytest.warns(UserWarning, match="not extended before compiling"):
+        code = trace(plain)  # not extended: the epilogue GEMM, no stacked kernels, no opaque op
+    assert "robuq.qlinear" not in code and "lrb_split_kernel" not in _kernel_names(code)
     code = trace(full)
     assert "robuq.qlinear" not in code and "robuq.stacked_codes" not in code
     assert {"act_quant_bfly_kernel", "lrb_split_kernel"} <= _kernel_names(code), _kernel_names(code)
