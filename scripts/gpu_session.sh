@@ -168,8 +168,9 @@ dit-freezing)  # rows named " +freezing" (their own summary keys); bf16 compiled
 dit-stacked)  # dit-stacked [gelu]: its GPU tests, then the paper policy with its low-rank branch stacked into
     # _scaled_mm (ROBUQ_FP8_EPI=stacked; rows named " +stacked", their own summary keys), batch 1 / 64 under CUDA
     # graphs; "gelu" adds the rows with fc2 applying the GELU (fuse_activations now takes LRB layers)
-    timeout 100 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_lrb_stacked.py 2>&1 \
-        | grep -v DEBUG | tee "$OUT/gpu_tests_stacked.log" | tail -n 6
+    timeout 100 python3 scripts/debug_stacked.py "$OUT" 2>&1 | grep -v Warn | tail -n 16
+    timeout 200 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_lrb_stacked.py \
+        tests/kernels/test_inductor.py -k "stacked" 2>&1 | grep -v DEBUG | tee "$OUT/gpu_tests_stacked.log" | tail -n 6
     ROBUQ_FP8_EPI=stacked timeout 470 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead \
         --skip-train --settings "dit-xl-2-robuq (" ${2:+--fuse-gelu} --batches 1 64 --iters 10 --warmup 3 \
         --tag _reduce-overhead_stacked 2>&1 | tail -n 20
