@@ -207,7 +207,7 @@ class PackedLinear(nn.Module):
         key = prefix + "qweight"
         t = state_dict.get(key)
         if not self.qweight.is_contiguous():  # the stacked LRB mode's extended rows (kernels/lrb_stacked.py): drop
-            self._buffers["qweight"] = self.qweight.contiguous()  # them; the next call re-extends from what loads
+            self._buffers["qweight"] = self.qweight.contiguous()  # them; re-extended below from what loads
         if self.layout == "fp8" and isinstance(t, torch.Tensor) and t.dtype == torch.uint8:
             self.set_layout("packed")
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
@@ -216,6 +216,7 @@ class PackedLinear(nn.Module):
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self._prepare_stacked()
 
     def packed_bytes(self) -> int:
         """Bytes of the module's buffers as they sit in memory now (fp8 layout: one byte a weight)."""

@@ -44,34 +44,35 @@ def _stages(mod, a, m, k, n, r):
     if ext is None or ext.w is None:
         return [["stacked weight", "NOT MADE", ""]], y
     w_full = ext.w
+    w = w_full.shape[1] - k  # [extra columns, codes]
     codes_w = reference.weight_codes(a).float()
-    rows.append(["weight code columns == layer codes", torch.equal(w_full[:, :k].float(), codes_w), ""])
+    rows.append(["weight code columns == layer codes", torch.equal(w_full[:, w:].float(), codes_w), ""])
     cols = S.ext_columns(e.sw, a.lrb_up, ext.c)
-    rows.append(["weight extra columns == ext_columns", torch.equal(w_full[:, k:].float(), cols.float()),
+    rows.append(["weight extra columns == ext_columns", torch.equal(w_full[:, :w].float(), cols.float()),
                  f"c={ext.c} sw dtype {e.sw.dtype} shape {tuple(e.sw.shape)}"])
-    cs = S.c_slot(w_full, k, r)
+    cs = S.c_slot(w_full, r)
     rows.append(["c slot", float(cs.float().item()), f"stride {tuple(w_full.stride())} qweight {tuple(a.qweight.stride())}"])
     bh = T._rot_down(a, x.dtype)
     m_pad = max(16, -(-m // 16) * 16)
     wide, sx = S.stacked_codes(x, bh, cs, a.hadamard_block, a.a_bits, a.a_clip, m_pad)
     q0, sx0, _ = act_quant(x, a.hadamard_block, a.a_bits, True, m_store=m_pad, clip=a.a_clip)
-    rows.append(["wide code columns == act_quant codes", torch.equal(wide[:, :k].float(), q0.float()),
-                 f"mismatches {(wide[:, :k].float() != q0.float()).sum().item()}"])
+    rows.append(["wide code columns == act_quant codes", torch.equal(wide[:, w:].float(), q0.float()),
+                 f"mismatches {(wide[:, w:].float() != q0.float()).sum().item()}"])
     rows.append(["s_x == act_quant's", torch.equal(sx, sx0), f"max |d| {(sx - sx0).abs().max().item():.3g}"])
     xh = block_hadamard(x.double(), a.hadamard_block)
     t = (xh @ a.lrb_down.double().t()).float()
     bh_ref = block_hadamard(a.lrb_down.double(), a.hadamard_block)
     t2 = (x.double() @ bh_ref.t()).float()
     rows.append(["t via x H B^T vs x (B H)^T", f"{_rel(t, t2):.3g}", ""])
-    ref_ext = S.act_ext_reference(t, sx[:m], ext.c, wide.shape[1] - k)
-    got = wide[:m, k:].float()
+    ref_ext = S.act_ext_reference(t, sx[:m], ext.c, w)
+    got = wide[:m, :w].float()
     rows.append(["wide extra columns vs act_ext_reference", f"{_rel(got, ref_ext.float()):.3g}",
                  f"max|got| {got.abs().max().item():.4g} max|ref| {ref_ext.float().abs().max().item():.4g}"])
     rows.append(["wide pad rows zero", bool((wide[m:].float() == 0).all()) if m_pad > m else "n/a", ""])
     y_mm = T._scaled_mm(wide, w_full, sx, e.sw, None)
     y64 = (wide.double() @ w_full.double().t()) * sx.double().view(-1, 1) * e.sw.double().view(1, -1)
     rows.append(["_scaled_mm(wide, W) vs float64 same operands", f"{_rel(y_mm, y64):.3g}", ""])
-    br = (wide[:m, k:].double() @ w_full[:, k:].double().t()) * sx[:m].double().view(-1, 1) * e.sw.double().view(1, -1)
+    br = (wide[:m, :w].double() @ w_full[:, :w].double().t()) * sx[:m].double().view(-1, 1) * e.sw.double().view(1, -1)
     br_ref = t.double() @ a.lrb_up.double().t()
     rows.append(["stacked branch term vs t A^T", f"{_rel(br, br_ref):.3g}", ""])
     from tests.kernels.test_triton_fp8 import _exact_from_own_codes

@@ -249,10 +249,10 @@ def _stacked_traced(x, x2, a: QLinearArgs, m, m_pad) -> torch.Tensor:
     from . import weight_cache as W
     k, n, r = a.in_features, a.out_features, a.lrb_down.shape[0]
     width = k + S.ext_width(r)
-    full = a.qweight.as_strided((n, width), (width, 1))
+    full = a.qweight.as_strided((n, width), (width, 1), 0)  # qweight: its last K columns
     bh = W.rotated_down(a, x.dtype)
     codes_op = _stacked_codes_gluon_op() if _gluon_quant_here(x2, a) else torch.ops.robuq.stacked_codes
-    wide, sx = codes_op(x2, bh, S.c_slot(full, k, r), a.hadamard_block, a.a_bits, a.a_clip, m_pad, a.input_act)
+    wide, sx = codes_op(x2, bh, S.c_slot(full, r), a.hadamard_block, a.a_bits, a.a_clip, m_pad, a.input_act)
     bias = None if a.bias is None else a.bias.to(torch.bfloat16)
     y = T._scaled_mm(wide, full, sx, W.scale_vec(a.w_scale, n), bias)[:m]
     return y if y.dtype == x.dtype else y.to(x.dtype)

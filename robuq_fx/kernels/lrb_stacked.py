@@ -18,15 +18,19 @@ and |u| <= sqrt(K) qmax max_j |(B H)_j| / c: c is the power of two that brings t
 the input. v = A c / s_w must then fit too (checked once per weight; else the layer keeps the Triton epilogue).
 Asymmetric and sigma-clipped activations (whose codes do not bound |x H|) keep the Triton epilogue GEMM.
 
-c sits in row 0, column K + 3r of the extended weight, where the activation side's column is zero: it adds nothing to
+c sits in row 0, column 3r of the extended weight, where the activation side's column is zero: it adds nothing to
 the product, and `lrb_split_kernel` and compiled graphs read it on the device (no host value in a graph).
 
-The weight side, [q_w, v1, v2, v1, c slot] (N, K + W) fp8 with W = 3r + 1 rounded up to 16, holds the only copy of
-the codes:
-on the fp8 layout the module's `qweight` buffer is re-pointed (`Tensor.set_`) to the first K columns of that matrix
-(same values, row stride K + W; `_save_to_state_dict` packs the codes as always, a device move makes it contiguous
-again and the next call re-extends it; the kernels that assume K-byte weight rows -- the TMA GEMM, the small-M and
-quantize-in-GEMM kernels -- check for it and step aside). The packed layout (opt-in on fp8 GPUs) keeps the cache's
+The weight side, [v1, v2, v1, c slot, q_w] (N, W + K) fp8 with W = 3r + 1 rounded up to 16, holds the only copy of
+the codes, in its last K columns (the activation side matches: [u1, u1, u2, 0.., q_x]). On the fp8 layout the
+module's `qweight` buffer is re-pointed (`Tensor.set_`) to those columns: same values, row stride W + K, storage
+offset W. Codes last, so that qweight's own extent ends where the matrix ends: a fake tensor made from it (Dynamo,
+AOTAutograd) gets a storage of the matrix's full size, which `as_strided` in the compiled graph needs (a storage is
+faked at the size its tensor spans; with the codes first that would miss the last row's W bytes).
+`PackedLinear.set_layout("fp8")` / `use_device_layout` extend the weight up front (`prepare`), so compiled graphs see
+the final strides; `_save_to_state_dict` packs the codes as always; a device move makes qweight contiguous again and
+use_device_layout re-extends it; the kernels that assume K-byte weight rows -- the TMA GEMM, the small-M and
+quantize-in-GEMM kernels -- check for it and step aside. The packed layout (opt-in on fp8 GPUs) keeps the cache's
 codes and this matrix apart. The W extra columns are rewritten in place when the branch factors or the scales change
 (keyed on their versions).
 """
@@ -58,6 +62,8 @@ def stacked_reason(a: QLinearArgs) -> str | None:
         return "no low-rank branch"
     if not a.a_sym or a.a_clip != "absmax":
         return "asymmetric or clipped activations do not bound |x H| by s_x qmax"
+    if a.lrb_down.shape[0] > 64:  # (sibling-fused q/k/v: 3 x 32) 3r + 16 extra columns would cost >= 1/6 of K = 1152
+        return "rank above 64 (lrb_split's tile)"
     return None
 
 
@@ -68,10 +74,11 @@ def takes_stacked(a: QLinearArgs, m) -> bool:
 
 
 def is_extended(qweight: torch.Tensor, k: int, r: int) -> bool:
-    """qweight (fp8, N x K) sits in the first K columns of the extended weight for rank r (an earlier call made it)."""
+    """qweight (fp8, N x K) is the last K columns of the extended weight for rank r (`prepare` or an earlier call
+    made it)."""
     w = ext_width(r)
     return (qweight.dtype == torch.float8_e4m3fn and qweight.dim() == 2 and qweight.stride() == (k + w, 1)
-            and qweight.storage_offset() == 0 and qweight.untyped_storage().nbytes() >= qweight.shape[0] * (k + w))
+            and qweight.storage_offset() == w and qweight.untyped_storage().nbytes() >= qweight.shape[0] * (k + w))
 
 
 def split_fp8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +94,8 @@ def scale_c(bh: torch.Tensor, k: int, a_bits: int) -> float:
 
 
 def ext_columns(sw: torch.Tensor, up: torch.Tensor, c: float) -> torch.Tensor | None:
-    """[v1, v2, v1, 0...] (N, W) fp8 with v = A c / s_w, and c itself in row 0, column 3r (its slot: the
+    """[v1, v2, v1, 0...] (N, W) fp8 with v = A c / s_w (the extended weight's first W columns), and c itself in
+    row 0, column 3r (its slot: the
     activation side's column there is zero, so it adds nothing to the product; `lrb_split_kernel` and the compiled
     graph read c from it); None where v leaves e4m3's range, a channel with s_w = 0 has a branch, or c is not one
     of e4m3's exact powers of two."""
@@ -134,24 +142,24 @@ def cached_weight_ext(a: QLinearArgs, e, bh: torch.Tensor) -> _Ext:
         e.stk = _Ext(key, None, c)
         return e.stk
     full = _extended_storage(a, e, cols.shape[1])
-    full[:, a.in_features:] = cols  # through .data views: no version bump of the module's buffer
+    full[:, :cols.shape[1]] = cols  # through .data views: no version bump of the module's buffer
     e.stk = _Ext(key, full, c)
     return e.stk
 
 
 def _extended_storage(a: QLinearArgs, e, w: int) -> torch.Tensor:
-    """(N, K + W) fp8 whose first K columns are the layer's codes: on the fp8 layout made once, with qweight
+    """(N, W + K) fp8 whose last K columns are the layer's codes: on the fp8 layout made once, with qweight
     re-pointed into it (its values and shape unchanged; later calls get a `.data` view, which shares no version
     counter with the buffer); on the packed layout a copy next to the cache's codes."""
     n, k = a.out_features, a.in_features
     qw = a.qweight
     if is_extended(qw, k, a.lrb_down.shape[0]):
-        return qw.data.as_strided((n, k + w), (k + w, 1))  # already extended (an earlier call)
+        return qw.data.as_strided((n, k + w), (k + w, 1), 0)  # already extended (an earlier call)
     full = torch.empty(n, k + w, device=e.fp8.device, dtype=torch.float8_e4m3fn)
-    full[:, :k] = e.fp8
+    full[:, w:] = e.fp8
     if qw.dtype == torch.float8_e4m3fn:
         with torch.no_grad():
-            qw.set_(full.untyped_storage(), 0, (n, k), (k + w, 1))  # the old storage goes with the cache entry
+            qw.set_(full.untyped_storage(), w, (n, k), (k + w, 1))  # the old storage goes with the cache entry
         e.fp8 = qw.detach()
     return full
 
@@ -188,12 +196,12 @@ def stacked_or_none(x2: torch.Tensor, a: QLinearArgs, e, bh: torch.Tensor, m_pad
 
 
 def stacked_qlinear(x2: torch.Tensor, a: QLinearArgs, e, bh: torch.Tensor, ext: _Ext, m_pad: int) -> torch.Tensor:
-    """y (M, N) in bf16 for a symmetric absmax layer with a branch: the quantizer writes the first K code columns,
-    `lrb_split` the rest, one `_scaled_mm` over both."""
+    """y (M, N) in bf16 for a symmetric absmax layer with a branch: `lrb_split` writes the first W code columns,
+    the quantizer the last K, one `_scaled_mm` over both."""
     from .triton_fp8 import _scaled_mm, on_device
     m, k = x2.shape
     with on_device(x2.device):
-        wide, sx = stacked_codes(x2, bh, c_slot(ext.w, k, bh.shape[0]), a.hadamard_block, a.a_bits, a.a_clip,
+        wide, sx = stacked_codes(x2, bh, c_slot(ext.w, bh.shape[0]), a.hadamard_block, a.a_bits, a.a_clip,
                                  m_pad, a.input_act)
     bias = None if a.bias is None else a.bias.to(torch.bfloat16)
     y = _scaled_mm(wide, ext.w, sx, e.sw, bias)
@@ -201,20 +209,20 @@ def stacked_qlinear(x2: torch.Tensor, a: QLinearArgs, e, bh: torch.Tensor, ext: 
     return y if y.dtype == x2.dtype else y.to(x2.dtype)
 
 
-def c_slot(full: torch.Tensor, k: int, r: int) -> torch.Tensor:
-    """The extended weight's element that holds c (row 0, column K + 3r), as a 1-element view."""
-    return full[0, k + 3 * r:k + 3 * r + 1]
+def c_slot(full: torch.Tensor, r: int) -> torch.Tensor:
+    """The extended weight's element that holds c (row 0, column 3r), as a 1-element view."""
+    return full[0, 3 * r:3 * r + 1]
 
 
 def stacked_codes(x2, bh, c, block: int, a_bits: int, clip: str, m_pad: int, act: str = "",
                   traced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes (m_pad, K + W) fp8, s_x (m_pad,)): the quantizer's codes in columns [0, K), `lrb_split`'s in the
-    rest; both kernels write into the one buffer (no views: the traced form runs inside a triton_op)."""
+    """(codes (m_pad, W + K) fp8, s_x (m_pad,)): `lrb_split`'s columns in [0, W), the quantizer's codes in the
+    last K; both kernels write into the one buffer (the traced form runs inside a triton_op)."""
     from . import triton_launch
     from .quantizer import act_quant
     from .triton_lowrank import lrb_split
-    k = x2.shape[1]
-    wide = torch.empty(m_pad, k + ext_width(bh.shape[0]), device=x2.device, dtype=torch.float8_e4m3fn)
-    _, sx, _ = act_quant(x2, block, a_bits, True, m_store=m_pad, clip=clip, act=act, out=wide, traced=traced)
+    k, w = x2.shape[1], ext_width(bh.shape[0])
+    wide = torch.empty(m_pad, w + k, device=x2.device, dtype=torch.float8_e4m3fn)
+    _, sx, _ = act_quant(x2, block, a_bits, True, m_store=m_pad, clip=clip, act=act, out=wide[:, w:], traced=traced)
     lrb_split(x2, bh, sx, wide, c, m_pad, triton_launch.traced if traced else triton_launch.launch, act=act)
     return wide, sx

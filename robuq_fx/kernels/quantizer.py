@@ -111,7 +111,7 @@ def act_quant(x2: torch.Tensor, block: int, a_bits: int, sym: bool, dequant: boo
     (asymmetric only) the codes are centred, q - z with z the row's code of 0, and lo is lo + z * scale. `traced`:
     record the launch for torch.compile (called inside the `robuq::act_quant` triton_op, kernels/inductor.py). `act`: an
     input activation applied while loading x (robuq::qlinear's input_act: "gelu", "gelu_tanh"). `out`: where the
-    codes go, (m_store, K) with contiguous rows of any stride (e.g. the first K columns of a wider buffer)."""
+    codes go, (m_store, K) with contiguous rows of any stride (e.g. the last K columns of a wider buffer)."""
     m, k = x2.shape
     m_store = m if m_store is None else m_store
     dev = x2.device

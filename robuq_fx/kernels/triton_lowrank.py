@@ -79,8 +79,8 @@ def _e4m3_rn(u):
 def lrb_split_kernel(x_ptr, b_ptr, sx_ptr, o_ptr, c_ptr, M, M_STORE, stride_x, stride_o, K: tl.constexpr,
                      R: tl.constexpr, RP: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BM: tl.constexpr,
                      BK: tl.constexpr, ACT: tl.constexpr = 0):
-    """The stacked mode's extra code columns (lrb_stacked.py), columns [K, K + W) of o's rows (the quantizer
-    writes [0, K)): t = act(x) (B H)^T as lrb_down_kernel, u = t / (s_x c) split into fp8 u1 + u2, stored as
+    """The stacked mode's extra code columns (lrb_stacked.py), columns [0, W) of o's rows (the quantizer writes
+    the K after them): t = act(x) (B H)^T as lrb_down_kernel, u = t / (s_x c) split into fp8 u1 + u2, stored as
     [u1, u1, u2] and zeros in the W - 3R pad columns; c (a power of two) read from c_ptr (fp8, the extended
     weight's slot for it); rows M..M_STORE-1 (padding) and rows with s_x = 0 get zeros."""
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -95,7 +95,7 @@ def lrb_split_kernel(x_ptr, b_ptr, sx_ptr, o_ptr, c_ptr, M, M_STORE, stride_x, s
     u1f = _e4m3_rn(u)  # u1 in fp32 by arithmetic: the fp8 -> fp32 conversion of u1 miscompiled here (below)
     u1 = u1f.to(tl.float8e4nv)  # exact
     u2 = (u - u1f).to(tl.float8e4nv)
-    row = o_ptr + offs_m[:, None].to(tl.int64) * stride_o + K
+    row = o_ptr + offs_m[:, None].to(tl.int64) * stride_o
     cmask = smask[:, None] & (rr[None, :] < R)
     tl.store(row + rr[None, :], u1, mask=cmask)
     tl.store(row + R + rr[None, :], u1, mask=cmask)
@@ -106,7 +106,7 @@ def lrb_split_kernel(x_ptr, b_ptr, sx_ptr, o_ptr, c_ptr, M, M_STORE, stride_x, s
 
 
 def lrb_split(x2, bh, sx, out, c_slot, m_store: int, launcher=launch, act: str = "") -> None:
-    """Columns [K, K + W) of out (m_store, K + W) fp8 (the quantizer writes [0, K)) = [u1, u1, u2, 0...] with
+    """Columns [0, W) of out (m_store, W + K) fp8 (the quantizer writes the last K) = [u1, u1, u2, 0...] with
     u = act(x2) (B H)^T / (s_x c), c read from c_slot (an fp8 tensor whose first element is c: the extended
     weight's slot, lrb_stacked.py) (`lrb_split_kernel`; check `lrb_down_ok` first)."""
     m, k = x2.shape

@@ -260,9 +260,9 @@ def test_stacked_mode_traces_once_the_weight_is_extended(monkeypatch, all_ops):
         return torch.ops.robuq.qlinear(x, qw, ws, b, dn, up, 512, 256, 1.58, 4, 128, True, "absmax",
                                        input_act="gelu_tanh")
 
-    def trace(qw, k=256):  # qweight = the first k columns of qw (a view into the extended rows where k < width)
-        return make_fx(dispatch_functionalize(lambda x, qw, *t: f(x, qw[:, :k], *t)), tracing_mode="fake")(
-            x, qw, ws, b, dn, up).code
+    def trace(qw):  # qweight = the last 256 columns of qw (a view into the extended rows where qw is wider)
+        return make_fx(dispatch_functionalize(lambda x, qw, *t: f(x, qw[:, qw.shape[1] - 256:], *t)),
+                       tracing_mode="fake")(x, qw, ws, b, dn, up).code
     with pytest.warns(UserWarning, match="not extended before compiling"):
         code = trace(plain)  # not extended: the epilogue GEMM, no stacked kernels, no opaque op
     assert "robuq.qlinear" not in code and "lrb_split_kernel" not in _kernel_names(code)

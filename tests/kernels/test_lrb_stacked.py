@@ -27,9 +27,9 @@ def _case(m=200, k=256, n=192, r=32, seed=0):
 
 
 def weight_ext(w8, sw, up, c):
-    """[q_w, v1, v2, v1, c slot] (N, K + W) as one new tensor, or None where `ext_columns` refuses."""
+    """[v1, v2, v1, c slot, q_w] (N, W + K) as one new tensor, or None where `ext_columns` refuses."""
     cols = S.ext_columns(sw, up, c)
-    return None if cols is None else torch.cat([w8, cols], 1)
+    return None if cols is None else torch.cat([cols, w8], 1)
 
 
 def _stacked_y(q, sx, xh, bh, up, w8, sw):
@@ -38,7 +38,7 @@ def _stacked_y(q, sx, xh, bh, up, w8, sw):
     c = S.scale_c(bh, k, 4)
     ext = weight_ext(w8, sw, up, c)
     t = (xh.double() @ bh.double().t()).float()
-    wide = torch.cat([q.to(torch.float8_e4m3fn), S.act_ext_reference(t, sx, c, S.ext_width(bh.shape[0]))], 1)
+    wide = torch.cat([S.act_ext_reference(t, sx, c, S.ext_width(bh.shape[0])), q.to(torch.float8_e4m3fn)], 1)
     return (wide.double() @ ext.double().t()) * sx.double().view(-1, 1) * sw.double().view(1, -1), c
 
 
@@ -82,18 +82,18 @@ def test_u_stays_in_range_for_the_worst_input():
 def test_weight_ext_layout_and_refusals():
     q, sx, xh, bh, up, w8, sw = _case(n=40, r=8)
     ext = weight_ext(w8, sw, up, 1.0)
-    k, r = w8.shape[1], 8
+    k, r, w = w8.shape[1], 8, 32
     assert ext.shape == (40, k + 32) and ext.dtype == torch.float8_e4m3fn  # 3r + c's slot = 25 -> 32 columns
-    assert torch.equal(ext[:, :k].float(), w8.float())
-    assert torch.equal(ext[:, k:k + r].float(), ext[:, k + 2 * r:k + 3 * r].float())
-    assert ext[0, k + 3 * r].item() == 1.0 and S.c_slot(ext, k, r).item() == 1.0  # c, where lrb_split reads it
-    pad = ext[:, k + 3 * r:].float()
+    assert torch.equal(ext[:, w:].float(), w8.float())  # the codes last
+    assert torch.equal(ext[:, :r].float(), ext[:, 2 * r:3 * r].float())
+    assert ext[0, 3 * r].item() == 1.0 and S.c_slot(ext, r).item() == 1.0  # c, where lrb_split reads it
+    pad = ext[:, 3 * r:w].float()
     pad[0, 0] = 0
     assert (pad == 0).all()
     assert S.ext_width(32) == 112  # 96 + the slot, to 16
     assert weight_ext(w8, sw, up, 2.0 ** 9) is None  # c beyond e4m3's exact powers of two
     v = up.float() / sw.view(-1, 1)
-    assert rel(ext[:, k:k + r].float() + ext[:, k + r:k + 2 * r].float(), v.double()) < 5e-3
+    assert rel(ext[:, :r].float() + ext[:, r:2 * r].float(), v.double()) < 5e-3
     assert weight_ext(w8, sw, up * 1e5, 1.0) is None  # |v| > 448
     sw0 = sw.clone()
     sw0[3] = 0
@@ -116,6 +116,7 @@ def test_stacked_reason():
     assert "branch" in S.stacked_reason(QLinearArgs(**{**base, "lrb_down": None}))
     assert S.stacked_reason(QLinearArgs(**{**base, "a_sym": False})) is not None
     assert S.stacked_reason(QLinearArgs(**{**base, "a_clip": "sigma"})) is not None
+    assert "rank" in S.stacked_reason(QLinearArgs(**{**base, "lrb_down": torch.zeros(96, 4)}))  # fused q/k/v
 
 
 def _cpu_layer(k=256, n=96, r=8, seed=0):
@@ -143,17 +144,25 @@ def test_one_resident_copy_of_the_codes():
     codes, sd0 = mod.weight_codes().clone(), {kk: v.clone() for kk, v in mod.state_dict().items()}
     ext, e = _ext_of(mod)
     assert ext.w.shape == (n, k + w) and mod.qweight.shape == (n, k) and mod.qweight.stride() == (k + w, 1)
+    assert mod.qweight.storage_offset() == w  # the last K columns
     assert mod.qweight.untyped_storage().data_ptr() == ext.w.untyped_storage().data_ptr()
     assert mod.qweight.untyped_storage().nbytes() == n * (k + w)  # the only copy of the codes
     assert torch.equal(mod.weight_codes(), codes)
-    assert torch.equal(ext.w[:, k:].float(), S.ext_columns(e.sw, mod.lrb_up, ext.c).float())
+    assert torch.equal(ext.w[:, :w].float(), S.ext_columns(e.sw, mod.lrb_up, ext.c).float())
+    # what torch.compile sees: a fake tensor made from qweight spans the whole matrix (the codes sit last; a storage
+    # is faked at the size its tensor reaches), so the compiled graph's as_strided over it is in bounds
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    fake = FakeTensorMode().from_tensor(mod.qweight)
+    assert S.is_extended(fake, k, 8) and fake.as_strided((n, k + w), (k + w, 1), 0).shape == (n, k + w)
+    import copy
+    assert S.is_extended(FakeTensorMode().from_tensor(copy.deepcopy(mod).qweight), k, 8)
     again, _ = _ext_of(mod)  # a new cache entry (the buffer moved): same storage
     assert again.w.data_ptr() == ext.w.data_ptr() and torch.equal(again.w.float(), ext.w.float())
     with torch.no_grad():
         mod.lrb_up.mul_(2)
     changed, e2 = _ext_of(mod)
     assert changed.w.data_ptr() == ext.w.data_ptr() and torch.equal(mod.weight_codes(), codes)
-    assert torch.equal(changed.w[:, k:].float(), S.ext_columns(e2.sw, mod.lrb_up, changed.c).float())
+    assert torch.equal(changed.w[:, :w].float(), S.ext_columns(e2.sw, mod.lrb_up, changed.c).float())
     sd = mod.state_dict()
     assert torch.equal(sd["qweight"], sd0["qweight"])  # packed codes, as before
     fresh = _cpu_layer(seed=1)
@@ -216,6 +225,7 @@ def test_stacked_layer_compiled_equals_eager(monkeypatch):
     from robuq_fx import kernels
     from tests.kernels.test_triton_fp8 import _layer
     monkeypatch.setenv("ROBUQ_FP8_EPI", "stacked")
+    monkeypatch.setenv("ROBUQ_QUANT_KERNEL", "triton")  # both sides the Triton quantizer (Inductor launches no Gluon)
     mod = _layer(1152, 3456, 1.58, 4, True, 128, 32, seed=9).use_device_layout()
     assert mod.qweight.stride(0) == 1152 + S.ext_width(32)  # extended before any call
     x = torch.randn(2, 300, 1152, device="cuda", dtype=torch.bfloat16)
