@@ -50,11 +50,11 @@ def _stages(mod, a, m, k, n, r):
     cols = S.ext_columns(e.sw, a.lrb_up, ext.c)
     rows.append(["weight extra columns == ext_columns", torch.equal(w_full[:, :w].float(), cols.float()),
                  f"c={ext.c} sw dtype {e.sw.dtype} shape {tuple(e.sw.shape)}"])
-    cs = S.c_slot(w_full, r)
+    cs = S.c_slot(w_full, r)  # (shown; lrb_split reads it through the code columns)
     rows.append(["c slot", float(cs.float().item()), f"stride {tuple(w_full.stride())} qweight {tuple(a.qweight.stride())}"])
     bh = T._rot_down(a, x.dtype)
     m_pad = max(16, -(-m // 16) * 16)
-    wide, sx = S.stacked_codes(x, bh, cs, a.hadamard_block, a.a_bits, a.a_clip, m_pad)
+    wide, sx = S.stacked_codes(x, bh, w_full[:, w:], a.hadamard_block, a.a_bits, a.a_clip, m_pad)
     q0, sx0, _ = act_quant(x, a.hadamard_block, a.a_bits, True, m_store=m_pad, clip=a.a_clip)
     rows.append(["wide code columns == act_quant codes", torch.equal(wide[:, w:].float(), q0.float()),
                  f"mismatches {(wide[:, w:].float() != q0.float()).sum().item()}"])

@@ -128,10 +128,10 @@ def _ops():
         return y
 
     @triton_op("robuq::stacked_codes", mutates_args=())
-    def stacked_codes_op(x2: torch.Tensor, bh: torch.Tensor, c: torch.Tensor, block: int, a_bits: int, clip: str,
-                         m_store: int, act: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    def stacked_codes_op(x2: torch.Tensor, bh: torch.Tensor, w_codes: torch.Tensor, block: int, a_bits: int,
+                         clip: str, m_store: int, act: str = "") -> tuple[torch.Tensor, torch.Tensor]:
         from .lrb_stacked import stacked_codes
-        return stacked_codes(x2, bh, c, block, a_bits, clip, m_store, act, traced=True)
+        return stacked_codes(x2, bh, w_codes, block, a_bits, clip, m_store, act, traced=True)
 
     _DEFS.extend((act_quant_op, rowquant_op, fp8_gemm_op, lowrank_add_op, lrb_down_op, stacked_codes_op))
     return (torch.ops.robuq.act_quant, torch.ops.robuq.rowquant, torch.ops.robuq.fp8_gemm, torch.ops.robuq.lowrank_add,
@@ -170,17 +170,39 @@ def _stacked_codes_gluon_op():
     from .lrb_stacked import ext_width, stacked_codes
 
     @custom_op("robuq::stacked_codes_gluon", mutates_args=())
-    def op(x2: torch.Tensor, bh: torch.Tensor, c: torch.Tensor, block: int, a_bits: int, clip: str, m_store: int,
-           act: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-        return stacked_codes(x2, bh, c, block, a_bits, clip, m_store, act)
+    def op(x2: torch.Tensor, bh: torch.Tensor, w_codes: torch.Tensor, block: int, a_bits: int, clip: str,
+           m_store: int, act: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        return stacked_codes(x2, bh, w_codes, block, a_bits, clip, m_store, act)
 
     @op.register_fake
-    def _(x2, bh, c, block, a_bits, clip, m_store, act=""):
+    def _(x2, bh, w_codes, block, a_bits, clip, m_store, act=""):
         return (x2.new_empty(m_store, x2.shape[1] + ext_width(bh.shape[0]), dtype=torch.float8_e4m3fn),
                 x2.new_empty(m_store, dtype=torch.float32))
 
     _DEFS.append(op)
     return torch.ops.robuq.stacked_codes_gluon
+
+
+@functools.lru_cache(maxsize=None)
+def _stacked_mm_op():
+    """robuq::stacked_mm: `_scaled_mm` over the extended weight, made from its code columns (qweight) inside the op.
+    Opaque: in a compiled graph a view of qweight reaching outside its own extent (its storage's first W columns)
+    made Inductor materialize a copy with those bytes missing (H200, session 10); eagerly it is a plain view."""
+    from torch.library import custom_op
+    from . import triton_fp8 as T
+    from .lrb_stacked import full_weight
+
+    @custom_op("robuq::stacked_mm", mutates_args=())
+    def op(wide: torch.Tensor, w_codes: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
+           bias: torch.Tensor | None) -> torch.Tensor:
+        return T._scaled_mm(wide, full_weight(w_codes, wide.shape[1] - w_codes.shape[1]), sx, sw, bias)
+
+    @op.register_fake
+    def _(wide, w_codes, sx, sw, bias):
+        return wide.new_empty(wide.shape[0], w_codes.shape[0], dtype=torch.bfloat16)
+
+    _DEFS.append(op)
+    return torch.ops.robuq.stacked_mm
 
 
 def _gluon_quant_here(x2: torch.Tensor, a: QLinearArgs) -> bool:
@@ -241,20 +263,17 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
 
 
 def _stacked_traced(x, x2, a: QLinearArgs, m, m_pad) -> torch.Tensor:
-    """`lrb_stacked.stacked_qlinear` in graph-traceable form: the extended weight read through qweight's storage,
-    c from its slot there, the codes by one triton_op (quantizer + lrb_split; under CUDA graphs where the table picks
-    the Gluon quantizer, one opaque op instead), then `_scaled_mm`."""
-    from . import lrb_stacked as S
-    from . import triton_fp8 as T
+    """`lrb_stacked.stacked_qlinear` in graph-traceable form: the codes by one triton_op (quantizer + lrb_split,
+    which reads c through qweight's pointer; under CUDA graphs where the table picks the Gluon quantizer, one opaque
+    op instead), then `robuq::stacked_mm` (`_scaled_mm` over the extended weight, made from qweight in the op: the
+    graph holds no view of qweight beyond its own extent)."""
     from . import weight_cache as W
-    k, n, r = a.in_features, a.out_features, a.lrb_down.shape[0]
-    width = k + S.ext_width(r)
-    full = a.qweight.as_strided((n, width), (width, 1), 0)  # qweight: its last K columns
+    n = a.out_features
     bh = W.rotated_down(a, x.dtype)
     codes_op = _stacked_codes_gluon_op() if _gluon_quant_here(x2, a) else torch.ops.robuq.stacked_codes
-    wide, sx = codes_op(x2, bh, S.c_slot(full, r), a.hadamard_block, a.a_bits, a.a_clip, m_pad, a.input_act)
+    wide, sx = codes_op(x2, bh, a.qweight, a.hadamard_block, a.a_bits, a.a_clip, m_pad, a.input_act)
     bias = None if a.bias is None else a.bias.to(torch.bfloat16)
-    y = T._scaled_mm(wide, full, sx, W.scale_vec(a.w_scale, n), bias)[:m]
+    y = _stacked_mm_op()(wide, a.qweight, sx, W.scale_vec(a.w_scale, n), bias)[:m]
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 

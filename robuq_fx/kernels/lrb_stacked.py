@@ -201,7 +201,7 @@ def stacked_qlinear(x2: torch.Tensor, a: QLinearArgs, e, bh: torch.Tensor, ext: 
     from .triton_fp8 import _scaled_mm, on_device
     m, k = x2.shape
     with on_device(x2.device):
-        wide, sx = stacked_codes(x2, bh, c_slot(ext.w, bh.shape[0]), a.hadamard_block, a.a_bits, a.a_clip,
+        wide, sx = stacked_codes(x2, bh, ext.w[:, ext.w.shape[1] - k:], a.hadamard_block, a.a_bits, a.a_clip,
                                  m_pad, a.input_act)
     bias = None if a.bias is None else a.bias.to(torch.bfloat16)
     y = _scaled_mm(wide, ext.w, sx, e.sw, bias)
@@ -210,19 +210,27 @@ def stacked_qlinear(x2: torch.Tensor, a: QLinearArgs, e, bh: torch.Tensor, ext: 
 
 
 def c_slot(full: torch.Tensor, r: int) -> torch.Tensor:
-    """The extended weight's element that holds c (row 0, column 3r), as a 1-element view."""
+    """The extended weight's element that holds c (row 0, column 3r), as a 1-element view (`lrb_split_kernel` reads
+    it W - 3r bytes before the code columns' first element)."""
     return full[0, 3 * r:3 * r + 1]
 
 
-def stacked_codes(x2, bh, c, block: int, a_bits: int, clip: str, m_pad: int, act: str = "",
+def full_weight(w_codes: torch.Tensor, w: int) -> torch.Tensor:
+    """The extended weight (N, W + K) from its code columns (qweight once extended): a view over their storage."""
+    n, k = w_codes.shape
+    return w_codes.as_strided((n, w + k), (w + k, 1), w_codes.storage_offset() - w)
+
+
+def stacked_codes(x2, bh, w_codes, block: int, a_bits: int, clip: str, m_pad: int, act: str = "",
                   traced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes (m_pad, W + K) fp8, s_x (m_pad,)): `lrb_split`'s columns in [0, W), the quantizer's codes in the
-    last K; both kernels write into the one buffer (the traced form runs inside a triton_op)."""
+    last K; both kernels write into the one buffer (the traced form runs inside a triton_op). w_codes: the extended
+    weight's code columns, where `lrb_split` finds c."""
     from . import triton_launch
     from .quantizer import act_quant
     from .triton_lowrank import lrb_split
     k, w = x2.shape[1], ext_width(bh.shape[0])
     wide = torch.empty(m_pad, w + k, device=x2.device, dtype=torch.float8_e4m3fn)
     _, sx, _ = act_quant(x2, block, a_bits, True, m_store=m_pad, clip=clip, act=act, out=wide[:, w:], traced=traced)
-    lrb_split(x2, bh, sx, wide, c, m_pad, triton_launch.traced if traced else triton_launch.launch, act=act)
+    lrb_split(x2, bh, sx, wide, w_codes, m_pad, triton_launch.traced if traced else triton_launch.launch, act=act)
     return wide, sx

@@ -76,19 +76,20 @@ def _e4m3_rn(u):
 
 
 @triton.jit(do_not_specialize=["M", "M_STORE"])
-def lrb_split_kernel(x_ptr, b_ptr, sx_ptr, o_ptr, c_ptr, M, M_STORE, stride_x, stride_o, K: tl.constexpr,
+def lrb_split_kernel(x_ptr, b_ptr, sx_ptr, o_ptr, w_ptr, M, M_STORE, stride_x, stride_o, K: tl.constexpr,
                      R: tl.constexpr, RP: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BM: tl.constexpr,
                      BK: tl.constexpr, ACT: tl.constexpr = 0):
     """The stacked mode's extra code columns (lrb_stacked.py), columns [0, W) of o's rows (the quantizer writes
     the K after them): t = act(x) (B H)^T as lrb_down_kernel, u = t / (s_x c) split into fp8 u1 + u2, stored as
-    [u1, u1, u2] and zeros in the W - 3R pad columns; c (a power of two) read from c_ptr (fp8, the extended
-    weight's slot for it); rows M..M_STORE-1 (padding) and rows with s_x = 0 get zeros."""
+    [u1, u1, u2] and zeros in the W - 3R pad columns; c (a power of two) read from its slot in the extended
+    weight, W - 3R bytes before w_ptr (the weight's code columns: qweight, a graph input under torch.compile, with
+    no view of it in the graph); rows M..M_STORE-1 (padding) and rows with s_x = 0 get zeros."""
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
     rr = tl.arange(0, RP)
     mmask = offs_m < M
     acc = _down_acc(x_ptr, b_ptr, offs_m, mmask, rr, stride_x, K, R, RP, BM, BK, ACT)
     smask = offs_m < M_STORE
-    inv_c = 1.0 / tl.load(c_ptr).to(tl.float32)  # exact: c is a power of two
+    inv_c = 1.0 / tl.load(w_ptr - (W - 3 * R)).to(tl.float32)  # exact: c is a power of two
     sx = tl.load(sx_ptr + offs_m, mask=smask & mmask, other=0.0)
     rs = tl.where(sx > 0, inv_c / tl.where(sx > 0, sx, 1.0), 0.0)
     u = acc * rs[:, None]
@@ -105,17 +106,17 @@ def lrb_split_kernel(x_ptr, b_ptr, sx_ptr, o_ptr, c_ptr, M, M_STORE, stride_x, s
              mask=smask[:, None] & (pp[None, :] < W - 3 * R))
 
 
-def lrb_split(x2, bh, sx, out, c_slot, m_store: int, launcher=launch, act: str = "") -> None:
+def lrb_split(x2, bh, sx, out, w_codes, m_store: int, launcher=launch, act: str = "") -> None:
     """Columns [0, W) of out (m_store, W + K) fp8 (the quantizer writes the last K) = [u1, u1, u2, 0...] with
-    u = act(x2) (B H)^T / (s_x c), c read from c_slot (an fp8 tensor whose first element is c: the extended
-    weight's slot, lrb_stacked.py) (`lrb_split_kernel`; check `lrb_down_ok` first)."""
+    u = act(x2) (B H)^T / (s_x c); w_codes: the extended weight's code columns (N, K) (lrb_stacked.py), c read from
+    its slot W - 3r bytes before their first element (`lrb_split_kernel`; check `lrb_down_ok` first)."""
     m, k = x2.shape
     r = bh.shape[0]
     w = out.shape[1] - k
     if m_store == 0:
         return
     launcher(lrb_split_kernel, (triton.cdiv(m_store, DOWN_BM),),
-             (x2, bh, sx, out, c_slot, m, m_store, x2.stride(0), out.stride(0)),
+             (x2, bh, sx, out, w_codes, m, m_store, x2.stride(0), out.stride(0)),
              dict(K=k, R=r, RP=max(16, triton.next_power_of_2(r)), W=w,
                   WP=max(16, triton.next_power_of_2(w - 3 * r)), BM=DOWN_BM, BK=DOWN_BK, ACT=ACTS[act]),
              dict(num_warps=DOWN_WARPS, num_stages=DOWN_STAGES), no_specialize=(5, 6))
