@@ -1,6 +1,8 @@
 """Where the compiled addmm epilogue goes wrong (GPU): `robuq::lowrank_add` after `_scaled_mm`, which compiled gave
 outputs far from eager's on the H200 in session 9 (W1.58A4+H+LRB32, M = 74: max |diff| 13.9) while eager matched
-the references; `inductor._addmm_traced_ok` keeps it off under torch.compile until this names the cause.
+the references; `inductor._addmm_traced_ok` keeps it off under torch.compile. Session 10 (H200): every piece equal,
+the whole layer not; its generated code (whole_layer) showed the cause: the symmetric layer's lo passed to the add
+kernel, turning on its offset term with a placeholder c (fixed in inductor.qlinear_traced; re-run this to confirm).
 
     python scripts/debug_lowrank_add_compiled.py [OUT_DIR]     (needs CUDA; ~1 minute)
 

@@ -255,7 +255,7 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
         y = T._scaled_mm(codes, w8, sx, sw, bias)[:m]
         if lrb or not a.a_sym:  # the eager path's in-place kernel, out of place
             y = lowrank_add_op(y, t.to(torch.bfloat16) if lrb else None, T._up16(a, torch.bfloat16) if lrb else None,
-                               lo, cs)
+                               None if a.a_sym else lo, cs)  # (symmetric: no offset term, as eagerly)
         return (y if y.dtype == x.dtype else y.to(x.dtype)).reshape(*lead, n)
     up = T._up16(a, x.dtype) if lrb else None
     y = fp8_gemm_op(codes, w8, sx, sw, a.bias, None if a.a_sym else lo, cs, t, up, m, x.dtype)
@@ -280,7 +280,9 @@ def _stacked_traced(x, x2, a: QLinearArgs, m, m_pad) -> torch.Tensor:
 def _addmm_traced_ok() -> bool:
     """Whether the addmm epilogue mode's LRB / asymmetric add (`robuq::lowrank_add` after `_scaled_mm`) is traced.
     Off: compiled, it gave outputs far from eager's on the H200 (session 9: W1.58A4+H+LRB32, M = 74, max |diff| 13.9,
-    eager correct); the dispatch table picks the fused-epilogue GEMM for every shape but fc2 at M >= 16384 (by 1%)."""
+    eager correct) -- the symmetric layer's lo went to the add kernel, switching on its offset term with a placeholder
+    c (fixed in session 10, not yet re-run on a GPU); the dispatch table picks the fused-epilogue GEMM for every shape
+    but fc2 at M >= 16384 (by 1%)."""
     return os.environ.get("ROBUQ_INDUCTOR_LOWRANK_ADD") == "1"
 
 

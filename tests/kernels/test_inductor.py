@@ -317,6 +317,9 @@ def test_functional_decomposition_on_fake_cuda_tensors(gemm, monkeypatch, all_op
             mp.setenv("ROBUQ_INDUCTOR_LOWRANK_ADD", "1")
             code_addmm = trace()
             assert "_scaled_mm" in code_addmm and "lowrank_add_kernel" in _kernel_names(code_addmm)
+            # a symmetric layer: the add kernel without its offset term (session 9's compiled-only error: lo was
+            # passed, switching the term on with a placeholder c)
+            assert "'ASYM': False" in code_addmm and "'ASYM': True" not in code_addmm
             assert "robuq.lowrank_add" not in code_addmm and "robuq.lrb_down" not in code_addmm
     with monkeypatch.context() as mp:  # under CUDA graphs, where the table picks the Gluon quantizer: opaque op
         import torch._inductor.config as ic
