@@ -19,6 +19,8 @@
 #   scripts/gpu_session.sh train-cg [SETTING]  the same row under CUDA graphs (reduce-overhead both sides; default the paper's)
 #   scripts/gpu_session.sh dit-freezing     W4A4+H, the paper policy and -a2 at batch 64 under CUDA graphs with Inductor's
 #                                           freezing (the qlinear decomposition's weight-side tensors folded at compile time)
+#   scripts/gpu_session.sh verify           session 10's fixes: the stacked mode's GPU tests and stage check, the compiled
+#                                           addmm-mode add with its fix (~4 min)
 #   scripts/gpu_session.sh dit-stacked      the paper policy with ROBUQ_FP8_EPI=stacked (LRB inside _scaled_mm), b1 / b64
 #   scripts/gpu_session.sh dit-low          the -a3 / -a2 policies next to dit-xl-2-robuq, batch 1 / 64, CUDA graphs
 #   scripts/gpu_session.sh dit-gluon        the same DiT rows with the Gluon quantizer, GEMM and quantize-in-GEMM on
@@ -35,13 +37,15 @@
 #
 # Set ROBUQ_GIT_COMMIT first where the machine has no git history (benchmarks record it).
 # The machine goes back ~30 s after a call returns, and with it everything detached or left in /tmp: make every
-# call self-contained, and send the next one at once. Order for a 30-minute session on one nvidia-h200 (x2 steps
-# only where that kind is lent):
-#   1. dit-stacked      (~7 min: the stacked LRB mode's GPU tests, then the paper policy with it, b1 / b64)
-#   2. linear           (~5 min: the dispatch sweep, now also choosing the stacked mode per shape / M bucket, then
-#                        bench_linear with its stacked column; commit $OUT/dispatch_table.json if it picks it)
-#   3. recheck          (~8 min: the compiled addmm-mode add piece by piece; the Inductor, fp8 GEMM and QAT tests)
-#   then, in the time left: dit (the #17 keys with session 8's kernels), attention (~2 min), dit-low; on x2: ddp
+# call self-contained, and send the next one at once. On nvidia-h200-x2, `pair A B` runs two steps at once (one a
+# GPU) for the device time of one: use it. Order for a 30-minute session (session 10's plan):
+#   1. pair verify recheck      (~5 min: session 10's fixes -- stacked mode compiled, addmm add -- then the full
+#                                Inductor / fp8 GEMM / QAT tests); if the stacked tests pass, commit a dispatch table
+#                                with the sweep's stacked choices (step linear) and flip ROBUQ_INDUCTOR_LOWRANK_ADD's
+#                                default if the addmm tests pass
+#   2. pair dit-stacked linear  (~9 min: the paper policy with the stacked mode, b1 / b64; the dispatch sweep + table)
+#   3. pair dit dit-low         (~9 min: the #17 keys of W4A4+H and the paper policy; -a3 / -a2)
+#   4. ddp                      (x2 only: bench_ddp, issue 19's ddp2_scaling_x)
 set -uo pipefail
 if [ "${1:-}" = pair ]; then  # pair STEP0 STEP1: STEP0 on GPU 0 and STEP1 on GPU 1 side by side, both waited for
     [ $# -eq 3 ] || { echo "usage: $0 pair STEP_ON_GPU0 STEP_ON_GPU1"; exit 2; }
@@ -53,7 +57,7 @@ if [ "${1:-}" = pair ]; then  # pair STEP0 STEP1: STEP0 on GPU 0 and STEP1 on GP
     echo "--- GPU 1: $3"; tail -25 "$OUT/$3.gpu1/log.txt"
     exit 0
 fi
-case "${1:-}" in tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu|dit-gluon|gluon-check|recheck|train-compiled|train-cg|dit-freezing|attention|dit-stacked)
+case "${1:-}" in verify|tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu|dit-gluon|gluon-check|recheck|train-compiled|train-cg|dit-freezing|attention|dit-stacked)
     ;;
     *) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 2 ;; esac
 OUT=${OUT:-$PWD/gpu_out}
@@ -112,12 +116,12 @@ lm-wait)
     cp $LM/log.txt "$OUT/bench_lm_log.txt"
     tar czf "$OUT/bench_lm.tgz" -C $LM out
     ;;
-dit)
-    # CUDA-graph rows on the default path; the default-mode rows run the opaque op and the Inductor decomposition
-    timeout 420 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
-        --settings "W4A4+H" "dit-xl-2-robuq (" --batches 1 64 --iters 10 --warmup 3 --fuse-gelu \
+dit)  # dit [gelu]: CUDA-graph rows on the default path (gelu: also with the GELU fused into fc2: session 10's run with
+    # it timed out before the paper policy's rows; W4A4+H with it measured 1.02x against 1.20x without)
+    timeout 480 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
+        --settings "W4A4+H" "dit-xl-2-robuq (" --batches 1 64 --iters 10 --warmup 3 ${2:+--fuse-gelu} \
         --tag _reduce-overhead 2>&1 | tail -40
-    timeout 90 python3 benchmarks/bench_call_overhead.py --profile --out "$OUT" 2>&1 | tail -20
+    timeout 60 python3 benchmarks/bench_call_overhead.py --profile --out "$OUT" 2>&1 | tail -20
     ;;
 dit-gluon)  # the Gluon kernels on a whole DiT (rows named "+gluonquant +gluongemm +fusedquant"; run after their tests)
     ROBUQ_QUANT_KERNEL=gluon ROBUQ_FP8_GEMM_KERNEL=gluon ROBUQ_FP8_FUSED_QUANT=1 timeout 540 python3 \
@@ -168,12 +172,20 @@ dit-freezing)  # rows named " +freezing" (their own summary keys); bf16 compiled
 dit-stacked)  # dit-stacked [gelu]: its GPU tests, then the paper policy with its low-rank branch stacked into
     # _scaled_mm (ROBUQ_FP8_EPI=stacked; rows named " +stacked", their own summary keys), batch 1 / 64 under CUDA
     # graphs; "gelu" adds the rows with fc2 applying the GELU (fuse_activations now takes LRB layers)
+    ROBUQ_FP8_EPI=stacked timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead \
+        --skip-train --settings "dit-xl-2-robuq (" ${2:+--fuse-gelu} --batches 1 64 --iters 10 --warmup 3 \
+        --tag _reduce-overhead_stacked 2>&1 | tail -n 20
+    ;;
+verify)  # session 10's fixes on a GPU (~4 min): the stacked mode stage by stage, its tests and the Inductor ones for
+    # it (codes-last weight, robuq::stacked_mm, c read through qweight), then the compiled addmm-mode add with the
+    # symmetric lo fix: the piece-by-piece script and the compiled-vs-eager tests with ROBUQ_INDUCTOR_LOWRANK_ADD=1
     timeout 100 python3 scripts/debug_stacked.py "$OUT" 2>&1 | grep -v Warn | tail -n 16
     timeout 200 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_lrb_stacked.py \
         tests/kernels/test_inductor.py -k "stacked" 2>&1 | grep -v DEBUG | tee "$OUT/gpu_tests_stacked.log" | tail -n 6
-    ROBUQ_FP8_EPI=stacked timeout 470 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead \
-        --skip-train --settings "dit-xl-2-robuq (" ${2:+--fuse-gelu} --batches 1 64 --iters 10 --warmup 3 \
-        --tag _reduce-overhead_stacked 2>&1 | tail -n 20
+    timeout 90 python3 scripts/debug_lowrank_add_compiled.py "$OUT" 2>&1 | tee "$OUT/debug_lowrank_add_compiled.txt" | tail -n 10
+    ROBUQ_INDUCTOR_LOWRANK_ADD=1 timeout 200 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider \
+        tests/kernels/test_inductor.py -k "compiled_qlinear or functional_decomposition" 2>&1 | grep -v DEBUG \
+        | tee "$OUT/gpu_tests_addmm_traced.log" | tail -n 8
     ;;
 dit-low)  # the asymmetric sigma policies (issue 17 item 5: within 10% of dit-xl-2-robuq's speed)
     timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
