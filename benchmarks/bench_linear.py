@@ -162,7 +162,12 @@ def bench(args) -> dict:
             if args.extra:
                 # the same LRB layer with the branch stacked into _scaled_mm (kernels/lrb_stacked.py, opt-in)
                 fns["W1.58A4+H+LRB32 stacked"] = _with_env(fns["W1.58A4+H+LRB32"], "ROBUQ_FP8_EPI", "stacked")
+                # and its codes from one kernel (kernels/triton_mma_quant.py, ROBUQ_STACKED_QUANT=fused)
+                fns["W1.58A4+H+LRB32 stacked fused"] = _with_env(fns["W1.58A4+H+LRB32 stacked"], "ROBUQ_STACKED_QUANT",
+                                                                 "fused")
                 fns["quant only (H)"] = lambda: AQ.act_quant(x, 128, 4, True)
+                # the same with the rotation on tensor cores (kernels/triton_mma_quant.py, ROBUQ_QUANT_KERNEL=mma)
+                fns["quant only (H, mma)"] = _with_env(fns["quant only (H)"], "ROBUQ_QUANT_KERNEL", "mma")
             flops = 2.0 * m * n * k
             row = {"shape": name, "K": k, "N": n, "M": m, "kernel": {c: picked(layers[c], x) for c, _, _ in cols}}
             for mode in args.modes:
@@ -217,7 +222,7 @@ def plot(res: dict, path: str) -> str | None:
         return "matplotlib is not installed: skipped the PNG (pip install matplotlib; or --replot JSON later)"
     mode = res["modes"][0]
     rows = res["rows"]
-    cols = [c for c in rows[0][mode] if c not in ("bf16", "quant only (H)")]
+    cols = [c for c in rows[0][mode] if c != "bf16" and not c.startswith("quant only")]
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     fig, axes = plt.subplots(1, len(shapes) + 1, figsize=(4 * (len(shapes) + 1), 3.6), sharey=True)
     for ax, sh in zip(axes, shapes + ["geomean"]):
@@ -347,6 +352,8 @@ def summary(res: dict) -> dict:
     out = {"mode": mode}
     for col, key in (("W4A4+H", "w4a4h"), ("W1.58A4+H", "w158a4h"), ("fp8 GEMM only", "fp8gemm"),
                      ("W1.58A4+H+LRB32", "w158a4h_lrb32"), ("W1.58A4+H+LRB32 stacked", "w158a4h_lrb32_stacked"),
+                     ("W1.58A4+H+LRB32 stacked fused", "w158a4h_lrb32_stacked_fused"),
+                     ("quant only (H)", "quant_h"), ("quant only (H, mma)", "quant_h_mma"),
                      ("W1.58A4asym+H", "w158a4asymh")):
         for m in sorted({r["M"] for r in res["rows"]}):
             sel = [r for r in res["rows"] if r["M"] == m and col in r[mode]]

@@ -19,6 +19,9 @@
 #   scripts/gpu_session.sh train-cg [SETTING]  the same row under CUDA graphs (reduce-overhead both sides; default the paper's)
 #   scripts/gpu_session.sh dit-freezing     W4A4+H, the paper policy and -a2 at batch 64 under CUDA graphs with Inductor's
 #                                           freezing (the qlinear decomposition's weight-side tensors folded at compile time)
+#   scripts/gpu_session.sh mma              the tensor-core-rotation quantizer and fused stacked codes (session 10,
+#                                           triton_mma_quant.py): their GPU tests, then bench_linear (table; its
+#                                           "quant only (H, mma)" and "stacked fused" columns), ~5 min
 #   scripts/gpu_session.sh verify           session 10's fixes: the stacked mode's GPU tests and stage check, the compiled
 #                                           addmm-mode add with its fix (~4 min)
 #   scripts/gpu_session.sh dit-stacked      the paper policy with ROBUQ_FP8_EPI=stacked (LRB inside _scaled_mm), b1 / b64
@@ -43,9 +46,11 @@
 #                                Inductor / fp8 GEMM / QAT tests); if the stacked tests pass, commit a dispatch table
 #                                with the sweep's stacked choices (step linear) and flip ROBUQ_INDUCTOR_LOWRANK_ADD's
 #                                default if the addmm tests pass
-#   2. pair dit-stacked linear  (~9 min: the paper policy with the stacked mode, b1 / b64; the dispatch sweep + table)
-#   3. pair dit dit-low         (~9 min: the #17 keys of W4A4+H and the paper policy; -a3 / -a2)
-#   4. ddp                      (x2 only: bench_ddp, issue 19's ddp2_scaling_x)
+#   2. pair mma linear          (~9 min: the tensor-core quantizer / fused stacked codes, their tests and timings;
+#                                the dispatch sweep + table)
+#   3. pair dit-stacked dit     (~9 min: the paper policy with the stacked mode; the #17 keys of W4A4+H and the
+#                                paper policy), then dit-stacked fused if the mma step's columns win
+#   4. ddp                      (x2 only: bench_ddp, issue 19's ddp2_scaling_x); dit-low (-a3 / -a2) if time is left
 set -uo pipefail
 if [ "${1:-}" = pair ]; then  # pair STEP0 STEP1: STEP0 on GPU 0 and STEP1 on GPU 1 side by side, both waited for
     [ $# -eq 3 ] || { echo "usage: $0 pair STEP_ON_GPU0 STEP_ON_GPU1"; exit 2; }
@@ -57,7 +62,7 @@ if [ "${1:-}" = pair ]; then  # pair STEP0 STEP1: STEP0 on GPU 0 and STEP1 on GP
     echo "--- GPU 1: $3"; tail -25 "$OUT/$3.gpu1/log.txt"
     exit 0
 fi
-case "${1:-}" in verify|tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu|dit-gluon|gluon-check|recheck|train-compiled|train-cg|dit-freezing|attention|dit-stacked)
+case "${1:-}" in mma|verify|tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu|dit-gluon|gluon-check|recheck|train-compiled|train-cg|dit-freezing|attention|dit-stacked)
     ;;
     *) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 2 ;; esac
 OUT=${OUT:-$PWD/gpu_out}
@@ -169,12 +174,15 @@ dit-freezing)  # rows named " +freezing" (their own summary keys); bf16 compiled
         --settings "W4A4+H" "dit-xl-2-robuq (" "-a2 (" --batches 64 --iters 10 --warmup 3 \
         --tag _reduce-overhead_freezing 2>&1 | tail -n 25
     ;;
-dit-stacked)  # dit-stacked [gelu]: its GPU tests, then the paper policy with its low-rank branch stacked into
-    # _scaled_mm (ROBUQ_FP8_EPI=stacked; rows named " +stacked", their own summary keys), batch 1 / 64 under CUDA
-    # graphs; "gelu" adds the rows with fc2 applying the GELU (fuse_activations now takes LRB layers)
+dit-stacked)  # dit-stacked [fused|gelu]: the paper policy with its low-rank branch stacked into _scaled_mm
+    # (ROBUQ_FP8_EPI=stacked; rows named " +stacked", their own summary keys), batch 1 / 64 under CUDA graphs;
+    # "fused": the codes from one kernel (ROBUQ_STACKED_QUANT=fused, rows " +stacked +fusedcodes"); "gelu" adds the
+    # rows with fc2 applying the GELU (fuse_activations now takes LRB layers)
+    [ "${2:-}" = fused ] && export ROBUQ_STACKED_QUANT=fused
+    [ "${2:-}" = gelu ] || set -- "$1"
     ROBUQ_FP8_EPI=stacked timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead \
         --skip-train --settings "dit-xl-2-robuq (" ${2:+--fuse-gelu} --batches 1 64 --iters 10 --warmup 3 \
-        --tag _reduce-overhead_stacked 2>&1 | tail -n 20
+        --tag "_reduce-overhead_stacked${ROBUQ_STACKED_QUANT:+_fused}" 2>&1 | tail -n 20
     ;;
 verify)  # session 10's fixes on a GPU (~4 min): the stacked mode stage by stage, its tests and the Inductor ones for
     # it (codes-last weight, robuq::stacked_mm, c read through qweight), then the compiled addmm-mode add with the
@@ -186,6 +194,11 @@ verify)  # session 10's fixes on a GPU (~4 min): the stacked mode stage by stage
     ROBUQ_INDUCTOR_LOWRANK_ADD=1 timeout 200 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider \
         tests/kernels/test_inductor.py -k "compiled_qlinear or functional_decomposition" 2>&1 | grep -v DEBUG \
         | tee "$OUT/gpu_tests_addmm_traced.log" | tail -n 8
+    ;;
+mma)  # the tensor-core-rotation quantizer (ROBUQ_QUANT_KERNEL=mma) and the fused stacked codes: tests, then timings
+    timeout 150 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_mma_quant.py \
+        tests/kernels/test_lrb_stacked.py -k "mma or fused or sm90" 2>&1 | grep -v DEBUG | tee "$OUT/gpu_tests_mma.log" | tail -n 6
+    timeout 330 python3 benchmarks/bench_linear.py --modes graph --out "$OUT" --tag mma 2>&1 | tail -n 30
     ;;
 dit-low)  # the asymmetric sigma policies (issue 17 item 5: within 10% of dit-xl-2-robuq's speed)
     timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \

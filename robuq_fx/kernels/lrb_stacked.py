@@ -37,6 +37,7 @@ codes and this matrix apart. The W extra columns are rewritten in place when the
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -221,6 +222,13 @@ def full_weight(w_codes: torch.Tensor, w: int) -> torch.Tensor:
     return w_codes.as_strided((n, w + k), (w + k, 1), w_codes.storage_offset() - w)
 
 
+def fused_quant_on() -> bool:
+    """ROBUQ_STACKED_QUANT=fused: the stacked mode's codes from one kernel (triton_mma_quant.py: the quantizer
+    and lrb_split fused, x read once, the rotation on tensor cores) in eager calls and under CUDA graphs' opaque op;
+    the two kernels otherwise (and in default-mode compiled graphs)."""
+    return os.environ.get("ROBUQ_STACKED_QUANT") == "fused"
+
+
 def stacked_codes(x2, bh, w_codes, block: int, a_bits: int, clip: str, m_pad: int, act: str = "",
                   traced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes (m_pad, W + K) fp8, s_x (m_pad,)): `lrb_split`'s columns in [0, W), the quantizer's codes in the
@@ -231,6 +239,14 @@ def stacked_codes(x2, bh, w_codes, block: int, a_bits: int, clip: str, m_pad: in
     from .triton_lowrank import lrb_split
     k, w = x2.shape[1], ext_width(bh.shape[0])
     wide = torch.empty(m_pad, w + k, device=x2.device, dtype=torch.float8_e4m3fn)
+    if not traced and clip == "absmax" and fused_quant_on():  # one kernel, x read once (opt-in until timed)
+        from ..hadamard import hadamard_matrix
+        from .triton_mma_quant import stacked_quant, stacked_quant_ok
+        if stacked_quant_ok(x2, bh, block):
+            sx = torch.empty(m_pad, device=x2.device, dtype=torch.float32)
+            stacked_quant(x2, hadamard_matrix(block, x2.dtype, x2.device), bh, sx, wide, w_codes, m_pad,
+                          Q.act_levels(a_bits, True), act=act)
+            return wide, sx
     _, sx, _ = act_quant(x2, block, a_bits, True, m_store=m_pad, clip=clip, act=act, out=wide[:, w:], traced=traced)
     lrb_split(x2, bh, sx, wide, w_codes, m_pad, triton_launch.traced if traced else triton_launch.launch, act=act)
     return wide, sx

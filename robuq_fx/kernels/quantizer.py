@@ -171,6 +171,12 @@ def act_quant_spec(x2, out, scale, lo, block: int, a_bits: int, sym: bool, dequa
     block = block if block > 1 else 0
     levels = float(Q.act_levels(a_bits, sym))
     sh = bool(shift and not sym and not dequant)  # asymmetric codes centred per row (triton_act_quant's docstring)
+    if gluon and plan is None and os.environ.get("ROBUQ_QUANT_KERNEL") == "mma":  # opt-in: triton_mma_quant.py
+        from ..hadamard import hadamard_matrix
+        from .triton_mma_quant import mma_quant_launch, mma_quant_ok
+        if mma_quant_ok(x2, block, sym, clip, dequant):  # (symmetric codes: lo is not written)
+            return mma_quant_launch(x2, hadamard_matrix(block, x2.dtype, x2.device), out, scale, out.shape[0],
+                                    levels, act)
     g = _gluon_plan(x2, block, clip, dequant, act) if gluon and plan is None else None
     if g is not None:  # the Gluon kernel with hand-picked layouts, where the table or ROBUQ_QUANT_KERNEL picks it
         return _gq().act_quant_gluon_launch(x2, out, scale, lo, m, out.shape[0], _hscale(block, x2.dtype), levels,

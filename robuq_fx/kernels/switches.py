@@ -17,7 +17,9 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
     ("ROBUQ_FP8_GEMM", "(cuBLAS)", "triton: our fp8 GEMM also for symmetric layers without LRB"),
     ("ROBUQ_QUANT_KERNEL", "(table)", "gluon: the activation quantizer with hand-picked layouts "
                                       "(kernels/gluon_act_quant.py) wherever it applies; triton: never; unset: where "
-                                      "the dispatch table measured it faster with equal codes ('quant_gluon')"),
+                                      "the dispatch table measured it faster with equal codes ('quant_gluon'); mma: "
+                                      "the rotation on tensor cores (kernels/triton_mma_quant.py: symmetric absmax, "
+                                      "block 128; eager calls; not yet run on a GPU)"),
     ("ROBUQ_FP8_GEMM_KERNEL", "(table: pointer)", "tma: the persistent TMA-fed Triton GEMM; gluon: the Gluon "
                                                   "wgmma GEMM (kernels/gluon_fp8_gemm.py; slower on the H200)"),
     ("ROBUQ_FP8_FUSED_QUANT", "0", "1: the activation quantizer inside the fp8 GEMM (kernels/gluon_qgemm.py; W4A4+H "
@@ -34,9 +36,11 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
                                                 "qlinear, attention8 (into our Triton kernels + ATen); 1: all, 0: none"),
     ("ROBUQ_INDUCTOR_GLUON_QUANT", "1", "0: compiled graphs under CUDA graphs take the Triton quantizer where "
                                         "the table picks the Gluon one (kept there through an opaque op)"),
+    ("ROBUQ_STACKED_QUANT", "", "fused: the stacked LRB mode's codes from one kernel (quantizer + lrb_split, x read "
+     "once, the rotation on tensor cores: kernels/triton_mma_quant.py; not yet run on a GPU)"),
     ("ROBUQ_INDUCTOR_LOWRANK_ADD", "0", "1: compiled LRB / asymmetric layers in ROBUQ_FP8_EPI=addmm mode trace "
-                                        "_scaled_mm + the low-rank add kernel (wrong on the H200 in session 9; "
-                                        "off: they take the Triton epilogue GEMM)"),
+                                        "_scaled_mm + the low-rank add kernel (wrong on the H200 in session 9, "
+                                        "cause fixed in session 10 but not re-run; off: the Triton epilogue GEMM)"),
     ("ROBUQ_TRITON_FAST_LAUNCH", "1", "0: launch Triton kernels through kernel[grid] (also turns bound calls off)"),
     ("ROBUQ_DIRECT_CALL", "1", "0: eager PackedLinear calls go through the robuq::qlinear op"),
     ("ROBUQ_QAT_FUSED", "1", "0: eager QAT runs the op graph instead of one autograd node a layer"),

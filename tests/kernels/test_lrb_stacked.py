@@ -196,6 +196,40 @@ def test_stacked_mode_runs_and_matches_the_epilogue_gemm(k, n, m, monkeypatch):
 
 
 @gpu
+@pytest.mark.parametrize("k,n", [(1152, 3456), (4608, 1152)])
+@pytest.mark.parametrize("m", [7, 1000])
+def test_fused_codes_kernel_matches_the_two_kernels(k, n, m, monkeypatch):
+    """ROBUQ_STACKED_QUANT=fused (triton_mma_quant.py: quantizer + lrb_split in one kernel, the rotation on
+    tensor cores): the layer matches its own codes' float64 reference as the two-kernel form does, and its codes
+    equal the two kernels' (the rotation's fp32 sums in another order may flip a code at an exact tie: >= 99.9%)."""
+    from robuq_fx import kernels
+    from robuq_fx.kernels import weight_cache
+    from tests.kernels.test_triton_fp8 import _args, _exact_from_own_codes, _layer
+    mod = _layer(k, n, 1.58, 4, True, 128, 32, seed=k + n + 1).use_device_layout()
+    a = _args(mod)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 2
+    monkeypatch.setenv("ROBUQ_FP8_EPI", "stacked")
+    with kernels.use("triton_fp8"), torch.no_grad():
+        y_two = mod(x)
+        e = weight_cache._entry(a)
+        bh = weight_cache._rot_down(a, x.dtype)
+        codes = {}
+        for mode in ("", "fused"):
+            monkeypatch.setenv("ROBUQ_STACKED_QUANT", mode)
+            codes[mode] = S.stacked_codes(x, bh, mod.qweight, 128, 4, "absmax", 16 * -(-m // 16))
+        y = mod(x)
+    assert e.stk is not None and S.is_extended(mod.qweight, k, 32)
+    own = _exact_from_own_codes(x, a, "triton_fp8")
+    assert rel(y, own) < 6e-3 and within(y, own) >= 0.998
+    assert rel(y, y_two.double()) < 6e-3
+    w = S.ext_width(32)
+    (two, sx_two), (one, sx_one) = codes[""], codes["fused"]
+    agree = (two[:m, w:].float() == one[:m, w:].float()).float().mean().item()
+    assert agree >= 0.999 and torch.allclose(sx_one, sx_two, rtol=1e-2, atol=0)
+    assert rel(one[:m, :w].float(), two[:m, :w].double()) < 2e-2  # [u1, u1, u2]: t's sums in another order
+
+
+@gpu
 def test_stacked_layer_with_an_input_activation(monkeypatch):
     """A fused GELU (passes/act_fuse.py) on a stacked layer: the quantizer and lrb_split both read act(x); the
     output matches the layer run on the materialized activation as tests/kernels/test_input_act.py bounds it (the
