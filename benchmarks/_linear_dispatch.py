@@ -29,7 +29,7 @@ def tune_quant(table: dict, ms=MS):
     """Time the activation quantizer's tilings (rows per program, warps) per K, Hadamard on/off and M bucket."""
     from robuq_fx.kernels import dispatch as D, quantizer as AQ
     dev = torch.device("cuda")
-    out, gluon = {}, {}
+    out, gluon, mma = {}, {}, {}
     for k in sorted({k for _, k, _ in SHAPES}):
         for block in (128, 0):
             key = f"{k}/{'h' if block else 'n'}"
@@ -52,14 +52,47 @@ def tune_quant(table: dict, ms=MS):
                 print(f"[quant {key} M={m}] best BM={bm} warps={warps} chunk={chunk}: {tm * 1e6:.1f}us "
                       f"{gbs:.0f} GB/s (bytes: 2 read + 1 written per element); top: " +
                       " ".join(f"{b}/{w}/{c}:{t * 1e6:.1f}" for t, b, w, c in res[:8]), flush=True)
+                best_s = tm
                 if block and os.environ.get("ROBUQ_QUANT_KERNEL") != "triton":
-                    tiling = gluon_vs_triton(x, m, tm)
-                    if tiling is not None:
-                        gluon.setdefault(key, {})[str(m)] = tiling
+                    g = gluon_vs_triton(x, m, tm)
+                    if g is not None:
+                        gluon.setdefault(key, {})[str(m)] = g[1]
+                        best_s = g[0]
+                    if mma_vs(x, m, best_s):  # faster than what the table picks so far: the tensor-core rotation
+                        mma.setdefault(key, {})[str(m)] = True
     table["quant"] = out
     table["quant_gluon"] = gluon
+    table["quant_mma"] = mma
     D.dispatch_table()["quant"] = out  # use the tuned tilings for the rest of this run
     D.dispatch_table()["quant_gluon"] = gluon
+    D.dispatch_table()["quant_mma"] = mma
+
+
+def mma_vs(x, m: int, best_s: float) -> bool:
+    """The tensor-core-rotation quantizer (kernels/triton_mma_quant.py) on the same call: faster than best_s (the
+    table's choice so far) with codes equal to the Triton kernel's but for rare ties (>= 99.99%; the rotation's fp32
+    sums run in another order) and scales within 1e-6?"""
+    from robuq_fx.kernels import quantizer as AQ
+    k = x.shape[1]
+    want = AQ.act_quant(x, 128, 4, True, m_store=m, plan=AQ.quant_plan(k, 128, m))
+    old = os.environ.get("ROBUQ_QUANT_KERNEL")
+    os.environ["ROBUQ_QUANT_KERNEL"] = "mma"
+    try:
+        got = AQ.act_quant(x, 128, 4, True, m_store=m)
+        agree = (got[0].float() == want[0].float()).float().mean().item()
+        scales = torch.allclose(got[1], want[1], rtol=1e-6, atol=0)
+        tg = time_graph(lambda: AQ.act_quant(x, 128, 4, True, m_store=m), 5, 5, 2)
+    except Exception as e:  # noqa: BLE001 - report, keep the table's choice
+        print(f"[quant mma K={k} M={m}] failed: {type(e).__name__}: {e}", flush=True)
+        return False
+    finally:
+        if old is None:
+            os.environ.pop("ROBUQ_QUANT_KERNEL", None)
+        else:
+            os.environ["ROBUQ_QUANT_KERNEL"] = old
+    print(f"[quant mma K={k} M={m}] {tg * 1e6:.1f}us, {tg / best_s:.2f}x the table's choice; codes agree "
+          f"{agree:.5f}, scales {'equal' if scales else 'DIFFER'}", flush=True)
+    return agree >= 0.9999 and scales and tg < best_s
 
 
 def fused_quant_time(mod, x, rel_tol: float | None = None) -> float | None:
@@ -126,11 +159,11 @@ def gluon_gemm_times(a8, wq, sx, sw, b, lo, cs, t, up, m: int, ptr_cfg, name: st
 GLUON_MARGIN = 0.97  # the Gluon quantizer is dispatched to where it takes at most this share of the Triton time
 
 
-def gluon_vs_triton(x, m: int, triton_s: float) -> list | None:
+def gluon_vs_triton(x, m: int, triton_s: float) -> tuple | None:
     """The Gluon quantizer (kernels/gluon_act_quant.py) on the same call, for each of its tilings (lanes a row,
     columns a thread): time against the Triton kernel's best tiling, and whether codes, scales and offsets equal the
-    Triton kernel's. Returns [lanes, max columns a thread] of the fastest tiling with equal outputs where it takes
-    at most GLUON_MARGIN of the Triton time (the table's "quant_gluon" entry: dispatched to), else None."""
+    Triton kernel's. Returns (its time, [lanes, max columns a thread]) of the fastest tiling with equal outputs where
+    it takes at most GLUON_MARGIN of the Triton time (the table's "quant_gluon" entry: dispatched to), else None."""
     from robuq_fx.kernels import gluon_act_quant as G, quantizer as AQ
     from robuq_fx.kernels.triton_launch import launch
     k = x.shape[1]
@@ -155,7 +188,7 @@ def gluon_vs_triton(x, m: int, triton_s: float) -> list | None:
                 best = (tg, [lanes, max_vt])
         except Exception as e:  # noqa: BLE001 - report, keep measuring the rest
             print(f"[quant gluon K={k} M={m} plan={plan}] failed: {type(e).__name__}: {e}", flush=True)
-    return None if best is None else best[1]
+    return best
 
 
 def time_under_env(mod, x, var: str, values) -> dict:
@@ -183,7 +216,7 @@ def tune_stacked(table: dict, ms, dev) -> None:
         w = (torch.randn(n, k, device=dev) / k ** 0.5).to(torch.bfloat16)
         b = (torch.randn(n, device=dev) * 0.1).to(torch.bfloat16)
         mod = make_layer(dict(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=128), w, b, 32)
-        picks = {}
+        picks, fused = {}, {}
         for m in ms:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             mode = table["shapes"][f"{n}x{k}"]["epi_mode"][str(m)]
@@ -191,11 +224,27 @@ def tune_stacked(table: dict, ms, dev) -> None:
                 outs = {v: _with_env(lambda: mod(x), "ROBUQ_FP8_EPI", v)().double() for v in (mode, "stacked")}
             err = ((outs["stacked"] - outs[mode]).norm() / outs[mode].norm()).item()
             tt = time_under_env(mod, x, "ROBUQ_FP8_EPI", (mode, "stacked"))
-            picks[str(m)] = bool(err < 6e-3 and tt["stacked"] < tt[mode])
+            # and with its codes from one kernel (triton_mma_quant.py, ROBUQ_STACKED_QUANT=fused)
+            os.environ["ROBUQ_STACKED_QUANT"] = "fused"
+            try:
+                with kernels.use("triton_fp8"), torch.no_grad():
+                    out_f = _with_env(lambda: mod(x), "ROBUQ_FP8_EPI", "stacked")().double()
+                err_f = ((out_f - outs[mode]).norm() / outs[mode].norm()).item()
+                tf = time_under_env(mod, x, "ROBUQ_FP8_EPI", ("stacked",))["stacked"]
+            except Exception as e:  # noqa: BLE001 - report, keep the two kernels
+                print(f"[stacked fused {name} M={m}] failed: {type(e).__name__}: {e}", flush=True)
+                err_f, tf = float("inf"), float("inf")
+            finally:
+                os.environ.pop("ROBUQ_STACKED_QUANT", None)
+            fused_ok = err_f < 6e-3 and tf < tt["stacked"]
+            best_stacked = tf if fused_ok else tt["stacked"]
+            picks[str(m)] = bool(err < 6e-3 and best_stacked < tt[mode])
+            fused[str(m)] = bool(picks[str(m)] and fused_ok)
             print(f"[stacked {name} M={m}] {mode} {tt[mode] * 1e6:.1f}us stacked {tt['stacked'] * 1e6:.1f}us "
-                  f"(rel diff {err:.1e})", flush=True)
-        table["shapes"][f"{n}x{k}"]["stacked"] = picks
-        D.dispatch_table()["shapes"][f"{n}x{k}"]["stacked"] = picks
+                  f"(rel diff {err:.1e}), fused codes {tf * 1e6:.1f}us (rel diff {err_f:.1e})", flush=True)
+        for key, val in (("stacked", picks), ("stacked_fused", fused)):
+            table["shapes"][f"{n}x{k}"][key] = val
+            D.dispatch_table()["shapes"][f"{n}x{k}"][key] = val
 
 
 def tune_small_m(variants, ms=(1, 16, 32, 64)) -> int:
@@ -235,8 +284,10 @@ def write_dispatch(args):
                      "(triton_fp8 / cuda_dequant / bf16 F.linear); 'quant': [rows per program, warps, "
                      "chunk (0: one pass)] of the activation quantizer per K/{h,n} and M bucket; 'quant_gluon': "
                      "[lanes, columns a thread] of the Gluon quantizer where it beat that by 3% with equal codes; "
+                     "'quant_mma': where the tensor-core-rotation quantizer beat both (codes >= 99.99% equal); "
                      "'epilogue': addmm or triton; 'stacked': per M bucket, whether symmetric absmax LRB layers "
-                     "stack the branch into _scaled_mm (lrb_stacked.py); 'gemm_kernel': tma or "
+                     "stack the branch into _scaled_mm (lrb_stacked.py), 'stacked_fused' whether their codes come "
+                     "from one kernel (triton_mma_quant.py); 'gemm_kernel': tma or "
                      "pointer (the fused-epilogue GEMM), 'tma_gemm_cfg' its config per M bucket",
              "shapes": {}}
     D.dispatch_table.cache_clear()

@@ -185,13 +185,13 @@ def bind(x: torch.Tensor, a: QLinearArgs):
     elif a.a_sym and a.lrb_down is None:
         if T._fused_quant_ok(x2, a, e):
             return None  # the ordinary call runs the quantize-in-GEMM kernel: not this pair of launches
-        if os.environ.get("ROBUQ_QUANT_KERNEL") == "mma":
-            return None  # its launch's arguments do not start with x, out, scale, lo (triton_mma_quant.py)
         m_pad = max(16, -(-m // 16) * 16)  # as fp8_qlinear's act_quant call: the same launch, other buffers
         codes = torch.empty(m_pad, k, device=x.device, dtype=torch.float8_e4m3fn)
         scale = torch.empty(m_pad, device=x.device, dtype=torch.float32)
         spec = act_quant_spec(x2, codes, scale, torch.empty_like(scale), a.hadamard_block, a.a_bits, True,
                               shift=True, clip=a.a_clip, act=a.input_act)
+        if getattr(spec[0], "__name__", "") == "stacked_quant_kernel":
+            return None  # the tensor-core quantizer's arguments do not start with x, out, scale, lo (mma_quant)
         bias = None if a.bias is None else a.bias.to(torch.bfloat16)
         if bias is not None and bias is not a.bias:
             return None  # a converted bias would go stale unnoticed

@@ -222,11 +222,17 @@ def full_weight(w_codes: torch.Tensor, w: int) -> torch.Tensor:
     return w_codes.as_strided((n, w + k), (w + k, 1), w_codes.storage_offset() - w)
 
 
-def fused_quant_on() -> bool:
-    """ROBUQ_STACKED_QUANT=fused: the stacked mode's codes from one kernel (triton_mma_quant.py: the quantizer
-    and lrb_split fused, x read once, the rotation on tensor cores) in eager calls and under CUDA graphs' opaque op;
-    the two kernels otherwise (and in default-mode compiled graphs)."""
-    return os.environ.get("ROBUQ_STACKED_QUANT") == "fused"
+def fused_quant_on(m: int, n: int, k: int) -> bool:
+    """The stacked mode's codes from one kernel (triton_mma_quant.py: the quantizer and lrb_split fused, x read once,
+    the rotation on tensor cores) in eager calls and under CUDA graphs' opaque op: ROBUQ_STACKED_QUANT=fused (any
+    other value: the two kernels), unset where the dispatch table measured it faster ("stacked_fused" per shape and
+    M bucket). Default-mode compiled graphs keep the two kernels."""
+    env = os.environ.get("ROBUQ_STACKED_QUANT")
+    if env:
+        return env == "fused"
+    from .dispatch import dispatch_table, m_bucket
+    per = dispatch_table().get("shapes", {}).get(f"{n}x{k}", {}).get("stacked_fused") or {}
+    return bool(per.get(str(m_bucket(m))))
 
 
 def stacked_codes(x2, bh, w_codes, block: int, a_bits: int, clip: str, m_pad: int, act: str = "",
@@ -239,7 +245,7 @@ def stacked_codes(x2, bh, w_codes, block: int, a_bits: int, clip: str, m_pad: in
     from .triton_lowrank import lrb_split
     k, w = x2.shape[1], ext_width(bh.shape[0])
     wide = torch.empty(m_pad, w + k, device=x2.device, dtype=torch.float8_e4m3fn)
-    if not traced and clip == "absmax" and fused_quant_on():  # one kernel, x read once (opt-in until timed)
+    if not traced and clip == "absmax" and fused_quant_on(x2.shape[0], w_codes.shape[0], k):  # one kernel, x read once (opt-in until timed)
         from ..hadamard import hadamard_matrix
         from .triton_mma_quant import stacked_quant, stacked_quant_ok
         if stacked_quant_ok(x2, bh, block):

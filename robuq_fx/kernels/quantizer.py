@@ -162,6 +162,16 @@ def _gluon_tiling(k: int, lanes: int = 32, max_vt: int = 32) -> tuple | None:
         return None
 
 
+def _mma_here(x2, block: int) -> bool:
+    """ROBUQ_QUANT_KERNEL=mma, or (unset) the dispatch table measured the tensor-core-rotation quantizer faster for this
+    K and M bucket with the same codes ("quant_mma", `bench_linear.py --write-dispatch`); eager launches only."""
+    env = os.environ.get("ROBUQ_QUANT_KERNEL")
+    if env:
+        return env == "mma"
+    return block == 128 and bool(dispatch_table().get("quant_mma", {}).get(f"{x2.shape[1]}/h", {})
+                                 .get(str(m_bucket(x2.shape[0]))))
+
+
 def act_quant_spec(x2, out, scale, lo, block: int, a_bits: int, sym: bool, dequant: bool = False, shift: bool = False,
                    plan: tuple | None = None, clip: str = "absmax", act: str = "", gluon: bool = True) -> tuple:
     """The launch `act_quant` makes into its outputs out / scale / lo (m_store rows): (kernel, grid, runtime args,
@@ -171,7 +181,7 @@ def act_quant_spec(x2, out, scale, lo, block: int, a_bits: int, sym: bool, dequa
     block = block if block > 1 else 0
     levels = float(Q.act_levels(a_bits, sym))
     sh = bool(shift and not sym and not dequant)  # asymmetric codes centred per row (triton_act_quant's docstring)
-    if gluon and plan is None and os.environ.get("ROBUQ_QUANT_KERNEL") == "mma":  # opt-in: triton_mma_quant.py
+    if gluon and plan is None and _mma_here(x2, block):  # the tensor-core rotation (triton_mma_quant.py)
         from ..hadamard import hadamard_matrix
         from .triton_mma_quant import mma_quant_launch, mma_quant_ok
         if mma_quant_ok(x2, block, sym, clip, dequant):  # (symmetric codes: lo is not written)

@@ -59,3 +59,26 @@ def test_compiles_for_sm90_without_spills():
         text, regs = sass(k)
         assert "STL" not in text and regs <= 128, (lrb, regs)  # no spills; two programs an SM fit
         assert "HGMMA" in text  # the rotation on wgmma
+
+
+def test_the_dispatch_reads_the_table_and_the_environment(monkeypatch):
+    """Where the tensor-core quantizer and the fused stacked codes run: ROBUQ_QUANT_KERNEL / ROBUQ_STACKED_QUANT force
+    them on or off; unset, the table's per-K / per-shape M buckets ("quant_mma", "stacked_fused") decide."""
+    from robuq_fx.kernels import dispatch as D, lrb_stacked as S, quantizer as AQ
+    table = {"quant_mma": {"1152/h": {"256": True}},
+             "shapes": {"3456x1152": {"stacked_fused": {"256": False, "16384": True}}}}
+    monkeypatch.setattr(AQ, "dispatch_table", lambda: table)
+    monkeypatch.setattr(D, "dispatch_table", lambda: table)
+    for var in ("ROBUQ_QUANT_KERNEL", "ROBUQ_STACKED_QUANT"):
+        monkeypatch.delenv(var, raising=False)
+    x = torch.empty(200, 1152)
+    assert AQ._mma_here(x, 128) and not AQ._mma_here(torch.empty(2000, 1152), 128) and not AQ._mma_here(x, 0)
+    assert not AQ._mma_here(torch.empty(200, 4608), 128)
+    assert S.fused_quant_on(10000, 3456, 1152) and not S.fused_quant_on(100, 3456, 1152)
+    assert not S.fused_quant_on(10000, 1152, 1152)
+    monkeypatch.setenv("ROBUQ_QUANT_KERNEL", "triton")
+    monkeypatch.setenv("ROBUQ_STACKED_QUANT", "two")
+    assert not AQ._mma_here(x, 128) and not S.fused_quant_on(10000, 3456, 1152)
+    monkeypatch.setenv("ROBUQ_QUANT_KERNEL", "mma")
+    monkeypatch.setenv("ROBUQ_STACKED_QUANT", "fused")
+    assert AQ._mma_here(torch.empty(2000, 4608), 128) and S.fused_quant_on(100, 1152, 1152)
