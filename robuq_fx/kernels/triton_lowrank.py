@@ -89,14 +89,23 @@ def lrb_split_kernel(x_ptr, b_ptr, sx_ptr, o_ptr, w_ptr, M, M_STORE, stride_x, s
     mmask = offs_m < M
     acc = _down_acc(x_ptr, b_ptr, offs_m, mmask, rr, stride_x, K, R, RP, BM, BK, ACT)
     smask = offs_m < M_STORE
-    inv_c = 1.0 / tl.load(w_ptr - (W - 3 * R)).to(tl.float32)  # exact: c is a power of two
     sx = tl.load(sx_ptr + offs_m, mask=smask & mmask, other=0.0)
+    row = o_ptr + offs_m[:, None].to(tl.int64) * stride_o
+    store_u_columns(row, acc, sx, w_ptr, smask, rr, R, W, WP, BM)
+
+
+@triton.jit
+def store_u_columns(row, t, sx, w_ptr, smask, rr, R: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+                    BM: tl.constexpr):
+    """The stacked mode's W activation columns of the rows at `row` (pointers to their first byte): u = t / (s_x c)
+    split into [u1, u1, u2] and zeros in the W - 3R pad columns (zero rows where s_x = 0); c read from its slot
+    W - 3R bytes before w_ptr (the extended weight's code columns)."""
+    inv_c = 1.0 / tl.load(w_ptr - (W - 3 * R)).to(tl.float32)  # exact: c is a power of two
     rs = tl.where(sx > 0, inv_c / tl.where(sx > 0, sx, 1.0), 0.0)
-    u = acc * rs[:, None]
-    u1f = _e4m3_rn(u)  # u1 in fp32 by arithmetic: the fp8 -> fp32 conversion of u1 miscompiled here (below)
+    u = t * rs[:, None]
+    u1f = _e4m3_rn(u)  # u1 in fp32 by arithmetic: the fp8 -> fp32 conversion of u1 miscompiled here (_e4m3_rn)
     u1 = u1f.to(tl.float8e4nv)  # exact
     u2 = (u - u1f).to(tl.float8e4nv)
-    row = o_ptr + offs_m[:, None].to(tl.int64) * stride_o
     cmask = smask[:, None] & (rr[None, :] < R)
     tl.store(row + rr[None, :], u1, mask=cmask)
     tl.store(row + R + rr[None, :], u1, mask=cmask)
@@ -104,6 +113,11 @@ def lrb_split_kernel(x_ptr, b_ptr, sx_ptr, o_ptr, w_ptr, M, M_STORE, stride_x, s
     pp = tl.arange(0, WP)  # the pad columns up to a multiple of 16 (cuBLAS's fp8 K): zeros
     tl.store(row + 3 * R + pp[None, :], tl.zeros((BM, WP), dtype=tl.float32).to(tl.float8e4nv),
              mask=smask[:, None] & (pp[None, :] < W - 3 * R))
+
+
+def ext_constexprs(k: int, r: int, w: int) -> dict:
+    """The constexprs of the stacked mode's extra columns for K, rank r and W extra columns (both kernels)."""
+    return dict(K=k, R=r, RP=max(16, triton.next_power_of_2(r)), W=w, WP=max(16, triton.next_power_of_2(w - 3 * r)))
 
 
 def lrb_split(x2, bh, sx, out, w_codes, m_store: int, launcher=launch, act: str = "") -> None:
@@ -117,8 +131,7 @@ def lrb_split(x2, bh, sx, out, w_codes, m_store: int, launcher=launch, act: str 
         return
     launcher(lrb_split_kernel, (triton.cdiv(m_store, DOWN_BM),),
              (x2, bh, sx, out, w_codes, m, m_store, x2.stride(0), out.stride(0)),
-             dict(K=k, R=r, RP=max(16, triton.next_power_of_2(r)), W=w,
-                  WP=max(16, triton.next_power_of_2(w - 3 * r)), BM=DOWN_BM, BK=DOWN_BK, ACT=ACTS[act]),
+             dict(**ext_constexprs(k, r, w), BM=DOWN_BM, BK=DOWN_BK, ACT=ACTS[act]),
              dict(num_warps=DOWN_WARPS, num_stages=DOWN_STAGES), no_specialize=(5, 6))
 
 

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .triton_act_quant import ACTS, _input_act
 from .triton_launch import launch
-from .triton_lowrank import _e4m3_rn
+from .triton_lowrank import ext_constexprs, store_u_columns
 from .triton_rowquant import round_quotient, scale_of
 
 
@@ -68,22 +68,8 @@ def stacked_quant_kernel(x_ptr, h_ptr, b_ptr, sx_ptr, o_ptr, w_ptr, M, M_STORE, 
         _, yc = _rotated(x_ptr, h_ptr, rows, rmask, stride_x, kc, HB, ACT)
         q = round_quotient(yc.to(tl.float32), safe[:, None], rcp[:, None])
         tl.store(row + W + kc + kk[None, :], q.to(tl.float8e4nv), mask=smask[:, None])
-    if not HAS_LRB:
-        return
-    # the branch's columns, as triton_lowrank.lrb_split_kernel (u1 rounded by arithmetic: see _e4m3_rn)
-    inv_c = 1.0 / tl.load(w_ptr - (W - 3 * R)).to(tl.float32)  # exact: c is a power of two
-    rs = tl.where(s > 0, inv_c / safe, 0.0)
-    u = t * rs[:, None]
-    u1f = _e4m3_rn(u)
-    u1 = u1f.to(tl.float8e4nv)
-    u2 = (u - u1f).to(tl.float8e4nv)
-    cmask = smask[:, None] & (rr[None, :] < R)
-    tl.store(row + rr[None, :], u1, mask=cmask)
-    tl.store(row + R + rr[None, :], u1, mask=cmask)
-    tl.store(row + 2 * R + rr[None, :], u2, mask=cmask)
-    pp = tl.arange(0, WP)
-    tl.store(row + 3 * R + pp[None, :], tl.zeros((BM, WP), dtype=tl.float32).to(tl.float8e4nv),
-             mask=smask[:, None] & (pp[None, :] < W - 3 * R))
+    if HAS_LRB:  # the branch's columns, as triton_lowrank.lrb_split_kernel
+        store_u_columns(row, t, s, w_ptr, smask, rr, R, W, WP, BM)
 
 
 def stacked_quant_ok(x2, bh, block: int) -> bool:
@@ -99,16 +85,13 @@ def stacked_quant(x2, h, bh, sx, out, w_codes, m_store: int, levels: float, laun
     """out (m_store, W + K) fp8 = [u1, u1, u2, 0.., Q_a(act(x2) H)] and sx (m_store,) fp32 for x2 (m, K); h the
     Hadamard block (128 x 128, x2's dtype: hadamard.hadamard_matrix), bh = B H (r, K) in x2's dtype, w_codes the
     extended weight's code columns (c sits W - 3r bytes before them). Check `stacked_quant_ok` first."""
-    m, k = x2.shape
-    r = bh.shape[0]
-    w = out.shape[1] - k
-    if m_store == 0:
-        return
-    launcher(stacked_quant_kernel, (triton.cdiv(m_store, bm),),
-             (x2, h, bh, sx, out, w_codes, m, m_store, x2.stride(0), out.stride(0), float(levels)),
-             dict(K=k, R=r, RP=max(16, triton.next_power_of_2(r)), W=w, WP=max(16, triton.next_power_of_2(w - 3 * r)),
-                  BM=bm, HB=h.shape[0], HAS_LRB=True, ACT=ACTS[act]),
-             dict(num_warps=warps), no_specialize=(6, 7))
+    if m_store:
+        k = x2.shape[1]
+        launcher(stacked_quant_kernel, (triton.cdiv(m_store, bm),),
+                 (x2, h, bh, sx, out, w_codes, x2.shape[0], m_store, x2.stride(0), out.stride(0), float(levels)),
+                 dict(**ext_constexprs(k, bh.shape[0], out.shape[1] - k), BM=bm, HB=h.shape[0], HAS_LRB=True,
+                      ACT=ACTS[act]),
+                 dict(num_warps=warps), no_specialize=(6, 7))
 
 
 def mma_quant_ok(x2, block: int, sym: bool, clip: str, dequant: bool) -> bool:
