@@ -109,24 +109,35 @@ def small_m_max() -> int:
     return int(dispatch_table().get("small_m_fused_max_m", 0))
 
 
-def stacked_mode(m: int | None = None, n: int | None = None, k: int | None = None) -> bool:
+def _shape_choice(var: str, value: str, key: str, n, k, m=None) -> bool:
+    """An on/off choice per layer shape: the environment variable `var` forces it (on where it equals `value`, off
+    for any other value); unset, the table's per-shape `key` for M's bucket (m None: for any bucket)."""
+    env = os.environ.get(var)
+    if env:
+        return env == value
+    per = dispatch_table().get("shapes", {}).get(f"{n}x{k}", {}).get(key) or {}
+    return any(per.values()) if m is None else bool(per.get(str(m_bucket(m))))
+
+
+def stacked_mode(m: int, n: int, k: int) -> bool:
     """Whether a symmetric absmax layer with a low-rank branch runs the branch stacked into `_scaled_mm`
     (lrb_stacked.py): ROBUQ_FP8_EPI=stacked forces it and any other ROBUQ_FP8_EPI value turns it off; else the
     table's measured choice for this shape and M bucket ("stacked"), off where the table has none."""
-    env = os.environ.get("ROBUQ_FP8_EPI")
-    if env:
-        return env == "stacked"
-    per = dispatch_table().get("shapes", {}).get(f"{n}x{k}", {}).get("stacked")
-    return bool(per and m is not None and per.get(str(m_bucket(m))))
+    return _shape_choice("ROBUQ_FP8_EPI", "stacked", "stacked", n, k, m)
 
 
 def stacked_any(n: int, k: int) -> bool:
     """Whether `stacked_mode` may pick the stacked mode at some M for an N x K layer (ROBUQ_FP8_EPI=stacked, or any
     M bucket of the table's "stacked" for the shape): `lrb_stacked.prepare` extends such a layer's weight up front."""
-    env = os.environ.get("ROBUQ_FP8_EPI")
-    if env:
-        return env == "stacked"
-    return any((dispatch_table().get("shapes", {}).get(f"{n}x{k}", {}).get("stacked") or {}).values())
+    return _shape_choice("ROBUQ_FP8_EPI", "stacked", "stacked", n, k)
+
+
+def stacked_fused(m: int, n: int, k: int) -> bool:
+    """The stacked mode's codes from one kernel (triton_mma_quant.py: the quantizer and lrb_split fused, x read once,
+    the rotation on tensor cores): ROBUQ_STACKED_QUANT=fused (any other value: the two kernels), unset where the
+    table measured it faster ("stacked_fused" per shape and M bucket). Eager calls and CUDA graphs' opaque op only:
+    default-mode compiled graphs keep the two kernels."""
+    return _shape_choice("ROBUQ_STACKED_QUANT", "fused", "stacked_fused", n, k, m)
 
 
 def epilogue_mode(m: int | None = None, n: int | None = None, k: int | None = None) -> str:

@@ -160,6 +160,11 @@ def call(x: torch.Tensor, a: QLinearArgs, ordinary):
     return y
 
 
+def _is_mma_quant(kernel) -> bool:
+    from .triton_mma_quant import stacked_quant_kernel
+    return kernel is stacked_quant_kernel
+
+
 def bind(x: torch.Tensor, a: QLinearArgs):
     """A bound eager call of `triton_fp8.fp8_qlinear(x, a)` for inputs like x, or None where this module does not
     bind that path. Call it after one ordinary call with x (which compiled the kernels and filled the caches)."""
@@ -190,8 +195,8 @@ def bind(x: torch.Tensor, a: QLinearArgs):
         scale = torch.empty(m_pad, device=x.device, dtype=torch.float32)
         spec = act_quant_spec(x2, codes, scale, torch.empty_like(scale), a.hadamard_block, a.a_bits, True,
                               shift=True, clip=a.a_clip, act=a.input_act)
-        if getattr(spec[0], "__name__", "") == "stacked_quant_kernel":
-            return None  # the tensor-core quantizer's arguments do not start with x, out, scale, lo (mma_quant)
+        if _is_mma_quant(spec[0]):
+            return None  # its arguments do not start with x, out, scale, lo (triton_mma_quant.mma_quant_launch)
         bias = None if a.bias is None else a.bias.to(torch.bfloat16)
         if bias is not None and bias is not a.bias:
             return None  # a converted bias would go stale unnoticed

@@ -1,5 +1,5 @@
 """The low-rank branch stacked into the fp8 GEMM (`ROBUQ_FP8_EPI=stacked`, or where the dispatch table's `stacked`
-says so: `dispatch.stacked_mode`; not yet timed on a GPU).
+says so: `dispatch.stacked_mode`; timings and what limits them: docs/gpu.md).
 
 The branch adds t A^T, t = (x H) B^T (M, r), to y = s_x s_w (q_x q_w^T). Written as
 
@@ -25,8 +25,9 @@ The weight side, [v1, v2, v1, c slot, q_w] (N, W + K) fp8 with W = 3r + 1 rounde
 the codes, in its last K columns (the activation side matches: [u1, u1, u2, 0.., q_x]). On the fp8 layout the
 module's `qweight` buffer is re-pointed (`Tensor.set_`) to those columns: same values, row stride W + K, storage
 offset W. Codes last, so that qweight's own extent ends where the matrix ends: a fake tensor made from it (Dynamo,
-AOTAutograd) gets a storage of the matrix's full size, which `as_strided` in the compiled graph needs (a storage is
-faked at the size its tensor spans; with the codes first that would miss the last row's W bytes).
+AOTAutograd) gets a storage of the matrix's full size and `is_extended` holds for it (a storage is faked at the size
+its tensor spans; with the codes first that would miss the last row's W bytes). The compiled graph itself holds no
+view beyond qweight: `lrb_split` reads c through qweight's pointer and `robuq::stacked_mm` makes `full_weight`.
 `PackedLinear.set_layout("fp8")` / `use_device_layout` extend the weight up front (`prepare`), so compiled graphs see
 the final strides; `_save_to_state_dict` packs the codes as always; a device move makes qweight contiguous again and
 use_device_layout re-extends it; the kernels that assume K-byte weight rows -- the TMA GEMM, the small-M and
@@ -37,12 +38,11 @@ codes and this matrix apart. The W extra columns are rewritten in place when the
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
 from .. import quantizers as Q
-from .dispatch import stacked_any, stacked_mode
+from .dispatch import stacked_any, stacked_fused, stacked_mode
 from .registry import QLinearArgs, tensor_key
 
 U_MAX = 224.0  # the bound put on |u| (e4m3's largest finite value is 448: a factor 2 of margin)
@@ -96,10 +96,9 @@ def scale_c(bh: torch.Tensor, k: int, a_bits: int) -> float:
 
 def ext_columns(sw: torch.Tensor, up: torch.Tensor, c: float) -> torch.Tensor | None:
     """[v1, v2, v1, 0...] (N, W) fp8 with v = A c / s_w (the extended weight's first W columns), and c itself in
-    row 0, column 3r (its slot: the
-    activation side's column there is zero, so it adds nothing to the product; `lrb_split_kernel` and the compiled
-    graph read c from it); None where v leaves e4m3's range, a channel with s_w = 0 has a branch, or c is not one
-    of e4m3's exact powers of two."""
+    row 0, column 3r (its slot: the activation side's column there is zero, so it adds nothing to the product;
+    `lrb_split_kernel` reads c from it); None where v leaves e4m3's range, a channel with s_w = 0 has a branch, or
+    c is not one of e4m3's exact powers of two."""
     n, r = up.shape
     v = up.float() * c / sw.view(-1, 1)
     if not C_MIN <= c <= C_MAX or not torch.isfinite(v).all() or v.abs().max().item() > V_MAX:
@@ -155,7 +154,7 @@ def _extended_storage(a: QLinearArgs, e, w: int) -> torch.Tensor:
     n, k = a.out_features, a.in_features
     qw = a.qweight
     if is_extended(qw, k, a.lrb_down.shape[0]):
-        return qw.data.as_strided((n, k + w), (k + w, 1), 0)  # already extended (an earlier call)
+        return full_weight(qw.data, w)  # already extended (an earlier call)
     full = torch.empty(n, k + w, device=e.fp8.device, dtype=torch.float8_e4m3fn)
     full[:, w:] = e.fp8
     if qw.dtype == torch.float8_e4m3fn:
@@ -222,19 +221,6 @@ def full_weight(w_codes: torch.Tensor, w: int) -> torch.Tensor:
     return w_codes.as_strided((n, w + k), (w + k, 1), w_codes.storage_offset() - w)
 
 
-def fused_quant_on(m: int, n: int, k: int) -> bool:
-    """The stacked mode's codes from one kernel (triton_mma_quant.py: the quantizer and lrb_split fused, x read once,
-    the rotation on tensor cores) in eager calls and under CUDA graphs' opaque op: ROBUQ_STACKED_QUANT=fused (any
-    other value: the two kernels), unset where the dispatch table measured it faster ("stacked_fused" per shape and
-    M bucket). Default-mode compiled graphs keep the two kernels."""
-    env = os.environ.get("ROBUQ_STACKED_QUANT")
-    if env:
-        return env == "fused"
-    from .dispatch import dispatch_table, m_bucket
-    per = dispatch_table().get("shapes", {}).get(f"{n}x{k}", {}).get("stacked_fused") or {}
-    return bool(per.get(str(m_bucket(m))))
-
-
 def stacked_codes(x2, bh, w_codes, block: int, a_bits: int, clip: str, m_pad: int, act: str = "",
                   traced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes (m_pad, W + K) fp8, s_x (m_pad,)): `lrb_split`'s columns in [0, W), the quantizer's codes in the
@@ -245,7 +231,7 @@ def stacked_codes(x2, bh, w_codes, block: int, a_bits: int, clip: str, m_pad: in
     from .triton_lowrank import lrb_split
     k, w = x2.shape[1], ext_width(bh.shape[0])
     wide = torch.empty(m_pad, w + k, device=x2.device, dtype=torch.float8_e4m3fn)
-    if not traced and clip == "absmax" and fused_quant_on(x2.shape[0], w_codes.shape[0], k):  # one kernel, x read once (opt-in until timed)
+    if not traced and clip == "absmax" and stacked_fused(x2.shape[0], w_codes.shape[0], k):  # one kernel
         from ..hadamard import hadamard_matrix
         from .triton_mma_quant import stacked_quant, stacked_quant_ok
         if stacked_quant_ok(x2, bh, block):

@@ -86,12 +86,7 @@ def stacked_quant(x2, h, bh, sx, out, w_codes, m_store: int, levels: float, laun
     Hadamard block (128 x 128, x2's dtype: hadamard.hadamard_matrix), bh = B H (r, K) in x2's dtype, w_codes the
     extended weight's code columns (c sits W - 3r bytes before them). Check `stacked_quant_ok` first."""
     if m_store:
-        k = x2.shape[1]
-        launcher(stacked_quant_kernel, (triton.cdiv(m_store, bm),),
-                 (x2, h, bh, sx, out, w_codes, x2.shape[0], m_store, x2.stride(0), out.stride(0), float(levels)),
-                 dict(**ext_constexprs(k, bh.shape[0], out.shape[1] - k), BM=bm, HB=h.shape[0], HAS_LRB=True,
-                      ACT=ACTS[act]),
-                 dict(num_warps=warps), no_specialize=(6, 7))
+        launcher(*_launch_spec(x2, h, bh, sx, out, w_codes, m_store, levels, act, bm, warps))
 
 
 def mma_quant_ok(x2, block: int, sym: bool, clip: str, dequant: bool) -> bool:
@@ -104,9 +99,18 @@ def mma_quant_ok(x2, block: int, sym: bool, clip: str, dequant: bool) -> bool:
 def mma_quant_launch(x2, h, out, sx, m_store: int, levels: float, act: str = "", bm: int = 64, warps: int = 8):
     """(kernel, grid, runtime args, constexprs, options, no_specialize) of the plain quantizer: out (m_store, K) fp8
     codes of Q_a(act(x2) H) (rows of any stride), sx (m_store,) their scales (`quantizer.act_quant` with
-    ROBUQ_QUANT_KERNEL=mma; check `mma_quant_ok`)."""
-    m, k = x2.shape
+    ROBUQ_QUANT_KERNEL=mma; check `mma_quant_ok`). Its runtime arguments do not start with x, out, scale, lo:
+    kernels/fastcall.py does not bind it."""
+    return _launch_spec(x2, h, None, sx, out, None, m_store, levels, act, bm, warps)
+
+
+def _launch_spec(x2, h, bh, sx, out, w_codes, m_store, levels, act, bm, warps) -> tuple:
+    """`stacked_quant_kernel`'s launch for both entries: with a branch (bh, w_codes given) or without (W = 0; the
+    unused pointers are x2 and out)."""
+    k = x2.shape[1]
+    lrb = bh is not None
+    ext = ext_constexprs(k, bh.shape[0] if lrb else 0, out.shape[1] - k)
     return (stacked_quant_kernel, (triton.cdiv(m_store, bm),),
-            (x2, h, x2, sx, out, out, m, m_store, x2.stride(0), out.stride(0), float(levels)),
-            dict(K=k, R=0, RP=16, W=0, WP=16, BM=bm, HB=h.shape[0], HAS_LRB=False, ACT=ACTS[act]),
-            dict(num_warps=warps), (6, 7))
+            (x2, h, bh if lrb else x2, sx, out, w_codes if lrb else out, x2.shape[0], m_store, x2.stride(0),
+             out.stride(0), float(levels)),
+            dict(**ext, BM=bm, HB=h.shape[0], HAS_LRB=lrb, ACT=ACTS[act]), dict(num_warps=warps), (6, 7))

@@ -64,7 +64,7 @@ def test_compiles_for_sm90_without_spills():
 def test_the_dispatch_reads_the_table_and_the_environment(monkeypatch):
     """Where the tensor-core quantizer and the fused stacked codes run: ROBUQ_QUANT_KERNEL / ROBUQ_STACKED_QUANT force
     them on or off; unset, the table's per-K / per-shape M buckets ("quant_mma", "stacked_fused") decide."""
-    from robuq_fx.kernels import dispatch as D, lrb_stacked as S, quantizer as AQ
+    from robuq_fx.kernels import dispatch as D, quantizer as AQ
     table = {"quant_mma": {"1152/h": {"256": True}},
              "shapes": {"3456x1152": {"stacked_fused": {"256": False, "16384": True}}}}
     monkeypatch.setattr(AQ, "dispatch_table", lambda: table)
@@ -74,11 +74,11 @@ def test_the_dispatch_reads_the_table_and_the_environment(monkeypatch):
     x = torch.empty(200, 1152)
     assert AQ._mma_here(x, 128) and not AQ._mma_here(torch.empty(2000, 1152), 128) and not AQ._mma_here(x, 0)
     assert not AQ._mma_here(torch.empty(200, 4608), 128)
-    assert S.fused_quant_on(10000, 3456, 1152) and not S.fused_quant_on(100, 3456, 1152)
-    assert not S.fused_quant_on(10000, 1152, 1152)
+    assert D.stacked_fused(10000, 3456, 1152) and not D.stacked_fused(100, 3456, 1152)
+    assert not D.stacked_fused(10000, 1152, 1152)
     monkeypatch.setenv("ROBUQ_QUANT_KERNEL", "triton")
     monkeypatch.setenv("ROBUQ_STACKED_QUANT", "two")
-    assert not AQ._mma_here(x, 128) and not S.fused_quant_on(10000, 3456, 1152)
+    assert not AQ._mma_here(x, 128) and not D.stacked_fused(10000, 3456, 1152)
     monkeypatch.setenv("ROBUQ_QUANT_KERNEL", "mma")
     monkeypatch.setenv("ROBUQ_STACKED_QUANT", "fused")
-    assert AQ._mma_here(torch.empty(2000, 4608), 128) and S.fused_quant_on(100, 1152, 1152)
+    assert AQ._mma_here(torch.empty(2000, 4608), 128) and D.stacked_fused(100, 1152, 1152)
