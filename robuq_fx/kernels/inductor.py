@@ -127,13 +127,7 @@ def _ops():
         run_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, t, up, m, traced)
         return y
 
-    @triton_op("robuq::stacked_codes", mutates_args=())
-    def stacked_codes_op(x2: torch.Tensor, bh: torch.Tensor, w_codes: torch.Tensor, block: int, a_bits: int,
-                         clip: str, m_store: int, act: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-        from .lrb_stacked import stacked_codes
-        return stacked_codes(x2, bh, w_codes, block, a_bits, clip, m_store, act, traced=True)
-
-    _DEFS.extend((act_quant_op, rowquant_op, fp8_gemm_op, lowrank_add_op, lrb_down_op, stacked_codes_op))
+    _DEFS.extend((act_quant_op, rowquant_op, fp8_gemm_op, lowrank_add_op, lrb_down_op))
     return (torch.ops.robuq.act_quant, torch.ops.robuq.rowquant, torch.ops.robuq.fp8_gemm, torch.ops.robuq.lowrank_add,
             torch.ops.robuq.lrb_down)
 
@@ -163,13 +157,15 @@ def _gluon_quant_op():
 
 
 @functools.lru_cache(maxsize=None)
-def _stacked_codes_gluon_op():
-    """robuq::stacked_codes_gluon: `lrb_stacked.stacked_codes` run eagerly as one opaque op, so that under CUDA
-    graphs the stacked mode keeps the Gluon quantizer where the table picks it (as `_gluon_quant_op`)."""
+def _stacked_codes_op():
+    """robuq::stacked_codes: `lrb_stacked.stacked_codes` run eagerly as one opaque op (its kernels, the fused one
+    where the table picks it, or the Gluon quantizer, write into one buffer). Traced instead, the quantizer's write
+    into the buffer's last K columns became a graph-level copy that Inductor filled with an fp8 NaN Triton 3.6 does
+    not compile (H200, session 11); under CUDA graphs the op costs no launch time."""
     from torch.library import custom_op
     from .lrb_stacked import ext_width, stacked_codes
 
-    @custom_op("robuq::stacked_codes_gluon", mutates_args=())
+    @custom_op("robuq::stacked_codes", mutates_args=())
     def op(x2: torch.Tensor, bh: torch.Tensor, w_codes: torch.Tensor, block: int, a_bits: int, clip: str,
            m_store: int, act: str = "") -> tuple[torch.Tensor, torch.Tensor]:
         return stacked_codes(x2, bh, w_codes, block, a_bits, clip, m_store, act)
@@ -180,7 +176,7 @@ def _stacked_codes_gluon_op():
                 x2.new_empty(m_store, dtype=torch.float32))
 
     _DEFS.append(op)
-    return torch.ops.robuq.stacked_codes_gluon
+    return torch.ops.robuq.stacked_codes
 
 
 @functools.lru_cache(maxsize=None)
@@ -244,9 +240,8 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
     cs = None if a.a_sym else Q.weight_code_colsum(weight_codes(a), a.w_scale)
     if not (a.a_sym and not lrb) and epilogue_mode(m, n, k) == "addmm" and not _addmm_traced_ok():
         _warn_once("robuq_fx: under torch.compile the LRB / asymmetric layers take the Triton epilogue GEMM where "
-                   "ROBUQ_FP8_EPI=addmm or the dispatch table picks the addmm mode (its traced form differed from "
-                   "eager on the H200; ROBUQ_INDUCTOR_LOWRANK_ADD=1 traces it anyway, "
-                   "scripts/debug_lowrank_add_compiled.py)")
+                   "ROBUQ_FP8_EPI=addmm or the dispatch table picks the addmm mode (ROBUQ_INDUCTOR_LOWRANK_ADD=0 "
+                   "turned its traced form off)")
     elif (a.a_sym and not lrb) or epilogue_mode(m, n, k) == "addmm":
         if os.environ.get("ROBUQ_FP8_GEMM") == "triton" and a.a_sym and not lrb:
             y = fp8_gemm_op(codes, w8, sx, sw, a.bias, None, None, None, None, m, x.dtype)
@@ -263,27 +258,25 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
 
 
 def _stacked_traced(x, x2, a: QLinearArgs, m, m_pad) -> torch.Tensor:
-    """`lrb_stacked.stacked_qlinear` in graph-traceable form: the codes by one triton_op (quantizer + lrb_split,
-    which reads c through qweight's pointer; under CUDA graphs where the table picks the Gluon quantizer, one opaque
-    op instead), then `robuq::stacked_mm` (`_scaled_mm` over the extended weight, made from qweight in the op: the
+    """`lrb_stacked.stacked_qlinear` in graph-traceable form: the codes by one opaque op (`robuq::stacked_codes`:
+    quantizer + lrb_split, which reads c through qweight's pointer), then `robuq::stacked_mm` (`_scaled_mm` over the extended weight, made from qweight in the op: the
     graph holds no view of qweight beyond its own extent)."""
     from . import weight_cache as W
     n = a.out_features
     bh = W.rotated_down(a, x.dtype)
-    codes_op = _stacked_codes_gluon_op() if _gluon_quant_here(x2, a) else torch.ops.robuq.stacked_codes
-    wide, sx = codes_op(x2, bh, a.qweight, a.hadamard_block, a.a_bits, a.a_clip, m_pad, a.input_act)
+    wide, sx = _stacked_codes_op()(x2, bh, a.qweight, a.hadamard_block, a.a_bits, a.a_clip, m_pad, a.input_act)
     bias = None if a.bias is None else a.bias.to(torch.bfloat16)
     y = _stacked_mm_op()(wide, a.qweight, sx, W.scale_vec(a.w_scale, n), bias)[:m]
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def _addmm_traced_ok() -> bool:
-    """Whether the addmm epilogue mode's LRB / asymmetric add (`robuq::lowrank_add` after `_scaled_mm`) is traced.
-    Off: compiled, it gave outputs far from eager's on the H200 (session 9: W1.58A4+H+LRB32, M = 74, max |diff| 13.9,
-    eager correct) -- the symmetric layer's lo went to the add kernel, switching on its offset term with a placeholder
-    c (fixed in session 10, not yet re-run on a GPU); the dispatch table picks the fused-epilogue GEMM for every shape
-    but fc2 at M >= 16384 (by 1%)."""
-    return os.environ.get("ROBUQ_INDUCTOR_LOWRANK_ADD") == "1"
+    """Whether the addmm epilogue mode's LRB / asymmetric add (`robuq::lowrank_add` after `_scaled_mm`) is traced
+    (default; ROBUQ_INDUCTOR_LOWRANK_ADD=0: the Triton epilogue GEMM instead, with a warning). Session 9 found it
+    far from eager on the H200 (W1.58A4+H+LRB32, M = 74, max |diff| 13.9): the symmetric layer's lo went to the add
+    kernel, switching on its offset term with a placeholder c. Fixed in session 10; on the H200 in session 11 every
+    piece and the whole layer compiled equal eager, and the compiled-vs-eager tests pass in this mode."""
+    return os.environ.get("ROBUQ_INDUCTOR_LOWRANK_ADD", "1") != "0"
 
 
 def _qlinear_decomposition(x, qweight, w_scale, bias, lrb_down, lrb_up, out_features, in_features, w_bits, a_bits,

@@ -221,17 +221,17 @@ def full_weight(w_codes: torch.Tensor, w: int) -> torch.Tensor:
     return w_codes.as_strided((n, w + k), (w + k, 1), w_codes.storage_offset() - w)
 
 
-def stacked_codes(x2, bh, w_codes, block: int, a_bits: int, clip: str, m_pad: int, act: str = "",
-                  traced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def stacked_codes(x2, bh, w_codes, block: int, a_bits: int, clip: str, m_pad: int,
+                  act: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """(codes (m_pad, W + K) fp8, s_x (m_pad,)): `lrb_split`'s columns in [0, W), the quantizer's codes in the
-    last K; both kernels write into the one buffer (the traced form runs inside a triton_op). w_codes: the extended
-    weight's code columns, where `lrb_split` finds c."""
+    last K; both kernels write into the one buffer (compiled: inside the opaque `robuq::stacked_codes`). w_codes:
+    the extended weight's code columns, where `lrb_split` finds c."""
     from . import triton_launch
     from .quantizer import act_quant
     from .triton_lowrank import lrb_split
     k, w = x2.shape[1], ext_width(bh.shape[0])
     wide = torch.empty(m_pad, w + k, device=x2.device, dtype=torch.float8_e4m3fn)
-    if not traced and clip == "absmax" and stacked_fused(x2.shape[0], w_codes.shape[0], k):  # one kernel
+    if clip == "absmax" and stacked_fused(x2.shape[0], w_codes.shape[0], k):  # one kernel
         from ..hadamard import hadamard_matrix
         from .triton_mma_quant import stacked_quant, stacked_quant_ok
         if stacked_quant_ok(x2, bh, block):
@@ -239,6 +239,6 @@ def stacked_codes(x2, bh, w_codes, block: int, a_bits: int, clip: str, m_pad: in
             stacked_quant(x2, hadamard_matrix(block, x2.dtype, x2.device), bh, sx, wide, w_codes, m_pad,
                           Q.act_levels(a_bits, True), act=act)
             return wide, sx
-    _, sx, _ = act_quant(x2, block, a_bits, True, m_store=m_pad, clip=clip, act=act, out=wide[:, w:], traced=traced)
-    lrb_split(x2, bh, sx, wide, w_codes, m_pad, triton_launch.traced if traced else triton_launch.launch, act=act)
+    _, sx, _ = act_quant(x2, block, a_bits, True, m_store=m_pad, clip=clip, act=act, out=wide[:, w:])
+    lrb_split(x2, bh, sx, wide, w_codes, m_pad, triton_launch.launch, act=act)
     return wide, sx

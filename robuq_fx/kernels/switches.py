@@ -37,10 +37,9 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
     ("ROBUQ_INDUCTOR_GLUON_QUANT", "1", "0: compiled graphs under CUDA graphs take the Triton quantizer where "
                                         "the table picks the Gluon one (kept there through an opaque op)"),
     ("ROBUQ_STACKED_QUANT", "", "fused: the stacked LRB mode's codes from one kernel (quantizer + lrb_split, x read "
-     "once, the rotation on tensor cores: kernels/triton_mma_quant.py; not yet run on a GPU)"),
-    ("ROBUQ_INDUCTOR_LOWRANK_ADD", "0", "1: compiled LRB / asymmetric layers in ROBUQ_FP8_EPI=addmm mode trace "
-                                        "_scaled_mm + the low-rank add kernel (wrong on the H200 in session 9, "
-                                        "cause fixed in session 10 but not re-run; off: the Triton epilogue GEMM)"),
+     "once, the rotation on tensor cores: kernels/triton_mma_quant.py)"),
+    ("ROBUQ_INDUCTOR_LOWRANK_ADD", "1", "0: compiled LRB / asymmetric layers in ROBUQ_FP8_EPI=addmm mode take the "
+                                        "Triton epilogue GEMM instead of tracing _scaled_mm + the low-rank add kernel"),
     ("ROBUQ_TRITON_FAST_LAUNCH", "1", "0: launch Triton kernels through kernel[grid] (also turns bound calls off)"),
     ("ROBUQ_DIRECT_CALL", "1", "0: eager PackedLinear calls go through the robuq::qlinear op"),
     ("ROBUQ_QAT_FUSED", "1", "0: eager QAT runs the op graph instead of one autograd node a layer"),

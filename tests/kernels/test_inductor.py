@@ -84,21 +84,21 @@ def _calls(code: str, op: str) -> bool:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "W{}A{}{}{}{}{}".format(*c))
 @pytest.mark.parametrize("m", [37, 1000])
 def test_compiled_qlinear_equals_eager_and_launches_our_kernels(case, m, epi, all_ops, monkeypatch):
-    """Both epilogue modes of the asymmetric / LRB layers: the table's (the Triton GEMM), and _scaled_mm + addmm --
-    which, compiled, those layers leave for the Triton GEMM with a warning (`inductor._addmm_traced_ok`)."""
+    """Both epilogue modes of the asymmetric / LRB layers: the table's (the Triton GEMM), and _scaled_mm + the
+    low-rank add kernel, traced (`inductor._addmm_traced_ok`; ROBUQ_INDUCTOR_LOWRANK_ADD=0 leaves those layers for
+    the Triton GEMM with a warning)."""
     if epi == "addmm":
         monkeypatch.setenv("ROBUQ_FP8_EPI", "addmm")
+        monkeypatch.setattr(registry, "_WARNED", set())
     mod = _layer(1152, 3456, *case)
     assert mod.layout == "fp8"
     x = torch.randn(2, m, 1152, device="cuda").bfloat16()
     with torch.no_grad():
         eager = mod(x)
         compiled, code = _compiled_code(mod, x)
-        if epi == "addmm" and (case[4] or not case[2]):
-            monkeypatch.setenv("ROBUQ_FP8_EPI", "triton")
-            eager = mod(x)
-            assert any("ROBUQ_FP8_EPI=addmm" in w for w in registry._WARNED)
-            assert "lowrank_add_kernel" not in code
+        if epi == "addmm" and (case[4] or not case[2]):  # the add kernel after _scaled_mm, in the graph
+            assert "lowrank_add_kernel" in code and not _calls(code, "lowrank_add")
+            assert not any("ROBUQ_FP8_EPI=addmm" in w for w in registry._WARNED)
     assert not _calls(code, "qlinear"), "the qlinear call was left opaque"
     assert not _calls(code, "act_quant") and not _calls(code, "fp8_gemm"), "a triton_op was not inlined"
     assert "act_quant_bfly_kernel" in code
@@ -244,8 +244,8 @@ def _fake_w158_lrb_inputs(extended_cols: int = 0) -> tuple:
 def test_stacked_mode_traces_once_the_weight_is_extended(monkeypatch, all_ops):
     """ROBUQ_FP8_EPI=stacked under torch.compile: a layer whose qweight is not extended (lrb_stacked.prepare did not
     run) traces the Triton epilogue GEMM, never an op that would extend it inside the graph; an extended one
-    decomposes into the quantizer and lrb_split kernels (one triton_op, `robuq::stacked_codes`) and
-    `robuq::stacked_mm` over the extended weight, with the input activation in both kernels."""
+    runs its codes through one opaque op (`robuq::stacked_codes`, given the input activation) and
+    `robuq::stacked_mm` over the extended weight."""
     from torch._subclasses.functional_tensor import dispatch_functionalize
     from torch.fx.experimental.proxy_tensor import make_fx
     from robuq_fx.kernels import lrb_stacked
@@ -267,16 +267,14 @@ def test_stacked_mode_traces_once_the_weight_is_extended(monkeypatch, all_ops):
         code = trace(plain)  # not extended: the epilogue GEMM, no stacked kernels, no opaque op
     assert "robuq.qlinear" not in code and "lrb_split_kernel" not in _kernel_names(code)
     code = trace(full)
-    assert "robuq.qlinear" not in code and "robuq.stacked_codes" not in code
-    assert {"act_quant_bfly_kernel", "lrb_split_kernel"} <= _kernel_names(code), _kernel_names(code)
+    assert "robuq.qlinear" not in code
+    # the codes: one opaque op, no graph-level write into a slice of the buffer (Inductor turned it into a copy
+    # with an fp8 NaN fill Triton 3.6 does not compile, H200 session 11), the activation passed to it
+    assert re.search(r"robuq\.stacked_codes\.default\([^)]*'gelu_tanh'", code), code
+    assert "lrb_split_kernel" not in _kernel_names(code) and "slice_scatter" not in code
     # the GEMM over the extended weight: one opaque op given qweight itself (no view of it beyond its extent in the
     # graph: Inductor materialized one without the bytes outside, H200 session 10)
-    assert "robuq.stacked_mm.default(" in code and "as_strided" not in code and code.count("'ACT': 2") == 2
-    import torch._inductor.config as ic
-    from robuq_fx.kernels import quantizer
-    monkeypatch.setattr(quantizer, "_gluon_plan", lambda *a: (1,))  # the table picks the Gluon quantizer here
-    with ic.patch({"triton.cudagraphs": True}):  # under CUDA graphs: the codes through one opaque op
-        assert "robuq.stacked_codes_gluon.default(" in trace(full)
+    assert "robuq.stacked_mm.default(" in code and "as_strided" not in code
 
 
 @pytest.mark.skipif(not _triton_imports(), reason="triton does not import here")
@@ -313,14 +311,14 @@ def test_functional_decomposition_on_fake_cuda_tensors(gemm, monkeypatch, all_op
     with monkeypatch.context() as mp:  # the addmm mode: _scaled_mm (fake CUDA _scaled_mm needs a CUDA build), then
         mp.setenv("ROBUQ_FP8_EPI", "addmm" if torch.cuda.is_available() else "triton")  # the low-rank add kernel
         if torch.cuda.is_available():
-            assert "lowrank_add_kernel" not in _kernel_names(trace())  # off by default: the Triton GEMM instead
-            mp.setenv("ROBUQ_INDUCTOR_LOWRANK_ADD", "1")
             code_addmm = trace()
             assert "_scaled_mm" in code_addmm and "lowrank_add_kernel" in _kernel_names(code_addmm)
             # a symmetric layer: the add kernel without its offset term (session 9's compiled-only error: lo was
             # passed, switching the term on with a placeholder c)
             assert "'ASYM': False" in code_addmm and "'ASYM': True" not in code_addmm
             assert "robuq.lowrank_add" not in code_addmm and "robuq.lrb_down" not in code_addmm
+            mp.setenv("ROBUQ_INDUCTOR_LOWRANK_ADD", "0")  # turned off: the Triton epilogue GEMM instead
+            assert "lowrank_add_kernel" not in _kernel_names(trace())
     with monkeypatch.context() as mp:  # under CUDA graphs, where the table picks the Gluon quantizer: opaque op
         import torch._inductor.config as ic
         from robuq_fx.kernels import quantizer
