@@ -387,10 +387,14 @@ _REGISTERED: list[bool] = []
 
 def register() -> None:
     """Install the decompositions (once). The qlinear / attention8 ones need triton only when they fire (CUDA calls
-    the Triton path takes); the QAT ops' ones are torch math and apply on every device."""
+    the Triton path takes); the QAT ops' ones are torch math and apply on every device. The opaque ops a compiled
+    graph may call at run time are defined here too: a graph loaded from Inductor's on-disk cache calls them without
+    the decomposition (which defined them lazily) having run in this process (H200, session 11:
+    `torch.ops.robuq.stacked_codes` missing on a cache hit)."""
     if _REGISTERED:
         return
     _REGISTERED.append(True)
+    _gluon_quant_op(), _stacked_codes_op(), _stacked_mm_op()
     from torch._subclasses.functional_tensor import FunctionalTensorMode
     for name, fn in (("qlinear", _qlinear_decomposition), ("attention8", _attention8_decomposition),
                      ("hadamard", _hadamard_decomposition), ("fake_quant_weight", _fake_quant_weight_decomposition),

@@ -101,7 +101,11 @@ def test_compiled_qlinear_equals_eager_and_launches_our_kernels(case, m, epi, al
             assert not any("ROBUQ_FP8_EPI=addmm" in w for w in registry._WARNED)
     assert not _calls(code, "qlinear"), "the qlinear call was left opaque"
     assert not _calls(code, "act_quant") and not _calls(code, "fp8_gemm"), "a triton_op was not inlined"
-    assert "act_quant_bfly_kernel" in code
+    from robuq_fx.kernels.dispatch import stacked_mode
+    if epi == "table" and case[4] and case[2] and stacked_mode(2 * m, 3456, 1152):  # the table's stacked LRB mode:
+        assert _calls(code, "stacked_codes") and _calls(code, "stacked_mm")  # its two opaque ops
+    else:
+        assert "act_quant_bfly_kernel" in code and not _calls(code, "stacked_mm")
     assert compiled.shape == eager.shape and compiled.dtype == eager.dtype
     assert torch.equal(compiled, eager), (compiled.float() - eager.float()).abs().max()
 
@@ -382,3 +386,19 @@ def test_compiled_qat_step_decomposes_the_qat_ops(monkeypatch):
     monkeypatch.setenv("ROBUQ_INDUCTOR_DECOMPOSE", "0")
     _, _, code = compiled(copy.deepcopy(q))
     assert _calls(code, "fake_quant_weight") and _calls(code, "fake_quant_act")
+
+
+def test_register_defines_the_opaque_runtime_ops():
+    """A compiled graph loaded from Inductor's on-disk cache calls robuq's opaque ops (the stacked mode's two, the
+    Gluon quantizer's) without the decomposition that first defined them having run in this process (H200, session
+    11: `torch.ops.robuq.stacked_codes` missing on a cache hit). `register()`, which the ops' fake kernels call while
+    Dynamo traces, defines them; checked in a fresh process."""
+    import subprocess
+    import sys
+    code = ("import torch, robuq_fx\nfrom robuq_fx.kernels import inductor\n"
+            "names = ('stacked_codes', 'stacked_mm', 'act_quant_gluon')\n"
+            "before = [hasattr(torch.ops.robuq, n) for n in names]\ninductor.register()\n"
+            "print(before, [hasattr(torch.ops.robuq, n) for n in names])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == "[False, False, False] [True, True, True]", out.stdout
