@@ -95,15 +95,16 @@ def mma_vs(x, m: int, best_s: float) -> bool:
     return agree >= 0.9999 and scales and tg < best_s
 
 
-def fused_quant_time(mod, x, rel_tol: float | None = None) -> float | None:
-    """CUDA-graph time of mod(x) with ROBUQ_FP8_FUSED_QUANT=1 (kernels/gluon_qgemm.py), or None where it fails or its
+def fused_quant_time(mod, x, rel_tol: float | None = None, mode: str = "1") -> float | None:
+    """CUDA-graph time of mod(x) with ROBUQ_FP8_FUSED_QUANT=mode ("1": kernels/gluon_qgemm.py, "ws": its
+    warp-specialized form, gluon_qgemm_ws.py), or None where it fails or its
     output is not the two-kernel path's (>= 99.9% equal, the rest within a bf16 ulp; with rel_tol, a layer with a
     branch, whose t the two paths round differently: relative Frobenius error <= rel_tol)."""
     from robuq_fx import kernels
     try:
         with kernels.use("triton_fp8"), torch.no_grad():
             want = mod(x)
-            os.environ["ROBUQ_FP8_FUSED_QUANT"] = "1"
+            os.environ["ROBUQ_FP8_FUSED_QUANT"] = mode
             got = mod(x)
             if rel_tol is not None:
                 ok = ((got.float() - want.float()).norm() / want.float().norm()).item() <= rel_tol
@@ -111,12 +112,12 @@ def fused_quant_time(mod, x, rel_tol: float | None = None) -> float | None:
                 ok = bool(((got.float() - want.float()).abs() <= want.float().abs() * 2 ** -7 + 1e-6).all()) \
                     and (got == want).float().mean().item() >= 0.999
             if not ok:
-                print(f"[quantize-in-GEMM M={x.shape[0]} K={x.shape[1]}] output differs from the two-kernel path's",
-                      flush=True)
+                print(f"[quantize-in-GEMM {mode} M={x.shape[0]} K={x.shape[1]}] output differs from the two-kernel "
+                      "path's", flush=True)
                 return None
             return time_graph(lambda: mod(x))
     except Exception as e:  # noqa: BLE001 - report; the two-kernel path stays
-        print(f"[quantize-in-GEMM M={x.shape[0]} K={x.shape[1]}] failed: {type(e).__name__}: {e}", flush=True)
+        print(f"[quantize-in-GEMM {mode} M={x.shape[0]} K={x.shape[1]}] failed: {type(e).__name__}: {e}", flush=True)
         return None
     finally:
         os.environ.pop("ROBUQ_FP8_FUSED_QUANT", None)
@@ -409,6 +410,9 @@ def write_dispatch(args):
                     fused = fused_quant_time(mod, x)
                     if fused is not None:
                         tt["fused"] = fused
+                    fused = fused_quant_time(mod, x, mode="ws")  # warp-specialized (no branch)
+                    if fused is not None:
+                        tt["fused_ws"] = fused
                     fused = fused_quant_time(mod_lrb, x, rel_tol=5e-3)
                     if fused is not None:
                         with kernels.use("triton_fp8"), torch.no_grad():

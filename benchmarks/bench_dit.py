@@ -43,6 +43,7 @@ SUMMARY_KEYS = {"robuq W4A4+H": "w4a4h", "robuq W1.58A4+H": "w158a4h", PAPER: "p
 INFER_OPT_IN = "".join(f" +{tag}" for var, val, tag in (("ROBUQ_QUANT_KERNEL", "gluon", "gluonquant"),
                                                         ("ROBUQ_FP8_GEMM_KERNEL", "gluon", "gluongemm"),
                                                         ("ROBUQ_FP8_FUSED_QUANT", "1", "fusedquant"),
+                                                        ("ROBUQ_FP8_FUSED_QUANT", "ws", "fusedws"),
                                                         ("ROBUQ_FP8_EPI", "stacked", "stacked"),
                                                         ("ROBUQ_STACKED_QUANT", "fused", "fusedcodes"),
                                                         ("ROBUQ_QUANT_KERNEL", "mma", "mmaquant"))

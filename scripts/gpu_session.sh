@@ -22,6 +22,9 @@
 #   scripts/gpu_session.sh mma              the tensor-core-rotation quantizer and fused stacked codes (session 10,
 #                                           triton_mma_quant.py): their GPU tests, then bench_linear (table; its
 #                                           "quant only (H, mma)" and "stacked fused" columns), ~5 min
+#   scripts/gpu_session.sh ws               the warp-specialized quantize-in-GEMM kernel (session 11, gluon_qgemm_ws.py):
+#                                           its GPU tests (a hang = an mbarrier phase bug: killed at 240 s), then
+#                                           bench_linear's "W4A4+H fused ws" column at M = 256 / 1024 / 4096 / 16384
 #   scripts/gpu_session.sh verify           session 10's fixes: the stacked mode's GPU tests and stage check, the compiled
 #                                           addmm-mode add with its fix (~4 min)
 #   scripts/gpu_session.sh dit-stacked      the paper policy with ROBUQ_FP8_EPI=stacked (LRB inside _scaled_mm), b1 / b64
@@ -62,7 +65,7 @@ if [ "${1:-}" = pair ]; then  # pair STEP0 STEP1: STEP0 on GPU 0 and STEP1 on GP
     echo "--- GPU 1: $3"; tail -25 "$OUT/$3.gpu1/log.txt"
     exit 0
 fi
-case "${1:-}" in mma|verify|tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu|dit-gluon|gluon-check|recheck|train-compiled|train-cg|dit-freezing|attention|dit-stacked)
+case "${1:-}" in ws|mma|verify|tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu|dit-gluon|gluon-check|recheck|train-compiled|train-cg|dit-freezing|attention|dit-stacked)
     ;;
     *) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 2 ;; esac
 OUT=${OUT:-$PWD/gpu_out}
@@ -194,6 +197,15 @@ verify)  # session 10's fixes on a GPU (~4 min): the stacked mode stage by stage
     ROBUQ_INDUCTOR_LOWRANK_ADD=1 timeout 200 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider \
         tests/kernels/test_inductor.py -k "compiled_qlinear or functional_decomposition" 2>&1 | grep -v DEBUG \
         | tee "$OUT/gpu_tests_addmm_traced.log" | tail -n 8
+    ;;
+ws)  # the warp-specialized quantize-in-GEMM kernel: tests first (a deadlock shows as the timeout), then timings
+    timeout 240 python3 -m pytest -v -rfE --tb=short -p no:cacheprovider tests/kernels/test_gluon_qgemm_ws.py \
+        > "$OUT/gpu_tests_ws.log" 2>&1; rc=$?
+    grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/gpu_tests_ws.log" | tail -n 16
+    if [ $rc -eq 0 ]; then
+        timeout 300 python3 benchmarks/bench_linear.py --modes graph --m 256 1024 4096 16384 --out "$OUT" --tag _ws \
+            2>&1 | tail -n 16
+    else echo "ws tests rc=$rc (124: timed out, a hang): no timings"; fi
     ;;
 mma)  # the tensor-core-rotation quantizer (ROBUQ_QUANT_KERNEL=mma) and the fused stacked codes: tests, then timings
     timeout 150 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_mma_quant.py \

@@ -312,7 +312,7 @@ def _qlinear_decomposition(x, qweight, w_scale, bias, lrb_down, lrb_up, out_feat
 def _gluon_opt_in() -> bool:
     """Whether an opt-in Gluon kernel is switched on for the fp8 path (kernels/gluon_*.py)."""
     env = os.environ
-    return (env.get("ROBUQ_FP8_FUSED_QUANT") == "1" or env.get("ROBUQ_QUANT_KERNEL") == "gluon"
+    return (env.get("ROBUQ_FP8_FUSED_QUANT") in ("1", "ws") or env.get("ROBUQ_QUANT_KERNEL") == "gluon"
             or env.get("ROBUQ_FP8_GEMM_KERNEL") == "gluon")
 
 

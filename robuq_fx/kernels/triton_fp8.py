@@ -227,14 +227,19 @@ def _gluon_gemm_ok(codes: torch.Tensor, w8: torch.Tensor, t: torch.Tensor | None
 
 
 def _fused_quant_ok(x2: torch.Tensor, a: QLinearArgs, e: "_Entry") -> bool:
-    """ROBUQ_FP8_FUSED_QUANT=1 and the Gluon quantize-in-GEMM kernel takes the call (Hopper; symmetric absmax,
-    Hadamard 128, a branch of rank <= 64 or none, no input activation, K <= 1152: gluon_qgemm.supported)."""
-    if os.environ.get("ROBUQ_FP8_FUSED_QUANT") != "1" or a.input_act:
+    """ROBUQ_FP8_FUSED_QUANT=1 (gluon_qgemm, v0) or =ws (gluon_qgemm_ws, warp-specialized) and that quantize-in-GEMM
+    kernel takes the call (Hopper; symmetric absmax, Hadamard 128, no input activation, K <= 1152; v0: a branch of
+    rank <= 64 or none, ws: none)."""
+    mode = os.environ.get("ROBUQ_FP8_FUSED_QUANT")
+    if mode not in ("1", "ws") or a.input_act:
         return False
     if _capability(x2.device.index if x2.device.index is not None else torch.cuda.current_device()) < (9, 0):
         return False
     try:
-        from .gluon_qgemm import supported
+        if mode == "ws":
+            from .gluon_qgemm_ws import supported
+        else:
+            from .gluon_qgemm import supported
     except ImportError:  # no Gluon in this triton
         return False
     rank = 0 if a.lrb_down is None else a.lrb_down.shape[0]
@@ -295,10 +300,16 @@ def _fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
     if small:  # one kernel: quantize + GEMM + epilogue
         y = _small_m(x2, a, e, m)
         return y if x.dim() == 2 else y.reshape(*lead, n)
-    if m and _fused_quant_ok(x2, a, e):  # opt-in: the quantizer inside the GEMM (kernels/gluon_qgemm.py)
+    if m and _fused_quant_ok(x2, a, e):  # opt-in: the quantizer inside the GEMM (kernels/gluon_qgemm*.py)
         from .gluon_qgemm import launch_qgemm_fused
         from .quantizer import _hscale
         y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+        if os.environ.get("ROBUQ_FP8_FUSED_QUANT") == "ws":  # warp-specialized (no branch: `supported`)
+            from .gluon_qgemm_ws import launch_qgemm_ws
+            with on_device(x.device):
+                launch_qgemm_ws(x2, e.fp8, y, e.sw, a.bias, _hscale(a.hadamard_block, x2.dtype),
+                                float(Q.act_levels(a.a_bits, True)))
+            return y if x.dim() == 2 else y.reshape(*lead, n)
         down = up = None
         if a.lrb_down is not None:  # the branch's factors in x's dtype (B unrotated: the kernel reads x H)
             down, up = (f if f.dtype == x.dtype and f.is_contiguous() else f.to(x.dtype).contiguous()

@@ -1,0 +1,138 @@
+"""The warp-specialized quantize-in-GEMM kernel (robuq_fx/kernels/gluon_qgemm_ws.py, opt-in ROBUQ_FP8_FUSED_QUANT=ws).
+
+CPU (where triton with Gluon imports): every config compiles for sm_90 into three partitions (register
+reallocation), fp8 wgmma fed by TMA, no spills, within shared memory; `supported` and `work_split` say what they
+should. GPU (Hopper): a W4A4+H / W1.58A4+H layer with it equals the two-kernel path (same quantizer arithmetic, exact
+integer GEMM: >= 99.9% of outputs equal, the rest within a bf16 ulp) on odd M and the DiT widths, with and without
+bias; a program walking many work items (few programs: the code buffers' and the weight ring's mbarrier phases wrap
+many times) gives the same output as one item a program; a layer with a low-rank branch keeps the two-kernel path.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import robuq_fx  # noqa: F401
+from tests.kernels.sm90 import compile_sm90, import_or_none, opcodes, sass
+
+WS = import_or_none("gluon_qgemm_ws")
+gluon = pytest.mark.skipif(WS is None, reason="triton with Gluon does not import here")
+
+
+@gluon
+def test_supported_and_work_split():
+    x = torch.empty(4, 1152, dtype=torch.bfloat16)
+    assert WS.supported(x, 1152, 128, 4, True, "absmax", 0) is None
+    assert "symmetric absmax" in WS.supported(x, 1152, 128, 4, False, "absmax", 0)
+    assert "symmetric absmax" in WS.supported(x, 1152, 0, 4, True, "absmax", 0)
+    assert "up to 1152" in WS.supported(x, 4608, 128, 4, True, "absmax", 0)
+    assert "takes none" in WS.supported(x, 1152, 128, 4, True, "absmax", 32)
+    assert "activation dtype" in WS.supported(x.float(), 1152, 128, 4, True, "absmax", 0)
+    # items: (64-row block, run of N tiles); N split only where the row blocks alone leave SMs idle
+    assert WS.work_split(16384, 3456, 128, 132) == (27, 132)      # 256 row blocks: whole rows, 132 programs
+    tps, programs = WS.work_split(256, 3456, 128, 132)             # 4 row blocks: N split into 27 / tps runs
+    assert tps == 1 and programs == 4 * 27
+    tps, programs = WS.work_split(1000, 1152, 128, 132)            # 16 row blocks x 9 tiles: 8 runs of 2 tiles
+    assert tps == 2 and programs == 16 * 5 and programs <= 132
+
+
+@gluon
+@pytest.mark.parametrize("cfg", [0, 1])
+@pytest.mark.parametrize("k", [1152, 256])
+def test_compiles_for_sm90(cfg, k):
+    from triton.experimental.gluon import language as gl
+    bn, stages, quant_regs = WS.CONFIGS[cfg]
+    lb = gl.NVMMASharedLayout.get_default_for([bn, 128], gl.float8e4nv)
+    sig = {"x_ptr": "*bf16", "w_desc": f"tensordesc<fp8e4nv[{bn}, 128],{lb!r}>", "y_ptr": "*bf16",
+           "sw_ptr": "*fp32", "bias_ptr": "*bf16", "M": "i32", "N": "i32", "stride_xm": "i32", "stride_ym": "i32",
+           "hscale": "fp32", "levels": "fp32", "TPS": "i32"}
+    const = dict(K=k, HAS_BIAS=True, STAGES=stages, QUANT_REGS=quant_regs, num_warps=4)
+    kern = compile_sm90(WS.qgemm_ws_kernel, sig, const, {"num_warps": 4},
+                        aligned=("x_ptr", "y_ptr", "sw_ptr", "bias_ptr", "stride_xm", "stride_ym"))
+    text, _ = sass(kern)
+    assert {"QGMMA", "UTMALDG", "SHFL", "USETMAXREG", "SYNCS"} <= opcodes(text)
+    assert "STL" not in text  # no partition spills
+    assert kern.metadata.num_warps == 12  # 4 MMA + 4 quantizer + 1 loader warps, in whole warpgroups
+    assert kern.metadata.shared <= 227 * 1024, kern.metadata.shared
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available() or WS is None
+                          or torch.cuda.get_device_capability() < (9, 0), reason="needs a Hopper GPU and Gluon")
+
+
+def _layer(k, n, w_bits, bias, rank=0, seed=0):
+    from robuq_fx.modules import PackedLinear
+    from robuq_fx.spec import LayerSpec
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w = (torch.randn(n, k, device="cuda", generator=g) / k ** 0.5).bfloat16()
+    b = (torch.randn(n, device="cuda", generator=g) * 0.1).bfloat16() if bias else None
+    dn = (torch.randn(rank, k, device="cuda", generator=g) * 0.05).bfloat16() if rank else None
+    up = (torch.randn(n, rank, device="cuda", generator=g) * 0.05).bfloat16() if rank else None
+    spec = LayerSpec(w_bits=w_bits, a_bits=4, hadamard=True, hadamard_block=128, lora_rank=rank).resolve(k, n)
+    return PackedLinear.from_float(w, b, dn, up, spec).use_device_layout()
+
+
+def _close(got, want, what):
+    assert (got == want).float().mean() >= 0.999, what
+    assert ((got.float() - want.float()).abs() <= want.float().abs() * 2 ** -7 + 1e-6).all(), what
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n", [(1152, 3456), (1152, 1152), (1152, 6912), (256, 208)])
+@pytest.mark.parametrize("w_bits,bias", [(4, True), (1.58, False)])
+def test_layer_equals_the_two_kernel_path(k, n, w_bits, bias, monkeypatch):
+    mod = _layer(k, n, w_bits, bias, seed=k + n)
+    for m in (1, 37, 300, 4097):
+        x = (torch.randn(m, k, device="cuda") * 2).bfloat16()
+        with torch.no_grad():
+            monkeypatch.delenv("ROBUQ_FP8_FUSED_QUANT", raising=False)
+            want = mod(x)
+            monkeypatch.setenv("ROBUQ_FP8_FUSED_QUANT", "ws")
+            got = [mod(x) for _ in range(2)]  # the ordinary call, then what a bound call would run
+        for g in got:
+            _close(g, want, f"M={m}")
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", [0, 1])
+def test_many_items_a_program_equal_one(cfg):
+    """The persistent loop: with 3 programs each walks 5-6 items of 9 N tiles x 9 k-steps, so the two code buffers
+    and the weight ring go round many times (every mbarrier phase flips); outputs identical to the default grid and
+    to one N tile an item (144 programs), the NaN-initialized output fully written, and within 2^-7 (relative to
+    the largest output) of the float64 product of the two-kernel quantizer's codes."""
+    from robuq_fx.kernels.quantizer import _hscale
+    torch.manual_seed(cfg)
+    m, k, n = 1000, 1152, 1152
+    x = (torch.randn(m, k, device="cuda") * 2).bfloat16()
+    w8 = torch.randint(-7, 8, (n, k), device="cuda").bfloat16().to(torch.float8_e4m3fn)
+    sw = torch.rand(n, device="cuda") * 0.01
+    bias = torch.randn(n, device="cuda").bfloat16()
+    outs = []
+    for sms in (None, 3, 1000):
+        y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+        WS.launch_qgemm_ws(x, w8, y, sw, bias, _hscale(128, x.dtype), 7.0, cfg=WS.CONFIGS[cfg], sms=sms)
+        outs.append(y)
+    torch.cuda.synchronize()
+    assert torch.isfinite(outs[0]).all()
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+    # against the float64 product of the codes the two-kernel quantizer makes
+    from robuq_fx.kernels.quantizer import act_quant
+    codes, sx, _ = act_quant(x, 128, 4, True)
+    ref = (codes[:m].double() @ w8.double().t()) * sx[:m, None].double() * sw.double() + bias.double()
+    err = (outs[0].double() - ref).abs().max() / ref.abs().max()
+    assert err < 2 ** -7, err
+
+
+@cuda
+@pytest.mark.gpu
+def test_branch_and_long_rows_keep_the_two_kernel_path(monkeypatch):
+    """What the kernel does not take (a low-rank branch; K = 4608) runs the ordinary path with the switch on."""
+    for mod, k in ((_layer(1152, 1152, 1.58, True, rank=32), 1152), (_layer(4608, 1152, 4, True), 4608)):
+        x = torch.randn(300, k, device="cuda").bfloat16()
+        with torch.no_grad():
+            monkeypatch.delenv("ROBUQ_FP8_FUSED_QUANT", raising=False)
+            want = mod(x)
+            monkeypatch.setenv("ROBUQ_FP8_FUSED_QUANT", "ws")
+            assert torch.equal(mod(x), want)
