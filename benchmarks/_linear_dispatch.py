@@ -418,6 +418,9 @@ def write_dispatch(args):
                         with kernels.use("triton_fp8"), torch.no_grad():
                             tt["fp8_lrb"] = time_graph(lambda: mod_lrb(x))
                         tt["fused_lrb"] = fused
+                    fused = fused_quant_time(mod_lrb, x, rel_tol=5e-3, mode="ws")  # the branch stacked in it
+                    if fused is not None:
+                        tt["fused_ws_lrb"] = fused
                 meas[m] = tt
             ms = sorted(meas)
             thr = 2 ** 31

@@ -168,6 +168,7 @@ def bench(args) -> dict:
                 # the quantizer inside the GEMM, warp-specialized (kernels/gluon_qgemm_ws.py, opt-in; K <= 1152: fc2
                 # keeps the two kernels)
                 fns["W4A4+H fused ws"] = _with_env(fns["W4A4+H"], "ROBUQ_FP8_FUSED_QUANT", "ws")
+                fns["W1.58A4+H+LRB32 fused ws"] = _with_env(fns["W1.58A4+H+LRB32"], "ROBUQ_FP8_FUSED_QUANT", "ws")
                 fns["quant only (H)"] = lambda: AQ.act_quant(x, 128, 4, True)
                 # the same with the rotation on tensor cores (kernels/triton_mma_quant.py, ROBUQ_QUANT_KERNEL=mma)
                 fns["quant only (H, mma)"] = _with_env(fns["quant only (H)"], "ROBUQ_QUANT_KERNEL", "mma")
@@ -357,7 +358,7 @@ def summary(res: dict) -> dict:
                      ("W1.58A4+H+LRB32", "w158a4h_lrb32"), ("W1.58A4+H+LRB32 stacked", "w158a4h_lrb32_stacked"),
                      ("W1.58A4+H+LRB32 stacked fused", "w158a4h_lrb32_stacked_fused"),
                      ("quant only (H)", "quant_h"), ("quant only (H, mma)", "quant_h_mma"),
-                     ("W4A4+H fused ws", "w4a4h_fused_ws"),
+                     ("W4A4+H fused ws", "w4a4h_fused_ws"), ("W1.58A4+H+LRB32 fused ws", "w158a4h_lrb32_fused_ws"),
                      ("W1.58A4asym+H", "w158a4asymh")):
         for m in sorted({r["M"] for r in res["rows"]}):
             sel = [r for r in res["rows"] if r["M"] == m and col in r[mode]]

@@ -22,9 +22,11 @@
 #   scripts/gpu_session.sh mma              the tensor-core-rotation quantizer and fused stacked codes (session 10,
 #                                           triton_mma_quant.py): their GPU tests, then bench_linear (table; its
 #                                           "quant only (H, mma)" and "stacked fused" columns), ~5 min
-#   scripts/gpu_session.sh ws               the warp-specialized quantize-in-GEMM kernel (session 11, gluon_qgemm_ws.py):
-#                                           its GPU tests (a hang = an mbarrier phase bug: killed at 240 s), then
-#                                           bench_linear's "W4A4+H fused ws" column at M = 256 / 1024 / 4096 / 16384
+#   scripts/gpu_session.sh ws               the warp-specialized quantize-in-GEMM kernel (session 11, gluon_qgemm_ws.py;
+#                                           with the paper's rank-32 branch stacked in it): its GPU tests (a hang = an
+#                                           mbarrier phase bug: killed at 240 s), then bench_linear's "W4A4+H fused ws"
+#                                           and "W1.58A4+H+LRB32 fused ws" columns at M = 1024 / 16384 (~8 min)
+#   scripts/gpu_session.sh dit-ws           DiT-XL/2 W4A4+H and the paper policy with it (rows " +fusedws"), b1 / b64
 #   scripts/gpu_session.sh verify           session 10's fixes: the stacked mode's GPU tests and stage check, the compiled
 #                                           addmm-mode add with its fix (~4 min)
 #   scripts/gpu_session.sh dit-stacked      the paper policy with ROBUQ_FP8_EPI=stacked (LRB inside _scaled_mm), b1 / b64
@@ -44,7 +46,13 @@
 # Set ROBUQ_GIT_COMMIT first where the machine has no git history (benchmarks record it).
 # The machine goes back ~30 s after a call returns, and with it everything detached or left in /tmp: make every
 # call self-contained, and send the next one at once. On nvidia-h200-x2, `pair A B` runs two steps at once (one a
-# GPU) for the device time of one: use it. Order for a 30-minute session (session 10's plan):
+# GPU) for the device time of one: use it. Session 12's plan (one H200: each step one call):
+#   1. ws          (~8 min: the warp-specialized quantize-in-GEMM kernel, plain and with the paper's branch; if its
+#                   tests pass and it wins, the dispatch sweep (linear) records "fused_ws" times for the table)
+#   2. dit-ws      (if 1 wins: whole-model rows) -- else `dit` for the paper policy's batch-1 row with the committed
+#                   table (paper_b1_x is session 8's), then dit-low (-a3 / -a2)
+#   3. ddp         (only on nvidia-h200-x2: issue 19's ddp2_scaling_x)
+# Session 10's plan, done in session 11 but for `dit`'s batch-1 rows, the mma sweep and ddp:
 #   1. pair verify recheck      (~5 min: session 10's fixes -- stacked mode compiled, addmm add -- then the full
 #                                Inductor / fp8 GEMM / QAT tests); if the stacked tests pass, commit a dispatch table
 #                                with the sweep's stacked choices (step linear) and flip ROBUQ_INDUCTOR_LOWRANK_ADD's
@@ -65,7 +73,7 @@ if [ "${1:-}" = pair ]; then  # pair STEP0 STEP1: STEP0 on GPU 0 and STEP1 on GP
     echo "--- GPU 1: $3"; tail -25 "$OUT/$3.gpu1/log.txt"
     exit 0
 fi
-case "${1:-}" in ws|mma|verify|tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu|dit-gluon|gluon-check|recheck|train-compiled|train-cg|dit-freezing|attention|dit-stacked)
+case "${1:-}" in ws|dit-ws|mma|verify|tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu|dit-gluon|gluon-check|recheck|train-compiled|train-cg|dit-freezing|attention|dit-stacked)
     ;;
     *) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 2 ;; esac
 OUT=${OUT:-$PWD/gpu_out}
@@ -203,9 +211,14 @@ ws)  # the warp-specialized quantize-in-GEMM kernel: tests first (a deadlock sho
         > "$OUT/gpu_tests_ws.log" 2>&1; rc=$?
     grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/gpu_tests_ws.log" | tail -n 16
     if [ $rc -eq 0 ]; then
-        timeout 300 python3 benchmarks/bench_linear.py --modes graph --m 256 1024 4096 16384 --out "$OUT" --tag _ws \
+        timeout 300 python3 benchmarks/bench_linear.py --modes graph --m 1024 16384 --out "$OUT" --tag _ws \
             2>&1 | tail -n 16
     else echo "ws tests rc=$rc (124: timed out, a hang): no timings"; fi
+    ;;
+dit-ws)  # the warp-specialized quantize-in-GEMM kernel on a whole DiT (after `ws` passed)
+    ROBUQ_FP8_FUSED_QUANT=ws timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead \
+        --skip-train --settings "W4A4+H" "dit-xl-2-robuq (" --batches 64 1 --iters 10 --warmup 3 \
+        --tag _reduce-overhead_fusedws 2>&1 | tail -n 20
     ;;
 mma)  # the tensor-core-rotation quantizer (ROBUQ_QUANT_KERNEL=mma) and the fused stacked codes: tests, then timings
     timeout 150 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_mma_quant.py \

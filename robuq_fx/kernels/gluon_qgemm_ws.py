@@ -20,30 +20,40 @@ tensor cores idle only during the epilogues. A work item is (row block, run of T
 one per SM) walk the items in a grid-stride loop. Where the row blocks alone give fewer items than SMs, N is split
 (as v0's `n_split`), each item quantizing its row block again.
 
-v1 scope: symmetric absmax activations A <= 4, Hadamard block 128, K a multiple of 128 up to 1152, no low-rank
-branch, no asymmetric terms (W4A4+H / W1.58A4+H's every DiT-XL/2 layer but fc2). Opt-in,
-`ROBUQ_FP8_FUSED_QUANT=ws`, until its GPU tests pass and the dispatch sweep times it.
+The low-rank branch (rank 32, the paper's): stacked into the GEMM as in `lrb_stacked.py`, as one more k-step. The
+quantizer partition (`_quant_lrb_partition`) accumulates t = (x H) B^T on mma.sync from the rotated chunks it holds
+anyway, then writes [u1, u1, u2, 0] (u = t / (s_x c)) as the buffer's last chunk; the loader pairs it with the first
+128 columns of the stacked mode's extended weight [v1, v2, v1, c, 0.., codes] (the 16 code columns in that box meet
+zeros), the code chunks with its columns W + 128 kb. x is read once for codes and branch.
+
+Scope: symmetric absmax activations A <= 4, Hadamard block 128, K a multiple of 128 up to 1152, a rank-32 branch or
+none, no asymmetric terms (every DiT-XL/2 layer of `dit`, W1.58A4+H and `dit-xl-2-robuq` but fc2). Opt-in,
+`ROBUQ_FP8_FUSED_QUANT=ws` (dispatch: `fused_quant.py`), until its GPU tests pass and the dispatch sweep times it.
 """
 from __future__ import annotations
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import DotOperandLayout, mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from .gluon_act_quant import _maxf, _piece, _round_quotient, _scale_of
+from .gluon_act_quant import _maxf, _piece, _round_quotient, _scale_of, libdevice
 from .gluon_fp8_gemm import _instr_n, _warps
 
 CONFIGS = [  # (BN, STAGES) of the weight ring, the quantizer partition's registers; BM = 64 rows, BK = 128,
     (128, 4, 192),  # 4 + 4 + 1 warps. No spills offline (sm_90); BN = 256 spilled the MMA partition's accumulator
     (64, 6, 232),
 ]
+LRB_CONFIGS = [  # with the branch: one more code chunk a buffer (2 x 80 KB at K = 1152) leaves less for the ring;
+    (64, 4, 240),  # offline the quantizer partition's mma.sync spills 1 register here (26-30 at other budgets)
+]
 MAX_K = 1152
 BM = gl.constexpr(64)
 BK = gl.constexpr(128)
 QUANT_WARPS = gl.constexpr(4)
+LRB_RANK = gl.constexpr(32)  # the branch's rank the kernel takes (the paper's; [u1, u1, u2, 0] fills one chunk)
 
 
 @gluon.jit
@@ -54,11 +64,12 @@ def _item(item, n_groups, n_tiles, TPS):
 
 
 @gluon.jit
-def _load_partition(x_ptr, w_desc, a_bufs, sx_smem, w_bufs, bars, M, N, stride_xm, hscale, levels, TPS):
+def _load_partition(x_ptr, w_desc, a_bufs, sx_smem, w_bufs, bars, M, N, stride_xm, hscale, levels, TPS,
+                    down_ptr, c_ptr, stride_dn, W_OFF, EXTRA, R):
     """The weight tiles of every item's N tiles, k-step by k-step, into the ring (one warp). (A worker partition's
     arguments arrive as runtime values: its compile-time sizes come from the shared buffers' shapes.)"""
     a_ready, a_empty, w_ready, w_empty = bars
-    NKB: gl.constexpr = a_bufs.type.shape[0] // 2
+    NKB: gl.constexpr = a_bufs.type.shape[0] // 2  # k-steps a tile: the code chunks (+ the branch's chunk, last)
     STAGES: gl.constexpr = w_bufs.type.shape[0]
     BN: gl.constexpr = w_bufs.type.shape[1]
     n_tiles = gl.cdiv(N, BN)
@@ -69,15 +80,50 @@ def _load_partition(x_ptr, w_desc, a_bufs, sx_smem, w_bufs, bars, M, N, stride_x
         mt, t0, nt = _item(item, n_groups, n_tiles, TPS)
         for j in range(nt * NKB):
             slot = it % STAGES
+            kb = j % NKB
+            # code chunk kb: the weight's code columns W_OFF + 128 kb; the branch's chunk: its first 128 columns
+            # ([v1, v2, v1, c, 0..] then 16 code columns, which meet zeros on the activation side)
+            col = gl.where(kb < NKB - EXTRA, W_OFF + kb * BK, 0)
             mbarrier.wait(w_empty.index(slot), ((it // STAGES) & 1) ^ 1)  # freed (the first round passes)
             mbarrier.expect(w_ready.index(slot), w_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(w_desc, [(t0 + j // NKB) * BN, (j % NKB) * BK], w_ready.index(slot),
+            tma.async_copy_global_to_shared(w_desc, [(t0 + j // NKB) * BN, col], w_ready.index(slot),
                                             w_bufs.index(slot))
             it += 1
 
 
 @gluon.jit
-def _quant_partition(x_ptr, w_desc, a_bufs, sx_smem, w_bufs, bars, M, N, stride_xm, hscale, levels, TPS):
+def _row_scale(x_ptr, rows, rmask, stride_xm, hs, lv, NKB: gl.constexpr, ql: gl.constexpr):
+    """Pass 1: the row absmax of x H over the K / 128 rotated chunks -> (s_x, safe, 1 / safe)."""
+    amax = gl.zeros((BM, ), gl.float32, gl.SliceLayout(1, ql))
+    for c in gl.static_range(NKB):
+        y = _piece(x_ptr, rows, rmask, stride_xm, hs, c * BK, BK, BM, 6, ql).to(gl.float32)
+        amax = gl.maximum(amax, gl.reduce(gl.abs(y), 1, _maxf))
+    s, lo, safe, rcp = _scale_of(-amax, amax, lv, True)
+    return s, safe, rcp
+
+
+@gluon.jit
+def _code_chunk(x_ptr, rows, rmask, stride_xm, hs, safe, rcp, chunk, c: gl.constexpr, ql: gl.constexpr):
+    """Pass 2 for 128-column chunk c: Q_a(x H) into the shared chunk; returns the rotated chunk (x's dtype)."""
+    xh = _piece(x_ptr, rows, rmask, stride_xm, hs, c * BK, BK, BM, 6, ql)
+    q = _round_quotient(xh.to(gl.float32), gl.expand_dims(safe, 1), gl.expand_dims(rcp, 1))
+    chunk.store(q.to(gl.float8e4nv))
+    return xh
+
+
+@gluon.jit
+def _e4m3_rn(u):
+    """u rounded to the nearest e4m3 value in fp32 by arithmetic (triton_lowrank._e4m3_rn: converting the fp8
+    value back miscompiled there on sm_90)."""
+    e = gl.maximum(((u.to(gl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+    inv_ulp = ((130 - e) << 23).to(gl.float32, bitcast=True)
+    ulp = ((e + 124) << 23).to(gl.float32, bitcast=True)
+    return libdevice.rint(u * inv_ulp) * ulp
+
+
+@gluon.jit
+def _quant_partition(x_ptr, w_desc, a_bufs, sx_smem, w_bufs, bars, M, N, stride_xm, hscale, levels, TPS,
+                     down_ptr, c_ptr, stride_dn, W_OFF, EXTRA, R):
     """Q_a(x H) of every item's row block into code buffer i % 2, s_x beside it (4 warps): pass 1 the row absmax
     over the rotated 128-column chunks, pass 2 rotates again and stores the codes chunk by chunk."""
     a_ready, a_empty, w_ready, w_empty = bars
@@ -96,18 +142,64 @@ def _quant_partition(x_ptr, w_desc, a_bufs, sx_smem, w_bufs, bars, M, N, stride_
         buf = i % 2
         rows = (mt * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, ql))).to(gl.int64)
         rmask = rows < M
-        amax = gl.zeros((BM, ), gl.float32, gl.SliceLayout(1, ql))
-        for c in gl.static_range(NKB):  # pass 1 before waiting for the buffer: it reads x only
-            y = _piece(x_ptr, rows, rmask, stride_xm, hs, c * BK, BK, BM, 6, ql).to(gl.float32)
-            amax = gl.maximum(amax, gl.reduce(gl.abs(y), 1, _maxf))
-        s, lo, safe, rcp = _scale_of(-amax, amax, lv, True)
+        s, safe, rcp = _row_scale(x_ptr, rows, rmask, stride_xm, hs, lv, NKB, ql)  # reads x only: before the wait
         mbarrier.wait(a_empty.index(buf), ((i // 2) & 1) ^ 1)  # the MMA partition is done with this buffer
         for c in gl.static_range(NKB):
-            xh = _piece(x_ptr, rows, rmask, stride_xm, hs, c * BK, BK, BM, 6, ql)
-            q = _round_quotient(xh.to(gl.float32), gl.expand_dims(safe, 1), gl.expand_dims(rcp, 1))
-            a_bufs.index(buf * NKB + c).store(q.to(gl.float8e4nv))
+            _code_chunk(x_ptr, rows, rmask, stride_xm, hs, safe, rcp, a_bufs.index(buf * NKB + c), c, ql)
         sx_smem.index(buf).store(s)
         fence_async_shared()  # the stores, visible to the wgmma's async proxy
+        mbarrier.arrive(a_ready.index(buf), count=1)
+        i += 1
+
+
+@gluon.jit
+def _cat(a, b):
+    """[a | b] along the columns (two (rows, n) tensors -> (rows, 2n)), by join / permute / reshape."""
+    return gl.reshape(gl.permute(gl.join(a, b), (0, 2, 1)), (a.shape[0], 2 * a.shape[1]))
+
+
+@gluon.jit
+def _quant_lrb_partition(x_ptr, w_desc, a_bufs, sx_smem, w_bufs, bars, M, N, stride_xm, hscale, levels, TPS,
+                         down_ptr, c_ptr, stride_dn, W_OFF, EXTRA, R):
+    """`_quant_partition` and the low-rank branch stacked into the GEMM (lrb_stacked.py's mode, rank 32): from each
+    rotated chunk, t += (x H)_c B_c^T on mma.sync (B unrotated: the chunk is already rotated), then the branch's
+    chunk [u1, u1, u2, 0] with u = t / (s_x c), u1 = e4m3(u), u2 = e4m3(u - u1), which meets the extended weight's
+    [v1, v2, v1, (c, 0...)] columns (v = A c / s_w): s_x s_w (u1 v1 + u1 v2 + u2 v1) ~ t A^T."""
+    a_ready, a_empty, w_ready, w_empty = bars
+    NKB: gl.constexpr = a_bufs.type.shape[0] // 2 - 1  # code chunks; chunk NKB holds the branch's columns
+    BN: gl.constexpr = w_bufs.type.shape[1]
+    ql: gl.constexpr = gl.BlockedLayout([1, 64], [16, 2], [QUANT_WARPS, 1], [1, 0])
+    tl_: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[QUANT_WARPS, 1], instr_shape=[16, 8])
+    xa_l: gl.constexpr = DotOperandLayout(operand_index=0, parent=tl_, k_width=2)
+    bt_l: gl.constexpr = DotOperandLayout(operand_index=1, parent=tl_, k_width=2)
+    hs = hscale.to(gl.float32)
+    lv = levels.to(gl.float32)
+    inv_c = 1.0 / gl.load(c_ptr).to(gl.float32)  # exact: c is a power of two
+    jj = gl.arange(0, LRB_RANK, layout=gl.SliceLayout(0, bt_l))  # B's rows
+    kk = gl.arange(0, BK, layout=gl.SliceLayout(1, bt_l))
+    n_tiles = gl.cdiv(N, BN)
+    n_groups = gl.cdiv(n_tiles, TPS)
+    total = gl.cdiv(M, BM) * n_groups
+    i = 0
+    for item in range(gl.program_id(0), total, gl.num_programs(0)):
+        mt, t0, nt = _item(item, n_groups, n_tiles, TPS)
+        buf = i % 2
+        rows = (mt * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, ql))).to(gl.int64)
+        rmask = rows < M
+        s, safe, rcp = _row_scale(x_ptr, rows, rmask, stride_xm, hs, lv, NKB, ql)
+        mbarrier.wait(a_empty.index(buf), ((i // 2) & 1) ^ 1)
+        t = gl.zeros((BM, LRB_RANK), gl.float32, tl_)
+        for c in gl.static_range(NKB):
+            xh = _code_chunk(x_ptr, rows, rmask, stride_xm, hs, safe, rcp, a_bufs.index(buf * (NKB + 1) + c), c, ql)
+            bt = gl.load(down_ptr + gl.expand_dims(jj * stride_dn, 0) + gl.expand_dims(c * BK + kk, 1))
+            t = mma_v2(gl.convert_layout(xh, xa_l), bt, t)
+        sx = gl.convert_layout(s, gl.SliceLayout(1, tl_))
+        u = t * gl.expand_dims(gl.where(sx > 0, inv_c / gl.where(sx > 0, sx, 1.0), 0.0), 1)
+        u1 = _e4m3_rn(u)
+        ext = _cat(_cat(u1, u1), _cat(u - u1, gl.zeros_like(u)))
+        a_bufs.index(buf * (NKB + 1) + NKB).store(ext.to(gl.float8e4nv))
+        sx_smem.index(buf).store(s)
+        fence_async_shared()
         mbarrier.arrive(a_ready.index(buf), count=1)
         i += 1
 
@@ -116,9 +208,10 @@ def _quant_partition(x_ptr, w_desc, a_bufs, sx_smem, w_bufs, bars, M, N, stride_
 def _mma_partition(a_bufs, sx_smem, w_bufs, bars, y_ptr, sw_ptr, bias_ptr, M, N, stride_ym, TPS,
                    K: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
                    NW: gl.constexpr):
-    """fp8 wgmma over an item's codes and the ring, the epilogue after each N tile (the default partition)."""
+    """fp8 wgmma over an item's codes (and the branch's chunk) and the ring, the epilogue after each N tile (the
+    default partition)."""
     a_ready, a_empty, w_ready, w_empty = bars
-    NKB: gl.constexpr = K // BK
+    NKB: gl.constexpr = a_bufs.type.shape[0] // 2  # k-steps a tile
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=_warps(BM, NW),
                                                   instr_shape=[16, _instr_n(BN, NW, BM), 32])
     n_tiles = gl.cdiv(N, BN)
@@ -158,11 +251,11 @@ def _mma_partition(a_bufs, sx_smem, w_bufs, bars, y_ptr, sw_ptr, bias_ptr, M, N,
 
 
 @gluon.jit(do_not_specialize=["M"])
-def qgemm_ws_kernel(x_ptr, w_desc, y_ptr, sw_ptr, bias_ptr, M, N, stride_xm, stride_ym, hscale, levels, TPS,
-                    K: gl.constexpr, HAS_BIAS: gl.constexpr, STAGES: gl.constexpr, QUANT_REGS: gl.constexpr,
-                    num_warps: gl.constexpr):
+def qgemm_ws_kernel(x_ptr, w_desc, y_ptr, sw_ptr, bias_ptr, down_ptr, c_ptr, M, N, stride_xm, stride_ym, stride_dn,
+                    hscale, levels, TPS, W_OFF, R, K: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_LRB: gl.constexpr,
+                    STAGES: gl.constexpr, QUANT_REGS: gl.constexpr, num_warps: gl.constexpr):
     BN: gl.constexpr = w_desc.block_type.shape[0]
-    NKB: gl.constexpr = K // BK
+    NKB: gl.constexpr = K // BK + HAS_LRB  # k-steps a tile: the code chunks, the branch's chunk last
     a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [2 * NKB, BM, BK],
                                        gl.NVMMASharedLayout.get_default_for([BM, BK], gl.float8e4nv))
     sx_smem = gl.allocate_shared_memory(gl.float32, [2, BM], gl.SwizzledSharedLayout(1, 1, 1, [0]))
@@ -178,13 +271,20 @@ def qgemm_ws_kernel(x_ptr, w_desc, y_ptr, sw_ptr, bias_ptr, M, N, stride_xm, str
         mbarrier.init(w_ready.index(j), count=1)
         mbarrier.init(w_empty.index(j), count=1)
     bars = (a_ready, a_empty, w_ready, w_empty)
-    worker = (x_ptr, w_desc, a_bufs, sx_smem, w_bufs, bars, M, N, stride_xm, hscale, levels, TPS)
-    gl.warp_specialize([
-        (_mma_partition, (a_bufs, sx_smem, w_bufs, bars, y_ptr, sw_ptr, bias_ptr, M, N, stride_ym, TPS, K, BN,
-                          STAGES, HAS_BIAS, num_warps)),
-        (_load_partition, worker),
-        (_quant_partition, worker),
-    ], [1, QUANT_WARPS], [24, QUANT_REGS])
+    worker = (x_ptr, w_desc, a_bufs, sx_smem, w_bufs, bars, M, N, stride_xm, hscale, levels, TPS, down_ptr, c_ptr,
+              stride_dn, W_OFF, HAS_LRB, R)
+    # (the MMA partition's tuple stays inline: a constexpr kept in a tuple variable reaches the partition as a
+    # runtime value)
+    if HAS_LRB:
+        gl.warp_specialize([(_mma_partition, (a_bufs, sx_smem, w_bufs, bars, y_ptr, sw_ptr, bias_ptr, M, N, stride_ym,
+                                              TPS, K, BN, STAGES, HAS_BIAS, num_warps)),
+                            (_load_partition, worker), (_quant_lrb_partition, worker)],
+                           [1, QUANT_WARPS], [24, QUANT_REGS])
+    else:
+        gl.warp_specialize([(_mma_partition, (a_bufs, sx_smem, w_bufs, bars, y_ptr, sw_ptr, bias_ptr, M, N, stride_ym,
+                                              TPS, K, BN, STAGES, HAS_BIAS, num_warps)),
+                            (_load_partition, worker), (_quant_partition, worker)],
+                           [1, QUANT_WARPS], [24, QUANT_REGS])
 
 
 def supported(x, k: int, block: int, a_bits: int, sym: bool, clip: str, rank: int) -> str | None:
@@ -195,8 +295,8 @@ def supported(x, k: int, block: int, a_bits: int, sym: bool, clip: str, rank: in
         return f"in_features={k}: the warp-specialized kernel takes multiples of 128 up to {MAX_K}"
     if x.dtype not in (torch.bfloat16, torch.float16):
         return f"activation dtype {x.dtype}"
-    if rank:
-        return f"low-rank branch of rank {rank}: the warp-specialized kernel takes none (v1)"
+    if rank not in (0, int(LRB_RANK)):
+        return f"low-rank branch of rank {rank}: the warp-specialized kernel takes rank {int(LRB_RANK)} or none"
     return None
 
 
@@ -209,17 +309,25 @@ def work_split(m: int, n: int, bn: int, sms: int) -> tuple[int, int]:
     return tps, min(sms, m_tiles * -(-n_tiles // tps))
 
 
-def launch_qgemm_ws(x2, w8, y, sw, bias, hscale: float, levels: float, cfg=None, sms: int | None = None):
-    """y (M, N) = Q_a(x2 H) Q_w^T s_x s_w [+ bias]; x2 (M, K) 16-bit with unit column stride, w8 (N, K) fp8 codes
-    with 16-byte aligned rows, sw (N,) fp32, bias (N,) or None. sms: programs at most (default: the GPU's SMs)."""
+def launch_qgemm_ws(x2, w8, y, sw, bias, hscale: float, levels: float, cfg=None, sms: int | None = None,
+                    ext: torch.Tensor | None = None, down: torch.Tensor | None = None):
+    """y (M, N) = Q_a(x2 H) Q_w^T s_x s_w [+ bias] [+ ((x2 H) B^T) A^T]; x2 (M, K) 16-bit with unit column stride,
+    w8 (N, K) fp8 codes with 16-byte aligned rows, sw (N,) fp32, bias (N,) or None. With the branch (rank 32):
+    ext the stacked mode's extended weight (N, W + K) = [v1, v2, v1, c, 0.., codes] (`lrb_stacked.cached_weight_ext`;
+    w8 is ignored), down B (32, K) in x2's dtype, unrotated. sms: programs at most (default: the GPU's SMs)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    bn, stages, quant_regs = cfg or CONFIGS[0]
-    n, k = w8.shape
-    m = x2.shape[0]
-    w_desc = TensorDescriptor(w8, [n, k], [w8.stride(0), 1], [bn, 128],
+    lrb = ext is not None
+    bn, stages, quant_regs = cfg or (LRB_CONFIGS if lrb else CONFIGS)[0]
+    m, k = x2.shape
+    wt = ext if lrb else w8
+    n = wt.shape[0]
+    w_desc = TensorDescriptor(wt, list(wt.shape), [wt.stride(0), 1], [bn, 128],
                               gl.NVMMASharedLayout.get_default_for([bn, 128], gl.float8e4nv))
     sms = sms or torch.cuda.get_device_properties(x2.device).multi_processor_count
     tps, programs = work_split(m, n, bn, sms)
+    r = int(LRB_RANK)
     qgemm_ws_kernel[(programs, )](
-        x2, w_desc, y, sw, bias if bias is not None else sw, m, n, x2.stride(0), y.stride(0), float(hscale),
-        float(levels), tps, K=k, HAS_BIAS=bias is not None, STAGES=stages, QUANT_REGS=quant_regs, num_warps=4)
+        x2, w_desc, y, sw, bias if bias is not None else sw, down if lrb else x2,
+        ext[0, 3 * r:3 * r + 1] if lrb else wt, m, n, x2.stride(0), y.stride(0), down.stride(0) if lrb else 0,
+        float(hscale), float(levels), tps, wt.shape[1] - k, r, K=k, HAS_BIAS=bias is not None, HAS_LRB=lrb,
+        STAGES=stages, QUANT_REGS=quant_regs, num_warps=4)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from .. import layer
 from .. import quantizers as Q
+from . import fused_quant
 from .dispatch import (epilogue_mode, fp8_min_m, gemm_config, gemm_kernel, gluon_gemm_config, small_m_max,
                        tma_gemm_config)
 from .lrb_stacked import stacked_or_none, takes_stacked
@@ -226,27 +227,6 @@ def _gluon_gemm_ok(codes: torch.Tensor, w8: torch.Tensor, t: torch.Tensor | None
         and (t is None or t.shape[1] <= 128)
 
 
-def _fused_quant_ok(x2: torch.Tensor, a: QLinearArgs, e: "_Entry") -> bool:
-    """ROBUQ_FP8_FUSED_QUANT=1 (gluon_qgemm, v0) or =ws (gluon_qgemm_ws, warp-specialized) and that quantize-in-GEMM
-    kernel takes the call (Hopper; symmetric absmax, Hadamard 128, no input activation, K <= 1152; v0: a branch of
-    rank <= 64 or none, ws: none)."""
-    mode = os.environ.get("ROBUQ_FP8_FUSED_QUANT")
-    if mode not in ("1", "ws") or a.input_act:
-        return False
-    if _capability(x2.device.index if x2.device.index is not None else torch.cuda.current_device()) < (9, 0):
-        return False
-    try:
-        if mode == "ws":
-            from .gluon_qgemm_ws import supported
-        else:
-            from .gluon_qgemm import supported
-    except ImportError:  # no Gluon in this triton
-        return False
-    rank = 0 if a.lrb_down is None else a.lrb_down.shape[0]
-    return supported(x2, a.in_features, a.hadamard_block, a.a_bits, a.a_sym, a.a_clip, rank) is None \
-        and e.fp8.is_contiguous() and e.fp8.data_ptr() % 16 == 0
-
-
 def _small_m_ok(x: torch.Tensor, a: QLinearArgs, m: int) -> bool:
     """The single-kernel path takes this call (dispatch.small_m_max; absmax ranges, K in Hadamard-block chunks)."""
     if m == 0 or m > small_m_max() or a.a_clip != "absmax" or x.dtype not in (torch.bfloat16, torch.float16):
@@ -300,24 +280,10 @@ def _fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
     if small:  # one kernel: quantize + GEMM + epilogue
         y = _small_m(x2, a, e, m)
         return y if x.dim() == 2 else y.reshape(*lead, n)
-    if m and _fused_quant_ok(x2, a, e):  # opt-in: the quantizer inside the GEMM (kernels/gluon_qgemm*.py)
-        from .gluon_qgemm import launch_qgemm_fused
-        from .quantizer import _hscale
-        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-        if os.environ.get("ROBUQ_FP8_FUSED_QUANT") == "ws":  # warp-specialized (no branch: `supported`)
-            from .gluon_qgemm_ws import launch_qgemm_ws
-            with on_device(x.device):
-                launch_qgemm_ws(x2, e.fp8, y, e.sw, a.bias, _hscale(a.hadamard_block, x2.dtype),
-                                float(Q.act_levels(a.a_bits, True)))
+    if m and fused_quant.takes(x2, a, e):  # opt-in: the quantizer inside the GEMM (kernels/gluon_qgemm*.py)
+        y = fused_quant.run(x2, a, e, m, n)
+        if y is not None:
             return y if x.dim() == 2 else y.reshape(*lead, n)
-        down = up = None
-        if a.lrb_down is not None:  # the branch's factors in x's dtype (B unrotated: the kernel reads x H)
-            down, up = (f if f.dtype == x.dtype and f.is_contiguous() else f.to(x.dtype).contiguous()
-                        for f in (a.lrb_down, a.lrb_up))
-        with on_device(x.device):
-            launch_qgemm_fused(x2, e.fp8, y, e.sw, a.bias, _hscale(a.hadamard_block, x2.dtype),
-                               float(Q.act_levels(a.a_bits, True)), down, up)
-        return y if x.dim() == 2 else y.reshape(*lead, n)
     m_pad = max(16, -(-m // 16) * 16)
     lrb = a.lrb_down is not None
     if takes_stacked(a, m):

@@ -26,7 +26,8 @@ def test_supported_and_work_split():
     assert "symmetric absmax" in WS.supported(x, 1152, 128, 4, False, "absmax", 0)
     assert "symmetric absmax" in WS.supported(x, 1152, 0, 4, True, "absmax", 0)
     assert "up to 1152" in WS.supported(x, 4608, 128, 4, True, "absmax", 0)
-    assert "takes none" in WS.supported(x, 1152, 128, 4, True, "absmax", 32)
+    assert WS.supported(x, 1152, 128, 4, True, "absmax", 32) is None  # the paper's rank-32 branch
+    assert "rank 32 or none" in WS.supported(x, 1152, 128, 4, True, "absmax", 16)
     assert "activation dtype" in WS.supported(x.float(), 1152, 128, 4, True, "absmax", 0)
     # items: (64-row block, run of N tiles); N split only where the row blocks alone leave SMs idle
     assert WS.work_split(16384, 3456, 128, 132) == (27, 132)      # 256 row blocks: whole rows, 132 programs
@@ -37,21 +38,24 @@ def test_supported_and_work_split():
 
 
 @gluon
-@pytest.mark.parametrize("cfg", [0, 1])
+@pytest.mark.parametrize("cfg,lrb", [(0, False), (1, False), (0, True)])
 @pytest.mark.parametrize("k", [1152, 256])
-def test_compiles_for_sm90(cfg, k):
+def test_compiles_for_sm90(cfg, lrb, k):
     from triton.experimental.gluon import language as gl
-    bn, stages, quant_regs = WS.CONFIGS[cfg]
+    bn, stages, quant_regs = (WS.LRB_CONFIGS if lrb else WS.CONFIGS)[cfg]
     lb = gl.NVMMASharedLayout.get_default_for([bn, 128], gl.float8e4nv)
     sig = {"x_ptr": "*bf16", "w_desc": f"tensordesc<fp8e4nv[{bn}, 128],{lb!r}>", "y_ptr": "*bf16",
-           "sw_ptr": "*fp32", "bias_ptr": "*bf16", "M": "i32", "N": "i32", "stride_xm": "i32", "stride_ym": "i32",
-           "hscale": "fp32", "levels": "fp32", "TPS": "i32"}
-    const = dict(K=k, HAS_BIAS=True, STAGES=stages, QUANT_REGS=quant_regs, num_warps=4)
+           "sw_ptr": "*fp32", "bias_ptr": "*bf16", "down_ptr": "*bf16", "c_ptr": "*fp8e4nv", "M": "i32", "N": "i32",
+           "stride_xm": "i32", "stride_ym": "i32", "stride_dn": "i32", "hscale": "fp32", "levels": "fp32",
+           "TPS": "i32", "W_OFF": "i32", "R": "i32"}
+    const = dict(K=k, HAS_BIAS=True, HAS_LRB=lrb, STAGES=stages, QUANT_REGS=quant_regs, num_warps=4)
     kern = compile_sm90(WS.qgemm_ws_kernel, sig, const, {"num_warps": 4},
-                        aligned=("x_ptr", "y_ptr", "sw_ptr", "bias_ptr", "stride_xm", "stride_ym"))
+                        aligned=("x_ptr", "y_ptr", "sw_ptr", "bias_ptr", "down_ptr", "stride_xm", "stride_ym",
+                                 "stride_dn"))
     text, _ = sass(kern)
-    assert {"QGMMA", "UTMALDG", "SHFL", "USETMAXREG", "SYNCS"} <= opcodes(text)
-    assert "STL" not in text  # no partition spills
+    assert {"QGMMA", "UTMALDG", "SHFL", "USETMAXREG", "SYNCS"} | ({"HMMA"} if lrb else set()) <= opcodes(text)
+    # no partition spills (with the branch, the quantizer partition's mma.sync leaves a few: at most 4 stores)
+    assert text.count("STL") <= (4 if lrb else 0), text.count("STL")
     assert kern.metadata.num_warps == 12  # 4 MMA + 4 quantizer + 1 loader warps, in whole warpgroups
     assert kern.metadata.shared <= 227 * 1024, kern.metadata.shared
 
@@ -127,9 +131,34 @@ def test_many_items_a_program_equal_one(cfg):
 
 @cuda
 @pytest.mark.gpu
-def test_branch_and_long_rows_keep_the_two_kernel_path(monkeypatch):
-    """What the kernel does not take (a low-rank branch; K = 4608) runs the ordinary path with the switch on."""
-    for mod, k in ((_layer(1152, 1152, 1.58, True, rank=32), 1152), (_layer(4608, 1152, 4, True), 4608)):
+@pytest.mark.parametrize("k,n", [(1152, 3456), (1152, 1152), (256, 208)])
+def test_branch_stacked_in_the_kernel_matches_the_two_kernel_path(k, n, monkeypatch):
+    """W1.58A4+H+LRB32 (the paper's layers): the branch as the stacked mode's extra chunk, t from the rotated rows on
+    mma.sync (the two-kernel path multiplies x by a bf16 B H: t differs by its roundings), so the layer is compared
+    in relative Frobenius norm (<= 5e-3), and the codes part exactly through a zero branch."""
+    mod = _layer(k, n, 1.58, True, rank=32, seed=k + n)
+    for m in (1, 37, 300, 4097):
+        x = (torch.randn(m, k, device="cuda") * 2).bfloat16()
+        with torch.no_grad():
+            monkeypatch.delenv("ROBUQ_FP8_FUSED_QUANT", raising=False)
+            want = mod(x)
+            monkeypatch.setenv("ROBUQ_FP8_FUSED_QUANT", "ws")
+            got = mod(x)
+        err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+        assert err <= 5e-3, f"M={m}: {err}"
+    with torch.no_grad():  # A = 0: the branch's chunk meets zero columns, the rest is the plain layer's arithmetic
+        mod.lrb_up.zero_()
+        monkeypatch.delenv("ROBUQ_FP8_FUSED_QUANT", raising=False)
+        want = mod(x)
+        monkeypatch.setenv("ROBUQ_FP8_FUSED_QUANT", "ws")
+        _close(mod(x), want, "A = 0")
+
+
+@cuda
+@pytest.mark.gpu
+def test_other_ranks_and_long_rows_keep_the_two_kernel_path(monkeypatch):
+    """What the kernel does not take (a rank-16 branch; K = 4608) runs the ordinary path with the switch on."""
+    for mod, k in ((_layer(1152, 1152, 1.58, True, rank=16), 1152), (_layer(4608, 1152, 4, True), 4608)):
         x = torch.randn(300, k, device="cuda").bfloat16()
         with torch.no_grad():
             monkeypatch.delenv("ROBUQ_FP8_FUSED_QUANT", raising=False)

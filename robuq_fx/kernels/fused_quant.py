@@ -1,0 +1,71 @@
+"""The opt-in quantize-in-GEMM kernels on the fp8 path (issue 20): which calls they take and how they are launched.
+
+ROBUQ_FP8_FUSED_QUANT=1: `gluon_qgemm.py` (v0: one partition quantizes a row block, then multiplies it; a branch of
+rank <= 64 in its epilogue). ROBUQ_FP8_FUSED_QUANT=ws: `gluon_qgemm_ws.py` (warp-specialized: quantizer, loader and
+MMA partitions; a rank-32 branch stacked into the GEMM as the stacked LRB mode's extra columns). Both Hopper-only,
+symmetric absmax A <= 4 with Hadamard block 128, K <= 1152; anything else takes `triton_fp8`'s two-kernel path.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .. import quantizers as Q
+from .quantizer import on_device
+from .registry import QLinearArgs
+from .registry import warn_once as _warn_once
+from .weight_cache import _rot_down
+
+
+def takes(x2: torch.Tensor, a: QLinearArgs, e) -> bool:
+    """ROBUQ_FP8_FUSED_QUANT=1 (gluon_qgemm, v0) or =ws (gluon_qgemm_ws, warp-specialized) and that quantize-in-GEMM
+    kernel takes the call (Hopper; symmetric absmax, Hadamard 128, no input activation, K <= 1152; v0: a branch of
+    rank <= 64 or none, ws: rank 32 or none)."""
+    mode = os.environ.get("ROBUQ_FP8_FUSED_QUANT")
+    if mode not in ("1", "ws") or a.input_act:
+        return False
+    if torch.cuda.get_device_capability(x2.device.index if x2.device.index is not None
+                                        else torch.cuda.current_device()) < (9, 0):
+        return False
+    try:
+        if mode == "ws":
+            from .gluon_qgemm_ws import supported
+        else:
+            from .gluon_qgemm import supported
+    except ImportError:  # no Gluon in this triton
+        return False
+    rank = 0 if a.lrb_down is None else a.lrb_down.shape[0]
+    return supported(x2, a.in_features, a.hadamard_block, a.a_bits, a.a_sym, a.a_clip, rank) is None \
+        and e.fp8.is_contiguous() and e.fp8.data_ptr() % 16 == 0
+
+
+def run(x2: torch.Tensor, a: QLinearArgs, e, m: int, n: int) -> torch.Tensor | None:
+    """y (M, N) from a quantize-in-GEMM kernel (`takes` admitted the call), or None where the
+    warp-specialized one cannot stack this layer's branch (then the two-kernel path, with one warning)."""
+    from .quantizer import _hscale
+    y = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
+    hscale, levels = _hscale(a.hadamard_block, x2.dtype), float(Q.act_levels(a.a_bits, True))
+    if os.environ.get("ROBUQ_FP8_FUSED_QUANT") == "ws":  # warp-specialized (a rank-32 branch or none)
+        from .gluon_qgemm_ws import launch_qgemm_ws
+        ext = down = None
+        if a.lrb_down is not None:  # the branch stacked into the GEMM: the stacked mode's extended weight
+            from .lrb_stacked import cached_weight_ext
+            ext = cached_weight_ext(a, e, _rot_down(a, x2.dtype)).w
+            if ext is None:
+                _warn_once(f"robuq_fx: ROBUQ_FP8_FUSED_QUANT=ws: a {n}x{a.in_features} layer keeps the two-kernel "
+                           "path (A c / s_w or c leaves fp8's range in the stacked form)")
+                return None
+            down = a.lrb_down if a.lrb_down.dtype == x2.dtype and a.lrb_down.is_contiguous() \
+                else a.lrb_down.to(x2.dtype).contiguous()
+        with on_device(x2.device):
+            launch_qgemm_ws(x2, e.fp8, y, e.sw, a.bias, hscale, levels, ext=ext, down=down)
+        return y
+    from .gluon_qgemm import launch_qgemm_fused
+    down = up = None
+    if a.lrb_down is not None:  # the branch's factors in x's dtype (B unrotated: the kernel reads x H)
+        down, up = (f if f.dtype == x2.dtype and f.is_contiguous() else f.to(x2.dtype).contiguous()
+                    for f in (a.lrb_down, a.lrb_up))
+    with on_device(x2.device):
+        launch_qgemm_fused(x2, e.fp8, y, e.sw, a.bias, hscale, levels, down, up)
+    return y
