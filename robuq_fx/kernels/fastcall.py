@@ -22,6 +22,7 @@ import weakref
 
 import torch
 
+from . import fused_quant
 from . import triton_launch as TL
 from ..ops import plain_eager
 from .registry import QLinearArgs, env_values, version_of
@@ -188,7 +189,7 @@ def bind(x: torch.Tensor, a: QLinearArgs):
             return None  # converted copies would go stale unnoticed: leave these to the ordinary call
         call = _SmallM(x, a, S.qgemm_small_launch(*args))
     elif a.a_sym and a.lrb_down is None:
-        if T._fused_quant_ok(x2, a, e):
+        if fused_quant.takes(x2, a, e):
             return None  # the ordinary call runs the quantize-in-GEMM kernel: not this pair of launches
         m_pad = max(16, -(-m // 16) * 16)  # as fp8_qlinear's act_quant call: the same launch, other buffers
         codes = torch.empty(m_pad, k, device=x.device, dtype=torch.float8_e4m3fn)
