@@ -60,6 +60,37 @@ def test_compiles_for_sm90(cfg, lrb, k):
     assert kern.metadata.shared <= 227 * 1024, kern.metadata.shared
 
 
+def test_branch_chunk_schedule_over_the_extended_weight():
+    """The kernel's k-step schedule with the branch, in torch (CPU, no Gluon needed): code chunk kb against the
+    extended weight's columns W + 128 kb, the branch's chunk [u1, u1, u2, 0] (128 wide, act_ext_reference) against
+    its first 128 columns -- [v1, v2, v1, c, 0..] and 16 code columns, which meet zeros -- and s_x s_w on the sum:
+    the codes part equals codes @ q_w^T exactly and the branch part approximates t A^T to the split's precision."""
+    from robuq_fx.kernels import lrb_stacked as S
+    torch.manual_seed(0)
+    m, k, n, r, bk = 37, 1152, 96, 32, 128
+    w = S.ext_width(r)
+    assert 3 * r < w <= bk  # the branch's columns and c's slot fit the first weight box
+    qw = torch.randint(-7, 8, (n, k)).float()
+    codes = torch.randint(-7, 8, (m, k)).float()
+    sx, sw = torch.rand(m) * 0.01 + 1e-3, torch.rand(n) * 0.01 + 1e-3
+    down, up = torch.randn(r, k) * 0.05, torch.randn(n, r) * 0.05
+    c = S.scale_c(down, k, 4)
+    full = torch.cat([S.ext_columns(sw, up, c).float(), qw], 1)  # (N, W + K): what the loader's descriptor spans
+    t = (torch.randn(m, k) @ down.t()) * 0.3
+    extra = S.act_ext_reference(t, sx, c, bk).float()  # the quantizer partition's last chunk
+    acc = extra @ full[:, :bk].t()
+    for kb in range(k // bk):
+        acc += codes[:, kb * bk:(kb + 1) * bk] @ full[:, w + kb * bk:w + (kb + 1) * bk].t()
+    y = acc * sx[:, None] * sw[None, :]
+    y_codes = (codes @ qw.t()) * sx[:, None] * sw[None, :]
+    branch = t @ up.t()
+    assert ((y - y_codes - branch).norm() / branch.norm()).item() < 2e-3
+    # and the 16 code columns inside the first box contribute nothing: without them the sum is the same
+    box = full[:, :bk].clone()
+    box[:, w:] = 0
+    assert torch.equal(extra @ box.t(), extra @ full[:, :bk].t())
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available() or WS is None
                           or torch.cuda.get_device_capability() < (9, 0), reason="needs a Hopper GPU and Gluon")
 
