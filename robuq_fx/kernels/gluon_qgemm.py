@@ -161,17 +161,23 @@ def qgemm_fused_kernel(x_ptr, b_desc, y_ptr, sw_ptr, bias_ptr, down_ptr, up_ptr,
         mbarrier.invalidate(bars.index(j))
 
 
-def supported(x, k: int, block: int, a_bits: int, sym: bool, clip: str, rank: int) -> str | None:
-    """Why this kernel cannot take the call, or None (rank: the low-rank branch's, 0 without one)."""
+def call_reason(x, k: int, block: int, a_bits: int, sym: bool, clip: str) -> str | None:
+    """What the quantize-in-GEMM kernels (this one and gluon_qgemm_ws) do not take in a call, or None."""
     if not (sym and clip == "absmax" and block == 128 and a_bits <= 4):
         return "the fused kernel takes symmetric absmax A<=4 with Hadamard block 128"
     if k % 128 or k > MAX_K:
         return f"in_features={k}: the fused kernel takes multiples of 128 up to {MAX_K}"
     if x.dtype not in (torch.bfloat16, torch.float16):
         return f"activation dtype {x.dtype}"
-    if rank > 64:
-        return f"low-rank branch of rank {rank}: the fused kernel takes up to 64"
     return None
+
+
+def supported(x, k: int, block: int, a_bits: int, sym: bool, clip: str, rank: int) -> str | None:
+    """Why this kernel cannot take the call, or None (rank: the low-rank branch's, 0 without one)."""
+    why = call_reason(x, k, block, a_bits, sym, clip)
+    if why is None and rank > 64:
+        why = f"low-rank branch of rank {rank}: the fused kernel takes up to 64"
+    return why
 
 
 def n_split(m: int, n: int, bn: int, sms: int) -> int:

@@ -41,15 +41,15 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from .gluon_act_quant import _maxf, _piece, _round_quotient, _scale_of, libdevice
 from .gluon_fp8_gemm import _instr_n, _warps
+from .gluon_qgemm import call_reason
 
 CONFIGS = [  # (BN, STAGES) of the weight ring, the quantizer partition's registers; BM = 64 rows, BK = 128,
     (128, 4, 192),  # 4 + 4 + 1 warps. No spills offline (sm_90); BN = 256 spilled the MMA partition's accumulator
     (64, 6, 232),
 ]
 LRB_CONFIGS = [  # with the branch: one more code chunk a buffer (2 x 80 KB at K = 1152) leaves less for the ring;
-    (64, 4, 240),  # offline the quantizer partition's mma.sync spills 1 register here (26-30 at other budgets)
+    (64, 4, 240),  # offline the quantizer partition spills 1-3 registers here (26-30 at other budgets)
 ]
-MAX_K = 1152
 BM = gl.constexpr(64)
 BK = gl.constexpr(128)
 QUANT_WARPS = gl.constexpr(4)
@@ -64,6 +64,14 @@ def _item(item, n_groups, n_tiles, TPS):
 
 
 @gluon.jit
+def _items(M, N, BN: gl.constexpr, TPS):
+    """(N tiles, N runs a row block, work items) of the call."""
+    n_tiles = gl.cdiv(N, BN)
+    n_groups = gl.cdiv(n_tiles, TPS)
+    return n_tiles, n_groups, gl.cdiv(M, BM) * n_groups
+
+
+@gluon.jit
 def _load_partition(x_ptr, w_desc, a_bufs, sx_smem, w_bufs, bars, M, N, stride_xm, hscale, levels, TPS,
                     down_ptr, c_ptr, stride_dn, W_OFF, EXTRA, R):
     """The weight tiles of every item's N tiles, k-step by k-step, into the ring (one warp). (A worker partition's
@@ -72,9 +80,7 @@ def _load_partition(x_ptr, w_desc, a_bufs, sx_smem, w_bufs, bars, M, N, stride_x
     NKB: gl.constexpr = a_bufs.type.shape[0] // 2  # k-steps a tile: the code chunks (+ the branch's chunk, last)
     STAGES: gl.constexpr = w_bufs.type.shape[0]
     BN: gl.constexpr = w_bufs.type.shape[1]
-    n_tiles = gl.cdiv(N, BN)
-    n_groups = gl.cdiv(n_tiles, TPS)
-    total = gl.cdiv(M, BM) * n_groups
+    n_tiles, n_groups, total = _items(M, N, BN, TPS)
     it = 0
     for item in range(gl.program_id(0), total, gl.num_programs(0)):
         mt, t0, nt = _item(item, n_groups, n_tiles, TPS)
@@ -100,6 +106,17 @@ def _row_scale(x_ptr, rows, rmask, stride_xm, hs, lv, NKB: gl.constexpr, ql: gl.
         amax = gl.maximum(amax, gl.reduce(gl.abs(y), 1, _maxf))
     s, lo, safe, rcp = _scale_of(-amax, amax, lv, True)
     return s, safe, rcp
+
+
+@gluon.jit
+def _block_start(x_ptr, M, stride_xm, hs, lv, mt, empty, i, NKB: gl.constexpr, ql: gl.constexpr):
+    """Row block mt's rows, pass 1 (it reads x only, so before the wait), then the wait for code buffer i % 2 (the
+    MMA partition is done with it; the first round passes)."""
+    rows = (mt * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, ql))).to(gl.int64)
+    rmask = rows < M
+    s, safe, rcp = _row_scale(x_ptr, rows, rmask, stride_xm, hs, lv, NKB, ql)
+    mbarrier.wait(empty, ((i // 2) & 1) ^ 1)
+    return rows, rmask, s, safe, rcp
 
 
 @gluon.jit
@@ -133,17 +150,12 @@ def _quant_partition(x_ptr, w_desc, a_bufs, sx_smem, w_bufs, bars, M, N, stride_
     ql: gl.constexpr = gl.BlockedLayout([1, 64], [16, 2], [QUANT_WARPS, 1], [1, 0])
     hs = hscale.to(gl.float32)
     lv = levels.to(gl.float32)
-    n_tiles = gl.cdiv(N, BN)
-    n_groups = gl.cdiv(n_tiles, TPS)
-    total = gl.cdiv(M, BM) * n_groups
+    n_tiles, n_groups, total = _items(M, N, BN, TPS)
     i = 0
     for item in range(gl.program_id(0), total, gl.num_programs(0)):
         mt, t0, nt = _item(item, n_groups, n_tiles, TPS)
         buf = i % 2
-        rows = (mt * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, ql))).to(gl.int64)
-        rmask = rows < M
-        s, safe, rcp = _row_scale(x_ptr, rows, rmask, stride_xm, hs, lv, NKB, ql)  # reads x only: before the wait
-        mbarrier.wait(a_empty.index(buf), ((i // 2) & 1) ^ 1)  # the MMA partition is done with this buffer
+        rows, rmask, s, safe, rcp = _block_start(x_ptr, M, stride_xm, hs, lv, mt, a_empty.index(buf), i, NKB, ql)
         for c in gl.static_range(NKB):
             _code_chunk(x_ptr, rows, rmask, stride_xm, hs, safe, rcp, a_bufs.index(buf * NKB + c), c, ql)
         sx_smem.index(buf).store(s)
@@ -177,17 +189,12 @@ def _quant_lrb_partition(x_ptr, w_desc, a_bufs, sx_smem, w_bufs, bars, M, N, str
     inv_c = 1.0 / gl.load(c_ptr).to(gl.float32)  # exact: c is a power of two
     jj = gl.arange(0, LRB_RANK, layout=gl.SliceLayout(0, bt_l))  # B's rows
     kk = gl.arange(0, BK, layout=gl.SliceLayout(1, bt_l))
-    n_tiles = gl.cdiv(N, BN)
-    n_groups = gl.cdiv(n_tiles, TPS)
-    total = gl.cdiv(M, BM) * n_groups
+    n_tiles, n_groups, total = _items(M, N, BN, TPS)
     i = 0
     for item in range(gl.program_id(0), total, gl.num_programs(0)):
         mt, t0, nt = _item(item, n_groups, n_tiles, TPS)
         buf = i % 2
-        rows = (mt * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, ql))).to(gl.int64)
-        rmask = rows < M
-        s, safe, rcp = _row_scale(x_ptr, rows, rmask, stride_xm, hs, lv, NKB, ql)
-        mbarrier.wait(a_empty.index(buf), ((i // 2) & 1) ^ 1)
+        rows, rmask, s, safe, rcp = _block_start(x_ptr, M, stride_xm, hs, lv, mt, a_empty.index(buf), i, NKB, ql)
         t = gl.zeros((BM, LRB_RANK), gl.float32, tl_)
         for c in gl.static_range(NKB):
             xh = _code_chunk(x_ptr, rows, rmask, stride_xm, hs, safe, rcp, a_bufs.index(buf * (NKB + 1) + c), c, ql)
@@ -214,9 +221,7 @@ def _mma_partition(a_bufs, sx_smem, w_bufs, bars, y_ptr, sw_ptr, bias_ptr, M, N,
     NKB: gl.constexpr = a_bufs.type.shape[0] // 2  # k-steps a tile
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=_warps(BM, NW),
                                                   instr_shape=[16, _instr_n(BN, NW, BM), 32])
-    n_tiles = gl.cdiv(N, BN)
-    n_groups = gl.cdiv(n_tiles, TPS)
-    total = gl.cdiv(M, BM) * n_groups
+    n_tiles, n_groups, total = _items(M, N, BN, TPS)
     it = 0
     i = 0
     for item in range(gl.program_id(0), total, gl.num_programs(0)):
@@ -289,15 +294,10 @@ def qgemm_ws_kernel(x_ptr, w_desc, y_ptr, sw_ptr, bias_ptr, down_ptr, c_ptr, M, 
 
 def supported(x, k: int, block: int, a_bits: int, sym: bool, clip: str, rank: int) -> str | None:
     """Why this kernel cannot take the call, or None (rank: the low-rank branch's, 0 without one)."""
-    if not (sym and clip == "absmax" and block == 128 and a_bits <= 4):
-        return "the warp-specialized kernel takes symmetric absmax A<=4 with Hadamard block 128"
-    if k % 128 or k > MAX_K:
-        return f"in_features={k}: the warp-specialized kernel takes multiples of 128 up to {MAX_K}"
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        return f"activation dtype {x.dtype}"
-    if rank not in (0, int(LRB_RANK)):
-        return f"low-rank branch of rank {rank}: the warp-specialized kernel takes rank {int(LRB_RANK)} or none"
-    return None
+    why = call_reason(x, k, block, a_bits, sym, clip)
+    if why is None and rank not in (0, int(LRB_RANK)):
+        why = f"low-rank branch of rank {rank}: the warp-specialized kernel takes rank {int(LRB_RANK)} or none"
+    return why
 
 
 def work_split(m: int, n: int, bn: int, sms: int) -> tuple[int, int]:
