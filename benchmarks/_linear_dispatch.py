@@ -413,10 +413,10 @@ def write_dispatch(args):
                     fused = fused_quant_time(mod, x, mode="ws")  # warp-specialized (no branch)
                     if fused is not None:
                         tt["fused_ws"] = fused
+                    with kernels.use("triton_fp8"), torch.no_grad():  # the branch's path without these kernels
+                        tt["fp8_lrb"] = time_graph(lambda: mod_lrb(x))
                     fused = fused_quant_time(mod_lrb, x, rel_tol=5e-3)
                     if fused is not None:
-                        with kernels.use("triton_fp8"), torch.no_grad():
-                            tt["fp8_lrb"] = time_graph(lambda: mod_lrb(x))
                         tt["fused_lrb"] = fused
                     fused = fused_quant_time(mod_lrb, x, rel_tol=5e-3, mode="ws")  # the branch stacked in it
                     if fused is not None:
@@ -431,6 +431,16 @@ def write_dispatch(args):
                     break
             entry["fp8_min_m" if vname == "plain" else "epi_fp8_min_m"] = thr
             entry["measured"][vname] = {str(m): {kk: round(v * 1e6, 2) for kk, v in meas[m].items()} for m in ms}
+            if vname == "plain":  # where the warp-specialized quantize-in-GEMM kernel won (correct where timed)
+                for key, mine, theirs in (("fused_ws", "fused_ws", ("triton_fp8", "cuda_dequant")),
+                                          ("fused_ws_lrb", "fused_ws_lrb", ("fp8_lrb", ))):
+                    picks = {str(m): bool(meas[m][mine] < min(meas[m][t] for t in theirs))
+                             for m in ms if mine in meas[m] and all(t in meas[m] for t in theirs)}
+                    if picks:
+                        entry[key] = picks
+                        print(f"[dispatch {name}] {key}: " + " ".join(
+                            f"{m}:{meas[int(m)][mine] * 1e6:.1f}us{'*' if p else ''}" for m, p in picks.items()),
+                            flush=True)
             print(f"[dispatch {name} {vname}] fp8 from M >= {thr}  (M: fp8/dequant/bf16 us) " +
                   " ".join(f"{m}:{meas[m]['triton_fp8'] * 1e6:.1f}/{meas[m]['cuda_dequant'] * 1e6:.1f}"
                            f"/{meas[m]['bf16'] * 1e6:.1f}" for m in ms), flush=True)

@@ -140,6 +140,18 @@ def stacked_fused(m: int, n: int, k: int) -> bool:
     return _shape_choice("ROBUQ_STACKED_QUANT", "fused", "stacked_fused", n, k, m)
 
 
+def fused_quant_mode(m: int, n: int, k: int, lrb: bool) -> str | None:
+    """Which quantize-in-GEMM kernel takes a call (fused_quant.py), if any: ROBUQ_FP8_FUSED_QUANT=1 (v0,
+    gluon_qgemm) or ws (gluon_qgemm_ws) forces one, any other value none; unset, "ws" where the table measured the
+    warp-specialized kernel faster than the path the layer takes otherwise ("fused_ws" for layers without a branch,
+    "fused_ws_lrb" with a rank-32 one, per shape and M bucket), else none."""
+    env = os.environ.get("ROBUQ_FP8_FUSED_QUANT")
+    if env:
+        return env if env in ("1", "ws") else None
+    return "ws" if _shape_choice("ROBUQ_FP8_FUSED_QUANT", "ws", "fused_ws_lrb" if lrb else "fused_ws", n, k, m) \
+        else None
+
+
 def epilogue_mode(m: int | None = None, n: int | None = None, k: int | None = None) -> str:
     """How the asymmetric / LRB terms are added on the fp8 path: "addmm" (cuBLAS _scaled_mm, then one bf16 GEMM
     y += [t, lo'] [A, c]^T in place) or "triton" (our fp8 GEMM with everything in its epilogue). The table's measured

@@ -4,29 +4,37 @@ ROBUQ_FP8_FUSED_QUANT=1: `gluon_qgemm.py` (v0: one partition quantizes a row blo
 rank <= 64 in its epilogue). ROBUQ_FP8_FUSED_QUANT=ws: `gluon_qgemm_ws.py` (warp-specialized: quantizer, loader and
 MMA partitions; a rank-32 branch stacked into the GEMM as the stacked LRB mode's extra columns). Both Hopper-only,
 symmetric absmax A <= 4 with Hadamard block 128, K <= 1152; anything else takes `triton_fp8`'s two-kernel path.
+Unset, the dispatch table may pick the warp-specialized one per shape and M bucket where its sweep measured it faster.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
 from .. import quantizers as Q
+from .dispatch import fused_quant_mode
 from .quantizer import on_device
 from .registry import QLinearArgs
 from .registry import warn_once as _warn_once
 from .weight_cache import _rot_down
 
 
+def _hopper(x: torch.Tensor) -> bool:
+    from .triton_fp8 import _capability  # (a test stands in for it where no GPU is)
+    return _capability(x.device.index if x.device.index is not None else torch.cuda.current_device()) >= (9, 0)
+
+
 def takes(x2: torch.Tensor, a: QLinearArgs, e) -> bool:
-    """ROBUQ_FP8_FUSED_QUANT=1 (gluon_qgemm, v0) or =ws (gluon_qgemm_ws, warp-specialized) and that quantize-in-GEMM
-    kernel takes the call (Hopper; symmetric absmax, Hadamard 128, no input activation, K <= 1152; v0: a branch of
-    rank <= 64 or none, ws: rank 32 or none)."""
-    mode = os.environ.get("ROBUQ_FP8_FUSED_QUANT")
-    if mode not in ("1", "ws") or a.input_act:
+    """ROBUQ_FP8_FUSED_QUANT=1 (gluon_qgemm, v0) or =ws (gluon_qgemm_ws, warp-specialized), or the dispatch table's
+    choice of the latter (`dispatch.fused_quant_mode`), and that quantize-in-GEMM kernel takes the call (Hopper;
+    symmetric absmax, Hadamard 128, no input activation, K <= 1152; v0: a branch of rank <= 64 or none, ws: rank 32
+    or none, read from the stacked mode's extended weight, whose code columns are strided)."""
+    if a.input_act:
         return False
-    if torch.cuda.get_device_capability(x2.device.index if x2.device.index is not None
-                                        else torch.cuda.current_device()) < (9, 0):
+    mode = fused_quant_mode(x2.shape[0], a.out_features, a.in_features, a.lrb_down is not None)
+    if mode is None:
+        return False
+    if not _hopper(x2):
         return False
     try:
         if mode == "ws":
@@ -36,8 +44,9 @@ def takes(x2: torch.Tensor, a: QLinearArgs, e) -> bool:
     except ImportError:  # no Gluon in this triton
         return False
     rank = 0 if a.lrb_down is None else a.lrb_down.shape[0]
-    return supported(x2, a.in_features, a.hadamard_block, a.a_bits, a.a_sym, a.a_clip, rank) is None \
-        and e.fp8.is_contiguous() and e.fp8.data_ptr() % 16 == 0
+    if supported(x2, a.in_features, a.hadamard_block, a.a_bits, a.a_sym, a.a_clip, rank) is not None:
+        return False
+    return (mode == "ws" and rank > 0) or (e.fp8.is_contiguous() and e.fp8.data_ptr() % 16 == 0)
 
 
 def run(x2: torch.Tensor, a: QLinearArgs, e, m: int, n: int) -> torch.Tensor | None:
@@ -46,7 +55,7 @@ def run(x2: torch.Tensor, a: QLinearArgs, e, m: int, n: int) -> torch.Tensor | N
     from .quantizer import _hscale
     y = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
     hscale, levels = _hscale(a.hadamard_block, x2.dtype), float(Q.act_levels(a.a_bits, True))
-    if os.environ.get("ROBUQ_FP8_FUSED_QUANT") == "ws":  # warp-specialized (a rank-32 branch or none)
+    if fused_quant_mode(m, n, a.in_features, a.lrb_down is not None) == "ws":  # warp-specialized
         from .gluon_qgemm_ws import launch_qgemm_ws
         ext = down = None
         if a.lrb_down is not None:  # the branch stacked into the GEMM: the stacked mode's extended weight

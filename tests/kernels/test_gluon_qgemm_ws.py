@@ -60,6 +60,21 @@ def test_compiles_for_sm90(cfg, lrb, k):
     assert kern.metadata.shared <= 227 * 1024, kern.metadata.shared
 
 
+def test_dispatch_mode(monkeypatch):
+    """dispatch.fused_quant_mode: ROBUQ_FP8_FUSED_QUANT=1 / ws force v0 / the warp-specialized kernel and any other
+    value none; unset, the table's per-shape, per-bucket "fused_ws" (no branch) / "fused_ws_lrb" (a branch)."""
+    from robuq_fx.kernels import dispatch as D
+    monkeypatch.delenv("ROBUQ_FP8_FUSED_QUANT", raising=False)
+    monkeypatch.setattr(D, "dispatch_table", lambda: {"shapes": {"96x256": {"fused_ws": {"16384": True},
+                                                                            "fused_ws_lrb": {"256": True}}}})
+    assert D.fused_quant_mode(16384, 96, 256, False) == "ws" and D.fused_quant_mode(16384, 96, 256, True) is None
+    assert D.fused_quant_mode(100, 96, 256, True) == "ws" and D.fused_quant_mode(100, 96, 256, False) is None
+    assert D.fused_quant_mode(16384, 97, 256, False) is None  # a shape the table does not list
+    for env, want in (("1", "1"), ("ws", "ws"), ("0", None), ("yes", None)):
+        monkeypatch.setenv("ROBUQ_FP8_FUSED_QUANT", env)
+        assert D.fused_quant_mode(100, 97, 256, False) == want and D.fused_quant_mode(16384, 96, 256, False) == want
+
+
 def test_branch_chunk_schedule_over_the_extended_weight():
     """The kernel's k-step schedule with the branch, in torch (CPU, no Gluon needed): code chunk kb against the
     extended weight's columns W + 128 kb, the branch's chunk [u1, u1, u2, 0] (128 wide, act_ext_reference) against

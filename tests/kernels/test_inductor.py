@@ -19,6 +19,7 @@ from robuq_fx import packing
 from robuq_fx.kernels import inductor, registry, triton_fp8
 from robuq_fx.modules import PackedLinear
 from robuq_fx.spec import LayerSpec
+from tests.kernels.sm90 import import_or_none
 
 _why = triton_fp8.fp8_machine_check() if torch.cuda.is_available() else "no CUDA device"
 gpu = pytest.mark.skipif(_why is not None, reason=f"fp8 CUDA path unavailable: {_why}")
@@ -402,3 +403,34 @@ def test_register_defines_the_opaque_runtime_ops():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split("\n")[-2] == "[False, False, False] [True, True, True]", out.stdout
+
+
+@pytest.mark.skipif(not _triton_imports(), reason="triton does not import here")
+def test_table_picked_quantize_in_gemm_keeps_the_op_opaque(monkeypatch, all_ops):
+    """Where the dispatch table picks the warp-specialized quantize-in-GEMM kernel (Gluon, which Inductor cannot
+    launch) for a call, the decomposition leaves robuq::qlinear opaque (its eager path runs the kernel); for other
+    M buckets, and with ROBUQ_FP8_FUSED_QUANT=0, it decomposes as usual."""
+    from torch._subclasses.functional_tensor import dispatch_functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from robuq_fx.kernels import dispatch as D
+    if import_or_none("gluon_qgemm_ws") is None:
+        pytest.skip("no Gluon in this triton")
+    _fake_sm90(monkeypatch)
+    monkeypatch.delenv("ROBUQ_FP8_FUSED_QUANT", raising=False)
+    x, qw, ws, b, dn, up = _fake_w158_lrb_inputs()  # M = 8: bucket 256
+    table = dict(D.dispatch_table())
+    table["shapes"] = {**table.get("shapes", {}), "512x256": {"fused_ws_lrb": {"256": True, "1024": False}}}
+    monkeypatch.setattr(D, "dispatch_table", lambda: table)
+
+    def code():
+        return make_fx(dispatch_functionalize(lambda *t: torch.ops.robuq.qlinear(
+            *t, 512, 256, 1.58, 4, 128, True, "absmax")), tracing_mode="fake")(x, qw, ws, b, dn, up).code
+    assert D.fused_quant_mode(8, 512, 256, True) == "ws" and D.fused_quant_mode(8, 512, 256, False) is None
+    assert "robuq.qlinear" in code()
+    monkeypatch.setenv("ROBUQ_FP8_FUSED_QUANT", "0")
+    assert D.fused_quant_mode(8, 512, 256, True) is None
+    assert "robuq.qlinear" not in code()
+    monkeypatch.delenv("ROBUQ_FP8_FUSED_QUANT")
+    table["shapes"]["512x256"]["fused_ws_lrb"] = {"256": False, "1024": True}
+    assert D.fused_quant_mode(8, 512, 256, True) is None and D.fused_quant_mode(600, 512, 256, True) == "ws"
+    assert "robuq.qlinear" not in code()
