@@ -152,6 +152,13 @@ def fused_quant_mode(m: int, n: int, k: int, lrb: bool) -> str | None:
         else None
 
 
+def fused_ws_any(n: int, k: int, lrb: bool) -> bool:
+    """Whether `fused_quant_mode` may pick the warp-specialized kernel at some M for an N x K layer
+    (ROBUQ_FP8_FUSED_QUANT=ws, or any bucket of the table's choice): `lrb_stacked.prepare` extends the weight of
+    such a layer with a branch up front."""
+    return _shape_choice("ROBUQ_FP8_FUSED_QUANT", "ws", "fused_ws_lrb" if lrb else "fused_ws", n, k)
+
+
 def epilogue_mode(m: int | None = None, n: int | None = None, k: int | None = None) -> str:
     """How the asymmetric / LRB terms are added on the fp8 path: "addmm" (cuBLAS _scaled_mm, then one bf16 GEMM
     y += [t, lo'] [A, c]^T in place) or "triton" (our fp8 GEMM with everything in its epilogue). The table's measured

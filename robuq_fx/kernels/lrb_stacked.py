@@ -49,9 +49,19 @@ U_MAX = 224.0  # the bound put on |u| (e4m3's largest finite value is 448: a fac
 V_MAX = 448.0
 
 
+TERMS_MIN_RANK = 65  # from this rank on, the extra columns are two 128-column boxes [v1, c, 0..] [v2, 0..] (below)
+
+
 def ext_width(r: int) -> int:
-    """Extra columns for rank r: 3r and c's slot, rounded up to 16 (cuBLAS's fp8 GEMM wants K % 16 == 0)."""
-    return -(-(3 * r + 1) // 16) * 16
+    """Extra columns for rank r: 3r and c's slot, rounded up to 16 (cuBLAS's fp8 GEMM wants K % 16 == 0); for
+    ranks the stacked mode does not take (> 64, e.g. sibling-fused q/k/v's 96) the warp-specialized quantize-in-GEMM
+    kernel's two boxes, 256 columns (`ext_columns`)."""
+    return 256 if r >= TERMS_MIN_RANK else -(-(3 * r + 1) // 16) * 16
+
+
+def c_column(r: int) -> int:
+    """The column of row 0 that holds c in the extended weight (after the v terms; the activation side is 0 there)."""
+    return r if r >= TERMS_MIN_RANK else 3 * r
 
 
 C_MIN, C_MAX = 2.0 ** -9, 2.0 ** 8  # the powers of two e4m3 holds exactly (its slot in the extended weight)
@@ -97,16 +107,22 @@ def scale_c(bh: torch.Tensor, k: int, a_bits: int) -> float:
 def ext_columns(sw: torch.Tensor, up: torch.Tensor, c: float) -> torch.Tensor | None:
     """[v1, v2, v1, 0...] (N, W) fp8 with v = A c / s_w (the extended weight's first W columns), and c itself in
     row 0, column 3r (its slot: the activation side's column there is zero, so it adds nothing to the product;
-    `lrb_split_kernel` reads c from it); None where v leaves e4m3's range, a channel with s_w = 0 has a branch, or
-    c is not one of e4m3's exact powers of two."""
+    `lrb_split_kernel` reads c from it); for ranks >= TERMS_MIN_RANK two 128-column boxes [v1, c, 0..] [v2, 0..]
+    instead (gluon_qgemm_ws's "terms" form, c in column r). None where v leaves e4m3's range, a channel with
+    s_w = 0 has a branch, c is not one of e4m3's exact powers of two, or the rank leaves no room for c."""
     n, r = up.shape
     v = up.float() * c / sw.view(-1, 1)
     if not C_MIN <= c <= C_MAX or not torch.isfinite(v).all() or v.abs().max().item() > V_MAX:
         return None
     v1, v2 = split_fp8(v)
     ext = torch.zeros(n, ext_width(r), device=up.device, dtype=torch.float8_e4m3fn)
-    ext[:, :r], ext[:, r:2 * r], ext[:, 2 * r:3 * r] = v1, v2, v1
-    ext[0, 3 * r] = c
+    if r >= TERMS_MIN_RANK:  # two boxes, [v1, c, 0..] and [v2, 0..], met by [u1, 0..] [u1, 0..] [u2, 0..] (box 0, 1, 0)
+        if r >= 128:
+            return None
+        ext[:, :r], ext[:, 128:128 + r] = v1, v2
+    else:
+        ext[:, :r], ext[:, r:2 * r], ext[:, 2 * r:3 * r] = v1, v2, v1
+    ext[0, c_column(r)] = c
     return ext
 
 
@@ -164,15 +180,30 @@ def _extended_storage(a: QLinearArgs, e, w: int) -> torch.Tensor:
     return full
 
 
+def _ws_may_run(a: QLinearArgs) -> bool:
+    """The warp-specialized quantize-in-GEMM kernel, which reads the extended weight, may take this layer's calls
+    (`dispatch.fused_ws_any` and `gluon_qgemm_ws.supported`)."""
+    from .dispatch import fused_ws_any
+    if not fused_ws_any(a.out_features, a.in_features, True):
+        return False
+    try:
+        from .gluon_qgemm_ws import supported
+    except ImportError:  # no Gluon in this triton
+        return False
+    return supported(a.lrb_down, a.in_features, a.hadamard_block, a.a_bits, a.a_sym, a.a_clip,
+                     a.lrb_down.shape[0]) is None
+
+
 def prepare(mod) -> bool:
-    """Extend an fp8-layout PackedLinear's weight now, where the stacked mode may run for its shape
-    (`dispatch.stacked_any`), so that torch.compile sees qweight with its final strides: a graph compiled before the
-    first eager call re-pointed it would fail Inductor's stride check of its inputs after it (the mode cannot extend
-    the weight inside a compiled graph). `PackedLinear.set_layout("fp8")` calls it; True where it extended."""
+    """Extend an fp8-layout PackedLinear's weight now, where the stacked mode (`dispatch.stacked_any`) or the
+    warp-specialized quantize-in-GEMM kernel (`_ws_may_run`) may run for its shape, so that torch.compile sees
+    qweight with its final strides: a graph compiled before the first eager call re-pointed it would fail Inductor's
+    stride check of its inputs after it (neither can extend the weight inside a compiled graph).
+    `PackedLinear.set_layout("fp8")` calls it; True where it extended."""
     if getattr(mod, "layout", None) != "fp8" or mod.lrb_down is None or not mod.qweight.is_cuda:
         return False
     a = QLinearArgs(mod.qweight, mod.w_scale, mod.bias, mod.lrb_down, mod.lrb_up, *mod.op_args())
-    if stacked_reason(a) is not None or not stacked_any(a.out_features, a.in_features):
+    if not ((stacked_reason(a) is None and stacked_any(a.out_features, a.in_features)) or _ws_may_run(a)):
         return False
     from .weight_cache import _fp8_weights, _rot_down
     dt = a.lrb_down.dtype if a.lrb_down.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
@@ -210,9 +241,9 @@ def stacked_qlinear(x2: torch.Tensor, a: QLinearArgs, e, bh: torch.Tensor, ext: 
 
 
 def c_slot(full: torch.Tensor, r: int) -> torch.Tensor:
-    """The extended weight's element that holds c (row 0, column 3r), as a 1-element view (`lrb_split_kernel` reads
+    """The extended weight's element that holds c (row 0, `c_column`), as a 1-element view (`lrb_split_kernel` reads
     it W - 3r bytes before the code columns' first element)."""
-    return full[0, 3 * r:3 * r + 1]
+    return full[0, c_column(r):c_column(r) + 1]
 
 
 def full_weight(w_codes: torch.Tensor, w: int) -> torch.Tensor:

@@ -27,7 +27,10 @@ def test_supported_and_work_split():
     assert "symmetric absmax" in WS.supported(x, 1152, 0, 4, True, "absmax", 0)
     assert "up to 1152" in WS.supported(x, 4608, 128, 4, True, "absmax", 0)
     assert WS.supported(x, 1152, 128, 4, True, "absmax", 32) is None  # the paper's rank-32 branch
-    assert "rank 32 or none" in WS.supported(x, 1152, 128, 4, True, "absmax", 16)
+    assert WS.supported(x, 1152, 128, 4, True, "absmax", 96) is None  # sibling-fused q/k/v: 3 x 32
+    for r in (16, 64, 100, 112, 128):
+        assert "takes rank 32" in WS.supported(x, 1152, 128, 4, True, "absmax", r)
+    assert [WS.lrb_form(r) for r in (0, 32, 80, 96, 64)] == [0, 1, 2, 2, None]
     assert "activation dtype" in WS.supported(x.float(), 1152, 128, 4, True, "absmax", 0)
     # items: (64-row block, run of N tiles); N split only where the row blocks alone leave SMs idle
     assert WS.work_split(16384, 3456, 128, 132) == (27, 132)      # 256 row blocks: whole rows, 132 programs
@@ -38,24 +41,26 @@ def test_supported_and_work_split():
 
 
 @gluon
-@pytest.mark.parametrize("cfg,lrb", [(0, False), (1, False), (0, True)])
+@pytest.mark.parametrize("cfg,lrb", [(0, 0), (1, 0), (0, 1), (0, 2)])
 @pytest.mark.parametrize("k", [1152, 256])
 def test_compiles_for_sm90(cfg, lrb, k):
+    """Every form (no branch, the packed rank-32 chunk, the terms form) compiles into three partitions with fp8
+    wgmma fed by TMA (and mma.sync for the branch's t) within shared memory; spills: none without a branch or in the
+    packed form, a bounded few in the terms form (its quantizer partition holds two accumulators of t)."""
     from triton.experimental.gluon import language as gl
-    bn, stages, quant_regs = (WS.LRB_CONFIGS if lrb else WS.CONFIGS)[cfg]
+    bn, stages, quant_regs = (WS.CONFIGS, WS.LRB_CONFIGS, WS.TERMS_CONFIGS)[lrb][cfg]
     lb = gl.NVMMASharedLayout.get_default_for([bn, 128], gl.float8e4nv)
     sig = {"x_ptr": "*bf16", "w_desc": f"tensordesc<fp8e4nv[{bn}, 128],{lb!r}>", "y_ptr": "*bf16",
            "sw_ptr": "*fp32", "bias_ptr": "*bf16", "down_ptr": "*bf16", "c_ptr": "*fp8e4nv", "M": "i32", "N": "i32",
            "stride_xm": "i32", "stride_ym": "i32", "stride_dn": "i32", "hscale": "fp32", "levels": "fp32",
            "TPS": "i32", "W_OFF": "i32", "R": "i32"}
-    const = dict(K=k, HAS_BIAS=True, HAS_LRB=lrb, STAGES=stages, QUANT_REGS=quant_regs, num_warps=4)
+    const = dict(K=k, HAS_BIAS=True, LRB=lrb, STAGES=stages, QUANT_REGS=quant_regs, num_warps=4)
     kern = compile_sm90(WS.qgemm_ws_kernel, sig, const, {"num_warps": 4},
                         aligned=("x_ptr", "y_ptr", "sw_ptr", "bias_ptr", "down_ptr", "stride_xm", "stride_ym",
                                  "stride_dn"))
     text, _ = sass(kern)
     assert {"QGMMA", "UTMALDG", "SHFL", "USETMAXREG", "SYNCS"} | ({"HMMA"} if lrb else set()) <= opcodes(text)
-    # no partition spills (with the branch, the quantizer partition's mma.sync leaves a few: at most 4 stores)
-    assert text.count("STL") <= (4 if lrb else 0), text.count("STL")
+    assert text.count("STL") <= (0, 0, 48)[lrb], text.count("STL")
     assert kern.metadata.num_warps == 12  # 4 MMA + 4 quantizer + 1 loader warps, in whole warpgroups
     assert kern.metadata.shared <= 227 * 1024, kern.metadata.shared
 
@@ -75,35 +80,44 @@ def test_dispatch_mode(monkeypatch):
         assert D.fused_quant_mode(100, 97, 256, False) == want and D.fused_quant_mode(16384, 96, 256, False) == want
 
 
-def test_branch_chunk_schedule_over_the_extended_weight():
+@pytest.mark.parametrize("r", [32, 96])
+def test_branch_chunk_schedule_over_the_extended_weight(r):
     """The kernel's k-step schedule with the branch, in torch (CPU, no Gluon needed): code chunk kb against the
-    extended weight's columns W + 128 kb, the branch's chunk [u1, u1, u2, 0] (128 wide, act_ext_reference) against
-    its first 128 columns -- [v1, v2, v1, c, 0..] and 16 code columns, which meet zeros -- and s_x s_w on the sum:
+    extended weight's columns W + 128 kb; rank 32 (packed): the chunk [u1, u1, u2, 0] (act_ext_reference) against
+    its first 128 columns -- [v1, v2, v1, c, 0..] and 16 code columns, which meet zeros; rank 96 (terms): the chunks
+    [u1, 0..], [u1, 0..], [u2, 0..] against the boxes [v1, c, 0..], [v2, 0..], [v1, c, 0..]. s_x s_w on the sum:
     the codes part equals codes @ q_w^T exactly and the branch part approximates t A^T to the split's precision."""
     from robuq_fx.kernels import lrb_stacked as S
-    torch.manual_seed(0)
-    m, k, n, r, bk = 37, 1152, 96, 32, 128
+    torch.manual_seed(r)
+    m, k, n, bk = 37, 1152, 96, 128
     w = S.ext_width(r)
-    assert 3 * r < w <= bk  # the branch's columns and c's slot fit the first weight box
     qw = torch.randint(-7, 8, (n, k)).float()
     codes = torch.randint(-7, 8, (m, k)).float()
     sx, sw = torch.rand(m) * 0.01 + 1e-3, torch.rand(n) * 0.01 + 1e-3
     down, up = torch.randn(r, k) * 0.05, torch.randn(n, r) * 0.05
     c = S.scale_c(down, k, 4)
     full = torch.cat([S.ext_columns(sw, up, c).float(), qw], 1)  # (N, W + K): what the loader's descriptor spans
+    assert full[0, S.c_column(r)] == c
     t = (torch.randn(m, k) @ down.t()) * 0.3
-    extra = S.act_ext_reference(t, sx, c, bk).float()  # the quantizer partition's last chunk
-    acc = extra @ full[:, :bk].t()
+    if r == 32:
+        assert 3 * r < w <= bk  # the branch's columns and c's slot fit the first weight box
+        steps = [(S.act_ext_reference(t, sx, c, bk).float(), 0)]
+    else:
+        assert w == 2 * bk
+        rs = torch.where(sx > 0, (1.0 / c) / sx, torch.zeros_like(sx))
+        u1, u2 = (torch.cat([p.float(), torch.zeros(m, bk - r)], 1) for p in S.split_fp8(t * rs[:, None]))
+        steps = [(u1, 0), (u1, bk), (u2, 0)]
+    acc = sum(chunk @ full[:, col:col + bk].t() for chunk, col in steps)
     for kb in range(k // bk):
         acc += codes[:, kb * bk:(kb + 1) * bk] @ full[:, w + kb * bk:w + (kb + 1) * bk].t()
     y = acc * sx[:, None] * sw[None, :]
     y_codes = (codes @ qw.t()) * sx[:, None] * sw[None, :]
     branch = t @ up.t()
     assert ((y - y_codes - branch).norm() / branch.norm()).item() < 2e-3
-    # and the 16 code columns inside the first box contribute nothing: without them the sum is the same
-    box = full[:, :bk].clone()
-    box[:, w:] = 0
-    assert torch.equal(extra @ box.t(), extra @ full[:, :bk].t())
+    if r == 32:  # the 16 code columns inside the first box contribute nothing: without them the sum is the same
+        box = full[:, :bk].clone()
+        box[:, w:] = 0
+        assert torch.equal(steps[0][0] @ box.t(), steps[0][0] @ full[:, :bk].t())
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available() or WS is None
@@ -177,12 +191,13 @@ def test_many_items_a_program_equal_one(cfg):
 
 @cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("k,n", [(1152, 3456), (1152, 1152), (256, 208)])
-def test_branch_stacked_in_the_kernel_matches_the_two_kernel_path(k, n, monkeypatch):
-    """W1.58A4+H+LRB32 (the paper's layers): the branch as the stacked mode's extra chunk, t from the rotated rows on
-    mma.sync (the two-kernel path multiplies x by a bf16 B H: t differs by its roundings), so the layer is compared
+@pytest.mark.parametrize("k,n,rank", [(1152, 3456, 32), (1152, 1152, 32), (256, 208, 32), (1152, 3456, 96),
+                                      (256, 208, 80)])
+def test_branch_stacked_in_the_kernel_matches_the_two_kernel_path(k, n, rank, monkeypatch):
+    """W1.58A4+H+LRB32 (the paper's layers; rank 96: its sibling-fused q/k/v, the terms form): the branch as extra
+    k-steps, t from the rotated rows on mma.sync (the two-kernel path multiplies x by a bf16 B H: t differs by its roundings), so the layer is compared
     in relative Frobenius norm (<= 5e-3), and the codes part exactly through a zero branch."""
-    mod = _layer(k, n, 1.58, True, rank=32, seed=k + n)
+    mod = _layer(k, n, 1.58, True, rank=rank, seed=k + n + rank)
     for m in (1, 37, 300, 4097):
         x = (torch.randn(m, k, device="cuda") * 2).bfloat16()
         with torch.no_grad():
@@ -203,11 +218,39 @@ def test_branch_stacked_in_the_kernel_matches_the_two_kernel_path(k, n, monkeypa
 @cuda
 @pytest.mark.gpu
 def test_other_ranks_and_long_rows_keep_the_two_kernel_path(monkeypatch):
-    """What the kernel does not take (a rank-16 branch; K = 4608) runs the ordinary path with the switch on."""
-    for mod, k in ((_layer(1152, 1152, 1.58, True, rank=16), 1152), (_layer(4608, 1152, 4, True), 4608)):
+    """What the kernel does not take (rank-16 / 64 branches; K = 4608) runs the ordinary path with the switch on."""
+    for mod, k in ((_layer(1152, 1152, 1.58, True, rank=16), 1152), (_layer(1152, 1152, 1.58, True, rank=64), 1152),
+                   (_layer(4608, 1152, 4, True), 4608)):
         x = torch.randn(300, k, device="cuda").bfloat16()
         with torch.no_grad():
             monkeypatch.delenv("ROBUQ_FP8_FUSED_QUANT", raising=False)
             want = mod(x)
             monkeypatch.setenv("ROBUQ_FP8_FUSED_QUANT", "ws")
             assert torch.equal(mod(x), want)
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("rank", [32, 96])
+def test_table_choice_extends_the_weight_up_front_and_runs_the_kernel(rank, monkeypatch):
+    """Where the dispatch table picks the kernel for a layer with a branch ("fused_ws_lrb"), moving the layer to
+    the device layout extends its weight at once (lrb_stacked.prepare: torch.compile must see the final strides),
+    and an eager call with the variable unset runs the kernel: the same output as with ROBUQ_FP8_FUSED_QUANT=ws."""
+    from robuq_fx.kernels import dispatch as D
+    from robuq_fx.kernels import lrb_stacked as S
+    monkeypatch.delenv("ROBUQ_FP8_FUSED_QUANT", raising=False)
+    monkeypatch.delenv("ROBUQ_FP8_EPI", raising=False)
+    table = dict(D.dispatch_table())
+    table["shapes"] = {**table.get("shapes", {}), "1152x1152": {"fused_ws_lrb": {"1024": True}}}
+    monkeypatch.setattr(D, "dispatch_table", lambda: table)
+    mod = _layer(1152, 1152, 1.58, True, rank=rank)
+    assert S.is_extended(mod.qweight, 1152, rank)
+    x = torch.randn(1000, 1152, device="cuda").bfloat16()
+    with torch.no_grad():
+        y_table = mod(x)
+        monkeypatch.setenv("ROBUQ_FP8_FUSED_QUANT", "ws")
+        y_forced = mod(x)
+        monkeypatch.setenv("ROBUQ_FP8_FUSED_QUANT", "0")
+        y_plain = mod(x)
+    assert torch.equal(y_table, y_forced)
+    assert not torch.equal(y_table, y_plain)  # the kernel ran (its t rounds differently from the two kernels')
