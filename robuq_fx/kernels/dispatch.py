@@ -140,23 +140,28 @@ def stacked_fused(m: int, n: int, k: int) -> bool:
     return _shape_choice("ROBUQ_STACKED_QUANT", "fused", "stacked_fused", n, k, m)
 
 
-def fused_quant_mode(m: int, n: int, k: int, lrb: bool) -> str | None:
+def _ws_key(rank: int) -> str:
+    """The table's per-shape key of the warp-specialized kernel's choice for layers with a branch of this rank."""
+    return "fused_ws" if rank == 0 else "fused_ws_terms" if rank > 64 else "fused_ws_lrb"
+
+
+def fused_quant_mode(m: int, n: int, k: int, rank: int) -> str | None:
     """Which quantize-in-GEMM kernel takes a call (fused_quant.py), if any: ROBUQ_FP8_FUSED_QUANT=1 (v0,
     gluon_qgemm) or ws (gluon_qgemm_ws) forces one, any other value none; unset, "ws" where the table measured the
-    warp-specialized kernel faster than the path the layer takes otherwise ("fused_ws" for layers without a branch,
-    "fused_ws_lrb" with a rank-32 one, per shape and M bucket), else none."""
+    warp-specialized kernel faster than the path the layer takes otherwise (per shape and M bucket: "fused_ws" for
+    layers without a branch (rank 0), "fused_ws_lrb" with a rank-32 one, "fused_ws_terms" above rank 64), else
+    none."""
     env = os.environ.get("ROBUQ_FP8_FUSED_QUANT")
     if env:
         return env if env in ("1", "ws") else None
-    return "ws" if _shape_choice("ROBUQ_FP8_FUSED_QUANT", "ws", "fused_ws_lrb" if lrb else "fused_ws", n, k, m) \
-        else None
+    return "ws" if _shape_choice("ROBUQ_FP8_FUSED_QUANT", "ws", _ws_key(rank), n, k, m) else None
 
 
-def fused_ws_any(n: int, k: int, lrb: bool) -> bool:
+def fused_ws_any(n: int, k: int, rank: int) -> bool:
     """Whether `fused_quant_mode` may pick the warp-specialized kernel at some M for an N x K layer
     (ROBUQ_FP8_FUSED_QUANT=ws, or any bucket of the table's choice): `lrb_stacked.prepare` extends the weight of
     such a layer with a branch up front."""
-    return _shape_choice("ROBUQ_FP8_FUSED_QUANT", "ws", "fused_ws_lrb" if lrb else "fused_ws", n, k)
+    return _shape_choice("ROBUQ_FP8_FUSED_QUANT", "ws", _ws_key(rank), n, k)
 
 
 def epilogue_mode(m: int | None = None, n: int | None = None, k: int | None = None) -> str:

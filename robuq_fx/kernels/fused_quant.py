@@ -31,7 +31,8 @@ def takes(x2: torch.Tensor, a: QLinearArgs, e) -> bool:
     or none, read from the stacked mode's extended weight, whose code columns are strided)."""
     if a.input_act:
         return False
-    mode = fused_quant_mode(x2.shape[0], a.out_features, a.in_features, a.lrb_down is not None)
+    rank = 0 if a.lrb_down is None else a.lrb_down.shape[0]
+    mode = fused_quant_mode(x2.shape[0], a.out_features, a.in_features, rank)
     if mode is None:
         return False
     if not _hopper(x2):
@@ -43,7 +44,6 @@ def takes(x2: torch.Tensor, a: QLinearArgs, e) -> bool:
             from .gluon_qgemm import supported
     except ImportError:  # no Gluon in this triton
         return False
-    rank = 0 if a.lrb_down is None else a.lrb_down.shape[0]
     if supported(x2, a.in_features, a.hadamard_block, a.a_bits, a.a_sym, a.a_clip, rank) is not None:
         return False
     return (mode == "ws" and rank > 0) or (e.fp8.is_contiguous() and e.fp8.data_ptr() % 16 == 0)
@@ -55,7 +55,8 @@ def run(x2: torch.Tensor, a: QLinearArgs, e, m: int, n: int) -> torch.Tensor | N
     from .quantizer import _hscale
     y = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
     hscale, levels = _hscale(a.hadamard_block, x2.dtype), float(Q.act_levels(a.a_bits, True))
-    if fused_quant_mode(m, n, a.in_features, a.lrb_down is not None) == "ws":  # warp-specialized
+    rank = 0 if a.lrb_down is None else a.lrb_down.shape[0]
+    if fused_quant_mode(m, n, a.in_features, rank) == "ws":  # warp-specialized
         from .gluon_qgemm_ws import launch_qgemm_ws
         ext = down = None
         if a.lrb_down is not None:  # the branch stacked into the GEMM: the stacked mode's extended weight

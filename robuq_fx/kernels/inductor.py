@@ -316,14 +316,14 @@ def _table_fused_quant(x, a: QLinearArgs) -> bool:
     (`dispatch.fused_quant_mode`, environment unset) and the kernel takes it."""
     from .dispatch import fused_quant_mode
     from .fused_quant import _hopper
+    rank = 0 if a.lrb_down is None else a.lrb_down.shape[0]
     if a.input_act or fused_quant_mode(x.numel() // a.in_features, a.out_features, a.in_features,
-                                       a.lrb_down is not None) != "ws" or not _hopper(x):
+                                       rank) != "ws" or not _hopper(x):
         return False
     try:
         from .gluon_qgemm_ws import supported
     except ImportError:  # no Gluon in this triton
         return False
-    rank = 0 if a.lrb_down is None else a.lrb_down.shape[0]
     return supported(x, a.in_features, a.hadamard_block, a.a_bits, a.a_sym, a.a_clip, rank) is None
 
 

@@ -184,7 +184,7 @@ def _ws_may_run(a: QLinearArgs) -> bool:
     """The warp-specialized quantize-in-GEMM kernel, which reads the extended weight, may take this layer's calls
     (`dispatch.fused_ws_any` and `gluon_qgemm_ws.supported`)."""
     from .dispatch import fused_ws_any
-    if not fused_ws_any(a.out_features, a.in_features, True):
+    if not fused_ws_any(a.out_features, a.in_features, a.lrb_down.shape[0]):
         return False
     try:
         from .gluon_qgemm_ws import supported

@@ -67,17 +67,21 @@ def test_compiles_for_sm90(cfg, lrb, k):
 
 def test_dispatch_mode(monkeypatch):
     """dispatch.fused_quant_mode: ROBUQ_FP8_FUSED_QUANT=1 / ws force v0 / the warp-specialized kernel and any other
-    value none; unset, the table's per-shape, per-bucket "fused_ws" (no branch) / "fused_ws_lrb" (a branch)."""
+    value none; unset, the table's per-shape, per-bucket "fused_ws" (no branch) / "fused_ws_lrb" (rank 32) /
+    "fused_ws_terms" (ranks above 64)."""
     from robuq_fx.kernels import dispatch as D
     monkeypatch.delenv("ROBUQ_FP8_FUSED_QUANT", raising=False)
     monkeypatch.setattr(D, "dispatch_table", lambda: {"shapes": {"96x256": {"fused_ws": {"16384": True},
-                                                                            "fused_ws_lrb": {"256": True}}}})
-    assert D.fused_quant_mode(16384, 96, 256, False) == "ws" and D.fused_quant_mode(16384, 96, 256, True) is None
-    assert D.fused_quant_mode(100, 96, 256, True) == "ws" and D.fused_quant_mode(100, 96, 256, False) is None
-    assert D.fused_quant_mode(16384, 97, 256, False) is None  # a shape the table does not list
+                                                                            "fused_ws_lrb": {"256": True},
+                                                                            "fused_ws_terms": {"1024": True}}}})
+    assert D.fused_quant_mode(1000, 96, 256, 96) == "ws" and D.fused_quant_mode(1000, 96, 256, 32) is None
+    assert D.fused_quant_mode(100, 96, 256, 96) is None and D.fused_ws_any(96, 256, 96)
+    assert D.fused_quant_mode(16384, 96, 256, 0) == "ws" and D.fused_quant_mode(16384, 96, 256, 32) is None
+    assert D.fused_quant_mode(100, 96, 256, 32) == "ws" and D.fused_quant_mode(100, 96, 256, 0) is None
+    assert D.fused_quant_mode(16384, 97, 256, 0) is None  # a shape the table does not list
     for env, want in (("1", "1"), ("ws", "ws"), ("0", None), ("yes", None)):
         monkeypatch.setenv("ROBUQ_FP8_FUSED_QUANT", env)
-        assert D.fused_quant_mode(100, 97, 256, False) == want and D.fused_quant_mode(16384, 96, 256, False) == want
+        assert D.fused_quant_mode(100, 97, 256, 0) == want and D.fused_quant_mode(16384, 96, 256, 0) == want
 
 
 @pytest.mark.parametrize("r", [32, 96])

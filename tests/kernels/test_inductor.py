@@ -425,12 +425,12 @@ def test_table_picked_quantize_in_gemm_keeps_the_op_opaque(monkeypatch, all_ops)
     def code():
         return make_fx(dispatch_functionalize(lambda *t: torch.ops.robuq.qlinear(
             *t, 512, 256, 1.58, 4, 128, True, "absmax")), tracing_mode="fake")(x, qw, ws, b, dn, up).code
-    assert D.fused_quant_mode(8, 512, 256, True) == "ws" and D.fused_quant_mode(8, 512, 256, False) is None
+    assert D.fused_quant_mode(8, 512, 256, 32) == "ws" and D.fused_quant_mode(8, 512, 256, 0) is None
     assert "robuq.qlinear" in code()
     monkeypatch.setenv("ROBUQ_FP8_FUSED_QUANT", "0")
-    assert D.fused_quant_mode(8, 512, 256, True) is None
+    assert D.fused_quant_mode(8, 512, 256, 32) is None
     assert "robuq.qlinear" not in code()
     monkeypatch.delenv("ROBUQ_FP8_FUSED_QUANT")
     table["shapes"]["512x256"]["fused_ws_lrb"] = {"256": False, "1024": True}
-    assert D.fused_quant_mode(8, 512, 256, True) is None and D.fused_quant_mode(600, 512, 256, True) == "ws"
+    assert D.fused_quant_mode(8, 512, 256, 32) is None and D.fused_quant_mode(600, 512, 256, 32) == "ws"
     assert "robuq.qlinear" not in code()
