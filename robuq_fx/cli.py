@@ -235,7 +235,8 @@ def cmd_kernels(args) -> int:
     print(kernels.table())
     print("\nOptional GPU components (imported lazily):")
     for name, what, probe in (("triton", "the fp8 path's kernels", "triton"),
-                              ("Gluon", "the Gluon quantizer where the table has it; opt-in Gluon GEMMs",
+                              ("Gluon", "the Gluon quantizer and the warp-specialized quantize-in-GEMM kernel where "
+                               "the table has them; opt-in Gluon GEMMs",
                                "triton.experimental.gluon"),
                               ("fast-hadamard-transform", "ROBUQ_HADAMARD=fht", "fast_hadamard_transform"),
                               ("nunchaku", "ROBUQ_KERNEL=nunchaku", "nunchaku")):
