@@ -27,6 +27,8 @@
 #                                           mbarrier phase bug: killed at 240 s), then bench_linear's "W4A4+H fused ws"
 #                                           and "W1.58A4+H+LRB32 fused ws" columns at M = 1024 / 16384 (~8 min)
 #   scripts/gpu_session.sh dit-ws           DiT-XL/2 W4A4+H and the paper policy with it (rows " +fusedws"), b1 / b64
+#   scripts/gpu_session.sh profile          profile_dit at batch 64 (bf16, dit, paper; default-mode compile): the kernel
+#                                           breakdown issue 17 asks for next to the 9389614 one
 #   scripts/gpu_session.sh verify           session 10's fixes: the stacked mode's GPU tests and stage check, the compiled
 #                                           addmm-mode add with its fix (~4 min)
 #   scripts/gpu_session.sh dit-stacked      the paper policy with ROBUQ_FP8_EPI=stacked (LRB inside _scaled_mm), b1 / b64
@@ -49,9 +51,9 @@
 # GPU) for the device time of one: use it. Session 12's plan (one H200: each step one call):
 #   1. ws          (~8 min: the warp-specialized quantize-in-GEMM kernel, plain and with the paper's branch; if its
 #                   tests pass and it wins, the dispatch sweep (linear) records "fused_ws" times for the table)
-#   2. dit-ws      (if 1 wins: whole-model rows) -- else `dit` for the paper policy's batch-1 row with the committed
-#                   table (paper_b1_x is session 8's), then dit-low (-a3 / -a2)
-#   3. ddp         (only on nvidia-h200-x2: issue 19's ddp2_scaling_x)
+#   2. linear      (if 1 passed: the sweep records fused_ws* choices; commit the table it writes), then dit-ws or
+#                   `dit` (the paper policy's batch-1 row with the committed table: paper_b1_x is session 8's)
+#   3. profile     (the new breakdown for issue 17), dit-low (-a3 / -a2); ddp only on nvidia-h200-x2
 # Session 10's plan, done in session 11 but for `dit`'s batch-1 rows, the mma sweep and ddp:
 #   1. pair verify recheck      (~5 min: session 10's fixes -- stacked mode compiled, addmm add -- then the full
 #                                Inductor / fp8 GEMM / QAT tests); if the stacked tests pass, commit a dispatch table
@@ -73,7 +75,7 @@ if [ "${1:-}" = pair ]; then  # pair STEP0 STEP1: STEP0 on GPU 0 and STEP1 on GP
     echo "--- GPU 1: $3"; tail -25 "$OUT/$3.gpu1/log.txt"
     exit 0
 fi
-case "${1:-}" in ws|dit-ws|mma|verify|tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu|dit-gluon|gluon-check|recheck|train-compiled|train-cg|dit-freezing|attention|dit-stacked)
+case "${1:-}" in ws|dit-ws|profile|mma|verify|tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu|dit-gluon|gluon-check|recheck|train-compiled|train-cg|dit-freezing|attention|dit-stacked)
     ;;
     *) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 2 ;; esac
 OUT=${OUT:-$PWD/gpu_out}
@@ -215,6 +217,10 @@ ws)  # the warp-specialized quantize-in-GEMM kernel: tests first (a deadlock sho
             2>&1 | tail -n 16
     else echo "ws tests rc=$rc (124: timed out, a hang): no timings"; fi
     ;;
+profile)  # where a batch-64 forward spends its kernel time now (benchmarks/results/profile_dit_<gpu>.{txt,json})
+    timeout 560 python3 benchmarks/profile_dit.py --batch 64 --steps 5 --settings bf16 dit paper --out "$OUT" 2>&1 \
+        | tail -n 60
+    ;;
 dit-ws)  # the warp-specialized quantize-in-GEMM kernel on a whole DiT (after `ws` passed)
     ROBUQ_FP8_FUSED_QUANT=ws timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead \
         --skip-train --settings "W4A4+H" "dit-xl-2-robuq (" --batches 64 1 --iters 10 --warmup 3 \
@@ -273,10 +279,13 @@ attention)  # 8-bit attention vs bf16 SDPA (DiT-XL/2, ViT, Llama shapes), incl. 
     timeout 300 python3 benchmarks/bench_attention.py --out "$OUT" 2>&1 | tail -n 16
     ;;
 linear)  # linear [table]: "table" skips the dispatch sweep (bench_linear with the committed table only)
-    [ "${2:-}" = table ] || timeout 240 python3 benchmarks/bench_linear.py --write-dispatch --dispatch-only \
+    SECONDS=0
+    [ "${2:-}" = table ] || timeout 360 python3 benchmarks/bench_linear.py --write-dispatch --dispatch-only \
         --dispatch-out "$OUT/dispatch_table.json" 2>&1 | tail -60
     # then the per-layer table with it (summary_linear: w4a4h_m256_x ... m16384_x), CUDA graphs, W4A4+H and W1.58A4+H
+    # (with the sweep's ws timings since session 11 the sweep may leave too little of the call: then `linear table`)
     [ -s "$OUT/dispatch_table.json" ] && cp "$OUT/dispatch_table.json" robuq_fx/kernels/dispatch_table.json
-    timeout 300 python3 benchmarks/bench_linear.py --modes graph --out "$OUT" 2>&1 | tail -n 30
+    rest=$((570 - SECONDS)); [ $rest -gt 120 ] && timeout $rest python3 benchmarks/bench_linear.py --modes graph \
+        --out "$OUT" 2>&1 | tail -n 30 || echo "bench_linear skipped: ${rest}s left in the call"
     ;;
 esac
