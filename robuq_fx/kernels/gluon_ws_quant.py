@@ -16,8 +16,18 @@ from .gluon_act_quant import _maxf, _piece, _round_quotient, _scale_of, libdevic
 
 BM = gl.constexpr(64)
 BK = gl.constexpr(128)
-QUANT_WARPS = gl.constexpr(4)
+QUANT_WARPS = gl.constexpr(4)  # the quantizer partition's warps (the layouts below assume 4)
 LRB_RANK = gl.constexpr(32)  # the branch's rank the kernel takes (the paper's; [u1, u1, u2, 0] fills one chunk)
+
+
+# a (64, 128) chunk: 64 contiguous columns a thread, two lanes a row, 16 rows a warp (v0's layout on 4 warps); the
+# branch's t on mma.sync (m16n8) with its bf16 operands
+_QL = gl.BlockedLayout([1, 64], [16, 2], [4, 1], [1, 0])
+_TL = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8])
+QL = gl.constexpr(_QL)
+TL = gl.constexpr(_TL)
+XA_L = gl.constexpr(DotOperandLayout(operand_index=0, parent=_TL, k_width=2))
+BT_L = gl.constexpr(DotOperandLayout(operand_index=1, parent=_TL, k_width=2))
 
 
 @gluon.jit
@@ -84,8 +94,7 @@ def _quant_partition(x_ptr, w_desc, a_bufs, sx_smem, w_bufs, bars, M, N, stride_
     a_ready, a_empty, w_ready, w_empty = bars
     NKB: gl.constexpr = a_bufs.type.shape[0] // 2
     BN: gl.constexpr = w_bufs.type.shape[1]
-    # a (64, 128) chunk: 64 contiguous columns a thread, two lanes a row, 16 rows a warp (v0's layout on 4 warps)
-    ql: gl.constexpr = gl.BlockedLayout([1, 64], [16, 2], [QUANT_WARPS, 1], [1, 0])
+    ql: gl.constexpr = QL
     hs = hscale.to(gl.float32)
     lv = levels.to(gl.float32)
     n_tiles, n_groups, total = _items(M, N, BN, TPS)
@@ -118,10 +127,10 @@ def _quant_lrb_partition(x_ptr, w_desc, a_bufs, sx_smem, w_bufs, bars, M, N, str
     a_ready, a_empty, w_ready, w_empty = bars
     NKB: gl.constexpr = a_bufs.type.shape[0] // 2 - 1  # code chunks; chunk NKB holds the branch's columns
     BN: gl.constexpr = w_bufs.type.shape[1]
-    ql: gl.constexpr = gl.BlockedLayout([1, 64], [16, 2], [QUANT_WARPS, 1], [1, 0])
-    tl_: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[QUANT_WARPS, 1], instr_shape=[16, 8])
-    xa_l: gl.constexpr = DotOperandLayout(operand_index=0, parent=tl_, k_width=2)
-    bt_l: gl.constexpr = DotOperandLayout(operand_index=1, parent=tl_, k_width=2)
+    ql: gl.constexpr = QL
+    tl_: gl.constexpr = TL
+    xa_l: gl.constexpr = XA_L
+    bt_l: gl.constexpr = BT_L
     hs = hscale.to(gl.float32)
     lv = levels.to(gl.float32)
     inv_c = 1.0 / gl.load(c_ptr).to(gl.float32)  # exact: c is a power of two
@@ -183,10 +192,10 @@ def _quant_terms_partition(x_ptr, w_desc, a_bufs, sx_smem, w_bufs, bars, M, N, s
     a_ready, a_empty, w_ready, w_empty = bars
     NKB: gl.constexpr = a_bufs.type.shape[0] // 2 - 2  # code chunks; then u1, u2
     BN: gl.constexpr = w_bufs.type.shape[1]
-    ql: gl.constexpr = gl.BlockedLayout([1, 64], [16, 2], [QUANT_WARPS, 1], [1, 0])
-    tl_: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[QUANT_WARPS, 1], instr_shape=[16, 8])
-    xa_l: gl.constexpr = DotOperandLayout(operand_index=0, parent=tl_, k_width=2)
-    bt_l: gl.constexpr = DotOperandLayout(operand_index=1, parent=tl_, k_width=2)
+    ql: gl.constexpr = QL
+    tl_: gl.constexpr = TL
+    xa_l: gl.constexpr = XA_L
+    bt_l: gl.constexpr = BT_L
     hs = hscale.to(gl.float32)
     lv = levels.to(gl.float32)
     inv_c = 1.0 / gl.load(c_ptr).to(gl.float32)
