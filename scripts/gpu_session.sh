@@ -27,6 +27,8 @@
 #                                           mbarrier phase bug: killed at 240 s), then bench_linear's "W4A4+H fused ws"
 #                                           and "W1.58A4+H+LRB32 fused ws" columns at M = 1024 / 16384 (~8 min)
 #   scripts/gpu_session.sh dit-ws           DiT-XL/2 W4A4+H and the paper policy with it (rows " +fusedws"), b1 / b64
+#   scripts/gpu_session.sh train-cpp [SETTING]  the compiled QAT step with Inductor's C++ wrapper on both sides (issue 19:
+#                                           the compiled paper step was CPU-bound; default setting the paper's)
 #   scripts/gpu_session.sh profile          profile_dit at batch 64 (bf16, dit, paper; default-mode compile): the kernel
 #                                           breakdown issue 17 asks for next to the 9389614 one
 #   scripts/gpu_session.sh verify           session 10's fixes: the stacked mode's GPU tests and stage check, the compiled
@@ -75,7 +77,7 @@ if [ "${1:-}" = pair ]; then  # pair STEP0 STEP1: STEP0 on GPU 0 and STEP1 on GP
     echo "--- GPU 1: $3"; tail -25 "$OUT/$3.gpu1/log.txt"
     exit 0
 fi
-case "${1:-}" in ws|dit-ws|profile|mma|verify|tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu|dit-gluon|gluon-check|recheck|train-compiled|train-cg|dit-freezing|attention|dit-stacked)
+case "${1:-}" in ws|dit-ws|profile|train-cpp|mma|verify|tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu|dit-gluon|gluon-check|recheck|train-compiled|train-cg|dit-freezing|attention|dit-stacked)
     ;;
     *) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 2 ;; esac
 OUT=${OUT:-$PWD/gpu_out}
@@ -216,6 +218,11 @@ ws)  # the warp-specialized quantize-in-GEMM kernel: tests first (a deadlock sho
         timeout 300 python3 benchmarks/bench_linear.py --modes graph --m 1024 16384 --out "$OUT" --tag _ws \
             2>&1 | tail -n 16
     else echo "ws tests rc=$rc (124: timed out, a hang): no timings"; fi
+    ;;
+train-cpp)  # rows "cppwrapper" (summary keys qat_*_cppwrapper_x)
+    timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes cppwrapper --iters 12 \
+        --settings "QAT ${2:-dit-xl-2-robuq}" --tag "_train_cpp_$(echo "${2:-dit-xl-2-robuq}" | tr -c 'A-Za-z0-9\n' _)" \
+        2>&1 | tail -n 14
     ;;
 profile)  # where a batch-64 forward spends its kernel time now (benchmarks/results/profile_dit_<gpu>.{txt,json})
     timeout 560 python3 benchmarks/profile_dit.py --batch 64 --steps 5 --settings bf16 dit paper --out "$OUT" 2>&1 \
