@@ -55,7 +55,8 @@
 #                   tests pass and it wins, the dispatch sweep (linear) records "fused_ws" times for the table)
 #   2. linear      (if 1 passed: the sweep records fused_ws* choices; commit the table it writes), then dit-ws or
 #                   `dit` (the paper policy's batch-1 row with the committed table: paper_b1_x is session 8's)
-#   3. profile     (the new breakdown for issue 17), dit-low (-a3 / -a2); ddp only on nvidia-h200-x2
+#   3. profile     (the new breakdown for issue 17), train-cpp (issue 19: the CPU-bound compiled paper step with the
+#                   C++ wrapper), dit-low (-a3 / -a2); ddp only on nvidia-h200-x2
 # Session 10's plan, done in session 11 but for `dit`'s batch-1 rows, the mma sweep and ddp:
 #   1. pair verify recheck      (~5 min: session 10's fixes -- stacked mode compiled, addmm add -- then the full
 #                                Inductor / fp8 GEMM / QAT tests); if the stacked tests pass, commit a dispatch table
