@@ -258,3 +258,77 @@ def test_table_choice_extends_the_weight_up_front_and_runs_the_kernel(rank, monk
         y_plain = mod(x)
     assert torch.equal(y_table, y_forced)
     assert not torch.equal(y_table, y_plain)  # the kernel ran (its t rounds differently from the two kernels')
+
+
+@gluon
+@pytest.mark.parametrize("rank", [0, 32, 96])
+def test_host_side_with_an_emulated_kernel(rank, monkeypatch):
+    """The host side on the CPU (a Hopper and the Gluon kernel stood in for): `triton_fp8` -> `fused_quant` ->
+    `launch_qgemm_ws` with ROBUQ_FP8_FUSED_QUANT=ws, the kernel replaced by torch math that follows its schedule on
+    the arguments it is given (the weight descriptor's tensor, W_OFF, R, the form, c's slot, down, the work split).
+    The layer's output matches the float64 reference of its own codes (integer_qlinear) to the branch's fp8 split,
+    so the extended weight's layout, the offsets and the form the launcher picks agree with the kernel's schedule."""
+    import types
+    from robuq_fx import layer
+    from robuq_fx import quantizers as Q
+    from robuq_fx.kernels import triton_fp8 as T
+    from robuq_fx.kernels.reference import integer_qlinear, spec_of
+    from robuq_fx.kernels.registry import QLinearArgs
+    from robuq_fx.modules import PackedLinear
+    from robuq_fx.spec import LayerSpec
+    launches = []
+
+    def emulate(x2, w_desc, y, sw, bias, down, c, M, N, stride_xm, stride_ym, stride_dn, hscale, levels, TPS, W_OFF, R,
+                K, HAS_BIAS, LRB, STAGES, QUANT_REGS, num_warps):
+        launches.append(dict(M=M, N=N, TPS=TPS, W_OFF=W_OFF, R=R, LRB=LRB, K=K))
+        full = w_desc.base.float()  # what the loader's TMA boxes read
+        xh = layer.rotate(x2, spec_of(a))  # the rotated rows, in x's dtype (as the kernel's butterflies round them)
+        q, s, _ = Q.quantize_act(xh, 4, True)
+        q, s = q[:M], s[:M].reshape(-1)
+        acc = sum(q[:, kb * 128:(kb + 1) * 128] @ full[:, W_OFF + kb * 128:W_OFF + (kb + 1) * 128].t()
+                  for kb in range(K // 128))
+        if LRB:
+            t = xh.float() @ down.float().t()
+            u = t * torch.where(s > 0, 1.0 / (c.float() * s), torch.zeros_like(s))[:, None]
+            u1 = u.to(torch.float8_e4m3fn).float()
+            u2 = (u - u1).to(torch.float8_e4m3fn).float()
+            pad = torch.zeros(M, 128 - (3 * R if LRB == 1 else R))
+            if LRB == 1:  # [u1, u1, u2, 0] against the first box
+                steps = [(torch.cat([u1, u1, u2, pad], 1), 0)]
+            else:  # u1, u1, u2 against the boxes 0, 1, 0
+                steps = [(torch.cat([u1, pad], 1), 0), (torch.cat([u1, pad], 1), 128), (torch.cat([u2, pad], 1), 0)]
+            acc = acc + sum(ch @ full[:, col:col + 128].t() for ch, col in steps)
+        out = acc * s[:, None] * sw[None, :] + (bias.float() if HAS_BIAS else 0)
+        y.copy_(out.to(y.dtype))
+
+    monkeypatch.setattr(WS, "qgemm_ws_kernel", _Grid(emulate))
+    monkeypatch.setattr(T, "_capability", lambda index: (9, 0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: types.SimpleNamespace(multi_processor_count=132))
+    monkeypatch.setenv("ROBUQ_FP8_FUSED_QUANT", "ws")
+    torch.manual_seed(rank)
+    k, n = 256, 96
+    w = (torch.randn(n, k) / k ** 0.5).bfloat16()
+    b = (torch.randn(n) * 0.1).bfloat16()
+    dn = (torch.randn(rank, k) * 0.05).bfloat16() if rank else None
+    up = (torch.randn(n, rank) * 0.05).bfloat16() if rank else None
+    spec = LayerSpec(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=128, lora_rank=rank).resolve(k, n)
+    mod = PackedLinear.from_float(w, b, dn, up, spec).set_layout("fp8")
+    x = torch.randn(100, k).bfloat16()
+    a = QLinearArgs(mod.qweight, mod.w_scale, mod.bias, mod.lrb_down, mod.lrb_up, *mod.op_args())
+    y = T._fp8_qlinear(x, a)
+    assert len(launches) == 1 and launches[0]["LRB"] == (0, 1, 2)[(0, 32, 96).index(rank)]
+    assert launches[0]["W_OFF"] == (0 if rank == 0 else (112 if rank == 32 else 256))
+    ref = integer_qlinear(x, a).float()
+    err = ((y.float() - ref).norm() / ref.norm()).item()
+    assert err < 5e-3, err
+
+
+class _Grid:
+    """kernel[grid](*args, **kw) for a plain function."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __getitem__(self, grid):
+        return self.fn
