@@ -115,7 +115,9 @@ def _shape_choice(var: str, value: str, key: str, n, k, m=None) -> bool:
     env = os.environ.get(var)
     if env:
         return env == value
-    per = dispatch_table().get("shapes", {}).get(f"{n}x{k}", {}).get(key) or {}
+    per = dispatch_table().get("shapes", {}).get(f"{n}x{k}", {}).get(key)
+    if not per:  # (before M's bucket: under torch.compile with dynamic shapes that would guard on M)
+        return False
     return any(per.values()) if m is None else bool(per.get(str(m_bucket(m))))
 
 
