@@ -5,8 +5,8 @@ Gluon kernel for Hopper, the codes never leaving shared memory.
 every quantization (H200: 0.60x bf16 at M = 16384, docs/gpu.md). Here three partitions of each program run side by
 side, handing work over through mbarriers:
 
-- the quantizer (4 warps): for each work item, Q_a(x H) of its BM = 64 rows into one of two code buffers
-  ([K / 128, 64, 128] fp8 each; 144 KB for both at K = 1152) and s_x into shared memory -- the butterflies,
+- the quantizer (4 warps; `gluon_ws_quant.py`): for each work item, Q_a(x H) of its BM = 64 rows into one of two
+  code buffers ([K / 128, 64, 128] fp8 each; 144 KB for both at K = 1152) and s_x into shared memory -- the butterflies,
   scale and Markstein quotient of `gluon_act_quant` (the v0 kernel's two passes), so codes and scales are the
   two-kernel path's;
 - the weight loader (1 warp): the (BN, 128) fp8 weight tiles of the item's N tiles through a ring of STAGES slots
@@ -31,8 +31,8 @@ at those ranks; the stacked mode itself takes none above 64).
 
 Scope: symmetric absmax activations A <= 4, Hadamard block 128, K a multiple of 128 up to 1152, a branch of rank 32
 or 65..96 (multiples of 16) or none, no asymmetric terms (every DiT-XL/2 layer of `dit`, W1.58A4+H and
-`dit-xl-2-robuq` but fc2). Opt-in,
-`ROBUQ_FP8_FUSED_QUANT=ws` (dispatch: `fused_quant.py`), until its GPU tests pass and the dispatch sweep times it.
+`dit-xl-2-robuq` but fc2). `ROBUQ_FP8_FUSED_QUANT=ws` forces it; otherwise it runs where the dispatch table's sweep
+measured it faster (dispatch: `fused_quant.py`, `dispatch.fused_quant_mode`). Not yet run on a GPU.
 """
 from __future__ import annotations
 

@@ -183,8 +183,8 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
 
 def _stacked_traced(x, x2, a: QLinearArgs, m, m_pad) -> torch.Tensor:
     """`lrb_stacked.stacked_qlinear` in graph-traceable form: the codes by one opaque op (`robuq::stacked_codes`:
-    quantizer + lrb_split, which reads c through qweight's pointer), then `robuq::stacked_mm` (`_scaled_mm` over the extended weight, made from qweight in the op: the
-    graph holds no view of qweight beyond its own extent)."""
+    quantizer + lrb_split, which reads c through qweight's pointer), then `robuq::stacked_mm` (`_scaled_mm` over the
+    extended weight, made from qweight in the op: the graph holds no view of qweight beyond its own extent)."""
     from . import weight_cache as W
     n = a.out_features
     bh = W.rotated_down(a, x.dtype)

@@ -199,8 +199,9 @@ def test_many_items_a_program_equal_one(cfg):
                                       (256, 208, 80)])
 def test_branch_stacked_in_the_kernel_matches_the_two_kernel_path(k, n, rank, monkeypatch):
     """W1.58A4+H+LRB32 (the paper's layers; rank 96: its sibling-fused q/k/v, the terms form): the branch as extra
-    k-steps, t from the rotated rows on mma.sync (the two-kernel path multiplies x by a bf16 B H: t differs by its roundings), so the layer is compared
-    in relative Frobenius norm (<= 5e-3), and the codes part exactly through a zero branch."""
+    k-steps, t from the rotated rows on mma.sync (the two-kernel path multiplies x by a bf16 B H: t differs by its
+    roundings), so the layer is compared in relative Frobenius norm (<= 5e-3), and the codes part exactly through a
+    zero branch."""
     mod = _layer(k, n, 1.58, True, rank=rank, seed=k + n + rank)
     for m in (1, 37, 300, 4097):
         x = (torch.randn(m, k, device="cuda") * 2).bfloat16()
@@ -304,7 +305,8 @@ def test_host_side_with_an_emulated_kernel(rank, monkeypatch):
     monkeypatch.setattr(WS, "qgemm_ws_kernel", _Grid(emulate))
     monkeypatch.setattr(T, "_capability", lambda index: (9, 0))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: types.SimpleNamespace(multi_processor_count=132))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda dev: types.SimpleNamespace(multi_processor_count=132))
     monkeypatch.setenv("ROBUQ_FP8_FUSED_QUANT", "ws")
     torch.manual_seed(rank)
     k, n = 256, 96
