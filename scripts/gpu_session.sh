@@ -211,7 +211,9 @@ verify)  # session 10's fixes on a GPU (~4 min): the stacked mode stage by stage
         tests/kernels/test_inductor.py -k "compiled_qlinear or functional_decomposition" 2>&1 | grep -v DEBUG \
         | tee "$OUT/gpu_tests_addmm_traced.log" | tail -n 8
     ;;
-ws)  # the warp-specialized quantize-in-GEMM kernel: tests first (a deadlock shows as the timeout), then timings
+ws)  # the warp-specialized quantize-in-GEMM kernel: each form once in its own process (a hang names its form), then
+    # the tests (a deadlock shows as the timeout), then timings
+    timeout 200 python3 scripts/ws_smoke.py --timeout 60 2>&1 | tee "$OUT/ws_smoke.txt" | tail -n 20
     timeout 240 python3 -m pytest -v -rfE --tb=short -p no:cacheprovider tests/kernels/test_gluon_qgemm_ws.py \
         > "$OUT/gpu_tests_ws.log" 2>&1; rc=$?
     grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/gpu_tests_ws.log" | tail -n 16
