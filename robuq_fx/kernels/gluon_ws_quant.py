@@ -12,7 +12,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import DotOperandLayout, mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
 
-from .gluon_act_quant import _maxf, _piece, _round_quotient, _scale_of, libdevice
+from .gluon_act_quant import _maxf, _piece, _round_quotient, _scale_of
+from .triton_lowrank import _e4m3_rn
 
 BM = gl.constexpr(64)
 BK = gl.constexpr(128)
@@ -74,16 +75,6 @@ def _code_chunk(x_ptr, rows, rmask, stride_xm, hs, safe, rcp, chunk, c: gl.const
     q = _round_quotient(xh.to(gl.float32), gl.expand_dims(safe, 1), gl.expand_dims(rcp, 1))
     chunk.store(q.to(gl.float8e4nv))
     return xh
-
-
-@gluon.jit
-def _e4m3_rn(u):
-    """u rounded to the nearest e4m3 value in fp32 by arithmetic (triton_lowrank._e4m3_rn: converting the fp8
-    value back miscompiled there on sm_90)."""
-    e = gl.maximum(((u.to(gl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
-    inv_ulp = ((130 - e) << 23).to(gl.float32, bitcast=True)
-    ulp = ((e + 124) << 23).to(gl.float32, bitcast=True)
-    return libdevice.rint(u * inv_ulp) * ulp
 
 
 @gluon.jit
