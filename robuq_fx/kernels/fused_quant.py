@@ -2,12 +2,11 @@
 
 ROBUQ_FP8_FUSED_QUANT=1: `gluon_qgemm.py` (v0: one partition quantizes a row block, then multiplies it; a branch of
 rank <= 64 in its epilogue). ROBUQ_FP8_FUSED_QUANT=ws: `gluon_qgemm_ws.py` (warp-specialized: quantizer, loader and
-MMA partitions; a rank-32 branch stacked into the GEMM as the stacked LRB mode's extra columns). Both Hopper-only,
+MMA partitions; a branch of rank 32 or 65..96 stacked into the GEMM as extra k-steps). Both Hopper-only,
 symmetric absmax A <= 4 with Hadamard block 128, K <= 1152; anything else takes `triton_fp8`'s two-kernel path.
 Unset, the dispatch table may pick the warp-specialized one per shape and M bucket where its sweep measured it faster.
 """
 from __future__ import annotations
-
 
 import torch
 
@@ -24,39 +23,44 @@ def _hopper(x: torch.Tensor) -> bool:
     return _capability(x.device.index if x.device.index is not None else torch.cuda.current_device()) >= (9, 0)
 
 
-def takes(x2: torch.Tensor, a: QLinearArgs, e) -> bool:
-    """ROBUQ_FP8_FUSED_QUANT=1 (gluon_qgemm, v0) or =ws (gluon_qgemm_ws, warp-specialized), or the dispatch table's
-    choice of the latter (`dispatch.fused_quant_mode`), and that quantize-in-GEMM kernel takes the call (Hopper;
-    symmetric absmax, Hadamard 128, no input activation, K <= 1152; v0: a branch of rank <= 64 or none, ws: rank 32
-    or none, read from the stacked mode's extended weight, whose code columns are strided)."""
+def kernel_mode(x2: torch.Tensor, a: QLinearArgs) -> str | None:
+    """The quantize-in-GEMM kernel for this call ("1": gluon_qgemm, "ws": gluon_qgemm_ws), or None: the one
+    ROBUQ_FP8_FUSED_QUANT forces or the dispatch table picks (`dispatch.fused_quant_mode`), where it takes the call
+    (Hopper; symmetric absmax, Hadamard 128, no input activation, K <= 1152; v0: a branch of rank <= 64 or none, ws:
+    rank 32, 65..96 or none). The weight's layout is `takes`' check; the Inductor decomposition asks only this."""
     if a.input_act:
-        return False
+        return None
     rank = 0 if a.lrb_down is None else a.lrb_down.shape[0]
     mode = fused_quant_mode(x2.shape[0], a.out_features, a.in_features, rank)
-    if mode is None:
-        return False
-    if not _hopper(x2):
-        return False
+    if mode is None or not _hopper(x2):
+        return None
     try:
         if mode == "ws":
             from .gluon_qgemm_ws import supported
         else:
             from .gluon_qgemm import supported
     except ImportError:  # no Gluon in this triton
-        return False
-    if supported(x2, a.in_features, a.hadamard_block, a.a_bits, a.a_sym, a.a_clip, rank) is not None:
-        return False
-    return (mode == "ws" and rank > 0) or (e.fp8.is_contiguous() and e.fp8.data_ptr() % 16 == 0)
+        return None
+    return mode if supported(x2, a.in_features, a.hadamard_block, a.a_bits, a.a_sym, a.a_clip, rank) is None else None
 
 
-def run(x2: torch.Tensor, a: QLinearArgs, e, m: int, n: int) -> torch.Tensor | None:
-    """y (M, N) from a quantize-in-GEMM kernel (`takes` admitted the call), or None where the
+def takes(x2: torch.Tensor, a: QLinearArgs, e) -> str | None:
+    """`kernel_mode`, where the layer's fp8 codes suit it too: contiguous 16-byte-aligned rows, except for the
+    warp-specialized kernel with a branch, which reads the stacked mode's extended weight (strided code columns)."""
+    mode = kernel_mode(x2, a)
+    if mode is None:
+        return None
+    ok = (mode == "ws" and a.lrb_down is not None) or (e.fp8.is_contiguous() and e.fp8.data_ptr() % 16 == 0)
+    return mode if ok else None
+
+
+def run(x2: torch.Tensor, a: QLinearArgs, e, m: int, n: int, mode: str) -> torch.Tensor | None:
+    """y (M, N) from the quantize-in-GEMM kernel `mode` (what `takes` returned), or None where the
     warp-specialized one cannot stack this layer's branch (then the two-kernel path, with one warning)."""
     from .quantizer import _hscale
     y = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
     hscale, levels = _hscale(a.hadamard_block, x2.dtype), float(Q.act_levels(a.a_bits, True))
-    rank = 0 if a.lrb_down is None else a.lrb_down.shape[0]
-    if fused_quant_mode(m, n, a.in_features, rank) == "ws":  # warp-specialized
+    if mode == "ws":  # warp-specialized
         from .gluon_qgemm_ws import launch_qgemm_ws
         ext = down = None
         if a.lrb_down is not None:  # the branch stacked into the GEMM: the stacked mode's extended weight

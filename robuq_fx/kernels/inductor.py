@@ -218,7 +218,8 @@ def _qlinear_decomposition(x, qweight, w_scale, bias, lrb_down, lrb_up, out_feat
         return NotImplemented
     if _gluon_opt_in():  # the eager op runs the opt-in Gluon kernels, which Inductor cannot launch: keep it opaque
         return NotImplemented
-    if _table_fused_quant(x, a):  # the table picks the Gluon quantize-in-GEMM kernel for this call: the same
+    from .fused_quant import kernel_mode
+    if kernel_mode(x.reshape(-1, in_features), a):  # the table picks the Gluon quantize-in-GEMM kernel: the same
         return NotImplemented
     from .lrb_stacked import is_extended, takes_stacked
     if takes_stacked(a, x.numel() // in_features) and not is_extended(qweight, in_features, lrb_down.shape[0]):
@@ -233,22 +234,6 @@ def _qlinear_decomposition(x, qweight, w_scale, bias, lrb_down, lrb_up, out_feat
     except Exception as e:  # noqa: BLE001 - never fail a compile over the fast path: keep the eager op
         _warn_once(f"robuq_fx: robuq::qlinear left opaque under torch.compile ({type(e).__name__}: {e})")
         return NotImplemented
-
-
-def _table_fused_quant(x, a: QLinearArgs) -> bool:
-    """The dispatch table picks the warp-specialized quantize-in-GEMM kernel (Gluon) for this call
-    (`dispatch.fused_quant_mode`, environment unset) and the kernel takes it."""
-    from .dispatch import fused_quant_mode
-    from .fused_quant import _hopper
-    rank = 0 if a.lrb_down is None else a.lrb_down.shape[0]
-    if a.input_act or fused_quant_mode(x.numel() // a.in_features, a.out_features, a.in_features,
-                                       rank) != "ws" or not _hopper(x):
-        return False
-    try:
-        from .gluon_qgemm_ws import supported
-    except ImportError:  # no Gluon in this triton
-        return False
-    return supported(x, a.in_features, a.hadamard_block, a.a_bits, a.a_sym, a.a_clip, rank) is None
 
 
 def _gluon_opt_in() -> bool:

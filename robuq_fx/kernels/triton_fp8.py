@@ -280,8 +280,9 @@ def _fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
     if small:  # one kernel: quantize + GEMM + epilogue
         y = _small_m(x2, a, e, m)
         return y if x.dim() == 2 else y.reshape(*lead, n)
-    if m and fused_quant.takes(x2, a, e):  # opt-in: the quantizer inside the GEMM (kernels/gluon_qgemm*.py)
-        y = fused_quant.run(x2, a, e, m, n)
+    mode = fused_quant.takes(x2, a, e) if m else None
+    if mode:  # the quantizer inside the GEMM (kernels/gluon_qgemm*.py): forced, or where the table picks it
+        y = fused_quant.run(x2, a, e, m, n, mode)
         if y is not None:
             return y if x.dim() == 2 else y.reshape(*lead, n)
     m_pad = max(16, -(-m // 16) * 16)
