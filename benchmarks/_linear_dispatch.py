@@ -75,21 +75,15 @@ def mma_vs(x, m: int, best_s: float) -> bool:
     from robuq_fx.kernels import quantizer as AQ
     k = x.shape[1]
     want = AQ.act_quant(x, 128, 4, True, m_store=m, plan=AQ.quant_plan(k, 128, m))
-    old = os.environ.get("ROBUQ_QUANT_KERNEL")
-    os.environ["ROBUQ_QUANT_KERNEL"] = "mma"
+    mma = _with_env(lambda: AQ.act_quant(x, 128, 4, True, m_store=m), "ROBUQ_QUANT_KERNEL", "mma")
     try:
-        got = AQ.act_quant(x, 128, 4, True, m_store=m)
+        got = mma()
         agree = (got[0].float() == want[0].float()).float().mean().item()
         scales = torch.allclose(got[1], want[1], rtol=1e-6, atol=0)
-        tg = time_graph(lambda: AQ.act_quant(x, 128, 4, True, m_store=m), 5, 5, 2)
+        tg = time_graph(mma, 5, 5, 2)
     except Exception as e:  # noqa: BLE001 - report, keep the table's choice
         print(f"[quant mma K={k} M={m}] failed: {type(e).__name__}: {e}", flush=True)
         return False
-    finally:
-        if old is None:
-            os.environ.pop("ROBUQ_QUANT_KERNEL", None)
-        else:
-            os.environ["ROBUQ_QUANT_KERNEL"] = old
     print(f"[quant mma K={k} M={m}] {tg * 1e6:.1f}us, {tg / best_s:.2f}x the table's choice; codes agree "
           f"{agree:.5f}, scales {'equal' if scales else 'DIFFER'}", flush=True)
     return agree >= 0.9999 and scales and tg < best_s
@@ -439,15 +433,14 @@ def write_dispatch(args):
             entry["fp8_min_m" if vname == "plain" else "epi_fp8_min_m"] = thr
             entry["measured"][vname] = {str(m): {kk: round(v * 1e6, 2) for kk, v in meas[m].items()} for m in ms}
             if vname == "plain":  # where the warp-specialized quantize-in-GEMM kernel won (correct where timed)
-                for key, mine, theirs in (("fused_ws", "fused_ws", ("triton_fp8", "cuda_dequant")),
-                                          ("fused_ws_lrb", "fused_ws_lrb", ("fp8_lrb", )),
-                                          ("fused_ws_terms", "fused_ws_terms", ("fp8_terms", ))):
-                    picks = {str(m): bool(meas[m][mine] < min(meas[m][t] for t in theirs))
-                             for m in ms if mine in meas[m] and all(t in meas[m] for t in theirs)}
+                for key, theirs in (("fused_ws", ("triton_fp8", "cuda_dequant")), ("fused_ws_lrb", ("fp8_lrb", )),
+                                    ("fused_ws_terms", ("fp8_terms", ))):
+                    picks = {str(m): bool(meas[m][key] < min(meas[m][t] for t in theirs))
+                             for m in ms if key in meas[m] and all(t in meas[m] for t in theirs)}
                     if picks:
                         entry[key] = picks
                         print(f"[dispatch {name}] {key}: " + " ".join(
-                            f"{m}:{meas[int(m)][mine] * 1e6:.1f}us{'*' if p else ''}" for m, p in picks.items()),
+                            f"{m}:{meas[int(m)][key] * 1e6:.1f}us{'*' if p else ''}" for m, p in picks.items()),
                             flush=True)
             print(f"[dispatch {name} {vname}] fp8 from M >= {thr}  (M: fp8/dequant/bf16 us) " +
                   " ".join(f"{m}:{meas[m]['triton_fp8'] * 1e6:.1f}/{meas[m]['cuda_dequant'] * 1e6:.1f}"

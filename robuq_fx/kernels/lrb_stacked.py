@@ -241,8 +241,8 @@ def stacked_qlinear(x2: torch.Tensor, a: QLinearArgs, e, bh: torch.Tensor, ext: 
 
 
 def c_slot(full: torch.Tensor, r: int) -> torch.Tensor:
-    """The extended weight's element that holds c (row 0, `c_column`), as a 1-element view (`lrb_split_kernel` reads
-    it W - 3r bytes before the code columns' first element)."""
+    """The extended weight's element that holds c (row 0, `c_column`), as a 1-element view (the warp-specialized
+    kernel's pointer to it; `lrb_split_kernel`, ranks <= 64, reads it W - 3r bytes before the code columns)."""
     return full[0, c_column(r):c_column(r) + 1]
 
 

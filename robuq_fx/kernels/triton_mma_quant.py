@@ -14,8 +14,10 @@ read. Here each program holds BM rows and makes two passes over K in Hadamard-bl
 The tensor-core rotation costs 2 HB flops an element a pass (HB = 128: ~5 GFLOP a pass at M = 16384, K = 1152), in
 exchange for the butterfly's layout shuffles (docs/gpu.md: ~4-5 an element in Triton's automatic layouts). Codes equal
 the quantizer's up to the order of the rotation's fp32 sums. Without a branch (HAS_LRB off) the kernel is a plain
-symmetric absmax quantizer (`mma_quant`, ROBUQ_QUANT_KERNEL=mma). Opt-in (ROBUQ_STACKED_QUANT=fused, ROBUQ_QUANT_KERNEL=mma) until timed; sm_90 compile
-(BM 64, 8 warps): 87 registers, no spills, wgmma for the rotation.
+symmetric absmax quantizer (`mma_quant`, ROBUQ_QUANT_KERNEL=mma). sm_90 compile (BM 64, 8 warps): 87 registers, no
+spills, wgmma for the rotation. Measured on the H200 (session 11), both lose: the plain quantizer takes 2.0-2.2x the
+butterfly kernel's time at M = 16384 and 9-22x at M = 256, the fused stacked codes make the layer slower than the
+two kernels (docs/gpu.md). Opt-in (ROBUQ_STACKED_QUANT=fused, ROBUQ_QUANT_KERNEL=mma); the sweep never picks them.
 """
 from __future__ import annotations
 
