@@ -78,7 +78,7 @@ if [ "${1:-}" = pair ]; then  # pair STEP0 STEP1: STEP0 on GPU 0 and STEP1 on GP
     echo "--- GPU 1: $3"; tail -25 "$OUT/$3.gpu1/log.txt"
     exit 0
 fi
-case "${1:-}" in ws|dit-ws|profile|train-cpp|mma|verify|tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu|dit-gluon|gluon-check|recheck|train-compiled|train-cg|dit-freezing|attention|dit-stacked)
+case "${1:-}" in ws-diag|dit-b1|ws|dit-ws|profile|train-cpp|mma|verify|tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu|dit-gluon|gluon-check|recheck|train-compiled|train-cg|dit-freezing|attention|dit-stacked)
     ;;
     *) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 2 ;; esac
 OUT=${OUT:-$PWD/gpu_out}
@@ -224,6 +224,18 @@ ws)  # the warp-specialized quantize-in-GEMM kernel: each form once in its own p
         timeout $rest python3 benchmarks/bench_linear.py --modes graph --m 1024 16384 --out "$OUT" --tag _ws \
             2>&1 | tail -n 16
     else echo "ws tests rc=$rc (124: timed out, a hang), ${rest}s left: no timings"; fi
+    ;;
+ws-diag)  # where the warp-specialized kernel's time goes (scripts/ws_diag.py: its pieces from CUDA-graph replays
+    # next to the two-kernel path's), the ws tests again, then the batch-1 rows of `dit`
+    timeout 150 python3 scripts/ws_diag.py --out "$OUT" 2>&1 | tail -n 14
+    timeout 150 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_gluon_qgemm_ws.py \
+        > "$OUT/gpu_tests_ws.log" 2>&1; tail -n 4 "$OUT/gpu_tests_ws.log"
+    DIT_LIMIT=$((570 - SECONDS)) "$0" dit-b1
+    ;;
+dit-b1)  # the batch-1 rows of `dit` (W4A4+H and the paper policy, CUDA graphs, the committed dispatch table)
+    timeout ${DIT_LIMIT:-540} python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead \
+        --skip-train --settings "dit-xl-2-robuq (" "W4A4+H" --batches 1 --iters 10 --warmup 3 \
+        --tag _reduce-overhead_b1 2>&1 | tail -n 16
     ;;
 dit-ws)  # the warp-specialized quantize-in-GEMM kernel on a whole DiT (after `ws` passed)
     ROBUQ_FP8_FUSED_QUANT=ws timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead \

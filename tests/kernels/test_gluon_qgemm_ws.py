@@ -97,12 +97,14 @@ def test_branch_chunk_schedule_over_the_extended_weight(r):
     w = S.ext_width(r)
     qw = torch.randint(-7, 8, (n, k)).float()
     codes = torch.randint(-7, 8, (m, k)).float()
-    sx, sw = torch.rand(m) * 0.01 + 1e-3, torch.rand(n) * 0.01 + 1e-3
+    sw = torch.rand(n) * 0.01 + 1e-3
     down, up = torch.randn(r, k) * 0.05, torch.randn(n, r) * 0.05
     c = S.scale_c(down, k, 4)
     full = torch.cat([S.ext_columns(sw, up, c).float(), qw], 1)  # (N, W + K): what the loader's descriptor spans
     assert full[0, S.c_column(r)] == c
     t = (torch.randn(m, k) @ down.t()) * 0.3
+    # s_x as a layer's: |u| = |t| / (s_x c) within U_MAX (a free s_x sends u past e4m3's range: NaN codes)
+    sx = t.abs().amax(1) / (c * S.U_MAX) * (1 + torch.rand(m))
     if r == 32:
         assert 3 * r < w <= bk  # the branch's columns and c's slot fit the first weight box
         steps = [(S.act_ext_reference(t, sx, c, bk).float(), 0)]
@@ -246,7 +248,7 @@ def test_table_choice_extends_the_weight_up_front_and_runs_the_kernel(rank, monk
     monkeypatch.delenv("ROBUQ_FP8_FUSED_QUANT", raising=False)
     monkeypatch.delenv("ROBUQ_FP8_EPI", raising=False)
     table = dict(D.dispatch_table())
-    table["shapes"] = {**table.get("shapes", {}), "1152x1152": {"fused_ws_lrb": {"1024": True}}}
+    table["shapes"] = {**table.get("shapes", {}), "1152x1152": {D._ws_key(rank): {"1024": True}}}
     monkeypatch.setattr(D, "dispatch_table", lambda: table)
     mod = _layer(1152, 1152, 1.58, True, rank=rank)
     assert S.is_extended(mod.qweight, 1152, rank)
