@@ -216,7 +216,7 @@ ws)  # the warp-specialized quantize-in-GEMM kernel: each form once in its own p
     SECONDS=0
     timeout 200 python3 scripts/ws_smoke.py --timeout 60 2>&1 | tee "$OUT/ws_smoke.txt" | tail -n 20
     if grep -q "TIMED OUT\|failed" "$OUT/ws_smoke.txt"; then echo "ws smoke run failed: no tests, no timings"; exit 0; fi
-    timeout 220 python3 -m pytest -v -rfE --tb=short -p no:cacheprovider tests/kernels/test_gluon_qgemm_ws.py \
+    timeout 220 python3 -m pytest -v -rfE --tb=short -p no:cacheprovider tests/kernels/test_gluon_qgemm_ws.py -k "schedule or table_choice" \
         > "$OUT/gpu_tests_ws.log" 2>&1; rc=$?
     grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/gpu_tests_ws.log" | tail -n 16
     rest=$((575 - SECONDS))
@@ -228,7 +228,7 @@ ws)  # the warp-specialized quantize-in-GEMM kernel: each form once in its own p
 ws-diag)  # where the warp-specialized kernel's time goes (scripts/ws_diag.py: its pieces from CUDA-graph replays
     # next to the two-kernel path's), the ws tests again, then the batch-1 rows of `dit`
     timeout 150 python3 scripts/ws_diag.py --out "$OUT" 2>&1 | tail -n 14
-    timeout 150 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_gluon_qgemm_ws.py \
+    timeout 150 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_gluon_qgemm_ws.py -k "schedule or table_choice" \
         > "$OUT/gpu_tests_ws.log" 2>&1; tail -n 4 "$OUT/gpu_tests_ws.log"
     DIT_LIMIT=$((570 - SECONDS)) "$0" dit-b1
     ;;
