@@ -78,7 +78,7 @@ if [ "${1:-}" = pair ]; then  # pair STEP0 STEP1: STEP0 on GPU 0 and STEP1 on GP
     echo "--- GPU 1: $3"; tail -25 "$OUT/$3.gpu1/log.txt"
     exit 0
 fi
-case "${1:-}" in b1-diag|ws-diag|dit-b1|ws|dit-ws|profile|train-cpp|mma|verify|tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu|dit-gluon|gluon-check|recheck|train-compiled|train-cg|dit-freezing|attention|dit-stacked)
+case "${1:-}" in profile-b1|b1-diag|ws-diag|dit-b1|ws|dit-ws|profile|train-cpp|mma|verify|tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu|dit-gluon|gluon-check|recheck|train-compiled|train-cg|dit-freezing|attention|dit-stacked)
     ;;
     *) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 2 ;; esac
 OUT=${OUT:-$PWD/gpu_out}
@@ -231,6 +231,10 @@ ws-diag)  # where the warp-specialized kernel's time goes (scripts/ws_diag.py: i
     timeout 150 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_gluon_qgemm_ws.py -k "schedule or table_choice" \
         > "$OUT/gpu_tests_ws.log" 2>&1; tail -n 4 "$OUT/gpu_tests_ws.log"
     DIT_LIMIT=$((570 - SECONDS)) "$0" dit-b1
+    ;;
+profile-b1)  # profile-b1 [SECS]: the paper policy's kernels at batch 1 (default-mode compile; cold compile ~3 min)
+    timeout ${2:-290} python3 benchmarks/profile_dit.py --settings paper --batch 1 --steps 3 --out "$OUT" 2>&1 \
+        | grep -v Warning | tail -n 30
     ;;
 b1-diag)  # why the paper policy's batch-1 row fell from 0.62x (session 10) to 0.40x (session 12): the row again with
     # Dynamo / CUDA-graph perf hints (a skipped CUDA graph says so), its kernels under CUDA graphs, and the row with
