@@ -52,7 +52,7 @@ import torch
 
 from .. import packing
 from .. import quantizers as Q
-from ..hadamard import block_hadamard, sylvester
+from ..hadamard import block_hadamard, hadamard_matrix
 from . import inductor_opaque
 from .inductor_opaque import _gluon_quant_here, _gluon_quant_op, _stacked_codes_op, _stacked_mm_op
 from .registry import QLinearArgs, select
@@ -283,14 +283,24 @@ def _functional_rule(decomposition):
 # ---------------------------------------------------------------------------------------------------------------
 # the QAT graph's ops: their torch math, which Inductor fuses (with each other and with the ops around them)
 
+def _constant_hadamard(block: int, x: torch.Tensor) -> torch.Tensor:
+    """H (block x block) in x's dtype as a constant of the traced graph: the cached matrix, made with the tracing modes
+    off and lifted in (one copy kernel a call). Built from traced ops instead, as before session 12, it cost six
+    kernels a rotation (the Sylvester cat / neg levels): 672 of the 1558 kernels of the paper policy's batch-1
+    forward on the H200 (the branch's B H in every LRB layer), where that forward ran at 0.40x bf16 under CUDA
+    graphs."""
+    from torch.utils._python_dispatch import _disable_current_modes
+    with _disable_current_modes():
+        h = hadamard_matrix(block, x.dtype, x.device)
+    return torch.ops.aten.lift_fresh.default(h)
+
+
 def _hadamard_decomposition(x, block):
     if not enabled() or (x.is_cuda and os.environ.get("ROBUQ_HADAMARD") == "fht"):
         return NotImplemented
     if block < 1 or block & (block - 1) or x.shape[-1] % block:
         return NotImplemented  # the op raises its own error
-    # H built from traced ops (the cached matrix is a tensor from outside the graph): the same float64 construction
-    h = sylvester(block, x.device).to(x.dtype)
-    return block_hadamard(x, block, h).contiguous()
+    return block_hadamard(x, block, _constant_hadamard(block, x)).contiguous()
 
 
 def _fake_quant_weight_decomposition(w, w_bits, granularity, group_size, scale_dtype):
