@@ -32,7 +32,8 @@ at those ranks; the stacked mode itself takes none above 64).
 Scope: symmetric absmax activations A <= 4, Hadamard block 128, K a multiple of 128 up to 1152, a branch of rank 32
 or 65..96 (multiples of 16) or none, no asymmetric terms (every DiT-XL/2 layer of `dit`, W1.58A4+H and
 `dit-xl-2-robuq` but fc2). `ROBUQ_FP8_FUSED_QUANT=ws` forces it; otherwise it runs where the dispatch table's sweep
-measured it faster (dispatch: `fused_quant.py`, `dispatch.fused_quant_mode`). Not yet run on a GPU.
+measured it faster (dispatch: `fused_quant.py`, `dispatch.fused_quant_mode`). H200 (session 12): equal to the
+two-kernel path and 2.1-2.6x slower than it (docs/gpu.md: a latency-bound quantizer partition, 64-row tiles).
 """
 from __future__ import annotations
 
