@@ -13,8 +13,9 @@ import torch
 
 
 def sylvester(b: int, device=None) -> torch.Tensor:
-    """The normalised Sylvester matrix of order b in float64; `hadamard_matrix` caches it per dtype and device (a
-    traced graph holds that cached matrix as a constant: kernels/inductor.py)."""
+    """The normalised Sylvester matrix of order b in float64, from tensor ops only; `hadamard_matrix` caches it per
+    dtype and device (a traced graph holds that cached matrix as a constant, or builds it where the device is fake:
+    kernels/inductor.py)."""
     h = torch.ones(1, 1, dtype=torch.float64, device=device)
     while h.shape[0] < b:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)

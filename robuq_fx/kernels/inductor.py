@@ -52,7 +52,7 @@ import torch
 
 from .. import packing
 from .. import quantizers as Q
-from ..hadamard import block_hadamard, hadamard_matrix
+from ..hadamard import block_hadamard, hadamard_matrix, sylvester
 from . import inductor_opaque
 from .inductor_opaque import _gluon_quant_here, _gluon_quant_op, _stacked_codes_op, _stacked_mm_op
 from .registry import QLinearArgs, select
@@ -290,6 +290,8 @@ def _constant_hadamard(block: int, x: torch.Tensor) -> torch.Tensor:
     forward on the H200 (the branch's B H in every LRB layer), where that forward ran at 0.40x bf16 under CUDA
     graphs."""
     from torch.utils._python_dispatch import _disable_current_modes
+    if x.device.type == "cuda" and not torch.cuda.is_available():  # fake CUDA tensors on a CPU-only torch (tests)
+        return sylvester(block, x.device).to(x.dtype)  # the same matrix, built from traced ops
     with _disable_current_modes():
         h = hadamard_matrix(block, x.dtype, x.device)
     return torch.ops.aten.lift_fresh.default(h)
