@@ -72,6 +72,9 @@ class PackedLinear(nn.Module):
         r = spec.lora_rank
         self.register_buffer("lrb_down", torch.zeros(r, k, dtype=dtype, device=device) if r else None)
         self.register_buffer("lrb_up", torch.zeros(n, r, dtype=dtype, device=device) if r else None)
+        # B H, kept beside B on a GPU (fp8 layout) so that no call, eager or compiled, rotates B again; derived state,
+        # not in the checkpoint, remade by every method here that changes B (`_refresh_rotated_down`)
+        self.register_buffer("lrb_down_h", None, persistent=False)
 
     @classmethod
     @torch.no_grad()
@@ -107,6 +110,9 @@ class PackedLinear(nn.Module):
     def forward(self, x):
         if _direct_ok(x):
             return self._direct(x)
+        if self.lrb_down_h is not None:
+            return torch.ops.robuq.qlinear(x, self.qweight, self.w_scale, self.bias, self.lrb_down, self.lrb_up,
+                                           *self.op_args(), input_act=self.input_act, lrb_down_h=self.lrb_down_h)
         if self.input_act:
             return torch.ops.robuq.qlinear(x, self.qweight, self.w_scale, self.bias, self.lrb_down, self.lrb_up,
                                            *self.op_args(), input_act=self.input_act)
@@ -126,8 +132,8 @@ class PackedLinear(nn.Module):
         choice is kept per input shape, dtype and device, buffers and registry state (`registry.state_key`), with
         the kernel's bound call where it offers one (`fn.bind`: kernels/fastcall.py, the fp8 path)."""
         b = self._buffers
-        qw, ws, bias, dn, up = b["qweight"], b["w_scale"], b["bias"], b["lrb_down"], b["lrb_up"]
-        key = (x.shape, x.dtype, x.device, id(qw), id(ws), id(bias), id(dn), id(up), self.input_act,
+        qw, ws, bias, dn, up, dh = b["qweight"], b["w_scale"], b["bias"], b["lrb_down"], b["lrb_up"], b["lrb_down_h"]
+        key = (x.shape, x.dtype, x.device, id(qw), id(ws), id(bias), id(dn), id(up), id(dh), self.input_act,
                kernels.registry.state_key())
         plans = self.__dict__.get("_direct_plans")
         if plans is None:
@@ -144,7 +150,7 @@ class PackedLinear(nn.Module):
         if x.shape[-1] != self.in_features:  # the op's own error
             return torch.ops.robuq.qlinear(x, qw, ws, bias, dn, up, *args)
         qa = kernels.QLinearArgs(qw, ws, bias, dn, up, *args[:7], tuple(args[7]) if len(args) > 7 and args[7]
-                                 else None, self.input_act)
+                                 else None, self.input_act, dh)
         fn = kernels.select(x, qa).fn
         if qa.input_act and not getattr(fn, "fuses_input_act", False):
             fn = functools.partial(call_kernel, fn)  # the activation first, as the op does
@@ -172,21 +178,37 @@ class PackedLinear(nn.Module):
         w = packing.to_fp8_codes(codes) if layout == "fp8" else packing.pack(codes, self.spec.w_bits)
         self._buffers["qweight"] = w.contiguous()
         self.__dict__.pop("_op_args", None)
-        self._prepare_stacked()
+        self._prepare_device()
         return self
 
-    def _prepare_stacked(self) -> None:
-        """The stacked LRB mode's extended weight, made now, before torch.compile sees qweight (fp8 layout on a GPU,
-        where the dispatch may pick the mode: kernels/lrb_stacked.py)."""
+    def _prepare_device(self) -> None:
+        """What the GPU kernels read beside the codes, made now, before torch.compile sees the layer: B H
+        (`_refresh_rotated_down`) and the stacked LRB mode's extended weight (fp8 layout on a GPU, where the dispatch
+        may pick the mode: kernels/lrb_stacked.py)."""
+        self._refresh_rotated_down()
         if self.layout == "fp8" and self.lrb_down is not None and self.qweight.is_cuda:
             from .kernels.lrb_stacked import prepare
             prepare(self)
+
+    @torch.no_grad()
+    def _refresh_rotated_down(self) -> None:
+        """lrb_down_h = B H (in B's dtype where that is 16-bit, else bf16: the dtype the fp8 kernels run in) on a GPU
+        in the fp8 layout with a rotated branch; None elsewhere. The same product `weight_cache.rotated_down`
+        makes, so outputs do not change; it only stops every call (and every compiled forward) from making it."""
+        dn = self.lrb_down
+        h = None
+        if self.layout == "fp8" and dn is not None and dn.is_cuda and self.spec.hadamard:
+            from .kernels.weight_cache import rotated_down
+            dt = dn.dtype if dn.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+            h = rotated_down(kernels.QLinearArgs(self.qweight, self.w_scale, self.bias, dn, self.lrb_up,
+                                                 *self.op_args()[:7]), dt)
+        self._buffers["lrb_down_h"] = h
 
     def use_device_layout(self) -> "PackedLinear":
         """The layout the kernels of qweight's device read best: fp8 where fp8 tensor cores take the codes."""
         layout = "fp8" if fp8_layout_ok(self.qweight.device, self.spec.w_bits) else "packed"
         if layout == self.layout:  # (a device move of an extended weight made it contiguous again)
-            self._prepare_stacked()
+            self._prepare_device()
         return self.set_layout(layout)
 
     def _apply(self, fn, recurse=True):
@@ -195,6 +217,8 @@ class PackedLinear(nn.Module):
         apply_keeping_dtypes(self, lambda f: super(PackedLinear, self)._apply(f, recurse), fn, ("qweight", "w_scale"))
         if self.qweight.device != before:
             self.use_device_layout()
+        elif self.lrb_down_h is not None:  # a cast: B H again from the cast B, not the cast of the old product
+            self._refresh_rotated_down()
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -216,7 +240,7 @@ class PackedLinear(nn.Module):
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        self._prepare_stacked()
+        self._prepare_device()
 
     def packed_bytes(self) -> int:
         """Bytes of the module's buffers as they sit in memory now (fp8 layout: one byte a weight)."""

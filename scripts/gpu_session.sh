@@ -50,7 +50,14 @@
 # Set ROBUQ_GIT_COMMIT first where the machine has no git history (benchmarks record it).
 # The machine goes back ~30 s after a call returns, and with it everything detached or left in /tmp: make every
 # call self-contained, and send the next one at once. On nvidia-h200-x2, `pair A B` runs two steps at once (one a
-# GPU) for the device time of one: use it. Session 12's plan (one H200: each step one call):
+# GPU) for the device time of one: use it. A cold compile of the paper policy takes ~3-4 min on the machine: a call
+# holds about two (policy, batch) rows. Session 13's plan (one H200):
+#   1. verify12    (~9 min: session 12's fixes -- H as a graph constant, B H as a layer buffer -- tested on the GPU,
+#                   then the batch-1 rows: paper_b1_x was 0.398 with 1558 kernels a forward)
+#   2. dit-b64     (the batch-64 rows with them), then train-compiled paper (issue 19: the compiled QAT graph also
+#                   rebuilt H per call) and dit-low
+# Session 12 ran: ws (the ws kernel: correct, 2.1-2.6x slower), ws-diag (its breakdown + batch-1 rows), profile-b1.
+# Its plan was (one H200: each step one call):
 #   1. ws          (~8 min: the warp-specialized quantize-in-GEMM kernel, plain and with the paper's branch; if its
 #                   tests pass and it wins, the dispatch sweep (linear) records "fused_ws" times for the table)
 #   2. linear      (if 1 passed: the sweep records fused_ws* choices; commit the table it writes), then dit-ws or
@@ -78,7 +85,7 @@ if [ "${1:-}" = pair ]; then  # pair STEP0 STEP1: STEP0 on GPU 0 and STEP1 on GP
     echo "--- GPU 1: $3"; tail -25 "$OUT/$3.gpu1/log.txt"
     exit 0
 fi
-case "${1:-}" in profile-b1|b1-diag|ws-diag|dit-b1|ws|dit-ws|profile|train-cpp|mma|verify|tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu|dit-gluon|gluon-check|recheck|train-compiled|train-cg|dit-freezing|attention|dit-stacked)
+case "${1:-}" in verify12|dit-b64|profile-b1|b1-diag|ws-diag|dit-b1|ws|dit-ws|profile|train-cpp|mma|verify|tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu|dit-gluon|gluon-check|recheck|train-compiled|train-cg|dit-freezing|attention|dit-stacked)
     ;;
     *) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 2 ;; esac
 OUT=${OUT:-$PWD/gpu_out}
@@ -92,7 +99,7 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 LM=/tmp/robuq_lm
 GPU_TESTS="tests/kernels/test_gluon_act_quant.py tests/kernels/test_gluon_fp8_gemm.py tests/kernels/test_gluon_qgemm.py tests/kernels/test_inductor.py tests/kernels/test_triton_fp8.py tests/kernels/test_act_quant_kernel.py tests/kernels/test_fp8_gemm_kernels.py tests/kernels/test_fastcall.py tests/kernels/test_triton_wquant.py tests/kernels/test_input_act.py
-    tests/test_direct_call.py tests/models/test_timm_dropin.py tests/test_qat_fused.py tests/test_weight_layout.py"
+    tests/test_direct_call.py tests/models/test_timm_dropin.py tests/test_qat_fused.py tests/test_weight_layout.py tests/kernels/test_rotated_down.py"
 
 case "${1:-}" in
 tests)
@@ -231,6 +238,18 @@ ws-diag)  # where the warp-specialized kernel's time goes (scripts/ws_diag.py: i
     timeout 150 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_gluon_qgemm_ws.py -k "schedule or table_choice" \
         > "$OUT/gpu_tests_ws.log" 2>&1; tail -n 4 "$OUT/gpu_tests_ws.log"
     DIT_LIMIT=$((570 - SECONDS)) "$0" dit-b1
+    ;;
+verify12)  # session 12's CPU-built fixes on the GPU (the constant Hadamard matrix in compiled graphs, the layer's B H
+    # buffer): their tests and the compiled-vs-eager ones, then the batch-1 rows they are for (paper 0.398x before)
+    timeout 240 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_rotated_down.py \
+        tests/kernels/test_inductor.py tests/test_weight_layout.py tests/test_direct_call.py tests/kernels/test_fastcall.py \
+        2>&1 | grep -v DEBUG | tee "$OUT/gpu_tests_verify12.log" | tail -n 12
+    DIT_LIMIT=$((570 - SECONDS)) "$0" dit-b1
+    ;;
+dit-b64)  # the batch-64 rows of `dit` (W4A4+H and the paper policy, CUDA graphs)
+    timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead \
+        --skip-train --settings "dit-xl-2-robuq (" "W4A4+H" --batches 64 --iters 10 --warmup 3 \
+        --tag _reduce-overhead_b64 2>&1 | tail -n 16
     ;;
 profile-b1)  # profile-b1 [SECS]: the paper policy's kernels at batch 1 (default-mode compile; cold compile ~3 min)
     timeout ${2:-290} python3 benchmarks/profile_dit.py --settings paper --batch 1 --steps 3 --out "$OUT" 2>&1 \

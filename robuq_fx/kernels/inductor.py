@@ -55,6 +55,7 @@ from .. import quantizers as Q
 from ..hadamard import block_hadamard, hadamard_matrix, sylvester
 from . import inductor_opaque
 from .inductor_opaque import _gluon_quant_here, _gluon_quant_op, _stacked_codes_op, _stacked_mm_op
+from .qlinear import rotated_down_or_none
 from .registry import QLinearArgs, select
 from .registry import warn_once as _warn_once
 
@@ -204,12 +205,13 @@ def _addmm_traced_ok() -> bool:
 
 
 def _qlinear_decomposition(x, qweight, w_scale, bias, lrb_down, lrb_up, out_features, in_features, w_bits, a_bits,
-                           hadamard_block, a_sym, a_clip, splits=None, input_act=""):
+                           hadamard_block, a_sym, a_clip, splits=None, input_act="", lrb_down_h=None):
     if not enabled("qlinear") or packing.FP8 is None or qweight.dtype != packing.FP8 or x.shape[-1] != in_features:
         return NotImplemented
     # an input activation goes into the kernels that read x (the quantizer, the branch's down-projection), as eagerly
     a = QLinearArgs(qweight, w_scale, bias, lrb_down, lrb_up, out_features, in_features, w_bits, a_bits,
-                    hadamard_block, a_sym, a_clip, tuple(splits) if splits else None, input_act)
+                    hadamard_block, a_sym, a_clip, tuple(splits) if splits else None, input_act,
+                    rotated_down_or_none(lrb_down_h, lrb_down, hadamard_block))
     try:
         kernel = select(x, a)
     except RuntimeError:

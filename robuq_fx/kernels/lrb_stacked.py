@@ -202,7 +202,8 @@ def prepare(mod) -> bool:
     `PackedLinear.set_layout("fp8")` calls it; True where it extended."""
     if getattr(mod, "layout", None) != "fp8" or mod.lrb_down is None or not mod.qweight.is_cuda:
         return False
-    a = QLinearArgs(mod.qweight, mod.w_scale, mod.bias, mod.lrb_down, mod.lrb_up, *mod.op_args())
+    a = QLinearArgs(mod.qweight, mod.w_scale, mod.bias, mod.lrb_down, mod.lrb_up, *mod.op_args(),
+                    lrb_down_h=mod.lrb_down_h)
     if not ((stacked_reason(a) is None and stacked_any(a.out_features, a.in_features)) or _ws_may_run(a)):
         return False
     from .weight_cache import _fp8_weights, _rot_down

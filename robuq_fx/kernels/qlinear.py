@@ -2,9 +2,13 @@
 
     qlinear(x (..., K), qweight uint8 packed codes of W' = (W H - A B) as (N, K), w_scale (N, G) | (1, 1),
             bias (N)?, lrb_down B (r, K)?, lrb_up A (N, r)?, out_features N, in_features K, w_bits, a_bits,
-            hadamard_block (0 = none), a_sym, a_clip, splits (int[])?) -> y (..., N)
+            hadamard_block (0 = none), a_sym, a_clip, splits (int[])?, input_act, lrb_down_h?) -> y (..., N)
 
     y = Q_a(x H) (s_w q_w)^T + bias + (x H) B^T A^T
+
+lrb_down_h (optional): B H, the branch's down-projection rotated, as the layer keeps it (PackedLinear on a GPU):
+the GPU kernels read it instead of rotating B on every call (which a compiled graph would otherwise redo each
+forward). It must be B H for this B (`weight_cache.rotated_down`); a kernel whose dtype differs rotates B itself.
 
 input_act ("gelu" / "gelu_tanh", default "": none): x is first replaced by act(x), computed as torch's GELU computes
 it in x's dtype (`apply_input_act`); set on the layer that reads a GELU's output when that is the GELU's only
@@ -34,7 +38,7 @@ from .registry import QLinearArgs, select_cached
 _LIB = torch.library.Library("robuq", "FRAGMENT")
 _LIB.define("qlinear(Tensor x, Tensor qweight, Tensor w_scale, Tensor? bias, Tensor? lrb_down, Tensor? lrb_up, "
             "SymInt out_features, SymInt in_features, float w_bits, SymInt a_bits, SymInt hadamard_block, "
-            "bool a_sym, str a_clip, SymInt[]? splits=None, str input_act=\"\") -> Tensor")
+            "bool a_sym, str a_clip, SymInt[]? splits=None, str input_act=\"\", Tensor? lrb_down_h=None) -> Tensor")
 
 INPUT_ACTS = ("", "gelu", "gelu_tanh")
 
@@ -53,12 +57,24 @@ def apply_input_act(x: torch.Tensor, act: str) -> torch.Tensor:
 def qlinear_impl(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                  lrb_down: torch.Tensor | None, lrb_up: torch.Tensor | None, out_features: int, in_features: int,
                  w_bits: float, a_bits: int, hadamard_block: int, a_sym: bool, a_clip: str,
-                 splits=None, input_act: str = "") -> torch.Tensor:
+                 splits=None, input_act: str = "", lrb_down_h: torch.Tensor | None = None) -> torch.Tensor:
     if x.shape[-1] != in_features:
         raise ValueError(f"robuq::qlinear: input has {x.shape[-1]} features, the layer expects {in_features}")
     args = QLinearArgs(qweight, w_scale, bias, lrb_down, lrb_up, out_features, in_features, w_bits, a_bits,
-                       hadamard_block, a_sym, a_clip, tuple(splits) if splits else None, input_act)
+                       hadamard_block, a_sym, a_clip, tuple(splits) if splits else None, input_act,
+                       rotated_down_or_none(lrb_down_h, lrb_down, hadamard_block))
     return call_kernel(select_cached(x, args).fn, x, args)
+
+
+def rotated_down_or_none(lrb_down_h, lrb_down, hadamard_block: int):
+    """lrb_down_h where it can be B H for this layer (the shape of B, a Hadamard rotation, B's device), else None
+    (the kernels then rotate B themselves); a wrong shape is an error naming both shapes."""
+    if lrb_down_h is None or lrb_down is None or not hadamard_block:
+        return None
+    if lrb_down_h.shape != lrb_down.shape:
+        raise ValueError(f"robuq::qlinear: lrb_down_h has shape {tuple(lrb_down_h.shape)}, expected lrb_down's "
+                         f"{tuple(lrb_down.shape)} (B H)")
+    return lrb_down_h if lrb_down_h.device == lrb_down.device and lrb_down_h.is_contiguous() else None
 
 
 def call_kernel(fn, x: torch.Tensor, args: QLinearArgs) -> torch.Tensor:
@@ -75,7 +91,7 @@ _LIB.impl("qlinear", qlinear_impl, "CompositeExplicitAutograd")
 
 @torch.library.register_fake("robuq::qlinear", lib=_LIB)
 def _(x, qweight, w_scale, bias, lrb_down, lrb_up, out_features, in_features, w_bits, a_bits, hadamard_block,
-      a_sym, a_clip, splits=None, input_act=""):
+      a_sym, a_clip, splits=None, input_act="", lrb_down_h=None):
     from . import inductor
     inductor.register()  # Dynamo is tracing a model with this op: let Inductor decompose it (kernels/inductor.py)
     return x.new_empty(*x.shape[:-1], out_features)

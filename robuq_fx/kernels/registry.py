@@ -38,6 +38,7 @@ class QLinearArgs:
     a_clip: str
     splits: tuple[int, ...] | None = None  # a fused layer's member out_features (see robuq::qlinear); None: one layer
     input_act: str = ""  # an activation applied to x first ("gelu", "gelu_tanh"; see robuq::qlinear); "": none
+    lrb_down_h: torch.Tensor | None = None  # B H, precomputed by the layer (see robuq::qlinear); None: made here
 
 
 @dataclass(frozen=True)

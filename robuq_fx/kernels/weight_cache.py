@@ -85,7 +85,10 @@ def _deq_weight(a: QLinearArgs, dtype: torch.dtype) -> torch.Tensor:
 
 def _rot_down(a: QLinearArgs, dtype: torch.dtype) -> torch.Tensor:
     """B H (r, K) in `dtype`, so that (x H) B^T = x (B H)^T (H is symmetric): the LRB's first matmul on the
-    unrotated x. Cached on the qweight entry, keyed on lrb_down's version."""
+    unrotated x. The layer's own copy where it passed one in this dtype (`QLinearArgs.lrb_down_h`), else cached on
+    the qweight entry, keyed on lrb_down's version."""
+    if a.lrb_down_h is not None and a.lrb_down_h.dtype == dtype:
+        return a.lrb_down_h
     e = _entry(a)
     key = (_ver(a.lrb_down), dtype, a.hadamard_block)
     bh = e.bh.get(key)
@@ -107,7 +110,10 @@ def scale_vec(w_scale: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def rotated_down(a: QLinearArgs, dtype: torch.dtype) -> torch.Tensor:
-    """B H (r, K) in `dtype`, so that (x H) B^T = x (B H)^T (H is symmetric)."""
+    """B H (r, K) in `dtype`, so that (x H) B^T = x (B H)^T (H is symmetric): the layer's copy where it passed one in
+    this dtype (under torch.compile a graph input, not a product the graph recomputes every call)."""
+    if a.lrb_down_h is not None and a.lrb_down_h.dtype == dtype:
+        return a.lrb_down_h
     b = a.lrb_down.to(dtype)
     if a.hadamard_block > 1:
         b = layer.rotate(b, spec_of(a))

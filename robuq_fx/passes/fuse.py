@@ -159,7 +159,7 @@ def _site(gm: fx.GraphModule, node: fx.Node):
         mod = gm.get_submodule(path)
     except AttributeError:
         return None
-    if type(mod) is not PackedLinear or set(dict(mod.named_buffers())) - set(BUFFERS):
+    if type(mod) is not PackedLinear or set(dict(mod.named_buffers())) - set(BUFFERS) - {"lrb_down_h"}:
         return None  # already fused, or holds another tensor (a tied FP weight) that the graph reads
     for b, a in zip(BUFFERS, node.args[1:6]):
         if (a is None) != (getattr(mod, b) is None):

@@ -348,6 +348,30 @@ def test_functional_decomposition_on_fake_cuda_tensors(gemm, monkeypatch, all_op
         trace()
 
 
+@pytest.mark.skipif(not _triton_imports(), reason="triton does not import here")
+def test_layer_rotated_down_is_read_not_recomputed(monkeypatch, all_ops):
+    """Given the layer's B H (lrb_down_h, which PackedLinear keeps on a GPU), the functionalized qlinear call reads it:
+    no product of B with H (an mm, and the Hadamard matrix it needs) is left in the graph, which ran on every
+    compiled forward before (H200 session 12: one cuBLAS GEMM and six Hadamard-building kernels per LRB layer);
+    the branch's down-projection kernel still runs, on that tensor."""
+    from torch._subclasses.functional_tensor import dispatch_functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+    _fake_sm90(monkeypatch)
+    x, qw, ws, b, dn, up = _fake_w158_lrb_inputs()
+    dh = dn.clone()  # a fake tensor of the same mode
+
+    def f(x, qw, ws, b, dn, up, *dh):
+        return torch.ops.robuq.qlinear(x, qw, ws, b, dn, up, 512, 256, 1.58, 4, 128, True, "absmax",
+                                       lrb_down_h=dh[0] if dh else None)
+
+    def trace(*args):
+        return make_fx(dispatch_functionalize(f), tracing_mode="fake")(*args).code
+    without, given = trace(x, qw, ws, b, dn, up), trace(x, qw, ws, b, dn, up, dh)
+    assert "aten.mm" in without or "aten.bmm" in without  # B H made in the graph
+    assert "aten.mm" not in given and "aten.bmm" not in given and "aten.cat" not in given
+    assert "lrb_down_kernel" in _kernel_names(given)
+
+
 def test_compiled_qat_step_decomposes_the_qat_ops(monkeypatch):
     """CPU (and any device): under torch.compile, robuq::hadamard / fake_quant_weight / fake_quant_act become their
     torch math inside Inductor's graph (fused with the ops around them), forward and backward (the STE formulas
