@@ -126,6 +126,13 @@ class PackedLinear(nn.Module):
         state.pop("_direct_plans", None)
         return state
 
+    def __setstate__(self, state):
+        """Modules pickled before lrb_down_h existed get it (None, not in the checkpoint) on unpickling."""
+        super().__setstate__(state)
+        if "lrb_down_h" not in self._buffers:
+            self._buffers["lrb_down_h"] = None
+            self._non_persistent_buffers_set.add("lrb_down_h")
+
     def _direct(self, x):
         """Eager inference: the kernel `robuq::qlinear` would pick, called without the dispatcher, the argument
         record and the registry's choice rebuilt on every call (together ~15-20 us of Python a call at M = 16); the

@@ -68,3 +68,15 @@ def test_layer_keeps_b_h_in_step_with_b():
     assert "lrb_down_h" not in m.state_dict()
     m.cpu()
     assert m.lrb_down_h is None
+
+
+def test_a_layer_pickled_before_the_buffer_existed_still_runs():
+    import pickle
+    m = _layer()
+    x = torch.randn(3, 256)
+    ref = m(x)
+    del m._buffers["lrb_down_h"]  # what a module pickled by an earlier version holds
+    m._non_persistent_buffers_set.discard("lrb_down_h")
+    old = pickle.loads(pickle.dumps(m))
+    assert old.lrb_down_h is None and "lrb_down_h" not in old.state_dict()
+    assert torch.equal(old(x), ref)
