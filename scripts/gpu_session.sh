@@ -56,6 +56,7 @@
 #                   then the batch-1 rows: paper_b1_x was 0.398 with 1558 kernels a forward)
 #   2. dit-b64     (the batch-64 rows with them), then train-compiled paper (issue 19: the compiled QAT graph also
 #                   rebuilt H per call) and dit-low
+#   3. profile-b1  (the kernel count a forward after the fixes: 1558 before), qat-profile compiled paper
 # Session 12 ran: ws (the ws kernel: correct, 2.1-2.6x slower), ws-diag (its breakdown + batch-1 rows), profile-b1.
 # Its plan was (one H200: each step one call):
 #   1. ws          (~8 min: the warp-specialized quantize-in-GEMM kernel, plain and with the paper's branch; if its
