@@ -123,7 +123,8 @@ def default_mode_rows(fp_dev, cfg, device, dtype, ex, args, rows: list, save=lam
     x = inputs(cfg, 8, device, dtype)
     low = robuq_fx.lower(robuq_fx.quantize(fp_dev, policies()["robuq W4A4+H"], example_inputs=ex), progress=False)
     # qlinear decomposed into our Triton kernels inside Inductor's graph (ROBUQ_INDUCTOR_DECOMPOSE's default), then
-    # kept as one opaque op a layer ("qat"); compiled from scratch each time: the caches do not key on that switch
+    # kept as one opaque op a layer ("qat"); compiled from scratch each time (compile time is part of what the rows
+    # compare; the caches do key on the switch since session 12: kernels/compile_cache.py)
     runs = [("bf16 torch.compile (default)", fp_dev, None, False), ("robuq W4A4+H", low, "qat,qlinear", False),
             ("robuq W4A4+H, opaque op", low, "qat", False)]
     if args.cpp_wrapper_rows:  # Inductor's C++ wrapper launches the kernels without Python: both sides again

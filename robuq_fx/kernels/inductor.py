@@ -34,8 +34,9 @@ under CUDA graphs; attention8's stays opt-in until the paper policy's compile ti
 asymmetric calls on the addmm epilogue once differed from eager by a bf16 ulp: Inductor keeps bf16 intermediates
 in fp32, which zeroed the low half of the bf16 hi/lo split that carried the asymmetric term through cuBLAS's addmm;
 that term is now added in fp32 by the same Triton kernel eagerly and compiled, `triton_lowrank.py`.) Inductor's
-and AOTAutograd's on-disk caches do not see that switch (the decomposition happens inside AOTAutograd): flip it
-with `TORCHINDUCTOR_FX_GRAPH_CACHE=0` or a fresh cache dir.
+and AOTAutograd's on-disk caches key on the ROBUQ_* settings, the dispatch table and robuq's source through
+torch.compile's cache-key tag (`compile_cache.py`; before session 12 they did not, and a warm cache answered with a
+graph compiled under other settings).
 
 How: a FunctionalTensorMode rule for each op (`_functional_rule`). AOTAutograd functionalizes the graph Dynamo
 captured before Inductor lowers it; the rule decomposes the call there, and the triton_ops it calls decompose in
@@ -54,6 +55,7 @@ from .. import packing
 from .. import quantizers as Q
 from ..hadamard import block_hadamard, hadamard_matrix, sylvester
 from . import inductor_opaque
+from .compile_cache import tag_compile_caches
 from .inductor_opaque import _gluon_quant_here, _gluon_quant_op, _stacked_codes_op, _stacked_mm_op
 from .qlinear import rotated_down_or_none
 from .registry import QLinearArgs, select
@@ -332,6 +334,7 @@ def register() -> None:
     graph may call at run time are defined here too: a graph loaded from Inductor's on-disk cache calls them without
     the decomposition (which defined them lazily) having run in this process (H200, session 11:
     `torch.ops.robuq.stacked_codes` missing on a cache hit)."""
+    tag_compile_caches()  # every trace: the ROBUQ_* settings may have changed since the last compile
     if _REGISTERED:
         return
     _REGISTERED.append(True)
