@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+_NOT_KEYED = {"ROBUQ_GIT_COMMIT"}  # provenance the benchmarks record, not a setting
 _SOURCE: list[str] = []
 _MEMO: dict = {}  # (ROBUQ_* items, id(table)) -> (table, fingerprint); holding the table keeps its id from reuse
 _STATE: dict = {}  # "base": the user's tag, "set": the tag this module last set
@@ -37,7 +38,7 @@ def _source_digest() -> str:
 def fingerprint() -> str:
     """16 hex digits of the ROBUQ_* environment, the dispatch table in use and the package source."""
     from .dispatch import dispatch_table
-    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("ROBUQ_")))
+    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("ROBUQ_") and k not in _NOT_KEYED))
     table = dispatch_table()
     key = (env, id(table))
     hit = _MEMO.get(key)
