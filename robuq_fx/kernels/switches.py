@@ -51,6 +51,8 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
                                      "gain in the H200 eager step)"),
     ("ROBUQ_QAT_FP8", "0", "1: eager QAT's forward GEMM on fp8 tensor cores (W<=4, A<=4 symmetric absmax, bf16, "
                            "no low-rank branch; GPU test passes; no clear gain in the H200 eager step)"),
+    ("ROBUQ_GIT_COMMIT", "(git)", "not a switch: the commit the benchmarks record where the checkout has no git "
+                                  "history (left out of the compile-cache key, kernels/compile_cache.py)"),
 )
 
 

@@ -15,7 +15,11 @@ from robuq_fx.kernels import dispatch as D
 
 def test_fingerprint_follows_env_and_table_and_keeps_the_users_tag(monkeypatch):
     cfg = torch.compiler.config
-    monkeypatch.setattr(cfg, "cache_key_tag", "mine")
+    with cfg.patch(cache_key_tag="mine"):  # (a config module: restored by its own patch, not monkeypatch)
+        _check_tags(cfg, monkeypatch)
+
+
+def _check_tags(cfg, monkeypatch):
     monkeypatch.setattr(C, "_STATE", {})
     monkeypatch.delenv("ROBUQ_FP8_EPI", raising=False)
     C.tag_compile_caches()
