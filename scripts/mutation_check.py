@@ -112,6 +112,14 @@ MUTANTS = [
      "return self.a_sym if self.a_sym is not None else self.a_bits >= 3",
      "return self.a_sym if self.a_sym is not None else self.a_bits >= 4",
      "3-bit activations asymmetric by default (METHOD.md: symmetric for a_bits >= 3)", ORACLE),
+    ("compiled_hadamard_unnormalised", "robuq_fx/kernels/inductor.py",
+     "h = hadamard_matrix(block, x.dtype, x.device)", "h = hadamard_matrix(block, x.dtype, x.device) * block ** 0.5",
+     "the compiled graph's Hadamard constant without its 1/sqrt(b)",
+     ["tests/kernels/test_inductor.py", "-k", "qat_step"]),
+    ("compile_cache_ignores_settings", "robuq_fx/kernels/compile_cache.py",
+     'if k.startswith("ROBUQ_") and k not in _NOT_KEYED', 'if k.startswith("ROBUQ_NONE_") and k not in _NOT_KEYED',
+     "torch.compile's caches blind to the ROBUQ_* settings: a warm cache answers with another setting's graph",
+     ["tests/kernels/test_compile_cache.py"]),
 ]
 
 
