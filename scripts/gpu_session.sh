@@ -54,8 +54,9 @@
 # holds about two (policy, batch) rows. Session 13's plan (one H200):
 #   1. verify12    (~9 min: session 12's fixes -- H as a graph constant, B H as a layer buffer -- tested on the GPU,
 #                   then the batch-1 rows: paper_b1_x was 0.398 with 1558 kernels a forward)
-#   2. dit-b64     (the batch-64 rows with them), then train-compiled paper (issue 19: the compiled QAT graph also
-#                   rebuilt H per call) and dit-low
+#   2. dit-b64     (the batch-64 rows with them), then train-cpp (issue 19: the compiled paper step is CPU-bound on
+#                   ~4000 launches a step vs ~1000 for FP -- a CPU count on the tiny DiT scaled up; Inductor's C++
+#                   wrapper launches without Python) and dit-low
 #   3. profile-b1  (the kernel count a forward after the fixes: 1558 before), qat-profile compiled paper
 # Session 12 ran: ws (the ws kernel: correct, 2.1-2.6x slower), ws-diag (its breakdown + batch-1 rows), profile-b1.
 # Its plan was (one H200: each step one call):
