@@ -207,6 +207,14 @@ train-compiled)  # one setting's compiled QAT step against FP (${2:-W4A4+H}: W4A
     timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes compiled --iters 12 \
         --settings "QAT ${2:-W4A4+H}" --tag "_train_compiled_$(echo "${2:-W4A4+H}" | tr -c 'A-Za-z0-9\n' _)" 2>&1 | tail -n 14
     ;;
+train-cpp)  # the same with Inductor's C++ wrapper on both sides (default mode): the launch-bound compiled paper step
+    # (~4000 kernels a step against ~1000 for FP) without a Python call a launch
+    timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes cppwrapper --iters 12 \
+        --settings "QAT ${2:-dit-xl-2-robuq}" --tag "_train_cpp_$(echo "${2:-dit-xl-2-robuq}" | tr -c 'A-Za-z0-9\n' _)" 2>&1 | tail -n 14
+    ;;
+profile)  # profile_dit at batch 64 (bf16, dit, paper; default-mode compile): the kernel breakdown issue 17 asks for
+    timeout 560 python3 benchmarks/profile_dit.py --batch 64 --steps 5 --out "$OUT" 2>&1 | grep -v Warning | tail -n 60
+    ;;
 train-cg)  # the same under CUDA graphs (torch.compile mode=reduce-overhead on both sides): the step without the CPU
     # launch cost that made the paper policy's compiled step exceed its kernel time
     timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes cudagraphs --iters 12 \
