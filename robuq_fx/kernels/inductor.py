@@ -289,10 +289,10 @@ def _functional_rule(decomposition):
 
 def _constant_hadamard(block: int, x: torch.Tensor) -> torch.Tensor:
     """H (block x block) in x's dtype as a constant of the traced graph: the cached matrix, made with the tracing modes
-    off and lifted in (one copy kernel a call). Built from traced ops instead, as before session 12, it cost six
-    kernels a rotation (the Sylvester cat / neg levels): 672 of the 1558 kernels of the paper policy's batch-1
-    forward on the H200 (the branch's B H in every LRB layer), where that forward ran at 0.40x bf16 under CUDA
-    graphs."""
+    off and lifted in (one copy kernel, shared across the graph). Built from traced ops instead (before session 12),
+    it cost six kernels a rotation (the Sylvester cat / neg levels): 672 of the 1558 kernels of the paper policy's
+    batch-1 forward on the H200 (the branch's B H in every LRB layer), where that forward ran at 0.40x bf16 under
+    CUDA graphs."""
     from torch.utils._python_dispatch import _disable_current_modes
     if x.device.type == "cuda" and not torch.cuda.is_available():  # fake CUDA tensors on a CPU-only torch (tests)
         return sylvester(block, x.device).to(x.dtype)  # the same matrix, built from traced ops
