@@ -25,9 +25,9 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
     ("ROBUQ_FP8_FUSED_QUANT", "(table)", "1: the activation quantizer inside the fp8 GEMM (kernels/gluon_qgemm.py; "
                                          "W4A4+H style layers, K <= 1152; GPU tests pass, slower on the H200); ws: "
                                          "its warp-specialized form (kernels/gluon_qgemm_ws.py; rank-32 and 65..96 "
-                                         "branches stacked in it; equal, 2.1-2.6x slower on the H200); 0: neither; unset: ws where "
-                                         "the dispatch table measured it faster ('fused_ws', 'fused_ws_lrb', "
-                                         "'fused_ws_terms')"),
+                                         "branches stacked in it; equal, 2.1-2.6x slower on the H200); 0: "
+                                         "neither; unset: ws where the dispatch table measured it faster "
+                                         "('fused_ws', 'fused_ws_lrb', 'fused_ws_terms')"),
     ("ROBUQ_GLUON_GEMM_CFG", "(table)", "index into gluon_fp8_gemm.CONFIGS, for sweeps"),
     ("ROBUQ_TMA_GEMM_CFG", "(table)", "index into TMA_GEMM_CONFIGS, for sweeps"),
     ("ROBUQ_ROWQ_TILING", "(tuned)", "rows,warps of the per-row quantizer, for sweeps"),
