@@ -46,6 +46,14 @@
 #   scripts/gpu_session.sh train-paper      the paper policy's compiled QAT step against FP
 #   scripts/gpu_session.sh ddp              bench_ddp: 1 GPU vs all GPUs, DDP and FSDP2 (on nvidia-h200-x2)
 #   scripts/gpu_session.sh ncu              Nsight Compute on the quantizer / GEMM kernels (benchmarks/ncu_kernels.py)
+#   scripts/gpu_session.sh verify12         session 12's fixes (H as a graph constant, B H as a layer buffer): their GPU
+#                                           tests and the compiled-vs-eager ones, then dit-b1
+#   scripts/gpu_session.sh dit-b1           the batch-1 rows of W4A4+H and the paper policy (CUDA graphs)
+#   scripts/gpu_session.sh dit-b64          the batch-64 rows of W4A4+H and the paper policy (CUDA graphs)
+#   scripts/gpu_session.sh profile-b1 [S]   profile_dit of the paper policy at batch 1 (default-mode compile)
+#   scripts/gpu_session.sh ws-diag          where the warp-specialized kernel's time goes (scripts/ws_diag.py), then dit-b1
+#   scripts/gpu_session.sh b1-diag          the batch-1 row with perf hints, its profile under CUDA graphs, the addmm
+#                                           add off (too long for one call cold: session 12's call timed out)
 #
 # Set ROBUQ_GIT_COMMIT first where the machine has no git history (benchmarks record it).
 # The machine goes back ~30 s after a call returns, and with it everything detached or left in /tmp: make every
