@@ -110,12 +110,9 @@ class PackedLinear(nn.Module):
     def forward(self, x):
         if _direct_ok(x):
             return self._direct(x)
-        if self.lrb_down_h is not None:
+        if self.input_act or self.lrb_down_h is not None:
             return torch.ops.robuq.qlinear(x, self.qweight, self.w_scale, self.bias, self.lrb_down, self.lrb_up,
                                            *self.op_args(), input_act=self.input_act, lrb_down_h=self.lrb_down_h)
-        if self.input_act:
-            return torch.ops.robuq.qlinear(x, self.qweight, self.w_scale, self.bias, self.lrb_down, self.lrb_up,
-                                           *self.op_args(), input_act=self.input_act)
         return torch.ops.robuq.qlinear(x, self.qweight, self.w_scale, self.bias, self.lrb_down, self.lrb_up,
                                        *self.op_args())
 

@@ -87,8 +87,9 @@ def _rot_down(a: QLinearArgs, dtype: torch.dtype) -> torch.Tensor:
     """B H (r, K) in `dtype`, so that (x H) B^T = x (B H)^T (H is symmetric): the LRB's first matmul on the
     unrotated x. The layer's own copy where it passed one in this dtype (`QLinearArgs.lrb_down_h`), else cached on
     the qweight entry, keyed on lrb_down's version."""
-    if a.lrb_down_h is not None and a.lrb_down_h.dtype == dtype:
-        return a.lrb_down_h
+    own = _layer_bh(a, dtype)
+    if own is not None:
+        return own
     e = _entry(a)
     key = (_ver(a.lrb_down), dtype, a.hadamard_block)
     bh = e.bh.get(key)
@@ -109,11 +110,18 @@ def scale_vec(w_scale: torch.Tensor, n: int) -> torch.Tensor:
     return (s.expand(n) if s.numel() == 1 else s).contiguous()
 
 
+def _layer_bh(a: QLinearArgs, dtype: torch.dtype) -> torch.Tensor | None:
+    """The layer's own B H (`QLinearArgs.lrb_down_h`) where it passed one in `dtype`, else None."""
+    bh = a.lrb_down_h
+    return bh if bh is not None and bh.dtype == dtype else None
+
+
 def rotated_down(a: QLinearArgs, dtype: torch.dtype) -> torch.Tensor:
     """B H (r, K) in `dtype`, so that (x H) B^T = x (B H)^T (H is symmetric): the layer's copy where it passed one in
     this dtype (under torch.compile a graph input, not a product the graph recomputes every call)."""
-    if a.lrb_down_h is not None and a.lrb_down_h.dtype == dtype:
-        return a.lrb_down_h
+    own = _layer_bh(a, dtype)
+    if own is not None:
+        return own
     b = a.lrb_down.to(dtype)
     if a.hadamard_block > 1:
         b = layer.rotate(b, spec_of(a))
