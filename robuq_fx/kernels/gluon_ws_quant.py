@@ -78,6 +78,22 @@ def _code_chunk(x_ptr, rows, rmask, stride_xm, hs, safe, rcp, chunk, c: gl.const
 
 
 @gluon.jit
+def _hand_over(sx_slot, s, ready):
+    """s_x beside the codes, the stores made visible to the wgmma's async proxy, then the buffer handed to the MMA
+    partition."""
+    sx_slot.store(s)
+    fence_async_shared()
+    mbarrier.arrive(ready, count=1)
+
+
+@gluon.jit
+def _u_rows(s, inv_c, tl_: gl.constexpr):
+    """(BM, 1) 1 / (s_x c) in t's layout, 0 for rows with s_x = 0: u = t * this."""
+    sx = gl.convert_layout(s, gl.SliceLayout(1, tl_))
+    return gl.expand_dims(gl.where(sx > 0, inv_c / gl.where(sx > 0, sx, 1.0), 0.0), 1)
+
+
+@gluon.jit
 def _quant_partition(x_ptr, w_desc, a_bufs, sx_smem, w_bufs, bars, M, N, stride_xm, hscale, levels, TPS,
                      down_ptr, c_ptr, stride_dn, W_OFF, NCODE, EXTRA, R):
     """Q_a(x H) of every item's row block into code buffer i % 2, s_x beside it (4 warps): pass 1 the row absmax
@@ -96,9 +112,7 @@ def _quant_partition(x_ptr, w_desc, a_bufs, sx_smem, w_bufs, bars, M, N, stride_
         rows, rmask, s, safe, rcp = _block_start(x_ptr, M, stride_xm, hs, lv, mt, a_empty.index(buf), i, NKB, ql)
         for c in gl.static_range(NKB):
             _code_chunk(x_ptr, rows, rmask, stride_xm, hs, safe, rcp, a_bufs.index(buf * NKB + c), c, ql)
-        sx_smem.index(buf).store(s)
-        fence_async_shared()  # the stores, visible to the wgmma's async proxy
-        mbarrier.arrive(a_ready.index(buf), count=1)
+        _hand_over(sx_smem.index(buf), s, a_ready.index(buf))
         i += 1
 
 
@@ -138,14 +152,11 @@ def _quant_lrb_partition(x_ptr, w_desc, a_bufs, sx_smem, w_bufs, bars, M, N, str
             xh = _code_chunk(x_ptr, rows, rmask, stride_xm, hs, safe, rcp, a_bufs.index(buf * (NKB + 1) + c), c, ql)
             bt = gl.load(down_ptr + gl.expand_dims(jj * stride_dn, 0) + gl.expand_dims(c * BK + kk, 1))
             t = mma_v2(gl.convert_layout(xh, xa_l), bt, t)
-        sx = gl.convert_layout(s, gl.SliceLayout(1, tl_))
-        u = t * gl.expand_dims(gl.where(sx > 0, inv_c / gl.where(sx > 0, sx, 1.0), 0.0), 1)
+        u = t * _u_rows(s, inv_c, tl_)
         u1 = _e4m3_rn(u)
         ext = _cat(_cat(u1, u1), _cat(u - u1, gl.zeros_like(u)))
         a_bufs.index(buf * (NKB + 1) + NKB).store(ext.to(gl.float8e4nv))
-        sx_smem.index(buf).store(s)
-        fence_async_shared()
-        mbarrier.arrive(a_ready.index(buf), count=1)
+        _hand_over(sx_smem.index(buf), s, a_ready.index(buf))
         i += 1
 
 
@@ -207,8 +218,7 @@ def _quant_terms_partition(x_ptr, w_desc, a_bufs, sx_smem, w_bufs, bars, M, N, s
             ta, tb = _t_piece(x01, down_ptr, stride_dn, c * BK + 2, R, ta, tb, xa_l, bt_l)
             ta, tb = _t_piece(x10, down_ptr, stride_dn, c * BK + 1, R, ta, tb, xa_l, bt_l)
             ta, tb = _t_piece(x11, down_ptr, stride_dn, c * BK + 3, R, ta, tb, xa_l, bt_l)
-        sx = gl.convert_layout(s, gl.SliceLayout(1, tl_))
-        rs = gl.expand_dims(gl.where(sx > 0, inv_c / gl.where(sx > 0, sx, 1.0), 0.0), 1)
+        rs = _u_rows(s, inv_c, tl_)
         ua = ta * rs
         ub = tb * rs
         ua1 = _e4m3_rn(ua)
@@ -219,7 +229,5 @@ def _quant_terms_partition(x_ptr, w_desc, a_bufs, sx_smem, w_bufs, bars, M, N, s
             _cat(ua1, gl.convert_layout(_cat(ub1, z), lay)).to(gl.float8e4nv))
         a_bufs.index(buf * (NKB + 2) + NKB + 1).store(
             _cat(ua - ua1, gl.convert_layout(_cat(ub - ub1, z), lay)).to(gl.float8e4nv))
-        sx_smem.index(buf).store(s)
-        fence_async_shared()
-        mbarrier.arrive(a_ready.index(buf), count=1)
+        _hand_over(sx_smem.index(buf), s, a_ready.index(buf))
         i += 1
