@@ -142,6 +142,15 @@ def _layer(k, n, w_bits, bias, rank=0, seed=0):
     return PackedLinear.from_float(w, b, dn, up, spec).use_device_layout()
 
 
+def _plain_and_ws(mod, x, monkeypatch, calls: int = 1):
+    """(the layer's output on its ordinary path, its outputs on `calls` calls with ROBUQ_FP8_FUSED_QUANT=ws)."""
+    with torch.no_grad():
+        monkeypatch.delenv("ROBUQ_FP8_FUSED_QUANT", raising=False)
+        want = mod(x)
+        monkeypatch.setenv("ROBUQ_FP8_FUSED_QUANT", "ws")
+        return want, [mod(x) for _ in range(calls)]
+
+
 def _close(got, want, what):
     assert (got == want).float().mean() >= 0.999, what
     assert ((got.float() - want.float()).abs() <= want.float().abs() * 2 ** -7 + 1e-6).all(), what
@@ -155,11 +164,7 @@ def test_layer_equals_the_two_kernel_path(k, n, w_bits, bias, monkeypatch):
     mod = _layer(k, n, w_bits, bias, seed=k + n)
     for m in (1, 37, 300, 4097):
         x = (torch.randn(m, k, device="cuda") * 2).bfloat16()
-        with torch.no_grad():
-            monkeypatch.delenv("ROBUQ_FP8_FUSED_QUANT", raising=False)
-            want = mod(x)
-            monkeypatch.setenv("ROBUQ_FP8_FUSED_QUANT", "ws")
-            got = [mod(x) for _ in range(2)]  # the ordinary call, then what a bound call would run
+        want, got = _plain_and_ws(mod, x, monkeypatch, 2)  # the ordinary call, then what a bound call would run
         for g in got:
             _close(g, want, f"M={m}")
 
@@ -207,19 +212,13 @@ def test_branch_stacked_in_the_kernel_matches_the_two_kernel_path(k, n, rank, mo
     mod = _layer(k, n, 1.58, True, rank=rank, seed=k + n + rank)
     for m in (1, 37, 300, 4097):
         x = (torch.randn(m, k, device="cuda") * 2).bfloat16()
-        with torch.no_grad():
-            monkeypatch.delenv("ROBUQ_FP8_FUSED_QUANT", raising=False)
-            want = mod(x)
-            monkeypatch.setenv("ROBUQ_FP8_FUSED_QUANT", "ws")
-            got = mod(x)
+        want, (got, ) = _plain_and_ws(mod, x, monkeypatch)
         err = ((got.float() - want.float()).norm() / want.float().norm()).item()
         assert err <= 5e-3, f"M={m}: {err}"
     with torch.no_grad():  # A = 0: the branch's chunk meets zero columns, the rest is the plain layer's arithmetic
         mod.lrb_up.zero_()
-        monkeypatch.delenv("ROBUQ_FP8_FUSED_QUANT", raising=False)
-        want = mod(x)
-        monkeypatch.setenv("ROBUQ_FP8_FUSED_QUANT", "ws")
-        _close(mod(x), want, "A = 0")
+    want, (got, ) = _plain_and_ws(mod, x, monkeypatch)
+    _close(got, want, "A = 0")
 
 
 @cuda
@@ -229,11 +228,8 @@ def test_other_ranks_and_long_rows_keep_the_two_kernel_path(monkeypatch):
     for mod, k in ((_layer(1152, 1152, 1.58, True, rank=16), 1152), (_layer(1152, 1152, 1.58, True, rank=64), 1152),
                    (_layer(4608, 1152, 4, True), 4608)):
         x = torch.randn(300, k, device="cuda").bfloat16()
-        with torch.no_grad():
-            monkeypatch.delenv("ROBUQ_FP8_FUSED_QUANT", raising=False)
-            want = mod(x)
-            monkeypatch.setenv("ROBUQ_FP8_FUSED_QUANT", "ws")
-            assert torch.equal(mod(x), want)
+        want, (got, ) = _plain_and_ws(mod, x, monkeypatch)
+        assert torch.equal(got, want)
 
 
 @cuda
