@@ -52,8 +52,6 @@
 #   scripts/gpu_session.sh dit-b64          the batch-64 rows of W4A4+H and the paper policy (CUDA graphs)
 #   scripts/gpu_session.sh profile-b1 [S]   profile_dit of the paper policy at batch 1 (default-mode compile)
 #   scripts/gpu_session.sh ws-diag          where the warp-specialized kernel's time goes (scripts/ws_diag.py), then dit-b1
-#   scripts/gpu_session.sh b1-diag          the batch-1 row with perf hints, its profile under CUDA graphs, the addmm
-#                                           add off (too long for one call cold: session 12's call timed out)
 #
 # Set ROBUQ_GIT_COMMIT first where the machine has no git history (benchmarks record it).
 # The machine goes back ~30 s after a call returns, and with it everything detached or left in /tmp: make every
@@ -66,7 +64,8 @@
 #                   ~4000 launches a step vs ~1000 for FP -- a CPU count on the tiny DiT scaled up; Inductor's C++
 #                   wrapper launches without Python) and dit-low
 #   3. profile-b1  (the kernel count a forward after the fixes: 1558 before), qat-profile compiled paper
-# Session 12 ran: ws (the ws kernel: correct, 2.1-2.6x slower), ws-diag (its breakdown + batch-1 rows), profile-b1.
+# Session 12 ran: ws (the ws kernel: correct, 2.1-2.6x slower), ws-diag (its breakdown + batch-1 rows), profile-b1;
+# a call with the row under perf hints, a CUDA-graph profile and an A/B timed out cold in all three (dropped).
 # Its plan was (one H200: each step one call):
 #   1. ws          (~8 min: the warp-specialized quantize-in-GEMM kernel, plain and with the paper's branch; if its
 #                   tests pass and it wins, the dispatch sweep (linear) records "fused_ws" times for the table)
@@ -95,7 +94,7 @@ if [ "${1:-}" = pair ]; then  # pair STEP0 STEP1: STEP0 on GPU 0 and STEP1 on GP
     echo "--- GPU 1: $3"; tail -25 "$OUT/$3.gpu1/log.txt"
     exit 0
 fi
-case "${1:-}" in verify12|dit-b64|profile-b1|b1-diag|ws-diag|dit-b1|ws|dit-ws|profile|train-cpp|mma|verify|tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu|dit-gluon|gluon-check|recheck|train-compiled|train-cg|dit-freezing|attention|dit-stacked)
+case "${1:-}" in verify12|dit-b64|profile-b1|ws-diag|dit-b1|ws|dit-ws|profile|train-cpp|mma|verify|tests|tests-start|tests-wait|lm|lm-start|lm-wait|dit|dit-low|dit-default|linear|qat-profile|train|train-opt|train-paper|ddp|ncu|dit-gluon|gluon-check|recheck|train-compiled|train-cg|dit-freezing|attention|dit-stacked)
     ;;
     *) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 2 ;; esac
 OUT=${OUT:-$PWD/gpu_out}
@@ -282,32 +281,15 @@ verify12)  # session 12's CPU-built fixes on the GPU (the constant Hadamard matr
         2>&1 | grep -v DEBUG | tee "$OUT/gpu_tests_verify12.log" | tail -n 12
     DIT_LIMIT=$((570 - SECONDS)) "$0" dit-b1
     ;;
-dit-b64)  # the batch-64 rows of `dit` (W4A4+H and the paper policy, CUDA graphs)
-    timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead \
-        --skip-train --settings "dit-xl-2-robuq (" "W4A4+H" --batches 64 --iters 10 --warmup 3 \
-        --tag _reduce-overhead_b64 2>&1 | tail -n 16
-    ;;
 profile-b1)  # profile-b1 [SECS]: the paper policy's kernels at batch 1 (default-mode compile; cold compile ~3 min)
     timeout ${2:-290} python3 benchmarks/profile_dit.py --settings paper --batch 1 --steps 3 --out "$OUT" 2>&1 \
         | grep -v Warning | tail -n 30
     ;;
-b1-diag)  # why the paper policy's batch-1 row fell from 0.62x (session 10) to 0.40x (session 12): the row again with
-    # Dynamo / CUDA-graph perf hints (a skipped CUDA graph says so), its kernels under CUDA graphs, and the row with
-    # the compiled addmm add off
-    TORCH_LOGS=perf_hints,graph_breaks timeout 200 python3 benchmarks/bench_dit.py --out "$OUT" \
-        --compile-mode reduce-overhead --skip-train --settings "dit-xl-2-robuq (" --batches 1 --iters 10 --warmup 3 \
-        --tag _reduce-overhead_b1_hints > "$OUT/b1_hints.log" 2>&1
-    grep -iE "skipping cudagraph|graph break|x vs bf16|robuq dit|bf16 torch.compile" "$OUT/b1_hints.log" | sort | uniq -c | head -n 20
-    timeout 200 python3 benchmarks/profile_dit.py --settings bf16 paper --batch 1 --compile-mode reduce-overhead \
-        --steps 5 --out "$OUT" 2>&1 | tail -n 40
-    ROBUQ_INDUCTOR_LOWRANK_ADD=0 timeout $((570 - SECONDS)) python3 benchmarks/bench_dit.py --out "$OUT" \
-        --compile-mode reduce-overhead --skip-train --settings "dit-xl-2-robuq (" --batches 1 --iters 10 --warmup 3 \
-        --tag _reduce-overhead_b1_noadd 2>&1 | grep -E "robuq dit|bf16 torch"
-    ;;
-dit-b1)  # the batch-1 rows of `dit` (W4A4+H and the paper policy, CUDA graphs, the committed dispatch table)
-    timeout ${DIT_LIMIT:-540} python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead \
-        --skip-train --settings "dit-xl-2-robuq (" "W4A4+H" --batches 1 --iters 10 --warmup 3 \
-        --tag _reduce-overhead_b1 2>&1 | tail -n 16
+dit-b1|dit-b64)  # the batch-1 / batch-64 rows of `dit` (W4A4+H and the paper policy, CUDA graphs, the committed table)
+    b=${1#dit-b}
+    timeout ${DIT_LIMIT:-560} python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead \
+        --skip-train --settings "dit-xl-2-robuq (" "W4A4+H" --batches "$b" --iters 10 --warmup 3 \
+        --tag "_reduce-overhead_b$b" 2>&1 | tail -n 16
     ;;
 dit-ws)  # the warp-specialized quantize-in-GEMM kernel on a whole DiT (after `ws` passed)
     ROBUQ_FP8_FUSED_QUANT=ws timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead \

@@ -20,7 +20,7 @@ def test_every_accepted_step_has_a_body_and_a_usage_line():
     text = SCRIPT.read_text()
     steps = _accepted()
     assert len(steps) > 20 and "ws" in steps and "verify12" in steps
-    bodies = set(re.findall(r"^([a-z0-9-]+)\)", text, re.M))
+    bodies = {name for alts in re.findall(r"^([a-z0-9|-]+)\)", text, re.M) for name in alts.split("|")}
     assert set(steps) <= bodies, sorted(set(steps) - bodies)
     usage = text.split("\nset -uo pipefail", 1)[0]
     documented = set(re.findall(r"^#   scripts/gpu_session\.sh ([a-z0-9-]+)", usage, re.M))
