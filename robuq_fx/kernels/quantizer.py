@@ -73,10 +73,8 @@ def quant_plan(k: int, block: int, m: int = 16384) -> tuple | None:
 
 
 @functools.lru_cache(maxsize=None)
-@functools.lru_cache(maxsize=None)
 def _hscale(block: int, dtype: torch.dtype) -> float:
-    """The normalization 1/sqrt(b) as `hadamard.hadamard_matrix(b, dtype)` stores it (rounded to dtype); cached (two
-    tensor ops a call otherwise, in every eager call and as dead constants in every traced one)."""
+    """The normalization 1/sqrt(b) as `hadamard.hadamard_matrix(b, dtype)` stores it (rounded to dtype)."""
     return float(torch.tensor(1.0 / block ** 0.5, dtype=torch.float64).to(dtype)) if block > 1 else 1.0
 
 
