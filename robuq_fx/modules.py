@@ -196,16 +196,15 @@ class PackedLinear(nn.Module):
 
     @torch.no_grad()
     def _refresh_rotated_down(self) -> None:
-        """lrb_down_h = B H (in B's dtype where that is 16-bit, else bf16: the dtype the fp8 kernels run in) on a GPU
+        """lrb_down_h = B H (in `weight_cache.down_dtype`, as the stacked mode's extension is made) on a GPU
         in the fp8 layout with a rotated branch; None elsewhere. The same product `weight_cache.rotated_down`
         makes, so outputs do not change; it only stops every call (and every compiled forward) from making it."""
         dn = self.lrb_down
         h = None
         if self.layout == "fp8" and dn is not None and dn.is_cuda and self.spec.hadamard:
-            from .kernels.weight_cache import rotated_down
-            dt = dn.dtype if dn.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+            from .kernels.weight_cache import down_dtype, rotated_down
             h = rotated_down(kernels.QLinearArgs(self.qweight, self.w_scale, self.bias, dn, self.lrb_up,
-                                                 *self.op_args()[:7]), dt)
+                                                 *self.op_args()[:7]), down_dtype(dn))
         self._buffers["lrb_down_h"] = h
 
     def use_device_layout(self) -> "PackedLinear":

@@ -206,9 +206,8 @@ def prepare(mod) -> bool:
                     lrb_down_h=mod.lrb_down_h)
     if not ((stacked_reason(a) is None and stacked_any(a.out_features, a.in_features)) or _ws_may_run(a)):
         return False
-    from .weight_cache import _fp8_weights, _rot_down
-    dt = a.lrb_down.dtype if a.lrb_down.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-    return cached_weight_ext(a, _fp8_weights(a), _rot_down(a, dt)).w is not None
+    from .weight_cache import _fp8_weights, _rot_down, down_dtype
+    return cached_weight_ext(a, _fp8_weights(a), _rot_down(a, down_dtype(a.lrb_down))).w is not None
 
 
 def stacked_or_none(x2: torch.Tensor, a: QLinearArgs, e, bh: torch.Tensor, m_pad: int) -> torch.Tensor | None:

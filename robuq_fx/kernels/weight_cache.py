@@ -110,6 +110,12 @@ def scale_vec(w_scale: torch.Tensor, n: int) -> torch.Tensor:
     return (s.expand(n) if s.numel() == 1 else s).contiguous()
 
 
+def down_dtype(lrb_down: torch.Tensor) -> torch.dtype:
+    """The dtype a layer's B H is kept in ahead of its calls (the layer's buffer, the stacked mode's extension): B's
+    own where it is 16-bit, else bf16 (the fp8 kernels run in 16-bit activations)."""
+    return lrb_down.dtype if lrb_down.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
 def _layer_bh(a: QLinearArgs, dtype: torch.dtype) -> torch.Tensor | None:
     """The layer's own B H (`QLinearArgs.lrb_down_h`) where it passed one in `dtype`, else None."""
     bh = a.lrb_down_h
