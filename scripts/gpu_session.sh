@@ -106,20 +106,20 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # diffusers and its needs
         .whl/*.whl && export PYTHONPATH=/tmp/site_$1_${CUDA_VISIBLE_DEVICES:-all}:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
-# A warm compile cache carried from call to call: a call brings back $OUT/compile_cache.tgz (under 16 MB); copy it to
-# .snap/.cache/compile.tgz here before the next call. Safe since session 12: the caches key on the ROBUQ_* settings,
-# the dispatch table and robuq's source (robuq_fx/kernels/compile_cache.py). A cold compile of the paper policy
-# took >200 s on the machine.
+# A warm compile cache carried from call to call: a call brings back $OUT/compile_cache.tgz.NN (15 MB pieces: a file
+# back from the machine is at most 16 MB); copy them to .snap/.cache/ here before the next call. Safe since session
+# 12: the caches key on the ROBUQ_* settings, the dispatch table and robuq's source (robuq_fx/kernels/compile_cache.py).
+# A cold compile of the paper policy took >200 s on the machine.
 export TORCHINDUCTOR_CACHE_DIR=/tmp/robuq_compile_cache TRITON_CACHE_DIR=/tmp/robuq_compile_cache/triton
-if [ -f .cache/compile.tgz ] && [ ! -d "$TORCHINDUCTOR_CACHE_DIR" ]; then
-    mkdir -p "$TORCHINDUCTOR_CACHE_DIR" && tar xzf .cache/compile.tgz -C "$TORCHINDUCTOR_CACHE_DIR" \
-        && echo "compile cache: $(du -sh "$TORCHINDUCTOR_CACHE_DIR" | cut -f1) from .cache/compile.tgz"
+if ls .cache/compile_cache.tgz.* >/dev/null 2>&1 && [ ! -d "$TORCHINDUCTOR_CACHE_DIR" ]; then
+    mkdir -p "$TORCHINDUCTOR_CACHE_DIR" && cat .cache/compile_cache.tgz.* | tar xz -C "$TORCHINDUCTOR_CACHE_DIR" \
+        && echo "compile cache: $(du -sh "$TORCHINDUCTOR_CACHE_DIR" | cut -f1) from .cache/"
 fi
-save_compile_cache() {
+save_compile_cache() {  # at most 3 pieces (45 MB): the 8 files back include the step's own
     [ -d "$TORCHINDUCTOR_CACHE_DIR" ] || return 0
     tar czf /tmp/compile_cache.tgz -C "$TORCHINDUCTOR_CACHE_DIR" . 2>/dev/null || return 0
     local size; size=$(stat -c %s /tmp/compile_cache.tgz)
-    if [ "$size" -lt 16000000 ]; then cp /tmp/compile_cache.tgz "$OUT/compile_cache.tgz"
+    if [ "$size" -lt 45000000 ]; then split -b 15000000 -d /tmp/compile_cache.tgz "$OUT/compile_cache.tgz."
     else echo "compile cache $((size / 1000000)) MB: too large to bring back"; fi
 }
 [ -z "${GPU_SESSION_NESTED:-}" ] && trap save_compile_cache EXIT
