@@ -88,17 +88,31 @@ def fake_quant_weight(r: torch.Tensor, w_bits, granularity: str = "channel", gro
     return dequantize_weight(codes, scale, r.dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result  # Dynamo calls it and keeps the float (it traced the body: 5 graph breaks)
 def gaussian_clip(levels: int) -> float:
     """Half-range c of the MSE-optimal uniform quantizer with `levels` evenly spaced output levels on
     [-c, c] for a standard normal input (nearest-level rounding, clipping beyond the end levels).
 
     Found numerically (golden-section search over c on a fine integration grid) rather than copied from a
     table; `tests/test_quantizers.py` checks it against Max (1960): 2 levels -> 0.798, 4 -> 1.494, 8 -> 2.051,
-    16 -> 2.514.
+    16 -> 2.514. A number, not a tensor of the caller's graph: made with every tracing mode off, so that a call
+    made while a graph is traced (the kernels' Inductor decompositions: the first sigma-clipped layer a process
+    compiles) computes it instead of recording its grid and failing on the float (before session 13 that failure
+    left every sigma-clipped qlinear opaque under torch.compile: the -a3 / -a2 policies ran at 0.35x bf16).
     """
     if levels < 2:
         raise ValueError(f"gaussian_clip needs at least 2 levels, got {levels}")
+    return _gaussian_clip_grid(levels)
+
+
+@functools.lru_cache(maxsize=None)
+def _gaussian_clip_grid(levels: int) -> float:
+    from torch.utils._python_dispatch import _disable_current_modes
+    with _disable_current_modes():
+        return _golden_section(levels)
+
+
+def _golden_section(levels: int) -> float:
     x = torch.linspace(-14.0, 14.0, 400_001, dtype=torch.float64)
     pdf = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
     dx = float(x[1] - x[0])

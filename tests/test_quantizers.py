@@ -134,6 +134,23 @@ def test_gaussian_clip_matches_max_1960():
         assert Q.gaussian_clip(levels) == pytest.approx(step * (levels - 1) / 2, rel=2e-3)
 
 
+def test_gaussian_clip_is_a_number_to_tracers():
+    """Its first call inside a trace (an Inductor decomposition runs under fake / functional tensor modes; Dynamo
+    traces act_range) computes the number instead of recording its integration grid: before session 13 the grid's
+    float() failed the trace, which left every sigma-clipped qlinear opaque under torch.compile, and Dynamo broke
+    the graph five times in act_range."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    cached = getattr(Q, "_gaussian_clip_grid", Q.gaussian_clip)
+    cached.cache_clear()
+    code = make_fx(lambda x: x * Q.gaussian_clip(8), tracing_mode="fake")(torch.randn(4)).code
+    assert "linspace" not in code and "exp" not in code
+    assert Q.gaussian_clip(8) == pytest.approx(2.051 * 2 / 7 * 3.5, rel=2e-3)  # Max (1960), 8 levels
+    cached.cache_clear()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(lambda x: Q.act_range(x, 3, False, "sigma"))(torch.randn(4, 64))
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
 def test_sigma_clip_range():
     torch.manual_seed(5)
     x = torch.randn(4, 4096)

@@ -1,7 +1,8 @@
 """The low-rank branch's kernels on the fp8 path (imported lazily; needs triton).
 
 `lrb_down_kernel`: t = x (B H)^T (M, r), the branch's down-projection, in x's dtype, accumulated in fp32 and rounded
-once: a narrow product (r = 32) that streams x once. cuBLAS took 24 us a call for it in the paper policy's
+once: a narrow product (r = 32) that streams x once (few rows: split over K, `lrb_down_reduce_kernel` adding the
+fp32 partials in a fixed order). cuBLAS took 24 us a call for it in the paper policy's
 batch-64 profile on the H200 (two to three times x's bytes at the memory's rate), and in bf16 it may split K and
 add the partial sums in bf16 where `allow_bf16_reduced_precision_reduction` is on (torch's default).
 
@@ -32,13 +33,14 @@ DOWN_BM, DOWN_BK, DOWN_WARPS, DOWN_STAGES = 64, 128, 4, 3
 
 @triton.jit
 def _down_acc(x_ptr, b_ptr, offs_m, mmask, rr, stride_x, K: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
-              BM: tl.constexpr, BK: tl.constexpr, ACT: tl.constexpr):
-    """(BM, RP) fp32: sum_k act(x)[offs_m, k] b[rr, k], x's rows streamed once in BK-column tiles."""
-    kk = tl.arange(0, BK)
+              BM: tl.constexpr, BK: tl.constexpr, ACT: tl.constexpr, K0=0, KS: tl.constexpr = 0):
+    """(BM, RP) fp32: sum_k act(x)[offs_m, k] b[rr, k] over k in [K0, K0 + KS) (KS = 0: all K), x's rows streamed
+    once in BK-column tiles."""
+    kk = K0 + tl.arange(0, BK)
     x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_x + kk[None, :]
     b_ptrs = b_ptr + rr[:, None] * K + kk[None, :]
     acc = tl.zeros((BM, RP), dtype=tl.float32)
-    for _ in range(0, K, BK):
+    for _ in range(0, K if KS == 0 else KS, BK):
         x = tl.load(x_ptrs, mask=mmask[:, None], other=0.0)
         if ACT != 0:
             x = _input_act(x.to(tl.float32), ACT).to(x_ptr.dtype.element_ty)
@@ -51,13 +53,39 @@ def _down_acc(x_ptr, b_ptr, offs_m, mmask, rr, stride_x, K: tl.constexpr, R: tl.
 
 @triton.jit(do_not_specialize=["M"])
 def lrb_down_kernel(x_ptr, b_ptr, t_ptr, M, stride_x, stride_t, K: tl.constexpr, R: tl.constexpr,
-                    RP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, ACT: tl.constexpr = 0):
+                    RP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, ACT: tl.constexpr = 0,
+                    SPLIT: tl.constexpr = 1):
     """t[m, :R] = sum_k act(x)[m, k] b[:R, k] (b (R, K) with contiguous rows; K % BK == 0). ACT: the layer's input
-    activation (robuq::qlinear's input_act), rounded to x's dtype as the model's activation module writes it."""
+    activation (robuq::qlinear's input_act), rounded to x's dtype as the model's activation module writes it.
+    SPLIT > 1: program (i, j) sums the j-th of SPLIT equal K ranges into its fp32 partial, t_ptr[j] of an
+    (SPLIT, M, RP) buffer (stride_t = RP), which `lrb_down_reduce_kernel` adds up in order."""
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
     rr = tl.arange(0, RP)
     mmask = offs_m < M
-    acc = _down_acc(x_ptr, b_ptr, offs_m, mmask, rr, stride_x, K, R, RP, BM, BK, ACT)
+    if SPLIT == 1:
+        acc = _down_acc(x_ptr, b_ptr, offs_m, mmask, rr, stride_x, K, R, RP, BM, BK, ACT)
+        tl.store(t_ptr + offs_m[:, None].to(tl.int64) * stride_t + rr[None, :], acc.to(t_ptr.dtype.element_ty),
+                 mask=mmask[:, None] & (rr[None, :] < R))
+    else:
+        j = tl.program_id(1)
+        acc = _down_acc(x_ptr, b_ptr, offs_m, mmask, rr, stride_x, K, R, RP, BM, BK, ACT, j * (K // SPLIT),
+                        K // SPLIT)
+        part = t_ptr + (j * M).to(tl.int64) * RP
+        tl.store(part + offs_m[:, None].to(tl.int64) * RP + rr[None, :], acc, mask=mmask[:, None])
+
+
+@triton.jit(do_not_specialize=["M"])
+def lrb_down_reduce_kernel(p_ptr, t_ptr, M, stride_t, R: tl.constexpr, RP: tl.constexpr, SPLIT: tl.constexpr,
+                           BM: tl.constexpr):
+    """t[m, :R] = the SPLIT partials of `lrb_down_kernel` (SPLIT, M, RP) fp32 added in order 0..SPLIT-1, rounded
+    once (the same sum every call: no atomics)."""
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    rr = tl.arange(0, RP)
+    mmask = offs_m < M
+    ptrs = p_ptr + offs_m[:, None].to(tl.int64) * RP + rr[None, :]
+    acc = tl.load(ptrs, mask=mmask[:, None], other=0.0)
+    for j in tl.static_range(1, SPLIT):
+        acc += tl.load(ptrs + (j * M).to(tl.int64) * RP, mask=mmask[:, None], other=0.0)
     tl.store(t_ptr + offs_m[:, None].to(tl.int64) * stride_t + rr[None, :], acc.to(t_ptr.dtype.element_ty),
              mask=mmask[:, None] & (rr[None, :] < R))
 
@@ -142,15 +170,37 @@ def lrb_down_ok(x2, bh) -> bool:
             and bh.is_contiguous() and k % DOWN_BK == 0 and 0 < bh.shape[0] <= 64)
 
 
+def down_split(m: int, k: int) -> int:
+    """How many K ranges `lrb_down` splits the product into: one below ~128 programs' worth of rows would leave
+    most SMs idle, each program streaming all of K (session 13, H200 profile of the paper policy at batch 1:
+    84 calls at M = 256 took 8 us each on 4 programs). A divisor of K's tile count, the most up to about
+    128 programs in all for the largest M of m's bucket (`dispatch.m_bucket`: the choice changes only where the
+    dispatch's other per-M choices do, so a dynamic-M graph guards on no new bound)."""
+    from .dispatch import m_bucket
+    tiles = k // DOWN_BK
+    want = max(1, 128 // triton.cdiv(m_bucket(m), DOWN_BM))
+    return max(d for d in range(1, min(want, tiles) + 1) if tiles % d == 0)
+
+
 def lrb_down(x2, bh, t, launcher=launch, act: str = "") -> None:
-    """t (m, r) = act(x2) (B H)^T with `lrb_down_kernel` (check `lrb_down_ok` first). launcher: as `lowrank_add`."""
+    """t (m, r) = act(x2) (B H)^T with `lrb_down_kernel` (check `lrb_down_ok` first). launcher: as `lowrank_add`.
+    Few rows: split over K (`down_split`) into fp32 partials, added in a fixed order by a second kernel."""
     m, k = x2.shape
     r = bh.shape[0]
     if m == 0:
         return
-    launcher(lrb_down_kernel, (triton.cdiv(m, DOWN_BM),), (x2, bh, t, m, x2.stride(0), t.stride(0)),
-             dict(K=k, R=r, RP=max(16, triton.next_power_of_2(r)), BM=DOWN_BM, BK=DOWN_BK, ACT=ACTS[act]),
-             dict(num_warps=DOWN_WARPS, num_stages=DOWN_STAGES), no_specialize=(3,))
+    rp = max(16, triton.next_power_of_2(r))
+    split = down_split(m, k)
+    opts = dict(num_warps=DOWN_WARPS, num_stages=DOWN_STAGES)
+    if split == 1:
+        launcher(lrb_down_kernel, (triton.cdiv(m, DOWN_BM),), (x2, bh, t, m, x2.stride(0), t.stride(0)),
+                 dict(K=k, R=r, RP=rp, BM=DOWN_BM, BK=DOWN_BK, ACT=ACTS[act], SPLIT=1), opts, no_specialize=(3,))
+        return
+    part = torch.empty(split, m, rp, device=x2.device, dtype=torch.float32)
+    launcher(lrb_down_kernel, (triton.cdiv(m, DOWN_BM), split), (x2, bh, part, m, x2.stride(0), rp),
+             dict(K=k, R=r, RP=rp, BM=DOWN_BM, BK=DOWN_BK, ACT=ACTS[act], SPLIT=split), opts, no_specialize=(3,))
+    launcher(lrb_down_reduce_kernel, (triton.cdiv(m, DOWN_BM),), (part, t, m, t.stride(0)),
+             dict(R=r, RP=rp, SPLIT=split, BM=DOWN_BM), dict(num_warps=DOWN_WARPS), no_specialize=(2,))
 
 
 @triton.jit(do_not_specialize=["M"])

@@ -349,6 +349,23 @@ def test_functional_decomposition_on_fake_cuda_tensors(gemm, monkeypatch, all_op
 
 
 @pytest.mark.skipif(not _triton_imports(), reason="triton does not import here")
+def test_sigma_clipped_call_decomposes_in_a_fresh_process(monkeypatch, all_ops):
+    """An asymmetric sigma-clipped call (the -a3 / -a2 policies) traced before any eager call has computed the clip
+    constant: the decomposition computes it (tracing modes off) rather than failing on its grid's float() and
+    leaving the op opaque (before session 13, in every process that compiled a model before running it)."""
+    from torch._subclasses.functional_tensor import dispatch_functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from robuq_fx import quantizers as Q
+    _fake_sm90(monkeypatch)
+    x, qw, ws, b, dn, up = _fake_w158_lrb_inputs()
+    getattr(Q, "_gaussian_clip_grid", Q.gaussian_clip).cache_clear()
+    code = make_fx(dispatch_functionalize(lambda *t: torch.ops.robuq.qlinear(*t, 512, 256, 1.58, 3, 128, False,
+                                                                             "sigma")),
+                   tracing_mode="fake")(x, qw, ws, b, dn, up).code
+    assert "robuq.qlinear" not in code and "act_quant_bfly_kernel" in _kernel_names(code)
+
+
+@pytest.mark.skipif(not _triton_imports(), reason="triton does not import here")
 def test_layer_rotated_down_is_read_not_recomputed(monkeypatch, all_ops):
     """Given the layer's B H (lrb_down_h, which PackedLinear keeps on a GPU), the functionalized qlinear call reads it:
     no product of B with H (an mm, and the Hadamard matrix it needs) is left in the graph, which ran on every
