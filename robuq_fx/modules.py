@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from . import kernels  # also registers torch.ops.robuq.qlinear
 from .kernels.qlinear import call_kernel
+from .kernels.weight_cache import down_dtype
 from . import layer, packing
 from . import quantizers as Q
 from .ops import plain_eager
@@ -72,9 +73,10 @@ class PackedLinear(nn.Module):
         r = spec.lora_rank
         self.register_buffer("lrb_down", torch.zeros(r, k, dtype=dtype, device=device) if r else None)
         self.register_buffer("lrb_up", torch.zeros(n, r, dtype=dtype, device=device) if r else None)
-        # B H, kept beside B on a GPU (fp8 layout) so that no call, eager or compiled, rotates B again; derived state,
-        # not in the checkpoint, remade by every method here that changes B (`_refresh_rotated_down`)
-        self.register_buffer("lrb_down_h", None, persistent=False)
+        # B H, kept beside B so that no GPU call, eager or compiled, rotates B again; derived state, not in the
+        # checkpoint, remade by every method here that changes B (`_refresh_rotated_down`)
+        self.register_buffer("lrb_down_h", torch.zeros(r, k, dtype=down_dtype(self.lrb_down), device=device)
+                             if r and spec.hadamard else None, persistent=False)  # (B = 0 so far)
 
     @classmethod
     @torch.no_grad()
@@ -92,6 +94,7 @@ class PackedLinear(nn.Module):
         if lrb_down is not None:
             m.lrb_down.copy_(lrb_down.detach())
             m.lrb_up.copy_(lrb_up.detach())
+            m._refresh_rotated_down()
         return m
 
     def op_args(self) -> tuple:
@@ -196,13 +199,15 @@ class PackedLinear(nn.Module):
 
     @torch.no_grad()
     def _refresh_rotated_down(self) -> None:
-        """lrb_down_h = B H (in `weight_cache.down_dtype`, as the stacked mode's extension is made) on a GPU
-        in the fp8 layout with a rotated branch; None elsewhere. The same product `weight_cache.rotated_down`
-        makes, so outputs do not change; it only stops every call (and every compiled forward) from making it."""
+        """lrb_down_h = B H (in `weight_cache.down_dtype`, as the stacked mode's extension is made) wherever the
+        branch is rotated, on every device (r x K: ~1% of the layer's bytes; the CPU kernels do not read it, but a
+        graph built on the CPU reads the buffer that a later move to the GPU remakes: passes/fuse.py `qlinear_node`);
+        None without a rotated branch. The same product `weight_cache.rotated_down` makes, so outputs do not change;
+        it only stops every GPU call (and every compiled forward) from making it."""
         dn = self.lrb_down
         h = None
-        if self.layout == "fp8" and dn is not None and dn.is_cuda and self.spec.hadamard:
-            from .kernels.weight_cache import down_dtype, rotated_down
+        if dn is not None and self.spec.hadamard:
+            from .kernels.weight_cache import rotated_down
             h = rotated_down(kernels.QLinearArgs(self.qweight, self.w_scale, self.bias, dn, self.lrb_up,
                                                  *self.op_args()[:7]), down_dtype(dn))
         self._buffers["lrb_down_h"] = h

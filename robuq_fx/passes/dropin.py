@@ -31,7 +31,7 @@ from ..policy import Policy
 from ..probe import discover, record_calls
 from ..qat_linear import QATLinear, is_linear_type, linear_dims
 from .attention import apply_attention, find_attention, lower_attention
-from .fuse import QLINEAR, fuse_siblings
+from .fuse import fuse_siblings, qlinear_node
 from .qat import ROBUQ_META, plan_layers, set_robuq_info
 from .region import make_region, regions
 
@@ -189,9 +189,7 @@ def packed_calls_to_ops(gm: fx.GraphModule) -> None:
             continue
         mod = gm.get_submodule(node.target)
         with g.inserting_before(node):
-            attrs = [g.get_attr(f"{node.target}.{b}") if getattr(mod, b) is not None else None
-                     for b in ("qweight", "w_scale", "bias", "lrb_down", "lrb_up")]
-            new = g.call_function(QLINEAR, (node.args[0], *attrs, *mod.op_args()))
+            new = qlinear_node(g, node.args[0], node.target, mod)
         new.meta = dict(node.meta)
         new.meta["robuq_lowered"] = node.target
         node.replace_all_uses_with(new)

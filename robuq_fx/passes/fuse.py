@@ -41,12 +41,25 @@ from .qat import ROBUQ_META, set_robuq_info
 
 QLINEAR = torch.ops.robuq.qlinear.default
 BUFFERS = ("qweight", "w_scale", "bias", "lrb_down", "lrb_up")
+_OPTIONAL = ("splits", "input_act", "lrb_down_h")  # robuq::qlinear's arguments after the 13 every call has
 _aten = torch.ops.aten
 # view ops that fail on a narrowed (non-contiguous) output where the layer's own output was contiguous
 _VIEW_TO_RESHAPE = {_aten.view.default: _aten.reshape.default, _aten._unsafe_view.default: _aten.reshape.default,
                     torch.Tensor.view: torch.Tensor.reshape}
 _ALIAS_METHODS = {"view", "transpose", "permute", "unsqueeze", "squeeze", "expand", "narrow", "select", "t",
                   "unflatten", "split", "chunk", "unbind", "movedim", "swapaxes", "__getitem__", "view_as", "flatten"}
+
+
+def qlinear_node(g: fx.Graph, x, path: str, mod: PackedLinear) -> fx.Node:
+    """robuq::qlinear(x, <the buffers of the PackedLinear at `path`>, <its op args>) as a graph node; for a rotated
+    low-rank branch also lrb_down_h=<its B H buffer> (remade by a later device move or cast; read at each call), so
+    that a graph reads the layer's B H as PackedLinear.forward does instead of recomputing it every forward (H200
+    session 13: the sibling-fused q/k/v did, one GEMM and two kernels a block at batch 1)."""
+    attrs = [g.get_attr(f"{path}.{b}") if getattr(mod, b) is not None else None for b in BUFFERS]
+    kwargs = {}
+    if mod.lrb_down_h is not None:
+        kwargs["lrb_down_h"] = g.get_attr(f"{path}.lrb_down_h")
+    return g.call_function(QLINEAR, (x, *attrs, *mod.op_args()), kwargs)
 
 
 class FusedLinear(PackedLinear):
@@ -89,6 +102,7 @@ class FusedLinear(PackedLinear):
         if r:
             m.lrb_down.copy_(self.lrb_down[i * r:(i + 1) * r])
             m.lrb_up.copy_(self.lrb_up[rows, i * r:(i + 1) * r])
+            m._refresh_rotated_down()
         return m
 
     def label(self) -> str:
@@ -149,7 +163,10 @@ def fused_of(mods: list[PackedLinear], names=None) -> FusedLinear:
 # ---- the graph pass -----------------------------------------------------------------------------------------------
 def _site(gm: fx.GraphModule, node: fx.Node):
     """(module path, PackedLinear) when `node` is an unfused qlinear reading exactly one PackedLinear's buffers."""
-    if node.op != "call_function" or node.target is not QLINEAR or len(node.args) != 13 or node.kwargs:
+    if node.op != "call_function" or node.target is not QLINEAR or len(node.args) < 13:
+        return None
+    extra = dict(zip(_OPTIONAL, node.args[13:]), **node.kwargs)  # a traced call spells the defaults out
+    if extra.get("splits") is not None or extra.get("input_act", "") or set(extra) - set(_OPTIONAL):
         return None
     q = node.args[1]
     if not (isinstance(q, fx.Node) and q.op == "get_attr" and str(q.target).endswith(".qweight")):
@@ -161,8 +178,8 @@ def _site(gm: fx.GraphModule, node: fx.Node):
         return None
     if type(mod) is not PackedLinear or set(dict(mod.named_buffers())) - set(BUFFERS) - {"lrb_down_h"}:
         return None  # already fused, or holds another tensor (a tied FP weight) that the graph reads
-    for b, a in zip(BUFFERS, node.args[1:6]):
-        if (a is None) != (getattr(mod, b) is None):
+    for b, a in [*zip(BUFFERS, node.args[1:6]), ("lrb_down_h", extra.get("lrb_down_h"))]:
+        if b != "lrb_down_h" and (a is None) != (getattr(mod, b) is None):
             return None
         if a is not None and not (isinstance(a, fx.Node) and a.op == "get_attr" and a.target == f"{path}.{b}"):
             return None
@@ -259,8 +276,7 @@ def fuse_siblings(gm: fx.GraphModule, build=fuse_packed) -> dict[str, list[str]]
         parent, _, leaf = path.rpartition(".")
         (gm.get_submodule(parent) if parent else gm).add_module(leaf, fused)
         with g.inserting_before(nodes[0]):
-            attrs = [g.get_attr(f"{path}.{b}") if getattr(fused, b) is not None else None for b in BUFFERS]
-            new = g.call_function(QLINEAR, (nodes[0].args[0], *attrs, *fused.op_args()))
+            new = qlinear_node(g, nodes[0].args[0], path, fused)
             new.meta = source_meta(nodes[0])
             new.meta["robuq_lowered"] = path
             new.meta["robuq_fused"] = [n.meta.get("robuq_lowered", p) for n, p in zip(nodes, paths)]
@@ -272,7 +288,7 @@ def fuse_siblings(gm: fx.GraphModule, build=fuse_packed) -> dict[str, list[str]]
                 node.replace_all_uses_with(part)
                 _reshape_views(part)
         for node in nodes:
-            args = [a for a in node.args[1:6] if isinstance(a, fx.Node)]
+            args = [a for a in (*node.args[1:], *node.kwargs.values()) if isinstance(a, fx.Node)]
             g.erase_node(node)
             for a in args:
                 if not a.users:

@@ -15,7 +15,7 @@ from ..errors import LoweringError
 from ..modules import PackedLinear, use_device_layout
 from ..spec import LayerSpec
 from .attention import lower_attention
-from .fuse import fuse_lowered
+from .fuse import fuse_lowered, qlinear_node
 from .qat import ROBUQ_META, check_module, set_robuq_info
 
 ROOT_PACKED = "_robuq_root"
@@ -123,9 +123,7 @@ def _rewrite_site(gm: fx.GraphModule, name: str, nodes: list[fx.Node]) -> None:
     path = packed_path(name)
     packed: PackedLinear = gm.get_submodule(path)
     with g.inserting_before(out):
-        attrs = [g.get_attr(f"{path}.{b}") if getattr(packed, b) is not None else None
-                 for b in ("qweight", "w_scale", "bias", "lrb_down", "lrb_up")]
-        new = g.call_function(torch.ops.robuq.qlinear.default, (x, *attrs, *packed.op_args()))
+        new = qlinear_node(g, x, path, packed)
     new.meta = source_meta(out)
     new.meta["robuq_lowered"] = name
     out.replace_all_uses_with(new)

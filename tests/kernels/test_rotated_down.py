@@ -1,4 +1,4 @@
-"""The layer's own B H (`lrb_down_h`, robuq::qlinear's optional argument; PackedLinear keeps it on a GPU) replaces
+"""The layer's own B H (`lrb_down_h`, robuq::qlinear's optional argument; PackedLinear keeps it) replaces
 the product the kernels and the compiled graph would otherwise make on every call: outputs are unchanged, the
 buffer follows every change of B, and a wrong one is refused.
 
@@ -33,8 +33,9 @@ def test_op_with_the_rotated_down_projection_cpu():
     m = _layer()
     x = torch.randn(5, 256)
     bh = rotate(m.lrb_down, m.spec).contiguous()
-    assert m.lrb_down_h is None  # kept on a GPU only (fp8 layout)
-    assert torch.equal(_op(m, x, lrb_down_h=bh), _op(m, x))
+    # kept on every device (a graph built here reads the buffer a move to the GPU remakes), in bf16 for an fp32 B
+    assert torch.equal(m.lrb_down_h, rotate(m.lrb_down.bfloat16(), m.spec))
+    assert torch.equal(_op(m, x, lrb_down_h=bh), _op(m, x)) and torch.equal(m(x), _op(m, x))
     with pytest.raises(ValueError, match=r"lrb_down_h has shape \(8, 128\), expected lrb_down's \(8, 256\)"):
         _op(m, x, lrb_down_h=bh[:, :128].contiguous())
     assert "lrb_down_h" not in m.state_dict()
@@ -80,3 +81,30 @@ def test_a_layer_pickled_before_the_buffer_existed_still_runs():
     old = pickle.loads(pickle.dumps(m))
     assert old.lrb_down_h is None and "lrb_down_h" not in old.state_dict()
     assert torch.equal(old(x), ref)
+
+
+def test_lowered_graphs_read_the_layers_b_h():
+    """Every qlinear call a lowered model makes from a graph (the sibling-fused q/k/v of a drop-in model's captured
+    attention; every layer of a whole-graph one) passes its layer's lrb_down_h, as PackedLinear.forward does: on the
+    H200 (session 13) the fused q/k/v recomputed B H every forward (a GEMM and two kernels a block at batch 1)."""
+    import torch.fx as fx
+    from tests.models.conftest import CASES
+    case = CASES["dit"]
+    pol = robuq_fx.Policy.load("dit-xl-2-robuq")
+    for whole_graph in (False, True):
+        q = robuq_fx.quantize(case.build(0), pol, example_inputs=case.make_inputs(), whole_graph=whole_graph)
+        low = robuq_fx.lower(q, progress=False)
+        calls = [(gm, n) for gm in low.modules() if isinstance(gm, fx.GraphModule) for n in gm.graph.nodes
+                 if n.op == "call_function" and n.target is torch.ops.robuq.qlinear.default]
+        assert calls and robuq_fx.robuq_info(low)["fused"]
+        for gm, n in calls:
+            path = n.args[1].target.rpartition(".")[0]
+            mod = gm.get_submodule(path)
+            if mod.lrb_down is None:  # (adaLN: no branch)
+                assert mod.lrb_down_h is None
+                continue
+            given = n.kwargs.get("lrb_down_h", n.args[15] if len(n.args) > 15 else None)
+            assert isinstance(given, fx.Node) and given.target == f"{path}.lrb_down_h", (whole_graph, n.format_node())
+        with torch.no_grad():
+            x = case.make_inputs()
+            assert torch.equal(case.run(low, x), case.run(q, x))
