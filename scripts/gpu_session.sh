@@ -46,6 +46,9 @@
 #   scripts/gpu_session.sh train-paper      the paper policy's compiled QAT step against FP
 #   scripts/gpu_session.sh ddp              bench_ddp: 1 GPU vs all GPUs, DDP and FSDP2 (on nvidia-h200-x2)
 #   scripts/gpu_session.sh ncu              Nsight Compute on the quantizer / GEMM kernels (benchmarks/ncu_kernels.py)
+#   scripts/gpu_session.sh verify13         session 13's fixes (lrb_down split, B H in lowered graphs, sigma plans): their
+#                                           GPU tests, then dit-b1
+#   scripts/gpu_session.sh profile-low      profile_dit of dit-xl-2-robuq-a3 at batch 64 (default-mode compile)
 #   scripts/gpu_session.sh verify12         session 12's fixes (H as a graph constant, B H as a layer buffer): their GPU
 #                                           tests and the compiled-vs-eager ones, then dit-b1
 #   scripts/gpu_session.sh dit-b1           the batch-1 rows of W4A4+H and the paper policy (CUDA graphs)
@@ -57,7 +60,16 @@
 # The machine goes back ~30 s after a call returns, and with it everything detached or left in /tmp: make every
 # call self-contained, and send the next one at once. On nvidia-h200-x2, `pair A B` runs two steps at once (one a
 # GPU) for the device time of one: use it. A cold compile of the paper policy takes ~3-4 min on the machine: a call
-# holds about two (policy, batch) rows. Session 13's plan (one H200):
+# holds about two (policy, batch) rows. Session 14's plan (one H200; copy each call's compile_cache.tgz.NN into
+# .snap/.cache/ before the next):
+#   1. verify13    (~9 min: the lrb_down split kernel, B H for the fused q/k/v, non-spilling sigma plans -- tested on
+#                   the GPU; then the batch-1 rows: paper_b1_x 0.441 with 858 kernels a forward)
+#   2. dit-low     (-a3 / -a2 at batch 64 with the sigma plan fix: 0.354 / 0.360 in session 13, paper 0.875); if
+#                   still far below the paper policy, profile-low for where the time goes
+#   3. dit-b64, train-cpp (issue 19), qat-profile compiled paper
+# Session 13 ran: verify12 (74 passed; b1 rows), dit-b64 (+ c4c1d19's W4A4+H b1 row: the machine's b1 is slower
+# than session 12's), profile-b1 (858 kernels a forward, was 1558), dit-low (-a3 / -a2 only).
+# Session 13's plan (one H200):
 #   1. verify12    (~9 min: session 12's fixes -- H as a graph constant, B H as a layer buffer -- tested on the GPU,
 #                   then the batch-1 rows: paper_b1_x was 0.398 with 1558 kernels a forward)
 #   2. dit-b64     (the batch-64 rows with them), then train-cpp (issue 19: the compiled paper step is CPU-bound on
@@ -273,6 +285,18 @@ ws-diag)  # where the warp-specialized kernel's time goes (scripts/ws_diag.py: i
     timeout 150 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_gluon_qgemm_ws.py -k "schedule or table_choice" \
         > "$OUT/gpu_tests_ws.log" 2>&1; tail -n 4 "$OUT/gpu_tests_ws.log"
     DIT_LIMIT=$((570 - SECONDS)) "$0" dit-b1
+    ;;
+verify13)  # session 13's CPU-built fixes on the GPU: lrb_down split over K for few rows (+ its reduce kernel), B H read
+    # by the sibling-fused q/k/v, sigma plans that do not spill; their tests, then the batch-1 rows (paper 0.441x)
+    timeout 240 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_fp8_gemm_kernels.py \
+        tests/kernels/test_rotated_down.py tests/kernels/test_sigma_plan.py tests/kernels/test_act_quant_kernel.py \
+        tests/kernels/test_inductor.py -k "lrb_down or rotated or sigma or compiled_qlinear or b_h" 2>&1 \
+        | grep -v DEBUG | tee "$OUT/gpu_tests_verify13.log" | tail -n 12
+    DIT_LIMIT=$((570 - SECONDS)) "$0" dit-b1
+    ;;
+profile-low)  # where the -a3 policy's batch-64 time goes (default-mode compile; 0.354x vs the paper policy's 0.875x)
+    timeout 560 python3 benchmarks/profile_dit.py --settings paper-a3 --batch 64 --steps 3 --out "$OUT" 2>&1 \
+        | grep -v Warning | tail -n 34
     ;;
 verify12)  # session 12's CPU-built fixes on the GPU (the constant Hadamard matrix in compiled graphs, the layer's B H
     # buffer): their tests and the compiled-vs-eager ones, then the batch-1 rows they are for (paper 0.398x before)
