@@ -93,22 +93,31 @@ def quant_supported(k: int, block: int, a_bits: int, dtype: torch.dtype, clip: s
     return None
 
 
-_SIGMA_PER_THREAD = 72  # most row values a thread holds in a sigma plan
+_ROOMY_PER_THREAD = 72  # most row values a thread holds in a one-pass plan of the register-hungry forms
+
+
+def _roomy_plan(k: int, block: int, m: int, one_pass: bool) -> tuple | None:
+    """The tiling for the quantizer's register-hungry forms: `sigma` ranges (mean and deviation of the whole row in
+    registers: one pass only) and an input activation (GELU's erf / tanh on every value). The tuned absmax plan
+    where it is two-pass (and that is allowed) or a thread holds at most `_ROOMY_PER_THREAD` values, else one row a
+    program on the fewest warps that keep to it. Offline sm_90 compiles (session 13) at K = 4608 on the table's one
+    warp (144 values a thread): absmax 188 registers, no spills; sigma 255 registers and 183 spill stores; GELU 255
+    and 18-22; on 2 warps none of them spills (165 / 159 registers)."""
+    block = block if block > 1 else 0
+    plan = quant_plan(k, block, m)
+    if plan is not None and (not one_pass if plan[3] else k * plan[1] <= _ROOMY_PER_THREAD * 32 * plan[2]):
+        return plan
+    warps = 1
+    while k > _ROOMY_PER_THREAD * 32 * warps and warps < 4:
+        warps *= 2
+    if k <= _ROOMY_PER_THREAD * 32 * warps:
+        return make_plan(k, block, 1, warps)
+    return None if one_pass else plan
 
 
 def _sigma_plan(k: int, block: int, m: int) -> tuple | None:
-    """A one-pass tiling for `sigma` ranges (their mean and deviation need the whole row in registers): the tuned
-    absmax plan where a thread holds at most `_SIGMA_PER_THREAD` values, else one row a program on the fewest warps
-    that keep to it. Offline sm_90 compiles (session 13): K = 4608 on the table's 1 warp (144 values a thread) took
-    255 registers and 183 spill stores with sigma (absmax: 188, none); on 2 warps 165 and none."""
-    block = block if block > 1 else 0
-    plan = quant_plan(k, block, m)
-    if plan is not None and not plan[3] and k * plan[1] <= _SIGMA_PER_THREAD * 32 * plan[2]:
-        return plan
-    warps = 1
-    while k > _SIGMA_PER_THREAD * 32 * warps and warps < 4:
-        warps *= 2
-    return make_plan(k, block, 1, warps) if k <= _SIGMA_PER_THREAD * 32 * warps else None
+    """A one-pass tiling for `sigma` ranges (`_roomy_plan`), None where rows are too long for one."""
+    return _roomy_plan(k, block, m, one_pass=True)
 
 
 def act_quant(x2: torch.Tensor, block: int, a_bits: int, sym: bool, dequant: bool = False,
@@ -202,7 +211,7 @@ def act_quant_spec(x2, out, scale, lo, block: int, a_bits: int, sym: bool, dequa
         return _gq().act_quant_gluon_launch(x2, out, scale, lo, m, out.shape[0], _hscale(block, x2.dtype), levels,
                                             sh, sym, g)
     sigma = clip == "sigma"
-    plan = plan or (_sigma_plan(k, block, m) if sigma else quant_plan(k, block, m))
+    plan = plan or (_roomy_plan(k, block, m, sigma) if sigma or act else quant_plan(k, block, m))
     # sigma: c of the MSE-optimal uniform quantizer of a normal with the code count of this range (quantizers.py)
     clip_c = Q.gaussian_clip(2 ** a_bits - 1 if sym else 2 ** a_bits) if sigma else 0.0
     return _aq().act_quant_launch(x2, out, scale, lo, m, out.shape[0], _hscale(block, x2.dtype), levels, sh, block,

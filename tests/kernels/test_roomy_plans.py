@@ -1,0 +1,56 @@
+"""The activation quantizer's tilings for its register-hungry forms (kernels/quantizer.py `_roomy_plan`): sigma
+ranges keep the whole row in registers for its mean and deviation, and an input activation (robuq::qlinear's
+input_act: GELU) computes erf / tanh on every value, so a plan must not give a thread more values than fit.
+Session 13: the dispatch table's absmax plan for K = 4608 (one warp a row, 144 values a thread) made both spill in
+the offline sm_90 build (sigma: 255 registers, 183 local stores; GELU: 255, 18-22) on every fc2 call of the -a3 /
+-a2 policies and of a `fuse_activations` model."""
+import re
+
+import pytest
+import torch
+
+from robuq_fx.kernels import quantizer
+from tests.kernels.sm90 import import_or_none
+
+KS = (256, 1152, 2304, 4096, 4608, 8192)  # DiT-XL/2 (1152, 4608), ViT / Llama widths
+LIMIT = quantizer._ROOMY_PER_THREAD * 32
+
+
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("m", [16, 256, 1024, 4096, 16384])
+def test_roomy_plans_keep_rows_in_registers(k, m):
+    plan = quantizer._sigma_plan(k, 128, m)
+    assert plan is not None and plan[3] == 0, plan  # sigma: one pass
+    widths, bm, warps, _ = plan
+    assert sum(widths) == k and k * bm <= LIMIT * warps, plan
+    assert quantizer.quant_supported(k, 128, 3, torch.bfloat16, "sigma", m) is None
+    widths, bm, warps, chunk = quantizer._roomy_plan(k, 128, m, one_pass=False)  # GELU: two passes allowed
+    assert sum(widths) == k and (chunk or k * bm <= LIMIT * warps)
+
+
+def test_rows_too_long_for_one_pass_are_refused_by_name():
+    why = quantizer.quant_supported(16384, 128, 3, torch.bfloat16, "sigma", 256)
+    assert why and "sigma" in why and "16384" in why
+
+
+@pytest.mark.parametrize("k", [1152, 4608])
+@pytest.mark.parametrize("form", ["sigma", "gelu", "gelu_tanh"])
+def test_quantizer_does_not_spill_offline_sm90(k, form):
+    """Offline sm_90 build of the kernel on the plan the quantizer picks for the form (Hadamard 128): no
+    local-memory stores."""
+    A = import_or_none("triton_act_quant")
+    if A is None:
+        pytest.skip("triton does not import here")
+    from tests.kernels.sm90 import compile_sm90, sass
+    sigma = form == "sigma"
+    widths, bm, warps, chunk = quantizer._roomy_plan(k, 128, 16384, one_pass=sigma)
+    ws = list(widths) + [0] * (4 - len(widths))
+    sig = {"x_ptr": "*bf16", "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "lo_ptr": "*fp32", "M": "i32",
+           "M_STORE": "i32", "stride_xm": "i32", "stride_om": "i32", "hscale": "fp32", "levels": "fp32",
+           "clip_c": "fp32"}
+    const = dict(W0=ws[0], W1=ws[1], W2=ws[2], W3=ws[3], BM=bm, B=128, LOGB=7, HAD=True, SYM=not sigma,
+                 DEQUANT=False, HAS_SHIFT=sigma, CHUNK=chunk, SIGMA=sigma, ACT=0 if sigma else A.ACTS[form])
+    kern = compile_sm90(A.act_quant_bfly_kernel, sig, const, {"num_warps": warps},
+                        aligned=("x_ptr", "out_ptr", "stride_xm", "stride_om"), gluon=False)
+    text, regs = sass(kern)
+    assert not re.search(r"\bSTL\b", text), f"K={k} {form} plan {widths, bm, warps}: {regs} registers, spills"
