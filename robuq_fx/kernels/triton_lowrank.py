@@ -164,10 +164,11 @@ def lrb_split(x2, bh, sx, out, w_codes, m_store: int, launcher=launch, act: str 
 
 
 def lrb_down_ok(x2, bh) -> bool:
-    """The kernel takes x2 (M, K) and bh (r, K): 16-bit, the same dtype, contiguous rows, K a multiple of its tile."""
+    """The kernel takes x2 (M, K) and bh (r, K): 16-bit, the same dtype, contiguous rows, K a multiple of its tile,
+    r <= 128 (the sibling-fused q/k/v's 3 x 32; offline sm_90 at r = 128: 144 KiB of shared memory, no spills)."""
     k = x2.shape[1]
     return (x2.dtype in (torch.bfloat16, torch.float16) and bh.dtype == x2.dtype and x2.stride(1) == 1
-            and bh.is_contiguous() and k % DOWN_BK == 0 and 0 < bh.shape[0] <= 64)
+            and bh.is_contiguous() and k % DOWN_BK == 0 and 0 < bh.shape[0] <= 128)
 
 
 def down_split(m: int, k: int) -> int:

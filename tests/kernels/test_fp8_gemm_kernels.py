@@ -132,14 +132,14 @@ def test_lrb_down_applies_the_input_activation(act):
 @gpu
 def test_lrb_down_kernel():
     """kernels/triton_lowrank.py: t = x (B H)^T accumulated in fp32 and rounded once to x's dtype (float64 bound of
-    one rounding), rows of x strided or not, odd M, ranks 32 / 8 / 5; `triton_fp8.down_proj` takes it. Few rows
-    split K over programs (`down_split`: fp32 partials added in a fixed order), the same t on every call."""
+    one rounding), rows of x strided or not, odd M, ranks 32 / 8 / 5 / 96 (fused q/k/v); `triton_fp8.down_proj` takes
+    it. Few rows split K over programs (`down_split`: fp32 partials added in a fixed order), the same t every call."""
     from robuq_fx.kernels.triton_lowrank import down_split, lrb_down_ok
     assert down_split(256, 1152) == 9 and down_split(1000, 4608) == 6 and down_split(16384, 4608) == 1
     g = torch.Generator(device="cuda").manual_seed(0)
     for k in (1152, 4608):
         for m in (1, 37, 1000, 16384):
-            for r in (32, 8, 5):
+            for r in (32, 8, 5, 96):
                 xs = torch.randn(m, k + 128, device="cuda", generator=g).to(torch.bfloat16)
                 for x in (xs[:, :k].contiguous(), xs[:, 64:64 + k]):
                     bh = (torch.randn(r, k, device="cuda", generator=g) * 0.05).to(torch.bfloat16)
