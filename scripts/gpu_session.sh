@@ -49,6 +49,7 @@
 #   scripts/gpu_session.sh verify13         session 13's fixes (lrb_down split, B H in lowered graphs, sigma plans): their
 #                                           GPU tests, then dit-b1
 #   scripts/gpu_session.sh profile-low      profile_dit of dit-xl-2-robuq-a3 at batch 64 (default-mode compile)
+#   scripts/gpu_session.sh dit-gelu         W4A4+H batch 64 with / without the GELU fused into fc2 (its spill fixed)
 #   scripts/gpu_session.sh verify12         session 12's fixes (H as a graph constant, B H as a layer buffer): their GPU
 #                                           tests and the compiled-vs-eager ones, then dit-b1
 #   scripts/gpu_session.sh dit-b1           the batch-1 rows of W4A4+H and the paper policy (CUDA graphs)
@@ -66,7 +67,8 @@
 #                   the GPU; then the batch-1 rows: paper_b1_x 0.441 with 858 kernels a forward)
 #   2. dit-low     (-a3 / -a2 at batch 64 with the sigma plan fix: 0.354 / 0.360 in session 13, paper 0.875); if
 #                   still far below the paper policy, profile-low for where the time goes
-#   3. dit-b64, train-cpp (issue 19), qat-profile compiled paper
+#   3. dit-gelu    (W4A4+H b64 with the GELU in fc2's quantizer, now without spills: the 1.3x target's best chance)
+#   4. dit-b64, train-cpp (issue 19), qat-profile compiled paper
 # Session 13 ran: verify12 (74 passed; b1 rows), dit-b64 (+ c4c1d19's W4A4+H b1 row: the machine's b1 is slower
 # than session 12's), profile-b1 (858 kernels a forward, was 1558), dit-low (-a3 / -a2 only).
 # Session 13's plan (one H200):
@@ -294,6 +296,11 @@ verify13)  # session 13's CPU-built fixes on the GPU: lrb_down split over K for 
         -k "not test_inductor or compiled_qlinear or sigma_clipped or rotated" 2>&1 \
         | grep -v DEBUG | tee "$OUT/gpu_tests_verify13.log" | tail -n 12
     DIT_LIMIT=$((570 - SECONDS)) "$0" dit-b1
+    ;;
+dit-gelu)  # W4A4+H at batch 64 with and without the GELU fused into fc2's quantizer (its K = 4608 plan spilled until
+    # session 13: 1.02x against 1.20x without; if it now wins, lower() could fuse it by default)
+    timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
+        --settings "W4A4+H" --batches 64 --iters 10 --warmup 3 --fuse-gelu --tag _reduce-overhead_gelu 2>&1 | tail -20
     ;;
 profile-low)  # where the -a3 policy's batch-64 time goes (default-mode compile; 0.354x vs the paper policy's 0.875x)
     timeout 560 python3 benchmarks/profile_dit.py --settings paper-a3 --batch 64 --steps 3 --out "$OUT" 2>&1 \
