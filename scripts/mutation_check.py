@@ -120,6 +120,16 @@ MUTANTS = [
      'if k.startswith("ROBUQ_") and k not in _NOT_KEYED', 'if k.startswith("ROBUQ_NONE_") and k not in _NOT_KEYED',
      "torch.compile's caches blind to the ROBUQ_* settings: a warm cache answers with another setting's graph",
      ["tests/kernels/test_compile_cache.py"]),
+    ("gaussian_clip_traced", Q, "    with _disable_current_modes():\n        return _golden_section(levels)",
+     "    return _golden_section(levels)",
+     "the sigma clip constant computed under the tracer's modes (a trace records its grid and fails)",
+     ["tests/test_quantizers.py", "-k", "tracers"]),
+    ("graph_calls_skip_b_h", "robuq_fx/passes/fuse.py", 'kwargs["lrb_down_h"] = g.get_attr(f"{path}.lrb_down_h")',
+     "pass", "lowered graphs call qlinear without the layer's B H (every forward recomputes it)",
+     ["tests/kernels/test_rotated_down.py"]),
+    ("roomy_plan_bound", "robuq_fx/kernels/quantizer.py", "_ROOMY_PER_THREAD = 72", "_ROOMY_PER_THREAD = 144",
+     "sigma / GELU quantizer plans hold 144 row values a thread (the spilling tiling)",
+     ["tests/kernels/test_roomy_plans.py"]),
 ]
 
 

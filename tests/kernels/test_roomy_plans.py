@@ -13,7 +13,7 @@ from robuq_fx.kernels import quantizer
 from tests.kernels.sm90 import import_or_none
 
 KS = (256, 1152, 2304, 4096, 4608, 8192)  # DiT-XL/2 (1152, 4608), ViT / Llama widths
-LIMIT = quantizer._ROOMY_PER_THREAD * 32
+LIMIT = 72 * 32  # values a warp: 72 a thread compiled without spills at K = 4608 (2 warps), 144 spilled
 
 
 @pytest.mark.parametrize("k", KS)
