@@ -49,6 +49,7 @@
 #   scripts/gpu_session.sh verify13         session 13's fixes (lrb_down split, B H in lowered graphs, sigma plans): their
 #                                           GPU tests, then dit-b1
 #   scripts/gpu_session.sh profile-low      profile_dit of dit-xl-2-robuq-a3 at batch 64 (default-mode compile)
+#   scripts/gpu_session.sh ncu-attention    Nsight Compute on the 8-bit attention kernels (the fused one: 0.064x SDPA)
 #   scripts/gpu_session.sh dit-gelu         W4A4+H batch 64 with / without the GELU fused into fc2 (its spill fixed)
 #   scripts/gpu_session.sh verify12         session 12's fixes (H as a graph constant, B H as a layer buffer): their GPU
 #                                           tests and the compiled-vs-eager ones, then dit-b1
@@ -68,7 +69,10 @@
 #   2. dit-low     (-a3 / -a2 at batch 64 with the sigma plan fix: 0.354 / 0.360 in session 13, paper 0.875); if
 #                   still far below the paper policy, profile-low for where the time goes
 #   3. dit-gelu    (W4A4+H b64 with the GELU in fc2's quantizer, now without spills: the 1.3x target's best chance)
-#   4. dit-b64, train-cpp (issue 19), qat-profile compiled paper
+#   4. train-cpp   (issue 19: the compiled paper step launch-bound; Inductor's C++ wrapper compiles it and gives
+#                   bit-equal outputs and gradients on the CPU, session 13), dit-default (its C++-wrapper rows: issue
+#                   17 item 6), ncu-attention (why the fused 8-bit attention kernel runs at 0.064x SDPA)
+#   5. dit-b64, qat-profile compiled paper
 # Session 13 ran: verify12 (74 passed; b1 rows), dit-b64 (+ c4c1d19's W4A4+H b1 row: the machine's b1 is slower
 # than session 12's), profile-b1 (858 kernels a forward, was 1558), dit-low (-a3 / -a2 only).
 # Session 13's plan (one H200):
@@ -365,6 +369,17 @@ qat-profile)  # qat-profile [MODE [SETTING ...]]: default compiled, bf16 and the
     [ $# -ge 3 ] && settings=("${@:3}") || settings=(bf16 paper)
     timeout 540 python3 benchmarks/profile_dit.py --train "$mode" --batch 16 --steps 3 --settings "${settings[@]}" \
         --out "$OUT" 2>&1 | tail -70
+    ;;
+ncu-attention)  # Nsight Compute on the 8-bit attention kernels at DiT-XL/2 batch 64 (the fused one: 0.064x SDPA)
+    if command -v ncu >/dev/null; then
+        timeout 400 ncu --nvtx --nvtx-include "regex:.+/" --section SpeedOfLight --section Occupancy \
+            --section LaunchStats --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+            -f -o "$OUT/ncu_attention" python3 benchmarks/ncu_kernels.py --attention --reps 1 2>&1 | tail -8
+        ncu --import "$OUT/ncu_attention.ncu-rep" --csv --page details > "$OUT/ncu_attention.csv" 2>&1
+        ncu --import "$OUT/ncu_attention.ncu-rep" --page details 2>&1 | grep -E "^  [a-zA-Z_].*\(|Duration|Throughput|Registers|Occupancy|Ipc|Stall|Warp Cycles" | head -120
+    else
+        python3 benchmarks/ncu_kernels.py --attention --reps 5
+    fi
     ;;
 ncu)  # Nsight Compute on the quantizer and GEMM kernels (benchmarks/ncu_kernels.py): why they run at the speed they do
     if command -v ncu >/dev/null; then
