@@ -293,11 +293,12 @@ ws-diag)  # where the warp-specialized kernel's time goes (scripts/ws_diag.py: i
     DIT_LIMIT=$((570 - SECONDS)) "$0" dit-b1
     ;;
 verify13)  # session 13's CPU-built fixes on the GPU: lrb_down split over K for few rows (+ its reduce kernel), B H read
-    # by the sibling-fused q/k/v, quantizer plans that do not spill (sigma, GELU input); tests, then the b1 rows
+    # by the sibling-fused q/k/v, quantizer plans that do not spill (sigma, GELU input), unpadded row-kernel rows;
+    # their tests, then the b1 rows
     timeout 250 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_rotated_down.py \
         tests/kernels/test_roomy_plans.py tests/kernels/test_input_act.py tests/kernels/test_act_quant_kernel.py \
-        tests/kernels/test_fp8_gemm_kernels.py tests/kernels/test_inductor.py \
-        -k "not test_inductor or compiled_qlinear or sigma_clipped or rotated" 2>&1 \
+        tests/kernels/test_fp8_gemm_kernels.py tests/kernels/test_inductor.py tests/kernels/test_attention8.py \
+        -k "not (test_inductor or test_attention8) or compiled_qlinear or sigma_clipped or rotated or row_kernel" 2>&1 \
         | grep -v DEBUG | tee "$OUT/gpu_tests_verify13.log" | tail -n 12
     DIT_LIMIT=$((570 - SECONDS)) "$0" dit-b1
     ;;

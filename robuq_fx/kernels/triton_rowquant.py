@@ -75,30 +75,56 @@ def round_quotient(y, safe, rcp):
 
 
 @triton.jit
-def quantize_rows(x, mask, levels, SYM: tl.constexpr):
-    """Codes (fp32 holding integers), s and lo of the rows of a [R, D] fp32 block; masked entries are ignored."""
+def _row_range(x, mask, SYM: tl.constexpr):
+    """(a, b) per row of a [R, D] fp32 block, masked entries ignored: (-max|x|, max|x|) or (min x, max x) (rows with
+    no valid entry: -inf / +inf, which `_range_done` turns into an empty range)."""
     if SYM:
         b = tl.max(tl.where(mask, tl.abs(x), 0.0), axis=1)
-        a = -b
-    else:
-        a = tl.min(tl.where(mask, x, float("inf")), axis=1)
-        b = tl.max(tl.where(mask, x, float("-inf")), axis=1)
-        a = tl.where(a <= b, a, 0.0)  # rows with no valid entry (padding)
-        b = tl.where(a <= b, b, 0.0)
-    s, lo, safe, rcp = scale_of(a, b, levels, SYM)
+        return -b, b
+    return tl.min(tl.where(mask, x, float("inf")), axis=1), tl.max(tl.where(mask, x, float("-inf")), axis=1)
+
+
+@triton.jit
+def _range_done(a, b, SYM: tl.constexpr):
+    if SYM:
+        return a, b
+    return tl.where(a <= b, a, 0.0), tl.where(a <= b, b, 0.0)  # rows with no valid entry (padding)
+
+
+@triton.jit
+def _codes(x, lo, safe, rcp, SYM: tl.constexpr):
     y = x if SYM else x - lo[:, None]
-    return round_quotient(y, safe[:, None], rcp[:, None]), s, lo
+    return round_quotient(y, safe[:, None], rcp[:, None])
+
+
+@triton.jit
+def quantize_rows(x, mask, levels, SYM: tl.constexpr):
+    """Codes (fp32 holding integers), s and lo of the rows of a [R, D] fp32 block; masked entries are ignored."""
+    a, b = _row_range(x, mask, SYM)
+    a, b = _range_done(a, b, SYM)
+    s, lo, safe, rcp = scale_of(a, b, levels, SYM)
+    return _codes(x, lo, safe, rcp, SYM), s, lo
+
+
+@triton.jit
+def _dequant(q, s, lo, SYM: tl.constexpr):
+    sq = s[:, None] * q
+    if SYM:
+        return sq
+    return lo[:, None] + sq
 
 
 @triton.jit
 def fake_quant_rows_kernel(x_ptr, out_ptr, n_rows, n1, n2, sx0, sx1, sx2, sxd, levels, codes_ptr, scale_ptr,
                            D: tl.constexpr, SYM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                           CODES: tl.constexpr = False, ALIGN: tl.constexpr = 1):
+                           CODES: tl.constexpr = False, ALIGN: tl.constexpr = 1, TAIL: tl.constexpr = 0):
     """out = Q_a(x) per row; with CODES also the codes (codes_ptr, (rows, D) row-major) and the scales
     (scale_ptr, (rows,)), symmetric only (what the fp8 GEMM of the QAT forward reads). D is a constexpr so that the
     column mask is known constant over aligned groups, and ALIGN (the launcher's check that every row starts on a
     multiple of ALIGN elements, 16-byte aligned) tells Triton so: rows of 72 (DiT-XL/2's heads) then load and store
-    as 16-byte vectors instead of one element a thread."""
+    as 16-byte vectors instead of one element a thread. TAIL > 0: the row is two pieces, columns [0, BLOCK_D) and
+    [BLOCK_D, BLOCK_D + TAIL) = D, both powers of two (72 = 64 + 8), held without the padding a power-of-two block
+    of 128 would give (44% of the lanes idle at 72)."""
     levels = tl.cast(levels, tl.float32)  # fp64 when Inductor launches it (see triton_act_quant)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
@@ -113,13 +139,25 @@ def fake_quant_rows_kernel(x_ptr, out_ptr, n_rows, n1, n2, sx0, sx1, sx2, sxd, l
         obase = tl.multiple_of(obase, ALIGN)
     mask = rmask[:, None] & (cols[None, :] < D)
     x = tl.load(x_ptr + base[:, None] + cols[None, :].to(tl.int64) * sxd, mask=mask, other=0.0).to(tl.float32)
-    q, s, lo = quantize_rows(x, mask, levels, SYM)
-    sq = s[:, None] * q
-    if SYM:
-        v = sq
+    if TAIL == 0:
+        q, s, lo = quantize_rows(x, mask, levels, SYM)
     else:
-        v = lo[:, None] + sq
-    tl.store(out_ptr + obase[:, None] + cols[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
+        cols2 = BLOCK_D + tl.arange(0, TAIL)
+        mask2 = rmask[:, None] & (cols2[None, :] < D)
+        x2 = tl.load(x_ptr + base[:, None] + cols2[None, :].to(tl.int64) * sxd, mask=mask2,
+                     other=0.0).to(tl.float32)
+        a, b = _row_range(x, mask, SYM)
+        a2, b2 = _row_range(x2, mask2, SYM)
+        a, b = _range_done(tl.minimum(a, a2), tl.maximum(b, b2), SYM)
+        s, lo, safe, rcp = scale_of(a, b, levels, SYM)
+        q = _codes(x, lo, safe, rcp, SYM)
+        q2 = _codes(x2, lo, safe, rcp, SYM)
+        tl.store(out_ptr + obase[:, None] + cols2[None, :], _dequant(q2, s, lo, SYM).to(out_ptr.dtype.element_ty),
+                 mask=mask2)
+        if CODES:
+            tl.store(codes_ptr + obase[:, None] + cols2[None, :], q2.to(codes_ptr.dtype.element_ty), mask=mask2)
+    tl.store(out_ptr + obase[:, None] + cols[None, :], _dequant(q, s, lo, SYM).to(out_ptr.dtype.element_ty),
+             mask=mask)
     if CODES:
         tl.store(codes_ptr + obase[:, None] + cols[None, :], q.to(codes_ptr.dtype.element_ty), mask=mask)
         tl.store(scale_ptr + rows, s, mask=rmask)
@@ -137,6 +175,17 @@ def supported(x: torch.Tensor, a_bits: int) -> str | None:
     return None
 
 
+def _pieces(d: int) -> tuple[int, int]:
+    """(BLOCK_D, TAIL): a row of d as one power-of-two block (padded), or as two unpadded powers of two where d is
+    their sum with the tail at least 8 values (72 = 64 + 8, 80 = 64 + 16, 96 = 64 + 32)."""
+    if d >= 16 and d & (d - 1):
+        head = 1 << (d.bit_length() - 1)
+        tail = d - head
+        if tail >= 8 and not tail & (tail - 1):
+            return head, tail
+    return max(16, triton.next_power_of_2(d)), 0
+
+
 def _tiling(d: int) -> tuple[int, int, int]:
     block_d = max(16, triton.next_power_of_2(d))
     env = os.environ.get("ROBUQ_ROWQ_TILING")  # "rows,warps": for tuning sweeps (benchmarks/bench_attention.py)
@@ -148,6 +197,11 @@ def _tiling(d: int) -> tuple[int, int, int]:
     # 1152-wide rows: 1 row x 1 warp 24.8 us (3.0 TB/s)
     block_r = max(1, 1024 // block_d)
     warps = max(1, min(8, block_d // 2048))
+    head, tail = _pieces(d)
+    if tail and warps == 1:  # rows held unpadded (`_pieces`): as many values a warp as 8 padded rows of 128 took
+        block_r = 1  # (72: 16 rows, 1152 values; offline sm_90: 58.5 instructions a row against 111 padded, the
+        while 2 * block_r * d <= 1280:  # same 63 registers; not yet timed)
+            block_r *= 2
     return block_r, block_d, warps
 
 
@@ -222,13 +276,14 @@ def _launch(x, out, a_bits, sym, Q, launcher, codes=None):
     n_rows = out.numel() // max(d, 1)
     if n_rows == 0 or d == 0:
         return
-    block_r, block_d, warps = _tiling(d)
+    block_r, _, warps = _tiling(d)
+    block_d, tail = _pieces(d)
     grid = ((n_rows + block_r - 1) // block_r,)
     c_out, s_out = codes if codes is not None else (x, x)  # neither read nor written without CODES
     args = (x, out, n_rows, shape[1], shape[2], strides[0], strides[1], strides[2], sxd,
             float(Q.act_levels(a_bits, sym)), c_out, s_out)
     kw = (dict(D=d, SYM=bool(sym), BLOCK_R=block_r, BLOCK_D=block_d, CODES=codes is not None,
-               ALIGN=_align(x, out, d, strides, sxd)),
+               ALIGN=_align(x, out, d, strides, sxd), TAIL=tail),
           dict(num_warps=warps, enable_fp_fusion=False))
     traced = launcher is triton_launch.traced  # a traced launch has no device to switch to
     with (torch.cuda.device(x.device) if x.is_cuda and not traced else _nullctx()):

@@ -41,10 +41,12 @@ def _ties(shape, bits, dtype, gen):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits,sym", [(8, True), (4, True), (3, True), (4, False), (2, False), (1, False)])
 def test_row_kernel_equals_torch_math(dtype, bits, sym):
+    """Rows of every width held as one padded block or as two powers of two (72 = 64 + 8, 1152 = 1024 + 128,
+    96 = 64 + 32, 24 = 16 + 8; `triton_rowquant._pieces`), bit for bit the torch math, ties included."""
     from robuq_fx.kernels import triton_rowquant as R
     gen = torch.Generator(device="cuda").manual_seed(bits)
     for shape, perm in (((2, 37, 3, 72), (0, 2, 1, 3)), ((5, 1152), None), ((3, 7, 4608), None),
-                        ((2, 5, 4, 128), (0, 2, 1, 3)), ((1, 2, 24), None)):
+                        ((2, 5, 4, 128), (0, 2, 1, 3)), ((1, 2, 24), None), ((2, 9, 96), None), ((3, 80), None)):
         x = _ties(shape, bits, dtype, gen)
         if perm:
             x = x.permute(*perm)
