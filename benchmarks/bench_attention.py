@@ -9,6 +9,8 @@ Columns, all timed by CUDA-graph replay in one run, ratio = bf16 SDPA time / col
                          in their memory order + flash SDPA)
     fused kernel         the opt-in single Triton kernel (ROBUQ_ATTENTION=fused: quantize while loading, int8 q.k,
                          P.V on 16-bit tensor cores)
+    fused kernel, k/v prequant  ROBUQ_ATTENTION=prequant: k / v quantized first by the row kernel (int8 codes +
+                         scales, fake-quant values), then the flash kernel whose loads feed the dots (same output)
 
     python benchmarks/bench_attention.py            # table + JSON + PNG + summary_attention_<gpu>.json
 """
@@ -66,6 +68,7 @@ def main(argv=None):
             "row kernel+SDPA": lambda: sdpa(*(R.fake_quant_rows(t, 8, True) for t in (q, k, v))),
             "attention8 op": lambda: torch.ops.robuq.attention8(q, k, v, None, 0.0, causal, None, bool(gqa), 8),
             "fused kernel": lambda: T.attention8(q, k, v, causal, None),
+            "fused kernel, k/v prequant": lambda: T.attention8_prequant(q, k, v, causal, None),
         }
         if hk == h:  # q, k, v as the lowered DiT's attention reads them: thirds of one fused qkv output
             buf = torch.randn(b * s, 3 * h * d, generator=g, device="cuda", dtype=torch.bfloat16)
@@ -86,6 +89,7 @@ def main(argv=None):
         key = name.replace(" ", "_").replace("-", "")
         summary[f"attn8_{key}_x"] = row["attention8 op"]
         summary[f"attn8_fused_{key}_x"] = row["fused kernel"]
+        summary[f"attn8_prequant_{key}_x"] = row["fused kernel, k/v prequant"]
         summary[f"rowq_sdpa_{key}_x"] = row["row kernel+SDPA"]
         if "attention8 op, qkv buffer" in row:  # one launch for q, k, v (attention.qkv_union)
             summary[f"attn8_qkvbuf_{key}_x"] = row["attention8 op, qkv buffer"]
@@ -102,7 +106,8 @@ def main(argv=None):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        cols = ["ATen fake-quant+SDPA", "row kernel+SDPA", "attention8 op", "fused kernel"]
+        cols = ["ATen fake-quant+SDPA", "row kernel+SDPA", "attention8 op", "fused kernel",
+                "fused kernel, k/v prequant"]
         fig, ax = plt.subplots(figsize=(10, 4))
         w = 0.8 / len(cols)
         for i, c in enumerate(cols):

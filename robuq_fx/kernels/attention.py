@@ -12,7 +12,8 @@ memory order (q, k, v usually are (batch, heads, seq, dim) views of (batch, seq,
 through the op's contiguous copy; where q, k and v are the thirds of one fused qkv output (`qkv_union`, the lowered
 DiT), all three in one launch over that buffer. (The opt-in Inductor decomposition quantizes them one by one.)
 
-`ROBUQ_ATTENTION=fused` runs the single Triton flash kernel of `triton_attention8.py` instead (quantization while
+`ROBUQ_ATTENTION=fused` runs the single Triton flash kernel of `triton_attention8.py` instead (`prequant`: k and v
+quantized first by the row kernel, then the flash kernel with q quantized inside; the same output) (quantization while
 loading, q.k on int8 tensor cores) for the calls it takes. It is opt-in because on the H200 it is still slower than
 quantize + flash SDPA at every measured shape (benchmarks/bench_attention.py; docs/gpu.md has the numbers).
 Calls no GPU path takes (masks, dropout, fp32, odd head dims) run the reference; lowering warns once per such
@@ -94,10 +95,12 @@ def qkv_union(q, k, v) -> torch.Tensor | None:
 
 
 def _cuda(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits):
-    if os.environ.get("ROBUQ_ATTENTION") == "fused" and (enable_gqa or q.shape[1] == k.shape[1]) \
+    mode = os.environ.get("ROBUQ_ATTENTION")
+    if mode in ("fused", "prequant") and (enable_gqa or q.shape[1] == k.shape[1]) \
             and why_not_kernel(q, k, v, attn_mask, dropout_p, bits) is None:
         from . import triton_attention8
-        return triton_attention8.attention8(q, k, v, is_causal, scale, float(2 ** (bits - 1) - 1))
+        fn = triton_attention8.attention8 if mode == "fused" else triton_attention8.attention8_prequant
+        return fn(q, k, v, is_causal, scale, float(2 ** (bits - 1) - 1))
     rows = row_kernel()
     if rows is not None and all(rows.supported(t, bits) is None for t in (q, k, v)) \
             and os.environ.get("ROBUQ_ATTENTION") != "reference":

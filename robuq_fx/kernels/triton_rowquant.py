@@ -117,14 +117,15 @@ def _dequant(q, s, lo, SYM: tl.constexpr):
 @triton.jit
 def fake_quant_rows_kernel(x_ptr, out_ptr, n_rows, n1, n2, sx0, sx1, sx2, sxd, levels, codes_ptr, scale_ptr,
                            D: tl.constexpr, SYM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                           CODES: tl.constexpr = False, ALIGN: tl.constexpr = 1, TAIL: tl.constexpr = 0):
+                           CODES: tl.constexpr = False, ALIGN: tl.constexpr = 1, TAIL: tl.constexpr = 0,
+                           VALUES: tl.constexpr = True):
     """out = Q_a(x) per row; with CODES also the codes (codes_ptr, (rows, D) row-major) and the scales
     (scale_ptr, (rows,)), symmetric only (what the fp8 GEMM of the QAT forward reads). D is a constexpr so that the
     column mask is known constant over aligned groups, and ALIGN (the launcher's check that every row starts on a
     multiple of ALIGN elements, 16-byte aligned) tells Triton so: rows of 72 (DiT-XL/2's heads) then load and store
     as 16-byte vectors instead of one element a thread. TAIL > 0: the row is two pieces, columns [0, BLOCK_D) and
     [BLOCK_D, BLOCK_D + TAIL) = D, both powers of two (72 = 64 + 8), held without the padding a power-of-two block
-    of 128 would give (44% of the lanes idle at 72)."""
+    of 128 would give (44% of the lanes idle at 72). VALUES = False (with CODES): codes and scales only."""
     levels = tl.cast(levels, tl.float32)  # fp64 when Inductor launches it (see triton_act_quant)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
@@ -152,12 +153,14 @@ def fake_quant_rows_kernel(x_ptr, out_ptr, n_rows, n1, n2, sx0, sx1, sx2, sxd, l
         s, lo, safe, rcp = scale_of(a, b, levels, SYM)
         q = _codes(x, lo, safe, rcp, SYM)
         q2 = _codes(x2, lo, safe, rcp, SYM)
-        tl.store(out_ptr + obase[:, None] + cols2[None, :], _dequant(q2, s, lo, SYM).to(out_ptr.dtype.element_ty),
-                 mask=mask2)
+        if VALUES:
+            tl.store(out_ptr + obase[:, None] + cols2[None, :],
+                     _dequant(q2, s, lo, SYM).to(out_ptr.dtype.element_ty), mask=mask2)
         if CODES:
             tl.store(codes_ptr + obase[:, None] + cols2[None, :], q2.to(codes_ptr.dtype.element_ty), mask=mask2)
-    tl.store(out_ptr + obase[:, None] + cols[None, :], _dequant(q, s, lo, SYM).to(out_ptr.dtype.element_ty),
-             mask=mask)
+    if VALUES:
+        tl.store(out_ptr + obase[:, None] + cols[None, :], _dequant(q, s, lo, SYM).to(out_ptr.dtype.element_ty),
+                 mask=mask)
     if CODES:
         tl.store(codes_ptr + obase[:, None] + cols[None, :], q.to(codes_ptr.dtype.element_ty), mask=mask)
         tl.store(scale_ptr + rows, s, mask=rmask)
@@ -264,7 +267,23 @@ def fake_quant_rows_codes(x: torch.Tensor, a_bits: int) -> tuple[torch.Tensor, t
     return out, codes, scale
 
 
-def _launch(x, out, a_bits, sym, Q, launcher, codes=None):
+def quantize_rows_int8(x: torch.Tensor, a_bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes int8, x's shape, contiguous in x's logical order; per-row scales fp32, x's shape without the last
+    dim) of symmetric absmax rows, one kernel that writes no fake-quant values (the 8-bit attention's k:
+    `triton_attention8.attention8_prequant`)."""
+    from .. import quantizers as Q
+    if a_bits > 8:
+        raise ValueError("int8 codes hold at most 8 bits")
+    d = x.shape[-1]
+    rows = x.numel() // max(d, 1)
+    codes = torch.empty(x.shape, device=x.device, dtype=torch.int8)
+    scale = torch.empty(x.shape[:-1], device=x.device, dtype=torch.float32)
+    if rows:
+        _launch(x, codes.view(rows, d), a_bits, True, Q, triton_launch.launch, codes=(codes, scale), values=False)
+    return codes, scale
+
+
+def _launch(x, out, a_bits, sym, Q, launcher, codes=None, values=True):
     d = x.shape[-1]
     if x.is_contiguous():  # x and out (contiguous, x's shape): one (rows, D) matrix in memory order
         shape, strides, sxd = (1, 1, x.numel() // max(d, 1), d), (0, 0, d), 1
@@ -283,7 +302,7 @@ def _launch(x, out, a_bits, sym, Q, launcher, codes=None):
     args = (x, out, n_rows, shape[1], shape[2], strides[0], strides[1], strides[2], sxd,
             float(Q.act_levels(a_bits, sym)), c_out, s_out)
     kw = (dict(D=d, SYM=bool(sym), BLOCK_R=block_r, BLOCK_D=block_d, CODES=codes is not None,
-               ALIGN=_align(x, out, d, strides, sxd), TAIL=tail),
+               ALIGN=_align(x, out, d, strides, sxd), TAIL=tail, VALUES=values),
           dict(num_warps=warps, enable_fp_fusion=False))
     traced = launcher is triton_launch.traced  # a traced launch has no device to switch to
     with (torch.cuda.device(x.device) if x.is_cuda and not traced else _nullctx()):

@@ -124,6 +124,8 @@ def test_attention8_kernel_vs_reference(case, dtype):
     ref_err = ((ref.double() - oracle).norm() / oracle.norm()).item()
     assert err <= 1.5 * ref_err + 2e-3, f"kernel {err:.2e} vs reference path {ref_err:.2e}"
     assert torch.isfinite(out).all()
+    # k and v quantized first (int8 codes + scales, fake-quant values), the same sums in the same order
+    assert torch.equal(T.attention8_prequant(q, k, v, causal, None), out)
 
 
 def test_attention8_falls_back_exactly_for_masks_and_fp32():
