@@ -73,6 +73,19 @@ def profile(fn, steps: int, device: str) -> list[dict]:
     return sorted(rows, key=lambda r: -r["ms per forward"])
 
 
+def _wall_ms(fn, n: int, device: str) -> float:
+    """Milliseconds a call of fn, end to end (synchronized before and after n calls)."""
+    import time
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1e3
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny DiT on CPU (smoke run)")
@@ -110,6 +123,7 @@ def main(argv=None):
         with torch.no_grad():
             for _ in range(3):
                 fn_model(**x)
+            wall = _wall_ms(lambda: fn_model(**x), max(args.steps, 5), device)
             rows = profile(lambda: fn_model(**x), args.steps, device)
         cats: dict[str, float] = {}
         for r in rows:
@@ -119,6 +133,10 @@ def main(argv=None):
         table = [{"category": c, "ms per forward": round(v, 3), "share": f"{100 * v / total:.1f}%"}
                  for c, v in sorted(cats.items(), key=lambda kv: -kv[1])]
         table.append({"category": "TOTAL (sum of kernel times)", "ms per forward": round(total, 3), "share": ""})
+        # what a forward takes end to end beside its kernels' sum: launches, gaps, Python (CUDA graphs or not)
+        table.append({"category": "wall time a forward (unprofiled)", "ms per forward": round(wall, 3), "share": ""})
+        table.append({"category": "kernels a forward", "ms per forward": round(sum(r["calls per forward"]
+                                                                                for r in rows), 1), "share": ""})
         out["settings"][key] = {"categories": table, "kernels": rows}
         lines += ["", f"## {key}", tabulate(table, headers="keys", tablefmt="github"), "",
                   tabulate([{k: (round(v, 4) if isinstance(v, float) else v[:90] if isinstance(v, str) else v)

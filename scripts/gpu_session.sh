@@ -49,6 +49,7 @@
 #   scripts/gpu_session.sh verify13         session 13's fixes (lrb_down split, B H in lowered graphs, sigma plans): their
 #                                           GPU tests, then dit-b1
 #   scripts/gpu_session.sh profile-low      profile_dit of dit-xl-2-robuq-a3 at batch 64 (default-mode compile)
+#   scripts/gpu_session.sh profile-b1-cg    batch 1 under CUDA graphs: kernel sums against wall time (bf16, dit, paper)
 #   scripts/gpu_session.sh ncu-attention    Nsight Compute on the 8-bit attention kernels (the fused one: 0.064x SDPA)
 #   scripts/gpu_session.sh dit-gelu         W4A4+H batch 64 with / without the GELU fused into fc2 (its spill fixed)
 #   scripts/gpu_session.sh verify12         session 12's fixes (H as a graph constant, B H as a layer buffer): their GPU
@@ -73,7 +74,7 @@
 #                   bit-equal outputs and gradients on the CPU, session 13), dit-default (its C++-wrapper rows: issue
 #                   17 item 6), attention (bench_attention with the k/v-prequant flash kernel: vectorized,
 #                   pipelined loads, no spills offline; the inline one 0.064x), ncu-attention if it is still slow
-#   5. dit-b64, qat-profile compiled paper
+#   5. profile-b1-cg (batch 1: kernel time vs wall time under CUDA graphs), dit-b64, qat-profile compiled paper
 # Session 13 ran: verify12 (74 passed; b1 rows), dit-b64 (+ c4c1d19's W4A4+H b1 row: the machine's b1 is slower
 # than session 12's), profile-b1 (858 kernels a forward, was 1558), dit-low (-a3 / -a2 only).
 # Session 13's plan (one H200):
@@ -308,6 +309,11 @@ dit-gelu)  # W4A4+H at batch 64 with and without the GELU fused into fc2's quant
     # session 13: 1.02x against 1.20x without; if it now wins, lower() could fuse it by default)
     timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
         --settings "W4A4+H" --batches 64 --iters 10 --warmup 3 --fuse-gelu --tag _reduce-overhead_gelu 2>&1 | tail -20
+    ;;
+profile-b1-cg)  # batch 1 under CUDA graphs: each setting's kernel sum against its wall time a forward (6.6 ms paper,
+    # 3.7 ms of kernels in default mode: where do the other ~3 ms go?), bf16 and W4A4+H beside it
+    timeout 560 python3 benchmarks/profile_dit.py --settings bf16 dit paper --batch 1 --steps 5 \
+        --compile-mode reduce-overhead --out "$OUT" 2>&1 | grep -v Warning | grep -E "^##|TOTAL|wall|kernels a"
     ;;
 profile-low)  # where the -a3 policy's batch-64 time goes (default-mode compile; 0.354x vs the paper policy's 0.875x)
     timeout 560 python3 benchmarks/profile_dit.py --settings paper-a3 --batch 64 --steps 3 --out "$OUT" 2>&1 \
