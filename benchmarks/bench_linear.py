@@ -162,6 +162,9 @@ def bench(args) -> dict:
             if args.extra:
                 # the same LRB layer with the branch stacked into _scaled_mm (kernels/lrb_stacked.py, opt-in)
                 fns["W1.58A4+H+LRB32 stacked"] = _with_env(fns["W1.58A4+H+LRB32"], "ROBUQ_FP8_EPI", "stacked")
+                # the Triton epilogue GEMM making t itself (ROBUQ_FP8_DOWN_IN_GEMM=1: no lrb_down launch)
+                fns["W1.58A4+H+LRB32 down-in-GEMM"] = _with_env(_with_env(
+                    fns["W1.58A4+H+LRB32"], "ROBUQ_FP8_DOWN_IN_GEMM", "1"), "ROBUQ_FP8_EPI", "triton")
                 # and its codes from one kernel (kernels/triton_mma_quant.py, ROBUQ_STACKED_QUANT=fused)
                 fns["W1.58A4+H+LRB32 stacked fused"] = _with_env(fns["W1.58A4+H+LRB32 stacked"], "ROBUQ_STACKED_QUANT",
                                                                  "fused")
@@ -356,6 +359,7 @@ def summary(res: dict) -> dict:
     out = {"mode": mode}
     for col, key in (("W4A4+H", "w4a4h"), ("W1.58A4+H", "w158a4h"), ("fp8 GEMM only", "fp8gemm"),
                      ("W1.58A4+H+LRB32", "w158a4h_lrb32"), ("W1.58A4+H+LRB32 stacked", "w158a4h_lrb32_stacked"),
+                     ("W1.58A4+H+LRB32 down-in-GEMM", "w158a4h_lrb32_down"),
                      ("W1.58A4+H+LRB32 stacked fused", "w158a4h_lrb32_stacked_fused"),
                      ("quant only (H)", "quant_h"), ("quant only (H, mma)", "quant_h_mma"),
                      ("W4A4+H fused ws", "w4a4h_fused_ws"), ("W1.58A4+H+LRB32 fused ws", "w158a4h_lrb32_fused_ws"),

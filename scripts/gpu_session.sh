@@ -46,9 +46,10 @@
 #   scripts/gpu_session.sh train-paper      the paper policy's compiled QAT step against FP
 #   scripts/gpu_session.sh ddp              bench_ddp: 1 GPU vs all GPUs, DDP and FSDP2 (on nvidia-h200-x2)
 #   scripts/gpu_session.sh ncu              Nsight Compute on the quantizer / GEMM kernels (benchmarks/ncu_kernels.py)
-#   scripts/gpu_session.sh verify13         session 13's fixes (lrb_down split, B H in lowered graphs, sigma plans): their
-#                                           GPU tests, then dit-b1
+#   scripts/gpu_session.sh verify13 [S]     session 13's kernels (lrb_down split / in the GEMM, B H in lowered graphs,
+#                                           sigma / GELU plans, row kernel, prequant attention): their GPU tests
 #   scripts/gpu_session.sh profile-low      profile_dit of dit-xl-2-robuq-a3 at batch 64 (default-mode compile)
+#   scripts/gpu_session.sh linear-down      bench_linear's extra columns at M = 256 / 1024 (the down-projection in the GEMM)
 #   scripts/gpu_session.sh profile-b1-cg    batch 1 under CUDA graphs: kernel sums against wall time (bf16, dit, paper)
 #   scripts/gpu_session.sh ncu-attention    Nsight Compute on the 8-bit attention kernels (the fused one: 0.064x SDPA)
 #   scripts/gpu_session.sh dit-gelu         W4A4+H batch 64 with / without the GELU fused into fc2 (its spill fixed)
@@ -65,8 +66,10 @@
 # GPU) for the device time of one: use it. A cold compile of the paper policy takes ~3-4 min on the machine: a call
 # holds about two (policy, batch) rows. Session 14's plan (one H200; copy each call's compile_cache.tgz.NN into
 # .snap/.cache/ before the next):
-#   1. verify13    (~9 min: the lrb_down split kernel, B H for the fused q/k/v, non-spilling sigma plans -- tested on
-#                   the GPU; then the batch-1 rows: paper_b1_x 0.441 with 858 kernels a forward)
+#   1. verify13    (~8 min: the GPU tests of session 13's kernels: lrb_down split and DOWN-in-GEMM, B H for the
+#                   fused q/k/v, non-spilling sigma / GELU plans, unpadded row kernel, k/v-prequant attention);
+#                   then dit-b1 (paper_b1_x 0.441 with 858 kernels a forward) and, with --extra, bench_linear's
+#                   "down-in-GEMM" column (linear-down; if it wins at M = 256, record down_in_gemm in the table)
 #   2. dit-low     (-a3 / -a2 at batch 64 with the sigma plan fix: 0.354 / 0.360 in session 13, paper 0.875); if
 #                   still far below the paper policy, profile-low for where the time goes
 #   3. dit-gelu    (W4A4+H b64 with the GELU in fc2's quantizer, now without spills: the 1.3x target's best chance)
@@ -294,16 +297,15 @@ ws-diag)  # where the warp-specialized kernel's time goes (scripts/ws_diag.py: i
         > "$OUT/gpu_tests_ws.log" 2>&1; tail -n 4 "$OUT/gpu_tests_ws.log"
     DIT_LIMIT=$((570 - SECONDS)) "$0" dit-b1
     ;;
-verify13)  # session 13's CPU-built fixes on the GPU: lrb_down split over K for few rows (+ its reduce kernel), B H read
-    # by the sibling-fused q/k/v, quantizer plans that do not spill (sigma, GELU input), unpadded row-kernel rows;
-    # their tests, then the b1 rows
-    timeout 250 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_rotated_down.py \
+verify13)  # verify13 [SECS]: session 13's CPU-built kernels on the GPU: lrb_down split over K for few rows (+ its reduce
+    # kernel) and inside the epilogue GEMM (DOWN), B H read by the sibling-fused q/k/v, quantizer plans that do not
+    # spill (sigma, GELU input), unpadded row-kernel rows, the k/v-prequant attention: their tests (~8 min)
+    timeout ${2:-500} python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_rotated_down.py \
         tests/kernels/test_roomy_plans.py tests/kernels/test_input_act.py tests/kernels/test_act_quant_kernel.py \
         tests/kernels/test_fp8_gemm_kernels.py tests/kernels/test_inductor.py tests/kernels/test_attention8.py \
         -k "not (test_inductor or test_attention8) or compiled_qlinear or sigma_clipped or rotated or row_kernel \
             or attention8_kernel_vs" 2>&1 \
         | grep -v DEBUG | tee "$OUT/gpu_tests_verify13.log" | tail -n 12
-    DIT_LIMIT=$((570 - SECONDS)) "$0" dit-b1
     ;;
 dit-gelu)  # W4A4+H at batch 64 with and without the GELU fused into fc2's quantizer (its K = 4608 plan spilled until
     # session 13: 1.02x against 1.20x without; if it now wins, lower() could fuse it by default)
@@ -403,6 +405,11 @@ ncu)  # Nsight Compute on the quantizer and GEMM kernels (benchmarks/ncu_kernels
     ;;
 attention)  # 8-bit attention vs bf16 SDPA (DiT-XL/2, ViT, Llama shapes), incl. q/k/v as thirds of one qkv buffer
     timeout 300 python3 benchmarks/bench_attention.py --out "$OUT" 2>&1 | tail -n 16
+    ;;
+linear-down)  # the LRB layer with the down-projection inside the epilogue GEMM against the two kernels, M = 256 / 1024
+    # (bench_linear's extra columns; "W1.58A4+H+LRB32 down-in-GEMM" against "W1.58A4+H+LRB32")
+    timeout 540 python3 benchmarks/bench_linear.py --modes graph --m 256 1024 --extra --out "$OUT" --tag _down 2>&1 \
+        | tail -n 30
     ;;
 linear)  # linear [table]: "table" skips the dispatch sweep (bench_linear with the committed table only)
     SECONDS=0

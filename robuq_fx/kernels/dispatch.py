@@ -128,6 +128,13 @@ def stacked_mode(m: int, n: int, k: int) -> bool:
     return _shape_choice("ROBUQ_FP8_EPI", "stacked", "stacked", n, k, m)
 
 
+def down_in_gemm(m: int, n: int, k: int) -> bool:
+    """Whether an LRB layer on the Triton epilogue GEMM computes the branch's down-projection inside that GEMM's K
+    loop (`fp8_gemm_kernel` DOWN) instead of `lrb_down`'s own launch(es): ROBUQ_FP8_DOWN_IN_GEMM=1 forces it (any
+    other value: off); unset, the table's "down_in_gemm" for this shape and M bucket, off where it has none."""
+    return _shape_choice("ROBUQ_FP8_DOWN_IN_GEMM", "1", "down_in_gemm", n, k, m)
+
+
 def stacked_any(n: int, k: int) -> bool:
     """Whether `stacked_mode` may pick the stacked mode at some M for an N x K layer (ROBUQ_FP8_EPI=stacked, or any
     M bucket of the table's "stacked" for the shape): `lrb_stacked.prepare` extends such a layer's weight up front."""

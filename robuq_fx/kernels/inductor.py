@@ -127,9 +127,11 @@ def _ops():
     def fp8_gemm_op(codes: torch.Tensor, w8: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
                     bias: torch.Tensor | None, lo: torch.Tensor | None, cs: torch.Tensor | None,
                     t: torch.Tensor | None, up: torch.Tensor | None, m: int,
-                    out_dtype: torch.dtype) -> torch.Tensor:
+                    out_dtype: torch.dtype, xd: torch.Tensor | None = None,
+                    bhd: torch.Tensor | None = None) -> torch.Tensor:
         y = torch.empty(m, w8.shape[0], device=codes.device, dtype=out_dtype)
-        run_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, t, up, m, traced)
+        run_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, t, up, m, traced,
+                     down=None if xd is None else (xd, bhd))
         return y
 
     _DEFS.extend((act_quant_op, rowquant_op, fp8_gemm_op, lowrank_add_op, lrb_down_op))
@@ -163,7 +165,9 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
     w8 = a.qweight.reshape(n, k)
     sw = W.scale_vec(a.w_scale, n)
     lrb = a.lrb_down is not None
-    t = T.down_proj(x2, W.rotated_down(a, x.dtype), lrb_down_op, a.input_act) if lrb else None  # eager's choice
+    bh = W.rotated_down(a, x.dtype) if lrb else None
+    down = lrb and epilogue_mode(m, n, k) != "addmm" and T.down_in_gemm_ok(x2, bh, a, m)  # eager's choices
+    t = T.down_proj(x2, bh, lrb_down_op, a.input_act) if lrb and not down else None
     cs = None if a.a_sym else Q.weight_code_colsum(weight_codes(a), a.w_scale)
     if not (a.a_sym and not lrb) and epilogue_mode(m, n, k) == "addmm" and not _addmm_traced_ok():
         _warn_once("robuq_fx: under torch.compile the LRB / asymmetric layers take the Triton epilogue GEMM where "
@@ -180,7 +184,8 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
                                None if a.a_sym else lo, cs)  # (symmetric: no offset term, as eagerly)
         return (y if y.dtype == x.dtype else y.to(x.dtype)).reshape(*lead, n)
     up = T._up16(a, x.dtype) if lrb else None
-    y = fp8_gemm_op(codes, w8, sx, sw, a.bias, None if a.a_sym else lo, cs, t, up, m, x.dtype)
+    y = fp8_gemm_op(codes, w8, sx, sw, a.bias, None if a.a_sym else lo, cs, t, up, m, x.dtype,
+                    x2 if down else None, bh if down else None)
     return y.reshape(*lead, n)
 
 

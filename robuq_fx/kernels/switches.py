@@ -28,6 +28,10 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
                                          "branches stacked in it; equal, 2.1-2.6x slower on the H200); 0: "
                                          "neither; unset: ws where the dispatch table measured it faster "
                                          "('fused_ws', 'fused_ws_lrb', 'fused_ws_terms')"),
+    ("ROBUQ_FP8_DOWN_IN_GEMM", "(table)", "1: LRB layers on the Triton epilogue GEMM compute the branch's "
+                                          "down-projection in its K loop (no lrb_down launch; for few rows; "
+                                          "interpreter-checked, not yet timed); 0: never; unset: the table's "
+                                          "'down_in_gemm'"),
     ("ROBUQ_GLUON_GEMM_CFG", "(table)", "index into gluon_fp8_gemm.CONFIGS, for sweeps"),
     ("ROBUQ_TMA_GEMM_CFG", "(table)", "index into TMA_GEMM_CONFIGS, for sweeps"),
     ("ROBUQ_ROWQ_TILING", "(tuned)", "rows,warps of the per-row quantizer, for sweeps"),

@@ -203,12 +203,16 @@ def _sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def run_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, t, up, m: int, launcher=None) -> None:
+def run_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, t, up, m: int, launcher=None, down=None) -> None:
     """y (m, N) = our Triton fp8 GEMM with the fused epilogue: the persistent TMA kernel or the pointer one
-    (`dispatch.gemm_kernel`), each with its measured config. launcher: None (eager) or `triton_launch.traced`."""
+    (`dispatch.gemm_kernel`), each with its measured config. launcher: None (eager) or `triton_launch.traced`.
+    down: (x, B H) for the branch's down-projection inside the pointer kernel (t None; `down_in_gemm_ok`)."""
     n, k = w8.shape
     dev = codes.device
     kw = {} if launcher is None else {"launcher": launcher}
+    if down is not None:
+        _k().launch_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, None, up, m, gemm_config(m, n, k), down=down, **kw)
+        return
     which = gemm_kernel(_capability(dev.index if dev.index is not None else torch.cuda.current_device()))
     if which == "gluon" and launcher is None and _gluon_gemm_ok(codes, w8, t):  # eager: Inductor launches Triton
         from .gluon_fp8_gemm import launch_fp8_gemm_gluon
@@ -218,6 +222,15 @@ def run_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, t, up, m: int, launcher=Non
                                  _sms(dev.index or 0), **kw)
     else:
         _k().launch_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, t, up, m, gemm_config(m, n, k), **kw)
+
+
+def down_in_gemm_ok(x2: torch.Tensor, bh: torch.Tensor, a: QLinearArgs, m: int) -> bool:
+    """The epilogue GEMM makes this LRB call's t itself (`dispatch.down_in_gemm` picks it; no input activation, which
+    only `lrb_down` applies; 16-bit x with contiguous rows; a rank the epilogue takes; B H in x's dtype)."""
+    from .dispatch import down_in_gemm
+    return (a.lrb_down is not None and not a.input_act and x2.dtype in (torch.bfloat16, torch.float16)
+            and x2.stride(-1) == 1 and bh.dtype == x2.dtype and bh.is_contiguous() and bh.shape[0] <= 128
+            and down_in_gemm(m, a.out_features, a.in_features))
 
 
 def _gluon_gemm_ok(codes: torch.Tensor, w8: torch.Tensor, t: torch.Tensor | None) -> bool:
@@ -293,8 +306,12 @@ def _fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
             return y if x.dim() == 2 else y.reshape(*lead, n)
     codes, sx, lo = act_quant(x2, a.hadamard_block, a.a_bits, a.a_sym, m_store=m_pad, shift=True, clip=a.a_clip,
                               act=a.input_act)  # the input activation applied while loading x
-    t = down_proj(x2, _rot_down(a, x.dtype), act=a.input_act) if lrb else None  # the branch reads act(x) too
-    if (a.a_sym and not lrb) or epilogue_mode(m, n, k) == "addmm":
+    epi_addmm = epilogue_mode(m, n, k) == "addmm"
+    bh = _rot_down(a, x.dtype) if lrb else None
+    down = (x2, bh) if lrb and not epi_addmm and down_in_gemm_ok(x2, bh, a, m) else None
+    # the branch reads act(x) too; or the GEMM computes t itself (down)
+    t = down_proj(x2, bh, act=a.input_act) if lrb and down is None else None
+    if (a.a_sym and not lrb) or epi_addmm:
         if os.environ.get("ROBUQ_FP8_GEMM") == "triton" and a.a_sym and not lrb:
             y = torch.empty(m, n, device=x.device, dtype=x.dtype)
             if m:
@@ -318,7 +335,7 @@ def _fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
         if m:
             with on_device(x.device):
                 run_fp8_gemm(codes, e.fp8, y, sx, e.sw, a.bias, None if a.a_sym else lo, None if a.a_sym else e.cs,
-                             t, up, m)
+                             t, up, m, down=down)
     return y if x.dim() == 2 else y.reshape(*lead, n)
 
 

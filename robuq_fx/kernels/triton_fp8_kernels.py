@@ -49,16 +49,19 @@ def scale_bias(acc, sx, lo, offs_n, nmask, sw_ptr, cs_ptr, bias_ptr, ASYM: tl.co
 
 @triton.jit
 def _epilogue_loads(offs_m, offs_n, M, N, sx_ptr, lo_ptr, t_ptr, up_ptr, stride_tm, stride_un, R, RP: tl.constexpr,
-                    ASYM: tl.constexpr, HAS_LRB: tl.constexpr):
+                    ASYM: tl.constexpr, HAS_LRB: tl.constexpr, LOAD_T: tl.constexpr = True):
     """The epilogue's per-row and LRB operands: sx, lo (BM,), t (BM, RP) and A (BN, RP) zero-padded past the rank
-    (sx stands in for what the case does not use)."""
+    (sx stands in for what the case does not use; for t too where not LOAD_T: the kernel made it)."""
     mmask = offs_m < M
     sx = tl.load(sx_ptr + offs_m, mask=mmask, other=0.0)
     lo = tl.load(lo_ptr + offs_m, mask=mmask, other=0.0) if ASYM else sx
     if HAS_LRB:
         rr = tl.arange(0, RP)
-        t = tl.load(t_ptr + offs_m[:, None].to(tl.int64) * stride_tm + rr[None, :],
-                    mask=mmask[:, None] & (rr[None, :] < R), other=0.0)
+        if LOAD_T:
+            t = tl.load(t_ptr + offs_m[:, None].to(tl.int64) * stride_tm + rr[None, :],
+                        mask=mmask[:, None] & (rr[None, :] < R), other=0.0)
+        else:
+            t = sx
         u = tl.load(up_ptr + offs_n[:, None].to(tl.int64) * stride_un + rr[None, :],
                     mask=(offs_n < N)[:, None] & (rr[None, :] < R), other=0.0)
     else:
@@ -87,10 +90,14 @@ def _epilogue(acc, offs_m, offs_n, M, N, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_pt
 
 @triton.jit(do_not_specialize=["M"])
 def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_ptr, t_ptr, up_ptr,
-                    M, N, K, stride_am, stride_bn, stride_cm, stride_tm, stride_un, R,
+                    M, N, K, stride_am, stride_bn, stride_cm, stride_tm, stride_un, R, dn_ptr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                     RP: tl.constexpr, HAS_BIAS: tl.constexpr, ASYM: tl.constexpr, HAS_LRB: tl.constexpr,
-                    EARLY: tl.constexpr = False):
+                    EARLY: tl.constexpr = False, DOWN: tl.constexpr = False):
+    """DOWN: the branch's down-projection in the K loop, t = x (B H)^T from x's 16-bit rows (t_ptr, row stride
+    stride_tm) and B H (dn_ptr, (R, K) contiguous) beside the codes' product, rounded to x's dtype as
+    `triton_lowrank.lrb_down` rounds it, instead of reading a t that kernel wrote (one launch and its wait fewer;
+    every N tile re-reads its rows of x, so only for few rows)."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BM)
     num_pid_n = tl.cdiv(N, BN)
@@ -110,18 +117,31 @@ def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_pt
     b_ptrs = b_ptr + offs_bn[:, None].to(tl.int64) * stride_bn + offs_k[None, :]
     if EARLY:  # the epilogue's row / LRB operands loaded before the K loop: their latency hidden behind it
         sx, lo, t, u = _epilogue_loads(offs_m, offs_n, M, N, sx_ptr, lo_ptr, t_ptr, up_ptr, stride_tm, stride_un, R,
-                                       RP, ASYM, HAS_LRB)
+                                       RP, ASYM, HAS_LRB, not DOWN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if DOWN:
+        rr = tl.arange(0, RP)
+        x_ptrs = t_ptr + offs_am[:, None].to(tl.int64) * stride_tm + offs_k[None, :]
+        d_ptrs = dn_ptr + rr[:, None] * K + offs_k[None, :]
+        tacc = tl.zeros((BM, RP), dtype=tl.float32)
     for _ in range(0, K, BK):
         a = tl.load(a_ptrs)
         b = tl.load(b_ptrs)
         acc = tl.dot(a, tl.trans(b), acc)
         a_ptrs += BK
         b_ptrs += BK
+        if DOWN:
+            xk = tl.load(x_ptrs)
+            bk = tl.load(d_ptrs, mask=(rr < R)[:, None], other=0.0)
+            tacc = tl.dot(xk, tl.trans(bk), tacc)
+            x_ptrs += BK
+            d_ptrs += BK
 
     if not EARLY:
         sx, lo, t, u = _epilogue_loads(offs_m, offs_n, M, N, sx_ptr, lo_ptr, t_ptr, up_ptr, stride_tm, stride_un, R,
-                                       RP, ASYM, HAS_LRB)
+                                       RP, ASYM, HAS_LRB, not DOWN)
+    if DOWN:
+        t = tacc.to(t_ptr.dtype.element_ty)
     acc = _epilogue_apply(acc, sx, lo, t, u, offs_n, N, sw_ptr, cs_ptr, bias_ptr, HAS_BIAS, ASYM, HAS_LRB)
     mmask = offs_m < M
     nmask = offs_n < N
@@ -129,20 +149,23 @@ def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_pt
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
 
-def launch_fp8_gemm(a, b, c, sx, sw, bias, lo, cs, t, up, m, cfg, launcher=launch):
+def launch_fp8_gemm(a, b, c, sx, sw, bias, lo, cs, t, up, m, cfg, launcher=launch, down=None):
     """a (>= m, K) fp8, b (N, K) fp8, c (m, N) out; sx/lo (>= m,) fp32; sw/cs (N,) fp32; bias (N,) or None;
-    t (m, r), up (N, r) or None. cfg: one of GEMM_CONFIGS. launcher: as `triton_act_quant.launch_act_quant`."""
+    t (m, r), up (N, r) or None. cfg: one of GEMM_CONFIGS. launcher: as `triton_act_quant.launch_act_quant`.
+    down: (x (m, K) 16-bit, B H (r, K) contiguous) instead of t: the kernel makes t itself (DOWN)."""
     bm, bn, bk, gm, warps, stages, *early = cfg
     n, k = b.shape
-    r = 0 if t is None else t.shape[1]
+    if down is not None:
+        t, dn = down
+    r = 0 if t is None else (dn.shape[0] if down is not None else t.shape[1])
     rp = max(16, triton.next_power_of_2(r)) if r else 16
     launcher(fp8_gemm_kernel, (((m + bm - 1) // bm) * triton.cdiv(n, bn),),
            (a, b, c, sx, sw, bias if bias is not None else sx, lo if lo is not None else sx,
             cs if cs is not None else sw, t if t is not None else c, up if up is not None else c,
             m, n, k, a.stride(0), b.stride(0), c.stride(0), t.stride(0) if t is not None else 0,
-            up.stride(0) if up is not None else 0, r),
+            up.stride(0) if up is not None else 0, r, dn if down is not None else c),
            dict(BM=bm, BN=bn, BK=bk, GROUP_M=gm, RP=rp, HAS_BIAS=bias is not None, ASYM=lo is not None,
-                HAS_LRB=t is not None, EARLY=bool(early and early[0])),
+                HAS_LRB=t is not None, EARLY=bool(early and early[0]), DOWN=down is not None),
            dict(num_warps=warps, num_stages=stages), no_specialize=(10,))
 
 

@@ -68,6 +68,28 @@ def test_every_gemm_config(cfg):
 
 
 @gpu
+@pytest.mark.parametrize("cfg", list(range(8)))
+def test_every_gemm_config_with_the_down_projection_inside(cfg):
+    """DOWN: the kernel makes t = x (B H)^T in its K loop from x's bf16 rows (strided) and B H, rounded to bf16 as
+    lrb_down rounds it; against the float64 product of the same t (and of the codes) on all shapes, odd M."""
+    kmod = triton_fp8._k()
+    c = kmod.GEMM_CONFIGS[cfg]
+
+    def run(a8, wq8, y, sx, sw, bias, lo, cs, t, up, m):
+        if t is None:
+            return kmod.launch_fp8_gemm(a8, wq8, y, sx, sw, bias, lo, cs, t, up, m, c)
+        k = a8.shape[1]
+        g = torch.Generator(device="cuda").manual_seed(m + k)
+        xs = torch.randn(m, k + 64, device="cuda", generator=g).to(torch.bfloat16)
+        x = xs[:, 32:32 + k]  # rows strided
+        bh = (torch.randn(t.shape[1], k, device="cuda", generator=g) * 0.05).to(torch.bfloat16)
+        kmod.launch_fp8_gemm(a8, wq8, y, sx, sw, bias, lo, cs, None, up, m, c, down=(x, bh))
+        t.copy_((x.double() @ bh.double().t()).to(torch.bfloat16))  # the reference's t (one rounding; the kernel's
+        # fp32 sum may round to the neighbouring bf16 value: within the check's tolerance)
+    _check_gemm(run, f"cfg {c} DOWN")
+
+
+@gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="the TMA GEMM needs Hopper")
 @pytest.mark.parametrize("cfg", list(range(5)))

@@ -81,16 +81,26 @@ def _calls(code: str, op: str) -> bool:
 
 
 @gpu
-@pytest.mark.parametrize("epi", ["table", "addmm"])
+@pytest.mark.parametrize("epi", ["table", "addmm", "down"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "W{}A{}{}{}{}{}".format(*c))
 @pytest.mark.parametrize("m", [37, 1000])
 def test_compiled_qlinear_equals_eager_and_launches_our_kernels(case, m, epi, all_ops, monkeypatch):
     """Both epilogue modes of the asymmetric / LRB layers: the table's (the Triton GEMM), and _scaled_mm + the
     low-rank add kernel, traced (`inductor._addmm_traced_ok`; ROBUQ_INDUCTOR_LOWRANK_ADD=0 leaves those layers for
-    the Triton GEMM with a warning)."""
+    the Triton GEMM with a warning); and the Triton GEMM making t itself (ROBUQ_FP8_DOWN_IN_GEMM=1), whose output
+    is within a bf16 rounding of t of the two-kernel path's."""
     if epi == "addmm":
         monkeypatch.setenv("ROBUQ_FP8_EPI", "addmm")
         monkeypatch.setattr(registry, "_WARNED", set())
+    if epi == "down":
+        monkeypatch.setenv("ROBUQ_FP8_EPI", "triton")
+        mod = _layer(1152, 3456, *case)
+        x = torch.randn(2, m, 1152, device="cuda").bfloat16()
+        with torch.no_grad():
+            two = mod(x)
+            monkeypatch.setenv("ROBUQ_FP8_DOWN_IN_GEMM", "1")
+            one = mod(x)
+        assert ((one.float() - two.float()).norm() / two.float().norm()).item() < 2e-3
     mod = _layer(1152, 3456, *case)
     assert mod.layout == "fp8"
     x = torch.randn(2, m, 1152, device="cuda").bfloat16()
@@ -107,6 +117,8 @@ def test_compiled_qlinear_equals_eager_and_launches_our_kernels(case, m, epi, al
         assert _calls(code, "stacked_codes") and _calls(code, "stacked_mm")  # its two opaque ops
     else:
         assert "act_quant_bfly_kernel" in code and not _calls(code, "stacked_mm")
+    if epi == "down" and case[4]:
+        assert "lrb_down_kernel" not in code
     assert compiled.shape == eager.shape and compiled.dtype == eager.dtype
     assert torch.equal(compiled, eager), (compiled.float() - eager.float()).abs().max()
 
@@ -346,6 +358,27 @@ def test_functional_decomposition_on_fake_cuda_tensors(gemm, monkeypatch, all_op
     monkeypatch.setenv("ROBUQ_INDUCTOR_DECOMPOSE", "qat,qlnear")
     with pytest.raises(ValueError, match="unknown.*qlnear"):
         trace()
+
+
+@pytest.mark.skipif(not _triton_imports(), reason="triton does not import here")
+def test_down_projection_inside_the_gemm_when_chosen(monkeypatch, all_ops):
+    """ROBUQ_FP8_DOWN_IN_GEMM=1 (or the table's down_in_gemm): the traced LRB call launches the epilogue GEMM with
+    DOWN and no lrb_down kernel; with an input activation (which only lrb_down applies) it keeps lrb_down."""
+    from torch._subclasses.functional_tensor import dispatch_functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+    _fake_sm90(monkeypatch)
+    x, qw, ws, b, dn, up = _fake_w158_lrb_inputs()
+
+    def trace(**kw):
+        return make_fx(dispatch_functionalize(lambda *t: torch.ops.robuq.qlinear(
+            *t, 512, 256, 1.58, 4, 128, True, "absmax", **kw)), tracing_mode="fake")(x, qw, ws, b, dn, up).code
+    monkeypatch.setenv("ROBUQ_FP8_EPI", "triton")
+    assert "lrb_down_kernel" in _kernel_names(trace()) and "'DOWN': True" not in trace()
+    monkeypatch.setenv("ROBUQ_FP8_DOWN_IN_GEMM", "1")
+    code = trace()
+    assert "'DOWN': True" in code and "lrb_down_kernel" not in _kernel_names(code)
+    code = trace(input_act="gelu")
+    assert "'DOWN': True" not in code and "lrb_down_kernel" in _kernel_names(code)
 
 
 @pytest.mark.skipif(not _triton_imports(), reason="triton does not import here")
