@@ -408,7 +408,7 @@ attention)  # 8-bit attention vs bf16 SDPA (DiT-XL/2, ViT, Llama shapes), incl. 
     ;;
 linear-down)  # the LRB layer with the down-projection inside the epilogue GEMM against the two kernels, M = 256 / 1024
     # (bench_linear's extra columns; "W1.58A4+H+LRB32 down-in-GEMM" against "W1.58A4+H+LRB32")
-    timeout 540 python3 benchmarks/bench_linear.py --modes graph --m 256 1024 --extra --out "$OUT" --tag _down 2>&1 \
+    timeout 540 python3 benchmarks/bench_linear.py --modes graph --m 256 1024 --out "$OUT" --tag _down 2>&1 \
         | tail -n 30
     ;;
 linear)  # linear [table]: "table" skips the dispatch sweep (bench_linear with the committed table only)
