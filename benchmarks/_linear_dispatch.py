@@ -242,6 +242,36 @@ def tune_stacked(table: dict, ms, dev) -> None:
             D.dispatch_table()["shapes"][f"{n}x{k}"][key] = val
 
 
+def tune_down_in_gemm(table: dict, ms, dev) -> None:
+    """Per shape and M bucket where a W1.58A4+H+LRB32 layer runs the Triton epilogue GEMM (not stacked, not addmm),
+    whether it is faster with the branch's down-projection inside that GEMM (ROBUQ_FP8_DOWN_IN_GEMM=1) than with
+    `lrb_down`'s own launch(es); outputs must agree within 6e-3 (relative Frobenius). Writes "down_in_gemm"."""
+    from robuq_fx import kernels
+    from robuq_fx.kernels import dispatch as D
+    var = "ROBUQ_FP8_DOWN_IN_GEMM"
+    for name, k, n in SHAPES:
+        torch.manual_seed(0)
+        w = (torch.randn(n, k, device=dev) / k ** 0.5).to(torch.bfloat16)
+        b = (torch.randn(n, device=dev) * 0.1).to(torch.bfloat16)
+        mod = make_layer(dict(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=128), w, b, 32)
+        entry = table["shapes"][f"{n}x{k}"]
+        picks = {}
+        for m in ms:
+            if entry["epi_mode"][str(m)] != "triton" or entry.get("stacked", {}).get(str(m)):
+                picks[str(m)] = False
+                continue
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            with kernels.use("triton_fp8"), torch.no_grad():
+                outs = {v: _with_env(lambda: mod(x), var, v)().double() for v in ("0", "1")}
+            err = ((outs["1"] - outs["0"]).norm() / outs["0"].norm()).item()
+            tt = time_under_env(mod, x, var, ("0", "1"))
+            picks[str(m)] = bool(err < 6e-3 and tt["1"] < tt["0"])
+            print(f"[down in GEMM {name} M={m}] lrb_down + GEMM {tt['0'] * 1e6:.1f}us, in the GEMM "
+                  f"{tt['1'] * 1e6:.1f}us (rel diff {err:.1e})", flush=True)
+        entry["down_in_gemm"] = picks
+        D.dispatch_table()["shapes"][f"{n}x{k}"]["down_in_gemm"] = picks
+
+
 def tune_small_m(variants, ms=(1, 16, 32, 64)) -> int:
     """Largest M at which the single-kernel small-M path (triton_qgemm_small) beats the two-kernel fp8 path on every
     shape and both variants (0: nowhere)."""
@@ -280,7 +310,9 @@ def write_dispatch(args):
                      "chunk (0: one pass)] of the activation quantizer per K/{h,n} and M bucket; 'quant_gluon': "
                      "[lanes, columns a thread] of the Gluon quantizer where it beat that by 3% with equal codes; "
                      "'quant_mma': where the tensor-core-rotation quantizer beat both (codes >= 99.99% equal); "
-                     "'epilogue': addmm or triton; 'stacked': per M bucket, whether symmetric absmax LRB layers "
+                     "'epilogue': addmm or triton; 'down_in_gemm': per M bucket, whether LRB layers on the Triton "
+                     "epilogue GEMM compute the branch's down-projection in it; "
+                     "'stacked': per M bucket, whether symmetric absmax LRB layers "
                      "stack the branch into _scaled_mm (lrb_stacked.py), 'stacked_fused' whether their codes come "
                      "from one kernel (triton_mma_quant.py); 'gemm_kernel': tma or "
                      "pointer (the fused-epilogue GEMM), 'tma_gemm_cfg' its config per M bucket",
@@ -380,6 +412,8 @@ def write_dispatch(args):
     save_partial("epilogue")
     tune_stacked(table, MS, dev)
     save_partial("stacked")
+    tune_down_in_gemm(table, MS, dev)
+    save_partial("down_in_gemm")
     table["small_m_fused_max_m"] = tune_small_m(variants)
     D.dispatch_table()["small_m_fused_max_m"] = table["small_m_fused_max_m"]
     save_partial("small_m")
