@@ -228,9 +228,12 @@ def down_in_gemm_ok(x2: torch.Tensor, bh: torch.Tensor, a: QLinearArgs, m: int) 
     """The epilogue GEMM makes this LRB call's t itself (`dispatch.down_in_gemm` picks it; no input activation, which
     only `lrb_down` applies; 16-bit x with contiguous rows; a rank the epilogue takes; B H in x's dtype)."""
     from .dispatch import down_in_gemm
-    return (a.lrb_down is not None and not a.input_act and x2.dtype in (torch.bfloat16, torch.float16)
+    if not (a.lrb_down is not None and not a.input_act and x2.dtype in (torch.bfloat16, torch.float16)
             and x2.stride(-1) == 1 and bh.dtype == x2.dtype and bh.is_contiguous() and bh.shape[0] <= 128
-            and down_in_gemm(m, a.out_features, a.in_features))
+            and down_in_gemm(m, a.out_features, a.in_features)):
+        return False
+    rp = max(16, 1 << (bh.shape[0] - 1).bit_length())  # (DOWN runs the pointer kernel whichever the table picks)
+    return _k().down_config(gemm_config(m, a.out_features, a.in_features), rp) is not None
 
 
 def _gluon_gemm_ok(codes: torch.Tensor, w8: torch.Tensor, t: torch.Tensor | None) -> bool:

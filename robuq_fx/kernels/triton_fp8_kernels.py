@@ -149,16 +149,40 @@ def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_pt
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
 
+DOWN_SMEM = 200 * 1024  # shared memory a DOWN program may take (sm_90 has 227 KiB a block)
+
+
+def down_config(cfg: tuple, rp: int) -> tuple | None:
+    """`cfg` for the DOWN form (the K loop's extra x and B H tiles): its stages cut until the operand buffers fit
+    DOWN_SMEM; None where even two stages do not, or where the two accumulators, (BM, BN) and t's (BM, RP), take
+    128 fp32 registers a thread or more (offline sm_90: every such shipped config spilled with DOWN, e.g. 128 x 128
+    on 8 warps at rank 96: 54 spill stores). Offline builds of what this keeps (ranks 32 and 96): no spills,
+    at most 200 KiB."""
+    bm, bn, bk, gm, warps, stages, *rest = cfg
+    if (bm * bn + bm * rp) // (32 * warps) >= 128:
+        return None
+    per_stage = bm * bk + bn * bk + 2 * bk * (bm + rp)  # fp8 codes and weights, bf16 x and B H
+    while stages > 2 and stages * per_stage > DOWN_SMEM:
+        stages -= 1
+    if stages * per_stage > DOWN_SMEM:
+        return None
+    return (bm, bn, bk, gm, warps, stages, *rest)
+
+
 def launch_fp8_gemm(a, b, c, sx, sw, bias, lo, cs, t, up, m, cfg, launcher=launch, down=None):
     """a (>= m, K) fp8, b (N, K) fp8, c (m, N) out; sx/lo (>= m,) fp32; sw/cs (N,) fp32; bias (N,) or None;
     t (m, r), up (N, r) or None. cfg: one of GEMM_CONFIGS. launcher: as `triton_act_quant.launch_act_quant`.
     down: (x (m, K) 16-bit, B H (r, K) contiguous) instead of t: the kernel makes t itself (DOWN)."""
-    bm, bn, bk, gm, warps, stages, *early = cfg
     n, k = b.shape
     if down is not None:
         t, dn = down
     r = 0 if t is None else (dn.shape[0] if down is not None else t.shape[1])
     rp = max(16, triton.next_power_of_2(r)) if r else 16
+    if down is not None:
+        cfg = down_config(cfg, rp)
+        if cfg is None:
+            raise ValueError("the DOWN form does not fit this GEMM config (check down_config first)")
+    bm, bn, bk, gm, warps, stages, *early = cfg
     launcher(fp8_gemm_kernel, (((m + bm - 1) // bm) * triton.cdiv(n, bn),),
            (a, b, c, sx, sw, bias if bias is not None else sx, lo if lo is not None else sx,
             cs if cs is not None else sw, t if t is not None else c, up if up is not None else c,

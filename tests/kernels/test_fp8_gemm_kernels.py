@@ -74,6 +74,8 @@ def test_every_gemm_config_with_the_down_projection_inside(cfg):
     lrb_down rounds it; against the float64 product of the same t (and of the codes) on all shapes, odd M."""
     kmod = triton_fp8._k()
     c = kmod.GEMM_CONFIGS[cfg]
+    if kmod.down_config(c, 32) is None:
+        pytest.skip(f"cfg {c} takes no DOWN form (down_config: its accumulators would spill)")
 
     def run(a8, wq8, y, sx, sw, bias, lo, cs, t, up, m):
         if t is None:

@@ -1,0 +1,37 @@
+"""The DOWN form of the fp8 epilogue GEMM (the branch's down-projection in its K loop, kernels/triton_fp8_kernels.py)
+adds x's and B H's tiles to every pipeline stage and t's accumulator to the registers: `down_config` keeps a shipped
+config only where that fits. Offline sm_90 builds (where triton imports; no GPU needed): no spill stores, shared
+memory within the 227 KiB a block has, at the ranks the DiT layers use (32; 96 for the fused q/k/v, padded 128)."""
+import re
+
+import pytest
+
+from tests.kernels.sm90 import import_or_none
+
+G = import_or_none("triton_fp8_kernels")
+SIG = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*bf16", "sx_ptr": "*fp32", "sw_ptr": "*fp32",
+       "bias_ptr": "*bf16", "lo_ptr": "*fp32", "cs_ptr": "*fp32", "t_ptr": "*bf16", "up_ptr": "*bf16", "M": "i32",
+       "N": "i32", "K": "i32", "stride_am": "i32", "stride_bn": "i32", "stride_cm": "i32", "stride_tm": "i32",
+       "stride_un": "i32", "R": "i32", "dn_ptr": "*bf16"}
+ALIGNED = ("a_ptr", "b_ptr", "c_ptr", "t_ptr", "up_ptr", "dn_ptr", "K", "stride_am", "stride_bn", "stride_cm",
+           "stride_tm", "stride_un")
+
+
+@pytest.mark.skipif(G is None, reason="triton does not import here")
+@pytest.mark.parametrize("rp", [32, 128])
+@pytest.mark.parametrize("cfg", range(8))
+def test_kept_down_configs_do_not_spill_offline_sm90(cfg, rp):
+    from tests.kernels.sm90 import compile_sm90, sass
+    c = G.down_config(G.GEMM_CONFIGS[cfg], rp)
+    if c is None:
+        bm, bn, _, _, warps, *_ = G.GEMM_CONFIGS[cfg]
+        assert (bm * bn + bm * rp) // (32 * warps) >= 128  # refused for its registers, not for shared memory alone
+        return
+    bm, bn, bk, gm, warps, stages, *early = c
+    const = dict(BM=bm, BN=bn, BK=bk, GROUP_M=gm, RP=rp, HAS_BIAS=True, ASYM=True, HAS_LRB=True,
+                 EARLY=bool(early and early[0]), DOWN=True)
+    kern = compile_sm90(G.fp8_gemm_kernel, SIG, const, {"num_warps": warps, "num_stages": stages}, aligned=ALIGNED,
+                        gluon=False)
+    text, regs = sass(kern)
+    assert not re.search(r"\bSTL\b", text), f"{c} rank pad {rp}: {regs} registers, spills"
+    assert kern.metadata.shared <= 227 * 1024, f"{c}: {kern.metadata.shared} bytes of shared memory"
