@@ -30,6 +30,21 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _online_softmax(qk, row_scale, s_k, nmask, offs_m, offs_n, m_i, l_i, CAUSAL: tl.constexpr):
+    """One key block of the online softmax: scores s = qk s_q s_k (log2 e / sqrt(d) folded into row_scale), masked
+    (keys past SK; causal), new running max, the block's exp2 weights p, the old sum's factor alpha and the new sum."""
+    s = qk.to(tl.float32) * row_scale[:, None] * s_k[None, :]
+    keep = nmask[None, :]
+    if CAUSAL:
+        keep = keep & (offs_m[:, None] >= offs_n[None, :])
+    s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
 def attention8_kernel(q_ptr, k_ptr, v_ptr, o_ptr,
                       sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
                       H, HK, SQ, SK, qk_scale, levels, D: tl.constexpr,
@@ -67,15 +82,7 @@ def attention8_kernel(q_ptr, k_ptr, v_ptr, o_ptr,
         k = tl.load(k_base + offs_n[:, None].to(tl.int64) * sks + offs_d[None, :] * skd, mask=kvmask, other=0.0)
         k_codes, s_k, k_lo = quantize_rows(k.to(tl.float32), kvmask, levels, True)
         qk = tl.dot(q8, tl.trans(k_codes.to(tl.int8)), out_dtype=tl.int32)
-        s = qk.to(tl.float32) * row_scale[:, None] * s_k[None, :]
-        keep = nmask[None, :]
-        if CAUSAL:
-            keep = keep & (offs_m[:, None] >= offs_n[None, :])
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_new, l_i = _online_softmax(qk, row_scale, s_k, nmask, offs_m, offs_n, m_i, l_i, CAUSAL)
         v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svs + offs_d[None, :] * svd, mask=kvmask, other=0.0)
         v_codes, s_v, v_lo = quantize_rows(v.to(tl.float32), kvmask, levels, True)
         v_hat = (s_v[:, None] * v_codes).to(v.dtype)
@@ -143,15 +150,7 @@ def attention8_prequant_kernel(q_ptr, k8_ptr, sk_ptr, vh_ptr, o_ptr,
         k8 = tl.load(k8_ptr + k_rows[:, None] + offs_d[None, :], mask=kvmask, other=0)
         s_k = tl.load(s_base + offs_n, mask=nmask, other=0.0)
         qk = tl.dot(q8, tl.trans(k8), out_dtype=tl.int32)
-        s = qk.to(tl.float32) * row_scale[:, None] * s_k[None, :]
-        keep = nmask[None, :]
-        if CAUSAL:
-            keep = keep & (offs_m[:, None] >= offs_n[None, :])
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_new, l_i = _online_softmax(qk, row_scale, s_k, nmask, offs_m, offs_n, m_i, l_i, CAUSAL)
         v_hat = tl.load(vh_ptr + v_rows[:, None] + offs_d[None, :], mask=kvmask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v_hat.dtype), v_hat)
         m_i = m_new
