@@ -49,12 +49,47 @@ def _script() -> str:
         return sys.argv[0]
 
 
+def host_cpu() -> str:
+    """The host CPU's model name (Linux), else what platform says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def launch_us(n: int = 2000) -> float | None:
+    """Microseconds of host time per eager launch of a one-element CUDA kernel (n back-to-back launches, then a
+    sync): the host's share of every un-graphed launch. Batch-1 rows depend on it: session 13 measured W4A4+H
+    DiT-XL/2 at batch 1 0.57x on one lent H200 machine and 0.75x on another with the same code."""
+    import time
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    x = torch.zeros(1, device="cuda")
+    for _ in range(50):
+        x.add_(1)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        x.add_(1)
+    torch.cuda.synchronize()
+    return round((time.perf_counter() - t0) / n * 1e6, 2)
+
+
 def provenance(argv: list[str] | None = None) -> dict:
     import torch
     info = {"commit": git_commit(),
             "command": "python " + " ".join([_script()] + (sys.argv[1:] if argv is None else list(argv))),
             "gpu": device_name(), "torch": torch.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "host_cpu": host_cpu()}
+    us = launch_us()
+    if us is not None:
+        info["host_launch_us"] = us
     try:
         import triton
         info["triton"] = triton.__version__

@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-PROVENANCE = ("commit", "command", "gpu", "torch", "date", "triton", "cuda")
+PROVENANCE = ("commit", "command", "gpu", "torch", "date", "triton", "cuda", "host_cpu", "host_launch_us")
 
 
 def merge(base: dict, new: dict, note: str | None = None) -> dict:
