@@ -74,8 +74,14 @@ def quant_plan(k: int, block: int, m: int = 16384) -> tuple | None:
 
 @functools.lru_cache(maxsize=None)
 def _hscale(block: int, dtype: torch.dtype) -> float:
-    """The normalization 1/sqrt(b) as `hadamard.hadamard_matrix(b, dtype)` stores it (rounded to dtype)."""
-    return float(torch.tensor(1.0 / block ** 0.5, dtype=torch.float64).to(dtype)) if block > 1 else 1.0
+    """The normalization 1/sqrt(b) as `hadamard.hadamard_matrix(b, dtype)` stores it (rounded to dtype). A number made
+    with the tracing modes off: a first call while a graph is traced (an Inductor decomposition's launch) otherwise
+    records its float64 CPU tensor as a dead constant of that graph."""
+    if block <= 1:
+        return 1.0
+    from torch.utils._python_dispatch import _disable_current_modes
+    with _disable_current_modes():
+        return float(torch.tensor(1.0 / block ** 0.5, dtype=torch.float64).to(dtype))
 
 
 def quant_supported(k: int, block: int, a_bits: int, dtype: torch.dtype, clip: str = "absmax",

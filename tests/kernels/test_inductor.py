@@ -389,13 +389,18 @@ def test_sigma_clipped_call_decomposes_in_a_fresh_process(monkeypatch, all_ops):
     from torch._subclasses.functional_tensor import dispatch_functionalize
     from torch.fx.experimental.proxy_tensor import make_fx
     from robuq_fx import quantizers as Q
+    from robuq_fx.kernels import quantizer
     _fake_sm90(monkeypatch)
     x, qw, ws, b, dn, up = _fake_w158_lrb_inputs()
     getattr(Q, "_gaussian_clip_grid", Q.gaussian_clip).cache_clear()
-    code = make_fx(dispatch_functionalize(lambda *t: torch.ops.robuq.qlinear(*t, 512, 256, 1.58, 3, 128, False,
-                                                                             "sigma")),
-                   tracing_mode="fake")(x, qw, ws, b, dn, up).code
-    assert "robuq.qlinear" not in code and "act_quant_bfly_kernel" in _kernel_names(code)
+    quantizer._hscale.cache_clear()
+    gm = make_fx(dispatch_functionalize(lambda *t: torch.ops.robuq.qlinear(*t, 512, 256, 1.58, 3, 128, False,
+                                                                           "sigma")),
+                 tracing_mode="fake")(x, qw, ws, b, dn, up)
+    assert "robuq.qlinear" not in gm.code and "act_quant_bfly_kernel" in _kernel_names(gm.code)
+    # nor a CPU constant from the launch's scalars (_hscale's float64 tensor, made inside the trace before session 13)
+    consts = [getattr(gm, n) for n in dir(gm) if n.startswith("_tensor_constant")]
+    assert not [c for c in consts if c.device.type == "cpu"], [(c.dtype, tuple(c.shape)) for c in consts]
 
 
 @pytest.mark.skipif(not _triton_imports(), reason="triton does not import here")
