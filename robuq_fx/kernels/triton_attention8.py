@@ -48,7 +48,10 @@ def _online_softmax(qk, row_scale, s_k, nmask, offs_m, offs_n, m_i, l_i, CAUSAL:
 def attention8_kernel(q_ptr, k_ptr, v_ptr, o_ptr,
                       sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
                       H, HK, SQ, SK, qk_scale, levels, D: tl.constexpr,
-                      CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr):
+                      CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
+                      ALIGN: tl.constexpr = 1):
+    """ALIGN: as `attention8_prequant_kernel`'s (rows of q, k, v, out a multiple of ALIGN elements from 16-byte
+    aligned bases, contiguous: vector loads and stores)."""
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 when Inductor launches it (see triton_act_quant)
     levels = tl.cast(levels, tl.float32)
     pid_m = tl.program_id(0)
@@ -61,14 +64,18 @@ def attention8_kernel(q_ptr, k_ptr, v_ptr, o_ptr,
     dmask = offs_d < D
     mmask = offs_m < SQ
     qmask = mmask[:, None] & dmask[None, :]
-    q_base = q_ptr + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-    q = tl.load(q_base + offs_m[:, None].to(tl.int64) * sqs + offs_d[None, :] * sqd, mask=qmask, other=0.0)
+    q_rows = b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m.to(tl.int64) * sqs
+    o_rows = b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m.to(tl.int64) * sos
+    if ALIGN > 1:
+        q_rows = tl.multiple_of(q_rows, ALIGN)
+        o_rows = tl.multiple_of(o_rows, ALIGN)
+    q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :] * sqd, mask=qmask, other=0.0)
     q_codes, s_q, q_lo = quantize_rows(q.to(tl.float32), qmask, levels, True)
     q8 = q_codes.to(tl.int8)
     row_scale = s_q * qk_scale  # scale * log2(e) folded in: softmax with exp2
 
-    k_base = k_ptr + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
-    v_base = v_ptr + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+    k_base = b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    v_base = b.to(tl.int64) * svb + hk.to(tl.int64) * svh
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, DP], tl.float32)
@@ -79,19 +86,22 @@ def attention8_kernel(q_ptr, k_ptr, v_ptr, o_ptr,
         offs_n = start + tl.arange(0, BN)
         nmask = offs_n < SK
         kvmask = nmask[:, None] & dmask[None, :]
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * sks + offs_d[None, :] * skd, mask=kvmask, other=0.0)
+        k_rows = k_base + offs_n.to(tl.int64) * sks
+        v_rows = v_base + offs_n.to(tl.int64) * svs
+        if ALIGN > 1:
+            k_rows = tl.multiple_of(k_rows, ALIGN)
+            v_rows = tl.multiple_of(v_rows, ALIGN)
+        k = tl.load(k_ptr + k_rows[:, None] + offs_d[None, :] * skd, mask=kvmask, other=0.0)
         k_codes, s_k, k_lo = quantize_rows(k.to(tl.float32), kvmask, levels, True)
         qk = tl.dot(q8, tl.trans(k_codes.to(tl.int8)), out_dtype=tl.int32)
         p, alpha, m_new, l_i = _online_softmax(qk, row_scale, s_k, nmask, offs_m, offs_n, m_i, l_i, CAUSAL)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svs + offs_d[None, :] * svd, mask=kvmask, other=0.0)
+        v = tl.load(v_ptr + v_rows[:, None] + offs_d[None, :] * svd, mask=kvmask, other=0.0)
         v_codes, s_v, v_lo = quantize_rows(v.to(tl.float32), kvmask, levels, True)
         v_hat = (s_v[:, None] * v_codes).to(v.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v_hat)
         m_i = m_new
     out = acc / l_i[:, None]
-    o_base = o_ptr + b.to(tl.int64) * sob + h.to(tl.int64) * soh
-    tl.store(o_base + offs_m[:, None].to(tl.int64) * sos + offs_d[None, :] * sod, out.to(o_ptr.dtype.element_ty),
-             mask=qmask)
+    tl.store(o_ptr + o_rows[:, None] + offs_d[None, :] * sod, out.to(o_ptr.dtype.element_ty), mask=qmask)
 
 
 @triton.jit
@@ -203,10 +213,12 @@ def attention8(q, k, v, is_causal: bool, scale: float | None, levels: float = 12
     bm, bn, dp, warps = _config(d, sq)
     grid = (triton.cdiv(sq, bm), b * h)
     ctx = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
+    align = 8 if _rows_aligned((q, k, v, out), 8) else 1
     with ctx:
         attention8_kernel[grid](q, k, v, out, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                                 h, hk, sq, sk, sm * _LOG2E, levels,
-                                D=d, CAUSAL=bool(is_causal), BM=bm, BN=bn, DP=dp, num_warps=warps, num_stages=2)
+                                D=d, CAUSAL=bool(is_causal), BM=bm, BN=bn, DP=dp, ALIGN=align, num_warps=warps,
+                                num_stages=2)
     return out
 
 
