@@ -351,10 +351,10 @@ mma)  # the tensor-core-rotation quantizer (ROBUQ_QUANT_KERNEL=mma) and the fuse
 dit-low)  # the asymmetric sigma policies (issue 17 item 5: within 10% of dit-xl-2-robuq's speed) at batch 64, with
     # Inductor's perf hints kept (session 13: -a3 0.354x vs 0.875x, ~48 ms its kernels do not explain; a forward that
     # lost its CUDA graphs would: "skipping cudagraphs" lines are kept in $OUT/dit_low_hints.log)
-    TORCH_LOGS=perf_hints timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead \
+    TORCH_LOGS=perf_hints,recompiles,graph_breaks timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead \
         --skip-train --settings "-a3 (" "-a2 (" --batches 64 --iters 10 --warmup 3 --tag _reduce-overhead_a3a2 \
         > /tmp/dit_low.log 2>&1
-    grep -iE "cudagraph|skipping|graph break" /tmp/dit_low.log | sort | uniq -c | head -20 | tee "$OUT/dit_low_hints.log"
+    grep -iE "cudagraph|skipping|graph break|recompil" /tmp/dit_low.log | sort | uniq -c | head -20 | tee "$OUT/dit_low_hints.log"
     grep -v -iE "perf_hints|cudagraph" /tmp/dit_low.log | tail -n 24
     ;;
 dit-default)  # batch 8 under torch.compile's default mode: the opaque op vs the Inductor decomposition vs bf16
