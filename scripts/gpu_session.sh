@@ -67,11 +67,13 @@
 # holds about two (policy, batch) rows. Session 14's plan (one H200; copy each call's compile_cache.tgz.NN into
 # .snap/.cache/ before the next):
 #   1. verify13    (~8 min: the GPU tests of session 13's kernels: lrb_down split and DOWN-in-GEMM, B H for the
-#                   fused q/k/v, non-spilling sigma / GELU plans, unpadded row kernel, k/v-prequant attention);
-#                   then dit-b1 (paper_b1_x 0.441 with 858 kernels a forward) and, with --extra, bench_linear's
-#                   "down-in-GEMM" column (linear-down; if it wins at M = 256, record down_in_gemm in the table)
-#   2. dit-low     (-a3 / -a2 at batch 64 with the sigma plan fix: 0.354 / 0.360 in session 13, paper 0.875); if
-#                   still far below the paper policy, profile-low for where the time goes
+#                   fused q/k/v, non-spilling sigma / GELU plans, unpadded row kernel, k/v-prequant attention; fix
+#                   what fails before anything else); then dit-b1 (paper_b1_x 0.441 with 858 kernels a forward) and
+#                   linear-down (bench_linear's "down-in-GEMM" column; if it wins at M = 256, record down_in_gemm in
+#                   the table: `linear` re-sweeps with tune_down_in_gemm)
+#   2. dit-low     (-a3 / -a2 at batch 64 with the sigma plan fix: 0.354 / 0.360 in session 13, paper 0.875; its
+#                   perf-hint / recompile lines say whether the forward lost its CUDA graphs); if still far below
+#                   the paper policy, profile-low for where the time goes
 #   3. dit-gelu    (W4A4+H b64 with the GELU in fc2's quantizer, now without spills: the 1.3x target's best chance)
 #   4. train-cpp   (issue 19: the compiled paper step launch-bound; Inductor's C++ wrapper compiles it and gives
 #                   bit-equal outputs and gradients on the CPU, session 13), dit-default (its C++-wrapper rows: issue
