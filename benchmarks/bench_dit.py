@@ -212,12 +212,14 @@ def main(argv=None):
     torch._dynamo.config.fail_on_recompile_limit_hit = True
     batches = args.batches or ([1, 2] if args.quick else [1, 8, 64])
     gpu = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
-    header = f"DiT {'tiny' if args.quick else 'XL/2'} | {gpu} | torch {torch.__version__} | {dtype}"
+    prov = provenance(argv)
+    host = f" | host launch {prov['host_launch_us']} us" if "host_launch_us" in prov else ""
+    header = f"DiT {'tiny' if args.quick else 'XL/2'} | {gpu} | torch {torch.__version__} | {dtype}{host}"
     print(header)
     fp = build(cfg)
     # torch.export bakes the capture device and dtype into some ops: capture where the model will run.
     ex = inputs(cfg, 2, device, dtype)
-    results = {"header": header, "provenance": provenance(argv),
+    results = {"header": header, "provenance": prov,
                "config": cfg, "latency": [], "memory": [], "train_step": [], "prepare": []}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
