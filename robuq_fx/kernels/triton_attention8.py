@@ -45,13 +45,18 @@ def _online_softmax(qk, row_scale, s_k, nmask, offs_m, offs_n, m_i, l_i, CAUSAL:
 
 
 @triton.jit
-def attention8_kernel(q_ptr, k_ptr, v_ptr, o_ptr,
+def attention8_kernel(q_ptr, k_ptr, v_ptr, o_ptr, sk_ptr,
                       sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
                       H, HK, SQ, SK, qk_scale, levels, D: tl.constexpr,
                       CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
-                      ALIGN: tl.constexpr = 1):
-    """ALIGN: as `attention8_prequant_kernel`'s (rows of q, k, v, out a multiple of ALIGN elements from 16-byte
-    aligned bases, contiguous: vector loads and stores)."""
+                      ALIGN: tl.constexpr = 1, PREQUANT: tl.constexpr = False):
+    """PREQUANT: k and v were quantized beforehand, once (`attention8_prequant`): k_ptr holds k's int8 codes and
+    sk_ptr their row scales, v_ptr v's fake-quant values RN_dtype(s_v v8), all with contiguous rows of D; only q is
+    quantized here, once a program. The same values in the same order as without it, where every program
+    re-quantizes each k / v tile it reads (SQ / BM times a tile) from loads that feed arithmetic, not a dot, so that
+    Triton does not pipeline them; with it every loop load feeds a dot or a scale vector. ALIGN (the launcher's
+    check: every row of q, k, v and out starts a multiple of ALIGN elements from a 16-byte aligned base) lets rows of
+    72 load and store as vectors (without it: one element a thread, offline sm_90)."""
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 when Inductor launches it (see triton_act_quant)
     levels = tl.cast(levels, tl.float32)
     pid_m = tl.program_id(0)
@@ -76,6 +81,7 @@ def attention8_kernel(q_ptr, k_ptr, v_ptr, o_ptr,
 
     k_base = b.to(tl.int64) * skb + hk.to(tl.int64) * skh
     v_base = b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+    s_base = sk_ptr + (b.to(tl.int64) * HK + hk) * SK
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, DP], tl.float32)
@@ -91,77 +97,21 @@ def attention8_kernel(q_ptr, k_ptr, v_ptr, o_ptr,
         if ALIGN > 1:
             k_rows = tl.multiple_of(k_rows, ALIGN)
             v_rows = tl.multiple_of(v_rows, ALIGN)
-        k = tl.load(k_ptr + k_rows[:, None] + offs_d[None, :] * skd, mask=kvmask, other=0.0)
-        k_codes, s_k, k_lo = quantize_rows(k.to(tl.float32), kvmask, levels, True)
-        qk = tl.dot(q8, tl.trans(k_codes.to(tl.int8)), out_dtype=tl.int32)
-        p, alpha, m_new, l_i = _online_softmax(qk, row_scale, s_k, nmask, offs_m, offs_n, m_i, l_i, CAUSAL)
-        v = tl.load(v_ptr + v_rows[:, None] + offs_d[None, :] * svd, mask=kvmask, other=0.0)
-        v_codes, s_v, v_lo = quantize_rows(v.to(tl.float32), kvmask, levels, True)
-        v_hat = (s_v[:, None] * v_codes).to(v.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v_hat)
-        m_i = m_new
-    out = acc / l_i[:, None]
-    tl.store(o_ptr + o_rows[:, None] + offs_d[None, :] * sod, out.to(o_ptr.dtype.element_ty), mask=qmask)
-
-
-@triton.jit
-def attention8_prequant_kernel(q_ptr, k8_ptr, sk_ptr, vh_ptr, o_ptr,
-                               sqb, sqh, sqs, sqd, skb, skh, sks, svb, svh, svs, sob, soh, sos, sod,
-                               H, HK, SQ, SK, qk_scale, levels, D: tl.constexpr,
-                               CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
-                               ALIGN: tl.constexpr = 1):
-    """`attention8_kernel` with k and v quantized beforehand, once (`attention8_prequant`): k8 (int8 codes) and
-    sk (their row scales) of k, vh = the fake-quant values of v (RN_dtype(s_v v8)), both with contiguous rows of D;
-    q is quantized here, once a program. The same values in the same order as `attention8_kernel`, whose programs
-    each re-quantize every k / v tile they read (SQ / BM times a tile) from loads that feed arithmetic, not a dot,
-    so Triton does not pipeline them; here every loop load feeds a dot or a scale vector. ALIGN (the launcher's
-    check: every row of q, k8, vh and out starts a multiple of ALIGN elements from a 16-byte aligned base) lets rows
-    of 72 load and store as vectors (without it: one element a thread, offline sm_90)."""
-    qk_scale = tl.cast(qk_scale, tl.float32)
-    levels = tl.cast(levels, tl.float32)
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // (H // HK)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_d = tl.arange(0, DP)
-    dmask = offs_d < D
-    mmask = offs_m < SQ
-    qmask = mmask[:, None] & dmask[None, :]
-    q_rows = b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m.to(tl.int64) * sqs
-    o_rows = b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m.to(tl.int64) * sos
-    if ALIGN > 1:
-        q_rows = tl.multiple_of(q_rows, ALIGN)
-        o_rows = tl.multiple_of(o_rows, ALIGN)
-    q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :] * sqd, mask=qmask, other=0.0)
-    q_codes, s_q, q_lo = quantize_rows(q.to(tl.float32), qmask, levels, True)
-    q8 = q_codes.to(tl.int8)
-    row_scale = s_q * qk_scale
-
-    k_base = b.to(tl.int64) * skb + hk.to(tl.int64) * skh
-    s_base = sk_ptr + (b.to(tl.int64) * HK + hk) * SK
-    v_base = b.to(tl.int64) * svb + hk.to(tl.int64) * svh
-    m_i = tl.full([BM], float("-inf"), tl.float32)
-    l_i = tl.zeros([BM], tl.float32)
-    acc = tl.zeros([BM, DP], tl.float32)
-    hi = SK
-    if CAUSAL:
-        hi = tl.minimum(SK, (pid_m + 1) * BM)
-    for start in range(0, hi, BN):
-        offs_n = start + tl.arange(0, BN)
-        nmask = offs_n < SK
-        kvmask = nmask[:, None] & dmask[None, :]
-        k_rows = k_base + offs_n.to(tl.int64) * sks
-        v_rows = v_base + offs_n.to(tl.int64) * svs
-        if ALIGN > 1:
-            k_rows = tl.multiple_of(k_rows, ALIGN)
-            v_rows = tl.multiple_of(v_rows, ALIGN)
-        k8 = tl.load(k8_ptr + k_rows[:, None] + offs_d[None, :], mask=kvmask, other=0)
-        s_k = tl.load(s_base + offs_n, mask=nmask, other=0.0)
+        k = tl.load(k_ptr + k_rows[:, None] + offs_d[None, :] * skd, mask=kvmask, other=0)
+        if PREQUANT:
+            k8 = k
+            s_k = tl.load(s_base + offs_n, mask=nmask, other=0.0)
+        else:
+            k_codes, s_k, k_lo = quantize_rows(k.to(tl.float32), kvmask, levels, True)
+            k8 = k_codes.to(tl.int8)
         qk = tl.dot(q8, tl.trans(k8), out_dtype=tl.int32)
         p, alpha, m_new, l_i = _online_softmax(qk, row_scale, s_k, nmask, offs_m, offs_n, m_i, l_i, CAUSAL)
-        v_hat = tl.load(vh_ptr + v_rows[:, None] + offs_d[None, :], mask=kvmask, other=0.0)
+        v = tl.load(v_ptr + v_rows[:, None] + offs_d[None, :] * svd, mask=kvmask, other=0.0)
+        if PREQUANT:
+            v_hat = v
+        else:
+            v_codes, s_v, v_lo = quantize_rows(v.to(tl.float32), kvmask, levels, True)
+            v_hat = (s_v[:, None] * v_codes).to(v.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v_hat.dtype), v_hat)
         m_i = m_new
     out = acc / l_i[:, None]
@@ -202,6 +152,24 @@ def _config(d: int, sq: int) -> tuple[int, int, int, int]:
 
 
 def attention8(q, k, v, is_causal: bool, scale: float | None, levels: float = 127.0) -> torch.Tensor:
+    """The kernel quantizing q, k and v as it loads them."""
+    return _launch(q, k, v, None, is_causal, scale, levels, stages=2)
+
+
+def attention8_prequant(q, k, v, is_causal: bool, scale: float | None, levels: float = 127.0) -> torch.Tensor:
+    """`attention8` with k and v quantized first by the row kernel (k: int8 codes and scales, v: its fake-quant
+    values; rows contiguous), then the kernel's PREQUANT form: the same output, k / v quantized once instead of once
+    per query block, loads the compiler can pipeline (ROBUQ_ATTENTION=prequant)."""
+    from .triton_rowquant import fake_quant_rows, quantize_rows_int8
+    bits = int(round(math.log2(levels + 1))) + 1
+    k8, s_k = quantize_rows_int8(k, bits)  # (b, hk, sk, d) contiguous, (b, hk, sk)
+    vh = fake_quant_rows(v, bits, True).contiguous()  # the same values the inline kernel makes
+    return _launch(q, k8, vh, s_k, is_causal, scale, levels, stages=3)
+
+
+def _launch(q, k, v, s_k, is_causal: bool, scale: float | None, levels: float, stages: int) -> torch.Tensor:
+    """out (b, h, sq, d) of `attention8_kernel` (PREQUANT where k's row scales s_k are given: k int8 codes, v its
+    fake-quant values)."""
     b, h, sq, d = q.shape
     hk, sk = k.shape[1], k.shape[2]
     # (batch, seq, heads, head_dim) memory viewed as (batch, heads, seq, head_dim): the usual next step,
@@ -215,10 +183,10 @@ def attention8(q, k, v, is_causal: bool, scale: float | None, levels: float = 12
     ctx = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
     align = 8 if _rows_aligned((q, k, v, out), 8) else 1
     with ctx:
-        attention8_kernel[grid](q, k, v, out, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-                                h, hk, sq, sk, sm * _LOG2E, levels,
-                                D=d, CAUSAL=bool(is_causal), BM=bm, BN=bn, DP=dp, ALIGN=align, num_warps=warps,
-                                num_stages=2)
+        attention8_kernel[grid](q, k, v, out, q if s_k is None else s_k, *q.stride(), *k.stride(), *v.stride(),
+                                *out.stride(), h, hk, sq, sk, sm * _LOG2E, levels,
+                                D=d, CAUSAL=bool(is_causal), BM=bm, BN=bn, DP=dp, ALIGN=align,
+                                PREQUANT=s_k is not None, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -227,29 +195,3 @@ def _rows_aligned(tensors, align: int) -> bool:
     (contiguous rows; every other stride a multiple of align); what the kernels' ALIGN hint promises."""
     return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(st % align == 0 for st in t.stride()[:-1])
                for t in tensors)
-
-
-def attention8_prequant(q, k, v, is_causal: bool, scale: float | None, levels: float = 127.0) -> torch.Tensor:
-    """`attention8` with k and v quantized first by the row kernel (k: int8 codes and scales, v: its fake-quant
-    values; rows contiguous), then `attention8_prequant_kernel`: the same output, k / v quantized once instead of
-    once per query block, loads the compiler can pipeline (ROBUQ_ATTENTION=prequant)."""
-    from .triton_rowquant import fake_quant_rows, quantize_rows_int8
-    b, h, sq, d = q.shape
-    hk, sk = k.shape[1], k.shape[2]
-    out = torch.empty(b, sq, h, d, device=q.device, dtype=q.dtype).transpose(1, 2)
-    if out.numel() == 0:
-        return out
-    bits = int(round(math.log2(levels + 1))) + 1
-    k8, s_k = quantize_rows_int8(k, bits)  # (b, hk, sk, d) contiguous, (b, hk, sk)
-    vh = fake_quant_rows(v, bits, True).contiguous()  # the same values the inline kernel makes
-    sm = (1.0 / math.sqrt(d)) if scale is None else float(scale)
-    bm, bn, dp, warps = _config(d, sq)
-    grid = (triton.cdiv(sq, bm), b * h)
-    ctx = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
-    align = 8 if _rows_aligned((q, k8, vh, out), 8) else 1
-    with ctx:
-        attention8_prequant_kernel[grid](q, k8, s_k, vh, out, *q.stride(), *k8.stride()[:3], *vh.stride()[:3],
-                                         *out.stride(), h, hk, sq, sk, sm * _LOG2E, levels,
-                                         D=d, CAUSAL=bool(is_causal), BM=bm, BN=bn, DP=dp, ALIGN=align,
-                                         num_warps=warps, num_stages=3)
-    return out
