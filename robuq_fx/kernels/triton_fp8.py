@@ -232,8 +232,8 @@ def down_in_gemm_ok(x2: torch.Tensor, bh: torch.Tensor, a: QLinearArgs, m: int) 
             and x2.stride(-1) == 1 and bh.dtype == x2.dtype and bh.is_contiguous() and bh.shape[0] <= 128
             and down_in_gemm(m, a.out_features, a.in_features)):
         return False
-    rp = max(16, 1 << (bh.shape[0] - 1).bit_length())  # (DOWN runs the pointer kernel whichever the table picks)
-    return _k().down_config(gemm_config(m, a.out_features, a.in_features), rp) is not None
+    # (DOWN runs the pointer kernel whichever the table picks)
+    return _k().down_config(gemm_config(m, a.out_features, a.in_features), bh.shape[0]) is not None
 
 
 def _gluon_gemm_ok(codes: torch.Tensor, w8: torch.Tensor, t: torch.Tensor | None) -> bool:

@@ -152,13 +152,20 @@ def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_pt
 DOWN_SMEM = 200 * 1024  # shared memory a DOWN program may take (sm_90 has 227 KiB a block)
 
 
-def down_config(cfg: tuple, rp: int) -> tuple | None:
-    """`cfg` for the DOWN form (the K loop's extra x and B H tiles): its stages cut until the operand buffers fit
+def rank_pad(r: int) -> int:
+    """RP: the branch's rank r padded to the tile width the epilogue's dot takes (16 without a branch)."""
+    return max(16, triton.next_power_of_2(r)) if r else 16
+
+
+def down_config(cfg: tuple, r: int) -> tuple | None:
+    """`cfg` for the DOWN form at rank r (the K loop's extra x and B H tiles): its stages cut until the operand
+    buffers fit
     DOWN_SMEM; None where even two stages do not, or where the two accumulators, (BM, BN) and t's (BM, RP), take
     128 fp32 registers a thread or more (offline sm_90: every such shipped config spilled with DOWN, e.g. 128 x 128
     on 8 warps at rank 96: 54 spill stores). Offline builds of what this keeps (ranks 32 and 96): no spills,
     at most 200 KiB."""
     bm, bn, bk, gm, warps, stages, *rest = cfg
+    rp = rank_pad(r)
     if (bm * bn + bm * rp) // (32 * warps) >= 128:
         return None
     per_stage = bm * bk + bn * bk + 2 * bk * (bm + rp)  # fp8 codes and weights, bf16 x and B H
@@ -177,9 +184,9 @@ def launch_fp8_gemm(a, b, c, sx, sw, bias, lo, cs, t, up, m, cfg, launcher=launc
     if down is not None:
         t, dn = down
     r = 0 if t is None else (dn.shape[0] if down is not None else t.shape[1])
-    rp = max(16, triton.next_power_of_2(r)) if r else 16
+    rp = rank_pad(r)
     if down is not None:
-        cfg = down_config(cfg, rp)
+        cfg = down_config(cfg, r)
         if cfg is None:
             raise ValueError("the DOWN form does not fit this GEMM config (check down_config first)")
     bm, bn, bk, gm, warps, stages, *early = cfg
@@ -263,7 +270,7 @@ def launch_fp8_gemm_tma(a, b, c, sx, sw, bias, lo, cs, t, up, m, cfg, num_sms: i
     bm, bn, bk, gm, warps, stages, ws = cfg
     n, k = b.shape
     r = 0 if t is None else t.shape[1]
-    rp = max(16, triton.next_power_of_2(r)) if r else 16
+    rp = rank_pad(r)
     tiles = ((m + bm - 1) // bm) * triton.cdiv(n, bn)
     if launcher is launch:
         set_tma_allocator()

@@ -192,16 +192,13 @@ def lrb_down(x2, bh, t, launcher=launch, act: str = "") -> None:
         return
     rp = max(16, triton.next_power_of_2(r))
     split = down_split(m, k)
-    opts = dict(num_warps=DOWN_WARPS, num_stages=DOWN_STAGES)
-    if split == 1:
-        launcher(lrb_down_kernel, (triton.cdiv(m, DOWN_BM),), (x2, bh, t, m, x2.stride(0), t.stride(0)),
-                 dict(K=k, R=r, RP=rp, BM=DOWN_BM, BK=DOWN_BK, ACT=ACTS[act], SPLIT=1), opts, no_specialize=(3,))
-        return
-    part = torch.empty(split, m, rp, device=x2.device, dtype=torch.float32)
-    launcher(lrb_down_kernel, (triton.cdiv(m, DOWN_BM), split), (x2, bh, part, m, x2.stride(0), rp),
-             dict(K=k, R=r, RP=rp, BM=DOWN_BM, BK=DOWN_BK, ACT=ACTS[act], SPLIT=split), opts, no_specialize=(3,))
-    launcher(lrb_down_reduce_kernel, (triton.cdiv(m, DOWN_BM),), (part, t, m, t.stride(0)),
-             dict(R=r, RP=rp, SPLIT=split, BM=DOWN_BM), dict(num_warps=DOWN_WARPS), no_specialize=(2,))
+    out = t if split == 1 else torch.empty(split, m, rp, device=x2.device, dtype=torch.float32)  # (partials)
+    launcher(lrb_down_kernel, (triton.cdiv(m, DOWN_BM), split), (x2, bh, out, m, x2.stride(0), out.stride(-2)),
+             dict(K=k, R=r, RP=rp, BM=DOWN_BM, BK=DOWN_BK, ACT=ACTS[act], SPLIT=split),
+             dict(num_warps=DOWN_WARPS, num_stages=DOWN_STAGES), no_specialize=(3,))
+    if split > 1:
+        launcher(lrb_down_reduce_kernel, (triton.cdiv(m, DOWN_BM),), (out, t, m, t.stride(0)),
+                 dict(R=r, RP=rp, SPLIT=split, BM=DOWN_BM), dict(num_warps=DOWN_WARPS), no_specialize=(2,))
 
 
 @triton.jit(do_not_specialize=["M"])

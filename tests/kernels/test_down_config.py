@@ -18,11 +18,12 @@ ALIGNED = ("a_ptr", "b_ptr", "c_ptr", "t_ptr", "up_ptr", "dn_ptr", "K", "stride_
 
 
 @pytest.mark.skipif(G is None, reason="triton does not import here")
-@pytest.mark.parametrize("rp", [32, 128])
+@pytest.mark.parametrize("rank", [32, 96])
 @pytest.mark.parametrize("cfg", range(8))
-def test_kept_down_configs_do_not_spill_offline_sm90(cfg, rp):
+def test_kept_down_configs_do_not_spill_offline_sm90(cfg, rank):
     from tests.kernels.sm90 import compile_sm90, sass
-    c = G.down_config(G.GEMM_CONFIGS[cfg], rp)
+    rp = G.rank_pad(rank)
+    c = G.down_config(G.GEMM_CONFIGS[cfg], rank)
     if c is None:
         bm, bn, _, _, warps, *_ = G.GEMM_CONFIGS[cfg]
         assert (bm * bn + bm * rp) // (32 * warps) >= 128  # refused for its registers, not for shared memory alone
