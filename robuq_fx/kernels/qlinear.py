@@ -6,7 +6,7 @@
 
     y = Q_a(x H) (s_w q_w)^T + bias + (x H) B^T A^T
 
-lrb_down_h (optional): B H, the branch's down-projection rotated, as the layer keeps it (PackedLinear on a GPU):
+lrb_down_h (optional): B H, the branch's down-projection rotated, as the layer keeps it (PackedLinear):
 the GPU kernels read it instead of rotating B on every call (which a compiled graph would otherwise redo each
 forward). It must be B H for this B (`weight_cache.rotated_down`); a kernel whose dtype differs rotates B itself.
 

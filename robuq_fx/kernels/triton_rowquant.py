@@ -189,23 +189,24 @@ def _pieces(d: int) -> tuple[int, int]:
     return max(16, triton.next_power_of_2(d)), 0
 
 
-def _tiling(d: int) -> tuple[int, int, int]:
-    block_d = max(16, triton.next_power_of_2(d))
+def _tiling(d: int) -> tuple[int, int, int, int]:
+    """(BLOCK_R, BLOCK_D, TAIL, num_warps) of the kernel for rows of d (`_pieces` for BLOCK_D and TAIL)."""
+    block_d = max(16, triton.next_power_of_2(d))  # the padded width, which the rows / warps choice is measured on
+    head, tail = _pieces(d)
     env = os.environ.get("ROBUQ_ROWQ_TILING")  # "rows,warps": for tuning sweeps (benchmarks/bench_attention.py)
     if env:
         r, w = (int(v) for v in env.split(","))
-        return r, block_d, w
+        return r, head, tail, w
     # measured on the H200 (benchmarks/sweep_rowquant.py): ~1024 values a warp, one warp a program up to rows of
     # 2048; 72-wide rows: 8 rows x 1 warp 39.7 us vs 91.8 us at 16 x 4 (q of DiT-XL/2 at batch 64);
     # 1152-wide rows: 1 row x 1 warp 24.8 us (3.0 TB/s)
     block_r = max(1, 1024 // block_d)
     warps = max(1, min(8, block_d // 2048))
-    head, tail = _pieces(d)
     if tail and warps == 1:  # rows held unpadded (`_pieces`): as many values a warp as 8 padded rows of 128 took
         block_r = 1  # (72: 16 rows, 1152 values; offline sm_90: 58.5 instructions a row against 111 padded, the
         while 2 * block_r * d <= 1280:  # same 63 registers; not yet timed)
             block_r *= 2
-    return block_r, block_d, warps
+    return block_r, head, tail, warps
 
 
 def _align(x: torch.Tensor, out: torch.Tensor, d: int, strides: tuple, sxd: int) -> int:
@@ -295,8 +296,7 @@ def _launch(x, out, a_bits, sym, Q, launcher, codes=None, values=True):
     n_rows = out.numel() // max(d, 1)
     if n_rows == 0 or d == 0:
         return
-    block_r, _, warps = _tiling(d)
-    block_d, tail = _pieces(d)
+    block_r, block_d, tail, warps = _tiling(d)
     grid = ((n_rows + block_r - 1) // block_r,)
     c_out, s_out = codes if codes is not None else (x, x)  # neither read nor written without CODES
     args = (x, out, n_rows, shape[1], shape[2], strides[0], strides[1], strides[2], sxd,
