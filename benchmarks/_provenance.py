@@ -7,6 +7,7 @@ plus `-dirty` when it had uncommitted changes) so the commit is still recorded.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
@@ -61,10 +62,12 @@ def host_cpu() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.lru_cache(maxsize=None)
 def launch_us(n: int = 2000) -> float | None:
     """Microseconds of host time per eager launch of a one-element CUDA kernel (n back-to-back launches, then a
     sync): the host's share of every un-graphed launch. Batch-1 rows depend on it: session 13 measured W4A4+H
-    DiT-XL/2 at batch 1 0.57x on one lent H200 machine and 0.75x on another with the same code."""
+    DiT-XL/2 at batch 1 0.57x on one lent H200 machine and 0.75x on another with the same code. Once a process
+    (a benchmark calls `provenance` for its JSON and again for its summary)."""
     import time
     import torch
     if not torch.cuda.is_available():
