@@ -13,6 +13,8 @@ Columns, all timed by CUDA-graph replay in one run, ratio = bf16 SDPA time / col
                          scales, fake-quant values), then the flash kernel whose loads feed the dots (same output)
 
     python benchmarks/bench_attention.py            # table + JSON + PNG + summary_attention_<gpu>.json
+    python benchmarks/bench_attention.py --sweep    # also the flash kernel's launch configs (triton_attention8.SWEEP)
+                                                    # on three shapes, both forms: which config the default should be
 """
 from __future__ import annotations
 
@@ -37,9 +39,46 @@ SHAPES = [("dit-xl2 b1", 1, 16, 16, 256, 72, False), ("dit-xl2 b8", 8, 16, 16, 2
           ("llama d128 gqa causal", 4, 32, 8, 2048, 128, True)]
 
 
+SWEEP_SHAPES = ("dit-xl2 b64", "vit-b b64", "llama d128 causal")
+
+
+def _sweep(T, name, q, k, v, causal, t_sdpa, summary, key) -> list[dict]:
+    """Each `T.SWEEP` config of both flash-kernel forms on one shape: time (CUDA-graph replay), ratio vs SDPA, and
+    the largest difference from the default config's output (another BN sums the softmax in another order: close,
+    not equal). Configs that do not build or launch here are reported, not fatal. The best of each form goes into
+    the summary (attn8_{fused,prequant}_best_<shape>_x)."""
+    out = []
+    for form, fn in (("fused", T.attention8), ("prequant", T.attention8_prequant)):
+        with torch.no_grad():
+            base = fn(q, k, v, causal, None)
+        best = None
+        for cfg in [None] + T.SWEEP:
+            row = {"shape": name, "form": form, "config": "default" if cfg is None else str(cfg)}
+            try:
+                with torch.no_grad():
+                    o = fn(q, k, v, causal, None, config=cfg)
+                    row["max |diff| vs default"] = float((o.float() - base.float()).abs().max())
+                    tt = time_graph(lambda: fn(q, k, v, causal, None, config=cfg))
+            except Exception as e:  # noqa: BLE001 - a config this GPU / triton cannot run
+                row["error"] = f"{type(e).__name__}: {str(e)[:80]}"
+                out.append(row)
+                continue
+            row["us"] = round(tt * 1e6, 1)
+            row["x vs SDPA"] = round(t_sdpa / tt, 3)
+            if best is None or tt < best[0]:
+                best = (tt, row["config"])
+            out.append(row)
+            print(row, flush=True)
+        if best is not None:
+            summary[f"attn8_{form}_best_{key}_x"] = round(t_sdpa / best[0], 3)
+            summary[f"attn8_{form}_best_{key}_config"] = best[1]
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--sweep", action="store_true", help="time the flash kernel's launch configs (both forms)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_attention.py needs a CUDA GPU")
@@ -52,7 +91,7 @@ def main(argv=None):
     from robuq_fx.kernels import triton_rowquant as R
     prov = provenance(argv)
     print(f"GPU: {prov['gpu']} | torch {prov['torch']} | triton {prov.get('triton')}")
-    rows, summary = [], {}
+    rows, summary, sweep = [], {}, []
     for name, b, h, hk, s, d, causal in SHAPES:
         g = torch.Generator(device="cuda").manual_seed(0)
         q = torch.randn(b, s, h, d, generator=g, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
@@ -94,13 +133,18 @@ def main(argv=None):
         if "attention8 op, qkv buffer" in row:  # one launch for q, k, v (attention.qkv_union)
             summary[f"attn8_qkvbuf_{key}_x"] = row["attention8 op, qkv buffer"]
         print(row, flush=True)
+        if args.sweep and name in SWEEP_SHAPES:
+            sweep += _sweep(T, name, q, k, v, causal, t["bf16 SDPA"], summary, key)
     print()
     print("ratio = bf16 SDPA time / column time (> 1 = faster); CUDA-graph replay")
     print(tabulate(rows, headers="keys", tablefmt="github"))
+    if sweep:
+        print("\nflash kernel launch configs (BM, BN, warps, stages, maxnreg); first row of each: the default")
+        print(tabulate(sweep, headers="keys", tablefmt="github"))
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"bench_attention_{gpu_tag(prov['gpu'])}")
     with open(base + ".json", "w") as f:
-        json.dump({"provenance": prov, "rows": rows}, f, indent=1)
+        json.dump({"provenance": prov, "rows": rows, "sweep": sweep}, f, indent=1)
     print(f"wrote {base}.json, {write_summary(args.out, 'attention', summary, argv)}")
     try:
         import matplotlib

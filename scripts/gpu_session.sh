@@ -38,6 +38,7 @@
 #   scripts/gpu_session.sh dit-gluon        the same DiT rows with the Gluon quantizer, GEMM and quantize-in-GEMM on
 #   scripts/gpu_session.sh dit-default      batch 8 under default-mode torch.compile: decomposed qlinear vs opaque op
 #   scripts/gpu_session.sh attention        bench_attention: the 8-bit attention op vs bf16 SDPA (summary_attention)
+#   scripts/gpu_session.sh attention-sweep  its GPU tests, then bench_attention --sweep (the flash kernel's configs)
 #   scripts/gpu_session.sh linear [table]   bench_linear --write-dispatch (quantizer tilings, GEMM kernels/configs), then
 #                                           bench_linear with it (table: the committed table, no sweep)
 #   scripts/gpu_session.sh qat-profile [MODE [SETTING..]]  profile_dit --train (default: compiled, bf16 + paper), batch 16
@@ -409,6 +410,13 @@ ncu)  # Nsight Compute on the quantizer and GEMM kernels (benchmarks/ncu_kernels
     else
         echo "no ncu on this machine: CUDA-event times only"; timeout 200 python3 benchmarks/ncu_kernels.py
     fi
+    ;;
+attention-sweep)  # the same table, then the flash kernel's launch configs (triton_attention8.SWEEP: tiles, warps,
+    # stages, register caps; the default takes 218 registers, one program an SM) on three shapes, both forms, and the
+    # sweep's GPU test first (~6 min)
+    timeout 150 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_attention8.py \
+        -k "sweep_config or kernel_vs_reference" 2>&1 | tail -n 4
+    timeout 420 python3 benchmarks/bench_attention.py --sweep --out "$OUT" 2>&1 | tail -n 75
     ;;
 attention)  # 8-bit attention vs bf16 SDPA (DiT-XL/2, ViT, Llama shapes), incl. q/k/v as thirds of one qkv buffer
     timeout 300 python3 benchmarks/bench_attention.py --out "$OUT" 2>&1 | tail -n 16

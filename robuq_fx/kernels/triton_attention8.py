@@ -151,12 +151,21 @@ def _config(d: int, sq: int) -> tuple[int, int, int, int]:
     return bm, bn, dp, warps
 
 
-def attention8(q, k, v, is_causal: bool, scale: float | None, levels: float = 127.0) -> torch.Tensor:
-    """The kernel quantizing q, k and v as it loads them."""
-    return _launch(q, k, v, None, is_causal, scale, levels, stages=2)
+# Launch configs `bench_attention.py --sweep` times against the default (`_config`): (BM, BN, warps, stages,
+# maxnreg). Offline sm_90 at d = 72 the default (128, 64, 8 warps) takes 218 registers a thread, one program an SM;
+# a register cap buys programs an SM (64 x 32 x 4 warps at 128: four, no spills in the prequant form).
+SWEEP = [(128, 64, 8, 3, None), (128, 64, 8, 2, 168), (128, 32, 8, 3, None), (128, 32, 8, 3, 128),
+         (64, 64, 4, 3, None), (64, 64, 4, 3, 168), (64, 32, 4, 3, None), (64, 32, 4, 3, 128), (64, 64, 8, 3, None),
+         (64, 128, 8, 2, None)]
 
 
-def attention8_prequant(q, k, v, is_causal: bool, scale: float | None, levels: float = 127.0) -> torch.Tensor:
+def attention8(q, k, v, is_causal: bool, scale: float | None, levels: float = 127.0, config=None) -> torch.Tensor:
+    """The kernel quantizing q, k and v as it loads them (config: one of `SWEEP`'s tuples, default `_config`)."""
+    return _launch(q, k, v, None, is_causal, scale, levels, stages=2, config=config)
+
+
+def attention8_prequant(q, k, v, is_causal: bool, scale: float | None, levels: float = 127.0,
+                        config=None) -> torch.Tensor:
     """`attention8` with k and v quantized first by the row kernel (k: int8 codes and scales, v: its fake-quant
     values; rows contiguous), then the kernel's PREQUANT form: the same output, k / v quantized once instead of once
     per query block, loads the compiler can pipeline (ROBUQ_ATTENTION=prequant)."""
@@ -164,12 +173,13 @@ def attention8_prequant(q, k, v, is_causal: bool, scale: float | None, levels: f
     bits = int(round(math.log2(levels + 1))) + 1
     k8, s_k = quantize_rows_int8(k, bits)  # (b, hk, sk, d) contiguous, (b, hk, sk)
     vh = fake_quant_rows(v, bits, True).contiguous()  # the same values the inline kernel makes
-    return _launch(q, k8, vh, s_k, is_causal, scale, levels, stages=3)
+    return _launch(q, k8, vh, s_k, is_causal, scale, levels, stages=3, config=config)
 
 
-def _launch(q, k, v, s_k, is_causal: bool, scale: float | None, levels: float, stages: int) -> torch.Tensor:
+def _launch(q, k, v, s_k, is_causal: bool, scale: float | None, levels: float, stages: int,
+            config=None) -> torch.Tensor:
     """out (b, h, sq, d) of `attention8_kernel` (PREQUANT where k's row scales s_k are given: k int8 codes, v its
-    fake-quant values)."""
+    fake-quant values); config (BM, BN, warps, stages, maxnreg) overrides `_config` and `stages`."""
     b, h, sq, d = q.shape
     hk, sk = k.shape[1], k.shape[2]
     # (batch, seq, heads, head_dim) memory viewed as (batch, heads, seq, head_dim): the usual next step,
@@ -179,6 +189,11 @@ def _launch(q, k, v, s_k, is_causal: bool, scale: float | None, levels: float, s
         return out
     sm = (1.0 / math.sqrt(d)) if scale is None else float(scale)
     bm, bn, dp, warps = _config(d, sq)
+    extra = {}
+    if config is not None:
+        bm, bn, warps, stages, maxnreg = config
+        if maxnreg:
+            extra["maxnreg"] = maxnreg
     grid = (triton.cdiv(sq, bm), b * h)
     ctx = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
     align = 8 if _rows_aligned((q, k, v, out), 8) else 1
@@ -186,7 +201,7 @@ def _launch(q, k, v, s_k, is_causal: bool, scale: float | None, levels: float, s
         attention8_kernel[grid](q, k, v, out, q if s_k is None else s_k, *q.stride(), *k.stride(), *v.stride(),
                                 *out.stride(), h, hk, sq, sk, sm * _LOG2E, levels,
                                 D=d, CAUSAL=bool(is_causal), BM=bm, BN=bn, DP=dp, ALIGN=align,
-                                PREQUANT=s_k is not None, num_warps=warps, num_stages=stages)
+                                PREQUANT=s_k is not None, num_warps=warps, num_stages=stages, **extra)
     return out
 
 

@@ -143,6 +143,25 @@ def test_attention8_falls_back_exactly_for_masks_and_fp32():
                        A.reference(q32, k32, v32, None, 0.0, False, None, False, 8))
 
 
+@pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=["72x17", "128gqa_causal"])
+def test_attention8_kernel_every_sweep_config(case):
+    """Every launch config `bench_attention --sweep` times (`triton_attention8.SWEEP`: other tiles, warps, stages,
+    register caps) computes the attention as the default does: within the same bound against the float64 oracle,
+    and both forms (inline, k/v prequant) equal to each other at each config."""
+    from robuq_fx.kernels import triton_attention8 as T
+    b, h, hk, sq, sk, d, causal = case
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    q, k, v = (torch.randn(b, n, s, d, generator=gen, device="cuda", dtype=torch.bfloat16)
+               for n, s in ((h, sq), (hk, sk), (hk, sk)))
+    oracle = _oracle(q, k, v, causal)
+    base = ((T.attention8(q, k, v, causal, None).double() - oracle).norm() / oracle.norm()).item()
+    for cfg in T.SWEEP:
+        out = T.attention8(q, k, v, causal, None, config=cfg)
+        err = ((out.double() - oracle).norm() / oracle.norm()).item()
+        assert err <= 1.5 * base + 2e-3, (cfg, err, base)
+        assert torch.equal(T.attention8_prequant(q, k, v, causal, None, config=cfg), out), cfg
+
+
 @pytest.mark.parametrize("d,causal", [(72, False), (64, True)])
 def test_attention8_on_a_fused_qkv_buffer(d, causal):
     """q, k, v as narrow views of one fused qkv output (the lowered DiT): quantized in one launch over the buffer
