@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 import warnings
@@ -37,13 +36,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # torch 2.13 deep-copying an exported graph: "isinstance(treespec, LeafSpec) is deprecated" once per quantize()
 warnings.filterwarnings("ignore", category=FutureWarning)
 import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _provenance import provenance  # noqa: E402
 import _digits_dit as D  # noqa: E402
+from _accuracy_mlp import ResMLP, ce_loss, load_mlp_data, mlp_batches, mlp_eval, train_mlp  # noqa: E402
+from _accuracy_report import kind_table, save_grid, stat  # noqa: E402
 import robuq_fx  # noqa: E402
 from robuq_fx import ampn  # noqa: E402
 
@@ -121,77 +120,6 @@ def block_policy(s: Setting, rank: int, rot_out: list[str], rot_in: list[str], e
 
 
 # ---- a. MLP -------------------------------------------------------------------------------------------------------
-class Block(nn.Module):
-    def __init__(self, d: int, hidden: int, p: float):
-        super().__init__()
-        self.norm = nn.LayerNorm(d)
-        self.fc1 = nn.Linear(d, hidden)
-        self.fc2 = nn.Linear(hidden, d)
-        self.drop = nn.Dropout(p)
-
-    def forward(self, x):
-        return x + self.drop(self.fc2(F.gelu(self.fc1(self.norm(x)))))
-
-
-class ResMLP(nn.Module):
-    def __init__(self, d: int = 128, hidden: int = 256, blocks: int = 2, p: float = 0.1):
-        super().__init__()
-        self.fc_in = nn.Linear(64, d)
-        self.blocks = nn.ModuleList(Block(d, hidden, p) for _ in range(blocks))
-        self.norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, 10)
-
-    def forward(self, x):
-        x = self.fc_in(x)
-        for b in self.blocks:
-            x = b(x)
-        return self.head(self.norm(x))
-
-
-def load_mlp_data():
-    """Flattened digits standardised with the training statistics (+1 on the std: border pixels are ~constant)."""
-    img = D.load_digit_images()
-    x_tr, x_te = img.x_train.reshape(-1, 64), img.x_test.reshape(-1, 64)
-    mean, std = x_tr.mean(0), x_tr.std(0) + 1.0
-    return (x_tr - mean) / std, img.y_train, (x_te - mean) / std, img.y_test
-
-
-def mlp_batches(x, y, batch: int, seed: int, epochs: int = 1) -> list:
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        out += [(x[perm[i:i + batch]], y[perm[i:i + batch]]) for i in range(0, len(x), batch)]
-    return out
-
-
-def ce_loss(model, batch):
-    return F.cross_entropy(model(batch[0]), batch[1])
-
-
-def train_mlp(model, batches: list, lr: float):
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, len(batches))
-    model.train()
-    for b in batches:
-        loss = ce_loss(model, b)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    model.eval()
-    return model
-
-
-@torch.no_grad()
-def mlp_eval(model, x, y) -> dict:
-    """Test accuracy (%) and test NLL (cross-entropy): with 360 test digits one image is 0.28% of accuracy, and
-    the NLL still separates settings whose accuracies tie."""
-    model.eval()
-    out = model(x)
-    return {"acc": 100.0 * (out.argmax(-1) == y).float().mean().item(), "nll": F.cross_entropy(out, y).item()}
-
-
 def mlp_policy(s: Setting, rank: int) -> dict:
     return block_policy(s, rank, ["blocks.*.fc2"], ["fc_in", "blocks.*.fc1"])
 
@@ -315,14 +243,6 @@ def bits_note(s: Setting, allocations: dict) -> str:
 
 
 # ---- tables -------------------------------------------------------------------------------------------------------
-def stat(values: list[float], digits: int, sign: bool = False) -> str:
-    if not values:
-        return "-"
-    m = statistics.fmean(values)
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{m:{'+' if sign else ''}.{digits}f} ± {sd:.{digits}f}"
-
-
 def lookup(settings: list[Setting], s: Setting) -> str | None:
     """The label under which the run of `s` (or an identical one) was stored."""
     return next((r.label for r in settings if canonical(r) == canonical(s)), None)
@@ -370,46 +290,6 @@ def make_tables(args, settings, results: dict[str, list[dict]]) -> dict[str, str
         tables["c. AMPN candidates at average A2 (+H, LRB; {2,3,4} at A2 can only be uniform A2)"] = [
             {"setting": s.label, **wide(s)} for s in AMPN_ABL]
     return {k: tabulate(v, headers="keys", tablefmt="github", disable_numparse=True) for k, v in tables.items()}
-
-
-def kind_table(allocs: list[dict]) -> str:
-    """Mean chosen bits per layer kind, averaged over seeds, for each AMPN setting."""
-    rows = {}
-    for per_seed in allocs:
-        for label, rep in per_seed.items():
-            for r in rep.summary:
-                rows.setdefault((label, r["kind"]), []).append(r["mean bits"])
-    out = [{"AMPN setting": lab, "layer kind": k, "mean bits": f"{statistics.fmean(v):.2f}"}
-           for (lab, k), v in rows.items()]
-    return tabulate(out, headers="keys", tablefmt="github", disable_numparse=True)
-
-
-def save_grid(samples: dict, path: Path, per_class: int = 6) -> bool:
-    try:
-        import matplotlib
-    except ImportError:  # the [bench] extra has it, the [test] extra (CI's smoke run) does not
-        print("matplotlib is not installed: no PNG (pip install matplotlib)")
-        return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = list(samples)
-    cols = 4
-    nrow = (len(labels) + cols - 1) // cols
-    fig, axes = plt.subplots(nrow, cols, figsize=(2.6 * cols, 3.9 * nrow), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, lab in zip(axes.flat, labels):
-        x = samples[lab].reshape(10, -1, 8, 8)[:, :per_class]  # (class, sample, 8, 8), labels repeat_interleaved
-        x = F.pad(x.clamp(-1, 1), (1, 1, 1, 1), value=-1.0)  # a blank (-1) frame between digits
-        grid = x.permute(0, 2, 1, 3).reshape(100, -1)  # rows: classes 0..9; columns: samples
-        ax.imshow(grid.numpy(), cmap="gray_r", vmin=-1, vmax=1, interpolation="nearest")
-        ax.set_title(lab, fontsize=8)
-    fig.suptitle("tiny DiT on 8x8 digits, seed 0: one row per class 0-9", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
 
 
 # ---- main ---------------------------------------------------------------------------------------------------------
