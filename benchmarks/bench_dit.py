@@ -31,12 +31,8 @@ import robuq_fx  # noqa: E402
 
 from _dit_setup import (PAPER, PAPER_A2, PAPER_A3, TINY, XL2, build, inputs, policies,  # noqa: E402,F401
                         model_bytes, quantized_weight_bytes, timeit)
-
-SUMMARY_KEYS = {"robuq W4A4+H": "w4a4h", "robuq W1.58A4+H": "w158a4h", PAPER: "paper", PAPER_A3: "paper_a3",
-                PAPER_A2: "paper_a2", "robuq W4A4+H, opaque op": "w4a4h_opaque",
-                "robuq W4A4+H, Inductor decomposition": "w4a4h_inductor",  # (rows of runs before it was the default)
-                "robuq W4A4+H (C++ wrapper)": "w4a4h_cppwrapper",
-                "robuq W4A4+H +GELU fused": "w4a4h_gelu_fused"}
+from _dit_report import (SUMMARY_KEYS, _env_variant, _set_env, plot, summary,  # noqa: E402,F401
+                         summary_key)
 
 
 # the opt-in inference kernels in force name the rows (" +gluonquant" ...), so that a run with them does not overwrite
@@ -49,71 +45,6 @@ INFER_OPT_IN = "".join(f" +{tag}" for var, val, tag in (("ROBUQ_QUANT_KERNEL", "
                                                         ("ROBUQ_STACKED_QUANT", "fused", "fusedcodes"),
                                                         ("ROBUQ_QUANT_KERNEL", "mma", "mmaquant"))
                        if os.environ.get(var) == val)
-
-
-def summary_key(setting: str) -> str | None:
-    """The summary key of a row: SUMMARY_KEYS, plus its opt-in tags ("robuq W4A4+H +fusedquant" -> w4a4h_fusedquant)."""
-    if setting in SUMMARY_KEYS:
-        return SUMMARY_KEYS[setting]
-    base, *tags = setting.split(" +")
-    key = SUMMARY_KEYS.get(base)
-    return key and "_".join([key, *(t.lower().replace(" ", "_").replace("-", "_") for t in tags)])
-
-
-def summary(results: dict) -> dict:
-    """The named figures of issues 17 and 19 (speed and memory vs bf16 in the same run)."""
-    out = {}
-    base = results["baseline"]
-    for r in results["latency"]:
-        key = summary_key(r["setting"])
-        if key:
-            out[f"{key}_b{r['batch']}_x"] = r[f"x vs {base}"]
-    peak = {(r["setting"], r["batch"]): r["peak MiB"] for r in results["latency"]}
-    for (name, b), v in peak.items():
-        key = summary_key(name)
-        if key and (base, b) in peak and b == max(bb for _, bb in peak):
-            out[f"{key}_peak_b{b}_x"] = round(v / peak[(base, b)], 3)
-    for r in results["memory"]:
-        key = summary_key(r["setting"])
-        if key:
-            out[f"{key}_resident_x"] = r["ratio"]
-    for r in results.get("default_mode", []):
-        key = SUMMARY_KEYS.get(r["setting"])
-        if key:
-            out[f"{key}_b{r['batch']}_default_x"] = r["x vs bf16 torch.compile (default)"]
-    names = {"QAT W4A4+H": "qat", "QAT W1.58A4+H": "qat_w158", "QAT dit-xl-2-robuq": "qat_paper"}
-    for r in results["train_step"]:
-        base, *tags = r["setting"].split(" +")
-        if base in names and "x FP step time" in r:  # (a mode whose FP row failed has no ratio)
-            out[f"{'_'.join([names[base], *tags])}_{r['mode']}_x"] = r["x FP step time"]
-    return out
-
-
-def plot(results: dict, path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no PNG (draw it later with --plot JSON)")
-        return
-    base = results["baseline"]
-    key = f"x vs {base}"
-    names = list(dict.fromkeys(r["setting"] for r in results["latency"]))
-    batches = sorted({r["batch"] for r in results["latency"]})
-    ratio = {(r["setting"], r["batch"]): r[key] for r in results["latency"]}
-    fig, ax = plt.subplots(figsize=(9, 4))
-    w = 0.8 / len(batches)
-    for i, b in enumerate(batches):
-        ax.bar([j + w * i for j in range(len(names))], [ratio[(n, b)] for n in names], width=w, label=f"batch {b}")
-    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(names))], [n.replace(" (", "\n(") for n in names], fontsize=6)
-    ax.axhline(1.0, color="k", lw=0.5)
-    ax.set_ylabel(f"speed vs {base}")
-    ax.set_title(results["header"], fontsize=8)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
 
 
 def default_mode_rows(fp_dev, cfg, device, dtype, ex, args, rows: list, save=lambda: None) -> list[dict]:
@@ -188,6 +119,10 @@ def main(argv=None):
                     help="only the batch-8 default-mode rows (--default-mode-b8 without the other rows)")
     ap.add_argument("--fuse-gelu", action="store_true",
                     help="also time each robuq setting after robuq_fx.fuse_activations (fc2 applies the GELU)")
+    ap.add_argument("--env-variant", nargs="+", default=[], metavar="TAG:VAR=VALUE",
+                    help="per chosen setting, one more row ' +TAG' of the same lowered model with the environment "
+                         "variable VAR=VALUE while it compiles and runs (a same-run A/B of a ROBUQ_* switch, e.g. "
+                         "down:ROBUQ_FP8_DOWN_IN_GEMM=1; summary keys <key>_TAG_b<batch>_x)")
     ap.add_argument("--freezing", action="store_true",
                     help="compile every row with Inductor's freezing (weights become constants, so the weight-side "
                          "tensors the qlinear decomposition builds each call are folded at compile time); the robuq "
@@ -230,6 +165,8 @@ def main(argv=None):
         """every finished row on disk at once: a run stopped by a time limit keeps what it measured"""
         partial.write_text(json.dumps(results, indent=2))
 
+    env_variants = [_env_variant(v) for v in args.env_variant]
+    variant_env = {}  # variant name -> {VAR: VALUE} in force while it compiles and runs
     variants = {} if args.train_only else {"bf16 eager": (fp.to(device, dtype), False)}
     if not args.no_compile and not args.train_only:
         variants["bf16 torch.compile"] = (variants["bf16 eager"][0], True)
@@ -266,6 +203,9 @@ def main(argv=None):
                                    "ckpt / bf16 ckpt": round(f.stat().st_size / fp_file.stat().st_size, 3)})
         del q
         variants[name + infer_tags] = (low, not args.no_compile)
+        for env_tag, env in env_variants:  # the same model under another switch (own compile: Dynamo resets below)
+            variants[name + infer_tags + " +" + env_tag] = (low, not args.no_compile)
+            variant_env[name + infer_tags + " +" + env_tag] = env
         if args.fuse_gelu:  # the same lowered model with fc2 applying the GELU while quantizing its input
             fused = copy.deepcopy(low)
             n_fused = len(robuq_fx.fuse_activations(fused))
@@ -275,6 +215,7 @@ def main(argv=None):
 
     rows = {}
     for name, (model, compiled) in ([] if args.only_default_mode else list(variants.items())):
+        saved_env = _set_env(variant_env.get(name, {}))
         if not name.startswith("bf16"):
             with torch.no_grad():  # fill the kernels' weight caches outside any CUDA-graph pool, for every M
                 for b in batches:
@@ -314,6 +255,7 @@ def main(argv=None):
         # keeps the class) share Dynamo's per-code cache, and the 5th one hit its recompile limit and ran eager
         # (a row of 85 ms where the same model measured 4.6 ms)
         torch._dynamo.reset()
+        _set_env(saved_env)
     base = "bf16 eager" if args.no_compile else "bf16 torch.compile"
     results["baseline"] = base
     if args.default_mode_b8 and not args.train_only and fp_dev is not None:

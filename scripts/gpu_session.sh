@@ -54,6 +54,8 @@
 #   scripts/gpu_session.sh profile-b1-cg    batch 1 under CUDA graphs: kernel sums against wall time (bf16, dit, paper)
 #   scripts/gpu_session.sh ncu-attention    Nsight Compute on the 8-bit attention kernels (the fused one: 0.064x SDPA)
 #   scripts/gpu_session.sh dit-gelu         W4A4+H batch 64 with / without the GELU fused into fc2 (its spill fixed)
+#   scripts/gpu_session.sh dit-gelu-paper   the same for the paper policy (its fc2's branch applies the GELU too)
+#   scripts/gpu_session.sh dit-b1-down      paper batch 1 with / without the down-projection in the GEMM, same run
 #   scripts/gpu_session.sh verify12         session 12's fixes (H as a graph constant, B H as a layer buffer): their GPU
 #                                           tests and the compiled-vs-eager ones, then dit-b1
 #   scripts/gpu_session.sh dit-b1           the batch-1 rows of W4A4+H and the paper policy (CUDA graphs)
@@ -65,22 +67,20 @@
 # The machine goes back ~30 s after a call returns, and with it everything detached or left in /tmp: make every
 # call self-contained, and send the next one at once. On nvidia-h200-x2, `pair A B` runs two steps at once (one a
 # GPU) for the device time of one: use it. A cold compile of the paper policy takes ~3-4 min on the machine: a call
-# holds about two (policy, batch) rows. Session 14's plan (one H200; copy each call's compile_cache.tgz.NN into
-# .snap/.cache/ before the next):
-#   1. verify13    (~8 min: the GPU tests of session 13's kernels: lrb_down split and DOWN-in-GEMM, B H for the
-#                   fused q/k/v, non-spilling sigma / GELU plans, unpadded row kernel, k/v-prequant attention; fix
-#                   what fails before anything else); then dit-b1 (paper_b1_x 0.441 with 858 kernels a forward) and
-#                   linear-down (bench_linear's "down-in-GEMM" column; if it wins at M = 256, record down_in_gemm in
-#                   the table: `linear` re-sweeps with tune_down_in_gemm)
-#   2. dit-low     (-a3 / -a2 at batch 64 with the sigma plan fix: 0.354 / 0.360 in session 13, paper 0.875; its
-#                   perf-hint / recompile lines say whether the forward lost its CUDA graphs); if still far below
-#                   the paper policy, profile-low for where the time goes
-#   3. dit-gelu    (W4A4+H b64 with the GELU in fc2's quantizer, now without spills: the 1.3x target's best chance)
-#   4. train-cpp   (issue 19: the compiled paper step launch-bound; Inductor's C++ wrapper compiles it and gives
-#                   bit-equal outputs and gradients on the CPU, session 13), dit-default (its C++-wrapper rows: issue
-#                   17 item 6), attention (bench_attention with the k/v-prequant flash kernel: vectorized,
-#                   pipelined loads, no spills offline; the inline one 0.064x), ncu-attention if it is still slow
-#   5. profile-b1-cg (batch 1: kernel time vs wall time under CUDA graphs), dit-b64, qat-profile compiled paper
+# holds about two (policy, batch) rows. Session 15's plan (one H200; a call of dit-b1 + attention lost the machine
+# in session 14 with nothing back: keep each call to one bench_dit run and send it alone):
+#   1. dit-b1-down (paper batch 1, with / without ROBUQ_FP8_DOWN_IN_GEMM in one run: 0.612x in session 14; if
+#                   " +down" wins, linear-down then `linear` to record down_in_gemm in the table)
+#   2. dit-low     (-a3 / -a2 at batch 64 with session 13's sigma-plan and gaussian_clip fixes: 0.354 / 0.360 in
+#                   session 13, paper 0.875; perf-hint / recompile / graph-break lines in $OUT/dit_low_hints.log);
+#                   profile-low if still far below the paper policy
+#   3. dit-gelu    (W4A4+H b64, GELU in fc2's quantizer without spills: the 1.3x target's best chance), then
+#                   dit-gelu-paper if it wins
+#   4. train-cpp   (issue 19: both sides with Inductor's C++ wrapper: is the compiled paper step launch-bound?)
+#   5. attention-sweep (the flash kernel's launch configs: ~6 min), dit-default, profile-b1-cg, dit-b64,
+#                   qat-profile compiled paper
+# Session 14 ran: verify13 (173 passed, 4 stale test expectations, fixed), attention (the op 0.545x SDPA at DiT
+# b64, fused 0.23x, prequant 0.366x), the paper policy's batch-1 row alone (0.612x).
 # Session 13 ran: verify12 (74 passed; b1 rows), dit-b64 (+ c4c1d19's W4A4+H b1 row: the machine's b1 is slower
 # than session 12's), profile-b1 (858 kernels a forward, was 1558), dit-low (-a3 / -a2 only).
 # Session 13's plan (one H200):
@@ -310,6 +310,18 @@ verify13)  # verify13 [SECS]: session 13's CPU-built kernels on the GPU: lrb_dow
         -k "not (test_inductor or test_attention8) or compiled_qlinear or sigma_clipped or rotated or row_kernel \
             or attention8_kernel_vs" 2>&1 \
         | grep -v DEBUG | tee "$OUT/gpu_tests_verify13.log" | tail -n 12
+    ;;
+dit-b1-down)  # the paper policy at batch 1 with and without the branch's down-projection inside the epilogue GEMM,
+    # same run (--env-variant: rows " +down"); at batch 1 the forward costs ~6 us a kernel and DOWN removes six
+    # kernels a block (lrb_down + its reduce, three LRB layers)
+    timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
+        --settings "dit-xl-2-robuq (" --batches 1 --iters 10 --warmup 3 \
+        --env-variant down:ROBUQ_FP8_DOWN_IN_GEMM=1 --tag _reduce-overhead_b1_down 2>&1 | tail -n 14
+    ;;
+dit-gelu-paper)  # the paper policy at batch 64 with the GELU in fc2's quantizer and branch (lrb_down applies it)
+    timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
+        --settings "dit-xl-2-robuq (" --batches 64 --iters 10 --warmup 3 --fuse-gelu \
+        --tag _reduce-overhead_gelu_paper 2>&1 | tail -20
     ;;
 dit-gelu)  # W4A4+H at batch 64 with and without the GELU fused into fc2's quantizer (its K = 4608 plan spilled until
     # session 13: 1.02x against 1.20x without; if it now wins, lower() could fuse it by default)

@@ -1,0 +1,44 @@
+"""bench_dit.py's same-run A/B rows (--env-variant): the switch is in force while its row compiles and runs and is
+restored after, the rows get their own summary keys, and malformed specs are a clear error."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import bench_dit as B  # noqa: E402
+
+
+def test_env_variant_parses_and_rejects():
+    assert B._env_variant("down:ROBUQ_FP8_DOWN_IN_GEMM=1") == ("down", {"ROBUQ_FP8_DOWN_IN_GEMM": "1"})
+    assert B._env_variant("off:ROBUQ_X=") == ("off", {"ROBUQ_X": ""})
+    for bad in ("ROBUQ_X=1", "down:ROBUQ_X", "a b:X=1", "a+b:X=1", ":X=1"):
+        with pytest.raises(SystemExit, match="TAG:VAR=VALUE"):
+            B._env_variant(bad)
+
+
+def test_set_env_restores(monkeypatch):
+    monkeypatch.delenv("ROBUQ_TEST_A", raising=False)
+    monkeypatch.setenv("ROBUQ_TEST_B", "old")
+    saved = B._set_env({"ROBUQ_TEST_A": "1", "ROBUQ_TEST_B": "new"})
+    assert os.environ["ROBUQ_TEST_A"] == "1" and os.environ["ROBUQ_TEST_B"] == "new"
+    B._set_env(saved)
+    assert "ROBUQ_TEST_A" not in os.environ and os.environ["ROBUQ_TEST_B"] == "old"
+
+
+def test_env_variant_rows_and_summary_keys(tmp_path):
+    """A quick eager run with one variant: a ' +x' row per batch for the setting, keys w4a4h_x_b*_x beside w4a4h's
+    (on the CPU ROBUQ_ATTENTION=reference changes no kernel: the rows' presence is asserted, not their speed)."""
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_dit.py"), "--quick", "--skip-train", "--no-compile",
+                           "--settings", "W4A4+H", "--env-variant", "x:ROBUQ_ATTENTION=reference",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((tmp_path / "bench_dit_quick.json").read_text())
+    names = {(r["setting"], r["batch"]) for r in res["latency"]}
+    assert {("robuq W4A4+H", 1), ("robuq W4A4+H +x", 1), ("robuq W4A4+H +x", 2)} <= names
+    keys = B.summary(res)
+    assert {"w4a4h_b1_x", "w4a4h_x_b1_x", "w4a4h_x_b2_x", "w4a4h_x_resident_x"} <= set(keys)
