@@ -12,8 +12,10 @@ The difference from the reference (fake-quant q, k, v to the input dtype, then S
 reference rounds q_hat = s_q q8 and k_hat to bf16 before its QK^T, this kernel keeps q8 . k8 exact and rounds the
 product of the scales once. P and v_hat are rounded to the input dtype for P.V as flash attention does.
 
-Head dims are padded to a power of two in registers (DiT-XL/2's 72 -> 128); masked columns are zeros, which change
-neither the row ranges nor the dot products.
+A head dim that is no power of two is held as two pieces (`_pieces`: DiT-XL/2's 72 as 64 + 32 columns for q.k,
+int8 wgmma taking K >= 32, and 64 + 16 for P.V and the output) instead of one block padded to 128 (78% more products,
+offline 218 registers a thread against 179 at the default config); masked columns are zeros, which change neither
+the row ranges nor the dot products, so both forms give the same output (Triton's interpreter: bit-identical).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_rowquant import quantize_rows
+from .triton_rowquant import _codes, _row_range, scale_of
 
 _LOG2E = 1.4426950408889634
 
@@ -45,20 +47,40 @@ def _online_softmax(qk, row_scale, s_k, nmask, offs_m, offs_n, m_i, l_i, CAUSAL:
 
 
 @triton.jit
+def _quant_pieces(x, mask, xe, emask, levels, HAS_E: tl.constexpr):
+    """Symmetric per-row codes of a row held as two pieces [x | xe] (xe: HAS_E), one range over both: exactly
+    `quantize_rows` on the whole row (codes, s)."""
+    a, b = _row_range(x, mask, True)
+    if HAS_E:
+        a2, b2 = _row_range(xe, emask, True)
+        a, b = tl.minimum(a, a2), tl.maximum(b, b2)
+    s, lo, safe, rcp = scale_of(a, b, levels, True)
+    qe = _codes(xe, lo, safe, rcp, True) if HAS_E else xe
+    return _codes(x, lo, safe, rcp, True), qe, s
+
+
+@triton.jit
 def attention8_kernel(q_ptr, k_ptr, v_ptr, o_ptr, sk_ptr,
                       sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
                       H, HK, SQ, SK, qk_scale, levels, D: tl.constexpr,
                       CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
-                      ALIGN: tl.constexpr = 1, PREQUANT: tl.constexpr = False):
+                      ALIGN: tl.constexpr = 1, PREQUANT: tl.constexpr = False, DE: tl.constexpr = 0,
+                      DV: tl.constexpr = 0):
     """PREQUANT: k and v were quantized beforehand, once (`attention8_prequant`): k_ptr holds k's int8 codes and
     sk_ptr their row scales, v_ptr v's fake-quant values RN_dtype(s_v v8), all with contiguous rows of D; only q is
     quantized here, once a program. The same values in the same order as without it, where every program
     re-quantizes each k / v tile it reads (SQ / BM times a tile) from loads that feed arithmetic, not a dot, so that
     Triton does not pipeline them; with it every loop load feeds a dot or a scale vector. ALIGN (the launcher's
     check: every row of q, k, v and out starts a multiple of ALIGN elements from a 16-byte aligned base) lets rows of
-    72 load and store as vectors (without it: one element a thread, offline sm_90)."""
+    72 load and store as vectors (without it: one element a thread, offline sm_90).
+
+    DE > 0 (`_pieces`): a head dim that is no power of two is held as two pieces instead of one padded block: columns
+    [0, DP) and a tail [DP, DP + DE) for q and k (q.k: two int8 products, DE >= 32 as int8 wgmma takes), [DP,
+    DP + DV) for v and the output (DV >= 16). At DiT's 72: 64 + 32 for q.k and 64 + 16 for P.V, against 128 + 128
+    padded. The codes, the exact int32 q.k and the softmax are the same as padded."""
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 when Inductor launches it (see triton_act_quant)
     levels = tl.cast(levels, tl.float32)
+    HAS_E: tl.constexpr = DE > 0
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -74,9 +96,20 @@ def attention8_kernel(q_ptr, k_ptr, v_ptr, o_ptr, sk_ptr,
     if ALIGN > 1:
         q_rows = tl.multiple_of(q_rows, ALIGN)
         o_rows = tl.multiple_of(o_rows, ALIGN)
-    q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :] * sqd, mask=qmask, other=0.0)
-    q_codes, s_q, q_lo = quantize_rows(q.to(tl.float32), qmask, levels, True)
+    q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :] * sqd, mask=qmask, other=0.0).to(tl.float32)
+    if HAS_E:  # the tails: q / k columns [DP, DP + DE), v / out columns [DP, DP + DV), masked past D
+        offs_e = DP + tl.arange(0, DE)
+        emask = offs_e < D
+        offs_f = DP + tl.arange(0, DV)
+        fmask = offs_f < D
+        qemask = mmask[:, None] & emask[None, :]
+        qe = tl.load(q_ptr + q_rows[:, None] + offs_e[None, :] * sqd, mask=qemask, other=0.0).to(tl.float32)
+    else:
+        qemask = qmask
+        qe = q
+    q_codes, qe_codes, s_q = _quant_pieces(q, qmask, qe, qemask, levels, HAS_E)
     q8 = q_codes.to(tl.int8)
+    qe8 = qe_codes.to(tl.int8)
     row_scale = s_q * qk_scale  # scale * log2(e) folded in: softmax with exp2
 
     k_base = b.to(tl.int64) * skb + hk.to(tl.int64) * skh
@@ -85,6 +118,10 @@ def attention8_kernel(q_ptr, k_ptr, v_ptr, o_ptr, sk_ptr,
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, DP], tl.float32)
+    if HAS_E:
+        acc_f = tl.zeros([BM, DV], tl.float32)
+    else:
+        acc_f = acc
     hi = SK
     if CAUSAL:  # top-left aligned, as SDPA's is_causal: query i sees keys j <= i
         hi = tl.minimum(SK, (pid_m + 1) * BM)
@@ -98,24 +135,50 @@ def attention8_kernel(q_ptr, k_ptr, v_ptr, o_ptr, sk_ptr,
             k_rows = tl.multiple_of(k_rows, ALIGN)
             v_rows = tl.multiple_of(v_rows, ALIGN)
         k = tl.load(k_ptr + k_rows[:, None] + offs_d[None, :] * skd, mask=kvmask, other=0)
+        if HAS_E:
+            kemask = nmask[:, None] & emask[None, :]
+            ke = tl.load(k_ptr + k_rows[:, None] + offs_e[None, :] * skd, mask=kemask, other=0)
+        else:
+            kemask = kvmask
+            ke = k
         if PREQUANT:
             k8 = k
+            ke8 = ke
             s_k = tl.load(s_base + offs_n, mask=nmask, other=0.0)
         else:
-            k_codes, s_k, k_lo = quantize_rows(k.to(tl.float32), kvmask, levels, True)
+            k_codes, ke_codes, s_k = _quant_pieces(k.to(tl.float32), kvmask, ke.to(tl.float32), kemask, levels,
+                                                   HAS_E)
             k8 = k_codes.to(tl.int8)
+            ke8 = ke_codes.to(tl.int8)
         qk = tl.dot(q8, tl.trans(k8), out_dtype=tl.int32)
+        if HAS_E:
+            qk = tl.dot(qe8, tl.trans(ke8), acc=qk, out_dtype=tl.int32)
         p, alpha, m_new, l_i = _online_softmax(qk, row_scale, s_k, nmask, offs_m, offs_n, m_i, l_i, CAUSAL)
         v = tl.load(v_ptr + v_rows[:, None] + offs_d[None, :] * svd, mask=kvmask, other=0.0)
+        if HAS_E:
+            vfmask = nmask[:, None] & fmask[None, :]
+            vf = tl.load(v_ptr + v_rows[:, None] + offs_f[None, :] * svd, mask=vfmask, other=0.0)
+        else:
+            vfmask = kvmask
+            vf = v
         if PREQUANT:
             v_hat = v
+            vf_hat = vf
         else:
-            v_codes, s_v, v_lo = quantize_rows(v.to(tl.float32), kvmask, levels, True)
+            v_codes, vf_codes, s_v = _quant_pieces(v.to(tl.float32), kvmask, vf.to(tl.float32), vfmask, levels,
+                                                   HAS_E)
             v_hat = (s_v[:, None] * v_codes).to(v.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v_hat.dtype), v_hat)
+            vf_hat = (s_v[:, None] * vf_codes).to(v.dtype)
+        pv = p.to(v_hat.dtype)
+        acc = acc * alpha[:, None] + tl.dot(pv, v_hat)
+        if HAS_E:
+            acc_f = acc_f * alpha[:, None] + tl.dot(pv, vf_hat)
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(o_ptr + o_rows[:, None] + offs_d[None, :] * sod, out.to(o_ptr.dtype.element_ty), mask=qmask)
+    if HAS_E:
+        tl.store(o_ptr + o_rows[:, None] + offs_f[None, :] * sod, (acc_f / l_i[:, None]).to(o_ptr.dtype.element_ty),
+                 mask=mmask[:, None] & fmask[None, :])
 
 
 def supported(q, k, v, attn_mask, dropout_p, bits) -> str | None:
@@ -143,6 +206,20 @@ def supported(q, k, v, attn_mask, dropout_p, bits) -> str | None:
     return None
 
 
+def _pieces(d: int, split: bool = True) -> tuple[int, int, int]:
+    """(DP, DE, DV) of the kernel for head dim d: one padded power-of-two block (DE = DV = 0), or where d is no power
+    of two (and split) a power-of-two head DP and tails DE (q, k: int8 wgmma needs K >= 32) and DV (v, out: >= 16)
+    when they hold fewer columns than the padded block (72: 64 + 32 / 64 + 16 against 128)."""
+    full = max(32, triton.next_power_of_2(d))
+    if split and d >= 48 and d & (d - 1):
+        head = 1 << (d.bit_length() - 1)
+        rest = triton.next_power_of_2(d - head)
+        de, dv = max(32, rest), max(16, rest)
+        if head + dv < full:
+            return head, de, dv
+    return full, 0, 0
+
+
 def _config(d: int, sq: int) -> tuple[int, int, int, int]:
     dp = max(32, triton.next_power_of_2(d))
     bm = 128 if sq >= 128 and dp <= 128 else 64
@@ -151,12 +228,14 @@ def _config(d: int, sq: int) -> tuple[int, int, int, int]:
     return bm, bn, dp, warps
 
 
-# Launch configs `bench_attention.py --sweep` times against the default (`_config`): (BM, BN, warps, stages,
-# maxnreg). Offline sm_90 at d = 72 the default (128, 64, 8 warps) takes 218 registers a thread, one program an SM;
-# a register cap buys programs an SM (64 x 32 x 4 warps at 128: four, no spills in the prequant form).
-SWEEP = [(128, 64, 8, 3, None), (128, 64, 8, 2, 168), (128, 32, 8, 3, None), (128, 32, 8, 3, 128),
+# Launch configs `bench_attention.py --sweep` times against the default (`_config`, head dims in `_pieces`): (BM,
+# BN, warps, stages, maxnreg[, split]); split False: the head dim padded to a power of two in one block. Offline
+# sm_90 at d = 72 the padded default (128, 64, 8 warps) took 218 registers a thread, one program an SM; a register
+# cap buys programs an SM (64 x 32 x 4 warps at 128: four, no spills in the prequant form).
+SWEEP = [(128, 64, 8, 3, None, False), (128, 64, 8, 2, None, False),  # the padded head dim (sessions <= 14)
+         (128, 64, 8, 3, None), (128, 64, 8, 2, 168), (128, 32, 8, 3, None), (128, 32, 8, 3, 128),
          (64, 64, 4, 3, None), (64, 64, 4, 3, 168), (64, 32, 4, 3, None), (64, 32, 4, 3, 128), (64, 64, 8, 3, None),
-         (64, 128, 8, 2, None)]
+         (64, 128, 8, 2, None), (128, 128, 8, 2, None)]
 
 
 def attention8(q, k, v, is_causal: bool, scale: float | None, levels: float = 127.0, config=None) -> torch.Tensor:
@@ -179,7 +258,8 @@ def attention8_prequant(q, k, v, is_causal: bool, scale: float | None, levels: f
 def _launch(q, k, v, s_k, is_causal: bool, scale: float | None, levels: float, stages: int,
             config=None) -> torch.Tensor:
     """out (b, h, sq, d) of `attention8_kernel` (PREQUANT where k's row scales s_k are given: k int8 codes, v its
-    fake-quant values); config (BM, BN, warps, stages, maxnreg) overrides `_config` and `stages`."""
+    fake-quant values); config (BM, BN, warps, stages, maxnreg[, split]) overrides `_config`, `stages` and
+    whether a head dim that is no power of two is held as two pieces (`_pieces`; default yes)."""
     b, h, sq, d = q.shape
     hk, sk = k.shape[1], k.shape[2]
     # (batch, seq, heads, head_dim) memory viewed as (batch, heads, seq, head_dim): the usual next step,
@@ -188,12 +268,14 @@ def _launch(q, k, v, s_k, is_causal: bool, scale: float | None, levels: float, s
     if out.numel() == 0:
         return out
     sm = (1.0 / math.sqrt(d)) if scale is None else float(scale)
-    bm, bn, dp, warps = _config(d, sq)
-    extra = {}
+    bm, bn, _, warps = _config(d, sq)
+    extra, split = {}, True
     if config is not None:
-        bm, bn, warps, stages, maxnreg = config
+        bm, bn, warps, stages, maxnreg, *rest = config
+        split = rest[0] if rest else True
         if maxnreg:
             extra["maxnreg"] = maxnreg
+    dp, de, dv = _pieces(d, split)
     grid = (triton.cdiv(sq, bm), b * h)
     ctx = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
     align = 8 if _rows_aligned((q, k, v, out), 8) else 1
@@ -201,7 +283,8 @@ def _launch(q, k, v, s_k, is_causal: bool, scale: float | None, levels: float, s
         attention8_kernel[grid](q, k, v, out, q if s_k is None else s_k, *q.stride(), *k.stride(), *v.stride(),
                                 *out.stride(), h, hk, sq, sk, sm * _LOG2E, levels,
                                 D=d, CAUSAL=bool(is_causal), BM=bm, BN=bn, DP=dp, ALIGN=align,
-                                PREQUANT=s_k is not None, num_warps=warps, num_stages=stages, **extra)
+                                PREQUANT=s_k is not None, DE=de, DV=dv, num_warps=warps, num_stages=stages,
+                                **extra)
     return out
 
 
