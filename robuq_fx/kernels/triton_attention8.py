@@ -60,12 +60,27 @@ def _quant_pieces(x, mask, xe, emask, levels, HAS_E: tl.constexpr):
 
 
 @triton.jit
+def _load_pieces(ptr, rows, rmask, offs_d, dmask, offs_e, emask, stride, HAS_E: tl.constexpr):
+    """A [R, DP] tile of rows (columns offs_d) and, with HAS_E, its tail (columns offs_e): (x, mask, xe, emask2);
+    without a tail xe / emask2 repeat x / mask (unused)."""
+    mask = rmask[:, None] & dmask[None, :]
+    x = tl.load(ptr + rows[:, None] + offs_d[None, :] * stride, mask=mask, other=0)
+    if HAS_E:
+        mask_e = rmask[:, None] & emask[None, :]
+        xe = tl.load(ptr + rows[:, None] + offs_e[None, :] * stride, mask=mask_e, other=0)
+    else:
+        mask_e = mask
+        xe = x
+    return x, mask, xe, mask_e
+
+
+@triton.jit
 def attention8_kernel(q_ptr, k_ptr, v_ptr, o_ptr, sk_ptr,
                       sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
                       H, HK, SQ, SK, qk_scale, levels, D: tl.constexpr,
                       CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
-                      ALIGN: tl.constexpr = 1, PREQUANT: tl.constexpr = False, DE: tl.constexpr = 0,
-                      DV: tl.constexpr = 0):
+                      ALIGN: tl.constexpr = 1, PREQUANT: tl.constexpr = False, SPLIT: tl.constexpr = False,
+                      DE: tl.constexpr = 32, DV: tl.constexpr = 16):
     """PREQUANT: k and v were quantized beforehand, once (`attention8_prequant`): k_ptr holds k's int8 codes and
     sk_ptr their row scales, v_ptr v's fake-quant values RN_dtype(s_v v8), all with contiguous rows of D; only q is
     quantized here, once a program. The same values in the same order as without it, where every program
@@ -74,13 +89,13 @@ def attention8_kernel(q_ptr, k_ptr, v_ptr, o_ptr, sk_ptr,
     check: every row of q, k, v and out starts a multiple of ALIGN elements from a 16-byte aligned base) lets rows of
     72 load and store as vectors (without it: one element a thread, offline sm_90).
 
-    DE > 0 (`_pieces`): a head dim that is no power of two is held as two pieces instead of one padded block: columns
+    SPLIT (`_pieces`): a head dim that is no power of two is held as two pieces instead of one padded block: columns
     [0, DP) and a tail [DP, DP + DE) for q and k (q.k: two int8 products, DE >= 32 as int8 wgmma takes), [DP,
     DP + DV) for v and the output (DV >= 16). At DiT's 72: 64 + 32 for q.k and 64 + 16 for P.V, against 128 + 128
     padded. The codes, the exact int32 q.k and the softmax are the same as padded."""
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 when Inductor launches it (see triton_act_quant)
     levels = tl.cast(levels, tl.float32)
-    HAS_E: tl.constexpr = DE > 0
+    HAS_E: tl.constexpr = SPLIT
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -90,23 +105,19 @@ def attention8_kernel(q_ptr, k_ptr, v_ptr, o_ptr, sk_ptr,
     offs_d = tl.arange(0, DP)
     dmask = offs_d < D
     mmask = offs_m < SQ
-    qmask = mmask[:, None] & dmask[None, :]
     q_rows = b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m.to(tl.int64) * sqs
     o_rows = b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m.to(tl.int64) * sos
     if ALIGN > 1:
         q_rows = tl.multiple_of(q_rows, ALIGN)
         o_rows = tl.multiple_of(o_rows, ALIGN)
-    q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :] * sqd, mask=qmask, other=0.0).to(tl.float32)
-    if HAS_E:  # the tails: q / k columns [DP, DP + DE), v / out columns [DP, DP + DV), masked past D
-        offs_e = DP + tl.arange(0, DE)
-        emask = offs_e < D
-        offs_f = DP + tl.arange(0, DV)
-        fmask = offs_f < D
-        qemask = mmask[:, None] & emask[None, :]
-        qe = tl.load(q_ptr + q_rows[:, None] + offs_e[None, :] * sqd, mask=qemask, other=0.0).to(tl.float32)
-    else:
-        qemask = qmask
-        qe = q
+    # the tails (HAS_E): q / k columns [DP, DP + DE), v / out columns [DP, DP + DV), masked past D
+    offs_e = DP + tl.arange(0, DE)
+    emask = offs_e < D
+    offs_f = DP + tl.arange(0, DV)
+    fmask = offs_f < D
+    q, qmask, qe, qemask = _load_pieces(q_ptr, q_rows, mmask, offs_d, dmask, offs_e, emask, sqd, HAS_E)
+    q = q.to(tl.float32)
+    qe = qe.to(tl.float32)
     q_codes, qe_codes, s_q = _quant_pieces(q, qmask, qe, qemask, levels, HAS_E)
     q8 = q_codes.to(tl.int8)
     qe8 = qe_codes.to(tl.int8)
@@ -128,19 +139,12 @@ def attention8_kernel(q_ptr, k_ptr, v_ptr, o_ptr, sk_ptr,
     for start in range(0, hi, BN):
         offs_n = start + tl.arange(0, BN)
         nmask = offs_n < SK
-        kvmask = nmask[:, None] & dmask[None, :]
         k_rows = k_base + offs_n.to(tl.int64) * sks
         v_rows = v_base + offs_n.to(tl.int64) * svs
         if ALIGN > 1:
             k_rows = tl.multiple_of(k_rows, ALIGN)
             v_rows = tl.multiple_of(v_rows, ALIGN)
-        k = tl.load(k_ptr + k_rows[:, None] + offs_d[None, :] * skd, mask=kvmask, other=0)
-        if HAS_E:
-            kemask = nmask[:, None] & emask[None, :]
-            ke = tl.load(k_ptr + k_rows[:, None] + offs_e[None, :] * skd, mask=kemask, other=0)
-        else:
-            kemask = kvmask
-            ke = k
+        k, kvmask, ke, kemask = _load_pieces(k_ptr, k_rows, nmask, offs_d, dmask, offs_e, emask, skd, HAS_E)
         if PREQUANT:
             k8 = k
             ke8 = ke
@@ -154,13 +158,7 @@ def attention8_kernel(q_ptr, k_ptr, v_ptr, o_ptr, sk_ptr,
         if HAS_E:
             qk = tl.dot(qe8, tl.trans(ke8), acc=qk, out_dtype=tl.int32)
         p, alpha, m_new, l_i = _online_softmax(qk, row_scale, s_k, nmask, offs_m, offs_n, m_i, l_i, CAUSAL)
-        v = tl.load(v_ptr + v_rows[:, None] + offs_d[None, :] * svd, mask=kvmask, other=0.0)
-        if HAS_E:
-            vfmask = nmask[:, None] & fmask[None, :]
-            vf = tl.load(v_ptr + v_rows[:, None] + offs_f[None, :] * svd, mask=vfmask, other=0.0)
-        else:
-            vfmask = kvmask
-            vf = v
+        v, _, vf, vfmask = _load_pieces(v_ptr, v_rows, nmask, offs_d, dmask, offs_f, fmask, svd, HAS_E)
         if PREQUANT:
             v_hat = v
             vf_hat = vf
@@ -283,7 +281,8 @@ def _launch(q, k, v, s_k, is_causal: bool, scale: float | None, levels: float, s
         attention8_kernel[grid](q, k, v, out, q if s_k is None else s_k, *q.stride(), *k.stride(), *v.stride(),
                                 *out.stride(), h, hk, sq, sk, sm * _LOG2E, levels,
                                 D=d, CAUSAL=bool(is_causal), BM=bm, BN=bn, DP=dp, ALIGN=align,
-                                PREQUANT=s_k is not None, DE=de, DV=dv, num_warps=warps, num_stages=stages,
+                                PREQUANT=s_k is not None, SPLIT=de > 0, DE=de or 32, DV=dv or 16,
+                                num_warps=warps, num_stages=stages,
                                 **extra)
     return out
 

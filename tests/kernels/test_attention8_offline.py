@@ -15,7 +15,7 @@ T = import_or_none("triton_attention8")
 def _build(d, sq, prequant, config=None, split=True):
     from tests.kernels.sm90 import compile_sm90, sass
     fn = T.attention8_kernel
-    fixed = ("D", "CAUSAL", "BM", "BN", "DP", "DE", "DV", "ALIGN", "PREQUANT", "sqd", "skd", "svd", "sod")
+    fixed = ("D", "CAUSAL", "BM", "BN", "DP", "SPLIT", "DE", "DV", "ALIGN", "PREQUANT", "sqd", "skd", "svd", "sod")
     sig = {n: "i32" for n in fn.arg_names if n not in fixed}
     sig.update({"q_ptr": "*bf16", "k_ptr": "*i8" if prequant else "*bf16", "sk_ptr": "*fp32", "v_ptr": "*bf16",
                 "o_ptr": "*bf16", "qk_scale": "fp32", "levels": "fp32"})
@@ -25,7 +25,7 @@ def _build(d, sq, prequant, config=None, split=True):
         bm, bn, warps, stages, maxnreg = config
         opts = {"maxnreg": maxnreg} if maxnreg else {}
     dp, de, dv = T._pieces(d, split)
-    kern = compile_sm90(fn, sig, dict(D=d, CAUSAL=False, BM=bm, BN=bn, DP=dp, DE=de, DV=dv, ALIGN=8,
+    kern = compile_sm90(fn, sig, dict(D=d, CAUSAL=False, BM=bm, BN=bn, DP=dp, SPLIT=de > 0, DE=de or 32, DV=dv or 16, ALIGN=8,
                                       PREQUANT=prequant, sqd=1, skd=1, svd=1, sod=1),
                         {"num_warps": warps, "num_stages": stages, **opts},
                         aligned=("q_ptr", "k_ptr", "sk_ptr", "v_ptr", "o_ptr"), gluon=False)
