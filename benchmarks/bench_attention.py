@@ -14,7 +14,11 @@ Columns, all timed by CUDA-graph replay in one run, ratio = bf16 SDPA time / col
 
     python benchmarks/bench_attention.py            # table + JSON + PNG + summary_attention_<gpu>.json
     python benchmarks/bench_attention.py --sweep    # also the flash kernel's launch configs (triton_attention8.SWEEP)
-                                                    # on three shapes, both forms: which config the default should be
+                                                    # on five shapes, both forms: which config the default should be
+    python benchmarks/bench_attention.py --sweep --write-dispatch   # and record, per head dim / causal / size, the
+                                                    # form + config that beat the op's row kernel + SDPA by >= 3% in
+                                                    # robuq_fx/kernels/dispatch_table.json ("attention"; the op then
+                                                    # runs it, dispatch.attention_choice); none: the key is emptied
 """
 from __future__ import annotations
 
@@ -39,15 +43,27 @@ SHAPES = [("dit-xl2 b1", 1, 16, 16, 256, 72, False), ("dit-xl2 b8", 8, 16, 16, 2
           ("llama d128 gqa causal", 4, 32, 8, 2048, 128, True)]
 
 
-SWEEP_SHAPES = ("dit-xl2 b64", "vit-b b64", "llama d128 causal")
+SWEEP_SHAPES = ("dit-xl2 b1", "dit-xl2 b8", "dit-xl2 b64", "vit-b b64", "llama d128 causal")
 
 
-def _sweep(T, name, q, k, v, causal, t_sdpa, summary, key) -> list[dict]:
+def _write_attention_choices(choices: dict) -> str:
+    """The dispatch table's "attention" key set to this sweep's winners (other keys untouched)."""
+    from robuq_fx.kernels import dispatch as D
+    table = dict(D.dispatch_table())
+    table["attention"] = choices
+    with open(D._TABLE_PATH, "w") as f:
+        json.dump(table, f, indent=1)
+        f.write("\n")
+    D.dispatch_table.cache_clear()
+    return D._TABLE_PATH
+
+
+def _sweep(T, name, q, k, v, causal, t_sdpa, summary, key) -> tuple[list[dict], tuple | None]:
     """Each `T.SWEEP` config of both flash-kernel forms on one shape: time (CUDA-graph replay), ratio vs SDPA, and
     the largest difference from the default config's output (another BN sums the softmax in another order: close,
     not equal). Configs that do not build or launch here are reported, not fatal. The best of each form goes into
-    the summary (attn8_{fused,prequant}_best_<shape>_x)."""
-    out = []
+    the summary (attn8_{fused,prequant}_best_<shape>_x). Returns (rows, (seconds, form, config) of the fastest)."""
+    out, overall = [], None
     for form, fn in (("fused", T.attention8), ("prequant", T.attention8_prequant)):
         with torch.no_grad():
             base = fn(q, k, v, causal, None)
@@ -67,18 +83,22 @@ def _sweep(T, name, q, k, v, causal, t_sdpa, summary, key) -> list[dict]:
             row["x vs SDPA"] = round(t_sdpa / tt, 3)
             if best is None or tt < best[0]:
                 best = (tt, row["config"])
+            if cfg is not None and (overall is None or tt < overall[0]):  # the table records explicit configs
+                overall = (tt, form, tuple(cfg))
             out.append(row)
             print(row, flush=True)
         if best is not None:
             summary[f"attn8_{form}_best_{key}_x"] = round(t_sdpa / best[0], 3)
             summary[f"attn8_{form}_best_{key}_config"] = best[1]
-    return out
+    return out, overall
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--sweep", action="store_true", help="time the flash kernel's launch configs (both forms)")
+    ap.add_argument("--write-dispatch", action="store_true",
+                    help="with --sweep: write the winners into the dispatch table's 'attention' key")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_attention.py needs a CUDA GPU")
@@ -91,7 +111,9 @@ def main(argv=None):
     from robuq_fx.kernels import triton_rowquant as R
     prov = provenance(argv)
     print(f"GPU: {prov['gpu']} | torch {prov['torch']} | triton {prov.get('triton')}")
-    rows, summary, sweep = [], {}, []
+    if args.write_dispatch and not args.sweep:
+        ap.error("--write-dispatch needs --sweep")
+    rows, summary, sweep, choices = [], {}, [], {}
     for name, b, h, hk, s, d, causal in SHAPES:
         g = torch.Generator(device="cuda").manual_seed(0)
         q = torch.randn(b, s, h, d, generator=g, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
@@ -134,13 +156,21 @@ def main(argv=None):
             summary[f"attn8_qkvbuf_{key}_x"] = row["attention8 op, qkv buffer"]
         print(row, flush=True)
         if args.sweep and name in SWEEP_SHAPES:
-            sweep += _sweep(T, name, q, k, v, causal, t["bf16 SDPA"], summary, key)
+            got, best = _sweep(T, name, q, k, v, causal, t["bf16 SDPA"], summary, key)
+            sweep += got
+            # the op as the models call it: q, k, v separate, or the lowered DiT's one qkv buffer (faster)
+            op = min(t["attention8 op"], t.get("attention8 op, qkv buffer", float("inf")))
+            if best is not None and best[0] <= 0.97 * op:
+                choices.setdefault(f"{d}/{'c' if causal else 'n'}", {})[str(b * h * s)] = [best[1], list(best[2])]
+                print(f"  {name}: {best[1]} {best[2]} {best[0] * 1e6:.1f} us beats the op's {op * 1e6:.1f} us")
     print()
     print("ratio = bf16 SDPA time / column time (> 1 = faster); CUDA-graph replay")
     print(tabulate(rows, headers="keys", tablefmt="github"))
     if sweep:
         print("\nflash kernel launch configs (BM, BN, warps, stages, maxnreg); first row of each: the default")
         print(tabulate(sweep, headers="keys", tablefmt="github"))
+    if args.write_dispatch:
+        print(f"wrote {_write_attention_choices(choices)}: attention = {choices}")
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"bench_attention_{gpu_tag(prov['gpu'])}")
     with open(base + ".json", "w") as f:

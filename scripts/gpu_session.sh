@@ -424,11 +424,13 @@ ncu)  # Nsight Compute on the quantizer and GEMM kernels (benchmarks/ncu_kernels
     fi
     ;;
 attention-sweep)  # the same table, then the flash kernel's launch configs (triton_attention8.SWEEP: tiles, warps,
-    # stages, register caps; the default takes 218 registers, one program an SM) on three shapes, both forms, and the
-    # sweep's GPU test first (~6 min)
+    # stages, register caps, the padded head dim) on five shapes, both forms, the winners that beat the op's row
+    # kernel + SDPA written into the dispatch table (brought back as dispatch_table_attention.json: commit it if
+    # they hold up); the GPU tests first (~7 min)
     timeout 150 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_attention8.py \
-        -k "sweep_config or kernel_vs_reference" 2>&1 | tail -n 4
-    timeout 420 python3 benchmarks/bench_attention.py --sweep --out "$OUT" 2>&1 | tail -n 75
+        -k "sweep_config or kernel_vs_reference or routes" 2>&1 | tail -n 4
+    timeout 420 python3 benchmarks/bench_attention.py --sweep --write-dispatch --out "$OUT" 2>&1 | tail -n 75
+    cp robuq_fx/kernels/dispatch_table.json "$OUT/dispatch_table_attention.json"  # its "attention" winners, if any
     ;;
 attention)  # 8-bit attention vs bf16 SDPA (DiT-XL/2, ViT, Llama shapes), incl. q/k/v as thirds of one qkv buffer
     timeout 300 python3 benchmarks/bench_attention.py --out "$OUT" 2>&1 | tail -n 16

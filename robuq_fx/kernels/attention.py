@@ -14,8 +14,10 @@ DiT), all three in one launch over that buffer. (The opt-in Inductor decompositi
 
 `ROBUQ_ATTENTION=fused` runs the single Triton flash kernel of `triton_attention8.py` instead (`prequant`: k and v
 quantized first by the row kernel, then the flash kernel with q quantized inside; the same output) (quantization while
-loading, q.k on int8 tensor cores) for the calls it takes. It is opt-in because on the H200 it is still slower than
-quantize + flash SDPA at every measured shape (benchmarks/bench_attention.py; docs/gpu.md has the numbers).
+loading, q.k on int8 tensor cores) for the calls it takes. Unset, it runs where the dispatch table says it measured
+faster (`dispatch.attention_choice`, written by `bench_attention.py --sweep --write-dispatch`; on the H200 through
+session 14 it was slower than quantize + flash SDPA at every measured shape, docs/gpu.md); ROBUQ_ATTENTION=rows forces
+the row kernel + SDPA.
 Calls no GPU path takes (masks, dropout, fp32, odd head dims) run the reference; lowering warns once per such
 module (passes/attention.py). ROBUQ_ATTENTION=reference forces the reference everywhere.
 
@@ -94,13 +96,25 @@ def qkv_union(q, k, v) -> torch.Tensor | None:
     return q.as_strided((b, s, 3 * h, d), (s * ss, ss, d, 1), o)
 
 
-def _cuda(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits):
+def _flash_choice(q, k, is_causal) -> tuple[str, tuple | None] | None:
+    """(form, config) of the flash kernel for this call: ROBUQ_ATTENTION=fused / prequant forces that form (its
+    default config), =rows / reference none; unset, the dispatch table's measured choice (`dispatch.attention_choice`)."""
     mode = os.environ.get("ROBUQ_ATTENTION")
-    if mode in ("fused", "prequant") and (enable_gqa or q.shape[1] == k.shape[1]) \
+    if mode in ("fused", "prequant"):
+        return mode, None
+    if mode or q.dim() != 4:
+        return None
+    from .dispatch import attention_choice
+    return attention_choice(q.shape[-1], bool(is_causal), q.shape[0] * q.shape[1] * q.shape[2])
+
+
+def _cuda(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits):
+    choice = _flash_choice(q, k, is_causal)
+    if choice is not None and (enable_gqa or q.shape[1] == k.shape[1]) \
             and why_not_kernel(q, k, v, attn_mask, dropout_p, bits) is None:
         from . import triton_attention8
-        fn = triton_attention8.attention8 if mode == "fused" else triton_attention8.attention8_prequant
-        return fn(q, k, v, is_causal, scale, float(2 ** (bits - 1) - 1))
+        fn = triton_attention8.attention8 if choice[0] == "fused" else triton_attention8.attention8_prequant
+        return fn(q, k, v, is_causal, scale, float(2 ** (bits - 1) - 1), config=choice[1])
     rows = row_kernel()
     if rows is not None and all(rows.supported(t, bits) is None for t in (q, k, v)) \
             and os.environ.get("ROBUQ_ATTENTION") != "reference":

@@ -188,3 +188,20 @@ def epilogue_mode(m: int | None = None, n: int | None = None, k: int | None = No
             if mode in ("addmm", "triton"):
                 return mode
     return t.get("epilogue", "addmm")
+
+
+def attention_choice(d: int, causal: bool, rows: int) -> tuple[str, tuple] | None:
+    """The 8-bit attention's GPU form (`robuq::attention8` on CUDA, ROBUQ_ATTENTION unset) for head dim d, causal or
+    not, at `rows` = batch x heads x queries: ("fused" | "prequant", the flash kernel's launch config) where
+    `bench_attention.py --sweep --write-dispatch` measured that kernel faster than quantizing q, k, v first and
+    running flash SDPA ("attention" in the table, per measured size), else None (the row kernel + SDPA). A size is
+    taken only within 2x of a measured one: the winner at batch 64 need not win at batch 1."""
+    per = dispatch_table().get("attention", {}).get(f"{d}/{'c' if causal else 'n'}")
+    if not per:
+        return None
+    sizes = sorted(int(s) for s in per)
+    near = _nearest(rows, sizes)
+    if not (near <= 2 * rows and rows <= 2 * near):
+        return None
+    form, cfg = per[str(near)]
+    return (form, tuple(cfg)) if form in ("fused", "prequant") else None

@@ -191,6 +191,23 @@ def test_attention8_custom_scale_and_opt_in(monkeypatch):
     assert ((out.double() - oracle).norm() / oracle.norm()).item() < 1e-2
 
 
+def test_the_table_routes_the_op_to_its_flash_choice(monkeypatch):
+    """ROBUQ_ATTENTION unset: a dispatch-table choice for the call's head dim / size runs that form and config."""
+    from robuq_fx.kernels import dispatch as D
+    from robuq_fx.kernels import triton_attention8 as T
+    monkeypatch.delenv("ROBUQ_ATTENTION", raising=False)
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 100, 72, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    cfg = (64, 32, 4, 3, 128)
+    monkeypatch.setattr(D, "dispatch_table", lambda: {"attention": {"72/n": {"800": ["prequant", list(cfg)]}}})
+    assert torch.equal(ops.attention8(q, k, v, None, 0.0, False, None, False, 8),
+                       T.attention8_prequant(q, k, v, False, None, config=cfg))
+    monkeypatch.setenv("ROBUQ_ATTENTION", "rows")  # forced back to the row kernel + SDPA
+    from robuq_fx.kernels import attention as A
+    assert torch.equal(ops.attention8(q, k, v, None, 0.0, False, None, False, 8),
+                       A.reference(q, k, v, None, 0.0, False, None, False, 8))
+
+
 def test_lowered_dit_paper_policy_on_gpu_matches_qat():
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
