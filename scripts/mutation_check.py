@@ -130,6 +130,10 @@ MUTANTS = [
     ("roomy_plan_bound", "robuq_fx/kernels/quantizer.py", "_ROOMY_PER_THREAD = 72", "_ROOMY_PER_THREAD = 144",
      "sigma / GELU quantizer plans hold 144 row values a thread (the spilling tiling)",
      ["tests/kernels/test_roomy_plans.py"]),
+    ("attention_choice_any_size", "robuq_fx/kernels/dispatch.py",
+     "    if not (near <= 2 * rows and rows <= 2 * near):\n        return None\n", "",
+     "the attention table's winner at one size applied at any size (batch 64's choice at batch 1)",
+     ["tests/kernels/test_attention_dispatch.py"]),
 ]
 
 
