@@ -37,9 +37,10 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
     ("ROBUQ_ROWQ_TILING", "(tuned)", "rows,warps of the per-row quantizer, for sweeps"),
     ("ROBUQ_WEIGHT_LAYOUT", "fp8", "packed: keep the packed bytes as the buffer on fp8 GPUs too (the fp8 path then "
                                    "caches a converted copy)"),
-    ("ROBUQ_ATTENTION", "(row kernel + SDPA)", "fused: the single Triton attention8 kernel; prequant: k / v "
-                                                    "quantized first, then the flash kernel (same output); "
-                                                    "reference: torch math"),
+    ("ROBUQ_ATTENTION", "(table)", "fused: the single Triton attention8 kernel; prequant: k / v quantized first, "
+                                   "then the flash kernel (same output); rows: the row kernel + flash SDPA; "
+                                   "reference: torch math; unset: the flash kernel where the dispatch table's "
+                                   "'attention' measured it faster, else the row kernel + SDPA"),
     ("ROBUQ_HADAMARD", "(matmul)", "fht: fast-hadamard-transform's CUDA kernel for the rotation where the torch "
                                    "math runs (equal up to rounding, not bit-identical)"),
     ("ROBUQ_INDUCTOR_DECOMPOSE", "qat,qlinear", "what torch.compile decomposes, a comma list of qat (the QAT ops), "
