@@ -370,7 +370,8 @@ dit-low)  # the asymmetric sigma policies (issue 17 item 5: within 10% of dit-xl
     TORCH_LOGS=perf_hints,recompiles,graph_breaks timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead \
         --skip-train --settings "-a3 (" "-a2 (" --batches 64 --iters 10 --warmup 3 --tag _reduce-overhead_a3a2 \
         > /tmp/dit_low.log 2>&1
-    grep -iE "cudagraph|skipping|graph break|recompil" /tmp/dit_low.log | sort | uniq -c | head -20 | tee "$OUT/dit_low_hints.log"
+    grep -iE "cudagraph|skipping|graph break|recompil|warn|fall back|falls back|reference|opaque" /tmp/dit_low.log | sort | uniq -c | sort -rn | head -40 | tee "$OUT/dit_low_hints.log"
+    gzip -c /tmp/dit_low.log | head -c 15000000 > "$OUT/dit_low.log.gz"  # the whole log (warnings, hints, rows)
     grep -v -iE "perf_hints|cudagraph" /tmp/dit_low.log | tail -n 24
     ;;
 dit-default)  # batch 8 under torch.compile's default mode: the opaque op vs the Inductor decomposition vs bf16
