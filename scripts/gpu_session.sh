@@ -83,32 +83,7 @@
 # b64, fused 0.23x, prequant 0.366x), the paper policy's batch-1 row alone (0.612x).
 # Session 13 ran: verify12 (74 passed; b1 rows), dit-b64 (+ c4c1d19's W4A4+H b1 row: the machine's b1 is slower
 # than session 12's), profile-b1 (858 kernels a forward, was 1558), dit-low (-a3 / -a2 only).
-# Session 13's plan (one H200):
-#   1. verify12    (~9 min: session 12's fixes -- H as a graph constant, B H as a layer buffer -- tested on the GPU,
-#                   then the batch-1 rows: paper_b1_x was 0.398 with 1558 kernels a forward)
-#   2. dit-b64     (the batch-64 rows with them), then train-cpp (issue 19: the compiled paper step is CPU-bound on
-#                   ~4000 launches a step vs ~1000 for FP -- a CPU count on the tiny DiT scaled up; Inductor's C++
-#                   wrapper launches without Python) and dit-low
-#   3. profile-b1  (the kernel count a forward after the fixes: 1558 before), qat-profile compiled paper
-# Session 12 ran: ws (the ws kernel: correct, 2.1-2.6x slower), ws-diag (its breakdown + batch-1 rows), profile-b1;
-# a call with the row under perf hints, a CUDA-graph profile and an A/B timed out cold in all three (dropped).
-# Its plan was (one H200: each step one call):
-#   1. ws          (~8 min: the warp-specialized quantize-in-GEMM kernel, plain and with the paper's branch; if its
-#                   tests pass and it wins, the dispatch sweep (linear) records "fused_ws" times for the table)
-#   2. linear      (if 1 passed: the sweep records fused_ws* choices; commit the table it writes), then dit-ws or
-#                   `dit` (the paper policy's batch-1 row with the committed table: paper_b1_x is session 8's)
-#   3. profile     (the new breakdown for issue 17), train-cpp (issue 19: the CPU-bound compiled paper step with the
-#                   C++ wrapper), dit-low (-a3 / -a2); ddp only on nvidia-h200-x2
-# Session 10's plan, done in session 11 but for `dit`'s batch-1 rows, the mma sweep and ddp:
-#   1. pair verify recheck      (~5 min: session 10's fixes -- stacked mode compiled, addmm add -- then the full
-#                                Inductor / fp8 GEMM / QAT tests); if the stacked tests pass, commit a dispatch table
-#                                with the sweep's stacked choices (step linear) and flip ROBUQ_INDUCTOR_LOWRANK_ADD's
-#                                default if the addmm tests pass
-#   2. pair mma linear          (~9 min: the tensor-core quantizer / fused stacked codes, their tests and timings;
-#                                the dispatch sweep + table)
-#   3. pair dit-stacked dit     (~9 min: the paper policy with the stacked mode; the #17 keys of W4A4+H and the
-#                                paper policy), then dit-stacked fused if the mma step's columns win
-#   4. ddp                      (x2 only: bench_ddp, issue 19's ddp2_scaling_x); dit-low (-a3 / -a2) if time is left
+# Earlier sessions' plans and what they ran: this file's git history and docs/gpu.md.
 set -uo pipefail
 if [ "${1:-}" = pair ]; then  # pair STEP0 STEP1: STEP0 on GPU 0 and STEP1 on GPU 1 side by side, both waited for
     [ $# -eq 3 ] || { echo "usage: $0 pair STEP_ON_GPU0 STEP_ON_GPU1"; exit 2; }
