@@ -230,10 +230,9 @@ def _config(d: int, sq: int) -> tuple[int, int, int, int]:
 # BN, warps, stages, maxnreg[, split]); split False: the head dim padded to a power of two in one block. Offline
 # sm_90 at d = 72 the padded default (128, 64, 8 warps) took 218 registers a thread, one program an SM; a register
 # cap buys programs an SM (64 x 32 x 4 warps at 128: four, no spills in the prequant form).
-SWEEP = [(128, 64, 8, 3, None, False), (128, 64, 8, 2, None, False),  # the padded head dim (sessions <= 14)
-         (128, 64, 8, 3, None), (128, 64, 8, 2, 168), (128, 32, 8, 3, None), (128, 32, 8, 3, 128),
-         (64, 64, 4, 3, None), (64, 64, 4, 3, 168), (64, 32, 4, 3, None), (64, 32, 4, 3, 128), (64, 64, 8, 3, None),
-         (64, 128, 8, 2, None), (128, 128, 8, 2, None)]
+SWEEP = [(128, 64, 8, 3, None, False),  # the padded head dim (sessions <= 14)
+         (128, 64, 8, 3, None), (128, 64, 8, 2, 168), (128, 32, 8, 3, None), (64, 64, 4, 3, None),
+         (64, 64, 4, 3, 168), (64, 32, 4, 3, 128), (64, 128, 8, 2, None), (128, 128, 8, 2, None)]
 
 
 def attention8(q, k, v, is_causal: bool, scale: float | None, levels: float = 127.0, config=None) -> torch.Tensor:
