@@ -69,16 +69,17 @@
 # GPU) for the device time of one: use it. A cold compile of the paper policy takes ~3-4 min on the machine: a call
 # holds about two (policy, batch) rows. Session 15's plan (one H200; a call of dit-b1 + attention lost the machine
 # in session 14 with nothing back: keep each call to one bench_dit run and send it alone):
-#   1. dit-b1-down (paper batch 1, with / without ROBUQ_FP8_DOWN_IN_GEMM in one run: 0.612x in session 14; if
-#                   " +down" wins, linear-down then `linear` to record down_in_gemm in the table)
-#   2. dit-low     (-a3 / -a2 at batch 64 with session 13's sigma-plan and gaussian_clip fixes: 0.354 / 0.360 in
-#                   session 13, paper 0.875; perf-hint / recompile / graph-break lines in $OUT/dit_low_hints.log);
+#   1. dit-gelu    (~5 min: W4A4+H b64 with the GELU in fc2's quantizer, now without spills: the 1.3x target's
+#                   best chance; 1.227x unfused in session 13), then dit-gelu-paper if it wins
+#   2. dit-low     (~9 min: -a3 / -a2 at batch 64: 0.354 / 0.360 in session 13 against the paper's 0.875, 93 ms
+#                   where bf16 eager takes 42: not kernel time; the hint summary and the whole log come back);
 #                   profile-low if still far below the paper policy
-#   3. dit-gelu    (W4A4+H b64, GELU in fc2's quantizer without spills: the 1.3x target's best chance), then
-#                   dit-gelu-paper if it wins
-#   4. train-cpp   (issue 19: both sides with Inductor's C++ wrapper: is the compiled paper step launch-bound?)
-#   5. attention-sweep (the flash kernel's launch configs: ~6 min), dit-default, profile-b1-cg, dit-b64,
-#                   qat-profile compiled paper
+#   3. dit-b1-down (~8 min: paper batch 1 with / without ROBUQ_FP8_DOWN_IN_GEMM in one run: 0.612x in session 14;
+#                   if " +down" wins, linear-down then `linear` to record down_in_gemm in the table)
+#   4. attention-sweep (~7 min: the flash kernel's two-piece head dims and launch configs; winners go into the
+#                   table copy it brings back: commit it if they beat the row kernel + SDPA)
+#   then train-cpp (issue 19), dit-default, profile-b1-cg, dit-b64, qat-profile compiled paper. On
+#   nvidia-h200-x2, `pair` two of them a call.
 # Session 14 ran: verify13 (173 passed, 4 stale test expectations, fixed), attention (the op 0.545x SDPA at DiT
 # b64, fused 0.23x, prequant 0.366x), the paper policy's batch-1 row alone (0.612x).
 # Session 13 ran: verify12 (74 passed; b1 rows), dit-b64 (+ c4c1d19's W4A4+H b1 row: the machine's b1 is slower
