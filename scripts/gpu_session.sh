@@ -72,7 +72,7 @@
 #   1. dit-gelu    (~5 min: W4A4+H b64 with the GELU in fc2's quantizer, now without spills: the 1.3x target's
 #                   best chance; 1.227x unfused in session 13), then dit-gelu-paper if it wins
 #   2. dit-low     (~9 min: -a3 / -a2 at batch 64: 0.354 / 0.360 in session 13 against the paper's 0.875, 93 ms
-#                   where bf16 eager takes 42: not kernel time; the hint summary and the whole log come back);
+#                   where bf16 eager takes 42: a fallback or lost CUDA graphs? the hints and the whole log come back);
 #                   profile-low if still far below the paper policy
 #   3. dit-b1-down (~8 min: paper batch 1 with / without ROBUQ_FP8_DOWN_IN_GEMM in one run: 0.612x in session 14;
 #                   if " +down" wins, linear-down then `linear` to record down_in_gemm in the table)
