@@ -56,6 +56,7 @@
 #   scripts/gpu_session.sh dit-gelu         W4A4+H batch 64 with / without the GELU fused into fc2 (its spill fixed)
 #   scripts/gpu_session.sh dit-gelu-paper   the same for the paper policy (its fc2's branch applies the GELU too)
 #   scripts/gpu_session.sh dit-b1-down      paper batch 1 with / without the down-projection in the GEMM, same run
+#   scripts/gpu_session.sh dit-b1-nosplit   paper batch 1 with / without the split down-projection, same run
 #   scripts/gpu_session.sh verify12         session 12's fixes (H as a graph constant, B H as a layer buffer): their GPU
 #                                           tests and the compiled-vs-eager ones, then dit-b1
 #   scripts/gpu_session.sh dit-b1           the batch-1 rows of W4A4+H and the paper policy (CUDA graphs)
@@ -75,7 +76,8 @@
 #                   where bf16 eager takes 42: a fallback or lost CUDA graphs? the hints and the whole log come back);
 #                   profile-low if still far below the paper policy
 #   3. dit-b1-down (~8 min: paper batch 1 with / without ROBUQ_FP8_DOWN_IN_GEMM in one run: 0.612x in session 14;
-#                   if " +down" wins, linear-down then `linear` to record down_in_gemm in the table)
+#                   if " +down" wins, linear-down then `linear` to record down_in_gemm in the table; if it
+#                   loses, dit-b1-nosplit: whether the split + reduce kernel pair beats one unsplit kernel)
 #   4. attention-sweep (~7 min: the flash kernel's two-piece head dims and launch configs; winners go into the
 #                   table copy it brings back: commit it if they beat the row kernel + SDPA)
 #   then train-cpp (issue 19), dit-default, profile-b1-cg, dit-b64, qat-profile compiled paper. On
@@ -293,6 +295,12 @@ dit-b1-down)  # the paper policy at batch 1 with and without the branch's down-p
     timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
         --settings "dit-xl-2-robuq (" --batches 1 --iters 10 --warmup 3 \
         --env-variant down:ROBUQ_FP8_DOWN_IN_GEMM=1 --tag _reduce-overhead_b1_down 2>&1 | tail -n 14
+    ;;
+dit-b1-nosplit)  # the paper policy at batch 1 with and without the split down-projection (ROBUQ_LRB_DOWN_SPLIT=1: one
+    # kernel a call, 4 programs streaming K, no reduce kernel), same run: what the split bought at batch 1
+    timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
+        --settings "dit-xl-2-robuq (" --batches 1 --iters 10 --warmup 3 \
+        --env-variant nosplit:ROBUQ_LRB_DOWN_SPLIT=1 --tag _reduce-overhead_b1_nosplit 2>&1 | tail -n 14
     ;;
 dit-gelu-paper)  # the paper policy at batch 64 with the GELU in fc2's quantizer and branch (lrb_down applies it)
     timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \

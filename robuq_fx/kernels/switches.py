@@ -32,6 +32,8 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
                                           "down-projection in its K loop (no lrb_down launch; for few rows; "
                                           "interpreter-checked, not yet timed); 0: never; unset: the table's "
                                           "'down_in_gemm'"),
+    ("ROBUQ_LRB_DOWN_SPLIT", "(by M)", "at most this many K ranges for the branch's down-projection kernel at few "
+                                       "rows (1: no split, no reduce kernel), for A/B runs"),
     ("ROBUQ_GLUON_GEMM_CFG", "(table)", "index into gluon_fp8_gemm.CONFIGS, for sweeps"),
     ("ROBUQ_TMA_GEMM_CFG", "(table)", "index into TMA_GEMM_CONFIGS, for sweeps"),
     ("ROBUQ_ROWQ_TILING", "(tuned)", "rows,warps of the per-row quantizer, for sweeps"),

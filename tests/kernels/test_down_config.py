@@ -36,3 +36,18 @@ def test_kept_down_configs_do_not_spill_offline_sm90(cfg, rank):
     text, regs = sass(kern)
     assert not re.search(r"\bSTL\b", text), f"{c} rank pad {rp}: {regs} registers, spills"
     assert kern.metadata.shared <= 227 * 1024, f"{c}: {kern.metadata.shared} bytes of shared memory"
+
+
+L = import_or_none("triton_lowrank")
+
+
+@pytest.mark.skipif(L is None, reason="triton does not import here")
+def test_down_split_by_rows_and_its_bound(monkeypatch):
+    """`down_split`: K ranges for few rows (a divisor of K's tiles, ~128 programs in all), none for many;
+    ROBUQ_LRB_DOWN_SPLIT bounds it (1: one program a row block streams all of K, no reduce kernel)."""
+    monkeypatch.delenv("ROBUQ_LRB_DOWN_SPLIT", raising=False)
+    assert L.down_split(256, 1152) == 9 and L.down_split(1000, 4608) == 6 and L.down_split(16384, 4608) == 1
+    monkeypatch.setenv("ROBUQ_LRB_DOWN_SPLIT", "1")
+    assert L.down_split(256, 1152) == 1 and L.down_split(1000, 4608) == 1
+    monkeypatch.setenv("ROBUQ_LRB_DOWN_SPLIT", "4")
+    assert L.down_split(256, 1152) == 3 and L.down_split(1000, 4608) == 4  # the largest divisor within the bound
