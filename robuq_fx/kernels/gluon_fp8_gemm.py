@@ -21,6 +21,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
+from .triton_launch import rank_pad
+
 CONFIGS = [  # (BM, BN, BK, STAGES, GROUP_M, num_warps); offline sm_90: no spills except BN = 256 with asym + LRB
     (128, 128, 128, 4, 8, 8),
     (128, 256, 128, 3, 8, 8),
@@ -147,7 +149,7 @@ def launch_fp8_gemm_gluon(a, b, c, sx, sw, bias, lo, cs, t, up, m, cfg):
     bm, bn, bk, stages, gm, warps = cfg
     n, k = b.shape
     r = 0 if t is None else t.shape[1]
-    rp = max(16, triton.next_power_of_2(r)) if r else 16
+    rp = rank_pad(r)
     a_desc = TensorDescriptor(a, [m, k], [a.stride(0), 1], [bm, bk],
                               gl.NVMMASharedLayout.get_default_for([bm, bk], gl.float8e4nv))
     b_desc = TensorDescriptor(b, [n, k], [b.stride(0), 1], [bn, bk],

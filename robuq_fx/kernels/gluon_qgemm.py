@@ -36,6 +36,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from .gluon_act_quant import _maxf, _piece, _round_quotient, _scale_of
 from .gluon_fp8_gemm import _instr_n, _warps
+from .triton_launch import rank_pad
 
 CONFIGS = [  # (BN, STAGES); BM = 128 rows on 8 warps, BK = 128 (one Hadamard block a k-step)
     (128, 3),
@@ -206,5 +207,4 @@ def launch_qgemm_fused(x2, w8, y, sw, bias, hscale: float, levels: float, down=N
     qgemm_fused_kernel[(triton.cdiv(m, 128), triton.cdiv(n_tiles, tps))](
         x2, b_desc, y, sw, bias if bias is not None else sw, down if lrb else x2, up if lrb else x2, m, n,
         x2.stride(0), y.stride(0), down.stride(0) if lrb else 0, up.stride(0) if lrb else 0, r, float(hscale),
-        float(levels), tps, K=k, HAS_BIAS=bias is not None, HAS_LRB=lrb, RP=max(16, triton.next_power_of_2(r)) if lrb
-        else 16, STAGES=stages, num_warps=8)
+        float(levels), tps, K=k, HAS_BIAS=bias is not None, HAS_LRB=lrb, RP=rank_pad(r), STAGES=stages, num_warps=8)

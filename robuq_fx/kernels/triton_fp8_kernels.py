@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_launch import launch
+from .triton_launch import launch, rank_pad
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -150,11 +150,6 @@ def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_pt
 
 
 DOWN_SMEM = 200 * 1024  # shared memory a DOWN program may take (sm_90 has 227 KiB a block)
-
-
-def rank_pad(r: int) -> int:
-    """RP: the branch's rank r padded to the tile width the epilogue's dot takes (16 without a branch)."""
-    return max(16, triton.next_power_of_2(r)) if r else 16
 
 
 def down_config(cfg: tuple, r: int) -> tuple | None:

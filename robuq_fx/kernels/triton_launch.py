@@ -15,6 +15,12 @@ import os
 
 import torch
 
+def rank_pad(r: int) -> int:
+    """RP: a low-rank branch's rank r padded to the power of two (at least 16) its kernels' dot tiles take; 16
+    without a branch (r = 0)."""
+    return max(16, 1 << (r - 1).bit_length()) if r > 0 else 16
+
+
 _CACHE: dict = {}
 _ENABLED = os.environ.get("ROBUQ_TRITON_FAST_LAUNCH", "1") != "0"
 

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .triton_act_quant import ACTS, _input_act
-from .triton_launch import launch
+from .triton_launch import launch, rank_pad
 from .triton_rowquant import _RINT
 
 BM, BN, WARPS = 64, 128, 4
@@ -147,7 +147,7 @@ def store_u_columns(row, t, sx, w_ptr, smask, rr, R: tl.constexpr, W: tl.constex
 
 def ext_constexprs(k: int, r: int, w: int) -> dict:
     """The constexprs of the stacked mode's extra columns for K, rank r and W extra columns (both kernels)."""
-    return dict(K=k, R=r, RP=max(16, triton.next_power_of_2(r)), W=w, WP=max(16, triton.next_power_of_2(w - 3 * r)))
+    return dict(K=k, R=r, RP=rank_pad(r), W=w, WP=max(16, triton.next_power_of_2(w - 3 * r)))
 
 
 def lrb_split(x2, bh, sx, out, w_codes, m_store: int, launcher=launch, act: str = "") -> None:
@@ -195,7 +195,7 @@ def lrb_down(x2, bh, t, launcher=launch, act: str = "") -> None:
     r = bh.shape[0]
     if m == 0:
         return
-    rp = max(16, triton.next_power_of_2(r))
+    rp = rank_pad(r)
     split = down_split(m, k)
     out = t if split == 1 else torch.empty(split, m, rp, device=x2.device, dtype=torch.float32)  # (partials)
     launcher(lrb_down_kernel, (triton.cdiv(m, DOWN_BM), split), (x2, bh, out, m, x2.stride(0), out.stride(-2)),
@@ -242,7 +242,7 @@ def lowrank_add(y, out, t, up, lo, cs, launcher=launch) -> None:
     if m == 0 or n == 0:
         return
     r = 0 if t is None else t.shape[1]
-    rp = max(16, triton.next_power_of_2(r)) if r else 16
+    rp = rank_pad(r)
     launcher(lowrank_add_kernel, (triton.cdiv(m, BM), triton.cdiv(n, BN)),
              (y, out, t if t is not None else y, up if up is not None else y, lo if lo is not None else y,
               cs if cs is not None else y, m, n, y.stride(0), out.stride(0), t.stride(0) if t is not None else 0,

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .triton_fp8_kernels import scale_bias
-from .triton_launch import launch
+from .triton_launch import launch, rank_pad
 from .triton_rowquant import round_quotient, scale_of
 
 
@@ -108,7 +108,7 @@ def qgemm_small_launch(x2, h, w8, y, sw, bias, cs, down, up, m, levels, block, s
     n, k = w8.shape
     hb = chunk_of(k, block)
     r = 0 if down is None else down.shape[0]
-    rp = max(16, triton.next_power_of_2(r)) if r else 16
+    rp = rank_pad(r)
     return (qgemm_small_kernel, (triton.cdiv(n, bn), triton.cdiv(m, bm)),
             (x2, h if h is not None else x2, w8, y, sw, bias if bias is not None else sw, cs if cs is not None else sw,
              down if down is not None else x2, up if up is not None else x2,
