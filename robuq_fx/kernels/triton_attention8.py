@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_rowquant import _codes, _row_range, scale_of
+from .triton_rowquant import quantize_row_pieces
 
 _LOG2E = 1.4426950408889634
 
@@ -44,19 +44,6 @@ def _online_softmax(qk, row_scale, s_k, nmask, offs_m, offs_n, m_i, l_i, CAUSAL:
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
-
-
-@triton.jit
-def _quant_pieces(x, mask, xe, emask, levels, HAS_E: tl.constexpr):
-    """Symmetric per-row codes of a row held as two pieces [x | xe] (xe: HAS_E), one range over both: exactly
-    `quantize_rows` on the whole row (codes, s)."""
-    a, b = _row_range(x, mask, True)
-    if HAS_E:
-        a2, b2 = _row_range(xe, emask, True)
-        a, b = tl.minimum(a, a2), tl.maximum(b, b2)
-    s, lo, safe, rcp = scale_of(a, b, levels, True)
-    qe = _codes(xe, lo, safe, rcp, True) if HAS_E else xe
-    return _codes(x, lo, safe, rcp, True), qe, s
 
 
 @triton.jit
@@ -118,7 +105,7 @@ def attention8_kernel(q_ptr, k_ptr, v_ptr, o_ptr, sk_ptr,
     q, qmask, qe, qemask = _load_pieces(q_ptr, q_rows, mmask, offs_d, dmask, offs_e, emask, sqd, HAS_E)
     q = q.to(tl.float32)
     qe = qe.to(tl.float32)
-    q_codes, qe_codes, s_q = _quant_pieces(q, qmask, qe, qemask, levels, HAS_E)
+    q_codes, qe_codes, s_q, q_lo = quantize_row_pieces(q, qmask, qe, qemask, levels, True, HAS_E)
     q8 = q_codes.to(tl.int8)
     qe8 = qe_codes.to(tl.int8)
     row_scale = s_q * qk_scale  # scale * log2(e) folded in: softmax with exp2
@@ -150,21 +137,21 @@ def attention8_kernel(q_ptr, k_ptr, v_ptr, o_ptr, sk_ptr,
             ke8 = ke
             s_k = tl.load(s_base + offs_n, mask=nmask, other=0.0)
         else:
-            k_codes, ke_codes, s_k = _quant_pieces(k.to(tl.float32), kvmask, ke.to(tl.float32), kemask, levels,
-                                                   HAS_E)
+            k_codes, ke_codes, s_k, k_lo = quantize_row_pieces(k.to(tl.float32), kvmask, ke.to(tl.float32), kemask,
+                                                            levels, True, HAS_E)
             k8 = k_codes.to(tl.int8)
             ke8 = ke_codes.to(tl.int8)
         qk = tl.dot(q8, tl.trans(k8), out_dtype=tl.int32)
         if HAS_E:
             qk = tl.dot(qe8, tl.trans(ke8), acc=qk, out_dtype=tl.int32)
         p, alpha, m_new, l_i = _online_softmax(qk, row_scale, s_k, nmask, offs_m, offs_n, m_i, l_i, CAUSAL)
-        v, _, vf, vfmask = _load_pieces(v_ptr, v_rows, nmask, offs_d, dmask, offs_f, fmask, svd, HAS_E)
+        v, vmask, vf, vfmask = _load_pieces(v_ptr, v_rows, nmask, offs_d, dmask, offs_f, fmask, svd, HAS_E)
         if PREQUANT:
             v_hat = v
             vf_hat = vf
         else:
-            v_codes, vf_codes, s_v = _quant_pieces(v.to(tl.float32), kvmask, vf.to(tl.float32), vfmask, levels,
-                                                   HAS_E)
+            v_codes, vf_codes, s_v, v_lo = quantize_row_pieces(v.to(tl.float32), kvmask, vf.to(tl.float32), vfmask,
+                                                            levels, True, HAS_E)
             v_hat = (s_v[:, None] * v_codes).to(v.dtype)
             vf_hat = (s_v[:, None] * vf_codes).to(v.dtype)
         pv = p.to(v_hat.dtype)

@@ -100,10 +100,23 @@ def _codes(x, lo, safe, rcp, SYM: tl.constexpr):
 @triton.jit
 def quantize_rows(x, mask, levels, SYM: tl.constexpr):
     """Codes (fp32 holding integers), s and lo of the rows of a [R, D] fp32 block; masked entries are ignored."""
+    q, _, s, lo = quantize_row_pieces(x, mask, x, mask, levels, SYM, False)
+    return q, s, lo
+
+
+@triton.jit
+def quantize_row_pieces(x, mask, x2, mask2, levels, SYM: tl.constexpr, TWO: tl.constexpr):
+    """`quantize_rows` of rows held as two blocks [x | x2] (x2 only where TWO; else it is returned as is), one range
+    over both: (codes of x, codes of x2, s, lo). Rows of a width that is no power of two, unpadded (72 = 64 + 8 here,
+    64 + 32 in `triton_attention8`)."""
     a, b = _row_range(x, mask, SYM)
+    if TWO:
+        a2, b2 = _row_range(x2, mask2, SYM)
+        a, b = tl.minimum(a, a2), tl.maximum(b, b2)
     a, b = _range_done(a, b, SYM)
     s, lo, safe, rcp = scale_of(a, b, levels, SYM)
-    return _codes(x, lo, safe, rcp, SYM), s, lo
+    q2 = _codes(x2, lo, safe, rcp, SYM) if TWO else x2
+    return _codes(x, lo, safe, rcp, SYM), q2, s, lo
 
 
 @triton.jit
@@ -147,12 +160,7 @@ def fake_quant_rows_kernel(x_ptr, out_ptr, n_rows, n1, n2, sx0, sx1, sx2, sxd, l
         mask2 = rmask[:, None] & (cols2[None, :] < D)
         x2 = tl.load(x_ptr + base[:, None] + cols2[None, :].to(tl.int64) * sxd, mask=mask2,
                      other=0.0).to(tl.float32)
-        a, b = _row_range(x, mask, SYM)
-        a2, b2 = _row_range(x2, mask2, SYM)
-        a, b = _range_done(tl.minimum(a, a2), tl.maximum(b, b2), SYM)
-        s, lo, safe, rcp = scale_of(a, b, levels, SYM)
-        q = _codes(x, lo, safe, rcp, SYM)
-        q2 = _codes(x2, lo, safe, rcp, SYM)
+        q, q2, s, lo = quantize_row_pieces(x, mask, x2, mask2, levels, SYM, True)
         if VALUES:
             tl.store(out_ptr + obase[:, None] + cols2[None, :],
                      _dequant(q2, s, lo, SYM).to(out_ptr.dtype.element_ty), mask=mask2)
