@@ -98,7 +98,7 @@ def gaussian_clip(levels: int) -> float:
     16 -> 2.514. A number, not a tensor of the caller's graph: made with every tracing mode off, so that a call
     made while a graph is traced (the kernels' Inductor decompositions: the first sigma-clipped layer a process
     compiles) computes it instead of recording its grid and failing on the float (before session 13 that failure
-    left every sigma-clipped qlinear opaque under torch.compile: the -a3 / -a2 policies ran at 0.35x bf16).
+    left every sigma-clipped qlinear opaque under torch.compile in a process that compiled before any eager call).
     """
     if levels < 2:
         raise ValueError(f"gaussian_clip needs at least 2 levels, got {levels}")

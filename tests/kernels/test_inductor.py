@@ -527,9 +527,8 @@ def test_table_picked_quantize_in_gemm_keeps_the_op_opaque(monkeypatch, all_ops)
 def test_low_bit_policies_decompose_without_cpu_tensors(a_bits, a_sym, clip, monkeypatch, all_ops):
     """The -a3 / -a2 policies' LRB layers (asymmetric, sigma ranges) traced on fake CUDA tensors, as under
     torch.compile: decomposed into our Triton kernels like the paper policy's (no opaque qlinear left), and no tensor
-    of the graph on the CPU (a CPU constant makes CUDA graphs skip the whole graph: session 13 found
-    `_hscale` and `gaussian_clip` leaving such constants when first computed inside a trace; -a3 / -a2 measured
-    0.35x bf16 where the paper policy ran 0.875x)."""
+    of the graph on the CPU (a CPU constant makes CUDA graphs skip the whole graph: session 13 found `_hscale`
+    leaving one when first computed inside a trace)."""
     from torch._subclasses.functional_tensor import dispatch_functionalize
     from torch.fx.experimental.proxy_tensor import make_fx
     from robuq_fx import quantizers as Q
