@@ -14,7 +14,6 @@ SUMMARY_KEYS = {"robuq W4A4+H": "w4a4h", "robuq W1.58A4+H": "w158a4h", PAPER: "p
                 "robuq W4A4+H +GELU fused": "w4a4h_gelu_fused"}
 
 
-
 def summary_key(setting: str) -> str | None:
     """The summary key of a row: SUMMARY_KEYS, plus its opt-in tags ("robuq W4A4+H +fusedquant" -> w4a4h_fusedquant)."""
     if setting in SUMMARY_KEYS:

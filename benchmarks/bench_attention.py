@@ -34,7 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 from _provenance import gpu_tag, provenance, write_summary  # noqa: E402
-from bench_linear import time_graph  # noqa: E402
+from bench_linear import _with_env, time_graph  # noqa: E402
 
 # (name, batch, heads, kv heads, seq, head_dim, causal)
 SHAPES = [("dit-xl2 b1", 1, 16, 16, 256, 72, False), ("dit-xl2 b8", 8, 16, 16, 256, 72, False),
@@ -160,16 +160,9 @@ def main(argv=None):
             sweep += got
             # the op's own path (the row kernel + SDPA: ROBUQ_ATTENTION=rows, whatever the table says now) as the
             # models call it: q, k, v separate, or the lowered DiT's one qkv buffer (faster)
-            was = os.environ.get("ROBUQ_ATTENTION")
-            os.environ["ROBUQ_ATTENTION"] = "rows"
-            try:
-                with torch.no_grad():
-                    op = min(time_graph(fns[c]) for c in ("attention8 op", "attention8 op, qkv buffer") if c in fns)
-            finally:
-                if was is None:
-                    os.environ.pop("ROBUQ_ATTENTION", None)
-                else:
-                    os.environ["ROBUQ_ATTENTION"] = was
+            with torch.no_grad():
+                op = min(time_graph(_with_env(fns[c], "ROBUQ_ATTENTION", "rows"))
+                         for c in ("attention8 op", "attention8 op, qkv buffer") if c in fns)
             if best is not None and best[0] <= 0.97 * op:
                 choices.setdefault(f"{d}/{'c' if causal else 'n'}", {})[str(b * h * s)] = [best[1], list(best[2])]
                 print(f"  {name}: {best[1]} {best[2]} {best[0] * 1e6:.1f} us beats the op's {op * 1e6:.1f} us")
