@@ -289,18 +289,15 @@ verify13)  # verify13 [SECS]: session 13's CPU-built kernels on the GPU: lrb_dow
             or attention8_kernel_vs" 2>&1 \
         | grep -v DEBUG | tee "$OUT/gpu_tests_verify13.log" | tail -n 12
     ;;
-dit-b1-down)  # the paper policy at batch 1 with and without the branch's down-projection inside the epilogue GEMM,
-    # same run (--env-variant: rows " +down"); at batch 1 the forward costs ~6 us a kernel and DOWN removes six
-    # kernels a block (lrb_down + its reduce, three LRB layers)
+dit-b1-down|dit-b1-nosplit)  # the paper policy at batch 1 with and without one switch, same run (--env-variant:
+    # rows " +down" / " +nosplit"). down: the branch's down-projection inside the epilogue GEMM (at batch 1 the forward
+    # costs ~6 us a kernel and DOWN removes six kernels a block: lrb_down + its reduce, three LRB layers); nosplit:
+    # ROBUQ_LRB_DOWN_SPLIT=1 (one kernel a call, 4 programs streaming K, no reduce kernel: what the split bought)
+    variant=${1#dit-b1-}
+    [ "$variant" = down ] && switch=ROBUQ_FP8_DOWN_IN_GEMM=1 || switch=ROBUQ_LRB_DOWN_SPLIT=1
     timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
         --settings "dit-xl-2-robuq (" --batches 1 --iters 10 --warmup 3 \
-        --env-variant down:ROBUQ_FP8_DOWN_IN_GEMM=1 --tag _reduce-overhead_b1_down 2>&1 | tail -n 14
-    ;;
-dit-b1-nosplit)  # the paper policy at batch 1 with and without the split down-projection (ROBUQ_LRB_DOWN_SPLIT=1: one
-    # kernel a call, 4 programs streaming K, no reduce kernel), same run: what the split bought at batch 1
-    timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
-        --settings "dit-xl-2-robuq (" --batches 1 --iters 10 --warmup 3 \
-        --env-variant nosplit:ROBUQ_LRB_DOWN_SPLIT=1 --tag _reduce-overhead_b1_nosplit 2>&1 | tail -n 14
+        --env-variant "$variant:$switch" --tag "_reduce-overhead_b1_$variant" 2>&1 | tail -n 14
     ;;
 dit-gelu-paper)  # the paper policy at batch 64 with the GELU in fc2's quantizer and branch (lrb_down applies it)
     timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
