@@ -205,12 +205,13 @@ def _pieces(d: int, split: bool = True) -> tuple[int, int, int]:
     return full, 0, 0
 
 
-def _config(d: int, sq: int) -> tuple[int, int, int, int]:
-    dp = max(32, triton.next_power_of_2(d))
-    bm = 128 if sq >= 128 and dp <= 128 else 64
-    bn = 64 if dp <= 128 else 32
+def _config(d: int, sq: int) -> tuple[int, int, int]:
+    """(BM, BN, warps) of the default launch, by the head dim's padded width (heads past 128 take smaller tiles)."""
+    wide = max(32, triton.next_power_of_2(d)) > 128
+    bm = 128 if sq >= 128 and not wide else 64
+    bn = 32 if wide else 64
     warps = 8 if bm == 128 else 4
-    return bm, bn, dp, warps
+    return bm, bn, warps
 
 
 # Launch configs `bench_attention.py --sweep` times against the default (`_config`, head dims in `_pieces`): (BM,
@@ -252,7 +253,7 @@ def _launch(q, k, v, s_k, is_causal: bool, scale: float | None, levels: float, s
     if out.numel() == 0:
         return out
     sm = (1.0 / math.sqrt(d)) if scale is None else float(scale)
-    bm, bn, _, warps = _config(d, sq)
+    bm, bn, warps = _config(d, sq)
     extra, split = {}, True
     if config is not None:
         bm, bn, warps, stages, maxnreg, *rest = config

@@ -19,7 +19,7 @@ def _build(d, sq, prequant, config=None, split=True):
     sig = {n: "i32" for n in fn.arg_names if n not in fixed}
     sig.update({"q_ptr": "*bf16", "k_ptr": "*i8" if prequant else "*bf16", "sk_ptr": "*fp32", "v_ptr": "*bf16",
                 "o_ptr": "*bf16", "qk_scale": "fp32", "levels": "fp32"})
-    bm, bn, _, warps = T._config(d, sq)
+    bm, bn, warps = T._config(d, sq)
     stages, opts = (3 if prequant else 2), {}
     if config is not None:
         bm, bn, warps, stages, maxnreg = config
