@@ -59,6 +59,21 @@ def test_kernels_lists_the_reference(capsys):
     assert "nunchaku" in rows  # registered even when the package is missing, with the reason
 
 
+def test_integer_switches_name_themselves_when_malformed(monkeypatch):
+    """An integer switch holding anything else is an error naming the variable (int()'s message does not); unset or
+    empty: the table's choice, as before."""
+    from robuq_fx.kernels import dispatch as D
+    from robuq_fx.kernels.switches import env_int
+    monkeypatch.setenv("ROBUQ_FP8_MIN_M", "lots")
+    with pytest.raises(ValueError, match=r"ROBUQ_FP8_MIN_M='lots': expected an integer"):
+        D.fp8_min_m(1152, 1152, False)
+    monkeypatch.setenv("ROBUQ_FP8_MIN_M", "0")
+    assert D.fp8_min_m(1152, 1152, False) == 0
+    monkeypatch.setenv("ROBUQ_FP8_SMALL_M", "")
+    assert env_int("ROBUQ_FP8_SMALL_M") is None and D.small_m_max() == int(D.dispatch_table().get(
+        "small_m_fused_max_m", 0))
+
+
 def test_kernels_lists_every_environment_switch_the_package_reads(capsys, monkeypatch):
     """Each ROBUQ_* variable named in robuq_fx's sources is in the switch table `robuq-fx kernels` prints (a new
     switch without a row fails here), with the value set now."""

@@ -10,6 +10,8 @@ import functools
 import json
 import os
 
+from .switches import env_int
+
 _TABLE_PATH = os.path.join(os.path.dirname(__file__), "dispatch_table.json")
 _DEFAULT_FP8_MIN_M = 1024  # used for shapes the table does not list (and when there is no table)
 
@@ -30,9 +32,9 @@ def dispatch_table() -> dict:
 
 def fp8_min_m(n: int, k: int, epilogue: bool) -> int:
     """Smallest M from which the fp8 path beats the dequant path for this shape (measured table, else default)."""
-    env = os.environ.get("ROBUQ_FP8_MIN_M")
-    if env:
-        return int(env)
+    env = env_int("ROBUQ_FP8_MIN_M")
+    if env is not None:
+        return env
     t = dispatch_table()
     row = t.get("shapes", {}).get(f"{n}x{k}")
     field = "epi_fp8_min_m" if epilogue else "fp8_min_m"
@@ -81,9 +83,9 @@ def gluon_gemm_config(m: int, n: int, k: int) -> tuple:
     """Config of the Gluon GEMM: the table's measured choice ("gluon_gemm_cfg" per M bucket), else 128 x 128 tiles
     on 8 warps."""
     from .gluon_fp8_gemm import CONFIGS as cfgs  # imports triton: first use only
-    env = os.environ.get("ROBUQ_GLUON_GEMM_CFG")  # an index into CONFIGS, for sweeps
-    if env:
-        return cfgs[int(env)]
+    env = env_int("ROBUQ_GLUON_GEMM_CFG")  # an index into CONFIGS, for sweeps
+    if env is not None:
+        return cfgs[env]
     tuned = dispatch_table().get("shapes", {}).get(f"{n}x{k}", {}).get("gluon_gemm_cfg", {}).get(str(m_bucket(m)))
     return cfgs[tuned] if tuned is not None and tuned < len(cfgs) else cfgs[0]
 
@@ -91,9 +93,9 @@ def gluon_gemm_config(m: int, n: int, k: int) -> tuple:
 def tma_gemm_config(m: int, n: int, k: int) -> tuple:
     """Config of the TMA GEMM: the table's measured choice ("tma_gemm_cfg" per M bucket), else 128 x 128 tiles."""
     from .triton_fp8_kernels import TMA_GEMM_CONFIGS as cfgs  # imports triton: first use only
-    env = os.environ.get("ROBUQ_TMA_GEMM_CFG")  # an index into TMA_GEMM_CONFIGS, for sweeps
-    if env:
-        return cfgs[int(env)]
+    env = env_int("ROBUQ_TMA_GEMM_CFG")  # an index into TMA_GEMM_CONFIGS, for sweeps
+    if env is not None:
+        return cfgs[env]
     tuned = dispatch_table().get("shapes", {}).get(f"{n}x{k}", {}).get("tma_gemm_cfg", {}).get(str(m_bucket(m)))
     if tuned is not None and 0 <= int(tuned) < len(cfgs):
         return cfgs[int(tuned)]
@@ -103,9 +105,9 @@ def tma_gemm_config(m: int, n: int, k: int) -> tuple:
 def small_m_max() -> int:
     """Largest M that runs the single-kernel small-M path (triton_qgemm_small.py): ROBUQ_FP8_SMALL_M, else the
     table's measured "small_m_fused_max_m", else 0 (off until measured)."""
-    env = os.environ.get("ROBUQ_FP8_SMALL_M")
-    if env:
-        return int(env)
+    env = env_int("ROBUQ_FP8_SMALL_M")
+    if env is not None:
+        return env
     return int(dispatch_table().get("small_m_fused_max_m", 0))
 
 

@@ -65,6 +65,18 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
 )
 
 
+def env_int(name: str) -> int | None:
+    """The integer the environment variable `name` holds, None where it is unset or empty; anything else is an error
+    naming the variable (int()'s own message does not say which one)."""
+    env = os.environ.get(name)
+    if not env:
+        return None
+    try:
+        return int(env)
+    except ValueError:
+        raise ValueError(f"{name}={env!r}: expected an integer (robuq-fx kernels lists the switches)") from None
+
+
 def names() -> list[str]:
     return [s[0] for s in SWITCHES]
 

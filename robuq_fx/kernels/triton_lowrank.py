@@ -19,13 +19,12 @@ rank-32 tile of each, L2-resident) and multiplied on the tensor cores with y as 
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .triton_act_quant import ACTS, _input_act
+from .switches import env_int
 from .triton_launch import launch, rank_pad
 from .triton_rowquant import _RINT
 
@@ -181,10 +180,10 @@ def down_split(m: int, k: int) -> int:
     dispatch's other per-M choices do, so a dynamic-M graph guards on no new bound)."""
     from .dispatch import m_bucket
     tiles = k // DOWN_BK
-    env = os.environ.get("ROBUQ_LRB_DOWN_SPLIT")  # an upper bound, for A/B runs (1: one program streams all of K)
+    bound = env_int("ROBUQ_LRB_DOWN_SPLIT")  # an upper bound, for A/B runs (1: one program streams all of K)
     want = max(1, 128 // triton.cdiv(m_bucket(m), DOWN_BM))
-    if env:
-        want = min(want, max(1, int(env)))
+    if bound is not None:
+        want = min(want, max(1, bound))
     return max(d for d in range(1, min(want, tiles) + 1) if tiles % d == 0)
 
 
