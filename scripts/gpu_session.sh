@@ -34,6 +34,7 @@
 #   scripts/gpu_session.sh verify           session 10's fixes: the stacked mode's GPU tests and stage check, the compiled
 #                                           addmm-mode add with its fix (~4 min)
 #   scripts/gpu_session.sh dit-stacked      the paper policy with ROBUQ_FP8_EPI=stacked (LRB inside _scaled_mm), b1 / b64
+#   scripts/gpu_session.sh a3-sigma         the sigma quantizer's GPU tests, then -a3 at batch 64 alone (~6 min)
 #   scripts/gpu_session.sh dit-low          the -a3 / -a2 policies next to dit-xl-2-robuq, batch 1 / 64, CUDA graphs
 #   scripts/gpu_session.sh dit-gluon        the same DiT rows with the Gluon quantizer, GEMM and quantize-in-GEMM on
 #   scripts/gpu_session.sh dit-default      batch 8 under default-mode torch.compile: decomposed qlinear vs opaque op
@@ -354,6 +355,13 @@ dit-low)  # the asymmetric sigma policies (issue 17 item 5: within 10% of dit-xl
     grep -iE "cudagraph|skipping|graph break|recompil|warn|fall back|falls back|reference|opaque" /tmp/dit_low.log | sort | uniq -c | sort -rn | head -40 | tee "$OUT/dit_low_hints.log"
     gzip -c /tmp/dit_low.log | head -c 15000000 > "$OUT/dit_low.log.gz"  # the whole log (warnings, hints, rows)
     grep -v -iE "perf_hints|cudagraph" /tmp/dit_low.log | tail -n 24
+    ;;
+a3-sigma)  # session 15's sigma moments (one Welford reduction a piece, no row layout conversion): the sigma
+    # quantizer's GPU tests, then -a3 alone at batch 64 (0.512x in session 15 with the sigma kernel 30 of 61 ms)
+    timeout 120 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_act_quant_kernel.py \
+        tests/kernels/test_roomy_plans.py -k "sigma or roomy" 2>&1 | tail -8
+    timeout 330 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
+        --settings "-a3 (" --batches 64 --iters 8 --warmup 2 --tag _reduce-overhead_a3 2>&1 | grep -v Warning | tail -16
     ;;
 dit-default)  # batch 8 under torch.compile's default mode: the opaque op vs the Inductor decomposition vs bf16
     timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --only-default-mode --cpp-wrapper-rows --skip-train --iters 10 --warmup 3 \

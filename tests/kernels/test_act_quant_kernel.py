@@ -81,6 +81,8 @@ def test_quant_kernel_sigma_matches_cpu_reference(k, block, dtype):
     x[:, 5] *= 20
     x[3] = 0.0
     x[4] = 0.75
+    x[6] = 100 + torch.randn(k, device="cuda")  # rows far from 0: E[y^2] - mu^2 would cancel (the kernel: Welford)
+    x[7] = -300 + 0.01 * torch.randn(k, device="cuda")
     x = x.to(dtype)
     for a_bits, sym in [(2, False), (3, False), (4, False), (1, False), (3, True), (4, True)]:
         out, s, lo = quantizer.act_quant(x, block, a_bits, sym, m_store=m + 3, clip="sigma")

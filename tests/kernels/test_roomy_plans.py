@@ -54,3 +54,32 @@ def test_quantizer_does_not_spill_offline_sm90(k, form):
                         aligned=("x_ptr", "out_ptr", "stride_xm", "stride_om"), gluon=False)
     text, regs = sass(kern)
     assert not re.search(r"\bSTL\b", text), f"K={k} {form} plan {widths, bm, warps}: {regs} registers, spills"
+
+
+@pytest.mark.parametrize("k", [1152, 4608])
+def test_sigma_moments_keep_the_row_layout_offline_sm90(k):
+    """The sigma form's row mean and deviation add no layout conversion of the row: offline sm_90 on its plan, at
+    most twice the shared-memory stores of the absmax form on the same plan. Session 15's profile of -a3 on the
+    H200: 216 us a call against 41 for absmax (30 of 61 ms a forward); a row mean broadcast back against each
+    piece (two passes) had Triton convert the whole piece through shared memory (306 stores against 30 at
+    K = 1152, 1239 and 219 barriers at K = 4608); one Welford reduction a piece needs no broadcast."""
+    A = import_or_none("triton_act_quant")
+    if A is None:
+        pytest.skip("triton does not import here")
+    from tests.kernels.sm90 import compile_sm90, sass
+    widths, bm, warps, chunk = quantizer._sigma_plan(k, 128, 16384)
+    ws = list(widths) + [0] * (4 - len(widths))
+    counts = {}
+    for sigma in (False, True):
+        sig = {"x_ptr": "*bf16", "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "lo_ptr": "*fp32", "M": "i32",
+               "M_STORE": "i32", "stride_xm": "i32", "stride_om": "i32", "hscale": "fp32", "levels": "fp32",
+               "clip_c": "fp32"}
+        const = dict(W0=ws[0], W1=ws[1], W2=ws[2], W3=ws[3], BM=bm, B=128, LOGB=7, HAD=True, SYM=False,
+                     DEQUANT=False, HAS_SHIFT=True, CHUNK=chunk, SIGMA=sigma, ACT=0)
+        if not sigma:
+            sig.pop("clip_c")
+            const["clip_c"] = 0.0
+        kern = compile_sm90(A.act_quant_bfly_kernel, sig, const, {"num_warps": warps},
+                            aligned=("x_ptr", "out_ptr", "stride_xm", "stride_om"), gluon=False)
+        counts[sigma] = len(re.findall(r"\bSTS\b", sass(kern)[0]))
+    assert counts[True] <= 2 * counts[False], f"K={k}: sigma {counts[True]} shared stores, absmax {counts[False]}"
