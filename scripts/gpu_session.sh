@@ -34,6 +34,7 @@
 #   scripts/gpu_session.sh verify           session 10's fixes: the stacked mode's GPU tests and stage check, the compiled
 #                                           addmm-mode add with its fix (~4 min)
 #   scripts/gpu_session.sh dit-stacked      the paper policy with ROBUQ_FP8_EPI=stacked (LRB inside _scaled_mm), b1 / b64
+#   scripts/gpu_session.sh low-vs-paper     the paper policy and -a3 at batch 64 in one run (~7 min)
 #   scripts/gpu_session.sh a3-sigma         the sigma quantizer's GPU tests, then -a3 at batch 64 alone (~6 min)
 #   scripts/gpu_session.sh dit-low          the -a3 / -a2 policies next to dit-xl-2-robuq, batch 1 / 64, CUDA graphs
 #   scripts/gpu_session.sh dit-gluon        the same DiT rows with the Gluon quantizer, GEMM and quantize-in-GEMM on
@@ -69,20 +70,17 @@
 # The machine goes back ~30 s after a call returns, and with it everything detached or left in /tmp: make every
 # call self-contained, and send the next one at once. On nvidia-h200-x2, `pair A B` runs two steps at once (one a
 # GPU) for the device time of one: use it. A cold compile of the paper policy takes ~3-4 min on the machine: a call
-# holds about two (policy, batch) rows. Session 15's plan (one H200; a call of dit-b1 + attention lost the machine
-# in session 14 with nothing back: keep each call to one bench_dit run and send it alone):
-#   1. dit-gelu    (~5 min: W4A4+H b64 with the GELU in fc2's quantizer, now without spills: the 1.3x target's
-#                   best chance; 1.227x unfused in session 13), then dit-gelu-paper if it wins
-#   2. dit-low     (~9 min: -a3 / -a2 at batch 64: 0.354 / 0.360 in session 13 against the paper's 0.875, 93 ms
-#                   where bf16 eager takes 42: a fallback or lost CUDA graphs? the hints and the whole log come back);
-#                   profile-low if still far below the paper policy
-#   3. dit-b1-down (~8 min: paper batch 1 with / without ROBUQ_FP8_DOWN_IN_GEMM in one run: 0.612x in session 14;
-#                   if " +down" wins, linear-down then `linear` to record down_in_gemm in the table; if it
-#                   loses, dit-b1-nosplit: whether the split + reduce kernel pair beats one unsplit kernel)
-#   4. attention-sweep (~7 min: the flash kernel's two-piece head dims and launch configs; winners go into the
+# holds about two (policy, batch) rows. Session 16's plan (one H200; one bench_dit run a call, sent alone):
+#   1. low-vs-paper (~7 min: the paper policy and -a3 at batch 64 in one run: issue 17 item 5 asks -a3 within 10%
+#                   of the paper's speed; session 15 measured -a3 0.795x after the sigma fix, the paper 0.875x in
+#                   session 13, never side by side)
+#   2. attention-sweep (~7 min: the flash kernel's two-piece head dims and launch configs; winners go into the
 #                   table copy it brings back: commit it if they beat the row kernel + SDPA)
-#   then train-cpp (issue 19), dit-default, profile-b1-cg, dit-b64, qat-profile compiled paper. On
-#   nvidia-h200-x2, `pair` two of them a call.
+#   3. train-cpp   (issue 19: the paper policy's compiled QAT step with Inductor's C++ wrapper on both sides)
+#   then dit-default (its C++-wrapper rows), linear-down (DOWN in the GEMM at M = 256 / 1024: +2% at DiT batch 1
+#   in session 15), profile-b1-cg, qat-profile compiled paper. On nvidia-h200-x2, `pair` two of them a call.
+# Session 15 ran: dit-gelu (fused 1.149x vs 1.259x unfused: loses), dit-low (-a3 / -a2 0.512 / 0.499),
+# profile-low (the sigma quantizer 30 of 61 ms: a layout conversion, fixed), dit-b1-down (+2%), a3-sigma (-a3 0.795x).
 # Session 14 ran: verify13 (173 passed, 4 stale test expectations, fixed), attention (the op 0.545x SDPA at DiT
 # b64, fused 0.23x, prequant 0.366x), the paper policy's batch-1 row alone (0.612x).
 # Session 13 ran: verify12 (74 passed; b1 rows), dit-b64 (+ c4c1d19's W4A4+H b1 row: the machine's b1 is slower
@@ -355,6 +353,11 @@ dit-low)  # the asymmetric sigma policies (issue 17 item 5: within 10% of dit-xl
     grep -iE "cudagraph|skipping|graph break|recompil|warn|fall back|falls back|reference|opaque" /tmp/dit_low.log | sort | uniq -c | sort -rn | head -40 | tee "$OUT/dit_low_hints.log"
     gzip -c /tmp/dit_low.log | head -c 15000000 > "$OUT/dit_low.log.gz"  # the whole log (warnings, hints, rows)
     grep -v -iE "perf_hints|cudagraph" /tmp/dit_low.log | tail -n 24
+    ;;
+low-vs-paper)  # issue 17 item 5 side by side: the paper policy and -a3 at batch 64 in one run (CUDA graphs)
+    timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
+        --settings "dit-xl-2-robuq (" "-a3 (" --batches 64 --iters 8 --warmup 2 --tag _reduce-overhead_low_vs_paper \
+        2>&1 | grep -v Warning | tail -16
     ;;
 a3-sigma)  # session 15's sigma moments (one Welford reduction a piece, no row layout conversion): the sigma
     # quantizer's GPU tests, then -a3 alone at batch 64 (0.512x in session 15 with the sigma kernel 30 of 61 ms)
