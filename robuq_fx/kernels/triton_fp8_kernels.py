@@ -10,6 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .triton_act_quant import ACTS, _input_act
 from .triton_launch import launch, rank_pad
 
 
@@ -93,8 +94,11 @@ def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_pt
                     M, N, K, stride_am, stride_bn, stride_cm, stride_tm, stride_un, R, dn_ptr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                     RP: tl.constexpr, HAS_BIAS: tl.constexpr, ASYM: tl.constexpr, HAS_LRB: tl.constexpr,
-                    EARLY: tl.constexpr = False, DOWN: tl.constexpr = False):
-    """DOWN: the branch's down-projection in the K loop, t = x (B H)^T from x's 16-bit rows (t_ptr, row stride
+                    EARLY: tl.constexpr = False, DOWN: tl.constexpr = False, OUT_ACT: tl.constexpr = 0):
+    """OUT_ACT (`triton_act_quant.ACTS`: 1 GELU, 2 tanh GELU): the layer's output activation in the store, computed as
+    the unfused pair computes it (y rounded to c's dtype, GELU in fp32 with ATen's CUDA formula, rounded again), so
+    that a GELU after the layer needs no pass of its own (a building block: robuq::qlinear does not pass it yet).
+    DOWN: the branch's down-projection in the K loop, t = x (B H)^T from x's 16-bit rows (t_ptr, row stride
     stride_tm) and B H (dn_ptr, (R, K) contiguous) beside the codes' product, rounded to x's dtype as
     `triton_lowrank.lrb_down` rounds it, instead of reading a t that kernel wrote (one launch and its wait fewer;
     every N tile re-reads its rows of x, so only for few rows)."""
@@ -146,7 +150,10 @@ def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_pt
     mmask = offs_m < M
     nmask = offs_n < N
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+    out = acc.to(c_ptr.dtype.element_ty)
+    if OUT_ACT != 0:
+        out = _input_act(out.to(tl.float32), OUT_ACT).to(c_ptr.dtype.element_ty)
+    tl.store(c_ptrs, out, mask=mmask[:, None] & nmask[None, :])
 
 
 DOWN_SMEM = 200 * 1024  # shared memory a DOWN program may take (sm_90 has 227 KiB a block)
@@ -171,10 +178,21 @@ def down_config(cfg: tuple, r: int) -> tuple | None:
     return (bm, bn, bk, gm, warps, stages, *rest)
 
 
-def launch_fp8_gemm(a, b, c, sx, sw, bias, lo, cs, t, up, m, cfg, launcher=launch, down=None):
+OUT_ACT_MAX_ACC = 64  # accumulator values a thread with which the GELU store builds unspilled (offline sm_90, session
+# 15: every config holding 64 or fewer has no local stores with OUT_ACT; the three holding 128 spill 29-43)
+
+
+def out_act_ok(cfg: tuple) -> bool:
+    """Whether GEMM config `cfg` takes an output activation (OUT_ACT) without spilling its accumulator."""
+    bm, bn, _, _, warps = cfg[:5]
+    return bm * bn // (32 * warps) <= OUT_ACT_MAX_ACC
+
+
+def launch_fp8_gemm(a, b, c, sx, sw, bias, lo, cs, t, up, m, cfg, launcher=launch, down=None, out_act: str = ""):
     """a (>= m, K) fp8, b (N, K) fp8, c (m, N) out; sx/lo (>= m,) fp32; sw/cs (N,) fp32; bias (N,) or None;
     t (m, r), up (N, r) or None. cfg: one of GEMM_CONFIGS. launcher: as `triton_act_quant.launch_act_quant`.
-    down: (x (m, K) 16-bit, B H (r, K) contiguous) instead of t: the kernel makes t itself (DOWN)."""
+    down: (x (m, K) 16-bit, B H (r, K) contiguous) instead of t: the kernel makes t itself (DOWN).
+    out_act: "gelu" / "gelu_tanh" applied to the output in the store (OUT_ACT)."""
     n, k = b.shape
     if down is not None:
         t, dn = down
@@ -184,6 +202,9 @@ def launch_fp8_gemm(a, b, c, sx, sw, bias, lo, cs, t, up, m, cfg, launcher=launc
         cfg = down_config(cfg, r)
         if cfg is None:
             raise ValueError("the DOWN form does not fit this GEMM config (check down_config first)")
+    if out_act and not out_act_ok(cfg):
+        raise ValueError(f"GEMM config {cfg} holds {cfg[0] * cfg[1] // (32 * cfg[4])} accumulator values a thread: "
+                         f"with out_act={out_act!r} it spills; pick one with at most {OUT_ACT_MAX_ACC} (out_act_ok)")
     bm, bn, bk, gm, warps, stages, *early = cfg
     launcher(fp8_gemm_kernel, (((m + bm - 1) // bm) * triton.cdiv(n, bn),),
            (a, b, c, sx, sw, bias if bias is not None else sx, lo if lo is not None else sx,
@@ -191,7 +212,8 @@ def launch_fp8_gemm(a, b, c, sx, sw, bias, lo, cs, t, up, m, cfg, launcher=launc
             m, n, k, a.stride(0), b.stride(0), c.stride(0), t.stride(0) if t is not None else 0,
             up.stride(0) if up is not None else 0, r, dn if down is not None else c),
            dict(BM=bm, BN=bn, BK=bk, GROUP_M=gm, RP=rp, HAS_BIAS=bias is not None, ASYM=lo is not None,
-                HAS_LRB=t is not None, EARLY=bool(early and early[0]), DOWN=down is not None),
+                HAS_LRB=t is not None, EARLY=bool(early and early[0]), DOWN=down is not None,
+                OUT_ACT=ACTS[out_act]),
            dict(num_warps=warps, num_stages=stages), no_specialize=(10,))
 
 

@@ -1,0 +1,83 @@
+"""The pointer fp8 GEMM's output activation (`fp8_gemm_kernel` OUT_ACT, a building block for moving DiT's GELU into
+fc1's epilogue; robuq::qlinear does not pass it yet) in Triton's CPU interpreter, where triton imports (a subprocess
+with TRITON_INTERPRET=1; no GPU): the output equals the unfused pair, y rounded to the output dtype then torch's
+GELU in fp32 rounded again, element for element; and the sm_90 build of the largest config keeps it unspilled."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.kernels.sm90 import import_or_none
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SCRIPT = r"""
+import json
+import torch
+from robuq_fx.kernels import triton_launch
+triton_launch._ENABLED = False
+from robuq_fx.kernels import triton_fp8_kernels as G
+torch.manual_seed(0)
+m, n, k = 40, 64, 256                                 # a ragged M tail (40 rows in a 64-row tile)
+a = torch.randint(-7, 8, (m, k)).float().to(torch.float8_e4m3fn)
+b = torch.randint(-1, 2, (n, k)).float().to(torch.float8_e4m3fn)
+sx, sw = torch.rand(m) * 0.1, torch.rand(n) * 0.1
+bias = torch.randn(n).half()
+res = {}
+for act in ("", "gelu", "gelu_tanh"):
+    c = torch.empty(m, n, dtype=torch.float16)
+    G.launch_fp8_gemm(a, b, c, sx, sw, bias, None, None, None, None, m, (64, 64, 128, 8, 4, 4), out_act=act)
+    y = ((a.float() @ b.float().t()) * sx[:, None] * sw[None, :] + bias.float()).half()
+    if act:
+        y = torch.nn.functional.gelu(y.float(), approximate="tanh" if act == "gelu_tanh" else "none").half()
+    res[act or "none"] = [bool(torch.equal(c, y)), float((c.float() - y.float()).abs().max())]
+print(json.dumps(res))
+"""
+
+
+@pytest.mark.skipif(import_or_none("triton_fp8_kernels") is None, reason="triton does not import here")
+def test_output_activation_in_the_interpreter_equals_the_unfused_pair():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(res) == {"none", "gelu", "gelu_tanh"}
+    assert all(equal for equal, _ in res.values()), res
+
+
+@pytest.mark.skipif(import_or_none("triton_fp8_kernels") is None, reason="triton does not import here")
+@pytest.mark.parametrize("i", range(8))
+def test_output_activation_configs_build_unspilled_offline_sm90(i):
+    """`out_act_ok` says which GEMM configs take the tanh-GELU store: exactly those that build without local
+    stores on sm_90 (the 128-values-a-thread accumulators spill 29-43), and the launcher refuses the others."""
+    G = import_or_none("triton_fp8_kernels")
+    if i >= len(G.GEMM_CONFIGS):
+        pytest.skip("fewer configs")
+    from tests.kernels.sm90 import compile_sm90, sass
+    sig = {n: "i32" for n in ("M", "N", "K", "stride_am", "stride_bn", "stride_cm", "stride_tm", "stride_un", "R")}
+    sig.update(a_ptr="*fp8e4nv", b_ptr="*fp8e4nv", c_ptr="*bf16", sx_ptr="*fp32", sw_ptr="*fp32", bias_ptr="*bf16",
+               lo_ptr="*fp32", cs_ptr="*fp32", t_ptr="*bf16", up_ptr="*bf16", dn_ptr="*bf16")
+    cfg = G.GEMM_CONFIGS[i]
+    bm, bn, bk, gm, warps, stages, *early = cfg
+    kern = compile_sm90(G.fp8_gemm_kernel, sig, dict(BM=bm, BN=bn, BK=bk, GROUP_M=gm, RP=16, HAS_BIAS=True,
+                                                     ASYM=False, HAS_LRB=False, EARLY=bool(early and early[0]),
+                                                     DOWN=False, OUT_ACT=2),
+                        {"num_warps": warps, "num_stages": stages},
+                        aligned=("a_ptr", "b_ptr", "c_ptr", "stride_am", "stride_bn", "stride_cm", "K", "N"),
+                        gluon=False)
+    text, regs = sass(kern)
+    assert G.out_act_ok(cfg) == (not re.search(r"\bSTL\b", text)), (cfg, regs)
+    if not G.out_act_ok(cfg):
+        with pytest.raises(ValueError, match="spills"):
+            G.launch_fp8_gemm(None, _Shape(), None, None, None, None, None, None, None, None, 16, cfg,
+                              launcher=lambda *a: None, out_act="gelu_tanh")
+
+
+class _Shape:
+    shape = (64, 256)
