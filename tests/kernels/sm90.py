@@ -52,3 +52,18 @@ def sass(kernel) -> tuple[str, int]:
 
 def opcodes(text: str) -> set:
     return set(re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", text, re.M))
+
+
+def run_interpreted(script: str):
+    """Run `script` (Python source printing one JSON line last) in Triton's CPU interpreter, in a subprocess
+    (TRITON_INTERPRET must be set before triton is imported), from the repository root; returns the parsed line."""
+    import json
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
+        [str(root)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -3,17 +3,10 @@ where triton imports; no GPU): codes and scales against `quantizers.quantize_act
 (test_act_quant_kernel.py) checks the same on the device; this one lets a CPU machine catch a wrong moment formula
 (session 15 replaced the two-pass mean / deviation by one Welford reduction a piece), including rows far from 0,
 where E[y^2] - mu^2 would cancel."""
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.kernels.sm90 import import_or_none
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.kernels.sm90 import import_or_none, run_interpreted
 
 SCRIPT = r"""
 import json, sys
@@ -45,12 +38,7 @@ print(json.dumps(res))
 
 @pytest.mark.skipif(import_or_none("triton_act_quant") is None, reason="triton does not import here")
 def test_sigma_codes_in_the_interpreter_match_the_reference():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
-        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600,
-                          cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = run_interpreted(SCRIPT)
     assert len(rows) == 6
     for r in rows:
         assert r["agree"] >= 0.999, r

@@ -2,18 +2,11 @@
 fc1's epilogue; robuq::qlinear does not pass it yet) in Triton's CPU interpreter, where triton imports (a subprocess
 with TRITON_INTERPRET=1; no GPU): the output equals the unfused pair, y rounded to the output dtype then torch's
 GELU in fp32 rounded again, element for element; and the sm_90 build of the largest config keeps it unspilled."""
-import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.kernels.sm90 import import_or_none
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.kernels.sm90 import import_or_none, run_interpreted
 
 SCRIPT = r"""
 import json
@@ -41,12 +34,7 @@ print(json.dumps(res))
 
 @pytest.mark.skipif(import_or_none("triton_fp8_kernels") is None, reason="triton does not import here")
 def test_output_activation_in_the_interpreter_equals_the_unfused_pair():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
-        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600,
-                          cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = run_interpreted(SCRIPT)
     assert set(res) == {"none", "gelu", "gelu_tanh"}
     assert all(equal for equal, _ in res.values()), res
 
