@@ -166,14 +166,15 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
     sw = W.scale_vec(a.w_scale, n)
     lrb = a.lrb_down is not None
     bh = W.rotated_down(a, x.dtype) if lrb else None
-    down = lrb and epilogue_mode(m, n, k) != "addmm" and T.down_in_gemm_ok(x2, bh, a, m)  # eager's choices
+    down = T.down_in_gemm_ok(x2, bh, a, m)  # eager's choices
     t = T.down_proj(x2, bh, lrb_down_op, a.input_act) if lrb and not down else None
     cs = None if a.a_sym else Q.weight_code_colsum(weight_codes(a), a.w_scale)
-    if not (a.a_sym and not lrb) and epilogue_mode(m, n, k) == "addmm" and not _addmm_traced_ok():
+    epi_addmm = epilogue_mode(m, n, k) == "addmm"
+    if not (a.a_sym and not lrb) and epi_addmm and not _addmm_traced_ok():
         _warn_once("robuq_fx: under torch.compile the LRB / asymmetric layers take the Triton epilogue GEMM where "
                    "ROBUQ_FP8_EPI=addmm or the dispatch table picks the addmm mode (ROBUQ_INDUCTOR_LOWRANK_ADD=0 "
                    "turned its traced form off)")
-    elif (a.a_sym and not lrb) or epilogue_mode(m, n, k) == "addmm":
+    elif (a.a_sym and not lrb) or epi_addmm:
         if os.environ.get("ROBUQ_FP8_GEMM") == "triton" and a.a_sym and not lrb:
             y = fp8_gemm_op(codes, w8, sx, sw, a.bias, None, None, None, None, m, x.dtype)
             return y.reshape(*lead, n)

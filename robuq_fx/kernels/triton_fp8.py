@@ -224,16 +224,19 @@ def run_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, t, up, m: int, launcher=Non
         _k().launch_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, t, up, m, gemm_config(m, n, k), **kw)
 
 
-def down_in_gemm_ok(x2: torch.Tensor, bh: torch.Tensor, a: QLinearArgs, m: int) -> bool:
-    """The epilogue GEMM makes this LRB call's t itself (`dispatch.down_in_gemm` picks it; no input activation, which
-    only `lrb_down` applies; 16-bit x with contiguous rows; a rank the epilogue takes; B H in x's dtype)."""
+def down_in_gemm_ok(x2: torch.Tensor, bh: torch.Tensor | None, a: QLinearArgs, m: int) -> bool:
+    """The epilogue GEMM makes this LRB call's t itself (an LRB layer on the Triton epilogue GEMM, not the addmm mode;
+    `dispatch.down_in_gemm` picks it; no input activation, which only `lrb_down` applies; 16-bit x with contiguous
+    rows; a rank the epilogue takes; B H in x's dtype). The one rule for the eager path and the traced one."""
     from .dispatch import down_in_gemm
-    if not (a.lrb_down is not None and not a.input_act and x2.dtype in (torch.bfloat16, torch.float16)
+    n, k = a.out_features, a.in_features
+    if not (a.lrb_down is not None and epilogue_mode(m, n, k) != "addmm" and not a.input_act
+            and x2.dtype in (torch.bfloat16, torch.float16)
             and x2.stride(-1) == 1 and bh.dtype == x2.dtype and bh.is_contiguous() and bh.shape[0] <= 128
-            and down_in_gemm(m, a.out_features, a.in_features)):
+            and down_in_gemm(m, n, k)):
         return False
     # (DOWN runs the pointer kernel whichever the table picks)
-    return _k().down_config(gemm_config(m, a.out_features, a.in_features), bh.shape[0]) is not None
+    return _k().down_config(gemm_config(m, n, k), bh.shape[0]) is not None
 
 
 def _gluon_gemm_ok(codes: torch.Tensor, w8: torch.Tensor, t: torch.Tensor | None) -> bool:
@@ -311,7 +314,7 @@ def _fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
                               act=a.input_act)  # the input activation applied while loading x
     epi_addmm = epilogue_mode(m, n, k) == "addmm"
     bh = _rot_down(a, x.dtype) if lrb else None
-    down = (x2, bh) if lrb and not epi_addmm and down_in_gemm_ok(x2, bh, a, m) else None
+    down = (x2, bh) if down_in_gemm_ok(x2, bh, a, m) else None
     # the branch reads act(x) too; or the GEMM computes t itself (down)
     t = down_proj(x2, bh, act=a.input_act) if lrb and down is None else None
     if (a.a_sym and not lrb) or epi_addmm:

@@ -159,16 +159,21 @@ def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_pt
 DOWN_SMEM = 200 * 1024  # shared memory a DOWN program may take (sm_90 has 227 KiB a block)
 
 
+def acc_per_thread(cfg: tuple, extra_cols: int = 0) -> int:
+    """fp32 accumulator values a thread holds with GEMM config `cfg` (BM x (BN + extra_cols) over its warps)."""
+    bm, bn, _, _, warps = cfg[:5]
+    return bm * (bn + extra_cols) // (32 * warps)
+
+
 def down_config(cfg: tuple, r: int) -> tuple | None:
     """`cfg` for the DOWN form at rank r (the K loop's extra x and B H tiles): its stages cut until the operand
-    buffers fit
-    DOWN_SMEM; None where even two stages do not, or where the two accumulators, (BM, BN) and t's (BM, RP), take
-    128 fp32 registers a thread or more (offline sm_90: every such shipped config spilled with DOWN, e.g. 128 x 128
-    on 8 warps at rank 96: 54 spill stores). Offline builds of what this keeps (ranks 32 and 96): no spills,
-    at most 200 KiB."""
+    buffers fit DOWN_SMEM; None where even two stages do not, or where the two accumulators, (BM, BN) and t's
+    (BM, RP), take 128 fp32 registers a thread or more (offline sm_90: every such shipped config spilled with DOWN,
+    e.g. 128 x 128 on 8 warps at rank 96: 54 spill stores). Offline builds of what this keeps (ranks 32 and 96): no
+    spills, at most 200 KiB."""
     bm, bn, bk, gm, warps, stages, *rest = cfg
     rp = rank_pad(r)
-    if (bm * bn + bm * rp) // (32 * warps) >= 128:
+    if acc_per_thread(cfg, rp) >= 128:
         return None
     per_stage = bm * bk + bn * bk + 2 * bk * (bm + rp)  # fp8 codes and weights, bf16 x and B H
     while stages > 2 and stages * per_stage > DOWN_SMEM:
@@ -184,8 +189,7 @@ OUT_ACT_MAX_ACC = 64  # accumulator values a thread with which the GELU store bu
 
 def out_act_ok(cfg: tuple) -> bool:
     """Whether GEMM config `cfg` takes an output activation (OUT_ACT) without spilling its accumulator."""
-    bm, bn, _, _, warps = cfg[:5]
-    return bm * bn // (32 * warps) <= OUT_ACT_MAX_ACC
+    return acc_per_thread(cfg) <= OUT_ACT_MAX_ACC
 
 
 def launch_fp8_gemm(a, b, c, sx, sw, bias, lo, cs, t, up, m, cfg, launcher=launch, down=None, out_act: str = ""):
@@ -203,7 +207,7 @@ def launch_fp8_gemm(a, b, c, sx, sw, bias, lo, cs, t, up, m, cfg, launcher=launc
         if cfg is None:
             raise ValueError("the DOWN form does not fit this GEMM config (check down_config first)")
     if out_act and not out_act_ok(cfg):
-        raise ValueError(f"GEMM config {cfg} holds {cfg[0] * cfg[1] // (32 * cfg[4])} accumulator values a thread: "
+        raise ValueError(f"GEMM config {cfg} holds {acc_per_thread(cfg)} accumulator values a thread: "
                          f"with out_act={out_act!r} it spills; pick one with at most {OUT_ACT_MAX_ACC} (out_act_ok)")
     bm, bn, bk, gm, warps, stages, *early = cfg
     launcher(fp8_gemm_kernel, (((m + bm - 1) // bm) * triton.cdiv(n, bn),),

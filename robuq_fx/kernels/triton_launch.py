@@ -15,6 +15,7 @@ import os
 
 import torch
 
+
 def rank_pad(r: int) -> int:
     """RP: a low-rank branch's rank r padded to the power of two (at least 16) its kernels' dot tiles take; 16
     without a branch (r = 0)."""
