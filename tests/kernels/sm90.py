@@ -54,6 +54,15 @@ def opcodes(text: str) -> set:
     return set(re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", text, re.M))
 
 
+# fp8_gemm_kernel's runtime arguments and the ones its launcher specializes as 16-byte divisible (offline builds)
+FP8_GEMM_SIG = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*bf16", "sx_ptr": "*fp32", "sw_ptr": "*fp32",
+                "bias_ptr": "*bf16", "lo_ptr": "*fp32", "cs_ptr": "*fp32", "t_ptr": "*bf16", "up_ptr": "*bf16",
+                "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32", "stride_bn": "i32", "stride_cm": "i32",
+                "stride_tm": "i32", "stride_un": "i32", "R": "i32", "dn_ptr": "*bf16"}
+FP8_GEMM_ALIGNED = ("a_ptr", "b_ptr", "c_ptr", "t_ptr", "up_ptr", "dn_ptr", "K", "stride_am", "stride_bn",
+                    "stride_cm", "stride_tm", "stride_un")
+
+
 def run_interpreted(script: str):
     """Run `script` (Python source printing one JSON line last) in Triton's CPU interpreter, in a subprocess
     (TRITON_INTERPRET must be set before triton is imported), from the repository root; returns the parsed line."""

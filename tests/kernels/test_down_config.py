@@ -6,15 +6,11 @@ import re
 
 import pytest
 
+from tests.kernels.sm90 import FP8_GEMM_ALIGNED as ALIGNED
+from tests.kernels.sm90 import FP8_GEMM_SIG as SIG
 from tests.kernels.sm90 import import_or_none
 
 G = import_or_none("triton_fp8_kernels")
-SIG = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*bf16", "sx_ptr": "*fp32", "sw_ptr": "*fp32",
-       "bias_ptr": "*bf16", "lo_ptr": "*fp32", "cs_ptr": "*fp32", "t_ptr": "*bf16", "up_ptr": "*bf16", "M": "i32",
-       "N": "i32", "K": "i32", "stride_am": "i32", "stride_bn": "i32", "stride_cm": "i32", "stride_tm": "i32",
-       "stride_un": "i32", "R": "i32", "dn_ptr": "*bf16"}
-ALIGNED = ("a_ptr", "b_ptr", "c_ptr", "t_ptr", "up_ptr", "dn_ptr", "K", "stride_am", "stride_bn", "stride_cm",
-           "stride_tm", "stride_un")
 
 
 @pytest.mark.skipif(G is None, reason="triton does not import here")

@@ -47,18 +47,13 @@ def test_output_activation_configs_build_unspilled_offline_sm90(i):
     G = import_or_none("triton_fp8_kernels")
     if i >= len(G.GEMM_CONFIGS):
         pytest.skip("fewer configs")
-    from tests.kernels.sm90 import compile_sm90, sass
-    sig = {n: "i32" for n in ("M", "N", "K", "stride_am", "stride_bn", "stride_cm", "stride_tm", "stride_un", "R")}
-    sig.update(a_ptr="*fp8e4nv", b_ptr="*fp8e4nv", c_ptr="*bf16", sx_ptr="*fp32", sw_ptr="*fp32", bias_ptr="*bf16",
-               lo_ptr="*fp32", cs_ptr="*fp32", t_ptr="*bf16", up_ptr="*bf16", dn_ptr="*bf16")
+    from tests.kernels.sm90 import FP8_GEMM_ALIGNED, FP8_GEMM_SIG, compile_sm90, sass
     cfg = G.GEMM_CONFIGS[i]
     bm, bn, bk, gm, warps, stages, *early = cfg
-    kern = compile_sm90(G.fp8_gemm_kernel, sig, dict(BM=bm, BN=bn, BK=bk, GROUP_M=gm, RP=16, HAS_BIAS=True,
-                                                     ASYM=False, HAS_LRB=False, EARLY=bool(early and early[0]),
-                                                     DOWN=False, OUT_ACT=2),
-                        {"num_warps": warps, "num_stages": stages},
-                        aligned=("a_ptr", "b_ptr", "c_ptr", "stride_am", "stride_bn", "stride_cm", "K", "N"),
-                        gluon=False)
+    const = dict(BM=bm, BN=bn, BK=bk, GROUP_M=gm, RP=16, HAS_BIAS=True, ASYM=False, HAS_LRB=False,
+                 EARLY=bool(early and early[0]), DOWN=False, OUT_ACT=2)
+    kern = compile_sm90(G.fp8_gemm_kernel, FP8_GEMM_SIG, const, {"num_warps": warps, "num_stages": stages},
+                        aligned=FP8_GEMM_ALIGNED, gluon=False)
     text, regs = sass(kern)
     assert G.out_act_ok(cfg) == (not re.search(r"\bSTL\b", text)), (cfg, regs)
     if not G.out_act_ok(cfg):

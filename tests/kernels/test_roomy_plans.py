@@ -33,6 +33,22 @@ def test_rows_too_long_for_one_pass_are_refused_by_name():
     assert why and "sigma" in why and "16384" in why
 
 
+def _build_offline(A, plan, sym: bool, shift: bool, sigma: bool, act: int) -> tuple[str, int]:
+    """(SASS, registers) of `act_quant_bfly_kernel` built for sm_90 on `plan` (Hadamard 128), as the launcher
+    specializes it."""
+    from tests.kernels.sm90 import compile_sm90, sass
+    widths, bm, warps, chunk = plan
+    ws = list(widths) + [0] * (4 - len(widths))
+    sig = {"x_ptr": "*bf16", "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "lo_ptr": "*fp32", "M": "i32",
+           "M_STORE": "i32", "stride_xm": "i32", "stride_om": "i32", "hscale": "fp32", "levels": "fp32",
+           "clip_c": "fp32"}
+    const = dict(W0=ws[0], W1=ws[1], W2=ws[2], W3=ws[3], BM=bm, B=128, LOGB=7, HAD=True, SYM=sym,
+                 DEQUANT=False, HAS_SHIFT=shift, CHUNK=chunk, SIGMA=sigma, ACT=act)
+    kern = compile_sm90(A.act_quant_bfly_kernel, sig, const, {"num_warps": warps},
+                        aligned=("x_ptr", "out_ptr", "stride_xm", "stride_om"), gluon=False)
+    return sass(kern)
+
+
 @pytest.mark.parametrize("k", [1152, 4608])
 @pytest.mark.parametrize("form", ["sigma", "gelu", "gelu_tanh"])
 def test_quantizer_does_not_spill_offline_sm90(k, form):
@@ -41,19 +57,10 @@ def test_quantizer_does_not_spill_offline_sm90(k, form):
     A = import_or_none("triton_act_quant")
     if A is None:
         pytest.skip("triton does not import here")
-    from tests.kernels.sm90 import compile_sm90, sass
     sigma = form == "sigma"
-    widths, bm, warps, chunk = quantizer._roomy_plan(k, 128, 16384, one_pass=sigma)
-    ws = list(widths) + [0] * (4 - len(widths))
-    sig = {"x_ptr": "*bf16", "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "lo_ptr": "*fp32", "M": "i32",
-           "M_STORE": "i32", "stride_xm": "i32", "stride_om": "i32", "hscale": "fp32", "levels": "fp32",
-           "clip_c": "fp32"}
-    const = dict(W0=ws[0], W1=ws[1], W2=ws[2], W3=ws[3], BM=bm, B=128, LOGB=7, HAD=True, SYM=not sigma,
-                 DEQUANT=False, HAS_SHIFT=sigma, CHUNK=chunk, SIGMA=sigma, ACT=0 if sigma else A.ACTS[form])
-    kern = compile_sm90(A.act_quant_bfly_kernel, sig, const, {"num_warps": warps},
-                        aligned=("x_ptr", "out_ptr", "stride_xm", "stride_om"), gluon=False)
-    text, regs = sass(kern)
-    assert not re.search(r"\bSTL\b", text), f"K={k} {form} plan {widths, bm, warps}: {regs} registers, spills"
+    plan = quantizer._roomy_plan(k, 128, 16384, one_pass=sigma)
+    text, regs = _build_offline(A, plan, not sigma, sigma, sigma, 0 if sigma else A.ACTS[form])
+    assert not re.search(r"\bSTL\b", text), f"K={k} {form} plan {plan[:3]}: {regs} registers, spills"
 
 
 @pytest.mark.parametrize("k", [1152, 4608])
@@ -66,20 +73,7 @@ def test_sigma_moments_keep_the_row_layout_offline_sm90(k):
     A = import_or_none("triton_act_quant")
     if A is None:
         pytest.skip("triton does not import here")
-    from tests.kernels.sm90 import compile_sm90, sass
-    widths, bm, warps, chunk = quantizer._sigma_plan(k, 128, 16384)
-    ws = list(widths) + [0] * (4 - len(widths))
-    counts = {}
-    for sigma in (False, True):
-        sig = {"x_ptr": "*bf16", "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "lo_ptr": "*fp32", "M": "i32",
-               "M_STORE": "i32", "stride_xm": "i32", "stride_om": "i32", "hscale": "fp32", "levels": "fp32",
-               "clip_c": "fp32"}
-        const = dict(W0=ws[0], W1=ws[1], W2=ws[2], W3=ws[3], BM=bm, B=128, LOGB=7, HAD=True, SYM=False,
-                     DEQUANT=False, HAS_SHIFT=True, CHUNK=chunk, SIGMA=sigma, ACT=0)
-        if not sigma:
-            sig.pop("clip_c")
-            const["clip_c"] = 0.0
-        kern = compile_sm90(A.act_quant_bfly_kernel, sig, const, {"num_warps": warps},
-                            aligned=("x_ptr", "out_ptr", "stride_xm", "stride_om"), gluon=False)
-        counts[sigma] = len(re.findall(r"\bSTS\b", sass(kern)[0]))
+    plan = quantizer._sigma_plan(k, 128, 16384)
+    counts = {sigma: len(re.findall(r"\bSTS\b", _build_offline(A, plan, False, True, sigma, 0)[0]))
+              for sigma in (False, True)}
     assert counts[True] <= 2 * counts[False], f"K={k}: sigma {counts[True]} shared stores, absmax {counts[False]}"
