@@ -119,6 +119,10 @@ def main(argv=None):
                     help="only the batch-8 default-mode rows (--default-mode-b8 without the other rows)")
     ap.add_argument("--fuse-gelu", action="store_true",
                     help="also time each robuq setting after robuq_fx.fuse_activations (fc2 applies the GELU)")
+    ap.add_argument("--gelu-in-fc1", action="store_true",
+                    help="also time each robuq setting after robuq_fx.fuse_activations(into='producer'): fc1 applies "
+                         "the GELU (its GEMM's store where it runs the plain fp8 path); rows ' +GELU in fc1', summary "
+                         "keys <key>_gelu_in_fc1_b<batch>_x")
     ap.add_argument("--env-variant", nargs="+", default=[], metavar="TAG:VAR=VALUE",
                     help="per chosen setting, one more row ' +TAG' of the same lowered model with the environment "
                          "variable VAR=VALUE while it compiles and runs (a same-run A/B of a ROBUQ_* switch, e.g. "
@@ -212,6 +216,12 @@ def main(argv=None):
             print(f"  {name}: GELU fused into {n_fused} layers", flush=True)
             if n_fused:
                 variants[name + infer_tags + " +GELU fused"] = (fused, not args.no_compile)
+        if args.gelu_in_fc1:  # the same lowered model with fc1 applying the GELU to its output
+            fused = copy.deepcopy(low)
+            n_fused = len(robuq_fx.fuse_activations(fused, into="producer"))
+            print(f"  {name}: GELU in {n_fused} producing layers", flush=True)
+            if n_fused:
+                variants[name + infer_tags + " +GELU in fc1"] = (fused, not args.no_compile)
 
     rows = {}
     for name, (model, compiled) in ([] if args.only_default_mode else list(variants.items())):

@@ -109,13 +109,17 @@ class PackedLinear(nn.Module):
     # an activation the layer reads its input through ("gelu", "gelu_tanh"; robuq::qlinear's input_act), set by
     # robuq_fx.fuse_activations where it removed that activation from the model; not part of the checkpoint
     input_act: str = ""
+    # an activation applied to the layer's output (robuq::qlinear's output_act), set by
+    # robuq_fx.fuse_activations(model, into="producer") where it removed the activation after this layer
+    output_act: str = ""
 
     def forward(self, x):
         if _direct_ok(x):
             return self._direct(x)
-        if self.input_act or self.lrb_down_h is not None:
+        if self.input_act or self.output_act or self.lrb_down_h is not None:
             return torch.ops.robuq.qlinear(x, self.qweight, self.w_scale, self.bias, self.lrb_down, self.lrb_up,
-                                           *self.op_args(), input_act=self.input_act, lrb_down_h=self.lrb_down_h)
+                                           *self.op_args(), input_act=self.input_act, lrb_down_h=self.lrb_down_h,
+                                           output_act=self.output_act)
         return torch.ops.robuq.qlinear(x, self.qweight, self.w_scale, self.bias, self.lrb_down, self.lrb_up,
                                        *self.op_args())
 
@@ -141,7 +145,7 @@ class PackedLinear(nn.Module):
         b = self._buffers
         qw, ws, bias, dn, up, dh = b["qweight"], b["w_scale"], b["bias"], b["lrb_down"], b["lrb_up"], b["lrb_down_h"]
         key = (x.shape, x.dtype, x.device, id(qw), id(ws), id(bias), id(dn), id(up), id(dh), self.input_act,
-               kernels.registry.state_key())
+               self.output_act, kernels.registry.state_key())
         plans = self.__dict__.get("_direct_plans")
         if plans is None:
             plans = self.__dict__["_direct_plans"] = {}
@@ -157,10 +161,11 @@ class PackedLinear(nn.Module):
         if x.shape[-1] != self.in_features:  # the op's own error
             return torch.ops.robuq.qlinear(x, qw, ws, bias, dn, up, *args)
         qa = kernels.QLinearArgs(qw, ws, bias, dn, up, *args[:7], tuple(args[7]) if len(args) > 7 and args[7]
-                                 else None, self.input_act, dh)
+                                 else None, self.input_act, dh, self.output_act)
         fn = kernels.select(x, qa).fn
-        if qa.input_act and not getattr(fn, "fuses_input_act", False):
-            fn = functools.partial(call_kernel, fn)  # the activation first, as the op does
+        if (qa.input_act and not getattr(fn, "fuses_input_act", False)
+                or qa.output_act and not getattr(fn, "fuses_output_act", False)):
+            fn = functools.partial(call_kernel, fn)  # the activations around it, as the op runs them
         y = fn(x, qa)
         bind = getattr(fn, "bind", None)  # after the ordinary call: its kernels are compiled, its caches full
         if len(plans) >= 8:  # a few input shapes are kept (e.g. two batch sizes in turn), not every one seen
@@ -256,4 +261,5 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self):
         act = f", input_act={self.input_act}" if self.input_act else ""
+        act += f", output_act={self.output_act}" if self.output_act else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec.short()}{act}"

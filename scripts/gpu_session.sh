@@ -55,6 +55,7 @@
 #   scripts/gpu_session.sh linear-down      bench_linear's extra columns at M = 256 / 1024 (the down-projection in the GEMM)
 #   scripts/gpu_session.sh profile-b1-cg    batch 1 under CUDA graphs: kernel sums against wall time (bf16, dit, paper)
 #   scripts/gpu_session.sh ncu-attention    Nsight Compute on the 8-bit attention kernels (the fused one: 0.064x SDPA)
+#   scripts/gpu_session.sh gelu-fc1         the GELU in fc1's GEMM store: its GPU tests, W4A4+H b64 with / without (~7 min)
 #   scripts/gpu_session.sh dit-gelu         W4A4+H batch 64 with / without the GELU fused into fc2 (its spill fixed)
 #   scripts/gpu_session.sh dit-gelu-paper   the same for the paper policy (its fc2's branch applies the GELU too)
 #   scripts/gpu_session.sh dit-b1-down      paper batch 1 with / without the down-projection in the GEMM, same run
@@ -302,6 +303,14 @@ dit-gelu-paper)  # the paper policy at batch 64 with the GELU in fc2's quantizer
     timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
         --settings "dit-xl-2-robuq (" --batches 64 --iters 10 --warmup 3 --fuse-gelu \
         --tag _reduce-overhead_gelu_paper 2>&1 | tail -20
+    ;;
+gelu-fc1)  # session 16: the GELU in fc1's GEMM store (robuq::qlinear output_act; fuse_activations into="producer"):
+    # its GPU tests, then W4A4+H at batch 64 with / without it (issue 17's 1.3x: 1.259x in session 15)
+    timeout 200 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_input_act.py \
+        -k "output" 2>&1 | tail -8
+    timeout 380 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
+        --settings "W4A4+H" --batches 64 --iters 10 --warmup 3 --gelu-in-fc1 --tag _reduce-overhead_gelu_fc1 \
+        2>&1 | grep -v Warning | tail -16
     ;;
 dit-gelu)  # W4A4+H at batch 64 with and without the GELU fused into fc2's quantizer (its K = 4608 plan spilled until
     # session 13: 1.02x against 1.20x without; if it now wins, lower() could fuse it by default)

@@ -144,7 +144,7 @@ def call(x: torch.Tensor, a: QLinearArgs, ordinary):
     from .weight_cache import _entry
     bh = _entry(a).bh
     key = ("bound", x.shape, x.dtype, x.device, id(a.bias), id(a.lrb_down), id(a.lrb_up), a.w_bits, a.a_bits,
-           a.hadamard_block, a.a_sym, a.a_clip, a.splits, a.input_act)
+           a.hadamard_block, a.a_sym, a.a_clip, a.splits, a.input_act, a.output_act)
     bound = bh.get(key)
     if bound is _UNBOUND:
         return ordinary(x, a)
@@ -175,7 +175,8 @@ def bind(x: torch.Tensor, a: QLinearArgs):
     k = a.in_features
     # (x is a CUDA tensor: fp8_qlinear, which the registry picked for it, takes no other)
     if (x.dim() < 2 or not x.is_contiguous() or x.numel() == 0 or x.shape[-1] != k
-            or not TL._ENABLED or not TL._TRITON or os.environ.get("ROBUQ_FP8_GEMM") == "triton"):
+            or not TL._ENABLED or not TL._TRITON or os.environ.get("ROBUQ_FP8_GEMM") == "triton"
+            or a.output_act):  # (the output activation's GEMM is not one of the bound forms)
         return None
     m = x.numel() // k
     x2 = x.view(m, k)

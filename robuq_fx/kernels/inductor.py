@@ -46,6 +46,7 @@ lazy: the fake kernels of the two ops call `register()` while Dynamo traces a mo
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -128,10 +129,10 @@ def _ops():
                     bias: torch.Tensor | None, lo: torch.Tensor | None, cs: torch.Tensor | None,
                     t: torch.Tensor | None, up: torch.Tensor | None, m: int,
                     out_dtype: torch.dtype, xd: torch.Tensor | None = None,
-                    bhd: torch.Tensor | None = None) -> torch.Tensor:
+                    bhd: torch.Tensor | None = None, out_act: str = "") -> torch.Tensor:
         y = torch.empty(m, w8.shape[0], device=codes.device, dtype=out_dtype)
         run_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, t, up, m, traced,
-                     down=None if xd is None else (xd, bhd))
+                     down=None if xd is None else (xd, bhd), out_act=out_act)
         return y
 
     _DEFS.extend((act_quant_op, rowquant_op, fp8_gemm_op, lowrank_add_op, lrb_down_op))
@@ -175,8 +176,8 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
                    "ROBUQ_FP8_EPI=addmm or the dispatch table picks the addmm mode (ROBUQ_INDUCTOR_LOWRANK_ADD=0 "
                    "turned its traced form off)")
     elif (a.a_sym and not lrb) or epi_addmm:
-        if os.environ.get("ROBUQ_FP8_GEMM") == "triton" and a.a_sym and not lrb:
-            y = fp8_gemm_op(codes, w8, sx, sw, a.bias, None, None, None, None, m, x.dtype)
+        if (a.output_act or os.environ.get("ROBUQ_FP8_GEMM") == "triton") and a.a_sym and not lrb:
+            y = fp8_gemm_op(codes, w8, sx, sw, a.bias, None, None, None, None, m, x.dtype, None, None, a.output_act)
             return y.reshape(*lead, n)
         bias = None if a.bias is None else a.bias.to(torch.bfloat16)
         y = T._scaled_mm(codes, w8, sx, sw, bias)[:m]
@@ -213,13 +214,14 @@ def _addmm_traced_ok() -> bool:
 
 
 def _qlinear_decomposition(x, qweight, w_scale, bias, lrb_down, lrb_up, out_features, in_features, w_bits, a_bits,
-                           hadamard_block, a_sym, a_clip, splits=None, input_act="", lrb_down_h=None):
+                           hadamard_block, a_sym, a_clip, splits=None, input_act="", lrb_down_h=None,
+                           output_act=""):
     if not enabled("qlinear") or packing.FP8 is None or qweight.dtype != packing.FP8 or x.shape[-1] != in_features:
         return NotImplemented
     # an input activation goes into the kernels that read x (the quantizer, the branch's down-projection), as eagerly
     a = QLinearArgs(qweight, w_scale, bias, lrb_down, lrb_up, out_features, in_features, w_bits, a_bits,
                     hadamard_block, a_sym, a_clip, tuple(splits) if splits else None, input_act,
-                    rotated_down_or_none(lrb_down_h, lrb_down, hadamard_block))
+                    rotated_down_or_none(lrb_down_h, lrb_down, hadamard_block), output_act)
     try:
         kernel = select(x, a)
     except RuntimeError:
@@ -240,6 +242,10 @@ def _qlinear_decomposition(x, qweight, w_scale, bias, lrb_down, lrb_up, out_feat
                    "instead of the stacked LRB mode: its weight was not extended before compiling (move the model to "
                    "the GPU, or call use_device_layout, after setting ROBUQ_FP8_EPI / the dispatch table)")
     try:
+        if output_act and not (a_sym and lrb_down is None and in_features % 128 == 0):
+            # as eagerly (triton_fp8._fp8_qlinear): only the plain layer's GEMM applies it; here a graph op after
+            from .qlinear import apply_input_act
+            return apply_input_act(qlinear_traced(x, dataclasses.replace(a, output_act="")), output_act)
         return qlinear_traced(x, a)
     except Exception as e:  # noqa: BLE001 - never fail a compile over the fast path: keep the eager op
         _warn_once(f"robuq_fx: robuq::qlinear left opaque under torch.compile ({type(e).__name__}: {e})")

@@ -2,9 +2,10 @@
 
     qlinear(x (..., K), qweight uint8 packed codes of W' = (W H - A B) as (N, K), w_scale (N, G) | (1, 1),
             bias (N)?, lrb_down B (r, K)?, lrb_up A (N, r)?, out_features N, in_features K, w_bits, a_bits,
-            hadamard_block (0 = none), a_sym, a_clip, splits (int[])?, input_act, lrb_down_h?) -> y (..., N)
+            hadamard_block (0 = none), a_sym, a_clip, splits (int[])?, input_act, lrb_down_h?, output_act)
+            -> y (..., N)
 
-    y = Q_a(x H) (s_w q_w)^T + bias + (x H) B^T A^T
+    y = out_act(Q_a(in_act(x) H) (s_w q_w)^T + bias + (in_act(x) H) B^T A^T)
 
 lrb_down_h (optional): B H, the branch's down-projection rotated, as the layer keeps it (PackedLinear):
 the GPU kernels read it instead of rotating B on every call (which a compiled graph would otherwise redo each
@@ -14,6 +15,12 @@ input_act ("gelu" / "gelu_tanh", default "": none): x is first replaced by act(x
 it in x's dtype (`apply_input_act`); set on the layer that reads a GELU's output when that is the GELU's only
 reader (`robuq_fx.fuse_activations`), so that a kernel can apply it while loading x instead of the model writing and
 re-reading the activation. Kernels that do not fuse it get act(x) (`call_kernel`).
+
+output_act (same values): the layer's output goes through that activation, computed as the model's GELU module
+computes it on the layer's rounded output (y rounded to x's dtype, then `apply_input_act`); set on the layer that
+produces a GELU's input when the GELU reads nothing else (`robuq_fx.fuse_activations(model, into="producer")`), so
+that the GEMM applies it in its store instead of a separate pass over the widest activation. Kernels that do not
+fuse it get act(y) after the call (`call_kernel`): the output is the unfused pair's either way.
 
 splits: set on a fused layer (passes/fuse.py: siblings reading one input, e.g. q/k/v): the members' out_features,
 summing to N. The tensors are the members' stacked along N (lrb_down stacked along r, lrb_up block-diagonal), so the
@@ -38,7 +45,8 @@ from .registry import QLinearArgs, select_cached
 _LIB = torch.library.Library("robuq", "FRAGMENT")
 _LIB.define("qlinear(Tensor x, Tensor qweight, Tensor w_scale, Tensor? bias, Tensor? lrb_down, Tensor? lrb_up, "
             "SymInt out_features, SymInt in_features, float w_bits, SymInt a_bits, SymInt hadamard_block, "
-            "bool a_sym, str a_clip, SymInt[]? splits=None, str input_act=\"\", Tensor? lrb_down_h=None) -> Tensor")
+            "bool a_sym, str a_clip, SymInt[]? splits=None, str input_act=\"\", Tensor? lrb_down_h=None, "
+            "str output_act=\"\") -> Tensor")
 
 INPUT_ACTS = ("", "gelu", "gelu_tanh")
 
@@ -57,12 +65,16 @@ def apply_input_act(x: torch.Tensor, act: str) -> torch.Tensor:
 def qlinear_impl(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                  lrb_down: torch.Tensor | None, lrb_up: torch.Tensor | None, out_features: int, in_features: int,
                  w_bits: float, a_bits: int, hadamard_block: int, a_sym: bool, a_clip: str,
-                 splits=None, input_act: str = "", lrb_down_h: torch.Tensor | None = None) -> torch.Tensor:
+                 splits=None, input_act: str = "", lrb_down_h: torch.Tensor | None = None,
+                 output_act: str = "") -> torch.Tensor:
     if x.shape[-1] != in_features:
         raise ValueError(f"robuq::qlinear: input has {x.shape[-1]} features, the layer expects {in_features}")
+    for name, act in (("input_act", input_act), ("output_act", output_act)):
+        if act not in INPUT_ACTS:
+            raise ValueError(f"robuq::qlinear: {name}={act!r}; expected one of {INPUT_ACTS}")
     args = QLinearArgs(qweight, w_scale, bias, lrb_down, lrb_up, out_features, in_features, w_bits, a_bits,
                        hadamard_block, a_sym, a_clip, tuple(splits) if splits else None, input_act,
-                       rotated_down_or_none(lrb_down_h, lrb_down, hadamard_block))
+                       rotated_down_or_none(lrb_down_h, lrb_down, hadamard_block), output_act)
     return call_kernel(select_cached(x, args).fn, x, args)
 
 
@@ -79,10 +91,14 @@ def rotated_down_or_none(lrb_down_h, lrb_down, hadamard_block: int):
 
 def call_kernel(fn, x: torch.Tensor, args: QLinearArgs) -> torch.Tensor:
     """fn(x, args); where the layer has an input activation that fn does not fuse (`fn.fuses_input_act`), the
-    activation runs first, exactly as the unfused model ran it."""
+    activation runs first, and an output activation it does not fuse (`fn.fuses_output_act`) after, exactly as the
+    unfused model ran them."""
     if args.input_act and not getattr(fn, "fuses_input_act", False):
         x = apply_input_act(x, args.input_act)
         args = dataclasses.replace(args, input_act="")
+    if args.output_act and not getattr(fn, "fuses_output_act", False):
+        act = args.output_act
+        return apply_input_act(fn(x, dataclasses.replace(args, output_act="")), act)
     return fn(x, args)
 
 
@@ -91,7 +107,7 @@ _LIB.impl("qlinear", qlinear_impl, "CompositeExplicitAutograd")
 
 @torch.library.register_fake("robuq::qlinear", lib=_LIB)
 def _(x, qweight, w_scale, bias, lrb_down, lrb_up, out_features, in_features, w_bits, a_bits, hadamard_block,
-      a_sym, a_clip, splits=None, input_act="", lrb_down_h=None):
+      a_sym, a_clip, splits=None, input_act="", lrb_down_h=None, output_act=""):
     from . import inductor
     inductor.register()  # Dynamo is tracing a model with this op: let Inductor decompose it (kernels/inductor.py)
     return x.new_empty(*x.shape[:-1], out_features)

@@ -203,13 +203,20 @@ def _sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def run_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, t, up, m: int, launcher=None, down=None) -> None:
+def run_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, t, up, m: int, launcher=None, down=None,
+                 out_act: str = "") -> None:
     """y (m, N) = our Triton fp8 GEMM with the fused epilogue: the persistent TMA kernel or the pointer one
     (`dispatch.gemm_kernel`), each with its measured config. launcher: None (eager) or `triton_launch.traced`.
-    down: (x, B H) for the branch's down-projection inside the pointer kernel (t None; `down_in_gemm_ok`)."""
+    down: (x, B H) for the branch's down-projection inside the pointer kernel (t None; `down_in_gemm_ok`).
+    out_act: an output activation in the store (robuq::qlinear's output_act; the pointer kernel with the nearest
+    config that holds it unspilled, `out_act_config`)."""
     n, k = w8.shape
     dev = codes.device
     kw = {} if launcher is None else {"launcher": launcher}
+    if out_act:
+        _k().launch_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, t, up, m, _k().out_act_config(gemm_config(m, n, k)),
+                             out_act=out_act, **kw)
+        return
     if down is not None:
         _k().launch_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, None, up, m, gemm_config(m, n, k), down=down, **kw)
         return
@@ -287,9 +294,13 @@ def fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
 
 def _fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
     k, n = a.in_features, a.out_features
-    lead = x.shape[:-1]
     m = x.numel() // k
     small = _small_m_ok(x, a, m)
+    if a.output_act and not (a.a_sym and a.lrb_down is None and m and not small and k % 128 == 0):
+        # the output activation goes into the store of the plain layer's Triton GEMM only (K % 128 == 0); every
+        # other path writes y, then the activation runs as the model's GELU module ran it
+        return apply_input_act(_fp8_qlinear(x, dataclasses.replace(a, output_act="")), a.output_act)
+    lead = x.shape[:-1]
     if a.input_act and small:  # the small-M kernel has no activation: materialize it first
         x, a = apply_input_act(x, a.input_act), dataclasses.replace(a, input_act="")
     x2 = x.reshape(-1, k)
@@ -299,7 +310,7 @@ def _fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
     if small:  # one kernel: quantize + GEMM + epilogue
         y = _small_m(x2, a, e, m)
         return y if x.dim() == 2 else y.reshape(*lead, n)
-    mode = fused_quant.takes(x2, a, e) if m else None
+    mode = fused_quant.takes(x2, a, e) if m and not a.output_act else None
     if mode:  # the quantizer inside the GEMM (kernels/gluon_qgemm*.py): forced, or where the table picks it
         y = fused_quant.run(x2, a, e, m, n, mode)
         if y is not None:
@@ -318,11 +329,12 @@ def _fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
     # the branch reads act(x) too; or the GEMM computes t itself (down)
     t = down_proj(x2, bh, act=a.input_act) if lrb and down is None else None
     if (a.a_sym and not lrb) or epi_addmm:
-        if os.environ.get("ROBUQ_FP8_GEMM") == "triton" and a.a_sym and not lrb:
-            y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+        if (a.output_act or os.environ.get("ROBUQ_FP8_GEMM") == "triton") and a.a_sym and not lrb:
+            y = torch.empty(m, n, device=x.device, dtype=x.dtype)  # the output activation in the Triton GEMM's store
             if m:
                 with on_device(x.device):
-                    run_fp8_gemm(codes, e.fp8, y, sx, e.sw, a.bias, None, None, None, None, m)
+                    run_fp8_gemm(codes, e.fp8, y, sx, e.sw, a.bias, None, None, None, None, m,
+                                 out_act=a.output_act)
             return y if x.dim() == 2 else y.reshape(*lead, n)
         bias = None if a.bias is None else a.bias.to(torch.bfloat16)
         y = _scaled_mm(codes, e.fp8, sx, e.sw, bias)
@@ -373,7 +385,7 @@ register(FP8, priority=20, machine_check=fp8_machine_check, supports=_fp8_suppor
                "where fp32 Hadamard sums round differently (tested >= 99.9% equal), exact integer GEMM. Paths: "
                "_scaled_mm, or a Triton GEMM with the asymmetric / LRB epilogue (pointer or persistent TMA kernel, "
                "dispatch table 'gemm_kernel'); up to 'small_m_fused_max_m' rows one kernel does it all; an input_act "
-               "(GELU) applied by the quantizer while it loads x")(fp8_qlinear)
+               "(GELU) applied by the quantizer while it loads x, an output_act by the plain layer's GEMM store")(fp8_qlinear)
 
 
 def _bind(x: torch.Tensor, a: QLinearArgs):
@@ -383,6 +395,7 @@ def _bind(x: torch.Tensor, a: QLinearArgs):
 
 fp8_qlinear.bind = _bind  # PackedLinear's eager fast path binds repeated calls (kernels/fastcall.py)
 fp8_qlinear.fuses_input_act = True  # the quantizer applies robuq::qlinear's input_act while loading x
+fp8_qlinear.fuses_output_act = True  # the plain layer's GEMM applies output_act in its store, other paths after it
 
 register(DEQUANT, priority=10, machine_check=dequant_machine_check, supports=_dequant_supports,
          takes="every CUDA call: Triton quantizer (same codes as triton_fp8) + cuBLAS on dequantized weights; "

@@ -97,7 +97,7 @@ def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_pt
                     EARLY: tl.constexpr = False, DOWN: tl.constexpr = False, OUT_ACT: tl.constexpr = 0):
     """OUT_ACT (`triton_act_quant.ACTS`: 1 GELU, 2 tanh GELU): the layer's output activation in the store, computed as
     the unfused pair computes it (y rounded to c's dtype, GELU in fp32 with ATen's CUDA formula, rounded again), so
-    that a GELU after the layer needs no pass of its own (a building block: robuq::qlinear does not pass it yet).
+    that a GELU after the layer needs no pass of its own (robuq::qlinear's output_act).
     DOWN: the branch's down-projection in the K loop, t = x (B H)^T from x's 16-bit rows (t_ptr, row stride
     stride_tm) and B H (dn_ptr, (R, K) contiguous) beside the codes' product, rounded to x's dtype as
     `triton_lowrank.lrb_down` rounds it, instead of reading a t that kernel wrote (one launch and its wait fewer;
@@ -190,6 +190,17 @@ OUT_ACT_MAX_ACC = 64  # accumulator values a thread with which the GELU store bu
 def out_act_ok(cfg: tuple) -> bool:
     """Whether GEMM config `cfg` takes an output activation (OUT_ACT) without spilling its accumulator."""
     return acc_per_thread(cfg) <= OUT_ACT_MAX_ACC
+
+
+def out_act_config(cfg: tuple) -> tuple:
+    """`cfg` where it takes an output activation (`out_act_ok`), else the config of GEMM_CONFIGS nearest to it that
+    does: the same tile and K loop on more warps where there is one, else the largest tile that fits."""
+    if out_act_ok(cfg):
+        return cfg
+    ok = [c for c in GEMM_CONFIGS if out_act_ok(c)]
+    def distance(c):
+        return (c[:3] != cfg[:3], bool(c[6:7] and c[6]) != bool(cfg[6:7] and cfg[6]), -c[0] * c[1], c[4])
+    return min(ok, key=distance)
 
 
 def launch_fp8_gemm(a, b, c, sx, sw, bias, lo, cs, t, up, m, cfg, launcher=launch, down=None, out_act: str = ""):

@@ -41,7 +41,7 @@ from .qat import ROBUQ_META, set_robuq_info
 
 QLINEAR = torch.ops.robuq.qlinear.default
 BUFFERS = ("qweight", "w_scale", "bias", "lrb_down", "lrb_up")
-_OPTIONAL = ("splits", "input_act", "lrb_down_h")  # robuq::qlinear's arguments after the 13 every call has
+_OPTIONAL = ("splits", "input_act", "lrb_down_h", "output_act")  # robuq::qlinear's arguments after the 13 every call has
 _aten = torch.ops.aten
 # view ops that fail on a narrowed (non-contiguous) output where the layer's own output was contiguous
 _VIEW_TO_RESHAPE = {_aten.view.default: _aten.reshape.default, _aten._unsafe_view.default: _aten.reshape.default,
@@ -59,6 +59,9 @@ def qlinear_node(g: fx.Graph, x, path: str, mod: PackedLinear) -> fx.Node:
     kwargs = {}
     if mod.lrb_down_h is not None:
         kwargs["lrb_down_h"] = g.get_attr(f"{path}.lrb_down_h")
+    for act in ("input_act", "output_act"):  # (fuse_activations' marks: such a call is no fusion site, `_site`)
+        if getattr(mod, act):
+            kwargs[act] = getattr(mod, act)
     return g.call_function(QLINEAR, (x, *attrs, *mod.op_args()), kwargs)
 
 
@@ -166,7 +169,8 @@ def _site(gm: fx.GraphModule, node: fx.Node):
     if node.op != "call_function" or node.target is not QLINEAR or len(node.args) < 13:
         return None
     extra = dict(zip(_OPTIONAL, node.args[13:]), **node.kwargs)  # a traced call spells the defaults out
-    if extra.get("splits") is not None or extra.get("input_act", "") or set(extra) - set(_OPTIONAL):
+    if (extra.get("splits") is not None or extra.get("input_act", "") or extra.get("output_act", "")
+            or set(extra) - set(_OPTIONAL)):
         return None
     q = node.args[1]
     if not (isinstance(q, fx.Node) and q.op == "get_attr" and str(q.target).endswith(".qweight")):

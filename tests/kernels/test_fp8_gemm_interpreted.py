@@ -1,5 +1,5 @@
-"""The pointer fp8 GEMM's output activation (`fp8_gemm_kernel` OUT_ACT, a building block for moving DiT's GELU into
-fc1's epilogue; robuq::qlinear does not pass it yet) in Triton's CPU interpreter, where triton imports (a subprocess
+"""The pointer fp8 GEMM's output activation (`fp8_gemm_kernel` OUT_ACT: robuq::qlinear's output_act, DiT's GELU in
+fc1's epilogue) in Triton's CPU interpreter, where triton imports (a subprocess
 with TRITON_INTERPRET=1; no GPU): the output equals the unfused pair, y rounded to the output dtype then torch's
 GELU in fp32 rounded again, element for element; and the sm_90 build of the largest config keeps it unspilled."""
 import re
@@ -60,6 +60,19 @@ def test_output_activation_configs_build_unspilled_offline_sm90(i):
         with pytest.raises(ValueError, match="spills"):
             G.launch_fp8_gemm(None, _Shape(), None, None, None, None, None, None, None, None, 16, cfg,
                               launcher=lambda *a: None, out_act="gelu_tanh")
+
+
+@pytest.mark.skipif(import_or_none("triton_fp8_kernels") is None, reason="triton does not import here")
+def test_out_act_config_keeps_the_tile_where_it_can():
+    """The config an output activation runs with: the tuned one where it holds it, else the same tile and K loop on
+    8 warps (DiT's tuned (128, 128, 4 warps) -> its 8-warp twin), never one that spills."""
+    G = import_or_none("triton_fp8_kernels")
+    for cfg in G.GEMM_CONFIGS:
+        got = G.out_act_config(cfg)
+        assert got in G.GEMM_CONFIGS and G.out_act_ok(got)
+        assert got == cfg if G.out_act_ok(cfg) else got[:3] in ((128, 128, 128),)
+        assert bool(got[6:7] and got[6]) == bool(cfg[6:7] and cfg[6])  # the early-load form kept
+    assert G.out_act_config((128, 128, 128, 8, 4, 3, True)) == (128, 128, 128, 8, 8, 4, True)
 
 
 class _Shape:

@@ -2,6 +2,9 @@
 quantizer loads x. Against the unfused layer (torch's GELU, then the same layer) codes may differ only where the
 kernel's fp32 GELU and ATen's round to different bf16 neighbours: >= 99% of output rows are equal (a flipped code
 moves its whole row), the rest within a code step. Layers that materialize the activation (LRB) are bit-identical.
+The output side (output_act, the GELU after fc1): the plain layer's Triton GEMM applies it in its store, equal bit for
+bit to torch's GELU on the same GEMM's output (the integer products are exact, the epilogue is elementwise), eager,
+bound and compiled; other paths (LRB, small M) run the GELU after the layer, bit-identical to the unfused pair.
 CPU equality of the reference path: tests/passes/test_act_fuse.py."""
 import pytest
 import torch
@@ -48,3 +51,35 @@ def test_branch_layers_materialize_the_activation_bit_for_bit():
         want = layer(F.gelu(x, approximate="tanh"))
         layer.input_act = "gelu_tanh"
         assert torch.equal(layer(x), want)
+
+
+@pytest.mark.parametrize("act,approx", [("gelu_tanh", "tanh"), ("gelu", "none")])
+@pytest.mark.parametrize("k,n,m", [(1152, 4608, 4096), (1152, 4608, 300), (1152, 1152, 37), (256, 512, 1000)])
+def test_output_activation_in_the_gemm_store(act, approx, k, n, m, monkeypatch):
+    layer = _layer(k, n)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        near = F.gelu(layer(x), approximate=approx)  # _scaled_mm's epilogue may round a scale product differently
+        monkeypatch.setenv("ROBUQ_FP8_GEMM", "triton")  # the same Triton GEMM without the activation
+        want = F.gelu(layer(x), approximate=approx)
+        monkeypatch.delenv("ROBUQ_FP8_GEMM")
+        layer.output_act = act
+        got, again = layer(x), layer(x)
+    assert torch.equal(got, want) and torch.equal(again, want)
+    assert torch.equal(layer(x), want)  # the op path (grad mode on)
+    assert ((got.float() - near.float()).norm() / near.float().norm()).item() < 1e-3
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(layer)(x)  # the Inductor decomposition: fp8_gemm with out_act
+    assert torch.equal(compiled, want)
+
+
+def test_output_activation_after_branch_layers_bit_for_bit():
+    layer = _layer(1152, 4608, rank=32)
+    x = torch.randn(2048, 1152, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = F.gelu(layer(x), approximate="tanh")
+        layer.output_act = "gelu_tanh"
+        assert torch.equal(layer(x), want)
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(layer)(x), want)
