@@ -13,6 +13,9 @@
     kernels, and the Gluon wgmma GEMM (issue 17: the LRB layer costs 1.4-1.7x the plain one; is it the mainloop or
     the epilogue?);
   - the LRB down-projection t = x (B H)^T through cuBLAS.
+With --out-act instead: fc1's shape (4608 x 1152) with and without the GELU in the pointer GEMM's store (session 16:
+DiT W4A4+H with it ran at 1.02x bf16 against 1.24x without): _scaled_mm, the bf16 GELU pass it replaces, and each
+GEMM config with OUT_ACT 0 / 2 (the tanh GELU) where it builds unspilled.
 With --attention instead: the 8-bit attention at DiT-XL/2 batch 64 (64 x 16 heads x 256 x 72): the q/k/v row
 kernel, bf16 SDPA and the fused Triton kernel (`triton_attention8`; 0.064x SDPA on the H200, 1.2 ms against 78 us,
 while its offline sm_90 build has wgmma for both products and no spills: ncu's warp states say where it waits).
@@ -49,12 +52,15 @@ def main(argv=None) -> None:
     ap.add_argument("--m", type=int, default=16384)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--attention", action="store_true", help="the 8-bit attention kernels instead (docstring)")
+    ap.add_argument("--out-act", action="store_true", help="fc1 with / without the GELU in its store (docstring)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("ncu_kernels needs a CUDA device")
     torch.manual_seed(0)
     if args.attention:
         return attention(args.reps)
+    if args.out_act:
+        return out_act(args.m, args.reps)
     dev, m = "cuda", args.m
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for name, k, n in (("qkv", 1152, 3456), ("fc2", 4608, 1152)):
@@ -105,6 +111,29 @@ def main(argv=None) -> None:
         except Exception as e:  # noqa: BLE001 - report and go on
             print(f"Gluon epilogue GEMM {name}: failed ({type(e).__name__}: {e})")
         timed(f"LRB down-projection {name} (cuBLAS)", lambda: torch.nn.functional.linear(x, down), args.reps)
+
+
+def out_act(m: int, reps: int) -> None:
+    """fc1 (N 4608, K 1152) at M rows: where does the GELU-in-the-store form lose (bench_dit --gelu-in-fc1)?"""
+    import torch.nn.functional as F
+    G = T._k()
+    n, k = 4608, 1152
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    codes, sx, lo = AQ.act_quant(x, 128, 4, True, m_store=m)
+    w8 = torch.randint(-7, 8, (n, k), device="cuda").to(torch.bfloat16).to(torch.float8_e4m3fn)
+    sw, b = torch.rand(n, device="cuda") + 0.5, torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    timed("_scaled_mm fc1", lambda: T._scaled_mm(codes, w8, sx, sw, b), reps)
+    timed("bf16 GELU pass (tanh) fc1's output", lambda: F.gelu(y, approximate="tanh"), reps)
+    from robuq_fx.kernels.fp8_gemms import gemm_config, pointer_config
+    print(f"table config for M={m}: {gemm_config(m, n, k)}; with the activation: {pointer_config(m, n, k, 'gelu')}")
+    for i, cfg in enumerate(G.GEMM_CONFIGS):
+        for act in ("", "gelu_tanh", "gelu"):
+            if act and not G.out_act_ok(cfg):
+                continue
+            timed(f"pointer GEMM cfg {i} {cfg} act={act or '-'}",
+                  lambda: G.launch_fp8_gemm(codes, w8, y, sx, sw, b, None, None, None, None, m, cfg, out_act=act),
+                  reps)
 
 
 def attention(reps: int) -> None:

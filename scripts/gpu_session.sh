@@ -56,6 +56,7 @@
 #   scripts/gpu_session.sh profile-b1-cg    batch 1 under CUDA graphs: kernel sums against wall time (bf16, dit, paper)
 #   scripts/gpu_session.sh ncu-attention    Nsight Compute on the 8-bit attention kernels (the fused one: 0.064x SDPA)
 #   scripts/gpu_session.sh gelu-fc1         the GELU in fc1's GEMM store: its GPU tests, W4A4+H b64 with / without (~7 min)
+#   scripts/gpu_session.sh gelu-fc1-diag    its GPU tests' failures and fc1's GEMM per config with / without it (~3 min)
 #   scripts/gpu_session.sh dit-gelu         W4A4+H batch 64 with / without the GELU fused into fc2 (its spill fixed)
 #   scripts/gpu_session.sh dit-gelu-paper   the same for the paper policy (its fc2's branch applies the GELU too)
 #   scripts/gpu_session.sh dit-b1-down      paper batch 1 with / without the down-projection in the GEMM, same run
@@ -311,6 +312,12 @@ gelu-fc1)  # session 16: the GELU in fc1's GEMM store (robuq::qlinear output_act
     timeout 380 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
         --settings "W4A4+H" --batches 64 --iters 10 --warmup 3 --gelu-in-fc1 --tag _reduce-overhead_gelu_fc1 \
         2>&1 | grep -v Warning | tail -16
+    ;;
+gelu-fc1-diag)  # why the GELU in fc1's store lost (1.02x vs 1.24x, session 16): the output_act GPU tests with their
+    # failures shown, then fc1's GEMM per config with / without the activation against _scaled_mm + the GELU pass
+    timeout 240 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_input_act.py \
+        -k "output" 2>&1 | grep -E "^E |assert|passed|failed" | head -40
+    timeout 200 python3 benchmarks/ncu_kernels.py --out-act --reps 20 2>&1 | tail -30
     ;;
 dit-gelu)  # W4A4+H at batch 64 with and without the GELU fused into fc2's quantizer (its K = 4608 plan spilled until
     # session 13: 1.02x against 1.20x without; if it now wins, lower() could fuse it by default)

@@ -187,7 +187,7 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
         return (y if y.dtype == x.dtype else y.to(x.dtype)).reshape(*lead, n)
     up = T._up16(a, x.dtype) if lrb else None
     y = fp8_gemm_op(codes, w8, sx, sw, a.bias, None if a.a_sym else lo, cs, t, up, m, x.dtype,
-                    x2 if down else None, bh if down else None)
+                    x2 if down else None, bh if down else None, a.output_act)
     return y.reshape(*lead, n)
 
 
@@ -242,8 +242,9 @@ def _qlinear_decomposition(x, qweight, w_scale, bias, lrb_down, lrb_up, out_feat
                    "instead of the stacked LRB mode: its weight was not extended before compiling (move the model to "
                    "the GPU, or call use_device_layout, after setting ROBUQ_FP8_EPI / the dispatch table)")
     try:
-        if output_act and not (a_sym and lrb_down is None and in_features % 128 == 0):
-            # as eagerly (triton_fp8._fp8_qlinear): only the plain layer's GEMM applies it; here a graph op after
+        from . import triton_fp8 as T
+        if output_act and not T.out_act_in_gemm(a, x.numel() // in_features):
+            # as eagerly (triton_fp8._fp8_qlinear): where the GEMM does not apply it, a graph op after the layer
             from .qlinear import apply_input_act
             return apply_input_act(qlinear_traced(x, dataclasses.replace(a, output_act="")), output_act)
         return qlinear_traced(x, a)

@@ -21,7 +21,8 @@ falls through to `cuda_dequant`. Forcing `triton_fp8` (ROBUQ_KERNEL / kernels.us
 Environment: ROBUQ_FP8_MIN_M=<int> overrides the table's threshold for every shape; ROBUQ_FP8_EPI=addmm|triton
 overrides the table's epilogue mode; ROBUQ_FP8_GEMM=triton makes the symmetric case use the Triton GEMM too.
 
-Weight caches (fp8 codes where the buffer is not already them, scales, column sums, B H): `weight_cache.py`.
+Weight caches (fp8 codes where the buffer is not already them, scales, column sums, B H): `weight_cache.py`. Which
+Triton GEMM, config and fused terms (DOWN, the output activation) a call gets: `fp8_gemms.py`.
 """
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ import torch.nn.functional as F
 from .. import layer
 from .. import quantizers as Q
 from . import fused_quant
-from .dispatch import (epilogue_mode, fp8_min_m, gemm_config, gemm_kernel, gluon_gemm_config, small_m_max,
-                       tma_gemm_config)
+from .dispatch import epilogue_mode, fp8_min_m, small_m_max
+from .fp8_gemms import _capability, _k, down_in_gemm_ok, out_act_in_gemm, run_fp8_gemm  # noqa: F401 (_k: benchmarks)
 from .lrb_stacked import stacked_or_none, takes_stacked
 from .qlinear import apply_input_act
 from .quantizer import act_quant, on_device, quant_supported
@@ -60,11 +61,6 @@ def _triton_reason() -> str | None:
     except Exception as e:  # noqa: BLE001 - any import failure means "not usable here"
         return f"triton is not importable ({type(e).__name__}: {e})"
     return None
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
 
 
 def _cuda_reason() -> str | None:
@@ -94,18 +90,6 @@ def dequant_machine_check() -> str | None:
 @functools.lru_cache(maxsize=None)
 def _triton_quant_ok(index: int) -> bool:
     return _triton_reason() is None and _capability(index) >= (8, 0)
-
-
-_kmod = None
-
-
-def _k():
-    """The Triton kernels module, imported on first use."""
-    global _kmod
-    if _kmod is None:
-        from . import triton_fp8_kernels
-        _kmod = triton_fp8_kernels
-    return _kmod
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -198,61 +182,6 @@ def down_proj(x2: torch.Tensor, bh: torch.Tensor, traced_op=None, act: str = "")
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # torch.mm(..., out_dtype=) (torch >= 2.8)
 
 
-@functools.lru_cache(maxsize=None)
-def _sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def run_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, t, up, m: int, launcher=None, down=None,
-                 out_act: str = "") -> None:
-    """y (m, N) = our Triton fp8 GEMM with the fused epilogue: the persistent TMA kernel or the pointer one
-    (`dispatch.gemm_kernel`), each with its measured config. launcher: None (eager) or `triton_launch.traced`.
-    down: (x, B H) for the branch's down-projection inside the pointer kernel (t None; `down_in_gemm_ok`).
-    out_act: an output activation in the store (robuq::qlinear's output_act; the pointer kernel with the nearest
-    config that holds it unspilled, `out_act_config`)."""
-    n, k = w8.shape
-    dev = codes.device
-    kw = {} if launcher is None else {"launcher": launcher}
-    if out_act:
-        _k().launch_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, t, up, m, _k().out_act_config(gemm_config(m, n, k)),
-                             out_act=out_act, **kw)
-        return
-    if down is not None:
-        _k().launch_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, None, up, m, gemm_config(m, n, k), down=down, **kw)
-        return
-    which = gemm_kernel(_capability(dev.index if dev.index is not None else torch.cuda.current_device()))
-    if which == "gluon" and launcher is None and _gluon_gemm_ok(codes, w8, t):  # eager: Inductor launches Triton
-        from .gluon_fp8_gemm import launch_fp8_gemm_gluon
-        launch_fp8_gemm_gluon(codes, w8, y, sx, sw, bias, lo, cs, t, up, m, gluon_gemm_config(m, n, k))
-    elif which == "tma" and w8.is_contiguous():  # its descriptors take K-byte rows (not a stacked layer's K + W)
-        _k().launch_fp8_gemm_tma(codes, w8, y, sx, sw, bias, lo, cs, t, up, m, tma_gemm_config(m, n, k),
-                                 _sms(dev.index or 0), **kw)
-    else:
-        _k().launch_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, t, up, m, gemm_config(m, n, k), **kw)
-
-
-def down_in_gemm_ok(x2: torch.Tensor, bh: torch.Tensor | None, a: QLinearArgs, m: int) -> bool:
-    """The epilogue GEMM makes this LRB call's t itself (an LRB layer on the Triton epilogue GEMM, not the addmm mode;
-    `dispatch.down_in_gemm` picks it; no input activation, which only `lrb_down` applies; 16-bit x with contiguous
-    rows; a rank the epilogue takes; B H in x's dtype). The one rule for the eager path and the traced one."""
-    from .dispatch import down_in_gemm
-    n, k = a.out_features, a.in_features
-    if not (a.lrb_down is not None and epilogue_mode(m, n, k) != "addmm" and not a.input_act
-            and x2.dtype in (torch.bfloat16, torch.float16)
-            and x2.stride(-1) == 1 and bh.dtype == x2.dtype and bh.is_contiguous() and bh.shape[0] <= 128
-            and down_in_gemm(m, n, k)):
-        return False
-    # (DOWN runs the pointer kernel whichever the table picks)
-    return _k().down_config(gemm_config(m, n, k), bh.shape[0]) is not None
-
-
-def _gluon_gemm_ok(codes: torch.Tensor, w8: torch.Tensor, t: torch.Tensor | None) -> bool:
-    """TMA descriptors need 16-byte aligned bases and row strides (the codes and weights this path makes are); the
-    branch's tile loads take a rank of at most 128."""
-    return all(x.data_ptr() % 16 == 0 and x.stride(0) % 16 == 0 and x.stride(1) == 1 for x in (codes, w8)) \
-        and (t is None or t.shape[1] <= 128)
-
-
 def _small_m_ok(x: torch.Tensor, a: QLinearArgs, m: int) -> bool:
     """The single-kernel path takes this call (dispatch.small_m_max; absmax ranges, K in Hadamard-block chunks)."""
     if m == 0 or m > small_m_max() or a.a_clip != "absmax" or x.dtype not in (torch.bfloat16, torch.float16):
@@ -296,9 +225,9 @@ def _fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
     k, n = a.in_features, a.out_features
     m = x.numel() // k
     small = _small_m_ok(x, a, m)
-    if a.output_act and not (a.a_sym and a.lrb_down is None and m and not small and k % 128 == 0):
-        # the output activation goes into the store of the plain layer's Triton GEMM only (K % 128 == 0); every
-        # other path writes y, then the activation runs as the model's GELU module ran it
+    if a.output_act and (small or not out_act_in_gemm(a, m)):
+        # the output activation goes into the Triton GEMM's store (out_act_in_gemm); every other path writes y,
+        # then the activation runs as the model's GELU module ran it
         return apply_input_act(_fp8_qlinear(x, dataclasses.replace(a, output_act="")), a.output_act)
     lead = x.shape[:-1]
     if a.input_act and small:  # the small-M kernel has no activation: materialize it first
@@ -353,7 +282,7 @@ def _fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
         if m:
             with on_device(x.device):
                 run_fp8_gemm(codes, e.fp8, y, sx, e.sw, a.bias, None if a.a_sym else lo, None if a.a_sym else e.cs,
-                             t, up, m, down=down)
+                             t, up, m, down=down, out_act=a.output_act)
     return y if x.dim() == 2 else y.reshape(*lead, n)
 
 
@@ -385,7 +314,7 @@ register(FP8, priority=20, machine_check=fp8_machine_check, supports=_fp8_suppor
                "where fp32 Hadamard sums round differently (tested >= 99.9% equal), exact integer GEMM. Paths: "
                "_scaled_mm, or a Triton GEMM with the asymmetric / LRB epilogue (pointer or persistent TMA kernel, "
                "dispatch table 'gemm_kernel'); up to 'small_m_fused_max_m' rows one kernel does it all; an input_act "
-               "(GELU) applied by the quantizer while it loads x, an output_act by the plain layer's GEMM store")(fp8_qlinear)
+               "(GELU) applied by the quantizer while it loads x, an output_act by the Triton GEMM's store")(fp8_qlinear)
 
 
 def _bind(x: torch.Tensor, a: QLinearArgs):
@@ -395,7 +324,7 @@ def _bind(x: torch.Tensor, a: QLinearArgs):
 
 fp8_qlinear.bind = _bind  # PackedLinear's eager fast path binds repeated calls (kernels/fastcall.py)
 fp8_qlinear.fuses_input_act = True  # the quantizer applies robuq::qlinear's input_act while loading x
-fp8_qlinear.fuses_output_act = True  # the plain layer's GEMM applies output_act in its store, other paths after it
+fp8_qlinear.fuses_output_act = True  # the Triton GEMM applies output_act in its store, other paths after it
 
 register(DEQUANT, priority=10, machine_check=dequant_machine_check, supports=_dequant_supports,
          takes="every CUDA call: Triton quantizer (same codes as triton_fp8) + cuBLAS on dequantized weights; "

@@ -235,8 +235,10 @@ def _fake_sm90(monkeypatch):
             return GPUTarget("cuda", 90, 32)
     if not torch.cuda.is_available():
         monkeypatch.setattr(triton.runtime.driver, "_active", Sm90())
-        monkeypatch.setattr(triton_fp8, "_capability", lambda index: (9, 0))
-        monkeypatch.setattr(triton_fp8, "_sms", lambda index: 132)
+        from robuq_fx.kernels import fp8_gemms
+        for mod in (triton_fp8, fp8_gemms):
+            monkeypatch.setattr(mod, "_capability", lambda index: (9, 0))
+        monkeypatch.setattr(fp8_gemms, "_sms", lambda index: 132)
     k8 = registry._KERNELS["triton_fp8"]
     monkeypatch.setitem(registry._KERNELS, "triton_fp8", dataclasses.replace(k8, machine_check=lambda: None))
     inductor.register()
@@ -382,6 +384,40 @@ def test_down_projection_inside_the_gemm_when_chosen(monkeypatch, all_ops):
     assert "'DOWN': True" in code and "lrb_down_kernel" not in _kernel_names(code)
     code = trace(input_act="gelu")
     assert "'DOWN': True" not in code and "lrb_down_kernel" in _kernel_names(code)
+
+
+@pytest.mark.skipif(not _triton_imports(), reason="triton does not import here")
+def test_output_activation_goes_into_the_gemm_store(monkeypatch, all_ops):
+    """output_act (the GELU after fc1) traced: the Triton GEMM's store applies it (OUT_ACT; the plain layer switches
+    from _scaled_mm to that GEMM, the LRB layer keeps its epilogue GEMM, with DOWN too), no GELU graph op; where the
+    call takes the stacked mode the GELU is a graph op after the layer, as eagerly (`out_act_in_gemm`)."""
+    from torch._subclasses.functional_tensor import dispatch_functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+    _fake_sm90(monkeypatch)
+    x, qw, ws, b, dn, up = _fake_w158_lrb_inputs()
+
+    def trace(lrb=True, **kw):
+        args = (x, qw, ws, b, dn, up) if lrb else (x, qw, ws, b)
+        def f(*t):
+            t = t if lrb else (*t, None, None)
+            return torch.ops.robuq.qlinear(*t, 512, 256, 1.58, 4, 128, True, "absmax", **kw)
+        return make_fx(dispatch_functionalize(f), tracing_mode="fake")(*args).code
+    monkeypatch.setenv("ROBUQ_FP8_EPI", "triton")
+    for lrb in (True, False):
+        for act, n in (("gelu", 1), ("gelu_tanh", 2)):
+            code = trace(lrb, output_act=act)
+            assert f"'OUT_ACT': {n}" in code and "gelu" not in code and "tanh" not in code, (lrb, act)
+            assert "fp8_gemm_kernel" in _kernel_names(code) and "_scaled_mm" not in code
+    code = trace()  # (the plain layer without it runs _scaled_mm, which fake CUDA tensors trace on a CUDA build only)
+    assert "'OUT_ACT': 0" in code and "'OUT_ACT': 1" not in code and "'OUT_ACT': 2" not in code
+    monkeypatch.setenv("ROBUQ_FP8_DOWN_IN_GEMM", "1")
+    code = trace(output_act="gelu")
+    assert "'DOWN': True" in code and "'OUT_ACT': 1" in code
+    monkeypatch.delenv("ROBUQ_FP8_DOWN_IN_GEMM")
+    from robuq_fx.kernels import fp8_gemms
+    monkeypatch.setattr(fp8_gemms, "takes_stacked", lambda a, m: True)  # a call the GEMM does not apply it in
+    code = trace(output_act="gelu")
+    assert "'OUT_ACT': 1" not in code and "gelu" in code
 
 
 @pytest.mark.skipif(not _triton_imports(), reason="triton does not import here")

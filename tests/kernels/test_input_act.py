@@ -74,12 +74,27 @@ def test_output_activation_in_the_gemm_store(act, approx, k, n, m, monkeypatch):
     assert torch.equal(compiled, want)
 
 
-def test_output_activation_after_branch_layers_bit_for_bit():
+@pytest.mark.parametrize("down", ["0", "1"])
+def test_output_activation_in_the_branch_layers_epilogue(down, monkeypatch):
+    """The LRB layer's epilogue GEMM applies it too (with DOWN as well): equal to torch's GELU on the same layer's
+    output, up to the LRB term's tile order where the activation's config differs from the table's (<= 0.1% of the
+    elements, within a bf16 step); the addmm mode runs the GELU after the layer, bit for bit."""
+    monkeypatch.setenv("ROBUQ_FP8_DOWN_IN_GEMM", down)
     layer = _layer(1152, 4608, rank=32)
     x = torch.randn(2048, 1152, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         want = F.gelu(layer(x), approximate="tanh")
         layer.output_act = "gelu_tanh"
-        assert torch.equal(layer(x), want)
+        got = layer(x)
         torch._dynamo.reset()
-        assert torch.equal(torch.compile(layer)(x), want)
+        compiled = torch.compile(layer)(x)
+    for y in (got, compiled):
+        differ = (y != want).float().mean().item()
+        assert differ <= 1e-3, differ
+        assert ((y.float() - want.float()).abs() <= 2 ** -7 * want.float().abs() + 1e-6).all()
+    monkeypatch.setenv("ROBUQ_FP8_EPI", "addmm")
+    with torch.no_grad():
+        layer.output_act = ""
+        want = F.gelu(layer(x), approximate="tanh")
+        layer.output_act = "gelu_tanh"
+        assert torch.equal(layer(x), want)
