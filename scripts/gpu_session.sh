@@ -319,6 +319,12 @@ gelu-fc1-diag)  # why the GELU in fc1's store lost (1.02x vs 1.24x, session 16):
         -k "output" 2>&1 | grep -E "^E |assert|passed|failed" | head -40
     timeout 200 python3 benchmarks/ncu_kernels.py --out-act --reps 20 2>&1 | tail -30
     ;;
+diag-a2)  # session 16, one call: gelu-fc1-diag, then -a2 alone at batch 64 (issue 17 item 5: -a3 ran at 90.3% of the
+    # paper policy's speed in one run; -a2 was last measured before the sigma fix)
+    GPU_SESSION_NESTED=1 "$0" gelu-fc1-diag
+    timeout 330 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
+        --settings "-a2 (" --batches 64 --iters 8 --warmup 2 --tag _reduce-overhead_a2 2>&1 | grep -v Warning | tail -8
+    ;;
 dit-gelu)  # W4A4+H at batch 64 with and without the GELU fused into fc2's quantizer (its K = 4608 plan spilled until
     # session 13: 1.02x against 1.20x without; if it now wins, lower() could fuse it by default)
     timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
