@@ -20,7 +20,9 @@ output_act (same values): the layer's output goes through that activation, compu
 computes it on the layer's rounded output (y rounded to x's dtype, then `apply_input_act`); set on the layer that
 produces a GELU's input when the GELU reads nothing else (`robuq_fx.fuse_activations(model, into="producer")`), so
 that the GEMM applies it in its store instead of a separate pass over the widest activation. Kernels that do not
-fuse it get act(y) after the call (`call_kernel`): the output is the unfused pair's either way.
+fuse it get act(y) after the call (`call_kernel`): the output is the unfused pair's either way, except that the exact
+(erf) GELU in a GPU GEMM's store may put a rare element one bf16 step away (libdevice's erf against the erff ATen's
+kernel is built with; the tanh form is bit-identical: tests/kernels/test_input_act.py).
 
 splits: set on a fused layer (passes/fuse.py: siblings reading one input, e.g. q/k/v): the members' out_features,
 summing to N. The tensors are the members' stacked along N (lrb_down stacked along r, lrb_up block-diagonal), so the

@@ -2,9 +2,11 @@
 quantizer loads x. Against the unfused layer (torch's GELU, then the same layer) codes may differ only where the
 kernel's fp32 GELU and ATen's round to different bf16 neighbours: >= 99% of output rows are equal (a flipped code
 moves its whole row), the rest within a code step. Layers that materialize the activation (LRB) are bit-identical.
-The output side (output_act, the GELU after fc1): the plain layer's Triton GEMM applies it in its store, equal bit for
-bit to torch's GELU on the same GEMM's output (the integer products are exact, the epilogue is elementwise), eager,
-bound and compiled; other paths (LRB, small M) run the GELU after the layer, bit-identical to the unfused pair.
+The output side (output_act, the GELU after fc1): the Triton GEMM applies it in its store. The tanh form equals torch's
+GELU on the same GEMM's output bit for bit (the integer products are exact, the epilogue is elementwise), eager,
+bound and compiled; the exact (erf) form did not on the H200 (session 16: Triton's libdevice erf and the erff ATen's
+kernel is built with may differ in the last fp32 bit), so there a rare element may sit one bf16 step away; the addmm
+mode runs the GELU after the layer, bit-identical to the unfused pair.
 CPU equality of the reference path: tests/passes/test_act_fuse.py."""
 import pytest
 import torch
@@ -65,13 +67,24 @@ def test_output_activation_in_the_gemm_store(act, approx, k, n, m, monkeypatch):
         monkeypatch.delenv("ROBUQ_FP8_GEMM")
         layer.output_act = act
         got, again = layer(x), layer(x)
-    assert torch.equal(got, want) and torch.equal(again, want)
-    assert torch.equal(layer(x), want)  # the op path (grad mode on)
-    assert ((got.float() - near.float()).norm() / near.float().norm()).item() < 1e-3
-    torch._dynamo.reset()
+    assert torch.equal(got, again)
     with torch.no_grad():
+        torch._dynamo.reset()
         compiled = torch.compile(layer)(x)  # the Inductor decomposition: fp8_gemm with out_act
-    assert torch.equal(compiled, want)
+    for y in (got, layer(x), compiled):  # eager (bound), the op path (grad mode on), compiled
+        _same_gelu(y, want, exact_form=act == "gelu")
+    assert ((got.float() - near.float()).norm() / near.float().norm()).item() < 1e-3
+
+
+def _same_gelu(y, want, exact_form: bool):
+    """y equals want bit for bit (tanh form), or (exact form) but for at most 1e-4 of the elements, each within one
+    bf16 step (module docstring)."""
+    if not exact_form:
+        assert torch.equal(y, want)
+        return
+    differ = (y != want).float().mean().item()
+    assert differ <= 1e-4, differ
+    assert ((y.float() - want.float()).abs() <= 2 ** -7 * want.float().abs() + 1e-30).all()
 
 
 @pytest.mark.parametrize("down", ["0", "1"])
