@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from . import kernels  # also registers torch.ops.robuq.qlinear
-from .kernels.qlinear import call_kernel
+from .kernels.qlinear import call_kernel, colsum_or_none
 from .kernels.weight_cache import down_dtype
 from . import layer, packing
 from . import quantizers as Q
@@ -77,6 +77,10 @@ class PackedLinear(nn.Module):
         # checkpoint, remade by every method here that changes B (`_refresh_rotated_down`)
         self.register_buffer("lrb_down_h", torch.zeros(r, k, dtype=down_dtype(self.lrb_down), device=device)
                              if r and spec.hadamard else None, persistent=False)  # (B = 0 so far)
+        # the asymmetric layers' column sums c = sum_k s_w q_w (fp32, N), for the same reason (robuq::qlinear's
+        # w_colsum: a compiled graph would otherwise sum the codes every forward); derived, remade with the weight
+        self.register_buffer("w_colsum", torch.zeros(n, dtype=torch.float32, device=device)
+                             if not spec.sym else None, persistent=False)
 
     @classmethod
     @torch.no_grad()
@@ -94,7 +98,7 @@ class PackedLinear(nn.Module):
         if lrb_down is not None:
             m.lrb_down.copy_(lrb_down.detach())
             m.lrb_up.copy_(lrb_up.detach())
-            m._refresh_rotated_down()
+        m._refresh_derived()
         return m
 
     def op_args(self) -> tuple:
@@ -116,10 +120,10 @@ class PackedLinear(nn.Module):
     def forward(self, x):
         if _direct_ok(x):
             return self._direct(x)
-        if self.input_act or self.output_act or self.lrb_down_h is not None:
+        if self.input_act or self.output_act or self.lrb_down_h is not None or self.w_colsum is not None:
             return torch.ops.robuq.qlinear(x, self.qweight, self.w_scale, self.bias, self.lrb_down, self.lrb_up,
                                            *self.op_args(), input_act=self.input_act, lrb_down_h=self.lrb_down_h,
-                                           output_act=self.output_act)
+                                           output_act=self.output_act, w_colsum=self.w_colsum)
         return torch.ops.robuq.qlinear(x, self.qweight, self.w_scale, self.bias, self.lrb_down, self.lrb_up,
                                        *self.op_args())
 
@@ -131,11 +135,12 @@ class PackedLinear(nn.Module):
         return state
 
     def __setstate__(self, state):
-        """Modules pickled before lrb_down_h existed get it (None, not in the checkpoint) on unpickling."""
+        """Modules pickled before lrb_down_h / w_colsum existed get them (None, not in the checkpoint) on unpickling."""
         super().__setstate__(state)
-        if "lrb_down_h" not in self._buffers:
-            self._buffers["lrb_down_h"] = None
-            self._non_persistent_buffers_set.add("lrb_down_h")
+        for name in ("lrb_down_h", "w_colsum"):
+            if name not in self._buffers:
+                self._buffers[name] = None
+                self._non_persistent_buffers_set.add(name)
 
     def _direct(self, x):
         """Eager inference: the kernel `robuq::qlinear` would pick, called without the dispatcher, the argument
@@ -144,7 +149,8 @@ class PackedLinear(nn.Module):
         the kernel's bound call where it offers one (`fn.bind`: kernels/fastcall.py, the fp8 path)."""
         b = self._buffers
         qw, ws, bias, dn, up, dh = b["qweight"], b["w_scale"], b["bias"], b["lrb_down"], b["lrb_up"], b["lrb_down_h"]
-        key = (x.shape, x.dtype, x.device, id(qw), id(ws), id(bias), id(dn), id(up), id(dh), self.input_act,
+        cs = b.get("w_colsum")
+        key = (x.shape, x.dtype, x.device, id(qw), id(ws), id(bias), id(dn), id(up), id(dh), id(cs), self.input_act,
                self.output_act, kernels.registry.state_key())
         plans = self.__dict__.get("_direct_plans")
         if plans is None:
@@ -161,7 +167,8 @@ class PackedLinear(nn.Module):
         if x.shape[-1] != self.in_features:  # the op's own error
             return torch.ops.robuq.qlinear(x, qw, ws, bias, dn, up, *args)
         qa = kernels.QLinearArgs(qw, ws, bias, dn, up, *args[:7], tuple(args[7]) if len(args) > 7 and args[7]
-                                 else None, self.input_act, dh, self.output_act)
+                                 else None, self.input_act, dh, self.output_act,
+                                 colsum_or_none(cs, qw, self.out_features))
         fn = kernels.select(x, qa).fn
         if (qa.input_act and not getattr(fn, "fuses_input_act", False)
                 or qa.output_act and not getattr(fn, "fuses_output_act", False)):
@@ -197,10 +204,22 @@ class PackedLinear(nn.Module):
         """What the GPU kernels read beside the codes, made now, before torch.compile sees the layer: B H
         (`_refresh_rotated_down`) and the stacked LRB mode's extended weight (fp8 layout on a GPU, where the dispatch
         may pick the mode: kernels/lrb_stacked.py)."""
-        self._refresh_rotated_down()
+        self._refresh_derived()
         if self.layout == "fp8" and self.lrb_down is not None and self.qweight.is_cuda:
             from .kernels.lrb_stacked import prepare
             prepare(self)
+
+    def _refresh_derived(self) -> None:
+        """The buffers derived from the weight and the branch: B H and the column sums."""
+        self._refresh_rotated_down()
+        self._refresh_colsum()
+
+    @torch.no_grad()
+    def _refresh_colsum(self) -> None:
+        """w_colsum = c = sum_k s_w q_w (`quantizers.weight_code_colsum`, as the eager kernels' cache makes it) for
+        asymmetric layers, None for symmetric ones (no offset term)."""
+        self._buffers["w_colsum"] = (Q.weight_code_colsum(self.weight_codes(), self.w_scale).contiguous()
+                                     if not self.spec.sym else None)
 
     @torch.no_grad()
     def _refresh_rotated_down(self) -> None:
@@ -227,7 +246,8 @@ class PackedLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # qweight holds codes and w_scale their scales in a chosen precision: device moves apply, casts do not
         before = self.qweight.device
-        apply_keeping_dtypes(self, lambda f: super(PackedLinear, self)._apply(f, recurse), fn, ("qweight", "w_scale"))
+        apply_keeping_dtypes(self, lambda f: super(PackedLinear, self)._apply(f, recurse), fn,
+                             ("qweight", "w_scale", "w_colsum"))
         if self.qweight.device != before:
             self.use_device_layout()
         elif self.lrb_down_h is not None:  # a cast: B H again from the cast B, not the cast of the old product

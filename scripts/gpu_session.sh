@@ -57,6 +57,8 @@
 #   scripts/gpu_session.sh ncu-attention    Nsight Compute on the 8-bit attention kernels (the fused one: 0.064x SDPA)
 #   scripts/gpu_session.sh gelu-fc1         the GELU in fc1's GEMM store: its GPU tests, W4A4+H b64 with / without (~7 min)
 #   scripts/gpu_session.sh gelu-fc1-diag    its GPU tests' failures and fc1's GEMM per config with / without it (~3 min)
+#   scripts/gpu_session.sh gelu-fc1-b1      the same W4A4+H rows at batch 1
+#   scripts/gpu_session.sh diag-a2          gelu-fc1-diag, then -a2 at batch 64 alone (~6 min)
 #   scripts/gpu_session.sh dit-gelu         W4A4+H batch 64 with / without the GELU fused into fc2 (its spill fixed)
 #   scripts/gpu_session.sh dit-gelu-paper   the same for the paper policy (its fc2's branch applies the GELU too)
 #   scripts/gpu_session.sh dit-b1-down      paper batch 1 with / without the down-projection in the GEMM, same run
@@ -72,15 +74,18 @@
 # The machine goes back ~30 s after a call returns, and with it everything detached or left in /tmp: make every
 # call self-contained, and send the next one at once. On nvidia-h200-x2, `pair A B` runs two steps at once (one a
 # GPU) for the device time of one: use it. A cold compile of the paper policy takes ~3-4 min on the machine: a call
-# holds about two (policy, batch) rows. Session 16's plan (one H200; one bench_dit run a call, sent alone):
-#   1. low-vs-paper (~7 min: the paper policy and -a3 at batch 64 in one run: issue 17 item 5 asks -a3 within 10%
-#                   of the paper's speed; session 15 measured -a3 0.795x after the sigma fix, the paper 0.875x in
-#                   session 13, never side by side)
+# holds about two (policy, batch) rows. Session 17's plan (one H200; one bench_dit run a call, sent alone):
+#   1. diag-a2     (~6 min: gelu-fc1-diag, i.e. the output_act GPU tests with their failures shown and fc1's GEMM
+#                   per config with / without the GELU vs _scaled_mm + the GELU pass, then -a2 at batch 64, with
+#                   session 16's w_colsum buffer; issue 17 item 5: -a3 ran at 90.3% of the paper policy's speed)
 #   2. attention-sweep (~7 min: the flash kernel's two-piece head dims and launch configs; winners go into the
 #                   table copy it brings back: commit it if they beat the row kernel + SDPA)
 #   3. train-cpp   (issue 19: the paper policy's compiled QAT step with Inductor's C++ wrapper on both sides)
-#   then dit-default (its C++-wrapper rows), linear-down (DOWN in the GEMM at M = 256 / 1024: +2% at DiT batch 1
-#   in session 15), profile-b1-cg, qat-profile compiled paper. On nvidia-h200-x2, `pair` two of them a call.
+#   then gelu-fc1-b1 (the GELU in fc1's store at batch 1, where a launch counts more than the store's instructions),
+#   dit-default (its C++-wrapper rows), linear-down, profile-b1-cg, qat-profile compiled paper. On nvidia-h200-x2,
+#   `pair` two of them a call; ddp needs it.
+# Session 16 ran: low-vs-paper (paper 0.905x, -a3 0.817x, one run), gelu-fc1 (the GELU in fc1's store: 1.023x vs
+# 1.236x unfused, loses; its exact-GELU tests failed bit-equality, tanh passed). No machine after those two calls.
 # Session 15 ran: dit-gelu (fused 1.149x vs 1.259x unfused: loses), dit-low (-a3 / -a2 0.512 / 0.499),
 # profile-low (the sigma quantizer 30 of 61 ms: a layout conversion, fixed), dit-b1-down (+2%), a3-sigma (-a3 0.795x).
 # Session 14 ran: verify13 (173 passed, 4 stale test expectations, fixed), attention (the op 0.545x SDPA at DiT
@@ -318,6 +323,11 @@ gelu-fc1-diag)  # why the GELU in fc1's store lost (1.02x vs 1.24x, session 16):
     timeout 240 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_input_act.py \
         -k "output" 2>&1 | grep -E "^E |assert|passed|failed" | head -40
     timeout 200 python3 benchmarks/ncu_kernels.py --out-act --reps 20 2>&1 | tail -30
+    ;;
+gelu-fc1-b1)  # the GELU in fc1's store at batch 1 (W4A4+H): there the saved launch may outweigh the store's work
+    timeout 400 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
+        --settings "W4A4+H" --batches 1 --iters 20 --warmup 5 --gelu-in-fc1 --tag _reduce-overhead_gelu_fc1_b1 \
+        2>&1 | grep -v Warning | tail -12
     ;;
 diag-a2)  # session 16, one call: gelu-fc1-diag, then -a2 alone at batch 64 (issue 17 item 5: -a3 ran at 90.3% of the
     # paper policy's speed in one run; -a2 was last measured before the sigma fix)

@@ -58,7 +58,7 @@ from ..hadamard import block_hadamard, hadamard_matrix, sylvester
 from . import inductor_opaque
 from .compile_cache import tag_compile_caches
 from .inductor_opaque import _gluon_quant_here, _gluon_quant_op, _stacked_codes_op, _stacked_mm_op
-from .qlinear import rotated_down_or_none
+from .qlinear import colsum_or_none, rotated_down_or_none
 from .registry import QLinearArgs, select
 from .registry import warn_once as _warn_once
 
@@ -169,7 +169,10 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
     bh = W.rotated_down(a, x.dtype) if lrb else None
     down = T.down_in_gemm_ok(x2, bh, a, m)  # eager's choices
     t = T.down_proj(x2, bh, lrb_down_op, a.input_act) if lrb and not down else None
-    cs = None if a.a_sym else Q.weight_code_colsum(weight_codes(a), a.w_scale)
+    # the offset term's column sums: the layer's buffer (PackedLinear.w_colsum), else summed in the graph
+    cs = None if a.a_sym else a.w_colsum
+    if cs is None and not a.a_sym:
+        cs = Q.weight_code_colsum(weight_codes(a), a.w_scale)
     epi_addmm = epilogue_mode(m, n, k) == "addmm"
     if not (a.a_sym and not lrb) and epi_addmm and not _addmm_traced_ok():
         _warn_once("robuq_fx: under torch.compile the LRB / asymmetric layers take the Triton epilogue GEMM where "
@@ -215,13 +218,14 @@ def _addmm_traced_ok() -> bool:
 
 def _qlinear_decomposition(x, qweight, w_scale, bias, lrb_down, lrb_up, out_features, in_features, w_bits, a_bits,
                            hadamard_block, a_sym, a_clip, splits=None, input_act="", lrb_down_h=None,
-                           output_act=""):
+                           output_act="", w_colsum=None):
     if not enabled("qlinear") or packing.FP8 is None or qweight.dtype != packing.FP8 or x.shape[-1] != in_features:
         return NotImplemented
     # an input activation goes into the kernels that read x (the quantizer, the branch's down-projection), as eagerly
     a = QLinearArgs(qweight, w_scale, bias, lrb_down, lrb_up, out_features, in_features, w_bits, a_bits,
                     hadamard_block, a_sym, a_clip, tuple(splits) if splits else None, input_act,
-                    rotated_down_or_none(lrb_down_h, lrb_down, hadamard_block), output_act)
+                    rotated_down_or_none(lrb_down_h, lrb_down, hadamard_block), output_act,
+                    colsum_or_none(w_colsum, qweight, out_features))
     try:
         kernel = select(x, a)
     except RuntimeError:

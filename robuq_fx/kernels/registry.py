@@ -40,6 +40,7 @@ class QLinearArgs:
     input_act: str = ""  # an activation applied to x first ("gelu", "gelu_tanh"; see robuq::qlinear); "": none
     lrb_down_h: torch.Tensor | None = None  # B H, precomputed by the layer (see robuq::qlinear); None: made here
     output_act: str = ""  # an activation applied to the output ("gelu", "gelu_tanh"; see robuq::qlinear); "": none
+    w_colsum: torch.Tensor | None = None  # c = sum_k s_w q_w (N,) fp32, kept by the layer (see robuq::qlinear)
 
 
 @dataclass(frozen=True)

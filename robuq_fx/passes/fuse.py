@@ -41,7 +41,8 @@ from .qat import ROBUQ_META, set_robuq_info
 
 QLINEAR = torch.ops.robuq.qlinear.default
 BUFFERS = ("qweight", "w_scale", "bias", "lrb_down", "lrb_up")
-_OPTIONAL = ("splits", "input_act", "lrb_down_h", "output_act")  # robuq::qlinear's arguments after the 13 every call has
+DERIVED = ("lrb_down_h", "w_colsum")  # a PackedLinear's buffers made from those (not in its checkpoint)
+_OPTIONAL = ("splits", "input_act", "lrb_down_h", "output_act", "w_colsum")  # robuq::qlinear's arguments after the 13 every call has
 _aten = torch.ops.aten
 # view ops that fail on a narrowed (non-contiguous) output where the layer's own output was contiguous
 _VIEW_TO_RESHAPE = {_aten.view.default: _aten.reshape.default, _aten._unsafe_view.default: _aten.reshape.default,
@@ -57,8 +58,9 @@ def qlinear_node(g: fx.Graph, x, path: str, mod: PackedLinear) -> fx.Node:
     session 13: the sibling-fused q/k/v did, one GEMM and two kernels a block at batch 1)."""
     attrs = [g.get_attr(f"{path}.{b}") if getattr(mod, b) is not None else None for b in BUFFERS]
     kwargs = {}
-    if mod.lrb_down_h is not None:
-        kwargs["lrb_down_h"] = g.get_attr(f"{path}.lrb_down_h")
+    for derived in ("lrb_down_h", "w_colsum"):  # (the layer's derived buffers: B H, the column sums)
+        if getattr(mod, derived) is not None:
+            kwargs[derived] = g.get_attr(f"{path}.{derived}")
     for act in ("input_act", "output_act"):  # (fuse_activations' marks: such a call is no fusion site, `_site`)
         if getattr(mod, act):
             kwargs[act] = getattr(mod, act)
@@ -105,7 +107,7 @@ class FusedLinear(PackedLinear):
         if r:
             m.lrb_down.copy_(self.lrb_down[i * r:(i + 1) * r])
             m.lrb_up.copy_(self.lrb_up[rows, i * r:(i + 1) * r])
-            m._refresh_rotated_down()
+        m._refresh_derived()
         return m
 
     def label(self) -> str:
@@ -180,10 +182,10 @@ def _site(gm: fx.GraphModule, node: fx.Node):
         mod = gm.get_submodule(path)
     except AttributeError:
         return None
-    if type(mod) is not PackedLinear or set(dict(mod.named_buffers())) - set(BUFFERS) - {"lrb_down_h"}:
+    if type(mod) is not PackedLinear or set(dict(mod.named_buffers())) - set(BUFFERS) - set(DERIVED):
         return None  # already fused, or holds another tensor (a tied FP weight) that the graph reads
-    for b, a in [*zip(BUFFERS, node.args[1:6]), ("lrb_down_h", extra.get("lrb_down_h"))]:
-        if b != "lrb_down_h" and (a is None) != (getattr(mod, b) is None):
+    for b, a in [*zip(BUFFERS, node.args[1:6]), *((d, extra.get(d)) for d in DERIVED)]:
+        if b not in DERIVED and (a is None) != (getattr(mod, b) is None):
             return None
         if a is not None and not (isinstance(a, fx.Node) and a.op == "get_attr" and a.target == f"{path}.{b}"):
             return None

@@ -244,10 +244,10 @@ def _fake_sm90(monkeypatch):
     inductor.register()
 
 
-def _fake_w158_lrb_inputs(extended_cols: int = 0) -> tuple:
+def _fake_w158_lrb_inputs(extended_cols: int = 0, colsum: bool = False) -> tuple:
     """Fake CUDA arguments of a 256 -> 512 W1.58A4+H+LRB32 qlinear call: x (8, 256), qweight (512, 256) fp8,
     w_scale, bias, lrb_down, lrb_up; with extended_cols, also a (512, extended_cols) fp8 weight made in the same
-    fake mode (make_fx takes inputs of one mode only)."""
+    fake mode (make_fx takes inputs of one mode only); with colsum, also the (512,) fp32 column sums."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
         out = (torch.empty(8, 256, dtype=torch.bfloat16, device="cuda"),
@@ -258,6 +258,8 @@ def _fake_w158_lrb_inputs(extended_cols: int = 0) -> tuple:
                torch.empty(512, 32, dtype=torch.bfloat16, device="cuda"))
         if extended_cols:
             out += (torch.empty(512, extended_cols, dtype=packing.FP8, device="cuda"),)
+        if colsum:
+            out += (torch.empty(512, dtype=torch.float32, device="cuda"),)
     return out
 
 
@@ -586,3 +588,10 @@ def test_low_bit_policies_decompose_without_cpu_tensors(a_bits, a_sym, clip, mon
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor):
             assert val.device.type == "cuda", (node.format_node(), val.device)
+    # the offset term's column sums: summed from the codes in the graph, unless the layer passes its w_colsum buffer
+    summed = [n for n in gm.graph.nodes if n.op == "call_function" and "sum" in str(n.target)]
+    assert bool(summed) == (not a_sym), summed
+    *args, cs = _fake_w158_lrb_inputs(colsum=True)
+    gm = make_fx(dispatch_functionalize(lambda *t: torch.ops.robuq.qlinear(
+        *t[:6], 512, 256, 1.58, a_bits, 128, a_sym, clip, w_colsum=t[6])), tracing_mode="fake")(*args, cs)
+    assert not [n for n in gm.graph.nodes if n.op == "call_function" and "sum" in str(n.target)]

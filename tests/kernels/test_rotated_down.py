@@ -83,28 +83,34 @@ def test_a_layer_pickled_before_the_buffer_existed_still_runs():
     assert torch.equal(old(x), ref)
 
 
-def test_lowered_graphs_read_the_layers_b_h():
+@pytest.mark.parametrize("policy,buffer,has", [("dit-xl-2-robuq", "lrb_down_h", lambda m: m.lrb_down is not None),
+                                               ("dit-xl-2-robuq-a3", "w_colsum", lambda m: not m.spec.sym)])
+def test_lowered_graphs_read_the_layers_derived_buffers(policy, buffer, has):
     """Every qlinear call a lowered model makes from a graph (the sibling-fused q/k/v of a drop-in model's captured
-    attention; every layer of a whole-graph one) passes its layer's lrb_down_h, as PackedLinear.forward does: on the
-    H200 (session 13) the fused q/k/v recomputed B H every forward (a GEMM and two kernels a block at batch 1)."""
+    attention; every layer of a whole-graph one) passes its layer's B H (lrb_down_h) and column sums (w_colsum), as
+    PackedLinear.forward does: on the H200 (session 13) the fused q/k/v recomputed B H every forward (a GEMM and two
+    kernels a block at batch 1); the -a3 / -a2 graphs summed every asymmetric layer's codes (session 14)."""
     import torch.fx as fx
     from tests.models.conftest import CASES
     case = CASES["dit"]
-    pol = robuq_fx.Policy.load("dit-xl-2-robuq")
+    pol = robuq_fx.Policy.load(policy)
     for whole_graph in (False, True):
         q = robuq_fx.quantize(case.build(0), pol, example_inputs=case.make_inputs(), whole_graph=whole_graph)
         low = robuq_fx.lower(q, progress=False)
         calls = [(gm, n) for gm in low.modules() if isinstance(gm, fx.GraphModule) for n in gm.graph.nodes
                  if n.op == "call_function" and n.target is torch.ops.robuq.qlinear.default]
         assert calls and robuq_fx.robuq_info(low)["fused"]
+        passed = 0
         for gm, n in calls:
             path = n.args[1].target.rpartition(".")[0]
             mod = gm.get_submodule(path)
-            if mod.lrb_down is None:  # (adaLN: no branch)
-                assert mod.lrb_down_h is None
+            if not has(mod):  # (adaLN: no branch; symmetric layers: no offset term)
+                assert getattr(mod, buffer) is None
                 continue
-            given = n.kwargs.get("lrb_down_h", n.args[15] if len(n.args) > 15 else None)
-            assert isinstance(given, fx.Node) and given.target == f"{path}.lrb_down_h", (whole_graph, n.format_node())
+            given = n.kwargs.get(buffer)
+            assert isinstance(given, fx.Node) and given.target == f"{path}.{buffer}", (whole_graph, n.format_node())
+            passed += 1
+        assert passed
         with torch.no_grad():
             x = case.make_inputs()
             assert torch.equal(case.run(low, x), case.run(q, x))
