@@ -136,7 +136,7 @@ save_compile_cache() {  # at most 3 pieces (45 MB): the 8 files back include the
 [ -z "${GPU_SESSION_NESTED:-}" ] && trap save_compile_cache EXIT
 export GPU_SESSION_NESTED=1  # steps calling "$0" for another step: only the outer one saves the cache
 LM=/tmp/robuq_lm
-GPU_TESTS="tests/kernels/test_gluon_act_quant.py tests/kernels/test_gluon_fp8_gemm.py tests/kernels/test_gluon_qgemm.py tests/kernels/test_inductor.py tests/kernels/test_triton_fp8.py tests/kernels/test_act_quant_kernel.py tests/kernels/test_fp8_gemm_kernels.py tests/kernels/test_fastcall.py tests/kernels/test_triton_wquant.py tests/kernels/test_input_act.py
+GPU_TESTS="tests/kernels/test_gluon_act_quant.py tests/kernels/test_gluon_fp8_gemm.py tests/kernels/test_gluon_qgemm.py tests/kernels/test_inductor.py tests/kernels/test_inductor_traced.py tests/kernels/test_triton_fp8.py tests/kernels/test_act_quant_kernel.py tests/kernels/test_fp8_gemm_kernels.py tests/kernels/test_fastcall.py tests/kernels/test_triton_wquant.py tests/kernels/test_input_act.py
     tests/test_direct_call.py tests/models/test_timm_dropin.py tests/test_qat_fused.py tests/test_weight_layout.py tests/kernels/test_rotated_down.py"
 
 case "${1:-}" in
@@ -215,7 +215,7 @@ gluon-check)  # ~9.5 min on one GPU: what the Gluon kernels do on a real Hopper,
 recheck)  # session 9's open question first: where the compiled addmm-mode add goes wrong (pieces compiled vs eager,
     # Inductor's code under $OUT), then the Inductor tests (~4 min) and the fp8 GEMM / QAT kernel tests
     timeout 90 python3 scripts/debug_lowrank_add_compiled.py "$OUT" 2>&1 | tee "$OUT/debug_lowrank_add_compiled.txt" | tail -n 12
-    timeout 300 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_inductor.py 2>&1 \
+    timeout 300 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_inductor.py tests/kernels/test_inductor_traced.py 2>&1 \
         | grep -v DEBUG | tee "$OUT/gpu_tests_recheck_inductor.log" | tail -n 15
     timeout 150 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_fp8_gemm_kernels.py \
         tests/test_qat_fused.py 2>&1 | grep -v DEBUG | tee "$OUT/gpu_tests_recheck.log" | tail -n 10
@@ -258,10 +258,10 @@ verify)  # session 10's fixes on a GPU (~4 min): the stacked mode stage by stage
     # symmetric lo fix: the piece-by-piece script and the compiled-vs-eager tests with ROBUQ_INDUCTOR_LOWRANK_ADD=1
     timeout 100 python3 scripts/debug_stacked.py "$OUT" 2>&1 | grep -v Warn | tail -n 16
     timeout 200 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_lrb_stacked.py \
-        tests/kernels/test_inductor.py -k "stacked" 2>&1 | grep -v DEBUG | tee "$OUT/gpu_tests_stacked.log" | tail -n 6
+        tests/kernels/test_inductor.py tests/kernels/test_inductor_traced.py -k "stacked" 2>&1 | grep -v DEBUG | tee "$OUT/gpu_tests_stacked.log" | tail -n 6
     timeout 90 python3 scripts/debug_lowrank_add_compiled.py "$OUT" 2>&1 | tee "$OUT/debug_lowrank_add_compiled.txt" | tail -n 10
     ROBUQ_INDUCTOR_LOWRANK_ADD=1 timeout 200 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider \
-        tests/kernels/test_inductor.py -k "compiled_qlinear or functional_decomposition" 2>&1 | grep -v DEBUG \
+        tests/kernels/test_inductor.py tests/kernels/test_inductor_traced.py -k "compiled_qlinear or functional_decomposition" 2>&1 | grep -v DEBUG \
         | tee "$OUT/gpu_tests_addmm_traced.log" | tail -n 8
     ;;
 ws)  # the warp-specialized quantize-in-GEMM kernel: each form once in its own process (a hang names its form), then
@@ -290,7 +290,7 @@ verify13)  # verify13 [SECS]: session 13's CPU-built kernels on the GPU: lrb_dow
     # spill (sigma, GELU input), unpadded row-kernel rows, the k/v-prequant attention: their tests (~8 min)
     timeout ${2:-500} python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_rotated_down.py \
         tests/kernels/test_roomy_plans.py tests/kernels/test_input_act.py tests/kernels/test_act_quant_kernel.py \
-        tests/kernels/test_fp8_gemm_kernels.py tests/kernels/test_inductor.py tests/kernels/test_attention8.py \
+        tests/kernels/test_fp8_gemm_kernels.py tests/kernels/test_inductor.py tests/kernels/test_inductor_traced.py tests/kernels/test_attention8.py \
         -k "not (test_inductor or test_attention8) or compiled_qlinear or sigma_clipped or rotated or row_kernel \
             or attention8_kernel_vs" 2>&1 \
         | grep -v DEBUG | tee "$OUT/gpu_tests_verify13.log" | tail -n 12
@@ -352,7 +352,7 @@ profile-low)  # where the -a3 policy's batch-64 time goes (default-mode compile;
 verify12)  # session 12's CPU-built fixes on the GPU (the constant Hadamard matrix in compiled graphs, the layer's B H
     # buffer): their tests and the compiled-vs-eager ones, then the batch-1 rows they are for (paper 0.398x before)
     timeout 240 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_rotated_down.py \
-        tests/kernels/test_inductor.py tests/test_weight_layout.py tests/test_direct_call.py tests/kernels/test_fastcall.py \
+        tests/kernels/test_inductor.py tests/kernels/test_inductor_traced.py tests/test_weight_layout.py tests/test_direct_call.py tests/kernels/test_fastcall.py \
         2>&1 | grep -v DEBUG | tee "$OUT/gpu_tests_verify12.log" | tail -n 12
     DIT_LIMIT=$((570 - SECONDS)) "$0" dit-b1
     ;;

@@ -3,7 +3,7 @@ keeps it, as it keeps B H) replace the reduction over the weight codes that a co
 forward (issue 17's leftover for -a3 / -a2): outputs are unchanged, the buffer follows every change of the weight,
 stays fp32 through casts, is not in the checkpoint, and a wrong one is refused.
 
-CPU here; lowered graphs pass it: test_rotated_down.py; the compiled graph's side: tests/kernels/test_inductor.py
+CPU here; lowered graphs pass it: test_rotated_down.py; the compiled graph's side: tests/kernels/test_inductor_traced.py
 (the -a3 / -a2 trace holds no sum with it)."""
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ buffer follows every change of B, and a wrong one is refused.
 
 CPU: the op with and without it (reference kernel), a wrong shape. GPU (fp8 layout): the buffer equals
 `weight_cache.rotated_down` bit for bit after moves, casts and loads; outputs equal the op's without it; it is not in
-the checkpoint. The compiled graph's side: tests/kernels/test_inductor.py (the trace holds no B H product)."""
+the checkpoint. The compiled graph's side: tests/kernels/test_inductor_traced.py (the trace holds no B H product)."""
 from __future__ import annotations
 
 import pytest
