@@ -58,6 +58,8 @@
 #   scripts/gpu_session.sh gelu-fc1         the GELU in fc1's GEMM store: its GPU tests, W4A4+H b64 with / without (~7 min)
 #   scripts/gpu_session.sh gelu-fc1-diag    its GPU tests' failures and fc1's GEMM per config with / without it (~3 min)
 #   scripts/gpu_session.sh gelu-fc1-b1      the same W4A4+H rows at batch 1
+#   scripts/gpu_session.sh census           the paper policy's batch-1 graph after our decompositions: op counts, the
+#                                           source lines of its lift_fresh copies (scripts/graph_census.py, ~2 min)
 #   scripts/gpu_session.sh diag-a2          gelu-fc1-diag, then -a2 at batch 64 alone (~6 min)
 #   scripts/gpu_session.sh dit-gelu         W4A4+H batch 64 with / without the GELU fused into fc2 (its spill fixed)
 #   scripts/gpu_session.sh dit-gelu-paper   the same for the paper policy (its fc2's branch applies the GELU too)
@@ -81,7 +83,8 @@
 #   2. attention-sweep (~7 min: the flash kernel's two-piece head dims and launch configs; winners go into the
 #                   table copy it brings back: commit it if they beat the row kernel + SDPA)
 #   3. train-cpp   (issue 19: the paper policy's compiled QAT step with Inductor's C++ wrapper on both sides)
-#   then gelu-fc1-b1 (the GELU in fc1's store at batch 1, where a launch counts more than the store's instructions),
+#   then census (~2 min: where the per-block lift_fresh copy of the batch-1 profile comes from), gelu-fc1-b1 (the
+#   GELU in fc1's store at batch 1, where a launch counts more than the store's instructions),
 #   dit-default (its C++-wrapper rows), linear-down, profile-b1-cg, qat-profile compiled paper. On nvidia-h200-x2,
 #   `pair` two of them a call; ddp needs it.
 # Session 16 ran: low-vs-paper (paper 0.905x, -a3 0.817x, one run), gelu-fc1 (the GELU in fc1's store: 1.023x vs
@@ -323,6 +326,11 @@ gelu-fc1-diag)  # why the GELU in fc1's store lost (1.02x vs 1.24x, session 16):
     timeout 240 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_input_act.py \
         -k "output" 2>&1 | grep -E "^E |assert|passed|failed" | head -40
     timeout 200 python3 benchmarks/ncu_kernels.py --out-act --reps 20 2>&1 | tail -30
+    ;;
+census)  # the graph Inductor receives for the paper policy at batch 1 (AOT, decompositions applied, not compiled): op
+    # counts and where each lift_fresh / copy node comes from (session 13's b1 profile: a lift_fresh copy kernel a
+    # block that session 12's did not have), ~2 min
+    timeout 300 python3 scripts/graph_census.py --batch 1 --watch lift_fresh 2>&1 | grep -v Warning | tail -60
     ;;
 gelu-fc1-b1)  # the GELU in fc1's store at batch 1 (W4A4+H): there the saved launch may outweigh the store's work
     timeout 400 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
