@@ -14,7 +14,8 @@ b. tiny class-conditional DiT (diffusers DiTTransformer2DModel, 2 blocks, 2 head
    logistic regression trained on real digits (conditioning label = truth), and the held-out denoising loss.
 c. ablations (MLP and DiT): baseline (Hadamard only on attention-out / fc2, no LRB) -> + LRB -> + Hadamard on all
    block linears, at W1.58A3; a_sym x a_clip at A3 and a_clip at A2 (A2 is always asymmetric); AMPN A2 with
-   candidates {1,2,3,4} vs {2,3,4} vs uniform A2.
+   candidates {1,2,3,4} vs {2,3,4} vs uniform A2; activation ranges per token vs per token and 32 inputs
+   (`LayerSpec.a_group`, issue 20; `--only a_group` runs that table alone, into bench_accuracy_a_group.*).
 
 Every QAT run starts from the seed's trained FP model; ablation "baseline" rotates fc2 only (MLP: fc_in and fc1
 unrotated) / attention out + ff.net.2 (DiT). A setting shared by several tables is trained once.
@@ -60,10 +61,11 @@ class Setting:
     a_sym: bool | None = None
     a_clip: str = "absmax"
     ampn: tuple | None = None  # AMPN candidates; None = uniform bits
+    a_group: int = 0  # activation ranges per token (0) or per token and a_group inputs (LayerSpec.a_group)
 
     @property
     def key(self) -> tuple:
-        return (self.w_bits, self.a_bits, self.hadamard, self.lrb, self.a_sym, self.a_clip, self.ampn)
+        return (self.w_bits, self.a_bits, self.hadamard, self.lrb, self.a_sym, self.a_clip, self.ampn, self.a_group)
 
 
 FP = Setting("FP", w_bits=0)
@@ -87,6 +89,11 @@ QUANTIZER = [Setting("A3 sym absmax", 1.58, 3, a_sym=True), Setting("A3 asym abs
              Setting("A2 (asym) absmax", 1.58, 2), Setting("A2 (asym) sigma", 1.58, 2, a_clip="sigma")]
 AMPN_ABL = [Setting("AMPN A2, candidates {1,2,3,4}", 1.58, 2, ampn=C4),
             Setting("AMPN A2, candidates {2,3,4}", 1.58, 2, ampn=C234), Setting("uniform A2", 1.58, 2)]
+A_GROUP = 32  # the tiny models' widths are 64-256: 2-8 groups a row (DiT-XL/2's kernels would take 128)
+ACT_GROUPS = [s for a, kw in (("W4A4", dict(w_bits=4, a_bits=4)), ("W1.58A4", dict(a_bits=4)),
+                              ("W1.58A3 asym sigma", dict(a_bits=3, a_sym=False, a_clip="sigma")),
+                              ("W1.58A2 sigma", dict(a_bits=2, a_clip="sigma")))
+              for s in (Setting(f"{a}, per token", **kw), Setting(f"{a}, per {A_GROUP} inputs", a_group=A_GROUP, **kw))]
 QUICK = [Setting("W1.58A2 +H", 1.58, 2), Setting("W1.58 AMPN-A2 +H", 1.58, 2, ampn=C4)]
 
 
@@ -96,11 +103,12 @@ def canonical(s: Setting) -> tuple:
     return s.key[:4] + (sym,) + s.key[5:]
 
 
-def all_settings(quick: bool) -> list[Setting]:
+def all_settings(quick: bool, only: str | None = None) -> list[Setting]:
     if quick:
         return list(QUICK)
     out, seen = [], set()
-    for s in MAIN["no H"] + MAIN["+H"] + ABLATION + QUANTIZER + AMPN_ABL:
+    for s in (ACT_GROUPS if only == "a_group" else MAIN["no H"] + MAIN["+H"] + ABLATION + QUANTIZER + AMPN_ABL
+              + ACT_GROUPS):
         if canonical(s) not in seen:
             seen.add(canonical(s))
             out.append(s)
@@ -114,6 +122,8 @@ def block_policy(s: Setting, rank: int, rot_out: list[str], rot_in: list[str], e
             "a_clip": s.a_clip}
     if s.a_sym is not None:
         spec["a_sym"] = s.a_sym
+    if s.a_group:
+        spec["a_group"] = s.a_group
     rules = [{"match": g, **spec, "hadamard": s.hadamard in ("all", "out")} for g in rot_out]
     rules += [{"match": g, **spec, "hadamard": s.hadamard == "all"} for g in rot_in]
     return {"rules": rules + (extra or [])}
@@ -271,8 +281,12 @@ def make_tables(args, settings, results: dict[str, list[dict]]) -> dict[str, str
         return {f"{NAMES[m]} {col[1]}": cell(m, s, col) for m in results for col in COLUMNS[m][:ABLATION_COLUMNS[m]]}
 
     tables = {}
+    groups_title = (f"c. activation ranges per token vs per token and {A_GROUP} inputs (LayerSpec.a_group; +H, "
+                    f"LRB; issue 20)")
     if args.quick:
         tables["quick"] = [{"setting": s.label, **wide(s)} for s in [FP] + QUICK]
+    elif args.only == "a_group":
+        tables[groups_title] = [{"setting": s.label, **wide(s)} for s in [FP] + ACT_GROUPS]
     else:
         for m in results:
             title = {"mlp": "a. digits MLP", "dit": "b. tiny DiT"}[m]
@@ -289,6 +303,7 @@ def make_tables(args, settings, results: dict[str, list[dict]]) -> dict[str, str
         tables["c. activation quantizer (W1.58, +H, LRB)"] = [{"setting": s.label, **wide(s)} for s in QUANTIZER]
         tables["c. AMPN candidates at average A2 (+H, LRB; {2,3,4} at A2 can only be uniform A2)"] = [
             {"setting": s.label, **wide(s)} for s in AMPN_ABL]
+        tables[groups_title] = [{"setting": s.label, **wide(s)} for s in [FP] + ACT_GROUPS]
     return {k: tabulate(v, headers="keys", tablefmt="github", disable_numparse=True) for k, v in tables.items()}
 
 
@@ -317,6 +332,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: tiny models on shared cores "
                    "run faster single-threaded)")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 2 settings, a few steps")
+    p.add_argument("--only", choices=["a_group"], default=None,
+                   help="only one table's settings (a_group: per-token vs per-group activation ranges)")
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
     p.add_argument("--progress", action="store_true", help="tqdm bars for the training loops")
     args = p.parse_args(argv)
@@ -332,7 +349,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    settings = all_settings(args.quick)
+    settings = all_settings(args.quick, args.only)
     log = lambda msg: print(f"{time.perf_counter() - t0:7.1f}s {msg}", flush=True)  # noqa: E731
     mlp, dit, mlp_alloc, dit_alloc, times = [], [], [], [], {}
     samples0 = None
@@ -382,16 +399,17 @@ def main(argv=None) -> dict:
     print("\n" + text, flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_accuracy.txt").write_text(text)
+    stem = "bench_accuracy" + (f"_{args.only}" if args.only else "")  # (a one-table run keeps the full run's files)
+    (args.out / f"{stem}.txt").write_text(text)
     if samples0 is not None:
-        save_grid(samples0, args.out / "bench_accuracy_dit_samples.png")
+        save_grid(samples0, args.out / f"{stem}_dit_samples.png")
     result = {"command": command, "provenance": provenance(), "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "runtime_s": round(runtime, 1), "times": times, "torch": torch.__version__,
               "settings": [dict(vars(s)) for s in settings],
               "mlp": mlp, "dit": dit, "tables": tables,
               "ampn": {"mlp": [{k: v.to_dict() for k, v in a.items()} for a in mlp_alloc],
                        "dit": [{k: v.to_dict() for k, v in a.items()} for a in dit_alloc]}}
-    (args.out / "bench_accuracy.json").write_text(json.dumps(result, indent=1, default=str))
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
     return result
 
 

@@ -77,10 +77,10 @@ def site_shape(q: nn.Module, name: str) -> tuple[int, int]:
 _TOKENS: dict | None = None
 
 
-def _counting_fake_quant_act(x, a_bits, sym, clip, layer):
+def _counting_fake_quant_act(x, a_bits, sym, clip, layer, group=0):
     """fake_quant_act that also counts the rows (tokens) it sees: swapped in for one pass to get MACs."""
     _TOKENS[layer] += x.numel() // max(x.shape[-1], 1)
-    return _FQA(x, a_bits, sym, clip)
+    return _FQA(x, a_bits, sym, clip, group=group) if group else _FQA(x, a_bits, sym, clip)
 
 
 class counting:

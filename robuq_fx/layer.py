@@ -47,6 +47,14 @@ def qat_weight(weight, lrb_down, lrb_up, spec: LayerSpec):
                                           spec.scale_dtype)
 
 
+def fake_quant_act(xh, spec: LayerSpec):
+    """robuq::fake_quant_act of the rotated input with the layer's activation spec (its group as a keyword, only
+    where set: graphs of per-token layers keep the four arguments AMPN's sites read)."""
+    if spec.a_group:
+        return _ops.fake_quant_act.default(xh, spec.a_bits, spec.sym, spec.a_clip, group=spec.a_group)
+    return _ops.fake_quant_act.default(xh, spec.a_bits, spec.sym, spec.a_clip)
+
+
 def robuq_linear(x, wq, bias, lrb_down, lrb_up, spec: LayerSpec, splits=None):
     """y = Q_a(x H) wq^T + bias + (x H) (A B)^T, with wq = Q_w(R) already computed.
 
@@ -54,7 +62,7 @@ def robuq_linear(x, wq, bias, lrb_down, lrb_up, spec: LayerSpec, splits=None):
     each member's rows run as their own products (lrb_down stacks the members' B, lrb_up is block-diagonal), so the
     result is bit-identical to the members run one by one."""
     xh = rotate(x, spec)
-    xq = _ops.fake_quant_act.default(xh, spec.a_bits, spec.sym, spec.a_clip) if spec.a_bits < 16 else xh
+    xq = fake_quant_act(xh, spec) if spec.a_bits < 16 else xh
     if splits:
         return _per_member(xq, xh, wq, bias, lrb_down, lrb_up, splits)
     if lrb_down is None:

@@ -120,10 +120,12 @@ class PackedLinear(nn.Module):
     def forward(self, x):
         if _direct_ok(x):
             return self._direct(x)
-        if self.input_act or self.output_act or self.lrb_down_h is not None or self.w_colsum is not None:
+        if (self.input_act or self.output_act or self.lrb_down_h is not None or self.w_colsum is not None
+                or self.spec.a_group):
             return torch.ops.robuq.qlinear(x, self.qweight, self.w_scale, self.bias, self.lrb_down, self.lrb_up,
                                            *self.op_args(), input_act=self.input_act, lrb_down_h=self.lrb_down_h,
-                                           output_act=self.output_act, w_colsum=self.w_colsum)
+                                           output_act=self.output_act, w_colsum=self.w_colsum,
+                                           a_group=self.spec.a_group)
         return torch.ops.robuq.qlinear(x, self.qweight, self.w_scale, self.bias, self.lrb_down, self.lrb_up,
                                        *self.op_args())
 
@@ -168,7 +170,7 @@ class PackedLinear(nn.Module):
             return torch.ops.robuq.qlinear(x, qw, ws, bias, dn, up, *args)
         qa = kernels.QLinearArgs(qw, ws, bias, dn, up, *args[:7], tuple(args[7]) if len(args) > 7 and args[7]
                                  else None, self.input_act, dh, self.output_act,
-                                 colsum_or_none(cs, qw, self.out_features))
+                                 colsum_or_none(cs, qw, self.out_features), self.spec.a_group)
         fn = kernels.select(x, qa).fn
         if (qa.input_act and not getattr(fn, "fuses_input_act", False)
                 or qa.output_act and not getattr(fn, "fuses_output_act", False)):

@@ -3,7 +3,8 @@
 
     robuq::hadamard(x, block)                               x H            grad: g H   (H symmetric orthonormal)
     robuq::fake_quant_weight(w, w_bits, gran, group, sdt)   Q_w(w)         grad: g     (STE)
-    robuq::fake_quant_act(x, a_bits, sym, clip)             Q_a(x)         grad: g * [lo <= x <= hi]
+    robuq::fake_quant_act(x, a_bits, sym, clip, group=0)    Q_a(x)         grad: g * [lo <= x <= hi]
+            (group g > 0: one range per token and g consecutive inputs, LayerSpec.a_group)
 """
 from __future__ import annotations
 
@@ -135,11 +136,13 @@ def _(w, w_bits, granularity, group_size, scale_dtype):
 fake_quant_weight.register_autograd(lambda ctx, grad: (grad, None, None, None, None))
 
 
-def fake_quant_act_impl(x: torch.Tensor, a_bits: int, sym: bool, clip: str) -> torch.Tensor:
+def fake_quant_act_impl(x: torch.Tensor, a_bits: int, sym: bool, clip: str, group: int = 0) -> torch.Tensor:
     """What robuq::fake_quant_act computes (also called directly by the fused eager QAT path, qat_fused.py)."""
     # a_bits=16 is the identity: clone, since a custom op's output may not alias its input
     if a_bits >= 16:
         return x.clone().contiguous()
+    if group:  # each (token, group) slice a row of its own: the same math, the row kernel included
+        return fake_quant_act_impl(Q._act_groups(x, group), a_bits, sym, clip).reshape(x.shape)
     if x.is_cuda and clip == "absmax":
         rows = row_kernel()
         if rows is not None and rows.supported(x, a_bits) is None:
@@ -148,8 +151,8 @@ def fake_quant_act_impl(x: torch.Tensor, a_bits: int, sym: bool, clip: str) -> t
 
 
 @torch.library.custom_op("robuq::fake_quant_act", mutates_args=())
-def fake_quant_act(x: torch.Tensor, a_bits: int, sym: bool, clip: str) -> torch.Tensor:
-    return fake_quant_act_impl(x, a_bits, sym, clip)
+def fake_quant_act(x: torch.Tensor, a_bits: int, sym: bool, clip: str, group: int = 0) -> torch.Tensor:
+    return fake_quant_act_impl(x, a_bits, sym, clip, group)
 
 
 def row_kernel():
@@ -158,25 +161,25 @@ def row_kernel():
 
 
 @fake_quant_act.register_fake
-def _(x, a_bits, sym, clip):
+def _(x, a_bits, sym, clip, group=0):
     _compiling()
     return _contiguous_like(x)
 
 
 def _act_setup(ctx, inputs, output):
-    x, a_bits, sym, clip = inputs
+    x, a_bits, sym, clip, *group = inputs
     ctx.save_for_backward(x if clip != "absmax" else None)  # absmax needs no mask (see _act_backward)
-    ctx.args = (a_bits, sym, clip)
+    ctx.args = (a_bits, sym, clip, group[0] if group else 0)
 
 
 def _act_backward(ctx, grad):
-    a_bits, sym, clip = ctx.args
+    a_bits, sym, clip, group = ctx.args
     if clip == "absmax":
         # the absmax range [min x, max x] (or [-max|x|, max|x|]) holds every finite x: the mask is all ones
-        return grad, None, None, None
+        return grad, None, None, None, None
     (x,) = ctx.saved_tensors
-    mask = Q.act_ste_mask(x, a_bits, sym, clip)
-    return grad * mask.to(grad.dtype), None, None, None
+    mask = Q.act_ste_mask(x, a_bits, sym, clip, group)
+    return grad * mask.to(grad.dtype), None, None, None, None
 
 
 fake_quant_act.register_autograd(_act_backward, setup_context=_act_setup)

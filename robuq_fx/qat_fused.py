@@ -152,7 +152,7 @@ def _ranged(name: str, fn, *args):
 
 def _rotate_and_quantize(x, spec: LayerSpec):
     xh = _rotate(x, spec)
-    return xh, fake_quant_act_impl(xh, spec.a_bits, spec.sym, spec.a_clip) if spec.a_bits < 16 else xh
+    return xh, fake_quant_act_impl(xh, spec.a_bits, spec.sym, spec.a_clip, spec.a_group) if spec.a_bits < 16 else xh
 
 
 # ---- the forward GEMM on fp8 tensor cores (opt-in: ROBUQ_QAT_FP8=1) -------------------------------------------------
@@ -167,7 +167,7 @@ def _fp8_forward_ok(x, w, spec: LayerSpec, c: torch.dtype) -> bool:
     # without a low-rank branch: the bf16 path stacks the branch's up-projection into its GEMM, and the backward
     # (shared) splits that stacked product
     if not (_QAT_FP8[0] and x.is_cuda and c == torch.bfloat16 and spec.a_bits <= 4 and spec.sym and not spec.lora_rank
-            and spec.a_clip == "absmax" and float(spec.w_bits) <= 4 and not spec.group_size
+            and spec.a_clip == "absmax" and float(spec.w_bits) <= 4 and not spec.group_size and not spec.a_group
             and w.shape[0] % 16 == 0 and w.shape[1] % 16 == 0):
         return False
     from .kernels.triton_fp8 import _capability  # cached per device
@@ -253,7 +253,8 @@ class QATLinearFunction(torch.autograd.Function):
         if need_x:
             g_xh = _to(g_in, xd)
             if xh is not None:  # a clipped range: the gradient passes inside it only
-                g_xh = g_xh * _to(Q.act_ste_mask(xh, spec.a_bits, spec.sym, spec.a_clip).reshape(g_xh.shape), xd)
+                g_xh = g_xh * _to(Q.act_ste_mask(xh, spec.a_bits, spec.sym, spec.a_clip, spec.a_group)
+                                  .reshape(g_xh.shape), xd)
             if down is not None:
                 g_xh = g_xh + _to(gt2.mm(_to(down, c)), xd)
             g_x = _rotate(g_xh.reshape(*g.shape[:-1], g_xh.shape[-1]), spec)

@@ -9,7 +9,8 @@ Weights (per output channel by default; R is the residual after the Hadamard rot
     k-bit (2,3,4,8): s = clamp_min(max|R|, 1e-8) / qmax     q = clip(round(R / s), -qmax, qmax),  qmax = 2^(k-1)-1
     Q_w(R) = s * q                      (group_size g: one s per g consecutive inputs of a row)
 
-Activations (per token = per row of the last dimension, dynamic):
+Activations (per token = per row of the last dimension, dynamic; with a group g (`LayerSpec.a_group`), per token
+and each g consecutive inputs: the same formulas on every (token, group) slice, one scale / offset each):
     symmetric  (a_bits >= 3 default): r = max|x| (or |mu| + c*sigma, capped at max|x|), s = r / qmax,
                q = clamp(round(x / s), -qmax, qmax), Q_a(x) = s * q
     asymmetric (always for a_bits <= 2): [lo, hi] = [min x, max x] (or mu -/+ c*sigma, kept inside [min, max]),
@@ -161,12 +162,24 @@ def act_range(x: torch.Tensor, a_bits: int, sym: bool, clip: str = "absmax"):
     return lo, hi
 
 
-def quantize_act(x: torch.Tensor, a_bits: int, sym: bool, clip: str = "absmax"):
-    """x (..., K) -> (codes fp32 (..., K) holding integers, scale (..., 1), lo (..., 1)), all fp32.
+def _act_groups(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x (..., K) viewed as (..., K / group, group): one activation range per slice of the last dimension."""
+    k = x.shape[-1]
+    if k % group:
+        raise ValueError(f"activation group {group} does not divide the last dimension {k}")
+    return x.reshape(*x.shape[:-1], k // group, group)
+
+
+def quantize_act(x: torch.Tensor, a_bits: int, sym: bool, clip: str = "absmax", group: int = 0):
+    """x (..., K) -> (codes fp32 (..., K) holding integers, scale (..., 1), lo (..., 1)), all fp32; with a group g,
+    scale and lo are (..., K / g), one per (token, group).
 
     Symmetric: codes in [-qmax, qmax], x ~ scale * codes (lo is -r, unused by dequantize).
     Asymmetric: codes in [0, 2^k - 1], x ~ lo + scale * codes.
     """
+    if group:
+        q, s, lo = quantize_act(_act_groups(x, group), a_bits, sym, clip)
+        return q.reshape(x.shape), s.squeeze(-1), lo.squeeze(-1)
     lo, hi = act_range(x, a_bits, sym, clip)
     x32 = x.float()
     if sym:
@@ -188,18 +201,22 @@ def dequantize_act(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, sym: 
     return out.to(dtype)
 
 
-def fake_quant_act(x: torch.Tensor, a_bits: int, sym: bool, clip: str = "absmax") -> torch.Tensor:
-    """Q_a(x) in x's dtype (forward of the activation STE); a_bits=16 is the identity."""
+def fake_quant_act(x: torch.Tensor, a_bits: int, sym: bool, clip: str = "absmax", group: int = 0) -> torch.Tensor:
+    """Q_a(x) in x's dtype (forward of the activation STE); a_bits=16 is the identity. group: `quantize_act`."""
     if a_bits >= 16:
         return x
+    if group:
+        return fake_quant_act(_act_groups(x, group), a_bits, sym, clip).reshape(x.shape)
     q, s, lo = quantize_act(x, a_bits, sym, clip)
     return dequantize_act(q, s, lo, sym, x.dtype)
 
 
-def act_ste_mask(x: torch.Tensor, a_bits: int, sym: bool, clip: str = "absmax") -> torch.Tensor:
-    """Where the activation STE lets the gradient through: inside the per-token range."""
+def act_ste_mask(x: torch.Tensor, a_bits: int, sym: bool, clip: str = "absmax", group: int = 0) -> torch.Tensor:
+    """Where the activation STE lets the gradient through: inside the per-token (per-group) range."""
     if a_bits >= 16:
         return torch.ones_like(x, dtype=torch.bool)
+    if group:
+        return act_ste_mask(_act_groups(x, group), a_bits, sym, clip).reshape(x.shape)
     lo, hi = act_range(x, a_bits, sym, clip)
     x32 = x.float()
     return (x32 >= lo) & (x32 <= hi)

@@ -46,9 +46,12 @@ class LayerSpec:
     a_clip: str = "absmax"
     w_granularity: str = "channel"
     scale_dtype: str = "float32"
+    # 0: one activation range per token (METHOD.md §3, the default); g: one per token and g consecutive inputs (e.g.
+    # 128, the Hadamard block: each K tile of a GEMM then quantizes on its own; issue 20's `a_group` option)
+    a_group: int = 0
 
     FIELDS = ("w_bits", "a_bits", "hadamard", "hadamard_block", "lora_rank", "group_size", "a_sym", "a_clip",
-              "w_granularity", "scale_dtype")
+              "w_granularity", "scale_dtype", "a_group")
 
     def __post_init__(self):
         where = ""
@@ -64,6 +67,9 @@ class LayerSpec:
             raise SpecError(f"lora_rank={self.lora_rank!r}: expected an integer >= 1 (0 = no low-rank branch)")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 0:
             raise SpecError(f"group_size={self.group_size!r}: expected 0 (per channel) or a positive integer")
+        if isinstance(self.a_group, bool) or not isinstance(self.a_group, int) or self.a_group < 0:
+            raise SpecError(f"a_group={self.a_group!r}: expected 0 (one activation range per token) or a positive "
+                            "integer (per token and that many inputs)")
         if self.a_clip not in A_CLIPS:
             raise SpecError(f"a_clip={self.a_clip!r}: expected one of {A_CLIPS}")
         if self.w_granularity not in W_GRANULARITIES:
@@ -117,6 +123,8 @@ class LayerSpec:
                           "the whole weight and nothing is left to quantize", stacklevel=3)
         if self.group_size and in_features % self.group_size:
             raise SpecError(f"{at}group_size={self.group_size} does not divide in_features={in_features}")
+        if self.a_group and in_features % self.a_group:
+            raise SpecError(f"{at}a_group={self.a_group} does not divide in_features={in_features}")
         return dataclasses.replace(self, hadamard=block > 1, hadamard_block=block if block > 1 else 0,
                                    a_sym=self.sym)
 
@@ -132,6 +140,8 @@ class LayerSpec:
             s += f" g{self.group_size}"
         if self.a_clip != "absmax":
             s += f" clip={self.a_clip}"
+        if self.a_group:
+            s += f" ag{self.a_group}"
         if self.w_granularity != "channel":
             s += f" w/{self.w_granularity}"
         return s

@@ -21,6 +21,9 @@ SPECS = {
     "W1.58A3 asym sigma +H+LRB": dict(w_bits=1.58, a_bits=3, a_sym=False, a_clip="sigma", hadamard=True,
                                       hadamard_block=64, lora_rank=8),
     "W2A4 groups": dict(w_bits=2, a_bits=4, group_size=32),
+    "W4A4+H a_group": dict(w_bits=4, a_bits=4, hadamard=True, hadamard_block=64, a_group=32),
+    "W1.58A2 sigma +H+LRB a_group": dict(w_bits=1.58, a_bits=2, a_clip="sigma", hadamard=True, hadamard_block=64,
+                                         lora_rank=8, a_group=64),
     "W4A16 no bias": dict(w_bits=4, a_bits=16),
 }
 

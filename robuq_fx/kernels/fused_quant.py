@@ -28,7 +28,7 @@ def kernel_mode(x2: torch.Tensor, a: QLinearArgs) -> str | None:
     ROBUQ_FP8_FUSED_QUANT forces or the dispatch table picks (`dispatch.fused_quant_mode`), where it takes the call
     (Hopper; symmetric absmax, Hadamard 128, no input activation, K <= 1152; v0: a branch of rank <= 64 or none, ws:
     rank 32, 65..96 or none). The weight's layout is `takes`' check; the Inductor decomposition asks only this."""
-    if a.input_act:
+    if a.input_act or a.a_group:
         return None
     rank = 0 if a.lrb_down is None else a.lrb_down.shape[0]
     mode = fused_quant_mode(x2.shape[0], a.out_features, a.in_features, rank)

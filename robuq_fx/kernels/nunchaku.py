@@ -114,9 +114,9 @@ def supports(x: torch.Tensor, a: QLinearArgs) -> str | None:
         return "nunchaku's bfloat16 kernels need sm_80+ (MIN_ARCH 800); use float16 on sm_75"
     if a.w_bits not in (1.58, 2, 3, 4):
         return f"w_bits={a.w_bits}: nunchaku's weights are int4 (codes of 1.58-4 bits fit, 8-bit do not)"
-    if a.a_bits != 4 or not a.a_sym or a.a_clip != "absmax":
-        return (f"nunchaku quantizes activations to symmetric absmax int4; this layer is a_bits={a.a_bits}, "
-                f"a_sym={a.a_sym}, a_clip={a.a_clip}")
+    if a.a_bits != 4 or not a.a_sym or a.a_clip != "absmax" or a.a_group:
+        return (f"nunchaku quantizes activations to symmetric absmax int4 per token; this layer is a_bits="
+                f"{a.a_bits}, a_sym={a.a_sym}, a_clip={a.a_clip}, a_group={a.a_group}")
     if a.in_features % K_MULTIPLE:
         return f"in_features={a.in_features} is not a multiple of {K_MULTIPLE}"
     return _scale_groups_reason(a.w_scale, a.in_features)

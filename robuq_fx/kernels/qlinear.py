@@ -3,7 +3,7 @@
     qlinear(x (..., K), qweight uint8 packed codes of W' = (W H - A B) as (N, K), w_scale (N, G) | (1, 1),
             bias (N)?, lrb_down B (r, K)?, lrb_up A (N, r)?, out_features N, in_features K, w_bits, a_bits,
             hadamard_block (0 = none), a_sym, a_clip, splits (int[])?, input_act, lrb_down_h?, output_act,
-            w_colsum?) -> y (..., N)
+            w_colsum?, a_group) -> y (..., N)
 
     y = out_act(Q_a(in_act(x) H) (s_w q_w)^T + bias + (in_act(x) H) B^T A^T)
 
@@ -15,6 +15,10 @@ input_act ("gelu" / "gelu_tanh", default "": none): x is first replaced by act(x
 it in x's dtype (`apply_input_act`); set on the layer that reads a GELU's output when that is the GELU's only
 reader (`robuq_fx.fuse_activations`), so that a kernel can apply it while loading x instead of the model writing and
 re-reading the activation. Kernels that do not fuse it get act(x) (`call_kernel`).
+
+a_group (default 0: one activation range per token): one range per token and a_group consecutive inputs of x H
+(`LayerSpec.a_group`, issue 20's option for quantization local to a GEMM's K tile). No GPU kernel takes it yet: the
+calls run the reference math (a warning says so once).
 
 w_colsum (optional): the weight's column sums c[n] = sum_k s_w q_w (fp32, (N,)), the asymmetric layers' offset term
 (y += lo_x c), as the layer keeps it (PackedLinear): a compiled graph reads it instead of summing the codes every
@@ -52,7 +56,7 @@ _LIB = torch.library.Library("robuq", "FRAGMENT")
 _LIB.define("qlinear(Tensor x, Tensor qweight, Tensor w_scale, Tensor? bias, Tensor? lrb_down, Tensor? lrb_up, "
             "SymInt out_features, SymInt in_features, float w_bits, SymInt a_bits, SymInt hadamard_block, "
             "bool a_sym, str a_clip, SymInt[]? splits=None, str input_act=\"\", Tensor? lrb_down_h=None, "
-            "str output_act=\"\", Tensor? w_colsum=None) -> Tensor")
+            "str output_act=\"\", Tensor? w_colsum=None, SymInt a_group=0) -> Tensor")
 
 INPUT_ACTS = ("", "gelu", "gelu_tanh")
 
@@ -72,7 +76,7 @@ def qlinear_impl(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, 
                  lrb_down: torch.Tensor | None, lrb_up: torch.Tensor | None, out_features: int, in_features: int,
                  w_bits: float, a_bits: int, hadamard_block: int, a_sym: bool, a_clip: str,
                  splits=None, input_act: str = "", lrb_down_h: torch.Tensor | None = None,
-                 output_act: str = "", w_colsum: torch.Tensor | None = None) -> torch.Tensor:
+                 output_act: str = "", w_colsum: torch.Tensor | None = None, a_group: int = 0) -> torch.Tensor:
     if x.shape[-1] != in_features:
         raise ValueError(f"robuq::qlinear: input has {x.shape[-1]} features, the layer expects {in_features}")
     for name, act in (("input_act", input_act), ("output_act", output_act)):
@@ -81,7 +85,7 @@ def qlinear_impl(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, 
     args = QLinearArgs(qweight, w_scale, bias, lrb_down, lrb_up, out_features, in_features, w_bits, a_bits,
                        hadamard_block, a_sym, a_clip, tuple(splits) if splits else None, input_act,
                        rotated_down_or_none(lrb_down_h, lrb_down, hadamard_block), output_act,
-                       colsum_or_none(w_colsum, qweight, out_features))
+                       colsum_or_none(w_colsum, qweight, out_features), a_group)
     return call_kernel(select_cached(x, args).fn, x, args)
 
 
@@ -126,7 +130,7 @@ _LIB.impl("qlinear", qlinear_impl, "CompositeExplicitAutograd")
 
 @torch.library.register_fake("robuq::qlinear", lib=_LIB)
 def _(x, qweight, w_scale, bias, lrb_down, lrb_up, out_features, in_features, w_bits, a_bits, hadamard_block,
-      a_sym, a_clip, splits=None, input_act="", lrb_down_h=None, output_act="", w_colsum=None):
+      a_sym, a_clip, splits=None, input_act="", lrb_down_h=None, output_act="", w_colsum=None, a_group=0):
     from . import inductor
     inductor.register()  # Dynamo is tracing a model with this op: let Inductor decompose it (kernels/inductor.py)
     return x.new_empty(*x.shape[:-1], out_features)

@@ -18,7 +18,7 @@ from .registry import QLinearArgs, register
 def spec_of(a: QLinearArgs) -> LayerSpec:
     return LayerSpec(w_bits=a.w_bits, a_bits=a.a_bits, hadamard=a.hadamard_block > 1,
                      hadamard_block=a.hadamard_block or None, lora_rank=0 if a.lrb_down is None else
-                     a.lrb_down.shape[0], a_sym=a.a_sym, a_clip=a.a_clip)
+                     a.lrb_down.shape[0], a_sym=a.a_sym, a_clip=a.a_clip, a_group=a.a_group)
 
 
 def weight_codes(a: QLinearArgs) -> torch.Tensor:
@@ -45,6 +45,11 @@ def integer_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
     g = 1 if a.w_scale.shape == (1, 1) else a.w_scale.shape[1]
     if a.a_bits >= 16:
         y = torch.nn.functional.linear(xh.double(), Q.dequantize_weight(weight_codes(a), a.w_scale, torch.float64))
+    elif a.a_group:  # per-group activation scales: s_x q_x (+ lo) per (token, group), exact in float64
+        qx, sx, lo = Q.quantize_act(xh, a.a_bits, a.a_sym, a.a_clip, a.a_group)
+        per_col = (lambda t: t.double().repeat_interleave(a.a_group, dim=-1))
+        xd = per_col(sx) * qx.double() + (0 if a.a_sym else per_col(lo))
+        y = torch.nn.functional.linear(xd, Q.dequantize_weight(weight_codes(a), a.w_scale, torch.float64))
     else:
         qx, sx, lo = Q.quantize_act(xh, a.a_bits, a.a_sym, a.a_clip)
         qx = qx.double().reshape(*qx.shape[:-1], g, k // g)

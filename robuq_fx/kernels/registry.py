@@ -41,6 +41,7 @@ class QLinearArgs:
     lrb_down_h: torch.Tensor | None = None  # B H, precomputed by the layer (see robuq::qlinear); None: made here
     output_act: str = ""  # an activation applied to the output ("gelu", "gelu_tanh"; see robuq::qlinear); "": none
     w_colsum: torch.Tensor | None = None  # c = sum_k s_w q_w (N,) fp32, kept by the layer (see robuq::qlinear)
+    a_group: int = 0  # one activation range per token and a_group inputs (LayerSpec.a_group); 0: per token
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,7 @@ def select_cached(x: torch.Tensor, args: QLinearArgs) -> Kernel:
     ~3 us where `select` costs 5-15 (robuq::qlinear's opaque calls in a default-mode compiled graph)."""
     key = (x.shape, x.stride(), x.dtype, x.device, _props(args.qweight), _props(args.w_scale), _props(args.bias),
            _props(args.lrb_down), _props(args.lrb_up), args.out_features, args.in_features, args.w_bits, args.a_bits,
-           args.hadamard_block, args.a_sym, args.a_clip, args.splits, args.input_act, args.output_act, state_key(),
+           args.hadamard_block, args.a_sym, args.a_clip, args.splits, args.input_act, args.output_act, args.a_group, state_key(),
            env_values(_SUPPORT_ENV))
     k = _SELECTED.get(key)
     if k is None:

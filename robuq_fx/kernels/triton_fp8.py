@@ -42,7 +42,7 @@ from .lrb_stacked import stacked_or_none, takes_stacked
 from .qlinear import apply_input_act
 from .quantizer import act_quant, on_device, quant_supported
 from .reference import spec_of
-from .registry import QLinearArgs, forced, register
+from .registry import QLinearArgs, forced, register, warn_once
 from .weight_cache import (_WCACHE, _Entry, _deq_weight, _fp8_layout, _fp8_weights, _rot_down,  # noqa: F401
                            clear_caches)
 
@@ -107,6 +107,8 @@ def _fp8_supports(x: torch.Tensor, a: QLinearArgs) -> str | None:
         return f"activation dtype {x.dtype} (fp8 path takes bf16/fp16)"
     if a.a_bits > 4:
         return f"a_bits={a.a_bits}: codes beyond +-15 are not exact in fp8 e4m3"
+    if a.a_group:
+        return f"a_group={a.a_group}: per-group activation scales (no fp8 kernel takes them yet)"
     if a.w_bits not in (1.58, 2, 3, 4):
         return f"w_bits={a.w_bits}: codes beyond +-15 are not exact in fp8 e4m3"
     if a.w_scale.dim() != 2 or a.w_scale.shape[1] != 1 or a.w_scale.shape[0] not in (1, a.out_features):
@@ -293,7 +295,10 @@ def _dequant_supports(x: torch.Tensor, a: QLinearArgs) -> str | None:
 def dequant_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
     k, n = a.in_features, a.out_features
     wq = _deq_weight(a, x.dtype)
-    fused = (a.a_bits < 16 and _triton_quant_ok(x.device.index or 0)
+    if a.a_group and a.a_bits < 16:
+        warn_once(f"robuq_fx: layers with a_group={a.a_group} (per-group activation scales) run the reference math "
+                  "on the GPU: no fused kernel takes them yet")
+    fused = (a.a_bits < 16 and not a.a_group and _triton_quant_ok(x.device.index or 0)
              and quant_supported(k, a.hadamard_block, a.a_bits, x.dtype, a.a_clip, x.numel() // max(k, 1)) is None)
     if not fused:  # the reference math with the cached dequantized weight: bit-identical to `reference`
         return layer.robuq_linear(x, wq, a.bias, a.lrb_down, a.lrb_up, spec_of(a), a.splits)

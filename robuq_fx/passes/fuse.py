@@ -42,7 +42,7 @@ from .qat import ROBUQ_META, set_robuq_info
 QLINEAR = torch.ops.robuq.qlinear.default
 BUFFERS = ("qweight", "w_scale", "bias", "lrb_down", "lrb_up")
 DERIVED = ("lrb_down_h", "w_colsum")  # a PackedLinear's buffers made from those (not in its checkpoint)
-_OPTIONAL = ("splits", "input_act", "lrb_down_h", "output_act", "w_colsum")  # robuq::qlinear's arguments after the 13 every call has
+_OPTIONAL = ("splits", "input_act", "lrb_down_h", "output_act", "w_colsum", "a_group")  # robuq::qlinear's arguments after the 13 every call has
 _aten = torch.ops.aten
 # view ops that fail on a narrowed (non-contiguous) output where the layer's own output was contiguous
 _VIEW_TO_RESHAPE = {_aten.view.default: _aten.reshape.default, _aten._unsafe_view.default: _aten.reshape.default,
@@ -64,6 +64,8 @@ def qlinear_node(g: fx.Graph, x, path: str, mod: PackedLinear) -> fx.Node:
     for act in ("input_act", "output_act"):  # (fuse_activations' marks: such a call is no fusion site, `_site`)
         if getattr(mod, act):
             kwargs[act] = getattr(mod, act)
+    if mod.spec.a_group:
+        kwargs["a_group"] = mod.spec.a_group
     return g.call_function(QLINEAR, (x, *attrs, *mod.op_args()), kwargs)
 
 
@@ -195,7 +197,7 @@ def _site(gm: fx.GraphModule, node: fx.Node):
 def _key(node: fx.Node, mod: PackedLinear) -> tuple:
     """Members of one group quantize x identically and have one weight format."""
     s = mod.spec
-    return (node.args[0], *node.args[7:13], s.scale_dtype, s.group_size, s.lora_rank, mod.qweight.device)
+    return (node.args[0], *node.args[7:13], s.scale_dtype, s.group_size, s.lora_rank, s.a_group, mod.qweight.device)
 
 
 def find_siblings(gm: fx.GraphModule) -> list[list[tuple[fx.Node, str, PackedLinear]]]:
