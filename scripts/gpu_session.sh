@@ -83,7 +83,9 @@
 #   2. attention-sweep (~7 min: the flash kernel's two-piece head dims and launch configs; winners go into the
 #                   table copy it brings back: commit it if they beat the row kernel + SDPA)
 #   3. train-cpp   (issue 19: the paper policy's compiled QAT step with Inductor's C++ wrapper on both sides)
-#   then census (~2 min: where the per-block lift_fresh copy of the batch-1 profile comes from), gelu-fc1-b1 (the
+#   then tests (~8 min: session 16's GPU tests among them: the w_colsum / output_act paths, a_group's reference
+#   fallback and its fused QAT specs on CUDA), census (~2 min: where the per-block lift_fresh copy of the batch-1
+#   profile comes from), gelu-fc1-b1 (the
 #   GELU in fc1's store at batch 1, where a launch counts more than the store's instructions),
 #   dit-default (its C++-wrapper rows), linear-down, profile-b1-cg, qat-profile compiled paper. On nvidia-h200-x2,
 #   `pair` two of them a call; ddp needs it.
@@ -140,7 +142,7 @@ save_compile_cache() {  # at most 3 pieces (45 MB): the 8 files back include the
 export GPU_SESSION_NESTED=1  # steps calling "$0" for another step: only the outer one saves the cache
 LM=/tmp/robuq_lm
 GPU_TESTS="tests/kernels/test_gluon_act_quant.py tests/kernels/test_gluon_fp8_gemm.py tests/kernels/test_gluon_qgemm.py tests/kernels/test_inductor.py tests/kernels/test_inductor_traced.py tests/kernels/test_triton_fp8.py tests/kernels/test_act_quant_kernel.py tests/kernels/test_fp8_gemm_kernels.py tests/kernels/test_fastcall.py tests/kernels/test_triton_wquant.py tests/kernels/test_input_act.py
-    tests/test_direct_call.py tests/models/test_timm_dropin.py tests/test_qat_fused.py tests/test_weight_layout.py tests/kernels/test_rotated_down.py"
+    tests/test_direct_call.py tests/models/test_timm_dropin.py tests/test_qat_fused.py tests/test_weight_layout.py tests/kernels/test_rotated_down.py tests/test_act_group.py tests/test_qat_fused.py"
 
 case "${1:-}" in
 tests)
