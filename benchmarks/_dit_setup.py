@@ -41,11 +41,15 @@ def policies():
     dit = robuq_fx.Policy.load("dit").to_dict()
     ternary = copy.deepcopy(dit)
     ternary["rules"][1]["w_bits"] = 1.58
-    return {"robuq W4A4+H": dit, "robuq W1.58A4+H": ternary, PAPER: robuq_fx.Policy.load("dit-xl-2-robuq").to_dict(),
+    grouped = copy.deepcopy(dit)  # issue 20's a_group: one activation range per token and Hadamard block of 128
+    grouped["rules"][1]["a_group"] = 128
+    return {"robuq W4A4+H": dit, "robuq W1.58A4+H": ternary, AG128: grouped,
+            PAPER: robuq_fx.Policy.load("dit-xl-2-robuq").to_dict(),
             PAPER_A3: robuq_fx.Policy.load("dit-xl-2-robuq-a3").to_dict(),
             PAPER_A2: robuq_fx.Policy.load("dit-xl-2-robuq-a2").to_dict()}
 
 
+AG128 = "robuq W4A4(ag128)+H"  # (no "W4A4+H" in it: --settings W4A4+H keeps selecting the per-token row alone)
 PAPER = "robuq dit-xl-2-robuq (W1.58A4+H+LRB32, attn 8)"
 PAPER_A3 = "robuq dit-xl-2-robuq-a3 (W1.58A3 asym sigma +H+LRB32, attn 8)"
 PAPER_A2 = "robuq dit-xl-2-robuq-a2 (W1.58A2 asym sigma +H+LRB32, attn 8)"

@@ -58,6 +58,7 @@
 #   scripts/gpu_session.sh gelu-fc1         the GELU in fc1's GEMM store: its GPU tests, W4A4+H b64 with / without (~7 min)
 #   scripts/gpu_session.sh gelu-fc1-diag    its GPU tests' failures and fc1's GEMM per config with / without it (~3 min)
 #   scripts/gpu_session.sh gelu-fc1-b1      the same W4A4+H rows at batch 1
+#   scripts/gpu_session.sh ag128            a_group = 128 on the fp8 path: its GPU tests, DiT W4A4+H per token vs per block
 #   scripts/gpu_session.sh census           the paper policy's batch-1 graph after our decompositions: op counts, the
 #                                           source lines of its lift_fresh copies (scripts/graph_census.py, ~2 min)
 #   scripts/gpu_session.sh diag-a2          gelu-fc1-diag, then -a2 at batch 64 alone (~6 min)
@@ -80,9 +81,11 @@
 #   1. diag-a2     (~6 min: gelu-fc1-diag, i.e. the output_act GPU tests with their failures shown and fc1's GEMM
 #                   per config with / without the GELU vs _scaled_mm + the GELU pass, then -a2 at batch 64, with
 #                   session 16's w_colsum buffer; issue 17 item 5: -a3 ran at 90.3% of the paper policy's speed)
-#   2. attention-sweep (~7 min: the flash kernel's two-piece head dims and launch configs; winners go into the
+#   2. ag128       (~7 min: issue 20's per-block ranges on the fp8 path: GPU tests, then DiT-XL/2 W4A4+H per token
+#                   vs a_group 128 at batch 64; the block quantizer needs no row-wide reduction, fc2's K = 4608 bound)
+#   3. attention-sweep (~7 min: the flash kernel's two-piece head dims and launch configs; winners go into the
 #                   table copy it brings back: commit it if they beat the row kernel + SDPA)
-#   3. train-cpp   (issue 19: the paper policy's compiled QAT step with Inductor's C++ wrapper on both sides)
+#   4. train-cpp   (issue 19: the paper policy's compiled QAT step with Inductor's C++ wrapper on both sides)
 #   then tests (~8 min: session 16's GPU tests among them: the w_colsum / output_act paths, a_group's reference
 #   fallback and its fused QAT specs on CUDA), census (~2 min: where the per-block lift_fresh copy of the batch-1
 #   profile comes from), gelu-fc1-b1 (the
@@ -328,6 +331,15 @@ gelu-fc1-diag)  # why the GELU in fc1's store lost (1.02x vs 1.24x, session 16):
     timeout 240 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_input_act.py \
         -k "output" 2>&1 | grep -E "^E |assert|passed|failed" | head -40
     timeout 200 python3 benchmarks/ncu_kernels.py --out-act --reps 20 2>&1 | tail -30
+    ;;
+ag128)  # issue 20's a_group = 128 on the fp8 path (session 16: the one-pass block quantizer and the block-scaled GEMM,
+    # tested in Triton's interpreter and built offline): its GPU tests, then DiT-XL/2 W4A4+H per token vs per block at
+    # batch 64 (~7 min)
+    timeout 150 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_block_scaled.py \
+        tests/test_act_group.py 2>&1 | grep -E "^E |passed|failed" | head -20
+    timeout 400 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
+        --settings "W4A4+H" "W4A4(ag128)" --batches 64 --iters 10 --warmup 3 --tag _reduce-overhead_ag128 2>&1 \
+        | grep -v Warning | tail -12
     ;;
 census)  # the graph Inductor receives for the paper policy at batch 1 (AOT, decompositions applied, not compiled): op
     # counts and where each lift_fresh / copy node comes from (session 13's b1 profile: a lift_fresh copy kernel a

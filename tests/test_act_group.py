@@ -2,8 +2,9 @@
 one per token, so that a GEMM's K tile can quantize its slice of a row on its own. Checked on the CPU: the spec's
 validation, the quantizer against per-slice calls of the per-token math, the op's STE and its compiled form, QAT's
 fused path against the op graph (tests/test_qat_fused.py's SPECS), lowering bit-identical to QAT eval, the
-integer-product reference, checkpoints and policies. GPU kernels do not take it yet: they fall back to the reference
-math with a warning (tests/kernels/test_triton_fp8.py's GPU side)."""
+integer-product reference, checkpoints and policies. On the GPU the fp8 path takes a_group = 128 (the block quantizer
+and the block-scaled GEMM: tests/kernels/test_block_scaled.py); other groups fall back to the reference math with a
+warning (below)."""
 from __future__ import annotations
 
 import copy
@@ -125,18 +126,19 @@ def test_policy_files_take_it(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_calls_fall_back_to_the_reference_with_a_warning():
-    """No GPU kernel takes per-group activation scales yet: the call runs the reference math (equal to the forced
-    reference kernel), eagerly and compiled, and says so once."""
+    """Groups the fp8 path does not take (it takes a_group = the Hadamard block = 128: tests/kernels/
+    test_block_scaled.py) run the reference math on the GPU (equal to the forced reference kernel), eagerly and
+    compiled, and say so once."""
     from robuq_fx import kernels
     from robuq_fx.kernels import registry
     from robuq_fx.modules import PackedLinear
     torch.manual_seed(0)
-    spec = LayerSpec(w_bits=4, a_bits=4, hadamard=True, a_group=128).resolve(1152, 512)
+    spec = LayerSpec(w_bits=4, a_bits=4, hadamard=True, a_group=64).resolve(1152, 512)
     m = PackedLinear.from_float(torch.randn(512, 1152) / 34, torch.randn(512) * 0.1, None, None, spec)
     m = m.cuda().to(torch.bfloat16)
     x = torch.randn(4096, 1152, device="cuda", dtype=torch.bfloat16)
     registry._WARNED.clear()
-    with pytest.warns(UserWarning, match="a_group=128"), torch.no_grad():
+    with pytest.warns(UserWarning, match="a_group=64"), torch.no_grad():
         got = m(x)
     with kernels.use("reference"), torch.no_grad():
         want = m(x)

@@ -176,7 +176,7 @@ def bind(x: torch.Tensor, a: QLinearArgs):
     # (x is a CUDA tensor: fp8_qlinear, which the registry picked for it, takes no other)
     if (x.dim() < 2 or not x.is_contiguous() or x.numel() == 0 or x.shape[-1] != k
             or not TL._ENABLED or not TL._TRITON or os.environ.get("ROBUQ_FP8_GEMM") == "triton"
-            or a.output_act):  # (the output activation's GEMM is not one of the bound forms)
+            or a.output_act or a.a_group):  # (their GEMMs are not among the bound forms)
         return None
     m = x.numel() // k
     x2 = x.view(m, k)

@@ -35,18 +35,20 @@ def _sms(index: int) -> int:
 
 
 def run_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, t, up, m: int, launcher=None, down=None,
-                 out_act: str = "") -> None:
+                 out_act: str = "", block_scale: bool = False) -> None:
     """y (m, N) = our Triton fp8 GEMM with the fused epilogue: the persistent TMA kernel or the pointer one
     (`dispatch.gemm_kernel`), each with its measured config. launcher: None (eager) or `triton_launch.traced`.
     down: (x, B H) for the branch's down-projection inside the pointer kernel (t None; `down_in_gemm_ok`).
     out_act: an output activation in the store (robuq::qlinear's output_act; the pointer kernel with the nearest
-    config that holds it unspilled, `out_act_config`)."""
+    config that holds it unspilled, `two_tiles_config`). block_scale: sx holds per-block scales (`LayerSpec.a_group`:
+    `triton_block_quant.block_quant`'s), the pointer kernel's BLOCK_SCALE form."""
     n, k = w8.shape
     dev = codes.device
     kw = {} if launcher is None else {"launcher": launcher}
-    if down is not None or out_act:  # (the pointer kernel: only it has DOWN and OUT_ACT)
+    if down is not None or out_act or block_scale:  # (the pointer kernel: only it has DOWN, OUT_ACT, BLOCK_SCALE)
         _k().launch_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, None if down is not None else t, up, m,
-                             pointer_config(m, n, k, out_act), down=down, out_act=out_act, **kw)
+                             pointer_config(m, n, k, out_act, block_scale), down=down, out_act=out_act,
+                             block_scale=block_scale, **kw)
         return
     which = gemm_kernel(_capability(dev.index if dev.index is not None else torch.cuda.current_device()))
     if which == "gluon" and launcher is None and _gluon_gemm_ok(codes, w8, t):  # eager: Inductor launches Triton
@@ -59,11 +61,12 @@ def run_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, t, up, m: int, launcher=Non
         _k().launch_fp8_gemm(codes, w8, y, sx, sw, bias, lo, cs, t, up, m, gemm_config(m, n, k), **kw)
 
 
-def pointer_config(m: int, n: int, k: int, out_act: str = "") -> tuple:
-    """The pointer GEMM's config for this call: the table's, or with an output activation the nearest one that
-    holds it unspilled (`out_act_config`; offline sm_90 with and without the LRB / asymmetric / DOWN terms)."""
+def pointer_config(m: int, n: int, k: int, out_act: str = "", block_scale: bool = False) -> tuple:
+    """The pointer GEMM's config for this call: the table's, or with an output activation or block scales the
+    nearest one that holds the second tile unspilled (`two_tiles_config`; offline sm_90 with and without the LRB /
+    asymmetric / DOWN terms)."""
     cfg = gemm_config(m, n, k)
-    return _k().out_act_config(cfg) if out_act else cfg
+    return _k().two_tiles_config(cfg) if out_act or block_scale else cfg
 
 
 def out_act_in_gemm(a: QLinearArgs, m: int) -> bool:

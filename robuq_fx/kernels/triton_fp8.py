@@ -107,8 +107,9 @@ def _fp8_supports(x: torch.Tensor, a: QLinearArgs) -> str | None:
         return f"activation dtype {x.dtype} (fp8 path takes bf16/fp16)"
     if a.a_bits > 4:
         return f"a_bits={a.a_bits}: codes beyond +-15 are not exact in fp8 e4m3"
-    if a.a_group:
-        return f"a_group={a.a_group}: per-group activation scales (no fp8 kernel takes them yet)"
+    if a.a_group and not _block_scaled(a):
+        return (f"a_group={a.a_group}: the fp8 path takes per-block activation ranges only with a_group = the "
+                f"Hadamard block = 128, symmetric absmax codes and no low-rank branch")
     if a.w_bits not in (1.58, 2, 3, 4):
         return f"w_bits={a.w_bits}: codes beyond +-15 are not exact in fp8 e4m3"
     if a.w_scale.dim() != 2 or a.w_scale.shape[1] != 1 or a.w_scale.shape[0] not in (1, a.out_features):
@@ -184,9 +185,32 @@ def down_proj(x2: torch.Tensor, bh: torch.Tensor, traced_op=None, act: str = "")
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # torch.mm(..., out_dtype=) (torch >= 2.8)
 
 
+def _block_scaled(a: QLinearArgs) -> bool:
+    """Per-block activation ranges (`LayerSpec.a_group`) the fp8 path runs: the block quantizer and the GEMM's
+    BLOCK_SCALE form (a_group = Hadamard block = 128, symmetric absmax, no branch, K % 128 == 0)."""
+    return (a.a_group == a.hadamard_block == 128 and a.a_sym and a.a_clip == "absmax" and a.lrb_down is None
+            and a.in_features % 128 == 0)
+
+
+def _block_scaled_qlinear(x2: torch.Tensor, a: QLinearArgs, e, m: int) -> torch.Tensor:
+    """y (m, N) of a per-block-range layer: the one-pass block quantizer, then the block-scaled pointer GEMM (with
+    the output activation in its store where the layer has one)."""
+    from ..hadamard import hadamard_matrix
+    from .triton_block_quant import block_quant
+    m_pad = max(16, -(-m // 16) * 16)
+    with on_device(x2.device):
+        codes, bs = block_quant(x2, hadamard_matrix(128, x2.dtype, x2.device), m_pad, Q.act_levels(a.a_bits, True))
+        y = torch.empty(m, a.out_features, device=x2.device, dtype=x2.dtype)
+        if m:
+            run_fp8_gemm(codes, e.fp8, y, bs, e.sw, a.bias, None, None, None, None, m, out_act=a.output_act,
+                         block_scale=True)
+    return y
+
+
 def _small_m_ok(x: torch.Tensor, a: QLinearArgs, m: int) -> bool:
     """The single-kernel path takes this call (dispatch.small_m_max; absmax ranges, K in Hadamard-block chunks)."""
-    if m == 0 or m > small_m_max() or a.a_clip != "absmax" or x.dtype not in (torch.bfloat16, torch.float16):
+    if (m == 0 or m > small_m_max() or a.a_clip != "absmax" or x.dtype not in (torch.bfloat16, torch.float16)
+            or a.a_group):
         return False
     from .triton_qgemm_small import chunk_of
     return chunk_of(a.in_features, a.hadamard_block) > 0 and (a.lrb_down is None or a.lrb_down.shape[0] <= 64) \
@@ -238,6 +262,11 @@ def _fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     e = _fp8_weights(a)
+    if a.a_group:  # per-block ranges (`_block_scaled`: _fp8_supports took the call only then)
+        if a.input_act:
+            x2, a = apply_input_act(x2, a.input_act), dataclasses.replace(a, input_act="")
+        y = _block_scaled_qlinear(x2.contiguous(), a, e, m)
+        return y if x.dim() == 2 else y.reshape(*lead, n)
     if small:  # one kernel: quantize + GEMM + epilogue
         y = _small_m(x2, a, e, m)
         return y if x.dim() == 2 else y.reshape(*lead, n)

@@ -91,11 +91,15 @@ def _epilogue(acc, offs_m, offs_n, M, N, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_pt
 
 @triton.jit(do_not_specialize=["M"])
 def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_ptr, t_ptr, up_ptr,
-                    M, N, K, stride_am, stride_bn, stride_cm, stride_tm, stride_un, R, dn_ptr,
+                    M, N, K, stride_am, stride_bn, stride_cm, stride_tm, stride_un, R, dn_ptr, stride_sk,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                     RP: tl.constexpr, HAS_BIAS: tl.constexpr, ASYM: tl.constexpr, HAS_LRB: tl.constexpr,
-                    EARLY: tl.constexpr = False, DOWN: tl.constexpr = False, OUT_ACT: tl.constexpr = 0):
-    """OUT_ACT (`triton_act_quant.ACTS`: 1 GELU, 2 tanh GELU): the layer's output activation in the store, computed as
+                    EARLY: tl.constexpr = False, DOWN: tl.constexpr = False, OUT_ACT: tl.constexpr = 0,
+                    BLOCK_SCALE: tl.constexpr = False):
+    """BLOCK_SCALE (`LayerSpec.a_group` = BK): sx_ptr holds one scale per row and K block, block-major (K / BK rows of
+    stride_sk: kernels/triton_block_quant.py); each K step's product of codes, exact in fp32, is scaled by its
+    block's row scales as it is added (DeepSeek-V3's 1 x 128 activation scaling), and the epilogue applies s_w only.
+    OUT_ACT (`triton_act_quant.ACTS`: 1 GELU, 2 tanh GELU): the layer's output activation in the store, computed as
     the unfused pair computes it (y rounded to c's dtype, GELU in fp32 with ATen's CUDA formula, rounded again), so
     that a GELU after the layer needs no pass of its own (robuq::qlinear's output_act).
     DOWN: the branch's down-projection in the K loop, t = x (B H)^T from x's 16-bit rows (t_ptr, row stride
@@ -123,6 +127,8 @@ def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_pt
         sx, lo, t, u = _epilogue_loads(offs_m, offs_n, M, N, sx_ptr, lo_ptr, t_ptr, up_ptr, stride_tm, stride_un, R,
                                        RP, ASYM, HAS_LRB, not DOWN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if BLOCK_SCALE:
+        s_ptrs = sx_ptr + offs_am
     if DOWN:
         rr = tl.arange(0, RP)
         x_ptrs = t_ptr + offs_am[:, None].to(tl.int64) * stride_tm + offs_k[None, :]
@@ -131,7 +137,11 @@ def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_pt
     for _ in range(0, K, BK):
         a = tl.load(a_ptrs)
         b = tl.load(b_ptrs)
-        acc = tl.dot(a, tl.trans(b), acc)
+        if BLOCK_SCALE:
+            acc += tl.dot(a, tl.trans(b)) * tl.load(s_ptrs)[:, None]
+            s_ptrs += stride_sk
+        else:
+            acc = tl.dot(a, tl.trans(b), acc)
         a_ptrs += BK
         b_ptrs += BK
         if DOWN:
@@ -146,6 +156,8 @@ def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_pt
                                        RP, ASYM, HAS_LRB, not DOWN)
     if DOWN:
         t = tacc.to(t_ptr.dtype.element_ty)
+    if BLOCK_SCALE:  # (the row scales went into the K loop)
+        sx = tl.full((BM,), 1.0, tl.float32)
     acc = _epilogue_apply(acc, sx, lo, t, u, offs_n, N, sw_ptr, cs_ptr, bias_ptr, HAS_BIAS, ASYM, HAS_LRB)
     mmask = offs_m < M
     nmask = offs_n < N
@@ -183,32 +195,40 @@ def down_config(cfg: tuple, r: int) -> tuple | None:
     return (bm, bn, bk, gm, warps, stages, *rest)
 
 
-OUT_ACT_MAX_ACC = 64  # accumulator values a thread with which the GELU store builds unspilled (offline sm_90, session
-# 15: every config holding 64 or fewer has no local stores with OUT_ACT; the three holding 128 spill 29-43)
+TWO_TILES_MAX_ACC = 64  # accumulator values a thread with which a second (BM, BN) fp32 tile builds unspilled: the
+# GELU store (OUT_ACT) and each K step's product beside the accumulator (BLOCK_SCALE). Offline sm_90 (sessions 15-16):
+# every config holding 64 or fewer has no local stores with either; the three holding 128 spill 29-68
 
 
-def out_act_ok(cfg: tuple) -> bool:
-    """Whether GEMM config `cfg` takes an output activation (OUT_ACT) without spilling its accumulator."""
-    return acc_per_thread(cfg) <= OUT_ACT_MAX_ACC
+def two_tiles_ok(cfg: tuple) -> bool:
+    """Whether GEMM config `cfg` holds a second accumulator-sized tile (OUT_ACT, BLOCK_SCALE) without spilling."""
+    return acc_per_thread(cfg) <= TWO_TILES_MAX_ACC
 
 
-def out_act_config(cfg: tuple) -> tuple:
-    """`cfg` where it takes an output activation (`out_act_ok`), else the config of GEMM_CONFIGS nearest to it that
+def two_tiles_config(cfg: tuple) -> tuple:
+    """`cfg` where it holds a second tile (`two_tiles_ok`), else the config of GEMM_CONFIGS nearest to it that
     does: the same tile and K loop on more warps where there is one, else the largest tile that fits."""
-    if out_act_ok(cfg):
+    if two_tiles_ok(cfg):
         return cfg
-    ok = [c for c in GEMM_CONFIGS if out_act_ok(c)]
+    ok = [c for c in GEMM_CONFIGS if two_tiles_ok(c)]
     def distance(c):
         return (c[:3] != cfg[:3], bool(c[6:7] and c[6]) != bool(cfg[6:7] and cfg[6]), -c[0] * c[1], c[4])
     return min(ok, key=distance)
 
 
-def launch_fp8_gemm(a, b, c, sx, sw, bias, lo, cs, t, up, m, cfg, launcher=launch, down=None, out_act: str = ""):
+def launch_fp8_gemm(a, b, c, sx, sw, bias, lo, cs, t, up, m, cfg, launcher=launch, down=None, out_act: str = "",
+                    block_scale: bool = False):
     """a (>= m, K) fp8, b (N, K) fp8, c (m, N) out; sx/lo (>= m,) fp32; sw/cs (N,) fp32; bias (N,) or None;
     t (m, r), up (N, r) or None. cfg: one of GEMM_CONFIGS. launcher: as `triton_act_quant.launch_act_quant`.
     down: (x (m, K) 16-bit, B H (r, K) contiguous) instead of t: the kernel makes t itself (DOWN).
-    out_act: "gelu" / "gelu_tanh" applied to the output in the store (OUT_ACT)."""
+    out_act: "gelu" / "gelu_tanh" applied to the output in the store (OUT_ACT).
+    block_scale: sx is (K / BK, >= m) block scales (BLOCK_SCALE: `triton_block_quant.block_quant`'s), symmetric
+    codes, no branch."""
     n, k = b.shape
+    if block_scale and (lo is not None or t is not None or down is not None or sx.shape[0] != k // cfg[2]
+                        or sx.stride(1) != 1):
+        raise ValueError(f"block_scale takes symmetric codes without a branch and (K / {cfg[2]}, M) contiguous "
+                         f"scales, got scales of shape {tuple(sx.shape)}")
     if down is not None:
         t, dn = down
     r = 0 if t is None else (dn.shape[0] if down is not None else t.shape[1])
@@ -217,18 +237,20 @@ def launch_fp8_gemm(a, b, c, sx, sw, bias, lo, cs, t, up, m, cfg, launcher=launc
         cfg = down_config(cfg, r)
         if cfg is None:
             raise ValueError("the DOWN form does not fit this GEMM config (check down_config first)")
-    if out_act and not out_act_ok(cfg):
+    if (out_act or block_scale) and not two_tiles_ok(cfg):
+        what = f"out_act={out_act!r}" if out_act else "block_scale"
         raise ValueError(f"GEMM config {cfg} holds {acc_per_thread(cfg)} accumulator values a thread: "
-                         f"with out_act={out_act!r} it spills; pick one with at most {OUT_ACT_MAX_ACC} (out_act_ok)")
+                         f"with {what} it spills; pick one with at most {TWO_TILES_MAX_ACC} (two_tiles_ok)")
     bm, bn, bk, gm, warps, stages, *early = cfg
     launcher(fp8_gemm_kernel, (((m + bm - 1) // bm) * triton.cdiv(n, bn),),
            (a, b, c, sx, sw, bias if bias is not None else sx, lo if lo is not None else sx,
             cs if cs is not None else sw, t if t is not None else c, up if up is not None else c,
             m, n, k, a.stride(0), b.stride(0), c.stride(0), t.stride(0) if t is not None else 0,
-            up.stride(0) if up is not None else 0, r, dn if down is not None else c),
+            up.stride(0) if up is not None else 0, r, dn if down is not None else c,
+            sx.stride(0) if block_scale else 0),
            dict(BM=bm, BN=bn, BK=bk, GROUP_M=gm, RP=rp, HAS_BIAS=bias is not None, ASYM=lo is not None,
                 HAS_LRB=t is not None, EARLY=bool(early and early[0]), DOWN=down is not None,
-                OUT_ACT=ACTS[out_act]),
+                OUT_ACT=ACTS[out_act], BLOCK_SCALE=block_scale),
            dict(num_warps=warps, num_stages=stages), no_specialize=(10,))
 
 

@@ -58,7 +58,7 @@ def opcodes(text: str) -> set:
 FP8_GEMM_SIG = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*bf16", "sx_ptr": "*fp32", "sw_ptr": "*fp32",
                 "bias_ptr": "*bf16", "lo_ptr": "*fp32", "cs_ptr": "*fp32", "t_ptr": "*bf16", "up_ptr": "*bf16",
                 "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32", "stride_bn": "i32", "stride_cm": "i32",
-                "stride_tm": "i32", "stride_un": "i32", "R": "i32", "dn_ptr": "*bf16"}
+                "stride_tm": "i32", "stride_un": "i32", "R": "i32", "dn_ptr": "*bf16", "stride_sk": "i32"}
 # what the launcher specializes as 16-divisible at every call the fp8 path makes (K and N % 16 == 0 is its
 # requirement): without N, the offline build stores bf16 one element an instruction (STG.U16) where the GPU's build
 # stores 16 bytes (STG.128), and the instruction counts read off it are not the GPU's

@@ -42,7 +42,7 @@ def test_output_activation_in_the_interpreter_equals_the_unfused_pair():
 @pytest.mark.skipif(import_or_none("triton_fp8_kernels") is None, reason="triton does not import here")
 @pytest.mark.parametrize("i", range(8))
 def test_output_activation_configs_build_unspilled_offline_sm90(i):
-    """`out_act_ok` says which GEMM configs take the tanh-GELU store: exactly those that build without local
+    """`two_tiles_ok` says which GEMM configs take the tanh-GELU store: exactly those that build without local
     stores on sm_90 (the 128-values-a-thread accumulators spill 29-43), and the launcher refuses the others."""
     G = import_or_none("triton_fp8_kernels")
     if i >= len(G.GEMM_CONFIGS):
@@ -55,24 +55,24 @@ def test_output_activation_configs_build_unspilled_offline_sm90(i):
     kern = compile_sm90(G.fp8_gemm_kernel, FP8_GEMM_SIG, const, {"num_warps": warps, "num_stages": stages},
                         aligned=FP8_GEMM_ALIGNED, gluon=False)
     text, regs = sass(kern)
-    assert G.out_act_ok(cfg) == (not re.search(r"\bSTL\b", text)), (cfg, regs)
-    if not G.out_act_ok(cfg):
+    assert G.two_tiles_ok(cfg) == (not re.search(r"\bSTL\b", text)), (cfg, regs)
+    if not G.two_tiles_ok(cfg):
         with pytest.raises(ValueError, match="spills"):
             G.launch_fp8_gemm(None, _Shape(), None, None, None, None, None, None, None, None, 16, cfg,
                               launcher=lambda *a: None, out_act="gelu_tanh")
 
 
 @pytest.mark.skipif(import_or_none("triton_fp8_kernels") is None, reason="triton does not import here")
-def test_out_act_config_keeps_the_tile_where_it_can():
+def test_two_tiles_config_keeps_the_tile_where_it_can():
     """The config an output activation runs with: the tuned one where it holds it, else the same tile and K loop on
     8 warps (DiT's tuned (128, 128, 4 warps) -> its 8-warp twin), never one that spills."""
     G = import_or_none("triton_fp8_kernels")
     for cfg in G.GEMM_CONFIGS:
-        got = G.out_act_config(cfg)
-        assert got in G.GEMM_CONFIGS and G.out_act_ok(got)
-        assert got == cfg if G.out_act_ok(cfg) else got[:3] in ((128, 128, 128),)
+        got = G.two_tiles_config(cfg)
+        assert got in G.GEMM_CONFIGS and G.two_tiles_ok(got)
+        assert got == cfg if G.two_tiles_ok(cfg) else got[:3] in ((128, 128, 128),)
         assert bool(got[6:7] and got[6]) == bool(cfg[6:7] and cfg[6])  # the early-load form kept
-    assert G.out_act_config((128, 128, 128, 8, 4, 3, True)) == (128, 128, 128, 8, 8, 4, True)
+    assert G.two_tiles_config((128, 128, 128, 8, 4, 3, True)) == (128, 128, 128, 8, 8, 4, True)
 
 
 class _Shape:
