@@ -118,7 +118,10 @@ COLUMNS = [
 EXTRA = [("W1.58A2+H+LRB32", dict(w_bits=1.58, a_bits=2, hadamard=True, hadamard_block=128), 32),
          # issue #12's cost rows: the low-rank branch alone and the asymmetric offset alone, vs W1.58A4+H
          ("W1.58A4+H+LRB32", dict(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=128), 32),
-         ("W1.58A4asym+H", dict(w_bits=1.58, a_bits=4, a_sym=False, hadamard=True, hadamard_block=128), 0)]
+         ("W1.58A4asym+H", dict(w_bits=1.58, a_bits=4, a_sym=False, hadamard=True, hadamard_block=128), 0),
+         # issue 20's a_group = 128: the one-pass block quantizer and the block-scaled GEMM (triton_block_quant.py)
+         ("W4A4+H ag128", dict(w_bits=4, a_bits=4, hadamard=True, hadamard_block=128, a_group=128), 0),
+         ("W1.58A4+H ag128", dict(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=128, a_group=128), 0)]
 
 
 def _with_env(fn, key: str, value: str):
@@ -363,7 +366,8 @@ def summary(res: dict) -> dict:
                      ("W1.58A4+H+LRB32 stacked fused", "w158a4h_lrb32_stacked_fused"),
                      ("quant only (H)", "quant_h"), ("quant only (H, mma)", "quant_h_mma"),
                      ("W4A4+H fused ws", "w4a4h_fused_ws"), ("W1.58A4+H+LRB32 fused ws", "w158a4h_lrb32_fused_ws"),
-                     ("W1.58A4asym+H", "w158a4asymh")):
+                     ("W1.58A4asym+H", "w158a4asymh"), ("W4A4+H ag128", "w4a4h_ag128"),
+                     ("W1.58A4+H ag128", "w158a4h_ag128")):
         for m in sorted({r["M"] for r in res["rows"]}):
             sel = [r for r in res["rows"] if r["M"] == m and col in r[mode]]
             if sel:
