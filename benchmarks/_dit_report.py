@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from _dit_setup import AG128, PAPER, PAPER_A2, PAPER_A3
+from _dit_setup import AG128, PAPER, PAPER_A2, PAPER_A3, PAPER_AG128
 
-SUMMARY_KEYS = {"robuq W4A4+H": "w4a4h", "robuq W1.58A4+H": "w158a4h", AG128: "w4a4h_ag128", PAPER: "paper", PAPER_A3: "paper_a3",
+SUMMARY_KEYS = {"robuq W4A4+H": "w4a4h", "robuq W1.58A4+H": "w158a4h", AG128: "w4a4h_ag128",
+                PAPER_AG128: "paper_ag128", PAPER: "paper", PAPER_A3: "paper_a3",
                 PAPER_A2: "paper_a2", "robuq W4A4+H, opaque op": "w4a4h_opaque",
                 "robuq W4A4+H, Inductor decomposition": "w4a4h_inductor",  # (rows of runs before it was the default)
                 "robuq W4A4+H (C++ wrapper)": "w4a4h_cppwrapper",

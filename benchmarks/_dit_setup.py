@@ -43,12 +43,17 @@ def policies():
     ternary["rules"][1]["w_bits"] = 1.58
     grouped = copy.deepcopy(dit)  # issue 20's a_group: one activation range per token and Hadamard block of 128
     grouped["rules"][1]["a_group"] = 128
-    return {"robuq W4A4+H": dit, "robuq W1.58A4+H": ternary, AG128: grouped,
-            PAPER: robuq_fx.Policy.load("dit-xl-2-robuq").to_dict(),
+    paper = robuq_fx.Policy.load("dit-xl-2-robuq").to_dict()
+    paper_grouped = copy.deepcopy(paper)
+    for rule in paper_grouped["rules"]:
+        if "a_bits" in rule:
+            rule["a_group"] = 128
+    return {"robuq W4A4+H": dit, "robuq W1.58A4+H": ternary, AG128: grouped, PAPER: paper, PAPER_AG128: paper_grouped,
             PAPER_A3: robuq_fx.Policy.load("dit-xl-2-robuq-a3").to_dict(),
             PAPER_A2: robuq_fx.Policy.load("dit-xl-2-robuq-a2").to_dict()}
 
 
+PAPER_AG128 = "robuq dit-xl-2-robuq(ag128) (W1.58A4+H+LRB32, attn 8, a_group 128)"  # (not matched by "dit-xl-2-robuq (")
 AG128 = "robuq W4A4(ag128)+H"  # (no "W4A4+H" in it: --settings W4A4+H keeps selecting the per-token row alone)
 PAPER = "robuq dit-xl-2-robuq (W1.58A4+H+LRB32, attn 8)"
 PAPER_A3 = "robuq dit-xl-2-robuq-a3 (W1.58A3 asym sigma +H+LRB32, attn 8)"

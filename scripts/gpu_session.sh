@@ -59,6 +59,7 @@
 #   scripts/gpu_session.sh gelu-fc1-diag    its GPU tests' failures and fc1's GEMM per config with / without it (~3 min)
 #   scripts/gpu_session.sh gelu-fc1-b1      the same W4A4+H rows at batch 1
 #   scripts/gpu_session.sh ag128            a_group = 128 on the fp8 path: its GPU tests, DiT W4A4+H per token vs per block
+#   scripts/gpu_session.sh paper-ag128      the paper policy per token vs a_group = 128 at batch 64 (~8 min)
 #   scripts/gpu_session.sh linear-ag128     bench_linear with the a_group = 128 columns (per layer, CUDA graphs, ~5 min)
 #   scripts/gpu_session.sh census           the paper policy's batch-1 graph after our decompositions: op counts, the
 #                                           source lines of its lift_fresh copies (scripts/graph_census.py, ~2 min)
@@ -87,7 +88,7 @@
 #   3. attention-sweep (~7 min: the flash kernel's two-piece head dims and launch configs; winners go into the
 #                   table copy it brings back: commit it if they beat the row kernel + SDPA)
 #   4. train-cpp   (issue 19: the paper policy's compiled QAT step with Inductor's C++ wrapper on both sides)
-#   then linear-ag128 (per-layer ag128 columns, if ag128's DiT row wins), tests (~8 min: session 16's GPU tests among them: the w_colsum / output_act paths, a_group's reference
+#   then paper-ag128 / linear-ag128 (the paper policy and the per-layer columns with a_group 128, if ag128 wins), tests (~8 min: session 16's GPU tests among them: the w_colsum / output_act paths, a_group's reference
 #   fallback and its fused QAT specs on CUDA), census (~2 min: where the per-block lift_fresh copy of the batch-1
 #   profile comes from), gelu-fc1-b1 (the
 #   GELU in fc1's store at batch 1, where a launch counts more than the store's instructions),
@@ -341,6 +342,12 @@ ag128)  # issue 20's a_group = 128 on the fp8 path (session 16: the one-pass blo
     timeout 400 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
         --settings "W4A4+H" "W4A4(ag128)" --batches 64 --iters 10 --warmup 3 --tag _reduce-overhead_ag128 2>&1 \
         | grep -v Warning | tail -12
+    ;;
+paper-ag128)  # the paper policy per token vs a_group = 128 at batch 64 (its LRB layers on the block-scaled GEMM with
+    # t A^T in the epilogue; summary key paper_ag128_b64_x), ~8 min
+    timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
+        --settings "dit-xl-2-robuq (" "dit-xl-2-robuq(ag128)" --batches 64 --iters 8 --warmup 2 \
+        --tag _reduce-overhead_paper_ag128 2>&1 | grep -v Warning | tail -12
     ;;
 linear-ag128)  # bench_linear's per-layer table with the a_group = 128 columns (summary keys w4a4h_ag128_m*_x:
     # issue 20's per-layer figures for the per-block form), CUDA graphs, the committed dispatch table (~5 min)

@@ -109,7 +109,7 @@ def _fp8_supports(x: torch.Tensor, a: QLinearArgs) -> str | None:
         return f"a_bits={a.a_bits}: codes beyond +-15 are not exact in fp8 e4m3"
     if a.a_group and not _block_scaled(a):
         return (f"a_group={a.a_group}: the fp8 path takes per-block activation ranges only with a_group = the "
-                f"Hadamard block = 128, symmetric absmax codes and no low-rank branch")
+                f"Hadamard block = 128 and symmetric absmax codes")
     if a.w_bits not in (1.58, 2, 3, 4):
         return f"w_bits={a.w_bits}: codes beyond +-15 are not exact in fp8 e4m3"
     if a.w_scale.dim() != 2 or a.w_scale.shape[1] != 1 or a.w_scale.shape[0] not in (1, a.out_features):
@@ -187,23 +187,25 @@ _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # torch.mm(..., out_dtype=)
 
 def _block_scaled(a: QLinearArgs) -> bool:
     """Per-block activation ranges (`LayerSpec.a_group`) the fp8 path runs: the block quantizer and the GEMM's
-    BLOCK_SCALE form (a_group = Hadamard block = 128, symmetric absmax, no branch, K % 128 == 0)."""
-    return (a.a_group == a.hadamard_block == 128 and a.a_sym and a.a_clip == "absmax" and a.lrb_down is None
-            and a.in_features % 128 == 0)
+    BLOCK_SCALE form (a_group = Hadamard block = 128, symmetric absmax, K % 128 == 0; a branch's t from `down_proj`,
+    added in the GEMM's epilogue)."""
+    return (a.a_group == a.hadamard_block == 128 and a.a_sym and a.a_clip == "absmax" and a.in_features % 128 == 0)
 
 
 def _block_scaled_qlinear(x2: torch.Tensor, a: QLinearArgs, e, m: int) -> torch.Tensor:
     """y (m, N) of a per-block-range layer: the one-pass block quantizer, then the block-scaled pointer GEMM (with
-    the output activation in its store where the layer has one)."""
+    the branch's t A^T and the output activation in its epilogue where the layer has them)."""
     from ..hadamard import hadamard_matrix
     from .triton_block_quant import block_quant
     m_pad = max(16, -(-m // 16) * 16)
+    lrb = a.lrb_down is not None
+    t = down_proj(x2, _rot_down(a, x2.dtype)) if lrb and m else None
     with on_device(x2.device):
         codes, bs = block_quant(x2, hadamard_matrix(128, x2.dtype, x2.device), m_pad, Q.act_levels(a.a_bits, True))
         y = torch.empty(m, a.out_features, device=x2.device, dtype=x2.dtype)
         if m:
-            run_fp8_gemm(codes, e.fp8, y, bs, e.sw, a.bias, None, None, None, None, m, out_act=a.output_act,
-                         block_scale=True)
+            run_fp8_gemm(codes, e.fp8, y, bs, e.sw, a.bias, None, None, t, _up16(a, x2.dtype) if lrb else None, m,
+                         out_act=a.output_act, block_scale=True)
     return y
 
 

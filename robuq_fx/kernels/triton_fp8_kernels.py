@@ -223,12 +223,11 @@ def launch_fp8_gemm(a, b, c, sx, sw, bias, lo, cs, t, up, m, cfg, launcher=launc
     down: (x (m, K) 16-bit, B H (r, K) contiguous) instead of t: the kernel makes t itself (DOWN).
     out_act: "gelu" / "gelu_tanh" applied to the output in the store (OUT_ACT).
     block_scale: sx is (K / BK, >= m) block scales (BLOCK_SCALE: `triton_block_quant.block_quant`'s), symmetric
-    codes, no branch."""
+    codes; a branch comes as t (not DOWN)."""
     n, k = b.shape
-    if block_scale and (lo is not None or t is not None or down is not None or sx.shape[0] != k // cfg[2]
-                        or sx.stride(1) != 1):
-        raise ValueError(f"block_scale takes symmetric codes without a branch and (K / {cfg[2]}, M) contiguous "
-                         f"scales, got scales of shape {tuple(sx.shape)}")
+    if block_scale and (lo is not None or down is not None or sx.shape[0] != k // cfg[2] or sx.stride(1) != 1):
+        raise ValueError(f"block_scale takes symmetric codes (a branch as t, not DOWN) and (K / {cfg[2]}, M) "
+                         f"contiguous scales, got scales of shape {tuple(sx.shape)}")
     if down is not None:
         t, dn = down
     r = 0 if t is None else (dn.shape[0] if down is not None else t.shape[1])

@@ -70,7 +70,13 @@ def test_sm90_builds_without_local_stores():
                                        aligned=FP8_GEMM_ALIGNED + ("stride_sk",), gluon=False))
         assert G.two_tiles_ok(cfg) == (not re.search(r"\bSTL\b", text)), (cfg, regs)
         assert re.search(r"GMMA", text), cfg  # wgmma for the products
-        if not G.two_tiles_ok(cfg):
+        if G.two_tiles_ok(cfg):  # and with the branch's t A^T in the epilogue (the paper policy's layers)
+            lrb = dict(const, HAS_LRB=True, RP=32)
+            text, regs = sass(compile_sm90(G.fp8_gemm_kernel, FP8_GEMM_SIG, lrb,
+                                           {"num_warps": warps, "num_stages": stages},
+                                           aligned=FP8_GEMM_ALIGNED + ("stride_sk",), gluon=False))
+            assert not re.search(r"\bSTL\b", text), (cfg, "LRB", regs)
+        else:
             with pytest.raises(ValueError, match="block_scale"):
                 G.launch_fp8_gemm(None, _Shape(), None, _Scales(), None, None, None, None, None, None, 16, cfg,
                                   launcher=lambda *a: None, block_scale=True)
@@ -95,29 +101,35 @@ from robuq_fx.modules import PackedLinear
 from robuq_fx.spec import LayerSpec
 torch.manual_seed(0)
 k, n, m = 256, 64, 20
-spec = LayerSpec(w_bits=4, a_bits=4, hadamard=True, hadamard_block=128, a_group=128).resolve(k, n)
-layer = PackedLinear.from_float(torch.randn(n, k) / 16, torch.randn(n) * 0.1, None, None, spec).half()
-layer.set_layout("fp8")
 x = torch.randn(m, k).half()
 res = {}
-for act in ("", "gelu_tanh"):
-    a = QLinearArgs(layer.qweight, layer.w_scale, layer.bias, None, None, *layer.op_args(), a_group=128, output_act=act)
-    y = T._fp8_qlinear(x, a)
-    want = integer_qlinear(x, QLinearArgs(layer.qweight, layer.w_scale, layer.bias, None, None, *layer.op_args(), a_group=128)).float()
-    if act:
-        want = torch.nn.functional.gelu(want.half().float(), approximate="tanh")
-    res[act or "none"] = float((y.float() - want).abs().max() / want.abs().max())
+for rank in (0, 8):
+    spec = LayerSpec(w_bits=4, a_bits=4, hadamard=True, hadamard_block=128, a_group=128,
+                     lora_rank=rank).resolve(k, n)
+    down, up = (torch.randn(rank, k) * 0.05, torch.randn(n, rank) * 0.05) if rank else (None, None)
+    layer = PackedLinear.from_float(torch.randn(n, k) / 16, torch.randn(n) * 0.1, down, up, spec).half()
+    layer.set_layout("fp8")
+    buf = (layer.qweight, layer.w_scale, layer.bias, layer.lrb_down, layer.lrb_up)
+    for act in ("", "gelu_tanh"):
+        a = QLinearArgs(*buf, *layer.op_args(), a_group=128, output_act=act)
+        y = T._fp8_qlinear(x, a)
+        want = integer_qlinear(x, QLinearArgs(*buf, *layer.op_args(), a_group=128)).float()
+        if act:
+            want = torch.nn.functional.gelu(want.half().float(), approximate="tanh")
+        res[f"r{rank} {act or 'none'}"] = float((y.float() - want).abs().max() / want.abs().max())
 print(json.dumps(res))
 """
 
 
 @pytest.mark.skipif(import_or_none("triton_fp8_kernels") is None, reason="triton does not import here")
 def test_fp8_path_runs_both_kernels_for_an_a_group_layer_in_the_interpreter():
-    """triton_fp8's own path for an a_group = 128 layer (block quantizer, block-scaled pointer GEMM with its config
-    rule, and the output activation in its store) equals `integer_qlinear` (fp16 in the interpreter; its tanh is
-    computed through exp there, hence the GELU's small difference)."""
+    """triton_fp8's own path for an a_group = 128 layer, with and without a low-rank branch (block quantizer, the
+    branch's t, block-scaled pointer GEMM with its config rule, the output activation in its store) equals
+    `integer_qlinear` (fp16 in the interpreter; its tanh is computed through exp there, hence the GELU's small
+    difference; the branch's t is rounded to fp16 as the kernels round it)."""
     res = run_interpreted(WIRING)
-    assert res["none"] < 1e-3 and res["gelu_tanh"] < 2e-3, res
+    assert set(res) == {"r0 none", "r0 gelu_tanh", "r8 none", "r8 gelu_tanh"}
+    assert all(v < (2e-3 if "gelu" in key else 1e-3) for key, v in res.items()), res
 
 
 class _Shape:
