@@ -8,6 +8,7 @@ mutant the tests that failed. Every mutant must be caught (exit status 1 otherwi
     .venv/bin/python scripts/mutation_check.py                 # all mutants, the working tree as it is
     .venv/bin/python scripts/mutation_check.py --head          # the committed tree (HEAD) instead
     .venv/bin/python scripts/mutation_check.py --only lrb_sign_flip hadamard_unnormalised --fast
+    PYTHONPATH=/tmp/trit .venv/bin/python scripts/mutation_check.py    # with a triton: the interpreter tests run too
 
 Each mutant is (file, exact old text, new text): the old text must occur exactly once, or the check stops (a mutant
 that silently stops applying after a refactor would look "caught" by nothing, or "survived" for the wrong reason).
@@ -137,6 +138,9 @@ MUTANTS = [
      "        return fake_quant_act(x, a_bits, sym, clip)",
      "a_group's fake-quant computed per token (the group ignored)",
      ["tests/test_act_group.py"]),
+    ("block_scale_one_block", "robuq_fx/kernels/triton_fp8_kernels.py", "            s_ptrs += stride_sk\n", "",
+     "the block-scaled GEMM applies the first K block's scales to every block",
+     ["tests/kernels/test_block_scaled.py", "-k", "interpreter"]),
     ("colsum_not_refreshed", "robuq_fx/modules.py", "        self._refresh_colsum()\n", "",
      "the asymmetric layers' column sums not remade with the weight",
      ["tests/kernels/test_colsum_buffer.py"]),
@@ -178,7 +182,9 @@ sys.exit(pytest.main(sys.argv[2:]))
 
 
 def run_tests(copy: Path, tests: list[str], fast: bool, timeout: int) -> tuple[int, list[str], str]:
-    env = dict(os.environ, PYTHONPATH=str(copy), PYTHONDONTWRITEBYTECODE="1")
+    # the copy first; then whatever PYTHONPATH held (e.g. a triton for Triton's interpreter: PYTHONPATH=/tmp/trit)
+    extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != ROOT]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(copy)] + extra), PYTHONDONTWRITEBYTECODE="1")
     args = [sys.executable, "-c", RUNNER, str(copy) + os.sep, "-q", "-p", "no:cacheprovider", "-rfE",
             "-W", "ignore", *(["-x"] if fast else []), *tests]
     try:
