@@ -350,7 +350,8 @@ register(FP8, priority=20, machine_check=fp8_machine_check, supports=_fp8_suppor
                "where fp32 Hadamard sums round differently (tested >= 99.9% equal), exact integer GEMM. Paths: "
                "_scaled_mm, or a Triton GEMM with the asymmetric / LRB epilogue (pointer or persistent TMA kernel, "
                "dispatch table 'gemm_kernel'); up to 'small_m_fused_max_m' rows one kernel does it all; an input_act "
-               "(GELU) applied by the quantizer while it loads x, an output_act by the Triton GEMM's store")(fp8_qlinear)
+               "(GELU) applied by the quantizer while it loads x, an output_act by the Triton GEMM's store; "
+               "a_group = Hadamard block = 128 (symmetric absmax): the block quantizer and the block-scaled GEMM")(fp8_qlinear)
 
 
 def _bind(x: torch.Tensor, a: QLinearArgs):
