@@ -175,6 +175,8 @@ def bench(args) -> dict:
                 # keeps the two kernels)
                 fns["W4A4+H fused ws"] = _with_env(fns["W4A4+H"], "ROBUQ_FP8_FUSED_QUANT", "ws")
                 fns["W1.58A4+H+LRB32 fused ws"] = _with_env(fns["W1.58A4+H+LRB32"], "ROBUQ_FP8_FUSED_QUANT", "ws")
+                # a_group = 128 with the block quantizer's tensor-core rotation instead of the butterfly
+                fns["W4A4+H ag128 mma"] = _with_env(fns["W4A4+H ag128"], "ROBUQ_BLOCK_QUANT_ROT", "mma")
                 fns["quant only (H)"] = lambda: AQ.act_quant(x, 128, 4, True)
                 # the same with the rotation on tensor cores (kernels/triton_mma_quant.py, ROBUQ_QUANT_KERNEL=mma)
                 fns["quant only (H, mma)"] = _with_env(fns["quant only (H)"], "ROBUQ_QUANT_KERNEL", "mma")
@@ -366,7 +368,7 @@ def summary(res: dict) -> dict:
                      ("W1.58A4+H+LRB32 stacked fused", "w158a4h_lrb32_stacked_fused"),
                      ("quant only (H)", "quant_h"), ("quant only (H, mma)", "quant_h_mma"),
                      ("W4A4+H fused ws", "w4a4h_fused_ws"), ("W1.58A4+H+LRB32 fused ws", "w158a4h_lrb32_fused_ws"),
-                     ("W1.58A4asym+H", "w158a4asymh"), ("W4A4+H ag128", "w4a4h_ag128"),
+                     ("W1.58A4asym+H", "w158a4asymh"), ("W4A4+H ag128", "w4a4h_ag128"), ("W4A4+H ag128 mma", "w4a4h_ag128_mma"),
                      ("W1.58A4+H ag128", "w158a4h_ag128")):
         for m in sorted({r["M"] for r in res["rows"]}):
             sel = [r for r in res["rows"] if r["M"] == m and col in r[mode]]

@@ -2,7 +2,7 @@
 (kernels/triton_block_quant.py) and `fp8_gemm_kernel`'s BLOCK_SCALE form, which scales each K step's exact product
 of codes by its block's row scales.
 
-CPU, where triton imports: both kernels in Triton's interpreter (fp16; a subprocess with TRITON_INTERPRET=1): the
+CPU, where triton imports: both kernels in Triton's interpreter (the quantizer with either rotation) (fp16; a subprocess with TRITON_INTERPRET=1): the
 quantizer's codes and scales against `quantizers.quantize_act(x H, group=128)` (>= 99.9% of the codes equal: the
 rotation's fp32 sums may round differently), the GEMM against the float64 product of the same codes and scales; and
 the sm_90 builds of both without local stores. GPU: the layer against the reference and `integer_qlinear`."""
@@ -28,12 +28,14 @@ m, n, k, m_store = 40, 64, 256, 48
 x = (torch.randn(m, k) * torch.linspace(0.2, 3.0, k)).half()
 x[3, 130] = 25.0                                      # an outlier in the second block only
 h = hadamard_matrix(128, torch.float16)
-codes, scales = BQ.block_quant(x, h, m_store, 7.0, bm=16, warps=4)
 xh = block_hadamard(x, 128)
 q_ref, s_ref, _ = Q.quantize_act(xh, 4, True, "absmax", group=128)
-res = {"codes_equal": float((codes[:m].float() == q_ref).float().mean()),
-       "scales_equal": float((scales[:, :m].t() == s_ref).float().mean()),
-       "pad_zero": bool((codes[m:].float() == 0).all() and (scales[:, m:] == 0).all())}
+res = {}
+for rot in ("butterfly", "mma"):
+    codes, scales = BQ.block_quant(x, h, m_store, 7.0, bm=16, warps=4, rot=rot)
+    res[rot] = {"codes_equal": float((codes[:m].float() == q_ref).float().mean()),
+                "scales_equal": float((scales[:, :m].t() == s_ref).float().mean()),
+                "pad_zero": bool((codes[m:].float() == 0).all() and (scales[:, m:] == 0).all())}
 w = torch.randint(-7, 8, (n, k)).float().to(torch.float8_e4m3fn)
 sw, bias = torch.rand(n) * 0.1 + 0.01, torch.randn(n).half()
 c = torch.empty(m, n, dtype=torch.float16)
@@ -51,8 +53,9 @@ print(json.dumps(res))
 @pytest.mark.skipif(import_or_none("triton_fp8_kernels") is None, reason="triton does not import here")
 def test_block_quantizer_and_block_scaled_gemm_in_the_interpreter():
     res = run_interpreted(SCRIPT)
-    assert res["codes_equal"] >= 0.999 and res["scales_equal"] >= 0.99, res
-    assert res["pad_zero"], res
+    for rot in ("butterfly", "mma"):
+        assert res[rot]["codes_equal"] >= 0.999 and res[rot]["scales_equal"] >= 0.99, res
+        assert res[rot]["pad_zero"], res
     assert res["gemm_rel_err"] < 2e-3, res  # fp16 output of an exact product (2^-11 a rounding)
 
 
@@ -81,11 +84,13 @@ def test_sm90_builds_without_local_stores():
                 G.launch_fp8_gemm(None, _Shape(), None, _Scales(), None, None, None, None, None, None, 16, cfg,
                                   launcher=lambda *a: None, block_scale=True)
     sig = {"x_ptr": "*bf16", "h_ptr": "*bf16", "o_ptr": "*fp8e4nv", "s_ptr": "*fp32", "M": "i32", "M_STORE": "i32",
-           "stride_x": "i32", "stride_o": "i32", "levels": "fp32"}
-    text, regs = sass(compile_sm90(BQ.block_quant_kernel, sig, dict(BM=64, HB=128), {"num_warps": 4},
-                                   aligned=("x_ptr", "h_ptr", "o_ptr", "s_ptr", "stride_x", "stride_o"),
-                                   gluon=False))
-    assert not re.search(r"\bSTL\b", text), regs
+           "stride_x": "i32", "stride_o": "i32", "levels": "fp32", "hscale": "fp32"}
+    for mma in (False, True):
+        text, regs = sass(compile_sm90(BQ.block_quant_kernel, sig, dict(BM=64, HB=128, LOGB=7, MMA=mma),
+                                       {"num_warps": 4},
+                                       aligned=("x_ptr", "h_ptr", "o_ptr", "s_ptr", "stride_x", "stride_o"),
+                                       gluon=False))
+        assert not re.search(r"\bSTL\b", text), (mma, regs)
 
 
 WIRING = r"""
