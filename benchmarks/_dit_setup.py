@@ -53,7 +53,8 @@ def policies():
             PAPER_A2: robuq_fx.Policy.load("dit-xl-2-robuq-a2").to_dict()}
 
 
-PAPER_AG128 = "robuq dit-xl-2-robuq(ag128) (W1.58A4+H+LRB32, attn 8, a_group 128)"  # (not matched by "dit-xl-2-robuq (")
+# (not matched by --settings "dit-xl-2-robuq (")
+PAPER_AG128 = "robuq dit-xl-2-robuq(ag128) (W1.58A4+H+LRB32, attn 8, a_group 128)"
 AG128 = "robuq W4A4(ag128)+H"  # (no "W4A4+H" in it: --settings W4A4+H keeps selecting the per-token row alone)
 PAPER = "robuq dit-xl-2-robuq (W1.58A4+H+LRB32, attn 8)"
 PAPER_A3 = "robuq dit-xl-2-robuq-a3 (W1.58A3 asym sigma +H+LRB32, attn 8)"

@@ -192,7 +192,7 @@ def bind(x: torch.Tensor, a: QLinearArgs):
     elif a.a_sym and a.lrb_down is None:
         if fused_quant.takes(x2, a, e):
             return None  # the ordinary call runs the quantize-in-GEMM kernel: not this pair of launches
-        m_pad = max(16, -(-m // 16) * 16)  # as fp8_qlinear's act_quant call: the same launch, other buffers
+        m_pad = T.m_store(m)  # as fp8_qlinear's act_quant call: the same launch, other buffers
         codes = torch.empty(m_pad, k, device=x.device, dtype=torch.float8_e4m3fn)
         scale = torch.empty(m_pad, device=x.device, dtype=torch.float32)
         spec = act_quant_spec(x2, codes, scale, torch.empty_like(scale), a.hadamard_block, a.a_bits, True,

@@ -220,7 +220,7 @@ def _qlinear_decomposition(x, qweight, w_scale, bias, lrb_down, lrb_up, out_feat
                            hadamard_block, a_sym, a_clip, splits=None, input_act="", lrb_down_h=None,
                            output_act="", w_colsum=None, a_group=0):
     if (not enabled("qlinear") or packing.FP8 is None or qweight.dtype != packing.FP8 or x.shape[-1] != in_features
-            or a_group):  # (per-group activation ranges: no kernel of the fp8 path takes them yet)
+            or a_group):  # (per-group ranges: the opaque op, whose eager path runs the block-scaled kernels)
         return NotImplemented
     # an input activation goes into the kernels that read x (the quantizer, the branch's down-projection), as eagerly
     a = QLinearArgs(qweight, w_scale, bias, lrb_down, lrb_up, out_features, in_features, w_bits, a_bits,
@@ -247,8 +247,8 @@ def _qlinear_decomposition(x, qweight, w_scale, bias, lrb_down, lrb_up, out_feat
                    "instead of the stacked LRB mode: its weight was not extended before compiling (move the model to "
                    "the GPU, or call use_device_layout, after setting ROBUQ_FP8_EPI / the dispatch table)")
     try:
-        from . import triton_fp8 as T
-        if output_act and not T.out_act_in_gemm(a, x.numel() // in_features):
+        from .fp8_gemms import out_act_in_gemm
+        if output_act and not out_act_in_gemm(a, x.numel() // in_features):
             # as eagerly (triton_fp8._fp8_qlinear): where the GEMM does not apply it, a graph op after the layer
             from .qlinear import apply_input_act
             return apply_input_act(qlinear_traced(x, dataclasses.replace(a, output_act="")), output_act)

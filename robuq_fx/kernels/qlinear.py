@@ -17,8 +17,9 @@ reader (`robuq_fx.fuse_activations`), so that a kernel can apply it while loadin
 re-reading the activation. Kernels that do not fuse it get act(x) (`call_kernel`).
 
 a_group (default 0: one activation range per token): one range per token and a_group consecutive inputs of x H
-(`LayerSpec.a_group`, issue 20's option for quantization local to a GEMM's K tile). No GPU kernel takes it yet: the
-calls run the reference math (a warning says so once).
+(`LayerSpec.a_group`, issue 20's option for quantization local to a GEMM's K tile). The fp8 path takes a_group = the
+Hadamard block = 128 with symmetric absmax codes (kernels/triton_block_quant.py and the block-scaled GEMM); other
+groups run the reference math on the GPU (a warning says so once).
 
 w_colsum (optional): the weight's column sums c[n] = sum_k s_w q_w (fp32, (N,)), the asymmetric layers' offset term
 (y += lo_x c), as the layer keeps it (PackedLinear): a compiled graph reads it instead of summing the codes every

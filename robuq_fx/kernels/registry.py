@@ -172,7 +172,8 @@ def select_cached(x: torch.Tensor, args: QLinearArgs) -> Kernel:
     ~3 us where `select` costs 5-15 (robuq::qlinear's opaque calls in a default-mode compiled graph)."""
     key = (x.shape, x.stride(), x.dtype, x.device, _props(args.qweight), _props(args.w_scale), _props(args.bias),
            _props(args.lrb_down), _props(args.lrb_up), args.out_features, args.in_features, args.w_bits, args.a_bits,
-           args.hadamard_block, args.a_sym, args.a_clip, args.splits, args.input_act, args.output_act, args.a_group, state_key(),
+           args.hadamard_block, args.a_sym, args.a_clip, args.splits, args.input_act, args.output_act, args.a_group,
+           state_key(),
            env_values(_SUPPORT_ENV))
     k = _SELECTED.get(key)
     if k is None:

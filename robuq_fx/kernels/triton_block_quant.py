@@ -51,13 +51,6 @@ def block_quant_kernel(x_ptr, h_ptr, o_ptr, s_ptr, M, M_STORE, stride_x, stride_
              mask=smask[:, None])
 
 
-def block_quant_ok(x2: torch.Tensor, block: int, group: int, a_bits: int, sym: bool, clip: str) -> bool:
-    """The kernel takes the call: symmetric absmax codes of <= 4 bits (exact in fp8) of a 16-bit x with contiguous
-    rows, one range per Hadamard block of 128, K a multiple of it."""
-    return (group == block == BLOCK and sym and clip == "absmax" and a_bits <= 4
-            and x2.dtype in (torch.bfloat16, torch.float16) and x2.stride(-1) == 1 and x2.shape[-1] % BLOCK == 0)
-
-
 def rotation() -> str:
     """"butterfly" (default) or "mma" (ROBUQ_BLOCK_QUANT_ROT=mma): how the block quantizer rotates."""
     return "mma" if os.environ.get("ROBUQ_BLOCK_QUANT_ROT") == "mma" else "butterfly"
@@ -67,7 +60,7 @@ def block_quant(x2: torch.Tensor, h: torch.Tensor, m_store: int, levels: float, 
                 warps: int = 4, rot: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes (m_store, K) fp8, block scales (K / 128, m_store) fp32) of x2 (m, K); h the Hadamard block (128 x 128
     in x2's dtype: `hadamard.hadamard_matrix`; the butterfly reads only its scale h[0, 0]). rot: `rotation()`'s
-    choice by default. Check `block_quant_ok` first."""
+    choice by default. The calls it takes: `triton_fp8._block_scaled`."""
     m, k = x2.shape
     codes = torch.empty(m_store, k, device=x2.device, dtype=torch.float8_e4m3fn)
     scales = torch.empty(k // BLOCK, m_store, device=x2.device, dtype=torch.float32)

@@ -185,6 +185,12 @@ def down_proj(x2: torch.Tensor, bh: torch.Tensor, traced_op=None, act: str = "")
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # torch.mm(..., out_dtype=) (torch >= 2.8)
 
 
+def m_store(m: int) -> int:
+    """Rows the activation codes and scales are allocated with: M rounded up to 16, at least 16 (the GEMMs' row
+    tiles read whole 16-row groups; the padding rows' codes and scales are zeros)."""
+    return max(16, -(-m // 16) * 16)
+
+
 def _block_scaled(a: QLinearArgs) -> bool:
     """Per-block activation ranges (`LayerSpec.a_group`) the fp8 path runs: the block quantizer and the GEMM's
     BLOCK_SCALE form (a_group = Hadamard block = 128, symmetric absmax, K % 128 == 0; a branch's t from `down_proj`,
@@ -197,11 +203,11 @@ def _block_scaled_qlinear(x2: torch.Tensor, a: QLinearArgs, e, m: int) -> torch.
     the branch's t A^T and the output activation in its epilogue where the layer has them)."""
     from ..hadamard import hadamard_matrix
     from .triton_block_quant import block_quant
-    m_pad = max(16, -(-m // 16) * 16)
     lrb = a.lrb_down is not None
     t = down_proj(x2, _rot_down(a, x2.dtype)) if lrb and m else None
     with on_device(x2.device):
-        codes, bs = block_quant(x2, hadamard_matrix(128, x2.dtype, x2.device), m_pad, Q.act_levels(a.a_bits, True))
+        codes, bs = block_quant(x2, hadamard_matrix(128, x2.dtype, x2.device), m_store(m),
+                                Q.act_levels(a.a_bits, True))
         y = torch.empty(m, a.out_features, device=x2.device, dtype=x2.dtype)
         if m:
             run_fp8_gemm(codes, e.fp8, y, bs, e.sw, a.bias, None, None, t, _up16(a, x2.dtype) if lrb else None, m,
@@ -267,7 +273,7 @@ def _fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
     if a.a_group:  # per-block ranges (`_block_scaled`: _fp8_supports took the call only then)
         if a.input_act:
             x2, a = apply_input_act(x2, a.input_act), dataclasses.replace(a, input_act="")
-        y = _block_scaled_qlinear(x2.contiguous(), a, e, m)
+        y = _block_scaled_qlinear(x2, a, e, m)
         return y if x.dim() == 2 else y.reshape(*lead, n)
     if small:  # one kernel: quantize + GEMM + epilogue
         y = _small_m(x2, a, e, m)
@@ -277,7 +283,7 @@ def _fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
         y = fused_quant.run(x2, a, e, m, n, mode)
         if y is not None:
             return y if x.dim() == 2 else y.reshape(*lead, n)
-    m_pad = max(16, -(-m // 16) * 16)
+    m_pad = m_store(m)
     lrb = a.lrb_down is not None
     if takes_stacked(a, m):
         y = stacked_or_none(x2, a, e, _rot_down(a, x2.dtype), m_pad)
@@ -328,7 +334,7 @@ def dequant_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
     wq = _deq_weight(a, x.dtype)
     if a.a_group and a.a_bits < 16:
         warn_once(f"robuq_fx: layers with a_group={a.a_group} (per-group activation scales) run the reference math "
-                  "on the GPU: no fused kernel takes them yet")
+                  "on the GPU: the fp8 path takes only a_group = Hadamard block = 128 with symmetric absmax codes")
     fused = (a.a_bits < 16 and not a.a_group and _triton_quant_ok(x.device.index or 0)
              and quant_supported(k, a.hadamard_block, a.a_bits, x.dtype, a.a_clip, x.numel() // max(k, 1)) is None)
     if not fused:  # the reference math with the cached dequantized weight: bit-identical to `reference`
@@ -351,7 +357,8 @@ register(FP8, priority=20, machine_check=fp8_machine_check, supports=_fp8_suppor
                "_scaled_mm, or a Triton GEMM with the asymmetric / LRB epilogue (pointer or persistent TMA kernel, "
                "dispatch table 'gemm_kernel'); up to 'small_m_fused_max_m' rows one kernel does it all; an input_act "
                "(GELU) applied by the quantizer while it loads x, an output_act by the Triton GEMM's store; "
-               "a_group = Hadamard block = 128 (symmetric absmax): the block quantizer and the block-scaled GEMM")(fp8_qlinear)
+               "a_group = Hadamard block = 128 (symmetric absmax): the block quantizer and the block-scaled "
+               "GEMM")(fp8_qlinear)
 
 
 def _bind(x: torch.Tensor, a: QLinearArgs):

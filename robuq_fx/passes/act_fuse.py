@@ -81,7 +81,8 @@ def _sites(mod: nn.Module):
     if type(mod).__name__ == "ViTMLP" and all(hasattr(mod, a) for a in ("fc1", "activation_fn", "fc2")):
         act = _hf_gelu(mod.activation_fn)  # transformers' ViT: fc2(activation_fn(fc1(x)))
         if act:
-            yield act, ("fc1", mod.fc1), ("fc2", mod.fc2), functools.partial(setattr, mod, "activation_fn", nn.Identity())
+            yield (act, ("fc1", mod.fc1), ("fc2", mod.fc2),
+                   functools.partial(setattr, mod, "activation_fn", nn.Identity()))
         return
     if type(mod).__name__.endswith("Intermediate") and hasattr(mod, "dense") and hasattr(mod, "intermediate_act_fn"):
         act = _hf_gelu(mod.intermediate_act_fn)  # transformers' ViT / BERT: intermediate_act_fn(dense(x)); the reader

@@ -42,7 +42,8 @@ from .qat import ROBUQ_META, set_robuq_info
 QLINEAR = torch.ops.robuq.qlinear.default
 BUFFERS = ("qweight", "w_scale", "bias", "lrb_down", "lrb_up")
 DERIVED = ("lrb_down_h", "w_colsum")  # a PackedLinear's buffers made from those (not in its checkpoint)
-_OPTIONAL = ("splits", "input_act", "lrb_down_h", "output_act", "w_colsum", "a_group")  # robuq::qlinear's arguments after the 13 every call has
+# robuq::qlinear's arguments after the 13 every call has
+_OPTIONAL = ("splits", "input_act", "lrb_down_h", "output_act", "w_colsum", "a_group")
 _aten = torch.ops.aten
 # view ops that fail on a narrowed (non-contiguous) output where the layer's own output was contiguous
 _VIEW_TO_RESHAPE = {_aten.view.default: _aten.reshape.default, _aten._unsafe_view.default: _aten.reshape.default,
@@ -58,7 +59,7 @@ def qlinear_node(g: fx.Graph, x, path: str, mod: PackedLinear) -> fx.Node:
     session 13: the sibling-fused q/k/v did, one GEMM and two kernels a block at batch 1)."""
     attrs = [g.get_attr(f"{path}.{b}") if getattr(mod, b) is not None else None for b in BUFFERS]
     kwargs = {}
-    for derived in ("lrb_down_h", "w_colsum"):  # (the layer's derived buffers: B H, the column sums)
+    for derived in DERIVED:  # (the layer's buffers made from the weight: B H, the column sums)
         if getattr(mod, derived) is not None:
             kwargs[derived] = g.get_attr(f"{path}.{derived}")
     for act in ("input_act", "output_act"):  # (fuse_activations' marks: such a call is no fusion site, `_site`)

@@ -2,10 +2,10 @@
 (kernels/triton_block_quant.py) and `fp8_gemm_kernel`'s BLOCK_SCALE form, which scales each K step's exact product
 of codes by its block's row scales.
 
-CPU, where triton imports: both kernels in Triton's interpreter (the quantizer with either rotation) (fp16; a subprocess with TRITON_INTERPRET=1): the
-quantizer's codes and scales against `quantizers.quantize_act(x H, group=128)` (>= 99.9% of the codes equal: the
-rotation's fp32 sums may round differently), the GEMM against the float64 product of the same codes and scales; and
-the sm_90 builds of both without local stores. GPU: the layer against the reference and `integer_qlinear`."""
+CPU, where triton imports: both kernels in Triton's interpreter (the quantizer with either rotation; fp16; a
+subprocess with TRITON_INTERPRET=1): the quantizer's codes and scales against `quantizers.quantize_act(x H,
+group=128)` (>= 99.9% of the codes equal: the rotation's fp32 sums may round differently), the GEMM against the
+float64 product of the same codes and scales; and the sm_90 builds of both without local stores. GPU: the layer against the reference and `integer_qlinear`."""
 from __future__ import annotations
 
 import re

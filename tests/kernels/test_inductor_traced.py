@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from robuq_fx.kernels import triton_fp8
-from tests.kernels.inductor_testing import (all_ops, fake_sm90, fake_w158_lrb_inputs, kernel_names,  # noqa: F401 (fixtures)
-                                            no_compile_caches, triton_imports)
+from tests.kernels.inductor_testing import (all_ops, fake_sm90, fake_w158_lrb_inputs,  # noqa: F401 (fixtures)
+                                            kernel_names, no_compile_caches, triton_imports)
 from tests.kernels.sm90 import import_or_none
 
 
