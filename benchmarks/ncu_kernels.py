@@ -16,6 +16,11 @@
 With --out-act instead: fc1's shape (4608 x 1152) with and without the GELU in the pointer GEMM's store (session 16:
 DiT W4A4+H with it ran at 1.02x bf16 against 1.24x without): _scaled_mm, the bf16 GELU pass it replaces, and each
 GEMM config with OUT_ACT 0 / 2 (the tanh GELU) where it builds unspilled.
+With --block-scale instead: issue 20's a_group = 128 path piece by piece on the five DiT-XL/2 shapes (session 17:
+DiT W4A4+H ran at 0.725x bf16 with it against 1.247x per token): bf16 F.linear, the whole layer per token and per
+block, the per-token quantizer against the block quantizer (butterfly / tensor-core rotation), rowwise `_scaled_mm`
+against cuBLAS's 1 x 128 block-scaled `_scaled_mm` on the same block codes (with its error against the exact
+product) and our BLOCK_SCALE pointer GEMM per config that holds it, beside the same config without block scales.
 With --attention instead: the 8-bit attention at DiT-XL/2 batch 64 (64 x 16 heads x 256 x 72): the q/k/v row
 kernel, bf16 SDPA and the fused Triton kernel (`triton_attention8`; 0.064x SDPA on the H200, 1.2 ms against 78 us,
 while its offline sm_90 build has wgmma for both products and no spills: ncu's warp states say where it waits).
@@ -53,6 +58,8 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--attention", action="store_true", help="the 8-bit attention kernels instead (docstring)")
     ap.add_argument("--out-act", action="store_true", help="fc1 with / without the GELU in its store (docstring)")
+    ap.add_argument("--block-scale", action="store_true",
+                    help="a_group = 128's kernels against the per-token ones on every DiT shape (docstring)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("ncu_kernels needs a CUDA device")
@@ -61,6 +68,8 @@ def main(argv=None) -> None:
         return attention(args.reps)
     if args.out_act:
         return out_act(args.m, args.reps)
+    if args.block_scale:
+        return block_scale(args.m, args.reps)
     dev, m = "cuda", args.m
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for name, k, n in (("qkv", 1152, 3456), ("fc2", 4608, 1152)):
@@ -134,6 +143,78 @@ def out_act(m: int, reps: int) -> None:
             timed(f"pointer GEMM cfg {i} {cfg} act={act or '-'}",
                   lambda: G.launch_fp8_gemm(codes, w8, y, sx, sw, b, None, None, None, None, m, cfg, out_act=act),
                   reps)
+
+
+def _err(y: torch.Tensor, ref: torch.Tensor) -> str:
+    return f"max |err| / max |ref| = {((y.float() - ref).abs().max() / ref.abs().max()).item():.2e}"
+
+
+def block_scale(m: int, reps: int) -> None:
+    """The a_group = 128 kernels on every DiT-XL/2 shape at m rows (docstring); errors against float64 products."""
+    import torch.nn.functional as F
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_linear import SHAPES, make_layer
+    from robuq_fx.hadamard import hadamard_matrix
+    from robuq_fx.kernels.fp8_gemms import pointer_config
+    from robuq_fx.kernels.triton_block_quant import block_quant
+    G = T._k()
+    dev = "cuda"
+    h = hadamard_matrix(128, torch.bfloat16, dev)
+    print(f"block-scaled pointer config per shape: "
+          f"{ {nm: pointer_config(m, n, k, '', True) for nm, k, n in SHAPES} }")
+    for name, k, n in SHAPES:
+        torch.manual_seed(0)
+        print(f"--- {name} K={k} N={n} M={m}")
+        w = (torch.randn(n, k, device=dev) / k ** 0.5).to(torch.bfloat16)
+        b = (torch.randn(n, device=dev) * 0.1).to(torch.bfloat16)
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        kw = dict(w_bits=4, a_bits=4, hadamard=True, hadamard_block=128)
+        per_tok, per_blk = make_layer(kw, w, b), make_layer(dict(kw, a_group=128), w, b)
+        with torch.no_grad():
+            timed(f"bf16 F.linear {name}", lambda: F.linear(x, w, b), reps)
+            timed(f"layer W4A4+H per token {name}", lambda: per_tok(x), reps)
+            timed(f"layer W4A4+H a_group 128 {name}", lambda: per_blk(x), reps)
+        timed(f"act_quant per token K={k}", lambda: AQ.act_quant(x, 128, 4, True, m_store=m), reps)
+        for rot in ("butterfly", "mma"):
+            timed(f"block_quant K={k} ({rot})", lambda: block_quant(x, h, m, 7.0, rot=rot), reps)
+        codes, sx, _ = AQ.act_quant(x, 128, 4, True, m_store=m)
+        bcodes, bs = block_quant(x, h, m, 7.0)
+        w8 = torch.randint(-7, 8, (n, k), device=dev).to(torch.bfloat16).to(torch.float8_e4m3fn)
+        sw = torch.rand(n, device=dev) * 0.01 + 0.001
+        timed(f"_scaled_mm rowwise {name}", lambda: T._scaled_mm(codes, w8, sx, sw, b), reps)
+        ref = ((bcodes.double() * bs.t().double().repeat_interleave(128, 1)) @ (w8.double() * sw[:, None].double()).t()
+               + b.double())
+        sb_kn = sw[None, :].expand(k // 128, n).contiguous()  # the weight's 1 x 128 scales: s_w[n] for every K block
+        for label, scale_b in (("scale_b (K/128, N) contiguous", sb_kn), ("scale_b (N, K/128) stride (1, N)", sb_kn.t())):
+            try:
+                def cublas(scale_b=scale_b):
+                    return torch._scaled_mm(bcodes, w8.t(), scale_a=bs.t(), scale_b=scale_b, bias=b,
+                                            out_dtype=torch.bfloat16)
+                yb = cublas()
+                timed(f"cuBLAS _scaled_mm 1x128 blocks {name} [{label}]", cublas, reps)
+                print(f"    {_err(yb, ref)}")
+            except Exception as e:  # noqa: BLE001 - report and go on
+                print(f"cuBLAS _scaled_mm 1x128 blocks [{label}]: failed ({type(e).__name__}: {str(e)[:300]})")
+        try:
+            from torch.nn.functional import ScalingType, scaled_mm
+            def cublas_v2():
+                return scaled_mm(bcodes, w8.t(), bs.t(), ScalingType.BlockWise1x128, sb_kn.t(),
+                                 ScalingType.BlockWise1x128, bias=b, output_dtype=torch.bfloat16)
+            yb = cublas_v2()
+            timed(f"F.scaled_mm 1x128 x 1x128 {name}", cublas_v2, reps)
+            print(f"    {_err(yb, ref)}")
+        except Exception as e:  # noqa: BLE001
+            print(f"F.scaled_mm 1x128 x 1x128: failed ({type(e).__name__}: {str(e)[:300]})")
+        y = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
+        for i, cfg in enumerate(G.GEMM_CONFIGS):
+            if not G.two_tiles_ok(cfg):
+                continue
+            timed(f"pointer GEMM cfg {i} {cfg} per token",
+                  lambda: G.launch_fp8_gemm(codes, w8, y, sx, sw, b, None, None, None, None, m, cfg), reps)
+            timed(f"pointer GEMM cfg {i} {cfg} BLOCK_SCALE",
+                  lambda: G.launch_fp8_gemm(bcodes, w8, y, bs, sw, b, None, None, None, None, m, cfg,
+                                            block_scale=True), reps)
+        print(f"    BLOCK_SCALE {_err(y, ref)}")
 
 
 def attention(reps: int) -> None:

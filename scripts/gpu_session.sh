@@ -343,6 +343,15 @@ ag128)  # issue 20's a_group = 128 on the fp8 path (session 16: the one-pass blo
         --settings "W4A4+H" "W4A4(ag128)" --batches 64 --iters 10 --warmup 3 --tag _reduce-overhead_ag128 2>&1 \
         | grep -v Warning | tail -12
     ;;
+ag128-diag)  # session 17: a_group = 128 piece by piece (DiT W4A4+H ran at 0.725x with it vs 1.247x per token):
+    # ncu_kernels --block-scale at M = 16384 and 1024 (quantizers, cuBLAS's 1 x 128 block-scaled _scaled_mm, our
+    # BLOCK_SCALE GEMM per config), then the GPU tests with their failures (~5 min)
+    for m in 16384 1024; do
+        timeout 200 python3 benchmarks/ncu_kernels.py --block-scale --m $m --reps 20 2>&1 | grep -v Warning | tail -80
+    done
+    timeout 200 python3 -m pytest -q -rfE --tb=line -p no:cacheprovider tests/kernels/test_block_scaled.py \
+        tests/test_act_group.py 2>&1 | grep -vE "^  " | tail -25
+    ;;
 paper-ag128)  # the paper policy per token vs a_group = 128 at batch 64 (its LRB layers on the block-scaled GEMM with
     # t A^T in the epilogue; summary key paper_ag128_b64_x), ~8 min
     timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
@@ -423,6 +432,14 @@ dit-low)  # the asymmetric sigma policies (issue 17 item 5: within 10% of dit-xl
 low-vs-paper)  # issue 17 item 5 side by side: the paper policy and -a3 at batch 64 in one run (CUDA graphs)
     timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
         --settings "dit-xl-2-robuq (" "-a3 (" --batches 64 --iters 8 --warmup 2 --tag _reduce-overhead_low_vs_paper \
+        2>&1 | grep -v Warning | tail -16
+    ;;
+a2-vs-paper)  # session 17: the output_act GPU tests with their failures (is the exact-GELU tolerance real?), then
+    # issue 17 item 5's -a2 beside the paper policy at batch 64 in one run (-a3: 90.3% of the paper's speed)
+    timeout 100 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_input_act.py \
+        -k "output" 2>&1 | grep -E "^E |assert|passed|failed" | head -30
+    timeout 480 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
+        --settings "dit-xl-2-robuq (" "-a2 (" --batches 64 --iters 8 --warmup 2 --tag _reduce-overhead_a2_vs_paper \
         2>&1 | grep -v Warning | tail -16
     ;;
 a3-sigma)  # session 15's sigma moments (one Welford reduction a piece, no row layout conversion): the sigma
