@@ -434,6 +434,16 @@ low-vs-paper)  # issue 17 item 5 side by side: the paper policy and -a3 at batch
         --settings "dit-xl-2-robuq (" "-a3 (" --batches 64 --iters 8 --warmup 2 --tag _reduce-overhead_low_vs_paper \
         2>&1 | grep -v Warning | tail -16
     ;;
+block-cublas)  # session 17's last call: a_group = 128 on cuBLAS's blockwise _scaled_mm and the tensor-core block
+    # quantizer (kernels/block_scaled.py): its GPU tests, the output_act tests with the exact-GELU bound fixed, then
+    # ncu_kernels --block-scale at M = 16384 (the whole-layer rows now take both changes), ~4 min
+    timeout 150 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_block_scaled.py 2>&1 \
+        | grep -E "^E  |passed|failed" | cut -c1-300 | head -20
+    timeout 100 python3 -m pytest -q -rfE --tb=line -p no:cacheprovider tests/kernels/test_input_act.py \
+        -k "output" 2>&1 | grep -E "AssertionError|passed|failed" | cut -c1-300 | head -12
+    timeout 150 python3 benchmarks/ncu_kernels.py --block-scale --m 16384 --reps 20 2>&1 | grep -v Warning \
+        | grep -E "^---|layer|quant|_scaled_mm|BLOCK_SCALE max|config" | cut -c1-200
+    ;;
 a2-vs-paper)  # session 17: the output_act GPU tests with their failures (is the exact-GELU tolerance real?), then
     # issue 17 item 5's -a2 beside the paper policy at batch 64 in one run (-a3: 90.3% of the paper's speed)
     timeout 100 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_input_act.py \

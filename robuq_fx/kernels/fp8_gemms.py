@@ -74,8 +74,8 @@ def out_act_in_gemm(a: QLinearArgs, m: int) -> bool:
     asymmetric / LRB epilogue outside the addmm and stacked modes) with K % 128 == 0; the other paths apply it after
     the layer. The one rule for the eager path and the Inductor decomposition."""
     n, k = a.out_features, a.in_features
-    if a.a_group:  # per-block ranges: always the block-scaled pointer GEMM (triton_fp8._block_scaled_qlinear)
-        return bool(a.output_act and m and k % 128 == 0)
+    if a.a_group:  # per-block ranges: with an output activation always the block-scaled pointer GEMM
+        return bool(a.output_act and m and k % 128 == 0)  # (block_scaled.qlinear)
     plain = a.a_sym and a.lrb_down is None
     return bool(a.output_act and m and k % 128 == 0 and (plain or epilogue_mode(m, n, k) != "addmm")
                 and not takes_stacked(a, m))

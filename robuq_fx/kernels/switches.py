@@ -49,8 +49,10 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
                                                 "qlinear, attention8 (into our Triton kernels + ATen); 1: all, 0: none"),
     ("ROBUQ_INDUCTOR_GLUON_QUANT", "1", "0: compiled graphs under CUDA graphs take the Triton quantizer where "
                                         "the table picks the Gluon one (kept there through an opaque op)"),
-    ("ROBUQ_BLOCK_QUANT_ROT", "butterfly", "mma: the a_group = 128 block quantizer (kernels/triton_block_quant.py) "
-     "rotates on tensor cores instead of the butterfly"),
+    ("ROBUQ_BLOCK_QUANT_ROT", "mma", "butterfly: the a_group = 128 block quantizer (kernels/triton_block_quant.py) "
+     "rotates with the per-token quantizer's butterfly instead of tensor cores (slower on the H200)"),
+    ("ROBUQ_BLOCK_GEMM", "(cublas)", "triton: a_group = 128 layers without a branch take our block-scaled Triton GEMM "
+     "instead of cuBLAS's 1 x 128 blockwise _scaled_mm (kernels/block_scaled.py)"),
     ("ROBUQ_STACKED_QUANT", "", "fused: the stacked LRB mode's codes from one kernel (quantizer + lrb_split, x read "
      "once, the rotation on tensor cores: kernels/triton_mma_quant.py)"),
     ("ROBUQ_INDUCTOR_LOWRANK_ADD", "1", "0: compiled LRB / asymmetric layers in ROBUQ_FP8_EPI=addmm mode take the "

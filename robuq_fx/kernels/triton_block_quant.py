@@ -2,13 +2,15 @@
 needs triton): each program rotates one 128-wide block of BM rows and quantizes it with that block's own absmax, in
 one pass: no row-wide reduction, no second read of x (the per-token quantizer needs both at K = 4608).
 
-    y = RN_dtype(x_b H)       (MMA: a 16-bit tensor-core dot with fp32 sums, `hadamard.block_hadamard`'s formula;
-                               else the butterfly of triton_act_quant._piece, which the per-token quantizer runs:
-                               session 11 measured it ~2x faster than the tensor-core rotation in that kernel)
+    y = RN_dtype(x_b H)       (MMA, the default: a 16-bit tensor-core dot with fp32 sums, `hadamard.block_hadamard`'s
+                               formula; else the butterfly of triton_act_quant._piece, which the per-token
+                               quantizer runs. In that quantizer the butterfly won ~2x (session 11); in this one
+                               the tensor cores win 1.5-2.4x at M = 16384 (session 17, `rotation()`))
     s[b, m] = RN(max_k |y[m, k]| / qmax),  q = rint(y / s) -> fp8 codes          (symmetric absmax)
 
 The scales are stored block-major, (K / 128, M_STORE) fp32: what `fp8_gemm_kernel`'s BLOCK_SCALE form reads, one
-K block's column a step of its K loop (kernels/triton_fp8_kernels.py). Codes and scales equal
+K block's column a step of its K loop (kernels/triton_fp8_kernels.py); transposed, cuBLAS's 1 x 128 scale_a
+layout (M_STORE, K / 128) with strides (1, M_STORE) (kernels/block_scaled.py). Codes and scales equal
 `quantizers.quantize_act(x H, group=128)` up to the order of the rotation's fp32 sums. Rows in [M, M_STORE) get
 codes and scales 0 (the GEMM's padded rows).
 """
@@ -52,15 +54,17 @@ def block_quant_kernel(x_ptr, h_ptr, o_ptr, s_ptr, M, M_STORE, stride_x, stride_
 
 
 def rotation() -> str:
-    """"butterfly" (default) or "mma" (ROBUQ_BLOCK_QUANT_ROT=mma): how the block quantizer rotates."""
-    return "mma" if os.environ.get("ROBUQ_BLOCK_QUANT_ROT") == "mma" else "butterfly"
+    """"mma" (default) or "butterfly" (ROBUQ_BLOCK_QUANT_ROT=butterfly): how the block quantizer rotates. Session 17
+    (H200, M = 16384): the tensor-core rotation 43 / 94 us at K = 1152 / 4608 against the butterfly's 64 / 226 us;
+    equal at M = 1024 (benchmarks/results/block_scale_diag_NVIDIA_H200.txt)."""
+    return "butterfly" if os.environ.get("ROBUQ_BLOCK_QUANT_ROT") == "butterfly" else "mma"
 
 
 def block_quant(x2: torch.Tensor, h: torch.Tensor, m_store: int, levels: float, launcher=launch, bm: int = 64,
                 warps: int = 4, rot: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes (m_store, K) fp8, block scales (K / 128, m_store) fp32) of x2 (m, K); h the Hadamard block (128 x 128
     in x2's dtype: `hadamard.hadamard_matrix`; the butterfly reads only its scale h[0, 0]). rot: `rotation()`'s
-    choice by default. The calls it takes: `triton_fp8._block_scaled`."""
+    choice by default. The calls it takes: `block_scaled.takes`."""
     m, k = x2.shape
     codes = torch.empty(m_store, k, device=x2.device, dtype=torch.float8_e4m3fn)
     scales = torch.empty(k // BLOCK, m_store, device=x2.device, dtype=torch.float32)

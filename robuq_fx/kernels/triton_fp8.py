@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from .. import layer
 from .. import quantizers as Q
-from . import fused_quant
+from . import block_scaled, fused_quant
 from .dispatch import epilogue_mode, fp8_min_m, small_m_max
 from .fp8_gemms import _capability, _k, down_in_gemm_ok, out_act_in_gemm, run_fp8_gemm  # noqa: F401 (_k: benchmarks)
 from .lrb_stacked import stacked_or_none, takes_stacked
@@ -107,7 +107,7 @@ def _fp8_supports(x: torch.Tensor, a: QLinearArgs) -> str | None:
         return f"activation dtype {x.dtype} (fp8 path takes bf16/fp16)"
     if a.a_bits > 4:
         return f"a_bits={a.a_bits}: codes beyond +-15 are not exact in fp8 e4m3"
-    if a.a_group and not _block_scaled(a):
+    if a.a_group and not block_scaled.takes(a):
         return (f"a_group={a.a_group}: the fp8 path takes per-block activation ranges only with a_group = the "
                 f"Hadamard block = 128 and symmetric absmax codes")
     if a.w_bits not in (1.58, 2, 3, 4):
@@ -191,30 +191,6 @@ def m_store(m: int) -> int:
     return max(16, -(-m // 16) * 16)
 
 
-def _block_scaled(a: QLinearArgs) -> bool:
-    """Per-block activation ranges (`LayerSpec.a_group`) the fp8 path runs: the block quantizer and the GEMM's
-    BLOCK_SCALE form (a_group = Hadamard block = 128, symmetric absmax, K % 128 == 0; a branch's t from `down_proj`,
-    added in the GEMM's epilogue)."""
-    return (a.a_group == a.hadamard_block == 128 and a.a_sym and a.a_clip == "absmax" and a.in_features % 128 == 0)
-
-
-def _block_scaled_qlinear(x2: torch.Tensor, a: QLinearArgs, e, m: int) -> torch.Tensor:
-    """y (m, N) of a per-block-range layer: the one-pass block quantizer, then the block-scaled pointer GEMM (with
-    the branch's t A^T and the output activation in its epilogue where the layer has them)."""
-    from ..hadamard import hadamard_matrix
-    from .triton_block_quant import block_quant
-    lrb = a.lrb_down is not None
-    t = down_proj(x2, _rot_down(a, x2.dtype)) if lrb and m else None
-    with on_device(x2.device):
-        codes, bs = block_quant(x2, hadamard_matrix(128, x2.dtype, x2.device), m_store(m),
-                                Q.act_levels(a.a_bits, True))
-        y = torch.empty(m, a.out_features, device=x2.device, dtype=x2.dtype)
-        if m:
-            run_fp8_gemm(codes, e.fp8, y, bs, e.sw, a.bias, None, None, t, _up16(a, x2.dtype) if lrb else None, m,
-                         out_act=a.output_act, block_scale=True)
-    return y
-
-
 def _small_m_ok(x: torch.Tensor, a: QLinearArgs, m: int) -> bool:
     """The single-kernel path takes this call (dispatch.small_m_max; absmax ranges, K in Hadamard-block chunks)."""
     if (m == 0 or m > small_m_max() or a.a_clip != "absmax" or x.dtype not in (torch.bfloat16, torch.float16)
@@ -270,10 +246,10 @@ def _fp8_qlinear(x: torch.Tensor, a: QLinearArgs) -> torch.Tensor:
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     e = _fp8_weights(a)
-    if a.a_group:  # per-block ranges (`_block_scaled`: _fp8_supports took the call only then)
+    if a.a_group:  # per-block ranges (`block_scaled.takes`: _fp8_supports took the call only then)
         if a.input_act:
             x2, a = apply_input_act(x2, a.input_act), dataclasses.replace(a, input_act="")
-        y = _block_scaled_qlinear(x2, a, e, m)
+        y = block_scaled.qlinear(x2, a, e, m)
         return y if x.dim() == 2 else y.reshape(*lead, n)
     if small:  # one kernel: quantize + GEMM + epilogue
         y = _small_m(x2, a, e, m)

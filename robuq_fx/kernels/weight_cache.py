@@ -1,7 +1,7 @@
 """Weight-side tensors the CUDA qlinear paths derive from a layer's buffers, kept per weight (`triton_fp8.py` uses
 them): the fp8 codes (none where the buffer already is them), fp32 per-channel scales, the asymmetric column sums,
-a dequantized 16-bit weight for `cuda_dequant` (packed layout only), B H of the low-rank branch and the stacked
-mode's extended weight (lrb_stacked.py).
+a dequantized 16-bit weight for `cuda_dequant` (packed layout only), B H of the low-rank branch, the stacked
+mode's extended weight (lrb_stacked.py) and the a_group layers' 1 x 128 weight scales (block_scaled.py).
 
 Entries are keyed on the qweight tensor (identity, data_ptr and `_version`, and the same for w_scale / lrb_down): an
 in-place update (load_state_dict, copy_) invalidates them. Fill them (one warm-up call) before capturing a CUDA
@@ -24,11 +24,11 @@ _ver = tensor_key  # one definition for every weight cache (kernels/registry.py)
 
 
 class _Entry:
-    __slots__ = ("key", "ref", "fp8", "sw", "cs", "deq", "bh", "stk")
+    __slots__ = ("key", "ref", "fp8", "sw", "cs", "deq", "bh", "stk", "swb")
 
     def __init__(self, key, ref):
         self.key, self.ref = key, ref
-        self.fp8 = self.sw = self.cs = self.stk = None
+        self.fp8 = self.sw = self.cs = self.stk = self.swb = None
         self.deq = {}
         self.bh = {}
 

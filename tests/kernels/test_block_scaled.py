@@ -153,25 +153,97 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_
 
 
 @gpu
-@pytest.mark.parametrize("k,n,m", [(1152, 3456, 4096), (4608, 1152, 300), (1152, 1152, 37)])
-def test_layer_on_the_fp8_path_equals_the_reference(k, n, m):
+@pytest.mark.parametrize("gemm", ["cublas", "triton"])
+@pytest.mark.parametrize("k,n,m,rank", [(1152, 3456, 4096, 0), (4608, 1152, 300, 0), (1152, 1152, 37, 0),
+                                        (1152, 1152, 300, 32)])
+def test_layer_on_the_fp8_path_equals_the_reference(k, n, m, rank, gemm, monkeypatch):
+    """Both GEMMs (cuBLAS's 1 x 128 blockwise _scaled_mm for layers without a branch, else / with
+    ROBUQ_BLOCK_GEMM=triton our BLOCK_SCALE GEMM) against the reference math and `integer_qlinear`; which one ran is
+    checked, not assumed."""
     from robuq_fx import kernels
+    from robuq_fx.kernels import block_scaled
     from robuq_fx.kernels.reference import integer_qlinear
     from robuq_fx.kernels.registry import QLinearArgs, select
     from robuq_fx.modules import PackedLinear
     from robuq_fx.spec import LayerSpec
+    if gemm == "triton":
+        monkeypatch.setenv("ROBUQ_BLOCK_GEMM", "triton")
+    ran = []
+    real = block_scaled.cublas_gemm
+    monkeypatch.setattr(block_scaled, "cublas_gemm", lambda *args: ran.append(1) or real(*args))
     torch.manual_seed(0)
-    spec = LayerSpec(w_bits=4, a_bits=4, hadamard=True, hadamard_block=128, a_group=128).resolve(k, n)
+    spec = LayerSpec(w_bits=4, a_bits=4, hadamard=True, hadamard_block=128, a_group=128,
+                     lora_rank=rank).resolve(k, n)
+    down = up = None
+    if rank:
+        down, up = (torch.randn(rank, k) * 0.05).cuda().bfloat16(), (torch.randn(n, rank) * 0.05).cuda().bfloat16()
     layer = PackedLinear.from_float((torch.randn(n, k) / k ** 0.5).cuda().bfloat16(),
-                                    (torch.randn(n) * 0.1).cuda().bfloat16(), None, None, spec).use_device_layout()
+                                    (torch.randn(n) * 0.1).cuda().bfloat16(), down, up, spec).use_device_layout()
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    a = QLinearArgs(layer.qweight, layer.w_scale, layer.bias, None, None, *layer.op_args(), a_group=128)
+    a = QLinearArgs(layer.qweight, layer.w_scale, layer.bias, layer.lrb_down, layer.lrb_up, *layer.op_args(),
+                    a_group=128)
     assert select(x, a).name == "triton_fp8"
     with torch.no_grad():
         got = layer(x)
         with kernels.use("reference"):
             ref = layer(x)
+    assert got.shape == (m, n)
+    assert bool(ran) == (gemm == "cublas" and not rank) and block_scaled._CUBLAS_OK[0]
     exact = integer_qlinear(x, a)
     rows_equal = ((got.float() - exact.float()).abs() <= 2e-2 * exact.float().abs() + 1e-2).all(1).float().mean()
     assert rows_equal >= 0.99, rows_equal  # a flipped code moves its row
     assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+
+
+def _block_args(**kw):
+    from robuq_fx.kernels.registry import QLinearArgs
+    from robuq_fx.modules import PackedLinear
+    from robuq_fx.spec import LayerSpec
+    spec = LayerSpec(w_bits=4, a_bits=4, hadamard=True, hadamard_block=128, a_group=128, **kw).resolve(256, 32)
+    layer = PackedLinear.from_float(torch.randn(32, 256), torch.randn(32), None, None, spec)
+    return QLinearArgs(layer.qweight, layer.w_scale, layer.bias, None, None, *layer.op_args(), a_group=128)
+
+
+def test_which_block_scaled_gemm_a_call_takes(monkeypatch):
+    """The rules of kernels/block_scaled.py: the layers the fp8 path takes, and where cuBLAS's blockwise GEMM may
+    run (never on a CPU tensor, never with an output activation or a branch, never when switched off)."""
+    import dataclasses
+    from robuq_fx.kernels import block_scaled as B
+    a = _block_args()
+    assert B.takes(a)
+    assert not B.takes(dataclasses.replace(a, a_group=64))
+    assert not B.takes(dataclasses.replace(a, a_sym=False))
+    assert not B.takes(dataclasses.replace(a, a_clip="sigma"))
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    assert not B.cublas_ok(x, a)  # a CPU tensor
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9:
+        xc = x.cuda()
+        assert B.cublas_ok(xc, a)
+        assert not B.cublas_ok(xc.half(), a)
+        assert not B.cublas_ok(xc, dataclasses.replace(a, output_act="gelu_tanh"))
+        monkeypatch.setenv("ROBUQ_BLOCK_GEMM", "triton")
+        assert not B.cublas_ok(xc, a)
+
+
+def test_refused_blockwise_gemm_falls_back_with_one_warning(monkeypatch):
+    """A torch / cuBLAS that refuses the 1 x 128 recipe: cublas_gemm returns None (the Triton GEMM runs), warns once
+    and is not asked again; the weight's block scales are s_w in every K block."""
+    import warnings
+    from types import SimpleNamespace
+    from robuq_fx.kernels import block_scaled as B
+    from robuq_fx.kernels import registry
+    e = SimpleNamespace(fp8=torch.zeros(32, 384), sw=torch.rand(32), swb=None)
+    swb = B.block_weight_scales(e)
+    assert swb.shape == (3, 32) and swb.is_contiguous() and torch.equal(swb, e.sw.expand(3, 32))
+    assert B.block_weight_scales(e) is swb  # kept on the entry
+
+    def refuse(*args, **kw):
+        raise RuntimeError("Invalid scaling configuration")
+    monkeypatch.setattr(torch, "_scaled_mm", refuse)
+    monkeypatch.setattr(B, "_CUBLAS_OK", [True])
+    monkeypatch.setattr(registry, "_WARNED", set(), raising=False)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert B.cublas_gemm(torch.zeros(16, 384), torch.ones(3, 16), e, None, 16) is None
+    assert not B._CUBLAS_OK[0]
+    assert any("blockwise" in str(x.message) for x in w)

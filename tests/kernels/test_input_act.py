@@ -84,7 +84,12 @@ def _same_gelu(y, want, exact_form: bool):
         return
     differ = (y != want).float().mean().item()
     assert differ <= 1e-4, differ
-    assert ((y.float() - want.float()).abs() <= 2 ** -7 * want.float().abs() + 1e-30).all()
+    # one bf16 step of the larger of the two; 1e-6 absolute for the far negative tail, where one form may round a
+    # tiny GELU value to 0 and the other not (session 17: the step bound relative to want alone failed there)
+    d = (y.float() - want.float()).abs()
+    bound = 2 ** -7 * torch.maximum(want.float().abs(), y.float().abs()) + 1e-6
+    worst = int((d - bound).argmax())
+    assert (d <= bound).all(), (y.flatten()[worst].item(), want.flatten()[worst].item())
 
 
 @pytest.mark.parametrize("down", ["0", "1"])
