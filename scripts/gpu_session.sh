@@ -434,6 +434,11 @@ low-vs-paper)  # issue 17 item 5 side by side: the paper policy and -a3 at batch
         --settings "dit-xl-2-robuq (" "-a3 (" --batches 64 --iters 8 --warmup 2 --tag _reduce-overhead_low_vs_paper \
         2>&1 | grep -v Warning | tail -16
     ;;
+overhead-census)  # session 17, the last minutes of device time: the eager call-overhead table (issue 17 item 6's
+    # 30 us at M = 16; last measured in session 8) and the batch-1 graph census (~4 min)
+    timeout 90 python3 benchmarks/bench_call_overhead.py --profile --out "$OUT" 2>&1 | grep -v Warning | tail -22
+    timeout 200 python3 scripts/graph_census.py --batch 1 --watch lift_fresh 2>&1 | grep -v Warning | tail -50
+    ;;
 block-cublas)  # session 17's last call: a_group = 128 on cuBLAS's blockwise _scaled_mm and the tensor-core block
     # quantizer (kernels/block_scaled.py): its GPU tests, the output_act tests with the exact-GELU bound fixed, then
     # ncu_kernels --block-scale at M = 16384 (the whole-layer rows now take both changes), ~4 min
