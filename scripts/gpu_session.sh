@@ -51,7 +51,7 @@
 #   scripts/gpu_session.sh ncu              Nsight Compute on the quantizer / GEMM kernels (benchmarks/ncu_kernels.py)
 #   scripts/gpu_session.sh verify13 [S]     session 13's kernels (lrb_down split / in the GEMM, B H in lowered graphs,
 #                                           sigma / GELU plans, row kernel, prequant attention): their GPU tests
-#   scripts/gpu_session.sh profile-low      profile_dit of dit-xl-2-robuq-a3 at batch 64 (default-mode compile)
+#   scripts/gpu_session.sh profile-low [S]  profile_dit of dit-xl-2-robuq-a3 (or S: paper-a2) at batch 64 (default-mode compile)
 #   scripts/gpu_session.sh linear-down      bench_linear's extra columns at M = 256 / 1024 (the down-projection in the GEMM)
 #   scripts/gpu_session.sh profile-b1-cg    batch 1 under CUDA graphs: kernel sums against wall time (bf16, dit, paper)
 #   scripts/gpu_session.sh ncu-attention    Nsight Compute on the 8-bit attention kernels (the fused one: 0.064x SDPA)
@@ -63,6 +63,12 @@
 #   scripts/gpu_session.sh linear-ag128     bench_linear with the a_group = 128 columns (per layer, CUDA graphs, ~5 min)
 #   scripts/gpu_session.sh census           the paper policy's batch-1 graph after our decompositions: op counts, the
 #                                           source lines of its lift_fresh copies (scripts/graph_census.py, ~2 min)
+#   scripts/gpu_session.sh ag128-diag       a_group = 128 piece by piece (ncu_kernels --block-scale at M = 16384 / 1024),
+#                                           then its GPU tests (~5 min)
+#   scripts/gpu_session.sh a2-vs-paper      the output_act GPU tests, then -a2 beside the paper policy at batch 64 (~7 min)
+#   scripts/gpu_session.sh block-cublas     a_group = 128 on cuBLAS's blockwise GEMM: its GPU tests, the output_act tests,
+#                                           ncu_kernels --block-scale at M = 16384 (~3 min)
+#   scripts/gpu_session.sh overhead-census  bench_call_overhead --profile, then the batch-1 graph census (~3 min)
 #   scripts/gpu_session.sh diag-a2          gelu-fc1-diag, then -a2 at batch 64 alone (~6 min)
 #   scripts/gpu_session.sh dit-gelu         W4A4+H batch 64 with / without the GELU fused into fc2 (its spill fixed)
 #   scripts/gpu_session.sh dit-gelu-paper   the same for the paper policy (its fc2's branch applies the GELU too)
@@ -79,21 +85,20 @@
 # The machine goes back ~30 s after a call returns, and with it everything detached or left in /tmp: make every
 # call self-contained, and send the next one at once. On nvidia-h200-x2, `pair A B` runs two steps at once (one a
 # GPU) for the device time of one: use it. A cold compile of the paper policy takes ~3-4 min on the machine: a call
-# holds about two (policy, batch) rows. Session 17's plan (one H200; one bench_dit run a call, sent alone):
-#   1. diag-a2     (~6 min: gelu-fc1-diag, i.e. the output_act GPU tests with their failures shown and fc1's GEMM
-#                   per config with / without the GELU vs _scaled_mm + the GELU pass, then -a2 at batch 64, with
-#                   session 16's w_colsum buffer; issue 17 item 5: -a3 ran at 90.3% of the paper policy's speed)
-#   2. ag128       (~7 min: issue 20's per-block ranges on the fp8 path: GPU tests, then DiT-XL/2 W4A4+H per token
-#                   vs a_group 128 at batch 64; the block quantizer needs no row-wide reduction, fc2's K = 4608 bound)
-#   3. attention-sweep (~7 min: the flash kernel's two-piece head dims and launch configs; winners go into the
-#                   table copy it brings back: commit it if they beat the row kernel + SDPA)
-#   4. train-cpp   (issue 19: the paper policy's compiled QAT step with Inductor's C++ wrapper on both sides)
-#   then paper-ag128 / linear-ag128 (the paper policy and the per-layer columns with a_group 128, if ag128 wins), tests (~8 min: session 16's GPU tests among them: the w_colsum / output_act paths, a_group's reference
-#   fallback and its fused QAT specs on CUDA), census (~2 min: where the per-block lift_fresh copy of the batch-1
-#   profile comes from), gelu-fc1-b1 (the
-#   GELU in fc1's store at batch 1, where a launch counts more than the store's instructions),
-#   dit-default (its C++-wrapper rows), linear-down, profile-b1-cg, qat-profile compiled paper. On nvidia-h200-x2,
-#   `pair` two of them a call; ddp needs it.
+# holds about two (policy, batch) rows. Session 18's plan (one H200; one bench_dit run a call, sent alone):
+#   1. tests       (~8 min: the GPU tests of the newest kernels; session 17 ran only test_block_scaled (11 passed) and
+#                   test_input_act -k output (10 passed) of session 16's: the w_colsum buffer's and the a_group
+#                   reference fallback's are still to run; and test_traced_constants' fix, lrb_down_reduce_kernel
+#                   built by Inductor's mutation analysis, shows in `census` as no "assuming every input is mutated")
+#   2. profile-low paper-a2 (issue 17 item 5: -a2 at 88.2% of the paper policy's speed, 1.8 points short: where its
+#                   ~4.9 ms over the paper policy go; session 15 found the sigma quantizer then)
+#   3. census      (~2 min: after the lrb_down_reduce fix, are the 57 aten.clone nodes of the batch-1 graph gone?)
+#   4. attention-sweep, train-cpp; then gelu-fc1-b1, dit-default, linear-down, profile-b1-cg, qat-profile.
+#   paper-ag128 / linear-ag128 need not run: a_group = 128 loses per layer (block_scale_diag_NVIDIA_H200.txt).
+# Session 17 ran: ag128 (DiT W4A4+H a_group 128 0.725x vs 1.247x per token), ag128-diag (the breakdown: the
+# block-scaled GEMM is 1.45-1.55x rowwise in cuBLAS), a2-vs-paper (paper 0.882x, -a2 0.778x: 88.2%), block-cublas
+# (GPU tests pass; cuBLAS's blockwise GEMM in the a_group path), overhead-census (eager call table; census: no
+# lift_fresh in the b1 graph, 57 clones, and Inductor's mutation analysis failing on lrb_down_reduce_kernel: fixed).
 # Session 16 ran: low-vs-paper (paper 0.905x, -a3 0.817x, one run), gelu-fc1 (the GELU in fc1's store: 1.023x vs
 # 1.236x unfused, loses; its exact-GELU tests failed bit-equality, tanh passed). No machine after those two calls.
 # Session 15 ran: dit-gelu (fused 1.149x vs 1.259x unfused: loses), dit-low (-a3 / -a2 0.512 / 0.499),
@@ -147,7 +152,7 @@ save_compile_cache() {  # at most 3 pieces (45 MB): the 8 files back include the
 export GPU_SESSION_NESTED=1  # steps calling "$0" for another step: only the outer one saves the cache
 LM=/tmp/robuq_lm
 GPU_TESTS="tests/kernels/test_gluon_act_quant.py tests/kernels/test_gluon_fp8_gemm.py tests/kernels/test_gluon_qgemm.py tests/kernels/test_inductor.py tests/kernels/test_inductor_traced.py tests/kernels/test_triton_fp8.py tests/kernels/test_act_quant_kernel.py tests/kernels/test_fp8_gemm_kernels.py tests/kernels/test_fastcall.py tests/kernels/test_triton_wquant.py tests/kernels/test_input_act.py
-    tests/test_direct_call.py tests/models/test_timm_dropin.py tests/test_qat_fused.py tests/test_weight_layout.py tests/kernels/test_rotated_down.py tests/test_act_group.py tests/test_qat_fused.py"
+    tests/test_direct_call.py tests/models/test_timm_dropin.py tests/test_qat_fused.py tests/test_weight_layout.py tests/kernels/test_rotated_down.py tests/test_act_group.py tests/kernels/test_block_scaled.py"
 
 case "${1:-}" in
 tests)
@@ -388,8 +393,8 @@ profile-b1-cg)  # batch 1 under CUDA graphs: each setting's kernel sum against i
     timeout 560 python3 benchmarks/profile_dit.py --settings bf16 dit paper --batch 1 --steps 5 \
         --compile-mode reduce-overhead --out "$OUT" 2>&1 | grep -v Warning | grep -E "^##|TOTAL|wall|kernels a"
     ;;
-profile-low)  # where the -a3 policy's batch-64 time goes (default-mode compile; 0.354x vs the paper policy's 0.875x)
-    timeout 560 python3 benchmarks/profile_dit.py --settings paper-a3 --batch 64 --steps 3 --out "$OUT" 2>&1 \
+profile-low)  # profile-low [SETTING]: where the -a3 (or paper-a2) policy's batch-64 time goes (default-mode compile)
+    timeout 560 python3 benchmarks/profile_dit.py --settings "${2:-paper-a3}" --batch 64 --steps 3 --out "$OUT" 2>&1 \
         | grep -v Warning | tail -n 34
     ;;
 verify12)  # session 12's CPU-built fixes on the GPU (the constant Hadamard matrix in compiled graphs, the layer's B H

@@ -85,8 +85,9 @@ def lrb_down_reduce_kernel(p_ptr, t_ptr, M, stride_t, R: tl.constexpr, RP: tl.co
     mmask = offs_m < M
     ptrs = p_ptr + offs_m[:, None].to(tl.int64) * RP + rr[None, :]
     acc = tl.load(ptrs, mask=mmask[:, None], other=0.0)
+    m64 = tl.cast(M, tl.int64)  # (not M.to: Inductor's mutation analysis builds this kernel with M a Python int)
     for j in tl.static_range(1, SPLIT):
-        acc += tl.load(ptrs + (j * M).to(tl.int64) * RP, mask=mmask[:, None], other=0.0)
+        acc += tl.load(ptrs + m64 * (j * RP), mask=mmask[:, None], other=0.0)
     tl.store(t_ptr + offs_m[:, None].to(tl.int64) * stride_t + rr[None, :], acc.to(t_ptr.dtype.element_ty),
              mask=mmask[:, None] & (rr[None, :] < R))
 
