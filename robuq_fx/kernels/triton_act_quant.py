@@ -138,9 +138,26 @@ def _welford_combine(m_a, q_a, n_a, m_b, q_b, n_b):
 def _moments(y):
     """(mean, sum of squared deviations, count) of each row of y, (BM,) fp32 each, in one Welford reduction: no row
     statistic is broadcast back against y, which (a mean then the deviations from it, two passes) made Triton
-    convert each whole piece's layout through shared memory, 5x the absmax kernel's time on the H200 (session 15)."""
+    convert each whole piece's layout through shared memory, 5x the absmax kernel's time on the H200 (session 15).
+    For programs of several rows; one-row programs take the two scalar passes (`_total`, `_dev2`: no division a
+    value, session 17)."""
     yf = y.to(tl.float32)
     return tl.reduce((yf, tl.zeros_like(yf), tl.full(yf.shape, 1.0, tl.float32)), 1, _welford_combine)
+
+
+@triton.jit
+def _total(y):
+    """The sum of a one-row piece (1, W) in fp32, a scalar: a scalar broadcasts back against any piece's layout, so
+    the squared deviations from the mean (`_dev2`) need no layout conversion of the row (session 15: a (BM,) mean
+    broadcast back made Triton convert whole pieces through shared memory)."""
+    return tl.sum(tl.sum(y.to(tl.float32), axis=1), axis=0)
+
+
+@triton.jit
+def _dev2(y, mu):
+    """The sum of squared deviations of a one-row piece from the scalar mu."""
+    d = y.to(tl.float32) - mu
+    return tl.sum(tl.sum(d * d, axis=1), axis=0)
 
 
 @triton.jit
@@ -209,7 +226,26 @@ def act_quant_bfly_kernel(x_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, stride_
         a3, b3 = _range(y3, SYM)
         a = tl.minimum(a, a3)
         b = tl.maximum(b, b3)
-    if SIGMA:  # mu +- c sigma of the rotated row, kept inside [min, max]
+    if SIGMA and BM == 1:  # mu +- c sigma of the rotated row, kept inside [min, max]; one row a program (the
+        # sigma plans'): the exact two passes over the registers (mean, then squared deviations) as scalar sums
+        kk = tl.full((), W0 + W1 + W2 + W3, tl.float32)
+        tot = _total(y0)
+        if W1 > 0:
+            tot += _total(y1)
+        if W2 > 0:
+            tot += _total(y2)
+        if W3 > 0:
+            tot += _total(y3)
+        mu = tl.div_rn(tot, kk)
+        m2 = _dev2(y0, mu)
+        if W1 > 0:
+            m2 += _dev2(y1, mu)
+        if W2 > 0:
+            m2 += _dev2(y2, mu)
+        if W3 > 0:
+            m2 += _dev2(y3, mu)
+        sd = tl.sqrt_rn(tl.div_rn(m2, kk))
+    elif SIGMA:  # several rows a program: one Welford reduction a piece (no row statistic broadcast back)
         mu, m2, n = _moments(y0)
         if W1 > 0:
             mu, m2, n = _welford_combine(mu, m2, n, *_moments(y1))
@@ -218,6 +254,7 @@ def act_quant_bfly_kernel(x_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, stride_
         if W3 > 0:
             mu, m2, n = _welford_combine(mu, m2, n, *_moments(y3))
         sd = tl.sqrt_rn(tl.div_rn(m2, tl.zeros_like(m2) + (W0 + W1 + W2 + W3)))
+    if SIGMA:
         if SYM:
             b = tl.minimum(tl.abs(mu) + clip_c * sd, b)
         else:
