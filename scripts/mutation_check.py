@@ -142,7 +142,7 @@ MUTANTS = [
      "the block-scaled GEMM applies the first K block's scales to every block",
      ["tests/kernels/test_block_scaled.py", "-k", "interpreter"]),
     ("sigma_second_piece_deviation_dropped", "robuq_fx/kernels/triton_act_quant.py",
-     "            m2 += _dev2(y1, mu)\n", "",
+     "            m2 += _dev2(y1, mu)\n", "            m2 += 0.0\n",
      "the sigma quantizer's one-row moments leave the second piece out of the deviation sum",
      ["tests/kernels/test_act_quant_interpreted.py"]),
     ("colsum_not_refreshed", "robuq_fx/modules.py", "        self._refresh_colsum()\n", "",
