@@ -163,7 +163,12 @@ class PackedLinear(nn.Module):
                 y = plan[2](x)
                 if y is not None:
                     return y
-                plans[key] = plan = plan[:2] + (None,)
+                # it let go (a buffer updated in place, a dispatch variable changed): the ordinary call, then one
+                # new binding for the state now (fastcall.call's rule), none after a second let-go
+                y = plan[0](x, plan[1])
+                bind = getattr(plan[0], "bind", None) if plan[3] == 0 else None
+                plans[key] = (plan[0], plan[1], bind(x, plan[1]) if bind is not None else None, plan[3] + 1)
+                return y
             return plan[0](x, plan[1])
         args = self.op_args()
         if x.shape[-1] != self.in_features:  # the op's own error
@@ -179,7 +184,7 @@ class PackedLinear(nn.Module):
         bind = getattr(fn, "bind", None)  # after the ordinary call: its kernels are compiled, its caches full
         if len(plans) >= 8:  # a few input shapes are kept (e.g. two batch sizes in turn), not every one seen
             plans.clear()
-        plans[key] = (fn, qa, bind(x, qa) if bind is not None else None)
+        plans[key] = (fn, qa, bind(x, qa) if bind is not None else None, 0)  # (.., times its binding let go)
         return y
 
     def weight_codes(self) -> torch.Tensor:

@@ -147,7 +147,13 @@ def test_binding_lets_go_when_something_changes(fake_triton, monkeypatch):
         assert bound(x) is not None
         m.bias.add_(1.0)  # in place: the bias's version moves
         assert bound(x) is None
-        y = m(x)  # the ordinary call answers, with the new bias, and the plan drops the binding
+        y = m(x)  # the ordinary call answers, with the new bias, and the plan binds once more for the new state
+        again = next(iter(plans.values()))[2]
+        assert again is not None and again is not bound and again(x) is not None
+        assert torch.equal(y, T.fp8_qlinear(x, next(iter(plans.values()))[1]))
+        assert torch.equal(m(x), y)  # through the new binding
+        m.bias.add_(1.0)  # a second let-go: the plan keeps the ordinary call from then on
+        y = m(x)
         assert next(iter(plans.values()))[2] is None
         assert torch.equal(y, T.fp8_qlinear(x, next(iter(plans.values()))[1]))
         plans.clear()
