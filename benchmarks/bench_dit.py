@@ -47,6 +47,12 @@ INFER_OPT_IN = "".join(f" +{tag}" for var, val, tag in (("ROBUQ_QUANT_KERNEL", "
                        if os.environ.get(var) == val)
 
 
+
+def _gelu_form() -> str:
+    """" fast" where ROBUQ_GELU_FORM=fast computes the fused tanh GELU in its sigmoid form (own rows and summary keys,
+    e.g. w4a4h_gelu_fused_fast_b64_x), else ""."""
+    return " fast" if os.environ.get("ROBUQ_GELU_FORM") == "fast" else ""
+
 def default_mode_rows(fp_dev, cfg, device, dtype, ex, args, rows: list, save=lambda: None) -> list[dict]:
     """bf16 and W4A4+H at batch 8 under torch.compile's default mode (no CUDA graphs): where per-call CPU cost
     shows (issue 17, item 6)."""
@@ -215,13 +221,13 @@ def main(argv=None):
             n_fused = len(robuq_fx.fuse_activations(fused))
             print(f"  {name}: GELU fused into {n_fused} layers", flush=True)
             if n_fused:
-                variants[name + infer_tags + " +GELU fused"] = (fused, not args.no_compile)
+                variants[name + infer_tags + " +GELU fused" + _gelu_form()] = (fused, not args.no_compile)
         if args.gelu_in_fc1:  # the same lowered model with fc1 applying the GELU to its output
             fused = copy.deepcopy(low)
             n_fused = len(robuq_fx.fuse_activations(fused, into="producer"))
             print(f"  {name}: GELU in {n_fused} producing layers", flush=True)
             if n_fused:
-                variants[name + infer_tags + " +GELU in fc1"] = (fused, not args.no_compile)
+                variants[name + infer_tags + " +GELU in fc1" + _gelu_form()] = (fused, not args.no_compile)
 
     rows = {}
     for name, (model, compiled) in ([] if args.only_default_mode else list(variants.items())):

@@ -63,6 +63,8 @@
 #   scripts/gpu_session.sh linear-ag128     bench_linear with the a_group = 128 columns (per layer, CUDA graphs, ~5 min)
 #   scripts/gpu_session.sh census           the paper policy's batch-1 graph after our decompositions: op counts, the
 #                                           source lines of its lift_fresh copies (scripts/graph_census.py, ~2 min)
+#   scripts/gpu_session.sh gelu-fast        the tanh GELU's sigmoid form (ROBUQ_GELU_FORM=fast): its GPU tests, then DiT
+#                                           W4A4+H batch 64 unfused / GELU in fc2's quantizer / GELU in fc1's store (~9 min)
 #   scripts/gpu_session.sh ag128-diag       a_group = 128 piece by piece (ncu_kernels --block-scale at M = 16384 / 1024),
 #                                           then its GPU tests (~5 min)
 #   scripts/gpu_session.sh a2-vs-paper      the output_act GPU tests, then -a2 beside the paper policy at batch 64 (~7 min)
@@ -86,6 +88,9 @@
 # call self-contained, and send the next one at once. On nvidia-h200-x2, `pair A B` runs two steps at once (one a
 # GPU) for the device time of one: use it. A cold compile of the paper policy takes ~3-4 min on the machine: a call
 # holds about two (policy, batch) rows. Session 18's plan (one H200; one bench_dit run a call, sent alone):
+#   0. gelu-fast   (~9 min: issue 17's W4A4+H 1.3x / issue 20's 1.35x: the GELU pass is ~4 ms of the batch-64
+#                   forward, and both fusions lost to ATen's tanhf (~31 instructions a value); the sigmoid form costs ~8.
+#                   If a row wins, make that fusion `lower`'s default with ROBUQ_GELU_FORM=fast, then dit-b1 / paper)
 #   1. tests       (~8 min: the GPU tests of the newest kernels; session 17 ran only test_block_scaled (11 passed) and
 #                   test_input_act -k output (10 passed) of session 16's: the w_colsum buffer's and the a_group
 #                   reference fallback's are still to run; and test_traced_constants' fix, lrb_down_reduce_kernel
@@ -347,6 +352,14 @@ ag128)  # issue 20's a_group = 128 on the fp8 path (session 16: the one-pass blo
     timeout 400 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
         --settings "W4A4+H" "W4A4(ag128)" --batches 64 --iters 10 --warmup 3 --tag _reduce-overhead_ag128 2>&1 \
         | grep -v Warning | tail -12
+    ;;
+gelu-fast)  # session 17: the fused tanh GELU as x sigma(2 inner) (~8 instructions a value against ATen's ~31: offline
+    # the fc2 quantizer with it 38 vs 60 an element, fc1's store 1496 vs 2904 a tile); both fusions lost with ATen's form
+    ROBUQ_GELU_FORM=fast timeout 120 python3 -m pytest -q -rfE --tb=line -p no:cacheprovider \
+        tests/kernels/test_input_act.py -k "fast" 2>&1 | grep -E "AssertionError|passed|failed" | cut -c1-300 | head -12
+    ROBUQ_GELU_FORM=fast timeout 430 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead \
+        --skip-train --settings "W4A4+H" --batches 64 --iters 10 --warmup 3 --fuse-gelu --gelu-in-fc1 \
+        --tag _reduce-overhead_gelu_fast 2>&1 | grep -v Warning | tail -14
     ;;
 ag128-diag)  # session 17: a_group = 128 piece by piece (DiT W4A4+H ran at 0.725x with it vs 1.247x per token):
     # ncu_kernels --block-scale at M = 16384 and 1024 (quantizers, cuBLAS's 1 x 128 block-scaled _scaled_mm, our

@@ -49,6 +49,9 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
                                                 "qlinear, attention8 (into our Triton kernels + ATen); 1: all, 0: none"),
     ("ROBUQ_INDUCTOR_GLUON_QUANT", "1", "0: compiled graphs under CUDA graphs take the Triton quantizer where "
                                         "the table picks the Gluon one (kept there through an opaque op)"),
+    ("ROBUQ_GELU_FORM", "exact", "fast: a tanh GELU fused into our kernels (input_act / output_act) computed as "
+     "x sigma(2 inner) on the special-function unit (~8 instructions a value against ATen's ~31; a rare value one "
+     "bf16 step from torch's); exact: ATen's formula, bit-equal"),
     ("ROBUQ_BLOCK_QUANT_ROT", "mma", "butterfly: the a_group = 128 block quantizer (kernels/triton_block_quant.py) "
      "rotates with the per-token quantizer's butterfly instead of tensor cores (slower on the H200)"),
     ("ROBUQ_BLOCK_GEMM", "(cublas)", "triton: a_group = 128 layers without a branch take our block-scaled Triton GEMM "

@@ -55,16 +55,38 @@ def _tanh_interpretable(u):
     return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
 
 
+@triton.jit
+def _fdiv_interpretable(a, b):
+    return a / b
+
+
 _TANH = _tanh_interpretable if os.environ.get("TRITON_INTERPRET") == "1" else libdevice.tanh
+_FDIV = _fdiv_interpretable if os.environ.get("TRITON_INTERPRET") == "1" else libdevice.fast_dividef
 ACTS = {"": 0, "gelu": 1, "gelu_tanh": 2}  # robuq::qlinear's input_act -> the kernels' ACT constexpr
+FAST_TANH_GELU = 3  # the tanh GELU in its sigmoid form (`act_code`, ROBUQ_GELU_FORM=fast)
+# 2 log2(e) sqrt(2 / pi) and its 0.044715 multiple: x sigma(2 inner) = x / (1 + 2^(x (K0 + K1 x^2)))
+_K0 = tl.constexpr(-2.0 * 1.4426950408889634 * 0.7978845608028654)
+_K1 = tl.constexpr(-2.0 * 1.4426950408889634 * 0.7978845608028654 * 0.044715)
+
+
+def act_code(act: str) -> int:
+    """The kernels' ACT constexpr for robuq::qlinear's input_act / output_act. "gelu_tanh" is ATen's formula (tanhf:
+    bit-equal to torch's GELU, ~31 instructions a value) unless ROBUQ_GELU_FORM=fast picks its sigmoid form,
+    x / (1 + 2^(-2 log2(e) inner)) on the special-function unit (~8 instructions): the same function, its fp32 value a
+    few ulp from ATen's, so a rare value rounds to the neighbouring bf16 (docs/gpu.md, session 17)."""
+    if act == "gelu_tanh" and os.environ.get("ROBUQ_GELU_FORM") == "fast":
+        return FAST_TANH_GELU
+    return ACTS[act]
 
 
 @triton.jit
 def _input_act(x, ACT: tl.constexpr):
     """torch's GELU of fp32 x as ATen's CUDA kernel computes it (ActivationGeluKernel.cu): exact (ACT 1) or tanh
-    (ACT 2)."""
+    (ACT 2); ACT 3 the tanh GELU as x sigma(2 inner) (`act_code`)."""
     if ACT == 1:
         return x * 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
+    elif ACT == 3:
+        return _FDIV(x, 1.0 + tl.exp2(x * (_K0 + _K1 * (x * x))))
     else:
         inner = 0.7978845608028654 * (x + 0.044715 * (x * x * x))
         return 0.5 * x * (1.0 + _TANH(inner))
@@ -301,5 +323,5 @@ def act_quant_launch(x, out, scale, lo, m, m_store, hscale, levels, shift, block
             (x, out, scale, lo, m, m_store, x.stride(0), out.stride(0), float(hscale), float(levels)),
             dict(W0=ws[0], W1=ws[1], W2=ws[2], W3=ws[3], BM=bm, B=b, LOGB=b.bit_length() - 1, HAD=block > 1,
                  SYM=bool(sym), DEQUANT=bool(dequant), HAS_SHIFT=bool(shift) and not dequant and not sym, CHUNK=chunk,
-                 clip_c=float(clip_c), SIGMA=bool(clip_c), ACT=ACTS[act]),
+                 clip_c=float(clip_c), SIGMA=bool(clip_c), ACT=act_code(act)),
             dict(num_warps=warps), (4, 5))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_act_quant import ACTS, _input_act
+from .triton_act_quant import _input_act, act_code
 from .triton_launch import launch, rank_pad
 
 
@@ -99,7 +99,7 @@ def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_pt
     """BLOCK_SCALE (`LayerSpec.a_group` = BK): sx_ptr holds one scale per row and K block, block-major (K / BK rows of
     stride_sk: kernels/triton_block_quant.py); each K step's product of codes, exact in fp32, is scaled by its
     block's row scales as it is added (DeepSeek-V3's 1 x 128 activation scaling), and the epilogue applies s_w only.
-    OUT_ACT (`triton_act_quant.ACTS`: 1 GELU, 2 tanh GELU): the layer's output activation in the store, computed as
+    OUT_ACT (`triton_act_quant.act_code`: 1 GELU, 2 tanh GELU, 3 its sigmoid form): the layer's output activation in the store, computed as
     the unfused pair computes it (y rounded to c's dtype, GELU in fp32 with ATen's CUDA formula, rounded again), so
     that a GELU after the layer needs no pass of its own (robuq::qlinear's output_act).
     DOWN: the branch's down-projection in the K loop, t = x (B H)^T from x's 16-bit rows (t_ptr, row stride
@@ -249,7 +249,7 @@ def launch_fp8_gemm(a, b, c, sx, sw, bias, lo, cs, t, up, m, cfg, launcher=launc
             sx.stride(0) if block_scale else 0),
            dict(BM=bm, BN=bn, BK=bk, GROUP_M=gm, RP=rp, HAS_BIAS=bias is not None, ASYM=lo is not None,
                 HAS_LRB=t is not None, EARLY=bool(early and early[0]), DOWN=down is not None,
-                OUT_ACT=ACTS[out_act], BLOCK_SCALE=block_scale),
+                OUT_ACT=act_code(out_act), BLOCK_SCALE=block_scale),
            dict(num_warps=warps, num_stages=stages), no_specialize=(10,))
 
 

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_act_quant import ACTS, _input_act
+from .triton_act_quant import _input_act, act_code
 from .switches import env_int
 from .triton_launch import launch, rank_pad
 from .triton_rowquant import _RINT
@@ -161,7 +161,7 @@ def lrb_split(x2, bh, sx, out, w_codes, m_store: int, launcher=launch, act: str 
         return
     launcher(lrb_split_kernel, (triton.cdiv(m_store, DOWN_BM),),
              (x2, bh, sx, out, w_codes, m, m_store, x2.stride(0), out.stride(0)),
-             dict(**ext_constexprs(k, r, w), BM=DOWN_BM, BK=DOWN_BK, ACT=ACTS[act]),
+             dict(**ext_constexprs(k, r, w), BM=DOWN_BM, BK=DOWN_BK, ACT=act_code(act)),
              dict(num_warps=DOWN_WARPS, num_stages=DOWN_STAGES), no_specialize=(5, 6))
 
 
@@ -199,7 +199,7 @@ def lrb_down(x2, bh, t, launcher=launch, act: str = "") -> None:
     split = down_split(m, k)
     out = t if split == 1 else torch.empty(split, m, rp, device=x2.device, dtype=torch.float32)  # (partials)
     launcher(lrb_down_kernel, (triton.cdiv(m, DOWN_BM), split), (x2, bh, out, m, x2.stride(0), out.stride(-2)),
-             dict(K=k, R=r, RP=rp, BM=DOWN_BM, BK=DOWN_BK, ACT=ACTS[act], SPLIT=split),
+             dict(K=k, R=r, RP=rp, BM=DOWN_BM, BK=DOWN_BK, ACT=act_code(act), SPLIT=split),
              dict(num_warps=DOWN_WARPS, num_stages=DOWN_STAGES), no_specialize=(3,))
     if split > 1:
         launcher(lrb_down_reduce_kernel, (triton.cdiv(m, DOWN_BM),), (out, t, m, t.stride(0)),

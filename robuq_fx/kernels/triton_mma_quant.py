@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_act_quant import ACTS, _input_act
+from .triton_act_quant import _input_act, act_code
 from .triton_launch import launch
 from .triton_lowrank import ext_constexprs, store_u_columns
 from .triton_rowquant import round_quotient, scale_of
@@ -115,4 +115,4 @@ def _launch_spec(x2, h, bh, sx, out, w_codes, m_store, levels, act, bm, warps) -
     return (stacked_quant_kernel, (triton.cdiv(m_store, bm),),
             (x2, h, bh if lrb else x2, sx, out, w_codes if lrb else out, x2.shape[0], m_store, x2.stride(0),
              out.stride(0), float(levels)),
-            dict(**ext, BM=bm, HB=h.shape[0], HAS_LRB=lrb, ACT=ACTS[act]), dict(num_warps=warps), (6, 7))
+            dict(**ext, BM=bm, HB=h.shape[0], HAS_LRB=lrb, ACT=act_code(act)), dict(num_warps=warps), (6, 7))

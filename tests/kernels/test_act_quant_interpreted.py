@@ -43,3 +43,32 @@ def test_sigma_codes_in_the_interpreter_match_the_reference():
     for r in rows:
         assert r["agree"] >= 0.999, r
         assert r["scale_rel"] <= 1e-5, r
+
+
+FAST_GELU = r"""
+import json, os
+import torch
+from robuq_fx.kernels import quantizer, triton_launch
+triton_launch._ENABLED = False
+quantizer.on_device = lambda dev: quantizer._NULL
+torch.manual_seed(0)
+x = (torch.randn(24, 512) * 2).to(torch.float16)
+x[3] = -6 + torch.randn(512) * 0.1                   # the far negative tail, where 1 + tanh cancels in ATen's form
+res = {}
+for form in ("exact", "fast"):
+    os.environ["ROBUQ_GELU_FORM"] = form
+    got, s, _ = quantizer.act_quant(x, 128, 4, True, act="gelu_tanh")
+    want, ws, _ = quantizer.act_quant(torch.nn.functional.gelu(x.float(), approximate="tanh").half(), 128, 4, True)
+    res[form] = [float((got.float() == want.float()).float().mean()),
+                 float(((s - ws).abs() / ws.clamp_min(1e-30)).max())]
+print(json.dumps(res))
+"""
+
+
+@pytest.mark.skipif(import_or_none("triton_act_quant") is None, reason="triton does not import here")
+def test_fused_tanh_gelu_in_both_forms_against_torchs_gelu_then_the_quantizer():
+    """input_act = "gelu_tanh" inside the quantizer (fc2's GELU, `fuse_activations`): ATen's form gives the codes
+    of the quantizer run on torch's GELU exactly; the sigmoid form (ROBUQ_GELU_FORM=fast) all but a rare one."""
+    res = run_interpreted(FAST_GELU)
+    assert res["exact"] == [1.0, 0.0], res
+    assert res["fast"][0] >= 0.999 and res["fast"][1] <= 2e-3, res

@@ -28,6 +28,14 @@ for act in ("", "gelu", "gelu_tanh"):
     if act:
         y = torch.nn.functional.gelu(y.float(), approximate="tanh" if act == "gelu_tanh" else "none").half()
     res[act or "none"] = [bool(torch.equal(c, y)), float((c.float() - y.float()).abs().max())]
+import os
+os.environ["ROBUQ_GELU_FORM"] = "fast"                # the tanh GELU's sigmoid form (triton_act_quant.act_code)
+c = torch.empty(m, n, dtype=torch.float16)
+G.launch_fp8_gemm(a, b, c, sx, sw, bias, None, None, None, None, m, (64, 64, 128, 8, 4, 4), out_act="gelu_tanh")
+y = ((a.float() @ b.float().t()) * sx[:, None] * sw[None, :] + bias.float()).half()
+y = torch.nn.functional.gelu(y.float(), approximate="tanh").half()
+step = (c.float() - y.float()).abs() / y.float().abs().clamp_min(2 ** -14)
+res["fast"] = [float((c != y).float().mean()), float(step.max())]
 print(json.dumps(res))
 """
 
@@ -35,15 +43,21 @@ print(json.dumps(res))
 @pytest.mark.skipif(import_or_none("triton_fp8_kernels") is None, reason="triton does not import here")
 def test_output_activation_in_the_interpreter_equals_the_unfused_pair():
     res = run_interpreted(SCRIPT)
+    fast = res.pop("fast")
     assert set(res) == {"none", "gelu", "gelu_tanh"}
     assert all(equal for equal, _ in res.values()), res
+    # the sigmoid form (ROBUQ_GELU_FORM=fast): the same function, a few fp32 ulp away, so a rare value rounds to the
+    # neighbouring fp16 (one step: <= 2^-10 relative); a wrong constant moves most values by far more
+    assert fast[0] <= 0.02 and fast[1] <= 2 ** -10 + 1e-6, fast
 
 
 @pytest.mark.skipif(import_or_none("triton_fp8_kernels") is None, reason="triton does not import here")
+@pytest.mark.parametrize("act", [2, 3])
 @pytest.mark.parametrize("i", range(8))
-def test_output_activation_configs_build_unspilled_offline_sm90(i):
-    """`two_tiles_ok` says which GEMM configs take the tanh-GELU store: exactly those that build without local
-    stores on sm_90 (the 128-values-a-thread accumulators spill 29-43), and the launcher refuses the others."""
+def test_output_activation_configs_build_unspilled_offline_sm90(i, act):
+    """`two_tiles_ok` says which GEMM configs take the tanh-GELU store, in ATen's form (act 2) and the sigmoid form
+    (act 3): exactly those that build without local stores on sm_90 (the 128-values-a-thread accumulators spill 29-43
+    with the first, 2-7 with the second), and the launcher refuses the others."""
     G = import_or_none("triton_fp8_kernels")
     if i >= len(G.GEMM_CONFIGS):
         pytest.skip("fewer configs")
@@ -51,11 +65,16 @@ def test_output_activation_configs_build_unspilled_offline_sm90(i):
     cfg = G.GEMM_CONFIGS[i]
     bm, bn, bk, gm, warps, stages, *early = cfg
     const = dict(BM=bm, BN=bn, BK=bk, GROUP_M=gm, RP=16, HAS_BIAS=True, ASYM=False, HAS_LRB=False,
-                 EARLY=bool(early and early[0]), DOWN=False, OUT_ACT=2)
+                 EARLY=bool(early and early[0]), DOWN=False, OUT_ACT=act)
     kern = compile_sm90(G.fp8_gemm_kernel, FP8_GEMM_SIG, const, {"num_warps": warps, "num_stages": stages},
                         aligned=FP8_GEMM_ALIGNED, gluon=False)
     text, regs = sass(kern)
     assert G.two_tiles_ok(cfg) == (not re.search(r"\bSTL\b", text)), (cfg, regs)
+    if act == 3 and G.two_tiles_ok(cfg):  # the point of the sigmoid form: about half the store's instructions
+        exact = compile_sm90(G.fp8_gemm_kernel, FP8_GEMM_SIG, dict(const, OUT_ACT=2),
+                             {"num_warps": warps, "num_stages": stages}, aligned=FP8_GEMM_ALIGNED, gluon=False)
+        n_fast, n_exact = (len(re.findall(r"^\s+/\*[0-9a-f]+\*/", t, re.M)) for t in (text, sass(exact)[0]))
+        assert n_fast < 0.6 * n_exact, (cfg, n_fast, n_exact)
     if not G.two_tiles_ok(cfg):
         with pytest.raises(ValueError, match="spills"):
             G.launch_fp8_gemm(None, _Shape(), None, None, None, None, None, None, None, None, 16, cfg,

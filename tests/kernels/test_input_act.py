@@ -6,7 +6,10 @@ The output side (output_act, the GELU after fc1): the Triton GEMM applies it in 
 GELU on the same GEMM's output bit for bit (the integer products are exact, the epilogue is elementwise), eager,
 bound and compiled; the exact (erf) form did not on the H200 (session 16: Triton's libdevice erf and the erff ATen's
 kernel is built with may differ in the last fp32 bit), so there a rare element may sit one bf16 step away; the addmm
-mode runs the GELU after the layer, bit-identical to the unfused pair.
+mode runs the GELU after the layer, bit-identical to the unfused pair. ROBUQ_GELU_FORM=fast computes the tanh form as
+x sigma(2 inner) on the special-function unit (session 17): the same function a few fp32 ulp away, so up to 1% of the
+outputs sit one bf16 step from torch's (the interpreter found 0.08% in fp16) and the fused quantizer's rows agree
+as the exact form's do.
 CPU equality of the reference path: tests/passes/test_act_fuse.py."""
 import pytest
 import torch
@@ -29,9 +32,11 @@ def _layer(k, n, rank=0, seed=0):
                                    None if up is None else up.bfloat16(), spec).use_device_layout()
 
 
-@pytest.mark.parametrize("act,approx", [("gelu_tanh", "tanh"), ("gelu", "none")])
+@pytest.mark.parametrize("act,approx,form", [("gelu_tanh", "tanh", "exact"), ("gelu", "none", "exact"),
+                                             ("gelu_tanh", "tanh", "fast")])
 @pytest.mark.parametrize("k,n,m", [(4608, 1152, 300), (1152, 1152, 4096), (1152, 4608, 37)])
-def test_fused_activation_equals_the_unfused_layer(act, approx, k, n, m):
+def test_fused_activation_equals_the_unfused_layer(act, approx, form, k, n, m, monkeypatch):
+    monkeypatch.setenv("ROBUQ_GELU_FORM", form)  # fast: the tanh GELU's sigmoid form (triton_act_quant.act_code)
     layer = _layer(k, n)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 2
     with torch.no_grad():
@@ -55,9 +60,11 @@ def test_branch_layers_materialize_the_activation_bit_for_bit():
         assert torch.equal(layer(x), want)
 
 
-@pytest.mark.parametrize("act,approx", [("gelu_tanh", "tanh"), ("gelu", "none")])
+@pytest.mark.parametrize("act,approx,form", [("gelu_tanh", "tanh", "exact"), ("gelu", "none", "exact"),
+                                             ("gelu_tanh", "tanh", "fast")])
 @pytest.mark.parametrize("k,n,m", [(1152, 4608, 4096), (1152, 4608, 300), (1152, 1152, 37), (256, 512, 1000)])
-def test_output_activation_in_the_gemm_store(act, approx, k, n, m, monkeypatch):
+def test_output_activation_in_the_gemm_store(act, approx, form, k, n, m, monkeypatch):
+    monkeypatch.setenv("ROBUQ_GELU_FORM", form)
     layer = _layer(k, n)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
@@ -72,18 +79,18 @@ def test_output_activation_in_the_gemm_store(act, approx, k, n, m, monkeypatch):
         torch._dynamo.reset()
         compiled = torch.compile(layer)(x)  # the Inductor decomposition: fp8_gemm with out_act
     for y in (got, layer(x), compiled):  # eager (bound), the op path (grad mode on), compiled
-        _same_gelu(y, want, exact_form=act == "gelu")
+        _same_gelu(y, want, exact_form=act == "gelu", fast_form=form == "fast")
     assert ((got.float() - near.float()).norm() / near.float().norm()).item() < 1e-3
 
 
-def _same_gelu(y, want, exact_form: bool):
+def _same_gelu(y, want, exact_form: bool, fast_form: bool = False):
     """y equals want bit for bit (tanh form), or (exact form) but for at most 1e-4 of the elements, each within one
-    bf16 step (module docstring)."""
-    if not exact_form:
+    bf16 step (module docstring); the tanh form's sigmoid version (ROBUQ_GELU_FORM=fast) but for at most 1e-2."""
+    if not (exact_form or fast_form):
         assert torch.equal(y, want)
         return
     differ = (y != want).float().mean().item()
-    assert differ <= 1e-4, differ
+    assert differ <= (1e-2 if fast_form else 1e-4), differ
     # one bf16 step of the larger of the two; 1e-6 absolute for the far negative tail, where one form may round a
     # tiny GELU value to 0 and the other not (session 17: the step bound relative to want alone failed there)
     d = (y.float() - want.float()).abs()
