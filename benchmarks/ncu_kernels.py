@@ -185,7 +185,8 @@ def block_scale(m: int, reps: int) -> None:
         ref = ((bcodes.double() * bs.t().double().repeat_interleave(128, 1)) @ (w8.double() * sw[:, None].double()).t()
                + b.double())
         sb_kn = sw[None, :].expand(k // 128, n).contiguous()  # the weight's 1 x 128 scales: s_w[n] for every K block
-        for label, scale_b in (("scale_b (K/128, N) contiguous", sb_kn), ("scale_b (N, K/128) stride (1, N)", sb_kn.t())):
+        for label, scale_b in (("scale_b (K/128, N) contiguous", sb_kn),
+                               ("scale_b (N, K/128) stride (1, N)", sb_kn.t())):
             try:
                 def cublas(scale_b=scale_b):
                     return torch._scaled_mm(bcodes, w8.t(), scale_a=bs.t(), scale_b=scale_b, bias=b,

@@ -5,7 +5,9 @@ of codes by its block's row scales.
 CPU, where triton imports: both kernels in Triton's interpreter (the quantizer with either rotation; fp16; a
 subprocess with TRITON_INTERPRET=1): the quantizer's codes and scales against `quantizers.quantize_act(x H,
 group=128)` (>= 99.9% of the codes equal: the rotation's fp32 sums may round differently), the GEMM against the
-float64 product of the same codes and scales; and the sm_90 builds of both without local stores. GPU: the layer against the reference and `integer_qlinear`."""
+float64 product of the same codes and scales; and the sm_90 builds of both without local stores. GPU: the layer
+against the reference and `integer_qlinear`, through both GEMMs (cuBLAS's 1 x 128 blockwise `_scaled_mm` and ours:
+kernels/block_scaled.py)."""
 from __future__ import annotations
 
 import re
