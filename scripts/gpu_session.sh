@@ -65,6 +65,8 @@
 #                                           source lines of its lift_fresh copies (scripts/graph_census.py, ~2 min)
 #   scripts/gpu_session.sh gelu-fast        the tanh GELU's sigmoid form (ROBUQ_GELU_FORM=fast): its GPU tests, then DiT
 #                                           W4A4+H batch 64 unfused / GELU in fc2's quantizer / GELU in fc1's store (~9 min)
+#   scripts/gpu_session.sh gelu-fast-paper  the paper policy at batch 64 with / without its fc1 applying the GELU in the
+#                                           store, sigmoid form (its fc2 has a branch: only the producer route applies)
 #   scripts/gpu_session.sh ag128-diag       a_group = 128 piece by piece (ncu_kernels --block-scale at M = 16384 / 1024),
 #                                           then its GPU tests (~5 min)
 #   scripts/gpu_session.sh a2-vs-paper      the output_act GPU tests, then -a2 beside the paper policy at batch 64 (~7 min)
@@ -90,7 +92,8 @@
 # holds about two (policy, batch) rows. Session 18's plan (one H200; one bench_dit run a call, sent alone):
 #   0. gelu-fast   (~9 min: issue 17's W4A4+H 1.3x / issue 20's 1.35x: the GELU pass is ~4 ms of the batch-64
 #                   forward, and both fusions lost to ATen's tanhf (~31 instructions a value); the sigmoid form costs ~8.
-#                   If a row wins, make that fusion `lower`'s default with ROBUQ_GELU_FORM=fast, then dit-b1 / paper)
+#                   If a row wins, make that fusion `lower`'s default with ROBUQ_GELU_FORM=fast; then
+#                   gelu-fast-paper, the paper policy's fc1 store with it, ~8 min)
 #   1. tests       (~8 min: the GPU tests of the newest kernels; session 17 ran only test_block_scaled (11 passed) and
 #                   test_input_act -k output (10 passed) of session 16's: the w_colsum buffer's and the a_group
 #                   reference fallback's are still to run; and test_traced_constants' fix, lrb_down_reduce_kernel
@@ -360,6 +363,12 @@ gelu-fast)  # session 17: the fused tanh GELU as x sigma(2 inner) (~8 instructio
     ROBUQ_GELU_FORM=fast timeout 430 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead \
         --skip-train --settings "W4A4+H" --batches 64 --iters 10 --warmup 3 --fuse-gelu --gelu-in-fc1 \
         --tag _reduce-overhead_gelu_fast 2>&1 | grep -v Warning | tail -14
+    ;;
+gelu-fast-paper)  # the paper policy (LRB on every linear: fc2 materializes an input activation, so only fc1's
+    # epilogue GEMM store can take the GELU) with ROBUQ_GELU_FORM=fast, batch 64, one run (~8 min)
+    ROBUQ_GELU_FORM=fast timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead \
+        --skip-train --settings "dit-xl-2-robuq (" --batches 64 --iters 8 --warmup 2 --gelu-in-fc1 \
+        --tag _reduce-overhead_gelu_fast_paper 2>&1 | grep -v Warning | tail -12
     ;;
 ag128-diag)  # session 17: a_group = 128 piece by piece (DiT W4A4+H ran at 0.725x with it vs 1.247x per token):
     # ncu_kernels --block-scale at M = 16384 and 1024 (quantizers, cuBLAS's 1 x 128 block-scaled _scaled_mm, our
