@@ -21,6 +21,10 @@ DiT W4A4+H ran at 0.725x bf16 with it against 1.247x per token): bf16 F.linear, 
 block, the per-token quantizer against the block quantizer (butterfly / tensor-core rotation), rowwise `_scaled_mm`
 against cuBLAS's 1 x 128 block-scaled `_scaled_mm` on the same block codes (with its error against the exact
 product) and our BLOCK_SCALE pointer GEMM per config that holds it, beside the same config without block scales.
+With --out-quant instead: DiT-XL/2's fused qkv layer (N = 3456 = 48 heads of 72, K = 1152) with the 8-bit
+per-head fake-quant in the GEMM's store (OUT_QUANT, three heads a 256-wide tile) against the same GEMM without it
+plus the attention op's row kernel on its output (the producer design in docs/gpu.md), with the row kernel's
+time alone: what moving the quantization into the producer saves or costs.
 With --attention instead: the 8-bit attention at DiT-XL/2 batch 64 (64 x 16 heads x 256 x 72): the q/k/v row
 kernel, bf16 SDPA and the fused Triton kernel (`triton_attention8`; 0.064x SDPA on the H200, 1.2 ms against 78 us,
 while its offline sm_90 build has wgmma for both products and no spills: ncu's warp states say where it waits).
@@ -58,6 +62,8 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--attention", action="store_true", help="the 8-bit attention kernels instead (docstring)")
     ap.add_argument("--out-act", action="store_true", help="fc1 with / without the GELU in its store (docstring)")
+    ap.add_argument("--out-quant", action="store_true",
+                    help="the qkv GEMM with q / k / v fake-quantized per head in its store (docstring)")
     ap.add_argument("--block-scale", action="store_true",
                     help="a_group = 128's kernels against the per-token ones on every DiT shape (docstring)")
     args = ap.parse_args(argv)
@@ -70,6 +76,8 @@ def main(argv=None) -> None:
         return out_act(args.m, args.reps)
     if args.block_scale:
         return block_scale(args.m, args.reps)
+    if args.out_quant:
+        return out_quant(args.m, args.reps)
     dev, m = "cuda", args.m
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for name, k, n in (("qkv", 1152, 3456), ("fc2", 4608, 1152)):
@@ -216,6 +224,33 @@ def block_scale(m: int, reps: int) -> None:
                   lambda: G.launch_fp8_gemm(bcodes, w8, y, bs, sw, b, None, None, None, None, m, cfg,
                                             block_scale=True), reps)
         print(f"    BLOCK_SCALE {_err(y, ref)}")
+
+
+def out_quant(m: int, reps: int) -> None:
+    """The qkv GEMM with and without the per-head store (docstring), each config that holds whole heads."""
+    from robuq_fx import quantizers as Q
+    from robuq_fx.kernels.triton_rowquant import fake_quant_rows
+    G = T._k()
+    n, k, d = 3456, 1152, 72
+    codes = torch.randint(-7, 8, (m, k), device="cuda").to(torch.bfloat16).to(torch.float8_e4m3fn)
+    w8 = torch.randint(-7, 8, (n, k), device="cuda").to(torch.bfloat16).to(torch.float8_e4m3fn)
+    sx, sw = torch.rand(m, device="cuda") * 0.01, torch.rand(n, device="cuda") * 0.01
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    yq = torch.empty_like(y)
+    heads = y.view(m, n // d, d)
+    timed("row kernel on the qkv output (8-bit per head)", lambda: fake_quant_rows(heads, 8, True), reps)
+    for i, cfg in enumerate(list(G.GEMM_CONFIGS) + [(64, 256, 128, 8, 8, 3)]):
+        if cfg[1] < d:
+            continue
+        timed(f"GEMM cfg {i} {cfg}", lambda: G.launch_fp8_gemm(codes, w8, y, sx, sw, b, None, None, None, None, m,
+                                                               cfg), reps)
+        timed(f"GEMM cfg {i} {cfg} + per-head fake-quant store",
+              lambda: G.launch_fp8_gemm(codes, w8, yq, sx, sw, b, None, None, None, None, m, cfg,
+                                        out_quant=(d, 8)), reps)
+    want = Q.fake_quant_act(y, 8, True, "absmax", group=d)
+    print(f"    per-head store equal to fake_quant_act on the plain output: {bool(torch.equal(yq, want))} "
+          f"(max |diff| {(yq.float() - want.float()).abs().max().item():.3g})")
 
 
 def attention(reps: int) -> None:

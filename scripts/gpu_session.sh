@@ -67,6 +67,8 @@
 #                                           W4A4+H batch 64 unfused / GELU in fc2's quantizer / GELU in fc1's store (~9 min)
 #   scripts/gpu_session.sh gelu-fast-paper  the paper policy at batch 64 with / without its fc1 applying the GELU in the
 #                                           store, sigmoid form (its fc2 has a branch: only the producer route applies)
+#   scripts/gpu_session.sh out-quant        the qkv GEMM with q / k / v fake-quantized per head in its store vs the GEMM +
+#                                           the row kernel (ncu_kernels --out-quant, M = 16384 and 256), then its tests
 #   scripts/gpu_session.sh ag128-diag       a_group = 128 piece by piece (ncu_kernels --block-scale at M = 16384 / 1024),
 #                                           then its GPU tests (~5 min)
 #   scripts/gpu_session.sh a2-vs-paper      the output_act GPU tests, then -a2 beside the paper policy at batch 64 (~7 min)
@@ -101,7 +103,9 @@
 #   2. profile-low paper-a2 (issue 17 item 5: -a2 at 88.2% of the paper policy's speed, 1.8 points short: where its
 #                   ~4.9 ms over the paper policy go; session 15 found the sigma quantizer then)
 #   3. census      (~2 min: after the lrb_down_reduce fix, are the 57 aten.clone nodes of the batch-1 graph gone?)
-#   4. attention-sweep, train-cpp; then gelu-fc1-b1, dit-default, linear-down, profile-b1-cg, qat-profile.
+#   4. out-quant   (~3 min: if the per-head store costs less than the row kernel, wire it: a qlinear argument, the
+#                   sibling-fused qkv layers of an attention8 chain, attention8 on prequantized inputs)
+#   5. attention-sweep, train-cpp; then gelu-fc1-b1, dit-default, linear-down, profile-b1-cg, qat-profile.
 #   paper-ag128 / linear-ag128 need not run: a_group = 128 loses per layer (block_scale_diag_NVIDIA_H200.txt).
 # Session 17 ran: ag128 (DiT W4A4+H a_group 128 0.725x vs 1.247x per token), ag128-diag (the breakdown: the
 # block-scaled GEMM is 1.45-1.55x rowwise in cuBLAS), a2-vs-paper (paper 0.882x, -a2 0.778x: 88.2%), block-cublas
@@ -369,6 +373,13 @@ gelu-fast-paper)  # the paper policy (LRB on every linear: fc2 materializes an i
     ROBUQ_GELU_FORM=fast timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead \
         --skip-train --settings "dit-xl-2-robuq (" --batches 64 --iters 8 --warmup 2 --gelu-in-fc1 \
         --tag _reduce-overhead_gelu_fast_paper 2>&1 | grep -v Warning | tail -12
+    ;;
+out-quant)  # session 17's OUT_QUANT store (the producer route for issue 17 item 1's attention): is the per-head store
+    # cheaper than the row kernel it would replace (~65 us a call at batch 64)? (~3 min)
+    for m in 16384 256; do
+        timeout 150 python3 benchmarks/ncu_kernels.py --out-quant --m $m --reps 20 2>&1 | grep -v Warning | tail -22
+    done
+    timeout 120 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_out_quant.py 2>&1 | tail -3
     ;;
 ag128-diag)  # session 17: a_group = 128 piece by piece (DiT W4A4+H ran at 0.725x with it vs 1.247x per token):
     # ncu_kernels --block-scale at M = 16384 and 1024 (quantizers, cuBLAS's 1 x 128 block-scaled _scaled_mm, our

@@ -12,6 +12,7 @@ import triton.language as tl
 
 from .triton_act_quant import _input_act, act_code
 from .triton_launch import launch, rank_pad
+from .triton_rowquant import round_quotient, scale_of
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -89,26 +90,50 @@ def _epilogue(acc, offs_m, offs_n, M, N, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_pt
     return _epilogue_apply(acc, sx, lo, t, u, offs_n, N, sw_ptr, cs_ptr, bias_ptr, HAS_BIAS, ASYM, HAS_LRB)
 
 
+@triton.jit
+def _head_fake_quant(y, BN: tl.constexpr, D: tl.constexpr, HEADS: tl.constexpr, LEVELS: tl.constexpr):
+    """y (BM, BN) fp32 (the output rounded to c's dtype) fake-quantized per row and D-column head, symmetric absmax
+    with LEVELS levels a side: the columns [j D, (j + 1) D) of the tile for j < HEADS, the row kernel's math step for
+    step (triton_rowquant: s = RN(max|y| / LEVELS), q = rint(y / s) correctly rounded, s q); other columns 0."""
+    loc = tl.arange(0, BN)
+    res = tl.zeros_like(y)
+    for j in tl.static_range(HEADS):
+        head = (loc >= j * D) & (loc < (j + 1) * D)
+        r = tl.max(tl.where(head[None, :], tl.abs(y), 0.0), axis=1)
+        s, _, safe, rcp = scale_of(r, r, LEVELS, True)
+        res = tl.where(head[None, :], s[:, None] * round_quotient(y, safe[:, None], rcp[:, None]), res)
+    return res
+
+
 @triton.jit(do_not_specialize=["M"])
 def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_ptr, t_ptr, up_ptr,
                     M, N, K, stride_am, stride_bn, stride_cm, stride_tm, stride_un, R, dn_ptr, stride_sk,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                     RP: tl.constexpr, HAS_BIAS: tl.constexpr, ASYM: tl.constexpr, HAS_LRB: tl.constexpr,
                     EARLY: tl.constexpr = False, DOWN: tl.constexpr = False, OUT_ACT: tl.constexpr = 0,
-                    BLOCK_SCALE: tl.constexpr = False):
+                    BLOCK_SCALE: tl.constexpr = False, OUT_QUANT: tl.constexpr = 0, NSTEP: tl.constexpr = 0,
+                    QLEVELS: tl.constexpr = 127.0):
     """BLOCK_SCALE (`LayerSpec.a_group` = BK): sx_ptr holds one scale per row and K block, block-major (K / BK rows of
     stride_sk: kernels/triton_block_quant.py); each K step's product of codes, exact in fp32, is scaled by its
     block's row scales as it is added (DeepSeek-V3's 1 x 128 activation scaling), and the epilogue applies s_w only.
-    OUT_ACT (`triton_act_quant.act_code`: 1 GELU, 2 tanh GELU, 3 its sigmoid form): the layer's output activation in the store, computed as
-    the unfused pair computes it (y rounded to c's dtype, GELU in fp32 with ATen's CUDA formula, rounded again), so
+    OUT_ACT (`triton_act_quant.act_code`: 1 GELU, 2 tanh GELU, 3 its sigmoid form): the layer's output activation
+    in the store, computed as the unfused pair computes it (y rounded to c's dtype, GELU in fp32 with ATen's CUDA formula, rounded again), so
     that a GELU after the layer needs no pass of its own (robuq::qlinear's output_act).
     DOWN: the branch's down-projection in the K loop, t = x (B H)^T from x's 16-bit rows (t_ptr, row stride
     stride_tm) and B H (dn_ptr, (R, K) contiguous) beside the codes' product, rounded to x's dtype as
     `triton_lowrank.lrb_down` rounds it, instead of reading a t that kernel wrote (one launch and its wait fewer;
-    every N tile re-reads its rows of x, so only for few rows)."""
+    every N tile re-reads its rows of x, so only for few rows).
+    OUT_QUANT = D > 0 (not wired into robuq::qlinear yet; session 17's building block for the attention's q / k / v):
+    the output fake-quantized per row and D-column head in the store (`_head_fake_quant`, QLEVELS levels a side), as
+    the attention op's row kernel would quantize it after the layer. A tile then covers NSTEP = (BN // D) D columns
+    (whole heads: three heads of 72 in a 256-wide tile), the grid steps by NSTEP, and the columns past it are
+    computed and not stored."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BM)
-    num_pid_n = tl.cdiv(N, BN)
+    if NSTEP == 0:
+        num_pid_n = tl.cdiv(N, BN)
+    else:
+        num_pid_n = tl.cdiv(N, NSTEP)
     num_pid_in_group = GROUP_M * num_pid_n
     group_id = pid // num_pid_in_group
     first_pid_m = group_id * GROUP_M
@@ -117,9 +142,13 @@ def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_pt
     pid_n = (pid % num_pid_in_group) // group_size_m
 
     offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
     offs_am = tl.max_contiguous(tl.multiple_of(offs_m % M, BM), BM)
-    offs_bn = tl.max_contiguous(tl.multiple_of(offs_n % N, BN), BN)
+    if NSTEP == 0:
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        offs_bn = tl.max_contiguous(tl.multiple_of(offs_n % N, BN), BN)
+    else:  # tiles start every NSTEP columns (a multiple of 8: heads of D % 8 == 0)
+        offs_n = pid_n * NSTEP + tl.arange(0, BN)
+        offs_bn = tl.max_contiguous(tl.multiple_of(offs_n % N, 8), 8)
     offs_k = tl.arange(0, BK)
     a_ptrs = a_ptr + offs_am[:, None].to(tl.int64) * stride_am + offs_k[None, :]
     b_ptrs = b_ptr + offs_bn[:, None].to(tl.int64) * stride_bn + offs_k[None, :]
@@ -161,10 +190,15 @@ def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_pt
     acc = _epilogue_apply(acc, sx, lo, t, u, offs_n, N, sw_ptr, cs_ptr, bias_ptr, HAS_BIAS, ASYM, HAS_LRB)
     mmask = offs_m < M
     nmask = offs_n < N
+    if NSTEP != 0:
+        nmask = nmask & (tl.arange(0, BN) < NSTEP)
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     out = acc.to(c_ptr.dtype.element_ty)
     if OUT_ACT != 0:
         out = _input_act(out.to(tl.float32), OUT_ACT).to(c_ptr.dtype.element_ty)
+    if OUT_QUANT != 0:
+        out = _head_fake_quant(out.to(tl.float32), BN, OUT_QUANT, BN // OUT_QUANT,
+                               QLEVELS).to(c_ptr.dtype.element_ty)
     tl.store(c_ptrs, out, mask=mmask[:, None] & nmask[None, :])
 
 
@@ -217,14 +251,23 @@ def two_tiles_config(cfg: tuple) -> tuple:
 
 
 def launch_fp8_gemm(a, b, c, sx, sw, bias, lo, cs, t, up, m, cfg, launcher=launch, down=None, out_act: str = "",
-                    block_scale: bool = False):
+                    block_scale: bool = False, out_quant: tuple[int, int] | None = None):
     """a (>= m, K) fp8, b (N, K) fp8, c (m, N) out; sx/lo (>= m,) fp32; sw/cs (N,) fp32; bias (N,) or None;
     t (m, r), up (N, r) or None. cfg: one of GEMM_CONFIGS. launcher: as `triton_act_quant.launch_act_quant`.
     down: (x (m, K) 16-bit, B H (r, K) contiguous) instead of t: the kernel makes t itself (DOWN).
     out_act: "gelu" / "gelu_tanh" applied to the output in the store (OUT_ACT).
     block_scale: sx is (K / BK, >= m) block scales (BLOCK_SCALE: `triton_block_quant.block_quant`'s), symmetric
-    codes; a branch comes as t (not DOWN)."""
+    codes; a branch comes as t (not DOWN).
+    out_quant: (head dim D, bits): the output fake-quantized per row and head in the store (OUT_QUANT; N % D == 0,
+    D % 8 == 0, D <= BN; not with out_act)."""
     n, k = b.shape
+    nstep, qd, qlevels = 0, 0, 127.0
+    if out_quant is not None:
+        qd, bits = out_quant
+        if out_act or block_scale or qd % 8 or n % qd or qd > cfg[1] or not 2 <= bits <= 8:
+            raise ValueError(f"out_quant={out_quant}: needs a head dim dividing N = {n}, a multiple of 8 up to the "
+                             f"tile's {cfg[1]} columns, 2-8 bits, and no out_act / block_scale")
+        nstep, qlevels = (cfg[1] // qd) * qd, float(2 ** (bits - 1) - 1)
     if block_scale and (lo is not None or down is not None or sx.shape[0] != k // cfg[2] or sx.stride(1) != 1):
         raise ValueError(f"block_scale takes symmetric codes (a branch as t, not DOWN) and (K / {cfg[2]}, M) "
                          f"contiguous scales, got scales of shape {tuple(sx.shape)}")
@@ -236,12 +279,13 @@ def launch_fp8_gemm(a, b, c, sx, sw, bias, lo, cs, t, up, m, cfg, launcher=launc
         cfg = down_config(cfg, r)
         if cfg is None:
             raise ValueError("the DOWN form does not fit this GEMM config (check down_config first)")
+    # (out_quant: every config holding whole heads builds unspilled offline, tests/kernels/test_out_quant.py)
     if (out_act or block_scale) and not two_tiles_ok(cfg):
         what = f"out_act={out_act!r}" if out_act else "block_scale"
         raise ValueError(f"GEMM config {cfg} holds {acc_per_thread(cfg)} accumulator values a thread: "
                          f"with {what} it spills; pick one with at most {TWO_TILES_MAX_ACC} (two_tiles_ok)")
     bm, bn, bk, gm, warps, stages, *early = cfg
-    launcher(fp8_gemm_kernel, (((m + bm - 1) // bm) * triton.cdiv(n, bn),),
+    launcher(fp8_gemm_kernel, (((m + bm - 1) // bm) * triton.cdiv(n, nstep or bn),),
            (a, b, c, sx, sw, bias if bias is not None else sx, lo if lo is not None else sx,
             cs if cs is not None else sw, t if t is not None else c, up if up is not None else c,
             m, n, k, a.stride(0), b.stride(0), c.stride(0), t.stride(0) if t is not None else 0,
@@ -249,7 +293,7 @@ def launch_fp8_gemm(a, b, c, sx, sw, bias, lo, cs, t, up, m, cfg, launcher=launc
             sx.stride(0) if block_scale else 0),
            dict(BM=bm, BN=bn, BK=bk, GROUP_M=gm, RP=rp, HAS_BIAS=bias is not None, ASYM=lo is not None,
                 HAS_LRB=t is not None, EARLY=bool(early and early[0]), DOWN=down is not None,
-                OUT_ACT=act_code(out_act), BLOCK_SCALE=block_scale),
+                OUT_ACT=act_code(out_act), BLOCK_SCALE=block_scale, OUT_QUANT=qd, NSTEP=nstep, QLEVELS=qlevels),
            dict(num_warps=warps, num_stages=stages), no_specialize=(10,))
 
 

@@ -28,6 +28,9 @@ def compile_sm90(fn, signature: dict, constexprs: dict, options: dict, aligned: 
     from triton.compiler import ASTSource
     from triton.experimental.gluon._runtime import GluonASTSource
     names = fn.arg_names
+    # constexprs the caller leaves out take their defaults, as a launch does (a kernel grows new ones over time)
+    constexprs = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default
+                     and p.name not in signature}, **constexprs}
     src = (GluonASTSource if gluon else ASTSource)(
         fn=fn, signature={n: signature.get(n, "constexpr") for n in names},
         constexprs={(names.index(k),): v for k, v in constexprs.items()},
