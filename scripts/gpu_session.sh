@@ -69,6 +69,7 @@
 #                                           store, sigmoid form (its fc2 has a branch: only the producer route applies)
 #   scripts/gpu_session.sh out-quant        the qkv GEMM with q / k / v fake-quantized per head in its store vs the GEMM +
 #                                           the row kernel (ncu_kernels --out-quant, M = 16384 and 256), then its tests
+#   scripts/gpu_session.sh quick-checks     out-quant, the sigmoid-form GELU's GPU tests and census in one call (~6 min)
 #   scripts/gpu_session.sh ag128-diag       a_group = 128 piece by piece (ncu_kernels --block-scale at M = 16384 / 1024),
 #                                           then its GPU tests (~5 min)
 #   scripts/gpu_session.sh a2-vs-paper      the output_act GPU tests, then -a2 beside the paper policy at batch 64 (~7 min)
@@ -92,7 +93,8 @@
 # call self-contained, and send the next one at once. On nvidia-h200-x2, `pair A B` runs two steps at once (one a
 # GPU) for the device time of one: use it. A cold compile of the paper policy takes ~3-4 min on the machine: a call
 # holds about two (policy, batch) rows. Session 18's plan (one H200; one bench_dit run a call, sent alone):
-#   0. gelu-fast   (~9 min: issue 17's W4A4+H 1.3x / issue 20's 1.35x: the GELU pass is ~4 ms of the batch-64
+#   0. quick-checks (~6 min: out-quant's timing (item 4 below), the sigmoid-form GELU's GPU tests, census (item 3))
+#   0b. gelu-fast  (~9 min: issue 17's W4A4+H 1.3x / issue 20's 1.35x: the GELU pass is ~4 ms of the batch-64
 #                   forward, and both fusions lost to ATen's tanhf (~31 instructions a value); the sigmoid form costs ~8.
 #                   If a row wins, make that fusion `lower`'s default with ROBUQ_GELU_FORM=fast; then
 #                   gelu-fast-paper, the paper policy's fc1 store with it, ~8 min)
@@ -380,6 +382,12 @@ out-quant)  # session 17's OUT_QUANT store (the producer route for issue 17 item
         timeout 150 python3 benchmarks/ncu_kernels.py --out-quant --m $m --reps 20 2>&1 | grep -v Warning | tail -22
     done
     timeout 120 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_out_quant.py 2>&1 | tail -3
+    ;;
+quick-checks)  # session 18's first call: three short steps for the price of one machine start (~6 min)
+    GPU_SESSION_NESTED=1 "$0" out-quant
+    timeout 120 python3 -m pytest -q -rfE --tb=line -p no:cacheprovider tests/kernels/test_input_act.py -k "fast" \
+        2>&1 | grep -E "AssertionError|passed|failed" | cut -c1-300 | head -12
+    GPU_SESSION_NESTED=1 "$0" census
     ;;
 ag128-diag)  # session 17: a_group = 128 piece by piece (DiT W4A4+H ran at 0.725x with it vs 1.247x per token):
     # ncu_kernels --block-scale at M = 16384 and 1024 (quantizers, cuBLAS's 1 x 128 block-scaled _scaled_mm, our
