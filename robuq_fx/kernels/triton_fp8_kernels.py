@@ -117,8 +117,8 @@ def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_pt
     stride_sk: kernels/triton_block_quant.py); each K step's product of codes, exact in fp32, is scaled by its
     block's row scales as it is added (DeepSeek-V3's 1 x 128 activation scaling), and the epilogue applies s_w only.
     OUT_ACT (`triton_act_quant.act_code`: 1 GELU, 2 tanh GELU, 3 its sigmoid form): the layer's output activation
-    in the store, computed as the unfused pair computes it (y rounded to c's dtype, GELU in fp32 with ATen's CUDA formula, rounded again), so
-    that a GELU after the layer needs no pass of its own (robuq::qlinear's output_act).
+    in the store, computed as the unfused pair computes it (y rounded to c's dtype, GELU in fp32 with ATen's CUDA
+    formula, rounded again), so that a GELU after the layer needs no pass of its own (robuq::qlinear's output_act).
     DOWN: the branch's down-projection in the K loop, t = x (B H)^T from x's 16-bit rows (t_ptr, row stride
     stride_tm) and B H (dn_ptr, (R, K) contiguous) beside the codes' product, rounded to x's dtype as
     `triton_lowrank.lrb_down` rounds it, instead of reading a t that kernel wrote (one launch and its wait fewer;
@@ -128,12 +128,10 @@ def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_pt
     the attention op's row kernel would quantize it after the layer. A tile then covers NSTEP = (BN // D) D columns
     (whole heads: three heads of 72 in a 256-wide tile), the grid steps by NSTEP, and the columns past it are
     computed and not stored."""
+    STEP: tl.constexpr = NSTEP if NSTEP else BN  # the columns a tile stores, and where the next one starts
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BM)
-    if NSTEP == 0:
-        num_pid_n = tl.cdiv(N, BN)
-    else:
-        num_pid_n = tl.cdiv(N, NSTEP)
+    num_pid_n = tl.cdiv(N, STEP)
     num_pid_in_group = GROUP_M * num_pid_n
     group_id = pid // num_pid_in_group
     first_pid_m = group_id * GROUP_M
@@ -143,12 +141,9 @@ def fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, lo_ptr, cs_pt
 
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_am = tl.max_contiguous(tl.multiple_of(offs_m % M, BM), BM)
-    if NSTEP == 0:
-        offs_n = pid_n * BN + tl.arange(0, BN)
-        offs_bn = tl.max_contiguous(tl.multiple_of(offs_n % N, BN), BN)
-    else:  # tiles start every NSTEP columns (a multiple of 8: heads of D % 8 == 0)
-        offs_n = pid_n * NSTEP + tl.arange(0, BN)
-        offs_bn = tl.max_contiguous(tl.multiple_of(offs_n % N, 8), 8)
+    ALIGNED: tl.constexpr = BN if STEP == BN else 8  # (whole heads: NSTEP a multiple of 8, as D % 8 == 0)
+    offs_n = pid_n * STEP + tl.arange(0, BN)
+    offs_bn = tl.max_contiguous(tl.multiple_of(offs_n % N, ALIGNED), ALIGNED)
     offs_k = tl.arange(0, BK)
     a_ptrs = a_ptr + offs_am[:, None].to(tl.int64) * stride_am + offs_k[None, :]
     b_ptrs = b_ptr + offs_bn[:, None].to(tl.int64) * stride_bn + offs_k[None, :]
