@@ -19,8 +19,9 @@ GEMM config with OUT_ACT 0 / 2 (the tanh GELU) where it builds unspilled.
 With --block-scale instead: issue 20's a_group = 128 path piece by piece on the five DiT-XL/2 shapes (session 17:
 DiT W4A4+H ran at 0.725x bf16 with it against 1.247x per token): bf16 F.linear, the whole layer per token and per
 block, the per-token quantizer against the block quantizer (butterfly / tensor-core rotation), rowwise `_scaled_mm`
-against cuBLAS's 1 x 128 block-scaled `_scaled_mm` on the same block codes (with its error against the exact
-product) and our BLOCK_SCALE pointer GEMM per config that holds it, beside the same config without block scales.
+against cuBLAS's 1 x 128 block-scaled `_scaled_mm` on the same block codes (`block_scaled.cublas_gemm`, what the
+a_group layers run; with its error against the exact product) and our BLOCK_SCALE pointer GEMM per config that
+holds it, beside the same config without block scales.
 With --out-quant instead: DiT-XL/2's fused qkv layer (N = 3456 = 48 heads of 72, K = 1152) with the 8-bit
 per-head fake-quant in the GEMM's store (OUT_QUANT, three heads a 256-wide tile) against the same GEMM without it
 plus the attention op's row kernel on its output (the producer design in docs/gpu.md), with the row kernel's
@@ -163,6 +164,8 @@ def block_scale(m: int, reps: int) -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_linear import SHAPES, make_layer
     from robuq_fx.hadamard import hadamard_matrix
+    from types import SimpleNamespace
+    from robuq_fx.kernels import block_scaled as B
     from robuq_fx.kernels.fp8_gemms import pointer_config
     from robuq_fx.kernels.triton_block_quant import block_quant
     G = T._k()
@@ -192,28 +195,11 @@ def block_scale(m: int, reps: int) -> None:
         timed(f"_scaled_mm rowwise {name}", lambda: T._scaled_mm(codes, w8, sx, sw, b), reps)
         ref = ((bcodes.double() * bs.t().double().repeat_interleave(128, 1)) @ (w8.double() * sw[:, None].double()).t()
                + b.double())
-        sb_kn = sw[None, :].expand(k // 128, n).contiguous()  # the weight's 1 x 128 scales: s_w[n] for every K block
-        for label, scale_b in (("scale_b (K/128, N) contiguous", sb_kn),
-                               ("scale_b (N, K/128) stride (1, N)", sb_kn.t())):
-            try:
-                def cublas(scale_b=scale_b):
-                    return torch._scaled_mm(bcodes, w8.t(), scale_a=bs.t(), scale_b=scale_b, bias=b,
-                                            out_dtype=torch.bfloat16)
-                yb = cublas()
-                timed(f"cuBLAS _scaled_mm 1x128 blocks {name} [{label}]", cublas, reps)
-                print(f"    {_err(yb, ref)}")
-            except Exception as e:  # noqa: BLE001 - report and go on
-                print(f"cuBLAS _scaled_mm 1x128 blocks [{label}]: failed ({type(e).__name__}: {str(e)[:300]})")
-        try:
-            from torch.nn.functional import ScalingType, scaled_mm
-            def cublas_v2():
-                return scaled_mm(bcodes, w8.t(), bs.t(), ScalingType.BlockWise1x128, sb_kn.t(),
-                                 ScalingType.BlockWise1x128, bias=b, output_dtype=torch.bfloat16)
-            yb = cublas_v2()
-            timed(f"F.scaled_mm 1x128 x 1x128 {name}", cublas_v2, reps)
-            print(f"    {_err(yb, ref)}")
-        except Exception as e:  # noqa: BLE001
-            print(f"F.scaled_mm 1x128 x 1x128: failed ({type(e).__name__}: {str(e)[:300]})")
+        entry = SimpleNamespace(fp8=w8, sw=sw, swb=None)  # what block_scaled reads of a weight cache entry
+        timed(f"cuBLAS 1x128 blockwise _scaled_mm {name} (block_scaled.cublas_gemm)",
+              lambda: B.cublas_gemm(bcodes, bs, entry, b, m), reps)
+        yb = B.cublas_gemm(bcodes, bs, entry, b, m)
+        print(f"    {_err(yb, ref)}" if yb is not None else "    refused by this torch / cuBLAS")
         y = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
         for i, cfg in enumerate(G.GEMM_CONFIGS):
             if not G.two_tiles_ok(cfg):
