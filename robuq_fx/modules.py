@@ -55,6 +55,13 @@ def use_device_layout(model: nn.Module) -> nn.Module:
     return model
 
 
+def _bound_call(fn, x, qa):
+    """fn's bound form for calls like fn(x, qa) (`fn.bind`: kernels/fastcall.py), or None where it offers none; made
+    after an ordinary call, when its kernels are compiled and its caches full."""
+    bind = getattr(fn, "bind", None)
+    return bind(x, qa) if bind is not None else None
+
+
 class PackedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, spec: LayerSpec, has_bias: bool,
                  dtype: torch.dtype = torch.float32, device=None):
@@ -166,8 +173,8 @@ class PackedLinear(nn.Module):
                 # it let go (a buffer updated in place, a dispatch variable changed): the ordinary call, then one
                 # new binding for the state now (fastcall.call's rule), none after a second let-go
                 y = plan[0](x, plan[1])
-                bind = getattr(plan[0], "bind", None) if plan[3] == 0 else None
-                plans[key] = (plan[0], plan[1], bind(x, plan[1]) if bind is not None else None, plan[3] + 1)
+                plans[key] = (plan[0], plan[1], _bound_call(plan[0], x, plan[1]) if plan[3] == 0 else None,
+                              plan[3] + 1)
                 return y
             return plan[0](x, plan[1])
         args = self.op_args()
@@ -181,10 +188,9 @@ class PackedLinear(nn.Module):
                 or qa.output_act and not getattr(fn, "fuses_output_act", False)):
             fn = functools.partial(call_kernel, fn)  # the activations around it, as the op runs them
         y = fn(x, qa)
-        bind = getattr(fn, "bind", None)  # after the ordinary call: its kernels are compiled, its caches full
         if len(plans) >= 8:  # a few input shapes are kept (e.g. two batch sizes in turn), not every one seen
             plans.clear()
-        plans[key] = (fn, qa, bind(x, qa) if bind is not None else None, 0)  # (.., times its binding let go)
+        plans[key] = (fn, qa, _bound_call(fn, x, qa), 0)  # (.., times its binding let go)
         return y
 
     def weight_codes(self) -> torch.Tensor:
