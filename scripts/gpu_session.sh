@@ -51,6 +51,7 @@
 #   scripts/gpu_session.sh ncu              Nsight Compute on the quantizer / GEMM kernels (benchmarks/ncu_kernels.py)
 #   scripts/gpu_session.sh verify13 [S]     session 13's kernels (lrb_down split / in the GEMM, B H in lowered graphs,
 #                                           sigma / GELU plans, row kernel, prequant attention): their GPU tests
+#   scripts/gpu_session.sh profile-pair     the paper policy and -a2 profiled side by side at batch 64 (~8 min)
 #   scripts/gpu_session.sh profile-low [S]  profile_dit of dit-xl-2-robuq-a3 (or S: paper-a2) at batch 64 (default-mode compile)
 #   scripts/gpu_session.sh linear-down      bench_linear's extra columns at M = 256 / 1024 (the down-projection in the GEMM)
 #   scripts/gpu_session.sh profile-b1-cg    batch 1 under CUDA graphs: kernel sums against wall time (bf16, dit, paper)
@@ -433,6 +434,11 @@ profile-b1-cg)  # batch 1 under CUDA graphs: each setting's kernel sum against i
     # 3.7 ms of kernels in default mode: where do the other ~3 ms go?), bf16 and W4A4+H beside it
     timeout 560 python3 benchmarks/profile_dit.py --settings bf16 dit paper --batch 1 --steps 5 \
         --compile-mode reduce-overhead --out "$OUT" 2>&1 | grep -v Warning | grep -E "^##|TOTAL|wall|kernels a"
+    ;;
+profile-pair)  # session 18: the paper policy and -a2 profiled in one process at batch 64 (default-mode compile): where
+    # -a2's ~4.9 ms a forward over the paper policy goes (issue 17 item 5: 88.2% of its speed, target 90%)
+    timeout 560 python3 benchmarks/profile_dit.py --settings paper paper-a2 --batch 64 --steps 3 --out "$OUT" 2>&1 \
+        | grep -v Warning | tail -n 70
     ;;
 profile-low)  # profile-low [SETTING]: where the -a3 (or paper-a2) policy's batch-64 time goes (default-mode compile)
     timeout 560 python3 benchmarks/profile_dit.py --settings "${2:-paper-a3}" --batch 64 --steps 3 --out "$OUT" 2>&1 \
