@@ -51,6 +51,7 @@
 #   scripts/gpu_session.sh ncu              Nsight Compute on the quantizer / GEMM kernels (benchmarks/ncu_kernels.py)
 #   scripts/gpu_session.sh verify13 [S]     session 13's kernels (lrb_down split / in the GEMM, B H in lowered graphs,
 #                                           sigma / GELU plans, row kernel, prequant attention): their GPU tests
+#   scripts/gpu_session.sh verify17         session 17's CPU-built changes: their GPU tests (~6 min)
 #   scripts/gpu_session.sh profile-pair     the paper policy and -a2 profiled side by side at batch 64 (~8 min)
 #   scripts/gpu_session.sh profile-low [S]  profile_dit of dit-xl-2-robuq-a3 (or S: paper-a2) at batch 64 (default-mode compile)
 #   scripts/gpu_session.sh linear-down      bench_linear's extra columns at M = 256 / 1024 (the down-projection in the GEMM)
@@ -434,6 +435,14 @@ profile-b1-cg)  # batch 1 under CUDA graphs: each setting's kernel sum against i
     # 3.7 ms of kernels in default mode: where do the other ~3 ms go?), bf16 and W4A4+H beside it
     timeout 560 python3 benchmarks/profile_dit.py --settings bf16 dit paper --batch 1 --steps 5 \
         --compile-mode reduce-overhead --out "$OUT" 2>&1 | grep -v Warning | grep -E "^##|TOTAL|wall|kernels a"
+    ;;
+verify17)  # session 17's CPU-built changes on the GPU: the sigma quantizer's two-pass moments (test_act_quant_kernel),
+    # the bound call's re-binding (test_direct_call, test_fastcall), lrb_down's int64 cast (test_rotated_down,
+    # test_traced_constants) and the fp8 GEMM's STEP refactor (test_fp8_gemm_kernels), ~6 min
+    timeout 420 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_act_quant_kernel.py \
+        tests/test_direct_call.py tests/kernels/test_fastcall.py tests/kernels/test_rotated_down.py \
+        tests/kernels/test_traced_constants.py tests/kernels/test_fp8_gemm_kernels.py 2>&1 | grep -v DEBUG \
+        | tee "$OUT/gpu_tests_verify17.log" | tail -n 25
     ;;
 profile-pair)  # session 18: the paper policy and -a2 profiled in one process at batch 64 (default-mode compile): where
     # -a2's ~4.9 ms a forward over the paper policy goes (issue 17 item 5: 88.2% of its speed, target 90%)
