@@ -51,6 +51,7 @@
 #   scripts/gpu_session.sh ncu              Nsight Compute on the quantizer / GEMM kernels (benchmarks/ncu_kernels.py)
 #   scripts/gpu_session.sh verify13 [S]     session 13's kernels (lrb_down split / in the GEMM, B H in lowered graphs,
 #                                           sigma / GELU plans, row kernel, prequant attention): their GPU tests
+#   scripts/gpu_session.sh inductor-code    Inductor's Triton code for 2 DiT blocks per setting: the LayerNorm kernels (~4 min)
 #   scripts/gpu_session.sh verify17         session 17's CPU-built changes: their GPU tests (~6 min)
 #   scripts/gpu_session.sh profile-pair     the paper policy and -a2 profiled side by side at batch 64 (~8 min)
 #   scripts/gpu_session.sh profile-low [S]  profile_dit of dit-xl-2-robuq-a3 (or S: paper-a2) at batch 64 (default-mode compile)
@@ -435,6 +436,11 @@ profile-b1-cg)  # batch 1 under CUDA graphs: each setting's kernel sum against i
     # 3.7 ms of kernels in default mode: where do the other ~3 ms go?), bf16 and W4A4+H beside it
     timeout 560 python3 benchmarks/profile_dit.py --settings bf16 dit paper --batch 1 --steps 5 \
         --compile-mode reduce-overhead --out "$OUT" 2>&1 | grep -v Warning | grep -E "^##|TOTAL|wall|kernels a"
+    ;;
+inductor-code)  # the Triton code Inductor writes for 2 blocks of DiT-XL/2 (bf16, W4A4+H, -a2, paper): the LayerNorm
+    # kernels' loads / stores and call sites, the whole output code gzipped under $OUT (~4 min)
+    timeout ${2:-330} python3 scripts/inductor_code.py --settings dit paper-a2 paper --out "$OUT" 2>&1 \
+        | grep -v Warning | tail -n 60
     ;;
 verify17)  # session 17's CPU-built changes on the GPU: the sigma quantizer's two-pass moments (test_act_quant_kernel),
     # the bound call's re-binding (test_direct_call, test_fastcall), lrb_down's int64 cast (test_rotated_down,

@@ -1,0 +1,79 @@
+"""The Triton code Inductor writes for a lowered DiT-XL/2 (a few blocks): for a kernel seen in a profile, its source
+and the lines of the compiled module that call it, per robuq setting. Session 18's profile-pair found the block's
+second LayerNorm kernel at ~96 us a call under W4A4+H and -a2 against ~62 us under the paper policy (whose fc1 takes
+its input through `robuq::stacked_codes`) and ~66 us in bf16; this shows what it reads and writes.
+
+    python scripts/inductor_code.py --settings dit paper-a2 --layers 2 --match native_layer_norm --out OUT
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _dit_setup import XL2, build, inputs, policies, PAPER, PAPER_A2, PAPER_A3  # noqa: E402
+
+import robuq_fx  # noqa: E402
+
+NAMES = {"dit": "robuq W4A4+H", "paper": PAPER, "paper-a2": PAPER_A2, "paper-a3": PAPER_A3}
+
+
+def compiled_code(model, x) -> str:
+    from torch._inductor.utils import run_and_get_code
+    torch._dynamo.reset()
+    fn = torch.compile(model)
+    with torch.no_grad():
+        _, codes = run_and_get_code(lambda: fn(**x))
+    return "\n\n# ======== next module\n\n".join(codes)
+
+
+def kernels_matching(code: str, pattern: str) -> dict:
+    """name -> source of every Triton kernel whose name matches `pattern` (Inductor writes each as
+    `name = async_compile.triton('name', '''...''')`)."""
+    out = {}
+    for m in re.finditer(r"^(\w+) = async_compile\.triton\('(\w+)', '''(.*?)'''", code, re.S | re.M):
+        if re.search(pattern, m.group(1)):
+            out[m.group(1)] = m.group(3)
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--settings", nargs="+", default=["dit", "paper-a2", "paper"])
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--match", default="native_layer_norm")
+    ap.add_argument("--out", default="inductor_code_out")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = dict(XL2, num_layers=args.layers)
+    x = inputs(cfg, args.batch, "cuda", torch.bfloat16)
+    pols = policies()
+    for key in ["bf16"] + args.settings:
+        model = build(cfg).to("cuda", torch.bfloat16)
+        if key != "bf16":
+            pol = robuq_fx.Policy.from_dict(pols[NAMES[key]])
+            q = robuq_fx.quantize(model, pol, example_inputs=inputs(cfg, 2, "cuda", torch.bfloat16))
+            model = robuq_fx.lower(q, progress=False).to("cuda").eval()
+        code = compiled_code(model, x)
+        with gzip.open(out / f"inductor_code_{key}.py.gz", "wt") as f:
+            f.write(code)
+        print(f"\n######## {key}: {len(code)} chars of output code")
+        for name, src in kernels_matching(code, args.match).items():
+            calls = [ln.strip() for ln in code.splitlines() if re.search(rf"\b{name}\.run\(", ln)]
+            loads = len(re.findall(r"tl\.load\(", src))
+            stores = len(re.findall(r"tl\.store\(", src))
+            print(f"=== {name}: {len(calls)} call sites, {loads} loads, {stores} stores")
+            for c in calls[:1]:
+                print("  call:", c[:300])
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
