@@ -437,6 +437,10 @@ profile-b1-cg)  # batch 1 under CUDA graphs: each setting's kernel sum against i
     timeout 560 python3 benchmarks/profile_dit.py --settings bf16 dit paper --batch 1 --steps 5 \
         --compile-mode reduce-overhead --out "$OUT" 2>&1 | grep -v Warning | grep -E "^##|TOTAL|wall|kernels a"
     ;;
+inductor-b64)  # the LayerNorm kernels' autotuned configs under the paper policy and -a2 at batch 64 (2 blocks, ~2 min)
+    timeout ${2:-200} python3 scripts/inductor_code.py --settings paper paper-a2 --no-bf16 --batch 64 --out "$OUT" 2>&1 \
+        | grep -E "^(=|#)" | tail -n 40
+    ;;
 inductor-code)  # the Triton code Inductor writes for 2 blocks of DiT-XL/2 (bf16, W4A4+H, -a2, paper): the LayerNorm
     # kernels' loads / stores and call sites, the whole output code gzipped under $OUT (~4 min)
     timeout ${2:-330} python3 scripts/inductor_code.py --settings dit paper-a2 paper --out "$OUT" 2>&1 \

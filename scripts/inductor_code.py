@@ -42,6 +42,19 @@ def kernels_matching(code: str, pattern: str) -> dict:
     return out
 
 
+def chosen_configs(name: str) -> list:
+    """The config(s) Inductor's autotuner kept for kernel `name` in the modules loaded so far (its launchers)."""
+    from torch._inductor.codecache import PyCodeCache
+    mods = PyCodeCache.modules
+    mods = mods.values() if isinstance(mods, dict) else mods
+    found = []
+    for mod in mods:
+        k = getattr(mod, name, None)
+        for launcher in getattr(k, "launchers", None) or []:
+            found.append(str(getattr(launcher, "config", launcher)))
+    return found
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--settings", nargs="+", default=["dit", "paper-a2", "paper"])
@@ -49,13 +62,14 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--match", default="native_layer_norm")
     ap.add_argument("--out", default="inductor_code_out")
+    ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 model")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = dict(XL2, num_layers=args.layers)
     x = inputs(cfg, args.batch, "cuda", torch.bfloat16)
     pols = policies()
-    for key in ["bf16"] + args.settings:
+    for key in ([] if args.no_bf16 else ["bf16"]) + args.settings:
         model = build(cfg).to("cuda", torch.bfloat16)
         if key != "bf16":
             pol = robuq_fx.Policy.from_dict(pols[NAMES[key]])
@@ -69,7 +83,8 @@ def main(argv=None) -> None:
             calls = [ln.strip() for ln in code.splitlines() if re.search(rf"\b{name}\.run\(", ln)]
             loads = len(re.findall(r"tl\.load\(", src))
             stores = len(re.findall(r"tl\.store\(", src))
-            print(f"=== {name}: {len(calls)} call sites, {loads} loads, {stores} stores")
+            print(f"=== {name}: {len(calls)} call sites, {loads} loads, {stores} stores; "
+                  f"autotuned: {chosen_configs(name)}")
             for c in calls[:1]:
                 print("  call:", c[:300])
         sys.stdout.flush()
