@@ -1,9 +1,13 @@
 """The activation quantizer (x -> x H -> per-token fp8 codes) in Gluon, with layouts chosen by hand (issue 20).
 
 Same contract and arithmetic as `triton_act_quant.act_quant_bfly_kernel` for its common case (Hadamard block 128,
-absmax ranges, symmetric or asymmetric, codes out, no input activation): the codes equal the Triton kernel's wherever
+absmax or `sigma` ranges, symmetric or asymmetric, codes out, no input activation): the codes equal the Triton
+kernel's wherever
 the fp32 butterfly sums are exact (always, for bf16 inputs whose row spans less than 2^16 in magnitude: each output
-is a sum of 128 bf16 values), and so do the scales (H200: its GPU tests pass). Used where the dispatch table's
+is a sum of 128 bf16 values), and so do the scales (H200: its GPU tests pass). With `sigma` ranges (mu +- c sigma of
+the rotated row, kept inside [min, max], session 18) the row's sums run in another order than the Triton kernel's,
+so a scale may differ in its last bit and a code sitting on a rounding boundary by one. Used where the dispatch
+table's
 `quant_gluon` (measured by `bench_linear.py --write-dispatch`) or `ROBUQ_QUANT_KERNEL=gluon` chooses it.
 
 Why: Triton picks the layouts of the Triton kernel itself. Its butterfly stages (constant geometry, a permute per
@@ -89,6 +93,11 @@ def _minf(a, b):
 
 
 @gluon.jit
+def _addf(a, b):
+    return a + b
+
+
+@gluon.jit
 def _scale_of(a, b, levels, SYM: gl.constexpr):
     """As triton_rowquant.scale_of: (s, lo, safe, 1/safe), s = RN(range / levels). (Its @triton.jit body cannot be
     re-jitted as Gluon, the way Gluon imports triton.language's reductions: tl.zeros_like has no layout to give.)"""
@@ -110,8 +119,8 @@ def _round_quotient(y, safe, rcp):
 
 
 @gluon.jit
-def _store(y, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, z, OFF: gl.constexpr, W: gl.constexpr,
-           SYM: gl.constexpr, HAS_SHIFT: gl.constexpr, layout: gl.constexpr):
+def _store(y, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, z, levels, OFF: gl.constexpr, W: gl.constexpr,
+           SYM: gl.constexpr, HAS_SHIFT: gl.constexpr, CLAMP: gl.constexpr, layout: gl.constexpr):
     row_l: gl.constexpr = gl.SliceLayout(1, layout)
     cols = OFF + gl.arange(0, W, layout=gl.SliceLayout(0, layout))
     y = y.to(gl.float32)
@@ -119,6 +128,8 @@ def _store(y, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, z, OFF: gl.cons
         y = y - gl.expand_dims(gl.convert_layout(lo, row_l), 1)
     q = _round_quotient(y, gl.expand_dims(gl.convert_layout(safe, row_l), 1),
                        gl.expand_dims(gl.convert_layout(rcp, row_l), 1))
+    if CLAMP:  # sigma ranges leave values outside [lo, hi] (triton_act_quant._store)
+        q = gl.minimum(gl.maximum(q, -levels if SYM else 0.0), levels)
     if HAS_SHIFT:  # centred codes: q - (the row's code of 0), as triton_act_quant
         q = q - gl.expand_dims(gl.convert_layout(z, row_l), 1)
     ptrs = out_ptr + gl.expand_dims(gl.convert_layout(rows, row_l) * stride_om, 1) + gl.expand_dims(cols, 0)
@@ -127,14 +138,17 @@ def _store(y, out_ptr, rows, smask, stride_om, s, safe, rcp, lo, z, OFF: gl.cons
 
 @gluon.jit(do_not_specialize=["M", "M_STORE"])
 def act_quant_gluon_kernel(x_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, stride_xm, stride_om, hscale, levels,
-                           W0: gl.constexpr, W1: gl.constexpr, VT0: gl.constexpr, VT1: gl.constexpr,
+                           clip_c, W0: gl.constexpr, W1: gl.constexpr, VT0: gl.constexpr, VT1: gl.constexpr,
                            LOGVT0: gl.constexpr, LOGVT1: gl.constexpr, LANES: gl.constexpr, WROWS: gl.constexpr,
-                           WPR: gl.constexpr, SYM: gl.constexpr, HAS_SHIFT: gl.constexpr):
+                           WPR: gl.constexpr, SYM: gl.constexpr, HAS_SHIFT: gl.constexpr,
+                           SIGMA: gl.constexpr = False):
     """W0 (and W1 > 0): the row's piece widths; a row on LANES lanes of each of WPR warps, VTi = Wi / (LANES WPR)
-    columns a thread; 32 / LANES rows a warp, WROWS warps along the rows (num_warps = WROWS * WPR)."""
+    columns a thread; 32 / LANES rows a warp, WROWS warps along the rows (num_warps = WROWS * WPR). SIGMA: the range
+    is mu +- clip_c sigma of the rotated (bf16-rounded) row, kept inside its [min, max] (`quantizers.act_range`)."""
     ROWS: gl.constexpr = (32 // LANES) * WROWS
     hscale = hscale.to(gl.float32)
     levels = levels.to(gl.float32)
+    clip_c = clip_c.to(gl.float32)
     l0: gl.constexpr = gl.BlockedLayout([1, VT0], [32 // LANES, LANES], [WROWS, WPR], [1, 0])
     l1: gl.constexpr = gl.BlockedLayout([1, VT1], [32 // LANES, LANES], [WROWS, WPR], [1, 0])
     rl0: gl.constexpr = gl.SliceLayout(1, l0)
@@ -160,6 +174,25 @@ def act_quant_gluon_kernel(x_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, stride
         else:
             a = gl.minimum(a, gl.convert_layout(gl.reduce(f1, 1, _minf), rl0))
             b = gl.maximum(b, gl.convert_layout(gl.reduce(f1, 1, _maxf), rl0))
+    if SIGMA:  # two passes over the registers: the row mean, then the squared deviations from it (the mean is a
+        # per-row value in the reduction's own slice layout: broadcasting it back moves no data)
+        kk = gl.zeros_like(b) + (W0 + W1)
+        tot = gl.reduce(f0, 1, _addf)
+        if W1 > 0:
+            tot = tot + gl.convert_layout(gl.reduce(f1, 1, _addf), rl0)
+        mu = gl.div_rn(tot, kk)
+        d0 = f0 - gl.expand_dims(mu, 1)
+        m2 = gl.reduce(d0 * d0, 1, _addf)
+        if W1 > 0:
+            d1 = f1 - gl.expand_dims(gl.convert_layout(mu, rl1), 1)
+            m2 = m2 + gl.convert_layout(gl.reduce(d1 * d1, 1, _addf), rl0)
+        sd = gl.sqrt_rn(gl.div_rn(m2, kk))
+        if SYM:
+            b = gl.minimum(gl.abs(mu) + clip_c * sd, b)
+            a = -b
+        else:
+            a = gl.maximum(mu - clip_c * sd, a)
+            b = gl.minimum(mu + clip_c * sd, b)
     s, lo, safe, rcp = _scale_of(a, b, levels, SYM)
     if HAS_SHIFT:  # the row's code of 0, clamped to the codes (triton_rowquant.zero_code, restated as
         # _round_quotient is: Gluon cannot call a @triton.jit helper)
@@ -169,9 +202,10 @@ def act_quant_gluon_kernel(x_ptr, out_ptr, scale_ptr, lo_ptr, M, M_STORE, stride
     smask0 = rows0 < M_STORE
     gl.store(scale_ptr + rows0, s, mask=smask0)
     gl.store(lo_ptr + rows0, lo + z * s, mask=smask0)
-    _store(y0, out_ptr, rows0, smask0, stride_om, s, safe, rcp, lo, z, 0, W0, SYM, HAS_SHIFT, l0)
+    _store(y0, out_ptr, rows0, smask0, stride_om, s, safe, rcp, lo, z, levels, 0, W0, SYM, HAS_SHIFT, SIGMA, l0)
     if W1 > 0:
-        _store(y1, out_ptr, rows0, smask0, stride_om, s, safe, rcp, lo, z, W0, W1, SYM, HAS_SHIFT, l1)
+        _store(y1, out_ptr, rows0, smask0, stride_om, s, safe, rcp, lo, z, levels, W0, W1, SYM, HAS_SHIFT, SIGMA,
+               l1)
 
 
 def gluon_plan(k: int, lanes: int = 32, warps: int = 4, max_vt: int = 32) -> tuple | None:
@@ -194,15 +228,17 @@ def gluon_plan(k: int, lanes: int = 32, warps: int = 4, max_vt: int = 32) -> tup
     return None
 
 
-def act_quant_gluon_launch(x, out, scale, lo, m, m_store, hscale, levels, shift, sym, plan):
+def act_quant_gluon_launch(x, out, scale, lo, m, m_store, hscale, levels, shift, sym, plan, clip_c: float = 0.0):
     """(kernel, grid, runtime args, constexprs, options, no_specialize), the format of
-    `triton_act_quant.act_quant_launch` (the runtime args start with x, out, scale, lo), for `gluon_plan`'s plan."""
+    `triton_act_quant.act_quant_launch` (the runtime args start with x, out, scale, lo), for `gluon_plan`'s plan.
+    clip_c > 0: `sigma` ranges mu +- clip_c sigma."""
     w0, w1, lanes, wpr, wrows = plan
     vt0 = w0 // (lanes * wpr)
     vt1 = w1 // (lanes * wpr) if w1 else vt0
     rows = (32 // lanes) * wrows
     return (act_quant_gluon_kernel, ((m_store + rows - 1) // rows,),
-            (x, out, scale, lo, m, m_store, x.stride(0), out.stride(0), float(hscale), float(levels)),
+            (x, out, scale, lo, m, m_store, x.stride(0), out.stride(0), float(hscale), float(levels), float(clip_c)),
             dict(W0=w0, W1=w1, VT0=vt0, VT1=vt1, LOGVT0=vt0.bit_length() - 1, LOGVT1=vt1.bit_length() - 1,
-                 LANES=lanes, WROWS=wrows, WPR=wpr, SYM=bool(sym), HAS_SHIFT=bool(shift) and not sym),
+                 LANES=lanes, WROWS=wrows, WPR=wpr, SYM=bool(sym), HAS_SHIFT=bool(shift) and not sym,
+                 SIGMA=clip_c > 0),
             dict(num_warps=wrows * wpr), (4, 5))

@@ -160,7 +160,8 @@ def qlinear_traced(x, a: QLinearArgs) -> torch.Tensor:
     if takes_stacked(a, m) and is_extended(a.qweight, k, a.lrb_down.shape[0]):
         return _stacked_traced(x, x2, a, m, m_pad).reshape(*lead, n)
     if _gluon_quant_here(x2, a):
-        codes, sx, lo = _gluon_quant_op()(x2, a.hadamard_block, a.a_bits, a.a_sym, m_pad, True, a.input_act)
+        codes, sx, lo = _gluon_quant_op()(x2, a.hadamard_block, a.a_bits, a.a_sym, m_pad, True, a.input_act,
+                                          a.a_clip)
     else:
         codes, sx, lo = act_quant_op(x2, a.hadamard_block, a.a_bits, a.a_sym, a.a_clip, m_pad, True, a.input_act)
     w8 = a.qweight.reshape(n, k)

@@ -33,11 +33,12 @@ def _gluon_quant_op():
 
     @custom_op("robuq::act_quant_gluon", mutates_args=())
     def act_quant_gluon_op(x2: torch.Tensor, block: int, a_bits: int, sym: bool, m_store: int,
-                           shift: bool, act: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return act_quant(x2, block, a_bits, sym, m_store=m_store, shift=shift, act=act)
+                           shift: bool, act: str = "", clip: str = "absmax"
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return act_quant(x2, block, a_bits, sym, m_store=m_store, shift=shift, act=act, clip=clip)
 
     @act_quant_gluon_op.register_fake
-    def _(x2, block, a_bits, sym, m_store, shift, act=""):
+    def _(x2, block, a_bits, sym, m_store, shift, act="", clip="absmax"):
         return (x2.new_empty(m_store, x2.shape[1], dtype=torch.float8_e4m3fn),
                 x2.new_empty(m_store, dtype=torch.float32), x2.new_empty(m_store, dtype=torch.float32))
 

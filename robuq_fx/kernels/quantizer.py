@@ -159,15 +159,20 @@ def _gq():
 
 
 def _gluon_plan(x2, block: int, clip: str, dequant: bool, act: str) -> tuple | None:
-    """The Gluon quantizer's plan where it takes the call (Hadamard block 128, absmax, codes out, no input
-    activation, 16-bit input, K it tiles) and is chosen, else None (the Triton kernel). Chosen: ROBUQ_QUANT_KERNEL=gluon
+    """The Gluon quantizer's plan where it takes the call (Hadamard block 128, absmax or sigma ranges, codes out, no
+    input activation, 16-bit input, K it tiles) and is chosen, else None (the Triton kernel). Sigma ranges (with
+    ROBUQ_GLUON_SIGMA=1) take the tiling the table measured for absmax ones (the same loads, butterflies and stores;
+    two more row sums). Chosen: ROBUQ_QUANT_KERNEL=gluon
     (its default tiling wherever it applies), =triton never, unset: where the dispatch table measured it faster than
     the Triton kernel's best tiling with equal codes ("quant_gluon": [lanes, max columns a thread] per K and M
     bucket, `bench_linear.py --write-dispatch`)."""
     env = os.environ.get("ROBUQ_QUANT_KERNEL")
     if env == "triton":
         return None
-    if block != 128 or clip != "absmax" or dequant or act or x2.dtype not in (torch.bfloat16, torch.float16):
+    if block != 128 or clip not in ("absmax", "sigma") or dequant or act or x2.dtype not in (torch.bfloat16,
+                                                                                           torch.float16):
+        return None
+    if clip == "sigma" and os.environ.get("ROBUQ_GLUON_SIGMA", "0") != "1":  # opt-in until its GPU test passes
         return None
     k = x2.shape[1]
     if env == "gluon":
@@ -212,13 +217,13 @@ def act_quant_spec(x2, out, scale, lo, block: int, a_bits: int, sym: bool, dequa
         if mma_quant_ok(x2, block, sym, clip, dequant):  # (symmetric codes: lo is not written)
             return mma_quant_launch(x2, hadamard_matrix(block, x2.dtype, x2.device), out, scale, out.shape[0],
                                     levels, act)
+    sigma = clip == "sigma"
+    # sigma: c of the MSE-optimal uniform quantizer of a normal with the code count of this range (quantizers.py)
+    clip_c = Q.gaussian_clip(2 ** a_bits - 1 if sym else 2 ** a_bits) if sigma else 0.0
     g = _gluon_plan(x2, block, clip, dequant, act) if gluon and plan is None else None
     if g is not None:  # the Gluon kernel with hand-picked layouts, where the table or ROBUQ_QUANT_KERNEL picks it
         return _gq().act_quant_gluon_launch(x2, out, scale, lo, m, out.shape[0], _hscale(block, x2.dtype), levels,
-                                            sh, sym, g)
-    sigma = clip == "sigma"
+                                            sh, sym, g, clip_c)
     plan = plan or (_roomy_plan(k, block, m, sigma) if sigma or act else quant_plan(k, block, m))
-    # sigma: c of the MSE-optimal uniform quantizer of a normal with the code count of this range (quantizers.py)
-    clip_c = Q.gaussian_clip(2 ** a_bits - 1 if sym else 2 ** a_bits) if sigma else 0.0
     return _aq().act_quant_launch(x2, out, scale, lo, m, out.shape[0], _hscale(block, x2.dtype), levels, sh, block,
                                   plan, sym, dequant, clip_c, act)

@@ -20,6 +20,9 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
                                       "the dispatch table measured it faster with equal codes ('quant_gluon'); mma: "
                                       "the rotation on tensor cores (kernels/triton_mma_quant.py: symmetric absmax, "
                                       "block 128; eager calls; 2-22x slower than the butterfly kernel on the H200)"),
+    ("ROBUQ_GLUON_SIGMA", "0", "1: sigma-clipped layers (-a3 / -a2) take the Gluon quantizer where the table picks it "
+                               "for absmax ones (kernels/gluon_act_quant.py, session 18; off until its GPU test "
+                               "passes)"),
     ("ROBUQ_FP8_GEMM_KERNEL", "(table: pointer)", "tma: the persistent TMA-fed Triton GEMM; gluon: the Gluon "
                                                   "wgmma GEMM (kernels/gluon_fp8_gemm.py; slower on the H200)"),
     ("ROBUQ_FP8_FUSED_QUANT", "(table)", "1: the activation quantizer inside the fp8 GEMM (kernels/gluon_qgemm.py; "

@@ -1,9 +1,10 @@
 """The Gluon activation quantizer (robuq_fx/kernels/gluon_act_quant.py; the dispatch table or ROBUQ_QUANT_KERNEL=gluon).
 
 CPU: the tiling plan, and (where triton imports) that the kernel compiles for sm_90 at the DiT widths, with far fewer
-registers than the Triton kernel's one-warp rows at K = 4608. GPU: codes, scales and offsets equal to the Triton
-kernel's (both sum the same bf16 values in fp32; on these inputs every sum is exact, so the codes must be identical),
-and a layer on the fp8 path equal with and without it.
+registers than the Triton kernel's one-warp rows at K = 4608, sigma ranges included. GPU: codes, scales and offsets
+equal to the Triton kernel's (both sum the same bf16 values in fp32; on these inputs every sum is exact, so the codes
+must be identical); with sigma ranges (row sums in another order) within one code and a few ulp; and a layer on the
+fp8 path equal with and without it.
 """
 from __future__ import annotations
 
@@ -51,9 +52,15 @@ def test_dispatch_picks_the_gluon_quantizer_where_the_table_measured_it(monkeypa
         assert quantizer._gluon_plan(big, 128, "absmax", False, "") == ("plan", 4608, 16, 64)
         assert quantizer._gluon_plan(small, 128, "absmax", False, "") is None  # M bucket 256: not measured faster
         assert quantizer._gluon_plan(torch.empty(10000, 1152, dtype=torch.bfloat16), 128, "absmax", False, "") is None
-        for args in ((64, "absmax", False, ""), (128, "sigma", False, ""), (128, "absmax", True, ""),
+        for args in ((64, "absmax", False, ""), (128, "mse", False, ""), (128, "absmax", True, ""),
                      (128, "absmax", False, "gelu")):
             assert quantizer._gluon_plan(big, *args) is None, args
+        # sigma ranges (the -a3 / -a2 policies, session 18): opt-in (ROBUQ_GLUON_SIGMA=1) until its GPU test
+        # passes; then the tiling the table measured for absmax
+        assert quantizer._gluon_plan(big, 128, "sigma", False, "") is None
+        monkeypatch.setenv("ROBUQ_GLUON_SIGMA", "1")
+        assert quantizer._gluon_plan(big, 128, "sigma", False, "") == ("plan", 4608, 16, 64)
+        monkeypatch.delenv("ROBUQ_GLUON_SIGMA")
         assert quantizer._gluon_plan(big.float(), 128, "absmax", False, "") is None
         monkeypatch.setenv("ROBUQ_QUANT_KERNEL", "triton")
         assert quantizer._gluon_plan(big, 128, "absmax", False, "") is None
@@ -63,23 +70,30 @@ def test_dispatch_picks_the_gluon_quantizer_where_the_table_measured_it(monkeypa
         quantizer._gluon_tiling.cache_clear()
 
 
-def _compile_sm90(k: int, sym: bool, lanes: int = 32):
+def _compile_sm90(k: int, sym: bool, lanes: int = 32, clip_c: float = 0.0):
     plan = G.gluon_plan(k, lanes, max_vt=32 if lanes == 32 else 64)
     x = torch.empty(4, k, dtype=torch.bfloat16)
-    spec = G.act_quant_gluon_launch(x, torch.empty(4, k), x, x, 4, 4, 0.0884, 7.0, not sym, sym, plan)
+    spec = G.act_quant_gluon_launch(x, torch.empty(4, k), x, x, 4, 4, 0.0884, 7.0, not sym, sym, plan, clip_c)
     sig = {"x_ptr": "*bf16", "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "lo_ptr": "*fp32", "M": "i32",
-           "M_STORE": "i32", "stride_xm": "i32", "stride_om": "i32", "hscale": "fp32", "levels": "fp32"}
+           "M_STORE": "i32", "stride_xm": "i32", "stride_om": "i32", "hscale": "fp32", "levels": "fp32",
+           "clip_c": "fp32"}
     return compile_sm90(G.act_quant_gluon_kernel, sig, spec[3], spec[4],
                         aligned=("x_ptr", "out_ptr", "scale_ptr", "lo_ptr", "stride_xm", "stride_om"))
 
 
 @pytest.mark.skipif(G is None, reason="triton with Gluon does not import here")
-@pytest.mark.parametrize("k,sym,lanes", [(1152, True, 32), (4608, True, 32), (1152, False, 32), (1152, True, 16)])
-def test_compiles_for_sm90_with_few_registers(k, sym, lanes):
-    text, regs = sass(_compile_sm90(k, sym, lanes))
+@pytest.mark.parametrize("k,sym,lanes,clip_c", [(1152, True, 32, 0.0), (4608, True, 32, 0.0), (1152, False, 32, 0.0),
+                                                (1152, True, 16, 0.0), (1152, False, 32, 1.49), (4608, False, 32, 1.49),
+                                                (1152, True, 32, 2.0)],
+                         ids=["1152", "4608", "1152-asym", "1152-16lanes", "1152-asym-sigma", "4608-asym-sigma",
+                              "1152-sigma"])
+def test_compiles_for_sm90_with_few_registers(k, sym, lanes, clip_c):
+    text, regs = sass(_compile_sm90(k, sym, lanes, clip_c))
     assert regs <= (96 if lanes == 32 else 168), regs  # the Triton kernel's one-warp rows take ~200 at K = 4608
     assert "STL" not in text  # no spills
     assert "SHFL.BFLY" in text  # the lane stages exchange by butterfly shuffles
+    if clip_c:  # the sigma range: a square root of the variance, and the codes clamped to the levels
+        assert "MUFU.RSQ" in text or "MUFU.SQRT" in text or "CALL" in text, "no square root in the sigma form"
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available() or G is None, reason="needs CUDA and Gluon")
@@ -102,6 +116,36 @@ def test_equals_the_triton_kernel(k, a_bits, sym, monkeypatch):
             got = quantizer.act_quant(xm, 128, a_bits, sym, m_store=m_store, shift=not sym)
             for label, u, v in zip(("codes", "scales", "lo"), got, want):
                 assert torch.equal(u.float(), v.float()), f"K={k} A{a_bits} {name} M={m}: {label} differ"
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [1152, 4608])
+@pytest.mark.parametrize("a_bits,sym", [(2, False), (3, False), (4, True)])
+def test_sigma_ranges_match_the_triton_kernel(k, a_bits, sym, monkeypatch):
+    """sigma ranges (the -a3 / -a2 policies): the row's sums run in another order than the Triton kernel's, so a
+    scale may move by an ulp and a code on a rounding boundary by one; >= 99.9% of the codes equal, none more than
+    one apart, scales and offsets within 4 ulp, and both within 1e-5 of `quantizers.act_range`'s float64 range.
+    Rows far from 0 (a mean of 3 sigma) and an all-zero row (s = 0) included."""
+    from robuq_fx import quantizers as Q
+    from robuq_fx.hadamard import block_hadamard
+    torch.manual_seed(k + a_bits)
+    x = (torch.randn(1001, k, device="cuda") * 2 + torch.linspace(-6, 6, 1001, device="cuda")[:, None])
+    x[7] = 0.0  # s = 0: codes 0, scale 0
+    x = x.to(torch.bfloat16)
+    monkeypatch.setenv("ROBUQ_QUANT_KERNEL", "triton")
+    want = quantizer.act_quant(x, 128, a_bits, sym, m_store=1008, shift=not sym, clip="sigma")
+    monkeypatch.setenv("ROBUQ_QUANT_KERNEL", "gluon")
+    monkeypatch.setenv("ROBUQ_GLUON_SIGMA", "1")
+    got = quantizer.act_quant(x, 128, a_bits, sym, m_store=1008, shift=not sym, clip="sigma")
+    dq = (got[0].float() - want[0].float()).abs()
+    assert dq.max().item() <= 1 and (dq == 0).float().mean().item() >= 0.999, (dq > 0).sum().item()
+    for label, u, v in zip(("scales", "lo"), got[1:], want[1:]):
+        assert torch.allclose(u, v, rtol=4 * 2.0 ** -23, atol=1e-30), f"K={k} A{a_bits}: {label}"
+    lo, hi = Q.act_range(block_hadamard(x, 128).to(torch.bfloat16).double(), a_bits, sym, "sigma")
+    s = (hi - lo).squeeze(1) / Q.act_levels(a_bits, sym) if not sym else hi.squeeze(1) / Q.act_levels(a_bits, sym)
+    assert torch.allclose(got[1][:1001].double(), s, rtol=1e-5, atol=1e-6)
+    assert got[1][7].item() == 0 and not got[1][1001:].any()
 
 
 @cuda

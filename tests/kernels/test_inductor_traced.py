@@ -280,6 +280,16 @@ def test_low_bit_policies_decompose_without_cpu_tensors(a_bits, a_sym, clip, mon
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor):
             assert val.device.type == "cuda", (node.format_node(), val.device)
+    with monkeypatch.context() as mp:  # under CUDA graphs where the table picks the Gluon quantizer (sigma ranges
+        # too, session 18): the opaque op, told the layer's clip (it once took absmax ranges only and had no clip)
+        import torch._inductor.config as ic
+        mp.setattr(quantizer, "_gluon_plan", lambda *a: (1,))
+        with ic.patch({"triton.cudagraphs": True}):
+            code = make_fx(dispatch_functionalize(lambda *t: torch.ops.robuq.qlinear(
+                *t, 512, 256, 1.58, a_bits, 128, a_sym, clip)), tracing_mode="fake")(x, qw, ws, b, dn, up).code
+        call = re.search(r"robuq\.act_quant_gluon\.default\(([^)]*)\)", code)
+        assert call, code  # (absmax, the schema's default, is left out of the printed call)
+        assert ("'sigma'" in call.group(1)) == (clip == "sigma"), call.group(0)
     # the offset term's column sums: summed from the codes in the graph, unless the layer passes its w_colsum buffer
     summed = [n for n in gm.graph.nodes if n.op == "call_function" and "sum" in str(n.target)]
     assert bool(summed) == (not a_sym), summed
