@@ -51,6 +51,7 @@
 #   scripts/gpu_session.sh ncu              Nsight Compute on the quantizer / GEMM kernels (benchmarks/ncu_kernels.py)
 #   scripts/gpu_session.sh verify13 [S]     session 13's kernels (lrb_down split / in the GEMM, B H in lowered graphs,
 #                                           sigma / GELU plans, row kernel, prequant attention): their GPU tests
+#   scripts/gpu_session.sh ln-configs       the LayerNorm kernels' autotuning configs timed one by one (~3 min)
 #   scripts/gpu_session.sh inductor-code    Inductor's Triton code for 2 DiT blocks per setting: the LayerNorm kernels (~4 min)
 #   scripts/gpu_session.sh verify17         session 17's CPU-built changes: their GPU tests (~6 min)
 #   scripts/gpu_session.sh profile-pair     the paper policy and -a2 profiled side by side at batch 64 (~8 min)
@@ -441,6 +442,12 @@ profile-b1-cg)  # batch 1 under CUDA graphs: each setting's kernel sum against i
 inductor-b64)  # the LayerNorm kernels' autotuned configs under the paper policy and -a2 at batch 64 (2 blocks, ~2 min)
     timeout ${2:-200} python3 scripts/inductor_code.py --settings paper paper-a2 --no-bf16 --batch 64 --out "$OUT" 2>&1 \
         | grep -E "^(=|#)" | tail -n 40
+    ;;
+ln-configs)  # the LayerNorm kernels' autotuning configs timed one by one (Inductor's benchmark harness, random inputs
+    # of their shapes) under -a2 and the paper policy at batch 64: does the config the autotuner kept explain -a2's
+    # second LayerNorm at ~96 us a call against the paper's ~62 (session 18's profile-pair)? (~3 min)
+    timeout ${2:-250} python3 scripts/inductor_code.py --settings paper-a2 paper --no-bf16 --batch 64 --bench-configs \
+        --out "$OUT" 2>&1 | grep -E "^(=|#|    )" | tail -n 60
     ;;
 inductor-code)  # the Triton code Inductor writes for 2 blocks of DiT-XL/2 (bf16, W4A4+H, -a2, paper): the LayerNorm
     # kernels' loads / stores and call sites, the whole output code gzipped under $OUT (~4 min)

@@ -55,6 +55,22 @@ def chosen_configs(name: str) -> list:
     return found
 
 
+def config_times(name: str, src: str, out: Path) -> dict:
+    """{config: ms} of every autotuning config of a kernel compiled with Inductor's benchmark harness (its source
+    then defines get_args / benchmark_all_configs), on random inputs of the kernel's own shapes."""
+    import importlib.util
+    path = out / f"{name}.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(mod)
+        timings = mod.benchmark_all_configs(mod.get_args())
+    except Exception as e:  # noqa: BLE001 (a diagnostic: say why and go on)
+        return {f"(no timings: {type(e).__name__}: {str(e)[:200]})": float("nan")}
+    return {str(getattr(k, "config", k)): float(v) for k, v in sorted(timings.items(), key=lambda kv: kv[1])}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--settings", nargs="+", default=["dit", "paper-a2", "paper"])
@@ -63,12 +79,18 @@ def main(argv=None) -> None:
     ap.add_argument("--match", default="native_layer_norm")
     ap.add_argument("--out", default="inductor_code_out")
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 model")
+    ap.add_argument("--bench-configs", action="store_true",
+                    help="compile with Inductor's benchmark harness in each kernel (config.benchmark_kernel) and time "
+                         "every autotuning config of the matched kernels on random inputs of their shapes")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = dict(XL2, num_layers=args.layers)
     x = inputs(cfg, args.batch, "cuda", torch.bfloat16)
     pols = policies()
+    if args.bench_configs:
+        import torch._inductor.config as ic
+        ic.benchmark_kernel = True
     for key in ([] if args.no_bf16 else ["bf16"]) + args.settings:
         model = build(cfg).to("cuda", torch.bfloat16)
         if key != "bf16":
@@ -87,6 +109,9 @@ def main(argv=None) -> None:
                   f"autotuned: {chosen_configs(name)}")
             for c in calls[:1]:
                 print("  call:", c[:300])
+            if args.bench_configs:
+                for cfg, ms in config_times(name, src, out).items():
+                    print(f"    {ms * 1e3:8.1f} us  {cfg}")
         sys.stdout.flush()
 
 
