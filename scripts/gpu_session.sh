@@ -97,23 +97,23 @@
 # The machine goes back ~30 s after a call returns, and with it everything detached or left in /tmp: make every
 # call self-contained, and send the next one at once. On nvidia-h200-x2, `pair A B` runs two steps at once (one a
 # GPU) for the device time of one: use it. A cold compile of the paper policy takes ~3-4 min on the machine: a call
-# holds about two (policy, batch) rows. Session 18's plan (one H200; one bench_dit run a call, sent alone):
-#   0. quick-checks (~6 min: out-quant's timing (item 4 below), the sigmoid-form GELU's GPU tests, census (item 3))
-#   0b. gelu-fast  (~9 min: issue 17's W4A4+H 1.3x / issue 20's 1.35x: the GELU pass is ~4 ms of the batch-64
-#                   forward, and both fusions lost to ATen's tanhf (~31 instructions a value); the sigmoid form costs ~8.
-#                   If a row wins, make that fusion `lower`'s default with ROBUQ_GELU_FORM=fast; then
-#                   gelu-fast-paper, the paper policy's fc1 store with it, ~8 min)
-#   1. tests       (~8 min: the GPU tests of the newest kernels; session 17 ran only test_block_scaled (11 passed) and
-#                   test_input_act -k output (10 passed) of session 16's: the w_colsum buffer's and the a_group
-#                   reference fallback's are still to run; and test_traced_constants' fix, lrb_down_reduce_kernel
-#                   built by Inductor's mutation analysis, shows in `census` as no "assuming every input is mutated")
-#   2. profile-low paper-a2 (issue 17 item 5: -a2 at 88.2% of the paper policy's speed, 1.8 points short: where its
-#                   ~4.9 ms over the paper policy go; session 15 found the sigma quantizer then)
-#   3. census      (~2 min: after the lrb_down_reduce fix, are the 57 aten.clone nodes of the batch-1 graph gone?)
-#   4. out-quant   (~3 min: if the per-head store costs less than the row kernel, wire it: a qlinear argument, the
-#                   sibling-fused qkv layers of an attention8 chain, attention8 on prequantized inputs)
-#   5. attention-sweep, train-cpp; then gelu-fc1-b1, dit-default, linear-down, profile-b1-cg, qat-profile.
-#   paper-ag128 / linear-ag128 need not run: a_group = 128 loses per layer (block_scale_diag_NVIDIA_H200.txt).
+# holds about two (policy, batch) rows. Session 19's plan (one H200; one bench_dit run a call, sent alone):
+#   1. gluon-sigma (~8 min: issue 17 item 5, -a2 at 88.2% of the paper policy's speed, target 90%. Session 18's
+#                   profile-pair put 1.7 ms of -a2's extra 3.6 ms in the sigma quantizer, which under CUDA graphs is the
+#                   Triton kernel while the paper's layers take the Gluon one. If its tests pass and -a2 gains, make
+#                   ROBUQ_GLUON_SIGMA default to 1 (quantizer._gluon_plan, switches.py, the dispatch test) and merge)
+#   2. verify17    (~6 min: GPU tests of session 17's CPU-built changes: the sigma moments, re-binding, lrb_down cast,
+#                   the fp8 GEMM's STEP refactor)
+#   3. ln-configs  (~3 min: the block's second LayerNorm kernel took ~96 us a call under -a2 and ~62 under the paper
+#                   policy with identical Triton code (inductor_code_s18/); the autotuner kept R0_BLOCK 512 for one and
+#                   1024 for the other. If the configs' own times differ that much, the ~0.9 ms is Inductor's autotuning
+#                   noise (W4A4+H pays it too: 2.61 ms in session 12's profile), not our kernels)
+#   4. tests, then attention-sweep, train-cpp, dit-default, profile-b1-cg, qat-profile.
+#   Not to run again: gelu-fast (both fusions lose, session 18), ag128 steps, out-quant (17 us a call saved).
+# Session 18 ran: quick-checks (OUT_QUANT store: 195.8 us vs GEMM 135.5 + row kernel 77.8 at M = 16384; the fast
+# GELU's GPU tests pass; census still 57 clones), gelu-fast (W4A4+H 1.230x unfused, 1.156x / 1.193x fused: both lose),
+# profile-pair (paper 34.8 ms vs -a2 38.4 ms of kernels: GEMMs +1.0, sigma quantizer +1.7, a LayerNorm +0.9),
+# inductor-code / inductor-b64 (that LayerNorm kernel's code is identical; its autotuned config differs).
 # Session 17 ran: ag128 (DiT W4A4+H a_group 128 0.725x vs 1.247x per token), ag128-diag (the breakdown: the
 # block-scaled GEMM is 1.45-1.55x rowwise in cuBLAS), a2-vs-paper (paper 0.882x, -a2 0.778x: 88.2%), block-cublas
 # (GPU tests pass; cuBLAS's blockwise GEMM in the a_group path), overhead-census (eager call table; census: no
