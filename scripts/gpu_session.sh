@@ -52,6 +52,7 @@
 #   scripts/gpu_session.sh verify13 [S]     session 13's kernels (lrb_down split / in the GEMM, B H in lowered graphs,
 #                                           sigma / GELU plans, row kernel, prequant attention): their GPU tests
 #   scripts/gpu_session.sh ln-configs       the LayerNorm kernels' autotuning configs timed one by one (~3 min)
+#   scripts/gpu_session.sh inductor-b64     the LayerNorm kernels' autotuned configs, paper policy and -a2 at batch 64 (~2 min)
 #   scripts/gpu_session.sh inductor-code    Inductor's Triton code for 2 DiT blocks per setting: the LayerNorm kernels (~4 min)
 #   scripts/gpu_session.sh verify17         session 17's CPU-built changes: their GPU tests (~6 min)
 #   scripts/gpu_session.sh profile-pair     the paper policy and -a2 profiled side by side at batch 64 (~8 min)
