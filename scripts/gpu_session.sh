@@ -152,20 +152,33 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # diffusers and its needs
         .whl/*.whl && export PYTHONPATH=/tmp/site_$1_${CUDA_VISIBLE_DEVICES:-all}:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
-# A warm compile cache carried from call to call: a call brings back $OUT/compile_cache.tgz.NN (15 MB pieces: a file
-# back from the machine is at most 16 MB); copy them to .snap/.cache/ here before the next call. Safe since session
-# 12: the caches key on the ROBUQ_* settings, the dispatch table and robuq's source (robuq_fx/kernels/compile_cache.py).
-# A cold compile of the paper policy took >200 s on the machine.
+# A warm compile cache carried from call to call: a call brings back $OUT/compile_cache.txz.NN (xz; 15 MB pieces: a
+# file back from the machine is at most 16 MB, and the carried tree at most 64 MiB, so at most 45 MB in all); replace
+# .snap/.cache/compile_cache.* with them here before the next call. Safe since session 12: the caches key on the
+# ROBUQ_* settings, the dispatch table and robuq's source (robuq_fx/kernels/compile_cache.py). A cold compile of the
+# paper policy took >200 s on the machine. Until session 18 the pieces were gzip (.tgz.NN), which at 47-55 MB no
+# longer came back; xz -3 halves them (the session-17 cache: 41 -> 21 MB).
 export TORCHINDUCTOR_CACHE_DIR=/tmp/robuq_compile_cache TRITON_CACHE_DIR=/tmp/robuq_compile_cache/triton
-if ls .cache/compile_cache.tgz.* >/dev/null 2>&1 && [ ! -d "$TORCHINDUCTOR_CACHE_DIR" ]; then
-    mkdir -p "$TORCHINDUCTOR_CACHE_DIR" && cat .cache/compile_cache.tgz.* | tar xz -C "$TORCHINDUCTOR_CACHE_DIR" \
-        && echo "compile cache: $(du -sh "$TORCHINDUCTOR_CACHE_DIR" | cut -f1) from .cache/"
-fi
+restore_compile_cache() {  # the newest format carried: xz pieces, else gzip ones
+    local fmt
+    if ls .cache/compile_cache.txz.* >/dev/null 2>&1; then fmt=(txz xJ)
+    elif ls .cache/compile_cache.tgz.* >/dev/null 2>&1; then fmt=(tgz xz)
+    else return 0; fi
+    mkdir -p "$TORCHINDUCTOR_CACHE_DIR" && cat .cache/compile_cache.${fmt[0]}.* | tar "${fmt[1]}" -C "$TORCHINDUCTOR_CACHE_DIR" \
+        && echo "compile cache: $(du -sh "$TORCHINDUCTOR_CACHE_DIR" | cut -f1) from .cache/ (${fmt[0]})"
+}
+[ -d "$TORCHINDUCTOR_CACHE_DIR" ] || restore_compile_cache
 save_compile_cache() {  # at most 3 pieces (45 MB): the 8 files back include the step's own
     [ -d "$TORCHINDUCTOR_CACHE_DIR" ] || return 0
-    tar czf /tmp/compile_cache.tgz -C "$TORCHINDUCTOR_CACHE_DIR" . 2>/dev/null || return 0
-    local size; size=$(stat -c %s /tmp/compile_cache.tgz)
-    if [ "$size" -lt 45000000 ]; then split -b 15000000 -d /tmp/compile_cache.tgz "$OUT/compile_cache.tgz."
+    local out=/tmp/compile_cache.txz ext=txz
+    if command -v xz >/dev/null; then
+        tar cf - -C "$TORCHINDUCTOR_CACHE_DIR" . 2>/dev/null | xz -T0 -3 >"$out" || return 0
+    else
+        out=/tmp/compile_cache.tgz ext=tgz
+        tar czf "$out" -C "$TORCHINDUCTOR_CACHE_DIR" . 2>/dev/null || return 0
+    fi
+    local size; size=$(stat -c %s "$out")
+    if [ "$size" -lt 45000000 ]; then split -b 15000000 -d "$out" "$OUT/compile_cache.$ext."
     else echo "compile cache $((size / 1000000)) MB: too large to bring back"; fi
 }
 [ -z "${GPU_SESSION_NESTED:-}" ] && trap save_compile_cache EXIT
