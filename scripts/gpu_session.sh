@@ -103,13 +103,17 @@
 #                   profile-pair put 1.7 ms of -a2's extra 3.6 ms in the sigma quantizer, which under CUDA graphs is the
 #                   Triton kernel while the paper's layers take the Gluon one. If its tests pass and -a2 gains, make
 #                   ROBUQ_GLUON_SIGMA default to 1 (quantizer._gluon_plan, switches.py, the dispatch test) and merge)
-#   2. verify17    (~6 min: GPU tests of session 17's CPU-built changes: the sigma moments, re-binding, lrb_down cast,
-#                   the fp8 GEMM's STEP refactor)
+#   2. train-cpp   (~9 min, queued since session 10 and never run: issue 19's compiled paper QAT step is 1.81x FP with
+#                   93 ms of kernels in a 157 ms step (CPU-bound, ~4000 launches); FP is 84 ms. Inductor's C++ wrapper
+#                   launches without Python: if the step becomes GPU-bound it is ~1.1-1.2x, under the 1.5x target)
 #   3. ln-configs  (~3 min: the block's second LayerNorm kernel took ~96 us a call under -a2 and ~62 under the paper
 #                   policy with identical Triton code (inductor_code_s18/); the autotuner kept R0_BLOCK 512 for one and
 #                   1024 for the other. If the configs' own times differ that much, the ~0.9 ms is Inductor's autotuning
 #                   noise (W4A4+H pays it too: 2.61 ms in session 12's profile), not our kernels)
-#   4. tests, then attention-sweep, train-cpp, dit-default, profile-b1-cg, qat-profile.
+#   4. verify17    (~6 min: GPU tests of session 17's CPU-built changes: the sigma moments, re-binding, lrb_down cast,
+#                   the fp8 GEMM's STEP refactor); then tests, attention-sweep, dit-default, profile-b1-cg, qat-profile.
+#   The compile cache now comes back as xz pieces (compile_cache.txz.NN, ~half gzip's size): copy them over
+#   .snap/.cache/compile_cache.* after each call (delete the old pieces first).
 #   Not to run again: gelu-fast (both fusions lose, session 18), ag128 steps, out-quant (17 us a call saved).
 # Session 18 ran: quick-checks (OUT_QUANT store: 195.8 us vs GEMM 135.5 + row kernel 77.8 at M = 16384; the fast
 # GELU's GPU tests pass; census still 57 clones), gelu-fast (W4A4+H 1.230x unfused, 1.156x / 1.193x fused: both lose),
