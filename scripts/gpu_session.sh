@@ -77,6 +77,7 @@
 #   scripts/gpu_session.sh quick-checks     out-quant, the sigmoid-form GELU's GPU tests and census in one call (~6 min)
 #   scripts/gpu_session.sh ag128-diag       a_group = 128 piece by piece (ncu_kernels --block-scale at M = 16384 / 1024),
 #                                           then its GPU tests (~5 min)
+#   scripts/gpu_session.sh a2-fast          both -a2 opt-ins (Gluon sigma quantizer, asymmetric stacked mode): tests, -a2 vs paper (~9 min)
 #   scripts/gpu_session.sh gluon-sigma      the Gluon quantizer with sigma ranges: its GPU tests, -a2 beside the paper (~8 min)
 #   scripts/gpu_session.sh a2-vs-paper      the output_act GPU tests, then -a2 beside the paper policy at batch 64 (~7 min)
 #   scripts/gpu_session.sh block-cublas     a_group = 128 on cuBLAS's blockwise GEMM: its GPU tests, the output_act tests,
@@ -99,10 +100,13 @@
 # call self-contained, and send the next one at once. On nvidia-h200-x2, `pair A B` runs two steps at once (one a
 # GPU) for the device time of one: use it. A cold compile of the paper policy takes ~3-4 min on the machine: a call
 # holds about two (policy, batch) rows. Session 19's plan (one H200; one bench_dit run a call, sent alone):
-#   1. gluon-sigma (~8 min: issue 17 item 5, -a2 at 88.2% of the paper policy's speed, target 90%. Session 18's
-#                   profile-pair put 1.7 ms of -a2's extra 3.6 ms in the sigma quantizer, which under CUDA graphs is the
-#                   Triton kernel while the paper's layers take the Gluon one. If its tests pass and -a2 gains, make
-#                   ROBUQ_GLUON_SIGMA default to 1 (quantizer._gluon_plan, switches.py, the dispatch test) and merge)
+#   1. a2-fast     (~9 min: issue 17 item 5, -a2 at 88.2% of the paper policy's speed, target 90%. Session 18's
+#                   profile-pair put 1.7 ms of -a2's extra 3.6 ms in the sigma quantizer (under CUDA graphs the Triton
+#                   kernel, while the paper's layers take the Gluon one) and ~1 ms in the GEMMs (asymmetric layers
+#                   could not take the stacked mode). Both are built, opt-in: ROBUQ_GLUON_SIGMA=1, ROBUQ_STACKED_ASYM=1.
+#                   If their tests pass and -a2 gains, make them default (quantizer._gluon_plan / lrb_stacked.
+#                   asym_enabled, switches.py, the tests that pin the opt-in) and merge the summary; gluon-sigma alone
+#                   if the two need telling apart)
 #   2. train-cpp   (~9 min, queued since session 10 and never run: issue 19's compiled paper QAT step is 1.81x FP with
 #                   93 ms of kernels in a 157 ms step (CPU-bound, ~4000 launches); FP is 84 ms. Inductor's C++ wrapper
 #                   launches without Python: if the step becomes GPU-bound it is ~1.1-1.2x, under the 1.5x target)
@@ -545,6 +549,14 @@ block-cublas)  # session 17's last call: a_group = 128 on cuBLAS's blockwise _sc
         -k "output" 2>&1 | grep -E "AssertionError|passed|failed" | cut -c1-300 | head -12
     timeout 150 python3 benchmarks/ncu_kernels.py --block-scale --m 16384 --reps 20 2>&1 | grep -v Warning \
         | grep -E "^---|layer|quant|_scaled_mm|BLOCK_SCALE max|config" | cut -c1-200
+    ;;
+a2-fast)  # session 18's two opt-ins for -a2 (issue 17 item 5): the Gluon quantizer with sigma ranges and asymmetric
+    # layers in the stacked mode: their GPU tests, then -a2 beside the paper policy at batch 64 with both (~9 min)
+    timeout 150 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_gluon_act_quant.py \
+        tests/kernels/test_lrb_stacked.py -k "sigma or asymmetric" 2>&1 | grep -E "^E |assert|passed|failed" | head -20
+    ROBUQ_GLUON_SIGMA=1 ROBUQ_STACKED_ASYM=1 timeout 420 python3 benchmarks/bench_dit.py --out "$OUT" \
+        --compile-mode reduce-overhead --skip-train --settings "dit-xl-2-robuq (" "-a2 (" --batches 64 --iters 8 \
+        --warmup 2 --tag _reduce-overhead_a2_fast 2>&1 | grep -v Warning | tail -16
     ;;
 gluon-sigma)  # session 18: the Gluon quantizer with sigma ranges (ROBUQ_GLUON_SIGMA=1): its GPU tests (codes within
     # one of the Triton kernel's, >= 99.9% equal; sm_90 build), then -a2 beside the paper policy at batch 64 with it

@@ -202,7 +202,8 @@ def _stacked_traced(x, x2, a: QLinearArgs, m, m_pad) -> torch.Tensor:
     from . import weight_cache as W
     n = a.out_features
     bh = W.rotated_down(a, x.dtype)
-    wide, sx = _stacked_codes_op()(x2, bh, a.qweight, a.hadamard_block, a.a_bits, a.a_clip, m_pad, a.input_act)
+    wide, sx = _stacked_codes_op()(x2, bh, a.qweight, a.hadamard_block, a.a_bits, a.a_clip, m_pad, a.input_act,
+                                   a.a_sym)
     bias = None if a.bias is None else a.bias.to(torch.bfloat16)
     y = _stacked_mm_op()(wide, a.qweight, sx, W.scale_vec(a.w_scale, n), bias)[:m]
     return y if y.dtype == x.dtype else y.to(x.dtype)

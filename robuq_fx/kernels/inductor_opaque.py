@@ -57,11 +57,11 @@ def _stacked_codes_op():
 
     @custom_op("robuq::stacked_codes", mutates_args=())
     def op(x2: torch.Tensor, bh: torch.Tensor, w_codes: torch.Tensor, block: int, a_bits: int, clip: str,
-           m_store: int, act: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-        return stacked_codes(x2, bh, w_codes, block, a_bits, clip, m_store, act)
+           m_store: int, act: str = "", sym: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        return stacked_codes(x2, bh, w_codes, block, a_bits, clip, m_store, act, sym)
 
     @op.register_fake
-    def _(x2, bh, w_codes, block, a_bits, clip, m_store, act=""):
+    def _(x2, bh, w_codes, block, a_bits, clip, m_store, act="", sym=True):
         return (x2.new_empty(m_store, x2.shape[1] + ext_width(bh.shape[0]), dtype=torch.float8_e4m3fn),
                 x2.new_empty(m_store, dtype=torch.float32))
 

@@ -16,7 +16,15 @@ GEMM's work at K = 1152, +2.4% at K = 4608.
 Range: e4m3 holds |u| <= 448. For symmetric absmax codes |x H| <= s_x qmax, so |t_j| <= sqrt(K) s_x qmax |(B H)_j|
 and |u| <= sqrt(K) qmax max_j |(B H)_j| / c: c is the power of two that brings that bound to `U_MAX`, whatever
 the input. v = A c / s_w must then fit too (checked once per weight; else the layer keeps the Triton epilogue).
-Asymmetric and sigma-clipped activations (whose codes do not bound |x H|) keep the Triton epilogue GEMM.
+Asymmetric activations (absmax or `sigma` ranges; opt-in, ROBUQ_STACKED_ASYM=1, until their GPU test passes) add
+the offset term lo' c[n] = s_x s_w (lo' / s_x) S_n, S_n = sum_k q_w[n, k] an integer: its base-16 digits
+(|d_j| <= 8, j = 0..3) scaled by 2^-p (exact in e4m3; p per layer, from max |S_n|) sit in 12 of the weight's padding
+columns, three copies of the four, against U = lo' 2^p / s_x split into three e4m3 terms (~2^-12 of the term). Their
+codes do not bound |x H| (sigma ranges clip; a range may exclude 0), so c comes from a typical row's bound and
+`lrb_split_kernel` rescues the rows whose u or U leave e4m3's range: the row scale becomes g = s_x 2^e, the row's
+codes q 2^-e (exact for e <= 9, as codes are <= 15; beyond, rounded at 2^-10 g, far below bf16's step of x H in such
+a row), u and U computed against g. Rows with s_x = 0 (a constant rotated row: x H = lo') get g = a power of two
+from lo' and t, and zero codes. 2^p sits in row 1 of c's column (the activation side is zero there too).
 
 c sits in row 0, column 3r of the extended weight, where the activation side's column is zero: it adds nothing to
 the product, and `lrb_split_kernel` and compiled graphs read it on the device (no host value in a graph).
@@ -67,14 +75,34 @@ def c_column(r: int) -> int:
 C_MIN, C_MAX = 2.0 ** -9, 2.0 ** 8  # the powers of two e4m3 holds exactly (its slot in the extended weight)
 
 
+OFF_TERMS, OFF_DIGITS = 3, 4  # the offset term's columns: three e4m3 terms of U against four base-16 digits of S_n
+
+
+def off_column(r: int) -> int:
+    """The first of the asymmetric offset term's OFF_TERMS x OFF_DIGITS columns (after c's slot)."""
+    return 3 * r + 1
+
+
+def asym_enabled() -> bool:
+    """ROBUQ_STACKED_ASYM=1: asymmetric layers may take the stacked mode (module docstring)."""
+    import os
+    return os.environ.get("ROBUQ_STACKED_ASYM", "0") == "1"
+
+
 def stacked_reason(a: QLinearArgs) -> str | None:
     """Why a layer cannot take the stacked mode (None: it can)."""
     if a.lrb_down is None:
         return "no low-rank branch"
-    if not a.a_sym or a.a_clip != "absmax":
-        return "asymmetric or clipped activations do not bound |x H| by s_x qmax"
     if a.lrb_down.shape[0] > 64:  # (sibling-fused q/k/v: 3 x 32) 3r + 16 extra columns would cost >= 1/6 of K = 1152
         return "rank above 64 (lrb_split's tile)"
+    if a.a_sym and a.a_clip != "absmax":
+        return "symmetric sigma-clipped activations do not bound |x H| by s_x qmax"
+    if not a.a_sym:
+        r = a.lrb_down.shape[0]
+        if not asym_enabled():
+            return "asymmetric activations (ROBUQ_STACKED_ASYM=1: the offset term's digit columns, opt-in)"
+        if off_column(r) + OFF_TERMS * OFF_DIGITS > ext_width(r):
+            return f"rank {r} leaves no padding columns for the offset term's digits"
     return None
 
 
@@ -98,22 +126,57 @@ def split_fp8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return v1, (v - v1.float()).to(torch.float8_e4m3fn)
 
 
-def scale_c(bh: torch.Tensor, k: int, a_bits: int) -> float:
-    """The power of two c with sqrt(K) qmax max_j |(B H)_j| / c <= U_MAX (the bound on |u| above)."""
-    bound = math.sqrt(k) * Q.act_levels(a_bits, True) * bh.float().norm(dim=1).max().item()
+def scale_c(bh: torch.Tensor, k: int, a_bits: int, sym: bool = True, clip: str = "absmax") -> float:
+    """The power of two c with sqrt(K) F max_j |(B H)_j| / c <= U_MAX, the bound on |u| above: F = qmax for
+    symmetric absmax codes (for every input). Asymmetric: |t_j| <= ||x H|| |(B H)_j|, ||x H|| = sqrt(K (mu^2 +
+    sigma^2)), and the range is at least min(c_k, 2) sigma (sigma) or 2 sigma (absmax) wide, so F = sqrt(2) levels /
+    min(c_k, 2) bounds the rows with |mu| <= sigma; `lrb_split_kernel` rescues the others (module docstring)."""
+    if sym:
+        f = Q.act_levels(a_bits, True)
+    else:
+        width = min(Q.gaussian_clip(2 ** a_bits), 2.0) if clip == "sigma" else 2.0
+        f = math.sqrt(2.0) * Q.act_levels(a_bits, False) / width
+    bound = math.sqrt(k) * f * bh.float().norm(dim=1).max().item()
     return 2.0 ** math.ceil(math.log2(max(bound / U_MAX, 2.0 ** -60)))
 
 
-def ext_columns(sw: torch.Tensor, up: torch.Tensor, c: float) -> torch.Tensor | None:
+def offset_digits(colsum: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """(D (N, OFF_DIGITS) fp32, p): D[:, j] = d_j 16^j 2^-p with d_j the balanced base-16 digits (|d_j| <= 8) of the
+    integer column sums S_n (sum_j D[:, j] 2^p = S_n exactly), each exact in e4m3, p the least with |D| <= V_MAX;
+    None where S_n needs more digits or the digits leave e4m3's exact values."""
+    rem = colsum.double().round()
+    digits = []
+    for _ in range(OFF_DIGITS):
+        d = torch.remainder(rem + 8, 16) - 8
+        digits.append(d)
+        rem = (rem - d) / 16
+    if rem.abs().max().item() > 0:
+        return None
+    raw = torch.stack([d * 16.0 ** j for j, d in enumerate(digits)], 1)
+    p = max(0, math.ceil(math.log2(max(raw.abs().max().item(), 1.0) / V_MAX)))
+    dd = (raw * 2.0 ** -p).float()
+    if p > 9 or not torch.equal(dd.to(torch.float8_e4m3fn).float(), dd):
+        return None
+    return dd, p
+
+
+def ext_columns(sw: torch.Tensor, up: torch.Tensor, c: float, colsum: torch.Tensor | None = None
+                ) -> torch.Tensor | None:
     """[v1, v2, v1, 0...] (N, W) fp8 with v = A c / s_w (the extended weight's first W columns), and c itself in
     row 0, column 3r (its slot: the activation side's column there is zero, so it adds nothing to the product;
     `lrb_split_kernel` reads c from it); for ranks >= TERMS_MIN_RANK two 128-column boxes [v1, c, 0..] [v2, 0..]
-    instead (gluon_qgemm_ws's "terms" form, c in column r). None where v leaves e4m3's range, a channel with
-    s_w = 0 has a branch, c is not one of e4m3's exact powers of two, or the rank leaves no room for c."""
+    instead (gluon_qgemm_ws's "terms" form, c in column r). With `colsum` (the codes' integer column sums S_n, for
+    asymmetric activations): the offset term's digit columns from `off_column(r)` ([D_0..D_3] three times) and 2^p in
+    row 1, column 3r. None where v leaves e4m3's range, a channel with s_w = 0 has a branch, c is not one of e4m3's
+    exact powers of two, the rank leaves no room for c (or the digits), or S_n no exact digits."""
     n, r = up.shape
     v = up.float() * c / sw.view(-1, 1)
     if not C_MIN <= c <= C_MAX or not torch.isfinite(v).all() or v.abs().max().item() > V_MAX:
         return None
+    if colsum is not None:
+        dp = offset_digits(colsum) if r < TERMS_MIN_RANK and n >= 2 else None
+        if dp is None or off_column(r) + OFF_TERMS * OFF_DIGITS > ext_width(r):
+            return None
     v1, v2 = split_fp8(v)
     ext = torch.zeros(n, ext_width(r), device=up.device, dtype=torch.float8_e4m3fn)
     if r >= TERMS_MIN_RANK:  # two boxes, [v1, c, 0..] and [v2, 0..], met by [u1, 0..] [u1, 0..] [u2, 0..] (box 0, 1, 0)
@@ -123,6 +186,12 @@ def ext_columns(sw: torch.Tensor, up: torch.Tensor, c: float) -> torch.Tensor | 
     else:
         ext[:, :r], ext[:, r:2 * r], ext[:, 2 * r:3 * r] = v1, v2, v1
     ext[0, c_column(r)] = c
+    if colsum is not None:
+        dd, p = dp
+        o = off_column(r)
+        for i in range(OFF_TERMS):
+            ext[:, o + OFF_DIGITS * i:o + OFF_DIGITS * (i + 1)] = dd.to(torch.float8_e4m3fn)
+        ext[1, c_column(r)] = 2.0 ** p
     return ext
 
 
@@ -137,6 +206,50 @@ def act_ext_reference(t: torch.Tensor, sx: torch.Tensor, c: float, w: int) -> to
     return out
 
 
+def ceil_log2(v: torch.Tensor) -> torch.Tensor:
+    """The least integer e with v <= 2^e, per element of a positive fp32 tensor (0 where v = 0), from the exponent
+    and mantissa bits as `lrb_split_kernel` takes it."""
+    bits = v.float().view(torch.int32)
+    e = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(torch.int32)
+    return torch.where(v > 0, e, torch.zeros_like(e))
+
+
+def act_ext_asym_reference(t: torch.Tensor, sx: torch.Tensor, lo: torch.Tensor, codes: torch.Tensor, c: float,
+                           p: int, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What `lrb_split_kernel` makes of an asymmetric row block, in torch math with the kernel's fp32 operations:
+    (the W extra columns (M, w) fp8, the rescued codes (M, K) fp8, the row scales g (M,) fp32). need = the larger of
+    max |t| / c and |lo'| 2^p over s_x (1 where s_x = 0) and U_MAX; e = ceil(log2(need)), at least 0 where s_x > 0;
+    g = s_x 2^e (2^e where s_x = 0; 0 for an all-zero row), codes q 2^-e (0 where s_x = 0); u = t (1 / c) / g in two
+    e4m3 terms, U = lo' 2^p / g in three."""
+    r = t.shape[1]
+    t, sx, lo = t.float(), sx.float(), lo.float()
+    zero = sx == 0
+    base = torch.where(zero, torch.ones_like(sx), sx)
+    inv_c = torch.tensor(1.0 / c, dtype=torch.float32)
+    two_p = torch.tensor(2.0 ** p, dtype=torch.float32)
+    need = torch.maximum(t.abs().amax(1) * inv_c, lo.abs() * two_p) / base / U_MAX
+    e = ceil_log2(need)
+    e = torch.where(zero, e, e.clamp_min(0))
+    g = torch.where((need > 0) | ~zero, torch.ldexp(base, e), torch.zeros_like(sx))
+    keep = torch.where(zero, torch.zeros_like(sx), torch.ldexp(torch.ones_like(sx), -e))
+    q = (codes.float() * keep.view(-1, 1)).to(torch.float8_e4m3fn)
+    safe = torch.where(g > 0, g, torch.ones_like(g))
+    rs = torch.where(g > 0, inv_c / safe, torch.zeros_like(g))
+    u1, u2 = split_fp8(t * rs.view(-1, 1))
+    uu = torch.where(g > 0, (lo * two_p) / safe, torch.zeros_like(g))
+    terms = []
+    for _ in range(OFF_TERMS):
+        term = uu.to(torch.float8_e4m3fn)
+        terms.append(term)
+        uu = uu - term.float()
+    out = torch.zeros(t.shape[0], w, device=t.device, dtype=torch.float8_e4m3fn)
+    out[:, :r], out[:, r:2 * r], out[:, 2 * r:3 * r] = u1, u1, u2
+    o = off_column(r)
+    for i, term in enumerate(terms):
+        out[:, o + OFF_DIGITS * i:o + OFF_DIGITS * (i + 1)] = term.view(-1, 1).expand(-1, OFF_DIGITS)
+    return out, q, g
+
+
 class _Ext:
     __slots__ = ("key", "w", "c")
 
@@ -148,12 +261,13 @@ def cached_weight_ext(a: QLinearArgs, e, bh: torch.Tensor) -> _Ext:
     """The weight side of the stacked mode on the layer's cache entry `e` (weight_cache._Entry), keyed on the
     branch factors' and scales' versions; .w None where the layer cannot take it. One copy of the codes: see the
     module docstring."""
-    key = (tensor_key(a.lrb_up), tensor_key(a.lrb_down), tensor_key(a.w_scale), a.a_bits)
+    key = (tensor_key(a.lrb_up), tensor_key(a.lrb_down), tensor_key(a.w_scale), a.a_bits, a.a_sym, a.a_clip)
     x = e.stk
     if x is not None and x.key == key:
         return x
-    c = scale_c(bh, a.in_features, a.a_bits)
-    cols = ext_columns(e.sw, a.lrb_up, c)
+    c = scale_c(bh, a.in_features, a.a_bits, a.a_sym, a.a_clip)
+    colsum = None if a.a_sym else e.fp8.float().sum(1)  # S_n: the codes' integer column sums (exact in fp32)
+    cols = ext_columns(e.sw, a.lrb_up, c, colsum)
     if cols is None:
         e.stk = _Ext(key, None, c)
         return e.stk
@@ -218,7 +332,7 @@ def stacked_or_none(x2: torch.Tensor, a: QLinearArgs, e, bh: torch.Tensor, m_pad
     why = None if lrb_down_ok(x2, bh) else "the down-projection kernel does not take x"
     ext = cached_weight_ext(a, e, bh) if why is None else None
     if why is None and ext.w is None:
-        why = "A c / s_w or c leaves fp8's range"
+        why = "A c / s_w or c leaves fp8's range" + ("" if a.a_sym else ", or the column sums need more digits")
     if why is not None:
         warn_once(f"robuq_fx: stacked LRB mode: a {a.out_features}x{a.in_features} layer keeps the Triton epilogue "
                   f"GEMM ({why})")
@@ -227,13 +341,13 @@ def stacked_or_none(x2: torch.Tensor, a: QLinearArgs, e, bh: torch.Tensor, m_pad
 
 
 def stacked_qlinear(x2: torch.Tensor, a: QLinearArgs, e, bh: torch.Tensor, ext: _Ext, m_pad: int) -> torch.Tensor:
-    """y (M, N) in bf16 for a symmetric absmax layer with a branch: `lrb_split` writes the first W code columns,
-    the quantizer the last K, one `_scaled_mm` over both."""
+    """y (M, N) in bf16 for a layer with a branch: `lrb_split` writes the first W code columns, the quantizer the
+    last K, one `_scaled_mm` over both (asymmetric layers: the offset term among the W, module docstring)."""
     from .triton_fp8 import _scaled_mm, on_device
     m, k = x2.shape
     with on_device(x2.device):
         wide, sx = stacked_codes(x2, bh, ext.w[:, ext.w.shape[1] - k:], a.hadamard_block, a.a_bits, a.a_clip,
-                                 m_pad, a.input_act)
+                                 m_pad, a.input_act, a.a_sym)
     bias = None if a.bias is None else a.bias.to(torch.bfloat16)
     y = _scaled_mm(wide, ext.w, sx, e.sw, bias)
     y = y[:m] if m != m_pad else y
@@ -253,15 +367,21 @@ def full_weight(w_codes: torch.Tensor, w: int) -> torch.Tensor:
 
 
 def stacked_codes(x2, bh, w_codes, block: int, a_bits: int, clip: str, m_pad: int,
-                  act: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes (m_pad, W + K) fp8, s_x (m_pad,)): `lrb_split`'s columns in [0, W), the quantizer's codes in the
+                  act: str = "", sym: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes (m_pad, W + K) fp8, row scales (m_pad,)): `lrb_split`'s columns in [0, W), the quantizer's codes in the
     last K; both kernels write into the one buffer (compiled: inside the opaque `robuq::stacked_codes`). w_codes:
-    the extended weight's code columns, where `lrb_split` finds c."""
+    the extended weight's code columns, where `lrb_split` finds c. Asymmetric (sym False): centred codes, and
+    `lrb_split` adds the offset term and rescues rows in place (the row scales it returns are then g, not s_x)."""
     from . import triton_launch
     from .quantizer import act_quant
     from .triton_lowrank import lrb_split
     k, w = x2.shape[1], ext_width(bh.shape[0])
     wide = torch.empty(m_pad, w + k, device=x2.device, dtype=torch.float8_e4m3fn)
+    if not sym:
+        _, sx, lo = act_quant(x2, block, a_bits, False, m_store=m_pad, shift=True, clip=clip, act=act,
+                              out=wide[:, w:])
+        lrb_split(x2, bh, sx, wide, w_codes, m_pad, triton_launch.launch, act=act, lo=lo)
+        return wide, sx
     if clip == "absmax" and stacked_fused(x2.shape[0], w_codes.shape[0], k):  # one kernel
         from ..hadamard import hadamard_matrix
         from .triton_mma_quant import stacked_quant, stacked_quant_ok

@@ -59,6 +59,9 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
      "rotates with the per-token quantizer's butterfly instead of tensor cores (slower on the H200)"),
     ("ROBUQ_BLOCK_GEMM", "(cublas)", "triton: a_group = 128 layers without a branch take our block-scaled Triton GEMM "
      "instead of cuBLAS's 1 x 128 blockwise _scaled_mm (kernels/block_scaled.py)"),
+    ("ROBUQ_STACKED_ASYM", "0", "1: asymmetric LRB layers (the -a3 / -a2 policies) may take the stacked mode too, the "
+     "offset term as digit columns in its padding, rows out of e4m3's range rescued (kernels/lrb_stacked.py; "
+     "interpreter- and sm_90-build-checked, off until its GPU test passes)"),
     ("ROBUQ_STACKED_QUANT", "", "fused: the stacked LRB mode's codes from one kernel (quantizer + lrb_split, x read "
      "once, the rotation on tensor cores: kernels/triton_mma_quant.py)"),
     ("ROBUQ_INDUCTOR_LOWRANK_ADD", "1", "0: compiled LRB / asymmetric layers in ROBUQ_FP8_EPI=addmm mode take the "

@@ -106,14 +106,16 @@ def _e4m3_rn(u):
 
 
 @triton.jit(do_not_specialize=["M", "M_STORE"])
-def lrb_split_kernel(x_ptr, b_ptr, sx_ptr, o_ptr, w_ptr, M, M_STORE, stride_x, stride_o, K: tl.constexpr,
+def lrb_split_kernel(x_ptr, b_ptr, sx_ptr, o_ptr, w_ptr, lo_ptr, M, M_STORE, stride_x, stride_o, K: tl.constexpr,
                      R: tl.constexpr, RP: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BM: tl.constexpr,
-                     BK: tl.constexpr, ACT: tl.constexpr = 0):
+                     BK: tl.constexpr, ACT: tl.constexpr = 0, ASYM: tl.constexpr = False):
     """The stacked mode's extra code columns (lrb_stacked.py), columns [0, W) of o's rows (the quantizer writes
     the K after them): t = act(x) (B H)^T as lrb_down_kernel, u = t / (s_x c) split into fp8 u1 + u2, stored as
     [u1, u1, u2] and zeros in the W - 3R pad columns; c (a power of two) read from its slot in the extended
     weight, W - 3R bytes before w_ptr (the weight's code columns: qweight, a graph input under torch.compile, with
-    no view of it in the graph); rows M..M_STORE-1 (padding) and rows with s_x = 0 get zeros."""
+    no view of it in the graph); rows M..M_STORE-1 (padding) and rows with s_x = 0 get zeros.
+    ASYM: asymmetric codes (centred, lo' at lo_ptr; unread otherwise): `_asym_columns` (the offset term, rows
+    rescued in place)."""
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
     rr = tl.arange(0, RP)
     mmask = offs_m < M
@@ -121,7 +123,63 @@ def lrb_split_kernel(x_ptr, b_ptr, sx_ptr, o_ptr, w_ptr, M, M_STORE, stride_x, s
     smask = offs_m < M_STORE
     sx = tl.load(sx_ptr + offs_m, mask=smask & mmask, other=0.0)
     row = o_ptr + offs_m[:, None].to(tl.int64) * stride_o
-    store_u_columns(row, acc, sx, w_ptr, smask, rr, R, W, WP, BM)
+    if ASYM:
+        lo = tl.load(lo_ptr + offs_m, mask=smask & mmask, other=0.0)
+        _asym_columns(row, acc, sx, lo, sx_ptr + offs_m, w_ptr, smask, rr, K, R, W, WP, BM, BK)
+    else:
+        store_u_columns(row, acc, sx, w_ptr, smask, rr, R, W, WP, BM)
+
+
+@triton.jit
+def _asym_columns(row, t, sx, lo, sx_ptrs, w_ptr, smask, rr, K: tl.constexpr, R: tl.constexpr, W: tl.constexpr,
+                  WP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    """The W extra columns of asymmetric rows (lrb_stacked's module docstring; `act_ext_asym_reference` is this in
+    torch): the row scale g = s_x 2^e with e the least making max |u| and |U| <= U_MAX (>= 0 where s_x > 0; where
+    s_x = 0, any e and zero codes), written back over s_x, the row's codes rewritten as q 2^-e where e > 0; then
+    [u1, u1, u2] with u = t / (c g), zeros, and U = lo' 2^p / g in three e4m3 terms in each of the offset term's
+    OFF_DIGITS-column groups. c and 2^p: rows 0 and 1 of c's column, W - 3R bytes before w_ptr."""
+    slot = w_ptr - (W - 3 * R)
+    inv_c = 1.0 / tl.load(slot).to(tl.float32)  # exact: c is a power of two
+    two_p = tl.load(slot + (W + K)).to(tl.float32)
+    zero = sx == 0
+    base = tl.where(zero, 1.0, sx)
+    tmax = tl.max(tl.abs(t), axis=1)
+    need = tl.div_rn(tl.div_rn(tl.maximum(tmax * inv_c, tl.abs(lo) * two_p), base), 224.0)  # U_MAX
+    bits = need.to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+    e = tl.where(need > 0, e, 0)
+    e = tl.where(zero, e, tl.maximum(e, 0))
+    two_e = ((e + 127) << 23).to(tl.float32, bitcast=True)  # 2^e (|e| < 127 here)
+    g = tl.where((need > 0) | (sx != 0), base * two_e, 0.0)
+    fix = smask & (zero | (e > 0)) & (g > 0)
+    if tl.max(fix.to(tl.int32), axis=0) > 0:  # rare: rewrite the rescued rows' codes (zero where s_x = 0)
+        keep = tl.where(zero, 0.0, ((127 - e) << 23).to(tl.float32, bitcast=True))  # 2^-e
+        kk = tl.arange(0, BK)
+        for k0 in range(0, K, BK):
+            ptrs = row + W + k0 + kk[None, :]
+            q = tl.load(ptrs, mask=fix[:, None], other=0.0).to(tl.float32)
+            tl.store(ptrs, _e4m3_rn(q * keep[:, None]).to(tl.float8e4nv), mask=fix[:, None])
+    tl.store(sx_ptrs, g, mask=smask)
+    safe = tl.where(g > 0, g, 1.0)
+    rs = tl.where(g > 0, tl.div_rn(tl.zeros_like(g) + inv_c, safe), 0.0)
+    u = t * rs[:, None]
+    u1f = _e4m3_rn(u)
+    cmask = smask[:, None] & (rr[None, :] < R)
+    tl.store(row + rr[None, :], u1f.to(tl.float8e4nv), mask=cmask)
+    tl.store(row + R + rr[None, :], u1f.to(tl.float8e4nv), mask=cmask)
+    tl.store(row + 2 * R + rr[None, :], _e4m3_rn(u - u1f).to(tl.float8e4nv), mask=cmask)
+    # the pad columns from 3R: c's column and the tail stay zero, the offset columns hold U's terms
+    pp = tl.arange(0, WP)
+    off = pp - 1  # offset column index from 3R + 1
+    j = tl.where((off >= 0) & (off < 12), off // 4, 3)  # the U term a column holds (3: none; 3 x 4 columns)
+    uu = tl.where(g > 0, tl.div_rn(lo * two_p, safe), 0.0)
+    u0 = _e4m3_rn(uu)
+    r1 = uu - u0
+    u1t = _e4m3_rn(r1)
+    u2t = _e4m3_rn(r1 - u1t)  # (every term rounded by arithmetic, subnormals included: the conversion then is exact)
+    val = tl.where(j[None, :] == 0, u0[:, None], tl.where(j[None, :] == 1, u1t[:, None],
+                                                          tl.where(j[None, :] == 2, u2t[:, None], 0.0)))
+    tl.store(row + 3 * R + pp[None, :], val.to(tl.float8e4nv), mask=smask[:, None] & (pp[None, :] < W - 3 * R))
 
 
 @triton.jit
@@ -150,19 +208,20 @@ def ext_constexprs(k: int, r: int, w: int) -> dict:
     return dict(K=k, R=r, RP=rank_pad(r), W=w, WP=max(16, triton.next_power_of_2(w - 3 * r)))
 
 
-def lrb_split(x2, bh, sx, out, w_codes, m_store: int, launcher=launch, act: str = "") -> None:
+def lrb_split(x2, bh, sx, out, w_codes, m_store: int, launcher=launch, act: str = "", lo=None) -> None:
     """Columns [0, W) of out (m_store, W + K) fp8 (the quantizer writes the last K) = [u1, u1, u2, 0...] with
     u = act(x2) (B H)^T / (s_x c); w_codes: the extended weight's code columns (N, K) (lrb_stacked.py), c read from
-    its slot W - 3r bytes before their first element (`lrb_split_kernel`; check `lrb_down_ok` first)."""
+    its slot W - 3r bytes before their first element (`lrb_split_kernel`; check `lrb_down_ok` first). With lo (the
+    asymmetric codes' lo', m_store): the offset term's columns too, rescued rows' codes and s_x rewritten in place."""
     m, k = x2.shape
     r = bh.shape[0]
     w = out.shape[1] - k
     if m_store == 0:
         return
     launcher(lrb_split_kernel, (triton.cdiv(m_store, DOWN_BM),),
-             (x2, bh, sx, out, w_codes, m, m_store, x2.stride(0), out.stride(0)),
-             dict(**ext_constexprs(k, r, w), BM=DOWN_BM, BK=DOWN_BK, ACT=act_code(act)),
-             dict(num_warps=DOWN_WARPS, num_stages=DOWN_STAGES), no_specialize=(5, 6))
+             (x2, bh, sx, out, w_codes, sx if lo is None else lo, m, m_store, x2.stride(0), out.stride(0)),
+             dict(**ext_constexprs(k, r, w), BM=DOWN_BM, BK=DOWN_BK, ACT=act_code(act), ASYM=lo is not None),
+             dict(num_warps=DOWN_WARPS, num_stages=DOWN_STAGES), no_specialize=(6, 7))
 
 
 def lrb_down_ok(x2, bh) -> bool:
