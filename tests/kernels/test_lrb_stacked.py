@@ -170,15 +170,10 @@ def test_one_resident_copy_of_the_codes():
     assert torch.equal(fresh.weight_codes(), codes)
 
 
-@gpu
-@pytest.mark.parametrize("k,n", [(1152, 3456), (4608, 1152), (1152, 6912)])
-@pytest.mark.parametrize("m", [1, 7, 1000])
-def test_stacked_mode_runs_and_matches_the_epilogue_gemm(k, n, m, monkeypatch):
+def _epilogue_then_stacked(mod, x, monkeypatch):
+    """(y on the Triton epilogue GEMM, y in the stacked mode, a second stacked call): the stacked mode must run (no
+    fallback warning); on the fp8 layout its first call re-points qweight, which renews the cache entry."""
     from robuq_fx import kernels
-    from robuq_fx.kernels import weight_cache
-    from tests.kernels.test_triton_fp8 import _args, _exact_from_own_codes, _layer
-    mod = _layer(k, n, 1.58, 4, True, 128, 32, seed=k + n)
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 2
     with kernels.use("triton_fp8"):
         monkeypatch.setenv("ROBUQ_FP8_EPI", "triton")
         y_epi = mod(x)
@@ -186,8 +181,20 @@ def test_stacked_mode_runs_and_matches_the_epilogue_gemm(k, n, m, monkeypatch):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             y = mod(x)
-            again = mod(x)  # (on the fp8 layout the first call re-points qweight, which renews the cache entry)
-    assert not [w for w in caught if "stacked" in str(w.message)], "the layer fell back"  # the mode must run here
+            again = mod(x)
+    assert not [w for w in caught if "stacked" in str(w.message)], [str(w.message) for w in caught]
+    return y_epi, y, again
+
+
+@gpu
+@pytest.mark.parametrize("k,n", [(1152, 3456), (4608, 1152), (1152, 6912)])
+@pytest.mark.parametrize("m", [1, 7, 1000])
+def test_stacked_mode_runs_and_matches_the_epilogue_gemm(k, n, m, monkeypatch):
+    from robuq_fx.kernels import weight_cache
+    from tests.kernels.test_triton_fp8 import _args, _exact_from_own_codes, _layer
+    mod = _layer(k, n, 1.58, 4, True, 128, 32, seed=k + n)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 2
+    y_epi, y, again = _epilogue_then_stacked(mod, x, monkeypatch)
     e = weight_cache._entry(_args(mod))
     assert e.stk is not None and e.stk.w is not None and torch.equal(again, y)
     own = _exact_from_own_codes(x, _args(mod), "triton_fp8")
@@ -203,7 +210,6 @@ def test_asymmetric_stacked_mode_matches_the_epilogue_gemm(a_bits, clip, k, n, m
     """ROBUQ_STACKED_ASYM=1 (session 18, the offset term in the padding columns, rows rescued in lrb_split): an
     asymmetric W1.58 layer (the -a3 / -a2 policies' form) in the stacked mode runs (no fallback) and matches the
     Triton epilogue GEMM, with rows far from 0 and a nearly constant row among the ordinary ones."""
-    from robuq_fx import kernels
     from robuq_fx.kernels import weight_cache
     from tests.kernels.test_triton_fp8 import _args, _layer
     monkeypatch.setenv("ROBUQ_STACKED_ASYM", "1")
@@ -213,15 +219,8 @@ def test_asymmetric_stacked_mode_matches_the_epilogue_gemm(a_bits, clip, k, n, m
     if m > 3:
         x[2] = 3.0
         x[2, ::128] = 300.0  # on each block's first channel: x H nearly constant
-    with kernels.use("triton_fp8"), torch.no_grad():
-        monkeypatch.setenv("ROBUQ_FP8_EPI", "triton")
-        y_epi = mod(x)
-        monkeypatch.setenv("ROBUQ_FP8_EPI", "stacked")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            y = mod(x)
-            again = mod(x)
-    assert not [w for w in caught if "stacked" in str(w.message)], [str(w.message) for w in caught]
+    with torch.no_grad():
+        y_epi, y, again = _epilogue_then_stacked(mod, x, monkeypatch)
     e = weight_cache._entry(_args(mod))
     assert e.stk is not None and e.stk.w is not None and torch.equal(again, y)
     assert torch.isfinite(y).all()
