@@ -77,6 +77,7 @@
 #   scripts/gpu_session.sh quick-checks     out-quant, the sigmoid-form GELU's GPU tests and census in one call (~6 min)
 #   scripts/gpu_session.sh ag128-diag       a_group = 128 piece by piece (ncu_kernels --block-scale at M = 16384 / 1024),
 #                                           then its GPU tests (~5 min)
+#   scripts/gpu_session.sh paper-wide       rank-96 q/k/v branches in the stacked mode: tests, paper b64 with / without (~9 min)
 #   scripts/gpu_session.sh a2-fast          both -a2 opt-ins (Gluon sigma quantizer, asymmetric stacked mode): tests, -a2 vs paper (~9 min)
 #   scripts/gpu_session.sh gluon-sigma      the Gluon quantizer with sigma ranges: its GPU tests, -a2 beside the paper (~8 min)
 #   scripts/gpu_session.sh a2-vs-paper      the output_act GPU tests, then -a2 beside the paper policy at batch 64 (~7 min)
@@ -107,14 +108,18 @@
 #                   If their tests pass and -a2 gains, make them default (quantizer._gluon_plan / lrb_stacked.
 #                   asym_enabled, switches.py, the tests that pin the opt-in) and merge the summary; gluon-sigma alone
 #                   if the two need telling apart)
-#   2. train-cpp   (~9 min, queued since session 10 and never run: issue 19's compiled paper QAT step is 1.81x FP with
+#   2. paper-wide  (~9 min: the paper policy's fused q/k/v (rank-96 branch) ran on the Triton epilogue GEMM, 212 us a
+#                   call at batch 64 plus lrb_down; in the stacked mode with the flat layout (ROBUQ_STACKED_WIDE=1)
+#                   the estimate is ~190 us all told, ~1.9 ms a forward: paper 0.88x -> ~0.93x. If it wins, make the
+#                   flat layout the default for ranks 65..128 (the ws kernel's terms form then only when forced))
+#   3. train-cpp   (~9 min, queued since session 10 and never run: issue 19's compiled paper QAT step is 1.81x FP with
 #                   93 ms of kernels in a 157 ms step (CPU-bound, ~4000 launches); FP is 84 ms. Inductor's C++ wrapper
 #                   launches without Python: if the step becomes GPU-bound it is ~1.1-1.2x, under the 1.5x target)
-#   3. ln-configs  (~3 min: the block's second LayerNorm kernel took ~96 us a call under -a2 and ~62 under the paper
+#   4. ln-configs  (~3 min: the block's second LayerNorm kernel took ~96 us a call under -a2 and ~62 under the paper
 #                   policy with identical Triton code (inductor_code_s18/); the autotuner kept R0_BLOCK 512 for one and
 #                   1024 for the other. If the configs' own times differ that much, the ~0.9 ms is Inductor's autotuning
 #                   noise (W4A4+H pays it too: 2.61 ms in session 12's profile), not our kernels)
-#   4. verify17    (~6 min: GPU tests of session 17's CPU-built changes: the sigma moments, re-binding, lrb_down cast,
+#   5. verify17    (~6 min: GPU tests of session 17's CPU-built changes: the sigma moments, re-binding, lrb_down cast,
 #                   the fp8 GEMM's STEP refactor); then tests, attention-sweep, dit-default, profile-b1-cg, qat-profile.
 #   The compile cache now comes back as xz pieces (compile_cache.txz.NN, ~half gzip's size): copy them over
 #   .snap/.cache/compile_cache.* after each call (delete the old pieces first).
@@ -549,6 +554,14 @@ block-cublas)  # session 17's last call: a_group = 128 on cuBLAS's blockwise _sc
         -k "output" 2>&1 | grep -E "AssertionError|passed|failed" | cut -c1-300 | head -12
     timeout 150 python3 benchmarks/ncu_kernels.py --block-scale --m 16384 --reps 20 2>&1 | grep -v Warning \
         | grep -E "^---|layer|quant|_scaled_mm|BLOCK_SCALE max|config" | cut -c1-200
+    ;;
+paper-wide)  # session 18's ROBUQ_STACKED_WIDE=1 (the sibling-fused q/k/v's rank-96 branch in the stacked mode, flat
+    # layout): its GPU tests, then the paper policy at batch 64 with / without it in one run (row " +wide"), ~9 min
+    timeout 120 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_lrb_stacked.py \
+        -k "rank_96 or wide" 2>&1 | grep -E "^E |assert|passed|failed" | head -12
+    timeout 450 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
+        --settings "dit-xl-2-robuq (" --batches 64 --iters 8 --warmup 2 --env-variant wide:ROBUQ_STACKED_WIDE=1 \
+        --tag _reduce-overhead_paper_wide 2>&1 | grep -v Warning | tail -14
     ;;
 a2-fast)  # session 18's two opt-ins for -a2 (issue 17 item 5): the Gluon quantizer with sigma ranges and asymmetric
     # layers in the stacked mode: their GPU tests, then -a2 beside the paper policy at batch 64 with both (~9 min)

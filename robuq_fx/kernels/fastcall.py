@@ -31,7 +31,7 @@ from .registry import QLinearArgs, env_values, version_of
 # what fp8_qlinear reads from the environment on every call: a binding holds for one setting of them
 _ENV = ("ROBUQ_FP8_SMALL_M", "ROBUQ_FP8_EPI", "ROBUQ_FP8_GEMM", "ROBUQ_FP8_GEMM_KERNEL", "ROBUQ_FP8_MIN_M",
         "ROBUQ_QUANT_KERNEL", "ROBUQ_FP8_FUSED_QUANT", "ROBUQ_GELU_FORM", "ROBUQ_GLUON_SIGMA",
-        "ROBUQ_STACKED_ASYM")
+        "ROBUQ_STACKED_ASYM", "ROBUQ_STACKED_WIDE")
 
 
 def _env() -> tuple:

@@ -46,7 +46,7 @@ from .gluon_fp8_gemm import _instr_n, _warps
 from .gluon_qgemm import call_reason
 from .gluon_ws_quant import (BK, BM, LRB_RANK, QUANT_WARPS, _item, _items, _quant_lrb_partition, _quant_partition,
                              _quant_terms_partition)
-from .lrb_stacked import TERMS_MIN_RANK, c_slot
+from .lrb_stacked import TERMS_MIN_RANK, c_slot, terms_form
 
 CONFIGS = [  # (BN, STAGES) of the weight ring, the quantizer partition's registers; BM = 64 rows, BK = 128,
     (128, 4, 192),  # 4 + 4 + 1 warps. No spills offline (sm_90); BN = 256 spilled the MMA partition's accumulator
@@ -195,7 +195,7 @@ def lrb_form(rank: int) -> int | None:
         return 0
     if rank == int(LRB_RANK):
         return 1
-    if TERMS_MIN_RANK <= rank <= 96 and rank % 16 == 0:
+    if TERMS_MIN_RANK <= rank <= 96 and rank % 16 == 0 and terms_form(rank):  # (not the flat layout, lrb_stacked)
         return 2
     return None
 

@@ -58,18 +58,32 @@ V_MAX = 448.0
 
 
 TERMS_MIN_RANK = 65  # from this rank on, the extra columns are two 128-column boxes [v1, c, 0..] [v2, 0..] (below)
+MAX_FLAT_RANK = 128  # lrb_split's tile (`triton_lowrank.lrb_down_ok`)
+
+
+def wide_flat() -> bool:
+    """ROBUQ_STACKED_WIDE=1: ranks TERMS_MIN_RANK..MAX_FLAT_RANK (the sibling-fused q/k/v's 96) take the stacked mode
+    too, their extended weight laid out flat ([v1, v2, v1, c, ..] like lower ranks) instead of the warp-specialized
+    kernel's two boxes, which that kernel then refuses (opt-in until timed on a GPU)."""
+    import os
+    return os.environ.get("ROBUQ_STACKED_WIDE", "0") == "1"
+
+
+def terms_form(r: int) -> bool:
+    """Rank r's extra columns are the warp-specialized kernel's two 128-column boxes (`ext_columns`)."""
+    return r >= TERMS_MIN_RANK and not wide_flat()
 
 
 def ext_width(r: int) -> int:
     """Extra columns for rank r: 3r and c's slot, rounded up to 16 (cuBLAS's fp8 GEMM wants K % 16 == 0); for
-    ranks the stacked mode does not take (> 64, e.g. sibling-fused q/k/v's 96) the warp-specialized quantize-in-GEMM
-    kernel's two boxes, 256 columns (`ext_columns`)."""
-    return 256 if r >= TERMS_MIN_RANK else -(-(3 * r + 1) // 16) * 16
+    ranks > 64 (e.g. sibling-fused q/k/v's 96), unless ROBUQ_STACKED_WIDE=1, the warp-specialized
+    quantize-in-GEMM kernel's two boxes, 256 columns (`ext_columns`)."""
+    return 256 if terms_form(r) else -(-(3 * r + 1) // 16) * 16
 
 
 def c_column(r: int) -> int:
     """The column of row 0 that holds c in the extended weight (after the v terms; the activation side is 0 there)."""
-    return r if r >= TERMS_MIN_RANK else 3 * r
+    return r if terms_form(r) else 3 * r
 
 
 C_MIN, C_MAX = 2.0 ** -9, 2.0 ** 8  # the powers of two e4m3 holds exactly (its slot in the extended weight)
@@ -93,8 +107,10 @@ def stacked_reason(a: QLinearArgs) -> str | None:
     """Why a layer cannot take the stacked mode (None: it can)."""
     if a.lrb_down is None:
         return "no low-rank branch"
-    if a.lrb_down.shape[0] > 64:  # (sibling-fused q/k/v: 3 x 32) 3r + 16 extra columns would cost >= 1/6 of K = 1152
-        return "rank above 64 (lrb_split's tile)"
+    if terms_form(a.lrb_down.shape[0]):  # (sibling-fused q/k/v: 3 x 32) 3r + 16 extra columns cost +26% of K = 1152
+        return "rank above 64 (ROBUQ_STACKED_WIDE=1: the flat layout up to rank 128, opt-in)"
+    if a.lrb_down.shape[0] > MAX_FLAT_RANK:
+        return f"rank above {MAX_FLAT_RANK} (lrb_split's tile)"
     if a.a_sym and a.a_clip != "absmax":
         return "symmetric sigma-clipped activations do not bound |x H| by s_x qmax"
     if not a.a_sym:
@@ -164,8 +180,8 @@ def ext_columns(sw: torch.Tensor, up: torch.Tensor, c: float, colsum: torch.Tens
                 ) -> torch.Tensor | None:
     """[v1, v2, v1, 0...] (N, W) fp8 with v = A c / s_w (the extended weight's first W columns), and c itself in
     row 0, column 3r (its slot: the activation side's column there is zero, so it adds nothing to the product;
-    `lrb_split_kernel` reads c from it); for ranks >= TERMS_MIN_RANK two 128-column boxes [v1, c, 0..] [v2, 0..]
-    instead (gluon_qgemm_ws's "terms" form, c in column r). With `colsum` (the codes' integer column sums S_n, for
+    `lrb_split_kernel` reads c from it); for ranks >= TERMS_MIN_RANK (without ROBUQ_STACKED_WIDE=1) two 128-column
+    boxes [v1, c, 0..] [v2, 0..] instead (gluon_qgemm_ws's "terms" form, c in column r). With `colsum` (the codes' integer column sums S_n, for
     asymmetric activations): the offset term's digit columns from `off_column(r)` ([D_0..D_3] three times) and 2^p in
     row 1, column 3r. None where v leaves e4m3's range, a channel with s_w = 0 has a branch, c is not one of e4m3's
     exact powers of two, the rank leaves no room for c (or the digits), or S_n no exact digits."""
@@ -174,12 +190,12 @@ def ext_columns(sw: torch.Tensor, up: torch.Tensor, c: float, colsum: torch.Tens
     if not C_MIN <= c <= C_MAX or not torch.isfinite(v).all() or v.abs().max().item() > V_MAX:
         return None
     if colsum is not None:
-        dp = offset_digits(colsum) if r < TERMS_MIN_RANK and n >= 2 else None
+        dp = offset_digits(colsum) if not terms_form(r) and n >= 2 else None
         if dp is None or off_column(r) + OFF_TERMS * OFF_DIGITS > ext_width(r):
             return None
     v1, v2 = split_fp8(v)
     ext = torch.zeros(n, ext_width(r), device=up.device, dtype=torch.float8_e4m3fn)
-    if r >= TERMS_MIN_RANK:  # two boxes, [v1, c, 0..] and [v2, 0..], met by [u1, 0..] [u1, 0..] [u2, 0..] (box 0, 1, 0)
+    if terms_form(r):  # two boxes, [v1, c, 0..] and [v2, 0..], met by [u1, 0..] [u1, 0..] [u2, 0..] (box 0, 1, 0)
         if r >= 128:
             return None
         ext[:, :r], ext[:, 128:128 + r] = v1, v2

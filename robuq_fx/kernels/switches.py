@@ -62,6 +62,9 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
     ("ROBUQ_STACKED_ASYM", "0", "1: asymmetric LRB layers (the -a3 / -a2 policies) may take the stacked mode too, the "
      "offset term as digit columns in its padding, rows out of e4m3's range rescued (kernels/lrb_stacked.py; "
      "interpreter- and sm_90-build-checked, off until its GPU test passes)"),
+    ("ROBUQ_STACKED_WIDE", "0", "1: LRB layers of rank 65..128 (the sibling-fused q/k/v's 96) may take the stacked "
+     "mode, their extended weight laid out flat (3r + 16 columns) instead of the warp-specialized kernel's two boxes "
+     "(kernels/lrb_stacked.py; CPU- and sm_90-build-checked, off until timed on a GPU)"),
     ("ROBUQ_STACKED_QUANT", "", "fused: the stacked LRB mode's codes from one kernel (quantizer + lrb_split, x read "
      "once, the rotation on tensor cores: kernels/triton_mma_quant.py)"),
     ("ROBUQ_INDUCTOR_LOWRANK_ADD", "1", "0: compiled LRB / asymmetric layers in ROBUQ_FP8_EPI=addmm mode take the "

@@ -42,8 +42,11 @@ def _stacked_y(q, sx, xh, bh, up, w8, sw):
     return (wide.double() @ ext.double().t()) * sx.double().view(-1, 1) * sw.double().view(1, -1), c
 
 
-def test_the_stacked_product_is_the_layer_with_its_branch():
-    q, sx, xh, bh, up, w8, sw = _case()
+@pytest.mark.parametrize("r", [32, 96])
+def test_the_stacked_product_is_the_layer_with_its_branch(r, monkeypatch):
+    """Rank 32, and 96 (the sibling-fused q/k/v's) in the flat layout of ROBUQ_STACKED_WIDE=1."""
+    monkeypatch.setenv("ROBUQ_STACKED_WIDE", "1")
+    q, sx, xh, bh, up, w8, sw = _case(r=r)
     y, _ = _stacked_y(q, sx, xh, bh, up, w8, sw)
     main = (q.double() @ w8.double().t()) * sx.double().view(-1, 1) * sw.double().view(1, -1)
     branch = xh.double() @ bh.double().t() @ up.double().t()
@@ -117,6 +120,27 @@ def test_stacked_reason():
     assert S.stacked_reason(QLinearArgs(**{**base, "a_sym": False})) is not None
     assert S.stacked_reason(QLinearArgs(**{**base, "a_clip": "sigma"})) is not None
     assert "rank" in S.stacked_reason(QLinearArgs(**{**base, "lrb_down": torch.zeros(96, 4)}))  # fused q/k/v
+
+
+def test_wide_ranks_take_the_flat_layout_when_asked(monkeypatch):
+    """ROBUQ_STACKED_WIDE=1: rank 96 (sibling-fused q/k/v) laid out flat, [v1, v2, v1, c, 0..] over 3r + 16 columns,
+    and admitted to the stacked mode (the warp-specialized kernel then refuses it: its terms form reads two boxes);
+    unset: the two boxes, 256 columns, and the stacked mode refuses it. Rank 129 never fits lrb_split's tile."""
+    w = torch.zeros(4, 4)
+    base = dict(qweight=w, w_scale=w, bias=None, lrb_down=torch.zeros(96, 4), lrb_up=w, out_features=4,
+                in_features=4, w_bits=1.58, a_bits=4, hadamard_block=0, a_sym=True, a_clip="absmax")
+    from robuq_fx.kernels import gluon_qgemm_ws as WS
+    monkeypatch.delenv("ROBUQ_STACKED_WIDE", raising=False)
+    assert S.ext_width(96) == 256 and S.c_column(96) == 96 and WS.lrb_form(96) == 2
+    assert "ROBUQ_STACKED_WIDE" in S.stacked_reason(QLinearArgs(**base))
+    monkeypatch.setenv("ROBUQ_STACKED_WIDE", "1")
+    assert S.ext_width(96) == 304 and S.c_column(96) == 288 and WS.lrb_form(96) is None
+    assert S.stacked_reason(QLinearArgs(**base)) is None
+    assert "128" in S.stacked_reason(QLinearArgs(**{**base, "lrb_down": torch.zeros(129, 4)}))
+    _, _, _, bh, up, w8, sw = _case(n=40, r=96)
+    ext = weight_ext(w8, sw, up, 1.0)
+    assert ext.shape[1] == w8.shape[1] + 304 and ext[0, 288].item() == 1.0
+    assert torch.equal(ext[:, :96].float(), ext[:, 192:288].float())
 
 
 def _cpu_layer(k=256, n=96, r=8, seed=0):
@@ -197,6 +221,24 @@ def test_stacked_mode_runs_and_matches_the_epilogue_gemm(k, n, m, monkeypatch):
     y_epi, y, again = _epilogue_then_stacked(mod, x, monkeypatch)
     e = weight_cache._entry(_args(mod))
     assert e.stk is not None and e.stk.w is not None and torch.equal(again, y)
+    own = _exact_from_own_codes(x, _args(mod), "triton_fp8")
+    assert rel(y, own) < 6e-3 and within(y, own) >= 0.998
+    assert rel(y, y_epi.double()) < 6e-3
+
+
+@gpu
+@pytest.mark.parametrize("m", [7, 1000])
+def test_rank_96_stacked_mode_matches_the_epilogue_gemm(m, monkeypatch):
+    """ROBUQ_STACKED_WIDE=1: a rank-96 layer (the sibling-fused q/k/v's branch) in the stacked mode, flat layout,
+    runs and matches the Triton epilogue GEMM and its own codes' float64 reference."""
+    from robuq_fx.kernels import weight_cache
+    from tests.kernels.test_triton_fp8 import _args, _exact_from_own_codes, _layer
+    monkeypatch.setenv("ROBUQ_STACKED_WIDE", "1")
+    mod = _layer(1152, 3456, 1.58, 4, True, 128, 96, seed=96)
+    x = torch.randn(m, 1152, device="cuda", dtype=torch.bfloat16) * 2
+    y_epi, y, again = _epilogue_then_stacked(mod, x, monkeypatch)
+    e = weight_cache._entry(_args(mod))
+    assert e.stk is not None and e.stk.w is not None and e.stk.w.shape[1] == 1152 + 304 and torch.equal(again, y)
     own = _exact_from_own_codes(x, _args(mod), "triton_fp8")
     assert rel(y, own) < 6e-3 and within(y, own) >= 0.998
     assert rel(y, y_epi.double()) < 6e-3
