@@ -77,6 +77,7 @@
 #   scripts/gpu_session.sh quick-checks     out-quant, the sigmoid-form GELU's GPU tests and census in one call (~6 min)
 #   scripts/gpu_session.sh ag128-diag       a_group = 128 piece by piece (ncu_kernels --block-scale at M = 16384 / 1024),
 #                                           then its GPU tests (~5 min)
+#   scripts/gpu_session.sh quant-plans      every Gluon quantizer tiling at K = 1152 / 4608, absmax and sigma (~3 min)
 #   scripts/gpu_session.sh paper-wide       rank-96 q/k/v branches in the stacked mode: tests, paper b64 with / without (~9 min)
 #   scripts/gpu_session.sh a2-fast          both -a2 opt-ins (Gluon sigma quantizer, asymmetric stacked mode): tests, -a2 vs paper (~9 min)
 #   scripts/gpu_session.sh gluon-sigma      the Gluon quantizer with sigma ranges: its GPU tests, -a2 beside the paper (~8 min)
@@ -119,7 +120,8 @@
 #                   policy with identical Triton code (inductor_code_s18/); the autotuner kept R0_BLOCK 512 for one and
 #                   1024 for the other. If the configs' own times differ that much, the ~0.9 ms is Inductor's autotuning
 #                   noise (W4A4+H pays it too: 2.61 ms in session 12's profile), not our kernels)
-#   5. verify17    (~6 min: GPU tests of session 17's CPU-built changes: the sigma moments, re-binding, lrb_down cast,
+#   5. quant-plans (~3 min: fc2's quantizer is the largest one; a tiling with more warps may beat the table's)
+#   6. verify17    (~6 min: GPU tests of session 17's CPU-built changes: the sigma moments, re-binding, lrb_down cast,
 #                   the fp8 GEMM's STEP refactor); then tests, attention-sweep, dit-default, profile-b1-cg, qat-profile.
 #   The compile cache now comes back as xz pieces (compile_cache.txz.NN, ~half gzip's size): copy them over
 #   .snap/.cache/compile_cache.* after each call (delete the old pieces first).
@@ -554,6 +556,11 @@ block-cublas)  # session 17's last call: a_group = 128 on cuBLAS's blockwise _sc
         -k "output" 2>&1 | grep -E "AssertionError|passed|failed" | cut -c1-300 | head -12
     timeout 150 python3 benchmarks/ncu_kernels.py --block-scale --m 16384 --reps 20 2>&1 | grep -v Warning \
         | grep -E "^---|layer|quant|_scaled_mm|BLOCK_SCALE max|config" | cut -c1-200
+    ;;
+quant-plans)  # every Gluon quantizer tiling (lanes, columns a thread, warps) at K = 1152 / 4608, M = 16384 and 1024,
+    # absmax and sigma, with code checks (bench_act_quant --gluon-plans): fc2's K = 4608 quantizer runs at ~1.9 TB/s
+    # (~3.5 ms of W4A4+H's batch-64 forward); a faster tiling goes into the table's quant_gluon as [lanes, vt, warps]
+    timeout 400 python3 benchmarks/bench_act_quant.py --gluon-plans --m 16384 1024 2>&1 | grep -v Warning | tail -90
     ;;
 paper-wide)  # session 18's ROBUQ_STACKED_WIDE=1 (the sibling-fused q/k/v's rank-96 branch in the stacked mode, flat
     # layout): its GPU tests, then the paper policy at batch 64 with / without it in one run (row " +wide"), ~9 min

@@ -164,8 +164,8 @@ def _gluon_plan(x2, block: int, clip: str, dequant: bool, act: str) -> tuple | N
     ROBUQ_GLUON_SIGMA=1) take the tiling the table measured for absmax ones (the same loads, butterflies and stores;
     two more row sums). Chosen: ROBUQ_QUANT_KERNEL=gluon
     (its default tiling wherever it applies), =triton never, unset: where the dispatch table measured it faster than
-    the Triton kernel's best tiling with equal codes ("quant_gluon": [lanes, max columns a thread] per K and M
-    bucket, `bench_linear.py --write-dispatch`)."""
+    the Triton kernel's best tiling with equal codes ("quant_gluon": [lanes, max columns a thread(, warps)] per K
+    and M bucket, `bench_linear.py --write-dispatch`)."""
     env = os.environ.get("ROBUQ_QUANT_KERNEL")
     if env == "triton":
         return None
@@ -181,13 +181,14 @@ def _gluon_plan(x2, block: int, clip: str, dequant: bool, act: str) -> tuple | N
         tiling = dispatch_table().get("quant_gluon", {}).get(f"{k}/h", {}).get(str(m_bucket(x2.shape[0])))
         if not tiling:
             return None
-    return _gluon_tiling(k, *(int(v) for v in tiling[:2]))
+    return _gluon_tiling(k, *(int(v) for v in tiling[:3]))
 
 
 @functools.lru_cache(maxsize=None)
-def _gluon_tiling(k: int, lanes: int = 32, max_vt: int = 32) -> tuple | None:
+def _gluon_tiling(k: int, lanes: int = 32, max_vt: int = 32, warps: int = 4) -> tuple | None:
+    """The Gluon quantizer's plan for a table tiling [lanes, max columns a thread(, warps a program: 4)]."""
     try:
-        return _gq().gluon_plan(k, lanes, max_vt=max_vt)
+        return _gq().gluon_plan(k, lanes, warps=warps, max_vt=max_vt)
     except ImportError:  # no Gluon in this Triton
         return None
 
