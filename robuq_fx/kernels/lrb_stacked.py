@@ -245,7 +245,7 @@ def act_ext_asym_reference(t: torch.Tensor, sx: torch.Tensor, lo: torch.Tensor, 
     two_p = torch.tensor(2.0 ** p, dtype=torch.float32)
     need = torch.maximum(t.abs().amax(1) * inv_c, lo.abs() * two_p) / base / U_MAX
     e = ceil_log2(need)
-    e = torch.where(zero, e, e.clamp_min(0))
+    e = torch.where(zero, e, e.clamp_min(0)).clamp(-126, 126)
     g = torch.where((need > 0) | ~zero, torch.ldexp(base, e), torch.zeros_like(sx))
     keep = torch.where(zero, torch.zeros_like(sx), torch.ldexp(torch.ones_like(sx), -e))
     q = (codes.float() * keep.view(-1, 1)).to(torch.float8_e4m3fn)

@@ -148,8 +148,8 @@ def _asym_columns(row, t, sx, lo, sx_ptrs, w_ptr, smask, rr, K: tl.constexpr, R:
     bits = need.to(tl.int32, bitcast=True)
     e = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
     e = tl.where(need > 0, e, 0)
-    e = tl.where(zero, e, tl.maximum(e, 0))
-    two_e = ((e + 127) << 23).to(tl.float32, bitcast=True)  # 2^e (|e| < 127 here)
+    e = tl.minimum(tl.maximum(tl.where(zero, e, tl.maximum(e, 0)), -126), 126)  # (2^e and 2^-e stay normal)
+    two_e = ((e + 127) << 23).to(tl.float32, bitcast=True)  # 2^e
     g = tl.where((need > 0) | (sx != 0), base * two_e, 0.0)
     fix = smask & (zero | (e > 0)) & (g > 0)
     if tl.max(fix.to(tl.int32), axis=0) > 0:  # rare: rewrite the rescued rows' codes (zero where s_x = 0)
