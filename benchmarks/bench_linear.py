@@ -121,7 +121,12 @@ EXTRA = [("W1.58A2+H+LRB32", dict(w_bits=1.58, a_bits=2, hadamard=True, hadamard
          ("W1.58A4asym+H", dict(w_bits=1.58, a_bits=4, a_sym=False, hadamard=True, hadamard_block=128), 0),
          # issue 20's a_group = 128: the one-pass block quantizer and the block-scaled GEMM (triton_block_quant.py)
          ("W4A4+H ag128", dict(w_bits=4, a_bits=4, hadamard=True, hadamard_block=128, a_group=128), 0),
-         ("W1.58A4+H ag128", dict(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=128, a_group=128), 0)]
+         ("W1.58A4+H ag128", dict(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=128, a_group=128), 0),
+         # the paper policy's sibling-fused q/k/v branch (3 x 32), for the flat stacked layout (ROBUQ_STACKED_WIDE)
+         ("W1.58A4+H+LRB96", dict(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=128), 96),
+         # the -a2 policy's form (asymmetric sigma ranges), for the asymmetric stacked mode (ROBUQ_STACKED_ASYM)
+         ("W1.58A2sigma+H+LRB32", dict(w_bits=1.58, a_bits=2, a_clip="sigma", hadamard=True, hadamard_block=128),
+          32)]
 
 
 def _with_env(fn, key: str, value: str):
@@ -175,6 +180,13 @@ def bench(args) -> dict:
                 # keeps the two kernels)
                 fns["W4A4+H fused ws"] = _with_env(fns["W4A4+H"], "ROBUQ_FP8_FUSED_QUANT", "ws")
                 fns["W1.58A4+H+LRB32 fused ws"] = _with_env(fns["W1.58A4+H+LRB32"], "ROBUQ_FP8_FUSED_QUANT", "ws")
+                # session 18's opt-ins: the rank-96 branch in the stacked mode (flat layout), the -a2 form stacked
+                # (its offset term in the padding columns) with the Gluon sigma quantizer
+                fns["W1.58A4+H+LRB96 stacked wide"] = _with_env(_with_env(
+                    fns["W1.58A4+H+LRB96"], "ROBUQ_FP8_EPI", "stacked"), "ROBUQ_STACKED_WIDE", "1")
+                fns["W1.58A2sigma+H+LRB32 stacked asym"] = _with_env(_with_env(_with_env(
+                    fns["W1.58A2sigma+H+LRB32"], "ROBUQ_FP8_EPI", "stacked"), "ROBUQ_STACKED_ASYM", "1"),
+                    "ROBUQ_GLUON_SIGMA", "1")
                 # a_group = 128 with the block quantizer's tensor-core rotation instead of the butterfly
                 fns["W4A4+H ag128 mma"] = _with_env(fns["W4A4+H ag128"], "ROBUQ_BLOCK_QUANT_ROT", "mma")
                 fns["quant only (H)"] = lambda: AQ.act_quant(x, 128, 4, True)
@@ -369,7 +381,10 @@ def summary(res: dict) -> dict:
                      ("quant only (H)", "quant_h"), ("quant only (H, mma)", "quant_h_mma"),
                      ("W4A4+H fused ws", "w4a4h_fused_ws"), ("W1.58A4+H+LRB32 fused ws", "w158a4h_lrb32_fused_ws"),
                      ("W1.58A4asym+H", "w158a4asymh"), ("W4A4+H ag128", "w4a4h_ag128"), ("W4A4+H ag128 mma", "w4a4h_ag128_mma"),
-                     ("W1.58A4+H ag128", "w158a4h_ag128")):
+                     ("W1.58A4+H ag128", "w158a4h_ag128"), ("W1.58A4+H+LRB96", "w158a4h_lrb96"),
+                     ("W1.58A4+H+LRB96 stacked wide", "w158a4h_lrb96_stacked_wide"),
+                     ("W1.58A2sigma+H+LRB32", "w158a2sigmah_lrb32"),
+                     ("W1.58A2sigma+H+LRB32 stacked asym", "w158a2sigmah_lrb32_stacked_asym")):
         for m in sorted({r["M"] for r in res["rows"]}):
             sel = [r for r in res["rows"] if r["M"] == m and col in r[mode]]
             if sel:
