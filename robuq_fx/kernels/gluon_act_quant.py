@@ -2,13 +2,12 @@
 
 Same contract and arithmetic as `triton_act_quant.act_quant_bfly_kernel` for its common case (Hadamard block 128,
 absmax or `sigma` ranges, symmetric or asymmetric, codes out, no input activation): the codes equal the Triton
-kernel's wherever
-the fp32 butterfly sums are exact (always, for bf16 inputs whose row spans less than 2^16 in magnitude: each output
-is a sum of 128 bf16 values), and so do the scales (H200: its GPU tests pass). With `sigma` ranges (mu +- c sigma of
-the rotated row, kept inside [min, max], session 18) the row's sums run in another order than the Triton kernel's,
-so a scale may differ in its last bit and a code sitting on a rounding boundary by one. Used where the dispatch
-table's
-`quant_gluon` (measured by `bench_linear.py --write-dispatch`) or `ROBUQ_QUANT_KERNEL=gluon` chooses it.
+kernel's wherever the fp32 butterfly sums are exact (always, for bf16 inputs whose row spans less than 2^16 in
+magnitude: each output is a sum of 128 bf16 values), and so do the scales (H200: its GPU tests pass). With `sigma`
+ranges (mu +- c sigma of the rotated row, kept inside [min, max], session 18) the row's sums run in another order
+than the Triton kernel's, so a scale may differ in its last bit and a code sitting on a rounding boundary by one.
+Used where the dispatch table's `quant_gluon` (measured by `bench_linear.py --write-dispatch`) or
+`ROBUQ_QUANT_KERNEL=gluon` chooses it.
 
 Why: Triton picks the layouts of the Triton kernel itself. Its butterfly stages (constant geometry, a permute per
 stage) cost shared-memory round trips and shuffles: ptxas counts 32.7 SASS instructions an element at K = 1152,

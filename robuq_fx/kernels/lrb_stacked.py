@@ -46,6 +46,7 @@ codes and this matrix apart. The W extra columns are rewritten in place when the
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -65,7 +66,6 @@ def wide_flat() -> bool:
     """ROBUQ_STACKED_WIDE=1: ranks TERMS_MIN_RANK..MAX_FLAT_RANK (the sibling-fused q/k/v's 96) take the stacked mode
     too, their extended weight laid out flat ([v1, v2, v1, c, ..] like lower ranks) instead of the warp-specialized
     kernel's two boxes, which that kernel then refuses (opt-in until timed on a GPU)."""
-    import os
     return os.environ.get("ROBUQ_STACKED_WIDE", "0") == "1"
 
 
@@ -99,8 +99,12 @@ def off_column(r: int) -> int:
 
 def asym_enabled() -> bool:
     """ROBUQ_STACKED_ASYM=1: asymmetric layers may take the stacked mode (module docstring)."""
-    import os
     return os.environ.get("ROBUQ_STACKED_ASYM", "0") == "1"
+
+
+def offset_fits(r: int) -> bool:
+    """Rank r's padding columns hold the offset term's OFF_TERMS x OFF_DIGITS columns after c's slot."""
+    return off_column(r) + OFF_TERMS * OFF_DIGITS <= ext_width(r)
 
 
 def stacked_reason(a: QLinearArgs) -> str | None:
@@ -117,7 +121,7 @@ def stacked_reason(a: QLinearArgs) -> str | None:
         r = a.lrb_down.shape[0]
         if not asym_enabled():
             return "asymmetric activations (ROBUQ_STACKED_ASYM=1: the offset term's digit columns, opt-in)"
-        if off_column(r) + OFF_TERMS * OFF_DIGITS > ext_width(r):
+        if not offset_fits(r):
             return f"rank {r} leaves no padding columns for the offset term's digits"
     return None
 
@@ -136,10 +140,13 @@ def is_extended(qweight: torch.Tensor, k: int, r: int) -> bool:
             and qweight.storage_offset() == w and qweight.untyped_storage().nbytes() >= qweight.shape[0] * (k + w))
 
 
-def split_fp8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """v (fp32) ~ v1 + v2, both fp8 e4m3 (round to nearest even), v2 the residual."""
-    v1 = v.to(torch.float8_e4m3fn)
-    return v1, (v - v1.float()).to(torch.float8_e4m3fn)
+def split_fp8(v: torch.Tensor, terms: int = 2) -> tuple[torch.Tensor, ...]:
+    """v (fp32) ~ v1 + v2 (+ ...), `terms` fp8 e4m3 values (round to nearest even), each the residual's."""
+    out = []
+    for _ in range(terms):
+        out.append(v.to(torch.float8_e4m3fn))
+        v = v - out[-1].float()
+    return tuple(out)
 
 
 def scale_c(bh: torch.Tensor, k: int, a_bits: int, sym: bool = True, clip: str = "absmax") -> float:
@@ -181,9 +188,9 @@ def ext_columns(sw: torch.Tensor, up: torch.Tensor, c: float, colsum: torch.Tens
     """[v1, v2, v1, 0...] (N, W) fp8 with v = A c / s_w (the extended weight's first W columns), and c itself in
     row 0, column 3r (its slot: the activation side's column there is zero, so it adds nothing to the product;
     `lrb_split_kernel` reads c from it); for ranks >= TERMS_MIN_RANK (without ROBUQ_STACKED_WIDE=1) two 128-column
-    boxes [v1, c, 0..] [v2, 0..] instead (gluon_qgemm_ws's "terms" form, c in column r). With `colsum` (the codes' integer column sums S_n, for
-    asymmetric activations): the offset term's digit columns from `off_column(r)` ([D_0..D_3] three times) and 2^p in
-    row 1, column 3r. None where v leaves e4m3's range, a channel with s_w = 0 has a branch, c is not one of e4m3's
+    boxes [v1, c, 0..] [v2, 0..] instead (gluon_qgemm_ws's "terms" form, c in column r). With `colsum` (the codes'
+    integer column sums S_n, for asymmetric activations): the offset term's digit columns from `off_column(r)`
+    ([D_0..D_3] three times) and 2^p in row 1, column 3r. None where v leaves e4m3's range, a channel with s_w = 0 has a branch, c is not one of e4m3's
     exact powers of two, the rank leaves no room for c (or the digits), or S_n no exact digits."""
     n, r = up.shape
     v = up.float() * c / sw.view(-1, 1)
@@ -191,7 +198,7 @@ def ext_columns(sw: torch.Tensor, up: torch.Tensor, c: float, colsum: torch.Tens
         return None
     if colsum is not None:
         dp = offset_digits(colsum) if not terms_form(r) and n >= 2 else None
-        if dp is None or off_column(r) + OFF_TERMS * OFF_DIGITS > ext_width(r):
+        if dp is None or not offset_fits(r):
             return None
     v1, v2 = split_fp8(v)
     ext = torch.zeros(n, ext_width(r), device=up.device, dtype=torch.float8_e4m3fn)
@@ -237,7 +244,6 @@ def act_ext_asym_reference(t: torch.Tensor, sx: torch.Tensor, lo: torch.Tensor, 
     max |t| / c and |lo'| 2^p over s_x (1 where s_x = 0) and U_MAX; e = ceil(log2(need)), at least 0 where s_x > 0;
     g = s_x 2^e (2^e where s_x = 0; 0 for an all-zero row), codes q 2^-e (0 where s_x = 0); u = t (1 / c) / g in two
     e4m3 terms, U = lo' 2^p / g in three."""
-    r = t.shape[1]
     t, sx, lo = t.float(), sx.float(), lo.float()
     zero = sx == 0
     base = torch.where(zero, torch.ones_like(sx), sx)
@@ -249,19 +255,10 @@ def act_ext_asym_reference(t: torch.Tensor, sx: torch.Tensor, lo: torch.Tensor, 
     g = torch.where((need > 0) | ~zero, torch.ldexp(base, e), torch.zeros_like(sx))
     keep = torch.where(zero, torch.zeros_like(sx), torch.ldexp(torch.ones_like(sx), -e))
     q = (codes.float() * keep.view(-1, 1)).to(torch.float8_e4m3fn)
-    safe = torch.where(g > 0, g, torch.ones_like(g))
-    rs = torch.where(g > 0, inv_c / safe, torch.zeros_like(g))
-    u1, u2 = split_fp8(t * rs.view(-1, 1))
-    uu = torch.where(g > 0, (lo * two_p) / safe, torch.zeros_like(g))
-    terms = []
-    for _ in range(OFF_TERMS):
-        term = uu.to(torch.float8_e4m3fn)
-        terms.append(term)
-        uu = uu - term.float()
-    out = torch.zeros(t.shape[0], w, device=t.device, dtype=torch.float8_e4m3fn)
-    out[:, :r], out[:, r:2 * r], out[:, 2 * r:3 * r] = u1, u1, u2
-    o = off_column(r)
-    for i, term in enumerate(terms):
+    out = act_ext_reference(t, g, c, w)  # [u1, u1, u2] against g, zeros
+    uu = torch.where(g > 0, (lo * two_p) / torch.where(g > 0, g, torch.ones_like(g)), torch.zeros_like(g))
+    o = off_column(t.shape[1])
+    for i, term in enumerate(split_fp8(uu, OFF_TERMS)):
         out[:, o + OFF_DIGITS * i:o + OFF_DIGITS * (i + 1)] = term.view(-1, 1).expand(-1, OFF_DIGITS)
     return out, q, g
 

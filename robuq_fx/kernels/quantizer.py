@@ -162,10 +162,9 @@ def _gluon_plan(x2, block: int, clip: str, dequant: bool, act: str) -> tuple | N
     """The Gluon quantizer's plan where it takes the call (Hadamard block 128, absmax or sigma ranges, codes out, no
     input activation, 16-bit input, K it tiles) and is chosen, else None (the Triton kernel). Sigma ranges (with
     ROBUQ_GLUON_SIGMA=1) take the tiling the table measured for absmax ones (the same loads, butterflies and stores;
-    two more row sums). Chosen: ROBUQ_QUANT_KERNEL=gluon
-    (its default tiling wherever it applies), =triton never, unset: where the dispatch table measured it faster than
-    the Triton kernel's best tiling with equal codes ("quant_gluon": [lanes, max columns a thread(, warps)] per K
-    and M bucket, `bench_linear.py --write-dispatch`)."""
+    two more row sums). Chosen: ROBUQ_QUANT_KERNEL=gluon (its default tiling wherever it applies), =triton never,
+    unset: where the dispatch table measured it faster than the Triton kernel's best tiling with equal codes
+    ("quant_gluon": [lanes, max columns a thread(, warps)] per K and M bucket, `bench_linear.py --write-dispatch`)."""
     env = os.environ.get("ROBUQ_QUANT_KERNEL")
     if env == "triton":
         return None

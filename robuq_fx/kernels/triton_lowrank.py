@@ -23,12 +23,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .lrb_stacked import OFF_DIGITS, OFF_TERMS, U_MAX
 from .triton_act_quant import _input_act, act_code
 from .switches import env_int
 from .triton_launch import launch, rank_pad
 from .triton_rowquant import _RINT
 
 BM, BN, WARPS = 64, 128, 4
+_U_MAX, _OFF_TERMS, _OFF_DIGITS = tl.constexpr(U_MAX), tl.constexpr(OFF_TERMS), tl.constexpr(OFF_DIGITS)
 DOWN_BM, DOWN_BK, DOWN_WARPS, DOWN_STAGES = 64, 128, 4, 3
 
 
@@ -144,7 +146,7 @@ def _asym_columns(row, t, sx, lo, sx_ptrs, w_ptr, smask, rr, K: tl.constexpr, R:
     zero = sx == 0
     base = tl.where(zero, 1.0, sx)
     tmax = tl.max(tl.abs(t), axis=1)
-    need = tl.div_rn(tl.div_rn(tl.maximum(tmax * inv_c, tl.abs(lo) * two_p), base), 224.0)  # U_MAX
+    need = tl.div_rn(tl.div_rn(tl.maximum(tmax * inv_c, tl.abs(lo) * two_p), base), _U_MAX)
     bits = need.to(tl.int32, bitcast=True)
     e = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
     e = tl.where(need > 0, e, 0)
@@ -160,19 +162,12 @@ def _asym_columns(row, t, sx, lo, sx_ptrs, w_ptr, smask, rr, K: tl.constexpr, R:
             q = tl.load(ptrs, mask=fix[:, None], other=0.0).to(tl.float32)
             tl.store(ptrs, _e4m3_rn(q * keep[:, None]).to(tl.float8e4nv), mask=fix[:, None])
     tl.store(sx_ptrs, g, mask=smask)
-    safe = tl.where(g > 0, g, 1.0)
-    rs = tl.where(g > 0, tl.div_rn(tl.zeros_like(g) + inv_c, safe), 0.0)
-    u = t * rs[:, None]
-    u1f = _e4m3_rn(u)
-    cmask = smask[:, None] & (rr[None, :] < R)
-    tl.store(row + rr[None, :], u1f.to(tl.float8e4nv), mask=cmask)
-    tl.store(row + R + rr[None, :], u1f.to(tl.float8e4nv), mask=cmask)
-    tl.store(row + 2 * R + rr[None, :], _e4m3_rn(u - u1f).to(tl.float8e4nv), mask=cmask)
+    store_u_columns(row, t, g, w_ptr, smask, rr, R, W, WP, BM, False)  # [u1, u1, u2] against g
     # the pad columns from 3R: c's column and the tail stay zero, the offset columns hold U's terms
     pp = tl.arange(0, WP)
-    off = pp - 1  # offset column index from 3R + 1
-    j = tl.where((off >= 0) & (off < 12), off // 4, 3)  # the U term a column holds (3: none; 3 x 4 columns)
-    uu = tl.where(g > 0, tl.div_rn(lo * two_p, safe), 0.0)
+    off = pp - 1  # offset column index from 3R + 1 (`lrb_stacked.off_column`)
+    j = tl.where((off >= 0) & (off < _OFF_TERMS * _OFF_DIGITS), off // _OFF_DIGITS, _OFF_TERMS)  # its U term
+    uu = tl.where(g > 0, tl.div_rn(lo * two_p, tl.where(g > 0, g, 1.0)), 0.0)
     u0 = _e4m3_rn(uu)
     r1 = uu - u0
     u1t = _e4m3_rn(r1)
@@ -184,10 +179,11 @@ def _asym_columns(row, t, sx, lo, sx_ptrs, w_ptr, smask, rr, K: tl.constexpr, R:
 
 @triton.jit
 def store_u_columns(row, t, sx, w_ptr, smask, rr, R: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
-                    BM: tl.constexpr):
+                    BM: tl.constexpr, PAD: tl.constexpr = True):
     """The stacked mode's W activation columns of the rows at `row` (pointers to their first byte): u = t / (s_x c)
-    split into [u1, u1, u2] and zeros in the W - 3R pad columns (zero rows where s_x = 0); c read from its slot
-    W - 3R bytes before w_ptr (the extended weight's code columns)."""
+    split into [u1, u1, u2] and zeros in the W - 3R pad columns (zero rows where s_x = 0; PAD False: the pad columns
+    are the caller's, `_asym_columns`); c read from its slot W - 3R bytes before w_ptr (the extended weight's code
+    columns)."""
     inv_c = 1.0 / tl.load(w_ptr - (W - 3 * R)).to(tl.float32)  # exact: c is a power of two
     rs = tl.where(sx > 0, inv_c / tl.where(sx > 0, sx, 1.0), 0.0)
     u = t * rs[:, None]
@@ -198,9 +194,10 @@ def store_u_columns(row, t, sx, w_ptr, smask, rr, R: tl.constexpr, W: tl.constex
     tl.store(row + rr[None, :], u1, mask=cmask)
     tl.store(row + R + rr[None, :], u1, mask=cmask)
     tl.store(row + 2 * R + rr[None, :], u2, mask=cmask)
-    pp = tl.arange(0, WP)  # the pad columns up to a multiple of 16 (cuBLAS's fp8 K): zeros
-    tl.store(row + 3 * R + pp[None, :], tl.zeros((BM, WP), dtype=tl.float32).to(tl.float8e4nv),
-             mask=smask[:, None] & (pp[None, :] < W - 3 * R))
+    if PAD:
+        pp = tl.arange(0, WP)  # the pad columns up to a multiple of 16 (cuBLAS's fp8 K): zeros
+        tl.store(row + 3 * R + pp[None, :], tl.zeros((BM, WP), dtype=tl.float32).to(tl.float8e4nv),
+                 mask=smask[:, None] & (pp[None, :] < W - 3 * R))
 
 
 def ext_constexprs(k: int, r: int, w: int) -> dict:
