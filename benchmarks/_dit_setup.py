@@ -59,6 +59,9 @@ AG128 = "robuq W4A4(ag128)+H"  # (no "W4A4+H" in it: --settings W4A4+H keeps sel
 PAPER = "robuq dit-xl-2-robuq (W1.58A4+H+LRB32, attn 8)"
 PAPER_A3 = "robuq dit-xl-2-robuq-a3 (W1.58A3 asym sigma +H+LRB32, attn 8)"
 PAPER_A2 = "robuq dit-xl-2-robuq-a2 (W1.58A2 asym sigma +H+LRB32, attn 8)"
+# the short setting names profile_dit.py and scripts/inductor_code.py take, to the policies() keys
+SHORT_NAMES = {"dit": "robuq W4A4+H", "w158": "robuq W1.58A4+H", "paper": PAPER, "paper-a3": PAPER_A3,
+               "paper-a2": PAPER_A2}
 
 def timeit(fn, iters, warmup, device):
     for _ in range(warmup):

@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 import robuq_fx  # noqa: E402
 from _provenance import gpu_tag, provenance  # noqa: E402
-from _dit_setup import PAPER, TINY, XL2, build, inputs, policies  # noqa: E402
+from _dit_setup import SHORT_NAMES, TINY, XL2, build, inputs, policies  # noqa: E402
 
 # first match wins; patterns are searched in the kernel (or CPU op) name, lower-cased
 CATEGORIES = [
@@ -105,8 +105,7 @@ def main(argv=None):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     cfg = TINY if args.quick else XL2
     pols = policies()
-    names = {"dit": "robuq W4A4+H", "w158": "robuq W1.58A4+H", "paper": PAPER,
-             "paper-a3": [n for n in pols if "-a3" in n][0], "paper-a2": [n for n in pols if "-a2" in n][0]}
+    names = SHORT_NAMES
     prov = provenance(argv)
     fp = build(cfg).to(device, dtype)
     ex = inputs(cfg, 2, device, dtype)

@@ -16,11 +16,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _dit_setup import XL2, build, inputs, policies, PAPER, PAPER_A2, PAPER_A3  # noqa: E402
+from _dit_setup import SHORT_NAMES, XL2, build, inputs, policies  # noqa: E402
 
 import robuq_fx  # noqa: E402
-
-NAMES = {"dit": "robuq W4A4+H", "paper": PAPER, "paper-a2": PAPER_A2, "paper-a3": PAPER_A3}
 
 
 def compiled_code(model, x) -> str:
@@ -94,7 +92,7 @@ def main(argv=None) -> None:
     for key in ([] if args.no_bf16 else ["bf16"]) + args.settings:
         model = build(cfg).to("cuda", torch.bfloat16)
         if key != "bf16":
-            pol = robuq_fx.Policy.from_dict(pols[NAMES[key]])
+            pol = robuq_fx.Policy.from_dict(pols[SHORT_NAMES[key]])
             q = robuq_fx.quantize(model, pol, example_inputs=inputs(cfg, 2, "cuda", torch.bfloat16))
             model = robuq_fx.lower(q, progress=False).to("cuda").eval()
         code = compiled_code(model, x)
