@@ -140,8 +140,11 @@ def test_sigma_ranges_match_the_triton_kernel(k, a_bits, sym, monkeypatch):
     got = quantizer.act_quant(x, 128, a_bits, sym, m_store=1008, shift=not sym, clip="sigma")
     dq = (got[0].float() - want[0].float()).abs()
     assert dq.max().item() <= 1 and (dq == 0).float().mean().item() >= 0.999, (dq > 0).sum().item()
-    for label, u, v in zip(("scales", "lo"), got[1:], want[1:]):
-        assert torch.allclose(u, v, rtol=4 * 2.0 ** -23, atol=1e-30), f"K={k} A{a_bits}: {label}"
+    assert torch.allclose(got[1], want[1], rtol=4 * 2.0 ** -23, atol=1e-30), f"K={k} A{a_bits}: scales"
+    if not sym:
+        # lo = mean - c sigma cancels to near 0 on some rows: its error is a few ulp of the range, not of lo
+        span = want[1].float() * Q.act_levels(a_bits, sym) + want[2].float().abs()
+        assert ((got[2].float() - want[2].float()).abs() <= 4 * 2.0 ** -23 * span).all(), f"K={k} A{a_bits}: lo"
     lo, hi = Q.act_range(block_hadamard(x, 128).to(torch.bfloat16).double(), a_bits, sym, "sigma")
     s = (hi - lo).squeeze(1) / Q.act_levels(a_bits, sym) if not sym else hi.squeeze(1) / Q.act_levels(a_bits, sym)
     assert torch.allclose(got[1][:1001].double(), s, rtol=1e-5, atol=1e-6)
