@@ -16,7 +16,7 @@ GEMM's work at K = 1152, +2.4% at K = 4608.
 Range: e4m3 holds |u| <= 448. For symmetric absmax codes |x H| <= s_x qmax, so |t_j| <= sqrt(K) s_x qmax |(B H)_j|
 and |u| <= sqrt(K) qmax max_j |(B H)_j| / c: c is the power of two that brings that bound to `U_MAX`, whatever
 the input. v = A c / s_w must then fit too (checked once per weight; else the layer keeps the Triton epilogue).
-Asymmetric activations (absmax or `sigma` ranges; opt-in, ROBUQ_STACKED_ASYM=1, until their GPU test passes) add
+Asymmetric activations (absmax or `sigma` ranges; on unless ROBUQ_STACKED_ASYM=0, since session 19's H200 run) add
 the offset term lo' c[n] = s_x s_w (lo' / s_x) S_n, S_n = sum_k q_w[n, k] an integer: its base-16 digits
 (|d_j| <= 8, j = 0..3) scaled by 2^-p (exact in e4m3; p per layer, from max |S_n|) sit in 12 of the weight's padding
 columns, three copies of the four, against U = lo' 2^p / s_x split into three e4m3 terms (~2^-12 of the term). Their
@@ -63,10 +63,11 @@ MAX_FLAT_RANK = 128  # lrb_split's tile (`triton_lowrank.lrb_down_ok`)
 
 
 def wide_flat() -> bool:
-    """ROBUQ_STACKED_WIDE=1: ranks TERMS_MIN_RANK..MAX_FLAT_RANK (the sibling-fused q/k/v's 96) take the stacked mode
-    too, their extended weight laid out flat ([v1, v2, v1, c, ..] like lower ranks) instead of the warp-specialized
-    kernel's two boxes, which that kernel then refuses (opt-in until timed on a GPU)."""
-    return os.environ.get("ROBUQ_STACKED_WIDE", "0") == "1"
+    """Ranks TERMS_MIN_RANK..MAX_FLAT_RANK (the sibling-fused q/k/v's 96) take the stacked mode too, their extended
+    weight laid out flat ([v1, v2, v1, c, ..] like lower ranks) instead of the warp-specialized kernel's two boxes,
+    which that kernel then refuses. On unless ROBUQ_STACKED_WIDE=0 (session 19, H200: the paper policy at batch 64
+    0.925x bf16 with it, 0.910x without, same run)."""
+    return os.environ.get("ROBUQ_STACKED_WIDE", "1") != "0"
 
 
 def terms_form(r: int) -> bool:
@@ -76,7 +77,7 @@ def terms_form(r: int) -> bool:
 
 def ext_width(r: int) -> int:
     """Extra columns for rank r: 3r and c's slot, rounded up to 16 (cuBLAS's fp8 GEMM wants K % 16 == 0); for
-    ranks > 64 (e.g. sibling-fused q/k/v's 96), unless ROBUQ_STACKED_WIDE=1, the warp-specialized
+    ranks > 64 (e.g. sibling-fused q/k/v's 96) with ROBUQ_STACKED_WIDE=0, the warp-specialized
     quantize-in-GEMM kernel's two boxes, 256 columns (`ext_columns`)."""
     return 256 if terms_form(r) else -(-(3 * r + 1) // 16) * 16
 
@@ -98,8 +99,9 @@ def off_column(r: int) -> int:
 
 
 def asym_enabled() -> bool:
-    """ROBUQ_STACKED_ASYM=1: asymmetric layers may take the stacked mode (module docstring)."""
-    return os.environ.get("ROBUQ_STACKED_ASYM", "0") == "1"
+    """Asymmetric layers may take the stacked mode (module docstring); ROBUQ_STACKED_ASYM=0 keeps them on the
+    Triton epilogue GEMM."""
+    return os.environ.get("ROBUQ_STACKED_ASYM", "1") != "0"
 
 
 def offset_fits(r: int) -> bool:
@@ -112,7 +114,7 @@ def stacked_reason(a: QLinearArgs) -> str | None:
     if a.lrb_down is None:
         return "no low-rank branch"
     if terms_form(a.lrb_down.shape[0]):  # (sibling-fused q/k/v: 3 x 32) 3r + 16 extra columns cost +26% of K = 1152
-        return "rank above 64 (ROBUQ_STACKED_WIDE=1: the flat layout up to rank 128, opt-in)"
+        return "rank above 64 in the warp-specialized kernel's terms form (ROBUQ_STACKED_WIDE=0)"
     if a.lrb_down.shape[0] > MAX_FLAT_RANK:
         return f"rank above {MAX_FLAT_RANK} (lrb_split's tile)"
     if a.a_sym and a.a_clip != "absmax":
@@ -120,7 +122,7 @@ def stacked_reason(a: QLinearArgs) -> str | None:
     if not a.a_sym:
         r = a.lrb_down.shape[0]
         if not asym_enabled():
-            return "asymmetric activations (ROBUQ_STACKED_ASYM=1: the offset term's digit columns, opt-in)"
+            return "asymmetric activations with ROBUQ_STACKED_ASYM=0"
         if not offset_fits(r):
             return f"rank {r} leaves no padding columns for the offset term's digits"
     return None
@@ -187,7 +189,7 @@ def ext_columns(sw: torch.Tensor, up: torch.Tensor, c: float, colsum: torch.Tens
                 ) -> torch.Tensor | None:
     """[v1, v2, v1, 0...] (N, W) fp8 with v = A c / s_w (the extended weight's first W columns), and c itself in
     row 0, column 3r (its slot: the activation side's column there is zero, so it adds nothing to the product;
-    `lrb_split_kernel` reads c from it); for ranks >= TERMS_MIN_RANK (without ROBUQ_STACKED_WIDE=1) two 128-column
+    `lrb_split_kernel` reads c from it); for ranks >= TERMS_MIN_RANK (with ROBUQ_STACKED_WIDE=0) two 128-column
     boxes [v1, c, 0..] [v2, 0..] instead (gluon_qgemm_ws's "terms" form, c in column r). With `colsum` (the codes'
     integer column sums S_n, for asymmetric activations): the offset term's digit columns from `off_column(r)`
     ([D_0..D_3] three times) and 2^p in row 1, column 3r. None where v leaves e4m3's range, a channel with s_w = 0 has a branch, c is not one of e4m3's

@@ -160,8 +160,8 @@ def _gq():
 
 def _gluon_plan(x2, block: int, clip: str, dequant: bool, act: str) -> tuple | None:
     """The Gluon quantizer's plan where it takes the call (Hadamard block 128, absmax or sigma ranges, codes out, no
-    input activation, 16-bit input, K it tiles) and is chosen, else None (the Triton kernel). Sigma ranges (with
-    ROBUQ_GLUON_SIGMA=1) take the tiling the table measured for absmax ones (the same loads, butterflies and stores;
+    input activation, 16-bit input, K it tiles) and is chosen, else None (the Triton kernel). Sigma ranges (unless
+    ROBUQ_GLUON_SIGMA=0) take the tiling the table measured for absmax ones (the same loads, butterflies and stores;
     two more row sums). Chosen: ROBUQ_QUANT_KERNEL=gluon (its default tiling wherever it applies), =triton never,
     unset: where the dispatch table measured it faster than the Triton kernel's best tiling with equal codes
     ("quant_gluon": [lanes, max columns a thread(, warps)] per K and M bucket, `bench_linear.py --write-dispatch`)."""
@@ -171,7 +171,7 @@ def _gluon_plan(x2, block: int, clip: str, dequant: bool, act: str) -> tuple | N
     if block != 128 or clip not in ("absmax", "sigma") or dequant or act or x2.dtype not in (torch.bfloat16,
                                                                                            torch.float16):
         return None
-    if clip == "sigma" and os.environ.get("ROBUQ_GLUON_SIGMA", "0") != "1":  # opt-in until its GPU test passes
+    if clip == "sigma" and os.environ.get("ROBUQ_GLUON_SIGMA", "1") == "0":  # (on since session 19's H200 run)
         return None
     k = x2.shape[1]
     if env == "gluon":

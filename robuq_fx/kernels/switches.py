@@ -20,9 +20,8 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
                                       "the dispatch table measured it faster with equal codes ('quant_gluon'); mma: "
                                       "the rotation on tensor cores (kernels/triton_mma_quant.py: symmetric absmax, "
                                       "block 128; eager calls; 2-22x slower than the butterfly kernel on the H200)"),
-    ("ROBUQ_GLUON_SIGMA", "0", "1: sigma-clipped layers (-a3 / -a2) take the Gluon quantizer where the table picks it "
-                               "for absmax ones (kernels/gluon_act_quant.py, session 18; off until its GPU test "
-                               "passes)"),
+    ("ROBUQ_GLUON_SIGMA", "1", "0: sigma-clipped layers (-a3 / -a2) keep the Triton quantizer where the table picks "
+                               "the Gluon one (kernels/gluon_act_quant.py) for absmax layers"),
     ("ROBUQ_FP8_GEMM_KERNEL", "(table: pointer)", "tma: the persistent TMA-fed Triton GEMM; gluon: the Gluon "
                                                   "wgmma GEMM (kernels/gluon_fp8_gemm.py; slower on the H200)"),
     ("ROBUQ_FP8_FUSED_QUANT", "(table)", "1: the activation quantizer inside the fp8 GEMM (kernels/gluon_qgemm.py; "
@@ -59,12 +58,12 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
      "rotates with the per-token quantizer's butterfly instead of tensor cores (slower on the H200)"),
     ("ROBUQ_BLOCK_GEMM", "(cublas)", "triton: a_group = 128 layers without a branch take our block-scaled Triton GEMM "
      "instead of cuBLAS's 1 x 128 blockwise _scaled_mm (kernels/block_scaled.py)"),
-    ("ROBUQ_STACKED_ASYM", "0", "1: asymmetric LRB layers (the -a3 / -a2 policies) may take the stacked mode too, the "
-     "offset term as digit columns in its padding, rows out of e4m3's range rescued (kernels/lrb_stacked.py; "
-     "interpreter- and sm_90-build-checked, off until its GPU test passes)"),
-    ("ROBUQ_STACKED_WIDE", "0", "1: LRB layers of rank 65..128 (the sibling-fused q/k/v's 96) may take the stacked "
-     "mode, their extended weight laid out flat (3r + 16 columns) instead of the warp-specialized kernel's two boxes "
-     "(kernels/lrb_stacked.py; CPU- and sm_90-build-checked, off until timed on a GPU)"),
+    ("ROBUQ_STACKED_ASYM", "1", "0: asymmetric LRB layers (the -a3 / -a2 policies) keep the Triton epilogue GEMM "
+     "instead of the stacked mode (the offset term as digit columns in its padding, rows out of e4m3's range "
+     "rescued: kernels/lrb_stacked.py)"),
+    ("ROBUQ_STACKED_WIDE", "1", "0: LRB layers of rank 65..128 (the sibling-fused q/k/v's 96) keep the "
+     "warp-specialized kernel's two-box layout (its terms form) and the Triton epilogue GEMM instead of the stacked "
+     "mode's flat layout (3r + 16 columns, kernels/lrb_stacked.py)"),
     ("ROBUQ_STACKED_QUANT", "", "fused: the stacked LRB mode's codes from one kernel (quantizer + lrb_split, x read "
      "once, the rotation on tensor cores: kernels/triton_mma_quant.py)"),
     ("ROBUQ_INDUCTOR_LOWRANK_ADD", "1", "0: compiled LRB / asymmetric layers in ROBUQ_FP8_EPI=addmm mode take the "

@@ -19,6 +19,13 @@ WS = import_or_none("gluon_qgemm_ws")
 gluon = pytest.mark.skipif(WS is None, reason="triton with Gluon does not import here")
 
 
+@pytest.fixture(autouse=True)
+def _terms_form(monkeypatch):
+    """Ranks 65..96 reach this kernel in its terms form only with ROBUQ_STACKED_WIDE=0 (by default they take the
+    stacked mode's flat layout, lrb_stacked.wide_flat): these tests check that form."""
+    monkeypatch.setenv("ROBUQ_STACKED_WIDE", "0")
+
+
 @gluon
 def test_supported_and_work_split():
     x = torch.empty(4, 1152, dtype=torch.bfloat16)

@@ -119,22 +119,24 @@ def test_stacked_reason():
     assert "branch" in S.stacked_reason(QLinearArgs(**{**base, "lrb_down": None}))
     assert S.stacked_reason(QLinearArgs(**{**base, "a_sym": False})) is not None
     assert S.stacked_reason(QLinearArgs(**{**base, "a_clip": "sigma"})) is not None
-    assert "rank" in S.stacked_reason(QLinearArgs(**{**base, "lrb_down": torch.zeros(96, 4)}))  # fused q/k/v
+    assert S.stacked_reason(QLinearArgs(**{**base, "lrb_down": torch.zeros(96, 4)})) is None  # fused q/k/v: flat
+    assert "rank" in S.stacked_reason(QLinearArgs(**{**base, "lrb_down": torch.zeros(129, 4)}))
 
 
-def test_wide_ranks_take_the_flat_layout_when_asked(monkeypatch):
-    """ROBUQ_STACKED_WIDE=1: rank 96 (sibling-fused q/k/v) laid out flat, [v1, v2, v1, c, 0..] over 3r + 16 columns,
-    and admitted to the stacked mode (the warp-specialized kernel then refuses it: its terms form reads two boxes);
-    unset: the two boxes, 256 columns, and the stacked mode refuses it. Rank 129 never fits lrb_split's tile."""
+def test_wide_ranks_take_the_flat_layout_unless_told_not_to(monkeypatch):
+    """By default rank 96 (sibling-fused q/k/v) is laid out flat, [v1, v2, v1, c, 0..] over 3r + 16 columns, and
+    admitted to the stacked mode (the warp-specialized kernel then refuses it: its terms form reads two boxes);
+    ROBUQ_STACKED_WIDE=0: the two boxes, 256 columns, and the stacked mode refuses it. Rank 129 never fits
+    lrb_split's tile."""
     w = torch.zeros(4, 4)
     base = dict(qweight=w, w_scale=w, bias=None, lrb_down=torch.zeros(96, 4), lrb_up=w, out_features=4,
                 in_features=4, w_bits=1.58, a_bits=4, hadamard_block=0, a_sym=True, a_clip="absmax")
     from tests.kernels.sm90 import import_or_none
     ws = import_or_none("gluon_qgemm_ws")  # (needs triton with Gluon)
-    monkeypatch.delenv("ROBUQ_STACKED_WIDE", raising=False)
+    monkeypatch.setenv("ROBUQ_STACKED_WIDE", "0")
     assert S.ext_width(96) == 256 and S.c_column(96) == 96 and (ws is None or ws.lrb_form(96) == 2)
-    assert "ROBUQ_STACKED_WIDE" in S.stacked_reason(QLinearArgs(**base))
-    monkeypatch.setenv("ROBUQ_STACKED_WIDE", "1")
+    assert "ROBUQ_STACKED_WIDE=0" in S.stacked_reason(QLinearArgs(**base))
+    monkeypatch.delenv("ROBUQ_STACKED_WIDE")
     assert S.ext_width(96) == 304 and S.c_column(96) == 288 and (ws is None or ws.lrb_form(96) is None)
     assert S.stacked_reason(QLinearArgs(**base)) is None
     assert "128" in S.stacked_reason(QLinearArgs(**{**base, "lrb_down": torch.zeros(129, 4)}))
@@ -419,22 +421,16 @@ def test_asymmetric_offset_term_in_the_stacked_product(a_bits, clip, monkeypatch
     assert (extra.float().abs() <= S.V_MAX).all() and torch.isfinite(extra.float()).all()
 
 
-def test_asymmetric_layers_take_the_stacked_mode_only_when_asked():
+def test_asymmetric_layers_take_the_stacked_mode_unless_told_not_to(monkeypatch):
     w = torch.zeros(4, 4)
     base = dict(qweight=w, w_scale=w, bias=None, lrb_down=torch.zeros(32, 4), lrb_up=w, out_features=4,
                 in_features=4, w_bits=1.58, a_bits=2, hadamard_block=0, a_sym=False, a_clip="sigma")
-    import os
-    old = os.environ.pop("ROBUQ_STACKED_ASYM", None)
-    try:
-        assert "ROBUQ_STACKED_ASYM" in S.stacked_reason(QLinearArgs(**base))
-        os.environ["ROBUQ_STACKED_ASYM"] = "1"
-        assert S.stacked_reason(QLinearArgs(**base)) is None
-        assert "no padding" in S.stacked_reason(QLinearArgs(**{**base, "lrb_down": torch.zeros(8, 4)}))
-        assert "symmetric sigma" in S.stacked_reason(QLinearArgs(**{**base, "a_sym": True}))
-    finally:
-        os.environ.pop("ROBUQ_STACKED_ASYM", None)
-        if old is not None:
-            os.environ["ROBUQ_STACKED_ASYM"] = old
+    monkeypatch.delenv("ROBUQ_STACKED_ASYM", raising=False)
+    assert S.stacked_reason(QLinearArgs(**base)) is None
+    assert "no padding" in S.stacked_reason(QLinearArgs(**{**base, "lrb_down": torch.zeros(8, 4)}))
+    assert "symmetric sigma" in S.stacked_reason(QLinearArgs(**{**base, "a_sym": True}))
+    monkeypatch.setenv("ROBUQ_STACKED_ASYM", "0")
+    assert "ROBUQ_STACKED_ASYM=0" in S.stacked_reason(QLinearArgs(**base))
 
 
 def test_offset_digits_are_exact_or_refused():
