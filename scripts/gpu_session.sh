@@ -78,6 +78,7 @@
 #   scripts/gpu_session.sh ag128-diag       a_group = 128 piece by piece (ncu_kernels --block-scale at M = 16384 / 1024),
 #                                           then its GPU tests (~5 min)
 #   scripts/gpu_session.sh quant-plans      every Gluon quantizer tiling at K = 1152 / 4608, absmax and sigma (~3 min)
+#   scripts/gpu_session.sh s19-final        the GPU tests of session 19's new defaults, then the eager QAT step profiled
 #   scripts/gpu_session.sh paper-wide       rank-96 q/k/v branches in the stacked mode: tests, paper b64 with / without (~9 min)
 #   scripts/gpu_session.sh a2-fast          both -a2 opt-ins (Gluon sigma quantizer, asymmetric stacked mode): tests, -a2 vs paper (~9 min)
 #   scripts/gpu_session.sh gluon-sigma      the Gluon quantizer with sigma ranges: its GPU tests, -a2 beside the paper (~8 min)
@@ -561,6 +562,14 @@ quant-plans)  # every Gluon quantizer tiling (lanes, columns a thread, warps) at
     # absmax and sigma, with code checks (bench_act_quant --gluon-plans): fc2's K = 4608 quantizer runs at ~1.9 TB/s
     # (~3.5 ms of W4A4+H's batch-64 forward); a faster tiling goes into the table's quant_gluon as [lanes, vt, warps]
     timeout 400 python3 benchmarks/bench_act_quant.py --gluon-plans --m 16384 1024 2>&1 | grep -v Warning | tail -90
+    ;;
+s19-final)  # session 19: the GPU tests of the defaults it turned on (Gluon sigma quantizer, asymmetric stacked mode,
+    # flat rank-96 layout; the ws kernel's terms form under ROBUQ_STACKED_WIDE=0), then issue 19's eager QAT step
+    # profiled (bf16 vs the paper policy, batch 16: where its 2.74x goes), ~6 min
+    timeout 100 python3 -m pytest -q -rf --tb=line -p no:cacheprovider tests/kernels/test_gluon_act_quant.py \
+        tests/kernels/test_lrb_stacked.py tests/kernels/test_gluon_qgemm_ws.py 2>&1 | tail -n 12
+    timeout 270 python3 benchmarks/profile_dit.py --train eager --batch 16 --steps 3 --settings bf16 paper \
+        --out "$OUT" 2>&1 | grep -v Warning | tail -n 60
     ;;
 paper-wide)  # session 18's ROBUQ_STACKED_WIDE=1 (the sibling-fused q/k/v's rank-96 branch in the stacked mode, flat
     # layout): its GPU tests, then the paper policy at batch 64 with / without it in one run (row " +wide"), ~9 min
