@@ -42,3 +42,15 @@ def test_env_variant_rows_and_summary_keys(tmp_path):
     assert {("robuq W4A4+H", 1), ("robuq W4A4+H +x", 1), ("robuq W4A4+H +x", 2)} <= names
     keys = B.summary(res)
     assert {"w4a4h_b1_x", "w4a4h_x_b1_x", "w4a4h_x_b2_x", "w4a4h_x_resident_x"} <= set(keys)
+
+
+def test_profiles_skip_the_gpu_side_of_record_function_ranges():
+    """profile_dit.py: a `record_function` range's GPU-side user annotation spans the kernels launched inside it;
+    counted as a kernel it inflated the QAT profiles' totals (session 19). Real kernels (also those Inductor names on
+    the CPU side) and CPU ops are kept apart by device type and the profiler's own annotation flag."""
+    from types import SimpleNamespace as E
+    import profile_dit as P
+    assert P.is_annotation(E(device_type="DeviceType.CUDA", is_user_annotation=True))
+    assert not P.is_annotation(E(device_type="DeviceType.CUDA", is_user_annotation=False))
+    assert not P.is_annotation(E(device_type="DeviceType.CPU", is_user_annotation=True))  # the CPU range itself
+    assert not P.is_annotation(E(device_type="DeviceType.CUDA"))  # a profiler without the flag
