@@ -285,7 +285,8 @@ def main(argv=None):
     tb = args.train_batch if not args.quick else 2
     # the opt-in QAT kernels in force name the rows, so that a run with them does not overwrite the plain rows'
     # summary keys (qat_fp8_eager_x ...)
-    opt_in = "".join(f" +{tag}" for var, tag in (("ROBUQ_QAT_FP8", "fp8"), ("ROBUQ_QAT_WEIGHT_KERNEL", "wkernel"))
+    opt_in = "".join(f" +{tag}" for var, tag in (("ROBUQ_QAT_FP8", "fp8"), ("ROBUQ_QAT_WEIGHT_KERNEL", "wkernel"),
+                                                 ("ROBUQ_QAT_WEIGHT_GRAPH", "wgraph"))
                      if os.environ.get(var) == "1")
     train = [("FP", None), ("QAT W4A4+H" + opt_in, policies()["robuq W4A4+H"]),
              ("QAT W1.58A4+H" + opt_in, policies()["robuq W1.58A4+H"]), ("QAT dit-xl-2-robuq" + opt_in, policies()[PAPER])]

@@ -78,6 +78,7 @@
 #   scripts/gpu_session.sh ag128-diag       a_group = 128 piece by piece (ncu_kernels --block-scale at M = 16384 / 1024),
 #                                           then its GPU tests (~5 min)
 #   scripts/gpu_session.sh quant-plans      every Gluon quantizer tiling at K = 1152 / 4608, absmax and sigma (~3 min)
+#   scripts/gpu_session.sh train-graph      eager QAT rows without / with Q_w(R) replayed from CUDA graphs (+ its GPU test)
 #   scripts/gpu_session.sh s19-final        the GPU tests of session 19's new defaults, then the eager QAT step profiled
 #   scripts/gpu_session.sh paper-wide       rank-96 q/k/v branches in the stacked mode: tests, paper b64 with / without (~9 min)
 #   scripts/gpu_session.sh a2-fast          both -a2 opt-ins (Gluon sigma quantizer, asymmetric stacked mode): tests, -a2 vs paper (~9 min)
@@ -562,6 +563,15 @@ quant-plans)  # every Gluon quantizer tiling (lanes, columns a thread, warps) at
     # absmax and sigma, with code checks (bench_act_quant --gluon-plans): fc2's K = 4608 quantizer runs at ~1.9 TB/s
     # (~3.5 ms of W4A4+H's batch-64 forward); a faster tiling goes into the table's quant_gluon as [lanes, vt, warps]
     timeout 400 python3 benchmarks/bench_act_quant.py --gluon-plans --m 16384 1024 2>&1 | grep -v Warning | tail -90
+    ;;
+train-graph)  # session 19's ROBUQ_QAT_WEIGHT_GRAPH=1 (each layer's Q_w(R) replayed from a CUDA graph, qat_graph.py):
+    # its GPU test, then the eager QAT rows without / with it in one call (issue 19: the paper policy's eager step is
+    # CPU-bound, 485 ms wall vs 107 ms of kernels, Q_w(R) 0.82 ms of CPU a layer), ~7 min
+    timeout 90 python3 -m pytest -q -rf --tb=short -p no:cacheprovider tests/test_qat_graph.py 2>&1 | tail -n 8
+    timeout 240 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --no-compile --iters 10 \
+        --tag _train_eager_plain 2>&1 | tail -n 6
+    ROBUQ_QAT_WEIGHT_GRAPH=1 timeout 240 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --no-compile \
+        --iters 10 --tag _train_eager_wgraph 2>&1 | tail -n 6
     ;;
 s19-final)  # session 19: the GPU tests of the defaults it turned on (Gluon sigma quantizer, asymmetric stacked mode,
     # flat rank-96 layout; the ws kernel's terms form under ROBUQ_STACKED_WIDE=0), then issue 19's eager QAT step

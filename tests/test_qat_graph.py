@@ -1,0 +1,164 @@
+"""Q_w(R) replayed from a CUDA graph per layer (robuq_fx/qat_graph.py, ROBUQ_QAT_WEIGHT_GRAPH=1).
+
+CPU: the bookkeeping, with a stand-in backend whose "graph" re-runs the captured function (as a replay re-runs its
+kernels on the captured addresses): the first call computes eagerly and captures, later calls replay and return a
+copy of the shared per-shape buffer; in-place updates of the masters (an optimizer step) show in the next replay;
+masters that moved are recaptured, and after MAX_CAPTURES moves, or a failed capture, the layer computes eagerly
+with one warning; a fused QAT training step through the graph path equals the plain fused path bit for bit.
+GPU: the same steps with real CUDA graphs under bf16 autocast, paper-style layers (W1.58A4+H+LRB), several
+optimizer steps: outputs and every gradient equal to the eager computation bit for bit.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from robuq_fx import qat_fused, qat_graph
+from robuq_fx.qat_linear import QATLinear
+from robuq_fx.spec import LayerSpec
+
+SPEC = dict(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=64, lora_rank=8)
+
+
+class Replays:
+    """Stand-in for CudaGraphs: a "graph" is the captured function, a replay calls it."""
+
+    def __init__(self, fail: bool = False):
+        self.captures = self.replays = 0
+        self.fail = fail
+
+    def capture(self, fn, device, autocast_dtype):
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self.captures += 1
+        return fn
+
+    def replay(self, g):
+        self.replays += 1
+        g()
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    qat_graph.clear()
+    be = Replays()
+    monkeypatch.setattr(qat_graph, "_BACKEND", [be])
+    yield be
+    qat_graph.clear()
+
+
+def _layer(seed=0, n=96, k=128):
+    torch.manual_seed(seed)
+    return QATLinear.from_module(torch.nn.Linear(k, n), LayerSpec(**SPEC).resolve(k, n))
+
+
+def _wq(m, graphed=True):
+    args = (m.weight, m.lrb_down, m.lrb_up, m.spec, torch.float32)
+    if graphed:
+        return qat_graph.graphed_weight(m.weight, *args, qat_fused._quantized_weight)
+    return qat_fused._quantized_weight(*args)
+
+
+def test_capture_once_then_replay_a_copy(stand_in):
+    a, b = _layer(0), _layer(1)
+    first = _wq(a)
+    assert stand_in.captures == 1 and stand_in.replays == 0
+    assert torch.equal(first[0], _wq(a, graphed=False)[0]) and first[1] == torch.float32
+    again = _wq(a)
+    assert stand_in.replays == 1 and torch.equal(again[0], first[0])
+    buf = qat_graph._STATIC[(a.weight.device, tuple(first[0].shape), first[0].dtype)]
+    assert again[0].data_ptr() != buf.data_ptr()  # a copy: what autograd saves is the call's own
+    _wq(b)
+    other = _wq(b)  # same shape: b's replay rewrites the shared buffer ...
+    assert len(qat_graph._STATIC) == 1 and stand_in.captures == 2
+    assert torch.equal(again[0], first[0]) and not torch.equal(other[0], again[0])  # ... not a's copy
+
+
+def test_in_place_updates_show_and_moved_masters_are_recaptured(stand_in):
+    m = _layer(2)
+    _wq(m)
+    with torch.no_grad():
+        m.weight.mul_(1.5).add_(0.01)  # an optimizer step: same storage
+        m.lrb_up.mul_(0.5)
+    got = _wq(m)
+    assert stand_in.captures == 1 and stand_in.replays == 1
+    assert torch.equal(got[0], _wq(m, graphed=False)[0])
+    for moves in range(1, qat_graph.MAX_CAPTURES):
+        m.weight.data = m.weight.data.clone()  # new storage: the old graph would read freed memory
+        assert torch.equal(_wq(m)[0], _wq(m, graphed=False)[0])
+        assert stand_in.captures == 1 + moves
+    m.weight.data = m.weight.data.clone()
+    with pytest.warns(RuntimeWarning, match="moved 3 times"):
+        got = _wq(m)
+    assert torch.equal(got[0], _wq(m, graphed=False)[0])
+    n = stand_in.replays
+    _wq(m)
+    assert stand_in.replays == n and qat_graph._ENTRIES[m.weight].off  # eager from now on
+
+
+def test_a_failed_capture_falls_back(monkeypatch):
+    qat_graph.clear()
+    monkeypatch.setattr(qat_graph, "_BACKEND", [Replays(fail=True)])
+    m = _layer(3)
+    with pytest.warns(RuntimeWarning, match="capture failed"):
+        got = _wq(m)
+    assert torch.equal(got[0], _wq(m, graphed=False)[0])
+    assert torch.equal(_wq(m)[0], got[0])
+    qat_graph.clear()
+
+
+def _train(mod, x, steps, autocast):
+    opt = torch.optim.AdamW(mod.parameters(), lr=1e-2)
+    outs = []
+    for _ in range(steps):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            y = mod(x)
+        y.float().pow(2).mean().backward()
+        outs.append((y.detach(), {n: p.grad.clone() for n, p in mod.named_parameters()}))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return outs
+
+
+def _model(device):
+    torch.manual_seed(4)
+    layers = [QATLinear.from_module(torch.nn.Linear(128, 128), LayerSpec(**SPEC).resolve(128, 128)) for _ in range(3)]
+    return torch.nn.Sequential(layers[0], torch.nn.GELU(), layers[1], torch.nn.GELU(), layers[2]).to(device)
+
+
+def _compare(a, b):
+    for i, ((ya, ga), (yb, gb)) in enumerate(zip(a, b)):
+        assert torch.equal(ya, yb), f"step {i}: output"
+        for k in ga:
+            assert torch.equal(ga[k], gb[k]), f"step {i}: gradient of {k}"
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_training_through_the_graph_path_equals_the_fused_path(stand_in, monkeypatch, autocast):
+    """The wiring (qat_fused.quantized_weight) with the stand-in: three optimizer steps, every output and gradient
+    equal; the three layers captured once each (their masters updated in place between steps)."""
+    base = _model("cpu")
+    x = torch.randn(4, 9, 128)
+    want = _train(copy.deepcopy(base), x, 3, autocast)
+    monkeypatch.setattr(qat_graph, "usable", lambda w: True)
+    got = _train(copy.deepcopy(base), x, 3, autocast)
+    _compare(got, want)
+    assert stand_in.captures == 3 and stand_in.replays == 6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("autocast", [False, True])
+def test_cuda_graphs_equal_the_eager_computation(monkeypatch, autocast):
+    qat_graph.clear()
+    base = _model("cuda")
+    x = torch.randn(4, 33, 128, device="cuda")
+    want = _train(copy.deepcopy(base), x, 4, autocast)
+    monkeypatch.setattr(qat_graph, "ENABLED", [True])
+    got = _train(copy.deepcopy(base), x, 4, autocast)
+    _compare(got, want)
+    entries = list(qat_graph._ENTRIES.values())
+    assert len(entries) == 3 and all(e.graph is not None and e.captures == 1 for e in entries)
+    qat_graph.clear()
