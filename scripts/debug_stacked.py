@@ -23,7 +23,7 @@ from tabulate import tabulate
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from robuq_fx import kernels  # noqa: E402
 from robuq_fx.hadamard import block_hadamard  # noqa: E402
-from robuq_fx.kernels import lrb_stacked as S  # noqa: E402
+from robuq_fx.kernels import lrb_layout as L, lrb_stacked as S  # noqa: E402
 from robuq_fx.kernels import reference, weight_cache  # noqa: E402
 from robuq_fx.kernels import triton_fp8 as T  # noqa: E402
 from robuq_fx.kernels.quantizer import act_quant  # noqa: E402
@@ -47,7 +47,7 @@ def _stages(mod, a, m, k, n, r):
     w = w_full.shape[1] - k  # [extra columns, codes]
     codes_w = reference.weight_codes(a).float()
     rows.append(["weight code columns == layer codes", torch.equal(w_full[:, w:].float(), codes_w), ""])
-    cols = S.ext_columns(e.sw, a.lrb_up, ext.c)
+    cols = L.ext_columns(e.sw, a.lrb_up, ext.c)
     rows.append(["weight extra columns == ext_columns", torch.equal(w_full[:, :w].float(), cols.float()),
                  f"c={ext.c} sw dtype {e.sw.dtype} shape {tuple(e.sw.shape)}"])
     cs = S.c_slot(w_full, r)  # (shown; lrb_split reads it through the code columns)
@@ -64,7 +64,7 @@ def _stages(mod, a, m, k, n, r):
     bh_ref = block_hadamard(a.lrb_down.double(), a.hadamard_block)
     t2 = (x.double() @ bh_ref.t()).float()
     rows.append(["t via x H B^T vs x (B H)^T", f"{_rel(t, t2):.3g}", ""])
-    ref_ext = S.act_ext_reference(t, sx[:m], ext.c, w)
+    ref_ext = L.act_ext_reference(t, sx[:m], ext.c, w)
     got = wide[:m, :w].float()
     rows.append(["wide extra columns vs act_ext_reference", f"{_rel(got, ref_ext.float()):.3g}",
                  f"max|got| {got.abs().max().item():.4g} max|ref| {ref_ext.float().abs().max().item():.4g}"])

@@ -572,7 +572,8 @@ s19-final)  # session 19: the GPU tests of the defaults it turned on (Gluon sigm
     # flat rank-96 layout; the ws kernel's terms form under ROBUQ_STACKED_WIDE=0), then issue 19's eager QAT step
     # profiled (bf16 vs the paper policy, batch 16: where its 2.74x goes), ~6 min
     timeout 100 python3 -m pytest -q -rf --tb=line -p no:cacheprovider tests/kernels/test_gluon_act_quant.py \
-        tests/kernels/test_lrb_stacked.py tests/kernels/test_gluon_qgemm_ws.py 2>&1 | tail -n 12
+        tests/kernels/test_lrb_stacked.py tests/kernels/test_lrb_stacked_asym.py tests/kernels/test_gluon_qgemm_ws.py \
+        2>&1 | tail -n 12
     timeout 270 python3 benchmarks/profile_dit.py --train eager --batch 16 --steps 3 --settings bf16 paper \
         --out "$OUT" 2>&1 | grep -v Warning | tail -n 60
     ;;
@@ -581,7 +582,7 @@ paper-wide)  # session 18's ROBUQ_STACKED_WIDE=1 (the sibling-fused q/k/v's rank
     # (session 19: with the asymmetric stacked mode's and the Gluon sigma quantizer's tests, one line a failure; the
     # a2-fast call's report cut its summary line off)
     timeout 180 python3 -m pytest -q -rf --tb=line -p no:cacheprovider tests/kernels/test_lrb_stacked.py \
-        tests/kernels/test_gluon_act_quant.py -k "rank_96 or wide or asymmetric or sigma" 2>&1 | tail -n 16
+        tests/kernels/test_lrb_stacked_asym.py tests/kernels/test_gluon_act_quant.py -k "rank_96 or wide or asymmetric or sigma" 2>&1 | tail -n 16
     timeout 400 python3 benchmarks/bench_dit.py --out "$OUT" --compile-mode reduce-overhead --skip-train \
         --settings "dit-xl-2-robuq (" --batches 64 --iters 8 --warmup 2 --env-variant wide:ROBUQ_STACKED_WIDE=1 \
         --tag _reduce-overhead_paper_wide 2>&1 | grep -v Warning | tail -14
@@ -589,7 +590,7 @@ paper-wide)  # session 18's ROBUQ_STACKED_WIDE=1 (the sibling-fused q/k/v's rank
 a2-fast)  # session 18's two opt-ins for -a2 (issue 17 item 5): the Gluon quantizer with sigma ranges and asymmetric
     # layers in the stacked mode: their GPU tests, then -a2 beside the paper policy at batch 64 with both (~9 min)
     timeout 150 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/kernels/test_gluon_act_quant.py \
-        tests/kernels/test_lrb_stacked.py -k "sigma or asymmetric" 2>&1 | grep -E "^E |assert|passed|failed" | head -20
+        tests/kernels/test_lrb_stacked_asym.py -k "sigma or asymmetric" 2>&1 | grep -E "^E |assert|passed|failed" | head -20
     ROBUQ_GLUON_SIGMA=1 ROBUQ_STACKED_ASYM=1 timeout 420 python3 benchmarks/bench_dit.py --out "$OUT" \
         --compile-mode reduce-overhead --skip-train --settings "dit-xl-2-robuq (" "-a2 (" --batches 64 --iters 8 \
         --warmup 2 --tag _reduce-overhead_a2_fast 2>&1 | grep -v Warning | tail -16

@@ -26,7 +26,7 @@ on mma.sync from the rotated chunks it holds anyway, then writes [u1, u1, u2, 0]
 last chunk; the loader pairs it with the first 128 columns of the stacked mode's extended weight [v1, v2, v1, c,
 0.., codes] (the 16 code columns in that box meet zeros), the code chunks with its columns W + 128 kb. Ranks 65..96
 (sibling-fused q/k/v's 96; "terms", `_quant_terms_partition`): two chunks u1 = [e4m3(u), 0..], u2 = [e4m3(u - u1),
-0..], run as three k-steps u1, u1, u2 against two 128-column boxes [v1, c, 0..], [v2, 0..] (`lrb_stacked.ext_columns`
+0..], run as three k-steps u1, u1, u2 against two 128-column boxes [v1, c, 0..], [v2, 0..] (`lrb_layout.ext_columns`
 at those ranks; the stacked mode itself takes none above 64).
 
 Scope: symmetric absmax activations A <= 4, Hadamard block 128, K a multiple of 128 up to 1152, a branch of rank 32
@@ -46,7 +46,8 @@ from .gluon_fp8_gemm import _instr_n, _warps
 from .gluon_qgemm import call_reason
 from .gluon_ws_quant import (BK, BM, LRB_RANK, QUANT_WARPS, _item, _items, _quant_lrb_partition, _quant_partition,
                              _quant_terms_partition)
-from .lrb_stacked import TERMS_MIN_RANK, c_slot, terms_form
+from .lrb_layout import TERMS_MIN_RANK, terms_form
+from .lrb_stacked import c_slot
 
 CONFIGS = [  # (BN, STAGES) of the weight ring, the quantizer partition's registers; BM = 64 rows, BK = 128,
     (128, 4, 192),  # 4 + 4 + 1 warps. No spills offline (sm_90); BN = 256 spilled the MMA partition's accumulator

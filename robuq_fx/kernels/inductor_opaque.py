@@ -53,7 +53,8 @@ def _stacked_codes_op():
     into the buffer's last K columns became a graph-level copy that Inductor filled with an fp8 NaN Triton 3.6 does
     not compile (H200, session 11); under CUDA graphs the op costs no launch time."""
     from torch.library import custom_op
-    from .lrb_stacked import ext_width, stacked_codes
+    from .lrb_layout import ext_width
+    from .lrb_stacked import stacked_codes
 
     @custom_op("robuq::stacked_codes", mutates_args=())
     def op(x2: torch.Tensor, bh: torch.Tensor, w_codes: torch.Tensor, block: int, a_bits: int, clip: str,

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lrb_stacked import OFF_DIGITS, OFF_TERMS, U_MAX
+from .lrb_layout import OFF_DIGITS, OFF_TERMS, U_MAX
 from .triton_act_quant import _input_act, act_code
 from .switches import env_int
 from .triton_launch import launch, rank_pad
@@ -165,7 +165,7 @@ def _asym_columns(row, t, sx, lo, sx_ptrs, w_ptr, smask, rr, K: tl.constexpr, R:
     store_u_columns(row, t, g, w_ptr, smask, rr, R, W, WP, BM, False)  # [u1, u1, u2] against g
     # the pad columns from 3R: c's column and the tail stay zero, the offset columns hold U's terms
     pp = tl.arange(0, WP)
-    off = pp - 1  # offset column index from 3R + 1 (`lrb_stacked.off_column`)
+    off = pp - 1  # offset column index from 3R + 1 (`lrb_layout.off_column`)
     j = tl.where((off >= 0) & (off < _OFF_TERMS * _OFF_DIGITS), off // _OFF_DIGITS, _OFF_TERMS)  # its U term
     uu = tl.where(g > 0, tl.div_rn(lo * two_p, tl.where(g > 0, g, 1.0)), 0.0)
     u0 = _e4m3_rn(uu)

@@ -22,7 +22,7 @@ gluon = pytest.mark.skipif(WS is None, reason="triton with Gluon does not import
 @pytest.fixture(autouse=True)
 def _terms_form(monkeypatch):
     """Ranks 65..96 reach this kernel in its terms form only with ROBUQ_STACKED_WIDE=0 (by default they take the
-    stacked mode's flat layout, lrb_stacked.wide_flat): these tests check that form."""
+    stacked mode's flat layout, lrb_layout.wide_flat): these tests check that form."""
     monkeypatch.setenv("ROBUQ_STACKED_WIDE", "0")
 
 
@@ -98,27 +98,27 @@ def test_branch_chunk_schedule_over_the_extended_weight(r):
     its first 128 columns -- [v1, v2, v1, c, 0..] and 16 code columns, which meet zeros; rank 96 (terms): the chunks
     [u1, 0..], [u1, 0..], [u2, 0..] against the boxes [v1, c, 0..], [v2, 0..], [v1, c, 0..]. s_x s_w on the sum:
     the codes part equals codes @ q_w^T exactly and the branch part approximates t A^T to the split's precision."""
-    from robuq_fx.kernels import lrb_stacked as S
+    from robuq_fx.kernels import lrb_layout as L
     torch.manual_seed(r)
     m, k, n, bk = 37, 1152, 96, 128
-    w = S.ext_width(r)
+    w = L.ext_width(r)
     qw = torch.randint(-7, 8, (n, k)).float()
     codes = torch.randint(-7, 8, (m, k)).float()
     sw = torch.rand(n) * 0.01 + 1e-3
     down, up = torch.randn(r, k) * 0.05, torch.randn(n, r) * 0.05
-    c = S.scale_c(down, k, 4)
-    full = torch.cat([S.ext_columns(sw, up, c).float(), qw], 1)  # (N, W + K): what the loader's descriptor spans
-    assert full[0, S.c_column(r)] == c
+    c = L.scale_c(down, k, 4)
+    full = torch.cat([L.ext_columns(sw, up, c).float(), qw], 1)  # (N, W + K): what the loader's descriptor spans
+    assert full[0, L.c_column(r)] == c
     t = (torch.randn(m, k) @ down.t()) * 0.3
     # s_x as a layer's: |u| = |t| / (s_x c) within U_MAX (a free s_x sends u past e4m3's range: NaN codes)
-    sx = t.abs().amax(1) / (c * S.U_MAX) * (1 + torch.rand(m))
+    sx = t.abs().amax(1) / (c * L.U_MAX) * (1 + torch.rand(m))
     if r == 32:
         assert 3 * r < w <= bk  # the branch's columns and c's slot fit the first weight box
-        steps = [(S.act_ext_reference(t, sx, c, bk).float(), 0)]
+        steps = [(L.act_ext_reference(t, sx, c, bk).float(), 0)]
     else:
         assert w == 2 * bk
         rs = torch.where(sx > 0, (1.0 / c) / sx, torch.zeros_like(sx))
-        u1, u2 = (torch.cat([p.float(), torch.zeros(m, bk - r)], 1) for p in S.split_fp8(t * rs[:, None]))
+        u1, u2 = (torch.cat([p.float(), torch.zeros(m, bk - r)], 1) for p in L.split_fp8(t * rs[:, None]))
         steps = [(u1, 0), (u1, bk), (u2, 0)]
     acc = sum(chunk @ full[:, col:col + bk].t() for chunk, col in steps)
     for kb in range(k // bk):

@@ -24,13 +24,13 @@ def test_stacked_mode_traces_once_the_weight_is_extended(monkeypatch, all_ops):
     `robuq::stacked_mm` over the extended weight."""
     from torch._subclasses.functional_tensor import dispatch_functionalize
     from torch.fx.experimental.proxy_tensor import make_fx
-    from robuq_fx.kernels import lrb_stacked
+    from robuq_fx.kernels import lrb_layout
     fake_sm90(monkeypatch)
     monkeypatch.setenv("ROBUQ_FP8_EPI", "stacked")
     # fake CUDA _scaled_mm needs a CUDA build: a stand-in with its output for the trace
     monkeypatch.setattr(triton_fp8, "_scaled_mm", lambda codes, w8, sx, sw, bias: torch.ops.aten.mm(
         codes.to(torch.bfloat16), w8.t().to(torch.bfloat16)))
-    x, plain, ws, b, dn, up, full = fake_w158_lrb_inputs(256 + lrb_stacked.ext_width(32))
+    x, plain, ws, b, dn, up, full = fake_w158_lrb_inputs(256 + lrb_layout.ext_width(32))
 
     def f(x, qw, ws, b, dn, up):
         return torch.ops.robuq.qlinear(x, qw, ws, b, dn, up, 512, 256, 1.58, 4, 128, True, "absmax",

@@ -1,6 +1,6 @@
 """`lrb_split_kernel`'s asymmetric form (the stacked mode's offset term, lrb_stacked.py) in Triton's CPU interpreter
 (a subprocess with TRITON_INTERPRET=1; no GPU): the W extra columns, the rescued rows' codes and the row scales it
-writes in place equal `lrb_stacked.act_ext_asym_reference` on the same t, s_x, lo' and codes: ordinary rows, rows
+writes in place equal `lrb_layout.act_ext_asym_reference` on the same t, s_x, lo' and codes: ordinary rows, rows
 whose range excludes 0, nearly constant rows, a constant row (s_x = 0) and an all-zero row, a ragged M tail."""
 import pytest
 
@@ -11,9 +11,10 @@ import json, math
 import torch
 from robuq_fx.kernels import triton_launch
 triton_launch._ENABLED = False
-from robuq_fx.kernels import lrb_stacked as S
+from robuq_fx.kernels import lrb_layout as L, lrb_stacked as S
 from robuq_fx.kernels.triton_lowrank import lrb_split
-from tests.kernels.test_lrb_stacked import _asym_rows, _centred, _case
+from tests.kernels.test_lrb_stacked import _case
+from tests.kernels.test_lrb_stacked_asym import _asym_rows, _centred
 torch.manual_seed(0)
 m, k, n, r, m_pad = 52, 256, 96, 32, 64
 _, _, _, bh, up, w8, sw = _case(m=m, k=k, n=n, r=r)
@@ -21,9 +22,9 @@ xh = _asym_rows(m, k)
 res = {}
 for a_bits, clip in ((2, "sigma"), (4, "absmax")):
     qc, s, lo = _centred(xh, a_bits, clip)
-    c = S.scale_c(bh, k, a_bits, False, clip)
-    cols = S.ext_columns(sw, up, c, w8.float().sum(1))
-    p = int(math.log2(cols[1, S.c_column(r)].float().item()))
+    c = L.scale_c(bh, k, a_bits, False, clip)
+    cols = L.ext_columns(sw, up, c, w8.float().sum(1))
+    p = int(math.log2(cols[1, L.c_column(r)].float().item()))
     w = cols.shape[1]
     ext = torch.cat([cols, w8], 1).contiguous()
     x2, bh16 = xh.half(), bh.half()  # (the kernel reads x itself: t = x (B H)^T on its own dot)
@@ -35,9 +36,9 @@ for a_bits, clip in ((2, "sigma"), (4, "absmax")):
     lo_p[:m] = lo
     lrb_split(x2, bh16, sx, wide, ext[:, w:], m_pad, lo=lo_p)
     t = x2.float() @ bh16.float().t()
-    want, q, g = S.act_ext_asym_reference(t, s, lo, qc.to(torch.float8_e4m3fn), c, p, w)
+    want, q, g = L.act_ext_asym_reference(t, s, lo, qc.to(torch.float8_e4m3fn), c, p, w)
     got = wide[:m, :w].float()
-    o = S.off_column(r)
+    o = L.off_column(r)
     u_step = (got[:, :3 * r] - want[:, :3 * r].float()).abs() / want[:, :3 * r].float().abs().clamp_min(2 ** -9)
     res[f"{a_bits}{clip}"] = {
         "g": bool(torch.equal(sx[:m], g)), "pad_g_zero": bool((sx[m:] == 0).all()),
@@ -83,20 +84,20 @@ os.environ["ROBUQ_STACKED_WIDE"] = "1"
 import torch
 from robuq_fx.kernels import triton_launch
 triton_launch._ENABLED = False
-from robuq_fx.kernels import lrb_stacked as S
+from robuq_fx.kernels import lrb_layout as L, lrb_stacked as S
 from robuq_fx.kernels.triton_lowrank import lrb_split
 from tests.kernels.test_lrb_stacked import _case
 m, k, n, r, m_pad = 37, 256, 64, 96, 48
 q, sx, xh, bh, up, w8, sw = _case(m=m, k=k, n=n, r=r)
-c = S.scale_c(bh, k, 4)
-w = S.ext_width(r)
-ext = torch.cat([S.ext_columns(sw, up, c), w8], 1).contiguous()
+c = L.scale_c(bh, k, 4)
+w = L.ext_width(r)
+ext = torch.cat([L.ext_columns(sw, up, c), w8], 1).contiguous()
 x2, bh16 = xh.half(), bh.half()
 wide = torch.zeros(m_pad, w + k, dtype=torch.float8_e4m3fn)
 sxp = torch.zeros(m_pad)
 sxp[:m] = sx
 lrb_split(x2, bh16, sxp, wide, ext[:, w:], m_pad)
-want = S.act_ext_reference(x2.float() @ bh16.float().t(), sx, c, w).float()
+want = L.act_ext_reference(x2.float() @ bh16.float().t(), sx, c, w).float()
 got = wide[:m, :w].float()
 step = (got - want).abs() / want.abs().clamp_min(2 ** -9)
 print(json.dumps({"w": w, "step": float(step.max()), "pad_zero": bool((got[:, 3 * r:] == 0).all()),

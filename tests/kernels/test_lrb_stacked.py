@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from robuq_fx.kernels import lrb_stacked as S
+from robuq_fx.kernels import lrb_layout as L, lrb_stacked as S
 from robuq_fx.kernels.registry import QLinearArgs
 from tests.kernels.fp8_testing import exact_reference_matmuls, gpu, rel, within  # noqa: F401 - fixture
 
@@ -28,17 +28,17 @@ def _case(m=200, k=256, n=192, r=32, seed=0):
 
 def weight_ext(w8, sw, up, c):
     """[v1, v2, v1, c slot, q_w] (N, W + K) as one new tensor, or None where `ext_columns` refuses."""
-    cols = S.ext_columns(sw, up, c)
+    cols = L.ext_columns(sw, up, c)
     return None if cols is None else torch.cat([cols, w8], 1)
 
 
 def _stacked_y(q, sx, xh, bh, up, w8, sw):
     """The stacked GEMM in float64 on the fp8 operands (what _scaled_mm computes, before its bf16 rounding)."""
     k = q.shape[1]
-    c = S.scale_c(bh, k, 4)
+    c = L.scale_c(bh, k, 4)
     ext = weight_ext(w8, sw, up, c)
     t = (xh.double() @ bh.double().t()).float()
-    wide = torch.cat([S.act_ext_reference(t, sx, c, S.ext_width(bh.shape[0])), q.to(torch.float8_e4m3fn)], 1)
+    wide = torch.cat([L.act_ext_reference(t, sx, c, L.ext_width(bh.shape[0])), q.to(torch.float8_e4m3fn)], 1)
     return (wide.double() @ ext.double().t()) * sx.double().view(-1, 1) * sw.double().view(1, -1), c
 
 
@@ -59,7 +59,7 @@ def test_the_stacked_product_is_the_layer_with_its_branch(r, monkeypatch):
 def test_one_term_splits_would_not_pass():
     """The bound above is not loose: with u and v each rounded to a single fp8 term the branch is ~2^-4 off."""
     q, sx, xh, bh, up, w8, sw = _case(seed=3)
-    c = S.scale_c(bh, q.shape[1], 4)
+    c = L.scale_c(bh, q.shape[1], 4)
     t = xh.double() @ bh.double().t()
     u1 = (t / (sx.double().view(-1, 1) * c)).float().to(torch.float8_e4m3fn).double()
     v1 = (up.double() * c / sw.double().view(-1, 1)).float().to(torch.float8_e4m3fn).double()
@@ -73,12 +73,12 @@ def test_u_stays_in_range_for_the_worst_input():
     k, r = 1152, 32
     bh = torch.randn(r, k) * 0.05
     bh[5] *= 7  # one long row sets c
-    c = S.scale_c(bh, k, 4)
+    c = L.scale_c(bh, k, 4)
     xh = torch.sign(bh[5]) * 1.0  # |x H| = 1 everywhere: absmax 1, s_x = 1/7, t_5 = ||B_5||_1 <= sqrt(K) ||B_5||
     sx = torch.tensor([1.0 / 7])
     u = (xh.double() @ bh.double().t()) / (sx.double() * c)
-    assert u.abs().max().item() <= S.U_MAX
-    assert u.abs().max().item() > S.U_MAX / 4  # and c is not needlessly large (precision of the small terms)
+    assert u.abs().max().item() <= L.U_MAX
+    assert u.abs().max().item() > L.U_MAX / 4  # and c is not needlessly large (precision of the small terms)
     assert math.log2(c) == int(math.log2(c))
 
 
@@ -93,7 +93,7 @@ def test_weight_ext_layout_and_refusals():
     pad = ext[:, 3 * r:w].float()
     pad[0, 0] = 0
     assert (pad == 0).all()
-    assert S.ext_width(32) == 112  # 96 + the slot, to 16
+    assert L.ext_width(32) == 112  # 96 + the slot, to 16
     assert weight_ext(w8, sw, up, 2.0 ** 9) is None  # c beyond e4m3's exact powers of two
     v = up.float() / sw.view(-1, 1)
     assert rel(ext[:, :r].float() + ext[:, r:2 * r].float(), v.double()) < 5e-3
@@ -106,7 +106,7 @@ def test_weight_ext_layout_and_refusals():
 def test_act_ext_zero_rows_and_padding_columns():
     t = torch.randn(6, 8)
     sx = torch.tensor([0.1, 0.0, 0.2, 0.3, 0.0, 0.5])
-    out = S.act_ext_reference(t, sx, 1.0, 32)
+    out = L.act_ext_reference(t, sx, 1.0, 32)
     assert out.shape == (6, 32) and (out[[1, 4]].float() == 0).all() and (out[:, 24:].float() == 0).all()
     assert torch.equal(out[:, :8].float(), out[:, 8:16].float())
 
@@ -134,10 +134,10 @@ def test_wide_ranks_take_the_flat_layout_unless_told_not_to(monkeypatch):
     from tests.kernels.sm90 import import_or_none
     ws = import_or_none("gluon_qgemm_ws")  # (needs triton with Gluon)
     monkeypatch.setenv("ROBUQ_STACKED_WIDE", "0")
-    assert S.ext_width(96) == 256 and S.c_column(96) == 96 and (ws is None or ws.lrb_form(96) == 2)
+    assert L.ext_width(96) == 256 and L.c_column(96) == 96 and (ws is None or ws.lrb_form(96) == 2)
     assert "ROBUQ_STACKED_WIDE=0" in S.stacked_reason(QLinearArgs(**base))
     monkeypatch.delenv("ROBUQ_STACKED_WIDE")
-    assert S.ext_width(96) == 304 and S.c_column(96) == 288 and (ws is None or ws.lrb_form(96) is None)
+    assert L.ext_width(96) == 304 and L.c_column(96) == 288 and (ws is None or ws.lrb_form(96) is None)
     assert S.stacked_reason(QLinearArgs(**base)) is None
     assert "128" in S.stacked_reason(QLinearArgs(**{**base, "lrb_down": torch.zeros(129, 4)}))
     _, _, _, bh, up, w8, sw = _case(n=40, r=96)
@@ -167,7 +167,7 @@ def test_one_resident_copy_of_the_codes():
     """The fp8 buffer is re-pointed into the extended matrix (no second copy), its codes unchanged; later calls
     reuse that storage; a changed branch rewrites only the extra columns; the checkpoint is unchanged."""
     mod = _cpu_layer()
-    k, n, w = 256, 96, S.ext_width(8)
+    k, n, w = 256, 96, L.ext_width(8)
     codes, sd0 = mod.weight_codes().clone(), {kk: v.clone() for kk, v in mod.state_dict().items()}
     ext, e = _ext_of(mod)
     assert ext.w.shape == (n, k + w) and mod.qweight.shape == (n, k) and mod.qweight.stride() == (k + w, 1)
@@ -175,7 +175,7 @@ def test_one_resident_copy_of_the_codes():
     assert mod.qweight.untyped_storage().data_ptr() == ext.w.untyped_storage().data_ptr()
     assert mod.qweight.untyped_storage().nbytes() == n * (k + w)  # the only copy of the codes
     assert torch.equal(mod.weight_codes(), codes)
-    assert torch.equal(ext.w[:, :w].float(), S.ext_columns(e.sw, mod.lrb_up, ext.c).float())
+    assert torch.equal(ext.w[:, :w].float(), L.ext_columns(e.sw, mod.lrb_up, ext.c).float())
     # what torch.compile sees: a fake tensor made from qweight spans the whole matrix (the codes sit last; a storage
     # is faked at the size its tensor reaches), so the compiled graph's as_strided over it is in bounds
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -189,7 +189,7 @@ def test_one_resident_copy_of_the_codes():
         mod.lrb_up.mul_(2)
     changed, e2 = _ext_of(mod)
     assert changed.w.data_ptr() == ext.w.data_ptr() and torch.equal(mod.weight_codes(), codes)
-    assert torch.equal(changed.w[:, :w].float(), S.ext_columns(e2.sw, mod.lrb_up, changed.c).float())
+    assert torch.equal(changed.w[:, :w].float(), L.ext_columns(e2.sw, mod.lrb_up, changed.c).float())
     sd = mod.state_dict()
     assert torch.equal(sd["qweight"], sd0["qweight"])  # packed codes, as before
     fresh = _cpu_layer(seed=1)
@@ -248,33 +248,6 @@ def test_rank_96_stacked_mode_matches_the_epilogue_gemm(m, monkeypatch):
 
 
 @gpu
-@pytest.mark.parametrize("a_bits,clip", [(2, "sigma"), (3, "sigma"), (4, "absmax")])
-@pytest.mark.parametrize("k,n", [(1152, 3456), (1152, 1152)])
-@pytest.mark.parametrize("m", [7, 1000])
-def test_asymmetric_stacked_mode_matches_the_epilogue_gemm(a_bits, clip, k, n, m, monkeypatch):
-    """ROBUQ_STACKED_ASYM=1 (session 18, the offset term in the padding columns, rows rescued in lrb_split): an
-    asymmetric W1.58 layer (the -a3 / -a2 policies' form) in the stacked mode runs (no fallback) and matches the
-    Triton epilogue GEMM, with rows far from 0 and a nearly constant row among the ordinary ones."""
-    from robuq_fx.kernels import weight_cache
-    from tests.kernels.test_triton_fp8 import _args, _layer
-    monkeypatch.setenv("ROBUQ_STACKED_ASYM", "1")
-    mod = _layer(k, n, 1.58, a_bits, False, 128, 32, seed=k + n + a_bits, a_clip=clip)
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 2
-    x[0] += 40  # a row far from 0 (its rotated range may exclude 0)
-    if m > 3:
-        x[2] = 3.0
-        x[2, ::128] = 300.0  # on each block's first channel: x H nearly constant
-    with torch.no_grad():
-        y_epi, y, again = _epilogue_then_stacked(mod, x, monkeypatch)
-    e = weight_cache._entry(_args(mod))
-    assert e.stk is not None and e.stk.w is not None and torch.equal(again, y)
-    assert torch.isfinite(y).all()
-    err = (y.double() - y_epi.double()).abs().amax(1) / y_epi.double().abs().amax(1).clamp_min(1e-30)
-    assert err.max().item() < 1e-2, err  # each row to ~1% of its largest output (the branch's fp8 split)
-    assert rel(y, y_epi.double()) < 6e-3
-
-
-@gpu
 @pytest.mark.parametrize("k,n", [(1152, 3456), (4608, 1152)])
 @pytest.mark.parametrize("m", [7, 1000])
 def test_fused_codes_kernel_matches_the_two_kernels(k, n, m, monkeypatch):
@@ -301,7 +274,7 @@ def test_fused_codes_kernel_matches_the_two_kernels(k, n, m, monkeypatch):
     own = _exact_from_own_codes(x, a, "triton_fp8")
     assert rel(y, own) < 6e-3 and within(y, own) >= 0.998
     assert rel(y, y_two.double()) < 6e-3
-    w = S.ext_width(32)
+    w = L.ext_width(32)
     (two, sx_two), (one, sx_one) = codes[""], codes["fused"]
     agree = (two[:m, w:].float() == one[:m, w:].float()).float().mean().item()
     assert agree >= 0.999 and torch.allclose(sx_one, sx_two, rtol=1e-2, atol=0)
@@ -340,7 +313,7 @@ def test_stacked_layer_compiled_equals_eager(monkeypatch):
     monkeypatch.setenv("ROBUQ_FP8_EPI", "stacked")
     monkeypatch.setenv("ROBUQ_QUANT_KERNEL", "triton")  # both sides the Triton quantizer (Inductor launches no Gluon)
     mod = _layer(1152, 3456, 1.58, 4, True, 128, 32, seed=9).use_device_layout()
-    assert mod.qweight.stride(0) == 1152 + S.ext_width(32)  # extended before any call
+    assert mod.qweight.stride(0) == 1152 + L.ext_width(32)  # extended before any call
     x = torch.randn(2, 300, 1152, device="cuda", dtype=torch.bfloat16)
     torch._dynamo.reset()
     with kernels.use("triton_fp8"), torch.no_grad():
@@ -363,80 +336,3 @@ def test_the_dispatch_picks_the_mode_per_shape_and_m_bucket(monkeypatch):
     assert not D.stacked_mode(100, 96, 256)
     monkeypatch.setenv("ROBUQ_FP8_EPI", "stacked")
     assert D.stacked_mode(600, 97, 256)
-
-
-def _asym_rows(m=64, k=256, seed=0):
-    """Rotated-activation rows for the asymmetric offset term: ordinary rows, rows far from 0 (their range excludes
-    0: |lo'| >> s_x), nearly constant rows (one element one bf16 step away), a constant row (s_x = 0, x H = lo') and
-    an all-zero row."""
-    g = torch.Generator().manual_seed(seed)
-    xh = torch.randn(m, k, generator=g)
-    xh[1:5] += torch.tensor([40.0, -300.0, 7.0, 2000.0]).view(-1, 1)
-    xh[5:8] = torch.tensor([3.0, -50.0, 900.0]).view(-1, 1)
-    xh[5:8, 17] *= 1 + 2.0 ** -7
-    xh[8] = 1.5
-    xh[9] = 0.0
-    return xh.bfloat16().float()
-
-
-def _centred(xh, a_bits, clip):
-    """The asymmetric codes as the fp8 path stores them: centred on the code of 0 (q - z), lo' = lo + z s."""
-    from robuq_fx import quantizers as Q
-    q, s, lo = Q.quantize_act(xh, a_bits, False, clip)
-    levels = Q.act_levels(a_bits, False)
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    z = torch.round(-lo / safe).clamp(0, levels)
-    return (q - z), s.squeeze(1), (lo + z * s).squeeze(1)
-
-
-@pytest.mark.parametrize("a_bits,clip", [(2, "sigma"), (3, "sigma"), (4, "absmax")])
-def test_asymmetric_offset_term_in_the_stacked_product(a_bits, clip, monkeypatch):
-    """The offset term lo' c[n] as U = lo' 2^p / g (three e4m3 terms) against S_n's base-16 digits (exact), the
-    branch's u against g, and the rescued rows (range excluding 0, near-constant, constant, zero): the float64
-    product over the fp8 operands reproduces x_hat W^T + t A^T to bf16's precision, row by row."""
-    monkeypatch.setenv("ROBUQ_STACKED_ASYM", "1")
-    q, sx, xh, bh, up, w8, sw = _case(m=64, k=256, n=96, r=32)
-    xh = _asym_rows(64, 256)
-    qc, s, lo = _centred(xh, a_bits, clip)
-    colsum = w8.float().sum(1)
-    c = S.scale_c(bh, 256, a_bits, False, clip)
-    cols = S.ext_columns(sw, up, c, colsum)
-    assert cols is not None
-    p = int(math.log2(cols[1, S.c_column(32)].float().item()))
-    o = S.off_column(32)
-    dd = cols[:, o:o + S.OFF_DIGITS].double()
-    assert torch.equal(dd.sum(1) * 2.0 ** p, colsum.double())  # the digits are S_n exactly
-    ext = torch.cat([cols, w8], 1)
-    t = (xh.double() @ bh.double().t()).float()
-    extra, qr, g = S.act_ext_asym_reference(t, s, lo, qc.to(torch.float8_e4m3fn), c, p, S.ext_width(32))
-    y = (torch.cat([extra, qr], 1).double() @ ext.double().t()) * g.double().view(-1, 1) * sw.double().view(1, -1)
-    xhat = lo.double().view(-1, 1) + s.double().view(-1, 1) * qc.double()
-    want = xhat @ (w8.double() * sw.double().view(-1, 1)).t() + xh.double() @ bh.double().t() @ up.double().t()
-    err = (y - want).abs().amax(1) / want.abs().amax(1).clamp_min(1e-30)
-    assert err.max().item() < 2 ** -9, err  # under half a bf16 step of each row's largest output
-    assert (g[[2, 5, 6, 7]] > s[[2, 5, 6, 7]]).all()  # far and near-constant rows rescued (a larger row scale)
-    assert (g[[0, 10, 11]] == s[[0, 10, 11]]).all()  # ordinary rows keep theirs
-    assert g[8] > 0 and s[8] == 0 and (qr[8].float() == 0).all()  # the constant row: its own scale, codes 0
-    assert g[9] == 0 and (y[9] == 0).all()  # the zero row stays zero
-    assert (extra.float().abs() <= S.V_MAX).all() and torch.isfinite(extra.float()).all()
-
-
-def test_asymmetric_layers_take_the_stacked_mode_unless_told_not_to(monkeypatch):
-    w = torch.zeros(4, 4)
-    base = dict(qweight=w, w_scale=w, bias=None, lrb_down=torch.zeros(32, 4), lrb_up=w, out_features=4,
-                in_features=4, w_bits=1.58, a_bits=2, hadamard_block=0, a_sym=False, a_clip="sigma")
-    monkeypatch.delenv("ROBUQ_STACKED_ASYM", raising=False)
-    assert S.stacked_reason(QLinearArgs(**base)) is None
-    assert "no padding" in S.stacked_reason(QLinearArgs(**{**base, "lrb_down": torch.zeros(8, 4)}))
-    assert "symmetric sigma" in S.stacked_reason(QLinearArgs(**{**base, "a_sym": True}))
-    monkeypatch.setenv("ROBUQ_STACKED_ASYM", "0")
-    assert "ROBUQ_STACKED_ASYM=0" in S.stacked_reason(QLinearArgs(**base))
-
-
-def test_offset_digits_are_exact_or_refused():
-    s_n = torch.tensor([0.0, 1.0, -1.0, 7.0, -8.0, 255.0, -1152.0, 4608.0, 30583.0, -34952.0])  # (the extremes)
-    dd, p = S.offset_digits(s_n)
-    assert torch.equal(dd.double().sum(1) * 2.0 ** p, s_n.double())
-    assert torch.equal(dd.to(torch.float8_e4m3fn).float(), dd) and dd.abs().max() <= S.V_MAX
-    assert S.offset_digits(torch.tensor([30584.0])) is None  # beyond four balanced digits
-    assert S.offset_digits(torch.tensor([5.0, 300.0]))[1] == 0  # small sums need no scaling
