@@ -223,6 +223,7 @@ class QATLinearFunction(torch.autograd.Function):
                 wq = torch.cat([wq, _to(up, c)], 1)
                 y = F.linear(xq_c, wq, bias_c)
         ctx.spec, ctx.xh_dtype, ctx.r_dtype, ctx.ab, ctx.w_dtype = spec, xh.dtype, r_dtype, ab, w.dtype
+        ctx.graph_owner = (w if w._base is None else w._base) if qat_graph.usable(w) else None
         ctx.bias_dtype = None if bias is None else bias.dtype
         # autocast caches its cast of a leaf master within its region: where the op graph would take the uncast
         # masters (x in their dtype), A B and the branch share one cast of A and of B, and their gradients add up
@@ -262,23 +263,36 @@ class QATLinearFunction(torch.autograd.Function):
             g_x = _rotate(g_xh.reshape(*g.shape[:-1], g_xh.shape[-1]), spec)
         if need_w or need_down or need_up:
             g_wide = g2.t().mm(_2d(xq_c))
-            g_r = _to(g_wide if down is None else g_wide.narrow(1, 0, k), ctx.r_dtype)
-            if need_w:
-                g_w = _to(_rotate(g_r, spec), ctx.w_dtype)
-            if down is not None:
-                neg = _to(-g_r, ctx.ab)
-                # A enters the stacked weight through its own cast (not autocast's cached one): its two terms add
-                # in A's dtype; B's two products share autocast's cast, so theirs add before the cast back
-                g_up = _to(neg.mm(_to(down, ctx.ab).t()), up.dtype) + _to(g_wide.narrow(1, k, g_wide.shape[1] - k),
-                                                                          up.dtype)
-                parts_down = _to(up, ctx.ab).t().mm(neg), gt2.t().mm(_2d(xh_c))
-                if ctx.shared_cast:
-                    g_down = _to(parts_down[0] + parts_down[1], down.dtype)
-                else:
-                    g_down = _to(parts_down[0], down.dtype) + _to(parts_down[1], down.dtype)
+            p_down = None if down is None else gt2.t().mm(_2d(xh_c))
+            args = (down, up, spec, k, ctx.r_dtype, ctx.w_dtype, ctx.ab, ctx.shared_cast, need_w)
+            if ctx.graph_owner is not None and qat_graph.usable(g_wide):  # the same ops, replayed (qat_graph.py)
+                g_w, g_up, g_down = qat_graph.graphed_grads(ctx.graph_owner, g_wide, p_down, args, _weight_grads)
+            else:
+                g_w, g_up, g_down = _weight_grads(g_wide, p_down, *args)
         if need_b and ctx.bias_dtype is not None:
             g_bias = _to(g2.sum(0), ctx.bias_dtype)
         return g_x, g_w, g_bias, g_down, g_up, None, None, None
+
+
+def _weight_grads(g_wide, p_down, down, up, spec: LayerSpec, k: int, r_dtype, w_dtype, ab, shared_cast: bool,
+                  need_w: bool) -> tuple:
+    """(g_W, g_A, g_B) from the stacked GEMM's weight gradient g_wide = g^T [xq_c, t] and p_down = g_t^T xh_c:
+    the backward's weight side, whose other inputs are the masters (what `qat_graph.graphed_grads` replays)."""
+    g_w = g_up = g_down = None
+    g_r = _to(g_wide if down is None else g_wide.narrow(1, 0, k), r_dtype)
+    if need_w:
+        g_w = _to(_rotate(g_r, spec), w_dtype)
+    if down is not None:
+        neg = _to(-g_r, ab)
+        # A enters the stacked weight through its own cast (not autocast's cached one): its two terms add in A's
+        # dtype; B's two products share autocast's cast, so theirs add before the cast back
+        g_up = _to(neg.mm(_to(down, ab).t()), up.dtype) + _to(g_wide.narrow(1, k, g_wide.shape[1] - k), up.dtype)
+        part = _to(up, ab).t().mm(neg)
+        if shared_cast:
+            g_down = _to(part + p_down, down.dtype)
+        else:
+            g_down = _to(part, down.dtype) + _to(p_down, down.dtype)
+    return g_w, g_up, g_down
 
 
 def qat_linear(x, w, bias, down, up, spec: LayerSpec) -> torch.Tensor:

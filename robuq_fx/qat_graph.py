@@ -6,6 +6,9 @@ An eager QAT step recomputes every layer's Q_w(R) = Q_w(W H - A B) from the mast
 policy's 485 ms a step). The masters keep their storage from step to step (optimizers update them in place), so a
 layer runs the same kernels on the same addresses on every call: captured once into a CUDA graph, a call is one
 replay and one copy out. The graph runs the kernels the eager call runs, so Q_w(R) is the same bit for bit.
+The backward's weight side (`qat_fused._weight_grads`: g_W = g_R H and the branch factors' gradients, ~18 ATen
+calls) is replayed the same way (`graphed_grads`), its two activation-dependent inputs copied into buffers the
+graph reads.
 
 - The graph writes into a buffer per (device, shape, dtype), shared by the layers of that shape, and each call
   copies it out at once: what autograd saves is the call's own tensor, whatever replays after it.
@@ -46,7 +49,7 @@ class CudaGraphs:
         side.wait_stream(cur)
         with torch.cuda.device(device), torch.cuda.stream(side), torch.no_grad(), _no_cast_cache(device,
                                                                                                   autocast_dtype):
-            g.capture_begin(pool=pool)
+            g.capture_begin(pool=pool, capture_error_mode="thread_local")  # (a loader's pin-memory thread may run)
             try:
                 fn()
             finally:
@@ -71,8 +74,9 @@ class _Entry:
         self.key, self.graph, self.out, self.r_dtype, self.captures, self.off = key, graph, out, r_dtype, captures, off
 
 
-_ENTRIES = WeakIdKeyDictionary()  # master weight (held weakly) -> _Entry
-_STATIC: dict = {}  # (device, shape, dtype) -> the buffer the graphs of that shape write
+_ENTRIES = WeakIdKeyDictionary()  # master weight (held weakly) -> _Entry (its Q_w(R) graph)
+_GRADS = WeakIdKeyDictionary()  # master weight -> _Entry (its backward weight-side graph: g_W, g_A, g_B)
+_STATIC: dict = {}  # (role, device, shape, dtype) -> the buffer the graphs of such layers read or write
 _BACKEND: list = [None]
 
 
@@ -90,17 +94,18 @@ def _sig(t: torch.Tensor | None):
     return None if t is None else (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
-def _static(device: torch.device, like: torch.Tensor) -> torch.Tensor:
-    key = (device, tuple(like.shape), like.dtype)
+def _static(device: torch.device, like: torch.Tensor, role: str = "wq") -> torch.Tensor:
+    """The buffer of this role, device, shape and dtype that the graphs of such layers read or write."""
+    key = (role, device, tuple(like.shape), like.dtype)
     buf = _STATIC.get(key)
     if buf is None:
         buf = _STATIC[key] = torch.empty(like.shape, dtype=like.dtype, device=device)
     return buf
 
 
-def _give_up(owner, e: _Entry, why: str) -> None:
+def _give_up(owner, e: _Entry, why: str, table=None) -> None:
     e.off, e.graph, e.out = True, None, None
-    _ENTRIES[owner] = e
+    (_ENTRIES if table is None else table)[owner] = e
     warnings.warn(f"ROBUQ_QAT_WEIGHT_GRAPH: a QAT layer ({tuple(owner.shape)} weight) computes its Q_w(R) eagerly "
                   f"from now on: {why}", RuntimeWarning, stacklevel=4)
 
@@ -125,7 +130,7 @@ def graphed_weight(owner: torch.Tensor, w, down, up, spec, c: torch.dtype, compu
     if e.captures >= MAX_CAPTURES:
         _give_up(owner, e, f"its masters moved {e.captures} times (e.g. FSDP2 re-allocating them each step)")
         return result
-    out = _static(dev, result[0])
+    out = _static(dev, result[0], "wq")
     try:
         graph = be.capture(lambda: out.copy_(compute(w, down, up, spec, c)[0]), dev, ac)
     except Exception as exc:  # noqa: BLE001 - a kernel that cannot be captured: the eager computation stays right
@@ -135,7 +140,53 @@ def graphed_weight(owner: torch.Tensor, w, down, up, spec, c: torch.dtype, compu
     return result
 
 
+def graphed_grads(owner: torch.Tensor, g_wide: torch.Tensor, p_down, args: tuple, compute) -> tuple:
+    """compute(g_wide, p_down, *args) -> (g_W, g_A, g_B) (`qat_fused._weight_grads`: the backward's weight side),
+    from the layer's graph where it has one. Its two activation-dependent inputs are copied into per-shape buffers
+    the graph reads, its outputs copied out of the ones it writes; args hold the masters A, B (read at their
+    addresses, in the key) and constants. Same rules as `graphed_weight`."""
+    dev = g_wide.device
+    down, up = args[0], args[1]
+    key = (_sig(g_wide)[1:], None if p_down is None else _sig(p_down)[1:], _sig(down), _sig(up), args[2:], compute)
+    e = _GRADS.get(owner)
+    if e is not None and e.off:
+        return compute(g_wide, p_down, *args)
+    be = backend()
+    if e is not None and e.key == key:
+        gi, pi = e.out[0], e.out[1]
+        gi.copy_(g_wide)
+        if pi is not None:
+            pi.copy_(p_down)
+        be.replay(e.graph)
+        return tuple(None if o is None else o.clone() for o in e.out[2])
+    e = e or _Entry()
+    result = compute(g_wide, p_down, *args)
+    if e.captures >= MAX_CAPTURES:
+        _give_up(owner, e, f"its masters moved {e.captures} times", _GRADS)
+        return result
+    gi = _static(dev, g_wide, "g_wide")
+    gi.copy_(g_wide)
+    pi = None if p_down is None else _static(dev, p_down, "p_down")
+    if pi is not None:
+        pi.copy_(p_down)
+    outs = tuple(None if r is None else _static(dev, r, f"grad{i}") for i, r in enumerate(result))
+
+    def replayed():
+        for o, r in zip(outs, compute(gi, pi, *args)):
+            if o is not None:
+                o.copy_(r)
+    try:
+        ac = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
+        graph = be.capture(replayed, dev, ac)
+    except Exception as exc:  # noqa: BLE001 - the eager computation stays right
+        _give_up(owner, e, f"its backward's capture failed ({type(exc).__name__}: {str(exc)[:200]})", _GRADS)
+        return result
+    _GRADS[owner] = _Entry(key, graph, (gi, pi, outs), None, e.captures + 1)
+    return result
+
+
 def clear() -> None:
-    """Drop every layer's graph and the shared buffers (tests; a process that wants the memory back)."""
+    """Drop every layer's graphs and the shared buffers (tests; a process that wants the memory back)."""
     _ENTRIES.clear()
+    _GRADS.clear()
     _STATIC.clear()

@@ -68,7 +68,7 @@ def test_capture_once_then_replay_a_copy(stand_in):
     assert torch.equal(first[0], _wq(a, graphed=False)[0]) and first[1] == torch.float32
     again = _wq(a)
     assert stand_in.replays == 1 and torch.equal(again[0], first[0])
-    buf = qat_graph._STATIC[(a.weight.device, tuple(first[0].shape), first[0].dtype)]
+    buf = qat_graph._STATIC[("wq", a.weight.device, tuple(first[0].shape), first[0].dtype)]
     assert again[0].data_ptr() != buf.data_ptr()  # a copy: what autograd saves is the call's own
     _wq(b)
     other = _wq(b)  # same shape: b's replay rewrites the shared buffer ...
@@ -109,6 +109,32 @@ def test_a_failed_capture_falls_back(monkeypatch):
     qat_graph.clear()
 
 
+def test_backward_weight_side_replays_with_its_inputs_copied_in(stand_in):
+    """graphed_grads: g_wide and p_down (the activation-dependent inputs) are copied into the buffers the graph
+    reads on every call; what it returns are copies, not the shared output buffers."""
+    a, b = _layer(5), _layer(6)
+    k, r = a.in_features, a.spec.lora_rank
+    args = lambda m: (m.lrb_down, m.lrb_up, m.spec, k, torch.float32, torch.float32, torch.float32, False, True)
+    calls = []
+    for m, seed in ((a, 0), (a, 1), (b, 2), (a, 3)):
+        g = torch.Generator().manual_seed(seed)
+        g_wide = torch.randn(a.out_features, k + r, generator=g)
+        p_down = torch.randn(r, k, generator=g)
+        want = qat_fused._weight_grads(g_wide, p_down, *args(m))
+        got = qat_graph.graphed_grads(m.weight, g_wide, p_down, args(m), qat_fused._weight_grads)
+        assert all(torch.equal(u, v) for u, v in zip(got, want)), seed
+        calls.append(got)
+    assert stand_in.captures == 2 and stand_in.replays == 2
+    statics = {t.data_ptr() for t in qat_graph._STATIC.values()}
+    assert not statics & {t.data_ptr() for got in calls for t in got}
+    assert torch.equal(calls[1][0], qat_fused._weight_grads(*_inputs(a, k, r, 1), *args(a))[0])  # not overwritten
+
+
+def _inputs(m, k, r, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m.out_features, k + r, generator=g), torch.randn(r, k, generator=g)
+
+
 def _train(mod, x, steps, autocast):
     opt = torch.optim.AdamW(mod.parameters(), lr=1e-2)
     outs = []
@@ -145,7 +171,7 @@ def test_training_through_the_graph_path_equals_the_fused_path(stand_in, monkeyp
     monkeypatch.setattr(qat_graph, "usable", lambda w: True)
     got = _train(copy.deepcopy(base), x, 3, autocast)
     _compare(got, want)
-    assert stand_in.captures == 3 and stand_in.replays == 6
+    assert stand_in.captures == 6 and stand_in.replays == 12  # Q_w(R) and the backward's weight side, 3 layers
 
 
 @pytest.mark.gpu
@@ -161,4 +187,5 @@ def test_cuda_graphs_equal_the_eager_computation(monkeypatch, autocast):
     _compare(got, want)
     entries = list(qat_graph._ENTRIES.values())
     assert len(entries) == 3 and all(e.graph is not None and e.captures == 1 for e in entries)
+    assert len(qat_graph._GRADS) == 3 and all(e.graph is not None for e in qat_graph._GRADS.values())
     qat_graph.clear()
