@@ -174,6 +174,42 @@ def test_training_through_the_graph_path_equals_the_fused_path(stand_in, monkeyp
     assert stand_in.captures == 6 and stand_in.replays == 12  # Q_w(R) and the backward's weight side, 3 layers
 
 
+def test_tiny_dit_paper_policy_trains_the_same_through_the_graph_path(stand_in, monkeypatch):
+    """The whole tiny DiT under the paper's policy (LRB on every linear, 8-bit q/k/v fake-quant), bf16 autocast,
+    three AdamW steps: loss and every gradient equal with and without the graph path; each QAT layer captured
+    twice (Q_w(R), the backward's weight side) and replayed in the later steps."""
+    import robuq_fx
+    import robuq_fx.models as M
+    pytest.importorskip("diffusers")
+    model = M.build("dit-tiny")
+    inputs = M.example_inputs("dit-tiny", batch=2)
+    q = robuq_fx.quantize(model, "dit-xl-2-robuq", example_inputs=inputs).train()
+    n_layers = sum(isinstance(m, QATLinear) for m in q.modules())
+
+    def run():
+        m = copy.deepcopy(q)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+        outs = []
+        for step in range(3):
+            torch.manual_seed(step)  # train mode draws (the class-label dropout): the same draws for both
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = m(**inputs)
+            y = y[0] if isinstance(y, (tuple, list)) else getattr(y, "sample", y)
+            loss = y.float().pow(2).mean()
+            loss.backward()
+            outs.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return outs
+    want = run()
+    monkeypatch.setattr(qat_graph, "usable", lambda w: True)
+    got = run()
+    for i, ((la, ga), (lb, gb)) in enumerate(zip(want, got)):
+        assert torch.equal(la, lb), f"step {i}: loss"
+        assert ga.keys() == gb.keys() and all(torch.equal(ga[k], gb[k]) for k in ga), f"step {i}: gradients"
+    assert n_layers > 4 and stand_in.captures == 2 * n_layers and stand_in.replays == 4 * n_layers
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("autocast", [False, True])
