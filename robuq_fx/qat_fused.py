@@ -51,13 +51,28 @@ def quantized_weight(w, down, up, spec: LayerSpec, c: torch.dtype, compute=None)
     without an autograd graph. Computed on every call, as the op graph does, unless `quantize_weights_once_per_step`
     is on: a cache keyed only on the masters' storage and version counter went stale under FSDP2, whose all-gathers
     rewrite the unsharded weights in place without moving their version (a CPU test caught it); that one also keys
-    on the optimizer's steps. With ROBUQ_QAT_WEIGHT_GRAPH=1 the default computation replays a CUDA graph per layer
-    (`qat_graph`: the same kernels, one launch instead of ~29 ATen calls)."""
+    on the optimizer's steps."""
+    compute = compute or _quantized_weight
     if _STEP["hooks"]:
-        return _cached_weight(w, down, up, spec, c, compute or _quantized_weight)
-    if compute is None and qat_graph.usable(w):  # replayed from a CUDA graph (opt-in, qat_graph.py)
-        return qat_graph.graphed_weight(w if w._base is None else w._base, w, down, up, spec, c, _quantized_weight)
-    return (compute or _quantized_weight)(w, down, up, spec, c)
+        return _cached_weight(w, down, up, spec, c, compute)
+    return compute(w, down, up, spec, c)
+
+
+def weight_side(w, down, up, bias, spec: LayerSpec, c: torch.dtype) -> tuple:
+    """(the stacked weight [Q_w(R), A_c] (Q_w(R) alone without a branch), R's dtype, B_c, bias_c): everything the
+    forward takes from the masters, in the matmul dtype c. With ROBUQ_QAT_WEIGHT_GRAPH=1 replayed from a CUDA graph
+    per layer (qat_graph.py: the same kernels, a few launches instead of ~33 ATen calls)."""
+    if qat_graph.usable(w) and not _STEP["hooks"]:
+        return qat_graph.graphed_weight(w if w._base is None else w._base, _weight_side, (w, down, up, bias, spec, c))
+    return _weight_side(w, down, up, bias, spec, c)
+
+
+def _weight_side(w, down, up, bias, spec: LayerSpec, c: torch.dtype) -> tuple:
+    wq, r_dtype = quantized_weight(w, down, up, spec, c)
+    bias_c = None if bias is None else _to(bias, c)
+    if down is None:
+        return wq, r_dtype, None, bias_c
+    return torch.cat([wq, _to(up, c)], 1), r_dtype, _to(down, c), bias_c
 
 
 def _quantized_weight(w, down, up, spec: LayerSpec, c: torch.dtype) -> tuple[torch.Tensor, torch.dtype]:
@@ -206,24 +221,21 @@ class QATLinearFunction(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, x, w, bias, down, up, spec: LayerSpec, c: torch.dtype, ab: torch.dtype):
         # autocast stays as the caller set it, as it does for the op graph: it also rounds the rotations' matmuls
-        xh_c = None
+        xh_c = down_c = None
         if _fp8_forward_ok(x, w, spec, c):
             y, xh, xq, wq, r_dtype = _fp8_forward(x, w, bias, down, up, spec, c)
             xq_c = _to(xq, c)
         else:
-            wq, r_dtype = _ranged("robuq::qat Q_w(R)", quantized_weight, w, down, up, spec, c)
+            wq, r_dtype, down_c, bias_c = _ranged("robuq::qat Q_w(R)", weight_side, w, down, up, bias, spec, c)
             xh, xq = _ranged("robuq::qat Q_a(x H)", _rotate_and_quantize, x, spec)
             xq_c = _to(xq, c)
-            bias_c = None if bias is None else _to(bias, c)
-            if down is None:
-                y = F.linear(xq_c, wq, bias_c)
-            else:  # [xq, t] [Wq, A]^T: the stacked operands are saved, xq / Wq are their first K columns
+            if down is not None:  # [xq, t] [Wq, A]^T: the stacked operands are saved, xq / Wq their first K columns
                 xh_c = _to(xh, c)
-                xq_c = torch.cat([xq_c, F.linear(xh_c, _to(down, c))], -1)
-                wq = torch.cat([wq, _to(up, c)], 1)
-                y = F.linear(xq_c, wq, bias_c)
+                xq_c = torch.cat([xq_c, F.linear(xh_c, down_c)], -1)
+            y = F.linear(xq_c, wq, bias_c)
         ctx.spec, ctx.xh_dtype, ctx.r_dtype, ctx.ab, ctx.w_dtype = spec, xh.dtype, r_dtype, ab, w.dtype
         ctx.graph_owner = (w if w._base is None else w._base) if qat_graph.usable(w) else None
+        ctx.down_c = None if down_c is down else down_c  # B in the matmul dtype, a new tensor (the g_t B term)
         ctx.bias_dtype = None if bias is None else bias.dtype
         # autocast caches its cast of a leaf master within its region: where the op graph would take the uncast
         # masters (x in their dtype), A B and the branch share one cast of A and of B, and their gradients add up
@@ -259,14 +271,14 @@ class QATLinearFunction(torch.autograd.Function):
                 g_xh = g_xh * _to(Q.act_ste_mask(xh, spec.a_bits, spec.sym, spec.a_clip, spec.a_group)
                                   .reshape(g_xh.shape), xd)
             if down is not None:
-                g_xh = g_xh + _to(gt2.mm(_to(down, c)), xd)
+                g_xh = g_xh + _to(gt2.mm(ctx.down_c if ctx.down_c is not None else _to(down, c)), xd)
             g_x = _rotate(g_xh.reshape(*g.shape[:-1], g_xh.shape[-1]), spec)
         if need_w or need_down or need_up:
             g_wide = g2.t().mm(_2d(xq_c))
             p_down = None if down is None else gt2.t().mm(_2d(xh_c))
             args = (down, up, spec, k, ctx.r_dtype, ctx.w_dtype, ctx.ab, ctx.shared_cast, need_w)
             if ctx.graph_owner is not None and qat_graph.usable(g_wide):  # the same ops, replayed (qat_graph.py)
-                g_w, g_up, g_down = qat_graph.graphed_grads(ctx.graph_owner, g_wide, p_down, args, _weight_grads)
+                g_w, g_up, g_down = qat_graph.graphed_grads(ctx.graph_owner, _weight_grads, (g_wide, p_down), args)
             else:
                 g_w, g_up, g_down = _weight_grads(g_wide, p_down, *args)
         if need_b and ctx.bias_dtype is not None:

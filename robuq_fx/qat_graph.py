@@ -1,17 +1,18 @@
-"""Q_w(R) of the eager QAT path replayed from a CUDA graph (issue 19; opt-in, ROBUQ_QAT_WEIGHT_GRAPH=1, until its
+"""The eager QAT path's weight side replayed from CUDA graphs (issue 19; opt-in, ROBUQ_QAT_WEIGHT_GRAPH=1, until its
 GPU test has passed).
 
 An eager QAT step recomputes every layer's Q_w(R) = Q_w(W H - A B) from the masters: ~29 ATen calls under autocast,
 0.82 ms of CPU a layer against ~0.09 ms of GPU work on the H200's host (session 19's profile: 161 of the paper
 policy's 485 ms a step). The masters keep their storage from step to step (optimizers update them in place), so a
 layer runs the same kernels on the same addresses on every call: captured once into a CUDA graph, a call is one
-replay and one copy out. The graph runs the kernels the eager call runs, so Q_w(R) is the same bit for bit.
-The backward's weight side (`qat_fused._weight_grads`: g_W = g_R H and the branch factors' gradients, ~18 ATen
-calls) is replayed the same way (`graphed_grads`), its two activation-dependent inputs copied into buffers the
-graph reads.
+replay and a copy out of each output. The graph runs the kernels the eager call runs: the same bits.
+- Forward (`graphed_weight` of `qat_fused.weight_side`): Q_w(R) stacked with the branch's A in the matmul dtype,
+  B and the bias cast to it.
+- Backward (`graphed_grads` of `qat_fused._weight_grads`): g_W = g_R H and the branch factors' gradients (~18 ATen
+  calls), its two activation-dependent inputs copied into buffers the graph reads.
 
-- The graph writes into a buffer per (device, shape, dtype), shared by the layers of that shape, and each call
-  copies it out at once: what autograd saves is the call's own tensor, whatever replays after it.
+- A graph writes into buffers per (role, device, shape, dtype), shared by the layers of that shape, and each call
+  copies them out at once: what autograd saves is the call's own tensor, whatever replays after it.
 - The graphs share one memory pool; nothing of it outlives a replay (their intermediates are dead when it ends).
 - Keyed on the masters' addresses, shapes, strides and dtypes, the spec, compute dtype and autocast dtype: masters
   that moved (`param.data = ...`, `.to()`, FSDP2's re-allocated unsharded storage) are recaptured; a layer
@@ -68,14 +69,14 @@ def _no_cast_cache(device: torch.device, autocast_dtype):
 
 
 class _Entry:
-    __slots__ = ("key", "graph", "out", "r_dtype", "captures", "off")
+    __slots__ = ("key", "graph", "inputs", "out", "captures", "off")
 
-    def __init__(self, key=None, graph=None, out=None, r_dtype=None, captures=0, off=False):
-        self.key, self.graph, self.out, self.r_dtype, self.captures, self.off = key, graph, out, r_dtype, captures, off
+    def __init__(self, key=None, graph=None, inputs=(), out=(), captures=0, off=False):
+        self.key, self.graph, self.inputs, self.out, self.captures, self.off = key, graph, inputs, out, captures, off
 
 
-_ENTRIES = WeakIdKeyDictionary()  # master weight (held weakly) -> _Entry (its Q_w(R) graph)
-_GRADS = WeakIdKeyDictionary()  # master weight -> _Entry (its backward weight-side graph: g_W, g_A, g_B)
+_FORWARD = WeakIdKeyDictionary()  # master weight (held weakly) -> _Entry: its forward weight side (Q_w(R), casts)
+_GRADS = WeakIdKeyDictionary()  # master weight -> _Entry: its backward's weight side (g_W, g_A, g_B)
 _STATIC: dict = {}  # (role, device, shape, dtype) -> the buffer the graphs of such layers read or write
 _BACKEND: list = [None]
 
@@ -90,11 +91,13 @@ def usable(w: torch.Tensor) -> bool:
     return ENABLED[0] and w.is_cuda and not torch.cuda.is_current_stream_capturing()
 
 
-def _sig(t: torch.Tensor | None):
-    return None if t is None else (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+def _sig(t: torch.Tensor | None, address: bool = True):
+    if t is None:
+        return None
+    return ((t.data_ptr(),) if address else ()) + (tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
-def _static(device: torch.device, like: torch.Tensor, role: str = "wq") -> torch.Tensor:
+def _static(device: torch.device, like: torch.Tensor, role: str) -> torch.Tensor:
     """The buffer of this role, device, shape and dtype that the graphs of such layers read or write."""
     key = (role, device, tuple(like.shape), like.dtype)
     buf = _STATIC.get(key)
@@ -103,90 +106,76 @@ def _static(device: torch.device, like: torch.Tensor, role: str = "wq") -> torch
     return buf
 
 
-def _give_up(owner, e: _Entry, why: str, table=None) -> None:
-    e.off, e.graph, e.out = True, None, None
-    (_ENTRIES if table is None else table)[owner] = e
-    warnings.warn(f"ROBUQ_QAT_WEIGHT_GRAPH: a QAT layer ({tuple(owner.shape)} weight) computes its Q_w(R) eagerly "
-                  f"from now on: {why}", RuntimeWarning, stacklevel=4)
+def _autocast_dtype(device: torch.device):
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
 
 
-def graphed_weight(owner: torch.Tensor, w, down, up, spec, c: torch.dtype, compute) -> tuple:
-    """compute(w, down, up, spec, c) -> (Q_w(R) in c, R's dtype), from the layer's graph where it has one (module
-    docstring); owner: the master weight the graph belongs to."""
-    dev = w.device
-    ac = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
-    key = (_sig(w), _sig(down), _sig(up), spec, c, ac, compute)
-    e = _ENTRIES.get(owner)
+def _give_up(table, name: str, owner, e: _Entry, why: str) -> None:
+    e.off, e.graph, e.inputs, e.out = True, None, (), ()
+    table[owner] = e
+    warnings.warn(f"ROBUQ_QAT_WEIGHT_GRAPH: a QAT layer ({tuple(owner.shape)} weight) computes its {name} eagerly "
+                  f"from now on: {why}", RuntimeWarning, stacklevel=5)
+
+
+def _replayed(table, name: str, owner, key, compute, copy_in: tuple, args: tuple) -> tuple:
+    """compute(*copy_in, *args) -> a tuple of tensors, Nones and constants, from the layer's graph in `table` where it
+    has one (module docstring). copy_in: tensors that change from call to call, copied into per-shape buffers the
+    graph reads (their shapes, strides and dtypes in the key); args: read where they are (their addresses in the
+    key) or constants. The tensors returned are copies of the per-shape buffers the graph writes."""
+    e = table.get(owner)
     if e is not None and e.off:
-        return compute(w, down, up, spec, c)
+        return compute(*copy_in, *args)
     be = backend()
     if e is not None and e.key == key:
+        for buf, t in zip(e.inputs, copy_in):
+            if buf is not None:
+                buf.copy_(t)
         be.replay(e.graph)
-        return e.out.clone(), e.r_dtype
+        return tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in e.out)
     # the first call, or masters that moved: this call computes eagerly (which is also the warm-up a capture needs:
     # lazy inits, Triton compiles), then the graph is captured for the next calls
     e = e or _Entry()
-    result = compute(w, down, up, spec, c)
+    result = compute(*copy_in, *args)
     if e.captures >= MAX_CAPTURES:
-        _give_up(owner, e, f"its masters moved {e.captures} times (e.g. FSDP2 re-allocating them each step)")
+        _give_up(table, name, owner, e, f"its masters moved {e.captures} times (e.g. FSDP2 re-allocating them)")
         return result
-    out = _static(dev, result[0], "wq")
-    try:
-        graph = be.capture(lambda: out.copy_(compute(w, down, up, spec, c)[0]), dev, ac)
-    except Exception as exc:  # noqa: BLE001 - a kernel that cannot be captured: the eager computation stays right
-        _give_up(owner, e, f"its capture failed ({type(exc).__name__}: {str(exc)[:200]})")
-        return result
-    _ENTRIES[owner] = _Entry(key, graph, out, result[1], e.captures + 1)
-    return result
+    dev = next(t.device for t in (*copy_in, *result) if isinstance(t, torch.Tensor))
+    inputs = tuple(None if t is None else _static(dev, t, f"{name}.in{i}") for i, t in enumerate(copy_in))
+    for buf, t in zip(inputs, copy_in):
+        if buf is not None:
+            buf.copy_(t)
+    outs = tuple(_static(dev, r, f"{name}.out{i}") if isinstance(r, torch.Tensor) else r for i, r in enumerate(result))
 
-
-def graphed_grads(owner: torch.Tensor, g_wide: torch.Tensor, p_down, args: tuple, compute) -> tuple:
-    """compute(g_wide, p_down, *args) -> (g_W, g_A, g_B) (`qat_fused._weight_grads`: the backward's weight side),
-    from the layer's graph where it has one. Its two activation-dependent inputs are copied into per-shape buffers
-    the graph reads, its outputs copied out of the ones it writes; args hold the masters A, B (read at their
-    addresses, in the key) and constants. Same rules as `graphed_weight`."""
-    dev = g_wide.device
-    down, up = args[0], args[1]
-    key = (_sig(g_wide)[1:], None if p_down is None else _sig(p_down)[1:], _sig(down), _sig(up), args[2:], compute)
-    e = _GRADS.get(owner)
-    if e is not None and e.off:
-        return compute(g_wide, p_down, *args)
-    be = backend()
-    if e is not None and e.key == key:
-        gi, pi = e.out[0], e.out[1]
-        gi.copy_(g_wide)
-        if pi is not None:
-            pi.copy_(p_down)
-        be.replay(e.graph)
-        return tuple(None if o is None else o.clone() for o in e.out[2])
-    e = e or _Entry()
-    result = compute(g_wide, p_down, *args)
-    if e.captures >= MAX_CAPTURES:
-        _give_up(owner, e, f"its masters moved {e.captures} times", _GRADS)
-        return result
-    gi = _static(dev, g_wide, "g_wide")
-    gi.copy_(g_wide)
-    pi = None if p_down is None else _static(dev, p_down, "p_down")
-    if pi is not None:
-        pi.copy_(p_down)
-    outs = tuple(None if r is None else _static(dev, r, f"grad{i}") for i, r in enumerate(result))
-
-    def replayed():
-        for o, r in zip(outs, compute(gi, pi, *args)):
-            if o is not None:
+    def run():
+        for o, r in zip(outs, compute(*inputs, *args)):
+            if isinstance(o, torch.Tensor):
                 o.copy_(r)
     try:
-        ac = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
-        graph = be.capture(replayed, dev, ac)
-    except Exception as exc:  # noqa: BLE001 - the eager computation stays right
-        _give_up(owner, e, f"its backward's capture failed ({type(exc).__name__}: {str(exc)[:200]})", _GRADS)
+        graph = be.capture(run, dev, _autocast_dtype(dev))
+    except Exception as exc:  # noqa: BLE001 - a kernel that cannot be captured: the eager computation stays right
+        _give_up(table, name, owner, e, f"its capture failed ({type(exc).__name__}: {str(exc)[:200]})")
         return result
-    _GRADS[owner] = _Entry(key, graph, (gi, pi, outs), None, e.captures + 1)
+    table[owner] = _Entry(key, graph, inputs, outs, e.captures + 1)
     return result
+
+
+def graphed_weight(owner: torch.Tensor, compute, args: tuple) -> tuple:
+    """compute(*args) (`qat_fused.weight_side`: Q_w(R) and the casts of the layer's masters, every input a master or
+    a constant), from the layer's graph where it has one; owner: the master weight the graphs belong to."""
+    key = (tuple(_sig(a) if isinstance(a, torch.Tensor) else a for a in args), _autocast_dtype(owner.device), compute)
+    return _replayed(_FORWARD, "forward weight side", owner, key, compute, (), args)
+
+
+def graphed_grads(owner: torch.Tensor, compute, copy_in: tuple, args: tuple) -> tuple:
+    """compute(*copy_in, *args) (`qat_fused._weight_grads`: g_W, g_A, g_B from the stacked GEMM's weight gradient
+    and g_t^T xh, copied in on every call, and the masters A, B in args), from the layer's graph where it has one."""
+    key = (tuple(_sig(t, address=False) for t in copy_in),
+           tuple(_sig(a) if isinstance(a, torch.Tensor) else a for a in args), _autocast_dtype(owner.device), compute)
+    return _replayed(_GRADS, "backward weight side", owner, key, compute, copy_in, args)
 
 
 def clear() -> None:
     """Drop every layer's graphs and the shared buffers (tests; a process that wants the memory back)."""
-    _ENTRIES.clear()
+    _FORWARD.clear()
     _GRADS.clear()
     _STATIC.clear()

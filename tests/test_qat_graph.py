@@ -57,7 +57,7 @@ def _layer(seed=0, n=96, k=128):
 def _wq(m, graphed=True):
     args = (m.weight, m.lrb_down, m.lrb_up, m.spec, torch.float32)
     if graphed:
-        return qat_graph.graphed_weight(m.weight, *args, qat_fused._quantized_weight)
+        return qat_graph.graphed_weight(m.weight, qat_fused._quantized_weight, args)
     return qat_fused._quantized_weight(*args)
 
 
@@ -68,7 +68,7 @@ def test_capture_once_then_replay_a_copy(stand_in):
     assert torch.equal(first[0], _wq(a, graphed=False)[0]) and first[1] == torch.float32
     again = _wq(a)
     assert stand_in.replays == 1 and torch.equal(again[0], first[0])
-    buf = qat_graph._STATIC[("wq", a.weight.device, tuple(first[0].shape), first[0].dtype)]
+    buf = qat_graph._STATIC[("forward weight side.out0", a.weight.device, tuple(first[0].shape), first[0].dtype)]
     assert again[0].data_ptr() != buf.data_ptr()  # a copy: what autograd saves is the call's own
     _wq(b)
     other = _wq(b)  # same shape: b's replay rewrites the shared buffer ...
@@ -95,7 +95,7 @@ def test_in_place_updates_show_and_moved_masters_are_recaptured(stand_in):
     assert torch.equal(got[0], _wq(m, graphed=False)[0])
     n = stand_in.replays
     _wq(m)
-    assert stand_in.replays == n and qat_graph._ENTRIES[m.weight].off  # eager from now on
+    assert stand_in.replays == n and qat_graph._FORWARD[m.weight].off  # eager from now on
 
 
 def test_a_failed_capture_falls_back(monkeypatch):
@@ -121,7 +121,7 @@ def test_backward_weight_side_replays_with_its_inputs_copied_in(stand_in):
         g_wide = torch.randn(a.out_features, k + r, generator=g)
         p_down = torch.randn(r, k, generator=g)
         want = qat_fused._weight_grads(g_wide, p_down, *args(m))
-        got = qat_graph.graphed_grads(m.weight, g_wide, p_down, args(m), qat_fused._weight_grads)
+        got = qat_graph.graphed_grads(m.weight, qat_fused._weight_grads, (g_wide, p_down), args(m))
         assert all(torch.equal(u, v) for u, v in zip(got, want)), seed
         calls.append(got)
     assert stand_in.captures == 2 and stand_in.replays == 2
@@ -221,7 +221,7 @@ def test_cuda_graphs_equal_the_eager_computation(monkeypatch, autocast):
     monkeypatch.setattr(qat_graph, "ENABLED", [True])
     got = _train(copy.deepcopy(base), x, 4, autocast)
     _compare(got, want)
-    entries = list(qat_graph._ENTRIES.values())
+    entries = list(qat_graph._FORWARD.values())
     assert len(entries) == 3 and all(e.graph is not None and e.captures == 1 for e in entries)
     assert len(qat_graph._GRADS) == 3 and all(e.graph is not None for e in qat_graph._GRADS.values())
     qat_graph.clear()
