@@ -137,7 +137,8 @@ def _replayed(table, name: str, owner, key, compute, copy_in: tuple, args: tuple
     e = e or _Entry()
     result = compute(*copy_in, *args)
     if e.captures >= MAX_CAPTURES:
-        _give_up(table, name, owner, e, f"its masters moved {e.captures} times (e.g. FSDP2 re-allocating them)")
+        _give_up(table, name, owner, e, f"its masters moved {e.captures} times (FSDP2 re-allocating them, or a "
+                                        f"weight shared by layers with other branches or biases)")
         return result
     dev = next(t.device for t in (*copy_in, *result) if isinstance(t, torch.Tensor))
     inputs = tuple(None if t is None else _static(dev, t, f"{name}.in{i}") for i, t in enumerate(copy_in))
