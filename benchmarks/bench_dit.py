@@ -97,6 +97,9 @@ def default_mode_rows(fp_dev, cfg, device, dtype, ex, args, rows: list, save=lam
     return rows
 
 
+# experimental train modes: default-mode torch.compile with these Inductor settings on both sides
+INDUCTOR_MODES = {"cppwrapper": {"cpp_wrapper": True}, "combo": {"combo_kernels": True}}
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny 2-layer DiT on CPU (smoke run)")
@@ -106,10 +109,11 @@ def main(argv=None):
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile rows (eager only)")
     ap.add_argument("--train-batch", type=int, default=16)
     ap.add_argument("--skip-train", action="store_true", help="skip the QAT training-step rows")
-    ap.add_argument("--train-modes", nargs="+", choices=["eager", "compiled", "cudagraphs", "cppwrapper"],
+    ap.add_argument("--train-modes", nargs="+", choices=["eager", "compiled", "cudagraphs", "cppwrapper", "combo"],
                     default=["eager", "compiled"],
                     help="which training-step rows, each against FP in the same mode (default eager and compiled; "
-                         "cudagraphs: both under torch.compile mode=reduce-overhead)")
+                         "cudagraphs: both under torch.compile mode=reduce-overhead; cppwrapper / combo: default "
+                         "mode with Inductor's C++ wrapper / its combo kernels)")
     ap.add_argument("--train-only", action="store_true", help="only the training-step rows")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for every compiled row "
                     "(e.g. reduce-overhead for CUDA graphs); default: torch's default")
@@ -304,12 +308,14 @@ def main(argv=None):
             x = inputs(cfg, tb, device)
             fwd = m if mode == "eager" else torch.compile(m, mode="reduce-overhead" if mode == "cudagraphs" else None)
             target = torch.randn_like(m(**x)[0].detach())
-            # cppwrapper: default-mode torch.compile with Inductor's C++ wrapper, which launches the kernels without
-            # Python (the compiled QAT step was CPU-bound: ~3x FP's kernels, each launched through Python)
+            # the compiled QAT step is CPU-bound (~3x FP's kernels, each launched through Python). cppwrapper:
+            # default-mode torch.compile with Inductor's C++ wrapper, which launches them without Python (session 19:
+            # the FP step alone did not compile in 9.4 minutes); combo: Inductor's combo kernels, independent small
+            # kernels (the weight side's casts and fake-quants of a layer) launched as one
             wrapper = contextlib.nullcontext()
-            if mode == "cppwrapper":
+            if mode in INDUCTOR_MODES:
                 import torch._inductor.config as ic
-                wrapper = ic.patch(cpp_wrapper=True)
+                wrapper = ic.patch(**INDUCTOR_MODES[mode])
 
             def step():
                 if mode == "cudagraphs":
@@ -324,7 +330,7 @@ def main(argv=None):
                 with wrapper:  # 8+ timed steps: 3 left one figure unexplained
                     ms = timeit(step, max(8, args.iters // 2), 3, device)
             except Exception as e:  # noqa: BLE001 - an experimental mode's failure is a result, not the run's end
-                if mode != "cppwrapper":
+                if mode not in INDUCTOR_MODES:
                     raise
                 print(f"  train {name:24s} {mode}: failed ({type(e).__name__}: {str(e)[:300]})", flush=True)
                 ms = None

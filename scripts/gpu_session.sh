@@ -27,6 +27,7 @@
 #                                           mbarrier phase bug: killed at 240 s), then bench_linear's "W4A4+H fused ws"
 #                                           and "W1.58A4+H+LRB32 fused ws" columns at M = 1024 / 16384 (~8 min)
 #   scripts/gpu_session.sh dit-ws           DiT-XL/2 W4A4+H and the paper policy with it (rows " +fusedws"), b1 / b64
+#   scripts/gpu_session.sh train-combo [SETTING]  the compiled QAT step with Inductor's combo kernels on both sides
 #   scripts/gpu_session.sh train-cpp [SETTING]  the compiled QAT step with Inductor's C++ wrapper on both sides (issue 19:
 #                                           the compiled paper step was CPU-bound; default setting the paper's)
 #   scripts/gpu_session.sh profile          profile_dit at batch 64 (bf16, dit, paper; default-mode compile): the kernel
@@ -110,9 +111,11 @@
 #                   stand-in). If its GPU test passes and the eager rows gain, make it the default (qat_graph.ENABLED,
 #                   switches.py, the docstrings) and merge the summary (qat_*_wgraph_eager_x). Also re-runs the Gluon
 #                   sigma test at its 1e-4 reference bound (it failed at 1e-5 in session 19))
-#   2. qat-profile eager with the graph on, if it gains: what the eager step spends next (the backward: 0.83 ms of
+#   2. qat-profile eager with the graph on (ROBUQ_QAT_WEIGHT_GRAPH=1 qat-profile eager), if it gains: what the eager step spends next (the backward: 0.83 ms of
 #                   CPU a layer; Q_a: 0.29 ms)
-#   3. ln-configs, quant-plans, verify17 (session 19's plan, not reached), then attention-sweep, dit-default.
+#   3. train-combo (~8 min: the compiled paper QAT step, 1.81x FP and launch-bound, with Inductor's combo kernels
+#                   on both sides; if it gains, consider turning them on in the compile backend's qat mode)
+#   4. ln-configs, quant-plans, verify17 (session 19's plan, not reached), then attention-sweep, dit-default.
 #   The compile cache comes back as xz pieces (compile_cache.txz.NN): copy them over .snap/.cache/compile_cache.*
 #   after each call (delete the old pieces first). Eager-only calls need no cache: move it aside for them (restoring
 #   ~420 MB takes time).
@@ -291,6 +294,11 @@ train-cpp)  # the same with Inductor's C++ wrapper on both sides (default mode):
     ;;
 profile)  # profile_dit at batch 64 (bf16, dit, paper; default-mode compile): the kernel breakdown issue 17 asks for
     timeout 560 python3 benchmarks/profile_dit.py --batch 64 --steps 5 --out "$OUT" 2>&1 | grep -v Warning | tail -n 60
+    ;;
+train-combo)  # the same with Inductor's combo kernels on both sides (default mode): independent small kernels (a
+    # layer's weight-side casts and fake-quants) launched as one; the compiled paper step is launch-bound (session 19)
+    timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes combo --iters 12 \
+        --settings "QAT ${2:-dit-xl-2-robuq}" --tag "_train_combo_$(echo "${2:-dit-xl-2-robuq}" | tr -c 'A-Za-z0-9\n' _)" 2>&1 | tail -n 14
     ;;
 train-cg)  # the same under CUDA graphs (torch.compile mode=reduce-overhead on both sides): the step without the CPU
     # launch cost that made the paper policy's compiled step exceed its kernel time
