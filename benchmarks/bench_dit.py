@@ -100,6 +100,7 @@ def default_mode_rows(fp_dev, cfg, device, dtype, ex, args, rows: list, save=lam
 # experimental train modes: default-mode torch.compile with these Inductor settings on both sides
 INDUCTOR_MODES = {"cppwrapper": {"cpp_wrapper": True}, "combo": {"combo_kernels": True}}
 
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny 2-layer DiT on CPU (smoke run)")

@@ -67,6 +67,11 @@ def is_annotation(e) -> bool:
     return not _is_cpu(e) and bool(getattr(e, "is_user_annotation", False))
 
 
+def is_kernel(e) -> bool:
+    """A GPU kernel's row: neither a CPU op nor a range's GPU-side annotation."""
+    return not _is_cpu(e) and not is_annotation(e)
+
+
 def profile(fn, steps: int, device: str) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile as tprofile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -78,7 +83,7 @@ def profile(fn, steps: int, device: str) -> list[dict]:
     rows = []
     for e in prof.key_averages():
         t = e.device_time_total if device == "cuda" else e.self_cpu_time_total
-        if device == "cuda" and (_is_cpu(e) or is_annotation(e)):
+        if device == "cuda" and not is_kernel(e):
             continue
         if t > 0:
             rows.append({"kernel": e.key, "calls per forward": e.count / steps, "ms per forward": t / 1e3 / steps})
@@ -214,13 +219,12 @@ def train_profile(args, cfg, pols, names, prov, device):
         cats: dict[str, float] = {}
         ops, kernels = [], []
         for e in prof.key_averages():
-            is_cpu_op = _is_cpu(e)
-            if is_cpu_op and "robuq" in e.key:
+            if _is_cpu(e) and "robuq" in e.key:
                 ops.append({"op": e.key, "calls per step": e.count / args.steps,
                             "CPU ms per step (self)": round(e.self_cpu_time_total / 1e3 / args.steps, 3),
                             "CPU ms per step (with the ops inside)": round(e.cpu_time_total / 1e3 / args.steps, 3),
                             "GPU ms per step (its kernels)": round(e.device_time_total / 1e3 / args.steps, 3)})
-            elif not is_cpu_op and not is_annotation(e) and e.device_time_total > 0:
+            elif is_kernel(e) and e.device_time_total > 0:
                 c = category(e.key)
                 cats[c] = cats.get(c, 0.0) + e.device_time_total / 1e3 / args.steps
                 kernels.append({"kernel": e.key[:90], "category": c, "calls per step": e.count / args.steps,

@@ -58,12 +58,18 @@ def quantized_weight(w, down, up, spec: LayerSpec, c: torch.dtype, compute=None)
     return compute(w, down, up, spec, c)
 
 
-def weight_side(w, down, up, bias, spec: LayerSpec, c: torch.dtype) -> tuple:
+def _master(w: torch.Tensor) -> torch.Tensor:
+    """The master weight itself: a transposed (Conv1D) weight arrives as a fresh view each call."""
+    return w if w._base is None else w._base
+
+
+def weight_side(w, down, up, bias, spec: LayerSpec, c: torch.dtype, graph_owner=None) -> tuple:
     """(the stacked weight [Q_w(R), A_c] (Q_w(R) alone without a branch), R's dtype, B_c, bias_c): everything the
-    forward takes from the masters, in the matmul dtype c. With ROBUQ_QAT_WEIGHT_GRAPH=1 replayed from a CUDA graph
-    per layer (qat_graph.py: the same kernels, a few launches instead of ~33 ATen calls)."""
-    if qat_graph.usable(w) and not _STEP["hooks"]:
-        return qat_graph.graphed_weight(w if w._base is None else w._base, _weight_side, (w, down, up, bias, spec, c))
+    forward takes from the masters, in the matmul dtype c. With a graph_owner (ROBUQ_QAT_WEIGHT_GRAPH=1 on CUDA:
+    `_master(w)`) replayed from that layer's CUDA graph (qat_graph.py: the same kernels, a few launches instead of
+    ~33 ATen calls), unless `quantize_weights_once_per_step` keeps Q_w(R) itself."""
+    if graph_owner is not None and not _STEP["hooks"]:
+        return qat_graph.graphed_weight(graph_owner, _weight_side, (w, down, up, bias, spec, c))
     return _weight_side(w, down, up, bias, spec, c)
 
 
@@ -135,7 +141,7 @@ def quantize_weights_once_per_step(optimizer: torch.optim.Optimizer) -> StepCach
 def _cached_weight(w, down, up, spec: LayerSpec, c: torch.dtype, compute) -> tuple:
     """compute(w, down, up, spec, c), kept per master weight until a step or a change
     (`quantize_weights_once_per_step`)."""
-    owner = w if w._base is None else w._base  # a transposed (Conv1D) weight arrives as a fresh view each call
+    owner = _master(w)
     dev = w.device.type
     ac = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
     key = (_STEP["epoch"], tensor_key(owner), tuple(w.shape), tuple(w.stride()), tensor_key(down), tensor_key(up),
@@ -222,11 +228,13 @@ class QATLinearFunction(torch.autograd.Function):
     def _forward(ctx, x, w, bias, down, up, spec: LayerSpec, c: torch.dtype, ab: torch.dtype):
         # autocast stays as the caller set it, as it does for the op graph: it also rounds the rotations' matmuls
         xh_c = down_c = None
+        ctx.graph_owner = _master(w) if qat_graph.usable(w) else None  # the layer's CUDA graphs (qat_graph.py)
         if _fp8_forward_ok(x, w, spec, c):
             y, xh, xq, wq, r_dtype = _fp8_forward(x, w, bias, down, up, spec, c)
             xq_c = _to(xq, c)
         else:
-            wq, r_dtype, down_c, bias_c = _ranged("robuq::qat Q_w(R)", weight_side, w, down, up, bias, spec, c)
+            wq, r_dtype, down_c, bias_c = _ranged("robuq::qat Q_w(R)", weight_side, w, down, up, bias, spec, c,
+                                                  ctx.graph_owner)
             xh, xq = _ranged("robuq::qat Q_a(x H)", _rotate_and_quantize, x, spec)
             xq_c = _to(xq, c)
             if down is not None:  # [xq, t] [Wq, A]^T: the stacked operands are saved, xq / Wq their first K columns
@@ -234,7 +242,6 @@ class QATLinearFunction(torch.autograd.Function):
                 xq_c = torch.cat([xq_c, F.linear(xh_c, down_c)], -1)
             y = F.linear(xq_c, wq, bias_c)
         ctx.spec, ctx.xh_dtype, ctx.r_dtype, ctx.ab, ctx.w_dtype = spec, xh.dtype, r_dtype, ab, w.dtype
-        ctx.graph_owner = (w if w._base is None else w._base) if qat_graph.usable(w) else None
         ctx.down_c = None if down_c is down else down_c  # B in the matmul dtype, a new tensor (the g_t B term)
         ctx.bias_dtype = None if bias is None else bias.dtype
         # autocast caches its cast of a leaf master within its region: where the op graph would take the uncast

@@ -117,19 +117,25 @@ def _give_up(table, name: str, owner, e: _Entry, why: str) -> None:
                   f"from now on: {why}", RuntimeWarning, stacklevel=5)
 
 
-def _replayed(table, name: str, owner, key, compute, copy_in: tuple, args: tuple) -> tuple:
+def _copy_in(bufs: tuple, tensors: tuple) -> None:
+    for buf, t in zip(bufs, tensors):
+        if buf is not None:
+            buf.copy_(t)
+
+
+def _replayed(table, name: str, owner, compute, copy_in: tuple, args: tuple) -> tuple:
     """compute(*copy_in, *args) -> a tuple of tensors, Nones and constants, from the layer's graph in `table` where it
     has one (module docstring). copy_in: tensors that change from call to call, copied into per-shape buffers the
     graph reads (their shapes, strides and dtypes in the key); args: read where they are (their addresses in the
     key) or constants. The tensors returned are copies of the per-shape buffers the graph writes."""
+    key = (tuple(_sig(t, address=False) for t in copy_in),
+           tuple(_sig(a) if isinstance(a, torch.Tensor) else a for a in args), _autocast_dtype(owner.device), compute)
     e = table.get(owner)
     if e is not None and e.off:
         return compute(*copy_in, *args)
     be = backend()
     if e is not None and e.key == key:
-        for buf, t in zip(e.inputs, copy_in):
-            if buf is not None:
-                buf.copy_(t)
+        _copy_in(e.inputs, copy_in)
         be.replay(e.graph)
         return tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in e.out)
     # the first call, or masters that moved: this call computes eagerly (which is also the warm-up a capture needs:
@@ -142,9 +148,7 @@ def _replayed(table, name: str, owner, key, compute, copy_in: tuple, args: tuple
         return result
     dev = next(t.device for t in (*copy_in, *result) if isinstance(t, torch.Tensor))
     inputs = tuple(None if t is None else _static(dev, t, f"{name}.in{i}") for i, t in enumerate(copy_in))
-    for buf, t in zip(inputs, copy_in):
-        if buf is not None:
-            buf.copy_(t)
+    _copy_in(inputs, copy_in)
     outs = tuple(_static(dev, r, f"{name}.out{i}") if isinstance(r, torch.Tensor) else r for i, r in enumerate(result))
 
     def run():
@@ -161,18 +165,15 @@ def _replayed(table, name: str, owner, key, compute, copy_in: tuple, args: tuple
 
 
 def graphed_weight(owner: torch.Tensor, compute, args: tuple) -> tuple:
-    """compute(*args) (`qat_fused.weight_side`: Q_w(R) and the casts of the layer's masters, every input a master or
-    a constant), from the layer's graph where it has one; owner: the master weight the graphs belong to."""
-    key = (tuple(_sig(a) if isinstance(a, torch.Tensor) else a for a in args), _autocast_dtype(owner.device), compute)
-    return _replayed(_FORWARD, "forward weight side", owner, key, compute, (), args)
+    """compute(*args) (`qat_fused._weight_side`: Q_w(R) and the casts of the layer's masters, every input a master
+    or a constant), from the layer's graph where it has one; owner: the master weight the graphs belong to."""
+    return _replayed(_FORWARD, "forward weight side", owner, compute, (), args)
 
 
 def graphed_grads(owner: torch.Tensor, compute, copy_in: tuple, args: tuple) -> tuple:
     """compute(*copy_in, *args) (`qat_fused._weight_grads`: g_W, g_A, g_B from the stacked GEMM's weight gradient
     and g_t^T xh, copied in on every call, and the masters A, B in args), from the layer's graph where it has one."""
-    key = (tuple(_sig(t, address=False) for t in copy_in),
-           tuple(_sig(a) if isinstance(a, torch.Tensor) else a for a in args), _autocast_dtype(owner.device), compute)
-    return _replayed(_GRADS, "backward weight side", owner, key, compute, copy_in, args)
+    return _replayed(_GRADS, "backward weight side", owner, compute, copy_in, args)
 
 
 def clear() -> None:
