@@ -37,20 +37,23 @@ class CudaGraphs:
     """Capture and replay through torch.cuda.CUDAGraph (one pool a device; no synchronize / gc / empty_cache a
     capture, which torch.cuda.graph does and which would cost seconds over a model's layers)."""
 
-    def __init__(self):
+    def __init__(self, mode: str = "thread_local"):
+        self.mode = mode  # cudaStreamCaptureMode: "thread_local" (a loader's pin-memory thread may run), "relaxed"
         self._pools: dict = {}
+        self._streams: dict = {}
 
     def capture(self, fn, device: torch.device, autocast_dtype):
         pool = self._pools.get(device)
         if pool is None:
             pool = self._pools[device] = torch.cuda.graph_pool_handle()
+            self._streams[device] = torch.cuda.Stream(device)  # one side stream a device: one cuBLAS workspace
         g = torch.cuda.CUDAGraph()
         cur = torch.cuda.current_stream(device)
-        side = torch.cuda.Stream(device)
+        side = self._streams[device]
         side.wait_stream(cur)
         with torch.cuda.device(device), torch.cuda.stream(side), torch.no_grad(), _no_cast_cache(device,
                                                                                                   autocast_dtype):
-            g.capture_begin(pool=pool, capture_error_mode="thread_local")  # (a loader's pin-memory thread may run)
+            g.capture_begin(pool=pool, capture_error_mode=self.mode)
             try:
                 fn()
             finally:

@@ -566,6 +566,16 @@ quant-plans)  # every Gluon quantizer tiling (lanes, columns a thread, warps) at
     # (~3.5 ms of W4A4+H's batch-64 forward); a faster tiling goes into the table's quant_gluon as [lanes, vt, warps]
     timeout 400 python3 benchmarks/bench_act_quant.py --gluon-plans --m 16384 1024 2>&1 | grep -v Warning | tail -90
     ;;
+graph-diag)  # session 20: where ROBUQ_QAT_WEIGHT_GRAPH=1 breaks (train-graph: its GPU test failed, and the W1.58A4+H
+    # bench row died on "Offset increment outside graph capture" in the next step's torch.rand): full logs under $OUT
+    timeout 150 python3 scripts/qat_graph_diag.py > "$OUT/graph_diag.log" 2>&1
+    timeout 120 python3 -m pytest -q -rf --tb=long -p no:cacheprovider tests/test_qat_graph.py -k cuda \
+        > "$OUT/graph_test.log" 2>&1
+    timeout 120 python3 -m pytest -q -rf --tb=long -p no:cacheprovider tests/kernels/test_gluon_act_quant.py -k sigma \
+        > "$OUT/sigma_test.log" 2>&1
+    grep -E "^==|bit-equal|entries|FAILED|generator|step ms|Error" "$OUT/graph_diag.log" | head -60
+    tail -n 3 "$OUT/graph_test.log" "$OUT/sigma_test.log"
+    ;;
 train-graph)  # session 19's ROBUQ_QAT_WEIGHT_GRAPH=1 (each layer's Q_w(R) replayed from a CUDA graph, qat_graph.py):
     # its GPU test, then the eager QAT rows without / with it in one call (issue 19: the paper policy's eager step is
     # CPU-bound, 485 ms wall vs 107 ms of kernels, Q_w(R) 0.82 ms of CPU a layer), ~7 min
