@@ -34,22 +34,34 @@ MAX_CAPTURES = 3
 
 
 class CudaGraphs:
-    """Capture and replay through torch.cuda.CUDAGraph (one pool a device; no synchronize / gc / empty_cache a
-    capture, which torch.cuda.graph does and which would cost seconds over a model's layers)."""
+    """Capture and replay through torch.cuda.CUDAGraph (one pool and one side stream a device; no synchronize / gc /
+    empty_cache a capture, which torch.cuda.graph does and which would cost seconds over a model's layers).
+
+    The pool is kept alive by a one-kernel graph captured into it first and held here: a private pool whose graphs
+    have all been freed (a model trained and dropped, `clear()`) is released by the caching allocator, and sharing
+    its handle again fails an internal assert inside capture_begin, which leaves PyTorch's CUDA generator in capture
+    mode (every later torch.rand on the device raises)."""
 
     def __init__(self, mode: str = "thread_local"):
         self.mode = mode  # cudaStreamCaptureMode: "thread_local" (a loader's pin-memory thread may run), "relaxed"
-        self._pools: dict = {}
-        self._streams: dict = {}
+        self._pools: dict = {}  # device -> (pool handle, the graph that keeps it alive, side stream)
+
+    def _pool(self, device: torch.device) -> tuple:
+        entry = self._pools.get(device)
+        if entry is None:
+            side = torch.cuda.Stream(device)  # one side stream a device: one cuBLAS workspace
+            pool = torch.cuda.graph_pool_handle()
+            keeper = self._capture(lambda: torch.zeros(1, device=device), device, pool, side, None)
+            entry = self._pools[device] = (pool, keeper, side)
+        return entry
 
     def capture(self, fn, device: torch.device, autocast_dtype):
-        pool = self._pools.get(device)
-        if pool is None:
-            pool = self._pools[device] = torch.cuda.graph_pool_handle()
-            self._streams[device] = torch.cuda.Stream(device)  # one side stream a device: one cuBLAS workspace
+        pool, _, side = self._pool(device)
+        return self._capture(fn, device, pool, side, autocast_dtype)
+
+    def _capture(self, fn, device, pool, side, autocast_dtype):
         g = torch.cuda.CUDAGraph()
         cur = torch.cuda.current_stream(device)
-        side = self._streams[device]
         side.wait_stream(cur)
         with torch.cuda.device(device), torch.cuda.stream(side), torch.no_grad(), _no_cast_cache(device,
                                                                                                   autocast_dtype):
@@ -63,6 +75,18 @@ class CudaGraphs:
 
     def replay(self, g) -> None:
         g.replay()
+
+
+def generator_usable(device: torch.device) -> bool:
+    """Whether the device's CUDA generator still draws (a capture that failed inside PyTorch can leave it in capture
+    mode). Draws one number: called only after a failed capture."""
+    if device.type != "cuda":
+        return True
+    try:
+        torch.empty(1, device=device).uniform_()
+        return True
+    except RuntimeError:
+        return False
 
 
 def _no_cast_cache(device: torch.device, autocast_dtype):
@@ -161,6 +185,11 @@ def _replayed(table, name: str, owner, compute, copy_in: tuple, args: tuple) -> 
     try:
         graph = be.capture(run, dev, _autocast_dtype(dev))
     except Exception as exc:  # noqa: BLE001 - a kernel that cannot be captured: the eager computation stays right
+        if not generator_usable(dev):
+            raise RuntimeError(f"ROBUQ_QAT_WEIGHT_GRAPH: capturing the {name} of a QAT layer ({tuple(owner.shape)} "
+                               f"weight) failed ({type(exc).__name__}: {str(exc)[:300]}), and PyTorch left the CUDA "
+                               f"generator of {dev} in capture mode: random draws there would fail. Set "
+                               f"ROBUQ_QAT_WEIGHT_GRAPH=0 and report the error above") from exc
         _give_up(table, name, owner, e, f"its capture failed ({type(exc).__name__}: {str(exc)[:200]})")
         return result
     table[owner] = _Entry(key, graph, inputs, outs, e.captures + 1)
