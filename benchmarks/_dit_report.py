@@ -69,7 +69,10 @@ def summary(results: dict) -> dict:
             out[f"{key}_b{r['batch']}_default_x"] = r["x vs bf16 torch.compile (default)"]
     names = {"QAT W4A4+H": "qat", "QAT W1.58A4+H": "qat_w158", "QAT dit-xl-2-robuq": "qat_paper"}
     for r in results["train_step"]:
-        base, *tags = r["setting"].split(" +")
+        # tags: " +fp8" (an opt-in on), " -wgraph" (a default off: key part "no_wgraph")
+        words = r["setting"].split(" ")
+        base = " ".join(w for w in words if w[:1] not in "+-")
+        tags = [w[1:] if w[0] == "+" else "no_" + w[1:] for w in words if w[:1] in "+-"]
         if base in names and "x FP step time" in r:  # (a mode whose FP row failed has no ratio)
             out[f"{'_'.join([names[base], *tags])}_{r['mode']}_x"] = r["x FP step time"]
     return out

@@ -288,11 +288,12 @@ def main(argv=None):
     # One training step, batch --train-batch: FP vs QAT, fp32 master weights + bf16 autocast, AdamW; eager, and
     # (unless --no-compile) with the model under torch.compile's default mode. Ratios vs FP in the same mode.
     tb = args.train_batch if not args.quick else 2
-    # the opt-in QAT kernels in force name the rows, so that a run with them does not overwrite the plain rows'
-    # summary keys (qat_fp8_eager_x ...)
-    opt_in = "".join(f" +{tag}" for var, tag in (("ROBUQ_QAT_FP8", "fp8"), ("ROBUQ_QAT_WEIGHT_KERNEL", "wkernel"),
-                                                 ("ROBUQ_QAT_WEIGHT_GRAPH", "wgraph"))
-                     if os.environ.get(var) == "1")
+    # the opt-in QAT kernels in force (and a default turned off) name the rows, so that such a run does not overwrite
+    # the plain rows' summary keys (qat_fp8_eager_x, qat_paper_no_wgraph_eager_x ...)
+    opt_in = "".join(f" {tag}" for var, value, tag in (("ROBUQ_QAT_FP8", "1", "+fp8"),
+                                                       ("ROBUQ_QAT_WEIGHT_KERNEL", "1", "+wkernel"),
+                                                       ("ROBUQ_QAT_WEIGHT_GRAPH", "0", "-wgraph"))
+                     if os.environ.get(var) == value)
     train = [("FP", None), ("QAT W4A4+H" + opt_in, policies()["robuq W4A4+H"]),
              ("QAT W1.58A4+H" + opt_in, policies()["robuq W1.58A4+H"]), ("QAT dit-xl-2-robuq" + opt_in, policies()[PAPER])]
     if args.settings:

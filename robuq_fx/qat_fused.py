@@ -65,7 +65,7 @@ def _master(w: torch.Tensor) -> torch.Tensor:
 
 def weight_side(w, down, up, bias, spec: LayerSpec, c: torch.dtype, graph_owner=None) -> tuple:
     """(the stacked weight [Q_w(R), A_c] (Q_w(R) alone without a branch), R's dtype, B_c, bias_c): everything the
-    forward takes from the masters, in the matmul dtype c. With a graph_owner (ROBUQ_QAT_WEIGHT_GRAPH=1 on CUDA:
+    forward takes from the masters, in the matmul dtype c. With a graph_owner (on CUDA, unless ROBUQ_QAT_WEIGHT_GRAPH=0:
     `_master(w)`) replayed from that layer's CUDA graph (qat_graph.py: the same kernels, a few launches instead of
     ~33 ATen calls), unless `quantize_weights_once_per_step` keeps Q_w(R) itself."""
     if graph_owner is not None and not _STEP["hooks"]:

@@ -54,3 +54,15 @@ def test_profiles_skip_the_gpu_side_of_record_function_ranges():
     assert not P.is_annotation(E(device_type="DeviceType.CUDA", is_user_annotation=False))
     assert not P.is_annotation(E(device_type="DeviceType.CPU", is_user_annotation=True))  # the CPU range itself
     assert not P.is_annotation(E(device_type="DeviceType.CUDA"))  # a profiler without the flag
+
+
+def test_train_rows_tags_name_their_summary_keys():
+    """Train rows: an opt-in in force tags its row ' +tag' (key part 'tag'), a default turned off ' -tag' (key part
+    'no_tag'), so that neither overwrites the plain rows' keys."""
+    res = {"latency": [], "memory": [], "baseline": "bf16 eager", "train_step": [
+        {"setting": "QAT W4A4+H", "mode": "eager", "x FP step time": 1.6},
+        {"setting": "QAT dit-xl-2-robuq -wgraph", "mode": "eager", "x FP step time": 3.0},
+        {"setting": "QAT W1.58A4+H +fp8 +wkernel", "mode": "compiled", "x FP step time": 1.2},
+        {"setting": "QAT W4A4+H", "mode": "compiled"}]}  # its FP row failed: no ratio, no key
+    assert B.summary(res) == {"qat_eager_x": 1.6, "qat_paper_no_wgraph_eager_x": 3.0,
+                              "qat_w158_fp8_wkernel_compiled_x": 1.2}

@@ -230,7 +230,9 @@ def test_cuda_graphs_equal_the_eager_computation(monkeypatch, autocast):
     qat_graph.clear()
     base = _model("cuda")
     x = torch.randn(4, 33, 128, device="cuda")
+    monkeypatch.setattr(qat_graph, "ENABLED", [False])
     want = _train(copy.deepcopy(base), x, 4, autocast)
+    assert not qat_graph._FORWARD
     monkeypatch.setattr(qat_graph, "ENABLED", [True])
     for attempt in range(2):
         mod = copy.deepcopy(base)
