@@ -292,7 +292,8 @@ def main(argv=None):
     # the plain rows' summary keys (qat_fp8_eager_x, qat_paper_no_wgraph_eager_x ...)
     opt_in = "".join(f" {tag}" for var, value, tag in (("ROBUQ_QAT_FP8", "1", "+fp8"),
                                                        ("ROBUQ_QAT_WEIGHT_KERNEL", "1", "+wkernel"),
-                                                       ("ROBUQ_QAT_WEIGHT_GRAPH", "0", "-wgraph"))
+                                                       ("ROBUQ_QAT_WEIGHT_GRAPH", "0", "-wgraph"),
+                                                       ("ROBUQ_QAT_LAYER_GRAPH", "1", "+lgraph"))
                      if os.environ.get(var) == value)
     train = [("FP", None), ("QAT W4A4+H" + opt_in, policies()["robuq W4A4+H"]),
              ("QAT W1.58A4+H" + opt_in, policies()["robuq W1.58A4+H"]), ("QAT dit-xl-2-robuq" + opt_in, policies()[PAPER])]

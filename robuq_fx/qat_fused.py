@@ -227,29 +227,29 @@ class QATLinearFunction(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, x, w, bias, down, up, spec: LayerSpec, c: torch.dtype, ab: torch.dtype):
         # autocast stays as the caller set it, as it does for the op graph: it also rounds the rotations' matmuls
-        xh_c = down_c = None
-        ctx.graph_owner = _master(w) if qat_graph.usable(w) else None  # the layer's CUDA graphs (qat_graph.py)
+        xh_c = down_c = xh = None
+        owner = _master(w) if qat_graph.usable(w) else None  # the layer's CUDA graphs (qat_graph.py)
+        ctx.graph_owner, ctx.layer_graph = owner, False
         if _fp8_forward_ok(x, w, spec, c):
             y, xh, xq, wq, r_dtype = _fp8_forward(x, w, bias, down, up, spec, c)
-            xq_c = _to(xq, c)
+            xq_c, xd = _to(xq, c), xh.dtype
+            xh = xh if _masked(spec) else None
         else:
-            wq, r_dtype, down_c, bias_c = _ranged("robuq::qat Q_w(R)", weight_side, w, down, up, bias, spec, c,
-                                                  ctx.graph_owner)
-            xh, xq = _ranged("robuq::qat Q_a(x H)", _rotate_and_quantize, x, spec)
-            xq_c = _to(xq, c)
-            if down is not None:  # [xq, t] [Wq, A]^T: the stacked operands are saved, xq / Wq their first K columns
-                xh_c = _to(xh, c)
-                xq_c = torch.cat([xq_c, F.linear(xh_c, down_c)], -1)
-            y = F.linear(xq_c, wq, bias_c)
-        ctx.spec, ctx.xh_dtype, ctx.r_dtype, ctx.ab, ctx.w_dtype = spec, xh.dtype, r_dtype, ab, w.dtype
-        ctx.down_c = None if down_c is down else down_c  # B in the matmul dtype, a new tensor (the g_t B term)
+            if owner is not None and qat_graph.layers_usable(x) and not _STEP["hooks"]:
+                ctx.layer_graph = True  # the whole forward replayed, x copied in
+                parts = qat_graph.graphed_layer_forward(owner, _forward_parts, (x,), (w, bias, down, up, spec, c, None))
+            else:
+                parts = _forward_parts(x, w, bias, down, up, spec, c, owner)
+            y, xq_c, wq, xh, xh_c, down_c, r_dtype, xd = parts
+        ctx.spec, ctx.xh_dtype, ctx.r_dtype, ctx.ab, ctx.w_dtype = spec, xd, r_dtype, ab, w.dtype
+        # B in the matmul dtype where that is a new tensor (the g_t B term; a graph's copy of B is not kept)
+        ctx.down_c = None if down is None or down.dtype == c else down_c
         ctx.bias_dtype = None if bias is None else bias.dtype
         # autocast caches its cast of a leaf master within its region: where the op graph would take the uncast
         # masters (x in their dtype), A B and the branch share one cast of A and of B, and their gradients add up
         # in the cast dtype before the cast back
         ctx.shared_cast = torch.is_autocast_enabled(x.device.type) and x.dtype == w.dtype
-        masked = spec.a_bits < 16 and spec.a_clip != "absmax"
-        ctx.save_for_backward(xq_c, wq, xh if masked else None, xh_c, down, up)
+        ctx.save_for_backward(xq_c, wq, xh, xh_c, down, up)
         return y
 
     @staticmethod
@@ -260,37 +260,70 @@ class QATLinearFunction(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, g):
         xq_c, wq, xh, xh_c, down, up = ctx.saved_tensors  # with a branch: [xq_c, t] and [Wq, A_c]
-        spec, xd = ctx.spec, ctx.xh_dtype
-        c = g.dtype
-        g2 = _2d(g)
-        need_x, need_w, need_b, need_down, need_up = ctx.needs_input_grad[:5]
-        g_x = g_w = g_bias = g_down = g_up = None
-        k = wq.shape[1] - (0 if down is None else down.shape[0])
-        gt2 = None  # g A_c: the stacked input gradient's last r columns, as autograd splits the cat
-        if need_x or (down is not None and need_down):
-            g_in = g2.mm(wq)
-            if down is not None:
-                gt2 = g_in.narrow(1, k, g_in.shape[1] - k)
-                g_in = g_in.narrow(1, 0, k)
-        if need_x:
-            g_xh = _to(g_in, xd)
-            if xh is not None:  # a clipped range: the gradient passes inside it only
-                g_xh = g_xh * _to(Q.act_ste_mask(xh, spec.a_bits, spec.sym, spec.a_clip, spec.a_group)
-                                  .reshape(g_xh.shape), xd)
-            if down is not None:
-                g_xh = g_xh + _to(gt2.mm(ctx.down_c if ctx.down_c is not None else _to(down, c)), xd)
-            g_x = _rotate(g_xh.reshape(*g.shape[:-1], g_xh.shape[-1]), spec)
-        if need_w or need_down or need_up:
-            g_wide = g2.t().mm(_2d(xq_c))
-            p_down = None if down is None else gt2.t().mm(_2d(xh_c))
-            args = (down, up, spec, k, ctx.r_dtype, ctx.w_dtype, ctx.ab, ctx.shared_cast, need_w)
-            if ctx.graph_owner is not None and qat_graph.usable(g_wide):  # the same ops, replayed (qat_graph.py)
-                g_w, g_up, g_down = qat_graph.graphed_grads(ctx.graph_owner, _weight_grads, (g_wide, p_down), args)
-            else:
-                g_w, g_up, g_down = _weight_grads(g_wide, p_down, *args)
-        if need_b and ctx.bias_dtype is not None:
-            g_bias = _to(g2.sum(0), ctx.bias_dtype)
-        return g_x, g_w, g_bias, g_down, g_up, None, None, None
+        args = (down, up, ctx.spec, ctx.xh_dtype, ctx.r_dtype, ctx.w_dtype, ctx.ab, ctx.shared_cast, ctx.bias_dtype,
+                tuple(ctx.needs_input_grad[:5]))
+        if ctx.layer_graph and qat_graph.layers_usable(g):  # the whole backward replayed, g and the saved copied in
+            grads = qat_graph.graphed_layer_backward(ctx.graph_owner, _backward_parts,
+                                                     (g, xq_c, wq, xh, xh_c, ctx.down_c), args + (None,))
+        else:
+            grads = _backward_parts(g, xq_c, wq, xh, xh_c, ctx.down_c, *args, ctx.graph_owner)
+        return (*grads, None, None, None)
+
+
+def _masked(spec: LayerSpec) -> bool:
+    """Q_a's straight-through mask needs x H (a clipped range: the gradient passes inside it only)."""
+    return spec.a_bits < 16 and spec.a_clip != "absmax"
+
+
+def _forward_parts(x, w, bias, down, up, spec: LayerSpec, c: torch.dtype, graph_owner) -> tuple:
+    """(y, the stacked [xq_c, t] (xq_c alone without a branch), the stacked [Wq, A_c], xh where the backward's mask
+    needs it, xh_c (with a branch), B_c, R's dtype, xh's dtype): one layer's forward from x and the masters (what
+    `qat_graph.graphed_layer_forward` replays; graph_owner: its weight side's own graph, outside a layer graph)."""
+    wq, r_dtype, down_c, bias_c = _ranged("robuq::qat Q_w(R)", weight_side, w, down, up, bias, spec, c, graph_owner)
+    xh, xq = _ranged("robuq::qat Q_a(x H)", _rotate_and_quantize, x, spec)
+    xq_c, xh_c = _to(xq, c), None
+    if down is not None:  # [xq, t] [Wq, A]^T: the stacked operands are saved, xq / Wq their first K columns
+        xh_c = _to(xh, c)
+        xq_c = torch.cat([xq_c, F.linear(xh_c, down_c)], -1)
+    y = F.linear(xq_c, wq, bias_c)
+    return y, xq_c, wq, xh if _masked(spec) else None, xh_c, down_c, r_dtype, xh.dtype
+
+
+def _backward_parts(g, xq_c, wq, xh, xh_c, down_c, down, up, spec: LayerSpec, xd, r_dtype, w_dtype, ab,
+                    shared_cast: bool, bias_dtype, needs: tuple, graph_owner) -> tuple:
+    """(g_x, g_W, g_bias, g_B, g_A) from g and what the forward saved (what `qat_graph.graphed_layer_backward`
+    replays; graph_owner: the weight side's own graph, outside a layer graph). down_c: B in the matmul dtype where
+    the forward made a new tensor of it, else None."""
+    c = g.dtype
+    g2 = _2d(g)
+    need_x, need_w, need_b, need_down, need_up = needs
+    g_x = g_w = g_bias = g_down = g_up = None
+    k = wq.shape[1] - (0 if down is None else down.shape[0])
+    gt2 = None  # g A_c: the stacked input gradient's last r columns, as autograd splits the cat
+    if need_x or (down is not None and need_down):
+        g_in = g2.mm(wq)
+        if down is not None:
+            gt2 = g_in.narrow(1, k, g_in.shape[1] - k)
+            g_in = g_in.narrow(1, 0, k)
+    if need_x:
+        g_xh = _to(g_in, xd)
+        if xh is not None:  # a clipped range: the gradient passes inside it only
+            g_xh = g_xh * _to(Q.act_ste_mask(xh, spec.a_bits, spec.sym, spec.a_clip, spec.a_group)
+                              .reshape(g_xh.shape), xd)
+        if down is not None:
+            g_xh = g_xh + _to(gt2.mm(down_c if down_c is not None else _to(down, c)), xd)
+        g_x = _rotate(g_xh.reshape(*g.shape[:-1], g_xh.shape[-1]), spec)
+    if need_w or need_down or need_up:
+        g_wide = g2.t().mm(_2d(xq_c))
+        p_down = None if down is None else gt2.t().mm(_2d(xh_c))
+        args = (down, up, spec, k, r_dtype, w_dtype, ab, shared_cast, need_w)
+        if graph_owner is not None and qat_graph.usable(g_wide):  # the same ops, replayed (qat_graph.py)
+            g_w, g_up, g_down = qat_graph.graphed_grads(graph_owner, _weight_grads, (g_wide, p_down), args)
+        else:
+            g_w, g_up, g_down = _weight_grads(g_wide, p_down, *args)
+    if need_b and bias_dtype is not None:
+        g_bias = _to(g2.sum(0), bias_dtype)
+    return g_x, g_w, g_bias, g_down, g_up
 
 
 def _weight_grads(g_wide, p_down, down, up, spec: LayerSpec, k: int, r_dtype, w_dtype, ab, shared_cast: bool,

@@ -31,7 +31,11 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 ENABLED = [os.environ.get("ROBUQ_QAT_WEIGHT_GRAPH", "1") == "1"]
-MAX_CAPTURES = 3
+# whole layers (forward: Q_a(x H), the branch and the GEMM as well; backward: every gradient), x and the saved
+# tensors copied in: opt-in until its GPU test has passed
+LAYERS = [os.environ.get("ROBUQ_QAT_LAYER_GRAPH", "0") == "1"]
+MAX_CAPTURES = 8  # a layer's captures of one kind before it computes eagerly for good
+MAX_KEYS = 4  # graphs kept a layer and kind (a training loop's batch shapes, an eval batch)
 
 
 class CudaGraphs:
@@ -96,16 +100,30 @@ def _no_cast_cache(device: torch.device, autocast_dtype):
     return torch.autocast(device.type, dtype=autocast_dtype, cache_enabled=False)
 
 
-class _Entry:
-    __slots__ = ("key", "graph", "inputs", "out", "captures", "off")
+class _Graph:
+    __slots__ = ("graph", "inputs", "out")
 
-    def __init__(self, key=None, graph=None, inputs=(), out=(), captures=0, off=False):
-        self.key, self.graph, self.inputs, self.out, self.captures, self.off = key, graph, inputs, out, captures, off
+    def __init__(self, graph, inputs: tuple, out: tuple):
+        self.graph, self.inputs, self.out = graph, inputs, out
 
 
-_FORWARD = WeakIdKeyDictionary()  # master weight (held weakly) -> _Entry: its forward weight side (Q_w(R), casts)
-_GRADS = WeakIdKeyDictionary()  # master weight -> _Entry: its backward's weight side (g_W, g_A, g_B)
-_STATIC: dict = {}  # (role, device, shape, dtype) -> the buffer the graphs of such layers read or write
+class _Owner:
+    """One layer's graphs of one kind: up to MAX_KEYS of them by key (input shapes, masters' addresses, ...), the
+    oldest dropped first; after MAX_CAPTURES captures, or one that failed, `off` (eager from then on)."""
+    __slots__ = ("graphs", "captures", "off")
+
+    def __init__(self):
+        self.graphs: dict = {}
+        self.captures = 0
+        self.off = False
+
+
+# master weight (held weakly) -> _Owner
+_FORWARD = WeakIdKeyDictionary()  # its forward weight side (Q_w(R), casts)
+_GRADS = WeakIdKeyDictionary()  # its backward's weight side (g_W, g_A, g_B)
+_LAYER_FORWARD = WeakIdKeyDictionary()  # its whole forward (ROBUQ_QAT_LAYER_GRAPH=1)
+_LAYER_BACKWARD = WeakIdKeyDictionary()  # its whole backward (ROBUQ_QAT_LAYER_GRAPH=1)
+_STATIC: dict = {}  # (role, device, shape, strides, dtype) -> the buffer the graphs of such layers read or write
 _BACKEND: list = [None]
 
 
@@ -119,6 +137,11 @@ def usable(w: torch.Tensor) -> bool:
     return ENABLED[0] and w.is_cuda and not torch.cuda.is_current_stream_capturing()
 
 
+def layers_usable(w: torch.Tensor) -> bool:
+    """Whole layers graphed (forward and backward), not just their weight sides."""
+    return LAYERS[0] and usable(w)
+
+
 def _sig(t: torch.Tensor | None, address: bool = True):
     if t is None:
         return None
@@ -126,11 +149,12 @@ def _sig(t: torch.Tensor | None, address: bool = True):
 
 
 def _static(device: torch.device, like: torch.Tensor, role: str) -> torch.Tensor:
-    """The buffer of this role, device, shape and dtype that the graphs of such layers read or write."""
-    key = (role, device, tuple(like.shape), like.dtype)
+    """The buffer of this role, device, shape, strides and dtype that the graphs of such layers read or write (a
+    dense input's strides kept: the graph runs the kernels the eager call ran on it)."""
+    key = (role, device, tuple(like.shape), tuple(like.stride()), like.dtype)
     buf = _STATIC.get(key)
     if buf is None:
-        buf = _STATIC[key] = torch.empty(like.shape, dtype=like.dtype, device=device)
+        buf = _STATIC[key] = torch.empty_like(like, device=device, memory_format=torch.preserve_format)
     return buf
 
 
@@ -138,9 +162,9 @@ def _autocast_dtype(device: torch.device):
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
 
 
-def _give_up(table, name: str, owner, e: _Entry, why: str) -> None:
-    e.off, e.graph, e.inputs, e.out = True, None, (), ()
-    table[owner] = e
+def _give_up(name: str, owner, o: _Owner, why: str) -> None:
+    o.off = True
+    o.graphs.clear()
     warnings.warn(f"ROBUQ_QAT_WEIGHT_GRAPH: a QAT layer ({tuple(owner.shape)} weight) computes its {name} eagerly "
                   f"from now on: {why}", RuntimeWarning, stacklevel=5)
 
@@ -153,26 +177,29 @@ def _copy_in(bufs: tuple, tensors: tuple) -> None:
 
 def _replayed(table, name: str, owner, compute, copy_in: tuple, args: tuple) -> tuple:
     """compute(*copy_in, *args) -> a tuple of tensors, Nones and constants, from the layer's graph in `table` where it
-    has one (module docstring). copy_in: tensors that change from call to call, copied into per-shape buffers the
-    graph reads (their shapes, strides and dtypes in the key); args: read where they are (their addresses in the
-    key) or constants. The tensors returned are copies of the per-shape buffers the graph writes."""
+    has one for this key (module docstring). copy_in: tensors (or Nones) that change from call to call, copied into
+    per-shape buffers the graph reads (their shapes, strides and dtypes in the key); args: read where they are (their
+    addresses in the key) or constants. The tensors returned are copies of the per-shape buffers the graph writes."""
     key = (tuple(_sig(t, address=False) for t in copy_in),
            tuple(_sig(a) if isinstance(a, torch.Tensor) else a for a in args), _autocast_dtype(owner.device), compute)
-    e = table.get(owner)
-    if e is not None and e.off:
+    o = table.get(owner)
+    if o is None:
+        o = table[owner] = _Owner()
+    if o.off:
         return compute(*copy_in, *args)
     be = backend()
-    if e is not None and e.key == key:
-        _copy_in(e.inputs, copy_in)
-        be.replay(e.graph)
-        return tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in e.out)
-    # the first call, or masters that moved: this call computes eagerly (which is also the warm-up a capture needs:
-    # lazy inits, Triton compiles), then the graph is captured for the next calls
-    e = e or _Entry()
+    g = o.graphs.get(key)
+    if g is not None:
+        _copy_in(g.inputs, copy_in)
+        be.replay(g.graph)
+        return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in g.out)
+    # the first call with this key (new input shapes, masters that moved): it computes eagerly (which is also the
+    # warm-up a capture needs: lazy inits, Triton compiles), then the graph is captured for the next calls
     result = compute(*copy_in, *args)
-    if e.captures >= MAX_CAPTURES:
-        _give_up(table, name, owner, e, f"its masters moved {e.captures} times (FSDP2 re-allocating them, or a "
-                                        f"weight shared by layers with other branches or biases)")
+    if o.captures >= MAX_CAPTURES:
+        _give_up(name, owner, o, f"it was captured {o.captures} times (its masters moved: FSDP2 re-allocating them, "
+                                 f"or a weight shared by layers with other branches or biases; or its input shapes "
+                                 f"keep changing)")
         return result
     dev = next(t.device for t in (*copy_in, *result) if isinstance(t, torch.Tensor))
     inputs = tuple(None if t is None else _static(dev, t, f"{name}.in{i}") for i, t in enumerate(copy_in))
@@ -180,9 +207,9 @@ def _replayed(table, name: str, owner, compute, copy_in: tuple, args: tuple) -> 
     outs = tuple(_static(dev, r, f"{name}.out{i}") if isinstance(r, torch.Tensor) else r for i, r in enumerate(result))
 
     def run():
-        for o, r in zip(outs, compute(*inputs, *args)):
-            if isinstance(o, torch.Tensor):
-                o.copy_(r)
+        for t, r in zip(outs, compute(*inputs, *args)):
+            if isinstance(t, torch.Tensor):
+                t.copy_(r)
     try:
         graph = be.capture(run, dev, _autocast_dtype(dev))
     except Exception as exc:  # noqa: BLE001 - a kernel that cannot be captured: the eager computation stays right
@@ -191,9 +218,12 @@ def _replayed(table, name: str, owner, compute, copy_in: tuple, args: tuple) -> 
                                f"weight) failed ({type(exc).__name__}: {str(exc)[:300]}), and PyTorch left the CUDA "
                                f"generator of {dev} in capture mode: random draws there would fail. Set "
                                f"ROBUQ_QAT_WEIGHT_GRAPH=0 and report the error above") from exc
-        _give_up(table, name, owner, e, f"its capture failed ({type(exc).__name__}: {str(exc)[:200]})")
+        _give_up(name, owner, o, f"its capture failed ({type(exc).__name__}: {str(exc)[:200]})")
         return result
-    table[owner] = _Entry(key, graph, inputs, outs, e.captures + 1)
+    o.captures += 1
+    o.graphs[key] = _Graph(graph, inputs, outs)
+    if len(o.graphs) > MAX_KEYS:
+        del o.graphs[next(iter(o.graphs))]
     return result
 
 
@@ -209,8 +239,20 @@ def graphed_grads(owner: torch.Tensor, compute, copy_in: tuple, args: tuple) -> 
     return _replayed(_GRADS, "backward weight side", owner, compute, copy_in, args)
 
 
+def graphed_layer_forward(owner: torch.Tensor, compute, copy_in: tuple, args: tuple) -> tuple:
+    """compute(*copy_in, *args) (`qat_fused._forward_parts`: the layer's output and what its backward saves, from
+    the input x copied in and the masters in args), from the layer's graph for x's shape where it has one."""
+    return _replayed(_LAYER_FORWARD, "forward", owner, compute, copy_in, args)
+
+
+def graphed_layer_backward(owner: torch.Tensor, compute, copy_in: tuple, args: tuple) -> tuple:
+    """compute(*copy_in, *args) (`qat_fused._backward_parts`: every gradient, from g and the tensors the forward
+    saved, copied in, and the masters in args), from the layer's graph for their shapes where it has one."""
+    return _replayed(_LAYER_BACKWARD, "backward", owner, compute, copy_in, args)
+
+
 def clear() -> None:
     """Drop every layer's graphs and the shared buffers (tests; a process that wants the memory back)."""
-    _FORWARD.clear()
-    _GRADS.clear()
+    for table in (_FORWARD, _GRADS, _LAYER_FORWARD, _LAYER_BACKWARD):
+        table.clear()
     _STATIC.clear()

@@ -45,6 +45,8 @@
 #   scripts/gpu_session.sh linear [table]   bench_linear --write-dispatch (quantizer tilings, GEMM kernels/configs), then
 #                                           bench_linear with it (table: the committed table, no sweep)
 #   scripts/gpu_session.sh qat-profile [MODE [SETTING..]]  profile_dit --train (default: compiled, bf16 + paper), batch 16
+#   scripts/gpu_session.sh train-lgraph     the graph GPU tests, then eager QAT rows: weight-side graphs vs whole layers
+#   scripts/gpu_session.sh graph-diag       where the QAT CUDA graphs break: full logs of their tests and a diag script
 #   scripts/gpu_session.sh train            bench_dit --train-only: QAT step vs FP, eager and compiled (issue 19)
 #   scripts/gpu_session.sh train-opt        eager rows without / with ROBUQ_QAT_WEIGHT_KERNEL=1 ROBUQ_QAT_FP8=1 (A/B)
 #   scripts/gpu_session.sh train-paper      the paper policy's compiled QAT step against FP
@@ -565,6 +567,16 @@ quant-plans)  # every Gluon quantizer tiling (lanes, columns a thread, warps) at
     # absmax and sigma, with code checks (bench_act_quant --gluon-plans): fc2's K = 4608 quantizer runs at ~1.9 TB/s
     # (~3.5 ms of W4A4+H's batch-64 forward); a faster tiling goes into the table's quant_gluon as [lanes, vt, warps]
     timeout 400 python3 benchmarks/bench_act_quant.py --gluon-plans --m 16384 1024 2>&1 | grep -v Warning | tail -90
+    ;;
+train-lgraph)  # session 20's ROBUQ_QAT_LAYER_GRAPH=1 (each QAT layer's whole forward and backward replayed from CUDA
+    # graphs, x / g / the saved tensors copied in): the graph GPU tests (weight sides and whole layers), then the eager
+    # QAT rows with the default weight-side graphs and with whole-layer graphs in one call (~6 min)
+    timeout 150 python3 -m pytest -q -rf --tb=short -p no:cacheprovider tests/test_qat_graph.py tests/test_qat_fused.py \
+        > "$OUT/graph_tests.log" 2>&1; grep -E "^E |Error|passed|failed" "$OUT/graph_tests.log" | head -20
+    timeout 200 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --no-compile --iters 10 \
+        --tag _train_eager_wgraph 2>&1 | tail -n 6
+    ROBUQ_QAT_LAYER_GRAPH=1 timeout 200 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --no-compile \
+        --iters 10 --tag _train_eager_lgraph 2>&1 | tail -n 6
     ;;
 graph-diag)  # session 20: where ROBUQ_QAT_WEIGHT_GRAPH=1 breaks (train-graph: its GPU test failed, and the W1.58A4+H
     # bench row died on "Offset increment outside graph capture" in the next step's torch.rand): full logs under $OUT

@@ -68,7 +68,8 @@ def test_capture_once_then_replay_a_copy(stand_in):
     assert torch.equal(first[0], _wq(a, graphed=False)[0]) and first[1] == torch.float32
     again = _wq(a)
     assert stand_in.replays == 1 and torch.equal(again[0], first[0])
-    buf = qat_graph._STATIC[("forward weight side.out0", a.weight.device, tuple(first[0].shape), first[0].dtype)]
+    buf = qat_graph._STATIC[("forward weight side.out0", a.weight.device, tuple(first[0].shape),
+                             tuple(first[0].stride()), first[0].dtype)]
     assert again[0].data_ptr() != buf.data_ptr()  # a copy: what autograd saves is the call's own
     _wq(b)
     other = _wq(b)  # same shape: b's replay rewrites the shared buffer ...
@@ -85,12 +86,16 @@ def test_in_place_updates_show_and_moved_masters_are_recaptured(stand_in):
     got = _wq(m)
     assert stand_in.captures == 1 and stand_in.replays == 1
     assert torch.equal(got[0], _wq(m, graphed=False)[0])
+    old = []  # the moved-from storages kept alive: a freed address reused by the allocator would match a kept graph
     for moves in range(1, qat_graph.MAX_CAPTURES):
+        old.append(m.weight.data)
         m.weight.data = m.weight.data.clone()  # new storage: the old graph would read freed memory
         assert torch.equal(_wq(m)[0], _wq(m, graphed=False)[0])
         assert stand_in.captures == 1 + moves
+    old.append(m.weight.data)
     m.weight.data = m.weight.data.clone()
-    with pytest.warns(RuntimeWarning, match="moved 3 times"):
+    assert len(qat_graph._FORWARD[m.weight].graphs) == qat_graph.MAX_KEYS  # the oldest dropped
+    with pytest.warns(RuntimeWarning, match=f"captured {qat_graph.MAX_CAPTURES} times"):
         got = _wq(m)
     assert torch.equal(got[0], _wq(m, graphed=False)[0])
     n = stand_in.replays
@@ -146,9 +151,12 @@ def _inputs(m, k, r, seed):
 
 
 def _train(mod, x, steps, autocast):
+    """steps AdamW steps; x: one input, or a list taken in turn (batches of several shapes)."""
+    xs = x if isinstance(x, list) else [x]
     opt = torch.optim.AdamW(mod.parameters(), lr=1e-2)
     outs = []
-    for _ in range(steps):
+    for i in range(steps):
+        x = xs[i % len(xs)]
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             y = mod(x)
         y.float().pow(2).mean().backward()
@@ -158,9 +166,14 @@ def _train(mod, x, steps, autocast):
     return outs
 
 
-def _model(device):
+# the paper's linear, a sigma-clipped asymmetric one (its backward reads x H for the mask), one without a branch
+SPECS = [SPEC, dict(w_bits=2, a_bits=3, a_sym=False, a_clip="sigma", hadamard=True, hadamard_block=64, lora_rank=8),
+         dict(w_bits=4, a_bits=4, hadamard=True, hadamard_block=64)]
+
+
+def _model(device, specs=(SPEC, SPEC, SPEC)):
     torch.manual_seed(4)
-    layers = [QATLinear.from_module(torch.nn.Linear(128, 128), LayerSpec(**SPEC).resolve(128, 128)) for _ in range(3)]
+    layers = [QATLinear.from_module(torch.nn.Linear(128, 128), LayerSpec(**sp).resolve(128, 128)) for sp in specs]
     return torch.nn.Sequential(layers[0], torch.nn.GELU(), layers[1], torch.nn.GELU(), layers[2]).to(device)
 
 
@@ -184,10 +197,30 @@ def test_training_through_the_graph_path_equals_the_fused_path(stand_in, monkeyp
     assert stand_in.captures == 6 and stand_in.replays == 12  # Q_w(R) and the backward's weight side, 3 layers
 
 
-def test_tiny_dit_paper_policy_trains_the_same_through_the_graph_path(stand_in, monkeypatch):
+@pytest.mark.parametrize("autocast", [False, True])
+def test_training_through_whole_layer_graphs_equals_the_fused_path(stand_in, monkeypatch, autocast):
+    """ROBUQ_QAT_LAYER_GRAPH: each layer's whole forward (x copied in) and backward (g and the saved tensors copied
+    in) from the stand-in's graphs, batches of two shapes in turn: every output and gradient equal over 5 steps; a
+    layer's forward and backward captured once a shape (2 kinds x 2 shapes x 3 layers), replayed after."""
+    base = _model("cpu", SPECS)
+    xs = [torch.randn(4, 9, 128), torch.randn(3, 5, 128)]
+    want = _train(copy.deepcopy(base), xs, 5, autocast)
+    monkeypatch.setattr(qat_graph, "usable", lambda w: True)
+    monkeypatch.setattr(qat_graph, "LAYERS", [True])
+    mod = copy.deepcopy(base)
+    got = _train(mod, xs, 5, autocast)
+    _compare(got, want)
+    assert stand_in.captures == 12 and stand_in.replays == 2 * 3 * 3
+    assert len(qat_graph._LAYER_FORWARD) == 3 and not qat_graph._FORWARD and not qat_graph._GRADS
+    assert all(len(o.graphs) == 2 for o in qat_graph._LAYER_BACKWARD.values())
+
+
+@pytest.mark.parametrize("layers", [False, True])
+def test_tiny_dit_paper_policy_trains_the_same_through_the_graph_path(stand_in, monkeypatch, layers):
     """The whole tiny DiT under the paper's policy (LRB on every linear, 8-bit q/k/v fake-quant), bf16 autocast,
     three AdamW steps: loss and every gradient equal with and without the graph path; each QAT layer captured
-    twice (Q_w(R), the backward's weight side) and replayed in the later steps."""
+    twice (Q_w(R) and the backward's weight side; or, with whole-layer graphs, its forward and backward) and
+    replayed in the later steps."""
     import robuq_fx
     import robuq_fx.models as M
     pytest.importorskip("diffusers")
@@ -213,36 +246,45 @@ def test_tiny_dit_paper_policy_trains_the_same_through_the_graph_path(stand_in, 
         return outs
     want = run()
     monkeypatch.setattr(qat_graph, "usable", lambda w: True)
+    monkeypatch.setattr(qat_graph, "LAYERS", [layers])
     got = run()
     for i, ((la, ga), (lb, gb)) in enumerate(zip(want, got)):
         assert torch.equal(la, lb), f"step {i}: loss"
         assert ga.keys() == gb.keys() and all(torch.equal(ga[k], gb[k]) for k in ga), f"step {i}: gradients"
     assert n_layers > 4 and stand_in.captures == 2 * n_layers and stand_in.replays == 4 * n_layers
+    assert bool(qat_graph._LAYER_FORWARD) == layers and bool(qat_graph._FORWARD) != layers
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("autocast", [False, True])
-def test_cuda_graphs_equal_the_eager_computation(monkeypatch, autocast):
-    """Also: a second model trained after the first one's graphs were freed captures into the same pool (session
-    20's H200 run: a released pool's handle failed an assert inside capture_begin and broke the CUDA generator)."""
+@pytest.mark.parametrize("layers", [False, True])
+def test_cuda_graphs_equal_the_eager_computation(monkeypatch, autocast, layers):
+    """Real CUDA graphs (weight sides, or whole layers: ROBUQ_QAT_LAYER_GRAPH), the three kinds of layer, batches of
+    two shapes in turn, 5 AdamW steps: bit-equal to the eager computation. Also: a second model trained after the
+    first one's graphs were freed captures into the same pool (session 20's H200 run: a released pool's handle
+    failed an assert inside capture_begin and broke the CUDA generator)."""
     import gc
     qat_graph.clear()
-    base = _model("cuda")
-    x = torch.randn(4, 33, 128, device="cuda")
+    base = _model("cuda", SPECS)
+    xs = [torch.randn(4, 33, 128, device="cuda"), torch.randn(2, 17, 128, device="cuda")]
     monkeypatch.setattr(qat_graph, "ENABLED", [False])
-    want = _train(copy.deepcopy(base), x, 4, autocast)
+    want = _train(copy.deepcopy(base), xs, 5, autocast)
     assert not qat_graph._FORWARD
     monkeypatch.setattr(qat_graph, "ENABLED", [True])
+    monkeypatch.setattr(qat_graph, "LAYERS", [layers])
+    fwd, bwd = ((qat_graph._LAYER_FORWARD, qat_graph._LAYER_BACKWARD) if layers else
+                (qat_graph._FORWARD, qat_graph._GRADS))
+    shapes = 2 if layers else 1
     for attempt in range(2):
         mod = copy.deepcopy(base)
-        got = _train(mod, x, 4, autocast)
+        got = _train(mod, xs, 5, autocast)
         _compare(got, want)
-        entries = list(qat_graph._FORWARD.values())
-        assert len(entries) == 3 and all(e.graph is not None and e.captures == 1 for e in entries), attempt
-        assert len(qat_graph._GRADS) == 3 and all(e.graph is not None for e in qat_graph._GRADS.values())
-        del mod, entries
+        for table in (fwd, bwd):
+            owners = list(table.values())
+            assert len(owners) == 3 and all(len(o.graphs) == shapes == o.captures for o in owners), attempt
+        del mod, owners
         gc.collect()
-        assert not qat_graph._FORWARD  # the graphs went with the model
+        assert not fwd and not bwd  # the graphs went with the model
     torch.rand(1, device="cuda")  # the generator still draws
     qat_graph.clear()
