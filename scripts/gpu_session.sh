@@ -571,11 +571,11 @@ quant-plans)  # every Gluon quantizer tiling (lanes, columns a thread, warps) at
 train-lgraph)  # session 20's ROBUQ_QAT_LAYER_GRAPH=1 (each QAT layer's whole forward and backward replayed from CUDA
     # graphs, x / g / the saved tensors copied in): the graph GPU tests (weight sides and whole layers), then the eager
     # QAT rows with the default weight-side graphs and with whole-layer graphs in one call (~6 min)
-    timeout 150 python3 -m pytest -q -rf --tb=short -p no:cacheprovider tests/test_qat_graph.py tests/test_qat_fused.py \
+    timeout 100 python3 -m pytest -q -rf --tb=short -p no:cacheprovider tests/test_qat_graph.py tests/test_qat_fused.py \
         > "$OUT/graph_tests.log" 2>&1; grep -E "^E |Error|passed|failed" "$OUT/graph_tests.log" | head -20
-    timeout 200 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --no-compile --iters 10 \
+    timeout 170 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --no-compile --iters 10 \
         --tag _train_eager_wgraph 2>&1 | tail -n 6
-    ROBUQ_QAT_LAYER_GRAPH=1 timeout 200 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --no-compile \
+    ROBUQ_QAT_LAYER_GRAPH=1 timeout 170 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --no-compile \
         --iters 10 --tag _train_eager_lgraph 2>&1 | tail -n 6
     ;;
 graph-diag)  # session 20: where ROBUQ_QAT_WEIGHT_GRAPH=1 breaks (train-graph: its GPU test failed, and the W1.58A4+H
