@@ -45,6 +45,7 @@
 #   scripts/gpu_session.sh linear [table]   bench_linear --write-dispatch (quantizer tilings, GEMM kernels/configs), then
 #                                           bench_linear with it (table: the committed table, no sweep)
 #   scripts/gpu_session.sh qat-profile [MODE [SETTING..]]  profile_dit --train (default: compiled, bf16 + paper), batch 16
+#   scripts/gpu_session.sh train-eager      the eager QAT rows at the defaults (bench_dit --train-only --no-compile)
 #   scripts/gpu_session.sh train-lgraph     the graph GPU tests, then eager QAT rows: weight-side graphs vs whole layers
 #   scripts/gpu_session.sh graph-diag       where the QAT CUDA graphs break: full logs of their tests and a diag script
 #   scripts/gpu_session.sh train            bench_dit --train-only: QAT step vs FP, eager and compiled (issue 19)
@@ -567,6 +568,10 @@ quant-plans)  # every Gluon quantizer tiling (lanes, columns a thread, warps) at
     # absmax and sigma, with code checks (bench_act_quant --gluon-plans): fc2's K = 4608 quantizer runs at ~1.9 TB/s
     # (~3.5 ms of W4A4+H's batch-64 forward); a faster tiling goes into the table's quant_gluon as [lanes, vt, warps]
     timeout 400 python3 benchmarks/bench_act_quant.py --gluon-plans --m 16384 1024 2>&1 | grep -v Warning | tail -90
+    ;;
+train-eager)  # the eager QAT rows at the defaults (whole-layer graphs since session 20), ~3 min
+    timeout 200 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --no-compile --iters 10 \
+        --tag _train_eager 2>&1 | tail -n 12
     ;;
 train-lgraph)  # session 20's ROBUQ_QAT_LAYER_GRAPH=1 (each QAT layer's whole forward and backward replayed from CUDA
     # graphs, x / g / the saved tensors copied in): the graph GPU tests (weight sides and whole layers), then the eager
