@@ -1,6 +1,8 @@
-"""The eager QAT path's weight side replayed from CUDA graphs (issue 19; on by default, ROBUQ_QAT_WEIGHT_GRAPH=0 turns it
-off). Session 20's H200 run (DiT-XL/2 batch 16, bf16 autocast, AdamW): the eager QAT step of W4A4+H 392 -> 249 ms,
-W1.58A4+H 330 -> 285 ms, the paper's policy 526 -> 370 ms; its GPU test (bit-equal over 4 steps) passes.
+"""The eager QAT path replayed from per-layer CUDA graphs (issue 19; on by default: ROBUQ_QAT_WEIGHT_GRAPH=0 turns it
+off, ROBUQ_QAT_LAYER_GRAPH=0 keeps the weight sides only). Session 20's H200 runs, DiT-XL/2 batch 16, bf16 autocast,
+AdamW, eager QAT step over FP in the same run: W4A4+H 2.22x without graphs, 1.64-1.85x with the weight sides, 1.12x
+with whole layers; W1.58A4+H 1.87x / 1.88-1.95x / 1.05x; the paper's policy 2.98x / 1.97-2.44x / 1.53x. GPU tests:
+bit-equal to the eager computation.
 
 An eager QAT step recomputes every layer's Q_w(R) = Q_w(W H - A B) from the masters: ~29 ATen calls under autocast,
 0.82 ms of CPU a layer against ~0.09 ms of GPU work on the H200's host (session 19's profile: 161 of the paper
@@ -11,13 +13,17 @@ replay and a copy out of each output. The graph runs the kernels the eager call 
   B and the bias cast to it.
 - Backward (`graphed_grads` of `qat_fused._weight_grads`): g_W = g_R H and the branch factors' gradients (~18 ATen
   calls), its two activation-dependent inputs copied into buffers the graph reads.
+- Whole layers (`graphed_layer_forward` / `graphed_layer_backward` of `qat_fused._forward_parts` / `_backward_parts`,
+  the default): the forward's Q_a(x H), branch and GEMM as well, x copied in; the backward's every gradient, g and
+  the saved tensors copied in. One graph a layer and key (x's shape ...), up to MAX_KEYS of them.
 
 - A graph writes into buffers per (role, device, shape, dtype), shared by the layers of that shape, and each call
   copies them out at once: what autograd saves is the call's own tensor, whatever replays after it.
 - The graphs share one memory pool; nothing of it outlives a replay (their intermediates are dead when it ends).
 - Keyed on the masters' addresses, shapes, strides and dtypes, the spec, compute dtype and autocast dtype: masters
-  that moved (`param.data = ...`, `.to()`, FSDP2's re-allocated unsharded storage) are recaptured; a layer
-  recaptured MAX_CAPTURES times, or whose capture fails, computes eagerly from then on (one warning).
+  that moved (`param.data = ...`, `.to()`, FSDP2's re-allocated unsharded storage) and new input shapes are
+  captured anew; a layer captured MAX_CAPTURES times, or whose capture fails, computes eagerly from then on (one
+  warning).
 - Not inside another capture (the caller's own CUDA graph): the eager computation runs.
 - autocast's cast cache is off inside the capture (a cached cast would be a tensor of the graph's pool).
 """
