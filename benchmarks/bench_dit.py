@@ -115,6 +115,9 @@ def main(argv=None):
                     help="which training-step rows, each against FP in the same mode (default eager and compiled; "
                          "cudagraphs: both under torch.compile mode=reduce-overhead; cppwrapper / combo: default "
                          "mode with Inductor's C++ wrapper / its combo kernels)")
+    ap.add_argument("--step-weights", choices=["off", "on", "both"], default="off",
+                    help="QAT rows with robuq_fx.weight_sides_per_forward (every layer's weight side once a forward, "
+                         "for the whole model: rows ' +stepw'); both: each QAT row without and with it, same run")
     ap.add_argument("--train-only", action="store_true", help="only the training-step rows")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for every compiled row "
                     "(e.g. reduce-overhead for CUDA graphs); default: torch's default")
@@ -299,6 +302,9 @@ def main(argv=None):
              ("QAT W1.58A4+H" + opt_in, policies()["robuq W1.58A4+H"]), ("QAT dit-xl-2-robuq" + opt_in, policies()[PAPER])]
     if args.settings:
         train = [t for t in train if t[1] is None or any(x in t[0] for x in args.settings)]
+    if args.step_weights != "off":
+        stepw = [(n + " +stepw", p) for n, p in train if p is not None]
+        train = ([t for t in train if t[1] is None] if args.step_weights == "on" else train) + stepw
     # cudagraphs: torch.compile(mode="reduce-overhead") on both sides: the step without its CPU launch cost (the
     # paper policy's compiled step launches ~3x FP's kernels; on the H200 host its wall time exceeded its kernels')
     modes = [m for m in args.train_modes if not (args.no_compile and m != "eager")]
@@ -307,6 +313,8 @@ def main(argv=None):
             m = build(cfg).to(device).train()
             if pol is not None:
                 m = robuq_fx.quantize(m, pol, example_inputs=inputs(cfg, 2, device)).train()
+                if name.endswith(" +stepw"):
+                    robuq_fx.weight_sides_per_forward(m)
             opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
             x = inputs(cfg, tb, device)
             fwd = m if mode == "eager" else torch.compile(m, mode="reduce-overhead" if mode == "cudagraphs" else None)

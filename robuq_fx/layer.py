@@ -76,6 +76,19 @@ def stacked_linear(xq, t, wq, lrb_up, bias):
     return F.linear(torch.cat([xq, t], -1), torch.cat([wq, lrb_up.to(wq.dtype)], 1), bias)
 
 
+def prepared_linear(x, w_stacked, lrb_down_c, bias_c, spec: LayerSpec):
+    """`robuq_linear` with the weight side already computed (qat_step.py): w_stacked = [Q_w(R), A_c] (just Q_w(R)
+    without a branch), lrb_down_c = B, bias_c = bias, all in the matmul dtype; x H and Q_a(x H) go to it first."""
+    xh = rotate(x, spec)
+    xq = fake_quant_act(xh, spec) if spec.a_bits < 16 else xh
+    c = w_stacked.dtype
+    xq = xq if xq.dtype == c or torch.is_autocast_enabled(x.device.type) else xq.to(c)
+    if lrb_down_c is None:
+        return F.linear(xq, w_stacked, bias_c)
+    xh = xh if xh.dtype == c or torch.is_autocast_enabled(x.device.type) else xh.to(c)
+    return F.linear(torch.cat([xq, F.linear(xh, lrb_down_c)], -1), w_stacked, bias_c)
+
+
 def _per_member(xq, xh, wq, bias, lrb_down, lrb_up, splits):
     ys, o = [], 0
     r = 0 if lrb_down is None else lrb_down.shape[0] // len(splits)

@@ -131,6 +131,8 @@ class QATLinear(nn.Module):
         else:
             self.lrb_down = self.lrb_up = None
         self.compute_dtype: torch.dtype | None = None
+        # (stacked [Q_w(R), A_c], B_c, bias_c) while a model forward under `weight_sides_per_forward` runs
+        self._prepared: tuple | None = None
 
     @classmethod
     def from_module(cls, module: nn.Module, spec: LayerSpec, init_lrb: bool = True) -> "QATLinear":
@@ -151,6 +153,9 @@ class QATLinear(nn.Module):
     def forward(self, x):
         if _CAPTURING[0]:
             return leaf_linear(x, self.weight, self.bias, self.transposed)
+        prepared = getattr(self, "_prepared", None)
+        if prepared is not None:  # the weight side computed for the whole model (qat_step.py)
+            return layer.prepared_linear(x, *prepared, self.spec)
         w = self.weight_nk()
         if _fused_ok(x, self):  # eager: one autograd node (qat_fused.py); compile / export: the op graph below
             from .qat_fused import qat_linear

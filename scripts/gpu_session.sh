@@ -45,6 +45,7 @@
 #   scripts/gpu_session.sh linear [table]   bench_linear --write-dispatch (quantizer tilings, GEMM kernels/configs), then
 #                                           bench_linear with it (table: the committed table, no sweep)
 #   scripts/gpu_session.sh qat-profile [MODE [SETTING..]]  profile_dit --train (default: compiled, bf16 + paper), batch 16
+#   scripts/gpu_session.sh train-stepw [S]  weight_sides_per_forward: its GPU tests, the compiled QAT step without / with it
 #   scripts/gpu_session.sh train-eager      the eager QAT rows at the defaults (bench_dit --train-only --no-compile)
 #   scripts/gpu_session.sh train-lgraph     the graph GPU tests, then eager QAT rows: weight-side graphs vs whole layers
 #   scripts/gpu_session.sh graph-diag       where the QAT CUDA graphs break: full logs of their tests and a diag script
@@ -107,23 +108,26 @@
 # The machine goes back ~30 s after a call returns, and with it everything detached or left in /tmp: make every
 # call self-contained, and send the next one at once. On nvidia-h200-x2, `pair A B` runs two steps at once (one a
 # GPU) for the device time of one: use it. A cold compile of the paper policy takes ~3-4 min on the machine: a call
-# holds about two (policy, batch) rows. Session 20's plan (one H200; one bench_dit run a call, sent alone):
-#   1. train-graph (~7 min: issue 19's eager step. The paper policy's is CPU-bound, 485 ms wall vs 107 ms of kernels
-#                   (s19-final's profile), 161 ms of it Q_w(R) (~29 ATen calls a layer). ROBUQ_QAT_WEIGHT_GRAPH=1
-#                   replays each layer's Q_w(R) from a CUDA graph (qat_graph.py, session 19, CPU-tested with a
-#                   stand-in). If its GPU test passes and the eager rows gain, make it the default (qat_graph.ENABLED,
-#                   switches.py, the docstrings) and merge the summary (qat_*_wgraph_eager_x). Also re-runs the Gluon
-#                   sigma test at its 1e-4 reference bound (it failed at 1e-5 in session 19))
-#   2. qat-profile eager with the graph on (ROBUQ_QAT_WEIGHT_GRAPH=1 qat-profile eager), if it gains: what the eager step spends next (the backward: 0.83 ms of
-#                   CPU a layer; Q_a: 0.29 ms)
-#   3. train-combo (~8 min: the compiled paper QAT step, 1.81x FP and launch-bound, with Inductor's combo kernels
-#                   on both sides; if it gains, consider turning them on in the compile backend's qat mode)
-#   4. ln-configs, quant-plans, verify17 (session 19's plan, not reached), then attention-sweep, dit-default.
+# holds about two (policy, batch) rows. Session 21's plan (one H200; one bench_dit run a call, sent alone):
+#   1. train-stepw (~9 min: issue 19's compiled paper step, 1.811x FP and launch-bound. weight_sides_per_forward
+#                   (qat_step.py, session 20, CPU-tested: on the tiny test net CPU Inductor's generated kernels
+#                   81 -> 36 fwd+bwd) takes every layer's weight side out of the compiled graph into one CUDA graph
+#                   replay each way. Its GPU tests (bit-equal to its graph-less run), then the compiled rows without /
+#                   with it in one run. If it gains, say so in the README's QAT paragraph and consider it for the
+#                   compile backend's qat mode)
+#   2. qat-profile eager (where the paper's eager step, 1.69x with whole-layer graphs, still spends: its 8-bit q/k/v
+#                   fake-quant, per-layer copies)
+#   3. ddp on nvidia-h200-x2 if ever lent (issue 19 item 4: bench_ddp.py; with whole-layer graphs on by default)
+#   4. ln-configs, quant-plans, verify17, then attention-sweep, dit-default (session 19's plan, not reached).
 #   The compile cache comes back as xz pieces (compile_cache.txz.NN): copy them over .snap/.cache/compile_cache.*
 #   after each call (delete the old pieces first). Eager-only calls need no cache: move it aside for them (restoring
 #   ~420 MB takes time).
-#   Not to run again: train-cpp (the FP step alone did not compile in 9.4 min, session 19), gelu-fast (both fusions
-#   lose, session 18), ag128 steps, out-quant (17 us a call saved).
+#   Not to run again: train-cpp (the FP step alone did not compile in 9.4 min, session 19), train-combo (1.971x, worse
+#   than default mode, session 20), gelu-fast (both fusions lose, session 18), ag128 steps, out-quant (17 us a call).
+# Session 20 ran: train-graph (weight-side graphs: the GPU test failed, a released graph pool broke the CUDA generator),
+# graph-diag (found it), train-graph again (eager paper 2.98x -> 2.44x), train-combo (1.971x), train-lgraph
+# (whole-layer graphs: eager 1.12x / 1.05x / 1.53x; 65 GPU tests pass), train-eager (at the new defaults: 1.115x /
+# 1.181x / 1.691x).
 # Session 19 ran: a2-fast (-a2 0.854x vs paper 0.903x: 94.6%; the sigma test's offset bound too tight), paper-wide
 # (paper 0.925x with the rank-96 flat stacked layout vs 0.910x; GPU tests of the asymmetric and wide modes pass),
 # train-cpp (the FP step did not finish compiling in 9.4 min), s19-final (the new defaults' GPU tests pass but the
@@ -568,6 +572,15 @@ quant-plans)  # every Gluon quantizer tiling (lanes, columns a thread, warps) at
     # absmax and sigma, with code checks (bench_act_quant --gluon-plans): fc2's K = 4608 quantizer runs at ~1.9 TB/s
     # (~3.5 ms of W4A4+H's batch-64 forward); a faster tiling goes into the table's quant_gluon as [lanes, vt, warps]
     timeout 400 python3 benchmarks/bench_act_quant.py --gluon-plans --m 16384 1024 2>&1 | grep -v Warning | tail -90
+    ;;
+train-stepw)  # session 20's robuq_fx.weight_sides_per_forward (qat_step.py: every layer's weight side once a forward
+    # for the whole model, one CUDA graph replay each way; the compiled graph keeps only the activation side): its GPU
+    # tests, then the compiled paper QAT step without / with it in one run (issue 19: 1.811x, launch-bound), ~9 min
+    timeout 90 python3 -m pytest -q -rf --tb=short -p no:cacheprovider tests/test_qat_step.py > "$OUT/stepw_tests.log" 2>&1
+    grep -E "^E |Error|passed|failed" "$OUT/stepw_tests.log" | head -12
+    timeout 460 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes compiled --iters 12 \
+        --settings "QAT ${2:-dit-xl-2-robuq}" --step-weights both \
+        --tag "_train_stepw_$(echo "${2:-dit-xl-2-robuq}" | tr -c 'A-Za-z0-9\n' _)" 2>&1 | tail -n 12
     ;;
 train-eager)  # the eager QAT rows at the defaults (whole-layer graphs since session 20), ~3 min
     timeout 200 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --no-compile --iters 10 \

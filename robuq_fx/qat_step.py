@@ -1,0 +1,339 @@
+"""Every QAT layer's weight side computed once a forward, for the whole model at once (issue 19; opt-in:
+`robuq_fx.weight_sides_per_forward(model)`), so that a compiled QAT step launches no weight-side kernels per layer.
+
+Under torch.compile each QAT linear's graph holds its weight side: the masters' casts, W H, A B, Q_w(R) into the
+stacked weight [Q_w(R), A_c] forward, and g_R H, the branch factors' products and their casts backward: ~11 of
+the ~23 kernels one W1.58A4+H+LRB32 layer launches (CPU Inductor, session 19), against a bf16 linear's 5. The
+compiled paper step is bound by those launches on the H200's host (157 ms wall, 70 ms of kernels).
+
+Here a forward pre-hook on the model computes, before its forward, every layer's
+    [Q_w(R), A_c] (N, K + r), B_c (r, K), bias_c (N,)          in the matmul dtype c
+through one autograd node (`WeightSides`), and each QATLinear's forward takes them instead of its masters:
+    y = [Q_a(x H), (x H) B_c^T] [Q_w(R), A_c]^T + bias_c        (`layer.prepared_linear`)
+Autograd gives the graph's gradients for the three tensors; the node's backward turns them into the masters'
+gradients with the fused path's formulas (`qat_fused._weight_grads`: g_W = g_R H, g_A, g_B; the bias's cast back).
+On CUDA (unless ROBUQ_QAT_WEIGHT_GRAPH=0) the node's forward and backward each replay one CUDA graph for all the
+layers (`qat_graph.CudaGraphs`): one launch and one copy out a step each way, whatever the number of layers.
+
+Costs: the compiled step breaks its graph at the model's start and end (the hooks run eagerly: two breaks a forward,
+not one a layer). Every master's gradient arrives when the whole backward is done, so DDP cannot overlap their
+all-reduce with the backward. The weight sides are computed once a forward, as before (with gradient accumulation
+each micro-batch recomputes them).
+
+The layers take the prepared tensors only while the model's forward runs (the post-hook clears them): a layer
+called on its own computes from its masters as usual.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn as nn
+
+from . import qat_graph
+from .qat_fused import _to, _weight_grads, _weight_side
+from .qat_linear import QATLinear
+
+
+class _Layer:
+    """One QAT layer's constants for the step's weight sides."""
+    __slots__ = ("module", "transposed", "k", "r", "has_bias")
+
+    def __init__(self, m: QATLinear):
+        self.module, self.transposed = m, m.transposed
+        self.k, self.r, self.has_bias = m.in_features, m.spec.lora_rank, m.bias is not None
+
+
+def _masters(m: QATLinear) -> list:
+    return [t for t in (m.weight, m.lrb_down, m.lrb_up, m.bias) if t is not None]
+
+
+def _unpack(layer: _Layer, masters: list) -> tuple:
+    """(W (N, K), B, A, bias) of a layer from its masters in `_masters` order."""
+    it = iter(masters)
+    w = next(it)
+    down, up = (next(it), next(it)) if layer.r else (None, None)
+    bias = next(it) if layer.has_bias else None
+    return (w.t() if layer.transposed else w), down, up, bias
+
+
+def dtypes(m: QATLinear) -> tuple[torch.dtype, torch.dtype]:
+    """(c, ab) of qat_fused's docstring for a layer whose input is not seen yet: autocast's dtype where it is on,
+    else the layer's cast dtype (compute_dtype) or its masters'."""
+    dev = m.weight.device.type
+    if torch.is_autocast_enabled(dev):
+        ac = torch.get_autocast_dtype(dev)
+        return ac, ac
+    return m.compute_dtype or m.weight.dtype, m.weight.dtype
+
+
+def _all_sides(layers: list, c: torch.dtype, *masters) -> tuple:
+    """Every layer's (stacked weight, B_c, bias_c) in one flat tensor in c (each written into its slice as it is
+    made: no layer's parts outlive it), and their R dtypes."""
+    flat = torch.empty(sum(_numel(s) for layer in layers for s in _sizes(layer)), dtype=c, device=masters[0].device)
+    r_dtypes, i, o = [], 0, 0
+    for layer in layers:
+        n = len(_masters(layer.module))
+        w, down, up, bias = _unpack(layer, list(masters[i:i + n]))
+        i += n
+        wq, r_dtype, down_c, bias_c = _weight_side(w, down, up, bias, layer.module.spec, c)
+        for t in (wq, down_c, bias_c):
+            if t is not None:
+                flat[o:o + t.numel()].view(t.shape).copy_(t)
+                o += t.numel()
+        r_dtypes.append(r_dtype)
+    return flat, tuple(r_dtypes)
+
+
+def _numel(shape: tuple) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _sizes(layer: _Layer) -> list:
+    m = layer.module
+    n = m.out_features
+    sizes = [(n, layer.k + layer.r)]
+    if layer.r:
+        sizes.append((layer.r, layer.k))
+    if layer.has_bias:
+        sizes.append((n,))
+    return sizes
+
+
+def _split(flat: torch.Tensor, shapes: list) -> list:
+    out, o = [], 0
+    for s in shapes:
+        out.append(flat[o:o + _numel(s)].view(s))
+        o += _numel(s)
+    return out
+
+
+def _all_grads(layers: list, flat_g: torch.Tensor, c: torch.dtype, ab: torch.dtype, r_dtypes: tuple,
+               needs: tuple, *masters) -> tuple:
+    """Every master's gradient (None where not needed), from the flat gradient of `_all_sides`' output."""
+    grads, i, j = [], 0, 0
+    g_parts = _split(flat_g, [s for layer in layers for s in _sizes(layer)])
+    for layer, r_dtype in zip(layers, r_dtypes):
+        ms = _masters(layer.module)
+        n = len(ms)
+        w, down, up, bias = _unpack(layer, list(masters[i:i + n]))
+        need = needs[i:i + n]
+        i += n
+        g_wide = g_parts[j]
+        p_down = g_parts[j + 1] if layer.r else None
+        g_bias_c = g_parts[j + 1 + bool(layer.r)] if layer.has_bias else None
+        j += 1 + bool(layer.r) + layer.has_bias
+        need_w = need[0]
+        g_w, g_up, g_down = _weight_grads(g_wide, p_down, down, up, layer.module.spec, layer.k, r_dtype, w.dtype,
+                                          ab, ab == c, need_w)
+        if g_w is not None and layer.transposed:
+            g_w = g_w.t()
+        out = [g_w if need_w else None]
+        if layer.r:
+            out += [g_down if need[1] else None, g_up if need[2] else None]
+        if layer.has_bias:
+            out.append(_to(g_bias_c, bias.dtype) if need[-1] else None)
+        grads += out
+    return tuple(grads)
+
+
+def _use_graphs(t: torch.Tensor) -> bool:
+    """Replay the step's weight sides from CUDA graphs (qat_graph's switch and conditions)."""
+    return qat_graph.usable(t)
+
+
+def _failed(plan: "Plan") -> None:
+    plan.graphs_off = True
+    warnings.warn("weight_sides_per_forward: a CUDA graph of the weight sides could not be captured; they are "
+                  "computed op by op from now on", RuntimeWarning, stacklevel=4)
+
+
+class WeightSides(torch.autograd.Function):
+    """masters -> one flat tensor holding every layer's (stacked weight, B_c, bias_c) in c (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, plan: "Plan", *masters):
+        flat, r_dtypes = plan.run_forward(masters)
+        ctx.plan, ctx.r_dtypes = plan, r_dtypes
+        ctx.save_for_backward(*masters)
+        return flat
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_flat):
+        masters = ctx.saved_tensors
+        grads = ctx.plan.run_backward(g_flat, ctx.r_dtypes, tuple(ctx.needs_input_grad[1:]), masters)
+        return (None, *grads)
+
+
+class Plan:
+    """The model's QAT layers in a fixed order with their shapes, and the CUDA graphs of their weight sides."""
+
+    def __init__(self, model: nn.Module):
+        self.layers = [_Layer(m) for m in model.modules() if isinstance(m, QATLinear)]
+        if not self.layers:
+            raise ValueError(f"weight_sides_per_forward: {type(model).__name__} has no QAT layers (QATLinear "
+                             f"modules, what robuq_fx.quantize makes in training mode)")
+        self.c = self.ab = None
+        self.warned = self.graphs_off = False
+        self._fwd_graph = self._bwd_graph = None  # (key, graph, inputs, out)
+
+    def masters(self) -> list:
+        return [t for layer in self.layers for t in _masters(layer.module)]
+
+    def run_forward(self, masters: tuple) -> tuple:
+        c = self.c
+        compute = lambda *ms: _all_sides(self.layers, c, *ms)  # noqa: E731
+        if self.graphs_off or not _use_graphs(masters[0]):
+            return compute(*masters)
+        key = (tuple(t.data_ptr() for t in masters), c, qat_graph._autocast_dtype(masters[0].device))
+        g = self._fwd_graph
+        if g is not None and g[0] == key:
+            qat_graph.backend().replay(g[1])
+            return g[3][0].clone(), g[3][1]
+        result = compute(*masters)
+        self._fwd_graph = _capture(key, lambda: compute(*masters), (), result)
+        if self._fwd_graph is None:
+            _failed(self)
+        return result
+
+    def run_backward(self, g_flat, r_dtypes: tuple, needs: tuple, masters: tuple) -> tuple:
+        c, ab = self.c, self.ab
+
+        def compute(g, *ms):
+            return _all_grads(self.layers, g, c, ab, r_dtypes, needs, *ms)
+        if self.graphs_off or not _use_graphs(g_flat):
+            return compute(g_flat, *masters)
+        key = (tuple(t.data_ptr() for t in masters), c, ab, r_dtypes, needs, g_flat.dtype, g_flat.shape)
+        g = self._bwd_graph
+        if g is not None and g[0] == key:
+            g[2][0].copy_(g_flat)
+            qat_graph.backend().replay(g[1])
+            return _unpack_grads(g[3], g[4])
+        result = compute(g_flat, *masters)
+        packed, layout = _pack_grads(result)
+        captured = _capture(key, lambda buf: _pack_grads(compute(buf, *masters))[0], (g_flat,), packed)
+        self._bwd_graph = None if captured is None else (*captured, layout)
+        if captured is None:
+            _failed(self)
+        return result
+
+
+def _pack_grads(grads: tuple) -> tuple:
+    """(one flat tensor per dtype holding the gradients, their layout): the backward graph writes its gradients
+    into as many buffers as there are dtypes, so a replay is copied out in one launch a dtype."""
+    by_dtype: dict = {}
+    ends: dict = {}
+    layout = []
+    for t in grads:
+        if t is None:
+            layout.append(None)
+            continue
+        off = ends.get(t.dtype, 0)
+        layout.append((t.dtype, off, tuple(t.shape)))
+        ends[t.dtype] = off + t.numel()
+        by_dtype.setdefault(t.dtype, []).append(t.reshape(-1))
+    dts = sorted(by_dtype, key=str)
+    return tuple(torch.cat(by_dtype[d]) for d in dts), (dts, layout)
+
+
+def _unpack_grads(flats: tuple, layout) -> tuple:
+    dts, items = layout
+    copies = {d: f.clone() for d, f in zip(dts, flats)}
+    out = []
+    for item in items:
+        if item is None:
+            out.append(None)
+            continue
+        d, off, shape = item
+        out.append(copies[d][off:off + _numel(shape)].view(shape))
+    return tuple(out)
+
+
+def _capture(key, fn, copy_in: tuple, like) -> tuple | None:
+    """(key, graph, input buffers, output buffers) of fn captured on CUDA, or None where the capture failed (the
+    eager computation stays; qat_graph's error if the CUDA generator broke). fn(*inputs) returns what `like` holds:
+    tensors are copied into buffers like them, constants kept."""
+    dev = next(t.device for t in (*copy_in, *[x for x in like if isinstance(x, torch.Tensor)]))
+    inputs = tuple(torch.empty_like(t) for t in copy_in)
+    for b, t in zip(inputs, copy_in):
+        b.copy_(t)
+    outs = tuple(torch.empty_like(t) if isinstance(t, torch.Tensor) else t for t in like)
+
+    def run():
+        for o, r in zip(outs, fn(*inputs)):
+            if isinstance(o, torch.Tensor):
+                o.copy_(r)
+    try:
+        graph = qat_graph.backend().capture(run, dev, qat_graph._autocast_dtype(dev))
+    except Exception as exc:  # noqa: BLE001
+        if not qat_graph.generator_usable(dev):
+            raise RuntimeError(f"weight_sides_per_forward: a CUDA graph capture failed ({exc}) and left the CUDA "
+                               f"generator in capture mode; set ROBUQ_QAT_WEIGHT_GRAPH=0") from exc
+        return None
+    return key, graph, inputs, outs
+
+
+class WeightSidesHandle:
+    """What `weight_sides_per_forward` returns: `.remove()` takes the hooks off again."""
+
+    def __init__(self, model, hooks):
+        self._model, self._hooks = model, hooks
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        _clear(self._model)
+
+
+def _clear(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, QATLinear):
+            m._prepared = None
+
+
+def weight_sides_per_forward(model: nn.Module) -> WeightSidesHandle:
+    """Compute every QAT layer's weight side once a forward of `model`, for all its layers at once, instead of
+    inside each layer (module docstring). For `torch.compile`d QAT, where the per-layer weight kernels bound the
+    step; eager QAT is faster with its per-layer graphs (the default). Returns a handle; `.remove()` undoes it.
+
+        qmodel = robuq_fx.quantize(model, "dit-xl-2-robuq", example_inputs=...).train()
+        handle = robuq_fx.weight_sides_per_forward(qmodel)
+        step = torch.compile(qmodel)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"weight_sides_per_forward takes the QAT model (an nn.Module), got {type(model).__name__}")
+    plan = Plan(model)
+
+    @torch.compiler.disable
+    def pre(module, args, kwargs):
+        layers = plan.layers
+        kinds = {dtypes(layer.module) for layer in layers}
+        if len(kinds) > 1:  # one flat tensor holds every layer's weight side: one matmul dtype for all
+            if not plan.warned:
+                plan.warned = True
+                warnings.warn(f"weight_sides_per_forward: the QAT layers of {type(model).__name__} compute in "
+                              f"several dtypes {sorted(str(k[0]) for k in kinds)}; each computes its own weight "
+                              f"side instead", RuntimeWarning, stacklevel=2)
+            return
+        plan.c, plan.ab = kinds.pop()
+        flat = WeightSides.apply(plan, *plan.masters())
+        parts = _split(flat, [s for layer in layers for s in _sizes(layer)])
+        i = 0
+        for layer in layers:
+            wq = parts[i]
+            down_c = parts[i + 1] if layer.r else None
+            bias_c = parts[i + 1 + bool(layer.r)] if layer.has_bias else None
+            i += 1 + bool(layer.r) + layer.has_bias
+            layer.module._prepared = (wq, down_c, bias_c)
+
+    @torch.compiler.disable
+    def post(module, args, kwargs, output):
+        _clear(model)
+
+    return WeightSidesHandle(model, [model.register_forward_pre_hook(pre, with_kwargs=True),
+                                     model.register_forward_hook(post, with_kwargs=True)])

@@ -1,0 +1,215 @@
+"""`robuq_fx.weight_sides_per_forward` (robuq_fx/qat_step.py): every QAT layer's weight side computed once a model
+forward through one autograd node, the layers taking [Q_w(R), A_c], B_c and bias_c from it.
+
+CPU: training with it equals training without (the fused eager path) over three AdamW steps, fp32 and under bf16
+autocast, for the paper's linear (W1.58A4+H, rank 8), a sigma-clipped asymmetric W2A3 with a branch, one without
+a branch and a Conv1D-style (transposed) weight; the CUDA-graph bookkeeping with a stand-in backend (one replay a
+step each way, gradients packed by dtype); under torch.compile the step compiles once and matches eager;
+`remove()` and a layer called on its own go back to the masters; bad input. GPU: the same with real graphs.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import robuq_fx
+from robuq_fx import qat_graph, qat_step
+from robuq_fx.qat_linear import QATLinear
+from robuq_fx.spec import LayerSpec
+
+SPECS = [dict(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=64, lora_rank=8),
+         dict(w_bits=2, a_bits=3, a_sym=False, a_clip="sigma", hadamard=True, hadamard_block=64, lora_rank=8),
+         dict(w_bits=4, a_bits=4, hadamard=True, hadamard_block=64)]
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(7)
+        self.a = QATLinear.from_module(nn.Linear(128, 128), LayerSpec(**SPECS[0]).resolve(128, 128))
+        self.b = QATLinear.from_module(nn.Linear(128, 128), LayerSpec(**SPECS[1]).resolve(128, 128))
+        self.c = QATLinear.from_module(nn.Linear(128, 64, bias=False), LayerSpec(**SPECS[2]).resolve(128, 64))
+        w = nn.Parameter(torch.randn(64, 128) / 8)  # Conv1D layout: (in, out)
+        spec = LayerSpec(**SPECS[0]).resolve(64, 128)
+        self.d = QATLinear(w, nn.Parameter(torch.zeros(128)), spec, transposed=True,
+                           lrb=(torch.randn(8, 64) / 8, torch.randn(128, 8) / 8))
+
+    def forward(self, x):
+        return self.d(torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x)))))))
+
+
+def _train(mod, x, steps, autocast, fn=None):
+    fn = mod if fn is None else fn
+    opt = torch.optim.AdamW(mod.parameters(), lr=1e-2)
+    outs = []
+    for _ in range(steps):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            y = fn(x)
+        y.float().pow(2).mean().backward()
+        outs.append((y.detach().float(), {n: p.grad.clone() for n, p in mod.named_parameters()}))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return outs
+
+
+def _close(got, want, rtol, atol):
+    for i, ((ya, ga), (yb, gb)) in enumerate(zip(got, want)):
+        torch.testing.assert_close(ya, yb, rtol=rtol, atol=atol, msg=lambda m: f"step {i} output: {m}")
+        assert ga.keys() == gb.keys()
+        for k in ga:
+            torch.testing.assert_close(ga[k], gb[k], rtol=rtol, atol=atol, msg=lambda m: f"step {i} grad {k}: {m}")
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_training_with_weight_sides_per_forward_equals_without(autocast):
+    base = Net()
+    x = torch.randn(3, 10, 128)
+    want = _train(copy.deepcopy(base), x, 3, autocast)
+    mod = copy.deepcopy(base)
+    handle = robuq_fx.weight_sides_per_forward(mod)
+    got = _train(mod, x, 3, autocast)
+    # fp32: the same products, summed in another order where autograd adds the two paths into x H; bf16 autocast:
+    # one bf16 rounding of a gradient term more or less (a few bf16 ulp of the largest values)
+    if autocast:
+        _close(got, want, rtol=3e-2, atol=3e-3)
+    else:
+        _close(got, want, rtol=1e-5, atol=1e-6)
+    assert all(m._prepared is None for m in mod.modules() if isinstance(m, QATLinear))  # cleared after the forward
+    handle.remove()
+
+
+def test_a_mutation_is_caught():
+    """The comparison above can fail: a wrong g_B (the branch's p_down dropped) moves B's gradient."""
+    base = Net()
+    x = torch.randn(3, 10, 128)
+    want = _train(copy.deepcopy(base), x, 1, False)
+    mod = copy.deepcopy(base)
+    robuq_fx.weight_sides_per_forward(mod)
+    real = qat_step._weight_grads
+
+    def wrong(g_wide, p_down, *a):
+        return real(g_wide, None if p_down is None else torch.zeros_like(p_down), *a)
+    try:
+        qat_step._weight_grads = wrong
+        got = _train(mod, x, 1, False)
+    finally:
+        qat_step._weight_grads = real
+    with pytest.raises(AssertionError, match="lrb_down"):
+        _close(got, want, rtol=1e-5, atol=1e-6)
+
+
+class Replays:
+    def __init__(self):
+        self.captures = self.replays = 0
+
+    def capture(self, fn, device, autocast_dtype):
+        self.captures += 1
+        return fn
+
+    def replay(self, g):
+        self.replays += 1
+        g()
+
+
+def test_graph_bookkeeping_with_a_stand_in(monkeypatch):
+    """One capture each way on the first step, then one replay each way a step; results equal the graph-less run
+    (the replays rerun the same function on the same masters, updated in place by the optimizer)."""
+    base = Net()
+    x = torch.randn(3, 10, 128)
+    mod0 = copy.deepcopy(base)
+    robuq_fx.weight_sides_per_forward(mod0)
+    want = _train(mod0, x, 4, False)
+    be = Replays()
+    monkeypatch.setattr(qat_graph, "_BACKEND", [be])
+    monkeypatch.setattr(qat_step, "_use_graphs", lambda t: True)
+    mod = copy.deepcopy(base)
+    robuq_fx.weight_sides_per_forward(mod)
+    got = _train(mod, x, 4, False)
+    _close(got, want, rtol=0, atol=0)
+    assert be.captures == 2 and be.replays == 6
+
+
+def test_compiled_step_compiles_once_and_matches_eager(monkeypatch):
+    base = Net()
+    x = torch.randn(3, 10, 128)
+    mod_e = copy.deepcopy(base)
+    robuq_fx.weight_sides_per_forward(mod_e)
+    want = _train(mod_e, x, 3, False)
+    mod = copy.deepcopy(base)
+    robuq_fx.weight_sides_per_forward(mod)
+    calls = []
+    real = qat_step.Plan.run_forward
+    monkeypatch.setattr(qat_step.Plan, "run_forward", lambda self, ms: calls.append(1) or real(self, ms))
+    torch._dynamo.reset()
+    fn = torch.compile(mod)
+    got = _train(mod, x, 1, False, fn)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got += _train(mod, x, 2, False, fn)[:2]
+    assert len(calls) == 3  # the hook ran (eagerly) on every compiled forward: the layers took its tensors
+    # the optimizer state restarts with each _train call: compare the first step, then the compiled steps' sanity
+    _close(got[:1], want[:1], rtol=1e-4, atol=1e-5)
+    assert all(torch.isfinite(y).all() for y, _ in got)
+    torch._dynamo.reset()
+
+
+def test_remove_and_a_layer_on_its_own_use_the_masters():
+    base = Net()
+    x = torch.randn(3, 10, 128)
+    mod = copy.deepcopy(base)
+    handle = robuq_fx.weight_sides_per_forward(mod)
+    mod(x)
+    plain = copy.deepcopy(base)
+    assert mod.a._prepared is None
+    assert torch.equal(mod.a(x), plain.a(x))  # on its own: from the masters
+    handle.remove()
+    assert torch.equal(mod(x), plain(x))
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="no QAT layers"):
+        robuq_fx.weight_sides_per_forward(nn.Sequential(nn.Linear(4, 4)))
+    with pytest.raises(TypeError, match="nn.Module"):
+        robuq_fx.weight_sides_per_forward(object())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("autocast", [False, True])
+def test_cuda_graphs_equal_the_graph_less_run(monkeypatch, autocast):
+    """Real CUDA graphs: equal to the same mode without them, bit for bit, over 4 steps."""
+    base = Net().cuda()
+    x = torch.randn(3, 10, 128, device="cuda")
+    monkeypatch.setattr(qat_graph, "ENABLED", [False])
+    mod0 = copy.deepcopy(base)
+    robuq_fx.weight_sides_per_forward(mod0)
+    want = _train(mod0, x, 4, autocast)
+    monkeypatch.setattr(qat_graph, "ENABLED", [True])
+    mod = copy.deepcopy(base)
+    robuq_fx.weight_sides_per_forward(mod)
+    got = _train(mod, x, 4, autocast)
+    _close(got, want, rtol=0, atol=0)
+
+
+def test_a_failed_capture_falls_back_once(monkeypatch):
+    class Failing(Replays):
+        def capture(self, fn, device, autocast_dtype):
+            self.captures += 1
+            raise RuntimeError("operation not permitted when stream is capturing")
+    base = Net()
+    x = torch.randn(3, 10, 128)
+    mod0 = copy.deepcopy(base)
+    robuq_fx.weight_sides_per_forward(mod0)
+    want = _train(mod0, x, 3, False)
+    be = Failing()
+    monkeypatch.setattr(qat_graph, "_BACKEND", [be])
+    monkeypatch.setattr(qat_step, "_use_graphs", lambda t: True)
+    monkeypatch.setattr(qat_graph, "generator_usable", lambda device: True)
+    mod = copy.deepcopy(base)
+    robuq_fx.weight_sides_per_forward(mod)
+    with pytest.warns(RuntimeWarning, match="could not be captured"):
+        got = _train(mod, x, 3, False)
+    _close(got, want, rtol=0, atol=0)
+    assert be.captures == 1  # not tried again
