@@ -162,7 +162,8 @@ def _static(device: torch.device, like: torch.Tensor, role: str) -> torch.Tensor
     key = (role, device, tuple(like.shape), tuple(like.stride()), like.dtype)
     buf = _STATIC.get(key)
     if buf is None:
-        buf = _STATIC[key] = torch.empty_like(like, device=device, memory_format=torch.preserve_format)
+        with torch.inference_mode(False):  # a normal tensor even when made under inference_mode: written later
+            buf = _STATIC[key] = torch.empty_like(like, device=device, memory_format=torch.preserve_format)
     return buf
 
 

@@ -258,10 +258,11 @@ def _capture(key, fn, copy_in: tuple, like) -> tuple | None:
     eager computation stays; qat_graph's error if the CUDA generator broke). fn(*inputs) returns what `like` holds:
     tensors are copied into buffers like them, constants kept."""
     dev = next(t.device for t in (*copy_in, *[x for x in like if isinstance(x, torch.Tensor)]))
-    inputs = tuple(torch.empty_like(t) for t in copy_in)
+    with torch.inference_mode(False):  # normal tensors even under inference_mode: later calls write them
+        inputs = tuple(torch.empty_like(t) for t in copy_in)
+        outs = tuple(torch.empty_like(t) if isinstance(t, torch.Tensor) else t for t in like)
     for b, t in zip(inputs, copy_in):
         b.copy_(t)
-    outs = tuple(torch.empty_like(t) if isinstance(t, torch.Tensor) else t for t in like)
 
     def run():
         for o, r in zip(outs, fn(*inputs)):

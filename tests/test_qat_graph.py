@@ -288,3 +288,19 @@ def test_cuda_graphs_equal_the_eager_computation(monkeypatch, autocast, layers):
         assert not fwd and not bwd  # the graphs went with the model
     torch.rand(1, device="cuda")  # the generator still draws
     qat_graph.clear()
+
+
+def test_a_first_call_under_inference_mode_leaves_buffers_training_can_write(stand_in, monkeypatch):
+    """An evaluation under torch.inference_mode before training: the per-shape buffers made then are normal
+    tensors (an inference tensor could not be written outside inference mode), and training matches."""
+    monkeypatch.setattr(qat_graph, "usable", lambda w: True)
+    monkeypatch.setattr(qat_graph, "LAYERS", [True])
+    base = _model("cpu", SPECS)
+    x = torch.randn(2, 5, 128)
+    want = _train(copy.deepcopy(base), x, 2, False)
+    qat_graph.clear()
+    mod = copy.deepcopy(base)
+    with torch.inference_mode():
+        mod(x)
+    assert not any(t.is_inference() for t in qat_graph._STATIC.values())
+    _compare(_train(mod, x, 2, False), want)

@@ -114,19 +114,26 @@ class Replays:
         g()
 
 
-def test_graph_bookkeeping_with_a_stand_in(monkeypatch):
-    """One capture each way on the first step, then one replay each way a step; results equal the graph-less run
-    (the replays rerun the same function on the same masters, updated in place by the optimizer)."""
+def _graph_less_and_hooked(monkeypatch, be, steps):
+    """(the graph-less run's outputs and gradients, a fresh hooked model, its input) with the stand-in backend `be`
+    in force for what the caller trains next."""
     base = Net()
     x = torch.randn(3, 10, 128)
     mod0 = copy.deepcopy(base)
     robuq_fx.weight_sides_per_forward(mod0)
-    want = _train(mod0, x, 4, False)
-    be = Replays()
+    want = _train(mod0, x, steps, False)
     monkeypatch.setattr(qat_graph, "_BACKEND", [be])
     monkeypatch.setattr(qat_step, "_use_graphs", lambda t: True)
     mod = copy.deepcopy(base)
     robuq_fx.weight_sides_per_forward(mod)
+    return want, mod, x
+
+
+def test_graph_bookkeeping_with_a_stand_in(monkeypatch):
+    """One capture each way on the first step, then one replay each way a step; results equal the graph-less run
+    (the replays rerun the same function on the same masters, updated in place by the optimizer)."""
+    be = Replays()
+    want, mod, x = _graph_less_and_hooked(monkeypatch, be, 4)
     got = _train(mod, x, 4, False)
     _close(got, want, rtol=0, atol=0)
     assert be.captures == 2 and be.replays == 6
@@ -198,18 +205,18 @@ def test_a_failed_capture_falls_back_once(monkeypatch):
         def capture(self, fn, device, autocast_dtype):
             self.captures += 1
             raise RuntimeError("operation not permitted when stream is capturing")
-    base = Net()
-    x = torch.randn(3, 10, 128)
-    mod0 = copy.deepcopy(base)
-    robuq_fx.weight_sides_per_forward(mod0)
-    want = _train(mod0, x, 3, False)
     be = Failing()
-    monkeypatch.setattr(qat_graph, "_BACKEND", [be])
-    monkeypatch.setattr(qat_step, "_use_graphs", lambda t: True)
+    want, mod, x = _graph_less_and_hooked(monkeypatch, be, 3)
     monkeypatch.setattr(qat_graph, "generator_usable", lambda device: True)
-    mod = copy.deepcopy(base)
-    robuq_fx.weight_sides_per_forward(mod)
     with pytest.warns(RuntimeWarning, match="could not be captured"):
         got = _train(mod, x, 3, False)
     _close(got, want, rtol=0, atol=0)
     assert be.captures == 1  # not tried again
+
+
+def test_inference_mode_first_then_training(monkeypatch):
+    be = Replays()
+    want, mod, x = _graph_less_and_hooked(monkeypatch, be, 2)
+    with torch.inference_mode():
+        mod(x)
+    _close(_train(mod, x, 2, False), want, rtol=0, atol=0)
