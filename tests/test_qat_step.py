@@ -220,3 +220,22 @@ def test_inference_mode_first_then_training(monkeypatch):
     with torch.inference_mode():
         mod(x)
     _close(_train(mod, x, 2, False), want, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_compiled_on_cuda_matches_eager():
+    """torch.compile with the hook on CUDA (graph replays outside the compiled graph), fp32: the first step's output
+    and gradients match the eager run up to reordered fp32 sums, as on the CPU."""
+    base = Net().cuda()
+    x = torch.randn(3, 10, 128, device="cuda")
+    mod_e = copy.deepcopy(base)
+    robuq_fx.weight_sides_per_forward(mod_e)
+    want = _train(mod_e, x, 1, False)
+    mod = copy.deepcopy(base)
+    robuq_fx.weight_sides_per_forward(mod)
+    torch._dynamo.reset()
+    got = _train(mod, x, 3, False, torch.compile(mod))
+    _close(got[:1], want, rtol=1e-4, atol=1e-5)
+    assert all(torch.isfinite(y).all() for y, _ in got)
+    torch._dynamo.reset()
