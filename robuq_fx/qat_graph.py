@@ -86,8 +86,15 @@ class CudaGraphs:
         cur.wait_stream(side)
         return g
 
-    def replay(self, g) -> None:
-        g.replay()
+    def replay(self, g, device: torch.device) -> None:
+        # a graph captured on another device than the current one (a model spread over GPUs) replays on its own:
+        # its pool and streams are that device's
+        dev = device
+        if dev.index is not None and dev.index != torch.cuda.current_device():
+            with torch.cuda.device(dev):
+                g.replay()
+        else:
+            g.replay()
 
 
 def generator_usable(device: torch.device) -> bool:
@@ -200,7 +207,7 @@ def _replayed(table, name: str, owner, compute, copy_in: tuple, args: tuple) -> 
     g = o.graphs.get(key)
     if g is not None:
         _copy_in(g.inputs, copy_in)
-        be.replay(g.graph)
+        be.replay(g.graph, owner.device)
         return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in g.out)
     # the first call with this key (new input shapes, masters that moved): it computes eagerly (which is also the
     # warm-up a capture needs: lazy inits, Triton compiles), then the graph is captured for the next calls

@@ -192,7 +192,7 @@ class Plan:
         key = (tuple(t.data_ptr() for t in masters), c, qat_graph._autocast_dtype(masters[0].device))
         g = self._fwd_graph
         if g is not None and g[0] == key:
-            qat_graph.backend().replay(g[1])
+            qat_graph.backend().replay(g[1], masters[0].device)
             return g[3][0].clone(), g[3][1]
         result = compute(*masters)
         self._fwd_graph = _capture(key, lambda: compute(*masters), (), result)
@@ -211,7 +211,7 @@ class Plan:
         g = self._bwd_graph
         if g is not None and g[0] == key:
             g[2][0].copy_(g_flat)
-            qat_graph.backend().replay(g[1])
+            qat_graph.backend().replay(g[1], g_flat.device)
             return _unpack_grads(g[3], g[4])
         result = compute(g_flat, *masters)
         packed, layout = _pack_grads(result)
