@@ -297,6 +297,22 @@ def _clear(model: nn.Module) -> None:
             m._prepared = None
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _check_not_sharded(plan: Plan) -> None:
+    """FSDP2 shards the masters (DTensors) and gathers them block by block inside the forward, after this hook."""
+    if any(_is_dtensor(t) for layer in plan.layers for t in _masters(layer.module)):
+        raise TypeError("weight_sides_per_forward: the QAT layers' masters are sharded DTensors (FSDP2), and the "
+                        "whole model's weight sides need every master gathered at the model's start: use it on one "
+                        "GPU or with DDP")
+
+
 def weight_sides_per_forward(model: nn.Module) -> WeightSidesHandle:
     """Compute every QAT layer's weight side once a forward of `model`, for all its layers at once, instead of
     inside each layer (module docstring). For `torch.compile`d QAT, where the per-layer weight kernels bound the
@@ -309,10 +325,12 @@ def weight_sides_per_forward(model: nn.Module) -> WeightSidesHandle:
     if not isinstance(model, nn.Module):
         raise TypeError(f"weight_sides_per_forward takes the QAT model (an nn.Module), got {type(model).__name__}")
     plan = Plan(model)
+    _check_not_sharded(plan)
 
     @torch.compiler.disable
     def pre(module, args, kwargs):
         layers = plan.layers
+        _check_not_sharded(plan)
         kinds = {dtypes(layer.module) for layer in layers}
         if len(kinds) > 1:  # one flat tensor holds every layer's weight side: one matmul dtype for all
             if not plan.warned:

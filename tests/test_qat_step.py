@@ -239,3 +239,15 @@ def test_compiled_on_cuda_matches_eager():
     _close(got[:1], want, rtol=1e-4, atol=1e-5)
     assert all(torch.isfinite(y).all() for y, _ in got)
     torch._dynamo.reset()
+
+
+def test_sharded_masters_are_refused(monkeypatch):
+    mod = Net()
+    monkeypatch.setattr(qat_step, "_is_dtensor", lambda t: True)
+    with pytest.raises(TypeError, match="FSDP2"):
+        robuq_fx.weight_sides_per_forward(mod)
+    monkeypatch.undo()
+    robuq_fx.weight_sides_per_forward(mod)
+    monkeypatch.setattr(qat_step, "_is_dtensor", lambda t: True)  # sharded after the hook went on
+    with pytest.raises(TypeError, match="FSDP2"):
+        mod(torch.randn(2, 128))
