@@ -603,7 +603,7 @@ graph-diag)  # session 20: where ROBUQ_QAT_WEIGHT_GRAPH=1 breaks (train-graph: i
         > "$OUT/graph_test.log" 2>&1
     timeout 120 python3 -m pytest -q -rf --tb=long -p no:cacheprovider tests/kernels/test_gluon_act_quant.py -k sigma \
         > "$OUT/sigma_test.log" 2>&1
-    grep -E "^==|bit-equal|entries|FAILED|generator|step ms|Error" "$OUT/graph_diag.log" | head -60
+    grep -E "^==|bit-equal|graphs \(kept|FAILED|generator|step ms|Error" "$OUT/graph_diag.log" | head -60
     tail -n 3 "$OUT/graph_test.log" "$OUT/sigma_test.log"
     ;;
 train-graph)  # session 19's ROBUQ_QAT_WEIGHT_GRAPH=1 (each layer's Q_w(R) replayed from a CUDA graph, qat_graph.py):

@@ -74,7 +74,8 @@ def main() -> None:
             qat_graph.ENABLED[0] = True
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                got, t_graph = train(copy.deepcopy(base), x, steps=5)
+                kept = copy.deepcopy(base)  # alive while its graphs are listed (they go with the model)
+                got, t_graph = train(kept, x, steps=5)
             for w in caught:
                 print("  warning:", str(w.message)[:300])
             diffs = []
@@ -84,9 +85,11 @@ def main() -> None:
                 for k in ga:
                     if not torch.equal(ga[k], gb[k]):
                         diffs.append(f"step {i} grad {k} max|d|={float((ga[k] - gb[k]).abs().max()):.3g}")
-            fw = [(e.graph is not None, e.captures, e.off) for e in qat_graph._FORWARD.values()]
-            gr = [(e.graph is not None, e.captures, e.off) for e in qat_graph._GRADS.values()]
-            print(f"  forward entries {fw}\n  grad entries {gr}")
+            for label, table in (("weight side", qat_graph._FORWARD), ("weight grads", qat_graph._GRADS),
+                                 ("layer forward", qat_graph._LAYER_FORWARD),
+                                 ("layer backward", qat_graph._LAYER_BACKWARD)):
+                print(f"  {label} graphs (kept, captures, off): "
+                      f"{[(len(o.graphs), o.captures, o.off) for o in table.values()]}")
             print(f"  bit-equal: {not diffs}" + ("" if not diffs else "  " + "; ".join(diffs[:8])))
             print(f"  step ms plain {[round(t * 1e3, 2) for t in t_plain]} graph {[round(t * 1e3, 2) for t in t_graph]}")
         except Exception:
