@@ -45,7 +45,7 @@
 #   scripts/gpu_session.sh linear [table]   bench_linear --write-dispatch (quantizer tilings, GEMM kernels/configs), then
 #                                           bench_linear with it (table: the committed table, no sweep)
 #   scripts/gpu_session.sh qat-profile [MODE [SETTING..]]  profile_dit --train (default: compiled, bf16 + paper), batch 16
-#   scripts/gpu_session.sh train-stepw [S]  weight_sides_per_forward: its GPU tests, the compiled QAT step without / with it
+#   scripts/gpu_session.sh train-stepw [S [both]]  weight_sides_per_forward: its GPU tests, the compiled QAT step with it
 #   scripts/gpu_session.sh train-eager      the eager QAT rows at the defaults (bench_dit --train-only --no-compile)
 #   scripts/gpu_session.sh train-lgraph     the graph GPU tests, then eager QAT rows: weight-side graphs vs whole layers
 #   scripts/gpu_session.sh graph-diag       where the QAT CUDA graphs break: full logs of their tests and a diag script
@@ -575,11 +575,12 @@ quant-plans)  # every Gluon quantizer tiling (lanes, columns a thread, warps) at
     ;;
 train-stepw)  # session 20's robuq_fx.weight_sides_per_forward (qat_step.py: every layer's weight side once a forward
     # for the whole model, one CUDA graph replay each way; the compiled graph keeps only the activation side): its GPU
-    # tests, then the compiled paper QAT step without / with it in one run (issue 19: 1.811x, launch-bound), ~9 min
+    # tests, then the compiled paper QAT step with it against FP in one run (issue 19: 1.811x without, launch-bound;
+    # a third argument "both" adds the row without it, if the call's time allows a second cold compile), ~8 min
     timeout 90 python3 -m pytest -q -rf --tb=short -p no:cacheprovider tests/test_qat_step.py > "$OUT/stepw_tests.log" 2>&1
     grep -E "^E |Error|passed|failed" "$OUT/stepw_tests.log" | head -12
     timeout 460 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes compiled --iters 12 \
-        --settings "QAT ${2:-dit-xl-2-robuq}" --step-weights both \
+        --settings "QAT ${2:-dit-xl-2-robuq}" --step-weights "${3:-on}" \
         --tag "_train_stepw_$(echo "${2:-dit-xl-2-robuq}" | tr -c 'A-Za-z0-9\n' _)" 2>&1 | tail -n 12
     ;;
 train-eager)  # the eager QAT rows at the defaults (whole-layer graphs since session 20), ~3 min
