@@ -112,8 +112,8 @@
 #   1. train-stepw (~9 min: issue 19's compiled paper step, 1.811x FP and launch-bound. weight_sides_per_forward
 #                   (qat_step.py, session 20, CPU-tested: on the tiny test net CPU Inductor's generated kernels
 #                   81 -> 36 fwd+bwd) takes every layer's weight side out of the compiled graph into one CUDA graph
-#                   replay each way. Its GPU tests (bit-equal to its graph-less run), then the compiled rows without /
-#                   with it in one run. If it gains, say so in the README's QAT paragraph and consider it for the
+#                   replay each way. Its GPU tests (bit-equal to its graph-less run), then the compiled row with it
+#                   against FP in the same run (1.811x without, session 9). If it gains, say so in the README's QAT paragraph and consider it for the
 #                   compile backend's qat mode)
 #   2. qat-profile eager (where the paper's eager step, 1.69x with whole-layer graphs, still spends: its 8-bit q/k/v
 #                   fake-quant, per-layer copies)
