@@ -304,3 +304,20 @@ def test_a_first_call_under_inference_mode_leaves_buffers_training_can_write(sta
         mod(x)
     assert not any(t.is_inference() for t in qat_graph._STATIC.values())
     _compare(_train(mod, x, 2, False), want)
+
+
+def test_whole_layer_graphs_with_a_conv1d_style_weight(stand_in, monkeypatch):
+    """A transposed (Conv1D) master: its graphs belong to the weight itself (qat_fused._master of the fresh view),
+    and training through them equals the fused path under autocast."""
+    torch.manual_seed(9)
+    spec = LayerSpec(**SPEC).resolve(64, 128)
+    w = torch.nn.Parameter(torch.randn(64, 128) / 8)  # (in, out)
+    layer = QATLinear(w, torch.nn.Parameter(torch.zeros(128)), spec, transposed=True,
+                      lrb=(torch.randn(8, 64) / 8, torch.randn(128, 8) / 8))
+    x = torch.randn(3, 10, 64)
+    want = _train(copy.deepcopy(layer), x, 3, True)
+    monkeypatch.setattr(qat_graph, "usable", lambda w: True)
+    monkeypatch.setattr(qat_graph, "LAYERS", [True])
+    mod = copy.deepcopy(layer)
+    _compare(_train(mod, x, 3, True), want)
+    assert list(qat_graph._LAYER_FORWARD.keys()) == [mod.weight] and stand_in.captures == 2
