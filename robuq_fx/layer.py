@@ -55,14 +55,19 @@ def fake_quant_act(xh, spec: LayerSpec):
     return _ops.fake_quant_act.default(xh, spec.a_bits, spec.sym, spec.a_clip)
 
 
+def rotate_and_quantize(x, spec: LayerSpec) -> tuple:
+    """(x H, Q_a(x H)) through the ops (Q_a the identity at 16 bits)."""
+    xh = rotate(x, spec)
+    return xh, fake_quant_act(xh, spec) if spec.a_bits < 16 else xh
+
+
 def robuq_linear(x, wq, bias, lrb_down, lrb_up, spec: LayerSpec, splits=None):
     """y = Q_a(x H) wq^T + bias + (x H) (A B)^T, with wq = Q_w(R) already computed.
 
     splits (a fused layer, passes/fuse.py): the out_features of its members; x is rotated and quantized once, then
     each member's rows run as their own products (lrb_down stacks the members' B, lrb_up is block-diagonal), so the
     result is bit-identical to the members run one by one."""
-    xh = rotate(x, spec)
-    xq = fake_quant_act(xh, spec) if spec.a_bits < 16 else xh
+    xh, xq = rotate_and_quantize(x, spec)
     if splits:
         return _per_member(xq, xh, wq, bias, lrb_down, lrb_up, splits)
     if lrb_down is None:
@@ -79,13 +84,11 @@ def stacked_linear(xq, t, wq, lrb_up, bias):
 def prepared_linear(x, w_stacked, lrb_down_c, bias_c, spec: LayerSpec):
     """`robuq_linear` with the weight side already computed (qat_step.py): w_stacked = [Q_w(R), A_c] (just Q_w(R)
     without a branch), lrb_down_c = B, bias_c = bias, all in the matmul dtype; x H and Q_a(x H) go to it first."""
-    xh = rotate(x, spec)
-    xq = fake_quant_act(xh, spec) if spec.a_bits < 16 else xh
-    c = w_stacked.dtype
-    xq = xq if xq.dtype == c or torch.is_autocast_enabled(x.device.type) else xq.to(c)
+    xh, xq = rotate_and_quantize(x, spec)
+    if not torch.is_autocast_enabled(x.device.type):
+        xh, xq = xh.to(w_stacked.dtype), xq.to(w_stacked.dtype)
     if lrb_down_c is None:
         return F.linear(xq, w_stacked, bias_c)
-    xh = xh if xh.dtype == c or torch.is_autocast_enabled(x.device.type) else xh.to(c)
     return F.linear(torch.cat([xq, F.linear(xh, lrb_down_c)], -1), w_stacked, bias_c)
 
 

@@ -89,9 +89,8 @@ class CudaGraphs:
     def replay(self, g, device: torch.device) -> None:
         # a graph captured on another device than the current one (a model spread over GPUs) replays on its own:
         # its pool and streams are that device's
-        dev = device
-        if dev.index is not None and dev.index != torch.cuda.current_device():
-            with torch.cuda.device(dev):
+        if device.index is not None and device.index != torch.cuda.current_device():
+            with torch.cuda.device(device):
                 g.replay()
         else:
             g.replay()
@@ -191,6 +190,39 @@ def _copy_in(bufs: tuple, tensors: tuple) -> None:
             buf.copy_(t)
 
 
+def capture_graph(name: str, fn, copy_in: tuple, result: tuple, what: str) -> tuple:
+    """(a _Graph of fn, None) or (None, the exception) where the capture failed. The graph reads per-shape buffers
+    like copy_in's tensors (filled from them now; Nones stay None) and writes per-shape buffers like result's tensors
+    (its constants kept as they are): fn(*inputs) must return what result holds. A failed capture that left the CUDA
+    generator in capture mode raises instead, naming `what`."""
+    dev = next(t.device for t in (*copy_in, *result) if isinstance(t, torch.Tensor))
+    inputs = tuple(None if t is None else _static(dev, t, f"{name}.in{i}") for i, t in enumerate(copy_in))
+    _copy_in(inputs, copy_in)
+    outs = tuple(_static(dev, r, f"{name}.out{i}") if isinstance(r, torch.Tensor) else r for i, r in enumerate(result))
+
+    def run():
+        for t, r in zip(outs, fn(*inputs)):
+            if isinstance(t, torch.Tensor):
+                t.copy_(r)
+    try:
+        graph = backend().capture(run, dev, _autocast_dtype(dev))
+    except Exception as exc:  # noqa: BLE001 - the caller computes eagerly instead
+        if not generator_usable(dev):
+            raise RuntimeError(f"ROBUQ_QAT_WEIGHT_GRAPH: capturing {what} failed ({type(exc).__name__}: "
+                               f"{str(exc)[:300]}), and PyTorch left the CUDA generator of {dev} in capture mode: "
+                               f"random draws there would fail. Set ROBUQ_QAT_WEIGHT_GRAPH=0 and report the error "
+                               f"above") from exc
+        return None, exc
+    return _Graph(graph, inputs, outs), None
+
+
+def replay_graph(g: _Graph, copy_in: tuple, device: torch.device) -> tuple:
+    """g run on copy_in (copied into its buffers): copies of the buffers it writes, and its constants."""
+    _copy_in(g.inputs, copy_in)
+    backend().replay(g.graph, device)
+    return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in g.out)
+
+
 def _replayed(table, name: str, owner, compute, copy_in: tuple, args: tuple) -> tuple:
     """compute(*copy_in, *args) -> a tuple of tensors, Nones and constants, from the layer's graph in `table` where it
     has one for this key (module docstring). copy_in: tensors (or Nones) that change from call to call, copied into
@@ -203,12 +235,9 @@ def _replayed(table, name: str, owner, compute, copy_in: tuple, args: tuple) -> 
         o = table[owner] = _Owner()
     if o.off:
         return compute(*copy_in, *args)
-    be = backend()
     g = o.graphs.get(key)
     if g is not None:
-        _copy_in(g.inputs, copy_in)
-        be.replay(g.graph, owner.device)
-        return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in g.out)
+        return replay_graph(g, copy_in, owner.device)
     # the first call with this key (new input shapes, masters that moved): it computes eagerly (which is also the
     # warm-up a capture needs: lazy inits, Triton compiles), then the graph is captured for the next calls
     result = compute(*copy_in, *args)
@@ -217,27 +246,13 @@ def _replayed(table, name: str, owner, compute, copy_in: tuple, args: tuple) -> 
                                  f"or a weight shared by layers with other branches or biases; or its input shapes "
                                  f"keep changing)")
         return result
-    dev = next(t.device for t in (*copy_in, *result) if isinstance(t, torch.Tensor))
-    inputs = tuple(None if t is None else _static(dev, t, f"{name}.in{i}") for i, t in enumerate(copy_in))
-    _copy_in(inputs, copy_in)
-    outs = tuple(_static(dev, r, f"{name}.out{i}") if isinstance(r, torch.Tensor) else r for i, r in enumerate(result))
-
-    def run():
-        for t, r in zip(outs, compute(*inputs, *args)):
-            if isinstance(t, torch.Tensor):
-                t.copy_(r)
-    try:
-        graph = be.capture(run, dev, _autocast_dtype(dev))
-    except Exception as exc:  # noqa: BLE001 - a kernel that cannot be captured: the eager computation stays right
-        if not generator_usable(dev):
-            raise RuntimeError(f"ROBUQ_QAT_WEIGHT_GRAPH: capturing the {name} of a QAT layer ({tuple(owner.shape)} "
-                               f"weight) failed ({type(exc).__name__}: {str(exc)[:300]}), and PyTorch left the CUDA "
-                               f"generator of {dev} in capture mode: random draws there would fail. Set "
-                               f"ROBUQ_QAT_WEIGHT_GRAPH=0 and report the error above") from exc
+    g, exc = capture_graph(name, lambda *inputs: compute(*inputs, *args), copy_in, result,
+                           f"the {name} of a QAT layer ({tuple(owner.shape)} weight)")
+    if g is None:  # a kernel that cannot be captured: the eager computation stays right
         _give_up(name, owner, o, f"its capture failed ({type(exc).__name__}: {str(exc)[:200]})")
         return result
     o.captures += 1
-    o.graphs[key] = _Graph(graph, inputs, outs)
+    o.graphs[key] = g
     if len(o.graphs) > MAX_KEYS:
         del o.graphs[next(iter(o.graphs))]
     return result

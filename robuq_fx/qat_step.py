@@ -111,21 +111,23 @@ def _split(flat: torch.Tensor, shapes: list) -> list:
     return out
 
 
+def _per_layer(layers: list, flat: torch.Tensor):
+    """(layer, its stacked part, B part or None, bias part or None) for each layer, as views of `flat` (laid out as
+    `_all_sides` writes it)."""
+    parts = iter(_split(flat, [s for layer in layers for s in _sizes(layer)]))
+    for layer in layers:
+        yield layer, next(parts), next(parts) if layer.r else None, next(parts) if layer.has_bias else None
+
+
 def _all_grads(layers: list, flat_g: torch.Tensor, c: torch.dtype, ab: torch.dtype, r_dtypes: tuple,
                needs: tuple, *masters) -> tuple:
     """Every master's gradient (None where not needed), from the flat gradient of `_all_sides`' output."""
-    grads, i, j = [], 0, 0
-    g_parts = _split(flat_g, [s for layer in layers for s in _sizes(layer)])
-    for layer, r_dtype in zip(layers, r_dtypes):
-        ms = _masters(layer.module)
-        n = len(ms)
+    grads, i = [], 0
+    for (layer, g_wide, p_down, g_bias_c), r_dtype in zip(_per_layer(layers, flat_g), r_dtypes):
+        n = len(_masters(layer.module))
         w, down, up, bias = _unpack(layer, list(masters[i:i + n]))
         need = needs[i:i + n]
         i += n
-        g_wide = g_parts[j]
-        p_down = g_parts[j + 1] if layer.r else None
-        g_bias_c = g_parts[j + 1 + bool(layer.r)] if layer.has_bias else None
-        j += 1 + bool(layer.r) + layer.has_bias
         need_w = need[0]
         g_w, g_up, g_down = _weight_grads(g_wide, p_down, down, up, layer.module.spec, layer.k, r_dtype, w.dtype,
                                           ab, ab == c, need_w)
@@ -143,12 +145,6 @@ def _all_grads(layers: list, flat_g: torch.Tensor, c: torch.dtype, ab: torch.dty
 def _use_graphs(t: torch.Tensor) -> bool:
     """Replay the step's weight sides from CUDA graphs (qat_graph's switch and conditions)."""
     return qat_graph.usable(t)
-
-
-def _failed(plan: "Plan") -> None:
-    plan.graphs_off = True
-    warnings.warn("weight_sides_per_forward: a CUDA graph of the weight sides could not be captured; they are "
-                  "computed op by op from now on", RuntimeWarning, stacklevel=4)
 
 
 class WeightSides(torch.autograd.Function):
@@ -179,52 +175,54 @@ class Plan:
                              f"modules, what robuq_fx.quantize makes in training mode)")
         self.c = self.ab = None
         self.warned = self.graphs_off = False
-        self._fwd_graph = self._bwd_graph = None  # (key, graph, inputs, out)
+        self._fwd_graph = self._bwd_graph = None  # (key, qat_graph._Graph)
 
     def masters(self) -> list:
         return [t for layer in self.layers for t in _masters(layer.module)]
 
     def run_forward(self, masters: tuple) -> tuple:
         c = self.c
-        compute = lambda *ms: _all_sides(self.layers, c, *ms)  # noqa: E731
         if self.graphs_off or not _use_graphs(masters[0]):
-            return compute(*masters)
+            return _all_sides(self.layers, c, *masters)
         key = (tuple(t.data_ptr() for t in masters), c, qat_graph._autocast_dtype(masters[0].device))
-        g = self._fwd_graph
-        if g is not None and g[0] == key:
-            qat_graph.backend().replay(g[1], masters[0].device)
-            return g[3][0].clone(), g[3][1]
-        result = compute(*masters)
-        self._fwd_graph = _capture(key, lambda: compute(*masters), (), result)
-        if self._fwd_graph is None:
-            _failed(self)
+        if self._fwd_graph is not None and self._fwd_graph[0] == key:
+            return qat_graph.replay_graph(self._fwd_graph[1], (), masters[0].device)
+        result = _all_sides(self.layers, c, *masters)
+        self._fwd_graph = self._capture(key, "step weight sides", lambda: _all_sides(self.layers, c, *masters), (),
+                                        result)
         return result
 
     def run_backward(self, g_flat, r_dtypes: tuple, needs: tuple, masters: tuple) -> tuple:
         c, ab = self.c, self.ab
 
-        def compute(g, *ms):
-            return _all_grads(self.layers, g, c, ab, r_dtypes, needs, *ms)
+        def compute(g):
+            return _all_grads(self.layers, g, c, ab, r_dtypes, needs, *masters)
         if self.graphs_off or not _use_graphs(g_flat):
-            return compute(g_flat, *masters)
+            return compute(g_flat)
         key = (tuple(t.data_ptr() for t in masters), c, ab, r_dtypes, needs, g_flat.dtype, g_flat.shape)
-        g = self._bwd_graph
-        if g is not None and g[0] == key:
-            g[2][0].copy_(g_flat)
-            qat_graph.backend().replay(g[1], g_flat.device)
-            return _unpack_grads(g[3], g[4])
-        result = compute(g_flat, *masters)
-        packed, layout = _pack_grads(result)
-        captured = _capture(key, lambda buf: _pack_grads(compute(buf, *masters))[0], (g_flat,), packed)
-        self._bwd_graph = None if captured is None else (*captured, layout)
-        if captured is None:
-            _failed(self)
+        if self._bwd_graph is not None and self._bwd_graph[0] == key:
+            *flats, layout = qat_graph.replay_graph(self._bwd_graph[1], (g_flat,), g_flat.device)
+            return _views(flats, layout)
+        result = compute(g_flat)
+        flats, layout = _pack_grads(result)
+        # the gradients packed one flat buffer a dtype: a replay is copied out in one launch a dtype
+        self._bwd_graph = self._capture(key, "step weight grads", lambda buf: (*_pack_grads(compute(buf))[0], layout),
+                                        (g_flat,), (*flats, layout))
         return result
+
+    def _capture(self, key, name: str, fn, copy_in: tuple, result: tuple) -> tuple | None:
+        """(key, the graph) of fn (qat_graph.capture_graph), or None: a failed capture turns the plan's graphs off."""
+        g, _ = qat_graph.capture_graph(name, fn, copy_in, result, "the weight sides of weight_sides_per_forward")
+        if g is not None:
+            return key, g
+        self.graphs_off = True
+        warnings.warn("weight_sides_per_forward: a CUDA graph of the weight sides could not be captured; they are "
+                      "computed op by op from now on", RuntimeWarning, stacklevel=4)
+        return None
 
 
 def _pack_grads(grads: tuple) -> tuple:
-    """(one flat tensor per dtype holding the gradients, their layout): the backward graph writes its gradients
-    into as many buffers as there are dtypes, so a replay is copied out in one launch a dtype."""
+    """(one flat tensor a dtype holding the gradients, their layout)."""
     by_dtype: dict = {}
     ends: dict = {}
     layout = []
@@ -240,42 +238,12 @@ def _pack_grads(grads: tuple) -> tuple:
     return tuple(torch.cat(by_dtype[d]) for d in dts), (dts, layout)
 
 
-def _unpack_grads(flats: tuple, layout) -> tuple:
+def _views(flats: list, layout) -> tuple:
+    """The gradients `_pack_grads` packed, as views of its flat buffers."""
     dts, items = layout
-    copies = {d: f.clone() for d, f in zip(dts, flats)}
-    out = []
-    for item in items:
-        if item is None:
-            out.append(None)
-            continue
-        d, off, shape = item
-        out.append(copies[d][off:off + _numel(shape)].view(shape))
-    return tuple(out)
-
-
-def _capture(key, fn, copy_in: tuple, like) -> tuple | None:
-    """(key, graph, input buffers, output buffers) of fn captured on CUDA, or None where the capture failed (the
-    eager computation stays; qat_graph's error if the CUDA generator broke). fn(*inputs) returns what `like` holds:
-    tensors are copied into buffers like them, constants kept."""
-    dev = next(t.device for t in (*copy_in, *[x for x in like if isinstance(x, torch.Tensor)]))
-    with torch.inference_mode(False):  # normal tensors even under inference_mode: later calls write them
-        inputs = tuple(torch.empty_like(t) for t in copy_in)
-        outs = tuple(torch.empty_like(t) if isinstance(t, torch.Tensor) else t for t in like)
-    for b, t in zip(inputs, copy_in):
-        b.copy_(t)
-
-    def run():
-        for o, r in zip(outs, fn(*inputs)):
-            if isinstance(o, torch.Tensor):
-                o.copy_(r)
-    try:
-        graph = qat_graph.backend().capture(run, dev, qat_graph._autocast_dtype(dev))
-    except Exception as exc:  # noqa: BLE001
-        if not qat_graph.generator_usable(dev):
-            raise RuntimeError(f"weight_sides_per_forward: a CUDA graph capture failed ({exc}) and left the CUDA "
-                               f"generator in capture mode; set ROBUQ_QAT_WEIGHT_GRAPH=0") from exc
-        return None
-    return key, graph, inputs, outs
+    by_dtype = dict(zip(dts, flats))
+    return tuple(None if item is None else by_dtype[item[0]][item[1]:item[1] + _numel(item[2])].view(item[2])
+                 for item in items)
 
 
 class WeightSidesHandle:
@@ -341,13 +309,7 @@ def weight_sides_per_forward(model: nn.Module) -> WeightSidesHandle:
             return
         plan.c, plan.ab = kinds.pop()
         flat = WeightSides.apply(plan, *plan.masters())
-        parts = _split(flat, [s for layer in layers for s in _sizes(layer)])
-        i = 0
-        for layer in layers:
-            wq = parts[i]
-            down_c = parts[i + 1] if layer.r else None
-            bias_c = parts[i + 1 + bool(layer.r)] if layer.has_bias else None
-            i += 1 + bool(layer.r) + layer.has_bias
+        for layer, wq, down_c, bias_c in _per_layer(layers, flat):
             layer.module._prepared = (wq, down_c, bias_c)
 
     @torch.compiler.disable

@@ -160,12 +160,11 @@ MUTANTS = [
      "the attention table's winner at one size applied at any size (batch 64's choice at batch 1)",
      ["tests/kernels/test_attention_dispatch.py"]),
     ("graph_replay_without_copy_in", "robuq_fx/qat_graph.py",
-     "        _copy_in(g.inputs, copy_in)\n        be.replay(g.graph, owner.device)",
-     "        be.replay(g.graph, owner.device)",
+     "    _copy_in(g.inputs, copy_in)\n    backend().replay(g.graph, device)", "    backend().replay(g.graph, device)",
      "a QAT layer's CUDA graph replayed on the previous call's input (x / g not copied in)",
      ["tests/test_qat_graph.py"]),
-    ("step_branch_grad_dropped", "robuq_fx/qat_step.py", "p_down = g_parts[j + 1] if layer.r else None",
-     "p_down = torch.zeros_like(g_parts[j + 1]) if layer.r else None",
+    ("step_branch_grad_dropped", "robuq_fx/qat_step.py", "g_w, g_up, g_down = _weight_grads(g_wide, p_down, down,",
+     "g_w, g_up, g_down = _weight_grads(g_wide, None if p_down is None else torch.zeros_like(p_down), down,",
      "weight_sides_per_forward loses the branch's g_t^T x H term of B's gradient", ["tests/test_qat_step.py"]),
 ]
 
