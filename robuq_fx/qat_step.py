@@ -111,10 +111,15 @@ def _split(flat: torch.Tensor, shapes: list) -> list:
     return out
 
 
-def _per_layer(layers: list, flat: torch.Tensor):
-    """(layer, its stacked part, B part or None, bias part or None) for each layer, as views of `flat` (laid out as
-    `_all_sides` writes it)."""
-    parts = iter(_split(flat, [s for layer in layers for s in _sizes(layer)]))
+def _shapes(layers: list) -> list:
+    """The shapes of every layer's parts, in the order `_all_sides` lays them out."""
+    return [s for layer in layers for s in _sizes(layer)]
+
+
+def _per_layer(layers: list, parts: list):
+    """(layer, its stacked part, B part or None, bias part or None) for each layer, from the parts in `_shapes`
+    order (views of `_all_sides`' flat tensor or of its gradient)."""
+    parts = iter(parts)
     for layer in layers:
         yield layer, next(parts), next(parts) if layer.r else None, next(parts) if layer.has_bias else None
 
@@ -123,7 +128,8 @@ def _all_grads(layers: list, flat_g: torch.Tensor, c: torch.dtype, ab: torch.dty
                needs: tuple, *masters) -> tuple:
     """Every master's gradient (None where not needed), from the flat gradient of `_all_sides`' output."""
     grads, i = [], 0
-    for (layer, g_wide, p_down, g_bias_c), r_dtype in zip(_per_layer(layers, flat_g), r_dtypes):
+    for (layer, g_wide, p_down, g_bias_c), r_dtype in zip(_per_layer(layers, _split(flat_g, _shapes(layers))),
+                                                          r_dtypes):
         n = len(_masters(layer.module))
         w, down, up, bias = _unpack(layer, list(masters[i:i + n]))
         need = needs[i:i + n]
@@ -148,19 +154,25 @@ def _use_graphs(t: torch.Tensor) -> bool:
 
 
 class WeightSides(torch.autograd.Function):
-    """masters -> one flat tensor holding every layer's (stacked weight, B_c, bias_c) in c (module docstring)."""
+    """masters -> every layer's (stacked weight, B_c, bias_c) in c, one output each (views of one flat tensor).
+
+    One output a part, not the flat tensor itself: the layers' slices of a single output would each send back a
+    gradient of the flat tensor's whole size (autograd's slice backward: zeros and a copy), ~600 of them for
+    DiT-XL/2 (1.35 GB each in bf16): the first H200 run took 883 ms a step for it. The parts' gradients are
+    concatenated once here instead."""
 
     @staticmethod
     def forward(ctx, plan: "Plan", *masters):
         flat, r_dtypes = plan.run_forward(masters)
         ctx.plan, ctx.r_dtypes = plan, r_dtypes
         ctx.save_for_backward(*masters)
-        return flat
+        return tuple(_split(flat, _shapes(plan.layers)))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g_flat):
+    def backward(ctx, *g_parts):
         masters = ctx.saved_tensors
+        g_flat = torch.cat([g.reshape(-1) for g in g_parts])  # an output no layer used: zeros (materialized grads)
         grads = ctx.plan.run_backward(g_flat, ctx.r_dtypes, tuple(ctx.needs_input_grad[1:]), masters)
         return (None, *grads)
 
@@ -308,8 +320,8 @@ def weight_sides_per_forward(model: nn.Module) -> WeightSidesHandle:
                               f"side instead", RuntimeWarning, stacklevel=2)
             return
         plan.c, plan.ab = kinds.pop()
-        flat = WeightSides.apply(plan, *plan.masters())
-        for layer, wq, down_c, bias_c in _per_layer(layers, flat):
+        parts = WeightSides.apply(plan, *plan.masters())
+        for layer, wq, down_c, bias_c in _per_layer(layers, parts):
             layer.module._prepared = (wq, down_c, bias_c)
 
     @torch.compiler.disable

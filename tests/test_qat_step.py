@@ -101,6 +101,25 @@ def test_a_mutation_is_caught():
         _close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_each_layer_takes_its_own_output_of_the_node():
+    """The layers' tensors are the node's outputs themselves, not slices of one output: a slice's backward makes a
+    gradient of the whole flat tensor's size for each of them (zeros and a copy), quadratic in the model's layers
+    (the first H200 run: 883 ms a DiT-XL/2 step). The backward then runs no slice backward at all."""
+    mod = Net()
+    robuq_fx.weight_sides_per_forward(mod)
+    seen = []
+    for m in mod.modules():
+        if isinstance(m, QATLinear):
+            m.register_forward_pre_hook(lambda m, a: seen.extend(t.grad_fn for t in m._prepared if t is not None))
+    y = mod(torch.randn(3, 10, 128))
+    assert len(seen) == 10 and {type(f).__name__ for f in seen} == {"WeightSidesBackward"}
+    assert len({id(f) for f in seen}) == 1
+    with torch.profiler.profile() as prof:
+        y.sum().backward()
+    names = {e.key for e in prof.key_averages()}
+    assert "WeightSidesBackward" in names and not any("slice_backward" in n.lower() for n in names)
+
+
 class Replays:
     def __init__(self):
         self.captures = self.replays = 0
@@ -236,7 +255,9 @@ def test_compiled_on_cuda_matches_eager():
     robuq_fx.weight_sides_per_forward(mod)
     torch._dynamo.reset()
     got = _train(mod, x, 3, False, torch.compile(mod))
-    _close(got[:1], want, rtol=1e-4, atol=1e-5)
+    # the GPU's reordered fp32 sums (Inductor's reductions) move a rare activation code at a rounding boundary: on the
+    # H200 (session 21) 6 of a.weight's 16384 gradient entries differed by up to 1.2e-5 (at atol 1e-5)
+    _close(got[:1], want, rtol=1e-4, atol=5e-5)
     assert all(torch.isfinite(y).all() for y, _ in got)
     torch._dynamo.reset()
 
