@@ -115,6 +115,9 @@ def main(argv=None):
     ap.add_argument("--train", choices=["eager", "compiled"], default=None,
                     help="profile QAT training steps instead (batch --batch, bf16 autocast, fp32 masters, AdamW): "
                          "kernels by category plus the robuq ops' own CPU and GPU time (issue 19)")
+    ap.add_argument("--step-weights", action="store_true",
+                    help="with --train: the QAT settings with robuq_fx.weight_sides_per_forward (every layer's weight "
+                         "side once a forward, one CUDA graph replay each way); their tables add its hooks' CPU time")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
     from tabulate import tabulate
@@ -189,6 +192,8 @@ def train_profile(args, cfg, pols, names, prov, device):
         m = build(cfg).to(device).train()
         if key != "bf16":
             m = robuq_fx.quantize(m, pols[names[key]], example_inputs=inputs(cfg, 2, device)).train()
+            if args.step_weights:
+                robuq_fx.weight_sides_per_forward(m)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
         fwd = torch.compile(m) if args.train == "compiled" else m
         target = torch.randn_like(m(**x)[0].detach())
@@ -219,7 +224,7 @@ def train_profile(args, cfg, pols, names, prov, device):
         cats: dict[str, float] = {}
         ops, kernels = [], []
         for e in prof.key_averages():
-            if _is_cpu(e) and "robuq" in e.key:
+            if _is_cpu(e) and ("robuq" in e.key or e.key.startswith("WeightSides")):
                 ops.append({"op": e.key, "calls per step": e.count / args.steps,
                             "CPU ms per step (self)": round(e.self_cpu_time_total / 1e3 / args.steps, 3),
                             "CPU ms per step (with the ops inside)": round(e.cpu_time_total / 1e3 / args.steps, 3),
@@ -234,6 +239,9 @@ def train_profile(args, cfg, pols, names, prov, device):
                  for c, v in sorted(cats.items(), key=lambda kv: -kv[1])]
         table.append({"category": "TOTAL kernel time", "ms per step": round(total, 3), "share": ""})
         table.append({"category": "wall time per step", "ms per step": round(wall, 3), "share": ""})
+        table.append({"category": "kernels a step", "ms per step": round(sum(e.count for e in prof.key_averages()
+                                                                             if is_kernel(e)) / args.steps, 1),
+                      "share": ""})
         top = sorted(kernels, key=lambda r: -r["ms per step"])[:TOP_KERNELS]
         out["settings"][key] = {"categories": table, "robuq_ops": ops, "wall_ms": wall, "top_kernels": top}
         lines += ["", f"## {key}", tabulate(table, headers="keys", tablefmt="github"),
@@ -244,7 +252,7 @@ def train_profile(args, cfg, pols, names, prov, device):
                                    tablefmt="github")]
         del fwd, m, opt
         torch._dynamo.reset()
-    _write(args, prov, lines, out, f"profile_dit_train_{args.train}")
+    _write(args, prov, lines, out, f"profile_dit_train_{args.train}{'_stepw' if args.step_weights else ''}")
 
 
 if __name__ == "__main__":
