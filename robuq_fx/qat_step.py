@@ -103,12 +103,29 @@ def _sizes(layer: _Layer) -> list:
     return sizes
 
 
-def _split(flat: torch.Tensor, shapes: list) -> list:
+def _split(flat: torch.Tensor, shapes: list, layout: list | None = None) -> list:
+    """flat's consecutive parts of these shapes, as contiguous views (one tensor made a part: ~600 a step for
+    DiT-XL/2, each ~2 us of the compiled step's Python); layout: `_layout(shapes)`, where the caller keeps it."""
+    base = flat.storage_offset()
+    return [flat.as_strided(s, st, base + o) for s, st, o in (_layout(shapes) if layout is None else layout)]
+
+
+def _layout(shapes: list) -> list:
+    """(shape, contiguous strides, offset) of consecutive parts of these shapes in one flat tensor."""
     out, o = [], 0
     for s in shapes:
-        out.append(flat[o:o + _numel(s)].view(s))
+        out.append((s, _contiguous(s), o))
         o += _numel(s)
     return out
+
+
+def _contiguous(shape: tuple) -> tuple:
+    """A contiguous tensor's strides."""
+    strides, acc = [], 1
+    for d in reversed(shape):
+        strides.append(acc)
+        acc *= max(d, 1)
+    return tuple(reversed(strides))
 
 
 def _shapes(layers: list) -> list:
@@ -166,14 +183,13 @@ class WeightSides(torch.autograd.Function):
         flat, r_dtypes = plan.run_forward(masters)
         ctx.plan, ctx.r_dtypes = plan, r_dtypes
         ctx.save_for_backward(*masters)
-        return tuple(_split(flat, _shapes(plan.layers)))
+        return tuple(_split(flat, plan.shapes, plan.layout))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *g_parts):
-        masters = ctx.saved_tensors
-        g_flat = torch.cat([g.reshape(-1) for g in g_parts])  # an output no layer used: zeros (materialized grads)
-        grads = ctx.plan.run_backward(g_flat, ctx.r_dtypes, tuple(ctx.needs_input_grad[1:]), masters)
+        # (an output no layer used comes as zeros: autograd materializes its gradient)
+        grads = ctx.plan.run_backward(g_parts, ctx.r_dtypes, tuple(ctx.needs_input_grad[1:]), ctx.saved_tensors)
         return (None, *grads)
 
 
@@ -185,12 +201,36 @@ class Plan:
         if not self.layers:
             raise ValueError(f"weight_sides_per_forward: {type(model).__name__} has no QAT layers (QATLinear "
                              f"modules, what robuq_fx.quantize makes in training mode)")
+        self.modules = [layer.module for layer in self.layers]
+        self.shapes = _shapes(self.layers)
+        self.layout = _layout(self.shapes)
+        # where each layer's weight is in `masters()`
+        self.w_at = list(_offsets([len(_masters(m)) for m in self.modules]))
         self.c = self.ab = None
         self.warned = self.graphs_off = False
+        self._ids = None  # the masters' identities when last checked (`check`)
         self._fwd_graph = self._bwd_graph = None  # (key, qat_graph._Graph)
 
     def masters(self) -> list:
-        return [t for layer in self.layers for t in _masters(layer.module)]
+        return [t for m in self.modules for t in _masters(m)]
+
+    def check(self, masters: list) -> None:
+        """Refuse sharded masters; checked again only when the masters are other tensors than last time (this runs
+        before every forward: its Python is a compiled step's own overhead)."""
+        ids = tuple(map(id, masters))
+        if ids != self._ids:
+            _check_not_sharded(masters)
+            self._ids = ids
+
+    def kinds(self, masters: list) -> set:
+        """{(c, ab)} of the layers (`dtypes`): autocast's alone where it is on for the one device type they are on."""
+        devs = {masters[i].device.type for i in self.w_at}
+        if len(devs) == 1:
+            dev = devs.pop()
+            if torch.is_autocast_enabled(dev):
+                ac = torch.get_autocast_dtype(dev)
+                return {(ac, ac)}
+        return {dtypes(m) for m in self.modules}
 
     def run_forward(self, masters: tuple) -> tuple:
         c = self.c
@@ -204,17 +244,22 @@ class Plan:
                                         result)
         return result
 
-    def run_backward(self, g_flat, r_dtypes: tuple, needs: tuple, masters: tuple) -> tuple:
+    def run_backward(self, g_parts: tuple, r_dtypes: tuple, needs: tuple, masters: tuple) -> tuple:
+        """Every master's gradient from the gradients of WeightSides' outputs (one flat tensor once concatenated)."""
         c, ab = self.c, self.ab
+        flat = [g.reshape(-1) for g in g_parts]
 
         def compute(g):
             return _all_grads(self.layers, g, c, ab, r_dtypes, needs, *masters)
-        if self.graphs_off or not _use_graphs(g_flat):
-            return compute(g_flat)
-        key = (tuple(t.data_ptr() for t in masters), c, ab, r_dtypes, needs, g_flat.dtype, g_flat.shape)
+        if self.graphs_off or not _use_graphs(g_parts[0]):
+            return compute(torch.cat(flat))
+        key = (tuple(t.data_ptr() for t in masters), c, ab, r_dtypes, needs, g_parts[0].dtype)
         if self._bwd_graph is not None and self._bwd_graph[0] == key:
-            *flats, layout = qat_graph.replay_graph(self._bwd_graph[1], (g_flat,), g_flat.device)
+            graph = self._bwd_graph[1]
+            torch.cat(flat, out=graph.inputs[0])  # straight into the buffer the graph reads
+            *flats, layout = qat_graph.replay_graph(graph, (graph.inputs[0],), g_parts[0].device)
             return _views(flats, layout)
+        g_flat = torch.cat(flat)
         result = compute(g_flat)
         flats, layout = _pack_grads(result)
         # the gradients packed one flat buffer a dtype: a replay is copied out in one launch a dtype
@@ -233,6 +278,14 @@ class Plan:
         return None
 
 
+def _offsets(counts: list):
+    """The running sums 0, c0, c0 + c1, ... (each layer's first index in a list of all layers' items)."""
+    o = 0
+    for c in counts:
+        yield o
+        o += c
+
+
 def _pack_grads(grads: tuple) -> tuple:
     """(one flat tensor a dtype holding the gradients, their layout)."""
     by_dtype: dict = {}
@@ -243,7 +296,7 @@ def _pack_grads(grads: tuple) -> tuple:
             layout.append(None)
             continue
         off = ends.get(t.dtype, 0)
-        layout.append((t.dtype, off, tuple(t.shape)))
+        layout.append((t.dtype, off, tuple(t.shape), _contiguous(t.shape)))
         ends[t.dtype] = off + t.numel()
         by_dtype.setdefault(t.dtype, []).append(t.reshape(-1))
     dts = sorted(by_dtype, key=str)
@@ -253,8 +306,9 @@ def _pack_grads(grads: tuple) -> tuple:
 def _views(flats: list, layout) -> tuple:
     """The gradients `_pack_grads` packed, as views of its flat buffers."""
     dts, items = layout
-    by_dtype = dict(zip(dts, flats))
-    return tuple(None if item is None else by_dtype[item[0]][item[1]:item[1] + _numel(item[2])].view(item[2])
+    by_dtype = {d: (flat, flat.storage_offset()) for d, flat in zip(dts, flats)}
+    return tuple(None if item is None else by_dtype[item[0]][0].as_strided(item[2], item[3],
+                                                                           by_dtype[item[0]][1] + item[1])
                  for item in items)
 
 
@@ -285,9 +339,9 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
-def _check_not_sharded(plan: Plan) -> None:
+def _check_not_sharded(masters: list) -> None:
     """FSDP2 shards the masters (DTensors) and gathers them block by block inside the forward, after this hook."""
-    if any(_is_dtensor(t) for layer in plan.layers for t in _masters(layer.module)):
+    if any(_is_dtensor(t) for t in masters):
         raise TypeError("weight_sides_per_forward: the QAT layers' masters are sharded DTensors (FSDP2), and the "
                         "whole model's weight sides need every master gathered at the model's start: use it on one "
                         "GPU or with DDP")
@@ -305,13 +359,13 @@ def weight_sides_per_forward(model: nn.Module) -> WeightSidesHandle:
     if not isinstance(model, nn.Module):
         raise TypeError(f"weight_sides_per_forward takes the QAT model (an nn.Module), got {type(model).__name__}")
     plan = Plan(model)
-    _check_not_sharded(plan)
+    plan.check(plan.masters())
 
     @torch.compiler.disable
     def pre(module, args, kwargs):
-        layers = plan.layers
-        _check_not_sharded(plan)
-        kinds = {dtypes(layer.module) for layer in layers}
+        masters = plan.masters()
+        plan.check(masters)
+        kinds = plan.kinds(masters)
         if len(kinds) > 1:  # one flat tensor holds every layer's weight side: one matmul dtype for all
             if not plan.warned:
                 plan.warned = True
@@ -320,13 +374,14 @@ def weight_sides_per_forward(model: nn.Module) -> WeightSidesHandle:
                               f"side instead", RuntimeWarning, stacklevel=2)
             return
         plan.c, plan.ab = kinds.pop()
-        parts = WeightSides.apply(plan, *plan.masters())
-        for layer, wq, down_c, bias_c in _per_layer(layers, parts):
-            layer.module._prepared = (wq, down_c, bias_c)
+        parts = WeightSides.apply(plan, *masters)
+        for layer, wq, down_c, bias_c in _per_layer(plan.layers, parts):
+            layer.module.__dict__["_prepared"] = (wq, down_c, bias_c)  # (nn.Module.__setattr__'s checks: ~600 a step)
 
     @torch.compiler.disable
     def post(module, args, kwargs, output):
-        _clear(model)
+        for m in plan.modules:
+            m.__dict__["_prepared"] = None
 
     return WeightSidesHandle(model, [model.register_forward_pre_hook(pre, with_kwargs=True),
                                      model.register_forward_hook(post, with_kwargs=True)])

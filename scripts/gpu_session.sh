@@ -46,7 +46,7 @@
 #                                           bench_linear with it (table: the committed table, no sweep)
 #   scripts/gpu_session.sh qat-profile [MODE [SETTING..]]  profile_dit --train (default: compiled, bf16 + paper), batch 16
 #   scripts/gpu_session.sh train-stepw [S [both]]  weight_sides_per_forward: its GPU tests, the compiled QAT step with it
-#   scripts/gpu_session.sh stepw-profile    the compiled paper step with it profiled next to FP, then W1.58A4+H with it
+#   scripts/gpu_session.sh stepw-profile    its GPU tests, the compiled paper row with it, then it profiled next to FP
 #   scripts/gpu_session.sh train-eager      the eager QAT rows at the defaults (bench_dit --train-only --no-compile)
 #   scripts/gpu_session.sh train-lgraph     the graph GPU tests, then eager QAT rows: weight-side graphs vs whole layers
 #   scripts/gpu_session.sh graph-diag       where the QAT CUDA graphs break: full logs of their tests and a diag script
@@ -588,14 +588,18 @@ train-stepw)  # session 20's robuq_fx.weight_sides_per_forward (qat_step.py: eve
         --tag "_train_stepw_$(echo "${2:-dit-xl-2-robuq}" | tr -c 'A-Za-z0-9\n' _)" > "$OUT/stepw_bench.log" 2>&1
     grep -vE "^\s*$" "$OUT/stepw_bench.log" | grep -iE "warn|error|\||ms" | tail -n 20
     ;;
-stepw-profile)  # session 21: the compiled paper step with weight_sides_per_forward profiled next to FP (kernels by
-    # category, wall time, kernels a step, the hooks' CPU time), then the W1.58A4+H row with it (~8 min)
-    timeout 330 python3 benchmarks/profile_dit.py --train compiled --batch 16 --steps 3 --settings bf16 paper \
+stepw-profile)  # session 21: weight_sides_per_forward with its hook's Python cut (~600 tensors made a step): its GPU
+    # tests, the compiled paper row against FP, then both profiled (kernels by category, wall time, kernels a step,
+    # the hook and node's CPU time; the compiles cached by the bench run), ~8 min
+    timeout 60 python3 -m pytest -q -rf --tb=short -p no:cacheprovider tests/test_qat_step.py -k "cuda or own_output" \
+        > "$OUT/stepw_tests.log" 2>&1
+    grep -E "^E |Error|passed|failed" "$OUT/stepw_tests.log" | head -8
+    timeout 250 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes compiled --iters 12 \
+        --settings "QAT dit-xl-2-robuq" --step-weights on --tag _train_stepw_paper > "$OUT/stepw_bench.log" 2>&1
+    grep -E "^\|" "$OUT/stepw_bench.log" | tail -n 4
+    timeout 210 python3 benchmarks/profile_dit.py --train compiled --batch 16 --steps 3 --settings bf16 paper \
         --step-weights --out "$OUT" > "$OUT/stepw_profile.log" 2>&1
-    grep -E "^## |TOTAL|wall time|kernels a step|WeightSides|GEMM|other|optim" "$OUT/stepw_profile.log" | head -30
-    timeout 200 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes compiled --iters 12 \
-        --settings "QAT W1.58A4+H" --step-weights on --tag _train_stepw_w158 > "$OUT/stepw_w158.log" 2>&1
-    grep -E "^\|" "$OUT/stepw_w158.log" | tail -n 4
+    grep -E "^## |TOTAL|wall time|kernels a step|WeightSides|GEMM|other|optim|Error" "$OUT/stepw_profile.log" | head -30
     ;;
 train-eager)  # the eager QAT rows at the defaults (whole-layer graphs since session 20), ~3 min
     timeout 200 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --no-compile --iters 10 \
