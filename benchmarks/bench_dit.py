@@ -296,7 +296,8 @@ def main(argv=None):
     opt_in = "".join(f" {tag}" for var, value, tag in (("ROBUQ_QAT_FP8", "1", "+fp8"),
                                                        ("ROBUQ_QAT_WEIGHT_KERNEL", "1", "+wkernel"),
                                                        ("ROBUQ_QAT_WEIGHT_GRAPH", "0", "-wgraph"),
-                                                       ("ROBUQ_QAT_LAYER_GRAPH", "0", "-lgraph"))
+                                                       ("ROBUQ_QAT_LAYER_GRAPH", "0", "-lgraph"),
+                                                       ("ROBUQ_QAT_ACT_KERNEL", "1", "+actk"))
                      if os.environ.get(var) == value)
     train = [("FP", None), ("QAT W4A4+H" + opt_in, policies()["robuq W4A4+H"]),
              ("QAT W1.58A4+H" + opt_in, policies()["robuq W1.58A4+H"]), ("QAT dit-xl-2-robuq" + opt_in, policies()[PAPER])]

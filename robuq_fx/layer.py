@@ -81,9 +81,15 @@ def stacked_linear(xq, t, wq, lrb_up, bias):
     return F.linear(torch.cat([xq, t], -1), torch.cat([wq, lrb_up.to(wq.dtype)], 1), bias)
 
 
-def prepared_linear(x, w_stacked, lrb_down_c, bias_c, spec: LayerSpec):
+def prepared_linear(x, w_stacked, lrb_down_c, bias_c, act_op: bool, spec: LayerSpec):
     """`robuq_linear` with the weight side already computed (qat_step.py): w_stacked = [Q_w(R), A_c] (just Q_w(R)
-    without a branch), lrb_down_c = B, bias_c = bias, all in the matmul dtype; x H and Q_a(x H) go to it first."""
+    without a branch), lrb_down_c = B, bias_c = bias, all in the matmul dtype; x H and Q_a(x H) go to it first.
+    act_op: the activation side is one triton_op (kernels/qat_act.py), and lrb_down_c holds B H."""
+    if act_op:
+        from .kernels.qat_act import act_side
+        x2 = x.reshape(-1, x.shape[-1]).to(w_stacked.dtype).contiguous()
+        y = F.linear(act_side(x2, lrb_down_c.contiguous(), spec), w_stacked, bias_c)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
     xh, xq = rotate_and_quantize(x, spec)
     if not torch.is_autocast_enabled(x.device.type):
         xh, xq = xh.to(w_stacked.dtype), xq.to(w_stacked.dtype)

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from . import qat_graph
+from .kernels import qat_act
 from .qat_fused import _to, _weight_grads, _weight_side
 from .qat_linear import QATLinear
 
@@ -69,16 +70,19 @@ def dtypes(m: QATLinear) -> tuple[torch.dtype, torch.dtype]:
     return m.compute_dtype or m.weight.dtype, m.weight.dtype
 
 
-def _all_sides(layers: list, c: torch.dtype, *masters) -> tuple:
+def _all_sides(layers: list, c: torch.dtype, act: tuple, *masters) -> tuple:
     """Every layer's (stacked weight, B_c, bias_c) in one flat tensor in c (each written into its slice as it is
-    made: no layer's parts outlive it), and their R dtypes."""
+    made: no layer's parts outlive it), and their R dtypes. act: per layer, whether its activation side is the
+    triton_op (kernels/qat_act.py), which takes B H in place of B."""
     flat = torch.empty(sum(_numel(s) for layer in layers for s in _sizes(layer)), dtype=c, device=masters[0].device)
     r_dtypes, i, o = [], 0, 0
-    for layer in layers:
+    for layer, fused in zip(layers, act):
         n = len(_masters(layer.module))
         w, down, up, bias = _unpack(layer, list(masters[i:i + n]))
         i += n
         wq, r_dtype, down_c, bias_c = _weight_side(w, down, up, bias, layer.module.spec, c)
+        if fused:
+            down_c = qat_act.rotated_down(down_c, layer.module.spec)
         for t in (wq, down_c, bias_c):
             if t is not None:
                 flat[o:o + t.numel()].view(t.shape).copy_(t)
@@ -144,11 +148,13 @@ def _per_layer(layers: list, parts: list):
 
 
 def _all_grads(layers: list, flat_g: torch.Tensor, c: torch.dtype, ab: torch.dtype, r_dtypes: tuple,
-               needs: tuple, *masters) -> tuple:
+               needs: tuple, act: tuple, *masters) -> tuple:
     """Every master's gradient (None where not needed), from the flat gradient of `_all_sides`' output."""
     grads, i = [], 0
-    for (layer, g_wide, p_down, g_bias_c), r_dtype in zip(_per_layer(layers, _split(flat_g, _shapes(layers))),
-                                                          r_dtypes):
+    for (layer, g_wide, p_down, g_bias_c), r_dtype, fused in zip(
+            _per_layer(layers, _split(flat_g, _shapes(layers))), r_dtypes, act):
+        if fused:  # the gradient of B H: B's is it times H
+            p_down = qat_act.down_grad(p_down, layer.module.spec)
         n = len(_masters(layer.module))
         w, down, up, bias = _unpack(layer, list(masters[i:i + n]))
         need = needs[i:i + n]
@@ -183,7 +189,7 @@ class WeightSides(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: "Plan", *masters):
         flat, r_dtypes = plan.run_forward(masters)
-        ctx.plan, ctx.r_dtypes = plan, r_dtypes
+        ctx.plan, ctx.r_dtypes, ctx.act = plan, r_dtypes, plan.act
         ctx.save_for_backward(*masters)
         return tuple(_split(flat, plan.shapes, plan.layout))
 
@@ -191,7 +197,8 @@ class WeightSides(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, *g_parts):
         # (an output no layer used comes as zeros: autograd materializes its gradient)
-        grads = ctx.plan.run_backward(g_parts, ctx.r_dtypes, tuple(ctx.needs_input_grad[1:]), ctx.saved_tensors)
+        grads = ctx.plan.run_backward(g_parts, ctx.r_dtypes, tuple(ctx.needs_input_grad[1:]), ctx.act,
+                                      ctx.saved_tensors)
         return (None, *grads)
 
 
@@ -211,6 +218,7 @@ class Plan:
         self.c = self.ab = None
         self.warned = self.graphs_off = False
         self._ids = None  # the masters' identities when last checked (`check`)
+        self.act, self._act_key = (False,) * len(self.layers), None  # (`set_act`)
         self._fwd_graph = self._bwd_graph = None  # (key, qat_graph._Graph)
 
     def masters(self) -> list:
@@ -234,28 +242,44 @@ class Plan:
                 return {(ac, ac)}
         return {dtypes(m) for m in self.modules}
 
+    def set_act(self, device: torch.device) -> None:
+        """Which layers' activation side is the triton_op (kernels/qat_act.py, ROBUQ_QAT_ACT_KERNEL=1) for this
+        matmul dtype and device; one warning naming those left on the op graph, and why."""
+        key = (self.c, device, qat_act.enabled())
+        if self._act_key == key:
+            return
+        whynot = [qat_act.unsupported(m.spec, m.in_features, device, self.c) if key[2] else "off"
+                  for m in self.modules]
+        self.act, self._act_key = tuple(w is None for w in whynot), key
+        if any(self.act):
+            qat_act.define()  # here, eagerly: not while torch.compile traces the layers that call it
+        left = {w for w in whynot if w is not None and w not in ("off", "no low-rank branch")}
+        if key[2] and left:
+            warnings.warn(f"ROBUQ_QAT_ACT_KERNEL: {sum(w in left for w in whynot)} of {len(whynot)} QAT layers keep "
+                          f"the op graph's activation side ({'; '.join(sorted(left))})", RuntimeWarning, stacklevel=3)
+
     def run_forward(self, masters: tuple) -> tuple:
-        c = self.c
+        c, act = self.c, self.act
         if self.graphs_off or not _use_graphs(masters[0]):
-            return _all_sides(self.layers, c, *masters)
-        key = (tuple(t.data_ptr() for t in masters), c, qat_graph._autocast_dtype(masters[0].device))
+            return _all_sides(self.layers, c, act, *masters)
+        key = (tuple(t.data_ptr() for t in masters), c, act, qat_graph._autocast_dtype(masters[0].device))
         if self._fwd_graph is not None and self._fwd_graph[0] == key:
             return qat_graph.replay_graph(self._fwd_graph[1], (), masters[0].device)
-        result = _all_sides(self.layers, c, *masters)
-        self._fwd_graph = self._capture(key, "step weight sides", lambda: _all_sides(self.layers, c, *masters), (),
-                                        result)
+        result = _all_sides(self.layers, c, act, *masters)
+        self._fwd_graph = self._capture(key, "step weight sides", lambda: _all_sides(self.layers, c, act, *masters),
+                                        (), result)
         return result
 
-    def run_backward(self, g_parts: tuple, r_dtypes: tuple, needs: tuple, masters: tuple) -> tuple:
+    def run_backward(self, g_parts: tuple, r_dtypes: tuple, needs: tuple, act: tuple, masters: tuple) -> tuple:
         """Every master's gradient from the gradients of WeightSides' outputs (one flat tensor once concatenated)."""
         c, ab = self.c, self.ab
         flat = [g.reshape(-1) for g in g_parts]
 
         def compute(g):
-            return _all_grads(self.layers, g, c, ab, r_dtypes, needs, *masters)
+            return _all_grads(self.layers, g, c, ab, r_dtypes, needs, act, *masters)
         if self.graphs_off or not _use_graphs(g_parts[0]):
             return compute(torch.cat(flat))
-        key = (tuple(t.data_ptr() for t in masters), c, ab, r_dtypes, needs, g_parts[0].dtype)
+        key = (tuple(t.data_ptr() for t in masters), c, ab, r_dtypes, needs, act, g_parts[0].dtype)
         if self._bwd_graph is not None and self._bwd_graph[0] == key:
             graph = self._bwd_graph[1]
             torch.cat(flat, out=graph.inputs[0])  # straight into the buffer the graph reads
@@ -376,9 +400,11 @@ def weight_sides_per_forward(model: nn.Module) -> WeightSidesHandle:
                               f"side instead", RuntimeWarning, stacklevel=2)
             return
         plan.c, plan.ab = kinds.pop()
+        plan.set_act(masters[0].device)
         parts = WeightSides.apply(plan, *masters)
-        for layer, wq, down_c, bias_c in _per_layer(plan.layers, parts):
-            layer.module.__dict__["_prepared"] = (wq, down_c, bias_c)  # (nn.Module.__setattr__'s checks: ~600 a step)
+        for (layer, wq, down_c, bias_c), fused in zip(_per_layer(plan.layers, parts), plan.act):
+            # (set through __dict__: nn.Module.__setattr__'s checks, ~200 a step)
+            layer.module.__dict__["_prepared"] = (wq, down_c, bias_c, fused)
 
     @torch.compiler.disable
     def post(module, args, kwargs, output):

@@ -47,6 +47,7 @@
 #   scripts/gpu_session.sh qat-profile [MODE [SETTING..]]  profile_dit --train (default: compiled, bf16 + paper), batch 16
 #   scripts/gpu_session.sh train-stepw [S [both]]  weight_sides_per_forward: its GPU tests, the compiled QAT step with it
 #   scripts/gpu_session.sh stepw-profile    its GPU tests, the compiled paper row with it, then it profiled next to FP
+#   scripts/gpu_session.sh train-actk       ROBUQ_QAT_ACT_KERNEL=1 (the activation side as one triton_op): GPU tests, paper row
 #   scripts/gpu_session.sh train-eager      the eager QAT rows at the defaults (bench_dit --train-only --no-compile)
 #   scripts/gpu_session.sh train-lgraph     the graph GPU tests, then eager QAT rows: weight-side graphs vs whole layers
 #   scripts/gpu_session.sh graph-diag       where the QAT CUDA graphs break: full logs of their tests and a diag script
@@ -600,6 +601,17 @@ stepw-profile)  # session 21: weight_sides_per_forward with its hook's Python cu
     timeout 210 python3 benchmarks/profile_dit.py --train compiled --batch 16 --steps 3 --settings bf16 paper \
         --step-weights --out "$OUT" > "$OUT/stepw_profile.log" 2>&1
     grep -E "^## |TOTAL|wall time|kernels a step|WeightSides|GEMM|other|optim|Error" "$OUT/stepw_profile.log" | head -30
+    ;;
+train-actk)  # session 21's ROBUQ_QAT_ACT_KERNEL=1 (kernels/qat_act.py: with weight_sides_per_forward, an LRB layer's
+    # activation side as one triton_op, [Q_a(x H), x (B H)^T] from the quantizer and lrb_down kernels; the compiled
+    # graph's six launches a layer forward become three): its GPU tests, then the compiled paper row with it (~8 min;
+    # the row without it: train-stepw)
+    ROBUQ_QAT_ACT_KERNEL=1 timeout 90 python3 -m pytest -q -rf --tb=short -p no:cacheprovider tests/test_qat_step.py \
+        -k "cuda or own_output or act_op" > "$OUT/actk_tests.log" 2>&1
+    grep -E "^E |Error|passed|failed" "$OUT/actk_tests.log" | head -8
+    ROBUQ_QAT_ACT_KERNEL=1 timeout 400 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes compiled \
+        --iters 12 --settings "QAT dit-xl-2-robuq" --step-weights on --tag _train_actk_paper > "$OUT/actk_bench.log" 2>&1
+    grep -iE "^\||warn|error" "$OUT/actk_bench.log" | tail -n 8
     ;;
 train-eager)  # the eager QAT rows at the defaults (whole-layer graphs since session 20), ~3 min
     timeout 200 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --no-compile --iters 10 \

@@ -1,0 +1,122 @@
+"""A compiled QAT layer's activation side in one `triton_op` (issue 19; opt-in, ROBUQ_QAT_ACT_KERNEL=1, for the
+layers of `robuq_fx.weight_sides_per_forward` on CUDA).
+
+With the weight side out of the compiled graph (qat_step.py), a layer with a low-rank branch still launches, per
+call, x H (a GEMM), Q_a's range and its values (two Inductor kernels, the second also writing [Q_a(x H), t]), and
+t = (x H) B^T (a GEMM) before the stacked GEMM: six launches forward where a linear launches one or two (CPU
+Inductor, session 21). Here the stacked input is written by the two Triton kernels the inference path already has:
+
+    xcat = [Q_a(x H), x (B H)^T]   (M, K + r) in x's dtype
+           `act_quant` in dequant mode (x H by an in-register butterfly, per-token absmax range, Q_a = s q) into the
+           first K columns, `lrb_down` (t with fp32 sums, rounded once) into the last r
+
+so the layer is that op and the stacked GEMM. The weight side hands over B H instead of B (`rotated_down`), and
+its gradient goes back through H (`down_grad`): t = (x H) B^T = x (B H)^T, since H is symmetric.
+
+Backward (written in torch ops, so Inductor fuses it with the rest of the graph; METHOD.md §3's STE is the identity
+for absmax ranges, which hold every value):
+    g_x = g_q H + g_t (B H)        g_(B H) = g_t^T x
+
+What may differ from the op graph: t is x (B H)^T summed in fp32 and rounded once, where the op graph rounds x H to
+bf16 first; the rotation's fp32 sums are the butterfly's (exact where the op graph's GEMM is). Covered: symmetric
+absmax activations of 1-8 bits, a power-of-two Hadamard block (or none), 16-bit inputs, K a multiple of 128, rank
+<= 128; anything else keeps the op graph (`unsupported` says why).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..spec import LayerSpec
+
+_OPS: list = []
+
+
+def enabled() -> bool:
+    return os.environ.get("ROBUQ_QAT_ACT_KERNEL", "0") == "1"
+
+
+def unsupported(spec: LayerSpec, k: int, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why a layer cannot take `act_side` (None: it can)."""
+    if device.type != "cuda":
+        return "not on CUDA"
+    if not spec.lora_rank:
+        return "no low-rank branch"
+    if spec.lora_rank > 128:
+        return f"rank {spec.lora_rank} > 128"
+    if not 1 <= spec.a_bits <= 8:
+        return f"a_bits={spec.a_bits} (1-8 covered)"
+    if not spec.a_sym or spec.a_clip != "absmax" or spec.a_group:
+        return "asymmetric, sigma-clipped or grouped activations (their STE masks values)"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"matmul dtype {dtype} (16-bit covered)"
+    try:
+        from . import quantizer, triton_lowrank  # (need triton)
+    except ImportError as exc:
+        return f"triton does not import ({exc})"
+    if k % triton_lowrank.DOWN_BK:
+        return f"in_features {k} not a multiple of {triton_lowrank.DOWN_BK}"
+    if quantizer.quant_plan(k, _block(spec)) is None:
+        return f"no quantizer tiling for K = {k}"
+    return None
+
+
+def _block(spec: LayerSpec) -> int:
+    return spec.hadamard_block if spec.hadamard else 0
+
+
+def rotated_down(down_c: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+    """B H (r, K) from B in the matmul dtype: what `act_side` takes."""
+    from ..layer import rotate
+    return rotate(down_c, spec)
+
+
+def down_grad(g_bh: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+    """B's gradient from B H's (H symmetric and orthonormal: g_B = g_(B H) H)."""
+    from ..layer import rotate
+    return rotate(g_bh, spec)
+
+
+def act_side(x2: torch.Tensor, bh: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+    """[Q_a(x2 H), x2 (B H)^T] (M, K + r) for x2 (M, K) with contiguous rows and bh = B H (r, K), both in the matmul
+    dtype (check `unsupported` first)."""
+    define()
+    return torch.ops.robuq.qat_act_lrb(x2, bh, _block(spec), int(spec.a_bits))
+
+
+def define() -> None:
+    """Define the triton_op and its autograd (once; needs triton). Call it eagerly before torch.compile traces a
+    layer that uses it (qat_step does, in its hook)."""
+    if _OPS:
+        return
+    from torch.library import triton_op
+
+    from .quantizer import act_quant
+    from .triton_launch import traced
+    from .triton_lowrank import lrb_down
+
+    @triton_op("robuq::qat_act_lrb", mutates_args=())
+    def qat_act_lrb(x2: torch.Tensor, bh: torch.Tensor, block: int, a_bits: int) -> torch.Tensor:
+        m, k = x2.shape
+        out = torch.empty(m, k + bh.shape[0], device=x2.device, dtype=x2.dtype)
+        act_quant(x2, block, a_bits, True, dequant=True, traced=True, out=out[:, :k])
+        lrb_down(x2, bh, out[:, k:], traced)
+        return out
+
+    def setup(ctx, inputs, output):
+        x2, bh, block, _ = inputs
+        ctx.save_for_backward(x2, bh)
+        ctx.block = block
+
+    def backward(ctx, g):
+        x2, bh = ctx.saved_tensors
+        k = x2.shape[1]
+        g_q, g_t = g[:, :k], g[:, k:]
+        g_qh = torch.ops.robuq.hadamard.default(g_q.contiguous(), ctx.block) if ctx.block else g_q
+        g_x = torch.addmm(g_qh, g_t, bh)
+        g_bh = g_t.t().mm(x2)
+        return g_x, g_bh, None, None
+
+    qat_act_lrb.register_autograd(backward, setup_context=setup)
+    _OPS.append(qat_act_lrb)
