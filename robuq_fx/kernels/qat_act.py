@@ -100,8 +100,10 @@ def define() -> None:
     def qat_act_lrb(x2: torch.Tensor, bh: torch.Tensor, block: int, a_bits: int) -> torch.Tensor:
         m, k = x2.shape
         out = torch.empty(m, k + bh.shape[0], device=x2.device, dtype=x2.dtype)
-        act_quant(x2, block, a_bits, True, dequant=True, traced=True, out=out[:, :k])
-        lrb_down(x2, bh, out[:, k:], traced)
+        # both kernels write into `out` itself, at their columns (no views of it: functionalized, a write into a
+        # view becomes a slice_scatter copy of the whole buffer)
+        act_quant(x2, block, a_bits, True, dequant=True, traced=True, out=out)  # columns [0, K), row stride K + r
+        lrb_down(x2, bh, out, traced, col=k)                                     # columns [K, K + r)
         return out
 
     def setup(ctx, inputs, output):

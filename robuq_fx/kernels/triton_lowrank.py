@@ -57,8 +57,9 @@ def _down_acc(x_ptr, b_ptr, offs_m, mmask, rr, stride_x, K: tl.constexpr, R: tl.
 @triton.jit(do_not_specialize=["M"])
 def lrb_down_kernel(x_ptr, b_ptr, t_ptr, M, stride_x, stride_t, K: tl.constexpr, R: tl.constexpr,
                     RP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, ACT: tl.constexpr = 0,
-                    SPLIT: tl.constexpr = 1):
-    """t[m, :R] = sum_k act(x)[m, k] b[:R, k] (b (R, K) with contiguous rows; K % BK == 0). ACT: the layer's input
+                    SPLIT: tl.constexpr = 1, T_COL: tl.constexpr = 0):
+    """t[m, :R] = sum_k act(x)[m, k] b[:R, k] (b (R, K) with contiguous rows; K % BK == 0), stored from column T_COL
+    of t's rows (SPLIT = 1: a wider buffer written without a view of it, kernels/qat_act.py). ACT: the layer's input
     activation (robuq::qlinear's input_act), rounded to x's dtype as the model's activation module writes it.
     SPLIT > 1: program (i, j) sums the j-th of SPLIT equal K ranges into its fp32 partial, t_ptr[j] of an
     (SPLIT, M, RP) buffer (stride_t = RP), which `lrb_down_reduce_kernel` adds up in order."""
@@ -67,8 +68,8 @@ def lrb_down_kernel(x_ptr, b_ptr, t_ptr, M, stride_x, stride_t, K: tl.constexpr,
     mmask = offs_m < M
     if SPLIT == 1:
         acc = _down_acc(x_ptr, b_ptr, offs_m, mmask, rr, stride_x, K, R, RP, BM, BK, ACT)
-        tl.store(t_ptr + offs_m[:, None].to(tl.int64) * stride_t + rr[None, :], acc.to(t_ptr.dtype.element_ty),
-                 mask=mmask[:, None] & (rr[None, :] < R))
+        tl.store(t_ptr + offs_m[:, None].to(tl.int64) * stride_t + (T_COL + rr[None, :]),
+                 acc.to(t_ptr.dtype.element_ty), mask=mmask[:, None] & (rr[None, :] < R))
     else:
         j = tl.program_id(1)
         acc = _down_acc(x_ptr, b_ptr, offs_m, mmask, rr, stride_x, K, R, RP, BM, BK, ACT, j * (K // SPLIT),
@@ -244,18 +245,21 @@ def down_split(m: int, k: int) -> int:
     return max(d for d in range(1, min(want, tiles) + 1) if tiles % d == 0)
 
 
-def lrb_down(x2, bh, t, launcher=launch, act: str = "") -> None:
+def lrb_down(x2, bh, t, launcher=launch, act: str = "", col: int = 0) -> None:
     """t (m, r) = act(x2) (B H)^T with `lrb_down_kernel` (check `lrb_down_ok` first). launcher: as `lowrank_add`.
-    Few rows: split over K (`down_split`) into fp32 partials, added in a fixed order by a second kernel."""
+    Few rows: split over K (`down_split`) into fp32 partials, added in a fixed order by a second kernel. col > 0:
+    t is a wider buffer whose columns [col, col + r) take the product, in one kernel (no split)."""
     m, k = x2.shape
     r = bh.shape[0]
     if m == 0:
         return
     rp = rank_pad(r)
-    split = down_split(m, k)
+    split = 1 if col else down_split(m, k)
     out = t if split == 1 else torch.empty(split, m, rp, device=x2.device, dtype=torch.float32)  # (partials)
+    # (T_COL passed even where 0: traced without it, torch's mutation analysis of the kernel gave up and cloned x and
+    # B on every call, tests/kernels/test_inductor_traced.py)
     launcher(lrb_down_kernel, (triton.cdiv(m, DOWN_BM), split), (x2, bh, out, m, x2.stride(0), out.stride(-2)),
-             dict(K=k, R=r, RP=rp, BM=DOWN_BM, BK=DOWN_BK, ACT=act_code(act), SPLIT=split),
+             dict(K=k, R=r, RP=rp, BM=DOWN_BM, BK=DOWN_BK, ACT=act_code(act), SPLIT=split, T_COL=col),
              dict(num_warps=DOWN_WARPS, num_stages=DOWN_STAGES), no_specialize=(3,))
     if split > 1:
         launcher(lrb_down_reduce_kernel, (triton.cdiv(m, DOWN_BM),), (out, t, m, t.stride(0)),

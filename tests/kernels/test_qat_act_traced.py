@@ -1,0 +1,41 @@
+"""`robuq::qat_act_lrb` (kernels/qat_act.py) traced as AOTAutograd traces it for Inductor, on fake CUDA tensors for
+an sm_90 target (no GPU needed where triton imports): the op leaves the graph, its two Triton kernels stay as
+functional kernel nodes writing one buffer (no view of it, so no slice_scatter copy). Its backward (torch ops) is
+checked by value in test_qat_act_interpreted.py."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from tests.kernels.inductor_testing import fake_sm90, kernel_names, triton_imports
+
+
+@pytest.mark.skipif(not triton_imports(), reason="triton does not import here")
+def test_act_op_traces_to_two_kernels_into_one_buffer(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.functional_tensor import dispatch_functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from robuq_fx.kernels import qat_act
+    from robuq_fx.spec import LayerSpec
+    fake_sm90(monkeypatch)
+    spec = LayerSpec(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=128, lora_rank=32).resolve(256, 512)
+    qat_act.define()
+    with FakeTensorMode():
+        x = torch.empty(64, 256, dtype=torch.bfloat16, device="cuda")
+        bh = torch.empty(32, 256, dtype=torch.bfloat16, device="cuda")
+
+    def fwd(x, bh):
+        return qat_act.act_side(x, bh, spec)
+    code = make_fx(dispatch_functionalize(fwd), tracing_mode="fake")(x, bh).code
+    assert "qat_act_lrb" not in code and "slice_scatter" not in code and "copy_" not in code, code
+    assert kernel_names(code) == {"act_quant_bfly_kernel", "lrb_down_kernel"}, code
+    assert code.count("higher_order.triton_kernel_wrapper_functional(") == 2, code
+    assert "'T_COL': 256" in code and "'DEQUANT': True" in code, code
+    # each kernel clones (functionally) only what it stores to: the buffer and the quantizer's scales; an input in
+    # the list (Triton's mutation analysis giving up: every pointer) would be a copy of it a call
+    clones = re.findall(r"tensors_to_clone = (\[[^]]*\])", code)
+    assert len(clones) == 2 and all(set(eval(c)) <= {"out_ptr", "scale_ptr", "lo_ptr", "t_ptr"} for c in clones), clones
+
