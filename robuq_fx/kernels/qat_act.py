@@ -13,9 +13,11 @@ Inductor, session 21). Here the stacked input is written by the two Triton kerne
 so the layer is that op and the stacked GEMM. The weight side hands over B H instead of B (`rotated_down`), and
 its gradient goes back through H (`down_grad`): t = (x H) B^T = x (B H)^T, since H is symmetric.
 
-Backward (written in torch ops, so Inductor fuses it with the rest of the graph; METHOD.md §3's STE is the identity
-for absmax ranges, which hold every value):
-    g_x = g_q H + g_t (B H)        g_(B H) = g_t^T x
+Backward (METHOD.md §3's STE is the identity for absmax ranges, which hold every value):
+    g_x = g_q H + g_t (B H)        one kernel, `robuq::qat_act_lrb_grad` (triton_qat_act.py: the butterfly and the
+                                   rank-r product, rounded once), where the op graph copies the strided g_q, rotates
+                                   it with a GEMM and adds g_t (B H) with an addmm
+    g_(B H) = g_t^T x              a GEMM
 
 What may differ from the op graph: t is x (B H)^T summed in fp32 and rounded once, where the op graph rounds x H to
 bf16 first; the rotation's fp32 sums are the butterfly's (exact where the op graph's GEMM is). Covered: symmetric
@@ -92,9 +94,10 @@ def define() -> None:
         return
     from torch.library import triton_op
 
-    from .quantizer import act_quant
+    from .quantizer import _hscale, act_quant
     from .triton_launch import traced
     from .triton_lowrank import lrb_down
+    from .triton_qat_act import rot_lowrank
 
     @triton_op("robuq::qat_act_lrb", mutates_args=())
     def qat_act_lrb(x2: torch.Tensor, bh: torch.Tensor, block: int, a_bits: int) -> torch.Tensor:
@@ -106,6 +109,14 @@ def define() -> None:
         lrb_down(x2, bh, out, traced, col=k)                                     # columns [K, K + r)
         return out
 
+    @triton_op("robuq::qat_act_lrb_grad", mutates_args=())
+    def qat_act_lrb_grad(g: torch.Tensor, bh: torch.Tensor, block: int) -> torch.Tensor:
+        """g_x = g[:, :K] H + g[:, K:] (B H) in one kernel (triton_qat_act.py)."""
+        m, k = g.shape[0], bh.shape[1]
+        out = torch.empty(m, k, device=g.device, dtype=g.dtype)
+        rot_lowrank(g, bh, out, block, _hscale(block, g.dtype), traced)
+        return out
+
     def setup(ctx, inputs, output):
         x2, bh, block, _ = inputs
         ctx.save_for_backward(x2, bh)
@@ -113,11 +124,9 @@ def define() -> None:
 
     def backward(ctx, g):
         x2, bh = ctx.saved_tensors
-        k = x2.shape[1]
-        g_q, g_t = g[:, :k], g[:, k:]
-        g_qh = torch.ops.robuq.hadamard.default(g_q.contiguous(), ctx.block) if ctx.block else g_q
-        g_x = torch.addmm(g_qh, g_t, bh)
-        g_bh = g_t.t().mm(x2)
+        g = g.contiguous()  # (it is: the stacked GEMM's input gradient)
+        g_x = torch.ops.robuq.qat_act_lrb_grad(g, bh, ctx.block)
+        g_bh = g[:, x2.shape[1]:].t().mm(x2)
         return g_x, g_bh, None, None
 
     qat_act_lrb.register_autograd(backward, setup_context=setup)

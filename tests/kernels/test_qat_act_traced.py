@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.kernels.inductor_testing import fake_sm90, kernel_names, triton_imports
+from tests.kernels.sm90 import import_or_none
 
 
 @pytest.mark.skipif(not triton_imports(), reason="triton does not import here")
@@ -39,3 +40,39 @@ def test_act_op_traces_to_two_kernels_into_one_buffer(monkeypatch):
     clones = re.findall(r"tensors_to_clone = (\[[^]]*\])", code)
     assert len(clones) == 2 and all(set(eval(c)) <= {"out_ptr", "scale_ptr", "lo_ptr", "t_ptr"} for c in clones), clones
 
+
+
+@pytest.mark.skipif(not triton_imports(), reason="triton does not import here")
+def test_backward_op_traces_to_one_kernel(monkeypatch):
+    """`robuq::qat_act_lrb_grad` (g_x = g_q H + g_t (B H)): one functional kernel node writing its output alone."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.functional_tensor import dispatch_functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from robuq_fx.kernels import qat_act
+    fake_sm90(monkeypatch)
+    qat_act.define()
+    with FakeTensorMode():
+        g = torch.empty(64, 256 + 32, dtype=torch.bfloat16, device="cuda")
+        bh = torch.empty(32, 256, dtype=torch.bfloat16, device="cuda")
+    code = make_fx(dispatch_functionalize(lambda g, bh: torch.ops.robuq.qat_act_lrb_grad(g, bh, 128)),
+                   tracing_mode="fake")(g, bh).code
+    assert "qat_act_lrb_grad" not in code and kernel_names(code) == {"rot_lowrank_kernel"}, code
+    assert re.findall(r"tensors_to_clone = (\[[^]]*\])", code) == ["['out_ptr']"], code
+
+
+@pytest.mark.skipif(import_or_none("triton_qat_act") is None, reason="triton does not import here")
+@pytest.mark.parametrize("block,r", [(128, 32), (64, 8), (0, 32)])
+def test_backward_kernel_builds_for_sm90_without_spills(block, r):
+    """Offline sm_90 build (ptxas) of the backward kernel at the paper's shapes: it compiles (the interpreter runs
+    no layout or dot lowering) and keeps its tiles in registers."""
+    from tests.kernels.sm90 import compile_sm90, sass
+    from robuq_fx.kernels import triton_qat_act as T
+    from robuq_fx.kernels.triton_launch import rank_pad
+    w = block or 128
+    sig = {"g_ptr": "*bf16", "bh_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "stride_g": "i32",
+           "stride_o": "i32", "hscale": "fp32"}
+    const = dict(K=1152, R=r, RP=rank_pad(r), B=w, LOGB=w.bit_length() - 1, HAD=block > 0, BM=T.BM)
+    text, regs = sass(compile_sm90(T.rot_lowrank_kernel, sig, const, {"num_warps": T.WARPS},
+                                   aligned=("g_ptr", "bh_ptr", "out_ptr"), gluon=False))
+    assert "STL" not in text, regs  # no local-memory spills
