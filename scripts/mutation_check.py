@@ -166,6 +166,13 @@ MUTANTS = [
     ("step_branch_grad_dropped", "robuq_fx/qat_step.py", "g_w, g_up, g_down = _weight_grads(g_wide, p_down, down,",
      "g_w, g_up, g_down = _weight_grads(g_wide, None if p_down is None else torch.zeros_like(p_down), down,",
      "weight_sides_per_forward loses the branch's g_t^T x H term of B's gradient", ["tests/test_qat_step.py"]),
+    ("qat_act_grad_no_branch", "robuq_fx/kernels/triton_qat_act.py", "    acc = tl.dot(t, b, acc)\n", "",
+     "the compiled QAT activation op's input gradient loses g_t (B H) (ROBUQ_QAT_ACT_KERNEL)",
+     ["tests/kernels/test_qat_act_interpreted.py", "-k", "op_graph"]),
+    ("qat_act_down_not_rotated", "robuq_fx/qat_step.py",
+     "            down_c = qat_act.rotated_down(down_c, layer.module.spec)", "            down_c = down_c",
+     "with ROBUQ_QAT_ACT_KERNEL the weight side hands over B instead of B H (t = x B^T)",
+     ["tests/kernels/test_qat_act_interpreted.py", "-k", "training"]),
 ]
 
 
