@@ -110,7 +110,8 @@ def main(argv=None):
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile rows (eager only)")
     ap.add_argument("--train-batch", type=int, default=16)
     ap.add_argument("--skip-train", action="store_true", help="skip the QAT training-step rows")
-    ap.add_argument("--train-modes", nargs="+", choices=["eager", "compiled", "cudagraphs", "cppwrapper", "combo"],
+    ap.add_argument("--train-modes", nargs="+", choices=["eager", "compiled", "cudagraphs", "cppwrapper", "combo",
+                                                            "backend"],
                     default=["eager", "compiled"],
                     help="which training-step rows, each against FP in the same mode (default eager and compiled; "
                          "cudagraphs: both under torch.compile mode=reduce-overhead; cppwrapper / combo: default "
@@ -312,13 +313,23 @@ def main(argv=None):
     for mode in [] if args.skip_train else modes:
         for name, pol in train:
             m = build(cfg).to(device).train()
-            if pol is not None:
+            if mode == "backend":  # issue 19's second entry point: the FP model under robuq's compile backend
+                if pol is not None and name.endswith(" +stepw"):
+                    continue  # (weight_sides_per_forward takes quantize's QAT modules)
+                if pol is not None:
+                    robuq_fx.backend.prepare_qat(m, pol)  # the branch's trainable factors, on the model
+            elif pol is not None:
                 m = robuq_fx.quantize(m, pol, example_inputs=inputs(cfg, 2, device)).train()
                 if name.endswith(" +stepw"):
                     robuq_fx.weight_sides_per_forward(m)
             opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
             x = inputs(cfg, tb, device)
-            fwd = m if mode == "eager" else torch.compile(m, mode="reduce-overhead" if mode == "cudagraphs" else None)
+            if mode == "eager":
+                fwd = m
+            elif mode == "backend" and pol is not None:
+                fwd = torch.compile(m, backend=robuq_fx.backend(pol, mode="qat"))
+            else:  # (backend mode's FP row: plain torch.compile, the baseline of its ratios)
+                fwd = torch.compile(m, mode="reduce-overhead" if mode == "cudagraphs" else None)
             target = torch.randn_like(m(**x)[0].detach())
             # the compiled QAT step is CPU-bound (~3x FP's kernels, each launched through Python). cppwrapper:
             # default-mode torch.compile with Inductor's C++ wrapper, which launches them without Python (session 19:

@@ -48,6 +48,7 @@
 #   scripts/gpu_session.sh train-stepw [S [both]]  weight_sides_per_forward: its GPU tests, the compiled QAT step with it
 #   scripts/gpu_session.sh stepw-profile    its GPU tests, the compiled paper row with it, then it profiled next to FP
 #   scripts/gpu_session.sh train-actk       ROBUQ_QAT_ACT_KERNEL=1 (the activation side as one triton_op): GPU tests, paper row
+#   scripts/gpu_session.sh train-backend [S]  the compile backend's qat mode (issue 19's second entry point) vs compiled FP
 #   scripts/gpu_session.sh train-eager      the eager QAT rows at the defaults (bench_dit --train-only --no-compile)
 #   scripts/gpu_session.sh train-lgraph     the graph GPU tests, then eager QAT rows: weight-side graphs vs whole layers
 #   scripts/gpu_session.sh graph-diag       where the QAT CUDA graphs break: full logs of their tests and a diag script
@@ -110,22 +111,26 @@
 # The machine goes back ~30 s after a call returns, and with it everything detached or left in /tmp: make every
 # call self-contained, and send the next one at once. On nvidia-h200-x2, `pair A B` runs two steps at once (one a
 # GPU) for the device time of one: use it. A cold compile of the paper policy takes ~3-4 min on the machine: a call
-# holds about two (policy, batch) rows. Session 21's plan (one H200; one bench_dit run a call, sent alone):
-#   1. train-stepw (~9 min: issue 19's compiled paper step, 1.811x FP and launch-bound. weight_sides_per_forward
-#                   (qat_step.py, session 20, CPU-tested: on the tiny test net CPU Inductor's generated kernels
-#                   81 -> 36 fwd+bwd) takes every layer's weight side out of the compiled graph into one CUDA graph
-#                   replay each way. Its GPU tests (bit-equal to its graph-less run), then the compiled row with it
-#                   against FP in the same run (1.811x without, session 9). If it gains, say so in the README's QAT paragraph and consider it for the
-#                   compile backend's qat mode)
-#   2. qat-profile eager (where the paper's eager step, 1.69x with whole-layer graphs, still spends: its 8-bit q/k/v
-#                   fake-quant, per-layer copies)
-#   3. ddp on nvidia-h200-x2 if ever lent (issue 19 item 4: bench_ddp.py; with whole-layer graphs on by default)
-#   4. ln-configs, quant-plans, verify17, then attention-sweep, dit-default (session 19's plan, not reached).
+# holds about two (policy, batch) rows. Session 22's plan (one H200; one bench_dit run a call, sent alone):
+#   1. train-actk (~8 min: ROBUQ_QAT_ACT_KERNEL=1, session 21, interpreter- and trace-tested: with
+#                   weight_sides_per_forward an LRB layer's activation side is one triton_op forward and one kernel
+#                   backward, ~4 launches fewer a layer. Its GPU tests (eager and compiled vs the op graph), then the
+#                   compiled paper row with it. If they pass and it gains, make it the default where it applies)
+#   2. train-stepw (the row without it at HEAD: session 21's hook cuts, ed8ab78, never timed: 1.598x at af7aac0)
+#   3. qat-profile compiled with --step-weights (stepw-profile without its bench: the breakdown issue 19 wants)
+#   4. train-backend (the compile backend's qat mode, issue 19's second entry point, never timed)
+#   5. ddp on nvidia-h200-x2 if ever lent (issue 19 item 4: bench_ddp.py; with whole-layer graphs on by default)
+#   6. qat-profile eager, ln-configs, quant-plans, verify17, attention-sweep, dit-default (not reached since s19).
+#   The host varies a lot from call to call (compiled FP step 72.6 vs 118.6 ms in session 21): compare rows of one
+#   call only, and give a bench the time of a cold paper compile on a slow host (~5 min).
 #   The compile cache comes back as xz pieces (compile_cache.txz.NN): copy them over .snap/.cache/compile_cache.*
 #   after each call (delete the old pieces first). Eager-only calls need no cache: move it aside for them (restoring
-#   ~420 MB takes time).
+#   ~420 MB takes time). It is near its 45 MB limit: past it, a call says "too large to bring back".
 #   Not to run again: train-cpp (the FP step alone did not compile in 9.4 min, session 19), train-combo (1.971x, worse
 #   than default mode, session 20), gelu-fast (both fusions lose, session 18), ag128 steps, out-quant (17 us a call).
+# Session 21 ran: train-stepw (883 ms a step: the slice-backward bug; fixed), train-stepw again (compiled paper
+# 1.598x; GPU tests pass), stepw-profile (GPU tests pass at ed8ab78; the bench hit its 250 s timeout on a slow host,
+# nothing else), the Gluon sigma test (9 passed).
 # Session 20 ran: train-graph (weight-side graphs: the GPU test failed, a released graph pool broke the CUDA generator),
 # graph-diag (found it), train-graph again (eager paper 2.98x -> 2.44x), train-combo (1.971x), train-lgraph
 # (whole-layer graphs: eager 1.12x / 1.05x / 1.53x; 65 GPU tests pass), train-eager (at the new defaults: 1.115x /
@@ -612,6 +617,13 @@ train-actk)  # session 21's ROBUQ_QAT_ACT_KERNEL=1 (kernels/qat_act.py: with wei
     ROBUQ_QAT_ACT_KERNEL=1 timeout 400 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes compiled \
         --iters 12 --settings "QAT dit-xl-2-robuq" --step-weights on --tag _train_actk_paper > "$OUT/actk_bench.log" 2>&1
     grep -iE "^\||warn|error" "$OUT/actk_bench.log" | tail -n 8
+    ;;
+train-backend)  # issue 19's second entry point: torch.compile(model, backend=robuq_fx.backend(policy, mode="qat"))
+    # (prepare_qat for the branch) against plain torch.compile of FP, one setting (default the paper's; ~5 min)
+    timeout 500 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes backend --iters 12 \
+        --settings "QAT ${2:-dit-xl-2-robuq}" --tag "_train_backend_$(echo "${2:-dit-xl-2-robuq}" | tr -c 'A-Za-z0-9\n' _)" \
+        > "$OUT/backend_bench.log" 2>&1
+    grep -iE "^\||warn|error" "$OUT/backend_bench.log" | tail -n 8
     ;;
 train-eager)  # the eager QAT rows at the defaults (whole-layer graphs since session 20), ~3 min
     timeout 200 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --no-compile --iters 10 \
