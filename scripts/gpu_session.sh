@@ -117,7 +117,8 @@
 #                   backward, ~4 launches fewer a layer. Its GPU tests (eager and compiled vs the op graph), then the
 #                   compiled paper row with it. If they pass and it gains, make it the default where it applies)
 #   2. train-stepw (the row without it at HEAD: session 21's hook cuts, ed8ab78, never timed: 1.598x at af7aac0)
-#   3. qat-profile compiled with --step-weights (stepw-profile without its bench: the breakdown issue 19 wants)
+#   3. STEPW=1 qat-profile compiled (the compiled paper step with weight_sides_per_forward profiled next to FP:
+#                   the breakdown issue 19 wants; add ROBUQ_QAT_ACT_KERNEL=1 if step 1 passed)
 #   4. train-backend (the compile backend's qat mode, issue 19's second entry point, never timed)
 #   5. ddp on nvidia-h200-x2 if ever lent (issue 19 item 4: bench_ddp.py; with whole-layer graphs on by default)
 #   6. qat-profile eager, ln-configs, quant-plans, verify17, attention-sweep, dit-default (not reached since s19).
@@ -736,7 +737,7 @@ qat-profile)  # qat-profile [MODE [SETTING ...]]: default compiled, bf16 and the
     mode=${2:-compiled}
     [ $# -ge 3 ] && settings=("${@:3}") || settings=(bf16 paper)
     timeout 540 python3 benchmarks/profile_dit.py --train "$mode" --batch 16 --steps 3 --settings "${settings[@]}" \
-        --out "$OUT" 2>&1 | tail -70
+        ${STEPW:+--step-weights} --out "$OUT" 2>&1 | tail -70  # STEPW=1: the QAT settings with weight_sides_per_forward
     ;;
 ncu-attention)  # Nsight Compute on the 8-bit attention kernels at DiT-XL/2 batch 64 (the fused one: 0.064x SDPA)
     if command -v ncu >/dev/null; then
