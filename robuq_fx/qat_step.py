@@ -24,6 +24,10 @@ each micro-batch recomputes them).
 
 The layers take the prepared tensors only while the model's forward runs (the post-hook clears them): a layer
 called on its own computes from its masters as usual.
+
+With ROBUQ_QAT_ACT_KERNEL=1 the layers it covers on CUDA (kernels/qat_act.py: symmetric absmax activations, a
+branch) take B H in place of B_c and compute [Q_a(x H), x (B H)^T] with one triton_op (`set_act` picks them once per
+matmul dtype and device; the node maps B H's gradient back through H).
 """
 from __future__ import annotations
 
