@@ -40,28 +40,8 @@ from . import qat_graph
 from .kernels import qat_act
 from .qat_fused import _to, _weight_grads, _weight_side
 from .qat_linear import QATLinear
-
-
-class _Layer:
-    """One QAT layer's constants for the step's weight sides."""
-    __slots__ = ("module", "transposed", "k", "r", "has_bias")
-
-    def __init__(self, m: QATLinear):
-        self.module, self.transposed = m, m.transposed
-        self.k, self.r, self.has_bias = m.in_features, m.spec.lora_rank, m.bias is not None
-
-
-def _masters(m: QATLinear) -> list:
-    return [t for t in (m.weight, m.lrb_down, m.lrb_up, m.bias) if t is not None]
-
-
-def _unpack(layer: _Layer, masters: list) -> tuple:
-    """(W (N, K), B, A, bias) of a layer from its masters in `_masters` order."""
-    it = iter(masters)
-    w = next(it)
-    down, up = (next(it), next(it)) if layer.r else (None, None)
-    bias = next(it) if layer.has_bias else None
-    return (w.t() if layer.transposed else w), down, up, bias
+from .qat_step_layout import (_Layer, _layout, _masters, _numel, _offsets, _pack_grads, _per_layer, _shapes, _split,
+                              _unpack, _views)
 
 
 def dtypes(m: QATLinear) -> tuple[torch.dtype, torch.dtype]:
@@ -78,7 +58,7 @@ def _all_sides(layers: list, c: torch.dtype, act: tuple, *masters) -> tuple:
     """Every layer's (stacked weight, B_c, bias_c) in one flat tensor in c (each written into its slice as it is
     made: no layer's parts outlive it), and their R dtypes. act: per layer, whether its activation side is the
     triton_op (kernels/qat_act.py), which takes B H in place of B."""
-    flat = torch.empty(sum(_numel(s) for layer in layers for s in _sizes(layer)), dtype=c, device=masters[0].device)
+    flat = torch.empty(sum(_numel(s) for s in _shapes(layers)), dtype=c, device=masters[0].device)
     r_dtypes, i, o = [], 0, 0
     for layer, fused in zip(layers, act):
         n = len(_masters(layer.module))
@@ -93,62 +73,6 @@ def _all_sides(layers: list, c: torch.dtype, act: tuple, *masters) -> tuple:
                 o += t.numel()
         r_dtypes.append(r_dtype)
     return flat, tuple(r_dtypes)
-
-
-def _numel(shape: tuple) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _sizes(layer: _Layer) -> list:
-    m = layer.module
-    n = m.out_features
-    sizes = [(n, layer.k + layer.r)]
-    if layer.r:
-        sizes.append((layer.r, layer.k))
-    if layer.has_bias:
-        sizes.append((n,))
-    return sizes
-
-
-def _split(flat: torch.Tensor, shapes: list, layout: list | None = None) -> list:
-    """flat's consecutive parts of these shapes, as contiguous views (one tensor made a part: ~600 a step for
-    DiT-XL/2, each ~2 us of the compiled step's Python); layout: `_layout(shapes)`, where the caller keeps it."""
-    base = flat.storage_offset()
-    return [flat.as_strided(s, st, base + o) for s, st, o in (_layout(shapes) if layout is None else layout)]
-
-
-def _layout(shapes: list) -> list:
-    """(shape, contiguous strides, offset) of consecutive parts of these shapes in one flat tensor."""
-    out, o = [], 0
-    for s in shapes:
-        out.append((s, _contiguous(s), o))
-        o += _numel(s)
-    return out
-
-
-def _contiguous(shape: tuple) -> tuple:
-    """A contiguous tensor's strides."""
-    strides, acc = [], 1
-    for d in reversed(shape):
-        strides.append(acc)
-        acc *= max(d, 1)
-    return tuple(reversed(strides))
-
-
-def _shapes(layers: list) -> list:
-    """The shapes of every layer's parts, in the order `_all_sides` lays them out."""
-    return [s for layer in layers for s in _sizes(layer)]
-
-
-def _per_layer(layers: list, parts: list):
-    """(layer, its stacked part, B part or None, bias part or None) for each layer, from the parts in `_shapes`
-    order (views of `_all_sides`' flat tensor or of its gradient)."""
-    parts = iter(parts)
-    for layer in layers:
-        yield layer, next(parts), next(parts) if layer.r else None, next(parts) if layer.has_bias else None
 
 
 def _all_grads(layers: list, flat_g: torch.Tensor, c: torch.dtype, ab: torch.dtype, r_dtypes: tuple,
@@ -306,40 +230,6 @@ class Plan:
         warnings.warn("weight_sides_per_forward: a CUDA graph of the weight sides could not be captured; they are "
                       "computed op by op from now on", RuntimeWarning, stacklevel=4)
         return None
-
-
-def _offsets(counts: list):
-    """The running sums 0, c0, c0 + c1, ... (each layer's first index in a list of all layers' items)."""
-    o = 0
-    for c in counts:
-        yield o
-        o += c
-
-
-def _pack_grads(grads: tuple) -> tuple:
-    """(one flat tensor a dtype holding the gradients, their layout)."""
-    by_dtype: dict = {}
-    ends: dict = {}
-    layout = []
-    for t in grads:
-        if t is None:
-            layout.append(None)
-            continue
-        off = ends.get(t.dtype, 0)
-        layout.append((t.dtype, off, tuple(t.shape), _contiguous(t.shape)))
-        ends[t.dtype] = off + t.numel()
-        by_dtype.setdefault(t.dtype, []).append(t.reshape(-1))
-    dts = sorted(by_dtype, key=str)
-    return tuple(torch.cat(by_dtype[d]) for d in dts), (dts, layout)
-
-
-def _views(flats: list, layout) -> tuple:
-    """The gradients `_pack_grads` packed, as views of its flat buffers."""
-    dts, items = layout
-    by_dtype = {d: (flat, flat.storage_offset()) for d, flat in zip(dts, flats)}
-    return tuple(None if item is None else by_dtype[item[0]][0].as_strided(item[2], item[3],
-                                                                           by_dtype[item[0]][1] + item[1])
-                 for item in items)
 
 
 class WeightSidesHandle:
