@@ -307,20 +307,30 @@ def main(argv=None):
     if args.step_weights != "off":
         stepw = [(n + " +stepw", p) for n, p in train if p is not None]
         train = ([t for t in train if t[1] is None] if args.step_weights == "on" else train) + stepw
+    # --env-variant on the train rows too: each QAT row again with the switch in force while it builds, compiles and
+    # runs (a same-run A/B: the host's speed moves from call to call by far more than the effects timed)
+    train_env = {}
+    for env_tag, env in env_variants:
+        for n, p in [t for t in train if t[1] is not None]:
+            train.append((n + " +" + env_tag, p))
+            train_env[n + " +" + env_tag] = env
     # cudagraphs: torch.compile(mode="reduce-overhead") on both sides: the step without its CPU launch cost (the
     # paper policy's compiled step launches ~3x FP's kernels; on the H200 host its wall time exceeded its kernels')
     modes = [m for m in args.train_modes if not (args.no_compile and m != "eager")]
     for mode in [] if args.skip_train else modes:
         for name, pol in train:
+            saved_env = _set_env(train_env.get(name, {}))
+            stepw_row = "+stepw" in name.split(" ")
             m = build(cfg).to(device).train()
             if mode == "backend":  # issue 19's second entry point: the FP model under robuq's compile backend
-                if pol is not None and name.endswith(" +stepw"):
+                if pol is not None and stepw_row:
+                    _set_env(saved_env)
                     continue  # (weight_sides_per_forward takes quantize's QAT modules)
                 if pol is not None:
                     robuq_fx.backend.prepare_qat(m, pol)  # the branch's trainable factors, on the model
             elif pol is not None:
                 m = robuq_fx.quantize(m, pol, example_inputs=inputs(cfg, 2, device)).train()
-                if name.endswith(" +stepw"):
+                if stepw_row:
                     robuq_fx.weight_sides_per_forward(m)
             opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
             x = inputs(cfg, tb, device)
@@ -363,6 +373,7 @@ def main(argv=None):
                 print(f"  train {name:24s} {mode:8s}: {ms:8.2f} ms", flush=True)
             del m, opt, fwd
             torch._dynamo.reset()
+            _set_env(saved_env)
     fp_ms = {r["mode"]: r["ms"] for r in results["train_step"] if r["setting"] == "FP"}
     for r in results["train_step"]:
         if r["mode"] in fp_ms:

@@ -47,7 +47,8 @@
 #   scripts/gpu_session.sh qat-profile [MODE [SETTING..]]  profile_dit --train (default: compiled, bf16 + paper), batch 16
 #   scripts/gpu_session.sh train-stepw [S [both]]  weight_sides_per_forward: its GPU tests, the compiled QAT step with it
 #   scripts/gpu_session.sh stepw-profile    its GPU tests, the compiled paper row with it, then it profiled next to FP
-#   scripts/gpu_session.sh train-actk       ROBUQ_QAT_ACT_KERNEL=1 (the activation side as one triton_op): GPU tests, paper row
+#   scripts/gpu_session.sh train-actk [only]  ROBUQ_QAT_ACT_KERNEL=1 (the activation side as one triton_op): GPU tests,
+#                                           the compiled paper row with weight_sides_per_forward without / with it
 #   scripts/gpu_session.sh train-backend [S]  the compile backend's qat mode (issue 19's second entry point) vs compiled FP
 #   scripts/gpu_session.sh train-eager      the eager QAT rows at the defaults (bench_dit --train-only --no-compile)
 #   scripts/gpu_session.sh train-lgraph     the graph GPU tests, then eager QAT rows: weight-side graphs vs whole layers
@@ -112,11 +113,13 @@
 # call self-contained, and send the next one at once. On nvidia-h200-x2, `pair A B` runs two steps at once (one a
 # GPU) for the device time of one: use it. A cold compile of the paper policy takes ~3-4 min on the machine: a call
 # holds about two (policy, batch) rows. Session 22's plan (one H200; one bench_dit run a call, sent alone):
-#   1. train-actk (~8 min: ROBUQ_QAT_ACT_KERNEL=1, session 21, interpreter- and trace-tested: with
+#   1. train-actk (~9 min: ROBUQ_QAT_ACT_KERNEL=1, session 21, interpreter- and trace-tested: with
 #                   weight_sides_per_forward an LRB layer's activation side is one triton_op forward and one kernel
 #                   backward, ~4 launches fewer a layer. Its GPU tests (eager and compiled vs the op graph), then the
-#                   compiled paper row with it. If they pass and it gains, make it the default where it applies)
-#   2. train-stepw (the row without it at HEAD: session 21's hook cuts, ed8ab78, never timed: 1.598x at af7aac0)
+#                   compiled paper row with weight_sides_per_forward without and with it, same run (the first also
+#                   times session 21's hook cuts, ed8ab78: 1.598x at af7aac0). If the tests pass and it gains, make
+#                   it the default where it applies)
+#   2. if step 1 cut its second row: train-actk only
 #   3. STEPW=1 qat-profile compiled (the compiled paper step with weight_sides_per_forward profiled next to FP:
 #                   the breakdown issue 19 wants; add ROBUQ_QAT_ACT_KERNEL=1 if step 1 passed)
 #   4. train-backend (the compile backend's qat mode, issue 19's second entry point, never timed)
@@ -609,15 +612,23 @@ stepw-profile)  # session 21: weight_sides_per_forward with its hook's Python cu
     grep -E "^## |TOTAL|wall time|kernels a step|WeightSides|GEMM|other|optim|Error" "$OUT/stepw_profile.log" | head -30
     ;;
 train-actk)  # session 21's ROBUQ_QAT_ACT_KERNEL=1 (kernels/qat_act.py: with weight_sides_per_forward, an LRB layer's
-    # activation side as one triton_op, [Q_a(x H), x (B H)^T] from the quantizer and lrb_down kernels; the compiled
-    # graph's six launches a layer forward become three): its GPU tests, then the compiled paper row with it (~8 min;
-    # the row without it: train-stepw)
-    ROBUQ_QAT_ACT_KERNEL=1 timeout 90 python3 -m pytest -q -rf --tb=short -p no:cacheprovider tests/test_qat_step.py \
-        -k "cuda or own_output or act_op" > "$OUT/actk_tests.log" 2>&1
+    # activation side as one triton_op, [Q_a(x H), x (B H)^T] from the quantizer and lrb_down kernels, and its input
+    # gradient in one kernel: ~4 launches fewer a layer): its GPU tests, then the compiled paper row with
+    # weight_sides_per_forward without and with it in one run (two cold compiles: ~8 min on a fast host; a slow one
+    # may cut the second row, whose partial JSON then holds the first). Second argument "only": the row with it alone
+    ROBUQ_QAT_ACT_KERNEL=1 timeout 60 python3 -m pytest -q -rf --tb=short -p no:cacheprovider tests/test_qat_step.py \
+        -k "act_op" > "$OUT/actk_tests.log" 2>&1
     grep -E "^E |Error|passed|failed" "$OUT/actk_tests.log" | head -8
-    ROBUQ_QAT_ACT_KERNEL=1 timeout 400 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes compiled \
-        --iters 12 --settings "QAT dit-xl-2-robuq" --step-weights on --tag _train_actk_paper > "$OUT/actk_bench.log" 2>&1
-    grep -iE "^\||warn|error" "$OUT/actk_bench.log" | tail -n 8
+    if [ "${2:-}" = only ]; then
+        ROBUQ_QAT_ACT_KERNEL=1 timeout 520 python3 benchmarks/bench_dit.py --out "$OUT" --train-only \
+            --train-modes compiled --iters 12 --settings "QAT dit-xl-2-robuq" --step-weights on \
+            --tag _train_actk_paper > "$OUT/actk_bench.log" 2>&1
+    else
+        timeout 520 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes compiled --iters 12 \
+            --settings "QAT dit-xl-2-robuq" --step-weights on --env-variant actk:ROBUQ_QAT_ACT_KERNEL=1 \
+            --tag _train_actk_paper > "$OUT/actk_bench.log" 2>&1
+    fi
+    grep -iE "^\||warn|error|train " "$OUT/actk_bench.log" | tail -n 10
     ;;
 train-backend)  # issue 19's second entry point: torch.compile(model, backend=robuq_fx.backend(policy, mode="qat"))
     # (prepare_qat for the branch) against plain torch.compile of FP, one setting (default the paper's; ~5 min)
