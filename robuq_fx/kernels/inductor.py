@@ -49,6 +49,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import weakref
 
 import torch
 
@@ -313,12 +314,29 @@ def _constant_hadamard(block: int, x: torch.Tensor) -> torch.Tensor:
     it cost six kernels a rotation (the Sylvester cat / neg levels): 672 of the 1558 kernels of the paper policy's
     batch-1 forward on the H200 (the branch's B H in every LRB layer), where that forward ran at 0.40x bf16 under
     CUDA graphs."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
     from torch.utils._python_dispatch import _disable_current_modes
     if x.device.type == "cuda" and not torch.cuda.is_available():  # fake CUDA tensors on a CPU-only torch (tests)
         return sylvester(block, x.device).to(x.dtype)  # the same matrix, built from traced ops
+    # one lifted H a trace (per block, dtype, device): lifted anew at every use, each rotation read its own copy, so
+    # AOTAutograd's CSE could not merge the rotations (and fake-quants) of one input shared by sibling layers: DiT's
+    # to_q / to_k / to_v each rotated and ranged the same x (CPU Inductor's code, session 21)
+    mode = get_proxy_mode()
+    key = None if mode is None else (id(mode), block, x.dtype, x.device)
+    hit = _LIFTED.get(key) if key is not None else None
+    if hit is not None and hit[0]() is mode:
+        return hit[1]
     with _disable_current_modes():
         h = hadamard_matrix(block, x.dtype, x.device)
-    return torch.ops.aten.lift_fresh.default(h)
+    out = torch.ops.aten.lift_fresh.default(h)
+    if key is not None:
+        if len(_LIFTED) >= 64:
+            _LIFTED.clear()
+        _LIFTED[key] = (weakref.ref(mode), out)
+    return out
+
+
+_LIFTED: dict = {}  # (id(proxy mode), block, dtype, device) -> (the mode, weakly; H lifted in its trace)
 
 
 def _hadamard_decomposition(x, block):
