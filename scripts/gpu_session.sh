@@ -117,8 +117,8 @@
 #                   weight_sides_per_forward an LRB layer's activation side is one triton_op forward and one kernel
 #                   backward, ~4 launches fewer a layer. Its GPU tests (eager and compiled vs the op graph), then the
 #                   compiled paper row with weight_sides_per_forward without and with it, same run (the first also
-#                   times session 21's hook cuts, ed8ab78: 1.598x at af7aac0). If the tests pass and it gains, make
-#                   it the default where it applies)
+#                   times session 21's hook cuts, ed8ab78, and the siblings' shared rotation, 9d3bdc6: 1.598x at
+#                   af7aac0). If the tests pass and it gains, make it the default where it applies)
 #   2. if step 1 cut its second row: train-actk only
 #   3. STEPW=1 qat-profile compiled (the compiled paper step with weight_sides_per_forward profiled next to FP:
 #                   the breakdown issue 19 wants; add ROBUQ_QAT_ACT_KERNEL=1 if step 1 passed)
