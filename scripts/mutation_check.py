@@ -173,6 +173,9 @@ MUTANTS = [
      "            down_c = qat_act.rotated_down(down_c, layer.module.spec)", "            down_c = down_c",
      "with ROBUQ_QAT_ACT_KERNEL the weight side hands over B instead of B H (t = x B^T)",
      ["tests/kernels/test_qat_act_interpreted.py", "-k", "training"]),
+    ("hadamard_lifted_every_use", "robuq_fx/kernels/inductor.py", "    if hit is not None and hit[0]() is mode:",
+     "    if False:", "H lifted anew at every use in a traced QAT graph: siblings' rotations of one input not merged",
+     ["tests/kernels/test_inductor.py", "-k", "siblings"]),
 ]
 
 
