@@ -88,7 +88,7 @@ def prepared_linear(x, w_stacked, lrb_down_c, bias_c, act_op: bool, spec: LayerS
     if act_op:
         from .kernels.qat_act import act_side
         x2 = x.reshape(-1, x.shape[-1]).to(w_stacked.dtype).contiguous()
-        y = F.linear(act_side(x2, lrb_down_c.contiguous(), spec), w_stacked, bias_c)
+        y = F.linear(act_side(x2, None if lrb_down_c is None else lrb_down_c.contiguous(), spec), w_stacked, bias_c)
         return y.reshape(*x.shape[:-1], y.shape[-1])
     xh, xq = rotate_and_quantize(x, spec)
     if not torch.is_autocast_enabled(x.device.type):

@@ -65,7 +65,7 @@ def _all_sides(layers: list, c: torch.dtype, act: tuple, *masters) -> tuple:
         w, down, up, bias = _unpack(layer, list(masters[i:i + n]))
         i += n
         wq, r_dtype, down_c, bias_c = _weight_side(w, down, up, bias, layer.module.spec, c)
-        if fused:
+        if fused and down_c is not None:
             down_c = qat_act.rotated_down(down_c, layer.module.spec)
         for t in (wq, down_c, bias_c):
             if t is not None:
@@ -81,7 +81,7 @@ def _all_grads(layers: list, flat_g: torch.Tensor, c: torch.dtype, ab: torch.dty
     grads, i = [], 0
     for (layer, g_wide, p_down, g_bias_c), r_dtype, fused in zip(
             _per_layer(layers, _split(flat_g, _shapes(layers))), r_dtypes, act):
-        if fused:  # the gradient of B H: B's is it times H
+        if fused and p_down is not None:  # the gradient of B H: B's is it times H
             p_down = qat_act.down_grad(p_down, layer.module.spec)
         n = len(_masters(layer.module))
         w, down, up, bias = _unpack(layer, list(masters[i:i + n]))

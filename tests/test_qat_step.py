@@ -280,13 +280,15 @@ def test_sharded_masters_are_refused(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("compiled", [False, True])
-def test_act_op_on_cuda_follows_the_op_graph(monkeypatch, compiled):
+@pytest.mark.parametrize("rank", [32, 0])
+def test_act_op_on_cuda_follows_the_op_graph(monkeypatch, compiled, rank):
     """ROBUQ_QAT_ACT_KERNEL=1 (kernels/qat_act.py: the activation side as one triton_op, B H from the weight side),
     bf16 autocast, eager and compiled: one step's output and gradients follow the op graph's (t = x (B H)^T rounded
     once where the op graph rounds x H first), and three steps train to finite values. One covered layer and an FP
-    head: a quantized layer after it would turn t's other rounding into code flips."""
+    head: a quantized layer after it would turn t's other rounding into code flips. rank 0: the op is Q_a(x H) alone
+    (the adaLN linears of the paper policy, every layer of W4A4+H)."""
     torch.manual_seed(3)
-    spec = LayerSpec(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=128, lora_rank=32).resolve(256, 384)
+    spec = LayerSpec(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=128, lora_rank=rank).resolve(256, 384)
     base = nn.Sequential(QATLinear.from_module(nn.Linear(256, 384), spec), nn.GELU(), nn.Linear(384, 64)).cuda()
     x = torch.randn(4, 33, 256, device="cuda")
     runs = {}

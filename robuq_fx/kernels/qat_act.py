@@ -22,7 +22,8 @@ Backward (METHOD.md §3's STE is the identity for absmax ranges, which hold ever
 What may differ from the op graph: t is x (B H)^T summed in fp32 and rounded once, where the op graph rounds x H to
 bf16 first; the rotation's fp32 sums are the butterfly's (exact where the op graph's GEMM is). Covered: symmetric
 absmax activations of 1-8 bits, a power-of-two Hadamard block (or none), 16-bit inputs, K a multiple of 128, rank
-<= 128; anything else keeps the op graph (`unsupported` says why).
+<= 128 (or no branch: then the op is Q_a(x H) alone and its backward g H); anything else keeps the op graph
+(`unsupported` says why).
 """
 from __future__ import annotations
 
@@ -43,8 +44,6 @@ def unsupported(spec: LayerSpec, k: int, device: torch.device, dtype: torch.dtyp
     """Why a layer cannot take `act_side` (None: it can)."""
     if device.type != "cuda":
         return "not on CUDA"
-    if not spec.lora_rank:
-        return "no low-rank branch"
     if spec.lora_rank > 128:
         return f"rank {spec.lora_rank} > 128"
     if not 1 <= spec.a_bits <= 8:
@@ -80,9 +79,9 @@ def down_grad(g_bh: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
     return rotate(g_bh, spec)
 
 
-def act_side(x2: torch.Tensor, bh: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+def act_side(x2: torch.Tensor, bh: torch.Tensor | None, spec: LayerSpec) -> torch.Tensor:
     """[Q_a(x2 H), x2 (B H)^T] (M, K + r) for x2 (M, K) with contiguous rows and bh = B H (r, K), both in the matmul
-    dtype (check `unsupported` first)."""
+    dtype; Q_a(x2 H) alone (M, K) without a branch (bh None). Check `unsupported` first."""
     define()
     return torch.ops.robuq.qat_act_lrb(x2, bh, _block(spec), int(spec.a_bits))
 
@@ -100,33 +99,33 @@ def define() -> None:
     from .triton_qat_act import rot_lowrank
 
     @triton_op("robuq::qat_act_lrb", mutates_args=())
-    def qat_act_lrb(x2: torch.Tensor, bh: torch.Tensor, block: int, a_bits: int) -> torch.Tensor:
+    def qat_act_lrb(x2: torch.Tensor, bh: torch.Tensor | None, block: int, a_bits: int) -> torch.Tensor:
         m, k = x2.shape
-        out = torch.empty(m, k + bh.shape[0], device=x2.device, dtype=x2.dtype)
+        out = torch.empty(m, k + (0 if bh is None else bh.shape[0]), device=x2.device, dtype=x2.dtype)
         # both kernels write into `out` itself, at their columns (no views of it: functionalized, a write into a
         # view becomes a slice_scatter copy of the whole buffer)
         act_quant(x2, block, a_bits, True, dequant=True, traced=True, out=out)  # columns [0, K), row stride K + r
-        lrb_down(x2, bh, out, traced, col=k)                                     # columns [K, K + r)
+        if bh is not None:
+            lrb_down(x2, bh, out, traced, col=k)                                 # columns [K, K + r)
         return out
 
     @triton_op("robuq::qat_act_lrb_grad", mutates_args=())
-    def qat_act_lrb_grad(g: torch.Tensor, bh: torch.Tensor, block: int) -> torch.Tensor:
-        """g_x = g[:, :K] H + g[:, K:] (B H) in one kernel (triton_qat_act.py)."""
-        m, k = g.shape[0], bh.shape[1]
-        out = torch.empty(m, k, device=g.device, dtype=g.dtype)
+    def qat_act_lrb_grad(g: torch.Tensor, bh: torch.Tensor | None, block: int, k: int) -> torch.Tensor:
+        """g_x = g[:, :K] H + g[:, K:] (B H) in one kernel (triton_qat_act.py); g H without a branch."""
+        out = torch.empty(g.shape[0], k, device=g.device, dtype=g.dtype)
         rot_lowrank(g, bh, out, block, _hscale(block, g.dtype), traced)
         return out
 
     def setup(ctx, inputs, output):
         x2, bh, block, _ = inputs
-        ctx.save_for_backward(x2, bh)
-        ctx.block = block
+        ctx.save_for_backward(None if bh is None else x2, bh)  # (x only for B H's gradient)
+        ctx.block, ctx.k = block, x2.shape[1]
 
     def backward(ctx, g):
         x2, bh = ctx.saved_tensors
         g = g.contiguous()  # (it is: the stacked GEMM's input gradient)
-        g_x = torch.ops.robuq.qat_act_lrb_grad(g, bh, ctx.block)
-        g_bh = g[:, x2.shape[1]:].t().mm(x2)
+        g_x = torch.ops.robuq.qat_act_lrb_grad(g, bh, ctx.block, ctx.k)
+        g_bh = None if bh is None else g[:, ctx.k:].t().mm(x2)
         return g_x, g_bh, None, None
 
     qat_act_lrb.register_autograd(backward, setup_context=setup)

@@ -81,10 +81,10 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
                                    "with whole layers, 1.97x without)"),
     ("ROBUQ_QAT_FP8", "0", "1: eager QAT's forward GEMM on fp8 tensor cores (W<=4, A<=4 symmetric absmax, bf16, "
                            "no low-rank branch; GPU test passes; no clear gain in the H200 eager step)"),
-    ("ROBUQ_QAT_ACT_KERNEL", "0", "1: with weight_sides_per_forward, a CUDA QAT layer with a low-rank branch "
-                                  "(symmetric absmax activations) computes [Q_a(x H), x (B H)^T] with one triton_op "
-                                  "(kernels/qat_act.py: the quantizer and lrb_down kernels) instead of ~5 launches "
-                                  "of the op graph; interpreter-tested, not yet run on a GPU"),
+    ("ROBUQ_QAT_ACT_KERNEL", "0", "1: with weight_sides_per_forward, a CUDA QAT layer with symmetric absmax "
+                                  "activations computes [Q_a(x H), x (B H)^T] (Q_a(x H) without a branch) with one "
+                                  "triton_op and its input gradient with one kernel (kernels/qat_act.py) instead of "
+                                  "the op graph's ~5 and ~3 launches; interpreter-tested, not yet run on a GPU"),
     ("ROBUQ_GIT_COMMIT", "(git)", "not a switch: the commit the benchmarks record where the checkout has no git "
                                   "history (left out of the compile-cache key, kernels/compile_cache.py)"),
 )

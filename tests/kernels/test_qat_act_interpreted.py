@@ -17,16 +17,17 @@ from robuq_fx.spec import LayerSpec
 triton_launch._ENABLED = False  # the interpreter launches through triton's own path
 quantizer.on_device = lambda dev: quantizer._NULL  # CPU tensors: no device to switch to
 res = []
-for k, n, r, block, a_bits, m in ((256, 64, 8, 128, 4, 5), (384, 64, 32, 64, 3, 70), (256, 16, 4, 0, 8, 3)):
+for k, n, r, block, a_bits, m in ((256, 64, 8, 128, 4, 5), (384, 64, 32, 64, 3, 70), (256, 16, 4, 0, 8, 3),
+                                  (256, 64, 0, 128, 4, 40)):      # (r = 0: no branch, Q_a(x H) alone)
     torch.manual_seed(k + r)
     spec = LayerSpec(w_bits=1.58, a_bits=a_bits, hadamard=block > 0, hadamard_block=block or None, lora_rank=r,
                      a_sym=True).resolve(k, n)
     x = (torch.randn(m, k) * torch.rand(m, 1) * 3).half()
     x[min(1, m - 1)] = 0.0                                     # an all-zero row: scale 0, Q_a = 0
-    b = (torch.randn(r, k) / k ** 0.5).half()
-    bh = qat_act.rotated_down(b, spec)
+    b = (torch.randn(max(r, 1), k) / k ** 0.5).half()[:r]
+    bh = qat_act.rotated_down(b, spec) if r else None
     xr = x.clone().requires_grad_(True)
-    bhr = bh.clone().requires_grad_(True)
+    bhr = bh.clone().requires_grad_(True) if r else None
     got = qat_act.act_side(xr, bhr, spec)
     gy = torch.randn(m, k + r).half()
     got.backward(gy)
@@ -37,13 +38,13 @@ for k, n, r, block, a_bits, m in ((256, 64, 8, 128, 4, 5), (384, 64, 32, 64, 3, 
     want = torch.cat([xq, xh @ bf.t()], 1)
     want.backward(gy.float())
     q_ref = layer.rotate_and_quantize(x, spec)[1].float()   # in fp16, as the kernel computes it
-    g_bh_ref = qat_act.down_grad(bf.grad, spec)              # (H is its own inverse)
+    g_bh_ref = qat_act.down_grad(bf.grad, spec) if r else None  # (H is its own inverse)
     def rel(a, b):
         return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
     res.append({"k": k, "r": r, "block": block, "a_bits": a_bits, "m": m,
                 "q_equal": float((got[:, :k].float() == q_ref).float().mean()),
-                "t_rel": rel(got[:, k:], want[:, k:]),
-                "gx_rel": rel(xr.grad, xf.grad), "gbh_rel": rel(bhr.grad, g_bh_ref),
+                "shape": list(got.shape), "t_rel": rel(got[:, k:], want[:, k:]) if r else 0.0,
+                "gx_rel": rel(xr.grad, xf.grad), "gbh_rel": rel(bhr.grad, g_bh_ref) if r else 0.0,
                 "zero_row": float(got[min(1, m - 1), :k].abs().max())})
 print(json.dumps(res))
 """
@@ -52,8 +53,9 @@ print(json.dumps(res))
 @pytest.mark.skipif(import_or_none("triton_act_quant") is None, reason="triton does not import here")
 def test_act_side_and_its_backward_match_the_op_graph():
     rows = run_interpreted(SCRIPT)
-    assert len(rows) == 3
+    assert len(rows) == 4
     for row in rows:
+        assert row["shape"] == [row["m"], row["k"] + row["r"]], row
         assert row["q_equal"] >= 0.999, row                 # the same codes and scales as the op graph in fp16
         assert row["t_rel"] <= 2e-3, row                    # x (B H)^T in fp32, rounded once, vs (x H) B^T in fp32
         assert row["gx_rel"] <= 2e-3 and row["gbh_rel"] <= 2e-3, row  # fp16 products vs fp32 ones
@@ -113,12 +115,12 @@ print(json.dumps(res))
 
 @pytest.mark.skipif(import_or_none("triton_act_quant") is None, reason="triton does not import here")
 def test_training_with_the_act_op_follows_the_op_graph():
-    """weight_sides_per_forward with ROBUQ_QAT_ACT_KERNEL=1: the one layer of the test net it covers (`a`: symmetric
-    absmax, K = 128) calls the triton_op on every step and the two it cannot cover are named in one warning (`c` has
-    no branch); that layer's output and gradients follow the op graph's (fp16 matmuls: t = x (B H)^T and the branch
-    gradients are rounded elsewhere; the output to 3e-4, the branch factors' gradients to 0.5% here)."""
+    """weight_sides_per_forward with ROBUQ_QAT_ACT_KERNEL=1: the two layers of the test net it covers (`a` with a
+    branch, `c` without: symmetric absmax, K = 128) call the triton_op on every step and the two it cannot cover are
+    named in one warning; `a`'s output and gradients follow the op graph's (fp16 matmuls: t = x (B H)^T and the
+    branch gradients are rounded elsewhere; the output to 3e-4, the branch factors' gradients to 0.5% here)."""
     res = run_interpreted(STEP)
-    assert res["calls"] == [0, 3] and res["finite"], res
+    assert res["calls"] == [0, 6] and res["finite"], res  # a and c (no branch: Q_a(x H) alone) a step
     assert len(res["warned"]) == 1 and "2 of 4" in res["warned"][0] and "sigma" in res["warned"][0], res
     assert res["y"] <= 2e-3, res
     assert set(res["grads"]) == {"a.weight", "a.bias", "a.lrb_down", "a.lrb_up"}, res

@@ -39,6 +39,9 @@ def test_act_op_traces_to_two_kernels_into_one_buffer(monkeypatch):
     # the list (Triton's mutation analysis giving up: every pointer) would be a copy of it a call
     clones = re.findall(r"tensors_to_clone = (\[[^]]*\])", code)
     assert len(clones) == 2 and all(set(eval(c)) <= {"out_ptr", "scale_ptr", "lo_ptr", "t_ptr"} for c in clones), clones
+    # a layer without a branch: the quantizer alone
+    code = make_fx(dispatch_functionalize(lambda x: qat_act.act_side(x, None, spec)), tracing_mode="fake")(x).code
+    assert kernel_names(code) == {"act_quant_bfly_kernel"} and "copy_" not in code, code
 
 
 
@@ -55,14 +58,17 @@ def test_backward_op_traces_to_one_kernel(monkeypatch):
     with FakeTensorMode():
         g = torch.empty(64, 256 + 32, dtype=torch.bfloat16, device="cuda")
         bh = torch.empty(32, 256, dtype=torch.bfloat16, device="cuda")
-    code = make_fx(dispatch_functionalize(lambda g, bh: torch.ops.robuq.qat_act_lrb_grad(g, bh, 128)),
-                   tracing_mode="fake")(g, bh).code
-    assert "qat_act_lrb_grad" not in code and kernel_names(code) == {"rot_lowrank_kernel"}, code
-    assert re.findall(r"tensors_to_clone = (\[[^]]*\])", code) == ["['out_ptr']"], code
+        g0 = torch.empty(64, 256, dtype=torch.bfloat16, device="cuda")
+    for args in ((g, bh), (g0, None)):  # with a branch, and without (g H alone: no dot)
+        code = make_fx(dispatch_functionalize(lambda g, bh: torch.ops.robuq.qat_act_lrb_grad(g, bh, 128, 256)),
+                       tracing_mode="fake")(*args).code
+        assert "qat_act_lrb_grad" not in code and kernel_names(code) == {"rot_lowrank_kernel"}, code
+        assert re.findall(r"tensors_to_clone = (\[[^]]*\])", code) == ["['out_ptr']"], code
+        assert f"'HAS_T': {args[1] is not None}" in code, code
 
 
 @pytest.mark.skipif(import_or_none("triton_qat_act") is None, reason="triton does not import here")
-@pytest.mark.parametrize("block,r", [(128, 32), (64, 8), (0, 32)])
+@pytest.mark.parametrize("block,r", [(128, 32), (64, 8), (0, 32), (128, 0)])
 def test_backward_kernel_builds_for_sm90_without_spills(block, r):
     """Offline sm_90 build (ptxas) of the backward kernel at the paper's shapes: it compiles (the interpreter runs
     no layout or dot lowering) and keeps its tiles in registers."""
@@ -72,7 +78,7 @@ def test_backward_kernel_builds_for_sm90_without_spills(block, r):
     w = block or 128
     sig = {"g_ptr": "*bf16", "bh_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "stride_g": "i32",
            "stride_o": "i32", "hscale": "fp32"}
-    const = dict(K=1152, R=r, RP=rank_pad(r), B=w, LOGB=w.bit_length() - 1, HAD=block > 0, BM=T.BM)
+    const = dict(K=1152, R=r, RP=rank_pad(r), B=w, LOGB=w.bit_length() - 1, HAD=block > 0, BM=T.BM, HAS_T=r > 0)
     text, regs = sass(compile_sm90(T.rot_lowrank_kernel, sig, const, {"num_warps": T.WARPS},
                                    aligned=("g_ptr", "bh_ptr", "out_ptr"), gluon=False))
     assert "STL" not in text, regs  # no local-memory spills
