@@ -63,6 +63,11 @@ def test_train_rows_tags_name_their_summary_keys():
         {"setting": "QAT W4A4+H", "mode": "eager", "x FP step time": 1.6},
         {"setting": "QAT dit-xl-2-robuq -wgraph", "mode": "eager", "x FP step time": 3.0},
         {"setting": "QAT W1.58A4+H +fp8 +wkernel", "mode": "compiled", "x FP step time": 1.2},
-        {"setting": "QAT W4A4+H", "mode": "compiled"}]}  # its FP row failed: no ratio, no key
+        {"setting": "QAT W4A4+H", "mode": "compiled"},  # its FP row failed: no ratio, no key
+        # weight_sides_per_forward's rows, with an --env-variant row (session 21), and the backend's mode
+        {"setting": "QAT dit-xl-2-robuq +stepw", "mode": "compiled", "x FP step time": 1.6},
+        {"setting": "QAT dit-xl-2-robuq +stepw +actk", "mode": "compiled", "x FP step time": 1.5},
+        {"setting": "QAT dit-xl-2-robuq", "mode": "backend", "x FP step time": 1.8}]}
     assert B.summary(res) == {"qat_eager_x": 1.6, "qat_paper_no_wgraph_eager_x": 3.0,
-                              "qat_w158_fp8_wkernel_compiled_x": 1.2}
+                              "qat_w158_fp8_wkernel_compiled_x": 1.2, "qat_paper_stepw_compiled_x": 1.6,
+                              "qat_paper_stepw_actk_compiled_x": 1.5, "qat_paper_backend_x": 1.8}
