@@ -2,9 +2,9 @@
 layers of `robuq_fx.weight_sides_per_forward` on CUDA).
 
 With the weight side out of the compiled graph (qat_step.py), a layer with a low-rank branch still launches, per
-call, x H (a GEMM), Q_a's range and its values (two Inductor kernels, the second also writing [Q_a(x H), t]), and
-t = (x H) B^T (a GEMM) before the stacked GEMM: six launches forward where a linear launches one or two (CPU
-Inductor, session 21). Here the stacked input is written by the two Triton kernels the inference path already has:
+call, x H (a GEMM), Q_a's range and its values (two Inductor kernels, the second also writing [Q_a(x H), t]) and
+t = (x H) B^T (a GEMM) before the stacked GEMM: five launches forward where a linear launches one (CPU Inductor's
+code, session 21). Here the stacked input is written by the two Triton kernels the inference path already has:
 
     xcat = [Q_a(x H), x (B H)^T]   (M, K + r) in x's dtype
            `act_quant` in dequant mode (x H by an in-register butterfly, per-token absmax range, Q_a = s q) into the
