@@ -330,8 +330,8 @@ def _constant_hadamard(block: int, x: torch.Tensor) -> torch.Tensor:
         h = hadamard_matrix(block, x.dtype, x.device)
     out = torch.ops.aten.lift_fresh.default(h)
     if key is not None:
-        if len(_LIFTED) >= 64:
-            _LIFTED.clear()
+        for k in [k for k, (ref, _) in _LIFTED.items() if ref() is None]:  # traces that are over: their graphs go
+            del _LIFTED[k]
         _LIFTED[key] = (weakref.ref(mode), out)
     return out
 
