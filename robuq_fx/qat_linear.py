@@ -131,7 +131,8 @@ class QATLinear(nn.Module):
         else:
             self.lrb_down = self.lrb_up = None
         self.compute_dtype: torch.dtype | None = None
-        # (stacked [Q_w(R), A_c], B_c, bias_c) while a model forward under `weight_sides_per_forward` runs
+        # (stacked [Q_w(R), A_c], B_c (B H with the activation op), bias_c, whether the activation side is that op)
+        # while a model forward under `weight_sides_per_forward` runs (qat_step.py)
         self._prepared: tuple | None = None
 
     @classmethod

@@ -40,8 +40,8 @@ from . import qat_graph
 from .kernels import qat_act
 from .qat_fused import _to, _weight_grads, _weight_side
 from .qat_linear import QATLinear
-from .qat_step_layout import (_Layer, _layout, _masters, _numel, _offsets, _pack_grads, _per_layer, _shapes, _split,
-                              _unpack, _views)
+from .qat_step_layout import (_Layer, _layout, _master_spans, _masters, _numel, _pack_grads, _per_layer, _shapes,
+                              _split, _unpack, _views)
 
 
 def dtypes(m: QATLinear) -> tuple[torch.dtype, torch.dtype]:
@@ -58,19 +58,18 @@ def _all_sides(layers: list, c: torch.dtype, act: tuple, *masters) -> tuple:
     """Every layer's (stacked weight, B_c, bias_c) in one flat tensor in c (each written into its slice as it is
     made: no layer's parts outlive it), and their R dtypes. act: per layer, whether its activation side is the
     triton_op (kernels/qat_act.py), which takes B H in place of B."""
-    flat = torch.empty(sum(_numel(s) for s in _shapes(layers)), dtype=c, device=masters[0].device)
-    r_dtypes, i, o = [], 0, 0
-    for layer, fused in zip(layers, act):
-        n = len(_masters(layer.module))
-        w, down, up, bias = _unpack(layer, list(masters[i:i + n]))
-        i += n
+    shapes = _shapes(layers)
+    flat = torch.empty(sum(_numel(s) for s in shapes), dtype=c, device=masters[0].device)
+    r_dtypes = []
+    parts = _per_layer(layers, _split(flat, _layout(shapes)))
+    for (layer, span), (_, *dsts), fused in zip(_master_spans(layers), parts, act):
+        w, down, up, bias = _unpack(layer, list(masters[span]))
         wq, r_dtype, down_c, bias_c = _weight_side(w, down, up, bias, layer.module.spec, c)
         if fused and down_c is not None:
-            down_c = qat_act.rotated_down(down_c, layer.module.spec)
-        for t in (wq, down_c, bias_c):
+            down_c = qat_act.through_h(down_c, layer.module.spec)  # B H, what the layer's op takes
+        for dst, t in zip(dsts, (wq, down_c, bias_c)):
             if t is not None:
-                flat[o:o + t.numel()].view(t.shape).copy_(t)
-                o += t.numel()
+                dst.copy_(t)
         r_dtypes.append(r_dtype)
     return flat, tuple(r_dtypes)
 
@@ -78,15 +77,14 @@ def _all_sides(layers: list, c: torch.dtype, act: tuple, *masters) -> tuple:
 def _all_grads(layers: list, flat_g: torch.Tensor, c: torch.dtype, ab: torch.dtype, r_dtypes: tuple,
                needs: tuple, act: tuple, *masters) -> tuple:
     """Every master's gradient (None where not needed), from the flat gradient of `_all_sides`' output."""
-    grads, i = [], 0
-    for (layer, g_wide, p_down, g_bias_c), r_dtype, fused in zip(
-            _per_layer(layers, _split(flat_g, _shapes(layers))), r_dtypes, act):
-        if fused and p_down is not None:  # the gradient of B H: B's is it times H
-            p_down = qat_act.down_grad(p_down, layer.module.spec)
-        n = len(_masters(layer.module))
-        w, down, up, bias = _unpack(layer, list(masters[i:i + n]))
-        need = needs[i:i + n]
-        i += n
+    grads = []
+    parts = _per_layer(layers, _split(flat_g, _layout(_shapes(layers))))
+    for (layer, span), (_, g_wide, p_down, g_bias_c), r_dtype, fused in zip(_master_spans(layers), parts, r_dtypes,
+                                                                           act):
+        if fused and p_down is not None:  # the gradient of B H: B's is it times H (H symmetric and orthonormal)
+            p_down = qat_act.through_h(p_down, layer.module.spec)
+        w, down, up, bias = _unpack(layer, list(masters[span]))
+        need = needs[span]
         need_w = need[0]
         g_w, g_up, g_down = _weight_grads(g_wide, p_down, down, up, layer.module.spec, layer.k, r_dtype, w.dtype,
                                           ab, ab == c, need_w)
@@ -119,7 +117,7 @@ class WeightSides(torch.autograd.Function):
         flat, r_dtypes = plan.run_forward(masters)
         ctx.plan, ctx.r_dtypes, ctx.act = plan, r_dtypes, plan.act
         ctx.save_for_backward(*masters)
-        return tuple(_split(flat, plan.shapes, plan.layout))
+        return tuple(_split(flat, plan.layout))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -139,10 +137,8 @@ class Plan:
             raise ValueError(f"weight_sides_per_forward: {type(model).__name__} has no QAT layers (QATLinear "
                              f"modules, what robuq_fx.quantize makes in training mode)")
         self.modules = [layer.module for layer in self.layers]
-        self.shapes = _shapes(self.layers)
-        self.layout = _layout(self.shapes)
-        # where each layer's weight is in `masters()`
-        self.w_at = list(_offsets([len(_masters(m)) for m in self.modules]))
+        self.layout = _layout(_shapes(self.layers))
+        self.w_at = [span.start for _, span in _master_spans(self.layers)]  # where each layer's weight is in masters()
         self.c = self.ab = None
         self.warned = self.graphs_off = False
         self._ids = None  # the masters' identities when last checked (`check`)
@@ -181,7 +177,7 @@ class Plan:
         self.act, self._act_key = tuple(w is None for w in whynot), key
         if any(self.act):
             qat_act.define()  # here, eagerly: not while torch.compile traces the layers that call it
-        left = {w for w in whynot if w is not None and w not in ("off", "no low-rank branch")}
+        left = {w for w in whynot if w is not None and w != "off"}
         if key[2] and left:
             warnings.warn(f"ROBUQ_QAT_ACT_KERNEL: {sum(w in left for w in whynot)} of {len(whynot)} QAT layers keep "
                           f"the op graph's activation side ({'; '.join(sorted(left))})", RuntimeWarning, stacklevel=3)
@@ -235,20 +231,20 @@ class Plan:
 class WeightSidesHandle:
     """What `weight_sides_per_forward` returns: `.remove()` takes the hooks off again."""
 
-    def __init__(self, model, hooks):
-        self._model, self._hooks = model, hooks
+    def __init__(self, modules: list, hooks):
+        self._modules, self._hooks = modules, hooks
 
     def remove(self) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        _clear(self._model)
+        _clear(self._modules)
 
 
-def _clear(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, QATLinear):
-            m._prepared = None
+def _clear(modules: list) -> None:
+    """The layers back to their masters (set through __dict__: nn.Module.__setattr__'s checks, ~200 a step)."""
+    for m in modules:
+        m.__dict__["_prepared"] = None
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -297,13 +293,11 @@ def weight_sides_per_forward(model: nn.Module) -> WeightSidesHandle:
         plan.set_act(masters[0].device)
         parts = WeightSides.apply(plan, *masters)
         for (layer, wq, down_c, bias_c), fused in zip(_per_layer(plan.layers, parts), plan.act):
-            # (set through __dict__: nn.Module.__setattr__'s checks, ~200 a step)
-            layer.module.__dict__["_prepared"] = (wq, down_c, bias_c, fused)
+            layer.module.__dict__["_prepared"] = (wq, down_c, bias_c, fused)  # (as `_clear`)
 
     @torch.compiler.disable
     def post(module, args, kwargs, output):
-        for m in plan.modules:
-            m.__dict__["_prepared"] = None
+        _clear(plan.modules)
 
-    return WeightSidesHandle(model, [model.register_forward_pre_hook(pre, with_kwargs=True),
+    return WeightSidesHandle(plan.modules, [model.register_forward_pre_hook(pre, with_kwargs=True),
                                      model.register_forward_hook(post, with_kwargs=True)])

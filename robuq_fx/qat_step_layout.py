@@ -73,11 +73,11 @@ def _contiguous(shape: tuple) -> tuple:
     return tuple(reversed(strides))
 
 
-def _split(flat: torch.Tensor, shapes: list, layout: list | None = None) -> list:
-    """flat's consecutive parts of these shapes, as contiguous views (one tensor made a part: ~600 a step for
-    DiT-XL/2, each ~2 us of the compiled step's Python); layout: `_layout(shapes)`, where the caller keeps it."""
+def _split(flat: torch.Tensor, layout: list) -> list:
+    """flat's consecutive parts laid out by `_layout`, as contiguous views (one tensor made a part: ~600 a step for
+    DiT-XL/2, each ~2 us of the compiled step's Python)."""
     base = flat.storage_offset()
-    return [flat.as_strided(s, st, base + o) for s, st, o in (_layout(shapes) if layout is None else layout)]
+    return [flat.as_strided(s, st, base + o) for s, st, o in layout]
 
 
 def _per_layer(layers: list, parts: list):
@@ -88,12 +88,13 @@ def _per_layer(layers: list, parts: list):
         yield layer, next(parts), next(parts) if layer.r else None, next(parts) if layer.has_bias else None
 
 
-def _offsets(counts: list):
-    """The running sums 0, c0, c0 + c1, ... (each layer's first index in a list of all layers' items)."""
-    o = 0
-    for c in counts:
-        yield o
-        o += c
+def _master_spans(layers: list):
+    """(layer, the slice of its masters in the list of all layers' masters, `_masters` order) for each layer."""
+    i = 0
+    for layer in layers:
+        n = len(_masters(layer.module))
+        yield layer, slice(i, i + n)
+        i += n
 
 
 def _pack_grads(grads: tuple) -> tuple:

@@ -170,7 +170,7 @@ MUTANTS = [
      "the compiled QAT activation op's input gradient loses g_t (B H) (ROBUQ_QAT_ACT_KERNEL)",
      ["tests/kernels/test_qat_act_interpreted.py", "-k", "op_graph"]),
     ("qat_act_down_not_rotated", "robuq_fx/qat_step.py",
-     "            down_c = qat_act.rotated_down(down_c, layer.module.spec)", "            down_c = down_c",
+     "            down_c = qat_act.through_h(down_c, layer.module.spec)", "            down_c = down_c",
      "with ROBUQ_QAT_ACT_KERNEL the weight side hands over B instead of B H (t = x B^T)",
      ["tests/kernels/test_qat_act_interpreted.py", "-k", "training"]),
     ("hadamard_lifted_every_use", "robuq_fx/kernels/inductor.py", "    if hit is not None and hit[0]() is mode:",

@@ -10,8 +10,8 @@ code, session 21). Here the stacked input is written by the two Triton kernels t
            `act_quant` in dequant mode (x H by an in-register butterfly, per-token absmax range, Q_a = s q) into the
            first K columns, `lrb_down` (t with fp32 sums, rounded once) into the last r
 
-so the layer is that op and the stacked GEMM. The weight side hands over B H instead of B (`rotated_down`), and
-its gradient goes back through H (`down_grad`): t = (x H) B^T = x (B H)^T, since H is symmetric.
+so the layer is that op and the stacked GEMM. The weight side hands over B H instead of B, and
+its gradient goes back through H (both `through_h`): t = (x H) B^T = x (B H)^T, since H is symmetric.
 
 Backward (METHOD.md §3's STE is the identity for absmax ranges, which hold every value):
     g_x = g_q H + g_t (B H)        one kernel, `robuq::qat_act_lrb_grad` (triton_qat_act.py: the butterfly and the
@@ -67,16 +67,11 @@ def _block(spec: LayerSpec) -> int:
     return spec.hadamard_block if spec.hadamard else 0
 
 
-def rotated_down(down_c: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
-    """B H (r, K) from B in the matmul dtype: what `act_side` takes."""
+def through_h(t: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+    """t H (rows along K): B H from B in the matmul dtype, what `act_side` takes; and B's gradient from B H's
+    (H symmetric and orthonormal: g_B = g_(B H) H)."""
     from ..layer import rotate
-    return rotate(down_c, spec)
-
-
-def down_grad(g_bh: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
-    """B's gradient from B H's (H symmetric and orthonormal: g_B = g_(B H) H)."""
-    from ..layer import rotate
-    return rotate(g_bh, spec)
+    return rotate(t, spec)
 
 
 def act_side(x2: torch.Tensor, bh: torch.Tensor | None, spec: LayerSpec) -> torch.Tensor:

@@ -25,7 +25,7 @@ for k, n, r, block, a_bits, m in ((256, 64, 8, 128, 4, 5), (384, 64, 32, 64, 3, 
     x = (torch.randn(m, k) * torch.rand(m, 1) * 3).half()
     x[min(1, m - 1)] = 0.0                                     # an all-zero row: scale 0, Q_a = 0
     b = (torch.randn(max(r, 1), k) / k ** 0.5).half()[:r]
-    bh = qat_act.rotated_down(b, spec) if r else None
+    bh = qat_act.through_h(b, spec) if r else None
     xr = x.clone().requires_grad_(True)
     bhr = bh.clone().requires_grad_(True) if r else None
     got = qat_act.act_side(xr, bhr, spec)
@@ -38,7 +38,7 @@ for k, n, r, block, a_bits, m in ((256, 64, 8, 128, 4, 5), (384, 64, 32, 64, 3, 
     want = torch.cat([xq, xh @ bf.t()], 1)
     want.backward(gy.float())
     q_ref = layer.rotate_and_quantize(x, spec)[1].float()   # in fp16, as the kernel computes it
-    g_bh_ref = qat_act.down_grad(bf.grad, spec) if r else None  # (H is its own inverse)
+    g_bh_ref = qat_act.through_h(bf.grad, spec) if r else None  # (H is its own inverse)
     def rel(a, b):
         return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
     res.append({"k": k, "r": r, "block": block, "a_bits": a_bits, "m": m,
