@@ -18,26 +18,10 @@ import torch
 from robuq_fx import qat_fused, qat_graph
 from robuq_fx.qat_linear import QATLinear
 from robuq_fx.spec import LayerSpec
+from tests.qat_testing import Replays
+from tests.qat_testing import train as _train
 
 SPEC = dict(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=64, lora_rank=8)
-
-
-class Replays:
-    """Stand-in for CudaGraphs: a "graph" is the captured function, a replay calls it."""
-
-    def __init__(self, fail: bool = False):
-        self.captures = self.replays = 0
-        self.fail = fail
-
-    def capture(self, fn, device, autocast_dtype):
-        if self.fail:
-            raise RuntimeError("operation not permitted when stream is capturing")
-        self.captures += 1
-        return fn
-
-    def replay(self, g, device=None):
-        self.replays += 1
-        g()
 
 
 @pytest.fixture
@@ -148,22 +132,6 @@ def test_backward_weight_side_replays_with_its_inputs_copied_in(stand_in):
 def _inputs(m, k, r, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(m.out_features, k + r, generator=g), torch.randn(r, k, generator=g)
-
-
-def _train(mod, x, steps, autocast):
-    """steps AdamW steps; x: one input, or a list taken in turn (batches of several shapes)."""
-    xs = x if isinstance(x, list) else [x]
-    opt = torch.optim.AdamW(mod.parameters(), lr=1e-2)
-    outs = []
-    for i in range(steps):
-        x = xs[i % len(xs)]
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-            y = mod(x)
-        y.float().pow(2).mean().backward()
-        outs.append((y.detach(), {n: p.grad.clone() for n, p in mod.named_parameters()}))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return outs
 
 
 # the paper's linear, a sigma-clipped asymmetric one (its backward reads x H for the mask), one without a branch

@@ -19,6 +19,8 @@ import robuq_fx
 from robuq_fx import qat_graph, qat_step
 from robuq_fx.qat_linear import QATLinear
 from robuq_fx.spec import LayerSpec
+from tests.qat_testing import Replays
+from tests.qat_testing import train as _train
 
 SPECS = [dict(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=64, lora_rank=8),
          dict(w_bits=2, a_bits=3, a_sym=False, a_clip="sigma", hadamard=True, hadamard_block=64, lora_rank=8),
@@ -39,20 +41,6 @@ class Net(nn.Module):
 
     def forward(self, x):
         return self.d(torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x)))))))
-
-
-def _train(mod, x, steps, autocast, fn=None):
-    fn = mod if fn is None else fn
-    opt = torch.optim.AdamW(mod.parameters(), lr=1e-2)
-    outs = []
-    for _ in range(steps):
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-            y = fn(x)
-        y.float().pow(2).mean().backward()
-        outs.append((y.detach().float(), {n: p.grad.clone() for n, p in mod.named_parameters()}))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return outs
 
 
 def _close(got, want, rtol, atol):
@@ -118,19 +106,6 @@ def test_each_layer_takes_its_own_output_of_the_node():
         y.sum().backward()
     names = {e.key for e in prof.key_averages()}
     assert "WeightSidesBackward" in names and not any("slice_backward" in n.lower() for n in names)
-
-
-class Replays:
-    def __init__(self):
-        self.captures = self.replays = 0
-
-    def capture(self, fn, device, autocast_dtype):
-        self.captures += 1
-        return fn
-
-    def replay(self, g, device=None):
-        self.replays += 1
-        g()
 
 
 def _graph_less_and_hooked(monkeypatch, be, steps):
@@ -220,11 +195,7 @@ def test_cuda_graphs_equal_the_graph_less_run(monkeypatch, autocast):
 
 
 def test_a_failed_capture_falls_back_once(monkeypatch):
-    class Failing(Replays):
-        def capture(self, fn, device, autocast_dtype):
-            self.captures += 1
-            raise RuntimeError("operation not permitted when stream is capturing")
-    be = Failing()
+    be = Replays(fail=True)
     want, mod, x = _graph_less_and_hooked(monkeypatch, be, 3)
     monkeypatch.setattr(qat_graph, "generator_usable", lambda device: True)
     with pytest.warns(RuntimeWarning, match="could not be captured"):

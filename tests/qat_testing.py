@@ -1,0 +1,43 @@
+"""Shared by test_qat_graph.py and test_qat_step.py: a stand-in for qat_graph's CUDA-graph backend, and a few AdamW
+steps that record each step's output and gradients."""
+from __future__ import annotations
+
+import torch
+
+
+class Replays:
+    """Stand-in for qat_graph.CudaGraphs: a "graph" is the captured function, a replay calls it (as a replay re-runs
+    its kernels on the captured addresses). fail: every capture raises, as a kernel that cannot be captured does.
+    captures counts the attempts."""
+
+    def __init__(self, fail: bool = False):
+        self.captures = self.replays = 0
+        self.fail = fail
+
+    def capture(self, fn, device, autocast_dtype):
+        self.captures += 1
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return fn
+
+    def replay(self, g, device=None):
+        self.replays += 1
+        g()
+
+
+def train(mod, x, steps, autocast, fn=None):
+    """steps AdamW steps of `fn` (default: mod) on x (one input, or a list taken in turn: batches of several shapes);
+    [(output as fp32, {name: gradient})] a step."""
+    fn = mod if fn is None else fn
+    xs = x if isinstance(x, list) else [x]
+    opt = torch.optim.AdamW(mod.parameters(), lr=1e-2)
+    outs = []
+    for i in range(steps):
+        x = xs[i % len(xs)]
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            y = fn(x)
+        y.float().pow(2).mean().backward()
+        outs.append((y.detach().float(), {n: p.grad.clone() for n, p in mod.named_parameters()}))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return outs
