@@ -319,13 +319,12 @@ def main(argv=None):
     modes = [m for m in args.train_modes if not (args.no_compile and m != "eager")]
     for mode in [] if args.skip_train else modes:
         for name, pol in train:
-            saved_env = _set_env(train_env.get(name, {}))
             stepw_row = "+stepw" in name.split(" ")
+            if mode == "backend" and stepw_row:
+                continue  # (weight_sides_per_forward takes quantize's QAT modules)
+            saved_env = _set_env(train_env.get(name, {}))
             m = build(cfg).to(device).train()
             if mode == "backend":  # issue 19's second entry point: the FP model under robuq's compile backend
-                if pol is not None and stepw_row:
-                    _set_env(saved_env)
-                    continue  # (weight_sides_per_forward takes quantize's QAT modules)
                 if pol is not None:
                     robuq_fx.backend.prepare_qat(m, pol)  # the branch's trainable factors, on the model
             elif pol is not None:

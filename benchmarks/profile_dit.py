@@ -223,7 +223,8 @@ def train_profile(args, cfg, pols, names, prov, device):
                 torch.cuda.synchronize()
         cats: dict[str, float] = {}
         ops, kernels = [], []
-        for e in prof.key_averages():
+        averages = prof.key_averages()
+        for e in averages:
             if _is_cpu(e) and ("robuq" in e.key or e.key.startswith("WeightSides")):
                 ops.append({"op": e.key, "calls per step": e.count / args.steps,
                             "CPU ms per step (self)": round(e.self_cpu_time_total / 1e3 / args.steps, 3),
@@ -239,7 +240,7 @@ def train_profile(args, cfg, pols, names, prov, device):
                  for c, v in sorted(cats.items(), key=lambda kv: -kv[1])]
         table.append({"category": "TOTAL kernel time", "ms per step": round(total, 3), "share": ""})
         table.append({"category": "wall time per step", "ms per step": round(wall, 3), "share": ""})
-        table.append({"category": "kernels a step", "ms per step": round(sum(e.count for e in prof.key_averages()
+        table.append({"category": "kernels a step", "ms per step": round(sum(e.count for e in averages
                                                                              if is_kernel(e)) / args.steps, 1),
                       "share": ""})
         top = sorted(kernels, key=lambda r: -r["ms per step"])[:TOP_KERNELS]
