@@ -339,7 +339,8 @@ def main(argv=None):
                 fwd = torch.compile(m, backend=robuq_fx.backend(pol, mode="qat"))
             else:  # (backend mode's FP row: plain torch.compile, the baseline of its ratios)
                 fwd = torch.compile(m, mode="reduce-overhead" if mode == "cudagraphs" else None)
-            target = torch.randn_like(m(**x)[0].detach())
+            with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):  # (as the step: one matmul dtype)
+                target = torch.randn_like(m(**x)[0].detach().float())
             # the compiled QAT step is CPU-bound (~3x FP's kernels, each launched through Python). cppwrapper:
             # default-mode torch.compile with Inductor's C++ wrapper, which launches them without Python (session 19:
             # the FP step alone did not compile in 9.4 minutes); combo: Inductor's combo kernels, independent small

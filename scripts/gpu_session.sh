@@ -630,6 +630,24 @@ train-actk)  # session 21's ROBUQ_QAT_ACT_KERNEL=1 (kernels/qat_act.py: with wei
     fi
     grep -iE "^\||warn|error|train " "$OUT/actk_bench.log" | tail -n 10
     ;;
+actk2)  # session 22: the act op's new GPU tests (against act_side_reference, eager and compiled) and
+    # scripts/actk_diag.py (which run moved in the first call's compiled comparison), then two benches in one call:
+    # FP + the paper step with weight_sides_per_forward and the act op, then FP + without the op (the time left)
+    ROBUQ_QAT_ACT_KERNEL=1 timeout 150 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -p no:logging \
+        tests/test_qat_step.py -k "act_op" > "$OUT/actk_tests.log" 2>&1
+    grep -E "^E |Error|passed|failed" "$OUT/actk_tests.log" | head -12
+    timeout 90 python3 scripts/actk_diag.py > "$OUT/actk_diag.log" 2>&1; grep -v Warn "$OUT/actk_diag.log" | tail -10
+    ROBUQ_QAT_ACT_KERNEL=1 timeout 330 python3 benchmarks/bench_dit.py --out "$OUT" --train-only \
+        --train-modes compiled --iters 12 --settings "QAT dit-xl-2-robuq" --step-weights on \
+        --tag _train_actk_paper > "$OUT/actk_bench.log" 2>&1
+    grep -iE "^\||warn|error|train " "$OUT/actk_bench.log" | tail -n 6
+    left=$((555 - SECONDS)); echo "stepw row: ${left} s left"
+    if [ "$left" -gt 120 ]; then
+        timeout "$left" python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes compiled --iters 12 \
+            --settings "QAT dit-xl-2-robuq" --step-weights on --tag _train_stepw_paper > "$OUT/stepw_bench.log" 2>&1
+        grep -iE "^\||warn|error|train " "$OUT/stepw_bench.log" | tail -n 6
+    fi
+    ;;
 train-backend)  # issue 19's second entry point: torch.compile(model, backend=robuq_fx.backend(policy, mode="qat"))
     # (prepare_qat for the branch) against plain torch.compile of FP, one setting (default the paper's; ~5 min)
     timeout 500 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes backend --iters 12 \

@@ -20,8 +20,10 @@ Backward (METHOD.md §3's STE is the identity for absmax ranges, which hold ever
     g_(B H) = g_t^T x              a GEMM
 
 What may differ from the op graph: t is x (B H)^T summed in fp32 and rounded once, where the op graph rounds x H to
-bf16 first; the rotation's fp32 sums are the butterfly's (exact where the op graph's GEMM is). Covered: symmetric
-absmax activations of 1-8 bits, a power-of-two Hadamard block (or none), 16-bit inputs, K a multiple of 128, rank
+bf16 first. x H is the butterfly's fp32 sums times 1/sqrt(b) as H holds it in x's dtype, rounded to that dtype, as
+the op graph's GEMM writes it: the same codes but where the two sums' orders round to either side of a bf16 value
+(`act_side_reference`: the same math in torch ops, what the GPU tests compare with). Covered: symmetric absmax
+activations of 1-8 bits, a power-of-two Hadamard block (or none), 16-bit inputs, K a multiple of 128, rank
 <= 128 (or no branch: then the op is Q_a(x H) alone and its backward g H); anything else keeps the op graph
 (`unsupported` says why).
 """
@@ -79,6 +81,18 @@ def act_side(x2: torch.Tensor, bh: torch.Tensor | None, spec: LayerSpec) -> torc
     dtype; Q_a(x2 H) alone (M, K) without a branch (bh None). Check `unsupported` first."""
     define()
     return torch.ops.robuq.qat_act_lrb(x2, bh, _block(spec), int(spec.a_bits))
+
+
+def act_side_reference(x2: torch.Tensor, bh: torch.Tensor | None, spec: LayerSpec) -> torch.Tensor:
+    """What `act_side` computes, in torch ops (differentiable: the ops' STE): Q_a of x H as the op graph computes it
+    in x2's dtype (H rounded to it, fp32 sums, rounded once), t = x (B H)^T summed in fp32 and rounded once. The
+    backward rounds g_q H before adding g_t (B H), where the kernel rounds once. Run it eagerly to compare with."""
+    from ..layer import rotate_and_quantize
+    with torch.autocast(x2.device.type, enabled=False):
+        xq = rotate_and_quantize(x2, spec)[1]
+        if bh is not None:
+            xq = torch.cat([xq, (x2.float() @ bh.float().t()).to(x2.dtype)], 1)
+    return xq
 
 
 def define() -> None:
