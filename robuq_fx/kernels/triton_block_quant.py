@@ -35,6 +35,7 @@ def block_quant_kernel(x_ptr, h_ptr, o_ptr, s_ptr, M, M_STORE, stride_x, stride_
                        BM: tl.constexpr, HB: tl.constexpr, LOGB: tl.constexpr, MMA: tl.constexpr):
     """o[rows, b*HB:(b+1)*HB] = codes of block b of rows, s[b, rows] = its scales (grid: row blocks x K blocks)."""
     levels = tl.cast(levels, tl.float32)  # fp64 when Inductor launches it (see triton_act_quant)
+    hscale = tl.cast(hscale, tl.float32)  # (in fp64, y H would round once to x's dtype, not via fp32 as eagerly)
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     kb = tl.program_id(1)
     rmask = rows < M

@@ -29,6 +29,7 @@ def rot_lowrank_kernel(g_ptr, bh_ptr, out_ptr, M, stride_g, stride_o, hscale, K:
     """out[rows, blk] = (g[rows, :K] H)[:, blk] + g[rows, K:K + R] bh[:, blk] for the column block blk =
     program_id(1) of width B (H block-diagonal with blocks of B: the block's own columns rotated alone); without
     HAS_T (no branch) the rotation alone."""
+    hscale = tl.cast(hscale, tl.float32)  # fp64 when Inductor launches it (see triton_act_quant)
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < M
     cols = tl.program_id(1) * B + tl.arange(0, B)

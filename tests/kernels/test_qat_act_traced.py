@@ -69,15 +69,18 @@ def test_backward_op_traces_to_one_kernel(monkeypatch):
 
 @pytest.mark.skipif(import_or_none("triton_qat_act") is None, reason="triton does not import here")
 @pytest.mark.parametrize("block,r", [(128, 32), (64, 8), (0, 32), (128, 0)])
-def test_backward_kernel_builds_for_sm90_without_spills(block, r):
+@pytest.mark.parametrize("float_arg", ["fp32", "fp64"])
+def test_backward_kernel_builds_for_sm90_without_spills(block, r, float_arg):
     """Offline sm_90 build (ptxas) of the backward kernel at the paper's shapes: it compiles (the interpreter runs
-    no layout or dot lowering) and keeps its tiles in registers."""
+    no layout or dot lowering) and keeps its tiles in registers. hscale fp64: Inductor passes a user kernel's Python
+    floats as fp64 (codegen/triton_utils.signature_of), which made the rotated block an fp64 accumulator that
+    tl.dot refused in session 22's first DiT-XL/2 compile; the eager launcher passes fp32."""
     from tests.kernels.sm90 import compile_sm90, sass
     from robuq_fx.kernels import triton_qat_act as T
     from robuq_fx.kernels.triton_launch import rank_pad
     w = block or 128
     sig = {"g_ptr": "*bf16", "bh_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "stride_g": "i32",
-           "stride_o": "i32", "hscale": "fp32"}
+           "stride_o": "i32", "hscale": float_arg}
     const = dict(K=1152, R=r, RP=rank_pad(r), B=w, LOGB=w.bit_length() - 1, HAD=block > 0, BM=T.BM, HAS_T=r > 0)
     text, regs = sass(compile_sm90(T.rot_lowrank_kernel, sig, const, {"num_warps": T.WARPS},
                                    aligned=("g_ptr", "bh_ptr", "out_ptr"), gluon=False))
