@@ -298,7 +298,7 @@ def main(argv=None):
                                                        ("ROBUQ_QAT_WEIGHT_KERNEL", "1", "+wkernel"),
                                                        ("ROBUQ_QAT_WEIGHT_GRAPH", "0", "-wgraph"),
                                                        ("ROBUQ_QAT_LAYER_GRAPH", "0", "-lgraph"),
-                                                       ("ROBUQ_QAT_ACT_KERNEL", "1", "+actk"))
+                                                       ("ROBUQ_QAT_ACT_KERNEL", "0", "+noactk"))
                      if os.environ.get(var) == value)
     train = [("FP", None), ("QAT W4A4+H" + opt_in, policies()["robuq W4A4+H"]),
              ("QAT W1.58A4+H" + opt_in, policies()["robuq W1.58A4+H"]), ("QAT dit-xl-2-robuq" + opt_in, policies()[PAPER])]

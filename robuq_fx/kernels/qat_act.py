@@ -1,5 +1,9 @@
-"""A compiled QAT layer's activation side in one `triton_op` (issue 19; opt-in, ROBUQ_QAT_ACT_KERNEL=1, for the
-layers of `robuq_fx.weight_sides_per_forward` on CUDA).
+"""A compiled QAT layer's activation side in one `triton_op` (issue 19; for the layers of
+`robuq_fx.weight_sides_per_forward` on CUDA; on by default since session 22, ROBUQ_QAT_ACT_KERNEL=0 turns it off).
+
+H200, DiT-XL/2 paper policy, batch 16, compiled: the QAT step 1.413x the FP step with it (104.3 vs 73.8 ms), 1.53x
+and 1.60x without it in two other calls (the host's speed moves between calls: each ratio is against its own run's FP
+step).
 
 With the weight side out of the compiled graph (qat_step.py), a layer with a low-rank branch still launches, per
 call, x H (a GEMM), Q_a's range and its values (two Inductor kernels, the second also writing [Q_a(x H), t]) and
@@ -39,7 +43,12 @@ _OPS: list = []
 
 
 def enabled() -> bool:
-    return os.environ.get("ROBUQ_QAT_ACT_KERNEL", "0") == "1"
+    return os.environ.get("ROBUQ_QAT_ACT_KERNEL", "1") != "0"
+
+
+def requested() -> bool:
+    """Set to 1 explicitly: then layers left on the op graph are named even off CUDA (`qat_step.Plan.set_act`)."""
+    return os.environ.get("ROBUQ_QAT_ACT_KERNEL") == "1"
 
 
 def unsupported(spec: LayerSpec, k: int, device: torch.device, dtype: torch.dtype) -> str | None:
