@@ -319,9 +319,7 @@ def main(argv=None):
     modes = [m for m in args.train_modes if not (args.no_compile and m != "eager")]
     for mode in [] if args.skip_train else modes:
         for name, pol in train:
-            stepw_row = "+stepw" in name.split(" ")
-            if mode == "backend" and stepw_row:
-                continue  # (weight_sides_per_forward takes quantize's QAT modules)
+            stepw_row = "+stepw" in name.split(" ")  # backend mode: its weight_sides="step"
             saved_env = _set_env(train_env.get(name, {}))
             m = build(cfg).to(device).train()
             if mode == "backend":  # issue 19's second entry point: the FP model under robuq's compile backend
@@ -336,7 +334,8 @@ def main(argv=None):
             if mode == "eager":
                 fwd = m
             elif mode == "backend" and pol is not None:
-                fwd = torch.compile(m, backend=robuq_fx.backend(pol, mode="qat"))
+                fwd = torch.compile(m, backend=robuq_fx.backend(pol, mode="qat",
+                                                                weight_sides="step" if stepw_row else "layer"))
             else:  # (backend mode's FP row: plain torch.compile, the baseline of its ratios)
                 fwd = torch.compile(m, mode="reduce-overhead" if mode == "cudagraphs" else None)
             with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):  # (as the step: one matmul dtype)

@@ -130,14 +130,13 @@ class WeightSides(torch.autograd.Function):
 
 
 class Plan:
-    """The model's QAT layers in a fixed order with their shapes, and the CUDA graphs of their weight sides."""
+    """QAT layers in a fixed order with their shapes, and the CUDA graphs of their weight sides. modules: QATLinears,
+    or objects with the attributes of theirs it reads (spec, in_features, out_features, transposed, compute_dtype,
+    weight, lrb_down, lrb_up, bias: the compile backend's graph layers, backend/weight_sides.py)."""
 
-    def __init__(self, model: nn.Module):
-        self.layers = [_Layer(m) for m in model.modules() if isinstance(m, QATLinear)]
-        if not self.layers:
-            raise ValueError(f"weight_sides_per_forward: {type(model).__name__} has no QAT layers (QATLinear "
-                             f"modules, what robuq_fx.quantize makes in training mode)")
-        self.modules = [layer.module for layer in self.layers]
+    def __init__(self, modules: list):
+        self.layers = [_Layer(m) for m in modules]
+        self.modules = list(modules)
         self.layout = _layout(_shapes(self.layers))
         self.w_at = [span.start for _, span in _master_spans(self.layers)]  # where each layer's weight is in masters()
         self.c = self.ab = None
@@ -276,7 +275,11 @@ def weight_sides_per_forward(model: nn.Module) -> WeightSidesHandle:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"weight_sides_per_forward takes the QAT model (an nn.Module), got {type(model).__name__}")
-    plan = Plan(model)
+    modules = [m for m in model.modules() if isinstance(m, QATLinear)]
+    if not modules:
+        raise ValueError(f"weight_sides_per_forward: {type(model).__name__} has no QAT layers (QATLinear modules, what "
+                         f"robuq_fx.quantize makes in training mode)")
+    plan = Plan(modules)
     plan.check(plan.masters())
 
     @torch.compiler.disable

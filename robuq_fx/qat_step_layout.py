@@ -11,10 +11,10 @@ from .qat_linear import QATLinear
 
 
 class _Layer:
-    """One QAT layer's constants for the step's weight sides."""
+    """One QAT layer's constants for the step's weight sides (m: a QATLinear or what stands in for one, Plan)."""
     __slots__ = ("module", "transposed", "k", "r", "has_bias")
 
-    def __init__(self, m: QATLinear):
+    def __init__(self, m):
         self.module, self.transposed = m, m.transposed
         self.k, self.r, self.has_bias = m.in_features, m.spec.lora_rank, m.bias is not None
 

@@ -112,17 +112,16 @@
 # The machine goes back ~30 s after a call returns, and with it everything detached or left in /tmp: make every
 # call self-contained, and send the next one at once. On nvidia-h200-x2, `pair A B` runs two steps at once (one a
 # GPU) for the device time of one: use it. A cold compile of the paper policy takes ~3-4 min on the machine: a call
-# holds about two (policy, batch) rows. Session 22's plan (one H200; one bench_dit run a call, sent alone):
-#   1. train-actk (~9 min: ROBUQ_QAT_ACT_KERNEL=1, session 21, interpreter- and trace-tested: with
-#                   weight_sides_per_forward an LRB layer's activation side is one triton_op forward and one kernel
-#                   backward, ~4 launches fewer a layer. Its GPU tests (eager and compiled vs the op graph), then the
-#                   compiled paper row with weight_sides_per_forward without and with it, same run (the first also
-#                   times session 21's hook cuts, ed8ab78, and the siblings' shared rotation, 9d3bdc6: 1.598x at
-#                   af7aac0). If the tests pass and it gains, make it the default where it applies)
-#   2. if step 1 cut its second row: train-actk only
-#   3. STEPW=1 qat-profile compiled (the compiled paper step with weight_sides_per_forward profiled next to FP:
-#                   the breakdown issue 19 wants; add ROBUQ_QAT_ACT_KERNEL=1 if step 1 passed)
-#   4. train-backend (the compile backend's qat mode, issue 19's second entry point, never timed)
+# holds about two (policy, batch) rows. Session 23's plan (one H200; one bench_dit run a call, sent alone):
+#   1. train-backend (~8 min: the compile backend's qat mode, issue 19's second entry point, never timed: each
+#                   layer's weight side in the graph, and weight_sides="step" (session 22, backend/weight_sides.py:
+#                   every layer's weight side once a call through one WeightSides node, with the act op), both
+#                   against compiled FP in one run. Summary keys qat_paper_backend_x, qat_paper_stepw_backend_x)
+#   2. backend-tests (~2 min: the GPU tests of weight_sides="step" and the act op, test_backend.py -k cuda and
+#                   test_qat_step.py -k "act_op or cuda"; run it first if step 1's row fails)
+#   3. train-actk with --env-variant noactk (a same-run A/B of the act op, default since session 22: 1.413x with
+#                   it, 1.53-1.60x without in other calls)
+#   4. STEPW=1 qat-profile compiled (the 1.41x step profiled next to FP: the breakdown issue 19 wants)
 #   5. ddp on nvidia-h200-x2 if ever lent (issue 19 item 4: bench_ddp.py; with whole-layer graphs on by default)
 #   6. qat-profile eager, ln-configs, quant-plans, verify17, attention-sweep, dit-default (not reached since s19).
 #   The host varies a lot from call to call (compiled FP step 72.6 vs 118.6 ms in session 21): compare rows of one
@@ -132,6 +131,10 @@
 #   ~420 MB takes time). It is near its 45 MB limit: past it, a call says "too large to bring back".
 #   Not to run again: train-cpp (the FP step alone did not compile in 9.4 min, session 19), train-combo (1.971x, worse
 #   than default mode, session 20), gelu-fast (both fusions lose, session 18), ag128 steps, out-quant (17 us a call).
+# Session 22 ran: train-actk (its tests compared with the compiled op graph, which moved, not the kernel; stepw alone
+# 1.781x on a slow host), actk2 (the act op's tests against its reference pass; actk_diag: the compiled op graph is
+# 1.2-1.6% from eager; the DiT backward did not compile: Inductor's fp64 hscale; stepw alone 1.530x), train-actk only
+# (stepw + act op 1.413x; GPU tests pass but A's gradient at 1.07e-2 vs a 1e-2 bound, now 3e-2).
 # Session 21 ran: train-stepw (883 ms a step: the slice-backward bug; fixed), train-stepw again (compiled paper
 # 1.598x; GPU tests pass), stepw-profile (GPU tests pass at ed8ab78; the bench hit its 250 s timeout on a slow host,
 # nothing else), the Gluon sigma test (9 passed).
@@ -648,10 +651,17 @@ actk2)  # session 22: the act op's new GPU tests (against act_side_reference, ea
         grep -iE "^\||warn|error|train " "$OUT/stepw_bench.log" | tail -n 6
     fi
     ;;
+backend-tests)  # session 22's weight_sides="step" backend mode and the act op on CUDA
+    timeout 300 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -p no:logging tests/test_backend.py \
+        tests/test_qat_step.py -k "cuda or act_op" > "$OUT/backend_tests.log" 2>&1
+    grep -E "^E |Error|passed|failed" "$OUT/backend_tests.log" | head -12
+    ;;
 train-backend)  # issue 19's second entry point: torch.compile(model, backend=robuq_fx.backend(policy, mode="qat"))
-    # (prepare_qat for the branch) against plain torch.compile of FP, one setting (default the paper's; ~5 min)
-    timeout 500 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes backend --iters 12 \
-        --settings "QAT ${2:-dit-xl-2-robuq}" --tag "_train_backend_$(echo "${2:-dit-xl-2-robuq}" | tr -c 'A-Za-z0-9\n' _)" \
+    # (prepare_qat for the branch) against plain torch.compile of FP, one setting (default the paper's), each layer's
+    # weight side in the graph and (row "+stepw") weight_sides="step" (session 22: all of them once a call before it,
+    # with the act op); two cold compiles, ~8 min
+    timeout 520 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes backend --iters 12 \
+        --step-weights both --settings "QAT ${2:-dit-xl-2-robuq}" --tag "_train_backend_$(echo "${2:-dit-xl-2-robuq}" | tr -c 'A-Za-z0-9\n' _)" \
         > "$OUT/backend_bench.log" 2>&1
     grep -iE "^\||warn|error" "$OUT/backend_bench.log" | tail -n 8
     ;;

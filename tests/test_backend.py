@@ -367,6 +367,127 @@ def test_qat_training_step_through_inductor():
     assert not torch.equal(mine.fc1.lrb_up, before)
 
 
+def _count_sides(monkeypatch) -> list:
+    """Counts qat_step._all_sides calls (the step weight sides computed eagerly: on the CPU, every call)."""
+    from robuq_fx import qat_step
+    calls, real = [], qat_step._all_sides
+    monkeypatch.setattr(qat_step, "_all_sides", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("name", ["mlp", "vit", "dit", "llama"])
+def test_qat_step_weight_sides_equal_quantize(name, monkeypatch):
+    """weight_sides="step" (backend/weight_sides.py): every layer's weight side computed once a call through one
+    WeightSides node, the graph's sites taking it as inputs; the gradients of every trainable tensor (weights, biases,
+    branches) equal robuq_fx.quantize's up to summation order (its backward sums the branch terms in another order,
+    as weight_sides_per_forward's, tests/test_qat_step.py)."""
+    model, qmodel, inputs = _quantized(name)
+    policy = MODELS[name][2]
+    ref_model = _no_dropout(copy.deepcopy(qmodel).train())
+    _run(ref_model, inputs).square().mean().backward()
+    ref = {n: p.grad for n, p in ref_model.named_parameters() if p.grad is not None}
+    calls = _count_sides(monkeypatch)
+    mine = _no_dropout(B.prepare_qat(copy.deepcopy(model).train(), policy))
+    backend = B.make_backend(policy, mode="qat", compiler="aot_eager", weight_sides="step")
+    compiled = torch.compile(mine, backend=backend)
+    out = _run(compiled, inputs)
+    out.square().mean().backward()
+    assert calls, "the weight sides were not hoisted"
+    n_calls = len(calls)
+    got = {n: p.grad for n, p in mine.named_parameters() if p.grad is not None}
+    assert set(got) == set(ref)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-6, msg=n)
+    _run(compiled, inputs)  # a second call: its weight sides computed again (one WeightSides node a graph and call)
+    assert len(calls) > n_calls
+
+
+def test_qat_step_weight_sides_train_through_inductor(monkeypatch):
+    """The MLP's training steps through Inductor with weight_sides="step" follow the plain qat mode's."""
+    model = _mlp()
+    x, target = torch.randn(8, 32, generator=_gen()), torch.randn(8, 16, generator=_gen())
+    calls = _count_sides(monkeypatch)
+    runs = {}
+    for sides in ("layer", "step"):
+        mine = _no_dropout(B.prepare_qat(copy.deepcopy(model).train(), LRB))
+        compiled = torch.compile(mine, backend=robuq_fx.backend(LRB, mode="qat", weight_sides=sides))
+        opt = torch.optim.AdamW(mine.parameters(), lr=1e-2)
+        outs = []
+        for _ in range(3):
+            y = compiled(x)
+            torch.nn.functional.mse_loss(y, target).backward()
+            outs.append((y.detach(), {n: p.grad.clone() for n, p in mine.named_parameters()}))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        runs[sides] = outs
+        torch._dynamo.reset()
+    assert len(calls) == 4  # step: one at the build, one a step (layer: none)
+    (y0, g0), (y1, g1) = runs["layer"][0], runs["step"][0]
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert all(torch.isfinite(y).all() for y, _ in runs["step"])
+
+
+def test_qat_step_weight_sides_leave_a_graph_entering_autocast_to_the_plain_mode(monkeypatch):
+    """A graph that enters autocast itself keeps each layer's weight side inside (its matmul dtype is not the one in
+    force when the backend compiles): no WeightSides node, the same output as the plain qat mode."""
+    model = _mlp()
+    x = torch.randn(8, 32, generator=_gen())
+    calls = _count_sides(monkeypatch)
+    outs = []
+    for sides in ("layer", "step"):
+        mine = _no_dropout(B.prepare_qat(copy.deepcopy(model).train(), LRB))
+
+        def fn(x, mine=mine):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return mine(x)
+        outs.append(torch.compile(fn, backend=B.make_backend(LRB, mode="qat", compiler="aot_eager",
+                                                             weight_sides=sides))(x))
+        torch._dynamo.reset()
+    assert not calls
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_qat_step_weight_sides_on_cuda_follow_weight_sides_per_forward():
+    """On CUDA under bf16 autocast weight_sides="step" runs what `robuq_fx.weight_sides_per_forward` runs for a
+    quantize model (the weight sides from one CUDA graph replay each way, the act op on both layers): the Inductor-
+    compiled step through the backend against that model run eagerly, first step (output to 4e-3, gradients to 1e-2,
+    the branch factors' to 3e-2: tests/test_qat_step.py's act-op bounds), and three steps train to finite values."""
+    policy = {"rules": [{"type": "Linear", "w_bits": 1.58, "a_bits": 4, "hadamard": True, "hadamard_block": 128,
+                         "lora_rank": 32}]}
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 384), nn.GELU(), nn.Linear(384, 256)).cuda().train()
+    x = torch.randn(4, 33, 256, device="cuda")
+    ref_model = robuq_fx.quantize(copy.deepcopy(model), policy).train()
+    robuq_fx.weight_sides_per_forward(ref_model)
+    mine = B.prepare_qat(copy.deepcopy(model), policy)
+    mine.load_state_dict({k: v for k, v in ref_model.state_dict().items()}, strict=False)
+    compiled = torch.compile(mine, backend=B.make_backend(policy, mode="qat", weight_sides="step"))
+    outs = []
+    for m, params in ((ref_model, dict(ref_model.named_parameters())), (compiled, dict(mine.named_parameters()))):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = m(x)
+        y.float().square().mean().backward()
+        outs.append((y.detach().float(), {k: p.grad.clone() for k, p in params.items()}))
+    (y0, g0), (y1, g1) = outs
+    rel = lambda a, b: float((a - b).norm() / b.norm().clamp_min(1e-30))  # noqa: E731
+    assert rel(y1, y0) <= 4e-3
+    assert set(g1) == set(g0)
+    for k in g0:
+        assert rel(g1[k], g0[k]) <= (3e-2 if "lrb_" in k else 1e-2), k
+    opt = torch.optim.AdamW(mine.parameters(), lr=1e-3)
+    for _ in range(3):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = compiled(x)
+        y.float().square().mean().backward()
+        opt.step()
+        assert torch.isfinite(y).all()
+
+
 def test_prepare_qat_registers_trainable_branch_once():
     model = _mlp()
     B.prepare_qat(model, LRB)
@@ -436,6 +557,9 @@ def test_configuration():
         B.make_backend(mode="train")
     with pytest.raises(B.BackendError, match="unknown robuq backend option"):
         b.with_options({"polcy": "vit"})
+    with pytest.raises(B.BackendError, match="weight_sides="):
+        B.make_backend(mode="qat", weight_sides="once")
+    assert b.with_options({"weight_sides": "step"}).weight_sides == "step"
     assert b.with_options({"mode": "inference"}).policy is b.policy
 
 

@@ -53,7 +53,8 @@ from ..policy import Policy
 
 MODES = ("inference", "qat")
 COMPILERS = ("inductor", "aot_eager", "eager")  # eager: the rewritten graph as is (tests of the rewrite itself)
-OPTIONS = ("policy", "mode", "strict", "compiler", "inductor")
+OPTIONS = ("policy", "mode", "strict", "compiler", "inductor", "weight_sides")
+WEIGHT_SIDES = ("layer", "step")  # qat: each layer's weight side in the graph, or all of them once a call before it
 
 
 class BackendError(RobuQError):
@@ -68,15 +69,18 @@ class RobuQBackend:
     """
 
     def __init__(self, policy=None, mode: str = "inference", strict: bool | None = None, *,
-                 compiler: str = "inductor", inductor: dict | None = None):
+                 compiler: str = "inductor", inductor: dict | None = None, weight_sides: str = "layer"):
         if mode not in MODES:
             raise BackendError(f"mode={mode!r}: expected one of {MODES}")
+        if weight_sides not in WEIGHT_SIDES:
+            raise BackendError(f"weight_sides={weight_sides!r}: expected one of {WEIGHT_SIDES}")
         if compiler not in COMPILERS:
             raise BackendError(f"compiler={compiler!r}: expected one of {COMPILERS}")
         if strict is not None and not isinstance(strict, bool):
             raise BackendError(f"strict={strict!r}: expected true, false or None (the policy's 'strict')")
         self.policy = Policy.coerce(policy)
         self.mode, self.compiler, self.inductor = mode, compiler, dict(inductor or {})
+        self.weight_sides = weight_sides
         self.strict = self.policy.strict if strict is None else strict
         self._strict_arg = strict
         self.layers: dict[str, str] = {}
@@ -86,7 +90,9 @@ class RobuQBackend:
         self._derived: dict = {}
 
     def __repr__(self):
-        return f"robuq_fx.backend(mode={self.mode!r}, strict={self.strict}, compiler={self.compiler!r}, {self.policy})"
+        step = ", weight_sides='step'" if self.weight_sides == "step" else ""
+        return (f"robuq_fx.backend(mode={self.mode!r}, strict={self.strict}, compiler={self.compiler!r}{step}, "
+                f"{self.policy})")
 
     # ---- Dynamo entry -----------------------------------------------------------------------------------------
     def __call__(self, gm: fx.GraphModule, example_inputs, *, options: dict | None = None, mode: str | None = None):
@@ -117,9 +123,9 @@ class RobuQBackend:
         key = _options_key(options)
         if key not in self._derived:
             cfg = {"policy": self.policy, "mode": self.mode, "strict": self._strict_arg, "compiler": self.compiler,
-                   "inductor": self.inductor, **options}
+                   "inductor": self.inductor, "weight_sides": self.weight_sides, **options}
             self._derived[key] = RobuQBackend(cfg["policy"], cfg["mode"], cfg["strict"], compiler=cfg["compiler"],
-                                              inductor=cfg["inductor"])
+                                              inductor=cfg["inductor"], weight_sides=cfg["weight_sides"])
         return self._derived[key]
 
     def unseen(self, model: nn.Module) -> list[str]:
@@ -223,6 +229,13 @@ class RobuQBackend:
                payloads: list, compile_it: bool) -> Variant:
         gm = copy_graph_module(template)
         nodes = {n.name: n for n in gm.graph.nodes}
+        sides = None
+        if self.mode == "qat" and self.weight_sides == "step":
+            from .weight_sides import GraphSides
+            sides = GraphSides.make(gm, slots, key, args, payloads)
+        if sides is not None:
+            sides.rewrite(gm, slots, as_linear, nodes)
+            key = (None,) * len(key)  # (its layers are done)
         holder, layers, sites = nn.Module(), {}, []
         for i, (slot, spec, payload) in enumerate(zip(slots, key, payloads)):
             if spec is None:
@@ -246,12 +259,13 @@ class RobuQBackend:
                 lower_attention(gm)
         lifted = lift_holder_attrs(gm)
         if compile_it:
+            parts = sides.example_parts(args, payloads) if sides is not None else ()
             extras = [lifted_tensor(payloads, s, a) for s, a in lifted]
-            return Variant(self._compile(gm, [*args, *extras], torch_mode), lifted)
+            return Variant(self._compile(gm, [*args, *parts, *extras], torch_mode), lifted, sides)
         warnings.warn("robuq backend: Dynamo reused a compiled graph for module instances that the policy quantizes "
                       f"differently ({_describe(key)}); this variant runs without Inductor. Avoid graph breaks "
                       "inside repeated blocks to get one graph per model.", stacklevel=3)
-        return Variant(gm.forward, lifted)
+        return Variant(gm.forward, lifted, sides)
 
     def _compile(self, gm: fx.GraphModule, inputs, torch_mode):
         if self.compiler == "eager":
@@ -322,16 +336,17 @@ def _options_key(options: dict) -> str:
 
 # ---- public API --------------------------------------------------------------------------------------------------
 def make_backend(policy=None, mode: str = "inference", strict: bool | None = None, *, compiler: str = "inductor",
-                 inductor: dict | None = None) -> RobuQBackend:
+                 inductor: dict | None = None, weight_sides: str = "layer") -> RobuQBackend:
     """A `robuq` backend for `torch.compile(model, backend=...)`.
 
     policy: as for `robuq_fx.quantize` (default: every nn.Linear W4A4 + Hadamard). mode: "inference" (packed
     weights, robuq::qlinear) or "qat" (fake-quant + STE, trainable). strict: error (True) or FP + one warning (False)
     for matched layers that cannot be quantized; None: the policy's "strict" (default True). compiler: "inductor",
     "aot_eager" (AOTAutograd without Inductor) or "eager" (the rewritten graph as is). inductor: Inductor config
-    patches.
+    patches. weight_sides (qat): "layer", each layer's weight side inside the compiled graph, or "step", every
+    layer's computed once a call before it (backend/weight_sides.py; as `robuq_fx.weight_sides_per_forward`).
     """
-    return RobuQBackend(policy, mode, strict, compiler=compiler, inductor=inductor)
+    return RobuQBackend(policy, mode, strict, compiler=compiler, inductor=inductor, weight_sides=weight_sides)
 
 
 _INSTANCES: dict = {}  # options -> backend, so that recompiles of backend="robuq" share plans and warnings

@@ -126,11 +126,13 @@ class SlotMemo:
 class Variant:
     fn: Callable
     lifted: list[tuple[int, str]]  # (slot, attribute) of each extra input, in order
+    sides: object = None  # weight_sides="step": the GraphSides whose parts come before the lifted inputs
 
     def __call__(self, args, payloads):
         fused: dict = {}
+        parts = self.sides.parts(args, payloads) if self.sides is not None else ()
         extras = [lifted_tensor(payloads, slot, attr, fused) for slot, attr in self.lifted]
-        return self.fn(*args, *extras)
+        return self.fn(*args, *parts, *extras)
 
 
 def lifted_tensor(payloads: list, slot, attr: str, memo: dict | None = None):
