@@ -23,3 +23,7 @@ class LoweringError(RobuQError):
 
 class CheckpointError(RobuQError):
     """A packed checkpoint is corrupt, of an unknown version, or does not match the model."""
+
+
+class BackendError(RobuQError):
+    """The robuq torch.compile backend cannot quantize a layer the policy matches, or was configured wrongly."""

@@ -36,14 +36,13 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .. import layer
 from .graph import (HOLDER, Slot, as_linear, compiled_root, copy_graph_module,
                             find_slots, layer_name, lift_holder_attrs, param_names, pick_name, robuq_ops)
+from .prepare import prepare_qat  # noqa: F401 (robuq_fx.backend.prepare_qat)
 from .runtime import (CompiledGraph, LayerPlan, SlotMemo, Variant, _tensor, clear_cache,  # noqa: F401
-                              lifted_tensor,
-                              lrb_params, packed, register_lrb_owner)
+                              lifted_tensor, lrb_params, packed)
 from ..capture import LinearSite
-from ..errors import PolicyError, RobuQError
+from ..errors import BackendError, PolicyError  # noqa: F401 (BackendError: robuq_fx.backend.BackendError)
 from ..modules import PackedLinear
 from ..passes.attention import SDPA_TARGETS, apply_attention, lower_attention
 from ..passes.fuse import fuse_siblings, fused_of
@@ -57,8 +56,6 @@ OPTIONS = ("policy", "mode", "strict", "compiler", "inductor", "weight_sides")
 WEIGHT_SIDES = ("layer", "step")  # qat: each layer's weight side in the graph, or all of them once a call before it
 
 
-class BackendError(RobuQError):
-    """The robuq torch.compile backend cannot quantize a layer the policy matches, or was configured wrongly."""
 
 
 class RobuQBackend:
@@ -358,37 +355,6 @@ def robuq_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
     if key not in _INSTANCES:
         _INSTANCES[key] = make_backend().with_options(options) if options else make_backend()
     return _INSTANCES[key](gm, example_inputs, mode=mode)
-
-
-def prepare_qat(model: nn.Module, policy=None) -> nn.Module:
-    """Register the trainable low-rank branch (`lrb_down`, `lrb_up`, SVD-initialised as in `robuq_fx.quantize`) on
-    every nn.Linear of `model` whose spec has lora_rank > 0, so that mode="qat" can train it and your optimizer
-    sees it in `model.parameters()`. Modifies `model` in place (unlike quantize) and returns it; idempotent. The
-    uncompiled model ignores the branch: it is only used by the compiled one."""
-    policy = Policy.coerce(policy)
-    todo = []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear) or policy.match(name, mod)[1] is None:
-            continue
-        spec = plan_layers([LinearSite(None, name, mod, mod.in_features, mod.out_features)], policy)[name]
-        if not spec.lora_rank:
-            continue
-        want = ((spec.lora_rank, mod.in_features), (mod.out_features, spec.lora_rank))
-        have = getattr(mod, "lrb_down", None), getattr(mod, "lrb_up", None)
-        if all(isinstance(p, nn.Parameter) for p in have):
-            if (tuple(have[0].shape), tuple(have[1].shape)) != want:
-                raise BackendError(f"layer '{name}' already has a low-rank branch of shapes {tuple(have[0].shape)}, "
-                                   f"{tuple(have[1].shape)}; the policy's lora_rank={spec.lora_rank} needs {want}")
-            todo.append((mod, None))
-        else:
-            todo.append((mod, spec))
-    for mod, spec in todo:  # every check passed: now edit
-        if spec is not None:
-            down, up = layer.lrb_init(mod.weight, spec)
-            mod.register_parameter("lrb_down", nn.Parameter(down, requires_grad=mod.weight.requires_grad))
-            mod.register_parameter("lrb_up", nn.Parameter(up, requires_grad=mod.weight.requires_grad))
-        register_lrb_owner(mod)
-    return model
 
 
 def _register() -> None:
