@@ -50,6 +50,10 @@
 #   scripts/gpu_session.sh train-actk [only]  ROBUQ_QAT_ACT_KERNEL=1 (the activation side as one triton_op): GPU tests,
 #                                           the compiled paper row with weight_sides_per_forward without / with it
 #   scripts/gpu_session.sh train-backend [S]  the compile backend's qat mode (issue 19's second entry point) vs compiled FP
+#                                           (each layer's weight side in the graph, and weight_sides="step")
+#   scripts/gpu_session.sh backend-tests    GPU tests of the backend's weight_sides="step" and of the act op
+#   scripts/gpu_session.sh actk2            session 22: the act op's GPU tests, scripts/actk_diag.py, then the paper
+#                                           step with weight_sides_per_forward with / without the act op (two runs)
 #   scripts/gpu_session.sh train-eager      the eager QAT rows at the defaults (bench_dit --train-only --no-compile)
 #   scripts/gpu_session.sh train-lgraph     the graph GPU tests, then eager QAT rows: weight-side graphs vs whole layers
 #   scripts/gpu_session.sh graph-diag       where the QAT CUDA graphs break: full logs of their tests and a diag script
