@@ -105,6 +105,9 @@ def _use_graphs(t: torch.Tensor) -> bool:
     return qat_graph.usable(t)
 
 
+MAX_GRAPH_KEYS = 64  # CUDA graphs kept a direction per Plan (`Plan._room`)
+
+
 class WeightSides(torch.autograd.Function):
     """masters -> every layer's (stacked weight, B_c, bias_c) in c, one output each (views of one flat tensor).
 
@@ -140,10 +143,13 @@ class Plan:
         self.layout = _layout(_shapes(self.layers))
         self.w_at = [span.start for _, span in _master_spans(self.layers)]  # where each layer's weight is in masters()
         self.c = self.ab = None
-        self.warned = self.graphs_off = False
+        self.warned = self.graphs_off = self.warned_keys = False
         self._ids = None  # the masters' identities when last checked (`check`)
         self.act, self._act_key = (False,) * len(self.layers), None  # (`set_act`)
-        self._fwd_graph = self._bwd_graph = None  # (key, qat_graph._Graph)
+        # CUDA graphs per key (the masters' addresses, dtypes, autocast): one key for a model's hook; one a module
+        # instance where the compile backend runs one graph for several blocks (backend/weight_sides.py)
+        self._fwd_graphs: dict = {}
+        self._bwd_graphs: dict = {}
 
     def masters(self) -> list:
         return [t for m in self.modules for t in _masters(m)]
@@ -188,11 +194,13 @@ class Plan:
         if self.graphs_off or not _use_graphs(masters[0]):
             return _all_sides(self.layers, c, act, *masters)
         key = (tuple(t.data_ptr() for t in masters), c, act, qat_graph._autocast_dtype(masters[0].device))
-        if self._fwd_graph is not None and self._fwd_graph[0] == key:
-            return qat_graph.replay_graph(self._fwd_graph[1], (), masters[0].device)
+        graph = self._fwd_graphs.get(key)
+        if graph is not None:
+            return qat_graph.replay_graph(graph, (), masters[0].device)
         result = _all_sides(self.layers, c, act, *masters)
-        self._fwd_graph = self._capture(key, "step weight sides", lambda: _all_sides(self.layers, c, act, *masters),
-                                        (), result)
+        if self._room(self._fwd_graphs):
+            self._capture(self._fwd_graphs, key, "step weight sides",
+                          lambda: _all_sides(self.layers, c, act, *masters), (), result)
         return result
 
     def run_backward(self, g_parts: tuple, r_dtypes: tuple, needs: tuple, act: tuple, masters: tuple) -> tuple:
@@ -205,8 +213,8 @@ class Plan:
         if self.graphs_off or not _use_graphs(g_parts[0]):
             return compute(torch.cat(flat))
         key = (tuple(t.data_ptr() for t in masters), c, ab, r_dtypes, needs, act, g_parts[0].dtype)
-        if self._bwd_graph is not None and self._bwd_graph[0] == key:
-            graph = self._bwd_graph[1]
+        graph = self._bwd_graphs.get(key)
+        if graph is not None:
             torch.cat(flat, out=graph.inputs[0])  # straight into the buffer the graph reads
             *flats, layout = qat_graph.replay_graph(graph, (graph.inputs[0],), g_parts[0].device)
             return _views(flats, layout)
@@ -214,19 +222,31 @@ class Plan:
         result = compute(g_flat)
         flats, layout = _pack_grads(result)
         # the gradients packed one flat buffer a dtype: a replay is copied out in one launch a dtype
-        self._bwd_graph = self._capture(key, "step weight grads", lambda buf: (*_pack_grads(compute(buf))[0], layout),
-                                        (g_flat,), (*flats, layout))
+        if self._room(self._bwd_graphs):
+            self._capture(self._bwd_graphs, key, "step weight grads",
+                          lambda buf: (*_pack_grads(compute(buf))[0], layout), (g_flat,), (*flats, layout))
         return result
 
-    def _capture(self, key, name: str, fn, copy_in: tuple, result: tuple) -> tuple | None:
-        """(key, the graph) of fn (qat_graph.capture_graph), or None: a failed capture turns the plan's graphs off."""
+    def _room(self, graphs: dict) -> bool:
+        """Whether another key may get its graph (MAX_GRAPH_KEYS a direction; past it, one warning and the new keys
+        computed op by op: masters that keep moving, or more module instances than that sharing one graph)."""
+        if len(graphs) < MAX_GRAPH_KEYS:
+            return True
+        if not self.warned_keys:
+            self.warned_keys = True
+            warnings.warn(f"weight_sides_per_forward: CUDA graphs of the weight sides kept for {MAX_GRAPH_KEYS} sets of "
+                          f"masters; new ones are computed op by op", RuntimeWarning, stacklevel=4)
+        return False
+
+    def _capture(self, graphs: dict, key, name: str, fn, copy_in: tuple, result: tuple) -> None:
+        """graphs[key] = the graph of fn (qat_graph.capture_graph); a failed capture turns the plan's graphs off."""
         g, _ = qat_graph.capture_graph(name, fn, copy_in, result, "the weight sides of weight_sides_per_forward")
         if g is not None:
-            return key, g
+            graphs[key] = g
+            return
         self.graphs_off = True
         warnings.warn("weight_sides_per_forward: a CUDA graph of the weight sides could not be captured; they are "
                       "computed op by op from now on", RuntimeWarning, stacklevel=4)
-        return None
 
 
 class WeightSidesHandle:

@@ -449,6 +449,45 @@ def test_qat_step_weight_sides_leave_a_graph_entering_autocast_to_the_plain_mode
     assert torch.equal(outs[0], outs[1])
 
 
+def test_qat_step_weight_sides_keep_a_cuda_graph_per_block_of_a_shared_graph(monkeypatch):
+    """Branchy's graph breaks inside each block make Dynamo run one graph for both blocks' halves: in step mode that
+    graph's weight sides get a CUDA graph per block (keyed by the masters), replayed on later calls instead of captured
+    again at every call (which a single graph per plan did); outputs and gradients equal the graph-less run's bit for
+    bit. CPU, with qat_graph's stand-in backend (tests/qat_testing.py)."""
+    from robuq_fx import qat_graph, qat_step
+    from tests.qat_testing import Replays
+    torch.manual_seed(0)
+    model = Branchy()
+    x = torch.randn(3, 16)
+
+    be = Replays()
+
+    def run(calls):
+        mine = B.prepare_qat(copy.deepcopy(model).train(), LRB)
+        compiled = torch.compile(mine, backend=B.make_backend(LRB, mode="qat", compiler="aot_eager",
+                                                              weight_sides="step"))
+        outs, counts = [], []
+        for _ in range(calls):
+            y = compiled(x)
+            y.square().mean().backward()
+            outs.append((y.detach(), {n: p.grad.clone() for n, p in mine.named_parameters()}))
+            counts.append((be.captures, be.replays))
+            mine.zero_grad(set_to_none=True)
+        torch._dynamo.reset()
+        return outs, counts
+    want, _ = run(3)
+    monkeypatch.setattr(qat_graph, "_BACKEND", [be])
+    monkeypatch.setattr(qat_step, "_use_graphs", lambda t: True)
+    got, counts = run(3)
+    for (y1, g1), (y0, g0) in zip(got, want):
+        assert torch.equal(y1, y0) and g1.keys() == g0.keys()
+        assert all(torch.equal(g1[k], g0[k]) for k in g0)
+    # a call runs 6 weight-side graphs each way (inp, out, and the blocks' two shared halves for each block): all
+    # captured on the first call, then only replayed (with one graph a plan, the halves were captured at every call)
+    assert counts[1][0] == counts[2][0] == counts[0][0] >= 12, counts
+    assert counts[2][1] - counts[1][1] == counts[1][1] - counts[0][1] == 12, counts
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_qat_step_weight_sides_on_cuda_follow_weight_sides_per_forward():
