@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import layer
@@ -162,12 +163,16 @@ class CompiledGraph:
     def __init__(self, resolve: Callable, build: Callable, n_slots: int, example_inputs):
         self._resolve, self._build = resolve, build
         self.memo: list[SlotMemo | None] = [None] * n_slots
-        key, payloads = resolve(self.memo, example_inputs)
-        self.variants: dict[tuple, Variant] = {key: build(key, example_inputs, payloads, True)}
+        self.variants: dict[tuple, Variant] = {}
+        # fake example inputs (DDPOptimizer compiles each piece of a DDP model's graph on fakes): the weights are not
+        # the model's, so their layers, branches and packed tensors cannot be looked up; the first call builds
+        if not any(isinstance(t, FakeTensor) for t in example_inputs):
+            key, payloads = resolve(self.memo, example_inputs)
+            self.variants[key] = build(key, example_inputs, payloads, True)
 
     def __call__(self, *args):
         key, payloads = self._resolve(self.memo, args)
         v = self.variants.get(key)
-        if v is None:
-            v = self.variants[key] = self._build(key, args, payloads, False)
+        if v is None:  # (only the first variant goes through Inductor: see the package docstring)
+            v = self.variants[key] = self._build(key, args, payloads, not self.variants)
         return v(args, payloads)
