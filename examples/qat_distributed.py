@@ -57,6 +57,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tiny-rank", type=int, default=4, help="LRB rank for dit-tiny (the paper's rank 32 is half "
                    "the width of its 64-wide layers: most of each weight would stay in full precision)")
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--compile", choices=["off", "backend"], default="off",
+                   help="backend: no quantize(); prepare_qat + torch.compile(model, backend=robuq_fx.backend(policy, "
+                        "mode='qat', weight_sides='step')), inside DDP (each gradient bucket's piece of the graph "
+                        "computes its weight sides itself, which keeps DDP's all-reduce overlapped); ddp / none only")
+    p.add_argument("--compiler", choices=["inductor", "aot_eager"], default="inductor",
+                   help="with --compile backend: Inductor, or AOTAutograd alone (a quick CPU run)")
     p.add_argument("--weights-once-per-step", action="store_true",
                    help="compute each layer's Q_w(R) once per optimizer step (robuq_fx.quantize_weights_once_per_step)")
     p.add_argument("--batch", type=int, default=8, help="global batch size (split evenly over ranks)")
@@ -205,7 +211,7 @@ def steady_step_s(step_s: list[float]) -> float:
 def gather_state(model, engine: str) -> dict:
     """Full state dict on CPU on rank 0 ({} elsewhere); a collective for ddp / fsdp2."""
     if engine == "none":
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        return {k.removeprefix("_orig_mod."): v.detach().cpu() for k, v in model.state_dict().items()}
     return rdist.full_state_dict(model)
 
 
@@ -224,9 +230,19 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     # Capture on the training device: torch.export records device-checking asserts and constants in the graph.
     model = build_model(args).to(device)
-    qmodel = robuq_fx.quantize(model, build_policy(args), example_inputs(args, device=device))
-    t_quant = time.perf_counter() - t0
-    engine_model = wrap(qmodel, args.engine, device)
+    if args.compile == "backend":
+        if args.engine == "fsdp2":
+            raise SystemExit("--compile backend: with --engine ddp or none (FSDP2 shards the masters its weight "
+                             "sides need whole)")
+        qmodel = robuq_fx.backend.prepare_qat(model, build_policy(args))  # your model, with the trainable branch
+        t_quant = time.perf_counter() - t0
+        # DDP around the compiled model: torch.compile(DDP(model)) did not call the backend (it trained unquantized)
+        engine_model = wrap(torch.compile(qmodel, backend=robuq_fx.backend(
+            build_policy(args), mode="qat", weight_sides="step", compiler=args.compiler)), args.engine, device)
+    else:
+        qmodel = robuq_fx.quantize(model, build_policy(args), example_inputs(args, device=device))
+        t_quant = time.perf_counter() - t0
+        engine_model = wrap(qmodel, args.engine, device)
     t1 = time.perf_counter()
     make_batch = lambda step: global_batch(model.config, args.batch, step, args.seed)  # noqa: E731
     step_s: list[float] = []
@@ -234,7 +250,7 @@ def main(argv=None) -> dict:
     t_train = time.perf_counter() - t1
     state = gather_state(engine_model, args.engine)
     steady = steady_step_s(step_s)
-    result = {"engine": args.engine, "model": args.model, "world": world, "device": str(device),
+    result = {"engine": args.engine, "compile": args.compile, "model": args.model, "world": world, "device": str(device),
               "global_batch": args.batch, "steps": args.steps, "losses": losses,
               "quantize_s": round(t_quant, 2), "train_s": round(t_train, 2),
               "step_s": [round(v, 5) for v in step_s], "steady_step_s": round(steady, 5),
