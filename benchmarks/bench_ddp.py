@@ -35,6 +35,8 @@ def run(engine: str, procs: int, batch: int, args, tmp: Path) -> dict:
               "--batch", str(batch), "--optim", "adamw", "--json", str(out)]
     if args.quick:
         common += ["--device", "cpu", "--threads", "1"]
+    if args.compile == "backend":  # both sides compiled: one process and DDP
+        common += ["--compile", "backend"] + (["--compiler", "aot_eager"] if args.quick else [])
     if procs == 1:
         cmd = [sys.executable, str(EXAMPLE)] + common
     else:
@@ -54,6 +56,10 @@ def main(argv=None):
     ap.add_argument("--engines", nargs="+", default=["ddp"], choices=["ddp", "fsdp2"])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="CPU smoke run (dit-tiny, 2 processes)")
+    ap.add_argument("--compile", choices=["off", "backend"], default="off",
+                    help="backend: every run compiled through robuq's backend, qat mode, weight_sides='step' (DDP "
+                         "around the compiled model: each gradient bucket's piece computes its own weight sides); "
+                         "summary keys ddp<N>_compiled_scaling_x")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
     from tabulate import tabulate
@@ -66,6 +72,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         runs = [run("none", 1, args.per_gpu_batch, args, tmp)]
+        if args.compile == "backend" and "fsdp2" in args.engines:
+            sys.exit("--compile backend: DDP only (FSDP2 shards the masters the step's weight sides need whole)")
         runs += [run(e, n, n * args.per_gpu_batch, args, tmp) for e in args.engines]
     base = runs[0]["samples_per_s"]
     rows = [{"engine": r["engine"], "processes": r["world"], "global batch": r["global_batch"],
@@ -77,11 +85,12 @@ def main(argv=None):
             f"{prov['gpu']} | torch {prov['torch']}")
     text = head + "\n" + tabulate(rows, headers="keys", tablefmt="github")
     print(text)
-    tag = "quick" if args.quick else gpu_tag(prov["gpu"])
+    tag = ("quick" if args.quick else gpu_tag(prov["gpu"])) + ("_compiled" if args.compile == "backend" else "")
     os.makedirs(args.out, exist_ok=True)
     Path(args.out, f"bench_ddp_{tag}.json").write_text(json.dumps({"provenance": prov, "rows": rows, "runs": runs},
                                                                   indent=1))
-    figures = {f"{r['engine']}{n}_scaling_x": row["x one process"] for r, row in zip(runs[1:], rows[1:])}
+    mode = "_compiled" if args.compile == "backend" else ""
+    figures = {f"{r['engine']}{n}{mode}_scaling_x": row["x one process"] for r, row in zip(runs[1:], rows[1:])}
     if not args.quick:
         print("wrote", write_summary(args.out, "ddp", figures, argv))
     return rows

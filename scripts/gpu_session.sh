@@ -61,6 +61,7 @@
 #   scripts/gpu_session.sh train-opt        eager rows without / with ROBUQ_QAT_WEIGHT_KERNEL=1 ROBUQ_QAT_FP8=1 (A/B)
 #   scripts/gpu_session.sh train-paper      the paper policy's compiled QAT step against FP
 #   scripts/gpu_session.sh ddp              bench_ddp: 1 GPU vs all GPUs, DDP and FSDP2 (on nvidia-h200-x2)
+#   scripts/gpu_session.sh ddp-compiled     bench_ddp --compile backend: both sides compiled, DDP around the model
 #   scripts/gpu_session.sh ncu              Nsight Compute on the quantizer / GEMM kernels (benchmarks/ncu_kernels.py)
 #   scripts/gpu_session.sh verify13 [S]     session 13's kernels (lrb_down split / in the GEMM, B H in lowered graphs,
 #                                           sigma / GELU plans, row kernel, prequant attention): their GPU tests
@@ -126,7 +127,8 @@
 #   3. train-actk with --env-variant noactk (a same-run A/B of the act op, default since session 22: 1.413x with
 #                   it, 1.53-1.60x without in other calls)
 #   4. STEPW=1 qat-profile compiled (the 1.41x step profiled next to FP: the breakdown issue 19 wants)
-#   5. ddp on nvidia-h200-x2 if ever lent (issue 19 item 4: bench_ddp.py; with whole-layer graphs on by default)
+#   5. ddp and ddp-compiled on nvidia-h200-x2 if ever lent (issue 19 item 4: bench_ddp.py; eager with whole-layer
+#                   graphs by default; compiled through the backend's step mode, which keeps DDP's overlap)
 #   6. qat-profile eager, ln-configs, quant-plans, verify17, attention-sweep, dit-default (not reached since s19).
 #   The host varies a lot from call to call (compiled FP step 72.6 vs 118.6 ms in session 21): compare rows of one
 #   call only, and give a bench the time of a cold paper compile on a slow host (~5 min).
@@ -760,6 +762,12 @@ dit-default)  # batch 8 under torch.compile's default mode: the opaque op vs the
     ;;
 ddp)
     timeout 540 python3 benchmarks/bench_ddp.py --engines ddp fsdp2 --steps 10 --out "$OUT" 2>&1 | grep -v "step [0-9]*:" | tail -30
+    ;;
+ddp-compiled)  # session 22: one process vs DDP, both compiled through the backend's qat mode with weight_sides="step"
+    # (DDP around the compiled model: each bucket's piece computes its own weight sides, keeping the overlap);
+    # two cold compiles of DiT-XL/2 a process, so ~9 min (summary key ddp<N>_compiled_scaling_x)
+    timeout 560 python3 benchmarks/bench_ddp.py --engines ddp --compile backend --steps 10 --out "$OUT" 2>&1 \
+        | grep -v "step [0-9]*:" | tail -20
     ;;
 train-opt)  # eager QAT without, then with the opt-in kernels (weight quant, fp8 forward GEMM) on the same GPU: an A/B
     timeout 280 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --no-compile --iters 16 --tag _train_plain \
