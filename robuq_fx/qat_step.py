@@ -55,14 +55,13 @@ def dtypes(m: QATLinear) -> tuple[torch.dtype, torch.dtype]:
     return m.compute_dtype or m.weight.dtype, m.weight.dtype
 
 
-def _all_sides(layers: list, c: torch.dtype, act: tuple, *masters) -> tuple:
+def _all_sides(layers: list, layout: list, c: torch.dtype, act: tuple, *masters) -> tuple:
     """Every layer's (stacked weight, B_c, bias_c) in one flat tensor in c (each written into its slice as it is
-    made: no layer's parts outlive it), and their R dtypes. act: per layer, whether its activation side is the
-    triton_op (kernels/qat_act.py), which takes B H in place of B."""
-    shapes = _shapes(layers)
-    flat = torch.empty(sum(_numel(s) for s in shapes), dtype=c, device=masters[0].device)
+    made: no layer's parts outlive it), and their R dtypes. layout: the layers' `_layout` (the plan's). act: per
+    layer, whether its activation side is the triton_op (kernels/qat_act.py), which takes B H in place of B."""
+    flat = torch.empty(sum(_numel(s) for s, _, _ in layout), dtype=c, device=masters[0].device)
     r_dtypes = []
-    parts = _per_layer(layers, _split(flat, _layout(shapes)))
+    parts = _per_layer(layers, _split(flat, layout))
     for (layer, span), (_, *dsts), fused in zip(_master_spans(layers), parts, act):
         w, down, up, bias = _unpack(layer, list(masters[span]))
         wq, r_dtype, down_c, bias_c = _weight_side(w, down, up, bias, layer.module.spec, c)
@@ -75,11 +74,11 @@ def _all_sides(layers: list, c: torch.dtype, act: tuple, *masters) -> tuple:
     return flat, tuple(r_dtypes)
 
 
-def _all_grads(layers: list, flat_g: torch.Tensor, c: torch.dtype, ab: torch.dtype, r_dtypes: tuple,
+def _all_grads(layers: list, layout: list, flat_g: torch.Tensor, c: torch.dtype, ab: torch.dtype, r_dtypes: tuple,
                needs: tuple, act: tuple, *masters) -> tuple:
     """Every master's gradient (None where not needed), from the flat gradient of `_all_sides`' output."""
     grads = []
-    parts = _per_layer(layers, _split(flat_g, _layout(_shapes(layers))))
+    parts = _per_layer(layers, _split(flat_g, layout))
     for (layer, span), (_, g_wide, p_down, g_bias_c), r_dtype, fused in zip(_master_spans(layers), parts, r_dtypes,
                                                                            act):
         if fused and p_down is not None:  # the gradient of B H: B's is it times H (H symmetric and orthonormal)
@@ -173,8 +172,8 @@ class Plan:
         return {dtypes(m) for m in self.modules}
 
     def set_act(self, device: torch.device) -> None:
-        """Which layers' activation side is the triton_op (kernels/qat_act.py, ROBUQ_QAT_ACT_KERNEL=1) for this
-        matmul dtype and device; one warning naming those left on the op graph, and why."""
+        """Which layers' activation side is the triton_op (kernels/qat_act.py; on unless ROBUQ_QAT_ACT_KERNEL=0) for
+        this matmul dtype and device; one warning naming those left on the op graph, and why."""
         key = (self.c, device, qat_act.enabled())
         if self._act_key == key:
             return
@@ -192,15 +191,15 @@ class Plan:
     def run_forward(self, masters: tuple) -> tuple:
         c, act = self.c, self.act
         if self.graphs_off or not _use_graphs(masters[0]):
-            return _all_sides(self.layers, c, act, *masters)
+            return _all_sides(self.layers, self.layout, c, act, *masters)
         key = (tuple(t.data_ptr() for t in masters), c, act, qat_graph._autocast_dtype(masters[0].device))
         graph = self._fwd_graphs.get(key)
         if graph is not None:
             return qat_graph.replay_graph(graph, (), masters[0].device)
-        result = _all_sides(self.layers, c, act, *masters)
+        result = _all_sides(self.layers, self.layout, c, act, *masters)
         if self._room(self._fwd_graphs):
             self._capture(self._fwd_graphs, key, "step weight sides",
-                          lambda: _all_sides(self.layers, c, act, *masters), (), result)
+                          lambda: _all_sides(self.layers, self.layout, c, act, *masters), (), result)
         return result
 
     def run_backward(self, g_parts: tuple, r_dtypes: tuple, needs: tuple, act: tuple, masters: tuple) -> tuple:
@@ -209,7 +208,7 @@ class Plan:
         flat = [g.reshape(-1) for g in g_parts]
 
         def compute(g):
-            return _all_grads(self.layers, g, c, ab, r_dtypes, needs, act, *masters)
+            return _all_grads(self.layers, self.layout, g, c, ab, r_dtypes, needs, act, *masters)
         if self.graphs_off or not _use_graphs(g_parts[0]):
             return compute(torch.cat(flat))
         key = (tuple(t.data_ptr() for t in masters), c, ab, r_dtypes, needs, act, g_parts[0].dtype)

@@ -56,8 +56,6 @@ OPTIONS = ("policy", "mode", "strict", "compiler", "inductor", "weight_sides")
 WEIGHT_SIDES = ("layer", "step")  # qat: each layer's weight side in the graph, or all of them once a call before it
 
 
-
-
 class RobuQBackend:
     """A configured `robuq` backend: pass it as `torch.compile(model, backend=...)`.
 
@@ -232,9 +230,9 @@ class RobuQBackend:
             sides = GraphSides.make(gm, slots, key, args, payloads)
         if sides is not None:
             sides.rewrite(gm, slots, as_linear, nodes)
-            key = (None,) * len(key)  # (its layers are done)
+        inline = (None,) * len(key) if sides is not None else key  # (the rewritten layers are done)
         holder, layers, sites = nn.Module(), {}, []
-        for i, (slot, spec, payload) in enumerate(zip(slots, key, payloads)):
+        for i, (slot, spec, payload) in enumerate(zip(slots, inline, payloads)):
             if spec is None:
                 continue
             path = f"{HOLDER}.slot{i}"
