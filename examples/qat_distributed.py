@@ -230,17 +230,18 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     # Capture on the training device: torch.export records device-checking asserts and constants in the graph.
     model = build_model(args).to(device)
+    policy = build_policy(args)
     if args.compile == "backend":
         if args.engine == "fsdp2":
             raise SystemExit("--compile backend: with --engine ddp or none (FSDP2 shards the masters its weight "
                              "sides need whole)")
-        qmodel = robuq_fx.backend.prepare_qat(model, build_policy(args))  # your model, with the trainable branch
+        qmodel = robuq_fx.backend.prepare_qat(model, policy)  # your model, with the trainable branch
         t_quant = time.perf_counter() - t0
         # DDP around the compiled model: torch.compile(DDP(model)) did not call the backend (it trained unquantized)
         engine_model = wrap(torch.compile(qmodel, backend=robuq_fx.backend(
-            build_policy(args), mode="qat", weight_sides="step", compiler=args.compiler)), args.engine, device)
+            policy, mode="qat", weight_sides="step", compiler=args.compiler)), args.engine, device)
     else:
-        qmodel = robuq_fx.quantize(model, build_policy(args), example_inputs(args, device=device))
+        qmodel = robuq_fx.quantize(model, policy, example_inputs(args, device=device))
         t_quant = time.perf_counter() - t0
         engine_model = wrap(qmodel, args.engine, device)
     t1 = time.perf_counter()
@@ -250,7 +251,8 @@ def main(argv=None) -> dict:
     t_train = time.perf_counter() - t1
     state = gather_state(engine_model, args.engine)
     steady = steady_step_s(step_s)
-    result = {"engine": args.engine, "compile": args.compile, "model": args.model, "world": world, "device": str(device),
+    result = {"engine": args.engine, "compile": args.compile, "model": args.model, "world": world,
+              "device": str(device),
               "global_batch": args.batch, "steps": args.steps, "losses": losses,
               "quantize_s": round(t_quant, 2), "train_s": round(t_train, 2),
               "step_s": [round(v, 5) for v in step_s], "steady_step_s": round(steady, 5),

@@ -233,8 +233,8 @@ class Plan:
             return True
         if not self.warned_keys:
             self.warned_keys = True
-            warnings.warn(f"weight_sides_per_forward: CUDA graphs of the weight sides kept for {MAX_GRAPH_KEYS} sets of "
-                          f"masters; new ones are computed op by op", RuntimeWarning, stacklevel=4)
+            warnings.warn(f"weight_sides_per_forward: CUDA graphs of the weight sides kept for {MAX_GRAPH_KEYS} sets "
+                          f"of masters; new ones are computed op by op", RuntimeWarning, stacklevel=4)
         return False
 
     def _capture(self, graphs: dict, key, name: str, fn, copy_in: tuple, result: tuple) -> None:

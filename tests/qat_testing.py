@@ -1,5 +1,5 @@
-"""Shared by test_qat_graph.py and test_qat_step.py: a stand-in for qat_graph's CUDA-graph backend, and a few AdamW
-steps that record each step's output and gradients."""
+"""Shared by the QAT tests: a stand-in for qat_graph's CUDA-graph backend, a few AdamW steps that record each step's
+output and gradients, and the relative distance their GPU checks bound."""
 from __future__ import annotations
 
 import torch
@@ -41,3 +41,8 @@ def train(mod, x, steps, autocast, fn=None):
         opt.step()
         opt.zero_grad(set_to_none=True)
     return outs
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a - b| / |b| (Frobenius norms, in fp32; b == 0 counts as tiny)."""
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))

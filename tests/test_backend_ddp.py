@@ -1,10 +1,11 @@
 """The compile backend's qat mode with weight_sides="step" under DDP (2 CPU processes, gloo): a compiled model inside
 DDP has its Dynamo graph split by DDPOptimizer at the gradient buckets' boundaries, and each piece compiled with our
-backend (on fake example inputs: it builds at the first call). Each piece then gets its own WeightSides node, so the gradients of one bucket's weights are
-ready when that piece's backward is done, and DDP can all-reduce them while the rest of the backward runs (with
-`weight_sides_per_forward` on a quantize model every master's gradient arrives at the backward's end). Checked here:
-the pieces (more than one WeightSides plan) and the result, which equals single-process training on the global
-batch up to the all-reduce's float32 rounding (the bounds of tests/test_distributed.py). Not measured here: speed.
+backend (on fake example inputs: it builds at the first call). Each piece then gets its own WeightSides node, so the
+gradients of one bucket's weights are ready when that piece's backward is done, and DDP can all-reduce them while
+the rest of the backward runs (with `weight_sides_per_forward` on a quantize model every master's gradient arrives at
+the backward's end). Checked here: the pieces (more than one WeightSides plan) and the result, which equals
+single-process training on the global batch up to the all-reduce's float32 rounding (the bounds of
+tests/test_distributed.py). Not measured here: speed.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import robuq_fx
 from robuq_fx import layer, qat_graph, qat_step
 from robuq_fx.qat_linear import QATLinear
 from robuq_fx.spec import LayerSpec
-from tests.qat_testing import Replays
+from tests.qat_testing import Replays, rel
 from tests.qat_testing import train as _train
 
 SPECS = [dict(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=64, lora_rank=8),
@@ -96,9 +96,12 @@ def test_each_layer_takes_its_own_output_of_the_node():
     mod = Net()
     robuq_fx.weight_sides_per_forward(mod)
     seen = []
+
+    def record(m, a):
+        seen.extend(t.grad_fn for t in m._prepared if isinstance(t, torch.Tensor))
     for m in mod.modules():
         if isinstance(m, QATLinear):
-            m.register_forward_pre_hook(lambda m, a: seen.extend(t.grad_fn for t in m._prepared if isinstance(t, torch.Tensor)))
+            m.register_forward_pre_hook(record)
     y = mod(torch.randn(3, 10, 128))
     assert len(seen) == 10 and {type(f).__name__ for f in seen} == {"WeightSidesBackward"}
     assert len({id(f) for f in seen}) == 1
@@ -268,10 +271,6 @@ def test_sharded_masters_are_refused(monkeypatch):
         mod(torch.randn(2, 128))
 
 
-def _rel(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("rank", [32, 0])
@@ -298,9 +297,9 @@ def test_act_op_on_cuda_follows_its_reference(rank, block):
     assert y.shape == (m, k + rank) and y.dtype == torch.bfloat16
     assert (y[:, :k] == y_ref[:, :k]).float().mean() >= 0.9999
     if rank:
-        assert _rel(y[:, k:], y_ref[:, k:]) <= 4e-3
-        assert _rel(gbh, gbh_ref) <= 1e-2
-    assert _rel(gx, gx_ref) <= 1e-2
+        assert rel(y[:, k:], y_ref[:, k:]) <= 4e-3
+        assert rel(gbh, gbh_ref) <= 1e-2
+    assert rel(gx, gx_ref) <= 1e-2
     assert (y[:, :k] == layer.rotate_and_quantize(x, spec)[1]).float().mean() >= 0.999
 
 
@@ -336,8 +335,8 @@ def test_act_op_trains_as_its_reference_on_cuda(monkeypatch, compiled, rank):
     # (the branch factors' gradients, differences of near-equal terms, 1.3e-2 (B) and 1.07e-2 (A) apart on the H200:
     # the reference rounds g_q H before adding g_t (B H), the kernel rounds once; t's last bits move A's)
     (y1, g1), (y0, g0) = runs["kernel"][0], runs["reference"][0]
-    assert _rel(y1, y0) <= 4e-3
+    assert rel(y1, y0) <= 4e-3
     for key in g0:
-        assert _rel(g1[key], g0[key]) <= (3e-2 if ".lrb_" in key else 1e-2), key
+        assert rel(g1[key], g0[key]) <= (3e-2 if ".lrb_" in key else 1e-2), key
     assert all(torch.isfinite(y).all() for y, _ in runs["kernel"])
     torch._dynamo.reset()
