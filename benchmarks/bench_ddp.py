@@ -69,11 +69,12 @@ def main(argv=None):
         n = args.gpus or torch.cuda.device_count()
         if n < 2:
             sys.exit(f"bench_ddp needs 2 or more GPUs (found {n}); --quick runs on CPU")
+    if args.compile == "backend" and "fsdp2" in args.engines:
+        sys.exit("--compile backend: DDP only (FSDP2 shards the masters the step's weight sides need whole)")
+    mode = "_compiled" if args.compile == "backend" else ""  # (file and summary key names)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         runs = [run("none", 1, args.per_gpu_batch, args, tmp)]
-        if args.compile == "backend" and "fsdp2" in args.engines:
-            sys.exit("--compile backend: DDP only (FSDP2 shards the masters the step's weight sides need whole)")
         runs += [run(e, n, n * args.per_gpu_batch, args, tmp) for e in args.engines]
     base = runs[0]["samples_per_s"]
     rows = [{"engine": r["engine"], "processes": r["world"], "global batch": r["global_batch"],
@@ -85,11 +86,10 @@ def main(argv=None):
             f"{prov['gpu']} | torch {prov['torch']}")
     text = head + "\n" + tabulate(rows, headers="keys", tablefmt="github")
     print(text)
-    tag = ("quick" if args.quick else gpu_tag(prov["gpu"])) + ("_compiled" if args.compile == "backend" else "")
+    tag = ("quick" if args.quick else gpu_tag(prov["gpu"])) + mode
     os.makedirs(args.out, exist_ok=True)
     Path(args.out, f"bench_ddp_{tag}.json").write_text(json.dumps({"provenance": prov, "rows": rows, "runs": runs},
                                                                   indent=1))
-    mode = "_compiled" if args.compile == "backend" else ""
     figures = {f"{r['engine']}{n}{mode}_scaling_x": row["x one process"] for r, row in zip(runs[1:], rows[1:])}
     if not args.quick:
         print("wrote", write_summary(args.out, "ddp", figures, argv))
