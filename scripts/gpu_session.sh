@@ -47,8 +47,8 @@
 #   scripts/gpu_session.sh qat-profile [MODE [SETTING..]]  profile_dit --train (default: compiled, bf16 + paper), batch 16
 #   scripts/gpu_session.sh train-stepw [S [both]]  weight_sides_per_forward: its GPU tests, the compiled QAT step with it
 #   scripts/gpu_session.sh stepw-profile    its GPU tests, the compiled paper row with it, then it profiled next to FP
-#   scripts/gpu_session.sh train-actk [only]  ROBUQ_QAT_ACT_KERNEL=1 (the activation side as one triton_op): GPU tests,
-#                                           the compiled paper row with weight_sides_per_forward without / with it
+#   scripts/gpu_session.sh train-actk [only]  the act op (the activation side as one triton_op, default): GPU tests,
+#                                           the compiled paper row with weight_sides_per_forward with / without it
 #   scripts/gpu_session.sh train-backend [S]  the compile backend's qat mode (issue 19's second entry point) vs compiled FP
 #                                           (each layer's weight side in the graph, and weight_sides="step")
 #   scripts/gpu_session.sh backend-tests    GPU tests of the backend's weight_sides="step" and of the act op
@@ -124,8 +124,8 @@
 #                   against compiled FP in one run. Summary keys qat_paper_backend_x, qat_paper_stepw_backend_x)
 #   2. backend-tests (~2 min: the GPU tests of weight_sides="step" and the act op, test_backend.py -k cuda and
 #                   test_qat_step.py -k "act_op or cuda"; run it first if step 1's row fails)
-#   3. train-actk with --env-variant noactk (a same-run A/B of the act op, default since session 22: 1.413x with
-#                   it, 1.53-1.60x without in other calls)
+#   3. train-actk (a same-run A/B of the act op, default since session 22: 1.413x with it, 1.53-1.60x without in
+#                   other calls)
 #   4. STEPW=1 qat-profile compiled (the 1.41x step profiled next to FP: the breakdown issue 19 wants)
 #   5. ddp and ddp-compiled on nvidia-h200-x2 if ever lent (issue 19 item 4: bench_ddp.py; eager with whole-layer
 #                   graphs by default; compiled through the backend's step mode, which keeps DDP's overlap)
@@ -620,23 +620,19 @@ stepw-profile)  # session 21: weight_sides_per_forward with its hook's Python cu
         --step-weights --out "$OUT" > "$OUT/stepw_profile.log" 2>&1
     grep -E "^## |TOTAL|wall time|kernels a step|WeightSides|GEMM|other|optim|Error" "$OUT/stepw_profile.log" | head -30
     ;;
-train-actk)  # session 21's ROBUQ_QAT_ACT_KERNEL=1 (kernels/qat_act.py: with weight_sides_per_forward, an LRB layer's
-    # activation side as one triton_op, [Q_a(x H), x (B H)^T] from the quantizer and lrb_down kernels, and its input
-    # gradient in one kernel: ~4 launches fewer a layer): its GPU tests, then the compiled paper row with
-    # weight_sides_per_forward without and with it in one run (two cold compiles: ~8 min on a fast host; a slow one
-    # may cut the second row, whose partial JSON then holds the first). Second argument "only": the row with it alone
-    ROBUQ_QAT_ACT_KERNEL=1 timeout 60 python3 -m pytest -q -rf --tb=short -p no:cacheprovider tests/test_qat_step.py \
+train-actk)  # the act op (kernels/qat_act.py: with weight_sides_per_forward, an LRB layer's activation side as one
+    # triton_op forward and one kernel backward; on by default since session 22): its GPU tests, then the compiled
+    # paper row with weight_sides_per_forward with it (the default) and without it (+noactk) in one run (two cold
+    # compiles: ~8 min on a fast host; a slow one may cut the second row, whose partial JSON then holds the first).
+    # Second argument "only": the row with it alone
+    timeout 90 python3 -m pytest -q -rf --tb=short -p no:cacheprovider tests/test_qat_step.py \
         -k "act_op" > "$OUT/actk_tests.log" 2>&1
     grep -E "^E |Error|passed|failed" "$OUT/actk_tests.log" | head -8
-    if [ "${2:-}" = only ]; then
-        ROBUQ_QAT_ACT_KERNEL=1 timeout 520 python3 benchmarks/bench_dit.py --out "$OUT" --train-only \
-            --train-modes compiled --iters 12 --settings "QAT dit-xl-2-robuq" --step-weights on \
-            --tag _train_actk_paper > "$OUT/actk_bench.log" 2>&1
-    else
-        timeout 520 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes compiled --iters 12 \
-            --settings "QAT dit-xl-2-robuq" --step-weights on --env-variant actk:ROBUQ_QAT_ACT_KERNEL=1 \
-            --tag _train_actk_paper > "$OUT/actk_bench.log" 2>&1
-    fi
+    variant=(--env-variant noactk:ROBUQ_QAT_ACT_KERNEL=0)
+    [ "${2:-}" = only ] && variant=()
+    timeout 520 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes compiled --iters 12 \
+        --settings "QAT dit-xl-2-robuq" --step-weights on "${variant[@]}" --tag _train_actk_paper \
+        > "$OUT/actk_bench.log" 2>&1
     grep -iE "^\||warn|error|train " "$OUT/actk_bench.log" | tail -n 10
     ;;
 actk2)  # session 22: the act op's new GPU tests (against act_side_reference, eager and compiled) and

@@ -503,7 +503,7 @@ def test_qat_step_weight_sides_on_cuda_follow_weight_sides_per_forward():
     ref_model = robuq_fx.quantize(copy.deepcopy(model), policy).train()
     robuq_fx.weight_sides_per_forward(ref_model)
     mine = B.prepare_qat(copy.deepcopy(model), policy)
-    mine.load_state_dict({k: v for k, v in ref_model.state_dict().items()}, strict=False)
+    mine.load_state_dict(ref_model.state_dict(), strict=False)
     compiled = torch.compile(mine, backend=B.make_backend(policy, mode="qat", weight_sides="step"))
     outs = []
     for m, params in ((ref_model, dict(ref_model.named_parameters())), (compiled, dict(mine.named_parameters()))):
