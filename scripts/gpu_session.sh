@@ -51,6 +51,7 @@
 #                                           the compiled paper row with weight_sides_per_forward with / without it
 #   scripts/gpu_session.sh train-backend [S]  the compile backend's qat mode (issue 19's second entry point) vs compiled FP
 #                                           (each layer's weight side in the graph, and weight_sides="step")
+#   scripts/gpu_session.sh backend-step [S]   backend-tests, then the backend's weight_sides="step" row alone vs FP
 #   scripts/gpu_session.sh backend-tests    GPU tests of the backend's weight_sides="step" and of the act op
 #   scripts/gpu_session.sh actk2            session 22: the act op's GPU tests, scripts/actk_diag.py, then the paper
 #                                           step with weight_sides_per_forward with / without the act op (two runs)
@@ -665,6 +666,16 @@ train-backend)  # issue 19's second entry point: torch.compile(model, backend=ro
     timeout 520 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes backend --iters 12 \
         --step-weights both --settings "QAT ${2:-dit-xl-2-robuq}" --tag "_train_backend_$(echo "${2:-dit-xl-2-robuq}" | tr -c 'A-Za-z0-9\n' _)" \
         > "$OUT/backend_bench.log" 2>&1
+    grep -iE "^\||warn|error" "$OUT/backend_bench.log" | tail -n 8
+    ;;
+backend-step)  # session 23: backend-tests (~2 min) then the backend's weight_sides="step" row alone against compiled FP
+    # (two cold compiles, ~6 min): the fast path of issue 19's second entry point
+    timeout 150 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -p no:logging tests/test_backend.py \
+        tests/test_qat_step.py -k "cuda or act_op" > "$OUT/backend_tests.log" 2>&1
+    grep -E "^E |Error|passed|failed" "$OUT/backend_tests.log" | head -12
+    timeout 420 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes backend --iters 12 \
+        --step-weights on --settings "QAT ${2:-dit-xl-2-robuq}" \
+        --tag "_train_backend_stepw_$(echo "${2:-dit-xl-2-robuq}" | tr -c 'A-Za-z0-9\n' _)" > "$OUT/backend_bench.log" 2>&1
     grep -iE "^\||warn|error" "$OUT/backend_bench.log" | tail -n 8
     ;;
 train-eager)  # the eager QAT rows at the defaults (whole-layer graphs since session 20), ~3 min
