@@ -33,11 +33,25 @@ def rotate_eager(x: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
 
 
 def residual(weight, lrb_down, lrb_up, spec: LayerSpec, rotate_fn=rotate):
-    """R = W H - A B: the only part of the weight that is quantized."""
+    """R = W H - A B: the only part of the weight that is quantized (with a branch, in fp32: `wide_difference`)."""
+    w, ab = residual_parts(weight, lrb_down, lrb_up, spec, rotate_fn)
+    return w if ab is None else wide_difference(w, ab)
+
+
+def residual_parts(weight, lrb_down, lrb_up, spec: LayerSpec, rotate_fn=rotate):
+    """(W H, A B or None): R's two terms, each in the dtype its matmul gives (16-bit under autocast)."""
     w = rotate_fn(weight, spec)
-    if lrb_down is not None:
-        w = w - torch.mm(lrb_up, lrb_down)
-    return w
+    return w, None if lrb_down is None else torch.mm(lrb_up, lrb_down)
+
+
+@torch.fx.wrap  # a leaf in the traced QAT graph (its dtypes are known only when it runs)
+def wide_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a - b in fp32 (or wider). Under autocast W H and A B are bf16: their difference rounded to bf16 eagerly is
+    one that Inductor keeps in fp32 inside its fused kernel, which moved ~2% of the ternary codes' rounding inputs
+    and made compiled and eager QAT differ (session 23); in fp32 both compute the same R, as the lowered model does
+    from its fp32 masters. The quantizer computes in fp32 too (`quantizers.quantize_weight`)."""
+    wide = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    return a.to(wide) - b.to(wide)
 
 
 def qat_weight(weight, lrb_down, lrb_up, spec: LayerSpec):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import qat_graph, quantizers as Q
-from .layer import residual, rotate_eager as _rotate
+from .layer import residual_parts, rotate_eager as _rotate, wide_difference
 from .ops import fake_quant_act_impl, fake_quant_weight_impl, row_kernel
 from .kernels.registry import tensor_key
 from .kernels.weight_cache import scale_vec
@@ -83,10 +83,17 @@ def _weight_side(w, down, up, bias, spec: LayerSpec, c: torch.dtype) -> tuple:
 
 def _quantized_weight(w, down, up, spec: LayerSpec, c: torch.dtype) -> tuple[torch.Tensor, torch.dtype]:
     with torch.no_grad():
-        r = residual(w, down, up, spec, rotate_fn=_rotate)  # A B in ab: autocast rounds it as in the op graph
-        # on CUDA one Triton kernel writing Q_w(R) in c (ops.fake_quant_weight_impl; the op graph runs the same)
-        return fake_quant_weight_impl(r, float(spec.w_bits), spec.w_granularity, spec.group_size, spec.scale_dtype,
-                                      c), r.dtype
+        wh, ab = residual_parts(w, down, up, spec, rotate_fn=_rotate)  # A B in ab: autocast rounds it as the op graph
+        # on CUDA one Triton kernel reading W H and A B, writing Q_w(R) in c (ops.fake_quant_weight_impl; the op graph
+        # computes the same)
+        return fake_quant_weight_impl(wh, float(spec.w_bits), spec.w_granularity, spec.group_size, spec.scale_dtype,
+                                      c, minus=ab), _r_dtype(wh, ab)
+
+
+def _r_dtype(wh: torch.Tensor, ab) -> torch.dtype:
+    """The dtype R's gradient takes in the backward: its terms' (bf16 under autocast), although R itself is formed
+    in fp32 (`layer.wide_difference`), as the op graph's autograd does (the fp32 cast's backward)."""
+    return wh.dtype if ab is None else torch.promote_types(wh.dtype, ab.dtype)
 
 
 # ---- Q_w(R) once per optimizer step (opt-in) ------------------------------------------------------------------
@@ -202,10 +209,11 @@ def _weight_with_codes(w, down, up, spec: LayerSpec, c: torch.dtype) -> tuple:
     """(Q_w(R) in c, R's dtype, the codes in fp8 (N, K), the fp32 scales (N,)): Q_w(R) as `fake_quant_weight`
     computes it (the same quantize / dequantize calls)."""
     with torch.no_grad():
-        r = residual(w, down, up, spec, rotate_fn=_rotate)
+        wh, ab = residual_parts(w, down, up, spec, rotate_fn=_rotate)
+        r = wh if ab is None else wide_difference(wh, ab)
         codes, scale = Q.quantize_weight(r, float(spec.w_bits), spec.w_granularity, spec.group_size, spec.scale_dtype)
         wq = Q.dequantize_weight(codes, scale, r.dtype).contiguous().to(c)
-        return wq, r.dtype, codes.to(torch.float8_e4m3fn), scale_vec(scale, codes.shape[0])
+        return wq, _r_dtype(wh, ab), codes.to(torch.float8_e4m3fn), scale_vec(scale, codes.shape[0])
 
 
 def _fp8_forward(x, w, bias, down, up, spec: LayerSpec, c: torch.dtype) -> tuple:

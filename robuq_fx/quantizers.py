@@ -45,6 +45,11 @@ def act_levels(a_bits: int, sym: bool) -> int:
     return 2 ** (a_bits - 1) - 1 if sym else 2 ** a_bits - 1
 
 
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype weight quantization computes in: fp32, or `dtype` where that is wider (fp64 in tests)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _grouped(r: torch.Tensor, granularity: str, group_size: int) -> torch.Tensor:
     """View R (N, K) as (N', G, K / G) so that one scale covers each [:, g, :] slice."""
     n, k = r.shape
@@ -59,7 +64,10 @@ def quantize_weight(r: torch.Tensor, w_bits, granularity: str = "channel", group
     """R (N, K) -> (codes int8 (N, K), scale (N, G) or (1, 1) in `scale_dtype`). See the module docstring."""
     if r.dim() != 2:
         raise ValueError(f"quantize_weight expects a 2-D weight (out_features, in_features), got {tuple(r.shape)}")
-    rg = _grouped(r.detach(), granularity, group_size)
+    # In fp32 (or R's dtype if wider) whatever R's dtype: a 16-bit R (QAT under autocast) would otherwise give a
+    # 16-bit scale and quotient eagerly, which Inductor keeps in fp32 inside its fused kernels, so compiled and eager
+    # codes differed (0.065% of ternary codes, session 22); in fp32 they agree, and agree with the lowered model's.
+    rg = _grouped(r.detach(), granularity, group_size).to(_wide(r.dtype))
     qmax = weight_qmax(w_bits)
     if w_bits == 1.58:
         s = rg.abs().mean(dim=-1, keepdim=True).clamp_min(_EPS)
@@ -74,12 +82,14 @@ def quantize_weight(r: torch.Tensor, w_bits, granularity: str = "channel", group
 
 
 def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """codes (N, K) int, scale (N, G) or (1, 1) -> s * q in `dtype`, shape (N, K)."""
+    """codes (N, K) int, scale (N, G) or (1, 1) -> s * q in `dtype`, shape (N, K): the product in fp32 (or `dtype`
+    if wider), rounded once to `dtype` (as a GEMM epilogue or an Inductor kernel computes it)."""
     n, k = codes.shape
+    ct = _wide(dtype)
     if scale.shape == (1, 1):
-        return codes.to(dtype) * scale.to(dtype)
+        return (codes.to(ct) * scale.to(ct)).to(dtype)
     g = scale.shape[1]
-    return (codes.to(dtype).reshape(n, g, k // g) * scale.to(dtype).unsqueeze(-1)).reshape(n, k)
+    return (codes.to(ct).reshape(n, g, k // g) * scale.to(ct).unsqueeze(-1)).reshape(n, k).to(dtype)
 
 
 def fake_quant_weight(r: torch.Tensor, w_bits, granularity: str = "channel", group_size: int = 0,

@@ -52,6 +52,7 @@
 #   scripts/gpu_session.sh train-backend [S]  the compile backend's qat mode (issue 19's second entry point) vs compiled FP
 #                                           (each layer's weight side in the graph, and weight_sides="step")
 #   scripts/gpu_session.sh backend-step [S]   backend-tests, then the backend's weight_sides="step" row alone vs FP
+#   scripts/gpu_session.sh verify23 [S..]    session 23's fp32 weight quantization tests, then STEPW qat-profile of S
 #   scripts/gpu_session.sh backend-tests    GPU tests of the backend's weight_sides="step" and of the act op
 #   scripts/gpu_session.sh actk2            session 22: the act op's GPU tests, scripts/actk_diag.py, then the paper
 #                                           step with weight_sides_per_forward with / without the act op (two runs)
@@ -677,6 +678,16 @@ backend-step)  # session 23: backend-tests (~2 min) then the backend's weight_si
         --step-weights on --settings "QAT ${2:-dit-xl-2-robuq}" \
         --tag "_train_backend_stepw_$(echo "${2:-dit-xl-2-robuq}" | tr -c 'A-Za-z0-9\n' _)" > "$OUT/backend_bench.log" 2>&1
     grep -iE "^\||warn|error" "$OUT/backend_bench.log" | tail -n 8
+    ;;
+verify23)  # session 23: R = W H - A B and Q_w(R) in fp32, the weight kernel on by default (with the difference in it):
+    # its GPU tests, the fused-path and step tests on CUDA (~2 min), then STEPW=1 qat-profile of the settings named
+    # after it (default: the paper's alone, ~4 min)
+    timeout 150 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -p no:logging tests/kernels/test_triton_wquant.py \
+        tests/test_qat_fused.py tests/test_qat_step.py -k "cuda or act_op or kernel" > "$OUT/verify23_tests.log" 2>&1
+    grep -E "^E |Error|passed|failed" "$OUT/verify23_tests.log" | head -12
+    [ $# -ge 2 ] && settings=("${@:2}") || settings=(paper)
+    timeout 420 python3 benchmarks/profile_dit.py --train compiled --batch 16 --steps 3 --settings "${settings[@]}" \
+        --step-weights --out "$OUT" 2>&1 | tail -60
     ;;
 train-eager)  # the eager QAT rows at the defaults (whole-layer graphs since session 20), ~3 min
     timeout 200 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --no-compile --iters 10 \

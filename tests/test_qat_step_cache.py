@@ -23,7 +23,7 @@ def _model(seed=0):
 def counted(monkeypatch):
     calls = []
     real = qat_fused.fake_quant_weight_impl
-    monkeypatch.setattr(qat_fused, "fake_quant_weight_impl", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(qat_fused, "fake_quant_weight_impl", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     return calls
 
 

@@ -71,8 +71,8 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
     ("ROBUQ_TRITON_FAST_LAUNCH", "1", "0: launch Triton kernels through kernel[grid] (also turns bound calls off)"),
     ("ROBUQ_DIRECT_CALL", "1", "0: eager PackedLinear calls go through the robuq::qlinear op"),
     ("ROBUQ_QAT_FUSED", "1", "0: eager QAT runs the op graph instead of one autograd node a layer"),
-    ("ROBUQ_QAT_WEIGHT_KERNEL", "0", "1: Q_w(R) in one Triton kernel in QAT on CUDA (GPU tests pass; no clear "
-                                     "gain in the H200 eager step)"),
+    ("ROBUQ_QAT_WEIGHT_KERNEL", "1", "0: QAT on CUDA computes Q_w(R) (and R = W H - A B in fp32) with ~12 ATen "
+                                     "kernels over the weight instead of one Triton kernel"),
     ("ROBUQ_QAT_WEIGHT_GRAPH", "1", "0: eager QAT computes each layer's Q_w(R) and its backward's weight side with "
                                     "ATen calls instead of replaying them from CUDA graphs (qat_graph.py; H200, "
                                     "DiT-XL/2 paper policy: 526 -> 370 ms a step)"),

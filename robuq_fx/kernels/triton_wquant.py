@@ -2,11 +2,13 @@
 absmax / qmax otherwise), the codes and the dequantized weight, written in the matmul's dtype, plus the fp32 scales.
 
 `quantizers.fake_quant_weight` followed by the cast to the matmul dtype (`qat_fused.quantized_weight`) is ~10 ATen
-kernels over the (N, K) weight in eager QAT, every step and layer; this is one read of R and one write of Q_w(R).
-The steps are the reference's, each rounded to R's dtype where torch rounds it (R is bf16 under autocast):
+kernels over the (N, K) weight in eager QAT, every step and layer; this is one read of R (or of its two terms, W H
+and A B, whose difference it takes) and one write of Q_w(R). The steps are the reference's, all in fp32 as
+`quantize_weight` computes them whatever R's dtype:
 
+    r = W H - A B in fp32 (with a branch: `layer.wide_difference`), else R widened to fp32
     s = mean|r| (ternary) or max|r| (others);  s = max(s, 1e-8);  s = s / qmax (not ternary; IEEE division)
-    s -> scale_dtype -> R's dtype;  q = clamp(rint(r / s), -qmax, qmax);  out = (q s in R's dtype) -> out dtype
+    s -> scale_dtype -> fp32;  q = clamp(rint(r / s), -qmax, qmax);  out = q s rounded to R's dtype, then out dtype
 
 The row sum of the ternary mean is taken in another order than torch's reduction, so a scale can differ in its last
 bit and a code sitting on a rounding tie can flip: the GPU test asks for >= 99.9% equal codes, as for the
@@ -38,35 +40,39 @@ def _round_to(v, DT: tl.constexpr):
 
 
 @triton.jit
-def wquant_rows_kernel(r_ptr, out_ptr, scale_ptr, K, stride_r, stride_o, qmax, eps,
-                       TERNARY: tl.constexpr, RDT: tl.constexpr, SDT: tl.constexpr, BLOCK: tl.constexpr):
+def wquant_rows_kernel(r_ptr, ab_ptr, out_ptr, scale_ptr, K, stride_r, stride_ab, stride_o, qmax, eps,
+                       TERNARY: tl.constexpr, HAS_AB: tl.constexpr, RDT: tl.constexpr, SDT: tl.constexpr,
+                       BLOCK: tl.constexpr):
     qmax = tl.cast(qmax, tl.float32)  # fp64 when Inductor launches it (see triton_act_quant)
     eps = tl.cast(eps, tl.float32)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < K
     r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_AB:
+        r = r - tl.load(ab_ptr + row * stride_ab + cols, mask=mask, other=0.0).to(tl.float32)
     a = tl.abs(r)
     if TERNARY:
-        s = _round_to(tl.div_rn(tl.sum(a, axis=0), tl.cast(K, tl.float32)), RDT)
-        s = _round_to(tl.maximum(s, eps), RDT)
+        s = tl.maximum(tl.div_rn(tl.sum(a, axis=0), tl.cast(K, tl.float32)), eps)
     else:
-        s = _round_to(tl.maximum(tl.max(a, axis=0), eps), RDT)
-        s = _round_to(tl.div_rn(s, qmax), RDT)
-    s = _round_to(_round_to(s, SDT), RDT)  # the scale's storage dtype, then back to R's
+        s = tl.div_rn(tl.maximum(tl.max(a, axis=0), eps), qmax)
+    s = _round_to(s, SDT)  # the scale's storage dtype
     safe = tl.where(s > 0, s, 1.0)
-    q = _RINT(_round_to(tl.div_rn(r, tl.zeros_like(r) + safe), RDT))
+    q = _RINT(tl.div_rn(r, tl.zeros_like(r) + safe))
     q = tl.minimum(tl.maximum(q, -qmax), qmax)
     out = _round_to(q * s, RDT)
     tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + row, s)
 
 
-def supported(r: torch.Tensor, granularity: str, group_size: int, scale_dtype: str) -> str | None:
+def supported(r: torch.Tensor, granularity: str, group_size: int, scale_dtype: str,
+              minus: torch.Tensor | None = None) -> str | None:
     if not r.is_cuda:
         return "not a CUDA tensor"
     if r.dim() != 2 or r.stride(-1) != 1:
         return "not a 2-D weight with contiguous rows"
+    if minus is not None and (minus.shape != r.shape or minus.stride(-1) != 1 or minus.dtype not in _CODE):
+        return f"A B {tuple(minus.shape)} / {minus.dtype} not a contiguous-row match of W H {tuple(r.shape)}"
     if granularity != "channel" or group_size:
         return f"granularity {granularity!r} / group_size {group_size} (per-channel scales only)"
     if r.dtype not in _CODE or scale_dtype not in ("float32", "bfloat16", "float16"):
@@ -76,16 +82,20 @@ def supported(r: torch.Tensor, granularity: str, group_size: int, scale_dtype: s
     return None
 
 
-def fake_quant_weight_rows(r: torch.Tensor, w_bits, scale_dtype: str, out_dtype: torch.dtype):
-    """(Q_w(R) in out_dtype (N, K), fp32 scales (N,)) of a per-channel R (`supported`)."""
+def fake_quant_weight_rows(r: torch.Tensor, w_bits, scale_dtype: str, out_dtype: torch.dtype,
+                           minus: torch.Tensor | None = None):
+    """(Q_w(R) in out_dtype (N, K), fp32 scales (N,)) of a per-channel R = r, or r - minus in fp32 (`supported`)."""
     n, k = r.shape
     out = torch.empty(n, k, device=r.device, dtype=out_dtype)
     scale = torch.empty(n, device=r.device, dtype=torch.float32)
     block = triton.next_power_of_2(k)
     warps = 4 if block <= 2048 else 8
+    # R's dtype: the wide difference's (fp32 or wider) with a branch, r's own without
+    r_dtype = r.dtype if minus is None else torch.promote_types(Q._wide(r.dtype), minus.dtype)
     with on_device(r.device):
-        launch(wquant_rows_kernel, (n,), (r, out, scale, k, r.stride(0), out.stride(0),
+        launch(wquant_rows_kernel, (n,), (r, r if minus is None else minus, out, scale, k, r.stride(0),
+                                         r.stride(0) if minus is None else minus.stride(0), out.stride(0),
                                          float(Q.weight_qmax(w_bits)), Q._EPS),
-               dict(TERNARY=float(w_bits) == 1.58, RDT=_CODE[r.dtype], SDT=_CODE[getattr(torch, scale_dtype)],
-                    BLOCK=block), dict(num_warps=warps))
+               dict(TERNARY=float(w_bits) == 1.58, HAS_AB=minus is not None, RDT=_CODE[r_dtype],
+                    SDT=_CODE[getattr(torch, scale_dtype)], BLOCK=block), dict(num_warps=warps))
     return out, scale

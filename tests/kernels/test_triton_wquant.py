@@ -13,25 +13,31 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 @pytest.mark.parametrize("rdt", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("sdt", ["float32", "bfloat16"])
 @pytest.mark.parametrize("shape", [(96, 128), (1152, 1152), (37, 4608), (5, 300)])
-def test_kernel_equals_the_reference(bits, rdt, sdt, shape):
+@pytest.mark.parametrize("split", [False, True], ids=["R", "WH-AB"])
+def test_kernel_equals_the_reference(bits, rdt, sdt, shape, split):
     from robuq_fx.kernels import triton_wquant as WQ
+    from robuq_fx.layer import wide_difference
     torch.manual_seed(0)
     r = (torch.randn(*shape, device="cuda") * 0.05).to(rdt)
     r[0, :5] = 0.4  # outliers in one row
     r[1] = 0  # an all-zero row: scale eps, codes 0
-    assert WQ.supported(r, "channel", 0, sdt) is None
+    ab = (torch.randn(*shape, device="cuda") * 0.01).to(rdt) if split else None
+    if split:
+        ab[1] = 0
+    assert WQ.supported(r, "channel", 0, sdt, ab) is None
+    wide = r if ab is None else wide_difference(r, ab)
     for out_dtype in (torch.bfloat16, torch.float32):
-        out, s = WQ.fake_quant_weight_rows(r, bits, sdt, out_dtype)
-        codes_ref, s_ref = Q.quantize_weight(r, bits, "channel", 0, sdt)
-        s_ref = s_ref.to(rdt).float().reshape(-1)
+        out, s = WQ.fake_quant_weight_rows(r, bits, sdt, out_dtype, ab)
+        codes_ref, s_ref = Q.quantize_weight(wide, bits, "channel", 0, sdt)
+        s_ref = s_ref.float().reshape(-1)
         # a ternary fp32 scale is a row mean summed in another order: a few ulp apart; the others are exact
-        tol = 2 ** -18 if (bits == 1.58 and rdt == torch.float32 and sdt == "float32") else 0
+        tol = 2 ** -18 if (bits == 1.58 and sdt == "float32") else 0
         assert torch.allclose(s, s_ref, rtol=tol, atol=0), (s - s_ref).abs().max()
         safe = torch.where(s > 0, s, torch.ones_like(s))  # the all-zero row (a 16-bit scale of 1e-8 underflows to 0)
         codes = torch.round(out.float() / safe[:, None]).clamp(-15, 15)
         assert (codes == codes_ref.float()).float().mean().item() >= 0.999
-        ref = Q.fake_quant_weight(r, bits, "channel", 0, sdt).to(out_dtype)
-        close = torch.isclose(out.float(), ref.float(), rtol=2 ** -7 if out_dtype == torch.bfloat16 else 2 ** -21,
+        ref = Q.fake_quant_weight(wide, bits, "channel", 0, sdt).to(out_dtype)
+        close = torch.isclose(out.float(), ref.float(), rtol=2 ** -7 if out_dtype == torch.bfloat16 else 2 ** -20,
                               atol=0)
         assert close.float().mean().item() >= 0.999
 
