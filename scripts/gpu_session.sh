@@ -681,12 +681,12 @@ backend-step)  # session 23: backend-tests (~2 min) then the backend's weight_si
     ;;
 verify23)  # session 23: R = W H - A B and Q_w(R) in fp32, the weight kernel on by default (with the difference in it):
     # its GPU tests, the fused-path and step tests on CUDA (~2 min), then STEPW=1 qat-profile of the settings named
-    # after it (default: the paper's alone, ~4 min)
+    # after it (default: the paper's alone, ~4 min; "none": the tests alone)
     timeout 150 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -p no:logging tests/kernels/test_triton_wquant.py \
         tests/test_qat_fused.py tests/test_qat_step.py -k "cuda or act_op or kernel" > "$OUT/verify23_tests.log" 2>&1
     grep -E "^E |Error|passed|failed" "$OUT/verify23_tests.log" | head -12
     [ $# -ge 2 ] && settings=("${@:2}") || settings=(paper)
-    timeout 420 python3 benchmarks/profile_dit.py --train compiled --batch 16 --steps 3 --settings "${settings[@]}" \
+    [ "${settings[0]}" = none ] || timeout 420 python3 benchmarks/profile_dit.py --train compiled --batch 16 --steps 3 --settings "${settings[@]}" \
         --step-weights --out "$OUT" 2>&1 | tail -60
     ;;
 train-eager)  # the eager QAT rows at the defaults (whole-layer graphs since session 20), ~3 min

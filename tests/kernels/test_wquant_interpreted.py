@@ -51,3 +51,16 @@ def test_weight_kernel_in_the_interpreter_matches_the_reference():
         assert r["scale_rel"] <= (1e-6 if r["bits"] == 1.58 else 0.0), r
         assert r["codes"] >= 0.999 and r["values"] >= 0.999, r
         assert r["bits"] == 1.58 or r["exact"] == 1.0, r
+
+
+@pytest.mark.skipif(import_or_none("triton_wquant") is None, reason="triton does not import here")
+@pytest.mark.parametrize("has_ab", [True, False])
+def test_weight_kernel_builds_for_sm90_with_fp64_scalars(has_ab):
+    """Offline sm_90 build (no GPU), with qmax / eps as fp64, as Inductor passes a user Triton kernel's floats."""
+    from tests.kernels.sm90 import compile_sm90
+    wq = import_or_none("triton_wquant")
+    sig = {"r_ptr": "*bf16", "ab_ptr": "*bf16", "out_ptr": "*bf16", "scale_ptr": "*fp32", "K": "i32",
+           "stride_r": "i32", "stride_ab": "i32", "stride_o": "i32", "qmax": "fp64", "eps": "fp64"}
+    k = compile_sm90(wq.wquant_rows_kernel, sig, dict(TERNARY=True, HAS_AB=has_ab, RDT=0 if has_ab else 1, SDT=0,
+                                                      BLOCK=2048), dict(num_warps=8), gluon=False)
+    assert k.asm["cubin"]
