@@ -96,19 +96,21 @@ def fake_quant_weight(w: torch.Tensor, w_bits: float, granularity: str, group_si
 
 
 def fake_quant_weight_impl(w: torch.Tensor, w_bits: float, granularity: str, group_size: int, scale_dtype: str,
-                           out_dtype: torch.dtype, minus: torch.Tensor | None = None) -> torch.Tensor:
+                           out_dtype: torch.dtype, minus: torch.Tensor | None = None,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
     """Q_w(R) in out_dtype, contiguous, R = w (or w - minus in fp32: `layer.wide_difference`): on CUDA one Triton
     kernel (kernels/triton_wquant.py: the same steps, the difference taken in it; codes equal, a ternary scale's
     last bit may differ, its row mean summed in another order), else the torch math. ROBUQ_QAT_WEIGHT_KERNEL=0 turns
-    the kernel off."""
+    the kernel off. out: where to write it (a slice of a stacked weight, rows contiguous), else a new tensor."""
     if w.is_cuda and _WKERNEL[0]:
         wk = weight_kernel()
         if wk is not None and wk.supported(w, granularity, group_size, scale_dtype, minus) is None:
-            return wk.fake_quant_weight_rows(w, w_bits, scale_dtype, out_dtype, minus)[0]
+            return wk.fake_quant_weight_rows(w, w_bits, scale_dtype, out_dtype, minus, out)[0]
     if minus is not None:
         from .layer import wide_difference  # layer imports this module
         w = wide_difference(w, minus)
-    return Q.fake_quant_weight(w, w_bits, granularity, group_size, scale_dtype).contiguous().to(out_dtype)
+    wq = Q.fake_quant_weight(w, w_bits, granularity, group_size, scale_dtype).to(out_dtype)
+    return wq.contiguous() if out is None else out.copy_(wq)
 
 
 # on by default since session 23 (R's fp32 difference taken in it: the ATen form moves twice the bytes it used to)

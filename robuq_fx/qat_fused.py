@@ -73,21 +73,32 @@ def weight_side(w, down, up, bias, spec: LayerSpec, c: torch.dtype, graph_owner=
     return _weight_side(w, down, up, bias, spec, c)
 
 
-def _weight_side(w, down, up, bias, spec: LayerSpec, c: torch.dtype) -> tuple:
-    wq, r_dtype = quantized_weight(w, down, up, spec, c)
+def _weight_side(w, down, up, bias, spec: LayerSpec, c: torch.dtype, out: torch.Tensor | None = None) -> tuple:
+    """out: where the stacked weight goes ((N, K + r) in c, rows contiguous: qat_step's flat buffer), written in
+    place (Q_w(R) straight from its kernel, A_c beside it), else a new tensor."""
     bias_c = None if bias is None else _to(bias, c)
-    if down is None:
-        return wq, r_dtype, None, bias_c
-    return torch.cat([wq, _to(up, c)], 1), r_dtype, _to(down, c), bias_c
+    k = w.shape[1]
+    if _STEP["hooks"] or (out is None and down is None):
+        wq, r_dtype = quantized_weight(w, down, up, spec, c)
+        stacked = wq if down is None else torch.cat([wq, _to(up, c)], 1)
+        if out is not None:
+            stacked = out.copy_(stacked)
+    else:
+        stacked = out if out is not None else torch.empty(w.shape[0], k + up.shape[1], dtype=c, device=w.device)
+        r_dtype = _quantized_weight(w, down, up, spec, c, out=stacked.narrow(1, 0, k))[1]
+        if down is not None:
+            stacked.narrow(1, k, up.shape[1]).copy_(up)
+    return stacked, r_dtype, None if down is None else _to(down, c), bias_c
 
 
-def _quantized_weight(w, down, up, spec: LayerSpec, c: torch.dtype) -> tuple[torch.Tensor, torch.dtype]:
+def _quantized_weight(w, down, up, spec: LayerSpec, c: torch.dtype, out: torch.Tensor | None = None) -> tuple:
+    """(Q_w(R) in c (in `out` where given), the dtype R's gradient takes)."""
     with torch.no_grad():
         wh, ab = residual_parts(w, down, up, spec, rotate_fn=_rotate)  # A B in ab: autocast rounds it as the op graph
         # on CUDA one Triton kernel reading W H and A B, writing Q_w(R) in c (ops.fake_quant_weight_impl; the op graph
         # computes the same)
         return fake_quant_weight_impl(wh, float(spec.w_bits), spec.w_granularity, spec.group_size, spec.scale_dtype,
-                                      c, minus=ab), _r_dtype(wh, ab)
+                                      c, minus=ab, out=out), _r_dtype(wh, ab)
 
 
 def _r_dtype(wh: torch.Tensor, ab) -> torch.dtype:

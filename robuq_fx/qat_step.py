@@ -64,10 +64,11 @@ def _all_sides(layers: list, layout: list, c: torch.dtype, act: tuple, *masters)
     parts = _per_layer(layers, _split(flat, layout))
     for (layer, span), (_, *dsts), fused in zip(_master_spans(layers), parts, act):
         w, down, up, bias = _unpack(layer, list(masters[span]))
-        wq, r_dtype, down_c, bias_c = _weight_side(w, down, up, bias, layer.module.spec, c)
+        # the stacked weight written in its slice (no copy); B_c (or B H) and bias_c copied in
+        _, r_dtype, down_c, bias_c = _weight_side(w, down, up, bias, layer.module.spec, c, out=dsts[0])
         if fused and down_c is not None:
             down_c = qat_act.through_h(down_c, layer.module.spec)  # B H, what the layer's op takes
-        for dst, t in zip(dsts, (wq, down_c, bias_c)):
+        for dst, t in zip(dsts[1:], (down_c, bias_c)):
             if t is not None:
                 dst.copy_(t)
         r_dtypes.append(r_dtype)

@@ -83,10 +83,15 @@ def supported(r: torch.Tensor, granularity: str, group_size: int, scale_dtype: s
 
 
 def fake_quant_weight_rows(r: torch.Tensor, w_bits, scale_dtype: str, out_dtype: torch.dtype,
-                           minus: torch.Tensor | None = None):
-    """(Q_w(R) in out_dtype (N, K), fp32 scales (N,)) of a per-channel R = r, or r - minus in fp32 (`supported`)."""
+                           minus: torch.Tensor | None = None, out: torch.Tensor | None = None):
+    """(Q_w(R) in out_dtype (N, K), fp32 scales (N,)) of a per-channel R = r, or r - minus in fp32 (`supported`);
+    written into `out` where given (N, K) in out_dtype, its rows contiguous: a slice of a stacked weight)."""
     n, k = r.shape
-    out = torch.empty(n, k, device=r.device, dtype=out_dtype)
+    if out is None:
+        out = torch.empty(n, k, device=r.device, dtype=out_dtype)
+    elif out.shape != (n, k) or out.dtype != out_dtype or out.stride(-1) != 1:
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} stride {out.stride()}: expected ({n}, {k}) "
+                         f"{out_dtype} with contiguous rows")
     scale = torch.empty(n, device=r.device, dtype=torch.float32)
     block = triton.next_power_of_2(k)
     warps = 4 if block <= 2048 else 8

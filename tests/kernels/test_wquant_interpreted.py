@@ -28,7 +28,11 @@ for bits in (1.58, 2, 4):
                 wh[1] = 0            # an all-zero row: scale eps, codes 0
             wh, ab = wh.to(rdt), ab.to(rdt)
             r = wide_difference(wh, ab) if split else wh
-            out, s = WQ.fake_quant_weight_rows(wh, bits, "float32", torch.float32, ab if split else None)
+            # written into a slice of a wider (stacked) buffer, as the QAT step's weight side does
+            wide_buf = torch.full((24, 200 + 8), 7.0)
+            out, s = WQ.fake_quant_weight_rows(wh, bits, "float32", torch.float32, ab if split else None,
+                                               out=wide_buf[:, :200])
+            assert out.data_ptr() == wide_buf.data_ptr() and bool((wide_buf[:, 200:] == 7).all())
             codes, s_ref = Q.quantize_weight(r, bits, "channel", 0, "float32")
             ref = Q.fake_quant_weight(r, bits, "channel", 0, "float32").float()
             got_codes = torch.round(out / s[:, None]).clamp(-15, 15)
