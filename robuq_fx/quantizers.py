@@ -8,6 +8,7 @@ Weights (per output channel by default; R is the residual after the Hadamard rot
     ternary (1.58):  s = clamp_min(mean|R|, 1e-8)          q = clip(round(R / s), -1, 1)
     k-bit (2,3,4,8): s = clamp_min(max|R|, 1e-8) / qmax     q = clip(round(R / s), -qmax, qmax),  qmax = 2^(k-1)-1
     Q_w(R) = s * q                      (group_size g: one s per g consecutive inputs of a row)
+    all in fp32 whatever R's dtype (a bf16 R under autocast too), q s rounded once to R's dtype
 
 Activations (per token = per row of the last dimension, dynamic; with a group g (`LayerSpec.a_group`), per token
 and each g consecutive inputs: the same formulas on every (token, group) slice, one scale / offset each):
