@@ -53,6 +53,7 @@
 #                                           (each layer's weight side in the graph, and weight_sides="step")
 #   scripts/gpu_session.sh backend-step [S]   backend-tests, then the backend's weight_sides="step" row alone vs FP
 #   scripts/gpu_session.sh verify23 [S..]    session 23's fp32 weight quantization tests, then STEPW qat-profile of S
+#   scripts/gpu_session.sh ws-profile       weight-kernel GPU tests, then where the step weight sides' GPU time goes
 #   scripts/gpu_session.sh backend-tests    GPU tests of the backend's weight_sides="step" and of the act op
 #   scripts/gpu_session.sh actk2            session 22: the act op's GPU tests, scripts/actk_diag.py, then the paper
 #                                           step with weight_sides_per_forward with / without the act op (two runs)
@@ -688,6 +689,14 @@ verify23)  # session 23: R = W H - A B and Q_w(R) in fp32, the weight kernel on 
     [ $# -ge 2 ] && settings=("${@:2}") || settings=(paper)
     [ "${settings[0]}" = none ] || timeout 420 python3 benchmarks/profile_dit.py --train compiled --batch 16 --steps 3 --settings "${settings[@]}" \
         --step-weights --out "$OUT" 2>&1 | tail -60
+    ;;
+ws-profile)  # session 23's last call: the weight kernel's GPU tests (two shapes) and the step's CUDA-graph test (~100 s),
+    # then scripts/weight_side_profile.py: where WeightSides' 12.4 + 17.7 ms of GPU time a step go (~2 min)
+    timeout 100 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -p no:logging tests/kernels/test_triton_wquant.py \
+        tests/test_qat_step.py -k "1152 or cuda_graphs_equal or step_with_the_kernel" > "$OUT/ws_tests.log" 2>&1
+    grep -E "^E |Error|passed|failed" "$OUT/ws_tests.log" | head -12
+    timeout 140 python3 scripts/weight_side_profile.py --out "$OUT" > "$OUT/ws_profile.log" 2>&1
+    tail -n 75 "$OUT/ws_profile.log"
     ;;
 train-eager)  # the eager QAT rows at the defaults (whole-layer graphs since session 20), ~3 min
     timeout 200 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --no-compile --iters 10 \

@@ -1,0 +1,112 @@
+"""Where the weight sides' GPU time goes in `weight_sides_per_forward` (DiT-XL/2, the paper policy, bf16 autocast):
+CUDA-event times of WeightSides' forward and backward computed op by op and replayed from their CUDA graphs (with
+the copies around the replays), then the kernels of each, by name, from the profiler. Session 23's step profile gave
+the node 12.4 ms forward and 17.7 ms backward of GPU time a step, against ~4 ms that its bytes need.
+
+    python scripts/weight_side_profile.py [--out DIR] [--tiny]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _dit_setup import PAPER, TINY, XL2, build, inputs, policies  # noqa: E402
+
+import robuq_fx  # noqa: E402
+from robuq_fx import qat_step  # noqa: E402
+from robuq_fx.qat_linear import QATLinear  # noqa: E402
+from robuq_fx.qat_step_layout import _split  # noqa: E402
+
+
+def _ms(fn, iters=5):
+    fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(iters):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / iters
+
+
+def _kernels(fn, top=14):
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            r = rows.setdefault(e.name[:70], [0, 0.0])
+            r[0] += 1
+            r[1] += e.device_time_total / 1e3 if hasattr(e, "device_time_total") else e.cuda_time_total / 1e3
+    rows = sorted(rows.items(), key=lambda kv: -kv[1][1])
+    total = sum(v[1] for _, v in rows)
+    lines = [f"    {'kernel':70s} {'calls':>6s} {'ms':>8s}"]
+    lines += [f"    {n:70s} {c:6d} {t:8.3f}" for n, (c, t) in rows[:top]]
+    lines.append(f"    {'TOTAL':70s} {sum(v[0] for _, v in rows):6d} {total:8.3f}")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--tiny", action="store_true")
+    args = ap.parse_args()
+    cfg = TINY if args.tiny else XL2
+    dev = "cuda"
+    m = build(cfg).to(dev).train()
+    q = robuq_fx.quantize(m, policies()[PAPER], example_inputs=inputs(cfg, 2, dev)).train()
+    plan = qat_step.Plan([x for x in q.modules() if isinstance(x, QATLinear)])
+    masters = [t.requires_grad_(True) for t in plan.masters()]
+    out = [f"{torch.cuda.get_device_name()} | torch {torch.__version__} | {len(plan.layers)} layers, "
+           f"{sum(t.numel() for t in masters) / 1e6:.0f} M master elements"]
+    ac = torch.autocast("cuda", dtype=torch.bfloat16)  # the forward under autocast, the backward without (as autograd)
+    with ac, torch.no_grad():
+        plan.c, plan.ab = plan.kinds(masters).pop()
+        plan.set_act(masters[0].device)
+        act = plan.act
+        flat, r_dtypes = qat_step._all_sides(plan.layers, plan.layout, plan.c, act, *masters)
+    g = torch.randn_like(flat) * 1e-3
+    needs = (True,) * len(masters)
+    parts_g = _split(g, plan.layout)
+
+    def eager_fwd():
+        with ac, torch.no_grad():
+            qat_step._all_sides(plan.layers, plan.layout, plan.c, act, *masters)
+
+    def eager_bwd():
+        with torch.no_grad():
+            qat_step._all_grads(plan.layers, plan.layout, g, plan.c, plan.ab, r_dtypes, needs, act, *masters)
+
+    def graphed():
+        with ac:
+            parts = qat_step.WeightSides.apply(plan, *masters)
+        torch.autograd.backward(parts, parts_g)
+        for t in masters:
+            t.grad = None
+
+    def graphed_fwd():
+        with ac, torch.no_grad():
+            plan.run_forward(tuple(masters))
+
+    for name, fn in (("forward, op by op", eager_fwd), ("backward, op by op", eager_bwd),
+                     ("forward + backward through WeightSides (CUDA graphs, autograd)", graphed),
+                     ("forward replay alone (+ its clone)", graphed_fwd)):
+        t = _ms(fn)
+        out.append(f"\n## {name}: {t:.3f} ms\n{_kernels(fn)}")
+        print(out[-1], flush=True)
+    text = "\n".join(out)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "weight_side_profile.txt").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
