@@ -41,8 +41,8 @@ from . import qat_graph
 from .kernels import qat_act
 from .qat_fused import _to, _weight_grads, _weight_side
 from .qat_linear import QATLinear
-from .qat_step_layout import (_Layer, _layout, _master_spans, _masters, _numel, _pack_grads, _per_layer, _shapes,
-                              _split, _unpack, _views)
+from .qat_step_layout import (_Layer, _layout, _master_spans, _masters, _numel, _pack_grads, _packed, _per_layer,
+                              _shapes, _split, _unpack, _views)
 
 
 def dtypes(m: QATLinear) -> tuple[torch.dtype, torch.dtype]:
@@ -76,8 +76,9 @@ def _all_sides(layers: list, layout: list, c: torch.dtype, act: tuple, *masters)
 
 
 def _all_grads(layers: list, layout: list, flat_g: torch.Tensor, c: torch.dtype, ab: torch.dtype, r_dtypes: tuple,
-               needs: tuple, act: tuple, *masters) -> tuple:
-    """Every master's gradient (None where not needed), from the flat gradient of `_all_sides`' output."""
+               needs: tuple, act: tuple, *masters, slots: list | None = None) -> tuple:
+    """Every master's gradient (None where not needed), from the flat gradient of `_all_sides`' output. slots: per
+    gradient, where it is to go (`_packed`); a weight's gradient is written there as it is cast."""
     grads = []
     parts = _per_layer(layers, _split(flat_g, layout))
     for (layer, span), (_, g_wide, p_down, g_bias_c), r_dtype, fused in zip(_master_spans(layers), parts, r_dtypes,
@@ -87,8 +88,9 @@ def _all_grads(layers: list, layout: list, flat_g: torch.Tensor, c: torch.dtype,
         w, down, up, bias = _unpack(layer, list(masters[span]))
         need = needs[span]
         need_w = need[0]
+        g_w_out = slots[len(grads)] if slots is not None and need_w and not layer.transposed else None
         g_w, g_up, g_down = _weight_grads(g_wide, p_down, down, up, layer.module.spec, layer.k, r_dtype, w.dtype,
-                                          ab, ab == c, need_w)
+                                          ab, ab == c, need_w, g_w_out)
         if g_w is not None and layer.transposed:
             g_w = g_w.t()
         out = [g_w if need_w else None]
@@ -208,8 +210,8 @@ class Plan:
         c, ab = self.c, self.ab
         flat = [g.reshape(-1) for g in g_parts]
 
-        def compute(g):
-            return _all_grads(self.layers, self.layout, g, c, ab, r_dtypes, needs, act, *masters)
+        def compute(g, slots=None):
+            return _all_grads(self.layers, self.layout, g, c, ab, r_dtypes, needs, act, *masters, slots=slots)
         if self.graphs_off or not _use_graphs(g_parts[0]):
             return compute(torch.cat(flat))
         key = (tuple(t.data_ptr() for t in masters), c, ab, r_dtypes, needs, act, g_parts[0].dtype)
@@ -222,9 +224,10 @@ class Plan:
         result = compute(g_flat)
         flats, layout = _pack_grads(result)
         # the gradients packed one flat buffer a dtype: a replay is copied out in one launch a dtype
-        if self._room(self._bwd_graphs):
+        if self._room(self._bwd_graphs):  # the weights' gradients written in the packed buffers as they are cast
             self._capture(self._bwd_graphs, key, "step weight grads",
-                          lambda buf: (*_pack_grads(compute(buf))[0], layout), (g_flat,), (*flats, layout))
+                          lambda buf: (*_packed(layout, buf.device, lambda slots: compute(buf, slots)), layout), (g_flat,),
+                          (*flats, layout))
         return result
 
     def _room(self, graphs: dict) -> bool:

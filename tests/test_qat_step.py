@@ -136,6 +136,38 @@ def test_graph_bookkeeping_with_a_stand_in(monkeypatch):
     assert be.captures == 2 and be.replays == 6
 
 
+def test_graphed_weight_sides_write_in_place(monkeypatch):
+    """In the captured functions each layer's stacked weight is written straight into its slice of the flat output
+    (no cat, no copy) and each untransposed weight's gradient is cast straight into its slot of the packed
+    gradients (no fp32 intermediate, no cat): the step's largest copies (session 23's profile)."""
+    from robuq_fx import qat_fused
+    seen = {"w_out": [], "stacked": []}
+    real_grads, real_side = qat_fused._weight_grads, qat_step._weight_side
+
+    def grads(*a, **kw):
+        out = a[11] if len(a) > 11 else kw.get("g_w_out")
+        res = real_grads(*a, **kw)
+        seen["w_out"].append(out is not None and res[0] is out)
+        return res
+
+    def side(*a, out=None, **kw):
+        res = real_side(*a, out=out, **kw)
+        seen["stacked"].append(out is not None and res[0].data_ptr() == out.data_ptr())
+        return res
+    monkeypatch.setattr(qat_step, "_weight_grads", grads)
+    monkeypatch.setattr(qat_step, "_weight_side", side)
+    be = Replays()
+    _, mod, x = _graph_less_and_hooked(monkeypatch, be, 1)
+    seen["w_out"].clear()
+    seen["stacked"].clear()
+    _train(mod, x, 2, False)
+    assert be.captures == 2 and seen["stacked"] and all(seen["stacked"])
+    # a step: the eager first call (no slots), then its capture and a replay with them; the transposed layer (d)
+    # is copied in; so 3 of the 4 layers write in place in each slotted call
+    slotted = seen["w_out"][4:]
+    assert slotted and sum(slotted) == 3 * len(slotted) // 4, seen["w_out"]
+
+
 def test_compiled_step_compiles_once_and_matches_eager(monkeypatch):
     base = Net()
     x = torch.randn(3, 10, 128)
