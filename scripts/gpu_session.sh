@@ -120,16 +120,16 @@
 # The machine goes back ~30 s after a call returns, and with it everything detached or left in /tmp: make every
 # call self-contained, and send the next one at once. On nvidia-h200-x2, `pair A B` runs two steps at once (one a
 # GPU) for the device time of one: use it. A cold compile of the paper policy takes ~3-4 min on the machine: a call
-# holds about two (policy, batch) rows. Session 23's plan (one H200; one bench_dit run a call, sent alone):
-#   1. train-backend (~8 min: the compile backend's qat mode, issue 19's second entry point, never timed: each
-#                   layer's weight side in the graph, and weight_sides="step" (session 22, backend/weight_sides.py:
-#                   every layer's weight side once a call through one WeightSides node, with the act op), both
-#                   against compiled FP in one run. Summary keys qat_paper_backend_x, qat_paper_stepw_backend_x)
-#   2. backend-tests (~2 min: the GPU tests of weight_sides="step" and the act op, test_backend.py -k cuda and
-#                   test_qat_step.py -k "act_op or cuda"; run it first if step 1's row fails)
-#   3. train-actk (a same-run A/B of the act op, default since session 22: 1.413x with it, 1.53-1.60x without in
-#                   other calls)
-#   4. STEPW=1 qat-profile compiled (the 1.41x step profiled next to FP: the breakdown issue 19 wants)
+# holds about two (policy, batch) rows. Session 24's plan (one H200; one bench_dit run a call, sent alone; session 23
+# ran backend-step, STEPW qat-profile and ws-profile, see docs/gpu.md):
+#   1. verify23 none (~2.5 min: the fp32 weight quantization and the weight kernel's split / in-place forms, on by
+#                   default since session 23 but only 3 of their GPU tests run: test_triton_wquant.py in full,
+#                   test_qat_fused / test_qat_step on CUDA)
+#   2. ws-profile (~2 min: the weight sides after 87d5979's in-place gradients and g_R products; session 23 at
+#                   8ffcfa6: 27.3 ms of kernels a step through the graphs, 17.8 op by op)
+#   3. train-stepw paper (the compiled paper row with weight_sides_per_forward: 1.413x in session 22, before the
+#                   in-place writes) and backend-step (SKIP_TESTS=1; 1.357x at 117b17a) for the summary keys
+#   4. train-actk (a same-run A/B of the act op)
 #   5. ddp and ddp-compiled on nvidia-h200-x2 if ever lent (issue 19 item 4: bench_ddp.py; eager with whole-layer
 #                   graphs by default; compiled through the backend's step mode, which keeps DDP's overlap)
 #   6. qat-profile eager, ln-configs, quant-plans, verify17, attention-sweep, dit-default (not reached since s19).
@@ -693,7 +693,7 @@ verify23)  # session 23: R = W H - A B and Q_w(R) in fp32, the weight kernel on 
 ws-profile)  # session 23's last call: the weight kernel's GPU tests (two shapes) and the step's CUDA-graph test (~100 s),
     # then scripts/weight_side_profile.py: where WeightSides' 12.4 + 17.7 ms of GPU time a step go (~2 min)
     timeout 100 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -p no:logging tests/kernels/test_triton_wquant.py \
-        tests/test_qat_step.py -k "1152 or cuda_graphs_equal or step_with_the_kernel" > "$OUT/ws_tests.log" 2>&1
+        tests/test_qat_step.py -k "shape1 or cuda_graphs_equal or step_with_the_kernel" > "$OUT/ws_tests.log" 2>&1
     grep -E "^E |Error|passed|failed" "$OUT/ws_tests.log" | head -12
     timeout 140 python3 scripts/weight_side_profile.py --out "$OUT" > "$OUT/ws_profile.log" 2>&1
     tail -n 75 "$OUT/ws_profile.log"
