@@ -55,11 +55,13 @@ def dtypes(m: QATLinear) -> tuple[torch.dtype, torch.dtype]:
     return m.compute_dtype or m.weight.dtype, m.weight.dtype
 
 
-def _all_sides(layers: list, layout: list, c: torch.dtype, act: tuple, *masters) -> tuple:
+def _all_sides(layers: list, layout: list, c: torch.dtype, act: tuple, *masters, flat=None) -> tuple:
     """Every layer's (stacked weight, B_c, bias_c) in one flat tensor in c (each written into its slice as it is
     made: no layer's parts outlive it), and their R dtypes. layout: the layers' `_layout` (the plan's). act: per
-    layer, whether its activation side is the triton_op (kernels/qat_act.py), which takes B H in place of B."""
-    flat = torch.empty(sum(_numel(s) for s, _, _ in layout), dtype=c, device=masters[0].device)
+    layer, whether its activation side is the triton_op (kernels/qat_act.py), which takes B H in place of B.
+    flat: the tensor to write (a graph's output buffer), else a new one."""
+    if flat is None:
+        flat = torch.empty(sum(_numel(s) for s, _, _ in layout), dtype=c, device=masters[0].device)
     r_dtypes = []
     parts = _per_layer(layers, _split(flat, layout))
     for (layer, span), (_, *dsts), fused in zip(_master_spans(layers), parts, act):
@@ -202,7 +204,8 @@ class Plan:
         result = _all_sides(self.layers, self.layout, c, act, *masters)
         if self._room(self._fwd_graphs):
             self._capture(self._fwd_graphs, key, "step weight sides",
-                          lambda: _all_sides(self.layers, self.layout, c, act, *masters), (), result)
+                          lambda outs: _all_sides(self.layers, self.layout, c, act, *masters, flat=outs[0]), (),
+                          result)
         return result
 
     def run_backward(self, g_parts: tuple, r_dtypes: tuple, needs: tuple, act: tuple, masters: tuple) -> tuple:
@@ -226,8 +229,8 @@ class Plan:
         # the gradients packed one flat buffer a dtype: a replay is copied out in one launch a dtype
         if self._room(self._bwd_graphs):  # the weights' gradients written in the packed buffers as they are cast
             self._capture(self._bwd_graphs, key, "step weight grads",
-                          lambda buf: (*_packed(layout, buf.device, lambda slots: compute(buf, slots)), layout), (g_flat,),
-                          (*flats, layout))
+                          lambda buf, outs: (*_packed(layout, outs[:-1], lambda slots: compute(buf, slots)), layout),
+                          (g_flat,), (*flats, layout))
         return result
 
     def _room(self, graphs: dict) -> bool:
@@ -242,8 +245,10 @@ class Plan:
         return False
 
     def _capture(self, graphs: dict, key, name: str, fn, copy_in: tuple, result: tuple) -> None:
-        """graphs[key] = the graph of fn (qat_graph.capture_graph); a failed capture turns the plan's graphs off."""
-        g, _ = qat_graph.capture_graph(name, fn, copy_in, result, "the weight sides of weight_sides_per_forward")
+        """graphs[key] = the graph of fn(*copy_in, outs) (qat_graph.capture_graph; fn writes into the graph's output
+        buffers); a failed capture turns the plan's graphs off."""
+        g, _ = qat_graph.capture_graph(name, lambda *a, outs: fn(*a, outs), copy_in, result,
+                                       "the weight sides of weight_sides_per_forward", into=True)
         if g is not None:
             graphs[key] = g
             return

@@ -114,15 +114,12 @@ def _pack_grads(grads: tuple) -> tuple:
     return tuple(torch.cat(by_dtype[d]) for d in dts), (dts, layout)
 
 
-def _packed(layout, device: torch.device, compute) -> tuple:
-    """The flat buffers of `_pack_grads`' layout (one a dtype) filled by compute(slots) (slots: per gradient, its
-    view in them, or None): the gradients compute returns that are not already in their slot are copied in."""
+def _packed(layout, buffers: tuple, compute) -> tuple:
+    """`buffers` (the flat buffers of `_pack_grads`' layout, one a dtype in its order) filled by compute(slots)
+    (slots: per gradient, its view in them, or None): the gradients compute returns that are not already in their
+    slot are copied in."""
     dts, items = layout
-    ends: dict = {}
-    for item in items:
-        if item is not None:
-            ends[item[0]] = max(ends.get(item[0], 0), item[1] + _numel(item[2]))
-    flats = {d: torch.empty(ends.get(d, 0), dtype=d, device=device) for d in dts}
+    flats = dict(zip(dts, buffers))
     slots = [None if item is None else flats[item[0]].as_strided(item[2], item[3], item[1]) for item in items]
     grads = compute(slots)
     for t, slot in zip(grads, slots):

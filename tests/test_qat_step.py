@@ -137,8 +137,8 @@ def test_graph_bookkeeping_with_a_stand_in(monkeypatch):
 
 
 def test_graphed_weight_sides_write_in_place(monkeypatch):
-    """In the captured functions each layer's stacked weight is written straight into its slice of the flat output
-    (no cat, no copy) and each untransposed weight's gradient is cast straight into its slot of the packed
+    """In the captured functions each layer's stacked weight is written straight into its slice of the flat output,
+    which is the graph's own output buffer (no cat, no copy) and each untransposed weight's gradient is cast straight into its slot of the packed
     gradients (no fp32 intermediate, no cat): the step's largest copies (session 23's profile)."""
     from robuq_fx import qat_fused
     seen = {"w_out": [], "stacked": []}
@@ -154,14 +154,25 @@ def test_graphed_weight_sides_write_in_place(monkeypatch):
         res = real_side(*a, out=out, **kw)
         seen["stacked"].append(out is not None and res[0].data_ptr() == out.data_ptr())
         return res
+    real_all = qat_step._all_sides
+    flats = []
+
+    def all_sides(*a, flat=None):
+        res = real_all(*a, flat=flat)
+        flats.append(flat is not None and res[0] is flat)
+        return res
     monkeypatch.setattr(qat_step, "_weight_grads", grads)
     monkeypatch.setattr(qat_step, "_weight_side", side)
+    monkeypatch.setattr(qat_step, "_all_sides", all_sides)
     be = Replays()
     _, mod, x = _graph_less_and_hooked(monkeypatch, be, 1)
     seen["w_out"].clear()
     seen["stacked"].clear()
+    flats.clear()
     _train(mod, x, 2, False)
     assert be.captures == 2 and seen["stacked"] and all(seen["stacked"])
+    # the captured forward writes the graph's output buffer itself (no copy of the flat weight sides into it)
+    assert flats == [False, True], flats  # step 1 computes eagerly (and is captured), step 2 replays
     # a step: the eager first call (no slots), then its capture and a replay with them; the transposed layer (d)
     # is copied in; so 3 of the 4 layers write in place in each slotted call
     slotted = seen["w_out"][4:]
