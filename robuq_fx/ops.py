@@ -166,6 +166,11 @@ def row_kernel():
     return _kernel_module("triton_rowquant")
 
 
+def weight_side_kernel():
+    """kernels/triton_wside (a QAT layer's forward weight side in one kernel, opt-in), or None."""
+    return _kernel_module("triton_wside")
+
+
 @fake_quant_act.register_fake
 def _(x, a_bits, sym, clip, group=0):
     _compiling()

@@ -30,7 +30,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import qat_graph, quantizers as Q
 from .layer import residual_parts, rotate_eager as _rotate, wide_difference
-from .ops import fake_quant_act_impl, fake_quant_weight_impl, row_kernel
+from .ops import fake_quant_act_impl, fake_quant_weight_impl, row_kernel, weight_side_kernel
 from .kernels.registry import tensor_key
 from .kernels.weight_cache import scale_vec
 from .spec import LayerSpec
@@ -73,11 +73,20 @@ def weight_side(w, down, up, bias, spec: LayerSpec, c: torch.dtype, graph_owner=
     return _weight_side(w, down, up, bias, spec, c)
 
 
-def _weight_side(w, down, up, bias, spec: LayerSpec, c: torch.dtype, out: torch.Tensor | None = None) -> tuple:
+def _weight_side(w, down, up, bias, spec: LayerSpec, c: torch.dtype, out: torch.Tensor | None = None,
+                 one_kernel: bool = False) -> tuple:
     """out: where the stacked weight goes ((N, K + r) in c, rows contiguous: qat_step's flat buffer), written in
-    place (Q_w(R) straight from its kernel, A_c beside it), else a new tensor."""
+    place (Q_w(R) straight from its kernel, A_c beside it), else a new tensor. one_kernel (the step plan's, with
+    ROBUQ_QAT_WSIDE_KERNEL=1): Q_w(R) from the masters in one kernel where `kernels/triton_wside` covers the layer
+    (its sums in another order than cuBLAS's: not bit-equal to the op graph, which the per-layer path stays)."""
     bias_c = None if bias is None else _to(bias, c)
     k = w.shape[1]
+    ws = weight_side_kernel() if one_kernel and out is not None and not _STEP["hooks"] and _wside_on() else None
+    if ws is not None and ws.supported(w, down, up, spec, c) is None:
+        ws.weight_side_rows(w, down, up, spec, c, out.narrow(1, 0, k))
+        if down is not None:
+            out.narrow(1, k, up.shape[1]).copy_(up)
+        return out, c, None if down is None else _to(down, c), bias_c  # R's gradient dtype: W H's and A B's, c
     if _STEP["hooks"] or (out is None and down is None):
         wq, r_dtype = quantized_weight(w, down, up, spec, c)
         stacked = wq if down is None else torch.cat([wq, _to(up, c)], 1)
@@ -202,6 +211,13 @@ def _rotate_and_quantize(x, spec: LayerSpec):
 # values, where the bf16 path multiplies their bf16 roundings. The backward is unchanged (it reads the same Q_w(R)
 # and Q_a(x H) as before). Opt-in until its GPU test has passed (tests/test_qat_fused.py).
 _QAT_FP8 = [os.environ.get("ROBUQ_QAT_FP8", "0") == "1"]
+# the step plan's forward weight side in one kernel (kernels/triton_wside.py): opt-in until its GPU tests have run.
+# None: ROBUQ_QAT_WSIDE_KERNEL decides, read at each use (a bench's --env-variant sets it for one row); tests set it.
+_WSIDE: list = [None]
+
+
+def _wside_on() -> bool:
+    return _WSIDE[0] if _WSIDE[0] is not None else os.environ.get("ROBUQ_QAT_WSIDE_KERNEL", "0") == "1"
 
 
 def _fp8_forward_ok(x, w, spec: LayerSpec, c: torch.dtype) -> bool:

@@ -67,7 +67,8 @@ def _all_sides(layers: list, layout: list, c: torch.dtype, act: tuple, *masters,
     for (layer, span), (_, *dsts), fused in zip(_master_spans(layers), parts, act):
         w, down, up, bias = _unpack(layer, list(masters[span]))
         # the stacked weight written in its slice (no copy); B_c (or B H) and bias_c copied in
-        _, r_dtype, down_c, bias_c = _weight_side(w, down, up, bias, layer.module.spec, c, out=dsts[0])
+        _, r_dtype, down_c, bias_c = _weight_side(w, down, up, bias, layer.module.spec, c, out=dsts[0],
+                                                  one_kernel=True)
         if fused and down_c is not None:
             down_c = qat_act.through_h(down_c, layer.module.spec)  # B H, what the layer's op takes
         for dst, t in zip(dsts[1:], (down_c, bias_c)):

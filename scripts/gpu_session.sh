@@ -54,6 +54,7 @@
 #   scripts/gpu_session.sh backend-step [S]   backend-tests, then the backend's weight_sides="step" row alone vs FP
 #   scripts/gpu_session.sh verify23 [S..]    session 23's fp32 weight quantization tests, then STEPW qat-profile of S
 #   scripts/gpu_session.sh ws-profile       weight-kernel GPU tests, then where the step weight sides' GPU time goes
+#   scripts/gpu_session.sh train-wside      the one-kernel forward weight side: GPU tests, paper row without / with it
 #   scripts/gpu_session.sh backend-tests    GPU tests of the backend's weight_sides="step" and of the act op
 #   scripts/gpu_session.sh actk2            session 22: the act op's GPU tests, scripts/actk_diag.py, then the paper
 #                                           step with weight_sides_per_forward with / without the act op (two runs)
@@ -127,8 +128,9 @@
 #                   test_qat_fused / test_qat_step on CUDA)
 #   2. ws-profile (~2 min: the weight sides after 87d5979's in-place gradients and g_R products; session 23 at
 #                   8ffcfa6: 27.3 ms of kernels a step through the graphs, 17.8 op by op)
-#   3. train-stepw paper (the compiled paper row with weight_sides_per_forward: 1.413x in session 22, before the
-#                   in-place writes) and backend-step (SKIP_TESTS=1; 1.357x at 117b17a) for the summary keys
+#   3. train-wside (the compiled paper row with weight_sides_per_forward, with and without ROBUQ_QAT_WSIDE_KERNEL=1:
+#                   the forward weight side in one kernel, kernels/triton_wside.py, opt-in; 1.413x in session 22)
+#                   and backend-step (SKIP_TESTS=1; 1.357x at 117b17a) for the summary keys
 #   4. train-actk (a same-run A/B of the act op)
 #   5. ddp and ddp-compiled on nvidia-h200-x2 if ever lent (issue 19 item 4: bench_ddp.py; eager with whole-layer
 #                   graphs by default; compiled through the backend's step mode, which keeps DDP's overlap)
@@ -697,6 +699,16 @@ ws-profile)  # session 23's last call: the weight kernel's GPU tests (two shapes
     grep -E "^E |Error|passed|failed" "$OUT/ws_tests.log" | head -12
     timeout 140 python3 scripts/weight_side_profile.py --out "$OUT" > "$OUT/ws_profile.log" 2>&1
     tail -n 75 "$OUT/ws_profile.log"
+    ;;
+train-wside)  # session 23's one-kernel forward weight side (ROBUQ_QAT_WSIDE_KERNEL=1, opt-in): its GPU tests, then the
+    # compiled paper row with weight_sides_per_forward without / with it (+wside) in one run (~8 min on a fast host)
+    timeout 80 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -p no:logging tests/kernels/test_triton_wquant.py \
+        -k "weight_side" > "$OUT/wside_tests.log" 2>&1
+    grep -E "^E |Error|passed|failed" "$OUT/wside_tests.log" | head -8
+    timeout 500 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes compiled --iters 12 \
+        --settings "QAT dit-xl-2-robuq" --step-weights on --env-variant wside:ROBUQ_QAT_WSIDE_KERNEL=1 \
+        --tag _train_wside_paper > "$OUT/wside_bench.log" 2>&1
+    grep -iE "^\||warn|error" "$OUT/wside_bench.log" | tail -n 8
     ;;
 train-eager)  # the eager QAT rows at the defaults (whole-layer graphs since session 20), ~3 min
     timeout 200 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --no-compile --iters 10 \

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _dit_setup import PAPER, TINY, XL2, build, inputs, policies  # noqa: E402
 
 import robuq_fx  # noqa: E402
-from robuq_fx import qat_step  # noqa: E402
+from robuq_fx import qat_fused, qat_step  # noqa: E402
 from robuq_fx.qat_linear import QATLinear  # noqa: E402
 from robuq_fx.qat_step_layout import _split  # noqa: E402
 
@@ -85,6 +85,13 @@ def main():
         with torch.no_grad():
             qat_step._all_grads(plan.layers, plan.layout, g, plan.c, plan.ab, r_dtypes, needs, act, *masters)
 
+    def eager_fwd_one_kernel():  # ROBUQ_QAT_WSIDE_KERNEL=1's path (kernels/triton_wside.py), op by op
+        qat_fused._WSIDE[0], before = True, qat_fused._WSIDE[0]
+        try:
+            eager_fwd()
+        finally:
+            qat_fused._WSIDE[0] = before
+
     def graphed():
         with ac:
             parts = qat_step.WeightSides.apply(plan, *masters)
@@ -96,7 +103,8 @@ def main():
         with ac, torch.no_grad():
             plan.run_forward(tuple(masters))
 
-    for name, fn in (("forward, op by op", eager_fwd), ("backward, op by op", eager_bwd),
+    for name, fn in (("forward, op by op", eager_fwd), ("forward, op by op, one kernel a layer", eager_fwd_one_kernel),
+                     ("backward, op by op", eager_bwd),
                      ("forward + backward through WeightSides (CUDA graphs, autograd)", graphed),
                      ("forward replay alone (+ its clone)", graphed_fwd)):
         t = _ms(fn)

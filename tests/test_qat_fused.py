@@ -222,3 +222,16 @@ def test_inductor_compiled_qat_equals_eager_under_autocast(name, fused_switch):
     _assert_same(got, want, f"{name}: Inductor vs eager under autocast")
     for k, g in lrb.items():
         torch.testing.assert_close(g, want[2][k], rtol=2 ** -7, atol=2 ** -7 * float(want[2][k].abs().max()))
+
+
+def test_one_kernel_weight_side_switch(monkeypatch):
+    """ROBUQ_QAT_WSIDE_KERNEL is read at each use (bench_dit's --env-variant sets it for one row); an explicit
+    setting overrides it; off by default."""
+    from robuq_fx import qat_fused
+    monkeypatch.setattr(qat_fused, "_WSIDE", [None])
+    monkeypatch.delenv("ROBUQ_QAT_WSIDE_KERNEL", raising=False)
+    assert not qat_fused._wside_on()
+    monkeypatch.setenv("ROBUQ_QAT_WSIDE_KERNEL", "1")
+    assert qat_fused._wside_on()
+    monkeypatch.setattr(qat_fused, "_WSIDE", [False])
+    assert not qat_fused._wside_on()

@@ -63,3 +63,30 @@ def test_qat_step_with_the_kernel_matches_the_torch_math(monkeypatch):
     assert ((y1 - y0).norm() / y0.norm()).item() < 1e-2
     for k in g0:
         assert ((g1[k] - g0[k]).norm() / g0[k].norm().clamp_min(1e-30)).item() < 2e-2, k
+
+
+@pytest.mark.parametrize("bits,rank,k,hb", [(1.58, 32, 1152, 128), (1.58, 0, 4608, 128), (4, 0, 1152, 128),
+                                            (2, 16, 640, 64)])
+def test_weight_side_kernel_equals_the_op_by_op_path(bits, rank, k, hb):
+    """kernels/triton_wside.py (ROBUQ_QAT_WSIDE_KERNEL=1) against `qat_fused._quantized_weight` (cuBLAS W H and A B
+    under bf16 autocast, then the weight kernel): codes >= 99.9% equal (W H and A B summed in another order can move
+    a code at a tie), values within one bf16 step of its scale elsewhere, the rest of the stacked buffer untouched."""
+    from robuq_fx import qat_fused
+    from robuq_fx.kernels import triton_wside as WS
+    from robuq_fx.spec import LayerSpec
+    torch.manual_seed(0)
+    n = 96
+    spec = LayerSpec(w_bits=bits, a_bits=4, hadamard=True, hadamard_block=hb, lora_rank=rank).resolve(k, n)
+    w = torch.randn(n, k, device="cuda") * 0.05
+    up, down = ((torch.randn(n, rank, device="cuda") * 0.1, torch.randn(rank, k, device="cuda") * 0.1) if rank
+                else (None, None))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert WS.supported(w, down, up, spec, torch.bfloat16) is None
+        ref = qat_fused._quantized_weight(w, down, up, spec, torch.bfloat16)[0].float()
+        buf = torch.full((n, k + 7), 3.0, device="cuda", dtype=torch.bfloat16)
+        s = WS.weight_side_rows(w, down, up, spec, torch.bfloat16, buf[:, :k])
+    got = buf[:, :k].float()
+    assert bool((buf[:, k:] == 3).all())
+    codes, ref_codes = torch.round(got / s[:, None]), torch.round(ref / s[:, None])
+    assert (codes == ref_codes).float().mean().item() >= 0.999
+    assert torch.isclose(got, ref, rtol=2 ** -7, atol=0).float().mean().item() >= 0.999

@@ -68,3 +68,116 @@ def test_weight_kernel_builds_for_sm90_with_fp64_scalars(has_ab):
     k = compile_sm90(wq.wquant_rows_kernel, sig, dict(TERNARY=True, HAS_AB=has_ab, RDT=0 if has_ab else 1, SDT=0,
                                                       BLOCK=2048), dict(num_warps=8), gluon=False)
     assert k.asm["cubin"]
+
+
+WSIDE = r"""
+import json
+import torch
+from robuq_fx import quantizers as Q
+from robuq_fx.hadamard import hadamard_matrix
+from robuq_fx.spec import LayerSpec
+from robuq_fx.kernels import triton_launch, triton_wside as WS
+triton_launch._ENABLED = False
+WS.on_device = lambda dev: __import__("contextlib").nullcontext()
+c = torch.float16  # (the interpreter's bf16 is broken; fp16 takes the same path)
+res = []
+for bits, rank, k, hb in ((1.58, 8, 384, 128), (4, 0, 256, 64), (2, 16, 640, 128), (1.58, 0, 96, 32)):
+    torch.manual_seed(k + rank)
+    n = 20
+    spec = LayerSpec(w_bits=bits, a_bits=4, hadamard=True, hadamard_block=hb, lora_rank=rank).resolve(k, n)
+    w = torch.randn(n, k) * 0.05
+    w[0, :3] = 0.5
+    up, down = (torch.randn(n, rank) * 0.1, torch.randn(rank, k) * 0.1) if rank else (None, None)
+    buf = torch.full((n, k + 5), 3.0, dtype=c)
+    s = WS.weight_side_rows(w, down, up, spec, c, buf[:, :k])
+    # the op-by-op path's roundings, written out: W H and A B as 16-bit autocast matmuls give them, R in fp32
+    h = hadamard_matrix(hb, torch.float32).to(c).float()
+    wh = (w.to(c).float().reshape(n, k // hb, hb) @ h).reshape(n, k).to(c).float()
+    r = wh - (up.to(c).float() @ down.to(c).float()).to(c).float() if rank else wh
+    codes, s_ref = Q.quantize_weight(r, bits, "channel", 0, "float32")
+    ref = Q.fake_quant_weight(r, bits, "channel", 0, "float32").to(c)
+    got_codes = torch.round(buf[:, :k].float() / s[:, None]).clamp(-15, 15)
+    res.append({"bits": bits, "rank": rank, "k": k, "hb": hb,
+                "codes": (got_codes == codes.float()).float().mean().item(),
+                "values": (buf[:, :k] == ref).float().mean().item(),
+                "untouched": bool((buf[:, k:] == 3).all()),
+                "scale_rel": ((s - s_ref.reshape(-1)).abs() / s_ref.reshape(-1)).max().item()})
+print(json.dumps(res))
+"""
+
+
+@pytest.mark.skipif(import_or_none("triton_wside") is None, reason="triton does not import here")
+def test_weight_side_kernel_in_the_interpreter_matches_the_op_by_op_math():
+    """kernels/triton_wside.py (W -> Q_w(W H - A B) in one kernel): codes, values and scales against the op-by-op
+    path's roundings written out (16-bit W H and A B, R in fp32), with and without a branch, Hadamard blocks of
+    32-128 and rows padded to 16 blocks; it writes into a slice of a wider buffer and nowhere else."""
+    rows = run_interpreted(WSIDE)
+    assert len(rows) == 4
+    for r in rows:
+        assert r["untouched"], r
+        assert r["codes"] >= 0.999 and r["values"] >= 0.999, r
+        assert r["scale_rel"] <= (1e-6 if r["bits"] == 1.58 else 0.0), r
+
+
+@pytest.mark.skipif(import_or_none("triton_wside") is None, reason="triton does not import here")
+@pytest.mark.parametrize("has_ab,hb,nb", [(True, 128, 16), (False, 128, 64), (True, 64, 32)])
+def test_weight_side_kernel_builds_for_sm90(has_ab, hb, nb):
+    """Offline sm_90 build (no GPU) in bf16, with Inductor's fp64 scalars: DiT-XL/2's rows (K = 1152 -> 16 blocks
+    of 128 padded, K = 4608 -> 64)."""
+    from tests.kernels.sm90 import compile_sm90
+    ws = import_or_none("triton_wside")
+    sig = {"w_ptr": "*fp32", "up_ptr": "*fp32", "down_ptr": "*fp32", "h_ptr": "*bf16", "out_ptr": "*bf16",
+           "scale_ptr": "*fp32", "K": "i32", "RANK": "i32", "stride_w": "i32", "stride_up": "i32",
+           "stride_down": "i32", "stride_o": "i32", "qmax": "fp64", "eps": "fp64"}
+    k = compile_sm90(ws.wside_rows_kernel, sig, dict(TERNARY=True, HAS_AB=has_ab, CDT=1, SDT=0, HB=hb, NB=nb),
+                     dict(num_warps=8), gluon=False)
+    assert k.asm["cubin"]
+
+
+STEP = r"""
+import copy, json
+import torch
+import torch.nn as nn
+import robuq_fx
+from robuq_fx import qat_fused
+from robuq_fx.qat_linear import QATLinear
+from robuq_fx.spec import LayerSpec
+from robuq_fx.kernels import triton_launch, triton_wside as WS
+triton_launch._ENABLED = False
+WS.on_device = lambda dev: __import__("contextlib").nullcontext()
+# CPU tensors in the interpreter: the kernel's own conditions but the device and autocast's device type
+WS.supported = lambda w, down, up, spec, c: None if w.dtype == torch.float32 and w.stride(-1) == 1 else "no"
+torch.manual_seed(3)
+base = nn.Sequential(
+    QATLinear.from_module(nn.Linear(128, 128), LayerSpec(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=64,
+                                                         lora_rank=8).resolve(128, 128)), nn.ReLU(),
+    QATLinear.from_module(nn.Linear(128, 64), LayerSpec(w_bits=4, a_bits=4, hadamard=True,
+                                                        hadamard_block=64).resolve(128, 64)))
+x = torch.randn(3, 10, 128)
+runs, calls = {}, []
+real = WS.weight_side_rows
+WS.weight_side_rows = lambda *a: calls.append(1) or real(*a)
+for on in (False, True):
+    qat_fused._WSIDE[0] = on
+    mod = copy.deepcopy(base)
+    robuq_fx.weight_sides_per_forward(mod)
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = mod(x)
+    y.float().pow(2).sum().backward()
+    runs[on] = (y.detach().float(), {n: p.grad.float() for n, p in mod.named_parameters()})
+(y0, g0), (y1, g1) = runs[False], runs[True]
+rel = lambda a, b: ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+print(json.dumps({"calls": len(calls), "y": rel(y1, y0), "grads": {k: rel(g1[k], g0[k]) for k in g0}}))
+"""
+
+
+@pytest.mark.skipif(import_or_none("triton_wside") is None, reason="triton does not import here")
+def test_weight_sides_with_the_one_kernel_follow_the_op_by_op_step():
+    """`weight_sides_per_forward` with ROBUQ_QAT_WSIDE_KERNEL's path (the kernel in the interpreter, CPU tensors
+    under fp16 autocast): both layers go through it, and the output and every gradient follow the op-by-op step
+    (the kernel writes the stacked weight's first K columns, A beside them; R's gradient keeps its dtype)."""
+    r = run_interpreted(STEP)
+    assert r["calls"] == 2, r
+    assert r["y"] < 2e-3, r
+    for k, v in r["grads"].items():
+        assert v < 2e-2, (k, r)
