@@ -362,23 +362,32 @@ def _backward_parts(g, xq_c, wq, xh, xh_c, down_c, down, up, spec: LayerSpec, xd
 
 
 def _weight_grads(g_wide, p_down, down, up, spec: LayerSpec, k: int, r_dtype, w_dtype, ab, shared_cast: bool,
-                  need_w: bool, g_w_out: torch.Tensor | None = None) -> tuple:
+                  need_w: bool, g_w_out: torch.Tensor | None = None, one_kernel: bool = False) -> tuple:
     """(g_W, g_A, g_B) from the stacked GEMM's weight gradient g_wide = g^T [xq_c, t] and p_down = g_t^T xh_c:
     the backward's weight side, whose other inputs are the masters (what `qat_graph.graphed_grads` replays).
-    g_w_out: where g_W goes (in w_dtype: a slot of the step plan's packed gradients; the cast writes it there)."""
+    g_w_out: where g_W goes (in w_dtype: a slot of the step plan's packed gradients; the cast writes it there).
+    one_kernel (the step plan's, with ROBUQ_QAT_WSIDE_KERNEL=1): g_W and g_R B^T from one read of g_R where
+    `kernels/triton_wside.weight_grads_rows` covers the layer (sums in another order than cuBLAS's)."""
     g_w = g_up = g_down = None
     g_r = _to(g_wide if down is None else g_wide.narrow(1, 0, k), r_dtype)
-    if need_w:
-        g_w = _rotate(g_r, spec)
-        g_w = _to(g_w, w_dtype) if g_w_out is None else g_w_out.copy_(g_w)
+    ws = weight_side_kernel() if one_kernel and need_w and g_w_out is not None and _wside_on() else None
+    down_ab = None if down is None else _to(down, ab)
+    if ws is not None and g_r.dtype == ab and ws.grads_supported(g_r, down_ab, spec, g_w_out) is None:
+        g_w, ab_term = g_w_out, ws.weight_grads_rows(g_r, down_ab, spec, g_w_out)  # ab_term: -g_R B^T, fp32
+    else:
+        ab_term = None
+        if need_w:
+            g_w = _rotate(g_r, spec)
+            g_w = _to(g_w, w_dtype) if g_w_out is None else g_w_out.copy_(g_w)
     if down is not None:
         gr = _to(g_r, ab)
         # R = W H - A B: A B's gradient is -g_R. The products are taken of g_R and negated (a few N x r / r x K
         # values; exact: rounding is symmetric) rather than of a negated copy of the whole (N, K) g_R.
         # A enters the stacked weight through its own cast (not autocast's cached one): its two terms add in A's
         # dtype; B's two products share autocast's cast, so theirs add before the cast back
-        g_up = _to(gr.mm(_to(down, ab).t()).neg_(), up.dtype) + _to(g_wide.narrow(1, k, g_wide.shape[1] - k),
-                                                                     up.dtype)
+        if ab_term is None:
+            ab_term = gr.mm(down_ab.t()).neg_()
+        g_up = _to(ab_term, up.dtype) + _to(g_wide.narrow(1, k, g_wide.shape[1] - k), up.dtype)
         part = _to(up, ab).t().mm(gr).neg_()
         if shared_cast:
             g_down = _to(part + p_down, down.dtype)

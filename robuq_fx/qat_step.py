@@ -93,7 +93,7 @@ def _all_grads(layers: list, layout: list, flat_g: torch.Tensor, c: torch.dtype,
         need_w = need[0]
         g_w_out = slots[len(grads)] if slots is not None and need_w and not layer.transposed else None
         g_w, g_up, g_down = _weight_grads(g_wide, p_down, down, up, layer.module.spec, layer.k, r_dtype, w.dtype,
-                                          ab, ab == c, need_w, g_w_out)
+                                          ab, ab == c, need_w, g_w_out, one_kernel=True)
         if g_w is not None and layer.transposed:
             g_w = g_w.t()
         out = [g_w if need_w else None]

@@ -703,7 +703,7 @@ ws-profile)  # session 23's last call: the weight kernel's GPU tests (two shapes
 train-wside)  # session 23's one-kernel forward weight side (ROBUQ_QAT_WSIDE_KERNEL=1, opt-in): its GPU tests, then the
     # compiled paper row with weight_sides_per_forward without / with it (+wside) in one run (~8 min on a fast host)
     timeout 80 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -p no:logging tests/kernels/test_triton_wquant.py \
-        -k "weight_side" > "$OUT/wside_tests.log" 2>&1
+        -k "weight_side or weight_grads" > "$OUT/wside_tests.log" 2>&1
     grep -E "^E |Error|passed|failed" "$OUT/wside_tests.log" | head -8
     timeout 500 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes compiled --iters 12 \
         --settings "QAT dit-xl-2-robuq" --step-weights on --env-variant wside:ROBUQ_QAT_WSIDE_KERNEL=1 \

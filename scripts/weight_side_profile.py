@@ -19,7 +19,7 @@ from _dit_setup import PAPER, TINY, XL2, build, inputs, policies  # noqa: E402
 import robuq_fx  # noqa: E402
 from robuq_fx import qat_fused, qat_step  # noqa: E402
 from robuq_fx.qat_linear import QATLinear  # noqa: E402
-from robuq_fx.qat_step_layout import _split  # noqa: E402
+from robuq_fx.qat_step_layout import _pack_grads, _packed, _split  # noqa: E402
 
 
 def _ms(fn, iters=5):
@@ -92,6 +92,19 @@ def main():
         finally:
             qat_fused._WSIDE[0] = before
 
+    grads0 = qat_step._all_grads(plan.layers, plan.layout, g, plan.c, plan.ab, r_dtypes, needs, act, *masters)
+    bufs, glayout = _pack_grads(grads0)
+    del grads0
+
+    def eager_bwd_one_kernel():  # the same with the packed buffers' slots, as the captured backward runs
+        qat_fused._WSIDE[0], before = True, qat_fused._WSIDE[0]
+        try:
+            with torch.no_grad():
+                _packed(glayout, bufs, lambda slots: qat_step._all_grads(plan.layers, plan.layout, g, plan.c, plan.ab,
+                                                                         r_dtypes, needs, act, *masters, slots=slots))
+        finally:
+            qat_fused._WSIDE[0] = before
+
     def graphed():
         with ac:
             parts = qat_step.WeightSides.apply(plan, *masters)
@@ -104,7 +117,7 @@ def main():
             plan.run_forward(tuple(masters))
 
     for name, fn in (("forward, op by op", eager_fwd), ("forward, op by op, one kernel a layer", eager_fwd_one_kernel),
-                     ("backward, op by op", eager_bwd),
+                     ("backward, op by op", eager_bwd), ("backward, op by op, one kernel a layer", eager_bwd_one_kernel),
                      ("forward + backward through WeightSides (CUDA graphs, autograd)", graphed),
                      ("forward replay alone (+ its clone)", graphed_fwd)):
         t = _ms(fn)

@@ -78,8 +78,8 @@ def test_a_mutation_is_caught():
     robuq_fx.weight_sides_per_forward(mod)
     real = qat_step._weight_grads
 
-    def wrong(g_wide, p_down, *a):
-        return real(g_wide, None if p_down is None else torch.zeros_like(p_down), *a)
+    def wrong(g_wide, p_down, *a, **kw):
+        return real(g_wide, None if p_down is None else torch.zeros_like(p_down), *a, **kw)
     try:
         qat_step._weight_grads = wrong
         got = _train(mod, x, 1, False)

@@ -14,6 +14,13 @@ and reads them again, and casts W to c first: ~16 bytes an element against this 
 7.7 ms of forward weight-side kernels a DiT-XL/2 step). Its sums run in another order than cuBLAS's, so W H or A B
 can differ from the op-by-op path's in their last bit, and a code at a rounding tie can flip: the tests ask for
 >= 99.9% equal codes, as for the other quantizers.
+
+Backward (`weight_grads_rows`): from the stacked weight's gradient g_wide = [g_R, g_A'] (c), one program a tile of
+16 rows reading g_R once: g_W = rnd_c(g_R . H_c) written in fp32 into the packed gradient's slot, and, with a branch,
+-rnd_c(g_R B_c^T) (the A B term of A's gradient, fp32 sums over K) for the caller to add g_A' to. A^T g_R (B's
+term) stays a cuBLAS GEMM: a sum over rows, which a row tile cannot finish. The op-by-op path copies g_R (a strided
+slice) for the rotation, writes the rotated bf16 gradient and casts it to fp32 again: ~14 bytes an element against
+6 (10.2 ms of backward weight-side kernels a DiT-XL/2 step in session 23, most of them these).
 """
 from __future__ import annotations
 
@@ -108,3 +115,59 @@ def weight_side_rows(w: torch.Tensor, down, up, spec, c: torch.dtype, out: torch
                     SDT=_CODE[getattr(torch, spec.scale_dtype)], HB=hb, NB=nb),
                dict(num_warps=4 if nb * hb <= 2048 else 8))
     return scale
+
+
+@triton.jit
+def wgrad_rows_kernel(g_ptr, h_ptr, down_ptr, gw_ptr, gup_ptr, N, K, RANK, stride_g, stride_down, stride_gw,
+                      stride_gup, HAS_AB: tl.constexpr, CDT: tl.constexpr, HB: tl.constexpr, BM: tl.constexpr,
+                      RP: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    rmask = rows[:, None] < N
+    cols = tl.arange(0, HB)
+    h = tl.load(h_ptr + cols[:, None] * HB + cols[None, :])  # H in c
+    ranks = tl.arange(0, RP)
+    acc = tl.zeros([BM, RP], dtype=tl.float32)
+    for b in range(0, K // HB):
+        kc = b * HB + cols
+        g = tl.load(g_ptr + rows[:, None] * stride_g + kc[None, :], mask=rmask, other=0.0)
+        gw = _round_to(tl.dot(g, h, out_dtype=tl.float32), CDT)
+        tl.store(gw_ptr + rows[:, None] * stride_gw + kc[None, :], gw, mask=rmask)
+        if HAS_AB:
+            bt = tl.load(down_ptr + ranks[None, :] * stride_down + kc[:, None], mask=ranks[None, :] < RANK,
+                         other=0.0)  # B_c^T's block (HB, RP)
+            acc += tl.dot(g, bt, out_dtype=tl.float32)
+    if HAS_AB:
+        tl.store(gup_ptr + rows[:, None] * stride_gup + ranks[None, :], -_round_to(acc, CDT),
+                 mask=rmask & (ranks[None, :] < RANK))
+
+
+def grads_supported(g_r: torch.Tensor, down_c, spec, g_w_out: torch.Tensor) -> str | None:
+    """None where `weight_grads_rows` computes this layer's weight gradients, else why not."""
+    if not g_r.is_cuda or g_r.dtype not in (torch.bfloat16, torch.float16) or g_r.stride(-1) != 1:
+        return "not a 16-bit CUDA gradient with contiguous rows"
+    if g_w_out is None or g_w_out.dtype != torch.float32 or g_w_out.shape != g_r.shape or g_w_out.stride(-1) != 1:
+        return "no fp32 slot for the weight's gradient"
+    if not spec.hadamard or spec.hadamard_block not in (16, 32, 64, 128) or g_r.shape[1] % spec.hadamard_block:
+        return "no Hadamard block of 16-128 dividing in_features"
+    if down_c is not None and (down_c.dtype != g_r.dtype or down_c.shape[0] > MAX_RANK or down_c.stride(-1) != 1):
+        return "branch factor B"
+    return None
+
+
+def weight_grads_rows(g_r: torch.Tensor, down_c, spec, g_w_out: torch.Tensor):
+    """g_W = rnd_c(g_R H) into g_w_out (fp32, (N, K)); returns -rnd_c(g_R B_c^T) in fp32 (N, r), or None without a
+    branch. g_r: (N, K) in c, rows contiguous (a slice of g_wide); down_c: B in c (r, K)."""
+    n, k = g_r.shape
+    hb = spec.hadamard_block
+    h = hadamard_matrix(hb, torch.float32, g_r.device).to(g_r.dtype)
+    has_ab = down_c is not None
+    rank = down_c.shape[0] if has_ab else 0
+    g_up = torch.empty(n, rank, device=g_r.device, dtype=torch.float32) if has_ab else None
+    bm = 16
+    with on_device(g_r.device):
+        launch(wgrad_rows_kernel, (triton.cdiv(n, bm),),
+               (g_r, h, down_c if has_ab else g_r, g_w_out, g_up if has_ab else g_w_out, n, k, rank, g_r.stride(0),
+                down_c.stride(0) if has_ab else 0, g_w_out.stride(0), g_up.stride(0) if has_ab else 0),
+               dict(HAS_AB=has_ab, CDT=_CODE[g_r.dtype], HB=hb, BM=bm, RP=max(16, triton.next_power_of_2(rank))),
+               dict(num_warps=4))
+    return g_up

@@ -90,3 +90,33 @@ def test_weight_side_kernel_equals_the_op_by_op_path(bits, rank, k, hb):
     codes, ref_codes = torch.round(got / s[:, None]), torch.round(ref / s[:, None])
     assert (codes == ref_codes).float().mean().item() >= 0.999
     assert torch.isclose(got, ref, rtol=2 ** -7, atol=0).float().mean().item() >= 0.999
+
+
+@pytest.mark.parametrize("n,k,rank", [(1152, 1152, 32), (4608, 1152, 0), (1152, 4608, 32), (100, 640, 16)])
+def test_weight_grads_kernel_equals_the_op_by_op_path(n, k, rank):
+    """kernels/triton_wside.weight_grads_rows against the op-by-op backward weight side (`qat_fused._weight_grads`
+    with the kernel off): g_W and A's gradient within bf16 rounding (>= 99.9% of g_W equal: the rotation's sums run
+    in another order than cuBLAS's), B's untouched by the kernel."""
+    from robuq_fx import qat_fused
+    from robuq_fx.spec import LayerSpec
+    torch.manual_seed(0)
+    spec = LayerSpec(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=128, lora_rank=rank).resolve(k, n)
+    g_wide = torch.randn(n, k + rank, device="cuda", dtype=torch.bfloat16) * 0.01
+    p_down = torch.randn(rank, k, device="cuda", dtype=torch.bfloat16) * 0.01 if rank else None
+    down = torch.randn(rank, k, device="cuda") * 0.1 if rank else None
+    up = torch.randn(n, rank, device="cuda") * 0.1 if rank else None
+    args = (g_wide, p_down, down, up, spec, k, torch.bfloat16, torch.float32, torch.bfloat16, True, True)
+    want = qat_fused._weight_grads(*args)
+    slot = torch.full((n, k), 5.0, device="cuda")
+    before = qat_fused._WSIDE[0]
+    qat_fused._WSIDE[0] = True
+    try:
+        got = qat_fused._weight_grads(*args, g_w_out=slot, one_kernel=True)
+    finally:
+        qat_fused._WSIDE[0] = before
+    assert got[0] is slot
+    assert (got[0] == want[0]).float().mean().item() >= 0.999
+    assert ((got[0] - want[0]).norm() / want[0].norm()).item() < 1e-2
+    if rank:
+        assert ((got[1] - want[1]).norm() / want[1].norm()).item() < 1e-2
+        assert torch.equal(got[2], want[2])

@@ -147,6 +147,13 @@ triton_launch._ENABLED = False
 WS.on_device = lambda dev: __import__("contextlib").nullcontext()
 # CPU tensors in the interpreter: the kernel's own conditions but the device and autocast's device type
 WS.supported = lambda w, down, up, spec, c: None if w.dtype == torch.float32 and w.stride(-1) == 1 else "no"
+WS.grads_supported = lambda g_r, down_c, spec, g_w_out: None if g_w_out is not None else "no"
+# the step's graphs with the stand-in backend (a replay calls the captured function: the backward's slots, where
+# the gradient kernel writes, exist only there)
+from robuq_fx import qat_graph, qat_step
+from tests.qat_testing import Replays
+qat_graph._BACKEND[0] = Replays()
+qat_step._use_graphs = lambda t: True
 torch.manual_seed(3)
 base = nn.Sequential(
     QATLinear.from_module(nn.Linear(128, 128), LayerSpec(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=64,
@@ -154,30 +161,95 @@ base = nn.Sequential(
     QATLinear.from_module(nn.Linear(128, 64), LayerSpec(w_bits=4, a_bits=4, hadamard=True,
                                                         hadamard_block=64).resolve(128, 64)))
 x = torch.randn(3, 10, 128)
-runs, calls = {}, []
-real = WS.weight_side_rows
+runs, calls, gcalls = {}, [], []
+real, real_g = WS.weight_side_rows, WS.weight_grads_rows
 WS.weight_side_rows = lambda *a: calls.append(1) or real(*a)
+WS.weight_grads_rows = lambda *a: gcalls.append(1) or real_g(*a)
 for on in (False, True):
     qat_fused._WSIDE[0] = on
     mod = copy.deepcopy(base)
     robuq_fx.weight_sides_per_forward(mod)
-    with torch.autocast("cpu", dtype=torch.float16):
-        y = mod(x)
-    y.float().pow(2).sum().backward()
+    opt = torch.optim.SGD(mod.parameters(), lr=0.1)
+    for step in range(2):  # step 1 computes and captures, step 2 replays (the slots: the gradient kernel)
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            y = mod(x)
+        y.float().pow(2).sum().backward()
+        if step == 0:
+            opt.step()
     runs[on] = (y.detach().float(), {n: p.grad.float() for n, p in mod.named_parameters()})
 (y0, g0), (y1, g1) = runs[False], runs[True]
 rel = lambda a, b: ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-print(json.dumps({"calls": len(calls), "y": rel(y1, y0), "grads": {k: rel(g1[k], g0[k]) for k in g0}}))
+print(json.dumps({"calls": len(calls), "gcalls": len(gcalls), "y": rel(y1, y0),
+                  "grads": {k: rel(g1[k], g0[k]) for k in g0}}))
 """
 
 
 @pytest.mark.skipif(import_or_none("triton_wside") is None, reason="triton does not import here")
 def test_weight_sides_with_the_one_kernel_follow_the_op_by_op_step():
-    """`weight_sides_per_forward` with ROBUQ_QAT_WSIDE_KERNEL's path (the kernel in the interpreter, CPU tensors
-    under fp16 autocast): both layers go through it, and the output and every gradient follow the op-by-op step
-    (the kernel writes the stacked weight's first K columns, A beside them; R's gradient keeps its dtype)."""
+    """`weight_sides_per_forward` with ROBUQ_QAT_WSIDE_KERNEL's path (the kernels in the interpreter, CPU tensors
+    under fp16 autocast, the step's graphs with the stand-in backend): both layers go through both kernels, and the
+    output and every gradient of the second step follow the op-by-op step (the forward kernel writes the stacked
+    weight's first K columns, A beside them; the backward one g_W into its slot and A's A B term)."""
     r = run_interpreted(STEP)
-    assert r["calls"] == 2, r
+    # forward: 2 layers x (step 1, step 2's replay); backward: 2 layers in step 2's replay
+    assert r["calls"] == 4 and r["gcalls"] == 2, r
     assert r["y"] < 2e-3, r
     for k, v in r["grads"].items():
         assert v < 2e-2, (k, r)
+
+
+WGRAD = r"""
+import json
+import torch
+from robuq_fx.hadamard import hadamard_matrix
+from robuq_fx.spec import LayerSpec
+from robuq_fx.kernels import triton_launch, triton_wside as WS
+triton_launch._ENABLED = False
+WS.on_device = lambda dev: __import__("contextlib").nullcontext()
+c = torch.float16
+res = []
+for n, k, rank, hb in ((40, 256, 8, 128), (16, 192, 0, 64), (33, 96, 32, 32)):
+    torch.manual_seed(n + k)
+    spec = LayerSpec(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=hb, lora_rank=rank).resolve(k, n)
+    g_wide = (torch.randn(n, k + rank) * 0.01).to(c)
+    g_r = g_wide[:, :k]                                  # a strided slice, as the step passes it
+    down_c = (torch.randn(rank, k) * 0.1).to(c) if rank else None
+    slot = torch.full((n, k), 5.0)
+    ab = WS.weight_grads_rows(g_r, down_c, spec, slot)
+    h = hadamard_matrix(hb, torch.float32).to(c).float()
+    want_w = (g_r.float().reshape(n, k // hb, hb) @ h).reshape(n, k).to(c).float()
+    row = {"n": n, "k": k, "rank": rank, "w_equal": (slot == want_w).float().mean().item(),
+           "w_rel": ((slot - want_w).norm() / want_w.norm()).item()}
+    if rank:
+        want_ab = -(g_r.float() @ down_c.float().t()).to(c).float()
+        row["ab_rel"] = ((ab - want_ab).norm() / want_ab.norm()).item()
+    else:
+        row["ab_none"] = ab is None
+    res.append(row)
+print(json.dumps(res))
+"""
+
+
+@pytest.mark.skipif(import_or_none("triton_wside") is None, reason="triton does not import here")
+def test_weight_grads_kernel_in_the_interpreter_matches_the_op_by_op_math():
+    """kernels/triton_wside.weight_grads_rows: g_W = rnd_c(g_R H) in fp32 and -rnd_c(g_R B^T) from a strided g_R,
+    with a partial last row tile and ranks padded to 16, against the op-by-op formulas."""
+    rows = run_interpreted(WGRAD)
+    assert len(rows) == 3
+    for r in rows:
+        assert r["w_equal"] >= 0.999 and r["w_rel"] < 1e-3, r
+        assert r.get("ab_none", True) and r.get("ab_rel", 0.0) < 1e-3, r
+
+
+@pytest.mark.skipif(import_or_none("triton_wside") is None, reason="triton does not import here")
+@pytest.mark.parametrize("has_ab", [True, False])
+def test_weight_grads_kernel_builds_for_sm90(has_ab):
+    from tests.kernels.sm90 import compile_sm90
+    ws = import_or_none("triton_wside")
+    sig = {"g_ptr": "*bf16", "h_ptr": "*bf16", "down_ptr": "*bf16", "gw_ptr": "*fp32", "gup_ptr": "*fp32",
+           "N": "i32", "K": "i32", "RANK": "i32", "stride_g": "i32", "stride_down": "i32", "stride_gw": "i32",
+           "stride_gup": "i32"}
+    k = compile_sm90(ws.wgrad_rows_kernel, sig, dict(HAS_AB=has_ab, CDT=1, HB=128, BM=16, RP=32),
+                     dict(num_warps=4), gluon=False)
+    assert k.asm["cubin"]
