@@ -115,10 +115,21 @@ def _no_cast_cache(device: torch.device, autocast_dtype):
 
 
 class _Graph:
-    __slots__ = ("graph", "inputs", "out")
+    __slots__ = ("graph", "inputs", "out", "base")
 
     def __init__(self, graph, inputs: tuple, out: tuple):
         self.graph, self.inputs, self.out = graph, inputs, out
+        self.base = _holders(out)  # (own output buffers) how many hold them when nothing outside does
+
+    def free(self) -> bool:
+        """Nothing but the graph holds its output buffers (no view of them alive): a replay may write them and hand
+        out views without a copy (`replay_graph(..., clone=False)`)."""
+        return _holders(self.out) == self.base
+
+
+def _holders(out: tuple) -> tuple:
+    """The use count of each output tensor's storage (every tensor or view made of it holds one)."""
+    return tuple(torch._C._storage_Use_Count(t.untyped_storage()._cdata) for t in out if isinstance(t, torch.Tensor))
 
 
 class _Owner:
@@ -190,17 +201,22 @@ def _copy_in(bufs: tuple, tensors: tuple) -> None:
             buf.copy_(t)
 
 
-def capture_graph(name: str, fn, copy_in: tuple, result: tuple, what: str, into: bool = False) -> tuple:
+def capture_graph(name: str, fn, copy_in: tuple, result: tuple, what: str, into: bool = False,
+                  own_outs: bool = False) -> tuple:
     """(a _Graph of fn, None) or (None, the exception) where the capture failed. The graph reads per-shape buffers
     like copy_in's tensors (filled from them now; Nones stay None) and writes per-shape buffers like result's tensors
     (its constants kept as they are): fn(*inputs) must return what result holds. into: fn is called with outs= those
     buffers and may write its results there itself (a result that is its buffer is not copied again: the step plan's
-    flat weight sides and packed gradients, 1.35 and 2.7 GB for DiT-XL/2). A failed capture that left the CUDA
-    generator in capture mode raises instead, naming `what`."""
+    flat weight sides and packed gradients, 1.35 and 2.7 GB for DiT-XL/2). own_outs: the graph writes buffers of its
+    own, not the per-shape ones graphs of other layers share (a replay may then hand them out uncopied while they
+    are free: `_Graph.free`). A failed capture that left the CUDA generator in capture mode raises instead, naming
+    `what`."""
     dev = next(t.device for t in (*copy_in, *result) if isinstance(t, torch.Tensor))
     inputs = tuple(None if t is None else _static(dev, t, f"{name}.in{i}") for i, t in enumerate(copy_in))
     _copy_in(inputs, copy_in)
-    outs = tuple(_static(dev, r, f"{name}.out{i}") if isinstance(r, torch.Tensor) else r for i, r in enumerate(result))
+    with torch.inference_mode(False):  # normal tensors even when made under inference_mode: written later
+        outs = tuple((torch.empty_like(r) if own_outs else _static(dev, r, f"{name}.out{i}"))
+                     if isinstance(r, torch.Tensor) else r for i, r in enumerate(result))
 
     def run():
         for t, r in zip(outs, fn(*inputs, outs=outs) if into else fn(*inputs)):
@@ -218,11 +234,12 @@ def capture_graph(name: str, fn, copy_in: tuple, result: tuple, what: str, into:
     return _Graph(graph, inputs, outs), None
 
 
-def replay_graph(g: _Graph, copy_in: tuple, device: torch.device) -> tuple:
-    """g run on copy_in (copied into its buffers): copies of the buffers it writes, and its constants."""
+def replay_graph(g: _Graph, copy_in: tuple, device: torch.device, clone: bool = True) -> tuple:
+    """g run on copy_in (copied into its buffers): copies of the buffers it writes (the buffers themselves with
+    clone=False: the caller checked `g.free()`), and its constants."""
     _copy_in(g.inputs, copy_in)
     backend().replay(g.graph, device)
-    return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in g.out)
+    return tuple(t.clone() if clone and isinstance(t, torch.Tensor) else t for t in g.out)
 
 
 def _replayed(table, name: str, owner, compute, copy_in: tuple, args: tuple) -> tuple:

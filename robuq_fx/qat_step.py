@@ -110,7 +110,8 @@ def _use_graphs(t: torch.Tensor) -> bool:
     return qat_graph.usable(t)
 
 
-MAX_GRAPH_KEYS = 64  # CUDA graphs kept a direction per Plan (`Plan._room`)
+MAX_GRAPH_KEYS = 64  # keys with CUDA graphs a direction per Plan (`Plan._room`)
+GRAPHS_PER_KEY = 3  # graphs (each with its own output buffers) a key: `Plan._free_graph`
 
 
 class WeightSides(torch.autograd.Function):
@@ -199,11 +200,11 @@ class Plan:
         if self.graphs_off or not _use_graphs(masters[0]):
             return _all_sides(self.layers, self.layout, c, act, *masters)
         key = (tuple(t.data_ptr() for t in masters), c, act, qat_graph._autocast_dtype(masters[0].device))
-        graph = self._fwd_graphs.get(key)
-        if graph is not None:
-            return qat_graph.replay_graph(graph, (), masters[0].device)
+        graph = self._free_graph(self._fwd_graphs, key)
+        if graph is not None:  # its buffers handed out as they are: nothing else holds them
+            return qat_graph.replay_graph(graph, (), masters[0].device, clone=False)
         result = _all_sides(self.layers, self.layout, c, act, *masters)
-        if self._room(self._fwd_graphs):
+        if self._room(self._fwd_graphs, key):
             self._capture(self._fwd_graphs, key, "step weight sides",
                           lambda outs: _all_sides(self.layers, self.layout, c, act, *masters, flat=outs[0]), (),
                           result)
@@ -219,39 +220,54 @@ class Plan:
         if self.graphs_off or not _use_graphs(g_parts[0]):
             return compute(torch.cat(flat))
         key = (tuple(t.data_ptr() for t in masters), c, ab, r_dtypes, needs, act, g_parts[0].dtype)
-        graph = self._bwd_graphs.get(key)
-        if graph is not None:
+        graph = self._free_graph(self._bwd_graphs, key)
+        if graph is not None:  # (the gradients' buffers are free: no .grad or other view of them alive)
             torch.cat(flat, out=graph.inputs[0])  # straight into the buffer the graph reads
-            *flats, layout = qat_graph.replay_graph(graph, (graph.inputs[0],), g_parts[0].device)
+            *flats, layout = qat_graph.replay_graph(graph, (graph.inputs[0],), g_parts[0].device, clone=False)
             return _views(flats, layout)
         g_flat = torch.cat(flat)
         result = compute(g_flat)
         flats, layout = _pack_grads(result)
-        # the gradients packed one flat buffer a dtype: a replay is copied out in one launch a dtype
-        if self._room(self._bwd_graphs):  # the weights' gradients written in the packed buffers as they are cast
+        # the gradients packed one flat buffer a dtype: a replay hands out views of them
+        if self._room(self._bwd_graphs, key):  # the weights' gradients written in the packed buffers as they are cast
             self._capture(self._bwd_graphs, key, "step weight grads",
                           lambda buf, outs: (*_packed(layout, outs[:-1], lambda slots: compute(buf, slots)), layout),
                           (g_flat,), (*flats, layout))
         return result
 
-    def _room(self, graphs: dict) -> bool:
-        """Whether another key may get its graph (MAX_GRAPH_KEYS a direction; past it, one warning and the new keys
-        computed op by op: masters that keep moving, or more module instances than that sharing one graph)."""
-        if len(graphs) < MAX_GRAPH_KEYS:
+    @staticmethod
+    def _free_graph(graphs: dict, key):
+        """A graph of this key whose output buffers nothing else holds (`qat_graph._Graph.free`), or None. A key
+        has up to GRAPHS_PER_KEY graphs, each with buffers of its own: one while each forward's weights are done
+        with before the next forward, and each backward's gradients before the next backward (`zero_grad` setting
+        them to None); more where they overlap (forwards before a backward, gradients kept across steps)."""
+        for g in graphs.get(key, ()):
+            if g.free():
+                return g
+        return None
+
+    def _room(self, graphs: dict, key) -> bool:
+        """Whether this key may get another graph: GRAPHS_PER_KEY a key, MAX_GRAPH_KEYS keys a direction; past
+        either, one warning and op by op (masters that keep moving, more module instances than that sharing one
+        graph, or more forwards before a backward than that)."""
+        have = graphs.get(key, ())
+        if len(have) < GRAPHS_PER_KEY and (have or len(graphs) < MAX_GRAPH_KEYS):
             return True
         if not self.warned_keys:
             self.warned_keys = True
-            warnings.warn(f"weight_sides_per_forward: CUDA graphs of the weight sides kept for {MAX_GRAPH_KEYS} sets "
-                          f"of masters; new ones are computed op by op", RuntimeWarning, stacklevel=4)
+            why = (f"{GRAPHS_PER_KEY} sets of buffers still in use (forwards before a backward, or gradients kept "
+                   f"across steps)" if have else f"CUDA graphs kept for {MAX_GRAPH_KEYS} sets of masters")
+            warnings.warn(f"weight_sides_per_forward: {why}; the weight sides are computed op by op for now",
+                          RuntimeWarning, stacklevel=4)
         return False
 
     def _capture(self, graphs: dict, key, name: str, fn, copy_in: tuple, result: tuple) -> None:
         """graphs[key] = the graph of fn(*copy_in, outs) (qat_graph.capture_graph; fn writes into the graph's output
         buffers); a failed capture turns the plan's graphs off."""
         g, _ = qat_graph.capture_graph(name, lambda *a, outs: fn(*a, outs), copy_in, result,
-                                       "the weight sides of weight_sides_per_forward", into=True)
+                                       "the weight sides of weight_sides_per_forward", into=True, own_outs=True)
         if g is not None:
-            graphs[key] = g
+            graphs.setdefault(key, []).append(g)
             return
         self.graphs_off = True
         warnings.warn("weight_sides_per_forward: a CUDA graph of the weight sides could not be captured; they are "

@@ -179,6 +179,73 @@ def test_graphed_weight_sides_write_in_place(monkeypatch):
     assert slotted and sum(slotted) == 3 * len(slotted) // 4, seen["w_out"]
 
 
+def _scenario(mod, x, kind):
+    """Gradients (and outputs) of a training pattern in which the weight sides' buffers are still held when the
+    next forward or backward comes: what a replay must not write over."""
+    opt = torch.optim.SGD(mod.parameters(), lr=0.05)
+    got = []
+    for i in range(4):
+        if kind == "two forwards":  # both losses made before one backward
+            ys = [mod(x), mod(x * 0.5)]
+            (ys[0].pow(2).mean() + ys[1].pow(2).mean()).backward()
+        elif kind == "retain_graph":  # a second backward through the first graph after another step's
+            y1 = mod(x)
+            y1.pow(2).mean().backward(retain_graph=True)
+            y2 = mod(x * 0.5)
+            y2.pow(2).mean().backward()
+            y1.pow(2).mean().backward()
+            ys = [y1, y2]
+        else:  # "kept gradients": from the second step on zero_grad keeps them (a replay's views by then)
+            ys = [mod(x)]
+            ys[0].pow(2).mean().backward()
+        got.append(([y.detach().clone() for y in ys], {n: p.grad.clone() for n, p in mod.named_parameters()}))
+        opt.step()
+        opt.zero_grad(set_to_none=kind != "kept gradients" or i == 0)
+    return got
+
+
+@pytest.mark.parametrize("kind", ["two forwards", "retain_graph", "kept gradients"])
+def test_replays_never_write_buffers_in_use(monkeypatch, kind):
+    """A replay hands out its graph's buffers without a copy only while nothing else holds them; where the last
+    forward's weights or the last backward's gradients are still held, a key's next graph (own buffers) runs, and
+    the results equal the graph-less run's bit for bit (the stand-in replays rerun the same function)."""
+    base = Net()
+    x = torch.randn(3, 10, 128)
+    mod0 = copy.deepcopy(base)
+    robuq_fx.weight_sides_per_forward(mod0)
+    want = _scenario(mod0, x, kind)
+    be = Replays()
+    monkeypatch.setattr(qat_graph, "_BACKEND", [be])
+    monkeypatch.setattr(qat_step, "_use_graphs", lambda t: True)
+    clones = []
+    real = qat_graph.replay_graph
+    monkeypatch.setattr(qat_graph, "replay_graph", lambda *a, **kw: clones.append(kw.get("clone", True))
+                        or real(*a, **kw))
+    mod = copy.deepcopy(base)
+    robuq_fx.weight_sides_per_forward(mod)
+    got = _scenario(mod, x, kind)
+    for (ya, ga), (yb, gb) in zip(got, want):
+        for a, b in zip(ya, yb):
+            assert torch.equal(a, b)
+        for k in gb:
+            assert torch.equal(ga[k], gb[k]), k
+    assert clones and not any(clones)  # never copied out: a busy buffer gets another graph instead
+    assert be.replays and be.captures > 2  # (more than one graph a direction)
+
+
+def test_steady_training_replays_without_copies(monkeypatch):
+    """Forward, backward, step, zero_grad(set_to_none=True): one graph a direction, replayed every step after the
+    first, its buffers handed out as they are."""
+    be = Replays()
+    want, mod, x = _graph_less_and_hooked(monkeypatch, be, 4)
+    clones = []
+    real = qat_graph.replay_graph
+    monkeypatch.setattr(qat_graph, "replay_graph", lambda *a, **kw: clones.append(kw.get("clone", True))
+                        or real(*a, **kw))
+    _close(_train(mod, x, 4, False), want, rtol=0, atol=0)
+    assert be.captures == 2 and clones == [False] * 6
+
+
 def test_compiled_step_compiles_once_and_matches_eager(monkeypatch):
     base = Net()
     x = torch.randn(3, 10, 128)
