@@ -124,9 +124,9 @@
 # holds about two (policy, batch) rows. Session 24's plan (one H200; one bench_dit run a call, sent alone; session 23
 # ran backend-step, STEPW qat-profile and ws-profile, see docs/gpu.md):
 #   1. verify23 none (~2.5 min: the fp32 weight quantization and the weight kernel's split / in-place forms, on by
-#                   default since session 23 but only 3 of their GPU tests run: test_triton_wquant.py in full,
-#                   test_qat_fused / test_qat_step on CUDA)
-#   2. ws-profile (~2 min: the weight sides after 87d5979's in-place gradients and g_R products; session 23 at
+#                   default since session 23 but only 3 of their GPU tests run; the one-kernel weight sides'
+#                   tests (opt-in); the step's graphs handing out their buffers uncopied (test_qat_step on CUDA))
+#   2. ws-profile (~2 min: the weight sides after session 23's copy removals and with the one-kernel forms; at
 #                   8ffcfa6: 27.3 ms of kernels a step through the graphs, 17.8 op by op)
 #   3. train-wside (the compiled paper row with weight_sides_per_forward, with and without ROBUQ_QAT_WSIDE_KERNEL=1:
 #                   the forward weight side in one kernel, kernels/triton_wside.py, opt-in; 1.413x in session 22)
