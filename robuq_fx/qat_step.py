@@ -39,7 +39,8 @@ import torch.nn as nn
 
 from . import qat_graph
 from .kernels import qat_act
-from .qat_fused import _to, _weight_grads, _weight_side
+from .ops import weight_side_kernel
+from .qat_fused import _to, _weight_grads, _weight_side, _wside_on
 from .qat_linear import QATLinear
 from .qat_step_layout import (_Layer, _layout, _master_spans, _masters, _numel, _pack_grads, _packed, _per_layer,
                               _shapes, _split, _unpack, _views)
@@ -156,6 +157,7 @@ class Plan:
         # instance where the compile backend runs one graph for several blocks (backend/weight_sides.py)
         self._fwd_graphs: dict = {}
         self._bwd_graphs: dict = {}
+        self._wside_checked: set = set()  # (matmul dtype, autocast dtype) checked (`_check_wside`)
 
     def masters(self) -> list:
         return [t for m in self.modules for t in _masters(m)]
@@ -195,8 +197,26 @@ class Plan:
             warnings.warn(f"ROBUQ_QAT_ACT_KERNEL: {sum(w in left for w in whynot)} of {len(whynot)} QAT layers keep "
                           f"the op graph's activation side ({'; '.join(sorted(left))})", RuntimeWarning, stacklevel=3)
 
+    def _check_wside(self, masters: tuple) -> None:
+        """With ROBUQ_QAT_WSIDE_KERNEL=1 (an explicit request): one warning naming the layers whose weight side the
+        one-kernel form does not cover, and why (they keep the op-by-op form, the same math)."""
+        key = (self.c, qat_graph._autocast_dtype(masters[0].device))
+        if key in self._wside_checked or not _wside_on():
+            return
+        self._wside_checked.add(key)
+        ws = weight_side_kernel()
+        why = []
+        for layer, span in _master_spans(self.layers):
+            w, down, up, _ = _unpack(layer, list(masters[span]))
+            why.append("triton does not import" if ws is None else ws.supported(w, down, up, layer.module.spec, self.c))
+        left = [w for w in why if w is not None]
+        if left:
+            warnings.warn(f"ROBUQ_QAT_WSIDE_KERNEL: {len(left)} of {len(why)} QAT layers keep the op-by-op weight side "
+                          f"({'; '.join(sorted(set(left)))})", RuntimeWarning, stacklevel=4)
+
     def run_forward(self, masters: tuple) -> tuple:
         c, act = self.c, self.act
+        self._check_wside(masters)
         if self.graphs_off or not _use_graphs(masters[0]):
             return _all_sides(self.layers, self.layout, c, act, *masters)
         key = (tuple(t.data_ptr() for t in masters), c, act, qat_graph._autocast_dtype(masters[0].device))

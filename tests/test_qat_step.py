@@ -246,6 +246,26 @@ def test_steady_training_replays_without_copies(monkeypatch):
     assert be.captures == 2 and clones == [False] * 6
 
 
+def test_one_kernel_switch_names_the_layers_it_leaves(monkeypatch):
+    """ROBUQ_QAT_WSIDE_KERNEL=1 where the one-kernel weight side does not apply (here: CPU tensors): one warning a
+    (matmul dtype, autocast) setting naming how many layers keep the op-by-op form and why; results unchanged."""
+    import warnings
+    from robuq_fx import qat_fused
+    base = Net()
+    x = torch.randn(3, 10, 128)
+    want = _train(copy.deepcopy(base), x, 1, False)
+    monkeypatch.setattr(qat_fused, "_WSIDE", [True])
+    mod = copy.deepcopy(base)
+    robuq_fx.weight_sides_per_forward(mod)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        got = _train(mod, x, 2, False)
+    named = [str(m.message) for m in w if "ROBUQ_QAT_WSIDE_KERNEL" in str(m.message)]
+    assert len(named) == 1 and "4 of 4 QAT layers" in named[0], named
+    assert "not a CUDA tensor" in named[0] or "triton does not import" in named[0], named
+    _close(got[:1], want, rtol=0, atol=0)
+
+
 def test_compiled_step_compiles_once_and_matches_eager(monkeypatch):
     base = Net()
     x = torch.randn(3, 10, 128)
