@@ -55,6 +55,7 @@
 #   scripts/gpu_session.sh verify23 [S..]    session 23's fp32 weight quantization tests, then STEPW qat-profile of S
 #   scripts/gpu_session.sh ws-profile       weight-kernel GPU tests, then where the step weight sides' GPU time goes
 #   scripts/gpu_session.sh train-wside      the one-kernel forward weight side: GPU tests, paper row without / with it
+#   scripts/gpu_session.sh s24a             session 23's CPU-built changes: their GPU tests, then weight_side_profile
 #   scripts/gpu_session.sh backend-tests    GPU tests of the backend's weight_sides="step" and of the act op
 #   scripts/gpu_session.sh actk2            session 22: the act op's GPU tests, scripts/actk_diag.py, then the paper
 #                                           step with weight_sides_per_forward with / without the act op (two runs)
@@ -123,7 +124,7 @@
 # GPU) for the device time of one: use it. A cold compile of the paper policy takes ~3-4 min on the machine: a call
 # holds about two (policy, batch) rows. Session 24's plan (one H200; one bench_dit run a call, sent alone; session 23
 # ran backend-step, STEPW qat-profile and ws-profile, see docs/gpu.md):
-#   1. verify23 none (~2.5 min: the fp32 weight quantization and the weight kernel's split / in-place forms, on by
+#   1. s24a (~5 min: steps 1 and 2 in one call), or separately: verify23 none (~2.5 min: the fp32 weight quantization and the weight kernel's split / in-place forms, on by
 #                   default since session 23 but only 3 of their GPU tests run; the one-kernel weight sides'
 #                   tests (opt-in); the step's graphs handing out their buffers uncopied (test_qat_step on CUDA))
 #   2. ws-profile (~2 min: the weight sides after session 23's copy removals and with the one-kernel forms; at
@@ -709,6 +710,15 @@ train-wside)  # session 23's one-kernel forward weight side (ROBUQ_QAT_WSIDE_KER
         --settings "QAT dit-xl-2-robuq" --step-weights on --env-variant wside:ROBUQ_QAT_WSIDE_KERNEL=1 \
         --tag _train_wside_paper > "$OUT/wside_bench.log" 2>&1
     grep -iE "^\||warn|error" "$OUT/wside_bench.log" | tail -n 8
+    ;;
+s24a)  # session 24's first call (~5 min): session 23's CPU-built changes on the GPU (verify23's tests, the one-kernel
+    # weight sides' tests, the uncopied replays through test_qat_step on CUDA), then scripts/weight_side_profile.py
+    timeout 200 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -p no:logging tests/kernels/test_triton_wquant.py \
+        tests/test_qat_fused.py tests/test_qat_step.py tests/test_backend.py -k "cuda or act_op or kernel or weight" \
+        > "$OUT/s24a_tests.log" 2>&1
+    grep -E "^E |Error|passed|failed" "$OUT/s24a_tests.log" | head -16
+    timeout 200 python3 scripts/weight_side_profile.py --out "$OUT" > "$OUT/ws_profile.log" 2>&1
+    tail -n 90 "$OUT/ws_profile.log"
     ;;
 train-eager)  # the eager QAT rows at the defaults (whole-layer graphs since session 20), ~3 min
     timeout 200 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --no-compile --iters 10 \
