@@ -117,7 +117,8 @@ def main():
             plan.run_forward(tuple(masters))
 
     for name, fn in (("forward, op by op", eager_fwd), ("forward, op by op, one kernel a layer", eager_fwd_one_kernel),
-                     ("backward, op by op", eager_bwd), ("backward, op by op, one kernel a layer", eager_bwd_one_kernel),
+                     ("backward, op by op", eager_bwd),
+                     ("backward, op by op, one kernel a layer", eager_bwd_one_kernel),
                      ("forward + backward through WeightSides (CUDA graphs, autograd)", graphed),
                      ("forward replay alone (+ its clone)", graphed_fwd)):
         t = _ms(fn)

@@ -138,8 +138,9 @@ def test_graph_bookkeeping_with_a_stand_in(monkeypatch):
 
 def test_graphed_weight_sides_write_in_place(monkeypatch):
     """In the captured functions each layer's stacked weight is written straight into its slice of the flat output,
-    which is the graph's own output buffer (no cat, no copy) and each untransposed weight's gradient is cast straight into its slot of the packed
-    gradients (no fp32 intermediate, no cat): the step's largest copies (session 23's profile)."""
+    which is the graph's own output buffer (no cat, no copy), and each untransposed weight's gradient is cast
+    straight into its slot of the packed gradients (no fp32 intermediate, no cat): the step's largest copies
+    (session 23's profile)."""
     from robuq_fx import qat_fused
     seen = {"w_out": [], "stacked": []}
     real_grads, real_side = qat_fused._weight_grads, qat_step._weight_side
