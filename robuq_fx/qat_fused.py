@@ -80,24 +80,22 @@ def _weight_side(w, down, up, bias, spec: LayerSpec, c: torch.dtype, out: torch.
     ROBUQ_QAT_WSIDE_KERNEL=1): Q_w(R) from the masters in one kernel where `kernels/triton_wside` covers the layer
     (its sums in another order than cuBLAS's: not bit-equal to the op graph, which the per-layer path stays)."""
     bias_c = None if bias is None else _to(bias, c)
-    k = w.shape[1]
-    ws = weight_side_kernel() if one_kernel and out is not None and not _STEP["hooks"] and _wside_on() else None
-    if ws is not None and ws.supported(w, down, up, spec, c) is None:
-        ws.weight_side_rows(w, down, up, spec, c, out.narrow(1, 0, k))
-        if down is not None:
-            out.narrow(1, k, up.shape[1]).copy_(up)
-        return out, c, None if down is None else _to(down, c), bias_c  # R's gradient dtype: W H's and A B's, c
+    down_c = None if down is None else _to(down, c)
     if _STEP["hooks"] or (out is None and down is None):
         wq, r_dtype = quantized_weight(w, down, up, spec, c)
         stacked = wq if down is None else torch.cat([wq, _to(up, c)], 1)
-        if out is not None:
-            stacked = out.copy_(stacked)
+        return (stacked if out is None else out.copy_(stacked)), r_dtype, down_c, bias_c
+    k = w.shape[1]
+    stacked = out if out is not None else torch.empty(w.shape[0], k + up.shape[1], dtype=c, device=w.device)
+    ws = weight_side_kernel() if one_kernel and _wside_on() else None
+    if ws is not None and ws.supported(w, down, up, spec, c) is None:
+        ws.weight_side_rows(w, down, up, spec, c, stacked.narrow(1, 0, k))
+        r_dtype = c  # R's gradient dtype: W H's and A B's
     else:
-        stacked = out if out is not None else torch.empty(w.shape[0], k + up.shape[1], dtype=c, device=w.device)
         r_dtype = _quantized_weight(w, down, up, spec, c, out=stacked.narrow(1, 0, k))[1]
-        if down is not None:
-            stacked.narrow(1, k, up.shape[1]).copy_(up)
-    return stacked, r_dtype, None if down is None else _to(down, c), bias_c
+    if down is not None:
+        stacked.narrow(1, k, up.shape[1]).copy_(up)
+    return stacked, r_dtype, down_c, bias_c
 
 
 def _quantized_weight(w, down, up, spec: LayerSpec, c: torch.dtype, out: torch.Tensor | None = None) -> tuple:

@@ -118,14 +118,12 @@ def _packed(layout, buffers: tuple, compute) -> tuple:
     """`buffers` (the flat buffers of `_pack_grads`' layout, one a dtype in its order) filled by compute(slots)
     (slots: per gradient, its view in them, or None): the gradients compute returns that are not already in their
     slot are copied in."""
-    dts, items = layout
-    flats = dict(zip(dts, buffers))
-    slots = [None if item is None else flats[item[0]].as_strided(item[2], item[3], item[1]) for item in items]
+    slots = _views(buffers, layout)
     grads = compute(slots)
     for t, slot in zip(grads, slots):
         if t is not None and (t.data_ptr() != slot.data_ptr() or t.stride() != slot.stride()):
             slot.copy_(t)
-    return tuple(flats[d] for d in dts)
+    return tuple(buffers)
 
 
 def _views(flats: list, layout) -> tuple:

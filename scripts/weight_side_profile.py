@@ -85,25 +85,24 @@ def main():
         with torch.no_grad():
             qat_step._all_grads(plan.layers, plan.layout, g, plan.c, plan.ab, r_dtypes, needs, act, *masters)
 
-    def eager_fwd_one_kernel():  # ROBUQ_QAT_WSIDE_KERNEL=1's path (kernels/triton_wside.py), op by op
-        qat_fused._WSIDE[0], before = True, qat_fused._WSIDE[0]
-        try:
-            eager_fwd()
-        finally:
-            qat_fused._WSIDE[0] = before
+    def one_kernel(fn):
+        """fn with ROBUQ_QAT_WSIDE_KERNEL=1's path (kernels/triton_wside.py) in force."""
+        def run():
+            qat_fused._WSIDE[0], before = True, qat_fused._WSIDE[0]
+            try:
+                fn()
+            finally:
+                qat_fused._WSIDE[0] = before
+        return run
 
     grads0 = qat_step._all_grads(plan.layers, plan.layout, g, plan.c, plan.ab, r_dtypes, needs, act, *masters)
     bufs, glayout = _pack_grads(grads0)
     del grads0
 
-    def eager_bwd_one_kernel():  # the same with the packed buffers' slots, as the captured backward runs
-        qat_fused._WSIDE[0], before = True, qat_fused._WSIDE[0]
-        try:
-            with torch.no_grad():
-                _packed(glayout, bufs, lambda slots: qat_step._all_grads(plan.layers, plan.layout, g, plan.c, plan.ab,
-                                                                         r_dtypes, needs, act, *masters, slots=slots))
-        finally:
-            qat_fused._WSIDE[0] = before
+    def eager_bwd_slots():  # the backward with the packed buffers' slots, as the captured backward runs
+        with torch.no_grad():
+            _packed(glayout, bufs, lambda slots: qat_step._all_grads(plan.layers, plan.layout, g, plan.c, plan.ab,
+                                                                     r_dtypes, needs, act, *masters, slots=slots))
 
     def graphed():
         with ac:
@@ -116,9 +115,9 @@ def main():
         with ac, torch.no_grad():
             plan.run_forward(tuple(masters))
 
-    for name, fn in (("forward, op by op", eager_fwd), ("forward, op by op, one kernel a layer", eager_fwd_one_kernel),
+    for name, fn in (("forward, op by op", eager_fwd), ("forward, op by op, one kernel a layer", one_kernel(eager_fwd)),
                      ("backward, op by op", eager_bwd),
-                     ("backward, op by op, one kernel a layer", eager_bwd_one_kernel),
+                     ("backward, op by op, one kernel a layer", one_kernel(eager_bwd_slots)),
                      ("forward + backward through WeightSides (CUDA graphs, autograd)", graphed),
                      ("forward replay alone (+ its clone)", graphed_fwd)):
         t = _ms(fn)

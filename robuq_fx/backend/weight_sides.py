@@ -128,4 +128,3 @@ class GraphSides:
         masters = self.plan.masters()
         self.plan.check(masters)
         return WeightSides.apply(self.plan, *masters)
-

@@ -40,6 +40,20 @@ def _round_to(v, DT: tl.constexpr):
 
 
 @triton.jit
+def quantize_row(r, stat, K, qmax, eps, TERNARY: tl.constexpr, SDT: tl.constexpr):
+    """(codes, scale) of one row r (fp32, any shape; padding zeros) from stat = sum |r| (ternary) or max |r|: the
+    module docstring's steps, shared by this module's kernel and triton_wside's."""
+    if TERNARY:
+        s = tl.maximum(tl.div_rn(stat, tl.cast(K, tl.float32)), eps)
+    else:
+        s = tl.div_rn(tl.maximum(stat, eps), qmax)
+    s = _round_to(s, SDT)  # the scale's storage dtype
+    safe = tl.where(s > 0, s, 1.0)
+    q = _RINT(tl.div_rn(r, tl.zeros_like(r) + safe))
+    return tl.minimum(tl.maximum(q, -qmax), qmax), s
+
+
+@triton.jit
 def wquant_rows_kernel(r_ptr, ab_ptr, out_ptr, scale_ptr, K, stride_r, stride_ab, stride_o, qmax, eps,
                        TERNARY: tl.constexpr, HAS_AB: tl.constexpr, RDT: tl.constexpr, SDT: tl.constexpr,
                        BLOCK: tl.constexpr):
@@ -52,14 +66,7 @@ def wquant_rows_kernel(r_ptr, ab_ptr, out_ptr, scale_ptr, K, stride_r, stride_ab
     if HAS_AB:
         r = r - tl.load(ab_ptr + row * stride_ab + cols, mask=mask, other=0.0).to(tl.float32)
     a = tl.abs(r)
-    if TERNARY:
-        s = tl.maximum(tl.div_rn(tl.sum(a, axis=0), tl.cast(K, tl.float32)), eps)
-    else:
-        s = tl.div_rn(tl.maximum(tl.max(a, axis=0), eps), qmax)
-    s = _round_to(s, SDT)  # the scale's storage dtype
-    safe = tl.where(s > 0, s, 1.0)
-    q = _RINT(tl.div_rn(r, tl.zeros_like(r) + safe))
-    q = tl.minimum(tl.maximum(q, -qmax), qmax)
+    q, s = quantize_row(r, tl.sum(a, axis=0) if TERNARY else tl.max(a, axis=0), K, qmax, eps, TERNARY, SDT)
     out = _round_to(q * s, RDT)
     tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + row, s)

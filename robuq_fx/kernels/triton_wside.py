@@ -32,8 +32,7 @@ from .. import quantizers as Q
 from ..hadamard import hadamard_matrix
 from .quantizer import on_device
 from .triton_launch import launch
-from .triton_rowquant import _RINT
-from .triton_wquant import _CODE, _round_to
+from .triton_wquant import _CODE, _round_to, quantize_row
 
 MAX_K = 16384  # one row a program, held in registers
 MAX_RANK = 128
@@ -60,14 +59,8 @@ def wside_rows_kernel(w_ptr, up_ptr, down_ptr, h_ptr, out_ptr, scale_ptr, K, RAN
             ab += u * d
         r = r - _round_to(ab, CDT)
     a = tl.abs(r)
-    if TERNARY:
-        s = tl.maximum(tl.div_rn(tl.sum(tl.sum(a, axis=1), axis=0), tl.cast(K, tl.float32)), eps)
-    else:
-        s = tl.div_rn(tl.maximum(tl.max(tl.max(a, axis=1), axis=0), eps), qmax)
-    s = _round_to(s, SDT)  # the scale's storage dtype
-    safe = tl.where(s > 0, s, 1.0)
-    q = _RINT(tl.div_rn(r, tl.zeros_like(r) + safe))
-    q = tl.minimum(tl.maximum(q, -qmax), qmax)
+    stat = tl.sum(tl.sum(a, axis=1), axis=0) if TERNARY else tl.max(tl.max(a, axis=1), axis=0)
+    q, s = quantize_row(r, stat, K, qmax, eps, TERNARY, SDT)
     tl.store(out_ptr + row * stride_o + offs, (q * s).to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + row, s)
 
@@ -102,7 +95,7 @@ def weight_side_rows(w: torch.Tensor, down, up, spec, c: torch.dtype, out: torch
     if out.shape != (n, k) or out.dtype != c or out.stride(-1) != 1:
         raise ValueError(f"out {tuple(out.shape)} {out.dtype}: expected ({n}, {k}) {c} with contiguous rows")
     hb = spec.hadamard_block
-    h = hadamard_matrix(hb, torch.float32, w.device).to(c)
+    h = hadamard_matrix(hb, c, w.device)  # (cached; equal to the fp32 matrix autocast casts, blocks 16-128)
     scale = torch.empty(n, device=w.device, dtype=torch.float32)
     nb = max(16, triton.next_power_of_2(k // hb))  # (tl.dot takes >= 16 rows)
     has_ab = down is not None
@@ -159,7 +152,7 @@ def weight_grads_rows(g_r: torch.Tensor, down_c, spec, g_w_out: torch.Tensor):
     branch. g_r: (N, K) in c, rows contiguous (a slice of g_wide); down_c: B in c (r, K)."""
     n, k = g_r.shape
     hb = spec.hadamard_block
-    h = hadamard_matrix(hb, torch.float32, g_r.device).to(g_r.dtype)
+    h = hadamard_matrix(hb, g_r.dtype, g_r.device)  # (cached: what the op-by-op rotation of g_R multiplies by)
     has_ab = down_c is not None
     rank = down_c.shape[0] if has_ab else 0
     g_up = torch.empty(n, rank, device=g_r.device, dtype=torch.float32) if has_ab else None
