@@ -40,17 +40,22 @@ def _round_to(v, DT: tl.constexpr):
 
 
 @triton.jit
-def quantize_row(r, stat, K, qmax, eps, TERNARY: tl.constexpr, SDT: tl.constexpr):
-    """(codes, scale) of one row r (fp32, any shape; padding zeros) from stat = sum |r| (ternary) or max |r|: the
-    module docstring's steps, shared by this module's kernel and triton_wside's."""
+def row_scale(stat, K, qmax, eps, TERNARY: tl.constexpr, SDT: tl.constexpr):
+    """A row's scale (fp32, rounded through the scale's storage dtype) from stat = sum |r| (ternary) or max |r|:
+    the module docstring's steps, shared by this module's kernel and triton_wside's."""
     if TERNARY:
         s = tl.maximum(tl.div_rn(stat, tl.cast(K, tl.float32)), eps)
     else:
         s = tl.div_rn(tl.maximum(stat, eps), qmax)
-    s = _round_to(s, SDT)  # the scale's storage dtype
+    return _round_to(s, SDT)
+
+
+@triton.jit
+def row_codes(r, s, qmax):
+    """clamp(rint(r / s), -qmax, qmax) of r (fp32, any shape) with s broadcast against it."""
     safe = tl.where(s > 0, s, 1.0)
     q = _RINT(tl.div_rn(r, tl.zeros_like(r) + safe))
-    return tl.minimum(tl.maximum(q, -qmax), qmax), s
+    return tl.minimum(tl.maximum(q, -qmax), qmax)
 
 
 @triton.jit
@@ -66,7 +71,8 @@ def wquant_rows_kernel(r_ptr, ab_ptr, out_ptr, scale_ptr, K, stride_r, stride_ab
     if HAS_AB:
         r = r - tl.load(ab_ptr + row * stride_ab + cols, mask=mask, other=0.0).to(tl.float32)
     a = tl.abs(r)
-    q, s = quantize_row(r, tl.sum(a, axis=0) if TERNARY else tl.max(a, axis=0), K, qmax, eps, TERNARY, SDT)
+    s = row_scale(tl.sum(a, axis=0) if TERNARY else tl.max(a, axis=0), K, qmax, eps, TERNARY, SDT)
+    q = row_codes(r, s, qmax)
     out = _round_to(q * s, RDT)
     tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + row, s)

@@ -1,17 +1,19 @@
 """A QAT layer's forward weight side in one Triton kernel (opt-in, `ROBUQ_QAT_WSIDE_KERNEL=1`; used by
 `weight_sides_per_forward` and the backend's step mode): from the fp32 master W and the branch factors A (up, N x r)
 and B (down, r x K) straight to Q_w(R) in the matmul dtype, written into the stacked weight's slice, and the fp32
-scales. One program a row of W:
+scales. One program a tile of 16 rows, walking their Hadamard blocks twice (the row's range first, then the codes):
 
-    W H  = rnd_c(rnd_c(W) . H_c)      per Hadamard block of the row, on the tensor cores (fp32 sums)
-    A B  = rnd_c(sum_j rnd_c(A[n, j]) rnd_c(B[j, :]))   fp32 sums over the rank
+    W H  = rnd_c(rnd_c(W) . H_c)                 per Hadamard block, on the tensor cores (fp32 sums)
+    A B  = rnd_c(rnd_c(A) . rnd_c(B))             the tile's rows of A times B's block, tensor cores (fp32 sums)
     R    = W H - A B in fp32          (`layer.wide_difference`)
     Q_w(R) as `quantizers.quantize_weight` / `dequantize_weight` compute it (fp32; kernels/triton_wquant.py)
 
 rnd_c: rounded to the autocast dtype c, as the op-by-op path's autocast matmuls round their inputs and outputs. The
 op-by-op path (`qat_fused._quantized_weight`: two cuBLAS matmuls, then the weight kernel) reads W, writes W H and A B
 and reads them again, and casts W to c first: ~16 bytes an element against this kernel's 6 (session 23's profile:
-7.7 ms of forward weight-side kernels a DiT-XL/2 step). Its sums run in another order than cuBLAS's, so W H or A B
+7.7 ms of forward weight-side kernels a DiT-XL/2 step). Reading W twice, this kernel moves ~10 bytes an element.
+Session 23's first form (one program a row, A B as r scalar-times-row updates, so B read once a row) took 16 ms on
+the H200 in session 24, twice the op-by-op path. Its sums run in another order than cuBLAS's, so W H or A B
 can differ from the op-by-op path's in their last bit, and a code at a rounding tie can flip: the tests ask for
 >= 99.9% equal codes, as for the other quantizers.
 
@@ -32,37 +34,57 @@ from .. import quantizers as Q
 from ..hadamard import hadamard_matrix
 from .quantizer import on_device
 from .triton_launch import launch
-from .triton_wquant import _CODE, _round_to, quantize_row
+from .triton_wquant import _CODE, _round_to, row_codes, row_scale
 
-MAX_K = 16384  # one row a program, held in registers
+MAX_K = 16384  # (as the weight kernel's)
+BLOCK_ROWS = 16  # rows a program (tl.dot takes >= 16)
 MAX_RANK = 128
 
 
 @triton.jit
-def wside_rows_kernel(w_ptr, up_ptr, down_ptr, h_ptr, out_ptr, scale_ptr, K, RANK, stride_w, stride_up,
-                      stride_down, stride_o, qmax, eps,
-                      TERNARY: tl.constexpr, HAS_AB: tl.constexpr, CDT: tl.constexpr, SDT: tl.constexpr,
-                      HB: tl.constexpr, NB: tl.constexpr):
-    qmax = tl.cast(qmax, tl.float32)  # fp64 when Inductor launches it (see triton_act_quant)
-    eps = tl.cast(eps, tl.float32)
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, NB)[:, None] * HB + tl.arange(0, HB)[None, :]  # the row as (blocks, HB)
-    mask = offs < K
-    w = tl.load(w_ptr + row * stride_w + offs, mask=mask, other=0.0)
-    h = tl.load(h_ptr + tl.arange(0, HB)[:, None] * HB + tl.arange(0, HB)[None, :])  # H in c
+def _residual_block(w_ptr, down_ptr, h, a, rows, rmask, kc, RANK, stride_w, stride_down, ranks,
+                    HAS_AB: tl.constexpr, CDT: tl.constexpr):
+    """R = rnd_c(rnd_c(W) H) - rnd_c(rnd_c(A) rnd_c(B)) in fp32 for the tile's rows and one Hadamard block kc."""
+    w = tl.load(w_ptr + rows[:, None] * stride_w + kc[None, :], mask=rmask, other=0.0)
     r = _round_to(tl.dot(w.to(h.dtype), h, out_dtype=tl.float32), CDT)
     if HAS_AB:
-        ab = tl.zeros([NB, HB], dtype=tl.float32)
-        for j in range(RANK):
-            u = _round_to(tl.load(up_ptr + row * stride_up + j).to(tl.float32), CDT)
-            d = _round_to(tl.load(down_ptr + j * stride_down + offs, mask=mask, other=0.0).to(tl.float32), CDT)
-            ab += u * d
-        r = r - _round_to(ab, CDT)
-    a = tl.abs(r)
-    stat = tl.sum(tl.sum(a, axis=1), axis=0) if TERNARY else tl.max(tl.max(a, axis=1), axis=0)
-    q, s = quantize_row(r, stat, K, qmax, eps, TERNARY, SDT)
-    tl.store(out_ptr + row * stride_o + offs, (q * s).to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(scale_ptr + row, s)
+        d = tl.load(down_ptr + ranks[:, None] * stride_down + kc[None, :], mask=ranks[:, None] < RANK, other=0.0)
+        r = r - _round_to(tl.dot(a, d.to(h.dtype), out_dtype=tl.float32), CDT)
+    return r
+
+
+@triton.jit
+def wside_rows_kernel(w_ptr, up_ptr, down_ptr, h_ptr, out_ptr, scale_ptr, N, K, RANK, stride_w, stride_up,
+                      stride_down, stride_o, qmax, eps,
+                      TERNARY: tl.constexpr, HAS_AB: tl.constexpr, CDT: tl.constexpr, SDT: tl.constexpr,
+                      HB: tl.constexpr, BM: tl.constexpr, RP: tl.constexpr):
+    qmax = tl.cast(qmax, tl.float32)  # fp64 when Inductor launches it (see triton_act_quant)
+    eps = tl.cast(eps, tl.float32)
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    rmask = rows[:, None] < N
+    cols = tl.arange(0, HB)
+    ranks = tl.arange(0, RP)
+    h = tl.load(h_ptr + cols[:, None] * HB + cols[None, :])  # H in c
+    if HAS_AB:  # the tile's rows of A, in c (zeros past the rank)
+        a = tl.load(up_ptr + rows[:, None] * stride_up + ranks[None, :], mask=rmask & (ranks[None, :] < RANK),
+                    other=0.0).to(h.dtype)
+    else:
+        a = tl.zeros([BM, RP], dtype=h.dtype)
+    # pass 1: each row's statistic (sum or max of |R|) over its Hadamard blocks
+    stat = tl.zeros([BM], dtype=tl.float32)
+    for b in range(0, K // HB):
+        r = tl.abs(_residual_block(w_ptr, down_ptr, h, a, rows, rmask, b * HB + cols, RANK, stride_w, stride_down,
+                                   ranks, HAS_AB, CDT))
+        stat = stat + tl.sum(r, axis=1) if TERNARY else tl.maximum(stat, tl.max(r, axis=1))
+    s = row_scale(stat, K, qmax, eps, TERNARY, SDT)[:, None]
+    # pass 2: R again (W read twice: a row tile's R does not fit in registers), its codes times the row's scale
+    for b in range(0, K // HB):
+        kc = b * HB + cols
+        r = _residual_block(w_ptr, down_ptr, h, a, rows, rmask, kc, RANK, stride_w, stride_down, ranks, HAS_AB,
+                            CDT)
+        tl.store(out_ptr + rows[:, None] * stride_o + kc[None, :], (row_codes(r, s, qmax) * s).to(out_ptr.dtype.element_ty),
+                 mask=rmask)
+    tl.store(scale_ptr + rows[:, None], s, mask=rmask)
 
 
 def supported(w: torch.Tensor, down, up, spec, c: torch.dtype) -> str | None:
@@ -97,16 +119,17 @@ def weight_side_rows(w: torch.Tensor, down, up, spec, c: torch.dtype, out: torch
     hb = spec.hadamard_block
     h = hadamard_matrix(hb, c, w.device)  # (cached; equal to the fp32 matrix autocast casts, blocks 16-128)
     scale = torch.empty(n, device=w.device, dtype=torch.float32)
-    nb = max(16, triton.next_power_of_2(k // hb))  # (tl.dot takes >= 16 rows)
     has_ab = down is not None
+    rank = down.shape[0] if has_ab else 0
     with on_device(w.device):
-        launch(wside_rows_kernel, (n,), (w, up if has_ab else w, down if has_ab else w, h, out, scale, k,
-                                         down.shape[0] if has_ab else 0, w.stride(0),
-                                         up.stride(0) if has_ab else 0, down.stride(0) if has_ab else 0,
-                                         out.stride(0), float(Q.weight_qmax(spec.w_bits)), Q._EPS),
+        launch(wside_rows_kernel, (triton.cdiv(n, BLOCK_ROWS),),
+               (w, up if has_ab else w, down if has_ab else w, h, out, scale, n, k, rank, w.stride(0),
+                up.stride(0) if has_ab else 0, down.stride(0) if has_ab else 0, out.stride(0),
+                float(Q.weight_qmax(spec.w_bits)), Q._EPS),
                dict(TERNARY=float(spec.w_bits) == 1.58, HAS_AB=has_ab, CDT=_CODE[c],
-                    SDT=_CODE[getattr(torch, spec.scale_dtype)], HB=hb, NB=nb),
-               dict(num_warps=4 if nb * hb <= 2048 else 8))
+                    SDT=_CODE[getattr(torch, spec.scale_dtype)], HB=hb, BM=BLOCK_ROWS,
+                    RP=max(16, triton.next_power_of_2(rank))),
+               dict(num_warps=4))
     return scale
 
 

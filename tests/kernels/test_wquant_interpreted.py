@@ -110,7 +110,7 @@ print(json.dumps(res))
 def test_weight_side_kernel_in_the_interpreter_matches_the_op_by_op_math():
     """kernels/triton_wside.py (W -> Q_w(W H - A B) in one kernel): codes, values and scales against the op-by-op
     path's roundings written out (16-bit W H and A B, R in fp32), with and without a branch, Hadamard blocks of
-    32-128 and rows padded to 16 blocks; it writes into a slice of a wider buffer and nowhere else."""
+    32-128, 20 rows (a second, partly masked row tile); it writes into a slice of a wider buffer and nowhere else."""
     rows = run_interpreted(WSIDE)
     assert len(rows) == 4
     for r in rows:
@@ -120,17 +120,17 @@ def test_weight_side_kernel_in_the_interpreter_matches_the_op_by_op_math():
 
 
 @pytest.mark.skipif(import_or_none("triton_wside") is None, reason="triton does not import here")
-@pytest.mark.parametrize("has_ab,hb,nb", [(True, 128, 16), (False, 128, 64), (True, 64, 32)])
-def test_weight_side_kernel_builds_for_sm90(has_ab, hb, nb):
-    """Offline sm_90 build (no GPU) in bf16, with Inductor's fp64 scalars: DiT-XL/2's rows (K = 1152 -> 16 blocks
-    of 128 padded, K = 4608 -> 64)."""
+@pytest.mark.parametrize("has_ab,hb,rp", [(True, 128, 32), (False, 128, 16), (True, 64, 64)])
+def test_weight_side_kernel_builds_for_sm90(has_ab, hb, rp):
+    """Offline sm_90 build (no GPU) in bf16, with Inductor's fp64 scalars: the paper's rank-32 branch, none, and a
+    wider one on 64-blocks."""
     from tests.kernels.sm90 import compile_sm90
     ws = import_or_none("triton_wside")
     sig = {"w_ptr": "*fp32", "up_ptr": "*fp32", "down_ptr": "*fp32", "h_ptr": "*bf16", "out_ptr": "*bf16",
-           "scale_ptr": "*fp32", "K": "i32", "RANK": "i32", "stride_w": "i32", "stride_up": "i32",
+           "scale_ptr": "*fp32", "N": "i32", "K": "i32", "RANK": "i32", "stride_w": "i32", "stride_up": "i32",
            "stride_down": "i32", "stride_o": "i32", "qmax": "fp64", "eps": "fp64"}
-    k = compile_sm90(ws.wside_rows_kernel, sig, dict(TERNARY=True, HAS_AB=has_ab, CDT=1, SDT=0, HB=hb, NB=nb),
-                     dict(num_warps=8), gluon=False)
+    k = compile_sm90(ws.wside_rows_kernel, sig, dict(TERNARY=True, HAS_AB=has_ab, CDT=1, SDT=0, HB=hb,
+                                                            BM=ws.BLOCK_ROWS, RP=rp), dict(num_warps=4), gluon=False)
     assert k.asm["cubin"]
 
 
