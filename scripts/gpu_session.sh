@@ -56,6 +56,7 @@
 #   scripts/gpu_session.sh ws-profile       weight-kernel GPU tests, then where the step weight sides' GPU time goes
 #   scripts/gpu_session.sh train-wside      the one-kernel forward weight side: GPU tests, paper row without / with it
 #   scripts/gpu_session.sh s24a             session 23's CPU-built changes: their GPU tests, then weight_side_profile
+#   scripts/gpu_session.sh s24b             the tiled one-kernel weight side: GPU tests, profile, paper row +wside vs FP
 #   scripts/gpu_session.sh backend-tests    GPU tests of the backend's weight_sides="step" and of the act op
 #   scripts/gpu_session.sh actk2            session 22: the act op's GPU tests, scripts/actk_diag.py, then the paper
 #                                           step with weight_sides_per_forward with / without the act op (two runs)
@@ -719,6 +720,18 @@ s24a)  # session 24's first call (~5 min): session 23's CPU-built changes on the
     grep -E "^E |Error|passed|failed" "$OUT/s24a_tests.log" | head -16
     timeout 200 python3 scripts/weight_side_profile.py --out "$OUT" > "$OUT/ws_profile.log" 2>&1
     tail -n 90 "$OUT/ws_profile.log"
+    ;;
+s24b)  # session 24: the one-kernel forward weight side as row tiles (e253237): its GPU tests (~40 s),
+    # scripts/weight_side_profile.py (~1 min), then the compiled paper row with weight_sides_per_forward and
+    # ROBUQ_QAT_WSIDE_KERNEL=1 on (row tag +wside) against FP in the same run (two cold compiles, ~5 min)
+    timeout 90 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -p no:logging tests/kernels/test_triton_wquant.py \
+        -k "weight_side or weight_grads" > "$OUT/wside_tests.log" 2>&1
+    grep -E "^E |Error|passed|failed" "$OUT/wside_tests.log" | head -8
+    timeout 120 python3 scripts/weight_side_profile.py --out "$OUT" > "$OUT/ws_profile.log" 2>&1
+    grep -E "^## |wside_rows|wgrad_rows|TOTAL" "$OUT/ws_profile.log"
+    ROBUQ_QAT_WSIDE_KERNEL=1 timeout 400 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes compiled \
+        --iters 12 --settings "QAT dit-xl-2-robuq" --step-weights on --tag _train_wside_paper > "$OUT/wside_bench.log" 2>&1
+    grep -iE "^\||warn|error" "$OUT/wside_bench.log" | tail -n 8
     ;;
 train-eager)  # the eager QAT rows at the defaults (whole-layer graphs since session 20), ~3 min
     timeout 200 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --no-compile --iters 10 \
