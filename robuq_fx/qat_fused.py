@@ -74,11 +74,11 @@ def weight_side(w, down, up, bias, spec: LayerSpec, c: torch.dtype, graph_owner=
 
 
 def _weight_side(w, down, up, bias, spec: LayerSpec, c: torch.dtype, out: torch.Tensor | None = None,
-                 one_kernel: bool = False) -> tuple:
+                 qw_written: bool = False) -> tuple:
     """out: where the stacked weight goes ((N, K + r) in c, rows contiguous: qat_step's flat buffer), written in
-    place (Q_w(R) straight from its kernel, A_c beside it), else a new tensor. one_kernel (the step plan's, with
-    ROBUQ_QAT_WSIDE_KERNEL=1): Q_w(R) from the masters in one kernel where `kernels/triton_wside` covers the layer
-    (its sums in another order than cuBLAS's: not bit-equal to the op graph, which the per-layer path stays)."""
+    place (Q_w(R) straight from its kernel, A_c beside it), else a new tensor. qw_written: Q_w(R) is in out's first K
+    columns already (the step plan's one-kernel form, ROBUQ_QAT_WSIDE_KERNEL=1: `kernels/triton_wside.Group`; its
+    sums run in another order than cuBLAS's, so it is not bit-equal to the op graph, which the per-layer path stays)."""
     bias_c = None if bias is None else _to(bias, c)
     down_c = None if down is None else _to(down, c)
     if _STEP["hooks"] or (out is None and down is None):
@@ -87,9 +87,7 @@ def _weight_side(w, down, up, bias, spec: LayerSpec, c: torch.dtype, out: torch.
         return (stacked if out is None else out.copy_(stacked)), r_dtype, down_c, bias_c
     k = w.shape[1]
     stacked = out if out is not None else torch.empty(w.shape[0], k + up.shape[1], dtype=c, device=w.device)
-    ws = weight_side_kernel() if one_kernel and _wside_on() else None
-    if ws is not None and ws.supported(w, down, up, spec, c) is None:
-        ws.weight_side_rows(w, down, up, spec, c, stacked.narrow(1, 0, k))
+    if qw_written:
         r_dtype = c  # R's gradient dtype: W H's and A B's
     else:
         r_dtype = _quantized_weight(w, down, up, spec, c, out=stacked.narrow(1, 0, k))[1]

@@ -56,20 +56,22 @@ def dtypes(m: QATLinear) -> tuple[torch.dtype, torch.dtype]:
     return m.compute_dtype or m.weight.dtype, m.weight.dtype
 
 
-def _all_sides(layers: list, layout: list, c: torch.dtype, act: tuple, *masters, flat=None) -> tuple:
+def _all_sides(layers: list, layout: list, c: torch.dtype, act: tuple, *masters, flat=None, group=None) -> tuple:
     """Every layer's (stacked weight, B_c, bias_c) in one flat tensor in c (each written into its slice as it is
     made: no layer's parts outlive it), and their R dtypes. layout: the layers' `_layout` (the plan's). act: per
     layer, whether its activation side is the triton_op (kernels/qat_act.py), which takes B H in place of B.
-    flat: the tensor to write (a graph's output buffer), else a new one."""
+    flat: the tensor to write (a graph's output buffer), else a new one. group: the one-kernel form's tables for
+    these masters (`Plan._group`), which write the Q_w(R) of the layers they cover into flat first."""
     if flat is None:
         flat = torch.empty(sum(_numel(s) for s, _, _ in layout), dtype=c, device=masters[0].device)
+    written = group.run(flat) if group is not None else frozenset()
     r_dtypes = []
     parts = _per_layer(layers, _split(flat, layout))
-    for (layer, span), (_, *dsts), fused in zip(_master_spans(layers), parts, act):
+    for i, ((layer, span), (_, *dsts), fused) in enumerate(zip(_master_spans(layers), parts, act)):
         w, down, up, bias = _unpack(layer, list(masters[span]))
         # the stacked weight written in its slice (no copy); B_c (or B H) and bias_c copied in
         _, r_dtype, down_c, bias_c = _weight_side(w, down, up, bias, layer.module.spec, c, out=dsts[0],
-                                                  one_kernel=True)
+                                                  qw_written=i in written)
         if fused and down_c is not None:
             down_c = qat_act.through_h(down_c, layer.module.spec)  # B H, what the layer's op takes
         for dst, t in zip(dsts[1:], (down_c, bias_c)):
@@ -157,7 +159,8 @@ class Plan:
         # instance where the compile backend runs one graph for several blocks (backend/weight_sides.py)
         self._fwd_graphs: dict = {}
         self._bwd_graphs: dict = {}
-        self._wside_checked: set = set()  # (matmul dtype, autocast dtype) checked (`_check_wside`)
+        self._wside_checked: set = set()  # (matmul dtype, autocast dtype) whose uncovered layers were named (`_group`)
+        self._groups: dict = {}  # the one-kernel weight side's tables a key (`_group`)
 
     def masters(self) -> list:
         return [t for m in self.modules for t in _masters(m)]
@@ -197,37 +200,52 @@ class Plan:
             warnings.warn(f"ROBUQ_QAT_ACT_KERNEL: {sum(w in left for w in whynot)} of {len(whynot)} QAT layers keep "
                           f"the op graph's activation side ({'; '.join(sorted(left))})", RuntimeWarning, stacklevel=3)
 
-    def _check_wside(self, masters: tuple) -> None:
-        """With ROBUQ_QAT_WSIDE_KERNEL=1 (an explicit request): one warning naming the layers whose weight side the
-        one-kernel form does not cover, and why (they keep the op-by-op form, the same math)."""
-        key = (self.c, qat_graph._autocast_dtype(masters[0].device))
-        if key in self._wside_checked or not _wside_on():
-            return
-        self._wside_checked.add(key)
+    def _group(self, masters: tuple):
+        """With ROBUQ_QAT_WSIDE_KERNEL=1 (an explicit request): the one-kernel forward weight side's tables for the
+        layers it covers (`kernels/triton_wside.Group`), kept per (masters' addresses, c, autocast) like the graphs;
+        else None. Built here, before any capture. The first time a setting is seen, one warning names the layers
+        it leaves to the op-by-op form, and why (the same math)."""
+        if not _wside_on():
+            return None
+        autocast = qat_graph._autocast_dtype(masters[0].device)
+        key = (tuple(t.data_ptr() for t in masters), self.c, autocast)
+        if key in self._groups:
+            return self._groups[key]
         ws = weight_side_kernel()
-        why = []
-        for layer, span in _master_spans(self.layers):
+        items, why = [], []
+        entries = _per_layer(self.layers, self.layout)  # each layer's stacked part: (shape, strides, offset)
+        for i, ((layer, span), (_, stacked, _, _)) in enumerate(zip(_master_spans(self.layers), entries)):
             w, down, up, _ = _unpack(layer, list(masters[span]))
-            why.append("triton does not import" if ws is None else ws.supported(w, down, up, layer.module.spec, self.c))
-        left = [w for w in why if w is not None]
-        if left:
-            warnings.warn(f"ROBUQ_QAT_WSIDE_KERNEL: {len(left)} of {len(why)} QAT layers keep the op-by-op weight side "
-                          f"({'; '.join(sorted(set(left)))})", RuntimeWarning, stacklevel=4)
+            no = "triton does not import" if ws is None else ws.supported(w, down, up, layer.module.spec, self.c)
+            why.append(no)
+            if no is None:
+                items.append((i, w, down, up, layer.module.spec, stacked[2], stacked[1][0]))
+        if (self.c, autocast) not in self._wside_checked:
+            self._wside_checked.add((self.c, autocast))
+            left = [w for w in why if w is not None]
+            if left:
+                warnings.warn(f"ROBUQ_QAT_WSIDE_KERNEL: {len(left)} of {len(why)} QAT layers keep the op-by-op weight "
+                              f"side ({'; '.join(sorted(set(left)))})", RuntimeWarning, stacklevel=4)
+        if len(self._groups) >= MAX_GRAPH_KEYS:  # masters that keep moving: op by op, as the graphs (`_room`); none
+            return None  # is dropped, since a captured graph reads its tables
+        self._groups[key] = ws.Group(items, self.c, masters[0].device) if items else None
+        return self._groups[key]
 
     def run_forward(self, masters: tuple) -> tuple:
         c, act = self.c, self.act
-        self._check_wside(masters)
+        group = self._group(masters)
         if self.graphs_off or not _use_graphs(masters[0]):
-            return _all_sides(self.layers, self.layout, c, act, *masters)
-        key = (tuple(t.data_ptr() for t in masters), c, act, qat_graph._autocast_dtype(masters[0].device))
+            return _all_sides(self.layers, self.layout, c, act, *masters, group=group)
+        key = (tuple(t.data_ptr() for t in masters), c, act, qat_graph._autocast_dtype(masters[0].device),
+               group is not None)
         graph = self._free_graph(self._fwd_graphs, key)
         if graph is not None:  # its buffers handed out as they are: nothing else holds them
             return qat_graph.replay_graph(graph, (), masters[0].device, clone=False)
-        result = _all_sides(self.layers, self.layout, c, act, *masters)
+        result = _all_sides(self.layers, self.layout, c, act, *masters, group=group)
         if self._room(self._fwd_graphs, key):
             self._capture(self._fwd_graphs, key, "step weight sides",
-                          lambda outs: _all_sides(self.layers, self.layout, c, act, *masters, flat=outs[0]), (),
-                          result)
+                          lambda outs: _all_sides(self.layers, self.layout, c, act, *masters, flat=outs[0],
+                                                  group=group), (), result)
         return result
 
     def run_backward(self, g_parts: tuple, r_dtypes: tuple, needs: tuple, act: tuple, masters: tuple) -> tuple:
@@ -239,7 +257,7 @@ class Plan:
             return _all_grads(self.layers, self.layout, g, c, ab, r_dtypes, needs, act, *masters, slots=slots)
         if self.graphs_off or not _use_graphs(g_parts[0]):
             return compute(torch.cat(flat))
-        key = (tuple(t.data_ptr() for t in masters), c, ab, r_dtypes, needs, act, g_parts[0].dtype)
+        key = (tuple(t.data_ptr() for t in masters), c, ab, r_dtypes, needs, act, g_parts[0].dtype, _wside_on())
         graph = self._free_graph(self._bwd_graphs, key)
         if graph is not None:  # (the gradients' buffers are free: no .grad or other view of them alive)
             torch.cat(flat, out=graph.inputs[0])  # straight into the buffer the graph reads

@@ -77,9 +77,9 @@ def main():
     needs = (True,) * len(masters)
     parts_g = _split(g, plan.layout)
 
-    def eager_fwd():
+    def eager_fwd():  # (with the switch on: one grouped launch, its tables built at the first call)
         with ac, torch.no_grad():
-            qat_step._all_sides(plan.layers, plan.layout, plan.c, act, *masters)
+            qat_step._all_sides(plan.layers, plan.layout, plan.c, act, *masters, group=plan._group(tuple(masters)))
 
     def eager_bwd():
         with torch.no_grad():
@@ -115,10 +115,11 @@ def main():
         with ac, torch.no_grad():
             plan.run_forward(tuple(masters))
 
-    for name, fn in (("forward, op by op", eager_fwd), ("forward, op by op, one kernel a layer", one_kernel(eager_fwd)),
+    for name, fn in (("forward, op by op", eager_fwd), ("forward, op by op, one kernel", one_kernel(eager_fwd)),
                      ("backward, op by op", eager_bwd),
                      ("backward, op by op, one kernel a layer", one_kernel(eager_bwd_slots)),
                      ("forward + backward through WeightSides (CUDA graphs, autograd)", graphed),
+                     ("the same with the one-kernel forms", one_kernel(graphed)),
                      ("forward replay alone (+ its clone)", graphed_fwd)):
         t = _ms(fn)
         out.append(f"\n## {name}: {t:.3f} ms\n{_kernels(fn)}")

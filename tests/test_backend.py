@@ -371,7 +371,7 @@ def _count_sides(monkeypatch) -> list:
     """Counts qat_step._all_sides calls (the step weight sides computed eagerly: on the CPU, every call)."""
     from robuq_fx import qat_step
     calls, real = [], qat_step._all_sides
-    monkeypatch.setattr(qat_step, "_all_sides", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(qat_step, "_all_sides", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     return calls
 
 

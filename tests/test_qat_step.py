@@ -158,8 +158,8 @@ def test_graphed_weight_sides_write_in_place(monkeypatch):
     real_all = qat_step._all_sides
     flats = []
 
-    def all_sides(*a, flat=None):
-        res = real_all(*a, flat=flat)
+    def all_sides(*a, flat=None, group=None):
+        res = real_all(*a, flat=flat, group=group)
         flats.append(flat is not None and res[0] is flat)
         return res
     monkeypatch.setattr(qat_step, "_weight_grads", grads)

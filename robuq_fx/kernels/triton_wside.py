@@ -41,49 +41,61 @@ BLOCK_ROWS = 16  # rows a program (tl.dot takes >= 16)
 MAX_RANK = 128
 
 
+NF = 16  # int64 fields a layer in a group's table (`Group`)
+
+
 @triton.jit
-def _residual_block(w_ptr, down_ptr, h, a, rows, rmask, kc, RANK, stride_w, stride_down, ranks,
-                    HAS_AB: tl.constexpr, CDT: tl.constexpr):
-    """R = rnd_c(rnd_c(W) H) - rnd_c(rnd_c(A) rnd_c(B)) in fp32 for the tile's rows and one Hadamard block kc."""
+def _residual_block(w_ptr, down_ptr, h, a, rows, rmask, kc, RANK, stride_w, stride_down, ranks, CDT: tl.constexpr):
+    """R = rnd_c(rnd_c(W) H) - rnd_c(rnd_c(A) rnd_c(B)) in fp32 for the tile's rows and one Hadamard block kc (A:
+    zeros past the rank, so a layer without a branch subtracts an exact 0)."""
     w = tl.load(w_ptr + rows[:, None] * stride_w + kc[None, :], mask=rmask, other=0.0)
     r = _round_to(tl.dot(w.to(h.dtype), h, out_dtype=tl.float32), CDT)
-    if HAS_AB:
-        d = tl.load(down_ptr + ranks[:, None] * stride_down + kc[None, :], mask=ranks[:, None] < RANK, other=0.0)
-        r = r - _round_to(tl.dot(a, d.to(h.dtype), out_dtype=tl.float32), CDT)
-    return r
+    d = tl.load(down_ptr + ranks[:, None] * stride_down + kc[None, :], mask=ranks[:, None] < RANK, other=0.0)
+    return r - _round_to(tl.dot(a, d.to(h.dtype), out_dtype=tl.float32), CDT)
 
 
 @triton.jit
-def wside_rows_kernel(w_ptr, up_ptr, down_ptr, h_ptr, out_ptr, scale_ptr, N, K, RANK, stride_w, stride_up,
-                      stride_down, stride_o, qmax, eps,
-                      TERNARY: tl.constexpr, HAS_AB: tl.constexpr, CDT: tl.constexpr, SDT: tl.constexpr,
-                      HB: tl.constexpr, BM: tl.constexpr, RP: tl.constexpr):
-    qmax = tl.cast(qmax, tl.float32)  # fp64 when Inductor launches it (see triton_act_quant)
-    eps = tl.cast(eps, tl.float32)
-    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    rmask = rows[:, None] < N
+def wside_group_kernel(desc_ptr, tiles_ptr, h_ptr, out_base, scale_base, eps,
+                       CDT: tl.constexpr, HB: tl.constexpr, BM: tl.constexpr, RP: tl.constexpr, NF: tl.constexpr):
+    """One program a tile of BM rows of one layer of the group: tiles_ptr holds (layer, first row) a program, and
+    desc_ptr NF int64 fields a layer (`Group`: its masters' addresses, where its Q_w(R) and scales go in out_base /
+    scale_base, its shapes, strides, ternary flag, scale dtype and qmax)."""
+    eps = tl.cast(eps, tl.float32)  # fp64 when Inductor launches it (see triton_act_quant)
+    pid = tl.program_id(0)
+    layer = tl.load(tiles_ptr + 2 * pid).to(tl.int64)
+    rows = tl.load(tiles_ptr + 2 * pid + 1).to(tl.int64) + tl.arange(0, BM)
+    d = desc_ptr + layer * NF
+    w_ptr = tl.load(d).to(tl.pointer_type(tl.float32))
+    up_ptr = tl.load(d + 1).to(tl.pointer_type(tl.float32))
+    down_ptr = tl.load(d + 2).to(tl.pointer_type(tl.float32))
+    out_ptr = out_base + tl.load(d + 3)
+    scale_ptr = scale_base + tl.load(d + 4)
+    n, k, rank = tl.load(d + 5), tl.load(d + 6), tl.load(d + 7)
+    stride_w, stride_up, stride_down, stride_o = tl.load(d + 8), tl.load(d + 9), tl.load(d + 10), tl.load(d + 11)
+    ternary, sdt, qmax = tl.load(d + 12) != 0, tl.load(d + 13), tl.load(d + 14).to(tl.float32)
+    rmask = rows[:, None] < n
     cols = tl.arange(0, HB)
     ranks = tl.arange(0, RP)
     h = tl.load(h_ptr + cols[:, None] * HB + cols[None, :])  # H in c
-    if HAS_AB:  # the tile's rows of A, in c (zeros past the rank)
-        a = tl.load(up_ptr + rows[:, None] * stride_up + ranks[None, :], mask=rmask & (ranks[None, :] < RANK),
-                    other=0.0).to(h.dtype)
-    else:
-        a = tl.zeros([BM, RP], dtype=h.dtype)
-    # pass 1: each row's statistic (sum or max of |R|) over its Hadamard blocks
-    stat = tl.zeros([BM], dtype=tl.float32)
-    for b in range(0, K // HB):
-        r = tl.abs(_residual_block(w_ptr, down_ptr, h, a, rows, rmask, b * HB + cols, RANK, stride_w, stride_down,
-                                   ranks, HAS_AB, CDT))
-        stat = stat + tl.sum(r, axis=1) if TERNARY else tl.maximum(stat, tl.max(r, axis=1))
-    s = row_scale(stat, K, qmax, eps, TERNARY, SDT)[:, None]
+    a = tl.load(up_ptr + rows[:, None] * stride_up + ranks[None, :], mask=rmask & (ranks[None, :] < rank),
+                other=0.0).to(h.dtype)  # the tile's rows of A in c
+    # pass 1: each row's sum and max of |R| over its Hadamard blocks
+    total = tl.zeros([BM], dtype=tl.float32)
+    peak = tl.zeros([BM], dtype=tl.float32)
+    for b in range(0, k // HB):
+        r = tl.abs(_residual_block(w_ptr, down_ptr, h, a, rows, rmask, b * HB + cols, rank, stride_w, stride_down,
+                                   ranks, CDT))
+        total += tl.sum(r, axis=1)
+        peak = tl.maximum(peak, tl.max(r, axis=1))
+    s = tl.where(ternary, row_scale(total, k, qmax, eps, True, 0), row_scale(peak, k, qmax, eps, False, 0))
+    s = tl.where(sdt == 1, _round_to(s, 1), tl.where(sdt == 2, _round_to(s, 2), s))  # the scale's storage dtype
+    s = s[:, None]
     # pass 2: R again (W read twice: a row tile's R does not fit in registers), its codes times the row's scale
-    for b in range(0, K // HB):
+    for b in range(0, k // HB):
         kc = b * HB + cols
-        r = _residual_block(w_ptr, down_ptr, h, a, rows, rmask, kc, RANK, stride_w, stride_down, ranks, HAS_AB,
-                            CDT)
-        tl.store(out_ptr + rows[:, None] * stride_o + kc[None, :], (row_codes(r, s, qmax) * s).to(out_ptr.dtype.element_ty),
-                 mask=rmask)
+        r = _residual_block(w_ptr, down_ptr, h, a, rows, rmask, kc, rank, stride_w, stride_down, ranks, CDT)
+        tl.store(out_ptr + rows[:, None] * stride_o + kc[None, :],
+                 (row_codes(r, s, qmax) * s).to(out_ptr.dtype.element_ty), mask=rmask)
     tl.store(scale_ptr + rows[:, None], s, mask=rmask)
 
 
@@ -106,9 +118,53 @@ def supported(w: torch.Tensor, down, up, spec, c: torch.dtype) -> str | None:
     if spec.scale_dtype not in ("float32", "bfloat16", "float16"):
         return f"scale dtype {spec.scale_dtype}"
     if down is not None and (down.shape[0] > MAX_RANK or down.stride(-1) != 1 or up.stride(-1) != 1
-                             or down.dtype not in _CODE or up.dtype not in _CODE):
-        return "branch factors"
+                             or down.dtype != torch.float32 or up.dtype != torch.float32):
+        return "branch factors not fp32 masters with contiguous rows"
     return None
+
+
+class Group:
+    """Several layers' forward weight sides in one launch a Hadamard block size (`wside_group_kernel`): a DiT-XL/2
+    layer alone gives 72-432 programs of 16 rows, too few to hide their loads' latency (session 24, H200: 8.9 ms for
+    196 launches against ~2 ms by bytes). items: (index, W, B or None, A or None, spec, offset, row stride) a layer
+    `supported` covers, its Q_w(R) going to out[offset + n * stride + k] of the tensor `run` is given. The tables
+    hold the masters' addresses: build one where the masters are, outside a CUDA graph capture, and keep it while
+    they stay there (qat_step.Plan keys it on their addresses)."""
+
+    def __init__(self, items: list, c: torch.dtype, device: torch.device):
+        self.covered = frozenset(i for i, *_ in items)
+        self.c, self.launches = c, []
+        by_block: dict = {}
+        rows = 0  # the items' scales one after another in .scale, in the items' order
+        for item in items:
+            by_block.setdefault(item[4].hadamard_block, []).append((item, rows))
+            rows += item[1].shape[0]
+        for hb, group in sorted(by_block.items()):
+            desc, tiles, rank = [], [], 0
+            for j, ((_, w, down, up, spec, offset, stride), first) in enumerate(group):
+                n, k = w.shape
+                r = down.shape[0] if down is not None else 0
+                rank = max(rank, r)
+                desc.append([w.data_ptr(), (up if r else w).data_ptr(), (down if r else w).data_ptr(), offset, first,
+                             n, k, r, w.stride(0), up.stride(0) if r else 0, down.stride(0) if r else 0, stride,
+                             int(float(spec.w_bits) == 1.58), _CODE[getattr(torch, spec.scale_dtype)],
+                             int(Q.weight_qmax(spec.w_bits)), 0])
+                tiles += [(j, t) for t in range(0, n, BLOCK_ROWS)]
+            self.launches.append((hb, torch.tensor(desc, dtype=torch.int64).to(device),
+                                  torch.tensor(tiles, dtype=torch.int32).to(device), len(tiles),
+                                  hadamard_matrix(hb, c, device), max(16, triton.next_power_of_2(rank))))
+        self.scale = torch.empty(rows, device=device, dtype=torch.float32)
+
+    def run(self, out: torch.Tensor) -> frozenset:
+        """Every item's Q_w(R) written into `out` (in c); returns the items' indices. Their scales go to .scale,
+        one item after another in the items' order."""
+        if out.dtype != self.c:
+            raise ValueError(f"out is {out.dtype}; the group computes in {self.c}")
+        with on_device(out.device):
+            for hb, desc, tiles, count, h, rp in self.launches:
+                launch(wside_group_kernel, (count,), (desc, tiles, h, out, self.scale, Q._EPS),
+                       dict(CDT=_CODE[self.c], HB=hb, BM=BLOCK_ROWS, RP=rp, NF=NF), dict(num_warps=4))
+        return self.covered
 
 
 def weight_side_rows(w: torch.Tensor, down, up, spec, c: torch.dtype, out: torch.Tensor) -> torch.Tensor:
@@ -116,21 +172,9 @@ def weight_side_rows(w: torch.Tensor, down, up, spec, c: torch.dtype, out: torch
     n, k = w.shape
     if out.shape != (n, k) or out.dtype != c or out.stride(-1) != 1:
         raise ValueError(f"out {tuple(out.shape)} {out.dtype}: expected ({n}, {k}) {c} with contiguous rows")
-    hb = spec.hadamard_block
-    h = hadamard_matrix(hb, c, w.device)  # (cached; equal to the fp32 matrix autocast casts, blocks 16-128)
-    scale = torch.empty(n, device=w.device, dtype=torch.float32)
-    has_ab = down is not None
-    rank = down.shape[0] if has_ab else 0
-    with on_device(w.device):
-        launch(wside_rows_kernel, (triton.cdiv(n, BLOCK_ROWS),),
-               (w, up if has_ab else w, down if has_ab else w, h, out, scale, n, k, rank, w.stride(0),
-                up.stride(0) if has_ab else 0, down.stride(0) if has_ab else 0, out.stride(0),
-                float(Q.weight_qmax(spec.w_bits)), Q._EPS),
-               dict(TERNARY=float(spec.w_bits) == 1.58, HAS_AB=has_ab, CDT=_CODE[c],
-                    SDT=_CODE[getattr(torch, spec.scale_dtype)], HB=hb, BM=BLOCK_ROWS,
-                    RP=max(16, triton.next_power_of_2(rank))),
-               dict(num_warps=4))
-    return scale
+    group = Group([(0, w, down, up, spec, 0, out.stride(0))], c, w.device)
+    group.run(out)
+    return group.scale
 
 
 @triton.jit

@@ -119,18 +119,65 @@ def test_weight_side_kernel_in_the_interpreter_matches_the_op_by_op_math():
         assert r["scale_rel"] <= (1e-6 if r["bits"] == 1.58 else 0.0), r
 
 
+GROUP = r"""
+import json
+import torch
+from robuq_fx.spec import LayerSpec
+from robuq_fx.kernels import triton_launch, triton_wside as WS
+triton_launch._ENABLED = False
+WS.on_device = lambda dev: __import__("contextlib").nullcontext()
+c = torch.float16
+# layers of other widths, ranks, bit widths, scale dtypes and two Hadamard blocks (two launches) in one flat buffer
+cases = ((1.58, 8, 384, 128, "float32", 20), (4, 0, 256, 64, "bfloat16", 17), (2, 16, 128, 128, "float16", 33),
+         (1.58, 0, 64, 64, "float32", 5))
+items, alone, off = [], [], 0
+for i, (bits, rank, k, hb, sdt, n) in enumerate(cases):
+    torch.manual_seed(i)
+    spec = LayerSpec(w_bits=bits, a_bits=4, hadamard=True, hadamard_block=hb, lora_rank=rank,
+                     scale_dtype=sdt).resolve(k, n)
+    w = torch.randn(n, k) * 0.05
+    up, down = (torch.randn(n, rank) * 0.1, torch.randn(rank, k) * 0.1) if rank else (None, None)
+    stride = k + rank + 3  # each layer's rows in a stacked part wider than K, with a gap after it
+    items.append((i, w, down, up, spec, off, stride))
+    buf = torch.zeros(n, k, dtype=c)
+    alone.append((buf, WS.weight_side_rows(w, down, up, spec, c, buf), n, k, stride, off))
+    off += n * stride + 11
+flat = torch.full((off,), 7.0, dtype=c)
+g = WS.Group(items, c, torch.device("cpu"))
+covered = sorted(g.run(flat))
+res, row0, written = [], 0, torch.zeros(off, dtype=torch.bool)
+for (buf, s, n, k, stride, o), (_, w, *_rest) in zip(alone, items):
+    view = flat[o:o + n * stride].view(n, stride)
+    written[o:o + n * stride].view(n, stride)[:, :k] = True
+    res.append({"equal": bool((view[:, :k] == buf).all()), "scales": bool((g.scale[row0:row0 + n] == s).all())})
+    row0 += n
+print(json.dumps({"covered": covered, "launches": len(g.launches), "layers": res,
+                  "rest_untouched": bool((flat[~written] == 7).all())}))
+"""
+
+
 @pytest.mark.skipif(import_or_none("triton_wside") is None, reason="triton does not import here")
-@pytest.mark.parametrize("has_ab,hb,rp", [(True, 128, 32), (False, 128, 16), (True, 64, 64)])
-def test_weight_side_kernel_builds_for_sm90(has_ab, hb, rp):
-    """Offline sm_90 build (no GPU) in bf16, with Inductor's fp64 scalars: the paper's rank-32 branch, none, and a
-    wider one on 64-blocks."""
+def test_weight_side_group_writes_each_layer_as_alone():
+    """kernels/triton_wside.Group: four layers (ranks 0-16, 1.58/2/4 bits, three scale dtypes, Hadamard blocks 64
+    and 128: two launches) in one launch a block size write each layer's Q_w(R) and scales bit-equal to the layer
+    computed alone (whose math the test above checks), into their places in a flat buffer, and nothing else."""
+    r = run_interpreted(GROUP)
+    assert r["covered"] == [0, 1, 2, 3] and r["launches"] == 2, r
+    assert all(x["equal"] and x["scales"] for x in r["layers"]), r
+    assert r["rest_untouched"], r
+
+
+@pytest.mark.skipif(import_or_none("triton_wside") is None, reason="triton does not import here")
+@pytest.mark.parametrize("hb,rp", [(128, 32), (128, 16), (64, 64)])
+def test_weight_side_kernel_builds_for_sm90(hb, rp):
+    """Offline sm_90 build (no GPU) in bf16, with Inductor's fp64 scalar: the grouped kernel (masters' addresses
+    read from its table) for the paper's rank-32 branch, none, and a wider one on 64-blocks."""
     from tests.kernels.sm90 import compile_sm90
     ws = import_or_none("triton_wside")
-    sig = {"w_ptr": "*fp32", "up_ptr": "*fp32", "down_ptr": "*fp32", "h_ptr": "*bf16", "out_ptr": "*bf16",
-           "scale_ptr": "*fp32", "N": "i32", "K": "i32", "RANK": "i32", "stride_w": "i32", "stride_up": "i32",
-           "stride_down": "i32", "stride_o": "i32", "qmax": "fp64", "eps": "fp64"}
-    k = compile_sm90(ws.wside_rows_kernel, sig, dict(TERNARY=True, HAS_AB=has_ab, CDT=1, SDT=0, HB=hb,
-                                                            BM=ws.BLOCK_ROWS, RP=rp), dict(num_warps=4), gluon=False)
+    sig = {"desc_ptr": "*i64", "tiles_ptr": "*i32", "h_ptr": "*bf16", "out_base": "*bf16", "scale_base": "*fp32",
+           "eps": "fp64"}
+    k = compile_sm90(ws.wside_group_kernel, sig, dict(CDT=1, HB=hb, BM=ws.BLOCK_ROWS, RP=rp, NF=ws.NF),
+                     dict(num_warps=4), gluon=False)
     assert k.asm["cubin"]
 
 
@@ -162,8 +209,8 @@ base = nn.Sequential(
                                                         hadamard_block=64).resolve(128, 64)))
 x = torch.randn(3, 10, 128)
 runs, calls, gcalls = {}, [], []
-real, real_g = WS.weight_side_rows, WS.weight_grads_rows
-WS.weight_side_rows = lambda *a: calls.append(1) or real(*a)
+real, real_g = WS.Group.run, WS.weight_grads_rows
+WS.Group.run = lambda self, out: calls.append(len(self.covered)) or real(self, out)
 WS.weight_grads_rows = lambda *a: gcalls.append(1) or real_g(*a)
 for on in (False, True):
     qat_fused._WSIDE[0] = on
@@ -180,7 +227,7 @@ for on in (False, True):
     runs[on] = (y.detach().float(), {n: p.grad.float() for n, p in mod.named_parameters()})
 (y0, g0), (y1, g1) = runs[False], runs[True]
 rel = lambda a, b: ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-print(json.dumps({"calls": len(calls), "gcalls": len(gcalls), "y": rel(y1, y0),
+print(json.dumps({"calls": calls, "gcalls": len(gcalls), "y": rel(y1, y0),
                   "grads": {k: rel(g1[k], g0[k]) for k in g0}}))
 """
 
@@ -192,8 +239,8 @@ def test_weight_sides_with_the_one_kernel_follow_the_op_by_op_step():
     output and every gradient of the second step follow the op-by-op step (the forward kernel writes the stacked
     weight's first K columns, A beside them; the backward one g_W into its slot and A's A B term)."""
     r = run_interpreted(STEP)
-    # forward: 2 layers x (step 1, step 2's replay); backward: 2 layers in step 2's replay
-    assert r["calls"] == 4 and r["gcalls"] == 2, r
+    # forward: one launch for both layers in step 1 and in step 2's replay; backward: 2 layers in step 2's replay
+    assert r["calls"] == [2, 2] and r["gcalls"] == 2, r
     assert r["y"] < 2e-3, r
     for k, v in r["grads"].items():
         assert v < 2e-2, (k, r)
