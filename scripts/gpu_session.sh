@@ -57,6 +57,7 @@
 #   scripts/gpu_session.sh train-wside      the one-kernel forward weight side: GPU tests, paper row without / with it
 #   scripts/gpu_session.sh s24a             session 23's CPU-built changes: their GPU tests, then weight_side_profile
 #   scripts/gpu_session.sh s24b             the tiled one-kernel weight side: GPU tests, profile, paper row +wside vs FP
+#   scripts/gpu_session.sh s25a             the grouped one-kernel weight side: GPU tests, then weight_side_profile
 #   scripts/gpu_session.sh backend-tests    GPU tests of the backend's weight_sides="step" and of the act op
 #   scripts/gpu_session.sh actk2            session 22: the act op's GPU tests, scripts/actk_diag.py, then the paper
 #                                           step with weight_sides_per_forward with / without the act op (two runs)
@@ -123,20 +124,16 @@
 # The machine goes back ~30 s after a call returns, and with it everything detached or left in /tmp: make every
 # call self-contained, and send the next one at once. On nvidia-h200-x2, `pair A B` runs two steps at once (one a
 # GPU) for the device time of one: use it. A cold compile of the paper policy takes ~3-4 min on the machine: a call
-# holds about two (policy, batch) rows. Session 24's plan (one H200; one bench_dit run a call, sent alone; session 23
-# ran backend-step, STEPW qat-profile and ws-profile, see docs/gpu.md):
-#   1. s24a (~5 min: steps 1 and 2 in one call), or separately: verify23 none (~2.5 min: the fp32 weight quantization and the weight kernel's split / in-place forms, on by
-#                   default since session 23 but only 3 of their GPU tests run; the one-kernel weight sides'
-#                   tests (opt-in); the step's graphs handing out their buffers uncopied (test_qat_step on CUDA))
-#   2. ws-profile (~2 min: the weight sides after session 23's copy removals and with the one-kernel forms; at
-#                   8ffcfa6: 27.3 ms of kernels a step through the graphs, 17.8 op by op)
-#   3. train-wside (the compiled paper row with weight_sides_per_forward, with and without ROBUQ_QAT_WSIDE_KERNEL=1:
-#                   the forward weight side in one kernel, kernels/triton_wside.py, opt-in; 1.413x in session 22)
-#                   and backend-step (SKIP_TESTS=1; 1.357x at 117b17a) for the summary keys
-#   4. train-actk (a same-run A/B of the act op)
-#   5. ddp and ddp-compiled on nvidia-h200-x2 if ever lent (issue 19 item 4: bench_ddp.py; eager with whole-layer
+# holds about two (policy, batch) rows. Session 25's plan (one H200; one bench_dit run a call, sent alone; session 24
+# ran s24a, train-stepw (the paper step 1.11x) and s24b, see docs/gpu.md):
+#   1. s25a (~3 min): the grouped one-kernel forward weight side (7991598, triton_wside.Group): its GPU tests, then
+#                   scripts/weight_side_profile.py (at f141024 the per-layer form took 8.9 ms against 6 of op-by-op
+#                   work; "the same with the one-kernel forms" times both kernels through the graphs)
+#   2. SKIP_TESTS=1 s24b (~7 min on a fast host): the paper row with ROBUQ_QAT_WSIDE_KERNEL=1 vs FP; then
+#                   train-stepw for the row without it (or backend-step SKIP_TESTS=1 for qat_paper_stepw_backend_x)
+#   3. ddp and ddp-compiled on nvidia-h200-x2 if ever lent (issue 19 item 4: bench_ddp.py; eager with whole-layer
 #                   graphs by default; compiled through the backend's step mode, which keeps DDP's overlap)
-#   6. qat-profile eager, ln-configs, quant-plans, verify17, attention-sweep, dit-default (not reached since s19).
+#   4. train-actk, qat-profile eager, ln-configs, quant-plans, verify17, attention-sweep, dit-default.
 #   The host varies a lot from call to call (compiled FP step 72.6 vs 118.6 ms in session 21): compare rows of one
 #   call only, and give a bench the time of a cold paper compile on a slow host (~5 min).
 #   The compile cache comes back as xz pieces (compile_cache.txz.NN): copy them over .snap/.cache/compile_cache.*
@@ -724,14 +721,26 @@ s24a)  # session 24's first call (~5 min): session 23's CPU-built changes on the
 s24b)  # session 24: the one-kernel forward weight side as row tiles (e253237): its GPU tests (~40 s),
     # scripts/weight_side_profile.py (~1 min), then the compiled paper row with weight_sides_per_forward and
     # ROBUQ_QAT_WSIDE_KERNEL=1 on (row tag +wside) against FP in the same run (two cold compiles, ~5 min)
-    timeout 90 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -p no:logging tests/kernels/test_triton_wquant.py \
-        -k "weight_side or weight_grads" > "$OUT/wside_tests.log" 2>&1
-    grep -E "^E |Error|passed|failed" "$OUT/wside_tests.log" | head -8
-    timeout 120 python3 scripts/weight_side_profile.py --out "$OUT" > "$OUT/ws_profile.log" 2>&1
-    grep -E "^## |wside_rows|wgrad_rows|TOTAL" "$OUT/ws_profile.log"
-    ROBUQ_QAT_WSIDE_KERNEL=1 timeout 400 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes compiled \
+    # (SKIP_TESTS=1: the bench alone, with more time: session 24's slow host cut it off at 400 s after the FP row)
+    if [ -z "${SKIP_TESTS:-}" ]; then
+        timeout 90 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -p no:logging \
+            tests/kernels/test_triton_wquant.py -k "weight_side or weight_grads" > "$OUT/wside_tests.log" 2>&1
+        grep -E "^E |Error|passed|failed" "$OUT/wside_tests.log" | head -8
+        timeout 120 python3 scripts/weight_side_profile.py --out "$OUT" > "$OUT/ws_profile.log" 2>&1
+        grep -E "^## |wside_|wgrad_rows|TOTAL" "$OUT/ws_profile.log"
+    fi
+    ROBUQ_QAT_WSIDE_KERNEL=1 timeout "$([ -n "${SKIP_TESTS:-}" ] && echo 560 || echo 400)" python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes compiled \
         --iters 12 --settings "QAT dit-xl-2-robuq" --step-weights on --tag _train_wside_paper > "$OUT/wside_bench.log" 2>&1
     grep -iE "^\||warn|error" "$OUT/wside_bench.log" | tail -n 8
+    ;;
+s25a)  # session 25's first call (~3 min): the grouped one-kernel forward weight side's GPU tests (the per-layer entry
+    # point is a one-layer group), then scripts/weight_side_profile.py (both one-kernel forms, op by op and through
+    # the graphs)
+    timeout 90 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -p no:logging tests/kernels/test_triton_wquant.py \
+        tests/test_qat_step.py -k "weight_side or weight_grads or cuda" > "$OUT/s25a_tests.log" 2>&1
+    grep -E "^E |Error|passed|failed" "$OUT/s25a_tests.log" | head -8
+    timeout 150 python3 scripts/weight_side_profile.py --out "$OUT" > "$OUT/ws_profile.log" 2>&1
+    grep -E "^## |wside_|wgrad_rows|TOTAL|Error" "$OUT/ws_profile.log"
     ;;
 train-eager)  # the eager QAT rows at the defaults (whole-layer graphs since session 20), ~3 min
     timeout 200 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --no-compile --iters 10 \
