@@ -118,7 +118,10 @@ def main(argv=None):
                          "mode with Inductor's C++ wrapper / its combo kernels)")
     ap.add_argument("--step-weights", choices=["off", "on", "both"], default="off",
                     help="QAT rows with robuq_fx.weight_sides_per_forward (every layer's weight side once a forward, "
-                         "for the whole model: rows ' +stepw'); both: each QAT row without and with it, same run")
+                         "for the whole model: rows ' +stepw'); both: each QAT row without and with it, same run. "
+                         "Compiled rows on CUDA have it anyway (quantize's automatic hooks); for the per-layer "
+                         "compiled path: --env-variant layerws:ROBUQ_QAT_STEP_WEIGHTS=0 (rows ' +layerws') or "
+                         "the variable set for the run (rows ' -autows')")
     ap.add_argument("--train-only", action="store_true", help="only the training-step rows")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for every compiled row "
                     "(e.g. reduce-overhead for CUDA graphs); default: torch's default")
@@ -299,7 +302,10 @@ def main(argv=None):
                                                        ("ROBUQ_QAT_WSIDE_KERNEL", "1", "+wside"),
                                                        ("ROBUQ_QAT_WEIGHT_GRAPH", "0", "-wgraph"),
                                                        ("ROBUQ_QAT_LAYER_GRAPH", "0", "-lgraph"),
-                                                       ("ROBUQ_QAT_ACT_KERNEL", "0", "+noactk"))
+                                                       ("ROBUQ_QAT_ACT_KERNEL", "0", "+noactk"),
+                                                       # (quantize's automatic weight-side hooks off: the per-layer
+                                                       # weight sides inside the compiled graph, as before session 24)
+                                                       ("ROBUQ_QAT_STEP_WEIGHTS", "0", "-autows"))
                      if os.environ.get(var) == value)
     train = [("FP", None), ("QAT W4A4+H" + opt_in, policies()["robuq W4A4+H"]),
              ("QAT W1.58A4+H" + opt_in, policies()["robuq W1.58A4+H"]), ("QAT dit-xl-2-robuq" + opt_in, policies()[PAPER])]

@@ -1,5 +1,6 @@
-"""Every QAT layer's weight side computed once a forward, for the whole model at once (issue 19; opt-in:
-`robuq_fx.weight_sides_per_forward(model)`), so that a compiled QAT step launches no weight-side kernels per layer.
+"""Every QAT layer's weight side computed once a forward, for the whole model at once (issue 19; the hooks that do
+it, `weight_sides_per_forward` and the ones `robuq_fx.quantize` adds for `torch.compile`, are in qat_step_hooks.py),
+so that a compiled QAT step launches no weight-side kernels per layer.
 
 Under torch.compile each QAT linear's graph holds its weight side: the masters' casts, W H, A B, Q_w(R) into the
 stacked weight [Q_w(R), A_c] forward, and g_R H, the branch factors' products and their casts backward: ~11 of
@@ -35,7 +36,6 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn as nn
 
 from . import qat_graph
 from .kernels import qat_act
@@ -312,25 +312,6 @@ class Plan:
                       "computed op by op from now on", RuntimeWarning, stacklevel=4)
 
 
-class WeightSidesHandle:
-    """What `weight_sides_per_forward` returns: `.remove()` takes the hooks off again."""
-
-    def __init__(self, modules: list, hooks):
-        self._modules, self._hooks = modules, hooks
-
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-        _clear(self._modules)
-
-
-def _clear(modules: list) -> None:
-    """The layers back to their masters (set through __dict__: nn.Module.__setattr__'s checks, ~200 a step)."""
-    for m in modules:
-        m.__dict__["_prepared"] = None
-
-
 def _is_dtensor(t: torch.Tensor) -> bool:
     try:
         from torch.distributed.tensor import DTensor
@@ -345,47 +326,3 @@ def _check_not_sharded(masters: list) -> None:
         raise TypeError("weight_sides_per_forward: the QAT layers' masters are sharded DTensors (FSDP2), and the "
                         "whole model's weight sides need every master gathered at the model's start: use it on one "
                         "GPU or with DDP")
-
-
-def weight_sides_per_forward(model: nn.Module) -> WeightSidesHandle:
-    """Compute every QAT layer's weight side once a forward of `model`, for all its layers at once, instead of
-    inside each layer (module docstring). For `torch.compile`d QAT, where the per-layer weight kernels bound the
-    step; eager QAT is faster with its per-layer graphs (the default). Returns a handle; `.remove()` undoes it.
-
-        qmodel = robuq_fx.quantize(model, "dit-xl-2-robuq", example_inputs=...).train()
-        handle = robuq_fx.weight_sides_per_forward(qmodel)
-        step = torch.compile(qmodel)
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"weight_sides_per_forward takes the QAT model (an nn.Module), got {type(model).__name__}")
-    modules = [m for m in model.modules() if isinstance(m, QATLinear)]
-    if not modules:
-        raise ValueError(f"weight_sides_per_forward: {type(model).__name__} has no QAT layers (QATLinear modules, what "
-                         f"robuq_fx.quantize makes in training mode)")
-    plan = Plan(modules)
-    plan.check(plan.masters())
-
-    @torch.compiler.disable
-    def pre(module, args, kwargs):
-        masters = plan.masters()
-        plan.check(masters)
-        kinds = plan.kinds(masters)
-        if len(kinds) > 1:  # one flat tensor holds every layer's weight side: one matmul dtype for all
-            if not plan.warned:
-                plan.warned = True
-                warnings.warn(f"weight_sides_per_forward: the QAT layers of {type(model).__name__} compute in "
-                              f"several dtypes {sorted(str(k[0]) for k in kinds)}; each computes its own weight "
-                              f"side instead", RuntimeWarning, stacklevel=2)
-            return
-        plan.c, plan.ab = kinds.pop()
-        plan.set_act(masters[0].device)
-        parts = WeightSides.apply(plan, *masters)
-        for (layer, wq, down_c, bias_c), fused in zip(_per_layer(plan.layers, parts), plan.act):
-            layer.module.__dict__["_prepared"] = (wq, down_c, bias_c, fused)  # (as `_clear`)
-
-    @torch.compiler.disable
-    def post(module, args, kwargs, output):
-        _clear(plan.modules)
-
-    return WeightSidesHandle(plan.modules, [model.register_forward_pre_hook(pre, with_kwargs=True),
-                                     model.register_forward_hook(post, with_kwargs=True)])

@@ -129,11 +129,14 @@
 #   1. s25a (~3 min): the grouped one-kernel forward weight side (7991598, triton_wside.Group): its GPU tests, then
 #                   scripts/weight_side_profile.py (at f141024 the per-layer form took 8.9 ms against 6 of op-by-op
 #                   work; "the same with the one-kernel forms" times both kernels through the graphs)
-#   2. SKIP_TESTS=1 s24b (~7 min on a fast host): the paper row with ROBUQ_QAT_WSIDE_KERNEL=1 vs FP; then
-#                   train-stepw for the row without it (or backend-step SKIP_TESTS=1 for qat_paper_stepw_backend_x)
-#   3. ddp and ddp-compiled on nvidia-h200-x2 if ever lent (issue 19 item 4: bench_ddp.py; eager with whole-layer
+#   2. train-compiled dit-xl-2-robuq: torch.compile(quantize(model)) as users get it, now with quantize's automatic
+#                   weight-side hooks (qat_step_hooks.py; key qat_paper_compiled_x, 1.811x in session 21 without them),
+#                   then train-compiled W1.58A4+H / W4A4+H (qat_w158_compiled_x, qat_compiled_x) as time allows
+#   3. SKIP_TESTS=1 s24b (~7 min on a fast host): the paper row with ROBUQ_QAT_WSIDE_KERNEL=1 vs FP; then
+#                   backend-step SKIP_TESTS=1 for qat_paper_stepw_backend_x
+#   4. ddp and ddp-compiled on nvidia-h200-x2 if ever lent (issue 19 item 4: bench_ddp.py; eager with whole-layer
 #                   graphs by default; compiled through the backend's step mode, which keeps DDP's overlap)
-#   4. train-actk, qat-profile eager, ln-configs, quant-plans, verify17, attention-sweep, dit-default.
+#   5. train-actk, qat-profile eager, ln-configs, quant-plans, verify17, attention-sweep, dit-default.
 #   The host varies a lot from call to call (compiled FP step 72.6 vs 118.6 ms in session 21): compare rows of one
 #   call only, and give a bench the time of a cold paper compile on a slow host (~5 min).
 #   The compile cache comes back as xz pieces (compile_cache.txz.NN): copy them over .snap/.cache/compile_cache.*
@@ -734,10 +737,12 @@ s24b)  # session 24: the one-kernel forward weight side as row tiles (e253237): 
     grep -iE "^\||warn|error" "$OUT/wside_bench.log" | tail -n 8
     ;;
 s25a)  # session 25's first call (~3 min): the grouped one-kernel forward weight side's GPU tests (the per-layer entry
-    # point is a one-layer group), then scripts/weight_side_profile.py (both one-kernel forms, op by op and through
+    # point is a one-layer group) and quantize's automatic weight-side hooks' CUDA test (they engage under Inductor
+    # and equal the explicit call), then scripts/weight_side_profile.py (both one-kernel forms, op by op and through
     # the graphs)
-    timeout 90 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -p no:logging tests/kernels/test_triton_wquant.py \
-        tests/test_qat_step.py -k "weight_side or weight_grads or cuda" > "$OUT/s25a_tests.log" 2>&1
+    timeout 120 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -p no:logging tests/kernels/test_triton_wquant.py \
+        tests/test_qat_step.py tests/test_qat_step_hooks.py -k "weight_side or weight_grads or cuda" \
+        > "$OUT/s25a_tests.log" 2>&1
     grep -E "^E |Error|passed|failed" "$OUT/s25a_tests.log" | head -8
     timeout 150 python3 scripts/weight_side_profile.py --out "$OUT" > "$OUT/ws_profile.log" 2>&1
     grep -E "^## |wside_|wgrad_rows|TOTAL|Error" "$OUT/ws_profile.log"

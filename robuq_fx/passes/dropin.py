@@ -30,6 +30,7 @@ from ..modules import PackedLinear, use_device_layout
 from ..policy import Policy
 from ..probe import discover, record_calls
 from ..qat_linear import QATLinear, is_linear_type, linear_dims
+from ..qat_step_hooks import strip as strip_weight_side_hooks
 from .attention import apply_attention, find_attention, lower_attention
 from .fuse import fuse_siblings, qlinear_node
 from .qat import ROBUQ_META, plan_layers, set_robuq_info
@@ -162,6 +163,7 @@ def lower_modules(qmodel: nn.Module, *, compute: bool = True, progress: bool | N
         lower_attention(region)
         packed_calls_to_ops(region)
     set_robuq_info(model, dict(info, stage="lowered"))
+    strip_weight_side_hooks(model)  # (the QAT model's, copied with it)
     if fuse:
         fuse_modules(model)
     use_device_layout(model)

@@ -16,6 +16,7 @@ from ..capture import (LinearSite, capture, find_linears, normalize_linear_modul
 from ..errors import CaptureError, PolicyError, SpecError
 from ..policy import Policy
 from ..qat_linear import linear_dims
+from ..qat_step_hooks import install_auto
 from ..spec import LayerSpec
 from .attention import apply_attention, plan_attention
 
@@ -48,6 +49,7 @@ def quantize(model: nn.Module, policy=None, example_inputs=None, *, init_lrb: bo
         from .dropin import quantize_modules
         out, why = quantize_modules(root, policy, example_inputs, init_lrb, type(model).__name__)
         if out is not None:
+            install_auto(out)  # the whole model's weight sides once a forward under torch.compile (qat_step_hooks)
             return out
     elif not whole_graph:
         why = "the model itself is one linear layer"
@@ -60,6 +62,7 @@ def quantize(model: nn.Module, policy=None, example_inputs=None, *, init_lrb: bo
     attention = apply_attention(gm, attn_plan)
     set_robuq_info(gm, {"stage": "qat", "form": "graph", "why": why, "capture": method, "policy": policy.to_dict(),
                         "layers": {n: s.to_dict() for n, s in layers.items()}, "attention": attention})
+    install_auto(gm)
     return gm
 
 

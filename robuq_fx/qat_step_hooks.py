@@ -1,0 +1,202 @@
+"""The hooks that run qat_step's weight sides once a forward of a whole QAT model (qat_step.py has the why and how).
+
+Two ways they get onto a model:
+- `weight_sides_per_forward(model)`, an explicit request: every forward, eager or compiled.
+- `robuq_fx.quantize` puts them on every QAT model of QATLinear modules it returns (not the whole-graph form),
+  engaging **only while `torch.compile` traces the whole model's forward in training mode**, with its QAT layers on
+  CUDA and graph breaks allowed (`_engage`): where they were measured (H200, DiT-XL/2 batch 16, the paper policy: the
+  compiled step 1.11x the compiled FP step with them in session 24; 1.81x without them in session 21). Eager QAT keeps its per-layer CUDA graphs (faster eagerly), `fullgraph=True` and
+  `torch.export` trace without a break, DDP / FSDP2 runs (a process group of more than one rank) keep the per-layer
+  path whose gradients arrive during the backward, for their all-reduce to overlap. `ROBUQ_QAT_STEP_WEIGHTS=0`
+  turns the automatic hooks off; an explicit call replaces them.
+
+The hooks are module-level functions and find their `qat_step.Plan` by the module they are called on (`_PLANS`,
+held weakly), made at its first forward: a deep copy of the model (an EMA copy) or a pickled one carries the hooks
+and gets a plan of its own layers, never the original's."""
+from __future__ import annotations
+
+import os
+import warnings
+import weakref
+
+import torch
+import torch.nn as nn
+
+from .qat_linear import QATLinear
+from .qat_step import Plan, WeightSides, _per_layer
+
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its Plan, or None where not engaged
+
+
+def _qat_layers(model: nn.Module) -> list:
+    return [m for m in model.modules() if isinstance(m, QATLinear)]
+
+
+def _plan(model: nn.Module, explicit: bool):
+    """model's Plan (made at its first forward); None for the automatic hooks where the plan cannot run here."""
+    if model in _PLANS:
+        return _PLANS[model]
+    layers = _qat_layers(model)
+    plan = Plan(layers) if layers else None
+    if plan is not None:
+        try:
+            plan.check(plan.masters())
+        except TypeError:  # sharded masters (FSDP2)
+            if explicit:
+                raise
+            plan = None
+    _PLANS[model] = plan
+    return plan
+
+
+def _prepare(model: nn.Module, explicit: bool) -> None:
+    """Every QAT layer of model gets its weight side for this forward (`qat_step.WeightSides`)."""
+    plan = _plan(model, explicit)
+    if plan is None:
+        return
+    masters = plan.masters()
+    plan.check(masters)
+    if len({masters[i].device for i in plan.w_at}) > 1:  # one flat tensor on one device holds every weight side
+        if explicit and not plan.warned:
+            plan.warned = True
+            warnings.warn(f"weight_sides_per_forward: the QAT layers of {type(model).__name__} are on several "
+                          f"devices; each computes its own weight side instead", RuntimeWarning, stacklevel=3)
+        return
+    kinds = plan.kinds(masters)
+    if len(kinds) > 1:  # one flat tensor holds every layer's weight side: one matmul dtype for all
+        if explicit and not plan.warned:
+            plan.warned = True
+            warnings.warn(f"weight_sides_per_forward: the QAT layers of {type(model).__name__} compute in several "
+                          f"dtypes {sorted(str(k[0]) for k in kinds)}; each computes its own weight side instead",
+                          RuntimeWarning, stacklevel=3)
+        return
+    plan.c, plan.ab = kinds.pop()
+    plan.set_act(masters[0].device)
+    parts = WeightSides.apply(plan, *masters)
+    for (layer, wq, down_c, bias_c), fused in zip(_per_layer(plan.layers, parts), plan.act):
+        layer.module.__dict__["_prepared"] = (wq, down_c, bias_c, fused)  # (as `_clear`)
+
+
+def _clear(modules) -> None:
+    """The layers back to their masters (set through __dict__: nn.Module.__setattr__'s checks, ~200 a step)."""
+    for m in modules:
+        m.__dict__["_prepared"] = None
+
+
+@torch.compiler.disable
+def _pre_always(module, args, kwargs):
+    _prepare(module, True)
+
+
+@torch.compiler.disable
+def _post_always(module, args, kwargs, output):
+    plan = _PLANS.get(module)
+    if plan is not None:
+        _clear(plan.modules)
+
+
+@torch._dynamo.assume_constant_result
+def _engage(module) -> bool:
+    """Whether the automatic hooks run: called while Dynamo traces (its result a constant of the trace)."""
+    try:
+        if os.environ.get("ROBUQ_QAT_STEP_WEIGHTS", "auto") == "0":
+            return False
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        tx = InstructionTranslator.current_tx()
+        if tx.one_graph or bool(getattr(tx, "error_on_graph_break", False)):  # fullgraph=True / no breaks allowed
+            return False
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            return False
+        first = next((m for m in module.modules() if isinstance(m, QATLinear)), None)
+        return first is not None and _device_ok(first.weight)
+    except Exception:  # a torch whose tracer looks otherwise: the per-layer path, as before
+        return False
+
+
+def _device_ok(t: torch.Tensor) -> bool:
+    """The automatic hooks' device: CUDA, where their CUDA graphs and kernels were measured (tests widen it)."""
+    return t.is_cuda
+
+
+@torch.compiler.disable
+def _pre_compiled_run(module) -> None:
+    _prepare(module, False)
+
+
+@torch.compiler.disable
+def _post_compiled_run(module) -> None:
+    plan = _PLANS.get(module)
+    if plan is not None:
+        _clear(plan.modules)
+
+
+def _pre_compiled(module, args, kwargs):
+    # traced by Dynamo (a constant condition there); in eager forwards a few attribute reads
+    if torch.compiler.is_compiling() and module.training and _engage(module):
+        _pre_compiled_run(module)  # (a graph break: runs eagerly before the compiled forward)
+
+
+def _post_compiled(module, args, kwargs, output):
+    if torch.compiler.is_compiling() and module.training and _engage(module):
+        _post_compiled_run(module)
+
+
+def _remove(model: nn.Module, fns: tuple) -> None:
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key in [k for k, f in hooks.items() if f in fns]:
+            del hooks[key]
+            model._forward_hooks_with_kwargs.pop(key, None)
+            model._forward_pre_hooks_with_kwargs.pop(key, None)
+
+
+def strip(model: nn.Module) -> None:
+    """No weight-side hooks on model (a lowered copy of a QAT model: no QAT layers left)."""
+    _remove(model, (_pre_compiled, _post_compiled, _pre_always, _post_always))
+
+
+def install_auto(model: nn.Module) -> None:
+    """The automatic hooks on a QAT model `robuq_fx.quantize` returns (module docstring)."""
+    if _qat_layers(model):
+        model.register_forward_pre_hook(_pre_compiled, with_kwargs=True)
+        model.register_forward_hook(_post_compiled, with_kwargs=True)
+
+
+class WeightSidesHandle:
+    """What `weight_sides_per_forward` returns: `.remove()` takes the hooks off again (the automatic ones stay off)."""
+
+    def __init__(self, model: nn.Module, modules: list):
+        self._model, self._modules = weakref.ref(model), modules
+
+    def remove(self) -> None:
+        model = self._model()
+        if model is not None:
+            _remove(model, (_pre_always, _post_always))
+            _PLANS.pop(model, None)
+        _clear(self._modules)
+
+
+def weight_sides_per_forward(model: nn.Module) -> WeightSidesHandle:
+    """Compute every QAT layer's weight side once a forward of `model`, for all its layers at once, instead of
+    inside each layer (qat_step's docstring), in every forward, eager or compiled. `robuq_fx.quantize` already does
+    this where it was measured faster, while `torch.compile` traces a training forward on CUDA (this module's
+    docstring); call this to have it in the other cases too (eager forwards, the CPU, under a process group).
+    Replaces the automatic hooks. Returns a handle; `.remove()` undoes it (no hooks left, automatic ones neither).
+
+        qmodel = robuq_fx.quantize(model, "dit-xl-2-robuq", example_inputs=...).train()
+        handle = robuq_fx.weight_sides_per_forward(qmodel)
+        step = torch.compile(qmodel)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"weight_sides_per_forward takes the QAT model (an nn.Module), got {type(model).__name__}")
+    modules = _qat_layers(model)
+    if not modules:
+        raise ValueError(f"weight_sides_per_forward: {type(model).__name__} has no QAT layers (QATLinear modules, what "
+                         f"robuq_fx.quantize makes in training mode)")
+    plan = Plan(modules)
+    plan.check(plan.masters())  # (refuses sharded masters now, not at the first forward)
+    strip(model)
+    _PLANS[model] = plan
+    model.register_forward_pre_hook(_pre_always, with_kwargs=True)
+    model.register_forward_hook(_post_always, with_kwargs=True)
+    return WeightSidesHandle(model, modules)

@@ -1,0 +1,195 @@
+"""The weight-side hooks `robuq_fx.quantize` puts on every QAT model (robuq_fx/qat_step_hooks.py): they engage only
+while torch.compile traces the whole model's training forward with graph breaks allowed and its QAT layers on CUDA
+(here the device check is widened to the CPU: `_device_ok`), and then compute what `weight_sides_per_forward` does;
+eager forwards, eval mode, fullgraph=True, ROBUQ_QAT_STEP_WEIGHTS=0 and the real CPU device leave the per-layer path
+as it was. A deep copy gets a plan of its own layers; the model pickles; an explicit call replaces them."""
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+
+import robuq_fx
+from robuq_fx import qat_step, qat_step_hooks as H
+from robuq_fx.qat_linear import QATLinear
+from tests.qat_testing import train as _train
+from tests.test_qat_step import Net
+
+POLICY = {"rules": [{"match": "*", "w_bits": 1.58, "a_bits": 4, "hadamard": True, "hadamard_block": 64,
+                     "lora_rank": 8}]}
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64))
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Plan.run_forward calls (one a forward where the hooks engaged), as (plan, calls)."""
+    calls = []
+    real = qat_step.Plan.run_forward
+    monkeypatch.setattr(qat_step.Plan, "run_forward", lambda self, ms: calls.append(self) or real(self, ms))
+    return calls
+
+
+@pytest.fixture
+def on_cpu(monkeypatch):
+    monkeypatch.setattr(H, "_device_ok", lambda t: True)
+
+
+def _compiled(mod, x, steps, **kw):
+    torch._dynamo.reset()
+    try:
+        return _train(mod, x, steps, False, torch.compile(mod, backend="aot_eager", **kw))
+    finally:
+        torch._dynamo.reset()
+
+
+def _hooks(mod):
+    return set(mod._forward_pre_hooks.values()) | set(mod._forward_hooks.values())
+
+
+def test_quantize_puts_the_automatic_hooks_on(counted, on_cpu):
+    q = robuq_fx.quantize(_mlp(), POLICY).train()
+    assert _hooks(q) == {H._pre_compiled, H._post_compiled}
+    q(torch.randn(2, 5, 128)).sum().backward()  # eager: the per-layer path
+    assert counted == []
+
+
+def test_they_engage_under_torch_compile_and_equal_the_explicit_hooks(counted, on_cpu):
+    base = Net()
+    x = torch.randn(3, 10, 128)
+    explicit = copy.deepcopy(base)
+    robuq_fx.weight_sides_per_forward(explicit)
+    want = _compiled(explicit, x, 2)
+    counted.clear()
+    auto = copy.deepcopy(base)
+    H.install_auto(auto)
+    got = _compiled(auto, x, 2)
+    assert len(counted) == 2 and all(p.modules[0] is auto.a for p in counted)  # one a forward, of auto's layers
+    for (ya, ga), (yb, gb) in zip(got, want):
+        assert torch.equal(ya, yb) and all(torch.equal(ga[k], gb[k]) for k in gb)
+    assert all(m._prepared is None for m in auto.modules() if isinstance(m, QATLinear))  # cleared after
+
+
+def test_the_comparison_above_can_fail(counted, on_cpu, monkeypatch):
+    """A wrong weight side in the engaged path (the branch's B_c doubled) moves the output: the test above would
+    see the hooks compute something else."""
+    base = Net()
+    x = torch.randn(3, 10, 128)
+    want = _compiled(copy.deepcopy(base), x, 1)  # no hooks: the per-layer path
+    real = qat_step._weight_side
+    monkeypatch.setattr(qat_step, "_weight_side", lambda *a, **kw: (lambda r: (r[0], r[1], None if r[2] is None
+                                                                               else r[2] * 2, r[3]))(real(*a, **kw)))
+    auto = copy.deepcopy(base)
+    H.install_auto(auto)
+    got = _compiled(auto, x, 1)
+    assert counted and not torch.allclose(got[0][0], want[0][0], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["eval", "fullgraph", "switched off", "cpu"])
+def test_they_stay_off(case, counted, monkeypatch):
+    """Eval mode, fullgraph=True (no graph break allowed), ROBUQ_QAT_STEP_WEIGHTS=0 and layers not on CUDA: the
+    compiled model runs the per-layer path, with no graph break from the hooks (fullgraph compiles)."""
+    if case != "cpu":
+        monkeypatch.setattr(H, "_device_ok", lambda t: True)
+    if case == "switched off":
+        monkeypatch.setenv("ROBUQ_QAT_STEP_WEIGHTS", "0")
+    q = robuq_fx.quantize(_mlp(), POLICY)
+    q.train(case != "eval")
+    x = torch.randn(2, 5, 128)
+    torch._dynamo.reset()
+    try:
+        fn = torch.compile(q, backend="aot_eager", fullgraph=case == "fullgraph")
+        if case == "eval":
+            with torch.no_grad():
+                fn(x)
+        else:
+            fn(x).sum().backward()
+    finally:
+        torch._dynamo.reset()
+    assert counted == []
+
+
+def test_a_deep_copy_gets_a_plan_of_its_own_layers(counted, on_cpu):
+    """An EMA-style copy of the QAT model carries the hooks; compiled, it computes its own layers' weight sides
+    and leaves the original's alone."""
+    q = robuq_fx.quantize(_mlp(), POLICY).train()
+    ema = copy.deepcopy(q)
+    assert _hooks(ema) == {H._pre_compiled, H._post_compiled}
+    _compiled(ema, torch.randn(2, 5, 128), 1)
+    layers = [m for m in ema.modules() if isinstance(m, QATLinear)]
+    assert len(counted) == 1 and counted[0].modules == layers
+    assert q not in H._PLANS
+    ema2 = pickle.loads(pickle.dumps(q))  # module-level hooks: the model pickles
+    assert _hooks(ema2) == {H._pre_compiled, H._post_compiled}
+
+
+def test_an_explicit_call_replaces_them_and_remove_leaves_none(counted, on_cpu):
+    q = robuq_fx.quantize(_mlp(), POLICY).train()
+    handle = robuq_fx.weight_sides_per_forward(q)
+    assert _hooks(q) == {H._pre_always, H._post_always}
+    x = torch.randn(2, 5, 128)
+    _compiled(q, x, 2)
+    assert len(counted) == 2  # once a forward, not twice
+    q(x).sum().backward()  # eager too
+    assert len(counted) == 3
+    handle.remove()
+    assert _hooks(q) == set()
+    q(x).sum().backward()
+    assert len(counted) == 3
+
+
+def test_lower_drops_them():
+    """The lowered model (no QAT layers left) carries no hooks. The whole-graph form (functional QAT calls, no
+    QATLinear modules) never gets them: it keeps the per-layer path."""
+    x = torch.randn(2, 5, 128)
+    q = robuq_fx.quantize(_mlp(), POLICY, example_inputs=(x,)).train()
+    assert _hooks(q) == {H._pre_compiled, H._post_compiled}
+    assert _hooks(robuq_fx.lower(q, progress=False)) == set()
+    g = robuq_fx.quantize(_mlp(), POLICY, example_inputs=(x,), whole_graph=True).train()
+    assert robuq_fx.robuq_info(g)["form"] == "graph" and _hooks(g) == set()
+    assert _hooks(robuq_fx.lower(g, progress=False)) == set()
+
+
+def test_layers_on_several_devices_compute_their_own(counted, monkeypatch):
+    """Masters on two devices (here: a layer's weight on the meta device stands for the second one): the hooks leave
+    every layer to its own weight side, the explicit call with one warning, instead of one flat tensor on one."""
+    q = robuq_fx.quantize(_mlp(), POLICY).train()
+    handle = robuq_fx.weight_sides_per_forward(q)
+    second = [m for m in q.modules() if isinstance(m, QATLinear)][1]
+    monkeypatch.setattr(second, "weight", nn.Parameter(second.weight.detach().to("meta")))
+    with pytest.warns(RuntimeWarning, match="on several devices"):
+        H._pre_always(q, (), {})
+    assert all(m._prepared is None for m in q.modules() if isinstance(m, QATLinear))
+    handle.remove()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_they_engage_under_inductor_and_equal_the_explicit_hooks(counted):
+    """The real condition (layers on CUDA, no widening) under Inductor with bf16 autocast: engaged once a forward,
+    and the same outputs and gradients as `weight_sides_per_forward` compiled the same way."""
+    base = Net().cuda()
+    x = torch.randn(3, 10, 128, device="cuda")
+    runs = []
+    for explicit in (True, False):
+        mod = copy.deepcopy(base)
+        if explicit:
+            robuq_fx.weight_sides_per_forward(mod)
+        else:
+            H.install_auto(mod)
+        counted.clear()
+        torch._dynamo.reset()
+        try:
+            runs.append(_train(mod, x, 2, True, torch.compile(mod)))
+        finally:
+            torch._dynamo.reset()
+        assert len(counted) == 2
+    for (ya, ga), (yb, gb) in zip(*runs):
+        torch.testing.assert_close(ya, yb, rtol=0, atol=0)
+        for k in gb:
+            torch.testing.assert_close(ga[k], gb[k], rtol=0, atol=0)
