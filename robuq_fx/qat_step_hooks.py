@@ -26,6 +26,7 @@ from .qat_linear import QATLinear
 from .qat_step import Plan, WeightSides, _per_layer
 
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its Plan, or None where not engaged
+_PROBE = "_robuq_weight_side_probe"  # the model's first QAT layer (`install_auto`)
 
 
 def _qat_layers(model: nn.Module) -> list:
@@ -96,8 +97,9 @@ def _post_always(module, args, kwargs, output):
 
 
 @torch._dynamo.assume_constant_result
-def _engage(module) -> bool:
-    """Whether the automatic hooks run: called while Dynamo traces (its result a constant of the trace)."""
+def _engage() -> bool:
+    """Whether the automatic hooks may run in this trace: called while Dynamo traces (its result a constant of the
+    trace; no arguments, which it would have to turn into constants)."""
     try:
         if os.environ.get("ROBUQ_QAT_STEP_WEIGHTS", "auto") == "0":
             return False
@@ -105,11 +107,8 @@ def _engage(module) -> bool:
         tx = InstructionTranslator.current_tx()
         if tx.one_graph or bool(getattr(tx, "error_on_graph_break", False)):  # fullgraph=True / no breaks allowed
             return False
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            return False
-        first = next((m for m in module.modules() if isinstance(m, QATLinear)), None)
-        return first is not None and _device_ok(first.weight)
+        return not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                    and torch.distributed.get_world_size() > 1)
     except Exception:  # a torch whose tracer looks otherwise: the per-layer path, as before
         return False
 
@@ -131,14 +130,20 @@ def _post_compiled_run(module) -> None:
         _clear(plan.modules)
 
 
+def _engaged(module) -> bool:
+    # traced by Dynamo (a condition it folds to a constant, guarding on the mode and the probe's device); in eager
+    # forwards one call
+    return (torch.compiler.is_compiling() and module.training and _engage()
+            and _device_ok(getattr(module, _PROBE).weight))
+
+
 def _pre_compiled(module, args, kwargs):
-    # traced by Dynamo (a constant condition there); in eager forwards a few attribute reads
-    if torch.compiler.is_compiling() and module.training and _engage(module):
+    if _engaged(module):
         _pre_compiled_run(module)  # (a graph break: runs eagerly before the compiled forward)
 
 
 def _post_compiled(module, args, kwargs, output):
-    if torch.compiler.is_compiling() and module.training and _engage(module):
+    if _engaged(module):
         _post_compiled_run(module)
 
 
@@ -153,11 +158,16 @@ def _remove(model: nn.Module, fns: tuple) -> None:
 def strip(model: nn.Module) -> None:
     """No weight-side hooks on model (a lowered copy of a QAT model: no QAT layers left)."""
     _remove(model, (_pre_compiled, _post_compiled, _pre_always, _post_always))
+    model.__dict__.pop(_PROBE, None)
 
 
 def install_auto(model: nn.Module) -> None:
     """The automatic hooks on a QAT model `robuq_fx.quantize` returns (module docstring)."""
-    if _qat_layers(model):
+    layers = _qat_layers(model)
+    if layers:
+        # the probe whose device the trace checks: a plain attribute (not a submodule: state_dict, modules() and
+        # the printed model are unchanged; a deep copy or pickle maps it to the copy's layer)
+        model.__dict__[_PROBE] = layers[0]
         model.register_forward_pre_hook(_pre_compiled, with_kwargs=True)
         model.register_forward_hook(_post_compiled, with_kwargs=True)
 

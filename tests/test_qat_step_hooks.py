@@ -69,8 +69,12 @@ def test_they_engage_under_torch_compile_and_equal_the_explicit_hooks(counted, o
     counted.clear()
     auto = copy.deepcopy(base)
     H.install_auto(auto)
+    from torch._dynamo.utils import counters
+    counters.clear()
     got = _compiled(auto, x, 2)
     assert len(counted) == 2 and all(p.modules[0] is auto.a for p in counted)  # one a forward, of auto's layers
+    # the only graph breaks: the two eager calls (the conditions fold to constants in the trace)
+    assert counters["graph_break"] and all("disable" in k for k in counters["graph_break"]), counters["graph_break"]
     for (ya, ga), (yb, gb) in zip(got, want):
         assert torch.equal(ya, yb) and all(torch.equal(ga[k], gb[k]) for k in gb)
     assert all(m._prepared is None for m in auto.modules() if isinstance(m, QATLinear))  # cleared after
