@@ -402,6 +402,31 @@ def test_qat_step_weight_sides_equal_quantize(name, monkeypatch):
     assert len(calls) > n_calls
 
 
+@pytest.mark.parametrize("widened", [False, True])
+def test_qat_auto_weight_sides_are_the_step_form_on_cuda_only(widened, monkeypatch):
+    """weight_sides="auto" (the default): the step form where the graph's layers are on CUDA (here the device check
+    widened to the CPU: the same calls and gradients as "step"), the per-layer form elsewhere (no hoisting)."""
+    from robuq_fx.backend import weight_sides as WS
+    if widened:
+        monkeypatch.setattr(WS, "_on_cuda", lambda t: True)
+    model = _mlp()
+    x = torch.randn(8, 32, generator=_gen())
+    grads = {}
+    for sides in ("auto", "step" if widened else "layer"):
+        calls = _count_sides(monkeypatch)
+        mine = _no_dropout(B.prepare_qat(copy.deepcopy(model).train(), LRB))
+        backend = B.make_backend(LRB, mode="qat", compiler="aot_eager", weight_sides=sides)
+        assert repr(backend).count("weight_sides=") == (sides != "auto")
+        torch._dynamo.reset()
+        torch.compile(mine, backend=backend)(x).square().mean().backward()
+        torch._dynamo.reset()
+        assert bool(calls) == widened, sides
+        grads[sides] = {n: p.grad for n, p in mine.named_parameters()}
+    a, b = grads.values()
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+
+
 def test_qat_step_weight_sides_train_through_inductor(monkeypatch):
     """The MLP's training steps through Inductor with weight_sides="step" follow the plain qat mode's."""
     model = _mlp()

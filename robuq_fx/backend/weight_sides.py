@@ -51,6 +51,11 @@ class _Site:
         return layer.prepared_linear(x, wq, down_c, bias_c, self.act, self.spec)
 
 
+def _on_cuda(t) -> bool:
+    """weight_sides="auto"'s device: CUDA, where the step form was measured (tests widen it)."""
+    return t.is_cuda
+
+
 def _enters_autocast(gm: fx.GraphModule) -> bool:
     return any(n.op == "call_function" and "autocast" in getattr(n.target, "__name__", "") for n in gm.graph.nodes)
 
@@ -62,8 +67,10 @@ class GraphSides:
         self.plan, self.sources = plan, sources  # per layer: (slot, weight's input index, bias's or None)
 
     @classmethod
-    def make(cls, gm: fx.GraphModule, slots: list, key: tuple, args, payloads) -> "GraphSides | None":
-        """None where the graph cannot hoist its weight sides (module docstring)."""
+    def make(cls, gm: fx.GraphModule, slots: list, key: tuple, args, payloads,
+             cuda_only: bool = False) -> "GraphSides | None":
+        """None where the graph cannot hoist its weight sides (module docstring), or (cuda_only: weight_sides="auto")
+        where its layers are not on CUDA."""
         if _enters_autocast(gm):
             return None
         layers, sources = [], []
@@ -79,7 +86,7 @@ class GraphSides:
             return None
         plan = Plan(layers)
         masters = plan.masters()
-        if any(_is_dtensor(t) for t in masters):
+        if any(_is_dtensor(t) for t in masters) or (cuda_only and not _on_cuda(masters[0])):
             return None
         kinds = plan.kinds(masters)
         if len(kinds) > 1:
