@@ -211,6 +211,8 @@ class Plan:
         key = (tuple(t.data_ptr() for t in masters), self.c, autocast)
         if key in self._groups:
             return self._groups[key]
+        if masters[0].is_cuda and torch.cuda.is_current_stream_capturing():
+            return None  # (its tables are copied to the GPU: not inside someone else's capture)
         ws = weight_side_kernel()
         items, why = [], []
         entries = _per_layer(self.layers, self.layout)  # each layer's stacked part: (shape, strides, offset)

@@ -58,8 +58,8 @@ def _worker(rank: int, port: int, out: str) -> None:
         plans = []
         real = weight_sides.GraphSides.make.__func__
 
-        def counted(cls, *a):
-            sides = real(cls, *a)
+        def counted(cls, *a, **kw):
+            sides = real(cls, *a, **kw)
             if sides is not None:
                 plans.append(len(sides.plan.layers))
             return sides
