@@ -746,6 +746,7 @@ s25a)  # session 25's first call (~3 min): the grouped one-kernel forward weight
     grep -E "^E |Error|passed|failed" "$OUT/s25a_tests.log" | head -8
     timeout 150 python3 scripts/weight_side_profile.py --out "$OUT" > "$OUT/ws_profile.log" 2>&1
     grep -E "^## |wside_|wgrad_rows|TOTAL|Error" "$OUT/ws_profile.log"
+    timeout 60 python3 scripts/step_hook_overhead.py | tee "$OUT/step_hook_overhead.txt"  # the host's Python a step
     ;;
 train-eager)  # the eager QAT rows at the defaults (whole-layer graphs since session 20), ~3 min
     timeout 200 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --no-compile --iters 10 \
