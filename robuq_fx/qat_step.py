@@ -181,6 +181,8 @@ class Plan:
             if torch.is_autocast_enabled(dev):
                 ac = torch.get_autocast_dtype(dev)
                 return {(ac, ac)}
+            # `dtypes` without autocast, from the weights at hand (no module attribute lookups)
+            return {(m.compute_dtype or masters[i].dtype, masters[i].dtype) for m, i in zip(self.modules, self.w_at)}
         return {dtypes(m) for m in self.modules}
 
     def set_act(self, device: torch.device) -> None:

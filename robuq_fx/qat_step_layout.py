@@ -20,7 +20,17 @@ class _Layer:
 
 
 def _masters(m: QATLinear) -> list:
-    return [t for t in (m.weight, m.lrb_down, m.lrb_up, m.bias) if t is not None]
+    """m's weight, B, A and bias (those it has), read from its parameter dict where it has one: through
+    nn.Module.__getattr__ the ~800 lookups a DiT-XL/2 forward cost ~0.4 ms of the compiled step's host time
+    (scripts/step_hook_overhead.py). A layer without a branch holds lrb_down / lrb_up = None as plain attributes."""
+    d = m.__dict__
+    p = d.get("_parameters")
+    if p is None or "weight" not in p:  # (qat_step.Plan's stand-ins: plain attributes)
+        ts = (m.weight, m.lrb_down, m.lrb_up, m.bias)
+    else:
+        ts = (p["weight"], p["lrb_down"] if "lrb_down" in p else d.get("lrb_down"),
+              p["lrb_up"] if "lrb_up" in p else d.get("lrb_up"), p["bias"] if "bias" in p else d.get("bias"))
+    return [t for t in ts if t is not None]
 
 
 def _unpack(layer: _Layer, masters: list) -> tuple:
