@@ -58,6 +58,7 @@
 #   scripts/gpu_session.sh s24a             session 23's CPU-built changes: their GPU tests, then weight_side_profile
 #   scripts/gpu_session.sh s24b             the tiled one-kernel weight side: GPU tests, profile, paper row +wside vs FP
 #   scripts/gpu_session.sh s25a             the grouped one-kernel weight side: GPU tests, then weight_side_profile
+#   scripts/gpu_session.sh train-auto [S]   compiled QAT with quantize's automatic weight-side hooks vs without, vs FP
 #   scripts/gpu_session.sh backend-tests    GPU tests of the backend's weight_sides="step" and of the act op
 #   scripts/gpu_session.sh actk2            session 22: the act op's GPU tests, scripts/actk_diag.py, then the paper
 #                                           step with weight_sides_per_forward with / without the act op (two runs)
@@ -131,7 +132,8 @@
 #                   work; "the same with the one-kernel forms" times both kernels through the graphs)
 #   2. train-compiled dit-xl-2-robuq: torch.compile(quantize(model)) as users get it, now with quantize's automatic
 #                   weight-side hooks (qat_step_hooks.py; key qat_paper_compiled_x, 1.811x in session 21 without them),
-#                   then train-compiled W1.58A4+H / W4A4+H (qat_w158_compiled_x, qat_compiled_x) as time allows
+#                   then train-compiled W1.58A4+H / W4A4+H (qat_w158_compiled_x, qat_compiled_x) as time allows,
+#                   or train-auto W4A4+H (the same-run A/B of the hooks)
 #   3. SKIP_TESTS=1 s24b (~7 min on a fast host): the paper row with ROBUQ_QAT_WSIDE_KERNEL=1 vs FP; then
 #                   backend-step SKIP_TESTS=1 for qat_paper_stepw_backend_x
 #   4. ddp and ddp-compiled on nvidia-h200-x2 if ever lent (issue 19 item 4: bench_ddp.py; eager with whole-layer
@@ -747,6 +749,14 @@ s25a)  # session 25's first call (~3 min): the grouped one-kernel forward weight
     timeout 150 python3 scripts/weight_side_profile.py --out "$OUT" > "$OUT/ws_profile.log" 2>&1
     grep -E "^## |wside_|wgrad_rows|TOTAL|Error" "$OUT/ws_profile.log"
     timeout 60 python3 scripts/step_hook_overhead.py | tee "$OUT/step_hook_overhead.txt"  # the host's Python a step
+    ;;
+train-auto)  # session 24's default for torch.compile(quantize(model)) (qat_step_hooks.py: every weight side once a
+    # forward) against the per-layer weight sides (ROBUQ_QAT_STEP_WEIGHTS=0, rows " +layerws") and FP in one run:
+    # ${2:-W4A4+H} (three cold compiles: ~8 min for W4A4+H, too long for the paper policy on a slow host)
+    timeout 570 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes compiled --iters 12 \
+        --settings "QAT ${2:-W4A4+H}" --env-variant layerws:ROBUQ_QAT_STEP_WEIGHTS=0 \
+        --tag "_train_auto_$(echo "${2:-W4A4+H}" | tr -c 'A-Za-z0-9\n' _)" > "$OUT/auto_bench.log" 2>&1
+    grep -iE "^\||warn|error" "$OUT/auto_bench.log" | tail -n 8
     ;;
 train-eager)  # the eager QAT rows at the defaults (whole-layer graphs since session 20), ~3 min
     timeout 200 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --no-compile --iters 10 \

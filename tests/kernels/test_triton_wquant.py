@@ -92,6 +92,46 @@ def test_weight_side_kernel_equals_the_op_by_op_path(bits, rank, k, hb):
     assert torch.isclose(got, ref, rtol=2 ** -7, atol=0).float().mean().item() >= 0.999
 
 
+def test_weight_side_group_equals_the_op_by_op_path_layer_by_layer():
+    """kernels/triton_wside.Group on DiT-XL/2's shapes (q/k/v/out 1152 x 1152 with the paper's rank-32 branch, fc1
+    4608 x 1152, fc2 1152 x 4608, adaLN 6912 x 1152 without one, a 4-bit layer with bf16 scales) in one launch, into
+    one flat buffer: each layer's slice against `qat_fused._quantized_weight` as the test above compares them, the
+    gaps between the slices untouched."""
+    from robuq_fx import qat_fused
+    from robuq_fx.kernels import triton_wside as WS
+    from robuq_fx.spec import LayerSpec
+    torch.manual_seed(0)
+    shapes = [(1152, 1152, 32, 1.58, "float32"), (4608, 1152, 32, 1.58, "float32"), (1152, 4608, 32, 1.58, "float32"),
+              (6912, 1152, 0, 1.58, "float32"), (1152, 1152, 0, 4, "bfloat16")]
+    items, layers, off = [], [], 0
+    for i, (n, k, rank, bits, sdt) in enumerate(shapes):
+        spec = LayerSpec(w_bits=bits, a_bits=4, hadamard=True, hadamard_block=128, lora_rank=rank,
+                         scale_dtype=sdt).resolve(k, n)
+        w = torch.randn(n, k, device="cuda") * 0.05
+        up, down = ((torch.randn(n, rank, device="cuda") * 0.1, torch.randn(rank, k, device="cuda") * 0.1) if rank
+                    else (None, None))
+        items.append((i, w, down, up, spec, off, k + rank))
+        layers.append((w, down, up, spec, off, n, k, rank))
+        off += n * (k + rank) + 64
+    flat = torch.full((off,), 3.0, device="cuda", dtype=torch.bfloat16)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert all(WS.supported(w, d, u, sp, torch.bfloat16) is None for w, d, u, sp, *_ in layers)
+        group = WS.Group(items, torch.bfloat16, flat.device)
+        assert group.run(flat) == frozenset(range(len(shapes))) and len(group.launches) == 1
+        refs = [qat_fused._quantized_weight(w, d, u, sp, torch.bfloat16)[0].float() for w, d, u, sp, *_ in layers]
+    written = torch.zeros(off, dtype=torch.bool, device="cuda")
+    row = 0
+    for (w, d, u, sp, o, n, k, rank), ref in zip(layers, refs):
+        view = flat[o:o + n * (k + rank)].view(n, k + rank)
+        written[o:o + n * (k + rank)].view(n, k + rank)[:, :k] = True
+        got, s = view[:, :k].float(), group.scale[row:row + n]
+        row += n
+        codes, ref_codes = torch.round(got / s[:, None]), torch.round(ref / s[:, None])
+        assert (codes == ref_codes).float().mean().item() >= 0.999, (n, k, rank)
+        assert torch.isclose(got, ref, rtol=2 ** -7, atol=0).float().mean().item() >= 0.999, (n, k, rank)
+    assert bool((flat[~written] == 3).all())
+
+
 @pytest.mark.parametrize("n,k,rank", [(1152, 1152, 32), (4608, 1152, 0), (1152, 4608, 32), (100, 640, 16)])
 def test_weight_grads_kernel_equals_the_op_by_op_path(n, k, rank):
     """kernels/triton_wside.weight_grads_rows against the op-by-op backward weight side (`qat_fused._weight_grads`
