@@ -56,7 +56,13 @@ def _prepare(model: nn.Module, explicit: bool) -> None:
     if plan is None:
         return
     masters = plan.masters()
-    plan.check(masters)
+    try:
+        plan.check(masters)
+    except TypeError:  # masters sharded since the plan was made (FSDP2 after a compiled forward)
+        if explicit:
+            raise
+        _PLANS[model] = None
+        return
     if len({masters[i].device for i in plan.w_at}) > 1:  # one flat tensor on one device holds every weight side
         if explicit and not plan.warned:
             plan.warned = True

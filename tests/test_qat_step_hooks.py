@@ -175,6 +175,22 @@ def test_layers_on_several_devices_compute_their_own(counted, monkeypatch):
     handle.remove()
 
 
+def test_masters_sharded_later_turn_the_automatic_hooks_off(counted, monkeypatch):
+    """Masters that become sharded after the plan was made (FSDP2 applied after a compiled forward): the automatic
+    hooks step aside for good, silently; the explicit call refuses, as at its start."""
+    from robuq_fx import qat_step
+    q = robuq_fx.quantize(_mlp(), POLICY).train()
+    H._prepare(q, False)
+    assert len(counted) == 1 and q in H._PLANS
+    H._clear(H._PLANS[q].modules)
+    monkeypatch.setattr(qat_step, "_is_dtensor", lambda t: True)
+    H._PLANS[q]._ids = None  # (the check runs again when the masters are other tensors)
+    H._prepare(q, False)
+    assert len(counted) == 1 and H._PLANS[q] is None
+    with pytest.raises(TypeError, match="sharded DTensors"):
+        robuq_fx.weight_sides_per_forward(q)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_cuda_they_engage_under_inductor_and_equal_the_explicit_hooks(counted):
     """The real condition (layers on CUDA, no widening) under Inductor with bf16 autocast: engaged once a forward,
