@@ -187,6 +187,19 @@ MUTANTS = [
     ("hadamard_lifted_every_use", "robuq_fx/kernels/inductor.py", "    if hit is not None and hit[0]() is mode:",
      "    if False:", "H lifted anew at every use in a traced QAT graph: siblings' rotations of one input not merged",
      ["tests/kernels/test_inductor.py", "-k", "siblings"]),
+    ("auto_hooks_under_fullgraph", "robuq_fx/qat_step_hooks.py",
+     '        if tx.one_graph or bool(getattr(tx, "error_on_graph_break", False)):', "        if False:",
+     "quantize's automatic weight-side hooks break the graph under fullgraph=True (torch.compile raises)",
+     ["tests/test_qat_step_hooks.py"]),
+    ("auto_hooks_in_eval", "robuq_fx/qat_step_hooks.py",
+     "    return (torch.compiler.is_compiling() and module.training and _engage()",
+     "    return (torch.compiler.is_compiling() and _engage()",
+     "quantize's automatic weight-side hooks engage in eval mode too", ["tests/test_qat_step_hooks.py"]),
+    ("wside_group_scales_at_row_0", "robuq_fx/kernels/triton_wside.py",
+     "            by_block.setdefault(item[4].hadamard_block, []).append((item, rows))",
+     "            by_block.setdefault(item[4].hadamard_block, []).append((item, 0))",
+     "the grouped one-kernel weight side writes every layer's scales from row 0 (ROBUQ_QAT_WSIDE_KERNEL)",
+     ["tests/kernels/test_wquant_interpreted.py", "-k", "group"]),
 ]
 
 
