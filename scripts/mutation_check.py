@@ -36,8 +36,8 @@ Q, L, P = "robuq_fx/quantizers.py", "robuq_fx/layer.py", "robuq_fx/packing.py"
 
 # name, file, old, new, what it breaks, tests to run (paths, then optional pytest args such as -k)
 MUTANTS = [
-    ("lrb_sign_flip", L, "w = w - torch.mm(lrb_up, lrb_down)", "w = w + torch.mm(lrb_up, lrb_down)",
-     "R = W H + A B: the low-rank branch's sign flipped in layer.residual",
+    ("lrb_sign_flip", L, "    return a.to(wide) - b.to(wide)", "    return a.to(wide) + b.to(wide)",
+     "R = W H + A B: the low-rank branch's sign flipped in layer.residual (its fp32 `wide_difference`)",
      ORACLE + ["tests/test_seed.py", "tests/passes/test_lower.py"]),
     ("sigma_sym_is_absmax", Q, "r = torch.minimum(mu.abs() + c * sigma, x32.abs().amax(dim=-1, keepdim=True))",
      "r = x32.abs().amax(dim=-1, keepdim=True)", "symmetric sigma clipping replaced by absmax",
