@@ -130,10 +130,10 @@
 #   1. s25a (~3 min): the grouped one-kernel forward weight side (7991598, triton_wside.Group): its GPU tests, then
 #                   scripts/weight_side_profile.py (at f141024 the per-layer form took 8.9 ms against 6 of op-by-op
 #                   work; "the same with the one-kernel forms" times both kernels through the graphs)
-#   2. train-compiled dit-xl-2-robuq: torch.compile(quantize(model)) as users get it, now with quantize's automatic
-#                   weight-side hooks (qat_step_hooks.py; key qat_paper_compiled_x, 1.811x in session 21 without them),
-#                   then train-compiled W1.58A4+H / W4A4+H (qat_w158_compiled_x, qat_compiled_x) as time allows,
-#                   or train-auto W4A4+H (the same-run A/B of the hooks)
+#   2. train-auto W4A4+H: quantize's automatic weight-side hooks (qat_step_hooks.py, now the compiled default for
+#                   every policy) against the per-layer form in one run, on a policy where only the per-layer form was
+#                   timed (1.255x); if the hooks lose, narrow qat_step_hooks._engage. Then train-compiled
+#                   dit-xl-2-robuq (key qat_paper_compiled_x: 1.811x in session 21 without the hooks) and W1.58A4+H
 #   3. SKIP_TESTS=1 s24b (~7 min on a fast host): the paper row with ROBUQ_QAT_WSIDE_KERNEL=1 vs FP; then
 #                   backend-step SKIP_TESTS=1 for qat_paper_stepw_backend_x
 #   4. ddp and ddp-compiled on nvidia-h200-x2 if ever lent (issue 19 item 4: bench_ddp.py; eager with whole-layer
