@@ -159,6 +159,7 @@ def _remove(model: nn.Module, fns: tuple) -> None:
             del hooks[key]
             model._forward_hooks_with_kwargs.pop(key, None)
             model._forward_pre_hooks_with_kwargs.pop(key, None)
+            model._forward_hooks_always_called.pop(key, None)
 
 
 def strip(model: nn.Module) -> None:
@@ -175,7 +176,8 @@ def install_auto(model: nn.Module) -> None:
         # the printed model are unchanged; a deep copy or pickle maps it to the copy's layer)
         model.__dict__[_PROBE] = layers[0]
         model.register_forward_pre_hook(_pre_compiled, with_kwargs=True)
-        model.register_forward_hook(_post_compiled, with_kwargs=True)
+        # (always_call: a forward that raises leaves no layer holding this forward's tensors)
+        model.register_forward_hook(_post_compiled, with_kwargs=True, always_call=True)
 
 
 class WeightSidesHandle:
@@ -214,5 +216,5 @@ def weight_sides_per_forward(model: nn.Module) -> WeightSidesHandle:
     strip(model)
     _PLANS[model] = plan
     model.register_forward_pre_hook(_pre_always, with_kwargs=True)
-    model.register_forward_hook(_post_always, with_kwargs=True)
+    model.register_forward_hook(_post_always, with_kwargs=True, always_call=True)
     return WeightSidesHandle(model, modules)

@@ -162,6 +162,16 @@ def test_lower_drops_them():
     assert _hooks(robuq_fx.lower(g, progress=False)) == set()
 
 
+def test_a_forward_that_raises_leaves_the_layers_on_their_masters(counted):
+    """The post-hook runs when the model's forward raises (always_call), so a layer called on its own afterwards
+    computes from its masters, not from the failed forward's weight sides."""
+    q = robuq_fx.quantize(_mlp(), POLICY).train()
+    robuq_fx.weight_sides_per_forward(q)
+    with pytest.raises(ValueError, match="Hadamard block"):
+        q(torch.randn(2, 5, 7))  # wrong width: the first layer raises after the pre-hook ran
+    assert counted and all(m._prepared is None for m in q.modules() if isinstance(m, QATLinear))
+
+
 def test_layers_on_several_devices_compute_their_own(counted, monkeypatch):
     """Masters on two devices (here: a layer's weight on the meta device stands for the second one): the hooks leave
     every layer to its own weight side, the explicit call with one warning, instead of one flat tensor on one."""
