@@ -18,6 +18,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from . import ops  # also registers torch.ops.robuq.*
+from . import quantizers as Q
 from .spec import LayerSpec
 
 _ops = torch.ops.robuq
@@ -50,7 +51,7 @@ def wide_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     one that Inductor keeps in fp32 inside its fused kernel, which moved ~2% of the ternary codes' rounding inputs
     and made compiled and eager QAT differ (session 23); in fp32 both compute the same R, as the lowered model does
     from its fp32 masters. The quantizer computes in fp32 too (`quantizers.quantize_weight`)."""
-    wide = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    wide = Q._wide(torch.promote_types(a.dtype, b.dtype))
     return a.to(wide) - b.to(wide)
 
 

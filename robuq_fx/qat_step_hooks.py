@@ -33,32 +33,23 @@ def _qat_layers(model: nn.Module) -> list:
     return [m for m in model.modules() if isinstance(m, QATLinear)]
 
 
-def _plan(model: nn.Module, explicit: bool):
-    """model's Plan (made at its first forward); None for the automatic hooks where the plan cannot run here."""
-    if model in _PLANS:
-        return _PLANS[model]
-    layers = _qat_layers(model)
-    plan = Plan(layers) if layers else None
-    if plan is not None:
-        try:
-            plan.check(plan.masters())
-        except TypeError:  # sharded masters (FSDP2)
-            if explicit:
-                raise
-            plan = None
-    _PLANS[model] = plan
-    return plan
+def _plan(model: nn.Module):
+    """model's Plan (made at its first forward), or None (no QAT layers; the automatic hooks stepped aside)."""
+    if model not in _PLANS:
+        layers = _qat_layers(model)
+        _PLANS[model] = Plan(layers) if layers else None
+    return _PLANS[model]
 
 
 def _prepare(model: nn.Module, explicit: bool) -> None:
     """Every QAT layer of model gets its weight side for this forward (`qat_step.WeightSides`)."""
-    plan = _plan(model, explicit)
+    plan = _plan(model)
     if plan is None:
         return
     masters = plan.masters()
     try:
         plan.check(masters)
-    except TypeError:  # masters sharded since the plan was made (FSDP2 after a compiled forward)
+    except TypeError:  # sharded masters (FSDP2), at the first forward or since: the automatic hooks step aside
         if explicit:
             raise
         _PLANS[model] = None
@@ -96,10 +87,15 @@ def _pre_always(module, args, kwargs):
 
 
 @torch.compiler.disable
-def _post_always(module, args, kwargs, output):
+def _release(module) -> None:
+    """The layers of module's plan back to their masters (both post-hooks)."""
     plan = _PLANS.get(module)
     if plan is not None:
         _clear(plan.modules)
+
+
+def _post_always(module, args, kwargs, output):
+    _release(module)
 
 
 @torch._dynamo.assume_constant_result
@@ -120,20 +116,14 @@ def _engage() -> bool:
 
 
 def _device_ok(t: torch.Tensor) -> bool:
-    """The automatic hooks' device: CUDA, where their CUDA graphs and kernels were measured (tests widen it)."""
+    """The automatic hooks' device, and the compile backend's for weight_sides="auto": CUDA, where the step form's
+    CUDA graphs and kernels were measured (tests widen it)."""
     return t.is_cuda
 
 
 @torch.compiler.disable
 def _pre_compiled_run(module) -> None:
     _prepare(module, False)
-
-
-@torch.compiler.disable
-def _post_compiled_run(module) -> None:
-    plan = _PLANS.get(module)
-    if plan is not None:
-        _clear(plan.modules)
 
 
 def _engaged(module) -> bool:
@@ -150,7 +140,7 @@ def _pre_compiled(module, args, kwargs):
 
 def _post_compiled(module, args, kwargs, output):
     if _engaged(module):
-        _post_compiled_run(module)
+        _release(module)
 
 
 def _remove(model: nn.Module, fns: tuple) -> None:

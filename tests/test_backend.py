@@ -406,9 +406,9 @@ def test_qat_step_weight_sides_equal_quantize(name, monkeypatch):
 def test_qat_auto_weight_sides_are_the_step_form_on_cuda_only(widened, monkeypatch):
     """weight_sides="auto" (the default): the step form where the graph's layers are on CUDA (here the device check
     widened to the CPU: the same calls and gradients as "step"), the per-layer form elsewhere (no hoisting)."""
-    from robuq_fx.backend import weight_sides as WS
+    from robuq_fx import qat_step_hooks
     if widened:
-        monkeypatch.setattr(WS, "_on_cuda", lambda t: True)
+        monkeypatch.setattr(qat_step_hooks, "_device_ok", lambda t: True)
     model = _mlp()
     x = torch.randn(8, 32, generator=_gen())
     grads = {}

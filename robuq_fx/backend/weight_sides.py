@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from .. import layer
+from .. import layer, qat_step_hooks
 from ..qat_step import Plan, WeightSides, _is_dtensor
 from ..spec import LayerSpec
 
@@ -49,11 +49,6 @@ class _Site:
 
     def __call__(self, x, wq, down_c, bias_c):
         return layer.prepared_linear(x, wq, down_c, bias_c, self.act, self.spec)
-
-
-def _on_cuda(t) -> bool:
-    """weight_sides="auto"'s device: CUDA, where the step form was measured (tests widen it)."""
-    return t.is_cuda
 
 
 def _enters_autocast(gm: fx.GraphModule) -> bool:
@@ -86,7 +81,7 @@ class GraphSides:
             return None
         plan = Plan(layers)
         masters = plan.masters()
-        if any(_is_dtensor(t) for t in masters) or (cuda_only and not _on_cuda(masters[0])):
+        if any(_is_dtensor(t) for t in masters) or (cuda_only and not qat_step_hooks._device_ok(masters[0])):
             return None
         kinds = plan.kinds(masters)
         if len(kinds) > 1:

@@ -109,7 +109,7 @@ def fake_quant_weight_rows(r: torch.Tensor, w_bits, scale_dtype: str, out_dtype:
     block = triton.next_power_of_2(k)
     warps = 4 if block <= 2048 else 8
     # R's dtype: the wide difference's (fp32 or wider) with a branch, r's own without
-    r_dtype = r.dtype if minus is None else torch.promote_types(Q._wide(r.dtype), minus.dtype)
+    r_dtype = r.dtype if minus is None else Q._wide(torch.promote_types(r.dtype, minus.dtype))
     with on_device(r.device):
         launch(wquant_rows_kernel, (n,), (r, r if minus is None else minus, out, scale, k, r.stride(0),
                                          r.stride(0) if minus is None else minus.stride(0), out.stride(0),
