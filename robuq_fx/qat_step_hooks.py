@@ -6,7 +6,8 @@ Two ways they get onto a model:
   engaging **only while `torch.compile` traces the whole model's forward in training mode**, with its QAT layers on
   CUDA and graph breaks allowed (`_engage`): where they were measured (H200, DiT-XL/2 batch 16, the paper policy: the
   compiled step 1.11x the compiled FP step with them in session 24; 1.81x without them in session 21). Eager QAT keeps its per-layer CUDA graphs (faster eagerly), `fullgraph=True` and
-  `torch.export` trace without a break, DDP / FSDP2 runs (a process group of more than one rank) keep the per-layer
+  `torch.export` trace without a break, CUDA graph modes (`mode="reduce-overhead"`: `_cudagraphs`) keep the per-layer
+  path, DDP / FSDP2 runs (a process group of more than one rank) keep the per-layer
   path whose gradients arrive during the backward, for their all-reduce to overlap. `ROBUQ_QAT_STEP_WEIGHTS=0`
   turns the automatic hooks off; an explicit call replaces them.
 
@@ -109,10 +110,32 @@ def _engage() -> bool:
         tx = InstructionTranslator.current_tx()
         if tx.one_graph or bool(getattr(tx, "error_on_graph_break", False)):  # fullgraph=True / no breaks allowed
             return False
+        if _cudagraphs(tx.output.compiler_fn):
+            return False
         return not (torch.distributed.is_available() and torch.distributed.is_initialized()
                     and torch.distributed.get_world_size() > 1)
     except Exception:  # a torch whose tracer looks otherwise: the per-layer path, as before
         return False
+
+
+def _cudagraphs(backend) -> bool:
+    """Whether the compile backend replays its graphs from CUDA graphs (mode="reduce-overhead" / "max-autotune",
+    Inductor's triton.cudagraphs, the "cudagraphs" backend). There the automatic hooks step aside: Dynamo takes the
+    tensors they hand the layers (module attributes) as static inputs, whose addresses must not move, while a plan's
+    buffers rotate (`qat_step.Plan._free_graph`): every step re-recorded the graphs (H200, session 25: 18.5x the FP
+    step); and where launches cost nothing at replay the per-layer weight sides lose little (1.19x FP, 4 DiT-XL/2
+    blocks)."""
+    for _ in range(16):  # down the chain of wrappers torch.compile puts around the backend
+        if backend is None:
+            break
+        config = getattr(backend, "config", None)
+        if isinstance(config, dict) and config.get("triton.cudagraphs"):
+            return True
+        if getattr(backend, "__name__", "") == "cudagraphs":
+            return True
+        backend = getattr(backend, "_torchdynamo_orig_backend", None)
+    import torch._inductor.config as inductor_config
+    return bool(inductor_config.triton.cudagraphs)  # (set globally: in force in every mode)
 
 
 def _device_ok(t: torch.Tensor) -> bool:

@@ -1,8 +1,8 @@
 """The weight-side hooks `robuq_fx.quantize` puts on every QAT model (robuq_fx/qat_step_hooks.py): they engage only
 while torch.compile traces the whole model's training forward with graph breaks allowed and its QAT layers on CUDA
 (here the device check is widened to the CPU: `_device_ok`), and then compute what `weight_sides_per_forward` does;
-eager forwards, eval mode, fullgraph=True, ROBUQ_QAT_STEP_WEIGHTS=0 and the real CPU device leave the per-layer path
-as it was. A deep copy gets a plan of its own layers; the model pickles; an explicit call replaces them."""
+eager forwards, eval mode, fullgraph=True, ROBUQ_QAT_STEP_WEIGHTS=0, CUDA graph modes and the real CPU device leave
+the per-layer path as it was. A deep copy gets a plan of its own layers; the model pickles; an explicit call replaces them."""
 from __future__ import annotations
 
 import copy
@@ -95,10 +95,11 @@ def test_the_comparison_above_can_fail(counted, on_cpu, monkeypatch):
     assert counted and not torch.allclose(got[0][0], want[0][0], rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["eval", "fullgraph", "switched off", "cpu"])
+@pytest.mark.parametrize("case", ["eval", "fullgraph", "switched off", "cpu", "reduce-overhead", "cudagraphs config"])
 def test_they_stay_off(case, counted, monkeypatch):
-    """Eval mode, fullgraph=True (no graph break allowed), ROBUQ_QAT_STEP_WEIGHTS=0 and layers not on CUDA: the
-    compiled model runs the per-layer path in one graph: the hooks' conditions fold to constants, no graph break."""
+    """Eval mode, fullgraph=True (no graph break allowed), ROBUQ_QAT_STEP_WEIGHTS=0, layers not on CUDA and CUDA
+    graph modes (mode="reduce-overhead"; Inductor's triton.cudagraphs set globally): the compiled model runs the
+    per-layer path in one graph: the hooks' conditions fold to constants, no graph break."""
     if case != "cpu":
         monkeypatch.setattr(H, "_device_ok", lambda t: True)
     if case == "switched off":
@@ -109,13 +110,16 @@ def test_they_stay_off(case, counted, monkeypatch):
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
     counters.clear()
+    import torch._inductor.config as inductor_config
     try:
-        fn = torch.compile(q, backend="aot_eager", fullgraph=case == "fullgraph")
-        if case == "eval":
-            with torch.no_grad():
-                fn(x)
-        else:
-            fn(x).sum().backward()
+        with inductor_config.patch({"triton.cudagraphs": case == "cudagraphs config"}):
+            fn = (torch.compile(q, mode="reduce-overhead") if case == "reduce-overhead"
+                  else torch.compile(q, backend="aot_eager", fullgraph=case == "fullgraph"))
+            if case == "eval":
+                with torch.no_grad():
+                    fn(x)
+            else:
+                fn(x).sum().backward()
     finally:
         torch._dynamo.reset()
     assert counted == [] and not counters["graph_break"], dict(counters["graph_break"])  # one graph, as before
