@@ -41,11 +41,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("new", type=Path, nargs="*")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="figures computed by hand")
     p.add_argument("--provenance-from", type=Path, help="JSON whose 'provenance' object names the --set run")
-    p.add_argument("--note", help="recorded in the --set run's entry")
+    p.add_argument("--note", help="recorded in the --set run's entry (without --set: in each new run's)")
     a = p.parse_args(argv)
     doc = json.loads(a.committed.read_text()) if a.committed.exists() else {}
     for path in a.new:
-        doc = merge(doc, json.loads(path.read_text()))
+        doc = merge(doc, json.loads(path.read_text()), None if a.set else a.note)
     if a.set:
         figures = {}
         for kv in a.set:
