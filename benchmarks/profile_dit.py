@@ -27,6 +27,7 @@ sys.path.insert(0, str(HERE))
 import robuq_fx  # noqa: E402
 from _provenance import gpu_tag, provenance  # noqa: E402
 from _dit_setup import SHORT_NAMES, TINY, XL2, build, inputs, policies  # noqa: E402
+from _step_phases import cpu_ops, phase_times  # noqa: E402
 
 # first match wins; patterns are searched in the kernel (or CPU op) name, lower-cased
 CATEGORIES = [
@@ -112,7 +113,7 @@ def main(argv=None):
                     help="bf16, dit (W4A4+H), w158 (W1.58A4+H), paper, paper-a3, paper-a2")
     ap.add_argument("--compile-mode", default=None)
     ap.add_argument("--top", type=int, default=12, help="kernels listed per setting")
-    ap.add_argument("--train", choices=["eager", "compiled"], default=None,
+    ap.add_argument("--train", choices=["eager", "compiled", "cudagraphs"], default=None,
                     help="profile QAT training steps instead (batch --batch, bf16 autocast, fp32 masters, AdamW): "
                          "kernels by category plus the robuq ops' own CPU and GPU time (issue 19)")
     ap.add_argument("--step-weights", action="store_true",
@@ -177,8 +178,9 @@ def _write(args, prov, lines, out, stem):
 
 
 def train_profile(args, cfg, pols, names, prov, device):
-    """Per training step: kernel time by category, wall time, and each robuq op's CPU time and the GPU time of the
-    kernels it launched (its inclusive device time), for FP ("bf16") and each QAT setting."""
+    """Per training step: kernel time by category, wall time, each robuq op's CPU time and the GPU time of the
+    kernels it launched (its inclusive device time), each phase's host time and GPU tail (_step_phases.py) and the
+    CPU ops with the most self time, for FP ("bf16") and each QAT setting."""
     import time
     from tabulate import tabulate
     from torch.profiler import ProfilerActivity, profile as tprofile
@@ -195,18 +197,33 @@ def train_profile(args, cfg, pols, names, prov, device):
             if args.step_weights:
                 robuq_fx.weight_sides_per_forward(m)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-        fwd = torch.compile(m) if args.train == "compiled" else m
+        fwd = {"compiled": lambda: torch.compile(m), "cudagraphs": lambda: torch.compile(m, mode="reduce-overhead"),
+               "eager": lambda: m}[args.train]()
         target = torch.randn_like(m(**x)[0].detach())
 
-        def step():
+        state = {}
+
+        def forward():
+            if args.train == "cudagraphs":
+                torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
-                y = fwd(**x)[0]
-            loss = (y.float() - target).pow(2).mean()
+                state["y"] = fwd(**x)[0]
+
+        def loss_and_zero():
+            state["loss"] = (state.pop("y").float() - target).pow(2).mean()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+
+        def backward():
+            state.pop("loss").backward()
+        phases = [("forward", forward), ("loss + zero_grad", loss_and_zero), ("backward", backward),
+                  ("optimizer", opt.step)]
+
+        def step():
+            for _, fn in phases:
+                fn()
         for _ in range(3):
             step()
+        split = phase_times(phases, max(args.steps, 3), device)  # host vs GPU, phase by phase (_step_phases.py)
         if amp:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -244,10 +261,16 @@ def train_profile(args, cfg, pols, names, prov, device):
                                                                              if is_kernel(e)) / args.steps, 1),
                       "share": ""})
         top = sorted(kernels, key=lambda r: -r["ms per step"])[:TOP_KERNELS]
-        out["settings"][key] = {"categories": table, "robuq_ops": ops, "wall_ms": wall, "top_kernels": top}
+        host_ops = cpu_ops(averages, args.steps)
+        out["settings"][key] = {"categories": table, "robuq_ops": ops, "wall_ms": wall, "top_kernels": top,
+                                "phases": split, "cpu_ops": host_ops}
         lines += ["", f"## {key}", tabulate(table, headers="keys", tablefmt="github"),
                   "", f"the {len(top)} kernels with the most GPU time (what each category is made of):",
-                  tabulate(top, headers="keys", tablefmt="github")]
+                  tabulate(top, headers="keys", tablefmt="github"),
+                  "", "each phase alone (the GPU idle at its start): its Python, then the GPU's wait after it",
+                  tabulate(split, headers="keys", tablefmt="github"),
+                  "", f"the {len(host_ops)} CPU-side ops with the most self time (under the profiler):",
+                  tabulate(host_ops, headers="keys", tablefmt="github")]
         if ops:
             lines += ["", tabulate(sorted(ops, key=lambda r: -r["GPU ms per step (its kernels)"]), headers="keys",
                                    tablefmt="github")]

@@ -71,3 +71,21 @@ def test_train_rows_tags_name_their_summary_keys():
     assert B.summary(res) == {"qat_eager_x": 1.6, "qat_paper_no_wgraph_eager_x": 3.0,
                               "qat_w158_fp8_wkernel_compiled_x": 1.2, "qat_paper_stepw_compiled_x": 1.6,
                               "qat_paper_stepw_actk_compiled_x": 1.5, "qat_paper_backend_x": 1.8}
+
+
+def test_step_phases_time_each_phase_and_rank_cpu_ops():
+    """_step_phases.py (profile_dit --train): each phase's host time is its own Python (a 20 ms sleep in one phase
+    lands in that phase's row alone), the sum row adds them; the CPU-op table keeps CPU rows by self time."""
+    import time
+    from types import SimpleNamespace as E
+    import _step_phases as S
+    rows = S.phase_times([("a", lambda: None), ("b", lambda: time.sleep(0.02))], 3, "cpu")
+    by = {r["phase"]: r for r in rows}
+    assert [r["phase"] for r in rows] == ["a", "b", "sum"]
+    assert by["b"]["host ms"] >= 19 and by["a"]["host ms"] < 5 and by["b"]["bound by"] == "host"
+    assert by["sum"]["host ms"] == round(by["a"]["host ms"] + by["b"]["host ms"], 3)
+    ops = S.cpu_ops([E(device_type="DeviceType.CPU", key="aten::mm", count=4, self_cpu_time_total=2000),
+                     E(device_type="DeviceType.CUDA", key="kernel", count=4, self_cpu_time_total=9000),
+                     E(device_type="DeviceType.CPU", key="cudaLaunchKernel", count=8, self_cpu_time_total=6000)], 2)
+    assert [(r["CPU op"], r["calls per step"], r["self CPU ms per step"]) for r in ops] == [
+        ("cudaLaunchKernel", 4.0, 3.0), ("aten::mm", 2.0, 1.0)]
