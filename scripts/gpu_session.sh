@@ -125,20 +125,21 @@
 # The machine goes back ~30 s after a call returns, and with it everything detached or left in /tmp: make every
 # call self-contained, and send the next one at once. On nvidia-h200-x2, `pair A B` runs two steps at once (one a
 # GPU) for the device time of one: use it. A cold compile of the paper policy takes ~3-4 min on the machine: a call
-# holds about two (policy, batch) rows. Session 25's plan (one H200; one bench_dit run a call, sent alone; session 24
-# ran s24a, train-stepw (the paper step 1.11x) and s24b, see docs/gpu.md):
-#   1. s25a (~3 min): the grouped one-kernel forward weight side (7991598, triton_wside.Group): its GPU tests, then
-#                   scripts/weight_side_profile.py (at f141024 the per-layer form took 8.9 ms against 6 of op-by-op
-#                   work; "the same with the one-kernel forms" times both kernels through the graphs)
-#   2. train-auto W4A4+H: quantize's automatic weight-side hooks (qat_step_hooks.py, now the compiled default for
-#                   every policy) against the per-layer form in one run, on a policy where only the per-layer form was
-#                   timed (1.255x); if the hooks lose, narrow qat_step_hooks._engage. Then train-compiled
-#                   dit-xl-2-robuq (key qat_paper_compiled_x: 1.811x in session 21 without the hooks) and W1.58A4+H
-#   3. SKIP_TESTS=1 s24b (~7 min on a fast host): the paper row with ROBUQ_QAT_WSIDE_KERNEL=1 vs FP; then
-#                   backend-step SKIP_TESTS=1 for qat_paper_stepw_backend_x
+# holds about two (policy, batch) rows. Session 26's plan (one H200; one bench_dit run a call, sent alone; session 25
+# ran s25a, train-auto, qat-profile, train-cg and two cg_train_diag runs, see docs/gpu.md):
+#   1. qat-profile compiled bf16 dit (~2 min): where the compiled W4A4+H step's ~34 ms of wall time above its kernels
+#                   go (session 25: kernels 58.8 vs 47.1 ms, wall 105.6 vs 59.3): the new per-phase table (each phase's
+#                   Python against the GPU's wait after it, benchmarks/_step_phases.py) and the CPU ops with the most
+#                   self time (a cudaStreamSynchronize / cudaMemcpy there would explain it)
+#   2. train-cg W4A4+H (~6 min): both sides under CUDA graphs with the automatic hooks stepping aside (d7a2c55; at
+#                   a2da90e every step re-recorded, 18.5x): key qat_cudagraphs_x (4 blocks: 1.21x); then train-cg
+#                   (the paper policy; 1.56x in session 9)
+#   3. train-compiled dit-xl-2-robuq with the automatic hooks (key qat_paper_compiled_x, 1.811x in session 21 without
+#                   them; 1.11x explicit in session 24 on a slow host); SKIP_TESTS=1 s24b (ROBUQ_QAT_WSIDE_KERNEL=1:
+#                   the grouped forward kernel, 6.49 ms where the ops take 7.71)
 #   4. ddp and ddp-compiled on nvidia-h200-x2 if ever lent (issue 19 item 4: bench_ddp.py; eager with whole-layer
 #                   graphs by default; compiled through the backend's step mode, which keeps DDP's overlap)
-#   5. train-actk, qat-profile eager, ln-configs, quant-plans, verify17, attention-sweep, dit-default.
+#   5. backend-step SKIP_TESTS=1, train-actk, qat-profile eager, ln-configs, verify17, attention-sweep, dit-default.
 #   The host varies a lot from call to call (compiled FP step 72.6 vs 118.6 ms in session 21): compare rows of one
 #   call only, and give a bench the time of a cold paper compile on a slow host (~5 min).
 #   The compile cache comes back as xz pieces (compile_cache.txz.NN): copy them over .snap/.cache/compile_cache.*
