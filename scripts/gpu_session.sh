@@ -58,6 +58,7 @@
 #   scripts/gpu_session.sh s24a             session 23's CPU-built changes: their GPU tests, then weight_side_profile
 #   scripts/gpu_session.sh s24b             the tiled one-kernel weight side: GPU tests, profile, paper row +wside vs FP
 #   scripts/gpu_session.sh s25a             the grouped one-kernel weight side: GPU tests, then weight_side_profile
+#   scripts/gpu_session.sh s26a             the hooks' CUDA tests, then the compiled W4A4+H step profiled with its phases
 #   scripts/gpu_session.sh train-auto [S]   compiled QAT with quantize's automatic weight-side hooks vs without, vs FP
 #   scripts/gpu_session.sh backend-tests    GPU tests of the backend's weight_sides="step" and of the act op
 #   scripts/gpu_session.sh actk2            session 22: the act op's GPU tests, scripts/actk_diag.py, then the paper
@@ -127,7 +128,8 @@
 # GPU) for the device time of one: use it. A cold compile of the paper policy takes ~3-4 min on the machine: a call
 # holds about two (policy, batch) rows. Session 26's plan (one H200; one bench_dit run a call, sent alone; session 25
 # ran s25a, train-auto, qat-profile, train-cg and two cg_train_diag runs, see docs/gpu.md):
-#   1. qat-profile compiled bf16 dit (~2 min): where the compiled W4A4+H step's ~34 ms of wall time above its kernels
+#   1. s26a (~3 min): the hooks' CUDA tests (new: none engaged and nothing recorded again under reduce-overhead),
+#                   then qat-profile compiled bf16 dit: where the compiled W4A4+H step's ~34 ms of wall time above its kernels
 #                   go (session 25: kernels 58.8 vs 47.1 ms, wall 105.6 vs 59.3): the new per-phase table (each phase's
 #                   Python against the GPU's wait after it, benchmarks/_step_phases.py) and the CPU ops with the most
 #                   self time (a cudaStreamSynchronize / cudaMemcpy there would explain it)
@@ -750,6 +752,17 @@ s25a)  # session 25's first call (~3 min): the grouped one-kernel forward weight
     timeout 150 python3 scripts/weight_side_profile.py --out "$OUT" > "$OUT/ws_profile.log" 2>&1
     grep -E "^## |wside_|wgrad_rows|TOTAL|Error" "$OUT/ws_profile.log"
     timeout 60 python3 scripts/step_hook_overhead.py | tee "$OUT/step_hook_overhead.txt"  # the host's Python a step
+    ;;
+s26a)  # session 26's first call (~3 min): the automatic hooks' CUDA tests (the new one: under mode="reduce-overhead"
+    # they stay off and the cudagraph trees record nothing after the warm-up), then the compiled W4A4+H step profiled
+    # with its per-phase table (host time against the GPU's wait) and the CPU ops with the most self time
+    timeout 120 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -p no:logging tests/test_qat_step_hooks.py \
+        > "$OUT/s26a_tests.log" 2>&1
+    grep -E "^E |Error|passed|failed" "$OUT/s26a_tests.log" | head -8
+    timeout 400 python3 benchmarks/profile_dit.py --train compiled --batch 16 --steps 3 --settings bf16 dit \
+        --out "$OUT" > "$OUT/s26a_profile.log" 2>&1
+    grep -E "^## |^\| (forward|loss|backward|optimizer|sum|TOTAL|wall|cuda|aten::copy|Torch|Compiled)" \
+        "$OUT/s26a_profile.log" | head -60
     ;;
 train-auto)  # session 24's default for torch.compile(quantize(model)) (qat_step_hooks.py: every weight side once a
     # forward) against the per-layer weight sides (ROBUQ_QAT_STEP_WEIGHTS=0, rows " +layerws") and FP in one run:
