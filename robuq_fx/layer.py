@@ -113,6 +113,18 @@ def prepared_linear(x, w_stacked, lrb_down_c, bias_c, act_op: bool, spec: LayerS
     return F.linear(torch.cat([xq, F.linear(xh, lrb_down_c)], -1), w_stacked, bias_c)
 
 
+def act_op_linear(x, weight, bias, lrb_down, lrb_up, spec: LayerSpec, c: torch.dtype):
+    """`qat_forward` with the activation side as kernels/qat_act.py's op (a compiled layer with
+    ROBUQ_QAT_ACT_KERNEL=1, qat_linear._act_supported): the weight side as the op graph computes it (Q_w(R) from the
+    masters, A and B cast to the matmul dtype c, B H for the op), then `prepared_linear` as the step path runs it."""
+    from .kernels.qat_act import through_h
+    wq = qat_weight(weight, lrb_down, lrb_up, spec).to(c)
+    bias_c = None if bias is None else bias.to(c)
+    if lrb_down is None:
+        return prepared_linear(x, wq, None, bias_c, True, spec)
+    return prepared_linear(x, torch.cat([wq, lrb_up.to(c)], 1), through_h(lrb_down.to(c), spec), bias_c, True, spec)
+
+
 def _per_member(xq, xh, wq, bias, lrb_down, lrb_up, splits):
     ys, o = [], 0
     r = 0 if lrb_down is None else lrb_down.shape[0] // len(splits)

@@ -114,6 +114,53 @@ def _fused_ok(x: torch.Tensor, m: "QATLinear") -> bool:
 
 _FUSED_OFF: list = [None]
 
+# ---- the activation side as one triton_op in the per-layer compiled path (opt-in: ROBUQ_QAT_ACT_KERNEL=1) -------
+# Where quantize's automatic weight-side hooks do not run (mode="reduce-overhead", fullgraph=True, DDP, the compile
+# backend's per-layer form) each layer's compiled graph holds the op graph's activation side: x H (a GEMM), Q_a's
+# range and values, t = (x H) B^T and their concatenation. With ROBUQ_QAT_ACT_KERNEL=1 the layers kernels/qat_act.py
+# covers compute it with that op instead, as the step path does (`layer.act_op_linear`).
+_ACT_SPECS: list = []  # (spec, in_features) of the layers, by the key `_act_key` gives them
+_ACT_KEYS: dict = {}
+
+
+def _act_key(spec: LayerSpec, k: int) -> int:
+    key = (spec, k)
+    if key not in _ACT_KEYS:
+        _ACT_KEYS[key] = len(_ACT_SPECS)
+        _ACT_SPECS.append(key)
+    return _ACT_KEYS[key]
+
+
+@torch._dynamo.assume_constant_result
+def _act_supported(key: int, device: str, dtype: torch.dtype) -> bool:
+    """Whether a layer (`_act_key`) takes the activation op on this device type and matmul dtype: requested
+    (ROBUQ_QAT_ACT_KERNEL=1) and covered (`qat_act.unsupported`). Called while Dynamo traces (its result a constant
+    of the trace, from constant arguments); defines the op where it answers yes."""
+    from .kernels import qat_act
+    if not qat_act.requested():
+        return False
+    spec, k = _ACT_SPECS[key]
+    if qat_act.unsupported(spec, k, torch.device(device), dtype) is not None:
+        return False
+    qat_act.define()
+    return True
+
+
+def _define_act_op() -> None:
+    """Where the op is requested, define it now, before torch.compile traces a layer (`_act_supported` would
+    otherwise define it during a trace)."""
+    from .kernels import qat_act
+    if qat_act.requested():
+        try:
+            qat_act.define()
+        except ImportError:  # no triton: `_act_supported` says no
+            pass
+
+
+def _matmul_dtype(m: "QATLinear", x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else (m.compute_dtype or x.dtype)
+
 
 class QATLinear(nn.Module):
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, spec: LayerSpec, transposed: bool = False,
@@ -134,6 +181,9 @@ class QATLinear(nn.Module):
         # (stacked [Q_w(R), A_c], B_c (B H with the activation op), bias_c, whether the activation side is that op)
         # while a model forward under `weight_sides_per_forward` runs (qat_step.py)
         self._prepared: tuple | None = None
+        self._act = _act_key(spec, k)  # (`_act_supported`)
+        if torch.cuda.is_available():
+            _define_act_op()
 
     @classmethod
     def from_module(cls, module: nn.Module, spec: LayerSpec, init_lrb: bool = True) -> "QATLinear":
@@ -158,6 +208,10 @@ class QATLinear(nn.Module):
         if prepared is not None:  # the weight side computed for the whole model (qat_step.py)
             return layer.prepared_linear(x, *prepared, self.spec)
         w = self.weight_nk()
+        if torch.compiler.is_compiling() and x.is_floating_point():
+            c = _matmul_dtype(self, x)
+            if _act_supported(self._act, x.device.type, c):
+                return layer.act_op_linear(x, w, self.bias, self.lrb_down, self.lrb_up, self.spec, c)
         if _fused_ok(x, self):  # eager: one autograd node (qat_fused.py); compile / export: the op graph below
             from .qat_fused import qat_linear
             return qat_linear(x, w, self.bias, self.lrb_down, self.lrb_up, self.spec)

@@ -59,6 +59,7 @@
 #   scripts/gpu_session.sh s24b             the tiled one-kernel weight side: GPU tests, profile, paper row +wside vs FP
 #   scripts/gpu_session.sh s25a             the grouped one-kernel weight side: GPU tests, then weight_side_profile
 #   scripts/gpu_session.sh s26a             the hooks' CUDA tests, then the compiled W4A4+H step profiled with its phases
+#   scripts/gpu_session.sh train-cg-actk [S]  both under CUDA graphs, S with / without the activation op in each layer
 #   scripts/gpu_session.sh train-auto [S]   compiled QAT with quantize's automatic weight-side hooks vs without, vs FP
 #   scripts/gpu_session.sh backend-tests    GPU tests of the backend's weight_sides="step" and of the act op
 #   scripts/gpu_session.sh actk2            session 22: the act op's GPU tests, scripts/actk_diag.py, then the paper
@@ -135,7 +136,8 @@
 #                   self time (a cudaStreamSynchronize / cudaMemcpy there would explain it)
 #   2. train-cg W4A4+H (~6 min): both sides under CUDA graphs with the automatic hooks stepping aside (d7a2c55; at
 #                   a2da90e every step re-recorded, 18.5x): key qat_cudagraphs_x (4 blocks: 1.21x); then train-cg
-#                   (the paper policy; 1.56x in session 9)
+#                   (the paper policy; 1.56x in session 9) or rather train-cg-actk, the same with ROBUQ_QAT_ACT_KERNEL=1
+#                   rows beside it (the activation op in each compiled layer: new, its GPU test in s26a)
 #   3. train-compiled dit-xl-2-robuq with the automatic hooks (key qat_paper_compiled_x, 1.811x in session 21 without
 #                   them; 1.11x explicit in session 24 on a slow host); SKIP_TESTS=1 s24b (ROBUQ_QAT_WSIDE_KERNEL=1:
 #                   the grouped forward kernel, 6.49 ms where the ops take 7.71)
@@ -756,13 +758,21 @@ s25a)  # session 25's first call (~3 min): the grouped one-kernel forward weight
 s26a)  # session 26's first call (~3 min): the automatic hooks' CUDA tests (the new one: under mode="reduce-overhead"
     # they stay off and the cudagraph trees record nothing after the warm-up), then the compiled W4A4+H step profiled
     # with its per-phase table (host time against the GPU's wait) and the CPU ops with the most self time
-    timeout 120 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -p no:logging tests/test_qat_step_hooks.py \
-        > "$OUT/s26a_tests.log" 2>&1
+    timeout 150 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -p no:logging tests/test_qat_step_hooks.py \
+        tests/test_qat_act_layer.py > "$OUT/s26a_tests.log" 2>&1
     grep -E "^E |Error|passed|failed" "$OUT/s26a_tests.log" | head -8
     timeout 400 python3 benchmarks/profile_dit.py --train compiled --batch 16 --steps 3 --settings bf16 dit \
         --out "$OUT" > "$OUT/s26a_profile.log" 2>&1
     grep -E "^## |^\| (forward|loss|backward|optimizer|sum|TOTAL|wall|cuda|aten::copy|Torch|Compiled)" \
         "$OUT/s26a_profile.log" | head -60
+    ;;
+train-cg-actk)  # train-cg-actk [S]: both sides under CUDA graphs, S (default the paper policy) with the per-layer
+    # path as it is and with ROBUQ_QAT_ACT_KERNEL=1 (rows " +actk": the activation op in each compiled layer, where the
+    # step hooks stay off; qat_linear._act_supported), one run (three cold compiles: give it a call of its own)
+    timeout 580 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes cudagraphs --iters 12 \
+        --settings "QAT ${2:-dit-xl-2-robuq}" --env-variant actk:ROBUQ_QAT_ACT_KERNEL=1 \
+        --tag "_train_cg_actk_$(echo "${2:-dit-xl-2-robuq}" | tr -c 'A-Za-z0-9\n' _)" > "$OUT/cg_actk.log" 2>&1
+    grep -iE "^\||warn|error" "$OUT/cg_actk.log" | tail -n 8
     ;;
 train-auto)  # session 24's default for torch.compile(quantize(model)) (qat_step_hooks.py: every weight side once a
     # forward) against the per-layer weight sides (ROBUQ_QAT_STEP_WEIGHTS=0, rows " +layerws") and FP in one run:

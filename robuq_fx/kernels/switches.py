@@ -92,7 +92,8 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
                                   "activations keep the op graph's activation side (~5 launches forward, ~3 backward) "
                                   "instead of one triton_op for [Q_a(x H), x (B H)^T] and one kernel for its input "
                                   "gradient (kernels/qat_act.py; H200, DiT-XL/2 paper policy compiled: 1.41x FP with "
-                                  "it, 1.53-1.60x without)"),
+                                  "it, 1.53-1.60x without); 1 (set explicitly): also compiled QAT layers without the "
+                                  "step hooks (mode='reduce-overhead', fullgraph=True, DDP: qat_linear._act_supported)"),
     ("ROBUQ_GIT_COMMIT", "(git)", "not a switch: the commit the benchmarks record where the checkout has no git "
                                   "history (left out of the compile-cache key, kernels/compile_cache.py)"),
 )
