@@ -43,6 +43,15 @@ def train(mod, x, steps, autocast, fn=None):
     return outs
 
 
+def train_compiled(mod, x, steps, **compile_kw):
+    """`train` through torch.compile(mod, backend="aot_eager", **compile_kw), from a fresh Dynamo state and back."""
+    torch._dynamo.reset()
+    try:
+        return train(mod, x, steps, False, torch.compile(mod, backend="aot_eager", **compile_kw))
+    finally:
+        torch._dynamo.reset()
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """|a - b| / |b| (Frobenius norms, in fp32; b == 0 counts as tiny)."""
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))

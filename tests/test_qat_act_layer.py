@@ -13,7 +13,7 @@ import torch.nn as nn
 
 import robuq_fx
 from robuq_fx.kernels import qat_act
-from tests.qat_testing import train as _train
+from tests.qat_testing import train as _train, train_compiled as _compiled
 
 POLICY = {"rules": [{"match": "*", "w_bits": 1.58, "a_bits": 4, "hadamard": True, "hadamard_block": 64,
                      "lora_rank": 8}]}
@@ -34,13 +34,6 @@ def op_on_cpu(monkeypatch):
                         or qat_act.act_side_reference(x2, bh, spec))
     return calls
 
-
-def _compiled(mod, x, steps, **kw):
-    torch._dynamo.reset()
-    try:
-        return _train(mod, x, steps, False, torch.compile(mod, backend="aot_eager", **kw))
-    finally:
-        torch._dynamo.reset()
 
 
 def test_requested_compiled_layers_take_the_op_and_train_as_the_op_graph(op_on_cpu, monkeypatch):

@@ -15,7 +15,7 @@ import torch.nn as nn
 import robuq_fx
 from robuq_fx import qat_step, qat_step_hooks as H
 from robuq_fx.qat_linear import QATLinear
-from tests.qat_testing import train as _train
+from tests.qat_testing import train as _train, train_compiled as _compiled
 from tests.test_qat_step import Net
 
 POLICY = {"rules": [{"match": "*", "w_bits": 1.58, "a_bits": 4, "hadamard": True, "hadamard_block": 64,
@@ -40,13 +40,6 @@ def counted(monkeypatch):
 def on_cpu(monkeypatch):
     monkeypatch.setattr(H, "_device_ok", lambda t: True)
 
-
-def _compiled(mod, x, steps, **kw):
-    torch._dynamo.reset()
-    try:
-        return _train(mod, x, steps, False, torch.compile(mod, backend="aot_eager", **kw))
-    finally:
-        torch._dynamo.reset()
 
 
 def _hooks(mod):
