@@ -35,8 +35,8 @@ def run(engine: str, procs: int, batch: int, args, tmp: Path) -> dict:
               "--batch", str(batch), "--optim", "adamw", "--json", str(out)]
     if args.quick:
         common += ["--device", "cpu", "--threads", "1"]
-    if args.compile == "backend":  # both sides compiled: one process and DDP
-        common += ["--compile", "backend"] + (["--compiler", "aot_eager"] if args.quick else [])
+    if args.compile != "off":  # both sides compiled: one process and DDP
+        common += ["--compile", args.compile] + (["--compiler", "aot_eager"] if args.quick else [])
     if procs == 1:
         cmd = [sys.executable, str(EXAMPLE)] + common
     else:
@@ -56,10 +56,11 @@ def main(argv=None):
     ap.add_argument("--engines", nargs="+", default=["ddp"], choices=["ddp", "fsdp2"])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="CPU smoke run (dit-tiny, 2 processes)")
-    ap.add_argument("--compile", choices=["off", "backend"], default="off",
+    ap.add_argument("--compile", choices=["off", "backend", "inductor"], default="off",
                     help="backend: every run compiled through robuq's backend, qat mode, weight_sides='step' (DDP "
                          "around the compiled model: each gradient bucket's piece computes its own weight sides); "
-                         "summary keys ddp<N>_compiled_scaling_x")
+                         "summary keys ddp<N>_compiled_scaling_x. inductor: quantize() then torch.compile(DDP(qmodel)) "
+                         "(each layer its own weight side); keys ddp<N>_inductor_scaling_x")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
     from tabulate import tabulate
@@ -69,9 +70,9 @@ def main(argv=None):
         n = args.gpus or torch.cuda.device_count()
         if n < 2:
             sys.exit(f"bench_ddp needs 2 or more GPUs (found {n}); --quick runs on CPU")
-    if args.compile == "backend" and "fsdp2" in args.engines:
-        sys.exit("--compile backend: DDP only (FSDP2 shards the masters the step's weight sides need whole)")
-    mode = "_compiled" if args.compile == "backend" else ""  # (file and summary key names)
+    if args.compile != "off" and "fsdp2" in args.engines:
+        sys.exit(f"--compile {args.compile}: DDP only (FSDP2 shards the masters the step's weight sides need whole)")
+    mode = {"off": "", "backend": "_compiled", "inductor": "_inductor"}[args.compile]  # (file and summary key names)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         runs = [run("none", 1, args.per_gpu_batch, args, tmp)]

@@ -57,12 +57,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tiny-rank", type=int, default=4, help="LRB rank for dit-tiny (the paper's rank 32 is half "
                    "the width of its 64-wide layers: most of each weight would stay in full precision)")
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--compile", choices=["off", "backend"], default="off",
+    p.add_argument("--compile", choices=["off", "backend", "inductor"], default="off",
                    help="backend: no quantize(); prepare_qat + torch.compile(model, backend=robuq_fx.backend(policy, "
                         "mode='qat', weight_sides='step')), inside DDP (each gradient bucket's piece of the graph "
-                        "computes its weight sides itself, which keeps DDP's all-reduce overlapped); ddp / none only")
+                        "computes its weight sides itself, which keeps DDP's all-reduce overlapped); inductor: "
+                        "quantize(), then torch.compile(DDP(qmodel)) (Dynamo splits the graph at DDP's buckets; each "
+                        "QAT layer computes its own weight side in it); ddp / none only")
     p.add_argument("--compiler", choices=["inductor", "aot_eager"], default="inductor",
-                   help="with --compile backend: Inductor, or AOTAutograd alone (a quick CPU run)")
+                   help="with --compile: Inductor, or AOTAutograd alone (a quick CPU run)")
     p.add_argument("--weights-once-per-step", action="store_true",
                    help="compute each layer's Q_w(R) once per optimizer step (robuq_fx.quantize_weights_once_per_step)")
     p.add_argument("--batch", type=int, default=8, help="global batch size (split evenly over ranks)")
@@ -241,15 +243,20 @@ def main(argv=None) -> dict:
         engine_model = wrap(torch.compile(qmodel, backend=robuq_fx.backend(
             policy, mode="qat", weight_sides="step", compiler=args.compiler)), args.engine, device)
     else:
+        if args.compile == "inductor" and args.engine == "fsdp2":
+            raise SystemExit("--compile inductor: with --engine ddp or none")
         qmodel = robuq_fx.quantize(model, policy, example_inputs(args, device=device))
         t_quant = time.perf_counter() - t0
         engine_model = wrap(qmodel, args.engine, device)
+    trained = engine_model  # (the state is gathered from the uncompiled wrapper)
+    if args.compile == "inductor":
+        engine_model = torch.compile(engine_model, backend=args.compiler)
     t1 = time.perf_counter()
     make_batch = lambda step: global_batch(model.config, args.batch, step, args.seed)  # noqa: E731
     step_s: list[float] = []
     losses = train(engine_model, make_batch, loss_fn, args, rank, world, device, step_s)
     t_train = time.perf_counter() - t1
-    state = gather_state(engine_model, args.engine)
+    state = gather_state(trained, args.engine)
     steady = steady_step_s(step_s)
     result = {"engine": args.engine, "compile": args.compile, "model": args.model, "world": world,
               "device": str(device),

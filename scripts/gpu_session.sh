@@ -72,6 +72,7 @@
 #   scripts/gpu_session.sh train-paper      the paper policy's compiled QAT step against FP
 #   scripts/gpu_session.sh ddp              bench_ddp: 1 GPU vs all GPUs, DDP and FSDP2 (on nvidia-h200-x2)
 #   scripts/gpu_session.sh ddp-compiled     bench_ddp --compile backend: both sides compiled, DDP around the model
+#   scripts/gpu_session.sh ddp-inductor     bench_ddp --compile inductor: quantize(), then torch.compile(DDP(qmodel))
 #   scripts/gpu_session.sh ncu              Nsight Compute on the quantizer / GEMM kernels (benchmarks/ncu_kernels.py)
 #   scripts/gpu_session.sh verify13 [S]     session 13's kernels (lrb_down split / in the GEMM, B H in lowered graphs,
 #                                           sigma / GELU plans, row kernel, prequant attention): their GPU tests
@@ -141,8 +142,9 @@
 #   3. train-compiled dit-xl-2-robuq with the automatic hooks (key qat_paper_compiled_x, 1.811x in session 21 without
 #                   them; 1.11x explicit in session 24 on a slow host); SKIP_TESTS=1 s24b (ROBUQ_QAT_WSIDE_KERNEL=1:
 #                   the grouped forward kernel, 6.49 ms where the ops take 7.71)
-#   4. ddp and ddp-compiled on nvidia-h200-x2 if ever lent (issue 19 item 4: bench_ddp.py; eager with whole-layer
-#                   graphs by default; compiled through the backend's step mode, which keeps DDP's overlap)
+#   4. ddp, ddp-compiled and ddp-inductor on nvidia-h200-x2 if ever lent (issue 19 item 4: bench_ddp.py; eager
+#                   with whole-layer graphs by default; compiled through the backend's step mode, which keeps DDP's
+#                   overlap; torch.compile(DDP(quantize(model))), each layer its own weight side)
 #   5. backend-step SKIP_TESTS=1, train-actk, qat-profile eager, ln-configs, verify17, attention-sweep, dit-default.
 #   The host varies a lot from call to call (compiled FP step 72.6 vs 118.6 ms in session 21): compare rows of one
 #   call only, and give a bench the time of a cold paper compile on a slow host (~5 min).
@@ -878,6 +880,12 @@ ddp-compiled)  # session 22: one process vs DDP, both compiled through the backe
     # (DDP around the compiled model: each bucket's piece computes its own weight sides, keeping the overlap);
     # two cold compiles of DiT-XL/2 a process, so ~9 min (summary key ddp<N>_compiled_scaling_x)
     timeout 560 python3 benchmarks/bench_ddp.py --engines ddp --compile backend --steps 10 --out "$OUT" 2>&1 \
+        | grep -v "step [0-9]*:" | tail -20
+    ;;
+ddp-inductor)  # session 25: one process vs DDP, quantize() then torch.compile(DDP(qmodel)) (Dynamo's DDP optimizer
+    # splits the graph at the buckets; each QAT layer its own weight side; with ROBUQ_QAT_ACT_KERNEL=1 set by the
+    # caller, the activation op too): ~9 min (summary key ddp<N>_inductor_scaling_x)
+    timeout 560 python3 benchmarks/bench_ddp.py --engines ddp --compile inductor --steps 10 --out "$OUT" 2>&1 \
         | grep -v "step [0-9]*:" | tail -20
     ;;
 train-opt)  # eager QAT without, then with the opt-in kernels (weight quant, fp8 forward GEMM) on the same GPU: an A/B

@@ -386,21 +386,23 @@ def test_example_torchrun_fsdp2_matches_reference(runs, tmp_path):
         _assert_same_codes(a, file[f"{packed_path(n)}.qweight"], r, n)
 
 
-def test_example_torchrun_ddp_compiled_backend_matches_reference(runs, tmp_path):
+@pytest.mark.parametrize("compile_mode", ["backend", "inductor"])
+def test_example_torchrun_ddp_compiled_matches_reference(runs, tmp_path, compile_mode):
     """`--compile backend`: prepare_qat and DDP around torch.compile(model, backend=robuq_fx.backend(policy,
-    mode="qat", weight_sides="step")) (AOTAutograd alone here: Inductor's CPU compile would take minutes a rank).
+    mode="qat", weight_sides="step")); `--compile inductor`: quantize() and torch.compile(DDP(qmodel)), each QAT layer
+    computing its own weight side (AOTAutograd alone here for both: Inductor's CPU compile would take minutes a rank).
     The global-batch losses follow the single-process quantize run's: rtol 1e-5, not 1e-6, since the compiled graph
     pieces sum in another order than the eager layers (measured ~2e-6); the gathered state loads into a fresh
     quantize() model and lowers."""
     packed, res = tmp_path / "dit.safetensors", tmp_path / "run.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={WORLD}", "--master-addr=127.0.0.1",
-           f"--master-port={_free_port()}", str(EXAMPLE), "--engine", "ddp", "--compile", "backend", "--compiler",
+           f"--master-port={_free_port()}", str(EXAMPLE), "--engine", "ddp", "--compile", compile_mode, "--compiler",
            "aot_eager", "--threads", "1", *DIT_FLAGS, "--save-packed", str(packed), "--json", str(res)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = json.loads(res.read_text())
-    assert (out["world"], out["engine"], out["compile"]) == (WORLD, "ddp", "backend")
+    assert (out["world"], out["engine"], out["compile"]) == (WORLD, "ddp", compile_mode)
     torch.testing.assert_close(torch.tensor(out["losses"], dtype=torch.float64),
                                torch.tensor(runs["ref"]["dit"]["losses"], dtype=torch.float64), rtol=1e-5, atol=0)
     assert packed.stat().st_size > 0
