@@ -208,9 +208,10 @@ class QATLinear(nn.Module):
         if prepared is not None:  # the weight side computed for the whole model (qat_step.py)
             return layer.prepared_linear(x, *prepared, self.spec)
         w = self.weight_nk()
-        if torch.compiler.is_compiling() and x.is_floating_point():
+        act = self.__dict__.get("_act")  # (None: a layer pickled before it existed keeps the op graph)
+        if act is not None and torch.compiler.is_compiling() and x.is_floating_point():
             c = _matmul_dtype(self, x)
-            if _act_supported(self._act, x.device.type, c):
+            if _act_supported(act, x.device.type, c):
                 return layer.act_op_linear(x, w, self.bias, self.lrb_down, self.lrb_up, self.spec, c)
         if _fused_ok(x, self):  # eager: one autograd node (qat_fused.py); compile / export: the op graph below
             from .qat_fused import qat_linear

@@ -4,12 +4,15 @@ Two ways they get onto a model:
 - `weight_sides_per_forward(model)`, an explicit request: every forward, eager or compiled.
 - `robuq_fx.quantize` puts them on every QAT model of QATLinear modules it returns (not the whole-graph form),
   engaging **only while `torch.compile` traces the whole model's forward in training mode**, with its QAT layers on
-  CUDA and graph breaks allowed (`_engage`): where they were measured (H200, DiT-XL/2 batch 16, the paper policy: the
-  compiled step 1.11x the compiled FP step with them in session 24; 1.81x without them in session 21). Eager QAT keeps its per-layer CUDA graphs (faster eagerly), `fullgraph=True` and
-  `torch.export` trace without a break, CUDA graph modes (`mode="reduce-overhead"`: `_cudagraphs`) keep the per-layer
-  path, DDP / FSDP2 runs (a process group of more than one rank) keep the per-layer
-  path whose gradients arrive during the backward, for their all-reduce to overlap. `ROBUQ_QAT_STEP_WEIGHTS=0`
-  turns the automatic hooks off; an explicit call replaces them.
+  CUDA and graph breaks allowed (`_engage`), where they were measured faster (H200, DiT-XL/2 batch 16: the paper
+  policy's compiled step 1.11x the compiled FP step with them in session 24, 1.81x without in session 21; W4A4+H
+  105.6 against 125.6 ms per layer in one session-25 run). Elsewhere the layers keep the per-layer path:
+  - eager QAT, with its per-layer CUDA graphs (faster eagerly);
+  - `fullgraph=True` and `torch.export`, which trace without a break;
+  - CUDA graph modes (`mode="reduce-overhead"`, `_cudagraphs`);
+  - DDP / FSDP2 runs (a process group of more than one rank), whose gradients then arrive during the backward, for
+    their all-reduce to overlap.
+  `ROBUQ_QAT_STEP_WEIGHTS=0` turns the automatic hooks off; an explicit call replaces them.
 
 The hooks are module-level functions and find their `qat_step.Plan` by the module they are called on (`_PLANS`,
 held weakly), made at its first forward: a deep copy of the model (an EMA copy) or a pickled one carries the hooks
@@ -123,7 +126,7 @@ def _cudagraphs(backend) -> bool:
     Inductor's triton.cudagraphs, the "cudagraphs" backend). There the automatic hooks step aside: Dynamo takes the
     tensors they hand the layers (module attributes) as static inputs, whose addresses must not move, while a plan's
     buffers rotate (`qat_step.Plan._free_graph`): every step re-recorded the graphs (H200, session 25: 18.5x the FP
-    step); and where launches cost nothing at replay the per-layer weight sides lose little (1.19x FP, 4 DiT-XL/2
+    step); and where launches cost nothing at replay the per-layer weight sides lose little (1.21x FP, 4 DiT-XL/2
     blocks)."""
     for _ in range(16):  # down the chain of wrappers torch.compile puts around the backend
         if backend is None:
