@@ -82,3 +82,14 @@ def test_on_cuda_the_per_layer_op_follows_the_step_path(monkeypatch):
         torch.testing.assert_close(ya, yb, rtol=2e-2, atol=2e-2)
         for k in gb:
             torch.testing.assert_close(ga[k], gb[k], rtol=5e-2, atol=1e-3)
+
+
+def test_a_layer_from_an_older_pickle_keeps_the_op_graph(op_on_cpu, monkeypatch):
+    """A QATLinear unpickled from before the switch existed has no `_act` key: it compiles with the op graph, no
+    AttributeError."""
+    monkeypatch.setenv("ROBUQ_QAT_ACT_KERNEL", "1")
+    q = _model()
+    for m in q.modules():
+        m.__dict__.pop("_act", None)
+    _compiled(q, torch.randn(2, 4, 128), 1, fullgraph=True)
+    assert op_on_cpu == []
