@@ -8,6 +8,7 @@ Python costs. A long tail means the GPU work outlasts the launches (GPU-bound). 
 phase's tail with the next one's launches, so it takes less than the phases' sum; the table gives both."""
 from __future__ import annotations
 
+import bisect
 import time
 
 import torch
@@ -54,3 +55,83 @@ def cpu_ops(averages, steps: int, top: int = 20) -> list[dict]:
             rows.append({"CPU op": e.key[:80], "calls per step": round(e.count / steps, 1),
                          "self CPU ms per step": round(e.self_cpu_time_total / 1e3 / steps, 3)})
     return sorted(rows, key=lambda r: -r["self CPU ms per step"])[:top]
+
+
+def _is_cpu(e) -> bool:
+    return str(getattr(e, "device_type", "")).endswith("CPU")
+
+
+class _Stab:
+    """The innermost CPU event containing a time, over all threads (each thread's events form a tree by time)."""
+
+    def __init__(self, cpu_events):
+        self._tops: dict = {}
+        for e in cpu_events:
+            if e.cpu_parent is None:
+                self._tops.setdefault(e.thread, []).append(e)
+        self._tops = {th: self._sorted(lst) for th, lst in self._tops.items()}
+        self._kids: dict = {}
+
+    @staticmethod
+    def _sorted(events) -> tuple:
+        events = sorted(events, key=lambda e: e.time_range.start)
+        return [e.time_range.start for e in events], events
+
+    @staticmethod
+    def _containing(starts_events, t):
+        starts, events = starts_events
+        i = bisect.bisect_right(starts, t) - 1
+        if i >= 0 and events[i].time_range.end >= t:
+            return events[i]
+        return None
+
+    def innermost(self, t):
+        best = None
+        for tree in self._tops.values():
+            e = self._containing(tree, t)
+            while e is not None:
+                if best is None or (e.time_range.end - e.time_range.start) < (best.time_range.end -
+                                                                                best.time_range.start):
+                    best = e
+                kids = self._kids.get(id(e))
+                if kids is None:
+                    kids = self._kids[id(e)] = self._sorted(e.cpu_children)
+                e = self._containing(kids, t)
+        return best
+
+    @staticmethod
+    def outermost(inner):
+        e = inner
+        while e is not None and e.cpu_parent is not None:
+            e = e.cpu_parent
+        return e
+
+
+def gpu_idle(events, steps: int, is_kernel, min_gap_us: float = 5.0, top: int = 12) -> tuple[float, list, list]:
+    """The GPU's idle time between kernels in a profile (gaps of at least min_gap_us between the first kernel and the
+    last), ms per step, and what the host was doing at each gap's middle: the innermost CPU event there over all
+    threads (a launch, a synchronize, an op's own Python) and its outermost ancestor (the phase: a compiled region,
+    an autograd node, the optimizer), each with the gap time summed by name, ms per step. is_kernel(e): a GPU
+    kernel's row (profile_dit.is_kernel)."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events if is_kernel(e))
+    gaps, end = [], None
+    for s, t in spans:
+        if end is not None and s - end >= min_gap_us:
+            gaps.append((end, s))
+        end = t if end is None else max(end, t)
+    stab = _Stab([e for e in events if _is_cpu(e)])
+    inner: dict = {}
+    outer: dict = {}
+    for a, b in gaps:
+        e = stab.innermost((a + b) / 2)
+        o = stab.outermost(e)
+        for table, ev in ((inner, e), (outer, o)):
+            name = "(no host op)" if ev is None else ev.name[:80]
+            ms, n = table.get(name, (0.0, 0))
+            table[name] = (ms + (b - a) / 1e3, n + 1)
+
+    def rows(table, label):
+        return [{label: k, "GPU idle ms per step": round(ms / steps, 3), "gaps per step": round(n / steps, 1)}
+                for k, (ms, n) in sorted(table.items(), key=lambda kv: -kv[1][0])[:top]]
+    idle = sum(b - a for a, b in gaps) / 1e3 / steps
+    return round(idle, 3), rows(inner, "host op (innermost)"), rows(outer, "host op (outermost)")

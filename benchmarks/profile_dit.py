@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE))
 import robuq_fx  # noqa: E402
 from _provenance import gpu_tag, provenance  # noqa: E402
 from _dit_setup import SHORT_NAMES, TINY, XL2, build, inputs, policies  # noqa: E402
-from _step_phases import cpu_ops, phase_times  # noqa: E402
+from _step_phases import cpu_ops, gpu_idle, phase_times  # noqa: E402
 
 # first match wins; patterns are searched in the kernel (or CPU op) name, lower-cased
 CATEGORIES = [
@@ -262,15 +262,24 @@ def train_profile(args, cfg, pols, names, prov, device):
                       "share": ""})
         top = sorted(kernels, key=lambda r: -r["ms per step"])[:TOP_KERNELS]
         host_ops = cpu_ops(averages, args.steps)
+        try:  # (a diagnosis: its failure on another torch's event layout must not lose the tables above)
+            idle, idle_inner, idle_outer = gpu_idle(prof.events(), args.steps, is_kernel)
+        except Exception as exc:  # noqa: BLE001
+            idle, idle_inner, idle_outer = None, [{"gap analysis failed": f"{type(exc).__name__}: {exc}"[:200]}], []
         out["settings"][key] = {"categories": table, "robuq_ops": ops, "wall_ms": wall, "top_kernels": top,
-                                "phases": split, "cpu_ops": host_ops}
+                                "phases": split, "cpu_ops": host_ops, "gpu_idle_ms": idle,
+                                "gpu_idle_by_op": idle_inner, "gpu_idle_by_phase": idle_outer}
         lines += ["", f"## {key}", tabulate(table, headers="keys", tablefmt="github"),
                   "", f"the {len(top)} kernels with the most GPU time (what each category is made of):",
                   tabulate(top, headers="keys", tablefmt="github"),
                   "", "each phase alone (the GPU idle at its start): its Python, then the GPU's wait after it",
                   tabulate(split, headers="keys", tablefmt="github"),
                   "", f"the {len(host_ops)} CPU-side ops with the most self time (under the profiler):",
-                  tabulate(host_ops, headers="keys", tablefmt="github")]
+                  tabulate(host_ops, headers="keys", tablefmt="github"),
+                  "", f"the GPU idle between kernels: {idle} ms a step, by what the host was running at each gap's "
+                  "middle (_step_phases.gpu_idle):",
+                  tabulate(idle_inner, headers="keys", tablefmt="github"), "",
+                  tabulate(idle_outer, headers="keys", tablefmt="github")]
         if ops:
             lines += ["", tabulate(sorted(ops, key=lambda r: -r["GPU ms per step (its kernels)"]), headers="keys",
                                    tablefmt="github")]

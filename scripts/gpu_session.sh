@@ -759,14 +759,15 @@ s25a)  # session 25's first call (~3 min): the grouped one-kernel forward weight
     ;;
 s26a)  # session 26's first call (~3 min): the automatic hooks' CUDA tests (the new one: under mode="reduce-overhead"
     # they stay off and the cudagraph trees record nothing after the warm-up), then the compiled W4A4+H step profiled
-    # with its per-phase table (host time against the GPU's wait) and the CPU ops with the most self time
+    # with its per-phase table (host time against the GPU's wait), the CPU ops with the most self time and the GPU's
+    # idle time between kernels by what the host was running then
     timeout 150 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -p no:logging tests/test_qat_step_hooks.py \
         tests/test_qat_act_layer.py > "$OUT/s26a_tests.log" 2>&1
     grep -E "^E |Error|passed|failed" "$OUT/s26a_tests.log" | head -8
     timeout 400 python3 benchmarks/profile_dit.py --train compiled --batch 16 --steps 3 --settings bf16 dit \
         --out "$OUT" > "$OUT/s26a_profile.log" 2>&1
-    grep -E "^## |^\| (forward|loss|backward|optimizer|sum|TOTAL|wall|cuda|aten::copy|Torch|Compiled)" \
-        "$OUT/s26a_profile.log" | head -60
+    grep -E "^## |^\| (forward|loss|backward|optimizer|sum|TOTAL|wall)" "$OUT/s26a_profile.log" | head -30
+    tail -n 45 "$OUT"/profile_dit_train_compiled_*.txt  # the QAT setting's CPU ops and GPU idle tables
     ;;
 train-cg-actk)  # train-cg-actk [S]: both sides under CUDA graphs, S (default the paper policy) with the per-layer
     # path as it is and with ROBUQ_QAT_ACT_KERNEL=1 (rows " +actk": the activation op in each compiled layer, where the

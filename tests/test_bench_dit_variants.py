@@ -89,3 +89,29 @@ def test_step_phases_time_each_phase_and_rank_cpu_ops():
                      E(device_type="DeviceType.CPU", key="cudaLaunchKernel", count=8, self_cpu_time_total=6000)], 2)
     assert [(r["CPU op"], r["calls per step"], r["self CPU ms per step"]) for r in ops] == [
         ("cudaLaunchKernel", 4.0, 3.0), ("aten::mm", 2.0, 1.0)]
+
+
+def test_gpu_idle_gaps_are_attributed_to_the_host_op_running_then():
+    """_step_phases.gpu_idle: gaps between kernels (>= min_gap_us) summed per step, each attributed to the shortest
+    CPU event containing its middle over all threads (here the backward thread's node, a synchronize, the step's own
+    Python) and to that event's outermost ancestor."""
+    from types import SimpleNamespace as N
+    import _step_phases as S
+
+    def ev(name, a, b, thread=1, parent=None, dev="DeviceType.CPU"):
+        e = N(name=name, time_range=N(start=a, end=b), thread=thread, cpu_parent=parent, cpu_children=[],
+              device_type=dev)
+        if parent is not None:
+            parent.cpu_children.append(e)
+        return e
+    step = ev("step", 0, 100)
+    sync = ev("cudaStreamSynchronize", 50, 90, parent=step)
+    bwd = ev("bwd node", 20, 40, thread=2)
+    launch = ev("cudaLaunchKernel", 30, 31, thread=2, parent=bwd)
+    kernels = [ev("k", a, b, dev="DeviceType.CUDA") for a, b in ((0, 5), (40, 45), (50, 55), (90, 100))]
+    events = [step, sync, bwd, launch] + kernels
+    idle, inner, outer = S.gpu_idle(events, 1, lambda e: e.device_type == "DeviceType.CUDA", min_gap_us=5)
+    assert idle == 0.075
+    assert {r["host op (innermost)"]: r["GPU idle ms per step"] for r in inner} == {
+        "bwd node": 0.035, "cudaStreamSynchronize": 0.035, "step": 0.005}
+    assert {r["host op (outermost)"]: r["GPU idle ms per step"] for r in outer} == {"step": 0.04, "bwd node": 0.035}
