@@ -14,6 +14,7 @@ casting and casting then lowering give the same packed model (codes, scales, bia
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn as nn
@@ -140,10 +141,18 @@ def _act_supported(key: int, device: str, dtype: torch.dtype) -> bool:
     if not qat_act.requested():
         return False
     spec, k = _ACT_SPECS[key]
-    if qat_act.unsupported(spec, k, torch.device(device), dtype) is not None:
+    why = qat_act.unsupported(spec, k, torch.device(device), dtype)
+    if why is not None:
+        if (why, spec.short(), k) not in _ACT_WARNED:  # one warning a reason and kind of layer
+            _ACT_WARNED.add((why, spec.short(), k))
+            warnings.warn(f"ROBUQ_QAT_ACT_KERNEL=1: compiled QAT layers {spec.short()} with in_features={k} keep "
+                          f"the op graph's activation side ({why})", RuntimeWarning, stacklevel=2)
         return False
     qat_act.define()
     return True
+
+
+_ACT_WARNED: set = set()
 
 
 def _define_act_op() -> None:

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 import robuq_fx
+from robuq_fx import qat_linear
 from robuq_fx.kernels import qat_act
 from tests.qat_testing import train as _train, train_compiled as _compiled
 
@@ -53,13 +54,16 @@ def test_requested_compiled_layers_take_the_op_and_train_as_the_op_graph(op_on_c
             torch.testing.assert_close(ga[k], gb[k], rtol=1e-3, atol=1e-5)
 
 
-def test_uncovered_layers_keep_the_op_graph(monkeypatch):
-    """The real coverage check on the CPU ("not on CUDA"): the switch at 1 changes nothing there."""
+def test_uncovered_layers_keep_the_op_graph_with_one_warning(monkeypatch):
+    """The real coverage check on the CPU ("not on CUDA"): the switch at 1 changes no number there, and one warning
+    per kind of layer says why (the two layers here: in_features 128 and 128, one spec: one warning)."""
     monkeypatch.setenv("ROBUQ_QAT_ACT_KERNEL", "1")
+    monkeypatch.setattr(qat_linear, "_ACT_WARNED", set())
     calls = []
     monkeypatch.setattr(qat_act, "act_side", lambda *a: calls.append(1))
-    _compiled(_model(), torch.randn(2, 4, 128), 1, fullgraph=True)
-    assert calls == []
+    with pytest.warns(RuntimeWarning, match=r"ROBUQ_QAT_ACT_KERNEL=1: .*W1\.58A4 H64 LRB8.*not on CUDA") as rec:
+        _compiled(_model(), torch.randn(2, 4, 128), 1, fullgraph=True)
+    assert calls == [] and sum("ROBUQ_QAT_ACT_KERNEL" in str(w.message) for w in rec) == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
