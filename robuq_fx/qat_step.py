@@ -202,7 +202,7 @@ class Plan:
             warnings.warn(f"ROBUQ_QAT_ACT_KERNEL: {sum(w in left for w in whynot)} of {len(whynot)} QAT layers keep "
                           f"the op graph's activation side ({'; '.join(sorted(left))})", RuntimeWarning, stacklevel=3)
 
-    def _group(self, masters: tuple):
+    def _group(self, masters: tuple, ptrs: tuple):
         """With ROBUQ_QAT_WSIDE_KERNEL=1 (an explicit request): the one-kernel forward weight side's tables for the
         layers it covers (`kernels/triton_wside.Group`), kept per (masters' addresses, c, autocast) like the graphs;
         else None. Built here, before any capture. The first time a setting is seen, one warning names the layers
@@ -210,7 +210,7 @@ class Plan:
         if not _wside_on():
             return None
         autocast = qat_graph._autocast_dtype(masters[0].device)
-        key = (tuple(t.data_ptr() for t in masters), self.c, autocast)
+        key = (ptrs, self.c, autocast)
         if key in self._groups:
             return self._groups[key]
         if masters[0].is_cuda and torch.cuda.is_current_stream_capturing():
@@ -237,10 +237,11 @@ class Plan:
 
     def run_forward(self, masters: tuple) -> tuple:
         c, act = self.c, self.act
-        group = self._group(masters)
+        ptrs = tuple(t.data_ptr() for t in masters)  # (the keys of the tables and the graphs)
+        group = self._group(masters, ptrs)
         if self.graphs_off or not _use_graphs(masters[0]):
             return _all_sides(self.layers, self.layout, c, act, *masters, group=group)
-        key = (tuple(t.data_ptr() for t in masters), c, act, qat_graph._autocast_dtype(masters[0].device),
+        key = (ptrs, c, act, qat_graph._autocast_dtype(masters[0].device),
                group is not None)
         graph = self._free_graph(self._fwd_graphs, key)
         if graph is not None:  # its buffers handed out as they are: nothing else holds them
