@@ -59,6 +59,7 @@
 #   scripts/gpu_session.sh s24b             the tiled one-kernel weight side: GPU tests, profile, paper row +wside vs FP
 #   scripts/gpu_session.sh s25a             the grouped one-kernel weight side: GPU tests, then weight_side_profile
 #   scripts/gpu_session.sh s26a             the hooks' CUDA tests, then the compiled W4A4+H step profiled with its phases
+#   scripts/gpu_session.sh wside-sweep      weight_side_profile.py: the weight sides, then the grouped kernel's tiles
 #   scripts/gpu_session.sh train-cg-actk [S]  both under CUDA graphs, S with / without the activation op in each layer
 #   scripts/gpu_session.sh train-auto [S]   compiled QAT with quantize's automatic weight-side hooks vs without, vs FP
 #   scripts/gpu_session.sh backend-tests    GPU tests of the backend's weight_sides="step" and of the act op
@@ -141,7 +142,8 @@
 #                   rows beside it (the activation op in each compiled layer: new, its GPU test in s26a)
 #   3. train-compiled dit-xl-2-robuq with the automatic hooks (key qat_paper_compiled_x, 1.811x in session 21 without
 #                   them; 1.11x explicit in session 24 on a slow host); SKIP_TESTS=1 s24b (ROBUQ_QAT_WSIDE_KERNEL=1:
-#                   the grouped forward kernel, 6.49 ms where the ops take 7.71)
+#                   the grouped forward kernel, 6.49 ms where the ops take 7.71), after wside-sweep (~2 min: its
+#                   tile heights and warps; make the fastest Group's default first)
 #   4. ddp, ddp-compiled and ddp-inductor on nvidia-h200-x2 if ever lent (issue 19 item 4: bench_ddp.py; eager
 #                   with whole-layer graphs by default; compiled through the backend's step mode, which keeps DDP's
 #                   overlap; torch.compile(DDP(quantize(model))), each layer its own weight side)
@@ -768,6 +770,11 @@ s26a)  # session 26's first call (~3 min): the automatic hooks' CUDA tests (the 
         --out "$OUT" > "$OUT/s26a_profile.log" 2>&1
     grep -E "^## |^\| (forward|loss|backward|optimizer|sum|TOTAL|wall)" "$OUT/s26a_profile.log" | head -30
     tail -n 45 "$OUT"/profile_dit_train_compiled_*.txt  # the QAT setting's CPU ops and GPU idle tables
+    ;;
+wside-sweep)  # scripts/weight_side_profile.py alone (~2 min): the weight sides op by op and through the graphs, then the
+    # grouped forward kernel's tile heights and warps (16-64 rows, 4 / 8 warps; 16 x 4 ran at ~1 TB/s in session 25)
+    timeout 200 python3 scripts/weight_side_profile.py --out "$OUT" > "$OUT/ws_profile.log" 2>&1
+    grep -E "^## |rows .*warps|TOTAL|Error" "$OUT/ws_profile.log"
     ;;
 train-cg-actk)  # train-cg-actk [S]: both sides under CUDA graphs, S (default the paper policy) with the per-layer
     # path as it is and with ROBUQ_QAT_ACT_KERNEL=1 (rows " +actk": the activation op in each compiled layer, where the

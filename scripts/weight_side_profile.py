@@ -79,7 +79,8 @@ def main():
 
     def eager_fwd():  # (with the switch on: one grouped launch, its tables built at the first call)
         with ac, torch.no_grad():
-            qat_step._all_sides(plan.layers, plan.layout, plan.c, act, *masters, group=plan._group(tuple(masters)))
+            qat_step._all_sides(plan.layers, plan.layout, plan.c, act, *masters,
+                                group=plan._group(tuple(masters), tuple(t.data_ptr() for t in masters)))
 
     def eager_bwd():
         with torch.no_grad():
@@ -124,6 +125,24 @@ def main():
         t = _ms(fn)
         out.append(f"\n## {name}: {t:.3f} ms\n{_kernels(fn)}")
         print(out[-1], flush=True)
+    # the grouped forward kernel's tile height and warps (kernels/triton_wside.Group: 16 rows, 4 warps by default;
+    # at 16 rows it ran at about a third of the bandwidth in session 25)
+    from robuq_fx.kernels import triton_wside
+    qat_fused._WSIDE[0] = True
+    try:
+        with ac:
+            group = plan._group(tuple(masters), tuple(t.data_ptr() for t in masters))
+    finally:
+        qat_fused._WSIDE[0] = None
+    if group is not None:
+        elems = sum(item[1].numel() for item in group.items)
+        out.append(f"\n## the grouped forward kernel alone, {elems / 1e6:.0f} M weights (~10 bytes each by its reads and"
+                   f" writes)")
+        for bm, warps in ((16, 4), (16, 8), (32, 4), (32, 8), (64, 4), (64, 8)):
+            g2 = triton_wside.Group(group.items, group.c, flat.device, bm=bm, num_warps=warps)
+            t = _ms(lambda: g2.run(flat))
+            out.append(f"    rows {bm:3d}, warps {warps}: {t:7.3f} ms ({elems * 10 / t / 1e6:6.0f} GB/s)")
+            print(out[-1], flush=True)
     text = "\n".join(out)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -129,11 +129,13 @@ class Group:
     196 launches against ~2 ms by bytes). items: (index, W, B or None, A or None, spec, offset, row stride) a layer
     `supported` covers, its Q_w(R) going to out[offset + n * stride + k] of the tensor `run` is given. The tables
     hold the masters' addresses: build one where the masters are, outside a CUDA graph capture, and keep it while
-    they stay there (qat_step.Plan keys it on their addresses)."""
+    they stay there (qat_step.Plan keys it on their addresses). bm, num_warps: the tile's rows and the program's
+    warps (scripts/weight_side_profile.py times a few; the math per row is the same whatever the tile)."""
 
-    def __init__(self, items: list, c: torch.dtype, device: torch.device):
+    def __init__(self, items: list, c: torch.dtype, device: torch.device, bm: int = BLOCK_ROWS, num_warps: int = 4):
         self.covered = frozenset(i for i, *_ in items)
-        self.c, self.launches = c, []
+        self.items, self.c, self.launches = items, c, []
+        self.bm, self.num_warps = bm, num_warps  # rows a program (a power of two >= 16), its warps
         by_block: dict = {}
         rows = 0  # the items' scales one after another in .scale, in the items' order
         for item in items:
@@ -149,7 +151,7 @@ class Group:
                              n, k, r, w.stride(0), up.stride(0) if r else 0, down.stride(0) if r else 0, stride,
                              int(float(spec.w_bits) == 1.58), _CODE[getattr(torch, spec.scale_dtype)],
                              int(Q.weight_qmax(spec.w_bits)), 0])
-                tiles += [(j, t) for t in range(0, n, BLOCK_ROWS)]
+                tiles += [(j, t) for t in range(0, n, bm)]
             self.launches.append((hb, torch.tensor(desc, dtype=torch.int64).to(device),
                                   torch.tensor(tiles, dtype=torch.int32).to(device), len(tiles),
                                   hadamard_matrix(hb, c, device), max(16, triton.next_power_of_2(rank))))
@@ -163,7 +165,7 @@ class Group:
         with on_device(out.device):
             for hb, desc, tiles, count, h, rp in self.launches:
                 launch(wside_group_kernel, (count,), (desc, tiles, h, out, self.scale, Q._EPS),
-                       dict(CDT=_CODE[self.c], HB=hb, BM=BLOCK_ROWS, RP=rp, NF=NF), dict(num_warps=4))
+                       dict(CDT=_CODE[self.c], HB=hb, BM=self.bm, RP=rp, NF=NF), dict(num_warps=self.num_warps))
         return self.covered
 
 

@@ -151,8 +151,14 @@ for (buf, s, n, k, stride, o), (_, w, *_rest) in zip(alone, items):
     written[o:o + n * stride].view(n, stride)[:, :k] = True
     res.append({"equal": bool((view[:, :k] == buf).all()), "scales": bool((g.scale[row0:row0 + n] == s).all())})
     row0 += n
+# taller tiles (bm = 32: a tile can hold rows of one layer only, the last one partly masked) write the same
+flat32 = torch.full((off,), 7.0, dtype=c)
+g32 = WS.Group(items, c, torch.device("cpu"), bm=32)
+g32.run(flat32)
 print(json.dumps({"covered": covered, "launches": len(g.launches), "layers": res,
-                  "rest_untouched": bool((flat[~written] == 7).all())}))
+                  "rest_untouched": bool((flat[~written] == 7).all()),
+                  "bm32_same": bool(torch.equal(flat32, flat)),
+                  "bm32_scale_rel": float(((g32.scale - g.scale).abs() / g.scale.abs()).max())}))
 """
 
 
@@ -160,24 +166,28 @@ print(json.dumps({"covered": covered, "launches": len(g.launches), "layers": res
 def test_weight_side_group_writes_each_layer_as_alone():
     """kernels/triton_wside.Group: four layers (ranks 0-16, 1.58/2/4 bits, three scale dtypes, Hadamard blocks 64
     and 128: two launches) in one launch a block size write each layer's Q_w(R) and scales bit-equal to the layer
-    computed alone (whose math the test above checks), into their places in a flat buffer, and nothing else."""
+    computed alone (whose math the test above checks), into their places in a flat buffer, and nothing else; with
+    32-row tiles the same values (scales to 1e-5)."""
     r = run_interpreted(GROUP)
     assert r["covered"] == [0, 1, 2, 3] and r["launches"] == 2, r
     assert all(x["equal"] and x["scales"] for x in r["layers"]), r
     assert r["rest_untouched"], r
+    # 32-row tiles (bm=32) write the same values; a row's range sums in another order there (the interpreter's
+    # reduction over a taller tile), so a scale may move in its last fp32 bits
+    assert r["bm32_same"] and r["bm32_scale_rel"] <= 1e-5, r
 
 
 @pytest.mark.skipif(import_or_none("triton_wside") is None, reason="triton does not import here")
-@pytest.mark.parametrize("hb,rp", [(128, 32), (128, 16), (64, 64)])
-def test_weight_side_kernel_builds_for_sm90(hb, rp):
+@pytest.mark.parametrize("hb,rp,bm,warps", [(128, 32, 16, 4), (128, 16, 16, 4), (64, 64, 16, 4), (128, 32, 64, 8)])
+def test_weight_side_kernel_builds_for_sm90(hb, rp, bm, warps):
     """Offline sm_90 build (no GPU) in bf16, with Inductor's fp64 scalar: the grouped kernel (masters' addresses
-    read from its table) for the paper's rank-32 branch, none, and a wider one on 64-blocks."""
+    read from its table) for the paper's rank-32 branch, none, a wider one on 64-blocks, and 64-row tiles."""
     from tests.kernels.sm90 import compile_sm90
     ws = import_or_none("triton_wside")
     sig = {"desc_ptr": "*i64", "tiles_ptr": "*i32", "h_ptr": "*bf16", "out_base": "*bf16", "scale_base": "*fp32",
            "eps": "fp64"}
-    k = compile_sm90(ws.wside_group_kernel, sig, dict(CDT=1, HB=hb, BM=ws.BLOCK_ROWS, RP=rp, NF=ws.NF),
-                     dict(num_warps=4), gluon=False)
+    k = compile_sm90(ws.wside_group_kernel, sig, dict(CDT=1, HB=hb, BM=bm, RP=rp, NF=ws.NF),
+                     dict(num_warps=warps), gluon=False)
     assert k.asm["cubin"]
 
 
