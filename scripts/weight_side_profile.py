@@ -1,6 +1,7 @@
 """Where the weight sides' GPU time goes in `weight_sides_per_forward` (DiT-XL/2, the paper policy, bf16 autocast):
 CUDA-event times of WeightSides' forward and backward computed op by op and replayed from their CUDA graphs (with
-the copies around the replays), then the kernels of each, by name, from the profiler. Session 23's step profile gave
+the copies around the replays), the host's time in each (launches, replays, Python; no wait for the GPU), then the
+kernels of each, by name, from the profiler. Session 23's step profile gave
 the node 12.4 ms forward and 17.7 ms backward of GPU time a step, against ~4 ms that its bytes need.
 
     python scripts/weight_side_profile.py [--out DIR] [--tiny]
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -32,6 +34,20 @@ def _ms(fn, iters=5):
     b.record()
     torch.cuda.synchronize()
     return a.elapsed_time(b) / iters
+
+
+def _host_ms(fn, iters=5):
+    """The host's time in fn (from an idle GPU, without waiting for it at the end): what a launch, a graph replay or
+    the Python around them costs the step's host side."""
+    fn()
+    times = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    torch.cuda.synchronize()
+    return sorted(times)[iters // 2]
 
 
 def _kernels(fn, top=14):
@@ -123,7 +139,7 @@ def main():
                      ("the same with the one-kernel forms", one_kernel(graphed)),
                      ("forward replay alone (+ its clone)", graphed_fwd)):
         t = _ms(fn)
-        out.append(f"\n## {name}: {t:.3f} ms\n{_kernels(fn)}")
+        out.append(f"\n## {name}: {t:.3f} ms (host: {_host_ms(fn):.3f} ms)\n{_kernels(fn)}")
         print(out[-1], flush=True)
     # the grouped forward kernel's tile height and warps (kernels/triton_wside.Group: 16 rows, 4 warps by default;
     # at 16 rows it ran at about a third of the bandwidth in session 25)
