@@ -72,6 +72,9 @@ def test_on_cuda_the_per_layer_op_follows_the_step_path(monkeypatch):
     path with it (quantize's hooks). Both run the same kernels for the activation side; the weight side is Inductor's
     decomposition in one and the weight kernel in the other (both fp32), so outputs agree to bf16 rounding."""
     monkeypatch.setenv("ROBUQ_QAT_ACT_KERNEL", "1")
+    calls = []
+    real = qat_act.act_side
+    monkeypatch.setattr(qat_act, "act_side", lambda *a: calls.append(1) or real(*a))
     base = _model().cuda()
     x = torch.randn(4, 64, 128, device="cuda")
     runs = []
@@ -82,6 +85,8 @@ def test_on_cuda_the_per_layer_op_follows_the_step_path(monkeypatch):
             runs.append(_train(mod, x, 2, True, torch.compile(mod, fullgraph=fullgraph)))
         finally:
             torch._dynamo.reset()
+        if fullgraph:
+            assert calls, "the per-layer path did not take the op"
     for (ya, ga), (yb, gb) in zip(*runs):
         torch.testing.assert_close(ya, yb, rtol=2e-2, atol=2e-2)
         for k in gb:
