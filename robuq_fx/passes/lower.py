@@ -14,7 +14,6 @@ from ..capture import source_meta
 from ..errors import LoweringError
 from ..modules import PackedLinear, use_device_layout
 from ..spec import LayerSpec
-from ..qat_step_hooks import strip as strip_weight_side_hooks
 from .attention import lower_attention
 from .fuse import fuse_lowered, qlinear_node
 from .qat import ROBUQ_META, check_module, set_robuq_info
@@ -59,7 +58,6 @@ def lower(qmodel: nn.Module, *, compute: bool = True, progress: bool | None = No
     lower_attention(gm)  # fake-quant q, k, v + SDPA -> robuq::attention8
     _drop_unused_weights(gm, layers)
     set_robuq_info(gm, dict(info, stage="lowered"))  # not setattr: must survive deepcopy (see qat.set_robuq_info)
-    strip_weight_side_hooks(gm)  # (the QAT model's, copied with it)
     if fuse:
         fuse_lowered(gm)
     use_device_layout(gm)  # fp8 codes as the one weight copy on fp8-capable GPUs (modules.PackedLinear)

@@ -62,7 +62,6 @@ def quantize(model: nn.Module, policy=None, example_inputs=None, *, init_lrb: bo
     attention = apply_attention(gm, attn_plan)
     set_robuq_info(gm, {"stage": "qat", "form": "graph", "why": why, "capture": method, "policy": policy.to_dict(),
                         "layers": {n: s.to_dict() for n, s in layers.items()}, "attention": attention})
-    install_auto(gm)
     return gm
 
 
