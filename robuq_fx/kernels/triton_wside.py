@@ -38,6 +38,7 @@ from .triton_wquant import _CODE, _round_to, row_codes, row_scale
 
 MAX_K = 16384  # (as the weight kernel's)
 BLOCK_ROWS = 16  # rows a program (tl.dot takes >= 16)
+GROUP_ROWS = 32  # the grouped kernel's tile: H200, session 26 sweep, 5.22 ms vs 6.51 at 16 rows (4 warps each)
 MAX_RANK = 128
 
 
@@ -132,7 +133,7 @@ class Group:
     they stay there (qat_step.Plan keys it on their addresses). bm, num_warps: the tile's rows and the program's
     warps (scripts/weight_side_profile.py times a few; the math per row is the same whatever the tile)."""
 
-    def __init__(self, items: list, c: torch.dtype, device: torch.device, bm: int = BLOCK_ROWS, num_warps: int = 4):
+    def __init__(self, items: list, c: torch.dtype, device: torch.device, bm: int = GROUP_ROWS, num_warps: int = 4):
         self.covered = frozenset(i for i, *_ in items)
         self.items, self.c, self.launches = items, c, []
         self.bm, self.num_warps = bm, num_warps  # rows a program (a power of two >= 16), its warps
@@ -174,7 +175,7 @@ def weight_side_rows(w: torch.Tensor, down, up, spec, c: torch.dtype, out: torch
     n, k = w.shape
     if out.shape != (n, k) or out.dtype != c or out.stride(-1) != 1:
         raise ValueError(f"out {tuple(out.shape)} {out.dtype}: expected ({n}, {k}) {c} with contiguous rows")
-    group = Group([(0, w, down, up, spec, 0, out.stride(0))], c, w.device)
+    group = Group([(0, w, down, up, spec, 0, out.stride(0))], c, w.device, bm=BLOCK_ROWS)  # one layer: more programs
     group.run(out)
     return group.scale
 

@@ -143,7 +143,7 @@ for i, (bits, rank, k, hb, sdt, n) in enumerate(cases):
     alone.append((buf, WS.weight_side_rows(w, down, up, spec, c, buf), n, k, stride, off))
     off += n * stride + 11
 flat = torch.full((off,), 7.0, dtype=c)
-g = WS.Group(items, c, torch.device("cpu"))
+g = WS.Group(items, c, torch.device("cpu"), bm=16)
 covered = sorted(g.run(flat))
 res, row0, written = [], 0, torch.zeros(off, dtype=torch.bool)
 for (buf, s, n, k, stride, o), (_, w, *_rest) in zip(alone, items):
@@ -151,9 +151,10 @@ for (buf, s, n, k, stride, o), (_, w, *_rest) in zip(alone, items):
     written[o:o + n * stride].view(n, stride)[:, :k] = True
     res.append({"equal": bool((view[:, :k] == buf).all()), "scales": bool((g.scale[row0:row0 + n] == s).all())})
     row0 += n
-# taller tiles (bm = 32: a tile can hold rows of one layer only, the last one partly masked) write the same
+# taller tiles (bm = 32, the default: a tile can hold rows of one layer only, the last one partly masked) write the same
 flat32 = torch.full((off,), 7.0, dtype=c)
-g32 = WS.Group(items, c, torch.device("cpu"), bm=32)
+g32 = WS.Group(items, c, torch.device("cpu"))  # the default tile: 32 rows
+assert g32.bm == 32
 g32.run(flat32)
 print(json.dumps({"covered": covered, "launches": len(g.launches), "layers": res,
                   "rest_untouched": bool((flat[~written] == 7).all()),
