@@ -74,23 +74,20 @@ def weight_side(w, down, up, bias, spec: LayerSpec, c: torch.dtype, graph_owner=
 
 
 def _weight_side(w, down, up, bias, spec: LayerSpec, c: torch.dtype, out: torch.Tensor | None = None,
-                 qw_written: bool = False) -> tuple:
-    """out: where the stacked weight goes ((N, K + r) in c, rows contiguous: qat_step's flat buffer), written in
-    place (Q_w(R) straight from its kernel, A_c beside it), else a new tensor. qw_written: Q_w(R) is in out's first K
-    columns already (the step plan's one-kernel form, ROBUQ_QAT_WSIDE_KERNEL=1: `kernels/triton_wside.Group`; its
-    sums run in another order than cuBLAS's, so it is not bit-equal to the op graph, which the per-layer path stays)."""
-    bias_c = None if bias is None else _to(bias, c)
-    down_c = None if down is None else _to(down, c)
+                 casts: bool = True) -> tuple:
+    """(stacked weight [Q_w(R), A_c], R's gradient dtype, B_c, bias_c). out: where the stacked weight goes ((N, K + r)
+    in c, rows contiguous: qat_step's flat buffer), written in place (Q_w(R) straight from its kernel, A_c beside
+    it), else a new tensor. casts=False: B_c and bias_c not made (None; qat_step copies the masters into its buffer
+    straight, one kernel each)."""
+    bias_c = None if bias is None or not casts else _to(bias, c)
+    down_c = None if down is None or not casts else _to(down, c)
     if _STEP["hooks"] or (out is None and down is None):
         wq, r_dtype = quantized_weight(w, down, up, spec, c)
         stacked = wq if down is None else torch.cat([wq, _to(up, c)], 1)
         return (stacked if out is None else out.copy_(stacked)), r_dtype, down_c, bias_c
     k = w.shape[1]
     stacked = out if out is not None else torch.empty(w.shape[0], k + up.shape[1], dtype=c, device=w.device)
-    if qw_written:
-        r_dtype = c  # R's gradient dtype: W H's and A B's
-    else:
-        r_dtype = _quantized_weight(w, down, up, spec, c, out=stacked.narrow(1, 0, k))[1]
+    r_dtype = _quantized_weight(w, down, up, spec, c, out=stacked.narrow(1, 0, k))[1]
     if down is not None:
         stacked.narrow(1, k, up.shape[1]).copy_(up)
     return stacked, r_dtype, down_c, bias_c

@@ -61,20 +61,23 @@ def _all_sides(layers: list, layout: list, c: torch.dtype, act: tuple, *masters,
     made: no layer's parts outlive it), and their R dtypes. layout: the layers' `_layout` (the plan's). act: per
     layer, whether its activation side is the triton_op (kernels/qat_act.py), which takes B H in place of B.
     flat: the tensor to write (a graph's output buffer), else a new one. group: the one-kernel form's tables for
-    these masters (`Plan._group`), which write the Q_w(R) of the layers they cover into flat first."""
+    these masters (`Plan._group`), which write all the parts of the layers they cover into flat first (one launch
+    a Hadamard block size; the rest, a few kernels a layer, go op by op)."""
     if flat is None:
         flat = torch.empty(sum(_numel(s) for s, _, _ in layout), dtype=c, device=masters[0].device)
     written = group.run(flat) if group is not None else frozenset()
     r_dtypes = []
     parts = _per_layer(layers, _split(flat, layout))
     for i, ((layer, span), (_, *dsts), fused) in enumerate(zip(_master_spans(layers), parts, act)):
+        if i in written:
+            r_dtypes.append(c)  # R's gradient dtype: W H's and A B's (`_weight_side`)
+            continue
         w, down, up, bias = _unpack(layer, list(masters[span]))
-        # the stacked weight written in its slice (no copy); B_c (or B H) and bias_c copied in
-        _, r_dtype, down_c, bias_c = _weight_side(w, down, up, bias, layer.module.spec, c, out=dsts[0],
-                                                  qw_written=i in written)
-        if fused and down_c is not None:
-            down_c = qat_act.through_h(down_c, layer.module.spec)  # B H, what the layer's op takes
-        for dst, t in zip(dsts[1:], (down_c, bias_c)):
+        # the stacked weight written in its slice (no copy); B (or B H) and the bias copied in, cast as they go
+        _, r_dtype, _, _ = _weight_side(w, down, up, bias, layer.module.spec, c, out=dsts[0], casts=False)
+        if fused and down is not None:
+            down = qat_act.through_h(_to(down, c), layer.module.spec)  # B H, what the layer's op takes
+        for dst, t in zip(dsts[1:], (down, bias)):
             if t is not None:
                 dst.copy_(t)
         r_dtypes.append(r_dtype)
@@ -204,13 +207,13 @@ class Plan:
 
     def _group(self, masters: tuple, ptrs: tuple):
         """With ROBUQ_QAT_WSIDE_KERNEL=1 (an explicit request): the one-kernel forward weight side's tables for the
-        layers it covers (`kernels/triton_wside.Group`), kept per (masters' addresses, c, autocast) like the graphs;
-        else None. Built here, before any capture. The first time a setting is seen, one warning names the layers
-        it leaves to the op-by-op form, and why (the same math)."""
+        layers it covers (`kernels/triton_wside.Group`: all their parts), kept per (masters' addresses, c, autocast,
+        which layers take B H) like the graphs; else None. Built here, before any capture. The first time a setting
+        is seen, one warning names the layers it leaves to the op-by-op form, and why (the same math)."""
         if not _wside_on():
             return None
         autocast = qat_graph._autocast_dtype(masters[0].device)
-        key = (ptrs, self.c, autocast)
+        key = (ptrs, self.c, autocast, self.act)
         if key in self._groups:
             return self._groups[key]
         if masters[0].is_cuda and torch.cuda.is_current_stream_capturing():
@@ -218,12 +221,16 @@ class Plan:
         ws = weight_side_kernel()
         items, why = [], []
         entries = _per_layer(self.layers, self.layout)  # each layer's stacked part: (shape, strides, offset)
-        for i, ((layer, span), (_, stacked, _, _)) in enumerate(zip(_master_spans(self.layers), entries)):
-            w, down, up, _ = _unpack(layer, list(masters[span]))
+        for i, ((layer, span), (_, stacked, down_at, bias_at)) in enumerate(zip(_master_spans(self.layers), entries)):
+            w, down, up, bias = _unpack(layer, list(masters[span]))
             no = "triton does not import" if ws is None else ws.supported(w, down, up, layer.module.spec, self.c)
+            if no is None and bias is not None and (bias.dtype != torch.float32 or bias.stride(-1) != 1):
+                no = "bias not an fp32 master"
             why.append(no)
-            if no is None:
-                items.append((i, w, down, up, layer.module.spec, stacked[2], stacked[1][0]))
+            if no is None:  # all of the layer's parts: Q_w(R) and A_c in its stacked part, B_c (or B H), bias_c
+                items.append(ws.Item(i, w, down, up, layer.module.spec, stacked[2], stacked[1][0], with_up=True,
+                                     bias=bias, bias_offset=bias_at[2] if bias_at else 0,
+                                     down_offset=down_at[2] if down_at else None, down_rotated=self.act[i]))
         if (self.c, autocast) not in self._wside_checked:
             self._wside_checked.add((self.c, autocast))
             left = [w for w in why if w is not None]

@@ -204,10 +204,18 @@ MUTANTS = [
      "torch.cat([wq, lrb_up.to(c)], 1), lrb_down.to(c), bias_c, True, spec)",
      "the per-layer activation op (ROBUQ_QAT_ACT_KERNEL=1) handed B instead of B H", ["tests/test_qat_act_layer.py"]),
     ("wside_group_scales_at_row_0", "robuq_fx/kernels/triton_wside.py",
-     "            by_block.setdefault(item[4].hadamard_block, []).append((item, rows))",
-     "            by_block.setdefault(item[4].hadamard_block, []).append((item, 0))",
+     "            by_block.setdefault(it.spec.hadamard_block, []).append((it, rows))",
+     "            by_block.setdefault(it.spec.hadamard_block, []).append((it, 0))",
      "the grouped one-kernel weight side writes every layer's scales from row 0 (ROBUQ_QAT_WSIDE_KERNEL)",
      ["tests/kernels/test_wquant_interpreted.py", "-k", "group"]),
+    ("wside_group_b_unrotated", "robuq_fx/kernels/triton_wside.py",
+     "            v = tl.where(b_mode == 2, bh, bc.to(tl.float32))", "            v = bc.to(tl.float32)",
+     "the grouped weight side writes B_c where the act op's layer takes B H",
+     ["tests/kernels/test_wquant_interpreted.py", "-k", "group_writes"]),
+    ("wside_group_bias_skipped", "robuq_fx/kernels/triton_wside.py",
+     "    if tl.load(d + 17) != 0:", "    if False:",
+     "the grouped weight side leaves the layers' bias_c unwritten", ["tests/kernels/test_wquant_interpreted.py", "-k",
+                                                                    "group_writes"]),
 ]
 
 

@@ -74,14 +74,13 @@ def test_they_engage_under_torch_compile_and_equal_the_explicit_hooks(counted, o
 
 
 def test_the_comparison_above_can_fail(counted, on_cpu, monkeypatch):
-    """A wrong weight side in the engaged path (the branch's B_c doubled) moves the output: the test above would
-    see the hooks compute something else."""
+    """A wrong weight side in the engaged path (the stacked weight [Q_w(R), A_c] doubled where it is written) moves
+    the output: the test above would see the hooks compute something else."""
     base = Net()
     x = torch.randn(3, 10, 128)
     want = _compiled(copy.deepcopy(base), x, 1)  # no hooks: the per-layer path
     real = qat_step._weight_side
-    monkeypatch.setattr(qat_step, "_weight_side", lambda *a, **kw: (lambda r: (r[0], r[1], None if r[2] is None
-                                                                               else r[2] * 2, r[3]))(real(*a, **kw)))
+    monkeypatch.setattr(qat_step, "_weight_side", lambda *a, **kw: (lambda r: (r[0].mul_(2), *r[1:]))(real(*a, **kw)))
     auto = copy.deepcopy(base)
     H.install_auto(auto)
     got = _compiled(auto, x, 1)

@@ -1,7 +1,10 @@
 """A QAT layer's forward weight side in one Triton kernel (opt-in, `ROBUQ_QAT_WSIDE_KERNEL=1`; used by
 `weight_sides_per_forward` and the backend's step mode): from the fp32 master W and the branch factors A (up, N x r)
 and B (down, r x K) straight to Q_w(R) in the matmul dtype, written into the stacked weight's slice, and the fp32
-scales. One program a tile of 16 rows, walking their Hadamard blocks twice (the row's range first, then the codes):
+scales; for the step plan (`Group` with full `Item`s) also the layer's other parts, casts of its masters: A_c beside
+Q_w(R), bias_c, and B_c or B H (the act op's operand), so that one launch writes a whole model's forward weight side
+(a CUDA graph of one node, not ~5 a layer: session 26's profile found ~2 us of host time a node at each replay).
+One program a tile of rows, walking their Hadamard blocks twice (the row's range first, then the codes):
 
     W H  = rnd_c(rnd_c(W) . H_c)                 per Hadamard block, on the tensor cores (fp32 sums)
     A B  = rnd_c(rnd_c(A) . rnd_c(B))             the tile's rows of A times B's block, tensor cores (fp32 sums)
@@ -26,6 +29,8 @@ slice) for the rotation, writes the rotated bf16 gradient and casts it to fp32 a
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -42,7 +47,7 @@ GROUP_ROWS = 32  # the grouped kernel's tile: H200, session 26 sweep, 5.22 ms vs
 MAX_RANK = 128
 
 
-NF = 16  # int64 fields a layer in a group's table (`Group`)
+NF = 24  # int64 fields a layer in a group's table (`Group`)
 
 
 @triton.jit
@@ -60,7 +65,8 @@ def wside_group_kernel(desc_ptr, tiles_ptr, h_ptr, out_base, scale_base, eps,
                        CDT: tl.constexpr, HB: tl.constexpr, BM: tl.constexpr, RP: tl.constexpr, NF: tl.constexpr):
     """One program a tile of BM rows of one layer of the group: tiles_ptr holds (layer, first row) a program, and
     desc_ptr NF int64 fields a layer (`Group`: its masters' addresses, where its Q_w(R) and scales go in out_base /
-    scale_base, its shapes, strides, ternary flag, scale dtype and qmax)."""
+    scale_base, its shapes, strides, ternary flag, scale dtype and qmax, and where its other parts go: A_c beside
+    Q_w(R), bias_c, and B_c or B H, written by the layer's first tile)."""
     eps = tl.cast(eps, tl.float32)  # fp64 when Inductor launches it (see triton_act_quant)
     pid = tl.program_id(0)
     layer = tl.load(tiles_ptr + 2 * pid).to(tl.int64)
@@ -98,6 +104,25 @@ def wside_group_kernel(desc_ptr, tiles_ptr, h_ptr, out_base, scale_base, eps,
         tl.store(out_ptr + rows[:, None] * stride_o + kc[None, :],
                  (row_codes(r, s, qmax) * s).to(out_ptr.dtype.element_ty), mask=rmask)
     tl.store(scale_ptr + rows[:, None], s, mask=rmask)
+    # the layer's other parts, casts of its masters to c (as `copy_` rounds them): A_c beside Q_w(R), bias_c
+    if tl.load(d + 20) != 0:
+        tl.store(out_ptr + rows[:, None] * stride_o + k + ranks[None, :], a.to(out_ptr.dtype.element_ty),
+                 mask=rmask & (ranks[None, :] < rank))
+    if tl.load(d + 17) != 0:
+        bias_ptr = tl.load(d + 15).to(tl.pointer_type(tl.float32))
+        bias = tl.load(bias_ptr + rows, mask=rows < n)
+        tl.store(out_base + tl.load(d + 16) + rows, bias.to(out_ptr.dtype.element_ty), mask=rows < n)
+    # B_c (mode 1) or B H (mode 2: rnd_c(B_c H_c), the act op's operand; `qat_act.through_h`), by the first tile
+    b_mode = tl.load(d + 19)
+    if (b_mode != 0) & (tl.load(tiles_ptr + 2 * pid + 1) == 0):
+        b_out = out_base + tl.load(d + 18)
+        for b in range(0, k // HB):
+            kc = b * HB + cols
+            bmask = ranks[:, None] < rank
+            bc = tl.load(down_ptr + ranks[:, None] * stride_down + kc[None, :], mask=bmask, other=0.0).to(h.dtype)
+            bh = _round_to(tl.dot(bc, h, out_dtype=tl.float32), CDT)
+            v = tl.where(b_mode == 2, bh, bc.to(tl.float32))
+            tl.store(b_out + ranks[:, None] * k + kc[None, :], v.to(out_ptr.dtype.element_ty), mask=bmask)
 
 
 def supported(w: torch.Tensor, down, up, spec, c: torch.dtype) -> str | None:
@@ -124,34 +149,61 @@ def supported(w: torch.Tensor, down, up, spec, c: torch.dtype) -> str | None:
     return None
 
 
+class Item(NamedTuple):
+    """One layer of a `Group`: its masters (W (N, K) fp32, B (r, K) and A (N, r) or None), its spec, where its
+    Q_w(R) goes (offset of row 0 and row stride in the flat output), and, where given, where its other parts go:
+    A_c beside Q_w(R) (with_up), bias_c (bias, bias_offset), B_c or B H (down_offset, down_rotated)."""
+    index: int
+    w: torch.Tensor
+    down: torch.Tensor | None
+    up: torch.Tensor | None
+    spec: object
+    offset: int
+    stride: int
+    with_up: bool = False
+    bias: torch.Tensor | None = None
+    bias_offset: int = 0
+    down_offset: int | None = None
+    down_rotated: bool = False
+
+
 class Group:
     """Several layers' forward weight sides in one launch a Hadamard block size (`wside_group_kernel`): a DiT-XL/2
     layer alone gives 72-432 programs of 16 rows, too few to hide their loads' latency (session 24, H200: 8.9 ms for
-    196 launches against ~2 ms by bytes). items: (index, W, B or None, A or None, spec, offset, row stride) a layer
-    `supported` covers, its Q_w(R) going to out[offset + n * stride + k] of the tensor `run` is given. The tables
+    196 launches against ~2 ms by bytes). items: an `Item` (or its first seven fields) a layer `supported` covers, its
+    Q_w(R) going to out[offset + n * stride + k] of the tensor `run` is given, and its other parts where the item
+    says (then `run` writes all of the layer's forward weight side: one launch for the model). The tables
     hold the masters' addresses: build one where the masters are, outside a CUDA graph capture, and keep it while
     they stay there (qat_step.Plan keys it on their addresses). bm, num_warps: the tile's rows and the program's
     warps (scripts/weight_side_profile.py times a few; the math per row is the same whatever the tile)."""
 
     def __init__(self, items: list, c: torch.dtype, device: torch.device, bm: int = GROUP_ROWS, num_warps: int = 4):
-        self.covered = frozenset(i for i, *_ in items)
+        items = [it if isinstance(it, Item) else Item(*it) for it in items]
+        self.covered = frozenset(it.index for it in items)
         self.items, self.c, self.launches = items, c, []
         self.bm, self.num_warps = bm, num_warps  # rows a program (a power of two >= 16), its warps
         by_block: dict = {}
         rows = 0  # the items' scales one after another in .scale, in the items' order
-        for item in items:
-            by_block.setdefault(item[4].hadamard_block, []).append((item, rows))
-            rows += item[1].shape[0]
+        for it in items:
+            if it.bias is not None and (it.bias.dtype != torch.float32 or it.bias.stride(-1) != 1):
+                raise ValueError(f"Group: layer {it.index}'s bias is {it.bias.dtype} with stride {it.bias.stride()}; "
+                                 f"expected a contiguous fp32 master")
+            by_block.setdefault(it.spec.hadamard_block, []).append((it, rows))
+            rows += it.w.shape[0]
         for hb, group in sorted(by_block.items()):
             desc, tiles, rank = [], [], 0
-            for j, ((_, w, down, up, spec, offset, stride), first) in enumerate(group):
+            for j, (it, first) in enumerate(group):
+                w, down, up = it.w, it.down, it.up
                 n, k = w.shape
                 r = down.shape[0] if down is not None else 0
                 rank = max(rank, r)
-                desc.append([w.data_ptr(), (up if r else w).data_ptr(), (down if r else w).data_ptr(), offset, first,
-                             n, k, r, w.stride(0), up.stride(0) if r else 0, down.stride(0) if r else 0, stride,
-                             int(float(spec.w_bits) == 1.58), _CODE[getattr(torch, spec.scale_dtype)],
-                             int(Q.weight_qmax(spec.w_bits)), 0])
+                b_mode = 0 if not r or it.down_offset is None else 2 if it.down_rotated else 1
+                desc.append([w.data_ptr(), (up if r else w).data_ptr(), (down if r else w).data_ptr(), it.offset,
+                             first, n, k, r, w.stride(0), up.stride(0) if r else 0, down.stride(0) if r else 0,
+                             it.stride, int(float(it.spec.w_bits) == 1.58), _CODE[getattr(torch, it.spec.scale_dtype)],
+                             int(Q.weight_qmax(it.spec.w_bits)), (w if it.bias is None else it.bias).data_ptr(),
+                             it.bias_offset, int(it.bias is not None), it.down_offset or 0, b_mode,
+                             int(bool(r and it.with_up)), 0, 0, 0])
                 tiles += [(j, t) for t in range(0, n, bm)]
             self.launches.append((hb, torch.tensor(desc, dtype=torch.int64).to(device),
                                   torch.tensor(tiles, dtype=torch.int32).to(device), len(tiles),

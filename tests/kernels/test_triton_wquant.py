@@ -160,3 +160,51 @@ def test_weight_grads_kernel_equals_the_op_by_op_path(n, k, rank):
     if rank:
         assert ((got[1] - want[1]).norm() / want[1].norm()).item() < 1e-2
         assert torch.equal(got[2], want[2])
+
+
+def test_step_weight_sides_with_the_group_follow_the_op_by_op_step():
+    """`weight_sides_per_forward` on CUDA under bf16 autocast with the one-kernel forms on (one Group launch writes
+    every layer's Q_w(R), A_c, bias_c and B_c or B H: the paper-like layers take the act op, so B H) against the
+    op-by-op step: the output and every master's gradient of a second step (a replay) close (a code at a rounding
+    tie may flip: the kernel's sums run in another order than cuBLAS's)."""
+    import copy
+    import torch.nn as nn
+    import robuq_fx
+    from robuq_fx import qat_fused
+    from robuq_fx.qat_linear import QATLinear
+    from robuq_fx.spec import LayerSpec
+    from robuq_fx.kernels import triton_wside as WS
+    torch.manual_seed(0)
+    paper = LayerSpec(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=128, lora_rank=32)
+    base = nn.Sequential(QATLinear.from_module(nn.Linear(256, 512), paper.resolve(256, 512)), nn.GELU(),
+                         QATLinear.from_module(nn.Linear(512, 256), paper.resolve(512, 256)), nn.GELU(),
+                         QATLinear.from_module(nn.Linear(256, 128), LayerSpec(w_bits=4, a_bits=4, hadamard=True,
+                                                                              hadamard_block=64).resolve(256, 128)))
+    base = base.cuda()
+    x = torch.randn(4, 32, 256, device="cuda")
+    runs, launches = {}, []
+    real = WS.Group.run
+    before = qat_fused._WSIDE[0]
+    try:
+        WS.Group.run = lambda self, out: launches.append(len(self.covered)) or real(self, out)
+        for on in (False, True):
+            qat_fused._WSIDE[0] = on
+            mod = copy.deepcopy(base)
+            robuq_fx.weight_sides_per_forward(mod)
+            opt = torch.optim.SGD(mod.parameters(), lr=0.1)
+            for step in range(2):
+                opt.zero_grad()
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    y = mod(x)
+                y.float().pow(2).sum().backward()
+                if step == 0:
+                    opt.step()
+            runs[on] = (y.detach().float(), {n: p.grad.float() for n, p in mod.named_parameters()})
+    finally:
+        WS.Group.run, qat_fused._WSIDE[0] = real, before
+    assert launches and all(n == 3 for n in launches), launches  # every layer covered, in one Group
+    (y0, g0), (y1, g1) = runs[False], runs[True]
+    rel = lambda a, b: ((a - b).norm() / b.norm().clamp_min(1e-30)).item()  # noqa: E731
+    assert rel(y1, y0) < 1e-2, rel(y1, y0)
+    for k in g0:
+        assert rel(g1[k], g0[k]) < 3e-2, (k, rel(g1[k], g0[k]))

@@ -122,44 +122,77 @@ def test_weight_side_kernel_in_the_interpreter_matches_the_op_by_op_math():
 GROUP = r"""
 import json
 import torch
+from robuq_fx.hadamard import block_hadamard
 from robuq_fx.spec import LayerSpec
 from robuq_fx.kernels import triton_launch, triton_wside as WS
 triton_launch._ENABLED = False
 WS.on_device = lambda dev: __import__("contextlib").nullcontext()
 c = torch.float16
-# layers of other widths, ranks, bit widths, scale dtypes and two Hadamard blocks (two launches) in one flat buffer
-cases = ((1.58, 8, 384, 128, "float32", 20), (4, 0, 256, 64, "bfloat16", 17), (2, 16, 128, 128, "float16", 33),
-         (1.58, 0, 64, 64, "float32", 5))
-items, alone, off = [], [], 0
-for i, (bits, rank, k, hb, sdt, n) in enumerate(cases):
+# layers of other widths, ranks, bit widths, scale dtypes and two Hadamard blocks (two launches) in one flat buffer;
+# with or without a bias, B cast (mode 1) or rotated (B H, mode 2)
+cases = ((1.58, 8, 384, 128, "float32", 20, True, True), (4, 0, 256, 64, "bfloat16", 17, True, False),
+         (2, 16, 128, 128, "float16", 33, False, False), (1.58, 0, 64, 64, "float32", 5, False, False))
+items, alone, off, want = [], [], 0, []
+for i, (bits, rank, k, hb, sdt, n, has_bias, rotated) in enumerate(cases):
     torch.manual_seed(i)
     spec = LayerSpec(w_bits=bits, a_bits=4, hadamard=True, hadamard_block=hb, lora_rank=rank,
                      scale_dtype=sdt).resolve(k, n)
     w = torch.randn(n, k) * 0.05
     up, down = (torch.randn(n, rank) * 0.1, torch.randn(rank, k) * 0.1) if rank else (None, None)
-    stride = k + rank + 3  # each layer's rows in a stacked part wider than K, with a gap after it
-    items.append((i, w, down, up, spec, off, stride))
+    bias = torch.randn(n) if has_bias else None
+    stride = k + rank + 3  # each layer's rows in a stacked part wider than K + r, with a gap after it
     buf = torch.zeros(n, k, dtype=c)
     alone.append((buf, WS.weight_side_rows(w, down, up, spec, c, buf), n, k, stride, off))
-    off += n * stride + 11
+    bias_at, down_at = off + n * stride + 3, off + n * stride + 3 + n + 5
+    items.append(WS.Item(i, w, down, up, spec, off, stride, with_up=True, bias=bias, bias_offset=bias_at,
+                         down_offset=down_at if rank else None, down_rotated=rotated))
+    want.append({"up": (off, n, stride, k, up.to(c)) if rank else None, "bias": (bias_at, bias.to(c)) if has_bias
+                 else None, "down": (down_at, (block_hadamard(down.to(c), hb) if rotated else down.to(c)).reshape(-1))
+                 if rank else None, "rotated": rotated})
+    off = down_at + rank * k + 11
 flat = torch.full((off,), 7.0, dtype=c)
 g = WS.Group(items, c, torch.device("cpu"), bm=16)
 covered = sorted(g.run(flat))
 res, row0, written = [], 0, torch.zeros(off, dtype=torch.bool)
-for (buf, s, n, k, stride, o), (_, w, *_rest) in zip(alone, items):
+for (buf, s, n, k, stride, o), wt in zip(alone, want):
     view = flat[o:o + n * stride].view(n, stride)
     written[o:o + n * stride].view(n, stride)[:, :k] = True
-    res.append({"equal": bool((view[:, :k] == buf).all()), "scales": bool((g.scale[row0:row0 + n] == s).all())})
+    row = {"equal": bool((view[:, :k] == buf).all()), "scales": bool((g.scale[row0:row0 + n] == s).all())}
+    if wt["up"] is not None:
+        _, n, stride, k, a_c = wt["up"]
+        r = a_c.shape[1]
+        written[o:o + n * stride].view(n, stride)[:, k:k + r] = True
+        row["up"] = bool(torch.equal(view[:, k:k + r], a_c))
+    if wt["bias"] is not None:
+        at, b_c = wt["bias"]
+        written[at:at + len(b_c)] = True
+        row["bias"] = bool(torch.equal(flat[at:at + len(b_c)], b_c))
+    if wt["down"] is not None:
+        at, d_c = wt["down"]
+        written[at:at + len(d_c)] = True
+        got = flat[at:at + len(d_c)]
+        # B H: the kernel's fp32 sums in another order than the CPU matmul's: the same but for a last-bit tie
+        row["down"] = (got == d_c).float().mean().item()
+        row["down_rel"] = ((got.float() - d_c.float()).norm() / d_c.float().norm()).item()
+        row["rotated"] = wt["rotated"]
+    res.append(row)
     row0 += n
 # taller tiles (bm = 32, the default: a tile can hold rows of one layer only, the last one partly masked) write the same
 flat32 = torch.full((off,), 7.0, dtype=c)
 g32 = WS.Group(items, c, torch.device("cpu"))  # the default tile: 32 rows
 assert g32.bm == 32
 g32.run(flat32)
+# the first seven fields alone (a plain tuple): Q_w(R) and the scales, nothing else
+flat_q = torch.full((off,), 7.0, dtype=c)
+WS.Group([tuple(it)[:7] for it in items], c, torch.device("cpu")).run(flat_q)
+q_only = torch.zeros(off, dtype=torch.bool)
+for buf, s, n, k, stride, o in alone:
+    q_only[o:o + n * stride].view(n, stride)[:, :k] = True
 print(json.dumps({"covered": covered, "launches": len(g.launches), "layers": res,
                   "rest_untouched": bool((flat[~written] == 7).all()),
                   "bm32_same": bool(torch.equal(flat32, flat)),
-                  "bm32_scale_rel": float(((g32.scale - g.scale).abs() / g.scale.abs()).max())}))
+                  "bm32_scale_rel": float(((g32.scale - g.scale).abs() / g.scale.abs()).max()),
+                  "q_only": bool(torch.equal(flat_q[q_only], flat[q_only]) and (flat_q[~q_only] == 7).all())}))
 """
 
 
@@ -167,15 +200,22 @@ print(json.dumps({"covered": covered, "launches": len(g.launches), "layers": res
 def test_weight_side_group_writes_each_layer_as_alone():
     """kernels/triton_wside.Group: four layers (ranks 0-16, 1.58/2/4 bits, three scale dtypes, Hadamard blocks 64
     and 128: two launches) in one launch a block size write each layer's Q_w(R) and scales bit-equal to the layer
-    computed alone (whose math the test above checks), into their places in a flat buffer, and nothing else; with
-    32-row tiles the same values (scales to 1e-5)."""
+    computed alone (whose math the test above checks), and its other parts (A_c beside Q_w(R), bias_c, B_c or B H)
+    as torch casts and rotates them, into their places in a flat buffer, and nothing else; with 32-row tiles the
+    same values (scales to 1e-5); items of seven fields write Q_w(R) alone."""
     r = run_interpreted(GROUP)
     assert r["covered"] == [0, 1, 2, 3] and r["launches"] == 2, r
     assert all(x["equal"] and x["scales"] for x in r["layers"]), r
+    layers = r["layers"]
+    assert layers[0]["up"] and layers[2]["up"] and "up" not in layers[1], r
+    assert layers[0]["bias"] and layers[1]["bias"] and "bias" not in layers[2], r
+    assert layers[0]["rotated"] and layers[0]["down"] >= 0.99 and layers[0]["down_rel"] < 1e-3, r
+    assert not layers[2]["rotated"] and layers[2]["down"] == 1.0, r  # a cast: exact
     assert r["rest_untouched"], r
     # 32-row tiles (bm=32) write the same values; a row's range sums in another order there (the interpreter's
     # reduction over a taller tile), so a scale may move in its last fp32 bits
     assert r["bm32_same"] and r["bm32_scale_rel"] <= 1e-5, r
+    assert r["q_only"], r
 
 
 @pytest.mark.skipif(import_or_none("triton_wside") is None, reason="triton does not import here")
