@@ -59,6 +59,8 @@
 #   scripts/gpu_session.sh s24b             the tiled one-kernel weight side: GPU tests, profile, paper row +wside vs FP
 #   scripts/gpu_session.sh s25a             the grouped one-kernel weight side: GPU tests, then weight_side_profile
 #   scripts/gpu_session.sh s26a             the hooks' CUDA tests, then the compiled W4A4+H step profiled with its phases
+#   scripts/gpu_session.sh s27a             the grouped weight side writing every part: GPU tests, weight_side_profile
+#   scripts/gpu_session.sh host-profile [S..]  the compiled step's host time by Python function (host_profile_step.py)
 #   scripts/gpu_session.sh wside-sweep      weight_side_profile.py: the weight sides, then the grouped kernel's tiles
 #   scripts/gpu_session.sh train-cg-actk [S]  both under CUDA graphs, S with / without the activation op in each layer
 #   scripts/gpu_session.sh train-auto [S]   compiled QAT with quantize's automatic weight-side hooks vs without, vs FP
@@ -129,25 +131,21 @@
 # The machine goes back ~30 s after a call returns, and with it everything detached or left in /tmp: make every
 # call self-contained, and send the next one at once. On nvidia-h200-x2, `pair A B` runs two steps at once (one a
 # GPU) for the device time of one: use it. A cold compile of the paper policy takes ~3-4 min on the machine: a call
-# holds about two (policy, batch) rows. Session 26's plan (one H200; one bench_dit run a call, sent alone; session 25
-# ran s25a, train-auto, qat-profile, train-cg and two cg_train_diag runs, see docs/gpu.md):
-#   1. s26a (~3 min): the hooks' CUDA tests (new: none engaged and nothing recorded again under reduce-overhead),
-#                   then qat-profile compiled bf16 dit: where the compiled W4A4+H step's ~34 ms of wall time above its kernels
-#                   go (session 25: kernels 58.8 vs 47.1 ms, wall 105.6 vs 59.3): the new per-phase table (each phase's
-#                   Python against the GPU's wait after it, benchmarks/_step_phases.py) and the CPU ops with the most
-#                   self time (a cudaStreamSynchronize / cudaMemcpy there would explain it)
-#   2. train-cg W4A4+H (~6 min): both sides under CUDA graphs with the automatic hooks stepping aside (d7a2c55; at
-#                   a2da90e every step re-recorded, 18.5x): key qat_cudagraphs_x (4 blocks: 1.21x); then train-cg
-#                   (the paper policy; 1.56x in session 9) or rather train-cg-actk, the same with ROBUQ_QAT_ACT_KERNEL=1
-#                   rows beside it (the activation op in each compiled layer: new, its GPU test in s26a)
-#   3. train-compiled dit-xl-2-robuq with the automatic hooks (key qat_paper_compiled_x, 1.811x in session 21 without
-#                   them; 1.11x explicit in session 24 on a slow host); SKIP_TESTS=1 s24b (ROBUQ_QAT_WSIDE_KERNEL=1:
-#                   the grouped forward kernel, 6.49 ms where the ops take 7.71), after wside-sweep (~2 min: its
-#                   tile heights and warps; make the fastest Group's default first)
+# holds about two (policy, batch) rows. Session 27's plan (one H200; session 26 ran s26a, train-cg W4A4+H 1.232x,
+# train-cg dit-xl-2-robuq 1.528x, wside-sweep, and the group's GPU tests at 32 rows: 211 passed):
+#   1. s27a (~5 min): the grouped forward weight side now writes all of a layer's parts (A_c, bias_c, B_c / B H):
+#                   its GPU tests (new: the whole plan against the op-by-op step), then weight_side_profile (the
+#                   forward graph should drop from ~1065 nodes to a few, its replay's host time from 2.2 ms)
+#   2. host-profile (~7 min): scripts/host_profile_step.py bf16 dit dit:per-layer: the compiled step's host time
+#                   function by function (session 26: the W4A4+H forward's Python 46 ms against FP's 22.7 ms; the
+#                   step is host-bound in both, kernels 58.7 vs 47.1 ms)
+#   3. train-cg-actk (the paper policy under CUDA graphs with / without the act op in each layer: 1.528x without;
+#                   target 1.5x); then SKIP_TESTS=1 s24b (ROBUQ_QAT_WSIDE_KERNEL=1 row: if faster, make it default)
 #   4. ddp, ddp-compiled and ddp-inductor on nvidia-h200-x2 if ever lent (issue 19 item 4: bench_ddp.py; eager
 #                   with whole-layer graphs by default; compiled through the backend's step mode, which keeps DDP's
 #                   overlap; torch.compile(DDP(quantize(model))), each layer its own weight side)
-#   5. backend-step SKIP_TESTS=1, train-actk, qat-profile eager, ln-configs, verify17, attention-sweep, dit-default.
+#   5. train-compiled dit-xl-2-robuq (qat_paper_compiled_x, 1.811x in session 21), backend-step SKIP_TESTS=1,
+#                   train-actk, qat-profile eager, ln-configs, verify17, attention-sweep, dit-default.
 #   The host varies a lot from call to call (compiled FP step 72.6 vs 118.6 ms in session 21): compare rows of one
 #   call only, and give a bench the time of a cold paper compile on a slow host (~5 min).
 #   The compile cache comes back as xz pieces (compile_cache.txz.NN): copy them over .snap/.cache/compile_cache.*
@@ -770,6 +768,22 @@ s26a)  # session 26's first call (~3 min): the automatic hooks' CUDA tests (the 
         --out "$OUT" > "$OUT/s26a_profile.log" 2>&1
     grep -E "^## |^\| (forward|loss|backward|optimizer|sum|TOTAL|wall)" "$OUT/s26a_profile.log" | head -30
     tail -n 45 "$OUT"/profile_dit_train_compiled_*.txt  # the QAT setting's CPU ops and GPU idle tables
+    ;;
+s27a)  # session 27's first call (~5 min): the grouped forward weight side writing all of a layer's parts: its GPU
+    # tests (interpreter ones included), then weight_side_profile (the forward graph's nodes and its replay's host time)
+    timeout 200 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -p no:logging tests/kernels/test_triton_wquant.py \
+        tests/kernels/test_wquant_interpreted.py -k "group or step or wside or weight_side" > "$OUT/s27a_tests.log" 2>&1
+    grep -E "^E |Error|passed|failed" "$OUT/s27a_tests.log" | head -8
+    timeout 200 python3 scripts/weight_side_profile.py --out "$OUT" > "$OUT/ws_profile.log" 2>&1
+    grep -E "^## |rows .*warps|TOTAL|Error" "$OUT/ws_profile.log"
+    ;;
+host-profile)  # host-profile [S..]: scripts/host_profile_step.py (default bf16 dit dit:per-layer; ~7 min with cold
+    # compiles): the compiled step's host time function by function, each QAT setting against FP
+    S="${*:2}"
+    # shellcheck disable=SC2086
+    timeout 560 python3 scripts/host_profile_step.py --settings ${S:-bf16 dit dit:per-layer} --out "$OUT" \
+        > "$OUT/host_profile.log" 2>&1
+    grep -E "^\||^## |Error|wrote" "$OUT/host_profile.log" | head -120
     ;;
 wside-sweep)  # scripts/weight_side_profile.py alone (~2 min): the weight sides op by op and through the graphs, then the
     # grouped forward kernel's tile heights and warps (16-64 rows, 4 / 8 warps; 16 x 4 ran at ~1 TB/s in session 25)

@@ -1,0 +1,186 @@
+#!/usr/bin/env python
+"""Where a compiled training step's host time goes, Python function by function (issue 19: on the H200's host the
+compiled QAT step is bound by its Python, and session 26's phase table gave the W4A4+H forward 46 ms of host time
+against FP's 22.7 ms, with no single op explaining the difference).
+
+For each setting (FP, then QAT ones) the step is compiled (default mode, Inductor behind a backend that counts each
+graph's inputs), warmed up, then cProfile runs over the forward phases alone and the backward phases alone (the GPU
+synchronized before each, outside the profile). Printed: each phase's wall time per step, the graphs and their
+inputs, and the functions whose own time (tottime) per step grows most against the first setting.
+
+    python scripts/host_profile_step.py                                  # GPU: DiT-XL/2 batch 16, bf16 then dit
+    python scripts/host_profile_step.py --settings bf16 dit dit:per-layer paper
+    python scripts/host_profile_step.py --quick                          # CPU smoke run (tiny DiT)
+
+A setting "NAME:per-layer" runs NAME with quantize's automatic weight-side hooks off (ROBUQ_QAT_STEP_WEIGHTS=0).
+Writes host_profile_<gpu>.txt / .json under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import pstats
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent / "benchmarks"))
+import robuq_fx  # noqa: E402
+from _dit_setup import SHORT_NAMES, TINY, XL2, build, inputs, policies  # noqa: E402
+from _provenance import gpu_tag, provenance  # noqa: E402
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def counting_backend(graphs: list):
+    """Inductor, recording each compiled graph's number of inputs (placeholders)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    def backend(gm, example_inputs):
+        graphs.append(sum(1 for n in gm.graph.nodes if n.op == "placeholder"))
+        return compile_fx(gm, example_inputs)
+    return backend
+
+
+_HASH = re.compile(r"\bc[a-z0-9]{50,52}\b")  # Inductor's code-cache hashes
+
+
+def _own_times(stats: pstats.Stats, steps: int) -> dict:
+    """{function label: (calls per step, own ms per step)}."""
+    out = {}
+    for (file, line, name), (_cc, nc, tt, _ct, _callers) in stats.stats.items():
+        if "torchinductor" in file or _HASH.search(Path(file).name):  # generated code: one label a function name
+            label = f"<inductor-generated>({name})"
+        else:
+            label = f"{Path(file).name}:{line}({name})" if file != "~" else _HASH.sub("<hash>", name)
+        calls, ms = out.get(label, (0.0, 0.0))
+        out[label] = (calls + nc / steps, ms + tt * 1e3 / steps)
+    return out
+
+
+def profile_setting(key: str, args, cfg, pols, device: str) -> dict:
+    name, _, variant = key.partition(":")
+    before = os.environ.get("ROBUQ_QAT_STEP_WEIGHTS")
+    if variant == "per-layer":
+        os.environ["ROBUQ_QAT_STEP_WEIGHTS"] = "0"
+    try:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        m = build(cfg).to(device).train()
+        if name != "bf16":
+            m = robuq_fx.quantize(m, pols[SHORT_NAMES[name]], example_inputs=inputs(cfg, 2, device)).train()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+        graphs: list = []
+        fwd = torch.compile(m, backend=counting_backend(graphs))
+        x = inputs(cfg, args.batch, device)
+        amp = device == "cuda"
+        state = {}
+
+        def forward():
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
+                state["loss"] = fwd(**x)[0].float().pow(2).mean()
+
+        def backward():
+            opt.zero_grad(set_to_none=True)
+            state.pop("loss").backward()
+            opt.step()
+        for _ in range(3):
+            forward()
+            backward()
+        _sync(device)
+        profs = {"forward": cProfile.Profile(), "backward + optimizer": cProfile.Profile()}
+        wall = {p: 0.0 for p in profs}
+        for _ in range(args.steps):
+            for phase, fn in (("forward", forward), ("backward + optimizer", backward)):
+                _sync(device)
+                t0 = time.perf_counter()
+                profs[phase].enable()
+                fn()
+                profs[phase].disable()
+                wall[phase] += time.perf_counter() - t0  # host time (with the profiler's own cost)
+            _sync(device)
+        return {"graphs (inputs each)": graphs,
+                "phases": {p: {"host ms (profiled)": round(wall[p] * 1e3 / args.steps, 3),
+                               "functions": _own_times(pstats.Stats(profs[p]), args.steps)} for p in profs}}
+    finally:
+        if before is None:
+            os.environ.pop("ROBUQ_QAT_STEP_WEIGHTS", None)
+        else:
+            os.environ["ROBUQ_QAT_STEP_WEIGHTS"] = before
+
+
+def diff_rows(base: dict, other: dict, top: int) -> list[dict]:
+    """The functions whose own time per step grows most from base to other."""
+    rows = []
+    for label in set(base) | set(other):
+        c0, t0 = base.get(label, (0.0, 0.0))
+        c1, t1 = other.get(label, (0.0, 0.0))
+        rows.append({"function": label[:90], "calls/step": round(c1, 1), "calls/step (base)": round(c0, 1),
+                     "own ms/step": round(t1, 3), "own ms/step (base)": round(t0, 3), "delta ms": round(t1 - t0, 3)})
+    return sorted(rows, key=lambda r: -r["delta ms"])[:top]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--settings", nargs="+", default=["bf16", "dit"],
+                    help="bf16 (the base), then dit / w158 / paper, each optionally NAME:per-layer")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--quick", action="store_true", help="tiny DiT on the CPU (smoke run)")
+    ap.add_argument("--out", default=str(HERE.parent / "benchmarks" / "results"))
+    args = ap.parse_args(argv)
+    from tabulate import tabulate
+    for key in args.settings:
+        if key.partition(":")[0] not in {"bf16", *SHORT_NAMES} or key.partition(":")[2] not in ("", "per-layer"):
+            ap.error(f"setting {key!r}: expected bf16 or one of {sorted(SHORT_NAMES)}, optionally NAME:per-layer")
+    device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
+    cfg = TINY if args.quick else XL2
+    if args.quick:
+        args.batch = min(args.batch, 2)
+    pols, prov = policies(), provenance(argv)
+    results = {}
+    lines = [f"Host time of a compiled DiT {'tiny' if args.quick else 'XL/2'} training step, batch {args.batch} | "
+             f"{prov['gpu']} | torch {prov['torch']} | {args.steps} steps under cProfile"]
+    for key in args.settings:
+        print(f"-- {key}", flush=True)
+        results[key] = profile_setting(key, args, cfg, pols, device)
+    base = args.settings[0]
+    lines.append(tabulate([[k, results[k]["graphs (inputs each)"]] + [results[k]["phases"][p]["host ms (profiled)"]
+                                                                       for p in results[k]["phases"]]
+                           for k in args.settings],
+                          headers=["setting", "graphs (inputs each)", "forward host ms", "backward + opt host ms"],
+                          tablefmt="github"))
+    for key in args.settings[1:]:
+        for phase in results[key]["phases"]:
+            lines.append(f"\n## {key} against {base}: {phase}, the functions whose own time grew most")
+            lines.append(tabulate(diff_rows(results[base]["phases"][phase]["functions"],
+                                            results[key]["phases"][phase]["functions"], args.top),
+                                  headers="keys", tablefmt="github"))
+    text = "\n".join(lines)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"host_profile_{gpu_tag(prov['gpu'])}"
+    stem.with_suffix(".txt").write_text(f"# {prov}\n{text}\n")
+    for r in results.values():  # the full per-function tables, top 200 a phase by own time
+        for p in r["phases"].values():
+            p["functions"] = dict(sorted(p["functions"].items(), key=lambda kv: -kv[1][1])[:200])
+    stem.with_suffix(".json").write_text(json.dumps({"provenance": prov, "batch": args.batch, "results": results},
+                                                    indent=1))
+    print(f"wrote {stem}.txt / .json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
