@@ -355,10 +355,12 @@ def _backward_parts(g, xq_c, wq, xh, xh_c, down_c, down, up, spec: LayerSpec, xd
 
 
 def _weight_grads(g_wide, p_down, down, up, spec: LayerSpec, k: int, r_dtype, w_dtype, ab, shared_cast: bool,
-                  need_w: bool, g_w_out: torch.Tensor | None = None, one_kernel: bool = False) -> tuple:
+                  need_w: bool, g_w_out: torch.Tensor | None = None, one_kernel: bool = False,
+                  g_up_out: torch.Tensor | None = None, g_down_out: torch.Tensor | None = None) -> tuple:
     """(g_W, g_A, g_B) from the stacked GEMM's weight gradient g_wide = g^T [xq_c, t] and p_down = g_t^T xh_c:
     the backward's weight side, whose other inputs are the masters (what `qat_graph.graphed_grads` replays).
-    g_w_out: where g_W goes (in w_dtype: a slot of the step plan's packed gradients; the cast writes it there).
+    g_w_out, g_up_out, g_down_out: where g_W, g_A and g_B go (in their masters' dtypes: slots of the step plan's packed
+    gradients; the last op of each writes it there, as it casts: the same values, fewer kernels in its CUDA graph).
     one_kernel (the step plan's, with ROBUQ_QAT_WSIDE_KERNEL=1): g_W and g_R B^T from one read of g_R where
     `kernels/triton_wside.weight_grads_rows` covers the layer (sums in another order than cuBLAS's)."""
     g_w = g_up = g_down = None
@@ -380,12 +382,17 @@ def _weight_grads(g_wide, p_down, down, up, spec: LayerSpec, k: int, r_dtype, w_
         # dtype; B's two products share autocast's cast, so theirs add before the cast back
         if ab_term is None:
             ab_term = gr.mm(down_ab.t()).neg_()
-        g_up = _to(ab_term, up.dtype) + _to(g_wide.narrow(1, k, g_wide.shape[1] - k), up.dtype)
-        part = _to(up, ab).t().mm(gr).neg_()
-        if shared_cast:
-            g_down = _to(part + p_down, down.dtype)
+        tail = g_wide.narrow(1, k, g_wide.shape[1] - k)
+        if g_up_out is not None and torch.promote_types(tail.dtype, up.dtype) == up.dtype == g_up_out.dtype:
+            g_up = torch.add(_to(ab_term, up.dtype), tail, out=g_up_out)  # (tail cast to A's dtype in the add)
         else:
-            g_down = _to(part, down.dtype) + _to(p_down, down.dtype)
+            g_up = _to(ab_term, up.dtype) + _to(tail, up.dtype)
+        part = _to(up, ab).t().mm(gr)  # A^T g_R: B's term is its negation
+        if shared_cast:
+            g_down = torch.sub(p_down, part)  # (= -part + p_down, exactly)
+            g_down = _to(g_down, down.dtype) if g_down_out is None else g_down_out.copy_(g_down)
+        else:
+            g_down = _to(part.neg_(), down.dtype) + _to(p_down, down.dtype)
     return g_w, g_up, g_down
 
 

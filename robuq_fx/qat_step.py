@@ -97,16 +97,23 @@ def _all_grads(layers: list, layout: list, flat_g: torch.Tensor, c: torch.dtype,
         w, down, up, bias = _unpack(layer, list(masters[span]))
         need = needs[span]
         need_w = need[0]
-        g_w_out = slots[len(grads)] if slots is not None and need_w and not layer.transposed else None
+        # this layer's slots (g_W, then g_B and g_A with a branch, then the bias's), None where none
+        mine = slots[len(grads):len(grads) + len(need)] if slots is not None else (None,) * len(need)
+        g_w_out = mine[0] if need_w and not layer.transposed else None
         g_w, g_up, g_down = _weight_grads(g_wide, p_down, down, up, layer.module.spec, layer.k, r_dtype, w.dtype,
-                                          ab, ab == c, need_w, g_w_out, one_kernel=True)
+                                          ab, ab == c, need_w, g_w_out, one_kernel=True,
+                                          g_up_out=mine[2] if layer.r and need[2] else None,
+                                          g_down_out=mine[1] if layer.r and need[1] else None)
         if g_w is not None and layer.transposed:
             g_w = g_w.t()
         out = [g_w if need_w else None]
         if layer.r:
             out += [g_down if need[1] else None, g_up if need[2] else None]
         if layer.has_bias:
-            out.append(_to(g_bias_c, bias.dtype) if need[-1] else None)
+            g_bias = None
+            if need[-1]:
+                g_bias = _to(g_bias_c, bias.dtype) if mine[-1] is None else mine[-1].copy_(g_bias_c)
+            out.append(g_bias)
         grads += out
     return tuple(grads)
 

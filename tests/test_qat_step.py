@@ -142,13 +142,16 @@ def test_graphed_weight_sides_write_in_place(monkeypatch):
     straight into its slot of the packed gradients (no fp32 intermediate, no cat): the step's largest copies
     (session 23's profile)."""
     from robuq_fx import qat_fused
-    seen = {"w_out": [], "stacked": []}
+    seen = {"w_out": [], "stacked": [], "ab_out": []}
     real_grads, real_side = qat_fused._weight_grads, qat_step._weight_side
 
     def grads(*a, **kw):
         out = a[11] if len(a) > 11 else kw.get("g_w_out")
         res = real_grads(*a, **kw)
         seen["w_out"].append(out is not None and res[0] is out)
+        if a[2] is not None:  # a branch: A's and B's gradients written into their slots where there are slots
+            seen["ab_out"].append((kw.get("g_up_out") is not None and res[1] is kw["g_up_out"],
+                                   kw.get("g_down_out") is not None and res[2] is kw["g_down_out"]))
         return res
 
     def side(*a, out=None, **kw):
@@ -169,6 +172,7 @@ def test_graphed_weight_sides_write_in_place(monkeypatch):
     _, mod, x = _graph_less_and_hooked(monkeypatch, be, 1)
     seen["w_out"].clear()
     seen["stacked"].clear()
+    seen["ab_out"].clear()
     flats.clear()
     _train(mod, x, 2, False)
     assert be.captures == 2 and seen["stacked"] and all(seen["stacked"])
@@ -178,6 +182,11 @@ def test_graphed_weight_sides_write_in_place(monkeypatch):
     # is copied in; so 3 of the 4 layers write in place in each slotted call
     slotted = seen["w_out"][4:]
     assert slotted and sum(slotted) == 3 * len(slotted) // 4, seen["w_out"]
+    # layers with a branch: the eager first call without slots, each slotted call (capture, replay) with both
+    ab = seen["ab_out"]
+    n_lrb = sum(isinstance(m, QATLinear) and m.spec.lora_rank > 0 for m in mod.modules())
+    assert n_lrb and ab[:n_lrb] == [(False, False)] * n_lrb and ab[n_lrb:] == [(True, True)] * (len(ab) - n_lrb), ab
+    assert len(ab) > n_lrb, ab
 
 
 def _scenario(mod, x, kind):
