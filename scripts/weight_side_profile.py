@@ -141,8 +141,8 @@ def main():
         t = _ms(fn)
         out.append(f"\n## {name}: {t:.3f} ms (host: {_host_ms(fn):.3f} ms)\n{_kernels(fn)}")
         print(out[-1], flush=True)
-    # the grouped forward kernel's tile height and warps (kernels/triton_wside.Group: 16 rows, 4 warps by default;
-    # at 16 rows it ran at about a third of the bandwidth in session 25)
+    # the grouped forward kernel's tile height, warps and pipelining depth (kernels/triton_wside.Group: 32 rows, 4
+    # warps by default; at 16 rows it ran at about a third of the bandwidth in session 25)
     from robuq_fx.kernels import triton_wside
     qat_fused._WSIDE[0] = True
     try:
@@ -151,13 +151,16 @@ def main():
     finally:
         qat_fused._WSIDE[0] = None
     if group is not None:
-        elems = sum(item[1].numel() for item in group.items)
+        elems = sum(item.w.numel() for item in group.items)
         out.append(f"\n## the grouped forward kernel alone, {elems / 1e6:.0f} M weights (~10 bytes each by its reads and"
                    f" writes)")
-        for bm, warps in ((16, 4), (16, 8), (32, 4), (32, 8), (64, 4), (64, 8)):
-            g2 = triton_wside.Group(group.items, group.c, flat.device, bm=bm, num_warps=warps)
+        # (session 26: 32 x 4 fastest, 5.22 ms; stages: the loops' pipelining depth, "-" Triton's default)
+        for bm, warps, stages in ((16, 4, None), (32, 4, None), (32, 8, None), (32, 4, 1), (32, 4, 2), (32, 4, 4),
+                                  (16, 4, 4), (64, 8, None)):
+            g2 = triton_wside.Group(group.items, group.c, flat.device, bm=bm, num_warps=warps, num_stages=stages)
             t = _ms(lambda: g2.run(flat))
-            out.append(f"    rows {bm:3d}, warps {warps}: {t:7.3f} ms ({elems * 10 / t / 1e6:6.0f} GB/s)")
+            out.append(f"    rows {bm:3d}, warps {warps}, stages {stages or '-'}: {t:7.3f} ms "
+                       f"({elems * 10 / t / 1e6:6.0f} GB/s)")
             print(out[-1], flush=True)
     text = "\n".join(out)
     if args.out:

@@ -174,14 +174,18 @@ class Group:
     Q_w(R) going to out[offset + n * stride + k] of the tensor `run` is given, and its other parts where the item
     says (then `run` writes all of the layer's forward weight side: one launch for the model). The tables
     hold the masters' addresses: build one where the masters are, outside a CUDA graph capture, and keep it while
-    they stay there (qat_step.Plan keys it on their addresses). bm, num_warps: the tile's rows and the program's
-    warps (scripts/weight_side_profile.py times a few; the math per row is the same whatever the tile)."""
+    they stay there (qat_step.Plan keys it on their addresses). bm, num_warps, num_stages: the tile's rows, the
+    program's warps and its loops' software-pipelining depth (None: Triton's default; scripts/weight_side_profile.py
+    times a few; the math per row is the same whatever the tile)."""
 
-    def __init__(self, items: list, c: torch.dtype, device: torch.device, bm: int = GROUP_ROWS, num_warps: int = 4):
+    def __init__(self, items: list, c: torch.dtype, device: torch.device, bm: int = GROUP_ROWS, num_warps: int = 4,
+                 num_stages: int | None = None):
         items = [it if isinstance(it, Item) else Item(*it) for it in items]
         self.covered = frozenset(it.index for it in items)
         self.items, self.c, self.launches = items, c, []
         self.bm, self.num_warps = bm, num_warps  # rows a program (a power of two >= 16), its warps
+        self.options = dict(num_warps=num_warps) if num_stages is None else dict(num_warps=num_warps,
+                                                                                  num_stages=num_stages)
         by_block: dict = {}
         rows = 0  # the items' scales one after another in .scale, in the items' order
         for it in items:
@@ -218,7 +222,7 @@ class Group:
         with on_device(out.device):
             for hb, desc, tiles, count, h, rp in self.launches:
                 launch(wside_group_kernel, (count,), (desc, tiles, h, out, self.scale, Q._EPS),
-                       dict(CDT=_CODE[self.c], HB=hb, BM=self.bm, RP=rp, NF=NF), dict(num_warps=self.num_warps))
+                       dict(CDT=_CODE[self.c], HB=hb, BM=self.bm, RP=rp, NF=NF), self.options)
         return self.covered
 
 

@@ -219,16 +219,18 @@ def test_weight_side_group_writes_each_layer_as_alone():
 
 
 @pytest.mark.skipif(import_or_none("triton_wside") is None, reason="triton does not import here")
-@pytest.mark.parametrize("hb,rp,bm,warps", [(128, 32, 16, 4), (128, 16, 16, 4), (64, 64, 16, 4), (128, 32, 64, 8)])
-def test_weight_side_kernel_builds_for_sm90(hb, rp, bm, warps):
+@pytest.mark.parametrize("hb,rp,bm,warps,stages", [(128, 32, 16, 4, 3), (128, 16, 16, 4, 3), (64, 64, 16, 4, 3),
+                                                    (128, 32, 64, 8, 3), (128, 32, 32, 4, 1), (128, 32, 32, 4, 4)])
+def test_weight_side_kernel_builds_for_sm90(hb, rp, bm, warps, stages):
     """Offline sm_90 build (no GPU) in bf16, with Inductor's fp64 scalar: the grouped kernel (masters' addresses
-    read from its table) for the paper's rank-32 branch, none, a wider one on 64-blocks, and 64-row tiles."""
+    read from its table) for the paper's rank-32 branch, none, a wider one on 64-blocks, 64-row tiles, and the
+    pipelining depths weight_side_profile.py times."""
     from tests.kernels.sm90 import compile_sm90
     ws = import_or_none("triton_wside")
     sig = {"desc_ptr": "*i64", "tiles_ptr": "*i32", "h_ptr": "*bf16", "out_base": "*bf16", "scale_base": "*fp32",
            "eps": "fp64"}
     k = compile_sm90(ws.wside_group_kernel, sig, dict(CDT=1, HB=hb, BM=bm, RP=rp, NF=ws.NF),
-                     dict(num_warps=warps), gluon=False)
+                     dict(num_warps=warps, num_stages=stages), gluon=False)
     assert k.asm["cubin"]
 
 
