@@ -11,6 +11,7 @@ inputs, and the functions whose own time (tottime) per step grows most against t
     python scripts/host_profile_step.py                                  # GPU: DiT-XL/2 batch 16, bf16 then dit
     python scripts/host_profile_step.py --settings bf16 dit dit:per-layer paper
     python scripts/host_profile_step.py --quick                          # CPU smoke run (tiny DiT)
+    python scripts/host_profile_step.py --cpu-deep --settings bf16 dit dit:per-layer   # DiT-XL/2's depth on the CPU
 
 A setting "NAME:per-layer" runs NAME with quantize's automatic weight-side hooks off (ROBUQ_QAT_STEP_WEIGHTS=0).
 Writes host_profile_<gpu>.txt / .json under --out.
@@ -130,6 +131,27 @@ def diff_rows(base: dict, other: dict, top: int) -> list[dict]:
     return sorted(rows, key=lambda r: -r["delta ms"])[:top]
 
 
+def _ready_results() -> None:
+    """The step plan's weight sides computed once, then handed out ready each call (what a CUDA-graph replay does,
+    without its GPU work; the values go stale, which timing does not mind): the CPU run then times only the Python
+    around them, as the GPU's host runs it."""
+    from robuq_fx import qat_step
+    fwd, bwd = qat_step.Plan.run_forward, qat_step.Plan.run_backward
+
+    def run_forward(self, masters):
+        key = ("fwd", tuple(map(id, masters)))
+        if key not in self.__dict__:
+            self.__dict__[key] = fwd(self, masters)
+        return self.__dict__[key]
+
+    def run_backward(self, g_parts, r_dtypes, needs, act, masters):
+        key = ("bwd", needs)
+        if key not in self.__dict__:
+            self.__dict__[key] = bwd(self, g_parts, r_dtypes, needs, act, masters)
+        return self.__dict__[key]
+    qat_step.Plan.run_forward, qat_step.Plan.run_backward = run_forward, run_backward
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--settings", nargs="+", default=["bf16", "dit"],
@@ -138,19 +160,28 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--quick", action="store_true", help="tiny DiT on the CPU (smoke run)")
+    ap.add_argument("--cpu-deep", action="store_true",
+                    help="on the CPU: DiT-XL/2's 28 blocks at tiny widths, with the automatic hooks let engage there "
+                         "(they keep to CUDA otherwise): the Python of DiT-XL/2's graphs without its GPU work")
     ap.add_argument("--out", default=str(HERE.parent / "benchmarks" / "results"))
     args = ap.parse_args(argv)
     from tabulate import tabulate
     for key in args.settings:
         if key.partition(":")[0] not in {"bf16", *SHORT_NAMES} or key.partition(":")[2] not in ("", "per-layer"):
             ap.error(f"setting {key!r}: expected bf16 or one of {sorted(SHORT_NAMES)}, optionally NAME:per-layer")
-    device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
+    device = "cuda" if torch.cuda.is_available() and not (args.quick or args.cpu_deep) else "cpu"
     cfg = TINY if args.quick else XL2
-    if args.quick:
+    if args.cpu_deep:
+        from robuq_fx import qat_step_hooks
+        cfg = {**TINY, "num_layers": XL2["num_layers"]}
+        qat_step_hooks._device_ok = lambda t: True
+        _ready_results()
+    if args.quick or args.cpu_deep:
         args.batch = min(args.batch, 2)
     pols, prov = policies(), provenance(argv)
     results = {}
-    lines = [f"Host time of a compiled DiT {'tiny' if args.quick else 'XL/2'} training step, batch {args.batch} | "
+    what = "tiny" if args.quick else "28-block tiny-width" if args.cpu_deep else "XL/2"
+    lines = [f"Host time of a compiled DiT {what} training step, batch {args.batch} | "
              f"{prov['gpu']} | torch {prov['torch']} | {args.steps} steps under cProfile"]
     for key in args.settings:
         print(f"-- {key}", flush=True)
