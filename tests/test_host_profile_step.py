@@ -1,0 +1,59 @@
+"""scripts/host_profile_step.py's bookkeeping: a cProfile's own times per step under labels that match across
+settings (Inductor's generated code under one label whatever its cache hash), and the functions ranked by how much
+their own time grew against the base setting. (The script itself runs on the GPU machine; `--quick` on a CPU.)"""
+from __future__ import annotations
+
+import cProfile
+import importlib.util
+import pstats
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def hp():
+    pytest.importorskip("diffusers")  # (the script imports the DiT benchmark's setup)
+    spec = importlib.util.spec_from_file_location("host_profile_step", ROOT / "scripts" / "host_profile_step.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["host_profile_step"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _busy(n: int) -> int:
+    return sum(i * i for i in range(n))
+
+
+def test_own_times_are_per_step_and_generated_code_shares_a_label(hp, tmp_path):
+    # a function compiled from a file named like Inductor's cache entries, as two settings would each have one
+    labels = []
+    for h in ("c" + "a" * 51, "c" + "b" * 51):
+        src = tmp_path / f"{h}.py"
+        src.write_text("def call(n):\n    return sum(i for i in range(n))\n")
+        ns: dict = {}
+        exec(compile(src.read_text(), str(src), "exec"), ns)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(4):
+            ns["call"](20000)
+            _busy(20000)
+        prof.disable()
+        own = hp._own_times(pstats.Stats(prof), steps=2)
+        labels.append(set(own))
+        assert own["<inductor-generated>(call)"][0] == 2.0  # 4 calls over 2 steps
+        busy = [v for k, v in own.items() if k.endswith("(_busy)")]
+        assert len(busy) == 1 and busy[0][0] == 2.0 and busy[0][1] > 0
+    assert "<inductor-generated>(call)" in labels[0] & labels[1]
+
+
+def test_diff_rows_rank_by_growth(hp):
+    base = {"f": (1.0, 2.0), "g": (3.0, 1.0)}
+    other = {"f": (1.0, 2.5), "g": (3.0, 4.0), "h": (5.0, 0.2)}
+    rows = hp.diff_rows(base, other, top=2)
+    assert [r["function"] for r in rows] == ["g", "f"]
+    assert rows[0]["delta ms"] == 3.0 and rows[1]["delta ms"] == 0.5
+    assert rows[0]["calls/step"] == 3.0 and rows[0]["own ms/step (base)"] == 1.0
