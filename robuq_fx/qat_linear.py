@@ -104,11 +104,14 @@ def apply_keeping_dtypes(module: nn.Module, apply, fn, names) -> None:
 def _fused_ok(x: torch.Tensor, m: "QATLinear") -> bool:
     """The fused eager path runs where it computes what the op graph computes and nothing watches the ops: plain
     eager tensors (no compile, export, functorch transform, tensor subclass or active TorchDispatchMode), floating
-    point, and ROBUQ_QAT_FUSED not 0."""
+    point, and ROBUQ_QAT_FUSED not 0. (The switch is read after the compile check: a trace that read it while it
+    was still unset would guard on that and compile the model again at its next call.)"""
+    if not plain_eager(x) or not x.is_floating_point():
+        return False
     if _FUSED_OFF[0] is None:
         import os
         _FUSED_OFF[0] = os.environ.get("ROBUQ_QAT_FUSED", "1") == "0"
-    if _FUSED_OFF[0] or not plain_eager(x) or not x.is_floating_point():
+    if _FUSED_OFF[0]:
         return False
     return type(m.weight) is nn.Parameter or type(m.weight) is torch.Tensor
 

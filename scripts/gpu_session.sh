@@ -777,11 +777,11 @@ s27a)  # session 27's first call (~5 min): the grouped forward weight side writi
     timeout 200 python3 scripts/weight_side_profile.py --out "$OUT" > "$OUT/ws_profile.log" 2>&1
     grep -E "^## |rows .*warps|TOTAL|Error" "$OUT/ws_profile.log"
     ;;
-host-profile)  # host-profile [S..]: scripts/host_profile_step.py (default bf16 dit dit:per-layer; ~7 min with cold
+host-profile)  # host-profile [S..]: scripts/host_profile_step.py (default bf16 dit dit:wside dit:per-layer; ~8 min cold
     # compiles): the compiled step's host time function by function, each QAT setting against FP
     S="${*:2}"
     # shellcheck disable=SC2086
-    timeout 560 python3 scripts/host_profile_step.py --settings ${S:-bf16 dit dit:per-layer} --out "$OUT" \
+    timeout 560 python3 scripts/host_profile_step.py --settings ${S:-bf16 dit dit:wside dit:per-layer} --out "$OUT" \
         > "$OUT/host_profile.log" 2>&1
     grep -E "^\||^## |Error|wrote" "$OUT/host_profile.log" | head -120
     ;;

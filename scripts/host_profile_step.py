@@ -13,7 +13,8 @@ inputs, and the functions whose own time (tottime) per step grows most against t
     python scripts/host_profile_step.py --quick                          # CPU smoke run (tiny DiT)
     python scripts/host_profile_step.py --cpu-deep --settings bf16 dit dit:per-layer   # DiT-XL/2's depth on the CPU
 
-A setting "NAME:per-layer" runs NAME with quantize's automatic weight-side hooks off (ROBUQ_QAT_STEP_WEIGHTS=0).
+A setting "NAME:per-layer" runs NAME with quantize's automatic weight-side hooks off (ROBUQ_QAT_STEP_WEIGHTS=0),
+"NAME:wside" with the one-kernel weight sides (ROBUQ_QAT_WSIDE_KERNEL=1).
 Writes host_profile_<gpu>.txt / .json under --out.
 """
 from __future__ import annotations
@@ -36,6 +37,10 @@ sys.path.insert(0, str(HERE.parent / "benchmarks"))
 import robuq_fx  # noqa: E402
 from _dit_setup import SHORT_NAMES, TINY, XL2, build, inputs, policies  # noqa: E402
 from _provenance import gpu_tag, provenance  # noqa: E402
+
+
+VARIANTS = {"per-layer": ("ROBUQ_QAT_STEP_WEIGHTS", "0"),  # the automatic hooks off: each layer its weight side
+            "wside": ("ROBUQ_QAT_WSIDE_KERNEL", "1")}  # the one-kernel weight sides (one forward graph node)
 
 
 def _sync(device: str) -> None:
@@ -71,9 +76,9 @@ def _own_times(stats: pstats.Stats, steps: int) -> dict:
 
 def profile_setting(key: str, args, cfg, pols, device: str) -> dict:
     name, _, variant = key.partition(":")
-    before = os.environ.get("ROBUQ_QAT_STEP_WEIGHTS")
-    if variant == "per-layer":
-        os.environ["ROBUQ_QAT_STEP_WEIGHTS"] = "0"
+    env = dict([VARIANTS[variant]]) if variant else {}
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         torch._dynamo.reset()
         torch.manual_seed(0)
@@ -114,10 +119,11 @@ def profile_setting(key: str, args, cfg, pols, device: str) -> dict:
                 "phases": {p: {"host ms (profiled)": round(wall[p] * 1e3 / args.steps, 3),
                                "functions": _own_times(pstats.Stats(profs[p]), args.steps)} for p in profs}}
     finally:
-        if before is None:
-            os.environ.pop("ROBUQ_QAT_STEP_WEIGHTS", None)
-        else:
-            os.environ["ROBUQ_QAT_STEP_WEIGHTS"] = before
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def diff_rows(base: dict, other: dict, top: int) -> list[dict]:
@@ -167,8 +173,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from tabulate import tabulate
     for key in args.settings:
-        if key.partition(":")[0] not in {"bf16", *SHORT_NAMES} or key.partition(":")[2] not in ("", "per-layer"):
-            ap.error(f"setting {key!r}: expected bf16 or one of {sorted(SHORT_NAMES)}, optionally NAME:per-layer")
+        if key.partition(":")[0] not in {"bf16", *SHORT_NAMES} or key.partition(":")[2] not in ("", *VARIANTS):
+            ap.error(f"setting {key!r}: expected bf16 or one of {sorted(SHORT_NAMES)}, optionally NAME:VARIANT "
+                     f"({', '.join(VARIANTS)})")
     device = "cuda" if torch.cuda.is_available() and not (args.quick or args.cpu_deep) else "cpu"
     cfg = TINY if args.quick else XL2
     if args.cpu_deep:

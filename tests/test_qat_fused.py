@@ -235,3 +235,27 @@ def test_one_kernel_weight_side_switch(monkeypatch):
     assert qat_fused._wside_on()
     monkeypatch.setattr(qat_fused, "_WSIDE", [False])
     assert not qat_fused._wside_on()
+
+
+def test_a_compiled_qat_model_compiles_once(monkeypatch):
+    """torch.compile of a QAT model whose switch (ROBUQ_QAT_FUSED) is not read yet: three training steps, one graph.
+    The trace must not read the lazily set switch (it did: the first trace guarded on it being unset, so the second
+    step compiled the whole model again; a DiT-XL/2 compile takes minutes)."""
+    import torch.nn as nn
+    from torch._dynamo.testing import CompileCounter
+    monkeypatch.setattr(QL, "_FUSED_OFF", [None])
+    torch._dynamo.reset()
+    mod = nn.Sequential(QATLinear.from_module(nn.Linear(64, 64), LayerSpec(**SPECS["W4A4+H"]).resolve(64, 64)),
+                        nn.GELU(), QATLinear.from_module(nn.Linear(64, 32),
+                                                         LayerSpec(**SPECS["W1.58A4+H+LRB"]).resolve(64, 32)))
+    counter = CompileCounter()
+    step = torch.compile(mod, backend=counter)
+    opt = torch.optim.SGD(mod.parameters(), lr=0.01)
+    x = torch.randn(4, 64)
+    for _ in range(3):
+        step(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    mod(x)  # an eager call afterwards still reads the switch and takes the fused path
+    assert counter.frame_count == 1, counter.frame_count
+    assert QL._FUSED_OFF[0] is False
