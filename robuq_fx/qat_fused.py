@@ -356,15 +356,22 @@ def _backward_parts(g, xq_c, wq, xh, xh_c, down_c, down, up, spec: LayerSpec, xd
 
 def _weight_grads(g_wide, p_down, down, up, spec: LayerSpec, k: int, r_dtype, w_dtype, ab, shared_cast: bool,
                   need_w: bool, g_w_out: torch.Tensor | None = None, one_kernel: bool = False,
-                  g_up_out: torch.Tensor | None = None, g_down_out: torch.Tensor | None = None) -> tuple:
+                  g_up_out: torch.Tensor | None = None, g_down_out: torch.Tensor | None = None,
+                  wup_written: bool = False) -> tuple:
     """(g_W, g_A, g_B) from the stacked GEMM's weight gradient g_wide = g^T [xq_c, t] and p_down = g_t^T xh_c:
     the backward's weight side, whose other inputs are the masters (what `qat_graph.graphed_grads` replays).
     g_w_out, g_up_out, g_down_out: where g_W, g_A and g_B go (in their masters' dtypes: slots of the step plan's packed
     gradients; the last op of each writes it there, as it casts: the same values, fewer kernels in its CUDA graph).
     one_kernel (the step plan's, with ROBUQ_QAT_WSIDE_KERNEL=1): g_W and g_R B^T from one read of g_R where
-    `kernels/triton_wside.weight_grads_rows` covers the layer (sums in another order than cuBLAS's)."""
+    `kernels/triton_wside.weight_grads_rows` covers the layer (sums in another order than cuBLAS's). wup_written:
+    g_W and g_A are in g_w_out and g_up_out already (the step plan's `GradGroup`); only B's is left."""
     g_w = g_up = g_down = None
     g_r = _to(g_wide if down is None else g_wide.narrow(1, 0, k), r_dtype)
+    if wup_written:
+        if down is not None:
+            part = _to(up, ab).t().mm(_to(g_r, ab))
+            g_down = _b_grad(part, p_down, down.dtype, shared_cast, g_down_out)
+        return g_w_out, g_up_out, g_down
     ws = weight_side_kernel() if one_kernel and need_w and g_w_out is not None and _wside_on() else None
     down_ab = None if down is None else _to(down, ab)
     if ws is not None and g_r.dtype == ab and ws.grads_supported(g_r, down_ab, spec, g_w_out) is None:
@@ -388,12 +395,17 @@ def _weight_grads(g_wide, p_down, down, up, spec: LayerSpec, k: int, r_dtype, w_
         else:
             g_up = _to(ab_term, up.dtype) + _to(tail, up.dtype)
         part = _to(up, ab).t().mm(gr)  # A^T g_R: B's term is its negation
-        if shared_cast:
-            g_down = torch.sub(p_down, part)  # (= -part + p_down, exactly)
-            g_down = _to(g_down, down.dtype) if g_down_out is None else g_down_out.copy_(g_down)
-        else:
-            g_down = _to(part.neg_(), down.dtype) + _to(p_down, down.dtype)
+        g_down = _b_grad(part, p_down, down.dtype, shared_cast, g_down_out)
     return g_w, g_up, g_down
+
+
+def _b_grad(part, p_down, dtype, shared_cast: bool, out) -> torch.Tensor:
+    """B's gradient p_down - part (part = A^T g_R) in B's dtype: with autocast's cast of B shared by its two
+    products, summed before the cast back (into `out` where given)."""
+    if shared_cast:
+        g_down = torch.sub(p_down, part)  # (= -part + p_down, exactly)
+        return _to(g_down, dtype) if out is None else out.copy_(g_down)
+    return _to(part.neg_(), dtype) + _to(p_down, dtype)
 
 
 def qat_linear(x, w, bias, down, up, spec: LayerSpec) -> torch.Tensor:

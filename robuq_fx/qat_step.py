@@ -37,13 +37,12 @@ import warnings
 
 import torch
 
-from . import qat_graph
+from . import qat_graph, qat_step_kernels
 from .kernels import qat_act
-from .ops import weight_side_kernel
 from .qat_fused import _to, _weight_grads, _weight_side, _wside_on
 from .qat_linear import QATLinear
-from .qat_step_layout import (_Layer, _layout, _master_spans, _masters, _numel, _pack_grads, _packed, _per_layer,
-                              _shapes, _split, _unpack, _views)
+from .qat_step_layout import (_Layer, _layout, _master_spans, _masters, _numel, _pack_grads, _packed,
+                              _per_layer, _shapes, _split, _unpack, _views)
 
 
 def dtypes(m: QATLinear) -> tuple[torch.dtype, torch.dtype]:
@@ -85,13 +84,19 @@ def _all_sides(layers: list, layout: list, c: torch.dtype, act: tuple, *masters,
 
 
 def _all_grads(layers: list, layout: list, flat_g: torch.Tensor, c: torch.dtype, ab: torch.dtype, r_dtypes: tuple,
-               needs: tuple, act: tuple, *masters, slots: list | None = None) -> tuple:
+               needs: tuple, act: tuple, *masters, slots: list | None = None, group=None, fp32=None) -> tuple:
     """Every master's gradient (None where not needed), from the flat gradient of `_all_sides`' output. slots: per
-    gradient, where it is to go (`_packed`); a weight's gradient is written there as it is cast."""
+    gradient, where it is to go (`_packed`); a weight's gradient is written there as it is cast. group: the
+    one-kernel backward's tables (`Plan._grad_group`), run first on flat_g into fp32 (the packed fp32 gradients that
+    slots view): the layers it covers have g_W, A's and the bias's gradients written, B's is left."""
     grads = []
+    covered = frozenset()
+    if group is not None:
+        group.run(flat_g, fp32)
+        covered = group.covered
     parts = _per_layer(layers, _split(flat_g, layout))
-    for (layer, span), (_, g_wide, p_down, g_bias_c), r_dtype, fused in zip(_master_spans(layers), parts, r_dtypes,
-                                                                           act):
+    for i, ((layer, span), (_, g_wide, p_down, g_bias_c), r_dtype, fused) in enumerate(
+            zip(_master_spans(layers), parts, r_dtypes, act)):
         if fused and p_down is not None:  # the gradient of B H: B's is it times H (H symmetric and orthonormal)
             p_down = qat_act.through_h(p_down, layer.module.spec)
         w, down, up, bias = _unpack(layer, list(masters[span]))
@@ -103,7 +108,8 @@ def _all_grads(layers: list, layout: list, flat_g: torch.Tensor, c: torch.dtype,
         g_w, g_up, g_down = _weight_grads(g_wide, p_down, down, up, layer.module.spec, layer.k, r_dtype, w.dtype,
                                           ab, ab == c, need_w, g_w_out, one_kernel=True,
                                           g_up_out=mine[2] if layer.r and need[2] else None,
-                                          g_down_out=mine[1] if layer.r and need[1] else None)
+                                          g_down_out=mine[1] if layer.r and need[1] else None,
+                                          wup_written=i in covered)
         if g_w is not None and layer.transposed:
             g_w = g_w.t()
         out = [g_w if need_w else None]
@@ -111,7 +117,9 @@ def _all_grads(layers: list, layout: list, flat_g: torch.Tensor, c: torch.dtype,
             out += [g_down if need[1] else None, g_up if need[2] else None]
         if layer.has_bias:
             g_bias = None
-            if need[-1]:
+            if need[-1] and i in covered:
+                g_bias = mine[-1]  # (written by the group)
+            elif need[-1]:
                 g_bias = _to(g_bias_c, bias.dtype) if mine[-1] is None else mine[-1].copy_(g_bias_c)
             out.append(g_bias)
         grads += out
@@ -171,6 +179,7 @@ class Plan:
         self._bwd_graphs: dict = {}
         self._wside_checked: set = set()  # (matmul dtype, autocast dtype) whose uncovered layers were named (`_group`)
         self._groups: dict = {}  # the one-kernel weight side's tables a key (`_group`)
+        self._grad_groups: dict = {}  # the one-kernel backward's, a backward graph key (`_grad_group`)
 
     def masters(self) -> list:
         return [t for m in self.modules for t in _masters(m)]
@@ -213,41 +222,10 @@ class Plan:
                           f"the op graph's activation side ({'; '.join(sorted(left))})", RuntimeWarning, stacklevel=3)
 
     def _group(self, masters: tuple, ptrs: tuple):
-        """With ROBUQ_QAT_WSIDE_KERNEL=1 (an explicit request): the one-kernel forward weight side's tables for the
-        layers it covers (`kernels/triton_wside.Group`: all their parts), kept per (masters' addresses, c, autocast,
-        which layers take B H) like the graphs; else None. Built here, before any capture. The first time a setting
-        is seen, one warning names the layers it leaves to the op-by-op form, and why (the same math)."""
-        if not _wside_on():
-            return None
-        autocast = qat_graph._autocast_dtype(masters[0].device)
-        key = (ptrs, self.c, autocast, self.act)
-        if key in self._groups:
-            return self._groups[key]
-        if masters[0].is_cuda and torch.cuda.is_current_stream_capturing():
-            return None  # (its tables are copied to the GPU: not inside someone else's capture)
-        ws = weight_side_kernel()
-        items, why = [], []
-        entries = _per_layer(self.layers, self.layout)  # each layer's stacked part: (shape, strides, offset)
-        for i, ((layer, span), (_, stacked, down_at, bias_at)) in enumerate(zip(_master_spans(self.layers), entries)):
-            w, down, up, bias = _unpack(layer, list(masters[span]))
-            no = "triton does not import" if ws is None else ws.supported(w, down, up, layer.module.spec, self.c)
-            if no is None and bias is not None and (bias.dtype != torch.float32 or bias.stride(-1) != 1):
-                no = "bias not an fp32 master"
-            why.append(no)
-            if no is None:  # all of the layer's parts: Q_w(R) and A_c in its stacked part, B_c (or B H), bias_c
-                items.append(ws.Item(i, w, down, up, layer.module.spec, stacked[2], stacked[1][0], with_up=True,
-                                     bias=bias, bias_offset=bias_at[2] if bias_at else 0,
-                                     down_offset=down_at[2] if down_at else None, down_rotated=self.act[i]))
-        if (self.c, autocast) not in self._wside_checked:
-            self._wside_checked.add((self.c, autocast))
-            left = [w for w in why if w is not None]
-            if left:
-                warnings.warn(f"ROBUQ_QAT_WSIDE_KERNEL: {len(left)} of {len(why)} QAT layers keep the op-by-op weight "
-                              f"side ({'; '.join(sorted(set(left)))})", RuntimeWarning, stacklevel=4)
-        if len(self._groups) >= MAX_GRAPH_KEYS:  # masters that keep moving: op by op, as the graphs (`_room`); none
-            return None  # is dropped, since a captured graph reads its tables
-        self._groups[key] = ws.Group(items, self.c, masters[0].device) if items else None
-        return self._groups[key]
+        return qat_step_kernels.forward_group(self, masters, ptrs)
+
+    def _grad_group(self, key, masters: tuple, packed: tuple, needs: tuple, r_dtypes: tuple, g_flat: torch.Tensor):
+        return qat_step_kernels.grad_group(self, key, masters, packed, needs, r_dtypes, g_flat)
 
     def run_forward(self, masters: tuple) -> tuple:
         c, act = self.c, self.act
@@ -272,8 +250,9 @@ class Plan:
         c, ab = self.c, self.ab
         flat = [g.reshape(-1) for g in g_parts]
 
-        def compute(g, slots=None):
-            return _all_grads(self.layers, self.layout, g, c, ab, r_dtypes, needs, act, *masters, slots=slots)
+        def compute(g, slots=None, group=None, fp32=None):
+            return _all_grads(self.layers, self.layout, g, c, ab, r_dtypes, needs, act, *masters, slots=slots,
+                              group=group, fp32=fp32)
         if self.graphs_off or not _use_graphs(g_parts[0]):
             return compute(torch.cat(flat))
         key = (tuple(t.data_ptr() for t in masters), c, ab, r_dtypes, needs, act, g_parts[0].dtype, _wside_on())
@@ -287,9 +266,14 @@ class Plan:
         flats, layout = _pack_grads(result)
         # the gradients packed one flat buffer a dtype: a replay hands out views of them
         if self._room(self._bwd_graphs, key):  # the weights' gradients written in the packed buffers as they are cast
-            self._capture(self._bwd_graphs, key, "step weight grads",
-                          lambda buf, outs: (*_packed(layout, outs[:-1], lambda slots: compute(buf, slots)), layout),
-                          (g_flat,), (*flats, layout))
+            group = self._grad_group(key, masters, layout, needs, r_dtypes, g_flat)  # (built before the capture)
+            at = layout[0].index(torch.float32) if torch.float32 in layout[0] else None
+
+            def fill(buf, outs):
+                def fn(slots):
+                    return compute(buf, slots, group, outs[at] if group is not None else None)
+                return (*_packed(layout, outs[:-1], fn), layout)
+            self._capture(self._bwd_graphs, key, "step weight grads", fill, (g_flat,), (*flats, layout))
         return result
 
     @staticmethod

@@ -164,7 +164,8 @@ def test_weight_grads_kernel_equals_the_op_by_op_path(n, k, rank):
 
 def test_step_weight_sides_with_the_group_follow_the_op_by_op_step():
     """`weight_sides_per_forward` on CUDA under bf16 autocast with the one-kernel forms on (one Group launch writes
-    every layer's Q_w(R), A_c, bias_c and B_c or B H: the paper-like layers take the act op, so B H) against the
+    every layer's Q_w(R), A_c, bias_c and B_c or B H: the paper-like layers take the act op, so B H; one GradGroup
+    launch writes g_W, A's and the bias's gradients back) against the
     op-by-op step: the output and every master's gradient of a second step (a replay) close (a code at a rounding
     tie may flip: the kernel's sums run in another order than cuBLAS's)."""
     import copy
@@ -182,11 +183,12 @@ def test_step_weight_sides_with_the_group_follow_the_op_by_op_step():
                                                                               hadamard_block=64).resolve(256, 128)))
     base = base.cuda()
     x = torch.randn(4, 32, 256, device="cuda")
-    runs, launches = {}, []
-    real = WS.Group.run
+    runs, launches, glaunches = {}, [], []
+    real, real_g = WS.Group.run, WS.GradGroup.run
     before = qat_fused._WSIDE[0]
     try:
         WS.Group.run = lambda self, out: launches.append(len(self.covered)) or real(self, out)
+        WS.GradGroup.run = lambda self, g, s: glaunches.append(len(self.covered)) or real_g(self, g, s)
         for on in (False, True):
             qat_fused._WSIDE[0] = on
             mod = copy.deepcopy(base)
@@ -201,8 +203,9 @@ def test_step_weight_sides_with_the_group_follow_the_op_by_op_step():
                     opt.step()
             runs[on] = (y.detach().float(), {n: p.grad.float() for n, p in mod.named_parameters()})
     finally:
-        WS.Group.run, qat_fused._WSIDE[0] = real, before
+        WS.Group.run, WS.GradGroup.run, qat_fused._WSIDE[0] = real, real_g, before
     assert launches and all(n == 3 for n in launches), launches  # every layer covered, in one Group
+    assert glaunches and all(n == 3 for n in glaunches), glaunches  # and in one GradGroup (at the capture)
     (y0, g0), (y1, g1) = runs[False], runs[True]
     rel = lambda a, b: ((a - b).norm() / b.norm().clamp_min(1e-30)).item()  # noqa: E731
     assert rel(y1, y0) < 1e-2, rel(y1, y0)

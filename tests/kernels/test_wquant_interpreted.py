@@ -248,6 +248,7 @@ WS.on_device = lambda dev: __import__("contextlib").nullcontext()
 # CPU tensors in the interpreter: the kernel's own conditions but the device and autocast's device type
 WS.supported = lambda w, down, up, spec, c: None if w.dtype == torch.float32 and w.stride(-1) == 1 else "no"
 WS.grads_supported = lambda g_r, down_c, spec, g_w_out: None if g_w_out is not None else "no"
+WS.grads_device_ok = lambda t: True
 # the step's graphs with the stand-in backend (a replay calls the captured function: the backward's slots, where
 # the gradient kernel writes, exist only there)
 from robuq_fx import qat_graph, qat_step
@@ -261,10 +262,11 @@ base = nn.Sequential(
     QATLinear.from_module(nn.Linear(128, 64), LayerSpec(w_bits=4, a_bits=4, hadamard=True,
                                                         hadamard_block=64).resolve(128, 64)))
 x = torch.randn(3, 10, 128)
-runs, calls, gcalls = {}, [], []
-real, real_g = WS.Group.run, WS.weight_grads_rows
+runs, calls, gcalls, ggcalls = {}, [], [], []
+real, real_g, real_gg = WS.Group.run, WS.weight_grads_rows, WS.GradGroup.run
 WS.Group.run = lambda self, out: calls.append(len(self.covered)) or real(self, out)
 WS.weight_grads_rows = lambda *a: gcalls.append(1) or real_g(*a)
+WS.GradGroup.run = lambda self, g, s: ggcalls.append(len(self.covered)) or real_gg(self, g, s)
 for on in (False, True):
     qat_fused._WSIDE[0] = on
     mod = copy.deepcopy(base)
@@ -280,7 +282,7 @@ for on in (False, True):
     runs[on] = (y.detach().float(), {n: p.grad.float() for n, p in mod.named_parameters()})
 (y0, g0), (y1, g1) = runs[False], runs[True]
 rel = lambda a, b: ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-print(json.dumps({"calls": calls, "gcalls": len(gcalls), "y": rel(y1, y0),
+print(json.dumps({"calls": calls, "gcalls": len(gcalls), "ggcalls": ggcalls, "y": rel(y1, y0),
                   "grads": {k: rel(g1[k], g0[k]) for k in g0}}))
 """
 
@@ -288,12 +290,13 @@ print(json.dumps({"calls": calls, "gcalls": len(gcalls), "y": rel(y1, y0),
 @pytest.mark.skipif(import_or_none("triton_wside") is None, reason="triton does not import here")
 def test_weight_sides_with_the_one_kernel_follow_the_op_by_op_step():
     """`weight_sides_per_forward` with ROBUQ_QAT_WSIDE_KERNEL's path (the kernels in the interpreter, CPU tensors
-    under fp16 autocast, the step's graphs with the stand-in backend): both layers go through both kernels, and the
-    output and every gradient of the second step follow the op-by-op step (the forward kernel writes the stacked
-    weight's first K columns, A beside them; the backward one g_W into its slot and A's A B term)."""
+    under fp16 autocast, the step's graphs with the stand-in backend): both layers go through both grouped kernels,
+    and the output and every gradient of the second step follow the op-by-op step (the forward kernel writes all of
+    a layer's parts; the backward one g_W, A's gradient and the bias's into their slots)."""
     r = run_interpreted(STEP)
-    # forward: one launch for both layers in step 1 and in step 2's replay; backward: 2 layers in step 2's replay
-    assert r["calls"] == [2, 2] and r["gcalls"] == 2, r
+    # forward: one launch for both layers in step 1 and in step 2's replay; backward: one group launch for both
+    # layers in the slotted call (step 2's; step 1's backward runs without slots), none left to the one-layer kernel
+    assert r["calls"] == [2, 2] and r["ggcalls"] == [2] and r["gcalls"] == 0, r
     assert r["y"] < 2e-3, r
     for k, v in r["grads"].items():
         assert v < 2e-2, (k, r)
@@ -342,6 +345,74 @@ def test_weight_grads_kernel_in_the_interpreter_matches_the_op_by_op_math():
         assert r.get("ab_none", True) and r.get("ab_rel", 0.0) < 1e-3, r
 
 
+GGROUP = r"""
+import json
+import torch
+from robuq_fx.spec import LayerSpec
+from robuq_fx.kernels import triton_launch, triton_wside as WS
+triton_launch._ENABLED = False
+WS.on_device = lambda dev: __import__("contextlib").nullcontext()
+c = torch.float16
+# (n, k, rank, hadamard block, bias, A's gradient wanted): two block sizes (two launches), ranks 0-16
+cases = ((40, 256, 8, 128, True, True), (16, 192, 0, 64, True, False), (33, 128, 16, 128, False, True),
+         (20, 128, 8, 64, False, False))
+g_parts, items, want, g_off, s_off = [], [], [], 0, 0
+for i, (n, k, rank, hb, has_bias, want_up) in enumerate(cases):
+    torch.manual_seed(i)
+    spec = LayerSpec(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=hb, lora_rank=rank).resolve(k, n)
+    g_wide = (torch.randn(n, k + rank) * 0.01).to(c)
+    g_bias = (torch.randn(n) * 0.1).to(c) if has_bias else None
+    down = torch.randn(rank, k) * 0.1 if rank else None
+    # the one-layer kernel and the step's ops: what each slot must hold
+    slot = torch.zeros(n, k)
+    ab = WS.weight_grads_rows(g_wide[:, :k], None if down is None else down.to(c), spec, slot)
+    up = torch.add(ab, g_wide[:, k:]) if rank and want_up else None
+    want.append((slot, up, None if g_bias is None else g_bias.float()))
+    w_slot, up_slot = s_off, s_off + n * k
+    bias_slot = up_slot + (n * rank if up is not None else 0) + 3
+    s_off = bias_slot + n + 5
+    bias_at = g_off + n * (k + rank) + 2
+    items.append(WS.GradItem(n, k, spec, g_off, k + rank, w_slot, down, up_slot if up is not None else None,
+                             bias_at if has_bias else None, bias_slot if has_bias else None))
+    g_parts.append((g_off, g_wide, bias_at, g_bias))
+    g_off = bias_at + n + 7
+g_flat = torch.zeros(g_off, dtype=c)
+for o, g_wide, b_at, g_bias in g_parts:
+    g_flat[o:o + g_wide.numel()] = g_wide.reshape(-1)
+    if g_bias is not None:
+        g_flat[b_at:b_at + len(g_bias)] = g_bias
+slots = torch.full((s_off,), 9.0)
+g = WS.GradGroup(items, c, torch.device("cpu"))
+g.run(g_flat, slots)
+res, written = [], torch.zeros(s_off, dtype=torch.bool)
+for it, (w_want, up_want, b_want) in zip(items, want):
+    row = {"w": bool(torch.equal(slots[it.w_slot:it.w_slot + it.n * it.k].view(it.n, it.k), w_want))}
+    written[it.w_slot:it.w_slot + it.n * it.k] = True
+    if up_want is not None:
+        got = slots[it.up_slot:it.up_slot + up_want.numel()].view(up_want.shape)
+        row["up"] = bool(torch.equal(got, up_want))
+        written[it.up_slot:it.up_slot + up_want.numel()] = True
+    if b_want is not None:
+        row["bias"] = bool(torch.equal(slots[it.bias_slot:it.bias_slot + it.n], b_want))
+        written[it.bias_slot:it.bias_slot + it.n] = True
+    res.append(row)
+print(json.dumps({"launches": len(g.launches), "layers": res, "rest": bool((slots[~written] == 9).all())}))
+"""
+
+
+@pytest.mark.skipif(import_or_none("triton_wside") is None, reason="triton does not import here")
+def test_weight_grads_group_writes_each_layer_as_the_one_layer_kernel():
+    """kernels/triton_wside.GradGroup: four layers (ranks 0-16, Hadamard blocks 64 and 128: two launches) write
+    g_W bit-equal to `weight_grads_rows`, A's gradient equal to the step's add of its A B term and g_A', the bias's
+    gradient cast, each into its slot of one fp32 buffer, and nothing else (A's where not wanted neither)."""
+    r = run_interpreted(GGROUP)
+    assert r["launches"] == 2, r
+    assert all(x["w"] for x in r["layers"]), r
+    assert r["layers"][0]["up"] and r["layers"][2]["up"], r
+    assert r["layers"][0]["bias"] and r["layers"][1]["bias"], r
+    assert r["rest"], r
+
+
 @pytest.mark.skipif(import_or_none("triton_wside") is None, reason="triton does not import here")
 @pytest.mark.parametrize("has_ab", [True, False])
 def test_weight_grads_kernel_builds_for_sm90(has_ab):
@@ -352,4 +423,15 @@ def test_weight_grads_kernel_builds_for_sm90(has_ab):
            "stride_gup": "i32"}
     k = compile_sm90(ws.wgrad_rows_kernel, sig, dict(HAS_AB=has_ab, CDT=1, HB=128, BM=16, RP=32),
                      dict(num_warps=4), gluon=False)
+    assert k.asm["cubin"]
+
+
+@pytest.mark.skipif(import_or_none("triton_wside") is None, reason="triton does not import here")
+@pytest.mark.parametrize("hb,rp", [(128, 32), (64, 16)])
+def test_weight_grads_group_kernel_builds_for_sm90(hb, rp):
+    from tests.kernels.sm90 import compile_sm90
+    ws = import_or_none("triton_wside")
+    sig = {"desc_ptr": "*i64", "tiles_ptr": "*i32", "h_ptr": "*bf16", "g_base": "*bf16", "slot_base": "*fp32"}
+    k = compile_sm90(ws.wgrad_group_kernel, sig, dict(CDT=1, HB=hb, BM=16, RP=rp, GF=ws.GF), dict(num_warps=4),
+                     gluon=False)
     assert k.asm["cubin"]
