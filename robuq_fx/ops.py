@@ -171,6 +171,11 @@ def weight_side_kernel():
     return _kernel_module("triton_wside")
 
 
+def weight_grad_kernel():
+    """kernels/triton_wgrad (its backward in one kernel, opt-in), or None."""
+    return _kernel_module("triton_wgrad")
+
+
 @fake_quant_act.register_fake
 def _(x, a_bits, sym, clip, group=0):
     _compiling()

@@ -30,7 +30,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import qat_graph, quantizers as Q
 from .layer import residual_parts, rotate_eager as _rotate, wide_difference
-from .ops import fake_quant_act_impl, fake_quant_weight_impl, row_kernel, weight_side_kernel
+from .ops import fake_quant_act_impl, fake_quant_weight_impl, row_kernel, weight_grad_kernel
 from .kernels.registry import tensor_key
 from .kernels.weight_cache import scale_vec
 from .spec import LayerSpec
@@ -363,7 +363,7 @@ def _weight_grads(g_wide, p_down, down, up, spec: LayerSpec, k: int, r_dtype, w_
     g_w_out, g_up_out, g_down_out: where g_W, g_A and g_B go (in their masters' dtypes: slots of the step plan's packed
     gradients; the last op of each writes it there, as it casts: the same values, fewer kernels in its CUDA graph).
     one_kernel (the step plan's, with ROBUQ_QAT_WSIDE_KERNEL=1): g_W and g_R B^T from one read of g_R where
-    `kernels/triton_wside.weight_grads_rows` covers the layer (sums in another order than cuBLAS's). wup_written:
+    `kernels/triton_wgrad.weight_grads_rows` covers the layer (sums in another order than cuBLAS's). wup_written:
     g_W and g_A are in g_w_out and g_up_out already (the step plan's `GradGroup`); only B's is left."""
     g_w = g_up = g_down = None
     g_r = _to(g_wide if down is None else g_wide.narrow(1, 0, k), r_dtype)
@@ -372,7 +372,7 @@ def _weight_grads(g_wide, p_down, down, up, spec: LayerSpec, k: int, r_dtype, w_
             part = _to(up, ab).t().mm(_to(g_r, ab))
             g_down = _b_grad(part, p_down, down.dtype, shared_cast, g_down_out)
         return g_w_out, g_up_out, g_down
-    ws = weight_side_kernel() if one_kernel and need_w and g_w_out is not None and _wside_on() else None
+    ws = weight_grad_kernel() if one_kernel and need_w and g_w_out is not None and _wside_on() else None
     down_ab = None if down is None else _to(down, ab)
     if ws is not None and g_r.dtype == ab and ws.grads_supported(g_r, down_ab, spec, g_w_out) is None:
         g_w, ab_term = g_w_out, ws.weight_grads_rows(g_r, down_ab, spec, g_w_out)  # ab_term: -g_R B^T, fp32

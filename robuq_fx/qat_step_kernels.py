@@ -1,6 +1,6 @@
 """The one-kernel forms' tables for a step plan (qat_step.Plan; ROBUQ_QAT_WSIDE_KERNEL=1): which layers the grouped
-forward weight side (`kernels/triton_wside.Group`) and the grouped backward (`GradGroup`) cover, and where each
-layer's parts and gradients lie in the plan's flat buffers. Built once a key, before any CUDA graph capture (their
+forward weight side (`kernels/triton_wside.Group`) and the grouped backward (`kernels/triton_wgrad.GradGroup`)
+cover, and where each layer's parts and gradients lie in the plan's flat buffers. Built once a key, before any CUDA graph capture (their
 tables are copied to the GPU), and kept while the masters stay where they are."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import warnings
 import torch
 
 from . import qat_graph
-from .ops import weight_side_kernel
+from .ops import weight_grad_kernel, weight_side_kernel
 from .qat_fused import _wside_on
 from .qat_step_layout import _contiguous, _master_spans, _per_layer, _unpack
 
@@ -54,7 +54,7 @@ def forward_group(plan, masters: tuple, ptrs: tuple):
     return plan._groups[key]
 
 def grad_group(plan, key, masters: tuple, packed: tuple, needs: tuple, r_dtypes: tuple, g_flat: torch.Tensor):
-    """With ROBUQ_QAT_WSIDE_KERNEL=1: the one-kernel backward's tables (`kernels/triton_wside.GradGroup`) for
+    """With ROBUQ_QAT_WSIDE_KERNEL=1: the one-kernel backward's tables (`kernels/triton_wgrad.GradGroup`) for
     the layers whose gradients it can write (16-bit g_R under autocast's dtype, fp32 masters and slots, a
     Hadamard block of 16-128), kept per graph key; else None. packed: the packed gradients' layout
     (`_pack_grads`), whose fp32 buffer the slots are in."""
@@ -62,7 +62,7 @@ def grad_group(plan, key, masters: tuple, packed: tuple, needs: tuple, r_dtypes:
         return None
     if key in plan._grad_groups:
         return plan._grad_groups[key]
-    ws = weight_side_kernel()
+    ws = weight_grad_kernel()
     if ws is None or not ws.grads_device_ok(g_flat):
         return None
     dts, items = packed

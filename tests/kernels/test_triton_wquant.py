@@ -134,7 +134,7 @@ def test_weight_side_group_equals_the_op_by_op_path_layer_by_layer():
 
 @pytest.mark.parametrize("n,k,rank", [(1152, 1152, 32), (4608, 1152, 0), (1152, 4608, 32), (100, 640, 16)])
 def test_weight_grads_kernel_equals_the_op_by_op_path(n, k, rank):
-    """kernels/triton_wside.weight_grads_rows against the op-by-op backward weight side (`qat_fused._weight_grads`
+    """kernels/triton_wgrad.weight_grads_rows against the op-by-op backward weight side (`qat_fused._weight_grads`
     with the kernel off): g_W and A's gradient within bf16 rounding (>= 99.9% of g_W equal: the rotation's sums run
     in another order than cuBLAS's), B's untouched by the kernel."""
     from robuq_fx import qat_fused
@@ -174,7 +174,7 @@ def test_step_weight_sides_with_the_group_follow_the_op_by_op_step():
     from robuq_fx import qat_fused
     from robuq_fx.qat_linear import QATLinear
     from robuq_fx.spec import LayerSpec
-    from robuq_fx.kernels import triton_wside as WS
+    from robuq_fx.kernels import triton_wgrad as WG, triton_wside as WS
     torch.manual_seed(0)
     paper = LayerSpec(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=128, lora_rank=32)
     base = nn.Sequential(QATLinear.from_module(nn.Linear(256, 512), paper.resolve(256, 512)), nn.GELU(),
@@ -184,11 +184,11 @@ def test_step_weight_sides_with_the_group_follow_the_op_by_op_step():
     base = base.cuda()
     x = torch.randn(4, 32, 256, device="cuda")
     runs, launches, glaunches = {}, [], []
-    real, real_g = WS.Group.run, WS.GradGroup.run
+    real, real_g = WS.Group.run, WG.GradGroup.run
     before = qat_fused._WSIDE[0]
     try:
         WS.Group.run = lambda self, out: launches.append(len(self.covered)) or real(self, out)
-        WS.GradGroup.run = lambda self, g, s: glaunches.append(len(self.covered)) or real_g(self, g, s)
+        WG.GradGroup.run = lambda self, g, s: glaunches.append(len(self.covered)) or real_g(self, g, s)
         for on in (False, True):
             qat_fused._WSIDE[0] = on
             mod = copy.deepcopy(base)
@@ -203,7 +203,7 @@ def test_step_weight_sides_with_the_group_follow_the_op_by_op_step():
                     opt.step()
             runs[on] = (y.detach().float(), {n: p.grad.float() for n, p in mod.named_parameters()})
     finally:
-        WS.Group.run, WS.GradGroup.run, qat_fused._WSIDE[0] = real, real_g, before
+        WS.Group.run, WG.GradGroup.run, qat_fused._WSIDE[0] = real, real_g, before
     assert launches and all(n == 3 for n in launches), launches  # every layer covered, in one Group
     assert glaunches and all(n == 3 for n in glaunches), glaunches  # and in one GradGroup (at the capture)
     (y0, g0), (y1, g1) = runs[False], runs[True]

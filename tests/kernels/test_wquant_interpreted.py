@@ -247,8 +247,10 @@ triton_launch._ENABLED = False
 WS.on_device = lambda dev: __import__("contextlib").nullcontext()
 # CPU tensors in the interpreter: the kernel's own conditions but the device and autocast's device type
 WS.supported = lambda w, down, up, spec, c: None if w.dtype == torch.float32 and w.stride(-1) == 1 else "no"
-WS.grads_supported = lambda g_r, down_c, spec, g_w_out: None if g_w_out is not None else "no"
-WS.grads_device_ok = lambda t: True
+from robuq_fx.kernels import triton_wgrad as WG
+WG.on_device = WS.on_device
+WG.grads_supported = lambda g_r, down_c, spec, g_w_out: None if g_w_out is not None else "no"
+WG.grads_device_ok = lambda t: True
 # the step's graphs with the stand-in backend (a replay calls the captured function: the backward's slots, where
 # the gradient kernel writes, exist only there)
 from robuq_fx import qat_graph, qat_step
@@ -263,10 +265,10 @@ base = nn.Sequential(
                                                         hadamard_block=64).resolve(128, 64)))
 x = torch.randn(3, 10, 128)
 runs, calls, gcalls, ggcalls = {}, [], [], []
-real, real_g, real_gg = WS.Group.run, WS.weight_grads_rows, WS.GradGroup.run
+real, real_g, real_gg = WS.Group.run, WG.weight_grads_rows, WG.GradGroup.run
 WS.Group.run = lambda self, out: calls.append(len(self.covered)) or real(self, out)
-WS.weight_grads_rows = lambda *a: gcalls.append(1) or real_g(*a)
-WS.GradGroup.run = lambda self, g, s: ggcalls.append(len(self.covered)) or real_gg(self, g, s)
+WG.weight_grads_rows = lambda *a: gcalls.append(1) or real_g(*a)
+WG.GradGroup.run = lambda self, g, s: ggcalls.append(len(self.covered)) or real_gg(self, g, s)
 for on in (False, True):
     qat_fused._WSIDE[0] = on
     mod = copy.deepcopy(base)
@@ -307,7 +309,7 @@ import json
 import torch
 from robuq_fx.hadamard import hadamard_matrix
 from robuq_fx.spec import LayerSpec
-from robuq_fx.kernels import triton_launch, triton_wside as WS
+from robuq_fx.kernels import triton_launch, triton_wgrad as WS
 triton_launch._ENABLED = False
 WS.on_device = lambda dev: __import__("contextlib").nullcontext()
 c = torch.float16
@@ -336,7 +338,7 @@ print(json.dumps(res))
 
 @pytest.mark.skipif(import_or_none("triton_wside") is None, reason="triton does not import here")
 def test_weight_grads_kernel_in_the_interpreter_matches_the_op_by_op_math():
-    """kernels/triton_wside.weight_grads_rows: g_W = rnd_c(g_R H) in fp32 and -rnd_c(g_R B^T) from a strided g_R,
+    """kernels/triton_wgrad.weight_grads_rows: g_W = rnd_c(g_R H) in fp32 and -rnd_c(g_R B^T) from a strided g_R,
     with a partial last row tile and ranks padded to 16, against the op-by-op formulas."""
     rows = run_interpreted(WGRAD)
     assert len(rows) == 3
@@ -349,7 +351,7 @@ GGROUP = r"""
 import json
 import torch
 from robuq_fx.spec import LayerSpec
-from robuq_fx.kernels import triton_launch, triton_wside as WS
+from robuq_fx.kernels import triton_launch, triton_wgrad as WS
 triton_launch._ENABLED = False
 WS.on_device = lambda dev: __import__("contextlib").nullcontext()
 c = torch.float16
@@ -402,7 +404,7 @@ print(json.dumps({"launches": len(g.launches), "layers": res, "rest": bool((slot
 
 @pytest.mark.skipif(import_or_none("triton_wside") is None, reason="triton does not import here")
 def test_weight_grads_group_writes_each_layer_as_the_one_layer_kernel():
-    """kernels/triton_wside.GradGroup: four layers (ranks 0-16, Hadamard blocks 64 and 128: two launches) write
+    """kernels/triton_wgrad.GradGroup: four layers (ranks 0-16, Hadamard blocks 64 and 128: two launches) write
     g_W bit-equal to `weight_grads_rows`, A's gradient equal to the step's add of its A B term and g_A', the bias's
     gradient cast, each into its slot of one fp32 buffer, and nothing else (A's where not wanted neither)."""
     r = run_interpreted(GGROUP)
@@ -417,11 +419,11 @@ def test_weight_grads_group_writes_each_layer_as_the_one_layer_kernel():
 @pytest.mark.parametrize("has_ab", [True, False])
 def test_weight_grads_kernel_builds_for_sm90(has_ab):
     from tests.kernels.sm90 import compile_sm90
-    ws = import_or_none("triton_wside")
+    wg = import_or_none("triton_wgrad")
     sig = {"g_ptr": "*bf16", "h_ptr": "*bf16", "down_ptr": "*bf16", "gw_ptr": "*fp32", "gup_ptr": "*fp32",
            "N": "i32", "K": "i32", "RANK": "i32", "stride_g": "i32", "stride_down": "i32", "stride_gw": "i32",
            "stride_gup": "i32"}
-    k = compile_sm90(ws.wgrad_rows_kernel, sig, dict(HAS_AB=has_ab, CDT=1, HB=128, BM=16, RP=32),
+    k = compile_sm90(wg.wgrad_rows_kernel, sig, dict(HAS_AB=has_ab, CDT=1, HB=128, BM=16, RP=32),
                      dict(num_warps=4), gluon=False)
     assert k.asm["cubin"]
 
@@ -430,8 +432,8 @@ def test_weight_grads_kernel_builds_for_sm90(has_ab):
 @pytest.mark.parametrize("hb,rp", [(128, 32), (64, 16)])
 def test_weight_grads_group_kernel_builds_for_sm90(hb, rp):
     from tests.kernels.sm90 import compile_sm90
-    ws = import_or_none("triton_wside")
     sig = {"desc_ptr": "*i64", "tiles_ptr": "*i32", "h_ptr": "*bf16", "g_base": "*bf16", "slot_base": "*fp32"}
-    k = compile_sm90(ws.wgrad_group_kernel, sig, dict(CDT=1, HB=hb, BM=16, RP=rp, GF=ws.GF), dict(num_warps=4),
+    wg = import_or_none("triton_wgrad")
+    k = compile_sm90(wg.wgrad_group_kernel, sig, dict(CDT=1, HB=hb, BM=16, RP=rp, GF=wg.GF), dict(num_warps=4),
                      gluon=False)
     assert k.asm["cubin"]
