@@ -27,24 +27,35 @@ from .triton_wside import BLOCK_ROWS, MAX_RANK
 
 
 @triton.jit
-def wgrad_rows_kernel(g_ptr, h_ptr, down_ptr, gw_ptr, gup_ptr, N, K, RANK, stride_g, stride_down, stride_gw,
-                      stride_gup, HAS_AB: tl.constexpr, CDT: tl.constexpr, HB: tl.constexpr, BM: tl.constexpr,
-                      RP: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    rmask = rows[:, None] < N
+def _wgrad_tile(g_ptr, stride_g, h_ptr, down_ptr, stride_down, rank, gw_ptr, stride_gw, rows, rmask, k,
+                HAS_AB: tl.constexpr, CDT: tl.constexpr, HB: tl.constexpr, BM: tl.constexpr, RP: tl.constexpr):
+    """A tile of rows: g_W = rnd_c(g_R H) stored block by block (fp32), and g_R rnd_c(B)^T summed over K (fp32;
+    B read in its own dtype and cast to c: a no-op for B_c) returned, with a branch (HAS_AB)."""
     cols = tl.arange(0, HB)
     h = tl.load(h_ptr + cols[:, None] * HB + cols[None, :])  # H in c
     ranks = tl.arange(0, RP)
     acc = tl.zeros([BM, RP], dtype=tl.float32)
-    for b in range(0, K // HB):
+    for b in range(0, k // HB):
         kc = b * HB + cols
         g = tl.load(g_ptr + rows[:, None] * stride_g + kc[None, :], mask=rmask, other=0.0)
         gw = _round_to(tl.dot(g, h, out_dtype=tl.float32), CDT)
         tl.store(gw_ptr + rows[:, None] * stride_gw + kc[None, :], gw, mask=rmask)
         if HAS_AB:
-            bt = tl.load(down_ptr + ranks[None, :] * stride_down + kc[:, None], mask=ranks[None, :] < RANK,
-                         other=0.0)  # B_c^T's block (HB, RP)
+            bt = tl.load(down_ptr + ranks[None, :] * stride_down + kc[:, None], mask=ranks[None, :] < rank,
+                         other=0.0).to(h.dtype)  # rnd_c(B)^T's block (HB, RP)
             acc += tl.dot(g, bt, out_dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def wgrad_rows_kernel(g_ptr, h_ptr, down_ptr, gw_ptr, gup_ptr, N, K, RANK, stride_g, stride_down, stride_gw,
+                      stride_gup, HAS_AB: tl.constexpr, CDT: tl.constexpr, HB: tl.constexpr, BM: tl.constexpr,
+                      RP: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    rmask = rows[:, None] < N
+    ranks = tl.arange(0, RP)
+    acc = _wgrad_tile(g_ptr, stride_g, h_ptr, down_ptr, stride_down, RANK, gw_ptr, stride_gw, rows, rmask, K,
+                      HAS_AB, CDT, HB, BM, RP)
     if HAS_AB:
         tl.store(gup_ptr + rows[:, None] * stride_gup + ranks[None, :], -_round_to(acc, CDT),
                  mask=rmask & (ranks[None, :] < RANK))
@@ -102,19 +113,10 @@ def wgrad_group_kernel(desc_ptr, tiles_ptr, h_ptr, g_base, slot_base, CDT: tl.co
     stride_down = tl.load(d + 6)
     gw_ptr = slot_base + tl.load(d + 7)
     rmask = rows[:, None] < n
-    cols = tl.arange(0, HB)
-    h = tl.load(h_ptr + cols[:, None] * HB + cols[None, :])  # H in c
     ranks = tl.arange(0, RP)
-    acc = tl.zeros([BM, RP], dtype=tl.float32)
-    for b in range(0, k // HB):
-        kc = b * HB + cols
-        g = tl.load(g_ptr + rows[:, None] * stride_g + kc[None, :], mask=rmask, other=0.0)
-        gw = _round_to(tl.dot(g, h, out_dtype=tl.float32), CDT)
-        tl.store(gw_ptr + rows[:, None] * k + kc[None, :], gw, mask=rmask)
-        # B_c^T's block (HB, RP): zeros past the rank (a layer without a branch adds exact zeros)
-        bt = tl.load(down_ptr + ranks[None, :] * stride_down + kc[:, None], mask=ranks[None, :] < rank,
-                     other=0.0).to(h.dtype)
-        acc += tl.dot(g, bt, out_dtype=tl.float32)
+    # (B past the rank reads as zeros: a layer without a branch adds exact zeros to an unused sum)
+    acc = _wgrad_tile(g_ptr, stride_g, h_ptr, down_ptr, stride_down, rank, gw_ptr, k, rows, rmask, k,
+                      True, CDT, HB, BM, RP)
     if tl.load(d + 9) != 0:  # A's gradient: the A B term plus the stacked GEMM's own (g_wide's last r columns)
         amask = rmask & (ranks[None, :] < rank)
         tail = tl.load(g_ptr + rows[:, None] * stride_g + k + ranks[None, :], mask=amask, other=0.0)
