@@ -158,6 +158,39 @@ def _ready_results() -> None:
     qat_step.Plan.run_forward, qat_step.Plan.run_backward = run_forward, run_backward
 
 
+def report(args, prov: dict, head: list, results: dict, final: bool) -> None:
+    """The tables so far (each setting against the first), written to host_profile_<gpu>.txt / .json."""
+    from tabulate import tabulate
+    done = [k for k in args.settings if k in results]
+    lines = list(head)
+    lines.append(tabulate([[k, results[k]["graphs (inputs each)"]] + [results[k]["phases"][p]["host ms (profiled)"]
+                                                                       for p in results[k]["phases"]]
+                           for k in done],
+                          headers=["setting", "graphs (inputs each)", "forward host ms", "backward + opt host ms"],
+                          tablefmt="github"))
+    base = done[0]
+    for key in done[1:]:
+        for phase in results[key]["phases"]:
+            lines.append(f"\n## {key} against {base}: {phase}, the functions whose own time grew most")
+            lines.append(tabulate(diff_rows(results[base]["phases"][phase]["functions"],
+                                            results[key]["phases"][phase]["functions"], args.top),
+                                  headers="keys", tablefmt="github"))
+    text = "\n".join(lines)
+    print(text, flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"host_profile_{gpu_tag(prov['gpu'])}"
+    stem.with_suffix(".txt").write_text(f"# {prov}\n{text}\n")
+    # the per-function tables, top 200 a phase by own time
+    trimmed = {k: {**r, "phases": {p: {**v, "functions": dict(sorted(v["functions"].items(),
+                                                                      key=lambda kv: -kv[1][1])[:200])}
+                                   for p, v in r["phases"].items()}} for k, r in results.items()}
+    stem.with_suffix(".json").write_text(json.dumps({"provenance": prov, "batch": args.batch, "results": trimmed},
+                                                    indent=1))
+    if final:
+        print(f"wrote {stem}.txt / .json")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--settings", nargs="+", default=["bf16", "dit"],
@@ -171,7 +204,6 @@ def main(argv=None) -> int:
                          "(they keep to CUDA otherwise): the Python of DiT-XL/2's graphs without its GPU work")
     ap.add_argument("--out", default=str(HERE.parent / "benchmarks" / "results"))
     args = ap.parse_args(argv)
-    from tabulate import tabulate
     for key in args.settings:
         if key.partition(":")[0] not in {"bf16", *SHORT_NAMES} or key.partition(":")[2] not in ("", *VARIANTS):
             ap.error(f"setting {key!r}: expected bf16 or one of {sorted(SHORT_NAMES)}, optionally NAME:VARIANT "
@@ -190,33 +222,10 @@ def main(argv=None) -> int:
     what = "tiny" if args.quick else "28-block tiny-width" if args.cpu_deep else "XL/2"
     lines = [f"Host time of a compiled DiT {what} training step, batch {args.batch} | "
              f"{prov['gpu']} | torch {prov['torch']} | {args.steps} steps under cProfile"]
-    for key in args.settings:
+    for key in args.settings:  # (the report rewritten after each setting: a run cut short keeps what it measured)
         print(f"-- {key}", flush=True)
         results[key] = profile_setting(key, args, cfg, pols, device)
-    base = args.settings[0]
-    lines.append(tabulate([[k, results[k]["graphs (inputs each)"]] + [results[k]["phases"][p]["host ms (profiled)"]
-                                                                       for p in results[k]["phases"]]
-                           for k in args.settings],
-                          headers=["setting", "graphs (inputs each)", "forward host ms", "backward + opt host ms"],
-                          tablefmt="github"))
-    for key in args.settings[1:]:
-        for phase in results[key]["phases"]:
-            lines.append(f"\n## {key} against {base}: {phase}, the functions whose own time grew most")
-            lines.append(tabulate(diff_rows(results[base]["phases"][phase]["functions"],
-                                            results[key]["phases"][phase]["functions"], args.top),
-                                  headers="keys", tablefmt="github"))
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"host_profile_{gpu_tag(prov['gpu'])}"
-    stem.with_suffix(".txt").write_text(f"# {prov}\n{text}\n")
-    for r in results.values():  # the full per-function tables, top 200 a phase by own time
-        for p in r["phases"].values():
-            p["functions"] = dict(sorted(p["functions"].items(), key=lambda kv: -kv[1][1])[:200])
-    stem.with_suffix(".json").write_text(json.dumps({"provenance": prov, "batch": args.batch, "results": results},
-                                                    indent=1))
-    print(f"wrote {stem}.txt / .json")
+        report(args, prov, lines, results, final=key == args.settings[-1])
     return 0
 
 
