@@ -34,10 +34,14 @@ _DIRECT = [None]  # ROBUQ_DIRECT_CALL=0 sends every eager call through the op
 
 
 def _direct_ok(x: torch.Tensor) -> bool:
-    """A plain eager inference call, which no compiler, dispatch mode or autograd needs to see as the op."""
+    """A plain eager inference call, which no compiler, dispatch mode or autograd needs to see as the op. (The
+    switch is read after the compile check: a trace that read it while still unset would guard on that and compile
+    the model again at its next call.)"""
+    if (x.requires_grad and torch.is_grad_enabled()) or not plain_eager(x):
+        return False
     if _DIRECT[0] is None:
         _DIRECT[0] = os.environ.get("ROBUQ_DIRECT_CALL", "1") != "0"
-    return _DIRECT[0] and not (x.requires_grad and torch.is_grad_enabled()) and plain_eager(x)
+    return _DIRECT[0]
 
 
 def fp8_layout_ok(device: torch.device, w_bits) -> bool:

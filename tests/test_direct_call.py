@@ -154,3 +154,26 @@ def test_bound_calls_on_the_gpu_equal_the_op(rank, a_sym, small_m, monkeypatch):
         want = unbound(x)
         for _ in range(2):
             assert torch.equal(m(x), want) and torch.equal(_op(m, x), want)
+
+
+def test_a_compiled_model_compiles_once(monkeypatch):
+    """torch.compile of packed layers whose switch (ROBUQ_DIRECT_CALL) is not read yet: three calls, one graph. The
+    trace must not read the lazily set switch (it did: the first trace guarded on it being unset, so the second call
+    compiled the model again, and under CUDA graphs recorded it again)."""
+    import torch.nn as nn
+    from torch._dynamo.testing import CompileCounter
+    monkeypatch.setattr(modules, "_DIRECT", [None])
+    torch._dynamo.reset()
+    second = PackedLinear.from_float(torch.randn(48, 48), None, torch.randn(4, 48) * 0.1, torch.randn(48, 4) * 0.1,
+                                     LayerSpec(w_bits=4, a_bits=4, hadamard=True, hadamard_block=16,
+                                               lora_rank=4).resolve(48, 48))
+    model = nn.Sequential(_layer(), nn.GELU(), second).eval()
+    counter = CompileCounter()
+    step = torch.compile(model, backend=counter)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        for _ in range(3):
+            step(x)
+        model(x)  # an eager call afterwards reads the switch
+    assert counter.frame_count == 1, counter.frame_count
+    assert modules._DIRECT[0] is True
