@@ -222,6 +222,19 @@ MUTANTS = [
      "    if tl.load(d + 12) != 0:  # the bias's gradient, cast", "    if False:",
      "the grouped backward leaves the bias's gradient slot unwritten",
      ["tests/kernels/test_wquant_interpreted.py", "-k", "grads_group or one_kernel_follow"]),
+    ("qat_switch_read_in_trace", "robuq_fx/qat_linear.py",
+     "    if not plain_eager(x) or not x.is_floating_point():\n        return False\n    if _FUSED_OFF[0] is None:\n"
+     "        import os\n        _FUSED_OFF[0] = os.environ.get(\"ROBUQ_QAT_FUSED\", \"1\") == \"0\"\n",
+     "    if _FUSED_OFF[0] is None:\n        import os\n        _FUSED_OFF[0] = os.environ.get(\"ROBUQ_QAT_FUSED\", "
+     "\"1\") == \"0\"\n    if not plain_eager(x) or not x.is_floating_point():\n        return False\n",
+     "a compiled QAT model's trace reads ROBUQ_QAT_FUSED's unset switch (a second compile at the next call)",
+     ["tests/test_qat_fused.py", "-k", "compiles_once"]),
+    ("direct_switch_read_in_trace", "robuq_fx/modules.py",
+     "    if (x.requires_grad and torch.is_grad_enabled()) or not plain_eager(x):\n        return False\n",
+     "    if _DIRECT[0] is None:\n        _DIRECT[0] = True\n"
+     "    if (x.requires_grad and torch.is_grad_enabled()) or not plain_eager(x):\n        return False\n",
+     "a compiled lowered model's trace reads ROBUQ_DIRECT_CALL's unset switch (a second compile at the next call)",
+     ["tests/test_direct_call.py", "-k", "compiles_once"]),
     ("wside_group_bias_skipped", "robuq_fx/kernels/triton_wside.py",
      "    if tl.load(d + 17) != 0:", "    if False:",
      "the grouped weight side leaves the layers' bias_c unwritten", ["tests/kernels/test_wquant_interpreted.py", "-k",
