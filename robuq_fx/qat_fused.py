@@ -367,33 +367,32 @@ def _weight_grads(g_wide, p_down, down, up, spec: LayerSpec, k: int, r_dtype, w_
     g_W and g_A are in g_w_out and g_up_out already (the step plan's `GradGroup`); only B's is left."""
     g_w = g_up = g_down = None
     g_r = _to(g_wide if down is None else g_wide.narrow(1, 0, k), r_dtype)
+    gr = None if down is None else _to(g_r, ab)
     if wup_written:
-        if down is not None:
-            part = _to(up, ab).t().mm(_to(g_r, ab))
-            g_down = _b_grad(part, p_down, down.dtype, shared_cast, g_down_out)
-        return g_w_out, g_up_out, g_down
-    ws = weight_grad_kernel() if one_kernel and need_w and g_w_out is not None and _wside_on() else None
-    down_ab = None if down is None else _to(down, ab)
-    if ws is not None and g_r.dtype == ab and ws.grads_supported(g_r, down_ab, spec, g_w_out) is None:
-        g_w, ab_term = g_w_out, ws.weight_grads_rows(g_r, down_ab, spec, g_w_out)  # ab_term: -g_R B^T, fp32
+        g_w, g_up = g_w_out, g_up_out
     else:
-        ab_term = None
-        if need_w:
-            g_w = _rotate(g_r, spec)
-            g_w = _to(g_w, w_dtype) if g_w_out is None else g_w_out.copy_(g_w)
-    if down is not None:
-        gr = _to(g_r, ab)
-        # R = W H - A B: A B's gradient is -g_R. The products are taken of g_R and negated (a few N x r / r x K
-        # values; exact: rounding is symmetric) rather than of a negated copy of the whole (N, K) g_R.
-        # A enters the stacked weight through its own cast (not autocast's cached one): its two terms add in A's
-        # dtype; B's two products share autocast's cast, so theirs add before the cast back
-        if ab_term is None:
-            ab_term = gr.mm(down_ab.t()).neg_()
-        tail = g_wide.narrow(1, k, g_wide.shape[1] - k)
-        if g_up_out is not None and torch.promote_types(tail.dtype, up.dtype) == up.dtype == g_up_out.dtype:
-            g_up = torch.add(_to(ab_term, up.dtype), tail, out=g_up_out)  # (tail cast to A's dtype in the add)
+        ws = weight_grad_kernel() if one_kernel and need_w and g_w_out is not None and _wside_on() else None
+        down_ab = None if down is None else _to(down, ab)
+        if ws is not None and g_r.dtype == ab and ws.grads_supported(g_r, down_ab, spec, g_w_out) is None:
+            g_w, ab_term = g_w_out, ws.weight_grads_rows(g_r, down_ab, spec, g_w_out)  # ab_term: -g_R B^T, fp32
         else:
-            g_up = _to(ab_term, up.dtype) + _to(tail, up.dtype)
+            ab_term = None
+            if need_w:
+                g_w = _rotate(g_r, spec)
+                g_w = _to(g_w, w_dtype) if g_w_out is None else g_w_out.copy_(g_w)
+        if down is not None:
+            # R = W H - A B: A B's gradient is -g_R. The products are taken of g_R and negated (a few N x r / r x K
+            # values; exact: rounding is symmetric) rather than of a negated copy of the whole (N, K) g_R.
+            # A enters the stacked weight through its own cast (not autocast's cached one): its two terms add in
+            # A's dtype; B's two products share autocast's cast, so theirs add before the cast back (`_b_grad`)
+            if ab_term is None:
+                ab_term = gr.mm(down_ab.t()).neg_()
+            tail = g_wide.narrow(1, k, g_wide.shape[1] - k)
+            if g_up_out is not None and torch.promote_types(tail.dtype, up.dtype) == up.dtype == g_up_out.dtype:
+                g_up = torch.add(_to(ab_term, up.dtype), tail, out=g_up_out)  # (tail cast to A's dtype in the add)
+            else:
+                g_up = _to(ab_term, up.dtype) + _to(tail, up.dtype)
+    if down is not None:
         part = _to(up, ab).t().mm(gr)  # A^T g_R: B's term is its negation
         g_down = _b_grad(part, p_down, down.dtype, shared_cast, g_down_out)
     return g_w, g_up, g_down

@@ -131,7 +131,7 @@ def _use_graphs(t: torch.Tensor) -> bool:
     return qat_graph.usable(t)
 
 
-MAX_GRAPH_KEYS = 64  # keys with CUDA graphs a direction per Plan (`Plan._room`)
+MAX_GRAPH_KEYS = qat_step_kernels.MAX_KEYS  # keys with CUDA graphs a direction per Plan (`Plan._room`)
 GRAPHS_PER_KEY = 3  # graphs (each with its own output buffers) a key: `Plan._free_graph`
 
 

@@ -1,7 +1,7 @@
 """The one-kernel forms' tables for a step plan (qat_step.Plan; ROBUQ_QAT_WSIDE_KERNEL=1): which layers the grouped
 forward weight side (`kernels/triton_wside.Group`) and the grouped backward (`kernels/triton_wgrad.GradGroup`)
-cover, and where each layer's parts and gradients lie in the plan's flat buffers. Built once a key, before any CUDA graph capture (their
-tables are copied to the GPU), and kept while the masters stay where they are."""
+cover, and where each layer's parts and gradients lie in the plan's flat buffers. Built once a key, before any CUDA
+graph capture (their tables are copied to the GPU), and kept while the masters stay where they are."""
 from __future__ import annotations
 
 import warnings
@@ -13,7 +13,7 @@ from .ops import weight_grad_kernel, weight_side_kernel
 from .qat_fused import _wside_on
 from .qat_step_layout import _contiguous, _master_spans, _per_layer, _unpack
 
-MAX_KEYS = 64  # tables kept a plan and direction (as qat_step.MAX_KEYS: masters that keep moving go op by op)
+MAX_KEYS = 64  # keys a plan keeps CUDA graphs and tables for, a direction (masters that keep moving: op by op)
 
 
 def forward_group(plan, masters: tuple, ptrs: tuple):
@@ -53,6 +53,13 @@ def forward_group(plan, masters: tuple, ptrs: tuple):
     plan._groups[key] = ws.Group(items, plan.c, masters[0].device) if items else None
     return plan._groups[key]
 
+
+def _fp32_slot(slot, shape: tuple) -> bool:
+    """A packed gradient's slot (`_pack_grads`' (dtype, offset, shape, strides)) that is fp32, of this shape and
+    contiguous."""
+    return slot is not None and slot[0] == torch.float32 and slot[2] == shape and slot[3] == _contiguous(shape)
+
+
 def grad_group(plan, key, masters: tuple, packed: tuple, needs: tuple, r_dtypes: tuple, g_flat: torch.Tensor):
     """With ROBUQ_QAT_WSIDE_KERNEL=1: the one-kernel backward's tables (`kernels/triton_wgrad.GradGroup`) for
     the layers whose gradients it can write (16-bit g_R under autocast's dtype, fp32 masters and slots, a
@@ -65,33 +72,27 @@ def grad_group(plan, key, masters: tuple, packed: tuple, needs: tuple, r_dtypes:
     ws = weight_grad_kernel()
     if ws is None or not ws.grads_device_ok(g_flat):
         return None
-    dts, items = packed
+    slots = packed[1]  # per gradient, in the masters' order: (dtype, offset, shape, strides) or None
     out = []
     entries = _per_layer(plan.layers, plan.layout)
     for i, ((layer, span), (_, stacked, _, bias_at), r_dtype) in enumerate(
             zip(_master_spans(plan.layers), entries, r_dtypes)):
         w, down, up, bias = _unpack(layer, list(masters[span]))
         spec, need = layer.module.spec, needs[span]
-        slot = [items[j] for j in range(span.start, span.stop)]  # (dtype, offset, shape, strides) or None
-
-        def fp32_slot(s, shape):
-            return s is not None and s[0] == torch.float32 and s[2] == shape and s[3] == _contiguous(shape)
+        slot = slots[span]  # this layer's: g_W, then B's and A's with a branch, then the bias's
         if (layer.transposed or not need[0] or r_dtype != plan.c or not spec.hadamard
                 or spec.hadamard_block not in (16, 32, 64, 128) or layer.k % spec.hadamard_block
-                or not fp32_slot(slot[0], tuple(w.shape))
+                or not _fp32_slot(slot[0], tuple(w.shape))
                 or (down is not None and (down.dtype != torch.float32 or down.stride(-1) != 1
                                           or down.shape[0] > ws.MAX_RANK))
-                or (layer.r and need[2] and not fp32_slot(slot[2], tuple(up.shape)))
-                or (layer.has_bias and need[-1] and not fp32_slot(slot[-1], tuple(bias.shape)))):
+                or (layer.r and need[2] and not _fp32_slot(slot[2], tuple(up.shape)))
+                or (layer.has_bias and need[-1] and not _fp32_slot(slot[-1], tuple(bias.shape)))):
             continue
-        out.append((i, ws.GradItem(w.shape[0], layer.k, spec, stacked[2], stacked[1][0], slot[0][1], down,
-                                   slot[2][1] if layer.r and need[2] else None,
-                                   bias_at[2] if layer.has_bias and need[-1] else None,
-                                   slot[-1][1] if layer.has_bias and need[-1] else None)))
-    group = None
-    if out:
-        group = ws.GradGroup([it for _, it in out], plan.c, g_flat.device)
-        group.covered = frozenset(i for i, _ in out)
+        out.append(ws.GradItem(i, w.shape[0], layer.k, spec, stacked[2], stacked[1][0], slot[0][1], down,
+                               slot[2][1] if layer.r and need[2] else None,
+                               bias_at[2] if layer.has_bias and need[-1] else None,
+                               slot[-1][1] if layer.has_bias and need[-1] else None))
+    group = ws.GradGroup(out, plan.c, g_flat.device) if out else None
     if len(plan._grad_groups) < MAX_KEYS:
         plan._grad_groups[key] = group
     return group

@@ -182,7 +182,7 @@ MUTANTS = [
      "        if not any(isinstance(t, FakeTensor) for t in example_inputs):", "        if True:",
      "the compile backend builds on DDPOptimizer's fake example inputs (every branch refused under DDP)",
      ["tests/test_backend_ddp.py"]),
-    ("step_graphs_one_key", "robuq_fx/qat_step.py", "MAX_GRAPH_KEYS = 64", "MAX_GRAPH_KEYS = 1",
+    ("step_graphs_one_key", "robuq_fx/qat_step_kernels.py", "MAX_KEYS = 64", "MAX_KEYS = 1",
      "the step weight sides keep one CUDA graph a plan: a graph shared by several blocks is not replayed",
      ["tests/test_backend.py", "-k", "shared_graph"]),
     ("hadamard_lifted_every_use", "robuq_fx/kernels/inductor.py", "    if hit is not None and hit[0]() is mode:",

@@ -52,6 +52,25 @@ def train_compiled(mod, x, steps, **compile_kw):
         torch._dynamo.reset()
 
 
+def second_step_hooked(base, x, autocast_dtype):
+    """A copy of `base` under `weight_sides_per_forward`: two SGD steps (the first one steps, so the second runs on
+    moved masters and, with CUDA graphs or their stand-in, from the graphs captured at the first) of the sum of
+    squares of its output under autocast; (that second output, {name: gradient}), both in fp32."""
+    import copy
+    import robuq_fx
+    mod = copy.deepcopy(base)
+    robuq_fx.weight_sides_per_forward(mod)
+    opt = torch.optim.SGD(mod.parameters(), lr=0.1)
+    for step in range(2):
+        opt.zero_grad()
+        with torch.autocast(x.device.type, dtype=autocast_dtype):
+            y = mod(x)
+        y.float().pow(2).sum().backward()
+        if step == 0:
+            opt.step()
+    return y.detach().float(), {n: p.grad.float() for n, p in mod.named_parameters()}
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """|a - b| / |b| (Frobenius norms, in fp32; b == 0 counts as tiny)."""
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))

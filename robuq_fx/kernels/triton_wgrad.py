@@ -23,7 +23,7 @@ from ..hadamard import hadamard_matrix
 from .quantizer import on_device
 from .triton_launch import launch
 from .triton_wquant import _CODE, _round_to
-from .triton_wside import BLOCK_ROWS, MAX_RANK
+from .triton_wside import BLOCK_ROWS, MAX_RANK, block_tables
 
 
 @triton.jit
@@ -133,9 +133,11 @@ def grads_device_ok(t: torch.Tensor) -> bool:
 
 
 class GradItem(NamedTuple):
-    """One layer of a `GradGroup`, offsets in elements: its stacked gradient at g_offset with row stride g_stride
-    in the flat gradient, g_W's slot (N, K) at w_slot in the packed fp32 gradients; B's fp32 master (None without a
-    branch); A's slot (N, r) (None: not wanted); the bias's gradient in the flat gradient and its slot (None: none)."""
+    """One layer of a `GradGroup` (index: the caller's), offsets in elements: its stacked gradient at g_offset with
+    row stride g_stride in the flat gradient, g_W's slot (N, K) at w_slot in the packed fp32 gradients; B's fp32
+    master (None without a branch); A's slot (N, r) (None: not wanted); the bias's gradient in the flat gradient and
+    its slot (None: none)."""
+    index: int
     n: int
     k: int
     spec: object
@@ -155,30 +157,23 @@ class GradGroup:
     masters' addresses and offsets into the two tensors `run` is given: keep it while those stay where they are."""
 
     def __init__(self, items: list, c: torch.dtype, device: torch.device, bm: int = BLOCK_ROWS):
-        self.c, self.bm, self.launches = c, bm, []
-        self.covered = frozenset()  # (the caller's indices of the layers it covers: qat_step.Plan._grad_group)
-        dummy = torch.zeros(1, device=device)  # B's address for layers without a branch (never read: masked)
-        self._dummy = dummy
+        self.c, self.bm = c, bm
+        self.covered = frozenset(it.index for it in items)
+        self._dummy = torch.zeros(1, device=device)  # B's address for layers without a branch (never read: masked)
         by_block: dict = {}
         for it in items:
             if it.down is not None and (it.down.dtype != torch.float32 or it.down.stride(-1) != 1):
-                raise ValueError(f"GradGroup: B is {it.down.dtype} with strides {it.down.stride()}; expected an fp32 "
-                                 f"master with contiguous rows")
+                raise ValueError(f"GradGroup: layer {it.index}'s B is {it.down.dtype} with strides "
+                                 f"{it.down.stride()}; expected an fp32 master with contiguous rows")
             by_block.setdefault(it.spec.hadamard_block, []).append(it)
-        for hb, group in sorted(by_block.items()):
-            desc, tiles, rank = [], [], 0
-            for j, it in enumerate(group):
-                r = 0 if it.down is None else it.down.shape[0]
-                rank = max(rank, r)
-                desc.append([it.g_offset, it.g_stride, it.n, it.k, r,
-                             (it.down if r else dummy).data_ptr(),
-                             it.down.stride(0) if r else 0, it.w_slot, it.up_slot or 0,
-                             int(bool(r) and it.up_slot is not None), it.bias_offset or 0, it.bias_slot or 0,
-                             int(it.bias_offset is not None and it.bias_slot is not None), 0, 0, 0])
-                tiles += [(j, t) for t in range(0, it.n, bm)]
-            self.launches.append((torch.tensor(desc, dtype=torch.int64).to(device),
-                                  torch.tensor(tiles, dtype=torch.int32).to(device), len(tiles),
-                                  hadamard_matrix(hb, c, device), hb, max(16, triton.next_power_of_2(rank))))
+
+        def row(it):
+            r = 0 if it.down is None else it.down.shape[0]
+            return [it.g_offset, it.g_stride, it.n, it.k, r, (it.down if r else self._dummy).data_ptr(),
+                    it.down.stride(0) if r else 0, it.w_slot, it.up_slot or 0, int(bool(r) and it.up_slot is not None),
+                    it.bias_offset or 0, it.bias_slot or 0,
+                    int(it.bias_offset is not None and it.bias_slot is not None), 0, 0, 0], it.n, r
+        self.launches = block_tables(by_block, row, bm, c, device)
 
     def run(self, g_flat: torch.Tensor, slots: torch.Tensor) -> None:
         """The items' gradients from g_flat (c, 1-D) into slots (the packed fp32 gradients, 1-D)."""
@@ -186,6 +181,6 @@ class GradGroup:
             raise ValueError(f"GradGroup.run: g_flat {g_flat.dtype}, slots {slots.dtype}; expected {self.c} and "
                              f"torch.float32")
         with on_device(g_flat.device):
-            for desc, tiles, count, h, hb, rp in self.launches:
+            for hb, desc, tiles, count, h, rp in self.launches:
                 launch(wgrad_group_kernel, (count,), (desc, tiles, h, g_flat, slots),
                        dict(CDT=_CODE[self.c], HB=hb, BM=self.bm, RP=rp, GF=GF), dict(num_warps=4))

@@ -144,6 +144,25 @@ def supported(w: torch.Tensor, down, up, spec, c: torch.dtype) -> str | None:
     return None
 
 
+def block_tables(by_block: dict, row, bm: int, c: torch.dtype, device: torch.device) -> list:
+    """A grouped kernel's launches, one a Hadamard block size (ascending): (block, the layers' table (int64 rows),
+    (layer, first row) a program (int32), programs, H of that block in c, ranks padded to a power of two >= 16).
+    by_block: {block: entries}; row(entry) -> (its table row, its rows, its rank). Copied to the GPU: not inside a
+    CUDA graph capture."""
+    launches = []
+    for hb, entries in sorted(by_block.items()):
+        desc, tiles, rank = [], [], 0
+        for j, entry in enumerate(entries):
+            fields, n, r = row(entry)
+            desc.append(fields)
+            rank = max(rank, r)
+            tiles += [(j, t) for t in range(0, n, bm)]
+        launches.append((hb, torch.tensor(desc, dtype=torch.int64).to(device),
+                         torch.tensor(tiles, dtype=torch.int32).to(device), len(tiles), hadamard_matrix(hb, c, device),
+                         max(16, triton.next_power_of_2(rank))))
+    return launches
+
+
 class Item(NamedTuple):
     """One layer of a `Group`: its masters (W (N, K) fp32, B (r, K) and A (N, r) or None), its spec, where its
     Q_w(R) goes (offset of row 0 and row stride in the flat output), and, where given, where its other parts go:
@@ -189,24 +208,19 @@ class Group:
                                  f"expected a contiguous fp32 master")
             by_block.setdefault(it.spec.hadamard_block, []).append((it, rows))
             rows += it.w.shape[0]
-        for hb, group in sorted(by_block.items()):
-            desc, tiles, rank = [], [], 0
-            for j, (it, first) in enumerate(group):
-                w, down, up = it.w, it.down, it.up
-                n, k = w.shape
-                r = down.shape[0] if down is not None else 0
-                rank = max(rank, r)
-                b_mode = 0 if not r or it.down_offset is None else 2 if it.down_rotated else 1
-                desc.append([w.data_ptr(), (up if r else w).data_ptr(), (down if r else w).data_ptr(), it.offset,
-                             first, n, k, r, w.stride(0), up.stride(0) if r else 0, down.stride(0) if r else 0,
-                             it.stride, int(float(it.spec.w_bits) == 1.58), _CODE[getattr(torch, it.spec.scale_dtype)],
-                             int(Q.weight_qmax(it.spec.w_bits)), (w if it.bias is None else it.bias).data_ptr(),
-                             it.bias_offset, int(it.bias is not None), it.down_offset or 0, b_mode,
-                             int(bool(r and it.with_up)), 0, 0, 0])
-                tiles += [(j, t) for t in range(0, n, bm)]
-            self.launches.append((hb, torch.tensor(desc, dtype=torch.int64).to(device),
-                                  torch.tensor(tiles, dtype=torch.int32).to(device), len(tiles),
-                                  hadamard_matrix(hb, c, device), max(16, triton.next_power_of_2(rank))))
+        def row(entry):
+            it, first = entry
+            w, down, up = it.w, it.down, it.up
+            n, k = w.shape
+            r = down.shape[0] if down is not None else 0
+            b_mode = 0 if not r or it.down_offset is None else 2 if it.down_rotated else 1
+            return [w.data_ptr(), (up if r else w).data_ptr(), (down if r else w).data_ptr(), it.offset, first, n, k,
+                    r, w.stride(0), up.stride(0) if r else 0, down.stride(0) if r else 0, it.stride,
+                    int(float(it.spec.w_bits) == 1.58), _CODE[getattr(torch, it.spec.scale_dtype)],
+                    int(Q.weight_qmax(it.spec.w_bits)), (w if it.bias is None else it.bias).data_ptr(),
+                    it.bias_offset, int(it.bias is not None), it.down_offset or 0, b_mode,
+                    int(bool(r and it.with_up)), 0, 0, 0], n, r
+        self.launches = block_tables(by_block, row, bm, c, device)
         self.scale = torch.empty(rows, device=device, dtype=torch.float32)
 
     def run(self, out: torch.Tensor) -> frozenset:

@@ -168,13 +168,12 @@ def test_step_weight_sides_with_the_group_follow_the_op_by_op_step():
     launch writes g_W, A's and the bias's gradients back) against the
     op-by-op step: the output and every master's gradient of a second step (a replay) close (a code at a rounding
     tie may flip: the kernel's sums run in another order than cuBLAS's)."""
-    import copy
     import torch.nn as nn
-    import robuq_fx
     from robuq_fx import qat_fused
     from robuq_fx.qat_linear import QATLinear
     from robuq_fx.spec import LayerSpec
     from robuq_fx.kernels import triton_wgrad as WG, triton_wside as WS
+    from tests.qat_testing import rel, second_step_hooked
     torch.manual_seed(0)
     paper = LayerSpec(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=128, lora_rank=32)
     base = nn.Sequential(QATLinear.from_module(nn.Linear(256, 512), paper.resolve(256, 512)), nn.GELU(),
@@ -191,23 +190,12 @@ def test_step_weight_sides_with_the_group_follow_the_op_by_op_step():
         WG.GradGroup.run = lambda self, g, s: glaunches.append(len(self.covered)) or real_g(self, g, s)
         for on in (False, True):
             qat_fused._WSIDE[0] = on
-            mod = copy.deepcopy(base)
-            robuq_fx.weight_sides_per_forward(mod)
-            opt = torch.optim.SGD(mod.parameters(), lr=0.1)
-            for step in range(2):
-                opt.zero_grad()
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    y = mod(x)
-                y.float().pow(2).sum().backward()
-                if step == 0:
-                    opt.step()
-            runs[on] = (y.detach().float(), {n: p.grad.float() for n, p in mod.named_parameters()})
+            runs[on] = second_step_hooked(base, x, torch.bfloat16)
     finally:
         WS.Group.run, WG.GradGroup.run, qat_fused._WSIDE[0] = real, real_g, before
     assert launches and all(n == 3 for n in launches), launches  # every layer covered, in one Group
     assert glaunches and all(n == 3 for n in glaunches), glaunches  # and in one GradGroup (at the capture)
     (y0, g0), (y1, g1) = runs[False], runs[True]
-    rel = lambda a, b: ((a - b).norm() / b.norm().clamp_min(1e-30)).item()  # noqa: E731
     assert rel(y1, y0) < 1e-2, rel(y1, y0)
     for k in g0:
         assert rel(g1[k], g0[k]) < 3e-2, (k, rel(g1[k], g0[k]))

@@ -235,10 +235,9 @@ def test_weight_side_kernel_builds_for_sm90(hb, rp, bm, warps, stages):
 
 
 STEP = r"""
-import copy, json
+import json
 import torch
 import torch.nn as nn
-import robuq_fx
 from robuq_fx import qat_fused
 from robuq_fx.qat_linear import QATLinear
 from robuq_fx.spec import LayerSpec
@@ -254,7 +253,7 @@ WG.grads_device_ok = lambda t: True
 # the step's graphs with the stand-in backend (a replay calls the captured function: the backward's slots, where
 # the gradient kernel writes, exist only there)
 from robuq_fx import qat_graph, qat_step
-from tests.qat_testing import Replays
+from tests.qat_testing import Replays, rel, second_step_hooked
 qat_graph._BACKEND[0] = Replays()
 qat_step._use_graphs = lambda t: True
 torch.manual_seed(3)
@@ -269,21 +268,10 @@ real, real_g, real_gg = WS.Group.run, WG.weight_grads_rows, WG.GradGroup.run
 WS.Group.run = lambda self, out: calls.append(len(self.covered)) or real(self, out)
 WG.weight_grads_rows = lambda *a: gcalls.append(1) or real_g(*a)
 WG.GradGroup.run = lambda self, g, s: ggcalls.append(len(self.covered)) or real_gg(self, g, s)
-for on in (False, True):
+for on in (False, True):  # step 1 computes and captures, step 2 replays (the slots: the gradient kernels)
     qat_fused._WSIDE[0] = on
-    mod = copy.deepcopy(base)
-    robuq_fx.weight_sides_per_forward(mod)
-    opt = torch.optim.SGD(mod.parameters(), lr=0.1)
-    for step in range(2):  # step 1 computes and captures, step 2 replays (the slots: the gradient kernel)
-        opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.float16):
-            y = mod(x)
-        y.float().pow(2).sum().backward()
-        if step == 0:
-            opt.step()
-    runs[on] = (y.detach().float(), {n: p.grad.float() for n, p in mod.named_parameters()})
+    runs[on] = second_step_hooked(base, x, torch.float16)
 (y0, g0), (y1, g1) = runs[False], runs[True]
-rel = lambda a, b: ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 print(json.dumps({"calls": calls, "gcalls": len(gcalls), "ggcalls": ggcalls, "y": rel(y1, y0),
                   "grads": {k: rel(g1[k], g0[k]) for k in g0}}))
 """
@@ -374,7 +362,7 @@ for i, (n, k, rank, hb, has_bias, want_up) in enumerate(cases):
     bias_slot = up_slot + (n * rank if up is not None else 0) + 3
     s_off = bias_slot + n + 5
     bias_at = g_off + n * (k + rank) + 2
-    items.append(WS.GradItem(n, k, spec, g_off, k + rank, w_slot, down, up_slot if up is not None else None,
+    items.append(WS.GradItem(i, n, k, spec, g_off, k + rank, w_slot, down, up_slot if up is not None else None,
                              bias_at if has_bias else None, bias_slot if has_bias else None))
     g_parts.append((g_off, g_wide, bias_at, g_bias))
     g_off = bias_at + n + 7
