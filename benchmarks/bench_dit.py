@@ -299,7 +299,7 @@ def main(argv=None):
     # the plain rows' summary keys (qat_fp8_eager_x, qat_paper_no_wgraph_eager_x ...)
     opt_in = "".join(f" {tag}" for var, value, tag in (("ROBUQ_QAT_FP8", "1", "+fp8"),
                                                        ("ROBUQ_QAT_WEIGHT_KERNEL", "0", "-wkernel"),
-                                                       ("ROBUQ_QAT_WSIDE_KERNEL", "1", "+wside"),
+                                                       ("ROBUQ_QAT_WSIDE_KERNEL", "0", "-wside"),
                                                        ("ROBUQ_QAT_WEIGHT_GRAPH", "0", "-wgraph"),
                                                        ("ROBUQ_QAT_LAYER_GRAPH", "0", "-lgraph"),
                                                        ("ROBUQ_QAT_ACT_KERNEL", "0", "+noactk"),

@@ -119,12 +119,17 @@ def main(argv=None):
     ap.add_argument("--step-weights", action="store_true",
                     help="with --train: the QAT settings with robuq_fx.weight_sides_per_forward (every layer's weight "
                          "side once a forward, one CUDA graph replay each way); their tables add its hooks' CPU time")
+    ap.add_argument("--blocks", type=int, default=None,
+                    help="DiT-XL/2 with this many transformer blocks instead of 28 (shorter compiles; the kernels a "
+                         "block runs are the same, so the categories' shares carry over)")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
     from tabulate import tabulate
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     cfg = TINY if args.quick else XL2
+    if args.blocks:
+        cfg = dict(cfg, num_layers=args.blocks)
     pols = policies()
     names = SHORT_NAMES
     prov = provenance(argv)
@@ -186,9 +191,10 @@ def train_profile(args, cfg, pols, names, prov, device):
     from torch.profiler import ProfilerActivity, profile as tprofile
     amp = device == "cuda"
     x = inputs(cfg, args.batch if not args.quick else 2, device)
-    lines = [f"DiT {'tiny' if args.quick else 'XL/2'} QAT step, batch {args.batch} | {prov['gpu']} | "
+    blocks = f" ({cfg['num_layers']} blocks)" if args.blocks else ""
+    lines = [f"DiT {'tiny' if args.quick else 'XL/2'}{blocks} QAT step, batch {args.batch} | {prov['gpu']} | "
              f"torch {prov['torch']} | {args.train} | {args.steps} steps profiled"]
-    out = {"provenance": prov, "batch": args.batch, "train": args.train, "settings": {}}
+    out = {"provenance": prov, "batch": args.batch, "train": args.train, "blocks": cfg["num_layers"], "settings": {}}
     for key in args.settings:
         torch.manual_seed(0)
         m = build(cfg).to(device).train()
@@ -285,7 +291,8 @@ def train_profile(args, cfg, pols, names, prov, device):
                                    tablefmt="github")]
         del fwd, m, opt
         torch._dynamo.reset()
-    _write(args, prov, lines, out, f"profile_dit_train_{args.train}{'_stepw' if args.step_weights else ''}")
+    _write(args, prov, lines, out, f"profile_dit_train_{args.train}{'_stepw' if args.step_weights else ''}"
+                                   f"{f'_{args.blocks}blocks' if args.blocks else ''}")
 
 
 if __name__ == "__main__":

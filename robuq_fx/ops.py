@@ -167,12 +167,12 @@ def row_kernel():
 
 
 def weight_side_kernel():
-    """kernels/triton_wside (a QAT layer's forward weight side in one kernel, opt-in), or None."""
+    """kernels/triton_wside (the QAT layers' forward weight sides in one grouped kernel), or None."""
     return _kernel_module("triton_wside")
 
 
 def weight_grad_kernel():
-    """kernels/triton_wgrad (its backward in one kernel, opt-in), or None."""
+    """kernels/triton_wgrad (the step plan's backward weight sides in one grouped kernel), or None."""
     return _kernel_module("triton_wgrad")
 
 

@@ -30,7 +30,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import qat_graph, quantizers as Q
 from .layer import residual_parts, rotate_eager as _rotate, wide_difference
-from .ops import fake_quant_act_impl, fake_quant_weight_impl, row_kernel, weight_grad_kernel
+from .ops import fake_quant_act_impl, fake_quant_weight_impl, row_kernel
 from .kernels.registry import tensor_key
 from .kernels.weight_cache import scale_vec
 from .spec import LayerSpec
@@ -204,13 +204,21 @@ def _rotate_and_quantize(x, spec: LayerSpec):
 # values, where the bf16 path multiplies their bf16 roundings. The backward is unchanged (it reads the same Q_w(R)
 # and Q_a(x H) as before). Opt-in until its GPU test has passed (tests/test_qat_fused.py).
 _QAT_FP8 = [os.environ.get("ROBUQ_QAT_FP8", "0") == "1"]
-# the step plan's forward weight side in one kernel (kernels/triton_wside.py): opt-in until its GPU tests have run.
-# None: ROBUQ_QAT_WSIDE_KERNEL decides, read at each use (a bench's --env-variant sets it for one row); tests set it.
+# the step plan's weight sides in one grouped kernel each way (kernels/triton_wside.py, triton_wgrad.py): on by
+# default since session 27 (H200: forward and backward through the plan's graphs 14.9 against 21.4 ms of GPU time,
+# 12.3 against 19.5 ms of host time, the paper policy); ROBUQ_QAT_WSIDE_KERNEL=0 keeps the op-by-op forms.
+# None: the variable decides, read at each use (a bench's --env-variant sets it for one row); tests set it.
 _WSIDE: list = [None]
 
 
 def _wside_on() -> bool:
-    return _WSIDE[0] if _WSIDE[0] is not None else os.environ.get("ROBUQ_QAT_WSIDE_KERNEL", "0") == "1"
+    return _WSIDE[0] if _WSIDE[0] is not None else os.environ.get("ROBUQ_QAT_WSIDE_KERNEL", "1") != "0"
+
+
+def _wside_requested() -> bool:
+    """ROBUQ_QAT_WSIDE_KERNEL=1 set explicitly (or a test's switch): then every layer the grouped kernels leave is
+    named, even for the setting's own reasons (CPU tensors, no 16-bit autocast)."""
+    return bool(_WSIDE[0]) or os.environ.get("ROBUQ_QAT_WSIDE_KERNEL") == "1"
 
 
 def _fp8_forward_ok(x, w, spec: LayerSpec, c: torch.dtype) -> bool:
@@ -355,38 +363,30 @@ def _backward_parts(g, xq_c, wq, xh, xh_c, down_c, down, up, spec: LayerSpec, xd
 
 
 def _weight_grads(g_wide, p_down, down, up, spec: LayerSpec, k: int, r_dtype, w_dtype, ab, shared_cast: bool,
-                  need_w: bool, g_w_out: torch.Tensor | None = None, one_kernel: bool = False,
+                  need_w: bool, g_w_out: torch.Tensor | None = None,
                   g_up_out: torch.Tensor | None = None, g_down_out: torch.Tensor | None = None,
                   wup_written: bool = False) -> tuple:
     """(g_W, g_A, g_B) from the stacked GEMM's weight gradient g_wide = g^T [xq_c, t] and p_down = g_t^T xh_c:
     the backward's weight side, whose other inputs are the masters (what `qat_graph.graphed_grads` replays).
     g_w_out, g_up_out, g_down_out: where g_W, g_A and g_B go (in their masters' dtypes: slots of the step plan's packed
     gradients; the last op of each writes it there, as it casts: the same values, fewer kernels in its CUDA graph).
-    one_kernel (the step plan's, with ROBUQ_QAT_WSIDE_KERNEL=1): g_W and g_R B^T from one read of g_R where
-    `kernels/triton_wgrad.weight_grads_rows` covers the layer (sums in another order than cuBLAS's). wup_written:
-    g_W and g_A are in g_w_out and g_up_out already (the step plan's `GradGroup`); only B's is left."""
+    wup_written: g_W and g_A are in g_w_out and g_up_out already (the step plan's `kernels/triton_wgrad.GradGroup`);
+    only B's is left."""
     g_w = g_up = g_down = None
     g_r = _to(g_wide if down is None else g_wide.narrow(1, 0, k), r_dtype)
     gr = None if down is None else _to(g_r, ab)
     if wup_written:
         g_w, g_up = g_w_out, g_up_out
     else:
-        ws = weight_grad_kernel() if one_kernel and need_w and g_w_out is not None and _wside_on() else None
-        down_ab = None if down is None else _to(down, ab)
-        if ws is not None and g_r.dtype == ab and ws.grads_supported(g_r, down_ab, spec, g_w_out) is None:
-            g_w, ab_term = g_w_out, ws.weight_grads_rows(g_r, down_ab, spec, g_w_out)  # ab_term: -g_R B^T, fp32
-        else:
-            ab_term = None
-            if need_w:
-                g_w = _rotate(g_r, spec)
-                g_w = _to(g_w, w_dtype) if g_w_out is None else g_w_out.copy_(g_w)
+        if need_w:
+            g_w = _rotate(g_r, spec)
+            g_w = _to(g_w, w_dtype) if g_w_out is None else g_w_out.copy_(g_w)
         if down is not None:
             # R = W H - A B: A B's gradient is -g_R. The products are taken of g_R and negated (a few N x r / r x K
             # values; exact: rounding is symmetric) rather than of a negated copy of the whole (N, K) g_R.
             # A enters the stacked weight through its own cast (not autocast's cached one): its two terms add in
             # A's dtype; B's two products share autocast's cast, so theirs add before the cast back (`_b_grad`)
-            if ab_term is None:
-                ab_term = gr.mm(down_ab.t()).neg_()
+            ab_term = gr.mm(_to(down, ab).t()).neg_()
             tail = g_wide.narrow(1, k, g_wide.shape[1] - k)
             if g_up_out is not None and torch.promote_types(tail.dtype, up.dtype) == up.dtype == g_up_out.dtype:
                 g_up = torch.add(_to(ab_term, up.dtype), tail, out=g_up_out)  # (tail cast to A's dtype in the add)

@@ -106,7 +106,7 @@ def _all_grads(layers: list, layout: list, flat_g: torch.Tensor, c: torch.dtype,
         mine = slots[len(grads):len(grads) + len(need)] if slots is not None else (None,) * len(need)
         g_w_out = mine[0] if need_w and not layer.transposed else None
         g_w, g_up, g_down = _weight_grads(g_wide, p_down, down, up, layer.module.spec, layer.k, r_dtype, w.dtype,
-                                          ab, ab == c, need_w, g_w_out, one_kernel=True,
+                                          ab, ab == c, need_w, g_w_out,
                                           g_up_out=mine[2] if layer.r and need[2] else None,
                                           g_down_out=mine[1] if layer.r and need[1] else None,
                                           wup_written=i in covered)

@@ -1,4 +1,4 @@
-"""The one-kernel forms' tables for a step plan (qat_step.Plan; ROBUQ_QAT_WSIDE_KERNEL=1): which layers the grouped
+"""The one-kernel forms' tables for a step plan (qat_step.Plan; on unless ROBUQ_QAT_WSIDE_KERNEL=0): which layers the grouped
 forward weight side (`kernels/triton_wside.Group`) and the grouped backward (`kernels/triton_wgrad.GradGroup`)
 cover, and where each layer's parts and gradients lie in the plan's flat buffers. Built once a key, before any CUDA
 graph capture (their tables are copied to the GPU), and kept while the masters stay where they are."""
@@ -10,17 +10,20 @@ import torch
 
 from . import qat_graph
 from .ops import weight_grad_kernel, weight_side_kernel
-from .qat_fused import _wside_on
+from .qat_fused import _wside_on, _wside_requested
 from .qat_step_layout import _contiguous, _master_spans, _per_layer, _unpack
 
 MAX_KEYS = 64  # keys a plan keeps CUDA graphs and tables for, a direction (masters that keep moving: op by op)
+# why-nots of the setting itself, named only where the switch was set to 1 explicitly (as the act op's "not on CUDA")
+QUIET = frozenset({"not a CUDA tensor", "not under 16-bit autocast", "triton does not import"})
 
 
 def forward_group(plan, masters: tuple, ptrs: tuple):
-    """With ROBUQ_QAT_WSIDE_KERNEL=1 (an explicit request): the one-kernel forward weight side's tables for the
-    layers it covers (`kernels/triton_wside.Group`: all their parts), kept per (masters' addresses, c, autocast,
-    which layers take B H) like the graphs; else None. Built here, before any capture. The first time a setting
-    is seen, one warning names the layers it leaves to the op-by-op form, and why (the same math)."""
+    """Unless ROBUQ_QAT_WSIDE_KERNEL=0: the one-kernel forward weight side's tables for the layers it covers
+    (`kernels/triton_wside.Group`: all their parts), kept per (masters' addresses, c, autocast, which layers take
+    B H) like the graphs; else None. Built here, before any capture. The first time a setting is seen, one warning
+    names the layers it leaves to the op-by-op form, and why (the same math): those on CUDA under 16-bit autocast,
+    or all of them where the switch was set to 1."""
     if not _wside_on():
         return None
     autocast = qat_graph._autocast_dtype(masters[0].device)
@@ -44,7 +47,8 @@ def forward_group(plan, masters: tuple, ptrs: tuple):
                                  down_offset=down_at[2] if down_at else None, down_rotated=plan.act[i]))
     if (plan.c, autocast) not in plan._wside_checked:
         plan._wside_checked.add((plan.c, autocast))
-        left = [w for w in why if w is not None]
+        loud = _wside_requested()
+        left = [w for w in why if w is not None and (loud or w not in QUIET)]
         if left:
             warnings.warn(f"ROBUQ_QAT_WSIDE_KERNEL: {len(left)} of {len(why)} QAT layers keep the op-by-op weight "
                           f"side ({'; '.join(sorted(set(left)))})", RuntimeWarning, stacklevel=5)
@@ -61,7 +65,7 @@ def _fp32_slot(slot, shape: tuple) -> bool:
 
 
 def grad_group(plan, key, masters: tuple, packed: tuple, needs: tuple, r_dtypes: tuple, g_flat: torch.Tensor):
-    """With ROBUQ_QAT_WSIDE_KERNEL=1: the one-kernel backward's tables (`kernels/triton_wgrad.GradGroup`) for
+    """Unless ROBUQ_QAT_WSIDE_KERNEL=0: the one-kernel backward's tables (`kernels/triton_wgrad.GradGroup`) for
     the layers whose gradients it can write (16-bit g_R under autocast's dtype, fp32 masters and slots, a
     Hadamard block of 16-128), kept per graph key; else None. packed: the packed gradients' layout
     (`_pack_grads`), whose fp32 buffer the slots are in."""

@@ -739,7 +739,7 @@ s24b)  # session 24: the one-kernel forward weight side as row tiles (e253237): 
             tests/kernels/test_triton_wquant.py -k "weight_side or weight_grads" > "$OUT/wside_tests.log" 2>&1
         grep -E "^E |Error|passed|failed" "$OUT/wside_tests.log" | head -8
         timeout 120 python3 scripts/weight_side_profile.py --out "$OUT" > "$OUT/ws_profile.log" 2>&1
-        grep -E "^## |wside_|wgrad_rows|TOTAL" "$OUT/ws_profile.log"
+        grep -E "^## |wside_|wgrad_group|TOTAL" "$OUT/ws_profile.log"
     fi
     ROBUQ_QAT_WSIDE_KERNEL=1 timeout "$([ -n "${SKIP_TESTS:-}" ] && echo 560 || echo 400)" python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes compiled \
         --iters 12 --settings "QAT dit-xl-2-robuq" --step-weights on --tag _train_wside_paper > "$OUT/wside_bench.log" 2>&1
@@ -754,7 +754,7 @@ s25a)  # session 25's first call (~3 min): the grouped one-kernel forward weight
         > "$OUT/s25a_tests.log" 2>&1
     grep -E "^E |Error|passed|failed" "$OUT/s25a_tests.log" | head -8
     timeout 150 python3 scripts/weight_side_profile.py --out "$OUT" > "$OUT/ws_profile.log" 2>&1
-    grep -E "^## |wside_|wgrad_rows|TOTAL|Error" "$OUT/ws_profile.log"
+    grep -E "^## |wside_|wgrad_group|TOTAL|Error" "$OUT/ws_profile.log"
     timeout 60 python3 scripts/step_hook_overhead.py | tee "$OUT/step_hook_overhead.txt"  # the host's Python a step
     ;;
 s26a)  # session 26's first call (~3 min): the automatic hooks' CUDA tests (the new one: under mode="reduce-overhead"
@@ -777,11 +777,21 @@ s27a)  # session 27's first call (~5 min): the grouped forward weight side writi
     timeout 200 python3 scripts/weight_side_profile.py --out "$OUT" > "$OUT/ws_profile.log" 2>&1
     grep -E "^## |rows .*warps|TOTAL|Error" "$OUT/ws_profile.log"
     ;;
-host-profile)  # host-profile [S..]: scripts/host_profile_step.py (default bf16 dit dit:wside dit:per-layer; ~8 min cold
+s27b)  # session 27's last call (~5 min): the one-kernel forms as the default (the grouped backward against the op-by-op
+    # one on the GPU, the whole plan), then the first kernel profile under CUDA graphs: bf16 and the paper policy,
+    # 4 DiT-XL/2 blocks (short compiles; a block's kernels are the same), where the paper's step is 1.52x FP
+    timeout 100 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -p no:logging tests/kernels/test_triton_wquant.py \
+        -k "group or step" > "$OUT/s27b_tests.log" 2>&1
+    grep -E "^E |Error|passed|failed" "$OUT/s27b_tests.log" | head -8
+    timeout 240 python3 benchmarks/profile_dit.py --train cudagraphs --blocks 4 --batch 16 --steps 3 \
+        --settings bf16 paper --out "$OUT" > "$OUT/cg_profile.log" 2>&1
+    grep -E "^## |TOTAL|wall|Error" "$OUT/cg_profile.log" | head -20
+    ;;
+host-profile)  # host-profile [S..]: scripts/host_profile_step.py (default bf16 dit dit:opbyop dit:per-layer; ~8 min cold
     # compiles): the compiled step's host time function by function, each QAT setting against FP
     S="${*:2}"
     # shellcheck disable=SC2086
-    timeout 560 python3 scripts/host_profile_step.py --settings ${S:-bf16 dit dit:wside dit:per-layer} --out "$OUT" \
+    timeout 560 python3 scripts/host_profile_step.py --settings ${S:-bf16 dit dit:opbyop dit:per-layer} --out "$OUT" \
         > "$OUT/host_profile.log" 2>&1
     grep -E "^\||^## |Error|wrote" "$OUT/host_profile.log" | head -120
     ;;

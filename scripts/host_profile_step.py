@@ -14,7 +14,8 @@ inputs, and the functions whose own time (tottime) per step grows most against t
     python scripts/host_profile_step.py --cpu-deep --settings bf16 dit dit:per-layer   # DiT-XL/2's depth on the CPU
 
 A setting "NAME:per-layer" runs NAME with quantize's automatic weight-side hooks off (ROBUQ_QAT_STEP_WEIGHTS=0),
-"NAME:wside" with the one-kernel weight sides (ROBUQ_QAT_WSIDE_KERNEL=1).
+"NAME:opbyop" with the weight sides op by op (ROBUQ_QAT_WSIDE_KERNEL=0; the grouped kernels are the default since
+session 27).
 Writes host_profile_<gpu>.txt / .json under --out.
 """
 from __future__ import annotations
@@ -40,7 +41,7 @@ from _provenance import gpu_tag, provenance  # noqa: E402
 
 
 VARIANTS = {"per-layer": ("ROBUQ_QAT_STEP_WEIGHTS", "0"),  # the automatic hooks off: each layer its weight side
-            "wside": ("ROBUQ_QAT_WSIDE_KERNEL", "1")}  # the one-kernel weight sides (one forward graph node)
+            "opbyop": ("ROBUQ_QAT_WSIDE_KERNEL", "0")}  # the weight sides op by op (~1,000 graph nodes each way)
 
 
 def _sync(device: str) -> None:

@@ -21,7 +21,7 @@ from _dit_setup import PAPER, TINY, XL2, build, inputs, policies  # noqa: E402
 import robuq_fx  # noqa: E402
 from robuq_fx import qat_fused, qat_step  # noqa: E402
 from robuq_fx.qat_linear import QATLinear  # noqa: E402
-from robuq_fx.qat_step_layout import _pack_grads, _packed, _split  # noqa: E402
+from robuq_fx.qat_step_layout import _split  # noqa: E402
 
 
 def _ms(fn, iters=5):
@@ -102,24 +102,15 @@ def main():
         with torch.no_grad():
             qat_step._all_grads(plan.layers, plan.layout, g, plan.c, plan.ab, r_dtypes, needs, act, *masters)
 
-    def one_kernel(fn):
-        """fn with ROBUQ_QAT_WSIDE_KERNEL=1's path (kernels/triton_wside.py) in force."""
+    def switched(fn, on: bool):
+        """fn with ROBUQ_QAT_WSIDE_KERNEL's grouped kernels (kernels/triton_wside.py, triton_wgrad.py) on or off."""
         def run():
-            qat_fused._WSIDE[0], before = True, qat_fused._WSIDE[0]
+            qat_fused._WSIDE[0], before = on, qat_fused._WSIDE[0]
             try:
                 fn()
             finally:
                 qat_fused._WSIDE[0] = before
         return run
-
-    grads0 = qat_step._all_grads(plan.layers, plan.layout, g, plan.c, plan.ab, r_dtypes, needs, act, *masters)
-    bufs, glayout = _pack_grads(grads0)
-    del grads0
-
-    def eager_bwd_slots():  # the backward with the packed buffers' slots, as the captured backward runs
-        with torch.no_grad():
-            _packed(glayout, bufs, lambda slots: qat_step._all_grads(plan.layers, plan.layout, g, plan.c, plan.ab,
-                                                                     r_dtypes, needs, act, *masters, slots=slots))
 
     def graphed():
         with ac:
@@ -132,11 +123,11 @@ def main():
         with ac, torch.no_grad():
             plan.run_forward(tuple(masters))
 
-    for name, fn in (("forward, op by op", eager_fwd), ("forward, op by op, one kernel", one_kernel(eager_fwd)),
-                     ("backward, op by op", eager_bwd),
-                     ("backward, op by op, one kernel a layer", one_kernel(eager_bwd_slots)),
-                     ("forward + backward through WeightSides (CUDA graphs, autograd)", graphed),
-                     ("the same with the one-kernel forms", one_kernel(graphed)),
+    for name, fn in (("forward, op by op", switched(eager_fwd, False)),
+                     ("forward, op by op, one kernel", switched(eager_fwd, True)),
+                     ("backward, op by op", switched(eager_bwd, False)),
+                     ("forward + backward through WeightSides (CUDA graphs, autograd)", switched(graphed, False)),
+                     ("the same with the one-kernel forms", switched(graphed, True)),
                      ("forward replay alone (+ its clone)", graphed_fwd)):
         t = _ms(fn)
         out.append(f"\n## {name}: {t:.3f} ms (host: {_host_ms(fn):.3f} ms)\n{_kernels(fn)}")

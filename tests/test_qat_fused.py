@@ -226,13 +226,15 @@ def test_inductor_compiled_qat_equals_eager_under_autocast(name, fused_switch):
 
 def test_one_kernel_weight_side_switch(monkeypatch):
     """ROBUQ_QAT_WSIDE_KERNEL is read at each use (bench_dit's --env-variant sets it for one row); an explicit
-    setting overrides it; off by default."""
+    setting overrides it; on by default, requested (every left layer named) only when set to 1."""
     from robuq_fx import qat_fused
     monkeypatch.setattr(qat_fused, "_WSIDE", [None])
     monkeypatch.delenv("ROBUQ_QAT_WSIDE_KERNEL", raising=False)
-    assert not qat_fused._wside_on()
+    assert qat_fused._wside_on() and not qat_fused._wside_requested()
+    monkeypatch.setenv("ROBUQ_QAT_WSIDE_KERNEL", "0")
+    assert not qat_fused._wside_on() and not qat_fused._wside_requested()
     monkeypatch.setenv("ROBUQ_QAT_WSIDE_KERNEL", "1")
-    assert qat_fused._wside_on()
+    assert qat_fused._wside_on() and qat_fused._wside_requested()
     monkeypatch.setattr(qat_fused, "_WSIDE", [False])
     assert not qat_fused._wside_on()
 

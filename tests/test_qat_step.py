@@ -276,6 +276,28 @@ def test_one_kernel_switch_names_the_layers_it_leaves(monkeypatch):
     _close(got[:1], want, rtol=0, atol=0)
 
 
+def test_one_kernel_default_leaves_cpu_layers_quietly(monkeypatch):
+    """ROBUQ_QAT_WSIDE_KERNEL unset (on by default): CPU tensors keep the op-by-op weight sides with no warning
+    (that is the setting, not a gap); the results are those of the switch off."""
+    import warnings
+    from robuq_fx import qat_fused
+    base = Net()
+    x = torch.randn(3, 10, 128)
+    monkeypatch.setattr(qat_fused, "_WSIDE", [None])
+    monkeypatch.delenv("ROBUQ_QAT_WSIDE_KERNEL", raising=False)
+    mods = {}
+    for on in (None, False):
+        qat_fused._WSIDE[0] = on
+        mods[on] = copy.deepcopy(base)
+        robuq_fx.weight_sides_per_forward(mods[on])
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            got = _train(mods[on], x, 2, False)
+        assert not [m for m in w if "ROBUQ_QAT_WSIDE_KERNEL" in str(m.message)], [str(m.message) for m in w]
+        mods[on] = got
+    _close(mods[None], mods[False], rtol=0, atol=0)
+
+
 def test_compiled_step_compiles_once_and_matches_eager(monkeypatch):
     base = Net()
     x = torch.randn(3, 10, 128)

@@ -73,11 +73,11 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
     ("ROBUQ_QAT_FUSED", "1", "0: eager QAT runs the op graph instead of one autograd node a layer"),
     ("ROBUQ_QAT_WEIGHT_KERNEL", "1", "0: QAT on CUDA computes Q_w(R) (and R = W H - A B in fp32) with ~12 ATen "
                                      "kernels over the weight instead of one Triton kernel"),
-    ("ROBUQ_QAT_WSIDE_KERNEL", "0", "1: weight_sides_per_forward / the backend's step mode compute every layer's "
-                                    "forward weight side (Q_w(W H - A B), A, B or B H, the bias) from the fp32 "
-                                    "masters in one grouped Triton launch, and g_W, A's and the bias's gradients "
-                                    "in another (triton_wside.py, triton_wgrad.py; timed alone, not yet in a "
-                                    "bench row)"),
+    ("ROBUQ_QAT_WSIDE_KERNEL", "1", "0: weight_sides_per_forward / the backend's step mode compute every layer's "
+                                    "weight side op by op (11-14 ATen kernels a layer each way, in CUDA graphs) "
+                                    "instead of one grouped Triton launch a Hadamard block size each way: Q_w(W H - "
+                                    "A B), A, B or B H and the bias forward; g_W, A's and the bias's gradients "
+                                    "backward (triton_wside.py, triton_wgrad.py)"),
     ("ROBUQ_QAT_STEP_WEIGHTS", "auto", "0: a torch.compile'd QAT model from robuq_fx.quantize keeps each layer's "
                                        "weight side in the compiled graph instead of all of them once a forward "
                                        "(qat_step_hooks.py; H200 paper step 1.11x vs 1.81x FP)"),

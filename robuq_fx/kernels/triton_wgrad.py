@@ -1,15 +1,13 @@
-"""The backward of a QAT layer's weight side in Triton kernels (opt-in, `ROBUQ_QAT_WSIDE_KERNEL=1`; the forward's
-are in triton_wside.py).
+"""The backward of the QAT step plan's weight sides in one Triton launch a Hadamard block size (`GradGroup`; on
+unless ROBUQ_QAT_WSIDE_KERNEL=0; the forward's are in triton_wside.py).
 
-Backward (`weight_grads_rows`): from the stacked weight's gradient g_wide = [g_R, g_A'] (c), one program a tile of
-16 rows reading g_R once: g_W = rnd_c(g_R . H_c) written in fp32 into the packed gradient's slot, and, with a branch,
--rnd_c(g_R B_c^T) (the A B term of A's gradient, fp32 sums over K) for the caller to add g_A' to. A^T g_R (B's
-term) stays a cuBLAS GEMM: a sum over rows, which a row tile cannot finish. The op-by-op path copies g_R (a strided
-slice) for the rotation, writes the rotated bf16 gradient and casts it to fp32 again: ~14 bytes an element against
-6 (10.2 ms of backward weight-side kernels a DiT-XL/2 step in session 23, most of them these). `GradGroup` runs it
-for all of a step plan's layers in one launch a Hadamard block size, reading B from its fp32 master and also writing
-A's whole gradient (the A B term plus g_A') and the bias's into their fp32 slots: of a layer's backward weight side
-only B's gradient (a cuBLAS GEMM and a sub) is left outside it.
+From each covered layer's stacked weight gradient g_wide = [g_R, g_A'] (c), one program a tile of 16 rows reads g_R
+once and writes, into the packed fp32 gradients: g_W = rnd_c(g_R . H_c); with a branch, A's whole gradient
+-rnd_c(g_R rnd_c(B)^T) + g_A' (fp32 sums over K, B read from its fp32 master); and the bias's gradient cast. A^T g_R
+(B's term) stays a cuBLAS GEMM: a sum over rows, which a row tile cannot finish. The op-by-op path copies g_R (a
+strided slice) for the rotation, writes the rotated bf16 gradient and casts it to fp32 again: ~14 bytes an element
+against 6, and ~3 nodes a layer in the plan's backward CUDA graph where this is one for all (H200, session 27, the
+paper policy's 196 layers: 3.05 ms in one launch).
 """
 from __future__ import annotations
 
@@ -19,11 +17,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ..hadamard import hadamard_matrix
 from .quantizer import on_device
 from .triton_launch import launch
 from .triton_wquant import _CODE, _round_to
 from .triton_wside import BLOCK_ROWS, MAX_RANK, block_tables
+
+__all__ = ["GF", "GradGroup", "GradItem", "MAX_RANK", "grads_device_ok", "wgrad_group_kernel"]  # (MAX_RANK: the plan's check)
 
 
 @triton.jit
@@ -47,60 +46,14 @@ def _wgrad_tile(g_ptr, stride_g, h_ptr, down_ptr, stride_down, rank, gw_ptr, str
     return acc
 
 
-@triton.jit
-def wgrad_rows_kernel(g_ptr, h_ptr, down_ptr, gw_ptr, gup_ptr, N, K, RANK, stride_g, stride_down, stride_gw,
-                      stride_gup, HAS_AB: tl.constexpr, CDT: tl.constexpr, HB: tl.constexpr, BM: tl.constexpr,
-                      RP: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    rmask = rows[:, None] < N
-    ranks = tl.arange(0, RP)
-    acc = _wgrad_tile(g_ptr, stride_g, h_ptr, down_ptr, stride_down, RANK, gw_ptr, stride_gw, rows, rmask, K,
-                      HAS_AB, CDT, HB, BM, RP)
-    if HAS_AB:
-        tl.store(gup_ptr + rows[:, None] * stride_gup + ranks[None, :], -_round_to(acc, CDT),
-                 mask=rmask & (ranks[None, :] < RANK))
-
-
-def grads_supported(g_r: torch.Tensor, down_c, spec, g_w_out: torch.Tensor) -> str | None:
-    """None where `weight_grads_rows` computes this layer's weight gradients, else why not."""
-    if not g_r.is_cuda or g_r.dtype not in (torch.bfloat16, torch.float16) or g_r.stride(-1) != 1:
-        return "not a 16-bit CUDA gradient with contiguous rows"
-    if g_w_out is None or g_w_out.dtype != torch.float32 or g_w_out.shape != g_r.shape or g_w_out.stride(-1) != 1:
-        return "no fp32 slot for the weight's gradient"
-    if not spec.hadamard or spec.hadamard_block not in (16, 32, 64, 128) or g_r.shape[1] % spec.hadamard_block:
-        return "no Hadamard block of 16-128 dividing in_features"
-    if down_c is not None and (down_c.dtype != g_r.dtype or down_c.shape[0] > MAX_RANK or down_c.stride(-1) != 1):
-        return "branch factor B"
-    return None
-
-
-def weight_grads_rows(g_r: torch.Tensor, down_c, spec, g_w_out: torch.Tensor):
-    """g_W = rnd_c(g_R H) into g_w_out (fp32, (N, K)); returns -rnd_c(g_R B_c^T) in fp32 (N, r), or None without a
-    branch. g_r: (N, K) in c, rows contiguous (a slice of g_wide); down_c: B in c (r, K)."""
-    n, k = g_r.shape
-    hb = spec.hadamard_block
-    h = hadamard_matrix(hb, g_r.dtype, g_r.device)  # (cached: what the op-by-op rotation of g_R multiplies by)
-    has_ab = down_c is not None
-    rank = down_c.shape[0] if has_ab else 0
-    g_up = torch.empty(n, rank, device=g_r.device, dtype=torch.float32) if has_ab else None
-    bm = 16
-    with on_device(g_r.device):
-        launch(wgrad_rows_kernel, (triton.cdiv(n, bm),),
-               (g_r, h, down_c if has_ab else g_r, g_w_out, g_up if has_ab else g_w_out, n, k, rank, g_r.stride(0),
-                down_c.stride(0) if has_ab else 0, g_w_out.stride(0), g_up.stride(0) if has_ab else 0),
-               dict(HAS_AB=has_ab, CDT=_CODE[g_r.dtype], HB=hb, BM=bm, RP=max(16, triton.next_power_of_2(rank))),
-               dict(num_warps=4))
-    return g_up
-
-
 GF = 16  # int64 fields a layer in a gradient group's table (`GradGroup`)
 
 
 @triton.jit
 def wgrad_group_kernel(desc_ptr, tiles_ptr, h_ptr, g_base, slot_base, CDT: tl.constexpr, HB: tl.constexpr,
                        BM: tl.constexpr, RP: tl.constexpr, GF: tl.constexpr):
-    """`wgrad_rows_kernel` for several layers in one launch (`GradGroup`): one program a tile of BM rows of one
-    layer. From the layer's stacked gradient g_wide = [g_R, g_A'] (c, in g_base) it writes g_W = rnd_c(g_R H) and
+    """The backward weight sides of several layers in one launch (`GradGroup`): one program a tile of BM rows of
+    one layer. From the layer's stacked gradient g_wide = [g_R, g_A'] (c, in g_base) it writes g_W = rnd_c(g_R H) and
     g_A = -rnd_c(g_R rnd_c(B)^T) + g_A' (fp32, as `torch.add` of the two in A's dtype) into their slots of the packed
     fp32 gradients (slot_base), and the bias's gradient cast to fp32. B is read from its fp32 master."""
     pid = tl.program_id(0)
@@ -153,7 +106,7 @@ class GradItem(NamedTuple):
 class GradGroup:
     """Several layers' backward weight sides in one launch a Hadamard block size (`wgrad_group_kernel`): the step
     plan's backward graph then holds one node for them where it held ~3 a layer (each replayed node costs host and
-    GPU time). Tiles of 16 rows, as `weight_grads_rows`, whose values it writes bit for bit. The table holds the B
+    GPU time). Tiles of 16 rows (BLOCK_ROWS). The table holds the B
     masters' addresses and offsets into the two tensors `run` is given: keep it while those stay where they are."""
 
     def __init__(self, items: list, c: torch.dtype, device: torch.device, bm: int = BLOCK_ROWS):

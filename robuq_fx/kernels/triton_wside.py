@@ -1,4 +1,4 @@
-"""A QAT layer's forward weight side in one Triton kernel (opt-in, `ROBUQ_QAT_WSIDE_KERNEL=1`; used by
+"""A QAT layer's forward weight side in one Triton kernel (on unless `ROBUQ_QAT_WSIDE_KERNEL=0`; used by
 `weight_sides_per_forward` and the backend's step mode): from the fp32 master W and the branch factors A (up, N x r)
 and B (down, r x K) straight to Q_w(R) in the matmul dtype, written into the stacked weight's slice, and the fp32
 scales; for the step plan (`Group` with full `Item`s) also the layer's other parts, casts of its masters: A_c beside

@@ -132,34 +132,56 @@ def test_weight_side_group_equals_the_op_by_op_path_layer_by_layer():
     assert bool((flat[~written] == 3).all())
 
 
-@pytest.mark.parametrize("n,k,rank", [(1152, 1152, 32), (4608, 1152, 0), (1152, 4608, 32), (100, 640, 16)])
-def test_weight_grads_kernel_equals_the_op_by_op_path(n, k, rank):
-    """kernels/triton_wgrad.weight_grads_rows against the op-by-op backward weight side (`qat_fused._weight_grads`
-    with the kernel off): g_W and A's gradient within bf16 rounding (>= 99.9% of g_W equal: the rotation's sums run
-    in another order than cuBLAS's), B's untouched by the kernel."""
+def test_weight_grads_group_equals_the_op_by_op_path():
+    """kernels/triton_wgrad.GradGroup on the GPU (DiT-XL/2 shapes and an odd one, ranks 0-32, Hadamard blocks 64 and
+    128: two launches) against the op-by-op backward weight side (`qat_fused._weight_grads`, cuBLAS): g_W (>= 99.9%
+    equal: the rotation's sums run in another order) and A's gradient within bf16 rounding, the bias's gradient
+    cast exactly, each in its slot of one fp32 buffer and nothing written elsewhere."""
     from robuq_fx import qat_fused
+    from robuq_fx.kernels import triton_wgrad as WG
     from robuq_fx.spec import LayerSpec
-    torch.manual_seed(0)
-    spec = LayerSpec(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=128, lora_rank=rank).resolve(k, n)
-    g_wide = torch.randn(n, k + rank, device="cuda", dtype=torch.bfloat16) * 0.01
-    p_down = torch.randn(rank, k, device="cuda", dtype=torch.bfloat16) * 0.01 if rank else None
-    down = torch.randn(rank, k, device="cuda") * 0.1 if rank else None
-    up = torch.randn(n, rank, device="cuda") * 0.1 if rank else None
-    args = (g_wide, p_down, down, up, spec, k, torch.bfloat16, torch.float32, torch.bfloat16, True, True)
-    want = qat_fused._weight_grads(*args)
-    slot = torch.full((n, k), 5.0, device="cuda")
-    before = qat_fused._WSIDE[0]
-    qat_fused._WSIDE[0] = True
-    try:
-        got = qat_fused._weight_grads(*args, g_w_out=slot, one_kernel=True)
-    finally:
-        qat_fused._WSIDE[0] = before
-    assert got[0] is slot
-    assert (got[0] == want[0]).float().mean().item() >= 0.999
-    assert ((got[0] - want[0]).norm() / want[0].norm()).item() < 1e-2
-    if rank:
-        assert ((got[1] - want[1]).norm() / want[1].norm()).item() < 1e-2
-        assert torch.equal(got[2], want[2])
+    c = torch.bfloat16
+    cases = ((1152, 1152, 32, 128), (4608, 1152, 0, 128), (1152, 4608, 32, 128), (100, 640, 16, 64))
+    items, wants, g_parts, g_off, s_off = [], [], [], 0, 0
+    for i, (n, k, rank, hb) in enumerate(cases):
+        torch.manual_seed(i)
+        spec = LayerSpec(w_bits=1.58, a_bits=4, hadamard=True, hadamard_block=hb, lora_rank=rank).resolve(k, n)
+        g_wide = torch.randn(n, k + rank, device="cuda", dtype=c) * 0.01
+        g_bias = torch.randn(n, device="cuda", dtype=c)
+        down = torch.randn(rank, k, device="cuda") * 0.1 if rank else None
+        up = torch.randn(n, rank, device="cuda") * 0.1 if rank else None
+        p_down = torch.randn(rank, k, device="cuda", dtype=c) * 0.01 if rank else None
+        wants.append(qat_fused._weight_grads(g_wide, p_down, down, up, spec, k, c, torch.float32, c, True, True))
+        w_slot = s_off
+        up_slot = w_slot + n * k + 1
+        bias_slot = up_slot + n * rank + 3
+        s_off = bias_slot + n + 5
+        bias_at = g_off + n * (k + rank) + 2
+        items.append(WG.GradItem(i, n, k, spec, g_off, k + rank, w_slot, down, up_slot if rank else None,
+                                 bias_at, bias_slot))
+        g_parts.append((g_off, g_wide, bias_at, g_bias))
+        g_off = bias_at + n + 7
+    g_flat = torch.zeros(g_off, device="cuda", dtype=c)
+    for o, g_wide, b_at, g_bias in g_parts:
+        g_flat[o:o + g_wide.numel()] = g_wide.reshape(-1)
+        g_flat[b_at:b_at + len(g_bias)] = g_bias
+    slots = torch.full((s_off,), 9.0, device="cuda")
+    group = WG.GradGroup(items, c, g_flat.device)
+    group.run(g_flat, slots)
+    assert len(group.launches) == 2
+    written = torch.zeros(s_off, dtype=torch.bool, device="cuda")
+    for it, (w_want, up_want, _), (_, _, _, g_bias) in zip(items, wants, g_parts):
+        got_w = slots[it.w_slot:it.w_slot + it.n * it.k].view(it.n, it.k)
+        written[it.w_slot:it.w_slot + it.n * it.k] = True
+        assert (got_w == w_want).float().mean().item() >= 0.999, it.index
+        assert ((got_w - w_want).norm() / w_want.norm()).item() < 1e-2, it.index
+        if up_want is not None:
+            got_up = slots[it.up_slot:it.up_slot + up_want.numel()].view(up_want.shape)
+            written[it.up_slot:it.up_slot + up_want.numel()] = True
+            assert ((got_up - up_want).norm() / up_want.norm()).item() < 1e-2, it.index
+        assert torch.equal(slots[it.bias_slot:it.bias_slot + it.n], g_bias.float()), it.index
+        written[it.bias_slot:it.bias_slot + it.n] = True
+    assert bool((slots[~written] == 9).all())
 
 
 def test_step_weight_sides_with_the_group_follow_the_op_by_op_step():
