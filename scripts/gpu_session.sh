@@ -60,6 +60,8 @@
 #   scripts/gpu_session.sh s25a             the grouped one-kernel weight side: GPU tests, then weight_side_profile
 #   scripts/gpu_session.sh s26a             the hooks' CUDA tests, then the compiled W4A4+H step profiled with its phases
 #   scripts/gpu_session.sh s27a             the grouped weight side writing every part: GPU tests, weight_side_profile
+#   scripts/gpu_session.sh s27b             the one-kernel forms as default: their GPU tests, then profile_dit under CUDA
+#                                           graphs (bf16 and the paper policy, 4 DiT-XL/2 blocks)
 #   scripts/gpu_session.sh host-profile [S..]  the compiled step's host time by Python function (host_profile_step.py)
 #   scripts/gpu_session.sh wside-sweep      weight_side_profile.py: the weight sides, then the grouped kernel's tiles
 #   scripts/gpu_session.sh train-cg-actk [S]  both under CUDA graphs, S with / without the activation op in each layer
