@@ -303,6 +303,7 @@ def main(argv=None):
                                                        ("ROBUQ_QAT_WEIGHT_GRAPH", "0", "-wgraph"),
                                                        ("ROBUQ_QAT_LAYER_GRAPH", "0", "-lgraph"),
                                                        ("ROBUQ_QAT_ACT_KERNEL", "0", "+noactk"),
+                                                       ("ROBUQ_QAT_ACT_KERNEL", "1", "+actk"),
                                                        # (quantize's automatic weight-side hooks off: the per-layer
                                                        # weight sides inside the compiled graph, as before session 24)
                                                        ("ROBUQ_QAT_STEP_WEIGHTS", "0", "-autows"))

@@ -62,9 +62,11 @@
 #   scripts/gpu_session.sh s27a             the grouped weight side writing every part: GPU tests, weight_side_profile
 #   scripts/gpu_session.sh s27b             the one-kernel forms as default: their GPU tests, then profile_dit under CUDA
 #                                           graphs (bf16 and the paper policy, 4 DiT-XL/2 blocks)
+#   scripts/gpu_session.sh s27c             s27b shorter, the profile first (2 blocks, 2 steps), then the tests
 #   scripts/gpu_session.sh host-profile [S..]  the compiled step's host time by Python function (host_profile_step.py)
 #   scripts/gpu_session.sh wside-sweep      weight_side_profile.py: the weight sides, then the grouped kernel's tiles
 #   scripts/gpu_session.sh train-cg-actk [S]  both under CUDA graphs, S with / without the activation op in each layer
+#   scripts/gpu_session.sh train-cg-actk1 [S]  its +actk row alone with FP (ROBUQ_QAT_ACT_KERNEL=1 for the run; ~6 min)
 #   scripts/gpu_session.sh train-auto [S]   compiled QAT with quantize's automatic weight-side hooks vs without, vs FP
 #   scripts/gpu_session.sh backend-tests    GPU tests of the backend's weight_sides="step" and of the act op
 #   scripts/gpu_session.sh actk2            session 22: the act op's GPU tests, scripts/actk_diag.py, then the paper
@@ -789,6 +791,15 @@ s27b)  # session 27's last call (~5 min): the one-kernel forms as the default (t
         --settings bf16 paper --out "$OUT" > "$OUT/cg_profile.log" 2>&1
     grep -E "^## |TOTAL|wall|Error" "$OUT/cg_profile.log" | head -20
     ;;
+s27c)  # s27b in the order and size of session 27's last minutes: the CUDA-graph profile first (2 blocks, 2 steps),
+    # then the GPU tests of the one-kernel forms as the default
+    timeout 170 python3 benchmarks/profile_dit.py --train cudagraphs --blocks 2 --batch 16 --steps 2 \
+        --settings bf16 paper --out "$OUT" > "$OUT/cg_profile.log" 2>&1
+    grep -E "^## |TOTAL|wall|Error" "$OUT/cg_profile.log" | head -20
+    timeout 90 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -p no:logging tests/kernels/test_triton_wquant.py \
+        -k "group or step" > "$OUT/s27c_tests.log" 2>&1
+    grep -E "^E |Error|passed|failed" "$OUT/s27c_tests.log" | head -8
+    ;;
 host-profile)  # host-profile [S..]: scripts/host_profile_step.py (default bf16 dit dit:opbyop dit:per-layer; ~8 min cold
     # compiles): the compiled step's host time function by function, each QAT setting against FP
     S="${*:2}"
@@ -809,6 +820,13 @@ train-cg-actk)  # train-cg-actk [S]: both sides under CUDA graphs, S (default th
         --settings "QAT ${2:-dit-xl-2-robuq}" --env-variant actk:ROBUQ_QAT_ACT_KERNEL=1 \
         --tag "_train_cg_actk_$(echo "${2:-dit-xl-2-robuq}" | tr -c 'A-Za-z0-9\n' _)" > "$OUT/cg_actk.log" 2>&1
     grep -iE "^\||warn|error" "$OUT/cg_actk.log" | tail -n 8
+    ;;
+train-cg-actk1)  # train-cg-actk1 [S]: the +actk row of train-cg-actk alone with its FP row (the three rows did not fit a
+    # call in session 27): both sides under CUDA graphs, S (default the paper policy) with ROBUQ_QAT_ACT_KERNEL=1
+    ROBUQ_QAT_ACT_KERNEL=1 timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes cudagraphs \
+        --iters 12 --settings "QAT ${2:-dit-xl-2-robuq}" \
+        --tag "_train_cg_actk1_$(echo "${2:-dit-xl-2-robuq}" | tr -c 'A-Za-z0-9\n' _)" > "$OUT/cg_actk1.log" 2>&1
+    grep -iE "^\||warn|error" "$OUT/cg_actk1.log" | tail -n 8
     ;;
 train-auto)  # session 24's default for torch.compile(quantize(model)) (qat_step_hooks.py: every weight side once a
     # forward) against the per-layer weight sides (ROBUQ_QAT_STEP_WEIGHTS=0, rows " +layerws") and FP in one run:
