@@ -64,6 +64,7 @@
 #                                           graphs (bf16 and the paper policy, 4 DiT-XL/2 blocks)
 #   scripts/gpu_session.sh s27c             s27b shorter, the profile first (2 blocks, 2 steps), then the tests
 #   scripts/gpu_session.sh host-profile [S..]  the compiled step's host time by Python function (host_profile_step.py)
+#   scripts/gpu_session.sh host-ablate [S..]  host_profile_step's unprofiled phase times: bf16, dit, dit:noactk, dit:static
 #   scripts/gpu_session.sh wside-sweep      weight_side_profile.py: the weight sides, then the grouped kernel's tiles
 #   scripts/gpu_session.sh train-cg-actk [S]  both under CUDA graphs, S with / without the activation op in each layer
 #   scripts/gpu_session.sh train-cg-actk1 [S]  its +actk row alone with FP (ROBUQ_QAT_ACT_KERNEL=1 for the run; ~6 min)
@@ -135,16 +136,16 @@
 # The machine goes back ~30 s after a call returns, and with it everything detached or left in /tmp: make every
 # call self-contained, and send the next one at once. On nvidia-h200-x2, `pair A B` runs two steps at once (one a
 # GPU) for the device time of one: use it. A cold compile of the paper policy takes ~3-4 min on the machine: a call
-# holds about two (policy, batch) rows. Session 27's plan (one H200; session 26 ran s26a, train-cg W4A4+H 1.232x,
-# train-cg dit-xl-2-robuq 1.528x, wside-sweep, and the group's GPU tests at 32 rows: 211 passed):
-#   1. s27a (~5 min): the grouped forward weight side now writes all of a layer's parts (A_c, bias_c, B_c / B H):
-#                   its GPU tests (new: the whole plan against the op-by-op step), then weight_side_profile (the
-#                   forward graph should drop from ~1065 nodes to a few, its replay's host time from 2.2 ms)
-#   2. host-profile (~7 min): scripts/host_profile_step.py bf16 dit dit:per-layer: the compiled step's host time
-#                   function by function (session 26: the W4A4+H forward's Python 46 ms against FP's 22.7 ms; the
-#                   step is host-bound in both, kernels 58.7 vs 47.1 ms)
-#   3. train-cg-actk (the paper policy under CUDA graphs with / without the act op in each layer: 1.528x without;
-#                   target 1.5x); then SKIP_TESTS=1 s24b (ROBUQ_QAT_WSIDE_KERNEL=1 row: if faster, make it default)
+# holds about two (policy, batch) rows. Session 28's plan (one H200; session 27 ran s27a: 15 passed, the one-kernel
+# forms 14.9 vs 21.4 ms GPU / 12.3 vs 19.5 ms host through the graphs, now the default; host-profile; train-cg
+# dit-xl-2-robuq 1.520x with its +actk row cut off; then no machine could be started for s27b/s27c):
+#   1. s27b (~5 min): the GPU tests of the one-kernel forms as the default (new: GradGroup against the op-by-op
+#                   backward on DiT shapes), then the first kernel profile under CUDA graphs (bf16 vs the paper
+#                   policy, 4 blocks): where the paper's 1.52x goes on the GPU
+#   2. train-cg-actk1 (~6 min): the paper policy under CUDA graphs with the act op in each layer, with its FP row
+#                   (target 1.5x; summary key qat_paper_actk_cudagraphs_x)
+#   3. host-ablate (~8 min): unprofiled phase host times, W4A4+H with the act op off / statically launched: cProfile
+#                   inflates small calls (the hooks' Python is ~0.8 ms on the CPU outside it, ~8 ms under it)
 #   4. ddp, ddp-compiled and ddp-inductor on nvidia-h200-x2 if ever lent (issue 19 item 4: bench_ddp.py; eager
 #                   with whole-layer graphs by default; compiled through the backend's step mode, which keeps DDP's
 #                   overlap; torch.compile(DDP(quantize(model))), each layer its own weight side)
@@ -807,6 +808,15 @@ host-profile)  # host-profile [S..]: scripts/host_profile_step.py (default bf16 
     timeout 560 python3 scripts/host_profile_step.py --settings ${S:-bf16 dit dit:opbyop dit:per-layer} --out "$OUT" \
         > "$OUT/host_profile.log" 2>&1
     grep -E "^\||^## |Error|wrote" "$OUT/host_profile.log" | head -120
+    ;;
+host-ablate)  # host-ablate [S..]: host_profile_step.py's unprofiled phase times (and its cProfile) for the ablations of
+    # the W4A4+H compiled step's host time (default bf16 dit dit:noactk dit:static; ~8 min cold compiles): what the act
+    # op's launches cost (noactk: Inductor's ops instead; static: Inductor's static launcher for them)
+    S="${*:2}"
+    # shellcheck disable=SC2086
+    timeout 560 python3 scripts/host_profile_step.py --steps 4 --settings ${S:-bf16 dit dit:noactk dit:static} \
+        --out "$OUT" > "$OUT/host_ablate.log" 2>&1
+    grep -E "^\| (setting|bf16|dit)|skipped|Error|wrote" "$OUT/host_ablate.log" | head -12
     ;;
 wside-sweep)  # scripts/weight_side_profile.py alone (~2 min): the weight sides op by op and through the graphs, then the
     # grouped forward kernel's tile heights and warps (16-64 rows, 4 / 8 warps; 16 x 4 ran at ~1 TB/s in session 25)

@@ -13,7 +13,10 @@ inputs, and the functions whose own time (tottime) per step grows most against t
     python scripts/host_profile_step.py --quick                          # CPU smoke run (tiny DiT)
     python scripts/host_profile_step.py --cpu-deep --settings bf16 dit dit:per-layer   # DiT-XL/2's depth on the CPU
 
-A setting "NAME:per-layer" runs NAME with quantize's automatic weight-side hooks off (ROBUQ_QAT_STEP_WEIGHTS=0),
+Each phase is also timed without the profiler first (host ms and the GPU's tail after it: what the ablations
+compare; cProfile's own cost inflates code made of many small calls). A setting "NAME:per-layer" runs NAME with
+quantize's automatic weight-side hooks off (ROBUQ_QAT_STEP_WEIGHTS=0), "NAME:noactk" with the activation side as
+Inductor's ops (ROBUQ_QAT_ACT_KERNEL=0), "NAME:static" with Inductor's static launcher for user-defined Triton kernels,
 "NAME:opbyop" with the weight sides op by op (ROBUQ_QAT_WSIDE_KERNEL=0; the grouped kernels are the default since
 session 27).
 Writes host_profile_<gpu>.txt / .json under --out.
@@ -38,10 +41,15 @@ sys.path.insert(0, str(HERE.parent / "benchmarks"))
 import robuq_fx  # noqa: E402
 from _dit_setup import SHORT_NAMES, TINY, XL2, build, inputs, policies  # noqa: E402
 from _provenance import gpu_tag, provenance  # noqa: E402
+from _step_phases import phase_times  # noqa: E402
 
 
 VARIANTS = {"per-layer": ("ROBUQ_QAT_STEP_WEIGHTS", "0"),  # the automatic hooks off: each layer its weight side
-            "opbyop": ("ROBUQ_QAT_WSIDE_KERNEL", "0")}  # the weight sides op by op (~1,000 graph nodes each way)
+            "opbyop": ("ROBUQ_QAT_WSIDE_KERNEL", "0"),  # the weight sides op by op (~1,000 graph nodes each way)
+            "noactk": ("ROBUQ_QAT_ACT_KERNEL", "0"),  # the activation side as Inductor's ops, not the Triton op
+            # Inductor's static launcher for user-defined Triton kernels (the act op's: ~19 us a launch through
+            # Triton's own launcher in session 27's profile); an Inductor option, set for the setting's compile
+            "static": ("inductor", "static_launch_user_defined_triton_kernels")}
 
 
 def _sync(device: str) -> None:
@@ -76,10 +84,19 @@ def _own_times(stats: pstats.Stats, steps: int) -> dict:
 
 
 def profile_setting(key: str, args, cfg, pols, device: str) -> dict:
+    import torch._inductor.config as inductor_config
     name, _, variant = key.partition(":")
-    env = dict([VARIANTS[variant]]) if variant else {}
+    kind, what = VARIANTS[variant] if variant else ("", "")
+    env = {kind: what} if variant and kind != "inductor" else {}
     before = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    option = what if kind == "inductor" else None
+    if option and not hasattr(inductor_config, option):
+        print(f"{key}: this torch's Inductor has no option {option}; setting skipped", flush=True)
+        return None
+    was = getattr(inductor_config, option) if option else None
+    if option:
+        setattr(inductor_config, option, True)
     try:
         torch._dynamo.reset()
         torch.manual_seed(0)
@@ -104,6 +121,9 @@ def profile_setting(key: str, args, cfg, pols, device: str) -> dict:
         for _ in range(3):
             forward()
             backward()
+        # first without the profiler (cProfile adds ~1-2 us to every Python and C call, so its times inflate
+        # code made of many small calls): each phase's own host time and the GPU's tail after it, the median step
+        real = phase_times([("forward", forward), ("backward + optimizer", backward)], max(args.steps, 5), device)
         _sync(device)
         profs = {"forward": cProfile.Profile(), "backward + optimizer": cProfile.Profile()}
         wall = {p: 0.0 for p in profs}
@@ -118,8 +138,12 @@ def profile_setting(key: str, args, cfg, pols, device: str) -> dict:
             _sync(device)
         return {"graphs (inputs each)": graphs,
                 "phases": {p: {"host ms (profiled)": round(wall[p] * 1e3 / args.steps, 3),
+                               "host ms": next(r["host ms"] for r in real if r["phase"] == p),
+                               "GPU tail ms": next(r["GPU tail ms"] for r in real if r["phase"] == p),
                                "functions": _own_times(pstats.Stats(profs[p]), args.steps)} for p in profs}}
     finally:
+        if option:
+            setattr(inductor_config, option, was)
         for k, v in before.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -164,11 +188,17 @@ def report(args, prov: dict, head: list, results: dict, final: bool) -> None:
     from tabulate import tabulate
     done = [k for k in args.settings if k in results]
     lines = list(head)
-    lines.append(tabulate([[k, results[k]["graphs (inputs each)"]] + [results[k]["phases"][p]["host ms (profiled)"]
-                                                                       for p in results[k]["phases"]]
+    lines.append(tabulate([[k, results[k]["graphs (inputs each)"]]
+                           + [results[k]["phases"][p][c] for p in results[k]["phases"]
+                              for c in ("host ms", "GPU tail ms", "host ms (profiled)")]
                            for k in done],
-                          headers=["setting", "graphs (inputs each)", "forward host ms", "backward + opt host ms"],
+                          headers=["setting", "graphs (inputs each)", "forward host ms", "forward GPU tail ms",
+                                   "forward host ms (profiled)", "backward + opt host ms", "backward + opt GPU tail ms",
+                                   "backward + opt host ms (profiled)"],
                           tablefmt="github"))
+    lines.append("(host ms: each phase's Python timed without the profiler, the GPU idle at its start, median step; "
+                 "GPU tail: the wait for the GPU after it returns; profiled: the same under cProfile, which adds "
+                 "~1-2 us to every call)")
     base = done[0]
     for key in done[1:]:
         for phase in results[key]["phases"]:
@@ -225,7 +255,10 @@ def main(argv=None) -> int:
              f"{prov['gpu']} | torch {prov['torch']} | {args.steps} steps under cProfile"]
     for key in args.settings:  # (the report rewritten after each setting: a run cut short keeps what it measured)
         print(f"-- {key}", flush=True)
-        results[key] = profile_setting(key, args, cfg, pols, device)
+        got = profile_setting(key, args, cfg, pols, device)
+        if got is None:
+            continue
+        results[key] = got
         report(args, prov, lines, results, final=key == args.settings[-1])
     return 0
 
