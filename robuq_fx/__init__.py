@@ -9,7 +9,7 @@ from .errors import (CaptureError, CheckpointError, LoweringError, PolicyError, 
 from .modules import PackedLinear  # noqa: F401
 from .passes import fuse_activations, lower, quantize, robuq_info  # noqa: F401
 from .policy import Policy  # noqa: F401
-from .qat_fused import quantize_weights_once_per_step  # noqa: F401
+from .qat_weight_cache import quantize_weights_once_per_step  # noqa: F401
 from .qat_step_hooks import weight_sides_per_forward  # noqa: F401
 from .seed import RobuQLinear, replace_linear_layer  # noqa: F401
 from .spec import LayerSpec  # noqa: F401

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import robuq_fx
-from robuq_fx import qat_fused
+from robuq_fx import qat_fused, qat_weight_cache
 
 POLICY = {"rules": [{"match": "*", "w_bits": 1.58, "a_bits": 4, "hadamard": True, "hadamard_block": 32,
                      "lora_rank": 4}]}
@@ -90,7 +90,7 @@ def test_what_makes_it_recompute(counted):
         assert len(counted) == n + 2
     finally:
         handle.remove()
-    assert not qat_fused._WQ and qat_fused._STEP["hooks"] == 0
+    assert not qat_weight_cache._WQ and qat_weight_cache._STEP["hooks"] == 0
     m(x)
     m(x)
     assert len(counted) == n + 2 + 4  # off again: every forward computes Q_w(R)
@@ -100,4 +100,4 @@ def test_bad_optimizer_argument_is_named():
     m = _model()
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
         robuq_fx.quantize_weights_once_per_step(m)
-    assert qat_fused._STEP["hooks"] == 0  # nothing registered
+    assert qat_weight_cache._STEP["hooks"] == 0  # nothing registered
