@@ -182,6 +182,22 @@ def _write(args, prov, lines, out, stem):
     print(f"wrote {base}.txt / .json")
 
 
+def kernel_growth(base: list[dict], other: list[dict]) -> list[dict]:
+    """Kernel rows of `other` against `base` by name (their "ms per step" and "calls per step" summed per name),
+    sorted by how much GPU time a step each name gained."""
+    def by_name(rows):
+        out: dict = {}
+        for r in rows:
+            c, t, cat = out.get(r["kernel"], (0.0, 0.0, r["category"]))
+            out[r["kernel"]] = (c + r["calls per step"], t + r["ms per step"], cat)
+        return out
+    b, o = by_name(base), by_name(other)
+    rows = [{"kernel": k, "category": (o.get(k) or b.get(k))[2], "calls per step": o.get(k, (0.0,))[0],
+             "ms per step": round(o.get(k, (0, 0.0))[1], 3), "base ms per step": round(b.get(k, (0, 0.0))[1], 3),
+             "delta ms": round(o.get(k, (0, 0.0))[1] - b.get(k, (0, 0.0))[1], 3)} for k in set(b) | set(o)]
+    return sorted(rows, key=lambda r: -r["delta ms"])
+
+
 def train_profile(args, cfg, pols, names, prov, device):
     """Per training step: kernel time by category, wall time, each robuq op's CPU time and the GPU time of the
     kernels it launched (its inclusive device time), each phase's host time and GPU tail (_step_phases.py) and the
@@ -195,6 +211,7 @@ def train_profile(args, cfg, pols, names, prov, device):
     lines = [f"DiT {'tiny' if args.quick else 'XL/2'}{blocks} QAT step, batch {args.batch} | {prov['gpu']} | "
              f"torch {prov['torch']} | {args.train} | {args.steps} steps profiled"]
     out = {"provenance": prov, "batch": args.batch, "train": args.train, "blocks": cfg["num_layers"], "settings": {}}
+    all_kernels: dict = {}  # setting -> every kernel row (for the growth table against the first setting)
     for key in args.settings:
         torch.manual_seed(0)
         m = build(cfg).to(device).train()
@@ -267,6 +284,7 @@ def train_profile(args, cfg, pols, names, prov, device):
                                                                              if is_kernel(e)) / args.steps, 1),
                       "share": ""})
         top = sorted(kernels, key=lambda r: -r["ms per step"])[:TOP_KERNELS]
+        all_kernels[key] = kernels
         host_ops = cpu_ops(averages, args.steps)
         try:  # (a diagnosis: its failure on another torch's event layout must not lose the tables above)
             idle, idle_inner, idle_outer = gpu_idle(prof.events(), args.steps, is_kernel)
@@ -291,6 +309,12 @@ def train_profile(args, cfg, pols, names, prov, device):
                                    tablefmt="github")]
         del fwd, m, opt
         torch._dynamo.reset()
+    base = args.settings[0]
+    for key in args.settings[1:]:
+        rows = kernel_growth(all_kernels.get(base, []), all_kernels.get(key, []))[:TOP_KERNELS]
+        out["settings"][key]["kernel_growth"] = rows
+        lines += ["", f"## {key} against {base}: the kernels whose GPU time grew most (by name; a QAT-only kernel has "
+                      f"no base time)", tabulate(rows, headers="keys", tablefmt="github")]
     _write(args, prov, lines, out, f"profile_dit_train_{args.train}{'_stepw' if args.step_weights else ''}"
                                    f"{f'_{args.blocks}blocks' if args.blocks else ''}")
 

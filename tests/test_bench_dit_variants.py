@@ -115,3 +115,17 @@ def test_gpu_idle_gaps_are_attributed_to_the_host_op_running_then():
     assert {r["host op (innermost)"]: r["GPU idle ms per step"] for r in inner} == {
         "bwd node": 0.035, "cudaStreamSynchronize": 0.035, "step": 0.005}
     assert {r["host op (outermost)"]: r["GPU idle ms per step"] for r in outer} == {"step": 0.04, "bwd node": 0.035}
+
+
+def test_kernel_growth_ranks_names_against_the_base():
+    """profile_dit.kernel_growth: rows summed per kernel name (a name may come twice), the setting's kernels against
+    the base's, ranked by GPU time gained; a QAT-only kernel has no base time, a kernel gone shows its loss."""
+    import profile_dit as P
+    base = [{"kernel": "mm", "category": "GEMM", "calls per step": 2, "ms per step": 1.0},
+            {"kernel": "gone", "category": "x", "calls per step": 1, "ms per step": 0.5}]
+    other = [{"kernel": "mm", "category": "GEMM", "calls per step": 2, "ms per step": 1.25},
+             {"kernel": "mm", "category": "GEMM", "calls per step": 1, "ms per step": 0.25},
+             {"kernel": "quant", "category": "red", "calls per step": 4, "ms per step": 0.75}]
+    rows = P.kernel_growth(base, other)
+    assert [(r["kernel"], r["delta ms"]) for r in rows] == [("quant", 0.75), ("mm", 0.5), ("gone", -0.5)]
+    assert rows[0]["base ms per step"] == 0.0 and rows[1]["calls per step"] == 3 and rows[2]["calls per step"] == 0.0
