@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from . import qat_graph, quantizers as Q
-from .qat_weight_cache import _STEP, _cached_weight, _master
 from .layer import residual_parts, rotate_eager as _rotate, wide_difference
 from .ops import fake_quant_act_impl, fake_quant_weight_impl, row_kernel
+from .qat_weight_cache import _STEP, _cached_weight, _master
 from .kernels.weight_cache import scale_vec
 from .spec import LayerSpec
 

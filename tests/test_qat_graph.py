@@ -275,8 +275,8 @@ def test_a_first_call_under_inference_mode_leaves_buffers_training_can_write(sta
 
 
 def test_whole_layer_graphs_with_a_conv1d_style_weight(stand_in, monkeypatch):
-    """A transposed (Conv1D) master: its graphs belong to the weight itself (qat_weight_cache._master of the fresh view),
-    and training through them equals the fused path under autocast."""
+    """A transposed (Conv1D) master: its graphs belong to the weight itself (qat_weight_cache._master of the fresh
+    view), and training through them equals the fused path under autocast."""
     torch.manual_seed(9)
     spec = LayerSpec(**SPEC).resolve(64, 128)
     w = torch.nn.Parameter(torch.randn(64, 128) / 8)  # (in, out)

@@ -22,7 +22,8 @@ from .triton_launch import launch
 from .triton_wquant import _CODE, _round_to
 from .triton_wside import BLOCK_ROWS, MAX_RANK, block_tables
 
-__all__ = ["GF", "GradGroup", "GradItem", "MAX_RANK", "grads_device_ok", "wgrad_group_kernel"]  # (MAX_RANK: the plan's check)
+# (MAX_RANK: read by the plan's check, qat_step_kernels.grad_group)
+__all__ = ["GF", "GradGroup", "GradItem", "MAX_RANK", "grads_device_ok", "wgrad_group_kernel"]
 
 
 @triton.jit
