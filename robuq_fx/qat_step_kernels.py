@@ -1,7 +1,8 @@
 """The one-kernel forms' tables for a step plan (qat_step.Plan; on unless ROBUQ_QAT_WSIDE_KERNEL=0): which layers
 the grouped forward weight side (`kernels/triton_wside.Group`) and the grouped backward
-(`kernels/triton_wgrad.GradGroup`) cover, and where each layer's parts and gradients lie in the plan's flat buffers. Built once a key, before any CUDA
-graph capture (their tables are copied to the GPU), and kept while the masters stay where they are."""
+(`kernels/triton_wgrad.GradGroup`) cover, and where each layer's parts and gradients lie in the plan's flat
+buffers. Built once a key, before any CUDA graph capture (their tables are copied to the GPU), and kept while the
+masters stay where they are."""
 from __future__ import annotations
 
 import warnings

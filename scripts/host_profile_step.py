@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
-import os
 import pstats
 import re
 import sys
@@ -39,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "benchmarks"))
 import robuq_fx  # noqa: E402
+from _dit_report import _set_env  # noqa: E402
 from _dit_setup import SHORT_NAMES, TINY, XL2, build, inputs, policies  # noqa: E402
 from _provenance import gpu_tag, provenance  # noqa: E402
 from _step_phases import phase_times  # noqa: E402
@@ -87,13 +87,11 @@ def profile_setting(key: str, args, cfg, pols, device: str) -> dict:
     import torch._inductor.config as inductor_config
     name, _, variant = key.partition(":")
     kind, what = VARIANTS[variant] if variant else ("", "")
-    env = {kind: what} if variant and kind != "inductor" else {}
-    before = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     option = what if kind == "inductor" else None
     if option and not hasattr(inductor_config, option):
         print(f"{key}: this torch's Inductor has no option {option}; setting skipped", flush=True)
         return None
+    before = _set_env({kind: what} if variant and not option else {})
     was = getattr(inductor_config, option) if option else None
     if option:
         setattr(inductor_config, option, True)
@@ -144,11 +142,7 @@ def profile_setting(key: str, args, cfg, pols, device: str) -> dict:
     finally:
         if option:
             setattr(inductor_config, option, was)
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _set_env(before)
 
 
 def diff_rows(base: dict, other: dict, top: int) -> list[dict]:

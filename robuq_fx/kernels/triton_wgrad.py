@@ -26,27 +26,6 @@ from .triton_wside import BLOCK_ROWS, MAX_RANK, block_tables
 __all__ = ["GF", "GradGroup", "GradItem", "MAX_RANK", "grads_device_ok", "wgrad_group_kernel"]
 
 
-@triton.jit
-def _wgrad_tile(g_ptr, stride_g, h_ptr, down_ptr, stride_down, rank, gw_ptr, stride_gw, rows, rmask, k,
-                HAS_AB: tl.constexpr, CDT: tl.constexpr, HB: tl.constexpr, BM: tl.constexpr, RP: tl.constexpr):
-    """A tile of rows: g_W = rnd_c(g_R H) stored block by block (fp32), and g_R rnd_c(B)^T summed over K (fp32;
-    B read in its own dtype and cast to c: a no-op for B_c) returned, with a branch (HAS_AB)."""
-    cols = tl.arange(0, HB)
-    h = tl.load(h_ptr + cols[:, None] * HB + cols[None, :])  # H in c
-    ranks = tl.arange(0, RP)
-    acc = tl.zeros([BM, RP], dtype=tl.float32)
-    for b in range(0, k // HB):
-        kc = b * HB + cols
-        g = tl.load(g_ptr + rows[:, None] * stride_g + kc[None, :], mask=rmask, other=0.0)
-        gw = _round_to(tl.dot(g, h, out_dtype=tl.float32), CDT)
-        tl.store(gw_ptr + rows[:, None] * stride_gw + kc[None, :], gw, mask=rmask)
-        if HAS_AB:
-            bt = tl.load(down_ptr + ranks[None, :] * stride_down + kc[:, None], mask=ranks[None, :] < rank,
-                         other=0.0).to(h.dtype)  # rnd_c(B)^T's block (HB, RP)
-            acc += tl.dot(g, bt, out_dtype=tl.float32)
-    return acc
-
-
 GF = 16  # int64 fields a layer in a gradient group's table (`GradGroup`)
 
 
@@ -68,9 +47,18 @@ def wgrad_group_kernel(desc_ptr, tiles_ptr, h_ptr, g_base, slot_base, CDT: tl.co
     gw_ptr = slot_base + tl.load(d + 7)
     rmask = rows[:, None] < n
     ranks = tl.arange(0, RP)
-    # (B past the rank reads as zeros: a layer without a branch adds exact zeros to an unused sum)
-    acc = _wgrad_tile(g_ptr, stride_g, h_ptr, down_ptr, stride_down, rank, gw_ptr, k, rows, rmask, k,
-                      True, CDT, HB, BM, RP)
+    cols = tl.arange(0, HB)
+    h = tl.load(h_ptr + cols[:, None] * HB + cols[None, :])  # H in c
+    acc = tl.zeros([BM, RP], dtype=tl.float32)  # g_R rnd_c(B)^T, summed over K
+    for b in range(0, k // HB):  # g_W = rnd_c(g_R H) block by block (its slot: contiguous rows of k)
+        kc = b * HB + cols
+        g = tl.load(g_ptr + rows[:, None] * stride_g + kc[None, :], mask=rmask, other=0.0)
+        tl.store(gw_ptr + rows[:, None] * k + kc[None, :], _round_to(tl.dot(g, h, out_dtype=tl.float32), CDT),
+                 mask=rmask)
+        # (B past the rank reads as zeros: a layer without a branch adds exact zeros to an unused sum)
+        bt = tl.load(down_ptr + ranks[None, :] * stride_down + kc[:, None], mask=ranks[None, :] < rank,
+                     other=0.0).to(h.dtype)  # rnd_c(B)^T's block (HB, RP)
+        acc += tl.dot(g, bt, out_dtype=tl.float32)
     if tl.load(d + 9) != 0:  # A's gradient: the A B term plus the stacked GEMM's own (g_wide's last r columns)
         amask = rmask & (ranks[None, :] < rank)
         tail = tl.load(g_ptr + rows[:, None] * stride_g + k + ranks[None, :], mask=amask, other=0.0)
@@ -107,8 +95,8 @@ class GradItem(NamedTuple):
 class GradGroup:
     """Several layers' backward weight sides in one launch a Hadamard block size (`wgrad_group_kernel`): the step
     plan's backward graph then holds one node for them where it held ~3 a layer (each replayed node costs host and
-    GPU time). Tiles of 16 rows (BLOCK_ROWS). The table holds the B
-    masters' addresses and offsets into the two tensors `run` is given: keep it while those stay where they are."""
+    GPU time). Tiles of 16 rows (BLOCK_ROWS). The table holds the B masters' addresses and offsets into the two
+    tensors `run` is given: keep it while those stay where they are."""
 
     def __init__(self, items: list, c: torch.dtype, device: torch.device, bm: int = BLOCK_ROWS):
         self.c, self.bm = c, bm
