@@ -3,12 +3,15 @@
 Each phase (forward, loss and zero_grad, backward, optimizer) is run with the GPU idle at its start, and timed twice:
     host ms      the Python that enqueues it (perf_counter from its call to its return, no synchronize)
     GPU tail ms  from its return until the GPU has finished it (a synchronize)
+    GC ms        the time Python's garbage collector ran in it, mean per step (gc.callbacks; a process holding
+                 millions of compile-time objects pays for them in each collection that reaches them)
 A phase whose GPU tail is near zero is host-bound: the GPU kept up with the launches, and the phase costs what its
 Python costs. A long tail means the GPU work outlasts the launches (GPU-bound). The free-running step overlaps one
 phase's tail with the next one's launches, so it takes less than the phases' sum; the table gives both."""
 from __future__ import annotations
 
 import bisect
+import gc
 import time
 
 import torch
@@ -21,28 +24,55 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+class _GCClock:
+    """Seconds Python's garbage collector has run since the start (gc.callbacks), and how many collections."""
+
+    def __init__(self):
+        self.seconds, self.collections, self._t0 = 0.0, 0, None
+
+    def __call__(self, phase, info):
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        elif self._t0 is not None:
+            self.seconds += time.perf_counter() - self._t0
+            self.collections += 1
+            self._t0 = None
+
+    def __enter__(self):
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self)
+
+
 def phase_times(phases: list, steps: int, device: str) -> list[dict]:
     """phases: (name, fn) in step order; fn() runs the phase. Median host and GPU-tail ms per phase over `steps`
-    steps, a row each, then their sum."""
+    steps and the mean GC ms, a row each, then their sum."""
     host: dict = {n: [] for n, _ in phases}
     tail: dict = {n: [] for n, _ in phases}
-    for _ in range(steps):
-        for name, fn in phases:
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            t1 = time.perf_counter()
-            _sync(device)
-            t2 = time.perf_counter()
-            host[name].append((t1 - t0) * 1e3)
-            tail[name].append((t2 - t1) * 1e3)
+    gcs: dict = {n: [] for n, _ in phases}
+    with _GCClock() as clock:
+        for _ in range(steps):
+            for name, fn in phases:
+                _sync(device)
+                g0 = clock.seconds
+                t0 = time.perf_counter()
+                fn()
+                t1 = time.perf_counter()
+                _sync(device)
+                t2 = time.perf_counter()
+                host[name].append((t1 - t0) * 1e3)
+                tail[name].append((t2 - t1) * 1e3)
+                gcs[name].append((clock.seconds - g0) * 1e3)
     rows = []
     for name, _ in phases:
-        h, w = sorted(host[name])[steps // 2], sorted(tail[name])[steps // 2]
-        rows.append({"phase": name, "host ms": round(h, 3), "GPU tail ms": round(w, 3),
+        h, w = (sorted(v[name])[steps // 2] for v in (host, tail))
+        g = sum(gcs[name]) / steps  # the mean: a collection every few steps shows here, not in the median host ms
+        rows.append({"phase": name, "host ms": round(h, 3), "GPU tail ms": round(w, 3), "GC ms": round(g, 3),
                      "bound by": "host" if w < 0.1 * h else "GPU"})
-    rows.append({"phase": "sum", "host ms": round(sum(r["host ms"] for r in rows), 3),
-                 "GPU tail ms": round(sum(r["GPU tail ms"] for r in rows), 3), "bound by": ""})
+    rows.append({"phase": "sum", **{c: round(sum(r[c] for r in rows), 3) for c in ("host ms", "GPU tail ms", "GC ms")},
+                 "bound by": ""})
     return rows
 
 

@@ -65,6 +65,8 @@
 #   scripts/gpu_session.sh s27c             s27b shorter, the profile first (2 blocks, 2 steps), then the tests
 #   scripts/gpu_session.sh host-profile [S..]  the compiled step's host time by Python function (host_profile_step.py)
 #   scripts/gpu_session.sh host-ablate [S..]  host_profile_step's unprofiled phase times: bf16, dit, dit:noactk, dit:static
+#   scripts/gpu_session.sh host-gc [S..]    phase times only: bf16, dit, dit:gcfreeze, bf16 again (process state against
+#                                           the setting's cost), with the host probe and the garbage collector's time
 #   scripts/gpu_session.sh wside-sweep      weight_side_profile.py: the weight sides, then the grouped kernel's tiles
 #   scripts/gpu_session.sh train-cg-actk [S]  both under CUDA graphs, S with / without the activation op in each layer
 #   scripts/gpu_session.sh train-cg-actk1 [S]  its +actk row alone with FP (ROBUQ_QAT_ACT_KERNEL=1 for the run; ~6 min)
@@ -808,6 +810,14 @@ host-profile)  # host-profile [S..]: scripts/host_profile_step.py (default bf16 
     timeout 560 python3 scripts/host_profile_step.py --settings ${S:-bf16 dit dit:opbyop dit:per-layer} --out "$OUT" \
         > "$OUT/host_profile.log" 2>&1
     grep -E "^\||^## |Error|wrote" "$OUT/host_profile.log" | head -120
+    ;;
+host-gc)  # host-gc [S..]: is the QAT forward's extra host time the QAT setting's own, or the process's (a run of
+    # bf16 after the QAT settings, the garbage collector's time, gc.freeze, the host's speed before each; ~6 min)
+    S="${*:2}"
+    # shellcheck disable=SC2086
+    timeout 540 python3 scripts/host_profile_step.py --no-cprofile --steps 8 \
+        --settings ${S:-bf16 dit dit:gcfreeze bf16} --out "$OUT" > "$OUT/host_gc.log" 2>&1
+    grep -E "^\| (setting|bf16|dit)|skipped|Error|wrote" "$OUT/host_gc.log" | tail -6
     ;;
 host-ablate)  # host-ablate [S..]: host_profile_step.py's unprofiled phase times (and its cProfile) for the ablations of
     # the W4A4+H compiled step's host time (default bf16 dit dit:noactk dit:static; ~8 min cold compiles): what the act

@@ -18,17 +18,23 @@ compare; cProfile's own cost inflates code made of many small calls). A setting 
 quantize's automatic weight-side hooks off (ROBUQ_QAT_STEP_WEIGHTS=0), "NAME:noactk" with the activation side as
 Inductor's ops (ROBUQ_QAT_ACT_KERNEL=0), "NAME:static" with Inductor's static launcher for user-defined Triton kernels,
 "NAME:opbyop" with the weight sides op by op (ROBUQ_QAT_WSIDE_KERNEL=0; the grouped kernels are the default since
-session 27).
+session 27), "NAME:gcfreeze" with Python's garbage collector told to leave every object alive after the warm-up alone
+(gc.freeze: the compile's millions of objects are then not walked again). A setting may repeat (the second "bf16" is
+"bf16#2"): the same setting late in the process tells the process's state from the setting's own cost. Each row also
+gives the time a fixed pure-Python loop takes just before the phases (host probe ms: the host's speed then) and the
+garbage collector's time within each phase. --no-cprofile skips the profiled steps (the ablation figures only).
 Writes host_profile_<gpu>.txt / .json under --out.
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import json
 import pstats
 import re
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -49,7 +55,20 @@ VARIANTS = {"per-layer": ("ROBUQ_QAT_STEP_WEIGHTS", "0"),  # the automatic hooks
             "noactk": ("ROBUQ_QAT_ACT_KERNEL", "0"),  # the activation side as Inductor's ops, not the Triton op
             # Inductor's static launcher for user-defined Triton kernels (the act op's: ~19 us a launch through
             # Triton's own launcher in session 27's profile); an Inductor option, set for the setting's compile
-            "static": ("inductor", "static_launch_user_defined_triton_kernels")}
+            "static": ("inductor", "static_launch_user_defined_triton_kernels"),
+            "gcfreeze": ("gc", "freeze")}  # gc.freeze() after the warm-up (gc.unfreeze() after the setting)
+
+
+def _probe_ms(n: int = 200_000, repeat: int = 5) -> float:
+    """The fastest of `repeat` runs of a fixed pure-Python loop, in ms: the host's speed at that moment."""
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        acc = 0
+        for i in range(n):
+            acc += i & 7
+        best = min(best, time.perf_counter() - t0)
+    return round(best * 1e3, 3)
 
 
 def _sync(device: str) -> None:
@@ -83,6 +102,16 @@ def _own_times(stats: pstats.Stats, steps: int) -> dict:
     return out
 
 
+def _labels(settings: list) -> list:
+    """Each setting's label: a repeated one gets #2, #3, ..."""
+    seen: dict = {}
+    out = []
+    for key in settings:
+        seen[key] = seen.get(key, 0) + 1
+        out.append(key if seen[key] == 1 else f"{key}#{seen[key]}")
+    return out
+
+
 def profile_setting(key: str, args, cfg, pols, device: str) -> dict:
     import torch._inductor.config as inductor_config
     name, _, variant = key.partition(":")
@@ -91,7 +120,8 @@ def profile_setting(key: str, args, cfg, pols, device: str) -> dict:
     if option and not hasattr(inductor_config, option):
         print(f"{key}: this torch's Inductor has no option {option}; setting skipped", flush=True)
         return None
-    before = _set_env({kind: what} if variant and not option else {})
+    freeze = kind == "gc"
+    before = _set_env({kind: what} if variant and not option and not freeze else {})
     was = getattr(inductor_config, option) if option else None
     if option:
         setattr(inductor_config, option, True)
@@ -119,13 +149,17 @@ def profile_setting(key: str, args, cfg, pols, device: str) -> dict:
         for _ in range(3):
             forward()
             backward()
+        if freeze:
+            gc.collect()
+            gc.freeze()
+        probe = _probe_ms()
         # first without the profiler (cProfile adds ~1-2 us to every Python and C call, so its times inflate
         # code made of many small calls): each phase's own host time and the GPU's tail after it, the median step
         real = phase_times([("forward", forward), ("backward + optimizer", backward)], max(args.steps, 5), device)
         _sync(device)
         profs = {"forward": cProfile.Profile(), "backward + optimizer": cProfile.Profile()}
         wall = {p: 0.0 for p in profs}
-        for _ in range(args.steps):
+        for _ in range(0 if args.no_cprofile else args.steps):
             for phase, fn in (("forward", forward), ("backward + optimizer", backward)):
                 _sync(device)
                 t0 = time.perf_counter()
@@ -134,12 +168,15 @@ def profile_setting(key: str, args, cfg, pols, device: str) -> dict:
                 profs[phase].disable()
                 wall[phase] += time.perf_counter() - t0  # host time (with the profiler's own cost)
             _sync(device)
-        return {"graphs (inputs each)": graphs,
-                "phases": {p: {"host ms (profiled)": round(wall[p] * 1e3 / args.steps, 3),
-                               "host ms": next(r["host ms"] for r in real if r["phase"] == p),
-                               "GPU tail ms": next(r["GPU tail ms"] for r in real if r["phase"] == p),
-                               "functions": _own_times(pstats.Stats(profs[p]), args.steps)} for p in profs}}
+        row = {r["phase"]: r for r in real}
+        return {"graphs (inputs each)": graphs, "host probe ms": probe, "threads": threading.active_count(),
+                "phases": {p: {"host ms (profiled)": None if args.no_cprofile else round(wall[p] * 1e3 / args.steps, 3),
+                               **{c: row[p][c] for c in ("host ms", "GPU tail ms", "GC ms")},
+                               "functions": {} if args.no_cprofile else _own_times(pstats.Stats(profs[p]), args.steps)}
+                           for p in profs}}
     finally:
+        if freeze:
+            gc.unfreeze()
         if option:
             setattr(inductor_config, option, was)
         _set_env(before)
@@ -180,21 +217,22 @@ def _ready_results() -> None:
 def report(args, prov: dict, head: list, results: dict, final: bool) -> None:
     """The tables so far (each setting against the first), written to host_profile_<gpu>.txt / .json."""
     from tabulate import tabulate
-    done = [k for k in args.settings if k in results]
+    done = [k for k in _labels(args.settings) if k in results]
+    cols = ("host ms", "GPU tail ms", "GC ms", "host ms (profiled)")
     lines = list(head)
-    lines.append(tabulate([[k, results[k]["graphs (inputs each)"]]
-                           + [results[k]["phases"][p][c] for p in results[k]["phases"]
-                              for c in ("host ms", "GPU tail ms", "host ms (profiled)")]
+    lines.append(tabulate([[k, results[k]["graphs (inputs each)"], results[k]["host probe ms"], results[k]["threads"]]
+                           + [results[k]["phases"][p][c] for p in results[k]["phases"] for c in cols]
                            for k in done],
-                          headers=["setting", "graphs (inputs each)", "forward host ms", "forward GPU tail ms",
-                                   "forward host ms (profiled)", "backward + opt host ms", "backward + opt GPU tail ms",
-                                   "backward + opt host ms (profiled)"],
+                          headers=["setting", "graphs (inputs each)", "host probe ms", "threads"]
+                          + [f"{p} {c}" for p in ("forward", "backward + opt") for c in cols],
                           tablefmt="github"))
     lines.append("(host ms: each phase's Python timed without the profiler, the GPU idle at its start, median step; "
-                 "GPU tail: the wait for the GPU after it returns; profiled: the same under cProfile, which adds "
-                 "~1-2 us to every call)")
+                 "GPU tail: the wait for the GPU after it returns; GC: the garbage collector's time in "
+                 "the phase, mean per step; "
+                 "profiled: the host ms under cProfile, which adds ~1-2 us to every call; host probe: a fixed "
+                 "pure-Python loop just before, the host's speed then)")
     base = done[0]
-    for key in done[1:]:
+    for key in done[1:] if not args.no_cprofile else []:
         for phase in results[key]["phases"]:
             lines.append(f"\n## {key} against {base}: {phase}, the functions whose own time grew most")
             lines.append(tabulate(diff_rows(results[base]["phases"][phase]["functions"],
@@ -223,6 +261,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--no-cprofile", action="store_true",
+                    help="skip the steps under cProfile: the unprofiled phase times only (faster)")
     ap.add_argument("--quick", action="store_true", help="tiny DiT on the CPU (smoke run)")
     ap.add_argument("--cpu-deep", action="store_true",
                     help="on the CPU: DiT-XL/2's 28 blocks at tiny widths, with the automatic hooks let engage there "
@@ -246,14 +286,16 @@ def main(argv=None) -> int:
     results = {}
     what = "tiny" if args.quick else "28-block tiny-width" if args.cpu_deep else "XL/2"
     lines = [f"Host time of a compiled DiT {what} training step, batch {args.batch} | "
-             f"{prov['gpu']} | torch {prov['torch']} | {args.steps} steps under cProfile"]
-    for key in args.settings:  # (the report rewritten after each setting: a run cut short keeps what it measured)
-        print(f"-- {key}", flush=True)
+             f"{prov['gpu']} | torch {prov['torch']} | "
+             + ("phase times only" if args.no_cprofile else f"{args.steps} steps under cProfile")]
+    labels = _labels(args.settings)
+    for key, label in zip(args.settings, labels):  # (the report rewritten after each: a run cut short keeps the rest)
+        print(f"-- {label}", flush=True)
         got = profile_setting(key, args, cfg, pols, device)
         if got is None:
             continue
-        results[key] = got
-        report(args, prov, lines, results, final=key == args.settings[-1])
+        results[label] = got
+        report(args, prov, lines, results, final=label == labels[-1])
     return 0
 
 

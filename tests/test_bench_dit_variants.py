@@ -75,15 +75,22 @@ def test_train_rows_tags_name_their_summary_keys():
 
 def test_step_phases_time_each_phase_and_rank_cpu_ops():
     """_step_phases.py (profile_dit --train): each phase's host time is its own Python (a 20 ms sleep in one phase
-    lands in that phase's row alone), the sum row adds them; the CPU-op table keeps CPU rows by self time."""
+    lands in that phase's row alone, a collection's time in its GC ms), the sum row adds them; the CPU-op table keeps CPU rows by self time."""
     import time
     from types import SimpleNamespace as E
     import _step_phases as S
-    rows = S.phase_times([("a", lambda: None), ("b", lambda: time.sleep(0.02))], 3, "cpu")
+    import gc
+
+    def collect():  # full collections over 300k tracked objects: their time lands in this phase's GC ms
+        junk = [[i] for i in range(300_000)]
+        gc.collect()
+        return junk
+    rows = S.phase_times([("a", lambda: None), ("b", lambda: time.sleep(0.02)), ("c", collect)], 3, "cpu")
     by = {r["phase"]: r for r in rows}
-    assert [r["phase"] for r in rows] == ["a", "b", "sum"]
+    assert [r["phase"] for r in rows] == ["a", "b", "c", "sum"]
     assert by["b"]["host ms"] >= 19 and by["a"]["host ms"] < 5 and by["b"]["bound by"] == "host"
-    assert by["sum"]["host ms"] == round(by["a"]["host ms"] + by["b"]["host ms"], 3)
+    assert by["sum"]["host ms"] == round(by["a"]["host ms"] + by["b"]["host ms"] + by["c"]["host ms"], 3)
+    assert by["c"]["GC ms"] > 0.3 * by["c"]["host ms"] and by["a"]["GC ms"] == by["b"]["GC ms"] == 0
     ops = S.cpu_ops([E(device_type="DeviceType.CPU", key="aten::mm", count=4, self_cpu_time_total=2000),
                      E(device_type="DeviceType.CUDA", key="kernel", count=4, self_cpu_time_total=9000),
                      E(device_type="DeviceType.CPU", key="cudaLaunchKernel", count=8, self_cpu_time_total=6000)], 2)

@@ -57,3 +57,10 @@ def test_diff_rows_rank_by_growth(hp):
     assert [r["function"] for r in rows] == ["g", "f"]
     assert rows[0]["delta ms"] == 3.0 and rows[1]["delta ms"] == 0.5
     assert rows[0]["calls/step"] == 3.0 and rows[0]["own ms/step (base)"] == 1.0
+
+
+def test_repeated_settings_get_their_own_labels(hp):
+    """A setting run twice (the base again at the end: process state against the setting's own cost) keeps both."""
+    assert hp._labels(["bf16", "dit", "dit:gcfreeze", "bf16", "bf16"]) == [
+        "bf16", "dit", "dit:gcfreeze", "bf16#2", "bf16#3"]
+    assert hp._probe_ms(n=1000, repeat=2) > 0
