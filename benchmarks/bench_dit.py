@@ -12,7 +12,6 @@ matplotlib is installed) to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
@@ -33,6 +32,7 @@ from _dit_setup import (PAPER, PAPER_A2, PAPER_A3, TINY, XL2, build, inputs, pol
                         model_bytes, quantized_weight_bytes, timeit)
 from _dit_report import (SUMMARY_KEYS, _env_variant, _set_env, plot, summary,  # noqa: E402,F401
                          summary_key)
+from _dit_train import train_rows  # noqa: E402
 
 
 # the opt-in inference kernels in force name the rows (" +gluonquant" ...), so that a run with them does not overwrite
@@ -97,9 +97,6 @@ def default_mode_rows(fp_dev, cfg, device, dtype, ex, args, rows: list, save=lam
     return rows
 
 
-# experimental train modes: default-mode torch.compile with these Inductor settings on both sides
-INDUCTOR_MODES = {"cppwrapper": {"cpp_wrapper": True}, "combo": {"combo_kernels": True}}
-
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,6 +120,9 @@ def main(argv=None):
                          "compiled path: --env-variant layerws:ROBUQ_QAT_STEP_WEIGHTS=0 (rows ' +layerws') or "
                          "the variable set for the run (rows ' -autows')")
     ap.add_argument("--train-only", action="store_true", help="only the training-step rows")
+    ap.add_argument("--no-interleave", action="store_true",
+                    help="time the compiled / backend training rows one after another, not in interleaved rounds "
+                         "(_dit_train.py: paired steps, robust to the host's drift)")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for every compiled row "
                     "(e.g. reduce-overhead for CUDA graphs); default: torch's default")
     ap.add_argument("--tag", default="", help="suffix of the result file name")
@@ -292,99 +292,8 @@ def main(argv=None):
     for r in results["latency"]:
         r[f"x vs {base}"] = round(rows[(base, r["batch"])] / r["ms"], 3)
 
-    # One training step, batch --train-batch: FP vs QAT, fp32 master weights + bf16 autocast, AdamW; eager, and
-    # (unless --no-compile) with the model under torch.compile's default mode. Ratios vs FP in the same mode.
-    tb = args.train_batch if not args.quick else 2
-    # the opt-in QAT kernels in force (and a default turned off) name the rows, so that such a run does not overwrite
-    # the plain rows' summary keys (qat_fp8_eager_x, qat_paper_no_wgraph_eager_x ...)
-    opt_in = "".join(f" {tag}" for var, value, tag in (("ROBUQ_QAT_FP8", "1", "+fp8"),
-                                                       ("ROBUQ_QAT_WEIGHT_KERNEL", "0", "-wkernel"),
-                                                       ("ROBUQ_QAT_WSIDE_KERNEL", "0", "-wside"),
-                                                       ("ROBUQ_QAT_WEIGHT_GRAPH", "0", "-wgraph"),
-                                                       ("ROBUQ_QAT_LAYER_GRAPH", "0", "-lgraph"),
-                                                       ("ROBUQ_QAT_ACT_KERNEL", "0", "+noactk"),
-                                                       ("ROBUQ_QAT_ACT_KERNEL", "1", "+actk"),
-                                                       # (quantize's automatic weight-side hooks off: the per-layer
-                                                       # weight sides inside the compiled graph, as before session 24)
-                                                       ("ROBUQ_QAT_STEP_WEIGHTS", "0", "-autows"))
-                     if os.environ.get(var) == value)
-    train = [("FP", None), ("QAT W4A4+H" + opt_in, policies()["robuq W4A4+H"]),
-             ("QAT W1.58A4+H" + opt_in, policies()["robuq W1.58A4+H"]), ("QAT dit-xl-2-robuq" + opt_in, policies()[PAPER])]
-    if args.settings:
-        train = [t for t in train if t[1] is None or any(x in t[0] for x in args.settings)]
-    if args.step_weights != "off":
-        stepw = [(n + " +stepw", p) for n, p in train if p is not None]
-        train = ([t for t in train if t[1] is None] if args.step_weights == "on" else train) + stepw
-    # --env-variant on the train rows too: each QAT row again with the switch in force while it builds, compiles and
-    # runs (a same-run A/B: the host's speed moves from call to call by far more than the effects timed)
-    train_env = {}
-    for env_tag, env in env_variants:
-        for n, p in [t for t in train if t[1] is not None]:
-            train.append((n + " +" + env_tag, p))
-            train_env[n + " +" + env_tag] = env
-    # cudagraphs: torch.compile(mode="reduce-overhead") on both sides: the step without its CPU launch cost (the
-    # paper policy's compiled step launches ~3x FP's kernels; on the H200 host its wall time exceeded its kernels')
-    modes = [m for m in args.train_modes if not (args.no_compile and m != "eager")]
-    for mode in [] if args.skip_train else modes:
-        for name, pol in train:
-            stepw_row = "+stepw" in name.split(" ")  # backend mode: its weight_sides="step"
-            saved_env = _set_env(train_env.get(name, {}))
-            m = build(cfg).to(device).train()
-            if mode == "backend":  # issue 19's second entry point: the FP model under robuq's compile backend
-                if pol is not None:
-                    robuq_fx.backend.prepare_qat(m, pol)  # the branch's trainable factors, on the model
-            elif pol is not None:
-                m = robuq_fx.quantize(m, pol, example_inputs=inputs(cfg, 2, device)).train()
-                if stepw_row:
-                    robuq_fx.weight_sides_per_forward(m)
-            opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-            x = inputs(cfg, tb, device)
-            if mode == "eager":
-                fwd = m
-            elif mode == "backend" and pol is not None:
-                fwd = torch.compile(m, backend=robuq_fx.backend(pol, mode="qat",
-                                                                weight_sides="step" if stepw_row else "layer"))
-            else:  # (backend mode's FP row: plain torch.compile, the baseline of its ratios)
-                fwd = torch.compile(m, mode="reduce-overhead" if mode == "cudagraphs" else None)
-            with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):  # (as the step: one matmul dtype)
-                target = torch.randn_like(m(**x)[0].detach().float())
-            # the compiled QAT step is CPU-bound (~3x FP's kernels, each launched through Python). cppwrapper:
-            # default-mode torch.compile with Inductor's C++ wrapper, which launches them without Python (session 19:
-            # the FP step alone did not compile in 9.4 minutes); combo: Inductor's combo kernels, independent small
-            # kernels (the weight side's casts and fake-quants of a layer) launched as one
-            wrapper = contextlib.nullcontext()
-            if mode in INDUCTOR_MODES:
-                import torch._inductor.config as ic
-                wrapper = ic.patch(**INDUCTOR_MODES[mode])
-
-            def step():
-                if mode == "cudagraphs":
-                    torch.compiler.cudagraph_mark_step_begin()
-                with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
-                    out = fwd(**x)[0]
-                loss = (out.float() - target).pow(2).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            try:
-                with wrapper:  # 8+ timed steps: 3 left one figure unexplained
-                    ms = timeit(step, max(8, args.iters // 2), 3, device)
-            except Exception as e:  # noqa: BLE001 - an experimental mode's failure is a result, not the run's end
-                if mode not in INDUCTOR_MODES:
-                    raise
-                print(f"  train {name:24s} {mode}: failed ({type(e).__name__}: {str(e)[:300]})", flush=True)
-                ms = None
-            if ms is not None:
-                results["train_step"].append({"setting": name, "mode": mode, "batch": tb, "ms": round(ms, 2)})
-                save_partial()
-                print(f"  train {name:24s} {mode:8s}: {ms:8.2f} ms", flush=True)
-            del m, opt, fwd
-            torch._dynamo.reset()
-            _set_env(saved_env)
-    fp_ms = {r["mode"]: r["ms"] for r in results["train_step"] if r["setting"] == "FP"}
-    for r in results["train_step"]:
-        if r["mode"] in fp_ms:
-            r["x FP step time"] = round(r["ms"] / fp_ms[r["mode"]], 3)
+    # One training step, batch --train-batch: FP vs QAT (_dit_train.py)
+    train_rows(args, cfg, device, dtype, results, save_partial, env_variants)
 
     print()
     print(tabulate(results["latency"], headers="keys", tablefmt="github"))

@@ -136,3 +136,42 @@ def test_kernel_growth_ranks_names_against_the_base():
     rows = P.kernel_growth(base, other)
     assert [(r["kernel"], r["delta ms"]) for r in rows] == [("quant", 0.75), ("mm", 0.5), ("gone", -0.5)]
     assert rows[0]["base ms per step"] == 0.0 and rows[1]["calls per step"] == 3 and rows[2]["calls per step"] == 0.0
+
+
+def test_interleaved_rounds_pair_each_row_with_the_base_of_its_round():
+    """_dit_train.interleaved: every row runs once a round in an order rotated by one each round, and a row's ratio is
+    the median over rounds of its time over the base's time in the same round. A host whose speed drifts 2x from
+    round to round then still gives each row's own cost ratio exactly, while medians of the rows' times do not."""
+    import _dit_train as T
+    cost = {"FP": 10.0, "A": 15.0, "B": 12.0}
+    drift = [1.0, 2.0, 1.2, 1.9, 1.0, 2.1, 1.1]  # the host's slowdown in each round
+    order, clock = [], {"round": 0, "calls": 0}
+
+    def timer(fn):
+        name = fn()
+        order.append(name)
+        ms = cost[name] * drift[clock["round"]]
+        clock["calls"] += 1
+        clock["round"] = clock["calls"] // len(cost)
+        return ms
+    steps = {n: (lambda n=n: n) for n in cost}
+    got = T.interleaved(steps, rounds=len(drift), timer=timer, base="FP")
+    assert order[:6] == ["FP", "A", "B", "A", "B", "FP"]  # round 2 starts one row later
+    assert sorted(order) == sorted(list(cost) * len(drift))
+    assert got["A"][1] == pytest.approx(1.5) and got["B"][1] == pytest.approx(1.2) and got["FP"][1] == 1.0
+    assert got["A"][0] == pytest.approx(15.0 * 1.2)  # (the median time keeps the drift's median)
+
+
+def test_compiled_train_rows_interleave_and_keep_their_ratio(tmp_path):
+    """A quick compiled training run: its rows are timed in interleaved rounds ('timing': 'interleaved') with the
+    paired ratio in 'x FP step time'; --no-interleave gives the sequential rows without the marker."""
+    for extra, marker in (([], "interleaved"), (["--no-interleave"], None)):
+        out = tmp_path / ("seq" if extra else "inter")
+        proc = subprocess.run([sys.executable, str(BENCH / "bench_dit.py"), "--quick", "--train-only", "--iters", "4",
+                               "--train-modes", "compiled", "--settings", "W4A4+H", "--out", str(out), *extra],
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        rows = json.loads((out / "bench_dit_quick.json").read_text())["train_step"]
+        assert [r["setting"] for r in rows] == ["FP", "QAT W4A4+H"]
+        assert all(r.get("timing") == marker and r["mode"] == "compiled" for r in rows)
+        assert rows[0]["x FP step time"] == 1.0 and rows[1]["x FP step time"] > 0
