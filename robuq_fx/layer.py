@@ -114,7 +114,7 @@ def prepared_linear(x, w_stacked, lrb_down_c, bias_c, act_op: bool, spec: LayerS
 
 
 def act_op_linear(x, weight, bias, lrb_down, lrb_up, spec: LayerSpec, c: torch.dtype):
-    """`qat_forward` with the activation side as kernels/qat_act.py's op (a compiled layer with
+    """`qat_forward` with the activation side as kernels/qat_act.py's op (a compiled layer under CUDA graphs or with
     ROBUQ_QAT_ACT_KERNEL=1, qat_linear._act_supported): the weight side as the op graph computes it (Q_w(R) from the
     masters, A and B cast to the matmul dtype c, B H for the op), then `prepared_linear` as the step path runs it."""
     from .kernels.qat_act import through_h

@@ -118,11 +118,15 @@ def _fused_ok(x: torch.Tensor, m: "QATLinear") -> bool:
 
 _FUSED_OFF: list = [None]
 
-# ---- the activation side as one triton_op in the per-layer compiled path (opt-in: ROBUQ_QAT_ACT_KERNEL=1) -------
+# ---- the activation side as one triton_op in the per-layer compiled path --------------------------------------
 # Where quantize's automatic weight-side hooks do not run (mode="reduce-overhead", fullgraph=True, DDP, the compile
 # backend's per-layer form) each layer's compiled graph holds the op graph's activation side: x H (a GEMM), Q_a's
-# range and values, t = (x H) B^T and their concatenation. With ROBUQ_QAT_ACT_KERNEL=1 the layers kernels/qat_act.py
-# covers compute it with that op instead, as the step path does (`layer.act_op_linear`).
+# range and values, t = (x H) B^T and their concatenation. The layers kernels/qat_act.py covers compute it with that
+# op instead, as the step path does (`layer.act_op_linear`), under CUDA graph modes by default (session 28: their
+# replays launch nothing from Python, and the op's one kernel replaces the rotation GEMM's round trip through memory;
+# H200, the paper policy at DiT-XL/2 batch 16: 1.488x the FP step with it, 1.520x and 1.528x without in two earlier
+# calls, FP within 1% across the three) and anywhere with ROBUQ_QAT_ACT_KERNEL=1; ROBUQ_QAT_ACT_KERNEL=0 keeps the
+# op graph everywhere. In default-mode compiles the op's launches go through Triton's launcher (~19 us each).
 _ACT_SPECS: list = []  # (spec, in_features) of the layers, by the key `_act_key` gives them
 _ACT_KEYS: dict = {}
 
@@ -137,16 +141,19 @@ def _act_key(spec: LayerSpec, k: int) -> int:
 
 @torch._dynamo.assume_constant_result
 def _act_supported(key: int, device: str, dtype: torch.dtype) -> bool:
-    """Whether a layer (`_act_key`) takes the activation op on this device type and matmul dtype: requested
-    (ROBUQ_QAT_ACT_KERNEL=1) and covered (`qat_act.unsupported`). Called while Dynamo traces (its result a constant
-    of the trace, from constant arguments); defines the op where it answers yes."""
+    """Whether a layer (`_act_key`) takes the activation op on this device type and matmul dtype: in force
+    (ROBUQ_QAT_ACT_KERNEL=1, or unset under a CUDA-graph compile) and covered (`qat_act.unsupported`). Called while
+    Dynamo traces (its result a constant of the trace, from constant arguments); defines the op where it answers
+    yes. Uncovered layers are named in a warning only where the switch is 1 explicitly."""
     from .kernels import qat_act
-    if not qat_act.requested():
+    from .qat_step_hooks import tracing_for_cudagraphs
+    explicit = qat_act.requested()
+    if not explicit and not (qat_act.enabled() and tracing_for_cudagraphs()):
         return False
     spec, k = _ACT_SPECS[key]
     why = qat_act.unsupported(spec, k, torch.device(device), dtype)
     if why is not None:
-        if (why, spec.short(), k) not in _ACT_WARNED:  # one warning a reason and kind of layer
+        if explicit and (why, spec.short(), k) not in _ACT_WARNED:  # one warning a reason and kind of layer
             _ACT_WARNED.add((why, spec.short(), k))
             warnings.warn(f"ROBUQ_QAT_ACT_KERNEL=1: compiled QAT layers {spec.short()} with in_features={k} keep "
                           f"the op graph's activation side ({why})", RuntimeWarning, stacklevel=2)
@@ -159,10 +166,10 @@ _ACT_WARNED: set = set()
 
 
 def _define_act_op() -> None:
-    """Where the op is requested, define it now, before torch.compile traces a layer (`_act_supported` would
-    otherwise define it during a trace)."""
+    """Where the op may be used (not switched off), define it now, before torch.compile traces a layer
+    (`_act_supported` would otherwise define it during a trace)."""
     from .kernels import qat_act
-    if qat_act.requested():
+    if qat_act.enabled():
         try:
             qat_act.define()
         except ImportError:  # no triton: `_act_supported` says no

@@ -121,6 +121,16 @@ def _engage() -> bool:
         return False
 
 
+def tracing_for_cudagraphs() -> bool:
+    """Whether the frame Dynamo traces now is compiled for a backend that replays CUDA graphs (`_cudagraphs`); False
+    outside a trace or where the tracer looks otherwise."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        return _cudagraphs(InstructionTranslator.current_tx().output.compiler_fn)
+    except Exception:
+        return False
+
+
 def _cudagraphs(backend) -> bool:
     """Whether the compile backend replays its graphs from CUDA graphs (mode="reduce-overhead" / "max-autotune",
     Inductor's triton.cudagraphs, the "cudagraphs" backend). There the automatic hooks step aside: Dynamo takes the

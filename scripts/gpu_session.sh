@@ -62,6 +62,8 @@
 #   scripts/gpu_session.sh s27a             the grouped weight side writing every part: GPU tests, weight_side_profile
 #   scripts/gpu_session.sh s27b             the one-kernel forms as default: their GPU tests, then profile_dit under CUDA
 #                                           graphs (bf16 and the paper policy, 4 DiT-XL/2 blocks)
+#   scripts/gpu_session.sh s28a             the act op's layer tests on CUDA, then the paper policy under CUDA graphs
+#                                           (the act op now its default there) against FP
 #   scripts/gpu_session.sh s27c             s27b shorter, the profile first (2 blocks, 2 steps), then the tests
 #   scripts/gpu_session.sh host-profile [S..]  the compiled step's host time by Python function (host_profile_step.py)
 #   scripts/gpu_session.sh host-ablate [S..]  host_profile_step's unprofiled phase times: bf16, dit, dit:noactk, dit:static
@@ -138,21 +140,16 @@
 # The machine goes back ~30 s after a call returns, and with it everything detached or left in /tmp: make every
 # call self-contained, and send the next one at once. On nvidia-h200-x2, `pair A B` runs two steps at once (one a
 # GPU) for the device time of one: use it. A cold compile of the paper policy takes ~3-4 min on the machine: a call
-# holds about two (policy, batch) rows. Session 28's plan (one H200; session 27 ran s27a: 15 passed, the one-kernel
-# forms 14.9 vs 21.4 ms GPU / 12.3 vs 19.5 ms host through the graphs, now the default; host-profile; train-cg
-# dit-xl-2-robuq 1.520x with its +actk row cut off; then no machine could be started for s27b/s27c):
-#   1. s27b (~5 min): the GPU tests of the one-kernel forms as the default (new: GradGroup against the op-by-op
-#                   backward on DiT shapes), then the first kernel profile under CUDA graphs (bf16 vs the paper
-#                   policy, 4 blocks): where the paper's 1.52x goes on the GPU
-#   2. train-cg-actk1 (~6 min): the paper policy under CUDA graphs with the act op in each layer, with its FP row
-#                   (target 1.5x; summary key qat_paper_actk_cudagraphs_x)
-#   3. host-ablate (~8 min): unprofiled phase host times, W4A4+H with the act op off / statically launched: cProfile
-#                   inflates small calls (the hooks' Python is ~0.8 ms on the CPU outside it, ~8 ms under it)
-#   4. ddp, ddp-compiled and ddp-inductor on nvidia-h200-x2 if ever lent (issue 19 item 4: bench_ddp.py; eager
-#                   with whole-layer graphs by default; compiled through the backend's step mode, which keeps DDP's
-#                   overlap; torch.compile(DDP(quantize(model))), each layer its own weight side)
-#   5. train-compiled dit-xl-2-robuq (qat_paper_compiled_x, 1.811x in session 21), backend-step SKIP_TESTS=1,
-#                   train-actk, qat-profile eager, ln-configs, verify17, attention-sweep, dit-default.
+# holds about two (policy, batch) rows. Session 29's plan (one H200; session 28 ran s27b: 4 passed, the CUDA-graph
+# profile of 4 blocks (paper 10.23 vs bf16 7.08 ms of kernels); train-cg-actk1: paper 1.488x FP with the act op;
+# host-ablate and host-gc: the host's Python speed drifts ~2x within one process, so compiled rows are interleaved):
+#   1. s28a (~7 min): the act op's layer tests on CUDA, the paper policy under CUDA graphs at the new default
+#   2. train-compiled W4A4+H (~5 min), now timed interleaved (paired steps): qat_compiled_x (1.78x sequential,
+#                   target 1.3x); then train-compiled W1.58A4+H and train-compiled dit-xl-2-robuq (qat_paper_compiled_x)
+#   3. train-backend dit-xl-2-robuq (interleaved too), train-cg W4A4+H (the act op's default there)
+#   4. ddp, ddp-compiled and ddp-inductor on nvidia-h200-x2 if ever lent (issue 19 item 4: bench_ddp.py)
+#   Send each call at once after the last returns: the machine goes back 30 s after a call (session 28 lost its last
+#   205 s to a cold start after a pause).
 #   The host varies a lot from call to call (compiled FP step 72.6 vs 118.6 ms in session 21): compare rows of one
 #   call only, and give a bench the time of a cold paper compile on a slow host (~5 min).
 #   The compile cache comes back as xz pieces (compile_cache.txz.NN): copy them over .snap/.cache/compile_cache.*
@@ -793,6 +790,16 @@ s27b)  # session 27's last call (~5 min): the one-kernel forms as the default (t
     timeout 240 python3 benchmarks/profile_dit.py --train cudagraphs --blocks 4 --batch 16 --steps 3 \
         --settings bf16 paper --out "$OUT" > "$OUT/cg_profile.log" 2>&1
     grep -E "^## |TOTAL|wall|Error" "$OUT/cg_profile.log" | head -20
+    ;;
+s28a)  # session 28's changes (~7 min): the act op's layer tests on CUDA (the per-layer path's op, now the default
+    # under CUDA graphs), then the paper policy under CUDA graphs with that default against FP (1.488x with
+    # ROBUQ_QAT_ACT_KERNEL=1 in session 28; qat_paper_cudagraphs_x)
+    timeout 100 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -p no:logging tests/test_qat_act_layer.py \
+        > "$OUT/s28a_tests.log" 2>&1
+    grep -E "^E |Error|passed|failed" "$OUT/s28a_tests.log" | head -8
+    timeout 450 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes cudagraphs --iters 12 \
+        --settings "QAT dit-xl-2-robuq" --tag _train_cg_dit_xl_2_robuq > "$OUT/s28a_cg.log" 2>&1
+    grep -iE "^\||warn|error" "$OUT/s28a_cg.log" | tail -n 6
     ;;
 s27c)  # s27b in the order and size of session 27's last minutes: the CUDA-graph profile first (2 blocks, 2 steps),
     # then the GPU tests of the one-kernel forms as the default

@@ -102,3 +102,36 @@ def test_a_layer_from_an_older_pickle_keeps_the_op_graph(op_on_cpu, monkeypatch)
         m.__dict__.pop("_act", None)
     _compiled(q, torch.randn(2, 4, 128), 1, fullgraph=True)
     assert op_on_cpu == []
+
+
+def test_cuda_graph_compiles_take_the_op_unless_switched_off(op_on_cpu, monkeypatch):
+    """With the switch unset the per-layer path takes the op only in a compile for CUDA graphs (here Inductor's
+    global triton.cudagraphs, which mode="reduce-overhead" sets for its own compile); ROBUQ_QAT_ACT_KERNEL=0 keeps
+    the op graph there too. Outside a trace the check answers no."""
+    import torch._inductor.config as ic
+    from robuq_fx.qat_step_hooks import tracing_for_cudagraphs
+    monkeypatch.delenv("ROBUQ_QAT_ACT_KERNEL", raising=False)
+    x = torch.randn(2, 4, 128)
+    _compiled(_model(), x, 1, fullgraph=True)
+    assert op_on_cpu == []  # default mode: the op graph
+    with ic.patch({"triton.cudagraphs": True}):
+        assert not tracing_for_cudagraphs()
+        _compiled(_model(), x, 1, fullgraph=True)
+        assert op_on_cpu and all(op_on_cpu)
+        op_on_cpu.clear()
+        monkeypatch.setenv("ROBUQ_QAT_ACT_KERNEL", "0")
+        _compiled(_model(), x, 1, fullgraph=True)
+        assert op_on_cpu == []
+
+
+def test_cuda_graph_default_leaves_uncovered_layers_quietly(monkeypatch):
+    """The default under CUDA graphs names no layer it leaves (the real coverage check on the CPU: not on CUDA);
+    only ROBUQ_QAT_ACT_KERNEL=1 set explicitly warns (test above)."""
+    import warnings
+    import torch._inductor.config as ic
+    monkeypatch.delenv("ROBUQ_QAT_ACT_KERNEL", raising=False)
+    monkeypatch.setattr(qat_linear, "_ACT_WARNED", set())
+    with ic.patch({"triton.cudagraphs": True}), warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        _compiled(_model(), torch.randn(2, 4, 128), 1, fullgraph=True)
+    assert not [w for w in rec if "ROBUQ_QAT_ACT_KERNEL" in str(w.message)]

@@ -1,7 +1,8 @@
 """A compiled QAT layer's activation side in one `triton_op` (issue 19; for the layers of
 `robuq_fx.weight_sides_per_forward` on CUDA; on by default since session 22, ROBUQ_QAT_ACT_KERNEL=0 turns it off;
-ROBUQ_QAT_ACT_KERNEL=1 set explicitly also puts it in compiled layers that compute their own weight side, where the
-step hooks stay off: CUDA graph modes, fullgraph=True, DDP, `qat_linear._act_supported`).
+also in compiled layers that compute their own weight side, where the step hooks stay off: under CUDA graph modes by
+default since session 28, and in every mode (fullgraph=True, DDP) with ROBUQ_QAT_ACT_KERNEL=1 set explicitly,
+`qat_linear._act_supported`).
 
 H200, DiT-XL/2 paper policy, batch 16, compiled: the QAT step 1.413x the FP step with it (104.3 vs 73.8 ms), 1.53x
 and 1.60x without it in two other calls (the host's speed moves between calls: each ratio is against its own run's FP

@@ -93,8 +93,10 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
                                   "activations keep the op graph's activation side (~5 launches forward, ~3 backward) "
                                   "instead of one triton_op for [Q_a(x H), x (B H)^T] and one kernel for its input "
                                   "gradient (kernels/qat_act.py; H200, DiT-XL/2 paper policy compiled: 1.41x FP with "
-                                  "it, 1.53-1.60x without); 1 (set explicitly): also compiled QAT layers without the "
-                                  "step hooks (mode='reduce-overhead', fullgraph=True, DDP: qat_linear._act_supported)"),
+                                  "it, 1.53-1.60x without); unset, it also goes into compiled QAT layers without the "
+                                  "step hooks under CUDA graph modes (mode='reduce-overhead'; paper policy 1.488x FP "
+                                  "with it, 1.52x without in other calls); 1 (set explicitly): into those layers in "
+                                  "every mode (fullgraph=True, DDP: qat_linear._act_supported), naming those it leaves"),
     ("ROBUQ_GIT_COMMIT", "(git)", "not a switch: the commit the benchmarks record where the checkout has no git "
                                   "history (left out of the compile-cache key, kernels/compile_cache.py)"),
 )
