@@ -69,6 +69,8 @@
 #   scripts/gpu_session.sh host-ablate [S..]  host_profile_step's unprofiled phase times: bf16, dit, dit:noactk, dit:static
 #   scripts/gpu_session.sh host-gc [S..]    phase times only: bf16, dit, dit:gcfreeze, bf16 again (process state against
 #                                           the setting's cost), with the host probe and the garbage collector's time
+#   scripts/gpu_session.sh static-diag      whether Inductor's static launcher takes the act op's kernels (W4A4+H, the
+#                                           option set from the start, in-process compiles: bypass reasons, launches)
 #   scripts/gpu_session.sh wside-sweep      weight_side_profile.py: the weight sides, then the grouped kernel's tiles
 #   scripts/gpu_session.sh train-cg-actk [S]  both under CUDA graphs, S with / without the activation op in each layer
 #   scripts/gpu_session.sh train-cg-actk1 [S]  its +actk row alone with FP (ROBUQ_QAT_ACT_KERNEL=1 for the run; ~6 min)
@@ -146,8 +148,11 @@
 #   1. s28a (~7 min): the act op's layer tests on CUDA, the paper policy under CUDA graphs at the new default
 #   2. train-compiled W4A4+H (~5 min), now timed interleaved (paired steps): qat_compiled_x (1.78x sequential,
 #                   target 1.3x); then train-compiled W1.58A4+H and train-compiled dit-xl-2-robuq (qat_paper_compiled_x)
-#   3. train-backend dit-xl-2-robuq (interleaved too), train-cg W4A4+H (the act op's default there)
-#   4. ddp, ddp-compiled and ddp-inductor on nvidia-h200-x2 if ever lent (issue 19 item 4: bench_ddp.py)
+#   3. static-diag (~5 min): the act op's 392 launches a step go through Triton's own launcher (~19 us each, ~4 ms
+#                   a step under cProfile), also with Inductor's static_launch_user_defined_triton_kernels set in
+#                   session 28's :static run; why (logged bypass reasons) and whether the env form takes
+#   4. train-backend dit-xl-2-robuq (interleaved too), train-cg W4A4+H (the act op's default there)
+#   5. ddp, ddp-compiled and ddp-inductor on nvidia-h200-x2 if ever lent (issue 19 item 4: bench_ddp.py)
 #   Send each call at once after the last returns: the machine goes back 30 s after a call (session 28 lost its last
 #   205 s to a cold start after a pause).
 #   The host varies a lot from call to call (compiled FP step 72.6 vs 118.6 ms in session 21): compare rows of one
@@ -825,6 +830,13 @@ host-gc)  # host-gc [S..]: is the QAT forward's extra host time the QAT setting'
     timeout 540 python3 scripts/host_profile_step.py --no-cprofile --steps 8 \
         --settings ${S:-bf16 dit dit:gcfreeze bf16} --out "$OUT" > "$OUT/host_gc.log" 2>&1
     grep -E "^\| (setting|bf16|dit)|skipped|Error|wrote" "$OUT/host_gc.log" | tail -6
+    ;;
+static-diag)  # does Inductor's static launcher take the act op's kernels (user-defined Triton kernels, launched through
+    # Triton's own launcher at ~19 us in sessions 27-28, also with the :static variant)? W4A4+H with the option set from
+    # the process's start and compiles in-process (their "Bypassing" reasons logged here), cProfile's launch counts (~5 min)
+    TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS=1 TORCHINDUCTOR_COMPILE_THREADS=1 timeout 420 \
+        python3 scripts/host_profile_step.py --steps 3 --settings dit --out "$OUT" > "$OUT/static_diag.log" 2>&1
+    grep -E "^\| (setting|dit)|launcher|Error" "$OUT/static_diag.log" | head -8
     ;;
 host-ablate)  # host-ablate [S..]: host_profile_step.py's unprofiled phase times (and its cProfile) for the ablations of
     # the W4A4+H compiled step's host time (default bf16 dit dit:noactk dit:static; ~8 min cold compiles): what the act

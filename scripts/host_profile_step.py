@@ -30,12 +30,14 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
+import logging
 import json
 import pstats
 import re
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -102,6 +104,22 @@ def _own_times(stats: pstats.Stats, steps: int) -> dict:
     return out
 
 
+class _BypassLog(logging.Handler):
+    """Counts the reasons Inductor gives for launching a Triton kernel through Triton's own launcher instead of its
+    static one ("Bypassing StaticallyLaunchedCudaKernel due to ...": user-defined kernels, such as the act op's,
+    unless static_launch_user_defined_triton_kernels; launch hooks; scratch memory). Logged where the kernel is
+    compiled: a compile worker's reasons do not reach this process."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.reasons: Counter = Counter()
+
+    def emit(self, record):
+        msg = record.getMessage()
+        if "Bypassing StaticallyLaunched" in msg:
+            self.reasons[msg.partition(" due to ")[2][:160]] += 1
+
+
 def _labels(settings: list) -> list:
     """Each setting's label: a repeated one gets #2, #3, ..."""
     seen: dict = {}
@@ -125,6 +143,10 @@ def profile_setting(key: str, args, cfg, pols, device: str) -> dict:
     was = getattr(inductor_config, option) if option else None
     if option:
         setattr(inductor_config, option, True)
+    bypass, heuristics = _BypassLog(), logging.getLogger("torch._inductor.runtime.triton_heuristics")
+    level = heuristics.level
+    heuristics.setLevel(logging.INFO)  # (its INFO records are made only at this level)
+    heuristics.addHandler(bypass)
     try:
         torch._dynamo.reset()
         torch.manual_seed(0)
@@ -170,11 +192,14 @@ def profile_setting(key: str, args, cfg, pols, device: str) -> dict:
             _sync(device)
         row = {r["phase"]: r for r in real}
         return {"graphs (inputs each)": graphs, "host probe ms": probe, "threads": threading.active_count(),
+                "static launch bypassed": dict(bypass.reasons),
                 "phases": {p: {"host ms (profiled)": None if args.no_cprofile else round(wall[p] * 1e3 / args.steps, 3),
                                **{c: row[p][c] for c in ("host ms", "GPU tail ms", "GC ms")},
                                "functions": {} if args.no_cprofile else _own_times(pstats.Stats(profs[p]), args.steps)}
                            for p in profs}}
     finally:
+        heuristics.removeHandler(bypass)
+        heuristics.setLevel(level)
         if freeze:
             gc.unfreeze()
         if option:
@@ -231,6 +256,13 @@ def report(args, prov: dict, head: list, results: dict, final: bool) -> None:
                  "the phase, mean per step; "
                  "profiled: the host ms under cProfile, which adds ~1-2 us to every call; host probe: a fixed "
                  "pure-Python loop just before, the host's speed then)")
+    for k in done:  # the act op's kernels: Inductor's static launcher, or Triton's own (~19 us a launch)
+        own = {p: v["functions"].get("<built-in method __triton_launcher.launch>", (0.0, 0.0))[0]
+               for p, v in results[k]["phases"].items()}
+        why = results[k].get("static launch bypassed") or {}
+        if any(own.values()) or why:
+            lines.append(f"{k}: launches through Triton's own launcher a step {own}; static launch bypassed: "
+                         f"{why or 'none logged here'}")
     base = done[0]
     for key in done[1:] if not args.no_cprofile else []:
         for phase in results[key]["phases"]:

@@ -64,3 +64,19 @@ def test_repeated_settings_get_their_own_labels(hp):
     assert hp._labels(["bf16", "dit", "dit:gcfreeze", "bf16", "bf16"]) == [
         "bf16", "dit", "dit:gcfreeze", "bf16#2", "bf16#3"]
     assert hp._probe_ms(n=1000, repeat=2) > 0
+
+
+def test_static_launch_bypass_reasons_are_counted(hp):
+    """Inductor's "Bypassing StaticallyLaunchedCudaKernel due to ..." records, counted by reason; other records not."""
+    import logging
+    h = hp._BypassLog()
+    log = logging.getLogger("robuq_test_bypass")
+    log.setLevel(logging.INFO)
+    log.addHandler(h)
+    try:
+        for why in ("User defined triton kernel", "User defined triton kernel", "Cpp wrapper enabled"):
+            log.info("Bypassing StaticallyLaunchedCudaKernel due to %s", why)
+        log.info("something else")
+    finally:
+        log.removeHandler(h)
+    assert dict(h.reasons) == {"User defined triton kernel": 2, "Cpp wrapper enabled": 1}
