@@ -38,7 +38,9 @@ OPT_IN = (("ROBUQ_QAT_FP8", "1", "+fp8"),
           ("ROBUQ_QAT_ACT_KERNEL", "1", "+actk"),
           # (quantize's automatic weight-side hooks off: the per-layer weight sides inside the compiled graph, as
           # before session 24)
-          ("ROBUQ_QAT_STEP_WEIGHTS", "0", "-autows"))
+          ("ROBUQ_QAT_STEP_WEIGHTS", "0", "-autows"),
+          # (the hooks under CUDA graph modes too, their forward buffers fixed: experimental)
+          ("ROBUQ_QAT_STEP_WEIGHTS", "cudagraphs", "+cgws"))
 
 
 def train_settings(args, env_variants: list) -> tuple[list, dict]:

@@ -173,6 +173,9 @@ class Plan:
         self.warned = self.graphs_off = self.warned_keys = False
         self._ids = None  # the masters' identities when last checked (`check`)
         self.act, self._act_key = (False,) * len(self.layers), None  # (`set_act`)
+        # under a CUDA graph mode (qat_step_hooks, ROBUQ_QAT_STEP_WEIGHTS=cudagraphs): each key's forward graph
+        # written in place every forward, its buffers at fixed addresses (`run_forward`)
+        self.static_fwd = False
         # CUDA graphs per key (the masters' addresses, dtypes, autocast): one key for a model's hook; one a module
         # instance where the compile backend runs one graph for several blocks (backend/weight_sides.py)
         self._fwd_graphs: dict = {}
@@ -235,7 +238,12 @@ class Plan:
             return _all_sides(self.layers, self.layout, c, act, *masters, group=group)
         key = (ptrs, c, act, qat_graph._autocast_dtype(masters[0].device),
                group is not None)
-        graph = self._free_graph(self._fwd_graphs, key)
+        if self.static_fwd and self._fwd_graphs.get(key):
+            # CUDA graph modes: always this key's first graph, even while the last forward's parts are held (the
+            # compiled graphs read them at fixed addresses; the same values while the masters have not moved)
+            graph = self._fwd_graphs[key][0]
+        else:
+            graph = self._free_graph(self._fwd_graphs, key)
         if graph is not None:  # its buffers handed out as they are: nothing else holds them
             return qat_graph.replay_graph(graph, (), masters[0].device, clone=False)
         result = _all_sides(self.layers, self.layout, c, act, *masters, group=group)

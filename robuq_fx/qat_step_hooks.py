@@ -9,7 +9,9 @@ Two ways they get onto a model:
   105.6 against 125.6 ms per layer in one session-25 run). Elsewhere the layers keep the per-layer path:
   - eager QAT, with its per-layer CUDA graphs (faster eagerly);
   - `fullgraph=True` and `torch.export`, which trace without a break;
-  - CUDA graph modes (`mode="reduce-overhead"`, `_cudagraphs`);
+  - CUDA graph modes (`mode="reduce-overhead"`, `_cudagraphs`), unless ROBUQ_QAT_STEP_WEIGHTS=cudagraphs
+    (experimental, session 28): then they engage there too with the plan's forward buffers at fixed addresses
+    (`qat_step.Plan.static_fwd`), which the graphs' replays read in place;
   - DDP / FSDP2 runs (a process group of more than one rank), whose gradients then arrive during the backward, for
     their all-reduce to overlap.
   `ROBUQ_QAT_STEP_WEIGHTS=0` turns the automatic hooks off; an explicit call replaces them.
@@ -45,11 +47,14 @@ def _plan(model: nn.Module):
     return _PLANS[model]
 
 
-def _prepare(model: nn.Module, explicit: bool) -> None:
-    """Every QAT layer of model gets its weight side for this forward (`qat_step.WeightSides`)."""
+def _prepare(model: nn.Module, explicit: bool, static: bool = False) -> None:
+    """Every QAT layer of model gets its weight side for this forward (`qat_step.WeightSides`). static: under a CUDA
+    graph mode (ROBUQ_QAT_STEP_WEIGHTS=cudagraphs): the weight sides at the same addresses every forward
+    (`qat_step.Plan.static_fwd`)."""
     plan = _plan(model)
     if plan is None:
         return
+    plan.static_fwd = static
     masters = plan.masters()
     try:
         plan.check(masters)
@@ -102,23 +107,31 @@ def _post_always(module, args, kwargs, output):
     _release(module)
 
 
+OFF, ON, STATIC = 0, 1, 2  # what `_engage` answers: no hooks; hooks; hooks with fixed forward buffers (CUDA graphs)
+
+
 @torch._dynamo.assume_constant_result
-def _engage() -> bool:
-    """Whether the automatic hooks may run in this trace: called while Dynamo traces (its result a constant of the
-    trace; no arguments, which it would have to turn into constants)."""
+def _engage() -> int:
+    """Whether the automatic hooks may run in this trace (OFF / ON / STATIC): called while Dynamo traces (its result a
+    constant of the trace; no arguments, which it would have to turn into constants). Under CUDA graph modes they
+    stay OFF unless ROBUQ_QAT_STEP_WEIGHTS=cudagraphs (experimental): then STATIC, the weight sides at fixed
+    addresses (`qat_step.Plan.static_fwd`), which the compiled graphs' replays read in place."""
     try:
-        if os.environ.get("ROBUQ_QAT_STEP_WEIGHTS", "auto") == "0":
-            return False
+        switch = os.environ.get("ROBUQ_QAT_STEP_WEIGHTS", "auto")
+        if switch == "0":
+            return OFF
         from torch._dynamo.symbolic_convert import InstructionTranslator
         tx = InstructionTranslator.current_tx()
         if tx.one_graph or bool(getattr(tx, "error_on_graph_break", False)):  # fullgraph=True / no breaks allowed
-            return False
+            return OFF
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            return OFF
         if _cudagraphs(tx.output.compiler_fn):
-            return False
-        return not (torch.distributed.is_available() and torch.distributed.is_initialized()
-                    and torch.distributed.get_world_size() > 1)
+            return STATIC if switch == "cudagraphs" else OFF
+        return ON
     except Exception:  # a torch whose tracer looks otherwise: the per-layer path, as before
-        return False
+        return OFF
 
 
 def tracing_for_cudagraphs() -> bool:
@@ -158,24 +171,27 @@ def _device_ok(t: torch.Tensor) -> bool:
 
 
 @torch.compiler.disable
-def _pre_compiled_run(module) -> None:
-    _prepare(module, False)
+def _pre_compiled_run(module, static: bool = False) -> None:
+    _prepare(module, False, static)
 
 
-def _engaged(module) -> bool:
-    # traced by Dynamo (a condition it folds to a constant, guarding on the mode and the probe's device); in eager
-    # forwards one call
-    return (torch.compiler.is_compiling() and module.training and _engage()
-            and _device_ok(getattr(module, _PROBE).weight))
+def _engaged(module) -> int:
+    """OFF / ON / STATIC (`_engage`). Traced by Dynamo (a condition it folds to a constant, guarding on the mode and
+    the probe's device); in eager forwards one call."""
+    if not (torch.compiler.is_compiling() and module.training):
+        return OFF
+    mode = _engage()
+    return mode if mode != OFF and _device_ok(getattr(module, _PROBE).weight) else OFF
 
 
 def _pre_compiled(module, args, kwargs):
-    if _engaged(module):
-        _pre_compiled_run(module)  # (a graph break: runs eagerly before the compiled forward)
+    mode = _engaged(module)
+    if mode != OFF:
+        _pre_compiled_run(module, mode == STATIC)  # (a graph break: runs eagerly before the compiled forward)
 
 
 def _post_compiled(module, args, kwargs, output):
-    if _engaged(module):
+    if _engaged(module) != OFF:
         _release(module)
 
 

@@ -64,6 +64,8 @@
 #                                           graphs (bf16 and the paper policy, 4 DiT-XL/2 blocks)
 #   scripts/gpu_session.sh s28a             the act op's layer tests on CUDA, then the paper policy under CUDA graphs
 #                                           (the act op now its default there) against FP
+#   scripts/gpu_session.sh train-cg-ws [S]  the hooks' GPU tests, then S under CUDA graphs with the weight-side hooks
+#                                           engaged there (ROBUQ_QAT_STEP_WEIGHTS=cudagraphs, row +cgws) against FP
 #   scripts/gpu_session.sh s27c             s27b shorter, the profile first (2 blocks, 2 steps), then the tests
 #   scripts/gpu_session.sh host-profile [S..]  the compiled step's host time by Python function (host_profile_step.py)
 #   scripts/gpu_session.sh host-ablate [S..]  host_profile_step's unprofiled phase times: bf16, dit, dit:noactk, dit:static
@@ -146,13 +148,15 @@
 # profile of 4 blocks (paper 10.23 vs bf16 7.08 ms of kernels); train-cg-actk1: paper 1.488x FP with the act op;
 # host-ablate and host-gc: the host's Python speed drifts ~2x within one process, so compiled rows are interleaved):
 #   1. s28a (~7 min): the act op's layer tests on CUDA, the paper policy under CUDA graphs at the new default
-#   2. train-compiled W4A4+H (~5 min), now timed interleaved (paired steps): qat_compiled_x (1.78x sequential,
+#   2. train-cg-ws (~7 min): the weight-side hooks under CUDA graphs (grouped kernels, fixed forward buffers):
+#                   the GPU test that nothing is recorded again, then the paper row +cgws against s28a's 1.49x
+#   3. train-compiled W4A4+H (~5 min), now timed interleaved (paired steps): qat_compiled_x (1.78x sequential,
 #                   target 1.3x); then train-compiled W1.58A4+H and train-compiled dit-xl-2-robuq (qat_paper_compiled_x)
-#   3. static-diag (~5 min): the act op's 392 launches a step go through Triton's own launcher (~19 us each, ~4 ms
+#   4. static-diag (~5 min): the act op's 392 launches a step go through Triton's own launcher (~19 us each, ~4 ms
 #                   a step under cProfile), also with Inductor's static_launch_user_defined_triton_kernels set in
 #                   session 28's :static run; why (logged bypass reasons) and whether the env form takes
-#   4. train-backend dit-xl-2-robuq (interleaved too), train-cg W4A4+H (the act op's default there)
-#   5. ddp, ddp-compiled and ddp-inductor on nvidia-h200-x2 if ever lent (issue 19 item 4: bench_ddp.py)
+#   5. train-backend dit-xl-2-robuq (interleaved too), train-cg W4A4+H (the act op's default there)
+#   6. ddp, ddp-compiled and ddp-inductor on nvidia-h200-x2 if ever lent (issue 19 item 4: bench_ddp.py)
 #   Send each call at once after the last returns: the machine goes back 30 s after a call (session 28 lost its last
 #   205 s to a cold start after a pause).
 #   The host varies a lot from call to call (compiled FP step 72.6 vs 118.6 ms in session 21): compare rows of one
@@ -805,6 +809,17 @@ s28a)  # session 28's changes (~7 min): the act op's layer tests on CUDA (the pe
     timeout 450 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes cudagraphs --iters 12 \
         --settings "QAT dit-xl-2-robuq" --tag _train_cg_dit_xl_2_robuq > "$OUT/s28a_cg.log" 2>&1
     grep -iE "^\||warn|error" "$OUT/s28a_cg.log" | tail -n 6
+    ;;
+train-cg-ws)  # train-cg-ws [S]: both under CUDA graphs, S (default the paper policy) with quantize's weight-side
+    # hooks engaged there too (ROBUQ_QAT_STEP_WEIGHTS=cudagraphs: the grouped weight-side kernels, fixed forward
+    # buffers; row " +cgws"), with its FP row; first the hooks' GPU tests (a re-recording every step shows there)
+    timeout 120 python3 -m pytest -q -rf --tb=short -p no:cacheprovider -p no:logging tests/test_qat_step_hooks.py \
+        > "$OUT/cgws_tests.log" 2>&1
+    grep -E "^E |Error|passed|failed" "$OUT/cgws_tests.log" | head -8
+    ROBUQ_QAT_STEP_WEIGHTS=cudagraphs timeout 430 python3 benchmarks/bench_dit.py --out "$OUT" --train-only \
+        --train-modes cudagraphs --iters 12 --settings "QAT ${2:-dit-xl-2-robuq}" \
+        --tag "_train_cg_ws_$(echo "${2:-dit-xl-2-robuq}" | tr -c 'A-Za-z0-9\n' _)" > "$OUT/cg_ws.log" 2>&1
+    grep -iE "^\||warn|error" "$OUT/cg_ws.log" | tail -n 6
     ;;
 s27c)  # s27b in the order and size of session 27's last minutes: the CUDA-graph profile first (2 blocks, 2 steps),
     # then the GPU tests of the one-kernel forms as the default

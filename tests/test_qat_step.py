@@ -243,6 +243,40 @@ def test_replays_never_write_buffers_in_use(monkeypatch, kind):
     assert be.replays and be.captures > 2  # (more than one graph a direction)
 
 
+@pytest.mark.parametrize("kind", ["kept gradients", "steady"])
+def test_static_forward_buffers_stay_put_and_train_the_same(monkeypatch, kind):
+    """`Plan.static_fwd` (the hooks under CUDA graph modes, ROBUQ_QAT_STEP_WEIGHTS=cudagraphs): from the second
+    forward on every layer's weight side is at the same address while the last forward's are still held (the
+    compiled graphs' replays read them in place), and training equals the graph-less run bit for bit. (Several forwards before a backward are left to the GPU
+    test: there the buffers are rewritten with the same values, by a replay that moves no version counter, where
+    this stand-in's ATen writes would trip autograd's in-place check on the views the first forward saved.)"""
+    from robuq_fx import qat_step_hooks as H
+    base = Net()
+    x = torch.randn(3, 10, 128)
+    mod0 = copy.deepcopy(base)
+    robuq_fx.weight_sides_per_forward(mod0)
+    want = _scenario(mod0, x, kind)
+    monkeypatch.setattr(qat_graph, "_BACKEND", [Replays()])
+    monkeypatch.setattr(qat_step, "_use_graphs", lambda t: True)
+    monkeypatch.setattr(H, "_pre_always", lambda module, args, kwargs: H._prepare(module, True, static=True))
+    mod = copy.deepcopy(base)
+    robuq_fx.weight_sides_per_forward(mod)
+    ptrs, held = [], []
+
+    def record(m, a):  # the last forward's part kept alive, as a CUDA-graph tree keeps its static inputs
+        ptrs.append(m._prepared[0].data_ptr())
+        held[:] = [m._prepared[0]]
+    mod.a.register_forward_pre_hook(record)
+    got = _scenario(mod, x, kind)
+    assert H._PLANS[mod].static_fwd
+    assert len(ptrs) > 3 and len(set(ptrs[1:])) == 1, ptrs  # the first forward computes eagerly, then one buffer
+    for (ya, ga), (yb, gb) in zip(got, want):
+        for a, b in zip(ya, yb):
+            assert torch.equal(a, b)
+        for k in gb:
+            assert torch.equal(ga[k], gb[k]), k
+
+
 def test_steady_training_replays_without_copies(monkeypatch):
     """Forward, backward, step, zero_grad(set_to_none=True): one graph a direction, replayed every step after the
     first, its buffers handed out as they are."""

@@ -117,6 +117,29 @@ def test_they_stay_off(case, counted, monkeypatch):
     assert counted == [] and not counters["graph_break"], dict(counters["graph_break"])  # one graph, as before
 
 
+@pytest.mark.parametrize("cudagraphs", [True, False])
+def test_the_cudagraphs_switch_engages_them_with_fixed_buffers(cudagraphs, counted, on_cpu, monkeypatch):
+    """ROBUQ_QAT_STEP_WEIGHTS=cudagraphs: under a CUDA graph mode (here Inductor's triton.cudagraphs set globally)
+    the hooks engage with the plan's forward buffers fixed (`Plan.static_fwd`), and the step equals the explicit
+    hooks' bit for bit; in default mode the same switch engages them as "auto" does, buffers rotating."""
+    import torch._inductor.config as inductor_config
+    monkeypatch.setenv("ROBUQ_QAT_STEP_WEIGHTS", "cudagraphs")
+    base = Net()
+    x = torch.randn(3, 10, 128)
+    explicit = copy.deepcopy(base)
+    robuq_fx.weight_sides_per_forward(explicit)
+    want = _compiled(explicit, x, 2)
+    counted.clear()
+    auto = copy.deepcopy(base)
+    H.install_auto(auto)
+    with inductor_config.patch({"triton.cudagraphs": cudagraphs}):
+        got = _compiled(auto, x, 2)
+    assert len(counted) == 2 and all(p.modules[0] is auto.a for p in counted)
+    assert H._PLANS[auto].static_fwd is cudagraphs
+    for (ya, ga), (yb, gb) in zip(got, want):
+        assert torch.equal(ya, yb) and all(torch.equal(ga[k], gb[k]) for k in gb)
+
+
 def test_a_deep_copy_gets_a_plan_of_its_own_layers(counted, on_cpu):
     """An EMA-style copy of the QAT model carries the hooks; compiled, it computes its own layers' weight sides
     and leaves the original's alone."""
@@ -256,3 +279,59 @@ def test_under_cuda_graphs_they_stay_off_and_nothing_is_recorded_again(counted, 
         torch._dynamo.reset()
     assert counted == []
     assert seen[2] > 0 and seen[-1] == seen[2], seen  # recorded while warming up, then only replayed
+
+
+def _cg_steps(mod, x, steps, records):
+    """steps AdamW steps of mod under mode="reduce-overhead" and bf16 autocast: [(output, {name: grad}) as fp32],
+    and the cudagraph trees' record count after each step."""
+    opt = torch.optim.AdamW(mod.parameters(), lr=1e-3)
+    outs, seen = [], []
+    torch._dynamo.reset()
+    try:
+        fn = torch.compile(mod, mode="reduce-overhead")
+        for _ in range(steps):
+            torch.compiler.cudagraph_mark_step_begin()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = fn(x)
+            y.float().pow(2).mean().backward()
+            outs.append((y.detach().float().clone(),
+                         {n: p.grad.detach().float().clone() for n, p in mod.named_parameters()}))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            seen.append(len(records))
+    finally:
+        torch._dynamo.reset()
+    return outs, seen
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_under_cuda_graphs_the_switch_engages_them_without_recording_again(counted, monkeypatch):
+    """ROBUQ_QAT_STEP_WEIGHTS=cudagraphs on CUDA: the hooks engage under mode="reduce-overhead" with fixed forward
+    buffers, the cudagraph trees record nothing after the warm-up (the layers' weight-side tensors keep their
+    addresses), and the steps follow the per-layer path's to bf16 rounding (the weight sides from the grouped
+    kernels there, Inductor's decomposition here)."""
+    from torch._inductor import cudagraph_trees as T
+    records = []
+    real = T.CUDAGraphNode.__init__
+
+    def counting(self, *a, **kw):
+        records.append(1)
+        real(self, *a, **kw)
+    monkeypatch.setattr(T.CUDAGraphNode, "__init__", counting)
+    base = Net().cuda()
+    x = torch.randn(3, 10, 128, device="cuda")
+    per_layer = copy.deepcopy(base)
+    H.install_auto(per_layer)
+    want, _ = _cg_steps(per_layer, x, 6, records)
+    assert counted == []
+    monkeypatch.setenv("ROBUQ_QAT_STEP_WEIGHTS", "cudagraphs")
+    records.clear()
+    mod = copy.deepcopy(base)
+    H.install_auto(mod)
+    got, seen = _cg_steps(mod, x, 6, records)
+    assert counted and H._PLANS[mod].static_fwd
+    assert seen[2] > 0 and seen[-1] == seen[2], seen  # recorded while warming up, then only replayed
+    for (ya, ga), (yb, gb) in zip(got[:2], want[:2]):  # (later steps drift apart by the codes that flip)
+        torch.testing.assert_close(ya, yb, rtol=2e-2, atol=2e-2)
+        for k in gb:
+            torch.testing.assert_close(ga[k], gb[k], rtol=5e-2, atol=2e-3)

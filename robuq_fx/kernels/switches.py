@@ -80,7 +80,9 @@ SWITCHES: tuple[tuple[str, str, str], ...] = (
                                     "backward (triton_wside.py, triton_wgrad.py)"),
     ("ROBUQ_QAT_STEP_WEIGHTS", "auto", "0: a torch.compile'd QAT model from robuq_fx.quantize keeps each layer's "
                                        "weight side in the compiled graph instead of all of them once a forward "
-                                       "(qat_step_hooks.py; H200 paper step 1.11x vs 1.81x FP)"),
+                                       "(qat_step_hooks.py; H200 paper step 1.11x vs 1.81x FP); cudagraphs "
+                                       "(experimental, not yet timed): also under CUDA graph modes, the weight sides "
+                                       "at fixed addresses (qat_step.Plan.static_fwd)"),
     ("ROBUQ_QAT_WEIGHT_GRAPH", "1", "0: eager QAT computes each layer's Q_w(R) and its backward's weight side with "
                                     "ATen calls instead of replaying them from CUDA graphs (qat_graph.py; H200, "
                                     "DiT-XL/2 paper policy: 526 -> 370 ms a step)"),
