@@ -53,7 +53,11 @@ def test_quantize_puts_the_automatic_hooks_on(counted, on_cpu):
     assert counted == []
 
 
-def test_they_engage_under_torch_compile_and_equal_the_explicit_hooks(counted, on_cpu):
+def _explicit_then_auto(counted, inductor_patch: dict | None = None):
+    """(two compiled steps of Net with the explicit hooks, the same with the automatic hooks, that model); Dynamo's
+    counters cleared just before the second, which runs under `inductor_patch` (Inductor config)."""
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
     base = Net()
     x = torch.randn(3, 10, 128)
     explicit = copy.deepcopy(base)
@@ -62,9 +66,15 @@ def test_they_engage_under_torch_compile_and_equal_the_explicit_hooks(counted, o
     counted.clear()
     auto = copy.deepcopy(base)
     H.install_auto(auto)
-    from torch._dynamo.utils import counters
     counters.clear()
-    got = _compiled(auto, x, 2)
+    with inductor_config.patch(inductor_patch or {}):
+        got = _compiled(auto, x, 2)
+    return want, got, auto
+
+
+def test_they_engage_under_torch_compile_and_equal_the_explicit_hooks(counted, on_cpu):
+    from torch._dynamo.utils import counters
+    want, got, auto = _explicit_then_auto(counted)
     assert len(counted) == 2 and all(p.modules[0] is auto.a for p in counted)  # one a forward, of auto's layers
     # the only graph breaks: the two eager calls (the conditions fold to constants in the trace)
     assert counters["graph_break"] and all("disable" in k for k in counters["graph_break"]), counters["graph_break"]
@@ -122,18 +132,8 @@ def test_the_cudagraphs_switch_engages_them_with_fixed_buffers(cudagraphs, count
     """ROBUQ_QAT_STEP_WEIGHTS=cudagraphs: under a CUDA graph mode (here Inductor's triton.cudagraphs set globally)
     the hooks engage with the plan's forward buffers fixed (`Plan.static_fwd`), and the step equals the explicit
     hooks' bit for bit; in default mode the same switch engages them as "auto" does, buffers rotating."""
-    import torch._inductor.config as inductor_config
     monkeypatch.setenv("ROBUQ_QAT_STEP_WEIGHTS", "cudagraphs")
-    base = Net()
-    x = torch.randn(3, 10, 128)
-    explicit = copy.deepcopy(base)
-    robuq_fx.weight_sides_per_forward(explicit)
-    want = _compiled(explicit, x, 2)
-    counted.clear()
-    auto = copy.deepcopy(base)
-    H.install_auto(auto)
-    with inductor_config.patch({"triton.cudagraphs": cudagraphs}):
-        got = _compiled(auto, x, 2)
+    want, got, auto = _explicit_then_auto(counted, {"triton.cudagraphs": cudagraphs})
     assert len(counted) == 2 and all(p.modules[0] is auto.a for p in counted)
     assert H._PLANS[auto].static_fwd is cudagraphs
     for (ya, ga), (yb, gb) in zip(got, want):
