@@ -73,6 +73,7 @@
 #                                           the setting's cost), with the host probe and the garbage collector's time
 #   scripts/gpu_session.sh static-diag      whether Inductor's static launcher takes the act op's kernels (W4A4+H, the
 #                                           option set from the start, in-process compiles: bypass reasons, launches)
+#   scripts/gpu_session.sh host-inter [S..] the phases' host time, settings side by side in interleaved rounds
 #   scripts/gpu_session.sh wside-sweep      weight_side_profile.py: the weight sides, then the grouped kernel's tiles
 #   scripts/gpu_session.sh train-cg-actk [S]  both under CUDA graphs, S with / without the activation op in each layer
 #   scripts/gpu_session.sh train-cg-actk1 [S]  its +actk row alone with FP (ROBUQ_QAT_ACT_KERNEL=1 for the run; ~6 min)
@@ -155,8 +156,9 @@
 #   4. static-diag (~5 min): the act op's 392 launches a step go through Triton's own launcher (~19 us each, ~4 ms
 #                   a step under cProfile), also with Inductor's static_launch_user_defined_triton_kernels set in
 #                   session 28's :static run; why (logged bypass reasons) and whether the env form takes
-#   5. train-backend dit-xl-2-robuq (interleaved too), train-cg W4A4+H (the act op's default there)
-#   6. ddp, ddp-compiled and ddp-inductor on nvidia-h200-x2 if ever lent (issue 19 item 4: bench_ddp.py)
+#   5. host-inter (~6 min): the forward's and backward's host time against bf16, paired (act op off, per layer)
+#   6. train-backend dit-xl-2-robuq (interleaved too), train-cg W4A4+H (the act op's default there)
+#   7. ddp, ddp-compiled and ddp-inductor on nvidia-h200-x2 if ever lent (issue 19 item 4: bench_ddp.py)
 #   Send each call at once after the last returns: the machine goes back 30 s after a call (session 28 lost its last
 #   205 s to a cold start after a pause).
 #   The host varies a lot from call to call (compiled FP step 72.6 vs 118.6 ms in session 21): compare rows of one
@@ -852,6 +854,14 @@ static-diag)  # does Inductor's static launcher take the act op's kernels (user-
     TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS=1 TORCHINDUCTOR_COMPILE_THREADS=1 timeout 420 \
         python3 scripts/host_profile_step.py --steps 3 --settings dit --out "$OUT" > "$OUT/static_diag.log" 2>&1
     grep -E "^\| (setting|dit)|launcher|Error" "$OUT/static_diag.log" | head -8
+    ;;
+host-inter)  # host-inter [S..]: the phases' host time, the settings side by side in interleaved rounds (paired
+    # ratios against bf16; default bf16 dit dit:noactk dit:per-layer; ~6 min of cold compiles)
+    S="${*:2}"
+    # shellcheck disable=SC2086
+    timeout 540 python3 scripts/host_profile_step.py --interleave --steps 12 \
+        --settings ${S:-bf16 dit dit:noactk dit:per-layer} --out "$OUT" > "$OUT/host_inter.log" 2>&1
+    grep -E "^\| |Error|wrote" "$OUT/host_inter.log" | tail -12
     ;;
 host-ablate)  # host-ablate [S..]: host_profile_step.py's unprofiled phase times (and its cProfile) for the ablations of
     # the W4A4+H compiled step's host time (default bf16 dit dit:noactk dit:static; ~8 min cold compiles): what the act

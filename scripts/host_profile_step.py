@@ -23,6 +23,9 @@ session 27), "NAME:gcfreeze" with Python's garbage collector told to leave every
 "bf16#2"): the same setting late in the process tells the process's state from the setting's own cost. Each row also
 gives the time a fixed pure-Python loop takes just before the phases (host probe ms: the host's speed then) and the
 garbage collector's time within each phase. --no-cprofile skips the profiled steps (the ablation figures only).
+--interleave builds every setting side by side and times their phases in interleaved rounds, each against the first
+setting's in the same round (session 28: the host's speed moved 2x within one process, more than the effects
+compared one setting after another).
 Writes host_profile_<gpu>.txt / .json under --out.
 """
 from __future__ import annotations
@@ -34,6 +37,7 @@ import logging
 import json
 import pstats
 import re
+import statistics
 import sys
 import threading
 import time
@@ -130,6 +134,85 @@ def _labels(settings: list) -> list:
     return out
 
 
+def _phases(name: str, args, cfg, pols, device: str) -> tuple:
+    """(forward(), backward(), graphs) of setting `name`'s compiled training step, warmed up (3 steps). graphs: each
+    compiled graph's input count. forward computes the loss, backward zero_grad, backward and the AdamW step."""
+    torch.manual_seed(0)
+    m = build(cfg).to(device).train()
+    if name != "bf16":
+        m = robuq_fx.quantize(m, pols[SHORT_NAMES[name]], example_inputs=inputs(cfg, 2, device)).train()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+    graphs: list = []
+    fwd = torch.compile(m, backend=counting_backend(graphs))
+    x = inputs(cfg, args.batch, device)
+    amp = device == "cuda"
+    state = {}
+
+    def forward():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
+            state["loss"] = fwd(**x)[0].float().pow(2).mean()
+
+    def backward():
+        opt.zero_grad(set_to_none=True)
+        state.pop("loss").backward()
+        opt.step()
+    for _ in range(3):
+        forward()
+        backward()
+    return forward, backward, graphs
+
+
+def interleaved_phases(args, cfg, pols, device: str) -> list[dict]:
+    """--interleave: every setting built and warmed up first (each its own compiled model, its variant's environment
+    in force while it builds and runs), then `steps` rounds of one step of each, the order rotated a round; each
+    phase timed alone (the GPU idle at its start). Rows: per setting and phase, the median host ms and GPU tail ms,
+    and the median over the rounds of its host ms over the first setting's in the same round (the host's drift
+    cancels; session 28 measured it moving 2x within one process)."""
+    import torch._dynamo.config as dc
+    labels = _labels(args.settings)
+    runs = {}
+    limit = "recompile_limit" if hasattr(dc, "recompile_limit") else "cache_size_limit"
+    torch._dynamo.reset()
+    with dc.patch(**{limit: max(getattr(dc, limit), 8 * len(labels))}):
+        for key, label in zip(args.settings, labels):
+            name, _, variant = key.partition(":")
+            env = dict([VARIANTS[variant]]) if variant else {}
+            before = _set_env(env)
+            try:
+                fns = _phases(name, args, cfg, pols, device)[:2]
+            finally:
+                _set_env(before)
+            runs[label] = (env, fns)
+            print(f"-- {label}: built and warmed up", flush=True)
+        times = {(lb, p): [] for lb in labels for p in ("forward", "backward + optimizer")}
+        tails = {k: [] for k in times}
+        for r in range(max(args.steps, 5)):
+            for i in range(len(labels)):
+                label = labels[(i + r) % len(labels)]
+                env, fns = runs[label]
+                before = _set_env(env)
+                try:
+                    for phase, fn in zip(("forward", "backward + optimizer"), fns):
+                        _sync(device)
+                        t0 = time.perf_counter()
+                        fn()
+                        t1 = time.perf_counter()
+                        _sync(device)
+                        times[(label, phase)].append((t1 - t0) * 1e3)
+                        tails[(label, phase)].append((time.perf_counter() - t1) * 1e3)
+                finally:
+                    _set_env(before)
+    base = labels[0]
+    rows = []
+    for label in labels:
+        for phase in ("forward", "backward + optimizer"):
+            h, b = times[(label, phase)], times[(base, phase)]
+            rows.append({"setting": label, "phase": phase, "host ms": round(statistics.median(h), 3),
+                         "GPU tail ms": round(statistics.median(tails[(label, phase)]), 3),
+                         f"host x {base} (paired)": round(statistics.median(x / y for x, y in zip(h, b)), 3)})
+    return rows
+
+
 def profile_setting(key: str, args, cfg, pols, device: str) -> dict:
     import torch._inductor.config as inductor_config
     name, _, variant = key.partition(":")
@@ -149,28 +232,7 @@ def profile_setting(key: str, args, cfg, pols, device: str) -> dict:
     heuristics.addHandler(bypass)
     try:
         torch._dynamo.reset()
-        torch.manual_seed(0)
-        m = build(cfg).to(device).train()
-        if name != "bf16":
-            m = robuq_fx.quantize(m, pols[SHORT_NAMES[name]], example_inputs=inputs(cfg, 2, device)).train()
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-        graphs: list = []
-        fwd = torch.compile(m, backend=counting_backend(graphs))
-        x = inputs(cfg, args.batch, device)
-        amp = device == "cuda"
-        state = {}
-
-        def forward():
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
-                state["loss"] = fwd(**x)[0].float().pow(2).mean()
-
-        def backward():
-            opt.zero_grad(set_to_none=True)
-            state.pop("loss").backward()
-            opt.step()
-        for _ in range(3):
-            forward()
-            backward()
+        forward, backward, graphs = _phases(name, args, cfg, pols, device)
         if freeze:
             gc.collect()
             gc.freeze()
@@ -286,6 +348,21 @@ def report(args, prov: dict, head: list, results: dict, final: bool) -> None:
         print(f"wrote {stem}.txt / .json")
 
 
+def _report_interleaved(args, prov: dict, head: str, rows: list) -> int:
+    from tabulate import tabulate
+    text = "\n".join([head.replace("phase times only", "interleaved phase times"),
+                      tabulate(rows, headers="keys", tablefmt="github")])
+    print(text, flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"host_profile_{gpu_tag(prov['gpu'])}_interleaved"
+    stem.with_suffix(".txt").write_text(f"# {prov}\n{text}\n")
+    stem.with_suffix(".json").write_text(json.dumps({"provenance": prov, "batch": args.batch, "rows": rows},
+                                                    indent=1))
+    print(f"wrote {stem}.txt / .json")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--settings", nargs="+", default=["bf16", "dit"],
@@ -293,6 +370,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--interleave", action="store_true",
+                    help="phase times only, the settings built side by side and timed in interleaved rounds (paired "
+                         "ratios against the first setting; variants that set an environment variable only)")
     ap.add_argument("--no-cprofile", action="store_true",
                     help="skip the steps under cProfile: the unprofiled phase times only (faster)")
     ap.add_argument("--quick", action="store_true", help="tiny DiT on the CPU (smoke run)")
@@ -301,6 +381,13 @@ def main(argv=None) -> int:
                          "(they keep to CUDA otherwise): the Python of DiT-XL/2's graphs without its GPU work")
     ap.add_argument("--out", default=str(HERE.parent / "benchmarks" / "results"))
     args = ap.parse_args(argv)
+    if args.interleave:
+        args.no_cprofile = True
+        bad = [k for k in args.settings if k.partition(":")[2] and VARIANTS.get(k.partition(":")[2], ("",))[0]
+               in ("inductor", "gc")]
+        if bad:
+            ap.error(f"--interleave: settings {bad} change Inductor's or the garbage collector's global state, which "
+                     f"the settings side by side would share; run them without --interleave")
     for key in args.settings:
         if key.partition(":")[0] not in {"bf16", *SHORT_NAMES} or key.partition(":")[2] not in ("", *VARIANTS):
             ap.error(f"setting {key!r}: expected bf16 or one of {sorted(SHORT_NAMES)}, optionally NAME:VARIANT "
@@ -321,6 +408,8 @@ def main(argv=None) -> int:
              f"{prov['gpu']} | torch {prov['torch']} | "
              + ("phase times only" if args.no_cprofile else f"{args.steps} steps under cProfile")]
     labels = _labels(args.settings)
+    if args.interleave:
+        return _report_interleaved(args, prov, lines[0], interleaved_phases(args, cfg, pols, device))
     for key, label in zip(args.settings, labels):  # (the report rewritten after each: a run cut short keeps the rest)
         print(f"-- {label}", flush=True)
         got = profile_setting(key, args, cfg, pols, device)

@@ -80,3 +80,17 @@ def test_static_launch_bypass_reasons_are_counted(hp):
     finally:
         log.removeHandler(h)
     assert dict(h.reasons) == {"User defined triton kernel": 2, "Cpp wrapper enabled": 1}
+
+
+def test_interleaved_phases_pair_each_setting_with_the_first(hp, tmp_path):
+    """--interleave (tiny DiT on the CPU): both settings built side by side, one row per setting and phase, the first
+    setting's paired ratio exactly 1; settings that change Inductor's or the collector's global state are refused."""
+    import json
+    assert hp.main(["--quick", "--interleave", "--steps", "3", "--settings", "bf16", "dit",
+                    "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "host_profile_cpu_interleaved.json").read_text())["rows"]
+    assert [(r["setting"], r["phase"]) for r in rows] == [
+        ("bf16", "forward"), ("bf16", "backward + optimizer"), ("dit", "forward"), ("dit", "backward + optimizer")]
+    assert all(r["host x bf16 (paired)"] == 1.0 for r in rows[:2]) and all(r["host ms"] > 0 for r in rows)
+    with pytest.raises(SystemExit):
+        hp.main(["--quick", "--interleave", "--settings", "bf16", "dit:static"])
