@@ -2,7 +2,8 @@
 while torch.compile traces the whole model's training forward with graph breaks allowed and its QAT layers on CUDA
 (here the device check is widened to the CPU: `_device_ok`), and then compute what `weight_sides_per_forward` does;
 eager forwards, eval mode, fullgraph=True, ROBUQ_QAT_STEP_WEIGHTS=0, CUDA graph modes and the real CPU device leave
-the per-layer path as it was. A deep copy gets a plan of its own layers; the model pickles; an explicit call replaces them."""
+the per-layer path as it was (ROBUQ_QAT_STEP_WEIGHTS=cudagraphs engages them under CUDA graph modes, with fixed
+forward buffers). A deep copy gets a plan of its own layers; the model pickles; an explicit call replaces them."""
 from __future__ import annotations
 
 import copy
@@ -246,11 +247,8 @@ def test_on_cuda_they_engage_under_inductor_and_equal_the_explicit_hooks(counted
             torch.testing.assert_close(ga[k], gb[k], rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_under_cuda_graphs_they_stay_off_and_nothing_is_recorded_again(counted, monkeypatch):
-    """mode="reduce-overhead" on CUDA: the hooks stay off (the per-layer path), and after the warm-up steps the
-    cudagraph trees record nothing more. With the hooks on, the tensors they set on the layers were static inputs
-    whose addresses moved, and every step recorded the graphs again (session 25, H200: 18.5x the FP step)."""
+def _count_records(monkeypatch) -> list:
+    """A list that grows by one each time the cudagraph trees record a graph."""
     from torch._inductor import cudagraph_trees as T
     records = []
     real = T.CUDAGraphNode.__init__
@@ -259,26 +257,7 @@ def test_under_cuda_graphs_they_stay_off_and_nothing_is_recorded_again(counted, 
         records.append(1)
         real(self, *a, **kw)
     monkeypatch.setattr(T.CUDAGraphNode, "__init__", counting)
-    mod = Net().cuda()
-    H.install_auto(mod)
-    x = torch.randn(3, 10, 128, device="cuda")
-    opt = torch.optim.AdamW(mod.parameters(), lr=1e-3)
-    torch._dynamo.reset()
-    try:
-        fn = torch.compile(mod, mode="reduce-overhead")
-        seen = []
-        for _ in range(6):
-            torch.compiler.cudagraph_mark_step_begin()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                y = fn(x)
-            y.float().pow(2).mean().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            seen.append(len(records))
-    finally:
-        torch._dynamo.reset()
-    assert counted == []
-    assert seen[2] > 0 and seen[-1] == seen[2], seen  # recorded while warming up, then only replayed
+    return records
 
 
 def _cg_steps(mod, x, steps, records):
@@ -305,19 +284,25 @@ def _cg_steps(mod, x, steps, records):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_under_cuda_graphs_they_stay_off_and_nothing_is_recorded_again(counted, monkeypatch):
+    """mode="reduce-overhead" on CUDA: the hooks stay off (the per-layer path), and after the warm-up steps the
+    cudagraph trees record nothing more. With the hooks on, the tensors they set on the layers were static inputs
+    whose addresses moved, and every step recorded the graphs again (session 25, H200: 18.5x the FP step)."""
+    records = _count_records(monkeypatch)
+    mod = Net().cuda()
+    H.install_auto(mod)
+    _, seen = _cg_steps(mod, torch.randn(3, 10, 128, device="cuda"), 6, records)
+    assert counted == []
+    assert seen[2] > 0 and seen[-1] == seen[2], seen  # recorded while warming up, then only replayed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_under_cuda_graphs_the_switch_engages_them_without_recording_again(counted, monkeypatch):
     """ROBUQ_QAT_STEP_WEIGHTS=cudagraphs on CUDA: the hooks engage under mode="reduce-overhead" with fixed forward
     buffers, the cudagraph trees record nothing after the warm-up (the layers' weight-side tensors keep their
     addresses), and the steps follow the per-layer path's to bf16 rounding (the weight sides from the grouped
     kernels there, Inductor's decomposition here)."""
-    from torch._inductor import cudagraph_trees as T
-    records = []
-    real = T.CUDAGraphNode.__init__
-
-    def counting(self, *a, **kw):
-        records.append(1)
-        real(self, *a, **kw)
-    monkeypatch.setattr(T.CUDAGraphNode, "__init__", counting)
+    records = _count_records(monkeypatch)
     base = Net().cuda()
     x = torch.randn(3, 10, 128, device="cuda")
     per_layer = copy.deepcopy(base)
