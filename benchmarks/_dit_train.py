@@ -67,15 +67,18 @@ def train_settings(args, env_variants: list) -> tuple[list, dict]:
 def interleaved(steps: dict, rounds: int, timer, base: str) -> dict:
     """steps: {name: fn} (fn() runs one step), each already warmed up. `rounds` rounds of one step of every row,
     the order rotated by one each round; timer(fn) -> ms. Returns {name: (median ms, median over the rounds of
-    ms / base's ms in the same round)}."""
+    ms / base's ms in the same round, (the smallest, the largest) of those ratios)}."""
     names = list(steps)
     times: dict = {n: [] for n in names}
     for r in range(rounds):
         for i in range(len(names)):
             n = names[(i + r) % len(names)]
             times[n].append(timer(steps[n]))
-    return {n: (statistics.median(times[n]),
-                statistics.median(t / b for t, b in zip(times[n], times[base]))) for n in names}
+    out = {}
+    for n in names:
+        ratios = [t / b for t, b in zip(times[n], times[base])]
+        out[n] = (statistics.median(times[n]), statistics.median(ratios), (min(ratios), max(ratios)))
+    return out
 
 
 def _timer(device: str):
@@ -144,11 +147,13 @@ def _with_env(fn, env: dict):
     return run
 
 
-def _record(results: dict, save_partial, name: str, mode: str, tb: int, ms: float, x: float | None = None) -> None:
+def _record(results: dict, save_partial, name: str, mode: str, tb: int, ms: float, x: float | None = None,
+            spread: tuple | None = None) -> None:
     row = {"setting": name, "mode": mode, "batch": tb, "ms": round(ms, 2)}
     if x is not None:
         row["x FP step time"] = round(x, 3)
         row["timing"] = "interleaved"
+        row["x FP range"] = [round(v, 3) for v in spread]  # the rounds' smallest and largest paired ratio
     results["train_step"].append(row)
     save_partial()
     print(f"  train {name:24s} {mode:8s}: {ms:8.2f} ms" + (f"  ({x:.3f}x FP, paired)" if x is not None else ""),
@@ -216,7 +221,6 @@ def _interleaved_mode(mode, train, train_env, cfg, tb, device, dtype, iters, res
             print(f"  train {name:24s} {mode:8s}: built and warmed up", flush=True)
         got = interleaved(steps, iters, _timer(device), base=train[0][0])
     for name, _ in train:
-        ms, x = got[name]
-        _record(results, save_partial, name, mode, tb, ms, x)
+        _record(results, save_partial, name, mode, tb, *got[name])
     del steps
     torch._dynamo.reset()

@@ -159,6 +159,7 @@ def test_interleaved_rounds_pair_each_row_with_the_base_of_its_round():
     assert order[:6] == ["FP", "A", "B", "A", "B", "FP"]  # round 2 starts one row later
     assert sorted(order) == sorted(list(cost) * len(drift))
     assert got["A"][1] == pytest.approx(1.5) and got["B"][1] == pytest.approx(1.2) and got["FP"][1] == 1.0
+    assert got["A"][2] == pytest.approx((1.5, 1.5)) and got["FP"][2] == (1.0, 1.0)  # no spread: drift cancels
     assert got["A"][0] == pytest.approx(15.0 * 1.2)  # (the median time keeps the drift's median)
 
 
@@ -175,3 +176,6 @@ def test_compiled_train_rows_interleave_and_keep_their_ratio(tmp_path):
         assert [r["setting"] for r in rows] == ["FP", "QAT W4A4+H"]
         assert all(r.get("timing") == marker and r["mode"] == "compiled" for r in rows)
         assert rows[0]["x FP step time"] == 1.0 and rows[1]["x FP step time"] > 0
+        if marker:
+            lo, hi = rows[1]["x FP range"]
+            assert lo <= rows[1]["x FP step time"] <= hi
