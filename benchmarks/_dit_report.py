@@ -34,6 +34,12 @@ def _env_variant(text: str) -> tuple[str, dict]:
     return tag, {var: val}
 
 
+def env_tags(table) -> str:
+    """" TAG" for each (VAR, VALUE, TAG) of table whose variable is set to that value, in the table's order: the
+    switches in force name a benchmark's rows, so that a run with them does not overwrite the plain rows' keys."""
+    return "".join(f" {tag}" for var, value, tag in table if os.environ.get(var) == value)
+
+
 def _set_env(env: dict) -> dict:
     """Set `env` in os.environ; returns the previous values (None: unset) for restoring with another call."""
     old = {}

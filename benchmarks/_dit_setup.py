@@ -63,26 +63,34 @@ PAPER_A2 = "robuq dit-xl-2-robuq-a2 (W1.58A2 asym sigma +H+LRB32, attn 8)"
 SHORT_NAMES = {"dit": "robuq W4A4+H", "w158": "robuq W1.58A4+H", "paper": PAPER, "paper-a3": PAPER_A3,
                "paper-a2": PAPER_A2}
 
+def time_once(fn, device) -> float:
+    """ms of one call of fn, the device idle at its start (CUDA events on the GPU, perf_counter on the CPU)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        return a.elapsed_time(b)
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
 def timeit(fn, iters, warmup, device):
     for _ in range(warmup):
         fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(iters):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        return statistics.median(times)
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    return statistics.median(time_once(fn, device) for _ in range(iters))
+
+
+def recompile_room(models: int):
+    """Dynamo's config patched to hold `models` compiled models side by side (each model's forward is one more
+    compiled entry of the same code object): the benchmarks that interleave settings."""
+    import torch._dynamo.config as dc
+    limit = "recompile_limit" if hasattr(dc, "recompile_limit") else "cache_size_limit"  # (older torch's name)
+    return dc.patch(**{limit: max(getattr(dc, limit), 8 * models),
+                       "accumulated_recompile_limit": max(dc.accumulated_recompile_limit, 64 * models)})
 
 
 def _unique_bytes(tensors, seen: set) -> int:

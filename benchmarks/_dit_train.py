@@ -13,15 +13,13 @@ held side by side would share the per-layer graphs' and the graph trees' pools.
 from __future__ import annotations
 
 import contextlib
-import os
 import statistics
-import time
 
 import torch
 
 import robuq_fx
-from _dit_report import _set_env
-from _dit_setup import PAPER, build, inputs, policies, timeit
+from _dit_report import _set_env, env_tags
+from _dit_setup import PAPER, build, inputs, policies, recompile_room, time_once, timeit
 
 # experimental train modes: default-mode torch.compile with these Inductor settings on both sides
 INDUCTOR_MODES = {"cppwrapper": {"cpp_wrapper": True}, "combo": {"combo_kernels": True}}
@@ -45,7 +43,7 @@ OPT_IN = (("ROBUQ_QAT_FP8", "1", "+fp8"),
 
 def train_settings(args, env_variants: list) -> tuple[list, dict]:
     """The rows: [(name, policy or None for FP)] and {name: the environment a row's variant sets}."""
-    opt_in = "".join(f" {tag}" for var, value, tag in OPT_IN if os.environ.get(var) == value)
+    opt_in = env_tags(OPT_IN)
     train = [("FP", None), ("QAT W4A4+H" + opt_in, policies()["robuq W4A4+H"]),
              ("QAT W1.58A4+H" + opt_in, policies()["robuq W1.58A4+H"]),
              ("QAT dit-xl-2-robuq" + opt_in, policies()[PAPER])]
@@ -79,23 +77,6 @@ def interleaved(steps: dict, rounds: int, timer, base: str) -> dict:
         ratios = [t / b for t, b in zip(times[n], times[base])]
         out[n] = (statistics.median(times[n]), statistics.median(ratios), (min(ratios), max(ratios)))
     return out
-
-
-def _timer(device: str):
-    """ms of one call of fn, the device idle at its start (CUDA events on the GPU, perf_counter on the CPU)."""
-    def timer(fn) -> float:
-        if device == "cuda":
-            torch.cuda.synchronize()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            return a.elapsed_time(b)
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3
-    return timer
 
 
 def _build_step(name: str, pol, mode: str, cfg: dict, tb: int, device: str, dtype):
@@ -203,12 +184,8 @@ def train_rows(args, cfg: dict, device: str, dtype, results: dict, save_partial,
 
 def _interleaved_mode(mode, train, train_env, cfg, tb, device, dtype, iters, results, save_partial) -> None:
     """Every row of `mode` built and warmed up (3 steps each), then `iters` interleaved rounds (`interleaved`)."""
-    import torch._dynamo.config as dc
     steps = {}
-    # each model's forward is one more compiled entry of the same code object: room for all rows at once
-    limit = "recompile_limit" if hasattr(dc, "recompile_limit") else "cache_size_limit"  # (older torch's name)
-    with dc.patch(**{limit: max(getattr(dc, limit), 8 * len(train)),
-                     "accumulated_recompile_limit": max(dc.accumulated_recompile_limit, 64 * len(train))}):
+    with recompile_room(len(train)):
         for name, pol in train:
             saved_env = _set_env(train_env.get(name, {}))
             try:
@@ -219,7 +196,7 @@ def _interleaved_mode(mode, train, train_env, cfg, tb, device, dtype, iters, res
                 _set_env(saved_env)
             steps[name] = _with_env(step, train_env.get(name, {}))
             print(f"  train {name:24s} {mode:8s}: built and warmed up", flush=True)
-        got = interleaved(steps, iters, _timer(device), base=train[0][0])
+        got = interleaved(steps, iters, lambda fn: time_once(fn, device), base=train[0][0])
     for name, _ in train:
         _record(results, save_partial, name, mode, tb, *got[name])
     del steps

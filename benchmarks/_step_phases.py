@@ -46,6 +46,16 @@ class _GCClock:
         gc.callbacks.remove(self)
 
 
+def time_phase(fn, device: str) -> tuple[float, float]:
+    """(host ms, GPU tail ms) of one call of fn, the GPU idle at its start."""
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    t1 = time.perf_counter()
+    _sync(device)
+    return (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
+
+
 def phase_times(phases: list, steps: int, device: str) -> list[dict]:
     """phases: (name, fn) in step order; fn() runs the phase. Median host and GPU-tail ms per phase over `steps`
     steps and the mean GC ms, a row each, then their sum."""
@@ -55,15 +65,10 @@ def phase_times(phases: list, steps: int, device: str) -> list[dict]:
     with _GCClock() as clock:
         for _ in range(steps):
             for name, fn in phases:
-                _sync(device)
                 g0 = clock.seconds
-                t0 = time.perf_counter()
-                fn()
-                t1 = time.perf_counter()
-                _sync(device)
-                t2 = time.perf_counter()
-                host[name].append((t1 - t0) * 1e3)
-                tail[name].append((t2 - t1) * 1e3)
+                h, w = time_phase(fn, device)
+                host[name].append(h)
+                tail[name].append(w)
                 gcs[name].append((clock.seconds - g0) * 1e3)
     rows = []
     for name, _ in phases:

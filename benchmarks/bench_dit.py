@@ -30,21 +30,20 @@ import robuq_fx  # noqa: E402
 
 from _dit_setup import (PAPER, PAPER_A2, PAPER_A3, TINY, XL2, build, inputs, policies,  # noqa: E402,F401
                         model_bytes, quantized_weight_bytes, timeit)
-from _dit_report import (SUMMARY_KEYS, _env_variant, _set_env, plot, summary,  # noqa: E402,F401
+from _dit_report import (SUMMARY_KEYS, _env_variant, _set_env, env_tags, plot, summary,  # noqa: E402,F401
                          summary_key)
 from _dit_train import train_rows  # noqa: E402
 
 
 # the opt-in inference kernels in force name the rows (" +gluonquant" ...), so that a run with them does not overwrite
 # the default rows' summary keys
-INFER_OPT_IN = "".join(f" +{tag}" for var, val, tag in (("ROBUQ_QUANT_KERNEL", "gluon", "gluonquant"),
-                                                        ("ROBUQ_FP8_GEMM_KERNEL", "gluon", "gluongemm"),
-                                                        ("ROBUQ_FP8_FUSED_QUANT", "1", "fusedquant"),
-                                                        ("ROBUQ_FP8_FUSED_QUANT", "ws", "fusedws"),
-                                                        ("ROBUQ_FP8_EPI", "stacked", "stacked"),
-                                                        ("ROBUQ_STACKED_QUANT", "fused", "fusedcodes"),
-                                                        ("ROBUQ_QUANT_KERNEL", "mma", "mmaquant"))
-                       if os.environ.get(var) == val)
+INFER_OPT_IN = env_tags((("ROBUQ_QUANT_KERNEL", "gluon", "+gluonquant"),
+                         ("ROBUQ_FP8_GEMM_KERNEL", "gluon", "+gluongemm"),
+                         ("ROBUQ_FP8_FUSED_QUANT", "1", "+fusedquant"),
+                         ("ROBUQ_FP8_FUSED_QUANT", "ws", "+fusedws"),
+                         ("ROBUQ_FP8_EPI", "stacked", "+stacked"),
+                         ("ROBUQ_STACKED_QUANT", "fused", "+fusedcodes"),
+                         ("ROBUQ_QUANT_KERNEL", "mma", "+mmaquant")))
 
 
 

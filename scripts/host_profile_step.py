@@ -51,9 +51,9 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "benchmarks"))
 import robuq_fx  # noqa: E402
 from _dit_report import _set_env  # noqa: E402
-from _dit_setup import SHORT_NAMES, TINY, XL2, build, inputs, policies  # noqa: E402
+from _dit_setup import SHORT_NAMES, TINY, XL2, build, inputs, policies, recompile_room  # noqa: E402
 from _provenance import gpu_tag, provenance  # noqa: E402
-from _step_phases import phase_times  # noqa: E402
+from _step_phases import phase_times, time_phase  # noqa: E402
 
 
 VARIANTS = {"per-layer": ("ROBUQ_QAT_STEP_WEIGHTS", "0"),  # the automatic hooks off: each layer its weight side
@@ -168,12 +168,10 @@ def interleaved_phases(args, cfg, pols, device: str) -> list[dict]:
     phase timed alone (the GPU idle at its start). Rows: per setting and phase, the median host ms and GPU tail ms,
     and the median over the rounds of its host ms over the first setting's in the same round (the host's drift
     cancels; session 28 measured it moving 2x within one process)."""
-    import torch._dynamo.config as dc
     labels = _labels(args.settings)
     runs = {}
-    limit = "recompile_limit" if hasattr(dc, "recompile_limit") else "cache_size_limit"
     torch._dynamo.reset()
-    with dc.patch(**{limit: max(getattr(dc, limit), 8 * len(labels))}):
+    with recompile_room(len(labels)):
         for key, label in zip(args.settings, labels):
             name, _, variant = key.partition(":")
             env = dict([VARIANTS[variant]]) if variant else {}
@@ -193,13 +191,9 @@ def interleaved_phases(args, cfg, pols, device: str) -> list[dict]:
                 before = _set_env(env)
                 try:
                     for phase, fn in zip(("forward", "backward + optimizer"), fns):
-                        _sync(device)
-                        t0 = time.perf_counter()
-                        fn()
-                        t1 = time.perf_counter()
-                        _sync(device)
-                        times[(label, phase)].append((t1 - t0) * 1e3)
-                        tails[(label, phase)].append((time.perf_counter() - t1) * 1e3)
+                        h, w = time_phase(fn, device)
+                        times[(label, phase)].append(h)
+                        tails[(label, phase)].append(w)
                 finally:
                     _set_env(before)
     base = labels[0]
