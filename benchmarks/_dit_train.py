@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+import time
 
 import torch
 
@@ -23,7 +24,11 @@ from _dit_setup import PAPER, build, inputs, policies, recompile_room, time_once
 
 # experimental train modes: default-mode torch.compile with these Inductor settings on both sides
 INDUCTOR_MODES = {"cppwrapper": {"cpp_wrapper": True}, "combo": {"combo_kernels": True}}
-INTERLEAVED_MODES = ("compiled", "backend")  # host-bound: the rows interleaved unless --no-interleave
+INTERLEAVED_MODES = ("compiled", "backend", "regional")  # host-bound: the rows interleaved unless --no-interleave
+# regional compilation (robuq_fx.compile_repeated_blocks on both sides: each transformer block compiled, one graph
+# serving them all; the embeddings and the final layer eager): default mode, and under CUDA graphs
+REGIONAL = {"regional": None, "regional-cg": "reduce-overhead"}
+CUDAGRAPH_MODES = ("cudagraphs", "regional-cg")
 
 # the opt-in QAT kernels in force (and a default turned off) name the rows, so that such a run does not overwrite
 # the plain rows' summary keys (qat_fp8_eager_x, qat_paper_no_wgraph_eager_x ...)
@@ -94,6 +99,9 @@ def _build_step(name: str, pol, mode: str, cfg: dict, tb: int, device: str, dtyp
     x = inputs(cfg, tb, device)
     if mode == "eager":
         fwd = m
+    elif mode in REGIONAL:
+        robuq_fx.compile_repeated_blocks(m, mode=REGIONAL[mode])
+        fwd = m
     elif mode == "backend" and pol is not None:
         fwd = torch.compile(m, backend=robuq_fx.backend(pol, mode="qat",
                                                         weight_sides="step" if stepw_row else "layer"))
@@ -103,7 +111,7 @@ def _build_step(name: str, pol, mode: str, cfg: dict, tb: int, device: str, dtyp
         target = torch.randn_like(m(**x)[0].detach().float())
 
     def step():
-        if mode == "cudagraphs":
+        if mode in CUDAGRAPH_MODES:
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
             out = fwd(**x)[0]
@@ -129,8 +137,10 @@ def _with_env(fn, env: dict):
 
 
 def _record(results: dict, save_partial, name: str, mode: str, tb: int, ms: float, x: float | None = None,
-            spread: tuple | None = None) -> None:
+            spread: tuple | None = None, warm_s: float | None = None) -> None:
     row = {"setting": name, "mode": mode, "batch": tb, "ms": round(ms, 2)}
+    if warm_s is not None:  # building the row, compiling it and its 3 warm-up steps (cold or warm caches as found)
+        row["build + warm-up s"] = round(warm_s, 1)
     if x is not None:
         row["x FP step time"] = round(x, 3)
         row["timing"] = "interleaved"
@@ -184,20 +194,22 @@ def train_rows(args, cfg: dict, device: str, dtype, results: dict, save_partial,
 
 def _interleaved_mode(mode, train, train_env, cfg, tb, device, dtype, iters, results, save_partial) -> None:
     """Every row of `mode` built and warmed up (3 steps each), then `iters` interleaved rounds (`interleaved`)."""
-    steps = {}
+    steps, warm = {}, {}
     with recompile_room(len(train)):
         for name, pol in train:
             saved_env = _set_env(train_env.get(name, {}))
+            t0 = time.perf_counter()
             try:
                 step = _build_step(name, pol, mode, cfg, tb, device, dtype)
                 for _ in range(3):
                     step()
             finally:
                 _set_env(saved_env)
+            warm[name] = time.perf_counter() - t0
             steps[name] = _with_env(step, train_env.get(name, {}))
             print(f"  train {name:24s} {mode:8s}: built and warmed up", flush=True)
         got = interleaved(steps, iters, lambda fn: time_once(fn, device), base=train[0][0])
     for name, _ in train:
-        _record(results, save_partial, name, mode, tb, *got[name])
+        _record(results, save_partial, name, mode, tb, *got[name], warm_s=warm[name])
     del steps
     torch._dynamo.reset()

@@ -107,11 +107,12 @@ def main(argv=None):
     ap.add_argument("--train-batch", type=int, default=16)
     ap.add_argument("--skip-train", action="store_true", help="skip the QAT training-step rows")
     ap.add_argument("--train-modes", nargs="+", choices=["eager", "compiled", "cudagraphs", "cppwrapper", "combo",
-                                                            "backend"],
+                                                            "backend", "regional", "regional-cg"],
                     default=["eager", "compiled"],
                     help="which training-step rows, each against FP in the same mode (default eager and compiled; "
                          "cudagraphs: both under torch.compile mode=reduce-overhead; cppwrapper / combo: default "
-                         "mode with Inductor's C++ wrapper / its combo kernels)")
+                         "mode with Inductor's C++ wrapper / its combo kernels; regional / regional-cg: "
+                         "robuq_fx.compile_repeated_blocks on both sides, default mode / reduce-overhead)")
     ap.add_argument("--step-weights", choices=["off", "on", "both"], default="off",
                     help="QAT rows with robuq_fx.weight_sides_per_forward (every layer's weight side once a forward, "
                          "for the whole model: rows ' +stepw'); both: each QAT row without and with it, same run. "

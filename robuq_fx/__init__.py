@@ -13,6 +13,7 @@ from .qat_weight_cache import quantize_weights_once_per_step  # noqa: F401
 from .qat_step_hooks import weight_sides_per_forward  # noqa: F401
 from .seed import RobuQLinear, replace_linear_layer  # noqa: F401
 from .spec import LayerSpec  # noqa: F401
+from .regional import compile_repeated_blocks  # noqa: F401
 from .report import size_table  # noqa: F401
 
 __version__ = "0.1.0"

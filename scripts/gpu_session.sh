@@ -28,6 +28,7 @@
 #                                           and "W1.58A4+H+LRB32 fused ws" columns at M = 1024 / 16384 (~8 min)
 #   scripts/gpu_session.sh dit-ws           DiT-XL/2 W4A4+H and the paper policy with it (rows " +fusedws"), b1 / b64
 #   scripts/gpu_session.sh train-combo [SETTING]  the compiled QAT step with Inductor's combo kernels on both sides
+#   scripts/gpu_session.sh train-regional [S]  S whole-model compiled vs FP, then both with regional compilation
 #   scripts/gpu_session.sh train-cpp [SETTING]  the compiled QAT step with Inductor's C++ wrapper on both sides (issue 19:
 #                                           the compiled paper step was CPU-bound; default setting the paper's)
 #   scripts/gpu_session.sh profile          profile_dit at batch 64 (bf16, dit, paper; default-mode compile): the kernel
@@ -344,6 +345,12 @@ train-compiled)  # one setting's compiled QAT step against FP (${2:-W4A4+H}: W4A
     # QAT setting compile and run in 4-6 minutes, all three do not fit one call
     timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes compiled --iters 12 \
         --settings "QAT ${2:-W4A4+H}" --tag "_train_compiled_$(echo "${2:-W4A4+H}" | tr -c 'A-Za-z0-9\n' _)" 2>&1 | tail -n 14
+    ;;
+train-regional)  # train-regional [S]: S (default W4A4+H) whole-model compiled against FP, then both with regional
+    # compilation (robuq_fx.compile_repeated_blocks: one graph for the 28 blocks), interleaved rows with their build +
+    # warm-up seconds; the whole-model mode's rows are saved before the regional ones start (~7 min cold)
+    timeout 560 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes compiled regional --iters 12 \
+        --settings "QAT ${2:-W4A4+H}" --tag "_train_regional_$(echo "${2:-W4A4+H}" | tr -c 'A-Za-z0-9\n' _)" 2>&1 | tail -n 14
     ;;
 train-cpp)  # the same with Inductor's C++ wrapper on both sides (default mode): the launch-bound compiled paper step
     # (~4000 kernels a step against ~1000 for FP) without a Python call a launch

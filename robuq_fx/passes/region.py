@@ -12,6 +12,9 @@ Regions from symbolic_trace take any call their code takes (FX checks the argume
 """
 from __future__ import annotations
 
+import inspect
+import weakref
+
 import torch
 import torch.fx as fx
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
@@ -29,9 +32,11 @@ class RegionModule(fx.GraphModule):
     def recompile(self):
         # the generated forward takes a torch.export region's flat inputs: it becomes `_graph_forward`, and
         # `forward` takes the user's call (what torch.compile traces too; plain Python it can inline)
+        self.__class__ = type("GraphModuleImpl", (RegionModule,), {})  # a class of its own, never a shared one
         out = super().recompile()
         cls = type(self)
         cls._graph_forward, cls.forward = cls.forward, _region_forward
+        self.__class__ = _shared_class(cls, self._code)
         return out
 
     def _apply(self, fn, recurse=True):
@@ -58,6 +63,48 @@ class RegionModule(fx.GraphModule):
         return self
 
 
+# Regions whose generated code is the same share one class (the code lives on the class, as GraphModule puts it):
+# torch.compile of one transformer block then serves every block (regional compilation), where a class a region
+# made every block a type-guard miss and a compile of its own. A class is only shared once built; a recompile gives
+# the region a new one first, so no region's change reaches another.
+_SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_LITERALS = (int, float, str, bool, type(None), torch.dtype, torch.device)
+
+
+def _shared_class(cls: type, code: str) -> type:
+    """The class of an earlier region with the same code and the same objects behind its names, else cls (then
+    registered). The key holds ids of the generated forward's globals: the registered class's forward keeps them
+    alive as long as the entry lives."""
+    g = cls._graph_forward.__globals__
+    key = (code, tuple(sorted((k, v if isinstance(v, _LITERALS) else id(v)) for k, v in g.items()
+                              if k != "__builtins__")))
+    try:
+        return _SHARED.setdefault(key, cls)
+    except TypeError:  # an unhashable literal: keep the region's own class
+        return cls
+
+
+_GUARDS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _share_guards(gm: fx.GraphModule) -> None:
+    """torch.export's `_guards_fn` (the input shape checks it calls first) is a function generated per export:
+    compiled code guards on its code object, so each block's region would compile again. Regions whose check
+    functions have the same code share the first one's module (the code is all they hold)."""
+    guards = gm._modules.get("_guards_fn")
+    fn = getattr(guards, "forward", None)
+    inner = [c.cell_contents for c in getattr(fn, "__closure__", None) or ()
+             if inspect.isfunction(c.cell_contents)]
+    if len(inner) != 1 or inner[0].__closure__:
+        return
+    code = inner[0].__code__
+    key = (fn.__code__, code.co_code, code.co_consts, code.co_names)
+    try:
+        gm._guards_fn = _GUARDS.setdefault(key, guards)
+    except TypeError:  # an unhashable constant: keep its own
+        pass
+
+
 def preserve(gm: fx.GraphModule, name: str, value) -> None:
     """setattr that survives copy.deepcopy (GraphModule.__deepcopy__ keeps only the attributes listed here)."""
     setattr(gm, name, value)
@@ -67,6 +114,7 @@ def preserve(gm: fx.GraphModule, name: str, value) -> None:
 def make_region(gm: fx.GraphModule, call_spec: dict | None, info: dict) -> RegionModule:
     """`gm` (in place) as a RegionModule; call_spec: capture.capture_submodule's (None for symbolic_trace)."""
     gm.__class__ = type("GraphModuleImpl", (RegionModule,), {})  # what GraphModule.__new__ builds for a subclass
+    _share_guards(gm)
     gm.recompile()
     preserve(gm, REGION, dict(info))
     if call_spec is not None:
