@@ -146,20 +146,19 @@
 # The machine goes back ~30 s after a call returns, and with it everything detached or left in /tmp: make every
 # call self-contained, and send the next one at once. On nvidia-h200-x2, `pair A B` runs two steps at once (one a
 # GPU) for the device time of one: use it. A cold compile of the paper policy takes ~3-4 min on the machine: a call
-# holds about two (policy, batch) rows. Session 29's plan (one H200; session 28 ran s27b: 4 passed, the CUDA-graph
-# profile of 4 blocks (paper 10.23 vs bf16 7.08 ms of kernels); train-cg-actk1: paper 1.488x FP with the act op;
-# host-ablate and host-gc: the host's Python speed drifts ~2x within one process, so compiled rows are interleaved):
-#   1. s28a (~7 min): the act op's layer tests on CUDA, the paper policy under CUDA graphs at the new default
-#   2. train-cg-ws (~7 min): the weight-side hooks under CUDA graphs (grouped kernels, fixed forward buffers):
-#                   the GPU test that nothing is recorded again, then the paper row +cgws against s28a's 1.49x
-#   3. train-compiled W4A4+H (~5 min), now timed interleaved (paired steps): qat_compiled_x (1.78x sequential,
-#                   target 1.3x); then train-compiled W1.58A4+H and train-compiled dit-xl-2-robuq (qat_paper_compiled_x)
-#   4. static-diag (~5 min): the act op's 392 launches a step go through Triton's own launcher (~19 us each, ~4 ms
-#                   a step under cProfile), also with Inductor's static_launch_user_defined_triton_kernels set in
-#                   session 28's :static run; why (logged bypass reasons) and whether the env form takes
-#   5. host-inter (~6 min): the forward's and backward's host time against bf16, paired (act op off, per layer)
-#   6. train-backend dit-xl-2-robuq (interleaved too), train-cg W4A4+H (the act op's default there)
-#   7. ddp, ddp-compiled and ddp-inductor on nvidia-h200-x2 if ever lent (issue 19 item 4: bench_ddp.py)
+# holds about two (policy, batch) rows. Session 30's plan (one H200; session 29 ran s28a: 6 passed, the paper CG row
+# past its 450 s cold compile; train-regional W4A4+H: whole-model compiled 1.089x interleaved, regional 1.222x with a
+# 43 s compile against 219 s):
+#   1. train-compiled dit-xl-2-robuq (~6 min cold): qat_paper_compiled_x interleaved under today's default (the
+#                   automatic weight-side hooks; 1.811 is session 21's per-layer figure, 1.11x session 24's explicit)
+#   2. static-diag (~5 min): whether the act op's kernels take Inductor's static launcher with the switch in the
+#                   environment and in-process compiles (session 29, CPU: Inductor's workers decide the launcher and
+#                   get only use_static_triton_launcher of the parent's config)
+#   3. train-cg-ws dit-xl-2-robuq: needs a warm compile cache (its cold CUDA-graph compile ran past 450 s in s28a):
+#                   run it right after a call that compiled the paper policy, without GPU_SESSION_NESTED=1 in the
+#                   command (that variable also turns off bringing the compile cache back)
+#   4. train-regional dit-xl-2-robuq, and bench_dit --train-modes regional-cg (per-block CUDA graphs)
+#   5. ddp, ddp-compiled and ddp-inductor on nvidia-h200-x2 if ever lent (issue 19 item 4: bench_ddp.py)
 #   Send each call at once after the last returns: the machine goes back 30 s after a call (session 28 lost its last
 #   205 s to a cold start after a pause).
 #   The host varies a lot from call to call (compiled FP step 72.6 vs 118.6 ms in session 21): compare rows of one

@@ -256,6 +256,14 @@ MUTANTS = [
      "    if tl.load(d + 17) != 0:", "    if False:",
      "the grouped weight side leaves the layers' bias_c unwritten", ["tests/kernels/test_wquant_interpreted.py", "-k",
                                                                     "group_writes"]),
+    ("region_class_unshared", "robuq_fx/passes/region.py",
+     "        return _SHARED.setdefault(key, cls)", "        return cls",
+     "captured regions keep a class each: every block of a regionally compiled model compiles on its own",
+     ["tests/test_regional.py"]),
+    ("region_guards_unshared", "robuq_fx/passes/region.py",
+     "        guards.forward = _GUARDS.setdefault(key, fn)", "        pass",
+     "each region keeps its own export guard function: a code-object guard miss per block",
+     ["tests/test_regional.py"]),
 ]
 
 

@@ -80,7 +80,8 @@ def test_regions_share_a_class_only_while_their_code_is_the_same(qat_dit):
     attn = [b.attn1 for b in qat_dit.transformer_blocks]
     assert all(isinstance(a, R.RegionModule) for a in attn)
     assert len({type(a) for a in attn}) == 1
-    assert len({id(a._guards_fn) for a in attn if hasattr(a, "_guards_fn")}) <= 1
+    guards = [a._guards_fn for a in attn if hasattr(a, "_guards_fn")]  # (torch.export's; a module each, one code)
+    assert len({id(g) for g in guards}) == len(guards) and len({id(g.forward) for g in guards}) <= 1
     x = torch.randn(2, 16, 64)
     before = [a(x) for a in attn]
     # change one region's graph: it gets a class of its own, and the others keep their code
@@ -91,6 +92,31 @@ def test_regions_share_a_class_only_while_their_code_is_the_same(qat_dit):
     node.args = (type(outs)([neg, *outs[1:]]),)
     attn[0].recompile()
     assert type(attn[0]) is not type(attn[1]) and type(attn[1]) is type(attn[2])
+    assert torch.equal(attn[0](x), -before[0])
+    for a, b in zip(attn[1:], before[1:]):
+        assert torch.equal(a(x), b)
+
+
+def test_a_derived_region_class_recompiles_apart(qat_dit):
+    """FSDP2's fully_shard mixes FSDPModule into a module's class: such a region, recompiled (a dtype cast retargets
+    its literals), keeps the mixin, gets a class of its own and leaves the others' code alone (a subclass of the
+    shared class would recurse in GraphModule's call wrapper; the shared class mutated would change every block)."""
+    attn = [b.attn1 for b in qat_dit.transformer_blocks]
+    shared = type(attn[0])
+
+    class Mixin:
+        pass
+    attn[0].__class__ = type("FSDPGraphModuleImpl", (Mixin, shared), {})
+    x = torch.randn(2, 16, 64)
+    before = [a(x) for a in attn]
+    outs = next(n for n in attn[0].graph.nodes if n.op == "output").args[0]
+    node = next(n for n in attn[0].graph.nodes if n.op == "output")
+    with attn[0].graph.inserting_before(node):
+        neg = attn[0].graph.call_function(torch.neg, (outs[0],))
+    node.args = (type(outs)([neg, *outs[1:]]),)
+    attn[0].recompile()
+    assert isinstance(attn[0], Mixin) and shared not in type(attn[0]).__mro__
+    assert all(type(a) is shared for a in attn[1:])
     assert torch.equal(attn[0](x), -before[0])
     for a, b in zip(attn[1:], before[1:]):
         assert torch.equal(a(x), b)

@@ -32,11 +32,18 @@ class RegionModule(fx.GraphModule):
     def recompile(self):
         # the generated forward takes a torch.export region's flat inputs: it becomes `_graph_forward`, and
         # `forward` takes the user's call (what torch.compile traces too; plain Python it can inline)
-        self.__class__ = type("GraphModuleImpl", (RegionModule,), {})  # a class of its own, never a shared one
+        # the generated code goes on a class of the region's own, never on a shared one; a plain region then takes
+        # the class shared by regions of the same code. One whose class something else derived (FSDP2's
+        # fully_shard mixes FSDPModule in) keeps a subclass of that, unshared
+        plain = type(self).__bases__ == (RegionModule,)
+        own = type("GraphModuleImpl", (RegionModule,), {})
+        self.__class__ = own if plain else type(type(self).__name__, tuple(
+            own if b.__bases__ == (RegionModule,) else b for b in type(self).__bases__), {})
         out = super().recompile()
         cls = type(self)
         cls._graph_forward, cls.forward = cls.forward, _region_forward
-        self.__class__ = _shared_class(cls, self._code)
+        if plain:
+            self.__class__ = _shared_class(cls, self._code)
         return out
 
     def _apply(self, fn, recurse=True):
@@ -90,7 +97,8 @@ _GUARDS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 def _share_guards(gm: fx.GraphModule) -> None:
     """torch.export's `_guards_fn` (the input shape checks it calls first) is a function generated per export:
     compiled code guards on its code object, so each block's region would compile again. Regions whose check
-    functions have the same code share the first one's module (the code is all they hold)."""
+    functions have the same code share the first one's function (the code is all it holds; each region keeps its own
+    module: a module under two parents would be one module to FSDP2's fully_shard, applied twice)."""
     guards = gm._modules.get("_guards_fn")
     fn = getattr(guards, "forward", None)
     inner = [c.cell_contents for c in getattr(fn, "__closure__", None) or ()
@@ -100,7 +108,7 @@ def _share_guards(gm: fx.GraphModule) -> None:
     code = inner[0].__code__
     key = (fn.__code__, code.co_code, code.co_consts, code.co_names)
     try:
-        gm._guards_fn = _GUARDS.setdefault(key, guards)
+        guards.forward = _GUARDS.setdefault(key, fn)
     except TypeError:  # an unhashable constant: keep its own
         pass
 
