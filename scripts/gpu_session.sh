@@ -153,7 +153,8 @@
 #                   automatic weight-side hooks; 1.811 is session 21's per-layer figure, 1.11x session 24's explicit)
 #   2. static-diag (~5 min): whether the act op's kernels take Inductor's static launcher with the switch in the
 #                   environment and in-process compiles (session 29, CPU: Inductor's workers decide the launcher and
-#                   get only use_static_triton_launcher of the parent's config)
+#                   get only use_static_triton_launcher of the parent's config; host_profile_step's :static variant
+#                   now compiles in-process from an empty kernel cache, so host-ablate / host-inter test it too)
 #   3. train-cg-ws dit-xl-2-robuq: needs a warm compile cache (its cold CUDA-graph compile ran past 450 s in s28a):
 #                   run it right after a call that compiled the paper policy, without GPU_SESSION_NESTED=1 in the
 #                   command (that variable also turns off bringing the compile cache back)

@@ -36,12 +36,10 @@ import gc
 import logging
 import json
 import pstats
-import re
 import statistics
 import sys
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -53,6 +51,7 @@ import robuq_fx  # noqa: E402
 from _dit_report import _set_env  # noqa: E402
 from _dit_setup import SHORT_NAMES, TINY, XL2, build, inputs, policies, recompile_room  # noqa: E402
 from _provenance import gpu_tag, provenance  # noqa: E402
+from _host_stats import BypassLog, counting_backend, diff_rows, own_times, probe_ms  # noqa: E402
 from _step_phases import phase_times, time_phase  # noqa: E402
 
 
@@ -63,65 +62,12 @@ VARIANTS = {"per-layer": ("ROBUQ_QAT_STEP_WEIGHTS", "0"),  # the automatic hooks
             # Triton's own launcher in session 27's profile); an Inductor option, set for the setting's compile
             "static": ("inductor", "static_launch_user_defined_triton_kernels"),
             "gcfreeze": ("gc", "freeze")}  # gc.freeze() after the warm-up (gc.unfreeze() after the setting)
-
-
-def _probe_ms(n: int = 200_000, repeat: int = 5) -> float:
-    """The fastest of `repeat` runs of a fixed pure-Python loop, in ms: the host's speed at that moment."""
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        acc = 0
-        for i in range(n):
-            acc += i & 7
-        best = min(best, time.perf_counter() - t0)
-    return round(best * 1e3, 3)
+_WITH = {"static_launch_user_defined_triton_kernels": {"compile_threads": 1}}  # Inductor options an option needs
 
 
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def counting_backend(graphs: list):
-    """Inductor, recording each compiled graph's number of inputs (placeholders)."""
-    from torch._inductor.compile_fx import compile_fx
-
-    def backend(gm, example_inputs):
-        graphs.append(sum(1 for n in gm.graph.nodes if n.op == "placeholder"))
-        return compile_fx(gm, example_inputs)
-    return backend
-
-
-_HASH = re.compile(r"\bc[a-z0-9]{50,52}\b")  # Inductor's code-cache hashes
-
-
-def _own_times(stats: pstats.Stats, steps: int) -> dict:
-    """{function label: (calls per step, own ms per step)}."""
-    out = {}
-    for (file, line, name), (_cc, nc, tt, _ct, _callers) in stats.stats.items():
-        if "torchinductor" in file or _HASH.search(Path(file).name):  # generated code: one label a function name
-            label = f"<inductor-generated>({name})"
-        else:
-            label = f"{Path(file).name}:{line}({name})" if file != "~" else _HASH.sub("<hash>", name)
-        calls, ms = out.get(label, (0.0, 0.0))
-        out[label] = (calls + nc / steps, ms + tt * 1e3 / steps)
-    return out
-
-
-class _BypassLog(logging.Handler):
-    """Counts the reasons Inductor gives for launching a Triton kernel through Triton's own launcher instead of its
-    static one ("Bypassing StaticallyLaunchedCudaKernel due to ...": user-defined kernels, such as the act op's,
-    unless static_launch_user_defined_triton_kernels; launch hooks; scratch memory). Logged where the kernel is
-    compiled: a compile worker's reasons do not reach this process."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.reasons: Counter = Counter()
-
-    def emit(self, record):
-        msg = record.getMessage()
-        if "Bypassing StaticallyLaunched" in msg:
-            self.reasons[msg.partition(" due to ")[2][:160]] += 1
 
 
 def _labels(settings: list) -> list:
@@ -217,10 +163,18 @@ def profile_setting(key: str, args, cfg, pols, device: str) -> dict:
         return None
     freeze = kind == "gc"
     before = _set_env({kind: what} if variant and not option and not freeze else {})
-    was = getattr(inductor_config, option) if option else None
-    if option:
-        setattr(inductor_config, option, True)
-    bypass, heuristics = _BypassLog(), logging.getLogger("torch._inductor.runtime.triton_heuristics")
+    # Inductor's compile workers decide each kernel's launcher and get only use_static_triton_launcher of this
+    # process's config (async_compile.py), and a kernel already compiled in this process is reused with its launcher:
+    # so the option's setting compiles in-process, from an empty kernel cache (session 29; session 28's :static
+    # run set the option alone and changed nothing)
+    opts = {option: True, **_WITH.get(option, {})} if option else {}
+    was = {k: getattr(inductor_config, k) for k in opts}
+    for k, v in opts.items():
+        setattr(inductor_config, k, v)
+    if option == "static_launch_user_defined_triton_kernels":
+        from torch._inductor.async_compile import CompiledTritonKernels
+        CompiledTritonKernels.cache_clear()
+    bypass, heuristics = BypassLog(), logging.getLogger("torch._inductor.runtime.triton_heuristics")
     level = heuristics.level
     heuristics.setLevel(logging.INFO)  # (its INFO records are made only at this level)
     heuristics.addHandler(bypass)
@@ -230,7 +184,7 @@ def profile_setting(key: str, args, cfg, pols, device: str) -> dict:
         if freeze:
             gc.collect()
             gc.freeze()
-        probe = _probe_ms()
+        probe = probe_ms()
         # first without the profiler (cProfile adds ~1-2 us to every Python and C call, so its times inflate
         # code made of many small calls): each phase's own host time and the GPU's tail after it, the median step
         real = phase_times([("forward", forward), ("backward + optimizer", backward)], max(args.steps, 5), device)
@@ -251,27 +205,16 @@ def profile_setting(key: str, args, cfg, pols, device: str) -> dict:
                 "static launch bypassed": dict(bypass.reasons),
                 "phases": {p: {"host ms (profiled)": None if args.no_cprofile else round(wall[p] * 1e3 / args.steps, 3),
                                **{c: row[p][c] for c in ("host ms", "GPU tail ms", "GC ms")},
-                               "functions": {} if args.no_cprofile else _own_times(pstats.Stats(profs[p]), args.steps)}
+                               "functions": {} if args.no_cprofile else own_times(pstats.Stats(profs[p]), args.steps)}
                            for p in profs}}
     finally:
         heuristics.removeHandler(bypass)
         heuristics.setLevel(level)
         if freeze:
             gc.unfreeze()
-        if option:
-            setattr(inductor_config, option, was)
+        for k, v in was.items():
+            setattr(inductor_config, k, v)
         _set_env(before)
-
-
-def diff_rows(base: dict, other: dict, top: int) -> list[dict]:
-    """The functions whose own time per step grows most from base to other."""
-    rows = []
-    for label in set(base) | set(other):
-        c0, t0 = base.get(label, (0.0, 0.0))
-        c1, t1 = other.get(label, (0.0, 0.0))
-        rows.append({"function": label[:90], "calls/step": round(c1, 1), "calls/step (base)": round(c0, 1),
-                     "own ms/step": round(t1, 3), "own ms/step (base)": round(t0, 3), "delta ms": round(t1 - t0, 3)})
-    return sorted(rows, key=lambda r: -r["delta ms"])[:top]
 
 
 def _ready_results() -> None:

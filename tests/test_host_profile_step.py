@@ -42,7 +42,7 @@ def test_own_times_are_per_step_and_generated_code_shares_a_label(hp, tmp_path):
             ns["call"](20000)
             _busy(20000)
         prof.disable()
-        own = hp._own_times(pstats.Stats(prof), steps=2)
+        own = hp.own_times(pstats.Stats(prof), steps=2)
         labels.append(set(own))
         assert own["<inductor-generated>(call)"][0] == 2.0  # 4 calls over 2 steps
         busy = [v for k, v in own.items() if k.endswith("(_busy)")]
@@ -63,13 +63,13 @@ def test_repeated_settings_get_their_own_labels(hp):
     """A setting run twice (the base again at the end: process state against the setting's own cost) keeps both."""
     assert hp._labels(["bf16", "dit", "dit:gcfreeze", "bf16", "bf16"]) == [
         "bf16", "dit", "dit:gcfreeze", "bf16#2", "bf16#3"]
-    assert hp._probe_ms(n=1000, repeat=2) > 0
+    assert hp.probe_ms(n=1000, repeat=2) > 0
 
 
 def test_static_launch_bypass_reasons_are_counted(hp):
     """Inductor's "Bypassing StaticallyLaunchedCudaKernel due to ..." records, counted by reason; other records not."""
     import logging
-    h = hp._BypassLog()
+    h = hp.BypassLog()
     log = logging.getLogger("robuq_test_bypass")
     log.setLevel(logging.INFO)
     log.addHandler(h)
