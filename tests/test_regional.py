@@ -120,3 +120,22 @@ def test_a_derived_region_class_recompiles_apart(qat_dit):
     assert torch.equal(attn[0](x), -before[0])
     for a, b in zip(attn[1:], before[1:]):
         assert torch.equal(a(x), b)
+
+
+def test_a_lowered_model_compiles_its_blocks_once_too(qat_dit):
+    """After `lower` (each attention region's fused q/k/v and 8-bit attention rewritten, its graph recompiled): the
+    regions still share a class, the four blocks compile twice, and the outputs equal the eager lowered model's."""
+    from torch._dynamo.testing import CompileCounter
+    low = robuq_fx.lower(qat_dit.eval())
+    assert len({type(b.attn1) for b in low.transformer_blocks}) == 1
+    x = _inputs()
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            want = low(**x)[0]
+            robuq_fx.compile_repeated_blocks(low, backend=counter)
+            got = low(**x)[0]
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == 2 and torch.equal(got, want)
