@@ -165,13 +165,13 @@ def profile_setting(key: str, args, cfg, pols, device: str) -> dict:
     before = _set_env({kind: what} if variant and not option and not freeze else {})
     # Inductor's compile workers decide each kernel's launcher and get only use_static_triton_launcher of this
     # process's config (async_compile.py), and a kernel already compiled in this process is reused with its launcher:
-    # so the option's setting compiles in-process, from an empty kernel cache (session 29; session 28's :static
-    # run set the option alone and changed nothing)
+    # so an Inductor option's setting compiles from an empty kernel cache, the static launcher's in-process (session
+    # 29; session 28's :static run set the option alone and changed nothing)
     opts = {option: True, **_WITH.get(option, {})} if option else {}
     was = {k: getattr(inductor_config, k) for k in opts}
     for k, v in opts.items():
         setattr(inductor_config, k, v)
-    if option == "static_launch_user_defined_triton_kernels":
+    if option:
         from torch._inductor.async_compile import CompiledTritonKernels
         CompiledTritonKernels.cache_clear()
     bypass, heuristics = BypassLog(), logging.getLogger("torch._inductor.runtime.triton_heuristics")

@@ -36,6 +36,16 @@ def _step(model, x):
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _negate_output(region):
+    """Change region's graph (its first output negated) and recompile it."""
+    node = next(n for n in region.graph.nodes if n.op == "output")
+    outs = node.args[0]  # (the flat outputs)
+    with region.graph.inserting_before(node):
+        neg = region.graph.call_function(torch.neg, (outs[0],))
+    node.args = (type(outs)([neg, *outs[1:]]),)
+    region.recompile()
+
+
 @pytest.fixture
 def qat_dit():
     return robuq_fx.quantize(_dit().train(), "dit-xl-2-robuq", example_inputs=_inputs()).train()
@@ -85,12 +95,7 @@ def test_regions_share_a_class_only_while_their_code_is_the_same(qat_dit):
     x = torch.randn(2, 16, 64)
     before = [a(x) for a in attn]
     # change one region's graph: it gets a class of its own, and the others keep their code
-    node = next(n for n in attn[0].graph.nodes if n.op == "output")
-    outs = node.args[0]  # (the flat outputs)
-    with attn[0].graph.inserting_before(node):
-        neg = attn[0].graph.call_function(torch.neg, (outs[0],))
-    node.args = (type(outs)([neg, *outs[1:]]),)
-    attn[0].recompile()
+    _negate_output(attn[0])
     assert type(attn[0]) is not type(attn[1]) and type(attn[1]) is type(attn[2])
     assert torch.equal(attn[0](x), -before[0])
     for a, b in zip(attn[1:], before[1:]):
@@ -109,12 +114,7 @@ def test_a_derived_region_class_recompiles_apart(qat_dit):
     attn[0].__class__ = type("FSDPGraphModuleImpl", (Mixin, shared), {})
     x = torch.randn(2, 16, 64)
     before = [a(x) for a in attn]
-    outs = next(n for n in attn[0].graph.nodes if n.op == "output").args[0]
-    node = next(n for n in attn[0].graph.nodes if n.op == "output")
-    with attn[0].graph.inserting_before(node):
-        neg = attn[0].graph.call_function(torch.neg, (outs[0],))
-    node.args = (type(outs)([neg, *outs[1:]]),)
-    attn[0].recompile()
+    _negate_output(attn[0])
     assert isinstance(attn[0], Mixin) and shared not in type(attn[0]).__mro__
     assert all(type(a) is shared for a in attn[1:])
     assert torch.equal(attn[0](x), -before[0])
