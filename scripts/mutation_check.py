@@ -264,6 +264,14 @@ MUTANTS = [
      "        guards.forward = _GUARDS.setdefault(key, fn)", "        pass",
      "each region keeps its own export guard function: a code-object guard miss per block",
      ["tests/test_regional.py"]),
+    ("region_pickle_meta_dropped", "robuq_fx/passes/region_pickle.py",
+     "        out[k] = v\n", "        pass\n",
+     "a pickled region loses its nodes' tags: a loaded QAT model lowers without the 8-bit attention",
+     ["tests/test_region_pickle.py"]),
+    ("region_pickle_python_unchecked", "robuq_fx/passes/region_pickle.py",
+     "    if tuple(state[\"python\"]) != tuple(sys.version_info[:2]):", "    if False:",
+     "export's guard code loads under any Python version (marshal data of another one)",
+     ["tests/test_region_pickle.py"]),
 ]
 
 

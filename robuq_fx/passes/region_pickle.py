@@ -1,0 +1,205 @@
+"""Pickling a `RegionModule`, so that `torch.save(model)` / `copy` of a model holding captured regions works.
+
+GraphModule pickles its generated code and traces that code again on load, with the tracer class that made the
+graph; torch.export's tracer (proxy_tensor's `_ModuleStackTracer`) cannot be built again that way, and export's input
+guard module holds a function made by `exec`. A region pickles its graph instead: each node's op, name, target,
+arguments and the meta entries that pickle (a fake tensor's shape and dtype as a meta tensor: the lowering reads
+them), with ATen and custom operators by their names; the guard function by its code object (`marshal`: the same
+Python version loads it, another raises a RobuQError that says what to do).
+"""
+from __future__ import annotations
+
+import marshal
+import math
+import pickle
+import sys
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from ..errors import RobuQError
+
+GUARDS = "_guards_fn"
+
+
+class _Ref:
+    """A node argument: the node of this name, made before it."""
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __reduce__(self):
+        return _Ref, (self.name,)
+
+
+def _op_name(op) -> tuple | None:
+    """(namespace, name, overload) of an OpOverload / OpOverloadPacket ("" overload for a packet), else None."""
+    if isinstance(op, torch._ops.OpOverload):
+        ns, name = op._schema.name.split("::")
+        return ns, name, op._overloadname
+    if isinstance(op, torch._ops.OpOverloadPacket):
+        ns, name = op._qualified_op_name.split("::")
+        return ns, name, ""
+    return None
+
+
+def _resolve_op(ns: str, name: str, overload: str):
+    packet = getattr(getattr(torch.ops, ns), name)
+    return packet if overload == "" else getattr(packet, overload)
+
+
+class _Op:
+    __slots__ = ("key",)
+
+    def __init__(self, key: tuple):
+        self.key = key
+
+    def __reduce__(self):
+        return _Op, (self.key,)
+
+
+class Spec:
+    """A pytree TreeSpec by its JSON form (unpickling a TreeSpec object warns on torch 2.13)."""
+    __slots__ = ("text",)
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __reduce__(self):
+        return Spec, (self.text,)
+
+
+def pack_specs(v):
+    """v with its TreeSpecs (in dicts, lists, tuples and named tuples) as Spec where their JSON form exists."""
+    if isinstance(v, pytree.TreeSpec):
+        try:
+            return Spec(pytree.treespec_dumps(v))
+        except Exception:  # a node type without a serialized name: the object itself
+            return v
+    if isinstance(v, dict):
+        return {k: pack_specs(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        items = [pack_specs(x) for x in v]
+        return type(v)(*items) if hasattr(v, "_fields") else type(v)(items)
+    return v
+
+
+def unpack_specs(v):
+    if isinstance(v, Spec):
+        return pytree.treespec_loads(v.text)
+    if isinstance(v, dict):
+        return {k: unpack_specs(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        items = [unpack_specs(x) for x in v]
+        return type(v)(*items) if hasattr(v, "_fields") else type(v)(items)
+    return v
+
+
+def _encode(a, where: str):
+    if isinstance(a, fx.Node):
+        return _Ref(a.name)
+    if isinstance(a, (list, tuple)):
+        items = [_encode(x, where) for x in a]
+        return type(a)(*items) if hasattr(a, "_fields") else (list(items) if isinstance(a, list) else tuple(items))
+    if isinstance(a, dict):
+        return {k: _encode(v, where) for k, v in a.items()}
+    if isinstance(a, slice):
+        return slice(_encode(a.start, where), _encode(a.stop, where), _encode(a.step, where))
+    key = _op_name(a)
+    return _Op(key) if key is not None else a
+
+
+def _decode(a, env: dict):
+    if isinstance(a, _Ref):
+        return env[a.name]
+    if isinstance(a, _Op):
+        return _resolve_op(*a.key)
+    if isinstance(a, (list, tuple)):
+        items = [_decode(x, env) for x in a]
+        return type(a)(*items) if hasattr(a, "_fields") else (list(items) if isinstance(a, list) else tuple(items))
+    if isinstance(a, dict):
+        return {k: _decode(v, env) for k, v in a.items()}
+    if isinstance(a, slice):
+        return slice(_decode(a.start, env), _decode(a.stop, env), _decode(a.step, env))
+    return a
+
+
+def _meta(meta: dict) -> dict:
+    """The entries that pickle; a fake tensor of concrete shape as a meta tensor (shape and dtype kept)."""
+    out = {}
+    for k, v in meta.items():
+        if isinstance(v, torch.Tensor):
+            if all(isinstance(d, int) for d in v.shape):
+                out[k] = torch.empty(tuple(v.shape), dtype=v.dtype, device="meta")
+            continue
+        try:
+            pickle.dumps(v)
+        except Exception:  # symbolic sizes, tensor metadata with fake tensors, ...: dropped
+            continue
+        out[k] = v
+    return out
+
+
+def graph_state(graph: fx.Graph, where: str) -> dict:
+    nodes = []
+    for n in graph.nodes:
+        target = n.target
+        if n.op == "call_function":
+            key = _op_name(target)
+            if key is not None:
+                target = _Op(key)
+            else:
+                try:
+                    pickle.dumps(target)
+                except Exception as e:
+                    raise pickle.PicklingError(
+                        f"robuq_fx: region '{where}' cannot be pickled: its node '{n.name}' calls {target!r}, which "
+                        f"does not pickle ({e}); save its state_dict instead") from e
+        nodes.append((n.op, n.name, target, _encode(n.args, where), _encode(n.kwargs, where), _meta(n.meta)))
+    codegen = graph._codegen
+    return {"nodes": nodes, "codegen": (type(codegen), pack_specs(dict(codegen.__dict__)))}
+
+
+def graph_from_state(state: dict, tracer_cls=None) -> fx.Graph:
+    graph = fx.Graph(tracer_cls=tracer_cls)
+    cls, attrs = state["codegen"]
+    graph._codegen = cls.__new__(cls)
+    graph._codegen.__dict__.update(unpack_specs(attrs))
+    env: dict = {}
+    for op, name, target, args, kwargs, meta in state["nodes"]:
+        node = graph.create_node(op, _decode(target, env), _decode(args, env), _decode(kwargs, env), name=name)
+        node.meta.update(meta)
+        env[name] = node
+    return graph
+
+
+def guards_state(module, where: str) -> dict | None:
+    """torch.export's guard module as (Python version, its function's marshalled code), None without one."""
+    if module is None:
+        return None
+    fn = getattr(module, "forward", None)
+    inner = [c.cell_contents for c in getattr(fn, "__closure__", None) or ()
+             if callable(c.cell_contents) and hasattr(c.cell_contents, "__code__")]
+    if len(inner) != 1 or inner[0].__closure__:
+        raise pickle.PicklingError(
+            f"robuq_fx: region '{where}' cannot be pickled: its torch.export input-guard module is not the form this "
+            f"torch version was known to make (a wrapped function); save its state_dict instead")
+    return {"python": tuple(sys.version_info[:2]), "code": marshal.dumps(inner[0].__code__)}
+
+
+def guards_from_state(state: dict, where: str):
+    if tuple(state["python"]) != tuple(sys.version_info[:2]):
+        raise RobuQError(
+            f"robuq_fx: region '{where}' was pickled under Python {'.'.join(map(str, state['python']))} and its "
+            f"torch.export input check is Python bytecode: load it under that version, or save the model's "
+            f"state_dict and quantize a fresh model to load it into")
+    from torch.export._unlift import GuardsFn
+    from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
+    namespace = {**SYMPY_INTERP, "math": math, "inf": float("inf"), "torch": torch}
+    fn = type(lambda: None)(marshal.loads(state["code"]), namespace, "_")
+    module = GuardsFn()
+    module.forward = torch._dynamo.dont_skip_tracing(fn)
+    module._is_impure = True
+    return module

@@ -1,0 +1,78 @@
+"""A model holding captured regions pickles whole (`torch.save(model)`, `pickle`): RegionModule pickles its graph
+node by node (robuq_fx/passes/region_pickle.py), not as code traced again, which torch.export's tracer cannot do."""
+import io
+import pickle
+
+import pytest
+import torch
+
+import robuq_fx
+from robuq_fx.errors import RobuQError
+from robuq_fx.passes import region as R
+from robuq_fx.passes import region_pickle as RP
+from tests.test_regional import _dit, _inputs, _step
+
+pytest.importorskip("diffusers")
+
+
+@pytest.fixture
+def qat_dit():
+    return robuq_fx.quantize(_dit().train(), "dit-xl-2-robuq", example_inputs=_inputs()).train()
+
+
+def _roundtrip(model):
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+def test_a_qat_model_with_regions_saves_and_trains_the_same(qat_dit):
+    assert len(R.regions(qat_dit)) == 4
+    back = _roundtrip(qat_dit)
+    regions = R.regions(back)
+    assert sorted(regions) == sorted(R.regions(qat_dit))
+    assert len({type(m) for m in regions.values()}) == 1  # the loaded regions share one class again
+    assert all(isinstance(m._guards_fn, torch.nn.Module) for m in regions.values())
+    (ya, ga), (yb, gb) = _step(qat_dit, _inputs()), _step(back, _inputs())
+    assert torch.equal(ya, yb)
+    assert ga.keys() == gb.keys() and all(torch.equal(ga[k], gb[k]) for k in ga)
+
+
+def test_a_loaded_qat_model_lowers_as_the_original(qat_dit):
+    """The nodes' tags (which q / k / v feed the 8-bit attention) and shapes survive: lowering after loading gives
+    the same layers, attention kernels and outputs."""
+    x = _inputs()
+    low = robuq_fx.lower(qat_dit.eval())
+    low_back = robuq_fx.lower(pickle.loads(pickle.dumps(qat_dit)).eval())
+    assert robuq_fx.robuq_info(low_back) == robuq_fx.robuq_info(low)
+    assert any(n.target == torch.ops.robuq.attention8.default for m in R.regions(low_back).values()
+               for n in m.graph.nodes)
+    with torch.no_grad():
+        want = low(**x)[0]
+        assert torch.equal(low_back(**x)[0], want)
+        assert torch.equal(pickle.loads(pickle.dumps(low))(**x)[0], want)  # a lowered model pickles too
+
+
+def test_the_input_guards_come_back_and_check(qat_dit):
+    from torch.export._unlift import _convert_guards_code_to_fn
+    from torch.utils._pytree import MappingKey
+    guards = _convert_guards_code_to_fn(["L['x'].size()[1] == 3"], [(MappingKey("x"),)])
+    state = pickle.loads(pickle.dumps(RP.guards_state(guards, "m")))
+    back = RP.guards_from_state(state, "m")
+    back(torch.zeros(2, 3))
+    with pytest.raises(AssertionError, match="Guard failed"):
+        back(torch.zeros(2, 4))
+    with pytest.raises(RobuQError, match="'m' was pickled under Python 2.7"):
+        RP.guards_from_state(dict(state, python=(2, 7)), "m")
+
+
+def test_a_node_that_does_not_pickle_names_the_region(qat_dit):
+    region = R.regions(qat_dit)["transformer_blocks.1.attn1"]
+    out = next(n for n in region.graph.nodes if n.op == "output")
+    with region.graph.inserting_before(out):
+        extra = region.graph.call_function(lambda t: t, (out.args[0][0],))
+    out.args = ((extra, *out.args[0][1:]),)
+    region.recompile()
+    with pytest.raises(pickle.PicklingError, match="region 'transformer_blocks.1.attn1'.*node '_lambda_'"):
+        pickle.dumps(qat_dit)
