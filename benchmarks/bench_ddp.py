@@ -36,7 +36,8 @@ def run(engine: str, procs: int, batch: int, args, tmp: Path) -> dict:
     if args.quick:
         common += ["--device", "cpu", "--threads", "1"]
     if args.compile != "off":  # both sides compiled: one process and DDP
-        common += ["--compile", args.compile] + (["--compiler", "aot_eager"] if args.quick else [])
+        quick_compiler = args.quick and args.compile != "regional-cg"  # (CUDA graphs need Inductor)
+        common += ["--compile", args.compile] + (["--compiler", "aot_eager"] if quick_compiler else [])
     if procs == 1:
         cmd = [sys.executable, str(EXAMPLE)] + common
     else:
@@ -56,11 +57,13 @@ def main(argv=None):
     ap.add_argument("--engines", nargs="+", default=["ddp"], choices=["ddp", "fsdp2"])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="CPU smoke run (dit-tiny, 2 processes)")
-    ap.add_argument("--compile", choices=["off", "backend", "inductor"], default="off",
+    ap.add_argument("--compile", choices=["off", "backend", "inductor", "regional", "regional-cg"], default="off",
                     help="backend: every run compiled through robuq's backend, qat mode, weight_sides='step' (DDP "
                          "around the compiled model: each gradient bucket's piece computes its own weight sides); "
                          "summary keys ddp<N>_compiled_scaling_x. inductor: quantize() then torch.compile(DDP(qmodel)) "
-                         "(each layer its own weight side); keys ddp<N>_inductor_scaling_x")
+                         "(each layer its own weight side); keys ddp<N>_inductor_scaling_x. regional / regional-cg: "
+                         "compile_repeated_blocks(qmodel) (mode='reduce-overhead' for -cg) before DDP; keys "
+                         "ddp<N>_regional_scaling_x / ddp<N>_regional_cg_scaling_x")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
     from tabulate import tabulate
@@ -72,7 +75,8 @@ def main(argv=None):
             sys.exit(f"bench_ddp needs 2 or more GPUs (found {n}); --quick runs on CPU")
     if args.compile != "off" and "fsdp2" in args.engines:
         sys.exit(f"--compile {args.compile}: DDP only (FSDP2 shards the masters the step's weight sides need whole)")
-    mode = {"off": "", "backend": "_compiled", "inductor": "_inductor"}[args.compile]  # (file and summary key names)
+    mode = {"off": "", "backend": "_compiled", "inductor": "_inductor", "regional": "_regional",
+            "regional-cg": "_regional_cg"}[args.compile]  # (file and summary key names)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         runs = [run("none", 1, args.per_gpu_batch, args, tmp)]

@@ -57,12 +57,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tiny-rank", type=int, default=4, help="LRB rank for dit-tiny (the paper's rank 32 is half "
                    "the width of its 64-wide layers: most of each weight would stay in full precision)")
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--compile", choices=["off", "backend", "inductor"], default="off",
+    p.add_argument("--compile", choices=["off", "backend", "inductor", "regional", "regional-cg"], default="off",
                    help="backend: no quantize(); prepare_qat + torch.compile(model, backend=robuq_fx.backend(policy, "
                         "mode='qat', weight_sides='step')), inside DDP (each gradient bucket's piece of the graph "
                         "computes its weight sides itself, which keeps DDP's all-reduce overlapped); inductor: "
                         "quantize(), then torch.compile(DDP(qmodel)) (Dynamo splits the graph at DDP's buckets; each "
-                        "QAT layer computes its own weight side in it); ddp / none only")
+                        "QAT layer computes its own weight side in it); regional: quantize(), then "
+                        "robuq_fx.compile_repeated_blocks(qmodel) before DDP wraps it (every block compiled in place, "
+                        "one graph for all; DDP's hooks see the parameters as eagerly, so its all-reduce overlaps the "
+                        "backward); regional-cg: the same with mode='reduce-overhead' (per-block CUDA graphs, "
+                        "Inductor only); ddp / none only")
     p.add_argument("--compiler", choices=["inductor", "aot_eager"], default="inductor",
                    help="with --compile: Inductor, or AOTAutograd alone (a quick CPU run)")
     p.add_argument("--weights-once-per-step", action="store_true",
@@ -229,6 +233,7 @@ def save_packed(state: dict, args, path) -> Path:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     rank, world, device = setup(args)
+    blocks: list[str] = []
     t0 = time.perf_counter()
     # Capture on the training device: torch.export records device-checking asserts and constants in the graph.
     model = build_model(args).to(device)
@@ -243,10 +248,15 @@ def main(argv=None) -> dict:
         engine_model = wrap(torch.compile(qmodel, backend=robuq_fx.backend(
             policy, mode="qat", weight_sides="step", compiler=args.compiler)), args.engine, device)
     else:
-        if args.compile == "inductor" and args.engine == "fsdp2":
-            raise SystemExit("--compile inductor: with --engine ddp or none")
+        if args.compile != "off" and args.engine == "fsdp2":
+            raise SystemExit(f"--compile {args.compile}: with --engine ddp or none")
         qmodel = robuq_fx.quantize(model, policy, example_inputs(args, device=device))
         t_quant = time.perf_counter() - t0
+        if args.compile.startswith("regional"):
+            if args.compile == "regional-cg" and args.compiler != "inductor":
+                raise SystemExit("--compile regional-cg: CUDA graphs need --compiler inductor")
+            kw = {"mode": "reduce-overhead"} if args.compile == "regional-cg" else {"backend": args.compiler}
+            blocks = robuq_fx.compile_repeated_blocks(qmodel, **kw)
         engine_model = wrap(qmodel, args.engine, device)
     trained = engine_model  # (the state is gathered from the uncompiled wrapper)
     if args.compile == "inductor":
@@ -263,7 +273,8 @@ def main(argv=None) -> dict:
               "global_batch": args.batch, "steps": args.steps, "losses": losses,
               "quantize_s": round(t_quant, 2), "train_s": round(t_train, 2),
               "step_s": [round(v, 5) for v in step_s], "steady_step_s": round(steady, 5),
-              "samples_per_s": round(args.batch / steady, 3)}
+              "samples_per_s": round(args.batch / steady, 3), "compiled_blocks": blocks,
+              "dynamo_graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"])}
     if rank == 0:
         print(f"{args.engine} x{world} on {device}: {args.model}, global batch {args.batch}, {args.steps} steps, "
               f"quantize {t_quant:.1f} s, train {t_train:.1f} s; steady step {steady * 1e3:.1f} ms "

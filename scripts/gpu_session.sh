@@ -91,6 +91,7 @@
 #   scripts/gpu_session.sh ddp              bench_ddp: 1 GPU vs all GPUs, DDP and FSDP2 (on nvidia-h200-x2)
 #   scripts/gpu_session.sh ddp-compiled     bench_ddp --compile backend: both sides compiled, DDP around the model
 #   scripts/gpu_session.sh ddp-inductor     bench_ddp --compile inductor: quantize(), then torch.compile(DDP(qmodel))
+#   scripts/gpu_session.sh ddp-regional [cg]  bench_ddp --compile regional[-cg]: compile_repeated_blocks, then DDP
 #   scripts/gpu_session.sh ncu              Nsight Compute on the quantizer / GEMM kernels (benchmarks/ncu_kernels.py)
 #   scripts/gpu_session.sh verify13 [S]     session 13's kernels (lrb_down split / in the GEMM, B H in lowered graphs,
 #                                           sigma / GELU plans, row kernel, prequant attention): their GPU tests
@@ -146,20 +147,14 @@
 # The machine goes back ~30 s after a call returns, and with it everything detached or left in /tmp: make every
 # call self-contained, and send the next one at once. On nvidia-h200-x2, `pair A B` runs two steps at once (one a
 # GPU) for the device time of one: use it. A cold compile of the paper policy takes ~3-4 min on the machine: a call
-# holds about two (policy, batch) rows. Session 30's plan (one H200; session 29 ran s28a: 6 passed, the paper CG row
-# past its 450 s cold compile; train-regional W4A4+H: whole-model compiled 1.089x interleaved, regional 1.222x with a
-# 43 s compile against 219 s):
-#   1. train-compiled dit-xl-2-robuq (~6 min cold): qat_paper_compiled_x interleaved under today's default (the
-#                   automatic weight-side hooks; 1.811 is session 21's per-layer figure, 1.11x session 24's explicit)
-#   2. static-diag (~5 min): whether the act op's kernels take Inductor's static launcher with the switch in the
-#                   environment and in-process compiles (session 29, CPU: Inductor's workers decide the launcher and
-#                   get only use_static_triton_launcher of the parent's config; host_profile_step's :static variant
-#                   now compiles in-process from an empty kernel cache, so host-ablate / host-inter test it too)
-#   3. train-cg-ws dit-xl-2-robuq: needs a warm compile cache (its cold CUDA-graph compile ran past 450 s in s28a):
-#                   run it right after a call that compiled the paper policy, without GPU_SESSION_NESTED=1 in the
-#                   command (that variable also turns off bringing the compile cache back)
-#   4. train-regional dit-xl-2-robuq, and bench_dit --train-modes regional-cg (per-block CUDA graphs)
-#   5. ddp, ddp-compiled and ddp-inductor on nvidia-h200-x2 if ever lent (issue 19 item 4: bench_ddp.py)
+# holds about two (policy, batch) rows. Session 31's plan (session 30, one H200: paper compiled 1.389x / 1.407x
+# interleaved, W1.58A4+H 1.182x, regional under CUDA graphs 1.192x / 1.449x in a 62 s cold run, the cudagraphs
+# switch's test fixed, static-diag: the act op's 196 kernels take the static launcher with the switch in the
+# environment):
+#   1. host-inter dit dit:static (~6 min): whether the static launcher pays for the act op's launches, paired rounds
+#                   (the :static variant compiles in-process, so the switch reaches the compile)
+#   2. train-backend dit-xl-2-robuq: the compile backend's paper row, interleaved (1.357x was session 23, sequential)
+#   3. ddp-regional, ddp-regional cg, ddp, ddp-inductor on nvidia-h200-x2 if ever lent (issue 19 item 4)
 #   Send each call at once after the last returns: the machine goes back 30 s after a call (session 28 lost its last
 #   205 s to a cold start after a pause).
 #   The host varies a lot from call to call (compiled FP step 72.6 vs 118.6 ms in session 21): compare rows of one
@@ -1010,6 +1005,12 @@ ddp-inductor)  # session 25: one process vs DDP, quantize() then torch.compile(D
     # caller, the activation op too): ~9 min (summary key ddp<N>_inductor_scaling_x)
     timeout 560 python3 benchmarks/bench_ddp.py --engines ddp --compile inductor --steps 10 --out "$OUT" 2>&1 \
         | grep -v "step [0-9]*:" | tail -20
+    ;;
+ddp-regional)  # session 30: one process vs DDP, quantize() then compile_repeated_blocks(qmodel[, mode=reduce-overhead])
+    # before DDP wraps it (DDP's own hooks, overlap kept; the blocks' compiles took ~1 min on one H200): ddp-regional
+    # [cg] (summary keys ddp<N>_regional_scaling_x / ddp<N>_regional_cg_scaling_x)
+    timeout 560 python3 benchmarks/bench_ddp.py --engines ddp --compile "regional${2:+-cg}" --steps 10 --out "$OUT" \
+        2>&1 | grep -v "step [0-9]*:" | tail -20
     ;;
 train-opt)  # eager QAT without, then with the opt-in kernels (weight quant, fp8 forward GEMM) on the same GPU: an A/B
     timeout 280 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --no-compile --iters 16 --tag _train_plain \

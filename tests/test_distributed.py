@@ -386,11 +386,12 @@ def test_example_torchrun_fsdp2_matches_reference(runs, tmp_path):
         _assert_same_codes(a, file[f"{packed_path(n)}.qweight"], r, n)
 
 
-@pytest.mark.parametrize("compile_mode", ["backend", "inductor"])
+@pytest.mark.parametrize("compile_mode", ["backend", "inductor", "regional"])
 def test_example_torchrun_ddp_compiled_matches_reference(runs, tmp_path, compile_mode):
     """`--compile backend`: prepare_qat and DDP around torch.compile(model, backend=robuq_fx.backend(policy,
     mode="qat", weight_sides="step")); `--compile inductor`: quantize() and torch.compile(DDP(qmodel)), each QAT layer
-    computing its own weight side (AOTAutograd alone here for both: Inductor's CPU compile would take minutes a rank).
+    computing its own weight side; `--compile regional`: compile_repeated_blocks(qmodel) and DDP around it
+    (AOTAutograd alone here for all: Inductor's CPU compile would take minutes a rank).
     The global-batch losses follow the single-process quantize run's: rtol 1e-5, not 1e-6, since the compiled graph
     pieces sum in another order than the eager layers (measured ~2e-6); the gathered state loads into a fresh
     quantize() model and lowers."""
@@ -403,6 +404,9 @@ def test_example_torchrun_ddp_compiled_matches_reference(runs, tmp_path, compile
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = json.loads(res.read_text())
     assert (out["world"], out["engine"], out["compile"]) == (WORLD, "ddp", compile_mode)
+    assert out["dynamo_graphs"] > 0
+    if compile_mode == "regional":  # the tiny DiT's two blocks, compiled in place before DDP wrapped the model
+        assert out["compiled_blocks"] == ["transformer_blocks.0", "transformer_blocks.1"]
     torch.testing.assert_close(torch.tensor(out["losses"], dtype=torch.float64),
                                torch.tensor(runs["ref"]["dit"]["losses"], dtype=torch.float64), rtol=1e-5, atol=0)
     assert packed.stat().st_size > 0

@@ -148,7 +148,7 @@ def make_region(gm: fx.GraphModule, call_spec: dict | None, info: dict) -> Regio
 def _rebuild(body: dict, graph_state: dict, guards: dict | None, where: str) -> RegionModule:
     """RegionModule.__reduce__'s inverse: a region of a class of its own (then shared, as `make_region` does)."""
     gm = object.__new__(type("GraphModuleImpl", (RegionModule,), {}))
-    gm.__dict__.update({k: region_pickle.unpack_specs(v) if isinstance(v, region_pickle.Spec) else v
+    gm.__dict__.update({k: region_pickle.unpack_specs(v) if isinstance(v, region_pickle.Tag) else v
                         for k, v in body.items()})
     gm._modules = type(body["_modules"])(body["_modules"])
     if guards is not None:

@@ -23,15 +23,17 @@ from ..errors import RobuQError
 GUARDS = "_guards_fn"
 
 
-class _Ref:
-    """A node argument: the node of this name, made before it."""
-    __slots__ = ("name",)
+class Tag:
+    """A stand-in in the pickled state: "node" (a node argument by its name: the node made before it), "op" (an
+    operator by (namespace, name, overload), "" for a packet) or "spec" (a pytree TreeSpec by its JSON form: unpickling
+    a TreeSpec object warns on torch 2.13)."""
+    __slots__ = ("kind", "value")
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, kind: str, value):
+        self.kind, self.value = kind, value
 
     def __reduce__(self):
-        return _Ref, (self.name,)
+        return Tag, (self.kind, self.value)
 
 
 def _op_name(op) -> tuple | None:
@@ -50,80 +52,49 @@ def _resolve_op(ns: str, name: str, overload: str):
     return packet if overload == "" else getattr(packet, overload)
 
 
-class _Op:
-    __slots__ = ("key",)
+def _map(v, fn):
+    """fn applied to the leaves of v's dicts, lists, tuples (named ones too) and slices."""
+    if isinstance(v, dict):
+        return {k: _map(x, fn) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        items = [_map(x, fn) for x in v]
+        return type(v)(*items) if hasattr(v, "_fields") else type(v)(items)
+    if isinstance(v, slice):
+        return slice(_map(v.start, fn), _map(v.stop, fn), _map(v.step, fn))
+    return fn(v)
 
-    def __init__(self, key: tuple):
-        self.key = key
 
-    def __reduce__(self):
-        return _Op, (self.key,)
-
-
-class Spec:
-    """A pytree TreeSpec by its JSON form (unpickling a TreeSpec object warns on torch 2.13)."""
-    __slots__ = ("text",)
-
-    def __init__(self, text: str):
-        self.text = text
-
-    def __reduce__(self):
-        return Spec, (self.text,)
+def _spec_leaf(v):
+    if isinstance(v, pytree.TreeSpec):
+        try:
+            return Tag("spec", pytree.treespec_dumps(v))
+        except Exception:  # a node type without a serialized name: the object itself
+            return v
+    return v
 
 
 def pack_specs(v):
-    """v with its TreeSpecs (in dicts, lists, tuples and named tuples) as Spec where their JSON form exists."""
-    if isinstance(v, pytree.TreeSpec):
-        try:
-            return Spec(pytree.treespec_dumps(v))
-        except Exception:  # a node type without a serialized name: the object itself
-            return v
-    if isinstance(v, dict):
-        return {k: pack_specs(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        items = [pack_specs(x) for x in v]
-        return type(v)(*items) if hasattr(v, "_fields") else type(v)(items)
-    return v
+    """v with its TreeSpecs as Tag("spec") where their JSON form exists."""
+    return _map(v, _spec_leaf)
 
 
 def unpack_specs(v):
-    if isinstance(v, Spec):
-        return pytree.treespec_loads(v.text)
-    if isinstance(v, dict):
-        return {k: unpack_specs(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        items = [unpack_specs(x) for x in v]
-        return type(v)(*items) if hasattr(v, "_fields") else type(v)(items)
-    return v
+    return _map(v, lambda x: pytree.treespec_loads(x.value) if isinstance(x, Tag) and x.kind == "spec" else x)
 
 
-def _encode(a, where: str):
+def _arg_leaf(a):
     if isinstance(a, fx.Node):
-        return _Ref(a.name)
-    if isinstance(a, (list, tuple)):
-        items = [_encode(x, where) for x in a]
-        return type(a)(*items) if hasattr(a, "_fields") else (list(items) if isinstance(a, list) else tuple(items))
-    if isinstance(a, dict):
-        return {k: _encode(v, where) for k, v in a.items()}
-    if isinstance(a, slice):
-        return slice(_encode(a.start, where), _encode(a.stop, where), _encode(a.step, where))
+        return Tag("node", a.name)
     key = _op_name(a)
-    return _Op(key) if key is not None else a
+    return Tag("op", key) if key is not None else a
 
 
 def _decode(a, env: dict):
-    if isinstance(a, _Ref):
-        return env[a.name]
-    if isinstance(a, _Op):
-        return _resolve_op(*a.key)
-    if isinstance(a, (list, tuple)):
-        items = [_decode(x, env) for x in a]
-        return type(a)(*items) if hasattr(a, "_fields") else (list(items) if isinstance(a, list) else tuple(items))
-    if isinstance(a, dict):
-        return {k: _decode(v, env) for k, v in a.items()}
-    if isinstance(a, slice):
-        return slice(_decode(a.start, env), _decode(a.stop, env), _decode(a.step, env))
-    return a
+    def leaf(x):
+        if not isinstance(x, Tag):
+            return x
+        return env[x.value] if x.kind == "node" else _resolve_op(*x.value)
+    return _map(a, leaf)
 
 
 def _meta(meta: dict) -> dict:
@@ -149,7 +120,7 @@ def graph_state(graph: fx.Graph, where: str) -> dict:
         if n.op == "call_function":
             key = _op_name(target)
             if key is not None:
-                target = _Op(key)
+                target = Tag("op", key)
             else:
                 try:
                     pickle.dumps(target)
@@ -157,7 +128,7 @@ def graph_state(graph: fx.Graph, where: str) -> dict:
                     raise pickle.PicklingError(
                         f"robuq_fx: region '{where}' cannot be pickled: its node '{n.name}' calls {target!r}, which "
                         f"does not pickle ({e}); save its state_dict instead") from e
-        nodes.append((n.op, n.name, target, _encode(n.args, where), _encode(n.kwargs, where), _meta(n.meta)))
+        nodes.append((n.op, n.name, target, _map(n.args, _arg_leaf), _map(n.kwargs, _arg_leaf), _meta(n.meta)))
     codegen = graph._codegen
     return {"nodes": nodes, "codegen": (type(codegen), pack_specs(dict(codegen.__dict__)))}
 
