@@ -192,6 +192,8 @@ def train(model, make_batch, loss, args, rank: int, world: int, device: torch.de
     for step in range(args.steps):
         t = time.perf_counter()
         b = {k: v[rank * local:(rank + 1) * local].to(device) for k, v in make_batch(step).items()}
+        if getattr(args, "compile", "off") == "regional-cg":
+            torch.compiler.cudagraph_mark_step_begin()  # (a new step: the last one's graph outputs may be reused)
         value = loss(model, b)
         opt.zero_grad(set_to_none=True)
         value.backward()
