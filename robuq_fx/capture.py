@@ -116,8 +116,23 @@ def _export(model: nn.Module, example_inputs) -> fx.GraphModule:
             delattr(gm, attr)
     _dropout_to_modules(gm)
     _drop_metadata_asserts(gm)
+    _as_captured_graph(gm)
     gm.train(was_training)
     return gm
+
+
+def _as_captured_graph(gm: fx.GraphModule) -> None:
+    """export's module as a CapturedGraph, which pickles as its graph, without export's two hooks that only act where
+    a graph input is an nn.Module (closures over the empty set of such inputs here; closures do not pickle)."""
+    from .passes.region_pickle import CapturedGraph
+    for hooks in (gm._forward_pre_hooks, gm._forward_hooks):
+        for k, hook in list(hooks.items()):
+            cells = [c.cell_contents for c in getattr(hook, "__closure__", None) or ()]
+            if getattr(hook, "__name__", "") == "<lambda>" and cells == [set()]:
+                del hooks[k]
+                gm._forward_hooks_always_called.pop(k, None)
+    gm.__class__ = type("GraphModuleImpl", (CapturedGraph,), {})
+    gm.recompile()  # (GraphModule keeps the generated forward on the instance's class)
 
 
 def _drop_metadata_asserts(gm: fx.GraphModule) -> None:

@@ -54,6 +54,23 @@ def test_a_loaded_qat_model_lowers_as_the_original(qat_dit):
         assert torch.equal(pickle.loads(pickle.dumps(low))(**x)[0], want)  # a lowered model pickles too
 
 
+def test_a_whole_graph_model_pickles_too():
+    """torch.export's whole-model capture (the graph form) comes back as a CapturedGraph that pickles as its graph:
+    the same training step after loading, and its lowered form pickles with the same outputs."""
+    from robuq_fx.capture import capture
+    from robuq_fx.passes.region_pickle import CapturedGraph
+    gm, how = capture(_dit().eval(), _inputs())  # (the capture alone runs as the model: its forward moved along)
+    with torch.no_grad():
+        assert how == "torch.export" and torch.equal(gm(**_inputs())[0], _dit().eval()(**_inputs())[0])
+    q = robuq_fx.quantize(_dit().train(), "dit-xl-2-robuq", example_inputs=_inputs(), whole_graph=True).train()
+    assert isinstance(q, CapturedGraph) and robuq_fx.robuq_info(q)["form"] == "graph"
+    (ya, ga), (yb, gb) = _step(q, _inputs()), _step(_roundtrip(q), _inputs())
+    assert torch.equal(ya, yb) and ga.keys() == gb.keys() and all(torch.equal(ga[k], gb[k]) for k in ga)
+    low = robuq_fx.lower(q.eval())
+    with torch.no_grad():
+        assert torch.equal(pickle.loads(pickle.dumps(low))(**_inputs())[0], low(**_inputs())[0])
+
+
 def test_the_input_guards_come_back_and_check(qat_dit):
     from torch.export._unlift import _convert_guards_code_to_fn
     from torch.utils._pytree import MappingKey

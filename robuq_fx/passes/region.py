@@ -53,12 +53,8 @@ class RegionModule(fx.GraphModule):
         torch.export region's tracer cannot do. A region whose class something derived (FSDP2) keeps GraphModule's."""
         if type(self).__bases__ != (RegionModule,):
             return super().__reduce__()
-        where = getattr(self, REGION, {}).get("path", "?")
-        body = {k: region_pickle.pack_specs(v) if isinstance(v, pytree.TreeSpec) else v
-                for k, v in self.__dict__.items() if k not in ("_graph", "_code")}
-        body["_modules"] = type(self._modules)((k, m) for k, m in self._modules.items() if k != region_pickle.GUARDS)
-        guards = region_pickle.guards_state(self._modules.get(region_pickle.GUARDS), where)
-        return _rebuild, (body, region_pickle.graph_state(self.graph, where), guards, where)
+        where = "region '" + getattr(self, REGION, {}).get("path", "?") + "'"
+        return region_pickle.reduce(self, where, finish=_share_guards)
 
     def _apply(self, fn, recurse=True):
         """torch.export bakes the capture's dtype and device into some nodes (diffusers' attention casts back with
@@ -142,19 +138,6 @@ def make_region(gm: fx.GraphModule, call_spec: dict | None, info: dict) -> Regio
     if call_spec is not None:
         preserve(gm, CALL, dict(call_spec))
         preserve(gm, TARGET, call_spec.get("target"))
-    return gm
-
-
-def _rebuild(body: dict, graph_state: dict, guards: dict | None, where: str) -> RegionModule:
-    """RegionModule.__reduce__'s inverse: a region of a class of its own (then shared, as `make_region` does)."""
-    gm = object.__new__(type("GraphModuleImpl", (RegionModule,), {}))
-    gm.__dict__.update({k: region_pickle.unpack_specs(v) if isinstance(v, region_pickle.Tag) else v
-                        for k, v in body.items()})
-    gm._modules = type(body["_modules"])(body["_modules"])
-    if guards is not None:
-        gm._modules[region_pickle.GUARDS] = region_pickle.guards_from_state(guards, where)
-        _share_guards(gm)
-    gm.graph = region_pickle.graph_from_state(graph_state, body.get("_tracer_cls"))  # (the setter recompiles)
     return gm
 
 

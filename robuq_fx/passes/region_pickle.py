@@ -1,4 +1,5 @@
-"""Pickling a `RegionModule`, so that `torch.save(model)` / `copy` of a model holding captured regions works.
+"""Pickling the GraphModules torch.export made for us (a `RegionModule`, or a whole-graph model as `CapturedGraph`), so
+that `torch.save(model)` / `pickle` of a QAT or lowered model works.
 
 GraphModule pickles its generated code and traces that code again on load, with the tracer class that made the
 graph; torch.export's tracer (proxy_tensor's `_ModuleStackTracer`) cannot be built again that way, and export's input
@@ -105,8 +106,8 @@ def _meta(meta: dict) -> dict:
             if all(isinstance(d, int) for d in v.shape):
                 out[k] = torch.empty(tuple(v.shape), dtype=v.dtype, device="meta")
             continue
-        try:
-            pickle.dumps(v)
+        try:  # (protocol 2: torch.save's)
+            pickle.dumps(v, protocol=2)
         except Exception:  # symbolic sizes, tensor metadata with fake tensors, ...: dropped
             continue
         out[k] = v
@@ -123,10 +124,10 @@ def graph_state(graph: fx.Graph, where: str) -> dict:
                 target = Tag("op", key)
             else:
                 try:
-                    pickle.dumps(target)
+                    pickle.dumps(target, protocol=2)
                 except Exception as e:
                     raise pickle.PicklingError(
-                        f"robuq_fx: region '{where}' cannot be pickled: its node '{n.name}' calls {target!r}, which "
+                        f"robuq_fx: '{where}' cannot be pickled: its node '{n.name}' calls {target!r}, which "
                         f"does not pickle ({e}); save its state_dict instead") from e
         nodes.append((n.op, n.name, target, _map(n.args, _arg_leaf), _map(n.kwargs, _arg_leaf), _meta(n.meta)))
     codegen = graph._codegen
@@ -155,7 +156,7 @@ def guards_state(module, where: str) -> dict | None:
              if callable(c.cell_contents) and hasattr(c.cell_contents, "__code__")]
     if len(inner) != 1 or inner[0].__closure__:
         raise pickle.PicklingError(
-            f"robuq_fx: region '{where}' cannot be pickled: its torch.export input-guard module is not the form this "
+            f"robuq_fx: '{where}' cannot be pickled: its torch.export input-guard module is not the form this "
             f"torch version was known to make (a wrapped function); save its state_dict instead")
     return {"python": tuple(sys.version_info[:2]), "code": marshal.dumps(inner[0].__code__)}
 
@@ -163,7 +164,7 @@ def guards_state(module, where: str) -> dict | None:
 def guards_from_state(state: dict, where: str):
     if tuple(state["python"]) != tuple(sys.version_info[:2]):
         raise RobuQError(
-            f"robuq_fx: region '{where}' was pickled under Python {'.'.join(map(str, state['python']))} and its "
+            f"robuq_fx: '{where}' was pickled under Python {'.'.join(map(str, state['python']))} and its "
             f"torch.export input check is Python bytecode: load it under that version, or save the model's "
             f"state_dict and quantize a fresh model to load it into")
     from torch.export._unlift import GuardsFn
@@ -174,3 +175,37 @@ def guards_from_state(state: dict, where: str):
     module.forward = torch._dynamo.dont_skip_tracing(fn)
     module._is_impure = True
     return module
+
+
+def reduce(gm: fx.GraphModule, where: str, finish=None) -> tuple:
+    """`__reduce__` of a GraphModule whose class derives `type(gm).__bases__[0]` directly (the per-instance class
+    GraphModule makes): its attributes, its graph node by node and export's guard function apart. finish: a picklable
+    function called on the rebuilt module before its graph is set."""
+    base, = type(gm).__bases__
+    body = {k: pack_specs(v) if isinstance(v, pytree.TreeSpec) else v
+            for k, v in gm.__dict__.items() if k not in ("_graph", "_code")}
+    body["_modules"] = type(gm._modules)((k, m) for k, m in gm._modules.items() if k != GUARDS)
+    guards = guards_state(gm._modules.get(GUARDS), where)
+    return rebuild, (base, body, graph_state(gm.graph, where), guards, where, finish)
+
+
+def rebuild(base: type, body: dict, graph: dict, guards: dict | None, where: str, finish=None) -> fx.GraphModule:
+    """reduce's inverse: an instance of a new class derived from base, as GraphModule makes one."""
+    gm = object.__new__(type("GraphModuleImpl", (base,), {}))
+    gm.__dict__.update({k: unpack_specs(v) if isinstance(v, Tag) else v for k, v in body.items()})
+    gm._modules = type(body["_modules"])(body["_modules"])
+    if guards is not None:
+        gm._modules[GUARDS] = guards_from_state(guards, where)
+    if finish is not None:
+        finish(gm)
+    gm.graph = graph_from_state(graph, body.get("_tracer_cls"))  # (the setter recompiles)
+    return gm
+
+
+class CapturedGraph(fx.GraphModule):
+    """A whole model torch.export captured (capture._export): pickles as its graph (`reduce`)."""
+
+    def __reduce__(self):
+        if len(type(self).__bases__) != 1:
+            return super().__reduce__()
+        return reduce(self, "the whole-graph model")
