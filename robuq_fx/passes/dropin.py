@@ -24,7 +24,8 @@ import torch.fx as fx
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..capture import LinearSite, capture_submodule
+from ..capture import LinearSite
+from ..capture_region import capture_submodule
 from ..errors import CaptureError, PolicyError
 from ..modules import PackedLinear, use_device_layout
 from ..policy import Policy

@@ -1,8 +1,8 @@
 """`RegionModule`: a captured submodule standing where the user's submodule stood (the drop-in path).
 
 The graph passes (attention fake-quant and its lowering, sibling fusion) need a graph. On the drop-in path only the
-smallest submodule that holds such a rewrite is captured (capture.capture_submodule); the region replaces it in its
-parent and everything around it stays the user's code.
+smallest submodule that holds such a rewrite is captured (capture_region.capture_submodule); the region replaces it
+in its parent and everything around it stays the user's code.
 
 A region captured by torch.export was traced for one call structure: which arguments are tensors and which are None,
 the values of non-tensor arguments (baked into the graph). Every call is checked against it (not while torch.compile
@@ -22,10 +22,10 @@ from torch.utils import _pytree as pytree
 
 from . import region_pickle
 
-from ..capture import describe, leaf_key
+from ..capture_region import describe, leaf_key
 from ..errors import CaptureError
 
-CALL = "_robuq_call"  # the call structure a torch.export region was captured for (capture._export_call)
+CALL = "_robuq_call"  # the call structure a torch.export region was captured for (capture_region._export_call)
 REGION = "_robuq_region"  # {"path", "capture", "why"}
 TARGET = "_robuq_target"  # (dtype name, device) the graph's baked literals are for
 
@@ -130,7 +130,7 @@ def preserve(gm: fx.GraphModule, name: str, value) -> None:
 
 
 def make_region(gm: fx.GraphModule, call_spec: dict | None, info: dict) -> RegionModule:
-    """`gm` (in place) as a RegionModule; call_spec: capture.capture_submodule's (None for symbolic_trace)."""
+    """`gm` (in place) as a RegionModule; call_spec: capture_region.capture_submodule's (None for symbolic_trace)."""
     gm.__class__ = type("GraphModuleImpl", (RegionModule,), {})  # what GraphModule.__new__ builds for a subclass
     _share_guards(gm)
     gm.recompile()
