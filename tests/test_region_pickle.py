@@ -43,8 +43,13 @@ def test_a_loaded_qat_model_lowers_as_the_original(qat_dit):
     """The nodes' tags (which q / k / v feed the 8-bit attention) and shapes survive: lowering after loading gives
     the same layers, attention kernels and outputs."""
     x = _inputs()
+    back = pickle.loads(pickle.dumps(qat_dit))
+    qkv = [n.args[0] for m in R.regions(back).values() for n in m.graph.nodes
+           if n.target == torch.ops.robuq.fake_quant_act.default]
+    # (batch, heads, tokens, head dim): the symbolic batch and token counts by the example's
+    assert len(qkv) == 12 and all(tuple(n.meta["val"].shape) == (2, 2, 16, 32) for n in qkv)
     low = robuq_fx.lower(qat_dit.eval())
-    low_back = robuq_fx.lower(pickle.loads(pickle.dumps(qat_dit)).eval())
+    low_back = robuq_fx.lower(back.eval())
     assert robuq_fx.robuq_info(low_back) == robuq_fx.robuq_info(low)
     assert any(n.target == torch.ops.robuq.attention8.default for m in R.regions(low_back).values()
                for n in m.graph.nodes)

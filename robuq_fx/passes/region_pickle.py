@@ -3,9 +3,9 @@ that `torch.save(model)` / `pickle` of a QAT or lowered model works.
 
 GraphModule pickles its generated code and traces that code again on load, with the tracer class that made the
 graph; torch.export's tracer (proxy_tensor's `_ModuleStackTracer`) cannot be built again that way, and export's input
-guard module holds a function made by `exec`. A region pickles its graph instead: each node's op, name, target,
-arguments and the meta entries that pickle (a fake tensor's shape and dtype as a meta tensor: the lowering reads
-them), with ATen and custom operators by their names; the guard function by its code object (`marshal`: the same
+guard module holds a function made by `exec`. These modules pickle their graph instead: each node's op, name,
+target, arguments and the meta entries that pickle (a fake tensor's shape and dtype as a meta tensor: the lowering
+reads them), with ATen and custom operators by their names; the guard function by its code object (`marshal`: the same
 Python version loads it, another raises a RobuQError that says what to do).
 """
 from __future__ import annotations
@@ -98,13 +98,23 @@ def _decode(a, env: dict):
     return _map(a, leaf)
 
 
+def _size(d) -> int | None:
+    """A dimension as an int: a symbolic one by its hint (the size in the capture's example), else None."""
+    if isinstance(d, int):
+        return d
+    hint = getattr(getattr(d, "node", None), "hint", None)
+    return int(hint) if isinstance(hint, int) else None
+
+
 def _meta(meta: dict) -> dict:
-    """The entries that pickle; a fake tensor of concrete shape as a meta tensor (shape and dtype kept)."""
+    """The entries that pickle; a (fake) tensor as a meta tensor of its dtype and shape, symbolic sizes by their
+    hints (what the passes read: attention.py's head dimension)."""
     out = {}
     for k, v in meta.items():
         if isinstance(v, torch.Tensor):
-            if all(isinstance(d, int) for d in v.shape):
-                out[k] = torch.empty(tuple(v.shape), dtype=v.dtype, device="meta")
+            shape = [_size(d) for d in v.shape]
+            if None not in shape:
+                out[k] = torch.empty(shape, dtype=v.dtype, device="meta")
             continue
         try:  # (protocol 2: torch.save's)
             pickle.dumps(v, protocol=2)
