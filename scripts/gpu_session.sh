@@ -92,6 +92,7 @@
 #   scripts/gpu_session.sh ddp-compiled     bench_ddp --compile backend: both sides compiled, DDP around the model
 #   scripts/gpu_session.sh ddp-inductor     bench_ddp --compile inductor: quantize(), then torch.compile(DDP(qmodel))
 #   scripts/gpu_session.sh ddp-regional [cg]  bench_ddp --compile regional[-cg]: compile_repeated_blocks, then DDP
+#   scripts/gpu_session.sh s31a             session 30's pickling tests on CUDA and the example's regional-cg run
 #   scripts/gpu_session.sh ncu              Nsight Compute on the quantizer / GEMM kernels (benchmarks/ncu_kernels.py)
 #   scripts/gpu_session.sh verify13 [S]     session 13's kernels (lrb_down split / in the GEMM, B H in lowered graphs,
 #                                           sigma / GELU plans, row kernel, prequant attention): their GPU tests
@@ -154,6 +155,7 @@
 #   1. host-inter dit dit:static (~6 min): whether the static launcher pays for the act op's launches, paired rounds
 #                   (the :static variant compiles in-process, so the switch reaches the compile)
 #   2. train-backend dit-xl-2-robuq: the compile backend's paper row, interleaved (1.357x was session 23, sequential)
+#   0. s31a (~2 min): session 30's CPU-built pickling and the regional-cg example path on the GPU
 #   3. ddp-regional, ddp-regional cg, ddp, ddp-inductor on nvidia-h200-x2 if ever lent (issue 19 item 4)
 #   Send each call at once after the last returns: the machine goes back 30 s after a call (session 28 lost its last
 #   205 s to a cold start after a pause).
@@ -1005,6 +1007,12 @@ ddp-inductor)  # session 25: one process vs DDP, quantize() then torch.compile(D
     # caller, the activation op too): ~9 min (summary key ddp<N>_inductor_scaling_x)
     timeout 560 python3 benchmarks/bench_ddp.py --engines ddp --compile inductor --steps 10 --out "$OUT" 2>&1 \
         | grep -v "step [0-9]*:" | tail -20
+    ;;
+s31a)  # session 30's CPU-built work on CUDA: pickled region models (tests/test_region_pickle.py, its CUDA test), the
+    # regional tests, then the example's --compile regional-cg in one process (per-block CUDA graphs, tiny DiT)
+    timeout 150 python3 -m pytest -q -p no:logging tests/test_region_pickle.py tests/test_regional.py 2>&1 | tail -4
+    timeout 150 python3 examples/qat_distributed.py --engine none --compile regional-cg --model dit-tiny --steps 5 \
+        --device cuda --batch 8 2>&1 | grep -v -i warn | tail -8
     ;;
 ddp-regional)  # session 30: one process vs DDP, quantize() then compile_repeated_blocks(qmodel[, mode=reduce-overhead])
     # before DDP wraps it (DDP's own hooks, overlap kept; the blocks' compiles took ~1 min on one H200): ddp-regional
