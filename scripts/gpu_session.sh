@@ -93,6 +93,7 @@
 #   scripts/gpu_session.sh ddp-inductor     bench_ddp --compile inductor: quantize(), then torch.compile(DDP(qmodel))
 #   scripts/gpu_session.sh ddp-regional [cg]  bench_ddp --compile regional[-cg]: compile_repeated_blocks, then DDP
 #   scripts/gpu_session.sh s31a             session 30's pickling tests on CUDA and the example's regional-cg run
+#   scripts/gpu_session.sh train-regional-stepw [S]  regional / regional-cg, S without and with weight_sides_per_forward
 #   scripts/gpu_session.sh ncu              Nsight Compute on the quantizer / GEMM kernels (benchmarks/ncu_kernels.py)
 #   scripts/gpu_session.sh verify13 [S]     session 13's kernels (lrb_down split / in the GEMM, B H in lowered graphs,
 #                                           sigma / GELU plans, row kernel, prequant attention): their GPU tests
@@ -155,6 +156,7 @@
 #   1. host-inter dit dit:static (~6 min): whether the static launcher pays for the act op's launches, paired rounds
 #                   (the :static variant compiles in-process, so the switch reaches the compile)
 #   2. train-backend dit-xl-2-robuq: the compile backend's paper row, interleaved (1.357x was session 23, sequential)
+#   2b. train-regional-stepw: whether the once-a-forward weight sides help the regional modes (regional-cg: 1.449x)
 #   0. s31a (~2 min): session 30's CPU-built pickling and the regional-cg example path on the GPU
 #   3. ddp-regional, ddp-regional cg, ddp, ddp-inductor on nvidia-h200-x2 if ever lent (issue 19 item 4)
 #   Send each call at once after the last returns: the machine goes back 30 s after a call (session 28 lost its last
@@ -1013,6 +1015,14 @@ s31a)  # session 30's CPU-built work on CUDA: pickled region models (tests/test_
     timeout 150 python3 -m pytest -q -p no:logging tests/test_region_pickle.py tests/test_regional.py 2>&1 | tail -4
     timeout 150 python3 examples/qat_distributed.py --engine none --compile regional-cg --model dit-tiny --steps 5 \
         --device cuda --batch 8 2>&1 | grep -v -i warn | tail -8
+    ;;
+train-regional-stepw)  # session 30, CPU-checked: weight_sides_per_forward then compile_repeated_blocks (the root runs
+    # eagerly, so its hook computes every weight side in one replay and the blocks' graphs take them; bit-equal to
+    # eager under aot_eager, one graph for the blocks): the paper policy regional and regional-cg, without / with
+    # (rows " +stepw"); regional-cg +stepw may re-record each step (the plan's rotating buffers), ~4 min
+    timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes regional regional-cg \
+        --step-weights both --iters 12 --settings "QAT ${2:-dit-xl-2-robuq}" \
+        --tag "_train_regional_stepw_$(echo "${2:-dit-xl-2-robuq}" | tr -c 'A-Za-z0-9\n' _)" 2>&1 | tail -n 16
     ;;
 ddp-regional)  # session 30: one process vs DDP, quantize() then compile_repeated_blocks(qmodel[, mode=reduce-overhead])
     # before DDP wraps it (DDP's own hooks, overlap kept; the blocks' compiles took ~1 min on one H200): ddp-regional

@@ -86,6 +86,33 @@ def test_one_graph_serves_the_blocks_and_trains_as_eager(qat_dit):
         assert torch.equal(got[1][k], want[1][k]), k
 
 
+def test_weight_sides_once_a_forward_feed_the_compiled_blocks(qat_dit, monkeypatch):
+    """weight_sides_per_forward, then the blocks compiled: the model's own forward runs eagerly, so its hook computes
+    every layer's weight side once a forward (one plan call a step) and the blocks' graphs take them; still one graph
+    for the blocks after the first, and the step equals eager's bit for bit (aot_eager)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from robuq_fx import qat_step
+    x = _inputs()
+    want = _step(qat_dit, x)
+    model = copy.deepcopy(qat_dit)
+    robuq_fx.weight_sides_per_forward(model)
+    calls = []
+    real = qat_step.Plan.run_forward
+    monkeypatch.setattr(qat_step.Plan, "run_forward", lambda self, ms: calls.append(self) or real(self, ms))
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    try:
+        robuq_fx.compile_repeated_blocks(model, backend=counter)
+        got = _step(model, x)
+        _step(model, x)
+    finally:
+        torch._dynamo.reset()
+    assert len(calls) == 2 and counter.frame_count == 2
+    assert torch.equal(got[0], want[0]) and got[1].keys() == want[1].keys()
+    for k in want[1]:
+        assert torch.equal(got[1][k], want[1][k]), k
+
+
 def test_regions_share_a_class_only_while_their_code_is_the_same(qat_dit):
     attn = [b.attn1 for b in qat_dit.transformer_blocks]
     assert all(isinstance(a, R.RegionModule) for a in attn)
