@@ -93,8 +93,8 @@ def _build_step(name: str, pol, mode: str, cfg: dict, tb: int, device: str, dtyp
             robuq_fx.backend.prepare_qat(m, pol)  # the branch's trainable factors, on the model
     elif pol is not None:
         m = robuq_fx.quantize(m, pol, example_inputs=inputs(cfg, 2, device)).train()
-        if stepw_row:
-            robuq_fx.weight_sides_per_forward(m)
+        if stepw_row:  # (fixed addresses for CUDA graphs: new ones would record them again every step)
+            robuq_fx.weight_sides_per_forward(m, fixed_buffers=mode in CUDAGRAPH_MODES)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
     x = inputs(cfg, tb, device)
     if mode == "eager":

@@ -96,6 +96,11 @@ def _pre_always(module, args, kwargs):
 
 
 @torch.compiler.disable
+def _pre_fixed(module, args, kwargs):  # weight_sides_per_forward(fixed_buffers=True)
+    _prepare(module, True, static=True)
+
+
+@torch.compiler.disable
 def _release(module) -> None:
     """The layers of module's plan back to their masters (both post-hooks)."""
     plan = _PLANS.get(module)
@@ -206,7 +211,7 @@ def _remove(model: nn.Module, fns: tuple) -> None:
 
 def strip(model: nn.Module) -> None:
     """No weight-side hooks on model (a lowered copy of a QAT model: no QAT layers left)."""
-    _remove(model, (_pre_compiled, _post_compiled, _pre_always, _post_always))
+    _remove(model, (_pre_compiled, _post_compiled, _pre_always, _pre_fixed, _post_always))
     model.__dict__.pop(_PROBE, None)
 
 
@@ -231,12 +236,12 @@ class WeightSidesHandle:
     def remove(self) -> None:
         model = self._model()
         if model is not None:
-            _remove(model, (_pre_always, _post_always))
+            _remove(model, (_pre_always, _pre_fixed, _post_always))
             _PLANS.pop(model, None)
         _clear(self._modules)
 
 
-def weight_sides_per_forward(model: nn.Module) -> WeightSidesHandle:
+def weight_sides_per_forward(model: nn.Module, *, fixed_buffers: bool = False) -> WeightSidesHandle:
     """Compute every QAT layer's weight side once a forward of `model`, for all its layers at once, instead of
     inside each layer (qat_step's docstring), in every forward, eager or compiled. `robuq_fx.quantize` already does
     this where it was measured faster, while `torch.compile` traces a training forward on CUDA (this module's
@@ -246,6 +251,11 @@ def weight_sides_per_forward(model: nn.Module) -> WeightSidesHandle:
         qmodel = robuq_fx.quantize(model, "dit-xl-2-robuq", example_inputs=...).train()
         handle = robuq_fx.weight_sides_per_forward(qmodel)
         step = torch.compile(qmodel)
+
+    fixed_buffers: every forward's weight sides at the same addresses from the second forward on (on CUDA, where
+    they come from graph replays), for CUDA graphs that read them as static inputs and would record again for new
+    addresses: `compile_repeated_blocks(qmodel, mode="reduce-overhead")` after this call. The values are rewritten
+    in place each forward, the same while the masters have not moved (gradient accumulation).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"weight_sides_per_forward takes the QAT model (an nn.Module), got {type(model).__name__}")
@@ -257,6 +267,6 @@ def weight_sides_per_forward(model: nn.Module) -> WeightSidesHandle:
     plan.check(plan.masters())  # (refuses sharded masters now, not at the first forward)
     strip(model)
     _PLANS[model] = plan
-    model.register_forward_pre_hook(_pre_always, with_kwargs=True)
+    model.register_forward_pre_hook(_pre_fixed if fixed_buffers else _pre_always, with_kwargs=True)
     model.register_forward_hook(_post_always, with_kwargs=True, always_call=True)
     return WeightSidesHandle(model, modules)

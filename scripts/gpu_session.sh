@@ -1019,7 +1019,7 @@ s31a)  # session 30's CPU-built work on CUDA: pickled region models (tests/test_
 train-regional-stepw)  # session 30, CPU-checked: weight_sides_per_forward then compile_repeated_blocks (the root runs
     # eagerly, so its hook computes every weight side in one replay and the blocks' graphs take them; bit-equal to
     # eager under aot_eager, one graph for the blocks): the paper policy regional and regional-cg, without / with
-    # (rows " +stepw"); regional-cg +stepw may re-record each step (the plan's rotating buffers), ~4 min
+    # (rows " +stepw"; under CUDA graphs with fixed_buffers=True), ~4 min
     timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes regional regional-cg \
         --step-weights both --iters 12 --settings "QAT ${2:-dit-xl-2-robuq}" \
         --tag "_train_regional_stepw_$(echo "${2:-dit-xl-2-robuq}" | tr -c 'A-Za-z0-9\n' _)" 2>&1 | tail -n 16

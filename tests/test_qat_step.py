@@ -245,7 +245,8 @@ def test_replays_never_write_buffers_in_use(monkeypatch, kind):
 
 @pytest.mark.parametrize("kind", ["kept gradients", "steady"])
 def test_static_forward_buffers_stay_put_and_train_the_same(monkeypatch, kind):
-    """`Plan.static_fwd` (the hooks under CUDA graph modes, ROBUQ_QAT_STEP_WEIGHTS=cudagraphs): from the second
+    """`Plan.static_fwd` (the hooks under CUDA graph modes, ROBUQ_QAT_STEP_WEIGHTS=cudagraphs, and
+    `weight_sides_per_forward(fixed_buffers=True)`, this test's way in): from the second
     forward on every layer's weight side is at the same address while the last forward's are still held (the
     compiled graphs' replays read them in place), and training equals the graph-less run bit for bit. (Several forwards before a backward are left to the GPU
     test: there the buffers are rewritten with the same values, by a replay that moves no version counter, where
@@ -258,9 +259,8 @@ def test_static_forward_buffers_stay_put_and_train_the_same(monkeypatch, kind):
     want = _scenario(mod0, x, kind)
     monkeypatch.setattr(qat_graph, "_BACKEND", [Replays()])
     monkeypatch.setattr(qat_step, "_use_graphs", lambda t: True)
-    monkeypatch.setattr(H, "_pre_always", lambda module, args, kwargs: H._prepare(module, True, static=True))
     mod = copy.deepcopy(base)
-    robuq_fx.weight_sides_per_forward(mod)
+    robuq_fx.weight_sides_per_forward(mod, fixed_buffers=True)
     ptrs, held = [], []
 
     def record(m, a):  # the last forward's part kept alive, as a CUDA-graph tree keeps its static inputs
