@@ -37,6 +37,16 @@ def test_a_qat_model_with_regions_saves_and_trains_the_same(qat_dit):
     (ya, ga), (yb, gb) = _step(qat_dit, _inputs()), _step(back, _inputs())
     assert torch.equal(ya, yb)
     assert ga.keys() == gb.keys() and all(torch.equal(ga[k], gb[k]) for k in ga)
+    # the loaded blocks still share one compiled graph (one region class, one guard function): two frames for four
+    from torch._dynamo.testing import CompileCounter
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    try:
+        robuq_fx.compile_repeated_blocks(back, backend=counter)
+        _step(back, _inputs())
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == 2
 
 
 def test_a_loaded_qat_model_lowers_as_the_original(qat_dit):
