@@ -228,6 +228,3 @@ def private_copy(model: nn.Module) -> nn.Module:
     except Exception as e:  # noqa: BLE001
         raise CaptureError(f"could not copy {type(model).__name__} (robuq_fx works on a copy so your model is "
                            f"never mutated): {e}") from e
-
-
-# ---- one submodule (the drop-in path) -------------------------------------------------------------------------------

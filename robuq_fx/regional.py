@@ -13,7 +13,9 @@ QAT and lowered models alike: `quantize` keeps the blocks' classes, and the atte
 class where their code is the same (`passes/region.py`), so the blocks share one compiled graph (a block whose input
 has other strides, as the first block's often does, gets one more). What is outside the blocks (embeddings, final
 norm and projection) stays eager. Each QAT layer then computes its own weight side inside its block's graph: the
-once-a-forward weight-side hooks (`qat_step_hooks`) engage only under a compile of the whole model.
+automatic once-a-forward weight-side hooks (`qat_step_hooks`) engage only under a compile of the whole model. Call
+`robuq_fx.weight_sides_per_forward(qmodel)` first to have them here too (its hook runs in the eager root, and the
+blocks' graphs take what it computed; `fixed_buffers=True` with mode="reduce-overhead").
 """
 from __future__ import annotations
 

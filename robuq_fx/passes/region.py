@@ -12,7 +12,6 @@ Regions from symbolic_trace take any call their code takes (FX checks the argume
 """
 from __future__ import annotations
 
-import inspect
 import weakref
 
 import torch
@@ -20,10 +19,9 @@ import torch.fx as fx
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from torch.utils import _pytree as pytree
 
-from . import region_pickle
-
 from ..capture_region import describe, leaf_key
 from ..errors import CaptureError
+from . import region_pickle
 
 CALL = "_robuq_call"  # the call structure a torch.export region was captured for (capture_region._export_call)
 REGION = "_robuq_region"  # {"path", "capture", "why"}
@@ -109,13 +107,11 @@ def _share_guards(gm: fx.GraphModule) -> None:
     compiled code guards on its code object, so each block's region would compile again. Regions whose check
     functions have the same code share the first one's function (the code is all it holds; each region keeps its own
     module: a module under two parents would be one module to FSDP2's fully_shard, applied twice)."""
-    guards = gm._modules.get("_guards_fn")
-    fn = getattr(guards, "forward", None)
-    inner = [c.cell_contents for c in getattr(fn, "__closure__", None) or ()
-             if inspect.isfunction(c.cell_contents)]
-    if len(inner) != 1 or inner[0].__closure__:
+    guards = gm._modules.get(region_pickle.GUARDS)
+    inner = region_pickle.guard_function(guards)
+    if inner is None:
         return
-    code = inner[0].__code__
+    fn, code = guards.forward, inner.__code__
     key = (fn.__code__, code.co_code, code.co_consts, code.co_names)
     try:
         guards.forward = _GUARDS.setdefault(key, fn)

@@ -10,6 +10,7 @@ Python version loads it, another raises a RobuQError that says what to do).
 """
 from __future__ import annotations
 
+import inspect
 import marshal
 import math
 import pickle
@@ -157,18 +158,24 @@ def graph_from_state(state: dict, tracer_cls=None) -> fx.Graph:
     return graph
 
 
+def guard_function(module):
+    """The function inside torch.export's guard module (`_guards_fn`): its forward wraps one generated function that
+    closes over nothing. None where the module has another form."""
+    fn = getattr(module, "forward", None)
+    inner = [c.cell_contents for c in getattr(fn, "__closure__", None) or () if inspect.isfunction(c.cell_contents)]
+    return inner[0] if len(inner) == 1 and not inner[0].__closure__ else None
+
+
 def guards_state(module, where: str) -> dict | None:
     """torch.export's guard module as (Python version, its function's marshalled code), None without one."""
     if module is None:
         return None
-    fn = getattr(module, "forward", None)
-    inner = [c.cell_contents for c in getattr(fn, "__closure__", None) or ()
-             if callable(c.cell_contents) and hasattr(c.cell_contents, "__code__")]
-    if len(inner) != 1 or inner[0].__closure__:
+    inner = guard_function(module)
+    if inner is None:
         raise pickle.PicklingError(
             f"robuq_fx: '{where}' cannot be pickled: its torch.export input-guard module is not the form this "
             f"torch version was known to make (a wrapped function); save its state_dict instead")
-    return {"python": tuple(sys.version_info[:2]), "code": marshal.dumps(inner[0].__code__)}
+    return {"python": tuple(sys.version_info[:2]), "code": marshal.dumps(inner.__code__)}
 
 
 def guards_from_state(state: dict, where: str):
@@ -179,7 +186,7 @@ def guards_from_state(state: dict, where: str):
             f"state_dict and quantize a fresh model to load it into")
     from torch.export._unlift import GuardsFn
     from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
-    namespace = {**SYMPY_INTERP, "math": math, "inf": float("inf"), "torch": torch}
+    namespace = {**SYMPY_INTERP, "math": math, "inf": float("inf")}  # (as torch.export builds it; torch in it)
     fn = type(lambda: None)(marshal.loads(state["code"]), namespace, "_")
     module = GuardsFn()
     module.forward = torch._dynamo.dont_skip_tracing(fn)
