@@ -92,6 +92,7 @@
 #   scripts/gpu_session.sh ddp-compiled     bench_ddp --compile backend: both sides compiled, DDP around the model
 #   scripts/gpu_session.sh ddp-inductor     bench_ddp --compile inductor: quantize(), then torch.compile(DDP(qmodel))
 #   scripts/gpu_session.sh ddp-regional [cg]  bench_ddp --compile regional[-cg]: compile_repeated_blocks, then DDP
+#   scripts/gpu_session.sh ddp-overlap [C [S..]]  one GPU: when DDP's gradient buckets are ready, predicted 2-GPU scaling
 #   scripts/gpu_session.sh s31a             session 30's pickling tests on CUDA and the example's regional-cg run
 #   scripts/gpu_session.sh train-regional-stepw [S]  regional / regional-cg, S without and with weight_sides_per_forward
 #   scripts/gpu_session.sh ncu              Nsight Compute on the quantizer / GEMM kernels (benchmarks/ncu_kernels.py)
@@ -1023,6 +1024,13 @@ train-regional-stepw)  # session 30, CPU-checked: weight_sides_per_forward then 
     timeout 540 python3 benchmarks/bench_dit.py --out "$OUT" --train-only --train-modes regional regional-cg \
         --step-weights both --iters 12 --settings "QAT ${2:-dit-xl-2-robuq}" \
         --tag "_train_regional_stepw_$(echo "${2:-dit-xl-2-robuq}" | tr -c 'A-Za-z0-9\n' _)" 2>&1 | tail -n 16
+    ;;
+ddp-overlap)  # session 31, one GPU: DDP in a one-rank group, each gradient bucket's ready time in the backward and the
+    # predicted 2-GPU exposed all-reduce (benchmarks/ddp_overlap.py); ddp-overlap [COMPILE [SETTINGS..]] (default
+    # eager: fp, dit, the paper's, the paper's +stepw; COMPILE regional / regional-cg)
+    c="${2:-off}"; shift $(( $# > 1 ? 2 : 1 ))
+    timeout 540 python3 benchmarks/ddp_overlap.py --compile "$c" --out "$OUT" \
+        --settings ${@:-fp dit dit-xl-2-robuq dit-xl-2-robuq+stepw} 2>&1 | grep -v -i "warn" | tail -24
     ;;
 ddp-regional)  # session 30: one process vs DDP, quantize() then compile_repeated_blocks(qmodel[, mode=reduce-overhead])
     # before DDP wraps it (DDP's own hooks, overlap kept; the blocks' compiles took ~1 min on one H200): ddp-regional
