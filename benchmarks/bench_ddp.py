@@ -87,7 +87,8 @@ def main(argv=None):
              "x one process": round(r["samples_per_s"] / base, 3), "final loss": round(r["losses"][-1], 5)}
             for r in runs]
     prov = provenance(argv)
-    head = (f"{args.model} QAT ({args.policy}), per-process batch {args.per_gpu_batch}, {args.steps} steps | "
+    amp = "bf16 autocast" if runs[0].get("autocast_bf16") else "fp32"
+    head = (f"{args.model} QAT ({args.policy}), per-process batch {args.per_gpu_batch}, {amp}, {args.steps} steps | "
             f"{prov['gpu']} | torch {prov['torch']}")
     text = head + "\n" + tabulate(rows, headers="keys", tablefmt="github")
     print(text)

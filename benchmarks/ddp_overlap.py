@@ -71,7 +71,7 @@ def _recording_hook(state: dict, bucket):
     return fut.then(lambda f: f.value()[0])
 
 
-def _steps(model, batches, loss_fn, opt, clock, n: int, cg: bool, state: dict | None = None) -> list[dict]:
+def _steps(model, batches, loss_fn, opt, clock, n: int, cg: bool, amp, state: dict | None = None) -> list[dict]:
     """n optimizer steps; each returns its marks resolved to ms: step, backward, and (with DDP) the buckets' ready
     times from the backward's start."""
     out = []
@@ -82,7 +82,8 @@ def _steps(model, batches, loss_fn, opt, clock, n: int, cg: bool, state: dict | 
         if cg:
             torch.compiler.cudagraph_mark_step_begin()
         t0 = clock.mark()
-        loss = loss_fn(model, b)
+        with amp():
+            loss = loss_fn(model, b)
         t_bwd = clock.mark()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -111,7 +112,8 @@ def measure(setting: str, ex, args, device: torch.device) -> dict:
     import robuq_fx
     from torch.nn.parallel import DistributedDataParallel
     policy_name, stepw = setting.removesuffix("+stepw"), setting.endswith("+stepw")
-    eargs = argparse.Namespace(model=args.model, pretrained=None, seed=0, policy=policy_name, tiny_rank=4)
+    eargs = argparse.Namespace(model=args.model, pretrained=None, seed=0, policy=policy_name, tiny_rank=4,
+                               autocast=args.autocast)
     model = ex.build_model(eargs).to(device)
     t0 = time.perf_counter()
     if policy_name != "fp":
@@ -128,19 +130,21 @@ def measure(setting: str, ex, args, device: torch.device) -> dict:
     cfg = model.config
     batches = [{k: v.to(device) for k, v in ex.global_batch(cfg, args.batch, s, 0).items()} for s in range(2)]
     clock, cg = Clock(device), args.compile == "regional-cg"
+    amp = lambda: ex.autocast(eargs, device)  # noqa: E731
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    plain = _steps(model, batches, ex.loss_fn, opt, clock, args.warmup + args.steps, cg)[args.warmup:]
+    plain = _steps(model, batches, ex.loss_fn, opt, clock, args.warmup + args.steps, cg, amp)[args.warmup:]
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                   bucket_cap_mb=args.bucket_cap_mb)
     state = {"clock": clock, "marks": []}
     ddp.register_comm_hook(state, _recording_hook)
     opt = torch.optim.AdamW([p for p in ddp.parameters() if p.requires_grad], lr=1e-5)
-    recs = _steps(ddp, batches, ex.loss_fn, opt, clock, args.warmup + args.steps, cg, state)[args.warmup:]
+    recs = _steps(ddp, batches, ex.loss_fn, opt, clock, args.warmup + args.steps, cg, amp, state)[args.warmup:]
     buckets = _median_buckets(recs)
     step_ms = statistics.median(r["step_ms"] for r in recs)
     bwd_ms = statistics.median(r["backward_ms"] for r in recs)
     grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    row = {"setting": setting, "compile": args.compile, "prepare_s": round(prep_s, 1),
+    row = {"setting": setting, "compile": args.compile, "bf16": ex.bf16_forward(eargs, device),
+           "prepare_s": round(prep_s, 1),
            "plain_step_ms": statistics.median(r["step_ms"] for r in plain), "step_ms": step_ms, "backward_ms": bwd_ms,
            "grad_mb": grad_bytes / 2**20, "bucket_mb": sum(b.nbytes for b in buckets) / 2**20,
            "buckets": [[b.ready_ms, b.nbytes] for b in buckets],
@@ -191,6 +195,8 @@ def parse_args(argv=None):
     ap.add_argument("--compile", choices=["off", "regional", "regional-cg"], default="off",
                     help="robuq_fx.compile_repeated_blocks before DDP wraps the model (-cg: mode='reduce-overhead')")
     ap.add_argument("--batch", type=int, default=16, help="per-GPU batch")
+    ap.add_argument("--autocast", choices=["auto", "bf16", "none"], default="auto",
+                    help="the forward under bf16 autocast (auto: on CUDA; the example's --autocast)")
     ap.add_argument("--warmup", type=int, default=3, help="steps not timed (DDP rebuilds its buckets after the first)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP's bucket_cap_mb")
@@ -236,7 +242,8 @@ def main(argv=None) -> list[dict]:
               **{f"x{args.world} @{bw:g}": round(r["predictions"][str(bw)]["scaling_x"], 3) for bw in bws},
               f"GB/s for {args.target}x": "none" if r["breakeven_gbs"] is None else round(r["breakeven_gbs"], 1)}
              for r in rows]
-    head = (f"{args.model} QAT, per-GPU batch {args.batch}, compile {args.compile}, DDP bucket_cap_mb "
+    amp = "bf16 autocast" if rows and rows[0]["bf16"] else "fp32"
+    head = (f"{args.model} QAT, per-GPU batch {args.batch}, {amp}, compile {args.compile}, DDP bucket_cap_mb "
             f"{args.bucket_cap_mb:g}, one rank; predicted {args.world}-GPU all-reduce at bus bandwidths {bws} GB/s "
             f"(latency {args.latency_us:g} us) | {prov['gpu']} | torch {prov['torch']}")
     print(head + "\n" + tabulate(table, headers="keys", tablefmt="github"))

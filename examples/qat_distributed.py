@@ -77,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="model init and data seed (the same on every rank)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: cuda (nccl) when available, else cpu (gloo)")
+    p.add_argument("--autocast", choices=["auto", "bf16", "none"], default="auto",
+                   help="the forward under torch.autocast in bf16 (fp32 master weights, as DiT trains); auto: bf16 "
+                        "on CUDA, none on the CPU")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per rank (0: leave torch's default)")
     p.add_argument("--save-state", metavar="PATH", help="rank 0: torch.save the gathered full state dict here")
     p.add_argument("--save-packed", metavar="PATH", help="rank 0: quantize a fresh model, load the gathered state, "
@@ -168,6 +171,17 @@ def wrap(qmodel, engine: str, device: torch.device):
     return qmodel
 
 
+def bf16_forward(args, device: torch.device) -> bool:
+    """Whether the forward runs under bf16 autocast (`--autocast`)."""
+    mode = getattr(args, "autocast", "none")
+    return mode == "bf16" or (mode == "auto" and device.type == "cuda")
+
+
+def autocast(args, device: torch.device):
+    """The forward's autocast context (`--autocast`)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_forward(args, device))
+
+
 def make_optimizer(model, args):
     params = [p for p in model.parameters() if p.requires_grad]
     if args.optim == "sgd":
@@ -194,7 +208,8 @@ def train(model, make_batch, loss, args, rank: int, world: int, device: torch.de
         b = {k: v[rank * local:(rank + 1) * local].to(device) for k, v in make_batch(step).items()}
         if getattr(args, "compile", "off") == "regional-cg":
             torch.compiler.cudagraph_mark_step_begin()  # (a new step: the last one's graph outputs may be reused)
-        value = loss(model, b)
+        with autocast(args, device):
+            value = loss(model, b)
         opt.zero_grad(set_to_none=True)
         value.backward()
         opt.step()
@@ -271,7 +286,7 @@ def main(argv=None) -> dict:
     state = gather_state(trained, args.engine)
     steady = steady_step_s(step_s)
     result = {"engine": args.engine, "compile": args.compile, "model": args.model, "world": world,
-              "device": str(device),
+              "device": str(device), "autocast_bf16": bf16_forward(args, device),
               "global_batch": args.batch, "steps": args.steps, "losses": losses,
               "quantize_s": round(t_quant, 2), "train_s": round(t_train, 2),
               "step_s": [round(v, 5) for v in step_s], "steady_step_s": round(steady, 5),
