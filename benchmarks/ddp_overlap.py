@@ -134,12 +134,14 @@ def measure(setting: str, ex, args, device: torch.device) -> dict:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     plain = _steps(model, batches, ex.loss_fn, opt, clock, args.warmup + args.steps, cg, amp)[args.warmup:]
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                  bucket_cap_mb=args.bucket_cap_mb)
+                                  bucket_cap_mb=args.bucket_cap_mb, gradient_as_bucket_view=args.bucket_view,
+                                  broadcast_buffers=not args.no_broadcast)
     state = {"clock": clock, "marks": []}
-    ddp.register_comm_hook(state, _recording_hook)
+    if args.hook == "record":
+        ddp.register_comm_hook(state, _recording_hook)
     opt = torch.optim.AdamW([p for p in ddp.parameters() if p.requires_grad], lr=1e-5)
     recs = _steps(ddp, batches, ex.loss_fn, opt, clock, args.warmup + args.steps, cg, amp, state)[args.warmup:]
-    buckets = _median_buckets(recs)
+    buckets = _median_buckets(recs) or [Bucket(float("nan"), 0)]  # (--hook none: no timeline)
     step_ms = statistics.median(r["step_ms"] for r in recs)
     bwd_ms = statistics.median(r["backward_ms"] for r in recs)
     grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
@@ -200,12 +202,17 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=3, help="steps not timed (DDP rebuilds its buckets after the first)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP's bucket_cap_mb")
+    ap.add_argument("--hook", choices=["record", "none"], default="record",
+                    help="none: DDP's own all-reduce, no timeline (what the recording hook costs)")
+    ap.add_argument("--bucket-view", action="store_true", help="DDP's gradient_as_bucket_view=True")
+    ap.add_argument("--no-broadcast", action="store_true", help="DDP's broadcast_buffers=False")
     ap.add_argument("--world", type=int, default=2, help="GPUs of the predicted run")
     ap.add_argument("--busbw", type=float, nargs="+", default=[350.0, 100.0, 25.0],
                     help="all-reduce bus bandwidths to predict at, GB/s (the first goes into the summary; 350: "
                          "about what nccl-tests reports on NVLink 4 H100/H200 machines, not measured here)")
     ap.add_argument("--latency-us", type=float, default=20.0, help="fixed cost of one all-reduce")
     ap.add_argument("--target", type=float, default=1.8, help="scaling whose break-even bandwidth is reported")
+    ap.add_argument("--tag", default="", help="appended to the output files' names (no summary then: an A/B run)")
     ap.add_argument("--quick", action="store_true", help="CPU smoke run: dit-tiny, gloo, 2 + 2 steps")
     ap.add_argument("--out", default=str(HERE / "results"))
     return ap.parse_args(argv)
@@ -247,12 +254,12 @@ def main(argv=None) -> list[dict]:
             f"{args.bucket_cap_mb:g}, one rank; predicted {args.world}-GPU all-reduce at bus bandwidths {bws} GB/s "
             f"(latency {args.latency_us:g} us) | {prov['gpu']} | torch {prov['torch']}")
     print(head + "\n" + tabulate(table, headers="keys", tablefmt="github"))
-    tag = ("quick" if args.quick else gpu_tag(prov["gpu"])) + ("" if args.compile == "off" else f"_{args.compile}")
+    tag = ("quick" if args.quick else gpu_tag(prov["gpu"])) + ("" if args.compile == "off" else f"_{args.compile}") + args.tag
     os.makedirs(args.out, exist_ok=True)
     Path(args.out, f"ddp_overlap_{tag}.json").write_text(
         json.dumps({"provenance": prov, "args": vars(args), "table": table, "rows": rows}, indent=1))
     _plot(rows, Path(args.out, f"ddp_overlap_{tag}.png"), head.split(" | ")[0])
-    if not args.quick:
+    if not args.quick and not args.tag:
         sfx = "" if args.compile == "off" else "_" + args.compile.replace("-", "_")
         figures = {}
         for r in rows:
