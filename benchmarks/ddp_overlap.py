@@ -132,34 +132,51 @@ def measure(setting: str, ex, args, device: torch.device) -> dict:
     clock, cg = Clock(device), args.compile == "regional-cg"
     amp = lambda: ex.autocast(eargs, device)  # noqa: E731
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    plain = _steps(model, batches, ex.loss_fn, opt, clock, args.warmup + args.steps, cg, amp)[args.warmup:]
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                   bucket_cap_mb=args.bucket_cap_mb, gradient_as_bucket_view=args.bucket_view,
                                   broadcast_buffers=not args.no_broadcast)
     state = {"clock": clock, "marks": []}
     if args.hook == "record":
         ddp.register_comm_hook(state, _recording_hook)
-    opt = torch.optim.AdamW([p for p in ddp.parameters() if p.requires_grad], lr=1e-5)
-    recs = _steps(ddp, batches, ex.loss_fn, opt, clock, args.warmup + args.steps, cg, amp, state)[args.warmup:]
-    buckets = _median_buckets(recs) or [Bucket(float("nan"), 0)]  # (--hook none: no timeline)
+    run = lambda m, n, st=None: _steps(m, batches, ex.loss_fn, opt, clock, n, cg, amp, st)  # noqa: E731
+    run(model, args.warmup)
+    run(ddp, args.warmup, state)  # (DDP's first step rebuilds its buckets in the order the gradients came)
+    plain, recs = [], []
+    for _ in range(args.rounds):  # interleaved: a host whose speed drifts (it does, call to call) hits both alike
+        plain += run(model, args.steps)  # the model itself: DDP's hooks stay idle (its forward did not run)
+        recs += run(ddp, args.steps, state)
+    buckets = _median_buckets(recs)  # (none with --hook none)
     step_ms = statistics.median(r["step_ms"] for r in recs)
     bwd_ms = statistics.median(r["backward_ms"] for r in recs)
     grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     row = {"setting": setting, "compile": args.compile, "bf16": ex.bf16_forward(eargs, device),
            "prepare_s": round(prep_s, 1),
            "plain_step_ms": statistics.median(r["step_ms"] for r in plain), "step_ms": step_ms, "backward_ms": bwd_ms,
+           "plain_steps_ms": [round(r["step_ms"], 2) for r in plain], "ddp_steps_ms": [round(r["step_ms"], 2) for r in recs],
            "grad_mb": grad_bytes / 2**20, "bucket_mb": sum(b.nbytes for b in buckets) / 2**20,
            "buckets": [[b.ready_ms, b.nbytes] for b in buckets],
-           "ready_half": ready_fraction(buckets, bwd_ms / 2), "last_ready_ms": max(b.ready_ms for b in buckets),
-           "predictions": {}}
-    for bw in args.busbw:
-        sim = simulate(buckets, bwd_ms, bw, args.world, args.latency_us)
-        row["predictions"][str(bw)] = {**sim, "scaling_x": predicted_scaling(step_ms, sim["exposed_ms"], args.world)}
-    row["breakeven_gbs"] = breakeven_busbw(buckets, bwd_ms, step_ms, args.target, args.world, args.latency_us)
-    del ddp, model, opt
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+           "ready_half": ready_fraction(buckets, bwd_ms / 2) if buckets else None,
+           "last_ready_ms": max(b.ready_ms for b in buckets) if buckets else None,
+           "predictions": {}, "breakeven_gbs": None}
+    if buckets:
+        for bw in args.busbw:
+            sim = simulate(buckets, bwd_ms, bw, args.world, args.latency_us)
+            row["predictions"][str(bw)] = {**sim, "scaling_x": predicted_scaling(step_ms, sim["exposed_ms"],
+                                                                                 args.world)}
+        row["breakeven_gbs"] = breakeven_busbw(buckets, bwd_ms, step_ms, args.target, args.world, args.latency_us)
     return row
+
+
+def _table_row(r: dict, args) -> dict:
+    p, bws = r["predictions"], args.busbw
+    no = "" if p else "-"  # (--hook none: no timeline, no predictions)
+    return {"setting": r["setting"], "step ms": round(r["plain_step_ms"], 1), "DDP step ms": round(r["step_ms"], 1),
+            "DDP cost": f"{r['step_ms'] / r['plain_step_ms'] - 1:+.1%}", "backward ms": round(r["backward_ms"], 1),
+            "grads MB": round(r["grad_mb"]), "buckets": len(r["buckets"]),
+            "ready at half": no or f"{r['ready_half']:.0%}", "last ready ms": no or round(r["last_ready_ms"], 1),
+            **{f"exposed ms @{bw:g}": no or round(p[str(bw)]["exposed_ms"], 1) for bw in bws},
+            **{f"x{args.world} @{bw:g}": no or round(p[str(bw)]["scaling_x"], 3) for bw in bws},
+            f"GB/s for {args.target}x": no or ("none" if r["breakeven_gbs"] is None else round(r["breakeven_gbs"], 1))}
 
 
 def _plot(rows: list[dict], path: Path, title: str) -> None:
@@ -169,6 +186,9 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib not installed: no PNG")
+        return
+    rows = [r for r in rows if r["buckets"]]
+    if not rows:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in rows:
@@ -200,7 +220,8 @@ def parse_args(argv=None):
     ap.add_argument("--autocast", choices=["auto", "bf16", "none"], default="auto",
                     help="the forward under bf16 autocast (auto: on CUDA; the example's --autocast)")
     ap.add_argument("--warmup", type=int, default=3, help="steps not timed (DDP rebuilds its buckets after the first)")
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps a side a round")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of plain steps, then DDP steps")
     ap.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP's bucket_cap_mb")
     ap.add_argument("--hook", choices=["record", "none"], default="record",
                     help="none: DDP's own all-reduce, no timeline (what the recording hook costs)")
@@ -222,7 +243,7 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     from tabulate import tabulate
     if args.quick:
-        args.model, args.batch, args.warmup, args.steps = "dit-tiny", 4, 2, 2
+        args.model, args.batch, args.warmup, args.steps, args.rounds = "dit-tiny", 4, 2, 1, 2
         if args.compile == "regional-cg":
             sys.exit("--quick runs on the CPU: no CUDA graphs (regional-cg)")
     device = torch.device("cuda", 0) if torch.cuda.is_available() and not args.quick else torch.device("cpu")
@@ -235,20 +256,16 @@ def main(argv=None) -> list[dict]:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                 world_size=1, **({"device_id": device} if device.type == "cuda" else {}))
     try:
-        rows = [measure(s, ex, args, device) for s in args.settings]
+        rows = []
+        for s in args.settings:
+            rows.append(measure(s, ex, args, device))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # (the last setting's model is gone with measure's frame)
     finally:
         dist.destroy_process_group()
     prov = provenance(argv)
     bws = args.busbw
-    table = [{"setting": r["setting"], "step ms": round(r["plain_step_ms"], 1),
-              "DDP step ms": round(r["step_ms"], 1), "DDP cost": f"{r['step_ms'] / r['plain_step_ms'] - 1:+.1%}",
-              "backward ms": round(r["backward_ms"], 1), "grads MB": round(r["grad_mb"]),
-              "buckets": len(r["buckets"]), "ready at half": f"{r['ready_half']:.0%}",
-              "last ready ms": round(r["last_ready_ms"], 1),
-              **{f"exposed ms @{bw:g}": round(r["predictions"][str(bw)]["exposed_ms"], 1) for bw in bws},
-              **{f"x{args.world} @{bw:g}": round(r["predictions"][str(bw)]["scaling_x"], 3) for bw in bws},
-              f"GB/s for {args.target}x": "none" if r["breakeven_gbs"] is None else round(r["breakeven_gbs"], 1)}
-             for r in rows]
+    table = [_table_row(r, args) for r in rows]
     amp = "bf16 autocast" if rows and rows[0]["bf16"] else "fp32"
     head = (f"{args.model} QAT, per-GPU batch {args.batch}, {amp}, compile {args.compile}, DDP bucket_cap_mb "
             f"{args.bucket_cap_mb:g}, one rank; predicted {args.world}-GPU all-reduce at bus bandwidths {bws} GB/s "
@@ -258,16 +275,19 @@ def main(argv=None) -> list[dict]:
     os.makedirs(args.out, exist_ok=True)
     Path(args.out, f"ddp_overlap_{tag}.json").write_text(
         json.dumps({"provenance": prov, "args": vars(args), "table": table, "rows": rows}, indent=1))
-    _plot(rows, Path(args.out, f"ddp_overlap_{tag}.png"), head.split(" | ")[0])
+    _plot(rows, Path(args.out, f"ddp_overlap_{tag}.png"),
+          f"{args.model}, per-GPU batch {args.batch}, {amp}, compile {args.compile} | {prov['gpu']}\n"
+          f"DDP gradient buckets ready during the backward (one rank)")
     if not args.quick and not args.tag:
         sfx = "" if args.compile == "off" else "_" + args.compile.replace("-", "_")
         figures = {}
         for r in rows:
             key = r["setting"].replace("+", "_").replace("-", "_") + sfx
             figures[f"ddp_overhead_{key}_x"] = round(r["step_ms"] / r["plain_step_ms"], 3)
-            figures[f"ddp{args.world}_pred_{key}_x"] = round(r["predictions"][str(bws[0])]["scaling_x"], 3)
-            figures[f"ddp{args.world}_breakeven_{key}_gbs"] = (None if r["breakeven_gbs"] is None
-                                                               else round(r["breakeven_gbs"], 1))
+            if r["predictions"]:
+                figures[f"ddp{args.world}_pred_{key}_x"] = round(r["predictions"][str(bws[0])]["scaling_x"], 3)
+                figures[f"ddp{args.world}_breakeven_{key}_gbs"] = (None if r["breakeven_gbs"] is None
+                                                                   else round(r["breakeven_gbs"], 1))
         print("wrote", write_summary(args.out, "ddp_overlap", figures, argv))
     return rows
 

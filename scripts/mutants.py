@@ -251,4 +251,12 @@ MUTANTS = [
      "    if tuple(state[\"python\"]) != tuple(sys.version_info[:2]):", "    if False:",
      "export's guard code loads under any Python version (marshal data of another one)",
      ["tests/test_region_pickle.py"]),
+    ("ddp_timeline_no_queue", "benchmarks/_ddp_timeline.py", "        t = max(t, b.ready_ms) + c",
+     "        t = b.ready_ms + c",
+     "the all-reduce model runs every bucket's all-reduce when it is ready, ignoring the one still running: the "
+     "exposed time and the scaling prediction come out rosy", ["tests/test_ddp_overlap.py"]),
+    ("ddp_overlap_bucket_bytes", "benchmarks/ddp_overlap.py",
+     "buf.numel() * buf.element_size()", "buf.numel()",
+     "bucket sizes recorded in elements, not bytes: every predicted all-reduce 4x too short",
+     ["tests/test_ddp_overlap.py"]),
 ]

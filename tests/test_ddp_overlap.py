@@ -69,3 +69,13 @@ def test_quick_run_records_every_gradient(tmp_path):
     assert rows[1]["grad_mb"] > rows[0]["grad_mb"]  # the paper policy adds the low-rank branch's parameters
     saved = json.loads((tmp_path / "ddp_overlap_quick.json").read_text())
     assert [t["setting"] for t in saved["table"]] == ["fp", "dit-xl-2-robuq"]
+
+
+def test_quick_run_without_the_recording_hook(tmp_path):
+    """--hook none times DDP's own all-reduce: no timeline, so no predictions (nothing made up in their place)."""
+    import ddp_overlap
+    rows = ddp_overlap.main(["--quick", "--settings", "fp", "--hook", "none", "--tag", "_n", "--out", str(tmp_path)])
+    assert rows[0]["buckets"] == [] and rows[0]["predictions"] == {} and rows[0]["breakeven_gbs"] is None
+    assert len(rows[0]["plain_steps_ms"]) == len(rows[0]["ddp_steps_ms"]) == 2  # one a round, two rounds
+    table = json.loads((tmp_path / "ddp_overlap_quick_n.json").read_text())["table"]
+    assert table[0]["ready at half"] == "-" and table[0]["x2 @350"] == "-"
