@@ -152,7 +152,8 @@ def measure(setting: str, ex, args, device: torch.device) -> dict:
     row = {"setting": setting, "compile": args.compile, "bf16": ex.bf16_forward(eargs, device),
            "prepare_s": round(prep_s, 1),
            "plain_step_ms": statistics.median(r["step_ms"] for r in plain), "step_ms": step_ms, "backward_ms": bwd_ms,
-           "plain_steps_ms": [round(r["step_ms"], 2) for r in plain], "ddp_steps_ms": [round(r["step_ms"], 2) for r in recs],
+           "plain_steps_ms": [round(r["step_ms"], 2) for r in plain],
+           "ddp_steps_ms": [round(r["step_ms"], 2) for r in recs],
            "grad_mb": grad_bytes / 2**20, "bucket_mb": sum(b.nbytes for b in buckets) / 2**20,
            "buckets": [[b.ready_ms, b.nbytes] for b in buckets],
            "ready_half": ready_fraction(buckets, bwd_ms / 2) if buckets else None,
@@ -271,7 +272,8 @@ def main(argv=None) -> list[dict]:
             f"{args.bucket_cap_mb:g}, one rank; predicted {args.world}-GPU all-reduce at bus bandwidths {bws} GB/s "
             f"(latency {args.latency_us:g} us) | {prov['gpu']} | torch {prov['torch']}")
     print(head + "\n" + tabulate(table, headers="keys", tablefmt="github"))
-    tag = ("quick" if args.quick else gpu_tag(prov["gpu"])) + ("" if args.compile == "off" else f"_{args.compile}") + args.tag
+    mode = "" if args.compile == "off" else f"_{args.compile}"
+    tag = ("quick" if args.quick else gpu_tag(prov["gpu"])) + mode + args.tag
     os.makedirs(args.out, exist_ok=True)
     Path(args.out, f"ddp_overlap_{tag}.json").write_text(
         json.dumps({"provenance": prov, "args": vars(args), "table": table, "rows": rows}, indent=1))

@@ -170,7 +170,7 @@ class Plan:
         self.layout = _layout(_shapes(self.layers))
         self.w_at = [span.start for _, span in _master_spans(self.layers)]  # where each layer's weight is in masters()
         self.c = self.ab = None
-        self.warned = self.graphs_off = self.warned_keys = False
+        self.warned = self.graphs_off = self.warned_keys = self.warned_ranks = False
         self._ids = None  # the masters' identities when last checked (`check`)
         self.act, self._act_key = (False,) * len(self.layers), None  # (`set_act`)
         # under a CUDA graph mode (qat_step_hooks, ROBUQ_QAT_STEP_WEIGHTS=cudagraphs): each key's forward graph

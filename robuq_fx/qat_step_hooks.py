@@ -63,6 +63,13 @@ def _prepare(model: nn.Module, explicit: bool, static: bool = False) -> None:
             raise
         _PLANS[model] = None
         return
+    if explicit and not plan.warned_ranks and _ranks() > 1:
+        plan.warned_ranks = True
+        warnings.warn(f"weight_sides_per_forward on {type(model).__name__} under a process group of {_ranks()} ranks: "
+                      f"every master's gradient arrives at the backward's end, so DDP cannot overlap its all-reduce "
+                      f"with the backward (~90% of DiT-XL/2's gradient bytes in its last ~10%; 1.8x on 2 GPUs "
+                      f"predicted to need ~176 GB/s, docs/distributed.md); remove the handle for DDP training",
+                      RuntimeWarning, stacklevel=3)
     if len({masters[i].device for i in plan.w_at}) > 1:  # one flat tensor on one device holds every weight side
         if explicit and not plan.warned:
             plan.warned = True
@@ -82,6 +89,12 @@ def _prepare(model: nn.Module, explicit: bool, static: bool = False) -> None:
     parts = WeightSides.apply(plan, *masters)
     for (layer, wq, down_c, bias_c), fused in zip(_per_layer(plan.layers, parts), plan.act):
         layer.module.__dict__["_prepared"] = (wq, down_c, bias_c, fused)  # (as `_clear`)
+
+
+def _ranks() -> int:
+    """The default process group's size (1 where none is initialized)."""
+    d = torch.distributed
+    return d.get_world_size() if d.is_available() and d.is_initialized() else 1
 
 
 def _clear(modules) -> None:
@@ -129,8 +142,7 @@ def _engage() -> int:
         tx = InstructionTranslator.current_tx()
         if tx.one_graph or bool(getattr(tx, "error_on_graph_break", False)):  # fullgraph=True / no breaks allowed
             return OFF
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
+        if _ranks() > 1:
             return OFF
         if _cudagraphs(tx.output.compiler_fn):
             return STATIC if switch == "cudagraphs" else OFF

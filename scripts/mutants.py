@@ -259,4 +259,10 @@ MUTANTS = [
      "buf.numel() * buf.element_size()", "buf.numel()",
      "bucket sizes recorded in elements, not bytes: every predicted all-reduce 4x too short",
      ["tests/test_ddp_overlap.py"]),
+    ("hooks_engage_under_ddp", "robuq_fx/qat_step_hooks.py", "        if _ranks() > 1:\n            return OFF\n",
+     "", "the automatic weight-side hooks engage under DDP: every gradient at the backward's end, no overlap",
+     ["tests/test_qat_step_hooks.py", "-k", "process_group"]),
+    ("stepw_rank_warning_dropped", "robuq_fx/qat_step_hooks.py",
+     "    if explicit and not plan.warned_ranks and _ranks() > 1:", "    if False:", "weight_sides_per_forward under DDP without the warning that it stops the all-reduce overlap",
+     ["tests/test_qat_step_hooks.py", "-k", "process_group"]),
 ]

@@ -205,6 +205,47 @@ def test_layers_on_several_devices_compute_their_own(counted, monkeypatch):
     handle.remove()
 
 
+@pytest.fixture
+def two_ranks():
+    """A process group of 2 ranks in this one process (torch's fake backend: no communication)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    yield
+    dist.destroy_process_group()
+
+
+def test_under_a_process_group_the_explicit_call_warns_once_and_still_runs(counted, two_ranks):
+    """weight_sides_per_forward under DDP-sized groups hands every gradient over at the backward's end (no all-reduce
+    overlap): one warning naming the cost, and the weight sides still computed once a forward (a choice, not an
+    error)."""
+    q = robuq_fx.quantize(_mlp(), POLICY).train()
+    handle = robuq_fx.weight_sides_per_forward(q)
+    x = torch.randn(2, 5, 128)
+    with pytest.warns(RuntimeWarning, match="process group of 2 ranks.*cannot overlap"):
+        q(x).sum().backward()
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q(x).sum().backward()  # once
+    assert len(counted) == 2
+    handle.remove()
+
+
+def test_under_a_process_group_the_automatic_hooks_stay_off(counted, on_cpu, two_ranks):
+    """The automatic hooks fold to off while a group of 2 ranks is initialized: each layer keeps its weight side in
+    its own backward, where DDP's bucket hooks see its gradient early; one graph, no break."""
+    q = robuq_fx.quantize(_mlp(), POLICY).train()
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+    counters.clear()
+    try:
+        torch.compile(q, backend="aot_eager")(torch.randn(2, 5, 128)).sum().backward()
+    finally:
+        torch._dynamo.reset()
+    assert counted == [] and not counters["graph_break"], dict(counters["graph_break"])
+
+
 def test_masters_sharded_later_turn_the_automatic_hooks_off(counted, monkeypatch):
     """Masters that become sharded after the plan was made (FSDP2 applied after a compiled forward): the automatic
     hooks step aside for good, silently; the explicit call refuses, as at its start."""
