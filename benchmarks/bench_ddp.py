@@ -38,6 +38,8 @@ def run(engine: str, procs: int, batch: int, args, tmp: Path) -> dict:
     if args.compile != "off":  # both sides compiled: one process and DDP
         quick_compiler = args.quick and args.compile != "regional-cg"  # (CUDA graphs need Inductor)
         common += ["--compile", args.compile] + (["--compiler", "aot_eager"] if quick_compiler else [])
+    if args.comm_hook != "none" and engine == "ddp":
+        common += ["--comm-hook", args.comm_hook]
     if procs == 1:
         cmd = [sys.executable, str(EXAMPLE)] + common
     else:
@@ -64,6 +66,9 @@ def main(argv=None):
                          "(each layer its own weight side); keys ddp<N>_inductor_scaling_x. regional / regional-cg: "
                          "compile_repeated_blocks(qmodel) (mode='reduce-overhead' for -cg) before DDP; keys "
                          "ddp<N>_regional_scaling_x / ddp<N>_regional_cg_scaling_x")
+    ap.add_argument("--comm-hook", choices=["none", "bf16"], default="none",
+                    help="bf16: DDP all-reduces the gradients in bf16 (the example's --comm-hook; GPUs only); keys "
+                         "gain _bf16grad")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
     from tabulate import tabulate
@@ -73,10 +78,12 @@ def main(argv=None):
         n = args.gpus or torch.cuda.device_count()
         if n < 2:
             sys.exit(f"bench_ddp needs 2 or more GPUs (found {n}); --quick runs on CPU")
+    if args.quick and args.comm_hook != "none":
+        sys.exit(f"--comm-hook {args.comm_hook}: NCCL only (torch's bf16_compress_hook); --quick runs on the CPU")
     if args.compile != "off" and "fsdp2" in args.engines:
         sys.exit(f"--compile {args.compile}: DDP only (FSDP2 shards the masters the step's weight sides need whole)")
     mode = {"off": "", "backend": "_compiled", "inductor": "_inductor", "regional": "_regional",
-            "regional-cg": "_regional_cg"}[args.compile]  # (file and summary key names)
+            "regional-cg": "_regional_cg"}[args.compile] + ("_bf16grad" if args.comm_hook == "bf16" else "")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         runs = [run("none", 1, args.per_gpu_batch, args, tmp)]

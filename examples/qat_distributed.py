@@ -80,6 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--autocast", choices=["auto", "bf16", "none"], default="auto",
                    help="the forward under torch.autocast in bf16 (fp32 master weights, as DiT trains); auto: bf16 "
                         "on CUDA, none on the CPU")
+    p.add_argument("--comm-hook", choices=["none", "bf16"], default="none",
+                   help="DDP: bf16 all-reduces the gradients in bf16 (torch's bf16_compress_hook: half the bytes on "
+                        "the wire, for links slower than NVLink; the masters and optimizer stay fp32)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per rank (0: leave torch's default)")
     p.add_argument("--save-state", metavar="PATH", help="rank 0: torch.save the gathered full state dict here")
     p.add_argument("--save-packed", metavar="PATH", help="rank 0: quantize a fresh model, load the gathered state, "
@@ -141,9 +144,14 @@ def loss_fn(model, b: dict) -> torch.Tensor:
 
 
 # ---- distributed plumbing -------------------------------------------------------------------------------------------
+def on_cuda(args) -> bool:
+    """Whether the ranks train on GPUs (`--device`)."""
+    return args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+
+
 def setup(args) -> tuple[int, int, torch.device]:
     """Process group from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT); none for --engine none."""
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    use_cuda = on_cuda(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.engine == "none":
@@ -161,11 +169,15 @@ def setup(args) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def wrap(qmodel, engine: str, device: torch.device):
+def wrap(qmodel, engine: str, device: torch.device, comm_hook: str = "none"):
     qmodel.to(device)
     if engine == "ddp":
         from torch.nn.parallel import DistributedDataParallel
-        return DistributedDataParallel(qmodel, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp = DistributedDataParallel(qmodel, device_ids=[device.index] if device.type == "cuda" else None)
+        if comm_hook == "bf16":  # gradients all-reduced in bf16 (half the bytes), back to fp32 in the buckets
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+            ddp.register_comm_hook(None, bf16_compress_hook)
+        return ddp
     if engine == "fsdp2":
         return rdist.shard(qmodel)
     return qmodel
@@ -249,6 +261,10 @@ def save_packed(state: dict, args, path) -> Path:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.comm_hook != "none" and args.engine != "ddp":
+        raise SystemExit(f"--comm-hook {args.comm_hook}: a DDP communication hook, with --engine ddp")
+    if args.comm_hook == "bf16" and not on_cuda(args):
+        raise SystemExit("--comm-hook bf16: torch's bf16_compress_hook all-reduces through NCCL: CUDA ranks only")
     rank, world, device = setup(args)
     blocks: list[str] = []
     t0 = time.perf_counter()
@@ -263,7 +279,7 @@ def main(argv=None) -> dict:
         t_quant = time.perf_counter() - t0
         # DDP around the compiled model: torch.compile(DDP(model)) did not call the backend (it trained unquantized)
         engine_model = wrap(torch.compile(qmodel, backend=robuq_fx.backend(
-            policy, mode="qat", weight_sides="step", compiler=args.compiler)), args.engine, device)
+            policy, mode="qat", weight_sides="step", compiler=args.compiler)), args.engine, device, args.comm_hook)
     else:
         if args.compile != "off" and args.engine == "fsdp2":
             raise SystemExit(f"--compile {args.compile}: with --engine ddp or none")
@@ -274,7 +290,7 @@ def main(argv=None) -> dict:
                 raise SystemExit("--compile regional-cg: CUDA graphs need --compiler inductor")
             kw = {"mode": "reduce-overhead"} if args.compile == "regional-cg" else {"backend": args.compiler}
             blocks = robuq_fx.compile_repeated_blocks(qmodel, **kw)
-        engine_model = wrap(qmodel, args.engine, device)
+        engine_model = wrap(qmodel, args.engine, device, args.comm_hook)
     trained = engine_model  # (the state is gathered from the uncompiled wrapper)
     if args.compile == "inductor":
         engine_model = torch.compile(engine_model, backend=args.compiler)
@@ -286,7 +302,7 @@ def main(argv=None) -> dict:
     state = gather_state(trained, args.engine)
     steady = steady_step_s(step_s)
     result = {"engine": args.engine, "compile": args.compile, "model": args.model, "world": world,
-              "device": str(device), "autocast_bf16": bf16_forward(args, device),
+              "device": str(device), "autocast_bf16": bf16_forward(args, device), "comm_hook": args.comm_hook,
               "global_batch": args.batch, "steps": args.steps, "losses": losses,
               "quantize_s": round(t_quant, 2), "train_s": round(t_train, 2),
               "step_s": [round(v, 5) for v in step_s], "steady_step_s": round(steady, 5),

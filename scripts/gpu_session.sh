@@ -92,6 +92,7 @@
 #   scripts/gpu_session.sh ddp-compiled     bench_ddp --compile backend: both sides compiled, DDP around the model
 #   scripts/gpu_session.sh ddp-inductor     bench_ddp --compile inductor: quantize(), then torch.compile(DDP(qmodel))
 #   scripts/gpu_session.sh ddp-regional [cg]  bench_ddp --compile regional[-cg]: compile_repeated_blocks, then DDP
+#   scripts/gpu_session.sh ddp-x2 [bf16]   two GPUs: eager and regional-cg DDP scaling (issue 19's ddp2_scaling_x)
 #   scripts/gpu_session.sh ddp-overlap [C [S..]]  one GPU: when DDP's gradient buckets are ready, predicted 2-GPU scaling
 #   scripts/gpu_session.sh s31a             session 30's pickling tests on CUDA and the example's regional-cg run
 #   scripts/gpu_session.sh train-regional-stepw [S]  regional / regional-cg, S without and with weight_sides_per_forward
@@ -150,16 +151,15 @@
 # The machine goes back ~30 s after a call returns, and with it everything detached or left in /tmp: make every
 # call self-contained, and send the next one at once. On nvidia-h200-x2, `pair A B` runs two steps at once (one a
 # GPU) for the device time of one: use it. A cold compile of the paper policy takes ~3-4 min on the machine: a call
-# holds about two (policy, batch) rows. Session 31's plan (session 30, one H200: paper compiled 1.389x / 1.407x
-# interleaved, W1.58A4+H 1.182x, regional under CUDA graphs 1.192x / 1.449x in a 62 s cold run, the cudagraphs
-# switch's test fixed, static-diag: the act op's 196 kernels take the static launcher with the switch in the
-# environment):
-#   1. host-inter dit dit:static (~6 min): whether the static launcher pays for the act op's launches, paired rounds
-#                   (the :static variant compiles in-process, so the switch reaches the compile)
-#   2. train-backend dit-xl-2-robuq: the compile backend's paper row, interleaved (1.357x was session 23, sequential)
-#   2b. train-regional-stepw: whether the once-a-forward weight sides help the regional modes (regional-cg: 1.449x)
-#   0. s31a (~2 min): session 30's CPU-built pickling and the regional-cg example path on the GPU
-#   3. ddp-regional, ddp-regional cg, ddp, ddp-inductor on nvidia-h200-x2 if ever lent (issue 19 item 4)
+# holds about two (policy, batch) rows. Session 32's plan (session 31, one H200, slow host: regional-cg paper 1.162x
+# with weight_sides_per_forward vs 1.297x without; ddp_overlap: QAT's gradient buckets ready at FP's pace, predicted
+# 2.0x at 350 GB/s; s31a passed):
+#   0. if status lists nvidia-h200-x2: ddp-x2 (~8 min; issue 19's ddp2_scaling_x), then ddp-x2 bf16 and
+#      ddp-regional / ddp-inductor as time allows (merge the summaries)
+#   1. ddp-overlap regional-cg fp dit-xl-2-robuq (~4 min): the interleaved DDP cost (session 31 timed it
+#      sequentially: +3%..+47% on one setting, noise)
+#   2. host-inter dit dit:static (~6 min): whether the static launcher pays for the act op's launches
+#   3. train-backend dit-xl-2-robuq: the compile backend's paper row, interleaved (1.357x was session 23, sequential)
 #   Send each call at once after the last returns: the machine goes back 30 s after a call (session 28 lost its last
 #   205 s to a cold start after a pause).
 #   The host varies a lot from call to call (compiled FP step 72.6 vs 118.6 ms in session 21): compare rows of one
@@ -1010,6 +1010,16 @@ ddp-inductor)  # session 25: one process vs DDP, quantize() then torch.compile(D
     # caller, the activation op too): ~9 min (summary key ddp<N>_inductor_scaling_x)
     timeout 560 python3 benchmarks/bench_ddp.py --engines ddp --compile inductor --steps 10 --out "$OUT" 2>&1 \
         | grep -v "step [0-9]*:" | tail -20
+    ;;
+ddp-x2)  # session 31, for nvidia-h200-x2 (issue 19's last target): bench_ddp's one process vs 2-GPU DDP, eager then
+    # regional-cg (bf16 autocast, per-GPU batch 16), ~8 min; each run's summary kept as summary_ddp_<compile>.json
+    # (merge both). ddp-x2 bf16: the same two with the gradients all-reduced in bf16 (keys _bf16grad)
+    for v in "off:200" "regional-cg:320"; do
+        c=${v%%:*}
+        timeout "${v#*:}" python3 benchmarks/bench_ddp.py --engines ddp --compile "$c" --steps 10 --out "$OUT" \
+            ${2:+--comm-hook "$2"} 2>&1 | grep -v "step [0-9]*:" | tail -8
+        for f in "$OUT"/summary_ddp_NVIDIA*.json; do [ -e "$f" ] && mv "$f" "$OUT/summary_ddp_$c${2:+_$2}.json"; done
+    done
     ;;
 s31a)  # session 30's CPU-built work on CUDA: pickled region models (tests/test_region_pickle.py, its CUDA test), the
     # regional tests, then the example's --compile regional-cg in one process (per-block CUDA graphs, tiny DiT)

@@ -412,6 +412,16 @@ def test_example_torchrun_ddp_compiled_matches_reference(runs, tmp_path, compile
     assert packed.stat().st_size > 0
 
 
+def test_example_comm_hook_refuses_what_it_cannot_run():
+    """--comm-hook bf16 is DDP's (torch's bf16_compress_hook) and NCCL's: a clear error, before any process group."""
+    import torch.distributed as dist
+    with pytest.raises(SystemExit, match="with --engine ddp"):
+        ex.main(["--engine", "none", "--comm-hook", "bf16"])
+    with pytest.raises(SystemExit, match="CUDA ranks only"):
+        ex.main(["--engine", "ddp", "--comm-hook", "bf16", "--device", "cpu"])
+    assert not dist.is_initialized()
+
+
 # ---- group_blocks on one process -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["graph_mlp"])
 def test_group_blocks_is_exact_and_keeps_state_dict_keys(runs, name):
