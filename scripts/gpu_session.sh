@@ -15,8 +15,8 @@
 # 2.0x at 350 GB/s; s31a passed):
 #   0. if status lists nvidia-h200-x2: ddp-x2 (~8 min; issue 19's ddp2_scaling_x), then ddp-x2 bf16 and
 #      ddp-regional / ddp-inductor as time allows (merge the summaries)
-#   1. ddp-overlap regional-cg fp dit-xl-2-robuq (~4 min): the interleaved DDP cost (session 31 timed it
-#      sequentially: +3%..+47% on one setting, noise)
+#   1. ddp-overlap off fp dit, then regional-cg fp dit-xl-2-robuq (~6 min): the interleaved DDP cost (session 31
+#      timed it sequentially: +3%..+47% on one setting; eager W4A4+H >= +21% in all five runs, FP +3..+25%)
 #   2. host-inter dit dit:static (~6 min): whether the static launcher pays for the act op's launches
 #   3. train-backend dit-xl-2-robuq: the compile backend's paper row, interleaved (1.357x was session 23, sequential)
 #   Send each call at once after the last returns: the machine goes back 30 s after a call (session 28 lost its last
