@@ -39,9 +39,10 @@ def simulate(buckets: list[Bucket], backward_ms: float, busbw_gbs: float, world:
     return {"comm_ms": total, "finish_ms": t, "exposed_ms": max(0.0, t - backward_ms)}
 
 
-def predicted_scaling(step_ms: float, exposed_ms: float, world: int = 2) -> float:
-    """N GPUs' samples/s over one GPU's at the same per-GPU batch, when each step grows by the exposed all-reduce."""
-    return world * step_ms / (step_ms + exposed_ms)
+def predicted_scaling(step_ms: float, exposed_ms: float, world: int = 2, one_gpu_ms: float | None = None) -> float:
+    """N GPUs' samples/s over one GPU's at the same per-GPU batch, when each step (step_ms) grows by the exposed
+    all-reduce; one_gpu_ms: the one GPU's step when it differs (a step without DDP, where step_ms is DDP's)."""
+    return world * (step_ms if one_gpu_ms is None else one_gpu_ms) / (step_ms + exposed_ms)
 
 
 def breakeven_busbw(buckets: list[Bucket], backward_ms: float, step_ms: float, target_x: float, world: int = 2,

@@ -13,8 +13,10 @@ master its gradient at the end of the backward).
 
 A setting is `fp` or a policy name (`dit`, `dit-xl-2-robuq`, ...), `+stepw` appended for weight_sides_per_forward.
 Prints a table; writes benchmarks/results/ddp_overlap_<gpu>[_<compile>].json, a PNG of the ready-bytes curves and
-summary_ddp_overlap_<gpu>.json (`ddp_overhead_<setting>_x`, `ddp2_pred_<setting>_x` at --busbw's first value,
-`ddp2_breakeven_<setting>_gbs`). A prediction, not the measured `ddp2_scaling_x` (bench_ddp.py, 2 GPUs).
+summary_ddp_overlap_<gpu>.json (`ddp_overhead_<setting>_x`; at --busbw's first value `ddp2_pred_<setting>_x`, the
+all-reduce alone: the DDP step against itself grown by the exposed part, and `ddp2_pred_total_<setting>_x`, against
+the step without DDP, DDP's own cost in; `ddp2_breakeven_<setting>_gbs`, the all-reduce alone). Predictions, not the
+measured `ddp2_scaling_x` (bench_ddp.py, 2 GPUs).
 """
 from __future__ import annotations
 
@@ -162,8 +164,10 @@ def measure(setting: str, ex, args, device: torch.device) -> dict:
     if buckets:
         for bw in args.busbw:
             sim = simulate(buckets, bwd_ms, bw, args.world, args.latency_us)
-            row["predictions"][str(bw)] = {**sim, "scaling_x": predicted_scaling(step_ms, sim["exposed_ms"],
-                                                                                 args.world)}
+            row["predictions"][str(bw)] = {
+                **sim, "scaling_x": predicted_scaling(step_ms, sim["exposed_ms"], args.world),
+                # against one GPU without DDP, DDP's own cost in (what bench_ddp measures on N GPUs)
+                "total_x": predicted_scaling(step_ms, sim["exposed_ms"], args.world, row["plain_step_ms"])}
         row["breakeven_gbs"] = breakeven_busbw(buckets, bwd_ms, step_ms, args.target, args.world, args.latency_us)
     return row
 
@@ -177,6 +181,7 @@ def _table_row(r: dict, args) -> dict:
             "ready at half": no or f"{r['ready_half']:.0%}", "last ready ms": no or round(r["last_ready_ms"], 1),
             **{f"exposed ms @{bw:g}": no or round(p[str(bw)]["exposed_ms"], 1) for bw in bws},
             **{f"x{args.world} @{bw:g}": no or round(p[str(bw)]["scaling_x"], 3) for bw in bws},
+            f"x{args.world} with DDP's cost @{bws[0]:g}": no or round(p[str(bws[0])]["total_x"], 3),
             f"GB/s for {args.target}x": no or ("none" if r["breakeven_gbs"] is None else round(r["breakeven_gbs"], 1))}
 
 
@@ -288,6 +293,7 @@ def main(argv=None) -> list[dict]:
             figures[f"ddp_overhead_{key}_x"] = round(r["step_ms"] / r["plain_step_ms"], 3)
             if r["predictions"]:
                 figures[f"ddp{args.world}_pred_{key}_x"] = round(r["predictions"][str(bws[0])]["scaling_x"], 3)
+                figures[f"ddp{args.world}_pred_total_{key}_x"] = round(r["predictions"][str(bws[0])]["total_x"], 3)
                 figures[f"ddp{args.world}_breakeven_{key}_gbs"] = (None if r["breakeven_gbs"] is None
                                                                    else round(r["breakeven_gbs"], 1))
         print("wrote", write_summary(args.out, "ddp_overlap", figures, argv))

@@ -41,6 +41,8 @@ def test_simulate_queues_all_reduces_in_ready_order():
 def test_scaling_and_breakeven():
     assert T.predicted_scaling(100.0, 0.0) == 2.0
     assert T.predicted_scaling(100.0, 100.0 / 9) == pytest.approx(1.8)
+    # DDP's own cost in: a 110 ms DDP step, nothing exposed, against a 100 ms step without DDP
+    assert T.predicted_scaling(110.0, 0.0, one_gpu_ms=100.0) == pytest.approx(2 * 100 / 110)
     # one 1 GB bucket ready at the backward's end, step 100 ms: 1.8x needs exposed <= 100/9 ms, so
     # 1 GB / bw <= 11.11 ms -> bw >= 90 GB/s
     b = [T.Bucket(50.0, GB)]
@@ -66,6 +68,8 @@ def test_quick_run_records_every_gradient(tmp_path):
         assert all(0.0 <= ms <= r["backward_ms"] for ms, _ in r["buckets"])
         assert r["plain_step_ms"] > 0 and r["step_ms"] > r["backward_ms"]
         assert set(r["predictions"]) == {"350.0", "100.0", "25.0"}
+        p = r["predictions"]["350.0"]
+        assert p["total_x"] == pytest.approx(2 * r["plain_step_ms"] / (r["step_ms"] + p["exposed_ms"]))
     assert rows[1]["grad_mb"] > rows[0]["grad_mb"]  # the paper policy adds the low-rank branch's parameters
     saved = json.loads((tmp_path / "ddp_overlap_quick.json").read_text())
     assert [t["setting"] for t in saved["table"]] == ["fp", "dit-xl-2-robuq"]
