@@ -8,7 +8,8 @@
 
 Every rank draws the same synthetic global batch (DiT noise-prediction loss on random latents, timesteps and class
 labels; seeded) and trains on its own equal slice, so DDP / FSDP2 / none see the same data and the loss curves
-agree up to all-reduce summation order. The QAT model is `robuq_fx.quantize(DiT, policy, example_inputs)`;
+agree up to all-reduce summation order. On GPUs the forward runs under bf16 autocast (fp32 masters; `--autocast none`
+for fp32). The QAT model is `robuq_fx.quantize(DiT, policy, example_inputs)`;
 FSDP2 shards each transformer block, then the root (`robuq_fx.distributed.shard`). At the end the full state dict
 is gathered on rank 0 (`--save-state`); `--save-packed PATH` then rebuilds the QAT structure on a fresh model
 (`quantize(..., init_lrb=False)`), loads that state dict, lowers it and writes a packed checkpoint.

@@ -412,6 +412,23 @@ def test_example_torchrun_ddp_compiled_matches_reference(runs, tmp_path, compile
     assert packed.stat().st_size > 0
 
 
+def test_example_autocast_choice(tmp_path):
+    """--autocast: bf16 on CUDA by default (as DiT trains and bench_dit times), none on the CPU; --autocast bf16 on the
+    CPU runs the forward in bf16 for real: the losses move off the fp32 run's by bf16 rounding, not by nothing."""
+    from argparse import Namespace as N
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [ex.bf16_forward(N(autocast=a), d) for a in ("auto", "bf16", "none") for d in (cpu, cuda)] == \
+        [False, True, True, True, False, False]
+    runs = {}
+    for mode in ("none", "bf16"):
+        out = tmp_path / f"{mode}.json"
+        ex.main(["--engine", "none", "--autocast", mode, "--steps", "2", "--device", "cpu", "--json", str(out)])
+        runs[mode] = json.loads(out.read_text())
+    assert (runs["none"]["autocast_bf16"], runs["bf16"]["autocast_bf16"]) == (False, True)
+    a, b = (torch.tensor(runs[m]["losses"], dtype=torch.float64) for m in ("none", "bf16"))
+    assert not torch.equal(a, b) and torch.allclose(a, b, rtol=2e-2)
+
+
 def test_example_comm_hook_refuses_what_it_cannot_run():
     """--comm-hook bf16 is DDP's (torch's bf16_compress_hook) and NCCL's: a clear error, before any process group."""
     import torch.distributed as dist
