@@ -68,7 +68,8 @@ def _prepare(model: nn.Module, explicit: bool, static: bool = False) -> None:
         warnings.warn(f"weight_sides_per_forward on {type(model).__name__} under a process group of {_ranks()} ranks: "
                       f"every master's gradient arrives at the backward's end, so DDP cannot overlap its all-reduce "
                       f"with the backward (~90% of DiT-XL/2's gradient bytes in its last ~10%; 1.8x on 2 GPUs "
-                      f"predicted to need ~176 GB/s, docs/distributed.md); remove the handle for DDP training",
+                      f"predicted to need ~176 GB/s): it pays only where its shorter step outweighs that "
+                      f"(docs/distributed.md; benchmarks/ddp_overlap.py measures it), else .remove() the handle",
                       RuntimeWarning, stacklevel=3)
     if len({masters[i].device for i in plan.w_at}) > 1:  # one flat tensor on one device holds every weight side
         if explicit and not plan.warned:
