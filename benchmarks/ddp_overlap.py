@@ -286,7 +286,7 @@ def main(argv=None) -> list[dict]:
           f"{args.model}, per-GPU batch {args.batch}, {amp}, compile {args.compile} | {prov['gpu']}\n"
           f"DDP gradient buckets ready during the backward (one rank)")
     if not args.quick and not args.tag:
-        sfx = "" if args.compile == "off" else "_" + args.compile.replace("-", "_")
+        sfx = mode.replace("-", "_")  # (the file names' suffix, as a key's)
         figures = {}
         for r in rows:
             key = r["setting"].replace("+", "_").replace("-", "_") + sfx

@@ -63,9 +63,10 @@ def _prepare(model: nn.Module, explicit: bool, static: bool = False) -> None:
             raise
         _PLANS[model] = None
         return
-    if explicit and not plan.warned_ranks and _ranks() > 1:
+    ranks = _ranks() if explicit and not plan.warned_ranks else 1
+    if ranks > 1:
         plan.warned_ranks = True
-        warnings.warn(f"weight_sides_per_forward on {type(model).__name__} under a process group of {_ranks()} ranks: "
+        warnings.warn(f"weight_sides_per_forward on {type(model).__name__} under a process group of {ranks} ranks: "
                       f"every master's gradient arrives at the backward's end, so DDP cannot overlap its all-reduce "
                       f"with the backward (~90% of DiT-XL/2's gradient bytes in its last ~10%; 1.8x on 2 GPUs "
                       f"predicted to need ~176 GB/s): it pays only where its shorter step outweighs that "

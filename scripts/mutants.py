@@ -263,6 +263,7 @@ MUTANTS = [
      "", "the automatic weight-side hooks engage under DDP: every gradient at the backward's end, no overlap",
      ["tests/test_qat_step_hooks.py", "-k", "process_group"]),
     ("stepw_rank_warning_dropped", "robuq_fx/qat_step_hooks.py",
-     "    if explicit and not plan.warned_ranks and _ranks() > 1:", "    if False:", "weight_sides_per_forward under DDP without the warning that it stops the all-reduce overlap",
+     "    if ranks > 1:\n        plan.warned_ranks = True", "    if False:\n        plan.warned_ranks = True",
+     "weight_sides_per_forward under DDP without the warning that it stops the all-reduce overlap",
      ["tests/test_qat_step_hooks.py", "-k", "process_group"]),
 ]
